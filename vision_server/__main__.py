@@ -1,0 +1,3 @@
+from vision_server.cli import main
+
+main()

@@ -1,0 +1,47 @@
+"""The florence2-visionapi API, byte for byte: existing scripts keep working unchanged.
+
+``POST /process_image`` ``{"image", "prompt"}`` → ``{"result"}``; ``GET /prompts`` → a JSON
+array of task tokens; ``GET /model`` → a bare JSON string; errors are ``{"detail": str}``.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from vision_server.api.bodies import MissingField, read_json_object, require_str
+from vision_server.api.errors import ERROR_FORMATTERS, REQUEST_ID
+from vision_server.api.state import CAPTIONER, DECODER, ENGINE, SETTINGS, default_options
+from vision_server.captioner import CaptionItem
+from vision_server.errors import VisionServerError
+from vision_server.florence.prompts import normalize_task
+
+
+def native_error(error: VisionServerError, request_id: str) -> web.Response:
+    status = 422 if isinstance(error, MissingField) else error.status
+    return web.json_response({"detail": error.message}, status=status)
+
+
+async def process_image(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    image_text = require_str(body, "image")
+    prompt = require_str(body, "prompt")
+    task = normalize_task(prompt, request.app[CAPTIONER].tasks)
+    image = await request.app[DECODER].from_base64(image_text)
+    item = CaptionItem(image=image, task=task, options=default_options(request.app[SETTINGS]))
+    caption = await request.app[ENGINE].submit(item, request_id=request[REQUEST_ID])
+    return web.json_response({"result": caption.text})
+
+
+async def prompts(request: web.Request) -> web.Response:
+    return web.json_response(list(request.app[CAPTIONER].tasks))
+
+
+async def model(request: web.Request) -> web.Response:
+    return web.json_response(request.app[CAPTIONER].model_id)
+
+
+def setup(app: web.Application) -> None:
+    app[ERROR_FORMATTERS]["native"] = native_error
+    app.router.add_post("/process_image", process_image, name="native.process_image")
+    app.router.add_get("/prompts", prompts, name="native.prompts")
+    app.router.add_get("/model", model, name="native.model")

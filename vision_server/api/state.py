@@ -1,0 +1,21 @@
+"""Typed application state shared by the API families."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from vision_server.captioner import Captioner, GenerationOptions
+from vision_server.engine.scheduler import Engine
+from vision_server.images import ImageDecoder
+from vision_server.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+ENGINE = web.AppKey("engine", Engine)
+CAPTIONER = web.AppKey("captioner", Captioner)
+DECODER = web.AppKey("decoder", ImageDecoder)
+STARTED_AT = web.AppKey("started_at", float)
+
+
+def default_options(settings: Settings) -> GenerationOptions:
+    """Generation options a request gets when its family has no way to override them."""
+    return GenerationOptions(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams)

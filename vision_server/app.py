@@ -1,0 +1,71 @@
+"""The aiohttp application: API families over one engine, resources owned by ``cleanup_ctx``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from vision_server.api import native, ops
+from vision_server.api.errors import ERROR_FORMATTERS, error_middleware
+from vision_server.api.state import CAPTIONER, DECODER, ENGINE, SETTINGS, STARTED_AT
+from vision_server.captioner import Captioner
+from vision_server.engine.observer import EngineObserver
+from vision_server.engine.scheduler import Engine, EngineConfig
+from vision_server.images import ImageDecoder
+from vision_server.settings import Settings
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    return EngineConfig(
+        max_queue=settings.max_queue,
+        max_batch_size=settings.max_batch_size,
+        max_batch_wait=settings.max_batch_wait,
+        idle_timeout=settings.idle_timeout,
+        request_timeout=settings.request_timeout,
+    )
+
+
+def build_captioner(settings: Settings) -> Captioner:
+    """The Florence-2 captioner for ``settings.model`` (imported lazily: it pulls in torch)."""
+    from vision_server.florence.captioner import FlorenceCaptioner
+
+    return FlorenceCaptioner.from_settings(settings)
+
+
+def create_app(
+    settings: Settings, captioner: Captioner | None = None, observer: EngineObserver | None = None
+) -> web.Application:
+    """Build the server. Pass ``captioner`` to serve something other than ``settings.model``."""
+    captioner = captioner if captioner is not None else build_captioner(settings)
+    app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[error_middleware])
+    app[SETTINGS] = settings
+    app[CAPTIONER] = captioner
+    app[ENGINE] = Engine(captioner, engine_config(settings), observer)
+    app[ERROR_FORMATTERS] = {}
+    app[STARTED_AT] = time.time()
+    app.cleanup_ctx.append(_decoder_context)
+    app.cleanup_ctx.append(_engine_context)
+    app.on_shutdown.append(_drain)
+    native.setup(app)
+    ops.setup(app)
+    return app
+
+
+async def _decoder_context(app: web.Application) -> AsyncIterator[None]:
+    settings = app[SETTINGS]
+    app[DECODER] = ImageDecoder(max_pixels=settings.max_image_pixels, threads=settings.decode_threads)
+    yield
+    app[DECODER].close()
+
+
+async def _engine_context(app: web.Application) -> AsyncIterator[None]:
+    await app[ENGINE].start(preload=app[SETTINGS].preload)
+    yield
+    await app[ENGINE].stop(grace=0)
+
+
+async def _drain(app: web.Application) -> None:
+    """On shutdown: refuse new jobs, let queued and running ones finish within the grace period."""
+    await app[ENGINE].stop(grace=app[SETTINGS].shutdown_grace)

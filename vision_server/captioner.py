@@ -1,0 +1,87 @@
+"""The contract between the engine and a model: what goes into a batch and what comes out.
+
+The engine only ever talks to a :class:`Captioner`. The Florence-2 implementation lives in
+:mod:`vision_server.florence.captioner`; :mod:`vision_server.testing.fake` has a fake one with a
+controllable delay for scheduler tests. Captioners are synchronous and know nothing of asyncio:
+the engine calls them from its one dedicated model thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Protocol, runtime_checkable
+
+from PIL import Image
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    """Decoding settings. Jobs batch together only when these are equal (tasks may differ)."""
+
+    max_new_tokens: int = 1024
+    num_beams: int = 3
+    temperature: float = 0.0  # 0 means greedy / beam search; > 0 samples
+    top_p: float = 1.0
+    min_new_tokens: int = 0  # benchmarks only: forces fixed-length captions from random weights
+
+    @property
+    def do_sample(self) -> bool:
+        return self.temperature > 0
+
+
+@dataclass(frozen=True)
+class CaptionItem:
+    """One image to caption, already decoded to RGB, with its canonical task token."""
+
+    image: Image.Image
+    task: str
+    options: GenerationOptions = field(default_factory=GenerationOptions)
+
+
+@dataclass(frozen=True)
+class Caption:
+    """A captioner's answer for one item."""
+
+    text: str
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    finish_reason: FinishReason = "stop"
+    confidence: float | None = None  # geometric mean of the chosen tokens' probabilities
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a loaded model is and where it runs (shown in /v1/status)."""
+
+    model_id: str
+    device: str
+    dtype: str
+
+
+@runtime_checkable
+class Captioner(Protocol):
+    """A model that can be loaded, asked for captions in batches, and unloaded."""
+
+    @property
+    def model_id(self) -> str:
+        """The configured model name (hub id or directory), known before loading."""
+        ...
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        """Task tokens this model understands, in display order, known before loading."""
+        ...
+
+    def load(self) -> ModelInfo:
+        """Load weights; raise :class:`vision_server.errors.ModelLoadError` with a clear reason."""
+        ...
+
+    def caption(self, batch: list[CaptionItem]) -> list[Caption]:
+        """Caption every item; one result per item, in order."""
+        ...
+
+    def unload(self) -> None:
+        """Drop every reference to the model and return its memory."""
+        ...

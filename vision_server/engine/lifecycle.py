@@ -1,0 +1,42 @@
+"""Model states and the snapshot of engine status shown to clients."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import asdict, dataclass
+from typing import Any
+
+
+class ModelState(str, enum.Enum):
+    """unloaded → loading → ready → unloading → unloaded, plus failed (retried on the next job)."""
+
+    UNLOADED = "unloaded"
+    LOADING = "loading"
+    READY = "ready"
+    UNLOADING = "unloading"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """A point-in-time view of the engine for /v1/status, /health and metrics."""
+
+    state: ModelState
+    model: str
+    device: str | None
+    dtype: str | None
+    loaded_since: float | None  # unix time
+    expires_at: float | None  # unix time of the idle unload, None when busy or never
+    queue_depth: int
+    jobs_running: int
+    last_error: str | None
+    draining: bool
+    batches_run: int
+    jobs_done: int
+    last_batch_size: int
+    mean_batch_size: float
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        return data

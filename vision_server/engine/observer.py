@@ -1,0 +1,27 @@
+"""Hooks through which the engine reports what it does (metrics, logs) without knowing who listens."""
+
+from __future__ import annotations
+
+from vision_server.engine.lifecycle import ModelState
+
+
+class EngineObserver:
+    """Receives engine events. The base class ignores them all; override what you need."""
+
+    def state_changed(self, state: ModelState) -> None:
+        """The model moved to ``state``."""
+
+    def model_loaded(self, seconds: float, ok: bool) -> None:
+        """A load attempt finished after ``seconds``."""
+
+    def model_unloaded(self, seconds: float, reason: str) -> None:
+        """The model was unloaded; reason is idle, admin or shutdown."""
+
+    def batch_finished(self, size: int, seconds: float) -> None:
+        """A generate call for ``size`` jobs took ``seconds``."""
+
+    def job_started(self, queue_wait: float) -> None:
+        """A job left the queue after waiting ``queue_wait`` seconds."""
+
+    def job_rejected(self, reason: str) -> None:
+        """A job was refused (queue_full, draining) or dropped (disconnected, timeout)."""

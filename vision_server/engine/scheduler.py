@@ -1,0 +1,364 @@
+"""The engine: one bounded queue and one worker coroutine that is the only owner of the model.
+
+Everything that touches the model (load, caption, unload) runs in one dedicated thread, driven
+by the worker coroutine, so the event loop stays free and no lock is needed: admin actions and
+shutdown are messages the worker handles between batches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from vision_server.captioner import Caption, Captioner, CaptionItem, ModelInfo
+from vision_server.engine.jobs import CaptionJob, JobQueue
+from vision_server.engine.lifecycle import EngineStatus, ModelState
+from vision_server.engine.observer import EngineObserver
+from vision_server.errors import (
+    DeadlineExceeded,
+    Draining,
+    ModelLoadError,
+    OutOfMemory,
+    VisionServerError,
+)
+
+log = logging.getLogger(__name__)
+
+LOAD_RETRY_AFTER = 30.0
+MAX_RETRY_AFTER = 120.0
+
+Command = Literal["load", "unload", "stop"]
+
+
+class CaptionFailed(VisionServerError):
+    """Our fault: generation raised. The API answers 500 with the request id."""
+
+    status = 500
+    code = "caption_failed"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """The engine's knobs, separate from :class:`Settings` so the engine needs no HTTP config."""
+
+    max_queue: int = 256
+    max_batch_size: int = 16
+    max_batch_wait: float = 0.005
+    idle_timeout: float = 300.0
+    request_timeout: float = 600.0
+
+
+class Engine:
+    """Queue + worker + model lifecycle. Usable in-process: ``await engine.submit(item)``."""
+
+    def __init__(
+        self, captioner: Captioner, config: EngineConfig | None = None, observer: EngineObserver | None = None
+    ) -> None:
+        self.captioner = captioner
+        self.config = config or EngineConfig()
+        self.observer = observer or EngineObserver()
+        self._queue = JobQueue(self.config.max_queue)
+        self._commands: deque[tuple[Command, asyncio.Future[None]]] = deque()
+        self._executor: ThreadPoolExecutor | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._state = ModelState.UNLOADED
+        self._info: ModelInfo | None = None
+        self._loaded_since: float | None = None
+        self._last_error: str | None = None
+        self._last_finished = time.monotonic()
+        self._running = 0
+        self._draining = False
+        self._seconds_per_job = 1.0
+        self._batches = 0
+        self._jobs_done = 0
+        self._last_batch_size = 0
+
+    # --- public API ----------------------------------------------------------------------------
+
+    async def start(self, *, preload: bool = False) -> None:
+        """Start the worker (and load at once when ``preload``)."""
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-model")
+        self._worker = asyncio.create_task(self._run(), name="vision-server-worker")
+        if preload:
+            await self.load()
+
+    async def submit(self, item: CaptionItem, *, request_id: str = "-") -> Caption:
+        """Queue one image and wait for its caption (raises domain errors on refusal or failure)."""
+        if self._draining or self._worker is None:
+            self.observer.job_rejected("draining")
+            raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
+        timeout = self.config.request_timeout
+        job = CaptionJob(item, asyncio.get_running_loop().create_future(), request_id)
+        job.deadline = job.enqueued_at + timeout
+        try:
+            self._queue.put(job, retry_after=self.retry_after())
+        except VisionServerError:
+            self.observer.job_rejected("queue_full")
+            raise
+        try:
+            return await asyncio.wait_for(job.future, timeout)
+        except asyncio.TimeoutError:
+            self.observer.job_rejected("timeout")
+            raise DeadlineExceeded(f"No caption within the request timeout of {timeout:g} s.") from None
+
+    async def load(self) -> EngineStatus:
+        await self._command("load")
+        return self.status()
+
+    async def unload(self) -> EngineStatus:
+        await self._command("unload")
+        return self.status()
+
+    async def stop(self, grace: float = 60.0) -> None:
+        """Refuse new jobs, finish queued and running ones within ``grace`` seconds, unload, stop."""
+        self._draining = True
+        if self._worker is None:
+            return
+        end = time.monotonic() + grace
+        while (len(self._queue) or self._running) and time.monotonic() < end and not self._worker.done():
+            await asyncio.sleep(0.05)
+        for job in self._queue.take_all():
+            _fail(job, Draining("The server shut down before this job ran.", retry_after=5))
+        if not self._worker.done():
+            await self._command("stop")
+        await self._worker
+        self._worker = None
+        if self._executor is not None:
+            self._executor.shutdown(wait=True)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    @property
+    def state(self) -> ModelState:
+        return self._state
+
+    def retry_after(self) -> float:
+        """An honest estimate of when a refused client should retry, capped for OpenAI SDKs."""
+        backlog = (len(self._queue) + self._running) * self._seconds_per_job
+        return float(min(MAX_RETRY_AFTER, max(1.0, round(backlog))))
+
+    def status(self) -> EngineStatus:
+        info = self._info
+        return EngineStatus(
+            state=self._state,
+            model=self.captioner.model_id,
+            device=info.device if info else None,
+            dtype=info.dtype if info else None,
+            loaded_since=self._loaded_since,
+            expires_at=self._expires_at(),
+            queue_depth=len(self._queue),
+            jobs_running=self._running,
+            last_error=self._last_error,
+            draining=self._draining,
+            batches_run=self._batches,
+            jobs_done=self._jobs_done,
+            last_batch_size=self._last_batch_size,
+            mean_batch_size=self._jobs_done / self._batches if self._batches else 0.0,
+        )
+
+    # --- the worker ----------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            if self._commands:
+                if await self._handle_command(*self._commands.popleft()):
+                    return
+                continue
+            has_job = await self._queue.wait(self._idle_wait())
+            if self._commands:
+                continue
+            if not has_job:
+                await self._unload("idle")
+                continue
+            batch = await self._collect_batch()
+            if batch:
+                await self._run_batch(batch)
+
+    async def _command(self, command: Command) -> None:
+        if self._worker is None or self._worker.done():
+            raise Draining("The engine is not running.")
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._commands.append((command, done))
+        self._queue.wake()
+        await done
+
+    async def _handle_command(self, command: Command, done: asyncio.Future[None]) -> bool:
+        """Run one control message; True when the worker should exit."""
+        try:
+            if command == "load":
+                if not await self._ensure_loaded():
+                    raise ModelLoadError(self._load_error_message(), retry_after=LOAD_RETRY_AFTER)
+            else:
+                await self._unload("admin" if command == "unload" else "shutdown")
+        except VisionServerError as exc:
+            if not done.done():
+                done.set_exception(exc)
+        else:
+            if not done.done():
+                done.set_result(None)
+        return command == "stop"
+
+    def _idle_wait(self) -> float | None:
+        """Seconds until the idle unload is due, or None when no unload is pending."""
+        if self._state is not ModelState.READY or self.config.idle_timeout < 0:
+            return None
+        return max(0.0, self._last_finished + self.config.idle_timeout - time.monotonic())
+
+    def _expires_at(self) -> float | None:
+        remaining = self._idle_wait()
+        if remaining is None or self._running or len(self._queue):
+            return None
+        return time.time() + remaining
+
+    async def _collect_batch(self) -> list[CaptionJob]:
+        """Give stragglers ``max_batch_wait`` to join, then take the head job and its peers."""
+        self._queue.drop_abandoned()
+        if not len(self._queue):
+            return []
+        head = next(iter(self._queue))
+        limit = self.config.max_batch_size
+        if self.config.max_batch_wait > 0 and self._queue.count_compatible(head.batch_key) < limit:
+            await asyncio.sleep(self.config.max_batch_wait)
+        return self._queue.take_batch(limit)
+
+    async def _run_batch(self, batch: list[CaptionJob]) -> None:
+        if not await self._ensure_loaded():
+            error = self._load_error_message()
+            for job in [*batch, *self._queue.take_all()]:
+                _fail(job, ModelLoadError(error, retry_after=LOAD_RETRY_AFTER))
+            return
+        live = self._drop_expired(batch)
+        if not live:
+            return
+        for job in live:
+            self.observer.job_started(time.monotonic() - job.enqueued_at)
+        self._running = len(live)
+        started = time.monotonic()
+        try:
+            results = await self._in_model_thread(self._caption_splitting, [job.item for job in live])
+        except Exception as exc:  # a failed batch must never kill the worker
+            self._fail_batch(live, exc)
+            return
+        finally:
+            self._finish_batch(len(live), time.monotonic() - started)
+        for job, result in zip(live, results, strict=True):
+            if not job.future.done():
+                job.future.set_result(result)
+
+    def _drop_expired(self, batch: list[CaptionJob]) -> list[CaptionJob]:
+        now = time.monotonic()
+        live = []
+        for job in batch:
+            if job.abandoned:
+                continue
+            if now >= job.deadline:
+                _fail(job, DeadlineExceeded("The request timed out while waiting in the queue."))
+            else:
+                live.append(job)
+        return live
+
+    def _finish_batch(self, size: int, seconds: float) -> None:
+        self._running = 0
+        self._last_finished = time.monotonic()
+        self._batches += 1
+        self._jobs_done += size
+        self._last_batch_size = size
+        self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (seconds / max(size, 1))
+        self.observer.batch_finished(size, seconds)
+
+    def _fail_batch(self, jobs: list[CaptionJob], exc: Exception) -> None:
+        ids = ", ".join(job.request_id for job in jobs)
+        if isinstance(exc, VisionServerError):
+            log.warning("batch failed (%s): %s", ids, exc)
+            error: VisionServerError = exc
+        else:
+            log.error("caption batch failed for request(s) %s", ids, exc_info=exc)
+            error = CaptionFailed(f"Captioning failed ({type(exc).__name__}); see the server log.")
+        for job in jobs:
+            _fail(job, error)
+
+    def _caption_splitting(self, items: list[CaptionItem]) -> list[Caption]:
+        """Caption ``items``; on out-of-memory retry each half, down to single images."""
+        try:
+            return self.captioner.caption(items)
+        except OutOfMemory:
+            if len(items) == 1:
+                raise
+            log.warning("out of memory on a batch of %d; retrying in halves", len(items))
+            middle = len(items) // 2
+            return self._caption_splitting(items[:middle]) + self._caption_splitting(items[middle:])
+
+    # --- model lifecycle -----------------------------------------------------------------------
+
+    async def _ensure_loaded(self) -> bool:
+        if self._state is ModelState.READY:
+            return True
+        self._set_state(ModelState.LOADING)
+        started = time.monotonic()
+        try:
+            self._info = await self._in_model_thread(self.captioner.load)
+        except Exception as exc:  # load errors are reported, never fatal
+            self._last_error = (
+                exc.message if isinstance(exc, VisionServerError) else f"{type(exc).__name__}: {exc}"
+            )
+            log.error(
+                "model load failed: %s", self._last_error, exc_info=not isinstance(exc, VisionServerError)
+            )
+            self._set_state(ModelState.FAILED)
+            self.observer.model_loaded(time.monotonic() - started, ok=False)
+            return False
+        seconds = time.monotonic() - started
+        self._last_error = None
+        self._loaded_since = time.time()
+        self._last_finished = time.monotonic()
+        self._set_state(ModelState.READY)
+        self.observer.model_loaded(seconds, ok=True)
+        log.info(
+            "model %s loaded on %s (%s) in %.2f s",
+            self.captioner.model_id,
+            self._info.device,
+            self._info.dtype,
+            seconds,
+        )
+        return True
+
+    async def _unload(self, reason: str) -> None:
+        if self._state is not ModelState.READY:
+            if self._state is ModelState.FAILED:
+                self._set_state(ModelState.UNLOADED)
+            return
+        self._set_state(ModelState.UNLOADING)
+        started = time.monotonic()
+        try:
+            await self._in_model_thread(self.captioner.unload)
+        except Exception:
+            log.exception("model unload raised; references were dropped anyway")
+        self._info = None
+        self._loaded_since = None
+        self._set_state(ModelState.UNLOADED)
+        seconds = time.monotonic() - started
+        self.observer.model_unloaded(seconds, reason)
+        log.info("model unloaded (%s) in %.2f s", reason, seconds)
+
+    def _set_state(self, state: ModelState) -> None:
+        self._state = state
+        self.observer.state_changed(state)
+
+    def _load_error_message(self) -> str:
+        return f"The model could not be loaded: {self._last_error}"
+
+    async def _in_model_thread(self, func: Any, *args: Any) -> Any:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, func, *args)
+
+
+def _fail(job: CaptionJob, error: Exception) -> None:
+    if not job.future.done():
+        job.future.set_exception(error)

@@ -1,0 +1,78 @@
+"""Domain errors. API adapters turn these into each family's error shape and status code.
+
+Each error carries the HTTP status it maps to, so adapters need no per-family lookup table, and
+a message written for the person who has to fix the request.
+"""
+
+from __future__ import annotations
+
+
+class VisionServerError(Exception):
+    """Base of every error the server expects and explains."""
+
+    status: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str, *, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.retry_after = retry_after
+
+
+class BadRequest(VisionServerError):
+    status = 400
+    code = "invalid_request"
+
+
+class InvalidTask(BadRequest):
+    code = "invalid_task"
+
+
+class InvalidImage(BadRequest):
+    code = "invalid_image"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"Invalid image data: {reason}")
+
+
+class PayloadTooLarge(VisionServerError):
+    status = 413
+    code = "payload_too_large"
+
+
+class ServiceUnavailable(VisionServerError):
+    """Temporary: the client should retry after ``retry_after`` seconds."""
+
+    status = 503
+    code = "service_unavailable"
+
+
+class QueueFull(ServiceUnavailable):
+    code = "queue_full"
+
+
+class Draining(ServiceUnavailable):
+    code = "shutting_down"
+
+
+class ModelLoadError(ServiceUnavailable):
+    """The model could not be loaded; the message says why and how to fix it."""
+
+    code = "model_load_failed"
+
+
+class OutOfMemory(ServiceUnavailable):
+    code = "out_of_memory"
+
+
+class DeadlineExceeded(VisionServerError):
+    status = 504
+    code = "timeout"
+
+
+class ModelSourceError(Exception):
+    """A model directory or hub id cannot be used (missing, not a model, offline, corrupt)."""
+
+
+class ConversionError(ModelSourceError):
+    """An original-layout Florence-2 checkpoint cannot be converted to the native layout."""

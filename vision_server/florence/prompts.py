@@ -1,0 +1,49 @@
+"""Task tokens: which ones a model understands and how user spellings map onto them."""
+
+from __future__ import annotations
+
+from vision_server.errors import InvalidTask
+
+PROMPTGEN_TASKS: tuple[str, ...] = (
+    "<GENERATE_TAGS>",
+    "<CAPTION>",
+    "<DETAILED_CAPTION>",
+    "<MORE_DETAILED_CAPTION>",
+    "<ANALYZE>",
+    "<MIXED_CAPTION>",
+    "<MIXED_CAPTION_PLUS>",
+)
+
+# The caption-style tasks of Microsoft's base Florence-2 checkpoints. Region and box tasks need
+# extra inputs or return coordinates, which no API family here can carry, so they are left out.
+FLORENCE_TASKS: tuple[str, ...] = (
+    "<CAPTION>",
+    "<DETAILED_CAPTION>",
+    "<MORE_DETAILED_CAPTION>",
+    "<OCR>",
+)
+
+# The model author's own ComfyUI node sends these spellings.
+ALIASES: dict[str, str] = {
+    "<MIX_CAPTION>": "<MIXED_CAPTION>",
+    "<MIX_CAPTION_PLUS>": "<MIXED_CAPTION_PLUS>",
+}
+
+
+def tasks_for_model(model_id: str) -> tuple[str, ...]:
+    """PromptGen fine-tunes (and the built-in test models) get the PromptGen list."""
+    lowered = model_id.lower()
+    if "promptgen" in lowered or lowered.startswith("test:") or "florence" not in lowered:
+        return PROMPTGEN_TASKS
+    return FLORENCE_TASKS
+
+
+def normalize_task(raw: str, valid: tuple[str, ...]) -> str:
+    """Map ``caption``, ``<Caption>`` or ``MIX_CAPTION`` to a canonical token from ``valid``."""
+    token = raw.strip().upper()
+    if not token.startswith("<"):
+        token = f"<{token}>"
+    token = ALIASES.get(token, token)
+    if token not in valid:
+        raise InvalidTask(f"Invalid prompt {raw!r}. Valid prompts: {', '.join(valid)}")
+    return token

@@ -1,0 +1,124 @@
+"""Turn what clients send (base64, data URLs, raw bytes) into RGB images, within limits.
+
+Decoding runs in a bounded thread pool before the queue, so the model thread never waits on
+JPEG decoding and a flood of large uploads cannot use more than a few threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import io
+import re
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vision_server.errors import InvalidImage, PayloadTooLarge
+
+_DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,", re.IGNORECASE)
+_WHITESPACE = re.compile(r"\s+")
+# Large JPEGs are decoded at a reduced DCT scale that still leaves this many pixels per side;
+# the model resizes to 768 px (or less) anyway, so nothing visible is lost.
+JPEG_DRAFT_SIZE = 1536
+
+
+def decode_base64(text: str) -> bytes:
+    """Decode plain base64 or a ``data:image/...;base64,`` URL (whitespace tolerated)."""
+    match = _DATA_URL.match(text)
+    payload = text[match.end() :] if match else text
+    if text.startswith("data:") and not match:
+        raise InvalidImage("a data URL must be base64-encoded ('data:image/png;base64,...')")
+    payload = _WHITESPACE.sub("", payload)
+    if not payload:
+        raise InvalidImage("the image string is empty")
+    altchars = b"-_" if ("-" in payload or "_" in payload) else None
+    try:
+        return base64.b64decode(payload + "=" * (-len(payload) % 4), altchars=altchars, validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise InvalidImage(f"not valid base64 ({exc})") from None
+
+
+def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Bytes → RGB image with EXIF orientation applied; size is checked before pixels are decoded."""
+    if not data:
+        raise InvalidImage("the image is empty")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(io.BytesIO(data))
+            _check_pixels(image, max_pixels)
+            if image.format == "JPEG" and max(image.size) > 2 * JPEG_DRAFT_SIZE:
+                image.draft("RGB", (JPEG_DRAFT_SIZE, JPEG_DRAFT_SIZE))
+            image.load()
+            return to_rgb(ImageOps.exif_transpose(image))
+    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+        raise InvalidImage(_describe(exc)) from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImage(f"cannot decode the image ({exc})") from None
+
+
+def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+    width, height = image.size
+    if width * height > max_pixels:
+        raise PayloadTooLarge(
+            f"Image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}. "
+            "Downscale it before sending."
+        )
+    if width < 1 or height < 1:
+        raise InvalidImage(f"image has no pixels ({width}x{height})")
+
+
+def _describe(exc: Exception) -> str:
+    if isinstance(exc, UnidentifiedImageError):
+        return "not a recognised image format (send PNG, JPEG, WebP, GIF, BMP or TIFF)"
+    return str(exc)
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Flatten any mode to 8-bit RGB: transparency onto white, 16-bit scaled, CMYK converted."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        image = _sixteen_bit_to_l(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "RGBa"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGB", rgba.size, (255, 255, 255))
+        background.paste(rgba, mask=rgba.getchannel("A"))
+        return background
+    return image.convert("RGB") if image.mode != "RGB" else image
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """Scale 16-bit (or 32-bit integer) greyscale to 8 bits by its real range."""
+    as_int = image.convert("I")
+    low, high = as_int.getextrema()
+    scale = 255.0 / (high - low) if high > low else 0.0
+    return as_int.point(lambda value: (value - low) * scale).convert("L")
+
+
+class ImageDecoder:
+    """Decodes images on a small thread pool with the server's limits."""
+
+    def __init__(self, *, max_pixels: int, threads: int = 4) -> None:
+        self.max_pixels = max_pixels
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vision-decode")
+
+    async def from_base64(self, text: str) -> Image.Image:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._decode_text, text)
+
+    async def from_bytes(self, data: bytes) -> Image.Image:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, self._decode_bytes, data)
+
+    def _decode_text(self, text: str) -> Image.Image:
+        return open_image(decode_base64(text), max_pixels=self.max_pixels)
+
+    def _decode_bytes(self, data: bytes) -> Image.Image:
+        return open_image(data, max_pixels=self.max_pixels)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

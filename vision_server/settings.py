@@ -1,0 +1,240 @@
+"""One frozen :class:`Settings` object, built once from defaults < config file < env < flags.
+
+Nothing here reads the environment at import time: :func:`load_settings` takes the environment
+and the flags as arguments, so tests and embedders build settings explicitly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on 3.10 only
+    import tomli as tomllib
+
+APP_NAME = "vision-server"
+ENV_PREFIX = "VISION_SERVER_"
+DEFAULT_MODEL = "MiaoshouAI/Florence-2-large-PromptGen-v2.0"
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    """A settings field whose help text feeds ``--help``, the README and the config docs."""
+    metadata = {"help": help, **extra}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("use tuples for sequence defaults")
+    return field(default=default, metadata=metadata)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything the server can be told. Field names are the config-file keys."""
+
+    # network
+    host: str = _opt("127.0.0.1", "Address to bind. Loopback by default; use 0.0.0.0 to serve a network.")
+    port: int = _opt(54880, "TCP port to listen on.")
+    # model
+    model: str = _opt(
+        DEFAULT_MODEL,
+        "Hub id or local directory of a Florence-2 model. 'test:tiny' serves a self-built tiny model "
+        "whose captions are meaningless (for trying the stack without a download).",
+    )
+    revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to pin the download to.")
+    adapter: str | None = _opt(None, "Directory of a PEFT LoRA adapter to apply on top of the model.")
+    device: str = _opt("auto", "auto, cpu, cuda or cuda:N. auto picks CUDA when available.")
+    dtype: str = _opt("auto", "auto, float16, bfloat16 or float32. auto: float16 on CUDA, float32 on CPU.")
+    cache_dir: Path = _opt(
+        Path(platformdirs.user_cache_dir(APP_NAME)),
+        "Where converted models and built test models are kept.",
+    )
+    # lifecycle
+    idle_timeout: float = _opt(
+        300.0,
+        "Seconds without work before the model is unloaded. 0 unloads as soon as the queue drains; -1 never.",
+    )
+    preload: bool = _opt(False, "Load the model at start instead of on the first request.")
+    # queue and batching
+    max_queue: int = _opt(256, "Most jobs waiting in the queue; more get 503 with Retry-After.")
+    max_batch_size: int = _opt(16, "Most images captioned in one generate call.")
+    max_batch_wait_ms: float = _opt(5.0, "How long the worker waits for more jobs to fill a batch.")
+    request_timeout: float = _opt(600.0, "Seconds a request may wait and run before it fails with 504.")
+    decode_threads: int = _opt(4, "Threads that decode images before the queue.")
+    # limits
+    max_request_bytes: int = _opt(20 * 1024 * 1024, "Largest request body accepted, in bytes (413 above).")
+    max_image_pixels: int = _opt(64_000_000, "Largest image accepted, in pixels (413 above; stops bombs).")
+    # generation defaults
+    num_beams: int = _opt(3, "Beam count for generation (the reference server's default).")
+    max_new_tokens: int = _opt(1024, "Most tokens generated per caption.")
+    default_task: str = _opt(
+        "<MORE_DETAILED_CAPTION>", "Task used when a free-text prompt (OpenAI, SillyTavern) names none."
+    )
+    # security
+    api_key: str | None = _opt(
+        None, "Require 'Authorization: Bearer KEY' on every route but /health and /ready."
+    )
+    api_key_file: Path | None = _opt(None, "Read the API key from this file (first line).")
+    admin_key: str | None = _opt(
+        None, "Key for /v1/model/load and /v1/model/unload. Without one they answer only on loopback."
+    )
+    metrics_require_key: bool = _opt(False, "Require the API key on /metrics too.")
+    cors_origins: tuple[str, ...] = _opt(
+        (), "Origin allowed to call from a browser (repeatable). Off by default."
+    )
+    rate_limit: float | None = _opt(
+        None, "Requests per minute per client address (429 above). Off by default."
+    )
+    ssl_cert: Path | None = _opt(None, "TLS certificate (PEM). Serve HTTPS when given with --ssl-key.")
+    ssl_key: Path | None = _opt(None, "TLS private key (PEM).")
+    # operations
+    shutdown_grace: float = _opt(60.0, "Seconds to finish queued and running jobs on SIGTERM/SIGINT.")
+    log_level: str = _opt("info", "debug, info, warning or error.")
+    log_format: str = _opt("text", "text or json (one JSON object per line).")
+    log_file: Path | None = _opt(None, "Also write logs to this file.")
+    compile: bool = _opt(False, "CUDA only: static cache + torch.compile, warmed up after load.")
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def max_batch_wait(self) -> float:
+        return self.max_batch_wait_ms / 1000.0
+
+    def resolved_api_key(self) -> str | None:
+        """The key from --api-key, else the first line of --api-key-file."""
+        if self.api_key:
+            return self.api_key
+        if self.api_key_file:
+            return self.api_key_file.read_text(encoding="utf-8").strip() or None
+        return None
+
+
+class SettingsError(ValueError):
+    """A setting has a value the server cannot use; the message names the setting."""
+
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "dtype": ("auto", "float16", "bfloat16", "float32"),
+    "log_level": ("debug", "info", "warning", "error"),
+    "log_format": ("text", "json"),
+}
+
+
+def _validate(s: Settings) -> None:
+    for name, choices in _CHOICES.items():
+        if getattr(s, name) not in choices:
+            raise SettingsError(f"{name} must be one of {', '.join(choices)}, not {getattr(s, name)!r}")
+    if not (s.device in ("auto", "cpu", "cuda") or s.device.startswith("cuda:")):
+        raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, not {s.device!r}")
+    positive = ("max_queue", "max_batch_size", "decode_threads", "max_request_bytes", "max_image_pixels")
+    for name in (*positive, "num_beams", "max_new_tokens"):
+        if getattr(s, name) < 1:
+            raise SettingsError(f"{name} must be at least 1, not {getattr(s, name)}")
+    if s.idle_timeout < 0 and s.idle_timeout != -1:
+        raise SettingsError("idle_timeout must be >= 0, or -1 for never")
+    if s.request_timeout <= 0 or s.shutdown_grace < 0 or s.max_batch_wait_ms < 0:
+        raise SettingsError("request_timeout must be > 0; shutdown_grace and max_batch_wait_ms >= 0")
+    if not 0 <= s.port <= 65535:
+        raise SettingsError(f"port must be 0..65535, not {s.port}")
+    if (s.ssl_cert is None) != (s.ssl_key is None):
+        raise SettingsError("ssl_cert and ssl_key must be given together")
+
+
+# --- building settings from sources ------------------------------------------------------------
+
+FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+
+
+def default_config_path() -> Path:
+    return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def field_type(name: str) -> Any:
+    """The runtime type of a field, with ``X | None`` reduced to ``X``."""
+    hint = typing.get_type_hints(Settings)[name]
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    return hint
+
+
+def coerce(name: str, value: Any) -> Any:
+    """Turn a config-file or environment value into the field's type, or explain why not."""
+    if value is None:
+        return None
+    kind = field_type(name)
+    try:
+        if kind is bool:
+            return _to_bool(value)
+        if typing.get_origin(kind) is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(str(item).strip() for item in items if str(item).strip())
+        if kind is Path:
+            return Path(str(value)).expanduser()
+        return kind(value)
+    except (TypeError, ValueError) as exc:
+        raise SettingsError(f"{name}: cannot use {value!r} ({exc})") from None
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("expected true/false")
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """Read a TOML config; keys may use dashes or underscores. Unknown keys are errors."""
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path}: {exc}") from None
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        name = key.replace("-", "_")
+        if name not in FIELDS:
+            raise SettingsError(f"config file {path}: unknown setting {key!r}")
+        values[name] = coerce(name, value)
+    return values
+
+
+def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    return {name: coerce(name, environ[env_name(name)]) for name in FIELDS if env_name(name) in environ}
+
+
+def load_settings(
+    flags: Mapping[str, Any] | None = None,
+    *,
+    environ: Mapping[str, str] | None = None,
+    config_path: Path | None = None,
+) -> Settings:
+    """Merge defaults < config file < environment < flags (flags set to None are ignored).
+
+    Without ``config_path`` the platformdirs config file is used when it exists.
+    """
+    environ = environ if environ is not None else {}
+    explicit = config_path or (Path(environ[env_name("config")]) if env_name("config") in environ else None)
+    path = explicit or default_config_path()
+    values: dict[str, Any] = {}
+    if explicit is not None and not path.is_file():
+        raise SettingsError(f"config file {path} does not exist")
+    if path.is_file():
+        values.update(read_config_file(path))
+    values.update(read_environment(environ))
+    values.update({k: coerce(k, v) for k, v in (flags or {}).items() if v is not None and v != ()})
+    return Settings(**values)

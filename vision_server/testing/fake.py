@@ -1,0 +1,70 @@
+"""A deterministic stand-in captioner for scheduler tests that need to control time.
+
+Everything else is tested against the real Florence-2 code on the tiny model; this fake exists
+only where a test must make generation take a known time, fail on purpose, or count calls.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+
+from vision_server.captioner import Caption, CaptionItem, ModelInfo
+from vision_server.errors import ModelLoadError
+from vision_server.florence.prompts import PROMPTGEN_TASKS
+
+
+class FakeCaptioner:
+    """Captions are a hash of the pixels and the task; ``delay`` seconds per batch."""
+
+    def __init__(self, *, delay: float = 0.0, load_delay: float = 0.0, model_id: str = "fake-model") -> None:
+        self.delay = delay
+        self.load_delay = load_delay
+        self.fail_load: str | None = None
+        self.fail_caption: Exception | None = None
+        self.loaded = False
+        self.loads = 0
+        self.unloads = 0
+        self.batch_sizes: list[int] = []
+        self.threads: set[str] = set()
+        self._model_id = model_id
+        self._lock = threading.Lock()
+
+    @property
+    def model_id(self) -> str:
+        return self._model_id
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return PROMPTGEN_TASKS
+
+    def load(self) -> ModelInfo:
+        self.threads.add(threading.current_thread().name)
+        time.sleep(self.load_delay)
+        if self.fail_load:
+            raise ModelLoadError(self.fail_load)
+        with self._lock:
+            self.loaded = True
+            self.loads += 1
+        return ModelInfo(self._model_id, "cpu", "float32")
+
+    def caption(self, batch: list[CaptionItem]) -> list[Caption]:
+        self.threads.add(threading.current_thread().name)
+        assert self.loaded, "caption() called on an unloaded model"
+        self.batch_sizes.append(len(batch))
+        time.sleep(self.delay)
+        if self.fail_caption is not None:
+            raise self.fail_caption
+        return [Caption(text=self.expected(item)) for item in batch]
+
+    def unload(self) -> None:
+        self.threads.add(threading.current_thread().name)
+        with self._lock:
+            self.loaded = False
+            self.unloads += 1
+
+    @staticmethod
+    def expected(item: CaptionItem) -> str:
+        digest = hashlib.sha256(item.image.tobytes() + item.task.encode()).hexdigest()[:12]
+        return f"{item.task.strip('<>').lower()} {digest}"
