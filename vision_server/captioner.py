@@ -25,6 +25,7 @@ class GenerationOptions:
     temperature: float = 0.0  # 0 means greedy / beam search; > 0 samples
     top_p: float = 1.0
     min_new_tokens: int = 0  # benchmarks only: forces fixed-length captions from random weights
+    with_confidence: bool = False  # also score the caption (one extra forward pass)
 
     @property
     def do_sample(self) -> bool:

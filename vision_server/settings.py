@@ -99,7 +99,6 @@ class Settings:
     log_level: str = _opt("info", "debug, info, warning or error.")
     log_format: str = _opt("text", "text or json (one JSON object per line).")
     log_file: Path | None = _opt(None, "Also write logs to this file.")
-    compile: bool = _opt(False, "CUDA only: static cache + torch.compile, warmed up after load.")
 
     def __post_init__(self) -> None:
         _validate(self)

@@ -1,0 +1,278 @@
+"""The engine in-process, with a fake captioner where timing must be controlled."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from vision_server.captioner import CaptionItem, GenerationOptions
+from vision_server.engine.jobs import CaptionJob, JobQueue
+from vision_server.engine.lifecycle import ModelState
+from vision_server.engine.scheduler import CaptionFailed, Engine, EngineConfig
+from vision_server.errors import DeadlineExceeded, Draining, ModelLoadError, OutOfMemory, QueueFull
+from vision_server.testing.fake import FakeCaptioner
+
+
+def item(shade: int = 0, task: str = "<CAPTION>", options: GenerationOptions | None = None) -> CaptionItem:
+    return CaptionItem(Image.new("RGB", (8, 8), (shade, shade, shade)), task, options or GenerationOptions())
+
+
+async def started(fake: FakeCaptioner, **config: float) -> Engine:
+    engine = Engine(fake, EngineConfig(**config))  # type: ignore[arg-type]
+    await engine.start()
+    return engine
+
+
+async def wait_for_state(engine: Engine, state: ModelState, timeout: float) -> float:
+    """Seconds until ``engine`` reaches ``state`` (fails the test after ``timeout``)."""
+    start = time.monotonic()
+    while engine.state is not state:
+        assert time.monotonic() - start < timeout, f"still {engine.state} after {timeout}s"
+        await asyncio.sleep(0.01)
+    return time.monotonic() - start
+
+
+# --- queue and batching ---------------------------------------------------------------------------
+
+
+def _job(options: GenerationOptions) -> CaptionJob:
+    return CaptionJob(item(options=options), asyncio.get_event_loop().create_future())
+
+
+async def test_take_batch_groups_compatible_jobs_and_keeps_fifo() -> None:
+    greedy, beams = GenerationOptions(num_beams=1), GenerationOptions(num_beams=3)
+    queue = JobQueue(10)
+    jobs = [_job(o) for o in (greedy, beams, greedy, beams, greedy)]
+    for job in jobs:
+        queue.put(job, retry_after=1)
+    assert queue.take_batch(limit=2) == [jobs[0], jobs[2]]
+    assert queue.take_batch(limit=8) == [jobs[1], jobs[3]]  # the oldest left leads the next batch
+    assert queue.take_batch(limit=8) == [jobs[4]]
+
+
+async def test_queue_full_raises_with_retry_after() -> None:
+    queue = JobQueue(1)
+    queue.put(_job(GenerationOptions()), retry_after=7)
+    with pytest.raises(QueueFull) as info:
+        queue.put(_job(GenerationOptions()), retry_after=7)
+    assert info.value.retry_after == 7 and info.value.status == 503
+
+
+async def test_waiting_jobs_batch_together_and_results_match() -> None:
+    fake = FakeCaptioner(delay=0.2)
+    engine = await started(fake, max_batch_size=16)
+    items = [item(shade, task) for shade, task in zip(range(10), ["<CAPTION>", "<ANALYZE>"] * 5, strict=True)]
+    results = await asyncio.gather(*(engine.submit(i) for i in items))
+    assert [r.text for r in results] == [FakeCaptioner.expected(i) for i in items]
+    assert max(fake.batch_sizes) > 1 and sum(fake.batch_sizes) == 10
+    await engine.stop()
+
+
+async def test_incompatible_options_never_share_a_batch() -> None:
+    fake = FakeCaptioner(delay=0.05)
+    engine = await started(fake)
+    options = [GenerationOptions(num_beams=1 + (n % 2)) for n in range(8)]
+    await asyncio.gather(*(engine.submit(item(n, options=o)) for n, o in enumerate(options)))
+    assert sum(fake.batch_sizes) == 8 and max(fake.batch_sizes) <= 4
+    await engine.stop()
+
+
+async def test_model_runs_in_one_dedicated_thread() -> None:
+    fake = FakeCaptioner()
+    engine = await started(fake, idle_timeout=0)
+    for n in range(3):
+        await engine.submit(item(n))
+    await wait_for_state(engine, ModelState.UNLOADED, 2)
+    assert len(fake.threads) == 1 and threading.current_thread().name not in fake.threads
+    await engine.stop()
+
+
+# --- lifecycle ------------------------------------------------------------------------------------
+
+
+async def test_lazy_load_on_first_job() -> None:
+    fake = FakeCaptioner()
+    engine = await started(fake)
+    assert engine.status().state is ModelState.UNLOADED and fake.loads == 0
+    await engine.submit(item())
+    status = engine.status()
+    assert status.state is ModelState.READY and status.device == "cpu" and status.loaded_since
+    assert status.expires_at is not None and status.expires_at > time.time()
+    await engine.stop()
+
+
+async def test_idle_unload_counts_from_the_end_of_the_last_batch() -> None:
+    fake = FakeCaptioner(delay=0.5)
+    engine = await started(fake, idle_timeout=1.0)
+    await engine.submit(item())
+    finished = time.monotonic()
+    await wait_for_state(engine, ModelState.UNLOADED, 3)
+    assert 0.9 <= time.monotonic() - finished <= 1.6
+    assert fake.unloads == 1
+    await engine.stop()
+
+
+async def test_long_request_is_never_unloaded_midway() -> None:
+    fake = FakeCaptioner(delay=3.0)
+    engine = await started(fake, idle_timeout=1.0)
+    result = await engine.submit(item())
+    assert result.text and fake.unloads == 0  # fake asserts it is loaded inside caption()
+    await engine.stop()
+
+
+async def test_new_request_during_idle_wait_resets_the_clock() -> None:
+    fake = FakeCaptioner()
+    engine = await started(fake, idle_timeout=1.0)
+    await engine.submit(item())
+    await asyncio.sleep(0.7)
+    await engine.submit(item(1))
+    second = time.monotonic()
+    await asyncio.sleep(0.6)  # 1.3 s after the first job: would have unloaded without the reset
+    assert engine.state is ModelState.READY
+    await wait_for_state(engine, ModelState.UNLOADED, 2)
+    assert time.monotonic() - second >= 0.9 and fake.loads == 1
+    await engine.stop()
+
+
+async def test_idle_timeout_minus_one_never_unloads() -> None:
+    fake = FakeCaptioner()
+    engine = await started(fake, idle_timeout=-1)
+    await engine.submit(item())
+    await asyncio.sleep(1.2)
+    assert engine.state is ModelState.READY and engine.status().expires_at is None
+    await engine.stop()
+
+
+async def test_idle_timeout_zero_unloads_when_the_queue_drains() -> None:
+    fake = FakeCaptioner()
+    engine = await started(fake, idle_timeout=0)
+    await engine.submit(item())
+    assert await wait_for_state(engine, ModelState.UNLOADED, 1) < 0.5
+    await engine.stop()
+
+
+async def test_load_failure_fails_jobs_then_recovers() -> None:
+    fake = FakeCaptioner()
+    fake.fail_load = "weights missing in /models/x"
+    engine = await started(fake)
+    with pytest.raises(ModelLoadError, match="weights missing"):
+        await engine.submit(item())
+    status = engine.status()
+    assert status.state is ModelState.FAILED and "weights missing" in (status.last_error or "")
+    fake.fail_load = None
+    assert (await engine.submit(item())).text
+    assert engine.status().state is ModelState.READY and engine.status().last_error is None
+    await engine.stop()
+
+
+async def test_caption_exception_fails_the_batch_and_worker_survives() -> None:
+    fake = FakeCaptioner()
+    fake.fail_caption = RuntimeError("boom")
+    engine = await started(fake)
+    with pytest.raises(CaptionFailed):
+        await engine.submit(item())
+    fake.fail_caption = None
+    assert (await engine.submit(item())).text
+    await engine.stop()
+
+
+async def test_out_of_memory_splits_the_batch() -> None:
+    class HalvingFake(FakeCaptioner):
+        def caption(self, batch):  # type: ignore[no-untyped-def]
+            if len(batch) > 2:
+                self.batch_sizes.append(-len(batch))
+                raise OutOfMemory("oom")
+            return super().caption(batch)
+
+    fake = HalvingFake(delay=0.05)
+    engine = await started(fake, max_batch_wait=0.05)
+    items = [item(n) for n in range(8)]
+    results = await asyncio.gather(*(engine.submit(i) for i in items))
+    assert [r.text for r in results] == [FakeCaptioner.expected(i) for i in items]
+    assert any(size < 0 for size in fake.batch_sizes)
+    await engine.stop()
+
+
+# --- backpressure, deadlines, cancellation, admin, shutdown ---------------------------------------
+
+
+async def test_queue_full_is_refused_with_an_estimate() -> None:
+    fake = FakeCaptioner(delay=0.5)
+    engine = await started(fake, max_queue=2, max_batch_size=1)
+    tasks = [asyncio.create_task(engine.submit(item(0)))]
+    await asyncio.sleep(0.1)  # the first is running
+    tasks += [asyncio.create_task(engine.submit(item(n))) for n in (1, 2)]
+    await asyncio.sleep(0.05)  # two queued: the queue is full
+    with pytest.raises(QueueFull) as info:
+        await engine.submit(item(9))
+    assert 1 <= (info.value.retry_after or 0) <= 120
+    await asyncio.gather(*tasks)
+    await engine.stop()
+
+
+async def test_abandoned_job_is_never_run() -> None:
+    fake = FakeCaptioner(delay=0.4)
+    engine = await started(fake, max_batch_size=1)
+    first = asyncio.create_task(engine.submit(item(1)))
+    await asyncio.sleep(0.1)
+    doomed = asyncio.create_task(engine.submit(item(2)))
+    await asyncio.sleep(0.05)
+    doomed.cancel()
+    await first
+    await asyncio.sleep(0.1)
+    assert fake.batch_sizes == [1] and engine.status().jobs_done == 1
+    await engine.stop()
+
+
+async def test_deadline_gives_timeout_error() -> None:
+    fake = FakeCaptioner(delay=0.6)
+    engine = await started(fake, request_timeout=0.3)
+    with pytest.raises(DeadlineExceeded):
+        await engine.submit(item())
+    await engine.stop()
+
+
+async def test_admin_load_and_unload_are_worker_messages() -> None:
+    fake = FakeCaptioner()
+    engine = await started(fake)
+    assert (await engine.load()).state is ModelState.READY
+    assert (await engine.unload()).state is ModelState.UNLOADED
+    assert fake.loads == 1 and fake.unloads == 1 and len(fake.threads) == 1
+    await engine.stop()
+
+
+async def test_admin_unload_waits_for_the_running_batch() -> None:
+    fake = FakeCaptioner(delay=0.5)
+    engine = await started(fake)
+    job = asyncio.create_task(engine.submit(item()))
+    await asyncio.sleep(0.2)
+    await engine.unload()
+    assert job.done() and job.result().text  # the batch finished before the unload ran
+    await engine.stop()
+
+
+async def test_stop_drains_queued_jobs_then_refuses() -> None:
+    fake = FakeCaptioner(delay=0.2)
+    engine = await started(fake, max_batch_size=1)
+    jobs = [asyncio.create_task(engine.submit(item(n))) for n in range(3)]
+    await asyncio.sleep(0.05)
+    await engine.stop(grace=5)
+    assert all(job.result().text for job in jobs)
+    assert fake.unloads == 1 and not fake.loaded
+    with pytest.raises(Draining):
+        await engine.submit(item())
+
+
+async def test_stop_past_grace_fails_the_rest_with_503() -> None:
+    fake = FakeCaptioner(delay=0.5)
+    engine = await started(fake, max_batch_size=1)
+    jobs = [asyncio.create_task(engine.submit(item(n))) for n in range(3)]
+    await asyncio.sleep(0.05)
+    await engine.stop(grace=0.1)
+    outcomes = await asyncio.gather(*jobs, return_exceptions=True)
+    assert not isinstance(outcomes[0], Exception)
+    assert any(isinstance(o, Draining) for o in outcomes[1:])

@@ -1,0 +1,277 @@
+"""Florence-2 on transformers' native classes: load, caption a padded batch, unload completely.
+
+This module knows nothing of asyncio or HTTP; the engine calls it from its one model thread.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from vision_server.captioner import Caption, CaptionItem, GenerationOptions, ModelInfo
+from vision_server.errors import ModelLoadError, ModelSourceError, OutOfMemory
+from vision_server.florence.prompts import tasks_for_model
+from vision_server.florence.source import resolve_model_dir
+
+if TYPE_CHECKING:
+    from vision_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+_STRIP_TOKENS = ("<pad>", "<s>", "</s>")
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(requested)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(
+            f"Device {requested!r} was requested but CUDA is not available; use --device cpu."
+        )
+    return device
+
+
+def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
+    """auto: float16 on CUDA, float32 on CPU (CPU half precision is slow and lossy)."""
+    if requested == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return DTYPES[requested]
+
+
+def release_memory() -> None:
+    """Give freed memory back: Python objects, the CUDA caching allocator, and glibc's heap."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, Windows, musl)
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@dataclass
+class _Loaded:
+    model: Any
+    processor: Any
+    device: torch.device
+    dtype: torch.dtype
+
+
+class FlorenceCaptioner:
+    """A Florence-2 model (PromptGen v2.0 by default) behind the :class:`Captioner` contract."""
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        cache_dir: Path,
+        revision: str | None = None,
+        adapter: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+    ) -> None:
+        self._spec = model
+        self.cache_dir = cache_dir
+        self.revision = revision
+        self.adapter = adapter
+        self.device = device
+        self.dtype = dtype
+        self._loaded: _Loaded | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> FlorenceCaptioner:
+        return cls(
+            settings.model,
+            cache_dir=settings.cache_dir,
+            revision=settings.revision,
+            adapter=settings.adapter,
+            device=settings.device,
+            dtype=settings.dtype,
+        )
+
+    @property
+    def model_id(self) -> str:
+        return self._spec
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tasks_for_model(self._spec)
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._loaded is not None
+
+    # --- load / unload -------------------------------------------------------------------------
+
+    def load(self) -> ModelInfo:
+        if self._loaded is None:
+            try:
+                self._loaded = self._load()
+            except ModelSourceError as exc:
+                raise ModelLoadError(str(exc)) from None
+            except torch.cuda.OutOfMemoryError:
+                release_memory()
+                raise ModelLoadError(
+                    "Out of GPU memory while loading; free the GPU or use a smaller model."
+                ) from None
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+                release_memory()
+                raise ModelLoadError(f"{self._spec}: {type(exc).__name__}: {exc}") from None
+        loaded = self._loaded
+        return ModelInfo(self._spec, str(loaded.device), str(loaded.dtype).removeprefix("torch."))
+
+    def _load(self) -> _Loaded:
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from vision_server.florence.convert import ensure_native
+
+        device = pick_device(self.device)
+        dtype = pick_dtype(self.dtype, device)
+        source = resolve_model_dir(self._spec, revision=self.revision, cache_dir=self.cache_dir)
+        native = ensure_native(source, self.cache_dir / "converted")
+        if device.type == "cuda":
+            # cuDNN attention builds a plan per new shape: ~10 s on the first call of each batch size.
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        started = time.perf_counter()
+        processor = AutoProcessor.from_pretrained(native)
+        model = AutoModelForImageTextToText.from_pretrained(native, dtype=dtype, attn_implementation="sdpa")
+        model = self._apply_adapter(model).to(device).eval()
+        log.debug("weights loaded from %s in %.2f s", native, time.perf_counter() - started)
+        return _Loaded(model, processor, device, dtype)
+
+    def _apply_adapter(self, model: Any) -> Any:
+        """Merge a PEFT LoRA adapter into the weights (no per-token adapter cost afterwards)."""
+        if not self.adapter:
+            return model
+        from peft import PeftModel
+
+        from vision_server.florence.convert import ensure_native_adapter
+
+        adapter_dir = Path(self.adapter).expanduser()
+        if not (adapter_dir / "adapter_config.json").is_file():
+            raise ModelSourceError(
+                f"Adapter directory {adapter_dir} has no adapter_config.json (not a PEFT adapter)."
+            )
+        native = ensure_native_adapter(adapter_dir, self.cache_dir / "converted-adapters")
+        return PeftModel.from_pretrained(model, native).merge_and_unload()
+
+    def unload(self) -> None:
+        self._loaded = None
+        release_memory()
+
+    # --- captioning ----------------------------------------------------------------------------
+
+    def caption(self, batch: list[CaptionItem]) -> list[Caption]:
+        """Caption a batch; items are grouped by generation options, results keep their order."""
+        if self._loaded is None:
+            raise RuntimeError("caption() called before load()")
+        results: list[Caption | None] = [None] * len(batch)
+        for options, indices in _group_by_options(batch).items():
+            captions = self._caption_group([batch[i] for i in indices], options)
+            for index, caption in zip(indices, captions, strict=True):
+                results[index] = caption
+        return [caption for caption in results if caption is not None]
+
+    def _caption_group(self, items: list[CaptionItem], options: GenerationOptions) -> list[Caption]:
+        loaded = self._loaded
+        assert loaded is not None
+        try:
+            with torch.inference_mode():
+                inputs = self._prepare(loaded, items)
+                sequences = loaded.model.generate(**inputs, **generate_kwargs(options))
+                scores = self._confidences(loaded, inputs, sequences) if options.with_confidence else None
+        except torch.cuda.OutOfMemoryError:
+            release_memory()
+            raise OutOfMemory(f"Out of GPU memory on a batch of {len(items)}.", retry_after=5) from None
+        return self._decode(loaded, items, inputs, sequences, options, scores)
+
+    def _prepare(self, loaded: _Loaded, items: list[CaptionItem]) -> dict[str, Any]:
+        inputs = loaded.processor(
+            text=[item.task for item in items],
+            images=[item.image for item in items],
+            return_tensors="pt",
+            padding=True,
+        )
+        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
+        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+        return {k: v.to(loaded.device) for k, v in inputs.items()}
+
+    def _confidences(self, loaded: _Loaded, inputs: dict[str, Any], sequences: torch.Tensor) -> list[float]:
+        """Geometric mean of the chosen tokens' probabilities, by one teacher-forced forward pass."""
+        out = loaded.model(**inputs, decoder_input_ids=sequences[:, :-1])
+        logprobs = torch.log_softmax(out.logits.float(), dim=-1)
+        chosen = logprobs.gather(-1, sequences[:, 1:, None]).squeeze(-1)
+        mask = sequences[:, 1:] != loaded.processor.tokenizer.pad_token_id
+        means = (chosen * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        return [float(v) for v in means.exp().cpu()]
+
+    def _decode(
+        self,
+        loaded: _Loaded,
+        items: list[CaptionItem],
+        inputs: dict[str, Any],
+        sequences: torch.Tensor,
+        options: GenerationOptions,
+        scores: list[float] | None,
+    ) -> list[Caption]:
+        tokenizer = loaded.processor.tokenizer
+        texts = loaded.processor.batch_decode(sequences, skip_special_tokens=False)
+        prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
+        captions = []
+        for row, item in enumerate(items):
+            generated = sequences[row, 1:].tolist()
+            real = [
+                t
+                for t in generated
+                if t not in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
+            ]
+            hit_eos = tokenizer.eos_token_id in generated
+            captions.append(
+                Caption(
+                    text=self._post_process(loaded, texts[row], item),
+                    prompt_tokens=int(prompt_lengths[row]),
+                    completion_tokens=len(real),
+                    finish_reason="stop" if hit_eos or len(generated) < options.max_new_tokens else "length",
+                    confidence=scores[row] if scores else None,
+                )
+            )
+        return captions
+
+    @staticmethod
+    def _post_process(loaded: _Loaded, text: str, item: CaptionItem) -> str:
+        text = text.replace("<pad>", "")
+        parsed = loaded.processor.post_process_generation(text, task=item.task, image_size=item.image.size)
+        value = parsed.get(item.task, text) if isinstance(parsed, dict) else parsed
+        if not isinstance(value, str):
+            value = str(value)
+        for token in _STRIP_TOKENS:
+            value = value.replace(token, "")
+        return value.strip()
+
+
+def generate_kwargs(options: GenerationOptions) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": options.max_new_tokens,
+        "num_beams": options.num_beams,
+        "do_sample": options.do_sample,
+    }
+    if options.do_sample:
+        kwargs.update(temperature=options.temperature, top_p=options.top_p)
+    if options.min_new_tokens:
+        kwargs["min_new_tokens"] = options.min_new_tokens
+    return kwargs
+
+
+def _group_by_options(batch: list[CaptionItem]) -> dict[GenerationOptions, list[int]]:
+    groups: dict[GenerationOptions, list[int]] = {}
+    for index, item in enumerate(batch):
+        groups.setdefault(item.options, []).append(index)
+    return groups
