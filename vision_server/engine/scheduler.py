@@ -277,12 +277,10 @@ class Engine:
         ids = ", ".join(job.request_id for job in jobs)
         if isinstance(exc, VisionServerError):
             log.warning("batch failed (%s): %s", ids, exc)
-            error: VisionServerError = exc
         else:
             log.error("caption batch failed for request(s) %s", ids, exc_info=exc)
-            error = CaptionFailed(f"Captioning failed ({type(exc).__name__}); see the server log.")
         for job in jobs:
-            _fail(job, error)
+            _fail(job, exc if isinstance(exc, VisionServerError) else _caption_failed(exc, job.request_id))
 
     def _caption_splitting(self, items: list[CaptionItem]) -> list[Caption]:
         """Caption ``items``; on out-of-memory retry each half, down to single images."""
@@ -357,6 +355,12 @@ class Engine:
     async def _in_model_thread(self, func: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, func, *args)
+
+
+def _caption_failed(exc: Exception, request_id: str) -> CaptionFailed:
+    return CaptionFailed(
+        f"Captioning failed ({type(exc).__name__}); see the server log for request id {request_id}."
+    )
 
 
 def _fail(job: CaptionJob, error: Exception) -> None:

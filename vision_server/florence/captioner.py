@@ -130,6 +130,7 @@ class FlorenceCaptioner:
 
     def _load(self) -> _Loaded:
         from transformers import AutoModelForImageTextToText, AutoProcessor
+        from transformers.utils import logging as hf_logging
 
         from vision_server.florence.convert import ensure_native
 
@@ -140,6 +141,7 @@ class FlorenceCaptioner:
         if device.type == "cuda":
             # cuDNN attention builds a plan per new shape: ~10 s on the first call of each batch size.
             torch.backends.cuda.enable_cudnn_sdp(False)
+        hf_logging.disable_progress_bar()  # a tqdm bar per load would clutter the server log
         started = time.perf_counter()
         processor = AutoProcessor.from_pretrained(native)
         model = AutoModelForImageTextToText.from_pretrained(native, dtype=dtype, attn_implementation="sdpa")

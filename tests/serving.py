@@ -1,0 +1,34 @@
+"""Run the real aiohttp application on a real port inside a test."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from aiohttp import ClientSession, web
+
+from vision_server.app import create_app
+from vision_server.captioner import Captioner
+from vision_server.settings import Settings
+
+
+@contextlib.asynccontextmanager
+async def running_server(settings: Settings, captioner: Captioner | None = None) -> AsyncIterator[str]:
+    """Serve ``create_app(settings, captioner)`` on 127.0.0.1:<free port>; yields the base URL."""
+    app = create_app(settings, captioner)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def client_for(settings: Settings, captioner: Captioner | None = None) -> AsyncIterator[ClientSession]:
+    """A client session whose relative URLs go to a freshly started server."""
+    async with running_server(settings, captioner) as url, ClientSession(url) as session:
+        yield session

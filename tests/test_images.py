@@ -1,0 +1,97 @@
+"""Image decoding: every mode clients send becomes RGB, and limits hold before decoding."""
+
+from __future__ import annotations
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vision_server.errors import InvalidImage, PayloadTooLarge
+from vision_server.images import decode_base64, open_image
+
+LIMIT = 10_000_000
+
+
+def encode(image: Image.Image, fmt: str = "PNG", **params: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **params)
+    return buffer.getvalue()
+
+
+def test_plain_base64_and_data_url_decode_to_the_same_bytes() -> None:
+    raw = encode(Image.new("RGB", (4, 4), "red"))
+    text = base64.b64encode(raw).decode()
+    assert decode_base64(text) == raw
+    assert decode_base64("data:image/png;base64," + text) == raw
+    assert decode_base64(text[:10] + "\n" + text[10:]) == raw  # wrapped base64 (base64 without -w0)
+    assert decode_base64(base64.urlsafe_b64encode(raw).decode().rstrip("=")) == raw
+
+
+@pytest.mark.parametrize("bad", ["", "!!!not base64!!!", "data:image/png,rawdata"])
+def test_invalid_base64_is_a_clear_error(bad: str) -> None:
+    with pytest.raises(InvalidImage, match=r"^Invalid image data: "):
+        decode_base64(bad)
+
+
+def test_not_an_image_and_truncated_image_are_invalid() -> None:
+    with pytest.raises(InvalidImage, match="not a recognised image"):
+        open_image(b"hello world", max_pixels=LIMIT)
+    noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
+    truncated = encode(noisy)[:300]
+    with pytest.raises(InvalidImage):
+        open_image(truncated, max_pixels=LIMIT)
+
+
+def test_too_many_pixels_is_413_before_decoding() -> None:
+    big = encode(Image.new("1", (3000, 3000)))  # compresses to a few KB: a small bomb
+    with pytest.raises(PayloadTooLarge, match="3000x3000"):
+        open_image(big, max_pixels=1_000_000)
+
+
+def test_exif_orientation_is_applied() -> None:
+    image = Image.new("RGB", (40, 20), "blue")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90° clockwise on display
+    decoded = open_image(encode(image, "JPEG", exif=exif), max_pixels=LIMIT)
+    assert decoded.size == (20, 40)
+
+
+def test_transparency_is_flattened_onto_white() -> None:
+    rgba = Image.new("RGBA", (4, 4), (255, 0, 0, 0))
+    decoded = open_image(encode(rgba), max_pixels=LIMIT)
+    assert decoded.mode == "RGB" and decoded.getpixel((0, 0)) == (255, 255, 255)
+    palette = Image.new("P", (4, 4), 0)
+    palette.putpalette([0, 0, 0, 10, 200, 10] + [0] * 762)
+    palette.info["transparency"] = 0
+    assert open_image(encode(palette, transparency=0), max_pixels=LIMIT).getpixel((0, 0)) == (255, 255, 255)
+
+
+def test_sixteen_bit_greyscale_keeps_its_contrast() -> None:
+    ramp = np.tile(np.linspace(0, 65535, 16, dtype=np.uint16), (4, 1))
+    decoded = open_image(encode(Image.fromarray(ramp)), max_pixels=LIMIT)
+    values = [decoded.getpixel((x, 0))[0] for x in (0, 15)]
+    assert decoded.mode == "RGB" and values[0] < 10 and values[1] > 245
+
+
+def test_cmyk_jpeg_becomes_rgb() -> None:
+    decoded = open_image(encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG"), max_pixels=LIMIT)
+    red, green, blue = decoded.getpixel((4, 4))
+    assert decoded.mode == "RGB" and red > 200 and green < 60 and blue < 60
+
+
+def test_animated_gif_uses_the_first_frame() -> None:
+    frames = [Image.new("RGB", (8, 8), colour) for colour in ("red", "blue", "green")]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, "GIF", save_all=True, append_images=frames[1:], duration=50)
+    decoded = open_image(buffer.getvalue(), max_pixels=LIMIT)
+    red, _, blue = decoded.getpixel((4, 4))
+    assert red > 200 and blue < 60
+
+
+def test_large_jpeg_decodes_at_reduced_scale() -> None:
+    big = Image.fromarray(np.random.default_rng(1).integers(0, 255, (4000, 3200, 3), dtype=np.uint8))
+    decoded = open_image(encode(big, "JPEG", quality=70), max_pixels=64_000_000)
+    assert min(decoded.size) >= 1536 and max(decoded.size) < 4000

@@ -1,0 +1,71 @@
+"""Settings precedence and validation: defaults < config file < environment < flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vision_server.settings import Settings, SettingsError, load_settings
+
+
+def test_defaults_match_the_design(tmp_path: Path) -> None:
+    s = Settings()
+    assert (s.host, s.port, s.idle_timeout, s.max_queue, s.max_batch_size) == (
+        "127.0.0.1",
+        54880,
+        300.0,
+        256,
+        16,
+    )
+    assert (s.num_beams, s.max_new_tokens, s.max_request_bytes) == (3, 1024, 20 * 1024 * 1024)
+    assert s.model == "MiaoshouAI/Florence-2-large-PromptGen-v2.0"
+
+
+def test_precedence_file_env_flags(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('port = 1000\nidle-timeout = 10\nmodel = "from-file"\ncors_origins = ["a"]\n')
+    env = {"VISION_SERVER_IDLE_TIMEOUT": "20", "VISION_SERVER_MODEL": "from-env"}
+    s = load_settings({"model": "from-flag", "port": None}, environ=env, config_path=config)
+    assert (s.port, s.idle_timeout, s.model, s.cors_origins) == (1000, 20.0, "from-flag", ("a",))
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("preload = true\n")
+    assert load_settings(environ={"VISION_SERVER_CONFIG": str(config)}).preload is True
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"dtype": "float8"}, "dtype must be one of"),
+        ({"idle_timeout": -5}, "idle_timeout"),
+        ({"max_batch_size": 0}, "max_batch_size"),
+        ({"device": "tpu"}, "device"),
+        ({"ssl_cert": "/x.pem"}, "together"),
+    ],
+)
+def test_bad_values_name_the_setting(tmp_path: Path, flags: dict[str, object], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(flags, environ={}, config_path=_empty(tmp_path))
+
+
+def test_unknown_config_key_and_bad_env_value(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("colour = 'blue'\n")
+    with pytest.raises(SettingsError, match="unknown setting 'colour'"):
+        load_settings(environ={}, config_path=config)
+    with pytest.raises(SettingsError, match="max_queue"):
+        load_settings(environ={"VISION_SERVER_MAX_QUEUE": "lots"}, config_path=_empty(tmp_path))
+
+
+def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="does not exist"):
+        load_settings(environ={}, config_path=tmp_path / "nope.toml")
+
+
+def _empty(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    return path
