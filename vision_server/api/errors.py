@@ -20,7 +20,7 @@ log = logging.getLogger("vision_server.api")
 ErrorFormatter = Callable[[VisionServerError, str], web.Response]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
-REQUEST_ID = "request_id"
+REQUEST_ID = web.RequestKey("request_id", str)
 ERROR_FORMATTERS = web.AppKey("error_formatters", dict[str, ErrorFormatter])
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
