@@ -1,0 +1,118 @@
+"""Model-layer timings for one preset and device: conversion, load, and generate per batch size.
+
+Builds the random-weight test model (``--preset tiny|base|large``) in both layouts in a temp
+dir, converts the original layout to the native one (timed), loads it through
+``FlorenceCaptioner`` (timed, warm page cache), then times ``caption()`` for each batch size
+with a fixed number of new tokens (random weights would otherwise stop at once). Prints a table
+and a JSON line.
+
+    python benchmarks/model_bench.py --preset base --batch-sizes 1,4,16 --new-tokens 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def timed(func, *args, **kwargs):  # type: ignore[no-untyped-def]
+    started = time.perf_counter()
+    result = func(*args, **kwargs)
+    return result, time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=["tiny", "base", "large"], default="tiny")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--batch-sizes", default="1,4,16")
+    parser.add_argument("--new-tokens", type=int, default=20)
+    parser.add_argument("--beams", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, help="keep built models here (default: a temp dir)")
+    args = parser.parse_args()
+
+    import torch
+
+    from vision_server.captioner import CaptionItem, GenerationOptions
+    from vision_server.florence.captioner import FlorenceCaptioner
+    from vision_server.florence.convert import convert_checkpoint
+    from vision_server.testing.tiny_model import build_test_model
+
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="model-bench-"))
+    original = workdir / f"{args.preset}-original"
+    if not original.exists():
+        build_test_model(original, preset=args.preset, fmt="original")
+    native = workdir / f"{args.preset}-converted"
+    conversion_s = None
+    if not native.exists():
+        _, conversion_s = timed(convert_checkpoint, original, native)
+    captioner = FlorenceCaptioner(
+        str(native), cache_dir=workdir / "cache", device=args.device, dtype=args.dtype
+    )
+    info, load_s = timed(captioner.load)
+    captioner.unload()
+    info, load_s = timed(captioner.load)  # second load: warm page cache, as in production
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 255, (768, 768, 3), dtype=np.uint8))
+    options = GenerationOptions(
+        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, num_beams=args.beams
+    )
+    rows = []
+    for size in [int(s) for s in args.batch_sizes.split(",")]:
+        items = [CaptionItem(image, "<MORE_DETAILED_CAPTION>", options)] * size
+        captioner.caption(items)  # warm-up
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+        times = [timed(captioner.caption, items)[1] for _ in range(args.repeats)]
+        peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+        median = statistics.median(times)
+        rows.append({"batch": size, "median_s": median, "img_s": size / median, "peak_mib": peak})
+    _, unload_s = timed(captioner.unload)
+    report(args, info, conversion_s, load_s, unload_s, rows)
+
+
+def report(args, info, conversion_s, load_s, unload_s, rows) -> None:  # type: ignore[no-untyped-def]
+    import torch
+    import transformers
+
+    print(
+        f"preset {args.preset}  device {info.device}  dtype {info.dtype}  new tokens {args.new_tokens}  "
+        f"beams {args.beams}  torch {torch.__version__}  transformers {transformers.__version__}"
+    )
+    if conversion_s is not None:
+        print(f"conversion original -> native: {conversion_s:.2f} s")
+    print(f"load (warm): {load_s:.2f} s   unload: {unload_s:.2f} s")
+    print(f"{'batch':>6}{'median s':>12}{'img/s':>10}{'peak MiB':>10}")
+    for row in rows:
+        peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "-"
+        print(f"{row['batch']:>6}{row['median_s']:>12.3f}{row['img_s']:>10.2f}{peak:>10}")
+    print(
+        json.dumps(
+            {
+                "preset": args.preset,
+                "device": info.device,
+                "dtype": info.dtype,
+                "conversion_s": conversion_s,
+                "load_s": load_s,
+                "unload_s": unload_s,
+                "rows": rows,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    main()
