@@ -1,0 +1,504 @@
+# VisionClient.Common.ps1
+#
+# Helpers shared by vision-client.ps1 and vision-caption-folder-images.ps1. Dot-source it:
+#     . (Join-Path $PSScriptRoot 'VisionClient.Common.ps1')
+# It only defines functions (all named *-Vision*), so the folder script can copy them into the
+# runspaces of its worker pool.
+#
+# Runs on Windows PowerShell 5.1 and PowerShell 7+. Keep this file ASCII only: Windows
+# PowerShell 5.1 reads a script without a BOM in the ANSI code page.
+#
+# HTTP goes through System.Net.Http.HttpClient rather than Invoke-RestMethod, because the two
+# PowerShell editions report HTTP errors in different shapes and decode bodies differently;
+# HttpClient gives the status code, headers and raw body the same way on both.
+
+function Get-VisionImageExtension {
+    # The file types the folder script captions, compared without the dot and in any case.
+    return @('jpg', 'jpeg', 'png', 'gif', 'bmp', 'tif', 'tiff', 'webp')
+}
+
+function Resolve-VisionBaseUrl {
+    # -Url, else $env:VISION_HOST, else the default. 'host:port' gets http:// in front.
+    param([string]$Url)
+    $value = $Url
+    if ([string]::IsNullOrWhiteSpace($value)) { $value = $env:VISION_HOST }
+    if ([string]::IsNullOrWhiteSpace($value)) { $value = 'http://127.0.0.1:54880' }
+    $value = $value.Trim().TrimEnd('/')
+    if ($value -notmatch '^[A-Za-z][A-Za-z0-9+.-]*://') { $value = 'http://' + $value }
+    $parsed = $null
+    if (-not [System.Uri]::TryCreate($value, [System.UriKind]::Absolute, [ref]$parsed) -or
+        ($parsed.Scheme -ne 'http' -and $parsed.Scheme -ne 'https')) {
+        throw ("Invalid server URL '{0}': expected something like http://127.0.0.1:54880" -f $value)
+    }
+    return $value
+}
+
+function ConvertTo-VisionTask {
+    # 'caption', 'CAPTION' and '<CAPTION>' all become '<CAPTION>', the token the server wants.
+    param([string]$Prompt)
+    $token = ''
+    if ($null -ne $Prompt) { $token = $Prompt.Trim() }
+    if ($token.StartsWith('<')) { $token = $token.Substring(1) }
+    if ($token.EndsWith('>')) { $token = $token.Substring(0, $token.Length - 1) }
+    $token = $token.Trim()
+    if ($token.Length -eq 0) { throw 'The prompt is empty; try CAPTION, DETAILED_CAPTION or GENERATE_TAGS.' }
+    return '<' + $token.ToUpperInvariant() + '>'
+}
+
+function Test-VisionResizeSupported {
+    # System.Drawing only works on Windows (.NET 6+ throws PlatformNotSupportedException elsewhere).
+    if ($PSVersionTable.PSVersion.Major -ge 6 -and -not $IsWindows) { return $false }
+    return $true
+}
+
+function Get-VisionResizeUnsupportedMessage {
+    return ('-MaxSize resizes with System.Drawing, which works only on Windows, and this is ' +
+        'PowerShell {0} on another system. Leave out -MaxSize: the server takes the original ' +
+        'file and resizes it itself.') -f $PSVersionTable.PSVersion
+}
+
+function New-VisionHttpClient {
+    # One client per run, shared by all requests (HttpClient is thread safe and reuses connections).
+    param([int]$TimeoutSec = 300, [int]$MaxConnections = 1)
+    if ($PSVersionTable.PSVersion.Major -lt 6) {
+        Add-Type -AssemblyName System.Net.Http
+        # .NET Framework allows only 2 connections per host by default, which would cap -Jobs.
+        if ([System.Net.ServicePointManager]::DefaultConnectionLimit -lt $MaxConnections) {
+            [System.Net.ServicePointManager]::DefaultConnectionLimit = $MaxConnections
+        }
+        $tls12 = [System.Net.SecurityProtocolType]::Tls12
+        [System.Net.ServicePointManager]::SecurityProtocol = [System.Net.ServicePointManager]::SecurityProtocol -bor $tls12
+    }
+    $handler = [System.Net.Http.HttpClientHandler]::new()
+    $client = [System.Net.Http.HttpClient]::new($handler)
+    if ($TimeoutSec -gt 0) {
+        $client.Timeout = [System.TimeSpan]::FromSeconds($TimeoutSec)
+    }
+    else {
+        $client.Timeout = [System.Threading.Timeout]::InfiniteTimeSpan
+    }
+    # .NET Framework would otherwise send 'Expect: 100-continue' and wait before every body.
+    $client.DefaultRequestHeaders.ExpectContinue = $false
+    $client.DefaultRequestHeaders.UserAgent.ParseAdd('vision-client-ps/1.0')
+    return $client
+}
+
+function Get-VisionInnermostMessage {
+    param($Exception)
+    $message = ''
+    $current = $Exception
+    while ($null -ne $current) {
+        if (-not [string]::IsNullOrWhiteSpace($current.Message)) { $message = $current.Message }
+        $current = $current.InnerException
+    }
+    return $message.Trim()
+}
+
+function Test-VisionTimeoutException {
+    param($Exception)
+    $current = $Exception
+    while ($null -ne $current) {
+        if ($current -is [System.OperationCanceledException] -or $current -is [System.TimeoutException]) {
+            return $true
+        }
+        $current = $current.InnerException
+    }
+    return $false
+}
+
+function Invoke-VisionHttp {
+    # Sends one request. Returns StatusCode, Body (text), RetryAfter (seconds or $null) and
+    # Reason for any HTTP answer, including 4xx/5xx. Throws only when no answer came back; the
+    # exception's Data['VisionFailure'] is 'timeout' or 'connect'.
+    param(
+        $Client,
+        [string]$Method,
+        [string]$Uri,
+        [string]$Body,
+        [string]$ApiKey,
+        [int]$TimeoutSec = 0
+    )
+    $request = [System.Net.Http.HttpRequestMessage]::new([System.Net.Http.HttpMethod]::new($Method), $Uri)
+    $cancel = [System.Threading.CancellationTokenSource]::new()
+    $task = $null
+    $response = $null
+    try {
+        $request.Headers.Accept.ParseAdd('application/json')
+        if (-not [string]::IsNullOrEmpty($ApiKey)) {
+            $request.Headers.Authorization = [System.Net.Http.Headers.AuthenticationHeaderValue]::new('Bearer', $ApiKey)
+        }
+        if ($Method -eq 'POST') {
+            $request.Content = [System.Net.Http.StringContent]::new($Body, [System.Text.Encoding]::UTF8, 'application/json')
+        }
+        $task = $Client.SendAsync($request, $cancel.Token)
+        # Wait in short slices so Ctrl+C (or stopping a worker) is noticed between them.
+        # Task.WaitAny does not throw for a failed task; GetResult below throws the original
+        # exception, which has the useful message.
+        $pending = [System.Threading.Tasks.Task[]]@($task)
+        while ([System.Threading.Tasks.Task]::WaitAny($pending, 200) -lt 0) { }
+        try {
+            $response = $task.GetAwaiter().GetResult()
+        }
+        catch {
+            $inner = $_.Exception
+            if (Test-VisionTimeoutException $inner) {
+                $limit = ''
+                if ($TimeoutSec -gt 0) { $limit = ' within {0} s' -f $TimeoutSec }
+                $text = 'Timeout: no answer from {0}{1} (raise -TimeoutSec; a first request may be waiting for the model to load)' -f $Uri, $limit
+                $failure = [System.Exception]::new($text)
+                $failure.Data['VisionFailure'] = 'timeout'
+            }
+            else {
+                $text = 'Cannot reach the server at {0}: {1}' -f $Uri, (Get-VisionInnermostMessage $inner)
+                $failure = [System.Exception]::new($text)
+                $failure.Data['VisionFailure'] = 'connect'
+            }
+            throw $failure
+        }
+        $bytes = $response.Content.ReadAsByteArrayAsync().GetAwaiter().GetResult()
+        $text = [System.Text.Encoding]::UTF8.GetString($bytes)
+        $retryAfter = $null
+        $hint = $response.Headers.RetryAfter
+        if ($null -ne $hint) {
+            if ($null -ne $hint.Delta) {
+                $retryAfter = [double]$hint.Delta.TotalSeconds
+            }
+            elseif ($null -ne $hint.Date) {
+                $retryAfter = [Math]::Max(0.0, ($hint.Date - [System.DateTimeOffset]::UtcNow).TotalSeconds)
+            }
+        }
+        return [pscustomobject]@{
+            StatusCode = [int]$response.StatusCode
+            Body       = $text
+            RetryAfter = $retryAfter
+            Reason     = $response.ReasonPhrase
+        }
+    }
+    finally {
+        if ($null -ne $task -and -not $task.IsCompleted) { $cancel.Cancel() }
+        if ($null -ne $response) { $response.Dispose() }
+        $request.Dispose()
+        $cancel.Dispose()
+    }
+}
+
+function Get-VisionErrorMessage {
+    # Turns an HTTP error answer into one line, with the server's own message when it sent one:
+    # native API {"detail": ...}, OpenAI-style {"error": {"message": ...}}, else the raw body.
+    param($Response)
+    $detail = $null
+    $parsed = $null
+    if (-not [string]::IsNullOrWhiteSpace($Response.Body)) {
+        try { $parsed = ConvertFrom-Json -InputObject $Response.Body -ErrorAction Stop } catch { $parsed = $null }
+    }
+    if ($null -ne $parsed) {
+        if ($parsed -is [string]) {
+            $detail = $parsed
+        }
+        elseif ($null -ne $parsed.detail) {
+            if ($parsed.detail -is [string]) { $detail = $parsed.detail }
+            else { $detail = ConvertTo-Json -InputObject $parsed.detail -Compress -Depth 6 }
+        }
+        elseif ($null -ne $parsed.error) {
+            if ($parsed.error -is [string]) { $detail = $parsed.error }
+            elseif ($null -ne $parsed.error.message) { $detail = [string]$parsed.error.message }
+        }
+    }
+    if ([string]::IsNullOrWhiteSpace($detail)) {
+        $detail = ([string]$Response.Body).Trim()
+        if ($detail.Length -gt 500) { $detail = $detail.Substring(0, 500) + '...' }
+    }
+    if ([string]::IsNullOrWhiteSpace($detail)) { $detail = [string]$Response.Reason }
+    $message = 'Server error {0}: {1}' -f $Response.StatusCode, $detail
+    if ($Response.StatusCode -eq 401) {
+        $message += ' (set $env:VISION_API_KEY or -ApiKey)'
+    }
+    elseif ($null -ne $Response.RetryAfter) {
+        $message += ' (server asked to retry after {0:N0} s)' -f $Response.RetryAfter
+    }
+    return $message
+}
+
+function Get-VisionRetryDelay {
+    # Seconds to wait before retry number $Attempt (0-based): the server's Retry-After when it
+    # gave one (capped at 120 s), else exponential back-off capped at 30 s; both with jitter.
+    param([int]$Attempt, $RetryAfter)
+    # Seeded from a GUID: workers started in the same tick must not all pick the same delay.
+    $random = [System.Random]::new([System.Guid]::NewGuid().GetHashCode())
+    if ($null -ne $RetryAfter) {
+        $wait = [Math]::Min([double]$RetryAfter, 120.0)
+        return $wait + $random.NextDouble() * (0.1 * $wait + 0.05)
+    }
+    $backoff = [Math]::Min(30.0, 0.5 * [Math]::Pow(2, $Attempt))
+    return $backoff / 2 + $random.NextDouble() * $backoff / 2
+}
+
+function Invoke-VisionApi {
+    # GET or POST with retries on 429/502/503 and on connection failures (not on timeouts: the
+    # server may still be working on the request). Returns the answer of the last attempt.
+    param(
+        $Client,
+        [string]$Method,
+        [string]$Uri,
+        [string]$Body,
+        [string]$ApiKey,
+        [int]$TimeoutSec = 0,
+        [int]$Retries = 0
+    )
+    $attempt = 0
+    while ($true) {
+        try {
+            $response = Invoke-VisionHttp -Client $Client -Method $Method -Uri $Uri -Body $Body -ApiKey $ApiKey -TimeoutSec $TimeoutSec
+        }
+        catch {
+            $failure = $_.Exception
+            if ($failure.Data['VisionFailure'] -ne 'connect' -or $attempt -ge $Retries) { throw $failure }
+            Start-Sleep -Milliseconds ([int](1000 * (Get-VisionRetryDelay -Attempt $attempt -RetryAfter $null)))
+            $attempt++
+            continue
+        }
+        $retryable = @(429, 502, 503) -contains $response.StatusCode
+        if (-not $retryable -or $attempt -ge $Retries) { return $response }
+        Start-Sleep -Milliseconds ([int](1000 * (Get-VisionRetryDelay -Attempt $attempt -RetryAfter $response.RetryAfter)))
+        $attempt++
+    }
+}
+
+function Get-VisionImageBase64 {
+    # The image file as base64: the original bytes, untouched, unless -MaxSize asks for a
+    # smaller copy and the image is larger than that.
+    param([string]$Path, [int]$MaxSize = 0)
+    if (-not [System.IO.File]::Exists($Path)) { throw ('Image file not found: {0}' -f $Path) }
+    $bytes = [System.IO.File]::ReadAllBytes($Path)
+    if ($bytes.Length -eq 0) { throw ('Image file is empty: {0}' -f $Path) }
+    if ($MaxSize -gt 0) {
+        $smaller = Resize-VisionImage -Bytes $bytes -MaxSize $MaxSize
+        if ($null -ne $smaller) { $bytes = $smaller }
+    }
+    return [System.Convert]::ToBase64String($bytes)
+}
+
+function Get-VisionRotateFlip {
+    # The RotateFlipType that undoes an EXIF orientation (1..8), so pixels come out upright.
+    param([int]$Orientation)
+    switch ($Orientation) {
+        2 { return [System.Drawing.RotateFlipType]::RotateNoneFlipX }
+        3 { return [System.Drawing.RotateFlipType]::Rotate180FlipNone }
+        4 { return [System.Drawing.RotateFlipType]::Rotate180FlipX }
+        5 { return [System.Drawing.RotateFlipType]::Rotate90FlipX }
+        6 { return [System.Drawing.RotateFlipType]::Rotate90FlipNone }
+        7 { return [System.Drawing.RotateFlipType]::Rotate270FlipX }
+        8 { return [System.Drawing.RotateFlipType]::Rotate270FlipNone }
+    }
+    return $null
+}
+
+function Resize-VisionImage {
+    # Scales the image so its longer side is -MaxSize pixels, keeping the aspect ratio. Returns
+    # the encoded bytes (JPEG for JPEG input, PNG otherwise), or $null when it is small enough.
+    param([byte[]]$Bytes, [int]$MaxSize)
+    if (-not (Test-VisionResizeSupported)) { throw (Get-VisionResizeUnsupportedMessage) }
+    Add-Type -AssemblyName System.Drawing
+    $source = $null
+    $image = $null
+    $canvas = $null
+    $graphics = $null
+    $attributes = $null
+    $output = $null
+    try {
+        $source = [System.IO.MemoryStream]::new($Bytes)
+        try {
+            $image = [System.Drawing.Image]::FromStream($source)
+        }
+        catch {
+            throw ('-MaxSize: System.Drawing cannot read this image ({0}); leave out -MaxSize to send it as it is.' -f (Get-VisionInnermostMessage $_.Exception))
+        }
+        $isJpeg = $image.RawFormat.Guid -eq [System.Drawing.Imaging.ImageFormat]::Jpeg.Guid
+        if (@($image.PropertyIdList) -contains 0x0112) {
+            $value = $image.GetPropertyItem(0x0112).Value
+            if ($null -ne $value -and $value.Length -ge 2) {
+                $flip = Get-VisionRotateFlip -Orientation ([System.BitConverter]::ToUInt16($value, 0))
+                if ($null -ne $flip) { $image.RotateFlip($flip) }
+            }
+        }
+        $width = $image.Width
+        $height = $image.Height
+        $longest = [Math]::Max($width, $height)
+        if ($longest -le $MaxSize) { return $null }
+        $scale = $MaxSize / [double]$longest
+        $newWidth = [Math]::Max(1, [int][Math]::Round($width * $scale))
+        $newHeight = [Math]::Max(1, [int][Math]::Round($height * $scale))
+        $canvas = [System.Drawing.Bitmap]::new($newWidth, $newHeight)
+        $graphics = [System.Drawing.Graphics]::FromImage($canvas)
+        $graphics.InterpolationMode = [System.Drawing.Drawing2D.InterpolationMode]::HighQualityBicubic
+        $graphics.PixelOffsetMode = [System.Drawing.Drawing2D.PixelOffsetMode]::HighQuality
+        $graphics.CompositingQuality = [System.Drawing.Drawing2D.CompositingQuality]::HighQuality
+        $graphics.SmoothingMode = [System.Drawing.Drawing2D.SmoothingMode]::HighQuality
+        # TileFlipXY stops the bicubic filter from blending a dark fringe into the edges.
+        $attributes = [System.Drawing.Imaging.ImageAttributes]::new()
+        $attributes.SetWrapMode([System.Drawing.Drawing2D.WrapMode]::TileFlipXY)
+        $target = [System.Drawing.Rectangle]::new(0, 0, $newWidth, $newHeight)
+        $graphics.DrawImage($image, $target, 0, 0, $width, $height, [System.Drawing.GraphicsUnit]::Pixel, $attributes)
+        $output = [System.IO.MemoryStream]::new()
+        if ($isJpeg) {
+            $jpegId = [System.Drawing.Imaging.ImageFormat]::Jpeg.Guid
+            $codec = [System.Drawing.Imaging.ImageCodecInfo]::GetImageEncoders() | Where-Object { $_.FormatID -eq $jpegId } | Select-Object -First 1
+            $parameters = [System.Drawing.Imaging.EncoderParameters]::new(1)
+            $parameters.Param[0] = [System.Drawing.Imaging.EncoderParameter]::new([System.Drawing.Imaging.Encoder]::Quality, [long]92)
+            $canvas.Save($output, $codec, $parameters)
+            $parameters.Dispose()
+        }
+        else {
+            $canvas.Save($output, [System.Drawing.Imaging.ImageFormat]::Png)
+        }
+        # The comma keeps PowerShell from unrolling the byte array into the pipeline.
+        return , $output.ToArray()
+    }
+    finally {
+        foreach ($item in @($output, $attributes, $graphics, $canvas, $image, $source)) {
+            if ($null -ne $item) { $item.Dispose() }
+        }
+    }
+}
+
+function Get-VisionCaption {
+    # Captions one image file and returns the caption text, trimmed. Throws with a readable
+    # message on any failure (HTTP error, no answer, unreadable file).
+    param(
+        $Client,
+        [string]$BaseUrl,
+        [string]$Task,
+        [string]$Path,
+        [int]$MaxSize = 0,
+        [string]$ApiKey,
+        [int]$TimeoutSec = 0,
+        [int]$Retries = 0
+    )
+    $image = Get-VisionImageBase64 -Path $Path -MaxSize $MaxSize
+    $prompt = ConvertTo-Json -InputObject $Task -Compress
+    $body = '{"image":"' + $image + '","prompt":' + $prompt + '}'
+    $image = $null
+    $response = Invoke-VisionApi -Client $Client -Method POST -Uri ($BaseUrl + '/process_image') -Body $body -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries
+    if ($response.StatusCode -ne 200) { throw (Get-VisionErrorMessage $response) }
+    try {
+        $parsed = ConvertFrom-Json -InputObject $response.Body -ErrorAction Stop
+    }
+    catch {
+        throw ('The server answered 200 but not with JSON: {0}' -f $response.Body)
+    }
+    if ($null -eq $parsed -or $null -eq $parsed.result) {
+        throw ('The server answered 200 without a "result": {0}' -f $response.Body)
+    }
+    return ([string]$parsed.result).Trim()
+}
+
+function Get-VisionJson {
+    # GET a JSON endpoint; returns the raw body text, or throws with the server's message.
+    param($Client, [string]$BaseUrl, [string]$Path, [string]$ApiKey, [int]$TimeoutSec = 0, [int]$Retries = 0)
+    $response = Invoke-VisionApi -Client $Client -Method GET -Uri ($BaseUrl + $Path) -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries
+    if ($response.StatusCode -ne 200) { throw (Get-VisionErrorMessage $response) }
+    return $response.Body
+}
+
+function Read-VisionCaptionFile {
+    # The caption text, or $null when the file does not exist. A BOM, if any, is dropped.
+    param([string]$Path)
+    if (-not [System.IO.File]::Exists($Path)) { return $null }
+    return [System.IO.File]::ReadAllText($Path, [System.Text.Encoding]::UTF8)
+}
+
+function Test-VisionCaptionPresent {
+    # Only a caption with text counts; an empty file must not block a new attempt.
+    param([string]$Path)
+    $text = Read-VisionCaptionFile -Path $Path
+    return ($null -ne $text -and $text.Trim().Length -gt 0)
+}
+
+function Join-VisionCaption {
+    # What to store: the new caption alone, or added after/before the existing one.
+    param([string]$New, [string]$Existing, [string]$Mode, [string]$Separator = ' ')
+    $old = ''
+    if ($null -ne $Existing) { $old = $Existing.Trim() }
+    if ($old.Length -gt 0 -and $Mode -eq 'append') { return $old + $Separator + $New }
+    if ($old.Length -gt 0 -and $Mode -eq 'prepend') { return $New + $Separator + $old }
+    return $New
+}
+
+function Write-VisionTextFile {
+    # Writes UTF-8 without BOM to a temporary file in the same folder, then moves it over the
+    # target in one step. On any error the target is left as it was and the temp file removed.
+    param([string]$Path, [string]$Text)
+    $folder = [System.IO.Path]::GetDirectoryName($Path)
+    $name = [System.IO.Path]::GetFileName($Path)
+    $suffix = [System.Guid]::NewGuid().ToString('N').Substring(0, 8)
+    $temp = [System.IO.Path]::Combine($folder, ('.{0}.{1}.tmp' -f $name, $suffix))
+    try {
+        [System.IO.File]::WriteAllText($temp, $Text, [System.Text.UTF8Encoding]::new($false))
+        if ([System.IO.File]::Exists($Path)) {
+            try {
+                [System.IO.File]::Replace($temp, $Path, [NullString]::Value)
+            }
+            catch {
+                # ReplaceFile can refuse (some network shares, antivirus locks). Copying over
+                # the target is not atomic, but it is only the fallback for that case.
+                [System.IO.File]::Copy($temp, $Path, $true)
+            }
+        }
+        else {
+            [System.IO.File]::Move($temp, $Path)
+        }
+    }
+    finally {
+        if ([System.IO.File]::Exists($temp)) {
+            try { [System.IO.File]::Delete($temp) } catch { }
+        }
+    }
+}
+
+function Invoke-VisionCaptionImage {
+    # The whole job for one image in the folder script: caption it and write the caption file.
+    # Never throws; returns Image, CaptionPath, Ok, Error, Failure ('connect', 'timeout' or
+    # $null) and Seconds.
+    param(
+        $Client,
+        [string]$BaseUrl,
+        [string]$Task,
+        [string]$ImagePath,
+        [string]$CaptionPath,
+        [string]$Mode = 'skip',
+        [string]$Prefix = '',
+        [string]$Suffix = '',
+        [string]$Separator = ' ',
+        [int]$MaxSize = 0,
+        [string]$ApiKey,
+        [int]$TimeoutSec = 0,
+        [int]$Retries = 0
+    )
+    $ErrorActionPreference = 'Stop'
+    $watch = [System.Diagnostics.Stopwatch]::StartNew()
+    $ok = $false
+    $message = $null
+    $failure = $null
+    try {
+        $caption = Get-VisionCaption -Client $Client -BaseUrl $BaseUrl -Task $Task -Path $ImagePath -MaxSize $MaxSize -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries
+        $existing = $null
+        if ($Mode -eq 'append' -or $Mode -eq 'prepend') { $existing = Read-VisionCaptionFile -Path $CaptionPath }
+        # Keep each caption on one line, as the other clients write it.
+        $caption = ($caption -replace "`r`n|`r|`n", ' ')
+        $text = Join-VisionCaption -New ($Prefix + $caption + $Suffix) -Existing $existing -Mode $Mode -Separator $Separator
+        Write-VisionTextFile -Path $CaptionPath -Text $text
+        $ok = $true
+    }
+    catch {
+        $message = $_.Exception.Message
+        $failure = $_.Exception.Data['VisionFailure']
+    }
+    return [pscustomobject]@{
+        Image       = $ImagePath
+        CaptionPath = $CaptionPath
+        Ok          = $ok
+        Error       = $message
+        Failure     = $failure
+        Seconds     = $watch.Elapsed.TotalSeconds
+    }
+}

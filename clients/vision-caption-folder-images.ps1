@@ -1,0 +1,404 @@
+<#
+.SYNOPSIS
+Captions every image in a folder with a vision-server and writes each caption beside its image.
+
+.DESCRIPTION
+vision-caption-folder-images.ps1 <PROMPT> <CaptionExt> <Folder> finds the images in Folder
+and its subfolders (jpg, jpeg, png, gif, bmp, tif, tiff, webp, in any case), sends each file
+as it is to the server (POST /process_image) and writes the caption to a file with the same
+name and the extension CaptionExt: cat.png -> cat.txt.
+
+- Images that already have a caption with text are skipped (-Mode skip, the default), so an
+  interrupted run can simply be started again. An empty caption file does not count.
+- Caption files are UTF-8 without BOM, on one line (line breaks in a caption become spaces),
+  with no trailing newline. Each is written to a
+  temporary file in the same folder first and moved over the target only when complete, so
+  a failure or Ctrl+C never leaves a half-written or error-filled caption behind.
+- A failed image is reported and the run goes on. The failures are listed at the end and the
+  script exits with code 1 if there was any. The run stops early only when the server
+  cannot be reached at all.
+- -Jobs N (default 4) keeps N requests in flight, which lets the server batch them on the GPU.
+  It works the same on Windows PowerShell 5.1 and PowerShell 7 (a runspace pool).
+- When two images would share a caption file (a.jpg and a.png), only the first in sort order
+  is captioned; the other is reported as failed.
+- Progress shows the count, images per second and the time left.
+
+Exit codes: 0 all images captioned or skipped; 1 some image failed, or the server could not
+be reached; 2 wrong arguments.
+
+.PARAMETER Prompt
+The task, with or without angle brackets and in any case: CAPTION, DETAILED_CAPTION,
+MORE_DETAILED_CAPTION, GENERATE_TAGS, ANALYZE, MIXED_CAPTION, MIXED_CAPTION_PLUS.
+
+.PARAMETER CaptionExt
+Extension of the caption files, with or without the dot: txt, caption, .txt. An image
+extension is refused, since the captions would replace the images.
+
+.PARAMETER Folder
+The folder to caption. Subfolders are included unless -NoRecurse is given.
+
+.PARAMETER Mode
+What to do when an image already has a caption file:
+skip (default) leave it alone if it has text; overwrite replace it; append add the new
+caption after the existing text; prepend add it before. append and prepend add text on every
+run, so run them once.
+
+.PARAMETER Prefix
+Text put before every new caption, for example a trigger word: -Prefix 'ohwx, '.
+Include your own separator.
+
+.PARAMETER Suffix
+Text put after every new caption: -Suffix ', film photo'.
+
+.PARAMETER Separator
+What joins the old and the new caption in append and prepend mode (default one space).
+Use ', ' for tag lists.
+
+.PARAMETER Jobs
+How many requests to keep in flight at once (1 to 64, default 4), so the server can batch
+them on the GPU. Use 1 to caption strictly one image after the other.
+
+.PARAMETER NoRecurse
+Only caption the images directly in Folder, not those in subfolders.
+
+.PARAMETER Quiet
+Do not print a line per captioned image. Failures, progress and the summary still show.
+
+.PARAMETER MaxSize
+Shrink each image first so that its longer side is at most this many pixels (see
+vision-client.ps1 -MaxSize). Needs System.Drawing, which exists only on Windows.
+
+.PARAMETER Url
+The server, as a full URL such as http://127.0.0.1:54880. Defaults to $env:VISION_HOST, then
+http://127.0.0.1:54880.
+
+.PARAMETER TimeoutSec
+How long to wait for each caption, in seconds (default 300; 0 waits for ever).
+
+.PARAMETER ApiKey
+Sent as 'Authorization: Bearer <key>'. Defaults to $env:VISION_API_KEY.
+
+.PARAMETER Retries
+How many times to retry one image when the server is busy (429/502/503) or refuses the
+connection (default 3).
+
+.EXAMPLE
+.\vision-caption-folder-images.ps1 DETAILED_CAPTION txt C:\datasets\cats
+
+Writes C:\datasets\cats\**\*.txt for every image that has no caption yet.
+
+.EXAMPLE
+.\vision-caption-folder-images.ps1 GENERATE_TAGS txt .\train -Mode overwrite -Prefix 'ohwx, ' -Jobs 8
+
+Replaces every caption with a fresh tag list that starts with a trigger word, 8 at a time.
+
+.EXAMPLE
+.\vision-caption-folder-images.ps1 CAPTION caption D:\photos -NoRecurse -Url http://gpu-box:54880
+#>
+[CmdletBinding()]
+param(
+    [Parameter(Position = 0)]
+    [string]$Prompt,
+
+    [Parameter(Position = 1)]
+    [string]$CaptionExt,
+
+    [Parameter(Position = 2)]
+    [string]$Folder,
+
+    [ValidateSet('skip', 'overwrite', 'append', 'prepend')]
+    [string]$Mode = 'skip',
+
+    [string]$Prefix = '',
+
+    [string]$Suffix = '',
+
+    [string]$Separator = ' ',
+
+    [ValidateRange(1, 64)]
+    [int]$Jobs = 4,
+
+    [switch]$NoRecurse,
+
+    [switch]$Quiet,
+
+    [ValidateRange(0, 100000)]
+    [int]$MaxSize = 0,
+
+    [string]$Url,
+
+    [ValidateRange(0, 86400)]
+    [int]$TimeoutSec = 300,
+
+    [string]$ApiKey = $env:VISION_API_KEY,
+
+    [ValidateRange(0, 100)]
+    [int]$Retries = 3
+)
+
+$ErrorActionPreference = 'Stop'
+. (Join-Path $PSScriptRoot 'VisionClient.Common.ps1')
+
+$scriptName = Split-Path -Leaf $PSCommandPath
+$Mode = $Mode.ToLowerInvariant()
+
+function Write-FolderError([string]$Message) {
+    [Console]::Error.WriteLine($Message)
+}
+
+function Exit-WithUsage([string]$Message) {
+    Write-FolderError ('{0}: {1}' -f $scriptName, $Message)
+    Write-FolderError ('Usage: {0} <PROMPT> <CaptionExt> <Folder> [-Mode skip|overwrite|append|prepend] [-Prefix TEXT] [-Suffix TEXT] [-Jobs N] [-NoRecurse] [-MaxSize N] [-Url URL]' -f $scriptName)
+    Write-FolderError ('Example: {0} DETAILED_CAPTION txt C:\path\to\folder    (details: Get-Help {0} -Full)' -f $scriptName)
+    exit 2
+}
+
+function Get-CaptionSuffix([string]$Extension) {
+    # 'txt' or '.txt' -> '.txt'; $null when it is unusable.
+    $clean = $Extension.Trim().TrimStart('.')
+    if ($clean.Length -eq 0 -or $clean.IndexOfAny([System.IO.Path]::GetInvalidFileNameChars()) -ge 0 -or
+        $clean.Contains('/') -or $clean.Contains('\')) {
+        return $null
+    }
+    return '.' + $clean
+}
+
+function Format-Duration([double]$Seconds) {
+    if ($Seconds -lt 0 -or [double]::IsInfinity($Seconds) -or [double]::IsNaN($Seconds)) { return '?' }
+    return [System.TimeSpan]::FromSeconds([Math]::Round($Seconds)).ToString()
+}
+
+function Get-ImageFile([string]$Root, [bool]$Recurse) {
+    # Full paths of the images under $Root, sorted. macOS '._name' resource forks are skipped.
+    $extensions = Get-VisionImageExtension
+    $walkErrors = $null
+    $files = Get-ChildItem -LiteralPath $Root -File -Recurse:$Recurse -ErrorAction SilentlyContinue -ErrorVariable walkErrors
+    foreach ($problem in @($walkErrors)) {
+        if ($null -ne $problem) { Write-FolderError ('warning: {0}' -f $problem.Exception.Message) }
+    }
+    $images = foreach ($file in $files) {
+        $extension = $file.Extension.TrimStart('.').ToLowerInvariant()
+        if ($extensions -contains $extension -and -not $file.Name.StartsWith('._')) { $file.FullName }
+    }
+    return @($images | Sort-Object)
+}
+
+# --- arguments --------------------------------------------------------------------------------
+
+if ([string]::IsNullOrWhiteSpace($Prompt) -or [string]::IsNullOrWhiteSpace($CaptionExt) -or [string]::IsNullOrWhiteSpace($Folder)) {
+    Exit-WithUsage 'missing arguments'
+}
+try { $task = ConvertTo-VisionTask -Prompt $Prompt } catch { Exit-WithUsage $_.Exception.Message }
+$captionSuffix = Get-CaptionSuffix $CaptionExt
+if ($null -eq $captionSuffix) { Exit-WithUsage ('invalid caption extension: {0}' -f $CaptionExt) }
+if ((Get-VisionImageExtension) -contains $captionSuffix.TrimStart('.').ToLowerInvariant()) {
+    Exit-WithUsage ('caption extension {0} is an image extension; the captions would replace the images' -f $CaptionExt)
+}
+$root = $ExecutionContext.SessionState.Path.GetUnresolvedProviderPathFromPSPath($Folder)
+if (-not [System.IO.Directory]::Exists($root)) { Exit-WithUsage ('folder not found: {0}' -f $root) }
+if ($MaxSize -gt 0 -and -not (Test-VisionResizeSupported)) { Exit-WithUsage (Get-VisionResizeUnsupportedMessage) }
+try { $baseUrl = Resolve-VisionBaseUrl -Url $Url } catch { Exit-WithUsage $_.Exception.Message }
+
+# --- plan: which images need a request --------------------------------------------------------
+
+$images = @(Get-ImageFile -Root $root -Recurse (-not $NoRecurse))
+if ($images.Count -eq 0) {
+    Write-Host ('No images found in {0}' -f $root)
+    exit 0
+}
+
+$work = New-Object System.Collections.Generic.List[object]
+$clashes = New-Object System.Collections.Generic.List[object]
+$claimed = @{}   # caption path -> image, so cat.jpg and cat.png never write the same file
+$skipped = 0
+foreach ($image in $images) {
+    $captionPath = [System.IO.Path]::ChangeExtension($image, $captionSuffix)
+    $key = $captionPath
+    if (-not $IsLinux) { $key = $key.ToLowerInvariant() }   # Windows and macOS ignore case
+    if ($claimed.ContainsKey($key)) {
+        $clashes.Add([pscustomobject]@{
+                Image = $image
+                Error = 'its caption file {0} belongs to {1}; rename one of the two images' -f $captionPath, $claimed[$key]
+            })
+        continue
+    }
+    $claimed[$key] = $image
+    if ($Mode -eq 'skip') {
+        $present = $false
+        try { $present = Test-VisionCaptionPresent -Path $captionPath } catch { }
+        if ($present) {
+            $skipped++
+            continue
+        }
+    }
+    $work.Add(@{
+            BaseUrl     = $baseUrl
+            Task        = $task
+            ImagePath   = $image
+            CaptionPath = $captionPath
+            Mode        = $Mode
+            Prefix      = $Prefix
+            Suffix      = $Suffix
+            Separator   = $Separator
+            MaxSize     = $MaxSize
+            ApiKey      = $ApiKey
+            TimeoutSec  = $TimeoutSec
+            Retries     = $Retries
+        })
+}
+
+Write-Host ('{0} images in {1}: {2} to caption, {3} skipped (prompt {4}, mode {5}, server {6})' -f $images.Count, $root, $work.Count, $skipped, $task, $Mode, $baseUrl)
+foreach ($clash in $clashes) { Write-FolderError ('FAILED {0}: {1}' -f $clash.Image, $clash.Error) }
+if ($work.Count -eq 0) {
+    if ($clashes.Count -gt 0) { exit 1 }
+    exit 0
+}
+
+# --- run --------------------------------------------------------------------------------------
+
+$client = $null
+$pool = $null
+$running = New-Object System.Collections.Generic.List[object]
+$failures = New-Object System.Collections.Generic.List[object]
+foreach ($clash in $clashes) { $failures.Add($clash) }
+$done = 0
+$captioned = 0
+$connectFailuresInARow = 0
+$aborted = $null
+$abortExitCode = 1
+$exitCode = 1
+$activity = 'Captioning {0} images in {1}' -f $work.Count, $root
+
+try {
+    $client = New-VisionHttpClient -TimeoutSec $TimeoutSec -MaxConnections $Jobs
+
+    # One quick request first: a wrong URL, a missing API key or an unknown prompt would
+    # otherwise fail every image in the same way.
+    try {
+        $prompts = ConvertFrom-Json -InputObject (Get-VisionJson -Client $client -BaseUrl $baseUrl -Path '/prompts' -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries)
+    }
+    catch {
+        $aborted = $_.Exception.Message
+        throw
+    }
+    $known = @(foreach ($item in $prompts) { ([string]$item).ToUpperInvariant() })
+    $canonical = $task -replace '^<MIX_CAPTION', '<MIXED_CAPTION'
+    if ($known.Count -gt 0 -and $known -notcontains $canonical) {
+        $aborted = 'the server does not know the prompt {0}; it accepts {1}' -f $task, ($known -join ' ')
+        $abortExitCode = 2
+        throw $aborted
+    }
+
+    # The worker pool: each runspace gets the helper functions; the HttpClient is shared.
+    $state = [System.Management.Automation.Runspaces.InitialSessionState]::CreateDefault()
+    foreach ($helper in Get-Command -CommandType Function -Name '*-Vision*') {
+        $entry = [System.Management.Automation.Runspaces.SessionStateFunctionEntry]::new($helper.Name, $helper.Definition)
+        $state.Commands.Add($entry)
+    }
+    $pool = [System.Management.Automation.Runspaces.RunspaceFactory]::CreateRunspacePool(1, $Jobs, $state, $Host)
+    $pool.Open()
+    $workerScript = 'param($Job) Invoke-VisionCaptionImage @Job'
+
+    $watch = [System.Diagnostics.Stopwatch]::StartNew()
+    $lastProgress = -1.0
+    $next = 0
+    while ($running.Count -gt 0 -or ($next -lt $work.Count -and $null -eq $aborted)) {
+        while ($null -eq $aborted -and $running.Count -lt $Jobs -and $next -lt $work.Count) {
+            $job = $work[$next]
+            $next++
+            $job['Client'] = $client
+            $shell = [System.Management.Automation.PowerShell]::Create()
+            $shell.RunspacePool = $pool
+            [void]$shell.AddScript($workerScript).AddArgument($job)
+            $running.Add([pscustomobject]@{ Shell = $shell; Handle = $shell.BeginInvoke(); Image = $job.ImagePath })
+        }
+
+        $handles = [System.Threading.WaitHandle[]]@(foreach ($item in $running) { $item.Handle.AsyncWaitHandle })
+        [void][System.Threading.WaitHandle]::WaitAny($handles, 250)
+
+        for ($i = $running.Count - 1; $i -ge 0; $i--) {
+            $item = $running[$i]
+            if (-not $item.Handle.IsCompleted) { continue }
+            $running.RemoveAt($i)
+            $result = $null
+            try {
+                $output = $item.Shell.EndInvoke($item.Handle)
+                if ($output.Count -gt 0) { $result = $output[$output.Count - 1] }
+                if ($null -eq $result) {
+                    $reason = 'the worker returned nothing'
+                    if ($item.Shell.Streams.Error.Count -gt 0) { $reason = $item.Shell.Streams.Error[0].ToString() }
+                    $result = [pscustomobject]@{ Image = $item.Image; Ok = $false; Error = $reason; Failure = $null; Seconds = 0.0 }
+                }
+            }
+            catch {
+                $result = [pscustomobject]@{ Image = $item.Image; Ok = $false; Error = $_.Exception.Message; Failure = $null; Seconds = 0.0 }
+            }
+            finally {
+                $item.Shell.Dispose()
+            }
+
+            $done++
+            if ($result.Ok) {
+                $captioned++
+                $connectFailuresInARow = 0
+                if (-not $Quiet) { Write-Host ('[{0}/{1}] {2} ({3:N1} s)' -f $done, $work.Count, $result.Image, $result.Seconds) }
+            }
+            else {
+                $failures.Add($result)
+                Write-FolderError ('[{0}/{1}] FAILED {2}: {3}' -f $done, $work.Count, $result.Image, $result.Error)
+                if ($result.Failure -eq 'connect') { $connectFailuresInARow++ } else { $connectFailuresInARow = 0 }
+                if ($connectFailuresInARow -ge [Math]::Max(3, $Jobs) -and $null -eq $aborted) {
+                    $aborted = 'the server stopped answering: {0}' -f $result.Error
+                }
+            }
+        }
+
+        $elapsed = $watch.Elapsed.TotalSeconds
+        if ($elapsed - $lastProgress -ge 0.5 -or ($running.Count -eq 0 -and $next -ge $work.Count)) {
+            $lastProgress = $elapsed
+            $rate = 0.0
+            if ($elapsed -gt 0) { $rate = $done / $elapsed }
+            $eta = -1.0
+            if ($rate -gt 0) { $eta = ($work.Count - $done) / $rate }
+            $percent = [int][Math]::Floor(100.0 * $done / $work.Count)
+            $status = '{0}/{1} images, {2:N2} img/s, ETA {3}, {4} failed' -f $done, $work.Count, $rate, (Format-Duration $eta), ($failures.Count - $clashes.Count)
+            Write-Progress -Activity $activity -Status $status -PercentComplete $percent
+        }
+    }
+    Write-Progress -Activity $activity -Completed
+
+    $seconds = $watch.Elapsed.TotalSeconds
+    $rate = 0.0
+    if ($seconds -gt 0) { $rate = $done / $seconds }
+    Write-Host ('Captioned {0}, skipped {1}, failed {2} in {3} ({4:N2} img/s)' -f $captioned, $skipped, $failures.Count, (Format-Duration $seconds), $rate)
+    if ($null -ne $aborted) {
+        Write-FolderError ('Stopped early, {0} images not attempted: {1}' -f ($work.Count - $done), $aborted)
+    }
+    if ($failures.Count -gt 0) {
+        Write-FolderError ('{0} images failed (they have no new caption; run again to retry them):' -f $failures.Count)
+        foreach ($failure in ($failures | Sort-Object Image)) {
+            Write-FolderError ('  {0}: {1}' -f $failure.Image, $failure.Error)
+        }
+    }
+    if ($failures.Count -eq 0 -and $null -eq $aborted) { $exitCode = 0 }
+}
+catch {
+    if ($null -ne $aborted) {
+        Write-FolderError ('{0}: {1}' -f $scriptName, $aborted)
+    }
+    else {
+        Write-FolderError ('{0}: {1}' -f $scriptName, $_.Exception.Message)
+    }
+    $exitCode = $abortExitCode
+}
+finally {
+    # Also reached on Ctrl+C: stop the workers (each notices within 0.2 s and removes its
+    # temporary file), then release the pool and the connection.
+    foreach ($item in $running) {
+        try { $item.Shell.Stop() } catch { }
+        $item.Shell.Dispose()
+    }
+    if ($null -ne $pool) { $pool.Dispose() }
+    if ($null -ne $client) { $client.Dispose() }
+}
+exit $exitCode
