@@ -1,0 +1,127 @@
+"""The vision-server command as a real subprocess: make-test-model, convert, caption, serve."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+CLI = [sys.executable, "-m", "vision_server"]
+
+
+def run(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 180
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def digest(directory: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
+
+
+def write_picture(path: Path, seed: int) -> Path:
+    pixels = np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_make_test_model_is_deterministic_and_convert_round_trips(tmp_path: Path) -> None:
+    native, again = tmp_path / "native", tmp_path / "again"
+    assert run("make-test-model", str(native)).returncode == 0
+    assert run("make-test-model", str(again)).returncode == 0
+    assert digest(native) == digest(again)
+    original = tmp_path / "original"
+    made = run("make-test-model", str(original), "--format", "original")
+    assert made.returncode == 0, made.stderr
+    assert "auto_map" in (original / "config.json").read_text()
+    converted = tmp_path / "converted"
+    result = run("convert", str(original), str(converted))
+    assert result.returncode == 0, result.stderr
+    assert (converted / "config.json").is_file() and str(converted) in result.stdout
+
+    image = write_picture(tmp_path / "a.png", 1)
+    captions = [
+        run("caption", str(image), "--model", str(m), "--task", "CAPTION", "--cache-dir", str(tmp_path / "c"))
+        for m in (native, converted)
+    ]
+    assert all(c.returncode == 0 for c in captions), [c.stderr for c in captions]
+    assert captions[0].stdout == captions[1].stdout and captions[0].stdout.startswith(f"{image}\t")
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    results = [
+        run("convert", str(tmp_path / "missing"), str(tmp_path / "out1")),
+        run("convert", str(not_a_model), str(tmp_path / "out2")),
+        run("make-test-model", str(tmp_path / "x"), "--preset", "huge"),
+        run("serve", "--dtype", "float8"),
+    ]
+    for result in results:
+        assert result.returncode != 0 and "Traceback" not in result.stderr and result.stderr.strip()
+    assert "missing" in results[0].stderr and "empty" in results[1].stderr
+    assert "dtype must be one of" in results[3].stderr
+
+
+def test_offline_hub_id_names_the_model_and_the_fix(tmp_path: Path) -> None:
+    image = write_picture(tmp_path / "b.png", 2)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    result = run(
+        "caption", str(image), "--model", "someone/Florence-2-nowhere", "--cache-dir", str(tmp_path), env=env
+    )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    assert "someone/Florence-2-nowhere" in result.stderr and "--local-dir" in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_serve_test_model_captions_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:
+    port = free_port()
+    env = {**os.environ, "VISION_SERVER_CACHE_DIR": str(tmp_path / "cache")}
+    server = subprocess.Popen(
+        [*CLI, "serve", "--model", "test:tiny", "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/model", timeout=2) as response:
+                    assert json.loads(response.read()) == "test:tiny"
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "server did not start"
+                time.sleep(0.3)
+        import base64
+
+        body = json.dumps(
+            {
+                "image": base64.b64encode(write_picture(tmp_path / "c.png", 3).read_bytes()).decode(),
+                "prompt": "<CAPTION>",
+            }
+        ).encode()
+        request = urllib.request.Request(f"{url}/process_image", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            assert json.loads(response.read())["result"].strip()
+    finally:
+        server.send_signal(signal.SIGTERM)
+        _, stderr = server.communicate(timeout=60)
+    assert server.returncode == 0, stderr
