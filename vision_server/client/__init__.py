@@ -1,0 +1,48 @@
+"""Python client for vision-server: single images, whole folders, and the ``vision-client`` CLI.
+
+>>> from vision_server.client import VisionClient
+>>> with VisionClient("http://127.0.0.1:54880") as client:
+...     print(client.caption("cat.png", task="caption"))  # doctest: +SKIP
+
+The package needs only aiohttp (and tqdm for the CLI's progress bar); it never imports torch.
+"""
+
+from vision_server.client.api import DEFAULT_TASK, DEFAULT_URL, AsyncVisionClient, task_token
+from vision_server.client.errors import (
+    AuthenticationError,
+    RequestRejected,
+    ServerBusy,
+    ServerError,
+    VisionClientError,
+    VisionConnectionError,
+    VisionHTTPError,
+    VisionTimeoutError,
+)
+from vision_server.client.files import IMAGE_EXTENSIONS, MODES, find_images
+from vision_server.client.folder import Failure, FolderSummary, ImageResult, caption_folder
+from vision_server.client.retry import RetryPolicy
+from vision_server.client.sync import VisionClient
+
+__all__ = [
+    "DEFAULT_TASK",
+    "DEFAULT_URL",
+    "IMAGE_EXTENSIONS",
+    "MODES",
+    "AsyncVisionClient",
+    "AuthenticationError",
+    "Failure",
+    "FolderSummary",
+    "ImageResult",
+    "RequestRejected",
+    "RetryPolicy",
+    "ServerBusy",
+    "ServerError",
+    "VisionClient",
+    "VisionClientError",
+    "VisionConnectionError",
+    "VisionHTTPError",
+    "VisionTimeoutError",
+    "caption_folder",
+    "find_images",
+    "task_token",
+]

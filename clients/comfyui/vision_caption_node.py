@@ -1,0 +1,151 @@
+"""ComfyUI node that captions images with a vision-server instead of loading Florence-2 itself.
+
+The model stays in the daemon (possibly on another machine or GPU), which loads it on demand and
+frees the VRAM when idle, so the ComfyUI workflow never holds captioning weights. This file is
+copied into ComfyUI's ``custom_nodes``, where only the standard library, numpy and Pillow can be
+relied on; it must not import the ``vision_server`` package. Everything below the node class is
+plain functions that work on numpy arrays and can be tested without ComfyUI.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import time
+import urllib.error
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+DEFAULT_URL = "http://127.0.0.1:54880"
+TASKS = (
+    "<GENERATE_TAGS>",
+    "<CAPTION>",
+    "<DETAILED_CAPTION>",
+    "<MORE_DETAILED_CAPTION>",
+    "<ANALYZE>",
+    "<MIXED_CAPTION>",
+    "<MIXED_CAPTION_PLUS>",
+)
+RETRY_STATUSES = (429, 502, 503)
+MAX_PARALLEL = 8  # requests in flight per batch; the server batches them on its GPU
+
+
+class VisionServerCaption:
+    """Caption each image of a batch; outputs the captions joined by newlines and as a list."""
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:  # the name ComfyUI looks up
+        return {
+            "required": {
+                "image": ("IMAGE",),
+                "task": (list(TASKS), {"default": "<MORE_DETAILED_CAPTION>"}),
+                "server_url": ("STRING", {"default": DEFAULT_URL, "multiline": False}),
+            },
+            "optional": {
+                "api_key": ("STRING", {"default": "", "multiline": False}),
+                "timeout": ("INT", {"default": 600, "min": 1, "max": 3600, "step": 1}),
+            },
+        }
+
+    RETURN_TYPES = ("STRING", "STRING")
+    RETURN_NAMES = ("caption", "captions")
+    OUTPUT_IS_LIST = (False, True)
+    FUNCTION = "caption"
+    CATEGORY = "image/caption"
+    DESCRIPTION = "Caption images with a vision-server (Florence-2 PromptGen) over HTTP."
+
+    def caption(
+        self, image: Any, task: str, server_url: str, api_key: str = "", timeout: int = 600
+    ) -> tuple[str, list[str]]:
+        captions = caption_batch(image, task, server_url, api_key=api_key, timeout=timeout)
+        return "\n".join(captions), captions
+
+
+def to_numpy_batch(images: Any) -> np.ndarray:
+    """A ComfyUI IMAGE (torch tensor or array, [B,H,W,C] or [H,W,C], floats 0..1) as a numpy batch."""
+    if hasattr(images, "detach"):  # a torch tensor; torch itself is not imported here
+        images = images.detach().cpu().float().numpy()
+    batch = np.asarray(images, dtype=np.float32)
+    if batch.ndim == 3:
+        batch = batch[None]
+    if batch.ndim != 4 or batch.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an image batch shaped [B,H,W,C] with C in 1, 3, 4; got {batch.shape}")
+    return batch
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One [H,W,C] float image as PNG; lossless, and fast at compression level 1."""
+    pixels = (np.clip(image, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+    if pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, format="PNG", compress_level=1)
+    return out.getvalue()
+
+
+def task_token(task: str) -> str:
+    """``caption`` or ``<CAPTION>`` -> ``<CAPTION>``."""
+    token = task.strip().upper()
+    return token if token.startswith("<") else f"<{token}>"
+
+
+def request_caption(
+    png: bytes, task: str, server_url: str, *, api_key: str = "", timeout: float = 600, retries: int = 3
+) -> str:
+    """POST one image to ``/process_image``; retry busy answers and lost connections."""
+    url = server_url.strip().rstrip("/") + "/process_image"
+    body = json.dumps({"image": base64.b64encode(png).decode("ascii"), "prompt": task_token(task)}).encode()
+    headers = {"Content-Type": "application/json"}
+    if api_key.strip():
+        headers["Authorization"] = f"Bearer {api_key.strip()}"
+    for attempt in range(retries + 1):
+        request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return str(json.loads(response.read())["result"]).strip()
+        except urllib.error.HTTPError as exc:
+            detail = _detail(exc.read())
+            if exc.code not in RETRY_STATUSES or attempt == retries:
+                raise RuntimeError(f"vision-server at {server_url} answered {exc.code}: {detail}") from None
+            time.sleep(_retry_delay(exc.headers.get("Retry-After"), attempt))
+        except urllib.error.URLError as exc:
+            if attempt == retries:
+                raise RuntimeError(f"cannot reach vision-server at {server_url}: {exc.reason}") from None
+            time.sleep(_retry_delay(None, attempt))
+    raise AssertionError("unreachable")
+
+
+def caption_batch(
+    images: Any, task: str, server_url: str = DEFAULT_URL, *, api_key: str = "", timeout: float = 600
+) -> list[str]:
+    """Caption every image of a batch, in order, sending them in parallel so the server batches."""
+    batch = to_numpy_batch(images)
+    pngs = [png_bytes(image) for image in batch]
+    with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(pngs))) as pool:
+        return list(pool.map(lambda png: request_caption(png, task, server_url, api_key=api_key,
+                                                         timeout=timeout), pngs))
+
+
+def _detail(body: bytes) -> str:
+    """The server's explanation from ``{"detail": ...}``, or the raw body."""
+    text = body.decode("utf-8", "replace")
+    try:
+        data = json.loads(text)
+    except ValueError:
+        return text.strip()[:300] or "no detail"
+    if isinstance(data, dict) and data.get("detail"):
+        return str(data["detail"])
+    return text.strip()[:300]
+
+
+def _retry_delay(retry_after: str | None, attempt: int) -> float:
+    """Honour Retry-After (seconds) up to a minute; otherwise back off 1, 2, 4 s."""
+    try:
+        return min(60.0, max(0.0, float(retry_after))) if retry_after else float(2**attempt)
+    except ValueError:
+        return float(2**attempt)

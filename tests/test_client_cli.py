@@ -1,0 +1,228 @@
+"""``vision-client`` as a real subprocess: output streams, exit codes, options and env vars.
+
+Most tests talk to the real ``vision-server`` (tiny test model) started once for the module; the
+API-key test uses an in-process stand-in so the key check does not depend on server options.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from PIL import Image
+
+CLI = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or shutil.which("vision-client")
+TASKS = ["<GENERATE_TAGS>", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<ANALYZE>",
+         "<MIXED_CAPTION>", "<MIXED_CAPTION_PLUS>"]
+
+pytestmark = pytest.mark.skipif(CLI is None, reason="the vision-client console script is not installed")
+
+
+def run(*args: str, url: str | None = None, env: dict[str, str] | None = None,
+        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("VISION_HOST", "VISION_API_KEY")}
+    full_env.update(env or {})
+    command = [CLI, *(["--url", url] if url else []), *args]
+    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", env=full_env,
+                          timeout=timeout, check=False)
+
+
+def make_png(path: Path, color: tuple[int, int, int]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (32, 32), color).save(path)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``vision-server serve --model test:tiny`` on a free port, for this module."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vision_server", "serve", "--model", "test:tiny", "--host", "127.0.0.1",
+             "--port", str(port), "--idle-timeout", "-1"],
+            stdout=sink, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/prompts", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"vision-server did not start:\n{log.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    make_png(tmp_path / "red one.png", (220, 20, 20))
+    make_png(tmp_path / "sub" / "grün.jpg", (20, 220, 20))
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a complete image")
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------------------------
+# Help and usage errors (no server needed)
+
+
+def test_help_documents_every_option() -> None:
+    top = run("--help")
+    assert top.returncode == 0
+    for word in ("--url", "VISION_HOST", "--api-key", "VISION_API_KEY", "--timeout", "--retries",
+                 "caption", "folder", "prompts", "model", "status"):
+        assert word in top.stdout
+    folder = run("folder", "--help")
+    for option in ("--task", "--ext", "--mode", "skip|overwrite|append|prepend", "--prefix", "--suffix",
+                   "--separator", "--concurrency", "--no-recursive", "--jsonl"):
+        assert option in folder.stdout
+    assert "--task" in run("caption", "--help").stdout
+
+
+def test_bad_options_exit_2(tmp_path: Path) -> None:
+    assert run("folder", str(tmp_path), "--mode", "replace").returncode == 2
+    refused = run("folder", str(tmp_path), "--ext", "png")
+    assert refused.returncode == 2
+    assert "image extension" in refused.stderr
+    assert run("caption").returncode == 2  # at least one image is required
+
+
+def test_unreachable_server_exits_1_with_a_clean_message(tmp_path: Path) -> None:
+    image = make_png(tmp_path / "a.png", (1, 2, 3))
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run("--retries", "0", "caption", str(image), url=url)
+    assert result.returncode == 1
+    assert result.stdout == ""  # nothing that could end up in a caption file
+    assert "cannot reach" in result.stderr
+    assert "Traceback" not in result.stderr
+    listed = run("--retries", "2", "prompts", env={"VISION_HOST": url, "VISION_API_KEY": "x"}, timeout=30)
+    assert listed.returncode == 1  # retried, then gave up
+    assert url in listed.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Against the real server
+
+
+def test_info_commands(server: str) -> None:
+    prompts = run("prompts", env={"VISION_HOST": server})
+    assert prompts.returncode == 0, prompts.stderr
+    assert prompts.stdout.splitlines() == TASKS
+    model = run("model", url=server)
+    assert (model.returncode, model.stdout.strip()) == (0, "test:tiny")
+    status = run("status", url=server.removeprefix("http://"))  # host:port works too
+    assert status.returncode == 0
+    assert isinstance(json.loads(status.stdout), dict)
+
+
+def test_caption_one_and_many(server: str, images: Path) -> None:
+    red = images / "red one.png"
+    one = run("caption", str(red), "--task", "caption", url=server)
+    assert one.returncode == 0, one.stderr
+    text = one.stdout.strip()
+    assert text and "\n" not in text and not text.startswith(str(red))
+
+    many = run("caption", str(red), str(images / "sub" / "grün.jpg"), "-t", "<CAPTION>", url=server)
+    assert many.returncode == 0, many.stderr
+    lines = many.stdout.splitlines()
+    assert lines[0] == f"{red}: {text}"  # same image, same task, same caption
+    assert lines[1].startswith(f"{images / 'sub' / 'grün.jpg'}: ")
+
+
+def test_caption_reports_bad_images_and_keeps_going(server: str, images: Path) -> None:
+    result = run("caption", str(images / "broken.png"), str(images / "red one.png"), str(images / "gone.png"),
+                 url=server)
+    assert result.returncode == 1
+    assert [line.split(": ")[0] for line in result.stdout.splitlines()] == [str(images / "red one.png")]
+    assert "broken.png: error: HTTP 400: Invalid image data" in result.stderr
+    assert "gone.png: error:" in result.stderr
+
+
+def test_folder_run_summary_exit_code_and_resume(server: str, images: Path) -> None:
+    first = run("folder", str(images), "--task", "caption", "--prefix", "ohwx, ", url=server)
+    assert first.returncode == 1  # broken.png failed
+    assert "2 captioned, 0 skipped, 1 failed of 3 images" in first.stderr
+    assert "broken.png" in first.stderr and "Invalid image data" in first.stderr
+    assert first.stdout == ""
+    assert (images / "red one.txt").read_text(encoding="utf-8").startswith("ohwx, ")
+    assert (images / "sub" / "grün.txt").read_text(encoding="utf-8").startswith("ohwx, ")
+    assert not (images / "broken.txt").exists()
+
+    (images / "broken.png").unlink()
+    second = run("folder", str(images), "--task", "caption", url=server)
+    assert second.returncode == 0, second.stderr
+    assert "0 captioned, 2 skipped, 0 failed of 2 images" in second.stderr
+
+    flat = run("folder", str(images), "--no-recursive", "--mode", "append", "--separator", " // ",
+               "-j", "2", url=server)
+    assert flat.returncode == 0, flat.stderr
+    assert "1 captioned" in flat.stderr
+    assert " // " in (images / "red one.txt").read_text(encoding="utf-8")
+
+
+def test_folder_jsonl(server: str, images: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
+    (images / "broken.png").unlink()
+    out = tmp_path_factory.mktemp("out") / "tags.jsonl"
+    first = run("folder", str(images), "--task", "GENERATE_TAGS", "--jsonl", str(out), url=server)
+    assert first.returncode == 0, first.stderr
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(r["file"] for r in records) == ["red one.png", "sub/grün.jpg"]
+    assert {r["task"] for r in records} == {"<GENERATE_TAGS>"}
+    assert list(images.rglob("*.txt")) == []
+    second = run("folder", str(images), "--task", "generate_tags", "--jsonl", str(out), url=server)
+    assert "0 captioned, 2 skipped" in second.stderr
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# API key (stand-in server)
+
+
+async def test_api_key_from_option_or_env(aiohttp_server, tmp_path: Path) -> None:
+    async def model(request: web.Request) -> web.Response:
+        if request.headers.get("Authorization") != "Bearer right-key":
+            return web.json_response({"detail": "Missing or invalid API key"}, status=401,
+                                     headers={"WWW-Authenticate": "Bearer"})
+        return web.json_response("stub-model")
+
+    app = web.Application()
+    app.router.add_get("/model", model)
+    url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+
+    async def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        # Run the blocking subprocess in a thread so this loop keeps serving the stand-in.
+        return await asyncio.to_thread(run, *args, url=url, env=env)
+
+    missing = await cli("model")
+    assert missing.returncode == 1
+    assert "HTTP 401: Missing or invalid API key" in missing.stderr
+    assert (await cli("--api-key", "right-key", "model")).stdout.strip() == "stub-model"
+    assert (await cli("model", env={"VISION_API_KEY": "right-key"})).stdout.strip() == "stub-model"

@@ -1,0 +1,406 @@
+"""Folder captioning in-process: discovery, modes, resume, failures and safe writes.
+
+Most tests use a scripted stand-in server that counts requests and rejects non-PNG bytes the way
+the real one does, so they are fast and can count exactly what was sent. The last test runs the
+whole thing against the real ``vision-server`` with the tiny test model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from PIL import Image
+
+from vision_server.client import AsyncVisionClient, RetryPolicy, VisionClient, caption_folder, find_images
+from vision_server.client.files import write_atomic
+
+PNG_MAGIC = b"\x89PNG"
+
+
+class StubServer:
+    """Captions a PNG as ``caption-<size>``; answers 400 for anything else, like the real server."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
+        self.requests = 0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.prompts: list[str] = []
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.requests += 1
+        self.prompts.append(body["prompt"])
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(self.delay)
+        finally:
+            self.in_flight -= 1
+        data = base64.b64decode(body["image"])
+        if not data.startswith(PNG_MAGIC):
+            return web.json_response({"detail": "Invalid image data: cannot identify image file"}, status=400)
+        return web.json_response({"result": f"caption-{len(data)}"})
+
+
+@pytest.fixture
+async def stub(aiohttp_server) -> tuple[StubServer, AsyncVisionClient]:
+    server = StubServer()
+    app = web.Application()
+    app.router.add_post("/process_image", server.handle)
+    running = await aiohttp_server(app)
+    client = AsyncVisionClient(str(running.make_url("")), retry_policy=RetryPolicy(retries=0))
+    yield server, client
+    await client.close()
+
+
+def make_png(path: Path, size: int = 8, color: tuple[int, int, int] = (200, 30, 30)) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (size, size), color).save(path, format="PNG")
+    return path
+
+
+def expected(path: Path) -> str:
+    return f"caption-{path.stat().st_size}"
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------
+# Discovery
+
+
+def test_find_images_any_case_recursive(tmp_path: Path) -> None:
+    for name in ("a.JPG", "b.jpeg", "c.Png", "d.gif", "e.bmp", "f.tif", "g.TIFF", "h.webp", "sub/deep/i.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"x")
+    for name in ("notes.txt", "._a.png", "model.safetensors"):
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "folder.png").mkdir()
+    found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
+    assert found == ["a.JPG", "b.jpeg", "c.Png", "d.gif", "e.bmp", "f.tif", "g.TIFF", "h.webp",
+                     "sub/deep/i.png"]
+    flat = [p.name for p in find_images(tmp_path, recursive=False)]
+    assert "i.png" not in flat
+    assert len(flat) == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Modes, prefix and suffix
+
+
+async def test_skip_mode_captions_only_missing_or_empty(stub, tmp_path: Path) -> None:
+    server, client = stub
+    _, b, c = (make_png(tmp_path / f"{n}.png", size=8 + i) for i, n in enumerate("abc"))
+    (tmp_path / "a.txt").write_text("kept caption", encoding="utf-8")
+    (tmp_path / "b.txt").write_text("  \n", encoding="utf-8")  # what broken tools leave behind
+    make_png(tmp_path / "d.png")
+    (tmp_path / "d.txt").write_bytes("café, latin-1".encode("latin-1"))  # not UTF-8, still a caption
+    summary = await caption_folder(client, tmp_path, task="caption")
+    assert (summary.done, summary.skipped, summary.failed) == (2, 2, [])
+    assert server.requests == 2
+    assert server.prompts == ["<CAPTION>", "<CAPTION>"]
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "kept caption"
+    assert (tmp_path / "b.txt").read_text(encoding="utf-8") == expected(b)
+    assert (tmp_path / "c.txt").read_text(encoding="utf-8") == expected(c)
+    assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("mode", "result"),
+    [
+        ("overwrite", "ohwx, {new}."),
+        ("append", "old words | ohwx, {new}."),
+        ("prepend", "ohwx, {new}. | old words"),
+    ],
+)
+async def test_modes_with_prefix_and_suffix(stub, tmp_path: Path, mode: str, result: str) -> None:
+    _, client = stub
+    image = make_png(tmp_path / "img.png")
+    (tmp_path / "img.caption").write_text("old words\n", encoding="utf-8")
+    summary = await caption_folder(client, tmp_path, ext=".caption", mode=mode, prefix="ohwx, ", suffix=".",
+                                   separator=" | ")
+    assert summary.done == 1
+    assert (tmp_path / "img.caption").read_text(encoding="utf-8") == result.format(new=expected(image))
+
+
+async def test_append_without_existing_caption_is_just_the_caption(stub, tmp_path: Path) -> None:
+    _, client = stub
+    image = make_png(tmp_path / "img.png")
+    await caption_folder(client, tmp_path, mode="append")
+    assert (tmp_path / "img.txt").read_text(encoding="utf-8") == expected(image)
+
+
+async def test_weird_file_names(stub, tmp_path: Path) -> None:
+    _, client = stub
+    names = ["with space.png", "quote's \"double\".png", "ünïcødé 猫.png", "-starts-with-dash.png",
+             "semi;colon $HOME `x`.png", "dots.in.name.png"]
+    for i, name in enumerate(names):
+        make_png(tmp_path / "sub dir" / name, size=8 + i)
+    summary = await caption_folder(client, tmp_path)
+    assert (summary.done, summary.failed) == (len(names), [])
+    for name in names:
+        image = tmp_path / "sub dir" / name
+        assert image.with_suffix(".txt").read_text(encoding="utf-8") == expected(image)
+
+
+async def test_not_recursive(stub, tmp_path: Path) -> None:
+    _, client = stub
+    make_png(tmp_path / "top.png")
+    make_png(tmp_path / "sub" / "deep.png")
+    summary = await caption_folder(client, tmp_path, recursive=False)
+    assert (summary.total, summary.done) == (1, 1)
+    assert not (tmp_path / "sub" / "deep.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Failures
+
+
+async def test_corrupt_image_does_not_stop_the_others(stub, tmp_path: Path) -> None:
+    _, client = stub
+    good = [make_png(tmp_path / f"good{i}.png", size=8 + i) for i in range(4)]
+    (tmp_path / "broken.jpg").write_bytes(b"definitely not a jpeg")
+    seen = []
+    summary = await caption_folder(client, tmp_path, concurrency=2, on_result=seen.append)
+    assert summary.done == 4
+    assert [f.path.name for f in summary.failed] == ["broken.jpg"]
+    assert "Invalid image data" in summary.failed[0].reason
+    assert "400" in summary.failed[0].reason
+    assert not (tmp_path / "broken.txt").exists()
+    assert all(image.with_suffix(".txt").exists() for image in good)
+    assert sorted(r.outcome for r in seen) == ["done"] * 4 + ["failed"]
+    assert not summary.ok
+
+
+async def test_images_sharing_a_caption_file_are_reported(stub, tmp_path: Path) -> None:
+    _, client = stub
+    png = make_png(tmp_path / "same.png")
+    (tmp_path / "same.webp").write_bytes(b"RIFF....WEBP")
+    summary = await caption_folder(client, tmp_path)
+    assert summary.done == 1
+    assert [f.path.name for f in summary.failed] == ["same.webp"]
+    assert "same.txt" in summary.failed[0].reason
+    assert (tmp_path / "same.txt").read_text(encoding="utf-8") == expected(png)
+
+
+async def test_unreachable_server_stops_the_run(tmp_path: Path) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    for i in range(5):
+        make_png(tmp_path / f"{i}.png")
+    async with AsyncVisionClient(f"http://127.0.0.1:{port}", retry_policy=RetryPolicy(retries=0)) as client:
+        summary = await caption_folder(client, tmp_path, concurrency=1)
+    assert summary.aborted is not None and "cannot reach" in summary.aborted
+    assert (len(summary.failed), summary.not_attempted) == (1, 4)
+    assert list(tmp_path.glob("*.txt")) == []
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [({"ext": "png"}, "image extension"), ({"mode": "append", "jsonl": "x.jsonl"}, "skip or overwrite"),
+     ({"mode": "replace"}, "mode must be"), ({"concurrency": 0}, "concurrency")],
+)
+async def test_bad_options_are_refused_before_any_work(stub, tmp_path: Path, options: dict,
+                                                       message: str) -> None:
+    server, client = stub
+    make_png(tmp_path / "a.png")
+    with pytest.raises(ValueError, match=message):
+        await caption_folder(client, tmp_path, **options)
+    assert server.requests == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrency, JSONL and resume
+
+
+async def test_requests_run_in_parallel_up_to_concurrency(aiohttp_server, tmp_path: Path) -> None:
+    server = StubServer(delay=0.1)
+    app = web.Application()
+    app.router.add_post("/process_image", server.handle)
+    running = await aiohttp_server(app)
+    for i in range(9):
+        make_png(tmp_path / f"{i}.png", size=8 + i)
+    async with AsyncVisionClient(str(running.make_url(""))) as client:
+        started = time.monotonic()
+        summary = await caption_folder(client, tmp_path, concurrency=3)
+    assert summary.done == 9
+    assert server.max_in_flight == 3
+    assert time.monotonic() - started < 0.9 * 0.1 * 9  # clearly faster than one at a time
+
+
+async def test_jsonl_output_and_resume(stub, tmp_path: Path) -> None:
+    server, client = stub
+    data = tmp_path / "data"
+    images = [make_png(data / name, size=8 + i) for i, name in enumerate(["a.png", "sub/b é.png"])]
+    out = tmp_path / "out" / "captions.jsonl"
+
+    first = await caption_folder(client, data, task="GENERATE_TAGS", jsonl=out)
+    assert first.done == 2
+    records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(records, key=lambda r: r["file"]) == [
+        {"file": "a.png", "task": "<GENERATE_TAGS>", "caption": expected(images[0])},
+        {"file": "sub/b é.png", "task": "<GENERATE_TAGS>", "caption": expected(images[1])},
+    ]
+    assert list(data.rglob("*.txt")) == []  # the JSONL replaces the caption files
+
+    again = await caption_folder(client, data, task="<generate_tags>", jsonl=out)
+    assert (again.done, again.skipped) == (0, 2)
+    assert server.requests == 2  # nothing was sent the second time
+
+    other_task = await caption_folder(client, data, task="CAPTION", jsonl=out)
+    assert other_task.done == 2
+    forced = await caption_folder(client, data, task="GENERATE_TAGS", jsonl=out, mode="overwrite")
+    assert forced.done == 2
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 6
+
+
+async def test_jsonl_resume_survives_a_torn_last_line(stub, tmp_path: Path) -> None:
+    _, client = stub
+    make_png(tmp_path / "a.png")
+    make_png(tmp_path / "b.png", size=9)
+    out = tmp_path / "log.jsonl"
+    out.write_text('{"file": "a.png", "task": "<CAPTION>", "caption": "done before"}\n{"file": "b.p',
+                   encoding="utf-8")
+    summary = await caption_folder(client, tmp_path, task="caption", jsonl=out)
+    assert (summary.done, summary.skipped) == (1, 1)
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert json.loads(lines[-1])["file"] == "b.png"  # written on its own line after the torn one
+
+
+# ---------------------------------------------------------------------------------------------
+# Safe writes
+
+
+def test_write_atomic_keeps_the_old_file_on_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "a.txt"
+    target.write_text("old", encoding="utf-8")
+
+    def interrupted(_fd: int) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "fsync", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_atomic(target, "new caption")
+    assert target.read_text(encoding="utf-8") == "old"
+    assert list(tmp_path.iterdir()) == [target]
+
+
+async def test_cancelled_run_leaves_no_partial_files(aiohttp_server, tmp_path: Path) -> None:
+    server = StubServer(delay=0.05)
+    app = web.Application()
+    app.router.add_post("/process_image", server.handle)
+    running = await aiohttp_server(app)
+    images = [make_png(tmp_path / f"{i:02}.png", size=8 + i) for i in range(20)]
+    async with AsyncVisionClient(str(running.make_url(""))) as client:
+        run = asyncio.ensure_future(caption_folder(client, tmp_path, concurrency=2))
+        await asyncio.sleep(0.3)
+        run.cancel()  # what Ctrl+C does to the CLI's main task
+        with pytest.raises(asyncio.CancelledError):
+            await run
+        written = list(tmp_path.glob("*.txt"))
+        assert 0 < len(written) < len(images)
+        assert all(p.read_text(encoding="utf-8") == expected(p.with_suffix(".png")) for p in written)
+        assert leftovers(tmp_path) == []
+
+        resumed = await caption_folder(client, tmp_path, concurrency=4)
+    assert (resumed.done, resumed.skipped) == (len(images) - len(written), len(written))
+
+
+async def test_blocking_client_captions_a_folder(aiohttp_server, tmp_path: Path) -> None:
+    server = StubServer()
+    app = web.Application()
+    app.router.add_post("/process_image", server.handle)
+    running = await aiohttp_server(app)
+    image = make_png(tmp_path / "a.png")
+
+    def run() -> int:
+        with VisionClient(str(running.make_url(""))) as client:
+            return client.caption_folder(tmp_path, task="caption").done
+
+    assert await asyncio.to_thread(run) == 1
+    assert (tmp_path / "a.txt").read_text(encoding="utf-8") == expected(image)
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end against the real server
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``vision-server serve --model test:tiny`` on a free port, for this module."""
+    port = _free_port()
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with log.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "vision_server", "serve", "--model", "test:tiny", "--host", "127.0.0.1",
+             "--port", str(port), "--idle-timeout", "-1"],
+            stdout=sink, stderr=subprocess.STDOUT,
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/prompts", timeout=2):
+                    break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"vision-server did not start:\n{log.read_text(errors='replace')[-3000:]}")
+                time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+async def test_folder_against_real_server(real_server: str, tmp_path: Path) -> None:
+    colors = [(220, 20, 20), (20, 220, 20), (20, 20, 220), (240, 240, 240)]
+    for i, color in enumerate(colors):
+        make_png(tmp_path / f"img {i}.png", size=32, color=color)
+    (tmp_path / "corrupt.png").write_bytes(PNG_MAGIC + b"\r\n\x1a\n truncated")
+    out = tmp_path / "tags.jsonl"
+    quick = RetryPolicy(retries=1, max_retry_after=1.0)  # a broken server fails the test fast
+    async with AsyncVisionClient(real_server, retry_policy=quick) as client:
+        summary = await caption_folder(client, tmp_path, task="caption", prefix="ohwx, ")
+        assert summary.done == len(colors)
+        assert [f.path.name for f in summary.failed] == ["corrupt.png"]
+        assert "Invalid image data" in summary.failed[0].reason
+        for i in range(len(colors)):
+            text = (tmp_path / f"img {i}.txt").read_text(encoding="utf-8")
+            assert text.startswith("ohwx, ") and len(text) > len("ohwx, ")
+        assert not (tmp_path / "corrupt.txt").exists()
+
+        again = await caption_folder(client, tmp_path, task="caption")
+        assert (again.done, again.skipped, len(again.failed)) == (0, len(colors), 1)
+
+        tags = await caption_folder(client, tmp_path, task="generate_tags", jsonl=out)
+        resumed = await caption_folder(client, tmp_path, task="<GENERATE_TAGS>", jsonl=out)
+    assert tags.done == len(colors)
+    assert (resumed.done, resumed.skipped) == (0, len(colors))
+    assert leftovers(tmp_path) == []

@@ -1,0 +1,176 @@
+"""An asyncio client for the native vision-server API (the florence2-visionapi wire format).
+
+One :class:`AsyncVisionClient` holds one aiohttp session, so a folder run's parallel requests
+reuse a small pool of keep-alive connections. It retries what is worth retrying (see
+:mod:`vision_server.client.retry`) and turns every other failure into a
+:class:`~vision_server.client.errors.VisionClientError` that carries the server's message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+from vision_server import __version__
+from vision_server.client.errors import (
+    VisionClientError,
+    VisionConnectionError,
+    VisionHTTPError,
+    VisionTimeoutError,
+    http_error,
+)
+from vision_server.client.retry import RETRY_STATUSES, RetryPolicy, parse_retry_after
+
+DEFAULT_URL = "http://127.0.0.1:54880"
+DEFAULT_TASK = "<MORE_DETAILED_CAPTION>"
+DEFAULT_TIMEOUT = 600.0  # the server's own request deadline; a long queue is normal in a folder run
+
+ImageInput = bytes | bytearray | memoryview | str | os.PathLike[str]
+
+
+def task_token(task: str) -> str:
+    """Accept ``caption``, ``CAPTION`` or ``<CAPTION>``; the wire format wants the bracketed token."""
+    token = task.strip().upper()
+    if not token.startswith("<"):
+        token = f"<{token}>"
+    return token
+
+
+def normalize_base_url(url: str) -> str:
+    """Allow ``host:port`` and a trailing slash, as people type them into ``VISION_HOST``."""
+    url = url.strip().rstrip("/")
+    if "://" not in url:
+        url = f"http://{url}"
+    return url
+
+
+def encode_image(image: ImageInput) -> str:
+    """Base64 of raw image bytes, or of the file at a path (a ``str`` is always a path)."""
+    data = image if isinstance(image, (bytes, bytearray, memoryview)) else Path(image).read_bytes()
+    return base64.b64encode(data).decode("ascii")
+
+
+def error_detail(body: str, fallback: str) -> str:
+    """The human message from an error body: native ``detail``, OpenAI ``error.message``, or text."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return body.strip()[:500] or fallback
+    if isinstance(data, dict):
+        detail = data.get("detail")
+        if detail is None and isinstance(data.get("error"), dict):
+            detail = data["error"].get("message")
+        if isinstance(detail, list):  # FastAPI-style validation errors
+            detail = "; ".join(str(item.get("msg", item)) if isinstance(item, dict) else str(item)
+                               for item in detail)
+        if detail:
+            return str(detail)
+    return body.strip()[:500] or fallback
+
+
+class AsyncVisionClient:
+    """Caption images with a vision-server; use ``async with`` or call :meth:`close`."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        api_key: str | None = None,
+        timeout: float | None = DEFAULT_TIMEOUT,
+        retries: int = 5,
+        *,
+        connect_timeout: float = 10.0,
+        retry_policy: RetryPolicy | None = None,
+    ) -> None:
+        self.base_url = normalize_base_url(base_url)
+        self.policy = retry_policy or RetryPolicy(retries=retries)
+        self._headers = {"User-Agent": f"vision-client/{__version__}"}
+        if api_key:
+            self._headers["Authorization"] = f"Bearer {api_key}"
+        self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> AsyncVisionClient:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the connection pool; the client can still be used again afterwards."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def caption(self, image: ImageInput, task: str = DEFAULT_TASK) -> str:
+        """Caption one image (bytes or a file path) with a task such as ``CAPTION`` or ``<ANALYZE>``."""
+        encoded = await asyncio.to_thread(encode_image, image)
+        data = await self._request("POST", "/process_image", {"image": encoded, "prompt": task_token(task)})
+        if not isinstance(data, dict) or not isinstance(data.get("result"), str):
+            raise VisionClientError(f"unexpected reply from {self.base_url}/process_image: {data!r:.200}")
+        return data["result"].strip()
+
+    async def prompts(self) -> list[str]:
+        """The task tokens the loaded model understands."""
+        return list(await self._request("GET", "/prompts"))
+
+    async def model(self) -> str:
+        """The model the server is configured with."""
+        return str(await self._request("GET", "/model"))
+
+    async def status(self) -> dict[str, Any]:
+        """Model state, queue depth and the rest of ``/v1/status``."""
+        return dict(await self._request("GET", "/v1/status"))
+
+    def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
+        return self._session
+
+    async def _request(self, method: str, path: str, payload: Any = None) -> Any:
+        """Send one request, retrying busy answers and lost connections; return the decoded JSON."""
+        url = self.base_url + path
+        attempt = 0
+        while True:
+            try:
+                return await self._attempt(method, url, payload)
+            except (VisionConnectionError, VisionHTTPError) as error:
+                if not _retryable(error) or attempt >= self.policy.retries:
+                    raise
+                retry_after = error.retry_after if isinstance(error, VisionHTTPError) else None
+            await asyncio.sleep(self.policy.delay(attempt, retry_after))
+            attempt += 1
+
+    async def _attempt(self, method: str, url: str, payload: Any) -> Any:
+        """One try: the decoded JSON body, or an exception saying what went wrong."""
+        try:
+            async with self._get_session().request(method, url, json=payload) as resp:
+                body = await resp.text(errors="replace")
+                if resp.status >= 400:
+                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+                    raise http_error(resp.status, error_detail(body, resp.reason or "error"), retry_after)
+        except aiohttp.ConnectionTimeoutError as exc:
+            raise VisionConnectionError(f"cannot connect to {self.base_url}: {exc}") from exc
+        except asyncio.TimeoutError:
+            raise VisionTimeoutError(f"no answer from {url} within {self._timeout.total} s") from None
+        except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            raise VisionConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
+        try:
+            return json.loads(body)
+        except ValueError:
+            raise VisionClientError(f"{url} did not answer with JSON: {body[:200]!r}") from None
+
+
+def _retryable(error: VisionClientError) -> bool:
+    """Lost connections and "busy, come back later" answers are worth another try."""
+    if isinstance(error, VisionHTTPError):
+        return error.status in RETRY_STATUSES
+    return isinstance(error, VisionConnectionError)

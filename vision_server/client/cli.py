@@ -1,0 +1,188 @@
+"""``vision-client``: caption images and folders with a running vision-server from the shell.
+
+Captions go to stdout, everything else (progress, summaries, errors) to stderr, so
+``vision-client caption x.png > x.txt`` never puts an error message into a caption file.
+Exit status: 0 success, 1 any image or request failed, 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from vision_server.client.api import DEFAULT_TASK, DEFAULT_TIMEOUT, DEFAULT_URL, AsyncVisionClient
+from vision_server.client.errors import VisionClientError
+from vision_server.client.files import MODES
+from vision_server.client.folder import FolderSummary, ImageResult, caption_folder
+
+T = TypeVar("T")
+
+TASK_HELP = "Task, with or without brackets and in any case: caption, DETAILED_CAPTION, <ANALYZE>, ..."
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.option("--url", envvar="VISION_HOST", default=DEFAULT_URL, show_default=True, show_envvar=True,
+              help="Server base URL (host:port also works).")
+@click.option("--api-key", envvar="VISION_API_KEY", default=None, show_envvar=True,
+              help="API key, sent as a Bearer token, for servers started with --api-key.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT,
+              show_default=True, help="Seconds to wait for one answer, queueing on the server included.")
+@click.option("--retries", type=click.IntRange(min=0), default=5, show_default=True,
+              help="Retries when the server is busy (503/429, honouring Retry-After) or unreachable.")
+@click.version_option(package_name="vision-server", prog_name="vision-client")
+@click.pass_context
+def main(ctx: click.Context, url: str, api_key: str | None, timeout: float, retries: int) -> None:
+    """Caption images with a vision-server (Florence-2 / PromptGen v2.0)."""
+    ctx.obj = {"base_url": url, "api_key": api_key, "timeout": timeout, "retries": retries}
+
+
+def _run(ctx: click.Context, work: Callable[[AsyncVisionClient], Awaitable[T]]) -> T:
+    """Run ``work`` with a client; a client error becomes a one-line message and exit 1."""
+
+    async def runner() -> T:
+        async with AsyncVisionClient(**ctx.obj) as client:
+            return await work(client)
+
+    try:
+        return asyncio.run(runner())
+    except (VisionClientError, OSError) as exc:  # e.g. server unreachable, JSONL path is a folder
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        click.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+@main.command()
+@click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+@click.option("--task", "-t", default=DEFAULT_TASK, show_default=True, help=TASK_HELP)
+@click.option("--concurrency", "-j", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests in flight at once.")
+@click.pass_context
+def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency: int) -> None:
+    """Print the caption of each IMAGE (as "FILE: caption" when there are several).
+
+    Images that fail are reported on stderr; the others are still captioned, and the exit
+    status is 1.
+    """
+    several = len(images) > 1
+
+    async def work(client: AsyncVisionClient) -> bool:
+        gate = asyncio.Semaphore(concurrency)
+
+        async def one(image: Path) -> str:
+            async with gate:
+                return await client.caption(image, task)
+
+        pending = [asyncio.ensure_future(one(image)) for image in images]
+        ok = True
+        for image, future in zip(images, pending, strict=True):
+            try:
+                text = await future
+            except (VisionClientError, OSError) as exc:
+                ok = False
+                click.echo(f"{image}: error: {exc}", err=True)
+                continue
+            click.echo(f"{image}: {text}" if several else text)
+        return ok
+
+    if not _run(ctx, work):
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--task", "-t", default=DEFAULT_TASK, show_default=True, help=TASK_HELP)
+@click.option("--ext", default="txt", show_default=True,
+              help="Caption file extension; the caption of cat.png goes to cat.<ext> beside it.")
+@click.option("--mode", type=click.Choice(MODES), default="skip", show_default=True,
+              help="Existing captions: skip the image if it has a non-empty caption (resumes an "
+                   "interrupted run), overwrite it, or append/prepend the new caption to it.")
+@click.option("--prefix", default="", help="Text put before every new caption, e.g. a trigger word and ', '.")
+@click.option("--suffix", default="", help="Text put after every new caption.")
+@click.option("--separator", default=" ", show_default="one space",
+              help="Between the old and the new caption in append/prepend mode.")
+@click.option("--concurrency", "-j", type=click.IntRange(min=1), default=8, show_default=True,
+              help="Requests in flight at once, so the server can batch them on the GPU.")
+@click.option("--recursive/--no-recursive", default=True, show_default=True,
+              help="Also caption images in subfolders.")
+@click.option("--jsonl", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help='Append {"file","task","caption"} lines (file relative to FOLDER) to this file '
+                   "instead of writing caption files. In skip mode, images already in it with this "
+                   "task are not redone.")
+@click.pass_context
+def folder(ctx: click.Context, folder: Path, task: str, ext: str, mode: str, prefix: str, suffix: str,
+           separator: str, concurrency: int, recursive: bool, jsonl: Path | None) -> None:
+    """Caption every image (jpg jpeg png gif bmp tif tiff webp) in FOLDER.
+
+    Caption files are written atomically, so an interrupted run leaves no half-written
+    captions and can simply be started again. Failed images get no caption file; they are
+    listed at the end and the exit status is 1.
+    """
+    from tqdm import tqdm
+
+    options: dict[str, Any] = {"task": task, "ext": ext, "mode": mode, "prefix": prefix, "suffix": suffix,
+                               "separator": separator, "concurrency": concurrency, "recursive": recursive,
+                               "jsonl": jsonl}
+    started = time.monotonic()
+    bar = tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
+
+    def progress(result: ImageResult) -> None:
+        if result.outcome == "failed":
+            bar.write(f"failed: {result.path}: {result.reason}", file=sys.stderr)
+        bar.update()
+
+    async def work(client: AsyncVisionClient) -> FolderSummary:
+        return await caption_folder(client, folder, on_start=bar.reset, on_result=progress, **options)
+
+    try:
+        summary = _run(ctx, work)
+    except ValueError as exc:  # options caption_folder refuses, e.g. --ext png or --jsonl with append
+        raise click.UsageError(str(exc)) from None
+    finally:
+        bar.close()
+    _print_summary(summary, time.monotonic() - started)
+    if not summary.ok:
+        sys.exit(1)
+
+
+def _print_summary(summary: FolderSummary, seconds: float) -> None:
+    rate = f", {seconds / summary.done:.2f} s/image" if summary.done else ""
+    click.echo(f"{summary.done} captioned, {summary.skipped} skipped, {len(summary.failed)} failed "
+               f"of {summary.total} images in {seconds:.1f} s{rate}", err=True)
+    if summary.failed:
+        click.echo("failed images:", err=True)
+        for failure in summary.failed:
+            click.echo(f"  {failure.path}: {failure.reason}", err=True)
+    if summary.aborted:
+        left = summary.not_attempted
+        click.echo(f"stopped early, {left} images not attempted: {summary.aborted}", err=True)
+
+
+@main.command()
+@click.pass_context
+def prompts(ctx: click.Context) -> None:
+    """List the tasks the server's model understands, one per line."""
+    for token in _run(ctx, lambda client: client.prompts()):
+        click.echo(token)
+
+
+@main.command()
+@click.pass_context
+def model(ctx: click.Context) -> None:
+    """Print the model the server is configured with."""
+    click.echo(_run(ctx, lambda client: client.model()))
+
+
+@main.command()
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Print the server's status (model state, queue, devices) as JSON."""
+    click.echo(json.dumps(_run(ctx, lambda client: client.status()), indent=2))

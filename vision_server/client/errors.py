@@ -1,0 +1,59 @@
+"""What can go wrong when talking to a vision server, as exceptions a caller can catch by kind.
+
+Every error is a :class:`VisionClientError`, so scripts can catch one class. Errors the server
+answered with carry its status code and its own ``detail`` message, because that message is the
+one that tells the user what to fix ("Invalid image data: ...", the list of valid tasks).
+"""
+
+from __future__ import annotations
+
+
+class VisionClientError(Exception):
+    """Base of every error raised by the client."""
+
+
+class VisionConnectionError(VisionClientError):
+    """The server could not be reached, even after retrying."""
+
+
+class VisionTimeoutError(VisionClientError):
+    """The server did not answer within the client's timeout."""
+
+
+class VisionHTTPError(VisionClientError):
+    """The server answered with an error status; ``detail`` is its explanation."""
+
+    def __init__(self, status: int, detail: str, *, retry_after: float | None = None) -> None:
+        super().__init__(f"HTTP {status}: {detail}")
+        self.status = status
+        self.detail = detail
+        self.retry_after = retry_after
+
+
+class RequestRejected(VisionHTTPError):
+    """A 4xx answer: the request itself is wrong and sending it again will not help."""
+
+
+class AuthenticationError(RequestRejected):
+    """401/403: the API key is missing or wrong."""
+
+
+class ServerBusy(VisionHTTPError):
+    """429/503 that persisted through every retry (queue full, model failed to load)."""
+
+
+class ServerError(VisionHTTPError):
+    """A 5xx answer other than "busy": the server failed or the request ran past its deadline."""
+
+
+def http_error(status: int, detail: str, retry_after: float | None = None) -> VisionHTTPError:
+    """Pick the exception class that matches an error status."""
+    if status in (401, 403):
+        cls: type[VisionHTTPError] = AuthenticationError
+    elif status in (429, 503):
+        cls = ServerBusy
+    elif 400 <= status < 500:
+        cls = RequestRejected
+    else:
+        cls = ServerError
+    return cls(status, detail, retry_after=retry_after)

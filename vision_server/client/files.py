@@ -1,0 +1,103 @@
+"""Dataset files on disk: which files are images, where their captions go, and safe writes.
+
+Captions live beside their image with the image's suffix replaced (``cat.png`` -> ``cat.txt``),
+the convention of kohya-ss, OneTrainer, taggui and joycaption. A caption file is written to a
+temporary file in the same folder and renamed over the target, so an error or Ctrl+C never
+leaves a half-written caption that a later "skip existing" run would trust.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
+
+Mode = Literal["skip", "overwrite", "append", "prepend"]
+MODES: tuple[Mode, ...] = ("skip", "overwrite", "append", "prepend")
+
+
+def is_image(path: Path) -> bool:
+    """Judge by extension, in any case; macOS ``._name`` resource forks only look like images."""
+    return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("._")
+
+
+def find_images(root: Path, *, recursive: bool = True) -> list[Path]:
+    """Every image file under ``root``, sorted so runs and logs are reproducible."""
+    return sorted(_walk(root, recursive))
+
+
+def _walk(root: Path, recursive: bool) -> Iterator[Path]:
+    if not recursive:
+        yield from (p for p in root.iterdir() if p.is_file() and is_image(p))
+        return
+    for folder, _dirs, names in os.walk(root):  # does not follow symlinked folders: no loops
+        for name in names:
+            path = Path(folder, name)
+            if is_image(path) and path.is_file():
+                yield path
+
+
+def caption_suffix(ext: str) -> str:
+    """``txt`` or ``.txt`` -> ``.txt``; refuse extensions that would overwrite the images."""
+    suffix = "." + ext.strip().lstrip(".")
+    if suffix == "." or "/" in suffix or "\\" in suffix:
+        raise ValueError(f"invalid caption extension {ext!r}")
+    if suffix.lower() in IMAGE_EXTENSIONS:
+        raise ValueError(f"caption extension {ext!r} is an image extension; captions would replace images")
+    return suffix
+
+
+def caption_path(image: Path, suffix: str) -> Path:
+    """Where the caption of ``image`` goes: same folder, same stem."""
+    return image.with_suffix(suffix)
+
+
+def read_caption(path: Path) -> str | None:
+    """The caption text, or ``None`` when there is no file."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        return None
+
+
+def has_caption(path: Path) -> bool:
+    """A caption counts only if it has text; an empty file is what a failed run used to leave.
+
+    Bytes, not text, are checked, so a caption in another encoding still counts, and a file we
+    cannot read is left alone rather than overwritten.
+    """
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return bool(data.removeprefix(b"\xef\xbb\xbf").strip())
+
+
+def merge_caption(existing: str | None, new: str, mode: Mode, separator: str = " ") -> str:
+    """The text to store for ``mode``; append/prepend keep what is already there."""
+    old = (existing or "").strip()
+    if mode in ("skip", "overwrite") or not old:
+        return new
+    return f"{old}{separator}{new}" if mode == "append" else f"{new}{separator}{old}"
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` (UTF-8) all at once, or leave it untouched on any error."""
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    # os.open with 0o666 lets the umask decide the mode, like a plain open() would.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(text.encode("utf-8"))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -1,0 +1,221 @@
+"""Caption every image in a folder through a vision-server, the way dataset tools do it.
+
+Several requests run at once (``concurrency``) so the server can batch them on the GPU. Images
+whose caption already exists are skipped before any request is sent, which makes an interrupted
+run resumable. One bad image never stops the run: it is reported at the end and gets no
+caption file. Only a server that stays unreachable after every retry stops the run, since every
+remaining image would fail the same way after the same long back-off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from vision_server.client.api import DEFAULT_TASK, AsyncVisionClient, task_token
+from vision_server.client.errors import VisionClientError, VisionConnectionError
+from vision_server.client.files import (
+    MODES,
+    Mode,
+    caption_path,
+    caption_suffix,
+    find_images,
+    has_caption,
+    merge_caption,
+    read_caption,
+    write_atomic,
+)
+from vision_server.client.jsonl import JsonlWriter, captioned_files
+
+Outcome = Literal["done", "skipped", "failed"]
+
+
+@dataclass(frozen=True)
+class ImageResult:
+    """What happened to one image; passed to the progress callback as soon as it is known."""
+
+    path: Path
+    outcome: Outcome
+    caption: str | None = None
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Failure:
+    path: Path
+    reason: str
+
+
+@dataclass
+class FolderSummary:
+    """Counts for the run, and every failure with its reason."""
+
+    total: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: list[Failure] = field(default_factory=list)
+    aborted: str | None = None  # set when the run stopped early because the server was unreachable
+
+    @property
+    def not_attempted(self) -> int:
+        return self.total - self.done - self.skipped - len(self.failed)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed and self.aborted is None
+
+
+@dataclass(frozen=True)
+class _Job:
+    image: Path
+    key: str  # path relative to the folder, as stored in the JSONL
+    target: Path | None  # caption file; None when writing JSONL
+
+
+async def caption_folder(
+    client: AsyncVisionClient,
+    folder: str | Path,
+    *,
+    task: str = DEFAULT_TASK,
+    ext: str = "txt",
+    mode: Mode = "skip",
+    prefix: str = "",
+    suffix: str = "",
+    separator: str = " ",
+    concurrency: int = 8,
+    recursive: bool = True,
+    jsonl: str | Path | None = None,
+    on_start: Callable[[int], None] | None = None,
+    on_result: Callable[[ImageResult], None] | None = None,
+) -> FolderSummary:
+    """Caption the images under ``folder``; see ``vision-client folder --help`` for the options.
+
+    Captions go to a file beside each image (``ext``), or, when ``jsonl`` is given, to that JSON
+    Lines file instead. ``mode`` decides what happens to an existing caption: ``skip`` (default)
+    leaves images that already have one alone, ``overwrite`` replaces it, ``append``/``prepend``
+    add the new caption after/before it with ``separator``. ``prefix``/``suffix`` wrap every new
+    caption, e.g. a trigger word. ``on_start`` gets the number of images found, then
+    ``on_result`` one :class:`ImageResult` per image (skipped ones first), for progress bars.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if jsonl is not None and mode in ("append", "prepend"):
+        raise ValueError("append and prepend edit caption files; with a JSONL output use skip or overwrite")
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    root = Path(folder)
+    if not root.is_dir():
+        raise NotADirectoryError(f"not a folder: {root}")
+    run = _FolderRun(client, task_token(task), mode, prefix, suffix, separator, on_result)
+    caption_ext = caption_suffix(ext)
+    images = find_images(root, recursive=recursive)
+    if on_start is not None:
+        on_start(len(images))
+    jobs = run.plan(root, images, caption_ext, jsonl)
+    if jobs:
+        writer = JsonlWriter(Path(jsonl)) if jsonl is not None else None
+        try:
+            await run.execute(jobs, writer, concurrency)
+        finally:
+            if writer is not None:
+                writer.close()
+    run.summary.failed.sort(key=lambda failure: failure.path)
+    return run.summary
+
+
+class _FolderRun:
+    """The state one folder run shares between its parallel workers."""
+
+    def __init__(
+        self,
+        client: AsyncVisionClient,
+        task: str,
+        mode: Mode,
+        prefix: str,
+        suffix: str,
+        separator: str,
+        on_result: Callable[[ImageResult], None] | None,
+    ) -> None:
+        self.client = client
+        self.task = task
+        self.mode = mode
+        self.prefix = prefix
+        self.suffix = suffix
+        self.separator = separator
+        self.on_result = on_result
+        self.summary = FolderSummary()
+        self.writer: JsonlWriter | None = None
+
+    def plan(self, root: Path, images: list[Path], suffix: str, jsonl: str | Path | None) -> list[_Job]:
+        """Decide per image: skip it, refuse it, or caption it; report skips and refusals now."""
+        self.summary.total = len(images)
+        recorded = captioned_files(Path(jsonl), self.task) if jsonl is not None else set()
+        owners: dict[Path, Path] = {}
+        jobs: list[_Job] = []
+        for image in images:
+            key = image.relative_to(root).as_posix()
+            target = None if jsonl is not None else caption_path(image, suffix)
+            if target is not None and target in owners:
+                self.report(ImageResult(image, "failed", reason=f"{owners[target].name} has the same caption "
+                                                                f"file {target.name}; rename one of them"))
+                continue
+            if target is not None:
+                owners[target] = image
+            if self.mode == "skip" and (key in recorded if target is None else has_caption(target)):
+                self.report(ImageResult(image, "skipped"))
+                continue
+            jobs.append(_Job(image, key, target))
+        return jobs
+
+    async def execute(self, jobs: list[_Job], writer: JsonlWriter | None, concurrency: int) -> None:
+        """Run the jobs with ``concurrency`` requests in flight."""
+        self.writer = writer
+        queue = iter(jobs)  # shared by all workers; safe because next() never awaits
+        workers = min(concurrency, len(jobs))
+        await asyncio.gather(*(self.worker(queue) for _ in range(workers)))
+
+    async def worker(self, queue: Iterator[_Job]) -> None:
+        for job in queue:
+            if self.summary.aborted is not None:
+                return
+            self.report(await self.caption_one(job))
+
+    async def caption_one(self, job: _Job) -> ImageResult:
+        """Caption and store one image; every expected failure becomes a result, not an exception."""
+        try:
+            text = await self.client.caption(job.image, self.task)
+            caption = f"{self.prefix}{text}{self.suffix}"
+            if job.target is None:
+                assert self.writer is not None
+                self.writer.write(job.key, self.task, caption)
+            else:
+                existing = read_caption(job.target) if self.mode in ("append", "prepend") else None
+                write_atomic(job.target, merge_caption(existing, caption, self.mode, self.separator))
+        except VisionConnectionError as exc:
+            self.summary.aborted = str(exc)
+            return ImageResult(job.image, "failed", reason=str(exc))
+        except (VisionClientError, OSError, UnicodeError) as exc:
+            return ImageResult(job.image, "failed", reason=_describe(exc))
+        return ImageResult(job.image, "done", caption=caption)
+
+    def report(self, result: ImageResult) -> None:
+        if result.outcome == "done":
+            self.summary.done += 1
+        elif result.outcome == "skipped":
+            self.summary.skipped += 1
+        else:
+            self.summary.failed.append(Failure(result.path, result.reason or "unknown error"))
+        if self.on_result is not None:
+            self.on_result(result)
+
+
+def _describe(exc: BaseException) -> str:
+    """The server's own message for HTTP errors, the OS message for file errors."""
+    detail = getattr(exc, "detail", None)
+    status = getattr(exc, "status", None)
+    if detail is not None and status is not None:
+        return f"{detail} (HTTP {status})"
+    return str(exc) or type(exc).__name__

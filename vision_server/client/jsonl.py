@@ -1,0 +1,83 @@
+"""A JSON Lines caption log: one ``{"file", "task", "caption"}`` object per line, appended.
+
+It is both the output and the record a later run resumes from: one file can hold several tasks
+for the same images, and a line is only written once its caption is complete. A run killed
+mid-line leaves a broken last line, which the reader ignores and the writer terminates first.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from types import TracebackType
+from typing import IO
+
+from vision_server.client.api import task_token
+
+
+def captioned_files(path: Path, task: str) -> set[str]:
+    """The ``file`` values already recorded for ``task`` (spelled any way)."""
+    wanted = task_token(task)
+    done: set[str] = set()
+    try:
+        handle = path.open(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return done
+    with handle:
+        for line in handle:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if (
+                isinstance(record, dict)
+                and isinstance(record.get("file"), str)
+                and isinstance(record.get("caption"), str)
+                and isinstance(record.get("task"), str)
+                and task_token(record["task"]) == wanted
+            ):
+                done.add(record["file"])
+    return done
+
+
+def record_line(file: str, task: str, caption: str) -> str:
+    """One line of the log; non-ASCII stays readable unless the name is not valid Unicode."""
+    record = {"file": file, "task": task, "caption": caption}
+    line = json.dumps(record, ensure_ascii=False)
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in a file name (surrogate escapes)
+        line = json.dumps(record)
+    return line + "\n"
+
+
+class JsonlWriter:
+    """Appends records and flushes each one, so a crash loses at most the line in progress."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        needs_newline = path.exists() and path.stat().st_size > 0 and not _ends_with_newline(path)
+        self._handle: IO[str] = path.open("a", encoding="utf-8", newline="\n")
+        if needs_newline:
+            self._handle.write("\n")
+
+    def write(self, file: str, task: str, caption: str) -> None:
+        self._handle.write(record_line(file, task, caption))
+        self._handle.flush()
+
+    def close(self) -> None:
+        self._handle.close()
+
+    def __enter__(self) -> JsonlWriter:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, 2)
+        return handle.read(1) == b"\n"
