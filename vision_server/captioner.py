@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
+import numpy as np
 from PIL import Image
 
 FinishReason = Literal["stop", "length"]
@@ -39,6 +40,9 @@ class CaptionItem:
     image: Image.Image
     task: str
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    # Model-ready pixels (float32, channels first), filled by ``Captioner.preprocess`` off the
+    # model thread so the GPU worker never resizes or normalises images itself.
+    pixels: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -77,6 +81,10 @@ class Captioner(Protocol):
 
     def load(self) -> ModelInfo:
         """Load weights; raise :class:`vision_server.errors.ModelLoadError` with a clear reason."""
+        ...
+
+    def preprocess(self, item: CaptionItem) -> CaptionItem:
+        """CPU-only preparation that is safe on any thread (resize, normalise); may return ``item``."""
         ...
 
     def caption(self, batch: list[CaptionItem]) -> list[Caption]:

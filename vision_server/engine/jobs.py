@@ -25,10 +25,17 @@ class CaptionJob:
     request_id: str = "-"
     deadline: float = float("inf")  # time.monotonic() value
     enqueued_at: float = field(default_factory=time.monotonic)
+    started_at: float | None = None  # set when the job's batch starts
+    batch_size: int = 0  # size of the batch it ran in
 
     @property
     def batch_key(self) -> GenerationOptions:
         return self.item.options
+
+    @property
+    def queue_wait(self) -> float | None:
+        """Seconds between queueing and the start of its batch; None while it still waits."""
+        return None if self.started_at is None else self.started_at - self.enqueued_at
 
     @property
     def abandoned(self) -> bool:

@@ -19,6 +19,7 @@ from vision_server.captioner import Caption, Captioner, CaptionItem, ModelInfo
 from vision_server.engine.jobs import CaptionJob, JobQueue
 from vision_server.engine.lifecycle import EngineStatus, ModelState
 from vision_server.engine.observer import EngineObserver
+from vision_server.engine.trace import record_job
 from vision_server.errors import (
     DeadlineExceeded,
     Draining,
@@ -51,6 +52,7 @@ class EngineConfig:
     max_batch_wait: float = 0.005
     idle_timeout: float = 300.0
     request_timeout: float = 600.0
+    prepare_threads: int = 4  # CPU threads that resize and normalise images before the queue
 
 
 class Engine:
@@ -65,6 +67,7 @@ class Engine:
         self._queue = JobQueue(self.config.max_queue)
         self._commands: deque[tuple[Command, asyncio.Future[None]]] = deque()
         self._executor: ThreadPoolExecutor | None = None
+        self._prepare_pool: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
         self._state = ModelState.UNLOADED
         self._info: ModelInfo | None = None
@@ -83,6 +86,9 @@ class Engine:
     async def start(self, *, preload: bool = False) -> None:
         """Start the worker (and load at once when ``preload``)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-model")
+        self._prepare_pool = ThreadPoolExecutor(
+            self.config.prepare_threads, thread_name_prefix="vision-prepare"
+        )
         self._worker = asyncio.create_task(self._run(), name="vision-server-worker")
         if preload:
             await self.load()
@@ -93,6 +99,10 @@ class Engine:
             self.observer.job_rejected("draining")
             raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
         timeout = self.config.request_timeout
+        item = await self._prepare(item)
+        if self._draining:
+            self.observer.job_rejected("draining")
+            raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
         job = CaptionJob(item, asyncio.get_running_loop().create_future(), request_id)
         job.deadline = job.enqueued_at + timeout
         try:
@@ -105,6 +115,16 @@ class Engine:
         except asyncio.TimeoutError:
             self.observer.job_rejected("timeout")
             raise DeadlineExceeded(f"No caption within the request timeout of {timeout:g} s.") from None
+        finally:
+            if job.queue_wait is not None:
+                record_job(job.queue_wait, job.batch_size)
+
+    async def _prepare(self, item: CaptionItem) -> CaptionItem:
+        """Resize and normalise on the CPU pool so the model thread only runs the model."""
+        if len(self._queue) >= self.config.max_queue:
+            return item  # it will be refused at once; don't spend CPU on it
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._prepare_pool, self.captioner.preprocess, item)
 
     async def load(self) -> EngineStatus:
         await self._command("load")
@@ -130,10 +150,17 @@ class Engine:
         self._worker = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
+        if self._prepare_pool is not None:
+            self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def draining(self) -> bool:
         return self._draining
+
+    @property
+    def running(self) -> bool:
+        """True while the worker is alive, between :meth:`start` and the end of :meth:`stop`."""
+        return self._worker is not None and not self._worker.done()
 
     @property
     def state(self) -> ModelState:
@@ -237,8 +264,10 @@ class Engine:
         live = self._drop_expired(batch)
         if not live:
             return
+        now = time.monotonic()
         for job in live:
-            self.observer.job_started(time.monotonic() - job.enqueued_at)
+            job.started_at, job.batch_size = now, len(live)
+            self.observer.job_started(now - job.enqueued_at)
         self._running = len(live)
         started = time.monotonic()
         try:

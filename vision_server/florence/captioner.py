@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import gc
 import logging
 import time
@@ -14,12 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions, ModelInfo
 from vision_server.errors import ModelLoadError, ModelSourceError, OutOfMemory
 from vision_server.florence.prompts import tasks_for_model
 from vision_server.florence.source import resolve_model_dir
+from vision_server.images import PixelSpec, to_pixels
 
 if TYPE_CHECKING:
     from vision_server.settings import Settings
@@ -85,6 +89,8 @@ class FlorenceCaptioner:
         self.device = device
         self.dtype = dtype
         self._loaded: _Loaded | None = None
+        # Known after the first load and kept across unloads: lets the decode pool prepare pixels.
+        self._pixel_spec: PixelSpec | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> FlorenceCaptioner:
@@ -122,7 +128,9 @@ class FlorenceCaptioner:
                 raise ModelLoadError(
                     "Out of GPU memory while loading; free the GPU or use a smaller model."
                 ) from None
-            except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            except ModelLoadError:
+                raise
+            except Exception as exc:  # corrupt files surface as many library-specific types
                 release_memory()
                 raise ModelLoadError(f"{self._spec}: {type(exc).__name__}: {exc}") from None
         loaded = self._loaded
@@ -147,6 +155,7 @@ class FlorenceCaptioner:
         model = AutoModelForImageTextToText.from_pretrained(native, dtype=dtype, attn_implementation="sdpa")
         model = self._apply_adapter(model).to(device).eval()
         log.debug("weights loaded from %s in %.2f s", native, time.perf_counter() - started)
+        self._pixel_spec = pixel_spec(processor)
         return _Loaded(model, processor, device, dtype)
 
     def _apply_adapter(self, model: Any) -> Any:
@@ -170,6 +179,13 @@ class FlorenceCaptioner:
         release_memory()
 
     # --- captioning ----------------------------------------------------------------------------
+
+    def preprocess(self, item: CaptionItem) -> CaptionItem:
+        """Resize and normalise on the caller's thread once the model's input size is known."""
+        spec = self._pixel_spec
+        if spec is None or item.pixels is not None:
+            return item
+        return dataclasses.replace(item, pixels=to_pixels(item.image, spec))
 
     def caption(self, batch: list[CaptionItem]) -> list[Caption]:
         """Caption a batch; items are grouped by generation options, results keep their order."""
@@ -196,14 +212,11 @@ class FlorenceCaptioner:
         return self._decode(loaded, items, inputs, sequences, options, scores)
 
     def _prepare(self, loaded: _Loaded, items: list[CaptionItem]) -> dict[str, Any]:
-        inputs = loaded.processor(
-            text=[item.task for item in items],
-            images=[item.image for item in items],
-            return_tensors="pt",
-            padding=True,
-        )
-        inputs = {k: v for k, v in inputs.items() if k in ("input_ids", "attention_mask", "pixel_values")}
-        inputs["pixel_values"] = inputs["pixel_values"].to(loaded.dtype)
+        """Model inputs: pixels prepared before the queue (or now), prompts tokenised and padded."""
+        spec = self._pixel_spec or pixel_spec(loaded.processor)
+        pixels = [item.pixels if item.pixels is not None else to_pixels(item.image, spec) for item in items]
+        inputs = dict(prompt_ids(loaded.processor, [item.task for item in items]))
+        inputs["pixel_values"] = torch.from_numpy(np.stack(pixels)).to(loaded.dtype)
         return {k: v.to(loaded.device) for k, v in inputs.items()}
 
     def _confidences(self, loaded: _Loaded, inputs: dict[str, Any], sequences: torch.Tensor) -> list[float]:
@@ -228,20 +241,17 @@ class FlorenceCaptioner:
         texts = loaded.processor.batch_decode(sequences, skip_special_tokens=False)
         prompt_lengths = inputs["attention_mask"].sum(-1).tolist()
         captions = []
+        special = {tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id}
         for row, item in enumerate(items):
-            generated = sequences[row, 1:].tolist()
-            real = [
-                t
-                for t in generated
-                if t not in (tokenizer.pad_token_id, tokenizer.eos_token_id, tokenizer.bos_token_id)
-            ]
-            hit_eos = tokenizer.eos_token_id in generated
+            generated = [t for t in sequences[row, 1:].tolist() if t != tokenizer.pad_token_id]
+            # Florence forces EOS at the last allowed step, so a full budget means "cut off".
+            length_hit = len(generated) >= options.max_new_tokens
             captions.append(
                 Caption(
                     text=self._post_process(loaded, texts[row], item),
                     prompt_tokens=int(prompt_lengths[row]),
-                    completion_tokens=len(real),
-                    finish_reason="stop" if hit_eos or len(generated) < options.max_new_tokens else "length",
+                    completion_tokens=sum(1 for t in generated if t not in special),
+                    finish_reason="length" if length_hit else "stop",
                     confidence=scores[row] if scores else None,
                 )
             )
@@ -257,6 +267,31 @@ class FlorenceCaptioner:
         for token in _STRIP_TOKENS:
             value = value.replace(token, "")
         return value.strip()
+
+
+def pixel_spec(processor: Any) -> PixelSpec:
+    """The resize/normalise settings of a Florence-2 processor's image processor."""
+    image_processor = processor.image_processor
+    size = image_processor.size
+    return PixelSpec(
+        height=int(size["height"]),
+        width=int(size["width"]),
+        mean=tuple(image_processor.image_mean),
+        std=tuple(image_processor.image_std),
+        resample=Image.Resampling(image_processor.resample),
+        rescale=float(image_processor.rescale_factor),
+    )
+
+
+def prompt_ids(processor: Any, tasks: list[str]) -> Any:
+    """Token ids exactly as ``Florence2Processor`` builds them: <image>×N, <s>, prompt, </s>."""
+    tokenizer = processor.tokenizer
+    image_tokens = processor.image_token * processor.num_image_tokens
+    texts = [
+        image_tokens + tokenizer.bos_token + p + tokenizer.eos_token
+        for p in processor._construct_prompts(tasks)
+    ]
+    return tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
 
 
 def generate_kwargs(options: GenerationOptions) -> dict[str, Any]:

@@ -49,6 +49,9 @@ class FakeCaptioner:
             self.loads += 1
         return ModelInfo(self._model_id, "cpu", "float32")
 
+    def preprocess(self, item: CaptionItem) -> CaptionItem:
+        return item
+
     def caption(self, batch: list[CaptionItem]) -> list[Caption]:
         self.threads.add(threading.current_thread().name)
         assert self.loaded, "caption() called on an unloaded model"
