@@ -1,0 +1,82 @@
+"""Cross-origin access for browser clients, off unless ``--cors-origins`` names some origins.
+
+SillyTavern's Extras mode calls ``/api/caption`` from the browser page itself, so the browser
+first sends a preflight ``OPTIONS`` and then only shows the reply to the page when it carries
+``Access-Control-Allow-Origin``. Preflights are answered before any other middleware (they
+carry no API key, by design), allowing ``Content-Type``, ``Authorization`` and SillyTavern's
+``Bypass-Tunnel-Reminder``; a preflight from an origin not configured gets 403 and no allow
+headers. ``*`` allows every origin (fine for a key-protected or loopback-only server).
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from vision_server.api.errors import Handler
+from vision_server.api.state import SETTINGS
+
+ALLOW_METHODS = "GET, POST, OPTIONS"
+ALLOW_HEADERS = "Content-Type, Authorization, Bypass-Tunnel-Reminder, X-Request-ID"
+EXPOSE_HEADERS = "X-Request-ID, Retry-After"
+MAX_AGE = "600"
+
+
+def allowed_origin(origin: str | None, allowed: tuple[str, ...]) -> str | None:
+    """The ``Access-Control-Allow-Origin`` value for ``origin``, or None when it is not allowed."""
+    if not origin:
+        return None
+    if "*" in allowed:
+        return "*"
+    wanted = {entry.strip().rstrip("/").lower() for entry in allowed}
+    return origin if origin.rstrip("/").lower() in wanted else None
+
+
+def is_preflight(request: web.Request) -> bool:
+    return request.method == "OPTIONS" and "Access-Control-Request-Method" in request.headers
+
+
+def preflight_response(request: web.Request, allowed: tuple[str, ...]) -> web.Response:
+    origin = allowed_origin(request.headers.get("Origin"), allowed)
+    if origin is None:
+        sent = request.headers.get("Origin")
+        message = f"Origin {sent!r} is not allowed; add it with --cors-origins."
+        return web.json_response({"error": message}, status=403)
+    headers = {
+        "Access-Control-Allow-Origin": origin,
+        "Access-Control-Allow-Methods": ALLOW_METHODS,
+        "Access-Control-Allow-Headers": ALLOW_HEADERS,
+        "Access-Control-Max-Age": MAX_AGE,
+    }
+    if request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
+        headers["Access-Control-Allow-Private-Network"] = "true"  # Chrome: public page → LAN server
+    return web.Response(status=204, headers=headers)
+
+
+@web.middleware
+async def preflight_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if is_preflight(request):
+        return preflight_response(request, request.app[SETTINGS].cors_origins)
+    return await handler(request)
+
+
+async def add_cors_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """Every reply (errors and event streams included) tells the browser whether the page may read it."""
+    allowed = request.app[SETTINGS].cors_origins
+    if "*" not in allowed:
+        vary = response.headers.get("Vary")
+        if not vary:
+            response.headers["Vary"] = "Origin"
+        elif "origin" not in vary.lower():
+            response.headers["Vary"] = f"{vary}, Origin"
+    origin = allowed_origin(request.headers.get("Origin"), allowed)
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
+
+
+def setup(app: web.Application) -> None:
+    """Install CORS when origins are configured; the preflight middleware goes first of all."""
+    if not app[SETTINGS].cors_origins:
+        return
+    app.middlewares.insert(0, preflight_middleware)
+    app.on_response_prepare.append(add_cors_headers)

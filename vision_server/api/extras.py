@@ -1,0 +1,50 @@
+"""SillyTavern Extras captioning, the legacy source SillyTavern still offers.
+
+``GET /api/modules`` → ``{"modules": ["caption"]}`` (SillyTavern refuses to caption unless
+"caption" is listed); ``POST /api/caption`` ``{"image": base64 or data URL, "prompt"?: str}``
+→ ``{"caption": str}``; errors ``{"error": str}`` as the Extras server sends them. The browser
+calls these routes directly, so they need ``--cors-origins`` (:mod:`vision_server.api.cors`).
+SillyTavern sends no prompt here; an optional ``prompt`` picks the task as free text does
+elsewhere, and without one the server's default task is used.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from vision_server.api.bodies import read_json_object
+from vision_server.api.captioning import caption_base64
+from vision_server.api.errors import ERROR_FORMATTERS
+from vision_server.api.state import CAPTIONER, SETTINGS, default_options
+from vision_server.api.task_words import task_from_text
+from vision_server.errors import BadRequest, VisionServerError
+
+MODULES = ("caption",)
+
+
+def extras_error(error: VisionServerError, request_id: str) -> web.Response:
+    return web.json_response({"error": error.message}, status=error.status)
+
+
+async def modules(request: web.Request) -> web.Response:
+    return web.json_response({"modules": list(MODULES)})
+
+
+async def caption(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    image = body.get("image")
+    if not isinstance(image, str):
+        raise BadRequest('"image" is required: a base64 string or data URL.')
+    prompt = body.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise BadRequest('"prompt" must be a string.')
+    settings = request.app[SETTINGS]
+    task = task_from_text(prompt, request.app[CAPTIONER].tasks, settings.default_task)
+    result = await caption_base64(request, image, task, default_options(settings))
+    return web.json_response({"caption": result.text})
+
+
+def setup(app: web.Application) -> None:
+    app[ERROR_FORMATTERS]["extras"] = extras_error
+    app.router.add_get("/api/modules", modules, name="extras.modules")
+    app.router.add_post("/api/caption", caption, name="extras.caption")

@@ -1,0 +1,84 @@
+"""Reading ``multipart/form-data`` uploads part by part, within the request body limit.
+
+aiohttp's ``client_max_size`` guards ``request.read()`` and ``request.post()`` but not a
+streamed ``request.multipart()``, so the limit is counted here across all parts: a body over
+``--max-request-bytes`` is a 413, never a 500 or a server holding gigabytes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
+
+from vision_server.errors import BadRequest, PayloadTooLarge
+
+CHUNK = 64 * 1024
+MAX_TEXT_FIELD = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One uploaded file: the field it came in, its client-side name, and its bytes."""
+
+    field: str
+    filename: str
+    data: bytes
+
+
+@dataclass
+class Form:
+    files: list[Upload] = field(default_factory=list)
+    fields: dict[str, str] = field(default_factory=dict)
+    ignored_files: list[str] = field(default_factory=list)  # file fields with another name
+
+
+async def read_form(request: web.Request, file_fields: tuple[str, ...], limit: int) -> Form:
+    """Files sent in ``file_fields`` and every text field; 400 for a malformed body, 413 over ``limit``."""
+    if request.content_type == "application/x-www-form-urlencoded":  # a form without files
+        posted = await request.post()
+        return Form(fields={name: value for name, value in posted.items() if isinstance(value, str)})
+    if request.content_type not in ("multipart/form-data", "multipart/mixed"):
+        raise BadRequest(
+            f"Send multipart/form-data (curl -F image=@photo.jpg), not {request.content_type or 'no body'}."
+        )
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large(limit)
+    form = Form()
+    total = 0
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise BadRequest("Nested multipart bodies are not supported.")
+            name = part.name or ""
+            is_file = name in file_fields
+            part_limit = limit if is_file or part.filename is not None else MAX_TEXT_FIELD
+            data = await read_part(part, budget=limit - total, part_limit=part_limit, body_limit=limit)
+            total += len(data)
+            if is_file:
+                form.files.append(Upload(name, part.filename or f"{name}{len(form.files) + 1}", data))
+            elif part.filename is None:
+                form.fields[name] = data.decode("utf-8", errors="replace")
+            else:
+                form.ignored_files.append(name)
+    except (ValueError, AssertionError, HttpProcessingError) as exc:  # aiohttp: a malformed body
+        raise BadRequest(f"Malformed multipart body: {exc}") from None
+    return form
+
+
+async def read_part(part: BodyPartReader, *, budget: int, part_limit: int, body_limit: int) -> bytes:
+    """The part's bytes, raising as soon as the body's remaining budget or the part's limit is passed."""
+    data = bytearray()
+    while chunk := await part.read_chunk(CHUNK):
+        data.extend(chunk)
+        if len(data) > budget:
+            raise too_large(body_limit)
+        if len(data) > part_limit:
+            raise BadRequest(f"Form field {part.name!r} is longer than {part_limit} bytes.")
+    return bytes(data)
+
+
+def too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(f"Request body too large: the limit is {limit} bytes. Send a smaller image.")

@@ -1,0 +1,92 @@
+"""Per-request generation parameters (OpenAI body fields, form fields) → validated options.
+
+Requests that override nothing get exactly the server's default options, so they batch with
+every other family's default requests (the engine batches only equal options).
+"""
+
+from __future__ import annotations
+
+import math
+
+from vision_server.captioner import GenerationOptions
+from vision_server.errors import BadRequest
+from vision_server.settings import Settings
+
+MAX_BEAMS = 8  # beams multiply memory per image; past this they only cost
+MAX_TEMPERATURE = 2.0
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+class InvalidParameter(BadRequest):
+    """A request field has a wrong type or value; ``param`` names it (OpenAI replies carry it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def as_number(name: str, value: object, *, low: float, high: float, low_open: bool = False) -> float | None:
+    """A number from JSON or a form field within [low, high] (or (low, high]); None when absent."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise InvalidParameter(name, f"{name!r} must be a number, not {type(value).__name__}.")
+    try:
+        number = float(value)
+    except ValueError:
+        raise InvalidParameter(name, f"{name!r} must be a number, not {value!r}.") from None
+    too_low = number <= low if low_open else number < low
+    if not math.isfinite(number) or too_low or number > high:
+        bound = f"greater than {low:g}" if low_open else f"at least {low:g}"
+        raise InvalidParameter(name, f"{name!r} must be {bound} and at most {high:g}, not {value!r}.")
+    return number
+
+
+def as_int(name: str, value: object, *, low: int, high: int) -> int | None:
+    number = as_number(name, value, low=low, high=high)
+    if number is None:
+        return None
+    if not number.is_integer():
+        raise InvalidParameter(name, f"{name!r} must be a whole number, not {value!r}.")
+    return int(number)
+
+
+def as_bool(name: str, value: object) -> bool | None:
+    """JSON true/false, or a form's true/false/1/0/yes/no/on/off; None when absent."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in (*_TRUE, *_FALSE):
+        return value.strip().lower() in _TRUE
+    raise InvalidParameter(name, f"{name!r} must be true or false, not {value!r}.")
+
+
+def generation_options(
+    settings: Settings,
+    *,
+    max_new_tokens: int | None = None,
+    temperature: float | None = None,
+    top_p: float | None = None,
+    num_beams: int | None = None,
+    do_sample: bool | None = None,
+    with_confidence: bool = False,
+) -> GenerationOptions:
+    """Options for one request, from already validated values.
+
+    ``temperature`` > 0 samples (with one beam unless beams are asked for) unless ``do_sample``
+    is false; ``top_p`` only matters when sampling. ``max_new_tokens`` is capped by the server's
+    ``--max-new-tokens``."""
+    limit = settings.max_new_tokens
+    tokens = min(max_new_tokens, limit) if max_new_tokens is not None else limit
+    if not (temperature or 0) > 0 or do_sample is False:
+        beams = num_beams if num_beams is not None else settings.num_beams
+        return GenerationOptions(max_new_tokens=tokens, num_beams=beams, with_confidence=with_confidence)
+    return GenerationOptions(
+        max_new_tokens=tokens,
+        num_beams=num_beams if num_beams is not None else 1,
+        temperature=float(temperature or 0),
+        top_p=top_p if top_p is not None else 1.0,
+        with_confidence=with_confidence,
+    )

@@ -1,0 +1,205 @@
+"""Multipart uploads (``curl -F image=@photo.jpg``), the API of the generic captioning servers.
+
+- ``POST /caption``: one file in ``image`` (or ``file``) → ``{"caption", "confidence",
+  "processing_time", "model_info"}``. Default task ``<CAPTION>``.
+- ``POST /detailed_caption``: the same with default task ``<MORE_DETAILED_CAPTION>`` (the
+  "very detailed description"; ``<DETAILED_CAPTION>`` is PromptGen's structured, positional one).
+- ``POST /batch_caption``: repeated ``images`` (or ``files``) → ``{"results": [{"filename",
+  "caption", "confidence"}], "total_processing_time"}``. All files are queued at once, so they
+  share batches; a file that cannot be read gets ``{"filename", "error"}`` in its slot and the
+  others still get captions. Only when no file got a caption and a failure was the server's
+  (queue full, model failed to load) does the whole request fail, with that status.
+- ``GET /tasks`` and ``GET /model_info``.
+
+Optional fields: ``task`` (a task name, checked: 400 for an unknown one), ``prompt`` (free
+text, read like a chat prompt), ``max_length`` (or ``max_new_tokens``), ``temperature`` (> 0
+samples), ``top_p``, ``num_beams``, ``do_sample``; ``batch_size`` is accepted and ignored (the
+server batches across all clients). ``confidence`` is the geometric mean of the probabilities
+of the caption's tokens, in 0..1. Errors are ``{"detail": str}``, the FastAPI shape those
+servers answer with (and the native family's), with the status from the design's error table.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from vision_server import __version__
+from vision_server.api.captioning import caption_bytes
+from vision_server.api.errors import ERROR_FORMATTERS, REQUEST_ID
+from vision_server.api.forms import Form, Upload, read_form
+from vision_server.api.generation import (
+    MAX_BEAMS,
+    MAX_TEMPERATURE,
+    as_bool,
+    as_int,
+    as_number,
+    generation_options,
+)
+from vision_server.api.state import CAPTIONER, ENGINE, SETTINGS
+from vision_server.api.task_words import TASK_DESCRIPTIONS, default_task, task_from_text
+from vision_server.captioner import Caption, GenerationOptions
+from vision_server.errors import BadRequest, VisionServerError
+from vision_server.florence.prompts import normalize_task
+
+log = logging.getLogger(__name__)
+
+MODEL_TYPE = "florence-2"
+IMAGE_FIELDS = ("image", "file")
+# Every file field is read on every route: /caption takes one file from any of them.
+BATCH_FIELDS = ("images", "images[]", "files", "files[]", *IMAGE_FIELDS)
+CAPTION_TASK = "<CAPTION>"
+DETAILED_TASK = "<MORE_DETAILED_CAPTION>"
+
+
+def multipart_error(error: VisionServerError, request_id: str) -> web.Response:
+    return web.json_response({"detail": error.message}, status=error.status)
+
+
+# --- reading the form --------------------------------------------------------------------------
+
+
+def task_for(form: Form, tasks: tuple[str, ...], route_default: str) -> str:
+    """``task`` is an explicit name; ``prompt`` is free text; neither: the route's default task."""
+    if form.fields.get("task", "").strip():
+        return normalize_task(form.fields["task"], tasks)
+    return task_from_text(form.fields.get("prompt"), tasks, default_task(route_default, tasks))
+
+
+def options_for(form: Form, request: web.Request) -> GenerationOptions:
+    fields = form.fields
+    length_name = "max_length" if fields.get("max_length") else "max_new_tokens"
+    return generation_options(
+        request.app[SETTINGS],
+        max_new_tokens=as_int(length_name, fields.get(length_name), low=1, high=2**31),
+        temperature=as_number("temperature", fields.get("temperature"), low=0, high=MAX_TEMPERATURE),
+        top_p=as_number("top_p", fields.get("top_p"), low=0, high=1, low_open=True),
+        num_beams=as_int("num_beams", fields.get("num_beams"), low=1, high=MAX_BEAMS),
+        do_sample=as_bool("do_sample", fields.get("do_sample")),
+        with_confidence=True,
+    )
+
+
+def no_image(form: Form, names: tuple[str, ...]) -> BadRequest:
+    sent = f" (files came in: {', '.join(map(repr, form.ignored_files))})" if form.ignored_files else ""
+    return BadRequest(f"No image uploaded: send the file in the form field {names[0]!r}{sent}.")
+
+
+# --- replies -----------------------------------------------------------------------------------
+
+
+def brief_model_info(app: web.Application, task: str) -> dict[str, Any]:
+    return {"model_type": MODEL_TYPE, "model": app[CAPTIONER].model_id, "task": task, "version": __version__}
+
+
+def confidence_of(caption: Caption) -> float | None:
+    return round(caption.confidence, 4) if caption.confidence is not None else None
+
+
+def seconds_since(started: float) -> float:
+    return round(time.perf_counter() - started, 3)
+
+
+# --- routes ------------------------------------------------------------------------------------
+
+
+async def _single(request: web.Request, route_default: str) -> web.Response:
+    started = time.perf_counter()
+    form = await read_form(request, BATCH_FIELDS, request.app[SETTINGS].max_request_bytes)
+    if not form.files:
+        raise no_image(form, IMAGE_FIELDS)
+    if len(form.files) > 1:
+        raise BadRequest(f"{len(form.files)} files uploaded; send one here, or several to /batch_caption.")
+    task = task_for(form, request.app[CAPTIONER].tasks, route_default)
+    result = await caption_bytes(request, form.files[0].data, task, options_for(form, request))
+    return web.json_response(
+        {
+            "caption": result.text,
+            "confidence": confidence_of(result),
+            "processing_time": seconds_since(started),
+            "model_info": brief_model_info(request.app, task),
+        }
+    )
+
+
+async def caption(request: web.Request) -> web.Response:
+    return await _single(request, CAPTION_TASK)
+
+
+async def detailed_caption(request: web.Request) -> web.Response:
+    return await _single(request, DETAILED_TASK)
+
+
+async def batch_caption(request: web.Request) -> web.Response:
+    started = time.perf_counter()
+    form = await read_form(request, BATCH_FIELDS, request.app[SETTINGS].max_request_bytes)
+    if not form.files:
+        raise no_image(form, BATCH_FIELDS)
+    task = task_for(form, request.app[CAPTIONER].tasks, CAPTION_TASK)
+    options = options_for(form, request)
+    outcomes = await asyncio.gather(
+        *(caption_bytes(request, upload.data, task, options) for upload in form.files), return_exceptions=True
+    )
+    raise_if_nothing_worked(outcomes)
+    results = [slot(request, upload, outcome) for upload, outcome in zip(form.files, outcomes, strict=True)]
+    return web.json_response({"results": results, "total_processing_time": seconds_since(started)})
+
+
+def raise_if_nothing_worked(outcomes: list[Caption | BaseException]) -> None:
+    """Fail the whole batch only for the server's own trouble, so clients retry it as a whole."""
+    for outcome in outcomes:
+        if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+            raise outcome  # cancellation
+    if any(isinstance(outcome, Caption) for outcome in outcomes):
+        return
+    for outcome in outcomes:
+        if isinstance(outcome, VisionServerError) and outcome.status >= 500:
+            raise outcome
+
+
+def slot(request: web.Request, upload: Upload, outcome: Caption | BaseException) -> dict[str, Any]:
+    if isinstance(outcome, Caption):
+        return {"filename": upload.filename, "caption": outcome.text, "confidence": confidence_of(outcome)}
+    if isinstance(outcome, VisionServerError):
+        return {"filename": upload.filename, "error": outcome.message}
+    request_id = request.get(REQUEST_ID, "-")
+    log.error("captioning %s failed (request id %s)", upload.filename, request_id, exc_info=outcome)
+    return {"filename": upload.filename, "error": f"Internal server error (request id {request_id})."}
+
+
+async def tasks(request: web.Request) -> web.Response:
+    model_tasks = request.app[CAPTIONER].tasks
+    listed = [{"task": task, "description": TASK_DESCRIPTIONS.get(task, "")} for task in model_tasks]
+    return web.json_response({"tasks": listed, "default": default_task(CAPTION_TASK, model_tasks)})
+
+
+async def model_info(request: web.Request) -> web.Response:
+    app = request.app
+    status = app[ENGINE].status()
+    settings = app[SETTINGS]
+    return web.json_response(
+        {
+            "model_type": MODEL_TYPE,
+            "model": app[CAPTIONER].model_id,
+            "version": __version__,
+            "state": status.state.value,
+            "device": status.device,
+            "dtype": status.dtype,
+            "tasks": list(app[CAPTIONER].tasks),
+            "generation": {"max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams},
+            "max_batch_size": settings.max_batch_size,
+        }
+    )
+
+
+def setup(app: web.Application) -> None:
+    app[ERROR_FORMATTERS]["multipart"] = multipart_error
+    app.router.add_post("/caption", caption, name="multipart.caption")
+    app.router.add_post("/detailed_caption", detailed_caption, name="multipart.detailed_caption")
+    app.router.add_post("/batch_caption", batch_caption, name="multipart.batch_caption")
+    app.router.add_get("/tasks", tasks, name="multipart.tasks")
+    app.router.add_get("/model_info", model_info, name="multipart.model_info")

@@ -1,0 +1,311 @@
+"""OpenAI-compatible chat completions, so OpenAI SDKs, SillyTavern and ComfyUI nodes can caption.
+
+``POST /v1/chat/completions`` (also ``/chat/completions``: SillyTavern's Custom source and
+FloCap users point at a base URL without ``/v1``) and ``GET /v1/models`` (also ``/models``).
+
+What a request means here:
+
+- The images are those of the last user message that has any, as ``image_url`` parts whose
+  ``url`` is a ``data:`` URL (or bare base64); ``image_url`` may be an object or a plain string.
+  Several images are captioned separately (in one batch) and joined by a blank line. The server
+  fetches nothing, so an ``http(s)://`` URL is a 400 that says to send a data URL.
+- The text of that message and of later user messages picks the task
+  (:mod:`vision_server.api.task_words`); system messages are ignored.
+- ``model`` is not checked (SillyTavern sends ``gpt-4-turbo`` unless told otherwise); replies
+  name the configured model. ``max_tokens``/``max_completion_tokens``, ``temperature`` and
+  ``top_p`` map onto generation; ``n`` must be 1; other fields are ignored.
+- The reply content is the caption itself. ``stream: true`` sends it as server-sent events in
+  the OpenAI chunk format once the caption is done (errors before that are plain HTTP errors,
+  so SDK retries on 503 still work).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from vision_server.api.bodies import read_json_object
+from vision_server.api.captioning import caption_base64
+from vision_server.api.errors import ERROR_FORMATTERS, REQUEST_ID, NotFound
+from vision_server.api.generation import (
+    MAX_TEMPERATURE,
+    InvalidParameter,
+    as_bool,
+    as_int,
+    as_number,
+    generation_options,
+)
+from vision_server.api.state import CAPTIONER, SETTINGS, STARTED_AT
+from vision_server.api.task_words import task_from_text
+from vision_server.captioner import Caption, GenerationOptions
+from vision_server.errors import VisionServerError
+from vision_server.settings import Settings
+
+_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+OWNED_BY = "vision-server"
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def error_type(status: int) -> str:
+    """OpenAI's error ``type`` for a status (SDKs pick their exception class by status)."""
+    if status == 404:
+        return "not_found_error"
+    if status == 429:
+        return "rate_limit_error"
+    if status >= 500:
+        return "api_error"
+    return "invalid_request_error"
+
+
+def openai_error(error: VisionServerError, request_id: str) -> web.Response:
+    code = "invalid_api_key" if error.status == 401 else error.code
+    body = {
+        "error": {
+            "message": error.message,
+            "type": error_type(error.status),
+            "param": getattr(error, "param", None),
+            "code": code,
+        }
+    }
+    return web.json_response(body, status=error.status)
+
+
+# --- parsing the request -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """What a chat completion request asks of a captioner."""
+
+    images: tuple[str, ...]  # data URLs or bare base64, in message order
+    text: str  # the user's words about them
+    options: GenerationOptions
+    stream: bool
+    include_usage: bool
+
+
+def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
+    """Validate the body; every mistake becomes a 400 that names the offending field."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise InvalidParameter("messages", "'messages' must be a non-empty list of chat messages.")
+    images, text = images_and_text(messages)
+    if body.get("n") not in (None, 1):
+        raise InvalidParameter("n", "Only n=1 is supported.")
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+    options = generation_options(
+        settings,
+        max_new_tokens=as_int(name, max_tokens, low=1, high=2**31),
+        temperature=as_number("temperature", body.get("temperature"), low=0, high=MAX_TEMPERATURE),
+        top_p=as_number("top_p", body.get("top_p"), low=0, high=1, low_open=True),
+    )
+    stream_options = body.get("stream_options")
+    include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
+    stream = bool(as_bool("stream", body.get("stream")))
+    return ChatRequest(tuple(images), text, options, stream, include_usage)
+
+
+def images_and_text(messages: list[Any]) -> tuple[list[str], str]:
+    """Images of the last user message that has any, and the user text from there on."""
+    users = [_user_parts(index, message) for index, message in enumerate(messages)]
+    with_images = [index for index, parts in enumerate(users) if any(kind == "image" for kind, _ in parts)]
+    if not with_images:
+        raise InvalidParameter(
+            "messages",
+            "No image in the request: add a user message part "
+            '{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}.',
+        )
+    start = with_images[-1]
+    images = [value for kind, value in users[start] if kind == "image"]
+    texts = [value for parts in users[start:] for kind, value in parts if kind == "text"]
+    return images, "\n".join(texts)
+
+
+def _user_parts(index: int, message: Any) -> list[tuple[str, str]]:
+    """A user message as ("text" | "image", value) pairs; other roles give nothing."""
+    if not isinstance(message, dict):
+        raise InvalidParameter(f"messages[{index}]", f"messages[{index}] must be an object.")
+    if message.get("role") != "user":
+        return []
+    content = message.get("content")
+    if content is None:
+        return []
+    if isinstance(content, str):
+        return [("text", content)]
+    if not isinstance(content, list):
+        raise InvalidParameter(
+            f"messages[{index}].content", f"messages[{index}].content must be a string or a list of parts."
+        )
+    return [pair for number, part in enumerate(content) if (pair := _part(index, number, part))]
+
+
+def _part(index: int, number: int, part: Any) -> tuple[str, str] | None:
+    where = f"messages[{index}].content[{number}]"
+    if not isinstance(part, dict):
+        raise InvalidParameter(where, f"{where} must be an object with a 'type'.")
+    kind = part.get("type")
+    if kind == "text":
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise InvalidParameter(f"{where}.text", f"{where}.text must be a string.")
+        return ("text", text)
+    if kind == "image_url":
+        return ("image", image_source(where, part.get("image_url")))
+    return None  # other part types (audio, files) carry nothing a captioner can use
+
+
+def image_source(where: str, value: Any) -> str:
+    """The base64 payload or data URL of an ``image_url`` (an object with ``url``, or a string)."""
+    url = value.get("url") if isinstance(value, dict) else value
+    if not isinstance(url, str) or not url.strip():
+        raise InvalidParameter(f"{where}.image_url", f"{where}.image_url needs a 'url' string.")
+    url = url.strip()
+    if _URL_SCHEME.match(url):
+        raise InvalidParameter(
+            f"{where}.image_url",
+            f"Image URLs are not fetched by this server ({url[:60]}); send the image inline as a "
+            "data URL: data:image/png;base64,...",
+        )
+    return url
+
+
+# --- replies -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The caption(s) of one request, as the pieces every reply shape needs."""
+
+    id: str
+    created: int
+    model: str
+    content: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+
+    @classmethod
+    def of(cls, model: str, captions: list[Caption]) -> Completion:
+        return cls(
+            id=f"chatcmpl-{uuid.uuid4().hex}",
+            created=int(time.time()),
+            model=model,
+            content="\n\n".join(caption.text for caption in captions),
+            finish_reason="length" if any(c.finish_reason == "length" for c in captions) else "stop",
+            prompt_tokens=sum(caption.prompt_tokens for caption in captions),
+            completion_tokens=sum(caption.completion_tokens for caption in captions),
+        )
+
+    def usage(self) -> dict[str, int]:
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.prompt_tokens + self.completion_tokens,
+        }
+
+    def body(self) -> dict[str, Any]:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": self.content},
+            "logprobs": None,
+            "finish_reason": self.finish_reason,
+        }
+        return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage()}
+
+    def chunks(self, include_usage: bool) -> list[dict[str, Any]]:
+        """Role, content, finish (and usage when asked), as OpenAI streams them."""
+        deltas: list[tuple[dict[str, str], str | None]] = [
+            ({"role": "assistant", "content": ""}, None),
+            ({"content": self.content}, None),
+            ({}, self.finish_reason),
+        ]
+        chunks = [
+            {
+                **self._head("chat.completion.chunk"),
+                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+            }
+            for delta, finish in deltas
+        ]
+        if include_usage:
+            chunks.append({**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage()})
+        return chunks
+
+    def _head(self, kind: str) -> dict[str, Any]:
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+
+async def send_events(request: web.Request, chunks: list[dict[str, Any]]) -> web.StreamResponse:
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Request-ID": request.get(REQUEST_ID, "-"),
+        }
+    )
+    await response.prepare(request)
+    events = [f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode() for chunk in chunks]
+    try:
+        for event in [*events, b"data: [DONE]\n\n"]:
+            await response.write(event)
+        await response.write_eof()
+    except ConnectionResetError:  # the client left mid-stream; the caption is simply not delivered
+        pass
+    return response
+
+
+# --- routes ------------------------------------------------------------------------------------
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await read_json_object(request)
+    settings = request.app[SETTINGS]
+    chat = parse_chat_request(body, settings)
+    captioner = request.app[CAPTIONER]
+    task = task_from_text(chat.text, captioner.tasks, settings.default_task)
+    captions = await asyncio.gather(
+        *(caption_base64(request, image, task, chat.options) for image in chat.images)
+    )
+    completion = Completion.of(captioner.model_id, list(captions))
+    if chat.stream:
+        return await send_events(request, completion.chunks(chat.include_usage))
+    return web.json_response(completion.body())
+
+
+def model_card(app: web.Application) -> dict[str, Any]:
+    return {
+        "id": app[CAPTIONER].model_id,
+        "object": "model",
+        "created": int(app[STARTED_AT]),
+        "owned_by": OWNED_BY,
+    }
+
+
+async def list_models(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": [model_card(request.app)]})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    card = model_card(request.app)
+    wanted = request.match_info["model"]
+    if wanted != card["id"]:
+        raise NotFound(f"The model {wanted!r} does not exist; this server has {card['id']!r}.")
+    return web.json_response(card)
+
+
+def setup(app: web.Application) -> None:
+    app[ERROR_FORMATTERS]["openai"] = openai_error
+    for prefix, suffix in (("/v1", ""), ("", "_unversioned")):
+        add_post, add_get = app.router.add_post, app.router.add_get
+        add_post(f"{prefix}/chat/completions", chat_completions, name=f"openai.chat_completions{suffix}")
+        add_get(f"{prefix}/models", list_models, name=f"openai.models{suffix}")
+        add_get(f"{prefix}/models/{{model:.+}}", get_model, name=f"openai.model{suffix}")
