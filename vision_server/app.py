@@ -7,13 +7,15 @@ from collections.abc import AsyncIterator
 
 from aiohttp import web
 
-from vision_server.api import native, ops
+from vision_server.api import admin, auth, cors, extras, multipart, native, openai, ops, ratelimit
+from vision_server.api.access import access_middleware
 from vision_server.api.errors import ERROR_FORMATTERS, error_middleware
-from vision_server.api.state import CAPTIONER, DECODER, ENGINE, SETTINGS, STARTED_AT
+from vision_server.api.state import CAPTIONER, DECODER, ENGINE, METRICS, SETTINGS, STARTED_AT
 from vision_server.captioner import Captioner
-from vision_server.engine.observer import EngineObserver
+from vision_server.engine.observer import EngineObserver, ObserverGroup
 from vision_server.engine.scheduler import Engine, EngineConfig
 from vision_server.images import ImageDecoder
+from vision_server.metrics import Metrics
 from vision_server.settings import Settings
 
 
@@ -24,6 +26,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_batch_wait=settings.max_batch_wait,
         idle_timeout=settings.idle_timeout,
         request_timeout=settings.request_timeout,
+        prepare_threads=settings.decode_threads,
     )
 
 
@@ -39,10 +42,15 @@ def create_app(
 ) -> web.Application:
     """Build the server. Pass ``captioner`` to serve something other than ``settings.model``."""
     captioner = captioner if captioner is not None else build_captioner(settings)
-    app = web.Application(client_max_size=settings.max_request_bytes, middlewares=[error_middleware])
+    metrics = Metrics(model=captioner.model_id)
+    middlewares = [access_middleware, error_middleware]
+    app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares)
+    app[METRICS] = metrics
     app[SETTINGS] = settings
     app[CAPTIONER] = captioner
-    app[ENGINE] = Engine(captioner, engine_config(settings), observer)
+    engine_observer = metrics if observer is None else ObserverGroup(metrics, observer)
+    app[ENGINE] = Engine(captioner, engine_config(settings), engine_observer)
+    metrics.watch(app[ENGINE])
     app[ERROR_FORMATTERS] = {}
     app[STARTED_AT] = time.time()
     app.cleanup_ctx.append(_decoder_context)
@@ -50,6 +58,13 @@ def create_app(
     app.on_shutdown.append(_drain)
     native.setup(app)
     ops.setup(app)
+    admin.setup(app)
+    ratelimit.setup(app, settings.rate_limit)
+    auth.setup(app, settings)
+    openai.setup(app)
+    extras.setup(app)
+    multipart.setup(app)
+    cors.setup(app)
     return app
 
 

@@ -35,6 +35,27 @@ class InvalidImage(BadRequest):
         super().__init__(f"Invalid image data: {reason}")
 
 
+class Unauthorized(VisionServerError):
+    """Missing or wrong API key; the reply carries ``WWW-Authenticate: Bearer``."""
+
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(VisionServerError):
+    """The caller is known but may not do this (admin routes without the admin key)."""
+
+    status = 403
+    code = "forbidden"
+
+
+class RateLimited(VisionServerError):
+    """Too many requests from one client address; retry after ``retry_after`` seconds."""
+
+    status = 429
+    code = "rate_limited"
+
+
 class PayloadTooLarge(VisionServerError):
     status = 413
     code = "payload_too_large"

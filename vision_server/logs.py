@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,13 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data, default=str)
 
 
+def file_handler(path: Path) -> logging.Handler:
+    """On POSIX reopen the file when logrotate moves it away; Windows cannot rename an open file."""
+    if sys.platform == "win32":
+        return logging.FileHandler(path, encoding="utf-8")
+    return logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+
+
 def configure_logging(level: str = "info", fmt: str = "text", file: Path | None = None) -> None:
     formatter: logging.Formatter
     if fmt == "json":
@@ -38,7 +46,7 @@ def configure_logging(level: str = "info", fmt: str = "text", file: Path | None 
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if file is not None:
         file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(file, encoding="utf-8"))
+        handlers.append(file_handler(file))
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

@@ -1,49 +1,160 @@
-"""Running the application as a process: logging, TLS, signals and graceful drain."""
+"""Running the application as a process: logging, TLS, signals, systemd notification, graceful drain.
+
+The shutdown order is what a load balancer needs to see. On the first SIGTERM/SIGINT (Ctrl+C or
+Ctrl+Break on Windows) the server keeps listening while ``/ready`` answers 503 and new jobs are
+refused; queued and running jobs finish within ``--shutdown-grace``; the model is unloaded; only
+then do the sockets close and the process exits 0. A second signal exits at once.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import ssl
+import sys
 
 from aiohttp import web
 
 from vision_server import __version__
+from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.app import create_app
+from vision_server.captioner import Captioner
+from vision_server.engine.lifecycle import EngineStatus
+from vision_server.engine.scheduler import Engine
 from vision_server.logs import configure_logging
-from vision_server.settings import Settings
+from vision_server.sdnotify import Notifier
+from vision_server.settings import Settings, SettingsError
+from vision_server.signals import install_stop_handlers
 
 log = logging.getLogger("vision_server")
+
+STATUS_INTERVAL = 1.0  # seconds between checks for a changed systemd STATUS= line
+CLOSE_TIMEOUT = 10.0  # seconds for connections to finish once the jobs are done
 
 
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
     if settings.ssl_cert is None or settings.ssl_key is None:
         return None
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(settings.ssl_cert, settings.ssl_key)
+    try:
+        context.load_cert_chain(settings.ssl_cert, settings.ssl_key)
+    except (OSError, ssl.SSLError) as exc:
+        raise SettingsError(
+            f"cannot use ssl_cert {settings.ssl_cert} / ssl_key {settings.ssl_key}: {exc}"
+        ) from None
     return context
 
 
-def serve(settings: Settings) -> None:
-    """Serve until SIGINT/SIGTERM, then drain queued jobs within ``shutdown_grace`` and exit 0."""
+def describe(status: EngineStatus, *, draining: bool = False) -> str:
+    """The one-line state shown by ``systemctl status``."""
+    text = f"model {status.state.value}, queue {status.queue_depth}, running {status.jobs_running}"
+    return f"draining: {text}" if status.draining or draining else text
+
+
+class StopRequest:
+    """The first stop signal starts the drain; a second one ends the process at once."""
+
+    def __init__(self) -> None:
+        self.event = asyncio.Event()
+        self.signum: int | None = None
+
+    def __call__(self, signum: int) -> None:
+        if self.event.is_set():
+            log.warning("second stop signal (%d): exiting now without finishing queued jobs", signum)
+            _flush_logs()
+            os._exit(128 + signum)
+        self.signum = signum
+        self.event.set()
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
+    sys.stderr.flush()
+
+
+async def listen(runner: web.AppRunner, settings: Settings) -> list[str]:
+    """Open the listening socket; returns the URLs actually bound (port 0 picks a free port)."""
+    context = ssl_context(settings)
+    site = web.TCPSite(runner, settings.host, settings.port, ssl_context=context)
+    try:
+        await site.start()
+    except OSError as exc:
+        raise SettingsError(
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+        ) from None
+    scheme = "https" if context else "http"
+    return [_url(scheme, address) for address in runner.addresses]
+
+
+def _url(scheme: str, address: object) -> str:
+    if isinstance(address, tuple) and len(address) >= 2:
+        host = str(address[0])
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{address[1]}"
+    return f"{scheme}://{address}"
+
+
+async def report_status(engine: Engine, notifier: Notifier) -> None:
+    """Keep systemd's STATUS= line current (sent only when it changes)."""
+    last = ""
+    while True:
+        text = describe(engine.status())
+        if text != last:
+            notifier.status(text)
+            last = text
+        await asyncio.sleep(STATUS_INTERVAL)
+
+
+async def run(app: web.Application, notifier: Notifier | None = None) -> None:
+    """Serve ``app`` until a stop signal, then drain, unload and close."""
+    settings, engine = app[SETTINGS], app[ENGINE]
+    notifier = notifier if notifier is not None else Notifier.from_environ()
+    stop = StopRequest()
+    runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=CLOSE_TIMEOUT)
+    # Handlers first: a signal during a --preload load is honoured as soon as the server is up.
+    remove_handlers = install_stop_handlers(asyncio.get_running_loop(), stop)
+    status_task: asyncio.Task[None] | None = None
+    try:
+        await runner.setup()
+        for url in await listen(runner, settings):
+            log.info("listening on %s", url)
+        notifier.ready(describe(engine.status()))
+        if notifier.enabled:
+            status_task = asyncio.create_task(report_status(engine, notifier))
+        await stop.event.wait()
+        snapshot = engine.status()
+        log.info(
+            "stop signal %s: draining (%d queued, %d running; grace %gs); /ready now answers 503",
+            stop.signum,
+            snapshot.queue_depth,
+            snapshot.jobs_running,
+            settings.shutdown_grace,
+        )
+        notifier.stopping(describe(snapshot, draining=True))
+        await engine.stop(grace=settings.shutdown_grace)
+        log.info("drained; closing connections")
+    finally:
+        if status_task is not None:
+            status_task.cancel()
+        await runner.cleanup()
+        remove_handlers()
+    log.info("stopped")
+
+
+def serve(settings: Settings, captioner: Captioner | None = None) -> None:
+    """Serve until SIGINT/SIGTERM, then drain queued jobs within ``shutdown_grace`` and return."""
     configure_logging(settings.log_level, settings.log_format, settings.log_file)
-    app = create_app(settings)
-    scheme = "https" if settings.ssl_cert else "http"
-    log.info(
-        "vision-server %s serving %s on %s://%s:%d (idle timeout %gs)",
-        __version__,
-        settings.model,
-        scheme,
-        settings.host,
-        settings.port,
-        settings.idle_timeout,
-    )
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        ssl_context=ssl_context(settings),
-        shutdown_timeout=settings.shutdown_grace + 5,
-        handler_cancellation=True,
-        access_log=None,
-        print=None,
-    )
+    try:
+        app = create_app(settings, captioner)
+        log.info(
+            "vision-server %s serving %s (idle timeout %gs, pid %d)",
+            __version__,
+            app[ENGINE].captioner.model_id,
+            settings.idle_timeout,
+            os.getpid(),
+        )
+        asyncio.run(run(app))
+    except SettingsError as exc:
+        log.error("%s", exc)
+        raise SystemExit(2) from None

@@ -1,12 +1,21 @@
-"""Operational routes: status for people and tools."""
+"""Operational routes: probes for load balancers and supervisors, status and metrics for people and tools.
+
+``/health`` is liveness: 200 whenever the process can serve, including with the model unloaded
+(idle unload is the normal state, and a pool must not eject an idle server). ``/ready`` is
+readiness: 503 while starting or draining, so HAProxy stops sending work before a shutdown.
+"""
 
 from __future__ import annotations
+
+import time
 
 from aiohttp import web
 
 from vision_server.api.errors import ERROR_FORMATTERS
-from vision_server.api.state import CAPTIONER, ENGINE
+from vision_server.api.state import CAPTIONER, ENGINE, METRICS, STARTED_AT
+from vision_server.engine.lifecycle import ModelState
 from vision_server.errors import VisionServerError
+from vision_server.gpu import gpu_available, gpu_memory
 
 
 def ops_error(error: VisionServerError, request_id: str) -> web.Response:
@@ -21,6 +30,61 @@ async def status(request: web.Request) -> web.Response:
     return web.json_response(data)
 
 
+def memory_usage() -> dict[str, int | None]:
+    """GPU bytes held by this process and the GPUs' size (None before CUDA is first used)."""
+    devices = gpu_memory()
+    if not devices:
+        return {"gpu_memory_used": None, "gpu_memory_total": None}
+    totals = [device.total for device in devices]
+    return {
+        "gpu_memory_used": sum(device.reserved for device in devices),
+        "gpu_memory_total": None if None in totals else sum(t for t in totals if t is not None),
+    }
+
+
+async def health(request: web.Request) -> web.Response:
+    """Liveness. 503 only when the worker is gone without a shutdown (the process cannot serve)."""
+    engine = request.app[ENGINE]
+    snapshot = engine.status()
+    if engine.draining:
+        verdict = "draining"
+    elif engine.running:
+        verdict = "ok"
+    else:
+        verdict = "error"
+    body = {
+        "status": verdict,
+        "model_loaded": snapshot.state is ModelState.READY,
+        "gpu_available": gpu_available(),
+        "memory_usage": memory_usage(),
+        "uptime": round(time.time() - request.app[STARTED_AT], 3),
+        "state": snapshot.state.value,
+        "queue_depth": snapshot.queue_depth,
+    }
+    return web.json_response(body, status=503 if verdict == "error" else 200)
+
+
+async def ready(request: web.Request) -> web.Response:
+    """Readiness: 200 when new work is welcome, 503 while starting or draining."""
+    engine = request.app[ENGINE]
+    if engine.draining:
+        reason = "draining"
+    elif not engine.running:
+        reason = "starting"
+    else:
+        return web.json_response({"ready": True, "state": engine.state.value})
+    return web.json_response({"ready": False, "reason": reason}, status=503)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus exposition (OpenMetrics when the scraper's Accept header asks for it)."""
+    body, content_type = request.app[METRICS].render(request.headers.get("Accept"))
+    return web.Response(body=body, headers={"Content-Type": content_type})
+
+
 def setup(app: web.Application) -> None:
     app[ERROR_FORMATTERS]["ops"] = ops_error
     app.router.add_get("/v1/status", status, name="ops.status")
+    app.router.add_get("/health", health, name="ops.health")
+    app.router.add_get("/ready", ready, name="ops.ready")
+    app.router.add_get("/metrics", metrics, name="ops.metrics")

@@ -7,6 +7,7 @@ from aiohttp import web
 from vision_server.captioner import Captioner, GenerationOptions
 from vision_server.engine.scheduler import Engine
 from vision_server.images import ImageDecoder
+from vision_server.metrics import Metrics
 from vision_server.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -14,6 +15,7 @@ ENGINE = web.AppKey("engine", Engine)
 CAPTIONER = web.AppKey("captioner", Captioner)
 DECODER = web.AppKey("decoder", ImageDecoder)
 STARTED_AT = web.AppKey("started_at", float)
+METRICS = web.AppKey("metrics", Metrics)
 
 
 def default_options(settings: Settings) -> GenerationOptions:

@@ -25,3 +25,34 @@ class EngineObserver:
 
     def job_rejected(self, reason: str) -> None:
         """A job was refused (queue_full, draining) or dropped (disconnected, timeout)."""
+
+
+class ObserverGroup(EngineObserver):
+    """Forwards every event to several observers (metrics plus whatever a caller passes in)."""
+
+    def __init__(self, *observers: EngineObserver) -> None:
+        self.observers = observers
+
+    def state_changed(self, state: ModelState) -> None:
+        for observer in self.observers:
+            observer.state_changed(state)
+
+    def model_loaded(self, seconds: float, ok: bool) -> None:
+        for observer in self.observers:
+            observer.model_loaded(seconds, ok)
+
+    def model_unloaded(self, seconds: float, reason: str) -> None:
+        for observer in self.observers:
+            observer.model_unloaded(seconds, reason)
+
+    def batch_finished(self, size: int, seconds: float) -> None:
+        for observer in self.observers:
+            observer.batch_finished(size, seconds)
+
+    def job_started(self, queue_wait: float) -> None:
+        for observer in self.observers:
+            observer.job_started(queue_wait)
+
+    def job_rejected(self, reason: str) -> None:
+        for observer in self.observers:
+            observer.job_rejected(reason)

@@ -1,0 +1,532 @@
+#!/usr/bin/env bash
+# vision-caption-folder-images.sh: write a caption file beside every image in a folder, using
+# vision-client.sh (found beside this script) against a vision-server. Run with --help.
+set -euo pipefail
+
+PROG=${0##*/}
+IMAGE_EXTS=(jpg jpeg png gif bmp tif tiff webp)
+
+usage() {
+    cat <<EOF
+Usage: $PROG [options] <PROMPT> <ext> <folder>
+
+Captions every image in <folder> and its subfolders (extensions ${IMAGE_EXTS[*]},
+any case) and writes each caption beside its image, with the image's suffix replaced by <ext>:
+"cat.png" gets "cat.txt" for <ext> txt (give <ext> without the dot).
+
+PROMPT is a task such as CAPTION, DETAILED_CAPTION, MORE_DETAILED_CAPTION, GENERATE_TAGS or
+MIXED_CAPTION_PLUS, with or without the angle brackets ("vision-client.sh prompts" lists them).
+
+Options:
+  --mode MODE      what to do when a caption file already exists (default: skip):
+                     skip       leave images that have a non-empty caption file alone
+                                (so an interrupted run continues where it stopped)
+                     overwrite  replace the caption
+                     append     add the new caption after the existing text
+                     prepend    add the new caption before the existing text
+  --separator TEXT put TEXT between the old and new text in append/prepend mode (default: " ")
+  --prefix TEXT    put TEXT before every new caption, as is (e.g. --prefix "ohwx, ")
+  --suffix TEXT    put TEXT after every new caption, as is
+  --jobs N, -j N   send N images at a time, so the server can batch them (default: 4)
+  --no-recursive   only the images directly in <folder>, not in its subfolders
+  --url URL        server address (default: \$VISION_HOST, else http://127.0.0.1:54880)
+  --timeout SEC    per-image time limit in seconds (default: \$VISION_TIMEOUT, else 300)
+  --retries N      retries per image when the server is busy (HTTP 429/502/503) (default: 3)
+  -q, --quiet      no progress output; failures and the summary are still printed
+  -h, --help       show this help and exit
+
+VISION_API_KEY, when set, is sent as the API key.
+
+A caption is written to a hidden temporary file in the image's folder and renamed into place
+only when it is complete, so an error, a dead server or Ctrl+C never leaves a partial or
+wrong caption file (nor temporary files). Line breaks inside a caption become spaces, and the
+file has no trailing newline. When two images would share a caption file (a.jpg and a.png),
+only the first in sort order is captioned; the other is reported as failed.
+
+Progress (count/total, images per second and ETA) goes to stderr, then a summary that lists
+every image that failed and why. The run stops early when the server cannot be reached,
+stays busy after the retries, rejects the API key or rejects the prompt.
+
+Exit status: 0 all images captioned or skipped; 1 some images failed; 2 usage error;
+3 the server cannot be reached; 5 the server stays busy; 6 authentication failed;
+7 invalid prompt; 130 interrupted.
+
+Examples:
+  $PROG DETAILED_CAPTION txt ~/datasets/cats
+  $PROG --mode prepend --prefix "ohwx, " --jobs 8 GENERATE_TAGS txt ./images
+EOF
+}
+
+say() { printf '%s: %s\n' "$PROG" "$*" >&2; }
+die() {
+    local code=$1
+    shift
+    say "$@"
+    exit "$code"
+}
+usage_error() {
+    say "$*"
+    printf "Try '%s --help'.\n" "$PROG" >&2
+    exit 2
+}
+
+if ((BASH_VERSINFO[0] < 4)); then
+    die 2 "needs bash 4 or newer (this is bash $BASH_VERSION)"
+fi
+
+# The directory this script really lives in (following symlinks), to find vision-client.sh.
+script_dir() {
+    local src=${BASH_SOURCE[0]} dir
+    while [[ -L $src ]]; do
+        dir=$(cd -P -- "$(dirname -- "$src")" && pwd)
+        src=$(readlink -- "$src")
+        [[ $src == /* ]] || src=$dir/$src
+    done
+    cd -P -- "$(dirname -- "$src")" && pwd
+}
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+mode=skip
+separator=" "
+prefix=""
+suffix=""
+jobs=4
+recursive=1
+quiet=0
+retries=3
+timeout=${VISION_TIMEOUT:-300}
+client_opts=()
+args=()
+
+need_value() {
+    (($2 >= 2)) || usage_error "option $1 needs a value"
+}
+
+while (($#)); do
+    opt=$1
+    value=""
+    case $opt in
+    --*=*)
+        value=${opt#*=}
+        opt=${opt%%=*}
+        shift
+        ;;
+    --mode | --separator | --prefix | --suffix | --jobs | -j | --url | --timeout | --retries)
+        need_value "$opt" $#
+        value=$2
+        shift 2
+        ;;
+    *) shift ;;
+    esac
+    case $opt in
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    --mode) mode=$value ;;
+    --separator) separator=$value ;;
+    --prefix) prefix=$value ;;
+    --suffix) suffix=$value ;;
+    --jobs | -j) jobs=$value ;;
+    --url) client_opts+=(--url "$value") ;;
+    --timeout) timeout=$value ;;
+    --retries) retries=$value ;;
+    --no-recursive) recursive=0 ;;
+    --recursive) recursive=1 ;;
+    -q | --quiet) quiet=1 ;;
+    --)
+        args+=("$@")
+        break
+        ;;
+    -?*) usage_error "unknown option: $opt" ;;
+    *) args+=("$opt") ;;
+    esac
+done
+
+((${#args[@]} == 3)) || usage_error "expected <PROMPT> <ext> <folder>, got ${#args[@]} argument(s)"
+prompt=${args[0]}
+ext=${args[1]#.}
+folder=${args[2]}
+
+case $mode in skip | overwrite | append | prepend) ;; *) usage_error "--mode must be skip, overwrite, append or prepend, not '$mode'" ;; esac
+if ! [[ $jobs =~ ^[0-9]+$ ]] || ((jobs < 1 || jobs > 256)); then
+    usage_error "--jobs must be a number from 1 to 256, not '$jobs'"
+fi
+[[ $retries =~ ^[0-9]+$ ]] || usage_error "--retries must be a whole number, not '$retries'"
+[[ $timeout =~ ^[0-9]+([.][0-9]+)?$ && ! $timeout =~ ^0+([.]0*)?$ ]] ||
+    usage_error "--timeout must be a positive number of seconds, not '$timeout'"
+client_opts+=(--timeout "$timeout")
+[[ -n $(printf '%s' "$prompt" | tr -d '<>[:space:]') ]] || usage_error "the prompt is empty"
+[[ $ext =~ ^[A-Za-z0-9_][A-Za-z0-9_.-]*$ ]] || usage_error "invalid caption extension '${args[1]}' (give it without the dot, e.g. txt)"
+for e in "${IMAGE_EXTS[@]}"; do
+    [[ ${ext,,} != "$e" ]] || usage_error "the caption extension must not be an image extension ('$ext' would overwrite the images)"
+done
+[[ -d $folder ]] || usage_error "not a folder: $folder"
+[[ $folder == -* ]] && folder=./$folder
+while [[ $folder == */ && $folder != / ]]; do folder=${folder%/}; done
+
+client=${VISION_CLIENT:-$(script_dir)/vision-client.sh}
+[[ -f $client ]] || die 2 "cannot find vision-client.sh (looked for $client)"
+client_name=${client##*/}
+client_cmd=(bash "$client" "${client_opts[@]}")
+
+# ---------------------------------------------------------------------------------------------
+# Run state, temporary files and signals
+
+main_pid=$$
+tmpd=""
+declare -a todo=() todo_cap=()
+declare -A running=() # index -> worker pid
+next=0
+interrupted=-1 # -1: not interrupted; else the number of images in flight when it was
+declare -a failed=() # "image<TAB>reason" lines for the summary
+total_found=0
+skipped=0
+total=0
+n_ok=0
+n_failed=0
+n_aborted=0
+abort_rc=0
+abort_reason=""
+start_us=0
+
+# temp_caption INDEX: the hidden temporary file that becomes the caption of image INDEX.
+temp_caption() {
+    local cap=${todo_cap[$1]}
+    printf '%s/.vision-caption.%s.%s.tmp' "${cap%/*}" "$main_pid" "$1"
+}
+
+# shellcheck disable=SC2317  # called by traps
+cleanup() {
+    local idx
+    local -a temps=()
+    for idx in "${!running[@]}"; do
+        kill -TERM "${running[$idx]}" 2>/dev/null || true
+        temps+=("$(temp_caption "$idx")")
+    done
+    for idx in "${!running[@]}"; do
+        wait "${running[$idx]}" 2>/dev/null || true
+    done
+    # Belt and braces: the workers remove their temporary captions themselves when stopped.
+    if ((${#temps[@]})); then rm -f -- "${temps[@]}"; fi
+    running=()
+    if [[ -n $tmpd ]]; then rm -rf -- "$tmpd"; fi
+    tmpd=""
+}
+
+# shellcheck disable=SC2317  # called by traps
+on_signal() {
+    trap '' INT TERM HUP
+    interrupted=${#running[@]}
+    if [[ -t 2 ]] && ((!quiet)); then printf '\r\033[K' >&2; fi
+    say "interrupted; stopping the running requests"
+    cleanup
+    if declare -F report >/dev/null; then report; fi
+    exit 130
+}
+trap cleanup EXIT
+trap on_signal INT TERM HUP
+
+tmpd=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/vision-caption.XXXXXXXX") || die 1 "cannot create a temporary directory"
+
+# ---------------------------------------------------------------------------------------------
+# Check the server before spending time on the folder.
+
+preflight_rc=0
+# GET /prompts answers at once on a healthy server: wait at most 30 s (or --timeout) for it.
+preflight_timeout=30
+if [[ $timeout =~ ^[0-9]+$ ]] && ((timeout < 30)); then preflight_timeout=$timeout; fi
+"${client_cmd[@]}" --timeout "$preflight_timeout" prompts >/dev/null 2>"$tmpd/preflight.err" || preflight_rc=$?
+case $preflight_rc in
+0) ;;
+2 | 3 | 6)
+    # Bad options, cannot connect, or the key is refused: no point in trying every image.
+    sed "s/^$client_name: /$PROG: /" "$tmpd/preflight.err" >&2
+    exit "$preflight_rc"
+    ;;
+*) say "warning: GET /prompts failed ($(tail -n 1 "$tmpd/preflight.err")); trying anyway" ;;
+esac
+
+# ---------------------------------------------------------------------------------------------
+# Find the images.
+
+find_args=("$folder")
+((recursive)) || find_args+=(-maxdepth 1)
+find_args+=('(' -type f -o -type l ')' '(')
+for e in "${IMAGE_EXTS[@]}"; do
+    find_args+=(-iname "*.$e" -o)
+done
+unset 'find_args[${#find_args[@]}-1]'
+find_args+=(')' -print0)
+
+declare -A owner=()    # caption path -> image that claims it
+while IFS= read -r -d '' img; do
+    [[ -f $img ]] || continue # a dangling symlink
+    total_found=$((total_found + 1))
+    cap=${img%.*}.$ext
+    if [[ -n ${owner[$cap]+set} ]]; then
+        failed+=("$img"$'\t'"its caption file would be the same as that of ${owner[$cap]##*/}")
+        continue
+    fi
+    owner[$cap]=$img
+    if [[ $mode == skip && -s $cap ]]; then
+        skipped=$((skipped + 1))
+        continue
+    fi
+    todo+=("$img")
+    todo_cap+=("$cap")
+done < <(find "${find_args[@]}" | LC_ALL=C sort -z)
+unset owner
+
+total=${#todo[@]}
+
+# ---------------------------------------------------------------------------------------------
+# Output helpers
+
+# show PATH: the path relative to the folder, with control characters made visible.
+show() {
+    local p=${1#"$folder"/}
+    p=${p//$'\n'/\\n}
+    p=${p//$'\r'/\\r}
+    p=${p//$'\t'/\\t}
+    printf '%s' "$p"
+}
+
+now_us() {
+    local t=${EPOCHREALTIME:-}
+    if [[ -n $t ]]; then
+        t=${t//[.,]/}
+        printf '%s' "$((10#$t))"
+    else
+        printf '%s' "$(($(date +%s) * 1000000))"
+    fi
+}
+
+fmt_duration() {
+    local s=$1
+    if ((s >= 3600)); then
+        printf '%d:%02d:%02d' $((s / 3600)) $((s % 3600 / 60)) $((s % 60))
+    else
+        printf '%d:%02d' $((s / 60)) $((s % 60))
+    fi
+}
+
+start_us=$(now_us)
+
+# rate_eta: "2.5 img/s, ETA 1:02" for the images finished so far.
+rate_eta() {
+    local done_n=$((n_ok + n_failed + n_aborted)) elapsed rate10 eta
+    elapsed=$(($(now_us) - start_us))
+    ((elapsed > 0)) || elapsed=1
+    rate10=$((done_n * 10000000 / elapsed))
+    if ((done_n > 0)); then
+        eta=$(((total - done_n) * elapsed / done_n / 1000000))
+        printf '%d.%d img/s, ETA %s' $((rate10 / 10)) $((rate10 % 10)) "$(fmt_duration "$eta")"
+    else
+        printf '0.0 img/s, ETA ?'
+    fi
+}
+
+tty_progress=0
+if [[ -t 2 ]] && ((!quiet)); then tty_progress=1; fi
+
+progress_line() {
+    ((tty_progress)) || return 0
+    local extra=""
+    ((n_failed == 0)) || extra=", $n_failed failed"
+    printf '\r\033[K[%d/%d] %s%s' $((n_ok + n_failed + n_aborted)) "$total" "$(rate_eta)" "$extra" >&2
+}
+
+# note_result STATUS IMAGE [REASON]: print one finished image.
+note_result() {
+    local status=$1 img=$2 reason=${3:-} count
+    count="[$((n_ok + n_failed + n_aborted))/$total]"
+    if ((tty_progress)); then
+        if [[ $status != ok ]]; then
+            printf '\r\033[KFAILED %s: %s\n' "$(show "$img")" "$reason" >&2
+        fi
+        progress_line
+    elif [[ $status != ok ]]; then
+        printf '%s FAILED %s: %s (%s)\n' "$count" "$(show "$img")" "$reason" "$(rate_eta)" >&2
+    elif ((!quiet)); then
+        printf '%s ok %s (%s)\n' "$count" "$(show "$img")" "$(rate_eta)" >&2
+    fi
+}
+
+report() {
+    local elapsed line not_started=$((total - next + n_aborted))
+    elapsed=0
+    if ((start_us > 0)); then elapsed=$((($(now_us) - start_us) / 1000000)); fi
+    if ((tty_progress)); then printf '\r\033[K' >&2; fi
+    {
+        printf '%s: %d image(s) found: %d captioned, %d skipped (caption exists), %d failed' \
+            "$PROG" "$total_found" "$n_ok" "$skipped" "${#failed[@]}"
+        if ((interrupted > 0)); then printf ', %d interrupted' "$interrupted"; fi
+        if ((not_started > 0)); then printf ', %d not attempted' "$not_started"; fi
+        printf ', in %s\n' "$(fmt_duration "$elapsed")"
+        if ((${#failed[@]})); then
+            printf 'Failed images (no caption file was written for them):\n'
+            for line in "${failed[@]}"; do
+                printf '  %s: %s\n' "$(show "${line%%$'\t'*}")" "${line#*$'\t'}"
+            done
+        fi
+        if [[ -n $abort_reason ]]; then
+            printf 'Stopped early: %s\n' "$abort_reason"
+        fi
+        if ((interrupted >= 0)); then
+            printf 'Interrupted: the images that were being captioned have no new caption.\n'
+        fi
+    } >&2
+}
+
+# ---------------------------------------------------------------------------------------------
+# One image, in a background subshell. Leaves "$tmpd/res.INDEX" (ok / fail / abort RC, then
+# the reason) and writes INDEX to the completion pipe.
+
+caption_one() {
+    set +e
+    local idx=$1 img=${todo[$1]} cap=${todo_cap[$1]} tmp rc caption content old line reason
+    local out=$tmpd/out.$1 err=$tmpd/err.$1 res=$tmpd/res.$1 child=""
+    tmp=$(temp_caption "$idx")
+    # shellcheck disable=SC2317  # called by the trap
+    on_term() {
+        if [[ -n $child ]]; then
+            kill -TERM "$child" 2>/dev/null
+            wait "$child" 2>/dev/null
+        fi
+        rm -f -- "$tmp"
+        exit 143
+    }
+    trap on_term TERM HUP
+
+    finish() {
+        printf '%s\n' "$@" >"$res.part" && mv -f -- "$res.part" "$res"
+        printf '%s\n' "$idx" >&"$done_fd"
+        exit 0
+    }
+
+    "${client_cmd[@]}" --retries "$retries" --no-newline -- "$prompt" "$img" >"$out" 2>"$err" &
+    child=$!
+    wait "$child"
+    rc=$?
+    child=""
+
+    if ((rc != 0)); then
+        reason=""
+        while IFS= read -r line || [[ -n $line ]]; do
+            [[ -n $line ]] && reason=$line
+        done <"$err"
+        reason=${reason#"$client_name: "}
+        [[ -n $reason ]] || reason="vision-client.sh exit status $rc"
+        case $rc in
+        3 | 5 | 6 | 7) finish abort "$rc" "$reason" ;;
+        *) finish fail "$rc" "$reason" ;;
+        esac
+    fi
+
+    caption=$(<"$out")
+    caption=${caption//$'\r\n'/ }
+    caption=${caption//[$'\r\n']/ }
+    [[ -n ${caption//[[:space:]]/} ]] || finish fail 1 "the server returned an empty caption"
+    content=$prefix$caption$suffix
+
+    if [[ $mode == append || $mode == prepend ]] && [[ -s $cap ]]; then
+        old=$(<"$cap") || finish fail 1 "cannot read the existing caption file"
+        old=${old%"${old##*[![:space:]]}"}
+        if [[ -n $old ]]; then
+            if [[ $mode == append ]]; then content=$old$separator$content; else content=$content$separator$old; fi
+        fi
+    fi
+
+    # Write beside the image, then rename: the caption file is either complete or untouched.
+    if ! (set -o noclobber && printf '%s' "$content" >"$tmp") 2>"$err"; then
+        rm -f -- "$tmp"
+        finish fail 1 "cannot write in $(show "${cap%/*}"): $(tail -n 1 "$err")"
+    fi
+    if ! mv -f -- "$tmp" "$cap" 2>"$err"; then
+        rm -f -- "$tmp"
+        finish fail 1 "cannot create the caption file: $(tail -n 1 "$err")"
+    fi
+    finish ok 0 ""
+}
+
+# ---------------------------------------------------------------------------------------------
+# The worker pool: up to $jobs images in flight; each finished worker writes its index into a
+# FIFO that the main loop reads (with a timeout, to refresh the ETA and notice dead workers).
+
+if ((quiet == 0)); then
+    say "$total_found image(s) found in $(show "$folder"), $skipped already captioned, $total to caption ($jobs at a time)"
+fi
+
+mkfifo "$tmpd/done" || die 1 "cannot create a FIFO in $tmpd"
+exec {done_fd}<>"$tmpd/done"
+
+# collect INDEX: account for the finished worker INDEX.
+collect() {
+    local idx=$1 status rc reason img=${todo[$1]}
+    unset 'running[$idx]'
+    if [[ -f $tmpd/res.$idx ]]; then
+        {
+            IFS= read -r status
+            IFS= read -r rc
+            IFS= read -r reason
+        } <"$tmpd/res.$idx"
+    else
+        status=fail rc=1 reason="the worker stopped unexpectedly"
+        rm -f -- "$(temp_caption "$idx")"
+    fi
+    rm -f -- "$tmpd/res.$idx" "$tmpd/out.$idx" "$tmpd/err.$idx"
+    if [[ $status == ok ]]; then
+        n_ok=$((n_ok + 1))
+        note_result ok "$img"
+        return
+    fi
+    if [[ $status == abort ]]; then
+        # A problem of the whole run, not of this image: stop, and report it once.
+        n_aborted=$((n_aborted + 1))
+        if [[ -z $abort_reason ]]; then
+            abort_rc=$rc
+            case $rc in
+            3) abort_reason="the server cannot be reached ($reason)" ;;
+            5) abort_reason="the server stays busy or unavailable ($reason)" ;;
+            6) abort_reason="the server refused the API key ($reason)" ;;
+            *) abort_reason="the server refused the prompt ($reason)" ;;
+            esac
+            if ((tty_progress)); then printf '\r\033[K' >&2; fi
+            say "stopping: $abort_reason"
+        fi
+        progress_line
+        return
+    fi
+    n_failed=$((n_failed + 1))
+    failed+=("$img"$'\t'"$reason")
+    note_result fail "$img" "$reason"
+}
+
+progress_line
+while :; do
+    while [[ -z $abort_reason ]] && ((next < total && ${#running[@]} < jobs)); do
+        caption_one "$next" &
+        running[$next]=$!
+        next=$((next + 1))
+    done
+    ((${#running[@]} > 0)) || break
+    if IFS= read -r -t 1 -u "$done_fd" idx; then
+        if [[ -n ${running[$idx]+set} ]]; then collect "$idx"; fi
+    else
+        # No news for a second: refresh the ETA and look for workers that died silently.
+        for idx in "${!running[@]}"; do
+            if ! kill -0 "${running[$idx]}" 2>/dev/null; then
+                collect "$idx"
+            fi
+        done
+        progress_line
+    fi
+done
+
+report
+if ((abort_rc != 0)); then exit "$abort_rc"; fi
+((${#failed[@]} == 0)) || exit 1
+exit 0

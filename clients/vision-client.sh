@@ -1,0 +1,425 @@
+#!/usr/bin/env bash
+# vision-client.sh: caption one image with a vision-server (or a florence2-visionapi server).
+# Run with --help for usage. Needs bash >= 4, curl, base64, and jq or python3.
+set -euo pipefail
+
+PROG=${0##*/}
+DEFAULT_URL=http://127.0.0.1:54880
+
+# Exit codes (also used by vision-caption-folder-images.sh).
+readonly EXIT_ERROR=1 EXIT_USAGE=2 EXIT_CONNECT=3 EXIT_TIMEOUT=4 EXIT_BUSY=5 EXIT_AUTH=6 EXIT_PROMPT=7
+
+usage() {
+    cat <<EOF
+Usage:
+  $PROG [options] <PROMPT> <image>   caption an image (use - as <image> to read it from stdin)
+  $PROG [options] prompts            list the prompts (tasks) the server accepts, as JSON
+  $PROG [options] model              print the name of the model the server runs
+  $PROG [options] status             print the server's status (GET /v1/status) as JSON
+
+PROMPT is a task such as CAPTION, DETAILED_CAPTION, MORE_DETAILED_CAPTION, GENERATE_TAGS,
+ANALYZE, MIXED_CAPTION or MIXED_CAPTION_PLUS, in any case, with or without the angle
+brackets: CAPTION, caption and <CAPTION> are the same. "$PROG prompts" lists them.
+
+On success only the caption is printed on stdout (leading and trailing whitespace removed,
+followed by one newline unless -n is given). Errors go to stderr with the server's message.
+
+Options:
+  --url URL        server address (default: \$VISION_HOST, else $DEFAULT_URL);
+                   "host:port" without a scheme means http://host:port
+  --timeout SEC    give up after SEC seconds for the whole request (default: \$VISION_TIMEOUT,
+                   else 300); the connection itself must open within 10 s
+  --retries N      retry up to N times when the server answers 429, 502 or 503 (busy),
+                   waiting for its Retry-After (at most 60 s) or 2, 4, 8... s (default: 0)
+  -n, --no-newline do not print a newline after the caption
+  -h, --help       show this help and exit
+
+Environment:
+  VISION_HOST      server URL, e.g. http://gpu-box:54880 (overridden by --url)
+  VISION_API_KEY   API key, sent as "Authorization: Bearer <key>" (never on a command line)
+  VISION_TIMEOUT   default for --timeout
+
+The image is base64-encoded into a temporary file and streamed to the server, so images of
+any size work (the server may still refuse very large ones with HTTP 413). Temporary files
+are removed on every exit, including Ctrl+C.
+
+Exit status:
+  0 success
+  1 the server answered with an error, or with something unexpected
+  2 usage error, or the image file cannot be read
+  3 cannot connect to the server (or the connection broke)
+  4 timed out (no answer within --timeout, or HTTP 504 from the server)
+  5 the server is busy (HTTP 429/502/503), even after --retries
+  6 authentication failed (HTTP 401/403): check VISION_API_KEY
+  7 the server rejected the prompt
+
+Examples:
+  $PROG CAPTION photo.jpg
+  $PROG --url http://gpu-box:54880 '<MORE_DETAILED_CAPTION>' photo.png > photo.txt
+  VISION_API_KEY=secret $PROG generate_tags - < photo.webp
+EOF
+}
+
+say() { printf '%s: %s\n' "$PROG" "$*" >&2; }
+die() {
+    local code=$1
+    shift
+    say "$@"
+    exit "$code"
+}
+usage_error() {
+    say "$*"
+    printf "Try '%s --help'.\n" "$PROG" >&2
+    exit "$EXIT_USAGE"
+}
+
+if ((BASH_VERSINFO[0] < 4)); then
+    die "$EXIT_USAGE" "needs bash 4 or newer (this is bash $BASH_VERSION)"
+fi
+
+# ---------------------------------------------------------------------------------------------
+# Arguments
+
+url=${VISION_HOST:-$DEFAULT_URL}
+timeout=${VISION_TIMEOUT:-300}
+retries=0
+newline=1
+args=()
+
+need_value() {
+    (($2 >= 2)) || usage_error "option $1 needs a value"
+}
+
+while (($#)); do
+    case $1 in
+    -h | --help)
+        usage
+        exit 0
+        ;;
+    --url | --timeout | --retries)
+        need_value "$1" $#
+        case $1 in
+        --url) url=$2 ;;
+        --timeout) timeout=$2 ;;
+        --retries) retries=$2 ;;
+        esac
+        shift 2
+        ;;
+    --url=*) url=${1#*=} && shift ;;
+    --timeout=*) timeout=${1#*=} && shift ;;
+    --retries=*) retries=${1#*=} && shift ;;
+    -n | --no-newline) newline=0 && shift ;;
+    --)
+        shift
+        args+=("$@")
+        break
+        ;;
+    -?*) usage_error "unknown option: $1" ;;
+    *) args+=("$1") && shift ;;
+    esac
+done
+
+[[ $timeout =~ ^[0-9]+([.][0-9]+)?$ && ! $timeout =~ ^0+([.]0*)?$ ]] ||
+    usage_error "--timeout must be a positive number of seconds, not '$timeout'"
+[[ $retries =~ ^[0-9]+$ ]] || usage_error "--retries must be a whole number, not '$retries'"
+[[ -n $url ]] || usage_error "the server URL is empty"
+[[ $url =~ ^[A-Za-z][A-Za-z0-9+.-]*:// ]] || url=http://$url
+while [[ $url == */ ]]; do url=${url%/}; done
+
+# The connection must open quickly even when the whole request may take long.
+connect_timeout=10
+if [[ $timeout =~ ^[0-9]+$ ]] && ((timeout < connect_timeout)); then connect_timeout=$timeout; fi
+
+# ---------------------------------------------------------------------------------------------
+# JSON helpers: jq when present, python3 otherwise.
+
+if command -v jq >/dev/null 2>&1; then
+    json_tool=jq
+elif command -v python3 >/dev/null 2>&1; then
+    json_tool=python3
+else
+    die "$EXIT_USAGE" "needs jq or python3 to read the server's JSON; install one of them"
+fi
+
+# json_quote STRING: print STRING as a JSON string literal.
+json_quote() {
+    if [[ $json_tool == jq ]]; then
+        jq -nj --arg s "$1" '$s | tojson'
+    else
+        python3 -c 'import json, sys; sys.stdout.write(json.dumps(sys.argv[1]))' "$1"
+    fi
+}
+
+# json_field FILE KEY: print the string value of KEY in the JSON object in FILE (other JSON
+# values are printed as compact JSON); fail when FILE is not such an object.
+json_field() {
+    if [[ $json_tool == jq ]]; then
+        jq -j --arg k "$2" \
+            'if type == "object" and has($k) then (.[$k] | if type == "string" then . else tojson end)
+             else error("no \($k)") end' "$1" 2>/dev/null
+    else
+        python3 - "$1" "$2" 2>/dev/null <<'PY'
+import json, sys
+with open(sys.argv[1], encoding="utf-8") as f:
+    doc = json.load(f)
+value = doc[sys.argv[2]]  # KeyError/TypeError: not the object we want
+if not isinstance(value, str):
+    value = json.dumps(value, separators=(",", ":"))
+sys.stdout.write(value)
+PY
+    fi
+}
+
+# json_text FILE: a JSON string as plain text, any other JSON value as compact JSON.
+json_text() {
+    if [[ $json_tool == jq ]]; then
+        jq -j 'if type == "string" then . else tojson end' "$1" 2>/dev/null
+    else
+        python3 - "$1" 2>/dev/null <<'PY'
+import json, sys
+with open(sys.argv[1], encoding="utf-8") as f:
+    doc = json.load(f)
+sys.stdout.write(doc if isinstance(doc, str) else json.dumps(doc, separators=(",", ":")))
+PY
+    fi
+}
+
+# json_pretty FILE: indented JSON.
+json_pretty() {
+    if [[ $json_tool == jq ]]; then
+        jq . "$1" 2>/dev/null
+    else
+        python3 - "$1" 2>/dev/null <<'PY'
+import json, sys
+with open(sys.argv[1], encoding="utf-8") as f:
+    doc = json.load(f)
+print(json.dumps(doc, indent=2, ensure_ascii=False))
+PY
+    fi
+}
+
+trim() {
+    local s=$1
+    s=${s#"${s%%[![:space:]]*}"}
+    s=${s%"${s##*[![:space:]]}"}
+    printf '%s' "$s"
+}
+
+# ---------------------------------------------------------------------------------------------
+# Temporary files, cleaned up on every exit path.
+
+tmpd=""
+curl_pid=""
+cleanup() {
+    if [[ -n $curl_pid ]]; then
+        kill "$curl_pid" 2>/dev/null || true
+        wait "$curl_pid" 2>/dev/null || true
+    fi
+    if [[ -n $tmpd ]]; then rm -rf -- "$tmpd"; fi
+}
+trap cleanup EXIT
+trap 'exit 129' HUP
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+new_tmpdir() {
+    tmpd=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/vision-client.XXXXXXXX") ||
+        die "$EXIT_ERROR" "cannot create a temporary directory"
+    # curl reads its headers from a config file, so the API key never shows up in `ps`.
+    {
+        printf 'header = "Expect:"\n'
+        if [[ -n ${VISION_API_KEY:-} ]]; then
+            local key=${VISION_API_KEY//\\/\\\\}
+            key=${key//\"/\\\"}
+            printf 'header = "Authorization: Bearer %s"\n' "$key"
+        fi
+    } >"$tmpd/curlrc"
+}
+
+# ---------------------------------------------------------------------------------------------
+# HTTP
+
+http_code=""
+
+# server_message: the error text from the last response: its "detail" (the server's error
+# shape), an OpenAI-style error message, or the start of the body.
+server_message() {
+    local msg=""
+    if [[ -s $tmpd/resp ]]; then
+        msg=$(json_field "$tmpd/resp" detail) ||
+            msg=$(json_field "$tmpd/resp" error 2>/dev/null) ||
+            msg=$(head -c 300 -- "$tmpd/resp" | tr '\r\n\t' '   ') || true
+    fi
+    msg=$(trim "$msg")
+    printf '%s' "${msg:-no details in the response}"
+}
+
+retry_after() {
+    local value
+    value=$(tr -d '\r' <"$tmpd/headers" | sed -n 's/^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:[[:space:]]*\([0-9][0-9]*\).*/\1/p' | tail -n 1)
+    printf '%s' "${value:-0}"
+}
+
+# request METHOD PATH [BODYFILE]: sets http_code and leaves the body in $tmpd/resp. Exits on
+# connection problems and timeouts; retries busy answers when --retries allows.
+request() {
+    local method=$1 path=$2 body=${3:-} attempt=0 rc wait_s
+    local -a cmd=(curl -q --silent --show-error --config "$tmpd/curlrc" --request "$method"
+        --max-time "$timeout" --connect-timeout "$connect_timeout"
+        --output "$tmpd/resp" --dump-header "$tmpd/headers" --write-out '%{http_code}')
+    if [[ -n $body ]]; then
+        cmd+=(--header 'Content-Type: application/json' --data-binary "@$body")
+    fi
+    cmd+=(-- "$url$path")
+    while :; do
+        : >"$tmpd/resp"
+        : >"$tmpd/headers"
+        # curl runs in the background so that a TERM signal is handled at once.
+        "${cmd[@]}" >"$tmpd/code" 2>"$tmpd/curl.err" </dev/null &
+        curl_pid=$!
+        rc=0
+        wait "$curl_pid" || rc=$?
+        curl_pid=""
+        case $rc in
+        0) ;;
+        28) die "$EXIT_TIMEOUT" "no answer from $url$path within ${timeout}s (--timeout)" ;;
+        6) die "$EXIT_CONNECT" "cannot resolve the host in $url" ;;
+        7) die "$EXIT_CONNECT" "cannot connect to $url (is the server running?)" ;;
+        26) die "$EXIT_ERROR" "cannot read the request body file" ;;
+        *)
+            local err
+            err=$(trim "$(sed 's/^curl: ([0-9]*) //' "$tmpd/curl.err" | tr '\n' ' ')")
+            die "$EXIT_CONNECT" "request to $url$path failed: ${err:-curl exit status $rc}"
+            ;;
+        esac
+        http_code=$(<"$tmpd/code")
+        case $http_code in
+        429 | 502 | 503)
+            if ((attempt < retries)); then
+                attempt=$((attempt + 1))
+                wait_s=$(retry_after)
+                ((wait_s > 0)) || wait_s=$((1 << (attempt < 6 ? attempt : 6)))
+                ((wait_s <= 60)) || wait_s=60
+                say "server busy (HTTP $http_code: $(server_message)); retry $attempt/$retries in ${wait_s}s"
+                sleep "$wait_s" &
+                curl_pid=$!
+                wait "$curl_pid" || true
+                curl_pid=""
+                continue
+            fi
+            ;;
+        esac
+        return 0
+    done
+}
+
+# fail_http: report a non-200 answer and exit with a matching status.
+fail_http() {
+    local msg code=$EXIT_ERROR extra=""
+    msg=$(server_message)
+    case $http_code in
+    000 | "") msg="no HTTP response" ;;
+    401 | 403)
+        code=$EXIT_AUTH
+        if [[ -n ${VISION_API_KEY:-} ]]; then extra=" (VISION_API_KEY was sent)"; else extra=" (set VISION_API_KEY)"; fi
+        ;;
+    429 | 502 | 503)
+        code=$EXIT_BUSY
+        if [[ $(retry_after) != 0 ]]; then extra=" (retry after $(retry_after)s)"; fi
+        ;;
+    504) code=$EXIT_TIMEOUT ;;
+    400) if [[ $msg == "Invalid prompt"* ]]; then code=$EXIT_PROMPT; fi ;;
+    esac
+    die "$code" "HTTP $http_code: $msg$extra"
+}
+
+get_json() {
+    request GET "$1"
+    if [[ $http_code == 404 && -n ${2:-} ]]; then
+        die "$EXIT_ERROR" "HTTP 404: this server has no $1 endpoint ($2)"
+    fi
+    [[ $http_code == 200 ]] || fail_http
+}
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+cmd_caption() {
+    local prompt=$1 image=$2 prompt_json caption
+    prompt=$(trim "$prompt")
+    prompt=${prompt#<}
+    prompt=${prompt%>}
+    prompt=$(trim "$prompt")
+    [[ -n $prompt ]] || usage_error "the prompt is empty"
+    prompt="<${prompt^^}>"
+
+    if [[ $image != - ]]; then
+        [[ -e $image ]] || die "$EXIT_USAGE" "no such file: $image"
+        [[ -f $image && -r $image ]] || die "$EXIT_USAGE" "not a readable file: $image"
+        [[ -s $image ]] || die "$EXIT_USAGE" "the image file is empty: $image"
+    fi
+    new_tmpdir
+    if [[ $image == - ]]; then
+        cat >"$tmpd/stdin-image" || die "$EXIT_USAGE" "cannot read the image from stdin"
+        [[ -s $tmpd/stdin-image ]] || die "$EXIT_USAGE" "no image data on stdin"
+        image=$tmpd/stdin-image
+    fi
+
+    # Build {"prompt": ..., "image": "<base64>"} in a file: the image never becomes an argument.
+    if [[ $prompt =~ ^\<[A-Z0-9_]+\>$ ]]; then
+        prompt_json="\"$prompt\"" # nothing to escape
+    else
+        prompt_json=$(json_quote "$prompt") || die "$EXIT_ERROR" "cannot encode the prompt as JSON"
+    fi
+    printf '{"prompt":%s,"image":"' "$prompt_json" >"$tmpd/body"
+    base64 <"$image" | tr -d '\r\n' >>"$tmpd/body" || die "$EXIT_USAGE" "cannot read or encode $image"
+    printf '"}' >>"$tmpd/body"
+
+    request POST /process_image "$tmpd/body"
+    rm -f -- "$tmpd/body"
+    [[ $http_code == 200 ]] || fail_http
+    caption=$(json_field "$tmpd/resp" result) ||
+        die "$EXIT_ERROR" "unexpected answer from the server (no \"result\"): $(head -c 200 -- "$tmpd/resp" | tr '\r\n' '  ')"
+    caption=$(trim "$caption")
+    printf '%s' "$caption"
+    if ((newline)); then printf '\n'; fi
+}
+
+cmd_prompts() {
+    new_tmpdir
+    get_json /prompts
+    cat -- "$tmpd/resp"
+    # End with exactly one newline, whatever the server sent.
+    [[ -z $(tail -c 1 -- "$tmpd/resp") ]] || printf '\n'
+}
+
+cmd_model() {
+    local name
+    new_tmpdir
+    get_json /model
+    name=$(json_text "$tmpd/resp") || die "$EXIT_ERROR" "unexpected answer from the server: $(head -c 200 -- "$tmpd/resp")"
+    printf '%s\n' "$(trim "$name")"
+}
+
+cmd_status() {
+    new_tmpdir
+    get_json /v1/status "it is not a vision-server; try '$PROG model' or '$PROG prompts'"
+    json_pretty "$tmpd/resp" || die "$EXIT_ERROR" "unexpected answer from the server: $(head -c 200 -- "$tmpd/resp")"
+}
+
+case ${#args[@]} in
+0)
+    usage >&2
+    exit "$EXIT_USAGE"
+    ;;
+1)
+    case ${args[0],,} in
+    prompts) cmd_prompts ;;
+    model) cmd_model ;;
+    status) cmd_status ;;
+    *) usage_error "missing the image file (usage: $PROG <PROMPT> <image>)" ;;
+    esac
+    ;;
+2) cmd_caption "${args[0]}" "${args[1]}" ;;
+*) usage_error "too many arguments (usage: $PROG <PROMPT> <image>)" ;;
+esac

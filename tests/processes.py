@@ -1,0 +1,90 @@
+"""Real server processes for tests: start, find the port they bound, signal, and read their log."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+FAKE_SERVER = Path(__file__).with_name("fake_server.py")
+_LISTENING = re.compile(r"listening on (https?://[\w.:\[\]-]+)")
+
+
+def server_env(tmp_path: Path, **settings: object) -> dict[str, str]:
+    """The environment of a test server: settings as VISION_SERVER_* and no user config file."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_SERVER_")}
+    env.pop("NOTIFY_SOCKET", None)
+    env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update({"VISION_SERVER_HOST": "127.0.0.1", "VISION_SERVER_PORT": "0"})
+    env.update({f"VISION_SERVER_{name.upper()}": str(value) for name, value in settings.items()})
+    return env
+
+
+def cli_command() -> list[str]:
+    """The installed ``vision-server`` script of this interpreter's environment."""
+    script = Path(sys.executable).with_name("vision-server")
+    found = str(script) if script.exists() else shutil.which("vision-server")
+    return [found] if found else [sys.executable, "-m", "vision_server"]
+
+
+class ServerProcess:
+    """One server process whose stdout and stderr go to a file (no pipe can fill up and block it)."""
+
+    def __init__(self, command: list[str], env: dict[str, str], log_path: Path) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.process = subprocess.Popen(command, env=env, stdout=self._log, stderr=subprocess.STDOUT)
+
+    @classmethod
+    def fake(
+        cls, tmp_path: Path, name: str, *, delay: float, env: dict[str, str] | None = None, **settings: object
+    ) -> ServerProcess:
+        """``tests/fake_server.py``: the real server process with a fake captioner of ``delay`` s."""
+        full_env = server_env(tmp_path, **settings)
+        full_env["FAKE_DELAY"] = str(delay)
+        full_env.update(env or {})
+        return cls([sys.executable, str(FAKE_SERVER)], full_env, tmp_path / f"{name}.log")
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(encoding="utf-8", errors="replace")
+
+    def wait_listening(self, timeout: float = 60.0) -> str:
+        """The base URL the server bound, once its log says it listens."""
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            found = _LISTENING.search(self.log_text())
+            if found:
+                return found.group(1)
+            if self.process.poll() is not None:
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{self.log_text()}")
+            time.sleep(0.05)
+        raise AssertionError(f"server not listening after {timeout}s:\n{self.log_text()}")
+
+    def send(self, signum: int = signal.SIGTERM) -> None:
+        self.process.send_signal(signum)
+
+    def wait(self, timeout: float) -> int:
+        return self.process.wait(timeout)
+
+    def close(self) -> None:
+        """Kill this one process if a test left it running, and close its log."""
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+        self._log.close()
+
+    def __enter__(self) -> ServerProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,86 @@
+"""One access-log line and one latency observation per request, whatever the route or outcome.
+
+This middleware sits outside the error middleware, so it sees the final status of every reply
+(family-shaped errors included). It opens the request's :class:`JobTrace`, which the engine fills
+in, so the line also says how long the request's jobs queued and how big their batch was. It logs
+metadata only: never bodies, images or headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from aiohttp import web
+
+from vision_server.api.errors import REQUEST_ID, Handler
+from vision_server.api.state import METRICS
+from vision_server.engine.trace import CURRENT_TRACE, JobTrace
+
+log = logging.getLogger("vision_server.access")
+
+CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the reply"
+PROBE_ROUTES = frozenset({"ops.health", "ops.ready", "ops.metrics"})
+_MAX_PATH = 200
+
+
+def route_name(request: web.Request) -> str:
+    """The route's name (low cardinality); ``unmatched`` for 404s and 405s."""
+    return request.match_info.route.name or "unmatched"
+
+
+@web.middleware
+async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    started = time.perf_counter()
+    trace = JobTrace()
+    token = CURRENT_TRACE.set(trace)
+    status = 500
+    try:
+        response = await handler(request)
+        status = response.status
+        return response
+    except web.HTTPException as exc:
+        status = exc.status
+        raise
+    except asyncio.CancelledError:
+        status = CLIENT_CLOSED
+        raise
+    finally:
+        CURRENT_TRACE.reset(token)
+        seconds = time.perf_counter() - started
+        route = route_name(request)
+        request.app[METRICS].request_finished(route, status, seconds)
+        log_access(request, route, status, seconds, trace)
+
+
+def log_access(request: web.Request, route: str, status: int, seconds: float, trace: JobTrace) -> None:
+    """Probes log at debug level: a load balancer checking every second would drown the rest."""
+    level = logging.DEBUG if route in PROBE_ROUTES and status < 500 else logging.INFO
+    if not log.isEnabledFor(level):
+        return
+    fields = {
+        "request_id": request.get(REQUEST_ID, "-"),
+        "method": request.method,
+        "path": request.path[:_MAX_PATH],
+        "route": route,
+        "status": status,
+        "duration": round(seconds, 4),
+        "queue_wait": round(trace.queue_wait, 4) if trace.jobs else None,
+        "batch_size": trace.batch_size if trace.jobs else None,
+        "client": request.remote,
+    }
+    engine_part = f" queue_wait={trace.queue_wait:.3f}s batch={trace.batch_size}" if trace.jobs else ""
+    log.log(
+        level,
+        "%s %s %d %.3fs route=%s id=%s client=%s%s",
+        request.method,
+        fields["path"],
+        status,
+        seconds,
+        route,
+        fields["request_id"],
+        request.remote,
+        engine_part,
+        extra=fields,
+    )

@@ -1,0 +1,40 @@
+"""Admin routes: load or unload the model now.
+
+Both are messages to the engine's worker, handled between batches, so an unload never cuts a
+running request short. They answer with the engine status afterwards, like ``/v1/status``.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from vision_server.api.auth import admin_only
+from vision_server.api.state import ENGINE
+from vision_server.errors import Draining
+
+
+def _refuse_while_draining(request: web.Request) -> None:
+    if request.app[ENGINE].draining:
+        raise Draining("The server is shutting down; the model will be unloaded.", retry_after=5)
+
+
+@admin_only
+async def load_model(request: web.Request) -> web.Response:
+    """Load now (a no-op when loaded); 503 with the reason when the load fails."""
+    _refuse_while_draining(request)
+    status = await request.app[ENGINE].load()
+    return web.json_response(status.as_dict())
+
+
+@admin_only
+async def unload_model(request: web.Request) -> web.Response:
+    """Unload once the batch running now (if any) is done; queued jobs load it again."""
+    _refuse_while_draining(request)
+    status = await request.app[ENGINE].unload()
+    return web.json_response(status.as_dict())
+
+
+def setup(app: web.Application) -> None:
+    """Routes belong to the ``ops`` family, so their errors use its shape."""
+    app.router.add_post("/v1/model/load", load_model, name="ops.model_load")
+    app.router.add_post("/v1/model/unload", unload_model, name="ops.model_unload")

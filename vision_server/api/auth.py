@@ -1,0 +1,162 @@
+"""Who may call: the API key on every route, the admin key (or loopback) on load and unload.
+
+With ``--api-key`` (or ``--api-key-file``) every route needs ``Authorization: Bearer KEY``,
+except the probes (``/health``, ``/ready``), ``/metrics`` unless ``--metrics-require-key``, and
+CORS preflights (browsers send those without credentials). A refusal is a 401 in the route
+family's own error shape, with ``WWW-Authenticate: Bearer``, so every client library recognises it.
+
+Loading and unloading evict the model for everyone, so they need the admin key; without one
+configured they answer only to clients on this machine.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+
+from aiohttp import web
+
+from vision_server.api.access import route_name
+from vision_server.api.errors import Handler, error_response
+from vision_server.api.state import METRICS
+from vision_server.errors import Forbidden, Unauthorized
+from vision_server.settings import Settings, SettingsError
+
+OPEN_ROUTES = frozenset({"ops.health", "ops.ready"})
+METRICS_ROUTE = "ops.metrics"
+REALM = 'Bearer realm="vision-server"'
+
+
+@dataclass(frozen=True)
+class Keys:
+    """The configured secrets, read once at start (the key file is not re-read per request)."""
+
+    api: bytes | None = None
+    admin: bytes | None = None
+    metrics_open: bool = True
+
+
+KEYS = web.AppKey("auth_keys", Keys)
+
+
+def read_key_file(path: Path) -> str:
+    """The first line of ``path``; an unreadable or empty file is a start-up error, never 'no key'."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise SettingsError(f"api_key_file {path}: {exc.strerror or exc}") from None
+    key = text.splitlines()[0].strip() if text.strip() else ""
+    if not key:
+        raise SettingsError(f"api_key_file {path} is empty; put the key on its first line")
+    return key
+
+
+def keys_from(settings: Settings) -> Keys:
+    api = settings.api_key or (read_key_file(settings.api_key_file) if settings.api_key_file else None)
+    return Keys(
+        api=api.encode() if api else None,
+        admin=settings.admin_key.encode() if settings.admin_key else None,
+        metrics_open=not settings.metrics_require_key,
+    )
+
+
+def bearer_token(request: web.Request) -> str | None:
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def key_matches(token: str | None, key: bytes | None) -> bool:
+    """Constant-time comparison, so response timing does not leak how much of a guess was right."""
+    return token is not None and key is not None and hmac.compare_digest(token.encode(), key)
+
+
+def is_loopback(address: str | None) -> bool:
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback; False for anything unparsable."""
+    if not address:
+        return False
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return ip.is_loopback
+
+
+def needs_api_key(request: web.Request, keys: Keys) -> bool:
+    if keys.api is None or request.method == "OPTIONS":
+        return False
+    route = route_name(request)
+    return route not in OPEN_ROUTES and not (route == METRICS_ROUTE and keys.metrics_open)
+
+
+def check_api_key(request: web.Request) -> None:
+    """Raise :class:`Unauthorized` unless the request carries the API key (or the admin key)."""
+    keys = request.app[KEYS]
+    if not needs_api_key(request, keys):
+        return
+    token = bearer_token(request)
+    if key_matches(token, keys.api) or key_matches(token, keys.admin):
+        return
+    if token is None:
+        raise Unauthorized("Missing API key: send the header 'Authorization: Bearer <key>'.")
+    raise Unauthorized("Invalid API key.")
+
+
+def check_admin(request: web.Request) -> None:
+    """The admin key when one is configured; otherwise only loopback clients."""
+    keys = request.app[KEYS]
+    if keys.admin is None:
+        if is_loopback(request.remote):
+            return
+        raise Forbidden(
+            "Loading and unloading the model is allowed only from this machine; "
+            "start the server with --admin-key to allow it from elsewhere."
+        )
+    token = bearer_token(request)
+    if key_matches(token, keys.admin):
+        return
+    if token is None:
+        raise Unauthorized("Admin key required: send the header 'Authorization: Bearer <admin key>'.")
+    raise Forbidden("This key may not load or unload the model; use the admin key.")
+
+
+def admin_only(handler: Handler) -> Handler:
+    """Wrap a route handler so it runs only for admins (see :func:`check_admin`)."""
+
+    @functools.wraps(handler)
+    async def guarded(request: web.Request) -> web.StreamResponse:
+        check_admin(request)
+        return await handler(request)
+
+    return guarded
+
+
+def challenge(request: web.Request) -> str:
+    """RFC 6750: name the error only when a token was sent and was wrong."""
+    return REALM if bearer_token(request) is None else REALM + ', error="invalid_token"'
+
+
+@web.middleware
+async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        check_api_key(request)
+        return await handler(request)
+    except Unauthorized as exc:
+        request.app[METRICS].request_rejected("unauthorized")
+        response = error_response(request, exc)
+        response.headers["WWW-Authenticate"] = challenge(request)
+        return response
+    except Forbidden:
+        request.app[METRICS].request_rejected("forbidden")
+        raise
+
+
+def setup(app: web.Application, settings: Settings) -> None:
+    """Read the keys and install the check (after the error middleware, which shapes 403s)."""
+    app[KEYS] = keys_from(settings)
+    app.middlewares.append(auth_middleware)

@@ -1,0 +1,192 @@
+"""Prometheus metrics, one registry per application so tests (and embedders) can build many apps.
+
+Names follow the Prometheus conventions: one ``vision_server_`` prefix, base units (seconds,
+bytes), ``_total`` on counters, low-cardinality labels only (a route *name*, never a path or a
+request id). Gauges that describe the engine are read from it at scrape time, so they cannot drift.
+Histogram buckets reach 10 minutes: a cold load plus a long caption takes seconds, not the
+milliseconds the client library's default buckets are made for.
+"""
+
+from __future__ import annotations
+
+import platform
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import Collector
+
+from vision_server import __version__
+from vision_server.engine.lifecycle import ModelState
+from vision_server.engine.observer import EngineObserver
+from vision_server.gpu import gpu_memory
+
+if TYPE_CHECKING:
+    from vision_server.engine.scheduler import Engine
+
+PREFIX = "vision_server_"
+SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+QUEUE_SECONDS = (0.001, 0.005, 0.01, 0.025, *SECONDS)
+BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+LOAD_OUTCOMES = ("ok", "failed")
+UNLOAD_REASONS = ("idle", "admin", "shutdown")
+REJECT_REASONS = ("queue_full", "draining", "timeout", "unauthorized", "forbidden", "rate_limited")
+
+
+class Metrics(EngineObserver):
+    """Every metric of one server; also the engine's observer, so engine events feed it directly."""
+
+    def __init__(self, *, model: str) -> None:
+        self.registry = CollectorRegistry()
+        registry = self.registry
+        self.request_duration = Histogram(
+            PREFIX + "request_duration_seconds",
+            "Time to answer an HTTP request, by route name and status code.",
+            ["route", "status"],
+            buckets=SECONDS,
+            registry=registry,
+        )
+        self.queue_wait = Histogram(
+            PREFIX + "queue_wait_seconds",
+            "Time a job waited in the queue before its batch started (includes a cold load).",
+            buckets=QUEUE_SECONDS,
+            registry=registry,
+        )
+        self.inference_duration = Histogram(
+            PREFIX + "inference_duration_seconds",
+            "Time of one generate call for a whole batch.",
+            buckets=SECONDS,
+            registry=registry,
+        )
+        self.batch_size = Histogram(
+            PREFIX + "batch_size",
+            "Images captioned together in one generate call.",
+            buckets=BATCH_SIZES,
+            registry=registry,
+        )
+        self.loads = Counter(
+            PREFIX + "model_loads", "Model load attempts, by outcome.", ["outcome"], registry=registry
+        )
+        self.load_duration = Histogram(
+            PREFIX + "model_load_duration_seconds",
+            "Time of a model load attempt, by outcome.",
+            ["outcome"],
+            buckets=SECONDS,
+            registry=registry,
+        )
+        self.unloads = Counter(
+            PREFIX + "model_unloads", "Model unloads, by reason.", ["reason"], registry=registry
+        )
+        self.unload_duration = Histogram(
+            PREFIX + "model_unload_duration_seconds",
+            "Time to unload the model and give its memory back.",
+            buckets=SECONDS,
+            registry=registry,
+        )
+        self.rejected = Counter(
+            PREFIX + "requests_rejected",
+            "Requests or jobs refused (queue full, draining, auth, rate limit) or timed out.",
+            ["reason"],
+            registry=registry,
+        )
+        Info(PREFIX + "build", "Version of the server and the model it serves.", registry=registry).info(
+            {"version": __version__, "model": model, "python": platform.python_version()}
+        )
+        ProcessCollector(registry=registry)
+        # Zero-valued series exist from the start, so rate() and alerts work before the first event.
+        for outcome in LOAD_OUTCOMES:
+            self.loads.labels(outcome)
+        for reason in UNLOAD_REASONS:
+            self.unloads.labels(reason)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
+
+    def watch(self, engine: Engine) -> None:
+        """Report ``engine``'s queue, state and GPU memory at every scrape."""
+        self.registry.register(EngineCollector(engine))
+
+    def render(self, accept: str | None) -> tuple[bytes, str]:
+        """The exposition body and its content type (OpenMetrics when the scraper asks for it)."""
+        encoder, content_type = choose_encoder(accept or "")
+        return encoder(self.registry), content_type
+
+    # --- HTTP events ---------------------------------------------------------------------------
+
+    def request_finished(self, route: str, status: int, seconds: float) -> None:
+        self.request_duration.labels(route, str(status)).observe(seconds)
+
+    def request_rejected(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+    # --- engine events (EngineObserver) ----------------------------------------------------------
+
+    def model_loaded(self, seconds: float, ok: bool) -> None:
+        outcome = "ok" if ok else "failed"
+        self.loads.labels(outcome).inc()
+        self.load_duration.labels(outcome).observe(seconds)
+
+    def model_unloaded(self, seconds: float, reason: str) -> None:
+        self.unloads.labels(reason).inc()
+        self.unload_duration.observe(seconds)
+
+    def batch_finished(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.inference_duration.observe(seconds)
+
+    def job_started(self, queue_wait: float) -> None:
+        self.queue_wait.observe(queue_wait)
+
+    def job_rejected(self, reason: str) -> None:
+        self.rejected.labels(reason).inc()
+
+
+class EngineCollector(Collector):
+    """Gauges read from the engine when Prometheus scrapes, never cached."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def collect(self) -> Iterator[Metric]:
+        status = self.engine.status()
+        yield GaugeMetricFamily(
+            PREFIX + "queue_depth", "Jobs waiting in the queue.", value=status.queue_depth
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "jobs_running", "Jobs in the batch being captioned now.", value=status.jobs_running
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "draining", "1 while shutting down (refusing new jobs).", value=int(status.draining)
+        )
+        state = GaugeMetricFamily(
+            PREFIX + "model_state",
+            "1 for the model's current lifecycle state, 0 for the others.",
+            labels=["state"],
+        )
+        for candidate in ModelState:
+            state.add_metric([candidate.value], float(candidate is status.state))
+        yield state
+        yield from _gpu_families()
+
+
+def _gpu_families() -> Iterator[Metric]:
+    devices = gpu_memory()
+    if not devices:
+        return
+    allocated = GaugeMetricFamily(
+        PREFIX + "gpu_memory_allocated_bytes", "GPU memory held by live tensors.", labels=["device"]
+    )
+    reserved = GaugeMetricFamily(
+        PREFIX + "gpu_memory_reserved_bytes",
+        "GPU memory held by torch's caching allocator (what other processes cannot use).",
+        labels=["device"],
+    )
+    total = GaugeMetricFamily(PREFIX + "gpu_memory_total_bytes", "GPU memory size.", labels=["device"])
+    for device in devices:
+        allocated.add_metric([device.device], device.allocated)
+        reserved.add_metric([device.device], device.reserved)
+        if device.total is not None:
+            total.add_metric([device.device], device.total)
+    yield from (allocated, reserved, total)
