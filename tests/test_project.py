@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from vision_server.settings import FIELDS
+from vision_server.settings import FIELDS, flag_name
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,7 +30,7 @@ def test_readme_quick_start_has_the_two_commands_and_ci_runs_the_test_one() -> N
 
 def test_every_setting_is_documented_in_the_readme() -> None:
     readme = (ROOT / "README.md").read_text()
-    missing = [name for name in FIELDS if f"`--{name.replace('_', '-')}`" not in readme]
+    missing = [name for name in FIELDS if f"`{flag_name(name)}`" not in readme]
     assert missing == []
 
 
@@ -38,7 +38,7 @@ def test_serve_help_lists_every_setting() -> None:
     result = subprocess.run(
         [sys.executable, "-m", "vision_server", "serve", "--help"], capture_output=True, text=True, check=True
     )
-    missing = [name for name in FIELDS if f"--{name.replace('_', '-')}" not in result.stdout]
+    missing = [name for name in FIELDS if flag_name(name) not in result.stdout]
     assert missing == []
 
 

@@ -11,13 +11,8 @@ from vision_server.settings import Settings, SettingsError, load_settings
 
 def test_defaults_match_the_design(tmp_path: Path) -> None:
     s = Settings()
-    assert (s.host, s.port, s.idle_timeout, s.max_queue, s.max_batch_size) == (
-        "127.0.0.1",
-        54880,
-        300.0,
-        256,
-        16,
-    )
+    assert (s.host, s.port, s.idle_timeout, s.max_queue) == ("127.0.0.1", 54880, 300.0, 256)
+    assert s.max_batch_size is None  # per device: see test_batch_size_default_depends_on_the_device
     assert (s.num_beams, s.max_new_tokens, s.max_request_bytes) == (3, 1024, 20 * 1024 * 1024)
     assert s.model == "MiaoshouAI/Florence-2-large-PromptGen-v2.0"
 
@@ -69,3 +64,14 @@ def _empty(tmp_path: Path) -> Path:
     path = tmp_path / "empty.toml"
     path.write_text("")
     return path
+
+
+def test_batch_size_default_depends_on_the_device(tmp_path: Path) -> None:
+    from vision_server.app import engine_config
+    from vision_server.florence.captioner import FlorenceCaptioner
+
+    cpu = FlorenceCaptioner("test:tiny", cache_dir=tmp_path, device="cpu")
+    gpu = FlorenceCaptioner("test:tiny", cache_dir=tmp_path, device="cuda:0")
+    assert engine_config(Settings(), cpu).max_batch_size == 16
+    assert engine_config(Settings(), gpu).max_batch_size == 32
+    assert engine_config(Settings(max_batch_size=5), gpu).max_batch_size == 5

@@ -19,10 +19,10 @@ from vision_server.metrics import Metrics
 from vision_server.settings import Settings
 
 
-def engine_config(settings: Settings) -> EngineConfig:
+def engine_config(settings: Settings, captioner: Captioner) -> EngineConfig:
     return EngineConfig(
         max_queue=settings.max_queue,
-        max_batch_size=settings.max_batch_size,
+        max_batch_size=settings.max_batch_size or captioner.preferred_batch_size,
         max_batch_wait=settings.max_batch_wait,
         idle_timeout=settings.idle_timeout,
         request_timeout=settings.request_timeout,
@@ -49,7 +49,7 @@ def create_app(
     app[SETTINGS] = settings
     app[CAPTIONER] = captioner
     engine_observer = metrics if observer is None else ObserverGroup(metrics, observer)
-    app[ENGINE] = Engine(captioner, engine_config(settings), engine_observer)
+    app[ENGINE] = Engine(captioner, engine_config(settings, captioner), engine_observer)
     metrics.watch(app[ENGINE])
     app[ERROR_FORMATTERS] = {}
     app[STARTED_AT] = time.time()

@@ -8,6 +8,7 @@ the engine calls them from its one dedicated model thread.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -31,6 +32,11 @@ class GenerationOptions:
     @property
     def do_sample(self) -> bool:
         return self.temperature > 0
+
+    @property
+    def batch_key(self) -> GenerationOptions:
+        """What must be equal for two items to share a generate call (scoring is per item)."""
+        return dataclasses.replace(self, with_confidence=False) if self.with_confidence else self
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,11 @@ class Captioner(Protocol):
     @property
     def tasks(self) -> tuple[str, ...]:
         """Task tokens this model understands, in display order, known before loading."""
+        ...
+
+    @property
+    def preferred_batch_size(self) -> int:
+        """The batch size to use when the operator sets none (it depends on the device)."""
         ...
 
     def load(self) -> ModelInfo:

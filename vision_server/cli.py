@@ -13,7 +13,15 @@ from typing import Any
 import click
 
 from vision_server import __version__
-from vision_server.settings import FIELDS, Settings, SettingsError, env_name, field_type, load_settings
+from vision_server.settings import (
+    FIELDS,
+    Settings,
+    SettingsError,
+    env_name,
+    field_type,
+    flag_name,
+    load_settings,
+)
 
 F = typing.TypeVar("F", bound=Callable[..., Any])
 
@@ -29,7 +37,7 @@ def settings_options(func: F) -> F:
     """One ``--flag`` per :class:`Settings` field, with help, default and env var in ``--help``."""
     for name in reversed(list(FIELDS)):
         kind = field_type(name)
-        flag = "--" + name.replace("_", "-")
+        flag = flag_name(name)
         help_text = (
             f"{FIELDS[name].metadata['help']} [default: {_describe_default(name)}; env: {env_name(name)}]"
         )

@@ -20,7 +20,7 @@ async def caption_files(settings: Settings, paths: list[Path], task: str) -> lis
     captioner = build_captioner(settings)
     task = normalize_task(task, captioner.tasks)
     options = GenerationOptions(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams)
-    engine = Engine(captioner, engine_config(settings))
+    engine = Engine(captioner, engine_config(settings, captioner))
     await engine.start()
     try:
         results = await asyncio.gather(*(_one(engine, settings, path, task, options) for path in paths))

@@ -64,7 +64,9 @@ class Settings:
     preload: bool = _opt(False, "Load the model at start instead of on the first request.")
     # queue and batching
     max_queue: int = _opt(256, "Most jobs waiting in the queue; more get 503 with Retry-After.")
-    max_batch_size: int = _opt(16, "Most images captioned in one generate call.")
+    max_batch_size: int | None = _opt(
+        None, "Most images captioned in one generate call. Unset: 32 on CUDA, 16 on CPU."
+    )
     max_batch_wait_ms: float = _opt(5.0, "How long the worker waits for more jobs to fill a batch.")
     request_timeout: float = _opt(600.0, "Seconds a request may wait and run before it fails with 504.")
     decode_threads: int = _opt(4, "Threads that decode, resize and normalise images before the queue.")
@@ -87,7 +89,7 @@ class Settings:
     )
     metrics_require_key: bool = _opt(False, "Require the API key on /metrics too.")
     cors_origins: tuple[str, ...] = _opt(
-        (), "Origin allowed to call from a browser (repeatable). Off by default."
+        (), "Origin allowed to call from a browser (repeatable). Off by default.", flag="cors-origin"
     )
     rate_limit: float | None = _opt(
         None, "Requests per minute per client address (429 above). Off by default."
@@ -99,6 +101,11 @@ class Settings:
     log_level: str = _opt("info", "debug, info, warning or error.")
     log_format: str = _opt("text", "text or json (one JSON object per line).")
     log_file: Path | None = _opt(None, "Also write logs to this file.")
+    compile: bool = _opt(
+        False,
+        "CUDA only: static KV cache + torch.compile for the default generation options; batches are "
+        "padded to buckets 1, 2, 4 ... max-batch-size, each compiled right after load (10-25 s each).",
+    )
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -135,7 +142,7 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, not {s.device!r}")
     positive = ("max_queue", "max_batch_size", "decode_threads", "max_request_bytes", "max_image_pixels")
     for name in (*positive, "num_beams", "max_new_tokens"):
-        if getattr(s, name) < 1:
+        if getattr(s, name) is not None and getattr(s, name) < 1:
             raise SettingsError(f"{name} must be at least 1, not {getattr(s, name)}")
     if s.idle_timeout < 0 and s.idle_timeout != -1:
         raise SettingsError("idle_timeout must be >= 0, or -1 for never")
@@ -154,6 +161,11 @@ FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fiel
 
 def default_config_path() -> Path:
     return Path(platformdirs.user_config_dir(APP_NAME)) / "config.toml"
+
+
+def flag_name(name: str) -> str:
+    """The command-line flag of a setting (``--cors-origin`` for the repeatable ``cors_origins``)."""
+    return "--" + FIELDS[name].metadata.get("flag", name.replace("_", "-"))
 
 
 def env_name(name: str) -> str:

@@ -30,7 +30,7 @@ class CaptionJob:
 
     @property
     def batch_key(self) -> GenerationOptions:
-        return self.item.options
+        return self.item.options.batch_key
 
     @property
     def queue_wait(self) -> float | None:

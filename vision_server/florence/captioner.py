@@ -21,6 +21,7 @@ from PIL import Image
 
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions, ModelInfo
 from vision_server.errors import ModelLoadError, ModelSourceError, OutOfMemory
+from vision_server.florence.compiled import CompilePlan
 from vision_server.florence.prompts import tasks_for_model
 from vision_server.florence.source import resolve_model_dir
 from vision_server.images import PixelSpec, to_pixels
@@ -67,6 +68,7 @@ class _Loaded:
     processor: Any
     device: torch.device
     dtype: torch.dtype
+    plan: CompilePlan | None = None
 
 
 class FlorenceCaptioner:
@@ -81,6 +83,10 @@ class FlorenceCaptioner:
         adapter: str | None = None,
         device: str = "auto",
         dtype: str = "auto",
+        default_options: GenerationOptions | None = None,
+        max_batch_size: int | None = None,
+        compile: bool = False,
+        compile_on_cpu: bool = False,
     ) -> None:
         self._spec = model
         self.cache_dir = cache_dir
@@ -88,6 +94,10 @@ class FlorenceCaptioner:
         self.adapter = adapter
         self.device = device
         self.dtype = dtype
+        self.default_options = default_options or GenerationOptions()
+        self.max_batch_size = max_batch_size or self.preferred_batch_size
+        self.compile = compile
+        self.compile_on_cpu = compile_on_cpu  # tests only: exercise the compiled path without a GPU
         self._loaded: _Loaded | None = None
         # Known after the first load and kept across unloads: lets the decode pool prepare pixels.
         self._pixel_spec: PixelSpec | None = None
@@ -101,6 +111,11 @@ class FlorenceCaptioner:
             adapter=settings.adapter,
             device=settings.device,
             dtype=settings.dtype,
+            default_options=GenerationOptions(
+                max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams
+            ),
+            max_batch_size=settings.max_batch_size,
+            compile=settings.compile,
         )
 
     @property
@@ -110,6 +125,13 @@ class FlorenceCaptioner:
     @property
     def tasks(self) -> tuple[str, ...]:
         return tasks_for_model(self._spec)
+
+    @property
+    def preferred_batch_size(self) -> int:
+        """Uncompiled decoding is launch-bound on a GPU (a batch of 64 costs about what 1 does),
+        while a CPU's cost grows with the batch; so batch wide on CUDA and moderately on CPU."""
+        wants_cuda = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+        return 32 if wants_cuda else 16
 
     @property
     def is_loaded(self) -> bool:
@@ -156,7 +178,31 @@ class FlorenceCaptioner:
         model = self._apply_adapter(model).to(device).eval()
         log.debug("weights loaded from %s in %.2f s", native, time.perf_counter() - started)
         self._pixel_spec = pixel_spec(processor)
-        return _Loaded(model, processor, device, dtype)
+        loaded = _Loaded(model, processor, device, dtype)
+        if self.compile:
+            self._compile(loaded)
+        return loaded
+
+    def _compile(self, loaded: _Loaded) -> None:
+        """Static cache + torch.compile for the default options, every bucket warmed up now."""
+        if loaded.device.type != "cuda" and not self.compile_on_cpu:
+            log.warning("--compile needs a CUDA device; running uncompiled on %s", loaded.device)
+            return
+        plan = CompilePlan.create(
+            self.default_options, self.max_batch_size, loaded.processor.num_image_tokens
+        )
+        if self.compile_on_cpu:
+            from transformers.generation.configuration_utils import CompileConfig
+
+            config = CompileConfig()
+            config._compile_all_devices = True
+            loaded.model.generation_config.compile_config = config
+        loaded.plan = plan
+        blank = Image.new("RGB", (self._pixel_spec.width, self._pixel_spec.height), (128, 128, 128))  # type: ignore[union-attr]
+        for bucket in plan.buckets:
+            started = time.perf_counter()
+            self._caption_group(loaded, [CaptionItem(blank, self.tasks[0], self.default_options)] * bucket)
+            log.info("compiled and warmed up batch size %d in %.1f s", bucket, time.perf_counter() - started)
 
     def _apply_adapter(self, model: Any) -> Any:
         """Merge a PEFT LoRA adapter into the weights (no per-token adapter cost afterwards)."""
@@ -189,33 +235,44 @@ class FlorenceCaptioner:
 
     def caption(self, batch: list[CaptionItem]) -> list[Caption]:
         """Caption a batch; items are grouped by generation options, results keep their order."""
-        if self._loaded is None:
+        loaded = self._loaded
+        if loaded is None:
             raise RuntimeError("caption() called before load()")
         results: list[Caption | None] = [None] * len(batch)
-        for options, indices in _group_by_options(batch).items():
-            captions = self._caption_group([batch[i] for i in indices], options)
+        for indices in _group_by_options(batch).values():
+            captions = self._caption_group(loaded, [batch[i] for i in indices])
             for index, caption in zip(indices, captions, strict=True):
                 results[index] = caption
         return [caption for caption in results if caption is not None]
 
-    def _caption_group(self, items: list[CaptionItem], options: GenerationOptions) -> list[Caption]:
-        loaded = self._loaded
-        assert loaded is not None
+    def _caption_group(self, loaded: _Loaded, items: list[CaptionItem]) -> list[Caption]:
+        """One generate call for items with equal options (padded to a bucket when compiled)."""
+        options = items[0].options.batch_key
+        plan = loaded.plan if loaded.plan is not None and loaded.plan.accepts(options, len(items)) else None
+        padded = plan.pad(items) if plan else items
+        scored = any(item.options.with_confidence for item in items)
         try:
             with torch.inference_mode():
-                inputs = self._prepare(loaded, items)
-                sequences = loaded.model.generate(**inputs, **generate_kwargs(options))
-                scores = self._confidences(loaded, inputs, sequences) if options.with_confidence else None
+                inputs = self._prepare(loaded, padded, plan.prompt_length if plan else None)
+                static = {"cache_implementation": "static"} if plan else {}
+                sequences = loaded.model.generate(**inputs, **generate_kwargs(options), **static)
+                scores = self._confidences(loaded, inputs, sequences) if scored else None
         except torch.cuda.OutOfMemoryError:
             release_memory()
             raise OutOfMemory(f"Out of GPU memory on a batch of {len(items)}.", retry_after=5) from None
-        return self._decode(loaded, items, inputs, sequences, options, scores)
+        captions = self._decode(loaded, padded, inputs, sequences, options, scores)[: len(items)]
+        return [
+            caption if item.options.with_confidence else dataclasses.replace(caption, confidence=None)
+            for caption, item in zip(captions, items, strict=True)
+        ]
 
-    def _prepare(self, loaded: _Loaded, items: list[CaptionItem]) -> dict[str, Any]:
+    def _prepare(
+        self, loaded: _Loaded, items: list[CaptionItem], length: int | None = None
+    ) -> dict[str, Any]:
         """Model inputs: pixels prepared before the queue (or now), prompts tokenised and padded."""
         spec = self._pixel_spec or pixel_spec(loaded.processor)
         pixels = [item.pixels if item.pixels is not None else to_pixels(item.image, spec) for item in items]
-        inputs = dict(prompt_ids(loaded.processor, [item.task for item in items]))
+        inputs = dict(prompt_ids(loaded.processor, [item.task for item in items], length))
         inputs["pixel_values"] = torch.from_numpy(np.stack(pixels)).to(loaded.dtype)
         return {k: v.to(loaded.device) for k, v in inputs.items()}
 
@@ -283,15 +340,17 @@ def pixel_spec(processor: Any) -> PixelSpec:
     )
 
 
-def prompt_ids(processor: Any, tasks: list[str]) -> Any:
-    """Token ids exactly as ``Florence2Processor`` builds them: <image>×N, <s>, prompt, </s>."""
+def prompt_ids(processor: Any, tasks: list[str], length: int | None = None) -> Any:
+    """Token ids exactly as ``Florence2Processor`` builds them: <image>×N, <s>, prompt, </s>.
+
+    ``length`` pads every row to that many tokens (fixed shapes for compiled decoding).
+    """
     tokenizer = processor.tokenizer
     image_tokens = processor.image_token * processor.num_image_tokens
-    texts = [
-        image_tokens + tokenizer.bos_token + p + tokenizer.eos_token
-        for p in processor._construct_prompts(tasks)
-    ]
-    return tokenizer(texts, add_special_tokens=False, padding=True, return_tensors="pt")
+    prompts = processor._construct_prompts(tasks)
+    texts = [image_tokens + tokenizer.bos_token + prompt + tokenizer.eos_token for prompt in prompts]
+    padding: dict[str, Any] = {"padding": "max_length", "max_length": length} if length else {"padding": True}
+    return tokenizer(texts, add_special_tokens=False, return_tensors="pt", **padding)
 
 
 def generate_kwargs(options: GenerationOptions) -> dict[str, Any]:
@@ -310,5 +369,5 @@ def generate_kwargs(options: GenerationOptions) -> dict[str, Any]:
 def _group_by_options(batch: list[CaptionItem]) -> dict[GenerationOptions, list[int]]:
     groups: dict[GenerationOptions, list[int]] = {}
     for index, item in enumerate(batch):
-        groups.setdefault(item.options, []).append(index)
+        groups.setdefault(item.options.batch_key, []).append(index)
     return groups

@@ -39,6 +39,10 @@ class FakeCaptioner:
     def tasks(self) -> tuple[str, ...]:
         return PROMPTGEN_TASKS
 
+    @property
+    def preferred_batch_size(self) -> int:
+        return 16
+
     def load(self) -> ModelInfo:
         self.threads.add(threading.current_thread().name)
         time.sleep(self.load_delay)
