@@ -128,29 +128,81 @@ async def run_http(url: str, images: list[bytes], args: argparse.Namespace) -> d
     }
 
 
-def run_direct(images: list[bytes], args: argparse.Namespace, batch_size: int) -> dict:
-    """The same captions through ``FlorenceCaptioner.caption`` with no HTTP, queue or asyncio."""
-    from vision_server.captioner import CaptionItem, GenerationOptions
-    from vision_server.florence.captioner import FlorenceCaptioner
+def run_in_process(images: list[bytes], args: argparse.Namespace, batch_size: int) -> dict:
+    """Three in-process baselines on the same images, one model load:
+
+    - ``reference``: the florence2-visionapi design (one image at a time, transformers' processor,
+      generate, decode) -- what the daemon replaces;
+    - ``direct``: ``FlorenceCaptioner.caption`` at the server's mean batch size (no HTTP, no queue);
+    - ``raw``: bare ``model.generate`` on ready tensors at that batch size (the ceiling).
+    """
+    import torch
+
+    from vision_server.captioner import CaptionItem
+    from vision_server.florence.captioner import FlorenceCaptioner, generate_kwargs
     from vision_server.images import open_image
     from vision_server.settings import Settings
 
-    settings = Settings(model=args.model)
+    settings = Settings(
+        model=args.model, min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens
+    )
+    options = settings.generation_defaults()
     captioner = FlorenceCaptioner.from_settings(settings)
     captioner.load()
-    options = GenerationOptions(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams)
     task = "<" + args.task.strip("<>").upper() + ">"
-    items = [
-        CaptionItem(open_image(images[i % len(images)], max_pixels=10**9), task, options)
-        for i in range(args.requests)
-    ]
+    pictures = [open_image(images[i % len(images)], max_pixels=10**9) for i in range(args.requests)]
+    items = [CaptionItem(picture, task, options) for picture in pictures]
+    loaded = captioner._loaded
+    assert loaded is not None
+
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    def reference(picture: object) -> None:
+        inputs = loaded.processor(text=task, images=picture, return_tensors="pt").to(loaded.device)
+        with torch.inference_mode():
+            out = loaded.model.generate(
+                input_ids=inputs["input_ids"],
+                pixel_values=inputs["pixel_values"].to(loaded.dtype),
+                **generate_kwargs(options),
+            )
+        text = loaded.processor.batch_decode(out, skip_special_tokens=False)[0]
+        loaded.processor.post_process_generation(text, task=task, image_size=picture.size)
+
+    results: dict = {}
+    count = min(args.reference_requests, len(pictures))
+    reference(pictures[0])
+    sync()
+    started = time.perf_counter()
+    for picture in pictures[:count]:
+        reference(picture)
+    sync()
+    results["reference"] = {"throughput_img_s": count / (time.perf_counter() - started), "batch_size": 1}
+
     captioner.caption(items[:batch_size])  # warm-up
     started = time.perf_counter()
     for start in range(0, len(items), batch_size):
         captioner.caption(items[start : start + batch_size])
-    wall = time.perf_counter() - started
+    sync()
+    results["direct"] = {
+        "throughput_img_s": len(items) / (time.perf_counter() - started),
+        "batch_size": batch_size,
+    }
+
+    ready = captioner._prepare(loaded, [captioner.preprocess(item) for item in items[:batch_size]])
+    with torch.inference_mode():
+        loaded.model.generate(**ready, **generate_kwargs(options))
+        sync()
+        rounds = max(1, len(items) // batch_size)
+        started = time.perf_counter()
+        for _ in range(rounds):
+            loaded.model.generate(**ready, **generate_kwargs(options))
+        sync()
+    elapsed = time.perf_counter() - started
+    results["raw"] = {"throughput_img_s": rounds * batch_size / elapsed, "batch_size": batch_size}
     captioner.unload()
-    return {"throughput_img_s": args.requests / wall, "wall_s": wall, "batch_size": batch_size}
+    return results
 
 
 def main() -> None:
@@ -163,7 +215,20 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=256)
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--task", default="<CAPTION>")
-    parser.add_argument("--no-direct", action="store_true", help="skip the in-process comparison")
+    parser.add_argument("--no-direct", action="store_true", help="skip the in-process comparisons")
+    parser.add_argument(
+        "--min-new-tokens",
+        type=int,
+        default=0,
+        help="force at least this many tokens (random-weight models stop at once otherwise)",
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=1024)
+    parser.add_argument(
+        "--reference-requests",
+        type=int,
+        default=32,
+        help="images for the one-at-a-time reference design (it is slow)",
+    )
     parser.add_argument(
         "--server-arg", action="append", default=[], help="extra 'vision-server serve' argument"
     )
@@ -177,36 +242,58 @@ def main() -> None:
     try:
         asyncio.run(wait_until_up(url))
         http = asyncio.run(run_http(url, images, args))
+        http["gpu_mib"] = gpu_peak(url)
     finally:
         if server is not None:
             server.terminate()
             server.wait(timeout=120)
     direct = None
     if not args.no_direct:
-        direct = run_direct(images, args, max(1, round(http["mean_batch_size"])))
+        direct = run_in_process(images, args, max(1, round(http["mean_batch_size"])))
     report(args, http, direct)
 
 
-def report(args: argparse.Namespace, http: dict, direct: dict | None) -> None:
+def gpu_peak(url: str) -> float | None:
+    """GPU memory in use as the server reports it on /health (MiB), when it has a GPU."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{url}/health", timeout=5) as response:
+            usage = json.loads(response.read()).get("memory_usage") or {}
+    except OSError:
+        return None
+    used = usage.get("gpu_memory_used")
+    return used / 2**20 if used else None
+
+
+def report(args: argparse.Namespace, http: dict, baselines: dict | None) -> None:
     print(
         f"model {args.model}  clients {args.clients}  requests {args.requests}  task {args.task}  "
-        f"image {args.image_size}px  device {http['device']} {http['dtype']}"
+        f"image {args.image_size}px  min/max new tokens {args.min_new_tokens}/{args.max_new_tokens}  "
+        f"device {http['device']} {http['dtype']}"
     )
-    print(f"{'path':<28}{'img/s':>10}{'p50 s':>10}{'p95 s':>10}{'batch':>8}")
+    print(f"{'path':<34}{'img/s':>10}{'p50 s':>10}{'p95 s':>10}{'batch':>8}")
     print(
-        f"{'HTTP (vision-server)':<28}{http['throughput_img_s']:>10.2f}{http['p50_s']:>10.3f}"
+        f"{'HTTP (vision-server)':<34}{http['throughput_img_s']:>10.2f}{http['p50_s']:>10.3f}"
         f"{http['p95_s']:>10.3f}{http['mean_batch_size']:>8.2f}"
     )
+    if http.get("gpu_mib"):
+        print(f"server GPU memory after the run: {http['gpu_mib']:.0f} MiB")
     result = {"model": args.model, "clients": args.clients, "requests": args.requests, "http": http}
-    if direct is not None:
-        print(
-            f"{'direct caption() calls':<28}{direct['throughput_img_s']:>10.2f}{'':>10}{'':>10}"
-            f"{direct['batch_size']:>8d}"
-        )
-        ratio = http["throughput_img_s"] / direct["throughput_img_s"]
-        print(f"server / direct throughput: {ratio:.2f}")
-        result["direct"] = direct
-        result["server_over_direct"] = ratio
+    if baselines is not None:
+        names = {
+            "reference": "reference design (b1, in-process)",
+            "direct": "direct caption() calls",
+            "raw": "raw generate (ready tensors)",
+        }
+        for key, label in names.items():
+            row = baselines[key]
+            print(f"{label:<34}{row['throughput_img_s']:>10.2f}{'':>10}{'':>10}{row['batch_size']:>8d}")
+        for key in ("reference", "direct", "raw"):
+            ratio = http["throughput_img_s"] / baselines[key]["throughput_img_s"]
+            print(f"server / {key}: {ratio:.2f}x")
+            result[f"server_over_{key}"] = ratio
+        result["baselines"] = baselines
     print(json.dumps(result))
 
 

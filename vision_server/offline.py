@@ -19,7 +19,7 @@ async def caption_files(settings: Settings, paths: list[Path], task: str) -> lis
     """Print "path<TAB>caption" per image (errors on stderr); return the paths that failed."""
     captioner = build_captioner(settings)
     task = normalize_task(task, captioner.tasks)
-    options = GenerationOptions(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams)
+    options = settings.generation_defaults()
     engine = Engine(captioner, engine_config(settings, captioner))
     await engine.start()
     try:

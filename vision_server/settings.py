@@ -17,6 +17,8 @@ from typing import Any
 
 import platformdirs
 
+from vision_server.captioner import GenerationOptions
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
@@ -76,6 +78,9 @@ class Settings:
     # generation defaults
     num_beams: int = _opt(3, "Beam count for generation (the reference server's default).")
     max_new_tokens: int = _opt(1024, "Most tokens generated per caption.")
+    min_new_tokens: int = _opt(
+        0, "Benchmarks only: generate at least this many tokens, so random-weight models give fixed lengths."
+    )
     default_task: str = _opt(
         "<MORE_DETAILED_CAPTION>", "Task used when a free-text prompt (OpenAI, SillyTavern) names none."
     )
@@ -114,6 +119,14 @@ class Settings:
     def max_batch_wait(self) -> float:
         return self.max_batch_wait_ms / 1000.0
 
+    def generation_defaults(self) -> GenerationOptions:
+        """Generation options of a request that overrides nothing."""
+        return GenerationOptions(
+            max_new_tokens=self.max_new_tokens,
+            num_beams=self.num_beams,
+            min_new_tokens=min(self.min_new_tokens, self.max_new_tokens),
+        )
+
     def resolved_api_key(self) -> str | None:
         """The key from --api-key, else the first line of --api-key-file."""
         if self.api_key:
@@ -144,6 +157,8 @@ def _validate(s: Settings) -> None:
     for name in (*positive, "num_beams", "max_new_tokens"):
         if getattr(s, name) is not None and getattr(s, name) < 1:
             raise SettingsError(f"{name} must be at least 1, not {getattr(s, name)}")
+    if s.min_new_tokens < 0:
+        raise SettingsError("min_new_tokens must be >= 0")
     if s.idle_timeout < 0 and s.idle_timeout != -1:
         raise SettingsError("idle_timeout must be >= 0, or -1 for never")
     if s.request_timeout <= 0 or s.shutdown_grace < 0 or s.max_batch_wait_ms < 0:

@@ -80,13 +80,17 @@ def generation_options(
     ``--max-new-tokens``."""
     limit = settings.max_new_tokens
     tokens = min(max_new_tokens, limit) if max_new_tokens is not None else limit
+    floor = min(settings.min_new_tokens, tokens)
     if not (temperature or 0) > 0 or do_sample is False:
         beams = num_beams if num_beams is not None else settings.num_beams
-        return GenerationOptions(max_new_tokens=tokens, num_beams=beams, with_confidence=with_confidence)
+        return GenerationOptions(
+            max_new_tokens=tokens, num_beams=beams, min_new_tokens=floor, with_confidence=with_confidence
+        )
     return GenerationOptions(
         max_new_tokens=tokens,
         num_beams=num_beams if num_beams is not None else 1,
         temperature=float(temperature or 0),
         top_p=top_p if top_p is not None else 1.0,
+        min_new_tokens=floor,
         with_confidence=with_confidence,
     )

@@ -20,4 +20,4 @@ METRICS = web.AppKey("metrics", Metrics)
 
 def default_options(settings: Settings) -> GenerationOptions:
     """Generation options a request gets when its family has no way to override them."""
-    return GenerationOptions(max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams)
+    return settings.generation_defaults()

@@ -68,8 +68,9 @@ def error_detail(body: str, fallback: str) -> str:
         if detail is None and isinstance(data.get("error"), dict):
             detail = data["error"].get("message")
         if isinstance(detail, list):  # FastAPI-style validation errors
-            detail = "; ".join(str(item.get("msg", item)) if isinstance(item, dict) else str(item)
-                               for item in detail)
+            detail = "; ".join(
+                str(item.get("msg", item)) if isinstance(item, dict) else str(item) for item in detail
+            )
         if detail:
             return str(detail)
     return body.strip()[:500] or fallback

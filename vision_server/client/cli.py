@@ -28,14 +28,35 @@ TASK_HELP = "Task, with or without brackets and in any case: caption, DETAILED_C
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
-@click.option("--url", envvar="VISION_HOST", default=DEFAULT_URL, show_default=True, show_envvar=True,
-              help="Server base URL (host:port also works).")
-@click.option("--api-key", envvar="VISION_API_KEY", default=None, show_envvar=True,
-              help="API key, sent as a Bearer token, for servers started with --api-key.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), default=DEFAULT_TIMEOUT,
-              show_default=True, help="Seconds to wait for one answer, queueing on the server included.")
-@click.option("--retries", type=click.IntRange(min=0), default=5, show_default=True,
-              help="Retries when the server is busy (503/429, honouring Retry-After) or unreachable.")
+@click.option(
+    "--url",
+    envvar="VISION_HOST",
+    default=DEFAULT_URL,
+    show_default=True,
+    show_envvar=True,
+    help="Server base URL (host:port also works).",
+)
+@click.option(
+    "--api-key",
+    envvar="VISION_API_KEY",
+    default=None,
+    show_envvar=True,
+    help="API key, sent as a Bearer token, for servers started with --api-key.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for one answer, queueing on the server included.",
+)
+@click.option(
+    "--retries",
+    type=click.IntRange(min=0),
+    default=5,
+    show_default=True,
+    help="Retries when the server is busy (503/429, honouring Retry-After) or unreachable.",
+)
 @click.version_option(package_name="vision-server", prog_name="vision-client")
 @click.pass_context
 def main(ctx: click.Context, url: str, api_key: str | None, timeout: float, retries: int) -> None:
@@ -63,8 +84,14 @@ def _run(ctx: click.Context, work: Callable[[AsyncVisionClient], Awaitable[T]]) 
 @main.command()
 @click.argument("images", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 @click.option("--task", "-t", default=DEFAULT_TASK, show_default=True, help=TASK_HELP)
-@click.option("--concurrency", "-j", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Requests in flight at once.")
+@click.option(
+    "--concurrency",
+    "-j",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Requests in flight at once.",
+)
 @click.pass_context
 def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency: int) -> None:
     """Print the caption of each IMAGE (as "FILE: caption" when there are several).
@@ -100,26 +127,61 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
 @main.command()
 @click.argument("folder", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--task", "-t", default=DEFAULT_TASK, show_default=True, help=TASK_HELP)
-@click.option("--ext", default="txt", show_default=True,
-              help="Caption file extension; the caption of cat.png goes to cat.<ext> beside it.")
-@click.option("--mode", type=click.Choice(MODES), default="skip", show_default=True,
-              help="Existing captions: skip the image if it has a non-empty caption (resumes an "
-                   "interrupted run), overwrite it, or append/prepend the new caption to it.")
+@click.option(
+    "--ext",
+    default="txt",
+    show_default=True,
+    help="Caption file extension; the caption of cat.png goes to cat.<ext> beside it.",
+)
+@click.option(
+    "--mode",
+    type=click.Choice(MODES),
+    default="skip",
+    show_default=True,
+    help="Existing captions: skip the image if it has a non-empty caption (resumes an "
+    "interrupted run), overwrite it, or append/prepend the new caption to it.",
+)
 @click.option("--prefix", default="", help="Text put before every new caption, e.g. a trigger word and ', '.")
 @click.option("--suffix", default="", help="Text put after every new caption.")
-@click.option("--separator", default=" ", show_default="one space",
-              help="Between the old and the new caption in append/prepend mode.")
-@click.option("--concurrency", "-j", type=click.IntRange(min=1), default=8, show_default=True,
-              help="Requests in flight at once, so the server can batch them on the GPU.")
-@click.option("--recursive/--no-recursive", default=True, show_default=True,
-              help="Also caption images in subfolders.")
-@click.option("--jsonl", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help='Append {"file","task","caption"} lines (file relative to FOLDER) to this file '
-                   "instead of writing caption files. In skip mode, images already in it with this "
-                   "task are not redone.")
+@click.option(
+    "--separator",
+    default=" ",
+    show_default="one space",
+    help="Between the old and the new caption in append/prepend mode.",
+)
+@click.option(
+    "--concurrency",
+    "-j",
+    type=click.IntRange(min=1),
+    default=8,
+    show_default=True,
+    help="Requests in flight at once, so the server can batch them on the GPU.",
+)
+@click.option(
+    "--recursive/--no-recursive", default=True, show_default=True, help="Also caption images in subfolders."
+)
+@click.option(
+    "--jsonl",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help='Append {"file","task","caption"} lines (file relative to FOLDER) to this file '
+    "instead of writing caption files. In skip mode, images already in it with this "
+    "task are not redone.",
+)
 @click.pass_context
-def folder(ctx: click.Context, folder: Path, task: str, ext: str, mode: str, prefix: str, suffix: str,
-           separator: str, concurrency: int, recursive: bool, jsonl: Path | None) -> None:
+def folder(
+    ctx: click.Context,
+    folder: Path,
+    task: str,
+    ext: str,
+    mode: str,
+    prefix: str,
+    suffix: str,
+    separator: str,
+    concurrency: int,
+    recursive: bool,
+    jsonl: Path | None,
+) -> None:
     """Caption every image (jpg jpeg png gif bmp tif tiff webp) in FOLDER.
 
     Caption files are written atomically, so an interrupted run leaves no half-written
@@ -128,9 +190,17 @@ def folder(ctx: click.Context, folder: Path, task: str, ext: str, mode: str, pre
     """
     from tqdm import tqdm
 
-    options: dict[str, Any] = {"task": task, "ext": ext, "mode": mode, "prefix": prefix, "suffix": suffix,
-                               "separator": separator, "concurrency": concurrency, "recursive": recursive,
-                               "jsonl": jsonl}
+    options: dict[str, Any] = {
+        "task": task,
+        "ext": ext,
+        "mode": mode,
+        "prefix": prefix,
+        "suffix": suffix,
+        "separator": separator,
+        "concurrency": concurrency,
+        "recursive": recursive,
+        "jsonl": jsonl,
+    }
     started = time.monotonic()
     bar = tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
 
@@ -155,8 +225,11 @@ def folder(ctx: click.Context, folder: Path, task: str, ext: str, mode: str, pre
 
 def _print_summary(summary: FolderSummary, seconds: float) -> None:
     rate = f", {seconds / summary.done:.2f} s/image" if summary.done else ""
-    click.echo(f"{summary.done} captioned, {summary.skipped} skipped, {len(summary.failed)} failed "
-               f"of {summary.total} images in {seconds:.1f} s{rate}", err=True)
+    click.echo(
+        f"{summary.done} captioned, {summary.skipped} skipped, {len(summary.failed)} failed "
+        f"of {summary.total} images in {seconds:.1f} s{rate}",
+        err=True,
+    )
     if summary.failed:
         click.echo("failed images:", err=True)
         for failure in summary.failed:

@@ -159,8 +159,14 @@ class _FolderRun:
             key = image.relative_to(root).as_posix()
             target = None if jsonl is not None else caption_path(image, suffix)
             if target is not None and target in owners:
-                self.report(ImageResult(image, "failed", reason=f"{owners[target].name} has the same caption "
-                                                                f"file {target.name}; rename one of them"))
+                self.report(
+                    ImageResult(
+                        image,
+                        "failed",
+                        reason=f"{owners[target].name} has the same caption "
+                        f"file {target.name}; rename one of them",
+                    )
+                )
                 continue
             if target is not None:
                 owners[target] = image

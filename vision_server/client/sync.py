@@ -88,4 +88,3 @@ class VisionClient:
         except BaseException:
             future.cancel()
             raise
-

@@ -111,9 +111,7 @@ class FlorenceCaptioner:
             adapter=settings.adapter,
             device=settings.device,
             dtype=settings.dtype,
-            default_options=GenerationOptions(
-                max_new_tokens=settings.max_new_tokens, num_beams=settings.num_beams
-            ),
+            default_options=settings.generation_defaults(),
             max_batch_size=settings.max_batch_size,
             compile=settings.compile,
         )

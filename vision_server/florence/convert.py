@@ -300,8 +300,9 @@ def _check_dropped(state: dict[str, torch.Tensor], src: Path, shared: torch.Tens
         copy = state.pop(key, None)
         if copy is not None and not torch.equal(copy, shared):
             # Tied weights are a single tensor in the original model; keep the shared embedding.
-            logger.warning("%s: %s differs from %s; using %s as the original code does", src, key,
-                           SHARED_KEY, SHARED_KEY)
+            logger.warning(
+                "%s: %s differs from %s; using %s as the original code does", src, key, SHARED_KEY, SHARED_KEY
+            )
 
 
 def rename_weights(state: dict[str, torch.Tensor], src: Path, prefix: str = "") -> dict[str, torch.Tensor]:
