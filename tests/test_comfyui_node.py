@@ -1,19 +1,24 @@
 """The ComfyUI node's logic without ComfyUI: numpy batch -> PNG -> HTTP -> captions.
 
 The node folder is loaded the way ComfyUI loads a custom node (as a package from its path), and
-talks to a small threaded HTTP stand-in, since the node itself uses blocking urllib.
+talks to a small threaded HTTP stand-in, since the node itself uses blocking urllib. The last
+test calls the node with real [B,H,W,C] batches against a live ``vision-server`` (tiny model).
 """
 
 from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import importlib.util
 import io
 import json
+import signal
+import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -22,6 +27,8 @@ from types import ModuleType
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests.processes import ServerProcess, cli_command, server_env
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "comfyui"
 
@@ -214,3 +221,62 @@ def test_unreachable_server(node: ModuleType, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(node.time, "sleep", lambda _s: None)
     with pytest.raises(RuntimeError, match="cannot reach vision-server"):
         node.request_caption(b"png", "<CAPTION>", "http://127.0.0.1:1", timeout=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against a live vision-server (tiny test model)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``vision-server serve --model test:tiny`` in a subprocess, model loaded."""
+    tmp = tmp_path_factory.mktemp("comfyui-server")
+    command = [*cli_command(), "serve", "--model", "test:tiny", "--idle-timeout", "-1",
+               "--max-new-tokens", "32", "--preload"]
+    with ServerProcess(command, server_env(tmp), tmp / "server.log") as process:
+        url = process.wait_listening(timeout=90)
+        deadline = time.monotonic() + 90
+        while not _ready(url):
+            assert time.monotonic() < deadline, process.log_text()[-3000:]
+            time.sleep(0.1)
+        yield url
+        process.send(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(15)
+
+
+def _ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + "/v1/status", timeout=5) as response:
+            return json.loads(response.read())["state"] == "ready"
+    except (OSError, ValueError):
+        return False
+
+
+def native_caption(url: str, image: np.ndarray, task: str) -> str:
+    """The server's answer for one [H,W,C] float image sent as PNG over the plain native API."""
+    out = io.BytesIO()
+    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(out, format="PNG")
+    body = json.dumps({"image": base64.b64encode(out.getvalue()).decode(), "prompt": task}).encode()
+    request = urllib.request.Request(url + "/process_image", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["result"].strip()
+
+
+def test_node_against_live_server(package: ModuleType, tiny_server: str) -> None:
+    # Five different noise images of the same size, as a ComfyUI IMAGE batch [B,H,W,C] in 0..1.
+    images = np.random.default_rng(5).random((5, 48, 64, 3), dtype=np.float32)
+    expected = [native_caption(tiny_server, image, "<CAPTION>") for image in images]
+    assert len(set(expected)) == len(expected)  # distinct, so a mix-up of the order would show
+    node = package.NODE_CLASS_MAPPINGS["VisionServerCaption"]()
+    function = getattr(node, node.FUNCTION)
+
+    joined, captions = function(images, "<CAPTION>", tiny_server + "/", timeout=60)
+    assert captions == expected
+    assert joined == "\n".join(expected)
+
+    torch = pytest.importorskip("torch")
+    joined, captions = function(torch.from_numpy(images), "<CAPTION>", tiny_server)
+    assert captions == expected
+    one, single = function(torch.from_numpy(images[2:3]), "<CAPTION>", tiny_server)
+    assert (one, single) == (expected[2], [expected[2]])
