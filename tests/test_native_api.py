@@ -244,3 +244,16 @@ async def test_concurrent_requests_batch_and_match_single_answers(tiny: Settings
     assert [body for _, body in together] == alone
     assert len({answer["result"] for answer in alone}) > 1  # type: ignore[index]
     assert status["batches_run"] - batches_before < 32  # type: ignore[operator]
+
+
+async def test_out_of_memory_on_one_image_is_503_and_the_server_keeps_serving(tmp_path: Path) -> None:
+    from vision_server.errors import OutOfMemory
+
+    fake = FakeCaptioner()
+    fake.fail_caption = OutOfMemory("Out of GPU memory on a batch of 1.", retry_after=5)
+    async with client_for(Settings(cache_dir=tmp_path), fake) as session:
+        async with session.post("/process_image", json={"image": png_b64(1), "prompt": "<CAPTION>"}) as r:
+            assert r.status == 503 and r.headers["Retry-After"] == "5"
+            assert "Out of GPU memory" in (await r.json())["detail"]
+        fake.fail_caption = None
+        assert (await post(session, {"image": png_b64(1), "prompt": "<CAPTION>"}))[0] == 200
