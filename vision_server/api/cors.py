@@ -1,4 +1,4 @@
-"""Cross-origin access for browser clients, off unless ``--cors-origins`` names some origins.
+"""Cross-origin access for browser clients, off unless ``--cors-origin`` names some origins.
 
 SillyTavern's Extras mode calls ``/api/caption`` from the browser page itself, so the browser
 first sends a preflight ``OPTIONS`` and then only shows the reply to the page when it carries
@@ -39,7 +39,7 @@ def preflight_response(request: web.Request, allowed: tuple[str, ...]) -> web.Re
     origin = allowed_origin(request.headers.get("Origin"), allowed)
     if origin is None:
         sent = request.headers.get("Origin")
-        message = f"Origin {sent!r} is not allowed; add it with --cors-origins."
+        message = f"Origin {sent!r} is not allowed; add it with --cors-origin."
         return web.json_response({"error": message}, status=403)
     headers = {
         "Access-Control-Allow-Origin": origin,

@@ -3,7 +3,7 @@
 ``GET /api/modules`` → ``{"modules": ["caption"]}`` (SillyTavern refuses to caption unless
 "caption" is listed); ``POST /api/caption`` ``{"image": base64 or data URL, "prompt"?: str}``
 → ``{"caption": str}``; errors ``{"error": str}`` as the Extras server sends them. The browser
-calls these routes directly, so they need ``--cors-origins`` (:mod:`vision_server.api.cors`).
+calls these routes directly, so they need ``--cors-origin`` (:mod:`vision_server.api.cors`).
 SillyTavern sends no prompt here; an optional ``prompt`` picks the task as free text does
 elsewhere, and without one the server's default task is used.
 """
