@@ -14,7 +14,7 @@ from PIL import Image
 
 from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.errors import InvalidTask, ModelLoadError
-from vision_server.florence import convert
+from vision_server.florence import conversion_cache
 from vision_server.florence.captioner import FlorenceCaptioner
 from vision_server.florence.prompts import PROMPTGEN_TASKS, normalize_task
 
@@ -84,15 +84,15 @@ def test_original_layout_converts_once_then_hits_the_cache(
     tiny_original_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO)
-    before = convert.conversions_performed()
+    before = conversion_cache.conversions_performed()
     first = captioner_for(tiny_original_dir, tmp_path)
     first.load()
     text = first.caption([CaptionItem(picture(4), "<CAPTION>", SHORT)])[0].text
     first.unload()
-    assert convert.conversions_performed() == before + 1
+    assert conversion_cache.conversions_performed() == before + 1
     second = captioner_for(tiny_original_dir, tmp_path)
     second.load()
-    assert convert.conversions_performed() == before + 1  # no conversion work the second time
+    assert conversion_cache.conversions_performed() == before + 1  # no conversion work the second time
     assert second.caption([CaptionItem(picture(4), "<CAPTION>", SHORT)])[0].text == text
     second.unload()
     logging.getLogger(__name__).info("conversion log: %s", [r.getMessage() for r in caplog.records])

@@ -18,14 +18,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, Florence2ForConditionalGeneration
 
 from vision_server.errors import ConversionError, ModelSourceError
-from vision_server.florence import convert
-from vision_server.florence.convert import (
+from vision_server.florence import conversion_cache
+from vision_server.florence.conversion_cache import (
     conversions_performed,
-    convert_checkpoint,
-    detect_layout,
     ensure_native,
     ensure_native_adapter,
 )
+from vision_server.florence.convert import convert_checkpoint, detect_layout
 from vision_server.florence.layout import native_key, original_key
 from vision_server.florence.prompts import PROMPTGEN_TASKS
 from vision_server.testing._tokenizer import build_tokenizer
@@ -170,7 +169,7 @@ def test_ensure_native_converts_once(
     original_copy: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     cache = tmp_path / "cache"
-    caplog.set_level(logging.INFO, logger=convert.__name__)
+    caplog.set_level(logging.INFO, logger="vision_server.florence")  # convert and conversion_cache
     before = conversions_performed()
     first = ensure_native(original_copy, cache)
     assert conversions_performed() == before + 1 and "converted" in caplog.text
@@ -198,7 +197,7 @@ def test_failed_conversion_leaves_no_cache_entry(
         (dst / "model.safetensors").write_bytes(b"half written")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert, "convert_checkpoint", crash)
+    monkeypatch.setattr(conversion_cache, "convert_checkpoint", crash)
     cache = tmp_path / "cache"
     with pytest.raises(KeyboardInterrupt):
         ensure_native(original_copy, cache)

@@ -160,7 +160,7 @@ class FlorenceCaptioner:
         from transformers import AutoModelForImageTextToText, AutoProcessor
         from transformers.utils import logging as hf_logging
 
-        from vision_server.florence.convert import ensure_native
+        from vision_server.florence.conversion_cache import ensure_native
 
         device = pick_device(self.device)
         dtype = pick_dtype(self.dtype, device)
@@ -208,7 +208,7 @@ class FlorenceCaptioner:
             return model
         from peft import PeftModel
 
-        from vision_server.florence.convert import ensure_native_adapter
+        from vision_server.florence.conversion_cache import ensure_native_adapter
 
         adapter_dir = Path(self.adapter).expanduser()
         if not (adapter_dir / "adapter_config.json").is_file():

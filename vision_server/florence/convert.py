@@ -3,21 +3,20 @@
 The original checkpoints need remote code that no longer runs on transformers 5, and the native
 classes cannot read them. Everything here works from the files alone: weight renames (see
 `layout`), one transposed projection, a tokenizer with ``<image>`` added, embeddings padded to a
-multiple of 64, and a processor that carries the post-processing rules. `ensure_native` keeps one
-converted copy per source in a cache directory so later loads are plain ``from_pretrained``.
+multiple of 64, and a processor that carries the post-processing rules.
+
+This module holds layout detection and the checkpoint conversion itself (weights, config,
+generation config). The tokenizer and processor come from `convert_processor`, PEFT adapters are
+renamed by `adapters`, and `conversion_cache.ensure_native` keeps one converted copy per source in a
+cache directory so later loads are plain ``from_pretrained``.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import re
 import shutil
-import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -25,37 +24,25 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import (
-    AddedToken,
     BartConfig,
-    BartTokenizer,
-    CLIPImageProcessorPil,
     Florence2Config,
     Florence2ForConditionalGeneration,
-    Florence2Processor,
     GenerationConfig,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import is_torchvision_available
 
 from vision_server.errors import ConversionError, ModelSourceError
+from vision_server.florence.convert_processor import convert_tokenizer, native_processor
 from vision_server.florence.layout import (
     DROPPED_ORIGINAL_KEY,
-    FLORENCE_TOKENS,
-    IMAGE_TOKEN,
-    PEFT_PREFIX,
     TRANSPOSED_ORIGINAL_KEY,
     VOCAB_MULTIPLE,
     native_key,
-    post_processor_config,
 )
 
 Layout = Literal["native", "original"]
 
 logger = logging.getLogger(__name__)
-
-# Bump when the converter's output changes, so cached conversions are redone.
-CONVERTER_VERSION = 1
-STALE_TEMP_SECONDS = 24 * 3600
 
 SHARED_KEY = "language_model.model.shared.weight"
 LM_HEAD_KEY = "language_model.lm_head.weight"
@@ -77,27 +64,23 @@ GENERATION_DEFAULTS: dict[str, Any] = {
     "forced_bos_token_id": 0, "forced_eos_token_id": 2, "num_beams": 3, "no_repeat_ngram_size": 3,
     "early_stopping": True,
 }  # fmt: skip
-IMAGE_PROCESSOR_FIELDS = (
-    "size", "crop_size", "do_center_crop", "do_resize", "resample", "do_rescale", "rescale_factor",
-    "do_normalize", "image_mean", "image_std", "do_convert_rgb", "image_seq_length",
-)  # fmt: skip
 FEATURE_SOURCE = ["spatial_avg_pool", "temporal_avg_pool"]
+# Adapter files sit beside model weights in some repositories; `load_weights` skips them.
 ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
 
 
 class _Counter:
-    """How many conversions this process has run; tests use it to prove a cache hit did no work."""
+    """How many conversions this process has run; tests use it to prove a cache hit did no work.
+
+    It lives here, beside the converters that count, so they need not import the cache module;
+    read it through `conversion_cache.conversions_performed`.
+    """
 
     def __init__(self) -> None:
         self.value = 0
 
 
 CONVERSIONS = _Counter()
-
-
-def conversions_performed() -> int:
-    """Number of checkpoint and adapter conversions run in this process."""
-    return CONVERSIONS.value
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -165,16 +148,16 @@ def convert_checkpoint(src: Path, dst: Path) -> Path:
     if _layout_of(config, src) != "original":
         raise ConversionError(f"{src} is already in the native layout; load it directly, nothing to convert")
     _check_vision_config(config, src)
-    created = _prepare_destination(dst)
+    created = prepare_destination(dst)
     try:
         _convert_into(src, dst, config)
     except OSError as error:
-        _discard(dst, created)
+        discard(dst, created)
         raise ConversionError(
             f"converting {src} into {dst} failed ({error}); check permissions and free disk space"
         ) from error
     except BaseException:
-        _discard(dst, created)
+        discard(dst, created)
         raise
     CONVERSIONS.value += 1
     logger.info("converted %s -> %s in %.1f s", src, dst, time.perf_counter() - started)
@@ -191,17 +174,12 @@ def _convert_into(src: Path, dst: Path, config: dict[str, Any]) -> None:
     save_file(state, str(dst / "model.safetensors"), metadata={"format": "pt"})
     native_config.save_pretrained(dst)
     _generation_config(src, text_config).save_pretrained(dst)
-    processor = Florence2Processor(
-        image_processor=_image_processor(src),
-        tokenizer=tokenizer,
-        post_processor_config=post_processor_config(),
-    )
-    processor.save_pretrained(dst)
+    native_processor(src, tokenizer).save_pretrained(dst)
     for path in dst.iterdir():
         path.chmod(0o644)  # safetensors writes 0600; a shared cache must stay readable
 
 
-def _prepare_destination(dst: Path) -> bool:
+def prepare_destination(dst: Path) -> bool:
     """Create ``dst`` (True) or accept an existing empty one (False); never write over files."""
     if dst.exists():
         if not dst.is_dir() or any(dst.iterdir()):
@@ -211,7 +189,7 @@ def _prepare_destination(dst: Path) -> bool:
     return True
 
 
-def _discard(dst: Path, created: bool) -> None:
+def discard(dst: Path, created: bool) -> None:
     """Leave no half-written output: remove what we created, or empty what was given to us empty."""
     if created:
         shutil.rmtree(dst, ignore_errors=True)
@@ -363,7 +341,7 @@ def _check_against_model(config: Florence2Config, state: dict[str, torch.Tensor]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Config, generation config, tokenizer, image processor
+# Config and generation config
 
 
 def _native_config(
@@ -413,221 +391,3 @@ def _generation_config(src: Path, text: dict[str, Any]) -> GenerationConfig:
             raise ConversionError(f"cannot read {path}: {error}; download it again") from error
         values |= {key: saved[key] for key in GENERATION_DEFAULTS if key in saved}
     return GenerationConfig(**values)
-
-
-def convert_tokenizer(src: Path, *, max_length: int = 1024) -> PreTrainedTokenizerBase:
-    """The original BART tokenizer with the 1024 Florence tokens special and ``<image>`` named."""
-    tokenizer = _load_original_tokenizer(src)
-    _mark_florence_tokens(tokenizer, src)
-    _mark_listed_specials(tokenizer, src)
-    if IMAGE_TOKEN not in tokenizer.get_vocab():
-        tokenizer.add_tokens([_special(IMAGE_TOKEN)], special_tokens=True)
-    # The model-specific `image_token` attribute is only set up through from_pretrained.
-    with tempfile.TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
-        return BartTokenizer.from_pretrained(tmp, image_token=IMAGE_TOKEN, model_max_length=max_length)
-
-
-def _load_original_tokenizer(src: Path) -> PreTrainedTokenizerBase:
-    bpe_files = all((src / name).is_file() for name in ("vocab.json", "merges.txt"))
-    if not (src / "tokenizer.json").is_file() and not bpe_files:
-        raise ConversionError(
-            f"{src} has no tokenizer files (tokenizer.json, or vocab.json + merges.txt); copy them from "
-            "the original model repository"
-        )
-    try:
-        return BartTokenizer.from_pretrained(src)
-    except Exception as error:  # tokenizers raises plain Exceptions for malformed files
-        raise ConversionError(
-            f"cannot load the tokenizer in {src} ({error}); download its files again"
-        ) from error
-
-
-def _mark_florence_tokens(tokenizer: PreTrainedTokenizerBase, src: Path) -> None:
-    """Add the Florence tokens (microsoft files lack them) or mark them special (PromptGen files)."""
-    vocab = tokenizer.get_vocab()
-    present = sum(token in vocab for token in FLORENCE_TOKENS)
-    if present not in (0, len(FLORENCE_TOKENS)):
-        raise ConversionError(f"{src}: the tokenizer holds only {present} of the 1024 Florence-2 tokens")
-    tokenizer.add_tokens([_special(token) for token in FLORENCE_TOKENS], special_tokens=True)
-    ids = tokenizer.convert_tokens_to_ids(list(FLORENCE_TOKENS))
-    # In the real vocabulary <od> is 50265 and <loc_0> 50269; in any vocabulary they must be consecutive.
-    if ids != list(range(ids[0], ids[0] + len(FLORENCE_TOKENS))):
-        raise ConversionError(f"{src}: the Florence-2 tokens do not have consecutive ids starting at <od>")
-
-
-def _mark_listed_specials(tokenizer: PreTrainedTokenizerBase, src: Path) -> None:
-    """Tokens that the 4.x (``additional_special_tokens``) or 5.x (``extra_special_tokens``) files list."""
-    listed: list[str] = []
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
-        data = _read_json_or_empty(src / name)
-        for key in ("additional_special_tokens", "extra_special_tokens"):
-            value = data.get(key)
-            listed += [_token_text(item) for item in value] if isinstance(value, list) else []
-    vocab = tokenizer.get_vocab()
-    known = [token for token in dict.fromkeys(listed) if token and token in vocab]
-    if known:
-        tokenizer.add_tokens([_special(token) for token in known], special_tokens=True)
-
-
-def _token_text(item: object) -> str:
-    """A listed special token is a string or a serialised AddedToken dict."""
-    if isinstance(item, dict):
-        return str(item.get("content", ""))
-    return item if isinstance(item, str) else ""
-
-
-def _read_json_or_empty(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
-def _special(token: str) -> AddedToken:
-    return AddedToken(token, special=True, normalized=False)
-
-
-def _image_processor(src: Path) -> Any:
-    """The CLIP processor from preprocessor_config.json (768 px, bicubic, no crop for every Florence-2)."""
-    saved = _read_json_or_empty(src / "preprocessor_config.json")
-    fields = {key: saved[key] for key in IMAGE_PROCESSOR_FIELDS if key in saved}
-    fields.setdefault("size", {"height": 768, "width": 768})
-    fields.setdefault("do_center_crop", False)
-    size = fields["size"]
-    height = size.get("height", size.get("shortest_edge", 768)) if isinstance(size, dict) else int(size)
-    fields.setdefault("image_seq_length", (int(height) // 32) ** 2 + 1)
-    if not is_torchvision_available():  # the torchvision-backed class would warn and fall back anyway
-        return CLIPImageProcessorPil(**fields)
-    from transformers import CLIPImageProcessor
-
-    return CLIPImageProcessor(**fields)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Cache
-
-
-def ensure_native(src: Path, cache_dir: Path) -> Path:
-    """``src`` itself when native; otherwise a cached native copy, converted only if missing."""
-    src = Path(src)
-    if detect_layout(src) == "native":
-        return src
-    return _cached(src, Path(cache_dir), convert_checkpoint, kind="conversion")
-
-
-def ensure_native_adapter(adapter_dir: Path, cache_dir: Path) -> Path:
-    """A PEFT adapter with native key names: ``adapter_dir`` itself, or a cached renamed copy."""
-    adapter_dir = Path(adapter_dir)
-    weights = _adapter_weights_file(adapter_dir)
-    if adapter_layout(read_weight_file(weights)) == "native":
-        return adapter_dir
-    return _cached(adapter_dir, Path(cache_dir), convert_adapter, kind="adapter conversion")
-
-
-def _cached(src: Path, cache_dir: Path, convert: Callable[[Path, Path], Path], *, kind: str) -> Path:
-    """Look up or create ``cache_dir/<name>-<fingerprint>``; the entry appears atomically by rename."""
-    target = cache_dir / f"{_safe_name(src)}-{source_fingerprint(src)[:16]}"
-    if target.is_dir():
-        logger.info("using cached %s %s for %s", kind, target, src)
-        return target
-    temp = _new_temp_dir(cache_dir, target.name)
-    try:
-        convert(src, temp)
-    except BaseException:
-        shutil.rmtree(temp, ignore_errors=True)
-        raise
-    return _publish(temp, target, src, kind)
-
-
-def _new_temp_dir(cache_dir: Path, name: str) -> Path:
-    """An empty private directory next to the final entry, so the last step is a same-disk rename."""
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        _remove_stale_temp_dirs(cache_dir)
-        return Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=cache_dir))
-    except OSError as error:
-        raise ModelSourceError(
-            f"cannot write to the cache directory {cache_dir} ({error}); choose a writable cache directory"
-        ) from error
-
-
-def _publish(temp: Path, target: Path, src: Path, kind: str) -> Path:
-    """Rename the finished conversion into place; if another process won the race, use its copy."""
-    try:
-        os.rename(temp, target)
-    except OSError as error:
-        shutil.rmtree(temp, ignore_errors=True)
-        if not target.is_dir():
-            raise ModelSourceError(f"cannot create the cache entry {target} ({error})") from error
-        logger.info("using cached %s %s for %s (made by another process)", kind, target, src)
-    return target
-
-
-def source_fingerprint(src: Path) -> str:
-    """Hash of the resolved path and the name, size and mtime of every file: any change means a new entry."""
-    digest = hashlib.sha256(f"v{CONVERTER_VERSION}\0{src.resolve()}".encode())
-    for path in sorted(src.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            continue
-        stat = path.stat()
-        digest.update(f"\0{path.name}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
-
-
-def _safe_name(src: Path) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", src.resolve().name) or "model"
-
-
-def _remove_stale_temp_dirs(cache_dir: Path) -> None:
-    """Temp dirs left by a crashed conversion; a day old means nobody is still writing them."""
-    cutoff = time.time() - STALE_TEMP_SECONDS
-    for path in cache_dir.glob(".*.tmp"):
-        try:
-            if path.is_dir() and path.stat().st_mtime < cutoff:
-                shutil.rmtree(path, ignore_errors=True)
-        except OSError:
-            continue
-
-
-# ---------------------------------------------------------------------------------------------------
-# Adapters
-
-
-def adapter_layout(state: dict[str, torch.Tensor]) -> Layout:
-    """Native adapter keys start ``base_model.model.model.`` (or ``...lm_head``); original ones do not."""
-    native_roots = (PEFT_PREFIX + "model.", PEFT_PREFIX + "lm_head.")
-    return "native" if all(key.startswith(native_roots) for key in state) else "original"
-
-
-def convert_adapter(adapter_dir: Path, dst: Path) -> Path:
-    """Copy a PEFT adapter trained on the original layout with its weight names made native."""
-    adapter_dir, dst = Path(adapter_dir), Path(dst)
-    started = time.perf_counter()
-    weights = _adapter_weights_file(adapter_dir)
-    state = rename_weights(read_weight_file(weights), adapter_dir, prefix=PEFT_PREFIX)
-    created = _prepare_destination(dst)
-    try:
-        for path in adapter_dir.iterdir():
-            if path.is_file() and path.name not in ADAPTER_WEIGHT_FILES:
-                shutil.copy2(path, dst / path.name)
-        tensors = {key: value.contiguous() for key, value in state.items()}
-        save_file(tensors, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
-    except BaseException:
-        _discard(dst, created)
-        raise
-    CONVERSIONS.value += 1
-    logger.info("converted adapter %s -> %s in %.2f s", adapter_dir, dst, time.perf_counter() - started)
-    return dst
-
-
-def _adapter_weights_file(adapter_dir: Path) -> Path:
-    if not adapter_dir.is_dir():
-        raise ModelSourceError(f"adapter directory {adapter_dir} does not exist (or is not a directory)")
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise ModelSourceError(f"{adapter_dir} has no adapter_config.json, so it is not a PEFT adapter")
-    for name in ADAPTER_WEIGHT_FILES:
-        if (adapter_dir / name).is_file():
-            return adapter_dir / name
-    raise ModelSourceError(f"{adapter_dir} has no adapter_model.safetensors or adapter_model.bin")
