@@ -12,6 +12,7 @@ import base64
 import io
 import json
 import os
+import re
 import signal
 import socket
 import sys
@@ -208,3 +209,55 @@ def test_notifier_is_a_no_op_outside_systemd(tmp_path: Path) -> None:
 def test_abstract_socket_address() -> None:
     assert socket_address("@systemd/notify") == "\0systemd/notify"
     assert socket_address("/run/systemd/notify") == "/run/systemd/notify"
+
+
+async def test_cli_serve_drains_twenty_in_flight_on_sigterm(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """The real CLI and model: 20 requests in flight (19 queued behind one) at SIGTERM all get
+    200, requests that arrive during the drain get 503, and the process exits 0."""
+    settings = tiny_settings(tmp_path_factory)
+    env = server_env(tmp_path)
+    env["OMP_NUM_THREADS"] = "1"  # steady per-caption time on a shared 2-core machine
+    command = [
+        *cli_command(),
+        "serve",
+        "--model", "test:tiny",
+        "--cache-dir", str(settings.cache_dir),
+        "--port", "0",
+        "--preload",
+        "--max-batch-size", "1",  # one job at a time: the other 19 wait in the queue
+        "--num-beams", "1",
+        "--max-new-tokens", "160",
+        "--min-new-tokens", "160",  # every caption is 160 tokens: the drain takes a few seconds
+    ]  # fmt: skip
+    with ServerProcess(command, env, tmp_path / "cli-drain.log") as server:
+        url = server.wait_listening(timeout=90)
+        async with ClientSession(url, timeout=ClientTimeout(total=120)) as session:
+            jobs = [asyncio.create_task(caption(session, shade)) for shade in range(20)]
+            status = await _until_all_submitted(session, 20)
+            assert status["queue_depth"] > 0, status
+            server.send(signal.SIGTERM)
+            await _until_status(session, "/ready", 503)
+            refused = [await caption(session, 200 + n) for n in range(3)]
+            assert not all(job.done() for job in jobs), "the drain was over before the new requests"
+            assert refused == [503, 503, 503]
+            assert await asyncio.gather(*jobs) == [200] * 20
+        assert server.wait(30) == 0, server.log_text()
+    text = server.log_text()
+    held = re.search(r"draining \((\d+) queued, (\d+) running", text)
+    assert held is not None and int(held.group(1)) > 0, text  # the queue was not empty at SIGTERM
+    assert "model unloaded (shutdown)" in text
+    assert text.count("POST /process_image 200") == 20 and text.count("POST /process_image 503") == 3
+
+
+async def _until_all_submitted(session: ClientSession, count: int, timeout: float = 30) -> dict[str, int]:
+    """The engine status once all ``count`` jobs are queued, running or done (none lost on the way)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        async with session.get("/v1/status") as response:
+            data = await response.json()
+        if data["queue_depth"] + data["jobs_running"] + data["jobs_done"] >= count:
+            return dict(data)
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the server never held all {count} jobs: {data}")

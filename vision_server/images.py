@@ -60,7 +60,13 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
             if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # transposing copies: only when needed
                 image = ImageOps.exif_transpose(image)
             return to_rgb(image)
-    except (UnidentifiedImageError, Image.DecompressionBombError) as exc:
+    except Image.DecompressionBombError as exc:  # Pillow's own guard, in open(), for absurd sizes
+        claimed = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{claimed.group(1)} pixels" if claimed else "too many pixels"
+        raise PayloadTooLarge(
+            f"Image has {size}; the limit is {max_pixels}. Downscale it before sending."
+        ) from None
+    except UnidentifiedImageError as exc:
         raise InvalidImage(_describe(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImage(f"cannot decode the image ({exc})") from None

@@ -7,8 +7,9 @@
 - ``POST /batch_caption``: repeated ``images`` (or ``files``) → ``{"results": [{"filename",
   "caption", "confidence"}], "total_processing_time"}``. All files are queued at once, so they
   share batches; a file that cannot be read gets ``{"filename", "error"}`` in its slot and the
-  others still get captions. Only when no file got a caption and a failure was the server's
-  (queue full, model failed to load) does the whole request fail, with that status.
+  others still get captions. When no file got a caption the whole request fails: with the
+  server's status if a failure was the server's (queue full, model failed to load), else with
+  the first file's (400 for a file that is not an image, 413 for too many pixels).
 - ``GET /tasks`` and ``GET /model_info``.
 
 Optional fields: ``task`` (a task name, checked: 400 for an unknown one), ``prompt`` (free
@@ -150,15 +151,16 @@ async def batch_caption(request: web.Request) -> web.Response:
 
 
 def raise_if_nothing_worked(outcomes: list[Caption | BaseException]) -> None:
-    """Fail the whole batch only for the server's own trouble, so clients retry it as a whole."""
+    """Fail the whole batch when no file got a caption: the server's trouble first (clients retry
+    it as a whole), else the first file's own error (every file was bad: a 4xx, not a 200)."""
     for outcome in outcomes:
         if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
             raise outcome  # cancellation
     if any(isinstance(outcome, Caption) for outcome in outcomes):
         return
-    for outcome in outcomes:
-        if isinstance(outcome, VisionServerError) and outcome.status >= 500:
-            raise outcome
+    errors = [outcome for outcome in outcomes if isinstance(outcome, VisionServerError)]
+    if errors:
+        raise next((error for error in errors if error.status >= 500), errors[0])
 
 
 def slot(request: web.Request, upload: Upload, outcome: Caption | BaseException) -> dict[str, Any]:

@@ -36,11 +36,13 @@ from __future__ import annotations
 
 import re
 
-from vision_server.errors import InvalidTask
+from vision_server.errors import BadRequest, InvalidTask
 from vision_server.florence.prompts import ALIASES
 
 KEYWORD_TABLE: tuple[tuple[str, str], ...] = (
-    (r"\bmix(?:ed)?\b.*\b(?:plus|analy[sz]e|analysis)\b", "<MIXED_CAPTION_PLUS>"),
+    # "mix" and, later, "plus"/"analysis". The lookahead fixes on the first "mix" (a lookahead
+    # is never re-entered), so a text of many "mix" words costs one scan, not one per word.
+    (r"^(?=(.*?\bmix(?:ed)?\b))\1.*\b(?:plus|analy[sz]e|analysis)\b", "<MIXED_CAPTION_PLUS>"),
     (r"\bmix(?:ed)?\b", "<MIXED_CAPTION>"),
     (r"\b(?:tags?|tagging|booru|danbooru)\b", "<GENERATE_TAGS>"),
     (r"\b(?:analy[sz]e|analysis|composition)\b", "<ANALYZE>"),
@@ -49,6 +51,8 @@ KEYWORD_TABLE: tuple[tuple[str, str], ...] = (
     (r"\b(?:detail|detailed|details|thorough|thoroughly|in[- ]depth|paragraph)\b", "<MORE_DETAILED_CAPTION>"),
 )
 _KEYWORDS = tuple((re.compile(pattern, re.IGNORECASE | re.DOTALL), task) for pattern, task in KEYWORD_TABLE)
+# Longest free-text prompt read (the same as the multipart form's text field limit).
+MAX_PROMPT_CHARS = 64 * 1024
 _BRACKETED = re.compile(r"<\s*([A-Za-z][A-Za-z_]*)\s*>")
 # Task names are words made of letters and underscores; ``\b`` treats "_" as a word character,
 # so DETAILED_CAPTION never matches inside MORE_DETAILED_CAPTION.
@@ -57,6 +61,11 @@ _BARE = re.compile(r"\b([A-Za-z]+(?:_[A-Za-z]+)*)\b")
 
 def task_from_text(text: str | None, tasks: tuple[str, ...], default: str) -> str:
     """The task ``text`` asks for, among ``tasks``; ``default`` when it names none."""
+    if text and len(text) > MAX_PROMPT_CHARS:
+        raise BadRequest(
+            f"The prompt is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}. "
+            "It only picks the task: say what kind of caption you want in a few words."
+        )
     if text:
         explicit = explicit_task(text, tasks)
         if explicit is not None:

@@ -45,5 +45,6 @@ def normalize_task(raw: str, valid: tuple[str, ...]) -> str:
         token = f"<{token}>"
     token = ALIASES.get(token, token)
     if token not in valid:
-        raise InvalidTask(f"Invalid prompt {raw!r}. Valid prompts: {', '.join(valid)}")
+        shown = raw if len(raw) <= 100 else f"{raw[:100]}..."  # never echo a megabyte back
+        raise InvalidTask(f"Invalid prompt {shown!r}. Valid prompts: {', '.join(valid)}")
     return token
