@@ -2,7 +2,7 @@
 API key and the admin key.
 
 The routes come from the served application's own router, so a route added later is checked
-without touching this file. What is expected (docs/operations.md, ``vision_server.api.auth``):
+without touching this file. What is expected (the README's Operations section, ``vision_server.api.auth``):
 
 - ``/health`` and ``/ready`` never need a key; ``/metrics`` is open unless ``--metrics-require-key``;
 - every other route: no key or a wrong key → 401 with ``WWW-Authenticate: Bearer`` in the route

@@ -1,6 +1,6 @@
 """The client examples of the docs run as written, against a live ``vision-server`` (tiny model).
 
-Every fenced block right after a ``<!-- tested -->`` line in docs/clients.md and README.md is an
+Every fenced block right after a ``<!-- tested -->`` line in README.md is an
 example this module checks. ``bash`` and ``python`` blocks run in a scratch folder that looks
 like a user's checkout (``clients/``, ``photo.jpg``, a ``dataset`` folder) with ``HOME`` and
 ``VISION_HOST`` pointing at temporary places; the docs' default URL is swapped for the live
@@ -32,7 +32,7 @@ from PIL import Image
 from tests.processes import ServerProcess, cli_command, server_env
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = (REPO / "docs" / "clients.md", REPO / "README.md")
+DOCS = (REPO / "README.md",)
 DEFAULT_URL = "http://127.0.0.1:54880"
 MARK = "<!-- tested -->"
 PWSH = shutil.which("pwsh")
@@ -41,7 +41,7 @@ DATASET = ["cat.png", "Dog 2.JPG", "sub/bird.webp", "sub/fish.png"]
 
 @dataclass(frozen=True)
 class Example:
-    source: str  # "docs/clients.md:42"
+    source: str  # "README.md:42"
     lang: str
     code: str
 

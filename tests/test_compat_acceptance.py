@@ -5,7 +5,7 @@
   Custom OpenAI-compatible from its server), reading what SillyTavern reads;
 - the multipart seed's ``curl`` examples, run as ``curl`` subprocesses;
 - the same four mistakes in every family, each answered in that family's error shape;
-- the ``bash`` and ``python`` examples of docs/compat-apis.md, run as written.
+- the ``bash`` and ``python`` examples of the README's Compatibility APIs section, run as written.
 """
 
 from __future__ import annotations
@@ -29,7 +29,15 @@ from tests.serving import running_server
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
 
-DOC = Path(__file__).resolve().parents[1] / "docs" / "compat-apis.md"
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def doc_text() -> str:
+    """The README's "Compatibility APIs" section, up to the next top-level section."""
+    text = README.read_text(encoding="utf-8")
+    start = text.index("\n## Compatibility APIs\n")
+    end = text.find("\n## ", start + 1)
+    return text[start : end if end != -1 else None]
 ST_ORIGIN = "http://127.0.0.1:8000"  # where SillyTavern's page is served from (its default port)
 QUESTION = "What's in this image?"  # SillyTavern's default caption prompt
 NOT_BASE64 = "@@@ this is not base64 @@@"
@@ -496,7 +504,7 @@ async def test_every_family_answers_each_mistake_in_its_own_shape(
 
 
 def doc_blocks(language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```", DOC.read_text(encoding="utf-8"), re.M | re.S)
+    return re.findall(rf"^```{language}\n(.*?)^```", doc_text(), re.M | re.S)
 
 
 def json_documents(text: str) -> list[Any]:
@@ -539,9 +547,9 @@ async def test_the_docs_bash_and_python_examples_work(tiny: Settings, tmp_path: 
         "/caption",
         "/batch_caption",
     ):
-        assert route in text, f"docs/compat-apis.md has no bash example for {route}"
+        assert route in text, f"the README's Compatibility APIs section has no bash example for {route}"
     assert len(python_blocks) == 1 and "OpenAI(" in python_blocks[0]
-    doc = DOC.read_text(encoding="utf-8")
+    doc = doc_text()
     assert "--cors-origin " in doc and "--cors-origins" not in doc  # the flag is singular, repeatable
 
     (tmp_path / "photo.jpg").write_bytes(image_bytes(71, "JPEG"))
