@@ -276,3 +276,16 @@ async def test_stop_past_grace_fails_the_rest_with_503() -> None:
     outcomes = await asyncio.gather(*jobs, return_exceptions=True)
     assert not isinstance(outcomes[0], Exception)
     assert any(isinstance(o, Draining) for o in outcomes[1:])
+
+
+async def test_a_lone_job_does_not_wait_for_stragglers() -> None:
+    fake = FakeCaptioner()
+    engine = await started(fake, max_batch_wait=0.5)
+    await engine.submit(item(0))
+    begun = time.monotonic()
+    for n in range(1, 4):  # one client, one image at a time
+        await engine.submit(item(n))
+    assert time.monotonic() - begun < 0.5  # three waits of 0.5 s would take 1.5 s
+    together = await asyncio.gather(*(engine.submit(item(n)) for n in range(10, 16)))
+    assert len(together) == 6 and max(fake.batch_sizes) > 1
+    await engine.stop()

@@ -245,13 +245,19 @@ class Engine:
         return time.time() + remaining
 
     async def _collect_batch(self) -> list[CaptionJob]:
-        """Give stragglers ``max_batch_wait`` to join, then take the head job and its peers."""
+        """Take the head job and its peers, giving stragglers ``max_batch_wait`` to join when busy.
+
+        A lone job after a lone job (one client captioning one image at a time) does not wait:
+        nobody is coming, and the wait would be pure latency.
+        """
         self._queue.drop_abandoned()
         if not len(self._queue):
             return []
         head = next(iter(self._queue))
         limit = self.config.max_batch_size
-        if self.config.max_batch_wait > 0 and self._queue.count_compatible(head.batch_key) < limit:
+        waiting = self._queue.count_compatible(head.batch_key)
+        busy = waiting > 1 or self._last_batch_size > 1
+        if self.config.max_batch_wait > 0 and busy and waiting < limit:
             await asyncio.sleep(self.config.max_batch_wait)
         return self._queue.take_batch(limit)
 
