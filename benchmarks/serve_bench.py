@@ -47,21 +47,10 @@ def free_port() -> int:
 
 def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    command = [
-        sys.executable,
-        "-m",
-        "vision_server",
-        "serve",
-        "--model",
-        args.model,
-        "--port",
-        str(port),
-        "--idle-timeout",
-        "-1",
-        "--max-queue",
-        str(max(256, args.requests)),
-        *args.server_arg,
-    ]
+    command = [sys.executable, "-m", "vision_server", "serve", "--model", args.model, "--port", str(port)]
+    command += ["--idle-timeout", "-1", "--max-queue", str(max(256, args.requests))]
+    command += ["--min-new-tokens", str(args.min_new_tokens), "--max-new-tokens", str(args.max_new_tokens)]
+    command += args.server_arg
     env = {**os.environ, "VISION_SERVER_LOG_LEVEL": "warning"}
     return subprocess.Popen(command, env=env), f"http://127.0.0.1:{port}"
 
