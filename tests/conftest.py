@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,3 +40,14 @@ def tiny_original_adapter_dir(tiny_native_dir: Path, tmp_path_factory: pytest.Te
     """The same adapter with the key names of the original layout."""
     out = tmp_path_factory.mktemp("tiny-original-adapter") / "adapter"
     return build_test_adapter(tiny_native_dir, out, fmt="original")
+
+
+@pytest.fixture(scope="module")
+def tiny_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``vision-server serve --model test:tiny`` as a real process on a free port, one per module."""
+    from tests.processes import ServerProcess, cli_command, server_env
+
+    tmp = tmp_path_factory.mktemp("tiny-server")
+    command = [*cli_command(), "serve", "--model", "test:tiny", "--idle-timeout", "-1"]
+    with ServerProcess(command, server_env(tmp), tmp / "server.log") as process:
+        yield process.wait_listening()

@@ -13,9 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -51,35 +48,9 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``vision-server serve --model test:tiny`` on a free port, for this module."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vision_server", "serve", "--model", "test:tiny", "--host", "127.0.0.1",
-             "--port", str(port), "--idle-timeout", "-1"],
-            stdout=sink, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/prompts", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"vision-server did not start:\n{log.read_text(errors='replace')[-3000:]}")
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def server(tiny_server_url: str) -> str:
+    """The module's real ``vision-server serve --model test:tiny`` (see conftest)."""
+    return tiny_server_url
 
 
 @pytest.fixture

@@ -12,11 +12,7 @@ import base64
 import json
 import os
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -341,42 +337,10 @@ async def test_blocking_client_captions_a_folder(aiohttp_server, tmp_path: Path)
 # End to end against the real server
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def real_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``vision-server serve --model test:tiny`` on a free port, for this module."""
-    port = _free_port()
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "vision_server", "serve", "--model", "test:tiny", "--host", "127.0.0.1",
-             "--port", str(port), "--idle-timeout", "-1"],
-            stdout=sink, stderr=subprocess.STDOUT,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/prompts", timeout=2):
-                    break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail(f"vision-server did not start:\n{log.read_text(errors='replace')[-3000:]}")
-                time.sleep(0.2)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+def real_server(tiny_server_url: str) -> str:
+    """The module's real ``vision-server serve --model test:tiny`` (see conftest)."""
+    return tiny_server_url
 
 
 async def test_folder_against_real_server(real_server: str, tmp_path: Path) -> None:
