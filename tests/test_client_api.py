@@ -133,8 +133,11 @@ async def test_prompts_model_status(serve) -> None:
 
 @pytest.mark.parametrize(
     ("raw", "token"),
-    [("caption", "<CAPTION>"), ("<caption>", "<CAPTION>"),
-     (" MORE_DETAILED_CAPTION ", "<MORE_DETAILED_CAPTION>")],
+    [
+        ("caption", "<CAPTION>"),
+        ("<caption>", "<CAPTION>"),
+        (" MORE_DETAILED_CAPTION ", "<MORE_DETAILED_CAPTION>"),
+    ],
 )
 def test_task_token(raw: str, token: str) -> None:
     assert task_token(raw) == token
@@ -179,8 +182,14 @@ async def test_busy_server_gives_up_after_retries(serve) -> None:
 
 @pytest.mark.parametrize(
     ("status", "error"),
-    [(400, RequestRejected), (413, RequestRejected), (422, RequestRejected), (401, AuthenticationError),
-     (500, ServerError), (504, ServerError)],
+    [
+        (400, RequestRejected),
+        (413, RequestRejected),
+        (422, RequestRejected),
+        (401, AuthenticationError),
+        (500, ServerError),
+        (504, ServerError),
+    ],
 )
 async def test_other_errors_are_not_retried(serve, status: int, error: type[Exception]) -> None:
     script = Script(fail(status, f"Invalid image data: problem {status}"))

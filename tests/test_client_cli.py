@@ -20,19 +20,28 @@ from aiohttp import web
 from PIL import Image
 
 CLI = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or shutil.which("vision-client")
-TASKS = ["<GENERATE_TAGS>", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>", "<ANALYZE>",
-         "<MIXED_CAPTION>", "<MIXED_CAPTION_PLUS>"]
+TASKS = [
+    "<GENERATE_TAGS>",
+    "<CAPTION>",
+    "<DETAILED_CAPTION>",
+    "<MORE_DETAILED_CAPTION>",
+    "<ANALYZE>",
+    "<MIXED_CAPTION>",
+    "<MIXED_CAPTION_PLUS>",
+]
 
 pytestmark = pytest.mark.skipif(CLI is None, reason="the vision-client console script is not installed")
 
 
-def run(*args: str, url: str | None = None, env: dict[str, str] | None = None,
-        timeout: float = 60) -> subprocess.CompletedProcess[str]:
+def run(
+    *args: str, url: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
+) -> subprocess.CompletedProcess[str]:
     full_env = {k: v for k, v in os.environ.items() if k not in ("VISION_HOST", "VISION_API_KEY")}
     full_env.update(env or {})
     command = [CLI, *(["--url", url] if url else []), *args]
-    return subprocess.run(command, capture_output=True, text=True, encoding="utf-8", env=full_env,
-                          timeout=timeout, check=False)
+    return subprocess.run(
+        command, capture_output=True, text=True, encoding="utf-8", env=full_env, timeout=timeout, check=False
+    )
 
 
 def make_png(path: Path, color: tuple[int, int, int]) -> Path:
@@ -68,12 +77,33 @@ def images(tmp_path: Path) -> Path:
 def test_help_documents_every_option() -> None:
     top = run("--help")
     assert top.returncode == 0
-    for word in ("--url", "VISION_HOST", "--api-key", "VISION_API_KEY", "--timeout", "--retries",
-                 "caption", "folder", "prompts", "model", "status"):
+    for word in (
+        "--url",
+        "VISION_HOST",
+        "--api-key",
+        "VISION_API_KEY",
+        "--timeout",
+        "--retries",
+        "caption",
+        "folder",
+        "prompts",
+        "model",
+        "status",
+    ):
         assert word in top.stdout
     folder = run("folder", "--help")
-    for option in ("--task", "--ext", "--mode", "skip|overwrite|append|prepend", "--prefix", "--suffix",
-                   "--separator", "--concurrency", "--no-recursive", "--jsonl"):
+    for option in (
+        "--task",
+        "--ext",
+        "--mode",
+        "skip|overwrite|append|prepend",
+        "--prefix",
+        "--suffix",
+        "--separator",
+        "--concurrency",
+        "--no-recursive",
+        "--jsonl",
+    ):
         assert option in folder.stdout
     assert "--task" in run("caption", "--help").stdout
 
@@ -129,8 +159,13 @@ def test_caption_one_and_many(server: str, images: Path) -> None:
 
 
 def test_caption_reports_bad_images_and_keeps_going(server: str, images: Path) -> None:
-    result = run("caption", str(images / "broken.png"), str(images / "red one.png"), str(images / "gone.png"),
-                 url=server)
+    result = run(
+        "caption",
+        str(images / "broken.png"),
+        str(images / "red one.png"),
+        str(images / "gone.png"),
+        url=server,
+    )
     assert result.returncode == 1
     assert [line.split(": ")[0] for line in result.stdout.splitlines()] == [str(images / "red one.png")]
     assert "broken.png: error: HTTP 400: Invalid image data" in result.stderr
@@ -152,8 +187,18 @@ def test_folder_run_summary_exit_code_and_resume(server: str, images: Path) -> N
     assert second.returncode == 0, second.stderr
     assert "0 captioned, 2 skipped, 0 failed of 2 images" in second.stderr
 
-    flat = run("folder", str(images), "--no-recursive", "--mode", "append", "--separator", " // ",
-               "-j", "2", url=server)
+    flat = run(
+        "folder",
+        str(images),
+        "--no-recursive",
+        "--mode",
+        "append",
+        "--separator",
+        " // ",
+        "-j",
+        "2",
+        url=server,
+    )
     assert flat.returncode == 0, flat.stderr
     assert "1 captioned" in flat.stderr
     assert " // " in (images / "red one.txt").read_text(encoding="utf-8")
@@ -180,8 +225,9 @@ def test_folder_jsonl(server: str, images: Path, tmp_path_factory: pytest.TempPa
 async def test_api_key_from_option_or_env(aiohttp_server, tmp_path: Path) -> None:
     async def model(request: web.Request) -> web.Response:
         if request.headers.get("Authorization") != "Bearer right-key":
-            return web.json_response({"detail": "Missing or invalid API key"}, status=401,
-                                     headers={"WWW-Authenticate": "Bearer"})
+            return web.json_response(
+                {"detail": "Missing or invalid API key"}, status=401, headers={"WWW-Authenticate": "Bearer"}
+            )
         return web.json_response("stub-model")
 
     app = web.Application()

@@ -69,10 +69,17 @@ EXAMPLES = find_tested_examples()
 
 def test_every_client_has_tested_examples() -> None:
     code = "\n".join(example.code for example in EXAMPLES)
-    for command in ("clients/vision-client.sh", "clients/vision-caption-folder-images.sh",
-                    r".\clients\vision-client.ps1", r".\clients\vision-caption-folder-images.ps1",
-                    "VisionClient(", "AsyncVisionClient(", "vision-client folder", "vision-client caption",
-                    "clients/comfyui"):
+    for command in (
+        "clients/vision-client.sh",
+        "clients/vision-caption-folder-images.sh",
+        r".\clients\vision-client.ps1",
+        r".\clients\vision-caption-folder-images.ps1",
+        "VisionClient(",
+        "AsyncVisionClient(",
+        "vision-client folder",
+        "vision-client caption",
+        "clients/comfyui",
+    ):
         assert command in code, f"no tested example uses {command}"
     assert {example.lang for example in EXAMPLES} == {"bash", "python", "powershell"}
 
@@ -109,8 +116,17 @@ def test_powershell_example_is_valid(example: Example) -> None:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("docs-server")
-    command = [*cli_command(), "serve", "--model", "test:tiny", "--idle-timeout", "-1",
-               "--max-new-tokens", "32", "--preload"]
+    command = [
+        *cli_command(),
+        "serve",
+        "--model",
+        "test:tiny",
+        "--idle-timeout",
+        "-1",
+        "--max-new-tokens",
+        "32",
+        "--preload",
+    ]
     with ServerProcess(command, server_env(tmp), tmp / "server.log") as process:
         url = process.wait_listening(timeout=90)
         deadline = time.monotonic() + 90
@@ -162,10 +178,24 @@ def run_example(example: Example, box: Sandbox) -> subprocess.CompletedProcess[s
     else:  # powershell: stop at the first script that exits non-zero
         assert PWSH is not None
         lines = [f"{line}\nif ($LASTEXITCODE) {{ exit $LASTEXITCODE }}" for line in code.splitlines()]
-        command = [PWSH, "-NoLogo", "-NoProfile", "-NonInteractive", "-Command",
-                   "$ErrorActionPreference = 'Stop'\n" + "\n".join(lines)]
-    return subprocess.run(command, cwd=box.work, env=box.env, capture_output=True, text=True,
-                          encoding="utf-8", timeout=120, check=False)
+        command = [
+            PWSH,
+            "-NoLogo",
+            "-NoProfile",
+            "-NonInteractive",
+            "-Command",
+            "$ErrorActionPreference = 'Stop'\n" + "\n".join(lines),
+        ]
+    return subprocess.run(
+        command,
+        cwd=box.work,
+        env=box.env,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        timeout=120,
+        check=False,
+    )
 
 
 def test_bash_and_python_examples(sandbox: Sandbox) -> None:
@@ -189,8 +219,9 @@ def test_bash_and_python_examples(sandbox: Sandbox) -> None:
 
     # The installed ComfyUI node loads the way ComfyUI loads it, and captions through the server.
     node_dir = sandbox.home / "ComfyUI" / "custom_nodes" / "vision-server-caption"
-    spec = importlib.util.spec_from_file_location("docs_installed_node", node_dir / "__init__.py",
-                                                  submodule_search_locations=[str(node_dir)])
+    spec = importlib.util.spec_from_file_location(
+        "docs_installed_node", node_dir / "__init__.py", submodule_search_locations=[str(node_dir)]
+    )
     assert spec is not None and spec.loader is not None
     package = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = package

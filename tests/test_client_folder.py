@@ -88,8 +88,17 @@ def test_find_images_any_case_recursive(tmp_path: Path) -> None:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "folder.png").mkdir()
     found = [p.relative_to(tmp_path).as_posix() for p in find_images(tmp_path)]
-    assert found == ["a.JPG", "b.jpeg", "c.Png", "d.gif", "e.bmp", "f.tif", "g.TIFF", "h.webp",
-                     "sub/deep/i.png"]
+    assert found == [
+        "a.JPG",
+        "b.jpeg",
+        "c.Png",
+        "d.gif",
+        "e.bmp",
+        "f.tif",
+        "g.TIFF",
+        "h.webp",
+        "sub/deep/i.png",
+    ]
     flat = [p.name for p in find_images(tmp_path, recursive=False)]
     assert "i.png" not in flat
     assert len(flat) == 8
@@ -128,8 +137,9 @@ async def test_modes_with_prefix_and_suffix(stub, tmp_path: Path, mode: str, res
     _, client = stub
     image = make_png(tmp_path / "img.png")
     (tmp_path / "img.caption").write_text("old words\n", encoding="utf-8")
-    summary = await caption_folder(client, tmp_path, ext=".caption", mode=mode, prefix="ohwx, ", suffix=".",
-                                   separator=" | ")
+    summary = await caption_folder(
+        client, tmp_path, ext=".caption", mode=mode, prefix="ohwx, ", suffix=".", separator=" | "
+    )
     assert summary.done == 1
     assert (tmp_path / "img.caption").read_text(encoding="utf-8") == result.format(new=expected(image))
 
@@ -143,8 +153,14 @@ async def test_append_without_existing_caption_is_just_the_caption(stub, tmp_pat
 
 async def test_weird_file_names(stub, tmp_path: Path) -> None:
     _, client = stub
-    names = ["with space.png", "quote's \"double\".png", "ünïcødé 猫.png", "-starts-with-dash.png",
-             "semi;colon $HOME `x`.png", "dots.in.name.png"]
+    names = [
+        "with space.png",
+        'quote\'s "double".png',
+        "ünïcødé 猫.png",
+        "-starts-with-dash.png",
+        "semi;colon $HOME `x`.png",
+        "dots.in.name.png",
+    ]
     for i, name in enumerate(names):
         make_png(tmp_path / "sub dir" / name, size=8 + i)
     summary = await caption_folder(client, tmp_path)
@@ -209,11 +225,16 @@ async def test_unreachable_server_stops_the_run(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     ("options", "message"),
-    [({"ext": "png"}, "image extension"), ({"mode": "append", "jsonl": "x.jsonl"}, "skip or overwrite"),
-     ({"mode": "replace"}, "mode must be"), ({"concurrency": 0}, "concurrency")],
+    [
+        ({"ext": "png"}, "image extension"),
+        ({"mode": "append", "jsonl": "x.jsonl"}, "skip or overwrite"),
+        ({"mode": "replace"}, "mode must be"),
+        ({"concurrency": 0}, "concurrency"),
+    ],
 )
-async def test_bad_options_are_refused_before_any_work(stub, tmp_path: Path, options: dict,
-                                                       message: str) -> None:
+async def test_bad_options_are_refused_before_any_work(
+    stub, tmp_path: Path, options: dict, message: str
+) -> None:
     server, client = stub
     make_png(tmp_path / "a.png")
     with pytest.raises(ValueError, match=message):
@@ -271,8 +292,9 @@ async def test_jsonl_resume_survives_a_torn_last_line(stub, tmp_path: Path) -> N
     make_png(tmp_path / "a.png")
     make_png(tmp_path / "b.png", size=9)
     out = tmp_path / "log.jsonl"
-    out.write_text('{"file": "a.png", "task": "<CAPTION>", "caption": "done before"}\n{"file": "b.p',
-                   encoding="utf-8")
+    out.write_text(
+        '{"file": "a.png", "task": "<CAPTION>", "caption": "done before"}\n{"file": "b.p', encoding="utf-8"
+    )
     summary = await caption_folder(client, tmp_path, task="caption", jsonl=out)
     assert (summary.done, summary.skipped) == (1, 1)
     lines = out.read_text(encoding="utf-8").splitlines()

@@ -131,8 +131,15 @@ def test_registers_the_node(package: ModuleType) -> None:
     inputs = cls.INPUT_TYPES()
     assert inputs["required"]["image"] == ("IMAGE",)
     tasks, options = inputs["required"]["task"]
-    assert tasks == ["<GENERATE_TAGS>", "<CAPTION>", "<DETAILED_CAPTION>", "<MORE_DETAILED_CAPTION>",
-                     "<ANALYZE>", "<MIXED_CAPTION>", "<MIXED_CAPTION_PLUS>"]
+    assert tasks == [
+        "<GENERATE_TAGS>",
+        "<CAPTION>",
+        "<DETAILED_CAPTION>",
+        "<MORE_DETAILED_CAPTION>",
+        "<ANALYZE>",
+        "<MIXED_CAPTION>",
+        "<MIXED_CAPTION_PLUS>",
+    ]
     assert options["default"] in tasks
     assert inputs["required"]["server_url"][1]["default"] == "http://127.0.0.1:54880"
     assert "api_key" in inputs["optional"]
@@ -231,8 +238,17 @@ def test_unreachable_server(node: ModuleType, monkeypatch: pytest.MonkeyPatch) -
 def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """``vision-server serve --model test:tiny`` in a subprocess, model loaded."""
     tmp = tmp_path_factory.mktemp("comfyui-server")
-    command = [*cli_command(), "serve", "--model", "test:tiny", "--idle-timeout", "-1",
-               "--max-new-tokens", "32", "--preload"]
+    command = [
+        *cli_command(),
+        "serve",
+        "--model",
+        "test:tiny",
+        "--idle-timeout",
+        "-1",
+        "--max-new-tokens",
+        "32",
+        "--preload",
+    ]
     with ServerProcess(command, server_env(tmp), tmp / "server.log") as process:
         url = process.wait_listening(timeout=90)
         deadline = time.monotonic() + 90

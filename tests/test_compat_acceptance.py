@@ -38,6 +38,8 @@ def doc_text() -> str:
     start = text.index("\n## Compatibility APIs\n")
     end = text.find("\n## ", start + 1)
     return text[start : end if end != -1 else None]
+
+
 ST_ORIGIN = "http://127.0.0.1:8000"  # where SillyTavern's page is served from (its default port)
 QUESTION = "What's in this image?"  # SillyTavern's default caption prompt
 NOT_BASE64 = "@@@ this is not base64 @@@"

@@ -48,7 +48,7 @@ GOOD = [
     "UPPER.JPG",
     "Shout.PNG",
     "with space.png",
-    "it's \"quoted\".jpeg",
+    'it\'s "quoted".jpeg',
     "back\\slash.bmp",
     "caf\u00e9 \u732b.webp",
     "dots.in.name.gif",
@@ -67,8 +67,16 @@ CORRUPT = "broken.jpg"
 EMPTY = "empty.PNG"
 CAPTIONED = "other/has caption.png"
 OLD_CAPTION = "old words, written by hand"
-FORMATS = {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".gif": "GIF", ".bmp": "BMP",
-           ".tif": "TIFF", ".tiff": "TIFF", ".webp": "WEBP"}
+FORMATS = {
+    ".jpg": "JPEG",
+    ".jpeg": "JPEG",
+    ".png": "PNG",
+    ".gif": "GIF",
+    ".bmp": "BMP",
+    ".tif": "TIFF",
+    ".tiff": "TIFF",
+    ".webp": "WEBP",
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,16 +216,44 @@ def client_env(tmpdir: Path | None = None) -> dict[str, str]:
 def client_command(client: str, url: str, folder: Path, *options: str, parallel: int = 8) -> list[str]:
     """The folder command of one client: CAPTION task, .txt captions, `parallel` requests."""
     if client == "bash":
-        return ["bash", str(FOLDER_SCRIPT), "--url", url, "--jobs", str(parallel), *options,
-                "CAPTION", "txt", str(folder)]
-    return [str(VISION_CLIENT), "--url", url, "folder", str(folder), "--task", "CAPTION", "--ext", "txt",
-            "--concurrency", str(parallel), *options]
+        return [
+            "bash",
+            str(FOLDER_SCRIPT),
+            "--url",
+            url,
+            "--jobs",
+            str(parallel),
+            *options,
+            "CAPTION",
+            "txt",
+            str(folder),
+        ]
+    return [
+        str(VISION_CLIENT),
+        "--url",
+        url,
+        "folder",
+        str(folder),
+        "--task",
+        "CAPTION",
+        "--ext",
+        "txt",
+        "--concurrency",
+        str(parallel),
+        *options,
+    ]
 
 
-def run_client(client: str, url: str, folder: Path, *options: str, tmpdir: Path | None = None,
-               parallel: int = 8) -> Result:
-    done = subprocess.run(client_command(client, url, folder, *options, parallel=parallel),
-                          capture_output=True, env=client_env(tmpdir), timeout=120, check=False)
+def run_client(
+    client: str, url: str, folder: Path, *options: str, tmpdir: Path | None = None, parallel: int = 8
+) -> Result:
+    done = subprocess.run(
+        client_command(client, url, folder, *options, parallel=parallel),
+        capture_output=True,
+        env=client_env(tmpdir),
+        timeout=120,
+        check=False,
+    )
     stdout, stderr = (data.decode("utf-8", "replace") for data in (done.stdout, done.stderr))
     return Result(done.returncode, stdout, stderr)
 
@@ -235,8 +271,9 @@ def run_in_terminal(command: list[str], timeout: float = 120) -> Result:
 
     reader = threading.Thread(target=drain, daemon=True)
     try:
-        with subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave,
-                              env=client_env()) as process:
+        with subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=slave, env=client_env()
+        ) as process:
             os.close(slave)
             slave = -1
             reader.start()
@@ -264,7 +301,7 @@ def test_messy_folder(client: str, server: str, tmp_path: Path) -> None:
     before = snapshot(root)
     jobs_before, batches_before = counters(server)
 
-    prefix, suffix = "ohwx, \u00e9t\u00e9 ", " -- \"end\""
+    prefix, suffix = "ohwx, \u00e9t\u00e9 ", ' -- "end"'
     options = ["--prefix", prefix, "--suffix", suffix]
     if client == "python":  # the way a user sees it: stderr on a terminal, with a progress bar
         first = run_in_terminal(client_command(client, server, root, *options))
@@ -319,12 +356,15 @@ def test_existing_caption_modes(client: str, mode: str, server: str, tmp_path: P
     result = run_client(client, server, root, "--mode", mode, "--suffix", " #x")
     assert result.returncode == 0, result.stderr[-3000:]
     new = expected[old] + " #x"
-    assert caption_of(old).read_text(encoding="utf-8") == {
-        "skip": OLD_CAPTION,
-        "overwrite": new,
-        "append": f"{OLD_CAPTION} {new}",
-        "prepend": f"{new} {OLD_CAPTION}",
-    }[mode]
+    assert (
+        caption_of(old).read_text(encoding="utf-8")
+        == {
+            "skip": OLD_CAPTION,
+            "overwrite": new,
+            "append": f"{OLD_CAPTION} {new}",
+            "prepend": f"{new} {OLD_CAPTION}",
+        }[mode]
+    )
     assert caption_of(fresh).read_text(encoding="utf-8") == expected[fresh] + " #x"
     assert result.counts(client) == ((1, 1, 0) if mode == "skip" else (2, 0, 0))
     assert temp_files(root) == []
@@ -346,8 +386,10 @@ def test_server_killed_halfway(server: str, tmp_path: Path) -> None:
     running: dict[str, subprocess.Popen[bytes]] = {}
     with launch_server(tmp_path, "doomed", "--max-batch-wait-ms", "300") as doomed:
         folders = {client: tmp_path / client for client in CLIENTS}
-        images = {client: [save_image(folder / f"img {i:02d}.png", 100 + i) for i in range(40)]
-                  for client, folder in folders.items()}
+        images = {
+            client: [save_image(folder / f"img {i:02d}.png", 100 + i) for i in range(40)]
+            for client, folder in folders.items()
+        }
         expected = expected_captions(server, images["bash"] + images["python"])
         scratch = tmp_path / "tmpdir"
         scratch.mkdir()
@@ -357,8 +399,9 @@ def test_server_killed_halfway(server: str, tmp_path: Path) -> None:
                 command = client_command(client, url, folders[client], parallel=2)
                 if client == "python":
                     command[1:1] = ["--retries", "1"]  # an option of the group, before "folder"
-                running[client] = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                                   env=client_env(scratch))
+                running[client] = subprocess.Popen(
+                    command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client_env(scratch)
+                )
                 deadline = time.monotonic() + 60
                 while count_captions(folders[client]) < 3:
                     assert running[client].poll() is None, running[client].communicate()

@@ -127,8 +127,11 @@ def caption_batch(
     batch = to_numpy_batch(images)
     pngs = [png_bytes(image) for image in batch]
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(pngs))) as pool:
-        return list(pool.map(lambda png: request_caption(png, task, server_url, api_key=api_key,
-                                                         timeout=timeout), pngs))
+        return list(
+            pool.map(
+                lambda png: request_caption(png, task, server_url, api_key=api_key, timeout=timeout), pngs
+            )
+        )
 
 
 def _detail(body: bytes) -> str:
