@@ -10,7 +10,7 @@ from aiohttp import web
 
 from vision_server.api.bodies import MissingField, read_json_object, require_str
 from vision_server.api.errors import ERROR_FORMATTERS, REQUEST_ID
-from vision_server.api.state import CAPTIONER, DECODER, ENGINE, SETTINGS, default_options
+from vision_server.api.state import CAPTIONER, DECODER, ENGINE, SETTINGS
 from vision_server.captioner import CaptionItem
 from vision_server.errors import VisionServerError
 from vision_server.florence.prompts import normalize_task
@@ -27,7 +27,7 @@ async def process_image(request: web.Request) -> web.Response:
     prompt = require_str(body, "prompt")
     task = normalize_task(prompt, request.app[CAPTIONER].tasks)
     image = await request.app[DECODER].from_base64(image_text)
-    item = CaptionItem(image=image, task=task, options=default_options(request.app[SETTINGS]))
+    item = CaptionItem(image=image, task=task, options=request.app[SETTINGS].generation_defaults())
     caption = await request.app[ENGINE].submit(item, request_id=request[REQUEST_ID])
     return web.json_response({"result": caption.text})
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from vision_server.captioner import Captioner, GenerationOptions
+from vision_server.captioner import Captioner
 from vision_server.engine.scheduler import Engine
 from vision_server.images import ImageDecoder
 from vision_server.metrics import Metrics
@@ -17,7 +17,3 @@ DECODER = web.AppKey("decoder", ImageDecoder)
 STARTED_AT = web.AppKey("started_at", float)
 METRICS = web.AppKey("metrics", Metrics)
 
-
-def default_options(settings: Settings) -> GenerationOptions:
-    """Generation options a request gets when its family has no way to override them."""
-    return settings.generation_defaults()
