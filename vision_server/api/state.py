@@ -16,4 +16,3 @@ CAPTIONER = web.AppKey("captioner", Captioner)
 DECODER = web.AppKey("decoder", ImageDecoder)
 STARTED_AT = web.AppKey("started_at", float)
 METRICS = web.AppKey("metrics", Metrics)
-
