@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,10 +47,18 @@ def tiny_original_adapter_dir(tiny_native_dir: Path, tmp_path_factory: pytest.Te
 
 @pytest.fixture(scope="module")
 def tiny_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``vision-server serve --model test:tiny`` as a real process on a free port, one per module."""
+    """``vision-server serve --model test:tiny`` as a real process on a free port, one per module.
+
+    The model is preloaded (it is ready once the server listens) and captions are capped at 32
+    tokens to keep modules fast; everything else is the server's default.
+    """
     from tests.processes import ServerProcess, cli_command, server_env
 
     tmp = tmp_path_factory.mktemp("tiny-server")
-    command = [*cli_command(), "serve", "--model", "test:tiny", "--idle-timeout", "-1"]
+    options = ["--idle-timeout", "-1", "--max-new-tokens", "32", "--preload"]
+    command = [*cli_command(), "serve", "--model", "test:tiny", *options]
     with ServerProcess(command, server_env(tmp), tmp / "server.log") as process:
-        yield process.wait_listening()
+        yield process.wait_listening(timeout=90)
+        process.send(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(15)

@@ -10,26 +10,19 @@ against the scripts' parameters everywhere, and run too where ``pwsh`` exists.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
-import urllib.request
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-
-from tests.processes import ServerProcess, cli_command, server_env
 
 REPO = Path(__file__).resolve().parent.parent
 DOCS = (REPO / "README.md",)
@@ -114,33 +107,9 @@ def test_powershell_example_is_valid(example: Example) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("docs-server")
-    command = [
-        *cli_command(),
-        "serve",
-        "--model",
-        "test:tiny",
-        "--idle-timeout",
-        "-1",
-        "--max-new-tokens",
-        "32",
-        "--preload",
-    ]
-    with ServerProcess(command, server_env(tmp), tmp / "server.log") as process:
-        url = process.wait_listening(timeout=90)
-        deadline = time.monotonic() + 90
-        while True:
-            with contextlib.suppress(OSError, ValueError):
-                with urllib.request.urlopen(url + "/v1/status", timeout=5) as reply:
-                    if json.loads(reply.read())["state"] == "ready":
-                        break
-            assert time.monotonic() < deadline, process.log_text()[-3000:]
-            time.sleep(0.1)
-        yield url
-        process.send(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(15)
+def server(tiny_server_url: str) -> str:
+    """The module's real ``vision-server serve --model test:tiny`` (see conftest)."""
+    return tiny_server_url
 
 
 @dataclass

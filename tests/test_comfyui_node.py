@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import ast
 import base64
-import contextlib
 import importlib.util
 import io
 import json
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -27,8 +24,6 @@ from types import ModuleType
 import numpy as np
 import pytest
 from PIL import Image
-
-from tests.processes import ServerProcess, cli_command, server_env
 
 NODE_DIR = Path(__file__).resolve().parent.parent / "clients" / "comfyui"
 
@@ -235,38 +230,9 @@ def test_unreachable_server(node: ModuleType, monkeypatch: pytest.MonkeyPatch) -
 
 
 @pytest.fixture(scope="module")
-def tiny_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """``vision-server serve --model test:tiny`` in a subprocess, model loaded."""
-    tmp = tmp_path_factory.mktemp("comfyui-server")
-    command = [
-        *cli_command(),
-        "serve",
-        "--model",
-        "test:tiny",
-        "--idle-timeout",
-        "-1",
-        "--max-new-tokens",
-        "32",
-        "--preload",
-    ]
-    with ServerProcess(command, server_env(tmp), tmp / "server.log") as process:
-        url = process.wait_listening(timeout=90)
-        deadline = time.monotonic() + 90
-        while not _ready(url):
-            assert time.monotonic() < deadline, process.log_text()[-3000:]
-            time.sleep(0.1)
-        yield url
-        process.send(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(15)
-
-
-def _ready(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url + "/v1/status", timeout=5) as response:
-            return json.loads(response.read())["state"] == "ready"
-    except (OSError, ValueError):
-        return False
+def tiny_server(tiny_server_url: str) -> str:
+    """The module's real ``vision-server serve --model test:tiny`` (see conftest)."""
+    return tiny_server_url
 
 
 def native_caption(url: str, image: np.ndarray, task: str) -> str:

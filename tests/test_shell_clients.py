@@ -8,7 +8,6 @@ hang (timeouts, Ctrl+C) and answer 503 (retries).
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import os
@@ -20,15 +19,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from PIL import Image
-
-from tests.processes import ServerProcess, cli_command, server_env
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENT = REPO / "clients" / "vision-client.sh"
@@ -69,43 +65,10 @@ def http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, 
         return error.code, json.loads(error.read() or b"null")
 
 
-def _own_server(tmp_dir: Path) -> Iterator[str]:
-    # Short captions keep the module fast; everything else is the server's default.
-    command = [
-        *cli_command(),
-        "serve",
-        "--model",
-        "test:tiny",
-        "--idle-timeout",
-        "-1",
-        "--max-new-tokens",
-        "32",
-    ]
-    with ServerProcess(command, server_env(tmp_dir), tmp_dir / "server.log") as process:
-        url = process.wait_listening(timeout=90)
-        deadline = time.monotonic() + 60
-        while True:
-            with contextlib.suppress(OSError):
-                if http(url + "/prompts", timeout=2)[0] == 200:
-                    break
-            assert time.monotonic() < deadline, process.log_text()[-3000:]
-            time.sleep(0.2)
-        yield url
-        process.send(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(15)
-
-
 @pytest.fixture(scope="module")
-def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a running test:tiny server (the shared ``live_server`` fixture if there is one)."""
-    with contextlib.suppress(pytest.FixtureLookupError):
-        live = request.getfixturevalue("live_server")
-        url = live if isinstance(live, str) else getattr(live, "url", None)
-        if isinstance(url, str):
-            yield url.rstrip("/")
-            return
-    yield from _own_server(tmp_path_factory.mktemp("shell-server"))
+def server(tiny_server_url: str) -> str:
+    """The module's real ``vision-server serve --model test:tiny`` (see conftest)."""
+    return tiny_server_url
 
 
 class _QuietServer(ThreadingHTTPServer):
