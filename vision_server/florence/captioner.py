@@ -68,6 +68,7 @@ class _Loaded:
     processor: Any
     device: torch.device
     dtype: torch.dtype
+    pixels: PixelSpec
     plan: CompilePlan | None = None
 
 
@@ -175,8 +176,8 @@ class FlorenceCaptioner:
         model = AutoModelForImageTextToText.from_pretrained(native, dtype=dtype, attn_implementation="sdpa")
         model = self._apply_adapter(model).to(device).eval()
         log.debug("weights loaded from %s in %.2f s", native, time.perf_counter() - started)
-        self._pixel_spec = pixel_spec(processor)
-        loaded = _Loaded(model, processor, device, dtype)
+        loaded = _Loaded(model, processor, device, dtype, pixel_spec(processor))
+        self._pixel_spec = loaded.pixels
         if self.compile:
             self._compile(loaded)
         return loaded
@@ -196,7 +197,7 @@ class FlorenceCaptioner:
             config._compile_all_devices = True
             loaded.model.generation_config.compile_config = config
         loaded.plan = plan
-        blank = Image.new("RGB", (self._pixel_spec.width, self._pixel_spec.height), (128, 128, 128))  # type: ignore[union-attr]
+        blank = Image.new("RGB", (loaded.pixels.width, loaded.pixels.height), (128, 128, 128))
         for bucket in plan.buckets:
             started = time.perf_counter()
             self._caption_group(loaded, [CaptionItem(blank, self.tasks[0], self.default_options)] * bucket)
@@ -268,7 +269,7 @@ class FlorenceCaptioner:
         self, loaded: _Loaded, items: list[CaptionItem], length: int | None = None
     ) -> dict[str, Any]:
         """Model inputs: pixels prepared before the queue (or now), prompts tokenised and padded."""
-        spec = self._pixel_spec or pixel_spec(loaded.processor)
+        spec = loaded.pixels
         pixels = [item.pixels if item.pixels is not None else to_pixels(item.image, spec) for item in items]
         inputs = dict(prompt_ids(loaded.processor, [item.task for item in items], length))
         inputs["pixel_values"] = torch.from_numpy(np.stack(pixels)).to(loaded.dtype)
