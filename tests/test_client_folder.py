@@ -19,8 +19,8 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
+from vision_server.captionfiles import write_atomic
 from vision_server.client import AsyncVisionClient, RetryPolicy, VisionClient, caption_folder, find_images
-from vision_server.client.files import write_atomic
 
 PNG_MAGIC = b"\x89PNG"
 

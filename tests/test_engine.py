@@ -214,6 +214,42 @@ async def test_queue_full_is_refused_with_an_estimate() -> None:
     await engine.stop()
 
 
+async def test_wait_for_room_is_never_refused_and_keeps_the_queue_bound() -> None:
+    fake = FakeCaptioner(delay=0.02)
+    engine = await started(fake, max_queue=2, max_batch_size=2, max_batch_wait=0)
+    items = [item(n) for n in range(20)]
+    depths: list[int] = []
+
+    async def watch() -> None:
+        while True:
+            depths.append(engine.status().queue_depth)
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    results = await asyncio.gather(*(engine.submit(i, wait_for_room=True) for i in items))
+    watcher.cancel()
+    assert [r.text for r in results] == [FakeCaptioner.expected(i) for i in items]
+    assert max(depths) <= 2 and max(fake.batch_sizes) <= 2
+    await engine.stop()
+
+
+async def test_waiting_for_room_ends_with_draining_on_stop() -> None:
+    fake = FakeCaptioner(delay=0.3)
+    engine = await started(fake, max_queue=1, max_batch_size=1)
+    running = asyncio.create_task(engine.submit(item(0)))
+    await asyncio.sleep(0.1)
+    queued = asyncio.create_task(engine.submit(item(1)))
+    await asyncio.sleep(0.02)
+    waiting = asyncio.create_task(engine.submit(item(2), wait_for_room=True))
+    await asyncio.sleep(0.02)
+    assert not waiting.done()
+    await engine.stop(grace=0)
+    await running
+    for task in (queued, waiting):
+        with pytest.raises(Draining):
+            await task
+
+
 async def test_abandoned_job_is_never_run() -> None:
     fake = FakeCaptioner(delay=0.4)
     engine = await started(fake, max_batch_size=1)

@@ -67,8 +67,8 @@ def _empty(tmp_path: Path) -> Path:
 
 
 def test_batch_size_default_depends_on_the_device(tmp_path: Path) -> None:
-    from vision_server.app import engine_config
     from vision_server.florence.captioner import FlorenceCaptioner
+    from vision_server.runtime import engine_config
 
     cpu = FlorenceCaptioner("test:tiny", cache_dir=tmp_path, device="cpu")
     gpu = FlorenceCaptioner("test:tiny", cache_dir=tmp_path, device="cuda:0")

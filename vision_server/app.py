@@ -13,28 +13,11 @@ from vision_server.api.errors import ERROR_FORMATTERS, error_middleware
 from vision_server.api.state import CAPTIONER, DECODER, ENGINE, METRICS, SETTINGS, STARTED_AT
 from vision_server.captioner import Captioner
 from vision_server.engine.observer import EngineObserver, ObserverGroup
-from vision_server.engine.scheduler import Engine, EngineConfig
+from vision_server.engine.scheduler import Engine
 from vision_server.images import ImageDecoder
 from vision_server.metrics import Metrics
+from vision_server.runtime import build_captioner, engine_config
 from vision_server.settings import Settings
-
-
-def engine_config(settings: Settings, captioner: Captioner) -> EngineConfig:
-    return EngineConfig(
-        max_queue=settings.max_queue,
-        max_batch_size=settings.max_batch_size or captioner.preferred_batch_size,
-        max_batch_wait=settings.max_batch_wait,
-        idle_timeout=settings.idle_timeout,
-        request_timeout=settings.request_timeout,
-        prepare_threads=settings.decode_threads,
-    )
-
-
-def build_captioner(settings: Settings) -> Captioner:
-    """The Florence-2 captioner for ``settings.model`` (imported lazily: it pulls in torch)."""
-    from vision_server.florence.captioner import FlorenceCaptioner
-
-    return FlorenceCaptioner.from_settings(settings)
 
 
 def create_app(

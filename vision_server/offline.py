@@ -6,12 +6,12 @@ import asyncio
 import sys
 from pathlib import Path
 
-from vision_server.app import build_captioner, engine_config
 from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.engine.scheduler import Engine
 from vision_server.errors import VisionServerError
 from vision_server.florence.prompts import normalize_task
 from vision_server.images import open_image
+from vision_server.runtime import build_captioner, engine_config
 from vision_server.settings import Settings
 
 

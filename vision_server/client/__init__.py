@@ -7,6 +7,7 @@
 The package needs only aiohttp (and tqdm for the CLI's progress bar); it never imports torch.
 """
 
+from vision_server.captionfiles import IMAGE_EXTENSIONS, MODES, find_images
 from vision_server.client.api import DEFAULT_TASK, DEFAULT_URL, AsyncVisionClient, task_token
 from vision_server.client.errors import (
     AuthenticationError,
@@ -18,7 +19,6 @@ from vision_server.client.errors import (
     VisionHTTPError,
     VisionTimeoutError,
 )
-from vision_server.client.files import IMAGE_EXTENSIONS, MODES, find_images
 from vision_server.client.folder import Failure, FolderSummary, ImageResult, caption_folder
 from vision_server.client.retry import RetryPolicy
 from vision_server.client.sync import VisionClient

@@ -17,9 +17,9 @@ from typing import Any, TypeVar
 
 import click
 
+from vision_server.captionfiles import MODES
 from vision_server.client.api import DEFAULT_TASK, DEFAULT_TIMEOUT, DEFAULT_URL, AsyncVisionClient
 from vision_server.client.errors import VisionClientError
-from vision_server.client.files import MODES
 from vision_server.client.folder import FolderSummary, ImageResult, caption_folder
 
 T = TypeVar("T")

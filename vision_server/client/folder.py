@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from vision_server.client.api import DEFAULT_TASK, AsyncVisionClient, task_token
-from vision_server.client.errors import VisionClientError, VisionConnectionError
-from vision_server.client.files import (
+from vision_server.captionfiles import (
     MODES,
     Mode,
     caption_path,
@@ -28,6 +26,8 @@ from vision_server.client.files import (
     read_caption,
     write_atomic,
 )
+from vision_server.client.api import DEFAULT_TASK, AsyncVisionClient, task_token
+from vision_server.client.errors import VisionClientError, VisionConnectionError
 from vision_server.client.jsonl import JsonlWriter, captioned_files
 
 Outcome = Literal["done", "skipped", "failed"]

@@ -50,6 +50,7 @@ class JobQueue:
         self.maxsize = maxsize
         self._jobs: deque[CaptionJob] = deque()
         self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
 
     def __len__(self) -> int:
         return len(self._jobs)
@@ -65,6 +66,15 @@ class JobQueue:
             )
         self._jobs.append(job)
         self._arrived.set()
+
+    async def wait_for_room(self) -> None:
+        """Wait until a job can be put without being refused (for callers that must not be refused).
+
+        Only the caller that wakes first gets the place when several wait; the others wait again.
+        """
+        while len(self._jobs) >= self.maxsize:
+            self._room.clear()
+            await self._room.wait()
 
     async def wait(self, timeout: float | None) -> bool:
         """Wait until a job is queued (or :meth:`wake` is called); False on timeout."""
@@ -83,6 +93,7 @@ class JobQueue:
 
     def drop_abandoned(self) -> None:
         self._jobs = deque(job for job in self._jobs if not job.abandoned)
+        self._room.set()
 
     def take_batch(self, limit: int) -> list[CaptionJob]:
         """The oldest job plus every waiting job with the same generation options, up to ``limit``.
@@ -102,6 +113,7 @@ class JobQueue:
             else:
                 rest.append(job)
         self._jobs = rest
+        self._room.set()
         return batch
 
     def count_compatible(self, key: GenerationOptions) -> int:
@@ -109,4 +121,5 @@ class JobQueue:
 
     def take_all(self) -> list[CaptionJob]:
         jobs, self._jobs = list(self._jobs), deque()
+        self._room.set()
         return jobs

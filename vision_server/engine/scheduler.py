@@ -93,16 +93,27 @@ class Engine:
         if preload:
             await self.load()
 
-    async def submit(self, item: CaptionItem, *, request_id: str = "-") -> Caption:
-        """Queue one image and wait for its caption (raises domain errors on refusal or failure)."""
+    async def submit(
+        self, item: CaptionItem, *, request_id: str = "-", wait_for_room: bool = False
+    ) -> Caption:
+        """Queue one image and wait for its caption (raises domain errors on refusal or failure).
+
+        A full queue refuses the job at once, unless ``wait_for_room``: then the caller waits for
+        a place (the offline dataset captioner, which bounds what it has in flight itself).
+        """
         if self._draining or self._worker is None:
             self.observer.job_rejected("draining")
             raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
         timeout = self.config.request_timeout
-        item = await self._prepare(item)
+        item = await self._prepare(item, wait_for_room)
         if self._draining:
             self.observer.job_rejected("draining")
             raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
+        if wait_for_room:
+            await self._queue.wait_for_room()
+            if self._draining:
+                self.observer.job_rejected("draining")
+                raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
         job = CaptionJob(item, asyncio.get_running_loop().create_future(), request_id)
         job.deadline = job.enqueued_at + timeout
         try:
@@ -119,9 +130,9 @@ class Engine:
             if job.queue_wait is not None:
                 record_job(job.queue_wait, job.batch_size)
 
-    async def _prepare(self, item: CaptionItem) -> CaptionItem:
+    async def _prepare(self, item: CaptionItem, wait_for_room: bool) -> CaptionItem:
         """Resize and normalise on the CPU pool so the model thread only runs the model."""
-        if len(self._queue) >= self.config.max_queue:
+        if len(self._queue) >= self.config.max_queue and not wait_for_room:
             return item  # it will be refused at once; don't spend CPU on it
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._prepare_pool, self.captioner.preprocess, item)

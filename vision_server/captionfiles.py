@@ -1,5 +1,9 @@
 """Dataset files on disk: which files are images, where their captions go, and safe writes.
 
+Shared by the HTTP folder client (``vision-client folder``) and the offline dataset captioner
+(``vision-server caption``), so both name, skip and merge caption files the same way. Standard
+library only: the client package must not pull in the model layer, and this must not pull in HTTP.
+
 Captions live beside their image with the image's suffix replaced (``cat.png`` -> ``cat.txt``),
 the convention of kohya-ss, OneTrainer, taggui and joycaption. A caption file is written to a
 temporary file in the same folder and renamed over the target, so an error or Ctrl+C never

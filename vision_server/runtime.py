@@ -1,0 +1,29 @@
+"""Building the captioner and the engine from :class:`Settings`, for the server and offline runs.
+
+Kept apart from :mod:`vision_server.app` so the offline dataset captioner uses exactly the same
+model and engine setup without importing the HTTP stack.
+"""
+
+from __future__ import annotations
+
+from vision_server.captioner import Captioner
+from vision_server.engine.scheduler import EngineConfig
+from vision_server.settings import Settings
+
+
+def engine_config(settings: Settings, captioner: Captioner) -> EngineConfig:
+    return EngineConfig(
+        max_queue=settings.max_queue,
+        max_batch_size=settings.max_batch_size or captioner.preferred_batch_size,
+        max_batch_wait=settings.max_batch_wait,
+        idle_timeout=settings.idle_timeout,
+        request_timeout=settings.request_timeout,
+        prepare_threads=settings.decode_threads,
+    )
+
+
+def build_captioner(settings: Settings) -> Captioner:
+    """The Florence-2 captioner for ``settings.model`` (imported lazily: it pulls in torch)."""
+    from vision_server.florence.captioner import FlorenceCaptioner
+
+    return FlorenceCaptioner.from_settings(settings)
