@@ -24,7 +24,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from tests.compat_helpers import tiny_settings
 from vision_server.api.auth import admin_only
-from vision_server.api.state import CAPTIONER
+from vision_server.api.state import ENGINE
 from vision_server.app import create_app
 from vision_server.settings import Settings
 
@@ -75,7 +75,7 @@ def routes_of(app: web.Application, model_id: str) -> tuple[list[Route], set[str
 async def serving(settings: Settings) -> AsyncIterator[tuple[str, list[Route], set[str]]]:
     """The real app with the tiny model on a free port; yields its URL, routes and admin paths."""
     app = create_app(settings)
-    routes, admin = routes_of(app, app[CAPTIONER].model_id)
+    routes, admin = routes_of(app, app[ENGINE].model_card.model_id)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)

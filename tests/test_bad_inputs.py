@@ -31,7 +31,7 @@ from tests.compat_helpers import image_bytes, tiny_settings
 from tests.processes import ServerProcess, cli_command, server_env
 from vision_server.api.task_words import MAX_PROMPT_CHARS, task_from_text
 from vision_server.errors import BadRequest
-from vision_server.florence.prompts import PROMPTGEN_TASKS
+from vision_server.tasks import PROMPTGEN_TASKS
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="RSS of a subprocess via psutil, POSIX paths")
 

@@ -16,7 +16,7 @@ from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.errors import InvalidTask, ModelLoadError
 from vision_server.florence import conversion_cache
 from vision_server.florence.captioner import FlorenceCaptioner
-from vision_server.florence.prompts import PROMPTGEN_TASKS, normalize_task
+from vision_server.tasks import PROMPTGEN_TASKS, normalize_task
 
 SHORT = GenerationOptions(max_new_tokens=40)
 

@@ -26,7 +26,7 @@ from vision_server.florence.conversion_cache import (
 )
 from vision_server.florence.convert import convert_checkpoint, detect_layout
 from vision_server.florence.layout import native_key, original_key
-from vision_server.florence.prompts import PROMPTGEN_TASKS
+from vision_server.tasks import PROMPTGEN_TASKS
 from vision_server.testing._tokenizer import build_tokenizer
 from vision_server.testing.tiny_model import PRESETS, florence2_config
 

@@ -11,9 +11,10 @@ from PIL import Image
 
 from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.engine.jobs import CaptionJob, JobQueue
-from vision_server.engine.lifecycle import ModelState
+from vision_server.engine.lifecycle import ModelCard, ModelState
 from vision_server.engine.scheduler import CaptionFailed, Engine, EngineConfig
 from vision_server.errors import DeadlineExceeded, Draining, ModelLoadError, OutOfMemory, QueueFull
+from vision_server.tasks import PROMPTGEN_TASKS
 from vision_server.testing.fake import FakeCaptioner
 
 
@@ -103,6 +104,19 @@ async def test_lazy_load_on_first_job() -> None:
     assert status.state is ModelState.READY and status.device == "cpu" and status.loaded_since
     assert status.expires_at is not None and status.expires_at > time.time()
     await engine.stop()
+
+
+async def test_model_card_names_the_model_and_shows_where_it_runs_once_loaded() -> None:
+    engine = await started(FakeCaptioner(model_id="card-model"), idle_timeout=-1)
+    try:
+        assert engine.model_card == ModelCard("card-model", PROMPTGEN_TASKS, None, None)
+        await engine.load()
+        assert engine.model_card == ModelCard("card-model", PROMPTGEN_TASKS, "cpu", "float32")
+        await engine.unload()
+        assert engine.model_card.device is None
+        assert not hasattr(engine, "captioner"), "the worker is the only holder of the model"
+    finally:
+        await engine.stop()
 
 
 async def test_idle_unload_counts_from_the_end_of_the_last_batch() -> None:

@@ -11,8 +11,8 @@ from aiohttp import ClientSession, FormData, MultipartWriter
 
 from tests.compat_helpers import image_bytes, native_caption, tiny_settings
 from tests.serving import client_for
-from vision_server.florence.prompts import PROMPTGEN_TASKS
 from vision_server.settings import Settings
+from vision_server.tasks import PROMPTGEN_TASKS
 from vision_server.testing.fake import FakeCaptioner
 
 

@@ -15,8 +15,8 @@ from PIL import Image
 
 from tests.serving import client_for, running_server
 from vision_server.engine.scheduler import CaptionFailed
-from vision_server.florence.prompts import PROMPTGEN_TASKS
 from vision_server.settings import Settings
+from vision_server.tasks import PROMPTGEN_TASKS
 from vision_server.testing.fake import FakeCaptioner
 
 

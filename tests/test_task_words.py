@@ -6,7 +6,7 @@ import pytest
 
 from vision_server.api.task_words import KEYWORD_TABLE, TASK_DESCRIPTIONS, default_task, task_from_text
 from vision_server.errors import InvalidTask
-from vision_server.florence.prompts import FLORENCE_TASKS, PROMPTGEN_TASKS
+from vision_server.tasks import FLORENCE_TASKS, PROMPTGEN_TASKS
 
 DEFAULT = "<MORE_DETAILED_CAPTION>"
 

@@ -14,7 +14,7 @@ from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, Florence2ForConditionalGeneration
 
 from vision_server.florence.layout import FLORENCE_TOKENS, IMAGE_TOKEN
-from vision_server.florence.prompts import PROMPTGEN_TASKS
+from vision_server.tasks import PROMPTGEN_TASKS
 from vision_server.testing._tokenizer import CAPTION_WORDS, build_tokenizer
 from vision_server.testing.tiny_model import PRESETS, build_test_adapter, build_test_model, florence2_config
 

@@ -10,7 +10,7 @@ from aiohttp import web
 from vision_server.api import admin, auth, cors, extras, multipart, native, openai, ops, ratelimit
 from vision_server.api.access import access_middleware
 from vision_server.api.errors import ERROR_FORMATTERS, error_middleware
-from vision_server.api.state import CAPTIONER, DECODER, ENGINE, METRICS, SETTINGS, STARTED_AT
+from vision_server.api.state import DECODER, ENGINE, METRICS, SETTINGS, STARTED_AT
 from vision_server.captioner import Captioner
 from vision_server.engine.observer import EngineObserver, ObserverGroup
 from vision_server.engine.scheduler import Engine
@@ -30,7 +30,6 @@ def create_app(
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares)
     app[METRICS] = metrics
     app[SETTINGS] = settings
-    app[CAPTIONER] = captioner
     engine_observer = metrics if observer is None else ObserverGroup(metrics, observer)
     app[ENGINE] = Engine(captioner, engine_config(settings, captioner), engine_observer)
     metrics.watch(app[ENGINE])

@@ -9,10 +9,10 @@ from pathlib import Path
 from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.engine.scheduler import Engine
 from vision_server.errors import VisionServerError
-from vision_server.florence.prompts import normalize_task
 from vision_server.images import open_image
 from vision_server.runtime import build_captioner, engine_config
 from vision_server.settings import Settings
+from vision_server.tasks import normalize_task
 
 
 async def caption_files(settings: Settings, paths: list[Path], task: str) -> list[Path]:

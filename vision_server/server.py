@@ -150,7 +150,7 @@ def serve(settings: Settings, captioner: Captioner | None = None) -> None:
         log.info(
             "vision-server %s serving %s (idle timeout %gs, pid %d)",
             __version__,
-            app[ENGINE].captioner.model_id,
+            app[ENGINE].model_card.model_id,
             settings.idle_timeout,
             os.getpid(),
         )

@@ -15,7 +15,7 @@ from aiohttp import web
 from vision_server.api.bodies import read_json_object
 from vision_server.api.captioning import caption_base64
 from vision_server.api.errors import ERROR_FORMATTERS
-from vision_server.api.state import CAPTIONER, SETTINGS
+from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.api.task_words import task_from_text
 from vision_server.errors import BadRequest, VisionServerError
 
@@ -39,7 +39,7 @@ async def caption(request: web.Request) -> web.Response:
     if prompt is not None and not isinstance(prompt, str):
         raise BadRequest('"prompt" must be a string.')
     settings = request.app[SETTINGS]
-    task = task_from_text(prompt, request.app[CAPTIONER].tasks, settings.default_task)
+    task = task_from_text(prompt, request.app[ENGINE].model_card.tasks, settings.default_task)
     result = await caption_base64(request, image, task, settings.generation_defaults())
     return web.json_response({"caption": result.text})
 

@@ -41,11 +41,11 @@ from vision_server.api.generation import (
     as_number,
     generation_options,
 )
-from vision_server.api.state import CAPTIONER, ENGINE, SETTINGS
+from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.api.task_words import TASK_DESCRIPTIONS, default_task, task_from_text
 from vision_server.captioner import Caption, GenerationOptions
 from vision_server.errors import BadRequest, VisionServerError
-from vision_server.florence.prompts import normalize_task
+from vision_server.tasks import normalize_task
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +94,8 @@ def no_image(form: Form, names: tuple[str, ...]) -> BadRequest:
 
 
 def brief_model_info(app: web.Application, task: str) -> dict[str, Any]:
-    return {"model_type": MODEL_TYPE, "model": app[CAPTIONER].model_id, "task": task, "version": __version__}
+    model = app[ENGINE].model_card.model_id
+    return {"model_type": MODEL_TYPE, "model": model, "task": task, "version": __version__}
 
 
 def confidence_of(caption: Caption) -> float | None:
@@ -115,7 +116,7 @@ async def _single(request: web.Request, route_default: str) -> web.Response:
         raise no_image(form, IMAGE_FIELDS)
     if len(form.files) > 1:
         raise BadRequest(f"{len(form.files)} files uploaded; send one here, or several to /batch_caption.")
-    task = task_for(form, request.app[CAPTIONER].tasks, route_default)
+    task = task_for(form, request.app[ENGINE].model_card.tasks, route_default)
     result = await caption_bytes(request, form.files[0].data, task, options_for(form, request))
     return web.json_response(
         {
@@ -140,7 +141,7 @@ async def batch_caption(request: web.Request) -> web.Response:
     form = await read_form(request, BATCH_FIELDS, request.app[SETTINGS].max_request_bytes)
     if not form.files:
         raise no_image(form, BATCH_FIELDS)
-    task = task_for(form, request.app[CAPTIONER].tasks, CAPTION_TASK)
+    task = task_for(form, request.app[ENGINE].model_card.tasks, CAPTION_TASK)
     options = options_for(form, request)
     outcomes = await asyncio.gather(
         *(caption_bytes(request, upload.data, task, options) for upload in form.files), return_exceptions=True
@@ -174,7 +175,7 @@ def slot(request: web.Request, upload: Upload, outcome: Caption | BaseException)
 
 
 async def tasks(request: web.Request) -> web.Response:
-    model_tasks = request.app[CAPTIONER].tasks
+    model_tasks = request.app[ENGINE].model_card.tasks
     listed = [{"task": task, "description": TASK_DESCRIPTIONS.get(task, "")} for task in model_tasks]
     return web.json_response({"tasks": listed, "default": default_task(CAPTION_TASK, model_tasks)})
 
@@ -182,16 +183,17 @@ async def tasks(request: web.Request) -> web.Response:
 async def model_info(request: web.Request) -> web.Response:
     app = request.app
     status = app[ENGINE].status()
+    card = app[ENGINE].model_card
     settings = app[SETTINGS]
     return web.json_response(
         {
             "model_type": MODEL_TYPE,
-            "model": app[CAPTIONER].model_id,
+            "model": card.model_id,
             "version": __version__,
             "state": status.state.value,
             "device": status.device,
             "dtype": status.dtype,
-            "tasks": list(app[CAPTIONER].tasks),
+            "tasks": list(card.tasks),
             "generation": {"max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams},
             "max_batch_size": settings.max_batch_size,
         }

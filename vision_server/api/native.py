@@ -10,10 +10,10 @@ from aiohttp import web
 
 from vision_server.api.bodies import MissingField, read_json_object, require_str
 from vision_server.api.errors import ERROR_FORMATTERS, REQUEST_ID
-from vision_server.api.state import CAPTIONER, DECODER, ENGINE, SETTINGS
+from vision_server.api.state import DECODER, ENGINE, SETTINGS
 from vision_server.captioner import CaptionItem
 from vision_server.errors import VisionServerError
-from vision_server.florence.prompts import normalize_task
+from vision_server.tasks import normalize_task
 
 
 def native_error(error: VisionServerError, request_id: str) -> web.Response:
@@ -25,7 +25,7 @@ async def process_image(request: web.Request) -> web.Response:
     body = await read_json_object(request)
     image_text = require_str(body, "image")
     prompt = require_str(body, "prompt")
-    task = normalize_task(prompt, request.app[CAPTIONER].tasks)
+    task = normalize_task(prompt, request.app[ENGINE].model_card.tasks)
     image = await request.app[DECODER].from_base64(image_text)
     item = CaptionItem(image=image, task=task, options=request.app[SETTINGS].generation_defaults())
     caption = await request.app[ENGINE].submit(item, request_id=request[REQUEST_ID])
@@ -33,11 +33,11 @@ async def process_image(request: web.Request) -> web.Response:
 
 
 async def prompts(request: web.Request) -> web.Response:
-    return web.json_response(list(request.app[CAPTIONER].tasks))
+    return web.json_response(list(request.app[ENGINE].model_card.tasks))
 
 
 async def model(request: web.Request) -> web.Response:
-    return web.json_response(request.app[CAPTIONER].model_id)
+    return web.json_response(request.app[ENGINE].model_card.model_id)
 
 
 def setup(app: web.Application) -> None:

@@ -42,7 +42,7 @@ from vision_server.api.generation import (
     as_number,
     generation_options,
 )
-from vision_server.api.state import CAPTIONER, SETTINGS, STARTED_AT
+from vision_server.api.state import ENGINE, SETTINGS, STARTED_AT
 from vision_server.api.task_words import task_from_text
 from vision_server.captioner import Caption, GenerationOptions
 from vision_server.errors import VisionServerError
@@ -270,12 +270,12 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
     settings = request.app[SETTINGS]
     chat = parse_chat_request(body, settings)
-    captioner = request.app[CAPTIONER]
-    task = task_from_text(chat.text, captioner.tasks, settings.default_task)
+    card = request.app[ENGINE].model_card
+    task = task_from_text(chat.text, card.tasks, settings.default_task)
     captions = await asyncio.gather(
         *(caption_base64(request, image, task, chat.options) for image in chat.images)
     )
-    completion = Completion.of(captioner.model_id, list(captions))
+    completion = Completion.of(card.model_id, list(captions))
     if chat.stream:
         return await send_events(request, completion.chunks(chat.include_usage))
     return web.json_response(completion.body())
@@ -283,7 +283,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 def model_card(app: web.Application) -> dict[str, Any]:
     return {
-        "id": app[CAPTIONER].model_id,
+        "id": app[ENGINE].model_card.model_id,
         "object": "model",
         "created": int(app[STARTED_AT]),
         "owned_by": OWNED_BY,

@@ -12,7 +12,7 @@ import time
 from aiohttp import web
 
 from vision_server.api.errors import ERROR_FORMATTERS
-from vision_server.api.state import CAPTIONER, ENGINE, METRICS, STARTED_AT
+from vision_server.api.state import ENGINE, METRICS, STARTED_AT
 from vision_server.engine.lifecycle import ModelState
 from vision_server.errors import VisionServerError
 from vision_server.gpu import gpu_available, gpu_memory
@@ -26,7 +26,7 @@ def ops_error(error: VisionServerError, request_id: str) -> web.Response:
 async def status(request: web.Request) -> web.Response:
     """State, model, device, dtype, loaded since, expires_at, queue depth, jobs running, errors."""
     data = request.app[ENGINE].status().as_dict()
-    data["tasks"] = list(request.app[CAPTIONER].tasks)
+    data["tasks"] = list(request.app[ENGINE].model_card.tasks)
     return web.json_response(data)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from vision_server.captioner import Captioner
 from vision_server.engine.scheduler import Engine
 from vision_server.images import ImageDecoder
 from vision_server.metrics import Metrics
@@ -12,7 +11,6 @@ from vision_server.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 ENGINE = web.AppKey("engine", Engine)
-CAPTIONER = web.AppKey("captioner", Captioner)
 DECODER = web.AppKey("decoder", ImageDecoder)
 STARTED_AT = web.AppKey("started_at", float)
 METRICS = web.AppKey("metrics", Metrics)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import re
 
 from vision_server.errors import BadRequest, InvalidTask
-from vision_server.florence.prompts import ALIASES
+from vision_server.tasks import ALIASES
 
 KEYWORD_TABLE: tuple[tuple[str, str], ...] = (
     # "mix" and, later, "plus"/"analysis". The lookahead fixes on the first "mix" (a lookahead

@@ -18,6 +18,20 @@ class ModelState(str, enum.Enum):
 
 
 @dataclass(frozen=True)
+class ModelCard:
+    """What the API layer may know of the model: its name, its tasks, where it runs.
+
+    Handed out by the engine so that no handler needs (or gets) the captioner itself.
+    ``device`` and ``dtype`` are None while the model is not loaded.
+    """
+
+    model_id: str
+    tasks: tuple[str, ...]
+    device: str | None
+    dtype: str | None
+
+
+@dataclass(frozen=True)
 class EngineStatus:
     """A point-in-time view of the engine for /v1/status, /health and metrics."""
 

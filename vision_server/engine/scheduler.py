@@ -17,7 +17,7 @@ from typing import Any, Literal
 
 from vision_server.captioner import Caption, Captioner, CaptionItem, ModelInfo
 from vision_server.engine.jobs import CaptionJob, JobQueue
-from vision_server.engine.lifecycle import EngineStatus, ModelState
+from vision_server.engine.lifecycle import EngineStatus, ModelCard, ModelState
 from vision_server.engine.observer import EngineObserver
 from vision_server.engine.trace import record_job
 from vision_server.errors import (
@@ -61,7 +61,7 @@ class Engine:
     def __init__(
         self, captioner: Captioner, config: EngineConfig | None = None, observer: EngineObserver | None = None
     ) -> None:
-        self.captioner = captioner
+        self._captioner = captioner
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self._queue = JobQueue(self.config.max_queue)
@@ -135,7 +135,7 @@ class Engine:
         if len(self._queue) >= self.config.max_queue and not wait_for_room:
             return item  # it will be refused at once; don't spend CPU on it
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._prepare_pool, self.captioner.preprocess, item)
+        return await loop.run_in_executor(self._prepare_pool, self._captioner.preprocess, item)
 
     async def load(self) -> EngineStatus:
         await self._command("load")
@@ -177,6 +177,17 @@ class Engine:
     def state(self) -> ModelState:
         return self._state
 
+    @property
+    def model_card(self) -> ModelCard:
+        """The model's name and tasks (device and dtype once it has loaded); never the model."""
+        info = self._info
+        return ModelCard(
+            model_id=self._captioner.model_id,
+            tasks=self._captioner.tasks,
+            device=info.device if info else None,
+            dtype=info.dtype if info else None,
+        )
+
     def retry_after(self) -> float:
         """An honest estimate of when a refused client should retry, capped for OpenAI SDKs."""
         backlog = (len(self._queue) + self._running) * self._seconds_per_job
@@ -186,7 +197,7 @@ class Engine:
         info = self._info
         return EngineStatus(
             state=self._state,
-            model=self.captioner.model_id,
+            model=self._captioner.model_id,
             device=info.device if info else None,
             dtype=info.dtype if info else None,
             loaded_since=self._loaded_since,
@@ -331,7 +342,7 @@ class Engine:
     def _caption_splitting(self, items: list[CaptionItem]) -> list[Caption]:
         """Caption ``items``; on out-of-memory retry each half, down to single images."""
         try:
-            return self.captioner.caption(items)
+            return self._captioner.caption(items)
         except OutOfMemory:
             if len(items) == 1:
                 raise
@@ -347,7 +358,7 @@ class Engine:
         self._set_state(ModelState.LOADING)
         started = time.monotonic()
         try:
-            self._info = await self._in_model_thread(self.captioner.load)
+            self._info = await self._in_model_thread(self._captioner.load)
         except Exception as exc:  # load errors are reported, never fatal
             self._last_error = (
                 exc.message if isinstance(exc, VisionServerError) else f"{type(exc).__name__}: {exc}"
@@ -366,7 +377,7 @@ class Engine:
         self.observer.model_loaded(seconds, ok=True)
         log.info(
             "model %s loaded on %s (%s) in %.2f s",
-            self.captioner.model_id,
+            self._captioner.model_id,
             self._info.device,
             self._info.dtype,
             seconds,
@@ -381,7 +392,7 @@ class Engine:
         self._set_state(ModelState.UNLOADING)
         started = time.monotonic()
         try:
-            await self._in_model_thread(self.captioner.unload)
+            await self._in_model_thread(self._captioner.unload)
         except Exception:
             log.exception("model unload raised; references were dropped anyway")
         self._info = None

@@ -12,7 +12,7 @@ import time
 
 from vision_server.captioner import Caption, CaptionItem, ModelInfo
 from vision_server.errors import ModelLoadError
-from vision_server.florence.prompts import PROMPTGEN_TASKS
+from vision_server.tasks import PROMPTGEN_TASKS
 
 
 class FakeCaptioner:
