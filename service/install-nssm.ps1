@@ -67,7 +67,7 @@ Invoke-Nssm set $ServiceName Description "On-demand Florence-2 / PromptGen image
 Invoke-Nssm set $ServiceName Start SERVICE_DELAYED_AUTO_START
 if ($Account) { Invoke-Nssm set $ServiceName ObjectName $Account }
 
-# Settings as VISION_SERVER_* variables (a config.toml works too; see the README's Operations section).
+# Settings as VISION_SERVER_* variables (a config.toml works too; see docs/configuration.md).
 $environment = @(
     "PYTHONUNBUFFERED=1",
     "VISION_SERVER_HOST=$ListenHost",
