@@ -1,11 +1,12 @@
 """The client examples of the docs run as written, against a live ``vision-server`` (tiny model).
 
-Every fenced block right after a ``<!-- tested -->`` line in README.md is an
-example this module checks. ``bash`` and ``python`` blocks run in a scratch folder that looks
-like a user's checkout (``clients/``, ``photo.jpg``, a ``dataset`` folder) with ``HOME`` and
-``VISION_HOST`` pointing at temporary places; the docs' default URL is swapped for the live
-server's. ``powershell`` blocks are parsed with the tree-sitter PowerShell grammar and checked
-against the scripts' parameters everywhere, and run too where ``pwsh`` exists.
+Every fenced block right after a ``<!-- tested -->`` line (or ``<!-- tested: NAME -->``, for a
+block another test looks up by name) in README.md and the docs site's pages (in the order of
+``mkdocs.yml``'s nav) is an example this module checks. ``bash`` and ``python`` blocks run in a
+scratch folder that looks like a user's checkout (``clients/``, ``photo.jpg``, a ``dataset``
+folder) with ``HOME`` and ``VISION_HOST`` pointing at temporary places; the docs' default URL is
+swapped for the live server's. ``powershell`` blocks are parsed with the tree-sitter PowerShell
+grammar and checked against the scripts' parameters everywhere, and run too where ``pwsh`` exists.
 """
 
 from __future__ import annotations
@@ -25,9 +26,17 @@ import pytest
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
-DOCS = (REPO / "README.md",)
 DEFAULT_URL = "http://127.0.0.1:54880"
-MARK = "<!-- tested -->"
+MARK = re.compile(r"<!-- tested(?:: ([\w-]+))? -->")
+
+
+def site_pages() -> list[Path]:
+    """The docs site's pages in nav order (the order a reader meets them, and the examples run)."""
+    nav = (REPO / "mkdocs.yml").read_text(encoding="utf-8").split("\nnav:", 1)[1]
+    return [REPO / "docs" / page for page in re.findall(r":\s*([\w/.-]+\.md)\s*$", nav, re.M)]
+
+
+DOCS = (REPO / "README.md", *site_pages())
 PWSH = shutil.which("pwsh")
 DATASET = ["cat.png", "Dog 2.JPG", "sub/bird.webp", "sub/fish.png"]
 
@@ -37,6 +46,7 @@ class Example:
     source: str  # "README.md:42"
     lang: str
     code: str
+    name: str | None = None  # from <!-- tested: NAME -->
 
     def __str__(self) -> str:
         return f"{self.source} ({self.lang})"
@@ -45,14 +55,13 @@ class Example:
 def find_tested_examples() -> list[Example]:
     """The marked blocks of every doc, in order; a block found twice (README and docs) counts once."""
     found: dict[tuple[str, str], Example] = {}
-    block = re.compile(re.escape(MARK) + r"[ \t]*\n+```(\w+)[ \t]*\n(.*?)^```", re.S | re.M)
+    block = re.compile(MARK.pattern + r"[ \t]*\n+```(\w+)[ \t]*\n(.*?)^```", re.S | re.M)
     for doc in DOCS:
-        if not doc.exists():
-            continue
         text = doc.read_text(encoding="utf-8")
         for match in block.finditer(text):
-            line = text.count("\n", 0, match.start(1)) + 1
-            example = Example(f"{doc.relative_to(REPO).as_posix()}:{line}", match.group(1), match.group(2))
+            line = text.count("\n", 0, match.start(2)) + 1
+            source = f"{doc.relative_to(REPO).as_posix()}:{line}"
+            example = Example(source, match.group(2), match.group(3), match.group(1))
             found.setdefault((example.lang, example.code), example)
     return list(found.values())
 
@@ -203,6 +212,39 @@ def test_bash_and_python_examples(sandbox: Sandbox) -> None:
     finally:
         for name in [name for name in sys.modules if name.startswith(spec.name)]:
             del sys.modules[name]
+
+
+def json_values(text: str) -> list[object]:
+    """The JSON documents printed one after another (curl adds no newline between replies)."""
+    decoder, values, index = json.JSONDecoder(), [], 0
+    while (index := len(text) - len(text[index:].lstrip())) < len(text):
+        value, index = decoder.raw_decode(text, index)
+        values.append(value)
+    return values
+
+
+def test_readme_try_it_prints_what_the_readme_shows(sandbox: Sandbox) -> None:
+    """The output the README pastes under "Try it without a download" is the tiny model's real output.
+
+    The ids and lists must match exactly; a caption's words depend on the image, so for objects
+    the keys must match and every value must be a non-empty string.
+    """
+    example = next(e for e in EXAMPLES if e.name == "try-it")
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    after = readme[readme.index(example.code) + len(example.code) :]
+    block = re.search(r"^```json\n(.*?)^```", after, re.S | re.M)
+    assert block, "the README shows no output under its try-it example"
+    shown = json_values(block.group(1))
+    result = run_example(example, sandbox)
+    assert result.returncode == 0, result.stderr
+    printed = json_values(result.stdout)
+    assert len(printed) == len(shown), result.stdout
+    for got, expected in zip(printed, shown, strict=True):
+        if isinstance(expected, dict):
+            assert isinstance(got, dict) and got.keys() == expected.keys(), (got, expected)
+            assert all(isinstance(value, str) and value for value in got.values()), got
+        else:
+            assert got == expected
 
 
 @pytest.mark.skipif(PWSH is None, reason="pwsh is not on PATH: the PowerShell examples are only parsed")

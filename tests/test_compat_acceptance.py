@@ -5,7 +5,7 @@
   Custom OpenAI-compatible from its server), reading what SillyTavern reads;
 - the multipart seed's ``curl`` examples, run as ``curl`` subprocesses;
 - the same four mistakes in every family, each answered in that family's error shape;
-- the ``bash`` and ``python`` examples of the README's Compatibility APIs section, run as written.
+- the ``bash`` and ``python`` examples of the docs site's API pages, run as written.
 """
 
 from __future__ import annotations
@@ -29,15 +29,13 @@ from tests.serving import running_server
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+API_DOCS = Path(__file__).resolve().parents[1] / "docs" / "api"
+API_PAGES = ("index.md", "native.md", "openai.md", "sillytavern.md", "multipart.md", "task-words.md")
 
 
 def doc_text() -> str:
-    """The README's "Compatibility APIs" section, up to the next top-level section."""
-    text = README.read_text(encoding="utf-8")
-    start = text.index("\n## Compatibility APIs\n")
-    end = text.find("\n## ", start + 1)
-    return text[start : end if end != -1 else None]
+    """The docs site's API pages, one after another."""
+    return "\n".join((API_DOCS / page).read_text(encoding="utf-8") for page in API_PAGES)
 
 
 ST_ORIGIN = "http://127.0.0.1:8000"  # where SillyTavern's page is served from (its default port)
@@ -526,6 +524,8 @@ def check_reply(value: Any) -> None:
             assert value["choices"][0]["message"]["content"]
         if "caption" in value:
             assert value["caption"]
+        if "result" in value:
+            assert value["result"]
         for result in value.get("results", []):
             assert result.get("caption") and "error" not in result, result
 
@@ -542,6 +542,7 @@ async def test_the_docs_bash_and_python_examples_work(tiny: Settings, tmp_path: 
     bash_blocks, python_blocks = doc_blocks("bash"), doc_blocks("python")
     text = "".join(bash_blocks)
     for route in (
+        "/process_image",
         "/v1/chat/completions",
         "/v1/models",
         "/api/modules",
@@ -549,7 +550,7 @@ async def test_the_docs_bash_and_python_examples_work(tiny: Settings, tmp_path: 
         "/caption",
         "/batch_caption",
     ):
-        assert route in text, f"the README's Compatibility APIs section has no bash example for {route}"
+        assert route in text, f"the API pages have no bash example for {route}"
     assert len(python_blocks) == 1 and "OpenAI(" in python_blocks[0]
     doc = doc_text()
     assert "--cors-origin " in doc and "--cors-origins" not in doc  # the flag is singular, repeatable

@@ -10,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from vision_server.settings import FIELDS, flag_name
+from vision_server import settings_reference
+from vision_server.settings import FIELDS, env_name, flag_name, read_config_file
+from vision_server.settings_reference import with_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,10 +30,35 @@ def test_readme_quick_start_has_the_two_commands_and_ci_runs_the_test_one() -> N
     assert test in ci_lines
 
 
-def test_every_setting_is_documented_in_the_readme() -> None:
-    readme = (ROOT / "README.md").read_text()
-    missing = [name for name in FIELDS if f"`{flag_name(name)}`" not in readme]
+def test_the_configuration_reference_is_generated_from_settings() -> None:
+    """The page's table is what ``vision_server.settings_reference`` renders now, one row per setting."""
+    page = ROOT / "docs" / "configuration.md"
+    text = page.read_text(encoding="utf-8")
+    assert with_table(text) == text, (
+        f"run: python -m vision_server.settings_reference {page.relative_to(ROOT)}"
+    )
+    missing = [name for name in FIELDS if f"| `{flag_name(name)}` | `{env_name(name)}` |" not in text]
     assert missing == []
+
+
+def test_the_settings_reference_check_fails_on_a_stale_table(tmp_path: Path) -> None:
+    stale = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8").replace("`--port`", "`--prt`")
+    page = tmp_path / "configuration.md"
+    page.write_text(stale, encoding="utf-8")
+    assert settings_reference.main([str(page), "--check"]) == 1
+    assert settings_reference.main([str(page)]) == 0
+    assert settings_reference.main([str(page), "--check"]) == 0
+    assert "`--port`" in page.read_text(encoding="utf-8")
+
+
+def test_the_configuration_example_is_a_valid_config_file(tmp_path: Path) -> None:
+    text = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    examples = re.findall(r"^```toml\n(.*?)^```", text, re.S | re.M)
+    assert examples
+    for example in examples:
+        path = tmp_path / "config.toml"
+        path.write_text(example, encoding="utf-8")
+        assert read_config_file(path)
 
 
 def test_serve_help_lists_every_setting() -> None:
