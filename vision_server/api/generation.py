@@ -6,6 +6,7 @@ every other family's default requests (the engine batches only equal options).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 from vision_server.captioner import GenerationOptions
@@ -75,22 +76,26 @@ def generation_options(
 ) -> GenerationOptions:
     """Options for one request, from already validated values.
 
-    ``temperature`` > 0 samples (with one beam unless beams are asked for) unless ``do_sample``
-    is false; ``top_p`` only matters when sampling. ``max_new_tokens`` is capped by the server's
-    ``--max-new-tokens``."""
-    limit = settings.max_new_tokens
-    tokens = min(max_new_tokens, limit) if max_new_tokens is not None else limit
-    floor = min(settings.min_new_tokens, tokens)
+    Built from :meth:`Settings.generation_defaults`, the one place defaults are made: a request
+    that overrides nothing gets exactly those options, so it batches with every family's
+    default requests. ``temperature`` > 0 samples (with one beam unless beams are asked for)
+    unless ``do_sample`` is false; ``top_p`` only matters when sampling. ``max_new_tokens`` is
+    capped by the server's ``--max-new-tokens``."""
+    defaults = settings.generation_defaults()
+    limit = defaults.max_new_tokens
+    tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
+    common = {
+        "max_new_tokens": tokens,
+        "min_new_tokens": min(defaults.min_new_tokens, tokens),
+        "with_confidence": with_confidence,
+    }
     if not (temperature or 0) > 0 or do_sample is False:
-        beams = num_beams if num_beams is not None else settings.num_beams
-        return GenerationOptions(
-            max_new_tokens=tokens, num_beams=beams, min_new_tokens=floor, with_confidence=with_confidence
-        )
-    return GenerationOptions(
-        max_new_tokens=tokens,
-        num_beams=num_beams if num_beams is not None else 1,
+        beams = defaults.num_beams if num_beams is None else num_beams
+        return dataclasses.replace(defaults, num_beams=beams, **common)
+    return dataclasses.replace(
+        defaults,
+        num_beams=1 if num_beams is None else num_beams,
         temperature=float(temperature or 0),
-        top_p=top_p if top_p is not None else 1.0,
-        min_new_tokens=floor,
-        with_confidence=with_confidence,
+        top_p=defaults.top_p if top_p is None else top_p,
+        **common,
     )

@@ -9,9 +9,9 @@ from __future__ import annotations
 from aiohttp import web
 
 from vision_server.api.bodies import MissingField, read_json_object, require_str
-from vision_server.api.errors import ERROR_FORMATTERS, REQUEST_ID
-from vision_server.api.state import DECODER, ENGINE, SETTINGS
-from vision_server.captioner import CaptionItem
+from vision_server.api.captioning import caption_base64
+from vision_server.api.errors import ERROR_FORMATTERS
+from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.errors import VisionServerError
 from vision_server.tasks import normalize_task
 
@@ -26,9 +26,7 @@ async def process_image(request: web.Request) -> web.Response:
     image_text = require_str(body, "image")
     prompt = require_str(body, "prompt")
     task = normalize_task(prompt, request.app[ENGINE].model_card.tasks)
-    image = await request.app[DECODER].from_base64(image_text)
-    item = CaptionItem(image=image, task=task, options=request.app[SETTINGS].generation_defaults())
-    caption = await request.app[ENGINE].submit(item, request_id=request[REQUEST_ID])
+    caption = await caption_base64(request, image_text, task, request.app[SETTINGS].generation_defaults())
     return web.json_response({"result": caption.text})
 
 
