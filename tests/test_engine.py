@@ -12,8 +12,15 @@ from PIL import Image
 from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.engine.jobs import CaptionJob, JobQueue
 from vision_server.engine.lifecycle import ModelCard, ModelState
-from vision_server.engine.scheduler import CaptionFailed, Engine, EngineConfig
-from vision_server.errors import DeadlineExceeded, Draining, ModelLoadError, OutOfMemory, QueueFull
+from vision_server.engine.scheduler import Engine, EngineConfig
+from vision_server.errors import (
+    CaptionFailed,
+    DeadlineExceeded,
+    Draining,
+    ModelLoadError,
+    OutOfMemory,
+    QueueFull,
+)
 from vision_server.tasks import PROMPTGEN_TASKS
 from vision_server.testing.fake import FakeCaptioner
 

@@ -102,6 +102,13 @@ async def test_tasks_and_model_info(tiny: Settings) -> None:
     assert all(entry["description"] for entry in tasks["tasks"]) and tasks["default"] == "<CAPTION>"
     assert info["model"] == "test:tiny" and info["model_type"] == "florence-2" and info["state"] == "unloaded"
     assert info["tasks"] == list(PROMPTGEN_TASKS)
+    assert tiny.max_batch_size is None and info["max_batch_size"] == 16  # unset: the model's preferred size
+
+
+async def test_model_info_reports_the_configured_batch_size(tmp_path: Path) -> None:
+    async with client_for(Settings(cache_dir=tmp_path, max_batch_size=3), FakeCaptioner()) as session:
+        async with session.get("/model_info") as response:
+            assert (await response.json())["max_batch_size"] == 3
 
 
 # --- errors -------------------------------------------------------------------------------------

@@ -6,10 +6,13 @@ import time
 from collections.abc import AsyncIterator
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 
 from vision_server.api import admin, auth, cors, extras, multipart, native, openai, ops, ratelimit
 from vision_server.api.access import access_middleware
-from vision_server.api.errors import ERROR_FORMATTERS, error_middleware
+from vision_server.api.auth import KEYS, keys_from
+from vision_server.api.errors import ERROR_SHAPES, ErrorShapes, error_middleware
+from vision_server.api.ratelimit import RATE_LIMITER, RateLimiter
 from vision_server.api.state import DECODER, ENGINE, METRICS, SETTINGS, STARTED_AT
 from vision_server.captioner import Captioner
 from vision_server.engine.observer import EngineObserver, ObserverGroup
@@ -26,28 +29,52 @@ def create_app(
     """Build the server. Pass ``captioner`` to serve something other than ``settings.model``."""
     captioner = captioner if captioner is not None else build_captioner(settings)
     metrics = Metrics(model=captioner.model_id)
-    middlewares = [access_middleware, error_middleware]
-    app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares)
+    app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares(settings))
     app[METRICS] = metrics
     app[SETTINGS] = settings
     engine_observer = metrics if observer is None else ObserverGroup(metrics, observer)
     app[ENGINE] = Engine(captioner, engine_config(settings, captioner), engine_observer)
     metrics.watch(app[ENGINE])
-    app[ERROR_FORMATTERS] = {}
     app[STARTED_AT] = time.time()
+    app[KEYS] = keys_from(settings)
+    if settings.rate_limit is not None and settings.rate_limit > 0:
+        app[RATE_LIMITER] = RateLimiter(settings.rate_limit)
+    if settings.cors_origins:
+        app.on_response_prepare.append(cors.add_cors_headers)
+    app[ERROR_SHAPES] = add_routes(app)
     app.cleanup_ctx.append(_decoder_context)
     app.cleanup_ctx.append(_engine_context)
     app.on_shutdown.append(_drain)
-    native.setup(app)
-    ops.setup(app)
-    admin.setup(app)
-    ratelimit.setup(app, settings.rate_limit)
-    auth.setup(app, settings)
-    openai.setup(app)
-    extras.setup(app)
-    multipart.setup(app)
-    cors.setup(app)
     return app
+
+
+def middlewares(settings: Settings) -> list[Middleware]:
+    """Every middleware, outermost first: each sees the reply of the ones after it."""
+    chain: list[Middleware] = []
+    if settings.cors_origins:
+        # Browsers send preflights without credentials: answer them before keys, limits or logs.
+        chain.append(cors.preflight_middleware)
+    # Outside the error middleware, so the access log and request metrics see the final status.
+    chain.append(access_middleware)
+    # Gives each request its id and turns every failure below into the route family's error shape.
+    chain.append(error_middleware)
+    if settings.rate_limit is not None and settings.rate_limit > 0:
+        # Before the key check, so a client guessing keys is slowed down too.
+        chain.append(ratelimit.rate_limit_middleware)
+    # The API key; a 401 is shaped here (it needs WWW-Authenticate), a 403 by the error middleware.
+    chain.append(auth.auth_middleware)
+    return chain
+
+
+def add_routes(app: web.Application) -> ErrorShapes:
+    """Every API family's routes, each family registered with the shape its clients expect errors in."""
+    shapes = ErrorShapes(fallback=native.native_error)  # unknown paths answer like florence2-visionapi
+    shapes.register(native.setup(app), native.native_error)
+    shapes.register([*ops.setup(app), *admin.setup(app)], ops.ops_error)
+    shapes.register(openai.setup(app), openai.openai_error)
+    shapes.register(extras.setup(app), extras.extras_error)
+    shapes.register(multipart.setup(app), multipart.multipart_error)
+    return shapes
 
 
 async def _decoder_context(app: web.Application) -> AsyncIterator[None]:

@@ -86,6 +86,13 @@ class OutOfMemory(ServiceUnavailable):
     code = "out_of_memory"
 
 
+class CaptionFailed(VisionServerError):
+    """Our fault: generation raised. The API answers 500 with the request id."""
+
+    status = 500
+    code = "caption_failed"
+
+
 class DeadlineExceeded(VisionServerError):
     status = 504
     code = "timeout"

@@ -127,14 +127,6 @@ class Settings:
             min_new_tokens=min(self.min_new_tokens, self.max_new_tokens),
         )
 
-    def resolved_api_key(self) -> str | None:
-        """The key from --api-key, else the first line of --api-key-file."""
-        if self.api_key:
-            return self.api_key
-        if self.api_key_file:
-            return self.api_key_file.read_text(encoding="utf-8").strip() or None
-        return None
-
 
 class SettingsError(ValueError):
     """A setting has a value the server cannot use; the message names the setting."""

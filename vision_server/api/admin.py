@@ -7,6 +7,7 @@ running request short. They answer with the engine status afterwards, like ``/v1
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.auth import admin_only
 from vision_server.api.state import ENGINE
@@ -34,7 +35,9 @@ async def unload_model(request: web.Request) -> web.Response:
     return web.json_response(status.as_dict())
 
 
-def setup(app: web.Application) -> None:
-    """Routes belong to the ``ops`` family, so their errors use its shape."""
-    app.router.add_post("/v1/model/load", load_model, name="ops.model_load")
-    app.router.add_post("/v1/model/unload", unload_model, name="ops.model_unload")
+def setup(app: web.Application) -> list[AbstractRoute]:
+    """Add the routes; they answer errors in the ops shape (see :func:`vision_server.app.create_app`)."""
+    return [
+        app.router.add_post("/v1/model/load", load_model, name="ops.model_load"),
+        app.router.add_post("/v1/model/unload", unload_model, name="ops.model_unload"),
+    ]

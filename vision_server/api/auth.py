@@ -154,9 +154,3 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     except Forbidden:
         request.app[METRICS].request_rejected("forbidden")
         raise
-
-
-def setup(app: web.Application, settings: Settings) -> None:
-    """Read the keys and install the check (after the error middleware, which shapes 403s)."""
-    app[KEYS] = keys_from(settings)
-    app.middlewares.append(auth_middleware)

@@ -7,15 +7,8 @@ from typing import Any
 
 from aiohttp import web
 
+from vision_server.api.errors import MissingField
 from vision_server.errors import BadRequest
-
-
-class MissingField(BadRequest):
-    """A required field is absent (the native family answers 422 for this, like FastAPI)."""
-
-    def __init__(self, name: str) -> None:
-        super().__init__(f"Field required: {name!r}")
-        self.field = name
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

@@ -72,11 +72,3 @@ async def add_cors_headers(request: web.Request, response: web.StreamResponse) -
     if origin is not None:
         response.headers["Access-Control-Allow-Origin"] = origin
         response.headers["Access-Control-Expose-Headers"] = EXPOSE_HEADERS
-
-
-def setup(app: web.Application) -> None:
-    """Install CORS when origins are configured; the preflight middleware goes first of all."""
-    if not app[SETTINGS].cors_origins:
-        return
-    app.middlewares.insert(0, preflight_middleware)
-    app.on_response_prepare.append(add_cors_headers)

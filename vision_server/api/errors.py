@@ -1,7 +1,9 @@
-"""Request ids and error replies: every family answers errors in its own shape.
+"""Errors over HTTP: the HTTP-only error classes, request ids, and each family's error shape.
 
-Routes are named ``<family>.<name>``; the middleware looks the family up in the app's
-formatter table, so each family module registers one function that shapes its errors.
+Domain errors live in :mod:`vision_server.errors`; the classes here only make sense for a
+request (a missing field, an unknown route). :func:`vision_server.app.create_app` registers
+each API family's routes with that family's formatter in :class:`ErrorShapes`, so the error
+middleware answers every failure in the shape the route's clients expect.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractResource, AbstractRoute
 
-from vision_server.errors import PayloadTooLarge, VisionServerError
+from vision_server.errors import BadRequest, PayloadTooLarge, VisionServerError
 
 log = logging.getLogger("vision_server.api")
 
@@ -21,7 +24,6 @@ ErrorFormatter = Callable[[VisionServerError, str], web.Response]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID = web.RequestKey("request_id", str)
-ERROR_FORMATTERS = web.AppKey("error_formatters", dict[str, ErrorFormatter])
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -40,15 +42,55 @@ class MethodNotAllowed(VisionServerError):
     code = "method_not_allowed"
 
 
+class MissingField(BadRequest):
+    """A required field is absent (the native family answers 422 for this, like FastAPI)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(f"Field required: {name!r}")
+        self.field = name
+
+
+class InvalidParameter(BadRequest):
+    """A request field has a wrong type or value; ``param`` names it (OpenAI replies carry it)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class ErrorShapes:
+    """Which formatter shapes the errors of each route; ``fallback`` for unmatched paths (404, 405).
+
+    Keyed by resource (a path), so a route's automatic HEAD twin answers in the same shape.
+    """
+
+    def __init__(self, fallback: ErrorFormatter) -> None:
+        self.fallback = fallback
+        self._by_resource: dict[AbstractResource, ErrorFormatter] = {}
+
+    def register(self, routes: Iterable[AbstractRoute], formatter: ErrorFormatter) -> None:
+        for route in routes:
+            if route.resource is None:
+                raise ValueError(f"route {route.name!r} has no resource to register")
+            known = self._by_resource.setdefault(route.resource, formatter)
+            if known is not formatter:
+                raise ValueError(f"{route.resource.canonical} already answers errors in another shape")
+
+    def is_registered(self, route: AbstractRoute) -> bool:
+        return route.resource is not None and route.resource in self._by_resource
+
+    def formatter_for(self, route: AbstractRoute) -> ErrorFormatter:
+        resource = route.resource
+        return self._by_resource.get(resource, self.fallback) if resource is not None else self.fallback
+
+
+ERROR_SHAPES = web.AppKey("error_shapes", ErrorShapes)
+
+
 def request_id_for(request: web.Request) -> str:
     """Reuse a well-formed incoming ``X-Request-ID`` (proxies set one), else make one."""
     incoming = request.headers.get("X-Request-ID", "")
     return incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex[:16]
-
-
-def family_of(request: web.Request) -> str:
-    name = request.match_info.route.name or ""
-    return name.split(".", 1)[0] if "." in name else "native"
 
 
 def with_retry_after(response: web.Response, error: VisionServerError) -> web.Response:
@@ -58,8 +100,7 @@ def with_retry_after(response: web.Response, error: VisionServerError) -> web.Re
 
 
 def error_response(request: web.Request, error: VisionServerError) -> web.Response:
-    formatters = request.app[ERROR_FORMATTERS]
-    formatter = formatters.get(family_of(request)) or formatters["native"]
+    formatter = request.app[ERROR_SHAPES].formatter_for(request.match_info.route)
     return with_retry_after(formatter(error, request.get(REQUEST_ID, "-")), error)
 
 

@@ -11,10 +11,10 @@ elsewhere, and without one the server's default task is used.
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.bodies import read_json_object
 from vision_server.api.captioning import caption_base64
-from vision_server.api.errors import ERROR_FORMATTERS
 from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.api.task_words import task_from_text
 from vision_server.errors import BadRequest, VisionServerError
@@ -44,7 +44,9 @@ async def caption(request: web.Request) -> web.Response:
     return web.json_response({"caption": result.text})
 
 
-def setup(app: web.Application) -> None:
-    app[ERROR_FORMATTERS]["extras"] = extras_error
-    app.router.add_get("/api/modules", modules, name="extras.modules")
-    app.router.add_post("/api/caption", caption, name="extras.caption")
+def setup(app: web.Application) -> list[AbstractRoute]:
+    """Add the routes; :func:`vision_server.app.create_app` gives them this family's error shape."""
+    return [
+        app.router.add_get("/api/modules", modules, name="extras.modules"),
+        app.router.add_post("/api/caption", caption, name="extras.caption"),
+    ]

@@ -9,22 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from vision_server.api.errors import InvalidParameter
 from vision_server.captioner import GenerationOptions
-from vision_server.errors import BadRequest
 from vision_server.settings import Settings
 
 MAX_BEAMS = 8  # beams multiply memory per image; past this they only cost
 MAX_TEMPERATURE = 2.0
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
-
-
-class InvalidParameter(BadRequest):
-    """A request field has a wrong type or value; ``param`` names it (OpenAI replies carry it)."""
-
-    def __init__(self, param: str, message: str) -> None:
-        super().__init__(message)
-        self.param = param
 
 
 def as_number(name: str, value: object, *, low: float, high: float, low_open: bool = False) -> float | None:

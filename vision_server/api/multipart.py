@@ -28,10 +28,11 @@ import time
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server import __version__
 from vision_server.api.captioning import caption_bytes
-from vision_server.api.errors import ERROR_FORMATTERS, REQUEST_ID
+from vision_server.api.errors import REQUEST_ID
 from vision_server.api.forms import Form, Upload, read_form
 from vision_server.api.generation import (
     MAX_BEAMS,
@@ -195,15 +196,17 @@ async def model_info(request: web.Request) -> web.Response:
             "dtype": status.dtype,
             "tasks": list(card.tasks),
             "generation": {"max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams},
-            "max_batch_size": settings.max_batch_size,
+            "max_batch_size": app[ENGINE].config.max_batch_size,  # the size in use, not the setting
         }
     )
 
 
-def setup(app: web.Application) -> None:
-    app[ERROR_FORMATTERS]["multipart"] = multipart_error
-    app.router.add_post("/caption", caption, name="multipart.caption")
-    app.router.add_post("/detailed_caption", detailed_caption, name="multipart.detailed_caption")
-    app.router.add_post("/batch_caption", batch_caption, name="multipart.batch_caption")
-    app.router.add_get("/tasks", tasks, name="multipart.tasks")
-    app.router.add_get("/model_info", model_info, name="multipart.model_info")
+def setup(app: web.Application) -> list[AbstractRoute]:
+    """Add the routes; :func:`vision_server.app.create_app` gives them this family's error shape."""
+    return [
+        app.router.add_post("/caption", caption, name="multipart.caption"),
+        app.router.add_post("/detailed_caption", detailed_caption, name="multipart.detailed_caption"),
+        app.router.add_post("/batch_caption", batch_caption, name="multipart.batch_caption"),
+        app.router.add_get("/tasks", tasks, name="multipart.tasks"),
+        app.router.add_get("/model_info", model_info, name="multipart.model_info"),
+    ]

@@ -7,10 +7,11 @@ array of task tokens; ``GET /model`` → a bare JSON string; errors are ``{"deta
 from __future__ import annotations
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
 
-from vision_server.api.bodies import MissingField, read_json_object, require_str
+from vision_server.api.bodies import read_json_object, require_str
 from vision_server.api.captioning import caption_base64
-from vision_server.api.errors import ERROR_FORMATTERS
+from vision_server.api.errors import MissingField
 from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.errors import VisionServerError
 from vision_server.tasks import normalize_task
@@ -38,8 +39,10 @@ async def model(request: web.Request) -> web.Response:
     return web.json_response(request.app[ENGINE].model_card.model_id)
 
 
-def setup(app: web.Application) -> None:
-    app[ERROR_FORMATTERS]["native"] = native_error
-    app.router.add_post("/process_image", process_image, name="native.process_image")
-    app.router.add_get("/prompts", prompts, name="native.prompts")
-    app.router.add_get("/model", model, name="native.model")
+def setup(app: web.Application) -> list[AbstractRoute]:
+    """Add the routes; :func:`vision_server.app.create_app` gives them this family's error shape."""
+    return [
+        app.router.add_post("/process_image", process_image, name="native.process_image"),
+        app.router.add_get("/prompts", prompts, name="native.prompts"),
+        app.router.add_get("/model", model, name="native.model"),
+    ]

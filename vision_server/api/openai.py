@@ -30,13 +30,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.bodies import read_json_object
 from vision_server.api.captioning import caption_base64
-from vision_server.api.errors import ERROR_FORMATTERS, REQUEST_ID, NotFound
+from vision_server.api.errors import REQUEST_ID, InvalidParameter, NotFound
 from vision_server.api.generation import (
     MAX_TEMPERATURE,
-    InvalidParameter,
     as_bool,
     as_int,
     as_number,
@@ -302,10 +302,15 @@ async def get_model(request: web.Request) -> web.Response:
     return web.json_response(card)
 
 
-def setup(app: web.Application) -> None:
-    app[ERROR_FORMATTERS]["openai"] = openai_error
+def setup(app: web.Application) -> list[AbstractRoute]:
+    """Add the routes, with and without ``/v1``; :func:`vision_server.app.create_app` gives them
+    this family's error shape."""
+    routes = []
     for prefix, suffix in (("/v1", ""), ("", "_unversioned")):
         add_post, add_get = app.router.add_post, app.router.add_get
-        add_post(f"{prefix}/chat/completions", chat_completions, name=f"openai.chat_completions{suffix}")
-        add_get(f"{prefix}/models", list_models, name=f"openai.models{suffix}")
-        add_get(f"{prefix}/models/{{model:.+}}", get_model, name=f"openai.model{suffix}")
+        routes += [
+            add_post(f"{prefix}/chat/completions", chat_completions, name=f"openai.chat_completions{suffix}"),
+            add_get(f"{prefix}/models", list_models, name=f"openai.models{suffix}"),
+            add_get(f"{prefix}/models/{{model:.+}}", get_model, name=f"openai.model{suffix}"),
+        ]
+    return routes

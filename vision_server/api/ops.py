@@ -10,8 +10,8 @@ from __future__ import annotations
 import time
 
 from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
 
-from vision_server.api.errors import ERROR_FORMATTERS
 from vision_server.api.state import ENGINE, METRICS, STARTED_AT
 from vision_server.engine.lifecycle import ModelState
 from vision_server.errors import VisionServerError
@@ -82,9 +82,11 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-def setup(app: web.Application) -> None:
-    app[ERROR_FORMATTERS]["ops"] = ops_error
-    app.router.add_get("/v1/status", status, name="ops.status")
-    app.router.add_get("/health", health, name="ops.health")
-    app.router.add_get("/ready", ready, name="ops.ready")
-    app.router.add_get("/metrics", metrics, name="ops.metrics")
+def setup(app: web.Application) -> list[AbstractRoute]:
+    """Add the routes; :func:`vision_server.app.create_app` gives them this family's error shape."""
+    return [
+        app.router.add_get("/v1/status", status, name="ops.status"),
+        app.router.add_get("/health", health, name="ops.health"),
+        app.router.add_get("/ready", ready, name="ops.ready"),
+        app.router.add_get("/metrics", metrics, name="ops.metrics"),
+    ]

@@ -83,11 +83,3 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
             retry_after=seconds,
         )
     return await handler(request)
-
-
-def setup(app: web.Application, per_minute: float | None) -> None:
-    """Install the limiter when ``per_minute`` is set (call after the error middleware is in place)."""
-    if per_minute is None or per_minute <= 0:
-        return
-    app[RATE_LIMITER] = RateLimiter(per_minute)
-    app.middlewares.append(rate_limit_middleware)

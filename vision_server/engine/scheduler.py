@@ -21,6 +21,7 @@ from vision_server.engine.lifecycle import EngineStatus, ModelCard, ModelState
 from vision_server.engine.observer import EngineObserver
 from vision_server.engine.trace import record_job
 from vision_server.errors import (
+    CaptionFailed,
     DeadlineExceeded,
     Draining,
     ModelLoadError,
@@ -34,13 +35,6 @@ LOAD_RETRY_AFTER = 30.0
 MAX_RETRY_AFTER = 120.0
 
 Command = Literal["load", "unload", "stop"]
-
-
-class CaptionFailed(VisionServerError):
-    """Our fault: generation raised. The API answers 500 with the request id."""
-
-    status = 500
-    code = "caption_failed"
 
 
 @dataclass(frozen=True)
