@@ -14,6 +14,7 @@ import re
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -52,7 +53,7 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image: Image.Image = Image.open(io.BytesIO(data))
             _check_pixels(image, max_pixels)
             if image.format == "JPEG" and min(image.size) >= 2 * JPEG_DRAFT_SIZE:
                 image.draft("RGB", (JPEG_DRAFT_SIZE, JPEG_DRAFT_SIZE))
@@ -106,7 +107,7 @@ def to_rgb(image: Image.Image) -> Image.Image:
 def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
     """Scale 16-bit (or 32-bit integer) greyscale to 8 bits by its real range."""
     as_int = image.convert("I")
-    low, high = as_int.getextrema()
+    low, high = cast(tuple[float, float], as_int.getextrema())  # one band: (min, max)
     scale = 255.0 / (high - low) if high > low else 0.0
     return as_int.point(lambda value: (value - low) * scale).convert("L")
 

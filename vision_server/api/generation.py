@@ -76,18 +76,17 @@ def generation_options(
     defaults = settings.generation_defaults()
     limit = defaults.max_new_tokens
     tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
-    common = {
-        "max_new_tokens": tokens,
-        "min_new_tokens": min(defaults.min_new_tokens, tokens),
-        "with_confidence": with_confidence,
-    }
-    if not (temperature or 0) > 0 or do_sample is False:
-        beams = defaults.num_beams if num_beams is None else num_beams
-        return dataclasses.replace(defaults, num_beams=beams, **common)
-    return dataclasses.replace(
+    asked = dataclasses.replace(
         defaults,
+        max_new_tokens=tokens,
+        min_new_tokens=min(defaults.min_new_tokens, tokens),
+        with_confidence=with_confidence,
+    )
+    if not (temperature or 0) > 0 or do_sample is False:
+        return asked if num_beams is None else dataclasses.replace(asked, num_beams=num_beams)
+    return dataclasses.replace(
+        asked,
         num_beams=1 if num_beams is None else num_beams,
         temperature=float(temperature or 0),
         top_p=defaults.top_p if top_p is None else top_p,
-        **common,
     )

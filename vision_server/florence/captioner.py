@@ -194,7 +194,7 @@ class FlorenceCaptioner:
             from transformers.generation.configuration_utils import CompileConfig
 
             config = CompileConfig()
-            config._compile_all_devices = True
+            config._compile_all_devices = True  # type: ignore[assignment]  # a private switch typed as None
             loaded.model.generation_config.compile_config = config
         loaded.plan = plan
         blank = Image.new("RGB", (loaded.pixels.width, loaded.pixels.height), (128, 128, 128))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from transformers import (
     AddedToken,
@@ -74,7 +74,7 @@ def _mark_florence_tokens(tokenizer: PreTrainedTokenizerBase, src: Path) -> None
     if present not in (0, len(FLORENCE_TOKENS)):
         raise ConversionError(f"{src}: the tokenizer holds only {present} of the 1024 Florence-2 tokens")
     tokenizer.add_tokens([_special(token) for token in FLORENCE_TOKENS], special_tokens=True)
-    ids = tokenizer.convert_tokens_to_ids(list(FLORENCE_TOKENS))
+    ids = cast(list[int], tokenizer.convert_tokens_to_ids(list(FLORENCE_TOKENS)))  # a list in, a list out
     # In the real vocabulary <od> is 50265 and <loc_0> 50269; in any vocabulary they must be consecutive.
     if ids != list(range(ids[0], ids[0] + len(FLORENCE_TOKENS))):
         raise ConversionError(f"{src}: the Florence-2 tokens do not have consecutive ids starting at <od>")
@@ -116,7 +116,7 @@ def _special(token: str) -> AddedToken:
 def _image_processor(src: Path) -> Any:
     """The CLIP processor from preprocessor_config.json (768 px, bicubic, no crop for every Florence-2)."""
     saved = _read_json_or_empty(src / "preprocessor_config.json")
-    fields = {key: saved[key] for key in IMAGE_PROCESSOR_FIELDS if key in saved}
+    fields: dict[str, Any] = {key: saved[key] for key in IMAGE_PROCESSOR_FIELDS if key in saved}
     fields.setdefault("size", {"height": 768, "width": 768})
     fields.setdefault("do_center_crop", False)
     size = fields["size"]

@@ -25,9 +25,9 @@ FLORENCE_TOKENS: tuple[str, ...] = (
 _LOC_PATTERN = r"(.+?)" + r"<loc_(\d+)>" * 8
 
 
-def post_processor_config() -> dict[str, dict]:
+def post_processor_config() -> dict[str, dict[str, object]]:
     """Parse rules for every parse type; without an entry per type `post_process_generation` raises."""
-    ocr = {"pattern": _LOC_PATTERN, "area_threshold": 0.0}
+    ocr: dict[str, object] = {"pattern": _LOC_PATTERN, "area_threshold": 0.0}
     # transformers 5 reads the upper-case spelling, the official converter writes the lower-case one.
     ocr |= {"PATTERN": _LOC_PATTERN, "AREA_THRESHOLD": 0.0}
     banned = ["it", "is", "are", "what", "who", "this", "that", "these", "those", "there", "the image"]

@@ -40,7 +40,7 @@ def make_lora(model: Florence2ForConditionalGeneration, *, seed: int) -> PeftMod
 
 def save_native(peft_model: PeftModel, out: Path) -> None:
     """PEFT's own files, minus the model card, with no machine-specific base model path."""
-    peft_model.save_pretrained(out)
+    peft_model.save_pretrained(str(out))
     (out / "README.md").unlink(missing_ok=True)
     config_path = out / CONFIG
     config = json.loads(config_path.read_text(encoding="utf-8"))

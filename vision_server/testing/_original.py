@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import torch
 from safetensors.torch import save_file
-from transformers import Florence2ForConditionalGeneration
+from transformers import Florence2ForConditionalGeneration, PreTrainedConfig
 
 from vision_server.florence.layout import (
     DROPPED_ORIGINAL_KEY,
@@ -81,6 +81,9 @@ def original_state_dict(
 def original_config(model: Florence2ForConditionalGeneration, vocab_size: int, dtype: torch.dtype) -> dict:
     """config.json as PromptGen ships it (florence2_language + davit, remote code in auto_map)."""
     text = model.config.text_config
+    vision = model.config.vision_config
+    if not isinstance(vision, PreTrainedConfig):  # a built model always has its config object
+        raise TypeError(f"unexpected vision_config {type(vision).__name__}")
     return {
         "architectures": ["Florence2ForConditionalGeneration"],
         "auto_map": {
@@ -89,7 +92,7 @@ def original_config(model: Florence2ForConditionalGeneration, vocab_size: int, d
         },
         "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1, "ignore_index": -100,
         "is_encoder_decoder": True, "model_type": "florence2",
-        "projection_dim": model.config.vision_config.projection_dim,
+        "projection_dim": vision.projection_dim,
         "text_config": _text_config(text, vocab_size),
         "vision_config": _vision_config(model.config.vision_config),
         "vocab_size": vocab_size,

@@ -97,7 +97,8 @@ def _train_bpe_cached(vocab_size: int = BPE_VOCAB_SIZE) -> tuple[dict[str, int],
 def build_tokenizer(*, with_image: bool) -> PreTrainedTokenizerBase:
     """BART tokenizer with the 1024 Florence tokens and, for the native layout, a named `<image>`."""
     vocab, merges = train_bpe()
-    tokenizer = BartTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH)
+    # transformers annotates merges as strings; the tokenizers BPE it builds takes these (a, b) pairs.
+    tokenizer = BartTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH)  # type: ignore[arg-type]
     tokenizer.add_tokens([_special(token) for token in FLORENCE_TOKENS], special_tokens=True)
     if not with_image:
         return tokenizer
