@@ -120,8 +120,9 @@ def _image_processor(src: Path) -> Any:
     fields.setdefault("size", {"height": 768, "width": 768})
     fields.setdefault("do_center_crop", False)
     size = fields["size"]
-    height = size.get("height", size.get("shortest_edge", 768)) if isinstance(size, dict) else int(size)
-    fields.setdefault("image_seq_length", (int(height) // 32) ** 2 + 1)
+    edge = (size.get("height") or size.get("shortest_edge")) if isinstance(size, dict) else size
+    height = int(edge or 768)
+    fields.setdefault("image_seq_length", (height // 32) ** 2 + 1)
     if not is_torchvision_available():  # the torchvision-backed class would warn and fall back anyway
         return CLIPImageProcessorPil(**fields)
     from transformers import CLIPImageProcessor

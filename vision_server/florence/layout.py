@@ -33,7 +33,11 @@ def post_processor_config() -> dict[str, dict[str, object]]:
     banned = ["it", "is", "are", "what", "who", "this", "that", "these", "those", "there", "the image"]
     empty = ("pure_text", "description_with_bboxes", "description_with_polygons", "polygons", "bboxes",
              "description_with_bboxes_or_polygons")  # fmt: skip
-    return {"ocr": ocr, "phrase_grounding": {"banned_grounding_tokens": banned}} | {k: {} for k in empty}
+    rules: dict[str, dict[str, object]] = {
+        "ocr": ocr,
+        "phrase_grounding": {"banned_grounding_tokens": banned},
+    }
+    return rules | {k: {} for k in empty}
 
 
 # Original key -> native key. The first matching rule wins; a key no rule matches is an error.
