@@ -90,7 +90,9 @@ class Settings:
     )
     api_key_file: Path | None = _opt(None, "Read the API key from this file (first line).")
     admin_key: str | None = _opt(
-        None, "Key for /v1/model/load and /v1/model/unload. Without one they answer only on loopback."
+        None,
+        "Key for /v1/model/load and /v1/model/unload. Without one they answer only on loopback, "
+        "and never through a proxy: set one behind nginx or HAProxy.",
     )
     metrics_require_key: bool = _opt(False, "Require the API key on /metrics too.")
     cors_origins: tuple[str, ...] = _opt(

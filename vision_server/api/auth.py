@@ -6,7 +6,8 @@ CORS preflights (browsers send those without credentials). A refusal is a 401 in
 family's own error shape, with ``WWW-Authenticate: Bearer``, so every client library recognises it.
 
 Loading and unloading evict the model for everyone, so they need the admin key; without one
-configured they answer only to clients on this machine.
+configured they answer only to clients on this machine, and never to a request that came
+through a reverse proxy (one on this host makes every remote client look local).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from vision_server.settings import Settings, SettingsError
 OPEN_ROUTES = frozenset({"ops.health", "ops.ready"})
 METRICS_ROUTE = "ops.metrics"
 REALM = 'Bearer realm="vision-server"'
+PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")  # what nginx, HAProxy, Caddy add
 
 
 @dataclass(frozen=True)
@@ -69,9 +71,23 @@ def bearer_token(request: web.Request) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
+def token_bytes(token: str) -> bytes:
+    """The header's own bytes: aiohttp decodes headers as UTF-8 with ``surrogateescape``."""
+    return token.encode("utf-8", "surrogateescape")
+
+
 def key_matches(token: str | None, key: bytes | None) -> bool:
     """Constant-time comparison, so response timing does not leak how much of a guess was right."""
-    return token is not None and key is not None and hmac.compare_digest(token.encode(), key)
+    return token is not None and key is not None and hmac.compare_digest(token_bytes(token), key)
+
+
+def wrong_key(token: str) -> str:
+    """The refusal of a wrong key, naming the likely cause when the header is not even UTF-8."""
+    try:
+        token.encode("utf-8")
+    except UnicodeEncodeError:
+        return "Invalid API key: the Authorization header holds bytes that are not UTF-8."
+    return "Invalid API key."
 
 
 def is_loopback(address: str | None) -> bool:
@@ -104,13 +120,20 @@ def check_api_key(request: web.Request) -> None:
         return
     if token is None:
         raise Unauthorized("Missing API key: send the header 'Authorization: Bearer <key>'.")
-    raise Unauthorized("Invalid API key.")
+    raise Unauthorized(wrong_key(token))
 
 
 def check_admin(request: web.Request) -> None:
     """The admin key when one is configured; otherwise only loopback clients."""
     keys = request.app[KEYS]
     if keys.admin is None:
+        proxied = [name for name in PROXY_HEADERS if name in request.headers]
+        if proxied:
+            raise Forbidden(
+                f"This request came through a proxy (it carries {proxied[0]}), so its loopback "
+                "address proves nothing; start the server with --admin-key to load and unload "
+                "the model through a proxy."
+            )
         if is_loopback(request.remote):
             return
         raise Forbidden(

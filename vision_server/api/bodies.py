@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +21,11 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
         body = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise BadRequest("The request body nests JSON arrays or objects too deeply.") from None
+    except ValueError:  # what is left is Python's guard against quadratic int parsing
+        digits = sys.get_int_max_str_digits()
+        raise BadRequest(f"The request body has a number with more than {digits} digits.") from None
     if not isinstance(body, dict):
         raise BadRequest(f"The request body must be a JSON object, not {type(body).__name__}.")
     return body

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import reprlib
 
 from vision_server.api.errors import InvalidParameter
 from vision_server.captioner import GenerationOptions
@@ -17,6 +18,14 @@ MAX_BEAMS = 8  # beams multiply memory per image; past this they only cost
 MAX_TEMPERATURE = 2.0
 _TRUE = ("true", "1", "yes", "on")
 _FALSE = ("false", "0", "no", "off")
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 2, 4, 4
+_SHORT.maxstring = _SHORT.maxlong = _SHORT.maxother = 40
+
+
+def shown(value: object) -> str:
+    """A field's value as quoted in an error: short, and safe for a 400-digit or deeply nested one."""
+    return _SHORT.repr(value)
 
 
 def as_number(name: str, value: object, *, low: float, high: float, low_open: bool = False) -> float | None:
@@ -28,11 +37,14 @@ def as_number(name: str, value: object, *, low: float, high: float, low_open: bo
     try:
         number = float(value)
     except ValueError:
-        raise InvalidParameter(name, f"{name!r} must be a number, not {value!r}.") from None
+        raise InvalidParameter(name, f"{name!r} must be a number, not {shown(value)}.") from None
+    except OverflowError:  # an int too big for a float, such as a 400-digit JSON number
+        number = math.inf
     too_low = number <= low if low_open else number < low
     if not math.isfinite(number) or too_low or number > high:
         bound = f"greater than {low:g}" if low_open else f"at least {low:g}"
-        raise InvalidParameter(name, f"{name!r} must be {bound} and at most {high:g}, not {value!r}.")
+        limits = f"{bound} and at most {high:g}" if high < 1e6 else bound
+        raise InvalidParameter(name, f"{name!r} must be {limits}, not {shown(value)}.")
     return number
 
 
@@ -41,7 +53,7 @@ def as_int(name: str, value: object, *, low: int, high: int) -> int | None:
     if number is None:
         return None
     if not number.is_integer():
-        raise InvalidParameter(name, f"{name!r} must be a whole number, not {value!r}.")
+        raise InvalidParameter(name, f"{name!r} must be a whole number, not {shown(value)}.")
     return int(number)
 
 
@@ -53,7 +65,7 @@ def as_bool(name: str, value: object) -> bool | None:
         return value
     if isinstance(value, str) and value.strip().lower() in (*_TRUE, *_FALSE):
         return value.strip().lower() in _TRUE
-    raise InvalidParameter(name, f"{name!r} must be true or false, not {value!r}.")
+    raise InvalidParameter(name, f"{name!r} must be true or false, not {shown(value)}.")
 
 
 def generation_options(
