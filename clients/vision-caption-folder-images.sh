@@ -49,7 +49,7 @@ stays busy after the retries, rejects the API key or rejects the prompt.
 
 Exit status: 0 all images captioned or skipped; 1 some images failed; 2 usage error;
 3 the server cannot be reached; 5 the server stays busy; 6 authentication failed;
-7 invalid prompt; 130 interrupted.
+7 invalid prompt; 130 interrupted (Ctrl+C); 143 stopped by SIGTERM.
 
 Examples:
   $PROG DETAILED_CAPTION txt ~/datasets/cats
@@ -200,15 +200,19 @@ temp_caption() {
 
 # shellcheck disable=SC2317  # called by traps
 cleanup() {
-    local idx
+    # A trap can run inside "IFS= read ...", whose empty IFS would keep $pids from splitting.
+    local idx pids IFS=$' \t\n'
     local -a temps=()
+    trap '' HUP INT TERM # a second signal (Ctrl+C twice, or a process group) must not cut this short
     for idx in "${!running[@]}"; do
-        kill -TERM "${running[$idx]}" 2>/dev/null || true
         temps+=("$(temp_caption "$idx")")
     done
-    for idx in "${!running[@]}"; do
-        wait "${running[$idx]}" 2>/dev/null || true
-    done
+    # Every background job, also one that a signal caught before its pid was recorded; each
+    # worker stops its own vision-client.sh, which stops its curl and removes its files.
+    pids=$(jobs -p)
+    # shellcheck disable=SC2086  # one pid per word
+    if [[ -n $pids ]]; then kill -TERM $pids 2>/dev/null || true; fi
+    wait 2>/dev/null || true
     # Belt and braces: the workers remove their temporary captions themselves when stopped.
     if ((${#temps[@]})); then rm -f -- "${temps[@]}"; fi
     running=()
@@ -218,16 +222,18 @@ cleanup() {
 
 # shellcheck disable=SC2317  # called by traps
 on_signal() {
-    trap '' INT TERM HUP
+    trap '' HUP INT TERM
     interrupted=${#running[@]}
     if [[ -t 2 ]] && ((!quiet)); then printf '\r\033[K' >&2; fi
     say "interrupted; stopping the running requests"
     cleanup
     if declare -F report >/dev/null; then report; fi
-    exit 130
+    exit "$1"
 }
 trap cleanup EXIT
-trap on_signal INT TERM HUP
+trap 'on_signal 129' HUP
+trap 'on_signal 130' INT
+trap 'on_signal 143' TERM
 
 tmpd=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/vision-caption.XXXXXXXX") || die 1 "cannot create a temporary directory"
 
@@ -390,16 +396,21 @@ caption_one() {
     local idx=$1 img=${todo[$1]} cap=${todo_cap[$1]} tmp rc caption content old line reason
     local out=$tmpd/out.$1 err=$tmpd/err.$1 res=$tmpd/res.$1 child=""
     tmp=$(temp_caption "$idx")
+    # A worker is stopped by the main script (TERM) or by a signal to the whole process group,
+    # Ctrl+C included (INT: background shells see it although their commands ignore it). It stops
+    # its vision-client.sh, which removes its own temporary files, and its caption temp file.
     # shellcheck disable=SC2317  # called by the trap
     on_term() {
-        if [[ -n $child ]]; then
-            kill -TERM "$child" 2>/dev/null
-            wait "$child" 2>/dev/null
-        fi
+        local pids IFS=$' \t\n'
+        trap '' HUP INT TERM
+        pids=$(jobs -p)
+        # shellcheck disable=SC2086  # one pid per word
+        if [[ -n $child$pids ]]; then kill -TERM $child $pids 2>/dev/null; fi
+        wait 2>/dev/null
         rm -f -- "$tmp"
         exit 143
     }
-    trap on_term TERM HUP
+    trap on_term HUP INT TERM
 
     finish() {
         printf '%s\n' "$@" >"$res.part" && mv -f -- "$res.part" "$res"

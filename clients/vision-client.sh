@@ -208,12 +208,21 @@ trim() {
 # ---------------------------------------------------------------------------------------------
 # Temporary files, cleaned up on every exit path.
 
+# Everything this script writes is a temporary file, and one of them holds the API key: keep
+# them all private (0600 in a 0700 directory).
+umask 077
 tmpd=""
 curl_pid=""
+# shellcheck disable=SC2317  # called by traps
 cleanup() {
-    if [[ -n $curl_pid ]]; then
-        kill "$curl_pid" 2>/dev/null || true
-        wait "$curl_pid" 2>/dev/null || true
+    local pids IFS=$' \t\n' # the default, whatever the interrupted command had set
+    trap '' HUP INT TERM # a second signal must not cut the cleanup short
+    # curl_pid, and any background job a signal caught between its start and that assignment.
+    pids=$(jobs -p)
+    if [[ -n $curl_pid || -n $pids ]]; then
+        # shellcheck disable=SC2086  # one pid per word
+        kill $curl_pid $pids 2>/dev/null || true
+        wait 2>/dev/null || true
     fi
     if [[ -n $tmpd ]]; then rm -rf -- "$tmpd"; fi
 }
@@ -223,7 +232,7 @@ trap 'exit 130' INT
 trap 'exit 143' TERM
 
 new_tmpdir() {
-    tmpd=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/vision-client.XXXXXXXX") ||
+    tmpd=$(mktemp -d "${TMPDIR:-/tmp}/vision-client.XXXXXXXX") ||
         die "$EXIT_ERROR" "cannot create a temporary directory"
     # curl reads its headers from a config file, so the API key never shows up in `ps`.
     {

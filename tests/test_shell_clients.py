@@ -8,6 +8,7 @@ hang (timeouts, Ctrl+C) and answer 503 (retries).
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -19,12 +20,16 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image
+
+from tests.processes import ServerProcess
 
 REPO = Path(__file__).resolve().parent.parent
 CLIENT = REPO / "clients" / "vision-client.sh"
@@ -646,6 +651,107 @@ def test_folder_interrupted(tmp_path: Path, tmpdir_env: Path) -> None:
     assert "interrupted" in stderr.lower()
     assert sorted(root.rglob("*")) == before
     assert list(tmpdir_env.iterdir()) == []
+
+
+@pytest.fixture
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real server process whose (fake) captioner holds each batch of one image for 30 s.
+
+    Requests stay in flight for as long as a signal test needs; the key makes the clients write
+    it into their curl config files. One per test, so no test sees another's abandoned jobs.
+    """
+    tmp = tmp_path_factory.mktemp("slow-server")
+    settings = {"max_batch_size": 1, "api_key": SIGNAL_KEY}
+    with ServerProcess.fake(tmp, "slow", delay=30, **settings) as process:
+        yield process.wait_listening()
+
+
+SIGNAL_KEY = "key-for-the-signal-tests"
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return found
+
+
+def named(processes: list[psutil.Process], name: str) -> list[psutil.Process]:
+    found = []
+    for process in processes:
+        try:
+            if any(name in part for part in process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.parametrize(
+    ("how", "signum", "code"),
+    [
+        ("group", signal.SIGINT, 130),  # a terminal's Ctrl+C signals the whole foreground group
+        ("group", signal.SIGTERM, 143),  # systemd, docker stop, kill -- -PGID
+        ("timeout", signal.SIGINT, 130),  # timeout -s INT signals its child, then its own group
+    ],
+)
+def test_folder_signal_leaves_no_child_and_no_temp_file(
+    slow_server: str, tmp_path: Path, tmpdir_env: Path, how: str, signum: int, code: int
+) -> None:
+    """--jobs 4 with four requests in flight: every process of the run stops, nothing is left."""
+    root = tmp_path / "signal"
+    make_tree(root, [f"img{i}.png" for i in range(8)])
+    before = sorted(root.rglob("*"))
+    command = [str(FOLDER), "--url", slow_server, "--jobs", "4", "CAPTION", "txt", str(root)]
+    if how == "timeout":
+        command = ["timeout", "-s", signum.name, "120", *command]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=base_env(tmpdir_env, VISION_API_KEY=SIGNAL_KEY),
+        start_new_session=True,  # a process group of its own, like a terminal job
+        # A shell cannot trap a signal it was started with ignored (pytest run with "&").
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            members = group_members(proc.pid)
+            if len(named(members, "curl")) == 4 and len(named(members, "vision-client.sh")) == 4:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"four requests never got in flight: {proc.poll()=}")
+        curl_configs = list(tmpdir_env.glob("vision-client.*/curlrc"))
+        assert len(curl_configs) == 4
+        for config in curl_configs:
+            assert SIGNAL_KEY in config.read_text()
+            assert config.stat().st_mode & 0o777 == 0o600, oct(config.stat().st_mode)
+        if how == "timeout":
+            proc.send_signal(signum)  # timeout passes it on to the script, then to its group
+        else:
+            os.killpg(proc.pid, signum)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        leftover = []
+        for process in group_members(proc.pid):
+            with contextlib.suppress(psutil.Error):
+                leftover.append(" ".join(process.cmdline())[:120])
+                process.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert leftover == []
+    assert proc.returncode == code, stderr
+    assert "interrupted" in stderr.lower()
+    assert list(tmpdir_env.iterdir()) == []
+    assert sorted(root.rglob("*")) == before
 
 
 def test_folder_retries_busy_server(tmp_path: Path) -> None:
