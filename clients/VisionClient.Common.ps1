@@ -428,10 +428,10 @@ function Write-VisionTextFile {
     # Writes UTF-8 without BOM to a temporary file in the same folder, then moves it over the
     # target in one step. On any error the target is left as it was and the temp file removed.
     param([string]$Path, [string]$Text)
+    # The temp name has a fixed length, so a caption name near the 255-character limit fits too.
     $folder = [System.IO.Path]::GetDirectoryName($Path)
-    $name = [System.IO.Path]::GetFileName($Path)
-    $suffix = [System.Guid]::NewGuid().ToString('N').Substring(0, 8)
-    $temp = [System.IO.Path]::Combine($folder, ('.{0}.{1}.tmp' -f $name, $suffix))
+    $suffix = [System.Guid]::NewGuid().ToString('N').Substring(0, 16)
+    $temp = [System.IO.Path]::Combine($folder, ('.vision-caption.{0}.tmp' -f $suffix))
     try {
         [System.IO.File]::WriteAllText($temp, $Text, [System.Text.UTF8Encoding]::new($false))
         if ([System.IO.File]::Exists($Path)) {

@@ -243,3 +243,19 @@ async def test_api_key_from_option_or_env(aiohttp_server, tmp_path: Path) -> Non
     assert "HTTP 401: Missing or invalid API key" in missing.stderr
     assert (await cli("--api-key", "right-key", "model")).stdout.strip() == "stub-model"
     assert (await cli("model", env={"VISION_API_KEY": "right-key"})).stdout.strip() == "stub-model"
+
+
+async def test_folder_with_a_whitespace_only_caption_exits_1(aiohttp_server, tmp_path: Path) -> None:
+    """``{"result": "   "}`` is a failed image: no 0-byte caption file, exit status 1."""
+
+    async def blank(_request: web.Request) -> web.Response:
+        return web.json_response({"result": "   "})
+
+    app = web.Application()
+    app.router.add_post("/process_image", blank)
+    url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    make_png(tmp_path / "a.png", (1, 2, 3))
+    result = await asyncio.to_thread(run, "folder", str(tmp_path), url=url)
+    assert result.returncode == 1, result.stderr
+    assert "empty caption" in result.stderr
+    assert not (tmp_path / "a.txt").exists()

@@ -390,3 +390,44 @@ async def test_folder_against_real_server(real_server: str, tmp_path: Path) -> N
     assert tags.done == len(colors)
     assert (resumed.done, resumed.skipped) == (0, len(colors))
     assert leftovers(tmp_path) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Empty captions and long names
+
+
+async def test_whitespace_only_caption_is_a_failure(aiohttp_server, tmp_path: Path) -> None:
+    """A server that answers ``{"result": "   "}`` must not produce a caption file or exit 0."""
+
+    async def blank(request: web.Request) -> web.Response:
+        body = await request.json()
+        size = len(base64.b64decode(body["image"]))
+        return web.json_response({"result": " \n\t " if size % 2 else f"caption-{size}"})
+
+    app = web.Application()
+    app.router.add_post("/process_image", blank)
+    running = await aiohttp_server(app)
+    images = [make_png(tmp_path / f"{i}.png", size=8 + i) for i in range(6)]
+    blanks = [image for image in images if image.stat().st_size % 2]
+    assert blanks and len(blanks) < len(images)
+    for prefix in ("", "ohwx, "):  # a trigger word alone is no caption either
+        async with AsyncVisionClient(str(running.make_url(""))) as client:
+            summary = await caption_folder(client, tmp_path, mode="overwrite", prefix=prefix)
+        assert sorted(f.path for f in summary.failed) == sorted(blanks)
+        assert all("empty caption" in f.reason for f in summary.failed)
+        assert not summary.ok and summary.done == len(images) - len(blanks)
+        assert all(not image.with_suffix(".txt").exists() for image in blanks)
+
+
+@pytest.mark.parametrize("stem", ["a" * 248, "é" * 124], ids=["ascii", "two-byte"])
+async def test_caption_name_near_name_max(stub, tmp_path: Path, stem: str) -> None:
+    """A 248-byte stem: the caption name has 252 bytes, within NAME_MAX, so its temp name must be too."""
+    _, client = stub
+    assert len(os.fsencode(stem)) == 248
+    image = make_png(tmp_path / f"{stem}.png")
+    summary = await caption_folder(client, tmp_path)
+    assert summary.ok and summary.done == 1, summary.failed
+    assert image.with_suffix(".txt").read_text(encoding="utf-8") == expected(image)
+    assert leftovers(tmp_path) == []
+    write_atomic(image.with_suffix(".txt"), "again")  # and the helper itself, over an existing file
+    assert image.with_suffix(".txt").read_text(encoding="utf-8") == "again"

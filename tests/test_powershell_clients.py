@@ -101,6 +101,17 @@ def test_caption_files_are_utf8_without_bom_and_written_atomically() -> None:
     assert "[System.IO.File]::Replace(" in code and "[System.IO.File]::Move(" in code
 
 
+def test_temp_caption_name_does_not_grow_with_the_caption_name() -> None:
+    """A caption name near the 255-character limit must not fail because its temp name is longer."""
+    code = code_only(COMMON.read_text(encoding="ascii"))
+    body = code[code.index("function Write-VisionTextFile") :]
+    body = body[: body.index("\nfunction ")]
+    (temp_line,) = [line for line in body.splitlines() if "$temp =" in line]
+    assert "$name" not in temp_line and "GetFileName" not in body
+    assert "('' -f $suffix)" in temp_line  # one format string, of the random suffix alone
+    assert "'.vision-caption.{0}.tmp' -f $suffix" in COMMON.read_text(encoding="ascii")
+
+
 def powershell_syntax_errors(source: bytes) -> list[tuple[int, str]]:
     """(line, what) for every ERROR or MISSING node the tree-sitter PowerShell grammar finds.
 
@@ -510,6 +521,16 @@ def test_folder_captions_every_image(server: str, tmp_path: Path, jobs: str) -> 
     assert not (tmp_path / "notes.txt").exists() and not (tmp_path / "._plain.txt").exists()
     assert leftovers(tmp_path) == []
     assert "Captioned 10, skipped 0, failed 0" in result.stdout
+
+
+@needs_pwsh
+def test_folder_caption_name_near_name_max(server: str, tmp_path: Path) -> None:
+    """A 248-byte stem: the caption name fits the file system, and so must its temp name."""
+    (image,) = make_folder(tmp_path, ["a" * 248 + ".png"])
+    result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", server)
+    assert result.returncode == 0, result.stderr
+    assert read_caption(image.with_suffix(".txt")) == file_caption(caption_direct(server, image))
+    assert leftovers(tmp_path) == []
 
 
 @needs_pwsh

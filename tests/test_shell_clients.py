@@ -511,6 +511,16 @@ def test_folder_weird_names_jobs(server: str, tmp_path: Path, tmpdir_env: Path) 
     assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
 
 
+def test_folder_caption_name_near_name_max(server: str, tmp_path: Path, tmpdir_env: Path) -> None:
+    """A 248-byte stem: a 252-byte caption name fits, and the temp name must not be longer."""
+    root = tmp_path / "long"
+    (image,) = make_tree(root, ["a" * 248 + ".png"])
+    result = run(FOLDER, "--url", server, "CAPTION", "txt", str(root), env=base_env(tmpdir_env))
+    assert result.returncode == 0, result.stderr
+    assert caption_path(image).read_text() == as_file_caption(caption_direct(server, image))
+    assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
+
+
 def test_folder_no_recursive_and_other_cwd(server: str, tmp_path: Path) -> None:
     root = tmp_path / "imgs"
     top = make_tree(root, ["a.png", "b.jpg"])

@@ -91,9 +91,18 @@ def merge_caption(existing: str | None, new: str, mode: Mode, separator: str = "
     return f"{old}{separator}{new}" if mode == "append" else f"{new}{separator}{old}"
 
 
+def temp_path(path: Path) -> Path:
+    """A hidden, unique temporary file beside ``path``.
+
+    Its name has a fixed length (36 characters) rather than embedding ``path.name``: a caption
+    whose name is near the file system's limit (255 bytes) must not fail for its temp name.
+    """
+    return path.with_name(f".vision-caption.{secrets.token_hex(8)}.tmp")
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) all at once, or leave it untouched on any error."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = temp_path(path)
     # os.open with 0o666 lets the umask decide the mode, like a plain open() would.
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
     try:

@@ -193,6 +193,8 @@ class _FolderRun:
         """Caption and store one image; every expected failure becomes a result, not an exception."""
         try:
             text = await self.client.caption(job.image, self.task)
+            if not text.strip():  # a prefix alone is no caption, and an empty file reads as "to do"
+                return ImageResult(job.image, "failed", reason="the server returned an empty caption")
             caption = f"{self.prefix}{text}{self.suffix}"
             if job.target is None:
                 assert self.writer is not None
