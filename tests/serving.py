@@ -13,8 +13,10 @@ from vision_server.settings import Settings
 
 
 @contextlib.asynccontextmanager
-async def running_server(settings: Settings, captioner: Captioner | None = None) -> AsyncIterator[str]:
-    """Serve ``create_app(settings, captioner)`` on 127.0.0.1:<free port>; yields the base URL."""
+async def running_app(
+    settings: Settings, captioner: Captioner | None = None
+) -> AsyncIterator[tuple[web.Application, str]]:
+    """Serve ``create_app(settings, captioner)`` on 127.0.0.1:<free port>; yields the app and base URL."""
     app = create_app(settings, captioner)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
@@ -22,9 +24,16 @@ async def running_server(settings: Settings, captioner: Captioner | None = None)
     await site.start()
     port = runner.addresses[0][1]
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield app, f"http://127.0.0.1:{port}"
     finally:
         await runner.cleanup()
+
+
+@contextlib.asynccontextmanager
+async def running_server(settings: Settings, captioner: Captioner | None = None) -> AsyncIterator[str]:
+    """Serve ``create_app(settings, captioner)`` on 127.0.0.1:<free port>; yields the base URL."""
+    async with running_app(settings, captioner) as (_, url):
+        yield url
 
 
 @contextlib.asynccontextmanager

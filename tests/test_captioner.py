@@ -10,20 +10,28 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+import torch
 from PIL import Image
 
 from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.errors import InvalidTask, ModelLoadError
 from vision_server.florence import conversion_cache
 from vision_server.florence.captioner import FlorenceCaptioner
+from vision_server.florence.pixels import FLORENCE_DEFAULT
+from vision_server.images import PixelSpec, PreparedImage, fit_image
 from vision_server.tasks import PROMPTGEN_TASKS, normalize_task
+from vision_server.testing.tiny_model import tiny_pixel_spec
 
 SHORT = GenerationOptions(max_new_tokens=40)
 
 
-def picture(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
+def raw_picture(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
     pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
     return Image.fromarray(pixels)
+
+
+def picture(seed: int, size: tuple[int, int] = (64, 48)) -> PreparedImage:
+    return fit_image(raw_picture(seed, size), tiny_pixel_spec())
 
 
 def captioner_for(model: Path | str, cache: Path, **kwargs: object) -> FlorenceCaptioner:
@@ -166,21 +174,57 @@ def test_unknown_task_lists_the_valid_ones() -> None:
 
 
 def test_fast_preprocessing_matches_the_transformers_processor(loaded: FlorenceCaptioner) -> None:
-    from vision_server.florence.captioner import pixel_spec, prompt_ids
-    from vision_server.images import to_pixels
+    from vision_server.florence.captioner import pixel_values, prompt_ids
+    from vision_server.florence.pixels import pixel_spec
 
     processor = loaded._loaded.processor  # type: ignore[union-attr]
-    images = [picture(7, (90, 30)), picture(8, (30, 90))]
+    images = [raw_picture(7, (90, 30)), raw_picture(8, (30, 90))]
     tasks = ["<CAPTION>", "<MIXED_CAPTION_PLUS>"]
     reference = processor(text=tasks, images=images, return_tensors="pt", padding=True)
-    ours = np.stack([to_pixels(image, pixel_spec(processor)) for image in images])
+    batch = np.stack([fit_image(image, pixel_spec(processor)).pixels for image in images])
+    ours = pixel_values(batch, pixel_spec(processor), torch.device("cpu")).numpy()
     assert np.abs(ours - reference["pixel_values"].numpy()).max() < 1e-5
     ids = prompt_ids(processor, tasks)
     assert ids["input_ids"].tolist() == reference["input_ids"].tolist()
     assert ids["attention_mask"].tolist() == reference["attention_mask"].tolist()
 
 
-def test_preprocess_prepares_pixels_once_the_model_size_is_known(loaded: FlorenceCaptioner) -> None:
-    item = loaded.preprocess(CaptionItem(picture(9), "<CAPTION>", SHORT))
-    assert item.pixels is not None and item.pixels.shape == (3, 64, 64) and item.pixels.dtype == np.float32
-    assert loaded.caption([item]) == loaded.caption([CaptionItem(picture(9), "<CAPTION>", SHORT)])
+@pytest.mark.parametrize("spec", [FLORENCE_DEFAULT, tiny_pixel_spec()], ids=["768", "64"])
+def test_uint8_pixels_normalise_to_exactly_the_float_pixels_of_before(spec: PixelSpec) -> None:
+    """Resizing to uint8 first and normalising the batch later changes no value (captions stay equal)."""
+    from vision_server.florence.captioner import pixel_values
+
+    images = [raw_picture(seed, (1000 + 37 * seed, 700)) for seed in range(3)]
+
+    def before(image: Image.Image) -> np.ndarray:  # the float path queued jobs used to carry
+        resized = image.resize((spec.width, spec.height), resample=spec.resample)
+        array = np.asarray(resized, dtype=np.float32) * np.float32(spec.rescale)
+        array -= np.asarray(spec.mean, dtype=np.float32)
+        array /= np.asarray(spec.std, dtype=np.float32)
+        return array.transpose(2, 0, 1)
+
+    batch = np.stack([fit_image(image, spec).pixels for image in images])
+    assert batch.dtype == np.uint8 and batch.shape == (3, spec.height, spec.width, 3)
+    ours = pixel_values(batch, spec, torch.device("cpu")).numpy()
+    assert np.array_equal(ours, np.stack([before(image) for image in images]))
+
+
+def test_pixel_spec_is_known_before_loading(
+    tiny_native_dir: Path, tiny_original_dir: Path, loaded: FlorenceCaptioner, tmp_path: Path
+) -> None:
+    for model in (tiny_native_dir, tiny_original_dir, "test:tiny"):
+        fresh = captioner_for(model, tmp_path / "empty-cache")
+        assert fresh.pixel_spec == loaded.pixel_spec and not fresh.is_loaded
+    assert not (tmp_path / "empty-cache" / "test-models").exists()  # nothing was built to find out
+    assert captioner_for("someone/not-downloaded", tmp_path).pixel_spec == FLORENCE_DEFAULT
+
+
+def test_items_prepared_for_another_size_are_resized_again(
+    loaded: FlorenceCaptioner, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="vision_server.florence.captioner")
+    image = raw_picture(9, (300, 200))
+    assumed = fit_image(image, FLORENCE_DEFAULT)  # prepared while the model's size was unknown
+    assert assumed.pixels.shape == (768, 768, 3) and assumed.original_size == (300, 200)
+    caption = loaded.caption([CaptionItem(assumed, "<CAPTION>", SHORT)])[0]
+    assert caption.text and "resizing a queued 768x768 image to the model's 64x64" in caplog.text

@@ -12,12 +12,15 @@ from PIL import Image
 from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.florence.captioner import FlorenceCaptioner
 from vision_server.florence.compiled import CompilePlan
+from vision_server.images import PreparedImage, fit_image
+from vision_server.testing.tiny_model import tiny_pixel_spec
 
 OPTIONS = GenerationOptions(max_new_tokens=24, num_beams=1)
 
 
-def picture(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+def picture(seed: int) -> PreparedImage:
+    image = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 56, 3), dtype=np.uint8))
+    return fit_image(image, tiny_pixel_spec())
 
 
 def test_plan_buckets_padding_and_acceptance() -> None:

@@ -21,12 +21,14 @@ from vision_server.errors import (
     OutOfMemory,
     QueueFull,
 )
+from vision_server.images import fit_image
 from vision_server.tasks import PROMPTGEN_TASKS
-from vision_server.testing.fake import FakeCaptioner
+from vision_server.testing.fake import FAKE_SPEC, FakeCaptioner
 
 
 def item(shade: int = 0, task: str = "<CAPTION>", options: GenerationOptions | None = None) -> CaptionItem:
-    return CaptionItem(Image.new("RGB", (8, 8), (shade, shade, shade)), task, options or GenerationOptions())
+    image = fit_image(Image.new("RGB", (8, 8), (shade, shade, shade)), FAKE_SPEC)
+    return CaptionItem(image, task, options or GenerationOptions())
 
 
 async def started(fake: FakeCaptioner, **config: float) -> Engine:

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import base64
 import io
+import multiprocessing
+import pickle
+import struct
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from vision_server.errors import InvalidImage, PayloadTooLarge
-from vision_server.images import decode_base64, open_image
+from vision_server.images import ALLOWED_FORMATS, PixelSpec, decode_base64, open_image, prepare_image
 
 LIMIT = 10_000_000
 
@@ -37,7 +41,7 @@ def test_invalid_base64_is_a_clear_error(bad: str) -> None:
 
 
 def test_not_an_image_and_truncated_image_are_invalid() -> None:
-    with pytest.raises(InvalidImage, match="not a recognised image"):
+    with pytest.raises(InvalidImage, match="not a supported image format"):
         open_image(b"hello world", max_pixels=LIMIT)
     noisy = Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     truncated = encode(noisy)[:300]
@@ -95,3 +99,77 @@ def test_large_jpeg_decodes_at_reduced_scale() -> None:
     big = Image.fromarray(np.random.default_rng(1).integers(0, 255, (4000, 3200, 3), dtype=np.uint8))
     decoded = open_image(encode(big, "JPEG", quality=70), max_pixels=64_000_000)
     assert min(decoded.size) >= 768 and max(decoded.size) < 4000
+
+
+# --- only the documented formats are decoded ---------------------------------------------------
+
+SPEC = PixelSpec(height=768, width=768, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+MINIMAL_EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\n0 0 moveto\nshowpage\n%%EOF\n"
+
+
+def dds_with_zeroed_pixel_format() -> bytes:
+    """A DDS header whose pixel-format flags are 0: Pillow's DDS plugin raises NotImplementedError."""
+    header = struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + b"\0" * 44
+    pixel_format = struct.pack("<8I", 32, 0, 0, 0, 0, 0, 0, 0)
+    return b"DDS " + header + pixel_format + struct.pack("<5I", 0x1000, 0, 0, 0, 0) + b"\0" * 64
+
+
+def test_eps_never_reaches_the_postscript_plugin(monkeypatch: pytest.MonkeyPatch) -> None:
+    from PIL import EpsImagePlugin
+
+    reached: list[str] = []
+
+    def spy(self: object) -> None:
+        reached.append("EPS")
+        raise AssertionError("the PostScript plugin ran on client bytes")
+
+    monkeypatch.setattr(EpsImagePlugin.EpsImageFile, "_open", spy)
+    with pytest.raises(InvalidImage) as info:
+        prepare_image(MINIMAL_EPS, SPEC, max_pixels=LIMIT)
+    assert reached == []
+    assert "PNG, JPEG, WebP, GIF, BMP or TIFF" in str(info.value)
+
+
+@pytest.mark.parametrize("payload", [dds_with_zeroed_pixel_format(), MINIMAL_EPS], ids=["dds", "eps"])
+def test_other_pillow_formats_are_a_clear_client_error(payload: bytes) -> None:
+    with pytest.raises(InvalidImage, match="not a supported image format; send PNG, JPEG"):
+        open_image(payload, max_pixels=LIMIT)
+
+
+@pytest.mark.parametrize("fmt", ALLOWED_FORMATS)
+def test_every_documented_format_decodes(fmt: str) -> None:
+    prepared = prepare_image(encode(Image.new("RGB", (30, 20), "red"), fmt), SPEC, max_pixels=LIMIT)
+    assert prepared.original_size == (30, 20) and prepared.pixels.shape == (768, 768, 3)
+
+
+# --- what a queued job keeps -----------------------------------------------------------------
+
+
+def test_prepared_image_holds_only_model_sized_uint8_pixels() -> None:
+    huge = encode(Image.new("RGB", (8000, 8000), (10, 120, 200)))  # ~200 KB on the wire, 192 MB decoded
+    prepared = prepare_image(huge, SPEC, max_pixels=64_000_000)
+    assert prepared.original_size == (8000, 8000) and prepared.size == (768, 768)
+    pixels = prepared.pixels
+    assert pixels.dtype == np.uint8 and pixels.shape == (768, 768, 3) and pixels.flags.c_contiguous
+    assert (
+        pixels.base is None or memoryview(pixels.base).nbytes == pixels.nbytes
+    )  # not a view of a full decode
+    assert tuple(pixels[0, 0]) == (10, 120, 200)
+
+
+def test_exif_orientation_is_applied_before_the_resize() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    prepared = prepare_image(
+        encode(Image.new("RGB", (40, 20), "blue"), "JPEG", exif=exif), SPEC, max_pixels=LIMIT
+    )
+    assert prepared.original_size == (20, 40)
+
+
+def test_prepare_image_runs_in_a_worker_process() -> None:
+    """Bulk captioning prepares images in a process pool: the function and its result must pickle."""
+    data = encode(Image.new("RGB", (50, 40), (1, 2, 3)))
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        prepared = pool.submit(prepare_image, data, SPEC, max_pixels=LIMIT).result(timeout=120)
+    assert prepared.original_size == (50, 40) and tuple(prepared.pixels[5, 5]) == (1, 2, 3)
+    assert np.array_equal(pickle.loads(pickle.dumps(prepared)).pixels, prepared.pixels)

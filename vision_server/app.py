@@ -79,7 +79,12 @@ def add_routes(app: web.Application) -> ErrorShapes:
 
 async def _decoder_context(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    app[DECODER] = ImageDecoder(max_pixels=settings.max_image_pixels, threads=settings.decode_threads)
+    engine = app[ENGINE]
+    app[DECODER] = ImageDecoder(
+        max_pixels=settings.max_image_pixels,
+        spec=lambda: engine.pixel_spec,
+        threads=settings.decode_threads,
+    )
     yield
     app[DECODER].close()
 

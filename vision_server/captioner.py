@@ -12,8 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
-import numpy as np
-from PIL import Image
+from vision_server.images import PixelSpec, PreparedImage
 
 FinishReason = Literal["stop", "length"]
 
@@ -41,14 +40,11 @@ class GenerationOptions:
 
 @dataclass(frozen=True)
 class CaptionItem:
-    """One image to caption, already decoded to RGB, with its canonical task token."""
+    """One image to caption, already resized to the model's input size, with its task token."""
 
-    image: Image.Image
+    image: PreparedImage
     task: str
     options: GenerationOptions = field(default_factory=GenerationOptions)
-    # Model-ready pixels (float32, channels first), filled by ``Captioner.preprocess`` off the
-    # model thread so the GPU worker never resizes or normalises images itself.
-    pixels: np.ndarray | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -90,12 +86,17 @@ class Captioner(Protocol):
         """The batch size to use when the operator sets none (it depends on the device)."""
         ...
 
-    def load(self) -> ModelInfo:
-        """Load weights; raise :class:`vision_server.errors.ModelLoadError` with a clear reason."""
+    @property
+    def pixel_spec(self) -> PixelSpec:
+        """The input size and normalisation images are prepared for, known before loading.
+
+        Read on decode threads; a model that turns out to want another size once loaded must
+        still accept items prepared for the earlier answer.
+        """
         ...
 
-    def preprocess(self, item: CaptionItem) -> CaptionItem:
-        """CPU-only preparation that is safe on any thread (resize, normalise); may return ``item``."""
+    def load(self) -> ModelInfo:
+        """Load weights; raise :class:`vision_server.errors.ModelLoadError` with a clear reason."""
         ...
 
     def caption(self, batch: list[CaptionItem]) -> list[Caption]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.engine.scheduler import Engine
 from vision_server.errors import VisionServerError
-from vision_server.images import open_image
+from vision_server.images import prepare_image
 from vision_server.runtime import build_captioner, engine_config
 from vision_server.settings import Settings
 from vision_server.tasks import normalize_task
@@ -40,7 +40,8 @@ async def _one(
     engine: Engine, settings: Settings, path: Path, task: str, options: GenerationOptions
 ) -> tuple[str, str | None]:
     try:
-        image = await asyncio.to_thread(open_image, path.read_bytes(), max_pixels=settings.max_image_pixels)
+        spec, limit = engine.pixel_spec, settings.max_image_pixels
+        image = await asyncio.to_thread(lambda: prepare_image(path.read_bytes(), spec, max_pixels=limit))
         caption = await engine.submit(CaptionItem(image, task, options), request_id=path.name)
     except VisionServerError as exc:
         return "", exc.message

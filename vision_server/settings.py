@@ -71,7 +71,9 @@ class Settings:
     )
     max_batch_wait_ms: float = _opt(5.0, "How long the worker waits for more jobs to fill a batch.")
     request_timeout: float = _opt(600.0, "Seconds a request may wait and run before it fails with 504.")
-    decode_threads: int = _opt(4, "Threads that decode, resize and normalise images before the queue.")
+    decode_threads: int = _opt(
+        4, "Threads that decode and resize images before the queue (each holds one full-size decode at most)."
+    )
     # limits
     max_request_bytes: int = _opt(20 * 1024 * 1024, "Largest request body accepted, in bytes (413 above).")
     max_image_pixels: int = _opt(64_000_000, "Largest image accepted, in pixels (413 above; stops bombs).")

@@ -28,6 +28,7 @@ from vision_server.errors import (
     OutOfMemory,
     VisionServerError,
 )
+from vision_server.images import PixelSpec
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,6 @@ class EngineConfig:
     max_batch_wait: float = 0.005
     idle_timeout: float = 300.0
     request_timeout: float = 600.0
-    prepare_threads: int = 4  # CPU threads that resize and normalise images before the queue
 
 
 class Engine:
@@ -61,7 +61,6 @@ class Engine:
         self._queue = JobQueue(self.config.max_queue)
         self._commands: deque[tuple[Command, asyncio.Future[None]]] = deque()
         self._executor: ThreadPoolExecutor | None = None
-        self._prepare_pool: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
         self._state = ModelState.UNLOADED
         self._info: ModelInfo | None = None
@@ -80,9 +79,6 @@ class Engine:
     async def start(self, *, preload: bool = False) -> None:
         """Start the worker (and load at once when ``preload``)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-model")
-        self._prepare_pool = ThreadPoolExecutor(
-            self.config.prepare_threads, thread_name_prefix="vision-prepare"
-        )
         self._worker = asyncio.create_task(self._run(), name="vision-server-worker")
         if preload:
             await self.load()
@@ -99,10 +95,6 @@ class Engine:
             self.observer.job_rejected("draining")
             raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
         timeout = self.config.request_timeout
-        item = await self._prepare(item, wait_for_room)
-        if self._draining:
-            self.observer.job_rejected("draining")
-            raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
         if wait_for_room:
             await self._queue.wait_for_room()
             if self._draining:
@@ -123,13 +115,6 @@ class Engine:
         finally:
             if job.queue_wait is not None:
                 record_job(job.queue_wait, job.batch_size)
-
-    async def _prepare(self, item: CaptionItem, wait_for_room: bool) -> CaptionItem:
-        """Resize and normalise on the CPU pool so the model thread only runs the model."""
-        if len(self._queue) >= self.config.max_queue and not wait_for_room:
-            return item  # it will be refused at once; don't spend CPU on it
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._prepare_pool, self._captioner.preprocess, item)
 
     async def load(self) -> EngineStatus:
         await self._command("load")
@@ -155,8 +140,6 @@ class Engine:
         self._worker = None
         if self._executor is not None:
             self._executor.shutdown(wait=True)
-        if self._prepare_pool is not None:
-            self._prepare_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def draining(self) -> bool:
@@ -181,6 +164,11 @@ class Engine:
             device=info.device if info else None,
             dtype=info.dtype if info else None,
         )
+
+    @property
+    def pixel_spec(self) -> PixelSpec:
+        """The size and normalisation images are prepared for before they queue (known unloaded)."""
+        return self._captioner.pixel_spec
 
     def retry_after(self) -> float:
         """An honest estimate of when a refused client should retry, capped for OpenAI SDKs."""

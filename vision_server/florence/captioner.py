@@ -22,9 +22,10 @@ from PIL import Image
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions, ModelInfo
 from vision_server.errors import ModelLoadError, ModelSourceError, OutOfMemory
 from vision_server.florence.compiled import CompilePlan
+from vision_server.florence.pixels import pixel_spec, spec_before_load
 from vision_server.florence.prompts import tasks_for_model
 from vision_server.florence.source import resolve_model_dir
-from vision_server.images import PixelSpec, to_pixels
+from vision_server.images import PixelSpec, fit_image
 
 if TYPE_CHECKING:
     from vision_server.settings import Settings
@@ -100,7 +101,7 @@ class FlorenceCaptioner:
         self.compile = compile
         self.compile_on_cpu = compile_on_cpu  # tests only: exercise the compiled path without a GPU
         self._loaded: _Loaded | None = None
-        # Known after the first load and kept across unloads: lets the decode pool prepare pixels.
+        # Read from disk on first use, replaced by the loaded processor's own answer, kept across unloads.
         self._pixel_spec: PixelSpec | None = None
 
     @classmethod
@@ -131,6 +132,14 @@ class FlorenceCaptioner:
         while a CPU's cost grows with the batch; so batch wide on CUDA and moderately on CPU."""
         wants_cuda = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
         return 32 if wants_cuda else 16
+
+    @property
+    def pixel_spec(self) -> PixelSpec:
+        spec = self._pixel_spec
+        if spec is None:
+            spec = spec_before_load(self._spec, revision=self.revision, cache_dir=self.cache_dir)
+            self._pixel_spec = spec
+        return spec
 
     @property
     def is_loaded(self) -> bool:
@@ -177,6 +186,15 @@ class FlorenceCaptioner:
         model = self._apply_adapter(model).to(device).eval()
         log.debug("weights loaded from %s in %.2f s", native, time.perf_counter() - started)
         loaded = _Loaded(model, processor, device, dtype, pixel_spec(processor))
+        if self._pixel_spec is not None and self._pixel_spec != loaded.pixels:
+            log.warning(
+                "the model wants %dx%d images, not the %dx%d assumed before loading; "
+                "queued ones are resized again",
+                loaded.pixels.width,
+                loaded.pixels.height,
+                self._pixel_spec.width,
+                self._pixel_spec.height,
+            )
         self._pixel_spec = loaded.pixels
         if self.compile:
             self._compile(loaded)
@@ -197,7 +215,8 @@ class FlorenceCaptioner:
             config._compile_all_devices = True  # type: ignore[assignment]  # a private switch typed as None
             loaded.model.generation_config.compile_config = config
         loaded.plan = plan
-        blank = Image.new("RGB", (loaded.pixels.width, loaded.pixels.height), (128, 128, 128))
+        grey = Image.new("RGB", (loaded.pixels.width, loaded.pixels.height), (128, 128, 128))
+        blank = fit_image(grey, loaded.pixels)
         for bucket in plan.buckets:
             started = time.perf_counter()
             self._caption_group(loaded, [CaptionItem(blank, self.tasks[0], self.default_options)] * bucket)
@@ -224,13 +243,6 @@ class FlorenceCaptioner:
         release_memory()
 
     # --- captioning ----------------------------------------------------------------------------
-
-    def preprocess(self, item: CaptionItem) -> CaptionItem:
-        """Resize and normalise on the caller's thread once the model's input size is known."""
-        spec = self._pixel_spec
-        if spec is None or item.pixels is not None:
-            return item
-        return dataclasses.replace(item, pixels=to_pixels(item.image, spec))
 
     def caption(self, batch: list[CaptionItem]) -> list[Caption]:
         """Caption a batch; items are grouped by generation options, results keep their order."""
@@ -268,12 +280,12 @@ class FlorenceCaptioner:
     def _prepare(
         self, loaded: _Loaded, items: list[CaptionItem], length: int | None = None
     ) -> dict[str, Any]:
-        """Model inputs: pixels prepared before the queue (or now), prompts tokenised and padded."""
-        spec = loaded.pixels
-        pixels = [item.pixels if item.pixels is not None else to_pixels(item.image, spec) for item in items]
+        """Model inputs: the items' uint8 pixels normalised as one tensor, prompts tokenised and padded."""
         inputs = dict(prompt_ids(loaded.processor, [item.task for item in items], length))
-        inputs["pixel_values"] = torch.from_numpy(np.stack(pixels)).to(loaded.dtype)
-        return {k: v.to(loaded.device) for k, v in inputs.items()}
+        inputs = {k: v.to(loaded.device) for k, v in inputs.items()}
+        batch = np.stack([_at_size(item, loaded.pixels) for item in items])
+        inputs["pixel_values"] = pixel_values(batch, loaded.pixels, loaded.device).to(loaded.dtype)
+        return inputs
 
     def _confidences(self, loaded: _Loaded, inputs: dict[str, Any], sequences: torch.Tensor) -> list[float]:
         """Geometric mean of the chosen tokens' probabilities, by one teacher-forced forward pass."""
@@ -316,7 +328,8 @@ class FlorenceCaptioner:
     @staticmethod
     def _post_process(loaded: _Loaded, text: str, item: CaptionItem) -> str:
         text = text.replace("<pad>", "")
-        parsed = loaded.processor.post_process_generation(text, task=item.task, image_size=item.image.size)
+        size = item.image.original_size  # boxes and points are reported in the uploaded image's pixels
+        parsed = loaded.processor.post_process_generation(text, task=item.task, image_size=size)
         value = parsed.get(item.task, text) if isinstance(parsed, dict) else parsed
         if not isinstance(value, str):
             value = str(value)
@@ -325,18 +338,27 @@ class FlorenceCaptioner:
         return value.strip()
 
 
-def pixel_spec(processor: Any) -> PixelSpec:
-    """The resize/normalise settings of a Florence-2 processor's image processor."""
-    image_processor = processor.image_processor
-    size = image_processor.size
-    return PixelSpec(
-        height=int(size["height"]),
-        width=int(size["width"]),
-        mean=tuple(image_processor.image_mean),
-        std=tuple(image_processor.image_std),
-        resample=Image.Resampling(image_processor.resample),
-        rescale=float(image_processor.rescale_factor),
-    )
+def pixel_values(batch: np.ndarray, spec: PixelSpec, device: torch.device) -> torch.Tensor:
+    """uint8 [N, H, W, 3] → float32 [N, 3, H, W], rescaled and normalised on ``device``.
+
+    The uint8 batch is a quarter of the floats' size to move; the arithmetic (float32 multiply,
+    subtract, divide) is that of transformers' CLIP image processor, so the values match it.
+    """
+    values = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).to(torch.float32)
+    values = values * torch.tensor(spec.rescale, dtype=torch.float32, device=device)
+    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+    return ((values - mean) / std).contiguous()
+
+
+def _at_size(item: CaptionItem, spec: PixelSpec) -> np.ndarray:
+    """The item's pixels, resized again if it was prepared for another input size (logged)."""
+    pixels = item.image.pixels
+    if pixels.shape[:2] == (spec.height, spec.width):
+        return pixels
+    height, width = pixels.shape[:2]
+    log.info("resizing a queued %dx%d image to the model's %dx%d", width, height, spec.width, spec.height)
+    return fit_image(Image.fromarray(pixels), spec).pixels
 
 
 def prompt_ids(processor: Any, tasks: list[str], length: int | None = None) -> Any:

@@ -12,7 +12,11 @@ import time
 
 from vision_server.captioner import Caption, CaptionItem, ModelInfo
 from vision_server.errors import ModelLoadError
+from vision_server.images import PixelSpec
 from vision_server.tasks import PROMPTGEN_TASKS
+
+# Small, so scheduler tests stay cheap; a fake "model" that looks at 16x16 images.
+FAKE_SPEC = PixelSpec(height=16, width=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
 
 
 class FakeCaptioner:
@@ -43,6 +47,10 @@ class FakeCaptioner:
     def preferred_batch_size(self) -> int:
         return 16
 
+    @property
+    def pixel_spec(self) -> PixelSpec:
+        return FAKE_SPEC
+
     def load(self) -> ModelInfo:
         self.threads.add(threading.current_thread().name)
         time.sleep(self.load_delay)
@@ -52,9 +60,6 @@ class FakeCaptioner:
             self.loaded = True
             self.loads += 1
         return ModelInfo(self._model_id, "cpu", "float32")
-
-    def preprocess(self, item: CaptionItem) -> CaptionItem:
-        return item
 
     def caption(self, batch: list[CaptionItem]) -> list[Caption]:
         self.threads.add(threading.current_thread().name)
@@ -73,5 +78,5 @@ class FakeCaptioner:
 
     @staticmethod
     def expected(item: CaptionItem) -> str:
-        digest = hashlib.sha256(item.image.tobytes() + item.task.encode()).hexdigest()[:12]
+        digest = hashlib.sha256(item.image.pixels.tobytes() + item.task.encode()).hexdigest()[:12]
         return f"{item.task.strip('<>').lower()} {digest}"

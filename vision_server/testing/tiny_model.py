@@ -29,6 +29,7 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from vision_server.florence.layout import VOCAB_MULTIPLE, post_processor_config
+from vision_server.images import PixelSpec
 from vision_server.testing import _adapter, _original, _wordy
 from vision_server.testing._tokenizer import build_tokenizer, clean_saved_config
 
@@ -170,6 +171,16 @@ def generation_config() -> GenerationConfig:
         forced_bos_token_id=0, forced_eos_token_id=2,
         num_beams=3, no_repeat_ngram_size=3, early_stopping=True,
     )  # fmt: skip
+
+
+def preset_pixel_spec(preset: str) -> PixelSpec:
+    """The input size and normalisation a preset's model is built with (known without building it)."""
+    size = PRESETS[preset].image_size
+    return PixelSpec(height=size, width=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
+
+
+def tiny_pixel_spec() -> PixelSpec:
+    return preset_pixel_spec("tiny")
 
 
 def image_processor(image_size: int) -> CLIPImageProcessorPil:
