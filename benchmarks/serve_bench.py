@@ -129,7 +129,7 @@ def run_in_process(images: list[bytes], args: argparse.Namespace, batch_size: in
 
     from vision_server.captioner import CaptionItem
     from vision_server.florence.captioner import FlorenceCaptioner, generate_kwargs
-    from vision_server.images import open_image
+    from vision_server.images import open_image, prepare_image
     from vision_server.settings import Settings
 
     settings = Settings(
@@ -140,7 +140,11 @@ def run_in_process(images: list[bytes], args: argparse.Namespace, batch_size: in
     captioner.load()
     task = "<" + args.task.strip("<>").upper() + ">"
     pictures = [open_image(images[i % len(images)], max_pixels=10**9) for i in range(args.requests)]
-    items = [CaptionItem(picture, task, options) for picture in pictures]
+    prepared = [
+        prepare_image(images[i % len(images)], captioner.pixel_spec, max_pixels=10**9)
+        for i in range(args.requests)
+    ]
+    items = [CaptionItem(image, task, options) for image in prepared]
     loaded = captioner._loaded
     assert loaded is not None
 
@@ -179,7 +183,7 @@ def run_in_process(images: list[bytes], args: argparse.Namespace, batch_size: in
         "batch_size": batch_size,
     }
 
-    ready = captioner._prepare(loaded, [captioner.preprocess(item) for item in items[:batch_size]])
+    ready = captioner._prepare(loaded, items[:batch_size])
     with torch.inference_mode():
         loaded.model.generate(**ready, **generate_kwargs(options))
         sync()
