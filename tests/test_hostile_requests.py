@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 from typing import Any
 
 import pytest
@@ -180,3 +181,41 @@ async def test_admin_key_works_through_a_proxy(tmp_path_factory: pytest.TempPath
             assert r.status == 200, await r.text()
         async with session.post("/v1/model/unload", headers={"X-Forwarded-For": "203.0.113.9"}) as r:
             assert r.status == 401
+
+
+# --- found by the property-based test (tests/test_fuzz_requests.py) ------------------------------
+
+
+@pytest.mark.parametrize(
+    "content_type", ["application/x-www-form-urlencoded", "application/x-www-form-urlencoded; charset=nope"]
+)
+async def test_urlencoded_form_that_is_not_text_is_a_400(keyed: Settings, content_type: str) -> None:
+    async with running_server(keyed) as url, ClientSession(url) as session:
+        headers = {**AUTH, "Content-Type": content_type}
+        async with session.post("/caption", data=b"image=\x89PNG\r\n\x1a\n", headers=headers) as r:
+            assert r.status == 400, await r.text()
+            assert "Malformed form body" in (await r.json())["detail"]
+
+
+def test_unparsable_http_is_logged_as_one_line_without_traceback() -> None:
+    """aiohttp logs a request it cannot parse as an ERROR with a traceback; a client's mistake is INFO."""
+    import logging
+
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from vision_server.logs import MalformedRequestFilter
+
+    try:
+        raise BadHttpMessage("Invalid header value char")
+    except BadHttpMessage:
+        record = logging.getLogger("aiohttp.server").makeRecord(
+            "aiohttp.server", logging.ERROR, __file__, 1, "Error handling request from %s", ("127.0.0.1",),
+            sys.exc_info(),
+        )  # fmt: skip
+    assert MalformedRequestFilter().filter(record)
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert record.getMessage() == "Error handling request from 127.0.0.1: 400 Invalid header value char"
+    crash = logging.makeLogRecord(
+        {"levelno": logging.ERROR, "exc_info": (RuntimeError, RuntimeError(), None)}
+    )
+    assert MalformedRequestFilter().filter(crash) and crash.levelno == logging.ERROR  # ours stay errors

@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from aiohttp.http_exceptions import HttpProcessingError
+
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
@@ -28,6 +30,23 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data, default=str)
+
+
+class MalformedRequestFilter(logging.Filter):
+    """Log a request aiohttp cannot parse as one INFO line, not an ERROR with a traceback.
+
+    Bytes that are not valid HTTP (a control character in a header, a bad chunk size) are the
+    client's mistake and get a 400; a client must not be able to fill the log with tracebacks.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        error = record.exc_info[1] if record.exc_info else None
+        if isinstance(error, HttpProcessingError) and 400 <= error.code < 500:
+            reason = (error.message or type(error).__name__).strip().splitlines()[0]
+            record.msg, record.args = "%s: %d %s", (record.getMessage(), error.code, reason)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
 
 
 def file_handler(path: Path) -> logging.Handler:
@@ -54,5 +73,8 @@ def configure_logging(level: str = "info", fmt: str = "text", file: Path | None 
         handler.setFormatter(formatter)
         root.addHandler(handler)
     root.setLevel(level.upper())
+    server_log = logging.getLogger("aiohttp.server")
+    if not any(isinstance(existing, MalformedRequestFilter) for existing in server_log.filters):
+        server_log.addFilter(MalformedRequestFilter())
     for noisy in ("httpx", "urllib3", "filelock", "PIL"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

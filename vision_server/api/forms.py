@@ -37,7 +37,10 @@ class Form:
 async def read_form(request: web.Request, file_fields: tuple[str, ...], limit: int) -> Form:
     """Files sent in ``file_fields`` and every text field; 400 for a malformed body, 413 over ``limit``."""
     if request.content_type == "application/x-www-form-urlencoded":  # a form without files
-        posted = await request.post()
+        try:
+            posted = await request.post()
+        except (ValueError, LookupError) as exc:  # not UTF-8 (or its charset), or an unknown charset
+            raise BadRequest(f"Malformed form body: {exc}; send multipart/form-data for files.") from None
         return Form(fields={name: value for name, value in posted.items() if isinstance(value, str)})
     if request.content_type not in ("multipart/form-data", "multipart/mixed"):
         raise BadRequest(
