@@ -73,3 +73,14 @@ def test_serve_help_lists_every_setting() -> None:
 def test_ruff_is_clean() -> None:
     result = subprocess.run(["ruff", "check", str(ROOT)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def test_ci_runs_the_gates_in_order_before_the_tests() -> None:
+    """ruff check, ruff format --check, mypy (in .ci/gates), all before the docs build and pytest."""
+    gates = [line for line in (ROOT / ".ci" / "gates").read_text().splitlines() if line and line[0] != "#"]
+    commands = [line for line in gates if line.split()[0] in ("ruff", "mypy")]
+    assert commands == ["ruff check .", "ruff format --check .", "mypy"]
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    order = [ci.index(".ci/gates"), *(i for i, line in enumerate(ci) if "mkdocs build" in line)]
+    assert order == sorted(order) and order[-1] < ci.index(readme_commands()[1])
+    assert "--cov" in readme_commands()[1]
