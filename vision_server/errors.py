@@ -68,6 +68,12 @@ class ServiceUnavailable(VisionServerError):
     code = "service_unavailable"
 
 
+class WorkerUnavailable(ServiceUnavailable):
+    """The engine's worker died and is being restarted (ours: logged; the client may retry)."""
+
+    code = "worker_unavailable"
+
+
 class QueueFull(ServiceUnavailable):
     code = "queue_full"
 

@@ -33,7 +33,16 @@ QUEUE_SECONDS = (0.001, 0.005, 0.01, 0.025, *SECONDS)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 LOAD_OUTCOMES = ("ok", "failed")
 UNLOAD_REASONS = ("idle", "admin", "shutdown")
-REJECT_REASONS = ("queue_full", "draining", "timeout", "unauthorized", "forbidden", "rate_limited")
+REJECT_REASONS = (
+    "queue_full",
+    "draining",
+    "timeout",
+    "client_disconnected",
+    "worker_unavailable",
+    "unauthorized",
+    "forbidden",
+    "rate_limited",
+)
 
 
 class Metrics(EngineObserver):

@@ -106,8 +106,12 @@ async def report_status(engine: Engine, notifier: Notifier) -> None:
         await asyncio.sleep(STATUS_INTERVAL)
 
 
-async def run(app: web.Application, notifier: Notifier | None = None) -> None:
-    """Serve ``app`` until a stop signal, then drain, unload and close."""
+async def run(app: web.Application, notifier: Notifier | None = None) -> bool:
+    """Serve ``app`` until a stop signal, then drain, unload and close.
+
+    Returns False when the drain had to leave the model thread busy (a load that outlasted
+    ``--shutdown-grace``): the caller then exits without waiting for it.
+    """
     settings, engine = app[SETTINGS], app[ENGINE]
     notifier = notifier if notifier is not None else Notifier.from_environ()
     stop = StopRequest()
@@ -115,6 +119,7 @@ async def run(app: web.Application, notifier: Notifier | None = None) -> None:
     # Handlers first: a signal during a --preload load is honoured as soon as the server is up.
     remove_handlers = install_stop_handlers(asyncio.get_running_loop(), stop)
     status_task: asyncio.Task[None] | None = None
+    clean = True
     try:
         await runner.setup()
         for url in await listen(runner, settings):
@@ -132,7 +137,7 @@ async def run(app: web.Application, notifier: Notifier | None = None) -> None:
             settings.shutdown_grace,
         )
         notifier.stopping(describe(snapshot, draining=True))
-        await engine.stop(grace=settings.shutdown_grace)
+        clean = await engine.stop(grace=settings.shutdown_grace)
         log.info("drained; closing connections")
     finally:
         if status_task is not None:
@@ -140,6 +145,7 @@ async def run(app: web.Application, notifier: Notifier | None = None) -> None:
         await runner.cleanup()
         remove_handlers()
     log.info("stopped")
+    return clean
 
 
 def serve(settings: Settings, captioner: Captioner | None = None) -> None:
@@ -154,7 +160,10 @@ def serve(settings: Settings, captioner: Captioner | None = None) -> None:
             settings.idle_timeout,
             os.getpid(),
         )
-        asyncio.run(run(app))
+        if not asyncio.run(run(app)):
+            log.warning("exiting while the model thread is still busy (shutdown grace exceeded)")
+            _flush_logs()
+            os._exit(0)  # a plain exit would join the busy model thread and outlast the stop timeout
     except SettingsError as exc:
         log.error("%s", exc)
         raise SystemExit(2) from None

@@ -43,7 +43,7 @@ def memory_usage() -> dict[str, int | None]:
 
 
 async def health(request: web.Request) -> web.Response:
-    """Liveness. 503 only when the worker is gone without a shutdown (the process cannot serve)."""
+    """Liveness. 503 while the worker is dead (it is restarted) or gone without a shutdown."""
     engine = request.app[ENGINE]
     snapshot = engine.status()
     if engine.draining:
@@ -54,6 +54,8 @@ async def health(request: web.Request) -> web.Response:
         verdict = "error"
     body = {
         "status": verdict,
+        "worker": "down" if engine.worker_down else ("running" if engine.running else "stopped"),
+        "worker_restarts": engine.worker_restarts,
         "model_loaded": snapshot.state is ModelState.READY,
         "gpu_available": gpu_available(),
         "memory_usage": memory_usage(),
@@ -69,6 +71,8 @@ async def ready(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     if engine.draining:
         reason = "draining"
+    elif engine.worker_down:
+        reason = "worker_down"
     elif not engine.running:
         reason = "starting"
     else:

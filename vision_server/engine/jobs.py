@@ -91,6 +91,15 @@ class JobQueue:
         """Interrupt :meth:`wait` (used for control messages)."""
         self._arrived.set()
 
+    def discard(self, job: CaptionJob) -> bool:
+        """Remove ``job`` if it is still waiting (its client left); True when it was."""
+        try:
+            self._jobs.remove(job)
+        except ValueError:
+            return False
+        self._room.set()
+        return True
+
     def drop_abandoned(self) -> None:
         self._jobs = deque(job for job in self._jobs if not job.abandoned)
         self._room.set()

@@ -27,6 +27,7 @@ from vision_server.errors import (
     ModelLoadError,
     OutOfMemory,
     VisionServerError,
+    WorkerUnavailable,
 )
 from vision_server.images import PixelSpec
 
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LOAD_RETRY_AFTER = 30.0
 MAX_RETRY_AFTER = 120.0
+STOP_MARGIN = 3.0  # seconds past the shutdown grace for the unload before the worker is abandoned
 
 Command = Literal["load", "unload", "stop"]
 
@@ -47,6 +49,7 @@ class EngineConfig:
     max_batch_wait: float = 0.005
     idle_timeout: float = 300.0
     request_timeout: float = 600.0
+    worker_restart_delay: float = 1.0  # seconds a dead worker stays visibly dead before its restart
 
 
 class Engine:
@@ -73,13 +76,17 @@ class Engine:
         self._batches = 0
         self._jobs_done = 0
         self._last_batch_size = 0
+        self._in_flight: list[CaptionJob] = []  # the batch the worker holds (loading or running)
+        self._stopping = False
+        self._worker_deaths = 0
+        self._restart: asyncio.TimerHandle | None = None
 
     # --- public API ----------------------------------------------------------------------------
 
     async def start(self, *, preload: bool = False) -> None:
         """Start the worker (and load at once when ``preload``)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-model")
-        self._worker = asyncio.create_task(self._run(), name="vision-server-worker")
+        self._start_worker()
         if preload:
             await self.load()
 
@@ -91,9 +98,7 @@ class Engine:
         A full queue refuses the job at once, unless ``wait_for_room``: then the caller waits for
         a place (the offline dataset captioner, which bounds what it has in flight itself).
         """
-        if self._draining or self._worker is None:
-            self.observer.job_rejected("draining")
-            raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
+        self._check_accepting()
         timeout = self.config.request_timeout
         if wait_for_room:
             await self._queue.wait_for_room()
@@ -110,8 +115,15 @@ class Engine:
         try:
             return await asyncio.wait_for(job.future, timeout)
         except asyncio.TimeoutError:
+            self._queue.discard(job)
             self.observer.job_rejected("timeout")
             raise DeadlineExceeded(f"No caption within the request timeout of {timeout:g} s.") from None
+        except asyncio.CancelledError:
+            # The client went away (aiohttp cancels its handler): free the place at once, so
+            # abandoned jobs neither refuse newcomers nor inflate queue_depth and Retry-After.
+            self._queue.discard(job)
+            self.observer.job_rejected("client_disconnected")
+            raise
         finally:
             if job.queue_wait is not None:
                 record_job(job.queue_wait, job.batch_size)
@@ -124,22 +136,52 @@ class Engine:
         await self._command("unload")
         return self.status()
 
-    async def stop(self, grace: float = 60.0) -> None:
-        """Refuse new jobs, finish queued and running ones within ``grace`` seconds, unload, stop."""
+    async def stop(self, grace: float = 60.0) -> bool:
+        """Refuse new jobs, finish queued and running ones within ``grace`` seconds, unload, stop.
+
+        Ends within ``grace`` plus :data:`STOP_MARGIN` whatever the worker is doing (a model load
+        included): jobs it could not finish get 503. Returns False when the model thread was
+        still busy and was left behind (the process should then exit without joining it).
+        """
         self._draining = True
+        self._stopping = True
+        if self._restart is not None:
+            self._restart.cancel()
         if self._worker is None:
-            return
+            return True
         end = time.monotonic() + grace
-        while (len(self._queue) or self._running) and time.monotonic() < end and not self._worker.done():
+        while self._has_work() and time.monotonic() < end and not self._worker.done():
             await asyncio.sleep(0.05)
         for job in self._queue.take_all():
             _fail(job, Draining("The server shut down before this job ran.", retry_after=5))
-        if not self._worker.done():
-            await self._command("stop")
-        await self._worker
+        clean = await self._stop_worker(end + STOP_MARGIN)
         self._worker = None
         if self._executor is not None:
-            self._executor.shutdown(wait=True)
+            self._executor.shutdown(wait=clean, cancel_futures=True)
+        return clean
+
+    def _has_work(self) -> bool:
+        return bool(len(self._queue) or self._running or self._in_flight)
+
+    async def _stop_worker(self, deadline: float) -> bool:
+        """Ask the worker to unload and exit; cancel it at ``deadline``. True when it exited cleanly."""
+        worker = self._worker
+        assert worker is not None
+        if not worker.done():
+            stopping = asyncio.ensure_future(self._command("stop"))
+            done, _ = await asyncio.wait({worker}, timeout=max(0.0, deadline - time.monotonic()))
+            if not done:
+                log.warning("the worker did not stop in time (busy in the model thread); leaving it behind")
+                for job in self._in_flight:
+                    _fail(job, Draining("The server shut down before this job finished.", retry_after=5))
+                worker.cancel()
+                stopping.cancel()
+                await asyncio.gather(worker, stopping, return_exceptions=True)
+                return False
+            stopping.cancel()
+            await asyncio.gather(stopping, return_exceptions=True)
+        await asyncio.gather(worker, return_exceptions=True)
+        return True
 
     @property
     def draining(self) -> bool:
@@ -149,6 +191,15 @@ class Engine:
     def running(self) -> bool:
         """True while the worker is alive, between :meth:`start` and the end of :meth:`stop`."""
         return self._worker is not None and not self._worker.done()
+
+    @property
+    def worker_down(self) -> bool:
+        """True between an unexpected death of the worker and its restart."""
+        return self._worker is not None and self._worker.done() and not self._stopping
+
+    @property
+    def worker_restarts(self) -> int:
+        return self._worker_deaths
 
     @property
     def state(self) -> ModelState:
@@ -194,23 +245,81 @@ class Engine:
             mean_batch_size=self._jobs_done / self._batches if self._batches else 0.0,
         )
 
+    def _check_accepting(self) -> None:
+        if self._draining or self._worker is None:
+            self.observer.job_rejected("draining")
+            raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
+        if self.worker_down:
+            self.observer.job_rejected("worker_unavailable")
+            raise WorkerUnavailable(
+                "The captioning worker failed and is restarting; retry shortly.",
+                retry_after=max(1.0, self.config.worker_restart_delay),
+            )
+
     # --- the worker ----------------------------------------------------------------------------
+
+    def _start_worker(self) -> None:
+        self._restart = None
+        self._worker = asyncio.create_task(self._run(), name="vision-server-worker")
+        self._worker.add_done_callback(self._worker_exited)
+
+    def _worker_exited(self, task: asyncio.Task[None]) -> None:
+        """A worker that ends outside :meth:`stop` died: fail its jobs, say so, restart it soon."""
+        if self._stopping or task is not self._worker:
+            return
+        self._worker_deaths += 1
+        error = task.exception() if not task.cancelled() else asyncio.CancelledError("worker cancelled")
+        log.error(
+            "the captioning worker died (%s); failing its jobs and restarting it in %g s",
+            f"{type(error).__name__}: {error}" if error else "returned",
+            self.config.worker_restart_delay,
+            exc_info=error if isinstance(error, Exception) else None,
+        )
+        for job in [*self._queue.take_all(), *self._in_flight]:
+            _fail(job, WorkerUnavailable("The captioning worker failed; retry shortly.", retry_after=1))
+        self._in_flight, self._running = [], 0
+        while self._commands:
+            _, done = self._commands.popleft()
+            if not done.done():
+                done.set_exception(WorkerUnavailable("The captioning worker failed; retry shortly."))
+        self._restart = asyncio.get_running_loop().call_later(self.config.worker_restart_delay, self._revive)
+
+    def _revive(self) -> None:
+        if self._stopping:
+            return
+        log.warning("restarting the captioning worker (restart %d)", self._worker_deaths)
+        self._start_worker()
 
     async def _run(self) -> None:
         while True:
-            if self._commands:
-                if await self._handle_command(*self._commands.popleft()):
+            try:
+                if await self._step():
                     return
-                continue
-            has_job = await self._queue.wait(self._idle_wait())
-            if self._commands:
-                continue
-            if not has_job:
-                await self._unload("idle")
-                continue
-            batch = await self._collect_batch()
-            if batch:
+            except Exception:  # a bug between batches must not end captioning for good
+                log.exception("the worker hit an unexpected error; its current jobs fail, it carries on")
+                for job in self._in_flight:
+                    _fail(job, CaptionFailed("Captioning failed; see the server log."))
+                self._in_flight, self._running = [], 0
+                await asyncio.sleep(0.1)  # no tight loop should the error repeat
+
+    async def _step(self) -> bool:
+        """One turn of the worker: a command, an idle unload or a batch. True when it should exit."""
+        if self._commands:
+            return await self._handle_command(*self._commands.popleft())
+        has_job = await self._queue.wait(self._idle_wait())
+        if self._commands:
+            return False
+        if not has_job:
+            await self._unload("idle")
+            return False
+        batch = await self._collect_batch()
+        if batch:
+            self._in_flight = batch
+            try:
                 await self._run_batch(batch)
+            finally:
+                self._in_flight = []
+        return False
 
     async def _command(self, command: Command) -> None:
         if self._worker is None or self._worker.done():
@@ -282,6 +391,8 @@ class Engine:
         started = time.monotonic()
         try:
             results = await self._in_model_thread(self._caption_splitting, [job.item for job in live])
+            if len(results) != len(live):
+                raise RuntimeError(f"the captioner returned {len(results)} results for {len(live)} images")
         except Exception as exc:  # a failed batch must never kill the worker
             self._fail_batch(live, exc)
             return
