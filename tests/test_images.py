@@ -173,3 +173,26 @@ def test_prepare_image_runs_in_a_worker_process() -> None:
         prepared = pool.submit(prepare_image, data, SPEC, max_pixels=LIMIT).result(timeout=120)
     assert prepared.original_size == (50, 40) and tuple(prepared.pixels[5, 5]) == (1, 2, 3)
     assert np.array_equal(pickle.loads(pickle.dumps(prepared)).pixels, prepared.pixels)
+
+
+# --- big uploads are decoded a slice at a time ---------------------------------------------------
+
+
+def test_big_base64_is_decoded_in_slices_with_the_same_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No single C call sees the whole 12 MB body: each would hold the GIL and stall the event loop."""
+    import binascii
+
+    from vision_server import images
+
+    raw = np.random.default_rng(3).integers(0, 255, 9_000_001, dtype=np.uint8).tobytes()
+    wrapped = base64.encodebytes(raw).decode()  # 76-column lines, as `base64` without -w0 writes
+    seen: list[int] = []
+    real = binascii.a2b_base64
+
+    def spy(data: bytes, **kwargs: object) -> bytes:
+        seen.append(len(data))
+        return real(data, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(images.binascii, "a2b_base64", spy)
+    assert decode_base64("data:image/png;base64," + wrapped) == raw
+    assert len(seen) > 10 and max(seen) <= images.BASE64_SLICE

@@ -77,6 +77,9 @@ class Settings:
     # limits
     max_request_bytes: int = _opt(20 * 1024 * 1024, "Largest request body accepted, in bytes (413 above).")
     max_image_pixels: int = _opt(64_000_000, "Largest image accepted, in pixels (413 above; stops bombs).")
+    max_images_per_request: int = _opt(
+        16, "Most images in one request (OpenAI messages, /batch_caption); more is a 400."
+    )
     # generation defaults
     num_beams: int = _opt(3, "Beam count for generation (the reference server's default).")
     max_new_tokens: int = _opt(1024, "Most tokens generated per caption.")
@@ -149,7 +152,14 @@ def _validate(s: Settings) -> None:
             raise SettingsError(f"{name} must be one of {', '.join(choices)}, not {getattr(s, name)!r}")
     if not (s.device in ("auto", "cpu", "cuda") or s.device.startswith("cuda:")):
         raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, not {s.device!r}")
-    positive = ("max_queue", "max_batch_size", "decode_threads", "max_request_bytes", "max_image_pixels")
+    positive = (
+        "max_queue",
+        "max_batch_size",
+        "decode_threads",
+        "max_request_bytes",
+        "max_image_pixels",
+        "max_images_per_request",
+    )
     for name in (*positive, "num_beams", "max_new_tokens"):
         if getattr(s, name) is not None and getattr(s, name) < 1:
             raise SettingsError(f"{name} must be at least 1, not {getattr(s, name)}")

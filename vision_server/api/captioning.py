@@ -5,6 +5,9 @@ Every API family goes through here, so their requests wait in the same queue and
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Sequence
+
 from aiohttp import web
 
 from vision_server.api.errors import REQUEST_ID
@@ -22,6 +25,24 @@ async def caption_bytes(request: web.Request, data: bytes, task: str, options: G
     """Caption an uploaded file's bytes (decoded off the event loop)."""
     image = await request.app[DECODER].from_bytes(data)
     return await _submit(request, CaptionItem(image=image, task=task, options=options))
+
+
+async def caption_all_base64(
+    request: web.Request, texts: Sequence[str], task: str, options: GenerationOptions
+) -> list[Caption]:
+    """Caption several images of one request, all or none: the first failure cancels the others
+    (their queued jobs leave the queue), so a 400 or 503 leaves no captions behind."""
+    tasks = [asyncio.ensure_future(caption_base64(request, text, task, options)) for text in texts]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        failed = next((t for t in tasks if t in done and not t.cancelled() and t.exception()), None)
+        if failed is not None:
+            raise failed.exception()  # type: ignore[misc]
+        return [t.result() for t in tasks]
+    finally:
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def _submit(request: web.Request, item: CaptionItem) -> Caption:

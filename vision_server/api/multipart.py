@@ -142,6 +142,12 @@ async def batch_caption(request: web.Request) -> web.Response:
     form = await read_form(request, BATCH_FIELDS, request.app[SETTINGS].max_request_bytes)
     if not form.files:
         raise no_image(form, BATCH_FIELDS)
+    limit = request.app[SETTINGS].max_images_per_request
+    if len(form.files) > limit:
+        raise BadRequest(
+            f"The form has {len(form.files)} files; the limit is {limit} per request "
+            "(--max-images-per-request). Send the others in further requests."
+        )
     task = task_for(form, request.app[ENGINE].model_card.tasks, CAPTION_TASK)
     options = options_for(form, request)
     outcomes = await asyncio.gather(

@@ -21,7 +21,6 @@ What a request means here:
 
 from __future__ import annotations
 
-import asyncio
 import json
 import re
 import time
@@ -33,7 +32,7 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.bodies import read_json_object
-from vision_server.api.captioning import caption_base64
+from vision_server.api.captioning import caption_all_base64
 from vision_server.api.errors import REQUEST_ID, InvalidParameter, NotFound
 from vision_server.api.generation import (
     MAX_TEMPERATURE,
@@ -99,6 +98,12 @@ def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
     if not isinstance(messages, list) or not messages:
         raise InvalidParameter("messages", "'messages' must be a non-empty list of chat messages.")
     images, text = images_and_text(messages)
+    if len(images) > settings.max_images_per_request:
+        raise InvalidParameter(
+            "messages",
+            f"The message has {len(images)} images; the limit is {settings.max_images_per_request} "
+            "per request (--max-images-per-request). Send the others in further requests.",
+        )
     if body.get("n") not in (None, 1):
         raise InvalidParameter("n", "Only n=1 is supported.")
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -272,10 +277,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat_request(body, settings)
     card = request.app[ENGINE].model_card
     task = task_from_text(chat.text, card.tasks, settings.default_task)
-    captions = await asyncio.gather(
-        *(caption_base64(request, image, task, chat.options) for image in chat.images)
-    )
-    completion = Completion.of(card.model_id, list(captions))
+    captions = await caption_all_base64(request, chat.images, task, chat.options)
+    completion = Completion.of(card.model_id, captions)
     if chat.stream:
         return await send_events(request, completion.chunks(chat.include_usage))
     return web.json_response(completion.body())

@@ -51,8 +51,10 @@ KEYWORD_TABLE: tuple[tuple[str, str], ...] = (
     (r"\b(?:detail|detailed|details|thorough|thoroughly|in[- ]depth|paragraph)\b", "<MORE_DETAILED_CAPTION>"),
 )
 _KEYWORDS = tuple((re.compile(pattern, re.IGNORECASE | re.DOTALL), task) for pattern, task in KEYWORD_TABLE)
-# Longest free-text prompt read (the same as the multipart form's text field limit).
-MAX_PROMPT_CHARS = 64 * 1024
+# Longest free-text prompt read. Reading runs on the event loop and costs about 0.7 ms per KiB
+# of adversarial text, so the bound keeps one request's share of the loop to a few ms; a prompt
+# only picks the task, and real ones are a sentence.
+MAX_PROMPT_CHARS = 8 * 1024
 _BRACKETED = re.compile(r"<\s*([A-Za-z][A-Za-z_]*)\s*>")
 # Task names are words made of letters and underscores; ``\b`` treats "_" as a word character,
 # so DETAILED_CAPTION never matches inside MORE_DETAILED_CAPTION.
