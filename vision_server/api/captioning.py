@@ -17,12 +17,14 @@ from vision_server.captioner import Caption, CaptionItem, GenerationOptions
 
 async def caption_base64(request: web.Request, text: str, task: str, options: GenerationOptions) -> Caption:
     """Caption a base64 string or ``data:`` URL (decoded off the event loop)."""
+    request.app[ENGINE].check_room()
     image = await request.app[DECODER].from_base64(text)
     return await _submit(request, CaptionItem(image=image, task=task, options=options))
 
 
 async def caption_bytes(request: web.Request, data: bytes, task: str, options: GenerationOptions) -> Caption:
     """Caption an uploaded file's bytes (decoded off the event loop)."""
+    request.app[ENGINE].check_room()
     image = await request.app[DECODER].from_bytes(data)
     return await _submit(request, CaptionItem(image=image, task=task, options=options))
 

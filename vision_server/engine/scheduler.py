@@ -26,6 +26,7 @@ from vision_server.errors import (
     Draining,
     ModelLoadError,
     OutOfMemory,
+    QueueFull,
     VisionServerError,
     WorkerUnavailable,
 )
@@ -244,6 +245,18 @@ class Engine:
             last_batch_size=self._last_batch_size,
             mean_batch_size=self._jobs_done / self._batches if self._batches else 0.0,
         )
+
+    def check_room(self) -> None:
+        """Refuse now what :meth:`submit` would refuse (full queue, drain, dead worker), so no
+        CPU is spent decoding an image that cannot be queued."""
+        self._check_accepting()
+        if len(self._queue) >= self.config.max_queue:
+            self.observer.job_rejected("queue_full")
+            retry_after = self.retry_after()
+            raise QueueFull(
+                f"The queue is full ({self.config.max_queue} jobs waiting); retry in {retry_after:.0f} s.",
+                retry_after=retry_after,
+            )
 
     def _check_accepting(self) -> None:
         if self._draining or self._worker is None:
