@@ -22,7 +22,7 @@ The exit status is 0 only when every check passes.
     python benchmarks/fuzz.py                              # 5,000 examples, tiny model
     python benchmarks/fuzz.py --examples 20000 --seed 7 --json-out fuzz.json
 
-``tests/test_fuzz_requests.py`` runs the same property with a few hundred examples.
+``tests/system/test_fuzz_requests.py`` runs the same property with a few hundred examples.
 """
 
 from __future__ import annotations

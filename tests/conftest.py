@@ -1,4 +1,15 @@
-"""Session-wide test models: built once per run into temp dirs (about a second in all)."""
+"""Test layers and session-wide test models.
+
+The tests live in three layers, one directory each, and every test gets its layer's marker here
+(never per test), so ``pytest -m unit`` runs the fast in-process layer on its own:
+
+- ``unit``: functions and objects in-process: no socket, no subprocess, no model generation;
+- ``http``: the real aiohttp application on a real local port, inside the test process;
+- ``system``: real processes (the CLIs, the server, the shell/PowerShell clients, HAProxy, docs
+  builds) and the real model stack in-process (loading, converting, compiling, generating).
+
+The tiny models are built once per run into temp dirs (about a second in all).
+"""
 
 from __future__ import annotations
 
@@ -10,24 +21,54 @@ from pathlib import Path
 
 import pytest
 
-from vision_server.testing.tiny_model import build_test_adapter, build_test_model
+LAYERS = ("unit", "http", "system")
+TESTS = Path(__file__).parent
+
+
+def layer_of(path: Path) -> str | None:
+    """The layer a test file belongs to: the first directory under tests/, if it is a layer."""
+    parts = path.relative_to(TESTS).parts if path.is_relative_to(TESTS) else ()
+    return parts[0] if len(parts) > 1 and parts[0] in LAYERS else None
+
+
+def pytest_ignore_collect(collection_path: Path, config: pytest.Config) -> bool | None:
+    """With ``-m LAYER`` alone, do not even import the other layers' modules (collection is costly)."""
+    wanted = config.getoption("markexpr", "")
+    if wanted not in LAYERS or not collection_path.is_relative_to(TESTS) or collection_path == TESTS:
+        return None
+    layer = collection_path.relative_to(TESTS).parts[0]
+    return True if layer in LAYERS and layer != wanted else None
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test with its directory's layer."""
+    for item in items:
+        layer = layer_of(item.path)
+        if layer is not None:
+            item.add_marker(layer)
 
 
 @pytest.fixture(scope="session")
 def tiny_native_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny Florence-2 in the native transformers 5 layout (seed 0)."""
+    from vision_server.testing.tiny_model import build_test_model
+
     return build_test_model(tmp_path_factory.mktemp("tiny-native") / "model")
 
 
 @pytest.fixture(scope="session")
 def tiny_original_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same weights in PromptGen's original remote-code layout (model.safetensors, fp32)."""
+    from vision_server.testing.tiny_model import build_test_model
+
     return build_test_model(tmp_path_factory.mktemp("tiny-original") / "model", fmt="original")
 
 
 @pytest.fixture(scope="session")
 def tiny_original_bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The original layout as microsoft/Florence-2 ships it: an fp16 pytorch_model.bin."""
+    from vision_server.testing.tiny_model import build_test_model
+
     out = tmp_path_factory.mktemp("tiny-original-bin") / "model"
     return build_test_model(out, fmt="original", weights="bin")
 
@@ -35,12 +76,16 @@ def tiny_original_bin_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_adapter_dir(tiny_native_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A LoRA adapter (r=4, q_proj/v_proj, non-zero B) for the tiny model, native key names."""
+    from vision_server.testing.tiny_model import build_test_adapter
+
     return build_test_adapter(tiny_native_dir, tmp_path_factory.mktemp("tiny-adapter") / "adapter")
 
 
 @pytest.fixture(scope="session")
 def tiny_original_adapter_dir(tiny_native_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The same adapter with the key names of the original layout."""
+    from vision_server.testing.tiny_model import build_test_adapter
+
     out = tmp_path_factory.mktemp("tiny-original-adapter") / "adapter"
     return build_test_adapter(tiny_native_dir, out, fmt="original")
 
@@ -52,7 +97,7 @@ def tiny_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     The model is preloaded (it is ready once the server listens) and captions are capped at 32
     tokens to keep modules fast; everything else is the server's default.
     """
-    from tests.processes import ServerProcess, cli_command, server_env
+    from tests.support.processes import ServerProcess, cli_command, server_env
 
     tmp = tmp_path_factory.mktemp("tiny-server")
     options = ["--idle-timeout", "-1", "--max-new-tokens", "32", "--preload"]

@@ -81,7 +81,7 @@ def _apply(rules: tuple[tuple[re.Pattern[str], str], ...], key: str) -> str | No
     return None
 
 
-# Native key -> original key, for the test builder. `tests/test_convert.py` checks that every key of a
+# Native key -> original key, for the test builder. `tests/system/test_convert.py` checks that every key of a
 # model survives the round trip through both tables.
 _NV = r"model\.vision_tower\.blocks\.(\d+)\.(\d+)\."
 _OV = "vision_tower.blocks.{0}.{1}."

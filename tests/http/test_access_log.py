@@ -1,0 +1,60 @@
+"""One access line per request: id, route, status, duration, queue wait, batch size; never the image."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+
+from tests.support.api import tiny_settings
+from tests.support.images import b64
+from tests.support.serving import client_for
+from vision_server.logs import JsonFormatter, configure_logging
+
+
+async def test_access_lines_carry_the_engine_numbers(
+    tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    image = b64(9)
+    caplog.set_level(logging.DEBUG, logger="vision_server.access")
+    async with client_for(tiny_settings(tmp_path_factory)) as session:
+        headers = {"X-Request-ID": "batch-42"}
+        async with session.post(
+            "/process_image", json={"image": image, "prompt": "caption"}, headers=headers
+        ):
+            pass
+        async with session.get("/health"):
+            pass
+    records = [r for r in caplog.records if r.name == "vision_server.access"]
+    caption = next(r for r in records if r.route == "native.process_image")  # type: ignore[attr-defined]
+    assert caption.levelno == logging.INFO
+    assert (caption.request_id, caption.status, caption.batch_size) == ("batch-42", 200, 1)  # type: ignore[attr-defined]
+    assert caption.queue_wait >= 0 and caption.duration >= caption.queue_wait  # type: ignore[attr-defined]
+    message = caption.getMessage()
+    assert "route=native.process_image" in message and "id=batch-42" in message and "batch=1" in message
+    probe = next(r for r in records if r.route == "ops.health")  # type: ignore[attr-defined]
+    assert probe.levelno == logging.DEBUG and probe.queue_wait is None  # type: ignore[attr-defined]
+    assert not any(image[:32] in r.getMessage() for r in caplog.records)
+    line = json.loads(JsonFormatter().format(caption))
+    assert line["route"] == "native.process_image" and line["request_id"] == "batch-42"
+
+
+def test_log_file_in_json(tmp_path: Path) -> None:
+    path = tmp_path / "logs" / "server.jsonl"
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    try:
+        configure_logging("warning", "json", path)
+        logging.getLogger("vision_server.test").warning("hello %s", "file", extra={"request_id": "r1"})
+        logging.getLogger("vision_server.test").info("dropped at warning level")
+        for handler in root.handlers:
+            handler.flush()
+        lines = [json.loads(line) for line in path.read_text().splitlines()]
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    assert [(x["level"], x["message"], x["request_id"]) for x in lines] == [("warning", "hello file", "r1")]

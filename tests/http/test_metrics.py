@@ -1,0 +1,154 @@
+"""``/metrics`` on a real server with the tiny model: parsed as Prometheus parses it, moving with work."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession
+from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.api import tiny_settings
+from tests.support.images import b64
+from tests.support.serving import client_for
+from vision_server import __version__
+from vision_server.app import create_app
+from vision_server.settings import Settings
+from vision_server.testing.fake import FakeCaptioner
+
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+@pytest.fixture(scope="module")
+def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return tiny_settings(tmp_path_factory)
+
+
+async def scrape(session: ClientSession) -> tuple[Samples, dict[str, str]]:
+    """Every sample keyed by (name, sorted labels), and each family's type."""
+    async with session.get("/metrics") as response:
+        assert response.status == 200
+        assert response.headers["Content-Type"].startswith("text/plain")
+        text = await response.text()
+    samples: Samples = {}
+    types: dict[str, str] = {}
+    for family in text_string_to_metric_families(text):
+        types[family.name] = family.type
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples, types
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_names_follow_prometheus_conventions(settings: Settings) -> None:
+    async with client_for(settings) as session:
+        samples, types = await scrape(session)
+    ours = {name for name in types if name.startswith("vision_server_")}
+    assert ours and all(name.startswith(("vision_server_", "process_")) for name in types)
+    for name in ours:
+        assert ":" not in name and re.fullmatch(r"[a-z0-9_]+", name)
+        if types[name] == "counter":
+            assert any(s[0] == name + "_total" for s in samples), name
+        assert not name.endswith(("_milliseconds", "_ms", "_megabytes")), name
+    expected = {
+        "vision_server_queue_depth": "gauge",
+        "vision_server_jobs_running": "gauge",
+        "vision_server_model_state": "gauge",
+        "vision_server_batch_size": "histogram",
+        "vision_server_request_duration_seconds": "histogram",
+        "vision_server_queue_wait_seconds": "histogram",
+        "vision_server_inference_duration_seconds": "histogram",
+        "vision_server_model_load_duration_seconds": "histogram",
+        "vision_server_model_unload_duration_seconds": "histogram",
+        "vision_server_model_loads": "counter",
+        "vision_server_model_unloads": "counter",
+        "vision_server_requests_rejected": "counter",
+        "vision_server_build_info": "gauge",  # an Info metric, as the text format shows it
+    }
+    assert {name: types.get(name) for name in expected} == expected
+    build = next(labels for (name, labels) in samples if name == "vision_server_build_info")
+    assert dict(build)["version"] == __version__ and dict(build)["model"] == "test:tiny"
+    assert value(samples, "vision_server_model_state", state="unloaded") == 1.0
+    assert value(samples, "vision_server_model_loads_total", outcome="ok") == 0.0  # exists before any load
+    buckets = {dict(k[1])["le"] for k in samples if k[0] == "vision_server_inference_duration_seconds_bucket"}
+    assert {"0.05", "600.0", "+Inf"} <= buckets  # long enough for a cold load plus a caption
+
+
+async def test_counters_move_with_real_captions(settings: Settings) -> None:
+    async with client_for(settings) as session:
+        for seed in (1, 2):
+            async with session.post("/process_image", json={"image": b64(seed), "prompt": "<CAPTION>"}) as r:
+                assert r.status == 200
+        async with session.post("/process_image", json={"image": b64(1), "prompt": "<NOPE>"}) as r:
+            assert r.status == 400
+        async with session.get("/no/such/path") as r:
+            assert r.status == 404
+        samples, _ = await scrape(session)
+        route = "native.process_image"
+        duration = "vision_server_request_duration_seconds_count"
+        assert value(samples, duration, route=route, status="200") == 2
+        assert value(samples, duration, route=route, status="400") == 1
+        assert value(samples, duration, route="unmatched", status="404") == 1
+        assert value(samples, "vision_server_queue_wait_seconds_count") == 2
+        assert value(samples, "vision_server_batch_size_sum") == 2
+        assert value(samples, "vision_server_inference_duration_seconds_count") >= 1
+        assert value(samples, "vision_server_inference_duration_seconds_sum") > 0
+        assert value(samples, "vision_server_model_loads_total", outcome="ok") == 1
+        assert value(samples, "vision_server_model_load_duration_seconds_count", outcome="ok") == 1
+        assert value(samples, "vision_server_model_state", state="ready") == 1
+        assert value(samples, "vision_server_model_state", state="unloaded") == 0
+        assert value(samples, "vision_server_queue_depth") == 0
+        assert value(samples, "vision_server_jobs_running") == 0
+
+        async with session.post("/v1/model/unload") as r:
+            assert r.status == 200
+        samples, _ = await scrape(session)
+        assert value(samples, "vision_server_model_unloads_total", reason="admin") == 1
+        assert value(samples, "vision_server_model_unload_duration_seconds_count") == 1
+        assert value(samples, "vision_server_model_state", state="unloaded") == 1
+        assert value(samples, "process_resident_memory_bytes") > 0
+
+
+async def test_rejections_are_counted_by_reason(tmp_path: Any) -> None:
+    settings = Settings(cache_dir=tmp_path, api_key="k", max_queue=1)
+    async with client_for(settings, FakeCaptioner()) as session:
+        async with session.get("/prompts") as r:
+            assert r.status == 401
+        samples, _ = await scrape(session)  # /metrics is open by default, even with an API key
+    assert value(samples, "vision_server_requests_rejected_total", reason="unauthorized") == 1
+    assert value(samples, "vision_server_requests_rejected_total", reason="queue_full") == 0
+
+
+async def test_openmetrics_when_the_scraper_asks(tmp_path: Any) -> None:
+    async with client_for(Settings(cache_dir=tmp_path), FakeCaptioner()) as session:
+        headers = {"Accept": "application/openmetrics-text; version=1.0.0"}
+        async with session.get("/metrics", headers=headers) as response:
+            assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+            families = {family.name for family in parse_openmetrics(await response.text())}
+    assert {"vision_server_model_loads", "vision_server_build", "vision_server_queue_depth"} <= families
+
+
+async def test_metrics_can_require_the_key(tmp_path: Any) -> None:
+    settings = Settings(cache_dir=tmp_path, api_key="k", metrics_require_key=True)
+    async with client_for(settings, FakeCaptioner()) as session:
+        async with session.get("/metrics") as response:
+            assert response.status == 401
+        async with session.get("/metrics", headers={"Authorization": "Bearer k"}) as response:
+            assert response.status == 200
+
+
+def test_each_app_has_its_own_registry(tmp_path: Any) -> None:
+    first = create_app(Settings(cache_dir=tmp_path), FakeCaptioner())
+    second = create_app(dataclasses.replace(Settings(cache_dir=tmp_path)), FakeCaptioner(model_id="other"))
+    from vision_server.api.state import METRICS
+
+    assert first[METRICS].registry is not second[METRICS].registry
+    first[METRICS].request_rejected("draining")
+    text = second[METRICS].render(None)[0].decode()
+    assert 'vision_server_requests_rejected_total{reason="draining"} 0.0' in text

@@ -1,0 +1,30 @@
+"""Settings for the real tiny model and the small HTTP calls the API tests share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession
+
+from tests.support.images import b64
+from vision_server.settings import Settings
+
+
+def tiny_settings(factory: pytest.TempPathFactory, **overrides: Any) -> Settings:
+    """The real tiny model, built once per test session into one cache dir all tests share."""
+    cache = factory.getbasetemp() / "tiny-model-cache"
+    cache.mkdir(exist_ok=True)
+    return Settings(model="test:tiny", cache_dir=cache, idle_timeout=-1, **overrides)
+
+
+async def native_caption(session: ClientSession, seed: int, task: str) -> str:
+    """The reference answer: the native /process_image caption for the same image and task."""
+    async with session.post("/process_image", json={"image": b64(seed), "prompt": task}) as response:
+        assert response.status == 200, await response.text()
+        return str((await response.json())["result"])
+
+
+async def engine_status(session: ClientSession) -> dict[str, Any]:
+    async with session.get("/v1/status") as response:
+        return dict(await response.json())

@@ -1,0 +1,265 @@
+"""The ComfyUI node's logic without ComfyUI: numpy batch -> PNG -> HTTP -> captions.
+
+The node folder is loaded the way ComfyUI loads a custom node (as a package from its path), and
+talks to a small threaded HTTP stand-in, since the node itself uses blocking urllib. The last
+test calls the node with real [B,H,W,C] batches against a live ``vision-server`` (tiny model).
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import importlib.util
+import io
+import json
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import ModuleType
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.support import paths
+
+NODE_DIR = paths.CLIENTS / "comfyui"
+
+
+@pytest.fixture(scope="module")
+def package() -> ModuleType:
+    """Import ``clients/comfyui`` under an unrelated name, as ComfyUI's loader does."""
+    name = "vision_server_caption_node_under_test"
+    spec = importlib.util.spec_from_file_location(
+        name, NODE_DIR / "__init__.py", submodule_search_locations=[str(NODE_DIR)]
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def node(package: ModuleType) -> ModuleType:
+    return sys.modules[f"{package.__name__}.vision_caption_node"]
+
+
+class Recorder:
+    """What the stand-in server saw, and how it should answer."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+        self.headers: list[dict[str, str]] = []
+        self.arrivals: list[float] = []
+        self.busy_first = 0  # answer this many requests with 503 + Retry-After first
+        self.reject = False
+        self.delay = 0.0
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.lock = threading.Lock()
+
+
+@pytest.fixture
+def server() -> Iterator[tuple[str, Recorder]]:
+    recorder = Recorder()
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            with recorder.lock:
+                recorder.bodies.append(body)
+                recorder.headers.append(dict(self.headers))
+                recorder.arrivals.append(time.monotonic())
+                recorder.in_flight += 1
+                recorder.max_in_flight = max(recorder.max_in_flight, recorder.in_flight)
+                busy = recorder.busy_first > 0
+                recorder.busy_first -= busy
+            time.sleep(recorder.delay)
+            with recorder.lock:
+                recorder.in_flight -= 1
+            if busy:
+                self.reply(503, {"detail": "Queue is full"}, {"Retry-After": "1"})
+            elif recorder.reject:
+                self.reply(400, {"detail": "Invalid prompt '<NOPE>'. Valid prompts: <CAPTION>"})
+            else:
+                pixels = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["image"]))))
+                self.reply(200, {"result": f" {body['prompt']} r={pixels[0, 0, 0]} \n"})
+
+        def reply(self, status: int, payload: dict, headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            for key, value in (headers or {}).items():
+                self.send_header(key, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}/", recorder
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def batch(reds: list[int], height: int = 6, width: int = 5) -> np.ndarray:
+    """A ComfyUI-style IMAGE batch [B,H,W,3] of floats, image i filled with red level reds[i]."""
+    images = np.zeros((len(reds), height, width, 3), dtype=np.float32)
+    for i, red in enumerate(reds):
+        images[i, ..., 0] = red / 255.0
+        images[i, ..., 2] = 1.0
+    return images
+
+
+def test_registers_the_node(package: ModuleType) -> None:
+    assert package.NODE_DISPLAY_NAME_MAPPINGS == {"VisionServerCaption": "Vision Server Caption"}
+    cls = package.NODE_CLASS_MAPPINGS["VisionServerCaption"]
+    inputs = cls.INPUT_TYPES()
+    assert inputs["required"]["image"] == ("IMAGE",)
+    tasks, options = inputs["required"]["task"]
+    assert tasks == [
+        "<GENERATE_TAGS>",
+        "<CAPTION>",
+        "<DETAILED_CAPTION>",
+        "<MORE_DETAILED_CAPTION>",
+        "<ANALYZE>",
+        "<MIXED_CAPTION>",
+        "<MIXED_CAPTION_PLUS>",
+    ]
+    assert options["default"] in tasks
+    assert inputs["required"]["server_url"][1]["default"] == "http://127.0.0.1:54880"
+    assert "api_key" in inputs["optional"]
+    assert cls.RETURN_TYPES == ("STRING", "STRING")
+    assert cls.OUTPUT_IS_LIST == (False, True)
+    assert callable(getattr(cls(), cls.FUNCTION))
+
+
+def test_uses_only_stdlib_numpy_and_pillow() -> None:
+    allowed = set(sys.stdlib_module_names) | {"numpy", "PIL", "__future__"}
+    for path in NODE_DIR.glob("*.py"):
+        for stmt in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(stmt, ast.Import):
+                names = [alias.name for alias in stmt.names]
+            elif isinstance(stmt, ast.ImportFrom) and stmt.level == 0:
+                names = [stmt.module or ""]
+            else:
+                continue
+            assert {name.split(".")[0] for name in names} <= allowed, path.name
+
+
+def test_batch_shapes(node: ModuleType) -> None:
+    assert node.to_numpy_batch(batch([1, 2])).shape == (2, 6, 5, 3)
+    assert node.to_numpy_batch(batch([1])[0]).shape == (1, 6, 5, 3)  # a single [H,W,C] image
+    with pytest.raises(ValueError, match=r"\[B,H,W,C\]"):
+        node.to_numpy_batch(np.zeros((2, 3, 6, 5)))  # channels first is not ComfyUI's layout
+
+
+def test_torch_tensor_is_accepted(node: ModuleType) -> None:
+    torch = pytest.importorskip("torch")
+    tensor = torch.from_numpy(batch([10, 20]))
+    assert np.array_equal(node.to_numpy_batch(tensor), batch([10, 20]))
+
+
+def test_png_round_trip(node: ModuleType) -> None:
+    image = batch([128])[0]
+    image[0, 0] = [2.0, -1.0, 0.5]  # out-of-range values are clipped, not wrapped
+    decoded = np.asarray(Image.open(io.BytesIO(node.png_bytes(image))))
+    assert decoded.shape == (6, 5, 3)
+    assert decoded.dtype == np.uint8
+    assert decoded[1, 1].tolist() == [128, 0, 255]
+    assert decoded[0, 0].tolist() == [255, 0, 128]
+    gray = np.asarray(Image.open(io.BytesIO(node.png_bytes(np.full((4, 4, 1), 0.5, np.float32)))))
+    assert gray.shape == (4, 4)
+
+
+def test_captions_in_batch_order(node: ModuleType, server: tuple[str, Recorder]) -> None:
+    url, recorder = server
+    recorder.delay = 0.2
+    reds = [10, 20, 30, 40]
+    started = time.monotonic()
+    captions = node.caption_batch(batch(reds), "caption", url, api_key="sekret")
+    assert captions == [f"<CAPTION> r={red}" for red in reds]
+    assert recorder.max_in_flight > 1  # sent in parallel so the server can batch them
+    assert time.monotonic() - started < 0.2 * len(reds)
+    assert {h["Authorization"] for h in recorder.headers} == {"Bearer sekret"}
+    assert {b["prompt"] for b in recorder.bodies} == {"<CAPTION>"}
+
+
+def test_node_outputs_joined_text_and_list(package: ModuleType, server: tuple[str, Recorder]) -> None:
+    url, recorder = server
+    node = package.NODE_CLASS_MAPPINGS["VisionServerCaption"]()
+    joined, captions = node.caption(batch([1, 2]), "<ANALYZE>", url)
+    assert captions == ["<ANALYZE> r=1", "<ANALYZE> r=2"]
+    assert joined == "<ANALYZE> r=1\n<ANALYZE> r=2"
+    assert all("Authorization" not in h for h in recorder.headers)
+
+
+def test_busy_server_is_retried_after_retry_after(node: ModuleType, server: tuple[str, Recorder]) -> None:
+    url, recorder = server
+    recorder.busy_first = 1
+    assert node.caption_batch(batch([7]), "<CAPTION>", url) == ["<CAPTION> r=7"]
+    assert len(recorder.arrivals) == 2
+    assert recorder.arrivals[1] - recorder.arrivals[0] >= 1.0
+
+
+def test_server_error_message_reaches_the_user(node: ModuleType, server: tuple[str, Recorder]) -> None:
+    url, recorder = server
+    recorder.reject = True
+    with pytest.raises(RuntimeError, match=r"400: Invalid prompt '<NOPE>'"):
+        node.caption_batch(batch([1]), "nope", url)
+    assert len(recorder.arrivals) == 1
+
+
+def test_unreachable_server(node: ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(node.time, "sleep", lambda _s: None)
+    with pytest.raises(RuntimeError, match="cannot reach vision-server"):
+        node.request_caption(b"png", "<CAPTION>", "http://127.0.0.1:1", timeout=2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Against a live vision-server (tiny test model)
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny_server_url: str) -> str:
+    """The module's real ``vision-server serve --model test:tiny`` (see conftest)."""
+    return tiny_server_url
+
+
+def native_caption(url: str, image: np.ndarray, task: str) -> str:
+    """The server's answer for one [H,W,C] float image sent as PNG over the plain native API."""
+    out = io.BytesIO()
+    Image.fromarray((np.clip(image, 0, 1) * 255).round().astype(np.uint8)).save(out, format="PNG")
+    body = json.dumps({"image": base64.b64encode(out.getvalue()).decode(), "prompt": task}).encode()
+    request = urllib.request.Request(url + "/process_image", body, {"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=60) as response:
+        return json.loads(response.read())["result"].strip()
+
+
+def test_node_against_live_server(package: ModuleType, tiny_server: str) -> None:
+    # Five different noise images of the same size, as a ComfyUI IMAGE batch [B,H,W,C] in 0..1.
+    images = np.random.default_rng(5).random((5, 48, 64, 3), dtype=np.float32)
+    expected = [native_caption(tiny_server, image, "<CAPTION>") for image in images]
+    assert len(set(expected)) == len(expected)  # distinct, so a mix-up of the order would show
+    node = package.NODE_CLASS_MAPPINGS["VisionServerCaption"]()
+    function = getattr(node, node.FUNCTION)
+
+    joined, captions = function(images, "<CAPTION>", tiny_server + "/", timeout=60)
+    assert captions == expected
+    assert joined == "\n".join(expected)
+
+    torch = pytest.importorskip("torch")
+    joined, captions = function(torch.from_numpy(images), "<CAPTION>", tiny_server)
+    assert captions == expected
+    one, single = function(torch.from_numpy(images[2:3]), "<CAPTION>", tiny_server)
+    assert (one, single) == (expected[2], [expected[2]])

@@ -1,0 +1,64 @@
+"""Property-based: generated requests of every family against a real server never get a 5xx.
+
+The strategies and the sender live in ``benchmarks/fuzz.py``, which runs the same property with
+thousands of examples (figures in BENCHMARKS.md); here a few hundred, derandomized so a failure
+reproduces, against ``vision-server serve --model test:tiny`` with an API key and an admin key.
+Afterwards the server must still caption a good image, and its log must hold no traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import signal
+import subprocess
+import sys
+from collections import Counter
+from collections.abc import Iterator
+from types import ModuleType
+
+import pytest
+
+from tests.support import paths
+from tests.support.processes import ServerProcess, cli_command, server_env
+
+FUZZ = paths.BENCHMARKS / "fuzz.py"
+EXAMPLES = 300
+
+
+def load_fuzz() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("fuzz", FUZZ)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("fuzz", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+fuzz = load_fuzz()
+
+
+@pytest.fixture(scope="module")
+def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    tmp = tmp_path_factory.mktemp("fuzz-server")
+    env = server_env(tmp, api_key=fuzz.API_KEY, admin_key=fuzz.ADMIN_KEY)
+    command = [*cli_command(), "serve", "--model", "test:tiny", "--preload", "--idle-timeout", "-1"]
+    command += ["--max-new-tokens", "16"]
+    with ServerProcess(command, env, tmp / "server.log") as process:
+        process.wait_listening(timeout=90)
+        yield process
+        process.send(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(15)
+
+
+def test_generated_requests_never_get_a_5xx(keyed_server: ServerProcess) -> None:
+    url = keyed_server.wait_listening()
+    statuses: Counter[int] = Counter()
+    fuzz.fuzz(url, EXAMPLES, statuses)  # raises with a shrunk request at the first 5xx
+    assert sum(statuses.values()) >= EXAMPLES
+    assert max(statuses) < 500
+    assert statuses[200] > 0 and statuses[400] > 0 and statuses[401] > 0  # the property saw all three
+    assert fuzz.still_serves(url)
+    log = keyed_server.log_text()
+    assert "Traceback" not in log and "unhandled error" not in log, log[-3000:]

@@ -1,0 +1,262 @@
+"""Two real server processes behind a real HAProxy running ``service/haproxy.cfg``.
+
+Draining one daemon (SIGTERM) must move traffic to the other without a single failed request:
+its /ready turns 503 so HAProxy stops choosing it, requests that still reach it are retried
+elsewhere, and the ones it already holds finish. Load spreads over both daemons, and a daemon
+killed outright costs only the requests it held. Needs the haproxy binary
+(``apt-get install -y haproxy``); skipped with that hint when it is missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientSession, ClientTimeout
+
+from tests.support import paths
+from tests.support.api import tiny_settings
+from tests.support.images import image_bytes, shade_b64
+from tests.support.processes import ServerProcess, cli_command, server_env
+
+CONFIG = paths.SERVICE / "haproxy.cfg"
+HAPROXY = shutil.which("haproxy")
+
+pytestmark = [
+    pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install -y haproxy)"),
+    pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def adapt_config(text: str, front_port: int, backends: list[str]) -> str:
+    """The shipped config, unprivileged and local: no user switch, no daemon mode, fast checks."""
+    text = re.sub(r"(?m)^\s*(user|group|daemon|stats socket|log /dev/log).*\n", "", text)
+    text = re.sub(r"(?m)^(\s*bind )\S+", rf"\g<1>127.0.0.1:{front_port}", text)
+    text = re.sub(r"\binter \S+", "inter 100ms", text)
+    servers = iter(backends)
+    text = re.sub(r"(?m)^(\s*server \S+ )\S+", lambda m: m.group(1) + next(servers), text)
+    assert next(servers, None) is None, "the config should name exactly two servers"
+    return text
+
+
+async def caption(session: ClientSession, shade: int) -> int:
+    try:
+        async with session.post(
+            "/process_image", json={"image": shade_b64(shade), "prompt": "<CAPTION>"}
+        ) as response:
+            await response.read()
+            return response.status
+    except Exception as exc:  # a dropped connection counts as a failure, with its reason
+        return f"{type(exc).__name__}: {exc}"  # type: ignore[return-value]
+
+
+async def jobs_done(url: str) -> int:
+    async with ClientSession() as session, session.get(f"{url}/v1/status") as response:
+        return int((await response.json())["jobs_done"])
+
+
+async def load(session: ClientSession, stop: asyncio.Event, results: list[object], worker: int) -> None:
+    shade = worker
+    while not stop.is_set():
+        results.append(await caption(session, shade % 256))
+        shade += 7
+
+
+async def test_draining_one_server_moves_traffic_without_failures(tmp_path: Path) -> None:
+    first = ServerProcess.fake(tmp_path, "first", delay=0.15, max_batch_size=4)
+    second = ServerProcess.fake(tmp_path, "second", delay=0.15, max_batch_size=4)
+    proxy: subprocess.Popen[bytes] | None = None
+    try:
+        urls = [first.wait_listening(), second.wait_listening()]
+        front = free_port()
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(adapt_config(CONFIG.read_text(), front, [u.split("//")[1] for u in urls]))
+        proxy_log = (tmp_path / "haproxy.log").open("wb")
+        assert HAPROXY is not None
+        proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=proxy_log, stderr=proxy_log)
+        async with ClientSession(f"http://127.0.0.1:{front}", timeout=ClientTimeout(total=60)) as session:
+            await _wait_proxy(session, proxy, tmp_path)
+            assert await asyncio.gather(*(caption(session, s) for s in range(12))) == [200] * 12
+            assert min(await jobs_done(urls[0]), await jobs_done(urls[1])) > 0  # both take work
+
+            stop, results = asyncio.Event(), []
+            workers = [asyncio.create_task(load(session, stop, results, n)) for n in range(8)]
+            await asyncio.sleep(0.6)
+            first.send(signal.SIGTERM)
+            code = await asyncio.to_thread(first.wait, 20)
+            second_before = await jobs_done(urls[1])
+            await asyncio.sleep(1.0)  # keep the load on: everything must now go to the second
+            stop.set()
+            await asyncio.gather(*workers)
+        assert code == 0, first.log_text()
+        failures = [r for r in results if r != 200]
+        assert not failures, f"{len(failures)} of {len(results)} failed: {failures[:5]}"
+        assert len(results) > 30
+        assert await jobs_done(urls[1]) > second_before
+        assert "model unloaded (shutdown)" in first.log_text()
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(10)
+        first.close()
+        second.close()
+
+
+async def _wait_proxy(session: ClientSession, proxy: subprocess.Popen[bytes], tmp_path: Path) -> None:
+    end = time.monotonic() + 15
+    while time.monotonic() < end:
+        if proxy.poll() is not None:
+            raise AssertionError((tmp_path / "haproxy.log").read_text())
+        try:
+            async with session.get("/ready") as response:
+                if response.status == 200:
+                    await asyncio.sleep(0.5)  # let both servers pass their first checks
+                    return
+        except OSError:
+            pass
+        await asyncio.sleep(0.1)
+    raise AssertionError("haproxy did not come up:\n" + (tmp_path / "haproxy.log").read_text())
+
+
+# --- spreading load, and losing a daemon without warning ---------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def proxied_pool(
+    tmp_path: Path, daemons: list[ServerProcess]
+) -> AsyncIterator[tuple[ClientSession, list[str], Path]]:
+    """HAProxy on ``service/haproxy.cfg`` in front of ``daemons`` (gpu1, gpu2 in that order);
+    yields a client session on the front end, the daemons' own URLs and HAProxy's log."""
+    proxy: subprocess.Popen[bytes] | None = None
+    proxy_log_path = tmp_path / "haproxy.log"
+    try:
+        urls = [daemon.wait_listening(timeout=120) for daemon in daemons]
+        front = free_port()
+        config = tmp_path / "haproxy.cfg"
+        config.write_text(adapt_config(CONFIG.read_text(), front, [u.split("//")[1] for u in urls]))
+        assert HAPROXY is not None
+        with proxy_log_path.open("wb") as proxy_log:
+            proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=proxy_log, stderr=proxy_log)
+        async with ClientSession(f"http://127.0.0.1:{front}", timeout=ClientTimeout(total=60)) as session:
+            await _wait_proxy(session, proxy, tmp_path)
+            yield session, urls, proxy_log_path
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(10)
+        for daemon in daemons:
+            daemon.close()
+
+
+def tiny_daemon(tmp_path: Path, name: str, cache_dir: Path) -> ServerProcess:
+    """``vision-server serve --model test:tiny`` with fixed 32-token captions."""
+    env = server_env(tmp_path)
+    env["OMP_NUM_THREADS"] = "1"  # two daemons share two cores
+    command = [
+        *cli_command(), "serve", "--model", "test:tiny", "--cache-dir", str(cache_dir), "--port", "0",
+        "--preload", "--num-beams", "1", "--max-new-tokens", "32", "--min-new-tokens", "32",
+    ]  # fmt: skip
+    return ServerProcess(command, env, tmp_path / f"{name}.log")
+
+
+async def test_load_spreads_over_both_real_daemons(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    cache_dir = tiny_settings(tmp_path_factory).cache_dir
+    daemons = [tiny_daemon(tmp_path, "gpu1", cache_dir), tiny_daemon(tmp_path, "gpu2", cache_dir)]
+    async with proxied_pool(tmp_path, daemons) as (session, urls, _):
+        before = [await jobs_done(url) for url in urls]
+        stop, results = asyncio.Event(), []
+        workers = [asyncio.create_task(load(session, stop, results, n)) for n in range(8)]
+        while len(results) < 60:
+            await asyncio.sleep(0.05)
+        stop.set()
+        await asyncio.gather(*workers)
+        done = [await jobs_done(url) - start for url, start in zip(urls, before, strict=True)]
+    assert results == [200] * len(results)
+    assert sum(done) == len(results), done  # every request was captioned exactly once
+    assert min(done) >= 0.3 * len(results), f"uneven spread {done} of {len(results)}"
+
+
+async def post_image(session: ClientSession, image: bytes) -> object:
+    try:
+        body = {"image": base64.b64encode(image).decode(), "prompt": "<CAPTION>"}
+        async with session.post("/process_image", json=body) as response:
+            await response.read()
+            return response.status
+    except Exception as exc:  # a dropped connection counts as a failure, with its reason
+        return f"{type(exc).__name__}: {exc}"
+
+
+async def test_killed_daemon_loses_only_its_in_flight_requests(tmp_path: Path) -> None:
+    """SIGKILL one daemon under load: the requests it held fail, nothing else does.
+
+    The images are larger than HAProxy's buffer (tune.bufsize, 16 KB), so HAProxy cannot replay
+    them elsewhere (``retry-on empty-response`` rescues only small requests): whatever was in
+    flight on the dead daemon fails. Requests sent after the kill are redispatched (connection
+    refused is retried), and once the health check marks it DOWN all traffic goes to the other."""
+    first = ServerProcess.fake(tmp_path, "gpu1", delay=0.3, max_batch_size=4)
+    second = ServerProcess.fake(tmp_path, "gpu2", delay=0.3, max_batch_size=4)
+    large = [image_bytes(seed, size=(120, 120)) for seed in range(4)]  # ~43 KB each
+    assert min(len(image) for image in large) > 32_000
+    async with proxied_pool(tmp_path, [first, second]) as (session, urls, proxy_log):
+        timeline: list[tuple[float, float, object]] = []  # (sent, answered, status or error)
+
+        async def timed_load(stop: asyncio.Event, worker: int) -> None:
+            count = worker
+            while not stop.is_set():
+                sent = time.monotonic()
+                outcome = await post_image(session, large[count % len(large)])
+                timeline.append((sent, time.monotonic(), outcome))
+                count += 1
+
+        stop = asyncio.Event()
+        workers = [asyncio.create_task(timed_load(stop, n)) for n in range(8)]
+        await asyncio.sleep(1.0)
+        async with ClientSession() as direct, direct.get(f"{urls[0]}/v1/status") as response:
+            held = await response.json()
+        killed_at = time.monotonic()
+        first.send(signal.SIGKILL)
+        noticed_at = await _until_logged(proxy_log, "Server vision/gpu1 is DOWN")
+        second_before = await jobs_done(urls[1])
+        await asyncio.sleep(1.5)  # load goes on: HAProxy sends everything to gpu2 now
+        stop.set()
+        await asyncio.gather(*workers)
+        second_after = await jobs_done(urls[1])
+    assert first.process.returncode == -signal.SIGKILL
+    assert held["queue_depth"] + held["jobs_running"] > 0, held  # the kill hit a daemon with work
+    failed = [(sent, answered, outcome) for sent, answered, outcome in timeline if outcome != 200]
+    in_flight_at_kill = [entry for entry in timeline if entry[0] < killed_at < entry[1]]
+    assert failed, "no large request was in flight on the killed daemon"
+    assert all(entry in in_flight_at_kill for entry in failed), f"not in flight at the kill: {failed}"
+    assert len(failed) <= held["queue_depth"] + held["jobs_running"] + 4, (failed, held)
+    after_notice = [outcome for sent, _, outcome in timeline if sent > noticed_at]
+    assert len(after_notice) >= 16 and after_notice == [200] * len(after_notice)
+    assert second_after - second_before >= len(after_notice)
+
+
+async def _until_logged(path: Path, text: str, timeout: float = 10) -> float:
+    """The monotonic time at which ``text`` was first seen in the log at ``path``."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if text in path.read_text(errors="replace"):
+            return time.monotonic()
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"{text!r} never appeared:\n{path.read_text(errors='replace')}")

@@ -1,0 +1,654 @@
+"""The PowerShell clients (clients/*.ps1).
+
+The static checks run everywhere: every script must parse without an error or missing node
+with the tree-sitter PowerShell grammar (PyPI ``tree-sitter-powershell``), stay loadable by
+Windows PowerShell 5.1 (ASCII only, no PowerShell 7-only syntax), and document every parameter.
+
+The behaviour tests run the scripts as real ``pwsh`` subprocesses against a real
+``vision-server serve --model test:tiny`` started for the module, plus a small in-process HTTP
+stand-in for what the real server does not do on demand (hang, answer 503, record what a client
+sent). They are skipped when ``pwsh`` is not on PATH.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.support import paths
+
+REPO = paths.REPO
+CLIENTS = REPO / "clients"
+CLIENT = CLIENTS / "vision-client.ps1"
+FOLDER = CLIENTS / "vision-caption-folder-images.ps1"
+COMMON = CLIENTS / "VisionClient.Common.ps1"
+SCRIPTS = (CLIENT, FOLDER, COMMON)
+PROMPTS = [
+    "<GENERATE_TAGS>",
+    "<CAPTION>",
+    "<DETAILED_CAPTION>",
+    "<MORE_DETAILED_CAPTION>",
+    "<ANALYZE>",
+    "<MIXED_CAPTION>",
+    "<MIXED_CAPTION_PLUS>",
+]
+PWSH = shutil.which("pwsh")
+needs_pwsh = pytest.mark.skipif(
+    PWSH is None, reason="pwsh (PowerShell 7) is not on PATH, so the .ps1 clients cannot be run here"
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Static checks (no PowerShell needed)
+
+
+def code_only(text: str) -> str:
+    """The script without comments, comment blocks and string literals (roughly, for greps)."""
+    text = re.sub(r"<#.*?#>", "", text, flags=re.S)
+    text = re.sub(r"'[^'\n]*'", "''", text)
+    text = re.sub(r'"[^"\n]*"', '""', text)
+    return "\n".join(line.split("#", 1)[0] for line in text.splitlines())
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_is_ascii_only(script: Path) -> None:
+    # Windows PowerShell 5.1 reads a BOM-less script in the ANSI code page: one typographic
+    # quote or dash and the script breaks or says something else.
+    data = script.read_bytes()
+    bad = [(n + 1, line) for n, line in enumerate(data.splitlines()) if any(b > 127 for b in line)]
+    assert not bad, f"non-ASCII bytes in {script.name}: {bad[:3]}"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_avoids_powershell7_only_syntax(script: Path) -> None:
+    code = code_only(script.read_text(encoding="ascii"))
+    for token in ("??", "?.", "&&", "||", "-Parallel", "-SkipHttpErrorCheck", "-AsHashtable", "-NoEnumerate"):
+        assert token not in code, f"{script.name} uses {token!r}, which Windows PowerShell 5.1 lacks"
+    # The ternary operator: "<condition> ? <a> : <b>" outside strings.
+    assert not re.search(r"\s\?\s[^\n]*\s:\s", code), f"{script.name} seems to use the ternary operator"
+
+
+@pytest.mark.parametrize("script", (CLIENT, FOLDER), ids=lambda p: p.name)
+def test_help_documents_every_parameter(script: Path) -> None:
+    text = script.read_text(encoding="ascii")
+    param_block = text[text.index("param(") : text.index("$ErrorActionPreference")]
+    declared = set(re.findall(r"\[(?:string|int|switch)\]\$(\w+)", param_block))
+    documented = set(re.findall(r"^\.PARAMETER (\w+)", text, flags=re.M))
+    assert declared == documented
+    assert re.search(r"^\.SYNOPSIS$", text, flags=re.M) and re.search(r"^\.EXAMPLE$", text, flags=re.M)
+
+
+def test_caption_files_are_utf8_without_bom_and_written_atomically() -> None:
+    # Out-File/Set-Content -Encoding utf8 would add a BOM on 5.1; the helper writes the bytes itself.
+    code = code_only(COMMON.read_text(encoding="ascii"))
+    assert "[System.Text.UTF8Encoding]::new($false)" in code
+    assert "Out-File" not in code and "Set-Content" not in code
+    assert "[System.IO.File]::Replace(" in code and "[System.IO.File]::Move(" in code
+
+
+def test_temp_caption_name_does_not_grow_with_the_caption_name() -> None:
+    """A caption name near the 255-character limit must not fail because its temp name is longer."""
+    code = code_only(COMMON.read_text(encoding="ascii"))
+    body = code[code.index("function Write-VisionTextFile") :]
+    body = body[: body.index("\nfunction ")]
+    (temp_line,) = [line for line in body.splitlines() if "$temp =" in line]
+    assert "$name" not in temp_line and "GetFileName" not in body
+    assert "('' -f $suffix)" in temp_line  # one format string, of the random suffix alone
+    assert "'.vision-caption.{0}.tmp' -f $suffix" in COMMON.read_text(encoding="ascii")
+
+
+def powershell_syntax_errors(source: bytes) -> list[tuple[int, str]]:
+    """(line, what) for every ERROR or MISSING node the tree-sitter PowerShell grammar finds.
+
+    Needs the ``tree-sitter`` and ``tree-sitter-powershell`` packages of the test extra; the
+    parse check is how these scripts are verified where no PowerShell runs, so it never skips.
+    """
+    import tree_sitter
+    import tree_sitter_powershell
+
+    parser = tree_sitter.Parser(tree_sitter.Language(tree_sitter_powershell.language()))
+    tree = parser.parse(source)
+    found: list[tuple[int, str]] = []
+    stack = [tree.root_node]
+    while stack:
+        node = stack.pop()
+        if node.type == "ERROR":
+            found.append((node.start_point[0] + 1, "syntax error"))
+        elif node.is_missing:
+            found.append((node.start_point[0] + 1, f"missing {node.type!r}"))
+        stack.extend(node.children)
+    assert found or not tree.root_node.has_error
+    return sorted(found)
+
+
+def test_grammar_catches_syntax_errors() -> None:
+    # The check below is only worth something if the grammar rejects broken scripts.
+    assert powershell_syntax_errors(b"function f { if ($x -eq 1) { 'a' }\n") == [(1, "missing '}'")]
+    assert powershell_syntax_errors(b"$h = @{ a = 1; b = }\n")
+    assert powershell_syntax_errors(b"$x = (1 + \n")
+    assert powershell_syntax_errors(b"try { 1 } catch { 2 } finally { 3 }\n") == []
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_parses(script: Path) -> None:
+    errors = powershell_syntax_errors(script.read_bytes())
+    assert not errors, f"the PowerShell grammar finds errors in {script.name}: {errors}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, object]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Base URL of a ``vision-server serve --model test:tiny`` subprocess."""
+    if PWSH is None:
+        pytest.skip("pwsh (PowerShell 7) is not on PATH")
+    port = free_port()
+    exe = shutil.which("vision-server")
+    cmd = [exe] if exe else [sys.executable, "-m", "vision_server"]
+    cmd += [
+        "serve",
+        "--model",
+        "test:tiny",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--idle-timeout",
+        "-1",
+    ]
+    log_path = tmp_path_factory.mktemp("ps-server") / "server.log"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vision-server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
+            with contextlib.suppress(OSError):
+                if http(url + "/prompts", timeout=2)[0] == 200:
+                    break
+            if time.monotonic() > deadline:
+                pytest.fail(f"vision-server did not answer within 60 s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # clients that give up (timeouts) are expected here
+
+
+class StandIn:
+    """A scriptable server: records every request; /process_image can hang or answer 503 first."""
+
+    def __init__(self, *, hang: bool = False, busy_first: int = 0) -> None:
+        self.hang = hang
+        self.busy_left = busy_first
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def reply(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json; charset=utf-8")
+                self.send_header("Content-Length", str(len(data)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def record(self, body: bytes = b"") -> None:
+                with stand_in.lock:
+                    stand_in.requests.append((self.command, self.path, dict(self.headers), body))
+
+            def do_GET(self) -> None:
+                self.record()
+                self.reply(200, PROMPTS if self.path == "/prompts" else "stand-in-model")
+
+            def do_POST(self) -> None:
+                self.record(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
+                with stand_in.lock:
+                    busy = stand_in.busy_left > 0
+                    stand_in.busy_left -= busy
+                if busy:
+                    self.reply(503, {"detail": "Queue full"}, {"Retry-After": "1"})
+                    return
+                if stand_in.hang:
+                    stand_in.release.wait(60)
+                self.reply(200, {"result": "  stand-in caption\n"})
+
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def posts(self) -> list[dict]:
+        return [json.loads(body) for method, _, _, body in self.requests if method == "POST"]
+
+    def __enter__(self) -> StandIn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+def base_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+    env.update(extra)
+    return env
+
+
+def ps(
+    script: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 120, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    assert PWSH is not None
+    return subprocess.run(
+        [PWSH, "-NoLogo", "-NoProfile", "-NonInteractive", "-File", str(script), *args],
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=env or base_env(),
+        timeout=timeout,
+        cwd=cwd,
+    )
+
+
+FORMATS = {
+    "jpg": "JPEG",
+    "jpeg": "JPEG",
+    "png": "PNG",
+    "gif": "GIF",
+    "bmp": "BMP",
+    "tif": "TIFF",
+    "tiff": "TIFF",
+    "webp": "WEBP",
+}
+
+
+def save_image(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path:
+    """A small image that differs from its siblings, saved in the format its suffix names."""
+    colour = ((seed * 67) % 256, (seed * 131) % 256, (seed * 29 + 90) % 256)
+    image = Image.new("RGB", (size[0] + seed, size[1]), colour)
+    image.putpixel((seed % image.width, 0), (255 - colour[0], 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=FORMATS[path.suffix.lstrip(".").lower()])
+    return path
+
+
+def caption_direct(server: str, image: Path, prompt: str = "<CAPTION>") -> str:
+    status, body = http(
+        server + "/process_image", {"image": base64.b64encode(image.read_bytes()).decode(), "prompt": prompt}
+    )
+    assert status == 200, body
+    assert isinstance(body, dict)
+    return body["result"].strip()
+
+
+def file_caption(text: str) -> str:
+    """What the folder script stores for a caption: one line."""
+    return text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
+
+
+def read_caption(path: Path) -> str:
+    data = path.read_bytes()
+    assert not data.startswith(b"\xef\xbb\xbf"), f"{path.name} has a BOM"
+    assert not data.endswith(b"\n"), f"{path.name} ends with a newline"
+    return data.decode("utf-8")
+
+
+def leftovers(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------
+# vision-client.ps1
+
+
+@needs_pwsh
+@pytest.mark.parametrize("prompt", ["CAPTION", "<CAPTION>", "caption", "<Detailed_Caption>"])
+def test_client_prints_only_the_caption(server: str, tmp_path: Path, prompt: str) -> None:
+    image = save_image(tmp_path / "cat.png", 3)
+    token = "<" + prompt.strip("<>").upper() + ">"
+    result = ps(CLIENT, prompt, str(image), "-Url", server)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == caption_direct(server, image, token) + "\n"
+    assert result.stderr == ""
+
+
+@needs_pwsh
+def test_client_sends_the_original_file_bytes(tmp_path: Path) -> None:
+    image = save_image(tmp_path / "big.jpg", 5, size=(1500, 900))
+    with StandIn() as stand_in:
+        result = ps(CLIENT, "DETAILED_CAPTION", str(image), "-Url", stand_in.url)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "stand-in caption\n"
+    (post,) = stand_in.posts()
+    assert post["prompt"] == "<DETAILED_CAPTION>"
+    assert base64.b64decode(post["image"], validate=True) == image.read_bytes()
+
+
+@needs_pwsh
+def test_client_reads_server_and_key_from_environment(tmp_path: Path) -> None:
+    image = save_image(tmp_path / "a b [1].png", 2)
+    with StandIn() as stand_in:
+        env = base_env(VISION_HOST=stand_in.url + "/", VISION_API_KEY="sekrit")
+        result = ps(CLIENT, "CAPTION", str(image), env=env)
+    assert result.returncode == 0, result.stderr
+    (_, _, headers, _) = stand_in.requests[-1]
+    assert headers["Authorization"] == "Bearer sekrit"
+
+
+@needs_pwsh
+def test_client_relative_path_and_host_without_scheme(tmp_path: Path) -> None:
+    save_image(tmp_path / "sub" / "dog.webp", 4)
+    with StandIn() as stand_in:
+        env = base_env(VISION_HOST=stand_in.url.removeprefix("http://"))
+        result = ps(CLIENT, "CAPTION", os.path.join("sub", "dog.webp"), env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert base64.b64decode(stand_in.posts()[0]["image"]) == (tmp_path / "sub" / "dog.webp").read_bytes()
+
+
+@needs_pwsh
+def test_client_commands(server: str) -> None:
+    prompts = ps(CLIENT, "prompts", "-Url", server)
+    assert prompts.returncode == 0, prompts.stderr
+    assert prompts.stdout.split() == [p.strip("<>") for p in PROMPTS]
+    model = ps(CLIENT, "model", "-Url", server)
+    assert (model.returncode, model.stdout) == (0, "test:tiny\n")
+    status = ps(CLIENT, "status", "-Url", server)
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout)["model"] == "test:tiny"
+
+
+@needs_pwsh
+def test_client_reports_the_servers_detail(server: str, tmp_path: Path) -> None:
+    image = save_image(tmp_path / "x.png", 1)
+    bad_prompt = ps(CLIENT, "NO_SUCH_TASK", str(image), "-Url", server)
+    assert bad_prompt.returncode == 1
+    assert bad_prompt.stdout == ""
+    assert "400" in bad_prompt.stderr and "Invalid prompt" in bad_prompt.stderr
+    junk = tmp_path / "junk.png"
+    junk.write_bytes(b"this is not an image")
+    bad_image = ps(CLIENT, "CAPTION", str(junk), "-Url", server)
+    assert bad_image.returncode == 1
+    assert bad_image.stdout == ""
+    assert "Invalid image data" in bad_image.stderr
+
+
+@needs_pwsh
+def test_client_file_problems(server: str, tmp_path: Path) -> None:
+    missing = ps(CLIENT, "CAPTION", str(tmp_path / "nope.png"), "-Url", server)
+    assert missing.returncode == 1 and "not found" in missing.stderr and missing.stdout == ""
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    result = ps(CLIENT, "CAPTION", str(empty), "-Url", server)
+    assert result.returncode == 1 and "empty" in result.stderr
+    usage = ps(CLIENT)
+    assert usage.returncode == 2 and "Usage" in usage.stderr and usage.stdout == ""
+    no_image = ps(CLIENT, "CAPTION")
+    assert no_image.returncode == 2
+
+
+@needs_pwsh
+def test_client_connection_refused(tmp_path: Path) -> None:
+    image = save_image(tmp_path / "x.png", 1)
+    result = ps(CLIENT, "CAPTION", str(image), "-Url", f"http://127.0.0.1:{free_port()}", "-Retries", "0")
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "Cannot reach the server" in result.stderr
+
+
+@needs_pwsh
+def test_client_timeout(tmp_path: Path) -> None:
+    image = save_image(tmp_path / "x.png", 1)
+    with StandIn(hang=True) as stand_in:
+        started = time.monotonic()
+        result = ps(CLIENT, "CAPTION", str(image), "-Url", stand_in.url, "-TimeoutSec", "2")
+        elapsed = time.monotonic() - started
+    assert result.returncode == 1
+    assert "Timeout" in result.stderr
+    assert elapsed < 30
+
+
+@needs_pwsh
+def test_client_retries_a_busy_server(tmp_path: Path) -> None:
+    image = save_image(tmp_path / "x.png", 1)
+    with StandIn(busy_first=1) as stand_in:
+        result = ps(CLIENT, "CAPTION", str(image), "-Url", stand_in.url)
+        assert len(stand_in.posts()) == 2
+    assert (result.returncode, result.stdout) == (0, "stand-in caption\n")
+    with StandIn(busy_first=5) as stand_in:
+        result = ps(CLIENT, "CAPTION", str(image), "-Url", stand_in.url, "-Retries", "0")
+    assert result.returncode == 1 and "503" in result.stderr and "Queue full" in result.stderr
+
+
+@needs_pwsh
+@pytest.mark.skipif(sys.platform == "win32", reason="System.Drawing works on Windows")
+def test_client_max_size_needs_windows(tmp_path: Path) -> None:
+    image = save_image(tmp_path / "x.png", 1)
+    result = ps(CLIENT, "CAPTION", str(image), "-MaxSize", "512", "-Url", "http://127.0.0.1:9")
+    assert result.returncode == 2
+    assert "System.Drawing" in result.stderr and "Windows" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# vision-caption-folder-images.ps1
+
+WEIRD_NAMES = [
+    "plain.jpg",
+    "UPPER.JPG",
+    "with space.png",
+    "brackets [1].jpeg",
+    "quote's.gif",
+    "percent%20and&amp.bmp",
+    "caf\u00e9 \u732b.tif",
+    "dots.in.name.tiff",
+    "sub/dir with space/deep.webp",
+    "sub/-dash.PNG",
+]
+
+
+def make_folder(root: Path, names: list[str] = WEIRD_NAMES) -> list[Path]:
+    return [save_image(root / name, seed) for seed, name in enumerate(names, start=1)]
+
+
+@needs_pwsh
+@pytest.mark.parametrize("jobs", ["1", "6"])
+def test_folder_captions_every_image(server: str, tmp_path: Path, jobs: str) -> None:
+    images = make_folder(tmp_path)
+    (tmp_path / "notes.md").write_text("not an image")
+    (tmp_path / "._plain.jpg").write_bytes(b"macOS resource fork")
+    result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", server, "-Jobs", jobs)
+    assert result.returncode == 0, result.stderr
+    for image in images:
+        assert read_caption(image.with_suffix(".txt")) == file_caption(caption_direct(server, image))
+    assert not (tmp_path / "notes.txt").exists() and not (tmp_path / "._plain.txt").exists()
+    assert leftovers(tmp_path) == []
+    assert "Captioned 10, skipped 0, failed 0" in result.stdout
+
+
+@needs_pwsh
+def test_folder_caption_name_near_name_max(server: str, tmp_path: Path) -> None:
+    """A 248-byte stem: the caption name fits the file system, and so must its temp name."""
+    (image,) = make_folder(tmp_path, ["a" * 248 + ".png"])
+    result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", server)
+    assert result.returncode == 0, result.stderr
+    assert read_caption(image.with_suffix(".txt")) == file_caption(caption_direct(server, image))
+    assert leftovers(tmp_path) == []
+
+
+@needs_pwsh
+def test_folder_skip_mode_resumes(server: str, tmp_path: Path) -> None:
+    done, empty, fresh = make_folder(tmp_path, ["done.png", "empty.png", "fresh.png"])
+    done.with_suffix(".txt").write_text("keep me", encoding="utf-8")
+    empty.with_suffix(".txt").write_text(" \n", encoding="utf-8")
+    result = ps(FOLDER, "<caption>", ".txt", str(tmp_path), "-Url", server)
+    assert result.returncode == 0, result.stderr
+    assert done.with_suffix(".txt").read_text(encoding="utf-8") == "keep me"
+    assert read_caption(empty.with_suffix(".txt")) == file_caption(caption_direct(server, empty))
+    assert read_caption(fresh.with_suffix(".txt")) == file_caption(caption_direct(server, fresh))
+    assert "Captioned 2, skipped 1, failed 0" in result.stdout
+
+
+@needs_pwsh
+def test_folder_modes_prefix_suffix_separator(server: str, tmp_path: Path) -> None:
+    (image,) = make_folder(tmp_path, ["one.jpg"])
+    caption_file = image.with_suffix(".caption")
+    new = file_caption(caption_direct(server, image, "<GENERATE_TAGS>"))
+    # An old caption with a BOM (as Windows PowerShell 5.1 writes them): the BOM must not survive.
+    caption_file.write_bytes(b"\xef\xbb\xbfold text")
+    args = ["GENERATE_TAGS", "caption", str(tmp_path), "-Url", server]
+    result = ps(FOLDER, *args, "-Mode", "append", "-Separator", ", ")
+    assert result.returncode == 0, result.stderr
+    assert read_caption(caption_file) == f"old text, {new}"
+    caption_file.write_text("old text", encoding="utf-8")
+    result = ps(FOLDER, *args, "-Mode", "prepend", "-Prefix", "ohwx, ", "-Suffix", " \u2728")
+    assert result.returncode == 0, result.stderr
+    assert read_caption(caption_file) == f"ohwx, {new} \u2728 old text"
+    result = ps(FOLDER, *args, "-Mode", "overwrite", "-Prefix", "caf\u00e9 ")
+    assert result.returncode == 0, result.stderr
+    assert read_caption(caption_file) == f"caf\u00e9 {new}"
+
+
+@needs_pwsh
+def test_folder_no_recurse(server: str, tmp_path: Path) -> None:
+    top, deep = make_folder(tmp_path, ["top.png", "sub/deep.png"])
+    result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", server, "-NoRecurse")
+    assert result.returncode == 0, result.stderr
+    assert top.with_suffix(".txt").exists()
+    assert not deep.with_suffix(".txt").exists()
+
+
+@needs_pwsh
+def test_folder_continues_after_a_bad_image(server: str, tmp_path: Path) -> None:
+    good1, good2 = make_folder(tmp_path, ["a.png", "c.png"])
+    bad = tmp_path / "b.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    bad.with_suffix(".txt").write_text("previous caption", encoding="utf-8")
+    result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", server, "-Mode", "overwrite", "-Jobs", "1")
+    assert result.returncode == 1
+    assert read_caption(good1.with_suffix(".txt")) == file_caption(caption_direct(server, good1))
+    assert read_caption(good2.with_suffix(".txt")) == file_caption(caption_direct(server, good2))
+    # The failed image keeps its old caption untouched, and the failure is listed at the end.
+    assert bad.with_suffix(".txt").read_text(encoding="utf-8") == "previous caption"
+    assert "Invalid image data" in result.stderr and str(bad) in result.stderr
+    assert "failed 1" in result.stdout
+    assert leftovers(tmp_path) == []
+
+
+@needs_pwsh
+def test_folder_two_images_one_caption_file(server: str, tmp_path: Path) -> None:
+    first, second = make_folder(tmp_path, ["same.jpg", "same.png"])
+    result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", server)
+    assert result.returncode == 1
+    assert read_caption(first.with_suffix(".txt")) == file_caption(caption_direct(server, first))
+    assert str(second) in result.stderr
+
+
+@needs_pwsh
+def test_folder_argument_errors(server: str, tmp_path: Path) -> None:
+    make_folder(tmp_path, ["a.png"])
+    for args in (
+        [],
+        ["CAPTION", "txt"],
+        ["CAPTION", "png", str(tmp_path)],
+        ["CAPTION", "txt", str(tmp_path / "missing")],
+        ["NO_SUCH_TASK", "txt", str(tmp_path), "-Url", server],
+    ):
+        result = ps(FOLDER, *args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert result.stderr
+    bad_mode = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Mode", "merge")
+    assert bad_mode.returncode != 0
+    assert not (tmp_path / "a.txt").exists()
+
+
+@needs_pwsh
+def test_folder_server_down(tmp_path: Path) -> None:
+    make_folder(tmp_path, ["a.png", "b.png"])
+    started = time.monotonic()
+    result = ps(
+        FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", f"http://127.0.0.1:{free_port()}", "-Retries", "0"
+    )
+    assert result.returncode == 1
+    assert "Cannot reach the server" in result.stderr
+    assert time.monotonic() - started < 60
+    assert not list(tmp_path.glob("*.txt"))
+
+
+@needs_pwsh
+def test_folder_sends_original_bytes_in_parallel(tmp_path: Path) -> None:
+    images = make_folder(tmp_path, [f"img{i:02d}.png" for i in range(12)])
+    with StandIn(busy_first=2) as stand_in:
+        env = base_env(VISION_API_KEY="k3y")
+        result = ps(
+            FOLDER, "MIXED_CAPTION", "txt", str(tmp_path), "-Url", stand_in.url, "-Jobs", "4", env=env
+        )
+        posts = stand_in.posts()
+        headers = [h for method, _, h, _ in stand_in.requests if method == "POST"]
+    assert result.returncode == 0, result.stderr
+    assert len(posts) == 14  # twelve images and two retries after 503
+    assert {p["prompt"] for p in posts} == {"<MIXED_CAPTION>"}
+    sent = {base64.b64decode(p["image"]) for p in posts}
+    assert sent == {image.read_bytes() for image in images}
+    assert {h["Authorization"] for h in headers} == {"Bearer k3y"}
+    for image in images:
+        assert read_caption(image.with_suffix(".txt")) == "stand-in caption"

@@ -1,0 +1,781 @@
+"""The bash clients (clients/*.sh) as real subprocesses against a real ``vision-server``.
+
+One server (``vision-server serve --model test:tiny``) is started for the module. A few tests
+use a small in-process HTTP stand-in instead, for what the real server does not do on demand:
+hang (timeouts, Ctrl+C) and answer 503 (retries).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import psutil
+import pytest
+from PIL import Image
+
+from tests.support import paths
+from tests.support.processes import ServerProcess
+
+REPO = paths.REPO
+CLIENT = REPO / "clients" / "vision-client.sh"
+FOLDER = REPO / "clients" / "vision-caption-folder-images.sh"
+PROMPTS = [
+    "<GENERATE_TAGS>",
+    "<CAPTION>",
+    "<DETAILED_CAPTION>",
+    "<MORE_DETAILED_CAPTION>",
+    "<ANALYZE>",
+    "<MIXED_CAPTION>",
+    "<MIXED_CAPTION_PLUS>",
+]
+
+pytestmark = pytest.mark.skipif(
+    any(shutil.which(tool) is None for tool in ("bash", "curl", "base64")),
+    reason="the shell clients need bash, curl and base64",
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Servers
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, object]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
+
+
+@pytest.fixture(scope="module")
+def server(tiny_server_url: str) -> str:
+    """The module's real ``vision-server serve --model test:tiny`` (see conftest)."""
+    return tiny_server_url
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # clients that hang up (timeouts, Ctrl+C) are expected here
+
+
+class StandIn:
+    """A scriptable HTTP server: /prompts answers, /process_image hangs or answers 503 first."""
+
+    def __init__(self, *, hang: bool = False, busy_first: int = 0, key: str | None = None) -> None:
+        self.hang = hang
+        self.key = key
+        self.busy_left = busy_first
+        self.posts = 0
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        stand_in = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: object) -> None:
+                pass
+
+            def reply(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
+                data = json.dumps(payload).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for key, value in (headers or {}).items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                self.reply(200, PROMPTS)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                if stand_in.key and self.headers.get("Authorization") != f"Bearer {stand_in.key}":
+                    self.reply(401, {"detail": "Invalid API key"}, {"WWW-Authenticate": "Bearer"})
+                    return
+                with stand_in.lock:
+                    stand_in.posts += 1
+                    busy = stand_in.busy_left > 0
+                    stand_in.busy_left -= busy
+                if busy:
+                    self.reply(503, {"detail": "Queue full"}, {"Retry-After": "1"})
+                    return
+                if stand_in.hang:
+                    stand_in.release.wait(60)
+                self.reply(200, {"result": "stand-in caption"})
+
+        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> StandIn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers
+
+
+@pytest.fixture
+def tmpdir_env(tmp_path: Path) -> Path:
+    """A private TMPDIR for the scripts, to check that they leave nothing behind."""
+    path = tmp_path / "script-tmp"
+    path.mkdir()
+    return path
+
+
+def base_env(tmp: Path | None = None, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+    if tmp is not None:
+        env["TMPDIR"] = str(tmp)
+    env.update(extra)
+    return env
+
+
+def run(
+    script: Path, *args: str, env: dict[str, str] | None = None, timeout: float = 60, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(script), *args], capture_output=True, text=True, env=env or base_env(), timeout=timeout, cwd=cwd
+    )
+
+
+def save_image(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path:
+    """A small image that differs from its siblings, saved in the format its suffix names."""
+    formats = {
+        "jpg": "JPEG",
+        "jpeg": "JPEG",
+        "png": "PNG",
+        "gif": "GIF",
+        "bmp": "BMP",
+        "tif": "TIFF",
+        "tiff": "TIFF",
+        "webp": "WEBP",
+    }
+    fmt = formats[path.suffix.lstrip(".").lower()]
+    colour = ((seed * 67) % 256, (seed * 131) % 256, (seed * 29 + 90) % 256)
+    image = Image.new("RGB", (size[0] + seed, size[1]), colour)
+    image.putpixel((seed % image.width, 0), (255 - colour[0], 0, 0))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path, format=fmt)
+    return path
+
+
+_CAPTIONS: dict[tuple[str, bytes, str], str] = {}
+
+
+def caption_direct(server: str, image: Path, prompt: str = "<CAPTION>") -> str:
+    """The server's caption for IMAGE from a plain HTTP request (cached by content)."""
+    data = image.read_bytes()
+    key = (server, hashlib.sha256(data).digest(), prompt)
+    if key not in _CAPTIONS:
+        status, body = http(
+            server + "/process_image", {"image": base64.b64encode(data).decode(), "prompt": prompt}
+        )
+        assert status == 200, body
+        assert isinstance(body, dict)
+        _CAPTIONS[key] = body["result"].strip()
+    return _CAPTIONS[key]
+
+
+def captions_direct(server: str, images: list[Path], prompt: str = "<CAPTION>") -> dict[Path, str]:
+    """caption_direct for many images at once (concurrent requests, so the server batches)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        texts = list(pool.map(lambda image: caption_direct(server, image, prompt), images))
+    return dict(zip(images, texts, strict=True))
+
+
+def as_file_caption(text: str) -> str:
+    """What the folder script writes for a caption: line breaks become spaces."""
+    return text.replace("\r\n", " ").replace("\r", " ").replace("\n", " ")
+
+
+def path_without(tmp: Path, *hidden: str) -> str:
+    """A PATH offering everything the current one does except the named programs ("python*": a prefix)."""
+
+    def is_hidden(name: str) -> bool:
+        return any(name.startswith(h[:-1]) if h.endswith("*") else name == h for h in hidden)
+
+    farm = tmp / ("path-without-" + "-".join(h.rstrip("*") for h in hidden))
+    farm.mkdir()
+    for directory in os.environ.get("PATH", "").split(os.pathsep):
+        if not directory or not os.path.isdir(directory):
+            continue
+        for entry in os.scandir(directory):
+            target = farm / entry.name
+            if not is_hidden(entry.name) and not target.exists() and os.access(entry.path, os.X_OK):
+                target.symlink_to(entry.path)
+    for name in ("jq", "python", "python3"):
+        if is_hidden(name):
+            assert shutil.which(name, path=str(farm)) is None
+    return str(farm)
+
+
+def leftovers(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.startswith(".vision-caption") or p.suffix == ".tmp"]
+
+
+# ---------------------------------------------------------------------------------------------
+# vision-client.sh
+
+
+def test_scripts_are_executable() -> None:
+    for script in (CLIENT, FOLDER):
+        assert os.access(script, os.X_OK), script
+        assert script.read_text().startswith("#!/usr/bin/env bash\n")
+
+
+def test_help() -> None:
+    result = run(CLIENT, "--help")
+    assert result.returncode == 0
+    for word in ("--url", "--timeout", "VISION_HOST", "VISION_API_KEY", "prompts", "model", "status"):
+        assert word in result.stdout
+    result = run(FOLDER, "--help")
+    assert result.returncode == 0
+    for word in (
+        "--mode",
+        "overwrite",
+        "append",
+        "prepend",
+        "--prefix",
+        "--suffix",
+        "--jobs",
+        "--no-recursive",
+    ):
+        assert word in result.stdout
+
+
+def test_caption_matches_the_server(server: str, tmp_path: Path, tmpdir_env: Path) -> None:
+    image = save_image(tmp_path / "photo.png", 3)
+    expected = caption_direct(server, image)
+    result = run(CLIENT, "--url", server, "CAPTION", str(image), env=base_env(tmpdir_env))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    assert result.stderr == ""
+    result = run(CLIENT, "-n", "CAPTION", str(image), env=base_env(tmpdir_env, VISION_HOST=server))
+    assert result.stdout == expected
+    assert list(tmpdir_env.iterdir()) == []
+
+
+def test_prompt_spellings(server: str, tmp_path: Path) -> None:
+    image = save_image(tmp_path / "p.jpg", 5)
+    expected = caption_direct(server, image) + "\n"
+    for spelling in ("CAPTION", "<CAPTION>", "caption", " <Caption> "):
+        result = run(CLIENT, spelling, str(image), env=base_env(VISION_HOST=server))
+        assert result.returncode == 0, (spelling, result.stderr)
+        assert result.stdout == expected, spelling
+
+
+def test_other_prompt_and_stdin_image(server: str, tmp_path: Path) -> None:
+    image = save_image(tmp_path / "p.webp", 7)
+    expected = caption_direct(server, image, "<GENERATE_TAGS>")
+    with open(image, "rb") as stdin:
+        result = subprocess.run(
+            [str(CLIENT), "generate_tags", "-"],
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            env=base_env(VISION_HOST=server),
+            timeout=60,
+        )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+
+
+def test_prompts_model_status(server: str) -> None:
+    env = base_env(VISION_HOST=server.removeprefix("http://"))  # host:port works too
+    result = run(CLIENT, "prompts", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == http(server + "/prompts")[1]
+    result = run(CLIENT, "model", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == http(server + "/model")[1] + "\n"
+    result = run(CLIENT, "STATUS", env=env)
+    assert result.returncode == 0, result.stderr
+    status = json.loads(result.stdout)
+    assert isinstance(status, dict) and "state" in status
+
+
+def test_url_option_beats_environment(server: str, tmp_path: Path) -> None:
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = run(CLIENT, "--url", server, "model", env=base_env(VISION_HOST=dead))
+    assert result.returncode == 0, result.stderr
+
+
+def test_invalid_prompt(server: str, tmp_path: Path, tmpdir_env: Path) -> None:
+    image = save_image(tmp_path / "p.png", 1)
+    result = run(CLIENT, "NOT_A_TASK", str(image), env=base_env(tmpdir_env, VISION_HOST=server))
+    assert result.returncode != 0
+    assert result.stdout == ""
+    assert "Invalid prompt" in result.stderr and "HTTP 400" in result.stderr
+    assert list(tmpdir_env.iterdir()) == []
+
+
+def test_invalid_image(server: str, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"this is not a picture")
+    result = run(CLIENT, "CAPTION", str(bad), env=base_env(VISION_HOST=server))
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert "Invalid image data" in result.stderr
+
+
+def test_local_problems(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.png"
+    empty.touch()
+    for args in (
+        ["CAPTION", str(tmp_path / "missing.png")],
+        ["CAPTION", str(empty)],
+        ["CAPTION"],
+        ["--timeout", "soon", "model"],
+        ["--bogus", "model"],
+        [],
+    ):
+        result = run(CLIENT, *args)
+        assert result.returncode == 2, args
+        assert result.stdout == ""
+        assert result.stderr
+
+
+def test_dead_server(tmp_path: Path, tmpdir_env: Path) -> None:
+    image = save_image(tmp_path / "p.png", 1)
+    dead = f"http://127.0.0.1:{free_port()}"
+    result = run(CLIENT, "--url", dead, "CAPTION", str(image), env=base_env(tmpdir_env))
+    assert result.returncode == 3
+    assert result.stdout == ""
+    assert "cannot connect" in result.stderr
+    assert list(tmpdir_env.iterdir()) == []
+
+
+def test_timeout(tmp_path: Path, tmpdir_env: Path) -> None:
+    image = save_image(tmp_path / "p.png", 1)
+    with StandIn(hang=True) as stand_in:
+        started = time.monotonic()
+        result = run(
+            CLIENT, "--url", stand_in.url, "--timeout", "1", "CAPTION", str(image), env=base_env(tmpdir_env)
+        )
+    assert time.monotonic() - started < 10
+    assert result.returncode == 4
+    assert result.stdout == ""
+    assert "within 1s" in result.stderr
+    assert list(tmpdir_env.iterdir()) == []
+
+
+def test_busy_server_and_retries(tmp_path: Path) -> None:
+    image = save_image(tmp_path / "p.png", 1)
+    with StandIn(busy_first=1) as stand_in:
+        result = run(CLIENT, "--url", stand_in.url, "CAPTION", str(image))
+        assert result.returncode == 5
+        assert "HTTP 503" in result.stderr and "Queue full" in result.stderr
+        assert result.stdout == ""
+    with StandIn(busy_first=1) as stand_in:
+        result = run(CLIENT, "--url", stand_in.url, "--retries", "2", "CAPTION", str(image))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "stand-in caption\n"
+        assert stand_in.posts == 2
+
+
+def test_api_key(tmp_path: Path) -> None:
+    image = save_image(tmp_path / "p.png", 1)
+    key = 'k3y "with" \\ odd chars'
+    with StandIn(key=key) as stand_in:
+        result = run(CLIENT, "CAPTION", str(image), env=base_env(VISION_HOST=stand_in.url))
+        assert result.returncode == 6
+        assert "HTTP 401" in result.stderr and "VISION_API_KEY" in result.stderr
+        result = run(
+            CLIENT, "CAPTION", str(image), env=base_env(VISION_HOST=stand_in.url, VISION_API_KEY=key)
+        )
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == "stand-in caption\n"
+
+
+def test_large_image(server: str, tmp_path: Path, tmpdir_env: Path) -> None:
+    """Far beyond any command-line length limit: the body must be streamed from a file."""
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 256, (3000, 3000), dtype=np.uint8)
+    image = tmp_path / "large.png"
+    Image.fromarray(noise, "L").save(image, compress_level=1)
+    assert len(base64.b64encode(image.read_bytes())) > 4 * 1024 * 1024
+    expected = caption_direct(server, image)
+    result = run(CLIENT, "CAPTION", str(image), env=base_env(tmpdir_env, VISION_HOST=server))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == expected + "\n"
+    assert list(tmpdir_env.iterdir()) == []
+
+
+def test_without_jq(server: str, tmp_path: Path) -> None:
+    """python3 takes over JSON building and parsing when jq is missing."""
+    path = path_without(tmp_path, "jq")
+    env = base_env(VISION_HOST=server, PATH=path)
+    image = save_image(tmp_path / "p.png", 3)
+    result = run(CLIENT, "<caption>", str(image), env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == caption_direct(server, image) + "\n"
+    assert run(CLIENT, "model", env=env).stdout == http(server + "/model")[1] + "\n"
+    assert json.loads(run(CLIENT, "prompts", env=env).stdout) == http(server + "/prompts")[1]
+    assert "state" in json.loads(run(CLIENT, "status", env=env).stdout)
+    result = run(CLIENT, "nonsense", str(image), env=env)
+    assert result.returncode != 0 and result.stdout == "" and "Invalid prompt" in result.stderr
+
+
+def test_without_jq_or_python(tmp_path: Path) -> None:
+    env = base_env(PATH=path_without(tmp_path, "jq", "python*"))
+    result = run(CLIENT, "model", env=env)
+    assert result.returncode == 2
+    assert "jq or python3" in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# vision-caption-folder-images.sh
+
+WEIRD_NAMES = [
+    "plain.png",
+    "with space.JPG",
+    'quote\'s "double".jpeg',
+    "back\\slash.PNG",
+    "ünïcödé 画像.webp",
+    "new\nline.gif",
+    "x.BMP",
+    "y.tif",
+    "z.TiFF",
+    "-dash.Jpg",
+    "sub dir/inner.JPEG",
+    "sub dir/deeper/deep.Webp",
+    "sub dir/deeper/more.tiff",
+]
+
+
+def make_tree(root: Path, names: list[str]) -> list[Path]:
+    return [save_image(root / name, seed) for seed, name in enumerate(names)]
+
+
+def caption_path(image: Path, ext: str = "txt") -> Path:
+    return image.with_suffix("." + ext)
+
+
+def test_folder_weird_names_jobs(server: str, tmp_path: Path, tmpdir_env: Path) -> None:
+    root = tmp_path / "data set"
+    images = make_tree(root, WEIRD_NAMES)
+    (root / "notes.md").write_text("not an image")
+    (root / "image.png.bak").write_text("not an image either")
+    expected = {image: as_file_caption(text) for image, text in captions_direct(server, images).items()}
+
+    result = run(
+        FOLDER,
+        "--jobs",
+        "4",
+        "caption",
+        "txt",
+        str(root),
+        env=base_env(tmpdir_env, VISION_HOST=server),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == ""
+    for image, caption in expected.items():
+        assert caption_path(image).read_text() == caption, image
+    captions = sorted(p for p in root.rglob("*.txt"))
+    assert captions == sorted(caption_path(image) for image in images)
+    assert f"[{len(images)}/{len(images)}]" in result.stderr
+    assert "img/s" in result.stderr and "ETA" in result.stderr
+    assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
+
+
+def test_folder_caption_name_near_name_max(server: str, tmp_path: Path, tmpdir_env: Path) -> None:
+    """A 248-byte stem: a 252-byte caption name fits, and the temp name must not be longer."""
+    root = tmp_path / "long"
+    (image,) = make_tree(root, ["a" * 248 + ".png"])
+    result = run(FOLDER, "--url", server, "CAPTION", "txt", str(root), env=base_env(tmpdir_env))
+    assert result.returncode == 0, result.stderr
+    assert caption_path(image).read_text() == as_file_caption(caption_direct(server, image))
+    assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
+
+
+def test_folder_no_recursive_and_other_cwd(server: str, tmp_path: Path) -> None:
+    root = tmp_path / "imgs"
+    top = make_tree(root, ["a.png", "b.jpg"])
+    nested = make_tree(root, ["sub/c.png"])
+    # Through a symlink, from an unrelated working directory: vision-client.sh is still found.
+    link = tmp_path / "bin" / "caption-folder"
+    link.parent.mkdir()
+    link.symlink_to(FOLDER)
+    result = run(
+        link,
+        "--no-recursive",
+        "caption",
+        ".cap",
+        str(root),
+        env=base_env(VISION_HOST=server),
+        cwd=tmp_path / "bin",
+    )
+    assert result.returncode == 0, result.stderr
+    assert all(caption_path(image, "cap").read_text() for image in top)
+    assert not caption_path(nested[0], "cap").exists()
+
+
+def test_folder_modes_prefix_suffix(server: str, tmp_path: Path) -> None:
+    root = tmp_path / "modes"
+    a, b = make_tree(root, ["a.png", "b.png"])
+    new_a, new_b = (as_file_caption(text) for text in captions_direct(server, [a, b]).values())
+    env = base_env(VISION_HOST=server)
+
+    def folder(*args: str) -> subprocess.CompletedProcess[str]:
+        result = run(FOLDER, *args, "CAPTION", "txt", str(root), env=env)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    caption_path(a).write_text("keep me\n")
+    caption_path(b).write_text("")  # empty: captioned even in skip mode
+    result = folder()  # skip is the default
+    assert caption_path(a).read_text() == "keep me\n"
+    assert caption_path(b).read_text() == new_b
+    assert "1 captioned, 1 skipped" in result.stderr
+
+    folder("--mode", "append", "--prefix", "ohwx, ", "--suffix", " END")
+    assert caption_path(a).read_text() == f"keep me ohwx, {new_a} END"
+    assert caption_path(b).read_text() == f"{new_b} ohwx, {new_b} END"
+
+    caption_path(a).write_text("old")
+    caption_path(b).unlink()
+    folder("--mode", "prepend", "--separator", " | ")
+    assert caption_path(a).read_text() == f"{new_a} | old"
+    assert caption_path(b).read_text() == new_b
+
+    folder("--mode=overwrite", "--prefix=trigger, ")
+    assert caption_path(a).read_text() == f"trigger, {new_a}"
+    assert caption_path(b).read_text() == f"trigger, {new_b}"
+
+    result = folder("--mode", "skip")
+    assert "0 captioned, 2 skipped" in result.stderr
+
+
+def test_folder_failing_image(server: str, tmp_path: Path, tmpdir_env: Path) -> None:
+    root = tmp_path / "mixed"
+    good = make_tree(root, ["good1.png", "sub/good2.jpg", "pair.jpg", "pair.png"])
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n but then garbage")
+    result = run(FOLDER, "-j", "2", "CAPTION", "txt", str(root), env=base_env(tmpdir_env, VISION_HOST=server))
+    assert result.returncode == 1
+    assert not (root / "broken.txt").exists()
+    for image in good[:3]:
+        assert caption_path(image).read_text() == as_file_caption(caption_direct(server, image))
+    summary = result.stderr[result.stderr.index("Failed images") :]
+    assert "broken.png: HTTP 400: Invalid image data" in summary
+    assert "pair.png" in summary  # would share pair.txt with pair.jpg
+    assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
+
+
+def test_folder_dead_server(tmp_path: Path, tmpdir_env: Path) -> None:
+    root = tmp_path / "dead"
+    make_tree(root, ["a.png", "b.png", "sub/c.png"])
+    before = sorted(root.rglob("*"))
+    result = run(
+        FOLDER, "CAPTION", "txt", str(root), env=base_env(tmpdir_env, VISION_HOST=f"127.0.0.1:{free_port()}")
+    )
+    assert result.returncode == 3
+    assert "cannot connect" in result.stderr
+    assert sorted(root.rglob("*")) == before
+    assert list(tmpdir_env.iterdir()) == []
+
+
+def test_folder_invalid_prompt_stops(server: str, tmp_path: Path) -> None:
+    root = tmp_path / "prompt"
+    make_tree(root, [f"{i}.png" for i in range(8)])
+    result = run(FOLDER, "--jobs", "2", "NO_SUCH_TASK", "txt", str(root), env=base_env(VISION_HOST=server))
+    assert result.returncode == 7
+    assert "Invalid prompt" in result.stderr and "Stopped early" in result.stderr
+    assert list(root.rglob("*.txt")) == []
+
+
+def test_folder_usage_errors(tmp_path: Path) -> None:
+    make_tree(tmp_path, ["a.png"])
+    for args in (
+        ["CAPTION", "png", str(tmp_path)],
+        ["CAPTION", "txt", str(tmp_path / "nope")],
+        ["CAPTION", "txt"],
+        ["--mode", "merge", "CAPTION", "txt", str(tmp_path)],
+        ["--jobs", "0", "CAPTION", "txt", str(tmp_path)],
+    ):
+        result = run(FOLDER, *args)
+        assert result.returncode == 2, args
+        assert result.stderr
+    assert not (tmp_path / "a.txt").exists()
+
+
+def test_folder_interrupted(tmp_path: Path, tmpdir_env: Path) -> None:
+    """Ctrl+C while requests are in flight: no caption files, no temporary files, exit 130."""
+    root = tmp_path / "interrupt"
+    make_tree(root, [f"img{i}.png" for i in range(6)])
+    before = sorted(root.rglob("*"))
+    with StandIn(hang=True) as stand_in:
+        proc = subprocess.Popen(
+            [str(FOLDER), "--url", stand_in.url, "--jobs", "3", "CAPTION", "txt", str(root)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=base_env(tmpdir_env),
+            # A shell cannot trap a signal it was started with ignored (pytest run with "&").
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            deadline = time.monotonic() + 20
+            while stand_in.posts < 3 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert stand_in.posts == 3
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "interrupted" in stderr.lower()
+    assert sorted(root.rglob("*")) == before
+    assert list(tmpdir_env.iterdir()) == []
+
+
+@pytest.fixture
+def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real server process whose (fake) captioner holds each batch of one image for 30 s.
+
+    Requests stay in flight for as long as a signal test needs; the key makes the clients write
+    it into their curl config files. One per test, so no test sees another's abandoned jobs.
+    """
+    tmp = tmp_path_factory.mktemp("slow-server")
+    settings = {"max_batch_size": 1, "api_key": SIGNAL_KEY}
+    with ServerProcess.fake(tmp, "slow", delay=30, **settings) as process:
+        yield process.wait_listening()
+
+
+SIGNAL_KEY = "key-for-the-signal-tests"
+
+
+def group_members(pgid: int) -> list[psutil.Process]:
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if os.getpgid(process.pid) == pgid and process.status() != psutil.STATUS_ZOMBIE:
+                found.append(process)
+        except (ProcessLookupError, psutil.Error):
+            pass
+    return found
+
+
+def named(processes: list[psutil.Process], name: str) -> list[psutil.Process]:
+    found = []
+    for process in processes:
+        try:
+            if any(name in part for part in process.cmdline()):
+                found.append(process)
+        except psutil.Error:
+            pass
+    return found
+
+
+@pytest.mark.parametrize(
+    ("how", "signum", "code"),
+    [
+        ("group", signal.SIGINT, 130),  # a terminal's Ctrl+C signals the whole foreground group
+        ("group", signal.SIGTERM, 143),  # systemd, docker stop, kill -- -PGID
+        ("timeout", signal.SIGINT, 130),  # timeout -s INT signals its child, then its own group
+    ],
+)
+def test_folder_signal_leaves_no_child_and_no_temp_file(
+    slow_server: str, tmp_path: Path, tmpdir_env: Path, how: str, signum: int, code: int
+) -> None:
+    """--jobs 4 with four requests in flight: every process of the run stops, nothing is left."""
+    root = tmp_path / "signal"
+    make_tree(root, [f"img{i}.png" for i in range(8)])
+    before = sorted(root.rglob("*"))
+    command = [str(FOLDER), "--url", slow_server, "--jobs", "4", "CAPTION", "txt", str(root)]
+    if how == "timeout":
+        command = ["timeout", "-s", signum.name, "120", *command]
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=base_env(tmpdir_env, VISION_API_KEY=SIGNAL_KEY),
+        start_new_session=True,  # a process group of its own, like a terminal job
+        # A shell cannot trap a signal it was started with ignored (pytest run with "&").
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and proc.poll() is None:
+            members = group_members(proc.pid)
+            if len(named(members, "curl")) == 4 and len(named(members, "vision-client.sh")) == 4:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"four requests never got in flight: {proc.poll()=}")
+        curl_configs = list(tmpdir_env.glob("vision-client.*/curlrc"))
+        assert len(curl_configs) == 4
+        for config in curl_configs:
+            assert SIGNAL_KEY in config.read_text()
+            assert config.stat().st_mode & 0o777 == 0o600, oct(config.stat().st_mode)
+        if how == "timeout":
+            proc.send_signal(signum)  # timeout passes it on to the script, then to its group
+        else:
+            os.killpg(proc.pid, signum)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        leftover = []
+        for process in group_members(proc.pid):
+            with contextlib.suppress(psutil.Error):
+                leftover.append(" ".join(process.cmdline())[:120])
+                process.kill()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert leftover == []
+    assert proc.returncode == code, stderr
+    assert "interrupted" in stderr.lower()
+    assert list(tmpdir_env.iterdir()) == []
+    assert sorted(root.rglob("*")) == before
+
+
+def test_folder_retries_busy_server(tmp_path: Path) -> None:
+    root = tmp_path / "busy"
+    images = make_tree(root, ["a.png", "b.png"])
+    with StandIn(busy_first=1) as stand_in:
+        result = run(
+            FOLDER, "--url", stand_in.url, "--jobs", "1", "--retries", "2", "CAPTION", "txt", str(root)
+        )
+    assert result.returncode == 0, result.stderr
+    assert all(caption_path(image).read_text() == "stand-in caption" for image in images)
+    with StandIn(busy_first=100) as stand_in:
+        result = run(FOLDER, "--url", stand_in.url, "--retries", "0", "CAPTION", "cap", str(root))
+    assert result.returncode == 5
+    assert "Stopped early" in result.stderr and "Queue full" in result.stderr
+    assert list(root.rglob("*.cap")) == []
