@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -83,3 +84,10 @@ def save_flat(
 def shade_b64(shade: int) -> str:
     """A flat 16x16 PNG as base64 whose colour follows ``shade`` (0-255): one distinct image per shade."""
     return to_b64(encode(flat((16, 16), (shade, 255 - shade, 7))))
+
+
+def dds_with_zeroed_pixel_format() -> bytes:
+    """A DDS header whose pixel-format flags are 0: Pillow's DDS plugin raises NotImplementedError."""
+    header = struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + b"\0" * 44
+    pixel_format = struct.pack("<8I", 32, 0, 0, 0, 0, 0, 0, 0)
+    return b"DDS " + header + pixel_format + struct.pack("<5I", 0x1000, 0, 0, 0, 0) + b"\0" * 64

@@ -6,13 +6,13 @@ import base64
 import io
 import multiprocessing
 import pickle
-import struct
 from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from tests.support.images import dds_with_zeroed_pixel_format
 from vision_server.errors import InvalidImage, PayloadTooLarge
 from vision_server.images import ALLOWED_FORMATS, PixelSpec, decode_base64, open_image, prepare_image
 
@@ -105,13 +105,6 @@ def test_large_jpeg_decodes_at_reduced_scale() -> None:
 
 SPEC = PixelSpec(height=768, width=768, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 MINIMAL_EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 4 4\n0 0 moveto\nshowpage\n%%EOF\n"
-
-
-def dds_with_zeroed_pixel_format() -> bytes:
-    """A DDS header whose pixel-format flags are 0: Pillow's DDS plugin raises NotImplementedError."""
-    header = struct.pack("<7I", 124, 0x1007, 4, 4, 0, 0, 0) + b"\0" * 44
-    pixel_format = struct.pack("<8I", 32, 0, 0, 0, 0, 0, 0, 0)
-    return b"DDS " + header + pixel_format + struct.pack("<5I", 0x1000, 0, 0, 0, 0) + b"\0" * 64
 
 
 def test_eps_never_reaches_the_postscript_plugin(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -18,7 +18,8 @@ import pytest
 from aiohttp import ClientSession
 from PIL import Image
 
-from tests.serving import running_app
+from tests.support.images import dds_with_zeroed_pixel_format
+from tests.support.serving import running_app
 from vision_server import images
 from vision_server.api.state import DECODER, ENGINE
 from vision_server.captioner import Caption, CaptionItem
@@ -210,7 +211,6 @@ async def test_requests_in_the_decode_pool_during_a_drain_get_503(
 
 
 async def test_a_dds_upload_is_a_400_naming_the_accepted_formats(tmp_path: Path) -> None:
-    from tests.test_images import dds_with_zeroed_pixel_format
 
     settings = Settings(cache_dir=tmp_path, idle_timeout=-1)
     dds = base64.b64encode(dds_with_zeroed_pixel_format()).decode()
