@@ -1,8 +1,7 @@
-"""The ``vision-server`` command: serve, caption (offline), convert, make-test-model."""
+"""The ``vision-server`` command: serve, caption (a dataset, offline), convert, make-test-model."""
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sys
 import typing
@@ -33,9 +32,10 @@ def _describe_default(name: str) -> str:
     return str(default)
 
 
-def settings_options(func: F) -> F:
-    """One ``--flag`` per :class:`Settings` field, with help, default and env var in ``--help``."""
-    for name in reversed(list(FIELDS)):
+def settings_options(func: F, names: tuple[str, ...] | None = None) -> F:
+    """One ``--flag`` per :class:`Settings` field (or per field in ``names``), with help, default
+    and env var in ``--help``."""
+    for name in reversed([name for name in FIELDS if names is None or name in names]):
         kind = field_type(name)
         flag = flag_name(name)
         help_text = (
@@ -50,6 +50,14 @@ def settings_options(func: F) -> F:
             click_type = click.Path(path_type=Path) if kind is Path else kind
             func = click.option(flag, name, type=click_type, default=None, help=help_text)(func)
     return func
+
+
+def offline_settings_options(func: F) -> F:
+    """Only the settings that mean something without a server: model, device, batching, generation,
+    cache, logs (no host, port, keys, TLS, idle unload or request limits)."""
+    from vision_server.bulk.command import OFFLINE_SETTINGS
+
+    return settings_options(func, OFFLINE_SETTINGS)
 
 
 def build_settings(config: Path | None, flags: dict[str, Any]) -> Settings:
@@ -85,24 +93,75 @@ def serve(config: Path | None, **flags: Any) -> None:
     run_server(build_settings(config, flags))
 
 
-@main.command()
-@click.argument(
-    "images", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False, path_type=Path)
+@main.command(context_settings={"max_content_width": 110})
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    help="Task, with or without brackets, any case (caption, DETAILED_CAPTION, <GENERATE_TAGS>). "
+    "Repeat for several captions per image in one pass; sidecars are then STEM.<task>.<ext>. "
+    "[default: <MORE_DETAILED_CAPTION>]",
+)
+@click.option("--recursive/--no-recursive", default=True, show_default=True, help="Descend into sub-folders.")
+@click.option("--jsonl", type=click.Path(path_type=Path), help="Also (or only) write one JSON row per image.")
+@click.option("--parquet", type=click.Path(path_type=Path), help="Also (or only) write a Parquet table.")
+@click.option(
+    "--sidecars/--no-sidecars",
+    default=None,
+    help="Write a caption file beside each image. [default: on, off when --jsonl or --parquet is given]",
+)
+@click.option("--ext", default="txt", show_default=True, help="Extension of the caption files.")
+@click.option(
+    "--mode",
+    type=click.Choice(["skip", "overwrite", "append", "prepend"]),
+    default="skip",
+    show_default=True,
+    help="When a caption file exists: skip the image, overwrite the file, or add the new caption "
+    "after/before the old one. JSONL and Parquet outputs always skip what they already hold.",
+)
+@click.option("--prefix", default="", help="Text put before every caption, e.g. a trigger word and ', '.")
+@click.option("--suffix", default="", help="Text put after every caption.")
+@click.option(
+    "--separator", default=" ", show_default=True, help="Between old and new caption in append/prepend."
+)
+@click.option("--image-column", help="Parquet: column of image bytes or paths. [default: found by type]")
+@click.option("--key-column", help="Parquet: column that names each row. [default: __key__ or key, else row]")
+@click.option(
+    "--limit", type=click.IntRange(min=0), help="Caption at most N images (skipped ones do not count)."
+)
+@click.option("--dry-run", is_flag=True, help="List what would be captioned and why the rest is skipped.")
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    help="Processes that decode and resize images. [default: CPU count, at most 8]",
 )
 @click.option(
-    "--task", default="<MORE_DETAILED_CAPTION>", show_default=True, help="Task token, e.g. CAPTION."
+    "--progress-interval",
+    type=click.FloatRange(min=0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds between progress lines when stderr is not a terminal.",
 )
 @click.option(
     "--config", type=click.Path(path_type=Path, dir_okay=False), default=None, help="TOML config file."
 )
-@settings_options
-def caption(images: tuple[Path, ...], task: str, config: Path | None, **flags: Any) -> None:
-    """Caption IMAGES in-process (no server), one line per image: "FILE<TAB>caption"."""
-    from vision_server.offline import caption_files
+@offline_settings_options
+def caption(inputs: tuple[Path, ...], config: Path | None, **params: Any) -> None:
+    """Caption a dataset in-process (no server): images, folders, .txt/.jsonl lists of paths,
+    Parquet files and WebDataset .tar shards.
 
+    By default a caption file goes beside each image (cat.png -> cat.txt) and images that
+    already have one are skipped, so an interrupted run resumes where it stopped.
+
+    Exit status: 0 all captioned or skipped, 1 some image failed, 2 bad usage; 130/143 when
+    stopped by Ctrl+C/SIGTERM (cleanly: run it again to resume).
+    """
+    from vision_server.bulk.command import CaptionRequest, run_caption
+
+    flags = {name: params.pop(name) for name in list(params) if name in FIELDS}
     settings = build_settings(config, flags)
-    failures = asyncio.run(caption_files(settings, list(images), task))
-    sys.exit(1 if failures else 0)
+    sys.exit(run_caption(settings, CaptionRequest(inputs=inputs, **params)))
 
 
 @main.command("make-test-model")

@@ -1,0 +1,313 @@
+"""``vision-server caption``: check the request, build the outputs and the engine, run, report.
+
+Exit status: 0 when every image was captioned or skipped, 1 when any failed (or the model could
+not load), 2 for bad usage (raised as :class:`click.UsageError` before any work), and 128 + the
+signal number when Ctrl+C or SIGTERM stopped the run (cleanly; the same command resumes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import os
+import sys
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from vision_server.bulk.outputs import (
+    Captions,
+    JsonlOutput,
+    Output,
+    ParquetOutput,
+    RowFacts,
+    Sidecars,
+    SidecarStyle,
+    check_writable,
+)
+from vision_server.bulk.pipeline import BulkPipeline, PipelineConfig, Summary, model_pixel_spec
+from vision_server.bulk.plan import Fail, Skip, Unit, Work, plan
+from vision_server.bulk.progress import Progress, format_summary
+from vision_server.bulk.readers import InputError, ReadOptions, check_inputs, count_images, iter_records
+from vision_server.bulk.records import Record
+from vision_server.captionfiles import Mode, caption_suffix
+from vision_server.errors import InvalidTask, VisionServerError
+from vision_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+DEFAULT_TASK = "<MORE_DETAILED_CAPTION>"
+OFFLINE_SETTINGS = (
+    "model",
+    "revision",
+    "adapter",
+    "device",
+    "dtype",
+    "cache_dir",
+    "max_queue",
+    "max_batch_size",
+    "max_batch_wait_ms",
+    "max_image_pixels",
+    "num_beams",
+    "max_new_tokens",
+    "min_new_tokens",
+    "compile",
+    "log_level",
+    "log_format",
+    "log_file",
+)
+BATCHES_IN_FLIGHT = 3  # one running, one queued, one being decoded: the model never waits
+
+
+@dataclass(frozen=True)
+class CaptionRequest:
+    """The command's own options (everything but :class:`Settings`)."""
+
+    inputs: tuple[Path, ...]
+    tasks: tuple[str, ...] = ()
+    recursive: bool = True
+    jsonl: Path | None = None
+    parquet: Path | None = None
+    sidecars: bool | None = None
+    ext: str = "txt"
+    mode: Mode = "skip"
+    prefix: str = ""
+    suffix: str = ""
+    separator: str = " "
+    image_column: str | None = None
+    key_column: str | None = None
+    limit: int | None = None
+    dry_run: bool = False
+    workers: int | None = None
+    progress_interval: float = 10.0
+
+
+def run_caption(settings: Settings, request: CaptionRequest) -> int:
+    """Run the command; returns the exit status (usage errors raise click.UsageError)."""
+    from vision_server.logs import configure_logging
+    from vision_server.runtime import build_captioner
+
+    read = ReadOptions(request.recursive, request.image_column, request.key_column)
+    kinds = _check_inputs(request, read)
+    configure_logging(settings.log_level, settings.log_format, settings.log_file)
+    captioner = build_captioner(settings)
+    tasks = _tasks(request.tasks, captioner.tasks)
+    sidecars = request.sidecars if request.sidecars is not None else not (request.jsonl or request.parquet)
+    if not sidecars and not (request.jsonl or request.parquet):
+        raise click.UsageError("--no-sidecars needs --jsonl or --parquet: captions must go somewhere")
+    needs_table = [str(p) for p, kind in kinds.items() if kind == "webdataset" or kind == "parquet-bytes"]
+    if needs_table and not (request.jsonl or request.parquet):
+        raise click.UsageError(
+            f"{needs_table[0]} holds image bytes, not files a caption file could go beside; "
+            "add --jsonl FILE or --parquet FILE"
+        )
+    if not request.dry_run:
+        _check_outputs(request)
+    outputs = _outputs(request, settings, tasks, sidecars)
+    records = iter_records(request.inputs, read)
+    if request.dry_run:
+        return _dry_run(plan(records, tasks, outputs, request.limit))
+    return asyncio.run(_run(settings, captioner, request, read, tasks, outputs))
+
+
+def _check_inputs(request: CaptionRequest, read: ReadOptions) -> dict[Path, str]:
+    try:
+        kinds: dict[Path, str] = dict(check_inputs(request.inputs, read))
+    except InputError as exc:
+        raise click.UsageError(str(exc)) from None
+    for path, kind in kinds.items():
+        if kind == "parquet" and _parquet_holds_bytes(path, read):
+            kinds[path] = "parquet-bytes"
+    return kinds
+
+
+def _parquet_holds_bytes(path: Path, read: ReadOptions) -> bool:
+    import pyarrow.parquet as pq
+
+    from vision_server.bulk.readers import _image_column
+
+    try:
+        return _image_column(pq.read_schema(path), read.image_column)[1] != "path"
+    except Exception:
+        return True  # unreadable: reported per input while reading
+
+
+def _tasks(requested: tuple[str, ...], valid: tuple[str, ...]) -> tuple[str, ...]:
+    from vision_server.tasks import normalize_task
+
+    try:
+        tokens = [normalize_task(task, valid) for task in requested or (DEFAULT_TASK,)]
+    except InvalidTask as exc:
+        raise click.UsageError(exc.message) from None
+    return tuple(dict.fromkeys(tokens))  # the same task twice is one task
+
+
+def _check_outputs(request: CaptionRequest) -> None:
+    if request.jsonl and request.parquet and request.jsonl.resolve() == request.parquet.resolve():
+        raise click.UsageError("--jsonl and --parquet name the same file")
+    for path in (request.jsonl, request.parquet):
+        problem = check_writable(path) if path is not None else None
+        if problem:
+            raise click.UsageError(f"cannot write the output: {problem}")
+
+
+def _outputs(
+    request: CaptionRequest, settings: Settings, tasks: tuple[str, ...], sidecars: bool
+) -> list[Output]:
+    facts = RowFacts(tasks, settings.model, settings.adapter)
+    try:
+        ext = caption_suffix(request.ext)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    outputs: list[Output] = []
+    if sidecars:
+        style = SidecarStyle(ext, request.mode, request.separator, several_tasks=len(tasks) > 1)
+        outputs.append(Sidecars(style))
+    try:
+        if request.jsonl is not None:
+            outputs.append(JsonlOutput(request.jsonl, facts))
+        if request.parquet is not None:
+            outputs.append(ParquetOutput(request.parquet, facts))
+    except Exception as exc:  # an existing output we cannot read back cannot be resumed safely
+        raise click.UsageError(f"cannot read the existing output to resume from it: {exc}") from None
+    if request.prefix or request.suffix:
+        outputs = [_Wrapped(output, request.prefix, request.suffix) for output in outputs]
+    return outputs
+
+
+class _Wrapped:
+    """An output whose new captions get ``prefix`` and ``suffix`` (a trigger word, say)."""
+
+    def __init__(self, inner: Output, prefix: str, suffix: str) -> None:
+        self.inner, self.prefix, self.suffix = inner, prefix, suffix
+
+    def missing(self, record: Record, tasks: Sequence[str]) -> list[str]:
+        return self.inner.missing(record, tasks)
+
+    def write(self, record: Record, captions: Captions, error: str | None) -> None:
+        wrapped = {task: f"{self.prefix}{text}{self.suffix}" for task, text in captions.items()}
+        self.inner.write(record, wrapped, error)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def _dry_run(units: Iterable[Unit]) -> int:
+    """``caption``/``skip``/``fail`` TAB path TAB tasks-or-reason, one line per image, on stdout."""
+    counts = {"caption": 0, "skip": 0, "fail": 0}
+    for unit in units:
+        if isinstance(unit, Work):
+            word, detail = "caption", ",".join(unit.tasks)
+        elif isinstance(unit, Skip):
+            word, detail = "skip", unit.reason
+        else:
+            assert isinstance(unit, Fail)
+            word, detail = "fail", unit.reason
+        counts[word] += 1
+        click.echo(f"{word}\t{unit.record.display}\t{detail}")
+    click.echo(
+        f"dry run: {counts['caption']} to caption, {counts['skip']} skipped, {counts['fail']} failing",
+        err=True,
+    )
+    return 1 if counts["fail"] else 0
+
+
+async def _run(
+    settings: Settings,
+    captioner: object,
+    request: CaptionRequest,
+    read: ReadOptions,
+    tasks: tuple[str, ...],
+    outputs: list[Output],
+) -> int:
+    from vision_server.engine.scheduler import Engine
+    from vision_server.runtime import engine_config
+    from vision_server.signals import install_stop_handlers
+
+    loop = asyncio.get_running_loop()
+    config = dataclasses.replace(
+        engine_config(settings, captioner),  # type: ignore[arg-type]
+        idle_timeout=-1,  # never unload mid-run
+        request_timeout=7 * 24 * 3600.0,  # flow control bounds the wait, not a deadline
+    )
+    engine = Engine(captioner, config)  # type: ignore[arg-type]
+    pipeline: list[BulkPipeline] = []
+    stops: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if stops:  # a second Ctrl+C: the user does not want to wait for the batch in progress
+            os._exit(128 + signum)
+        stops.append(signum)
+        click.echo("stopping: finishing the writes in progress (press Ctrl+C again to quit now)", err=True)
+        if pipeline:
+            pipeline[0].stop(signum)
+
+    undo = install_stop_handlers(loop, on_signal)
+    progress: Progress | None = None
+    try:
+        await engine.start()
+        try:
+            await engine.load()
+        except VisionServerError as exc:
+            click.echo(f"error: {exc.message}", err=True)
+            return 1
+        if stops:
+            return 128 + stops[0]
+        progress = Progress(interval=request.progress_interval)
+        workers = request.workers or min(8, os.cpu_count() or 1)
+        pipe_config = PipelineConfig(
+            tasks=tasks,
+            options=settings.generation_defaults(),
+            spec=model_pixel_spec(captioner),
+            max_pixels=settings.max_image_pixels,
+            workers=workers,
+            in_flight=max(BATCHES_IN_FLIGHT * config.max_batch_size, 2 * workers),
+        )
+        pipeline.append(BulkPipeline(engine, outputs, pipe_config, progress))
+        _count_in_background(loop, request, read, progress)
+        summary = await pipeline[0].run(
+            plan(iter_records(request.inputs, read), tasks, outputs, request.limit)
+        )
+    finally:
+        await asyncio.to_thread(_close, outputs)
+        await engine.stop(grace=0)
+        undo()
+        if progress is not None:
+            progress.close()
+    click.echo(format_summary(summary), err=True)
+    return _status(summary)
+
+
+def _count_in_background(
+    loop: asyncio.AbstractEventLoop, request: CaptionRequest, read: ReadOptions, progress: Progress
+) -> None:
+    """Count the images while captioning starts, so the bar gets a total and an ETA."""
+
+    def count() -> None:
+        try:
+            total = count_images(request.inputs, read)
+        except Exception:  # counting is only for the display
+            log.debug("counting the images failed", exc_info=True)
+            return
+        if total is not None:
+            loop.call_soon_threadsafe(progress.set_total, total)
+
+    threading.Thread(target=count, name="vision-bulk-count", daemon=True).start()
+
+
+def _close(outputs: list[Output]) -> None:
+    for output in outputs:
+        try:
+            output.close()
+        except Exception as exc:
+            print(f"error: closing an output failed: {exc}", file=sys.stderr)
+
+
+def _status(summary: Summary) -> int:
+    if summary.interrupted is not None:
+        return 128 + summary.interrupted
+    return 1 if summary.failed else 0

@@ -1,0 +1,281 @@
+"""Where captions go: sidecar files beside the images, JSON Lines, Parquet; and what is done.
+
+Every output answers :meth:`missing` (which of the run's tasks it still lacks for a record, so a
+rerun resumes) and :meth:`write`. Nothing is ever half-written: sidecars are replaced atomically,
+a JSONL row is one flushed line (a torn last line from a killed run is ignored and terminated),
+and Parquet rows go to an append-only journal that is folded into the Parquet file, atomically,
+when the run ends, or by the next run when this one was killed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any, Protocol
+
+from vision_server.bulk.records import Record, safe_text, task_slug
+from vision_server.captionfiles import Mode, has_caption, merge_caption, read_caption, write_atomic
+
+Captions = dict[str, str]  # task token -> caption text
+
+
+@dataclass(frozen=True)
+class RowFacts:
+    """What every row says besides captions: which tasks the run asked for, model and adapter."""
+
+    tasks: tuple[str, ...]
+    model: str
+    adapter: str | None
+
+
+def identity(record: Record) -> str:
+    """The name a table output knows an image by: its input and its key."""
+    return f"{safe_text(record.source)}\x00{safe_text(record.key)}"
+
+
+def make_row(record: Record, facts: RowFacts, captions: Captions, error: str | None = None) -> dict[str, Any]:
+    """One JSONL/Parquet row. One task: ``task`` and ``caption``. Several: ``tasks`` and one
+    field per task named like its sidecar infix (``generate_tags``, ``caption``, ...)."""
+    row: dict[str, Any] = {"source": safe_text(record.source), "key": safe_text(record.key)}
+    if len(facts.tasks) == 1:
+        row["task"] = facts.tasks[0]
+        row["caption"] = captions.get(facts.tasks[0])
+    else:
+        row["tasks"] = [task for task in facts.tasks if task in captions or error]
+        for task in facts.tasks:
+            row[task_slug(task)] = captions.get(task)
+    row["model"] = facts.model
+    row["adapter"] = facts.adapter
+    if error is not None:
+        row["error"] = error
+    return row
+
+
+def recorded(rows: Iterable[Any]) -> dict[str, set[str]]:
+    """task → identities with a caption for it, from rows of either shape."""
+    done: dict[str, set[str]] = {}
+    for row in rows:
+        if not isinstance(row, dict):
+            continue
+        source, key = row.get("source"), row.get("key")
+        if not isinstance(source, str) or not isinstance(key, str):
+            continue
+        ident = f"{source}\x00{key}"
+        task, tasks = row.get("task"), row.get("tasks")
+        if isinstance(task, str) and isinstance(row.get("caption"), str):
+            done.setdefault(task, set()).add(ident)
+        if isinstance(tasks, list):
+            for name in tasks:
+                if isinstance(name, str) and isinstance(row.get(task_slug(name)), str):
+                    done.setdefault(name, set()).add(ident)
+    return done
+
+
+class Output(Protocol):
+    def missing(self, record: Record, tasks: Sequence[str]) -> list[str]: ...
+
+    def write(self, record: Record, captions: Captions, error: str | None) -> None: ...
+
+    def close(self) -> None: ...
+
+
+# --- sidecars ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SidecarStyle:
+    """Named and meant exactly as ``vision-client folder``'s options of the same names."""
+
+    ext: str = ".txt"  # already checked by captionfiles.caption_suffix
+    mode: Mode = "skip"
+    separator: str = " "
+    several_tasks: bool = False  # then sidecars are STEM.<task>.<ext>
+
+
+def sidecar_path(image: Path, task: str, style: SidecarStyle) -> Path:
+    if style.several_tasks:
+        return image.with_name(f"{image.stem}.{task_slug(task)}{style.ext}")
+    return image.with_suffix(style.ext)
+
+
+class Sidecars:
+    """A caption file beside each image that has a path (not for images inside tables/shards)."""
+
+    def __init__(self, style: SidecarStyle) -> None:
+        self.style = style
+
+    def missing(self, record: Record, tasks: Sequence[str]) -> list[str]:
+        if record.path is None:
+            return []
+        if self.style.mode != "skip":
+            return list(tasks)
+        return [task for task in tasks if not has_caption(sidecar_path(record.path, task, self.style))]
+
+    def write(self, record: Record, captions: Captions, error: str | None) -> None:
+        if record.path is None:
+            return
+        for task in self.missing(record, list(captions)):
+            target = sidecar_path(record.path, task, self.style)
+            existing = read_caption(target) if self.style.mode in ("append", "prepend") else None
+            text = merge_caption(existing, captions[task], self.style.mode, self.style.separator)
+            write_atomic(target, text)
+
+    def close(self) -> None:
+        pass
+
+
+# --- JSON Lines ----------------------------------------------------------------------------------
+
+
+def read_jsonl(path: Path) -> Iterator[Any]:
+    """Every parseable line; a torn or foreign line is skipped."""
+    try:
+        handle = path.open(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return
+    with handle:
+        for line in handle:
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+
+class _LineLog:
+    """Append-only JSON Lines, one flushed write per row, a torn last line terminated first."""
+
+    def __init__(self, path: Path) -> None:
+        torn = path.exists() and path.stat().st_size > 0 and not _ends_with_newline(path)
+        self._handle: IO[str] = path.open("a", encoding="utf-8", newline="\n")
+        if torn:
+            self._handle.write("\n")
+        self.rows = 0
+
+    def append(self, row: dict[str, Any]) -> None:
+        self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
+        self._handle.flush()
+        self.rows += 1
+
+    def close(self) -> None:
+        self._handle.close()
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as handle:
+        handle.seek(-1, os.SEEK_END)
+        return handle.read(1) == b"\n"
+
+
+class _TableOutput:
+    """Shared by JSONL and Parquet: resume from what is recorded, write only what is missing."""
+
+    def __init__(self, facts: RowFacts, done: dict[str, set[str]]) -> None:
+        self.facts = facts
+        self.done = done
+
+    def missing(self, record: Record, tasks: Sequence[str]) -> list[str]:
+        ident = identity(record)
+        return [task for task in tasks if ident not in self.done.get(task, ())]
+
+    def _new_captions(self, record: Record, captions: Captions) -> Captions:
+        wanted = self.missing(record, list(captions))
+        return {task: text for task, text in captions.items() if task in wanted}
+
+    def _remember(self, record: Record, captions: Captions) -> None:
+        for task in captions:
+            self.done.setdefault(task, set()).add(identity(record))
+
+
+class JsonlOutput(_TableOutput):
+    """``--jsonl FILE``: a row per image, failed ones too (with ``error``), appended as they finish."""
+
+    def __init__(self, path: Path, facts: RowFacts) -> None:
+        super().__init__(facts, recorded(read_jsonl(path)))
+        self._log = _LineLog(path)
+
+    def write(self, record: Record, captions: Captions, error: str | None) -> None:
+        new = self._new_captions(record, captions)
+        if not new and error is None:
+            return
+        self._log.append(make_row(record, self.facts, new, error))
+        self._remember(record, new)
+
+    def close(self) -> None:
+        self._log.close()
+
+
+class ParquetOutput(_TableOutput):
+    """``--parquet FILE``: captioned images only; rows are journaled, then folded in at close."""
+
+    def __init__(self, path: Path, facts: RowFacts) -> None:
+        self.path = path
+        self.journal = path.with_name(f".{path.name}.journal.jsonl")
+        done = recorded(_parquet_rows(path))
+        for task, idents in recorded(read_jsonl(self.journal)).items():
+            done.setdefault(task, set()).update(idents)
+        super().__init__(facts, done)
+        self._log = _LineLog(self.journal)
+
+    def write(self, record: Record, captions: Captions, error: str | None) -> None:
+        new = self._new_captions(record, captions)
+        if new:
+            self._log.append(make_row(record, self.facts, new))
+            self._remember(record, new)
+
+    def close(self) -> None:
+        self._log.close()
+        fold_journal(self.path, self.journal)
+
+
+def _parquet_rows(path: Path) -> Iterator[dict[str, Any]]:
+    if not path.exists():
+        return
+    import pyarrow.parquet as pq
+
+    for batch in pq.ParquetFile(path).iter_batches(batch_size=4096):
+        yield from batch.to_pylist()
+
+
+def fold_journal(path: Path, journal: Path) -> None:
+    """Rewrite ``path`` as its rows plus the journal's, atomically; then drop the journal."""
+    rows = list(read_jsonl(journal))
+    if not rows:
+        journal.unlink(missing_ok=True)
+        return
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    tables = [pq.read_table(path)] if path.exists() else []
+    tables.append(pa.Table.from_pylist(rows))
+    merged = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    try:
+        pq.write_table(merged, tmp)
+        with tmp.open("rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    journal.unlink()
+
+
+def check_writable(path: Path) -> str | None:
+    """Why an output file cannot be written there (checked before any work), or None."""
+    if path.is_dir():
+        return f"{path} is a folder"
+    folder = path.parent if str(path.parent) else Path(".")
+    if not folder.is_dir():
+        return f"folder {folder} does not exist"
+    try:
+        with path.open("a", encoding="utf-8"):
+            pass
+    except OSError as exc:
+        return f"cannot write {path} ({exc.strerror or exc})"
+    if path.stat().st_size == 0 and path.suffix.lower() == ".parquet":
+        path.unlink()  # the check must not leave an empty, unreadable Parquet file behind
+    return None

@@ -1,0 +1,252 @@
+"""The local dataset captioner: reader → decode in worker processes → the engine → writers.
+
+Flow control is the point. At most ``in_flight`` images (a few batches' worth) are between the
+reader and the writers at any time, so memory does not grow with the dataset; jobs wait for a
+place in the engine's queue instead of being refused; decoding runs in processes so the GIL
+never starves the model thread; and writes go through one thread, in the order they finish.
+
+On a stop request nothing new starts, work in flight is dropped (its images are simply not
+captioned yet), writes already started finish, and the outputs close cleanly: a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Any, Literal, Protocol
+
+from vision_server.bulk.outputs import Captions, Output
+from vision_server.bulk.plan import Fail, Skip, Unit, Work
+from vision_server.bulk.prepare import Prepared, as_image, prepare_record, worker_init
+from vision_server.bulk.records import Record
+from vision_server.captioner import CaptionItem, GenerationOptions
+from vision_server.engine.scheduler import Engine
+from vision_server.errors import VisionServerError
+from vision_server.images import PixelSpec
+
+log = logging.getLogger(__name__)
+
+Outcome = Literal["captioned", "skipped", "failed"]
+LISTED_FAILURES = 50  # the summary names this many failures; all are reported as they happen
+READ_CHUNK = 32  # records planned per hop to the reader thread
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    tasks: tuple[str, ...]
+    options: GenerationOptions
+    spec: PixelSpec
+    max_pixels: int
+    workers: int  # decoding processes
+    in_flight: int  # most images between reader and writers
+
+
+@dataclass
+class Summary:
+    captioned: int = 0
+    skipped: int = 0
+    failed: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # the first LISTED_FAILURES
+    interrupted: int | None = None  # the signal that stopped the run early
+    started: float = field(default_factory=time.monotonic)
+    seconds: float = 0.0
+
+    @property
+    def processed(self) -> int:
+        return self.captioned + self.skipped + self.failed
+
+    def record(self, outcome: Outcome, display: str, reason: str | None) -> None:
+        if outcome == "captioned":
+            self.captioned += 1
+        elif outcome == "skipped":
+            self.skipped += 1
+        else:
+            self.failed += 1
+            if len(self.failures) < LISTED_FAILURES:
+                self.failures.append((display, reason or "unknown error"))
+
+
+class Reporter(Protocol):
+    """Progress display: told about every image as soon as its outcome is known."""
+
+    def report(self, summary: Summary, outcome: Outcome, display: str, reason: str | None) -> None: ...
+
+
+def model_pixel_spec(captioner: Any) -> PixelSpec:
+    """The loaded model's input size and normalisation."""
+    spec = getattr(captioner, "pixel_spec", None) or getattr(captioner, "_pixel_spec", None)
+    if not isinstance(spec, PixelSpec):
+        raise RuntimeError("the captioner does not say which pixel size its model wants")
+    return spec
+
+
+class BulkPipeline:
+    """One run over a stream of planned units into a started, loaded engine."""
+
+    def __init__(
+        self, engine: Engine, outputs: Sequence[Output], config: PipelineConfig, reporter: Reporter
+    ) -> None:
+        self.engine = engine
+        self.outputs = list(outputs)
+        self.config = config
+        self.reporter = reporter
+        self.summary = Summary()
+        self._stopping = asyncio.Event()
+        self._pool: ProcessPoolExecutor | None = None
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="vision-bulk-write")
+        self._writes: set[asyncio.Future[str | None]] = set()
+
+    def stop(self, signum: int) -> None:
+        """Stop early (a signal): start nothing new; the run returns once the writes are done."""
+        if self.summary.interrupted is None:
+            self.summary.interrupted = signum
+        self._stopping.set()
+
+    async def run(self, units: Iterator[Unit]) -> Summary:
+        self._pool = self._new_pool()
+        active: set[asyncio.Task[None]] = set()
+        slots = asyncio.Semaphore(self.config.in_flight)
+        try:
+            while not self._stopping.is_set():
+                chunk = await asyncio.to_thread(_take, units, READ_CHUNK)
+                if not chunk:
+                    break
+                for unit in chunk:
+                    if self._stopping.is_set():
+                        break
+                    if isinstance(unit, Skip):
+                        self._report("skipped", unit.record, unit.reason)
+                    elif isinstance(unit, Fail):
+                        self._store(unit.record, {}, unit.reason)
+                    elif await self._acquire(slots):
+                        task = asyncio.create_task(self._caption(unit))
+                        active.add(task)
+                        task.add_done_callback(lambda t: (active.discard(t), slots.release()))
+            while active and not self._stopping.is_set():
+                stopper = asyncio.ensure_future(self._stopping.wait())
+                await asyncio.wait({*active, stopper}, return_when=asyncio.FIRST_COMPLETED)
+                stopper.cancel()
+        finally:
+            for task in active:
+                task.cancel()
+            await asyncio.gather(*active, return_exceptions=True)
+            await asyncio.gather(*self._writes, return_exceptions=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._writer.shutdown(wait=True)
+            self.summary.seconds = time.monotonic() - self.summary.started
+        return self.summary
+
+    async def _acquire(self, slots: asyncio.Semaphore) -> bool:
+        """A place for one more image in flight; False when the run is stopping instead."""
+        acquire = asyncio.ensure_future(slots.acquire())
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({acquire, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if acquire.done() and not acquire.cancelled():
+            if self._stopping.is_set():
+                slots.release()
+                return False
+            return True
+        acquire.cancel()
+        return False
+
+    def _new_pool(self) -> ProcessPoolExecutor:
+        # spawn, not fork: the parent runs torch threads, which a forked child must not inherit.
+        context = multiprocessing.get_context("spawn")
+        return ProcessPoolExecutor(self.config.workers, mp_context=context, initializer=worker_init)
+
+    async def _prepare(self, record: Record) -> Prepared | str:
+        loop = asyncio.get_running_loop()
+        pool = self._pool
+        assert pool is not None
+        config = self.config
+        try:
+            return await loop.run_in_executor(pool, prepare_record, record, config.spec, config.max_pixels)
+        except BrokenProcessPool:
+            if self._pool is pool:  # a decoder process died (killed for memory?): start afresh
+                log.warning("a decoding process died; starting new ones")
+                self._pool = self._new_pool()
+                pool.shutdown(wait=False, cancel_futures=True)
+            return "the decoding process died on this image (out of memory?)"
+
+    async def _caption(self, work: Work) -> None:
+        record = work.record
+        prepared = await self._prepare(record)
+        if isinstance(prepared, str):
+            await asyncio.shield(self._store(record, {}, prepared))
+            return
+        image = as_image(prepared)
+        options = self.config.options
+        results = await asyncio.gather(
+            *(
+                self.engine.submit(
+                    CaptionItem(image, task, options), request_id=record.display, wait_for_room=True
+                )
+                for task in work.tasks
+            ),
+            return_exceptions=True,
+        )
+        captions: Captions = {}
+        errors: list[str] = []
+        for task, result in zip(work.tasks, results, strict=True):
+            if isinstance(result, BaseException):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                errors.append(_describe(task, result, len(work.tasks)))
+            else:
+                captions[task] = result.text
+        await asyncio.shield(self._store(record, captions, "; ".join(errors) or None))
+
+    def _store(self, record: Record, captions: Captions, error: str | None) -> asyncio.Future[str | None]:
+        """Write to every output on the writer thread; report the outcome once written."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(self._writer, self._write_all, record, captions, error)
+        self._writes.add(future)
+
+        def done(written: asyncio.Future[str | None]) -> None:
+            self._writes.discard(written)
+            problem = error
+            if not written.cancelled() and written.exception() is None and written.result():
+                problem = written.result()
+            elif not written.cancelled() and written.exception() is not None:
+                problem = f"cannot write the caption ({written.exception()})"
+            self._report("failed" if problem else "captioned", record, problem)
+
+        future.add_done_callback(done)
+        return future
+
+    def _write_all(self, record: Record, captions: Captions, error: str | None) -> str | None:
+        """Runs on the writer thread; every output gets its turn even when one fails."""
+        problem = None
+        for output in self.outputs:
+            try:
+                output.write(record, captions, error)
+            except (OSError, UnicodeError) as exc:
+                problem = problem or f"cannot write the caption ({exc})"
+        return problem
+
+    def _report(self, outcome: Outcome, record: Record, reason: str | None) -> None:
+        self.summary.record(outcome, record.display, reason)
+        self.reporter.report(self.summary, outcome, record.display, reason)
+
+
+def _take(units: Iterator[Unit], count: int) -> list[Unit]:
+    chunk = []
+    for unit in units:
+        chunk.append(unit)
+        if len(chunk) >= count:
+            break
+    return chunk
+
+
+def _describe(task: str, exc: BaseException, tasks: int) -> str:
+    message = exc.message if isinstance(exc, VisionServerError) else f"{type(exc).__name__}: {exc}"
+    if not isinstance(exc, VisionServerError):
+        log.error("captioning failed", exc_info=exc)
+    return f"{task}: {message}" if tasks > 1 else message

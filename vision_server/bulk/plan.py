@@ -1,0 +1,59 @@
+"""Per record, before any decoding: caption it (which tasks), skip it (done), or fail it (why)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+from vision_server.bulk.outputs import Output, Sidecars
+from vision_server.bulk.records import Record
+
+
+@dataclass(frozen=True)
+class Work:
+    record: Record
+    tasks: tuple[str, ...]  # the tasks some output still lacks
+
+
+@dataclass(frozen=True)
+class Skip:
+    record: Record
+    reason: str
+
+
+@dataclass(frozen=True)
+class Fail:
+    record: Record
+    reason: str
+
+
+Unit = Work | Skip | Fail
+
+
+def plan_record(record: Record, tasks: Sequence[str], outputs: Sequence[Output]) -> Unit:
+    if record.error is not None:
+        return Fail(record, record.error)
+    writes_sidecars = record.path is not None and any(isinstance(o, Sidecars) for o in outputs)
+    if writes_sidecars and record.stem_clash is not None:
+        return Fail(
+            record,
+            f"shares its caption file with {record.stem_clash} in the same folder; "
+            "neither is captioned, rename one of them",
+        )
+    missing = {task for output in outputs for task in output.missing(record, tasks)}
+    if not missing:
+        return Skip(record, "already captioned")
+    return Work(record, tuple(task for task in tasks if task in missing))
+
+
+def plan(
+    records: Iterable[Record], tasks: Sequence[str], outputs: Sequence[Output], limit: int | None = None
+) -> Iterator[Unit]:
+    """Plan every record; after ``limit`` images to caption, stop reading."""
+    planned = 0
+    for record in records:
+        if limit is not None and planned >= limit:
+            return
+        unit = plan_record(record, tasks, outputs)
+        planned += isinstance(unit, Work)
+        yield unit

@@ -1,0 +1,100 @@
+"""What the user sees: a progress bar on a terminal, plain periodic lines in logs, a summary.
+
+Everything goes to stderr; stdout carries only what ``--dry-run`` lists. Each failure is
+printed as it happens with its path and reason, so nothing depends on reading the summary.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from typing import IO, Any
+
+from vision_server.bulk.pipeline import Outcome, Summary
+
+
+def _rate(summary: Summary) -> float:
+    elapsed = time.monotonic() - summary.started
+    return summary.captioned / elapsed if elapsed > 0 else 0.0
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    hours, rest = divmod(round(seconds), 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+class Progress:
+    """A tqdm bar when ``stream`` is a terminal, else a line every ``interval`` seconds."""
+
+    def __init__(self, stream: IO[str] | None = None, *, interval: float = 10.0, bar: bool | None = None):
+        self.stream = stream or sys.stderr
+        self.interval = interval
+        self.total: int | None = None
+        self._bar: Any = None
+        self._next_line = time.monotonic() + interval
+        if bar if bar is not None else self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(file=self.stream, unit="img", dynamic_ncols=True, smoothing=0.05)
+
+    def set_total(self, total: int) -> None:
+        self.total = total
+        if self._bar is not None:
+            self._bar.total = total
+            self._bar.refresh()
+
+    def report(self, summary: Summary, outcome: Outcome, display: str, reason: str | None) -> None:
+        if outcome == "failed":
+            self._print(f"failed: {display}: {reason}")
+        if self._bar is not None:
+            self._bar.update(1)
+            if outcome == "failed":
+                self._bar.set_postfix(failed=summary.failed, refresh=False)
+        elif time.monotonic() >= self._next_line:
+            self._next_line = time.monotonic() + self.interval
+            self._print(self.line(summary))
+
+    def line(self, summary: Summary) -> str:
+        """``1200/5000 images (captioned 1180, skipped 12, failed 8), 9.8 img/s, ETA 6:28``."""
+        rate = _rate(summary)
+        of = f"/{self.total}" if self.total is not None else ""
+        text = (
+            f"{summary.processed}{of} images (captioned {summary.captioned}, skipped {summary.skipped}, "
+            f"failed {summary.failed}), {rate:.1f} img/s"
+        )
+        if self.total is not None and rate > 0:
+            text += f", ETA {_duration(max(0, self.total - summary.processed) / rate)}"
+        return text
+
+    def _print(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def format_summary(summary: Summary) -> str:
+    seconds = summary.seconds or (time.monotonic() - summary.started)
+    rate = summary.captioned / seconds if seconds > 0 else 0.0
+    lines = []
+    if summary.interrupted is not None:
+        name = signal.Signals(summary.interrupted).name
+        lines.append(f"interrupted by {name}: stopped cleanly; run the same command again to resume")
+    lines.append(
+        f"captioned {summary.captioned}, skipped {summary.skipped}, failed {summary.failed} "
+        f"in {_duration(seconds)} ({rate:.2f} img/s)"
+    )
+    if summary.failed:
+        lines.append("failed:")
+        lines.extend(f"  {display}: {reason}" for display, reason in summary.failures)
+        if summary.failed > len(summary.failures):
+            lines.append(f"  ... and {summary.failed - len(summary.failures)} more (each printed above)")
+    return "\n".join(lines)

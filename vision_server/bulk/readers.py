@@ -1,0 +1,355 @@
+"""Inputs → a stream of :class:`Record`: image files, folders, path lists, Parquet, WebDataset.
+
+Every reader streams: a folder is listed one directory at a time, a Parquet file read in small
+row batches, a tar shard read member by member, so a run over millions of images starts at once
+and holds only what is in flight. Whatever a reader can tell is wrong (a broken symlink, a
+corrupt row, a truncated shard) becomes a record with an ``error``, never an exception: one bad
+input must not stop the run.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import stat
+import tarfile
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from vision_server.bulk.records import Record, safe_text
+from vision_server.captionfiles import is_image
+
+InputKind = Literal["file", "folder", "list", "parquet", "webdataset"]
+WEBDATASET_IMAGES = ("jpg", "jpeg", "png", "webp")
+KEY_COLUMNS = ("__key__", "key")  # taken as the key column when --key-column is not given
+PATH_COLUMNS = ("path", "file", "file_name", "filename", "image_path")
+_PARQUET_ROWS = 64  # rows per read: small, so a table of large images stays within memory
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    recursive: bool = True
+    image_column: str | None = None  # Parquet: image bytes (or HF Image struct) or a path column
+    key_column: str | None = None  # Parquet: the column that names each row
+
+
+class InputError(ValueError):
+    """An input the run cannot use at all (bad usage: missing path, unknown kind, no such column)."""
+
+
+def input_kind(path: Path) -> InputKind:
+    name = path.name.lower()
+    if path.is_dir():
+        return "folder"
+    if name.endswith((".tar", ".tar.gz", ".tgz")):
+        return "webdataset"
+    if name.endswith(".parquet"):
+        return "parquet"
+    if name.endswith((".txt", ".jsonl")):
+        return "list"
+    if is_image(path):
+        return "file"
+    raise InputError(f"{path}: not an image, folder, .txt/.jsonl list, .parquet file or .tar shard")
+
+
+def check_inputs(inputs: Iterable[Path], options: ReadOptions) -> dict[Path, InputKind]:
+    """Each input's kind, or :class:`InputError` for what is bad usage rather than bad data."""
+    kinds: dict[Path, InputKind] = {}
+    for path in inputs:
+        if not path.exists() and not path.is_symlink():
+            raise InputError(f"{path}: no such file or folder")
+        kinds[path] = input_kind(path)
+        if kinds[path] == "parquet":
+            _check_parquet(path, options)
+    return kinds
+
+
+def iter_records(inputs: Iterable[Path], options: ReadOptions) -> Iterator[Record]:
+    """Every image of every input, in order (folders sorted by name, depth first)."""
+    for path in inputs:
+        kind = input_kind(path)
+        if kind == "folder":
+            yield from _folder(path, options.recursive)
+        elif kind == "file":
+            yield Record(str(path), path.name, path=path, error=file_problem(path))
+        elif kind == "list":
+            yield from _path_list(path)
+        elif kind == "parquet":
+            yield from _parquet(path, options)
+        else:
+            yield from _webdataset(path)
+
+
+def count_images(inputs: Iterable[Path], options: ReadOptions) -> int | None:
+    """How many records :func:`iter_records` will give, when knowable cheaply (not for tar shards)."""
+    total = 0
+    for path in inputs:
+        kind = input_kind(path)
+        if kind == "webdataset":
+            return None
+        if kind == "folder":
+            total += sum(1 for _ in _folder(path, options.recursive))
+        elif kind == "list":
+            with path.open("rb") as handle:
+                total += sum(1 for line in handle if line.strip())
+        elif kind == "parquet":
+            import pyarrow.parquet as pq
+
+            try:
+                total += pq.ParquetFile(path).metadata.num_rows
+            except Exception:
+                total += 1  # reported as one failed record
+        else:
+            total += 1
+    return total
+
+
+# --- files and folders ---------------------------------------------------------------------------
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file, or None when it looks readable."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"broken symlink (points to {safe_text(os.readlink(path))})"
+        return "no such file"
+    except OSError as exc:
+        return describe_os_error(exc)
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    return None
+
+
+def describe_os_error(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symlink loop"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return safe_text(exc.strerror or str(exc))
+
+
+def _folder(root: Path, recursive: bool) -> Iterator[Record]:
+    """Images under ``root``, one directory listing at a time; symlinked folders are not entered
+    (no loops), symlinked files are followed."""
+    source = str(root)
+
+    def visit(folder: Path) -> Iterator[Record]:
+        try:
+            with os.scandir(folder) as scan:
+                entries = sorted(scan, key=lambda entry: entry.name)
+        except OSError as exc:
+            key = folder.relative_to(root).as_posix()
+            yield Record(source, key, path=folder, error=f"cannot list folder: {describe_os_error(exc)}")
+            return
+        images = [e for e in entries if is_image(Path(e.name)) and not _is_real_dir(e)]
+        stems: dict[str, list[str]] = {}
+        for entry in images:
+            stems.setdefault(Path(entry.name).stem, []).append(entry.name)
+        for entry in images:
+            path = Path(entry.path)
+            others = [name for name in stems[path.stem] if name != entry.name]
+            yield Record(
+                source,
+                path.relative_to(root).as_posix(),
+                path=path,
+                error=file_problem(path),
+                stem_clash=", ".join(safe_text(name) for name in others) or None,
+            )
+        if recursive:
+            for entry in entries:
+                if _is_real_dir(entry):
+                    yield from visit(Path(entry.path))
+
+    yield from visit(root)
+
+
+def _is_real_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
+def _path_list(list_path: Path) -> Iterator[Record]:
+    """A ``.txt`` (one path a line) or ``.jsonl`` (a string, or an object with ``path``/``file``/
+    ``image``) list; relative paths are relative to the list's folder."""
+    source = str(list_path)
+    base = list_path.parent
+    is_jsonl = list_path.name.lower().endswith(".jsonl")
+    with list_path.open(encoding="utf-8", errors="surrogateescape") as handle:
+        for number, line in enumerate(handle, start=1):
+            text = line.strip()
+            if not text:
+                continue
+            entry = _list_entry(text) if is_jsonl else text
+            if entry is None:
+                yield Record(source, f"line {number}", error="not a path, nor an object with a 'path'")
+                continue
+            listed = Path(entry).expanduser()
+            path = listed if listed.is_absolute() else base / listed
+            yield Record(source, entry, path=path, error=file_problem(path))
+
+
+def _list_entry(text: str) -> str | None:
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return None
+    if isinstance(value, dict):
+        value = next((value[k] for k in ("path", "file", "image") if isinstance(value.get(k), str)), None)
+    return value if isinstance(value, str) and value else None
+
+
+# --- Parquet -------------------------------------------------------------------------------------
+
+ColumnKind = Literal["bytes", "struct", "path"]
+
+
+def _image_column(schema: Any, wanted: str | None) -> tuple[str, ColumnKind]:
+    import pyarrow as pa
+
+    def kind_of(name: str) -> ColumnKind | None:
+        kind = schema.field(name).type
+        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
+            return "bytes"
+        if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
+            return "struct"  # the Hugging Face datasets Image feature: {bytes, path}
+        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
+            return "path"
+        return None
+
+    if wanted is not None:
+        if wanted not in schema.names:
+            raise InputError(f"no column {wanted!r} (columns: {', '.join(schema.names)})")
+        kind = kind_of(wanted)
+        if kind is None:
+            raise InputError(f"column {wanted!r} holds {schema.field(wanted).type}, not image bytes or paths")
+        return wanted, kind
+    for name in schema.names:
+        if kind_of(name) in ("bytes", "struct"):
+            return name, kind_of(name)  # type: ignore[return-value]
+    for name in schema.names:
+        if name.lower() in PATH_COLUMNS and kind_of(name) == "path":
+            return name, "path"
+    raise InputError(
+        f"no image column found (columns: {', '.join(schema.names)}); name one with --image-column"
+    )
+
+
+def _key_column(schema: Any, wanted: str | None) -> str | None:
+    if wanted is not None:
+        if wanted not in schema.names:
+            raise InputError(f"no column {wanted!r} (columns: {', '.join(schema.names)})")
+        return wanted
+    return next((name for name in KEY_COLUMNS if name in schema.names), None)
+
+
+def _check_parquet(path: Path, options: ReadOptions) -> None:
+    """Column mistakes are usage errors; an unreadable file is bad data, reported while reading."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception:
+        return
+    try:
+        _image_column(schema, options.image_column)
+        _key_column(schema, options.key_column)
+    except InputError as exc:
+        raise InputError(f"{path}: {exc}") from None
+
+
+def _parquet(path: Path, options: ReadOptions) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    source = str(path)
+    try:
+        table = pq.ParquetFile(path)
+        image_column, kind = _image_column(table.schema_arrow, options.image_column)
+        key_column = _key_column(table.schema_arrow, options.key_column)
+    except Exception as exc:
+        yield Record(source, "", error=f"cannot read the Parquet file ({_short(exc)})")
+        return
+    columns = [image_column] + ([key_column] if key_column and key_column != image_column else [])
+    row = 0
+    try:
+        for batch in table.iter_batches(batch_size=_PARQUET_ROWS, columns=columns):
+            values = batch.column(image_column).to_pylist()
+            keys = batch.column(key_column).to_pylist() if key_column else [None] * len(values)
+            for value, key in zip(values, keys, strict=True):
+                yield _parquet_record(source, path.parent, row, value, key, kind)
+                row += 1
+    except Exception as exc:
+        yield Record(source, f"row {row}", error=f"rows from {row} on cannot be read ({_short(exc)})")
+
+
+def _parquet_record(source: str, base: Path, row: int, value: Any, key: Any, kind: ColumnKind) -> Record:
+    name = str(key) if key is not None else None
+    if kind == "struct" and isinstance(value, dict):
+        if value.get("bytes"):
+            value = value["bytes"]
+        else:
+            kind, value = "path", value.get("path")
+    if kind == "path":
+        if not isinstance(value, str) or not value:
+            return Record(source, name or str(row), error=f"row {row} has no image path")
+        listed = Path(value)
+        path = listed if listed.is_absolute() else base / listed
+        return Record(source, name or value, path=path, error=file_problem(path))
+    if not isinstance(value, bytes) or not value:
+        return Record(source, name or str(row), error=f"row {row} has no image bytes")
+    return Record(source, name or str(row), data=value)
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+# --- WebDataset ----------------------------------------------------------------------------------
+
+
+def _webdataset(path: Path) -> Iterator[Record]:
+    """Samples of a WebDataset shard: members sharing a ``__key__`` (the name up to the first dot
+    of its file name) are one sample; its first jpg/jpeg/png/webp member is the image."""
+    source = str(path)
+    key: str | None = None
+    image: bytes | None = None
+    try:
+        with tarfile.open(path, mode="r|*") as shard:
+            for member in shard:
+                if not member.isfile():
+                    continue
+                member_key, extension = _split_member(member.name)
+                if member_key != key:
+                    if key is not None:
+                        yield _sample(source, key, image)
+                    key, image = member_key, None
+                if image is None and extension in WEBDATASET_IMAGES:
+                    handle = shard.extractfile(member)
+                    image = handle.read() if handle is not None else b""
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        if key is not None and image is not None:
+            yield _sample(source, key, image)
+        after = f" after sample {safe_text(key)!r}" if key is not None else ""
+        yield Record(source, key or "", error=f"the shard is corrupt or truncated{after} ({_short(exc)})")
+        return
+    if key is not None:
+        yield _sample(source, key, image)
+
+
+def _split_member(name: str) -> tuple[str, str]:
+    folder, _, base = name.rpartition("/")
+    stem, _, extension = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), extension.lower()
+
+
+def _sample(source: str, key: str, image: bytes | None) -> Record:
+    if image is None:
+        return Record(source, key, error=f"no {'/'.join(WEBDATASET_IMAGES)} member in the sample")
+    return Record(source, key, data=image)
