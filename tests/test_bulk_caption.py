@@ -1,0 +1,327 @@
+"""``vision-server caption`` on real files, as a real subprocess, with the tiny model.
+
+The big run (a messy folder of a few hundred images through a queue of 2) is made once per
+module and checked from several sides: nothing lost, every bad file reported, sidecars equal to
+what a running server answers, JSONL and Parquet agreeing with the sidecars, a rerun doing
+nothing. Other tests cover interrupts, several tasks, Parquet and WebDataset inputs, the dry
+run, the limit, and usage errors.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import signal
+import subprocess
+import tarfile
+import time
+import urllib.request
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.bulk_data import caption_command, cli_env, good_images, messy_folder, picture
+
+MESSY_IMAGES = 240
+TINY = ("--model", "test:tiny", "--max-new-tokens", "32")  # what the tiny_server_url fixture serves
+FAST = ("--model", "test:tiny", "--max-new-tokens", "8", "--num-beams", "1")
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("bulk-cache")
+
+
+def run(tmp: Path, cache: Path, *args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    command = caption_command(*args, "--cache-dir", cache, "--log-level", "warning")
+    return subprocess.run(command, env=cli_env(tmp), capture_output=True, text=True, timeout=timeout)
+
+
+def jsonl_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def sidecar(image: Path, ext: str = ".txt") -> Path:
+    return image.with_suffix(ext)
+
+
+def tmp_files(root: Path) -> list[Path]:
+    return [p for p in root.rglob("*") if p.name.endswith(".tmp")]
+
+
+@dataclass
+class MessyRun:
+    root: Path
+    good: dict[Path, bytes]
+    reasons: dict[str, str]
+    result: subprocess.CompletedProcess[str]
+    jsonl: Path
+    parquet: Path
+
+
+@pytest.fixture(scope="module")
+def messy(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> MessyRun:
+    tmp = tmp_path_factory.mktemp("messy")
+    root = tmp / "my dataset"
+    good, reasons = messy_folder(root, MESSY_IMAGES)
+    jsonl, parquet = tmp / "out.jsonl", tmp / "out.parquet"
+    result = run(
+        tmp, cache, root, *TINY, "--max-queue", "2", "--jsonl", jsonl, "--parquet", parquet, "--sidecars"
+    )
+    return MessyRun(root, good, reasons, result, jsonl, parquet)
+
+
+def test_messy_folder_loses_no_image_and_reports_every_bad_file(messy: MessyRun) -> None:
+    result = messy.result
+    assert result.returncode == 1, result.stderr  # some images failed
+    assert "Traceback" not in result.stderr and "queue is full" not in result.stderr
+    for image in messy.good:
+        assert sidecar(image).read_bytes().strip(), f"no caption for {image}"
+    failed_lines = [line for line in result.stderr.splitlines() if line.startswith("failed: ")]
+    assert len(failed_lines) == len(messy.reasons), result.stderr
+    for name, reason in messy.reasons.items():
+        line = next((line for line in failed_lines if f"/bad/{name}: " in line), None)
+        assert line is not None and reason in line, (name, failed_lines)
+    bad = messy.root / "bad"
+    assert not sidecar(bad / "dup.jpg").exists()  # a stem clash writes neither caption
+    assert not [p for p in bad.iterdir() if p.suffix == ".txt"]
+    assert f"captioned {len(messy.good)}, skipped 0, failed {len(messy.reasons)}" in result.stderr
+    assert not tmp_files(messy.root)
+
+
+def test_sidecars_equal_what_the_server_answers(messy: MessyRun, tiny_server_url: str) -> None:
+    def ask(data: bytes) -> bytes:
+        body = json.dumps({"image": base64.b64encode(data).decode(), "prompt": "<MORE_DETAILED_CAPTION>"})
+        request = urllib.request.Request(
+            f"{tiny_server_url}/process_image", body.encode(), {"Content-Type": "application/json"}
+        )
+        with urllib.request.urlopen(request, timeout=120) as response:
+            return json.loads(response.read())["result"].encode("utf-8")
+
+    images = sorted(messy.good)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, [messy.good[image] for image in images]))
+    for image, answer in zip(images, answers, strict=True):
+        assert sidecar(image).read_bytes() == answer, image
+
+
+def test_jsonl_and_parquet_hold_the_sidecars_captions(messy: MessyRun) -> None:
+    rows = jsonl_rows(messy.jsonl)
+    done = {row["key"]: row for row in rows if "error" not in row}
+    errors = [row for row in rows if "error" in row]
+    assert len(done) == len(messy.good) and len(errors) == len(messy.reasons)
+    table = pq.read_table(messy.parquet).to_pylist()
+    assert len(table) == len(messy.good) and "error" not in table[0]
+    by_key = {row["key"]: row for row in table}
+    for image in messy.good:
+        key = image.relative_to(messy.root).as_posix()
+        key = key.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        text = sidecar(image).read_text(encoding="utf-8")
+        assert done[key]["caption"] == by_key[key]["caption"] == text, key
+        assert done[key]["task"] == "<MORE_DETAILED_CAPTION>" and done[key]["model"] == "test:tiny"
+        assert done[key]["source"] == by_key[key]["source"] == str(messy.root)
+    assert any("\\xe9" in key for key in done)  # the non-UTF-8 name, spelled the same everywhere
+
+
+def test_rerun_skips_what_is_done_and_adds_no_rows(messy: MessyRun, tmp_path: Path, cache: Path) -> None:
+    before = messy.jsonl.read_text(encoding="utf-8")
+    result = run(
+        tmp_path, cache, messy.root, *TINY, "--jsonl", messy.jsonl, "--parquet", messy.parquet, "--sidecars"
+    )
+    assert result.returncode == 1, result.stderr
+    assert f"captioned 0, skipped {len(messy.good)}, failed {len(messy.reasons)}" in result.stderr
+    assert messy.jsonl.read_text(encoding="utf-8") == before  # not even the error rows again
+    assert pq.read_table(messy.parquet).num_rows == len(messy.good)
+
+
+# --- interrupts ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
+def test_stopped_halfway_then_rerun_captions_the_rest_once(tmp_path: Path, cache: Path, signum: int) -> None:
+    root = tmp_path / "data"
+    images = good_images(root, 60)
+    out = tmp_path / "out.jsonl"
+    args = (root, *FAST, "--max-batch-size", "2", "--jsonl", out, "--sidecars", "--log-level", "warning")
+    command = caption_command(*args, "--cache-dir", cache)
+    with subprocess.Popen(command, env=cli_env(tmp_path), stderr=subprocess.PIPE, text=True) as process:
+        deadline = time.monotonic() + 300
+        while not (out.exists() and out.read_text(encoding="utf-8").count("\n") >= 6):
+            assert process.poll() is None, process.stderr.read() if process.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        process.send_signal(signum)
+        code = process.wait(120)
+        stderr = process.stderr.read() if process.stderr else ""
+    assert code == (-signal.SIGKILL if signum == signal.SIGKILL else 128 + signum), stderr
+    if signum != signal.SIGKILL:
+        assert "interrupted by" in stderr and "Traceback" not in stderr
+        assert out.read_bytes().endswith(b"\n")
+        assert not tmp_files(root)
+    first = [row["key"] for row in jsonl_rows(out)] if out.read_bytes().endswith(b"\n") else None
+    assert first is None or len(first) < len(images)  # it really stopped halfway
+
+    result = run(tmp_path, cache, *args)
+    assert result.returncode == 0, result.stderr
+    keys = Counter(row["key"] for row in jsonl_rows(out))
+    assert len(keys) == len(images) and set(keys.values()) == {1}
+    assert all(sidecar(image).read_text(encoding="utf-8").strip() for image in images)
+    assert not tmp_files(root)
+
+
+# --- several tasks -------------------------------------------------------------------------------
+
+
+def test_several_tasks_in_one_pass(tmp_path: Path, cache: Path) -> None:
+    root, single = tmp_path / "multi", tmp_path / "single"
+    images = good_images(root, 6)
+    good_images(single, 6)
+    out, table = tmp_path / "m.jsonl", tmp_path / "m.parquet"
+    tasks = ("--task", "generate_tags", "--task", "<Caption>")
+    result = run(tmp_path, cache, root, *FAST, *tasks, "--jsonl", out, "--parquet", table, "--sidecars")
+    assert result.returncode == 0, result.stderr
+    for task in ("generate_tags", "caption"):
+        alone = run(tmp_path, cache, single, *FAST, "--task", task)
+        assert alone.returncode == 0, alone.stderr
+        for image in images:
+            mine = image.with_name(f"{image.stem}.{task}.txt").read_text(encoding="utf-8")
+            twin = sidecar(single / image.relative_to(root)).read_text(encoding="utf-8")
+            assert mine == twin and mine.strip()
+        for image in single.rglob("*.txt"):
+            image.unlink()
+    assert not list(root.rglob("*[0-9].txt")) and not list(root.rglob("*ü.txt"))  # no plain sidecars
+    rows = {row["key"]: row for row in jsonl_rows(out)}
+    parquet_rows = {row["key"]: row for row in pq.read_table(table).to_pylist()}
+    for image in images:
+        key = image.relative_to(root).as_posix()
+        for task in ("generate_tags", "caption"):
+            text = image.with_name(f"{image.stem}.{task}.txt").read_text(encoding="utf-8")
+            assert rows[key][task] == parquet_rows[key][task] == text
+        assert rows[key]["tasks"] == ["<GENERATE_TAGS>", "<CAPTION>"]
+
+
+# --- Parquet and WebDataset inputs ---------------------------------------------------------------
+
+
+def webdataset_shard(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> None:
+    with tarfile.open(path, "w") as shard:
+        for key, members in samples:
+            for extension, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                shard.addfile(info, io.BytesIO(data))
+
+
+def test_parquet_and_webdataset_inputs(tmp_path: Path, cache: Path) -> None:
+    folder = tmp_path / "files"
+    folder.mkdir()
+    datas = {f"s{n}": picture(100 + n, fmt="JPEG" if n % 2 else "PNG") for n in range(5)}
+    for key, data in datas.items():
+        (folder / f"{key}.png").write_bytes(data)
+    keys = [*datas, "empty-row", "garbage-row"]
+    images = [*datas.values(), None, b"\x00garbage"]
+    pq.write_table(pa.table({"__key__": keys, "jpg": images}), tmp_path / "bytes.parquet")
+    hf = [{"bytes": data, "path": f"{key}.png"} for key, data in datas.items()]
+    pq.write_table(pa.table({"image": hf, "key": list(datas)}), tmp_path / "hf.parquet")
+    paths = [f"files/{key}.png" for key in datas]
+    pq.write_table(pa.table({"file_name": paths}), tmp_path / "paths.parquet")
+    samples = [
+        (f"shard/{key}", {"txt": b"a label", "png": data, "json": b"{}"}) for key, data in datas.items()
+    ]
+    samples.insert(2, ("shard/no-image", {"txt": b"only text"}))
+    samples.append(("shard/bad-member", {"jpg": b"\xff\xd8 not really"}))
+    webdataset_shard(tmp_path / "good.tar", samples)
+    whole = (tmp_path / "good.tar").read_bytes()
+    (tmp_path / "truncated.tar").write_bytes(whole[: len(whole) // 2 + 100])
+    out = tmp_path / "rows.jsonl"
+    inputs = [folder, "bytes.parquet", "hf.parquet", "paths.parquet", "good.tar", "truncated.tar"]
+    result = subprocess.run(
+        caption_command(*inputs, *FAST, "--jsonl", out, "--cache-dir", cache, "--log-level", "warning"),
+        cwd=tmp_path,
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 1, result.stderr
+    rows = jsonl_rows(out)
+    truth = {row["key"].removesuffix(".png"): row["caption"] for row in rows if row["source"] == str(folder)}
+    assert len(truth) == 5 and all(truth.values())
+
+    def captions(source: str) -> dict[str, str]:
+        return {row["key"]: row["caption"] for row in rows if row["source"] == source and "error" not in row}
+
+    assert captions("bytes.parquet") == truth
+    assert {key: text for key, text in captions("hf.parquet").items()} == truth
+    assert {Path(key).stem: text for key, text in captions("paths.parquet").items()} == truth
+    assert {key.removeprefix("shard/"): text for key, text in captions("good.tar").items()} == truth
+    partial = captions("truncated.tar")
+    assert (
+        partial and len(partial) < 5 and all(truth[k.removeprefix("shard/")] == v for k, v in partial.items())
+    )
+    errors = {(row["source"], row["key"]): row["error"] for row in rows if "error" in row}
+    assert "no image bytes" in errors[("bytes.parquet", "empty-row")]
+    assert "not a recognised image" in errors[("bytes.parquet", "garbage-row")]
+    assert "no jpg/jpeg/png/webp member" in errors[("good.tar", "shard/no-image")]
+    assert (
+        "decode" in errors[("good.tar", "shard/bad-member")]
+        or "recognised" in errors[("good.tar", "shard/bad-member")]
+    )
+    assert any(source == "truncated.tar" and "truncated" in error for (source, _), error in errors.items())
+
+
+# --- dry run, limit, usage -----------------------------------------------------------------------
+
+
+def test_dry_run_lists_and_writes_nothing_and_limit_stops_after_n(tmp_path: Path, cache: Path) -> None:
+    root = tmp_path / "data"
+    images = sorted(good_images(root, 6))
+    sidecar(images[0]).write_text("already here", encoding="utf-8")
+    sidecar(images[1]).write_text("  \n", encoding="utf-8")  # empty: what a failed run used to leave
+    before = sorted(root.rglob("*"))
+    result = run(tmp_path, cache, root, *FAST, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    lines = sorted(line.split("\t") for line in result.stdout.splitlines())
+    assert sorted(root.rglob("*")) == before
+    assert [line[1] for line in lines if line[0] == "skip"] == [str(images[0])]
+    assert sorted(line[1] for line in lines if line[0] == "caption") == sorted(map(str, images[1:]))
+    assert "5 to caption, 1 skipped" in result.stderr
+
+    limited = run(tmp_path, cache, root, *FAST, "--limit", "2")
+    assert limited.returncode == 0, limited.stderr
+    assert "captioned 2, " in limited.stderr and "failed 0" in limited.stderr
+    assert sum(1 for image in images if sidecar(image).exists() and sidecar(image).read_text().strip()) == 3
+
+
+def test_usage_errors_exit_2_with_a_message(tmp_path: Path, cache: Path) -> None:
+    root = tmp_path / "data"
+    good_images(root, 1)
+    webdataset_shard(tmp_path / "s.tar", [("k", {"png": picture(1)})])
+    cases = [
+        ((tmp_path / "missing",), "no such file"),
+        ((root, "--jsonl", tmp_path / "no-folder" / "out.jsonl"), "does not exist"),
+        ((root, "--parquet", root), "is a folder"),
+        ((tmp_path / "s.tar",), "--jsonl FILE or --parquet FILE"),
+        ((root, "--task", "paint_me_a_picture"), "Valid prompts"),
+        ((root, "--ext", "png"), "image extension"),
+    ]
+    for args, message in cases:
+        result = run(tmp_path, cache, *args, *FAST)
+        assert result.returncode == 2 and message in result.stderr, (args, result.stderr)
+        assert "Traceback" not in result.stderr
+
+
+def test_help_lists_only_offline_options(tmp_path: Path) -> None:
+    result = subprocess.run(caption_command("--help"), env=cli_env(tmp_path), capture_output=True, text=True)
+    assert result.returncode == 0
+    for present in ("--model", "--adapter", "--device", "--max-batch-size", "--num-beams", "--cache-dir",
+                    "--log-level", "--jsonl", "--parquet", "--mode", "--dry-run", "--limit"):  # fmt: skip
+        assert present in result.stdout, present
+    for absent in ("--host", "--port", "--api-key", "--ssl-cert", "--cors-origin", "--idle-timeout"):
+        assert absent not in result.stdout, absent
