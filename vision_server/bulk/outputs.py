@@ -149,19 +149,22 @@ class _LineLog:
     """Append-only JSON Lines, one flushed write per row, a torn last line terminated first."""
 
     def __init__(self, path: Path) -> None:
-        torn = path.exists() and path.stat().st_size > 0 and not _ends_with_newline(path)
-        self._handle: IO[str] = path.open("a", encoding="utf-8", newline="\n")
-        if torn:
-            self._handle.write("\n")
-        self.rows = 0
+        self.path = path
+        self._handle: IO[str] | None = None  # opened on the first row: a dry run creates nothing
 
     def append(self, row: dict[str, Any]) -> None:
+        if self._handle is None:
+            path = self.path
+            torn = path.exists() and path.stat().st_size > 0 and not _ends_with_newline(path)
+            self._handle = path.open("a", encoding="utf-8", newline="\n")
+            if torn:
+                self._handle.write("\n")
         self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
         self._handle.flush()
-        self.rows += 1
 
     def close(self) -> None:
-        self._handle.close()
+        if self._handle is not None:
+            self._handle.close()
 
 
 def _ends_with_newline(path: Path) -> bool:
@@ -194,15 +197,27 @@ class JsonlOutput(_TableOutput):
     """``--jsonl FILE``: a row per image, failed ones too (with ``error``), appended as they finish."""
 
     def __init__(self, path: Path, facts: RowFacts) -> None:
-        super().__init__(facts, recorded(read_jsonl(path)))
+        # A rerun reports a still-bad image again, but does not add the same error row again.
+        self._errors: set[tuple[str, str]] = set()
+        super().__init__(facts, recorded(self._note_errors(read_jsonl(path))))
         self._log = _LineLog(path)
 
     def write(self, record: Record, captions: Captions, error: str | None) -> None:
         new = self._new_captions(record, captions)
-        if not new and error is None:
+        if error is not None and not new:
+            if (identity(record), error) in self._errors:
+                return
+            self._errors.add((identity(record), error))
+        elif not new:
             return
         self._log.append(make_row(record, self.facts, new, error))
         self._remember(record, new)
+
+    def _note_errors(self, rows: Iterable[Any]) -> Iterator[Any]:
+        for row in rows:
+            if isinstance(row, dict) and isinstance(row.get("error"), str):
+                self._errors.add((f"{row.get('source')}\x00{row.get('key')}", row["error"]))
+            yield row
 
     def close(self) -> None:
         self._log.close()

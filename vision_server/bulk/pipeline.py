@@ -12,6 +12,7 @@ captioned yet), writes already started finish, and the outputs close cleanly: a 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import multiprocessing
 import time
@@ -127,7 +128,7 @@ class BulkPipeline:
                     elif await self._acquire(slots):
                         task = asyncio.create_task(self._caption(unit))
                         active.add(task)
-                        task.add_done_callback(lambda t: (active.discard(t), slots.release()))
+                        task.add_done_callback(functools.partial(_finished, active, slots))
             while active and not self._stopping.is_set():
                 stopper = asyncio.ensure_future(self._stopping.wait())
                 await asyncio.wait({*active, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -234,6 +235,11 @@ class BulkPipeline:
     def _report(self, outcome: Outcome, record: Record, reason: str | None) -> None:
         self.summary.record(outcome, record.display, reason)
         self.reporter.report(self.summary, outcome, record.display, reason)
+
+
+def _finished(active: set[asyncio.Task[None]], slots: asyncio.Semaphore, task: asyncio.Task[None]) -> None:
+    active.discard(task)
+    slots.release()
 
 
 def _take(units: Iterator[Unit], count: int) -> list[Unit]:

@@ -1,0 +1,86 @@
+"""The dataset captioner's stages in-process: readers, resume bookkeeping, the Parquet journal."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from tests.bulk_data import picture
+from vision_server.bulk.outputs import JsonlOutput, ParquetOutput, RowFacts, Sidecars, SidecarStyle
+from vision_server.bulk.plan import Fail, Skip, Work, plan
+from vision_server.bulk.readers import ReadOptions, count_images, iter_records
+from vision_server.bulk.records import Record
+
+FACTS = RowFacts(("<CAPTION>",), "test:tiny", None)
+
+
+def test_folder_reader_streams_sorted_and_flags_what_it_can_tell(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "b").mkdir(parents=True)
+    for name in ("z.png", "a.png", "a.jpg", "b/c.webp", "notes.txt", "._a.png"):
+        (root / name).write_bytes(picture(1))
+    os.mkfifo(root / "pipe.png")
+    (root / "linked").symlink_to(root / "b")  # a symlinked folder is not entered (no loops)
+    records = list(iter_records([root], ReadOptions()))
+    assert [r.key for r in records] == ["a.jpg", "a.png", "pipe.png", "z.png", "b/c.webp"]
+    by_key = {r.key: r for r in records}
+    assert by_key["a.jpg"].stem_clash == "a.png" and by_key["a.png"].stem_clash == "a.jpg"
+    assert by_key["pipe.png"].error == "not a regular file"  # never opened: it would block
+    assert by_key["z.png"].error is None and by_key["z.png"].stem_clash is None
+    assert count_images([root], ReadOptions()) == 5
+    flat = list(iter_records([root], ReadOptions(recursive=False)))
+    assert [r.key for r in flat] == ["a.jpg", "a.png", "pipe.png", "z.png"]
+
+
+def test_plan_skips_done_fails_clashes_and_stops_at_the_limit(tmp_path: Path) -> None:
+    images = [tmp_path / f"{n}.png" for n in range(4)]
+    records = [Record(str(tmp_path), p.name, path=p) for p in images]
+    images[0].with_suffix(".txt").write_text("done", encoding="utf-8")
+    records[1] = Record(str(tmp_path), "1.png", path=images[1], stem_clash="1.jpg")
+    sidecars = Sidecars(SidecarStyle())
+    units = list(plan(records, ["<CAPTION>"], [sidecars]))
+    assert [type(u) for u in units] == [Skip, Fail, Work, Work]
+    assert len([u for u in plan(records, ["<CAPTION>"], [sidecars], limit=1) if isinstance(u, Work)]) == 1
+
+
+def test_jsonl_resume_ignores_a_torn_line_and_terminates_it(tmp_path: Path) -> None:
+    out = tmp_path / "out.jsonl"
+    whole = {"source": "d", "key": "a.png", "task": "<CAPTION>", "caption": "a cat"}
+    out.write_text(json.dumps(whole) + '\n{"source": "d", "key": "b.png", "task": "<CAP', encoding="utf-8")
+    output = JsonlOutput(out, FACTS)
+    a, b = Record("d", "a.png"), Record("d", "b.png")
+    assert output.missing(a, ["<CAPTION>"]) == [] and output.missing(b, ["<CAPTION>"]) == ["<CAPTION>"]
+    output.write(b, {"<CAPTION>": "a dog"}, None)
+    output.write(b, {"<CAPTION>": "a dog again"}, None)  # already written in this run: no second row
+    output.close()
+    lines = out.read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3 and json.loads(lines[2])["caption"] == "a dog"
+
+
+def test_parquet_journal_of_a_killed_run_is_folded_in_by_the_next(tmp_path: Path) -> None:
+    table = tmp_path / "out.parquet"
+    first = ParquetOutput(table, FACTS)
+    first.write(Record("d", "a.png"), {"<CAPTION>": "a cat"}, None)
+    first.close()
+    killed = ParquetOutput(table, FACTS)
+    killed.write(Record("d", "b.png"), {"<CAPTION>": "a dog"}, None)
+    killed._log.close()  # killed: never closed, the journal stays
+    assert pq.read_table(table).num_rows == 1 and killed.journal.exists()
+    again = ParquetOutput(table, FACTS)
+    assert again.missing(Record("d", "b.png"), ["<CAPTION>"]) == []
+    again.write(
+        Record("d", "c.png"),
+        {"<CAPTION>": "a bird"},
+        None,
+    )
+    again.close()
+    rows = pq.read_table(table).to_pylist()
+    assert [(r["key"], r["caption"]) for r in rows] == [
+        ("a.png", "a cat"),
+        ("b.png", "a dog"),
+        ("c.png", "a bird"),
+    ]
+    assert not again.journal.exists()
