@@ -29,7 +29,7 @@ from vision_server.bulk.outputs import (
     SidecarStyle,
     check_writable,
 )
-from vision_server.bulk.pipeline import BulkPipeline, PipelineConfig, Summary, model_pixel_spec
+from vision_server.bulk.pipeline import BulkPipeline, PipelineConfig, Summary
 from vision_server.bulk.plan import Fail, Skip, Unit, Work, plan
 from vision_server.bulk.progress import Progress, format_summary
 from vision_server.bulk.readers import InputError, ReadOptions, check_inputs, count_images, iter_records
@@ -262,7 +262,7 @@ async def _run(
         pipe_config = PipelineConfig(
             tasks=tasks,
             options=settings.generation_defaults(),
-            spec=model_pixel_spec(captioner),
+            spec=engine.pixel_spec,  # the loaded model's
             max_pixels=settings.max_image_pixels,
             workers=workers,
             in_flight=max(BATCHES_IN_FLIGHT * config.max_batch_size, 2 * workers),

@@ -20,16 +20,16 @@ from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 from vision_server.bulk.outputs import Captions, Output
 from vision_server.bulk.plan import Fail, Skip, Unit, Work
-from vision_server.bulk.prepare import Prepared, as_image, prepare_record, worker_init
+from vision_server.bulk.prepare import prepare_record, worker_init
 from vision_server.bulk.records import Record
 from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.engine.scheduler import Engine
 from vision_server.errors import VisionServerError
-from vision_server.images import PixelSpec
+from vision_server.images import PixelSpec, PreparedImage
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +77,6 @@ class Reporter(Protocol):
     """Progress display: told about every image as soon as its outcome is known."""
 
     def report(self, summary: Summary, outcome: Outcome, display: str, reason: str | None) -> None: ...
-
-
-def model_pixel_spec(captioner: Any) -> PixelSpec:
-    """The loaded model's input size and normalisation."""
-    spec = getattr(captioner, "pixel_spec", None) or getattr(captioner, "_pixel_spec", None)
-    if not isinstance(spec, PixelSpec):
-        raise RuntimeError("the captioner does not say which pixel size its model wants")
-    return spec
 
 
 class BulkPipeline:
@@ -162,7 +154,7 @@ class BulkPipeline:
         context = multiprocessing.get_context("spawn")
         return ProcessPoolExecutor(self.config.workers, mp_context=context, initializer=worker_init)
 
-    async def _prepare(self, record: Record) -> Prepared | str:
+    async def _prepare(self, record: Record) -> PreparedImage | str:
         loop = asyncio.get_running_loop()
         pool = self._pool
         assert pool is not None
@@ -182,12 +174,11 @@ class BulkPipeline:
         if isinstance(prepared, str):
             await asyncio.shield(self._store(record, {}, prepared))
             return
-        image = as_image(prepared)
         options = self.config.options
         results = await asyncio.gather(
             *(
                 self.engine.submit(
-                    CaptionItem(image, task, options), request_id=record.display, wait_for_room=True
+                    CaptionItem(prepared, task, options), request_id=record.display, wait_for_room=True
                 )
                 for task in work.tasks
             ),
