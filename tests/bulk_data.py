@@ -55,7 +55,7 @@ def messy_folder(root: Path, count: int) -> tuple[dict[Path, bytes], dict[str, s
     reasons = {
         "zero bytes.png": "empty",
         "truncated.png": "decode",
-        "not an image.jpg": "not a recognised image",
+        "not an image.jpg": "not a supported image format",
         "broken link.png": "broken symlink",
         "loop.png": "symlink loop",
         "dup.jpg": "dup.png",

@@ -174,26 +174,10 @@ class BulkPipeline:
         if isinstance(prepared, str):
             await asyncio.shield(self._store(record, {}, prepared))
             return
-        options = self.config.options
-        results = await asyncio.gather(
-            *(
-                self.engine.submit(
-                    CaptionItem(prepared, task, options), request_id=record.display, wait_for_room=True
-                )
-                for task in work.tasks
-            ),
-            return_exceptions=True,
+        captions, error = await caption_image(
+            self.engine, prepared, work.tasks, self.config.options, request_id=record.display
         )
-        captions: Captions = {}
-        errors: list[str] = []
-        for task, result in zip(work.tasks, results, strict=True):
-            if isinstance(result, BaseException):
-                if isinstance(result, asyncio.CancelledError):
-                    raise result
-                errors.append(_describe(task, result, len(work.tasks)))
-            else:
-                captions[task] = result.text
-        await asyncio.shield(self._store(record, captions, "; ".join(errors) or None))
+        await asyncio.shield(self._store(record, captions, error))
 
     def _store(self, record: Record, captions: Captions, error: str | None) -> asyncio.Future[str | None]:
         """Write to every output on the writer thread; report the outcome once written."""
@@ -226,6 +210,35 @@ class BulkPipeline:
     def _report(self, outcome: Outcome, record: Record, reason: str | None) -> None:
         self.summary.record(outcome, record.display, reason)
         self.reporter.report(self.summary, outcome, record.display, reason)
+
+
+async def caption_image(
+    engine: Engine,
+    image: PreparedImage,
+    tasks: Sequence[str],
+    options: GenerationOptions,
+    *,
+    request_id: str = "-",
+) -> tuple[Captions, str | None]:
+    """Every task's caption of one prepared image through ``engine`` (waiting for queue room,
+    never refused), and what failed, if anything. The tasks join the engine's batches."""
+    results = await asyncio.gather(
+        *(
+            engine.submit(CaptionItem(image, task, options), request_id=request_id, wait_for_room=True)
+            for task in tasks
+        ),
+        return_exceptions=True,
+    )
+    captions: Captions = {}
+    errors: list[str] = []
+    for task, result in zip(tasks, results, strict=True):
+        if isinstance(result, asyncio.CancelledError):
+            raise result
+        if isinstance(result, BaseException):
+            errors.append(_describe(task, result, len(tasks)))
+        else:
+            captions[task] = result.text
+    return captions, "; ".join(errors) or None
 
 
 def _finished(active: set[asyncio.Task[None]], slots: asyncio.Semaphore, task: asyncio.Task[None]) -> None:
