@@ -24,6 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -162,7 +163,7 @@ def test_rerun_skips_what_is_done_and_adds_no_rows(messy: MessyRun, tmp_path: Pa
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=lambda s: s.name)
 def test_stopped_halfway_then_rerun_captions_the_rest_once(tmp_path: Path, cache: Path, signum: int) -> None:
     root = tmp_path / "data"
-    images = good_images(root, 60)
+    images = good_images(root, 36)
     out = tmp_path / "out.jsonl"
     args = (root, *FAST, "--max-batch-size", "2", "--jsonl", out, "--sidecars", "--log-level", "warning")
     command = caption_command(*args, "--cache-dir", cache)
@@ -172,8 +173,12 @@ def test_stopped_halfway_then_rerun_captions_the_rest_once(tmp_path: Path, cache
             assert process.poll() is None, process.stderr.read() if process.stderr else ""
             assert time.monotonic() < deadline
             time.sleep(0.02)
+        helpers = psutil.Process(process.pid).children(recursive=True)  # the decoding processes
+        assert helpers
         process.send_signal(signum)
         code = process.wait(120)
+        _, alive = psutil.wait_procs(helpers, timeout=20)
+        assert not alive, "decoding processes outlived the command"  # even after kill -9
         stderr = process.stderr.read() if process.stderr else ""
     assert code == (-signal.SIGKILL if signum == signal.SIGKILL else 128 + signum), stderr
     if signum != signal.SIGKILL:

@@ -9,17 +9,34 @@ and tar shards arrive as bytes. A full-size decode lives only inside
 
 from __future__ import annotations
 
+import os
 import signal
+import threading
+import time
 
 from vision_server.bulk.readers import describe_os_error
 from vision_server.bulk.records import Record
 from vision_server.errors import VisionServerError
 from vision_server.images import PixelSpec, PreparedImage, prepare_image
 
+PARENT_CHECK_SECONDS = 0.5
+
 
 def worker_init() -> None:
-    """Ctrl+C reaches the whole process group: the parent decides how to stop, not the workers."""
+    """Ctrl+C reaches the whole process group: the parent decides how to stop, not the workers.
+
+    A worker also exits when its parent is gone: after a ``kill -9`` nobody else would end it,
+    and it would keep the parent's stdout and stderr open for ever.
+    """
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    parent = os.getppid()
+    threading.Thread(target=_exit_with, args=(parent,), name="parent-watch", daemon=True).start()
+
+
+def _exit_with(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(PARENT_CHECK_SECONDS)
+    os._exit(0)
 
 
 def prepare_record(record: Record, spec: PixelSpec, max_pixels: int) -> PreparedImage | str:
