@@ -29,8 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.bulk_data import caption_command, cli_env, good_images, messy_folder, picture
-from tests.processes import ServerProcess, cli_command, server_env
+from tests.support.bulk_data import caption_command, cli_env, good_images, messy_folder, picture
+from tests.support.processes import ServerProcess, cli_command, server_env
 
 MESSY_IMAGES = 200
 # Short greedy captions keep a queue of 2 (so batches of at most 2) fast enough for the suite;

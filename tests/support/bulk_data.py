@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from tests.processes import cli_command
+from tests.support.processes import cli_command
 
 NON_UTF8_NAME = b"caf\xe9 latin1.png"  # a Latin-1 name from an old archive: not valid UTF-8
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tests.bulk_data import picture
+from tests.support.bulk_data import picture
 from vision_server.bulk.outputs import JsonlOutput, ParquetOutput, RowFacts, Sidecars, SidecarStyle
 from vision_server.bulk.plan import Fail, Skip, Work, plan
 from vision_server.bulk.readers import ReadOptions, count_images, iter_records
