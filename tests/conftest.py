@@ -13,9 +13,6 @@ The tiny models are built once per run into temp dirs (about a second in all).
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -97,13 +94,10 @@ def tiny_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     The model is preloaded (it is ready once the server listens) and captions are capped at 32
     tokens to keep modules fast; everything else is the server's default.
     """
-    from tests.support.processes import ServerProcess, cli_command, server_env
+    from tests.support.api import tiny_cache_dir
+    from tests.support.processes import tiny_server
 
     tmp = tmp_path_factory.mktemp("tiny-server")
-    options = ["--idle-timeout", "-1", "--max-new-tokens", "32", "--preload"]
-    command = [*cli_command(), "serve", "--model", "test:tiny", *options]
-    with ServerProcess(command, server_env(tmp), tmp / "server.log") as process:
+    with tiny_server(tmp, tiny_cache_dir(tmp_path_factory), "--max-new-tokens", "32") as process:
         yield process.wait_listening(timeout=90)
-        process.send(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(15)
+        process.stop()

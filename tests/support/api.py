@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,11 +12,16 @@ from tests.support.images import b64
 from vision_server.settings import Settings
 
 
-def tiny_settings(factory: pytest.TempPathFactory, **overrides: Any) -> Settings:
-    """The real tiny model, built once per test session into one cache dir all tests share."""
+def tiny_cache_dir(factory: pytest.TempPathFactory) -> Path:
+    """The one cache dir of this test run where ``test:tiny`` is built (once), in-process or not."""
     cache = factory.getbasetemp() / "tiny-model-cache"
     cache.mkdir(exist_ok=True)
-    return Settings(model="test:tiny", cache_dir=cache, idle_timeout=-1, **overrides)
+    return cache
+
+
+def tiny_settings(factory: pytest.TempPathFactory, **overrides: Any) -> Settings:
+    """Settings serving the real tiny model from the run's shared cache, never idling out."""
+    return Settings(model="test:tiny", cache_dir=tiny_cache_dir(factory), idle_timeout=-1, **overrides)
 
 
 async def native_caption(session: ClientSession, seed: int, task: str) -> str:

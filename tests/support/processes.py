@@ -1,14 +1,23 @@
-"""Real server processes for tests: start, find the port they bound, signal, and read their log."""
+"""Real server processes for tests: start, find the port they bound, signal, and read their log.
+
+``tiny_server`` is the one way tests start ``vision-server serve --model test:tiny``; the shared
+``tiny_server_url`` fixture (conftest) and every module that needs its own options go through it.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 FAKE_SERVER = Path(__file__).with_name("fake_server.py")
@@ -24,6 +33,24 @@ def server_env(tmp_path: Path, **settings: object) -> dict[str, str]:
     env.update({"VISION_SERVER_HOST": "127.0.0.1", "VISION_SERVER_PORT": "0"})
     env.update({f"VISION_SERVER_{name.upper()}": str(value) for name, value in settings.items()})
     return env
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (for "the server is down" cases)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def http_json(url: str, body: object = None, timeout: float = 60) -> tuple[int, object]:
+    """GET (or POST ``body`` as JSON) with the standard library: the status and the decoded reply."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read() or b"null")
 
 
 def cli_command() -> list[str]:
@@ -76,6 +103,12 @@ class ServerProcess:
     def wait(self, timeout: float) -> int:
         return self.process.wait(timeout)
 
+    def stop(self, timeout: float = 15) -> None:
+        """SIGTERM, then wait for the drain (the process is killed by ``close`` if it hangs)."""
+        self.send(signal.SIGTERM)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.wait(timeout)
+
     def close(self) -> None:
         """Kill this one process if a test left it running, and close its log."""
         if self.process.poll() is None:
@@ -88,3 +121,24 @@ class ServerProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def tiny_server(
+    tmp_path: Path,
+    cache_dir: Path,
+    *options: str,
+    name: str = "server",
+    env: dict[str, str] | None = None,
+    **settings: object,
+) -> ServerProcess:
+    """``vision-server serve --model test:tiny`` with ``options``, preloaded, never idling out.
+
+    ``cache_dir`` is where the tiny model is built (once per test run when every caller passes the
+    same one: ``tests.support.api.tiny_cache_dir``); ``settings`` become ``VISION_SERVER_*``
+    variables and ``env`` adds other variables (``OMP_NUM_THREADS`` on a crowded machine).
+    """
+    command = [*cli_command(), "serve", "--model", "test:tiny", "--cache-dir", str(cache_dir)]
+    command += ["--preload", "--idle-timeout", "-1", *options]
+    full_env = server_env(tmp_path, **settings)
+    full_env.update(env or {})
+    return ServerProcess(command, full_env, tmp_path / f"{name}.log")

@@ -27,9 +27,9 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout, FormData
 from PIL import Image
 
-from tests.support.api import tiny_settings
+from tests.support.api import tiny_cache_dir
 from tests.support.images import image_bytes
-from tests.support.processes import ServerProcess, cli_command, server_env
+from tests.support.processes import ServerProcess, tiny_server
 from vision_server.api.task_words import MAX_PROMPT_CHARS, task_from_text
 from vision_server.errors import BadRequest
 from vision_server.tasks import PROMPTGEN_TASKS
@@ -284,23 +284,11 @@ CASES: list[Case] = [
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """``vision-server serve --model test:tiny`` with short generations, so good requests are quick."""
-    cache_dir = tiny_settings(tmp_path_factory).cache_dir
     tmp_path = tmp_path_factory.mktemp("bad-inputs")
-    command = [
-        *cli_command(),
-        "serve",
-        "--model", "test:tiny",
-        "--cache-dir", str(cache_dir),
-        "--port", "0",
-        "--preload",
-        "--idle-timeout", "-1",
-        "--num-beams", "1",
-        "--max-new-tokens", "4",
-        "--max-request-bytes", str(LIMIT),
-    ]  # fmt: skip
-    env = server_env(tmp_path)
-    env["OMP_NUM_THREADS"] = "1"  # torch's thread pool spins badly when test processes share 2 cores
-    with ServerProcess(command, env, tmp_path / "server.log") as process:
+    options = ["--num-beams", "1", "--max-new-tokens", "4", "--max-request-bytes", str(LIMIT)]
+    # torch's thread pool spins badly when test processes share 2 cores
+    env = {"OMP_NUM_THREADS": "1"}
+    with tiny_server(tmp_path, tiny_cache_dir(tmp_path_factory), *options, env=env) as process:
         process.wait_listening(timeout=120)
         yield process
 

@@ -6,7 +6,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from tests.support.processes import free_port
 
 CLI = [sys.executable, "-m", "vision_server"]
 
@@ -84,12 +85,6 @@ def test_offline_hub_id_names_the_model_and_the_fix(tmp_path: Path) -> None:
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "someone/Florence-2-nowhere" in result.stderr and "--local-dir" in result.stderr
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def test_serve_test_model_captions_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:

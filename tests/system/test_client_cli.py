@@ -10,7 +10,6 @@ import asyncio
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from PIL import Image
+
+from tests.support.processes import free_port
 
 CLI = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or shutil.which("vision-client")
 TASKS = [
@@ -48,12 +49,6 @@ def make_png(path: Path, color: tuple[int, int, int]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.new("RGB", (32, 32), color).save(path)
     return path
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

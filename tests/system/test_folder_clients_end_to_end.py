@@ -34,14 +34,14 @@ import pytest
 from PIL import Image
 
 from tests.support import paths
-from tests.support.processes import ServerProcess, cli_command, server_env
+from tests.support.api import tiny_cache_dir
+from tests.support.processes import ServerProcess, tiny_server
 
 REPO = paths.REPO
 FOLDER_SCRIPT = REPO / "clients" / "vision-caption-folder-images.sh"
 VISION_CLIENT = Path(sys.executable).with_name("vision-client")
 CLIENTS = ("bash", "python")
 # Both servers of this module must caption alike, so they share these settings.
-SERVE = ["serve", "--model", "test:tiny", "--idle-timeout", "-1", "--max-new-tokens", "32", "--preload"]
 
 # The messy dataset: 18 good images, one corrupt, one empty, one with a hand-written caption.
 GOOD = [
@@ -89,8 +89,9 @@ def get_json(url: str) -> dict:
         return json.loads(response.read())
 
 
-def launch_server(tmp: Path, name: str, *extra: str) -> ServerProcess:
-    return ServerProcess([*cli_command(), *SERVE, *extra], server_env(tmp), tmp / f"{name}.log")
+def launch_server(tmp: Path, factory: pytest.TempPathFactory, name: str, *extra: str) -> ServerProcess:
+    """The tiny server with 32-token captions (and ``extra`` options)."""
+    return tiny_server(tmp, tiny_cache_dir(factory), "--max-new-tokens", "32", *extra, name=name)
 
 
 def wait_ready(process: ServerProcess) -> str:
@@ -108,7 +109,7 @@ def wait_ready(process: ServerProcess) -> str:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    with launch_server(tmp_path_factory.mktemp("acceptance-server"), "server") as process:
+    with launch_server(tmp_path_factory.mktemp("acceptance-server"), tmp_path_factory, "server") as process:
         yield wait_ready(process)
         process.send(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
@@ -379,13 +380,13 @@ def count_captions(folder: Path) -> int:
     return sum(1 for _ in folder.glob("*.txt"))
 
 
-def test_server_killed_halfway(server: str, tmp_path: Path) -> None:
+def test_server_killed_halfway(server: str, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     """SIGKILL the server while both clients run: no bad caption file; a re-run finishes the rest."""
     # A doomed server that waits 300 ms for each batch to fill: with two requests in flight per
     # client that is a few images per second, slow enough to kill it halfway. It starts while
     # the healthy server captions the images for reference.
     running: dict[str, subprocess.Popen[bytes]] = {}
-    with launch_server(tmp_path, "doomed", "--max-batch-wait-ms", "300") as doomed:
+    with launch_server(tmp_path, tmp_path_factory, "doomed", "--max-batch-wait-ms", "300") as doomed:
         folders = {client: tmp_path / client for client in CLIENTS}
         images = {
             client: [save_image(folder / f"img {i:02d}.png", 100 + i) for i in range(40)]

@@ -8,10 +8,7 @@ Afterwards the server must still caption a good image, and its log must hold no 
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
-import signal
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import Iterator
@@ -20,7 +17,8 @@ from types import ModuleType
 import pytest
 
 from tests.support import paths
-from tests.support.processes import ServerProcess, cli_command, server_env
+from tests.support.api import tiny_cache_dir
+from tests.support.processes import ServerProcess, tiny_server
 
 FUZZ = paths.BENCHMARKS / "fuzz.py"
 EXAMPLES = 300
@@ -41,15 +39,11 @@ fuzz = load_fuzz()
 @pytest.fixture(scope="module")
 def keyed_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("fuzz-server")
-    env = server_env(tmp, api_key=fuzz.API_KEY, admin_key=fuzz.ADMIN_KEY)
-    command = [*cli_command(), "serve", "--model", "test:tiny", "--preload", "--idle-timeout", "-1"]
-    command += ["--max-new-tokens", "16"]
-    with ServerProcess(command, env, tmp / "server.log") as process:
+    keys = {"api_key": fuzz.API_KEY, "admin_key": fuzz.ADMIN_KEY}
+    with tiny_server(tmp, tiny_cache_dir(tmp_path_factory), "--max-new-tokens", "16", **keys) as process:
         process.wait_listening(timeout=90)
         yield process
-        process.send(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(15)
+        process.stop()
 
 
 def test_generated_requests_never_get_a_5xx(keyed_server: ServerProcess) -> None:

@@ -15,7 +15,6 @@ import contextlib
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,9 +25,9 @@ import pytest
 from aiohttp import ClientSession, ClientTimeout
 
 from tests.support import paths
-from tests.support.api import tiny_settings
+from tests.support.api import tiny_cache_dir
 from tests.support.images import image_bytes, shade_b64
-from tests.support.processes import ServerProcess, cli_command, server_env
+from tests.support.processes import ServerProcess, free_port, tiny_server
 
 CONFIG = paths.SERVICE / "haproxy.cfg"
 HAPROXY = shutil.which("haproxy")
@@ -37,12 +36,6 @@ pytestmark = [
     pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install -y haproxy)"),
     pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals"),
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def adapt_config(text: str, front_port: int, backends: list[str]) -> str:
@@ -167,19 +160,15 @@ async def proxied_pool(
 
 def tiny_daemon(tmp_path: Path, name: str, cache_dir: Path) -> ServerProcess:
     """``vision-server serve --model test:tiny`` with fixed 32-token captions."""
-    env = server_env(tmp_path)
-    env["OMP_NUM_THREADS"] = "1"  # two daemons share two cores
-    command = [
-        *cli_command(), "serve", "--model", "test:tiny", "--cache-dir", str(cache_dir), "--port", "0",
-        "--preload", "--num-beams", "1", "--max-new-tokens", "32", "--min-new-tokens", "32",
-    ]  # fmt: skip
-    return ServerProcess(command, env, tmp_path / f"{name}.log")
+    options = ["--num-beams", "1", "--max-new-tokens", "32", "--min-new-tokens", "32"]
+    # two daemons share two cores
+    return tiny_server(tmp_path, cache_dir, *options, name=name, env={"OMP_NUM_THREADS": "1"})
 
 
 async def test_load_spreads_over_both_real_daemons(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
 ) -> None:
-    cache_dir = tiny_settings(tmp_path_factory).cache_dir
+    cache_dir = tiny_cache_dir(tmp_path_factory)
     daemons = [tiny_daemon(tmp_path, "gpu1", cache_dir), tiny_daemon(tmp_path, "gpu2", cache_dir)]
     async with proxied_pool(tmp_path, daemons) as (session, urls, _):
         before = [await jobs_done(url) for url in urls]

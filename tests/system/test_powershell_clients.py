@@ -5,34 +5,29 @@ with the tree-sitter PowerShell grammar (PyPI ``tree-sitter-powershell``), stay 
 Windows PowerShell 5.1 (ASCII only, no PowerShell 7-only syntax), and document every parameter.
 
 The behaviour tests run the scripts as real ``pwsh`` subprocesses against a real
-``vision-server serve --model test:tiny`` started for the module, plus a small in-process HTTP
-stand-in for what the real server does not do on demand (hang, answer 503, record what a client
-sent). They are skipped when ``pwsh`` is not on PATH.
+``vision-server serve --model test:tiny`` started for the module, plus the stand-in of
+``tests.support.stand_in`` for what the real server does not do on demand (hang, answer 503,
+record what a client sent). They are skipped when ``pwsh`` is not on PATH.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 from tests.support import paths
+from tests.support.images import save as save_image
+from tests.support.processes import free_port, http_json
+from tests.support.stand_in import PROMPTS, StandIn
 
 REPO = paths.REPO
 CLIENTS = REPO / "clients"
@@ -40,15 +35,7 @@ CLIENT = CLIENTS / "vision-client.ps1"
 FOLDER = CLIENTS / "vision-caption-folder-images.ps1"
 COMMON = CLIENTS / "VisionClient.Common.ps1"
 SCRIPTS = (CLIENT, FOLDER, COMMON)
-PROMPTS = [
-    "<GENERATE_TAGS>",
-    "<CAPTION>",
-    "<DETAILED_CAPTION>",
-    "<MORE_DETAILED_CAPTION>",
-    "<ANALYZE>",
-    "<MIXED_CAPTION>",
-    "<MIXED_CAPTION_PLUS>",
-]
+PADDED = "  stand-in caption\n"  # what the stand-ins answer: the clients must trim it
 PWSH = shutil.which("pwsh")
 needs_pwsh = pytest.mark.skipif(
     PWSH is None, reason="pwsh (PowerShell 7) is not on PATH, so the .ps1 clients cannot be run here"
@@ -156,134 +143,10 @@ def test_script_parses(script: Path) -> None:
 # Servers
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, object]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
-
-
 @pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """Base URL of a ``vision-server serve --model test:tiny`` subprocess."""
-    if PWSH is None:
-        pytest.skip("pwsh (PowerShell 7) is not on PATH")
-    port = free_port()
-    exe = shutil.which("vision-server")
-    cmd = [exe] if exe else [sys.executable, "-m", "vision_server"]
-    cmd += [
-        "serve",
-        "--model",
-        "test:tiny",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--idle-timeout",
-        "-1",
-    ]
-    log_path = tmp_path_factory.mktemp("ps-server") / "server.log"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"vision-server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                if http(url + "/prompts", timeout=2)[0] == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"vision-server did not answer within 60 s:\n{log_path.read_text()[-3000:]}")
-            time.sleep(0.25)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # clients that give up (timeouts) are expected here
-
-
-class StandIn:
-    """A scriptable server: records every request; /process_image can hang or answer 503 first."""
-
-    def __init__(self, *, hang: bool = False, busy_first: int = 0) -> None:
-        self.hang = hang
-        self.busy_left = busy_first
-        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
-        self.release = threading.Event()
-        self.lock = threading.Lock()
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def reply(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json; charset=utf-8")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def record(self, body: bytes = b"") -> None:
-                with stand_in.lock:
-                    stand_in.requests.append((self.command, self.path, dict(self.headers), body))
-
-            def do_GET(self) -> None:
-                self.record()
-                self.reply(200, PROMPTS if self.path == "/prompts" else "stand-in-model")
-
-            def do_POST(self) -> None:
-                self.record(self.rfile.read(int(self.headers.get("Content-Length", "0"))))
-                with stand_in.lock:
-                    busy = stand_in.busy_left > 0
-                    stand_in.busy_left -= busy
-                if busy:
-                    self.reply(503, {"detail": "Queue full"}, {"Retry-After": "1"})
-                    return
-                if stand_in.hang:
-                    stand_in.release.wait(60)
-                self.reply(200, {"result": "  stand-in caption\n"})
-
-        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def posts(self) -> list[dict]:
-        return [json.loads(body) for method, _, _, body in self.requests if method == "POST"]
-
-    def __enter__(self) -> StandIn:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
+def server(tiny_server_url: str) -> str:
+    """The module's real ``vision-server serve --model test:tiny`` (see conftest)."""
+    return tiny_server_url
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,30 +174,8 @@ def ps(
     )
 
 
-FORMATS = {
-    "jpg": "JPEG",
-    "jpeg": "JPEG",
-    "png": "PNG",
-    "gif": "GIF",
-    "bmp": "BMP",
-    "tif": "TIFF",
-    "tiff": "TIFF",
-    "webp": "WEBP",
-}
-
-
-def save_image(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path:
-    """A small image that differs from its siblings, saved in the format its suffix names."""
-    colour = ((seed * 67) % 256, (seed * 131) % 256, (seed * 29 + 90) % 256)
-    image = Image.new("RGB", (size[0] + seed, size[1]), colour)
-    image.putpixel((seed % image.width, 0), (255 - colour[0], 0, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format=FORMATS[path.suffix.lstrip(".").lower()])
-    return path
-
-
 def caption_direct(server: str, image: Path, prompt: str = "<CAPTION>") -> str:
-    status, body = http(
+    status, body = http_json(
         server + "/process_image", {"image": base64.b64encode(image.read_bytes()).decode(), "prompt": prompt}
     )
     assert status == 200, body
@@ -376,7 +217,7 @@ def test_client_prints_only_the_caption(server: str, tmp_path: Path, prompt: str
 @needs_pwsh
 def test_client_sends_the_original_file_bytes(tmp_path: Path) -> None:
     image = save_image(tmp_path / "big.jpg", 5, size=(1500, 900))
-    with StandIn() as stand_in:
+    with StandIn(caption=PADDED) as stand_in:
         result = ps(CLIENT, "DETAILED_CAPTION", str(image), "-Url", stand_in.url)
     assert result.returncode == 0, result.stderr
     assert result.stdout == "stand-in caption\n"
@@ -388,7 +229,7 @@ def test_client_sends_the_original_file_bytes(tmp_path: Path) -> None:
 @needs_pwsh
 def test_client_reads_server_and_key_from_environment(tmp_path: Path) -> None:
     image = save_image(tmp_path / "a b [1].png", 2)
-    with StandIn() as stand_in:
+    with StandIn(caption=PADDED) as stand_in:
         env = base_env(VISION_HOST=stand_in.url + "/", VISION_API_KEY="sekrit")
         result = ps(CLIENT, "CAPTION", str(image), env=env)
     assert result.returncode == 0, result.stderr
@@ -399,7 +240,7 @@ def test_client_reads_server_and_key_from_environment(tmp_path: Path) -> None:
 @needs_pwsh
 def test_client_relative_path_and_host_without_scheme(tmp_path: Path) -> None:
     save_image(tmp_path / "sub" / "dog.webp", 4)
-    with StandIn() as stand_in:
+    with StandIn(caption=PADDED) as stand_in:
         env = base_env(VISION_HOST=stand_in.url.removeprefix("http://"))
         result = ps(CLIENT, "CAPTION", os.path.join("sub", "dog.webp"), env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -459,7 +300,7 @@ def test_client_connection_refused(tmp_path: Path) -> None:
 @needs_pwsh
 def test_client_timeout(tmp_path: Path) -> None:
     image = save_image(tmp_path / "x.png", 1)
-    with StandIn(hang=True) as stand_in:
+    with StandIn(caption=PADDED, hang=True) as stand_in:
         started = time.monotonic()
         result = ps(CLIENT, "CAPTION", str(image), "-Url", stand_in.url, "-TimeoutSec", "2")
         elapsed = time.monotonic() - started
@@ -471,11 +312,11 @@ def test_client_timeout(tmp_path: Path) -> None:
 @needs_pwsh
 def test_client_retries_a_busy_server(tmp_path: Path) -> None:
     image = save_image(tmp_path / "x.png", 1)
-    with StandIn(busy_first=1) as stand_in:
+    with StandIn(caption=PADDED, busy_first=1) as stand_in:
         result = ps(CLIENT, "CAPTION", str(image), "-Url", stand_in.url)
         assert len(stand_in.posts()) == 2
     assert (result.returncode, result.stdout) == (0, "stand-in caption\n")
-    with StandIn(busy_first=5) as stand_in:
+    with StandIn(caption=PADDED, busy_first=5) as stand_in:
         result = ps(CLIENT, "CAPTION", str(image), "-Url", stand_in.url, "-Retries", "0")
     assert result.returncode == 1 and "503" in result.stderr and "Queue full" in result.stderr
 
@@ -637,13 +478,13 @@ def test_folder_server_down(tmp_path: Path) -> None:
 @needs_pwsh
 def test_folder_sends_original_bytes_in_parallel(tmp_path: Path) -> None:
     images = make_folder(tmp_path, [f"img{i:02d}.png" for i in range(12)])
-    with StandIn(busy_first=2) as stand_in:
+    with StandIn(caption=PADDED, busy_first=2) as stand_in:
         env = base_env(VISION_API_KEY="k3y")
         result = ps(
             FOLDER, "MIXED_CAPTION", "txt", str(tmp_path), "-Url", stand_in.url, "-Jobs", "4", env=env
         )
         posts = stand_in.posts()
-        headers = [h for method, _, h, _ in stand_in.requests if method == "POST"]
+        headers = stand_in.post_headers()
     assert result.returncode == 0, result.stderr
     assert len(posts) == 14  # twelve images and two retries after 503
     assert {p["prompt"] for p in posts} == {"<MIXED_CAPTION>"}

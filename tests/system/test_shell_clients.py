@@ -1,7 +1,7 @@
 """The bash clients (clients/*.sh) as real subprocesses against a real ``vision-server``.
 
-One server (``vision-server serve --model test:tiny``) is started for the module. A few tests
-use a small in-process HTTP stand-in instead, for what the real server does not do on demand:
+One server (the shared ``tiny_server_url``, see conftest) serves the module. A few tests use the
+stand-in of ``tests.support.stand_in`` instead, for what the real server does not do on demand:
 hang (timeouts, Ctrl+C) and answer 503 (retries).
 """
 
@@ -14,15 +14,10 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -30,21 +25,13 @@ import pytest
 from PIL import Image
 
 from tests.support import paths
-from tests.support.processes import ServerProcess
+from tests.support.images import save as save_image
+from tests.support.processes import ServerProcess, free_port, http_json
+from tests.support.stand_in import StandIn
 
 REPO = paths.REPO
 CLIENT = REPO / "clients" / "vision-client.sh"
 FOLDER = REPO / "clients" / "vision-caption-folder-images.sh"
-PROMPTS = [
-    "<GENERATE_TAGS>",
-    "<CAPTION>",
-    "<DETAILED_CAPTION>",
-    "<MORE_DETAILED_CAPTION>",
-    "<ANALYZE>",
-    "<MIXED_CAPTION>",
-    "<MIXED_CAPTION_PLUS>",
-]
-
 pytestmark = pytest.mark.skipif(
     any(shutil.which(tool) is None for tool in ("bash", "curl", "base64")),
     reason="the shell clients need bash, curl and base64",
@@ -55,92 +42,10 @@ pytestmark = pytest.mark.skipif(
 # Servers
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def http(url: str, body: dict | None = None, timeout: float = 60) -> tuple[int, object]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, json.loads(error.read() or b"null")
-
-
 @pytest.fixture(scope="module")
 def server(tiny_server_url: str) -> str:
     """The module's real ``vision-server serve --model test:tiny`` (see conftest)."""
     return tiny_server_url
-
-
-class _QuietServer(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: object, client_address: object) -> None:
-        pass  # clients that hang up (timeouts, Ctrl+C) are expected here
-
-
-class StandIn:
-    """A scriptable HTTP server: /prompts answers, /process_image hangs or answers 503 first."""
-
-    def __init__(self, *, hang: bool = False, busy_first: int = 0, key: str | None = None) -> None:
-        self.hang = hang
-        self.key = key
-        self.busy_left = busy_first
-        self.posts = 0
-        self.release = threading.Event()
-        self.lock = threading.Lock()
-        stand_in = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:
-                pass
-
-            def reply(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
-                data = json.dumps(payload).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in (headers or {}).items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
-
-            def do_GET(self) -> None:
-                self.reply(200, PROMPTS)
-
-            def do_POST(self) -> None:
-                self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if stand_in.key and self.headers.get("Authorization") != f"Bearer {stand_in.key}":
-                    self.reply(401, {"detail": "Invalid API key"}, {"WWW-Authenticate": "Bearer"})
-                    return
-                with stand_in.lock:
-                    stand_in.posts += 1
-                    busy = stand_in.busy_left > 0
-                    stand_in.busy_left -= busy
-                if busy:
-                    self.reply(503, {"detail": "Queue full"}, {"Retry-After": "1"})
-                    return
-                if stand_in.hang:
-                    stand_in.release.wait(60)
-                self.reply(200, {"result": "stand-in caption"})
-
-        self.httpd = _QuietServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    def __enter__(self) -> StandIn:
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -171,27 +76,6 @@ def run(
     )
 
 
-def save_image(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path:
-    """A small image that differs from its siblings, saved in the format its suffix names."""
-    formats = {
-        "jpg": "JPEG",
-        "jpeg": "JPEG",
-        "png": "PNG",
-        "gif": "GIF",
-        "bmp": "BMP",
-        "tif": "TIFF",
-        "tiff": "TIFF",
-        "webp": "WEBP",
-    }
-    fmt = formats[path.suffix.lstrip(".").lower()]
-    colour = ((seed * 67) % 256, (seed * 131) % 256, (seed * 29 + 90) % 256)
-    image = Image.new("RGB", (size[0] + seed, size[1]), colour)
-    image.putpixel((seed % image.width, 0), (255 - colour[0], 0, 0))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    image.save(path, format=fmt)
-    return path
-
-
 _CAPTIONS: dict[tuple[str, bytes, str], str] = {}
 
 
@@ -200,7 +84,7 @@ def caption_direct(server: str, image: Path, prompt: str = "<CAPTION>") -> str:
     data = image.read_bytes()
     key = (server, hashlib.sha256(data).digest(), prompt)
     if key not in _CAPTIONS:
-        status, body = http(
+        status, body = http_json(
             server + "/process_image", {"image": base64.b64encode(data).decode(), "prompt": prompt}
         )
         assert status == 200, body
@@ -317,10 +201,10 @@ def test_prompts_model_status(server: str) -> None:
     env = base_env(VISION_HOST=server.removeprefix("http://"))  # host:port works too
     result = run(CLIENT, "prompts", env=env)
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout) == http(server + "/prompts")[1]
+    assert json.loads(result.stdout) == http_json(server + "/prompts")[1]
     result = run(CLIENT, "model", env=env)
     assert result.returncode == 0, result.stderr
-    assert result.stdout == http(server + "/model")[1] + "\n"
+    assert result.stdout == http_json(server + "/model")[1] + "\n"
     result = run(CLIENT, "STATUS", env=env)
     assert result.returncode == 0, result.stderr
     status = json.loads(result.stdout)
@@ -403,7 +287,7 @@ def test_busy_server_and_retries(tmp_path: Path) -> None:
         result = run(CLIENT, "--url", stand_in.url, "--retries", "2", "CAPTION", str(image))
         assert result.returncode == 0, result.stderr
         assert result.stdout == "stand-in caption\n"
-        assert stand_in.posts == 2
+        assert len(stand_in.posts()) == 2
 
 
 def test_api_key(tmp_path: Path) -> None:
@@ -443,8 +327,8 @@ def test_without_jq(server: str, tmp_path: Path) -> None:
     result = run(CLIENT, "<caption>", str(image), env=env)
     assert result.returncode == 0, result.stderr
     assert result.stdout == caption_direct(server, image) + "\n"
-    assert run(CLIENT, "model", env=env).stdout == http(server + "/model")[1] + "\n"
-    assert json.loads(run(CLIENT, "prompts", env=env).stdout) == http(server + "/prompts")[1]
+    assert run(CLIENT, "model", env=env).stdout == http_json(server + "/model")[1] + "\n"
+    assert json.loads(run(CLIENT, "prompts", env=env).stdout) == http_json(server + "/prompts")[1]
     assert "state" in json.loads(run(CLIENT, "status", env=env).stdout)
     result = run(CLIENT, "nonsense", str(image), env=env)
     assert result.returncode != 0 and result.stdout == "" and "Invalid prompt" in result.stderr
@@ -649,9 +533,9 @@ def test_folder_interrupted(tmp_path: Path, tmpdir_env: Path) -> None:
         )
         try:
             deadline = time.monotonic() + 20
-            while stand_in.posts < 3 and time.monotonic() < deadline and proc.poll() is None:
+            while len(stand_in.posts()) < 3 and time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.05)
-            assert stand_in.posts == 3
+            assert len(stand_in.posts()) == 3
             proc.send_signal(signal.SIGINT)
             _, stderr = proc.communicate(timeout=10)
         finally:

@@ -1,0 +1,125 @@
+"""A scriptable HTTP server for the clients' tests: what the real server will not do on demand.
+
+It hangs (timeouts, Ctrl+C), answers 503 with a ``Retry-After`` (retries), checks a bearer key,
+and records every request, so a test can read back exactly what a client sent.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, NamedTuple
+
+# What GET /prompts answers: the server's task list.
+PROMPTS = [
+    "<GENERATE_TAGS>",
+    "<CAPTION>",
+    "<DETAILED_CAPTION>",
+    "<MORE_DETAILED_CAPTION>",
+    "<ANALYZE>",
+    "<MIXED_CAPTION>",
+    "<MIXED_CAPTION_PLUS>",
+]
+
+
+class Recorded(NamedTuple):
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+
+class _QuietServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: object, client_address: object) -> None:
+        pass  # clients that hang up (timeouts, Ctrl+C) are expected here
+
+
+class StandIn:
+    """GET /prompts lists the tasks, GET /model names a model; every POST answers ``caption``.
+
+    ``hang``: POSTs wait until the stand-in closes; ``busy_first``: that many POSTs get 503 with
+    ``Retry-After: 1`` first; ``key``: POSTs without ``Authorization: Bearer <key>`` get 401.
+    """
+
+    def __init__(
+        self,
+        *,
+        hang: bool = False,
+        busy_first: int = 0,
+        key: str | None = None,
+        caption: str = "stand-in caption",
+    ) -> None:
+        self.hang, self.key, self.caption = hang, key, caption
+        self.busy_left = busy_first
+        self.requests: list[Recorded] = []
+        self.release = threading.Event()
+        self.lock = threading.Lock()
+        self.httpd = _QuietServer(("127.0.0.1", 0), _handler_for(self))
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def record(self, request: Recorded) -> None:
+        with self.lock:
+            self.requests.append(request)
+
+    def take_busy(self) -> bool:
+        """Whether this POST is one of the first ``busy_first`` (answered 503)."""
+        with self.lock:
+            busy = self.busy_left > 0
+            self.busy_left -= busy
+            return busy
+
+    def posts(self) -> list[dict[str, Any]]:
+        """The JSON bodies of the POSTs so far, in order."""
+        with self.lock:
+            return [json.loads(r.body) for r in self.requests if r.method == "POST"]
+
+    def post_headers(self) -> list[dict[str, str]]:
+        with self.lock:
+            return [r.headers for r in self.requests if r.method == "POST"]
+
+    def __enter__(self) -> StandIn:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _handler_for(stand_in: StandIn) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args: object) -> None:
+            pass
+
+        def reply(self, status: int, payload: object, headers: dict[str, str] | None = None) -> None:
+            data = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json; charset=utf-8")
+            self.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self) -> None:
+            stand_in.record(Recorded("GET", self.path, dict(self.headers), b""))
+            self.reply(200, "stand-in-model" if self.path == "/model" else PROMPTS)
+
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+            stand_in.record(Recorded("POST", self.path, dict(self.headers), body))
+            if stand_in.key and self.headers.get("Authorization") != f"Bearer {stand_in.key}":
+                self.reply(401, {"detail": "Invalid API key"}, {"WWW-Authenticate": "Bearer"})
+            elif stand_in.take_busy():
+                self.reply(503, {"detail": "Queue full"}, {"Retry-After": "1"})
+            else:
+                if stand_in.hang:
+                    stand_in.release.wait(60)
+                self.reply(200, {"result": stand_in.caption})
+
+    return Handler
