@@ -13,10 +13,14 @@ The tiny models are built once per run into temp dirs (about a second in all).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from vision_server.engine.clock import Clock
+from vision_server.engine.scheduler import Engine, EngineConfig
+from vision_server.testing.fake import FakeCaptioner
 
 LAYERS = ("unit", "http", "system")
 TESTS = Path(__file__).parent
@@ -101,3 +105,26 @@ def tiny_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     with tiny_server(tmp, tiny_cache_dir(tmp_path_factory), "--max-new-tokens", "32") as process:
         yield process.wait_listening(timeout=90)
         process.stop()
+
+
+StartEngine = Callable[..., Awaitable[Engine]]
+
+
+@pytest.fixture
+async def start_engine() -> AsyncIterator[StartEngine]:
+    """``await start_engine(captioner, clock=None, **config)``: a started engine, stopped after the test.
+
+    Every engine started here is stopped when the test ends, passed or failed, so no worker or
+    model thread outlives its test (a test may also stop it itself: stopping twice is harmless).
+    """
+    engines: list[Engine] = []
+
+    async def start(captioner: FakeCaptioner, *, clock: Clock | None = None, **config: float) -> Engine:
+        engine = Engine(captioner, EngineConfig(**config), clock=clock)  # type: ignore[arg-type]
+        engines.append(engine)
+        await engine.start()
+        return engine
+
+    yield start
+    for engine in reversed(engines):
+        await engine.stop(grace=0)

@@ -149,7 +149,7 @@ async def test_the_right_key_still_works_after_the_bad_ones(keyed: Settings) -> 
                 assert r.status == 200 and (await r.json())["result"]
 
 
-# --- item 9: loopback admin behind a proxy -------------------------------------------------------
+# --- loopback admin behind a proxy -------------------------------------------------------
 
 
 @pytest.mark.parametrize(

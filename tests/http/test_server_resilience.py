@@ -18,13 +18,13 @@ import pytest
 from aiohttp import ClientSession
 from PIL import Image
 
+from tests.conftest import StartEngine
 from tests.support.images import dds_with_zeroed_pixel_format
 from tests.support.serving import running_app
 from vision_server import images
 from vision_server.api.state import DECODER, ENGINE
 from vision_server.captioner import Caption, CaptionItem
 from vision_server.engine.lifecycle import ModelState
-from vision_server.engine.scheduler import Engine, EngineConfig
 from vision_server.errors import Draining
 from vision_server.images import fit_image
 from vision_server.settings import Settings
@@ -66,7 +66,7 @@ def rejected(metrics_text: str, reason: str) -> float:
     return float(match.group(1))
 
 
-# --- item 3: clients that leave free their place at once ---------------------------------------
+# --- clients that leave free their place at once ---------------------------------------
 
 
 async def test_jobs_of_clients_that_left_leave_the_queue_at_once(tmp_path: Path) -> None:
@@ -89,7 +89,7 @@ async def test_jobs_of_clients_that_left_leave_the_queue_at_once(tmp_path: Path)
         assert statuses == [200, 200, 200, 200]
 
 
-# --- item 5: a request with several images is all or nothing -----------------------------------
+# --- a request with several images is all or nothing -----------------------------------
 
 
 async def test_a_failed_multi_image_request_leaves_no_captions_behind(tmp_path: Path) -> None:
@@ -116,7 +116,7 @@ async def test_images_per_request_are_capped(tmp_path: Path) -> None:
         assert status == 200, body
 
 
-# --- item 8: the worker survives a bad batch, and is restarted if it dies ------------------------
+# --- the worker survives a bad batch, and is restarted if it dies ------------------------
 
 
 class MiscountingFake(FakeCaptioner):
@@ -164,12 +164,11 @@ async def test_a_dead_worker_is_reported_refused_and_restarted(
         )
 
 
-# --- item 7: a drain ends within the grace even while the model loads ---------------------------
+# --- a drain ends within the grace even while the model loads ---------------------------
 
 
-async def test_a_drain_during_a_long_load_ends_within_the_grace() -> None:
-    engine = Engine(FakeCaptioner(load_delay=6.0), EngineConfig())
-    await engine.start()
+async def test_a_drain_during_a_long_load_ends_within_the_grace(start_engine: StartEngine) -> None:
+    engine = await start_engine(FakeCaptioner(load_delay=6.0))
     job = asyncio.create_task(
         engine.submit(CaptionItem(fit_image(Image.new("RGB", (4, 4)), FAKE_SPEC), "<CAPTION>"))
     )
@@ -182,7 +181,7 @@ async def test_a_drain_during_a_long_load_ends_within_the_grace() -> None:
         await job
 
 
-# --- item 10: a request still being decoded when the server stops gets a 503 ---------------------
+# --- a request still being decoded when the server stops gets a 503 ---------------------
 
 
 async def test_requests_in_the_decode_pool_during_a_drain_get_503(
@@ -207,7 +206,7 @@ async def test_requests_in_the_decode_pool_during_a_drain_get_503(
             assert status == 503 and headers.get("Retry-After") == "5", body
 
 
-# --- item 1: formats outside the documented list are a 400 that names them -----------------------
+# --- formats outside the documented list are a 400 that names them -----------------------
 
 
 async def test_a_dds_upload_is_a_400_naming_the_accepted_formats(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""Issue #6's acceptance checks for the compatibility APIs, with real clients on a real port.
+"""The compatibility APIs with real clients on a real port: SDKs, replayed requests, docs examples.
 
 - the official OpenAI SDK meets a full queue, waits the server's ``Retry-After`` and succeeds;
 - SillyTavern's requests replayed byte for byte (Extras from the browser, with CORS preflights;
@@ -498,8 +498,16 @@ async def test_every_family_answers_each_mistake_in_its_own_shape(
     assert (status, content_type) == (expected_status, "application/json"), reply
     message = message_of(family, mistake, reply)
     assert words in message, message
-    if mistake == "unknown_task":
-        assert "<CAPTION>" in message and "<GENERATE_TAGS>" in message  # it lists the valid tasks
+
+
+@pytest.mark.parametrize("family", ["native", "openai", "extras", "multipart"])
+async def test_an_unknown_task_is_answered_with_the_valid_ones(tiny: Settings, family: str) -> None:
+    path, arguments = request_for(family, "unknown_task")
+    async with running_server(tiny) as url, ClientSession(url) as session:
+        async with session.post(path, **arguments) as response:
+            reply = await response.json()
+    message = message_of(family, "unknown_task", reply)
+    assert "<CAPTION>" in message and "<GENERATE_TAGS>" in message, message
 
 
 # --- 5. the documentation's examples --------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
@@ -23,7 +23,7 @@ class CaptionJob:
     item: CaptionItem
     future: asyncio.Future[Caption]
     request_id: str = "-"
-    deadline: float = float("inf")  # time.monotonic() value
+    deadline: float = float("inf")  # on the engine's clock (time.monotonic() by default)
     enqueued_at: float = field(default_factory=time.monotonic)
     started_at: float | None = None  # set when the job's batch starts
     batch_size: int = 0  # size of the batch it ran in
@@ -76,16 +76,24 @@ class JobQueue:
             self._room.clear()
             await self._room.wait()
 
-    async def wait(self, timeout: float | None) -> bool:
-        """Wait until a job is queued (or :meth:`wake` is called); False on timeout."""
+    async def wait(
+        self, timeout: float | None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+    ) -> bool:
+        """Wait until a job is queued (or :meth:`wake` is called); False if ``sleep(timeout)`` ends first."""
         if self._jobs:
             return True
         self._arrived.clear()
+        if timeout is None:
+            await self._arrived.wait()
+            return True
+        arrival = asyncio.ensure_future(self._arrived.wait())
+        timer = asyncio.ensure_future(sleep(timeout))
         try:
-            await asyncio.wait_for(self._arrived.wait(), timeout)
-        except asyncio.TimeoutError:
-            return False
-        return True
+            await asyncio.wait({arrival, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            arrival.cancel()
+            timer.cancel()
+        return self._arrived.is_set()
 
     def wake(self) -> None:
         """Interrupt :meth:`wait` (used for control messages)."""

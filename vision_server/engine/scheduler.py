@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from vision_server.captioner import Caption, Captioner, CaptionItem, ModelInfo
+from vision_server.engine.clock import Clock, MonotonicClock
 from vision_server.engine.jobs import CaptionJob, JobQueue
 from vision_server.engine.lifecycle import EngineStatus, ModelCard, ModelState
 from vision_server.engine.observer import EngineObserver
@@ -57,11 +58,16 @@ class Engine:
     """Queue + worker + model lifecycle. Usable in-process: ``await engine.submit(item)``."""
 
     def __init__(
-        self, captioner: Captioner, config: EngineConfig | None = None, observer: EngineObserver | None = None
+        self,
+        captioner: Captioner,
+        config: EngineConfig | None = None,
+        observer: EngineObserver | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self._captioner = captioner
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
+        self._clock = clock or MonotonicClock()
         self._queue = JobQueue(self.config.max_queue)
         self._commands: deque[tuple[Command, asyncio.Future[None]]] = deque()
         self._executor: ThreadPoolExecutor | None = None
@@ -70,7 +76,7 @@ class Engine:
         self._info: ModelInfo | None = None
         self._loaded_since: float | None = None
         self._last_error: str | None = None
-        self._last_finished = time.monotonic()
+        self._last_finished = self._clock.now()
         self._running = 0
         self._draining = False
         self._seconds_per_job = 1.0
@@ -106,7 +112,9 @@ class Engine:
             if self._draining:
                 self.observer.job_rejected("draining")
                 raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
-        job = CaptionJob(item, asyncio.get_running_loop().create_future(), request_id)
+        job = CaptionJob(
+            item, asyncio.get_running_loop().create_future(), request_id, enqueued_at=self._clock.now()
+        )
         job.deadline = job.enqueued_at + timeout
         try:
             self._queue.put(job, retry_after=self.retry_after())
@@ -319,7 +327,7 @@ class Engine:
         """One turn of the worker: a command, an idle unload or a batch. True when it should exit."""
         if self._commands:
             return await self._handle_command(*self._commands.popleft())
-        has_job = await self._queue.wait(self._idle_wait())
+        has_job = await self._queue.wait(self._idle_wait(), self._clock.sleep)
         if self._commands:
             return False
         if not has_job:
@@ -362,7 +370,7 @@ class Engine:
         """Seconds until the idle unload is due, or None when no unload is pending."""
         if self._state is not ModelState.READY or self.config.idle_timeout < 0:
             return None
-        return max(0.0, self._last_finished + self.config.idle_timeout - time.monotonic())
+        return max(0.0, self._last_finished + self.config.idle_timeout - self._clock.now())
 
     def _expires_at(self) -> float | None:
         remaining = self._idle_wait()
@@ -384,7 +392,7 @@ class Engine:
         waiting = self._queue.count_compatible(head.batch_key)
         busy = waiting > 1 or self._last_batch_size > 1
         if self.config.max_batch_wait > 0 and busy and waiting < limit:
-            await asyncio.sleep(self.config.max_batch_wait)
+            await self._clock.sleep(self.config.max_batch_wait)
         return self._queue.take_batch(limit)
 
     async def _run_batch(self, batch: list[CaptionJob]) -> None:
@@ -396,7 +404,7 @@ class Engine:
         live = self._drop_expired(batch)
         if not live:
             return
-        now = time.monotonic()
+        now = self._clock.now()
         for job in live:
             job.started_at, job.batch_size = now, len(live)
             self.observer.job_started(now - job.enqueued_at)
@@ -416,7 +424,7 @@ class Engine:
                 job.future.set_result(result)
 
     def _drop_expired(self, batch: list[CaptionJob]) -> list[CaptionJob]:
-        now = time.monotonic()
+        now = self._clock.now()
         live = []
         for job in batch:
             if job.abandoned:
@@ -429,7 +437,7 @@ class Engine:
 
     def _finish_batch(self, size: int, seconds: float) -> None:
         self._running = 0
-        self._last_finished = time.monotonic()
+        self._last_finished = self._clock.now()
         self._batches += 1
         self._jobs_done += size
         self._last_batch_size = size
@@ -478,7 +486,7 @@ class Engine:
         seconds = time.monotonic() - started
         self._last_error = None
         self._loaded_since = time.time()
-        self._last_finished = time.monotonic()
+        self._last_finished = self._clock.now()
         self._set_state(ModelState.READY)
         self.observer.model_loaded(seconds, ok=True)
         log.info(
