@@ -8,11 +8,11 @@ import io
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 from aiohttp import ClientSession, ClientTimeout
 from PIL import Image
 
+from tests.support.images import b64
 from tests.support.serving import client_for, running_server
 from vision_server.settings import Settings
 from vision_server.tasks import PROMPTGEN_TASKS
@@ -23,13 +23,6 @@ from vision_server.testing.fake import FakeCaptioner
 def tiny(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     """Settings serving the self-built tiny model (built once into a module cache dir)."""
     return Settings(model="test:tiny", cache_dir=tmp_path_factory.mktemp("cache"), idle_timeout=-1)
-
-
-def png_b64(seed: int, size: tuple[int, int] = (48, 40)) -> str:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
 
 
 async def post(session: ClientSession, body: object) -> tuple[int, object]:
@@ -46,7 +39,7 @@ async def test_routes_answer_exactly_like_florence2_visionapi(tiny: Settings) ->
             assert response.status == 200 and await response.json() == list(PROMPTGEN_TASKS)
         async with session.get("/model") as response:
             assert await response.text() == '"test:tiny"'
-        status, body = await post(session, {"image": png_b64(1), "prompt": "<CAPTION>"})
+        status, body = await post(session, {"image": b64(1), "prompt": "<CAPTION>"})
         assert status == 200 and list(body) == ["result"]  # type: ignore[arg-type]
         assert isinstance(body["result"], str) and body["result"].strip()  # type: ignore[index]
 
@@ -55,15 +48,15 @@ async def test_prompt_spellings_and_data_urls_are_accepted(tiny: Settings) -> No
     async with client_for(tiny) as session:
         answers = set()
         for prompt, image in [
-            ("<CAPTION>", png_b64(2)),
-            ("caption", png_b64(2)),
-            ("<Caption>", "data:image/png;base64," + png_b64(2)),
+            ("<CAPTION>", b64(2)),
+            ("caption", b64(2)),
+            ("<Caption>", "data:image/png;base64," + b64(2)),
         ]:
             status, body = await post(session, {"image": image, "prompt": prompt})
             assert status == 200
             answers.add(body["result"])  # type: ignore[index]
         assert len(answers) == 1
-        status, _ = await post(session, {"image": png_b64(2), "prompt": "MIX_CAPTION"})
+        status, _ = await post(session, {"image": b64(2), "prompt": "MIX_CAPTION"})
         assert status == 200
 
 
@@ -80,7 +73,7 @@ async def test_prompt_spellings_and_data_urls_are_accepted(tiny: Settings) -> No
             400,
             "Invalid image data: not a",
         ),
-        ({"image": png_b64(3)[:200], "prompt": "<CAPTION>"}, 400, "Invalid image data"),
+        ({"image": b64(3)[:200], "prompt": "<CAPTION>"}, 400, "Invalid image data"),
     ],
 )
 async def test_client_errors_have_statuses_and_details(
@@ -93,7 +86,7 @@ async def test_client_errors_have_statuses_and_details(
 
 async def test_invalid_prompt_lists_the_valid_ones(tiny: Settings) -> None:
     async with client_for(tiny, FakeCaptioner()) as session:
-        status, body = await post(session, {"image": png_b64(1), "prompt": "<OD>"})
+        status, body = await post(session, {"image": b64(1), "prompt": "<OD>"})
         assert status == 400 and all(task in body["detail"] for task in PROMPTGEN_TASKS)  # type: ignore[index]
 
 
@@ -122,12 +115,12 @@ async def test_unexpected_failure_is_500_with_request_id_and_server_keeps_servin
     fake = FakeCaptioner()
     fake.fail_caption = ZeroDivisionError("bug")
     async with client_for(Settings(cache_dir=tmp_path), fake) as session:
-        async with session.post("/process_image", json={"image": png_b64(1), "prompt": "<CAPTION>"}) as r:
+        async with session.post("/process_image", json={"image": b64(1), "prompt": "<CAPTION>"}) as r:
             body = await r.json()
             assert r.status == 500 and r.headers["X-Request-ID"] in body["detail"]
             assert "Traceback" not in body["detail"]
         fake.fail_caption = None
-        assert (await post(session, {"image": png_b64(1), "prompt": "<CAPTION>"}))[0] == 200
+        assert (await post(session, {"image": b64(1), "prompt": "<CAPTION>"}))[0] == 200
 
 
 async def test_request_id_is_echoed(tmp_path: Path) -> None:
@@ -148,7 +141,7 @@ async def test_lazy_load_then_ready(tiny: Settings) -> None:
     async with client_for(tiny) as session:
         before = await status_of(session)
         assert before["state"] == "unloaded" and before["model"] == "test:tiny" and before["device"] is None
-        await post(session, {"image": png_b64(5), "prompt": "<CAPTION>"})
+        await post(session, {"image": b64(5), "prompt": "<CAPTION>"})
         after = await status_of(session)
         assert after["state"] == "ready" and after["device"] == "cpu" and after["dtype"] == "float32"
         assert after["loaded_since"] and after["expires_at"] is None  # idle_timeout -1
@@ -157,7 +150,7 @@ async def test_lazy_load_then_ready(tiny: Settings) -> None:
 async def test_idle_unload_over_http(tiny: Settings) -> None:
     settings = Settings(model=tiny.model, cache_dir=tiny.cache_dir, idle_timeout=1)
     async with client_for(settings) as session:
-        await post(session, {"image": png_b64(6), "prompt": "<CAPTION>"})
+        await post(session, {"image": b64(6), "prompt": "<CAPTION>"})
         status = await status_of(session)
         assert status["state"] == "ready" and status["expires_at"]
         started = time.monotonic()
@@ -170,7 +163,7 @@ async def test_idle_unload_over_http(tiny: Settings) -> None:
 
 async def test_metadata_routes_answer_while_generate_runs(tmp_path: Path) -> None:
     async with client_for(Settings(cache_dir=tmp_path), FakeCaptioner(delay=2.0)) as session:
-        job = asyncio.create_task(post(session, {"image": png_b64(1), "prompt": "<CAPTION>"}))
+        job = asyncio.create_task(post(session, {"image": b64(1), "prompt": "<CAPTION>"}))
         await asyncio.sleep(0.3)
         for path in ("/prompts", "/model", "/v1/status"):
             started = time.perf_counter()
@@ -185,7 +178,7 @@ async def test_load_failure_is_503_with_reason_then_recovers(tmp_path: Path) -> 
     missing = tmp_path / "model-not-here-yet"
     settings = Settings(model=str(missing), cache_dir=tmp_path / "cache")
     async with client_for(settings) as session:
-        async with session.post("/process_image", json={"image": png_b64(1), "prompt": "<CAPTION>"}) as r:
+        async with session.post("/process_image", json={"image": b64(1), "prompt": "<CAPTION>"}) as r:
             body = await r.json()
             assert r.status == 503 and "Retry-After" in r.headers
             assert "does not exist" in body["detail"] and str(missing) in body["detail"]
@@ -196,22 +189,20 @@ async def test_load_failure_is_503_with_reason_then_recovers(tmp_path: Path) -> 
         from vision_server.florence.source import test_model_dir
 
         test_model_dir("tiny", tmp_path / "cache").rename(missing)  # the operator fixes the cause
-        status_code, body = await post(session, {"image": png_b64(1), "prompt": "<CAPTION>"})
+        status_code, body = await post(session, {"image": b64(1), "prompt": "<CAPTION>"})
         assert status_code == 200 and body["result"]  # type: ignore[index]
 
 
 async def test_queue_full_is_503_with_retry_after(tmp_path: Path) -> None:
     settings = Settings(cache_dir=tmp_path, max_queue=2, max_batch_size=1)
     async with client_for(settings, FakeCaptioner(delay=0.6)) as session:
-        running = [
-            asyncio.create_task(post(session, {"image": png_b64(n), "prompt": "<CAPTION>"})) for n in (1,)
-        ]
+        running = [asyncio.create_task(post(session, {"image": b64(n), "prompt": "<CAPTION>"})) for n in (1,)]
         await asyncio.sleep(0.2)
         running += [
-            asyncio.create_task(post(session, {"image": png_b64(n), "prompt": "<CAPTION>"})) for n in (2, 3)
+            asyncio.create_task(post(session, {"image": b64(n), "prompt": "<CAPTION>"})) for n in (2, 3)
         ]
         await asyncio.sleep(0.2)
-        async with session.post("/process_image", json={"image": png_b64(4), "prompt": "<CAPTION>"}) as r:
+        async with session.post("/process_image", json={"image": b64(4), "prompt": "<CAPTION>"}) as r:
             assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
             assert "queue is full" in (await r.json())["detail"]
         assert [status for status, _ in await asyncio.gather(*running)] == [200, 200, 200]
@@ -221,11 +212,11 @@ async def test_disconnected_clients_queued_job_never_runs(tmp_path: Path) -> Non
     fake = FakeCaptioner(delay=0.8)
     settings = Settings(cache_dir=tmp_path, max_batch_size=1)
     async with running_server(settings, fake) as url, ClientSession(url) as session:
-        first = asyncio.create_task(post(session, {"image": png_b64(1), "prompt": "<CAPTION>"}))
+        first = asyncio.create_task(post(session, {"image": b64(1), "prompt": "<CAPTION>"}))
         await asyncio.sleep(0.2)
         async with ClientSession(url, timeout=ClientTimeout(total=0.2)) as impatient:
             with pytest.raises(asyncio.TimeoutError):
-                await post(impatient, {"image": png_b64(2), "prompt": "<CAPTION>"})
+                await post(impatient, {"image": b64(2), "prompt": "<CAPTION>"})
         assert (await first)[0] == 200
         await asyncio.sleep(0.3)
         assert fake.batch_sizes == [1]
@@ -236,7 +227,7 @@ async def test_disconnected_clients_queued_job_never_runs(tmp_path: Path) -> Non
 
 
 async def test_concurrent_requests_batch_and_match_single_answers(tiny: Settings) -> None:
-    requests = [{"image": png_b64(100 + n), "prompt": PROMPTGEN_TASKS[n % 7]} for n in range(32)]
+    requests = [{"image": b64(100 + n), "prompt": PROMPTGEN_TASKS[n % 7]} for n in range(32)]
     settings = Settings(model=tiny.model, cache_dir=tiny.cache_dir, idle_timeout=-1, max_batch_wait_ms=20)
     async with client_for(settings) as session:
         alone = [(await post(session, body))[1] for body in requests]
@@ -254,8 +245,8 @@ async def test_out_of_memory_on_one_image_is_503_and_the_server_keeps_serving(tm
     fake = FakeCaptioner()
     fake.fail_caption = OutOfMemory("Out of GPU memory on a batch of 1.", retry_after=5)
     async with client_for(Settings(cache_dir=tmp_path), fake) as session:
-        async with session.post("/process_image", json={"image": png_b64(1), "prompt": "<CAPTION>"}) as r:
+        async with session.post("/process_image", json={"image": b64(1), "prompt": "<CAPTION>"}) as r:
             assert r.status == 503 and r.headers["Retry-After"] == "5"
             assert "Out of GPU memory" in (await r.json())["detail"]
         fake.fail_caption = None
-        assert (await post(session, {"image": png_b64(1), "prompt": "<CAPTION>"}))[0] == 200
+        assert (await post(session, {"image": b64(1), "prompt": "<CAPTION>"}))[0] == 200

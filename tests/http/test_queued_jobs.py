@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 from pathlib import Path
 
 import numpy as np
 from aiohttp import ClientSession
-from PIL import Image
 
+from tests.support.images import encode, flat, to_b64
 from tests.support.serving import running_app
 from vision_server.api.state import ENGINE
 from vision_server.images import PreparedImage
@@ -18,18 +16,15 @@ from vision_server.settings import Settings
 from vision_server.testing.fake import FAKE_SPEC, FakeCaptioner
 
 
-def png_b64(width: int, height: int, colour: tuple[int, int, int] = (10, 120, 200)) -> str:
-    buffer = io.BytesIO()
-    Image.new("RGB", (width, height), colour).save(buffer, "PNG")
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
 async def test_a_queued_job_keeps_model_sized_pixels_not_the_decoded_upload(tmp_path: Path) -> None:
     settings = Settings(cache_dir=tmp_path, idle_timeout=-1)
     fake = FakeCaptioner(delay=1.0)
     async with running_app(settings, fake) as (app, url), ClientSession(url) as session:
         engine = app[ENGINE]
-        small, big = png_b64(8, 8), png_b64(3000, 2000)
+        small, big = (
+            to_b64(encode(flat((8, 8), (10, 120, 200)))),
+            to_b64(encode(flat((3000, 2000), (10, 120, 200)))),
+        )
         first = asyncio.create_task(
             session.post("/process_image", json={"image": small, "prompt": "<CAPTION>"})
         )

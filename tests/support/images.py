@@ -73,7 +73,7 @@ def save(path: Path, seed: int, size: tuple[int, int] = (48, 40)) -> Path:
 
 
 def save_flat(
-    path: Path, size: tuple[int, int] = (16, 16), colour: tuple[int, int, int] = (200, 30, 30)
+    path: Path, colour: tuple[int, int, int] = (200, 30, 30), size: tuple[int, int] = (16, 16)
 ) -> Path:
     """``flat(size, colour)`` written to ``path`` in the format its suffix names."""
     path.parent.mkdir(parents=True, exist_ok=True)

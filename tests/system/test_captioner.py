@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from tests.support.images import noise
 from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.errors import InvalidTask, ModelLoadError
 from vision_server.florence import conversion_cache
@@ -25,13 +26,8 @@ from vision_server.testing.tiny_model import tiny_pixel_spec
 SHORT = GenerationOptions(max_new_tokens=40)
 
 
-def raw_picture(seed: int, size: tuple[int, int] = (64, 48)) -> Image.Image:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    return Image.fromarray(pixels)
-
-
 def picture(seed: int, size: tuple[int, int] = (64, 48)) -> PreparedImage:
-    return fit_image(raw_picture(seed, size), tiny_pixel_spec())
+    return fit_image(noise(seed, size), tiny_pixel_spec())
 
 
 def captioner_for(model: Path | str, cache: Path, **kwargs: object) -> FlorenceCaptioner:
@@ -106,6 +102,8 @@ def test_original_layout_converts_once_then_hits_the_cache(
     logging.getLogger(__name__).info("conversion log: %s", [r.getMessage() for r in caplog.records])
 
 
+# peft's PeftModel reads model.is_gradient_checkpointing, which transformers 5 deprecates (peft's call).
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 def test_adapter_changes_output_and_original_adapter_matches(
     tiny_native_dir: Path,
     tiny_adapter_dir: Path,
@@ -178,7 +176,7 @@ def test_fast_preprocessing_matches_the_transformers_processor(loaded: FlorenceC
     from vision_server.florence.pixels import pixel_spec
 
     processor = loaded._loaded.processor  # type: ignore[union-attr]
-    images = [raw_picture(7, (90, 30)), raw_picture(8, (30, 90))]
+    images = [noise(7, (90, 30)), noise(8, (30, 90))]
     tasks = ["<CAPTION>", "<MIXED_CAPTION_PLUS>"]
     reference = processor(text=tasks, images=images, return_tensors="pt", padding=True)
     batch = np.stack([fit_image(image, pixel_spec(processor)).pixels for image in images])
@@ -194,7 +192,7 @@ def test_uint8_pixels_normalise_to_exactly_the_float_pixels_of_before(spec: Pixe
     """Resizing to uint8 first and normalising the batch later changes no value (captions stay equal)."""
     from vision_server.florence.captioner import pixel_values
 
-    images = [raw_picture(seed, (1000 + 37 * seed, 700)) for seed in range(3)]
+    images = [noise(seed, (1000 + 37 * seed, 700)) for seed in range(3)]
 
     def before(image: Image.Image) -> np.ndarray:  # the float path queued jobs used to carry
         resized = image.resize((spec.width, spec.height), resample=spec.resample)
@@ -223,7 +221,7 @@ def test_items_prepared_for_another_size_are_resized_again(
     loaded: FlorenceCaptioner, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="vision_server.florence.captioner")
-    image = raw_picture(9, (300, 200))
+    image = noise(9, (300, 200))
     assumed = fit_image(image, FLORENCE_DEFAULT)  # prepared while the model's size was unknown
     assert assumed.pixels.shape == (768, 768, 3) and assumed.original_size == (300, 200)
     caption = loaded.caption([CaptionItem(assumed, "<CAPTION>", SHORT)])[0]

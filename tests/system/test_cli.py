@@ -12,9 +12,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
+from tests.support.images import save
 from tests.support.processes import free_port
 
 CLI = [sys.executable, "-m", "vision_server"]
@@ -28,12 +26,6 @@ def run(
 
 def digest(directory: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(directory.iterdir())}
-
-
-def write_picture(path: Path, seed: int) -> Path:
-    pixels = np.random.default_rng(seed).integers(0, 255, (48, 64, 3), dtype=np.uint8)
-    Image.fromarray(pixels).save(path)
-    return path
 
 
 def test_make_test_model_is_deterministic_and_convert_round_trips(tmp_path: Path) -> None:
@@ -50,7 +42,7 @@ def test_make_test_model_is_deterministic_and_convert_round_trips(tmp_path: Path
     assert result.returncode == 0, result.stderr
     assert (converted / "config.json").is_file() and str(converted) in result.stdout
 
-    image = write_picture(tmp_path / "a.png", 1)
+    image = save(tmp_path / "a.png", 1, (64, 48))
     captions = []
     for m in (native, converted):
         done = run(
@@ -78,7 +70,7 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
 
 
 def test_offline_hub_id_names_the_model_and_the_fix(tmp_path: Path) -> None:
-    image = write_picture(tmp_path / "b.png", 2)
+    image = save(tmp_path / "b.png", 2, (64, 48))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     result = run(
         "caption", str(image), "--model", "someone/Florence-2-nowhere", "--cache-dir", str(tmp_path), env=env
@@ -112,7 +104,7 @@ def test_serve_test_model_captions_and_exits_cleanly_on_sigterm(tmp_path: Path) 
 
         body = json.dumps(
             {
-                "image": base64.b64encode(write_picture(tmp_path / "c.png", 3).read_bytes()).decode(),
+                "image": base64.b64encode(save(tmp_path / "c.png", 3, (64, 48)).read_bytes()).decode(),
                 "prompt": "<CAPTION>",
             }
         ).encode()

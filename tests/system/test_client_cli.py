@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from PIL import Image
 
+from tests.support.images import save_flat
 from tests.support.processes import free_port
 
 CLI = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or shutil.which("vision-client")
@@ -45,12 +45,6 @@ def run(
     )
 
 
-def make_png(path: Path, color: tuple[int, int, int]) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", (32, 32), color).save(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def server(tiny_server_url: str) -> str:
     """The module's real ``vision-server serve --model test:tiny`` (see conftest)."""
@@ -59,8 +53,8 @@ def server(tiny_server_url: str) -> str:
 
 @pytest.fixture
 def images(tmp_path: Path) -> Path:
-    make_png(tmp_path / "red one.png", (220, 20, 20))
-    make_png(tmp_path / "sub" / "grün.jpg", (20, 220, 20))
+    save_flat(tmp_path / "red one.png", (220, 20, 20), (32, 32))
+    save_flat(tmp_path / "sub" / "grün.jpg", (20, 220, 20), (32, 32))
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nthis is not a complete image")
     return tmp_path
 
@@ -112,7 +106,7 @@ def test_bad_options_exit_2(tmp_path: Path) -> None:
 
 
 def test_unreachable_server_exits_1_with_a_clean_message(tmp_path: Path) -> None:
-    image = make_png(tmp_path / "a.png", (1, 2, 3))
+    image = save_flat(tmp_path / "a.png", (1, 2, 3), (32, 32))
     url = f"http://127.0.0.1:{free_port()}"
     result = run("--retries", "0", "caption", str(image), url=url)
     assert result.returncode == 1
@@ -249,7 +243,7 @@ async def test_folder_with_a_whitespace_only_caption_exits_1(aiohttp_server, tmp
     app = web.Application()
     app.router.add_post("/process_image", blank)
     url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
-    make_png(tmp_path / "a.png", (1, 2, 3))
+    save_flat(tmp_path / "a.png", (1, 2, 3), (32, 32))
     result = await asyncio.to_thread(run, "folder", str(tmp_path), url=url)
     assert result.returncode == 1, result.stderr
     assert "empty caption" in result.stderr

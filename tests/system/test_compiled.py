@@ -5,22 +5,24 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
+from tests.support.images import noise
 from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.florence.captioner import FlorenceCaptioner
 from vision_server.florence.compiled import CompilePlan
 from vision_server.images import PreparedImage, fit_image
 from vision_server.testing.tiny_model import tiny_pixel_spec
 
+# torch's inductor imports torch.utils.mkldnn, which still uses torch.jit.script_method: torch's own
+# deprecation, raised at import inside torch.compile, not anything this package calls.
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.script_method` is deprecated:DeprecationWarning")
+
 OPTIONS = GenerationOptions(max_new_tokens=24, num_beams=1)
 
 
 def picture(seed: int) -> PreparedImage:
-    image = Image.fromarray(np.random.default_rng(seed).integers(0, 255, (40, 56, 3), dtype=np.uint8))
-    return fit_image(image, tiny_pixel_spec())
+    return fit_image(noise(seed, (56, 40)), tiny_pixel_spec())
 
 
 def test_plan_buckets_padding_and_acceptance() -> None:

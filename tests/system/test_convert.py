@@ -9,14 +9,13 @@ import shutil
 import threading
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForImageTextToText, AutoProcessor, Florence2ForConditionalGeneration
 
+from tests.support.images import noise
 from vision_server.errors import ConversionError, ModelSourceError
 from vision_server.florence import conversion_cache
 from vision_server.florence.conversion_cache import (
@@ -31,10 +30,6 @@ from vision_server.testing._tokenizer import build_tokenizer
 from vision_server.testing.tiny_model import PRESETS, florence2_config
 
 
-def noise_image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (70, 90, 3), dtype=np.uint8))
-
-
 def generate_ids(
     model_dir: Path, *, beams: int, dtype: torch.dtype = torch.float32, adapter: Path | None = None
 ) -> list[list[int]]:
@@ -44,7 +39,7 @@ def generate_ids(
     if adapter is not None:
         model.load_adapter(str(adapter))
     tasks = list(PROMPTGEN_TASKS)
-    images = [noise_image(i % 2) for i in range(len(tasks))]
+    images = [noise(i % 2, (90, 70)) for i in range(len(tasks))]
     inputs = processor(text=tasks, images=images, padding=True, return_tensors="pt")
     with torch.inference_mode():
         return model.generate(**inputs, max_new_tokens=30, num_beams=beams, do_sample=False).tolist()

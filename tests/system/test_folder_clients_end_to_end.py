@@ -29,11 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
-from tests.support import paths
+from tests.support import images, paths
 from tests.support.api import tiny_cache_dir
 from tests.support.processes import ServerProcess, tiny_server
 
@@ -68,16 +66,6 @@ CORRUPT = "broken.jpg"
 EMPTY = "empty.PNG"
 CAPTIONED = "other/has caption.png"
 OLD_CAPTION = "old words, written by hand"
-FORMATS = {
-    ".jpg": "JPEG",
-    ".jpeg": "JPEG",
-    ".png": "PNG",
-    ".gif": "GIF",
-    ".bmp": "BMP",
-    ".tif": "TIFF",
-    ".tiff": "TIFF",
-    ".webp": "WEBP",
-}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,10 +138,7 @@ def expected_captions(url: str, images: list[Path]) -> dict[Path, str]:
 
 def save_image(path: Path, seed: int) -> Path:
     """Random pixels (so captions differ), in the format the suffix names, in any case."""
-    pixels = np.random.default_rng(seed).integers(0, 256, (36, 44 + seed % 7, 3), dtype=np.uint8)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path, format=FORMATS[path.suffix.lower()])
-    return path
+    return images.save(path, seed, (44 + seed % 7, 36))
 
 
 def make_messy_folder(root: Path) -> list[Path]:

@@ -6,13 +6,13 @@ import hashlib
 import json
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
 from transformers import AutoModelForImageTextToText, AutoProcessor, Florence2ForConditionalGeneration
 
+from tests.support.images import noise
 from vision_server.florence.layout import FLORENCE_TOKENS, IMAGE_TOKEN
 from vision_server.tasks import PROMPTGEN_TASKS
 from vision_server.testing._tokenizer import CAPTION_WORDS, build_tokenizer
@@ -21,11 +21,7 @@ from vision_server.testing.tiny_model import PRESETS, build_test_adapter, build_
 MAX_NEW_TOKENS = 40
 
 
-def noise_image(seed: int) -> Image.Image:
-    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (80, 96, 3), dtype=np.uint8))
-
-
-IMAGES = (noise_image(0), noise_image(1), Image.new("RGB", (64, 64), (200, 30, 30)))
+IMAGES = (noise(0, (96, 80)), noise(1, (96, 80)), Image.new("RGB", (64, 64), (200, 30, 30)))
 
 
 def file_hashes(directory: Path) -> dict[str, str]:
