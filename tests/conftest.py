@@ -20,6 +20,7 @@ import pytest
 
 from vision_server.engine.clock import Clock
 from vision_server.engine.scheduler import Engine, EngineConfig
+from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
 
 LAYERS = ("unit", "http", "system")
@@ -89,6 +90,18 @@ def tiny_original_adapter_dir(tiny_native_dir: Path, tmp_path_factory: pytest.Te
 
     out = tmp_path_factory.mktemp("tiny-original-adapter") / "adapter"
     return build_test_adapter(tiny_native_dir, out, fmt="original")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    """Settings serving the real tiny model (``test:tiny``), built once per run into a shared cache.
+
+    In-process servers take it as is; ``tests.support.api.tiny_settings`` gives the same with
+    overrides, and ``tiny_server_url`` serves the same model from a real process.
+    """
+    from tests.support.api import tiny_settings
+
+    return tiny_settings(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession
 
-from tests.support.api import native_caption, tiny_settings
+from tests.support.api import native_caption
 from tests.support.images import b64, data_url
 from tests.support.serving import client_for
 from vision_server.settings import Settings
@@ -19,11 +19,6 @@ from vision_server.testing.fake import FakeCaptioner
 ST_ORIGIN = "http://127.0.0.1:8000"
 # SillyTavern's Extras client (extensions.js / caption/index.js)
 EXTRAS_HEADERS = {"Content-Type": "application/json", "Bypass-Tunnel-Reminder": "bypass"}
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return tiny_settings(tmp_path_factory)
 
 
 async def extras_caption(session: ClientSession, body: Any, **headers: str) -> tuple[int, Any]:

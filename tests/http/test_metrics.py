@@ -11,7 +11,6 @@ from aiohttp import ClientSession
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.api import tiny_settings
 from tests.support.images import b64
 from tests.support.serving import client_for
 from vision_server import __version__
@@ -23,8 +22,8 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return tiny_settings(tmp_path_factory)
+def settings(tiny: Settings) -> Settings:
+    return tiny
 
 
 async def scrape(session: ClientSession) -> tuple[Samples, dict[str, str]]:

@@ -9,17 +9,12 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession, FormData, MultipartWriter
 
-from tests.support.api import native_caption, tiny_settings
+from tests.support.api import native_caption
 from tests.support.images import image_bytes
 from tests.support.serving import client_for
 from vision_server.settings import Settings
 from vision_server.tasks import PROMPTGEN_TASKS
 from vision_server.testing.fake import FakeCaptioner
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return tiny_settings(tmp_path_factory)
 
 
 def form(files: list[tuple[str, str, bytes]], **fields: str) -> FormData:

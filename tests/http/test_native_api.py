@@ -19,12 +19,6 @@ from vision_server.tasks import PROMPTGEN_TASKS
 from vision_server.testing.fake import FakeCaptioner
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    """Settings serving the self-built tiny model (built once into a module cache dir)."""
-    return Settings(model="test:tiny", cache_dir=tmp_path_factory.mktemp("cache"), idle_timeout=-1)
-
-
 async def post(session: ClientSession, body: object) -> tuple[int, object]:
     async with session.post("/process_image", json=body) as response:
         return response.status, await response.json()

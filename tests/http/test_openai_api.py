@@ -14,18 +14,13 @@ import openai
 import pytest
 from aiohttp import ClientSession, FormData
 
-from tests.support.api import engine_status, native_caption, tiny_settings
+from tests.support.api import engine_status, native_caption
 from tests.support.images import b64, data_url, image_bytes
 from tests.support.serving import client_for, running_server
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
 
 QUESTION = "What's in this image?"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return tiny_settings(tmp_path_factory)
 
 
 def sdk(url: str) -> openai.AsyncOpenAI:

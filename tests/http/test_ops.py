@@ -14,7 +14,6 @@ import pytest
 from aiohttp import ClientSession, web
 from aiohttp.test_utils import make_mocked_request
 
-from tests.support.api import tiny_settings
 from tests.support.images import b64
 from tests.support.serving import client_for
 from vision_server.api import ops
@@ -60,8 +59,8 @@ async def post_json(session: ClientSession, path: str, **kwargs: Any) -> tuple[i
 
 
 @pytest.fixture(scope="module")
-def settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return tiny_settings(tmp_path_factory)
+def settings(tiny: Settings) -> Settings:
+    return tiny
 
 
 async def test_health_is_green_with_the_model_unloaded(settings: Settings) -> None:

@@ -25,7 +25,7 @@ import pytest
 from aiohttp import ClientResponse, ClientSession, MultipartWriter
 
 from tests.support import paths
-from tests.support.api import engine_status, tiny_settings
+from tests.support.api import engine_status
 from tests.support.images import b64, data_url, image_bytes
 from tests.support.serving import running_server
 from vision_server.settings import Settings
@@ -44,11 +44,6 @@ ST_ORIGIN = "http://127.0.0.1:8000"  # where SillyTavern's page is served from (
 QUESTION = "What's in this image?"  # SillyTavern's default caption prompt
 NOT_BASE64 = "@@@ this is not base64 @@@"
 NOT_AN_IMAGE = b"just some words in a text file, not a picture"
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory: pytest.TempPathFactory) -> Settings:
-    return tiny_settings(tmp_path_factory)
 
 
 def with_(settings: Settings, **changes: Any) -> Settings:
