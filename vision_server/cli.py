@@ -94,7 +94,7 @@ def serve(config: Path | None, **flags: Any) -> None:
 
 
 @main.command(context_settings={"max_content_width": 110})
-@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.argument("inputs", nargs=-1, type=click.Path(path_type=Path))
 @click.option(
     "--task",
     "tasks",
@@ -137,6 +137,22 @@ def serve(config: Path | None, **flags: Any) -> None:
     help="Processes that decode and resize images. [default: CPU count, at most 8]",
 )
 @click.option(
+    "--ray",
+    "ray",
+    is_flag=False,
+    flag_value="local",
+    default=None,
+    metavar="[ADDRESS]",
+    help="Run on Ray Data: alone, an embedded local Ray runtime; 'auto' or an address (host:6379, "
+    'ray://host:10001) joins a running cluster. Needs pip install "vision-server[ray]".',
+)
+@click.option(
+    "--ray-actors",
+    type=click.IntRange(min=1),
+    help="With --ray: captioning actors, each with its own model. [default: one per GPU in the "
+    "cluster; one CPU actor per machine when there is no GPU]",
+)
+@click.option(
     "--progress-interval",
     type=click.FloatRange(min=0.1),
     default=10.0,
@@ -159,6 +175,15 @@ def caption(inputs: tuple[Path, ...], config: Path | None, **params: Any) -> Non
     """
     from vision_server.bulk.command import CaptionRequest, run_caption
 
+    ray = params.get("ray")
+    if (
+        ray not in (None, "local", "auto") and Path(ray).exists()
+    ):  # `--ray ./images`: an input, not an address
+        inputs, params["ray"] = (Path(ray), *inputs), "local"
+    if not inputs:
+        raise click.UsageError(
+            "Missing argument 'INPUTS...': images, folders, lists, Parquet files or shards."
+        )
     flags = {name: params.pop(name) for name in list(params) if name in FIELDS}
     settings = build_settings(config, flags)
     sys.exit(run_caption(settings, CaptionRequest(inputs=inputs, **params)))

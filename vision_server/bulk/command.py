@@ -84,6 +84,8 @@ class CaptionRequest:
     dry_run: bool = False
     workers: int | None = None
     progress_interval: float = 10.0
+    ray: str | None = None  # "local" (an embedded runtime), "auto" or a cluster address
+    ray_actors: int | None = None
 
 
 def run_caption(settings: Settings, request: CaptionRequest) -> int:
@@ -93,6 +95,10 @@ def run_caption(settings: Settings, request: CaptionRequest) -> int:
 
     read = ReadOptions(request.recursive, request.image_column, request.key_column)
     kinds = _check_inputs(request, read)
+    if request.ray is not None:
+        from vision_server.bulk.ray import require_ray
+
+        require_ray()
     configure_logging(settings.log_level, settings.log_format, settings.log_file)
     captioner = build_captioner(settings)
     tasks = _tasks(request.tasks, captioner.tasks)
@@ -111,6 +117,10 @@ def run_caption(settings: Settings, request: CaptionRequest) -> int:
     records = iter_records(request.inputs, read)
     if request.dry_run:
         return _dry_run(plan(records, tasks, outputs, request.limit))
+    if request.ray is not None:
+        from vision_server.bulk.ray import run_ray
+
+        return run_ray(settings, request, read, kinds, tasks, outputs)
     return asyncio.run(_run(settings, captioner, request, read, tasks, outputs))
 
 

@@ -1,0 +1,280 @@
+"""``vision-server caption --ray``: the dataset captioner as a Ray Data pipeline.
+
+read (bulk's readers, :mod:`~vision_server.bulk.ray_source`) → decode and resize in CPU
+``map_batches`` tasks → caption in actors, one model each (one per GPU, or CPU actors when the
+cluster has none) → rows stream back to this process, which writes them with bulk's outputs.
+So sidecars, JSONL and Parquet get the same rows, the same atomic writes and the same resume as
+the local path; Ray's backpressure bounds what is in flight. Sidecars are written by this
+process, so they need the image paths to be visible here (local paths or a shared file system).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vision_server.bulk.outputs import Captions, Output
+from vision_server.bulk.pipeline import Summary
+from vision_server.bulk.plan import Skip, Unit, plan
+from vision_server.bulk.progress import Progress, format_summary
+from vision_server.bulk.readers import ReadOptions, iter_records
+from vision_server.bulk.records import Record
+from vision_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = 'pip install "vision-server[ray]"'
+PREPARE_BATCH = 8  # images per decode task: enough to amortise a task, small enough to spread
+CALLS_PER_ACTOR = 3  # batches an actor holds at once: one captioning, the next ones queued
+
+
+def require_ray() -> None:
+    """Bad usage (exit 2) when Ray Data is not installed, before anything is loaded."""
+    try:
+        import ray
+        import ray.data  # noqa: F401
+    except ImportError as exc:
+        raise click.UsageError(
+            f"--ray needs Ray Data, which is not installed ({exc}); {INSTALL_HINT}"
+        ) from None
+
+
+class _Stop(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def run_ray(
+    settings: Settings,
+    request: Any,
+    read: ReadOptions,
+    kinds: dict[Path, str],
+    tasks: tuple[str, ...],
+    outputs: list[Output],
+) -> int:
+    """Run the request on Ray; the exit status as the local path gives it."""
+    from vision_server.bulk.command import _close, _status
+
+    summary = Summary()
+    progress = Progress(interval=request.progress_interval)
+    undo = _stop_on_signals()
+    started = False
+    try:
+        started = _init_ray(request.ray)
+        if not started:
+            return 2
+        try:
+            _caption(settings, request, read, kinds, tasks, outputs, summary, progress)
+        except _Stop as stop:
+            summary.interrupted = stop.signum
+        except Exception as exc:  # a failed actor or task: what was written stays, a rerun resumes
+            log.debug("the Ray run failed", exc_info=True)
+            click.echo(f"error: the Ray run failed: {_last_line(exc)}", err=True)
+            summary.failed += 1
+            summary.failures.append(("(the run)", _last_line(exc)))
+    except _Stop as stop:
+        summary.interrupted = stop.signum
+    finally:
+        _close(outputs)
+        progress.close()
+        if started:
+            import ray
+
+            ray.shutdown()
+        undo()
+    summary.seconds = time.monotonic() - summary.started
+    click.echo(format_summary(summary), err=True)
+    return _status(summary)
+
+
+def _init_ray(address: str) -> bool:
+    import ray
+
+    quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
+    try:
+        if address == "local":
+            ray.init(**quiet)
+        else:
+            ray.init(address=address, logging_level=logging.WARNING)
+    except (ConnectionError, ValueError, RuntimeError) as exc:
+        click.echo(f"error: cannot join the Ray cluster at {address!r}: {_last_line(exc)}", err=True)
+        return False
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False  # the command draws its own
+    context.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    return True
+
+
+def _caption(
+    settings: Settings,
+    request: Any,
+    read: ReadOptions,
+    kinds: dict[Path, str],
+    tasks: tuple[str, ...],
+    outputs: list[Output],
+    summary: Summary,
+    progress: Progress,
+) -> None:
+    import ray
+
+    from vision_server.bulk.ray_source import CaptionSource, snapshot
+    from vision_server.bulk.ray_stages import CaptionActor, prepare_batch
+
+    def report(outcome: Any, record: Record, reason: str | None) -> None:
+        summary.record(outcome, record.display, reason)
+        progress.report(summary, outcome, record.display, reason)
+
+    pieces, skipped, total = _pieces(request, read, kinds, tasks, outputs)
+    if total is not None:
+        progress.set_total(total)
+    for unit in skipped:
+        report("skipped", unit.record, unit.reason)
+    if not pieces:
+        return
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+    actors = request.ray_actors or gpus or nodes
+    if gpus and actors > gpus:
+        raise click.UsageError(f"--ray-actors {actors}: the cluster has {gpus} GPUs (one actor each)")
+    actor_resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    threads = None
+    if not gpus:  # Ray gives a 1-CPU actor one torch thread; a CPU model wants the machine's cores
+        per_node = int(ray.cluster_resources().get("CPU", 1)) // nodes
+        threads = max(1, per_node // math.ceil(actors / nodes))
+    batch_size = settings.max_batch_size or (32 if gpus else 16)
+    spec = _pixel_spec(settings)
+
+    dataset = ray.data.read_datasource(
+        CaptionSource(pieces, tasks, ray.put(snapshot(outputs))), override_num_blocks=len(pieces)
+    )
+    dataset = dataset.map_batches(
+        prepare_batch,
+        fn_kwargs={"spec": spec, "max_pixels": settings.max_image_pixels},
+        batch_size=PREPARE_BATCH,
+        batch_format="numpy",
+        num_cpus=1,
+    )
+    dataset = dataset.map_batches(
+        CaptionActor,
+        fn_constructor_kwargs={"settings": settings, "torch_threads": threads},
+        batch_size=batch_size,
+        batch_format="numpy",
+        concurrency=actors,
+        max_concurrency=CALLS_PER_ACTOR,
+        **actor_resources,
+    )
+    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        from vision_server.bulk.ray_rows import batch_rows, row_record
+
+        for row in batch_rows(batch):
+            record = row_record(row)
+            if str(row["skip"]):
+                report("skipped", record, str(row["skip"]))
+                continue
+            captions: Captions = json.loads(str(row["captions"]))
+            error = str(row["error"]) or None
+            problem = _write_all(outputs, record, captions, error)
+            report("failed" if problem else "captioned", record, problem)
+
+
+def _pieces(
+    request: Any, read: ReadOptions, kinds: dict[Path, str], tasks: tuple[str, ...], outputs: list[Output]
+) -> tuple[list[Any], list[Skip], int | None]:
+    """Read tasks for the inputs, the images already done (reported at once), and the total.
+
+    With ``--limit`` everything is planned here, in input order, exactly as the local path plans
+    it (at most ``limit`` images are shipped); otherwise Parquet files of image bytes and tar
+    shards are read and planned by the workers.
+    """
+    from vision_server.bulk.ray_source import PATHS_PER_TASK, PlannedRows, Shard, row_group_pieces
+
+    pieces: list[Any] = []
+    skipped: list[Skip] = []
+    total: int | None = 0
+    local: list[Path] = []
+    for path in request.inputs:
+        kind = kinds[path]
+        groups = row_group_pieces(path, read) if kind == "parquet-bytes" and request.limit is None else None
+        if groups is not None:
+            pieces.extend(groups)
+            total = None if total is None else total + sum(group.rows for group in groups)
+        elif kind == "webdataset" and request.limit is None:
+            pieces.append(Shard(path))
+            total = None
+        else:
+            local.append(path)
+    chunk: list[Unit] = []
+    for unit in plan(iter_records(local, read), tasks, outputs, request.limit):
+        total = None if total is None else total + 1
+        if isinstance(unit, Skip):
+            skipped.append(unit)
+            continue
+        chunk.append(unit)
+        if len(chunk) >= PATHS_PER_TASK:
+            pieces.append(PlannedRows(tuple(chunk)))
+            chunk = []
+    if chunk:
+        pieces.append(PlannedRows(tuple(chunk)))
+    return pieces, skipped, total
+
+
+def _pixel_spec(settings: Settings) -> Any:
+    """The model's input size, from its processor files alone (the driver loads no weights)."""
+    from transformers import AutoProcessor
+
+    from vision_server.florence.captioner import pixel_spec
+    from vision_server.florence.conversion_cache import ensure_native
+    from vision_server.florence.source import resolve_model_dir
+
+    source = resolve_model_dir(settings.model, revision=settings.revision, cache_dir=settings.cache_dir)
+    native = ensure_native(source, settings.cache_dir / "converted")
+    return pixel_spec(AutoProcessor.from_pretrained(native))
+
+
+def _write_all(outputs: list[Output], record: Record, captions: Captions, error: str | None) -> str | None:
+    """Every output gets its turn even when one fails (as in the local path)."""
+    problem = None
+    for output in outputs:
+        try:
+            output.write(record, captions, error)
+        except (OSError, UnicodeError) as exc:
+            problem = problem or f"cannot write the caption ({exc})"
+    return problem or error
+
+
+def _stop_on_signals() -> Any:
+    """Ctrl+C/SIGTERM: stop reading results, close the outputs cleanly; a second one quits now."""
+    previous = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    stopping: list[int] = []
+
+    def handler(signum: int, frame: Any) -> None:
+        if stopping:
+            os._exit(128 + signum)
+        stopping.append(signum)
+        print("stopping: closing the outputs (press Ctrl+C again to quit now)", file=sys.stderr, flush=True)
+        raise _Stop(signum)
+
+    for signum in previous:
+        signal.signal(signum, handler)
+
+    def undo() -> None:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+    return undo
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else type(exc).__name__
