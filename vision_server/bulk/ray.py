@@ -34,6 +34,9 @@ log = logging.getLogger(__name__)
 
 INSTALL_HINT = 'pip install "vision-server[ray]"'
 PREPARE_BATCH = 8  # images per decode task: enough to amortise a task, small enough to spread
+# Room for a batch of full-size decodes (a 12-megapixel JPEG is 36 MB decoded). Also keeps the
+# decode tasks apart from CPU caption actors: Ray fuses stages whose resources are equal.
+PREPARE_MEMORY = 512 * 1024 * 1024
 CALLS_PER_ACTOR = 3  # batches an actor holds at once: one captioning, the next ones queued
 
 
@@ -109,10 +112,10 @@ def _init_ray(address: str) -> bool:
     except (ConnectionError, ValueError, RuntimeError) as exc:
         click.echo(f"error: cannot join the Ray cluster at {address!r}: {_last_line(exc)}", err=True)
         return False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)  # our own progress and errors say it all
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False  # the command draws its own
     context.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     return True
 
 
@@ -164,14 +167,16 @@ def _caption(
         batch_size=PREPARE_BATCH,
         batch_format="numpy",
         num_cpus=1,
+        memory=PREPARE_MEMORY,
     )
     dataset = dataset.map_batches(
         CaptionActor,
         fn_constructor_kwargs={"settings": settings, "torch_threads": threads},
         batch_size=batch_size,
         batch_format="numpy",
-        concurrency=actors,
-        max_concurrency=CALLS_PER_ACTOR,
+        compute=ray.data.ActorPoolStrategy(
+            size=actors, max_concurrent_calls_per_actor=CALLS_PER_ACTOR, enable_true_multi_threading=True
+        ),
         **actor_resources,
     )
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
