@@ -1,0 +1,142 @@
+"""``vision-server caption --ray``: real subprocesses, a real local Ray runtime, the tiny model.
+
+Each Ray run starts a runtime and an actor with its own model (tens of seconds on two cores),
+so the module runs three commands in all: the local path, the same inputs through ``--ray``
+(rows, sidecars and a Parquet output compared with the local path), and a ``--ray`` rerun that
+must resume instead of captioning again.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import tarfile
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from tests.processes import cli_command, server_env
+
+pytest.importorskip("ray.data")
+
+OPTIONS = ["--model", "test:tiny", "--max-new-tokens", "12", "--progress-interval", "60"]
+
+
+def _jpeg(seed: int, size: tuple[int, int] = (96, 72)) -> bytes:
+    image = Image.new("RGB", size, ((seed * 37) % 256, (seed * 91) % 256, (seed * 13) % 256))
+    for x in range(0, size[0], 8):  # a little structure, so captions differ between images
+        image.putpixel((x, (seed * x) % size[1]), (255, 255, 255))
+    out = io.BytesIO()
+    image.save(out, "JPEG")
+    return out.getvalue()
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder (nested, a space and Unicode in names, a non-image), a Parquet file of image
+    bytes in several row groups, and a WebDataset shard."""
+    root = tmp_path_factory.mktemp("ray-dataset")
+    folder = root / "photos"
+    (folder / "sub dir").mkdir(parents=True)
+    for index in range(10):
+        name = f"sub dir/ñ {index}.jpg" if index % 3 == 0 else f"img{index}.jpg"
+        (folder / name).write_bytes(_jpeg(index))
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    table = pa.table({"key": [f"row-{i}" for i in range(9)], "image": [_jpeg(100 + i) for i in range(9)]})
+    pq.write_table(table, root / "table.parquet", row_group_size=4)
+    with tarfile.open(root / "shard.tar", "w") as shard:
+        for index in range(5):
+            for name, data in ((f"s{index:03d}.jpg", _jpeg(200 + index)), (f"s{index:03d}.txt", b"x")):
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                shard.addfile(member, io.BytesIO(data))
+    return root
+
+
+def _caption(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = server_env(root)
+    env["VISION_SERVER_CACHE_DIR"] = str(root / "cache")
+    inputs = [str(root / "photos"), str(root / "table.parquet"), str(root / "shard.tar")]
+    return subprocess.run(
+        [*cli_command(), "caption", *inputs, *OPTIONS, *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def _rows(path: Path) -> dict[tuple[str, str], dict[str, Any]]:
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    keyed = {(row["source"], row["key"]): row for row in rows}
+    assert len(keyed) == len(rows), "a row was written twice"
+    return keyed
+
+
+def test_ray_writes_the_same_rows_as_the_local_path_and_resumes(dataset: Path) -> None:
+    local = _caption(dataset, "--jsonl", str(dataset / "local.jsonl"))
+    assert local.returncode == 1, local.stderr  # the broken file fails, the rest is captioned
+    ray_run = _caption(
+        dataset,
+        "--ray",
+        "--jsonl",
+        str(dataset / "ray.jsonl"),
+        "--parquet",
+        str(dataset / "ray.parquet"),
+        "--sidecars",
+    )
+    assert ray_run.returncode == 1, ray_run.stderr
+    assert "captioned 24, skipped 0, failed 1" in ray_run.stderr
+
+    expected, got = _rows(dataset / "local.jsonl"), _rows(dataset / "ray.jsonl")
+    assert got == expected
+    assert len(expected) == 25
+    failed = [row for row in got.values() if "error" in row]
+    assert [row["key"] for row in failed] == ["broken.png"]
+    assert "broken.png" in ray_run.stderr
+
+    table = {(row["source"], row["key"]): row for row in pq.read_table(dataset / "ray.parquet").to_pylist()}
+    assert {key: row["caption"] for key, row in table.items()} == {
+        key: row["caption"] for key, row in expected.items() if "error" not in row
+    }
+
+    folder = str(dataset / "photos")
+    for (source, key), row in expected.items():
+        if source == folder and "error" not in row:
+            assert (dataset / "photos" / key).with_suffix(".txt").read_text(encoding="utf-8") == row[
+                "caption"
+            ]
+
+    again = _caption(
+        dataset, "--ray", "--jsonl", str(dataset / "ray.jsonl"), "--parquet", str(dataset / "ray.parquet")
+    )
+    assert again.returncode == 1, again.stderr  # the broken file is tried, and fails, again
+    assert "captioned 0, skipped 24, failed 1" in again.stderr
+    rows = (dataset / "ray.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 26  # only the failure is recorded a second time
+    assert pq.read_table(dataset / "ray.parquet").num_rows == 24
+
+
+def test_without_ray_installed_the_command_says_how_to_get_it(tmp_path: Path) -> None:
+    blocker = tmp_path / "blocked" / "ray"
+    blocker.mkdir(parents=True)
+    (blocker / "__init__.py").write_text("raise ImportError(\"No module named 'ray'\")\n")
+    image = tmp_path / "cat.jpg"
+    image.write_bytes(_jpeg(1))
+    env = server_env(tmp_path)
+    env["PYTHONPATH"] = f"{tmp_path / 'blocked'}:{env.get('PYTHONPATH', '')}"
+    result = subprocess.run(
+        [*cli_command(), "caption", str(image), "--ray", "--model", "test:tiny"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 2, result.stderr
+    assert 'pip install "vision-server[ray]"' in result.stderr
+    assert not image.with_suffix(".txt").exists()
