@@ -1,0 +1,41 @@
+"""``benchmarks/caption_bench.py --smoke`` as a test, so the benchmark cannot rot (about 2 minutes:
+the local path, the model alone, a ``--ray`` run on a local runtime and four RSS runs).
+
+Marked ``slow``: leave it out with ``pytest -m "not slow"``. It checks that every figure is
+printed, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).parents[1] / "benchmarks" / "caption_bench.py"
+
+pytestmark = pytest.mark.slow
+
+
+def test_caption_bench_smoke(tmp_path: Path) -> None:
+    pytest.importorskip("ray.data")
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_SERVER_")}
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--workdir", str(tmp_path)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    assert figures["caption"]["captioned"] == figures["images"] == 12
+    assert figures["ray"]["captioned"] == 12
+    assert figures["model_img_s"] > 0
+    assert set(figures["peak_rss_mib"]) == {"small_6", "small_24", "large_1", "large_4"}
+    assert all(mib > 0 for mib in figures["peak_rss_mib"].values())
+    for line in ("ratio caption / model", "caption --ray (local Ray)", "peak RSS"):
+        assert line in result.stdout
