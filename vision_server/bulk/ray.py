@@ -80,6 +80,8 @@ def run_ray(
             _caption(settings, request, read, kinds, tasks, outputs, summary, progress)
         except _Stop as stop:
             summary.interrupted = stop.signum
+        except click.UsageError:
+            raise
         except Exception as exc:  # a failed actor or task: what was written stays, a rerun resumes
             log.debug("the Ray run failed", exc_info=True)
             click.echo(f"error: the Ray run failed: {_last_line(exc)}", err=True)
@@ -103,10 +105,9 @@ def run_ray(
 def _init_ray(address: str) -> bool:
     import ray
 
-    quiet = {"include_dashboard": False, "logging_level": logging.WARNING}
     try:
-        if address == "local":
-            ray.init(**quiet)
+        if address == "local":  # a new runtime of our own, even when RAY_ADDRESS names a cluster
+            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
         else:
             ray.init(address=address, logging_level=logging.WARNING)
     except (ConnectionError, ValueError, RuntimeError) as exc:
@@ -131,6 +132,7 @@ def _caption(
 ) -> None:
     import ray
 
+    from vision_server.bulk.ray_rows import batch_rows, row_record
     from vision_server.bulk.ray_source import CaptionSource, snapshot
     from vision_server.bulk.ray_stages import CaptionActor, prepare_batch
 
@@ -180,8 +182,6 @@ def _caption(
         **actor_resources,
     )
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        from vision_server.bulk.ray_rows import batch_rows, row_record
-
         for row in batch_rows(batch):
             record = row_record(row)
             if str(row["skip"]):
