@@ -191,6 +191,7 @@ def main() -> None:
     parser.add_argument("--large-images", type=int, default=200, help="4000x3000 JPEGs for the RSS run")
     parser.add_argument("--rss-preset", choices=["tiny", "base", "large"], default="tiny")
     parser.add_argument("--no-ray", action="store_true", help="skip the --ray run")
+    parser.add_argument("--no-rss", action="store_true", help="skip the peak RSS runs")
     parser.add_argument("--smoke", action="store_true", help="tiny model, a few images: checks it runs")
     parser.add_argument("--workdir", type=Path, help="keep models and images here (default: a temp dir)")
     args = parser.parse_args()
@@ -262,8 +263,12 @@ def main() -> None:
     ]
     rss: dict[str, float] = {}
     for name, count, size in (
-        ("small", args.small_images, (320, 240)),
-        ("large", args.large_images, (4000, 3000)),
+        ()
+        if args.no_rss
+        else (
+            ("small", args.small_images, (320, 240)),
+            ("large", args.large_images, (4000, 3000)),
+        )
     ):
         paths = write_jpegs(workdir / f"{name}-images", count, size, seed=1)
         for part in (max(1, count // 4), count):
@@ -299,7 +304,8 @@ def main() -> None:
         )
         if "ray_to_caption" in results:
             print(f"  ratio --ray / local          {results['ray_to_caption']:.2f}   (goal >= 0.8)")
-    print(f"peak RSS of caption and its decoding processes ({args.rss_preset} model):")
+    if rss:
+        print(f"peak RSS of caption and its decoding processes ({args.rss_preset} model):")
     for key, mib in rss.items():
         name, count = key.split("_")
         label = "320x240" if name == "small" else "4000x3000"

@@ -140,7 +140,8 @@ def _caption(
         summary.record(outcome, record.display, reason)
         progress.report(summary, outcome, record.display, reason)
 
-    pieces, skipped, total = _pieces(request, read, kinds, tasks, outputs)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    pieces, skipped, total = _pieces(request, read, kinds, tasks, outputs, cpus)
     if total is not None:
         progress.set_total(total)
     for unit in skipped:
@@ -155,7 +156,7 @@ def _caption(
     actor_resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
     threads = None
     if not gpus:  # Ray gives a 1-CPU actor one torch thread; a CPU model wants the machine's cores
-        per_node = int(ray.cluster_resources().get("CPU", 1)) // nodes
+        per_node = cpus // nodes
         threads = max(1, per_node // math.ceil(actors / nodes))
     batch_size = settings.max_batch_size or (32 if gpus else 16)
     spec = _pixel_spec(settings)
@@ -194,7 +195,12 @@ def _caption(
 
 
 def _pieces(
-    request: Any, read: ReadOptions, kinds: dict[Path, str], tasks: tuple[str, ...], outputs: list[Output]
+    request: Any,
+    read: ReadOptions,
+    kinds: dict[Path, str],
+    tasks: tuple[str, ...],
+    outputs: list[Output],
+    cpus: int,
 ) -> tuple[list[Any], list[Skip], int | None]:
     """Read tasks for the inputs, the images already done (reported at once), and the total.
 
@@ -202,7 +208,13 @@ def _pieces(
     it (at most ``limit`` images are shipped); otherwise Parquet files of image bytes and tar
     shards are read and planned by the workers.
     """
-    from vision_server.bulk.ray_source import PATHS_PER_TASK, PlannedRows, Shard, row_group_pieces
+    from vision_server.bulk.ray_source import (
+        MIN_PATHS_PER_TASK,
+        PATHS_PER_TASK,
+        PlannedRows,
+        Shard,
+        row_group_pieces,
+    )
 
     pieces: list[Any] = []
     skipped: list[Skip] = []
@@ -219,32 +231,25 @@ def _pieces(
             total = None
         else:
             local.append(path)
-    chunk: list[Unit] = []
+    units: list[Unit] = []
     for unit in plan(iter_records(local, read), tasks, outputs, request.limit):
         total = None if total is None else total + 1
         if isinstance(unit, Skip):
             skipped.append(unit)
-            continue
-        chunk.append(unit)
-        if len(chunk) >= PATHS_PER_TASK:
-            pieces.append(PlannedRows(tuple(chunk)))
-            chunk = []
-    if chunk:
-        pieces.append(PlannedRows(tuple(chunk)))
+        else:
+            units.append(unit)
+    # Enough read tasks to keep every CPU decoding, few enough that each is worth a task; small
+    # tasks also stream: a task's rows go on to the model only when the task has finished.
+    size = max(MIN_PATHS_PER_TASK, min(PATHS_PER_TASK, len(units) // (4 * cpus)))
+    pieces.extend(PlannedRows(tuple(units[start : start + size])) for start in range(0, len(units), size))
     return pieces, skipped, total
 
 
 def _pixel_spec(settings: Settings) -> Any:
-    """The model's input size, from its processor files alone (the driver loads no weights)."""
-    from transformers import AutoProcessor
+    """The model's input size, known from its files before (and without) loading the weights."""
+    from vision_server.runtime import build_captioner
 
-    from vision_server.florence.captioner import pixel_spec
-    from vision_server.florence.conversion_cache import ensure_native
-    from vision_server.florence.source import resolve_model_dir
-
-    source = resolve_model_dir(settings.model, revision=settings.revision, cache_dir=settings.cache_dir)
-    native = ensure_native(source, settings.cache_dir / "converted")
-    return pixel_spec(AutoProcessor.from_pretrained(native))
+    return build_captioner(settings).pixel_spec
 
 
 def _write_all(outputs: list[Output], record: Record, captions: Captions, error: str | None) -> str | None:

@@ -29,8 +29,9 @@ from vision_server.bulk.plan import Unit, plan_record
 from vision_server.bulk.ray_rows import unit_rows
 from vision_server.bulk.records import Record
 
-PATHS_PER_TASK = 256  # planned paths per read task: small rows, many tasks to spread
-ROWS_PER_BLOCK = 32  # images per block from tables and shards: bounded memory per block
+PATHS_PER_TASK = 256  # at most this many planned paths per read task
+MIN_PATHS_PER_TASK = 4
+ROWS_PER_BLOCK = 16  # images per block from tables and shards: bounded memory per block
 
 
 class DoneSnapshot:

@@ -16,10 +16,9 @@ from typing import Any
 
 import numpy as np
 
-from vision_server.bulk.pipeline import model_pixel_spec
-from vision_server.bulk.prepare import Prepared, as_image, prepare_record
+from vision_server.bulk.prepare import prepare_record
 from vision_server.bulk.ray_rows import batch_rows, row_record, row_tasks
-from vision_server.images import PixelSpec
+from vision_server.images import PixelSpec, PreparedImage
 from vision_server.settings import Settings
 
 ENGINE_REQUEST_TIMEOUT = 7 * 24 * 3600.0  # Ray's backpressure bounds the wait, not a deadline
@@ -29,23 +28,28 @@ def prepare_batch(batch: dict[str, Any], spec: PixelSpec, max_pixels: int) -> di
     """Read and resize each image still to caption; a failure becomes the row's ``error``.
 
     The image bytes are dropped here; ``pixels`` holds the model-size RGB bytes (H x W x 3,
-    empty for rows with nothing to caption, so skipped rows cost nothing downstream).
+    empty for rows with nothing to caption, so skipped rows cost nothing downstream) and
+    ``width``/``height`` the image's own size (tasks that answer with boxes scale to it).
     """
     rows = batch_rows(batch)
-    pixels, errors = [], []
+    pixels, errors, widths, heights = [], [], [], []
     for row in rows:
-        error, ready = str(row["error"]), b""
+        error, ready, size = str(row["error"]), b"", (0, 0)
         if not error and row_tasks(row):
             prepared = prepare_record(row_record(row, with_data=True), spec, max_pixels)
-            if isinstance(prepared, Prepared):
-                ready = prepared.pixels.tobytes()
+            if isinstance(prepared, PreparedImage):
+                ready, size = prepared.pixels.tobytes(), prepared.original_size
             else:
                 error = prepared
         pixels.append(ready)
         errors.append(error)
+        widths.append(size[0])
+        heights.append(size[1])
     out = {name: batch[name] for name in batch if name not in ("data", "error")}
     out["error"] = np.array(errors, dtype=object)
     out["pixels"] = np.array(pixels, dtype=object)
+    out["width"] = np.array(widths, dtype=np.int64)
+    out["height"] = np.array(heights, dtype=np.int64)
     return out
 
 
@@ -78,7 +82,7 @@ class CaptionActor:
             self._wait(self.engine.load())
         except VisionServerError as exc:
             raise RuntimeError(f"the model did not load: {exc.message}") from None
-        spec = model_pixel_spec(captioner)
+        spec = self.engine.pixel_spec
         self.shape = (spec.height, spec.width, 3)
 
     def _wait(self, coroutine: Any) -> Any:
@@ -86,7 +90,7 @@ class CaptionActor:
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
         captions, errors = self._wait(self._caption(batch))
-        out = {name: batch[name] for name in batch if name not in ("pixels", "error")}
+        out = {name: batch[name] for name in batch if name not in ("pixels", "error", "width", "height")}
         out["error"] = np.array(errors, dtype=object)
         out["captions"] = np.array(captions, dtype=object)
         return out
@@ -97,29 +101,14 @@ class CaptionActor:
         return [json.dumps(texts, ensure_ascii=False) for texts, _ in results], [e for _, e in results]
 
     async def _caption_row(self, row: dict[str, Any]) -> tuple[dict[str, str], str]:
-        from vision_server.bulk.pipeline import _describe
-        from vision_server.captioner import CaptionItem
+        from vision_server.bulk.pipeline import caption_image
 
         tasks, error = row_tasks(row), str(row["error"])
         if error or not tasks:
             return {}, error
         pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(self.shape)
-        image = as_image(Prepared(pixels, (0, 0)))
-        display = row_record(row).display
-        results = await asyncio.gather(
-            *(
-                self.engine.submit(
-                    CaptionItem(image, task, self.options), request_id=display, wait_for_room=True
-                )
-                for task in tasks
-            ),
-            return_exceptions=True,
+        image = PreparedImage(pixels, (int(row["width"]), int(row["height"])))
+        texts, problem = await caption_image(
+            self.engine, image, tasks, self.options, request_id=row_record(row).display
         )
-        texts: dict[str, str] = {}
-        problems: list[str] = []
-        for task, result in zip(tasks, results, strict=True):
-            if isinstance(result, BaseException):
-                problems.append(_describe(task, result, len(tasks)))
-            else:
-                texts[task] = result.text
-        return texts, "; ".join(problems)
+        return texts, problem or ""
