@@ -153,6 +153,7 @@ def model_alone(
     """Images per second of ``caption()`` on ready inputs (decoded and preprocessed beforehand)."""
     from vision_server.captioner import CaptionItem, GenerationOptions
     from vision_server.florence.captioner import FlorenceCaptioner
+    from vision_server.images import fit_image
 
     options = GenerationOptions(max_new_tokens=tokens, min_new_tokens=tokens, num_beams=1)
     captioner = FlorenceCaptioner(
@@ -165,9 +166,9 @@ def model_alone(
     )
     captioner.load()
     items = []
-    for path in paths:
+    for path in paths:  # ready: decoded and resized to the model's size, as a queued job holds them
         with Image.open(path) as image:
-            items.append(captioner.preprocess(CaptionItem(image.convert("RGB"), TASK, options)))
+            items.append(CaptionItem(fit_image(image.convert("RGB"), captioner.pixel_spec), TASK, options))
     captioner.caption(items[:batch])  # warm-up, as the command's first batch is not counted either
     started = time.perf_counter()
     for start in range(0, len(items), batch):
