@@ -99,8 +99,9 @@ class RowClock:
             self.changes.append((time.perf_counter(), rows))
 
     def steady_rate(self) -> float | None:
-        """Images per second from the first rows written to the last (None: one burst only)."""
-        if len(self.changes) < 2:
+        """Images per second from the first rows written to the last (None: fewer than three
+        bursts of rows, too few to tell a rate from start-up and batching)."""
+        if len(self.changes) < 3:
             return None
         (first_t, first_n), (last_t, last_n) = self.changes[0], self.changes[-1]
         return (last_n - first_n) / (last_t - first_t) if last_t > first_t else None
@@ -123,6 +124,7 @@ def run_caption(args: list[str], env: dict[str, str], jsonl: Path, log: Path) ->
         "img_s": clock.steady_rate(),
         "first_row_s": clock.first_row_s(),
         "wall_s": wall,
+        "wall_img_s": count / wall if (count := int(summary[-1]) if summary else 0) else None,
         "captioned": int(summary[-1]) if summary else None,
     }
 
@@ -288,7 +290,7 @@ def main() -> None:
     )
 
     def rate(value: float | None) -> str:
-        return f"{value:.3f} img/s" if value else "n/a (one burst)"
+        return f"{value:.3f} img/s" if value else "n/a (rows came in fewer than 3 bursts)"
 
     print(
         f"  caption (end to end, steady) {rate(local['img_s'])}   "
@@ -305,6 +307,10 @@ def main() -> None:
         )
         if "ray_to_caption" in results:
             print(f"  ratio --ray / local          {results['ray_to_caption']:.2f}   (goal >= 0.8)")
+        print(
+            f"  whole command, start-up included: local {local['wall_img_s']:.3f} img/s "
+            f"({local['wall_s']:.0f} s), --ray {ray['wall_img_s']:.3f} img/s ({ray['wall_s']:.0f} s)"
+        )
     if rss:
         print(f"peak RSS of caption and its decoding processes ({args.rss_preset} model):")
     for key, mib in rss.items():
