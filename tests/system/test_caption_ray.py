@@ -20,7 +20,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from tests.processes import cli_command, server_env
+from tests.support.processes import cli_command, server_env
 
 pytest.importorskip("ray.data")
 

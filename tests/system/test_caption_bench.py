@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parents[1] / "benchmarks" / "caption_bench.py"
+BENCH = Path(__file__).parents[2] / "benchmarks" / "caption_bench.py"
 
 pytestmark = pytest.mark.slow
 
