@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import io
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
-from PIL import Image
-
+from tests.support.images import image_bytes
 from tests.support.processes import cli_command
 
 NON_UTF8_NAME = b"caf\xe9 latin1.png"  # a Latin-1 name from an old archive: not valid UTF-8
 
 
 def picture(seed: int, size: tuple[int, int] = (40, 32), fmt: str = "PNG") -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    buffer = io.BytesIO()
-    Image.fromarray(pixels).save(buffer, format=fmt)
-    return buffer.getvalue()
+    """The file bytes of ``images.noise(seed, size)`` in ``fmt``."""
+    return image_bytes(seed, fmt, size)
 
 
 def good_images(root: Path, count: int) -> dict[Path, bytes]:

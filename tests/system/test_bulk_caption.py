@@ -10,7 +10,6 @@ run, the limit, and usage errors.
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import signal
@@ -30,12 +29,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.support.bulk_data import caption_command, cli_env, good_images, messy_folder, picture
-from tests.support.processes import ServerProcess, cli_command, server_env
+from tests.support.processes import tiny_server
 
 MESSY_IMAGES = 200
 # Short greedy captions keep a queue of 2 (so batches of at most 2) fast enough for the suite;
 # the server the sidecars are compared with runs with the same options.
-FAST = ("--model", "test:tiny", "--max-new-tokens", "8", "--num-beams", "1")
+FAST_OPTIONS = ("--max-new-tokens", "8", "--num-beams", "1")
+FAST = ("--model", "test:tiny", *FAST_OPTIONS)
 
 
 @pytest.fixture(scope="module")
@@ -71,15 +71,11 @@ class MessyRun:
 
 
 @pytest.fixture(scope="module")
-def fast_server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def fast_server_url(tmp_path_factory: pytest.TempPathFactory, cache: Path) -> Iterator[str]:
     """``vision-server serve`` as a real process with the generation options of ``FAST``."""
-    tmp = tmp_path_factory.mktemp("fast-server")
-    command = [*cli_command(), "serve", *FAST, "--idle-timeout", "-1", "--preload"]
-    with ServerProcess(command, server_env(tmp), tmp / "server.log") as process:
+    with tiny_server(tmp_path_factory.mktemp("fast-server"), cache, *FAST_OPTIONS) as process:
         yield process.wait_listening(timeout=120)
-        process.send(signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            process.wait(15)
+        process.stop()
 
 
 @pytest.fixture(scope="module")
