@@ -20,6 +20,8 @@ from vision_server.florence import conversion_cache
 from vision_server.florence.captioner import FlorenceCaptioner
 from vision_server.florence.pixels import FLORENCE_DEFAULT
 from vision_server.images import PixelSpec, PreparedImage, fit_image
+from vision_server.runtime import engine_config
+from vision_server.settings import Settings
 from vision_server.tasks import PROMPTGEN_TASKS, normalize_task
 from vision_server.testing.tiny_model import tiny_pixel_spec
 
@@ -226,3 +228,11 @@ def test_items_prepared_for_another_size_are_resized_again(
     assert assumed.pixels.shape == (768, 768, 3) and assumed.original_size == (300, 200)
     caption = loaded.caption([CaptionItem(assumed, "<CAPTION>", SHORT)])[0]
     assert caption.text and "resizing a queued 768x768 image to the model's 64x64" in caplog.text
+
+
+def test_batch_size_default_depends_on_the_device(tmp_path: Path) -> None:
+    cpu = FlorenceCaptioner("test:tiny", cache_dir=tmp_path, device="cpu")
+    gpu = FlorenceCaptioner("test:tiny", cache_dir=tmp_path, device="cuda:0")
+    assert engine_config(Settings(), cpu).max_batch_size == 16
+    assert engine_config(Settings(), gpu).max_batch_size == 32
+    assert engine_config(Settings(max_batch_size=5), gpu).max_batch_size == 5

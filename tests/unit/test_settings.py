@@ -64,14 +64,3 @@ def _empty(tmp_path: Path) -> Path:
     path = tmp_path / "empty.toml"
     path.write_text("")
     return path
-
-
-def test_batch_size_default_depends_on_the_device(tmp_path: Path) -> None:
-    from vision_server.florence.captioner import FlorenceCaptioner
-    from vision_server.runtime import engine_config
-
-    cpu = FlorenceCaptioner("test:tiny", cache_dir=tmp_path, device="cpu")
-    gpu = FlorenceCaptioner("test:tiny", cache_dir=tmp_path, device="cuda:0")
-    assert engine_config(Settings(), cpu).max_batch_size == 16
-    assert engine_config(Settings(), gpu).max_batch_size == 32
-    assert engine_config(Settings(max_batch_size=5), gpu).max_batch_size == 5
