@@ -1,15 +1,22 @@
 """Memory under a burst of huge images, and event-loop latency under big uploads.
 
 ``memory``: a server on DIR (build one with ``vision-server make-test-model DIR --preset base``)
-gets ``--clients`` concurrent 8000x8000 PNGs (about 0.3 MB each on the wire, 192 MB decoded).
-Prints the server's RSS before, at its peak and after the burst, beside the model's size.
+gets ``--clients`` concurrent 8000x8000 PNGs (about 0.3 MB each on the wire, 256 MB each in
+Pillow's RGBX layout while decoding). Prints the server's RSS before, at its peak and after the
+burst, beside the model's size; the peak is also split by whether a batch was running then
+(``/v1/status`` polled), and the batches' sizes are reported. ``--model test:tiny`` measures the
+decode + queue memory alone (its forward pass is negligible); ``--max-batch-size`` and
+``--num-beams`` show how much is the forward pass's activations. ``--request-timeout`` is high by
+default so that a slow CPU answers every request (a 504 would free its job early and flatter
+the figures).
 
 ``latency``: a server on test:tiny gets ``--clients`` clients each sending 4000x3000 JPEGs (about
 12 MB of base64 each) in a loop for ``--seconds``, while one probe asks ``GET /prompts`` every
 20 ms; prints the probe's p50/p99. ``--source DIR`` runs the server from another checkout (for a
 before/after comparison in the same run: ``git worktree add /tmp/before <commit>``).
 
-    python benchmarks/hardening_bench.py memory --model /tmp/base --clients 32
+    python benchmarks/hardening_bench.py memory --model /tmp/base --clients 32 [--max-batch-size 2]
+    python benchmarks/hardening_bench.py memory --model test:tiny --clients 32
     python benchmarks/hardening_bench.py latency --clients 32 --seconds 30 [--source /tmp/before]
 """
 
@@ -86,20 +93,35 @@ def model_bytes(model: Path) -> int:
 
 
 async def memory(args: argparse.Namespace) -> None:
-    extra = ["--max-new-tokens", "4", "--num-beams", "1"]
+    extra = ["--max-new-tokens", str(args.max_new_tokens), "--num-beams", str(args.num_beams)]
+    extra += ["--request-timeout", str(args.request_timeout), "--decode-threads", str(args.decode_threads)]
+    if args.max_batch_size:
+        extra += ["--max-batch-size", str(args.max_batch_size)]
     process, url = start_server(args, args.model, *extra)
     server = psutil.Process(process.pid)
     bodies = [
         json.dumps({"image": base64.b64encode(huge_png(n)).decode(), "prompt": "<CAPTION>"}) for n in range(4)
     ]
     peak = 0
+    peaks = {"idle": 0, "running": 0}  # by whether the worker had a batch running when sampled
+    running = False
     sampling = True
 
     def sample() -> None:
         nonlocal peak
         while sampling:
-            peak = max(peak, server.memory_info().rss)
+            rss = server.memory_info().rss
+            peak = max(peak, rss)
+            phase = "running" if running else "idle"
+            peaks[phase] = max(peaks[phase], rss)
             time.sleep(0.02)
+
+    async def watch(session: aiohttp.ClientSession) -> None:
+        nonlocal running
+        while sampling:
+            async with session.get("/v1/status") as response:
+                running = (await response.json())["jobs_running"] > 0
+            await asyncio.sleep(0.05)
 
     try:
         async with aiohttp.ClientSession(url, timeout=aiohttp.ClientTimeout(total=1800)) as session:
@@ -109,6 +131,7 @@ async def memory(args: argparse.Namespace) -> None:
             before = server.memory_info().rss
             sampler = threading.Thread(target=sample)
             sampler.start()
+            watcher = asyncio.ensure_future(watch(session))
             started = time.monotonic()
 
             async def one(n: int) -> int:
@@ -120,19 +143,29 @@ async def memory(args: argparse.Namespace) -> None:
             burst = time.monotonic() - started
             sampling = False
             sampler.join()
+            await watcher
             await asyncio.sleep(args.settle)
             after = server.memory_info().rss
+            async with session.get("/v1/status") as response:
+                engine = await response.json()
     finally:
         process.terminate()
         process.wait(60)
     mb = 2**20
     result = {
+        "source": args.source or "this checkout",
+        "model": args.model,
         "clients": args.clients,
+        "server_args": " ".join(extra),
         "statuses": {str(code): statuses.count(code) for code in set(statuses)},
+        "batches": engine["batches_run"] - 1,  # less the warm-up's
+        "mean_batch": round((engine["jobs_done"] - 1) / max(1, engine["batches_run"] - 1), 1),
         "wire_kb": round(len(bodies[0]) / 1024),
         "model_mb": round(model_bytes(Path(args.model)) / mb),
         "rss_before_mb": round(before / mb),
         "rss_peak_mb": round(peak / mb),
+        "rss_peak_no_batch_running_mb": round(peaks["idle"] / mb),
+        "rss_peak_batch_running_mb": round(peaks["running"] / mb),
         "rss_after_mb": round(after / mb),
         "peak_over_before_mb": round((peak - before) / mb),
         "after_over_before_mb": round((after - before) / mb),
@@ -199,6 +232,14 @@ def main() -> None:
         "--settle", type=float, default=5.0, help="seconds after the burst before RSS is read"
     )
     parser.add_argument("--source", help="run the server from this checkout instead")
+    memory_options = parser.add_argument_group("memory mode: the server's settings")
+    memory_options.add_argument("--max-batch-size", type=int, help="default: the server's (16 on a CPU)")
+    memory_options.add_argument("--num-beams", type=int, default=1)
+    memory_options.add_argument("--max-new-tokens", type=int, default=4)
+    memory_options.add_argument("--decode-threads", type=int, default=4)
+    memory_options.add_argument(
+        "--request-timeout", type=float, default=3600.0, help="high, so that every request is answered"
+    )
     parser.add_argument("--cache-dir", default=tempfile.gettempdir() + "/vision-server-bench-cache")
     args = parser.parse_args()
     asyncio.run(memory(args) if args.mode == "memory" else latency(args))

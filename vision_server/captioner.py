@@ -106,3 +106,11 @@ class Captioner(Protocol):
     def unload(self) -> None:
         """Drop every reference to the model and return its memory."""
         ...
+
+    def trim_memory(self) -> None:
+        """Hand memory that finished batches (and image decodes) freed back to the OS.
+
+        Called from the model thread once a burst is over, with the model still loaded: the
+        allocator keeps what a burst freed for reuse otherwise, so RSS would stay at its peak.
+        """
+        ...

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 from PIL import Image
@@ -197,6 +198,72 @@ async def test_idle_timeout_zero_unloads_when_the_queue_drains(start_engine: Sta
     await engine.submit(item())
     await wait_for_state(engine, ModelState.UNLOADED, 10)  # the clock never moved: due at once
     assert fake.unloads == 1
+
+
+async def eventually(condition: Callable[[], bool], timeout: float = 10) -> None:
+    """Wait (real time) for work the model thread does, e.g. a trim the clock made due."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, "the condition never held"
+        await asyncio.sleep(0.005)
+
+
+async def test_memory_is_trimmed_once_after_a_burst_in_the_model_thread(start_engine: StartEngine) -> None:
+    clock, fake = FakeClock(), FakeCaptioner()
+    engine = await start_engine(fake, clock=clock, idle_timeout=-1, trim_after=1.0, max_batch_wait=0)
+    await asyncio.gather(*(engine.submit(item(shade)) for shade in range(6)))
+    await parked(clock)
+    await clock.advance(0.9)
+    assert fake.trims == 0, "the queue has not been empty for trim_after yet"
+    await clock.advance(0.1)
+    await eventually(lambda: fake.trims == 1)
+    assert len(fake.threads) == 1 and threading.current_thread().name not in fake.threads
+    await eventually(lambda: clock.sleepers == 0)  # nothing more is due: no timer at all
+    await clock.advance(1e6)
+    assert fake.trims == 1 and engine.state is ModelState.READY
+    await engine.submit(item(9))  # the next burst is trimmed in its turn
+    await parked(clock)
+    await clock.advance(1.0)
+    await eventually(lambda: fake.trims == 2)
+
+
+async def test_no_trim_between_requests_that_follow_each_other_closely(start_engine: StartEngine) -> None:
+    clock, fake = FakeClock(), FakeCaptioner()
+    engine = await start_engine(fake, clock=clock, idle_timeout=-1, trim_after=1.0)
+    for shade in range(8):  # one client, a request every half second
+        await engine.submit(item(shade))
+        await parked(clock)
+        await clock.advance(0.5)
+    assert fake.trims == 0
+    await clock.advance(0.5)
+    await eventually(lambda: fake.trims == 1)
+
+
+async def test_an_idle_unload_due_first_replaces_the_trim(start_engine: StartEngine) -> None:
+    clock, fake = FakeClock(), FakeCaptioner()
+    engine = await start_engine(fake, clock=clock, idle_timeout=0.5, trim_after=1.0)
+    await engine.submit(item())
+    await parked(clock)
+    await clock.advance(0.5)
+    await wait_for_state(engine, ModelState.UNLOADED, 10)
+    await clock.advance(10)
+    assert fake.unloads == 1 and fake.trims == 0  # unloading returned the memory already
+
+
+async def test_a_failing_trim_is_logged_and_captioning_goes_on(
+    start_engine: StartEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    class BrokenTrim(FakeCaptioner):
+        def trim_memory(self) -> None:
+            raise OSError("no allocator here")
+
+    clock = FakeClock()
+    engine = await start_engine(BrokenTrim(), clock=clock, idle_timeout=-1, trim_after=1.0)
+    await engine.submit(item())
+    await parked(clock)
+    await clock.advance(1.0)
+    await eventually(lambda: "trimming freed memory failed" in caplog.text)
+    assert (await engine.submit(item(1))).text and engine.running
 
 
 async def test_load_failure_fails_jobs_then_recovers(start_engine: StartEngine) -> None:

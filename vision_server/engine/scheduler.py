@@ -52,6 +52,9 @@ class EngineConfig:
     idle_timeout: float = 300.0
     request_timeout: float = 600.0
     worker_restart_delay: float = 1.0  # seconds a dead worker stays visibly dead before its restart
+    # Seconds the queue must stay empty after a batch before the memory batches and decodes freed
+    # is handed back (Captioner.trim_memory): once per burst, not between a client's requests.
+    trim_after: float = 1.0
 
 
 class Engine:
@@ -87,6 +90,7 @@ class Engine:
         self._stopping = False
         self._worker_deaths = 0
         self._restart: asyncio.TimerHandle | None = None
+        self._trim_pending = False  # a batch ran since the last trim (or unload)
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -327,11 +331,15 @@ class Engine:
         """One turn of the worker: a command, an idle unload or a batch. True when it should exit."""
         if self._commands:
             return await self._handle_command(*self._commands.popleft())
-        has_job = await self._queue.wait(self._idle_wait(), self._clock.sleep)
+        has_job = await self._queue.wait(self._next_wake(), self._clock.sleep)
         if self._commands:
             return False
-        if not has_job:
-            await self._unload("idle")
+        if not has_job:  # a timeout: the idle unload is due, or the trim after a burst
+            idle = self._idle_wait()
+            if idle is not None and idle <= 0:
+                await self._unload("idle")  # returns the memory itself
+            elif self._trim_pending:
+                await self._trim_memory()
             return False
         batch = await self._collect_batch()
         if batch:
@@ -365,6 +373,25 @@ class Engine:
             if not done.done():
                 done.set_result(None)
         return command == "stop"
+
+    def _next_wake(self) -> float | None:
+        """Seconds until the worker has something to do with an empty queue: a trim or an unload."""
+        idle = self._idle_wait()
+        if not self._trim_pending:
+            return idle
+        trim = max(0.0, self._last_finished + self.config.trim_after - self._clock.now())
+        return trim if idle is None else min(idle, trim)
+
+    async def _trim_memory(self) -> None:
+        """Hand freed memory back once the queue has stayed empty a while after a burst."""
+        self._trim_pending = False
+        started = time.monotonic()
+        try:
+            await self._in_model_thread(self._captioner.trim_memory)
+        except Exception:  # never fatal: the memory is merely kept
+            log.exception("trimming freed memory failed")
+            return
+        log.debug("returned freed memory to the OS in %.3f s", time.monotonic() - started)
 
     def _idle_wait(self) -> float | None:
         """Seconds until the idle unload is due, or None when no unload is pending."""
@@ -437,6 +464,7 @@ class Engine:
 
     def _finish_batch(self, size: int, seconds: float) -> None:
         self._running = 0
+        self._trim_pending = True
         self._last_finished = self._clock.now()
         self._batches += 1
         self._jobs_done += size
@@ -504,6 +532,7 @@ class Engine:
                 self._set_state(ModelState.UNLOADED)
             return
         self._set_state(ModelState.UNLOADING)
+        self._trim_pending = False  # unloading returns the memory itself
         started = time.monotonic()
         try:
             await self._in_model_thread(self._captioner.unload)

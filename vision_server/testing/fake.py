@@ -30,6 +30,7 @@ class FakeCaptioner:
         self.loaded = False
         self.loads = 0
         self.unloads = 0
+        self.trims = 0
         self.batch_sizes: list[int] = []
         self.threads: set[str] = set()
         self._model_id = model_id
@@ -75,6 +76,11 @@ class FakeCaptioner:
         with self._lock:
             self.loaded = False
             self.unloads += 1
+
+    def trim_memory(self) -> None:
+        self.threads.add(threading.current_thread().name)
+        with self._lock:
+            self.trims += 1
 
     @staticmethod
     def expected(item: CaptionItem) -> str:
