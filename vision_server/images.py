@@ -3,7 +3,9 @@
 A request's image is decoded, oriented, flattened to RGB and resized to the model's input size in
 one call (:func:`prepare_image`), on one bounded thread pool before the queue. A queued job then
 holds only its small uint8 pixels and the original size: a full-size decode never outlives that
-call, so memory per queued job is bounded by the model's input size, not by what a client sent.
+call, so memory per queued job is bounded by the model's input size, not by what a client sent;
+and the full-size decodes in flight together hold at most ``max_pixels`` pixels
+(:class:`DecodeBudget`), however many threads the pool has.
 """
 
 from __future__ import annotations
@@ -12,9 +14,11 @@ import asyncio
 import binascii
 import io
 import re
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -78,19 +82,58 @@ def _b64decode(data: bytes) -> bytes:
 
 def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Bytes → RGB image with EXIF orientation applied; size is checked before pixels are decoded."""
+    return _load_rgb(_open_header(data, max_pixels), max_pixels)
+
+
+def _open_header(data: bytes, max_pixels: int) -> Image.Image:
+    """The image with only its header read (allowed formats only), its size checked."""
     if not data:
         raise InvalidImage("the image is empty")
+    with _as_client_errors(max_pixels):
+        image: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
+        _check_pixels(image, max_pixels)
+        if image.format == "JPEG" and min(image.size) >= 2 * JPEG_DRAFT_SIZE:
+            image.draft("RGB", (JPEG_DRAFT_SIZE, JPEG_DRAFT_SIZE))
+        return image
+
+
+def _load_rgb(image: Image.Image, max_pixels: int) -> Image.Image:
+    """Decode the pixels, apply EXIF orientation, flatten to RGB."""
+    with _as_client_errors(max_pixels):
+        image.load()
+        if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # transposing copies: only when needed
+            image = ImageOps.exif_transpose(image)
+        return to_rgb(image)
+
+
+@contextmanager
+def _decoded(data: bytes, *, max_pixels: int, budget: DecodeBudget | None = None) -> Iterator[Image.Image]:
+    """The RGB image, decoded once ``budget`` has room for its pixels; closed (its memory freed)
+    and its pixels handed back to the budget when the block ends."""
+    image = _open_header(data, max_pixels)
+    try:
+        with budget.hold(image.width * image.height) if budget else _nothing():
+            rgb = _load_rgb(image, max_pixels)
+            try:
+                yield rgb
+            finally:
+                rgb.close()
+    finally:
+        image.close()
+
+
+@contextmanager
+def _nothing() -> Iterator[None]:
+    yield
+
+
+@contextmanager
+def _as_client_errors(max_pixels: int) -> Iterator[None]:
+    """Pillow's exceptions for bad or hostile bytes → 400 / 413 with a message that says why."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            image: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-            _check_pixels(image, max_pixels)
-            if image.format == "JPEG" and min(image.size) >= 2 * JPEG_DRAFT_SIZE:
-                image.draft("RGB", (JPEG_DRAFT_SIZE, JPEG_DRAFT_SIZE))
-            image.load()
-            if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # transposing copies: only when needed
-                image = ImageOps.exif_transpose(image)
-            return to_rgb(image)
+            yield
     except Image.DecompressionBombError as exc:  # Pillow's own guard, in open(), for absurd sizes
         claimed = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{claimed.group(1)} pixels" if claimed else "too many pixels"
@@ -101,6 +144,39 @@ def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
         raise InvalidImage(_describe(exc)) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImage(f"cannot decode the image ({exc})") from None
+
+
+class DecodeBudget:
+    """Caps the pixels of the full-size decodes in flight, whatever their number.
+
+    Threads bound how many images decode at once, not how big they are: four 8000x8000 PNGs
+    are 1 GB of Pillow buffers (4 bytes a pixel) at once. An image waits here after its header
+    is read and before its pixels are, until they fit; one image always fits when nothing else
+    is decoding, so no image waits forever. JPEGs count at their reduced (draft) size.
+    """
+
+    def __init__(self, pixels: int) -> None:
+        self.pixels = pixels
+        self._used = 0
+        self._changed = threading.Condition()
+
+    @property
+    def in_use(self) -> int:
+        """Pixels being decoded now."""
+        return self._used
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        with self._changed:
+            while self._used and self._used + pixels > self.pixels:
+                self._changed.wait()
+            self._used += pixels
+        try:
+            yield
+        finally:
+            with self._changed:
+                self._used -= pixels
+                self._changed.notify_all()
 
 
 def _check_pixels(image: Image.Image, max_pixels: int) -> None:
@@ -171,12 +247,16 @@ class PreparedImage:
         return (int(self.pixels.shape[1]), int(self.pixels.shape[0]))
 
 
-def prepare_image(data: bytes, spec: PixelSpec, *, max_pixels: int) -> PreparedImage:
+def prepare_image(
+    data: bytes, spec: PixelSpec, *, max_pixels: int, budget: DecodeBudget | None = None
+) -> PreparedImage:
     """Bytes → :class:`PreparedImage`: decode (allowed formats only), orient, flatten, resize.
 
+    The full-size decode exists only inside this call, within ``budget`` when one is given.
     A top-level function of picklable arguments, so it runs in a worker thread or process alike.
     """
-    return fit_image(open_image(data, max_pixels=max_pixels), spec)
+    with _decoded(data, max_pixels=max_pixels, budget=budget) as image:
+        return fit_image(image, spec)
 
 
 def fit_image(image: Image.Image, spec: PixelSpec) -> PreparedImage:
@@ -192,11 +272,14 @@ class ImageDecoder:
     """Decodes and resizes images on one small thread pool, with the server's limits.
 
     ``spec`` is asked on the pool thread for every image, so a model whose input size becomes
-    known (or changes) later is honoured without restarting the pool.
+    known (or changes) later is honoured without restarting the pool. Full-size decodes share a
+    budget of ``max_pixels`` pixels: one image of the largest allowed size at a time, or many
+    photos side by side.
     """
 
     def __init__(self, *, max_pixels: int, spec: Callable[[], PixelSpec], threads: int = 4) -> None:
         self.max_pixels = max_pixels
+        self.budget = DecodeBudget(max_pixels)
         self._spec = spec
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vision-decode")
         self._closed = False
@@ -221,10 +304,10 @@ class ImageDecoder:
             raise
 
     def _prepare_text(self, text: str) -> PreparedImage:
-        return prepare_image(decode_base64(text), self._spec(), max_pixels=self.max_pixels)
+        return self._prepare_bytes(decode_base64(text))
 
     def _prepare_bytes(self, data: bytes) -> PreparedImage:
-        return prepare_image(data, self._spec(), max_pixels=self.max_pixels)
+        return prepare_image(data, self._spec(), max_pixels=self.max_pixels, budget=self.budget)
 
     def close(self) -> None:
         self._closed = True

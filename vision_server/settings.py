@@ -72,7 +72,9 @@ class Settings:
     max_batch_wait_ms: float = _opt(5.0, "How long the worker waits for more jobs to fill a batch.")
     request_timeout: float = _opt(600.0, "Seconds a request may wait and run before it fails with 504.")
     decode_threads: int = _opt(
-        4, "Threads that decode and resize images before the queue (each holds one full-size decode at most)."
+        4,
+        "Threads that decode and resize images before the queue; their full-size decodes "
+        "together hold at most --max-image-pixels pixels.",
     )
     # limits
     max_request_bytes: int = _opt(20 * 1024 * 1024, "Largest request body accepted, in bytes (413 above).")

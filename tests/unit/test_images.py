@@ -6,15 +6,28 @@ import base64
 import io
 import multiprocessing
 import pickle
+import threading
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from tests.support.images import dds_with_zeroed_pixel_format
+from vision_server import images
 from vision_server.errors import InvalidImage, PayloadTooLarge
-from vision_server.images import ALLOWED_FORMATS, PixelSpec, decode_base64, open_image, prepare_image
+from vision_server.images import (
+    ALLOWED_FORMATS,
+    DecodeBudget,
+    ImageDecoder,
+    PixelSpec,
+    PreparedImage,
+    decode_base64,
+    open_image,
+    prepare_image,
+)
 
 LIMIT = 10_000_000
 
@@ -189,3 +202,81 @@ def test_big_base64_is_decoded_in_slices_with_the_same_result(monkeypatch: pytes
     monkeypatch.setattr(images.binascii, "a2b_base64", spy)
     assert decode_base64("data:image/png;base64," + wrapped) == raw
     assert len(seen) > 10 and max(seen) <= images.BASE64_SLICE
+
+
+# --- full-size decodes share a pixel budget ----------------------------------------------------
+
+
+def test_budget_makes_a_decode_wait_until_its_pixels_fit() -> None:
+    budget = DecodeBudget(100)
+    holding, release, entered = threading.Event(), threading.Event(), threading.Event()
+
+    def first() -> None:
+        with budget.hold(80):
+            holding.set()
+            release.wait(10)
+
+    def second() -> None:
+        with budget.hold(50):
+            entered.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    threads[0].start()
+    assert holding.wait(10)
+    threads[1].start()
+    assert not entered.wait(0.3), "80 + 50 pixels decoded at once under a budget of 100"
+    release.set()
+    assert entered.wait(10)
+    for thread in threads:
+        thread.join(10)
+    assert budget.in_use == 0
+
+
+def test_an_image_larger_than_the_budget_still_decodes_alone() -> None:
+    budget = DecodeBudget(10)
+    prepared = prepare_image(encode(Image.new("RGB", (30, 20), "red")), SPEC, max_pixels=LIMIT, budget=budget)
+    assert prepared.original_size == (30, 20) and budget.in_use == 0
+
+
+class RecordingBudget(DecodeBudget):
+    def __init__(self, pixels: int) -> None:
+        super().__init__(pixels)
+        self.held: list[int] = []
+
+    @contextmanager
+    def hold(self, pixels: int) -> Iterator[None]:
+        self.held.append(pixels)
+        with super().hold(pixels):
+            yield
+
+
+def test_the_budget_counts_the_pixels_actually_decoded_and_is_returned_on_errors() -> None:
+    budget = RecordingBudget(LIMIT)
+    prepare_image(encode(Image.new("RGB", (300, 200), "red")), SPEC, max_pixels=LIMIT, budget=budget)
+    photo = Image.fromarray(np.random.default_rng(2).integers(0, 255, (2000, 3000, 3), dtype=np.uint8))
+    prepare_image(encode(photo, "JPEG"), SPEC, max_pixels=LIMIT, budget=budget)
+    truncated = encode(Image.new("RGB", (400, 400), "blue"))[:-200]
+    with pytest.raises(InvalidImage):
+        prepare_image(truncated, SPEC, max_pixels=LIMIT, budget=budget)
+    assert budget.held == [300 * 200, 1500 * 1000, 400 * 400]  # the JPEG at its 1/2 draft scale
+    assert budget.in_use == 0
+
+
+async def test_the_decoder_holds_the_full_size_only_inside_its_budget(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoder = ImageDecoder(max_pixels=LIMIT, spec=lambda: SPEC, threads=2)
+    seen: list[tuple[int, bool]] = []
+    real_fit = images.fit_image
+
+    def spy(image: Image.Image, spec: PixelSpec) -> PreparedImage:
+        seen.append((decoder.budget.in_use, threading.current_thread().name.startswith("vision-decode")))
+        return real_fit(image, spec)
+
+    monkeypatch.setattr(images, "fit_image", spy)
+    try:
+        prepared = await decoder.from_bytes(encode(Image.new("RGB", (640, 480), "green")))
+    finally:
+        decoder.close()
+    assert seen == [(640 * 480, True)] and decoder.budget.in_use == 0
+    assert prepared.size == (768, 768)
