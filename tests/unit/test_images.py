@@ -280,3 +280,8 @@ async def test_the_decoder_holds_the_full_size_only_inside_its_budget(
         decoder.close()
     assert seen == [(640 * 480, True)] and decoder.budget.in_use == 0
     assert prepared.size == (768, 768)
+
+
+def test_full_size_decodes_use_blocks_glibc_always_maps() -> None:
+    """Above glibc's largest mmap threshold (32 MiB), freed blocks go back to the OS at once."""
+    assert Image.core.get_block_size() == images.PILLOW_BLOCK_SIZE > 32 * 1024 * 1024
