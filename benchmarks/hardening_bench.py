@@ -88,6 +88,17 @@ def photo_jpeg(seed: int) -> bytes:
     return buffer.getvalue()
 
 
+def rss_parts(pid: int) -> dict[str, int]:
+    """RSS split as the kernel counts it: anonymous (heaps, tensors) and file-backed (mapped code
+    and weights, which the kernel can drop and read again)."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        name, _, value = line.partition(":")
+        if name in ("RssAnon", "RssFile"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields
+
+
 def model_bytes(model: Path) -> int:
     return sum(path.stat().st_size for path in model.glob("*.safetensors"))
 
@@ -129,6 +140,7 @@ async def memory(args: argparse.Namespace) -> None:
                 assert response.status == 200, await response.text()
             await asyncio.sleep(2)
             before = server.memory_info().rss
+            parts_before = rss_parts(process.pid)
             sampler = threading.Thread(target=sample)
             sampler.start()
             watcher = asyncio.ensure_future(watch(session))
@@ -146,6 +158,7 @@ async def memory(args: argparse.Namespace) -> None:
             await watcher
             await asyncio.sleep(args.settle)
             after = server.memory_info().rss
+            parts_after = rss_parts(process.pid)
             async with session.get("/v1/status") as response:
                 engine = await response.json()
     finally:
@@ -169,6 +182,8 @@ async def memory(args: argparse.Namespace) -> None:
         "rss_after_mb": round(after / mb),
         "peak_over_before_mb": round((peak - before) / mb),
         "after_over_before_mb": round((after - before) / mb),
+        "anon_after_over_before_mb": round((parts_after["RssAnon"] - parts_before["RssAnon"]) / mb),
+        "file_after_over_before_mb": round((parts_after["RssFile"] - parts_before["RssFile"]) / mb),
         "burst_s": round(burst, 1),
     }
     print(json.dumps(result))
