@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).parents[2] / "benchmarks" / "caption_bench.py"
+from tests.support import paths
+
+BENCH = paths.BENCHMARKS / "caption_bench.py"
 
 pytestmark = pytest.mark.slow
 
