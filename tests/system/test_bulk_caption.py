@@ -189,7 +189,11 @@ def test_stopped_halfway_then_rerun_captions_the_rest_once(tmp_path: Path, cache
     keys = Counter(row["key"] for row in jsonl_rows(out))
     assert len(keys) == len(images) and set(keys.values()) == {1}
     assert all(sidecar(image).read_text(encoding="utf-8").strip() for image in images)
-    assert not tmp_files(root)
+    # kill -9 can land while a caption file is being written: its temp file (never a caption file) may stay;
+    # after a graceful stop none may.
+    leftovers = tmp_files(root)
+    assert all(path.name.startswith(".vision-caption.") for path in leftovers), leftovers
+    assert signum == signal.SIGKILL or not leftovers, leftovers
 
 
 # --- several tasks -------------------------------------------------------------------------------
