@@ -15,11 +15,11 @@ class FakeClock:
     def now(self) -> float:
         return self._now
 
-    async def sleep(self, seconds: float) -> None:
-        if seconds <= 0:
+    async def sleep_until(self, deadline: float) -> None:
+        if deadline <= self._now:
             await asyncio.sleep(0)
             return
-        entry = (self._now + seconds, asyncio.get_running_loop().create_future())
+        entry = (deadline, asyncio.get_running_loop().create_future())
         self._sleepers.append(entry)
         try:
             await entry[1]
@@ -28,8 +28,11 @@ class FakeClock:
 
     @property
     def sleepers(self) -> int:
-        """How many coroutines wait on this clock now (the engine's worker, when it is idle)."""
-        return len(self._sleepers)
+        """How many coroutines wait on this clock now (the engine's worker, when it is idle).
+
+        A sleeper already woken by :meth:`advance` but not yet run does not count.
+        """
+        return sum(not future.done() for _, future in self._sleepers)
 
     async def advance(self, seconds: float) -> None:
         """Move time on, wake every sleeper that is due, and let them run."""

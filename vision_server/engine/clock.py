@@ -17,8 +17,12 @@ class Clock(Protocol):
         """Seconds on a clock that never goes back (only differences mean anything)."""
         ...
 
-    async def sleep(self, seconds: float) -> None:
-        """Return once ``now()`` has moved on by ``seconds``."""
+    async def sleep_until(self, deadline: float) -> None:
+        """Return once ``now()`` has reached ``deadline``.
+
+        An absolute time rather than a duration: the worker decides when it must wake, and a
+        timer that starts a little later (a busy loop, a slow test) still wakes it then.
+        """
         ...
 
 
@@ -28,5 +32,5 @@ class MonotonicClock:
     def now(self) -> float:
         return time.monotonic()
 
-    async def sleep(self, seconds: float) -> None:
-        await asyncio.sleep(seconds)
+    async def sleep_until(self, deadline: float) -> None:
+        await asyncio.sleep(max(0.0, deadline - time.monotonic()))

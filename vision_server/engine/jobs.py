@@ -76,23 +76,21 @@ class JobQueue:
             self._room.clear()
             await self._room.wait()
 
-    async def wait(
-        self, timeout: float | None, sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
-    ) -> bool:
-        """Wait until a job is queued (or :meth:`wake` is called); False if ``sleep(timeout)`` ends first."""
+    async def wait(self, timer: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """Wait until a job is queued (or :meth:`wake` is called); False if ``timer()`` ends first."""
         if self._jobs:
             return True
         self._arrived.clear()
-        if timeout is None:
+        if timer is None:
             await self._arrived.wait()
             return True
         arrival = asyncio.ensure_future(self._arrived.wait())
-        timer = asyncio.ensure_future(sleep(timeout))
+        expiry = asyncio.ensure_future(timer())
         try:
-            await asyncio.wait({arrival, timer}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({arrival, expiry}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             arrival.cancel()
-            timer.cancel()
+            expiry.cancel()
         return self._arrived.is_set()
 
     def wake(self) -> None:

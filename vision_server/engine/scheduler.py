@@ -331,7 +331,10 @@ class Engine:
         """One turn of the worker: a command, an idle unload or a batch. True when it should exit."""
         if self._commands:
             return await self._handle_command(*self._commands.popleft())
-        has_job = await self._queue.wait(self._next_wake(), self._clock.sleep)
+        wake_at = self._next_wake()
+        has_job = await self._queue.wait(
+            None if wake_at is None else lambda: self._clock.sleep_until(wake_at)
+        )
         if self._commands:
             return False
         if not has_job:  # a timeout: the idle unload is due, or the trim after a burst
@@ -375,12 +378,12 @@ class Engine:
         return command == "stop"
 
     def _next_wake(self) -> float | None:
-        """Seconds until the worker has something to do with an empty queue: a trim or an unload."""
-        idle = self._idle_wait()
+        """When (on the clock) the worker has something to do with an empty queue: a trim or an unload."""
+        unload_at = self._unload_at()
         if not self._trim_pending:
-            return idle
-        trim = max(0.0, self._last_finished + self.config.trim_after - self._clock.now())
-        return trim if idle is None else min(idle, trim)
+            return unload_at
+        trim_at = self._last_finished + self.config.trim_after
+        return trim_at if unload_at is None else min(unload_at, trim_at)
 
     async def _trim_memory(self) -> None:
         """Hand freed memory back once the queue has stayed empty a while after a burst."""
@@ -393,11 +396,16 @@ class Engine:
             return
         log.debug("returned freed memory to the OS in %.3f s", time.monotonic() - started)
 
-    def _idle_wait(self) -> float | None:
-        """Seconds until the idle unload is due, or None when no unload is pending."""
+    def _unload_at(self) -> float | None:
+        """When (on the clock) the idle unload is due, or None when no unload is pending."""
         if self._state is not ModelState.READY or self.config.idle_timeout < 0:
             return None
-        return max(0.0, self._last_finished + self.config.idle_timeout - self._clock.now())
+        return self._last_finished + self.config.idle_timeout
+
+    def _idle_wait(self) -> float | None:
+        """Seconds until the idle unload is due, or None when no unload is pending."""
+        unload_at = self._unload_at()
+        return None if unload_at is None else max(0.0, unload_at - self._clock.now())
 
     def _expires_at(self) -> float | None:
         remaining = self._idle_wait()
@@ -419,7 +427,7 @@ class Engine:
         waiting = self._queue.count_compatible(head.batch_key)
         busy = waiting > 1 or self._last_batch_size > 1
         if self.config.max_batch_wait > 0 and busy and waiting < limit:
-            await self._clock.sleep(self.config.max_batch_wait)
+            await self._clock.sleep_until(self._clock.now() + self.config.max_batch_wait)
         return self._queue.take_batch(limit)
 
     async def _run_batch(self, batch: list[CaptionJob]) -> None:
