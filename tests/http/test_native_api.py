@@ -163,7 +163,8 @@ async def test_metadata_routes_answer_while_generate_runs(tmp_path: Path) -> Non
             started = time.perf_counter()
             async with session.get(path) as response:
                 assert response.status == 200
-            assert time.perf_counter() - started < 0.1, path
+            # A blocked event loop would hold these until the 2 s generation ends.
+            assert time.perf_counter() - started < 1.0, path
         assert (await status_of(session))["jobs_running"] == 1
         assert (await job)[0] == 200
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import io
 import logging
 import re
@@ -144,6 +145,8 @@ async def test_a_dead_worker_is_reported_refused_and_restarted(
     settings = Settings(cache_dir=tmp_path, idle_timeout=-1)
     async with running_app(settings, FakeCaptioner()) as (app, url), ClientSession(url) as session:
         engine = app[ENGINE]
+        # Long enough that the three requests below surely fall in the dead time, on any CI machine.
+        engine.config = dataclasses.replace(engine.config, worker_restart_delay=5.0)
         assert engine._worker is not None
         engine._worker.cancel()  # the worker catches every Exception; only this can still end it
         await until(lambda: engine.worker_down)
@@ -153,8 +156,9 @@ async def test_a_dead_worker_is_reported_refused_and_restarted(
             assert response.status == 503 and (await response.json())["worker"] == "down"
         started = time.monotonic()
         status, headers, _ = await post(session, "/process_image", native(1))
-        assert status == 503 and "Retry-After" in headers and time.monotonic() - started < 0.5
-        await until(lambda: engine.running, timeout=3.0)
+        # Refused at once, not held until the restart (5 s away) or the request timeout.
+        assert status == 503 and "Retry-After" in headers and time.monotonic() - started < 2.5
+        await until(lambda: engine.running, timeout=15.0)
         status, _, _ = await post(session, "/process_image", native(2))
         assert status == 200
         async with session.get("/ready") as response:
