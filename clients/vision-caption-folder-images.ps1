@@ -271,6 +271,9 @@ $activity = 'Captioning {0} images in {1}' -f $work.Count, $root
 
 try {
     $client = New-VisionHttpClient -TimeoutSec $TimeoutSec -MaxConnections $Jobs
+    # A folder run is bulk work: a person's single requests go first, and folder runs take turns.
+    $client.DefaultRequestHeaders.Add('X-Priority', 'bulk')
+    $client.DefaultRequestHeaders.Add('X-Client-Id', "folder-$PID")
 
     # One quick request first: a wrong URL, a missing API key or an unknown prompt would
     # otherwise fail every image in the same way.

@@ -171,6 +171,9 @@ client=${VISION_CLIENT:-$(script_dir)/vision-client.sh}
 [[ -f $client ]] || die 2 "cannot find vision-client.sh (looked for $client)"
 client_name=${client##*/}
 client_cmd=(bash "$client" "${client_opts[@]}")
+# A folder run is bulk work: a person's single requests go first, and folder runs take turns.
+export VISION_PRIORITY=${VISION_PRIORITY:-bulk}
+export VISION_CLIENT_ID=${VISION_CLIENT_ID:-folder-$$}
 
 # ---------------------------------------------------------------------------------------------
 # Run state, temporary files and signals

@@ -38,6 +38,9 @@ Environment:
   VISION_HOST      server URL, e.g. http://gpu-box:54880 (overridden by --url)
   VISION_API_KEY   API key, sent as "Authorization: Bearer <key>" (never on a command line)
   VISION_TIMEOUT   default for --timeout
+  VISION_PRIORITY  interactive or bulk, sent as "X-Priority" (the server's default: interactive;
+                   vision-caption-folder-images.sh sets bulk)
+  VISION_CLIENT_ID a name sent as "X-Client-Id": bulk clients on one address take turns by it
 
 The image is base64-encoded into a temporary file and streamed to the server, so images of
 any size work (the server may still refuse very large ones with HTTP 413). Temporary files
@@ -242,6 +245,13 @@ new_tmpdir() {
             key=${key//\"/\\\"}
             printf 'header = "Authorization: Bearer %s"\n' "$key"
         fi
+        local name value
+        for name in Priority Client-Id; do
+            value=${VISION_PRIORITY:-}
+            [[ $name == Priority ]] || value=${VISION_CLIENT_ID:-}
+            value=${value//[^A-Za-z0-9._:@-]/}
+            [[ -z $value ]] || printf 'header = "X-%s: %s"\n' "$name" "$value"
+        done
     } >"$tmpd/curlrc"
 }
 

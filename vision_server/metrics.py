@@ -163,6 +163,12 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(
             PREFIX + "queue_depth", "Jobs waiting in the queue.", value=status.queue_depth
         )
+        lanes = GaugeMetricFamily(
+            PREFIX + "lane_queue_depth", "Jobs waiting in each priority lane.", labels=["lane"]
+        )
+        for lane, depth in status.lane_depths.items():
+            lanes.add_metric([lane], depth)
+        yield lanes
         yield GaugeMetricFamily(
             PREFIX + "jobs_running", "Jobs in the batch being captioned now.", value=status.jobs_running
         )

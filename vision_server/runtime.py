@@ -18,6 +18,7 @@ def engine_config(settings: Settings, captioner: Captioner) -> EngineConfig:
         max_batch_wait=settings.max_batch_wait,
         idle_timeout=settings.idle_timeout,
         request_timeout=settings.request_timeout,
+        bulk_aging=settings.bulk_aging,
     )
 
 

@@ -65,7 +65,16 @@ class Settings:
     )
     preload: bool = _opt(False, "Load the model at start instead of on the first request.")
     # queue and batching
-    max_queue: int = _opt(256, "Most jobs waiting in the queue; more get 503 with Retry-After.")
+    max_queue: int = _opt(
+        256,
+        "Most jobs waiting in each priority lane (interactive, bulk); more get 503 with Retry-After. "
+        "A full bulk lane never refuses interactive requests.",
+    )
+    bulk_aging: int = _opt(
+        4,
+        "Batches in a row that may leave waiting bulk jobs out; the next batch then takes bulk "
+        "jobs first, so bulk work never starves under interactive load.",
+    )
     max_batch_size: int | None = _opt(
         None, "Most images captioned in one generate call. Unset: 32 on CUDA, 16 on CPU."
     )
@@ -161,6 +170,7 @@ def _validate(s: Settings) -> None:
         "max_request_bytes",
         "max_image_pixels",
         "max_images_per_request",
+        "bulk_aging",
     )
     for name in (*positive, "num_beams", "max_new_tokens"):
         if getattr(s, name) is not None and getattr(s, name) < 1:

@@ -34,11 +34,13 @@ class StubServer:
         self.in_flight = 0
         self.max_in_flight = 0
         self.prompts: list[str] = []
+        self.priorities: list[str | None] = []
 
     async def handle(self, request: web.Request) -> web.Response:
         body = await request.json()
         self.requests += 1
         self.prompts.append(body["prompt"])
+        self.priorities.append(body.get("priority"))
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
@@ -119,6 +121,7 @@ async def test_skip_mode_captions_only_missing_or_empty(stub, tmp_path: Path) ->
     assert (summary.done, summary.skipped, summary.failed) == (2, 2, [])
     assert server.requests == 2
     assert server.prompts == ["<CAPTION>", "<CAPTION>"]
+    assert server.priorities == ["bulk", "bulk"]  # folder runs let single requests go first
     assert (tmp_path / "a.txt").read_text(encoding="utf-8") == "kept caption"
     assert (tmp_path / "b.txt").read_text(encoding="utf-8") == expected(b)
     assert (tmp_path / "c.txt").read_text(encoding="utf-8") == expected(c)

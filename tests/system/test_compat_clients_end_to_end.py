@@ -32,7 +32,15 @@ from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
 
 API_DOCS = paths.DOCS / "api"
-API_PAGES = ("index.md", "native.md", "openai.md", "sillytavern.md", "multipart.md", "task-words.md")
+API_PAGES = (
+    "index.md",
+    "native.md",
+    "openai.md",
+    "sillytavern.md",
+    "multipart.md",
+    "task-words.md",
+    "scheduling.md",
+)
 
 
 def doc_text() -> str:

@@ -491,5 +491,6 @@ def test_folder_sends_original_bytes_in_parallel(tmp_path: Path) -> None:
     sent = {base64.b64decode(p["image"]) for p in posts}
     assert sent == {image.read_bytes() for image in images}
     assert {h["Authorization"] for h in headers} == {"Bearer k3y"}
+    assert {h["X-Priority"] for h in headers} == {"bulk"}  # folder runs are bulk work
     for image in images:
         assert read_caption(image.with_suffix(".txt")) == "stand-in caption"

@@ -304,6 +304,18 @@ def test_api_key(tmp_path: Path) -> None:
         assert result.stdout == "stand-in caption\n"
 
 
+def test_folder_runs_are_bulk_and_single_captions_interactive(tmp_path: Path) -> None:
+    image = save_image(tmp_path / "p.png", 1)
+    with StandIn() as stand_in:
+        assert run(CLIENT, "--url", stand_in.url, "CAPTION", str(image)).returncode == 0
+        (single,) = stand_in.post_headers()
+        assert "X-Priority" not in single  # the server's default lane: interactive
+        result = run(FOLDER, "--url", stand_in.url, "CAPTION", "txt", str(tmp_path), env=base_env())
+        assert result.returncode == 0, result.stderr
+        (_, folder_run) = stand_in.post_headers()
+    assert folder_run["X-Priority"] == "bulk" and folder_run["X-Client-Id"].startswith("folder-")
+
+
 def test_large_image(server: str, tmp_path: Path, tmpdir_env: Path) -> None:
     """Far beyond any command-line length limit: the body must be streamed from a file."""
     import numpy as np

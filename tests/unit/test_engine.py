@@ -13,8 +13,9 @@ from PIL import Image
 from tests.conftest import StartEngine
 from tests.support.clock import FakeClock, settle
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
-from vision_server.engine.jobs import CaptionJob, JobQueue
+from vision_server.engine.jobs import CaptionJob
 from vision_server.engine.lifecycle import ModelCard, ModelState
+from vision_server.engine.queue import JobQueue
 from vision_server.engine.scheduler import Engine
 from vision_server.errors import (
     CaptionFailed,

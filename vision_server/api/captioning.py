@@ -11,30 +11,52 @@ from collections.abc import Sequence
 from aiohttp import web
 
 from vision_server.api.errors import REQUEST_ID
+from vision_server.api.scheduling import job_labels
 from vision_server.api.state import DECODER, ENGINE
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
+from vision_server.engine.jobs import JobLabels
 
 
-async def caption_base64(request: web.Request, text: str, task: str, options: GenerationOptions) -> Caption:
-    """Caption a base64 string or ``data:`` URL (decoded off the event loop)."""
-    request.app[ENGINE].check_room()
+async def caption_base64(
+    request: web.Request,
+    text: str,
+    task: str,
+    options: GenerationOptions,
+    labels: JobLabels | None = None,
+) -> Caption:
+    """Caption a base64 string or ``data:`` URL (decoded off the event loop).
+
+    ``labels`` default to an interactive job of the request's client."""
+    labels = labels or job_labels(request)
+    request.app[ENGINE].check_room(labels.lane)
     image = await request.app[DECODER].from_base64(text)
-    return await _submit(request, CaptionItem(image=image, task=task, options=options))
+    return await _submit(request, CaptionItem(image=image, task=task, options=options), labels)
 
 
-async def caption_bytes(request: web.Request, data: bytes, task: str, options: GenerationOptions) -> Caption:
+async def caption_bytes(
+    request: web.Request,
+    data: bytes,
+    task: str,
+    options: GenerationOptions,
+    labels: JobLabels | None = None,
+) -> Caption:
     """Caption an uploaded file's bytes (decoded off the event loop)."""
-    request.app[ENGINE].check_room()
+    labels = labels or job_labels(request)
+    request.app[ENGINE].check_room(labels.lane)
     image = await request.app[DECODER].from_bytes(data)
-    return await _submit(request, CaptionItem(image=image, task=task, options=options))
+    return await _submit(request, CaptionItem(image=image, task=task, options=options), labels)
 
 
 async def caption_all_base64(
-    request: web.Request, texts: Sequence[str], task: str, options: GenerationOptions
+    request: web.Request,
+    texts: Sequence[str],
+    task: str,
+    options: GenerationOptions,
+    labels: JobLabels | None = None,
 ) -> list[Caption]:
     """Caption several images of one request, all or none: the first failure cancels the others
     (their queued jobs leave the queue), so a 400 or 503 leaves no captions behind."""
-    tasks = [asyncio.ensure_future(caption_base64(request, text, task, options)) for text in texts]
+    tasks = [asyncio.ensure_future(caption_base64(request, text, task, options, labels)) for text in texts]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         failed = next((t for t in tasks if t in done and not t.cancelled() and t.exception()), None)
@@ -47,5 +69,5 @@ async def caption_all_base64(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _submit(request: web.Request, item: CaptionItem) -> Caption:
-    return await request.app[ENGINE].submit(item, request_id=request.get(REQUEST_ID, "-"))
+async def _submit(request: web.Request, item: CaptionItem, labels: JobLabels) -> Caption:
+    return await request.app[ENGINE].submit(item, request_id=request.get(REQUEST_ID, "-"), labels=labels)

@@ -15,6 +15,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.bodies import read_json_object
 from vision_server.api.captioning import caption_base64
+from vision_server.api.scheduling import job_labels
 from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.api.task_words import task_from_text
 from vision_server.errors import BadRequest, VisionServerError
@@ -40,7 +41,8 @@ async def caption(request: web.Request) -> web.Response:
         raise BadRequest('"prompt" must be a string.')
     settings = request.app[SETTINGS]
     task = task_from_text(prompt, request.app[ENGINE].model_card.tasks, settings.default_task)
-    result = await caption_base64(request, image, task, settings.generation_defaults())
+    labels = job_labels(request, body.get("priority"))
+    result = await caption_base64(request, image, task, settings.generation_defaults(), labels)
     return web.json_response({"caption": result.text})
 
 

@@ -42,9 +42,11 @@ from vision_server.api.generation import (
     as_number,
     generation_options,
 )
+from vision_server.api.scheduling import job_labels
 from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.api.task_words import TASK_DESCRIPTIONS, default_task, task_from_text
 from vision_server.captioner import Caption, GenerationOptions
+from vision_server.engine.jobs import Lane
 from vision_server.errors import BadRequest, VisionServerError
 from vision_server.tasks import normalize_task
 
@@ -118,7 +120,8 @@ async def _single(request: web.Request, route_default: str) -> web.Response:
     if len(form.files) > 1:
         raise BadRequest(f"{len(form.files)} files uploaded; send one here, or several to /batch_caption.")
     task = task_for(form, request.app[ENGINE].model_card.tasks, route_default)
-    result = await caption_bytes(request, form.files[0].data, task, options_for(form, request))
+    labels = job_labels(request, form.fields.get("priority"))
+    result = await caption_bytes(request, form.files[0].data, task, options_for(form, request), labels)
     return web.json_response(
         {
             "caption": result.text,
@@ -150,8 +153,10 @@ async def batch_caption(request: web.Request) -> web.Response:
         )
     task = task_for(form, request.app[ENGINE].model_card.tasks, CAPTION_TASK)
     options = options_for(form, request)
+    labels = job_labels(request, form.fields.get("priority"), default=Lane.BULK)
     outcomes = await asyncio.gather(
-        *(caption_bytes(request, upload.data, task, options) for upload in form.files), return_exceptions=True
+        *(caption_bytes(request, upload.data, task, options, labels) for upload in form.files),
+        return_exceptions=True,
     )
     raise_if_nothing_worked(outcomes)
     results = [slot(request, upload, outcome) for upload, outcome in zip(form.files, outcomes, strict=True)]

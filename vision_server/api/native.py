@@ -12,6 +12,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 from vision_server.api.bodies import read_json_object, require_str
 from vision_server.api.captioning import caption_base64
 from vision_server.api.errors import MissingField
+from vision_server.api.scheduling import job_labels
 from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.errors import VisionServerError
 from vision_server.tasks import normalize_task
@@ -27,7 +28,9 @@ async def process_image(request: web.Request) -> web.Response:
     image_text = require_str(body, "image")
     prompt = require_str(body, "prompt")
     task = normalize_task(prompt, request.app[ENGINE].model_card.tasks)
-    caption = await caption_base64(request, image_text, task, request.app[SETTINGS].generation_defaults())
+    labels = job_labels(request, body.get("priority"))
+    options = request.app[SETTINGS].generation_defaults()
+    caption = await caption_base64(request, image_text, task, options, labels)
     return web.json_response({"result": caption.text})
 
 

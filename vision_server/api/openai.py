@@ -41,6 +41,7 @@ from vision_server.api.generation import (
     as_number,
     generation_options,
 )
+from vision_server.api.scheduling import job_labels
 from vision_server.api.state import ENGINE, SETTINGS, STARTED_AT
 from vision_server.api.task_words import task_from_text
 from vision_server.captioner import Caption, GenerationOptions
@@ -90,6 +91,7 @@ class ChatRequest:
     options: GenerationOptions
     stream: bool
     include_usage: bool
+    priority: object = None  # the extra ``priority`` field, checked with the request's labels
 
 
 def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
@@ -117,7 +119,7 @@ def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
     stream_options = body.get("stream_options")
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
     stream = bool(as_bool("stream", body.get("stream")))
-    return ChatRequest(tuple(images), text, options, stream, include_usage)
+    return ChatRequest(tuple(images), text, options, stream, include_usage, body.get("priority"))
 
 
 def images_and_text(messages: list[Any]) -> tuple[list[str], str]:
@@ -275,9 +277,10 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
     settings = request.app[SETTINGS]
     chat = parse_chat_request(body, settings)
+    labels = job_labels(request, chat.priority)
     card = request.app[ENGINE].model_card
     task = task_from_text(chat.text, card.tasks, settings.default_task)
-    captions = await caption_all_base64(request, chat.images, task, chat.options)
+    captions = await caption_all_base64(request, chat.images, task, chat.options, labels)
     completion = Completion.of(card.model_id, captions)
     if chat.stream:
         return await send_events(request, completion.chunks(chat.include_usage))

@@ -88,12 +88,15 @@ class AsyncVisionClient:
         *,
         connect_timeout: float = 10.0,
         retry_policy: RetryPolicy | None = None,
+        client_id: str | None = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
         self.policy = retry_policy or RetryPolicy(retries=retries)
         self._headers = {"User-Agent": f"vision-client/{__version__}"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        if client_id:  # bulk work from one address takes turns by this name on the server
+            self._headers["X-Client-Id"] = client_id
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
 
@@ -111,10 +114,19 @@ class AsyncVisionClient:
             await self._session.close()
             self._session = None
 
-    async def caption(self, image: ImageInput, task: str = DEFAULT_TASK) -> str:
-        """Caption one image (bytes or a file path) with a task such as ``CAPTION`` or ``<ANALYZE>``."""
+    async def caption(
+        self, image: ImageInput, task: str = DEFAULT_TASK, *, priority: str | None = None
+    ) -> str:
+        """Caption one image (bytes or a file path) with a task such as ``CAPTION`` or ``<ANALYZE>``.
+
+        ``priority`` ``"bulk"`` lets a person's single requests go ahead of this one (folder runs
+        use it); the server's default is ``"interactive"``.
+        """
         encoded = await asyncio.to_thread(encode_image, image)
-        data = await self._request("POST", "/process_image", {"image": encoded, "prompt": task_token(task)})
+        body = {"image": encoded, "prompt": task_token(task)}
+        if priority is not None:
+            body["priority"] = priority
+        data = await self._request("POST", "/process_image", body)
         if not isinstance(data, dict) or not isinstance(data.get("result"), str):
             raise VisionClientError(f"unexpected reply from {self.base_url}/process_image: {data!r:.200}")
         return data["result"].strip()

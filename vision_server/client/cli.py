@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -211,6 +212,8 @@ def folder(
 
     async def work(client: AsyncVisionClient) -> FolderSummary:
         return await caption_folder(client, folder, on_start=bar.reset, on_result=progress, **options)
+
+    ctx.obj = {**ctx.obj, "client_id": f"folder-{os.getpid()}"}  # folder runs on one host take turns
 
     try:
         summary = _run(ctx, work)

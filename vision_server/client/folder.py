@@ -97,7 +97,8 @@ async def caption_folder(
     Lines file instead. ``mode`` decides what happens to an existing caption: ``skip`` (default)
     leaves images that already have one alone, ``overwrite`` replaces it, ``append``/``prepend``
     add the new caption after/before it with ``separator``. ``prefix``/``suffix`` wrap every new
-    caption, e.g. a trigger word. ``on_start`` gets the number of images found, then
+    caption, e.g. a trigger word. Requests are marked ``bulk``, so a person's single requests to
+    the same server go first. ``on_start`` gets the number of images found, then
     ``on_result`` one :class:`ImageResult` per image (skipped ones first), for progress bars.
     """
     if mode not in MODES:
@@ -192,7 +193,7 @@ class _FolderRun:
     async def caption_one(self, job: _Job) -> ImageResult:
         """Caption and store one image; every expected failure becomes a result, not an exception."""
         try:
-            text = await self.client.caption(job.image, self.task)
+            text = await self.client.caption(job.image, self.task, priority="bulk")
             if not text.strip():  # a prefix alone is no caption, and an empty file reads as "to do"
                 return ImageResult(job.image, "failed", reason="the server returned an empty caption")
             caption = f"{self.prefix}{text}{self.suffix}"

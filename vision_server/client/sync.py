@@ -57,9 +57,9 @@ class VisionClient:
         self._thread.join()
         self._loop.close()
 
-    def caption(self, image: ImageInput, task: str = DEFAULT_TASK) -> str:
-        """Caption one image (bytes or a file path)."""
-        return self._run(self._client.caption(image, task))
+    def caption(self, image: ImageInput, task: str = DEFAULT_TASK, *, priority: str | None = None) -> str:
+        """Caption one image (bytes or a file path); ``priority`` as in :meth:`AsyncVisionClient.caption`."""
+        return self._run(self._client.caption(image, task, priority=priority))
 
     def prompts(self) -> list[str]:
         """The task tokens the loaded model understands."""

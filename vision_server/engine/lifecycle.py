@@ -42,6 +42,7 @@ class EngineStatus:
     loaded_since: float | None  # unix time
     expires_at: float | None  # unix time of the idle unload, None when busy or never
     queue_depth: int
+    lane_depths: dict[str, int]  # jobs waiting per lane (interactive, bulk)
     jobs_running: int
     last_error: str | None
     draining: bool

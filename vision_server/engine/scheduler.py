@@ -17,9 +17,10 @@ from typing import Any, Literal
 
 from vision_server.captioner import Caption, Captioner, CaptionItem, ModelInfo
 from vision_server.engine.clock import Clock, MonotonicClock
-from vision_server.engine.jobs import CaptionJob, JobQueue
+from vision_server.engine.jobs import CaptionJob, JobLabels, Lane
 from vision_server.engine.lifecycle import EngineStatus, ModelCard, ModelState
 from vision_server.engine.observer import EngineObserver
+from vision_server.engine.queue import DEFAULT_BULK_AGING, JobQueue
 from vision_server.engine.trace import record_job
 from vision_server.errors import (
     CaptionFailed,
@@ -46,7 +47,7 @@ Command = Literal["load", "unload", "stop"]
 class EngineConfig:
     """The engine's knobs, separate from :class:`Settings` so the engine needs no HTTP config."""
 
-    max_queue: int = 256
+    max_queue: int = 256  # per lane
     max_batch_size: int = 16
     max_batch_wait: float = 0.005
     idle_timeout: float = 300.0
@@ -55,6 +56,8 @@ class EngineConfig:
     # Seconds the queue must stay empty after a batch before the memory batches and decodes freed
     # is handed back (Captioner.trim_memory): once per burst, not between a client's requests.
     trim_after: float = 1.0
+    # Batches in a row that may leave waiting bulk jobs out before one is formed bulk-first.
+    bulk_aging: int = DEFAULT_BULK_AGING
 
 
 class Engine:
@@ -71,7 +74,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self._clock = clock or MonotonicClock()
-        self._queue = JobQueue(self.config.max_queue)
+        self._queue = JobQueue(self.config.max_queue, bulk_aging=self.config.bulk_aging)
         self._commands: deque[tuple[Command, asyncio.Future[None]]] = deque()
         self._executor: ThreadPoolExecutor | None = None
         self._worker: asyncio.Task[None] | None = None
@@ -102,26 +105,38 @@ class Engine:
             await self.load()
 
     async def submit(
-        self, item: CaptionItem, *, request_id: str = "-", wait_for_room: bool = False
+        self,
+        item: CaptionItem,
+        *,
+        request_id: str = "-",
+        wait_for_room: bool = False,
+        labels: JobLabels | None = None,
     ) -> Caption:
         """Queue one image and wait for its caption (raises domain errors on refusal or failure).
 
-        A full queue refuses the job at once, unless ``wait_for_room``: then the caller waits for
-        a place (the offline dataset captioner, which bounds what it has in flight itself).
+        ``labels`` say which lane the job waits in and which client it belongs to (interactive
+        and anonymous by default). A full lane refuses the job at once, unless
+        ``wait_for_room``: then the caller waits for a place (the offline dataset captioner,
+        which bounds what it has in flight itself).
         """
         self._check_accepting()
+        labels = labels or JobLabels()
         timeout = self.config.request_timeout
         if wait_for_room:
-            await self._queue.wait_for_room()
+            await self._queue.wait_for_room(labels.lane)
             if self._draining:
                 self.observer.job_rejected("draining")
                 raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
         job = CaptionJob(
-            item, asyncio.get_running_loop().create_future(), request_id, enqueued_at=self._clock.now()
+            item,
+            asyncio.get_running_loop().create_future(),
+            request_id,
+            enqueued_at=self._clock.now(),
+            labels=labels,
         )
         job.deadline = job.enqueued_at + timeout
         try:
-            self._queue.put(job, retry_after=self.retry_after())
+            self._queue.put(job, retry_after=self.retry_after(labels.lane))
         except VisionServerError:
             self.observer.job_rejected("queue_full")
             raise
@@ -234,9 +249,14 @@ class Engine:
         """The size and normalisation images are prepared for before they queue (known unloaded)."""
         return self._captioner.pixel_spec
 
-    def retry_after(self) -> float:
-        """An honest estimate of when a refused client should retry, capped for OpenAI SDKs."""
-        backlog = (len(self._queue) + self._running) * self._seconds_per_job
+    def retry_after(self, lane: Lane | None = None) -> float:
+        """An honest estimate of when a refused client should retry, capped for OpenAI SDKs.
+
+        For a lane: the jobs that go before a newcomer there (bulk waits behind everything,
+        interactive only behind interactive work and the running batch).
+        """
+        ahead = self._queue.depth(Lane.INTERACTIVE) if lane is Lane.INTERACTIVE else len(self._queue)
+        backlog = (ahead + self._running) * self._seconds_per_job
         return float(min(MAX_RETRY_AFTER, max(1.0, round(backlog))))
 
     def status(self) -> EngineStatus:
@@ -249,6 +269,7 @@ class Engine:
             loaded_since=self._loaded_since,
             expires_at=self._expires_at(),
             queue_depth=len(self._queue),
+            lane_depths={lane.value: self._queue.depth(lane) for lane in Lane},
             jobs_running=self._running,
             last_error=self._last_error,
             draining=self._draining,
@@ -258,15 +279,16 @@ class Engine:
             mean_batch_size=self._jobs_done / self._batches if self._batches else 0.0,
         )
 
-    def check_room(self) -> None:
-        """Refuse now what :meth:`submit` would refuse (full queue, drain, dead worker), so no
+    def check_room(self, lane: Lane = Lane.INTERACTIVE) -> None:
+        """Refuse now what :meth:`submit` would refuse (full lane, drain, dead worker), so no
         CPU is spent decoding an image that cannot be queued."""
         self._check_accepting()
-        if len(self._queue) >= self.config.max_queue:
+        if self._queue.full(lane):
             self.observer.job_rejected("queue_full")
-            retry_after = self.retry_after()
+            retry_after = self.retry_after(lane)
             raise QueueFull(
-                f"The queue is full ({self.config.max_queue} jobs waiting); retry in {retry_after:.0f} s.",
+                f"The {lane.value} queue is full ({self.config.max_queue} jobs waiting); "
+                f"retry in {retry_after:.0f} s.",
                 retry_after=retry_after,
             )
 
@@ -422,7 +444,8 @@ class Engine:
         self._queue.drop_abandoned()
         if not len(self._queue):
             return []
-        head = next(iter(self._queue))
+        head = self._queue.leader()
+        assert head is not None
         limit = self.config.max_batch_size
         waiting = self._queue.count_compatible(head.batch_key)
         busy = waiting > 1 or self._last_batch_size > 1

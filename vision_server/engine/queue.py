@@ -1,0 +1,160 @@
+"""The bounded two-lane queue the worker takes its batches from.
+
+A hand-made structure rather than :class:`asyncio.Queue`: batching takes every *compatible*
+waiting job, not only the head, interactive jobs before bulk ones, and bulk clients in turn
+(:mod:`vision_server.engine.lanes`). The size limit applies per lane, so a folder run that fills
+the bulk lane never gets an interactive request refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+
+from vision_server.captioner import GenerationOptions
+from vision_server.engine.jobs import CaptionJob, Lane
+from vision_server.engine.lanes import BulkLane
+from vision_server.errors import QueueFull
+
+DEFAULT_BULK_AGING = 4
+
+
+class JobQueue:
+    """Interactive jobs in arrival order, bulk jobs by client; at most ``maxsize`` per lane."""
+
+    def __init__(self, maxsize: int, *, bulk_aging: int = DEFAULT_BULK_AGING) -> None:
+        self.maxsize = maxsize
+        self.bulk_aging = bulk_aging
+        self._interactive: deque[CaptionJob] = deque()
+        self._bulk = BulkLane()
+        self._passed_over = 0  # batches in a row that left waiting bulk jobs out
+        self._arrived = asyncio.Event()
+        self._room = asyncio.Event()
+
+    def __len__(self) -> int:
+        return len(self._interactive) + len(self._bulk)
+
+    def __iter__(self) -> Iterator[CaptionJob]:
+        yield from list(self._interactive)
+        yield from self._bulk
+
+    def depth(self, lane: Lane) -> int:
+        return len(self._interactive) if lane is Lane.INTERACTIVE else len(self._bulk)
+
+    def full(self, lane: Lane) -> bool:
+        return self.depth(lane) >= self.maxsize
+
+    def put(self, job: CaptionJob, *, retry_after: float) -> None:
+        if self.full(job.lane):
+            raise QueueFull(
+                f"The {job.lane.value} queue is full ({self.maxsize} jobs waiting); "
+                f"retry in {retry_after:.0f} s.",
+                retry_after=retry_after,
+            )
+        if job.lane is Lane.INTERACTIVE:
+            self._interactive.append(job)
+        else:
+            self._bulk.append(job)
+        self._arrived.set()
+
+    async def wait_for_room(self, lane: Lane = Lane.INTERACTIVE) -> None:
+        """Wait until a job can be put in ``lane`` without being refused.
+
+        Only the caller that wakes first gets the place when several wait; the others wait again.
+        """
+        while self.full(lane):
+            self._room.clear()
+            await self._room.wait()
+
+    async def wait(self, timer: Callable[[], Awaitable[None]] | None = None) -> bool:
+        """Wait until a job is queued (or :meth:`wake` is called); False if ``timer()`` ends first."""
+        if len(self):
+            return True
+        self._arrived.clear()
+        if timer is None:
+            await self._arrived.wait()
+            return True
+        arrival = asyncio.ensure_future(self._arrived.wait())
+        expiry = asyncio.ensure_future(timer())
+        try:
+            await asyncio.wait({arrival, expiry}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            arrival.cancel()
+            expiry.cancel()
+        return self._arrived.is_set()
+
+    def wake(self) -> None:
+        """Interrupt :meth:`wait` (used for control messages)."""
+        self._arrived.set()
+
+    def discard(self, job: CaptionJob) -> bool:
+        """Remove ``job`` if it is still waiting (its client left); True when it was."""
+        if job.lane is Lane.BULK:
+            removed = self._bulk.remove(job)
+        else:
+            try:
+                self._interactive.remove(job)
+                removed = True
+            except ValueError:
+                removed = False
+        if removed:
+            self._room.set()
+        return removed
+
+    def drop_abandoned(self) -> None:
+        self._interactive = deque(job for job in self._interactive if not job.abandoned)
+        self._bulk.drop_abandoned()
+        self._room.set()
+
+    def leader(self) -> CaptionJob | None:
+        """The job the next batch is built around (its options decide who may join)."""
+        if self._interactive and not self._bulk_is_due():
+            return self._interactive[0]
+        return self._bulk.head() or (self._interactive[0] if self._interactive else None)
+
+    def _bulk_is_due(self) -> bool:
+        return bool(self._bulk) and self._passed_over >= self.bulk_aging
+
+    def take_batch(self, limit: int) -> list[CaptionJob]:
+        """The leader and every waiting job with the same generation options, up to ``limit``.
+
+        Interactive jobs first, then bulk jobs in client turns; bulk first when aging says so.
+        Jobs left behind keep their order, and the oldest of a lane leads its next batch, so no
+        job starves behind a stream of differently-configured ones.
+        """
+        self.drop_abandoned()
+        leader = self.leader()
+        if leader is None:
+            return []
+        key = leader.batch_key
+        if leader.lane is Lane.BULK:
+            batch = self._bulk.take(key, limit)
+            batch += self._take_interactive(key, limit - len(batch))
+        else:
+            batch = self._take_interactive(key, limit)
+            batch += self._bulk.take(key, limit - len(batch))
+        left_out = self._bulk and not any(job.lane is Lane.BULK for job in batch)
+        self._passed_over = self._passed_over + 1 if left_out else 0
+        self._room.set()
+        return batch
+
+    def _take_interactive(self, key: GenerationOptions, limit: int) -> list[CaptionJob]:
+        batch: list[CaptionJob] = []
+        rest: deque[CaptionJob] = deque()
+        for job in self._interactive:
+            if len(batch) < limit and job.batch_key == key:
+                batch.append(job)
+            else:
+                rest.append(job)
+        self._interactive = rest
+        return batch
+
+    def count_compatible(self, key: GenerationOptions) -> int:
+        return sum(1 for job in self if job.batch_key == key and not job.abandoned)
+
+    def take_all(self) -> list[CaptionJob]:
+        jobs = [*self._interactive, *self._bulk.take_all()]
+        self._interactive = deque()
+        self._room.set()
+        return jobs
