@@ -11,7 +11,6 @@ import asyncio
 import dataclasses
 import logging
 import os
-import sys
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ from vision_server.bulk.outputs import (
     Sidecars,
     SidecarStyle,
     check_writable,
+    close_all,
 )
-from vision_server.bulk.pipeline import BulkPipeline, PipelineConfig, Summary
+from vision_server.bulk.pipeline import BulkPipeline, PipelineConfig
 from vision_server.bulk.plan import Fail, Skip, Unit, Work, plan
 from vision_server.bulk.progress import Progress, format_summary
 from vision_server.bulk.readers import InputError, ReadOptions, check_inputs, count_images, iter_records
@@ -283,13 +283,13 @@ async def _run(
             plan(iter_records(request.inputs, read), tasks, outputs, request.limit)
         )
     finally:
-        await asyncio.to_thread(_close, outputs)
+        await asyncio.to_thread(close_all, outputs)
         await engine.stop(grace=0)
         undo()
         if progress is not None:
             progress.close()
     click.echo(format_summary(summary), err=True)
-    return _status(summary)
+    return summary.exit_status
 
 
 def _count_in_background(
@@ -307,17 +307,3 @@ def _count_in_background(
             loop.call_soon_threadsafe(progress.set_total, total)
 
     threading.Thread(target=count, name="vision-bulk-count", daemon=True).start()
-
-
-def _close(outputs: list[Output]) -> None:
-    for output in outputs:
-        try:
-            output.close()
-        except Exception as exc:
-            print(f"error: closing an output failed: {exc}", file=sys.stderr)
-
-
-def _status(summary: Summary) -> int:
-    if summary.interrupted is not None:
-        return 128 + summary.interrupted
-    return 1 if summary.failed else 0

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -294,3 +295,12 @@ def check_writable(path: Path) -> str | None:
     if path.stat().st_size == 0 and path.suffix.lower() == ".parquet":
         path.unlink()  # the check must not leave an empty, unreadable Parquet file behind
     return None
+
+
+def close_all(outputs: Sequence[Output]) -> None:
+    """Close every output, each on its own: one that fails to close must not cost the others' rows."""
+    for output in outputs:
+        try:
+            output.close()
+        except Exception as exc:
+            print(f"error: closing an output failed: {exc}", file=sys.stderr)

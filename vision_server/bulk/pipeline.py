@@ -62,6 +62,13 @@ class Summary:
     def processed(self) -> int:
         return self.captioned + self.skipped + self.failed
 
+    @property
+    def exit_status(self) -> int:
+        """The command's exit status: 128 + the signal when stopped, 1 when an image failed, else 0."""
+        if self.interrupted is not None:
+            return 128 + self.interrupted
+        return 1 if self.failed else 0
+
     def record(self, outcome: Outcome, display: str, reason: str | None) -> None:
         if outcome == "captioned":
             self.captioned += 1

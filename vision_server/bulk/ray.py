@@ -22,7 +22,7 @@ from typing import Any
 
 import click
 
-from vision_server.bulk.outputs import Captions, Output
+from vision_server.bulk.outputs import Captions, Output, close_all
 from vision_server.bulk.pipeline import Summary
 from vision_server.bulk.plan import Skip, Unit, plan
 from vision_server.bulk.progress import Progress, format_summary
@@ -66,8 +66,6 @@ def run_ray(
     outputs: list[Output],
 ) -> int:
     """Run the request on Ray; the exit status as the local path gives it."""
-    from vision_server.bulk.command import _close, _status
-
     summary = Summary()
     progress = Progress(interval=request.progress_interval)
     undo = _stop_on_signals()
@@ -90,7 +88,7 @@ def run_ray(
     except _Stop as stop:
         summary.interrupted = stop.signum
     finally:
-        _close(outputs)
+        close_all(outputs)
         progress.close()
         if started:
             import ray
@@ -99,7 +97,7 @@ def run_ray(
         undo()
     summary.seconds = time.monotonic() - summary.started
     click.echo(format_summary(summary), err=True)
-    return _status(summary)
+    return summary.exit_status
 
 
 def _init_ray(address: str) -> bool:
