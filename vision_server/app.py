@@ -12,6 +12,7 @@ from vision_server.api import admin, auth, cors, extras, multipart, native, open
 from vision_server.api.access import access_middleware
 from vision_server.api.auth import KEYS, keys_from
 from vision_server.api.errors import ERROR_SHAPES, ErrorShapes, error_middleware
+from vision_server.api.keep_alive import add_keep_alive_header
 from vision_server.api.ratelimit import RATE_LIMITER, RateLimiter
 from vision_server.api.state import DECODER, ENGINE, METRICS, SETTINGS, STARTED_AT
 from vision_server.captioner import Captioner
@@ -41,6 +42,7 @@ def create_app(
         app[RATE_LIMITER] = RateLimiter(settings.rate_limit)
     if settings.cors_origins:
         app.on_response_prepare.append(cors.add_cors_headers)
+    app.on_response_prepare.append(add_keep_alive_header)
     app[ERROR_SHAPES] = add_routes(app)
     app.cleanup_ctx.append(_decoder_context)
     app.cleanup_ctx.append(_engine_context)

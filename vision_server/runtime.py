@@ -19,6 +19,7 @@ def engine_config(settings: Settings, captioner: Captioner) -> EngineConfig:
         idle_timeout=settings.idle_timeout,
         request_timeout=settings.request_timeout,
         bulk_aging=settings.bulk_aging,
+        max_keep_alive=settings.max_keep_alive,
     )
 
 

@@ -64,6 +64,11 @@ class Settings:
         "Seconds without work before the model is unloaded. 0 unloads as soon as the queue drains; -1 never.",
     )
     preload: bool = _opt(False, "Load the model at start instead of on the first request.")
+    max_keep_alive: float | None = _opt(
+        None,
+        "Most seconds a request's keep_alive may keep the model loaded; more is granted this "
+        "much, and 'forever' (negative) is refused. Unset: the idle timeout. -1: no cap.",
+    )
     # queue and batching
     max_queue: int = _opt(
         256,
@@ -179,6 +184,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("min_new_tokens must be >= 0")
     if s.idle_timeout < 0 and s.idle_timeout != -1:
         raise SettingsError("idle_timeout must be >= 0, or -1 for never")
+    if s.max_keep_alive is not None and s.max_keep_alive < 0 and s.max_keep_alive != -1:
+        raise SettingsError("max_keep_alive must be >= 0, or -1 for no cap")
     if s.request_timeout <= 0 or s.shutdown_grace < 0 or s.max_batch_wait_ms < 0:
         raise SettingsError("request_timeout must be > 0; shutdown_grace and max_batch_wait_ms >= 0")
     if not 0 <= s.port <= 65535:

@@ -41,7 +41,7 @@ async def caption(request: web.Request) -> web.Response:
         raise BadRequest('"prompt" must be a string.')
     settings = request.app[SETTINGS]
     task = task_from_text(prompt, request.app[ENGINE].model_card.tasks, settings.default_task)
-    labels = job_labels(request, body.get("priority"))
+    labels = job_labels(request, body.get("priority"), keep_alive=body.get("keep_alive"))
     result = await caption_base64(request, image, task, settings.generation_defaults(), labels)
     return web.json_response({"caption": result.text})
 

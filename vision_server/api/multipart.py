@@ -120,7 +120,7 @@ async def _single(request: web.Request, route_default: str) -> web.Response:
     if len(form.files) > 1:
         raise BadRequest(f"{len(form.files)} files uploaded; send one here, or several to /batch_caption.")
     task = task_for(form, request.app[ENGINE].model_card.tasks, route_default)
-    labels = job_labels(request, form.fields.get("priority"))
+    labels = job_labels(request, form.fields.get("priority"), keep_alive=form.fields.get("keep_alive"))
     result = await caption_bytes(request, form.files[0].data, task, options_for(form, request), labels)
     return web.json_response(
         {
@@ -153,7 +153,9 @@ async def batch_caption(request: web.Request) -> web.Response:
         )
     task = task_for(form, request.app[ENGINE].model_card.tasks, CAPTION_TASK)
     options = options_for(form, request)
-    labels = job_labels(request, form.fields.get("priority"), default=Lane.BULK)
+    labels = job_labels(
+        request, form.fields.get("priority"), default=Lane.BULK, keep_alive=form.fields.get("keep_alive")
+    )
     outcomes = await asyncio.gather(
         *(caption_bytes(request, upload.data, task, options, labels) for upload in form.files),
         return_exceptions=True,

@@ -28,7 +28,7 @@ async def process_image(request: web.Request) -> web.Response:
     image_text = require_str(body, "image")
     prompt = require_str(body, "prompt")
     task = normalize_task(prompt, request.app[ENGINE].model_card.tasks)
-    labels = job_labels(request, body.get("priority"))
+    labels = job_labels(request, body.get("priority"), keep_alive=body.get("keep_alive"))
     options = request.app[SETTINGS].generation_defaults()
     caption = await caption_base64(request, image_text, task, options, labels)
     return web.json_response({"result": caption.text})

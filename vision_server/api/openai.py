@@ -92,6 +92,7 @@ class ChatRequest:
     stream: bool
     include_usage: bool
     priority: object = None  # the extra ``priority`` field, checked with the request's labels
+    keep_alive: object = None  # the extra ``keep_alive`` field (Ollama's), likewise
 
 
 def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
@@ -119,7 +120,9 @@ def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
     stream_options = body.get("stream_options")
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
     stream = bool(as_bool("stream", body.get("stream")))
-    return ChatRequest(tuple(images), text, options, stream, include_usage, body.get("priority"))
+    return ChatRequest(
+        tuple(images), text, options, stream, include_usage, body.get("priority"), body.get("keep_alive")
+    )
 
 
 def images_and_text(messages: list[Any]) -> tuple[list[str], str]:
@@ -277,7 +280,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
     settings = request.app[SETTINGS]
     chat = parse_chat_request(body, settings)
-    labels = job_labels(request, chat.priority)
+    labels = job_labels(request, chat.priority, keep_alive=chat.keep_alive)
     card = request.app[ENGINE].model_card
     task = task_from_text(chat.text, card.tasks, settings.default_task)
     captions = await caption_all_base64(request, chat.images, task, chat.options, labels)

@@ -4,6 +4,7 @@ The lane comes from a ``priority`` field (JSON body or form field) or, failing t
 ``X-Priority`` header, else the route's default (interactive for single-image requests, bulk
 for ``/batch_caption``). Bulk clients take turns by client key: the peer address, plus the
 ``X-Client-Id`` header when one is sent (two folder runs on one host then share fairly too).
+The request's ``keep_alive`` (:mod:`vision_server.api.keep_alive`) travels with the labels.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from aiohttp import web
 
 from vision_server.api.errors import InvalidParameter
 from vision_server.api.generation import shown
+from vision_server.api.keep_alive import keep_alive_for
+from vision_server.api.state import ENGINE
 from vision_server.engine.jobs import JobLabels, Lane
 
 PRIORITY_HEADER = "X-Priority"
@@ -46,7 +49,15 @@ def client_key(request: web.Request) -> str:
 
 
 def job_labels(
-    request: web.Request, priority: object = None, *, default: Lane = Lane.INTERACTIVE
+    request: web.Request,
+    priority: object = None,
+    *,
+    default: Lane = Lane.INTERACTIVE,
+    keep_alive: object = None,
 ) -> JobLabels:
-    """The labels of a request's jobs (400 for an unknown priority)."""
-    return JobLabels(lane=lane_for(request, priority, default), client=client_key(request))
+    """The labels of a request's jobs (400 for an unknown priority or a bad keep-alive)."""
+    return JobLabels(
+        lane=lane_for(request, priority, default),
+        client=client_key(request),
+        keep_alive=keep_alive_for(request, request.app[ENGINE], keep_alive),
+    )

@@ -36,6 +36,10 @@ class JobLabels:
 
     lane: Lane = Lane.INTERACTIVE
     client: str = "-"  # bulk clients take turns by this key (address, or address and client id)
+    # Seconds the model should stay loaded after this job's batch, as granted by
+    # Engine.grant_keep_alive: 0 unloads once the queue drains, negative keeps it loaded until
+    # another request sets a keep-alive; None leaves whatever applies now.
+    keep_alive: float | None = None
 
 
 @dataclass(eq=False)

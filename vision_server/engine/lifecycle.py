@@ -41,6 +41,8 @@ class EngineStatus:
     dtype: str | None
     loaded_since: float | None  # unix time
     expires_at: float | None  # unix time of the idle unload, None when busy or never
+    keep_alive: float  # seconds the model stays loaded after the last batch (-1: until told otherwise)
+    keep_alive_from: str  # "server" (--idle-timeout) or "request" (a request's keep_alive)
     queue_depth: int
     lane_depths: dict[str, int]  # jobs waiting per lane (interactive, bulk)
     jobs_running: int

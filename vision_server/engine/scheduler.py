@@ -23,6 +23,7 @@ from vision_server.engine.observer import EngineObserver
 from vision_server.engine.queue import DEFAULT_BULK_AGING, JobQueue
 from vision_server.engine.trace import record_job
 from vision_server.errors import (
+    BadRequest,
     CaptionFailed,
     DeadlineExceeded,
     Draining,
@@ -58,6 +59,8 @@ class EngineConfig:
     trim_after: float = 1.0
     # Batches in a row that may leave waiting bulk jobs out before one is formed bulk-first.
     bulk_aging: int = DEFAULT_BULK_AGING
+    # Most seconds a request's keep-alive may ask for; None: the idle timeout; negative: no cap.
+    max_keep_alive: float | None = None
 
 
 class Engine:
@@ -94,6 +97,7 @@ class Engine:
         self._worker_deaths = 0
         self._restart: asyncio.TimerHandle | None = None
         self._trim_pending = False  # a batch ran since the last trim (or unload)
+        self._keep_alive: float | None = None  # a request's keep-alive in force (None: idle_timeout)
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -249,6 +253,28 @@ class Engine:
         """The size and normalisation images are prepared for before they queue (known unloaded)."""
         return self._captioner.pixel_spec
 
+    @property
+    def keep_alive_cap(self) -> float:
+        """The most seconds a request's keep-alive may ask for (negative: no cap)."""
+        cap = self.config.max_keep_alive
+        return self.config.idle_timeout if cap is None else cap
+
+    def grant_keep_alive(self, seconds: float) -> float:
+        """What a request asking for ``seconds`` of keep-alive gets: at most the cap.
+
+        "Forever" (negative) is refused with a 400 when there is a cap, so one client cannot pin
+        the model for everyone; a finite wish above the cap is granted the cap.
+        """
+        cap = self.keep_alive_cap
+        if cap < 0:
+            return seconds
+        if seconds < 0:
+            raise BadRequest(
+                f"keep_alive {seconds:g} (keep the model loaded indefinitely) is not allowed: this "
+                f"server caps keep-alive at {cap:g} s (--max-keep-alive). Ask for {cap:g} s or less."
+            )
+        return min(seconds, cap)
+
     def retry_after(self, lane: Lane | None = None) -> float:
         """An honest estimate of when a refused client should retry, capped for OpenAI SDKs.
 
@@ -268,6 +294,8 @@ class Engine:
             dtype=info.dtype if info else None,
             loaded_since=self._loaded_since,
             expires_at=self._expires_at(),
+            keep_alive=self._keep_alive_now(),
+            keep_alive_from="server" if self._keep_alive is None else "request",
             queue_depth=len(self._queue),
             lane_depths={lane.value: self._queue.depth(lane) for lane in Lane},
             jobs_running=self._running,
@@ -418,11 +446,16 @@ class Engine:
             return
         log.debug("returned freed memory to the OS in %.3f s", time.monotonic() - started)
 
+    def _keep_alive_now(self) -> float:
+        """Seconds the model stays loaded after the last batch: a request's wish, else the idle timeout."""
+        return self.config.idle_timeout if self._keep_alive is None else self._keep_alive
+
     def _unload_at(self) -> float | None:
         """When (on the clock) the idle unload is due, or None when no unload is pending."""
-        if self._state is not ModelState.READY or self.config.idle_timeout < 0:
+        keep_alive = self._keep_alive_now()
+        if self._state is not ModelState.READY or keep_alive < 0:
             return None
-        return self._last_finished + self.config.idle_timeout
+        return self._last_finished + keep_alive
 
     def _idle_wait(self) -> float | None:
         """Seconds until the idle unload is due, or None when no unload is pending."""
@@ -477,6 +510,7 @@ class Engine:
             return
         finally:
             self._finish_batch(len(live), time.monotonic() - started)
+            self._apply_keep_alive(live)
         for job, result in zip(live, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)
@@ -502,6 +536,12 @@ class Engine:
         self._last_batch_size = size
         self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (seconds / max(size, 1))
         self.observer.batch_finished(size, seconds)
+
+    def _apply_keep_alive(self, batch: list[CaptionJob]) -> None:
+        """The latest request of the batch that asked for a keep-alive sets the one in force."""
+        asked = [job for job in batch if job.labels.keep_alive is not None]
+        if asked:
+            self._keep_alive = max(asked, key=lambda job: job.enqueued_at).labels.keep_alive
 
     def _fail_batch(self, jobs: list[CaptionJob], exc: Exception) -> None:
         ids = ", ".join(job.request_id for job in jobs)
@@ -571,6 +611,7 @@ class Engine:
             log.exception("model unload raised; references were dropped anyway")
         self._info = None
         self._loaded_since = None
+        self._keep_alive = None  # a request's keep-alive lasts until the unload; the next load starts afresh
         self._set_state(ModelState.UNLOADED)
         seconds = time.monotonic() - started
         self.observer.model_unloaded(seconds, reason)
