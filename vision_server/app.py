@@ -8,15 +8,28 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 from aiohttp.typedefs import Middleware
 
-from vision_server.api import admin, auth, cors, extras, multipart, native, openai, ops, ratelimit
+from vision_server.api import (
+    admin,
+    auth,
+    cors,
+    extras,
+    gallery,
+    multipart,
+    native,
+    openai,
+    ops,
+    ratelimit,
+    ui,
+)
 from vision_server.api.access import access_middleware
 from vision_server.api.auth import KEYS, keys_from
 from vision_server.api.errors import ERROR_SHAPES, ErrorShapes, error_middleware
 from vision_server.api.keep_alive import add_keep_alive_header
 from vision_server.api.ratelimit import RATE_LIMITER, RateLimiter
-from vision_server.api.state import DECODER, ENGINE, METRICS, SETTINGS, STARTED_AT
+from vision_server.api.state import DECODER, ENGINE, METRICS, RECENT, SETTINGS, STARTED_AT
 from vision_server.captioner import Captioner
 from vision_server.engine.observer import EngineObserver, ObserverGroup
+from vision_server.engine.recent import RecentBatches
 from vision_server.engine.scheduler import Engine
 from vision_server.images import ImageDecoder
 from vision_server.metrics import Metrics
@@ -33,7 +46,9 @@ def create_app(
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares(settings))
     app[METRICS] = metrics
     app[SETTINGS] = settings
-    engine_observer = metrics if observer is None else ObserverGroup(metrics, observer)
+    app[RECENT] = RecentBatches()
+    watchers = (metrics, app[RECENT]) if observer is None else (metrics, app[RECENT], observer)
+    engine_observer = ObserverGroup(*watchers)
     app[ENGINE] = Engine(captioner, engine_config(settings, captioner), engine_observer)
     metrics.watch(app[ENGINE])
     app[STARTED_AT] = time.time()
@@ -76,6 +91,12 @@ def add_routes(app: web.Application) -> ErrorShapes:
     shapes.register(openai.setup(app), openai.openai_error)
     shapes.register(extras.setup(app), extras.extras_error)
     shapes.register(multipart.setup(app), multipart.multipart_error)
+    settings = app[SETTINGS]
+    if settings.ui:
+        shapes.register(ui.setup_page(app), native.native_error)  # "/" for non-browsers: as before
+        shapes.register(ui.setup(app), ops.ops_error)
+    if settings.ui and settings.gallery is not None:
+        shapes.register(gallery.setup(app), ops.ops_error)
     return shapes
 
 

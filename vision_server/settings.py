@@ -129,6 +129,18 @@ class Settings:
     log_level: str = _opt("info", "debug, info, warning or error.")
     log_format: str = _opt("text", "text or json (one JSON object per line).")
     log_file: Path | None = _opt(None, "Also write logs to this file.")
+    # web page
+    ui: bool = _opt(True, "Serve the web page at / (try a caption, browse a gallery, watch the server).")
+    gallery: Path | None = _opt(
+        None, "Dataset folder the web page's gallery shows (images and their caption files). Off by default."
+    )
+    gallery_writable: bool = _opt(
+        False, "Let the gallery save edited and re-made captions into the caption files (read-only without)."
+    )
+    gallery_page_size: int = _opt(48, "Images per gallery page.")
+    gallery_jsonl: Path | None = _opt(
+        None, "A JSONL of captions (vision-server caption --jsonl, metadata.jsonl) shown as one more source."
+    )
     compile: bool = _opt(
         False,
         "CUDA only: static KV cache + torch.compile for the default generation options; batches are "
@@ -190,6 +202,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("request_timeout must be > 0; shutdown_grace and max_batch_wait_ms >= 0")
     if not 0 <= s.port <= 65535:
         raise SettingsError(f"port must be 0..65535, not {s.port}")
+    if not 1 <= s.gallery_page_size <= 500:
+        raise SettingsError(f"gallery_page_size must be 1..500, not {s.gallery_page_size}")
     if (s.ssl_cert is None) != (s.ssl_key is None):
         raise SettingsError("ssl_cert and ssl_key must be given together")
 

@@ -26,7 +26,9 @@ from vision_server.api.state import METRICS
 from vision_server.errors import Forbidden, Unauthorized
 from vision_server.settings import Settings, SettingsError
 
-OPEN_ROUTES = frozenset({"ops.health", "ops.ready"})
+# The web page and its files hold no data and must load before the user types the key; the page
+# route still checks the key for non-browser requests (see vision_server.api.ui.page).
+OPEN_ROUTES = frozenset({"ops.health", "ops.ready", "ui.page", "ui.static"})
 METRICS_ROUTE = "ops.metrics"
 REALM = 'Bearer realm="vision-server"'
 PROXY_HEADERS = ("Forwarded", "X-Forwarded-For", "X-Real-IP")  # what nginx, HAProxy, Caddy add

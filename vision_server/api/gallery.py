@@ -1,0 +1,228 @@
+"""The gallery's HTTP routes: pages of images with their captions, thumbnails, edits, fresh
+captions through the engine, and export.
+
+Every route names images by their path relative to the gallery root (``?path=`` or a JSON
+``paths`` list). A path that is not an image the gallery listed (``..``, an absolute path, a
+symlink out of the root, any encoding of those, or simply a missing file) is a 404, the same for
+all, so nothing outside the folder can be read, written or even probed. Saving needs
+``--gallery-writable``; without it a save is a 403 that says so.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+from aiohttp.web_urldispatcher import AbstractRoute
+
+from vision_server.api.bodies import read_json_object
+from vision_server.api.errors import REQUEST_ID, InvalidParameter, NotFound
+from vision_server.api.state import DECODER, ENGINE, SETTINGS
+from vision_server.captioner import CaptionItem
+from vision_server.errors import BadRequest, Forbidden, VisionServerError
+from vision_server.gallery.catalog import Catalog, Entry, Query
+from vision_server.gallery.sidecars import MAX_SAVE_CHARS, PRIMARY, is_caption_suffix
+from vision_server.gallery.thumbs import ThumbnailError, Thumbnails
+from vision_server.settings import Settings, SettingsError
+from vision_server.tasks import normalize_task
+
+T = TypeVar("T")
+
+MAX_PATHS = 1000  # images per re-caption or export request
+IN_FLIGHT = 8  # images one re-caption request has queued at a time
+READ_ONLY = (
+    "The gallery is read-only: start the server with --gallery-writable to save captions "
+    "into the dataset's caption files."
+)
+
+
+class Gallery:
+    """The catalog plus the lock that keeps its (blocking) file work to one thread at a time."""
+
+    def __init__(self, catalog: Catalog, thumbnails: Thumbnails) -> None:
+        self.catalog = catalog
+        self.thumbnails = thumbnails
+        self._lock = asyncio.Lock()
+
+    async def run(self, func: Callable[..., T], *args: Any) -> T:
+        async with self._lock:
+            return await asyncio.to_thread(func, *args)
+
+    async def entry(self, key: object) -> Entry:
+        found = await self.run(self.catalog.find, key) if isinstance(key, str) else None
+        if found is None:
+            raise NotFound("No such image in the gallery.")
+        return found
+
+
+GALLERY = web.AppKey("gallery", Gallery)
+
+
+def gallery_from(settings: Settings) -> Gallery:
+    """The gallery of ``--gallery``; a folder that is not there is a start-up error."""
+    root = settings.gallery
+    if root is None:
+        raise ValueError("no gallery configured")
+    if not root.is_dir():
+        raise SettingsError(f"gallery {root} is not a folder")
+    if settings.gallery_jsonl is not None and not settings.gallery_jsonl.is_file():
+        raise SettingsError(f"gallery_jsonl {settings.gallery_jsonl} is not a file")
+    catalog = Catalog(
+        root, writable=settings.gallery_writable, page_size=settings.gallery_page_size,
+        jsonl=settings.gallery_jsonl,
+    )  # fmt: skip
+    return Gallery(catalog, Thumbnails(settings.cache_dir / "gallery-thumbs", settings.max_image_pixels))
+
+
+def query_from(request: web.Request) -> tuple[int, Query]:
+    params = request.query
+    try:
+        number = int(params.get("page", "1"))
+    except ValueError:
+        raise InvalidParameter("page", f"page must be a whole number, not {params.get('page')!r}") from None
+    field, has = params.get("field", "all"), params.get("has", "any")
+    if field not in ("all", "name", "caption"):
+        raise InvalidParameter("field", f"field must be all, name or caption, not {field!r}")
+    if has not in ("any", "with", "without"):
+        raise InvalidParameter("has", f"has must be any, with or without, not {has!r}")
+    return number, Query(text=params.get("q", "").strip(), field=field, has=has)  # type: ignore[arg-type]
+
+
+def paths_from(body: dict[str, Any]) -> list[str]:
+    paths = body.get("paths")
+    if not isinstance(paths, list) or not paths or not all(isinstance(p, str) for p in paths):
+        raise InvalidParameter("paths", "paths must be a non-empty list of image paths from the gallery.")
+    if len(paths) > MAX_PATHS:
+        raise InvalidParameter("paths", f"{len(paths)} paths; send at most {MAX_PATHS} per request.")
+    return list(dict.fromkeys(paths))
+
+
+# --- routes --------------------------------------------------------------------------------------
+
+
+async def page(request: web.Request) -> web.Response:
+    gallery = request.app[GALLERY]
+    number, query = query_from(request)
+    data = await gallery.run(gallery.catalog.page, number, query)
+    data["writable"] = gallery.catalog.writable
+    return web.json_response(data)
+
+
+async def thumbnail(request: web.Request) -> web.Response:
+    gallery = request.app[GALLERY]
+    entry = await gallery.entry(request.query.get("path"))
+    try:
+        data = await asyncio.to_thread(gallery.thumbnails.get, entry.path)
+    except ThumbnailError as exc:
+        raise BadRequest(f"No thumbnail for {entry.key}: {exc}") from None
+    return web.Response(
+        body=data, headers={"Content-Type": "image/jpeg", "Cache-Control": "private, max-age=300"}
+    )
+
+
+async def image(request: web.Request) -> web.StreamResponse:
+    entry = await request.app[GALLERY].entry(request.query.get("path"))
+    return web.FileResponse(entry.path, headers={"Cache-Control": "private, max-age=300"})
+
+
+async def save(request: web.Request) -> web.Response:
+    """``{"path", "source": ".txt", "text"}``: replace one caption file, atomically."""
+    gallery = request.app[GALLERY]
+    if not gallery.catalog.writable:
+        raise Forbidden(READ_ONLY)
+    body = await read_json_object(request)
+    source, text = body.get("source", PRIMARY), body.get("text")
+    if not isinstance(source, str) or not is_caption_suffix(source):
+        raise InvalidParameter("source", "source must be a caption file suffix such as .txt or .tags.")
+    if not isinstance(text, str):
+        raise InvalidParameter("text", "text must be the caption, a string.")
+    if len(text) > MAX_SAVE_CHARS:
+        limit = f"the limit is {MAX_SAVE_CHARS}"
+        raise InvalidParameter("text", f"The caption is {len(text)} characters; {limit}.")
+    entry = await gallery.entry(body.get("path"))
+    await gallery.run(gallery.catalog.save, entry, source, text)
+    return web.json_response(await gallery.run(gallery.catalog.item, entry))
+
+
+async def recaption(request: web.Request) -> web.Response:
+    """``{"paths", "task", "save"}``: fresh captions through the engine, shown as a model source
+    (and written to the ``.txt`` files when ``save`` on a writable gallery)."""
+    gallery = request.app[GALLERY]
+    body = await read_json_object(request)
+    keys = paths_from(body)
+    store = body.get("save", False)
+    if not isinstance(store, bool):
+        raise InvalidParameter("save", "save must be true or false.")
+    if store and not gallery.catalog.writable:
+        raise Forbidden(READ_ONLY)
+    task_text = body.get("task")
+    if not isinstance(task_text, str) or not task_text.strip():
+        raise InvalidParameter("task", "task must name one of the model's tasks.")
+    task = normalize_task(task_text, request.app[ENGINE].model_card.tasks)
+    entries = [await gallery.entry(key) for key in keys]  # every path checked before any work
+    limit = asyncio.Semaphore(IN_FLIGHT)
+
+    async def one(entry: Entry) -> dict[str, Any]:
+        async with limit:
+            try:
+                text = await caption_file(request, entry.path, task)
+            except VisionServerError as exc:
+                if exc.status >= 500:
+                    raise  # the server's trouble (draining, load failure): the whole request fails
+                return {"path": entry.key, "error": exc.message}
+            except OSError as exc:
+                return {"path": entry.key, "error": f"cannot read the file: {exc.strerror or exc}"}
+        gallery.catalog.remember(entry.key, task, text)
+        if store:
+            await gallery.run(gallery.catalog.save, entry, PRIMARY, text)
+        return {"path": entry.key, "task": task, "caption": text}
+
+    jobs = [asyncio.ensure_future(one(entry)) for entry in entries]
+    try:
+        results = await asyncio.gather(*jobs)
+    finally:
+        for job in jobs:
+            job.cancel()  # after a failure (or the client leaving), the rest leave the queue
+    items = [await gallery.run(gallery.catalog.item, entry) for entry in entries]
+    return web.json_response({"task": task, "results": results, "items": items})
+
+
+async def caption_file(request: web.Request, path: Path, task: str) -> str:
+    """One dataset image through the shared engine, waiting for room rather than being refused."""
+    data = await asyncio.to_thread(path.read_bytes)
+    prepared = await request.app[DECODER].from_bytes(data)
+    item = CaptionItem(image=prepared, task=task, options=request.app[SETTINGS].generation_defaults())
+    request_id = request.get(REQUEST_ID, "-")
+    result = await request.app[ENGINE].submit(item, request_id=request_id, wait_for_room=True)
+    return result.text
+
+
+async def export(request: web.Request) -> web.Response:
+    """``{"paths"}`` → one JSON line per image, in the order given (a download for the page)."""
+    gallery = request.app[GALLERY]
+    keys = paths_from(await read_json_object(request))
+    entries = [await gallery.entry(key) for key in keys]
+    rows = [await gallery.run(gallery.catalog.export_row, entry) for entry in entries]
+    text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    return web.Response(
+        text=text,
+        content_type="application/x-ndjson",
+        headers={"Content-Disposition": 'attachment; filename="captions.jsonl"'},
+    )
+
+
+def setup(app: web.Application) -> list[AbstractRoute]:
+    """Add the routes (only with ``--gallery``); errors answer in the operations shape."""
+    app[GALLERY] = gallery_from(app[SETTINGS])
+    return [
+        app.router.add_get("/ui/api/gallery", page, name="gallery.page"),
+        app.router.add_get("/ui/api/gallery/thumb", thumbnail, name="gallery.thumb"),
+        app.router.add_get("/ui/api/gallery/image", image, name="gallery.image"),
+        app.router.add_post("/ui/api/gallery/save", save, name="gallery.save"),
+        app.router.add_post("/ui/api/gallery/recaption", recaption, name="gallery.recaption"),
+        app.router.add_post("/ui/api/gallery/export", export, name="gallery.export"),
+    ]

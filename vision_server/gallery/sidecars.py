@@ -1,0 +1,68 @@
+"""Which files beside an image are its captions, and reading them safely.
+
+``cat.png``'s captions are ``cat.txt`` (the kohya-ss convention the captioners write), other
+caption extensions (``cat.caption``, ``cat.tags``), and per-task files the dataset captioner
+writes with several tasks (``cat.generate_tags.txt``). The part after the image's stem names the
+source: ``.txt``, ``.tags``, ``.generate_tags.txt``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+from vision_server.captionfiles import is_image
+
+PRIMARY = ".txt"  # the caption file the page edits by default and trainers read
+SUFFIX = re.compile(r"^(\.[A-Za-z0-9_-]{1,40})?\.(txt|caption|tags)$")
+MAX_CAPTION_BYTES = 256 * 1024  # a caption file larger than this is shown cut, never read whole
+MAX_SAVE_CHARS = 64 * 1024
+
+
+def is_caption_suffix(suffix: str) -> bool:
+    return bool(SUFFIX.match(suffix))
+
+
+def sidecars_of(image_name: str, names_in_folder: list[str]) -> tuple[str, ...]:
+    """The caption suffixes present for ``image_name`` among its folder's file names, ``.txt`` first."""
+    stem = Path(image_name).stem
+    found = [
+        name[len(stem) :]
+        for name in names_in_folder
+        if name.startswith(stem + ".") and not is_image(Path(name)) and is_caption_suffix(name[len(stem) :])
+    ]
+    return tuple(sorted(found, key=lambda suffix: (suffix != PRIMARY, suffix)))
+
+
+def sidecar_path(image: Path, suffix: str) -> Path:
+    return image.with_name(image.stem + suffix)
+
+
+class TextCache:
+    """Caption file contents keyed by path, size and mtime: a search over thousands of captions
+    reads each file once, and an edit (new mtime) is seen at once."""
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self._texts: dict[Path, tuple[int, int, str]] = {}
+        self._limit = limit
+
+    def read(self, path: Path) -> str | None:
+        """The text (UTF-8, BOM dropped, undecodable bytes replaced), or None when there is no file."""
+        try:
+            info = os.stat(path)
+        except OSError:
+            return None
+        cached = self._texts.get(path)
+        if cached is not None and cached[:2] == (info.st_size, info.st_mtime_ns):
+            return cached[2]
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(MAX_CAPTION_BYTES)
+        except OSError:
+            return None
+        text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="replace")
+        if len(self._texts) >= self._limit:
+            self._texts.clear()
+        self._texts[path] = (info.st_size, info.st_mtime_ns, text)
+        return text

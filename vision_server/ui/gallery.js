@@ -1,0 +1,235 @@
+// The gallery: pages of thumbnails with every caption source side by side, search and filter,
+// editing the .txt caption, fresh captions from the model, re-captioning and exporting a selection.
+
+import { api, apiJson, postJson } from "./api.js";
+import { $, clear, fillTasks, make, setText, show } from "./dom.js";
+
+const CHUNK = 16; // images per re-caption request, so the page shows progress
+const THUMBS_AT_ONCE = 6;
+
+const state = { page: 1, pages: 1, q: "", field: "all", has: "any", writable: false };
+const selected = new Set(); // image paths, kept across pages and searches
+const cards = new Map(); // path -> card element on the current page
+let thumbUrls = [];
+let started = false;
+let loading = 0;
+
+function message(text, isError = false) {
+  const box = $("gallery-message");
+  setText(box, text);
+  box.classList.toggle("error", isError);
+}
+
+function updateSelection() {
+  setText($("selected-count"), `${selected.size} selected`);
+  for (const [path, card] of cards) {
+    card.querySelector(".pick").checked = selected.has(path);
+    card.classList.toggle("selected", selected.has(path));
+  }
+}
+
+function sourceBox(item, source, card) {
+  const box = make("div", `source source-${source.kind}`);
+  box.dataset.source = source.name;
+  box.appendChild(make("div", "source-name", source.kind === "sidecar" ? `file ${source.name}` : source.name));
+  if (source.kind === "sidecar" && source.name === ".txt") {
+    const edit = make("textarea", "edit");
+    edit.value = source.text ?? "";
+    edit.placeholder = "(no .txt caption yet)";
+    edit.setAttribute("aria-label", `caption of ${item.path}`);
+    const save = make("button", "save", "Save");
+    save.type = "button";
+    save.addEventListener("click", () => saveCaption(item.path, edit.value, card));
+    box.appendChild(edit);
+    box.appendChild(save);
+  } else {
+    box.appendChild(make("p", "source-text", source.text ?? "(none)"));
+  }
+  return box;
+}
+
+function fillCard(card, item) {
+  const sources = card.querySelector(".sources");
+  clear(sources);
+  for (const source of item.sources) sources.appendChild(sourceBox(item, source, card));
+}
+
+function makeCard(item) {
+  const card = $("card-template").content.firstElementChild.cloneNode(true);
+  card.dataset.path = item.path;
+  setText(card.querySelector(".name"), item.path);
+  const pick = card.querySelector(".pick");
+  pick.addEventListener("change", () => {
+    if (pick.checked) selected.add(item.path);
+    else selected.delete(item.path);
+    updateSelection();
+  });
+  card.querySelector(".fresh").addEventListener("click", () => recaption([item.path], false, card));
+  card.querySelector(".thumb").alt = item.path;
+  fillCard(card, item);
+  return card;
+}
+
+async function loadThumbs(paths) {
+  const queue = [...paths];
+  const worker = async () => {
+    while (queue.length) {
+      const path = queue.shift();
+      const card = cards.get(path);
+      if (!card) continue;
+      try {
+        const blob = await (await api(`/ui/api/gallery/thumb?path=${encodeURIComponent(path)}`)).blob();
+        const url = URL.createObjectURL(blob);
+        thumbUrls.push(url);
+        card.querySelector(".thumb").src = url;
+      } catch (error) {
+        card.querySelector(".thumb").classList.add("broken");
+        setText(card.querySelector(".card-message"), error.message);
+      }
+    }
+  };
+  await Promise.all(Array.from({ length: THUMBS_AT_ONCE }, worker));
+}
+
+async function load() {
+  const ticket = ++loading;
+  const query = new URLSearchParams({ page: state.page, q: state.q, field: state.field, has: state.has });
+  document.body.dataset.gallery = "loading";
+  let data;
+  try {
+    data = await apiJson(`/ui/api/gallery?${query}`);
+  } catch (error) {
+    message(error.message, true);
+    document.body.dataset.gallery = "failed";
+    return;
+  }
+  if (ticket !== loading) return; // a newer search or page replaced this one
+  Object.assign(state, { page: data.page, pages: data.pages, writable: data.writable });
+  for (const url of thumbUrls) URL.revokeObjectURL(url);
+  thumbUrls = [];
+  cards.clear();
+  const grid = $("grid");
+  clear(grid);
+  for (const item of data.items) {
+    const card = makeCard(item);
+    cards.set(item.path, card);
+    grid.appendChild(card);
+  }
+  const filtered = data.total === data.all ? "" : ` (of ${data.all})`;
+  setText($("page-info"), `page ${data.page} of ${data.pages} · ${data.total} images${filtered}`);
+  $("prev").disabled = data.page <= 1;
+  $("next").disabled = data.page >= data.pages;
+  updateSelection();
+  document.body.dataset.gallery = "ready";
+  loadThumbs(data.items.map((item) => item.path));
+}
+
+async function saveCaption(path, text, card) {
+  const note = card.querySelector(".card-message");
+  setText(note, "saving…");
+  note.classList.remove("error");
+  try {
+    const item = await postJson("/ui/api/gallery/save", { path, source: ".txt", text });
+    fillCard(card, item);
+    setText(note, "saved");
+  } catch (error) {
+    setText(note, error.message);
+    note.classList.add("error");
+  }
+}
+
+async function recaption(paths, save, card = null) {
+  const task = $("gallery-task").value;
+  let done = 0;
+  let failed = 0;
+  const note = card ? card.querySelector(".card-message") : null;
+  const say = (text, isError = false) => {
+    if (note) {
+      setText(note, text);
+      note.classList.toggle("error", isError);
+    } else message(text, isError);
+  };
+  say(`captioning ${paths.length} image(s) with ${task}…`);
+  document.body.dataset.recaption = "running";
+  try {
+    for (let start = 0; start < paths.length; start += CHUNK) {
+      const reply = await postJson("/ui/api/gallery/recaption", { paths: paths.slice(start, start + CHUNK), task, save });
+      for (const item of reply.items) {
+        const shown = cards.get(item.path);
+        if (shown) fillCard(shown, item);
+      }
+      for (const result of reply.results) {
+        if (result.error) failed += 1;
+        else done += 1;
+      }
+      say(`captioned ${done} of ${paths.length} with ${task}${failed ? `, ${failed} failed` : ""}`);
+    }
+    document.body.dataset.recaption = "done";
+  } catch (error) {
+    say(`${error.message} (${done} of ${paths.length} done)`, true);
+    document.body.dataset.recaption = "failed";
+  }
+}
+
+async function exportSelected() {
+  if (!selected.size) {
+    message("Select some images first.", true);
+    return;
+  }
+  try {
+    const response = await api("/ui/api/gallery/export", {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ paths: [...selected] }),
+    });
+    const url = URL.createObjectURL(await response.blob());
+    const link = make("a");
+    link.href = url;
+    link.download = "captions.jsonl";
+    document.body.appendChild(link);
+    link.click();
+    link.remove();
+    setTimeout(() => URL.revokeObjectURL(url), 10000);
+    message(`exported ${selected.size} caption row(s)`);
+  } catch (error) {
+    message(error.message, true);
+  }
+}
+
+export function startGallery(info) {
+  const gallery = info.gallery;
+  setText($("gallery-name"), gallery.name);
+  setText($("gallery-mode"), gallery.writable ? "writable" : "read-only");
+  $("recaption-save").disabled = !gallery.writable;
+  fillTasks($("gallery-task"), info.tasks, info.default_task);
+  if (!started) {
+    started = true;
+    $("search").addEventListener("submit", (event) => {
+      event.preventDefault();
+      Object.assign(state, { page: 1, q: $("q").value, field: $("field").value, has: $("has").value });
+      load();
+    });
+    $("prev").addEventListener("click", () => {
+      state.page -= 1;
+      load();
+    });
+    $("next").addEventListener("click", () => {
+      state.page += 1;
+      load();
+    });
+    $("select-page").addEventListener("click", () => {
+      for (const path of cards.keys()) selected.add(path);
+      updateSelection();
+    });
+    $("select-none").addEventListener("click", () => {
+      selected.clear();
+      updateSelection();
+    });
+    $("recaption").addEventListener("click", () => {
+      if (!selected.size) message("Select some images first.", true);
+      else recaption([...selected], $("recaption-save").checked);
+    });
+    $("export").addEventListener("click", exportSelected);
+  }
+  load();
+}
