@@ -4,7 +4,7 @@ API key and the admin key.
 The routes come from the served application's own router, so a route added later is checked
 without touching this file. What is expected (the README's Operations section, ``vision_server.api.auth``):
 
-- ``/health`` and ``/ready`` never need a key; ``/metrics`` is open unless ``--metrics-require-key``;
+- ``/health``, ``/ready`` and the web page's files never need a key; ``/metrics`` is open unless ``--metrics-require-key``;
 - every other route: no key or a wrong key → 401 with ``WWW-Authenticate: Bearer`` in the route
   family's error shape; the API key or the admin key → anything but 401;
 - admin routes (load/unload): the API key → 403, the admin key → 200.
@@ -31,6 +31,9 @@ from vision_server.settings import Settings
 API_KEY = "api-key-for-route-tests"
 ADMIN_KEY = "admin-key-for-route-tests"
 OPEN_PATHS = {"/health", "/ready"}
+# The web page's files: open (the page must load to ask for the key); the name filled in here is
+# not a file, so they answer 404, never 401.
+OPEN_FILE_ROUTES = {"ui.static"}
 METRICS_PATH = "/metrics"
 _ADMIN_CODE = admin_only(lambda request: None).__code__  # type: ignore[arg-type,return-value]
 
@@ -134,6 +137,10 @@ async def test_no_key_and_wrong_key_are_401_except_on_probes(keyed: Settings) ->
         for route in routes:
             for label, headers in (("no key", {}), ("wrong key", bearer("not-the-key"))):
                 status, response_headers, payload = await call(session, route, headers)
+                if route.name in OPEN_FILE_ROUTES:
+                    if status != 404:
+                        problems.append(f"{label}: {route} is an open file route but answered {status}")
+                    continue
                 if route.path in OPEN_PATHS or route.path == METRICS_PATH:
                     if status != 200:
                         problems.append(f"{label}: {route} is open but answered {status}")

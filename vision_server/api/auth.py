@@ -112,10 +112,10 @@ def needs_api_key(request: web.Request, keys: Keys) -> bool:
     return route not in OPEN_ROUTES and not (route == METRICS_ROUTE and keys.metrics_open)
 
 
-def check_api_key(request: web.Request) -> None:
+def check_api_key(request: web.Request, *, even_on_open_routes: bool = False) -> None:
     """Raise :class:`Unauthorized` unless the request carries the API key (or the admin key)."""
     keys = request.app[KEYS]
-    if not needs_api_key(request, keys):
+    if keys.api is None or not (even_on_open_routes or needs_api_key(request, keys)):
         return
     token = bearer_token(request)
     if key_matches(token, keys.api) or key_matches(token, keys.admin):

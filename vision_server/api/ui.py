@@ -74,7 +74,9 @@ def wants_html(request: web.Request) -> bool:
 
 async def page(request: web.Request) -> web.Response:
     if not wants_html(request):
-        check_api_key(request)  # the route is open for browsers only: others keep the old 401 / 404
+        check_api_key(
+            request, even_on_open_routes=True
+        )  # the route is open for browsers only: others keep the old 401 / 404
         raise NotFound("Not Found")
     body, content_type = request.app[STATIC][PAGE]
     headers = {"Content-Type": content_type, "Cache-Control": "no-cache"}

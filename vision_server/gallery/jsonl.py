@@ -39,17 +39,17 @@ def row_key(row: dict[str, Any], root: Path, real_root: Path) -> str | None:
 def row_captions(row: dict[str, Any]) -> dict[str, str]:
     """Source label → text: ``jsonl`` for a single caption, ``jsonl <task>`` for per-task fields."""
     captions: dict[str, str] = {}
-    task = row.get("task")
+    task, tasks = row.get("task"), row.get("tasks")
+    if isinstance(tasks, list):  # several tasks: one field per task, named by its slug
+        for each in tasks:
+            slug = task_slug(each) if isinstance(each, str) else None
+            if slug and isinstance(row.get(slug), str):
+                captions[f"{LABEL} {each}"] = row[slug]
+        return captions
     for name in TEXT_FIELDS:
         if isinstance(row.get(name), str):
             captions[f"{LABEL} {task}" if isinstance(task, str) else LABEL] = row[name]
             break
-    tasks = row.get("tasks")
-    if isinstance(tasks, list):
-        for task in tasks:
-            slug = task_slug(task) if isinstance(task, str) else None
-            if slug and isinstance(row.get(slug), str):
-                captions[f"{LABEL} {task}"] = row[slug]
     return captions
 
 

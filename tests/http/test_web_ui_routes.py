@@ -1,0 +1,253 @@
+"""The web page and the gallery routes over HTTP (real app on a port, fake captioner).
+
+``/`` gives browsers the page and everybody else what they got before the page existed; the page
+travels with a CSP that forbids inline script and other origins; every way of naming a path
+outside the gallery root is a 404; saving is refused on a read-only gallery and atomic otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientSession
+from yarl import URL
+
+from tests.support.gallery_data import XSS, GalleryData, make_gallery
+from tests.support.serving import running_server
+from vision_server.settings import Settings
+from vision_server.testing.fake import FakeCaptioner
+
+HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+KEY = "ui-route-test-key"
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> GalleryData:
+    return make_gallery(tmp_path)
+
+
+def gallery_settings(data: GalleryData, tmp_path: Path, **overrides: object) -> Settings:
+    base = Settings(
+        cache_dir=tmp_path / "cache", gallery=data.root, gallery_jsonl=data.jsonl, gallery_page_size=3
+    )
+    return dataclasses.replace(base, **overrides)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def session(data: GalleryData, tmp_path: Path) -> AsyncIterator[ClientSession]:
+    settings = gallery_settings(data, tmp_path, gallery_writable=True)
+    async with running_server(settings, FakeCaptioner()) as url, ClientSession(url) as client:
+        yield client
+
+
+# --- the page at / ---------------------------------------------------------------------------------
+
+
+async def test_root_gives_browsers_the_page_with_a_strict_csp(tmp_path: Path) -> None:
+    async with running_server(Settings(cache_dir=tmp_path), FakeCaptioner()) as url:
+        async with ClientSession(url) as client:
+            async with client.get("/", headers=HTML) as response:
+                assert response.status == 200 and response.content_type == "text/html"
+                page = await response.text()
+                csp = response.headers["Content-Security-Policy"]
+            assert "script-src 'self'" in csp and "default-src 'none'" in csp and "unsafe-inline" not in csp
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            assert '<script type="module" src="/ui/app.js">' in page and "<script>" not in page
+            for name in ("app.js", "api.js", "gallery.js", "app.css"):
+                async with client.get(f"/ui/{name}") as response:
+                    assert response.status == 200, name
+                    assert response.headers["Content-Security-Policy"] == csp
+            async with client.get("/ui/nope.js") as response:
+                assert response.status == 404
+
+
+@pytest.mark.parametrize("accept", [None, "application/json", "*/*"])
+async def test_root_answers_other_clients_as_before(tmp_path: Path, accept: str | None) -> None:
+    headers = {"Accept": accept} if accept else {}
+    replies = []
+    for ui in (True, False):
+        async with running_server(Settings(cache_dir=tmp_path, ui=ui), FakeCaptioner()) as url:
+            async with ClientSession(url) as client, client.get("/", headers=headers) as response:
+                replies.append((response.status, await response.json()))
+    assert replies[0] == replies[1] == (404, {"detail": "Not Found"})
+
+
+async def test_no_ui_serves_no_page(tmp_path: Path) -> None:
+    async with running_server(Settings(cache_dir=tmp_path, ui=False), FakeCaptioner()) as url:
+        async with ClientSession(url) as client:
+            for path in ("/", "/ui/app.js", "/ui/api/info"):
+                async with client.get(path, headers=HTML) as response:
+                    assert response.status == 404, path
+
+
+async def test_with_a_key_the_page_loads_but_its_data_needs_the_key(tmp_path: Path) -> None:
+    async with running_server(Settings(cache_dir=tmp_path, api_key=KEY), FakeCaptioner()) as url:
+        async with ClientSession(url) as client:
+            async with client.get("/", headers=HTML) as response:
+                assert response.status == 200
+            async with client.get("/ui/app.js") as response:
+                assert response.status == 200
+            async with client.get("/", headers={"Accept": "application/json"}) as response:
+                assert response.status == 401  # as before the page existed
+            async with client.get("/ui/api/info") as response:
+                assert response.status == 401 and response.headers["WWW-Authenticate"].startswith("Bearer")
+            async with client.get("/ui/api/info", headers={"Authorization": f"Bearer {KEY}"}) as response:
+                assert response.status == 200 and (await response.json())["gallery"] is None
+
+
+# --- the gallery -----------------------------------------------------------------------------------
+
+
+async def test_pages_search_and_sources(session: ClientSession, data: GalleryData) -> None:
+    async with session.get("/ui/api/gallery") as response:
+        first = await response.json()
+    assert (first["total"], first["pages"], first["page_size"]) == (7, 3, 3)
+    assert [item["path"] for item in first["items"]] == list(data.names[:3])
+    async with session.get("/ui/api/gallery", params={"page": "3"}) as response:
+        assert [item["path"] for item in (await response.json())["items"]] == list(data.names[6:])
+    sources = {s["name"]: s for s in first["items"][0]["sources"]}
+    assert sources[".txt"]["text"] == "a red cat on a sofa"
+    assert sources["jsonl <CAPTION>"]["text"] == "jsonl says cat"
+    assert {s["name"]: s["text"] for s in first["items"][1]["sources"]} == {
+        ".txt": XSS,
+        ".tags": f"tags {XSS}",
+    }
+    assert {s["name"] for s in first["items"][2]["sources"]} == {".txt", ".generate_tags.txt"}
+    searches = {
+        ("cat", "all", "any"): ["img00.png"],
+        ("sub/", "name", "any"): ["sub/img05.png", "sub/img06.png"],
+        ("sub/", "caption", "any"): [],
+        ("TREE", "caption", "any"): ["img02.png"],
+        ("", "all", "with"): ["img00.png", "img01.png"],
+    }
+    for (q, field, has), expected in searches.items():
+        async with session.get("/ui/api/gallery", params={"q": q, "field": field, "has": has}) as response:
+            found = await response.json()
+        assert [item["path"] for item in found["items"]] == expected, (q, field, has)
+    async with session.get("/ui/api/gallery", params={"field": "everywhere"}) as response:
+        assert response.status == 400 and "field" in (await response.json())["error"]["message"]
+
+
+async def test_save_writes_the_file_atomically(session: ClientSession, data: GalleryData) -> None:
+    body = {"path": "img03.png", "source": ".txt", "text": "a new caption"}
+    async with session.post("/ui/api/gallery/save", json=body) as response:
+        assert response.status == 200
+        item = await response.json()
+    assert (data.root / "img03.txt").read_text(encoding="utf-8") == "a new caption"
+    assert {s["name"]: s["text"] for s in item["sources"]}[".txt"] == "a new caption"
+    assert not [p.name for p in data.root.iterdir() if p.name.startswith(".vision-caption")]
+    bad = {"path": "img03.png", "source": ".png", "text": "x"}
+    async with session.post("/ui/api/gallery/save", json=bad) as response:
+        assert response.status == 400
+    assert (data.root / "img03.png").read_bytes()[:4] == b"\x89PNG"
+
+
+async def test_read_only_gallery_refuses_saves_with_a_message(data: GalleryData, tmp_path: Path) -> None:
+    async with running_server(gallery_settings(data, tmp_path), FakeCaptioner()) as url:
+        async with ClientSession(url) as client:
+            body = {"path": "img00.png", "source": ".txt", "text": "changed"}
+            async with client.post("/ui/api/gallery/save", json=body) as response:
+                assert response.status == 403
+                assert "--gallery-writable" in (await response.json())["error"]["message"]
+            recaption = {"paths": ["img00.png"], "task": "caption", "save": True}
+            async with client.post("/ui/api/gallery/recaption", json=recaption) as response:
+                assert response.status == 403
+    assert (data.root / "img00.txt").read_text(encoding="utf-8") == "a red cat on a sofa"
+
+
+async def test_recaption_and_export(session: ClientSession, data: GalleryData) -> None:
+    body = {"paths": ["img03.png", "img04.png"], "task": "caption", "save": True}
+    async with session.post("/ui/api/gallery/recaption", json=body) as response:
+        assert response.status == 200, await response.text()
+        reply = await response.json()
+    captions = {r["path"]: r["caption"] for r in reply["results"]}
+    assert set(captions) == {"img03.png", "img04.png"} and all(
+        c.startswith("caption ") for c in captions.values()
+    )
+    assert (data.root / "img04.txt").read_text(encoding="utf-8") == captions["img04.png"]
+    async with session.post("/ui/api/gallery/export", json={"paths": ["img04.png", "img00.png"]}) as response:
+        assert response.status == 200 and "attachment" in response.headers["Content-Disposition"]
+        rows = [json.loads(line) for line in (await response.text()).splitlines()]
+    assert [row["file_name"] for row in rows] == ["img04.png", "img00.png"]
+    assert (
+        rows[0]["caption"] == captions["img04.png"]
+        and rows[0]["sources"]["<CAPTION>"] == captions["img04.png"]
+    )
+    assert (
+        rows[1]["caption"] == "a red cat on a sofa"
+        and rows[1]["sources"]["jsonl <CAPTION>"] == "jsonl says cat"
+    )
+
+
+async def test_thumbnails_are_made_and_cached(session: ClientSession, tmp_path: Path) -> None:
+    async with session.get("/ui/api/gallery/thumb", params={"path": "sub/img05.png"}) as response:
+        assert response.status == 200 and response.content_type == "image/jpeg"
+        first = await response.read()
+    cached = list((tmp_path / "cache" / "gallery-thumbs").rglob("*.jpg"))
+    assert len(cached) == 1 and cached[0].read_bytes() == first
+    async with session.get("/ui/api/gallery/thumb", params={"path": "sub/img05.png"}) as response:
+        assert await response.read() == first
+    async with session.get("/ui/api/gallery/image", params={"path": "img00.png"}) as response:
+        assert response.status == 200 and (await response.read())[:4] == b"\x89PNG"
+
+
+TRAVERSALS = [
+    "../secret.txt",
+    "../secret.png",
+    "sub/../../secret.png",
+    "/etc/passwd",
+    "//etc/passwd",
+    "escape.png",  # a symlinked image leading out of the root
+    "up/secret.png",  # through a symlinked folder leading out
+    "up/dataset/img00.png",  # ... and back in: still not a listed path
+    "..\\secret.png",
+    "C:/Windows/win.ini",
+    "./img00.png",
+    "sub//img05.png",
+    "img00.png\x00.txt",
+    "%2e%2e/secret.png",  # arrives as this literal text (decoded once): no such image
+    "notes.md",  # in the root, but not an image
+    "missing.png",
+]
+
+
+@pytest.mark.parametrize("path", TRAVERSALS)
+async def test_paths_outside_the_gallery_are_404(
+    session: ClientSession, data: GalleryData, path: str
+) -> None:
+    for route in ("thumb", "image"):
+        async with session.get(f"/ui/api/gallery/{route}", params={"path": path}) as response:
+            assert response.status == 404, (route, path, await response.text())
+    for route, body in (
+        ("save", {"path": path, "source": ".txt", "text": "pwned"}),
+        ("recaption", {"paths": [path], "task": "caption", "save": True}),
+        ("export", {"paths": ["img00.png", path]}),
+    ):
+        async with session.post(f"/ui/api/gallery/{route}", json=body) as response:
+            assert response.status == 404, (route, path, await response.text())
+    assert data.outside.read_text(encoding="utf-8") == "outside the gallery"
+    assert not (data.root.parent / "secret.txt.tmp").exists()
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        "/ui/api/gallery/thumb?path=..%2Fsecret.png",
+        "/ui/api/gallery/thumb?path=%2E%2E%2Fsecret.png",
+        "/ui/api/gallery/thumb?path=%252e%252e%252fsecret.png",
+        "/ui/api/gallery/image?path=%2Fetc%2Fpasswd",
+        "/ui/api/gallery/image?path=..%5Csecret.png",
+        "/ui/api/gallery/image?path=sub%2F..%2F..%2Fsecret.png",
+        "/ui/api/gallery/image?path=img00.png%00",
+        "/ui/api/gallery/../../secret.png",
+        "/ui/api/gallery/%2e%2e/%2e%2e/secret.png",
+        "/ui/..%2f..%2fsecret.txt",
+    ],
+)
+async def test_encoded_traversals_are_404(session: ClientSession, raw: str) -> None:
+    async with session.get(URL(raw, encoded=True)) as response:
+        assert response.status == 404, (raw, await response.text())

@@ -1,0 +1,71 @@
+"""The gallery's file rules: which client paths are acceptable, which files are captions, JSONL rows."""
+
+from __future__ import annotations
+
+import fnmatch
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import paths
+from vision_server.gallery.jsonl import row_captions, row_key
+from vision_server.gallery.paths import is_clean_relative
+from vision_server.gallery.sidecars import is_caption_suffix, sidecars_of
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+
+@pytest.mark.parametrize("text", ["a.png", "sub/a.png", "a b/ç.png", "..a.png", "a..png", "%2e%2e/a.png"])
+def test_clean_relative_paths(text: str) -> None:
+    assert is_clean_relative(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "..", "../a.png", "sub/../a.png", "sub/..", "/a.png", "./a.png", "sub//a.png", "sub/", "a\\b.png",
+     "..\\a.png", "C:/a.png", "c:a.png", "a.png\x00", "sub/./a.png"],
+)  # fmt: skip
+def test_paths_that_could_step_outside_are_refused(text: str) -> None:
+    assert not is_clean_relative(text)
+
+
+def test_caption_files_of_an_image() -> None:
+    names = ["cat.png", "cat.txt", "cat.tags", "cat.generate_tags.txt", "cat.jpg", "cat.json", "catalog.txt",
+             "cat.caption", "cat.v2.png", "dog.txt", "cat.a b.txt"]  # fmt: skip
+    assert sidecars_of("cat.png", names) == (".txt", ".caption", ".generate_tags.txt", ".tags")
+    assert sidecars_of("dog.png", names) == (".txt",)
+    assert is_caption_suffix(".txt") and is_caption_suffix(".more_detailed_caption.txt")
+    assert (
+        not is_caption_suffix(".png") and not is_caption_suffix("/../x.txt") and not is_caption_suffix("txt")
+    )
+
+
+def test_jsonl_rows_of_both_shapes(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    bulk = {"source": str(root), "key": "sub/a.png", "task": "<CAPTION>", "caption": "one"}
+    several = {
+        "key": "b.png",
+        "tasks": ["<CAPTION>", "<GENERATE_TAGS>"],
+        "caption": "two",
+        "generate_tags": "t",
+    }
+    metadata = {"file_name": "c.png", "text": "three"}
+    assert row_key(bulk, root, root) == "sub/a.png" and row_captions(bulk) == {"jsonl <CAPTION>": "one"}
+    assert row_captions(several) == {"jsonl <CAPTION>": "two", "jsonl <GENERATE_TAGS>": "t"}
+    assert row_key(metadata, root, root) == "c.png" and row_captions(metadata) == {"jsonl": "three"}
+    assert row_key({"path": str(root / "d.png")}, root, root) == "d.png"
+    assert row_key({"path": "/elsewhere/d.png"}, root, root) is None
+    assert row_captions({"key": "e.png", "caption": None, "error": "broken"}) == {}
+
+
+def test_every_file_of_the_page_is_package_data() -> None:
+    config = tomllib.loads((paths.REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    patterns = config["tool"]["setuptools"]["package-data"]["vision_server.ui"]
+    folder = paths.REPO / "vision_server" / "ui"
+    files = [p.name for p in folder.iterdir() if p.is_file() and p.suffix != ".py"]
+    assert {"index.html", "app.js", "app.css"} <= set(files)
+    assert [name for name in files if not any(fnmatch.fnmatch(name, p) for p in patterns)] == []
