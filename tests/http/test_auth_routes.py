@@ -4,7 +4,8 @@ API key and the admin key.
 The routes come from the served application's own router, so a route added later is checked
 without touching this file. What is expected (the README's Operations section, ``vision_server.api.auth``):
 
-- ``/health``, ``/ready`` and the web page's files never need a key; ``/metrics`` is open unless ``--metrics-require-key``;
+- ``/health``, ``/ready`` and the web page's files never need a key; ``/metrics`` is open unless
+  ``--metrics-require-key``;
 - every other route: no key or a wrong key → 401 with ``WWW-Authenticate: Bearer`` in the route
   family's error shape; the API key or the admin key → anything but 401;
 - admin routes (load/unload): the API key → 403, the admin key → 200.
