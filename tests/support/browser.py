@@ -1,0 +1,58 @@
+"""A real browser for the web page's tests: Playwright for Python driving the system's Chromium.
+
+Playwright's own browser download is not reachable from CI, so the tests use Debian's
+``chromium`` package (``.ci/run`` installs it) through ``executable_path``; without one the
+browser tests skip and say why. Screenshots go to one folder per run, printed for the reader.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser
+
+CHROMIUM_ENV = "VISION_SERVER_TEST_CHROMIUM"
+SCREENSHOTS_ENV = "VISION_SERVER_UI_SCREENSHOTS"
+CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
+
+
+def chromium_path() -> str | None:
+    """``$VISION_SERVER_TEST_CHROMIUM``, else the first Chromium on PATH (Debian: /usr/bin/chromium)."""
+    configured = os.environ.get(CHROMIUM_ENV)
+    if configured:
+        return configured
+    return next((found for name in CANDIDATES if (found := shutil.which(name))), None)
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Browser]:
+    """Headless Chromium for one test module (skips the module when there is none)."""
+    path = chromium_path()
+    if path is None:
+        pytest.skip(f"no Chromium for the browser tests: `apt-get install chromium`, or set {CHROMIUM_ENV}")
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+    # Chromium refuses to start its sandbox as root (CI containers run as root).
+    args = ["--no-sandbox"] if hasattr(os, "geteuid") and os.geteuid() == 0 else []
+    with sync_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=path, headless=True, args=args)
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def screenshot_dir(factory: pytest.TempPathFactory) -> Path:
+    """Where this run's screenshots go (``$VISION_SERVER_UI_SCREENSHOTS`` to keep them); printed."""
+    configured = os.environ.get(SCREENSHOTS_ENV)
+    folder = Path(configured) if configured else factory.getbasetemp() / "ui-screenshots"
+    folder.mkdir(parents=True, exist_ok=True)
+    print(f"\nweb page screenshots: {folder}")
+    return folder
