@@ -1,0 +1,112 @@
+"""The web page of a server started with ``--api-key`` and a read-only gallery, in a real browser:
+the page asks for the key and works once it is given; saving is refused with a message on the
+page; the gallery routes of the real process answer 404 to paths that leave the root.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.support.api import tiny_cache_dir
+from tests.support.browser import chromium, screenshot_dir
+from tests.support.gallery_data import GalleryData, make_gallery
+from tests.support.processes import tiny_server
+
+pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+from playwright.sync_api import expect
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+KEY = "browser-test-key"
+TIMEOUT_MS = 60_000
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> GalleryData:
+    return make_gallery(tmp_path_factory.mktemp("web-ui-secured-data"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, data: GalleryData) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("web-ui-secured-server")
+    options = ["--max-new-tokens", "16", "--gallery", str(data.root), "--api-key", KEY]
+    with tiny_server(
+        tmp, tiny_cache_dir(tmp_path_factory), *options, env={"OMP_NUM_THREADS": "1"}
+    ) as process:
+        yield process.wait_listening(timeout=90)
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def page(server: str) -> Iterator[Page]:
+    with chromium() as browser:
+        context = browser.new_context(viewport={"width": 1300, "height": 900})
+        tab = context.new_page()
+        tab.set_default_timeout(TIMEOUT_MS)
+        yield tab
+        context.close()
+
+
+def test_the_page_asks_for_the_key_and_works_once_given(
+    page: Page, server: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    shots = screenshot_dir(tmp_path_factory)
+    page.goto(server + "/#gallery")
+    expect(page.locator("#key-panel")).to_be_visible()
+    assert page.locator("#page-gallery").is_hidden() and page.locator("#page-try").is_hidden()
+    page.screenshot(path=str(shots / "api-key.png"), full_page=True)
+    page.fill("#key-input", "a wrong key")
+    page.click("#key-form button")
+    expect(page.locator("#key-error")).to_contain_text("Invalid API key")
+    page.fill("#key-input", KEY)
+    page.click("#key-form button")
+    page.wait_for_selector("body[data-ready=true][data-gallery=ready]")
+    assert page.locator("#key-panel").is_hidden()
+    assert page.locator(".card").count() == 7  # the default page size holds them all
+    expect(page.locator("#gallery-mode")).to_have_text("read-only")
+    page.reload()  # the key stays for this tab: no second prompt
+    page.wait_for_selector("body[data-ready=true][data-gallery=ready]")
+    assert page.locator("#key-panel").is_hidden()
+
+
+def test_read_only_gallery_refuses_a_save_with_a_message(
+    page: Page, server: str, data: GalleryData, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    page.goto(server + "/#gallery")
+    page.wait_for_selector("body[data-ready=true][data-gallery=ready]")
+    target = page.locator('.card[data-path="img00.png"]')
+    target.locator("textarea").fill("this must not be written")
+    target.locator("button.save").click()
+    message = target.locator(".card-message")
+    expect(message).to_contain_text("read-only")
+    expect(message).to_contain_text("--gallery-writable")
+    assert (data.root / "img00.txt").read_text(encoding="utf-8") == "a red cat on a sofa"
+    page.screenshot(path=str(screenshot_dir(tmp_path_factory) / "gallery-read-only.png"), full_page=True)
+
+
+@pytest.mark.parametrize(
+    "query", ["path=..%2Fsecret.png", "path=%2Fetc%2Fpasswd", "path=escape.png", "path=up%2Fsecret.png"]
+)
+def test_gallery_routes_of_the_process_refuse_paths_out_of_the_root(server: str, query: str) -> None:
+    for route in ("thumb", "image"):
+        request = urllib.request.Request(
+            f"{server}/ui/api/gallery/{route}?{query}", headers={"Authorization": f"Bearer {KEY}"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 404, (route, query)
+
+
+def test_no_file_outside_was_touched(data: GalleryData) -> None:
+    assert data.outside.read_text(encoding="utf-8") == "outside the gallery"
+    assert sorted(p.name for p in Path(data.root).parent.iterdir()) == [
+        "captions.jsonl", "dataset", "secret.png", "secret.txt"
+    ]  # fmt: skip
