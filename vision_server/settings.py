@@ -137,7 +137,7 @@ class Settings:
     gallery_writable: bool = _opt(
         False, "Let the gallery save edited and re-made captions into the caption files (read-only without)."
     )
-    gallery_page_size: int = _opt(48, "Images per gallery page.")
+    gallery_page_size: int = _opt(48, "Images per gallery page (1 to 500).")
     gallery_jsonl: Path | None = _opt(
         None, "A JSONL of captions (vision-server caption --jsonl, metadata.jsonl) shown as one more source."
     )

@@ -7,6 +7,7 @@ outside the gallery root is a 404; saving is refused on a read-only gallery and 
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import AsyncIterator
@@ -251,3 +252,20 @@ async def test_paths_outside_the_gallery_are_404(
 async def test_encoded_traversals_are_404(session: ClientSession, raw: str) -> None:
     async with session.get(URL(raw, encoded=True)) as response:
         assert response.status == 404, (raw, await response.text())
+
+
+async def test_recaption_waits_in_the_bulk_lane(data: GalleryData, tmp_path: Path) -> None:
+    settings = gallery_settings(data, tmp_path, max_batch_size=1)
+    async with running_server(settings, FakeCaptioner(delay=0.2)) as url, ClientSession(url) as client:
+        body = {"paths": list(data.names[:5]), "task": "caption"}
+        request = asyncio.ensure_future(client.post("/ui/api/gallery/recaption", json=body))
+        lanes: dict[str, int] = {}
+        for _ in range(200):
+            async with client.get("/v1/status") as response:
+                lanes = (await response.json())["lane_depths"]
+            if lanes["bulk"] or request.done():
+                break
+            await asyncio.sleep(0.01)
+        async with await request as response:
+            assert response.status == 200
+        assert lanes["bulk"] >= 1 and lanes["interactive"] == 0, lanes

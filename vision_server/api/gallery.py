@@ -21,8 +21,10 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.bodies import read_json_object
 from vision_server.api.errors import REQUEST_ID, InvalidParameter, NotFound
+from vision_server.api.scheduling import job_labels
 from vision_server.api.state import DECODER, ENGINE, SETTINGS
 from vision_server.captioner import CaptionItem
+from vision_server.engine.jobs import Lane
 from vision_server.errors import BadRequest, Forbidden, VisionServerError
 from vision_server.gallery.catalog import Catalog, Entry, Query
 from vision_server.gallery.sidecars import MAX_SAVE_CHARS, PRIMARY, is_caption_suffix
@@ -149,8 +151,8 @@ async def save(request: web.Request) -> web.Response:
 
 
 async def recaption(request: web.Request) -> web.Response:
-    """``{"paths", "task", "save"}``: fresh captions through the engine, shown as a model source
-    (and written to the ``.txt`` files when ``save`` on a writable gallery)."""
+    """``{"paths", "task", "save"}``: fresh captions through the engine's bulk lane, shown as a
+    model source (and written to the ``.txt`` files when ``save`` on a writable gallery)."""
     gallery = request.app[GALLERY]
     body = await read_json_object(request)
     keys = paths_from(body)
@@ -192,12 +194,15 @@ async def recaption(request: web.Request) -> web.Response:
 
 
 async def caption_file(request: web.Request, path: Path, task: str) -> str:
-    """One dataset image through the shared engine, waiting for room rather than being refused."""
+    """One dataset image through the shared engine in the bulk lane (interactive requests go
+    first), waiting for room in that lane rather than being refused."""
     data = await asyncio.to_thread(path.read_bytes)
     prepared = await request.app[DECODER].from_bytes(data)
     item = CaptionItem(image=prepared, task=task, options=request.app[SETTINGS].generation_defaults())
     request_id = request.get(REQUEST_ID, "-")
-    result = await request.app[ENGINE].submit(item, request_id=request_id, wait_for_room=True)
+    labels = job_labels(request, default=Lane.BULK)  # behind interactive requests, unless asked
+    engine = request.app[ENGINE]
+    result = await engine.submit(item, request_id=request_id, wait_for_room=True, labels=labels)
     return result.text
 
 

@@ -17,7 +17,9 @@ function draw(status) {
   setText($("st-state"), status.draining ? `${status.state} (draining)` : status.state);
   setText($("st-device"), status.device ? `${status.device} ${status.dtype || ""}` : "–");
   setText($("st-idle"), idleText(status));
-  setText($("st-queue"), status.queue_depth);
+  const lanes = status.lane_depths || {};
+  const split = Object.keys(lanes).length ? ` (${Object.entries(lanes).map(([lane, n]) => `${lane} ${n}`).join(", ")})` : "";
+  setText($("st-queue"), `${status.queue_depth}${split}`);
   setText($("st-running"), status.jobs_running);
   setText($("st-batches"), status.batches_run);
   setText($("st-jobs"), status.jobs_done);
