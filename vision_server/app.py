@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 
@@ -35,6 +36,8 @@ from vision_server.images import ImageDecoder
 from vision_server.metrics import Metrics
 from vision_server.runtime import build_captioner, engine_config
 from vision_server.settings import Settings
+
+log = logging.getLogger("vision_server")
 
 
 def create_app(
@@ -97,6 +100,10 @@ def add_routes(app: web.Application) -> ErrorShapes:
         shapes.register(ui.setup(app), ops.ops_error)
     if settings.ui and settings.gallery is not None:
         shapes.register(gallery.setup(app), ops.ops_error)
+    elif settings.gallery is not None:
+        log.warning(
+            "--gallery %s is ignored: the gallery is part of the web page, off with --no-ui", settings.gallery
+        )
     return shapes
 
 

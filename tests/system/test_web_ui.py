@@ -110,6 +110,35 @@ def test_try_it_shows_the_caption_with_its_time(
     page.screenshot(path=str(shots / "try-it.png"), full_page=True)
 
 
+DROP_FILE = """([data, name]) => {
+    const bytes = Uint8Array.from(atob(data), (c) => c.charCodeAt(0));
+    const transfer = new DataTransfer();
+    transfer.items.add(new File([bytes], name, { type: "image/png" }));
+    return transfer;
+}"""
+
+
+def test_try_it_takes_a_dropped_or_pasted_image(page: Page, server: str, data: GalleryData) -> None:
+    page.goto("about:blank")
+    page.goto(server + "/#try")
+    page.wait_for_selector("body[data-ready=true]")
+    page.select_option("#task", "<CAPTION>")
+    for index, how in ((3, "drop"), (4, "paste")):
+        image = data.root / f"img{index:02d}.png"
+        transfer = page.evaluate_handle(
+            DROP_FILE, [base64.b64encode(image.read_bytes()).decode(), image.name]
+        )
+        if how == "drop":
+            page.dispatch_event("#drop", "drop", {"dataTransfer": transfer})
+        else:
+            page.evaluate(
+                "transfer => document.dispatchEvent(new ClipboardEvent('paste', {clipboardData: transfer}))",
+                transfer,
+            )
+        expected = native_caption(server, image, "<CAPTION>")
+        expect(page.locator("#try-caption")).to_have_text(expected)
+
+
 def test_gallery_pages_and_search(page: Page, server: str, data: GalleryData, shots: Path) -> None:
     open_gallery(page, server)
     assert card_names(page) == list(data.names[:3])
@@ -126,6 +155,20 @@ def test_gallery_pages_and_search(page: Page, server: str, data: GalleryData, sh
         expect(page.locator("#page-info")).to_contain_text(f"· {len(expected)} images")
         assert card_names(page) == list(expected), (text, field)
     page.screenshot(path=str(shots / "gallery-search.png"), full_page=True)
+
+
+def test_a_thumbnail_opens_the_whole_image(page: Page, server: str) -> None:
+    open_gallery(page, server)
+    card(page, "img02.png").locator("img.thumb").click()
+    expect(page.locator("#viewer")).to_be_visible()
+    expect(page.locator("#viewer-name")).to_have_text("img02.png")
+    viewer_image = page.locator("#viewer-image")
+    expect(viewer_image).to_have_attribute("src", re.compile(r"^blob:"))
+    assert viewer_image.evaluate(
+        "image => image.decode().then(() => [image.naturalWidth, image.naturalHeight])"
+    ) == [48, 40]
+    page.click("#viewer-close")
+    expect(page.locator("#viewer")).to_be_hidden()
 
 
 def test_editing_a_caption_writes_the_file(page: Page, server: str, data: GalleryData) -> None:

@@ -25,6 +25,7 @@ from vision_server.gallery.paths import is_clean_relative, is_under
 from vision_server.gallery.sidecars import PRIMARY, TextCache, is_caption_suffix, sidecar_path, sidecars_of
 
 RESCAN_AFTER = 5.0  # seconds a folder listing is trusted
+RESCAN_ON_MISS_AFTER = 1.0  # an unknown path lists again, at most this often (404s stay cheap)
 MAX_FRESH = 10_000  # images whose fresh model captions are remembered
 Field = Literal["all", "name", "caption"]
 Has = Literal["any", "with", "without"]
@@ -95,7 +96,10 @@ class Catalog:
         """The listed image ``key`` names, still under the root now; None for anything else."""
         if not is_clean_relative(key):
             return None
-        entry = self.entries().get(key) or self.entries(rescan=True).get(key)
+        entries = self.entries()
+        if key not in entries and time.monotonic() - self._listed_at > RESCAN_ON_MISS_AFTER:
+            entries = self.entries(rescan=True)  # a file added since the last listing
+        entry = entries.get(key)
         if entry is None or not is_under(entry.path, self.real_root):
             return None
         return entry

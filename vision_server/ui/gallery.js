@@ -65,9 +65,27 @@ function makeCard(item) {
     updateSelection();
   });
   card.querySelector(".fresh").addEventListener("click", () => recaption([item.path], false, card));
-  card.querySelector(".thumb").alt = item.path;
+  const thumb = card.querySelector(".thumb");
+  thumb.alt = item.path;
+  thumb.addEventListener("click", () => showImage(item.path));
   fillCard(card, item);
   return card;
+}
+
+async function showImage(path) {
+  const viewer = $("viewer");
+  setText($("viewer-name"), path);
+  const image = $("viewer-image");
+  image.alt = path;
+  if (image.src) URL.revokeObjectURL(image.src);
+  image.removeAttribute("src");
+  if (!viewer.open) viewer.showModal();
+  try {
+    const blob = await (await api(`/ui/api/gallery/image?path=${encodeURIComponent(path)}`)).blob();
+    image.src = URL.createObjectURL(blob);
+  } catch (error) {
+    setText($("viewer-name"), `${path}: ${error.message}`);
+  }
 }
 
 async function loadThumbs(paths) {
@@ -230,6 +248,7 @@ export function startGallery(info) {
       else recaption([...selected], $("recaption-save").checked);
     });
     $("export").addEventListener("click", exportSelected);
+    $("viewer-close").addEventListener("click", () => $("viewer").close());
   }
   load();
 }
