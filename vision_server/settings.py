@@ -202,6 +202,10 @@ def _validate(s: Settings) -> None:
         raise SettingsError("request_timeout must be > 0; shutdown_grace and max_batch_wait_ms >= 0")
     if not 0 <= s.port <= 65535:
         raise SettingsError(f"port must be 0..65535, not {s.port}")
+    if s.gallery_jsonl is not None and s.gallery is None:
+        raise SettingsError(
+            "gallery_jsonl adds captions to a gallery: give the dataset folder with gallery too"
+        )
     if not 1 <= s.gallery_page_size <= 500:
         raise SettingsError(f"gallery_page_size must be 1..500, not {s.gallery_page_size}")
     if (s.ssl_cert is None) != (s.ssl_key is None):

@@ -269,3 +269,18 @@ async def test_recaption_waits_in_the_bulk_lane(data: GalleryData, tmp_path: Pat
         async with await request as response:
             assert response.status == 200
         assert lanes["bulk"] >= 1 and lanes["interactive"] == 0, lanes
+
+
+async def test_a_caption_file_linked_out_of_the_root_is_neither_read_nor_followed(
+    session: ClientSession, data: GalleryData
+) -> None:
+    (data.root / "img04.txt").symlink_to(data.outside)
+    async with session.get("/ui/api/gallery", params={"q": "img04", "field": "name"}) as response:
+        (item,) = (await response.json())["items"]
+    assert {s["name"]: s["text"] for s in item["sources"]} == {".txt": None}
+    body = {"path": "img04.png", "source": ".txt", "text": "written in the dataset"}
+    async with session.post("/ui/api/gallery/save", json=body) as response:
+        assert response.status == 200
+    assert not (data.root / "img04.txt").is_symlink()
+    assert (data.root / "img04.txt").read_text(encoding="utf-8") == "written in the dataset"
+    assert data.outside.read_text(encoding="utf-8") == "outside the gallery"

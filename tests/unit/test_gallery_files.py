@@ -12,6 +12,7 @@ from tests.support import paths
 from vision_server.gallery.jsonl import row_captions, row_key
 from vision_server.gallery.paths import is_clean_relative
 from vision_server.gallery.sidecars import is_caption_suffix, sidecars_of
+from vision_server.settings import Settings, SettingsError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -69,3 +70,8 @@ def test_every_file_of_the_page_is_package_data() -> None:
     files = [p.name for p in folder.iterdir() if p.is_file() and p.suffix != ".py"]
     assert {"index.html", "app.js", "app.css"} <= set(files)
     assert [name for name in files if not any(fnmatch.fnmatch(name, p) for p in patterns)] == []
+
+
+def test_a_gallery_jsonl_needs_a_gallery(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match="gallery_jsonl"):
+        Settings(gallery_jsonl=tmp_path / "captions.jsonl")

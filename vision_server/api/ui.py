@@ -12,6 +12,7 @@ even if some code path were to treat it as HTML (none does: the page sets captio
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
@@ -47,20 +48,27 @@ CONTENT_TYPES = {
 }
 PAGE = "index.html"
 
-StaticFiles = dict[str, tuple[bytes, str]]
-STATIC = web.AppKey("ui_static", dict)
+
+@dataclass(frozen=True)
+class PageFiles:
+    """The page's files by name: their bytes and content type, read once at start."""
+
+    files: dict[str, tuple[bytes, str]]
 
 
-def load_static() -> StaticFiles:
+STATIC = web.AppKey("ui_static", PageFiles)
+
+
+def load_static() -> PageFiles:
     """Every file of the page, read once at start from the installed package (no build step)."""
-    files: StaticFiles = {}
+    files: dict[str, tuple[bytes, str]] = {}
     for item in resources.files("vision_server.ui").iterdir():
         suffix = "." + item.name.rpartition(".")[2]
         if item.is_file() and suffix in CONTENT_TYPES:
             files[item.name] = (item.read_bytes(), CONTENT_TYPES[suffix])
     if PAGE not in files:
         raise RuntimeError("the package is missing vision_server/ui/index.html (a broken install?)")
-    return files
+    return PageFiles(files)
 
 
 def secured(response: web.Response) -> web.Response:
@@ -78,13 +86,13 @@ async def page(request: web.Request) -> web.Response:
             request, even_on_open_routes=True
         )  # the route is open for browsers only: others keep the old 401 / 404
         raise NotFound("Not Found")
-    body, content_type = request.app[STATIC][PAGE]
+    body, content_type = request.app[STATIC].files[PAGE]
     headers = {"Content-Type": content_type, "Cache-Control": "no-cache"}
     return secured(web.Response(body=body, headers=headers))
 
 
 async def static_file(request: web.Request) -> web.Response:
-    found = request.app[STATIC].get(request.match_info["name"])
+    found = request.app[STATIC].files.get(request.match_info["name"])
     if found is None:
         raise NotFound(f"No file {request.match_info['name']!r} in the web page.")
     body, content_type = found
