@@ -9,6 +9,7 @@ the engine calls them from its one dedicated model thread.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal, Protocol, runtime_checkable
 
@@ -40,11 +41,17 @@ class GenerationOptions:
 
 @dataclass(frozen=True)
 class CaptionItem:
-    """One image to caption, already resized to the model's input size, with its task token."""
+    """One image to caption, already resized to the model's input size, with its task token.
+
+    ``stream``, when set, is called from the model thread with the caption *so far* as tokens
+    are generated (greedy and sampled decoding; beam search gives none). Each call extends the
+    text of the one before; the final caption completes it. Captioners may ignore it.
+    """
 
     image: PreparedImage
     task: str
     options: GenerationOptions = field(default_factory=GenerationOptions)
+    stream: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Every API family goes through here, so their requests wait in the same queue and
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
@@ -23,14 +23,18 @@ async def caption_base64(
     task: str,
     options: GenerationOptions,
     labels: JobLabels | None = None,
+    *,
+    stream: Callable[[str], None] | None = None,
 ) -> Caption:
     """Caption a base64 string or ``data:`` URL (decoded off the event loop).
 
-    ``labels`` default to an interactive job of the request's client."""
+    ``labels`` default to an interactive job of the request's client; ``stream`` gets the
+    caption so far while it is generated (see :class:`CaptionItem`)."""
     labels = labels or job_labels(request)
     request.app[ENGINE].check_room(labels.lane)
     image = await request.app[DECODER].from_base64(text)
-    return await _submit(request, CaptionItem(image=image, task=task, options=options), labels)
+    item = CaptionItem(image=image, task=task, options=options, stream=stream)
+    return await _submit(request, item, labels)
 
 
 async def caption_bytes(

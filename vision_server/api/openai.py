@@ -14,17 +14,14 @@ What a request means here:
 - ``model`` is not checked (SillyTavern sends ``gpt-4-turbo`` unless told otherwise); replies
   name the configured model. ``max_tokens``/``max_completion_tokens``, ``temperature`` and
   ``top_p`` map onto generation; ``n`` must be 1; other fields are ignored.
-- The reply content is the caption itself. ``stream: true`` sends it as server-sent events in
-  the OpenAI chunk format once the caption is done (errors before that are plain HTTP errors,
-  so SDK retries on 503 still work).
+- The reply content is the caption itself. ``stream: true`` sends server-sent events in the
+  OpenAI chunk format, token by token for greedy and sampled decoding of one image, in one
+  chunk otherwise (:mod:`vision_server.api.openai_stream`).
 """
 
 from __future__ import annotations
 
-import json
 import re
-import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +30,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.bodies import read_json_object
 from vision_server.api.captioning import caption_all_base64
-from vision_server.api.errors import REQUEST_ID, InvalidParameter, NotFound
+from vision_server.api.errors import InvalidParameter, NotFound
 from vision_server.api.generation import (
     MAX_TEMPERATURE,
     as_bool,
@@ -41,10 +38,12 @@ from vision_server.api.generation import (
     as_number,
     generation_options,
 )
+from vision_server.api.openai_replies import Completion, error_body
+from vision_server.api.openai_stream import stream_completion
 from vision_server.api.scheduling import job_labels
 from vision_server.api.state import ENGINE, SETTINGS, STARTED_AT
 from vision_server.api.task_words import task_from_text
-from vision_server.captioner import Caption, GenerationOptions
+from vision_server.captioner import GenerationOptions
 from vision_server.errors import VisionServerError
 from vision_server.settings import Settings
 
@@ -55,28 +54,8 @@ OWNED_BY = "vision-server"
 # --- errors ------------------------------------------------------------------------------------
 
 
-def error_type(status: int) -> str:
-    """OpenAI's error ``type`` for a status (SDKs pick their exception class by status)."""
-    if status == 404:
-        return "not_found_error"
-    if status == 429:
-        return "rate_limit_error"
-    if status >= 500:
-        return "api_error"
-    return "invalid_request_error"
-
-
 def openai_error(error: VisionServerError, request_id: str) -> web.Response:
-    code = "invalid_api_key" if error.status == 401 else error.code
-    body = {
-        "error": {
-            "message": error.message,
-            "type": error_type(error.status),
-            "param": getattr(error, "param", None),
-            "code": code,
-        }
-    }
-    return web.json_response(body, status=error.status)
+    return web.json_response(error_body(error), status=error.status)
 
 
 # --- parsing the request -----------------------------------------------------------------------
@@ -189,90 +168,6 @@ def image_source(where: str, value: Any) -> str:
     return url
 
 
-# --- replies -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Completion:
-    """The caption(s) of one request, as the pieces every reply shape needs."""
-
-    id: str
-    created: int
-    model: str
-    content: str
-    finish_reason: str
-    prompt_tokens: int
-    completion_tokens: int
-
-    @classmethod
-    def of(cls, model: str, captions: list[Caption]) -> Completion:
-        return cls(
-            id=f"chatcmpl-{uuid.uuid4().hex}",
-            created=int(time.time()),
-            model=model,
-            content="\n\n".join(caption.text for caption in captions),
-            finish_reason="length" if any(c.finish_reason == "length" for c in captions) else "stop",
-            prompt_tokens=sum(caption.prompt_tokens for caption in captions),
-            completion_tokens=sum(caption.completion_tokens for caption in captions),
-        )
-
-    def usage(self) -> dict[str, int]:
-        return {
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "total_tokens": self.prompt_tokens + self.completion_tokens,
-        }
-
-    def body(self) -> dict[str, Any]:
-        choice = {
-            "index": 0,
-            "message": {"role": "assistant", "content": self.content},
-            "logprobs": None,
-            "finish_reason": self.finish_reason,
-        }
-        return {**self._head("chat.completion"), "choices": [choice], "usage": self.usage()}
-
-    def chunks(self, include_usage: bool) -> list[dict[str, Any]]:
-        """Role, content, finish (and usage when asked), as OpenAI streams them."""
-        deltas: list[tuple[dict[str, str], str | None]] = [
-            ({"role": "assistant", "content": ""}, None),
-            ({"content": self.content}, None),
-            ({}, self.finish_reason),
-        ]
-        chunks = [
-            {
-                **self._head("chat.completion.chunk"),
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
-            }
-            for delta, finish in deltas
-        ]
-        if include_usage:
-            chunks.append({**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage()})
-        return chunks
-
-    def _head(self, kind: str) -> dict[str, Any]:
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
-
-
-async def send_events(request: web.Request, chunks: list[dict[str, Any]]) -> web.StreamResponse:
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Request-ID": request.get(REQUEST_ID, "-"),
-        }
-    )
-    await response.prepare(request)
-    events = [f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n".encode() for chunk in chunks]
-    try:
-        for event in [*events, b"data: [DONE]\n\n"]:
-            await response.write(event)
-        await response.write_eof()
-    except ConnectionResetError:  # the client left mid-stream; the caption is simply not delivered
-        pass
-    return response
-
-
 # --- routes ------------------------------------------------------------------------------------
 
 
@@ -283,11 +178,18 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     labels = job_labels(request, chat.priority, keep_alive=chat.keep_alive)
     card = request.app[ENGINE].model_card
     task = task_from_text(chat.text, card.tasks, settings.default_task)
-    captions = await caption_all_base64(request, chat.images, task, chat.options, labels)
-    completion = Completion.of(card.model_id, captions)
     if chat.stream:
-        return await send_events(request, completion.chunks(chat.include_usage))
-    return web.json_response(completion.body())
+        return await stream_completion(
+            request,
+            chat.images,
+            task,
+            chat.options,
+            labels,
+            model=card.model_id,
+            include_usage=chat.include_usage,
+        )
+    captions = await caption_all_base64(request, chat.images, task, chat.options, labels)
+    return web.json_response(Completion.of(card.model_id, captions).body())
 
 
 def model_card(app: web.Application) -> dict[str, Any]:

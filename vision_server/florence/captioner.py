@@ -25,6 +25,7 @@ from vision_server.florence.compiled import CompilePlan
 from vision_server.florence.pixels import pixel_spec, spec_before_load
 from vision_server.florence.prompts import tasks_for_model
 from vision_server.florence.source import resolve_model_dir
+from vision_server.florence.streaming import RowStreamer, streams, wants_stream
 from vision_server.images import PixelSpec, fit_image
 
 if TYPE_CHECKING:
@@ -281,7 +282,13 @@ class FlorenceCaptioner:
             with torch.inference_mode():
                 inputs = self._prepare(loaded, padded, plan.prompt_length if plan else None)
                 static = {"cache_implementation": "static"} if plan else {}
-                sequences = loaded.model.generate(**inputs, **generate_kwargs(options), **static)
+                streamer = self._streamer(loaded, items, options)
+                sequences = loaded.model.generate(
+                    **inputs,
+                    **generate_kwargs(options),
+                    **static,
+                    **({"streamer": streamer} if streamer else {}),
+                )
                 scores = self._confidences(loaded, inputs, sequences) if scored else None
         except torch.cuda.OutOfMemoryError:
             release_memory()
@@ -291,6 +298,16 @@ class FlorenceCaptioner:
             caption if item.options.with_confidence else dataclasses.replace(caption, confidence=None)
             for caption, item in zip(captions, items, strict=True)
         ]
+
+    @staticmethod
+    def _streamer(
+        loaded: _Loaded, items: list[CaptionItem], options: GenerationOptions
+    ) -> RowStreamer | None:
+        """A streamer for the items that want one (padding rows, past ``items``, get none)."""
+        if not wants_stream(loaded.processor, items, options):
+            return None
+        sinks = [item.stream if streams(loaded.processor, item) else None for item in items]
+        return RowStreamer(loaded.processor.tokenizer, sinks)
 
     def _prepare(
         self, loaded: _Loaded, items: list[CaptionItem], length: int | None = None

@@ -1,0 +1,167 @@
+"""``stream: true`` for chat completions: tokens as they are generated, as server-sent events.
+
+One image with greedy or sampled decoding streams token by token, also when it shares its batch
+with other requests (the model layer's batch-aware streamer calls back with each row's caption
+so far, from the model thread; :func:`stream_completion` hops to the event loop and sends the
+new part). Beam search, several images, and tasks whose answer is not plain text stream the
+whole caption in one chunk once it is done.
+
+Nothing is sent before the first piece of text (or the caption) exists, so a refusal (full
+queue, bad image, failed load) is still a plain HTTP error that SDKs retry. A failure after the
+stream began ends it with an OpenAI-style ``{"error": ...}`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from typing import Any
+
+from aiohttp import web
+
+from vision_server.api.captioning import caption_all_base64, caption_base64
+from vision_server.api.errors import REQUEST_ID
+from vision_server.api.openai_replies import Completion, error_body
+from vision_server.captioner import Caption, GenerationOptions
+from vision_server.engine.jobs import JobLabels
+from vision_server.errors import VisionServerError
+
+log = logging.getLogger(__name__)
+
+
+class EventStream:
+    """A server-sent event response, opened when the first event is ready."""
+
+    def __init__(self, request: web.Request) -> None:
+        self.request = request
+        self.response: web.StreamResponse | None = None
+
+    @property
+    def opened(self) -> bool:
+        return self.response is not None
+
+    async def send(self, *events: dict[str, Any]) -> None:
+        """Send events (opening the response first); ConnectionResetError when the client left."""
+        if self.response is None:
+            self.response = web.StreamResponse(
+                headers={
+                    "Content-Type": "text/event-stream",
+                    "Cache-Control": "no-cache",
+                    "X-Request-ID": self.request.get(REQUEST_ID, "-"),
+                }
+            )
+            await self.response.prepare(self.request)
+        for event in events:
+            await self.response.write(f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
+
+    async def close(self) -> web.StreamResponse:
+        assert self.response is not None
+        await self.response.write(b"data: [DONE]\n\n")
+        await self.response.write_eof()
+        return self.response
+
+
+async def stream_completion(
+    request: web.Request,
+    images: tuple[str, ...],
+    task: str,
+    options: GenerationOptions,
+    labels: JobLabels,
+    *,
+    model: str,
+    include_usage: bool,
+) -> web.StreamResponse:
+    """Caption ``images`` and stream the completion (token by token where it can)."""
+    events = EventStream(request)
+    head = Completion.started(model)
+    if len(images) != 1:
+        captions = await caption_all_base64(request, images, task, options, labels)
+        await events.send(*Completion.of(model, captions, like=head).chunks(include_usage))
+        return await events.close()
+    try:
+        caption, sent = await _stream_caption(request, events, head, images[0], task, options, labels)
+    except ConnectionResetError:  # the client left mid-stream: its job was withdrawn
+        assert events.response is not None
+        return events.response
+    except Exception as exc:
+        if not events.opened:
+            raise  # nothing sent yet: a plain HTTP error, as for any request
+        await _end_with_error(request, events, exc)
+        return await events.close()
+    completion = Completion.of(model, [caption], like=head)
+    rest = completion.content[len(sent) :] if completion.content.startswith(sent) else ""
+    if not completion.content.startswith(sent):
+        log.warning("streamed text is not a prefix of the caption (request %s)", request.get(REQUEST_ID, "-"))
+    try:
+        if not events.opened:
+            await events.send(head.opening())
+        await events.send(
+            *([head.chunk({"content": rest})] if rest else []), *completion.closing(include_usage)
+        )
+        return await events.close()
+    except ConnectionResetError:
+        assert events.response is not None
+        return events.response
+
+
+async def _stream_caption(
+    request: web.Request,
+    events: EventStream,
+    head: Completion,
+    image: str,
+    task: str,
+    options: GenerationOptions,
+    labels: JobLabels,
+) -> tuple[Caption, str]:
+    """Caption one image, sending each new piece of text as it comes; the caption and what was sent."""
+    loop = asyncio.get_running_loop()
+    updates: asyncio.Queue[str] = asyncio.Queue()
+
+    def on_text(text: str) -> None:  # called in the model thread
+        loop.call_soon_threadsafe(updates.put_nowait, text)
+
+    job = asyncio.ensure_future(caption_base64(request, image, task, options, labels, stream=on_text))
+    sent = ""
+    try:
+        while True:
+            text = await _next_update(updates, job)
+            if text is None:
+                return job.result(), sent
+            if len(text) <= len(sent) or not text.startswith(sent):
+                continue
+            if not events.opened:
+                await events.send(head.opening())
+            await events.send(head.chunk({"content": text[len(sent) :]}))
+            sent = text
+    finally:
+        if not job.done():
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+
+
+async def _next_update(updates: asyncio.Queue[str], job: asyncio.Future[Caption]) -> str | None:
+    """The next caption-so-far, or None once the job is done and every update was taken."""
+    while updates.empty():
+        if job.done():
+            return None
+        getter: asyncio.Future[Any] = asyncio.ensure_future(updates.get())
+        await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+        if getter.done():
+            return getter.result()
+        getter.cancel()
+    return updates.get_nowait()
+
+
+async def _end_with_error(request: web.Request, events: EventStream, exc: Exception) -> None:
+    """Tell a client whose stream already began that its caption failed."""
+    request_id = request.get(REQUEST_ID, "-")
+    if isinstance(exc, VisionServerError):
+        log.warning("stream %s failed: %s", request_id, exc.message)
+        await events.send(error_body(exc))
+        return
+    log.error("stream %s failed", request_id, exc_info=exc)
+    message = f"Internal server error (request id {request_id})."
+    await events.send(
+        {"error": {"message": message, "type": "api_error", "param": None, "code": "internal_error"}}
+    )
