@@ -9,6 +9,7 @@ left out: the gallery never shows or touches anything outside its folder.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -22,10 +23,11 @@ from vision_server.bulk.readers import ReadOptions, iter_records
 from vision_server.captionfiles import write_atomic
 from vision_server.gallery.jsonl import JsonlCaptions
 from vision_server.gallery.paths import is_clean_relative, is_under
-from vision_server.gallery.sidecars import PRIMARY, TextCache, is_caption_suffix, sidecar_path, sidecars_of
+from vision_server.gallery.sidecars import PRIMARY, TextCache, by_stem, is_caption_suffix, sidecar_path
 
-RESCAN_AFTER = 5.0  # seconds a folder listing is trusted
+RESCAN_AFTER = 5.0  # seconds a folder listing is trusted (longer for folders slow to list)
 RESCAN_ON_MISS_AFTER = 1.0  # an unknown path lists again, at most this often (404s stay cheap)
+LISTING_SHARE = 0.1  # listing again takes at most this share of the time, however big the folder
 MAX_FRESH = 10_000  # images whose fresh model captions are remembered
 Field = Literal["all", "name", "caption"]
 Has = Literal["any", "with", "without"]
@@ -67,18 +69,24 @@ class Catalog:
         self._texts = TextCache()
         self._entries: dict[str, Entry] = {}
         self._listed_at = -math.inf
+        self._listing_seconds = 0.0  # how long the last listing took
         self._fresh: OrderedDict[str, dict[str, str]] = OrderedDict()  # key -> task -> caption
 
     # --- listing -----------------------------------------------------------------------------------
 
     def entries(self, *, rescan: bool = False) -> dict[str, Entry]:
-        if rescan or time.monotonic() - self._listed_at > RESCAN_AFTER:
+        if rescan or self._age() > max(RESCAN_AFTER, self._listing_seconds / LISTING_SHARE):
+            started = time.monotonic()
             self._entries = dict(self._scan())
             self._listed_at = time.monotonic()
+            self._listing_seconds = self._listed_at - started
         return self._entries
 
+    def _age(self) -> float:
+        return time.monotonic() - self._listed_at
+
     def _scan(self) -> Iterable[tuple[str, Entry]]:
-        folders: dict[Path, list[str]] = {}
+        folders: dict[Path, dict[str, tuple[str, ...]]] = {}  # folder -> stem -> caption suffixes
         for record in iter_records([self.root], ReadOptions(recursive=True)):
             if record.path is None or record.error is not None or not is_clean_relative(record.key):
                 continue
@@ -87,17 +95,20 @@ class Catalog:
             folder = record.path.parent
             if folder not in folders:
                 try:
-                    folders[folder] = os.listdir(folder)
+                    folders[folder] = by_stem(os.listdir(folder))
                 except OSError:
-                    folders[folder] = []
-            yield record.key, Entry(record.key, record.path, sidecars_of(record.path.name, folders[folder]))
+                    folders[folder] = {}
+            sidecars = folders[folder].get(record.path.stem, ())
+            yield record.key, Entry(record.key, record.path, sidecars)
 
     def find(self, key: str) -> Entry | None:
         """The listed image ``key`` names, still under the root now; None for anything else."""
         if not is_clean_relative(key):
             return None
         entries = self.entries()
-        if key not in entries and time.monotonic() - self._listed_at > RESCAN_ON_MISS_AFTER:
+        if key not in entries and self._age() > max(
+            RESCAN_ON_MISS_AFTER, self._listing_seconds / LISTING_SHARE
+        ):
             entries = self.entries(rescan=True)  # a file added since the last listing
         entry = entries.get(key)
         if entry is None or not is_under(entry.path, self.real_root):
@@ -137,7 +148,9 @@ class Catalog:
             raise ValueError(f"{suffix!r} is not a caption file suffix (.txt, .caption, .tags, .<name>.txt)")
         target = sidecar_path(entry.path, suffix)
         write_atomic(target, text)
-        self._listed_at = -math.inf  # a new file: list again
+        if suffix not in entry.sidecars and entry.key in self._entries:  # a new caption file
+            suffixes = sorted((*entry.sidecars, suffix), key=lambda s: (s != PRIMARY, s))
+            self._entries[entry.key] = dataclasses.replace(entry, sidecars=tuple(suffixes))
         return target
 
     # --- search and pages --------------------------------------------------------------------------

@@ -16,6 +16,7 @@ from vision_server.captionfiles import is_image
 
 PRIMARY = ".txt"  # the caption file the page edits by default and trainers read
 SUFFIX = re.compile(r"^(\.[A-Za-z0-9_-]{1,40})?\.(txt|caption|tags)$")
+CAPTION_ENDINGS = (".txt", ".caption", ".tags")
 MAX_CAPTION_BYTES = 256 * 1024  # a caption file larger than this is shown cut, never read whole
 MAX_SAVE_CHARS = 64 * 1024
 
@@ -24,15 +25,29 @@ def is_caption_suffix(suffix: str) -> bool:
     return bool(SUFFIX.match(suffix))
 
 
+def by_stem(names_in_folder: list[str]) -> dict[str, tuple[str, ...]]:
+    """Every caption file of a folder under each stem it may belong to, ``.txt`` first.
+
+    ``cat.generate_tags.txt`` is filed under ``cat`` (as ``.generate_tags.txt``) and under
+    ``cat.generate_tags`` (as ``.txt``): the image's own stem picks. One pass per folder, so a
+    folder of many thousand images is not searched once per image.
+    """
+    found: dict[str, list[str]] = {}
+    for name in names_in_folder:
+        if not name.endswith(CAPTION_ENDINGS) or is_image(Path(name)):
+            continue
+        dots = [i for i, char in enumerate(name) if char == "."][-2:]
+        for dot in dots:
+            if dot > 0 and is_caption_suffix(name[dot:]):
+                found.setdefault(name[:dot], []).append(name[dot:])
+    return {
+        stem: tuple(sorted(s, key=lambda suffix: (suffix != PRIMARY, suffix))) for stem, s in found.items()
+    }
+
+
 def sidecars_of(image_name: str, names_in_folder: list[str]) -> tuple[str, ...]:
     """The caption suffixes present for ``image_name`` among its folder's file names, ``.txt`` first."""
-    stem = Path(image_name).stem
-    found = [
-        name[len(stem) :]
-        for name in names_in_folder
-        if name.startswith(stem + ".") and not is_image(Path(name)) and is_caption_suffix(name[len(stem) :])
-    ]
-    return tuple(sorted(found, key=lambda suffix: (suffix != PRIMARY, suffix)))
+    return by_stem(names_in_folder).get(Path(image_name).stem, ())
 
 
 def sidecar_path(image: Path, suffix: str) -> Path:
