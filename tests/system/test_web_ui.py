@@ -152,6 +152,9 @@ def test_gallery_pages_and_search(page: Page, server: str, data: GalleryData, sh
         page.fill("#q", text)
         page.select_option("#field", field)
         page.click("#search button[type=submit]")
+        # The click starts the load at once (data-gallery=loading), so "ready" means this search's
+        # answer is drawn: the count alone could still be the previous search's.
+        page.wait_for_selector("body[data-gallery=ready]")
         expect(page.locator("#page-info")).to_contain_text(f"· {len(expected)} images")
         assert card_names(page) == list(expected), (text, field)
     page.screenshot(path=str(shots / "gallery-search.png"), full_page=True)
