@@ -121,3 +121,25 @@ class Captioner(Protocol):
         allocator keeps what a burst freed for reuse otherwise, so RSS would stay at its peak.
         """
         ...
+
+
+@runtime_checkable
+class Offloadable(Protocol):
+    """A captioner with a warm tier: weights parked in (pinned) host memory, device memory free.
+
+    Moving them back is much faster than a load from disk. The engine uses the tier between
+    the idle timeout and the offload timeout, when :attr:`can_offload` says it helps.
+    """
+
+    @property
+    def can_offload(self) -> bool:
+        """True when the loaded model sits on a device whose memory the tier frees (a GPU)."""
+        ...
+
+    def offload(self) -> None:
+        """Move the loaded weights to host memory and release the device's memory."""
+        ...
+
+    def restore(self) -> ModelInfo:
+        """Move offloaded weights back to the device; ready to caption again."""
+        ...

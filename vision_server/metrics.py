@@ -33,6 +33,7 @@ QUEUE_SECONDS = (0.001, 0.005, 0.01, 0.025, *SECONDS)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 LOAD_OUTCOMES = ("ok", "failed")
 UNLOAD_REASONS = ("idle", "admin", "shutdown")
+OFFLOAD_REASONS = ("idle", "admin")
 REJECT_REASONS = (
     "queue_full",
     "draining",
@@ -95,6 +96,18 @@ class Metrics(EngineObserver):
             buckets=SECONDS,
             registry=registry,
         )
+        self.offloads = Counter(
+            PREFIX + "model_offloads",
+            "Moves of the model to host memory (the warm tier), by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.wake_duration = Histogram(
+            PREFIX + "model_wake_duration_seconds",
+            "Time to move the model back from host memory to the device.",
+            buckets=SECONDS,
+            registry=registry,
+        )
         self.rejected = Counter(
             PREFIX + "requests_rejected",
             "Requests or jobs refused (queue full, draining, auth, rate limit) or timed out.",
@@ -110,6 +123,8 @@ class Metrics(EngineObserver):
             self.loads.labels(outcome)
         for reason in UNLOAD_REASONS:
             self.unloads.labels(reason)
+        for reason in OFFLOAD_REASONS:
+            self.offloads.labels(reason)
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
 
@@ -140,6 +155,12 @@ class Metrics(EngineObserver):
     def model_unloaded(self, seconds: float, reason: str) -> None:
         self.unloads.labels(reason).inc()
         self.unload_duration.observe(seconds)
+
+    def model_offloaded(self, seconds: float, reason: str) -> None:
+        self.offloads.labels(reason).inc()
+
+    def model_woke(self, seconds: float) -> None:
+        self.wake_duration.observe(seconds)
 
     def batch_finished(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

@@ -20,6 +20,7 @@ def engine_config(settings: Settings, captioner: Captioner) -> EngineConfig:
         request_timeout=settings.request_timeout,
         bulk_aging=settings.bulk_aging,
         max_keep_alive=settings.max_keep_alive,
+        offload_timeout=settings.offload_timeout,
     )
 
 

@@ -64,6 +64,11 @@ class Settings:
         "Seconds without work before the model is unloaded. 0 unloads as soon as the queue drains; -1 never.",
     )
     preload: bool = _opt(False, "Load the model at start instead of on the first request.")
+    offload_timeout: float = _opt(
+        1800.0,
+        "GPU only: after the idle timeout the weights wait this many seconds in pinned host memory "
+        "(a wake takes a fraction of a load) before they are freed. 0 skips this tier.",
+    )
     max_keep_alive: float | None = _opt(
         None,
         "Most seconds a request's keep_alive may keep the model loaded; more is granted this "
@@ -112,8 +117,8 @@ class Settings:
     api_key_file: Path | None = _opt(None, "Read the API key from this file (first line).")
     admin_key: str | None = _opt(
         None,
-        "Key for /v1/model/load and /v1/model/unload. Without one they answer only on loopback, "
-        "and never through a proxy: set one behind nginx or HAProxy.",
+        "Key for /v1/model/load, /v1/model/unload and /v1/model/offload. Without one they answer "
+        "only on loopback, and never through a proxy: set one behind nginx or HAProxy.",
     )
     metrics_require_key: bool = _opt(False, "Require the API key on /metrics too.")
     cors_origins: tuple[str, ...] = _opt(
@@ -196,6 +201,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("min_new_tokens must be >= 0")
     if s.idle_timeout < 0 and s.idle_timeout != -1:
         raise SettingsError("idle_timeout must be >= 0, or -1 for never")
+    if s.offload_timeout < 0:
+        raise SettingsError("offload_timeout must be >= 0 (0 skips the host-memory tier)")
     if s.max_keep_alive is not None and s.max_keep_alive < 0 and s.max_keep_alive != -1:
         raise SettingsError("max_keep_alive must be >= 0, or -1 for no cap")
     if s.request_timeout <= 0 or s.shutdown_grace < 0 or s.max_batch_wait_ms < 0:

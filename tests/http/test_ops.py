@@ -90,6 +90,30 @@ async def test_admin_load_and_unload_from_loopback(settings: Settings) -> None:
         assert (await get_json(session, "/v1/status"))[1]["state"] == "unloaded"
 
 
+async def test_admin_offload_moves_to_the_warm_tier_where_there_is_one(settings: Settings) -> None:
+    async with client_for(settings) as session:  # the tiny model on the CPU: no tier
+        await post_json(session, "/v1/model/load")
+        status, body = await post_json(session, "/v1/model/offload")
+        assert status == 400 and "no warm tier" in body["error"]["message"]
+    fake = FakeCaptioner(offloadable=True)  # stands in for a model on a GPU
+    async with client_for(dataclasses.replace(settings, admin_key="root"), fake) as session:
+        admin = {"Authorization": "Bearer root"}
+        await post_json(session, "/v1/model/load", headers=admin)
+        status, body = await post_json(session, "/v1/model/offload", headers=admin)
+        assert status == 200 and body["state"] == "offloaded" and fake.offloads == 1
+        _, health = await get_json(session, "/health")
+        assert health["state"] == "offloaded" and health["model_loaded"] is False
+        async with session.get("/metrics") as response:
+            text = await response.text()
+        assert 'vision_server_model_state{state="offloaded"} 1.0' in text
+        assert 'vision_server_model_offloads_total{reason="admin"} 1.0' in text
+        async with session.post("/process_image", json={"image": b64(1), "prompt": "<CAPTION>"}) as r:
+            assert r.status == 200  # the job wakes it
+        assert fake.wakes == 1 and fake.loads == 1
+        async with session.get("/metrics") as response:
+            assert "vision_server_model_wake_duration_seconds_count 1.0" in await response.text()
+
+
 async def test_admin_key_is_required_when_configured(settings: Settings) -> None:
     keyed = dataclasses.replace(settings, admin_key="root-secret", api_key="user-secret")
     async with client_for(keyed) as session:

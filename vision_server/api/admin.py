@@ -1,4 +1,4 @@
-"""Admin routes: load or unload the model now.
+"""Admin routes: load, unload or offload (to the warm tier in host memory) the model now.
 
 Both are messages to the engine's worker, handled between batches, so an unload never cuts a
 running request short. They answer with the engine status afterwards, like ``/v1/status``.
@@ -35,9 +35,18 @@ async def unload_model(request: web.Request) -> web.Response:
     return web.json_response(status.as_dict())
 
 
+@admin_only
+async def offload_model(request: web.Request) -> web.Response:
+    """Move the model to host memory now (the warm tier); 400 where there is none."""
+    _refuse_while_draining(request)
+    status = await request.app[ENGINE].offload()
+    return web.json_response(status.as_dict())
+
+
 def setup(app: web.Application) -> list[AbstractRoute]:
     """Add the routes; they answer errors in the ops shape (see :func:`vision_server.app.create_app`)."""
     return [
         app.router.add_post("/v1/model/load", load_model, name="ops.model_load"),
         app.router.add_post("/v1/model/unload", unload_model, name="ops.model_unload"),
+        app.router.add_post("/v1/model/offload", offload_model, name="ops.model_offload"),
     ]

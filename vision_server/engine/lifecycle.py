@@ -8,11 +8,16 @@ from typing import Any
 
 
 class ModelState(str, enum.Enum):
-    """unloaded → loading → ready → unloading → unloaded, plus failed (retried on the next job)."""
+    """unloaded → loading → ready → unloading → unloaded, plus failed (retried on the next job).
+
+    With the warm tier, an idle ``ready`` model becomes ``offloaded`` (weights in host memory);
+    a job wakes it (``loading`` → ``ready``), or after the offload timeout it is unloaded.
+    """
 
     UNLOADED = "unloaded"
     LOADING = "loading"
     READY = "ready"
+    OFFLOADED = "offloaded"
     UNLOADING = "unloading"
     FAILED = "failed"
 

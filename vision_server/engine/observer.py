@@ -17,6 +17,12 @@ class EngineObserver:
     def model_unloaded(self, seconds: float, reason: str) -> None:
         """The model was unloaded; reason is idle, admin or shutdown."""
 
+    def model_offloaded(self, seconds: float, reason: str) -> None:
+        """The weights moved to host memory (the warm tier) in ``seconds``; reason is idle or admin."""
+
+    def model_woke(self, seconds: float) -> None:
+        """Offloaded weights moved back to the device in ``seconds``."""
+
     def batch_finished(self, size: int, seconds: float) -> None:
         """A generate call for ``size`` jobs took ``seconds``."""
 
@@ -44,6 +50,14 @@ class ObserverGroup(EngineObserver):
     def model_unloaded(self, seconds: float, reason: str) -> None:
         for observer in self.observers:
             observer.model_unloaded(seconds, reason)
+
+    def model_offloaded(self, seconds: float, reason: str) -> None:
+        for observer in self.observers:
+            observer.model_offloaded(seconds, reason)
+
+    def model_woke(self, seconds: float) -> None:
+        for observer in self.observers:
+            observer.model_woke(seconds)
 
     def batch_finished(self, size: int, seconds: float) -> None:
         for observer in self.observers:

@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from vision_server.captioner import Caption, Captioner, CaptionItem, ModelInfo
+from vision_server.captioner import Caption, Captioner, CaptionItem, ModelInfo, Offloadable
 from vision_server.engine.clock import Clock, MonotonicClock
 from vision_server.engine.jobs import CaptionJob, JobLabels, Lane
 from vision_server.engine.lifecycle import EngineStatus, ModelCard, ModelState
@@ -41,7 +41,7 @@ LOAD_RETRY_AFTER = 30.0
 MAX_RETRY_AFTER = 120.0
 STOP_MARGIN = 3.0  # seconds past the shutdown grace for the unload before the worker is abandoned
 
-Command = Literal["load", "unload", "stop"]
+Command = Literal["load", "unload", "offload", "stop"]
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,8 @@ class EngineConfig:
     bulk_aging: int = DEFAULT_BULK_AGING
     # Most seconds a request's keep-alive may ask for; None: the idle timeout; negative: no cap.
     max_keep_alive: float | None = None
+    # Seconds an idle model spends in the warm tier (host memory) before it is freed; 0 skips it.
+    offload_timeout: float = 1800.0
 
 
 class Engine:
@@ -98,6 +100,7 @@ class Engine:
         self._restart: asyncio.TimerHandle | None = None
         self._trim_pending = False  # a batch ran since the last trim (or unload)
         self._keep_alive: float | None = None  # a request's keep-alive in force (None: idle_timeout)
+        self._offloaded_at: float | None = None  # on the clock, while in the warm tier
 
     # --- public API ----------------------------------------------------------------------------
 
@@ -166,6 +169,11 @@ class Engine:
 
     async def unload(self) -> EngineStatus:
         await self._command("unload")
+        return self.status()
+
+    async def offload(self) -> EngineStatus:
+        """Move a loaded model to the warm tier now (400 where there is none: CPU-only, tier off)."""
+        await self._command("offload")
         return self.status()
 
     async def stop(self, grace: float = 60.0) -> bool:
@@ -390,7 +398,7 @@ class Engine:
         if not has_job:  # a timeout: the idle unload is due, or the trim after a burst
             idle = self._idle_wait()
             if idle is not None and idle <= 0:
-                await self._unload("idle")  # returns the memory itself
+                await self._step_down()  # returns the memory itself
             elif self._trim_pending:
                 await self._trim_memory()
             return False
@@ -417,6 +425,8 @@ class Engine:
             if command == "load":
                 if not await self._ensure_loaded():
                     raise ModelLoadError(self._load_error_message(), retry_after=LOAD_RETRY_AFTER)
+            elif command == "offload":
+                await self._admin_offload()
             else:
                 await self._unload("admin" if command == "unload" else "shutdown")
         except VisionServerError as exc:
@@ -451,7 +461,9 @@ class Engine:
         return self.config.idle_timeout if self._keep_alive is None else self._keep_alive
 
     def _unload_at(self) -> float | None:
-        """When (on the clock) the idle unload is due, or None when no unload is pending."""
+        """When (on the clock) the next idle step down (offload or unload) is due, or None."""
+        if self._state is ModelState.OFFLOADED and self._offloaded_at is not None:
+            return self._offloaded_at + self.config.offload_timeout
         keep_alive = self._keep_alive_now()
         if self._state is not ModelState.READY or keep_alive < 0:
             return None
@@ -568,6 +580,8 @@ class Engine:
     async def _ensure_loaded(self) -> bool:
         if self._state is ModelState.READY:
             return True
+        if self._state is ModelState.OFFLOADED and await self._wake():
+            return True
         self._set_state(ModelState.LOADING)
         started = time.monotonic()
         try:
@@ -597,8 +611,79 @@ class Engine:
         )
         return True
 
-    async def _unload(self, reason: str) -> None:
+    # --- the warm tier ---------------------------------------------------------------------------
+
+    def _tier_available(self) -> bool:
+        """Whether an idle model goes to host memory first: the tier is on and helps this device."""
+        captioner = self._captioner
+        return (
+            self.config.offload_timeout > 0 and isinstance(captioner, Offloadable) and captioner.can_offload
+        )
+
+    async def _step_down(self) -> None:
+        """The idle timeout (or a keep-alive) ran out: ready → offloaded → unloaded, one step."""
+        if self._state is ModelState.READY and self._tier_available():
+            await self._offload("idle")
+        else:
+            await self._unload("idle")
+
+    async def _admin_offload(self) -> None:
         if self._state is not ModelState.READY:
+            return  # nothing loaded to move (or already offloaded)
+        if not self._tier_available():
+            raise BadRequest(
+                "This server has no warm tier: the model runs on the CPU, or --offload-timeout is 0. "
+                "Use /v1/model/unload to free the memory."
+            )
+        await self._offload("admin")
+
+    async def _offload(self, reason: str) -> None:
+        """Move the weights to host memory; a failure frees them instead (never a broken model)."""
+        captioner = self._captioner
+        assert isinstance(captioner, Offloadable)
+        self._trim_pending = False
+        started = time.monotonic()
+        try:
+            await self._in_model_thread(captioner.offload)
+        except Exception:
+            log.exception("moving the model to host memory failed; unloading it instead")
+            await self._unload(reason)
+            return
+        self._offloaded_at = self._clock.now()
+        self._keep_alive = None  # a keep-alive lasts until the model steps down
+        self._set_state(ModelState.OFFLOADED)
+        seconds = time.monotonic() - started
+        self.observer.model_offloaded(seconds, reason)
+        log.info(
+            "model moved to host memory (%s) in %.2f s; freed after %g s more",
+            reason,
+            seconds,
+            self.config.offload_timeout,
+        )
+
+    async def _wake(self) -> bool:
+        """Move offloaded weights back; False (model unloaded, load it anew) when that fails."""
+        captioner = self._captioner
+        assert isinstance(captioner, Offloadable)
+        self._set_state(ModelState.LOADING)
+        started = time.monotonic()
+        try:
+            self._info = await self._in_model_thread(captioner.restore)
+        except Exception:
+            log.exception("moving the model back from host memory failed; loading it from disk")
+            self._set_state(ModelState.READY)  # so that _unload drops what is left
+            await self._unload("wake_failed")
+            return False
+        seconds = time.monotonic() - started
+        self._offloaded_at = None
+        self._last_finished = self._clock.now()
+        self._set_state(ModelState.READY)
+        self.observer.model_woke(seconds)
+        log.info("model woke from host memory in %.2f s (a load from disk would take longer)", seconds)
+        return True
+
+    async def _unload(self, reason: str) -> None:
+        if self._state not in (ModelState.READY, ModelState.OFFLOADED):
             if self._state is ModelState.FAILED:
                 self._set_state(ModelState.UNLOADED)
             return
@@ -612,6 +697,7 @@ class Engine:
         self._info = None
         self._loaded_since = None
         self._keep_alive = None  # a request's keep-alive lasts until the unload; the next load starts afresh
+        self._offloaded_at = None
         self._set_state(ModelState.UNLOADED)
         seconds = time.monotonic() - started
         self.observer.model_unloaded(seconds, reason)

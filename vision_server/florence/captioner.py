@@ -26,6 +26,7 @@ from vision_server.florence.pixels import pixel_spec, spec_before_load
 from vision_server.florence.prompts import tasks_for_model
 from vision_server.florence.source import resolve_model_dir
 from vision_server.florence.streaming import RowStreamer, streams, wants_stream
+from vision_server.florence.tiers import DeviceMover, PinnedMover
 from vision_server.images import PixelSpec, fit_image
 
 if TYPE_CHECKING:
@@ -101,6 +102,7 @@ class FlorenceCaptioner:
         max_batch_size: int | None = None,
         compile: bool = False,
         compile_on_cpu: bool = False,
+        mover: DeviceMover | None = None,
     ) -> None:
         self._spec = model
         self.cache_dir = cache_dir
@@ -112,7 +114,9 @@ class FlorenceCaptioner:
         self.max_batch_size = max_batch_size or self.preferred_batch_size
         self.compile = compile
         self.compile_on_cpu = compile_on_cpu  # tests only: exercise the compiled path without a GPU
+        self.mover: DeviceMover = mover or PinnedMover()
         self._loaded: _Loaded | None = None
+        self._offloaded = False  # the loaded weights sit in host memory (the warm tier)
         # Read from disk on first use, replaced by the loaded processor's own answer, kept across unloads.
         self._pixel_spec: PixelSpec | None = None
 
@@ -252,7 +256,33 @@ class FlorenceCaptioner:
 
     def unload(self) -> None:
         self._loaded = None
+        self._offloaded = False
         release_memory()
+
+    # --- the warm tier (vision_server.captioner.Offloadable) -------------------------------------
+
+    @property
+    def can_offload(self) -> bool:
+        """On a GPU, uncompiled: a compiled model's graphs are tied to where its weights live."""
+        loaded = self._loaded
+        return loaded is not None and loaded.plan is None and self.mover.helps(loaded.device)
+
+    def offload(self) -> None:
+        loaded = self._loaded
+        if loaded is None or self._offloaded:
+            return
+        self.mover.to_host(loaded.model)
+        self._offloaded = True
+        release_memory()
+
+    def restore(self) -> ModelInfo:
+        loaded = self._loaded
+        if loaded is None:
+            raise RuntimeError("restore() called with no model in host memory")
+        if self._offloaded:
+            self.mover.to_device(loaded.model, loaded.device)
+            self._offloaded = False
+        return ModelInfo(self._spec, str(loaded.device), str(loaded.dtype).removeprefix("torch."))
 
     def trim_memory(self) -> None:
         """After a burst: the host heap only (the CUDA cache stays, it is reused by the next one)."""
@@ -263,8 +293,8 @@ class FlorenceCaptioner:
     def caption(self, batch: list[CaptionItem]) -> list[Caption]:
         """Caption a batch; items are grouped by generation options, results keep their order."""
         loaded = self._loaded
-        if loaded is None:
-            raise RuntimeError("caption() called before load()")
+        if loaded is None or self._offloaded:
+            raise RuntimeError("caption() called before load(), or while offloaded")
         results: list[Caption | None] = [None] * len(batch)
         for indices in _group_by_options(batch).values():
             captions = self._caption_group(loaded, [batch[i] for i in indices])

@@ -22,8 +22,19 @@ FAKE_SPEC = PixelSpec(height=16, width=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 
 class FakeCaptioner:
     """Captions are a hash of the pixels and the task; ``delay`` seconds per batch."""
 
-    def __init__(self, *, delay: float = 0.0, load_delay: float = 0.0, model_id: str = "fake-model") -> None:
+    def __init__(
+        self,
+        *,
+        delay: float = 0.0,
+        load_delay: float = 0.0,
+        model_id: str = "fake-model",
+        offloadable: bool = False,
+    ) -> None:
         self.delay = delay
+        self.offloadable = offloadable  # pretend to run on a GPU with a warm tier
+        self.offloaded = False
+        self.offloads = 0
+        self.wakes = 0
         self.load_delay = load_delay
         self.fail_load: str | None = None
         self.fail_caption: Exception | None = None
@@ -64,7 +75,7 @@ class FakeCaptioner:
 
     def caption(self, batch: list[CaptionItem]) -> list[Caption]:
         self.threads.add(threading.current_thread().name)
-        assert self.loaded, "caption() called on an unloaded model"
+        assert self.loaded and not self.offloaded, "caption() called on an unloaded or offloaded model"
         self.batch_sizes.append(len(batch))
         time.sleep(self.delay)
         if self.fail_caption is not None:
@@ -74,8 +85,25 @@ class FakeCaptioner:
     def unload(self) -> None:
         self.threads.add(threading.current_thread().name)
         with self._lock:
-            self.loaded = False
+            self.loaded = self.offloaded = False
             self.unloads += 1
+
+    @property
+    def can_offload(self) -> bool:
+        return self.offloadable and self.loaded
+
+    def offload(self) -> None:
+        self.threads.add(threading.current_thread().name)
+        assert self.loaded and not self.offloaded
+        self.offloaded = True
+        self.offloads += 1
+
+    def restore(self) -> ModelInfo:
+        self.threads.add(threading.current_thread().name)
+        assert self.loaded and self.offloaded
+        self.offloaded = False
+        self.wakes += 1
+        return ModelInfo(self._model_id, "cuda:0" if self.offloadable else "cpu", "float16")
 
     def trim_memory(self) -> None:
         self.threads.add(threading.current_thread().name)
