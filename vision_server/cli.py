@@ -1,4 +1,4 @@
-"""The ``vision-server`` command: serve, caption (a dataset, offline), convert, make-test-model."""
+"""The ``vision-server`` command: serve, caption (a dataset, offline), train, convert, make-test-model."""
 
 from __future__ import annotations
 
@@ -240,3 +240,26 @@ def convert(source: Path, destination: Path) -> None:
         click.echo(str(convert_checkpoint(source, destination)))
     except ModelSourceError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+def _train_options(func: F) -> F:
+    from vision_server.train.command import train_options
+
+    return train_options(func)  # type: ignore[return-value]
+
+
+@main.command(context_settings={"max_content_width": 110})
+@_train_options
+def train(**params: Any) -> None:
+    """Fine-tune the model on your own captions: a LoRA adapter for serve/caption --adapter.
+
+    The dataset is checked first (images without captions, captions without images, unreadable
+    images, empty captions), then the adapter trains; OUTPUT gets the PEFT adapter and a
+    training.json that the server shows in /model_info and /v1/status.
+
+    Exit status: 0 trained, 1 unusable dataset or model, 2 bad usage, 130/143 stopped by
+    Ctrl+C/SIGTERM after a checkpoint (continue with --resume OUTPUT).
+    """
+    from vision_server.train.command import run_command
+
+    sys.exit(run_command(params))

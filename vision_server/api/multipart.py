@@ -49,6 +49,7 @@ from vision_server.captioner import Caption, GenerationOptions
 from vision_server.engine.jobs import Lane
 from vision_server.errors import BadRequest, VisionServerError
 from vision_server.tasks import normalize_task
+from vision_server.train.metadata import adapter_summary
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +211,7 @@ async def model_info(request: web.Request) -> web.Response:
             "tasks": list(card.tasks),
             "generation": {"max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams},
             "max_batch_size": app[ENGINE].config.max_batch_size,  # the size in use, not the setting
+            "adapter": adapter_summary(settings.adapter),
         }
     )
 

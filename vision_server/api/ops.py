@@ -12,10 +12,11 @@ import time
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from vision_server.api.state import ENGINE, METRICS, STARTED_AT
+from vision_server.api.state import ENGINE, METRICS, SETTINGS, STARTED_AT
 from vision_server.engine.lifecycle import ModelState
 from vision_server.errors import VisionServerError
 from vision_server.gpu import gpu_available, gpu_memory
+from vision_server.train.metadata import adapter_summary
 
 
 def ops_error(error: VisionServerError, request_id: str) -> web.Response:
@@ -24,9 +25,11 @@ def ops_error(error: VisionServerError, request_id: str) -> web.Response:
 
 
 async def status(request: web.Request) -> web.Response:
-    """State, model, device, dtype, loaded since, expires_at, queue depth, jobs running, errors."""
+    """State, model, device, dtype, loaded since, expires_at, queue depth, jobs running, errors;
+    the adapter and, for one made by ``vision-server train``, how it was trained."""
     data = request.app[ENGINE].status().as_dict()
     data["tasks"] = list(request.app[ENGINE].model_card.tasks)
+    data["adapter"] = adapter_summary(request.app[SETTINGS].adapter)
     return web.json_response(data)
 
 

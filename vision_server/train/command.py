@@ -1,0 +1,163 @@
+"""The ``vision-server train`` click command: options in, :func:`run_training` out, exit codes.
+
+Exit status: 0 trained, 1 the dataset or model cannot be used, 2 bad usage, 130/143 when stopped
+by Ctrl+C/SIGTERM (after a checkpoint is written: ``--resume`` continues it).
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import click
+
+from vision_server.train.options import (
+    DEFAULT_CACHE_DIR,
+    DEFAULT_MODEL,
+    DEFAULT_TASK,
+    LANGUAGE_TARGETS,
+    TrainOptions,
+)
+
+
+def _val_split(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise click.BadParameter("a fraction below 1 (0.1) or a count of images (20)") from None
+    if number < 0 or (number >= 1 and not number.is_integer()):
+        raise click.BadParameter("a fraction below 1 (0.1) or a whole count of images (20)")
+    return number
+
+
+def _targets(value: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in value.split(",") if name.strip())
+    if not names:
+        raise click.BadParameter("name at least one layer, e.g. q_proj,v_proj")
+    return names
+
+
+PARAMS: list[Callable[[Any], Any]] = [
+    click.option("--dataset", type=click.Path(path_type=Path, exists=True), required=True,
+                 help="A folder of images with caption files beside them, a .jsonl of {\"file\", \"text\"} "
+                 "rows (or the bulk captioner's JSONL), or a .parquet table with an image and a text "
+                 "column."),
+    click.option("--output", type=click.Path(path_type=Path, file_okay=False), required=True,
+                 help="Folder for the adapter, checkpoints and logs; must not exist unless --overwrite "
+                 "or --resume."),
+    click.option("--model", default=DEFAULT_MODEL, show_default=True,
+                 help="Base model: hub id, local folder or test:tiny."),
+    click.option("--revision", help="Hub revision to pin the base model to."),
+    click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE_DIR,
+                 show_default=True, help="Where converted models and test models are kept (as for serve)."),
+    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
+                 show_default=True, help="auto: bf16 on GPUs that support it, else fp16 with a grad "
+                 "scaler; fp32 on the CPU."),
+    click.option("--task", default=DEFAULT_TASK, show_default=True,
+                 help="The prompt the adapter learns to answer."),
+    click.option("--caption-ext", default="txt", show_default=True, help="Extension of the caption files."),
+    click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True),
+    click.option("--max-steps", type=click.IntRange(min=1),
+                 help="Train N optimizer steps in all (overrides --epochs)."),
+    click.option("--batch-size", type=click.IntRange(min=1), default=1, show_default=True),
+    click.option("--gradient-accumulation", type=click.IntRange(min=1), default=1, show_default=True,
+                 help="Micro-batches per optimizer step."),
+    click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=1e-4,
+                 show_default=True),
+    click.option("--lr-scheduler", type=click.Choice(["constant", "cosine", "linear"]), default="constant",
+                 show_default=True),
+    click.option("--warmup-steps", type=click.IntRange(min=0), default=0, show_default=True),
+    click.option("--optimizer", type=click.Choice(["adamw", "adamw8bit"]), default="adamw", show_default=True,
+                 help="adamw8bit needs bitsandbytes."),
+    click.option("--weight-decay", type=click.FloatRange(min=0), default=0.0, show_default=True),
+    click.option("--rank", type=click.IntRange(min=1), default=4, show_default=True, help="LoRA rank."),
+    click.option("--alpha", type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+                 help="LoRA alpha (the update is scaled by alpha/rank)."),
+    click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.05,
+                 show_default=True),
+    click.option("--target-modules", type=_targets, default=",".join(LANGUAGE_TARGETS), show_default=True,
+                 help="Comma-separated linear layers of the language model to adapt."),
+    click.option("--train-vision", is_flag=True, help="Also adapt the vision tower's linear layers."),
+    click.option("--gradient-checkpointing", is_flag=True,
+                 help="Recompute activations: less memory, slower."),
+    click.option("--max-caption-tokens", type=click.IntRange(min=2), default=256, show_default=True,
+                 help="Longer captions are cut to this many tokens."),
+    click.option("--seed", type=int, default=42, show_default=True),
+    click.option("--shuffle-tags", is_flag=True, help="Shuffle the comma-separated parts of each caption."),
+    click.option("--keep-tokens", type=click.IntRange(min=0), default=0, show_default=True,
+                 help="With --shuffle-tags/--caption-dropout: the first N parts stay in front "
+                 "(a trigger word)."),
+    click.option("--caption-dropout", type=click.FloatRange(0, 1), default=0.0, show_default=True,
+                 help="Probability of dropping one part of a caption."),
+    click.option("--val-split", type=_val_split, default="0", show_default=True,
+                 help="Images held out for validation: a fraction below 1 or a count."),
+    click.option("--val-samples", type=click.IntRange(min=0), default=3, show_default=True,
+                 help="Validation captions printed beside their targets after each epoch."),
+    click.option("--save-every", type=click.IntRange(min=1), help="Also checkpoint every N steps."),
+    click.option("--keep-checkpoints", type=click.IntRange(min=1), default=2, show_default=True,
+                 help="Newest checkpoints kept."),
+    click.option("--resume", type=click.Path(path_type=Path, exists=True),
+                 help="A checkpoint folder, or an output folder (its newest checkpoint), to continue from."),
+    click.option("--log-with", type=click.Choice(["auto", "tensorboard", "wandb", "none"]), default="auto",
+                 show_default=True, help="auto: TensorBoard when installed, else none."),
+    click.option("--overwrite", is_flag=True, help="Replace an earlier run's output folder."),
+]  # fmt: skip
+
+
+def train_options(func: Callable[..., Any]) -> Callable[..., Any]:
+    for option in reversed(PARAMS):
+        func = option(func)
+    return func
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[list[int]]:
+    """Ctrl+C or SIGTERM ask the loop to stop at the next step (a second Ctrl+C aborts at once)."""
+    received: list[int] = []
+
+    def handle(signum: int, _frame: Any) -> None:
+        if received and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        received.append(signum)
+        print("\nstopping after this step (Ctrl+C again to abort without a checkpoint)", file=sys.stderr)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def run_command(params: dict[str, Any]) -> int:
+    from vision_server.train.dataset import DatasetError
+    from vision_server.train.loop import TrainError, run_training
+    from vision_server.train.model import ModelError
+    from vision_server.train.reporting import LoggerUnavailable
+
+    options = TrainOptions(**params)
+    with stop_on_signals() as received:
+        try:
+            result = run_training(options, should_stop=lambda: bool(received))
+        except (TrainError, LoggerUnavailable, ValueError) as exc:
+            if isinstance(exc, DatasetError):
+                click.echo(f"Error: {exc}", err=True)
+                return 1
+            raise click.UsageError(str(exc)) from None
+        except ModelError as exc:
+            click.echo(f"Error: {exc}", err=True)
+            return 1
+    if not result.finished:
+        return 128 + (received[0] if received else signal.SIGINT)
+    losses = result.metadata
+    summary = f"trained {result.steps} steps; final train loss {losses['final_train_loss']:.4f}"
+    if losses.get("final_val_loss") is not None:
+        summary += f", validation loss {losses['final_val_loss']:.4f}"
+    click.echo(summary, err=True)
+    click.echo(str(result.output))
+    return 0

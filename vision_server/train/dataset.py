@@ -1,0 +1,264 @@
+"""Training examples (an image and its caption) from a folder, a JSONL file or a Parquet table.
+
+Everything is checked before a model loads: every image must have a non-empty caption and decode,
+every caption must have an image. Problems are collected, not raised one by one, so a single
+:class:`DatasetError` names every file to fix.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vision_server.bulk.readers import PATH_COLUMNS, file_problem
+from vision_server.bulk.records import task_slug
+from vision_server.captionfiles import is_image
+from vision_server.errors import InvalidImage
+from vision_server.images import open_image
+
+TEXT_FIELDS = ("text", "caption")
+MAX_PIXELS = 256_000_000  # a training set is the user's own files: only refuse absurd sizes
+LISTED = 20  # files named per problem; the rest are counted
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training pair. ``name`` is what messages call it (a path, or a table row)."""
+
+    name: str
+    text: str
+    path: Path | None = None
+    data: bytes | None = None
+
+    def read(self) -> bytes:
+        if self.data is not None:
+            return self.data
+        assert self.path is not None
+        return self.path.read_bytes()
+
+
+@dataclass
+class Problems:
+    """Files grouped by what is wrong with them."""
+
+    groups: dict[str, list[str]] = field(default_factory=dict)
+
+    def add(self, kind: str, name: str) -> None:
+        self.groups.setdefault(kind, []).append(name)
+
+    def __bool__(self) -> bool:
+        return bool(self.groups)
+
+
+class DatasetError(ValueError):
+    """The dataset cannot be trained on; the message lists each problem with its files."""
+
+    def __init__(self, source: Path, problems: Problems | str) -> None:
+        if isinstance(problems, str):
+            text = f"{source}: {problems}"
+        else:
+            lines = [f"{source}: the dataset has problems; fix them and run again:"]
+            for kind, names in problems.groups.items():
+                lines.append(f"  {kind} ({len(names)}):")
+                lines += [f"    {name}" for name in names[:LISTED]]
+                if len(names) > LISTED:
+                    lines.append(f"    ... and {len(names) - LISTED} more")
+            text = "\n".join(lines)
+        super().__init__(text)
+
+
+NO_CAPTION = "images without captions"
+NO_IMAGE = "captions without images"
+UNREADABLE = "unreadable images"
+EMPTY = "empty captions"
+
+
+def load_dataset(source: Path, *, caption_ext: str = "txt", task: str = "") -> list[Example]:
+    """Every example of ``source``, checked; :class:`DatasetError` names whatever is wrong."""
+    source = Path(source)
+    problems = Problems()
+    if source.is_dir():
+        examples = list(_folder(source, caption_ext.lstrip("."), problems))
+    elif source.suffix.lower() == ".jsonl":
+        examples = list(_jsonl(source, task, problems))
+    elif source.suffix.lower() == ".parquet":
+        examples = _parquet(source, problems)
+    elif not source.exists():
+        raise DatasetError(source, "no such file or folder")
+    else:
+        raise DatasetError(source, "not a folder of images, a .jsonl file or a .parquet file")
+    for example in examples:
+        if not example.text.strip():
+            problems.add(EMPTY, example.name)
+    for example in examples:
+        reason = _unreadable(example)
+        if reason:
+            problems.add(UNREADABLE, f"{example.name} ({reason})")
+    if problems:
+        raise DatasetError(source, problems)
+    if not examples:
+        raise DatasetError(source, "the dataset is empty: no images with captions were found")
+    return examples
+
+
+def split(examples: list[Example], val_split: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """(train, validation): ``val_split`` below 1 is a fraction, from 1 on a count; chosen by seed."""
+    if val_split <= 0:
+        return examples, []
+    count = int(val_split) if val_split >= 1 else max(1, round(len(examples) * val_split))
+    if count >= len(examples):
+        raise ValueError(
+            f"--val-split {val_split:g} leaves no training images (the dataset has {len(examples)})"
+        )
+    order = list(range(len(examples)))
+    random.Random(seed).shuffle(order)
+    held = set(order[:count])
+    train = [ex for i, ex in enumerate(examples) if i not in held]
+    return train, [ex for i, ex in enumerate(examples) if i in held]
+
+
+def _unreadable(example: Example) -> str | None:
+    if example.path is not None:
+        problem = file_problem(example.path)
+        if problem:
+            return problem
+    try:
+        open_image(example.read(), max_pixels=MAX_PIXELS).close()
+    except InvalidImage as exc:
+        return exc.message.removeprefix("Invalid image data: ")
+    except OSError as exc:
+        return exc.strerror or str(exc)
+    return None
+
+
+# --- folders -------------------------------------------------------------------------------------
+
+
+def _folder(root: Path, ext: str, problems: Problems) -> Iterator[Example]:
+    """Images with a ``STEM.<ext>`` caption beside them, every sub-folder included, sorted."""
+    suffix = f".{ext.lower()}"
+    for folder in sorted([root, *(p for p in root.rglob("*") if p.is_dir())]):
+        files = sorted(p for p in folder.iterdir() if p.is_file() or p.is_symlink())
+        images = {p.stem: p for p in files if is_image(p)}
+        captions = {p.stem: p for p in files if p.suffix.lower() == suffix and not is_image(p)}
+        for stem, image in images.items():
+            caption = captions.get(stem)
+            name = image.relative_to(root).as_posix()
+            if caption is None:
+                problems.add(NO_CAPTION, f"{name} (expected {stem}{suffix} beside it)")
+                continue
+            text = caption.read_text(encoding="utf-8", errors="replace").strip()
+            yield Example(name, text, path=image)
+        for stem, caption in captions.items():
+            task_sidecar = "." in stem and stem.rsplit(".", 1)[0] in images  # STEM.<task>.txt
+            if stem not in images and not task_sidecar:
+                problems.add(NO_IMAGE, caption.relative_to(root).as_posix())
+
+
+# --- JSONL ---------------------------------------------------------------------------------------
+
+
+def _jsonl(path: Path, task: str, problems: Problems) -> Iterator[Example]:
+    """Rows ``{"file", "text"}`` (also ``path``/``image`` and ``caption``), or the rows the bulk
+    captioner writes (``source``, ``key``, ``caption`` or one field per task)."""
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            if not isinstance(row, dict):
+                problems.add("lines that are not JSON objects", f"{path.name} line {number}")
+                continue
+            image = _row_image(row, path.parent)
+            name = f"{path.name} line {number}"
+            if image is None:
+                problems.add(NO_IMAGE, f"{name} (no 'file' field)")
+                continue
+            text = _row_text(row, task)
+            if text is None:
+                problems.add(NO_CAPTION, f"{image} ({name}: no 'text' field)")
+                continue
+            if not image.exists():
+                problems.add(NO_IMAGE, f"{image} ({name}: no such file)")
+                continue
+            yield Example(str(image), text.strip(), path=image)
+
+
+def _row_image(row: dict[str, Any], base: Path) -> Path | None:
+    for field_name in ("file", "path", "image"):
+        value = row.get(field_name)
+        if isinstance(value, str) and value:
+            listed = Path(value).expanduser()
+            return listed if listed.is_absolute() else base / listed
+    source, key = row.get("source"), row.get("key")
+    if isinstance(source, str) and isinstance(key, str):
+        origin = Path(source)
+        origin = origin if origin.is_absolute() else base / origin
+        return origin / key if origin.is_dir() else origin
+    return None
+
+
+def _row_text(row: dict[str, Any], task: str) -> str | None:
+    for key in (*TEXT_FIELDS, task_slug(task) if task else ""):
+        value = row.get(key) if key else None
+        if isinstance(value, str):
+            return value
+    return None
+
+
+# --- Parquet -------------------------------------------------------------------------------------
+
+
+def _parquet(path: Path, problems: Problems) -> list[Example]:
+    """A table with a text column and an image column (bytes, a Hugging Face Image struct, or paths)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:
+        raise DatasetError(path, f"cannot read the Parquet file ({type(exc).__name__}: {exc})") from None
+    names = table.schema.names
+    text_column = next((n for n in names if n.lower() in TEXT_FIELDS), None)
+    image_column = next(
+        (
+            n
+            for n in names
+            if pa.types.is_binary(table.schema.field(n).type)
+            or pa.types.is_large_binary(table.schema.field(n).type)
+            or (pa.types.is_struct(table.schema.field(n).type) and n.lower() == "image")
+        ),
+        None,
+    ) or next((n for n in names if n.lower() in PATH_COLUMNS), None)
+    if text_column is None or image_column is None:
+        raise DatasetError(
+            path, f"needs a 'text' (or 'caption') column and an image column; it has {', '.join(names)}"
+        )
+    examples = []
+    for row, (value, text) in enumerate(
+        zip(table.column(image_column).to_pylist(), table.column(text_column).to_pylist(), strict=True)
+    ):
+        name = f"{path.name} row {row}"
+        if isinstance(value, dict):
+            value = value.get("bytes") or value.get("path")
+        if text is None:
+            problems.add(NO_CAPTION, name)
+        elif isinstance(value, bytes) and value:
+            examples.append(Example(name, str(text).strip(), data=value))
+        elif isinstance(value, str) and value:
+            listed = Path(value)
+            image = listed if listed.is_absolute() else path.parent / listed
+            if image.exists():
+                examples.append(Example(str(image), str(text).strip(), path=image))
+            else:
+                problems.add(NO_IMAGE, f"{image} ({name}: no such file)")
+        else:
+            problems.add(NO_IMAGE, f"{name} (no image)")
+    return examples

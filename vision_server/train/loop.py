@@ -1,0 +1,460 @@
+"""The training run: check everything, load, then optimise the LoRA step by step.
+
+Order of work: the dataset, the output folder, the tracker and the optimizer choice are checked
+before the model loads, so every mistake the user can fix is reported in seconds. The data order
+of each epoch and each caption's augmentation are derived from the seed, and the torch generator
+state is saved with every checkpoint, so a resumed run repeats the uninterrupted run's numbers.
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import shutil
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import numpy as np
+import torch
+
+from vision_server import __version__
+from vision_server.florence.captioner import pixel_values, prompt_ids
+from vision_server.images import prepare_image
+from vision_server.train.augment import Augmentation, caption_rng
+from vision_server.train.checkpoint import (
+    CHECKPOINTS,
+    find_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    write_final,
+)
+from vision_server.train.dataset import MAX_PIXELS, Example, load_dataset, split
+from vision_server.train.metadata import METADATA_FILE
+from vision_server.train.model import BaseModel, Precision, add_lora, load_base, pick_precision
+from vision_server.train.options import TrainOptions, plan_differences
+from vision_server.train.reporting import Progress, Tracker, pick_tracker
+
+PIXEL_CACHE_BYTES = 1 << 30  # decoded, resized images kept in memory (a few hundred at 768 px)
+
+
+class TrainError(RuntimeError):
+    """A usage problem found before training (output folder, resume mismatch, missing package)."""
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    steps: int
+    total_steps: int
+    history: list[dict[str, Any]]
+    checkpoint: Path | None = None  # where an interrupted run can resume from
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return self.steps >= self.total_steps
+
+
+@dataclass
+class _Plan:
+    steps_per_epoch: int
+    total_steps: int
+
+
+def plan_steps(options: TrainOptions, train_size: int) -> _Plan:
+    micro_batches = math.ceil(train_size / options.batch_size)
+    per_epoch = math.ceil(micro_batches / options.gradient_accumulation)
+    total = options.max_steps if options.max_steps is not None else options.epochs * per_epoch
+    return _Plan(per_epoch, total)
+
+
+def run_training(
+    options: TrainOptions, *, should_stop: Callable[[], bool] = lambda: False, stream: IO[str] | None = None
+) -> TrainResult:
+    """Train as ``options`` say; stop early (with a checkpoint) once ``should_stop()`` is true."""
+    examples = load_dataset(options.dataset, caption_ext=options.caption_ext, task=options.task)
+    train_set, val_set = split(examples, options.val_split, options.seed)
+    checkpoint = _check_output(options)
+    saved = load_saved_options(checkpoint) if checkpoint else None
+    if saved is not None:
+        differences = plan_differences(saved, options)
+        if differences:
+            raise TrainError(
+                f"--resume {checkpoint}: these options differ from the interrupted run's "
+                "(use the same ones to continue it exactly):\n  " + "\n  ".join(differences)
+            )
+    tracker_kind = pick_tracker(options.log_with)
+    _check_optimizer(options.optimizer)
+    precision = pick_precision(options.device, options.precision)
+    base = load_base(options, precision)
+    trainer = _Trainer(options, base, precision, train_set, val_set, stream)
+    if checkpoint is not None:
+        trainer.resume(checkpoint)
+    if not options.resume and options.output.exists() and options.overwrite:
+        _clear_output(options.output)
+    options.output.mkdir(parents=True, exist_ok=True)
+    tracker = Tracker(tracker_kind, options.output, options.as_dict())
+    try:
+        return trainer.run(tracker, should_stop)
+    finally:
+        tracker.close()
+
+
+def load_saved_options(checkpoint: Path) -> dict[str, Any]:
+    state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
+    return dict(state["options"])
+
+
+def _check_output(options: TrainOptions) -> Path | None:
+    """The checkpoint to resume from (if any), after checking the output folder may be written."""
+    output = options.output
+    checkpoint = None
+    if options.resume is not None:
+        try:
+            checkpoint = find_checkpoint(options.resume)
+        except FileNotFoundError as exc:
+            raise TrainError(str(exc)) from None
+    occupied = output.exists() and (not output.is_dir() or any(output.iterdir()))
+    if not occupied:
+        return checkpoint
+    if not output.is_dir():
+        raise TrainError(f"--output {output} is a file; pick a folder")
+    inside = checkpoint is not None and checkpoint.resolve().is_relative_to(output.resolve())
+    if inside and options.overwrite:
+        raise TrainError(f"--overwrite would delete {checkpoint}, the checkpoint to resume from")
+    if inside:
+        return checkpoint
+    if not options.overwrite:
+        raise TrainError(
+            f"--output {output} already exists and is not empty; pass --overwrite to replace it, "
+            "or pick a new folder"
+        )
+    if not _looks_like_training_output(output):
+        raise TrainError(
+            f"--output {output} holds files that are not a training run's; --overwrite only "
+            "replaces an earlier run's folder. Pick a new folder."
+        )
+    return checkpoint
+
+
+def _looks_like_training_output(output: Path) -> bool:
+    return any((output / name).exists() for name in (METADATA_FILE, CHECKPOINTS, "adapter_config.json"))
+
+
+def _clear_output(output: Path) -> None:
+    for path in output.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def _check_optimizer(name: str) -> None:
+    if name == "adamw8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TrainError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes); use adamw")
+
+
+class _Trainer:
+    def __init__(
+        self,
+        options: TrainOptions,
+        base: BaseModel,
+        precision: Precision,
+        train_set: list[Example],
+        val_set: list[Example],
+        stream: IO[str] | None,
+    ) -> None:
+        from transformers import get_scheduler
+
+        self.options = options
+        self.base = base
+        self.precision = precision
+        self.train_set = train_set
+        self.val_set = val_set
+        self.stream = stream
+        self.augmentation = Augmentation(options.shuffle_tags, options.keep_tokens, options.caption_dropout)
+        self.plan = plan_steps(options, len(train_set))
+        self.model = add_lora(base, options)
+        self.model.config.use_cache = False
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = _make_optimizer(options, trainable)
+        names = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+        self.scheduler = get_scheduler(
+            names[options.lr_scheduler],
+            self.optimizer,
+            num_warmup_steps=options.warmup_steps,
+            num_training_steps=self.plan.total_steps,
+        )
+        self.scaler = torch.amp.GradScaler("cuda") if precision.scaler else None
+        self.step = 0
+        self.history: list[dict[str, Any]] = []
+        self.epoch_sum = 0.0
+        self.epoch_count = 0
+        self._pixels: dict[str, np.ndarray] = {}
+        self._pixel_bytes = 0
+        tokenizer = base.processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id
+        self.prompt = prompt_ids(base.processor, [options.task] * options.batch_size)
+
+    # --- resume and save ---------------------------------------------------------------------------
+
+    def resume(self, checkpoint: Path) -> None:
+        state = load_checkpoint(checkpoint, self.model)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.scheduler.load_state_dict(state.scheduler)
+        if self.scaler is not None and state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+        torch.set_rng_state(state.cpu_rng)
+        if state.cuda_rng is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state.cuda_rng)
+        self.step = state.step
+        self.history = state.history
+        raw = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
+        self.epoch_sum = float(raw.get("epoch_sum", 0.0))
+        self.epoch_count = int(raw.get("epoch_count", 0))
+        self._say(f"resuming from {checkpoint} at step {self.step}/{self.plan.total_steps}")
+
+    def _state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "cpu_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            "history": self.history,
+            "epoch_sum": self.epoch_sum,
+            "epoch_count": self.epoch_count,
+            "options": self.options.as_dict(),
+        }
+
+    def _save(self) -> Path:
+        return save_checkpoint(
+            self.options.output,
+            self.step,
+            self.model,
+            self.metadata(),
+            self._state(),
+            self.options.keep_checkpoints,
+        )
+
+    def metadata(self) -> dict[str, Any]:
+        last = self.history[-1] if self.history else {}
+        options = self.options.as_dict()
+        for name in ("resume", "overwrite"):
+            options.pop(name)
+        return {
+            "base_model": self.options.model,
+            "revision": self.options.revision or self.base.resolved_revision,
+            "task": self.options.task,
+            "steps": self.step,
+            "epochs": round(self.step / self.plan.steps_per_epoch, 3),
+            "final_train_loss": last.get("train_loss"),
+            "final_val_loss": last.get("val_loss"),
+            "history": self.history,
+            "train_images": len(self.train_set),
+            "validation_images": [example.name for example in self.val_set],
+            "precision": self.precision.name,
+            "options": options,
+            "vision_server_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        }
+
+    # --- the loop -----------------------------------------------------------------------------------
+
+    def run(self, tracker: Tracker, should_stop: Callable[[], bool]) -> TrainResult:
+        plan = self.plan
+        progress = Progress(plan.total_steps, initial=self.step, stream=self.stream)
+        self._say(
+            f"training {len(self.train_set)} images ({len(self.val_set)} for validation), "
+            f"{plan.total_steps} steps of {self.options.batch_size}x{self.options.gradient_accumulation} "
+            f"on {self.precision.device} in {self.precision.name}",
+            progress,
+        )
+        checkpoint = None
+        self.model.train()
+        try:
+            while self.step < plan.total_steps:
+                epoch, in_epoch = divmod(self.step, plan.steps_per_epoch)
+                groups = self._epoch_groups(epoch)
+                for group in groups[in_epoch:]:
+                    loss = self._optimizer_step(group, epoch)
+                    self.step += 1
+                    self.epoch_sum += loss
+                    self.epoch_count += 1
+                    lr = self.scheduler.get_last_lr()[0]
+                    progress.update(self.step, loss, lr)
+                    tracker.log(self.step, {"train/loss": loss, "train/lr": lr})
+                    epoch_done = self.step % plan.steps_per_epoch == 0 or self.step == plan.total_steps
+                    if epoch_done:
+                        self._end_epoch(epoch, tracker, progress)
+                    saving = epoch_done or (
+                        self.options.save_every and self.step % self.options.save_every == 0
+                    )
+                    if saving and self.step < plan.total_steps:
+                        checkpoint = self._save()
+                    if self.step < plan.total_steps and should_stop():
+                        checkpoint = checkpoint if saving else self._save()
+                        progress.write(f"stopped at step {self.step}; continue with --resume {checkpoint}")
+                        return TrainResult(
+                            self.options.output, self.step, plan.total_steps, self.history, checkpoint
+                        )
+                    if self.step >= plan.total_steps:
+                        break
+        finally:
+            progress.close()
+        metadata = self.metadata()
+        write_final(self.options.output, self.model, metadata)
+        return TrainResult(self.options.output, self.step, plan.total_steps, self.history, None, metadata)
+
+    def _epoch_groups(self, epoch: int) -> list[list[tuple[int, Example]]]:
+        """This epoch's micro-batches, grouped per optimizer step; (position, example) pairs."""
+        generator = torch.Generator().manual_seed(self.options.seed * 1_000_003 + epoch)
+        order = torch.randperm(len(self.train_set), generator=generator).tolist()
+        size = self.options.batch_size
+        micro = [
+            [(pos, self.train_set[i]) for pos, i in enumerate(order[start : start + size], start)]
+            for start in range(0, len(order), size)
+        ]
+        accumulation = self.options.gradient_accumulation
+        return [
+            [pair for batch in micro[i : i + accumulation] for pair in batch]
+            for i in range(0, len(micro), accumulation)
+        ]
+
+    def _optimizer_step(self, group: list[tuple[int, Example]], epoch: int) -> float:
+        size = self.options.batch_size
+        batches = [group[i : i + size] for i in range(0, len(group), size)]
+        total = 0.0
+        for batch in batches:
+            texts = [
+                self.augmentation.apply(ex.text, caption_rng(self.options.seed, epoch, pos))
+                for pos, ex in batch
+            ]
+            loss = self._loss([ex for _, ex in batch], texts) / len(batches)
+            if self.scaler is not None:
+                self.scaler.scale(loss).backward()
+            else:
+                loss.backward()
+            total += float(loss.detach())
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return total
+
+    def _loss(self, examples: list[Example], texts: list[str]) -> torch.Tensor:
+        inputs = self._inputs(examples)
+        labels = self._labels(texts)
+        device = self.precision.device
+        with torch.autocast(device.type, dtype=self.precision.dtype, enabled=self.precision.autocast):
+            out = self.model(**inputs, labels=labels.to(device))
+        loss: torch.Tensor = out.loss.float()
+        return loss
+
+    def _inputs(self, examples: list[Example]) -> dict[str, torch.Tensor]:
+        device = self.precision.device
+        count = len(examples)
+        inputs = {name: tensor[:count].to(device) for name, tensor in self.prompt.items()}
+        batch = np.stack([self._pixels_of(ex) for ex in examples])
+        values = pixel_values(batch, self.base.pixels, device)
+        inputs["pixel_values"] = values.to(self.precision.dtype)
+        return inputs
+
+    def _labels(self, texts: list[str]) -> torch.Tensor:
+        tokenizer = self.base.processor.tokenizer
+        ids = tokenizer(
+            texts,
+            padding=True,
+            truncation=True,
+            max_length=self.options.max_caption_tokens,
+            return_tensors="pt",
+        ).input_ids
+        return ids.masked_fill(ids == self.pad_id, -100)
+
+    def _pixels_of(self, example: Example) -> np.ndarray:
+        cached = self._pixels.get(example.name)
+        if cached is not None:
+            return cached
+        pixels = prepare_image(example.read(), self.base.pixels, max_pixels=MAX_PIXELS).pixels
+        if self._pixel_bytes + pixels.nbytes <= PIXEL_CACHE_BYTES:
+            self._pixels[example.name] = pixels
+            self._pixel_bytes += pixels.nbytes
+        return pixels
+
+    # --- validation ---------------------------------------------------------------------------------
+
+    def _end_epoch(self, epoch: int, tracker: Tracker, progress: Progress) -> None:
+        entry: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "step": self.step,
+            "train_loss": self.epoch_sum / max(1, self.epoch_count),
+            "val_loss": None,
+        }
+        self.epoch_sum, self.epoch_count = 0.0, 0
+        line = f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}"
+        if self.val_set:
+            entry["val_loss"], samples = self._validate()
+            line += f", validation loss {entry['val_loss']:.4f}"
+            tracker.log(self.step, {"val/loss": entry["val_loss"]})
+        else:
+            samples = []
+        tracker.log(self.step, {"train/epoch_loss": entry["train_loss"]})
+        self.history.append(entry)
+        progress.write(line)
+        for name, target, output in samples:
+            progress.write(f"  {name}\n    target: {target}\n    output: {output}")
+
+    @torch.no_grad()
+    def _validate(self) -> tuple[float, list[tuple[str, str, str]]]:
+        self.model.eval()
+        try:
+            size = self.options.batch_size
+            total, count = 0.0, 0
+            for start in range(0, len(self.val_set), size):
+                batch = self.val_set[start : start + size]
+                total += float(self._loss(batch, [ex.text for ex in batch])) * len(batch)
+                count += len(batch)
+            shown = self.val_set[: self.options.val_samples]
+            outputs = self.generate(shown) if shown else []
+            return total / count, [(ex.name, ex.text, out) for ex, out in zip(shown, outputs, strict=True)]
+        finally:
+            self.model.train()
+
+    def generate(self, examples: list[Example]) -> list[str]:
+        """Greedy captions from the model as it is now (validation samples)."""
+        inputs = self._inputs(examples)
+        device = self.precision.device
+        with torch.autocast(device.type, dtype=self.precision.dtype, enabled=self.precision.autocast):
+            sequences = self.model.generate(
+                **inputs, max_new_tokens=self.options.max_caption_tokens, num_beams=1, do_sample=False
+            )
+        texts = self.base.processor.batch_decode(sequences, skip_special_tokens=True)
+        return [text.strip() for text in texts]
+
+    def _say(self, text: str, progress: Progress | None = None) -> None:
+        if progress is not None:
+            progress.write(text)
+        else:
+            print(text, file=self.stream or sys.stderr, flush=True)
+
+
+def _make_optimizer(options: TrainOptions, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    if options.optimizer == "adamw8bit":
+        import importlib
+
+        bnb = importlib.import_module("bitsandbytes.optim")  # optional: present only where installed
+        optimizer: torch.optim.Optimizer = bnb.AdamW8bit(
+            parameters, lr=options.learning_rate, weight_decay=options.weight_decay
+        )
+        return optimizer
+    return torch.optim.AdamW(parameters, lr=options.learning_rate, weight_decay=options.weight_decay)

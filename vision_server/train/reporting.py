@@ -1,0 +1,101 @@
+"""What a run shows: a progress bar (loss, learning rate, steps/s), lines in logs, and metrics for
+TensorBoard or wandb when one of them is installed and chosen."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+from typing import IO, Any
+
+
+class LoggerUnavailable(RuntimeError):
+    """``--log-with`` names a tracker that is not installed."""
+
+
+def pick_tracker(requested: str) -> str:
+    """``auto`` is TensorBoard when installed, else nothing; an explicit choice must be installed."""
+    if requested == "auto":
+        return "tensorboard" if _installed("tensorboard") else "none"
+    if requested == "tensorboard" and not _installed("tensorboard"):
+        raise LoggerUnavailable(
+            "--log-with tensorboard needs TensorBoard: pip install 'vision-server[train]'"
+        )
+    if requested == "wandb" and not _installed("wandb"):
+        raise LoggerUnavailable("--log-with wandb needs wandb: pip install wandb")
+    return requested
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+class Tracker:
+    """Scalars to TensorBoard (``OUTPUT/logs``) or wandb (which honours WANDB_MODE=offline)."""
+
+    def __init__(self, kind: str, output: Path, config: dict[str, Any]) -> None:
+        self.kind = kind
+        self._writer: Any = None
+        self._run: Any = None
+        if kind == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(output / "logs"))
+        elif kind == "wandb":
+            wandb = importlib.import_module("wandb")  # optional: only where installed
+            self._run = wandb.init(project="vision-server-train", dir=str(output), config=config)
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self._writer is not None:
+            for name, value in values.items():
+                self._writer.add_scalar(name, value, step)
+        elif self._run is not None:
+            self._run.log(values, step=step)
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+        if self._run is not None:
+            self._run.finish()
+
+
+class Progress:
+    """A tqdm bar on a terminal; elsewhere a plain line every ``interval`` seconds (and at the end)."""
+
+    def __init__(self, total: int, initial: int = 0, stream: IO[str] | None = None, interval: float = 10.0):
+        self.stream = stream or sys.stderr
+        self.total = total
+        self.step = initial
+        self.interval = interval
+        self._started = time.monotonic()
+        self._first = initial
+        self._next_line = self._started + interval
+        self._bar: Any = None
+        if self.stream.isatty():
+            from tqdm import tqdm
+
+            self._bar = tqdm(total=total, initial=initial, file=self.stream, unit="step", dynamic_ncols=True)
+
+    def rate(self) -> float:
+        elapsed = time.monotonic() - self._started
+        return (self.step - self._first) / elapsed if elapsed > 0 else 0.0
+
+    def update(self, step: int, loss: float, lr: float) -> None:
+        done, self.step = step - self.step, step
+        if self._bar is not None:
+            self._bar.update(done)
+            self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
+        elif time.monotonic() >= self._next_line or step == self.total:
+            self._next_line = time.monotonic() + self.interval
+            self.write(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {self.rate():.2f} steps/s")
+
+    def write(self, text: str) -> None:
+        if self._bar is not None:
+            self._bar.write(text, file=self.stream)
+        else:
+            print(text, file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
