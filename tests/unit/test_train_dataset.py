@@ -1,0 +1,174 @@
+"""``vision-server train`` before any model loads: reading datasets, naming every bad file,
+augmentation, the validation split, and the output-folder and resume checks."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from tests.support.images import image_bytes, save
+from tests.support.train_data import CAPTIONS, captioned_folder
+from vision_server.train.augment import Augmentation, caption_rng
+from vision_server.train.dataset import DatasetError, load_dataset, split
+from vision_server.train.loop import TrainError, run_training
+from vision_server.train.model import ModelError
+from vision_server.train.options import TrainOptions, plan_differences
+
+
+def test_a_folder_pairs_each_image_with_its_caption_in_subfolders_too(tmp_path: Path) -> None:
+    root = captioned_folder(tmp_path / "data", CAPTIONS[:2])
+    save(root / "deeper" / "x.jpg", 7)
+    (root / "deeper" / "x.txt").write_text("  photo cat  \n")
+    (root / "img0.generate_tags.txt").write_text("cat, red")  # another task's sidecar: ignored
+    examples = load_dataset(root)
+    assert [(ex.name, ex.text) for ex in examples] == [
+        ("img0.png", CAPTIONS[0]),
+        ("img1.png", CAPTIONS[1]),
+        ("deeper/x.jpg", "photo cat"),
+    ]
+
+
+def test_caption_ext_picks_the_caption_files(tmp_path: Path) -> None:
+    root = captioned_folder(tmp_path / "data", CAPTIONS[:1], ext="caption")
+    assert load_dataset(root, caption_ext="caption")[0].text == CAPTIONS[0]
+    with pytest.raises(DatasetError, match=r"images without captions.*\n.*img0.png \(expected img0.txt"):
+        load_dataset(root)
+
+
+def test_every_problem_is_reported_at_once_with_its_files(tmp_path: Path) -> None:
+    root = captioned_folder(tmp_path / "data", CAPTIONS[:2])
+    save(root / "lonely.png", 3)  # image without caption
+    (root / "orphan.txt").write_text("photo dog")  # caption without image
+    (root / "img1.txt").write_text("   \n")  # empty caption
+    (root / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # unreadable
+    (root / "broken.txt").write_text("photo broken")
+    with pytest.raises(DatasetError) as caught:
+        load_dataset(root)
+    message = str(caught.value)
+    assert "images without captions (1):\n    lonely.png" in message
+    assert "captions without images (1):\n    orphan.txt" in message
+    assert "empty captions (1):\n    img1.png" in message
+    assert "unreadable images (1):\n    broken.png (" in message
+    assert "img0.png" not in message
+
+
+def test_an_empty_dataset_is_an_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match=r"empty: no images with captions"):
+        load_dataset(tmp_path / "empty")
+    with pytest.raises(DatasetError, match="no such file"):
+        load_dataset(tmp_path / "missing")
+
+
+def test_jsonl_rows_and_the_bulk_captioners_rows(tmp_path: Path) -> None:
+    save(tmp_path / "images" / "a.png", 1)
+    save(tmp_path / "images" / "b.png", 2)
+    rows = [
+        {"file": "images/a.png", "text": "photo cat"},
+        {"source": str(tmp_path / "images"), "key": "b.png", "task": "<CAPTION>", "caption": "photo dog"},
+        {"file": "images/gone.png", "text": "photo gone"},
+        {"file": "images/a.png"},
+    ]
+    listing = tmp_path / "train.jsonl"
+    listing.write_text("\n".join(json.dumps(row) for row in rows) + "\nnot json\n")
+    with pytest.raises(DatasetError) as caught:
+        load_dataset(listing)
+    message = str(caught.value)
+    assert "gone.png (train.jsonl line 3: no such file)" in message
+    assert "images without captions (1):" in message and "train.jsonl line 4" in message
+    assert "lines that are not JSON objects (1):\n    train.jsonl line 5" in message
+    listing.write_text("\n".join(json.dumps(row) for row in rows[:2]) + "\n")
+    assert [ex.text for ex in load_dataset(listing)] == ["photo cat", "photo dog"]
+
+
+def test_parquet_with_image_bytes_and_text(tmp_path: Path) -> None:
+    table = pa.table({"image": [image_bytes(1), image_bytes(2)], "text": ["photo cat", ""]})
+    pq.write_table(table, tmp_path / "data.parquet")
+    with pytest.raises(DatasetError, match=r"empty captions \(1\):\n    data.parquet row 1"):
+        load_dataset(tmp_path / "data.parquet")
+    pq.write_table(table.slice(0, 1), tmp_path / "one.parquet")
+    (example,) = load_dataset(tmp_path / "one.parquet")
+    assert example.text == "photo cat" and example.read() == image_bytes(1)
+
+
+def test_augmentation_keeps_the_trigger_and_is_reproducible() -> None:
+    text = "ohwx, red, cat, sitting, table"
+    shuffle = Augmentation(shuffle_tags=True, keep_tokens=1)
+    outputs = {shuffle.apply(text, caption_rng(1, epoch, 0)) for epoch in range(20)}
+    assert len(outputs) > 1 and all(out.startswith("ohwx, ") for out in outputs)
+    assert all(sorted(out.split(", ")) == sorted(text.split(", ")) for out in outputs)
+    assert shuffle.apply(text, caption_rng(1, 3, 0)) == shuffle.apply(text, caption_rng(1, 3, 0))
+    dropout = Augmentation(caption_dropout=1.0, keep_tokens=1)
+    dropped = dropout.apply(text, random.Random(0)).split(", ")
+    assert dropped[0] == "ohwx" and len(dropped) == 4
+    assert Augmentation().apply(text, random.Random(0)) == text
+
+
+def test_validation_split_by_fraction_or_count(tmp_path: Path) -> None:
+    examples = load_dataset(captioned_folder(tmp_path / "data"))
+    train, val = split(examples, 0.4, seed=1)
+    assert len(val) == 2 and len(train) == 3 and not {ex.name for ex in val} & {ex.name for ex in train}
+    assert split(examples, 0.4, seed=1) == (train, val)
+    assert [len(part) for part in split(examples, 1, seed=1)] == [4, 1]
+    with pytest.raises(ValueError, match="leaves no training images"):
+        split(examples, 5, seed=1)
+
+
+def options(tmp_path: Path, **changes: object) -> TrainOptions:
+    dataset = tmp_path / "data"
+    if not dataset.exists():
+        captioned_folder(dataset)
+    return TrainOptions(dataset=dataset, output=tmp_path / "out", cache_dir=tmp_path / "cache", **changes)  # type: ignore[arg-type]
+
+
+def test_an_existing_output_needs_overwrite_and_must_be_a_training_run(tmp_path: Path) -> None:
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    with pytest.raises(TrainError, match=r"--output .*out already exists and is not empty; pass --overwrite"):
+        run_training(options(tmp_path))
+    with pytest.raises(TrainError, match="not a training run's"):
+        run_training(options(tmp_path, overwrite=True))
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_a_model_that_cannot_be_loaded_is_named(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"cannot load model '.*no-such-model'.*does not exist"):
+        run_training(options(tmp_path, model=str(tmp_path / "no-such-model")))
+    (tmp_path / "bad-model").mkdir()
+    (tmp_path / "bad-model" / "config.json").write_text("{not json")
+    with pytest.raises(ModelError, match=r"cannot load model '.*bad-model'"):
+        run_training(options(tmp_path, model=str(tmp_path / "bad-model")))
+
+
+def test_a_resume_must_keep_the_options_that_shape_the_run(tmp_path: Path) -> None:
+    saved = options(tmp_path).as_dict()
+    assert plan_differences(saved, options(tmp_path, save_every=5, log_with="none")) == []
+    assert plan_differences(saved, options(tmp_path, learning_rate=1e-3, rank=8)) == [
+        "--learning-rate: 0.0001 in the checkpoint, 0.001 now",
+        "--rank: 4 in the checkpoint, 8 now",
+    ]
+
+
+def test_the_command_prints_the_problems_and_exits_1_or_2(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vision_server.cli import main
+
+    root = captioned_folder(tmp_path / "data", CAPTIONS[:1])
+    save(root / "lonely.png", 3)
+    args = ["train", "--dataset", str(root), "--output", str(tmp_path / "out"), "--log-with", "none"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and "images without captions (1):\n    lonely.png" in result.output
+    assert "Traceback" not in result.output
+    (root / "lonely.png").unlink()
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "training.json").write_text("{}")
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "already exists and is not empty; pass --overwrite" in result.output
+    result = CliRunner().invoke(main, [*args[:-2], "--val-split", "0.5x"])
+    assert result.exit_code == 2 and "--val-split" in result.output
