@@ -7,6 +7,8 @@ with a fixed number of new tokens (random weights would otherwise stop at once).
 and a JSON line.
 
     python benchmarks/model_bench.py --preset base --batch-sizes 1,4,16 --new-tokens 20
+    python benchmarks/model_bench.py --preset large --device cuda --dtype float16 \\
+        --batch-sizes 1,16,64 --new-tokens 128 --modes eager,compiled
 """
 
 from __future__ import annotations
@@ -40,38 +42,82 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=20)
     parser.add_argument("--beams", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--modes",
+        default="eager",
+        help="comma list of eager,compiled; compiled = static cache + torch.compile of exactly the "
+        "batch sizes timed (CUDA only: elsewhere it runs uncompiled and says so)",
+    )
     parser.add_argument("--workdir", type=Path, help="keep built models here (default: a temp dir)")
+    parser.add_argument(
+        "--model-dir", type=Path, help="an already built native model: skip building and conversion"
+    )
     args = parser.parse_args()
 
-    import torch
-
-    from vision_server.captioner import CaptionItem, GenerationOptions
-    from vision_server.florence.captioner import FlorenceCaptioner
+    from vision_server.captioner import GenerationOptions
     from vision_server.florence.convert import convert_checkpoint
     from vision_server.testing.tiny_model import build_test_model
 
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="model-bench-"))
-    original = workdir / f"{args.preset}-original"
-    if not original.exists():
-        build_test_model(original, preset=args.preset, fmt="original")
-    native = workdir / f"{args.preset}-converted"
     conversion_s = None
-    if not native.exists():
-        _, conversion_s = timed(convert_checkpoint, original, native)
-    captioner = FlorenceCaptioner(
-        str(native), cache_dir=workdir / "cache", device=args.device, dtype=args.dtype
-    )
-    info, load_s = timed(captioner.load)
-    captioner.unload()
-    info, load_s = timed(captioner.load)  # second load: warm page cache, as in production
+    if args.model_dir is not None:
+        native = args.model_dir
+    else:
+        original = workdir / f"{args.preset}-original"
+        if not original.exists():
+            build_test_model(original, preset=args.preset, fmt="original")
+        native = workdir / f"{args.preset}-converted"
+        if not native.exists():
+            _, conversion_s = timed(convert_checkpoint, original, native)
     rng = np.random.default_rng(0)
     image = Image.fromarray(rng.integers(0, 255, (768, 768, 3), dtype=np.uint8))
     options = GenerationOptions(
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, num_beams=args.beams
     )
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    modes, prep, info = [], {}, None
+    for mode in args.modes.split(","):
+        if mode not in ("eager", "compiled"):
+            raise SystemExit(f"unknown mode {mode!r}: use eager and/or compiled")
+        result, info, costs = run_mode(args, native, workdir, mode, image, options, sizes)
+        modes.append(result)
+        prep = prep or costs
+    report(args, info, conversion_s, modes)
+    print("preprocessing, ms per image (2048x1536 JPEG, one thread):")
+    for name, ms in prep.items():
+        print(f"  {name:<44}{ms:>8.1f}")
+    print(json.dumps({"preprocessing_ms": prep}))
+
+
+def run_mode(args, native, workdir, mode, image, options, sizes):  # type: ignore[no-untyped-def]
+    """Load (timed; compiling every batch size first when compiled), time each batch size, unload."""
+    import torch
+
+    from vision_server.captioner import CaptionItem
+    from vision_server.florence.captioner import FlorenceCaptioner
+    from vision_server.images import fit_image
+
+    compiled = mode == "compiled"
+    captioner = FlorenceCaptioner(
+        str(native),
+        cache_dir=workdir / "cache",
+        device=args.device,
+        dtype=args.dtype,
+        default_options=options,
+        max_batch_size=max(sizes),
+        compile=compiled,
+        compile_buckets=tuple(sizes) if compiled else None,
+    )
+    info, load_s = timed(captioner.load)
+    if not compiled:
+        captioner.unload()
+        info, load_s = timed(captioner.load)  # second load: warm page cache, as in production
+    loaded = captioner._loaded
+    is_compiled = loaded is not None and loaded.plan is not None
+    prepared = fit_image(image, captioner.pixel_spec)  # what the queue holds: resized uint8 pixels
     rows = []
-    for size in [int(s) for s in args.batch_sizes.split(",")]:
-        items = [CaptionItem(image, "<MORE_DETAILED_CAPTION>", options)] * size
+    for size in sizes:
+        items = [CaptionItem(prepared, "<MORE_DETAILED_CAPTION>", options)] * size
         captioner.caption(items)  # warm-up
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
@@ -79,13 +125,16 @@ def main() -> None:
         peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
         median = statistics.median(times)
         rows.append({"batch": size, "median_s": median, "img_s": size / median, "peak_mib": peak})
-    prep = preprocessing_costs(captioner)
+    prep = preprocessing_costs(captioner) if not compiled else {}
     _, unload_s = timed(captioner.unload)
-    report(args, info, conversion_s, load_s, unload_s, rows)
-    print("preprocessing, ms per image (2048x1536 JPEG, one thread):")
-    for name, ms in prep.items():
-        print(f"  {name:<44}{ms:>8.1f}")
-    print(json.dumps({"preprocessing_ms": prep}))
+    result = {
+        "mode": mode,
+        "compiled": is_compiled,
+        "load_s": load_s,
+        "unload_s": unload_s,
+        "rows": rows,
+    }
+    return result, info, prep
 
 
 def preprocessing_costs(captioner) -> dict[str, float]:  # type: ignore[no-untyped-def]
@@ -128,7 +177,7 @@ def preprocessing_costs(captioner) -> dict[str, float]:  # type: ignore[no-untyp
     }
 
 
-def report(args, info, conversion_s, load_s, unload_s, rows) -> None:  # type: ignore[no-untyped-def]
+def report(args, info, conversion_s, modes) -> None:  # type: ignore[no-untyped-def]
     import torch
     import transformers
 
@@ -138,21 +187,32 @@ def report(args, info, conversion_s, load_s, unload_s, rows) -> None:  # type: i
     )
     if conversion_s is not None:
         print(f"conversion original -> native: {conversion_s:.2f} s")
-    print(f"load (warm): {load_s:.2f} s   unload: {unload_s:.2f} s")
-    print(f"{'batch':>6}{'median s':>12}{'img/s':>10}{'peak MiB':>10}")
-    for row in rows:
-        peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "-"
-        print(f"{row['batch']:>6}{row['median_s']:>12.3f}{row['img_s']:>10.2f}{peak:>10}")
+    for mode in modes:
+        name = mode["mode"]
+        if name == "compiled" and not mode["compiled"]:
+            name += " (not compiled: --compile needs CUDA; these are uncompiled figures)"
+        print(
+            f"{name}: load (warm{', compiling every batch size' if mode['compiled'] else ''}): "
+            f"{mode['load_s']:.2f} s   unload: {mode['unload_s']:.2f} s"
+        )
+        print(f"{'batch':>6}{'median s':>12}{'img/s':>10}{'peak MiB':>10}")
+        for row in mode["rows"]:
+            peak = f"{row['peak_mib']:.0f}" if row["peak_mib"] is not None else "-"
+            print(f"{row['batch']:>6}{row['median_s']:>12.3f}{row['img_s']:>10.2f}{peak:>10}")
+    first = modes[0]
     print(
         json.dumps(
             {
                 "preset": args.preset,
                 "device": info.device,
                 "dtype": info.dtype,
+                "new_tokens": args.new_tokens,
+                "beams": args.beams,
                 "conversion_s": conversion_s,
-                "load_s": load_s,
-                "unload_s": unload_s,
-                "rows": rows,
+                "load_s": first["load_s"],
+                "unload_s": first["unload_s"],
+                "rows": first["rows"],
+                "modes": modes,
             }
         )
     )

@@ -50,6 +50,12 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str
     command = [sys.executable, "-m", "vision_server", "serve", "--model", args.model, "--port", str(port)]
     command += ["--idle-timeout", "-1", "--max-queue", str(max(256, args.requests))]
     command += ["--min-new-tokens", str(args.min_new_tokens), "--max-new-tokens", str(args.max_new_tokens)]
+    if args.num_beams is not None:
+        command += ["--num-beams", str(args.num_beams)]
+    if args.cache_dir is not None:
+        command += ["--cache-dir", str(args.cache_dir)]
+    if args.compile:
+        command.append("--compile")
     command += args.server_arg
     env = {**os.environ, "VISION_SERVER_LOG_LEVEL": "warning"}
     return subprocess.Popen(command, env=env), f"http://127.0.0.1:{port}"
@@ -94,7 +100,10 @@ async def run_http(url: str, images: list[bytes], args: argparse.Namespace) -> d
             latencies.append(time.perf_counter() - started)
 
     connector = aiohttp.TCPConnector(limit=args.clients)
+    singles: dict = {}
     async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+        if args.single_requests:
+            singles = await run_singles(session, url, payloads, args)
         # warm-up: load the model and touch every code path once
         body = {"image": payloads[0], "prompt": args.task}
         async with session.post(f"{url}/process_image", json=body) as response:
@@ -114,7 +123,38 @@ async def run_http(url: str, images: list[bytes], args: argparse.Namespace) -> d
         "mean_batch_size": jobs / batches if batches else 0.0,
         "device": after.get("device"),
         "dtype": after.get("dtype"),
+        **singles,
     }
+
+
+async def run_singles(
+    session: aiohttp.ClientSession, url: str, payloads: list[str], args: argparse.Namespace
+) -> dict:
+    """Cold start, then warm single-request latency: one client, one request at a time.
+
+    The cold start is the first request's round trip while the model is not loaded yet (the
+    server is already listening, so imports are done; the weights were just written or read, so
+    they are in the page cache): load (and compile, with --compile) plus one caption.
+    """
+
+    async def one(index: int) -> float:
+        body = {"image": payloads[index % len(payloads)], "prompt": args.task}
+        started = time.perf_counter()
+        async with session.post(f"{url}/process_image", json=body) as response:
+            await response.read()
+            if response.status != 200:
+                raise SystemExit(f"request failed: {response.status} {await response.text()}")
+        return time.perf_counter() - started
+
+    result: dict = {"cold_start_s": None}
+    state = (await status(session, url)).get("state")
+    first = await one(0)
+    if state == "unloaded":
+        result["cold_start_s"] = first
+    runs = [await one(index + 1) for index in range(args.single_requests)]
+    result["single_request_s"] = statistics.median(runs)
+    result["single_request_runs"] = runs
+    return result
 
 
 def run_in_process(images: list[bytes], args: argparse.Namespace, batch_size: int) -> dict:
@@ -132,11 +172,26 @@ def run_in_process(images: list[bytes], args: argparse.Namespace, batch_size: in
     from vision_server.images import open_image, prepare_image
     from vision_server.settings import Settings
 
+    overrides: dict = {"num_beams": args.num_beams} if args.num_beams is not None else {}
+    if args.cache_dir is not None:
+        overrides["cache_dir"] = args.cache_dir
+    for flag in args.server_arg:  # the server's device and dtype apply in-process too
+        name, _, value = flag.removeprefix("--").partition("=")
+        if name in ("device", "dtype") and value:
+            overrides[name] = value
     settings = Settings(
-        model=args.model, min_new_tokens=args.min_new_tokens, max_new_tokens=args.max_new_tokens
+        model=args.model,
+        min_new_tokens=args.min_new_tokens,
+        max_new_tokens=args.max_new_tokens,
+        **overrides,
     )
     options = settings.generation_defaults()
     captioner = FlorenceCaptioner.from_settings(settings)
+    if args.compile:
+        # Compile only the one batch size timed here (each size costs 10-25 s); the reference
+        # design below runs uncompiled, as the reference server does.
+        captioner.compile = True
+        captioner.compile_buckets = (batch_size,)
     captioner.load()
     task = "<" + args.task.strip("<>").upper() + ">"
     pictures = [open_image(images[i % len(images)], max_pixels=10**9) for i in range(args.requests)]
@@ -183,17 +238,21 @@ def run_in_process(images: list[bytes], args: argparse.Namespace, batch_size: in
         "batch_size": batch_size,
     }
 
-    ready = captioner._prepare(loaded, items[:batch_size])
+    plan = loaded.plan  # compiled: the same padded prompt length and static cache as caption()
+    rows = plan.pad(items[:batch_size]) if plan else items[:batch_size]
+    ready = captioner._prepare(loaded, rows, plan.prompt_length if plan else None)
+    static = {"cache_implementation": "static"} if plan else {}
     with torch.inference_mode():
-        loaded.model.generate(**ready, **generate_kwargs(options))
+        loaded.model.generate(**ready, **generate_kwargs(options), **static)
         sync()
         rounds = max(1, len(items) // batch_size)
         started = time.perf_counter()
         for _ in range(rounds):
-            loaded.model.generate(**ready, **generate_kwargs(options))
+            loaded.model.generate(**ready, **generate_kwargs(options), **static)
         sync()
     elapsed = time.perf_counter() - started
-    results["raw"] = {"throughput_img_s": rounds * batch_size / elapsed, "batch_size": batch_size}
+    results["raw"] = {"throughput_img_s": rounds * len(rows) / elapsed, "batch_size": len(rows)}
+    results["compiled"] = plan is not None
     captioner.unload()
     return results
 
@@ -223,7 +282,28 @@ def main() -> None:
         help="images for the one-at-a-time reference design (it is slow)",
     )
     parser.add_argument(
-        "--server-arg", action="append", default=[], help="extra 'vision-server serve' argument"
+        "--num-beams", type=int, help="beams, for the server and in-process (default: the server's)"
+    )
+    parser.add_argument(
+        "--cache-dir", type=Path, help="model cache (built test models), for the server and in-process"
+    )
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="serve with --compile; the in-process direct and raw runs compile their batch size too",
+    )
+    parser.add_argument(
+        "--single-requests",
+        type=int,
+        default=0,
+        help="first the cold start (first request, model not loaded), then this many requests one "
+        "at a time: the warm single-request latency",
+    )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra 'vision-server serve' argument (--device=X and --dtype=X apply in-process too)",
     )
     args = parser.parse_args()
 
@@ -270,9 +350,22 @@ def report(args: argparse.Namespace, http: dict, baselines: dict | None) -> None
         f"{'HTTP (vision-server)':<34}{http['throughput_img_s']:>10.2f}{http['p50_s']:>10.3f}"
         f"{http['p95_s']:>10.3f}{http['mean_batch_size']:>8.2f}"
     )
+    if http.get("single_request_s") is not None:
+        cold = http.get("cold_start_s")
+        print(
+            f"cold start (first request, model not loaded): {'-' if cold is None else f'{cold:.3f} s'}   "
+            f"warm single request: {http['single_request_s']:.3f} s (median of {args.single_requests})"
+        )
     if http.get("gpu_mib"):
         print(f"server GPU memory after the run: {http['gpu_mib']:.0f} MiB")
-    result = {"model": args.model, "clients": args.clients, "requests": args.requests, "http": http}
+    result = {
+        "model": args.model,
+        "clients": args.clients,
+        "requests": args.requests,
+        "num_beams": args.num_beams,
+        "compile": args.compile,
+        "http": http,
+    }
     if baselines is not None:
         names = {
             "reference": "reference design (b1, in-process)",

@@ -36,6 +36,13 @@ def test_plan_buckets_padding_and_acceptance() -> None:
     assert not plan.accepts(OPTIONS, 25)
 
 
+def test_plan_with_chosen_buckets_compiles_only_those() -> None:
+    plan = CompilePlan.create(OPTIONS, max_batch_size=8, image_tokens=577, buckets=(64, 1, 16, 16))
+    assert plan.buckets == (1, 16, 64)
+    assert [plan.bucket_for(n) for n in (1, 2, 17, 64)] == [1, 16, 64, 64]
+    assert plan.accepts(OPTIONS, 64) and not plan.accepts(OPTIONS, 65)
+
+
 def test_compile_without_cuda_falls_back_and_says_so(
     tiny_native_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

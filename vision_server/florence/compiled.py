@@ -25,9 +25,19 @@ class CompilePlan:
     prompt_length: int
 
     @classmethod
-    def create(cls, options: GenerationOptions, max_batch_size: int, image_tokens: int) -> CompilePlan:
-        buckets = (*(b for b in BUCKETS if b < max_batch_size), max_batch_size)
-        return cls(options.batch_key, buckets, image_tokens + PROMPT_TEXT_TOKENS)
+    def create(
+        cls,
+        options: GenerationOptions,
+        max_batch_size: int,
+        image_tokens: int,
+        buckets: tuple[int, ...] | None = None,
+    ) -> CompilePlan:
+        """``buckets`` replaces the default sizes (benchmarks compile only the sizes they time)."""
+        if buckets:
+            sizes = tuple(sorted(set(buckets)))
+        else:
+            sizes = (*(b for b in BUCKETS if b < max_batch_size), max_batch_size)
+        return cls(options.batch_key, sizes, image_tokens + PROMPT_TEXT_TOKENS)
 
     def accepts(self, options: GenerationOptions, size: int) -> bool:
         """Other options (a client's max_tokens, sampling) run uncompiled rather than recompile."""
