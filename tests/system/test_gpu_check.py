@@ -1,0 +1,145 @@
+"""``benchmarks/gpu_check.py --smoke`` as a test, so the GPU check cannot rot before a GPU comes.
+
+Every step runs for real on the CPU with the tiny model (about 90 s: six child processes, two
+of them servers); the CUDA-only parts must be skipped and say so. It checks the JSON and the
+Markdown the script leaves, not how fast anything is. That run is marked ``slow`` like the other
+benchmark smoke runs (leave it out with ``pytest -m "not slow"``); the quick tests below check
+that a step past its budget or an outer ``timeout`` stops the step's processes and still leaves
+the report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from tests.support import paths
+
+BENCH = paths.BENCHMARKS / "gpu_check.py"
+STEPS = ["versions", "prepare", "cuda_tests", "serve_eager", "serve_compiled", "model_bench"]
+
+
+@pytest.mark.slow
+def test_gpu_check_smoke_runs_every_step_and_reports(tmp_path: Path) -> None:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_SERVER_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(paths.REPO), env.get("PYTHONPATH", "")])
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, str(BENCH), "--smoke", "--out", str(out), "--workdir", str(tmp_path / "work")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    report = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
+    assert list(report["steps"]) == STEPS
+    assert {name: step["status"] for name, step in report["steps"].items()} == dict.fromkeys(STEPS, "ok")
+    assert report["finished"] and report["smoke"]
+
+    steps = {name: step["data"] for name, step in report["steps"].items()}
+    assert steps["versions"]["packages"]["torch"] and steps["versions"]["packages"]["transformers"]
+    tests = steps["cuda_tests"]["tests"]
+    assert len(tests) >= 4 and all(t["outcome"] == "skipped" and "CUDA" in t["message"] for t in tests)
+    for name in ("serve_eager", "serve_compiled"):
+        http = steps[name]["http"]
+        assert http["throughput_img_s"] > 0 and http["single_request_s"] > 0
+        assert set(steps[name]["baselines"]) >= {"reference", "direct", "raw"}
+    assert steps["serve_eager"]["http"]["cold_start_s"] > 0
+    assert "--compile needs CUDA" in report["steps"]["serve_compiled"]["reason"]
+    modes = {mode["mode"]: mode for mode in steps["model_bench"]["modes"]}
+    assert set(modes) == {"eager", "compiled"} and not modes["compiled"]["compiled"]
+    assert [row["batch"] for row in modes["eager"]["rows"]] == [1, 2]
+
+    targets = {t["target"]: t for t in report["targets"]}
+    assert len(targets) == 10
+    memory = next(t for name, t in targets.items() if name.startswith("GPU memory"))
+    assert memory["result"] == "not measured" and "CUDA" in memory["note"]
+    assert {t["result"] for t in targets.values()} <= {"n/a (smoke)", "not measured"}
+
+    table = (out / "gpu_check.md").read_text(encoding="utf-8")
+    assert table in result.stdout  # the table is printed too
+    assert "| target | measured | result | note |" in table and "n/a (smoke)" in table
+    assert "| model_bench mode |" in table and "| serve_eager |" in table
+    log = (out / "gpu_check.log").read_text(encoding="utf-8")
+    assert all(f"===== {name}:" in log for name in STEPS)
+
+
+@pytest.fixture
+def gpu_check(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """The script as a module (its report module sits beside it)."""
+    monkeypatch.syspath_prepend(str(paths.BENCHMARKS))
+    spec = importlib.util.spec_from_file_location("gpu_check", BENCH)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "gpu_check", module)  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_step_past_its_budget_is_stopped_with_its_children(gpu_check: ModuleType, tmp_path: Path) -> None:
+    """serve_bench starts a server: a timed-out step must not leave it holding the GPU."""
+    check = gpu_check.Check(gpu_check.SMOKE, tmp_path / "out", tmp_path, env=dict(os.environ))
+    pid_file = tmp_path / "child.pid"
+    code = (
+        "import subprocess, sys, time\n"
+        "child = subprocess.Popen(['sleep', '120'])\n"
+        f"open({str(pid_file)!r}, 'w').write(str(child.pid))\n"
+        "print('started', flush=True)\n"
+        "time.sleep(120)\n"
+    )
+    exit_code, stdout = gpu_check.run_child(check, "sleeper", [sys.executable, "-c", code], timeout=3)
+    assert exit_code is None and stdout.strip() == "started"
+    child = int(pid_file.read_text())
+    for _ in range(50):
+        status = Path(f"/proc/{child}/status")
+        if not status.exists() or "\nState:\tZ" in status.read_text():
+            break
+        time.sleep(0.1)
+    else:
+        pytest.fail(f"the step's child {child} outlived the step")
+    assert "===== sleeper:" in check.log[0] and "exit: timeout" in check.log[0]
+
+
+def test_steps_that_would_overrun_are_skipped_and_reported(gpu_check: ModuleType, tmp_path: Path) -> None:
+    plan = dataclasses.replace(gpu_check.SMOKE, deadline_s=5.0)
+    check = gpu_check.Check(plan, tmp_path / "out", tmp_path, env=dict(os.environ))
+    check.report = {"started": "now", "finished": None, "plan": vars(plan), "steps": {}}
+    gpu_check.run_steps(check, ["versions", "prepare"])
+    steps = check.report["steps"]
+    assert {step["status"] for step in steps.values()} == {"skipped"}
+    assert steps["versions"]["reason"].startswith("would overrun: needs about 3 s")
+    assert steps["cuda_tests"]["reason"] == "not asked for (--steps)"
+    table = (tmp_path / "out" / "gpu_check.md").read_text(encoding="utf-8")
+    assert "| versions | skipped | 0 | would overrun" in table
+    assert (
+        json.loads((tmp_path / "out" / "gpu_check.json").read_text())["targets"][0]["result"]
+        == "not measured"
+    )
+
+
+def test_an_outer_timeout_stops_the_step_and_leaves_the_report(tmp_path: Path) -> None:
+    """``timeout 570 python gpu_check.py`` sends SIGTERM: the running step stops, the files stay."""
+    out = tmp_path / "out"
+    command = [sys.executable, str(BENCH), "--smoke", "--steps", "prepare", "--out", str(out)]
+    process = subprocess.Popen(
+        command, cwd=paths.REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(1.5)  # inside the prepare step (its child imports torch for a few seconds)
+    process.terminate()
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 1, stdout + stderr
+    report = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))
+    assert report["interrupted"] == "SIGTERM" and report["finished"] is None
+    assert report["steps"]["versions"]["reason"] == "not asked for (--steps)"
+    assert report["steps"]["prepare"]["status"] == "interrupted"
+    assert "(not finished)" in (out / "gpu_check.md").read_text(encoding="utf-8")
