@@ -1,7 +1,7 @@
 """``benchmarks/gpu_check.py --smoke`` as a test, so the GPU check cannot rot before a GPU comes.
 
-Every step runs for real on the CPU with the tiny model (about 90 s: six child processes, two
-of them servers); the CUDA-only parts must be skipped and say so. It checks the JSON and the
+Every step runs for real on the CPU with the tiny model (90-110 s: six child processes, two of
+them servers); the CUDA-only parts must be skipped and say so. It checks the JSON and the
 Markdown the script leaves, not how fast anything is. That run is marked ``slow`` like the other
 benchmark smoke runs (leave it out with ``pytest -m "not slow"``); the quick tests below check
 that a step past its budget or an outer ``timeout`` stops the step's processes and still leaves
@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 from types import ModuleType
 
@@ -111,7 +112,7 @@ def test_a_step_past_its_budget_is_stopped_with_its_children(gpu_check: ModuleTy
 
 
 def test_steps_that_would_overrun_are_skipped_and_reported(gpu_check: ModuleType, tmp_path: Path) -> None:
-    plan = dataclasses.replace(gpu_check.SMOKE, deadline_s=5.0)
+    plan = dataclasses.replace(gpu_check.SMOKE, deadline_s=5.0)  # less than any step needs
     check = gpu_check.Check(plan, tmp_path / "out", tmp_path, env=dict(os.environ))
     check.report = {"started": "now", "finished": None, "plan": vars(plan), "steps": {}}
     gpu_check.run_steps(check, ["versions", "prepare"])
@@ -143,3 +144,39 @@ def test_an_outer_timeout_stops_the_step_and_leaves_the_report(tmp_path: Path) -
     assert report["steps"]["versions"]["reason"] == "not asked for (--steps)"
     assert report["steps"]["prepare"]["status"] == "interrupted"
     assert "(not finished)" in (out / "gpu_check.md").read_text(encoding="utf-8")
+
+
+def test_missing_packages_come_from_wheels_or_pips_platformdirs(
+    gpu_check: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The GPU image lacks platformdirs: a wheel in .whl is unpacked; without one, pip's copy is used."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "gpucheckdemo-1.0-py3-none-any.whl", "w") as archive:
+        archive.writestr("gpucheckdemo/__init__.py", "ANSWER = 42\n")
+    with zipfile.ZipFile(wheels / "pytest-0.1-py3-none-any.whl", "w") as archive:
+        archive.writestr("pytest/__init__.py", "raise ImportError('never unpacked: pytest is installed')\n")
+    monkeypatch.setattr(gpu_check, "WHEELS", wheels)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        gpu_check.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "platformdirs" else real_find_spec(name, *a),
+    )
+    paths_added, notes = gpu_check.prepare_packages(tmp_path / "work")
+    site = tmp_path / "work" / "site"
+    assert paths_added == [str(site)]
+    assert (site / "gpucheckdemo" / "__init__.py").is_file() and not (site / "pytest").exists()
+    assert any("pytest" in note and "not used" in note for note in notes)
+    assert any("vendored in pip" in note for note in notes)
+    probe = (
+        "import gpucheckdemo, platformdirs\n"
+        "assert gpucheckdemo.ANSWER == 42\n"
+        "assert platformdirs.user_cache_dir.__module__.startswith('pip._vendor'), platformdirs.__file__\n"
+        "print(platformdirs.user_cache_dir('vision-server'))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    result = subprocess.run(
+        [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "vision-server" in result.stdout, result.stderr
