@@ -82,8 +82,8 @@ def memory_target(report: dict[str, Any]) -> dict[str, Any]:
     props = case["properties"]
     shown = (
         f"allocated {props.get('allocated_before_mib')} → {props.get('allocated_loaded_mib')} → "
-        f"{props.get('allocated_after_unload_mib')} MiB, "
-        f"reserved after {props.get('reserved_after_unload_mib')} MiB"
+        f"{props.get('allocated_offloaded_mib')} (offloaded) → {props.get('allocated_unloaded_mib')} MiB "
+        f"(unloaded), reserved at the end {props.get('reserved_unloaded_mib')} MiB"
     )
     ok = case["outcome"] == "passed"
     return target(

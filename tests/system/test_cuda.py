@@ -69,46 +69,54 @@ async def caption_all(engine: Engine, items: list[CaptionItem]) -> list[Caption]
 def test_idle_unload_returns_gpu_memory_to_the_context_baseline(
     base_dir: Path, tmp_path: Path, record_property: Any
 ) -> None:
+    """Idle: ready → offloaded (weights in pinned host memory) → unloaded; GPU memory back each time."""
     torch.cuda.init()
     torch.cuda.synchronize()
     before = torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
     free_before, total = torch.cuda.mem_get_info()
 
-    async def scenario() -> tuple[int, tuple[int, int], ModelState]:
-        engine = Engine(base_captioner(base_dir, tmp_path), EngineConfig(idle_timeout=0.5))
+    def held() -> tuple[int, int]:
+        torch.cuda.synchronize()
+        return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+
+    async def wait_for(engine: Engine, state: ModelState) -> None:
+        for _ in range(300):
+            if engine.state is state:
+                return
+            await asyncio.sleep(0.05)
+        raise AssertionError(f"the engine never became {state.value} (it is {engine.state.value})")
+
+    async def scenario() -> dict[str, tuple[int, int]]:
+        config = EngineConfig(idle_timeout=0.5, offload_timeout=1.0)
+        engine = Engine(base_captioner(base_dir, tmp_path), config)
         await engine.start()
         try:
             await engine.submit(CaptionItem(base_picture(1), "<CAPTION>", SHORT))
-            loaded = torch.cuda.memory_allocated()
-            for _ in range(300):  # the idle unload is due 0.5 s after the caption
-                if engine.state is ModelState.UNLOADED:
-                    break
-                await asyncio.sleep(0.1)
-            torch.cuda.synchronize()
-            return loaded, (torch.cuda.memory_allocated(), torch.cuda.memory_reserved()), engine.state
+            seen = {"loaded": held()}
+            await wait_for(engine, ModelState.OFFLOADED)
+            seen["offloaded"] = held()
+            await wait_for(engine, ModelState.UNLOADED)
+            seen["unloaded"] = held()
+            return seen
         finally:
             await engine.stop(grace=0)
 
-    loaded, after, state = asyncio.run(scenario())
+    seen = asyncio.run(scenario())
     free_after, _ = torch.cuda.mem_get_info()
-    for name, value in {
-        "allocated_before_mib": before[0],
-        "reserved_before_mib": before[1],
-        "allocated_loaded_mib": loaded,
-        "allocated_after_unload_mib": after[0],
-        "reserved_after_unload_mib": after[1],
-        "device_used_before_mib": total - free_before,
-        "device_used_after_unload_mib": total - free_after,
-    }.items():
-        record_property(name, round(value / MIB, 1))
-    assert state is ModelState.UNLOADED, f"the idle unload did not happen (state {state.value})"
-    assert loaded - before[0] > 300 * MIB, "the model was not on the GPU: the check would prove nothing"
-    assert after[0] <= before[0] + BASELINE_SLACK, (
-        f"allocated: {before[0] / MIB:.0f} -> {after[0] / MIB:.0f} MiB"
+    record_property("allocated_before_mib", round(before[0] / MIB, 1))
+    record_property("reserved_before_mib", round(before[1] / MIB, 1))
+    for stage, (allocated, reserved) in seen.items():
+        record_property(f"allocated_{stage}_mib", round(allocated / MIB, 1))
+        record_property(f"reserved_{stage}_mib", round(reserved / MIB, 1))
+    record_property("device_used_before_mib", round((total - free_before) / MIB, 1))
+    record_property("device_used_after_unload_mib", round((total - free_after) / MIB, 1))
+    assert seen["loaded"][0] - before[0] > 300 * MIB, (
+        "the model was not on the GPU: the check would prove nothing"
     )
-    assert after[1] <= before[1] + BASELINE_SLACK, (
-        f"reserved: {before[1] / MIB:.0f} -> {after[1] / MIB:.0f} MiB"
-    )
+    for stage in ("offloaded", "unloaded"):
+        allocated, reserved = seen[stage]
+        assert allocated <= before[0] + BASELINE_SLACK, f"{stage}: allocated {allocated / MIB:.0f} MiB"
+        assert reserved <= before[1] + BASELINE_SLACK, f"{stage}: reserved {reserved / MIB:.0f} MiB"
 
 
 def test_cudnn_attention_is_switched_off_after_load(
