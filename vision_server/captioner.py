@@ -46,12 +46,16 @@ class CaptionItem:
     ``stream``, when set, is called from the model thread with the caption *so far* as tokens
     are generated (greedy and sampled decoding; beam search gives none). Each call extends the
     text of the one before; the final caption completes it. Captioners may ignore it.
+
+    ``prompt`` is a client's free text for a model that takes one (:attr:`Captioner.takes_prompt`):
+    a BLIP or GIT caption's first words, a chat VLM's question. Models without prompts ignore it.
     """
 
     image: PreparedImage
     task: str
     options: GenerationOptions = field(default_factory=GenerationOptions)
     stream: Callable[[str], None] | None = field(default=None, compare=False, repr=False)
+    prompt: str | None = None
 
 
 @dataclass(frozen=True)
@@ -86,6 +90,14 @@ class Captioner(Protocol):
     @property
     def tasks(self) -> tuple[str, ...]:
         """Task tokens this model understands, in display order, known before loading."""
+        ...
+
+    @property
+    def takes_prompt(self) -> bool:
+        """Whether free text reaches the model (:attr:`CaptionItem.prompt`), known before loading.
+
+        False for Florence-2, whose prompts are its task tokens: free text only picks a task.
+        """
         ...
 
     @property

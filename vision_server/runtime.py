@@ -25,7 +25,19 @@ def engine_config(settings: Settings, captioner: Captioner) -> EngineConfig:
 
 
 def build_captioner(settings: Settings) -> Captioner:
-    """The Florence-2 captioner for ``settings.model`` (imported lazily: it pulls in torch)."""
-    from vision_server.florence.captioner import FlorenceCaptioner
+    """The captioner for ``settings.model`` and ``settings.backend`` (imported lazily: torch).
 
-    return FlorenceCaptioner.from_settings(settings)
+    ``auto`` reads the model's config.json (see :func:`vision_server.generic.families.detect_backend`).
+    """
+    from vision_server.generic.families import FLORENCE, detect_backend
+
+    backend: str | None = settings.backend
+    if backend == "auto":
+        backend = detect_backend(settings.model, revision=settings.revision)
+    if backend == FLORENCE:
+        from vision_server.florence.captioner import FlorenceCaptioner
+
+        return FlorenceCaptioner.from_settings(settings)
+    from vision_server.generic.captioner import GenericCaptioner
+
+    return GenericCaptioner.from_settings(settings, backend)

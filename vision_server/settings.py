@@ -47,8 +47,14 @@ class Settings:
     # model
     model: str = _opt(
         DEFAULT_MODEL,
-        "Hub id or local directory of a Florence-2 model. 'test:tiny' serves a self-built tiny model "
-        "whose captions are meaningless (for trying the stack without a download).",
+        "Hub id or local directory of a Florence-2 model, or of another transformers image-to-text "
+        "model (BLIP, GIT, ViT+GPT-2, Idefics3/SmolVLM; see --backend). 'test:tiny' serves a "
+        "self-built tiny Florence-2 whose captions are meaningless (for trying the stack without a download).",
+    )
+    backend: str = _opt(
+        "auto",
+        "Which code runs the model: auto (read from the model's config.json), florence2, blip, git, "
+        "vision-encoder-decoder or idefics3.",
     )
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to pin the download to.")
     adapter: str | None = _opt(None, "Directory of a PEFT LoRA adapter to apply on top of the model.")
@@ -172,7 +178,10 @@ class SettingsError(ValueError):
     """A setting has a value the server cannot use; the message names the setting."""
 
 
+BACKENDS = ("auto", "florence2", "blip", "git", "vision-encoder-decoder", "idefics3")
+
 _CHOICES: dict[str, tuple[str, ...]] = {
+    "backend": BACKENDS,
     "dtype": ("auto", "float16", "bfloat16", "float32"),
     "log_level": ("debug", "info", "warning", "error"),
     "log_format": ("text", "json"),

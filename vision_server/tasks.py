@@ -27,6 +27,10 @@ FLORENCE_TASKS: tuple[str, ...] = (
     "<OCR>",
 )
 
+# The one task of models that are not Florence-2 (BLIP, GIT, ...): a plain caption. Those that
+# take a prompt get free text beside it (:attr:`vision_server.captioner.CaptionItem.prompt`).
+CAPTION_TASK = "<CAPTION>"
+
 # The model author's own ComfyUI node sends these spellings.
 ALIASES: dict[str, str] = {
     "<MIX_CAPTION>": "<MIXED_CAPTION>",

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 DEFAULT_TASK = "<MORE_DETAILED_CAPTION>"
 OFFLINE_SETTINGS = (
     "model",
+    "backend",
     "revision",
     "adapter",
     "device",

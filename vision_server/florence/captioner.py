@@ -146,6 +146,10 @@ class FlorenceCaptioner:
         return tasks_for_model(self._spec)
 
     @property
+    def takes_prompt(self) -> bool:
+        return False  # its prompts are task tokens; free text only picks one
+
+    @property
     def preferred_batch_size(self) -> int:
         """Uncompiled decoding is launch-bound on a GPU (a batch of 64 costs about what 1 does),
         while a CPU's cost grows with the batch; so batch wide on CUDA and moderately on CPU."""

@@ -56,6 +56,10 @@ class FakeCaptioner:
         return PROMPTGEN_TASKS
 
     @property
+    def takes_prompt(self) -> bool:
+        return False
+
+    @property
     def preferred_batch_size(self) -> int:
         return 16
 

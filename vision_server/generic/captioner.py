@@ -1,0 +1,277 @@
+"""Any supported transformers image-to-text model behind the :class:`Captioner` contract.
+
+Images arrive prepared to the model's input size (:class:`~vision_server.images.PixelSpec` read
+from its image processor config); they go through the model's own processor as PIL images made
+from those pixels, so normalisation and prompt building are exactly the library's. That costs a
+uint8 → PIL → float copy per image on the model thread (about 1 ms for a 384x384 image on a CPU;
+resizing an image that is already the right size is a copy). Items with the same generation
+options and prompt share one ``generate`` call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from PIL import Image
+
+from vision_server.captioner import Caption, CaptionItem, GenerationOptions, ModelInfo
+from vision_server.errors import ModelLoadError, ModelSourceError, OutOfMemory
+from vision_server.florence.captioner import generate_kwargs, pick_device, pick_dtype, release_memory, trim_heap
+from vision_server.florence.source import resolve_model_dir
+from vision_server.generic.config_files import image_processor_config, model_config
+from vision_server.generic.families import FAMILIES, FLORENCE, backend_of, describe, supported
+from vision_server.generic.family import Family, Loaded
+from vision_server.images import PixelSpec
+from vision_server.tasks import CAPTION_TASK
+
+if TYPE_CHECKING:
+    from vision_server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class _Ready:
+    family: Family
+    loaded: Loaded
+    device: torch.device
+    dtype: torch.dtype
+    stops: set[int]
+
+
+class GenericCaptioner:
+    """BLIP, GIT, vision-encoder-decoder or Idefics3 models: one ``<CAPTION>`` task, plus free
+    text for the families that take a prompt.
+
+    ``backend`` None means "read it from the config once the files are here" (a hub id that was
+    not on disk at start); an architecture no family runs fails the load with the list of
+    supported ones.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        *,
+        backend: str | None,
+        cache_dir: Path,
+        revision: str | None = None,
+        device: str = "auto",
+        dtype: str = "auto",
+        max_batch_size: int | None = None,
+    ) -> None:
+        if backend is not None and backend not in FAMILIES:
+            raise ValueError(f"unknown generic backend {backend!r}; choose one of {', '.join(FAMILIES)}")
+        self._spec = model
+        self.backend = backend
+        self.cache_dir = cache_dir
+        self.revision = revision
+        self.device = device
+        self.dtype = dtype
+        self.max_batch_size = max_batch_size or self.preferred_batch_size
+        self._ready: _Ready | None = None
+        self._pixel_spec: PixelSpec | None = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings, backend: str | None) -> GenericCaptioner:
+        return cls(
+            settings.model,
+            backend=backend,
+            cache_dir=settings.cache_dir,
+            revision=settings.revision,
+            device=settings.device,
+            dtype=settings.dtype,
+            max_batch_size=settings.max_batch_size,
+        )
+
+    @property
+    def model_id(self) -> str:
+        return self._spec
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return (CAPTION_TASK,)
+
+    @property
+    def takes_prompt(self) -> bool:
+        family = FAMILIES.get(self.backend or "")
+        return family.takes_prompt if family is not None else False
+
+    @property
+    def preferred_batch_size(self) -> int:
+        wants_cuda = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+        return 32 if wants_cuda else 8
+
+    @property
+    def pixel_spec(self) -> PixelSpec:
+        spec = self._pixel_spec
+        if spec is None:
+            family = FAMILIES.get(self.backend or "")
+            config = image_processor_config(self._spec, revision=self.revision)
+            if family is None:
+                return PixelSpec(height=224, width=224, mean=(0.5,) * 3, std=(0.5,) * 3)  # type: ignore[arg-type]
+            spec = family.pixel_spec(config) if config is not None else family.default_spec()
+            self._pixel_spec = spec
+        return spec
+
+    @property
+    def is_loaded(self) -> bool:
+        return self._ready is not None
+
+    # --- load / unload -------------------------------------------------------------------------
+
+    def load(self) -> ModelInfo:
+        if self._ready is None:
+            try:
+                self._ready = self._load()
+            except ModelSourceError as exc:
+                raise ModelLoadError(str(exc)) from None
+            except torch.cuda.OutOfMemoryError:
+                release_memory()
+                raise ModelLoadError("Out of GPU memory while loading; free the GPU or use a smaller model.") from None
+            except ModelLoadError:
+                raise
+            except Exception as exc:  # corrupt or mismatched files surface as many library types
+                release_memory()
+                raise ModelLoadError(f"{self._spec}: {type(exc).__name__}: {exc}") from None
+        ready = self._ready
+        return ModelInfo(self._spec, str(ready.device), str(ready.dtype).removeprefix("torch."))
+
+    def _load(self) -> _Ready:
+        from transformers.utils import logging as hf_logging
+
+        device = pick_device(self.device)
+        dtype = pick_dtype(self.dtype, device)
+        directory = resolve_model_dir(self._spec, revision=self.revision, cache_dir=self.cache_dir)
+        family = self._family(directory)
+        hf_logging.disable_progress_bar()
+        started = time.perf_counter()
+        loaded = family.load(directory, dtype)
+        loaded.model = loaded.model.to(device).eval()
+        log.debug("%s weights loaded from %s in %.2f s", family.name, directory, time.perf_counter() - started)
+        config = image_processor_config(directory, revision=None)
+        spec = family.pixel_spec(config) if config is not None else family.default_spec()
+        if self._pixel_spec is not None and spec != self._pixel_spec:
+            log.warning("the model wants %dx%d images; queued ones are resized again", spec.width, spec.height)
+        self._pixel_spec = spec
+        return _Ready(family, loaded, device, dtype, family.stop_ids(loaded))
+
+    def _family(self, directory: Path) -> Family:
+        """The configured family, or the one the downloaded config names (clear error if none)."""
+        if self.backend is not None:
+            return FAMILIES[self.backend]
+        config = model_config(str(directory), revision=None, fetch=False)
+        if config is None:
+            raise ModelLoadError(f"{self._spec}: no config.json in {directory}; is this a transformers model?")
+        name = backend_of(config)
+        if name == FLORENCE:
+            raise ModelLoadError(
+                f"{self._spec} is a Florence-2 model; start the server with --backend florence2 "
+                "(or --backend auto now that its files are on disk)."
+            )
+        if name is None:
+            raise ModelLoadError(
+                f"{self._spec}: unsupported model ({describe(config)}). Supported: {supported()}. "
+                "If it is one of these under another name, pass --backend."
+            )
+        self.backend = name
+        return FAMILIES[name]
+
+    def unload(self) -> None:
+        self._ready = None
+        release_memory()
+
+    def trim_memory(self) -> None:
+        trim_heap()
+
+    # --- captioning ----------------------------------------------------------------------------
+
+    def caption(self, batch: list[CaptionItem]) -> list[Caption]:
+        """Caption a batch; one generate call per (options, prompt) group, results in order."""
+        ready = self._ready
+        if ready is None:
+            raise RuntimeError("caption() called before load()")
+        groups: dict[tuple[GenerationOptions, str | None], list[int]] = {}
+        for index, item in enumerate(batch):
+            prompt = item.prompt if ready.family.takes_prompt else None
+            groups.setdefault((item.options.batch_key, prompt), []).append(index)
+        results: list[Caption | None] = [None] * len(batch)
+        for (options, prompt), indices in groups.items():
+            items = [batch[i] for i in indices]
+            for index, caption in zip(indices, self._caption_group(ready, items, options, prompt), strict=True):
+                results[index] = caption
+        return [caption for caption in results if caption is not None]
+
+    def _caption_group(
+        self, ready: _Ready, items: list[CaptionItem], options: GenerationOptions, prompt: str | None
+    ) -> list[Caption]:
+        scored = any(item.options.with_confidence for item in items)
+        images = [Image.fromarray(item.image.pixels) for item in items]
+        try:
+            with torch.inference_mode():
+                inputs = self._inputs(ready, images, prompt)
+                out = ready.loaded.model.generate(
+                    **inputs, **generate_kwargs(options), return_dict_in_generate=True, output_scores=scored
+                )
+                scores = _confidences(ready, out, options) if scored else None
+        except torch.cuda.OutOfMemoryError:
+            release_memory()
+            raise OutOfMemory(f"Out of GPU memory on a batch of {len(items)}.", retry_after=5) from None
+        start = ready.family.prompt_length(inputs)
+        captions = [
+            self._read_row(ready, row, start, scores[i] if scores else None)
+            for i, row in enumerate(out.sequences.tolist())
+        ]
+        return [
+            caption if item.options.with_confidence else dataclasses.replace(caption, confidence=None)
+            for caption, item in zip(captions, items, strict=True)
+        ]
+
+    def _inputs(self, ready: _Ready, images: list[Image.Image], prompt: str | None) -> dict[str, Any]:
+        inputs = ready.family.inputs(ready.loaded, images, prompt)
+        moved: dict[str, Any] = {}
+        for key, value in inputs.items():
+            if isinstance(value, torch.Tensor):
+                value = value.to(ready.device)
+                if value.is_floating_point():
+                    value = value.to(ready.dtype)
+            moved[key] = value
+        return moved
+
+    def _read_row(self, ready: _Ready, row: list[int], start: int, confidence: float | None) -> Caption:
+        """Text, token counts and finish reason of one output row."""
+        tokenizer = ready.loaded.tokenizer
+        generated = row[start:]
+        stop = next((i for i, token in enumerate(generated) if token in ready.stops), None)
+        new_tokens = generated if stop is None else generated[:stop]
+        pad = tokenizer.pad_token_id
+        shown = row[: start + len(new_tokens)] if ready.family.keeps_prompt else new_tokens
+        return Caption(
+            text=tokenizer.decode(shown, skip_special_tokens=True).strip(),
+            prompt_tokens=start,
+            completion_tokens=sum(1 for token in new_tokens if token != pad),
+            finish_reason="stop" if stop is not None else "length",
+            confidence=confidence,
+        )
+
+
+def _confidences(ready: _Ready, out: Any, options: GenerationOptions) -> list[float]:
+    """Geometric mean of the chosen tokens' probabilities, from generate's own scores.
+
+    Up to and including the first stop token; beam search's scores are already log-probabilities.
+    """
+    scorer = getattr(ready.loaded.model, "text_decoder", ready.loaded.model)  # BLIP decodes with its text model
+    beams = getattr(out, "beam_indices", None) if options.num_beams > 1 else None
+    steps = scorer.compute_transition_scores(out.sequences, out.scores, beams, normalize_logits=beams is None)
+    chosen = out.sequences[:, -steps.shape[1] :]
+    values = []
+    for row_scores, row_tokens in zip(steps.float().cpu(), chosen.tolist(), strict=True):
+        stop = next((i for i, token in enumerate(row_tokens) if token in ready.stops), len(row_tokens) - 1)
+        kept = row_scores[: stop + 1]
+        kept = kept[torch.isfinite(kept)]
+        values.append(float(kept.mean().exp()) if kept.numel() else 0.0)
+    return values

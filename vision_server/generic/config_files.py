@@ -1,0 +1,76 @@
+"""A model's ``config.json`` and image processor settings, read before its weights are loaded.
+
+The backend and the input size must be known when the server starts (requests are resized on
+the decode pool while the model is still unloaded), so they come from the small JSON files: a
+local directory's, the hub cache's, or (for ``--backend auto`` with a hub id that is not cached
+yet) ``config.json`` alone fetched from the hub. Nothing here downloads weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from vision_server.florence.source import is_test_model
+
+log = logging.getLogger(__name__)
+
+IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+
+
+def model_config(model: str, *, revision: str | None, fetch: bool) -> dict[str, Any] | None:
+    """``config.json`` of ``model`` from disk, else (``fetch``) from the hub; None when unavailable."""
+    if is_test_model(model):
+        return None
+    path = _on_disk(model, "config.json", revision=revision)
+    if path is None and fetch:
+        path = _fetched(model, "config.json", revision=revision)
+    return _read_json(path) if path is not None else None
+
+
+def image_processor_config(model: str | Path, *, revision: str | None) -> dict[str, Any] | None:
+    """The image processor's saved settings (either file layout), from disk only."""
+    for name in IMAGE_PROCESSOR_FILES:
+        path = _on_disk(str(model), name, revision=revision)
+        data = _read_json(path) if path is not None else None
+        if data is not None:
+            nested = data.get("image_processor")
+            return nested if isinstance(nested, dict) else data
+    return None
+
+
+def _on_disk(model: str, name: str, *, revision: str | None) -> Path | None:
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local / name if (local / name).is_file() else None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(model, name, revision=revision)
+    except Exception:  # not a hub id: the load says what is wrong with it
+        return None
+    return Path(cached) if isinstance(cached, str) else None
+
+
+def _fetched(model: str, name: str, *, revision: str | None) -> Path | None:
+    """One small file from the hub (honours HF_HUB_OFFLINE); None when the hub cannot be reached."""
+    if Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
+        return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return Path(hf_hub_download(model, name, revision=revision))
+    except Exception as exc:  # offline, unknown id, gated: the load reports it properly
+        log.info("cannot fetch %s of %s to pick a backend (%s)", name, model, type(exc).__name__)
+        return None
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        log.warning("cannot read %s (%s)", path, exc)
+        return None
+    return data if isinstance(data, dict) else None
