@@ -141,3 +141,12 @@ async def start_engine() -> AsyncIterator[StartEngine]:
     yield start
     for engine in reversed(engines):
         await engine.stop(grace=0)
+
+
+@pytest.fixture(scope="session")
+def generic_model_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """One tiny random model per generic family (BLIP, GIT, ViT+GPT-2, Idefics3), built once."""
+    from vision_server.testing.tiny_generic import FAMILIES, build_generic_model
+
+    root = tmp_path_factory.mktemp("generic-models")
+    return {family: build_generic_model(root / family, family) for family in FAMILIES}

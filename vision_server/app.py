@@ -27,7 +27,7 @@ from vision_server.api.auth import KEYS, keys_from
 from vision_server.api.errors import ERROR_SHAPES, ErrorShapes, error_middleware
 from vision_server.api.keep_alive import add_keep_alive_header
 from vision_server.api.ratelimit import RATE_LIMITER, RateLimiter
-from vision_server.api.state import DECODER, ENGINE, METRICS, RECENT, SETTINGS, STARTED_AT
+from vision_server.api.state import DECODER, ENGINE, FREE_TEXT, METRICS, RECENT, SETTINGS, STARTED_AT
 from vision_server.captioner import Captioner
 from vision_server.engine.observer import EngineObserver, ObserverGroup
 from vision_server.engine.recent import RecentBatches
@@ -55,6 +55,7 @@ def create_app(
     app[ENGINE] = Engine(captioner, engine_config(settings, captioner), engine_observer)
     metrics.watch(app[ENGINE])
     app[STARTED_AT] = time.time()
+    app[FREE_TEXT] = captioner.takes_prompt
     app[KEYS] = keys_from(settings)
     if settings.rate_limit is not None and settings.rate_limit > 0:
         app[RATE_LIMITER] = RateLimiter(settings.rate_limit)

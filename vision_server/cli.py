@@ -70,7 +70,7 @@ def build_settings(config: Path | None, flags: dict[str, Any]) -> Settings:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="vision-server")
 def main() -> None:
-    """On-demand Florence-2 / PromptGen v2.0 captioning daemon.
+    """On-demand Florence-2 / PromptGen v2.0 captioning daemon (and BLIP, GIT, ViT+GPT-2, SmolVLM).
 
     The model loads on the first request and unloads after --idle-timeout seconds without
     work, so the GPU is free while nobody captions.
@@ -101,7 +101,7 @@ def serve(config: Path | None, **flags: Any) -> None:
     multiple=True,
     help="Task, with or without brackets, any case (caption, DETAILED_CAPTION, <GENERATE_TAGS>). "
     "Repeat for several captions per image in one pass; sidecars are then STEM.<task>.<ext>. "
-    "[default: <MORE_DETAILED_CAPTION>]",
+    "[default: <MORE_DETAILED_CAPTION>; <CAPTION> for models with that one task (BLIP, GIT ...)]",
 )
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Descend into sub-folders.")
 @click.option("--jsonl", type=click.Path(path_type=Path), help="Also (or only) write one JSON row per image.")
@@ -192,11 +192,19 @@ def caption(inputs: tuple[Path, ...], config: Path | None, **params: Any) -> Non
 @main.command("make-test-model")
 @click.argument("directory", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
+    "--family",
+    type=click.Choice(["florence2", "blip", "git", "vision-encoder-decoder", "idefics3"]),
+    default="florence2",
+    show_default=True,
+    help="Which architecture: Florence-2, or a tiny model of one of the generic backends "
+    "(BLIP, GIT, ViT+GPT-2, Idefics3/SmolVLM).",
+)
+@click.option(
     "--preset",
     type=click.Choice(["tiny", "base", "large"]),
     default="tiny",
     show_default=True,
-    help="tiny: ~1 MB for tests. base/large: real Florence-2 shapes with random weights.",
+    help="tiny: ~1 MB for tests. base/large: real Florence-2 shapes with random weights (florence2 only).",
 )
 @click.option(
     "--format",
@@ -204,18 +212,27 @@ def caption(inputs: tuple[Path, ...], config: Path | None, **params: Any) -> Non
     type=click.Choice(["native", "original"]),
     default="native",
     show_default=True,
-    help="native: transformers 5 layout. original: PromptGen's remote-code layout (to test conversion).",
+    help="native: transformers 5 layout. original: PromptGen's remote-code layout, to test "
+    "conversion (florence2 only).",
 )
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, byte-identical files.")
-def make_test_model(directory: Path, preset: str, fmt: str, seed: int) -> None:
-    """Build a deterministic Florence-2 with random weights into DIRECTORY.
+def make_test_model(directory: Path, family: str, preset: str, fmt: str, seed: int) -> None:
+    """Build a deterministic model with random weights into DIRECTORY (tokenizer and processor
+    included, so it loads with no download).
 
     Its captions are meaningless words; it exists to test and benchmark without a download.
     """
-    from vision_server.testing.tiny_model import build_test_model
-
     if directory.exists() and any(directory.iterdir()):
         raise click.UsageError(f"{directory} exists and is not empty; pick a new directory.")
+    if family != "florence2":
+        if preset != "tiny" or fmt != "native":
+            raise click.UsageError(f"--preset and --format apply to florence2 only; {family} is always tiny.")
+        from vision_server.testing.tiny_generic import build_generic_model
+
+        click.echo(str(build_generic_model(directory, family, seed=seed)))
+        return
+    from vision_server.testing.tiny_model import build_test_model
+
     path = build_test_model(directory, preset=preset, fmt=fmt, seed=seed)  # type: ignore[arg-type]
     click.echo(str(path))
 

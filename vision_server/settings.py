@@ -49,7 +49,7 @@ class Settings:
         DEFAULT_MODEL,
         "Hub id or local directory of a Florence-2 model, or of another transformers image-to-text "
         "model (BLIP, GIT, ViT+GPT-2, Idefics3/SmolVLM; see --backend). 'test:tiny' serves a "
-        "self-built tiny Florence-2 whose captions are meaningless (for trying the stack without a download).",
+        "self-built tiny Florence-2 whose captions are meaningless (to try the stack without a download).",
     )
     backend: str = _opt(
         "auto",

@@ -23,17 +23,19 @@ async def caption_base64(
     task: str,
     options: GenerationOptions,
     labels: JobLabels | None = None,
+    prompt: str | None = None,
     *,
     stream: Callable[[str], None] | None = None,
 ) -> Caption:
     """Caption a base64 string or ``data:`` URL (decoded off the event loop).
 
-    ``labels`` default to an interactive job of the request's client; ``stream`` gets the
+    ``labels`` default to an interactive job of the request's client; ``prompt`` is free text for
+    a model that reads it (:func:`vision_server.api.task_words.read_prompt`); ``stream`` gets the
     caption so far while it is generated (see :class:`CaptionItem`)."""
     labels = labels or job_labels(request)
     request.app[ENGINE].check_room(labels.lane)
     image = await request.app[DECODER].from_base64(text)
-    item = CaptionItem(image=image, task=task, options=options, stream=stream)
+    item = CaptionItem(image=image, task=task, options=options, stream=stream, prompt=prompt)
     return await _submit(request, item, labels)
 
 
@@ -43,12 +45,13 @@ async def caption_bytes(
     task: str,
     options: GenerationOptions,
     labels: JobLabels | None = None,
+    prompt: str | None = None,
 ) -> Caption:
     """Caption an uploaded file's bytes (decoded off the event loop)."""
     labels = labels or job_labels(request)
     request.app[ENGINE].check_room(labels.lane)
     image = await request.app[DECODER].from_bytes(data)
-    return await _submit(request, CaptionItem(image=image, task=task, options=options), labels)
+    return await _submit(request, CaptionItem(image=image, task=task, options=options, prompt=prompt), labels)
 
 
 async def caption_all_base64(
@@ -57,10 +60,13 @@ async def caption_all_base64(
     task: str,
     options: GenerationOptions,
     labels: JobLabels | None = None,
+    prompt: str | None = None,
 ) -> list[Caption]:
     """Caption several images of one request, all or none: the first failure cancels the others
     (their queued jobs leave the queue), so a 400 or 503 leaves no captions behind."""
-    tasks = [asyncio.ensure_future(caption_base64(request, text, task, options, labels)) for text in texts]
+    tasks = [
+        asyncio.ensure_future(caption_base64(request, text, task, options, labels, prompt)) for text in texts
+    ]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         failed = next((t for t in tasks if t in done and not t.cancelled() and t.exception()), None)

@@ -16,8 +16,8 @@ from aiohttp.web_urldispatcher import AbstractRoute
 from vision_server.api.bodies import read_json_object
 from vision_server.api.captioning import caption_base64
 from vision_server.api.scheduling import job_labels
-from vision_server.api.state import ENGINE, SETTINGS
-from vision_server.api.task_words import task_from_text
+from vision_server.api.state import ENGINE, FREE_TEXT, SETTINGS
+from vision_server.api.task_words import read_prompt
 from vision_server.errors import BadRequest, VisionServerError
 
 MODULES = ("caption",)
@@ -40,9 +40,10 @@ async def caption(request: web.Request) -> web.Response:
     if prompt is not None and not isinstance(prompt, str):
         raise BadRequest('"prompt" must be a string.')
     settings = request.app[SETTINGS]
-    task = task_from_text(prompt, request.app[ENGINE].model_card.tasks, settings.default_task)
+    tasks = request.app[ENGINE].model_card.tasks
+    task, free_text = read_prompt(prompt, tasks, settings.default_task, free_text=request.app[FREE_TEXT])
     labels = job_labels(request, body.get("priority"), keep_alive=body.get("keep_alive"))
-    result = await caption_base64(request, image, task, settings.generation_defaults(), labels)
+    result = await caption_base64(request, image, task, settings.generation_defaults(), labels, free_text)
     return web.json_response({"caption": result.text})
 
 

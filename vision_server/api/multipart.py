@@ -43,12 +43,12 @@ from vision_server.api.generation import (
     generation_options,
 )
 from vision_server.api.scheduling import job_labels
-from vision_server.api.state import ENGINE, SETTINGS
-from vision_server.api.task_words import TASK_DESCRIPTIONS, default_task, task_from_text
+from vision_server.api.state import ENGINE, FREE_TEXT, SETTINGS
+from vision_server.api.task_words import TASK_DESCRIPTIONS, default_task, read_prompt
 from vision_server.captioner import Caption, GenerationOptions
 from vision_server.engine.jobs import Lane
 from vision_server.errors import BadRequest, VisionServerError
-from vision_server.tasks import normalize_task
+from vision_server.tasks import CAPTION_TASK, normalize_task
 from vision_server.train.metadata import adapter_summary
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,6 @@ MODEL_TYPE = "florence-2"
 IMAGE_FIELDS = ("image", "file")
 # Every file field is read on every route: /caption takes one file from any of them.
 BATCH_FIELDS = ("images", "images[]", "files", "files[]", *IMAGE_FIELDS)
-CAPTION_TASK = "<CAPTION>"
 DETAILED_TASK = "<MORE_DETAILED_CAPTION>"
 
 
@@ -68,11 +67,19 @@ def multipart_error(error: VisionServerError, request_id: str) -> web.Response:
 # --- reading the form --------------------------------------------------------------------------
 
 
-def task_for(form: Form, tasks: tuple[str, ...], route_default: str) -> str:
-    """``task`` is an explicit name; ``prompt`` is free text; neither: the route's default task."""
+def task_for(
+    form: Form, tasks: tuple[str, ...], route_default: str, *, free_text: bool = False
+) -> tuple[str, str | None]:
+    """``task`` is an explicit name; ``prompt`` is free text (for the model itself when it reads
+    free text); neither: the route's default task. Returns the task and the model's prompt."""
     if form.fields.get("task", "").strip():
-        return normalize_task(form.fields["task"], tasks)
-    return task_from_text(form.fields.get("prompt"), tasks, default_task(route_default, tasks))
+        task = normalize_task(form.fields["task"], tasks)
+        if not free_text or not form.fields.get("prompt", "").strip():
+            return task, None
+        return task, read_prompt(form.fields["prompt"], tasks, task, free_text=True)[1]
+    return read_prompt(
+        form.fields.get("prompt"), tasks, default_task(route_default, tasks), free_text=free_text
+    )
 
 
 def options_for(form: Form, request: web.Request) -> GenerationOptions:
@@ -120,9 +127,11 @@ async def _single(request: web.Request, route_default: str) -> web.Response:
         raise no_image(form, IMAGE_FIELDS)
     if len(form.files) > 1:
         raise BadRequest(f"{len(form.files)} files uploaded; send one here, or several to /batch_caption.")
-    task = task_for(form, request.app[ENGINE].model_card.tasks, route_default)
+    tasks = request.app[ENGINE].model_card.tasks
+    task, prompt = task_for(form, tasks, route_default, free_text=request.app[FREE_TEXT])
     labels = job_labels(request, form.fields.get("priority"), keep_alive=form.fields.get("keep_alive"))
-    result = await caption_bytes(request, form.files[0].data, task, options_for(form, request), labels)
+    options = options_for(form, request)
+    result = await caption_bytes(request, form.files[0].data, task, options, labels, prompt)
     return web.json_response(
         {
             "caption": result.text,
@@ -152,13 +161,14 @@ async def batch_caption(request: web.Request) -> web.Response:
             f"The form has {len(form.files)} files; the limit is {limit} per request "
             "(--max-images-per-request). Send the others in further requests."
         )
-    task = task_for(form, request.app[ENGINE].model_card.tasks, CAPTION_TASK)
+    tasks = request.app[ENGINE].model_card.tasks
+    task, prompt = task_for(form, tasks, CAPTION_TASK, free_text=request.app[FREE_TEXT])
     options = options_for(form, request)
     labels = job_labels(
         request, form.fields.get("priority"), default=Lane.BULK, keep_alive=form.fields.get("keep_alive")
     )
     outcomes = await asyncio.gather(
-        *(caption_bytes(request, upload.data, task, options, labels) for upload in form.files),
+        *(caption_bytes(request, upload.data, task, options, labels, prompt) for upload in form.files),
         return_exceptions=True,
     )
     raise_if_nothing_worked(outcomes)

@@ -13,9 +13,10 @@ from vision_server.api.bodies import read_json_object, require_str
 from vision_server.api.captioning import caption_base64
 from vision_server.api.errors import MissingField
 from vision_server.api.scheduling import job_labels
-from vision_server.api.state import ENGINE, SETTINGS
+from vision_server.api.state import ENGINE, FREE_TEXT, SETTINGS
+from vision_server.api.task_words import read_prompt
 from vision_server.errors import VisionServerError
-from vision_server.tasks import normalize_task
+from vision_server.tasks import CAPTION_TASK, normalize_task
 
 
 def native_error(error: VisionServerError, request_id: str) -> web.Response:
@@ -27,10 +28,14 @@ async def process_image(request: web.Request) -> web.Response:
     body = await read_json_object(request)
     image_text = require_str(body, "image")
     prompt = require_str(body, "prompt")
-    task = normalize_task(prompt, request.app[ENGINE].model_card.tasks)
+    tasks = request.app[ENGINE].model_card.tasks
+    if request.app[FREE_TEXT]:  # a task name picks the task; other text goes to the model
+        task, free_text = read_prompt(prompt, tasks, CAPTION_TASK, free_text=True)
+    else:
+        task, free_text = normalize_task(prompt, tasks), None
     labels = job_labels(request, body.get("priority"), keep_alive=body.get("keep_alive"))
     options = request.app[SETTINGS].generation_defaults()
-    caption = await caption_base64(request, image_text, task, options, labels)
+    caption = await caption_base64(request, image_text, task, options, labels, free_text)
     return web.json_response({"result": caption.text})
 
 

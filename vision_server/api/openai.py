@@ -41,8 +41,8 @@ from vision_server.api.generation import (
 from vision_server.api.openai_replies import Completion, error_body
 from vision_server.api.openai_stream import stream_completion
 from vision_server.api.scheduling import job_labels
-from vision_server.api.state import ENGINE, SETTINGS, STARTED_AT
-from vision_server.api.task_words import task_from_text
+from vision_server.api.state import ENGINE, FREE_TEXT, SETTINGS, STARTED_AT
+from vision_server.api.task_words import read_prompt
 from vision_server.captioner import GenerationOptions
 from vision_server.errors import VisionServerError
 from vision_server.settings import Settings
@@ -177,7 +177,8 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     chat = parse_chat_request(body, settings)
     labels = job_labels(request, chat.priority, keep_alive=chat.keep_alive)
     card = request.app[ENGINE].model_card
-    task = task_from_text(chat.text, card.tasks, settings.default_task)
+    free_text = request.app[FREE_TEXT]
+    task, prompt = read_prompt(chat.text, card.tasks, settings.default_task, free_text=free_text)
     if chat.stream:
         return await stream_completion(
             request,
@@ -185,10 +186,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             task,
             chat.options,
             labels,
+            prompt,
             model=card.model_id,
             include_usage=chat.include_usage,
         )
-    captions = await caption_all_base64(request, chat.images, task, chat.options, labels)
+    captions = await caption_all_base64(request, chat.images, task, chat.options, labels, prompt)
     return web.json_response(Completion.of(card.model_id, captions).body())
 
 

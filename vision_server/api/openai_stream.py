@@ -68,19 +68,21 @@ async def stream_completion(
     task: str,
     options: GenerationOptions,
     labels: JobLabels,
+    prompt: str | None = None,
     *,
     model: str,
     include_usage: bool,
 ) -> web.StreamResponse:
-    """Caption ``images`` and stream the completion (token by token where it can)."""
+    """Caption ``images`` and stream the completion (token by token where it can); ``prompt`` is
+    free text for a model that reads it."""
     events = EventStream(request)
     head = Completion.started(model)
     if len(images) != 1:
-        captions = await caption_all_base64(request, images, task, options, labels)
+        captions = await caption_all_base64(request, images, task, options, labels, prompt)
         await events.send(*Completion.of(model, captions, like=head).chunks(include_usage))
         return await events.close()
     try:
-        caption, sent = await _stream_caption(request, events, head, images[0], task, options, labels)
+        caption, sent = await _stream_caption(request, events, head, images[0], task, options, labels, prompt)
     except ConnectionResetError:  # the client left mid-stream: its job was withdrawn
         assert events.response is not None
         return events.response
@@ -113,6 +115,7 @@ async def _stream_caption(
     task: str,
     options: GenerationOptions,
     labels: JobLabels,
+    prompt: str | None,
 ) -> tuple[Caption, str]:
     """Caption one image, sending each new piece of text as it comes; the caption and what was sent."""
     loop = asyncio.get_running_loop()
@@ -121,7 +124,7 @@ async def _stream_caption(
     def on_text(text: str) -> None:  # called in the model thread
         loop.call_soon_threadsafe(updates.put_nowait, text)
 
-    job = asyncio.ensure_future(caption_base64(request, image, task, options, labels, stream=on_text))
+    job = asyncio.ensure_future(caption_base64(request, image, task, options, labels, prompt, stream=on_text))
     sent = ""
     try:
         while True:

@@ -16,3 +16,5 @@ DECODER = web.AppKey("decoder", ImageDecoder)
 STARTED_AT = web.AppKey("started_at", float)
 METRICS = web.AppKey("metrics", Metrics)
 RECENT = web.AppKey("recent_batches", RecentBatches)
+# Whether the served model reads free-text prompts (Captioner.takes_prompt), fixed at start.
+FREE_TEXT = web.AppKey("free_text", bool)

@@ -30,6 +30,10 @@ answer wins:
 
 3. **The default task** (``--default-task``, ``<MORE_DETAILED_CAPTION>`` unless configured),
    which is what "What's in this image?" deserves.
+
+Models that read free text (BLIP, GIT, Idefics3/SmolVLM: ``Captioner.takes_prompt``) get it
+instead (:func:`read_prompt`): a text that is a task name alone (``caption``, ``<CAPTION>``)
+asks for that task; any other text goes to the model as written, with the model's one task.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from __future__ import annotations
 import re
 
 from vision_server.errors import BadRequest, InvalidTask
-from vision_server.tasks import ALIASES
+from vision_server.tasks import ALIASES, normalize_task
 
 KEYWORD_TABLE: tuple[tuple[str, str], ...] = (
     # "mix" and, later, "plus"/"analysis". The lookahead fixes on the first "mix" (a lookahead
@@ -61,13 +65,43 @@ _BRACKETED = re.compile(r"<\s*([A-Za-z][A-Za-z_]*)\s*>")
 _BARE = re.compile(r"\b([A-Za-z]+(?:_[A-Za-z]+)*)\b")
 
 
+_LONE_TOKEN = re.compile(r"<\s*[A-Za-z][A-Za-z_]*\s*>")
+
+
+def read_prompt(
+    text: str | None, tasks: tuple[str, ...], default: str, *, free_text: bool
+) -> tuple[str, str | None]:
+    """The task ``text`` asks for and the free text the model gets (None: the task alone).
+
+    Without ``free_text`` the text only picks a task (:func:`task_from_text`). With it, a text
+    that is exactly a task name picks that task, a lone unknown ``<TOKEN>`` is a 400 (a task
+    name gone wrong, not a question), and anything else reaches the model unchanged (stripped).
+    """
+    if not free_text:
+        return task_from_text(text, tasks, default), None
+    stripped = (text or "").strip()
+    if not stripped:
+        return default_task(default, tasks), None
+    _check_length(stripped, "It is passed to the model as written: keep it to a question or a sentence.")
+    try:
+        return normalize_task(stripped, tasks), None
+    except InvalidTask:
+        if _LONE_TOKEN.fullmatch(stripped):
+            raise
+    return default_task(default, tasks), stripped
+
+
+def _check_length(text: str, hint: str) -> None:
+    if len(text) > MAX_PROMPT_CHARS:
+        raise BadRequest(
+            f"The prompt is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}. {hint}"
+        )
+
+
 def task_from_text(text: str | None, tasks: tuple[str, ...], default: str) -> str:
     """The task ``text`` asks for, among ``tasks``; ``default`` when it names none."""
-    if text and len(text) > MAX_PROMPT_CHARS:
-        raise BadRequest(
-            f"The prompt is {len(text)} characters long; the limit is {MAX_PROMPT_CHARS}. "
-            "It only picks the task: say what kind of caption you want in a few words."
-        )
+    if text:
+        _check_length(text, "It only picks the task: say what kind of caption you want in a few words.")
     if text:
         explicit = explicit_task(text, tasks)
         if explicit is not None:

@@ -151,7 +151,8 @@ def _tasks(requested: tuple[str, ...], valid: tuple[str, ...]) -> tuple[str, ...
     from vision_server.tasks import normalize_task
 
     try:
-        tokens = [normalize_task(task, valid) for task in requested or (DEFAULT_TASK,)]
+        default = DEFAULT_TASK if DEFAULT_TASK in valid else valid[0]  # BLIP & co. have one task
+        tokens = [normalize_task(task, valid) for task in requested or (default,)]
     except InvalidTask as exc:
         raise click.UsageError(exc.message) from None
     return tuple(dict.fromkeys(tokens))  # the same task twice is one task

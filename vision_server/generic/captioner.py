@@ -21,7 +21,13 @@ from PIL import Image
 
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions, ModelInfo
 from vision_server.errors import ModelLoadError, ModelSourceError, OutOfMemory
-from vision_server.florence.captioner import generate_kwargs, pick_device, pick_dtype, release_memory, trim_heap
+from vision_server.florence.captioner import (
+    generate_kwargs,
+    pick_device,
+    pick_dtype,
+    release_memory,
+    trim_heap,
+)
 from vision_server.florence.source import resolve_model_dir
 from vision_server.generic.config_files import image_processor_config, model_config
 from vision_server.generic.families import FAMILIES, FLORENCE, backend_of, describe, supported
@@ -113,7 +119,7 @@ class GenericCaptioner:
             family = FAMILIES.get(self.backend or "")
             config = image_processor_config(self._spec, revision=self.revision)
             if family is None:
-                return PixelSpec(height=224, width=224, mean=(0.5,) * 3, std=(0.5,) * 3)  # type: ignore[arg-type]
+                return PixelSpec(height=224, width=224, mean=(0.5,) * 3, std=(0.5,) * 3)
             spec = family.pixel_spec(config) if config is not None else family.default_spec()
             self._pixel_spec = spec
         return spec
@@ -132,7 +138,9 @@ class GenericCaptioner:
                 raise ModelLoadError(str(exc)) from None
             except torch.cuda.OutOfMemoryError:
                 release_memory()
-                raise ModelLoadError("Out of GPU memory while loading; free the GPU or use a smaller model.") from None
+                raise ModelLoadError(
+                    "Out of GPU memory while loading; free the GPU or use a smaller model."
+                ) from None
             except ModelLoadError:
                 raise
             except Exception as exc:  # corrupt or mismatched files surface as many library types
@@ -152,11 +160,15 @@ class GenericCaptioner:
         started = time.perf_counter()
         loaded = family.load(directory, dtype)
         loaded.model = loaded.model.to(device).eval()
-        log.debug("%s weights loaded from %s in %.2f s", family.name, directory, time.perf_counter() - started)
+        log.debug(
+            "%s weights loaded from %s in %.2f s", family.name, directory, time.perf_counter() - started
+        )
         config = image_processor_config(directory, revision=None)
         spec = family.pixel_spec(config) if config is not None else family.default_spec()
         if self._pixel_spec is not None and spec != self._pixel_spec:
-            log.warning("the model wants %dx%d images; queued ones are resized again", spec.width, spec.height)
+            log.warning(
+                "the model wants %dx%d images; queued ones are resized again", spec.width, spec.height
+            )
         self._pixel_spec = spec
         return _Ready(family, loaded, device, dtype, family.stop_ids(loaded))
 
@@ -166,7 +178,9 @@ class GenericCaptioner:
             return FAMILIES[self.backend]
         config = model_config(str(directory), revision=None, fetch=False)
         if config is None:
-            raise ModelLoadError(f"{self._spec}: no config.json in {directory}; is this a transformers model?")
+            raise ModelLoadError(
+                f"{self._spec}: no config.json in {directory}; is this a transformers model?"
+            )
         name = backend_of(config)
         if name == FLORENCE:
             raise ModelLoadError(
@@ -202,7 +216,9 @@ class GenericCaptioner:
         results: list[Caption | None] = [None] * len(batch)
         for (options, prompt), indices in groups.items():
             items = [batch[i] for i in indices]
-            for index, caption in zip(indices, self._caption_group(ready, items, options, prompt), strict=True):
+            for index, caption in zip(
+                indices, self._caption_group(ready, items, options, prompt), strict=True
+            ):
                 results[index] = caption
         return [caption for caption in results if caption is not None]
 
@@ -264,7 +280,9 @@ def _confidences(ready: _Ready, out: Any, options: GenerationOptions) -> list[fl
 
     Up to and including the first stop token; beam search's scores are already log-probabilities.
     """
-    scorer = getattr(ready.loaded.model, "text_decoder", ready.loaded.model)  # BLIP decodes with its text model
+    scorer = getattr(
+        ready.loaded.model, "text_decoder", ready.loaded.model
+    )  # BLIP decodes with its text model
     beams = getattr(out, "beam_indices", None) if options.num_beams > 1 else None
     steps = scorer.compute_transition_scores(out.sequences, out.scores, beams, normalize_logits=beams is None)
     chosen = out.sequences[:, -steps.shape[1] :]

@@ -10,7 +10,9 @@ from vision_server.generic.family import Family
 from vision_server.generic.git import Git
 from vision_server.generic.idefics3 import Idefics3
 
-FAMILIES: dict[str, Family] = {family.name: family for family in (Blip(), Git(), VisionEncoderDecoder(), Idefics3())}
+FAMILIES: dict[str, Family] = {
+    family.name: family for family in (Blip(), Git(), VisionEncoderDecoder(), Idefics3())
+}
 FLORENCE = "florence2"
 FLORENCE_LABEL = "Florence-2 (Florence2ForConditionalGeneration, PromptGen)"
 FLORENCE_TYPES = ("florence2",)

@@ -92,7 +92,7 @@ def _fixed_size(config: dict[str, Any], default: int) -> tuple[int, int]:
 
 def _triple(values: Any) -> tuple[float, float, float]:
     if isinstance(values, (int, float)):
-        return (float(values),) * 3  # type: ignore[return-value]
+        return (float(values),) * 3
     first, second, third = (float(v) for v in values)
     return (first, second, third)
 

@@ -33,7 +33,9 @@ class Git(Family):
         return Loaded(model, processor, processor.tokenizer)
 
     def inputs(self, loaded: Loaded, images: list[Image.Image], prompt: str | None) -> dict[str, Any]:
-        inputs: dict[str, Any] = {"pixel_values": loaded.processor(images=images, return_tensors="pt").pixel_values}
+        inputs: dict[str, Any] = {
+            "pixel_values": loaded.processor(images=images, return_tensors="pt").pixel_values
+        }
         if prompt is not None:
             tokenizer = loaded.tokenizer
             ids = [tokenizer.cls_token_id, *tokenizer(prompt, add_special_tokens=False).input_ids]

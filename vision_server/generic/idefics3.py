@@ -62,7 +62,9 @@ class Idefics3(Family):
 
     def pixel_spec(self, config: dict[str, Any]) -> PixelSpec:
         side = (config.get("max_image_size") or {}).get("longest_edge", self.default_side)
-        return super().pixel_spec({**config, "size": {"height": side, "width": side}, "do_center_crop": False})
+        return super().pixel_spec(
+            {**config, "size": {"height": side, "width": side}, "do_center_crop": False}
+        )
 
 
 def chat_prompt(processor: Any, instruction: str) -> str:

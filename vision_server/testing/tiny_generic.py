@@ -13,6 +13,7 @@ import json
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -34,10 +35,10 @@ from transformers import (
     Idefics3ImageProcessorPil,
     Idefics3Processor,
     PreTrainedTokenizerBase,
-    ViTConfig,
-    ViTImageProcessorPil,
     VisionEncoderDecoderConfig,
     VisionEncoderDecoderModel,
+    ViTConfig,
+    ViTImageProcessorPil,
 )
 
 from vision_server.testing._tokenizer import CAPTION_WORDS, train_bpe
@@ -49,15 +50,16 @@ WIDTH = 32  # hidden size of every tower
 # Wide random weights (the libraries' default is 0.02): outputs then depend visibly on the image
 # and the prompt, instead of every input giving the same few tokens.
 INIT = 1.0
-TOWER = {
+TOWER: dict[str, Any] = {
     "hidden_size": WIDTH, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
     "initializer_range": INIT,
 }  # fmt: skip
-VISION = {**TOWER, "image_size": SIDE, "patch_size": PATCH}
+VISION: dict[str, Any] = {**TOWER, "image_size": SIDE, "patch_size": PATCH}
 HALF = [0.5, 0.5, 0.5]
 BPE_SPECIALS = ("<s>", "<pad>", "</s>", "<unk>", "<mask>")
 IDEFICS_SPECIALS = (
-    "<|endoftext|>", "<|im_start|>", "<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>",
+    "<|endoftext|>", "<|im_start|>", "<fake_token_around_image>", "<image>", "<global-img>",
+    "<end_of_utterance>",
     *(f"<row_{row}_col_{col}>" for row in range(1, 7) for col in range(1, 7)),
 )  # fmt: skip
 # SmolVLM's template, shortened: "<|im_start|>User:<image>TEXT<end_of_utterance>\nAssistant:".
@@ -94,7 +96,7 @@ def build_generic_model(out_dir: str | Path, family: str, *, seed: int = 0) -> P
 # --- tokenizers ---------------------------------------------------------------------------------
 
 
-def wordpiece_tokenizer(**specials: str) -> BertTokenizer:
+def wordpiece_tokenizer(**specials: Any) -> BertTokenizer:
     """A BERT WordPiece tokenizer over ASCII characters and the caption words (BLIP, GIT)."""
     characters = [chr(code) for code in range(33, 127)]
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *specials.values()]
@@ -109,7 +111,9 @@ def bpe_tokenizer(specials: tuple[str, ...], **roles: str) -> GPT2Tokenizer:
     plain = [token for token in vocab if token not in BPE_SPECIALS]
     # transformers annotates merges as strings; the tokenizers BPE it builds takes these (a, b) pairs.
     tokenizer = GPT2Tokenizer(vocab={t: i for i, t in enumerate(plain)}, merges=merges, **roles)  # type: ignore[arg-type]
-    tokenizer.add_tokens([AddedToken(s, special=True, normalized=False) for s in specials], special_tokens=True)
+    tokenizer.add_tokens(
+        [AddedToken(s, special=True, normalized=False) for s in specials], special_tokens=True
+    )
     return tokenizer
 
 
@@ -121,7 +125,9 @@ def _blip(out: Path) -> None:
     ids = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
     text = {**TOWER, "vocab_size": len(tokenizer), "encoder_hidden_size": WIDTH, **ids}
     text |= {"sep_token_id": tokenizer.sep_token_id, "eos_token_id": tokenizer.sep_token_id}
-    model = BlipForConditionalGeneration(BlipConfig(text_config=text, vision_config=VISION, projection_dim=WIDTH))
+    model = BlipForConditionalGeneration(
+        BlipConfig(text_config=text, vision_config=VISION, projection_dim=WIDTH)
+    )
     model.save_pretrained(out)
     square = {"height": SIDE, "width": SIDE}
     BlipProcessor(BlipImageProcessorPil(size=square), tokenizer).save_pretrained(out)
@@ -147,7 +153,7 @@ def _vision_encoder_decoder(out: Path) -> None:
     encoder = ViTConfig(**VISION)
     decoder = GPT2Config(
         vocab_size=len(tokenizer), n_embd=WIDTH, n_layer=1, n_head=2, n_positions=128, initializer_range=INIT,
-        bos_token_id=end, eos_token_id=end, add_cross_attention=True, is_decoder=True,
+        bos_token_id=end, eos_token_id=end, add_cross_attention=True,
     )  # fmt: skip
     config = VisionEncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
     config.decoder_start_token_id = config.pad_token_id = config.eos_token_id = end
@@ -156,7 +162,9 @@ def _vision_encoder_decoder(out: Path) -> None:
         decoder_start_token_id=end, bos_token_id=end, eos_token_id=end, pad_token_id=end
     )
     model.save_pretrained(out)
-    ViTImageProcessorPil(size={"height": SIDE, "width": SIDE}, image_mean=HALF, image_std=HALF).save_pretrained(out)
+    ViTImageProcessorPil(
+        size={"height": SIDE, "width": SIDE}, image_mean=HALF, image_std=HALF
+    ).save_pretrained(out)
     tokenizer.save_pretrained(out)
 
 
@@ -165,13 +173,13 @@ def _idefics3(out: Path) -> None:
         IDEFICS_SPECIALS, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
         pad_token="<|endoftext|>", unk_token="<|endoftext|>",
     )  # fmt: skip
-    roles = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
+    roles: dict[str, Any] = {"bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id}
     roles |= {"pad_token_id": tokenizer.pad_token_id}
     text = {**TOWER, "model_type": "llama", "vocab_size": len(tokenizer), "num_key_value_heads": 1, **roles}
     scale = 2  # pixel shuffle: (32 / 8)^2 patches / 2^2 = 4 image tokens
     config = Idefics3Config(
         text_config=text, vision_config=VISION, scale_factor=scale,
-        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_token_id=_token_id(tokenizer, "<image>"),
     )  # fmt: skip
     model = Idefics3ForConditionalGeneration(config)
     model.generation_config = GenerationConfig(**roles)
@@ -181,7 +189,9 @@ def _idefics3(out: Path) -> None:
         size=edge, max_image_size=edge, do_image_splitting=False, image_mean=HALF, image_std=HALF
     )
     tokens = (SIDE // PATCH) ** 2 // scale**2
-    Idefics3Processor(images, tokenizer, image_seq_len=tokens, chat_template=IDEFICS_CHAT_TEMPLATE).save_pretrained(out)
+    Idefics3Processor(
+        images, tokenizer, image_seq_len=tokens, chat_template=IDEFICS_CHAT_TEMPLATE
+    ).save_pretrained(out)
 
 
 def _drop_load_flags(directory: Path) -> None:
@@ -201,3 +211,10 @@ def tokenizer_of(directory: Path) -> PreTrainedTokenizerBase:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(directory)
+
+
+def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
+    found = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(found, int):
+        raise TypeError(f"{token} is not one token")
+    return found

@@ -1,0 +1,50 @@
+"""The generic backends from the command line: ``make-test-model --family`` and ``caption``, as processes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+from tests.support.bulk_data import caption_command, cli_env
+from tests.support.generic_reference import reference_caption
+from tests.support.images import encode, noise
+from tests.support.processes import cli_command
+from vision_server.testing.tiny_generic import SIDE
+
+
+def test_make_test_model_then_caption_a_folder_with_it(tmp_path: Path) -> None:
+    """An Idefics3 (the chat VLM) built by the CLI captions a folder offline; each sidecar is the
+    direct transformers answer for its image."""
+    model = tmp_path / "vlm"
+    env = cli_env(tmp_path)
+    built = subprocess.run(
+        [*cli_command(), "make-test-model", "--family", "idefics3", str(model)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert built.returncode == 0, built.stderr
+    assert built.stdout.strip() == str(model)
+    assert json.loads((model / "config.json").read_text())["architectures"] == [
+        "Idefics3ForConditionalGeneration"
+    ]
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for seed in (1, 2):
+        (images / f"p{seed}.png").write_bytes(encode(noise(seed, (SIDE, SIDE))))
+    options = ("--max-new-tokens", "6", "--num-beams", "1")
+    command = caption_command(images, "--model", model, *options, "--cache-dir", tmp_path / "cache")
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    for seed in (1, 2):
+        expected = reference_caption(
+            model, "idefics3", noise(seed, (SIDE, SIDE)), max_new_tokens=6, num_beams=1
+        )
+        assert expected and (images / f"p{seed}.txt").read_text(encoding="utf-8") == expected
+
+
+def test_make_test_model_refuses_florence_only_options_for_other_families(tmp_path: Path) -> None:
+    command = [*cli_command(), "make-test-model", "--family", "blip", "--preset", "base", str(tmp_path / "m")]
+    result = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "florence2 only" in result.stderr
+    assert not (tmp_path / "m").exists()
