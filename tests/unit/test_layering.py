@@ -38,9 +38,14 @@ class Rule:
 
 
 RULES = (
-    Rule("api", ("vision_server.florence",), "API adapters reach the model only through the engine"),
+    Rule(
+        "api",
+        ("vision_server.florence", "vision_server.generic"),
+        "API adapters reach the model only through the engine",
+    ),
     Rule("engine", (*APPLICATION, *HTTP_LIBRARIES), "the engine knows nothing of HTTP"),
     Rule("florence", ("vision_server.engine", *APPLICATION), "the model layer knows no engine and no API"),
+    Rule("generic", ("vision_server.engine", *APPLICATION), "the model layer knows no engine and no API"),
     Rule(
         "client",
         ("torch", "transformers", "vision_server.engine", "vision_server.florence", "vision_server.captioner",
