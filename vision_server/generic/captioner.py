@@ -174,9 +174,9 @@ class GenericCaptioner:
 
     def _family(self, directory: Path) -> Family:
         """The configured family, or the one the downloaded config names (clear error if none)."""
-        if self.backend is not None:
-            return FAMILIES[self.backend]
         config = model_config(str(directory), revision=None, fetch=False)
+        if self.backend is not None:
+            return self._forced(FAMILIES[self.backend], config)
         if config is None:
             raise ModelLoadError(
                 f"{self._spec}: no config.json in {directory}; is this a transformers model?"
@@ -194,6 +194,19 @@ class GenericCaptioner:
             )
         self.backend = name
         return FAMILIES[name]
+
+    def _forced(self, family: Family, config: dict[str, Any] | None) -> Family:
+        """``--backend NAME``: only for a config of that family's model type. transformers
+        would load another architecture's files into it with random weights and a warning."""
+        model_type = (config or {}).get("model_type")
+        if model_type is not None and model_type not in family.model_types:
+            detected = backend_of(config or {})
+            hint = f" (--backend {detected}, or auto)" if detected else ""
+            raise ModelLoadError(
+                f"{self._spec} is a {model_type!r} model ({describe(config or {})}); --backend "
+                f"{family.name} runs {family.label} only. Pick the backend of its architecture{hint}."
+            )
+        return family
 
     def unload(self) -> None:
         self._ready = None

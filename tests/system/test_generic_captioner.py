@@ -1,0 +1,128 @@
+"""The generic captioner on the tiny random models, in-process: the Captioner contract itself.
+
+Answers against transformers are checked through the APIs (tests/http/test_generic_backends.py);
+here: choosing the backend, token counts and finish reasons, out-of-memory, unload, load errors.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support.images import noise
+from vision_server.captioner import CaptionItem, GenerationOptions
+from vision_server.errors import ModelLoadError, OutOfMemory
+from vision_server.florence.captioner import FlorenceCaptioner
+from vision_server.generic.captioner import GenericCaptioner
+from vision_server.images import PixelSpec, PreparedImage, fit_image
+from vision_server.runtime import build_captioner
+from vision_server.settings import Settings
+from vision_server.testing.tiny_generic import FAMILIES, SIDE
+
+GREEDY = GenerationOptions(max_new_tokens=5, num_beams=1)
+TINY_SPEC = PixelSpec(height=SIDE, width=SIDE, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+
+
+def prepared(seed: int) -> PreparedImage:
+    """A picture at the tiny models' input size, as the decode pool would hand it over."""
+    return fit_image(noise(seed, (SIDE, SIDE)), TINY_SPEC)
+
+
+def captioner(directory: Path, tmp_path: Path, **settings: object) -> GenericCaptioner:
+    built = build_captioner(Settings(model=str(directory), cache_dir=tmp_path, **settings))  # type: ignore[arg-type]
+    assert isinstance(built, GenericCaptioner)
+    return built
+
+
+def test_auto_backend_reads_the_config_and_keeps_florence_for_florence(
+    generic_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    for family, directory in generic_model_dirs.items():
+        built = captioner(directory, tmp_path)
+        assert built.backend == family and built.tasks == ("<CAPTION>",)
+        assert (built.pixel_spec.width, built.pixel_spec.height) == (SIDE, SIDE)  # known before loading
+        assert built.takes_prompt == (family != "vision-encoder-decoder")
+    assert isinstance(build_captioner(Settings(model="test:tiny", cache_dir=tmp_path)), FlorenceCaptioner)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_counts_mixed_prompts_and_unload(
+    family: str, generic_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    model = captioner(generic_model_dirs[family], tmp_path)
+    model.load()
+    items = [
+        CaptionItem(prepared(1), "<CAPTION>", GREEDY),
+        CaptionItem(prepared(2), "<CAPTION>", GREEDY, prompt="a red cat"),
+        CaptionItem(prepared(1), "<CAPTION>", GREEDY),
+    ]
+    first = model.caption(items)
+    assert first[0] == first[2]  # same image, same prompt: same answer
+    for caption in first:
+        assert caption.finish_reason == ("length" if caption.completion_tokens == 5 else "stop")
+        assert caption.confidence is None  # not asked for
+    alone = model.caption([items[1]])[0]
+    assert alone == first[1]  # a prompt in a mixed batch gets what it gets alone
+    if family in ("blip", "git"):  # the start token, then the prompt's tokens
+        assert first[0].prompt_tokens == 1 and first[1].prompt_tokens > 1
+        assert first[1].text.startswith("a red cat")
+    if family == "vision-encoder-decoder":
+        assert first[1] == model.caption([CaptionItem(prepared(2), "<CAPTION>", GREEDY)])[0]  # prompt ignored
+    model_ref = weakref.ref(model._ready.loaded.model)  # type: ignore[union-attr]
+    model.unload()
+    gc.collect()
+    assert model_ref() is None and not model.is_loaded
+    model.load()
+    assert model.caption(items) == first  # reloads and answers the same
+
+
+def test_a_row_that_meets_its_end_token_stops_there(
+    generic_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Make a token of a known answer the end token: the caption stops right before it."""
+    model = captioner(generic_model_dirs["idefics3"], tmp_path)
+    model.load()
+    ready = model._ready
+    assert ready is not None
+    item = CaptionItem(prepared(3), "<CAPTION>", GREEDY)
+    family, loaded = ready.family, ready.loaded
+    inputs = model._inputs(ready, [noise(3, (SIDE, SIDE))], None)
+    full = loaded.model.generate(**inputs, max_new_tokens=5, do_sample=False)[
+        0, family.prompt_length(inputs) :
+    ]
+    tokens = full.tolist()
+    cut = next(k for k in range(1, len(tokens)) if tokens[k] not in tokens[:k])  # its first new token
+    loaded.model.generation_config.eos_token_id = tokens[cut]
+    ready.stops = family.stop_ids(loaded)
+    caption = model.caption([item])[0]
+    assert caption.finish_reason == "stop" and caption.completion_tokens == cut
+    assert caption.text == loaded.tokenizer.decode(tokens[:cut], skip_special_tokens=True).strip()
+
+
+def test_cuda_out_of_memory_on_a_batch_is_the_servers_503(
+    generic_model_dirs: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = captioner(generic_model_dirs["blip"], tmp_path)
+    model.load()
+    assert model._ready is not None
+
+    def out_of_memory(*args: object, **kwargs: object) -> None:
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(model._ready.loaded.model, "generate", out_of_memory)
+    with pytest.raises(OutOfMemory, match="batch of 2") as caught:
+        model.caption([CaptionItem(prepared(1), "<CAPTION>", GREEDY)] * 2)
+    assert caught.value.status == 503
+
+
+def test_a_forced_backend_that_does_not_fit_the_files_is_a_load_error(
+    generic_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    model = captioner(generic_model_dirs["git"], tmp_path, backend="blip")
+    with pytest.raises(ModelLoadError, match="'git' model .* --backend blip runs BLIP .*--backend git"):
+        model.load()
+    assert not model.is_loaded
