@@ -123,6 +123,6 @@ def test_a_forced_backend_that_does_not_fit_the_files_is_a_load_error(
     generic_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     model = captioner(generic_model_dirs["git"], tmp_path, backend="blip")
-    with pytest.raises(ModelLoadError, match="'git' model .* --backend blip runs BLIP .*--backend git"):
+    with pytest.raises(ModelLoadError, match=r"'git' model .* --backend blip runs BLIP .*--backend git"):
         model.load()
     assert not model.is_loaded
