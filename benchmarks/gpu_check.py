@@ -55,7 +55,7 @@ BENCHMARKS = REPO / "benchmarks"
 WHEELS = REPO / ".whl"
 CUDA_TESTS = "tests/system/test_cuda.py"
 RESERVE_S = 8.0  # kept back from every step for writing the report and stopping children
-LOG_TAIL = 12_000  # characters of each step's output kept in gpu_check.log
+LOG_HEAD, LOG_TAIL = 8_000, 24_000  # characters of each step's output kept in gpu_check.log
 PACKAGES = (
     "torch",
     "transformers",
@@ -221,8 +221,10 @@ def log_entry(name: str, command: list[str], code: int | None, out: Path, err: P
     parts = [f"===== {name}: {' '.join(command)}", f"exit: {'timeout' if code is None else code}"]
     for label, path in (("stdout", out), ("stderr", err)):
         text = path.read_text(errors="replace") if path.exists() else ""
-        cut = f"[... {len(text) - LOG_TAIL} characters left out ...]\n" if len(text) > LOG_TAIL else ""
-        parts.append(f"----- {label}\n{cut}{text[-LOG_TAIL:]}")
+        if len(text) > LOG_HEAD + LOG_TAIL:  # the start (load, compile times) and the end (results)
+            left_out = len(text) - LOG_HEAD - LOG_TAIL
+            text = f"{text[:LOG_HEAD]}\n[... {left_out} characters left out ...]\n{text[-LOG_TAIL:]}"
+        parts.append(f"----- {label}\n{text}")
     return "\n".join(parts)
 
 
@@ -531,6 +533,7 @@ def child_env(extra_paths: list[str], workdir: Path) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
     env["PYTHONUNBUFFERED"] = "1"
     env["HF_HUB_OFFLINE"] = "1"  # test models only; never wait on a network
+    env["VISION_SERVER_LOG_LEVEL"] = "info"  # the benchmarks then log load and compile times
     env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(workdir / "inductor"))  # shared by every step
     return env
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import statistics
 import sys
 import tempfile
@@ -53,6 +55,8 @@ def main() -> None:
         "--model-dir", type=Path, help="an already built native model: skip building and conversion"
     )
     args = parser.parse_args()
+    log_level = os.environ.get("VISION_SERVER_LOG_LEVEL", "warning").upper()  # info: compile times
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     from vision_server.captioner import GenerationOptions
     from vision_server.florence.convert import convert_checkpoint

@@ -15,6 +15,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import os
 import socket
 import statistics
@@ -57,7 +58,8 @@ def start_server(args: argparse.Namespace) -> tuple[subprocess.Popen[bytes], str
     if args.compile:
         command.append("--compile")
     command += args.server_arg
-    env = {**os.environ, "VISION_SERVER_LOG_LEVEL": "warning"}
+    # Quiet by default; VISION_SERVER_LOG_LEVEL=info shows load and compile times (gpu_check does).
+    env = {**os.environ, "VISION_SERVER_LOG_LEVEL": os.environ.get("VISION_SERVER_LOG_LEVEL", "warning")}
     return subprocess.Popen(command, env=env), f"http://127.0.0.1:{port}"
 
 
@@ -320,6 +322,8 @@ def main() -> None:
         help="extra 'vision-server serve' argument (--device=X and --dtype=X apply in-process too)",
     )
     args = parser.parse_args()
+    log_level = os.environ.get("VISION_SERVER_LOG_LEVEL", "warning").upper()
+    logging.basicConfig(level=log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     images = make_images(min(args.requests, 64), args.image_size)
     server = None
