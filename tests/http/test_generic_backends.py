@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from aiohttp import ClientSession, FormData
 
 from tests.support.generic_reference import reference_caption
@@ -165,3 +166,35 @@ async def test_unsupported_architecture_is_a_503_naming_the_supported_ones(tmp_p
         "Idefics3ForConditionalGeneration",
     ):
         assert name in message
+
+
+async def test_sampling_draws_what_transformers_draws_from_the_same_seed(
+    generic_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """temperature > 0 samples (one beam): with torch's global generator seeded alike, the server's
+    caption is the direct call's; another seed gives another caption."""
+    directory = generic_model_dirs["git"]
+    image = "data:image/png;base64," + to_b64(encode(picture(7)))
+    content = [{"type": "image_url", "image_url": {"url": image}}]
+    chat = {
+        "model": "x",
+        "max_tokens": 8,
+        "temperature": 1.5,
+        "messages": [{"role": "user", "content": content}],
+    }
+    sampled = []
+    async with client_for(settings_for(directory, tmp_path)) as session:
+        await post_json(
+            session, "/v1/chat/completions", chat
+        )  # loads the model (loading draws random numbers)
+        for seed in (7, 8):
+            torch.manual_seed(seed)  # the model thread draws from the same global generator
+            status, body = await post_json(session, "/v1/chat/completions", chat)
+            assert status == 200, body
+            sampled.append(body["choices"][0]["message"]["content"])
+    options = {"max_new_tokens": 8, "do_sample": True, "temperature": 1.5, "top_p": 1.0, "num_beams": 1}
+    expected = []
+    for seed in (7, 8):
+        torch.manual_seed(seed)
+        expected.append(reference_caption(directory, "git", picture(7), **options))
+    assert sampled == expected and expected[0] != expected[1]

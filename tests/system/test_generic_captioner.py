@@ -14,7 +14,8 @@ import pytest
 import torch
 
 from tests.support.images import noise
-from vision_server.captioner import CaptionItem, GenerationOptions
+from tests.system.test_warm_tier import FakeMover
+from vision_server.captioner import CaptionItem, GenerationOptions, Offloadable
 from vision_server.errors import ModelLoadError, OutOfMemory
 from vision_server.florence.captioner import FlorenceCaptioner
 from vision_server.generic.captioner import GenericCaptioner
@@ -126,3 +127,23 @@ def test_a_forced_backend_that_does_not_fit_the_files_is_a_load_error(
     with pytest.raises(ModelLoadError, match=r"'git' model .* --backend blip runs BLIP .*--backend git"):
         model.load()
     assert not model.is_loaded
+
+
+def test_warm_tier_parks_the_weights_and_wakes_with_the_same_captions(
+    generic_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The engine's warm tier works for generic models too (a fake mover stands in for CUDA)."""
+    mover = FakeMover()
+    model = GenericCaptioner(str(generic_model_dirs["blip"]), backend="blip", cache_dir=tmp_path, mover=mover)
+    assert isinstance(model, Offloadable) and not model.can_offload  # nothing loaded yet
+    model.load()
+    item = CaptionItem(prepared(4), "<CAPTION>", GREEDY)
+    before = model.caption([item])
+    assert model.can_offload
+    model.offload()
+    with pytest.raises(RuntimeError, match="offloaded"):
+        model.caption([item])
+    model.restore()
+    assert model.caption([item]) == before and mover.moves == ["host", "device cpu"]
+    model.unload()
+    assert not model.is_loaded and not model.can_offload

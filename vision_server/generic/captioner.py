@@ -29,6 +29,7 @@ from vision_server.florence.captioner import (
     trim_heap,
 )
 from vision_server.florence.source import resolve_model_dir
+from vision_server.florence.tiers import DeviceMover, PinnedMover
 from vision_server.generic.config_files import image_processor_config, model_config
 from vision_server.generic.families import FAMILIES, FLORENCE, backend_of, describe, supported
 from vision_server.generic.family import Family, Loaded
@@ -69,6 +70,7 @@ class GenericCaptioner:
         device: str = "auto",
         dtype: str = "auto",
         max_batch_size: int | None = None,
+        mover: DeviceMover | None = None,
     ) -> None:
         if backend is not None and backend not in FAMILIES:
             raise ValueError(f"unknown generic backend {backend!r}; choose one of {', '.join(FAMILIES)}")
@@ -80,6 +82,8 @@ class GenericCaptioner:
         self.dtype = dtype
         self.max_batch_size = max_batch_size or self.preferred_batch_size
         self._ready: _Ready | None = None
+        self.mover: DeviceMover = mover or PinnedMover()
+        self._offloaded = False  # the loaded weights sit in host memory (the warm tier)
         self._pixel_spec: PixelSpec | None = None
 
     @classmethod
@@ -210,7 +214,32 @@ class GenericCaptioner:
 
     def unload(self) -> None:
         self._ready = None
+        self._offloaded = False
         release_memory()
+
+    # --- the warm tier (vision_server.captioner.Offloadable), as for Florence-2 ------------------
+
+    @property
+    def can_offload(self) -> bool:
+        ready = self._ready
+        return ready is not None and self.mover.helps(ready.device)
+
+    def offload(self) -> None:
+        ready = self._ready
+        if ready is None or self._offloaded:
+            return
+        self.mover.to_host(ready.loaded.model)
+        self._offloaded = True
+        release_memory()
+
+    def restore(self) -> ModelInfo:
+        ready = self._ready
+        if ready is None:
+            raise RuntimeError("restore() called with no model in host memory")
+        if self._offloaded:
+            self.mover.to_device(ready.loaded.model, ready.device)
+            self._offloaded = False
+        return ModelInfo(self._spec, str(ready.device), str(ready.dtype).removeprefix("torch."))
 
     def trim_memory(self) -> None:
         trim_heap()
@@ -220,8 +249,8 @@ class GenericCaptioner:
     def caption(self, batch: list[CaptionItem]) -> list[Caption]:
         """Caption a batch; one generate call per (options, prompt) group, results in order."""
         ready = self._ready
-        if ready is None:
-            raise RuntimeError("caption() called before load()")
+        if ready is None or self._offloaded:
+            raise RuntimeError("caption() called before load(), or while offloaded")
         groups: dict[tuple[GenerationOptions, str | None], list[int]] = {}
         for index, item in enumerate(batch):
             prompt = item.prompt if ready.family.takes_prompt else None
