@@ -198,3 +198,44 @@ async def test_sampling_draws_what_transformers_draws_from_the_same_seed(
         torch.manual_seed(seed)
         expected.append(reference_caption(directory, "git", picture(7), **options))
     assert sampled == expected and expected[0] != expected[1]
+
+
+@pytest.mark.parametrize("family", ["idefics3", "blip"])
+async def test_stream_true_sends_the_caption_token_by_token(
+    family: str, generic_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """Greedy decoding streams: the pieces add up to the caption a plain request gets."""
+    directory = generic_model_dirs[family]
+    content = [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64," + to_b64(encode(picture(8)))}}
+    ]
+    chat = {"model": "x", "max_tokens": 8, "messages": [{"role": "user", "content": content}]}
+    async with client_for(settings_for(directory, tmp_path, num_beams=1)) as session:
+        status, body = await post_json(session, "/v1/chat/completions", chat)
+        assert status == 200, body
+        async with session.post("/v1/chat/completions", json={**chat, "stream": True}) as response:
+            assert response.status == 200 and response.headers["Content-Type"] == "text/event-stream"
+            lines = [raw.decode().strip() async for raw in response.content]
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    pieces = [e["choices"][0]["delta"].get("content") for e in events if e.get("choices")]
+    pieces = [piece for piece in pieces if piece]
+    caption = body["choices"][0]["message"]["content"]
+    assert caption == reference_caption(directory, family, picture(8), max_new_tokens=8, num_beams=1)
+    assert len(pieces) > 2 and "".join(pieces) == caption
+
+
+async def test_a_prompted_blip_reply_streams_in_one_piece_that_starts_with_the_prompt(
+    generic_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    directory = generic_model_dirs["blip"]
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + to_b64(encode(picture(9)))}}
+    content = [{"type": "text", "text": PROMPT}, image]
+    chat = {"model": "x", "max_tokens": 6, "messages": [{"role": "user", "content": content}]}
+    async with client_for(settings_for(directory, tmp_path, num_beams=1)) as session:
+        async with session.post("/v1/chat/completions", json={**chat, "stream": True}) as response:
+            assert response.status == 200
+            lines = [raw.decode().strip() async for raw in response.content]
+    events = [json.loads(line[6:]) for line in lines if line.startswith("data: {")]
+    pieces = [e["choices"][0]["delta"].get("content") for e in events if e.get("choices")]
+    expected = reference_caption(directory, "blip", picture(9), PROMPT, max_new_tokens=6, num_beams=1)
+    assert [piece for piece in pieces if piece] == [expected] and expected.startswith(PROMPT)

@@ -29,6 +29,7 @@ from vision_server.florence.captioner import (
     trim_heap,
 )
 from vision_server.florence.source import resolve_model_dir
+from vision_server.florence.streaming import RowStreamer
 from vision_server.florence.tiers import DeviceMover, PinnedMover
 from vision_server.generic.config_files import image_processor_config, model_config
 from vision_server.generic.families import FAMILIES, FLORENCE, backend_of, describe, supported
@@ -272,8 +273,13 @@ class GenericCaptioner:
         try:
             with torch.inference_mode():
                 inputs = self._inputs(ready, images, prompt)
+                streamer = _streamer(ready, items, options, prompt)
                 out = ready.loaded.model.generate(
-                    **inputs, **generate_kwargs(options), return_dict_in_generate=True, output_scores=scored
+                    **inputs,
+                    **generate_kwargs(options),
+                    **({"streamer": streamer} if streamer else {}),
+                    return_dict_in_generate=True,
+                    output_scores=scored,
                 )
                 scores = _confidences(ready, out, options) if scored else None
         except torch.cuda.OutOfMemoryError:
@@ -315,6 +321,21 @@ class GenericCaptioner:
             finish_reason="stop" if stop is not None else "length",
             confidence=confidence,
         )
+
+
+def _streamer(
+    ready: _Ready, items: list[CaptionItem], options: GenerationOptions, prompt: str | None
+) -> RowStreamer | None:
+    """Each item's caption so far, token by token, for the items that ask (one beam only).
+
+    Not when the answer starts with the prompt (BLIP, GIT): the streamed pieces must add up to
+    the final caption, and those would lack its first words; such a reply comes in one piece.
+    """
+    if options.num_beams != 1 or not any(item.stream for item in items):
+        return None
+    if prompt is not None and ready.family.keeps_prompt:
+        return None
+    return RowStreamer(ready.loaded.tokenizer, [item.stream for item in items])
 
 
 def _confidences(ready: _Ready, out: Any, options: GenerationOptions) -> list[float]:
