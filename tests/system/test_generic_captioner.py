@@ -77,8 +77,9 @@ def test_counts_mixed_prompts_and_unload(
     model.unload()
     gc.collect()
     assert model_ref() is None and not model.is_loaded
-    model.load()
-    assert model.caption(items) == first  # reloads and answers the same
+    if family == "blip":  # loading again (once is enough: it is the same code for every family)
+        model.load()
+        assert model.caption(items) == first
 
 
 def test_a_row_that_meets_its_end_token_stops_there(

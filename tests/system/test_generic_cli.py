@@ -6,24 +6,26 @@ import json
 import subprocess
 from pathlib import Path
 
+from click.testing import CliRunner
+
 from tests.support.bulk_data import caption_command, cli_env
 from tests.support.generic_reference import reference_caption
 from tests.support.images import encode, noise
 from tests.support.processes import cli_command
+from vision_server.cli import main
 from vision_server.testing.tiny_generic import SIDE
 
 
 def test_make_test_model_then_caption_a_folder_with_it(tmp_path: Path) -> None:
-    """An Idefics3 (the chat VLM) built by the CLI captions a folder offline; each sidecar is the
-    direct transformers answer for its image."""
+    """An Idefics3 (the chat VLM) built by ``make-test-model --family`` captions a folder with
+    ``vision-server caption`` in a real process; each caption file is the direct transformers
+    answer for its image. (The build runs in-process: a second interpreter start costs more than
+    the whole build, and the refusal test below runs the command as a process.)"""
     model = tmp_path / "vlm"
     env = cli_env(tmp_path)
-    built = subprocess.run(
-        [*cli_command(), "make-test-model", "--family", "idefics3", str(model)],
-        env=env, capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert built.returncode == 0, built.stderr
-    assert built.stdout.strip() == str(model)
+    built = CliRunner().invoke(main, ["make-test-model", "--family", "idefics3", str(model)])
+    assert built.exit_code == 0, built.output
+    assert built.output.strip() == str(model)
     assert json.loads((model / "config.json").read_text())["architectures"] == [
         "Idefics3ForConditionalGeneration"
     ]
