@@ -294,6 +294,7 @@ def step_versions(check: Check, timeout: float) -> dict[str, Any]:
     if failed:
         raise StepError(f"imports failed: {failed}", data)
     if not check.plan.smoke and not data["cuda_available"]:
+        check.report["no_cuda"] = True
         raise StepError("torch sees no CUDA device: the GPU figures cannot be measured", data)
     return data
 
@@ -455,6 +456,8 @@ def run_steps(check: Check, wanted: list[str]) -> None:
         need, budget = check.plan.needs[name]
         if name not in wanted:
             entry["reason"] = "not asked for (--steps)"
+        elif check.report.get("no_cuda"):
+            entry["reason"] = "no CUDA device (see versions); try --smoke on a CPU"
         elif DEPENDS.get(name) in steps and steps[DEPENDS[name]]["status"] not in ("ok", "skipped"):
             entry["reason"] = f"{DEPENDS[name]} failed"
         elif check.left - RESERVE_S < need:

@@ -180,3 +180,18 @@ def test_missing_packages_come_from_wheels_or_pips_platformdirs(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "vision-server" in result.stdout, result.stderr
+
+
+def test_without_cuda_the_full_check_stops_after_the_versions(tmp_path: Path) -> None:
+    """The real command on a machine without a GPU: one clear failure, nothing run for nothing."""
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU: the full check would run for minutes")
+    out = tmp_path / "out"
+    command = [sys.executable, str(BENCH), "--out", str(out), "--workdir", str(tmp_path / "work")]
+    result = subprocess.run(command, cwd=paths.REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1, result.stdout + result.stderr
+    steps = json.loads((out / "gpu_check.json").read_text(encoding="utf-8"))["steps"]
+    assert steps["versions"]["status"] == "failed" and "no CUDA device" in steps["versions"]["reason"]
+    assert steps["versions"]["data"]["packages"]["torch"]
+    assert all(steps[name]["reason"].startswith("no CUDA device") for name in STEPS[1:])
