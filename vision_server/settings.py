@@ -88,8 +88,8 @@ class Settings:
     )
     bulk_aging: int = _opt(
         4,
-        "Batches in a row that may leave waiting bulk jobs out; the next batch then takes bulk "
-        "jobs first, so bulk work never starves under interactive load.",
+        "Batches in a row that may leave waiting bulk jobs out; the next batch then keeps a quarter "
+        "of its places for bulk jobs, so bulk work never starves under interactive load.",
     )
     max_batch_size: int | None = _opt(
         None, "Most images captioned in one generate call. Unset: 32 on CUDA, 16 on CPU."

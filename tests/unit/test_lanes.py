@@ -71,24 +71,26 @@ async def test_an_interactive_job_behind_200_bulk_jobs_runs_in_the_very_next_bat
 async def test_bulk_progresses_under_a_steady_interactive_load(start_engine: StartEngine) -> None:
     fake = RecordingFake()
     fake.gate.set()
-    engine = await start_engine(fake, max_batch_size=4, max_batch_wait=0, bulk_aging=4)
-    bulk_items = [item(n) for n in range(20)]
+    engine = await start_engine(fake, max_batch_size=8, max_batch_wait=0, bulk_aging=4)
+    bulk_items = [item(n) for n in range(10)]
     bulk = [asyncio.create_task(engine.submit(i, labels=BULK)) for i in bulk_items]
     stop = asyncio.Event()
 
-    async def interactive_user(base: int) -> None:  # always a job waiting: 8 users, batches of 4
+    async def interactive_user(base: int) -> None:  # always a batch's worth waiting: 16 users
         n = 0
         while not stop.is_set():
             await engine.submit(item(1000 + base * 100 + n % 100))
             n += 1
 
-    users = [asyncio.create_task(interactive_user(u)) for u in range(8)]
+    users = [asyncio.create_task(interactive_user(u)) for u in range(16)]
     await asyncio.wait_for(asyncio.gather(*bulk), 30)
     stop.set()
     await asyncio.gather(*users)
     with_bulk = [n for n, batch in enumerate(fake.batches) if count(bulk_items, batch)]
-    # Interactive work fills every batch, so only aging lets bulk in: one batch in every five.
+    # Interactive work fills every batch, so only aging lets bulk in: a quarter of one batch in
+    # every five, and interactive jobs fill the rest of it.
     assert len(with_bulk) == 5
+    assert all(count(bulk_items, fake.batches[n]) == 2 and len(fake.batches[n]) == 8 for n in with_bulk)
     assert all(later - earlier == 5 for earlier, later in itertools.pairwise(with_bulk))
 
 

@@ -7,9 +7,11 @@ inside the bulk lane the clients take turns (round-robin by client key), each in
 arrival order.
 
 Aging, so bulk never starves: a batch that leaves waiting bulk work out counts as one pass-over;
-after ``bulk_aging`` (``--bulk-aging``) pass-overs in a row the next batch is formed bulk-first (bulk
-jobs first, interactive ones fill the rest). Under a load of interactive jobs that fills every
-batch, bulk still gets at least one batch in every ``bulk_aging + 1``.
+after ``bulk_aging`` (``--bulk-aging``) pass-overs in a row the next batch is built around the
+bulk lane's next job (its generation options decide who joins) and keeps a quarter of its places
+(at least one) for bulk jobs; interactive jobs fill the rest first. Under a load of interactive
+jobs that fills every batch, bulk still gets that share of one batch in every ``bulk_aging + 1``;
+a lighter interactive load never waits for aging at all.
 """
 
 from __future__ import annotations

@@ -18,6 +18,7 @@ from vision_server.engine.lanes import BulkLane
 from vision_server.errors import QueueFull
 
 DEFAULT_BULK_AGING = 4
+BULK_SHARE = 4  # an aged batch keeps 1/BULK_SHARE of its places for bulk jobs
 
 
 class JobQueue:
@@ -119,7 +120,8 @@ class JobQueue:
     def take_batch(self, limit: int) -> list[CaptionJob]:
         """The leader and every waiting job with the same generation options, up to ``limit``.
 
-        Interactive jobs first, then bulk jobs in client turns; bulk first when aging says so.
+        Interactive jobs first, then bulk jobs in client turns; when aging says so, the batch is
+        built around the bulk lane's next job and a quarter of it is kept for bulk jobs.
         Jobs left behind keep their order, and the oldest of a lane leads its next batch, so no
         job starves behind a stream of differently-configured ones.
         """
@@ -128,12 +130,11 @@ class JobQueue:
         if leader is None:
             return []
         key = leader.batch_key
-        if leader.lane is Lane.BULK:
-            batch = self._bulk.take(key, limit)
-            batch += self._take_interactive(key, limit - len(batch))
-        else:
-            batch = self._take_interactive(key, limit)
-            batch += self._bulk.take(key, limit - len(batch))
+        # Bulk's share: none unless aging says so (then a quarter of the places, at least one),
+        # so interactive jobs are never held back by aging unless they fill batches themselves.
+        reserved = max(1, limit // BULK_SHARE) if leader.lane is Lane.BULK else 0
+        batch = self._take_interactive(key, limit - reserved)
+        batch += self._bulk.take(key, limit - len(batch))
         left_out = self._bulk and not any(job.lane is Lane.BULK for job in batch)
         self._passed_over = self._passed_over + 1 if left_out else 0
         self._room.set()
