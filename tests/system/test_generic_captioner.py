@@ -7,6 +7,9 @@ here: choosing the backend, token counts and finish reasons, out-of-memory, unlo
 from __future__ import annotations
 
 import gc
+import http.server
+import json
+import threading
 import weakref
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import pytest
 import torch
 
 from tests.support.images import noise
+from tests.support.processes import free_port
 from tests.system.test_warm_tier import FakeMover
 from vision_server.captioner import CaptionItem, GenerationOptions, Offloadable
 from vision_server.errors import ModelLoadError, OutOfMemory
@@ -148,3 +152,45 @@ def test_warm_tier_parks_the_weights_and_wakes_with_the_same_captions(
     assert model.caption([item]) == before and mover.moves == ["host", "device cpu"]
     model.unload()
     assert not model.is_loaded and not model.can_offload
+
+
+def test_auto_backend_of_a_hub_id_asks_the_hub_for_config_json_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A hub id that is not cached: its config.json comes from the hub (a local stand-in here) in
+    one request; an unreachable hub means Florence-2, as before, without retries."""
+    from huggingface_hub import constants
+
+    from vision_server.generic.families import FLORENCE, detect_backend
+
+    asked: list[str] = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            asked.append(self.path)
+            body = json.dumps({"model_type": "git", "architectures": ["GitForCausalLM"]}).encode()
+            self.send_response(200 if self.path.startswith("/someone/") else 404)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub) as hub:
+        threading.Thread(target=hub.serve_forever, daemon=True).start()
+        monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{hub.server_address[1]}")
+        try:
+            assert detect_backend("someone/captioner", revision=None) == "git"
+            assert detect_backend("nobody/captioner", revision=None) == FLORENCE  # 404: as before
+        finally:
+            hub.shutdown()
+    configs = [path for path in asked if path.endswith("/config.json")]
+    assert configs == [
+        "/someone/captioner/resolve/main/config.json",
+        "/nobody/captioner/resolve/main/config.json",
+    ]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nobody listens
+    assert detect_backend("someone/captioner", revision=None) == FLORENCE

@@ -12,12 +12,14 @@ import json
 import logging
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from vision_server.florence.source import is_test_model
 
 log = logging.getLogger(__name__)
 
 IMAGE_PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+FETCH_TIMEOUT = 5.0  # seconds for the one config.json request of --backend auto
 
 
 def model_config(model: str, *, revision: str | None, fetch: bool) -> dict[str, Any] | None:
@@ -25,9 +27,9 @@ def model_config(model: str, *, revision: str | None, fetch: bool) -> dict[str, 
     if is_test_model(model):
         return None
     path = _on_disk(model, "config.json", revision=revision)
-    if path is None and fetch:
-        path = _fetched(model, "config.json", revision=revision)
-    return _read_json(path) if path is not None else None
+    if path is not None:
+        return _read_json(path)
+    return _fetched_config(model, revision=revision) if fetch else None
 
 
 def image_processor_config(model: str | Path, *, revision: str | None) -> dict[str, Any] | None:
@@ -54,17 +56,32 @@ def _on_disk(model: str, name: str, *, revision: str | None) -> Path | None:
     return Path(cached) if isinstance(cached, str) else None
 
 
-def _fetched(model: str, name: str, *, revision: str | None) -> Path | None:
-    """One small file from the hub (honours HF_HUB_OFFLINE); None when the hub cannot be reached."""
+def _fetched_config(model: str, *, revision: str | None) -> dict[str, Any] | None:
+    """``config.json`` from the hub in one short request (HF_ENDPOINT, token and HF_HUB_OFFLINE
+    honoured); None when it cannot be had. No retries: a server must not wait half a minute to
+    start because the network is down, and the load that follows reports the real problem."""
     if Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
         return None
     try:
-        from huggingface_hub import hf_hub_download
+        from huggingface_hub import constants, get_session
+        from huggingface_hub.utils import build_hf_headers
 
-        return Path(hf_hub_download(model, name, revision=revision))
-    except Exception as exc:  # offline, unknown id, gated: the load reports it properly
-        log.info("cannot fetch %s of %s to pick a backend (%s)", name, model, type(exc).__name__)
+        if constants.HF_HUB_OFFLINE:
+            return None
+        url = f"{constants.ENDPOINT}/{model}/resolve/{quote(revision or 'main', safe='')}/config.json"
+        response = get_session().get(
+            url, headers=build_hf_headers(), timeout=FETCH_TIMEOUT, follow_redirects=True
+        )
+        if response.status_code != 200:
+            log.info(
+                "cannot fetch config.json of %s to pick a backend (HTTP %d)", model, response.status_code
+            )
+            return None
+        data = response.json()
+    except Exception as exc:  # offline, unknown id, not JSON: the load reports it properly
+        log.info("cannot fetch config.json of %s to pick a backend (%s)", model, type(exc).__name__)
         return None
+    return data if isinstance(data, dict) else None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
