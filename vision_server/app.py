@@ -27,8 +27,17 @@ from vision_server.api.auth import KEYS, keys_from
 from vision_server.api.errors import ERROR_SHAPES, ErrorShapes, error_middleware
 from vision_server.api.keep_alive import add_keep_alive_header
 from vision_server.api.ratelimit import RATE_LIMITER, RateLimiter
-from vision_server.api.state import DECODER, ENGINE, FREE_TEXT, METRICS, RECENT, SETTINGS, STARTED_AT
-from vision_server.captioner import Captioner
+from vision_server.api.state import (
+    DECODER,
+    ENGINE,
+    FREE_TEXT,
+    METRICS,
+    MODEL_FAMILY,
+    RECENT,
+    SETTINGS,
+    STARTED_AT,
+)
+from vision_server.captioner import Captioner, model_family
 from vision_server.engine.observer import EngineObserver, ObserverGroup
 from vision_server.engine.recent import RecentBatches
 from vision_server.engine.scheduler import Engine
@@ -56,6 +65,7 @@ def create_app(
     metrics.watch(app[ENGINE])
     app[STARTED_AT] = time.time()
     app[FREE_TEXT] = captioner.takes_prompt
+    app[MODEL_FAMILY] = model_family(captioner)
     app[KEYS] = keys_from(settings)
     if settings.rate_limit is not None and settings.rate_limit > 0:
         app[RATE_LIMITER] = RateLimiter(settings.rate_limit)

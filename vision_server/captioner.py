@@ -135,6 +135,12 @@ class Captioner(Protocol):
         ...
 
 
+def model_family(captioner: Captioner) -> str:
+    """The model's architecture as clients see it (multipart's ``model_type``): ``florence-2``
+    unless the captioner names another in a ``family`` attribute (BLIP, GIT, ...)."""
+    return str(getattr(captioner, "family", "florence-2"))
+
+
 @runtime_checkable
 class Offloadable(Protocol):
     """A captioner with a warm tier: weights parked in (pinned) host memory, device memory free.

@@ -98,6 +98,7 @@ async def test_every_api_family_answers_what_transformers_generates(
             directory, family, picture(3), prompted, max_new_tokens=7, **greedy
         )
         assert 0 < body["confidence"] <= 1
+        assert body["model_info"]["model_type"] == family
 
 
 async def test_a_batch_of_different_images_gets_each_its_own_caption(

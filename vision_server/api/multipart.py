@@ -43,7 +43,7 @@ from vision_server.api.generation import (
     generation_options,
 )
 from vision_server.api.scheduling import job_labels
-from vision_server.api.state import ENGINE, FREE_TEXT, SETTINGS
+from vision_server.api.state import ENGINE, FREE_TEXT, MODEL_FAMILY, SETTINGS
 from vision_server.api.task_words import TASK_DESCRIPTIONS, default_task, read_prompt
 from vision_server.captioner import Caption, GenerationOptions
 from vision_server.engine.jobs import Lane
@@ -53,7 +53,6 @@ from vision_server.train.metadata import adapter_summary
 
 log = logging.getLogger(__name__)
 
-MODEL_TYPE = "florence-2"
 IMAGE_FIELDS = ("image", "file")
 # Every file field is read on every route: /caption takes one file from any of them.
 BATCH_FIELDS = ("images", "images[]", "files", "files[]", *IMAGE_FIELDS)
@@ -106,7 +105,7 @@ def no_image(form: Form, names: tuple[str, ...]) -> BadRequest:
 
 def brief_model_info(app: web.Application, task: str) -> dict[str, Any]:
     model = app[ENGINE].model_card.model_id
-    return {"model_type": MODEL_TYPE, "model": model, "task": task, "version": __version__}
+    return {"model_type": app[MODEL_FAMILY], "model": model, "task": task, "version": __version__}
 
 
 def confidence_of(caption: Caption) -> float | None:
@@ -212,7 +211,7 @@ async def model_info(request: web.Request) -> web.Response:
     settings = app[SETTINGS]
     return web.json_response(
         {
-            "model_type": MODEL_TYPE,
+            "model_type": app[MODEL_FAMILY],
             "model": card.model_id,
             "version": __version__,
             "state": status.state.value,

@@ -108,6 +108,11 @@ class GenericCaptioner:
         return (CAPTION_TASK,)
 
     @property
+    def family(self) -> str:
+        """The backend's name (``model_type`` in multipart replies); ``unknown`` until one fits."""
+        return self.backend or "unknown"
+
+    @property
     def takes_prompt(self) -> bool:
         family = FAMILIES.get(self.backend or "")
         return family.takes_prompt if family is not None else False
