@@ -7,7 +7,9 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
 import subprocess
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,3 +205,43 @@ def test_a_stopped_run_resumed_ends_where_an_uninterrupted_one_does(
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6)
     assert any(one[key].abs().sum() > 0 for key in one if "lora_B" in key)  # it did train
+
+
+def test_tensorboard_gets_the_losses(trained: Trained, tmp_path: Path, one_thread: None) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    options = TrainOptions(
+        dataset=trained.data, output=tmp_path / "run", model=str(trained.model), cache_dir=trained.cache,
+        max_steps=3, val_split=1.0, val_samples=0, log_with="auto",
+    )  # fmt: skip
+    run_training(options)
+    events = EventAccumulator(str(tmp_path / "run" / "logs"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "val/loss"} <= set(events.Tags()["scalars"])
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3]
+
+
+def test_ctrl_c_stops_with_a_checkpoint_to_resume_from(trained: Trained, tmp_path: Path) -> None:
+    output, log = tmp_path / "run", tmp_path / "train.log"
+    command = [*cli_command(), "train", "--dataset", str(trained.data), "--output", str(output)]
+    command += ["--model", str(trained.model), "--cache-dir", str(trained.cache), "--epochs", "1000"]
+    command += ["--log-with", "none", "--val-samples", "0"]
+    with log.open("wb") as sink:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=sink, env=_env())
+        try:
+            deadline = time.monotonic() + 120
+            while "epoch 1:" not in log.read_text() and process.poll() is None:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            process.send_signal(signal.SIGINT)
+            assert process.wait(60) == 130, log.read_text()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    message = log.read_text()
+    assert "continue with --resume" in message and "Traceback" not in message
+    checkpoint = Path(message.rsplit("--resume ", 1)[1].split()[0])
+    assert checkpoint.parent == output / "checkpoints" and (checkpoint / "trainer_state.pt").is_file()
+    assert (checkpoint / "adapter_config.json").is_file()  # every checkpoint is a usable adapter
+    assert not (output / "adapter_config.json").exists()  # the final adapter only when finished

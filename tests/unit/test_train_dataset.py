@@ -172,3 +172,16 @@ def test_the_command_prints_the_problems_and_exits_1_or_2(tmp_path: Path) -> Non
     assert result.exit_code == 2 and "already exists and is not empty; pass --overwrite" in result.output
     result = CliRunner().invoke(main, [*args[:-2], "--val-split", "0.5x"])
     assert result.exit_code == 2 and "--val-split" in result.output
+
+
+def test_trackers_are_used_only_when_installed() -> None:
+    import importlib.util
+
+    from vision_server.train.reporting import LoggerUnavailable, pick_tracker
+
+    has_tensorboard = importlib.util.find_spec("tensorboard") is not None
+    assert pick_tracker("auto") == ("tensorboard" if has_tensorboard else "none")
+    assert pick_tracker("none") == "none"
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(LoggerUnavailable, match="pip install wandb"):
+            pick_tracker("wandb")
