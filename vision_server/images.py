@@ -282,6 +282,9 @@ class ImageDecoder:
     known (or changes) later is honoured without restarting the pool. Full-size decodes share a
     budget of ``max_pixels`` pixels: one image of the largest allowed size at a time, or many
     photos side by side.
+
+    Bulk work (``bulk=True``: a folder run's uploads) decodes on a pool of its own, so one
+    person's image is never queued behind dozens of a folder run's; both pools share the budget.
     """
 
     def __init__(self, *, max_pixels: int, spec: Callable[[], PixelSpec], threads: int = 4) -> None:
@@ -289,19 +292,22 @@ class ImageDecoder:
         self.budget = DecodeBudget(max_pixels)
         self._spec = spec
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vision-decode")
+        self._bulk_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vision-decode-bulk")
         self._closed = False
 
-    async def from_base64(self, text: str) -> PreparedImage:
-        return await self._in_pool(self._prepare_text, text)
+    async def from_base64(self, text: str, *, bulk: bool = False) -> PreparedImage:
+        return await self._in_pool(self._prepare_text, text, bulk)
 
-    async def from_bytes(self, data: bytes) -> PreparedImage:
-        return await self._in_pool(self._prepare_bytes, data)
+    async def from_bytes(self, data: bytes, *, bulk: bool = False) -> PreparedImage:
+        return await self._in_pool(self._prepare_bytes, data, bulk)
 
-    async def _in_pool(self, func: Callable[[Any], PreparedImage], arg: Any) -> PreparedImage:
-        """Run ``func(arg)`` on the pool; a job the closing pool drops is a 503, not a lost reply."""
+    async def _in_pool(
+        self, func: Callable[[Any], PreparedImage], arg: Any, bulk: bool = False
+    ) -> PreparedImage:
+        """Run ``func(arg)`` on a pool; a job the closing pool drops is a 503, not a lost reply."""
         if self._closed:
             raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
-        future = self._pool.submit(func, arg)
+        future = (self._bulk_pool if bulk else self._pool).submit(func, arg)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -319,3 +325,4 @@ class ImageDecoder:
     def close(self) -> None:
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._bulk_pool.shutdown(wait=False, cancel_futures=True)

@@ -98,8 +98,8 @@ class Settings:
     request_timeout: float = _opt(600.0, "Seconds a request may wait and run before it fails with 504.")
     decode_threads: int = _opt(
         4,
-        "Threads that decode and resize images before the queue; their full-size decodes "
-        "together hold at most --max-image-pixels pixels.",
+        "Threads that decode and resize images before the queue, per lane (bulk uploads have "
+        "threads of their own); their full-size decodes together hold at most --max-image-pixels pixels.",
     )
     # limits
     max_request_bytes: int = _opt(20 * 1024 * 1024, "Largest request body accepted, in bytes (413 above).")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import multiprocessing
@@ -280,6 +281,31 @@ async def test_the_decoder_holds_the_full_size_only_inside_its_budget(
         decoder.close()
     assert seen == [(640 * 480, True)] and decoder.budget.in_use == 0
     assert prepared.size == (768, 768)
+
+
+async def test_an_interactive_image_is_not_decoded_behind_a_folder_runs(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoder = ImageDecoder(max_pixels=LIMIT, spec=lambda: SPEC, threads=1)
+    gate = threading.Event()
+    real_fit = images.fit_image
+
+    def held_for_bulk(image: Image.Image, spec: PixelSpec) -> PreparedImage:
+        if threading.current_thread().name.startswith("vision-decode-bulk"):
+            assert gate.wait(30), "the test never let the bulk decodes go"
+        return real_fit(image, spec)
+
+    monkeypatch.setattr(images, "fit_image", held_for_bulk)
+    data = encode(Image.new("RGB", (64, 48), "green"))
+    try:
+        bulk = [asyncio.ensure_future(decoder.from_bytes(data, bulk=True)) for _ in range(3)]
+        urgent = await asyncio.wait_for(decoder.from_bytes(data), 10)  # the bulk pool is stuck
+        assert urgent.original_size == (64, 48) and not any(task.done() for task in bulk)
+        gate.set()
+        assert all(p.original_size == (64, 48) for p in await asyncio.gather(*bulk))
+    finally:
+        gate.set()
+        decoder.close()
 
 
 def test_full_size_decodes_use_blocks_glibc_always_maps() -> None:

@@ -14,7 +14,7 @@ from vision_server.api.errors import REQUEST_ID
 from vision_server.api.scheduling import job_labels
 from vision_server.api.state import DECODER, ENGINE
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
-from vision_server.engine.jobs import JobLabels
+from vision_server.engine.jobs import JobLabels, Lane
 
 
 async def caption_base64(
@@ -34,7 +34,7 @@ async def caption_base64(
     caption so far while it is generated (see :class:`CaptionItem`)."""
     labels = labels or job_labels(request)
     request.app[ENGINE].check_room(labels.lane)
-    image = await request.app[DECODER].from_base64(text)
+    image = await request.app[DECODER].from_base64(text, bulk=labels.lane is Lane.BULK)
     item = CaptionItem(image=image, task=task, options=options, stream=stream, prompt=prompt)
     return await _submit(request, item, labels)
 
@@ -50,7 +50,7 @@ async def caption_bytes(
     """Caption an uploaded file's bytes (decoded off the event loop)."""
     labels = labels or job_labels(request)
     request.app[ENGINE].check_room(labels.lane)
-    image = await request.app[DECODER].from_bytes(data)
+    image = await request.app[DECODER].from_bytes(data, bulk=labels.lane is Lane.BULK)
     return await _submit(request, CaptionItem(image=image, task=task, options=options, prompt=prompt), labels)
 
 
