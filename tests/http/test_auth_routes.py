@@ -124,11 +124,11 @@ def keyed(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return tiny_settings(tmp_path_factory, api_key=API_KEY, admin_key=ADMIN_KEY)
 
 
-async def test_the_router_lists_every_family_and_both_admin_routes(keyed: Settings) -> None:
+async def test_the_router_lists_every_family_and_every_admin_route(keyed: Settings) -> None:
     async with serving(keyed) as (_, routes, admin):
         families = {route.family for route in routes}
         assert {"native", "openai", "extras", "multipart", "ops"} <= families
-        assert admin == {"/v1/model/load", "/v1/model/unload"}
+        assert admin == {"/v1/model/load", "/v1/model/unload", "/v1/model/offload"}
         assert len(routes) > 30
 
 
