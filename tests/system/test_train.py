@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -25,7 +26,7 @@ from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.florence.captioner import FlorenceCaptioner
 from vision_server.images import fit_image
 from vision_server.testing.trainable import build_trainable_test_model
-from vision_server.train.loop import run_training
+from vision_server.train.loop import TrainError, run_training
 from vision_server.train.options import TrainOptions
 
 TASK = "<MORE_DETAILED_CAPTION>"
@@ -194,6 +195,15 @@ def test_a_stopped_run_resumed_ends_where_an_uninterrupted_one_does(
     )
     assert not stopped.finished and stopped.steps == 5 and stopped.checkpoint is not None
     assert not (tmp_path / "resumed" / "adapter_config.json").exists()
+    fewer = tmp_path / "fewer"
+    shutil.copytree(trained.data, fewer)
+    (fewer / "img0.png").unlink()
+    (fewer / "img0.txt").unlink()
+    changed = {**base, "dataset": fewer, "learning_rate": 1e-3}
+    with pytest.raises(
+        TrainError, match=r"(?s)--learning-rate: 0.003 in the checkpoint.*the training images: "
+    ):
+        run_training(TrainOptions(output=tmp_path / "resumed", resume=tmp_path / "resumed", **changed))  # type: ignore[arg-type]
     resumed = run_training(TrainOptions(output=tmp_path / "resumed", resume=tmp_path / "resumed", **base))  # type: ignore[arg-type]
     assert resumed.finished and resumed.steps == 10
     assert [e["train_loss"] for e in resumed.history] == pytest.approx(

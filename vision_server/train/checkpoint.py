@@ -33,6 +33,9 @@ class ResumeState:
     cuda_rng: list[torch.Tensor] | None
     history: list[dict[str, Any]]
     options: dict[str, Any]
+    epoch_sum: float  # the running loss of the epoch the checkpoint fell in
+    epoch_count: int
+    train_images: list[str]
 
 
 def save_adapter(model: Any, directory: Path, base_model: str) -> None:
@@ -86,13 +89,8 @@ def find_checkpoint(path: Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(path: Path, model: Any) -> ResumeState:
-    """Put the checkpoint's adapter weights into ``model`` and return the rest of its state."""
-    from peft import set_peft_model_state_dict
-    from safetensors.torch import load_file
-
-    weights = load_file(str(path / "adapter_model.safetensors"))
-    set_peft_model_state_dict(model, weights)
+def read_state(path: Path) -> ResumeState:
+    """The checkpoint's trainer state (not its weights)."""
     state = torch.load(path / STATE_FILE, map_location="cpu", weights_only=True)
     return ResumeState(
         step=int(state["step"]),
@@ -103,7 +101,18 @@ def load_checkpoint(path: Path, model: Any) -> ResumeState:
         cuda_rng=state.get("cuda_rng"),
         history=list(state.get("history", [])),
         options=dict(state["options"]),
+        epoch_sum=float(state.get("epoch_sum", 0.0)),
+        epoch_count=int(state.get("epoch_count", 0)),
+        train_images=list(state.get("train_images", [])),
     )
+
+
+def load_adapter_weights(path: Path, model: Any) -> None:
+    """Put the checkpoint's adapter weights into ``model``."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
 
 
 def write_final(output: Path, model: Any, metadata: dict[str, Any]) -> None:

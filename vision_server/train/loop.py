@@ -26,8 +26,10 @@ from vision_server.images import prepare_image
 from vision_server.train.augment import Augmentation, caption_rng
 from vision_server.train.checkpoint import (
     CHECKPOINTS,
+    ResumeState,
     find_checkpoint,
-    load_checkpoint,
+    load_adapter_weights,
+    read_state,
     save_checkpoint,
     write_final,
 )
@@ -78,21 +80,16 @@ def run_training(
     examples = load_dataset(options.dataset, caption_ext=options.caption_ext, task=options.task)
     train_set, val_set = split(examples, options.val_split, options.seed)
     checkpoint = _check_output(options)
-    saved = load_saved_options(checkpoint) if checkpoint else None
+    saved = read_state(checkpoint) if checkpoint else None
     if saved is not None:
-        differences = plan_differences(saved, options)
-        if differences:
-            raise TrainError(
-                f"--resume {checkpoint}: these options differ from the interrupted run's "
-                "(use the same ones to continue it exactly):\n  " + "\n  ".join(differences)
-            )
+        _check_resumable(checkpoint, saved, options, train_set)
     tracker_kind = pick_tracker(options.log_with)
     _check_optimizer(options.optimizer)
     precision = pick_precision(options.device, options.precision)
     base = load_base(options, precision)
     trainer = _Trainer(options, base, precision, train_set, val_set, stream)
-    if checkpoint is not None:
-        trainer.resume(checkpoint)
+    if checkpoint is not None and saved is not None:
+        trainer.resume(checkpoint, saved)
     if not options.resume and options.output.exists() and options.overwrite:
         _clear_output(options.output)
     options.output.mkdir(parents=True, exist_ok=True)
@@ -103,9 +100,21 @@ def run_training(
         tracker.close()
 
 
-def load_saved_options(checkpoint: Path) -> dict[str, Any]:
-    state = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
-    return dict(state["options"])
+def _check_resumable(
+    checkpoint: Path | None, saved: ResumeState, options: TrainOptions, train_set: list[Example]
+) -> None:
+    """A resume continues the same run: same plan options, same training images."""
+    differences = plan_differences(saved.options, options)
+    names = [example.name for example in train_set]
+    if saved.train_images and saved.train_images != names:
+        added = len(set(names) - set(saved.train_images))
+        removed = len(set(saved.train_images) - set(names))
+        differences.append(f"the training images: {added} added, {removed} removed or renamed since")
+    if differences:
+        raise TrainError(
+            f"--resume {checkpoint}: this run differs from the interrupted one "
+            "(use the same options and dataset to continue it exactly):\n  " + "\n  ".join(differences)
+        )
 
 
 def _check_output(options: TrainOptions) -> Path | None:
@@ -204,8 +213,8 @@ class _Trainer:
 
     # --- resume and save ---------------------------------------------------------------------------
 
-    def resume(self, checkpoint: Path) -> None:
-        state = load_checkpoint(checkpoint, self.model)
+    def resume(self, checkpoint: Path, state: ResumeState) -> None:
+        load_adapter_weights(checkpoint, self.model)
         self.optimizer.load_state_dict(state.optimizer)
         self.scheduler.load_state_dict(state.scheduler)
         if self.scaler is not None and state.scaler:
@@ -215,9 +224,7 @@ class _Trainer:
             torch.cuda.set_rng_state_all(state.cuda_rng)
         self.step = state.step
         self.history = state.history
-        raw = torch.load(checkpoint / "trainer_state.pt", map_location="cpu", weights_only=True)
-        self.epoch_sum = float(raw.get("epoch_sum", 0.0))
-        self.epoch_count = int(raw.get("epoch_count", 0))
+        self.epoch_sum, self.epoch_count = state.epoch_sum, state.epoch_count
         self._say(f"resuming from {checkpoint} at step {self.step}/{self.plan.total_steps}")
 
     def _state(self) -> dict[str, Any]:
@@ -232,6 +239,7 @@ class _Trainer:
             "epoch_sum": self.epoch_sum,
             "epoch_count": self.epoch_count,
             "options": self.options.as_dict(),
+            "train_images": [example.name for example in self.train_set],
         }
 
     def _save(self) -> Path:
