@@ -36,6 +36,7 @@ T = TypeVar("T")
 
 MAX_PATHS = 1000  # images per re-caption or export request
 IN_FLIGHT = 8  # images one re-caption request has queued at a time
+THUMBNAILS_AT_ONCE = 2  # full-size decodes for thumbnails (a 64 MP PNG decodes to 192 MB)
 READ_ONLY = (
     "The gallery is read-only: start the server with --gallery-writable to save captions "
     "into the dataset's caption files."
@@ -49,6 +50,7 @@ class Gallery:
         self.catalog = catalog
         self.thumbnails = thumbnails
         self._lock = asyncio.Lock()
+        self.thumbnail_slots = asyncio.Semaphore(THUMBNAILS_AT_ONCE)
 
     async def run(self, func: Callable[..., T], *args: Any) -> T:
         async with self._lock:
@@ -118,7 +120,8 @@ async def thumbnail(request: web.Request) -> web.Response:
     gallery = request.app[GALLERY]
     entry = await gallery.entry(request.query.get("path"))
     try:
-        data = await asyncio.to_thread(gallery.thumbnails.get, entry.path)
+        async with gallery.thumbnail_slots:
+            data = await asyncio.to_thread(gallery.thumbnails.get, entry.path)
     except ThumbnailError as exc:
         raise BadRequest(f"No thumbnail for {entry.key}: {exc}") from None
     return web.Response(
