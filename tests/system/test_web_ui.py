@@ -240,12 +240,14 @@ def test_status_panel_is_live(page: Page, server: str, data: GalleryData, shots:
     page.goto("about:blank")
     page.goto(server + "/#status")
     page.wait_for_selector("body[data-ready=true]")
-    page.wait_for_selector("#batches tr")  # the batches the earlier tests ran
-    assert page.inner_text("#st-state") == "ready" and page.inner_text("#st-model") == "test:tiny"
-    assert page.inner_text("#st-idle") == "never"  # the test server runs with --idle-timeout -1
-    assert re.fullmatch(r"[\d.]+ img/s", page.inner_text("#st-speed"))
+    expect(page.locator("#st-jobs")).to_have_text(re.compile(r"^\d+$"))
     before = int(page.inner_text("#st-jobs"))
     native_caption(server, data.root / "sub" / "img06.png", "<ANALYZE>")
     expect(page.locator("#st-jobs")).not_to_have_text(str(before))  # updated without a reload
     assert int(page.inner_text("#st-jobs")) > before
+    page.wait_for_selector("#batches tr")
+    assert page.inner_text("#st-state") == "ready" and page.inner_text("#st-model") == "test:tiny"
+    assert page.inner_text("#st-idle") == "never"  # the test server runs with --idle-timeout -1
+    assert page.inner_text("#st-keep-alive") == "until unloaded by hand (set by the server)"
+    assert re.fullmatch(r"[\d.]+ img/s", page.inner_text("#st-speed"))
     page.screenshot(path=str(shots / "status.png"), full_page=True)

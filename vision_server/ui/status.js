@@ -7,9 +7,16 @@ const EVERY_MS = 1000;
 let active = false;
 
 function idleText(status) {
-  if (status.state !== "ready") return "not loaded";
-  if (status.idle_unload_in == null) return status.queue_depth || status.jobs_running ? "busy" : "never";
-  return `in ${Math.ceil(status.idle_unload_in)} s`;
+  if (status.state !== "ready" && status.state !== "offloaded") return "not loaded";
+  const where = status.state === "offloaded" ? "offloaded to host memory; " : "";
+  if (status.idle_unload_in == null) return where + (status.queue_depth || status.jobs_running ? "busy" : "never");
+  return `${where}in ${Math.ceil(status.idle_unload_in)} s`;
+}
+
+function keepAliveText(status) {
+  if (status.keep_alive == null) return "–";
+  const seconds = status.keep_alive < 0 ? "until unloaded by hand" : `${status.keep_alive} s`;
+  return status.keep_alive_from ? `${seconds} (set by the ${status.keep_alive_from})` : seconds;
 }
 
 function draw(status) {
@@ -17,6 +24,7 @@ function draw(status) {
   setText($("st-state"), status.draining ? `${status.state} (draining)` : status.state);
   setText($("st-device"), status.device ? `${status.device} ${status.dtype || ""}` : "–");
   setText($("st-idle"), idleText(status));
+  setText($("st-keep-alive"), keepAliveText(status));
   const lanes = status.lane_depths || {};
   const split = Object.keys(lanes).length ? ` (${Object.entries(lanes).map(([lane, n]) => `${lane} ${n}`).join(", ")})` : "";
   setText($("st-queue"), `${status.queue_depth}${split}`);
