@@ -149,10 +149,15 @@ async def _next_update(updates: asyncio.Queue[str], job: asyncio.Future[Caption]
         if job.done():
             return None
         getter: asyncio.Future[Any] = asyncio.ensure_future(updates.get())
-        await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
-        if getter.done():
-            return getter.result()
-        getter.cancel()
+        try:
+            await asyncio.wait({getter, job}, return_when=asyncio.FIRST_COMPLETED)
+            if getter.done():
+                return getter.result()
+        finally:
+            # Also when the handler itself is cancelled (the client left): a getter left pending
+            # would be destroyed with the queue ("Task was destroyed but it is pending!").
+            if not getter.done():
+                getter.cancel()
     return updates.get_nowait()
 
 
