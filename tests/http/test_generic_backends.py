@@ -101,25 +101,23 @@ async def test_every_api_family_answers_what_transformers_generates(
         assert body["model_info"]["model_type"] == family
 
 
-async def test_a_batch_of_different_images_gets_each_its_own_caption(
+async def test_several_images_in_one_request_get_each_its_own_caption(
     generic_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    """Several images in one request share a generate call; each still gets the direct answer."""
+    """Their jobs batch as the engine sees fit (one shared generate call is checked in-process,
+    tests/system/test_generic_captioner.py); whatever the grouping, each gets the direct answer."""
     directory = generic_model_dirs["git"]
     urls = [
         {"type": "image_url", "image_url": {"url": "data:image/png;base64," + to_b64(encode(picture(s)))}}
         for s in (4, 5, 6)
     ]
     chat = {"model": "x", "max_tokens": 5, "messages": [{"role": "user", "content": urls}]}
-    async with client_for(settings_for(directory, tmp_path, max_batch_wait_ms=500)) as session:
+    async with client_for(settings_for(directory, tmp_path)) as session:
         status, body = await post_json(session, "/v1/chat/completions", chat)
-        async with session.get("/v1/status") as response:
-            batch = (await response.json())["last_batch_size"]
     assert status == 200, body
     expected = [
         reference_caption(directory, "git", picture(s), max_new_tokens=5, num_beams=2) for s in (4, 5, 6)
     ]
-    assert batch == 3  # one generate call for the three
     assert body["choices"][0]["message"]["content"] == "\n\n".join(expected)  # one reply, captions joined
     assert len(set(expected)) == 3
 

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.support.generic_reference import reference_caption
 from tests.support.images import noise
 from tests.support.processes import free_port
 from tests.system.test_warm_tier import FakeMover
@@ -84,6 +85,27 @@ def test_counts_mixed_prompts_and_unload(
     if family == "blip":  # loading again (once is enough: it is the same code for every family)
         model.load()
         assert model.caption(items) == first
+
+
+@pytest.mark.parametrize("family", ["git", "idefics3"])
+def test_one_generate_call_for_different_images_gives_each_the_direct_answer(
+    family: str, generic_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """A batch of three images in one call (beam search, as served by default) answers what
+    transformers answers for each image alone."""
+    directory = generic_model_dirs[family]
+    model = captioner(directory, tmp_path)
+    model.load()
+    beams = GenerationOptions(max_new_tokens=5, num_beams=2)
+    got = [
+        caption.text
+        for caption in model.caption([CaptionItem(prepared(s), "<CAPTION>", beams) for s in (4, 5, 6)])
+    ]
+    pictures = [noise(s, (SIDE, SIDE)) for s in (4, 5, 6)]
+    expected = [
+        reference_caption(directory, family, image, max_new_tokens=5, num_beams=2) for image in pictures
+    ]
+    assert got == expected and len(set(expected)) > 1  # the images tell apart
 
 
 def test_a_row_that_meets_its_end_token_stops_there(
