@@ -520,6 +520,7 @@ collect() {
 }
 
 progress_line
+partial=""
 while :; do
     while [[ -z $abort_reason ]] && ((next < total && ${#running[@]} < jobs)); do
         caption_one "$next" &
@@ -527,9 +528,14 @@ while :; do
         next=$((next + 1))
     done
     ((${#running[@]} > 0)) || break
-    if IFS= read -r -t 1 -u "$done_fd" idx; then
-        if [[ -n ${running[$idx]+set} ]]; then collect "$idx"; fi
+    if IFS= read -r -t 1 -u "$done_fd" line; then
+        idx=$partial$line
+        partial=""
+        if [[ $idx =~ ^[0-9]+$ && -n ${running[$idx]+set} ]]; then collect "$idx"; fi
     else
+        # A timeout can strike in the middle of a line on a loaded machine: read keeps what it
+        # got, and the rest of that index comes with the next read.
+        partial+=$line
         # No news for a second: refresh the ETA and look for workers that died silently.
         for idx in "${!running[@]}"; do
             if ! kill -0 "${running[$idx]}" 2>/dev/null; then
