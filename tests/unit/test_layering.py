@@ -40,7 +40,7 @@ class Rule:
 RULES = (
     Rule(
         "api",
-        ("vision_server.florence", "vision_server.generic"),
+        ("vision_server.florence", "vision_server.generic", "vision_server.devices"),
         "API adapters reach the model only through the engine",
     ),
     Rule("engine", (*APPLICATION, *HTTP_LIBRARIES), "the engine knows nothing of HTTP"),
@@ -49,7 +49,7 @@ RULES = (
     Rule(
         "client",
         ("torch", "transformers", "vision_server.engine", "vision_server.florence", "vision_server.captioner",
-         "vision_server.testing"),
+         "vision_server.testing", "vision_server.devices"),
         "the client installs and starts without the model stack",
     ),
 )  # fmt: skip

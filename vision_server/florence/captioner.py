@@ -5,10 +5,7 @@ This module knows nothing of asyncio or HTTP; the engine calls it from its one m
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import dataclasses
-import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -20,7 +17,8 @@ import torch
 from PIL import Image
 
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions, ModelInfo
-from vision_server.errors import ModelLoadError, ModelSourceError, OutOfMemory
+from vision_server.devices import load_or_explain, pick_device, pick_dtype, release_memory, trim_heap
+from vision_server.errors import ModelSourceError, OutOfMemory
 from vision_server.florence.compiled import CompilePlan
 from vision_server.florence.pixels import pixel_spec, spec_before_load
 from vision_server.florence.prompts import tasks_for_model
@@ -34,46 +32,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 _STRIP_TOKENS = ("<pad>", "<s>", "</s>")
-
-
-def pick_device(requested: str) -> torch.device:
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(requested)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(
-            f"Device {requested!r} was requested but CUDA is not available; use --device cpu."
-        )
-    return device
-
-
-def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
-    """auto: float16 on CUDA, float32 on CPU (CPU half precision is slow and lossy)."""
-    if requested == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return DTYPES[requested]
-
-
-def release_memory() -> None:
-    """Give freed memory back: Python objects, the CUDA caching allocator, and glibc's heap."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    trim_heap()
-
-
-def trim_heap() -> None:
-    """Return the free pages of every glibc arena to the OS (``malloc_trim(0)``).
-
-    glibc raises its mmap threshold after the first big free, so Pillow's 16 MB decode blocks
-    and torch's CPU activations come from the heaps of the threads that made them, and free
-    memory there is kept, not returned: RSS stays at a burst's peak until this runs. It walks
-    all arenas (the decode threads' too) and costs milliseconds. A no-op without glibc.
-    """
-    with contextlib.suppress(OSError, AttributeError):  # not glibc (macOS, Windows, musl)
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 @dataclass
@@ -172,20 +131,7 @@ class FlorenceCaptioner:
 
     def load(self) -> ModelInfo:
         if self._loaded is None:
-            try:
-                self._loaded = self._load()
-            except ModelSourceError as exc:
-                raise ModelLoadError(str(exc)) from None
-            except torch.cuda.OutOfMemoryError:
-                release_memory()
-                raise ModelLoadError(
-                    "Out of GPU memory while loading; free the GPU or use a smaller model."
-                ) from None
-            except ModelLoadError:
-                raise
-            except Exception as exc:  # corrupt files surface as many library-specific types
-                release_memory()
-                raise ModelLoadError(f"{self._spec}: {type(exc).__name__}: {exc}") from None
+            self._loaded = load_or_explain(self._spec, self._load)
         loaded = self._loaded
         return ModelInfo(self._spec, str(loaded.device), str(loaded.dtype).removeprefix("torch."))
 

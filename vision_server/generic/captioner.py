@@ -20,14 +20,9 @@ import torch
 from PIL import Image
 
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions, ModelInfo
-from vision_server.errors import ModelLoadError, ModelSourceError, OutOfMemory
-from vision_server.florence.captioner import (
-    generate_kwargs,
-    pick_device,
-    pick_dtype,
-    release_memory,
-    trim_heap,
-)
+from vision_server.devices import load_or_explain, pick_device, pick_dtype, release_memory, trim_heap
+from vision_server.errors import ModelLoadError, OutOfMemory
+from vision_server.florence.captioner import generate_kwargs
 from vision_server.florence.source import resolve_model_dir
 from vision_server.florence.streaming import RowStreamer
 from vision_server.florence.tiers import DeviceMover, PinnedMover
@@ -142,20 +137,7 @@ class GenericCaptioner:
 
     def load(self) -> ModelInfo:
         if self._ready is None:
-            try:
-                self._ready = self._load()
-            except ModelSourceError as exc:
-                raise ModelLoadError(str(exc)) from None
-            except torch.cuda.OutOfMemoryError:
-                release_memory()
-                raise ModelLoadError(
-                    "Out of GPU memory while loading; free the GPU or use a smaller model."
-                ) from None
-            except ModelLoadError:
-                raise
-            except Exception as exc:  # corrupt or mismatched files surface as many library types
-                release_memory()
-                raise ModelLoadError(f"{self._spec}: {type(exc).__name__}: {exc}") from None
+            self._ready = load_or_explain(self._spec, self._load)
         ready = self._ready
         return ModelInfo(self._spec, str(ready.device), str(ready.dtype).removeprefix("torch."))
 

@@ -10,8 +10,8 @@ from typing import Any
 
 import torch
 
+from vision_server.devices import pick_device
 from vision_server.errors import ModelSourceError
-from vision_server.florence.captioner import pick_device
 from vision_server.florence.pixels import pixel_spec
 from vision_server.florence.source import resolve_model_dir
 from vision_server.images import PixelSpec
