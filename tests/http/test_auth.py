@@ -67,7 +67,20 @@ async def test_cors_preflight_passes_without_a_key(tmp_path: Path) -> None:
     async with client_for(settings, FakeCaptioner()) as session:
         async with session.options("/api/caption", headers=headers) as r:
             assert r.status == 204
-            assert "Authorization" in r.headers["Access-Control-Allow-Headers"]
+            allowed = {h.strip() for h in r.headers["Access-Control-Allow-Headers"].split(",")}
+            # The lane and client headers of a browser client must pass the preflight too.
+            assert {"Authorization", "X-Priority", "X-Client-Id"} <= allowed
+
+
+async def test_cors_answers_expose_the_keep_alive_granted(tmp_path: Path) -> None:
+    settings = Settings(cache_dir=tmp_path, cors_origins=("http://127.0.0.1:8000",))
+    body = {"image": b64(5), "prompt": "<CAPTION>", "keep_alive": "10m"}
+    origin = {"Origin": "http://127.0.0.1:8000"}
+    async with client_for(settings, FakeCaptioner()) as session:
+        async with session.post("/process_image", json=body, headers=origin) as r:
+            assert r.status == 200 and r.headers["X-Keep-Alive"]
+            exposed = {h.strip() for h in r.headers["Access-Control-Expose-Headers"].split(",")}
+            assert {"X-Keep-Alive", "X-Request-ID", "Retry-After"} <= exposed
 
 
 async def test_key_file_and_environment(tmp_path: Path) -> None:

@@ -16,8 +16,8 @@ from vision_server.api.errors import Handler
 from vision_server.api.state import SETTINGS
 
 ALLOW_METHODS = "GET, POST, OPTIONS"
-ALLOW_HEADERS = "Content-Type, Authorization, Bypass-Tunnel-Reminder, X-Request-ID"
-EXPOSE_HEADERS = "X-Request-ID, Retry-After"
+ALLOW_HEADERS = "Content-Type, Authorization, Bypass-Tunnel-Reminder, X-Request-ID, X-Priority, X-Client-Id"
+EXPOSE_HEADERS = "X-Request-ID, Retry-After, X-Keep-Alive"
 MAX_AGE = "600"
 
 
