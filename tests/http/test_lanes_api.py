@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from pathlib import Path
 from typing import Any
 
 from aiohttp import ClientSession, FormData
 
+from tests.support.gated import GatedFake
 from tests.support.images import b64, image_bytes
 from tests.support.serving import running_app
 from vision_server.api.state import ENGINE
-from vision_server.captioner import Caption, CaptionItem
 from vision_server.engine.scheduler import Engine
 from vision_server.settings import Settings
-from vision_server.testing.fake import FakeCaptioner
-
-
-class GatedFake(FakeCaptioner):
-    """The first batch holds the worker until the test opens ``gate``, so later requests queue."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate, self.entered = threading.Event(), threading.Event()
-
-    def caption(self, batch: list[CaptionItem]) -> list[Caption]:
-        self.entered.set()
-        assert self.gate.wait(30), "the test never opened the gate"
-        return super().caption(batch)
 
 
 async def until(engine: Engine, lanes: dict[str, int]) -> None:

@@ -12,7 +12,8 @@ from PIL import Image
 
 from tests.conftest import StartEngine
 from tests.support.clock import FakeClock, settle
-from vision_server.captioner import Caption, CaptionItem, GenerationOptions
+from tests.support.gated import GatedFake
+from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.engine.jobs import CaptionJob
 from vision_server.engine.lifecycle import ModelCard, ModelState
 from vision_server.engine.queue import JobQueue
@@ -50,19 +51,6 @@ async def parked(clock: FakeClock, timeout: float = 10) -> None:
     while clock.sleepers == 0:
         assert time.monotonic() < end, "the worker never waited on the clock"
         await asyncio.sleep(0.005)
-
-
-class GatedFake(FakeCaptioner):
-    """A captioner whose batch runs until the test opens ``gate`` (the test moves the clock meanwhile)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.gate, self.entered = threading.Event(), threading.Event()
-
-    def caption(self, batch: list[CaptionItem]) -> list[Caption]:
-        self.entered.set()
-        assert self.gate.wait(30), "the test never opened the gate"
-        return super().caption(batch)
 
 
 # --- queue and batching ---------------------------------------------------------------------------

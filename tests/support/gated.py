@@ -1,0 +1,25 @@
+"""A fake captioner that holds the worker inside a batch until the test lets it go.
+
+While it is held, later requests queue up, so a test can see how the next batch is formed
+(lanes, batching) or move a fake clock while a batch "runs".
+"""
+
+from __future__ import annotations
+
+import threading
+
+from vision_server.captioner import Caption, CaptionItem
+from vision_server.testing.fake import FakeCaptioner
+
+
+class GatedFake(FakeCaptioner):
+    """Each batch waits in ``caption()`` until the test sets ``gate``; ``entered`` says one began."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def caption(self, batch: list[CaptionItem]) -> list[Caption]:
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        return super().caption(batch)
