@@ -161,3 +161,18 @@ class Offloadable(Protocol):
     def restore(self) -> ModelInfo:
         """Move offloaded weights back to the device; ready to caption again."""
         ...
+
+
+@runtime_checkable
+class MemoryAware(Protocol):
+    """A captioner that says how much memory its weights take, for ``--memory-budget``."""
+
+    def memory_parts(self) -> dict[str, int]:
+        """Bytes of device memory (RAM on the CPU) per block of weights this model holds.
+
+        Keys name the blocks so that captioners sharing one (a base model under two adapters)
+        report it under the same key, and the engine counts it once. Before the first load an
+        estimate (from the weight files' headers; empty when unknown), afterwards what the loaded
+        weights measure. Read on the event loop: must be cheap once the first answer is known.
+        """
+        ...

@@ -82,6 +82,19 @@ class Draining(ServiceUnavailable):
     code = "shutting_down"
 
 
+class UnknownModel(VisionServerError):
+    """A request named a model this server does not serve; the message lists the served names."""
+
+    status = 404
+    code = "model_not_found"
+
+
+class ModelTooLarge(ServiceUnavailable):
+    """A model needs more memory than ``--memory-budget`` allows even with every other model unloaded."""
+
+    code = "model_too_large"
+
+
 class ModelLoadError(ServiceUnavailable):
     """The model could not be loaded; the message says why and how to fix it."""
 
