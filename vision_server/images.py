@@ -279,7 +279,8 @@ class ImageDecoder:
     """Decodes and resizes images on one small thread pool, with the server's limits.
 
     ``spec`` is asked on the pool thread for every image, so a model whose input size becomes
-    known (or changes) later is honoured without restarting the pool. Full-size decodes share a
+    known (or changes) later is honoured without restarting the pool; a call may pass its own
+    (the spec of the model its request picked) instead of this default. Full-size decodes share a
     budget of ``max_pixels`` pixels: one image of the largest allowed size at a time, or many
     photos side by side.
 
@@ -295,19 +296,30 @@ class ImageDecoder:
         self._bulk_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="vision-decode-bulk")
         self._closed = False
 
-    async def from_base64(self, text: str, *, bulk: bool = False) -> PreparedImage:
-        return await self._in_pool(self._prepare_text, text, bulk)
+    async def from_base64(
+        self, text: str, *, bulk: bool = False, spec: Callable[[], PixelSpec] | None = None
+    ) -> PreparedImage:
+        """Decode base64 or a data URL and fit it to ``spec`` (the decoder's own when None): with
+        several models served, each request is fitted to the input size of the model it picked."""
+        return await self._in_pool(self._prepare_text, text, spec or self._spec, bulk)
 
-    async def from_bytes(self, data: bytes, *, bulk: bool = False) -> PreparedImage:
-        return await self._in_pool(self._prepare_bytes, data, bulk)
+    async def from_bytes(
+        self, data: bytes, *, bulk: bool = False, spec: Callable[[], PixelSpec] | None = None
+    ) -> PreparedImage:
+        """Decode an uploaded file's bytes and fit them to ``spec`` (as :meth:`from_base64`)."""
+        return await self._in_pool(self._prepare_bytes, data, spec or self._spec, bulk)
 
     async def _in_pool(
-        self, func: Callable[[Any], PreparedImage], arg: Any, bulk: bool = False
+        self,
+        func: Callable[[Any, Callable[[], PixelSpec]], PreparedImage],
+        arg: Any,
+        spec: Callable[[], PixelSpec],
+        bulk: bool = False,
     ) -> PreparedImage:
-        """Run ``func(arg)`` on a pool; a job the closing pool drops is a 503, not a lost reply."""
+        """Run ``func(arg, spec)`` on a pool; a job the closing pool drops is a 503, not a lost reply."""
         if self._closed:
             raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
-        future = (self._bulk_pool if bulk else self._pool).submit(func, arg)
+        future = (self._bulk_pool if bulk else self._pool).submit(func, arg, spec)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -316,11 +328,11 @@ class ImageDecoder:
                 raise Draining("The server shut down before this image was read.", retry_after=5) from None
             raise
 
-    def _prepare_text(self, text: str) -> PreparedImage:
-        return self._prepare_bytes(decode_base64(text))
+    def _prepare_text(self, text: str, spec: Callable[[], PixelSpec]) -> PreparedImage:
+        return self._prepare_bytes(decode_base64(text), spec)
 
-    def _prepare_bytes(self, data: bytes) -> PreparedImage:
-        return prepare_image(data, self._spec(), max_pixels=self.max_pixels, budget=self.budget)
+    def _prepare_bytes(self, data: bytes, spec: Callable[[], PixelSpec]) -> PreparedImage:
+        return prepare_image(data, spec(), max_pixels=self.max_pixels, budget=self.budget)
 
     def close(self) -> None:
         self._closed = True

@@ -308,6 +308,28 @@ async def test_an_interactive_image_is_not_decoded_behind_a_folder_runs(
         decoder.close()
 
 
+async def test_each_call_may_fit_its_image_to_its_own_models_size() -> None:
+    """Several models served: an image is fitted to the model its request picked, on the pool
+    (the spec is asked there), and a call without one gets the decoder's default."""
+    small = PixelSpec(height=32, width=48, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+    asked_on: list[str] = []
+
+    def small_spec() -> PixelSpec:
+        asked_on.append(threading.current_thread().name)
+        return small
+
+    decoder = ImageDecoder(max_pixels=LIMIT, spec=lambda: SPEC, threads=1)
+    data = encode(Image.new("RGB", (64, 48), "green"))
+    try:
+        fitted = await decoder.from_bytes(data, spec=small_spec)
+        from_text = await decoder.from_base64(base64.b64encode(data).decode(), spec=small_spec)
+        default = await decoder.from_bytes(data, bulk=True)
+    finally:
+        decoder.close()
+    assert fitted.size == from_text.size == (48, 32) and default.size == (SPEC.width, SPEC.height)
+    assert len(asked_on) == 2 and all(name.startswith("vision-decode") for name in asked_on)
+
+
 def test_full_size_decodes_use_blocks_glibc_always_maps() -> None:
     """Above glibc's largest mmap threshold (32 MiB), freed blocks go back to the OS at once."""
     assert Image.core.get_block_size() == images.PILLOW_BLOCK_SIZE > 32 * 1024 * 1024

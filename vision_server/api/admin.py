@@ -2,6 +2,8 @@
 
 Both are messages to the engine's worker, handled between batches, so an unload never cuts a
 running request short. They answer with the engine status afterwards, like ``/v1/status``.
+With several models served, ``?model=NAME`` (or ``{"model": NAME}`` in a JSON body) names the
+one to act on, exactly (404 for a name not served); without it, the default model.
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.auth import admin_only
+from vision_server.api.bodies import read_json_object
+from vision_server.api.model_choice import MODEL_PARAM, model_field, resolve_exact
 from vision_server.api.state import ENGINE
 from vision_server.errors import Draining
 
@@ -19,9 +23,18 @@ def _refuse_while_draining(request: web.Request) -> None:
         raise Draining("The server is shutting down; the model will be unloaded.", retry_after=5)
 
 
+async def named_model(request: web.Request) -> str:
+    """The served model an admin request names (query or JSON body; the default without one)."""
+    value: object = request.query.get(MODEL_PARAM)
+    if value is None and await request.read():  # no body at all, as before: the default model
+        value = (await read_json_object(request)).get(MODEL_PARAM)
+    return resolve_exact(request.app, model_field(value))
+
+
 @admin_only
 async def load_model(request: web.Request) -> web.Response:
     """Load now (a no-op when loaded); 503 with the reason when the load fails."""
+    await named_model(request)
     _refuse_while_draining(request)
     status = await request.app[ENGINE].load()
     return web.json_response(status.as_dict())
@@ -30,6 +43,7 @@ async def load_model(request: web.Request) -> web.Response:
 @admin_only
 async def unload_model(request: web.Request) -> web.Response:
     """Unload once the batch running now (if any) is done; queued jobs load it again."""
+    await named_model(request)
     _refuse_while_draining(request)
     status = await request.app[ENGINE].unload()
     return web.json_response(status.as_dict())
@@ -38,6 +52,7 @@ async def unload_model(request: web.Request) -> web.Response:
 @admin_only
 async def offload_model(request: web.Request) -> web.Response:
     """Move the model to host memory now (the warm tier); 400 where there is none."""
+    await named_model(request)
     _refuse_while_draining(request)
     status = await request.app[ENGINE].offload()
     return web.json_response(status.as_dict())

@@ -1,6 +1,8 @@
 """From an image a client sent to a caption, through the one shared engine.
 
 Every API family goes through here, so their requests wait in the same queue and batch together.
+``model`` is the served name the request picked (:mod:`vision_server.api.model_choice`; None:
+the default model): the image is fitted to that model's input size and queued for it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from collections.abc import Callable, Sequence
 from aiohttp import web
 
 from vision_server.api.errors import REQUEST_ID
+from vision_server.api.model_choice import spec_for
 from vision_server.api.scheduling import job_labels
 from vision_server.api.state import DECODER, ENGINE
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
@@ -25,6 +28,7 @@ async def caption_base64(
     labels: JobLabels | None = None,
     prompt: str | None = None,
     *,
+    model: str | None = None,
     stream: Callable[[str], None] | None = None,
 ) -> Caption:
     """Caption a base64 string or ``data:`` URL (decoded off the event loop).
@@ -34,9 +38,10 @@ async def caption_base64(
     caption so far while it is generated (see :class:`CaptionItem`)."""
     labels = labels or job_labels(request)
     request.app[ENGINE].check_room(labels.lane)
-    image = await request.app[DECODER].from_base64(text, bulk=labels.lane is Lane.BULK)
+    spec = spec_for(request.app, model)
+    image = await request.app[DECODER].from_base64(text, bulk=labels.lane is Lane.BULK, spec=spec)
     item = CaptionItem(image=image, task=task, options=options, stream=stream, prompt=prompt)
-    return await _submit(request, item, labels)
+    return await _submit(request, item, labels, model)
 
 
 async def caption_bytes(
@@ -46,12 +51,16 @@ async def caption_bytes(
     options: GenerationOptions,
     labels: JobLabels | None = None,
     prompt: str | None = None,
+    *,
+    model: str | None = None,
 ) -> Caption:
     """Caption an uploaded file's bytes (decoded off the event loop)."""
     labels = labels or job_labels(request)
     request.app[ENGINE].check_room(labels.lane)
-    image = await request.app[DECODER].from_bytes(data, bulk=labels.lane is Lane.BULK)
-    return await _submit(request, CaptionItem(image=image, task=task, options=options, prompt=prompt), labels)
+    spec = spec_for(request.app, model)
+    image = await request.app[DECODER].from_bytes(data, bulk=labels.lane is Lane.BULK, spec=spec)
+    item = CaptionItem(image=image, task=task, options=options, prompt=prompt)
+    return await _submit(request, item, labels, model)
 
 
 async def caption_all_base64(
@@ -61,11 +70,14 @@ async def caption_all_base64(
     options: GenerationOptions,
     labels: JobLabels | None = None,
     prompt: str | None = None,
+    *,
+    model: str | None = None,
 ) -> list[Caption]:
     """Caption several images of one request, all or none: the first failure cancels the others
     (their queued jobs leave the queue), so a 400 or 503 leaves no captions behind."""
     tasks = [
-        asyncio.ensure_future(caption_base64(request, text, task, options, labels, prompt)) for text in texts
+        asyncio.ensure_future(caption_base64(request, text, task, options, labels, prompt, model=model))
+        for text in texts
     ]
     try:
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
@@ -79,5 +91,5 @@ async def caption_all_base64(
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _submit(request: web.Request, item: CaptionItem, labels: JobLabels) -> Caption:
+async def _submit(request: web.Request, item: CaptionItem, labels: JobLabels, model: str | None) -> Caption:
     return await request.app[ENGINE].submit(item, request_id=request.get(REQUEST_ID, "-"), labels=labels)

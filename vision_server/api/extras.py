@@ -5,7 +5,8 @@
 → ``{"caption": str}``; errors ``{"error": str}`` as the Extras server sends them. The browser
 calls these routes directly, so they need ``--cors-origin`` (:mod:`vision_server.api.cors`).
 SillyTavern sends no prompt here; an optional ``prompt`` picks the task as free text does
-elsewhere, and without one the server's default task is used.
+elsewhere, and without one the server's default task is used. SillyTavern sends no model name
+either (its requests caption with the default model); an optional ``model`` picks one.
 """
 
 from __future__ import annotations
@@ -15,8 +16,9 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.bodies import read_json_object
 from vision_server.api.captioning import caption_base64
+from vision_server.api.model_choice import chosen_model
 from vision_server.api.scheduling import job_labels
-from vision_server.api.state import ENGINE, FREE_TEXT, SETTINGS
+from vision_server.api.state import SETTINGS
 from vision_server.api.task_words import read_prompt
 from vision_server.errors import BadRequest, VisionServerError
 
@@ -39,11 +41,12 @@ async def caption(request: web.Request) -> web.Response:
     prompt = body.get("prompt")
     if prompt is not None and not isinstance(prompt, str):
         raise BadRequest('"prompt" must be a string.')
+    model = chosen_model(request, body.get("model"))
     settings = request.app[SETTINGS]
-    tasks = request.app[ENGINE].model_card.tasks
-    task, free_text = read_prompt(prompt, tasks, settings.default_task, free_text=request.app[FREE_TEXT])
+    task, free_text = read_prompt(prompt, model.tasks, settings.default_task, free_text=model.takes_prompt)
     labels = job_labels(request, body.get("priority"), keep_alive=body.get("keep_alive"))
-    result = await caption_base64(request, image, task, settings.generation_defaults(), labels, free_text)
+    options = settings.generation_defaults()
+    result = await caption_base64(request, image, task, options, labels, free_text, model=model.name)
     return web.json_response({"caption": result.text})
 
 

@@ -10,14 +10,16 @@
   others still get captions. When no file got a caption the whole request fails: with the
   server's status if a failure was the server's (queue full, model failed to load), else with
   the first file's (400 for a file that is not an image, 413 for too many pixels).
-- ``GET /tasks`` and ``GET /model_info``.
+- ``GET /tasks`` and ``GET /model_info``: the default model's, or ``?model=NAME``'s.
 
-Optional fields: ``task`` (a task name, checked: 400 for an unknown one), ``prompt`` (free
-text, read like a chat prompt), ``max_length`` (or ``max_new_tokens``), ``temperature`` (> 0
-samples), ``top_p``, ``num_beams``, ``do_sample``; ``batch_size`` is accepted and ignored (the
-server batches across all clients). ``confidence`` is the geometric mean of the probabilities
-of the caption's tokens, in 0..1. Errors are ``{"detail": str}``, the FastAPI shape those
-servers answer with (and the native family's), with the status from the design's error table.
+Optional fields: ``model`` (a served model's name, :mod:`vision_server.api.model_choice`; the
+default model without it), ``task`` (a task name of that model, checked: 400 for an unknown
+one), ``prompt`` (free text, read like a chat prompt), ``max_length`` (or ``max_new_tokens``),
+``temperature`` (> 0 samples), ``top_p``, ``num_beams``, ``do_sample``; ``batch_size`` is
+accepted and ignored (the server batches across all clients). ``confidence`` is the geometric
+mean of the probabilities of the caption's tokens, in 0..1. Errors are ``{"detail": str}``,
+the FastAPI shape those servers answer with (and the native family's), with the status from
+the design's error table.
 """
 
 from __future__ import annotations
@@ -42,8 +44,9 @@ from vision_server.api.generation import (
     as_number,
     generation_options,
 )
+from vision_server.api.model_choice import ChosenModel, chosen_model, looked_up_model
 from vision_server.api.scheduling import job_labels
-from vision_server.api.state import ENGINE, FREE_TEXT, MODEL_FAMILY, SETTINGS
+from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.api.task_words import TASK_DESCRIPTIONS, default_task, read_prompt
 from vision_server.captioner import Caption, GenerationOptions
 from vision_server.engine.jobs import Lane
@@ -103,9 +106,8 @@ def no_image(form: Form, names: tuple[str, ...]) -> BadRequest:
 # --- replies -----------------------------------------------------------------------------------
 
 
-def brief_model_info(app: web.Application, task: str) -> dict[str, Any]:
-    model = app[ENGINE].model_card.model_id
-    return {"model_type": app[MODEL_FAMILY], "model": model, "task": task, "version": __version__}
+def brief_model_info(model: ChosenModel, task: str) -> dict[str, Any]:
+    return {"model_type": model.family, "model": model.name, "task": task, "version": __version__}
 
 
 def confidence_of(caption: Caption) -> float | None:
@@ -126,17 +128,17 @@ async def _single(request: web.Request, route_default: str) -> web.Response:
         raise no_image(form, IMAGE_FIELDS)
     if len(form.files) > 1:
         raise BadRequest(f"{len(form.files)} files uploaded; send one here, or several to /batch_caption.")
-    tasks = request.app[ENGINE].model_card.tasks
-    task, prompt = task_for(form, tasks, route_default, free_text=request.app[FREE_TEXT])
+    model = chosen_model(request, form.fields.get("model"))
+    task, prompt = task_for(form, model.tasks, route_default, free_text=model.takes_prompt)
     labels = job_labels(request, form.fields.get("priority"), keep_alive=form.fields.get("keep_alive"))
     options = options_for(form, request)
-    result = await caption_bytes(request, form.files[0].data, task, options, labels, prompt)
+    result = await caption_bytes(request, form.files[0].data, task, options, labels, prompt, model=model.name)
     return web.json_response(
         {
             "caption": result.text,
             "confidence": confidence_of(result),
             "processing_time": seconds_since(started),
-            "model_info": brief_model_info(request.app, task),
+            "model_info": brief_model_info(model, task),
         }
     )
 
@@ -160,14 +162,17 @@ async def batch_caption(request: web.Request) -> web.Response:
             f"The form has {len(form.files)} files; the limit is {limit} per request "
             "(--max-images-per-request). Send the others in further requests."
         )
-    tasks = request.app[ENGINE].model_card.tasks
-    task, prompt = task_for(form, tasks, CAPTION_TASK, free_text=request.app[FREE_TEXT])
+    model = chosen_model(request, form.fields.get("model"))
+    task, prompt = task_for(form, model.tasks, CAPTION_TASK, free_text=model.takes_prompt)
     options = options_for(form, request)
     labels = job_labels(
         request, form.fields.get("priority"), default=Lane.BULK, keep_alive=form.fields.get("keep_alive")
     )
     outcomes = await asyncio.gather(
-        *(caption_bytes(request, upload.data, task, options, labels, prompt) for upload in form.files),
+        *(
+            caption_bytes(request, upload.data, task, options, labels, prompt, model=model.name)
+            for upload in form.files
+        ),
         return_exceptions=True,
     )
     raise_if_nothing_worked(outcomes)
@@ -199,19 +204,19 @@ def slot(request: web.Request, upload: Upload, outcome: Caption | BaseException)
 
 
 async def tasks(request: web.Request) -> web.Response:
-    model_tasks = request.app[ENGINE].model_card.tasks
+    model_tasks = looked_up_model(request).tasks
     listed = [{"task": task, "description": TASK_DESCRIPTIONS.get(task, "")} for task in model_tasks]
     return web.json_response({"tasks": listed, "default": default_task(CAPTION_TASK, model_tasks)})
 
 
 async def model_info(request: web.Request) -> web.Response:
     app = request.app
+    card = looked_up_model(request)
     status = app[ENGINE].status()
-    card = app[ENGINE].model_card
     settings = app[SETTINGS]
     return web.json_response(
         {
-            "model_type": app[MODEL_FAMILY],
+            "model_type": card.family,
             "model": card.model_id,
             "version": __version__,
             "state": status.state.value,

@@ -2,6 +2,8 @@
 
 ``POST /process_image`` ``{"image", "prompt"}`` → ``{"result"}``; ``GET /prompts`` → a JSON
 array of task tokens; ``GET /model`` → a bare JSON string; errors are ``{"detail": str}``.
+Beyond the original: an optional ``"model"`` in the body picks a served model, and
+``GET /prompts?model=NAME`` lists that model's tasks (:mod:`vision_server.api.model_choice`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,9 @@ from aiohttp.web_urldispatcher import AbstractRoute
 from vision_server.api.bodies import read_json_object, require_str
 from vision_server.api.captioning import caption_base64
 from vision_server.api.errors import MissingField
+from vision_server.api.model_choice import chosen_model, looked_up_model
 from vision_server.api.scheduling import job_labels
-from vision_server.api.state import ENGINE, FREE_TEXT, SETTINGS
+from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.api.task_words import read_prompt
 from vision_server.errors import VisionServerError
 from vision_server.tasks import CAPTION_TASK, normalize_task
@@ -28,19 +31,20 @@ async def process_image(request: web.Request) -> web.Response:
     body = await read_json_object(request)
     image_text = require_str(body, "image")
     prompt = require_str(body, "prompt")
-    tasks = request.app[ENGINE].model_card.tasks
-    if request.app[FREE_TEXT]:  # a task name picks the task; other text goes to the model
-        task, free_text = read_prompt(prompt, tasks, CAPTION_TASK, free_text=True)
+    model = chosen_model(request, body.get("model"))
+    if model.takes_prompt:  # a task name picks the task; other text goes to the model
+        task, free_text = read_prompt(prompt, model.tasks, CAPTION_TASK, free_text=True)
     else:
-        task, free_text = normalize_task(prompt, tasks), None
+        task, free_text = normalize_task(prompt, model.tasks), None
     labels = job_labels(request, body.get("priority"), keep_alive=body.get("keep_alive"))
     options = request.app[SETTINGS].generation_defaults()
-    caption = await caption_base64(request, image_text, task, options, labels, free_text)
+    caption = await caption_base64(request, image_text, task, options, labels, free_text, model=model.name)
     return web.json_response({"result": caption.text})
 
 
 async def prompts(request: web.Request) -> web.Response:
-    return web.json_response(list(request.app[ENGINE].model_card.tasks))
+    """The default model's tasks, or with ``?model=NAME`` that model's (404 for an unknown name)."""
+    return web.json_response(list(looked_up_model(request).tasks))
 
 
 async def model(request: web.Request) -> web.Response:

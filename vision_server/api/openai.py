@@ -11,8 +11,10 @@ What a request means here:
   fetches nothing, so an ``http(s)://`` URL is a 400 that says to send a data URL.
 - The text of that message and of later user messages picks the task
   (:mod:`vision_server.api.task_words`); system messages are ignored.
-- ``model`` is not checked (SillyTavern sends ``gpt-4-turbo`` unless told otherwise); replies
-  name the configured model. ``max_tokens``/``max_completion_tokens``, ``temperature`` and
+- ``model`` picks a served model by name (:mod:`vision_server.api.model_choice`): a server with
+  one model takes any name (SillyTavern sends ``gpt-4-turbo`` unless told otherwise); with
+  several, an unknown name is a 404 with code ``model_not_found``, as OpenAI answers. Replies
+  name the model that captioned. ``max_tokens``/``max_completion_tokens``, ``temperature`` and
   ``top_p`` map onto generation; ``n`` must be 1; other fields are ignored.
 - The reply content is the caption itself. ``stream: true`` sends server-sent events in the
   OpenAI chunk format, token by token for greedy and sampled decoding of one image, in one
@@ -30,7 +32,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.bodies import read_json_object
 from vision_server.api.captioning import caption_all_base64
-from vision_server.api.errors import InvalidParameter, NotFound
+from vision_server.api.errors import InvalidParameter
 from vision_server.api.generation import (
     MAX_TEMPERATURE,
     as_bool,
@@ -38,10 +40,11 @@ from vision_server.api.generation import (
     as_number,
     generation_options,
 )
+from vision_server.api.model_choice import chosen_model, resolve_exact
 from vision_server.api.openai_replies import Completion, error_body
 from vision_server.api.openai_stream import stream_completion
 from vision_server.api.scheduling import job_labels
-from vision_server.api.state import ENGINE, FREE_TEXT, SETTINGS, STARTED_AT
+from vision_server.api.state import ENGINE, SETTINGS, STARTED_AT
 from vision_server.api.task_words import read_prompt
 from vision_server.captioner import GenerationOptions
 from vision_server.errors import VisionServerError
@@ -176,9 +179,9 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     settings = request.app[SETTINGS]
     chat = parse_chat_request(body, settings)
     labels = job_labels(request, chat.priority, keep_alive=chat.keep_alive)
-    card = request.app[ENGINE].model_card
-    free_text = request.app[FREE_TEXT]
-    task, prompt = read_prompt(chat.text, card.tasks, settings.default_task, free_text=free_text)
+    model = chosen_model(request, body.get("model"))
+    free_text = model.takes_prompt
+    task, prompt = read_prompt(chat.text, model.tasks, settings.default_task, free_text=free_text)
     if chat.stream:
         return await stream_completion(
             request,
@@ -187,11 +190,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             chat.options,
             labels,
             prompt,
-            model=card.model_id,
+            model=model.name,
             include_usage=chat.include_usage,
         )
-    captions = await caption_all_base64(request, chat.images, task, chat.options, labels, prompt)
-    return web.json_response(Completion.of(card.model_id, captions).body())
+    captions = await caption_all_base64(
+        request, chat.images, task, chat.options, labels, prompt, model=model.name
+    )
+    return web.json_response(Completion.of(model.name, captions).body())
 
 
 def model_card(app: web.Application) -> dict[str, Any]:
@@ -208,11 +213,9 @@ async def list_models(request: web.Request) -> web.Response:
 
 
 async def get_model(request: web.Request) -> web.Response:
-    card = model_card(request.app)
-    wanted = request.match_info["model"]
-    if wanted != card["id"]:
-        raise NotFound(f"The model {wanted!r} does not exist; this server has {card['id']!r}.")
-    return web.json_response(card)
+    """One served model by its exact name (404 ``model_not_found`` for any other)."""
+    resolve_exact(request.app, request.match_info["model"])
+    return web.json_response(model_card(request.app))
 
 
 def setup(app: web.Application) -> list[AbstractRoute]:

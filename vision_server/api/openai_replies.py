@@ -11,8 +11,10 @@ from vision_server.captioner import Caption
 from vision_server.errors import VisionServerError
 
 
-def error_type(status: int) -> str:
+def error_type(status: int, code: str = "") -> str:
     """OpenAI's error ``type`` for a status (SDKs pick their exception class by status)."""
+    if code == "model_not_found":  # OpenAI's own 404 for an unknown model says this
+        return "invalid_request_error"
     if status == 404:
         return "not_found_error"
     if status == 429:
@@ -27,7 +29,7 @@ def error_body(error: VisionServerError) -> dict[str, Any]:
     return {
         "error": {
             "message": error.message,
-            "type": error_type(error.status),
+            "type": error_type(error.status, code),
             "param": getattr(error, "param", None),
             "code": code,
         }

@@ -73,16 +73,18 @@ async def stream_completion(
     model: str,
     include_usage: bool,
 ) -> web.StreamResponse:
-    """Caption ``images`` and stream the completion (token by token where it can); ``prompt`` is
-    free text for a model that reads it."""
+    """Caption ``images`` with the served model ``model`` and stream the completion (token by
+    token where it can); ``prompt`` is free text for a model that reads it."""
     events = EventStream(request)
     head = Completion.started(model)
     if len(images) != 1:
-        captions = await caption_all_base64(request, images, task, options, labels, prompt)
+        captions = await caption_all_base64(request, images, task, options, labels, prompt, model=model)
         await events.send(*Completion.of(model, captions, like=head).chunks(include_usage))
         return await events.close()
     try:
-        caption, sent = await _stream_caption(request, events, head, images[0], task, options, labels, prompt)
+        caption, sent = await _stream_caption(
+            request, events, head, images[0], task, options, labels, prompt, model
+        )
     except ConnectionResetError:  # the client left mid-stream: its job was withdrawn
         assert events.response is not None
         return events.response
@@ -116,6 +118,7 @@ async def _stream_caption(
     options: GenerationOptions,
     labels: JobLabels,
     prompt: str | None,
+    model: str,
 ) -> tuple[Caption, str]:
     """Caption one image, sending each new piece of text as it comes; the caption and what was sent."""
     loop = asyncio.get_running_loop()
@@ -124,7 +127,9 @@ async def _stream_caption(
     def on_text(text: str) -> None:  # called in the model thread
         loop.call_soon_threadsafe(updates.put_nowait, text)
 
-    job = asyncio.ensure_future(caption_base64(request, image, task, options, labels, prompt, stream=on_text))
+    job = asyncio.ensure_future(
+        caption_base64(request, image, task, options, labels, prompt, model=model, stream=on_text)
+    )
     sent = ""
     try:
         while True:
