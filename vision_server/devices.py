@@ -39,6 +39,16 @@ def pick_dtype(requested: str, device: torch.device) -> torch.dtype:
     return DTYPES[requested]
 
 
+def planned_placement(device: str, dtype: str) -> tuple[torch.device, torch.dtype] | None:
+    """Where a load with these settings will put the weights, known before loading; None when
+    the load will fail anyway (a CUDA device on a machine without one)."""
+    try:
+        where = pick_device(device)
+    except (ModelLoadError, RuntimeError):
+        return None
+    return where, pick_dtype(dtype, where)
+
+
 def release_memory() -> None:
     """Give freed memory back: Python objects, the CUDA caching allocator, and glibc's heap."""
     gc.collect()

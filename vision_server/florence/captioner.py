@@ -5,10 +5,14 @@ This module knows nothing of asyncio or HTTP; the engine calls it from its one m
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import itertools
 import logging
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,15 +21,25 @@ import torch
 from PIL import Image
 
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions, ModelInfo
-from vision_server.devices import load_or_explain, pick_device, pick_dtype, release_memory, trim_heap
+from vision_server.devices import (
+    load_or_explain,
+    pick_device,
+    pick_dtype,
+    planned_placement,
+    release_memory,
+    trim_heap,
+)
 from vision_server.errors import ModelSourceError, OutOfMemory
+from vision_server.florence import footprint
 from vision_server.florence.compiled import CompilePlan
 from vision_server.florence.pixels import pixel_spec, spec_before_load
 from vision_server.florence.prompts import tasks_for_model
+from vision_server.florence.shared_base import BaseKey, SharedBase, SharedBases
 from vision_server.florence.source import resolve_model_dir
 from vision_server.florence.streaming import RowStreamer, streams, wants_stream
 from vision_server.florence.tiers import DeviceMover, PinnedMover
 from vision_server.images import PixelSpec, fit_image
+from vision_server.weights import module_bytes
 
 if TYPE_CHECKING:
     from vision_server.settings import Settings
@@ -33,6 +47,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _STRIP_TOKENS = ("<pad>", "<s>", "</s>")
+_SERIALS = itertools.count(1)  # tells apart the private copies of one base in memory_parts keys
+
+
+@dataclass(frozen=True)
+class _Share:
+    """A captioner's hold on a shared base: the base, and its adapter there (None: the base alone)."""
+
+    base: SharedBase
+    adapter_dir: Path | None
+    adapter: str | None
 
 
 @dataclass
@@ -43,10 +67,16 @@ class _Loaded:
     dtype: torch.dtype
     pixels: PixelSpec
     plan: CompilePlan | None = None
+    shared: _Share | None = None
 
 
 class FlorenceCaptioner:
-    """A Florence-2 model (PromptGen v2.0 by default) behind the :class:`Captioner` contract."""
+    """A Florence-2 model (PromptGen v2.0 by default) behind the :class:`Captioner` contract.
+
+    ``bases`` is the server's pool of shared base models: captioners of one base that differ
+    only by adapter load it once (see :mod:`vision_server.florence.shared_base`). None, or a
+    compiled model, keeps a private copy with any adapter merged into it.
+    """
 
     def __init__(
         self,
@@ -63,6 +93,7 @@ class FlorenceCaptioner:
         compile_on_cpu: bool = False,
         mover: DeviceMover | None = None,
         compile_buckets: tuple[int, ...] | None = None,
+        bases: SharedBases | None = None,
     ) -> None:
         self._spec = model
         self.cache_dir = cache_dir
@@ -81,9 +112,14 @@ class FlorenceCaptioner:
         self._offloaded = False  # the loaded weights sit in host memory (the warm tier)
         # Read from disk on first use, replaced by the loaded processor's own answer, kept across unloads.
         self._pixel_spec: PixelSpec | None = None
+        self._serial = next(_SERIALS)
+        self._key = self._base_key()
+        self._bases = self._join(bases)
+        self._own_size: int | None = None  # measured bytes of a private copy, kept across unloads
+        self._adapter_size: int | None = None  # measured bytes of the adapter on a shared base
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> FlorenceCaptioner:
+    def from_settings(cls, settings: Settings, *, bases: SharedBases | None = None) -> FlorenceCaptioner:
         return cls(
             settings.model,
             cache_dir=settings.cache_dir,
@@ -94,6 +130,7 @@ class FlorenceCaptioner:
             default_options=settings.generation_defaults(),
             max_batch_size=settings.max_batch_size,
             compile=settings.compile,
+            bases=bases,
         )
 
     @property
@@ -127,6 +164,81 @@ class FlorenceCaptioner:
     def is_loaded(self) -> bool:
         return self._loaded is not None
 
+    # --- sharing a base, and memory (vision_server.captioner.MemoryAware) -------------------------
+
+    def _base_key(self) -> BaseKey | None:
+        """Which weights this model's base is, where; None when the load is bound to fail."""
+        placement = planned_placement(self.device, self.dtype)
+        if placement is None:
+            return None
+        device, dtype = placement
+        source = footprint.source_label(self._spec)
+        return BaseKey(source, self.revision, str(device), str(dtype).removeprefix("torch."))
+
+    def _join(self, bases: SharedBases | None) -> SharedBases | None:
+        if bases is None or self._key is None:
+            return None
+        if self.compile:
+            log.info(
+                "%s is compiled (--compile), so it keeps its own copy of the base model: "
+                "compiled models do not share one",
+                self._spec,
+            )
+            return None
+        bases.register(self._key, self)
+        return bases
+
+    def _shares(self) -> bool:
+        """Through the pool: always for the plain base; for an adapter when another captioner has
+        the same base (a lone adapter merges, which costs nothing per token)."""
+        if self._bases is None or self._key is None:
+            return False
+        return self.adapter is None or self._bases.sharers(self._key) >= 2
+
+    @property
+    def shares_base(self) -> bool:
+        """Whether this model's base weights are (to be) loaded once for every captioner of them."""
+        return self._shares()
+
+    def memory_parts(self) -> dict[str, int]:
+        """The base under a key every sharer uses, the adapter apart; a private copy (merged
+        adapter included) under a key of its own. Estimated from the files until measured."""
+        key = self._key
+        if key is None:
+            return {}
+        if not self._shares():
+            size = self._own_size if self._own_size is not None else self._estimated_base
+            suffix = f"+{self._adapter_path}" if self.adapter else ""
+            label = f"model:{key.label.removeprefix('base:')}{suffix}#{self._serial}"
+            return {} if size is None else {label: size}
+        base = self._bases.size(key) if self._bases is not None else None
+        base = base if base is not None else self._estimated_base
+        if base is None:
+            return {}
+        if self.adapter is None:
+            return {key.label: base}
+        adapter = self._adapter_size if self._adapter_size is not None else self._estimated_adapter
+        return (
+            {} if adapter is None else {key.label: base, f"adapter:{self._adapter_path}+{key.label}": adapter}
+        )
+
+    @cached_property
+    def _estimated_base(self) -> int | None:
+        if self._key is None:
+            return None
+        dtype = getattr(torch, self._key.dtype)
+        return footprint.florence_bytes(
+            self._spec, revision=self.revision, cache_dir=self.cache_dir, dtype=dtype
+        )
+
+    @cached_property
+    def _estimated_adapter(self) -> int | None:
+        return footprint.adapter_bytes(Path(self._adapter_path))
+
+    @cached_property
+    def _adapter_path(self) -> str:
+        return str(Path(self.adapter).expanduser().resolve()) if self.adapter else ""
+
     # --- load / unload -------------------------------------------------------------------------
 
     def load(self) -> ModelInfo:
@@ -136,25 +248,15 @@ class FlorenceCaptioner:
         return ModelInfo(self._spec, str(loaded.device), str(loaded.dtype).removeprefix("torch."))
 
     def _load(self) -> _Loaded:
-        from transformers import AutoModelForImageTextToText, AutoProcessor
         from transformers.utils import logging as hf_logging
-
-        from vision_server.florence.conversion_cache import ensure_native
 
         device = pick_device(self.device)
         dtype = pick_dtype(self.dtype, device)
-        source = resolve_model_dir(self._spec, revision=self.revision, cache_dir=self.cache_dir)
-        native = ensure_native(source, self.cache_dir / "converted")
         if device.type == "cuda":
             # cuDNN attention builds a plan per new shape: ~10 s on the first call of each batch size.
             torch.backends.cuda.enable_cudnn_sdp(False)
         hf_logging.disable_progress_bar()  # a tqdm bar per load would clutter the server log
-        started = time.perf_counter()
-        processor = AutoProcessor.from_pretrained(native)
-        model = AutoModelForImageTextToText.from_pretrained(native, dtype=dtype, attn_implementation="sdpa")
-        model = self._apply_adapter(model).to(device).eval()
-        log.debug("weights loaded from %s in %.2f s", native, time.perf_counter() - started)
-        loaded = _Loaded(model, processor, device, dtype, pixel_spec(processor))
+        loaded = self._load_shared(device, dtype) if self._shares() else self._load_own(device, dtype)
         if self._pixel_spec is not None and self._pixel_spec != loaded.pixels:
             log.warning(
                 "the model wants %dx%d images, not the %dx%d assumed before loading; "
@@ -168,6 +270,50 @@ class FlorenceCaptioner:
         if self.compile:
             self._compile(loaded)
         return loaded
+
+    def _read_base(self, dtype: torch.dtype) -> tuple[Any, Any]:
+        """The base model (on the CPU) and its processor, converted first if need be."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        from vision_server.florence.conversion_cache import ensure_native
+
+        source = resolve_model_dir(self._spec, revision=self.revision, cache_dir=self.cache_dir)
+        native = ensure_native(source, self.cache_dir / "converted")
+        started = time.perf_counter()
+        processor = AutoProcessor.from_pretrained(native)
+        model = AutoModelForImageTextToText.from_pretrained(native, dtype=dtype, attn_implementation="sdpa")
+        log.debug("weights loaded from %s in %.2f s", native, time.perf_counter() - started)
+        return model, processor
+
+    def _load_own(self, device: torch.device, dtype: torch.dtype) -> _Loaded:
+        model, processor = self._read_base(dtype)
+        model = self._apply_adapter(model).to(device).eval()
+        self._own_size = module_bytes(model)
+        return _Loaded(model, processor, device, dtype, pixel_spec(processor))
+
+    def _load_shared(self, device: torch.device, dtype: torch.dtype) -> _Loaded:
+        """The pool's base (loaded now if no sharer holds it), this model's adapter attached."""
+        bases, key = self._bases, self._key
+        assert bases is not None and key is not None
+
+        def load_base() -> SharedBase:
+            model, processor = self._read_base(dtype)
+            model = model.to(device).eval()
+            bases.remember_size(key, module_bytes(model))
+            return SharedBase(model, processor, device)
+
+        base = bases.acquire(key, self, load_base)
+        try:
+            base.to_device(self.mover)  # a sharer's warm tier may have parked it in host memory
+            adapter_dir = self._native_adapter_dir() if self.adapter else None
+            name = base.attach(adapter_dir, self) if adapter_dir is not None else None
+            if name is not None:
+                self._adapter_size = base.adapter_bytes(name)
+        except BaseException:
+            bases.release(key, self)
+            raise
+        share = _Share(base, adapter_dir, name)
+        return _Loaded(base.model, base.processor, device, dtype, pixel_spec(base.processor), shared=share)
 
     def _compile(self, loaded: _Loaded) -> None:
         """Static cache + torch.compile for the default options, every bucket warmed up now."""
@@ -200,34 +346,54 @@ class FlorenceCaptioner:
             return model
         from peft import PeftModel
 
+        return PeftModel.from_pretrained(model, self._native_adapter_dir()).merge_and_unload()
+
+    def _native_adapter_dir(self) -> Path:
+        """The adapter's directory with native key names (converted once into the cache)."""
         from vision_server.florence.conversion_cache import ensure_native_adapter
 
-        adapter_dir = Path(self.adapter).expanduser()
+        adapter_dir = Path(str(self.adapter)).expanduser()
         if not (adapter_dir / "adapter_config.json").is_file():
             raise ModelSourceError(
                 f"Adapter directory {adapter_dir} has no adapter_config.json (not a PEFT adapter)."
             )
-        native = ensure_native_adapter(adapter_dir, self.cache_dir / "converted-adapters")
-        return PeftModel.from_pretrained(model, native).merge_and_unload()
+        return ensure_native_adapter(adapter_dir, self.cache_dir / "converted-adapters")
 
     def unload(self) -> None:
-        self._loaded = None
+        """Drop the model; on a shared base, this model's adapter and its hold on the base."""
+        loaded, self._loaded = self._loaded, None
         self._offloaded = False
+        share = loaded.shared if loaded is not None else None
+        del loaded
+        if share is not None and self._bases is not None and self._key is not None:
+            if share.adapter_dir is not None:
+                share.base.detach(share.adapter_dir, self)
+            self._bases.release(self._key, self)
+        del share
         release_memory()
 
     # --- the warm tier (vision_server.captioner.Offloadable) -------------------------------------
 
     @property
     def can_offload(self) -> bool:
-        """On a GPU, uncompiled: a compiled model's graphs are tied to where its weights live."""
+        """On a GPU, uncompiled (a compiled model's graphs are tied to where its weights live),
+        and not while another loaded model captions with the same shared base."""
         loaded = self._loaded
-        return loaded is not None and loaded.plan is None and self.mover.helps(loaded.device)
+        if loaded is None or loaded.plan is not None or not self.mover.helps(loaded.device):
+            return False
+        return loaded.shared is None or loaded.shared.base.users == {self}
 
     def offload(self) -> None:
         loaded = self._loaded
         if loaded is None or self._offloaded:
             return
-        self.mover.to_host(loaded.model)
+        if loaded.shared is None:
+            self.mover.to_host(loaded.model)
+        elif loaded.shared.base.users == {self}:
+            loaded.shared.base.to_host(self.mover)
+        else:
+            log.info("not offloading %s: another loaded model uses its base", self._spec)
+            return
         self._offloaded = True
         release_memory()
 
@@ -236,7 +402,10 @@ class FlorenceCaptioner:
         if loaded is None:
             raise RuntimeError("restore() called with no model in host memory")
         if self._offloaded:
-            self.mover.to_device(loaded.model, loaded.device)
+            if loaded.shared is None:
+                self.mover.to_device(loaded.model, loaded.device)
+            else:  # a sharer's load may have brought it back already
+                loaded.shared.base.to_device(self.mover)
             self._offloaded = False
         return ModelInfo(self._spec, str(loaded.device), str(loaded.dtype).removeprefix("torch."))
 
@@ -252,10 +421,11 @@ class FlorenceCaptioner:
         if loaded is None or self._offloaded:
             raise RuntimeError("caption() called before load(), or while offloaded")
         results: list[Caption | None] = [None] * len(batch)
-        for indices in _group_by_options(batch).values():
-            captions = self._caption_group(loaded, [batch[i] for i in indices])
-            for index, caption in zip(indices, captions, strict=True):
-                results[index] = caption
+        with _adapter_chosen(loaded):
+            for indices in _group_by_options(batch).values():
+                captions = self._caption_group(loaded, [batch[i] for i in indices])
+                for index, caption in zip(indices, captions, strict=True):
+                    results[index] = caption
         return [caption for caption in results if caption is not None]
 
     def _caption_group(self, loaded: _Loaded, items: list[CaptionItem]) -> list[Caption]:
@@ -354,6 +524,16 @@ class FlorenceCaptioner:
         for token in _STRIP_TOKENS:
             value = value.replace(token, "")
         return value.strip()
+
+
+@contextlib.contextmanager
+def _adapter_chosen(loaded: _Loaded) -> Iterator[None]:
+    """On a shared base: this model's adapter active (or none) for the whole batch."""
+    if loaded.shared is None:
+        yield
+        return
+    with loaded.shared.base.using(loaded.shared.adapter):
+        yield
 
 
 def pixel_values(batch: np.ndarray, spec: PixelSpec, device: torch.device) -> torch.Tensor:

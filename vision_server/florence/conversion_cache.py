@@ -41,6 +41,15 @@ def ensure_native(src: Path, cache_dir: Path) -> Path:
     return _cached(src, Path(cache_dir), convert_checkpoint, kind="conversion")
 
 
+def cached_native(src: Path, cache_dir: Path) -> Path | None:
+    """What :func:`ensure_native` would return if that needs no conversion, else None (no work done)."""
+    src = Path(src)
+    if detect_layout(src) == "native":
+        return src
+    target = _entry(src, Path(cache_dir))
+    return target if target.is_dir() else None
+
+
 def ensure_native_adapter(adapter_dir: Path, cache_dir: Path) -> Path:
     """A PEFT adapter with native key names: ``adapter_dir`` itself, or a cached renamed copy."""
     adapter_dir = Path(adapter_dir)
@@ -52,7 +61,7 @@ def ensure_native_adapter(adapter_dir: Path, cache_dir: Path) -> Path:
 
 def _cached(src: Path, cache_dir: Path, convert: Callable[[Path, Path], Path], *, kind: str) -> Path:
     """Look up or create ``cache_dir/<name>-<fingerprint>``; the entry appears atomically by rename."""
-    target = cache_dir / f"{_safe_name(src)}-{source_fingerprint(src)[:16]}"
+    target = _entry(src, cache_dir)
     if target.is_dir():
         logger.info("using cached %s %s for %s", kind, target, src)
         return target
@@ -63,6 +72,10 @@ def _cached(src: Path, cache_dir: Path, convert: Callable[[Path, Path], Path], *
         shutil.rmtree(temp, ignore_errors=True)
         raise
     return _publish(temp, target, src, kind)
+
+
+def _entry(src: Path, cache_dir: Path) -> Path:
+    return cache_dir / f"{_safe_name(src)}-{source_fingerprint(src)[:16]}"
 
 
 def _new_temp_dir(cache_dir: Path, name: str) -> Path:

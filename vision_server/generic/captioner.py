@@ -11,8 +11,10 @@ options and prompt share one ``generate`` call.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
 import time
+from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -20,9 +22,17 @@ import torch
 from PIL import Image
 
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions, ModelInfo
-from vision_server.devices import load_or_explain, pick_device, pick_dtype, release_memory, trim_heap
+from vision_server.devices import (
+    load_or_explain,
+    pick_device,
+    pick_dtype,
+    planned_placement,
+    release_memory,
+    trim_heap,
+)
 from vision_server.errors import ModelLoadError, OutOfMemory
 from vision_server.florence.captioner import generate_kwargs
+from vision_server.florence.footprint import model_dir_on_disk, source_label
 from vision_server.florence.source import resolve_model_dir
 from vision_server.florence.streaming import RowStreamer
 from vision_server.florence.tiers import DeviceMover, PinnedMover
@@ -31,11 +41,13 @@ from vision_server.generic.families import FAMILIES, FLORENCE, backend_of, descr
 from vision_server.generic.family import Family, Loaded
 from vision_server.images import PixelSpec
 from vision_server.tasks import CAPTION_TASK
+from vision_server.weights import estimate_bytes, module_bytes, weight_files
 
 if TYPE_CHECKING:
     from vision_server.settings import Settings
 
 log = logging.getLogger(__name__)
+_SERIALS = itertools.count(1)  # each captioner holds its own copy: its memory_parts key says so
 
 
 @dataclasses.dataclass
@@ -81,6 +93,8 @@ class GenericCaptioner:
         self.mover: DeviceMover = mover or PinnedMover()
         self._offloaded = False  # the loaded weights sit in host memory (the warm tier)
         self._pixel_spec: PixelSpec | None = None
+        self._serial = next(_SERIALS)
+        self._own_size: int | None = None  # measured at load, kept across unloads
 
     @classmethod
     def from_settings(cls, settings: Settings, backend: str | None) -> GenericCaptioner:
@@ -133,6 +147,31 @@ class GenericCaptioner:
     def is_loaded(self) -> bool:
         return self._ready is not None
 
+    # --- memory (vision_server.captioner.MemoryAware) ---------------------------------------------
+
+    def memory_parts(self) -> dict[str, int]:
+        """One private block: the weights' bytes, from the files' headers until measured loaded."""
+        placement = self._placement
+        if placement is None:
+            return {}
+        size = self._own_size if self._own_size is not None else self._estimated
+        device, dtype = placement
+        kind = str(dtype).removeprefix("torch.")
+        where = f"{source_label(self._spec)}@{self.revision or 'main'}:{device}:{kind}"
+        return {} if size is None else {f"model:{where}#{self._serial}": size}
+
+    @cached_property
+    def _placement(self) -> tuple[torch.device, torch.dtype] | None:
+        return planned_placement(self.device, self.dtype)
+
+    @cached_property
+    def _estimated(self) -> int | None:
+        """From the weight files already on disk; None for a hub id that is not downloaded yet."""
+        directory = model_dir_on_disk(self._spec, revision=self.revision, cache_dir=self.cache_dir)
+        if directory is None or self._placement is None:
+            return None
+        return estimate_bytes(weight_files(directory), self._placement[1])
+
     # --- load / unload -------------------------------------------------------------------------
 
     def load(self) -> ModelInfo:
@@ -152,6 +191,7 @@ class GenericCaptioner:
         started = time.perf_counter()
         loaded = family.load(directory, dtype)
         loaded.model = loaded.model.to(device).eval()
+        self._own_size = module_bytes(loaded.model)
         log.debug(
             "%s weights loaded from %s in %.2f s", family.name, directory, time.perf_counter() - started
         )

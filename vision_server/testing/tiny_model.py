@@ -179,6 +179,16 @@ def preset_pixel_spec(preset: str) -> PixelSpec:
     return PixelSpec(height=size, width=size, mean=IMAGENET_MEAN, std=IMAGENET_STD)
 
 
+def preset_weight_bytes(preset: str, dtype: torch.dtype) -> int:
+    """Bytes a preset's weights take loaded in ``dtype``, from its config on the meta device
+    (no weights are made: ``large`` would take seconds to build)."""
+    config = florence2_config(PRESETS[preset], build_tokenizer(with_image=True))
+    with torch.device("meta"):
+        model = Florence2ForConditionalGeneration(config)
+    tensors = (*model.parameters(), *model.buffers())
+    return sum(t.numel() * (dtype.itemsize if t.is_floating_point() else t.element_size()) for t in tensors)
+
+
 def tiny_pixel_spec() -> PixelSpec:
     return preset_pixel_spec("tiny")
 
