@@ -44,7 +44,7 @@ from vision_server.engine.scheduler import Engine
 from vision_server.images import ImageDecoder
 from vision_server.metrics import Metrics
 from vision_server.runtime import build_captioner, engine_config
-from vision_server.settings import Settings
+from vision_server.settings import Settings, SettingsError
 
 log = logging.getLogger("vision_server")
 
@@ -52,7 +52,10 @@ log = logging.getLogger("vision_server")
 def create_app(
     settings: Settings, captioner: Captioner | None = None, observer: EngineObserver | None = None
 ) -> web.Application:
-    """Build the server. Pass ``captioner`` to serve something other than ``settings.model``."""
+    """Build the server. Pass ``captioner`` to serve something other than the configured model."""
+    if captioner is None and len(settings.model_specs) > 1:
+        names = ", ".join(spec.name for spec in settings.model_specs)
+        raise SettingsError(f"model: this server serves one model at a time so far; {names} were given")
     captioner = captioner if captioner is not None else build_captioner(settings)
     metrics = Metrics(model=captioner.model_id)
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares(settings))

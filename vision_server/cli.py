@@ -29,7 +29,7 @@ def _describe_default(name: str) -> str:
     default = FIELDS[name].default
     if default is None or default == ():
         return "unset"
-    return str(default)
+    return ", ".join(default) if isinstance(default, tuple) else str(default)
 
 
 def settings_options(func: F, names: tuple[str, ...] | None = None) -> F:
@@ -38,17 +38,20 @@ def settings_options(func: F, names: tuple[str, ...] | None = None) -> F:
     for name in reversed([name for name in FIELDS if names is None or name in names]):
         kind = field_type(name)
         flag = flag_name(name)
-        help_text = (
-            f"{FIELDS[name].metadata['help']} [default: {_describe_default(name)}; env: {env_name(name)}]"
-        )
+        metadata = FIELDS[name].metadata
+        help_text = f"{metadata['help']} [default: {_describe_default(name)}; env: {env_name(name)}]"
+        metavar = metadata.get("metavar")
         if kind is bool:
             decl = f"{flag}/--no-{flag[2:]}"
             func = click.option(decl, name, default=None, help=help_text)(func)
-        elif typing.get_origin(kind) is tuple:
-            func = click.option(flag, name, multiple=True, help=help_text + " (repeatable)")(func)
+        elif typing.get_origin(kind) is tuple or metadata.get("entries"):
+            repeatable = help_text + " (repeatable)"
+            func = click.option(flag, name, multiple=True, metavar=metavar, help=repeatable)(func)
         else:
             click_type = click.Path(path_type=Path) if kind is Path else kind
-            func = click.option(flag, name, type=click_type, default=None, help=help_text)(func)
+            func = click.option(flag, name, type=click_type, default=None, metavar=metavar, help=help_text)(
+                func
+            )
     return func
 
 

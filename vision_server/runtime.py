@@ -1,4 +1,4 @@
-"""Building the captioner and the engine from :class:`Settings`, for the server and offline runs.
+"""Building the captioners and the engine from :class:`Settings`, for the server and offline runs.
 
 Kept apart from :mod:`vision_server.app` so the offline dataset captioner uses exactly the same
 model and engine setup without importing the HTTP stack.
@@ -6,9 +6,13 @@ model and engine setup without importing the HTTP stack.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vision_server.captioner import Captioner
+from vision_server.engine.models import NamedModel
 from vision_server.engine.scheduler import EngineConfig
-from vision_server.settings import Settings
+from vision_server.model_specs import ModelSpec
+from vision_server.settings import Settings, SettingsError
 
 
 def engine_config(settings: Settings, captioner: Captioner) -> EngineConfig:
@@ -24,20 +28,48 @@ def engine_config(settings: Settings, captioner: Captioner) -> EngineConfig:
     )
 
 
-def build_captioner(settings: Settings) -> Captioner:
-    """The captioner for ``settings.model`` and ``settings.backend`` (imported lazily: torch).
+def build_models(settings: Settings) -> list[NamedModel]:
+    """One captioner per configured model, named as requests pick it, in the configured order.
+
+    Nothing loads here (captioners load on first use); each model's backend is found on its own
+    (a ``--backend`` other than auto applies to every model). Raises :class:`SettingsError` for
+    a missing adapter directory or an adapter on a backend that takes none.
+    """
+    return [
+        NamedModel(
+            spec.name,
+            build_captioner(settings, spec),
+            idle_timeout=spec.idle_timeout,
+            source=spec.source,
+            adapter=spec.adapter,
+        )
+        for spec in settings.model_specs
+    ]
+
+
+def build_captioner(settings: Settings, spec: ModelSpec | None = None) -> Captioner:
+    """The captioner for ``spec`` (default: the default model) and ``settings.backend`` (imported
+    lazily: torch).
 
     ``auto`` reads the model's config.json (see :func:`vision_server.generic.families.detect_backend`).
     """
     from vision_server.generic.families import FLORENCE, detect_backend
 
+    spec = spec if spec is not None else settings.default_model_spec
+    if spec.adapter is not None and not Path(spec.adapter).expanduser().is_dir():
+        raise SettingsError(f"model {spec.name}: the adapter directory {spec.adapter} does not exist")
     backend: str | None = settings.backend
     if backend == "auto":
-        backend = detect_backend(settings.model, revision=settings.revision)
+        backend = detect_backend(spec.source, revision=settings.revision)
     if backend == FLORENCE:
         from vision_server.florence.captioner import FlorenceCaptioner
 
-        return FlorenceCaptioner.from_settings(settings)
+        return FlorenceCaptioner.from_settings(settings, spec)
+    if spec.adapter is not None:
+        raise SettingsError(
+            f"model {spec.name}: adapters work on Florence-2 models only; {spec.source} runs on the "
+            f"{backend or 'generic'} backend, so drop '+{spec.adapter}'"
+        )
     from vision_server.generic.captioner import GenericCaptioner
 
-    return GenericCaptioner.from_settings(settings, backend)
+    return GenericCaptioner.from_settings(settings, backend, spec)

@@ -17,7 +17,9 @@ from typing import Any
 
 import platformdirs
 
+from vision_server.byte_sizes import EXAMPLES, parse_byte_size
 from vision_server.captioner import GenerationOptions
+from vision_server.model_specs import ModelSpec, build_specs, parse_idle_timeouts
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -45,19 +47,29 @@ class Settings:
     host: str = _opt("127.0.0.1", "Address to bind. Loopback by default; use 0.0.0.0 to serve a network.")
     port: int = _opt(54880, "TCP port to listen on.")
     # model
-    model: str = _opt(
-        DEFAULT_MODEL,
-        "Hub id or local directory of a Florence-2 model, or of another transformers image-to-text "
-        "model (BLIP, GIT, ViT+GPT-2, Idefics3/SmolVLM; see --backend). 'test:tiny' serves a "
-        "self-built tiny Florence-2 whose captions are meaningless (to try the stack without a download).",
+    model: tuple[str, ...] = _opt(
+        (DEFAULT_MODEL,),
+        "The model to serve: a hub id or local directory of a Florence-2 model, or of another "
+        "transformers image-to-text model (BLIP, GIT, ViT+GPT-2, Idefics3/SmolVLM; see --backend); "
+        "'test:tiny' serves a self-built tiny Florence-2 whose captions are meaningless. Repeat as "
+        "NAME=SOURCE to serve several models, requests picking one by NAME; SOURCE+ADAPTER_DIR puts a "
+        "LoRA adapter on top. The first is the default.",
+        metavar="[NAME=]SOURCE[+ADAPTER_DIR]",
+    )
+    default_model: str | None = _opt(
+        None, "Name of the model that requests naming none get. Unset: the first --model.", metavar="NAME"
     )
     backend: str = _opt(
         "auto",
         "Which code runs the model: auto (read from the model's config.json), florence2, blip, git, "
-        "vision-encoder-decoder or idefics3.",
+        "vision-encoder-decoder or idefics3. Anything but auto applies to every --model.",
     )
     revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to pin the download to.")
-    adapter: str | None = _opt(None, "Directory of a PEFT LoRA adapter to apply on top of the model.")
+    adapter: str | None = _opt(
+        None,
+        "Directory of a PEFT LoRA adapter to apply on top of the model (a single unnamed --model; "
+        "with named models write NAME=SOURCE+ADAPTER_DIR).",
+    )
     device: str = _opt("auto", "auto, cpu, cuda or cuda:N. auto picks CUDA when available.")
     dtype: str = _opt("auto", "auto, float16, bfloat16 or float32. auto: float16 on CUDA, float32 on CPU.")
     cache_dir: Path = _opt(
@@ -67,7 +79,17 @@ class Settings:
     # lifecycle
     idle_timeout: float = _opt(
         300.0,
-        "Seconds without work before the model is unloaded. 0 unloads as soon as the queue drains; -1 never.",
+        "Seconds without work before a model is unloaded. 0 unloads as soon as its queue drains; -1 "
+        "never. NAME:SECONDS (repeatable) sets one model's own.",
+        entries=True,
+        metavar="SECONDS|NAME:SECONDS",
+    )
+    memory_budget: str | None = _opt(
+        None,
+        "Most memory the loaded models may hold together (GPU memory on CUDA, RAM on the CPU), e.g. "
+        "24GiB, 8G, 512MB: idle models are unloaded, least recently used first, to make room. "
+        "Unset: no budget.",
+        metavar="SIZE",
     )
     preload: bool = _opt(False, "Load the model at start instead of on the first request.")
     offload_timeout: float = _opt(
@@ -158,8 +180,36 @@ class Settings:
         "padded to buckets 1, 2, 4 ... max-batch-size, each compiled right after load (10-25 s each).",
     )
 
+    # Filled from `idle_timeout`'s NAME:SECONDS entries (no flag, key or variable of its own).
+    model_idle_timeouts: tuple[tuple[str, float], ...] = field(default=(), metadata={"internal": True})
+    # Derived in __post_init__ (not arguments): the parsed --model values and --memory-budget.
+    _model_specs: tuple[ModelSpec, ...] = field(init=False, repr=False, compare=False, default=())
+    _memory_budget_bytes: int | None = field(init=False, repr=False, compare=False, default=None)
+
     def __post_init__(self) -> None:
+        if isinstance(self.model, str):  # Settings(model="test:tiny"): one model, as before
+            object.__setattr__(self, "model", (self.model,))
         _validate(self)
+
+    @property
+    def model_specs(self) -> tuple[ModelSpec, ...]:
+        """Every configured model, in the order given (the first is the default unless
+        ``default_model`` names another)."""
+        return self._model_specs
+
+    @property
+    def default_model_name(self) -> str:
+        return self.default_model if self.default_model is not None else self._model_specs[0].name
+
+    @property
+    def default_model_spec(self) -> ModelSpec:
+        """The model requests that name none get; the offline ``caption`` command uses it alone."""
+        return next(spec for spec in self._model_specs if spec.name == self.default_model_name)
+
+    @property
+    def memory_budget_bytes(self) -> int | None:
+        """``memory_budget`` in bytes; None: no budget."""
+        return self._memory_budget_bytes
 
     @property
     def max_batch_wait(self) -> float:
@@ -210,6 +260,7 @@ def _validate(s: Settings) -> None:
         raise SettingsError("min_new_tokens must be >= 0")
     if s.idle_timeout < 0 and s.idle_timeout != -1:
         raise SettingsError("idle_timeout must be >= 0, or -1 for never")
+    _derive(s)
     if s.offload_timeout < 0:
         raise SettingsError("offload_timeout must be >= 0 (0 skips the host-memory tier)")
     if s.max_keep_alive is not None and s.max_keep_alive < 0 and s.max_keep_alive != -1:
@@ -228,9 +279,36 @@ def _validate(s: Settings) -> None:
         raise SettingsError("ssl_cert and ssl_key must be given together")
 
 
+def _derive(s: Settings) -> None:
+    """Parse ``model`` (with ``adapter``, ``default_model`` and the per-model idle timeouts) and
+    ``memory_budget`` once, so every reader gets the same checked values."""
+    try:
+        specs = build_specs(
+            s.model,
+            adapter=s.adapter,
+            default=s.default_model,
+            idle_timeouts=dict(s.model_idle_timeouts),
+        )
+    except ValueError as exc:
+        raise SettingsError(str(exc)) from None
+    object.__setattr__(s, "_model_specs", specs)
+    budget = None
+    if s.memory_budget is not None and s.memory_budget.strip().lower() not in ("", "none"):
+        try:
+            budget = parse_byte_size(s.memory_budget)
+        except ValueError as exc:
+            raise SettingsError(f"memory_budget: {exc}") from None
+        if budget < 1:
+            raise SettingsError(f"memory_budget must be more than 0 bytes (like {EXAMPLES}), or unset")
+    object.__setattr__(s, "_memory_budget_bytes", budget)
+
+
 # --- building settings from sources ------------------------------------------------------------
 
-FIELDS: dict[str, dataclasses.Field[Any]] = {f.name: f for f in dataclasses.fields(Settings)}
+# The settings a user sets (flags, config keys, variables); derived and internal fields are not.
+FIELDS: dict[str, dataclasses.Field[Any]] = {
+    f.name: f for f in dataclasses.fields(Settings) if f.init and not f.metadata.get("internal")
+}
 
 
 def default_config_path() -> Path:
@@ -258,6 +336,8 @@ def coerce(name: str, value: Any) -> Any:
     """Turn a config-file or environment value into the field's type, or explain why not."""
     if value is None:
         return None
+    if FIELDS[name].metadata.get("entries"):
+        return _entries(value)
     kind = field_type(name)
     try:
         if kind is bool:
@@ -270,6 +350,14 @@ def coerce(name: str, value: Any) -> Any:
         return kind(value)
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"{name}: cannot use {value!r} ({exc})") from None
+
+
+def _entries(value: Any) -> tuple[str | float, ...]:
+    """A repeatable flag's values as given: a number, comma-separated text, or a list of either."""
+    items = (
+        value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+    )
+    return tuple(item.strip() if isinstance(item, str) else item for item in items if item != "")
 
 
 def _to_bool(value: Any) -> bool:
@@ -315,11 +403,33 @@ def load_settings(
     environ = environ if environ is not None else {}
     explicit = config_path or (Path(environ[env_name("config")]) if env_name("config") in environ else None)
     path = explicit or default_config_path()
-    values: dict[str, Any] = {}
+    layers: list[dict[str, Any]] = []
     if explicit is not None and not path.is_file():
         raise SettingsError(f"config file {path} does not exist")
     if path.is_file():
-        values.update(read_config_file(path))
-    values.update(read_environment(environ))
-    values.update({k: coerce(k, v) for k, v in (flags or {}).items() if v is not None and v != ()})
-    return Settings(**values)
+        layers.append(read_config_file(path))
+    layers.append(read_environment(environ))
+    layers.append({k: coerce(k, v) for k, v in (flags or {}).items() if v is not None and v != ()})
+    return Settings(**merge_layers(layers))
+
+
+def merge_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
+    """Later layers win, setting by setting. ``idle_timeout`` entries merge finer: a layer's
+    server-wide value replaces the earlier one, its NAME:SECONDS entries replace those names only,
+    so ``--idle-timeout big:60`` keeps the config file's server-wide value."""
+    values: dict[str, Any] = {}
+    per_model: dict[str, float] = {}
+    for layer in layers:
+        layer = dict(layer)
+        if "idle_timeout" in layer:
+            try:
+                server_wide, overrides = parse_idle_timeouts(layer.pop("idle_timeout"))
+            except ValueError as exc:
+                raise SettingsError(str(exc)) from None
+            if server_wide is not None:
+                values["idle_timeout"] = server_wide
+            per_model.update(overrides)
+        values.update(layer)
+    if per_model:
+        values["model_idle_timeouts"] = tuple(per_model.items())
+    return values

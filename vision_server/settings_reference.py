@@ -29,6 +29,8 @@ def describe_default(name: str) -> str:
     default = FIELDS[name].default
     if default is None or default == ():
         return "unset"
+    if isinstance(default, tuple):
+        return ", ".join(f"`{item}`" for item in default)
     return f"`{default}`"
 
 

@@ -14,7 +14,9 @@ def test_defaults_match_the_design(tmp_path: Path) -> None:
     assert (s.host, s.port, s.idle_timeout, s.max_queue) == ("127.0.0.1", 54880, 300.0, 256)
     assert s.max_batch_size is None  # per device: see test_batch_size_default_depends_on_the_device
     assert (s.num_beams, s.max_new_tokens, s.max_request_bytes) == (3, 1024, 20 * 1024 * 1024)
-    assert s.model == "MiaoshouAI/Florence-2-large-PromptGen-v2.0"
+    assert s.model == ("MiaoshouAI/Florence-2-large-PromptGen-v2.0",)
+    assert s.default_model_name == "MiaoshouAI/Florence-2-large-PromptGen-v2.0"
+    assert s.memory_budget_bytes is None
 
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:
@@ -22,7 +24,7 @@ def test_precedence_file_env_flags(tmp_path: Path) -> None:
     config.write_text('port = 1000\nidle-timeout = 10\nmodel = "from-file"\ncors_origins = ["a"]\n')
     env = {"VISION_SERVER_IDLE_TIMEOUT": "20", "VISION_SERVER_MODEL": "from-env"}
     s = load_settings({"model": "from-flag", "port": None}, environ=env, config_path=config)
-    assert (s.port, s.idle_timeout, s.model, s.cors_origins) == (1000, 20.0, "from-flag", ("a",))
+    assert (s.port, s.idle_timeout, s.model, s.cors_origins) == (1000, 20.0, ("from-flag",), ("a",))
 
 
 def test_config_path_from_environment(tmp_path: Path) -> None:

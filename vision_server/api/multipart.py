@@ -225,7 +225,7 @@ async def model_info(request: web.Request) -> web.Response:
             "tasks": list(card.tasks),
             "generation": {"max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams},
             "max_batch_size": app[ENGINE].config.max_batch_size,  # the size in use, not the setting
-            "adapter": adapter_summary(settings.adapter),
+            "adapter": adapter_summary(settings.default_model_spec.adapter),
         }
     )
 

@@ -36,13 +36,14 @@ from vision_server.bulk.readers import InputError, ReadOptions, check_inputs, co
 from vision_server.bulk.records import Record
 from vision_server.captionfiles import Mode, caption_suffix
 from vision_server.errors import InvalidTask, VisionServerError
-from vision_server.settings import Settings
+from vision_server.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TASK = "<MORE_DETAILED_CAPTION>"
 OFFLINE_SETTINGS = (
     "model",
+    "default_model",
     "backend",
     "revision",
     "adapter",
@@ -101,7 +102,18 @@ def run_caption(settings: Settings, request: CaptionRequest) -> int:
 
         require_ray()
     configure_logging(settings.log_level, settings.log_format, settings.log_file)
-    captioner = build_captioner(settings)
+    spec = settings.default_model_spec
+    if len(settings.model_specs) > 1:
+        others = ", ".join(other.name for other in settings.model_specs if other is not spec)
+        log.info(
+            "captioning with the default model %s (not %s; pick with --default-model)",
+            spec.describe(),
+            others,
+        )
+    try:
+        captioner = build_captioner(settings, spec)
+    except SettingsError as exc:
+        raise click.UsageError(str(exc)) from None
     tasks = _tasks(request.tasks, captioner.tasks)
     sidecars = request.sidecars if request.sidecars is not None else not (request.jsonl or request.parquet)
     if not sidecars and not (request.jsonl or request.parquet):
@@ -170,7 +182,8 @@ def _check_outputs(request: CaptionRequest) -> None:
 def _outputs(
     request: CaptionRequest, settings: Settings, tasks: tuple[str, ...], sidecars: bool
 ) -> list[Output]:
-    facts = RowFacts(tasks, settings.model, settings.adapter)
+    spec = settings.default_model_spec
+    facts = RowFacts(tasks, spec.source, spec.adapter)
     try:
         ext = caption_suffix(request.ext)
     except ValueError as exc:

@@ -42,6 +42,7 @@ from vision_server.images import PixelSpec, fit_image
 from vision_server.weights import module_bytes
 
 if TYPE_CHECKING:
+    from vision_server.model_specs import ModelSpec
     from vision_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -119,12 +120,16 @@ class FlorenceCaptioner:
         self._adapter_size: int | None = None  # measured bytes of the adapter on a shared base
 
     @classmethod
-    def from_settings(cls, settings: Settings, *, bases: SharedBases | None = None) -> FlorenceCaptioner:
+    def from_settings(
+        cls, settings: Settings, spec: ModelSpec | None = None, *, bases: SharedBases | None = None
+    ) -> FlorenceCaptioner:
+        """The captioner for ``spec`` (default: the settings' default model)."""
+        spec = spec if spec is not None else settings.default_model_spec
         return cls(
-            settings.model,
+            spec.source,
             cache_dir=settings.cache_dir,
             revision=settings.revision,
-            adapter=settings.adapter,
+            adapter=spec.adapter,
             device=settings.device,
             dtype=settings.dtype,
             default_options=settings.generation_defaults(),

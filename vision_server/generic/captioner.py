@@ -44,6 +44,7 @@ from vision_server.tasks import CAPTION_TASK
 from vision_server.weights import estimate_bytes, module_bytes, weight_files
 
 if TYPE_CHECKING:
+    from vision_server.model_specs import ModelSpec
     from vision_server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -97,9 +98,13 @@ class GenericCaptioner:
         self._own_size: int | None = None  # measured at load, kept across unloads
 
     @classmethod
-    def from_settings(cls, settings: Settings, backend: str | None) -> GenericCaptioner:
+    def from_settings(
+        cls, settings: Settings, backend: str | None, spec: ModelSpec | None = None
+    ) -> GenericCaptioner:
+        """The captioner for ``spec`` (default: the settings' default model); it takes no adapter."""
+        spec = spec if spec is not None else settings.default_model_spec
         return cls(
-            settings.model,
+            spec.source,
             backend=backend,
             cache_dir=settings.cache_dir,
             revision=settings.revision,

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from vision_server.settings import FIELDS
+from vision_server.settings import DEFAULT_MODEL, FIELDS
 
 Scheduler = Literal["constant", "cosine", "linear"]
 Optimizer = Literal["adamw", "adamw8bit"]
@@ -15,7 +15,6 @@ LogWith = Literal["auto", "tensorboard", "wandb", "none"]
 Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 DEFAULT_TASK = "<MORE_DETAILED_CAPTION>"
-DEFAULT_MODEL = str(FIELDS["model"].default)
 DEFAULT_CACHE_DIR = Path(str(FIELDS["cache_dir"].default))
 # BART's attention and feed-forward linear layers; matched inside the language model only.
 LANGUAGE_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")

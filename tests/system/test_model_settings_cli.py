@@ -1,0 +1,95 @@
+"""Configuring several models from the command line, as a user sees it: ``--help``, exit status 2
+with a message for a bad model setup, and ``caption`` using the default model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.support.bulk_data import caption_command, cli_env
+from tests.support.images import encode, noise
+from tests.support.processes import cli_command
+
+
+def _run(tmp_path: Path, *args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    command = [*cli_command(), *map(str, args)]
+    return subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=timeout)
+
+
+def test_serve_help_explains_the_model_flags(tmp_path: Path) -> None:
+    result = _run(tmp_path, "serve", "--help")
+    assert result.returncode == 0, result.stderr
+    text = " ".join(result.stdout.split())  # click wraps the help text
+    assert "--model [NAME=]SOURCE[+ADAPTER_DIR]" in text
+    assert "Repeat as NAME=SOURCE to serve several models" in text
+    assert "--default-model NAME" in text
+    assert (
+        "--idle-timeout SECONDS|NAME:SECONDS" in text
+        and "NAME:SECONDS (repeatable) sets one model's own" in text
+    )
+    assert "--memory-budget SIZE" in text and "24GiB, 8G, 512MB" in text
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--model", "a=test:tiny", "--model", "a=test:tiny"), "the name 'a' is used twice"),
+        (("--model", "my model=test:tiny"), "'my model' is not a model name"),
+        (("--model", "a=test:tiny", "--default-model", "b"), "no model is named 'b'; the models are 'a'"),
+        (("--model", "a=test:tiny", "--idle-timeout", "b:5"), "no model is named 'b'"),
+        (("--model", "a=test:tiny", "--adapter", "x"), "NAME=SOURCE+ADAPTER_DIR"),
+        (("--memory-budget", "lots"), "'lots' is not an amount of memory"),
+    ],
+    ids=["duplicate", "bad-name", "unknown-default", "unknown-idle", "adapter-flag", "budget"],
+)
+def test_a_bad_model_setup_exits_2_with_the_reason(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    result = _run(tmp_path, "serve", "--port", "0", *args)
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+
+
+def test_an_adapter_on_a_generic_model_is_refused_at_start(
+    tmp_path: Path, generic_model_dirs: dict[str, Path], tiny_adapter_dir: Path
+) -> None:
+    blip = generic_model_dirs["blip"]
+    result = _run(tmp_path, "serve", "--port", "0", "--model", f"b={blip}+{tiny_adapter_dir}")
+    assert result.returncode == 2, result.stderr
+    assert "adapters work on Florence-2 models only" in result.stderr and "blip backend" in result.stderr
+    missing = _run(tmp_path, "serve", "--port", "0", "--model", f"b={blip}+{tmp_path / 'nope'}")
+    assert (
+        missing.returncode == 2
+        and "the adapter directory" in missing.stderr
+        and "does not exist" in missing.stderr
+    )
+
+
+def test_caption_uses_the_default_model_and_says_so(tmp_path: Path, tiny_native_dir: Path) -> None:
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "a.png").write_bytes(encode(noise(1, (64, 64))))
+    out = tmp_path / "captions.jsonl"
+    models = (
+        "--model",
+        "first=./not-a-model",
+        "--model",
+        f"second={tiny_native_dir}",
+        "--default-model",
+        "second",
+    )
+    options = ("--jsonl", out, "--max-new-tokens", "4", "--num-beams", "1", "--cache-dir", tmp_path / "cache")
+    result = subprocess.run(
+        caption_command(images, *models, *options),
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "captioning with the default model second" in result.stderr and "not first" in result.stderr
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert row["model"] == str(tiny_native_dir) and row["caption"]

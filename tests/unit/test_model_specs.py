@@ -1,0 +1,287 @@
+"""Several models in one server, as configured: the ``--model [NAME=]SOURCE[+ADAPTER]`` grammar,
+``--default-model``, per-model ``--idle-timeout NAME:SECONDS`` and ``--memory-budget`` sizes,
+from flags, the config file and the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vision_server.byte_sizes import format_byte_size, parse_byte_size
+from vision_server.model_specs import ModelSpec, parse_idle_timeouts, parse_model_spec
+from vision_server.settings import Settings, SettingsError, load_settings
+
+PROMPTGEN = "MiaoshouAI/Florence-2-large-PromptGen-v2.0"
+
+
+# --- one spec --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (PROMPTGEN, ModelSpec(PROMPTGEN, PROMPTGEN)),  # a bare source is named after itself
+        ("test:tiny", ModelSpec("test:tiny", "test:tiny")),
+        ("base=test:tiny", ModelSpec("base", "test:tiny")),
+        ("my.model_2-x=org/repo", ModelSpec("my.model_2-x", "org/repo")),
+        (
+            f"mystyle={PROMPTGEN}+./adapters/mystyle",
+            ModelSpec("mystyle", PROMPTGEN, "./adapters/mystyle"),
+        ),
+        ("test:tiny+/no/such/adapter", ModelSpec("test:tiny", "test:tiny", "/no/such/adapter")),
+        # Paths whose text before '=' holds a separator or a colon are sources, never names.
+        ("./runs/lr=1e-4/model", ModelSpec("./runs/lr=1e-4/model", "./runs/lr=1e-4/model")),
+        ("C:\\models\\a=b", ModelSpec("C:\\models\\a=b", "C:\\models\\a=b")),
+        ("C:\\models\\florence", ModelSpec("C:\\models\\florence", "C:\\models\\florence")),
+        ("win=C:\\models\\florence", ModelSpec("win", "C:\\models\\florence")),
+        ("  spaced = test:tiny ", None),  # a name with a space is refused (see below)
+    ],
+)
+def test_the_grammar(text: str, expected: ModelSpec | None) -> None:
+    if expected is None:
+        with pytest.raises(ValueError, match="is not a model name"):
+            parse_model_spec(text)
+    else:
+        assert parse_model_spec(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "empty"),
+        ("=test:tiny", "'' is not a model name"),
+        ("-x=test:tiny", "'-x' is not a model name"),
+        ("my model=test:tiny", "'my model' is not a model name"),
+        ("a=", "give the model's source"),
+        ("a=+/adapter", "nothing before '\\+'"),
+        ("a=test:tiny+", "nothing after '\\+'"),
+    ],
+)
+def test_bad_specs_say_what_is_wrong(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        parse_model_spec(text)
+
+
+def test_a_plus_inside_an_existing_path_is_part_of_the_path(tmp_path: Path) -> None:
+    model = tmp_path / "florence+lora-merged"
+    model.mkdir()
+    assert parse_model_spec(f"m={model}") == ModelSpec("m", str(model))
+    adapter = tmp_path / "style"
+    adapter.mkdir()
+    assert parse_model_spec(f"m={model}+{adapter}") == ModelSpec("m", str(model), str(adapter))
+
+
+def test_the_adapter_side_may_hold_a_plus_when_that_path_exists(tmp_path: Path) -> None:
+    adapter = tmp_path / "style+v2"
+    adapter.mkdir()
+    # The last '+' would give the adapter "v2"; the existing directory "...style+v2" wins.
+    assert parse_model_spec(f"m=test:tiny+{adapter}") == ModelSpec("m", "test:tiny", str(adapter))
+    # Nothing exists: the last '+' splits (hub ids and test: sources hold no '+').
+    assert parse_model_spec("m=org/repo+./not+here") == ModelSpec("m", "org/repo+./not", "here")
+
+
+# --- --idle-timeout entries ------------------------------------------------------------------
+
+
+def test_idle_timeout_entries() -> None:
+    assert parse_idle_timeouts(["60", "big:600", "small:0", "test:tiny:-1"]) == (
+        60.0,
+        {"big": 600.0, "small": 0.0, "test:tiny": -1.0},
+    )
+    assert parse_idle_timeouts([30]) == (30.0, {})
+    assert parse_idle_timeouts(["a:5"]) == (None, {"a": 5.0})
+    for entries, message in [
+        (["soon"], "is not SECONDS or NAME:SECONDS"),
+        (["a:soon"], "is not SECONDS or NAME:SECONDS"),
+        ([":5"], "names no model"),
+        (["5", "6"], "two server-wide values"),
+        (["a:5", "a:6"], "a is given twice"),
+        ([True], "not a number"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_idle_timeouts(entries)
+
+
+# --- memory sizes ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [
+        ("24GiB", 24 * 1024**3),
+        ("8G", 8 * 1000**3),
+        ("8gb", 8 * 1000**3),
+        ("512MB", 512 * 1000**2),
+        ("512mib", 512 * 1024**2),
+        ("1.5GiB", 1536 * 1024**2),
+        ("1.5 Gi", 1536 * 1024**2),
+        ("1000000", 1_000_000),
+        ("100B", 100),
+        ("2T", 2 * 1000**4),
+        ("1KiB", 1024),
+        ("3k", 3000),
+    ],
+)
+def test_memory_sizes(text: str, size: int) -> None:
+    assert parse_byte_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "lots", "8 GB RAM", "-1G", "1e9", "8X", "GiB", "1.2.3G"])
+def test_garbage_memory_sizes_are_refused_with_examples(text: str) -> None:
+    with pytest.raises(ValueError, match="24GiB, 8G"):
+        parse_byte_size(text)
+
+
+def test_sizes_format_for_messages() -> None:
+    assert [format_byte_size(n) for n in (512, 1536 * 1024**2, 3 * 1024**4)] == [
+        "512 B",
+        "1.5 GiB",
+        "3.0 TiB",
+    ]
+
+
+# --- settings: several models ----------------------------------------------------------------
+
+
+def test_several_models_the_first_is_the_default(tmp_path: Path) -> None:
+    adapter = tmp_path / "style"
+    adapter.mkdir()
+    s = Settings(model=("base=test:tiny", f"styled=test:tiny+{adapter}", "other=./blip"))
+    assert [spec.name for spec in s.model_specs] == ["base", "styled", "other"]
+    assert s.model_specs[1] == ModelSpec("styled", "test:tiny", str(adapter))
+    assert s.default_model_name == "base" and s.default_model_spec is s.model_specs[0]
+    picked = Settings(model=("base=test:tiny", "other=./blip"), default_model="other")
+    assert picked.default_model_name == "other" and picked.default_model_spec.source == "./blip"
+    assert [spec.name for spec in picked.model_specs] == ["base", "other"]  # the order stays
+
+
+def test_a_bare_model_keeps_its_old_name_and_adapter() -> None:
+    s = Settings(model="test:tiny", adapter="/some/adapter")  # a plain string still works
+    assert s.model_specs == (ModelSpec("test:tiny", "test:tiny", "/some/adapter"),)
+    assert s.default_model_name == "test:tiny"
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"model": ("a=test:tiny", "a=./other")}, "the name 'a' is used twice"),
+        ({"model": ("test:tiny", "test:tiny")}, "the name 'test:tiny' is used twice"),
+        (
+            {"model": ("a=test:tiny", "b=./x"), "default_model": "c"},
+            "no model is named 'c'; the models are 'a', 'b'",
+        ),
+        (
+            {"model": ("a=test:tiny",), "adapter": "/ad"},
+            "write the adapter into the model.*NAME=SOURCE\\+ADAPTER",
+        ),
+        ({"model": ("test:tiny", "b=./x"), "adapter": "/ad"}, "--adapter applies to a single --model SOURCE"),
+        ({"model": ("test:tiny+/one",), "adapter": "/two"}, "already names an adapter"),
+        ({"model": ()}, "at least one model"),
+        (
+            {"model": ("a=test:tiny",), "model_idle_timeouts": (("b", 5.0),)},
+            "no model is named 'b'; the models are 'a'",
+        ),
+        (
+            {"model": ("a=test:tiny",), "model_idle_timeouts": (("a", -2.0),)},
+            "idle_timeout for a must be >= 0, or -1",
+        ),
+        ({"memory_budget": "lots"}, "memory_budget: 'lots' is not an amount of memory"),
+        ({"memory_budget": "0GiB"}, "memory_budget must be more than 0"),
+    ],
+)
+def test_bad_model_settings_are_settings_errors(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        Settings(**changes)  # type: ignore[arg-type]
+
+
+def test_memory_budget_is_exposed_in_bytes() -> None:
+    assert Settings(memory_budget="24GiB").memory_budget_bytes == 24 * 1024**3
+    assert Settings(memory_budget="").memory_budget_bytes is None  # an empty variable unsets it
+    assert Settings().memory_budget_bytes is None
+
+
+# --- settings: from the config file, the environment and flags ------------------------------
+
+
+def test_config_file_lists_models_and_mixes_idle_timeouts(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        'model = ["base=test:tiny", "blip=./blip"]\n'
+        'default-model = "blip"\n'
+        'idle_timeout = [120, "blip:30", "base:-1"]\n'
+        'memory_budget = "8GiB"\n'
+    )
+    s = load_settings(environ={}, config_path=config)
+    assert [(spec.name, spec.source, spec.idle_timeout) for spec in s.model_specs] == [
+        ("base", "test:tiny", -1.0),
+        ("blip", "./blip", 30.0),
+    ]
+    assert (s.default_model_name, s.idle_timeout, s.memory_budget_bytes) == ("blip", 120.0, 8 * 1024**3)
+
+
+def test_config_file_single_strings_and_plain_numbers(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('model = "solo=test:tiny"\nidle_timeout = 45\nmemory_budget = 1000000\n')
+    s = load_settings(environ={}, config_path=config)
+    assert [spec.name for spec in s.model_specs] == ["solo"]
+    assert (s.idle_timeout, s.memory_budget_bytes) == (45.0, 1_000_000)
+
+
+def test_environment_separates_with_commas(tmp_path: Path) -> None:
+    env = {
+        "VISION_SERVER_MODEL": "a=test:tiny, b=./blip",
+        "VISION_SERVER_IDLE_TIMEOUT": "90,b:10",
+        "VISION_SERVER_DEFAULT_MODEL": "b",
+        "VISION_SERVER_MEMORY_BUDGET": "512MB",
+    }
+    s = load_settings(environ=env, config_path=_empty(tmp_path))
+    assert [(spec.name, spec.idle_timeout) for spec in s.model_specs] == [("a", None), ("b", 10.0)]
+    assert (s.default_model_name, s.idle_timeout, s.memory_budget_bytes) == ("b", 90.0, 512_000_000)
+
+
+def test_later_sources_replace_idle_timeouts_value_by_value(tmp_path: Path) -> None:
+    """A flag naming one model keeps the config's server-wide value and its other models' values."""
+    config = tmp_path / "config.toml"
+    config.write_text('model = ["a=test:tiny", "b=./x"]\nidle_timeout = [600, "a:60", "b:5"]\n')
+    s = load_settings(
+        {"idle_timeout": ("a:30",)}, environ={"VISION_SERVER_IDLE_TIMEOUT": "b:7"}, config_path=config
+    )
+    assert s.idle_timeout == 600.0
+    assert [(spec.name, spec.idle_timeout) for spec in s.model_specs] == [("a", 30.0), ("b", 7.0)]
+    wide = load_settings({"idle_timeout": ("0",)}, environ={}, config_path=config)
+    assert wide.idle_timeout == 0.0 and wide.model_specs[0].idle_timeout == 60.0
+
+
+def test_flags_replace_the_configured_models(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('model = ["a=test:tiny", "b=./x"]\n')
+    s = load_settings({"model": ("c=test:tiny",)}, environ={}, config_path=config)
+    assert [spec.name for spec in s.model_specs] == ["c"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"idle_timeout": ("soon",)}, "'soon' is not SECONDS or NAME:SECONDS"),
+        ({"idle_timeout": ("nobody:5",)}, "no model is named 'nobody'"),
+        ({"idle_timeout": ("-5",)}, "idle_timeout must be >= 0"),
+        ({"model": ("bad name=test:tiny",)}, "'bad name' is not a model name"),
+    ],
+)
+def test_bad_flags_are_settings_errors(tmp_path: Path, flags: dict[str, object], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(flags, environ={}, config_path=_empty(tmp_path))
+
+
+def test_the_per_model_field_is_not_a_user_setting(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('model_idle_timeouts = [["a", 1]]\n')
+    with pytest.raises(SettingsError, match="unknown setting 'model_idle_timeouts'"):
+        load_settings(environ={}, config_path=config)
+
+
+def _empty(tmp_path: Path) -> Path:
+    path = tmp_path / "empty.toml"
+    path.write_text("")
+    return path

@@ -1,0 +1,182 @@
+"""Which models a server serves: the ``--model [NAME=]SOURCE[+ADAPTER]`` grammar and its typed view.
+
+One ``--model`` value (a *spec*)::
+
+    SPEC   := [NAME "="] SOURCE ["+" ADAPTER]
+    NAME   := [A-Za-z0-9][A-Za-z0-9._-]*
+
+- ``NAME=`` is read when the text before the first ``=`` holds no ``/``, ``\\`` or ``:``; it must
+  then be a NAME. So ``./a=b``, ``C:\\models\\a=b`` and ``test:tiny`` are sources, never names.
+- Without ``NAME=`` a model is named after its SOURCE text, exactly as the single model always was.
+- ``+ADAPTER`` (a local PEFT adapter directory): when the whole text after ``NAME=`` is an existing
+  path it is the source, ``+`` and all. Otherwise it is split at a ``+`` whose right-hand side is an
+  existing path, the rightmost such one; when there is none, at the last ``+`` (hub ids and
+  ``test:`` sources never hold a ``+``, so only local paths need this rule).
+
+``--idle-timeout`` values are ``SECONDS`` (the server-wide value) or ``NAME:SECONDS`` (one model;
+split at the last ``:``, so names that hold a colon, such as ``test:tiny``, work).
+
+Everything here raises :class:`ValueError` with a message meant for the user; the settings turn
+it into a ``SettingsError``.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+NAME_GRAMMAR = "letters, digits, '.', '_' and '-', starting with a letter or digit"
+_NOT_A_NAME = re.compile(r"[/\\:]")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One served model as configured: the name requests pick it by, where its weights come from,
+    an optional adapter on top, and its own idle timeout (None: the server-wide one)."""
+
+    name: str
+    source: str
+    adapter: str | None = None
+    idle_timeout: float | None = None
+
+    def describe(self) -> str:
+        """``name (source + adapter)`` for logs; just the source when the name is the source."""
+        shown = self.source if self.adapter is None else f"{self.source} + {self.adapter}"
+        return shown if self.name == self.source and self.adapter is None else f"{self.name} ({shown})"
+
+
+def parse_model_spec(text: str) -> ModelSpec:
+    """One ``--model`` value as a :class:`ModelSpec` (without its idle timeout)."""
+    text = text.strip()
+    if not text:
+        raise ValueError("model: an empty value names no model")
+    name: str | None = None
+    head, equals, rest = text.partition("=")
+    if equals and not _NOT_A_NAME.search(head):
+        if not NAME_PATTERN.fullmatch(head):
+            raise ValueError(
+                f"model {text!r}: {head!r} is not a model name (NAME=SOURCE; a name has {NAME_GRAMMAR})"
+            )
+        name, text = head, rest.strip()
+        if not text:
+            raise ValueError(f"model {name}=: give the model's source after '='")
+    source, adapter = split_adapter(text)
+    if not source:
+        raise ValueError(f"model {text!r}: nothing before '+' (SOURCE+ADAPTER_DIR)")
+    if adapter is not None and not adapter:
+        raise ValueError(f"model {text!r}: nothing after '+' (SOURCE+ADAPTER_DIR)")
+    return ModelSpec(name=name if name is not None else source, source=source, adapter=adapter)
+
+
+def split_adapter(text: str) -> tuple[str, str | None]:
+    """``SOURCE+ADAPTER`` → (source, adapter); see the module docstring for which ``+`` counts."""
+    if "+" not in text or Path(text).expanduser().exists():
+        return text, None
+    cuts = [index for index, char in enumerate(text) if char == "+"]
+    for cut in reversed(cuts):
+        adapter = text[cut + 1 :]
+        if adapter and Path(adapter).expanduser().exists():
+            return text[:cut], adapter
+    return text[: cuts[-1]], text[cuts[-1] + 1 :]
+
+
+def parse_idle_timeouts(entries: Iterable[str | float]) -> tuple[float | None, dict[str, float]]:
+    """``--idle-timeout`` values → (server-wide seconds or None, {model name: seconds}).
+
+    The same server-wide value or the same name twice in one place is an error: one of them
+    would be silently ignored.
+    """
+    server_wide: float | None = None
+    per_model: dict[str, float] = {}
+    for entry in entries:
+        if isinstance(entry, bool):
+            raise ValueError(f"idle_timeout: {entry!r} is not a number of seconds")
+        if isinstance(entry, (int, float)):
+            name, seconds = None, float(entry)
+        else:
+            name, seconds = _idle_entry(str(entry).strip())
+        if name is None:
+            if server_wide is not None:
+                raise ValueError(f"idle_timeout: two server-wide values ({server_wide:g} and {seconds:g})")
+            server_wide = seconds
+        else:
+            if name in per_model:
+                raise ValueError(f"idle_timeout: {name} is given twice")
+            per_model[name] = seconds
+    return server_wide, per_model
+
+
+def _idle_entry(text: str) -> tuple[str | None, float]:
+    name, colon, number = text.rpartition(":")
+    try:
+        seconds = float(number)
+    except ValueError:
+        shape = "SECONDS or NAME:SECONDS"
+        raise ValueError(f"idle_timeout: {text!r} is not {shape} (seconds: a number, -1 for never)") from None
+    if colon and not name.strip():
+        raise ValueError(f"idle_timeout: {text!r} names no model before ':'")
+    return (name.strip() if colon else None), seconds
+
+
+def check_idle_seconds(what: str, seconds: float) -> None:
+    if seconds < 0 and seconds != -1:
+        raise ValueError(f"{what} must be >= 0, or -1 for never (not {seconds:g})")
+
+
+def build_specs(
+    texts: Sequence[str],
+    *,
+    adapter: str | None = None,
+    default: str | None = None,
+    idle_timeouts: Mapping[str, float] | None = None,
+) -> tuple[ModelSpec, ...]:
+    """Every configured model, in the order given; ``adapter`` is the old single-model ``--adapter``.
+
+    Checks: at least one model, no name twice, ``--adapter`` only beside one bare ``--model``,
+    ``default`` and every ``idle_timeouts`` name among the served names.
+    """
+    specs = [parse_model_spec(text) for text in texts]
+    if not specs:
+        raise ValueError("model: give at least one model")
+    seen: dict[str, ModelSpec] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise ValueError(
+                f"model: the name {spec.name!r} is used twice; give each model its own name (NAME=SOURCE)"
+            )
+        seen[spec.name] = spec
+    if adapter is not None:
+        specs = [_with_old_adapter(specs, texts, adapter)]
+    names = [spec.name for spec in specs]
+    overrides = dict(idle_timeouts or {})
+    for name, seconds in overrides.items():
+        if name not in seen:
+            raise ValueError(f"idle_timeout: no model is named {name!r}; the models are {_listed(names)}")
+        check_idle_seconds(f"idle_timeout for {name}", seconds)
+    specs = [
+        ModelSpec(spec.name, spec.source, spec.adapter, overrides.get(spec.name, spec.idle_timeout))
+        for spec in specs
+    ]
+    if default is not None and default not in seen:
+        raise ValueError(f"default_model: no model is named {default!r}; the models are {_listed(names)}")
+    return tuple(specs)
+
+
+def _with_old_adapter(specs: list[ModelSpec], texts: Sequence[str], adapter: str) -> ModelSpec:
+    """``--adapter DIR`` beside a single bare ``--model SOURCE``: the spec ``SOURCE+DIR``."""
+    spec = specs[0] if len(specs) == 1 else None
+    if spec is not None and spec.adapter is not None:
+        raise ValueError(f"adapter: {texts[0]!r} already names an adapter after '+'; drop --adapter")
+    if spec is None or spec.name != spec.source:
+        raise ValueError(
+            f"adapter: --adapter applies to a single --model SOURCE; with {_listed(list(texts))} "
+            "write the adapter into the model instead: --model NAME=SOURCE+ADAPTER_DIR"
+        )
+    return ModelSpec(spec.name, spec.source, adapter)
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(repr(name) for name in names)
