@@ -13,12 +13,13 @@ The tiny models are built once per run into temp dirs (about a second in all).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from vision_server.engine.clock import Clock
+from vision_server.engine.models import NamedModel
 from vision_server.engine.scheduler import Engine, EngineConfig
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
@@ -125,15 +126,21 @@ StartEngine = Callable[..., Awaitable[Engine]]
 
 @pytest.fixture
 async def start_engine() -> AsyncIterator[StartEngine]:
-    """``await start_engine(captioner, clock=None, **config)``: a started engine, stopped after the test.
+    """``await start_engine(captioner or models, clock=None, **config)``: a started engine, stopped after.
 
     Every engine started here is stopped when the test ends, passed or failed, so no worker or
     model thread outlives its test (a test may also stop it itself: stopping twice is harmless).
     """
     engines: list[Engine] = []
 
-    async def start(captioner: FakeCaptioner, *, clock: Clock | None = None, **config: float) -> Engine:
-        engine = Engine(captioner, EngineConfig(**config), clock=clock)  # type: ignore[arg-type]
+    async def start(
+        models: FakeCaptioner | Sequence[NamedModel],
+        *,
+        clock: Clock | None = None,
+        default_model: str | None = None,
+        **config: float,
+    ) -> Engine:
+        engine = Engine(models, EngineConfig(**config), clock=clock, default_model=default_model)  # type: ignore[arg-type]
         engines.append(engine)
         await engine.start()
         return engine

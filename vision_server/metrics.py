@@ -20,7 +20,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from vision_server import __version__
-from vision_server.engine.lifecycle import ModelState
+from vision_server.engine.lifecycle import EngineStatus, ModelState
 from vision_server.engine.observer import EngineObserver
 from vision_server.gpu import gpu_memory
 
@@ -204,7 +204,38 @@ class EngineCollector(Collector):
         for candidate in ModelState:
             state.add_metric([candidate.value], float(candidate is status.state))
         yield state
+        yield from _model_families(status)
         yield from _gpu_families()
+
+
+def _model_families(status: EngineStatus) -> Iterator[Metric]:
+    """Every served model's state and weights, and the memory budget they share."""
+    states = GaugeMetricFamily(
+        PREFIX + "served_model_state",
+        "1 for each served model's current lifecycle state, 0 for the others.",
+        labels=["model", "state"],
+    )
+    memory = GaugeMetricFamily(
+        PREFIX + "served_model_memory_bytes",
+        "Bytes each served model's weights take (estimated until its first load).",
+        labels=["model"],
+    )
+    for model in status.models:
+        for candidate in ModelState:
+            states.add_metric([model.name, candidate.value], float(candidate is model.state))
+        memory.add_metric([model.name], model.memory_bytes)
+    yield from (states, memory)
+    yield GaugeMetricFamily(
+        PREFIX + "memory_used_bytes",
+        "Bytes the loaded models' weights take together.",
+        value=status.memory_used,
+    )
+    if status.memory_budget is not None:
+        yield GaugeMetricFamily(
+            PREFIX + "memory_budget_bytes",
+            "The --memory-budget the loaded models share.",
+            value=status.memory_budget,
+        )
 
 
 def _gpu_families() -> Iterator[Metric]:

@@ -35,7 +35,7 @@ async def test_a_queued_job_keeps_model_sized_pixels_not_the_decoded_upload(tmp_
         )
         while not engine.status().queue_depth:
             await asyncio.sleep(0.01)
-        (queued,) = list(engine._queue)
+        (queued,) = list(engine._slots[engine.default_model].queue)
         image = queued.item.image
         assert isinstance(image, PreparedImage) and image.original_size == (3000, 2000)
         assert image.pixels.dtype == np.uint8 and image.pixels.shape == (FAKE_SPEC.height, FAKE_SPEC.width, 3)

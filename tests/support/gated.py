@@ -7,6 +7,7 @@ While it is held, later requests queue up, so a test can see how the next batch 
 from __future__ import annotations
 
 import threading
+from typing import Any
 
 from vision_server.captioner import Caption, CaptionItem
 from vision_server.testing.fake import FakeCaptioner
@@ -15,8 +16,8 @@ from vision_server.testing.fake import FakeCaptioner
 class GatedFake(FakeCaptioner):
     """Each batch waits in ``caption()`` until the test sets ``gate``; ``entered`` says one began."""
 
-    def __init__(self) -> None:
-        super().__init__()
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
         self.gate, self.entered = threading.Event(), threading.Event()
 
     def caption(self, batch: list[CaptionItem]) -> list[Caption]:

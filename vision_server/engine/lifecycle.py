@@ -34,6 +34,11 @@ class ModelCard:
     tasks: tuple[str, ...]
     device: str | None
     dtype: str | None
+    name: str = ""  # what requests pick it by ("" when built outside an engine)
+    family: str = "florence-2"  # the architecture as clients see it (multipart's model_type)
+    takes_prompt: bool = False  # free text reaches the model (BLIP, GIT, chat VLMs)
+    source: str = ""  # hub id or directory it loads from
+    adapter: str | None = None  # PEFT adapter directory on top, if any
 
 
 @dataclass(frozen=True)
@@ -57,6 +62,39 @@ class EngineStatus:
     jobs_done: int
     last_batch_size: int
     mean_batch_size: float
+    # Every served model (the default one included), in configured order.
+    models: tuple[ModelStatus, ...] = ()
+    memory_budget: int | None = None  # bytes, --memory-budget; None: no budget
+    memory_used: int = 0  # bytes the loaded models' weights take, as far as they report it
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["state"] = self.state.value
+        data["models"] = [model.as_dict() for model in self.models]
+        return data
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """One served model's part of /v1/status: its lifecycle, its memory and when it was last used."""
+
+    name: str
+    source: str
+    adapter: str | None
+    family: str
+    default: bool
+    state: ModelState
+    device: str | None
+    dtype: str | None
+    memory_bytes: int  # its weights' size (estimated before its first load; 0 when unknown)
+    last_used: float | None  # unix time its last batch ended
+    loaded_since: float | None  # unix time
+    expires_at: float | None  # unix time of its idle unload, None when busy or never
+    idle_timeout: float
+    queue_depth: int
+    jobs_running: int
+    waiting_for_memory: bool  # its jobs wait until busy models leave room under the budget
+    last_error: str | None
 
     def as_dict(self) -> dict[str, Any]:
         data = asdict(self)

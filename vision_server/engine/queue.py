@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 
 from vision_server.captioner import GenerationOptions
 from vision_server.engine.jobs import CaptionJob, Lane
@@ -24,13 +24,20 @@ BULK_SHARE = 4  # an aged batch keeps 1/BULK_SHARE of its places for bulk jobs
 class JobQueue:
     """Interactive jobs in arrival order, bulk jobs by client; at most ``maxsize`` per lane."""
 
-    def __init__(self, maxsize: int, *, bulk_aging: int = DEFAULT_BULK_AGING) -> None:
+    def __init__(
+        self,
+        maxsize: int,
+        *,
+        bulk_aging: int = DEFAULT_BULK_AGING,
+        arrived: asyncio.Event | None = None,
+    ) -> None:
         self.maxsize = maxsize
         self.bulk_aging = bulk_aging
         self._interactive: deque[CaptionJob] = deque()
         self._bulk = BulkLane()
         self._passed_over = 0  # batches in a row that left waiting bulk jobs out
-        self._arrived = asyncio.Event()
+        # Set on every put: the engine passes one event to all its models' queues and waits on it.
+        self.arrived = arrived if arrived is not None else asyncio.Event()
         self._room = asyncio.Event()
 
     def __len__(self) -> int:
@@ -57,7 +64,7 @@ class JobQueue:
             self._interactive.append(job)
         else:
             self._bulk.append(job)
-        self._arrived.set()
+        self.arrived.set()
 
     async def wait_for_room(self, lane: Lane = Lane.INTERACTIVE) -> None:
         """Wait until a job can be put in ``lane`` without being refused.
@@ -67,27 +74,6 @@ class JobQueue:
         while self.full(lane):
             self._room.clear()
             await self._room.wait()
-
-    async def wait(self, timer: Callable[[], Awaitable[None]] | None = None) -> bool:
-        """Wait until a job is queued (or :meth:`wake` is called); False if ``timer()`` ends first."""
-        if len(self):
-            return True
-        self._arrived.clear()
-        if timer is None:
-            await self._arrived.wait()
-            return True
-        arrival = asyncio.ensure_future(self._arrived.wait())
-        expiry = asyncio.ensure_future(timer())
-        try:
-            await asyncio.wait({arrival, expiry}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            arrival.cancel()
-            expiry.cancel()
-        return self._arrived.is_set()
-
-    def wake(self) -> None:
-        """Interrupt :meth:`wait` (used for control messages)."""
-        self._arrived.set()
 
     def discard(self, job: CaptionJob) -> bool:
         """Remove ``job`` if it is still waiting (its client left); True when it was."""
@@ -107,6 +93,10 @@ class JobQueue:
         self._interactive = deque(job for job in self._interactive if not job.abandoned)
         self._bulk.drop_abandoned()
         self._room.set()
+
+    def oldest(self) -> float | None:
+        """When the job waiting longest was queued (on the engine's clock); None when empty."""
+        return min((job.enqueued_at for job in self if not job.abandoned), default=None)
 
     def leader(self) -> CaptionJob | None:
         """The job the next batch is built around (its options decide who may join)."""

@@ -1,8 +1,11 @@
-"""The engine: one bounded queue and one worker coroutine that is the only owner of the model.
+"""The engine: bounded queues and one worker coroutine that is the only owner of the models.
 
-Everything that touches the model (load, caption, unload) runs in one dedicated thread, driven
-by the worker coroutine, so the event loop stays free and no lock is needed: admin actions and
-shutdown are messages the worker handles between batches.
+Every batch runs in one dedicated model thread, driven by the worker coroutine, so the event loop
+stays free and no lock is needed: admin actions and shutdown are messages the worker handles
+between batches. With several models (:class:`~vision_server.engine.models.NamedModel`) each has
+its own queue and lifecycle; a load runs on a second thread while another model is ready, so
+jobs for a ready model never wait behind a load. The rules (fairness between models, eviction
+under ``memory_budget``) are described in docs/models.md.
 """
 
 from __future__ import annotations
@@ -11,16 +14,20 @@ import asyncio
 import logging
 import time
 from collections import deque
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from vision_server.captioner import Caption, Captioner, CaptionItem, ModelInfo, Offloadable
+from vision_server.captioner import Caption, Captioner, CaptionItem, Offloadable
+from vision_server.engine.budget import Resident, footprint, format_bytes, plan_evictions
 from vision_server.engine.clock import Clock, MonotonicClock
 from vision_server.engine.jobs import CaptionJob, JobLabels, Lane
-from vision_server.engine.lifecycle import EngineStatus, ModelCard, ModelState
+from vision_server.engine.lifecycle import EngineStatus, ModelCard, ModelState, ModelStatus
+from vision_server.engine.models import NamedModel
 from vision_server.engine.observer import EngineObserver
 from vision_server.engine.queue import DEFAULT_BULK_AGING, JobQueue
+from vision_server.engine.slots import RESIDENT, ModelSlot
 from vision_server.engine.trace import record_job
 from vision_server.errors import (
     BadRequest,
@@ -28,8 +35,11 @@ from vision_server.errors import (
     DeadlineExceeded,
     Draining,
     ModelLoadError,
+    ModelTooLarge,
     OutOfMemory,
     QueueFull,
+    ServiceUnavailable,
+    UnknownModel,
     VisionServerError,
     WorkerUnavailable,
 )
@@ -42,6 +52,7 @@ MAX_RETRY_AFTER = 120.0
 STOP_MARGIN = 3.0  # seconds past the shutdown grace for the unload before the worker is abandoned
 
 Command = Literal["load", "unload", "offload", "stop"]
+Models = Captioner | Sequence[NamedModel]
 
 
 @dataclass(frozen=True)
@@ -63,50 +74,73 @@ class EngineConfig:
     max_keep_alive: float | None = None
     # Seconds an idle model spends in the warm tier (host memory) before it is freed; 0 skips it.
     offload_timeout: float = 1800.0
+    # Bytes the loaded models' weights may take together (device memory; RAM on the CPU). Before a
+    # load that would pass it, idle models are unloaded least recently used first. None: no budget.
+    memory_budget: int | None = None
 
 
 class Engine:
-    """Queue + worker + model lifecycle. Usable in-process: ``await engine.submit(item)``."""
+    """Queues + worker + the models' lifecycles. Usable in-process: ``await engine.submit(item)``.
+
+    ``models`` is one captioner (served under its model id) or several :class:`NamedModel`; the
+    first is the default unless ``default_model`` names another.
+    """
 
     def __init__(
         self,
-        captioner: Captioner,
+        models: Models,
         config: EngineConfig | None = None,
         observer: EngineObserver | None = None,
         clock: Clock | None = None,
+        *,
+        default_model: str | None = None,
     ) -> None:
-        self._captioner = captioner
+        named = list(models) if isinstance(models, Sequence) else [NamedModel(models.model_id, models)]
+        if not named:
+            raise ValueError("an engine needs at least one model")
+        names = [model.name for model in named]
+        if len(set(names)) != len(names):
+            raise ValueError(f"model names must be unique, not {names}")
+        if default_model is not None and default_model not in names:
+            raise ValueError(f"default model {default_model!r} is not one of {', '.join(names)}")
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self._clock = clock or MonotonicClock()
-        self._queue = JobQueue(self.config.max_queue, bulk_aging=self.config.bulk_aging)
-        self._commands: deque[tuple[Command, asyncio.Future[None]]] = deque()
-        self._executor: ThreadPoolExecutor | None = None
+        self._default = default_model or names[0]
+        # Set on every queued job, finished load and command: the worker's one reason to look again.
+        self._wakeup = asyncio.Event()
+        self._slots: dict[str, ModelSlot] = {
+            model.name: ModelSlot(
+                model,
+                JobQueue(self.config.max_queue, bulk_aging=self.config.bulk_aging, arrived=self._wakeup),
+                idle_timeout=self.config.idle_timeout if model.idle_timeout is None else model.idle_timeout,
+                default=model.name == self._default,
+                now=self._clock.now(),
+            )
+            for model in named
+        }
+        self._commands: deque[tuple[Command, ModelSlot, asyncio.Future[None]]] = deque()
+        self._executor: ThreadPoolExecutor | None = None  # the model thread: every batch
+        self._loader: ThreadPoolExecutor | None = None  # loads while another model is ready
         self._worker: asyncio.Task[None] | None = None
-        self._state = ModelState.UNLOADED
-        self._info: ModelInfo | None = None
-        self._loaded_since: float | None = None
-        self._last_error: str | None = None
-        self._last_finished = self._clock.now()
         self._running = 0
         self._draining = False
         self._seconds_per_job = 1.0
         self._batches = 0
         self._jobs_done = 0
         self._last_batch_size = 0
-        self._in_flight: list[CaptionJob] = []  # the batch the worker holds (loading or running)
+        self._in_flight: list[CaptionJob] = []  # the batch the worker holds
+        self._served_last: str | None = None  # the model whose batch ran last (round robin)
         self._stopping = False
         self._worker_deaths = 0
         self._restart: asyncio.TimerHandle | None = None
-        self._trim_pending = False  # a batch ran since the last trim (or unload)
-        self._keep_alive: float | None = None  # a request's keep-alive in force (None: idle_timeout)
-        self._offloaded_at: float | None = None  # on the clock, while in the warm tier
 
     # --- public API ----------------------------------------------------------------------------
 
     async def start(self, *, preload: bool = False) -> None:
-        """Start the worker (and load at once when ``preload``)."""
+        """Start the worker (and load the default model at once when ``preload``)."""
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-model")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-loader")
         self._start_worker()
         if preload:
             await self.load()
@@ -115,22 +149,25 @@ class Engine:
         self,
         item: CaptionItem,
         *,
+        model: str | None = None,
         request_id: str = "-",
         wait_for_room: bool = False,
         labels: JobLabels | None = None,
     ) -> Caption:
-        """Queue one image and wait for its caption (raises domain errors on refusal or failure).
+        """Queue one image for ``model`` (the default when None) and wait for its caption.
 
-        ``labels`` say which lane the job waits in and which client it belongs to (interactive
-        and anonymous by default). A full lane refuses the job at once, unless
+        Raises domain errors on refusal or failure: :class:`UnknownModel` for a name this engine
+        does not serve. ``labels`` say which lane the job waits in and which client it belongs to
+        (interactive and anonymous by default). A full lane refuses the job at once, unless
         ``wait_for_room``: then the caller waits for a place (the offline dataset captioner,
         which bounds what it has in flight itself).
         """
+        slot = self._slot(model)
         self._check_accepting()
         labels = labels or JobLabels()
         timeout = self.config.request_timeout
         if wait_for_room:
-            await self._queue.wait_for_room(labels.lane)
+            await slot.queue.wait_for_room(labels.lane)
             if self._draining:
                 self.observer.job_rejected("draining")
                 raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
@@ -143,45 +180,45 @@ class Engine:
         )
         job.deadline = job.enqueued_at + timeout
         try:
-            self._queue.put(job, retry_after=self.retry_after(labels.lane))
+            slot.queue.put(job, retry_after=self.retry_after(labels.lane))
         except VisionServerError:
             self.observer.job_rejected("queue_full")
             raise
         try:
             return await asyncio.wait_for(job.future, timeout)
         except asyncio.TimeoutError:
-            self._queue.discard(job)
+            slot.queue.discard(job)
             self.observer.job_rejected("timeout")
             raise DeadlineExceeded(f"No caption within the request timeout of {timeout:g} s.") from None
         except asyncio.CancelledError:
             # The client went away (aiohttp cancels its handler): free the place at once, so
             # abandoned jobs neither refuse newcomers nor inflate queue_depth and Retry-After.
-            self._queue.discard(job)
+            slot.queue.discard(job)
             self.observer.job_rejected("client_disconnected")
             raise
         finally:
             if job.queue_wait is not None:
                 record_job(job.queue_wait, job.batch_size)
 
-    async def load(self) -> EngineStatus:
-        await self._command("load")
+    async def load(self, model: str | None = None) -> EngineStatus:
+        await self._command("load", model)
         return self.status()
 
-    async def unload(self) -> EngineStatus:
-        await self._command("unload")
+    async def unload(self, model: str | None = None) -> EngineStatus:
+        await self._command("unload", model)
         return self.status()
 
-    async def offload(self) -> EngineStatus:
+    async def offload(self, model: str | None = None) -> EngineStatus:
         """Move a loaded model to the warm tier now (400 where there is none: CPU-only, tier off)."""
-        await self._command("offload")
+        await self._command("offload", model)
         return self.status()
 
     async def stop(self, grace: float = 60.0) -> bool:
         """Refuse new jobs, finish queued and running ones within ``grace`` seconds, unload, stop.
 
         Ends within ``grace`` plus :data:`STOP_MARGIN` whatever the worker is doing (a model load
-        included): jobs it could not finish get 503. Returns False when the model thread was
-        still busy and was left behind (the process should then exit without joining it).
+        included): jobs it could not finish get 503. Returns False when a model thread was still
+        busy and was left behind (the process should then exit without joining it).
         """
         self._draining = True
         self._stopping = True
@@ -192,23 +229,29 @@ class Engine:
         end = time.monotonic() + grace
         while self._has_work() and time.monotonic() < end and not self._worker.done():
             await asyncio.sleep(0.05)
-        for job in self._queue.take_all():
-            _fail(job, Draining("The server shut down before this job ran.", retry_after=5))
+        for slot in self._slots.values():
+            for job in slot.queue.take_all():
+                _fail(job, Draining("The server shut down before this job ran.", retry_after=5))
         clean = await self._stop_worker(end + STOP_MARGIN)
         self._worker = None
-        if self._executor is not None:
-            self._executor.shutdown(wait=clean, cancel_futures=True)
+        for executor in (self._executor, self._loader):
+            if executor is not None:
+                executor.shutdown(wait=clean, cancel_futures=True)
         return clean
 
     def _has_work(self) -> bool:
-        return bool(len(self._queue) or self._running or self._in_flight)
+        return bool(
+            self._running
+            or self._in_flight
+            or any(len(slot.queue) or slot.busy_loading for slot in self._slots.values())
+        )
 
     async def _stop_worker(self, deadline: float) -> bool:
         """Ask the worker to unload and exit; cancel it at ``deadline``. True when it exited cleanly."""
         worker = self._worker
         assert worker is not None
         if not worker.done():
-            stopping = asyncio.ensure_future(self._command("stop"))
+            stopping = asyncio.ensure_future(self._command("stop", None))
             done, _ = await asyncio.wait({worker}, timeout=max(0.0, deadline - time.monotonic()))
             if not done:
                 log.warning("the worker did not stop in time (busy in the model thread); leaving it behind")
@@ -222,6 +265,53 @@ class Engine:
             await asyncio.gather(stopping, return_exceptions=True)
         await asyncio.gather(worker, return_exceptions=True)
         return True
+
+    # --- which models, and what clients may know of them -----------------------------------------
+
+    @property
+    def model_names(self) -> tuple[str, ...]:
+        """Every served name, in configured order."""
+        return tuple(self._slots)
+
+    @property
+    def default_model(self) -> str:
+        return self._default
+
+    def resolve(self, name: str | None) -> str:
+        """The served name a request's ``model`` means: None or "" is the default model; a model's
+        source (hub id or directory) names it too when no other model has that source."""
+        if not name:
+            return self._default
+        if name in self._slots:
+            return name
+        by_source = [slot.name for slot in self._slots.values() if slot.source == name]
+        if len(by_source) == 1:
+            return by_source[0]
+        raise UnknownModel(
+            f"This server does not serve a model named {name!r}. Served: "
+            f"{', '.join(self._slots)} (default {self._default}); omit the model to get the default."
+        )
+
+    def _slot(self, name: str | None) -> ModelSlot:
+        return self._slots[self.resolve(name)]
+
+    def card(self, name: str | None = None) -> ModelCard:
+        """A model's name and tasks (device and dtype once it has loaded); never the model."""
+        return self._slot(name).card()
+
+    @property
+    def model_card(self) -> ModelCard:
+        """The default model's card."""
+        return self.card(None)
+
+    def pixel_spec_for(self, name: str | None) -> PixelSpec:
+        """The size and normalisation a model's images are prepared for before they queue."""
+        return self._slot(name).captioner.pixel_spec
+
+    @property
+    def pixel_spec(self) -> PixelSpec:
+        """The default model's pixel spec (known unloaded)."""
+        return self.pixel_spec_for(None)
 
     @property
     def draining(self) -> bool:
@@ -243,23 +333,8 @@ class Engine:
 
     @property
     def state(self) -> ModelState:
-        return self._state
-
-    @property
-    def model_card(self) -> ModelCard:
-        """The model's name and tasks (device and dtype once it has loaded); never the model."""
-        info = self._info
-        return ModelCard(
-            model_id=self._captioner.model_id,
-            tasks=self._captioner.tasks,
-            device=info.device if info else None,
-            dtype=info.dtype if info else None,
-        )
-
-    @property
-    def pixel_spec(self) -> PixelSpec:
-        """The size and normalisation images are prepared for before they queue (known unloaded)."""
-        return self._captioner.pixel_spec
+        """The default model's state."""
+        return self._slots[self._default].state
 
     @property
     def keep_alive_cap(self) -> float:
@@ -287,43 +362,76 @@ class Engine:
         """An honest estimate of when a refused client should retry, capped for OpenAI SDKs.
 
         For a lane: the jobs that go before a newcomer there (bulk waits behind everything,
-        interactive only behind interactive work and the running batch).
+        interactive only behind interactive work and the running batch), over every model.
         """
-        ahead = self._queue.depth(Lane.INTERACTIVE) if lane is Lane.INTERACTIVE else len(self._queue)
+        slots = self._slots.values()
+        if lane is Lane.INTERACTIVE:
+            ahead = sum(slot.depth(Lane.INTERACTIVE) for slot in slots)
+        else:
+            ahead = sum(slot.depth() for slot in slots)
         backlog = (ahead + self._running) * self._seconds_per_job
         return float(min(MAX_RETRY_AFTER, max(1.0, round(backlog))))
 
     def status(self) -> EngineStatus:
-        info = self._info
+        default = self._slots[self._default]
+        info = default.info
+        slots = self._slots.values()
         return EngineStatus(
-            state=self._state,
-            model=self._captioner.model_id,
+            state=default.state,
+            model=default.captioner.model_id,
             device=info.device if info else None,
             dtype=info.dtype if info else None,
-            loaded_since=self._loaded_since,
-            expires_at=self._expires_at(),
-            keep_alive=self._keep_alive_now(),
-            keep_alive_from="server" if self._keep_alive is None else "request",
-            queue_depth=len(self._queue),
-            lane_depths={lane.value: self._queue.depth(lane) for lane in Lane},
+            loaded_since=default.loaded_since,
+            expires_at=self._expires_at(default),
+            keep_alive=default.keep_alive_now(),
+            keep_alive_from="server" if default.keep_alive is None else "request",
+            queue_depth=sum(slot.depth() for slot in slots),
+            lane_depths={lane.value: sum(slot.depth(lane) for slot in slots) for lane in Lane},
             jobs_running=self._running,
-            last_error=self._last_error,
+            last_error=default.last_error,
             draining=self._draining,
             batches_run=self._batches,
             jobs_done=self._jobs_done,
             last_batch_size=self._last_batch_size,
             mean_batch_size=self._jobs_done / self._batches if self._batches else 0.0,
+            models=tuple(self._model_status(slot) for slot in slots),
+            memory_budget=self.config.memory_budget,
+            memory_used=footprint(slot.memory_parts() for slot in slots if slot.state in RESIDENT),
         )
 
-    def check_room(self, lane: Lane = Lane.INTERACTIVE) -> None:
-        """Refuse now what :meth:`submit` would refuse (full lane, drain, dead worker), so no
-        CPU is spent decoding an image that cannot be queued."""
+    def _model_status(self, slot: ModelSlot) -> ModelStatus:
+        card = slot.card()
+        return ModelStatus(
+            name=slot.name,
+            source=slot.source,
+            adapter=slot.adapter,
+            family=card.family,
+            default=slot.default,
+            state=slot.state,
+            device=card.device,
+            dtype=card.dtype,
+            memory_bytes=slot.memory_bytes(),
+            last_used=slot.last_used,
+            loaded_since=slot.loaded_since,
+            expires_at=self._expires_at(slot),
+            idle_timeout=slot.idle_timeout,
+            queue_depth=slot.depth(),
+            jobs_running=slot.running,
+            waiting_for_memory=slot.waiting_for_memory,
+            last_error=slot.last_error,
+        )
+
+    def check_room(self, lane: Lane = Lane.INTERACTIVE, model: str | None = None) -> None:
+        """Refuse now what :meth:`submit` would refuse (unknown model, full lane, drain, dead
+        worker), so no CPU is spent decoding an image that cannot be queued."""
+        slot = self._slot(model)
         self._check_accepting()
-        if self._queue.full(lane):
+        if slot.queue.full(lane):
             self.observer.job_rejected("queue_full")
             retry_after = self.retry_after(lane)
+            whose = f" of model {slot.name!r}" if len(self._slots) > 1 else ""
             raise QueueFull(
-                f"The {lane.value} queue is full ({self.config.max_queue} jobs waiting); "
+                f"The {lane.value} queue{whose} is full ({self.config.max_queue} jobs waiting); "
                 f"retry in {retry_after:.0f} s.",
                 retry_after=retry_after,
             )
@@ -358,11 +466,14 @@ class Engine:
             self.config.worker_restart_delay,
             exc_info=error if isinstance(error, Exception) else None,
         )
-        for job in [*self._queue.take_all(), *self._in_flight]:
+        queued = [job for slot in self._slots.values() for job in slot.queue.take_all()]
+        for job in [*queued, *self._in_flight]:
             _fail(job, WorkerUnavailable("The captioning worker failed; retry shortly.", retry_after=1))
         self._in_flight, self._running = [], 0
+        for slot in self._slots.values():
+            slot.running = 0
         while self._commands:
-            _, done = self._commands.popleft()
+            _, _, done = self._commands.popleft()
             if not done.done():
                 done.set_exception(WorkerUnavailable("The captioning worker failed; retry shortly."))
         self._restart = asyncio.get_running_loop().call_later(self.config.worker_restart_delay, self._revive)
@@ -383,52 +494,71 @@ class Engine:
                 for job in self._in_flight:
                     _fail(job, CaptionFailed("Captioning failed; see the server log."))
                 self._in_flight, self._running = [], 0
+                for slot in self._slots.values():
+                    slot.running = 0
                 await asyncio.sleep(0.1)  # no tight loop should the error repeat
 
     async def _step(self) -> bool:
-        """One turn of the worker: a command, an idle unload or a batch. True when it should exit."""
+        """One turn of the worker: a command, loads to start, a batch, or a wait for something to
+        do (a job, a finished load, an idle unload, a trim). True when it should exit."""
+        self._wakeup.clear()  # what happens from here on wakes the wait at the end of this turn
         if self._commands:
             return await self._handle_command(*self._commands.popleft())
-        wake_at = self._next_wake()
-        has_job = await self._queue.wait(
-            None if wake_at is None else lambda: self._clock.sleep_until(wake_at)
-        )
-        if self._commands:
+        await self._start_loads()
+        slot = self._next_to_serve()
+        if slot is not None:
+            batch = await self._collect_batch(slot)
+            if batch:
+                self._in_flight = batch
+                try:
+                    await self._run_batch(slot, batch)
+                finally:
+                    self._in_flight = []
             return False
-        if not has_job:  # a timeout: the idle unload is due, or the trim after a burst
-            idle = self._idle_wait()
-            if idle is not None and idle <= 0:
-                await self._step_down()  # returns the memory itself
-            elif self._trim_pending:
-                await self._trim_memory()
-            return False
-        batch = await self._collect_batch()
-        if batch:
-            self._in_flight = batch
-            try:
-                await self._run_batch(batch)
-            finally:
-                self._in_flight = []
+        await self._wait_for_work()
+        await self._run_timers()
         return False
 
-    async def _command(self, command: Command) -> None:
+    async def _wait_for_work(self) -> None:
+        """Sleep until something is queued, a load ends, a command comes, or a timer is due."""
+        if self._wakeup.is_set():
+            return
+        wake_at = self._next_wake()
+        if wake_at is None:
+            await self._wakeup.wait()
+            return
+        woken = asyncio.ensure_future(self._wakeup.wait())
+        timer = asyncio.ensure_future(self._clock.sleep_until(wake_at))
+        try:
+            await asyncio.wait({woken, timer}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            woken.cancel()
+            timer.cancel()
+
+    async def _command(self, command: Command, model: str | None) -> None:
         if self._worker is None or self._worker.done():
             raise Draining("The engine is not running.")
+        slot = self._slot(model)
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._commands.append((command, done))
-        self._queue.wake()
+        self._commands.append((command, slot, done))
+        self._wakeup.set()
         await done
 
-    async def _handle_command(self, command: Command, done: asyncio.Future[None]) -> bool:
+    async def _handle_command(self, command: Command, slot: ModelSlot, done: asyncio.Future[None]) -> bool:
         """Run one control message; True when the worker should exit."""
         try:
             if command == "load":
-                if not await self._ensure_loaded():
-                    raise ModelLoadError(self._load_error_message(), retry_after=LOAD_RETRY_AFTER)
-            elif command == "offload":
-                await self._admin_offload()
+                await self._admin_load(slot, done)
+                return False
+            if command == "offload":
+                await self._admin_offload(slot)
+            elif command == "unload":
+                await self._finish_load(slot)
+                await self._unload(slot, "admin")
             else:
-                await self._unload("admin" if command == "unload" else "shutdown")
+                for each in self._slots.values():
+                    await self._finish_load(each)
+                    await self._unload(each, "shutdown")
         except VisionServerError as exc:
             if not done.done():
                 done.set_exception(exc)
@@ -437,73 +567,312 @@ class Engine:
                 done.set_result(None)
         return command == "stop"
 
-    def _next_wake(self) -> float | None:
-        """When (on the clock) the worker has something to do with an empty queue: a trim or an unload."""
-        unload_at = self._unload_at()
-        if not self._trim_pending:
-            return unload_at
-        trim_at = self._last_finished + self.config.trim_after
-        return trim_at if unload_at is None else min(unload_at, trim_at)
+    async def _finish_load(self, slot: ModelSlot) -> None:
+        """Wait for a load of ``slot`` in progress (an unload must not race it)."""
+        if slot.loading is not None:
+            await asyncio.gather(slot.loading, return_exceptions=True)
 
-    async def _trim_memory(self) -> None:
-        """Hand freed memory back once the queue has stayed empty a while after a burst."""
-        self._trim_pending = False
+    async def _admin_load(self, slot: ModelSlot, done: asyncio.Future[None]) -> None:
+        """Start loading ``slot`` (making room under the budget); ``done`` settles when it ends."""
+        if slot.state is ModelState.READY:
+            done.set_result(None)
+            return
+        if not slot.busy_loading:
+            await self._make_room(slot, for_admin=True)
+            self._begin_load(slot)
+        assert slot.loading is not None
+        slot.loading.add_done_callback(lambda task: self._settle_admin_load(slot, task, done))
+
+    def _settle_admin_load(
+        self, slot: ModelSlot, task: asyncio.Task[bool], done: asyncio.Future[None]
+    ) -> None:
+        if done.done():
+            return
+        if not task.cancelled() and task.exception() is None and task.result():
+            done.set_result(None)
+        else:
+            done.set_exception(ModelLoadError(self._load_error_message(slot), retry_after=LOAD_RETRY_AFTER))
+
+    # --- which model runs next -------------------------------------------------------------------
+
+    def _next_to_serve(self) -> ModelSlot | None:
+        """The next ready model with waiting jobs, in turn after the one served last.
+
+        Models take turns batch by batch, so a busy model never starves another. A model that
+        stands between a waiting model and the memory it needs is not served jobs that came after
+        the waiting one's (:meth:`_yields`): it finishes its older jobs, then makes room.
+        """
+        slots = list(self._slots.values())
+        if self._served_last in self._slots:
+            start = list(self._slots).index(self._served_last) + 1
+            slots = slots[start:] + slots[:start]
+        for slot in slots:
+            if slot.state is ModelState.READY and len(slot.queue) and not self._yields(slot):
+                return slot
+        return None
+
+    def _yields(self, slot: ModelSlot) -> bool:
+        """True when ``slot``'s oldest job came after the oldest job of a model waiting for memory."""
+        waiting = self._memory_waiter_since()
+        oldest = slot.queue.oldest()
+        return waiting is not None and oldest is not None and oldest > waiting
+
+    def _memory_waiter_since(self) -> float | None:
+        """When the oldest job of a model waiting for memory was queued (None: nobody waits)."""
+        times = [
+            slot.queue.oldest()
+            for slot in self._slots.values()
+            if slot.waiting_for_memory and len(slot.queue)
+        ]
+        return min((t for t in times if t is not None), default=None)
+
+    # --- loads under the memory budget -----------------------------------------------------------
+
+    async def _start_loads(self) -> None:
+        """Start the load that waiting jobs need (oldest job first), making room first.
+
+        One load at a time; a model whose jobs cannot get room yet waits (``waiting_for_memory``)
+        until busy models finish the jobs they had before it.
+        """
+        await self._enforce_budget()
+        if any(slot.busy_loading for slot in self._slots.values()):
+            return
+        pending = []
+        for slot in self._slots.values():
+            slot.queue.drop_abandoned()
+            if slot.needs_load:
+                pending.append(slot)
+            else:
+                slot.waiting_for_memory = False
+        pending.sort(key=lambda slot: slot.queue.oldest() or 0.0)
+        for slot in pending:
+            if await self._make_room(slot):
+                slot.waiting_for_memory = False
+                self._begin_load(slot)
+                return
+
+    async def _make_room(self, slot: ModelSlot, *, for_admin: bool = False) -> bool:
+        """Unload idle models (least recently used first) until ``slot`` fits the budget.
+
+        False when it cannot fit yet (busy models hold the rest: it waits). A model that cannot
+        fit even alone has its jobs refused with :class:`ModelTooLarge` (also False). An admin
+        load raises instead of waiting.
+        """
+        budget = self.config.memory_budget
+        if budget is None:
+            return True
+        wanted = slot.memory_parts()
+        if sum(wanted.values()) > budget:
+            error = self._too_large(slot, wanted, budget)
+            if for_admin:
+                raise error
+            for job in slot.queue.take_all():
+                _fail(job, error)
+            slot.waiting_for_memory = False
+            return False
+        resident = [
+            Resident(other.name, other.memory_parts())
+            for other in self._slots.values()
+            if other is not slot and other.state in RESIDENT
+        ]
+        since = slot.queue.oldest()
+        idle = [
+            other for other in self._slots.values() if other is not slot and self._evictable(other, since)
+        ]
+        idle.sort(key=lambda other: other.last_finished)
+        victims = plan_evictions(wanted, resident, [other.name for other in idle], budget)
+        if victims is None:
+            if for_admin:
+                used = footprint(model.parts for model in resident)
+                raise ServiceUnavailable(
+                    f"Model {slot.name!r} needs {format_bytes(sum(wanted.values()))} and models that are "
+                    f"busy hold {format_bytes(used)} of the {format_bytes(budget)} memory budget; "
+                    "retry when they are idle.",
+                    retry_after=LOAD_RETRY_AFTER,
+                )
+            if not slot.waiting_for_memory:
+                log.info("model %s waits for memory: busy models hold the budget", slot.name)
+            slot.waiting_for_memory = True
+            return False
+        for name in victims:
+            log.info("unloading idle model %s to make room for %s (--memory-budget)", name, slot.name)
+            await self._unload(self._slots[name], "evicted")
+        return True
+
+    def _evictable(self, slot: ModelSlot, since: float | None) -> bool:
+        """Loaded, idle, and holding no job older than ``since`` (the waiting model's oldest)."""
+        if slot.state is not ModelState.READY or slot.running or slot.busy_loading:
+            return False
+        oldest = slot.queue.oldest()
+        return oldest is None or (since is not None and oldest > since)
+
+    async def _enforce_budget(self) -> None:
+        """After a load measured more than estimated: unload idle models until the sum fits again."""
+        budget = self.config.memory_budget
+        if budget is None:
+            return
+        resident = [
+            Resident(slot.name, slot.memory_parts())
+            for slot in self._slots.values()
+            if slot.state in RESIDENT
+        ]
+        if footprint(model.parts for model in resident) <= budget:
+            return
+        idle = sorted(
+            (slot for slot in self._slots.values() if self._evictable(slot, None)),
+            key=lambda slot: slot.last_finished,
+        )
+        for name in plan_evictions({}, resident, [slot.name for slot in idle], budget) or []:
+            log.info("unloading idle model %s: the loaded models measure more than --memory-budget", name)
+            await self._unload(self._slots[name], "evicted")
+
+    def _too_large(self, slot: ModelSlot, wanted: dict[str, int], budget: int) -> ModelTooLarge:
+        need = sum(wanted.values())
+        slot.last_error = (
+            f"Model {slot.name!r} needs about {format_bytes(need)} ({need} bytes) for its weights, more "
+            f"than the whole --memory-budget of {format_bytes(budget)} ({budget} bytes). Raise the budget, "
+            "or serve it in a smaller dtype."
+        )
+        log.error("%s", slot.last_error)
+        return ModelTooLarge(slot.last_error)
+
+    def _begin_load(self, slot: ModelSlot) -> None:
+        """Load (or wake) ``slot`` in a task: on the loader thread while another model is ready,
+        so that model keeps captioning; else on the model thread (a shared base included)."""
+        others_ready = any(
+            other.state is ModelState.READY for other in self._slots.values() if other is not slot
+        )
+        overlap = self._shares_weights(slot)
+        executor = self._loader if others_ready and not overlap else self._executor
+        assert executor is not None
+        slot.loading = asyncio.create_task(self._load(slot, executor), name=f"load-{slot.name}")
+
+    def _shares_weights(self, slot: ModelSlot) -> bool:
+        """True when a block of ``slot``'s weights is in memory for another model (a shared base:
+        attaching to it while that model captions would change it under its feet)."""
+        keys = set(slot.memory_parts())
+        return any(
+            keys & set(other.memory_parts())
+            for other in self._slots.values()
+            if other is not slot and other.state in RESIDENT
+        )
+
+    async def _load(self, slot: ModelSlot, executor: Executor) -> bool:
+        """Bring ``slot`` to ready; on failure its waiting jobs get 503 and it is retried on the next."""
+        try:
+            if slot.state is ModelState.OFFLOADED and await self._wake(slot, executor):
+                return True
+            return await self._load_from_disk(slot, executor)
+        finally:
+            self._wakeup.set()
+
+    async def _load_from_disk(self, slot: ModelSlot, executor: Executor) -> bool:
+        self._set_state(slot, ModelState.LOADING)
         started = time.monotonic()
         try:
-            await self._in_model_thread(self._captioner.trim_memory)
+            info = await asyncio.get_running_loop().run_in_executor(executor, slot.captioner.load)
+        except Exception as exc:  # load errors are reported, never fatal
+            slot.last_error = (
+                exc.message if isinstance(exc, VisionServerError) else f"{type(exc).__name__}: {exc}"
+            )
+            log.error(
+                "model %s failed to load: %s",
+                slot.name,
+                slot.last_error,
+                exc_info=not isinstance(exc, VisionServerError),
+            )
+            self._set_state(slot, ModelState.FAILED)
+            self.observer.model_loaded(time.monotonic() - started, ok=False)
+            error = self._load_error_message(slot)
+            for job in slot.queue.take_all():
+                _fail(job, ModelLoadError(error, retry_after=LOAD_RETRY_AFTER))
+            return False
+        seconds = time.monotonic() - started
+        slot.info = info
+        slot.last_error = None
+        slot.loaded_since = time.time()
+        slot.last_finished = self._clock.now()
+        self._set_state(slot, ModelState.READY)
+        self.observer.model_loaded(seconds, ok=True)
+        log.info("model %s loaded on %s (%s) in %.2f s", slot.name, info.device, info.dtype, seconds)
+        return True
+
+    # --- timers: idle step-down and memory trims -------------------------------------------------
+
+    def _next_wake(self) -> float | None:
+        """When (on the clock) an idle model is due to step down or to trim, or None."""
+        times = []
+        for slot in self._slots.values():
+            if len(slot.queue) or slot.busy_loading:
+                continue
+            unload_at = self._unload_at(slot)
+            if unload_at is not None:
+                times.append(unload_at)
+            if slot.trim_pending:
+                times.append(slot.last_finished + self.config.trim_after)
+        return min(times, default=None)
+
+    async def _run_timers(self) -> None:
+        """Step down every idle model whose time is up; trim after a burst that is over."""
+        now = self._clock.now()
+        for slot in self._slots.values():
+            if len(slot.queue) or slot.busy_loading or self._commands:
+                continue
+            unload_at = self._unload_at(slot)
+            if unload_at is not None and unload_at <= now:
+                await self._step_down(slot)  # returns the memory itself
+            elif slot.trim_pending and slot.last_finished + self.config.trim_after <= now:
+                await self._trim_memory(slot)
+
+    async def _trim_memory(self, slot: ModelSlot) -> None:
+        """Hand freed memory back once the queue has stayed empty a while after a burst."""
+        slot.trim_pending = False
+        started = time.monotonic()
+        try:
+            await self._in_model_thread(slot.captioner.trim_memory)
         except Exception:  # never fatal: the memory is merely kept
             log.exception("trimming freed memory failed")
             return
         log.debug("returned freed memory to the OS in %.3f s", time.monotonic() - started)
 
-    def _keep_alive_now(self) -> float:
-        """Seconds the model stays loaded after the last batch: a request's wish, else the idle timeout."""
-        return self.config.idle_timeout if self._keep_alive is None else self._keep_alive
-
-    def _unload_at(self) -> float | None:
-        """When (on the clock) the next idle step down (offload or unload) is due, or None."""
-        if self._state is ModelState.OFFLOADED and self._offloaded_at is not None:
-            return self._offloaded_at + self.config.offload_timeout
-        keep_alive = self._keep_alive_now()
-        if self._state is not ModelState.READY or keep_alive < 0:
+    def _unload_at(self, slot: ModelSlot) -> float | None:
+        """When (on the clock) the model's next idle step down (offload or unload) is due, or None."""
+        if slot.state is ModelState.OFFLOADED and slot.offloaded_at is not None:
+            return slot.offloaded_at + self.config.offload_timeout
+        keep_alive = slot.keep_alive_now()
+        if slot.state is not ModelState.READY or keep_alive < 0:
             return None
-        return self._last_finished + keep_alive
+        return slot.last_finished + keep_alive
 
-    def _idle_wait(self) -> float | None:
-        """Seconds until the idle unload is due, or None when no unload is pending."""
-        unload_at = self._unload_at()
-        return None if unload_at is None else max(0.0, unload_at - self._clock.now())
-
-    def _expires_at(self) -> float | None:
-        remaining = self._idle_wait()
-        if remaining is None or self._running or len(self._queue):
+    def _expires_at(self, slot: ModelSlot) -> float | None:
+        unload_at = self._unload_at(slot)
+        if unload_at is None or slot.running or len(slot.queue):
             return None
-        return time.time() + remaining
+        return time.time() + max(0.0, unload_at - self._clock.now())
 
-    async def _collect_batch(self) -> list[CaptionJob]:
+    # --- batches ---------------------------------------------------------------------------------
+
+    async def _collect_batch(self, slot: ModelSlot) -> list[CaptionJob]:
         """Take the head job and its peers, giving stragglers ``max_batch_wait`` to join when busy.
 
         A lone job after a lone job (one client captioning one image at a time) does not wait:
         nobody is coming, and the wait would be pure latency.
         """
-        self._queue.drop_abandoned()
-        if not len(self._queue):
+        queue = slot.queue
+        queue.drop_abandoned()
+        if not len(queue):
             return []
-        head = self._queue.leader()
+        head = queue.leader()
         assert head is not None
         limit = self.config.max_batch_size
-        waiting = self._queue.count_compatible(head.batch_key)
+        waiting = queue.count_compatible(head.batch_key)
         busy = waiting > 1 or self._last_batch_size > 1
         if self.config.max_batch_wait > 0 and busy and waiting < limit:
             await self._clock.sleep_until(self._clock.now() + self.config.max_batch_wait)
-        return self._queue.take_batch(limit)
+        return queue.take_batch(limit)
 
-    async def _run_batch(self, batch: list[CaptionJob]) -> None:
-        if not await self._ensure_loaded():
-            error = self._load_error_message()
-            for job in [*batch, *self._queue.take_all()]:
-                _fail(job, ModelLoadError(error, retry_after=LOAD_RETRY_AFTER))
-            return
+    async def _run_batch(self, slot: ModelSlot, batch: list[CaptionJob]) -> None:
+        self._served_last = slot.name
         live = self._drop_expired(batch)
         if not live:
             return
@@ -511,18 +880,19 @@ class Engine:
         for job in live:
             job.started_at, job.batch_size = now, len(live)
             self.observer.job_started(now - job.enqueued_at)
-        self._running = len(live)
+        self._running = slot.running = len(live)
         started = time.monotonic()
         try:
-            results = await self._in_model_thread(self._caption_splitting, [job.item for job in live])
+            items = [job.item for job in live]
+            results = await self._in_model_thread(self._caption_splitting, slot.captioner, items)
             if len(results) != len(live):
                 raise RuntimeError(f"the captioner returned {len(results)} results for {len(live)} images")
         except Exception as exc:  # a failed batch must never kill the worker
             self._fail_batch(live, exc)
             return
         finally:
-            self._finish_batch(len(live), time.monotonic() - started)
-            self._apply_keep_alive(live)
+            self._finish_batch(slot, len(live), time.monotonic() - started)
+            self._apply_keep_alive(slot, live)
         for job, result in zip(live, results, strict=True):
             if not job.future.done():
                 job.future.set_result(result)
@@ -539,21 +909,23 @@ class Engine:
                 live.append(job)
         return live
 
-    def _finish_batch(self, size: int, seconds: float) -> None:
-        self._running = 0
-        self._trim_pending = True
-        self._last_finished = self._clock.now()
+    def _finish_batch(self, slot: ModelSlot, size: int, seconds: float) -> None:
+        self._running = slot.running = 0
+        slot.trim_pending = True
+        slot.last_finished = self._clock.now()
+        slot.last_used = time.time()
         self._batches += 1
         self._jobs_done += size
         self._last_batch_size = size
         self._seconds_per_job = 0.8 * self._seconds_per_job + 0.2 * (seconds / max(size, 1))
         self.observer.batch_finished(size, seconds)
 
-    def _apply_keep_alive(self, batch: list[CaptionJob]) -> None:
-        """The latest request of the batch that asked for a keep-alive sets the one in force."""
+    @staticmethod
+    def _apply_keep_alive(slot: ModelSlot, batch: list[CaptionJob]) -> None:
+        """The latest request of the batch that asked for a keep-alive sets the model's."""
         asked = [job for job in batch if job.labels.keep_alive is not None]
         if asked:
-            self._keep_alive = max(asked, key=lambda job: job.enqueued_at).labels.keep_alive
+            slot.keep_alive = max(asked, key=lambda job: job.enqueued_at).labels.keep_alive
 
     def _fail_batch(self, jobs: list[CaptionJob], exc: Exception) -> None:
         ids = ", ".join(job.request_id for job in jobs)
@@ -564,151 +936,125 @@ class Engine:
         for job in jobs:
             _fail(job, exc if isinstance(exc, VisionServerError) else _caption_failed(exc, job.request_id))
 
-    def _caption_splitting(self, items: list[CaptionItem]) -> list[Caption]:
+    def _caption_splitting(self, captioner: Captioner, items: list[CaptionItem]) -> list[Caption]:
         """Caption ``items``; on out-of-memory retry each half, down to single images."""
         try:
-            return self._captioner.caption(items)
+            return captioner.caption(items)
         except OutOfMemory:
             if len(items) == 1:
                 raise
             log.warning("out of memory on a batch of %d; retrying in halves", len(items))
             middle = len(items) // 2
-            return self._caption_splitting(items[:middle]) + self._caption_splitting(items[middle:])
-
-    # --- model lifecycle -----------------------------------------------------------------------
-
-    async def _ensure_loaded(self) -> bool:
-        if self._state is ModelState.READY:
-            return True
-        if self._state is ModelState.OFFLOADED and await self._wake():
-            return True
-        self._set_state(ModelState.LOADING)
-        started = time.monotonic()
-        try:
-            self._info = await self._in_model_thread(self._captioner.load)
-        except Exception as exc:  # load errors are reported, never fatal
-            self._last_error = (
-                exc.message if isinstance(exc, VisionServerError) else f"{type(exc).__name__}: {exc}"
+            return self._caption_splitting(captioner, items[:middle]) + self._caption_splitting(
+                captioner, items[middle:]
             )
-            log.error(
-                "model load failed: %s", self._last_error, exc_info=not isinstance(exc, VisionServerError)
-            )
-            self._set_state(ModelState.FAILED)
-            self.observer.model_loaded(time.monotonic() - started, ok=False)
-            return False
-        seconds = time.monotonic() - started
-        self._last_error = None
-        self._loaded_since = time.time()
-        self._last_finished = self._clock.now()
-        self._set_state(ModelState.READY)
-        self.observer.model_loaded(seconds, ok=True)
-        log.info(
-            "model %s loaded on %s (%s) in %.2f s",
-            self._captioner.model_id,
-            self._info.device,
-            self._info.dtype,
-            seconds,
-        )
-        return True
 
     # --- the warm tier ---------------------------------------------------------------------------
 
-    def _tier_available(self) -> bool:
+    def _tier_available(self, slot: ModelSlot) -> bool:
         """Whether an idle model goes to host memory first: the tier is on and helps this device."""
-        captioner = self._captioner
+        captioner = slot.captioner
         return (
             self.config.offload_timeout > 0 and isinstance(captioner, Offloadable) and captioner.can_offload
         )
 
-    async def _step_down(self) -> None:
+    async def _step_down(self, slot: ModelSlot) -> None:
         """The idle timeout (or a keep-alive) ran out: ready → offloaded → unloaded, one step."""
-        if self._state is ModelState.READY and self._tier_available():
-            await self._offload("idle")
+        if slot.state is ModelState.READY and self._tier_available(slot):
+            await self._offload(slot, "idle")
         else:
-            await self._unload("idle")
+            await self._unload(slot, "idle")
 
-    async def _admin_offload(self) -> None:
-        if self._state is not ModelState.READY:
+    async def _admin_offload(self, slot: ModelSlot) -> None:
+        await self._finish_load(slot)
+        if slot.state is not ModelState.READY:
             return  # nothing loaded to move (or already offloaded)
-        if not self._tier_available():
+        if not self._tier_available(slot):
             raise BadRequest(
                 "This server has no warm tier: the model runs on the CPU, or --offload-timeout is 0. "
                 "Use /v1/model/unload to free the memory."
             )
-        await self._offload("admin")
+        await self._offload(slot, "admin")
 
-    async def _offload(self, reason: str) -> None:
+    async def _offload(self, slot: ModelSlot, reason: str) -> None:
         """Move the weights to host memory; a failure frees them instead (never a broken model)."""
-        captioner = self._captioner
+        captioner = slot.captioner
         assert isinstance(captioner, Offloadable)
-        self._trim_pending = False
+        slot.trim_pending = False
         started = time.monotonic()
         try:
             await self._in_model_thread(captioner.offload)
         except Exception:
-            log.exception("moving the model to host memory failed; unloading it instead")
-            await self._unload(reason)
+            log.exception("moving model %s to host memory failed; unloading it instead", slot.name)
+            await self._unload(slot, reason)
             return
-        self._offloaded_at = self._clock.now()
-        self._keep_alive = None  # a keep-alive lasts until the model steps down
-        self._set_state(ModelState.OFFLOADED)
+        slot.offloaded_at = self._clock.now()
+        slot.keep_alive = None  # a keep-alive lasts until the model steps down
+        self._set_state(slot, ModelState.OFFLOADED)
         seconds = time.monotonic() - started
         self.observer.model_offloaded(seconds, reason)
         log.info(
-            "model moved to host memory (%s) in %.2f s; freed after %g s more",
+            "model moved to host memory (%s) in %.2f s; freed after %g s more: %s",
             reason,
             seconds,
             self.config.offload_timeout,
+            slot.name,
         )
 
-    async def _wake(self) -> bool:
+    async def _wake(self, slot: ModelSlot, executor: Executor) -> bool:
         """Move offloaded weights back; False (model unloaded, load it anew) when that fails."""
-        captioner = self._captioner
+        captioner = slot.captioner
         assert isinstance(captioner, Offloadable)
-        self._set_state(ModelState.LOADING)
+        self._set_state(slot, ModelState.LOADING)
         started = time.monotonic()
         try:
-            self._info = await self._in_model_thread(captioner.restore)
+            slot.info = await asyncio.get_running_loop().run_in_executor(executor, captioner.restore)
         except Exception:
-            log.exception("moving the model back from host memory failed; loading it from disk")
-            self._set_state(ModelState.READY)  # so that _unload drops what is left
-            await self._unload("wake_failed")
+            log.exception("moving model %s back from host memory failed; loading it from disk", slot.name)
+            self._set_state(slot, ModelState.READY)  # so that _unload drops what is left
+            await self._unload(slot, "wake_failed")
             return False
         seconds = time.monotonic() - started
-        self._offloaded_at = None
-        self._last_finished = self._clock.now()
-        self._set_state(ModelState.READY)
+        slot.offloaded_at = None
+        slot.last_finished = self._clock.now()
+        self._set_state(slot, ModelState.READY)
         self.observer.model_woke(seconds)
-        log.info("model woke from host memory in %.2f s (a load from disk would take longer)", seconds)
+        log.info(
+            "model woke from host memory in %.2f s (a load from disk would take longer): %s",
+            seconds,
+            slot.name,
+        )
         return True
 
-    async def _unload(self, reason: str) -> None:
-        if self._state not in (ModelState.READY, ModelState.OFFLOADED):
-            if self._state is ModelState.FAILED:
-                self._set_state(ModelState.UNLOADED)
+    async def _unload(self, slot: ModelSlot, reason: str) -> None:
+        if slot.state not in (ModelState.READY, ModelState.OFFLOADED):
+            if slot.state is ModelState.FAILED:
+                self._set_state(slot, ModelState.UNLOADED)
             return
-        self._set_state(ModelState.UNLOADING)
-        self._trim_pending = False  # unloading returns the memory itself
+        self._set_state(slot, ModelState.UNLOADING)
+        slot.trim_pending = False  # unloading returns the memory itself
         started = time.monotonic()
         try:
-            await self._in_model_thread(self._captioner.unload)
+            await self._in_model_thread(slot.captioner.unload)
         except Exception:
-            log.exception("model unload raised; references were dropped anyway")
-        self._info = None
-        self._loaded_since = None
-        self._keep_alive = None  # a request's keep-alive lasts until the unload; the next load starts afresh
-        self._offloaded_at = None
-        self._set_state(ModelState.UNLOADED)
+            log.exception("unloading model %s raised; references were dropped anyway", slot.name)
+        slot.info = None
+        slot.loaded_since = None
+        slot.keep_alive = None  # a request's keep-alive lasts until the unload; the next load starts afresh
+        slot.offloaded_at = None
+        self._set_state(slot, ModelState.UNLOADED)
         seconds = time.monotonic() - started
         self.observer.model_unloaded(seconds, reason)
-        log.info("model unloaded (%s) in %.2f s", reason, seconds)
+        log.info("model unloaded (%s) in %.2f s: %s", reason, seconds, slot.name)
 
-    def _set_state(self, state: ModelState) -> None:
-        self._state = state
-        self.observer.state_changed(state)
+    def _set_state(self, slot: ModelSlot, state: ModelState) -> None:
+        slot.state = state
+        if slot.default:
+            self.observer.state_changed(state)
 
-    def _load_error_message(self) -> str:
-        return f"The model could not be loaded: {self._last_error}"
+    @staticmethod
+    def _load_error_message(slot: ModelSlot) -> str:
+        return f"The model could not be loaded: {slot.last_error}"
 
     async def _in_model_thread(self, func: Any, *args: Any) -> Any:
         loop = asyncio.get_running_loop()

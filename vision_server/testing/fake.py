@@ -29,6 +29,9 @@ class FakeCaptioner:
         load_delay: float = 0.0,
         model_id: str = "fake-model",
         offloadable: bool = False,
+        memory: dict[str, int] | None = None,
+        tasks: tuple[str, ...] = PROMPTGEN_TASKS,
+        spec: PixelSpec = FAKE_SPEC,
     ) -> None:
         self.delay = delay
         self.offloadable = offloadable  # pretend to run on a GPU with a warm tier
@@ -45,6 +48,9 @@ class FakeCaptioner:
         self.batch_sizes: list[int] = []
         self.threads: set[str] = set()
         self._model_id = model_id
+        self._memory = dict(memory or {})  # what memory_parts() reports (for --memory-budget tests)
+        self._tasks = tasks
+        self._spec = spec
         self._lock = threading.Lock()
 
     @property
@@ -53,7 +59,7 @@ class FakeCaptioner:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return PROMPTGEN_TASKS
+        return self._tasks
 
     @property
     def takes_prompt(self) -> bool:
@@ -65,7 +71,10 @@ class FakeCaptioner:
 
     @property
     def pixel_spec(self) -> PixelSpec:
-        return FAKE_SPEC
+        return self._spec
+
+    def memory_parts(self) -> dict[str, int]:
+        return dict(self._memory)
 
     def load(self) -> ModelInfo:
         self.threads.add(threading.current_thread().name)
@@ -84,7 +93,7 @@ class FakeCaptioner:
         time.sleep(self.delay)
         if self.fail_caption is not None:
             raise self.fail_caption
-        return [Caption(text=self.expected(item)) for item in batch]
+        return [Caption(text=self.expected(item, self._model_id)) for item in batch]
 
     def unload(self) -> None:
         self.threads.add(threading.current_thread().name)
@@ -115,6 +124,9 @@ class FakeCaptioner:
             self.trims += 1
 
     @staticmethod
-    def expected(item: CaptionItem) -> str:
-        digest = hashlib.sha256(item.image.pixels.tobytes() + item.task.encode()).hexdigest()[:12]
+    def expected(item: CaptionItem, model_id: str = "fake-model") -> str:
+        """The caption for ``item``: the model id takes part only when it is not the default, so
+        two fakes of different names answer differently (several-model tests)."""
+        salt = b"" if model_id == "fake-model" else model_id.encode()
+        digest = hashlib.sha256(item.image.pixels.tobytes() + item.task.encode() + salt).hexdigest()[:12]
         return f"{item.task.strip('<>').lower()} {digest}"

@@ -1,0 +1,82 @@
+"""One served model inside the engine: its captioner, its queue and its lifecycle.
+
+The engine keeps one :class:`ModelSlot` per name. Everything here is plain state read and written
+by the engine's worker coroutine; the slot itself never runs the model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from vision_server.captioner import Captioner, ModelInfo, model_family
+from vision_server.engine.budget import memory_parts
+from vision_server.engine.jobs import Lane
+from vision_server.engine.lifecycle import ModelCard, ModelState
+from vision_server.engine.models import NamedModel
+from vision_server.engine.queue import JobQueue
+
+# States in which a model's weights take device memory (a load or an unload in progress included).
+RESIDENT = (ModelState.LOADING, ModelState.READY, ModelState.UNLOADING)
+
+
+class ModelSlot:
+    """A named model's captioner, its own two-lane queue, and where it is in its lifecycle."""
+
+    def __init__(
+        self, model: NamedModel, queue: JobQueue, *, idle_timeout: float, default: bool, now: float
+    ) -> None:
+        self.name = model.name
+        self.captioner: Captioner = model.captioner
+        self.source = model.shown_source
+        self.adapter = model.adapter
+        self.idle_timeout = idle_timeout
+        self.default = default
+        self.queue = queue
+        self.state = ModelState.UNLOADED
+        self.info: ModelInfo | None = None
+        self.loaded_since: float | None = None  # unix time
+        self.last_error: str | None = None
+        self.last_finished = now  # on the engine's clock: the end of its last batch, load or wake
+        self.last_used: float | None = None  # unix time its last batch ended
+        self.keep_alive: float | None = None  # a request's keep-alive in force (None: idle_timeout)
+        self.offloaded_at: float | None = None  # on the clock, while in the warm tier
+        self.trim_pending = False  # a batch ran since the last trim (or unload)
+        self.running = 0  # jobs of its batch in the model thread now
+        self.loading: asyncio.Task[bool] | None = None  # its load (or wake) in progress
+        self.waiting_for_memory = False  # its jobs wait for busy models to leave room
+
+    @property
+    def busy_loading(self) -> bool:
+        return self.loading is not None and not self.loading.done()
+
+    @property
+    def needs_load(self) -> bool:
+        """Jobs wait and the model is not ready nor on its way."""
+        return bool(len(self.queue)) and self.state is not ModelState.READY and not self.busy_loading
+
+    def keep_alive_now(self) -> float:
+        """Seconds it stays loaded after its last batch: a request's wish, else its idle timeout."""
+        return self.idle_timeout if self.keep_alive is None else self.keep_alive
+
+    def memory_parts(self) -> dict[str, int]:
+        return memory_parts(self.captioner)
+
+    def memory_bytes(self) -> int:
+        return sum(self.memory_parts().values())
+
+    def card(self) -> ModelCard:
+        info = self.info
+        return ModelCard(
+            model_id=self.captioner.model_id,
+            tasks=self.captioner.tasks,
+            device=info.device if info else None,
+            dtype=info.dtype if info else None,
+            name=self.name,
+            family=model_family(self.captioner),
+            takes_prompt=self.captioner.takes_prompt,
+            source=self.source,
+            adapter=self.adapter,
+        )
+
+    def depth(self, lane: Lane | None = None) -> int:
+        return len(self.queue) if lane is None else self.queue.depth(lane)
