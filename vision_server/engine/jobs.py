@@ -72,3 +72,9 @@ class CaptionJob:
     def abandoned(self) -> bool:
         """True when nobody waits for the answer any more (client gone, deadline hit)."""
         return self.future.done()
+
+
+def fail(job: CaptionJob, error: Exception) -> None:
+    """Answer ``job`` with ``error`` unless its client has its answer already (or left)."""
+    if not job.future.done():
+        job.future.set_exception(error)

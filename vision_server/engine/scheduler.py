@@ -15,19 +15,19 @@ import logging
 import time
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-from vision_server.captioner import Caption, Captioner, CaptionItem, Offloadable
-from vision_server.engine.budget import Resident, footprint, format_bytes, plan_evictions
+from vision_server.captioner import Caption, Captioner, CaptionItem
 from vision_server.engine.clock import Clock, MonotonicClock
-from vision_server.engine.jobs import CaptionJob, JobLabels, Lane
+from vision_server.engine.jobs import CaptionJob, JobLabels, Lane, fail
+from vision_server.engine.keeper import LOAD_RETRY_AFTER, ModelKeeper
 from vision_server.engine.lifecycle import EngineStatus, ModelCard, ModelState, ModelStatus
 from vision_server.engine.models import NamedModel
 from vision_server.engine.observer import EngineObserver
 from vision_server.engine.queue import DEFAULT_BULK_AGING, JobQueue
-from vision_server.engine.slots import RESIDENT, ModelSlot
+from vision_server.engine.room import MemoryRoom
+from vision_server.engine.slots import ModelSlot
 from vision_server.engine.trace import record_job
 from vision_server.errors import (
     BadRequest,
@@ -35,10 +35,8 @@ from vision_server.errors import (
     DeadlineExceeded,
     Draining,
     ModelLoadError,
-    ModelTooLarge,
     OutOfMemory,
     QueueFull,
-    ServiceUnavailable,
     UnknownModel,
     VisionServerError,
     WorkerUnavailable,
@@ -47,7 +45,6 @@ from vision_server.images import PixelSpec
 
 log = logging.getLogger(__name__)
 
-LOAD_RETRY_AFTER = 30.0
 MAX_RETRY_AFTER = 120.0
 STOP_MARGIN = 3.0  # seconds past the shutdown grace for the unload before the worker is abandoned
 
@@ -120,8 +117,10 @@ class Engine:
             for model in named
         }
         self._commands: deque[tuple[Command, ModelSlot, asyncio.Future[None]]] = deque()
-        self._executor: ThreadPoolExecutor | None = None  # the model thread: every batch
-        self._loader: ThreadPoolExecutor | None = None  # loads while another model is ready
+        self._keeper = ModelKeeper(
+            self._slots, self.observer, self._clock, self._wakeup, offload_timeout=self.config.offload_timeout
+        )
+        self._room = MemoryRoom(self.config.memory_budget, self._slots, self._keeper)
         self._worker: asyncio.Task[None] | None = None
         self._running = 0
         self._draining = False
@@ -139,8 +138,7 @@ class Engine:
 
     async def start(self, *, preload: bool = False) -> None:
         """Start the worker (and load the default model at once when ``preload``)."""
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-model")
-        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vision-loader")
+        self._keeper.start()
         self._start_worker()
         if preload:
             await self.load()
@@ -231,12 +229,10 @@ class Engine:
             await asyncio.sleep(0.05)
         for slot in self._slots.values():
             for job in slot.queue.take_all():
-                _fail(job, Draining("The server shut down before this job ran.", retry_after=5))
+                fail(job, Draining("The server shut down before this job ran.", retry_after=5))
         clean = await self._stop_worker(end + STOP_MARGIN)
         self._worker = None
-        for executor in (self._executor, self._loader):
-            if executor is not None:
-                executor.shutdown(wait=clean, cancel_futures=True)
+        self._keeper.shutdown(wait=clean)
         return clean
 
     def _has_work(self) -> bool:
@@ -256,7 +252,7 @@ class Engine:
             if not done:
                 log.warning("the worker did not stop in time (busy in the model thread); leaving it behind")
                 for job in self._in_flight:
-                    _fail(job, Draining("The server shut down before this job finished.", retry_after=5))
+                    fail(job, Draining("The server shut down before this job finished.", retry_after=5))
                 worker.cancel()
                 stopping.cancel()
                 await asyncio.gather(worker, stopping, return_exceptions=True)
@@ -396,7 +392,7 @@ class Engine:
             mean_batch_size=self._jobs_done / self._batches if self._batches else 0.0,
             models=tuple(self._model_status(slot) for slot in slots),
             memory_budget=self.config.memory_budget,
-            memory_used=footprint(slot.memory_parts() for slot in slots if slot.state in RESIDENT),
+            memory_used=self._room.used(),
         )
 
     def _model_status(self, slot: ModelSlot) -> ModelStatus:
@@ -468,7 +464,7 @@ class Engine:
         )
         queued = [job for slot in self._slots.values() for job in slot.queue.take_all()]
         for job in [*queued, *self._in_flight]:
-            _fail(job, WorkerUnavailable("The captioning worker failed; retry shortly.", retry_after=1))
+            fail(job, WorkerUnavailable("The captioning worker failed; retry shortly.", retry_after=1))
         self._in_flight, self._running = [], 0
         for slot in self._slots.values():
             slot.running = 0
@@ -492,7 +488,7 @@ class Engine:
             except Exception:  # a bug between batches must not end captioning for good
                 log.exception("the worker hit an unexpected error; its current jobs fail, it carries on")
                 for job in self._in_flight:
-                    _fail(job, CaptionFailed("Captioning failed; see the server log."))
+                    fail(job, CaptionFailed("Captioning failed; see the server log."))
                 self._in_flight, self._running = [], 0
                 for slot in self._slots.values():
                     slot.running = 0
@@ -553,12 +549,12 @@ class Engine:
             if command == "offload":
                 await self._admin_offload(slot)
             elif command == "unload":
-                await self._finish_load(slot)
-                await self._unload(slot, "admin")
+                await self._keeper.finish_load(slot)
+                await self._keeper.unload(slot, "admin")
             else:
                 for each in self._slots.values():
-                    await self._finish_load(each)
-                    await self._unload(each, "shutdown")
+                    await self._keeper.finish_load(each)
+                    await self._keeper.unload(each, "shutdown")
         except VisionServerError as exc:
             if not done.done():
                 done.set_exception(exc)
@@ -567,19 +563,14 @@ class Engine:
                 done.set_result(None)
         return command == "stop"
 
-    async def _finish_load(self, slot: ModelSlot) -> None:
-        """Wait for a load of ``slot`` in progress (an unload must not race it)."""
-        if slot.loading is not None:
-            await asyncio.gather(slot.loading, return_exceptions=True)
-
     async def _admin_load(self, slot: ModelSlot, done: asyncio.Future[None]) -> None:
         """Start loading ``slot`` (making room under the budget); ``done`` settles when it ends."""
         if slot.state is ModelState.READY:
             done.set_result(None)
             return
         if not slot.busy_loading:
-            await self._make_room(slot, for_admin=True)
-            self._begin_load(slot)
+            await self._room.make_room(slot, for_admin=True)
+            self._keeper.begin_load(slot)
         assert slot.loading is not None
         slot.loading.add_done_callback(lambda task: self._settle_admin_load(slot, task, done))
 
@@ -591,7 +582,9 @@ class Engine:
         if not task.cancelled() and task.exception() is None and task.result():
             done.set_result(None)
         else:
-            done.set_exception(ModelLoadError(self._load_error_message(slot), retry_after=LOAD_RETRY_AFTER))
+            done.set_exception(
+                ModelLoadError(self._keeper.load_error_message(slot), retry_after=LOAD_RETRY_AFTER)
+            )
 
     # --- which model runs next -------------------------------------------------------------------
 
@@ -634,7 +627,7 @@ class Engine:
         One load at a time; a model whose jobs cannot get room yet waits (``waiting_for_memory``)
         until busy models finish the jobs they had before it.
         """
-        await self._enforce_budget()
+        await self._room.enforce()
         if any(slot.busy_loading for slot in self._slots.values()):
             return
         pending = []
@@ -646,156 +639,10 @@ class Engine:
                 slot.waiting_for_memory = False
         pending.sort(key=lambda slot: slot.queue.oldest() or 0.0)
         for slot in pending:
-            if await self._make_room(slot):
+            if await self._room.make_room(slot):
                 slot.waiting_for_memory = False
-                self._begin_load(slot)
+                self._keeper.begin_load(slot)
                 return
-
-    async def _make_room(self, slot: ModelSlot, *, for_admin: bool = False) -> bool:
-        """Unload idle models (least recently used first) until ``slot`` fits the budget.
-
-        False when it cannot fit yet (busy models hold the rest: it waits). A model that cannot
-        fit even alone has its jobs refused with :class:`ModelTooLarge` (also False). An admin
-        load raises instead of waiting.
-        """
-        budget = self.config.memory_budget
-        if budget is None:
-            return True
-        wanted = slot.memory_parts()
-        if sum(wanted.values()) > budget:
-            error = self._too_large(slot, wanted, budget)
-            if for_admin:
-                raise error
-            for job in slot.queue.take_all():
-                _fail(job, error)
-            slot.waiting_for_memory = False
-            return False
-        resident = [
-            Resident(other.name, other.memory_parts())
-            for other in self._slots.values()
-            if other is not slot and other.state in RESIDENT
-        ]
-        since = slot.queue.oldest()
-        idle = [
-            other for other in self._slots.values() if other is not slot and self._evictable(other, since)
-        ]
-        idle.sort(key=lambda other: other.last_finished)
-        victims = plan_evictions(wanted, resident, [other.name for other in idle], budget)
-        if victims is None:
-            if for_admin:
-                used = footprint(model.parts for model in resident)
-                raise ServiceUnavailable(
-                    f"Model {slot.name!r} needs {format_bytes(sum(wanted.values()))} and models that are "
-                    f"busy hold {format_bytes(used)} of the {format_bytes(budget)} memory budget; "
-                    "retry when they are idle.",
-                    retry_after=LOAD_RETRY_AFTER,
-                )
-            if not slot.waiting_for_memory:
-                log.info("model %s waits for memory: busy models hold the budget", slot.name)
-            slot.waiting_for_memory = True
-            return False
-        for name in victims:
-            log.info("unloading idle model %s to make room for %s (--memory-budget)", name, slot.name)
-            await self._unload(self._slots[name], "evicted")
-        return True
-
-    def _evictable(self, slot: ModelSlot, since: float | None) -> bool:
-        """Loaded, idle, and holding no job older than ``since`` (the waiting model's oldest)."""
-        if slot.state is not ModelState.READY or slot.running or slot.busy_loading:
-            return False
-        oldest = slot.queue.oldest()
-        return oldest is None or (since is not None and oldest > since)
-
-    async def _enforce_budget(self) -> None:
-        """After a load measured more than estimated: unload idle models until the sum fits again."""
-        budget = self.config.memory_budget
-        if budget is None:
-            return
-        resident = [
-            Resident(slot.name, slot.memory_parts())
-            for slot in self._slots.values()
-            if slot.state in RESIDENT
-        ]
-        if footprint(model.parts for model in resident) <= budget:
-            return
-        idle = sorted(
-            (slot for slot in self._slots.values() if self._evictable(slot, None)),
-            key=lambda slot: slot.last_finished,
-        )
-        for name in plan_evictions({}, resident, [slot.name for slot in idle], budget) or []:
-            log.info("unloading idle model %s: the loaded models measure more than --memory-budget", name)
-            await self._unload(self._slots[name], "evicted")
-
-    def _too_large(self, slot: ModelSlot, wanted: dict[str, int], budget: int) -> ModelTooLarge:
-        need = sum(wanted.values())
-        slot.last_error = (
-            f"Model {slot.name!r} needs about {format_bytes(need)} ({need} bytes) for its weights, more "
-            f"than the whole --memory-budget of {format_bytes(budget)} ({budget} bytes). Raise the budget, "
-            "or serve it in a smaller dtype."
-        )
-        log.error("%s", slot.last_error)
-        return ModelTooLarge(slot.last_error)
-
-    def _begin_load(self, slot: ModelSlot) -> None:
-        """Load (or wake) ``slot`` in a task: on the loader thread while another model is ready,
-        so that model keeps captioning; else on the model thread (a shared base included)."""
-        others_ready = any(
-            other.state is ModelState.READY for other in self._slots.values() if other is not slot
-        )
-        overlap = self._shares_weights(slot)
-        executor = self._loader if others_ready and not overlap else self._executor
-        assert executor is not None
-        slot.loading = asyncio.create_task(self._load(slot, executor), name=f"load-{slot.name}")
-
-    def _shares_weights(self, slot: ModelSlot) -> bool:
-        """True when a block of ``slot``'s weights is in memory for another model (a shared base:
-        attaching to it while that model captions would change it under its feet)."""
-        keys = set(slot.memory_parts())
-        return any(
-            keys & set(other.memory_parts())
-            for other in self._slots.values()
-            if other is not slot and other.state in RESIDENT
-        )
-
-    async def _load(self, slot: ModelSlot, executor: Executor) -> bool:
-        """Bring ``slot`` to ready; on failure its waiting jobs get 503 and it is retried on the next."""
-        try:
-            if slot.state is ModelState.OFFLOADED and await self._wake(slot, executor):
-                return True
-            return await self._load_from_disk(slot, executor)
-        finally:
-            self._wakeup.set()
-
-    async def _load_from_disk(self, slot: ModelSlot, executor: Executor) -> bool:
-        self._set_state(slot, ModelState.LOADING)
-        started = time.monotonic()
-        try:
-            info = await asyncio.get_running_loop().run_in_executor(executor, slot.captioner.load)
-        except Exception as exc:  # load errors are reported, never fatal
-            slot.last_error = (
-                exc.message if isinstance(exc, VisionServerError) else f"{type(exc).__name__}: {exc}"
-            )
-            log.error(
-                "model %s failed to load: %s",
-                slot.name,
-                slot.last_error,
-                exc_info=not isinstance(exc, VisionServerError),
-            )
-            self._set_state(slot, ModelState.FAILED)
-            self.observer.model_loaded(time.monotonic() - started, ok=False)
-            error = self._load_error_message(slot)
-            for job in slot.queue.take_all():
-                _fail(job, ModelLoadError(error, retry_after=LOAD_RETRY_AFTER))
-            return False
-        seconds = time.monotonic() - started
-        slot.info = info
-        slot.last_error = None
-        slot.loaded_since = time.time()
-        slot.last_finished = self._clock.now()
-        self._set_state(slot, ModelState.READY)
-        self.observer.model_loaded(seconds, ok=True)
-        log.info("model %s loaded on %s (%s) in %.2f s", slot.name, info.device, info.dtype, seconds)
-        return True
 
     # --- timers: idle step-down and memory trims -------------------------------------------------
 
@@ -820,20 +667,9 @@ class Engine:
                 continue
             unload_at = self._unload_at(slot)
             if unload_at is not None and unload_at <= now:
-                await self._step_down(slot)  # returns the memory itself
+                await self._keeper.step_down(slot)  # returns the memory itself
             elif slot.trim_pending and slot.last_finished + self.config.trim_after <= now:
-                await self._trim_memory(slot)
-
-    async def _trim_memory(self, slot: ModelSlot) -> None:
-        """Hand freed memory back once the queue has stayed empty a while after a burst."""
-        slot.trim_pending = False
-        started = time.monotonic()
-        try:
-            await self._in_model_thread(slot.captioner.trim_memory)
-        except Exception:  # never fatal: the memory is merely kept
-            log.exception("trimming freed memory failed")
-            return
-        log.debug("returned freed memory to the OS in %.3f s", time.monotonic() - started)
+                await self._keeper.trim_memory(slot)
 
     def _unload_at(self, slot: ModelSlot) -> float | None:
         """When (on the clock) the model's next idle step down (offload or unload) is due, or None."""
@@ -884,7 +720,7 @@ class Engine:
         started = time.monotonic()
         try:
             items = [job.item for job in live]
-            results = await self._in_model_thread(self._caption_splitting, slot.captioner, items)
+            results = await self._keeper.in_model_thread(self._caption_splitting, slot.captioner, items)
             if len(results) != len(live):
                 raise RuntimeError(f"the captioner returned {len(results)} results for {len(live)} images")
         except Exception as exc:  # a failed batch must never kill the worker
@@ -904,7 +740,7 @@ class Engine:
             if job.abandoned:
                 continue
             if now >= job.deadline:
-                _fail(job, DeadlineExceeded("The request timed out while waiting in the queue."))
+                fail(job, DeadlineExceeded("The request timed out while waiting in the queue."))
             else:
                 live.append(job)
         return live
@@ -934,7 +770,7 @@ class Engine:
         else:
             log.error("caption batch failed for request(s) %s", ids, exc_info=exc)
         for job in jobs:
-            _fail(job, exc if isinstance(exc, VisionServerError) else _caption_failed(exc, job.request_id))
+            fail(job, exc if isinstance(exc, VisionServerError) else _caption_failed(exc, job.request_id))
 
     def _caption_splitting(self, captioner: Captioner, items: list[CaptionItem]) -> list[Caption]:
         """Caption ``items``; on out-of-memory retry each half, down to single images."""
@@ -949,124 +785,19 @@ class Engine:
                 captioner, items[middle:]
             )
 
-    # --- the warm tier ---------------------------------------------------------------------------
-
-    def _tier_available(self, slot: ModelSlot) -> bool:
-        """Whether an idle model goes to host memory first: the tier is on and helps this device."""
-        captioner = slot.captioner
-        return (
-            self.config.offload_timeout > 0 and isinstance(captioner, Offloadable) and captioner.can_offload
-        )
-
-    async def _step_down(self, slot: ModelSlot) -> None:
-        """The idle timeout (or a keep-alive) ran out: ready → offloaded → unloaded, one step."""
-        if slot.state is ModelState.READY and self._tier_available(slot):
-            await self._offload(slot, "idle")
-        else:
-            await self._unload(slot, "idle")
-
     async def _admin_offload(self, slot: ModelSlot) -> None:
-        await self._finish_load(slot)
+        await self._keeper.finish_load(slot)
         if slot.state is not ModelState.READY:
             return  # nothing loaded to move (or already offloaded)
-        if not self._tier_available(slot):
+        if not self._keeper.tier_available(slot):
             raise BadRequest(
                 "This server has no warm tier: the model runs on the CPU, or --offload-timeout is 0. "
                 "Use /v1/model/unload to free the memory."
             )
-        await self._offload(slot, "admin")
-
-    async def _offload(self, slot: ModelSlot, reason: str) -> None:
-        """Move the weights to host memory; a failure frees them instead (never a broken model)."""
-        captioner = slot.captioner
-        assert isinstance(captioner, Offloadable)
-        slot.trim_pending = False
-        started = time.monotonic()
-        try:
-            await self._in_model_thread(captioner.offload)
-        except Exception:
-            log.exception("moving model %s to host memory failed; unloading it instead", slot.name)
-            await self._unload(slot, reason)
-            return
-        slot.offloaded_at = self._clock.now()
-        slot.keep_alive = None  # a keep-alive lasts until the model steps down
-        self._set_state(slot, ModelState.OFFLOADED)
-        seconds = time.monotonic() - started
-        self.observer.model_offloaded(seconds, reason)
-        log.info(
-            "model moved to host memory (%s) in %.2f s; freed after %g s more: %s",
-            reason,
-            seconds,
-            self.config.offload_timeout,
-            slot.name,
-        )
-
-    async def _wake(self, slot: ModelSlot, executor: Executor) -> bool:
-        """Move offloaded weights back; False (model unloaded, load it anew) when that fails."""
-        captioner = slot.captioner
-        assert isinstance(captioner, Offloadable)
-        self._set_state(slot, ModelState.LOADING)
-        started = time.monotonic()
-        try:
-            slot.info = await asyncio.get_running_loop().run_in_executor(executor, captioner.restore)
-        except Exception:
-            log.exception("moving model %s back from host memory failed; loading it from disk", slot.name)
-            self._set_state(slot, ModelState.READY)  # so that _unload drops what is left
-            await self._unload(slot, "wake_failed")
-            return False
-        seconds = time.monotonic() - started
-        slot.offloaded_at = None
-        slot.last_finished = self._clock.now()
-        self._set_state(slot, ModelState.READY)
-        self.observer.model_woke(seconds)
-        log.info(
-            "model woke from host memory in %.2f s (a load from disk would take longer): %s",
-            seconds,
-            slot.name,
-        )
-        return True
-
-    async def _unload(self, slot: ModelSlot, reason: str) -> None:
-        if slot.state not in (ModelState.READY, ModelState.OFFLOADED):
-            if slot.state is ModelState.FAILED:
-                self._set_state(slot, ModelState.UNLOADED)
-            return
-        self._set_state(slot, ModelState.UNLOADING)
-        slot.trim_pending = False  # unloading returns the memory itself
-        started = time.monotonic()
-        try:
-            await self._in_model_thread(slot.captioner.unload)
-        except Exception:
-            log.exception("unloading model %s raised; references were dropped anyway", slot.name)
-        slot.info = None
-        slot.loaded_since = None
-        slot.keep_alive = None  # a request's keep-alive lasts until the unload; the next load starts afresh
-        slot.offloaded_at = None
-        self._set_state(slot, ModelState.UNLOADED)
-        seconds = time.monotonic() - started
-        self.observer.model_unloaded(seconds, reason)
-        log.info("model unloaded (%s) in %.2f s: %s", reason, seconds, slot.name)
-
-    def _set_state(self, slot: ModelSlot, state: ModelState) -> None:
-        slot.state = state
-        if slot.default:
-            self.observer.state_changed(state)
-
-    @staticmethod
-    def _load_error_message(slot: ModelSlot) -> str:
-        return f"The model could not be loaded: {slot.last_error}"
-
-    async def _in_model_thread(self, func: Any, *args: Any) -> Any:
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, func, *args)
+        await self._keeper.offload(slot, "admin")
 
 
 def _caption_failed(exc: Exception, request_id: str) -> CaptionFailed:
     return CaptionFailed(
         f"Captioning failed ({type(exc).__name__}); see the server log for request id {request_id}."
     )
-
-
-def _fail(job: CaptionJob, error: Exception) -> None:
-    if not job.future.done():
-        job.future.set_exception(error)

@@ -1,0 +1,115 @@
+"""Room under ``--memory-budget``: which idle models to unload before a load, and when to wait.
+
+The rule: before a load that would pass the budget, idle models are unloaded least recently used
+first; a model with a running batch, a load in progress, or jobs older than the waiting model's
+oldest is never evicted (it finishes those first); a model that cannot fit even alone is refused.
+The arithmetic is :mod:`vision_server.engine.budget`'s; this applies it to the engine's models.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from vision_server.engine.budget import Resident, footprint, format_bytes, plan_evictions
+from vision_server.engine.jobs import fail
+from vision_server.engine.keeper import LOAD_RETRY_AFTER, ModelKeeper
+from vision_server.engine.lifecycle import ModelState
+from vision_server.engine.slots import RESIDENT, ModelSlot
+from vision_server.errors import ModelTooLarge, ServiceUnavailable
+
+log = logging.getLogger("vision_server.engine.scheduler")
+
+
+class MemoryRoom:
+    """Makes room for a model under the budget (None: no budget, always room)."""
+
+    def __init__(self, budget: int | None, slots: Mapping[str, ModelSlot], keeper: ModelKeeper) -> None:
+        self.budget = budget
+        self.slots = slots
+        self.keeper = keeper
+
+    def used(self) -> int:
+        """Bytes the resident models' weights take, a shared block counted once."""
+        return footprint(slot.memory_parts() for slot in self.slots.values() if slot.state in RESIDENT)
+
+    async def make_room(self, slot: ModelSlot, *, for_admin: bool = False) -> bool:
+        """Unload idle models (least recently used first) until ``slot`` fits the budget.
+
+        False when it cannot fit yet (busy models hold the rest: it waits). A model that cannot
+        fit even alone has its jobs refused with :class:`ModelTooLarge` (also False). An admin
+        load raises instead of waiting.
+        """
+        budget = self.budget
+        if budget is None:
+            return True
+        wanted = slot.memory_parts()
+        if sum(wanted.values()) > budget:
+            error = self.too_large(slot, wanted, budget)
+            if for_admin:
+                raise error
+            for job in slot.queue.take_all():
+                fail(job, error)
+            slot.waiting_for_memory = False
+            return False
+        resident = [
+            Resident(other.name, other.memory_parts())
+            for other in self.slots.values()
+            if other is not slot and other.state in RESIDENT
+        ]
+        since = slot.queue.oldest()
+        idle = [other for other in self.slots.values() if other is not slot and self.evictable(other, since)]
+        idle.sort(key=lambda other: other.last_finished)
+        victims = plan_evictions(wanted, resident, [other.name for other in idle], budget)
+        if victims is None:
+            if for_admin:
+                used = footprint(model.parts for model in resident)
+                raise ServiceUnavailable(
+                    f"Model {slot.name!r} needs {format_bytes(sum(wanted.values()))} and models that are "
+                    f"busy hold {format_bytes(used)} of the {format_bytes(budget)} memory budget; "
+                    "retry when they are idle.",
+                    retry_after=LOAD_RETRY_AFTER,
+                )
+            if not slot.waiting_for_memory:
+                log.info("model %s waits for memory: busy models hold the budget", slot.name)
+            slot.waiting_for_memory = True
+            return False
+        for name in victims:
+            log.info("unloading idle model %s to make room for %s (--memory-budget)", name, slot.name)
+            await self.keeper.unload(self.slots[name], "evicted")
+        return True
+
+    def evictable(self, slot: ModelSlot, since: float | None) -> bool:
+        """Loaded, idle, and holding no job older than ``since`` (the waiting model's oldest)."""
+        if slot.state is not ModelState.READY or slot.running or slot.busy_loading:
+            return False
+        oldest = slot.queue.oldest()
+        return oldest is None or (since is not None and oldest > since)
+
+    async def enforce(self) -> None:
+        """After a load measured more than estimated: unload idle models until the sum fits again."""
+        budget = self.budget
+        if budget is None:
+            return
+        resident = [
+            Resident(slot.name, slot.memory_parts()) for slot in self.slots.values() if slot.state in RESIDENT
+        ]
+        if footprint(model.parts for model in resident) <= budget:
+            return
+        idle = sorted(
+            (slot for slot in self.slots.values() if self.evictable(slot, None)),
+            key=lambda slot: slot.last_finished,
+        )
+        for name in plan_evictions({}, resident, [slot.name for slot in idle], budget) or []:
+            log.info("unloading idle model %s: the loaded models measure more than --memory-budget", name)
+            await self.keeper.unload(self.slots[name], "evicted")
+
+    def too_large(self, slot: ModelSlot, wanted: dict[str, int], budget: int) -> ModelTooLarge:
+        need = sum(wanted.values())
+        slot.last_error = (
+            f"Model {slot.name!r} needs about {format_bytes(need)} ({need} bytes) for its weights, more "
+            f"than the whole --memory-budget of {format_bytes(budget)} ({budget} bytes). Raise the budget, "
+            "or serve it in a smaller dtype."
+        )
+        log.error("%s", slot.last_error)
+        return ModelTooLarge(slot.last_error)
