@@ -62,20 +62,31 @@ def florence(model: Path, cache: Path, adapter: Path | None, bases: SharedBases 
     )
 
 
-def test_sharers_load_the_base_once_and_caption_as_if_alone(
-    tiny_native_dir: Path,
-    tiny_adapter_dir: Path,
-    second_adapter_dir: Path,
-    alone: dict[str, dict[GenerationOptions, list[str]]],
-    tmp_path: Path,
-) -> None:
+Trio = tuple[FlorenceCaptioner, FlorenceCaptioner, FlorenceCaptioner]
+
+
+@pytest.fixture
+def trio(tiny_native_dir: Path, tiny_adapter_dir: Path, second_adapter_dir: Path, tmp_path: Path) -> Trio:
+    """The plain base and two adapters on it, one pool, all loaded (the first adapter first)."""
     bases = SharedBases()
-    plain = florence(tiny_native_dir, tmp_path, None, bases)
-    first = florence(tiny_native_dir, tmp_path, tiny_adapter_dir, bases)
-    second = florence(tiny_native_dir, tmp_path, second_adapter_dir, bases)
+    plain, first, second = (
+        florence(tiny_native_dir, tmp_path, adapter, bases)
+        for adapter in (None, tiny_adapter_dir, second_adapter_dir)
+    )
     assert plain.shares_base and first.shares_base and second.shares_base
     for captioner in (first, plain, second):
         captioner.load()
+    return plain, first, second
+
+
+def test_sharers_load_the_base_once_and_caption_as_if_alone(
+    trio: Trio,
+    tiny_native_dir: Path,
+    tiny_adapter_dir: Path,
+    alone: dict[str, dict[GenerationOptions, list[str]]],
+    tmp_path: Path,
+) -> None:
+    plain, first, second = trio
     models = {id(c._loaded.model) for c in (plain, first, second)}  # type: ignore[union-attr]
     assert len(models) == 1
     # Switching adapters per call, in an order that differs from the loads, greedy and beams.
@@ -102,18 +113,11 @@ def test_sharers_load_the_base_once_and_caption_as_if_alone(
 
 
 def test_unloading_one_sharer_keeps_the_others_and_the_last_one_frees_the_base(
-    tiny_native_dir: Path,
-    tiny_adapter_dir: Path,
-    second_adapter_dir: Path,
-    alone: dict[str, dict[GenerationOptions, list[str]]],
-    tmp_path: Path,
+    trio: Trio, alone: dict[str, dict[GenerationOptions, list[str]]]
 ) -> None:
-    bases = SharedBases()
-    plain = florence(tiny_native_dir, tmp_path, None, bases)
-    first = florence(tiny_native_dir, tmp_path, tiny_adapter_dir, bases)
-    second = florence(tiny_native_dir, tmp_path, second_adapter_dir, bases)
-    for captioner in (plain, first, second):
-        captioner.load()
+    plain, first, second = trio
+    bases = first._bases
+    assert bases is not None
     model = weakref.ref(first._loaded.model)  # type: ignore[union-attr]
     first.unload()
     assert texts(second) == alone["second"][GREEDY] and texts(plain) == alone["plain"][GREEDY]

@@ -159,7 +159,8 @@ class SharedBases:
     """The server's pool of shared base models (one per server, given to every Florence captioner)."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # quick bookkeeping only: memory_parts reads it on the event loop
+        self._loading = threading.Lock()  # held while a base loads (seconds)
         self._members: dict[BaseKey, weakref.WeakSet[object]] = {}
         self._loaded: dict[BaseKey, SharedBase] = {}
         self._sizes: dict[BaseKey, int] = {}
@@ -180,13 +181,15 @@ class SharedBases:
 
         A base parked in host memory by a sharer's warm tier comes back to its device first.
         """
-        with self._lock:
-            base = self._loaded.get(key)
+        with self._loading:
+            with self._lock:
+                base = self._loaded.get(key)
             if base is None:
                 base = load()
-                self._loaded[key] = base
                 log.info("loaded shared base %s", key.label)
-            base.users.add(user)
+            with self._lock:
+                self._loaded[key] = base
+                base.users.add(user)
             return base
 
     def release(self, key: BaseKey, user: object) -> bool:
