@@ -78,7 +78,7 @@ def test_counts_mixed_prompts_and_unload(
         assert first[1].text.startswith("a red cat")
     if family == "vision-encoder-decoder":
         assert first[1] == model.caption([CaptionItem(prepared(2), "<CAPTION>", GREEDY)])[0]  # prompt ignored
-    model_ref = weakref.ref(model._ready.loaded.model)  # type: ignore[union-attr]
+    model_ref = weakref.ref(model._loaded.loaded.model)  # type: ignore[union-attr]
     model.unload()
     gc.collect()
     assert model_ref() is None and not model.is_loaded
@@ -114,7 +114,7 @@ def test_a_row_that_meets_its_end_token_stops_there(
     """Make a token of a known answer the end token: the caption stops right before it."""
     model = captioner(generic_model_dirs["idefics3"], tmp_path)
     model.load()
-    ready = model._ready
+    ready = model._loaded
     assert ready is not None
     item = CaptionItem(prepared(3), "<CAPTION>", GREEDY)
     family, loaded = ready.family, ready.loaded
@@ -136,12 +136,12 @@ def test_cuda_out_of_memory_on_a_batch_is_the_servers_503(
 ) -> None:
     model = captioner(generic_model_dirs["blip"], tmp_path)
     model.load()
-    assert model._ready is not None
+    assert model._loaded is not None
 
     def out_of_memory(*args: object, **kwargs: object) -> None:
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(model._ready.loaded.model, "generate", out_of_memory)
+    monkeypatch.setattr(model._loaded.loaded.model, "generate", out_of_memory)
     with pytest.raises(OutOfMemory, match="batch of 2") as caught:
         model.caption([CaptionItem(prepared(1), "<CAPTION>", GREEDY)] * 2)
     assert caught.value.status == 503

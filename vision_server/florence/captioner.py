@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import logging
 import time
 from collections.abc import Iterator
@@ -20,15 +19,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from vision_server.captioner import Caption, CaptionItem, GenerationOptions, ModelInfo
-from vision_server.devices import (
-    load_or_explain,
-    pick_device,
-    pick_dtype,
-    planned_placement,
-    release_memory,
-    trim_heap,
-)
+from vision_server.captioner import Caption, CaptionItem, GenerationOptions
+from vision_server.devices import pick_device, pick_dtype, release_memory
 from vision_server.errors import ModelSourceError, OutOfMemory
 from vision_server.florence import footprint
 from vision_server.florence.compiled import CompilePlan
@@ -37,8 +29,9 @@ from vision_server.florence.prompts import tasks_for_model
 from vision_server.florence.shared_base import BaseKey, SharedBase, SharedBases
 from vision_server.florence.source import resolve_model_dir
 from vision_server.florence.streaming import RowStreamer, streams, wants_stream
-from vision_server.florence.tiers import DeviceMover, PinnedMover
+from vision_server.florence.tiers import DeviceMover
 from vision_server.images import PixelSpec, fit_image
+from vision_server.torch_captioner import TorchCaptioner
 from vision_server.weights import module_bytes
 
 if TYPE_CHECKING:
@@ -48,7 +41,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _STRIP_TOKENS = ("<pad>", "<s>", "</s>")
-_SERIALS = itertools.count(1)  # tells apart the private copies of one base in memory_parts keys
 
 
 @dataclass(frozen=True)
@@ -71,7 +63,7 @@ class _Loaded:
     shared: _Share | None = None
 
 
-class FlorenceCaptioner:
+class FlorenceCaptioner(TorchCaptioner[_Loaded]):
     """A Florence-2 model (PromptGen v2.0 by default) behind the :class:`Captioner` contract.
 
     ``bases`` is the server's pool of shared base models: captioners of one base that differ
@@ -96,27 +88,20 @@ class FlorenceCaptioner:
         compile_buckets: tuple[int, ...] | None = None,
         bases: SharedBases | None = None,
     ) -> None:
-        self._spec = model
-        self.cache_dir = cache_dir
-        self.revision = revision
+        super().__init__(
+            model, cache_dir=cache_dir, revision=revision, device=device, dtype=dtype, mover=mover
+        )
         self.adapter = adapter
-        self.device = device
-        self.dtype = dtype
         self.default_options = default_options or GenerationOptions()
         self.max_batch_size = max_batch_size or self.preferred_batch_size
         self.compile = compile
         self.compile_on_cpu = compile_on_cpu  # tests only: exercise the compiled path without a GPU
-        self.mover: DeviceMover = mover or PinnedMover()
         # Benchmarks only: compile just these batch sizes (each costs 10-25 s) instead of 1, 2, 4 ... max.
         self.compile_buckets = compile_buckets
-        self._loaded: _Loaded | None = None
-        self._offloaded = False  # the loaded weights sit in host memory (the warm tier)
         # Read from disk on first use, replaced by the loaded processor's own answer, kept across unloads.
         self._pixel_spec: PixelSpec | None = None
-        self._serial = next(_SERIALS)
         self._key = self._base_key()
         self._bases = self._join(bases)
-        self._own_size: int | None = None  # measured bytes of a private copy, kept across unloads
         self._adapter_size: int | None = None  # measured bytes of the adapter on a shared base
 
     @classmethod
@@ -139,23 +124,12 @@ class FlorenceCaptioner:
         )
 
     @property
-    def model_id(self) -> str:
-        return self._spec
-
-    @property
     def tasks(self) -> tuple[str, ...]:
         return tasks_for_model(self._spec)
 
     @property
     def takes_prompt(self) -> bool:
         return False  # its prompts are task tokens; free text only picks one
-
-    @property
-    def preferred_batch_size(self) -> int:
-        """Uncompiled decoding is launch-bound on a GPU (a batch of 64 costs about what 1 does),
-        while a CPU's cost grows with the batch; so batch wide on CUDA and moderately on CPU."""
-        wants_cuda = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
-        return 32 if wants_cuda else 16
 
     @property
     def pixel_spec(self) -> PixelSpec:
@@ -165,18 +139,13 @@ class FlorenceCaptioner:
             self._pixel_spec = spec
         return spec
 
-    @property
-    def is_loaded(self) -> bool:
-        return self._loaded is not None
-
     # --- sharing a base, and memory (vision_server.captioner.MemoryAware) -------------------------
 
     def _base_key(self) -> BaseKey | None:
         """Which weights this model's base is, where; None when the load is bound to fail."""
-        placement = planned_placement(self.device, self.dtype)
-        if placement is None:
+        if self._placement is None:
             return None
-        device, dtype = placement
+        device, dtype = self._placement
         source = footprint.source_label(self._spec)
         return BaseKey(source, self.revision, str(device), str(dtype).removeprefix("torch."))
 
@@ -212,12 +181,9 @@ class FlorenceCaptioner:
         if key is None:
             return {}
         if not self._shares():
-            size = self._own_size if self._own_size is not None else self._estimated_base
-            suffix = f"+{self._adapter_path}" if self.adapter else ""
-            label = f"model:{key.label.removeprefix('base:')}{suffix}#{self._serial}"
-            return {} if size is None else {label: size}
+            return self._private_parts(f"+{self._adapter_path}" if self.adapter else "")
         base = self._bases.size(key) if self._bases is not None else None
-        base = base if base is not None else self._estimated_base
+        base = base if base is not None else self._estimated_size
         if base is None:
             return {}
         if self.adapter is None:
@@ -228,10 +194,11 @@ class FlorenceCaptioner:
         )
 
     @cached_property
-    def _estimated_base(self) -> int | None:
-        if self._key is None:
+    def _estimated_size(self) -> int | None:
+        """The base's bytes (a merged adapter adds none)."""
+        if self._placement is None:
             return None
-        dtype = getattr(torch, self._key.dtype)
+        dtype = self._placement[1]
         return footprint.florence_bytes(
             self._spec, revision=self.revision, cache_dir=self.cache_dir, dtype=dtype
         )
@@ -245,12 +212,6 @@ class FlorenceCaptioner:
         return str(Path(self.adapter).expanduser().resolve()) if self.adapter else ""
 
     # --- load / unload -------------------------------------------------------------------------
-
-    def load(self) -> ModelInfo:
-        if self._loaded is None:
-            self._loaded = load_or_explain(self._spec, self._load)
-        loaded = self._loaded
-        return ModelInfo(self._spec, str(loaded.device), str(loaded.dtype).removeprefix("torch."))
 
     def _load(self) -> _Loaded:
         from transformers.utils import logging as hf_logging
@@ -364,67 +325,44 @@ class FlorenceCaptioner:
             )
         return ensure_native_adapter(adapter_dir, self.cache_dir / "converted-adapters")
 
-    def unload(self) -> None:
-        """Drop the model; on a shared base, this model's adapter and its hold on the base."""
-        loaded, self._loaded = self._loaded, None
-        self._offloaded = False
-        share = loaded.shared if loaded is not None else None
-        del loaded
+    def _module(self, held: _Loaded) -> Any:
+        return held.model
+
+    def _release(self, held: _Loaded) -> None:
+        """On a shared base: this model's adapter and its hold on the base go."""
+        share = held.shared
         if share is not None and self._bases is not None and self._key is not None:
             if share.adapter_dir is not None:
                 share.base.detach(share.adapter_dir, self)
             self._bases.release(self._key, self)
-        del share
-        release_memory()
 
     # --- the warm tier (vision_server.captioner.Offloadable) -------------------------------------
 
-    @property
-    def can_offload(self) -> bool:
-        """On a GPU, uncompiled (a compiled model's graphs are tied to where its weights live),
-        and not while another loaded model captions with the same shared base."""
-        loaded = self._loaded
-        if loaded is None or loaded.plan is not None or not self.mover.helps(loaded.device):
-            return False
-        return loaded.shared is None or loaded.shared.base.users == {self}
+    def _may_park(self, held: _Loaded) -> bool:
+        """Uncompiled (a compiled model's graphs are tied to where its weights live), and not while
+        another loaded model captions with the same shared base."""
+        return held.plan is None and (held.shared is None or held.shared.base.users == {self})
 
-    def offload(self) -> None:
-        loaded = self._loaded
-        if loaded is None or self._offloaded:
-            return
-        if loaded.shared is None:
-            self.mover.to_host(loaded.model)
-        elif loaded.shared.base.users == {self}:
-            loaded.shared.base.to_host(self.mover)
-        else:
+    def _park(self, held: _Loaded) -> bool:
+        if held.shared is None:
+            return super()._park(held)
+        if held.shared.base.users != {self}:
             log.info("not offloading %s: another loaded model uses its base", self._spec)
-            return
-        self._offloaded = True
-        release_memory()
+            return False
+        held.shared.base.to_host(self.mover)
+        return True
 
-    def restore(self) -> ModelInfo:
-        loaded = self._loaded
-        if loaded is None:
-            raise RuntimeError("restore() called with no model in host memory")
-        if self._offloaded:
-            if loaded.shared is None:
-                self.mover.to_device(loaded.model, loaded.device)
-            else:  # a sharer's load may have brought it back already
-                loaded.shared.base.to_device(self.mover)
-            self._offloaded = False
-        return ModelInfo(self._spec, str(loaded.device), str(loaded.dtype).removeprefix("torch."))
-
-    def trim_memory(self) -> None:
-        """After a burst: the host heap only (the CUDA cache stays, it is reused by the next one)."""
-        trim_heap()
+    def _unpark(self, held: _Loaded) -> None:
+        if held.shared is None:
+            super()._unpark(held)
+        else:  # a sharer's load may have brought it back already
+            held.shared.base.to_device(self.mover)
 
     # --- captioning ----------------------------------------------------------------------------
 
     def caption(self, batch: list[CaptionItem]) -> list[Caption]:
         """Caption a batch; items are grouped by generation options, results keep their order."""
-        loaded = self._loaded
-        if loaded is None or self._offloaded:
-            raise RuntimeError("caption() called before load(), or while offloaded")
+        loaded = self._ready()
         results: list[Caption | None] = [None] * len(batch)
         with _adapter_chosen(loaded):
             for indices in _group_by_options(batch).values():

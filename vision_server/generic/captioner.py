@@ -11,7 +11,6 @@ options and prompt share one ``generate`` call.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import logging
 import time
 from functools import cached_property
@@ -21,26 +20,20 @@ from typing import TYPE_CHECKING, Any
 import torch
 from PIL import Image
 
-from vision_server.captioner import Caption, CaptionItem, GenerationOptions, ModelInfo
-from vision_server.devices import (
-    load_or_explain,
-    pick_device,
-    pick_dtype,
-    planned_placement,
-    release_memory,
-    trim_heap,
-)
+from vision_server.captioner import Caption, CaptionItem, GenerationOptions
+from vision_server.devices import pick_device, pick_dtype, release_memory
 from vision_server.errors import ModelLoadError, OutOfMemory
 from vision_server.florence.captioner import generate_kwargs
-from vision_server.florence.footprint import model_dir_on_disk, source_label
+from vision_server.florence.footprint import model_dir_on_disk
 from vision_server.florence.source import resolve_model_dir
 from vision_server.florence.streaming import RowStreamer
-from vision_server.florence.tiers import DeviceMover, PinnedMover
+from vision_server.florence.tiers import DeviceMover
 from vision_server.generic.config_files import image_processor_config, model_config
 from vision_server.generic.families import FAMILIES, FLORENCE, backend_of, describe, supported
 from vision_server.generic.family import Family, Loaded
 from vision_server.images import PixelSpec
 from vision_server.tasks import CAPTION_TASK
+from vision_server.torch_captioner import TorchCaptioner
 from vision_server.weights import estimate_bytes, module_bytes, weight_files
 
 if TYPE_CHECKING:
@@ -48,7 +41,6 @@ if TYPE_CHECKING:
     from vision_server.settings import Settings
 
 log = logging.getLogger(__name__)
-_SERIALS = itertools.count(1)  # each captioner holds its own copy: its memory_parts key says so
 
 
 @dataclasses.dataclass
@@ -60,7 +52,7 @@ class _Ready:
     stops: set[int]
 
 
-class GenericCaptioner:
+class GenericCaptioner(TorchCaptioner[_Ready]):
     """BLIP, GIT, vision-encoder-decoder or Idefics3 models: one ``<CAPTION>`` task, plus free
     text for the families that take a prompt.
 
@@ -83,19 +75,12 @@ class GenericCaptioner:
     ) -> None:
         if backend is not None and backend not in FAMILIES:
             raise ValueError(f"unknown generic backend {backend!r}; choose one of {', '.join(FAMILIES)}")
-        self._spec = model
+        super().__init__(
+            model, cache_dir=cache_dir, revision=revision, device=device, dtype=dtype, mover=mover
+        )
         self.backend = backend
-        self.cache_dir = cache_dir
-        self.revision = revision
-        self.device = device
-        self.dtype = dtype
         self.max_batch_size = max_batch_size or self.preferred_batch_size
-        self._ready: _Ready | None = None
-        self.mover: DeviceMover = mover or PinnedMover()
-        self._offloaded = False  # the loaded weights sit in host memory (the warm tier)
         self._pixel_spec: PixelSpec | None = None
-        self._serial = next(_SERIALS)
-        self._own_size: int | None = None  # measured at load, kept across unloads
 
     @classmethod
     def from_settings(
@@ -114,10 +99,6 @@ class GenericCaptioner:
         )
 
     @property
-    def model_id(self) -> str:
-        return self._spec
-
-    @property
     def tasks(self) -> tuple[str, ...]:
         return (CAPTION_TASK,)
 
@@ -132,11 +113,6 @@ class GenericCaptioner:
         return family.takes_prompt if family is not None else False
 
     @property
-    def preferred_batch_size(self) -> int:
-        wants_cuda = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
-        return 32 if wants_cuda else 16  # as for Florence-2 (the --max-batch-size help says so)
-
-    @property
     def pixel_spec(self) -> PixelSpec:
         spec = self._pixel_spec
         if spec is None:
@@ -148,42 +124,15 @@ class GenericCaptioner:
             self._pixel_spec = spec
         return spec
 
-    @property
-    def is_loaded(self) -> bool:
-        return self._ready is not None
-
-    # --- memory (vision_server.captioner.MemoryAware) ---------------------------------------------
-
-    def memory_parts(self) -> dict[str, int]:
-        """One private block: the weights' bytes, from the files' headers until measured loaded."""
-        placement = self._placement
-        if placement is None:
-            return {}
-        size = self._own_size if self._own_size is not None else self._estimated
-        device, dtype = placement
-        kind = str(dtype).removeprefix("torch.")
-        where = f"{source_label(self._spec)}@{self.revision or 'main'}:{device}:{kind}"
-        return {} if size is None else {f"model:{where}#{self._serial}": size}
-
     @cached_property
-    def _placement(self) -> tuple[torch.device, torch.dtype] | None:
-        return planned_placement(self.device, self.dtype)
-
-    @cached_property
-    def _estimated(self) -> int | None:
+    def _estimated_size(self) -> int | None:
         """From the weight files already on disk; None for a hub id that is not downloaded yet."""
         directory = model_dir_on_disk(self._spec, revision=self.revision, cache_dir=self.cache_dir)
         if directory is None or self._placement is None:
             return None
         return estimate_bytes(weight_files(directory), self._placement[1])
 
-    # --- load / unload -------------------------------------------------------------------------
-
-    def load(self) -> ModelInfo:
-        if self._ready is None:
-            self._ready = load_or_explain(self._spec, self._load)
-        ready = self._ready
-        return ModelInfo(self._spec, str(ready.device), str(ready.dtype).removeprefix("torch."))
+    # --- load ----------------------------------------------------------------------------------
 
     def _load(self) -> _Ready:
         from transformers.utils import logging as hf_logging
@@ -245,45 +194,14 @@ class GenericCaptioner:
             )
         return family
 
-    def unload(self) -> None:
-        self._ready = None
-        self._offloaded = False
-        release_memory()
-
-    # --- the warm tier (vision_server.captioner.Offloadable), as for Florence-2 ------------------
-
-    @property
-    def can_offload(self) -> bool:
-        ready = self._ready
-        return ready is not None and self.mover.helps(ready.device)
-
-    def offload(self) -> None:
-        ready = self._ready
-        if ready is None or self._offloaded:
-            return
-        self.mover.to_host(ready.loaded.model)
-        self._offloaded = True
-        release_memory()
-
-    def restore(self) -> ModelInfo:
-        ready = self._ready
-        if ready is None:
-            raise RuntimeError("restore() called with no model in host memory")
-        if self._offloaded:
-            self.mover.to_device(ready.loaded.model, ready.device)
-            self._offloaded = False
-        return ModelInfo(self._spec, str(ready.device), str(ready.dtype).removeprefix("torch."))
-
-    def trim_memory(self) -> None:
-        trim_heap()
+    def _module(self, held: _Ready) -> Any:
+        return held.loaded.model
 
     # --- captioning ----------------------------------------------------------------------------
 
     def caption(self, batch: list[CaptionItem]) -> list[Caption]:
         """Caption a batch; one generate call per (options, prompt) group, results in order."""
-        ready = self._ready
-        if ready is None or self._offloaded:
-            raise RuntimeError("caption() called before load(), or while offloaded")
+        ready = self._ready()
         groups: dict[tuple[GenerationOptions, str | None], list[int]] = {}
         for index, item in enumerate(batch):
             prompt = item.prompt if ready.family.takes_prompt else None
