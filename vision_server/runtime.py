@@ -7,12 +7,16 @@ model and engine setup without importing the HTTP stack.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vision_server.captioner import Captioner
 from vision_server.engine.models import NamedModel
 from vision_server.engine.scheduler import EngineConfig
 from vision_server.model_specs import ModelSpec
 from vision_server.settings import Settings, SettingsError
+
+if TYPE_CHECKING:
+    from vision_server.florence.shared_base import SharedBases
 
 
 def engine_config(settings: Settings, captioner: Captioner) -> EngineConfig:
@@ -33,12 +37,16 @@ def build_models(settings: Settings) -> list[NamedModel]:
 
     Nothing loads here (captioners load on first use); each model's backend is found on its own
     (a ``--backend`` other than auto applies to every model). Raises :class:`SettingsError` for
-    a missing adapter directory or an adapter on a backend that takes none.
+    a missing adapter directory or an adapter on a backend that takes none. Florence-2 models
+    that differ only by adapter share one copy of their base (one pool for the whole server).
     """
+    from vision_server.florence.shared_base import SharedBases
+
+    bases = SharedBases()
     return [
         NamedModel(
             spec.name,
-            build_captioner(settings, spec),
+            build_captioner(settings, spec, bases=bases),
             idle_timeout=spec.idle_timeout,
             source=spec.source,
             adapter=spec.adapter,
@@ -47,7 +55,9 @@ def build_models(settings: Settings) -> list[NamedModel]:
     ]
 
 
-def build_captioner(settings: Settings, spec: ModelSpec | None = None) -> Captioner:
+def build_captioner(
+    settings: Settings, spec: ModelSpec | None = None, *, bases: SharedBases | None = None
+) -> Captioner:
     """The captioner for ``spec`` (default: the default model) and ``settings.backend`` (imported
     lazily: torch).
 
@@ -64,7 +74,7 @@ def build_captioner(settings: Settings, spec: ModelSpec | None = None) -> Captio
     if backend == FLORENCE:
         from vision_server.florence.captioner import FlorenceCaptioner
 
-        return FlorenceCaptioner.from_settings(settings, spec)
+        return FlorenceCaptioner.from_settings(settings, spec, bases=bases)
     if spec.adapter is not None:
         raise SettingsError(
             f"model {spec.name}: adapters work on Florence-2 models only; {spec.source} runs on the "

@@ -15,6 +15,8 @@ from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.florence.captioner import FlorenceCaptioner
 from vision_server.florence.shared_base import SharedBases
 from vision_server.images import fit_image
+from vision_server.runtime import build_models
+from vision_server.settings import Settings
 from vision_server.testing.tiny_model import build_test_adapter, tiny_pixel_spec
 
 GREEDY = GenerationOptions(max_new_tokens=24, num_beams=1)
@@ -188,3 +190,17 @@ def test_the_warm_tier_never_moves_a_base_another_loaded_sharer_uses(
     assert texts(adapted) == alone["first"][GREEDY] and texts(plain) == alone["plain"][GREEDY]
     plain.unload()
     adapted.unload()
+
+
+def test_a_servers_models_on_one_base_share_it(tiny_adapter_dir: Path, tmp_path: Path) -> None:
+    """runtime.build_models gives every Florence-2 model of a server the same pool."""
+    settings = Settings(model=("base=test:tiny", f"styled=test:tiny+{tiny_adapter_dir}"), cache_dir=tmp_path)
+    base, styled = (model.captioner for model in build_models(settings))
+    assert isinstance(base, FlorenceCaptioner) and isinstance(styled, FlorenceCaptioner)
+    assert base.shares_base and styled.shares_base
+    assert base.memory_parts().items() < styled.memory_parts().items()
+    base.load()
+    styled.load()
+    assert base._loaded.model is styled._loaded.model  # type: ignore[union-attr]
+    base.unload()
+    styled.unload()

@@ -24,11 +24,12 @@ import weakref
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:  # the pool is made where torch is not imported yet (runtime.build_models)
+    import torch
 
-from vision_server.florence.tiers import DeviceMover
+    from vision_server.florence.tiers import DeviceMover
 
 log = logging.getLogger(__name__)
 
