@@ -12,6 +12,7 @@ import pytest
 from tests.support.images import noise
 from tests.system.test_warm_tier import FakeMover
 from vision_server.captioner import CaptionItem, GenerationOptions
+from vision_server.errors import ModelLoadError
 from vision_server.florence.captioner import FlorenceCaptioner
 from vision_server.florence.shared_base import SharedBases
 from vision_server.images import fit_image
@@ -204,3 +205,21 @@ def test_a_servers_models_on_one_base_share_it(tiny_adapter_dir: Path, tmp_path:
     assert base._loaded.model is styled._loaded.model  # type: ignore[union-attr]
     base.unload()
     styled.unload()
+
+
+def test_an_adapter_that_fails_to_attach_leaves_the_base_to_the_others(
+    tiny_native_dir: Path, alone: dict[str, dict[GenerationOptions, list[str]]], tmp_path: Path
+) -> None:
+    broken_dir = tmp_path / "not-an-adapter"
+    broken_dir.mkdir()
+    bases = SharedBases()
+    plain = florence(tiny_native_dir, tmp_path, None, bases)
+    broken = florence(tiny_native_dir, tmp_path, broken_dir, bases)
+    plain.load()
+    with pytest.raises(ModelLoadError, match=r"adapter_config\.json"):
+        broken.load()
+    shared = bases.loaded(plain._key)  # type: ignore[arg-type]
+    assert not broken.is_loaded and shared is not None and shared.users == {plain}
+    assert texts(plain) == alone["plain"][GREEDY]
+    plain.unload()
+    assert bases.loaded(plain._key) is None  # type: ignore[arg-type]

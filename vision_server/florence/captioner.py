@@ -276,7 +276,8 @@ class FlorenceCaptioner(TorchCaptioner[_Loaded]):
             if name is not None:
                 self._adapter_size = base.adapter_bytes(name)
         except BaseException:
-            bases.release(key, self)
+            if bases.release(key, self):  # nobody else holds it: give its memory back now
+                release_memory()
             raise
         share = _Share(base, adapter_dir, name)
         return _Loaded(base.model, base.processor, device, dtype, pixel_spec(base.processor), shared=share)
