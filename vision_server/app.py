@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -38,37 +38,53 @@ from vision_server.api.state import (
     STARTED_AT,
 )
 from vision_server.captioner import Captioner, model_family
+from vision_server.engine.models import NamedModel
 from vision_server.engine.observer import EngineObserver, ObserverGroup
 from vision_server.engine.recent import RecentBatches
 from vision_server.engine.scheduler import Engine
 from vision_server.images import ImageDecoder
 from vision_server.metrics import Metrics
-from vision_server.runtime import build_captioner, engine_config
-from vision_server.settings import Settings, SettingsError
+from vision_server.runtime import build_models, engine_config
+from vision_server.settings import Settings
 
 log = logging.getLogger("vision_server")
 
 
 def create_app(
-    settings: Settings, captioner: Captioner | None = None, observer: EngineObserver | None = None
+    settings: Settings,
+    captioner: Captioner | None = None,
+    observer: EngineObserver | None = None,
+    *,
+    models: Sequence[NamedModel] | None = None,
 ) -> web.Application:
-    """Build the server. Pass ``captioner`` to serve something other than the configured model."""
-    if captioner is None and len(settings.model_specs) > 1:
-        names = ", ".join(spec.name for spec in settings.model_specs)
-        raise SettingsError(f"model: this server serves one model at a time so far; {names} were given")
-    captioner = captioner if captioner is not None else build_captioner(settings)
-    metrics = Metrics(model=captioner.model_id)
+    """Build the server for the configured models (:func:`vision_server.runtime.build_models`).
+
+    Pass ``captioner`` to serve that one model instead, named after its model id, or ``models``
+    to serve those (the default is then ``settings.default_model`` when set, else the first).
+    """
+    if captioner is not None and models is not None:
+        raise TypeError("pass captioner or models, not both")
+    if captioner is not None:
+        served: Captioner | Sequence[NamedModel] = captioner
+        default, default_name = captioner, None
+    else:
+        named = list(models) if models is not None else build_models(settings)
+        default_name = settings.default_model if settings.default_model is not None else named[0].name
+        default = next(model.captioner for model in named if model.name == default_name)
+        served = named
+    metrics = Metrics(model=default.model_id)
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares(settings))
     app[METRICS] = metrics
     app[SETTINGS] = settings
     app[RECENT] = RecentBatches()
     watchers = (metrics, app[RECENT]) if observer is None else (metrics, app[RECENT], observer)
     engine_observer = ObserverGroup(*watchers)
-    app[ENGINE] = Engine(captioner, engine_config(settings, captioner), engine_observer)
+    config = engine_config(settings, default)
+    app[ENGINE] = Engine(served, config, engine_observer, default_model=default_name)
     metrics.watch(app[ENGINE])
     app[STARTED_AT] = time.time()
-    app[FREE_TEXT] = captioner.takes_prompt
-    app[MODEL_FAMILY] = model_family(captioner)
+    app[FREE_TEXT] = default.takes_prompt
+    app[MODEL_FAMILY] = model_family(default)
     app[KEYS] = keys_from(settings)
     if settings.rate_limit is not None and settings.rate_limit > 0:
         app[RATE_LIMITER] = RateLimiter(settings.rate_limit)

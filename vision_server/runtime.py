@@ -29,6 +29,7 @@ def engine_config(settings: Settings, captioner: Captioner) -> EngineConfig:
         bulk_aging=settings.bulk_aging,
         max_keep_alive=settings.max_keep_alive,
         offload_timeout=settings.offload_timeout,
+        memory_budget=settings.memory_budget_bytes,
     )
 
 

@@ -19,6 +19,7 @@ from aiohttp import web
 from vision_server import __version__
 from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.app import create_app
+from vision_server.byte_sizes import format_byte_size
 from vision_server.captioner import Captioner
 from vision_server.engine.lifecycle import EngineStatus
 from vision_server.engine.scheduler import Engine
@@ -148,6 +149,22 @@ async def run(app: web.Application, notifier: Notifier | None = None) -> bool:
     return clean
 
 
+def served_models(settings: Settings) -> str:
+    """The configured models for the start line: names, sources, adapters, own idle timeouts,
+    the default and the memory budget."""
+    parts = []
+    for spec in settings.model_specs:
+        text = spec.describe()
+        if spec.idle_timeout is not None:
+            text += f" [idle timeout {spec.idle_timeout:g}s]"
+        if len(settings.model_specs) > 1 and spec.name == settings.default_model_name:
+            text += " [default]"
+        parts.append(text)
+    budget = settings.memory_budget_bytes
+    shown = ", ".join(parts)
+    return shown if budget is None else f"{shown} within {format_byte_size(budget)}"
+
+
 def serve(settings: Settings, captioner: Captioner | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then drain queued jobs within ``shutdown_grace`` and return."""
     configure_logging(settings.log_level, settings.log_format, settings.log_file)
@@ -156,7 +173,7 @@ def serve(settings: Settings, captioner: Captioner | None = None) -> None:
         log.info(
             "vision-server %s serving %s (idle timeout %gs, pid %d)",
             __version__,
-            app[ENGINE].model_card.model_id,
+            served_models(settings) if captioner is None else app[ENGINE].model_card.model_id,
             settings.idle_timeout,
             os.getpid(),
         )

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from aiohttp import ClientSession, web
 
 from vision_server.app import create_app
 from vision_server.captioner import Captioner
+from vision_server.engine.models import NamedModel
 from vision_server.settings import Settings
 
 
 @contextlib.asynccontextmanager
 async def running_app(
-    settings: Settings, captioner: Captioner | None = None
+    settings: Settings, captioner: Captioner | None = None, *, models: Sequence[NamedModel] | None = None
 ) -> AsyncIterator[tuple[web.Application, str]]:
-    """Serve ``create_app(settings, captioner)`` on 127.0.0.1:<free port>; yields the app and base URL."""
-    app = create_app(settings, captioner)
+    """Serve ``create_app(settings, captioner)`` (or ``models``) on 127.0.0.1:<free port>; yields
+    the app and base URL."""
+    app = create_app(settings, captioner, models=models)
     runner = web.AppRunner(app, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
@@ -30,14 +32,19 @@ async def running_app(
 
 
 @contextlib.asynccontextmanager
-async def running_server(settings: Settings, captioner: Captioner | None = None) -> AsyncIterator[str]:
-    """Serve ``create_app(settings, captioner)`` on 127.0.0.1:<free port>; yields the base URL."""
-    async with running_app(settings, captioner) as (_, url):
+async def running_server(
+    settings: Settings, captioner: Captioner | None = None, *, models: Sequence[NamedModel] | None = None
+) -> AsyncIterator[str]:
+    """Serve ``create_app(settings, captioner)`` (or ``models``) on 127.0.0.1:<free port>; yields
+    the base URL."""
+    async with running_app(settings, captioner, models=models) as (_, url):
         yield url
 
 
 @contextlib.asynccontextmanager
-async def client_for(settings: Settings, captioner: Captioner | None = None) -> AsyncIterator[ClientSession]:
+async def client_for(
+    settings: Settings, captioner: Captioner | None = None, *, models: Sequence[NamedModel] | None = None
+) -> AsyncIterator[ClientSession]:
     """A client session whose relative URLs go to a freshly started server."""
-    async with running_server(settings, captioner) as url, ClientSession(url) as session:
+    async with running_server(settings, captioner, models=models) as url, ClientSession(url) as session:
         yield session

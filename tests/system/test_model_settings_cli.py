@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.api import tiny_cache_dir
 from tests.support.bulk_data import caption_command, cli_env
 from tests.support.images import encode, noise
-from tests.support.processes import cli_command
+from tests.support.processes import ServerProcess, cli_command, http_json, server_env
 
 
 def _run(tmp_path: Path, *args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
@@ -93,3 +94,32 @@ def test_caption_uses_the_default_model_and_says_so(tmp_path: Path, tiny_native_
     assert "captioning with the default model second" in result.stderr and "not first" in result.stderr
     (row,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert row["model"] == str(tiny_native_dir) and row["caption"]
+
+
+def test_serve_starts_with_named_models_and_lists_them(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_adapter_dir: Path
+) -> None:
+    """A real server with two names on one source (one with an adapter): the start line names
+    them, /v1/status shows each with its own idle timeout, the default and the budget."""
+    command = [
+        *cli_command(), "serve", "--cache-dir", str(tiny_cache_dir(tmp_path_factory)),
+        "--model", "plain=test:tiny", "--model", f"styled=test:tiny+{tiny_adapter_dir}",
+        "--default-model", "styled", "--idle-timeout", "-1", "--idle-timeout", "plain:120",
+        "--memory-budget", "1.5GiB",
+    ]  # fmt: skip
+    with ServerProcess(command, server_env(tmp_path), tmp_path / "server.log") as server:
+        url = server.wait_listening()
+        status, body = http_json(f"{url}/v1/status")
+        assert status == 200 and isinstance(body, dict)
+        assert body["memory_budget"] == 1536 * 1024**2
+        shown = [
+            (m["name"], m["adapter"], m["default"], m["idle_timeout"], m["state"]) for m in body["models"]
+        ]
+        assert shown == [
+            ("plain", None, False, 120.0, "unloaded"),
+            ("styled", str(tiny_adapter_dir), True, -1.0, "unloaded"),
+        ]
+        assert (
+            f"serving plain (test:tiny) [idle timeout 120s], styled (test:tiny + {tiny_adapter_dir}) "
+            "[default] within 1.5 GiB" in server.log_text()
+        )

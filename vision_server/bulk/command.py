@@ -257,6 +257,7 @@ async def _run(
     config = dataclasses.replace(
         engine_config(settings, captioner),  # type: ignore[arg-type]
         idle_timeout=-1,  # never unload mid-run
+        memory_budget=None,  # one model, loaded once: a server's budget does not apply
         request_timeout=7 * 24 * 3600.0,  # flow control bounds the wait, not a deadline
     )
     engine = Engine(captioner, config)  # type: ignore[arg-type]

@@ -71,7 +71,10 @@ class CaptionActor:
             torch.set_num_threads(torch_threads)
         captioner = build_captioner(settings)
         config = dataclasses.replace(
-            engine_config(settings, captioner), idle_timeout=-1, request_timeout=ENGINE_REQUEST_TIMEOUT
+            engine_config(settings, captioner),
+            idle_timeout=-1,
+            request_timeout=ENGINE_REQUEST_TIMEOUT,
+            memory_budget=None,  # one model per actor, loaded once: a server's budget does not apply
         )
         self.options = settings.generation_defaults()
         self.loop = asyncio.new_event_loop()

@@ -1,0 +1,101 @@
+"""The server builds its models from the settings (``--model NAME=SOURCE[+ADAPTER]``,
+``--default-model``, ``--idle-timeout NAME:SECONDS``, ``--memory-budget``) and serves each by name."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession, web
+
+from tests.support.api import native_caption, tiny_cache_dir
+from tests.support.images import b64
+from tests.support.serving import client_for, running_app
+from vision_server.api.state import DECODER, ENGINE
+from vision_server.app import create_app
+from vision_server.captioner import CaptionItem
+from vision_server.engine.models import NamedModel
+from vision_server.settings import Settings
+from vision_server.testing.fake import FakeCaptioner
+
+
+async def _json(session: ClientSession, path: str) -> Any:
+    async with session.get(path) as response:
+        assert response.status == 200, await response.text()
+        return await response.json()
+
+
+async def _caption(session: ClientSession, seed: int = 3) -> str:
+    return await native_caption(session, seed, "<CAPTION>")
+
+
+async def _engine_caption(app: web.Application, settings: Settings, name: str, seed: int = 3) -> str:
+    engine = app[ENGINE]
+    image = await app[DECODER].from_base64(b64(seed), spec=lambda: engine.pixel_spec_for(name))
+    item = CaptionItem(image, "<CAPTION>", settings.generation_defaults())
+    return (await engine.submit(item, model=name)).text
+
+
+async def test_the_configured_models_are_served_by_name(
+    tmp_path_factory: pytest.TempPathFactory, tiny_adapter_dir: Path
+) -> None:
+    """Names, sources, the adapter, the default, per-model idle timeouts and the budget reach the
+    engine and /v1/status; each name captions as a one-model server of its source does."""
+    cache = tiny_cache_dir(tmp_path_factory)
+    settings = Settings(
+        model=("plain=test:tiny", f"styled=test:tiny+{tiny_adapter_dir}"),
+        default_model="styled",
+        cache_dir=cache,
+        idle_timeout=-1,
+        model_idle_timeouts=(("plain", 120.0),),
+        memory_budget="1GiB",
+        max_new_tokens=12,
+        num_beams=1,
+    )
+    async with running_app(settings) as (app, url), ClientSession(url) as session:
+        engine = app[ENGINE]
+        assert (engine.model_names, engine.default_model) == (("plain", "styled"), "styled")
+        assert engine.config.memory_budget == 1024**3
+        status = await _json(session, "/v1/status")
+        assert status["memory_budget"] == 1024**3
+        models = {model["name"]: model for model in status["models"]}
+        assert {
+            name: (m["source"], m["adapter"], m["default"], m["idle_timeout"]) for name, m in models.items()
+        } == {
+            "plain": ("test:tiny", None, False, 120.0),
+            "styled": ("test:tiny", str(tiny_adapter_dir), True, -1.0),
+        }
+        # By name through the engine (the API families' model field is tested with them).
+        plain, styled = [await _engine_caption(app, settings, name) for name in ("plain", "styled")]
+        assert await _caption(session) == styled  # a request that names none: the default model
+    one = Settings(model="test:tiny", cache_dir=cache, idle_timeout=-1, max_new_tokens=12, num_beams=1)
+    async with client_for(one) as session:
+        assert plain == await _caption(session)
+    adapted = Settings(
+        model="test:tiny",
+        adapter=str(tiny_adapter_dir),
+        cache_dir=cache,
+        idle_timeout=-1,
+        max_new_tokens=12,
+        num_beams=1,
+    )
+    async with client_for(adapted) as session:
+        assert styled == await _caption(session)
+    assert plain != styled  # the adapter changes the captions, so the comparison above means something
+
+
+async def test_tests_and_embedders_can_pass_models() -> None:
+    models = [
+        NamedModel("x", FakeCaptioner(model_id="fake-x")),
+        NamedModel("y", FakeCaptioner(model_id="fake-y"), idle_timeout=5.0),
+    ]
+    settings = Settings(model=("x=test:tiny", "y=test:tiny"), default_model="y", idle_timeout=-1)
+    async with running_app(settings, models=models) as (app, url):
+        assert (app[ENGINE].model_names, app[ENGINE].default_model) == (("x", "y"), "y")
+        async with ClientSession(url) as session:
+            assert await _json(session, "/model") == "fake-y"  # the default model answers GET /model
+            status = await _json(session, "/v1/status")
+            assert [(m["name"], m["idle_timeout"]) for m in status["models"]] == [("x", -1.0), ("y", 5.0)]
+    with pytest.raises(TypeError, match="captioner or models"):
+        create_app(Settings(), FakeCaptioner(), models=models)
