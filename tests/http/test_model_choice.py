@@ -7,13 +7,24 @@ model's listings stay byte for byte what they were before several models could b
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import ClientSession, FormData
+from PIL import Image
 
 from tests.support.images import b64, data_url, image_bytes
-from tests.support.serving import client_for
+from tests.support.serving import client_for, running_app
+from vision_server.captioner import CaptionItem, GenerationOptions
+from vision_server.engine.models import NamedModel
+from vision_server.images import PixelSpec, fit_image
+from vision_server.runtime import build_captioner
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
 
@@ -98,10 +109,9 @@ async def test_lookups_name_the_model_exactly() -> None:
         prompts = await answer(session, "GET", "/prompts")
         assert await answer(session, "GET", "/prompts?model=fake-model") == prompts
         status, body = await answer(session, "GET", "/prompts?model=gpt-4-turbo")
-        assert status == 404
-        assert body == {"detail": "The model 'gpt-4-turbo' is not served here; this server has 'fake-model'."}
+        assert status == 404 and "'gpt-4-turbo'" in body["detail"] and "fake-model" in body["detail"]
         status, body = await answer(session, "GET", "/tasks?model=nope")
-        assert status == 404 and "'fake-model'" in body["detail"]
+        assert status == 404 and "fake-model" in body["detail"]
         status, body = await answer(session, "GET", "/model_info?model=fake-model")
         assert status == 200 and body["model"] == "fake-model"
 
@@ -109,13 +119,13 @@ async def test_lookups_name_the_model_exactly() -> None:
         assert status == 404
         assert body["error"]["code"] == "model_not_found"
         assert body["error"]["type"] == "invalid_request_error"  # what OpenAI itself answers
-        assert "'fake-model'" in body["error"]["message"]
+        assert "fake-model" in body["error"]["message"]
         status, body = await answer(session, "GET", "/v1/models/fake-model")
         assert status == 200 and body["id"] == "fake-model"
 
         status, body = await answer(session, "POST", "/v1/model/load?model=other")
         assert status == 404
-        assert body["error"]["code"] == "model_not_found" and "'fake-model'" in body["error"]["message"]
+        assert body["error"]["code"] == "model_not_found" and "fake-model" in body["error"]["message"]
         status, body = await answer(session, "POST", "/v1/model/load", json={"model": "fake-model"})
         assert status == 200 and body["state"] == "ready"
         status, body = await answer(session, "POST", "/v1/model/unload?model=fake-model")
@@ -141,3 +151,253 @@ async def test_prompts_and_model_answer_byte_for_byte_as_before() -> None:
                 assert response.status == 200
                 assert response.headers["Content-Type"] == "application/json; charset=utf-8"
                 assert await response.read() == before
+
+
+# --- several models: each request gets the model it named ----------------------------------------
+
+ALPHA_SPEC = PixelSpec(height=16, width=16, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+BETA_SPEC = PixelSpec(height=8, width=24, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+BETA_TASKS = ("<CAPTION>", "<DETAILED_CAPTION>")
+
+
+def two_fakes() -> list[NamedModel]:
+    """``alpha`` (the default: PromptGen's tasks, 16x16) and ``beta`` (two tasks, 24x8), each
+    answering with captions of its own."""
+    alpha = FakeCaptioner(model_id="fake-alpha", spec=ALPHA_SPEC)
+    beta = FakeCaptioner(model_id="fake-beta", tasks=BETA_TASKS, spec=BETA_SPEC)
+    return [
+        NamedModel("alpha", alpha, source="hub/alpha-source"),
+        NamedModel("beta", beta, source="hub/beta-source", adapter="adapters/beta"),
+    ]
+
+
+def expected(model: str, seed: int, task: str = "<CAPTION>") -> str:
+    """What the fake named ``model`` answers for image ``seed``: its caption of the image fitted
+    to its own input size (a wrong size or a wrong model gives another caption)."""
+    spec, model_id = (ALPHA_SPEC, "fake-alpha") if model == "alpha" else (BETA_SPEC, "fake-beta")
+    image = fit_image(Image.open(io.BytesIO(image_bytes(seed))).convert("RGB"), spec)
+    return FakeCaptioner.expected(CaptionItem(image, task, GenerationOptions()), model_id)
+
+
+@contextlib.asynccontextmanager
+async def several(models: list[NamedModel] | None = None) -> AsyncIterator[ClientSession]:
+    async with running_app(SETTINGS, models=models or two_fakes()) as (_, url), ClientSession(url) as session:
+        yield session
+
+
+async def stream_text(session: ClientSession, body: dict[str, Any]) -> tuple[str, set[str]]:
+    """The streamed content, and the model names the chunks carry."""
+    async with session.post("/v1/chat/completions", json={**body, "stream": True}) as response:
+        assert response.status == 200, await response.text()
+        lines = [line for line in (await response.text()).splitlines() if line.startswith("data: {")]
+    chunks = [json.loads(line[len("data: ") :]) for line in lines]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    return text, {chunk["model"] for chunk in chunks}
+
+
+@pytest.mark.parametrize(
+    ("asked", "model"),
+    [("alpha", "alpha"), ("beta", "beta"), (None, "alpha"), ("", "alpha"), ("hub/beta-source", "beta")],
+)
+async def test_every_family_captions_with_the_model_it_names(asked: str | None, model: str) -> None:
+    want = expected(model, 3)
+    async with several() as session:
+        native = {"image": b64(3), "prompt": "<CAPTION>", "model": asked}
+        assert await answer(session, "POST", "/process_image", json=native) == (200, {"result": want})
+
+        status, reply = await answer(session, "POST", "/v1/chat/completions", json=chat(asked, 3))
+        assert status == 200 and reply["choices"][0]["message"]["content"] == want
+        assert reply["model"] == model
+        assert await stream_text(session, chat(asked, 3)) == (want, {model})
+
+        extras = {"image": b64(3), "prompt": "<CAPTION>", "model": asked}
+        assert await answer(session, "POST", "/api/caption", json=extras) == (200, {"caption": want})
+
+        form = upload(3) if asked is None else upload(3, model=asked)
+        status, reply = await answer(session, "POST", "/caption", data=form)
+        assert status == 200 and reply["caption"] == want and reply["model_info"]["model"] == model
+        batch = FormData()
+        for seed in (3, 4):
+            batch.add_field("images", image_bytes(seed), filename=f"{seed}.png", content_type="image/png")
+        if asked is not None:
+            batch.add_field("model", asked)
+        status, reply = await answer(session, "POST", "/batch_caption", data=batch)
+        assert status == 200
+        assert [r["caption"] for r in reply["results"]] == [want, expected(model, 4)]
+
+
+async def test_mixed_requests_at_once_each_get_their_own_models_caption() -> None:
+    async with several() as session:
+        replies = await asyncio.gather(
+            *(
+                answer(
+                    session,
+                    "POST",
+                    "/process_image",
+                    json={"image": b64(seed), "prompt": "<CAPTION>", "model": model},
+                )
+                for seed in range(5, 9)
+                for model in ("alpha", "beta")
+            )
+        )
+    assert replies == [(200, {"result": expected(m, s)}) for s in range(5, 9) for m in ("alpha", "beta")]
+
+
+UNKNOWN = "gpt-4-turbo"  # what SillyTavern sends unless told otherwise
+MESSAGE_OF: dict[str, Callable[[Any], str]] = {
+    "detail": lambda body: body["detail"],
+    "openai": lambda body: body["error"]["message"],
+    "extras": lambda body: body["error"],
+    "ops": lambda body: body["error"]["message"],
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "kwargs", "shape"),
+    [
+        ("POST", "/process_image", {"json": {"image": b64(1), "prompt": "<CAPTION>", "model": UNKNOWN}},
+         "detail"),
+        ("POST", "/v1/chat/completions", {"json": chat(UNKNOWN)}, "openai"),
+        ("POST", "/chat/completions", {"json": {**chat(UNKNOWN), "stream": True}}, "openai"),
+        ("POST", "/api/caption", {"json": {"image": b64(1), "model": UNKNOWN}}, "extras"),
+        ("POST", "/caption", {"data": upload(1, model=UNKNOWN)}, "detail"),
+        ("GET", f"/prompts?model={UNKNOWN}", {}, "detail"),
+        ("GET", f"/tasks?model={UNKNOWN}", {}, "detail"),
+        ("GET", f"/model_info?model={UNKNOWN}", {}, "detail"),
+        ("GET", f"/v1/models/{UNKNOWN}", {}, "openai"),
+        ("POST", f"/v1/model/load?model={UNKNOWN}", {}, "ops"),
+    ],
+)  # fmt: skip
+async def test_an_unknown_name_is_a_404_in_the_familys_shape_listing_the_served_names(
+    method: str, path: str, kwargs: dict[str, Any], shape: str
+) -> None:
+    models = two_fakes()
+    async with several(models) as session:
+        status, body = await answer(session, method, path, **kwargs)
+        status_now = await answer(session, "GET", "/v1/status")
+    assert status == 404
+    message = MESSAGE_OF[shape](body)
+    assert UNKNOWN in message and "alpha" in message and "beta" in message
+    if shape == "openai":
+        assert body["error"]["code"] == "model_not_found" and body["error"]["type"] == "invalid_request_error"
+    if shape == "ops":
+        assert body["error"]["code"] == "model_not_found"
+    assert all(not named.captioner.loads for named in models)  # type: ignore[attr-defined]
+    assert status_now[1]["queue_depth"] == 0
+
+
+async def test_tasks_and_free_text_follow_the_chosen_model() -> None:
+    async with several() as session:
+        # alpha has <GENERATE_TAGS>, beta does not: the 400 lists beta's own tasks
+        tags = {"image": b64(2), "prompt": "<GENERATE_TAGS>"}
+        status, body = await answer(session, "POST", "/process_image", json={**tags, "model": "alpha"})
+        assert (status, body) == (200, {"result": expected("alpha", 2, "<GENERATE_TAGS>")})
+        status, body = await answer(session, "POST", "/process_image", json={**tags, "model": "beta"})
+        assert status == 400 and "<DETAILED_CAPTION>" in body["detail"] and "<ANALYZE>" not in body["detail"]
+        status, body = await answer(session, "POST", "/caption", data=upload(2, model="beta", task="ANALYZE"))
+        assert status == 400 and "<DETAILED_CAPTION>" in body["detail"]
+
+        # words pick among the chosen model's tasks; a task the model lacks is skipped
+        for model, words, task in (
+            ("beta", "a structured caption", "<DETAILED_CAPTION>"),
+            ("alpha", "in detail please", "<MORE_DETAILED_CAPTION>"),
+            ("beta", "in detail please", "<CAPTION>"),
+        ):
+            status, body = await answer(session, "POST", "/v1/chat/completions", json=chat(model, 2, words))
+            assert body["choices"][0]["message"]["content"] == expected(model, 2, task), (model, words)
+
+
+async def test_listings_name_every_model_and_the_defaults_stay_as_before() -> None:
+    async with several() as session:
+        status, listed = await answer(session, "GET", "/v1/models")
+        assert status == 200 and listed["object"] == "list"
+        assert [(m["id"], m["object"], m["owned_by"]) for m in listed["data"]] == [
+            ("alpha", "model", "vision-server"),
+            ("beta", "model", "vision-server"),
+        ]
+        assert [
+            (m["source"], m["adapter"], m["family"], m["state"], m["default"]) for m in listed["data"]
+        ] == [
+            ("hub/alpha-source", None, "florence-2", "unloaded", True),
+            ("hub/beta-source", "adapters/beta", "florence-2", "unloaded", False),
+        ]
+        assert await answer(session, "GET", "/v1/models/beta") == (200, listed["data"][1])
+        assert await answer(session, "GET", "/models/hub/beta-source") == (200, listed["data"][1])
+
+        assert await answer(session, "GET", "/prompts?model=beta") == (200, list(BETA_TASKS))
+        status, tasks = await answer(session, "GET", "/tasks?model=beta")
+        assert [t["task"] for t in tasks["tasks"]] == list(BETA_TASKS)
+        status, info = await answer(session, "GET", "/model_info?model=beta")
+        assert (info["model"], info["tasks"], info["state"]) == ("fake-beta", list(BETA_TASKS), "unloaded")
+        assert info["adapter"] == {"path": "adapters/beta", "training": None}
+
+        # without ?model= the default model, byte for byte as before several models
+        async with session.get("/prompts") as response:
+            assert await response.read() == BEFORE["/prompts"]
+        async with session.get("/model") as response:
+            assert await response.read() == b'"fake-alpha"'
+
+
+async def test_admin_routes_act_on_the_model_they_name_and_status_shows_each() -> None:
+    async with several() as session:
+        status, body = await answer(session, "POST", "/v1/model/load?model=beta")
+        assert status == 200
+        states = {m["name"]: m["state"] for m in body["models"]}
+        assert states == {"alpha": "unloaded", "beta": "ready"}
+        status, body = await answer(session, "POST", "/v1/model/load")  # the default model
+        assert {m["name"]: m["state"] for m in body["models"]} == {"alpha": "ready", "beta": "ready"}
+        status, body = await answer(session, "POST", "/v1/model/unload", json={"model": "beta"})
+        assert status == 200
+        status, body = await answer(session, "GET", "/v1/status")
+        assert {m["name"]: m["state"] for m in body["models"]} == {"alpha": "ready", "beta": "unloaded"}
+        status, listed = await answer(session, "GET", "/v1/models")
+        assert [m["state"] for m in listed["data"]] == ["ready", "unloaded"]
+        status, info = await answer(session, "GET", "/model_info?model=alpha")
+        assert (info["state"], info["device"]) == ("ready", "cpu")
+
+
+# --- the real thing: a tiny Florence-2 and a tiny BLIP in one server ------------------------------
+
+
+async def three_answers(session: ClientSession, model: str | None, seed: int) -> list[Any]:
+    """The native, OpenAI (free text) and multipart (free text) captions of image ``seed``."""
+    named = {} if model is None else {"model": model}
+    status, native = await answer(
+        session, "POST", "/process_image", json={"image": b64(seed), "prompt": "<CAPTION>", **named}
+    )
+    assert status == 200, native
+    status, chat_reply = await answer(
+        session, "POST", "/v1/chat/completions", json=chat(model, seed, "a red cat")
+    )
+    assert status == 200, chat_reply
+    status, form_reply = await answer(
+        session, "POST", "/caption", data=upload(seed, prompt="a red cat", **named)
+    )
+    assert status == 200, form_reply
+    return [native["result"], chat_reply["choices"][0]["message"]["content"], form_reply["caption"]]
+
+
+async def test_florence_and_blip_in_one_server_answer_as_each_alone(
+    tiny: Settings, generic_model_dirs: dict[str, Path]
+) -> None:
+    """Each model's captions, task handling (Florence-2 reads "a red cat" as words that pick a
+    task, BLIP gets it as its prompt) and input size are its own, as on a server of its own."""
+    options = {"max_new_tokens": 8, "num_beams": 2, "idle_timeout": -1, "cache_dir": tiny.cache_dir}
+    florence_alone = Settings(model=tiny.model, **options)
+    blip_alone = Settings(model=str(generic_model_dirs["blip"]), **options)
+    models = [
+        NamedModel("florence", build_captioner(florence_alone)),
+        NamedModel("blip", build_captioner(blip_alone)),
+    ]
+    async with running_app(florence_alone, models=models) as (_, url), ClientSession(url) as session:
+        both = await asyncio.gather(
+            three_answers(session, "florence", 31),
+            three_answers(session, "blip", 31),
+            three_answers(session, None, 31),  # the default: the first model
+        )
+    async with client_for(florence_alone) as session:
+        florence = await three_answers(session, None, 31)
+    async with client_for(blip_alone) as session:
+        blip = await three_answers(session, None, 31)
+    assert both == [florence, blip, florence]
+    assert all(florence[i] != blip[i] for i in range(3))

@@ -34,27 +34,27 @@ async def named_model(request: web.Request) -> str:
 @admin_only
 async def load_model(request: web.Request) -> web.Response:
     """Load now (a no-op when loaded); 503 with the reason when the load fails."""
-    await named_model(request)
+    model = await named_model(request)
     _refuse_while_draining(request)
-    status = await request.app[ENGINE].load()
+    status = await request.app[ENGINE].load(model)
     return web.json_response(status.as_dict())
 
 
 @admin_only
 async def unload_model(request: web.Request) -> web.Response:
     """Unload once the batch running now (if any) is done; queued jobs load it again."""
-    await named_model(request)
+    model = await named_model(request)
     _refuse_while_draining(request)
-    status = await request.app[ENGINE].unload()
+    status = await request.app[ENGINE].unload(model)
     return web.json_response(status.as_dict())
 
 
 @admin_only
 async def offload_model(request: web.Request) -> web.Response:
     """Move the model to host memory now (the warm tier); 400 where there is none."""
-    await named_model(request)
+    model = await named_model(request)
     _refuse_while_draining(request)
-    status = await request.app[ENGINE].offload()
+    status = await request.app[ENGINE].offload(model)
     return web.json_response(status.as_dict())
 
 

@@ -37,7 +37,7 @@ async def caption_base64(
     a model that reads it (:func:`vision_server.api.task_words.read_prompt`); ``stream`` gets the
     caption so far while it is generated (see :class:`CaptionItem`)."""
     labels = labels or job_labels(request)
-    request.app[ENGINE].check_room(labels.lane)
+    request.app[ENGINE].check_room(labels.lane, model)
     spec = spec_for(request.app, model)
     image = await request.app[DECODER].from_base64(text, bulk=labels.lane is Lane.BULK, spec=spec)
     item = CaptionItem(image=image, task=task, options=options, stream=stream, prompt=prompt)
@@ -56,7 +56,7 @@ async def caption_bytes(
 ) -> Caption:
     """Caption an uploaded file's bytes (decoded off the event loop)."""
     labels = labels or job_labels(request)
-    request.app[ENGINE].check_room(labels.lane)
+    request.app[ENGINE].check_room(labels.lane, model)
     spec = spec_for(request.app, model)
     image = await request.app[DECODER].from_bytes(data, bulk=labels.lane is Lane.BULK, spec=spec)
     item = CaptionItem(image=image, task=task, options=options, prompt=prompt)
@@ -92,4 +92,5 @@ async def caption_all_base64(
 
 
 async def _submit(request: web.Request, item: CaptionItem, labels: JobLabels, model: str | None) -> Caption:
-    return await request.app[ENGINE].submit(item, request_id=request.get(REQUEST_ID, "-"), labels=labels)
+    request_id = request.get(REQUEST_ID, "-")
+    return await request.app[ENGINE].submit(item, model=model, request_id=request_id, labels=labels)

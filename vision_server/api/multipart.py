@@ -44,12 +44,13 @@ from vision_server.api.generation import (
     as_number,
     generation_options,
 )
-from vision_server.api.model_choice import ChosenModel, chosen_model, looked_up_model
+from vision_server.api.model_choice import chosen_model, looked_up_model, model_states
 from vision_server.api.scheduling import job_labels
 from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.api.task_words import TASK_DESCRIPTIONS, default_task, read_prompt
 from vision_server.captioner import Caption, GenerationOptions
 from vision_server.engine.jobs import Lane
+from vision_server.engine.lifecycle import ModelCard
 from vision_server.errors import BadRequest, VisionServerError
 from vision_server.tasks import CAPTION_TASK, normalize_task
 from vision_server.train.metadata import adapter_summary
@@ -106,7 +107,7 @@ def no_image(form: Form, names: tuple[str, ...]) -> BadRequest:
 # --- replies -----------------------------------------------------------------------------------
 
 
-def brief_model_info(model: ChosenModel, task: str) -> dict[str, Any]:
+def brief_model_info(model: ModelCard, task: str) -> dict[str, Any]:
     return {"model_type": model.family, "model": model.name, "task": task, "version": __version__}
 
 
@@ -212,22 +213,30 @@ async def tasks(request: web.Request) -> web.Response:
 async def model_info(request: web.Request) -> web.Response:
     app = request.app
     card = looked_up_model(request)
-    status = app[ENGINE].status()
+    state = model_states(app)[card.name].state
     settings = app[SETTINGS]
     return web.json_response(
         {
             "model_type": card.family,
             "model": card.model_id,
             "version": __version__,
-            "state": status.state.value,
-            "device": status.device,
-            "dtype": status.dtype,
+            "state": state.value,
+            "device": card.device,
+            "dtype": card.dtype,
             "tasks": list(card.tasks),
             "generation": {"max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams},
             "max_batch_size": app[ENGINE].config.max_batch_size,  # the size in use, not the setting
-            "adapter": adapter_summary(settings.default_model_spec.adapter),
+            "adapter": adapter_summary(adapter_of(app, card)),
         }
     )
+
+
+def adapter_of(app: web.Application, card: ModelCard) -> str | None:
+    """The model's adapter; for the default model also the configured one (a bare captioner
+    served with ``--adapter``, as before several models, has none on its card)."""
+    if card.adapter is not None or card.name != app[ENGINE].default_model:
+        return card.adapter
+    return app[SETTINGS].default_model_spec.adapter
 
 
 def setup(app: web.Application) -> list[AbstractRoute]:

@@ -40,7 +40,7 @@ from vision_server.api.generation import (
     as_number,
     generation_options,
 )
-from vision_server.api.model_choice import chosen_model, resolve_exact
+from vision_server.api.model_choice import chosen_model, model_states, resolve_exact
 from vision_server.api.openai_replies import Completion, error_body
 from vision_server.api.openai_stream import stream_completion
 from vision_server.api.scheduling import job_labels
@@ -199,23 +199,36 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     return web.json_response(Completion.of(model.name, captions).body())
 
 
-def model_card(app: web.Application) -> dict[str, Any]:
-    return {
-        "id": app[ENGINE].model_card.model_id,
-        "object": "model",
-        "created": int(app[STARTED_AT]),
-        "owned_by": OWNED_BY,
-    }
+def model_entries(app: web.Application) -> dict[str, dict[str, Any]]:
+    """Every served model in OpenAI's model shape, plus where it comes from and its state."""
+    engine = app[ENGINE]
+    states = model_states(app)
+    entries = {}
+    for name in engine.model_names:
+        card = engine.card(name)
+        entries[name] = {
+            "id": name,
+            "object": "model",
+            "created": int(app[STARTED_AT]),
+            "owned_by": OWNED_BY,
+            "source": card.source,
+            "adapter": card.adapter,
+            "family": card.family,
+            "state": states[name].state.value if name in states else None,
+            "default": name == engine.default_model,
+        }
+    return entries
 
 
 async def list_models(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": [model_card(request.app)]})
+    """Every served name in configured order (the default first where it is first)."""
+    return web.json_response({"object": "list", "data": list(model_entries(request.app).values())})
 
 
 async def get_model(request: web.Request) -> web.Response:
-    """One served model by its exact name (404 ``model_not_found`` for any other)."""
-    resolve_exact(request.app, request.match_info["model"])
-    return web.json_response(model_card(request.app))
+    """One served model by its name or source (404 ``model_not_found`` for any other)."""
+    name = resolve_exact(request.app, request.match_info["model"])
+    return web.json_response(model_entries(request.app)[name])
 
 
 def setup(app: web.Application) -> list[AbstractRoute]:
