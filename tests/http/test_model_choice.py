@@ -401,3 +401,21 @@ async def test_florence_and_blip_in_one_server_answer_as_each_alone(
         blip = await three_answers(session, None, 31)
     assert both == [florence, blip, florence]
     assert all(florence[i] != blip[i] for i in range(3))
+
+
+async def test_the_web_page_offers_every_model_and_captions_with_the_chosen_one() -> None:
+    async with several() as session:
+        status, info = await answer(session, "GET", "/ui/api/info")
+        assert status == 200 and info["default_model"] == "alpha"
+        assert info["model"] == "fake-alpha" and len(info["tasks"]) == 7  # the default's, as before
+        assert [(m["name"], m["source"], [t["task"] for t in m["tasks"]]) for m in info["models"]] == [
+            ("alpha", "hub/alpha-source", [t["task"] for t in info["tasks"]]),
+            ("beta", "hub/beta-source", list(BETA_TASKS)),
+        ]
+        status, reply = await answer(session, "POST", "/ui/api/caption", data=upload(6, model="beta"))
+        assert status == 200 and (reply["model"], reply["caption"]) == ("beta", expected("beta", 6))
+        status, reply = await answer(session, "POST", "/ui/api/caption", data=upload(6, task="<ANALYZE>"))
+        assert status == 200 and (reply["model"], reply["caption"]) == (
+            "alpha",
+            expected("alpha", 6, "<ANALYZE>"),
+        )

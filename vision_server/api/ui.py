@@ -24,6 +24,7 @@ from vision_server.api.auth import check_api_key
 from vision_server.api.captioning import caption_bytes
 from vision_server.api.errors import NotFound
 from vision_server.api.forms import read_form
+from vision_server.api.model_choice import chosen_model
 from vision_server.api.state import ENGINE, RECENT, SETTINGS
 from vision_server.api.task_words import TASK_DESCRIPTIONS, default_task
 from vision_server.engine.trace import CURRENT_TRACE
@@ -100,16 +101,33 @@ async def static_file(request: web.Request) -> web.Response:
     return secured(web.Response(body=body, headers=headers))
 
 
+def listed_tasks(tasks: tuple[str, ...]) -> list[dict[str, str]]:
+    return [{"task": task, "description": TASK_DESCRIPTIONS.get(task, "")} for task in tasks]
+
+
 async def info(request: web.Request) -> web.Response:
-    """What the page needs to draw itself: the model's tasks and whether there is a gallery."""
+    """What the page needs to draw itself: the models and their tasks (the default model's at
+    the top level, as before several models), and whether there is a gallery."""
     settings = request.app[SETTINGS]
-    tasks = request.app[ENGINE].model_card.tasks
+    engine = request.app[ENGINE]
+    tasks = engine.model_card.tasks
+    cards = [engine.card(name) for name in engine.model_names]
     return web.json_response(
         {
             "version": __version__,
-            "model": request.app[ENGINE].model_card.model_id,
-            "tasks": [{"task": task, "description": TASK_DESCRIPTIONS.get(task, "")} for task in tasks],
+            "model": engine.model_card.model_id,
+            "tasks": listed_tasks(tasks),
             "default_task": default_task(settings.default_task, tasks),
+            "default_model": engine.default_model,
+            "models": [
+                {
+                    "name": card.name,
+                    "source": card.source,
+                    "tasks": listed_tasks(card.tasks),
+                    "default_task": default_task(settings.default_task, card.tasks),
+                }
+                for card in cards
+            ],
             "gallery": None
             if settings.gallery is None
             else {
@@ -140,20 +158,22 @@ async def status(request: web.Request) -> web.Response:
 
 
 async def caption(request: web.Request) -> web.Response:
-    """Try it: one uploaded image and a task → the caption, the time it took, and its queue wait."""
+    """Try it: one uploaded image, a task and a model (optional) → the caption, the time it took,
+    and its queue wait."""
     started = time.perf_counter()
     form = await read_form(request, ("image",), request.app[SETTINGS].max_request_bytes)
     if not form.files:
         raise BadRequest("No image uploaded: send the file in the form field 'image'.")
-    tasks = request.app[ENGINE].model_card.tasks
+    model = chosen_model(request, form.fields.get("model"))
     task_text = form.fields.get("task", "").strip()
-    task = normalize_task(task_text, tasks) if task_text else default_task("<CAPTION>", tasks)
+    task = normalize_task(task_text, model.tasks) if task_text else default_task("<CAPTION>", model.tasks)
     options = request.app[SETTINGS].generation_defaults()
-    result = await caption_bytes(request, form.files[0].data, task, options)
+    result = await caption_bytes(request, form.files[0].data, task, options, model=model.name)
     trace = CURRENT_TRACE.get()
     return web.json_response(
         {
             "caption": result.text,
+            "model": model.name,
             "task": task,
             "seconds": round(time.perf_counter() - started, 3),
             "queue_wait": round(trace.queue_wait, 3) if trace is not None and trace.jobs else None,

@@ -1,11 +1,37 @@
-// Try it: drop, paste or pick an image, choose a task, see the caption, its time and queue wait.
+// Try it: drop, paste or pick an image, choose a model (when the server has several) and a task,
+// see the caption, its time and queue wait.
 
 import { api } from "./api.js";
-import { $, fillTasks, seconds, setText, show } from "./dom.js";
+import { $, clear, fillTasks, make, seconds, setText, show } from "./dom.js";
 
 let current = null; // the File being captioned
 let previewUrl = null;
 let started = false;
+let models = []; // [{name, source, tasks, default_task}] from /ui/api/info
+let shown = null; // the /ui/api/info the page was drawn from
+
+function fillModels(info) {
+  models = info.models || [];
+  const select = $("model");
+  const kept = select.value;
+  clear(select);
+  for (const { name, source } of models) {
+    const option = make("option", null, name);
+    option.value = name;
+    if (source && source !== name) option.title = source;
+    option.selected = kept ? name === kept : name === info.default_model;
+    select.appendChild(option);
+  }
+  show($("model-choice"), models.length > 1);
+}
+
+function fillTasksOfModel(info) {
+  const model = models.find(({ name }) => name === $("model").value);
+  const kept = $("task").value;
+  const tasks = model ? model.tasks : info.tasks;
+  const chosen = tasks.some(({ task }) => task === kept) ? kept : model ? model.default_task : info.default_task;
+  fillTasks($("task"), tasks, chosen);
+}
 
 function choose(file) {
   if (!file) return;
@@ -27,6 +53,7 @@ async function run() {
   const form = new FormData();
   form.append("image", current, current.name || "pasted.png");
   form.append("task", $("task").value);
+  if (models.length > 1) form.append("model", $("model").value);
   $("run").disabled = true;
   setText($("try-error"), "");
   setText($("try-caption"), "");
@@ -36,7 +63,8 @@ async function run() {
     const reply = await (await api("/ui/api/caption", { method: "POST", body: form })).json();
     setText($("try-caption"), reply.caption);
     const batch = reply.batch_size ? `, batch of ${reply.batch_size}` : "";
-    setText($("try-timing"), `${reply.task} in ${seconds(reply.seconds)} (queue wait ${seconds(reply.queue_wait)}${batch})`);
+    const by = models.length > 1 ? `${reply.model}: ` : "";
+    setText($("try-timing"), `${by}${reply.task} in ${seconds(reply.seconds)} (queue wait ${seconds(reply.queue_wait)}${batch})`);
     document.body.dataset.tryState = "done";
   } catch (error) {
     setText($("try-timing"), "");
@@ -48,7 +76,9 @@ async function run() {
 }
 
 export function startTry(info) {
-  fillTasks($("task"), info.tasks, info.default_task);
+  shown = info;
+  fillModels(info);
+  fillTasksOfModel(info);
   if (started) return;
   started = true;
   const drop = $("drop");
@@ -70,4 +100,8 @@ export function startTry(info) {
   });
   $("run").addEventListener("click", run);
   $("task").addEventListener("change", run);
+  $("model").addEventListener("change", () => {
+    fillTasksOfModel(shown);
+    run();
+  });
 }
