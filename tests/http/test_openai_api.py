@@ -147,7 +147,10 @@ async def test_lenient_shapes_and_both_prefixes(tiny: Settings) -> None:
         async with session.get("/models") as response:
             listed = await response.json()
         assert listed["object"] == "list" and listed["data"][0]["object"] == "model"
-        assert set(listed["data"][0]) == {"id", "object", "created", "owned_by"}
+        assert set(listed["data"][0]) == {
+            *("id", "object", "created", "owned_by"),  # OpenAI's
+            *("source", "adapter", "family", "state", "default"),  # which model it is (issue #16)
+        }
 
 
 async def test_every_data_url_format(tiny: Settings) -> None:
