@@ -30,14 +30,12 @@ from vision_server.api.ratelimit import RATE_LIMITER, RateLimiter
 from vision_server.api.state import (
     DECODER,
     ENGINE,
-    FREE_TEXT,
     METRICS,
-    MODEL_FAMILY,
     RECENT,
     SETTINGS,
     STARTED_AT,
 )
-from vision_server.captioner import Captioner, model_family
+from vision_server.captioner import Captioner
 from vision_server.engine.models import NamedModel
 from vision_server.engine.observer import EngineObserver, ObserverGroup
 from vision_server.engine.recent import RecentBatches
@@ -83,8 +81,6 @@ def create_app(
     app[ENGINE] = Engine(served, config, engine_observer, default_model=default_name)
     metrics.watch(app[ENGINE])
     app[STARTED_AT] = time.time()
-    app[FREE_TEXT] = default.takes_prompt
-    app[MODEL_FAMILY] = model_family(default)
     app[KEYS] = keys_from(settings)
     if settings.rate_limit is not None and settings.rate_limit > 0:
         app[RATE_LIMITER] = RateLimiter(settings.rate_limit)

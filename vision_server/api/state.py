@@ -16,7 +16,3 @@ DECODER = web.AppKey("decoder", ImageDecoder)
 STARTED_AT = web.AppKey("started_at", float)
 METRICS = web.AppKey("metrics", Metrics)
 RECENT = web.AppKey("recent_batches", RecentBatches)
-# Whether the served model reads free-text prompts (Captioner.takes_prompt), fixed at start.
-FREE_TEXT = web.AppKey("free_text", bool)
-# The served model's architecture as clients see it (vision_server.captioner.model_family).
-MODEL_FAMILY = web.AppKey("model_family", str)
