@@ -414,13 +414,22 @@ def load_settings(
 
 
 def merge_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
-    """Later layers win, setting by setting. ``idle_timeout`` entries merge finer: a layer's
-    server-wide value replaces the earlier one, its NAME:SECONDS entries replace those names only,
-    so ``--idle-timeout big:60`` keeps the config file's server-wide value."""
+    """Later layers win, setting by setting, with two refinements for several models:
+
+    - ``idle_timeout`` entries merge finer: a layer's server-wide value replaces the earlier one,
+      its NAME:SECONDS entries replace those names only, so ``--idle-timeout big:60`` keeps the
+      config file's server-wide value;
+    - a layer that sets ``model`` replaces the earlier model list together with what named its
+      models (earlier ``default_model`` and NAME:SECONDS entries), so ``--model x=...`` on the
+      command line is not refused over names from the config file's list.
+    """
     values: dict[str, Any] = {}
     per_model: dict[str, float] = {}
     for layer in layers:
         layer = dict(layer)
+        if "model" in layer:
+            per_model.clear()
+            values.pop("default_model", None)
         if "idle_timeout" in layer:
             try:
                 server_wide, overrides = parse_idle_timeouts(layer.pop("idle_timeout"))

@@ -253,11 +253,20 @@ def test_later_sources_replace_idle_timeouts_value_by_value(tmp_path: Path) -> N
     assert wide.idle_timeout == 0.0 and wide.model_specs[0].idle_timeout == 60.0
 
 
-def test_flags_replace_the_configured_models(tmp_path: Path) -> None:
+def test_flags_replace_the_configured_models_and_what_named_them(tmp_path: Path) -> None:
+    """A later model list drops the earlier default and per-model timeouts (they named models that
+    are gone) but keeps the server-wide timeout; names given beside the new list still count."""
     config = tmp_path / "config.toml"
-    config.write_text('model = ["a=test:tiny", "b=./x"]\n')
+    config.write_text('model = ["a=test:tiny", "b=./x"]\ndefault_model = "b"\nidle_timeout = [50, "b:5"]\n')
     s = load_settings({"model": ("c=test:tiny",)}, environ={}, config_path=config)
-    assert [spec.name for spec in s.model_specs] == ["c"]
+    assert [(spec.name, spec.idle_timeout) for spec in s.model_specs] == [("c", None)]
+    assert (s.default_model_name, s.idle_timeout) == ("c", 50.0)
+    env = {"VISION_SERVER_MODEL": "c=test:tiny,d=./y", "VISION_SERVER_IDLE_TIMEOUT": "d:9"}
+    s = load_settings({"default_model": "d"}, environ=env, config_path=config)
+    assert [(spec.name, spec.idle_timeout) for spec in s.model_specs] == [("c", None), ("d", 9.0)]
+    assert s.default_model_name == "d"
+    with pytest.raises(SettingsError, match="no model is named 'b'"):  # the same layer's names are checked
+        load_settings({"model": ("c=test:tiny",), "idle_timeout": ("b:1",)}, environ={}, config_path=config)
 
 
 @pytest.mark.parametrize(
