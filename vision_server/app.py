@@ -68,7 +68,8 @@ def create_app(
     else:
         named = list(models) if models is not None else build_models(settings)
         default_name = settings.default_model if settings.default_model is not None else named[0].name
-        default = next(model.captioner for model in named if model.name == default_name)
+        # An unknown default_model is the engine's ValueError (it names the served models).
+        default = next((m.captioner for m in named if m.name == default_name), named[0].captioner)
         served = named
     metrics = Metrics(model=default.model_id)
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares(settings))

@@ -7,14 +7,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from aiohttp import ClientSession, web
+from aiohttp import ClientSession
 
-from tests.support.api import native_caption, tiny_cache_dir
+from tests.support.api import tiny_cache_dir
 from tests.support.images import b64
 from tests.support.serving import client_for, running_app
-from vision_server.api.state import DECODER, ENGINE
+from vision_server.api.state import ENGINE
 from vision_server.app import create_app
-from vision_server.captioner import CaptionItem
 from vision_server.engine.models import NamedModel
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
@@ -26,15 +25,11 @@ async def _json(session: ClientSession, path: str) -> Any:
         return await response.json()
 
 
-async def _caption(session: ClientSession, seed: int = 3) -> str:
-    return await native_caption(session, seed, "<CAPTION>")
-
-
-async def _engine_caption(app: web.Application, settings: Settings, name: str, seed: int = 3) -> str:
-    engine = app[ENGINE]
-    image = await app[DECODER].from_base64(b64(seed), spec=lambda: engine.pixel_spec_for(name))
-    item = CaptionItem(image, "<CAPTION>", settings.generation_defaults())
-    return (await engine.submit(item, model=name)).text
+async def _caption(session: ClientSession, seed: int = 3, model: str | None = None) -> str:
+    body = {"image": b64(seed), "prompt": "<CAPTION>", **({"model": model} if model else {})}
+    async with session.post("/process_image", json=body) as response:
+        assert response.status == 200, await response.text()
+        return str((await response.json())["result"])
 
 
 async def test_the_configured_models_are_served_by_name(
@@ -66,8 +61,7 @@ async def test_the_configured_models_are_served_by_name(
             "plain": ("test:tiny", None, False, 120.0),
             "styled": ("test:tiny", str(tiny_adapter_dir), True, -1.0),
         }
-        # By name through the engine (the API families' model field is tested with them).
-        plain, styled = [await _engine_caption(app, settings, name) for name in ("plain", "styled")]
+        plain, styled = await _caption(session, model="plain"), await _caption(session, model="styled")
         assert await _caption(session) == styled  # a request that names none: the default model
     one = Settings(model="test:tiny", cache_dir=cache, idle_timeout=-1, max_new_tokens=12, num_beams=1)
     async with client_for(one) as session:
