@@ -1,0 +1,141 @@
+"""A real server process with two named models (tiny Florence-2 ``large``, tiny BLIP ``blip``):
+the "Picking a model per request" examples of docs/api/index.md run as written, and the web
+page's model picker captions with the chosen model.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from tests.support.api import tiny_cache_dir
+from tests.support.browser import chromium
+from tests.support.images import image_bytes
+from tests.support.processes import ServerProcess, cli_command, http_json, server_env
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Page
+
+DOC = Path(__file__).parents[2] / "docs" / "api" / "index.md"
+TIMEOUT_MS = 60_000
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, generic_model_dirs: dict[str, Path]) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("two-models")
+    command = [
+        *cli_command(),
+        "serve",
+        "--model",
+        "large=test:tiny",
+        "--model",
+        f"blip={generic_model_dirs['blip']}",
+    ]
+    command += ["--cache-dir", str(tiny_cache_dir(tmp_path_factory)), "--idle-timeout", "-1"]
+    command += ["--max-new-tokens", "8"]
+    env = {**server_env(tmp), "OMP_NUM_THREADS": "1"}
+    with ServerProcess(command, env, tmp / "server.log") as process:
+        yield process.wait_listening(timeout=90)
+        process.stop()
+
+
+def section_blocks() -> list[str]:
+    """The ``sh`` blocks of the docs section "Picking a model per request"."""
+    text = DOC.read_text(encoding="utf-8")
+    section = text.split("## Picking a model per request\n", 1)[1].split("\n## ", 1)[0]
+    return re.findall(r"^```sh\n(.*?)^```", section, re.M | re.S)
+
+
+def json_documents(text: str) -> list[Any]:
+    """The JSON values printed one after another (curl adds no newline between replies)."""
+    decoder, values, index = json.JSONDecoder(), [], 0
+    while (index := len(text) - len(text[index:].lstrip())) < len(text):
+        value, index = decoder.raw_decode(text, index)
+        values.append(value)
+    return values
+
+
+def run(block: str, server: str, tmp: Path) -> str:
+    (tmp / "photo.jpg").write_bytes(image_bytes(81, "JPEG"))
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp), "VISION_URL": server, "IMAGE": str(tmp / "photo.jpg")}
+    done = subprocess.run(
+        ["bash", "-c", f"set -eo pipefail\n{block}"],
+        cwd=tmp,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, f"{block}\n{done.stderr}"
+    return done.stdout
+
+
+def test_the_docs_examples_pick_each_model_as_written(server: str, tmp_path: Path) -> None:
+    start, examples, unknown = section_blocks()
+    assert "--model large=" in start and "--model blip=" in start  # the server this test starts
+    replies = json_documents(run(examples, server, tmp_path))
+    assert len(replies) == len(re.findall(r"\bcurl\s", examples))
+    for reply in replies:
+        assert not (isinstance(reply, dict) and {"error", "detail"} & set(reply)), reply
+    native, prompts, chat, listed, extras, form, loaded, unloaded = replies
+    assert prompts == ["<CAPTION>"]
+    assert chat["model"] == "blip" and form["model_info"]["model"] == "blip"
+    assert native["result"] == extras["caption"] == form["caption"]  # one image, one task, one model
+    # only blip captioned so far: each model loads on its own first request
+    assert [(m["id"], m["state"]) for m in listed["data"]] == [("large", "unloaded"), ("blip", "ready")]
+    assert {m["name"]: m["state"] for m in loaded["models"]} == {"large": "ready", "blip": "ready"}
+    assert {m["name"]: m["state"] for m in unloaded["models"]} == {"large": "ready", "blip": "unloaded"}
+
+    # The 404 is the one the docs show, word for word.
+    lines = unknown.strip().splitlines()
+    command, shown = "\n".join(line for line in lines if not line.startswith("#")), lines[-1]
+    assert shown.startswith("# 404 ")
+    assert json_documents(run(command, server, tmp_path)) == [json.loads(shown.removeprefix("# 404 "))]
+
+
+@pytest.fixture(scope="module")
+def page(server: str) -> Iterator[Page]:
+    with chromium() as browser:
+        context = browser.new_context(viewport={"width": 1300, "height": 900})
+        tab = context.new_page()
+        tab.set_default_timeout(TIMEOUT_MS)
+        tab.goto(server + "/#try")
+        tab.wait_for_selector("body[data-ready=true]")
+        yield tab
+        context.close()
+
+
+def native_caption(server: str, image: bytes, model: str) -> str:
+    body = {"image": base64.b64encode(image).decode(), "prompt": "<CAPTION>", "model": model}
+    status, reply = http_json(server + "/process_image", body)
+    assert status == 200, reply
+    return str(reply["result"])  # type: ignore[index]
+
+
+def test_the_page_picks_the_model_and_shows_its_tasks(page: Page, server: str, tmp_path: Path) -> None:
+    from playwright.sync_api import expect
+
+    assert page.locator("#model-choice").is_visible()
+    assert page.locator("#model option").all_inner_texts() == ["large", "blip"]
+    assert page.input_value("#model") == "large"
+    _, large_tasks = http_json(server + "/prompts?model=large")
+    assert page.locator("#task option").all_inner_texts() == large_tasks
+    image = tmp_path / "picked.png"
+    image.write_bytes(image_bytes(82))
+    page.select_option("#task", "<CAPTION>")
+    page.set_input_files("#file", str(image))
+    page.wait_for_selector("body[data-try-state=done]")
+    expect(page.locator("#try-caption")).to_have_text(native_caption(server, image.read_bytes(), "large"))
+    expect(page.locator("#try-timing")).to_have_text(re.compile(r"^large: <CAPTION> in "))
+
+    page.select_option("#model", "blip")  # BLIP has one task; the same image is captioned again
+    assert page.locator("#task option").all_inner_texts() == ["<CAPTION>"]
+    expect(page.locator("#try-timing")).to_have_text(re.compile(r"^blip: <CAPTION> in "))
+    expect(page.locator("#try-caption")).to_have_text(native_caption(server, image.read_bytes(), "blip"))
