@@ -24,7 +24,6 @@ from tests.support.serving import client_for, running_app
 from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.engine.models import NamedModel
 from vision_server.images import PixelSpec, fit_image
-from vision_server.runtime import build_captioner
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
 
@@ -356,51 +355,58 @@ async def test_admin_routes_act_on_the_model_they_name_and_status_shows_each() -
         assert (info["state"], info["device"]) == ("ready", "cpu")
 
 
-# --- the real thing: a tiny Florence-2 and a tiny BLIP in one server ------------------------------
+# --- the real thing: tiny Florence-2, the same with an adapter, and a tiny BLIP in one server -----
+
+WORDS = "a red cat"  # words that pick a task for Florence-2, a prompt for BLIP
 
 
-async def three_answers(session: ClientSession, model: str | None, seed: int) -> list[Any]:
-    """The native, OpenAI (free text) and multipart (free text) captions of image ``seed``."""
+async def every_family(session: ClientSession, model: str | None, seed: int) -> list[str]:
+    """The caption of image ``seed`` through each family at once: native (a task), OpenAI and its
+    stream, Extras and multipart (free text)."""
     named = {} if model is None else {"model": model}
-    status, native = await answer(
-        session, "POST", "/process_image", json={"image": b64(seed), "prompt": "<CAPTION>", **named}
+    native, chat_reply, streamed, extras, form = await asyncio.gather(
+        answer(session, "POST", "/process_image", json={"image": b64(seed), "prompt": "<CAPTION>", **named}),
+        answer(session, "POST", "/v1/chat/completions", json=chat(model, seed, WORDS)),
+        stream_text(session, chat(model, seed, WORDS)),
+        answer(session, "POST", "/api/caption", json={"image": b64(seed), "prompt": WORDS, **named}),
+        answer(session, "POST", "/caption", data=upload(seed, prompt=WORDS, **named)),
     )
-    assert status == 200, native
-    status, chat_reply = await answer(
-        session, "POST", "/v1/chat/completions", json=chat(model, seed, "a red cat")
-    )
-    assert status == 200, chat_reply
-    status, form_reply = await answer(
-        session, "POST", "/caption", data=upload(seed, prompt="a red cat", **named)
-    )
-    assert status == 200, form_reply
-    return [native["result"], chat_reply["choices"][0]["message"]["content"], form_reply["caption"]]
-
-
-async def test_florence_and_blip_in_one_server_answer_as_each_alone(
-    tiny: Settings, generic_model_dirs: dict[str, Path]
-) -> None:
-    """Each model's captions, task handling (Florence-2 reads "a red cat" as words that pick a
-    task, BLIP gets it as its prompt) and input size are its own, as on a server of its own."""
-    options = {"max_new_tokens": 8, "num_beams": 2, "idle_timeout": -1, "cache_dir": tiny.cache_dir}
-    florence_alone = Settings(model=tiny.model, **options)
-    blip_alone = Settings(model=str(generic_model_dirs["blip"]), **options)
-    models = [
-        NamedModel("florence", build_captioner(florence_alone)),
-        NamedModel("blip", build_captioner(blip_alone)),
+    for status, body in (native, chat_reply, extras, form):
+        assert status == 200, body
+    return [
+        native[1]["result"],
+        chat_reply[1]["choices"][0]["message"]["content"],
+        streamed[0],
+        extras[1]["caption"],
+        form[1]["caption"],
     ]
-    async with running_app(florence_alone, models=models) as (_, url), ClientSession(url) as session:
-        both = await asyncio.gather(
-            three_answers(session, "florence", 31),
-            three_answers(session, "blip", 31),
-            three_answers(session, None, 31),  # the default: the first model
+
+
+async def test_three_models_in_one_server_answer_as_each_alone(
+    tiny: Settings, tiny_adapter_dir: Path, generic_model_dirs: dict[str, Path]
+) -> None:
+    """Concurrent mixed requests through every family get, from each name, the caption a server
+    of that model alone gives: its own weights (the adapter changes them), task handling
+    (Florence-2 reads the words as a task, BLIP as its prompt) and input size."""
+    options = {"max_new_tokens": 8, "num_beams": 2, "idle_timeout": -1, "cache_dir": tiny.cache_dir}
+    florence, blip = "test:tiny", str(generic_model_dirs["blip"])
+    alone = {
+        "florence": Settings(model=florence, **options),
+        "styled": Settings(model=florence, adapter=str(tiny_adapter_dir), **options),
+        "blip": Settings(model=blip, **options),
+    }
+    names = (f"florence={florence}", f"styled={florence}+{tiny_adapter_dir}", f"blip={blip}")
+    together = Settings(model=names, **options)
+    async with running_app(together) as (_, url), ClientSession(url) as session:
+        mixed = await asyncio.gather(
+            *(every_family(session, name, 31) for name in alone), every_family(session, None, 31)
         )
-    async with client_for(florence_alone) as session:
-        florence = await three_answers(session, None, 31)
-    async with client_for(blip_alone) as session:
-        blip = await three_answers(session, None, 31)
-    assert both == [florence, blip, florence]
-    assert all(florence[i] != blip[i] for i in range(3))
+    expected_answers = {}
+    for name, settings in alone.items():
+        async with client_for(settings) as session:
+            expected_answers[name] = await every_family(session, None, 31)
+    assert mixed == [*expected_answers.values(), expected_answers["florence"]]  # no name: the first
+    assert all(len({answers[i] for answers in expected_answers.values()}) == 3 for i in range(5))
 
 
 async def test_the_web_page_offers_every_model_and_captions_with_the_chosen_one() -> None:
