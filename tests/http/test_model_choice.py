@@ -22,6 +22,7 @@ from PIL import Image
 from tests.support.images import b64, data_url, image_bytes
 from tests.support.serving import client_for, running_app
 from vision_server.captioner import CaptionItem, GenerationOptions
+from vision_server.client import AsyncVisionClient, RequestRejected
 from vision_server.engine.models import NamedModel
 from vision_server.images import PixelSpec, fit_image
 from vision_server.settings import Settings
@@ -425,3 +426,16 @@ async def test_the_web_page_offers_every_model_and_captions_with_the_chosen_one(
             "alpha",
             expected("alpha", 6, "<ANALYZE>"),
         )
+
+
+async def test_the_python_client_captions_with_the_model_it_was_given() -> None:
+    async with running_app(SETTINGS, models=two_fakes()) as (_, url):
+        async with AsyncVisionClient(url, model="beta", retries=0) as beta:
+            assert await beta.caption(image_bytes(7), "CAPTION") == expected("beta", 7)
+            assert await beta.prompts() == list(BETA_TASKS)
+        async with AsyncVisionClient(url, retries=0) as default:
+            assert await default.caption(image_bytes(7), "CAPTION") == expected("alpha", 7)
+        async with AsyncVisionClient(url, model=UNKNOWN, retries=0) as unknown:
+            with pytest.raises(RequestRejected) as caught:
+                await unknown.caption(image_bytes(7), "CAPTION")
+    assert caught.value.status == 404 and "alpha" in str(caught.value) and UNKNOWN in str(caught.value)

@@ -9,6 +9,7 @@ import base64
 import json
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -98,6 +99,27 @@ def test_the_docs_examples_pick_each_model_as_written(server: str, tmp_path: Pat
     command, shown = "\n".join(line for line in lines if not line.startswith("#")), lines[-1]
     assert shown.startswith("# 404 ")
     assert json_documents(run(command, server, tmp_path)) == [json.loads(shown.removeprefix("# 404 "))]
+
+
+def vision_client(server: str, *args: str) -> str:
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("vision-client")), "--url", server, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_vision_client_model_option_picks_the_model(server: str, tmp_path: Path) -> None:
+    image = tmp_path / "cli.png"
+    image.write_bytes(image_bytes(83))
+    assert vision_client(server, "--model", "blip", "prompts") == "<CAPTION>\n"
+    blip = vision_client(server, "--model", "blip", "caption", str(image), "--task", "CAPTION").strip()
+    default = vision_client(server, "caption", str(image), "--task", "CAPTION").strip()
+    assert blip == native_caption(server, image.read_bytes(), "blip")
+    assert default == native_caption(server, image.read_bytes(), "large") != blip
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import os
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlencode
 
 import aiohttp
 
@@ -89,8 +90,11 @@ class AsyncVisionClient:
         connect_timeout: float = 10.0,
         retry_policy: RetryPolicy | None = None,
         client_id: str | None = None,
+        model: str | None = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
+        # The served model to caption with (a server with several models): None is its default.
+        self.model_name = model or None
         self.policy = retry_policy or RetryPolicy(retries=retries)
         self._headers = {"User-Agent": f"vision-client/{__version__}"}
         if api_key:
@@ -126,14 +130,17 @@ class AsyncVisionClient:
         body = {"image": encoded, "prompt": task_token(task)}
         if priority is not None:
             body["priority"] = priority
+        if self.model_name is not None:
+            body["model"] = self.model_name
         data = await self._request("POST", "/process_image", body)
         if not isinstance(data, dict) or not isinstance(data.get("result"), str):
             raise VisionClientError(f"unexpected reply from {self.base_url}/process_image: {data!r:.200}")
         return data["result"].strip()
 
     async def prompts(self) -> list[str]:
-        """The task tokens the loaded model understands."""
-        return list(await self._request("GET", "/prompts"))
+        """The task tokens the model understands (the client's ``model``, else the default)."""
+        query = "" if self.model_name is None else "?" + urlencode({"model": self.model_name})
+        return list(await self._request("GET", "/prompts" + query))
 
     async def model(self) -> str:
         """The model the server is configured with."""

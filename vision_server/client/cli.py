@@ -58,11 +58,22 @@ TASK_HELP = "Task, with or without brackets and in any case: caption, DETAILED_C
     show_default=True,
     help="Retries when the server is busy (503/429, honouring Retry-After) or unreachable.",
 )
+@click.option(
+    "--model",
+    "-m",
+    envvar="VISION_MODEL",
+    default=None,
+    show_envvar=True,
+    help="Which of the server's models captions (and whose tasks 'prompts' lists); "
+    "default: the server's default model.",
+)
 @click.version_option(package_name="vision-server", prog_name="vision-client")
 @click.pass_context
-def main(ctx: click.Context, url: str, api_key: str | None, timeout: float, retries: int) -> None:
+def main(
+    ctx: click.Context, url: str, api_key: str | None, timeout: float, retries: int, model: str | None
+) -> None:
     """Caption images with a vision-server (Florence-2 / PromptGen v2.0)."""
-    ctx.obj = {"base_url": url, "api_key": api_key, "timeout": timeout, "retries": retries}
+    ctx.obj = {"base_url": url, "api_key": api_key, "timeout": timeout, "retries": retries, "model": model}
 
 
 def _run(ctx: click.Context, work: Callable[[AsyncVisionClient], Awaitable[T]]) -> T:
@@ -245,7 +256,7 @@ def _print_summary(summary: FolderSummary, seconds: float) -> None:
 @main.command()
 @click.pass_context
 def prompts(ctx: click.Context) -> None:
-    """List the tasks the server's model understands, one per line."""
+    """List the tasks the server's model (or --model's) understands, one per line."""
     for token in _run(ctx, lambda client: client.prompts()):
         click.echo(token)
 
@@ -253,7 +264,7 @@ def prompts(ctx: click.Context) -> None:
 @main.command()
 @click.pass_context
 def model(ctx: click.Context) -> None:
-    """Print the model the server is configured with."""
+    """Print the server's default model."""
     click.echo(_run(ctx, lambda client: client.model()))
 
 
