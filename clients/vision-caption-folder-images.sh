@@ -35,7 +35,8 @@ Options:
   -q, --quiet      no progress output; failures and the summary are still printed
   -h, --help       show this help and exit
 
-VISION_API_KEY, when set, is sent as the API key.
+VISION_API_KEY, when set, is sent as the API key. VISION_MODEL, when set, names which of the
+server's models captions (the server's default model without it).
 
 A caption is written to a hidden temporary file in the image's folder and renamed into place
 only when it is complete, so an error, a dead server or Ctrl+C never leaves a partial or

@@ -13,7 +13,7 @@ usage() {
     cat <<EOF
 Usage:
   $PROG [options] <PROMPT> <image>   caption an image (use - as <image> to read it from stdin)
-  $PROG [options] prompts            list the prompts (tasks) the server accepts, as JSON
+  $PROG [options] prompts            list the prompts (tasks) the model accepts, as JSON
   $PROG [options] model              print the name of the model the server runs
   $PROG [options] status             print the server's status (GET /v1/status) as JSON
 
@@ -29,6 +29,8 @@ Options:
                    "host:port" without a scheme means http://host:port
   --timeout SEC    give up after SEC seconds for the whole request (default: \$VISION_TIMEOUT,
                    else 300); the connection itself must open within 10 s
+  --model NAME     caption with NAME, one of the server's models (default: \$VISION_MODEL, else
+                   the server's default model); "prompts" then lists NAME's tasks
   --retries N      retry up to N times when the server answers 429, 502 or 503 (busy),
                    waiting for its Retry-After (at most 60 s) or 2, 4, 8... s (default: 0)
   -n, --no-newline do not print a newline after the caption
@@ -38,6 +40,7 @@ Environment:
   VISION_HOST      server URL, e.g. http://gpu-box:54880 (overridden by --url)
   VISION_API_KEY   API key, sent as "Authorization: Bearer <key>" (never on a command line)
   VISION_TIMEOUT   default for --timeout
+  VISION_MODEL     default for --model (vision-caption-folder-images.sh passes it on)
   VISION_PRIORITY  interactive or bulk, sent as "X-Priority" (the server's default: interactive;
                    vision-caption-folder-images.sh sets bulk)
   VISION_CLIENT_ID a name sent as "X-Client-Id": bulk clients on one address take turns by it
@@ -85,6 +88,7 @@ fi
 
 url=${VISION_HOST:-$DEFAULT_URL}
 timeout=${VISION_TIMEOUT:-300}
+model=${VISION_MODEL:-}
 retries=0
 newline=1
 args=()
@@ -99,16 +103,18 @@ while (($#)); do
         usage
         exit 0
         ;;
-    --url | --timeout | --retries)
+    --url | --timeout | --retries | --model)
         need_value "$1" $#
         case $1 in
         --url) url=$2 ;;
         --timeout) timeout=$2 ;;
         --retries) retries=$2 ;;
+        --model) model=$2 ;;
         esac
         shift 2
         ;;
     --url=*) url=${1#*=} && shift ;;
+    --model=*) model=${1#*=} && shift ;;
     --timeout=*) timeout=${1#*=} && shift ;;
     --retries=*) retries=${1#*=} && shift ;;
     -n | --no-newline) newline=0 && shift ;;
@@ -364,7 +370,7 @@ get_json() {
 # Commands
 
 cmd_caption() {
-    local prompt=$1 image=$2 prompt_json caption
+    local prompt=$1 image=$2 prompt_json model_json caption
     prompt=$(trim "$prompt")
     prompt=${prompt#<}
     prompt=${prompt%>}
@@ -385,12 +391,18 @@ cmd_caption() {
     fi
 
     # Build {"prompt": ..., "image": "<base64>"} in a file: the image never becomes an argument.
+    # A --model goes between them.
     if [[ $prompt =~ ^\<[A-Z0-9_]+\>$ ]]; then
         prompt_json="\"$prompt\"" # nothing to escape
     else
         prompt_json=$(json_quote "$prompt") || die "$EXIT_ERROR" "cannot encode the prompt as JSON"
     fi
-    printf '{"prompt":%s,"image":"' "$prompt_json" >"$tmpd/body"
+    printf '{"prompt":%s,' "$prompt_json" >"$tmpd/body"
+    if [[ -n $model ]]; then # {"prompt": ..., "model": ..., "image": ...}
+        model_json=$(json_quote "$model") || die "$EXIT_ERROR" "cannot encode the model name as JSON"
+        printf '"model":%s,' "$model_json" >>"$tmpd/body"
+    fi
+    printf '"image":"' >>"$tmpd/body"
     base64 <"$image" | tr -d '\r\n' >>"$tmpd/body" || die "$EXIT_USAGE" "cannot read or encode $image"
     printf '"}' >>"$tmpd/body"
 
@@ -404,9 +416,24 @@ cmd_caption() {
     if ((newline)); then printf '\n'; fi
 }
 
+# url_quote TEXT: TEXT percent-encoded for a query string (bytes other than A-Z a-z 0-9 . _ ~ - : /).
+url_quote() {
+    local LC_ALL=C text=$1 out="" char i
+    for ((i = 0; i < ${#text}; i++)); do
+        char=${text:i:1}
+        case $char in
+        [A-Za-z0-9._~:/-]) out+=$char ;;
+        *) out+=$(printf '%%%02X' "'$char") ;;
+        esac
+    done
+    printf '%s' "$out"
+}
+
 cmd_prompts() {
+    local path=/prompts
+    [[ -z $model ]] || path+="?model=$(url_quote "$model")"
     new_tmpdir
-    get_json /prompts
+    get_json "$path"
     cat -- "$tmpd/resp"
     # End with exactly one newline, whatever the server sent.
     [[ -z $(tail -c 1 -- "$tmpd/resp") ]] || printf '\n'

@@ -122,6 +122,31 @@ def test_vision_client_model_option_picks_the_model(server: str, tmp_path: Path)
     assert default == native_caption(server, image.read_bytes(), "large") != blip
 
 
+def shell_client(server: str, *args: str, model: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {"PATH": "/usr/bin:/bin", "VISION_HOST": server, **({"VISION_MODEL": model} if model else {})}
+    script = Path(__file__).parents[2] / "clients" / "vision-client.sh"
+    return subprocess.run(["bash", str(script), *args], env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_the_bash_client_takes_a_model_by_option_or_environment(server: str, tmp_path: Path) -> None:
+    image = tmp_path / "shell.png"
+    image.write_bytes(image_bytes(84))
+    blip = native_caption(server, image.read_bytes(), "blip")
+    for args, model in ((("--model", "blip"), None), ((), "blip"), (("--model=blip",), "large")):
+        done = shell_client(server, *args, "CAPTION", str(image), model=model)
+        assert (done.returncode, done.stdout) == (0, blip + "\n"), done.stderr
+    done = shell_client(server, "prompts", model="blip")
+    assert json.loads(done.stdout) == ["<CAPTION>"]
+    assert (
+        shell_client(server, "CAPTION", str(image)).stdout
+        == native_caption(server, image.read_bytes(), "large") + "\n"
+    )
+    done = shell_client(server, "--model", "no such", "CAPTION", str(image))
+    assert done.returncode == 1 and "HTTP 404" in done.stderr and "large, blip" in done.stderr
+    done = shell_client(server, "prompts", model="no such/thing")
+    assert done.returncode == 1 and "HTTP 404" in done.stderr and "'no such/thing'" in done.stderr
+
+
 @pytest.fixture(scope="module")
 def page(server: str) -> Iterator[Page]:
     with chromium() as browser:
