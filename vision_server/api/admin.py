@@ -3,7 +3,7 @@
 Both are messages to the engine's worker, handled between batches, so an unload never cuts a
 running request short. They answer with the engine status afterwards, like ``/v1/status``.
 With several models served, ``?model=NAME`` (or ``{"model": NAME}`` in a JSON body) names the
-one to act on, exactly (404 for a name not served); without it, the default model.
+one to act on (a served name or source; 404 for any other); without it, the default model.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Which served model a request names, read the same way by every API family.
 
-The rule (``docs/api.md``, "Picking a model per request"):
+The rule (``docs/api/index.md``, "Picking a model per request"):
 
 - A caption request's model name is optional: absent or empty means the default model.
 - **One model served: any name goes to it.** OpenAI-style clients always send some ``model``
@@ -8,8 +8,9 @@ The rule (``docs/api.md``, "Picking a model per request"):
   has always ignored it; it still does, so no existing client breaks.
 - Several models served: a served name, or the source string of exactly one model (the hub id
   clients tend to send), picks that model; any other name is a 404 that lists the served names.
-- Lookups that name a model (``/prompts?model=``, ``/v1/models/{id}``, the admin routes) are
-  exact in either case: a listing for a model the server does not have would be a lie.
+- Lookups that name a model (``/prompts?model=``, ``/v1/models/{id}``, the admin routes) never
+  take the one-model shortcut: they need a served name (or a model's source) in either case,
+  since a listing for a model the server does not have would be a lie.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def model_field(value: object, param: str = MODEL_PARAM) -> str | None:
 
 
 def resolve_exact(app: web.Application, name: str | None) -> str:
-    """The served model ``name`` means (None: the default); 404 ``UnknownModel`` for any other."""
+    """The served model ``name`` (or source) means (None: the default); 404 ``UnknownModel``
+    for any other."""
     return app[ENGINE].resolve(name)
 
 
