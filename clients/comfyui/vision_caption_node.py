@@ -49,6 +49,8 @@ class VisionServerCaption:
             "optional": {
                 "api_key": ("STRING", {"default": "", "multiline": False}),
                 "timeout": ("INT", {"default": 600, "min": 1, "max": 3600, "step": 1}),
+                # which of the server's models captions; empty: the server's default model
+                "model": ("STRING", {"default": "", "multiline": False}),
             },
         }
 
@@ -60,9 +62,9 @@ class VisionServerCaption:
     DESCRIPTION = "Caption images with a vision-server (Florence-2 PromptGen) over HTTP."
 
     def caption(
-        self, image: Any, task: str, server_url: str, api_key: str = "", timeout: int = 600
+        self, image: Any, task: str, server_url: str, api_key: str = "", timeout: int = 600, model: str = ""
     ) -> tuple[str, list[str]]:
-        captions = caption_batch(image, task, server_url, api_key=api_key, timeout=timeout)
+        captions = caption_batch(image, task, server_url, api_key=api_key, timeout=timeout, model=model)
         return "\n".join(captions), captions
 
 
@@ -95,11 +97,22 @@ def task_token(task: str) -> str:
 
 
 def request_caption(
-    png: bytes, task: str, server_url: str, *, api_key: str = "", timeout: float = 600, retries: int = 3
+    png: bytes,
+    task: str,
+    server_url: str,
+    *,
+    api_key: str = "",
+    timeout: float = 600,
+    retries: int = 3,
+    model: str = "",
 ) -> str:
-    """POST one image to ``/process_image``; retry busy answers and lost connections."""
+    """POST one image to ``/process_image`` (for ``model``, else the server's default model);
+    retry busy answers and lost connections."""
     url = server_url.strip().rstrip("/") + "/process_image"
-    body = json.dumps({"image": base64.b64encode(png).decode("ascii"), "prompt": task_token(task)}).encode()
+    fields = {"image": base64.b64encode(png).decode("ascii"), "prompt": task_token(task)}
+    if model.strip():
+        fields["model"] = model.strip()
+    body = json.dumps(fields).encode()
     headers = {"Content-Type": "application/json"}
     if api_key.strip():
         headers["Authorization"] = f"Bearer {api_key.strip()}"
@@ -121,17 +134,23 @@ def request_caption(
 
 
 def caption_batch(
-    images: Any, task: str, server_url: str = DEFAULT_URL, *, api_key: str = "", timeout: float = 600
+    images: Any,
+    task: str,
+    server_url: str = DEFAULT_URL,
+    *,
+    api_key: str = "",
+    timeout: float = 600,
+    model: str = "",
 ) -> list[str]:
     """Caption every image of a batch, in order, sending them in parallel so the server batches."""
     batch = to_numpy_batch(images)
     pngs = [png_bytes(image) for image in batch]
+
+    def one(png: bytes) -> str:
+        return request_caption(png, task, server_url, api_key=api_key, timeout=timeout, model=model)
+
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(pngs))) as pool:
-        return list(
-            pool.map(
-                lambda png: request_caption(png, task, server_url, api_key=api_key, timeout=timeout), pngs
-            )
-        )
+        return list(pool.map(one, pngs))
 
 
 def _detail(body: bytes) -> str:

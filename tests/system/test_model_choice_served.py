@@ -6,6 +6,7 @@ page's model picker captions with the chosen model.
 from __future__ import annotations
 
 import base64
+import importlib.util
 import json
 import re
 import subprocess
@@ -14,6 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 import pytest
 
 from tests.support.api import tiny_cache_dir
@@ -145,6 +147,25 @@ def test_the_bash_client_takes_a_model_by_option_or_environment(server: str, tmp
     assert done.returncode == 1 and "HTTP 404" in done.stderr and "large, blip" in done.stderr
     done = shell_client(server, "prompts", model="no such/thing")
     assert done.returncode == 1 and "HTTP 404" in done.stderr and "'no such/thing'" in done.stderr
+
+
+def test_the_comfyui_node_takes_a_model(server: str) -> None:
+    node_dir = Path(__file__).parents[2] / "clients" / "comfyui"
+    spec = importlib.util.spec_from_file_location(
+        "comfyui_node_model_choice", node_dir / "vision_caption_node.py"
+    )
+    assert spec is not None and spec.loader is not None
+    node = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(node)
+    images = np.random.default_rng(9).random((2, 40, 48, 3), dtype=np.float32)
+    pngs = [node.png_bytes(image) for image in images]
+    captions = node.VisionServerCaption().caption(images, "<CAPTION>", server, timeout=60, model="blip")[1]
+    assert captions == [native_caption(server, png, "blip") for png in pngs]
+    assert node.caption_batch(images, "CAPTION", server, timeout=60) == [
+        native_caption(server, png, "large") for png in pngs
+    ]
+    with pytest.raises(RuntimeError, match="answered 404"):
+        node.caption_batch(images[:1], "CAPTION", server, timeout=60, model="nope")
 
 
 @pytest.fixture(scope="module")
