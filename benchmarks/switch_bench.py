@@ -27,6 +27,7 @@ import argparse
 import asyncio
 import io
 import json
+import os
 import re
 import socket
 import statistics
@@ -86,7 +87,10 @@ def start_server(args: argparse.Namespace, dirs: tuple[str, str], budget: int, l
     command += ["--idle-timeout", "-1", "--cache-dir", args.cache_dir, "--num-beams", "1"]
     command += ["--max-new-tokens", tokens, "--min-new-tokens", tokens, "--request-timeout", "3600"]
     command += ["--device", args.device, "--dtype", args.dtype, "--log-file", str(log)]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    env = dict(os.environ)
+    if args.torch_threads:
+        env["OMP_NUM_THREADS"] = str(args.torch_threads)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return process, f"http://127.0.0.1:{port}"
 
 
@@ -205,10 +209,14 @@ def main() -> None:
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--cache-dir", default=str(Path(tempfile.gettempdir()) / "vision-server-bench-cache"))
+    parser.add_argument(
+        "--torch-threads", type=int, default=0, help="OMP_NUM_THREADS for the server (0: leave it as it is)"
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny preset, 4 requests: a quick self-check")
     args = parser.parse_args()
     if args.smoke:
         args.preset, args.requests, args.new_tokens = "tiny", 4, 4
+        args.torch_threads = args.torch_threads or 1  # a crowded test machine: no thread spinning
     results = asyncio.run(run(args))
     report(results)
     print(json.dumps(results))
