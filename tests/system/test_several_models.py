@@ -37,7 +37,7 @@ def model_dirs(
 def serve(tmp_path: Path, name: str, *options: str) -> ServerProcess:
     command = [*cli_command(), "serve", "--cache-dir", str(tmp_path / "cache"), *OPTIONS, *options]
     env = server_env(tmp_path)
-    env["OMP_NUM_THREADS"] = "1"  # four servers share a small machine
+    env["OMP_NUM_THREADS"] = "1"  # two servers may share a small machine
     return ServerProcess(command, env, tmp_path / f"{name}.log")
 
 
