@@ -6,6 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from tests.support.bulk_data import caption_command, cli_env
@@ -50,3 +51,21 @@ def test_make_test_model_refuses_florence_only_options_for_other_families(tmp_pa
     result = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "florence2 only" in result.stderr
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("family", ["blip", "git", "vision-encoder-decoder"])
+def test_caption_runs_every_other_generic_family(
+    family: str, generic_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """``vision-server caption`` with a BLIP, GIT or ViT+GPT-2 model (Idefics3 above): the caption
+    file holds the direct transformers answer for the image."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "p.png").write_bytes(encode(noise(3, (SIDE, SIDE))))
+    model = generic_model_dirs[family]
+    options = ("--max-new-tokens", "6", "--num-beams", "1", "--cache-dir", tmp_path / "cache")
+    command = caption_command(images, "--model", model, *options)
+    result = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    expected = reference_caption(model, family, noise(3, (SIDE, SIDE)), max_new_tokens=6, num_beams=1)
+    assert expected and (images / "p.txt").read_text(encoding="utf-8") == expected
