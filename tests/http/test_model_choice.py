@@ -19,6 +19,7 @@ import pytest
 from aiohttp import ClientSession, FormData
 from PIL import Image
 
+from tests.support.gallery_data import make_gallery
 from tests.support.images import b64, data_url, image_bytes
 from tests.support.serving import client_for, running_app
 from vision_server.captioner import CaptionItem, GenerationOptions
@@ -171,11 +172,12 @@ def two_fakes() -> list[NamedModel]:
     ]
 
 
-def expected(model: str, seed: int, task: str = "<CAPTION>") -> str:
-    """What the fake named ``model`` answers for image ``seed``: its caption of the image fitted
-    to its own input size (a wrong size or a wrong model gives another caption)."""
+def expected(model: str, seed: int | bytes, task: str = "<CAPTION>") -> str:
+    """What the fake named ``model`` answers for image ``seed`` (or these bytes): its caption of
+    the image fitted to its own input size (a wrong size or a wrong model gives another caption)."""
     spec, model_id = (ALPHA_SPEC, "fake-alpha") if model == "alpha" else (BETA_SPEC, "fake-beta")
-    image = fit_image(Image.open(io.BytesIO(image_bytes(seed))).convert("RGB"), spec)
+    data = image_bytes(seed) if isinstance(seed, int) else seed
+    image = fit_image(Image.open(io.BytesIO(data)).convert("RGB"), spec)
     return FakeCaptioner.expected(CaptionItem(image, task, GenerationOptions()), model_id)
 
 
@@ -439,3 +441,30 @@ async def test_the_python_client_captions_with_the_model_it_was_given() -> None:
             with pytest.raises(RequestRejected) as caught:
                 await unknown.caption(image_bytes(7), "CAPTION")
     assert caught.value.status == 404 and "alpha" in str(caught.value) and UNKNOWN in str(caught.value)
+
+
+async def test_the_gallery_recaptions_with_the_chosen_model(tmp_path: Path) -> None:
+    data = make_gallery(tmp_path)
+    settings = Settings(idle_timeout=-1, cache_dir=tmp_path / "cache", gallery=data.root)
+    picture = (data.root / "img03.png").read_bytes()
+    async with running_app(settings, models=two_fakes()) as (_, url), ClientSession(url) as session:
+        body = {"paths": ["img03.png"], "task": "detailed_caption", "model": "beta"}
+        status, reply = await answer(session, "POST", "/ui/api/gallery/recaption", json=body)
+        assert status == 200 and (reply["model"], reply["task"]) == ("beta", "<DETAILED_CAPTION>")
+        caption = expected("beta", picture, "<DETAILED_CAPTION>")
+        assert reply["results"] == [{"path": "img03.png", "task": "<DETAILED_CAPTION>", "caption": caption}]
+        fresh = [s for s in reply["items"][0]["sources"] if s["kind"] == "model"]
+        assert [(s["name"], s["text"]) for s in fresh] == [("beta <DETAILED_CAPTION>", caption)]
+
+        status, reply = await answer(
+            session, "POST", "/ui/api/gallery/recaption", json={"paths": ["img03.png"], "task": "caption"}
+        )
+        assert reply["results"][0]["caption"] == expected("alpha", picture)  # the default model
+        status, reply = await answer(
+            session, "POST", "/ui/api/gallery/recaption", json={**body, "task": "analyze"}
+        )
+        assert status == 400 and "<DETAILED_CAPTION>" in reply["error"]["message"]  # beta's tasks
+        status, reply = await answer(
+            session, "POST", "/ui/api/gallery/recaption", json={**body, "model": UNKNOWN}
+        )
+        assert status == 404 and reply["error"]["code"] == "model_not_found"

@@ -1,6 +1,7 @@
 """A real server process with two named models (tiny Florence-2 ``large``, tiny BLIP ``blip``):
-the "Picking a model per request" examples of docs/api/index.md run as written, and the web
-page's model picker captions with the chosen model.
+the "Picking a model per request" examples of docs/api/index.md run as written, the clients
+(vision-client, the bash client, the ComfyUI node) take a model, and the web page's model
+pickers (Try it, the gallery) caption with the chosen model.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import pytest
 
 from tests.support.api import tiny_cache_dir
 from tests.support.browser import chromium
+from tests.support.gallery_data import make_gallery
 from tests.support.images import image_bytes
 from tests.support.processes import ServerProcess, cli_command, http_json, server_env
 
@@ -42,7 +44,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, generic_model_dirs: dict[st
         f"blip={generic_model_dirs['blip']}",
     ]
     command += ["--cache-dir", str(tiny_cache_dir(tmp_path_factory)), "--idle-timeout", "-1"]
-    command += ["--max-new-tokens", "8"]
+    command += ["--max-new-tokens", "8", "--gallery", str(make_gallery(tmp).root)]
     env = {**server_env(tmp), "OMP_NUM_THREADS": "1"}
     with ServerProcess(command, env, tmp / "server.log") as process:
         yield process.wait_listening(timeout=90)
@@ -207,3 +209,22 @@ def test_the_page_picks_the_model_and_shows_its_tasks(page: Page, server: str, t
     assert page.locator("#task option").all_inner_texts() == ["<CAPTION>"]
     expect(page.locator("#try-timing")).to_have_text(re.compile(r"^blip: <CAPTION> in "))
     expect(page.locator("#try-caption")).to_have_text(native_caption(server, image.read_bytes(), "blip"))
+
+
+def test_the_gallery_recaptions_with_the_picked_model(page: Page, server: str) -> None:
+    from playwright.sync_api import expect
+
+    page.goto("about:blank")
+    page.goto(f"{server}/#gallery")
+    page.wait_for_selector("body[data-ready=true][data-gallery=ready]")
+    assert page.locator("#gallery-model option").all_inner_texts() == ["large", "blip"]
+    page.select_option("#gallery-model", "blip")
+    assert page.locator("#gallery-task option").all_inner_texts() == ["<CAPTION>"]
+    shown = page.locator('.card[data-path="img01.png"]')
+    shown.locator("input.pick").check()
+    page.click("#recaption")
+    page.wait_for_selector("body[data-recaption=done]")
+    assert page.inner_text("#gallery-message") == "captioned 1 of 1 with blip <CAPTION>"
+    expect(shown.locator('.source[data-source="blip <CAPTION>"] .source-text')).to_have_text(
+        native_caption(server, image_bytes(1), "blip")  # img01.png of the gallery
+    )

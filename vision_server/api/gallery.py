@@ -21,6 +21,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.bodies import read_json_object
 from vision_server.api.errors import REQUEST_ID, InvalidParameter, NotFound
+from vision_server.api.model_choice import chosen_model, spec_for
 from vision_server.api.scheduling import job_labels
 from vision_server.api.state import DECODER, ENGINE, SETTINGS
 from vision_server.captioner import CaptionItem
@@ -154,8 +155,9 @@ async def save(request: web.Request) -> web.Response:
 
 
 async def recaption(request: web.Request) -> web.Response:
-    """``{"paths", "task", "save"}``: fresh captions through the engine's bulk lane, shown as a
-    model source (and written to the ``.txt`` files when ``save`` on a writable gallery)."""
+    """``{"paths", "task", "save", "model"?}``: fresh captions through the engine's bulk lane
+    (with ``model``, one of several served models; else the default), shown as a model source
+    (and written to the ``.txt`` files when ``save`` on a writable gallery)."""
     gallery = request.app[GALLERY]
     body = await read_json_object(request)
     keys = paths_from(body)
@@ -167,21 +169,24 @@ async def recaption(request: web.Request) -> web.Response:
     task_text = body.get("task")
     if not isinstance(task_text, str) or not task_text.strip():
         raise InvalidParameter("task", "task must name one of the model's tasks.")
-    task = normalize_task(task_text, request.app[ENGINE].model_card.tasks)
+    model = chosen_model(request, body.get("model"))
+    task = normalize_task(task_text, model.tasks)
+    # A fresh caption is shown under its task; with several models, under the model's name too.
+    label = task if len(request.app[ENGINE].model_names) == 1 else f"{model.name} {task}"
     entries = [await gallery.entry(key) for key in keys]  # every path checked before any work
     limit = asyncio.Semaphore(IN_FLIGHT)
 
     async def one(entry: Entry) -> dict[str, Any]:
         async with limit:
             try:
-                text = await caption_file(request, entry.path, task)
+                text = await caption_file(request, entry.path, task, model.name)
             except VisionServerError as exc:
                 if exc.status >= 500:
                     raise  # the server's trouble (draining, load failure): the whole request fails
                 return {"path": entry.key, "error": exc.message}
             except OSError as exc:
                 return {"path": entry.key, "error": f"cannot read the file: {exc.strerror or exc}"}
-        gallery.catalog.remember(entry.key, task, text)
+        gallery.catalog.remember(entry.key, label, text)
         if store:
             await gallery.run(gallery.catalog.save, entry, PRIMARY, text)
         return {"path": entry.key, "task": task, "caption": text}
@@ -193,19 +198,20 @@ async def recaption(request: web.Request) -> web.Response:
         for job in jobs:
             job.cancel()  # after a failure (or the client leaving), the rest leave the queue
     items = [await gallery.run(gallery.catalog.item, entry) for entry in entries]
-    return web.json_response({"task": task, "results": results, "items": items})
+    return web.json_response({"task": task, "model": model.name, "results": results, "items": items})
 
 
-async def caption_file(request: web.Request, path: Path, task: str) -> str:
+async def caption_file(request: web.Request, path: Path, task: str, model: str | None = None) -> str:
     """One dataset image through the shared engine in the bulk lane (interactive requests go
-    first), waiting for room in that lane rather than being refused."""
+    first), waiting for room in that lane rather than being refused; ``model`` as in
+    :mod:`vision_server.api.captioning`."""
     data = await asyncio.to_thread(path.read_bytes)
-    prepared = await request.app[DECODER].from_bytes(data)
+    prepared = await request.app[DECODER].from_bytes(data, spec=spec_for(request.app, model))
     item = CaptionItem(image=prepared, task=task, options=request.app[SETTINGS].generation_defaults())
     request_id = request.get(REQUEST_ID, "-")
     labels = job_labels(request, default=Lane.BULK)  # behind interactive requests, unless asked
     engine = request.app[ENGINE]
-    result = await engine.submit(item, request_id=request_id, wait_for_room=True, labels=labels)
+    result = await engine.submit(item, model=model, request_id=request_id, wait_for_room=True, labels=labels)
     return result.text
 
 

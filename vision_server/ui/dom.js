@@ -32,6 +32,37 @@ export function fillTasks(select, tasks, chosen) {
   }
 }
 
+// A model <select> (shown inside `wrapper` only when the server has several models), keeping
+// the current choice when the list is redrawn.
+export function fillModels(select, wrapper, info) {
+  const models = info.models || [];
+  const kept = select.value;
+  clear(select);
+  for (const { name, source } of models) {
+    const option = make("option", null, name);
+    option.value = name;
+    if (source && source !== name) option.title = source;
+    option.selected = kept ? name === kept : name === info.default_model;
+    select.appendChild(option);
+  }
+  show(wrapper, models.length > 1);
+}
+
+// The tasks of the model chosen in `modelSelect` go into `taskSelect`, keeping the task when
+// that model has it too.
+export function fillTasksOf(taskSelect, modelSelect, info) {
+  const model = (info.models || []).find(({ name }) => name === modelSelect.value);
+  const kept = taskSelect.value;
+  const tasks = model ? model.tasks : info.tasks;
+  const fallback = model ? model.default_task : info.default_task;
+  fillTasks(taskSelect, tasks, tasks.some(({ task }) => task === kept) ? kept : fallback);
+}
+
+// The model to name in a request: none when the server has only one.
+export function pickedModel(modelSelect, info) {
+  return (info.models || []).length > 1 ? modelSelect.value : null;
+}
+
 export function seconds(value) {
   return value == null ? "–" : `${Number(value).toFixed(value < 10 ? 2 : 1)} s`;
 }

@@ -2,7 +2,7 @@
 // editing the .txt caption, fresh captions from the model, re-captioning and exporting a selection.
 
 import { api, apiJson, postJson } from "./api.js";
-import { $, clear, fillTasks, make, setText, show } from "./dom.js";
+import { $, clear, fillModels, fillTasksOf, make, pickedModel, setText, show } from "./dom.js";
 
 const CHUNK = 16; // images per re-caption request, so the page shows progress
 const THUMBS_AT_ONCE = 6;
@@ -10,6 +10,7 @@ const THUMBS_AT_ONCE = 6;
 const state = { page: 1, pages: 1, q: "", field: "all", has: "any", writable: false };
 const selected = new Set(); // image paths, kept across pages and searches
 const cards = new Map(); // path -> card element on the current page
+let shown = null; // the /ui/api/info the page was drawn from
 let thumbUrls = [];
 let started = false;
 let loading = 0;
@@ -158,6 +159,8 @@ async function saveCaption(path, text, card) {
 
 async function recaption(paths, save, card = null) {
   const task = $("gallery-task").value;
+  const model = pickedModel($("gallery-model"), shown);
+  const withModel = model ? `${model} ${task}` : task;
   let done = 0;
   let failed = 0;
   const note = card ? card.querySelector(".card-message") : null;
@@ -167,11 +170,13 @@ async function recaption(paths, save, card = null) {
       note.classList.toggle("error", isError);
     } else message(text, isError);
   };
-  say(`captioning ${paths.length} image(s) with ${task}…`);
+  say(`captioning ${paths.length} image(s) with ${withModel}…`);
   document.body.dataset.recaption = "running";
   try {
     for (let start = 0; start < paths.length; start += CHUNK) {
-      const reply = await postJson("/ui/api/gallery/recaption", { paths: paths.slice(start, start + CHUNK), task, save });
+      const body = { paths: paths.slice(start, start + CHUNK), task, save };
+      if (model) body.model = model;
+      const reply = await postJson("/ui/api/gallery/recaption", body);
       for (const item of reply.items) {
         const shown = cards.get(item.path);
         if (shown) fillCard(shown, item);
@@ -180,7 +185,7 @@ async function recaption(paths, save, card = null) {
         if (result.error) failed += 1;
         else done += 1;
       }
-      say(`captioned ${done} of ${paths.length} with ${task}${failed ? `, ${failed} failed` : ""}`);
+      say(`captioned ${done} of ${paths.length} with ${withModel}${failed ? `, ${failed} failed` : ""}`);
     }
     document.body.dataset.recaption = "done";
   } catch (error) {
@@ -219,9 +224,12 @@ export function startGallery(info) {
   setText($("gallery-name"), gallery.name);
   setText($("gallery-mode"), gallery.writable ? "writable" : "read-only");
   $("recaption-save").disabled = !gallery.writable;
-  fillTasks($("gallery-task"), info.tasks, info.default_task);
+  shown = info;
+  fillModels($("gallery-model"), $("gallery-model-choice"), info);
+  fillTasksOf($("gallery-task"), $("gallery-model"), info);
   if (!started) {
     started = true;
+    $("gallery-model").addEventListener("change", () => fillTasksOf($("gallery-task"), $("gallery-model"), shown));
     $("search").addEventListener("submit", (event) => {
       event.preventDefault();
       Object.assign(state, { page: 1, q: $("q").value, field: $("field").value, has: $("has").value });

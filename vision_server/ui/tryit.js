@@ -2,36 +2,12 @@
 // see the caption, its time and queue wait.
 
 import { api } from "./api.js";
-import { $, clear, fillTasks, make, seconds, setText, show } from "./dom.js";
+import { $, fillModels, fillTasksOf, pickedModel, seconds, setText, show } from "./dom.js";
 
 let current = null; // the File being captioned
 let previewUrl = null;
 let started = false;
-let models = []; // [{name, source, tasks, default_task}] from /ui/api/info
 let shown = null; // the /ui/api/info the page was drawn from
-
-function fillModels(info) {
-  models = info.models || [];
-  const select = $("model");
-  const kept = select.value;
-  clear(select);
-  for (const { name, source } of models) {
-    const option = make("option", null, name);
-    option.value = name;
-    if (source && source !== name) option.title = source;
-    option.selected = kept ? name === kept : name === info.default_model;
-    select.appendChild(option);
-  }
-  show($("model-choice"), models.length > 1);
-}
-
-function fillTasksOfModel(info) {
-  const model = models.find(({ name }) => name === $("model").value);
-  const kept = $("task").value;
-  const tasks = model ? model.tasks : info.tasks;
-  const chosen = tasks.some(({ task }) => task === kept) ? kept : model ? model.default_task : info.default_task;
-  fillTasks($("task"), tasks, chosen);
-}
 
 function choose(file) {
   if (!file) return;
@@ -53,7 +29,8 @@ async function run() {
   const form = new FormData();
   form.append("image", current, current.name || "pasted.png");
   form.append("task", $("task").value);
-  if (models.length > 1) form.append("model", $("model").value);
+  const model = pickedModel($("model"), shown);
+  if (model) form.append("model", model);
   $("run").disabled = true;
   setText($("try-error"), "");
   setText($("try-caption"), "");
@@ -63,7 +40,7 @@ async function run() {
     const reply = await (await api("/ui/api/caption", { method: "POST", body: form })).json();
     setText($("try-caption"), reply.caption);
     const batch = reply.batch_size ? `, batch of ${reply.batch_size}` : "";
-    const by = models.length > 1 ? `${reply.model}: ` : "";
+    const by = model ? `${reply.model}: ` : "";
     setText($("try-timing"), `${by}${reply.task} in ${seconds(reply.seconds)} (queue wait ${seconds(reply.queue_wait)}${batch})`);
     document.body.dataset.tryState = "done";
   } catch (error) {
@@ -77,8 +54,8 @@ async function run() {
 
 export function startTry(info) {
   shown = info;
-  fillModels(info);
-  fillTasksOfModel(info);
+  fillModels($("model"), $("model-choice"), info);
+  fillTasksOf($("task"), $("model"), info);
   if (started) return;
   started = true;
   const drop = $("drop");
@@ -101,7 +78,7 @@ export function startTry(info) {
   $("run").addEventListener("click", run);
   $("task").addEventListener("change", run);
   $("model").addEventListener("change", () => {
-    fillTasksOfModel(shown);
+    fillTasksOf($("task"), $("model"), shown);
     run();
   });
 }
