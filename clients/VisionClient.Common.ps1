@@ -372,11 +372,15 @@ function Get-VisionCaption {
         [int]$MaxSize = 0,
         [string]$ApiKey,
         [int]$TimeoutSec = 0,
-        [int]$Retries = 0
+        [int]$Retries = 0,
+        [string]$Model = ''
     )
     $image = Get-VisionImageBase64 -Path $Path -MaxSize $MaxSize
     $prompt = ConvertTo-Json -InputObject $Task -Compress
-    $body = '{"image":"' + $image + '","prompt":' + $prompt + '}'
+    # A model name picks one of the server's models; without one the server uses its default.
+    $modelField = ''
+    if (-not [string]::IsNullOrEmpty($Model)) { $modelField = ',"model":' + (ConvertTo-Json -InputObject $Model -Compress) }
+    $body = '{"image":"' + $image + '","prompt":' + $prompt + $modelField + '}'
     $image = $null
     $response = Invoke-VisionApi -Client $Client -Method POST -Uri ($BaseUrl + '/process_image') -Body $body -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries
     if ($response.StatusCode -ne 200) { throw (Get-VisionErrorMessage $response) }
@@ -390,6 +394,13 @@ function Get-VisionCaption {
         throw ('The server answered 200 without a "result": {0}' -f $response.Body)
     }
     return ([string]$parsed.result).Trim()
+}
+
+function Get-VisionPromptsPath {
+    # /prompts, or /prompts?model=NAME for one of a several-model server's models.
+    param([string]$Model = '')
+    if ([string]::IsNullOrEmpty($Model)) { return '/prompts' }
+    return '/prompts?model=' + [System.Uri]::EscapeDataString($Model)
 }
 
 function Get-VisionJson {
@@ -472,7 +483,8 @@ function Invoke-VisionCaptionImage {
         [int]$MaxSize = 0,
         [string]$ApiKey,
         [int]$TimeoutSec = 0,
-        [int]$Retries = 0
+        [int]$Retries = 0,
+        [string]$Model = ''
     )
     $ErrorActionPreference = 'Stop'
     $watch = [System.Diagnostics.Stopwatch]::StartNew()
@@ -480,7 +492,7 @@ function Invoke-VisionCaptionImage {
     $message = $null
     $failure = $null
     try {
-        $caption = Get-VisionCaption -Client $Client -BaseUrl $BaseUrl -Task $Task -Path $ImagePath -MaxSize $MaxSize -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries
+        $caption = Get-VisionCaption -Client $Client -BaseUrl $BaseUrl -Task $Task -Path $ImagePath -MaxSize $MaxSize -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries -Model $Model
         $existing = $null
         if ($Mode -eq 'append' -or $Mode -eq 'prepend') { $existing = Read-VisionCaptionFile -Path $CaptionPath }
         # Keep each caption on one line, as the other clients write it.

@@ -82,6 +82,10 @@ Sent as 'Authorization: Bearer <key>'. Defaults to $env:VISION_API_KEY.
 How many times to retry one image when the server is busy (429/502/503) or refuses the
 connection (default 3).
 
+.PARAMETER Model
+Which of the server's models captions the folder, by the name it was started with
+(--model NAME=SOURCE). Defaults to $env:VISION_MODEL, then the server's default model.
+
 .EXAMPLE
 .\vision-caption-folder-images.ps1 DETAILED_CAPTION txt C:\datasets\cats
 
@@ -133,7 +137,9 @@ param(
     [string]$ApiKey = $env:VISION_API_KEY,
 
     [ValidateRange(0, 100)]
-    [int]$Retries = 3
+    [int]$Retries = 3,
+
+    [string]$Model = $env:VISION_MODEL
 )
 
 $ErrorActionPreference = 'Stop'
@@ -244,6 +250,7 @@ foreach ($image in $images) {
             ApiKey      = $ApiKey
             TimeoutSec  = $TimeoutSec
             Retries     = $Retries
+            Model       = $Model
         })
 }
 
@@ -278,7 +285,7 @@ try {
     # One quick request first: a wrong URL, a missing API key or an unknown prompt would
     # otherwise fail every image in the same way.
     try {
-        $prompts = ConvertFrom-Json -InputObject (Get-VisionJson -Client $client -BaseUrl $baseUrl -Path '/prompts' -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries)
+        $prompts = ConvertFrom-Json -InputObject (Get-VisionJson -Client $client -BaseUrl $baseUrl -Path (Get-VisionPromptsPath -Model $Model) -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries)
     }
     catch {
         $aborted = $_.Exception.Message

@@ -52,6 +52,11 @@ Defaults to $env:VISION_API_KEY.
 How many times to retry when the server is busy (429/502/503, waiting as long as its
 Retry-After asks, at most 120 s) or refuses the connection. Default 3; 0 turns retries off.
 
+.PARAMETER Model
+Which of the server's models captions, by the name it was started with
+(--model NAME=SOURCE); with 'prompts', whose prompts to list. Defaults to $env:VISION_MODEL,
+then the server's default model. A server with one model accepts any name.
+
 .EXAMPLE
 .\vision-client.ps1 CAPTION cat.jpg
 
@@ -91,7 +96,9 @@ param(
     [string]$ApiKey = $env:VISION_API_KEY,
 
     [ValidateRange(0, 100)]
-    [int]$Retries = 3
+    [int]$Retries = 3,
+
+    [string]$Model = $env:VISION_MODEL
 )
 
 $ErrorActionPreference = 'Stop'
@@ -105,7 +112,7 @@ function Write-ClientError([string]$Message) {
 
 if ([string]::IsNullOrWhiteSpace($Prompt)) {
     Write-ClientError 'missing arguments'
-    [Console]::Error.WriteLine(('Usage: {0} <PROMPT> <ImagePath> [-Url URL] [-MaxSize N] [-TimeoutSec N]' -f $scriptName))
+    [Console]::Error.WriteLine(('Usage: {0} <PROMPT> <ImagePath> [-Url URL] [-Model NAME] [-MaxSize N] [-TimeoutSec N]' -f $scriptName))
     [Console]::Error.WriteLine(('       {0} prompts | model | status' -f $scriptName))
     [Console]::Error.WriteLine(('Example: {0} CAPTION cat.jpg    (details: Get-Help {0} -Full)' -f $scriptName))
     exit 2
@@ -129,7 +136,7 @@ try {
     $common = @{ Client = $client; BaseUrl = $baseUrl; ApiKey = $ApiKey; TimeoutSec = $TimeoutSec; Retries = $Retries }
 
     if ($command -eq 'prompts') {
-        $prompts = ConvertFrom-Json -InputObject (Get-VisionJson @common -Path '/prompts')
+        $prompts = ConvertFrom-Json -InputObject (Get-VisionJson @common -Path (Get-VisionPromptsPath -Model $Model))
         foreach ($item in $prompts) {
             $name = ([string]$item).Trim('<', '>')
             Write-Output $name
@@ -151,7 +158,7 @@ try {
         if ([System.IO.Directory]::Exists($path)) {
             throw ('{0} is a folder; to caption a whole folder use vision-caption-folder-images.ps1' -f $path)
         }
-        $caption = Get-VisionCaption @common -Task $task -Path $path -MaxSize $MaxSize
+        $caption = Get-VisionCaption @common -Task $task -Path $path -MaxSize $MaxSize -Model $Model
         Write-Output $caption
     }
     $exitCode = 0

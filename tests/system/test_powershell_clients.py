@@ -248,6 +248,29 @@ def test_client_relative_path_and_host_without_scheme(tmp_path: Path) -> None:
 
 
 @needs_pwsh
+def test_client_names_the_model_in_captions_and_prompts(tmp_path: Path) -> None:
+    image = save_image(tmp_path / "cat.png", 3)
+    with StandIn(caption=PADDED) as stand_in:
+        captioned = ps(CLIENT, "CAPTION", str(image), "-Url", stand_in.url, "-Model", "my style")
+        listed = ps(CLIENT, "prompts", "-Url", stand_in.url, env=base_env(VISION_MODEL="blip"))
+        plain = ps(CLIENT, "CAPTION", str(image), "-Url", stand_in.url)
+    assert captioned.returncode == 0 and listed.returncode == 0 and plain.returncode == 0
+    named, unnamed = stand_in.posts()
+    assert named["model"] == "my style" and "model" not in unnamed
+    assert [r.path for r in stand_in.requests if r.method == "GET"] == ["/prompts?model=blip"]
+
+
+@needs_pwsh
+def test_folder_passes_the_model_on(tmp_path: Path) -> None:
+    save_image(tmp_path / "data" / "a.png", 1)
+    with StandIn(caption=PADDED) as stand_in:
+        result = ps(FOLDER, "CAPTION", "txt", str(tmp_path / "data"), "-Url", stand_in.url, "-Model", "blip")
+    assert result.returncode == 0, result.stderr
+    assert [post["model"] for post in stand_in.posts()] == ["blip"]
+    assert [r.path for r in stand_in.requests if r.method == "GET"] == ["/prompts?model=blip"]
+
+
+@needs_pwsh
 def test_client_commands(server: str) -> None:
     prompts = ps(CLIENT, "prompts", "-Url", server)
     assert prompts.returncode == 0, prompts.stderr
