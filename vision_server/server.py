@@ -48,8 +48,12 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
 
 
 def describe(status: EngineStatus, *, draining: bool = False) -> str:
-    """The one-line state shown by ``systemctl status``."""
-    text = f"model {status.state.value}, queue {status.queue_depth}, running {status.jobs_running}"
+    """The one-line state shown by ``systemctl status`` (each model's state when there are several)."""
+    if len(status.models) > 1:
+        states = ", ".join(f"{model.name} {model.state.value}" for model in status.models)
+        text = f"models {states}; queue {status.queue_depth}, running {status.jobs_running}"
+    else:
+        text = f"model {status.state.value}, queue {status.queue_depth}, running {status.jobs_running}"
     return f"draining: {text}" if status.draining or draining else text
 
 

@@ -294,3 +294,15 @@ async def test_status_lists_every_model_with_its_state_memory_and_last_use(
     assert first["memory_bytes"] == 42 and first["last_used"] >= before
     assert second["state"] == "unloaded" and second["last_used"] is None and second["default"] is False
     assert data["memory_budget"] is None and data["memory_used"] == 42
+
+
+async def test_the_systemd_status_line_names_each_model_when_there_are_several(
+    start_engine: StartEngine,
+) -> None:
+    from vision_server.server import describe
+
+    engine = await start_engine(named(FakeCaptioner(model_id="a"), FakeCaptioner(model_id="b")))
+    await engine.submit(item(), model="b")
+    assert describe(engine.status()) == "models a unloaded, b ready; queue 0, running 0"
+    single = await start_engine(FakeCaptioner())
+    assert describe(single.status()) == "model unloaded, queue 0, running 0"  # as before
