@@ -131,13 +131,17 @@ def tiny_server(
     env: dict[str, str] | None = None,
     **settings: object,
 ) -> ServerProcess:
-    """``vision-server serve --model test:tiny`` with ``options``, preloaded, never idling out.
+    """``vision-server serve --model test:tiny`` with ``options`` (their own ``--model`` instead,
+    if any), preloaded, never idling out.
 
     ``cache_dir`` is where the tiny model is built (once per test run when every caller passes the
     same one: ``tests.support.api.tiny_cache_dir``); ``settings`` become ``VISION_SERVER_*``
     variables and ``env`` adds other variables (``OMP_NUM_THREADS`` on a crowded machine).
     """
-    command = [*cli_command(), "serve", "--model", "test:tiny", "--cache-dir", str(cache_dir)]
+    # --model repeats (several models): one in ``options`` replaces test:tiny rather than adding to it.
+    chosen = any(option == "--model" or option.startswith("--model=") for option in options)
+    model = () if chosen else ("--model", "test:tiny")
+    command = [*cli_command(), "serve", *model, "--cache-dir", str(cache_dir)]
     command += ["--preload", "--idle-timeout", "-1", *options]
     full_env = server_env(tmp_path, **settings)
     full_env.update(env or {})
