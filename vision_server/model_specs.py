@@ -45,7 +45,7 @@ class ModelSpec:
     def describe(self) -> str:
         """``name (source + adapter)`` for logs; just the source when the name is the source."""
         shown = self.source if self.adapter is None else f"{self.source} + {self.adapter}"
-        return shown if self.name == self.source and self.adapter is None else f"{self.name} ({shown})"
+        return shown if self.name == self.source else f"{self.name} ({shown})"
 
 
 def parse_model_spec(text: str) -> ModelSpec:

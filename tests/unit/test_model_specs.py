@@ -81,6 +81,12 @@ def test_the_adapter_side_may_hold_a_plus_when_that_path_exists(tmp_path: Path) 
     assert parse_model_spec("m=org/repo+./not+here") == ModelSpec("m", "org/repo+./not", "here")
 
 
+def test_specs_describe_themselves_for_the_log() -> None:
+    assert ModelSpec("test:tiny", "test:tiny").describe() == "test:tiny"
+    assert ModelSpec("test:tiny", "test:tiny", "/ad").describe() == "test:tiny + /ad"
+    assert ModelSpec("s", "org/m", "/ad").describe() == "s (org/m + /ad)"
+
+
 # --- --idle-timeout entries ------------------------------------------------------------------
 
 
