@@ -53,7 +53,7 @@ class Settings:
         "transformers image-to-text model (BLIP, GIT, ViT+GPT-2, Idefics3/SmolVLM; see --backend); "
         "'test:tiny' serves a self-built tiny Florence-2 whose captions are meaningless. Repeat as "
         "NAME=SOURCE to serve several models, requests picking one by NAME; SOURCE+ADAPTER_DIR puts a "
-        "LoRA adapter on top. The first is the default.",
+        "LoRA adapter on top. The first is the default (the one vision-server caption uses).",
         metavar="[NAME=]SOURCE[+ADAPTER_DIR]",
     )
     default_model: str | None = _opt(
