@@ -31,7 +31,26 @@ class MemoryRoom:
 
     def used(self) -> int:
         """Bytes the resident models' weights take, a shared block counted once."""
-        return footprint(slot.memory_parts() for slot in self.slots.values() if slot.state in RESIDENT)
+        return footprint(model.parts for model in self.resident())
+
+    def resident(self) -> list[Resident]:
+        """The models whose weights are in memory (or on their way in or out)."""
+        return [
+            Resident(slot.name, slot.memory_parts()) for slot in self.slots.values() if slot.state in RESIDENT
+        ]
+
+    def idle_by_last_use(self, since: float | None) -> list[str]:
+        """The models that may be evicted, least recently used first: loaded, not running nor
+        loading, and holding no job queued at or before ``since`` (None: no job at all)."""
+        idle = [
+            slot
+            for slot in self.slots.values()
+            if slot.state is ModelState.READY
+            and not slot.running
+            and not slot.busy_loading
+            and not slot.holds_jobs_before(since)
+        ]
+        return [slot.name for slot in sorted(idle, key=lambda slot: slot.last_finished)]
 
     async def make_room(self, slot: ModelSlot, *, for_admin: bool = False) -> bool:
         """Unload idle models (least recently used first) until ``slot`` fits the budget.
@@ -52,15 +71,8 @@ class MemoryRoom:
                 fail(job, error)
             slot.waiting_for_memory = False
             return False
-        resident = [
-            Resident(other.name, other.memory_parts())
-            for other in self.slots.values()
-            if other is not slot and other.state in RESIDENT
-        ]
-        since = slot.queue.oldest()
-        idle = [other for other in self.slots.values() if other is not slot and self.evictable(other, since)]
-        idle.sort(key=lambda other: other.last_finished)
-        victims = plan_evictions(wanted, resident, [other.name for other in idle], budget)
+        resident = self.resident()  # never ``slot`` itself: it is not loaded
+        victims = plan_evictions(wanted, resident, self.idle_by_last_use(slot.queue.oldest()), budget)
         if victims is None:
             if for_admin:
                 used = footprint(model.parts for model in resident)
@@ -79,28 +91,15 @@ class MemoryRoom:
             await self.keeper.unload(self.slots[name], "evicted")
         return True
 
-    def evictable(self, slot: ModelSlot, since: float | None) -> bool:
-        """Loaded, idle, and holding no job older than ``since`` (the waiting model's oldest)."""
-        if slot.state is not ModelState.READY or slot.running or slot.busy_loading:
-            return False
-        oldest = slot.queue.oldest()
-        return oldest is None or (since is not None and oldest > since)
-
     async def enforce(self) -> None:
         """After a load measured more than estimated: unload idle models until the sum fits again."""
         budget = self.budget
         if budget is None:
             return
-        resident = [
-            Resident(slot.name, slot.memory_parts()) for slot in self.slots.values() if slot.state in RESIDENT
-        ]
+        resident = self.resident()
         if footprint(model.parts for model in resident) <= budget:
             return
-        idle = sorted(
-            (slot for slot in self.slots.values() if self.evictable(slot, None)),
-            key=lambda slot: slot.last_finished,
-        )
-        for name in plan_evictions({}, resident, [slot.name for slot in idle], budget) or []:
+        for name in plan_evictions({}, resident, self.idle_by_last_use(None), budget) or []:
             log.info("unloading idle model %s: the loaded models measure more than --memory-budget", name)
             await self.keeper.unload(self.slots[name], "evicted")
 

@@ -593,30 +593,24 @@ class Engine:
 
         Models take turns batch by batch, so a busy model never starves another. A model that
         stands between a waiting model and the memory it needs is not served jobs that came after
-        the waiting one's (:meth:`_yields`): it finishes its older jobs, then makes room.
+        the waiting one's (:meth:`ModelSlot.holds_jobs_before`): it finishes its older jobs, then
+        makes room.
         """
         slots = list(self._slots.values())
         if self._served_last in self._slots:
             start = list(self._slots).index(self._served_last) + 1
             slots = slots[start:] + slots[:start]
+        waiting = self._memory_waiter_since()
         for slot in slots:
-            if slot.state is ModelState.READY and len(slot.queue) and not self._yields(slot):
+            if slot.state is not ModelState.READY or not len(slot.queue):
+                continue
+            if waiting is None or slot.holds_jobs_before(waiting):
                 return slot
         return None
 
-    def _yields(self, slot: ModelSlot) -> bool:
-        """True when ``slot``'s oldest job came after the oldest job of a model waiting for memory."""
-        waiting = self._memory_waiter_since()
-        oldest = slot.queue.oldest()
-        return waiting is not None and oldest is not None and oldest > waiting
-
     def _memory_waiter_since(self) -> float | None:
         """When the oldest job of a model waiting for memory was queued (None: nobody waits)."""
-        times = [
-            slot.queue.oldest()
-            for slot in self._slots.values()
-            if slot.waiting_for_memory and len(slot.queue)
-        ]
+        times = [slot.queue.oldest() for slot in self._slots.values() if slot.waiting_for_memory]
         return min((t for t in times if t is not None), default=None)
 
     # --- loads under the memory budget -----------------------------------------------------------

@@ -54,6 +54,15 @@ class ModelSlot:
         """Jobs wait and the model is not ready nor on its way."""
         return bool(len(self.queue)) and self.state is not ModelState.READY and not self.busy_loading
 
+    def holds_jobs_before(self, since: float | None) -> bool:
+        """Whether one of its waiting jobs was queued at or before ``since`` (None: any job).
+
+        The one rule of turns under the memory budget: a model holding jobs older than a waiting
+        model's oldest is busy (never evicted, still served); one whose jobs all came later yields.
+        """
+        oldest = self.queue.oldest()
+        return oldest is not None and (since is None or oldest <= since)
+
     def keep_alive_now(self) -> float:
         """Seconds it stays loaded after its last batch: a request's wish, else its idle timeout."""
         return self.idle_timeout if self.keep_alive is None else self.keep_alive
