@@ -64,15 +64,3 @@ def plan_evictions(
             if total(kept) <= budget:
                 return victims
     return None
-
-
-def format_bytes(size: int) -> str:
-    """``1.5 GiB``-style sizes for messages."""
-    if size < 1024:
-        return f"{size} B"
-    value = size / 1024
-    for unit in ("KiB", "MiB"):
-        if value < 1024:
-            return f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} GiB"

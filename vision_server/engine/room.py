@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Mapping
 
-from vision_server.engine.budget import Resident, footprint, format_bytes, plan_evictions
+from vision_server.byte_sizes import format_byte_size
+from vision_server.engine.budget import Resident, footprint, plan_evictions
 from vision_server.engine.jobs import fail
 from vision_server.engine.keeper import LOAD_RETRY_AFTER, ModelKeeper
 from vision_server.engine.lifecycle import ModelState
@@ -77,8 +78,8 @@ class MemoryRoom:
             if for_admin:
                 used = footprint(model.parts for model in resident)
                 raise ServiceUnavailable(
-                    f"Model {slot.name!r} needs {format_bytes(sum(wanted.values()))} and models that are "
-                    f"busy hold {format_bytes(used)} of the {format_bytes(budget)} memory budget; "
+                    f"Model {slot.name!r} needs {format_byte_size(sum(wanted.values()))} and models that are "
+                    f"busy hold {format_byte_size(used)} of the {format_byte_size(budget)} memory budget; "
                     "retry when they are idle.",
                     retry_after=LOAD_RETRY_AFTER,
                 )
@@ -106,9 +107,9 @@ class MemoryRoom:
     def too_large(self, slot: ModelSlot, wanted: dict[str, int], budget: int) -> ModelTooLarge:
         need = sum(wanted.values())
         slot.last_error = (
-            f"Model {slot.name!r} needs about {format_bytes(need)} ({need} bytes) for its weights, more "
-            f"than the whole --memory-budget of {format_bytes(budget)} ({budget} bytes). Raise the budget, "
-            "or serve it in a smaller dtype."
+            f"Model {slot.name!r} needs about {format_byte_size(need)} ({need} bytes) for its weights, "
+            f"more than the whole --memory-budget of {format_byte_size(budget)} ({budget} bytes). Raise "
+            "the budget, or serve it in a smaller dtype."
         )
         log.error("%s", slot.last_error)
         return ModelTooLarge(slot.last_error)
