@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +35,12 @@ async def native_caption(session: ClientSession, seed: int, task: str) -> str:
 async def engine_status(session: ClientSession) -> dict[str, Any]:
     async with session.get("/v1/status") as response:
         return dict(await response.json())
+
+
+def json_documents(text: str) -> list[Any]:
+    """The JSON values printed one after another (curl adds no newline between replies)."""
+    decoder, values, index = json.JSONDecoder(), [], 0
+    while (index := len(text) - len(text[index:].lstrip())) < len(text):
+        value, index = decoder.raw_decode(text, index)
+        values.append(value)
+    return values

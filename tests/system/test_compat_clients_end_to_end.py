@@ -25,7 +25,7 @@ import pytest
 from aiohttp import ClientResponse, ClientSession, MultipartWriter
 
 from tests.support import paths
-from tests.support.api import engine_status
+from tests.support.api import engine_status, json_documents
 from tests.support.images import b64, data_url, image_bytes
 from tests.support.serving import running_server
 from vision_server.settings import Settings
@@ -518,15 +518,6 @@ async def test_an_unknown_task_is_answered_with_the_valid_ones(tiny: Settings, f
 
 def doc_blocks(language: str) -> list[str]:
     return re.findall(rf"^```{language}\n(.*?)^```", doc_text(), re.M | re.S)
-
-
-def json_documents(text: str) -> list[Any]:
-    """The JSON values printed one after another (curl adds no newline between replies)."""
-    decoder, values, index = json.JSONDecoder(), [], 0
-    while (index := len(text) - len(text[index:].lstrip())) < len(text):
-        value, index = decoder.raw_decode(text, index)
-        values.append(value)
-    return values
 
 
 def check_reply(value: Any) -> None:

@@ -14,12 +14,12 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pytest
 
-from tests.support.api import tiny_cache_dir
+from tests.support.api import json_documents, tiny_cache_dir
 from tests.support.browser import chromium
 from tests.support.gallery_data import make_gallery
 from tests.support.images import image_bytes
@@ -56,15 +56,6 @@ def section_blocks() -> list[str]:
     text = DOC.read_text(encoding="utf-8")
     section = text.split("## Picking a model per request\n", 1)[1].split("\n## ", 1)[0]
     return re.findall(r"^```sh\n(.*?)^```", section, re.M | re.S)
-
-
-def json_documents(text: str) -> list[Any]:
-    """The JSON values printed one after another (curl adds no newline between replies)."""
-    decoder, values, index = json.JSONDecoder(), [], 0
-    while (index := len(text) - len(text[index:].lstrip())) < len(text):
-        value, index = decoder.raw_decode(text, index)
-        values.append(value)
-    return values
 
 
 def run(block: str, server: str, tmp: Path) -> str:
