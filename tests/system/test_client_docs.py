@@ -26,6 +26,7 @@ import pytest
 from PIL import Image
 
 from tests.support import paths
+from tests.support.api import json_documents
 
 REPO = paths.REPO
 DEFAULT_URL = "http://127.0.0.1:54880"
@@ -216,15 +217,6 @@ def test_bash_and_python_examples(sandbox: Sandbox) -> None:
             del sys.modules[name]
 
 
-def json_values(text: str) -> list[object]:
-    """The JSON documents printed one after another (curl adds no newline between replies)."""
-    decoder, values, index = json.JSONDecoder(), [], 0
-    while (index := len(text) - len(text[index:].lstrip())) < len(text):
-        value, index = decoder.raw_decode(text, index)
-        values.append(value)
-    return values
-
-
 def test_readme_try_it_prints_what_the_readme_shows(sandbox: Sandbox) -> None:
     """The output the README pastes under "Try it without a download" is the tiny model's real output.
 
@@ -236,10 +228,10 @@ def test_readme_try_it_prints_what_the_readme_shows(sandbox: Sandbox) -> None:
     after = readme[readme.index(example.code) + len(example.code) :]
     block = re.search(r"^```json\n(.*?)^```", after, re.S | re.M)
     assert block, "the README shows no output under its try-it example"
-    shown = json_values(block.group(1))
+    shown = json_documents(block.group(1))
     result = run_example(example, sandbox)
     assert result.returncode == 0, result.stderr
-    printed = json_values(result.stdout)
+    printed = json_documents(result.stdout)
     assert len(printed) == len(shown), result.stdout
     for got, expected in zip(printed, shown, strict=True):
         if isinstance(expected, dict):
