@@ -626,7 +626,6 @@ class Engine:
             return
         pending = []
         for slot in self._slots.values():
-            slot.queue.drop_abandoned()
             if slot.needs_load:
                 pending.append(slot)
             else:

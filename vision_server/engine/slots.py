@@ -51,8 +51,8 @@ class ModelSlot:
 
     @property
     def needs_load(self) -> bool:
-        """Jobs wait and the model is not ready nor on its way."""
-        return bool(len(self.queue)) and self.state is not ModelState.READY and not self.busy_loading
+        """Live jobs wait (not only ones whose client left) and the model is not ready nor on its way."""
+        return self.holds_jobs_before(None) and self.state is not ModelState.READY and not self.busy_loading
 
     def holds_jobs_before(self, since: float | None) -> bool:
         """Whether one of its waiting jobs was queued at or before ``since`` (None: any job).
