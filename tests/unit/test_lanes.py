@@ -11,7 +11,8 @@ from PIL import Image
 from tests.conftest import StartEngine
 from tests.support.clock import settle
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
-from vision_server.engine.jobs import JobLabels, Lane
+from vision_server.engine.jobs import CaptionJob, JobLabels, Lane
+from vision_server.engine.lanes import BulkLane
 from vision_server.images import fit_image
 from vision_server.testing.fake import FAKE_SPEC, FakeCaptioner
 
@@ -126,3 +127,83 @@ async def test_a_full_bulk_lane_never_refuses_interactive_work(start_engine: Sta
     assert engine.status().lane_depths == {"interactive": 3, "bulk": 3}
     fake.gate.set()
     assert all(result.text for result in await asyncio.gather(*jobs))
+
+
+# --- the bulk lane's turns, on the lane itself ------------------------------------------------------
+
+SAME_IMAGE = item()
+
+
+def bulk_job(host: str, client_id: str = "") -> CaptionJob:
+    future = asyncio.get_running_loop().create_future()
+    return CaptionJob(SAME_IMAGE, future, labels=JobLabels(Lane.BULK, host, client_id))
+
+
+def shares(taken: list[CaptionJob]) -> dict[str, int]:
+    """Jobs handed out per host/client id."""
+    counts: dict[str, int] = {}
+    for job in taken:
+        key = f"{job.labels.host}/{job.labels.client_id}"
+        counts[key] = counts.get(key, 0) + 1
+    return counts
+
+
+def drain(lane: BulkLane, batches: int, size: int) -> list[CaptionJob]:
+    return [job for _ in range(batches) for job in lane.take(GenerationOptions(), size)]
+
+
+async def test_a_host_with_many_client_ids_gets_one_hosts_share() -> None:
+    lane = BulkLane()
+    for n in range(10):  # host a: ten folder runs (or one client inventing ids), 20 jobs each
+        for _ in range(20):
+            lane.append(bulk_job("10.0.0.1", f"id-{n}"))
+    for _ in range(200):
+        lane.append(bulk_job("10.0.0.2", "only"))
+    taken = drain(lane, batches=25, size=4)
+    by_host = {"10.0.0.1": 0, "10.0.0.2": 0}
+    for job in taken:
+        by_host[job.labels.host] += 1
+    assert by_host == {"10.0.0.1": 50, "10.0.0.2": 50}
+    # and inside host a, its ten ids share its half evenly
+    assert {key: n for key, n in shares(taken).items() if key.startswith("10.0.0.1")} == {
+        f"10.0.0.1/id-{n}": 5 for n in range(10)
+    }
+
+
+async def test_two_client_ids_on_one_host_split_that_hosts_turn() -> None:
+    lane = BulkLane()
+    for _ in range(30):
+        lane.append(bulk_job("a", "run-1"))
+        lane.append(bulk_job("a", "run-2"))
+        lane.append(bulk_job("b"))
+    assert shares(drain(lane, batches=10, size=4)) == {"a/run-1": 10, "a/run-2": 10, "b/": 20}
+
+
+async def test_turns_skip_jobs_of_other_options_and_keep_each_clients_order() -> None:
+    lane = BulkLane()
+    greedy = GenerationOptions(num_beams=1)
+    other = CaptionJob(
+        CaptionItem(SAME_IMAGE.image, "<CAPTION>", greedy),
+        asyncio.get_running_loop().create_future(),
+        labels=JobLabels(Lane.BULK, "a", "x"),
+    )
+    first, second = bulk_job("a", "x"), bulk_job("a", "x")
+    for job in (other, first, second):
+        lane.append(job)
+    assert lane.head() is other
+    assert lane.take(GenerationOptions(), 8) == [first, second]
+    assert lane.take(greedy, 8) == [other] and len(lane) == 0
+
+
+async def test_keys_live_only_while_they_have_waiting_jobs() -> None:
+    lane = BulkLane()
+    jobs = [bulk_job(f"host-{n % 7}", f"id-{n}") for n in range(300)]
+    for job in jobs:
+        lane.append(job)
+    assert lane.keys() == 7 + 300  # one entry per host and per id: bounded by the waiting jobs
+    jobs[0].future.cancel()  # its client left
+    assert lane.remove(jobs[1])
+    lane.drop_abandoned()
+    assert len(lane) == 298 and lane.keys() == 7 + 298
+    assert len(lane.take(GenerationOptions(), 1000)) == 298
+    assert len(lane) == 0 and lane.keys() == 0 and lane.head() is None

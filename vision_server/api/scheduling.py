@@ -2,8 +2,11 @@
 
 The lane comes from a ``priority`` field (JSON body or form field) or, failing that, an
 ``X-Priority`` header, else the route's default (interactive for single-image requests, bulk
-for ``/batch_caption``). Bulk clients take turns by client key: the peer address, plus the
-``X-Client-Id`` header when one is sent (two folder runs on one host then share fairly too).
+for ``/batch_caption``). Bulk work takes turns by host (the peer address) and, inside one host, by
+the ``X-Client-Id`` header (two folder runs on one host then share its turn fairly; sending many
+ids gains a host nothing). The API key is one shared secret, so it names no client and cannot
+stand in for the host; behind a reverse proxy every request has the proxy's address, so hosts
+there share one turn and only their client ids tell them apart.
 The request's ``keep_alive`` (:mod:`vision_server.api.keep_alive`) travels with the labels.
 """
 
@@ -41,11 +44,9 @@ def _parse(name: str, value: str) -> Lane:
         ) from None
 
 
-def client_key(request: web.Request) -> str:
-    """Whom a job belongs to, for the bulk lane's turns: address, and client id when sent."""
-    address = request.remote or "-"
-    client_id = request.headers.get(CLIENT_HEADER, "").strip()[:MAX_CLIENT_ID]
-    return f"{address}/{client_id}" if client_id else address
+def client_id(request: web.Request) -> str:
+    """The ``X-Client-Id`` header (trimmed, at most 128 characters); "" when none is sent."""
+    return request.headers.get(CLIENT_HEADER, "").strip()[:MAX_CLIENT_ID]
 
 
 def job_labels(
@@ -58,6 +59,7 @@ def job_labels(
     """The labels of a request's jobs (400 for an unknown priority or a bad keep-alive)."""
     return JobLabels(
         lane=lane_for(request, priority, default),
-        client=client_key(request),
+        host=request.remote or "-",
+        client_id=client_id(request),
         keep_alive=keep_alive_for(request, request.app[ENGINE], keep_alive),
     )

@@ -1,4 +1,4 @@
-"""Caption jobs and the labels adapters give them (lane, client, keep-alive).
+"""Caption jobs and the labels adapters give them (lane, host and client id, keep-alive).
 
 Adapters only label a job; what a label means (which batch it joins, when the model unloads) is
 decided by the engine (:mod:`vision_server.engine.queue`, :mod:`vision_server.engine.scheduler`).
@@ -35,7 +35,11 @@ class JobLabels:
     """What a request says about how its jobs should be scheduled."""
 
     lane: Lane = Lane.INTERACTIVE
-    client: str = "-"  # bulk clients take turns by this key (address, or address and client id)
+    # Bulk work takes turns in two levels (see vision_server.engine.lanes): hosts first, by this
+    # key (the peer address), then inside one host the clients, by ``client_id`` (the
+    # X-Client-Id header; "" when none is sent). A host cannot win more turns with more ids.
+    host: str = "-"
+    client_id: str = ""
     # Seconds the model should stay loaded after this job's batch, as granted by
     # Engine.grant_keep_alive: 0 unloads once the queue drains, negative keeps it loaded until
     # another request sets a keep-alive; None leaves whatever applies now.
