@@ -34,14 +34,34 @@ if TYPE_CHECKING:  # the pool is made where torch is not imported yet (runtime.b
 log = logging.getLogger(__name__)
 
 
+def device_key(device: torch.device | str) -> str:
+    """One spelling per device, so that ``cuda`` and ``cuda:0`` name the same memory.
+
+    An index-less accelerator is the current one (``torch.cuda.current_device()``, normally 0);
+    without CUDA, where nothing can be asked, it is 0. The CPU has one memory: ``cpu``.
+    """
+    import torch
+
+    where = torch.device(device)
+    if where.type == "cpu":
+        return "cpu"
+    index = where.index
+    if index is None:
+        index = torch.cuda.current_device() if where.type == "cuda" and torch.cuda.is_available() else 0
+    return f"{where.type}:{index}"
+
+
 @dataclass(frozen=True)
 class BaseKey:
-    """What makes two bases the same weights in the same memory."""
+    """What makes two bases the same weights in the same memory (the device in one spelling)."""
 
     source: str  # a directory's resolved path, a hub id or a test model
     revision: str | None
     device: str
     dtype: str
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "device", device_key(self.device))
 
     @property
     def label(self) -> str:
