@@ -23,6 +23,7 @@ from vision_server.byte_sizes import format_byte_size
 from vision_server.captioner import Captioner
 from vision_server.engine.lifecycle import EngineStatus
 from vision_server.engine.scheduler import Engine
+from vision_server.florence.source import source_problem
 from vision_server.logs import configure_logging
 from vision_server.sdnotify import Notifier
 from vision_server.settings import Settings, SettingsError
@@ -169,10 +170,24 @@ def served_models(settings: Settings) -> str:
     return shown if budget is None else f"{shown} within {format_byte_size(budget)}"
 
 
+def check_model_sources(settings: Settings) -> None:
+    """Refuse to start when a configured model can never load (a missing local directory, a file,
+    an unknown test model): the operator hears it now, not from the first request."""
+    problems = [
+        f"model {spec.name}: {problem}" if len(settings.model_specs) > 1 else problem
+        for spec in settings.model_specs
+        if (problem := source_problem(spec.source)) is not None
+    ]
+    if problems:
+        raise SettingsError("; ".join(problems))
+
+
 def serve(settings: Settings, captioner: Captioner | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then drain queued jobs within ``shutdown_grace`` and return."""
     configure_logging(settings.log_level, settings.log_format, settings.log_file)
     try:
+        if captioner is None:
+            check_model_sources(settings)
         app = create_app(settings, captioner)
         log.info(
             "vision-server %s serving %s (idle timeout %gs, pid %d)",

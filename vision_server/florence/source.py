@@ -36,19 +36,39 @@ def is_test_model(spec: str) -> bool:
 
 def resolve_model_dir(spec: str, *, revision: str | None, cache_dir: Path) -> Path:
     """A local directory holding the files of ``spec`` (downloading or building it if needed)."""
+    problem = source_problem(spec)
+    if problem is not None:
+        raise ModelSourceError(problem)
     if is_test_model(spec):
         return test_model_dir(spec[len(TEST_PREFIX) :], cache_dir)
     path = Path(spec).expanduser()
+    return path if path.exists() else download(spec, revision=revision)
+
+
+def source_problem(spec: str) -> str | None:
+    """Why ``spec`` can never load, found without the network or a build; None when it may.
+
+    The server checks every configured model with this before it listens, so a mistyped local
+    path fails at start (exit status 2), not on the first request hours later. A hub id is only
+    looked up when its model first loads (it may need the network then)."""
+    if is_test_model(spec):
+        preset = spec[len(TEST_PREFIX) :]
+        if preset not in TEST_PRESETS:
+            return f"Unknown test model {spec!r}; use one of test:{', test:'.join(TEST_PRESETS)}."
+        return None
+    path = Path(spec).expanduser()
     if path.exists():
-        if not path.is_dir():
-            raise ModelSourceError(f"Model path {path} is a file; pass the directory that holds config.json.")
-        return path
+        return (
+            None
+            if path.is_dir()
+            else f"Model path {path} is a file; pass the directory that holds config.json."
+        )
     if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
-        raise ModelSourceError(
+        return (
             f"Model directory {path} does not exist. Pass an existing directory or a hub id like "
             "'MiaoshouAI/Florence-2-large-PromptGen-v2.0'."
         )
-    return download(spec, revision=revision)
+    return None
 
 
 def download(repo_id: str, *, revision: str | None) -> Path:
@@ -85,10 +105,9 @@ def offline_message(repo_id: str, revision: str | None, exc: Exception) -> str:
 
 def test_model_dir(preset: str, cache_dir: Path) -> Path:
     """Build (once) and return the self-made test model ``preset``; its captions are meaningless."""
-    if preset not in TEST_PRESETS:
-        raise ModelSourceError(
-            f"Unknown test model 'test:{preset}'; use one of test:{', test:'.join(TEST_PRESETS)}."
-        )
+    problem = source_problem(f"{TEST_PREFIX}{preset}")
+    if problem is not None:
+        raise ModelSourceError(problem)
     target = cache_dir / "test-models" / f"{preset}-v{TEST_MODEL_VERSION}"
     if (target / "config.json").is_file():
         return target
