@@ -7,14 +7,20 @@ library only: the client package must not pull in the model layer, and this must
 Captions live beside their image with the image's suffix replaced (``cat.png`` -> ``cat.txt``),
 the convention of kohya-ss, OneTrainer, taggui and joycaption. A caption file is written to a
 temporary file in the same folder and renamed over the target, so an error or Ctrl+C never
-leaves a half-written caption that a later "skip existing" run would trust.
+leaves a half-written caption that a later "skip existing" run would trust. Only a hard kill
+(``kill -9``, power loss) between the two steps can leave the temporary file behind; the folder
+captioners sweep such leftovers when they walk a folder (:func:`remove_stale_temps`).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import secrets
-from collections.abc import Iterator
+import stat
+import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +28,19 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", "
 
 Mode = Literal["skip", "overwrite", "append", "prepend"]
 MODES: tuple[Mode, ...] = ("skip", "overwrite", "append", "prepend")
+
+STALE_TEMP_AGE = 15 * 60.0
+"""Seconds after which a temporary caption file of ours is a crash's leftover, safe to delete.
+
+A write takes milliseconds, so a temp file this old cannot be one that another live run (a second
+``vision-client folder``, ``vision-server caption`` or a gallery save on the same folder) is
+writing right now; deleting a younger one could pull it from under that run's rename. The margin
+is huge on purpose: it also covers a slow network drive and clocks that disagree a little.
+"""
+
+_TEMP_NAME = re.compile(r"\.vision-caption\.[0-9a-f]{16}\.tmp")  # exactly what temp_path makes
+
+log = logging.getLogger(__name__)
 
 
 def is_image(path: Path) -> bool:
@@ -98,6 +117,56 @@ def temp_path(path: Path) -> Path:
     whose name is near the file system's limit (255 bytes) must not fail for its temp name.
     """
     return path.with_name(f".vision-caption.{secrets.token_hex(8)}.tmp")
+
+
+def is_caption_temp(name: str) -> bool:
+    """Whether a file name is one of :func:`temp_path`'s, and nothing else a user might keep."""
+    return _TEMP_NAME.fullmatch(name) is not None
+
+
+def remove_stale_temps(
+    folder: Path, names: Iterable[str], *, now: float | None = None, min_age: float = STALE_TEMP_AGE
+) -> int:
+    """Delete the temp files of ours among ``names`` (a listing of ``folder``) that are older
+    than ``min_age`` seconds; returns how many went.
+
+    Only regular files with our exact name pattern are touched, never a link or a folder. Any
+    error (the file just went, a read-only dataset, no permission) leaves that file alone: a
+    leftover costs a few bytes, while failing a captioning run over it would cost a night.
+    """
+    now = time.time() if now is None else now
+    removed = 0
+    for name in names:
+        if not is_caption_temp(name):
+            continue
+        path = folder / name
+        try:
+            info = path.lstat()
+            if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < min_age:
+                continue
+            path.unlink()
+        except OSError:
+            continue
+        removed += 1
+    if removed:
+        log.info("removed %d leftover temporary caption file(s) in %s", removed, folder)
+    return removed
+
+
+def sweep_stale_temps(root: Path, *, recursive: bool = True, min_age: float = STALE_TEMP_AGE) -> int:
+    """:func:`remove_stale_temps` in ``root`` and, with ``recursive``, every folder below it
+    (symlinked folders not entered, as :func:`find_images` walks); returns how many went."""
+    if not recursive:
+        try:
+            names = os.listdir(root)
+        except OSError:
+            return 0
+        return remove_stale_temps(root, names, min_age=min_age)
+    now = time.time()
+    return sum(
+        remove_stale_temps(Path(folder), names, now=now, min_age=min_age)
+        for folder, _dirs, names in os.walk(root)
+    )
 
 
 def write_atomic(path: Path, text: str) -> None:

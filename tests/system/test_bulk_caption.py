@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.support.bulk_data import caption_command, cli_env, good_images, messy_folder, picture
+from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
 from tests.support.processes import tiny_server
 
 MESSY_IMAGES = 200
@@ -302,6 +303,9 @@ def test_dry_run_lists_and_writes_nothing_and_limit_stops_after_n(tmp_path: Path
     images = sorted(good_images(root, 6))
     sidecar(images[0]).write_text("already here", encoding="utf-8")
     sidecar(images[1]).write_text("  \n", encoding="utf-8")  # empty: what a failed run used to leave
+    crashed = caption_temp(root, "0123456789abcdef", OLD)  # what a kill -9 left
+    writing = caption_temp(root, "fedcba9876543210", YOUNG)  # maybe another run's write now
+    lookalike = aged(root / ".vision-caption.0123456789abcdef.tmp.mine", OLD)
     before = sorted(root.rglob("*"))
     result = run(tmp_path, cache, root, *FAST, "--dry-run")
     assert result.returncode == 0, result.stderr
@@ -314,6 +318,7 @@ def test_dry_run_lists_and_writes_nothing_and_limit_stops_after_n(tmp_path: Path
     limited = run(tmp_path, cache, root, *FAST, "--limit", "2")
     assert limited.returncode == 0, limited.stderr
     assert "captioned 2, " in limited.stderr and "failed 0" in limited.stderr
+    assert not crashed.exists() and writing.exists() and lookalike.exists()  # only the crash's own
     assert sum(1 for image in images if sidecar(image).exists() and sidecar(image).read_text().strip()) == 3
 
 

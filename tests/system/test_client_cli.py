@@ -18,6 +18,7 @@ import pytest
 from aiohttp import web
 
 from tests.support.images import save_flat
+from tests.support.leftovers import OLD, YOUNG, caption_temp
 from tests.support.processes import free_port
 
 CLI = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or shutil.which("vision-client")
@@ -162,9 +163,13 @@ def test_caption_reports_bad_images_and_keeps_going(server: str, images: Path) -
 
 
 def test_folder_run_summary_exit_code_and_resume(server: str, images: Path) -> None:
+    crashed = caption_temp(images / "sub", "0123456789abcdef", OLD)  # what a kill -9 left
+    writing = caption_temp(images, "fedcba9876543210", YOUNG)  # maybe another run's write now
     first = run("folder", str(images), "--task", "caption", "--prefix", "ohwx, ", url=server)
     assert first.returncode == 1  # broken.png failed
     assert "2 captioned, 0 skipped, 1 failed of 3 images" in first.stderr
+    assert "removed 1 leftover temporary caption file(s)" in first.stderr
+    assert not crashed.exists() and writing.exists()
     assert "broken.png" in first.stderr and "Invalid image data" in first.stderr
     assert first.stdout == ""
     assert (images / "red one.txt").read_text(encoding="utf-8").startswith("ohwx, ")
@@ -195,9 +200,11 @@ def test_folder_run_summary_exit_code_and_resume(server: str, images: Path) -> N
 
 def test_folder_jsonl(server: str, images: Path, tmp_path_factory: pytest.TempPathFactory) -> None:
     (images / "broken.png").unlink()
+    crashed = caption_temp(images, "0123456789abcdef", OLD)
     out = tmp_path_factory.mktemp("out") / "tags.jsonl"
     first = run("folder", str(images), "--task", "GENERATE_TAGS", "--jsonl", str(out), url=server)
     assert first.returncode == 0, first.stderr
+    assert crashed.exists() and "leftover" not in first.stderr  # a JSONL run writes nothing there
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert sorted(r["file"] for r in records) == ["red one.png", "sub/grün.jpg"]
     assert {r["task"] for r in records} == {"<GENERATE_TAGS>"}

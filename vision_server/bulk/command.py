@@ -130,6 +130,8 @@ def run_caption(settings: Settings, request: CaptionRequest) -> int:
     records = iter_records(request.inputs, read)
     if request.dry_run:
         return _dry_run(plan(records, tasks, outputs, request.limit))
+    # A run that writes caption files also sweeps the temp files a killed run left beside them.
+    read = dataclasses.replace(read, tidy=sidecars)
     if request.ray is not None:
         from vision_server.bulk.ray import run_ray
 

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vision_server.bulk.records import Record, safe_text
-from vision_server.captionfiles import is_image
+from vision_server.captionfiles import is_image, remove_stale_temps
 
 InputKind = Literal["file", "folder", "list", "parquet", "webdataset"]
 WEBDATASET_IMAGES = ("jpg", "jpeg", "png", "webp")
@@ -34,6 +34,9 @@ class ReadOptions:
     recursive: bool = True
     image_column: str | None = None  # Parquet: image bytes (or HF Image struct) or a path column
     key_column: str | None = None  # Parquet: the column that names each row
+    # Folders: delete our caption temp files a killed run left (captionfiles.remove_stale_temps)
+    # from each folder as it is listed; only for runs that write caption files there.
+    tidy: bool = False
 
 
 class InputError(ValueError):
@@ -72,7 +75,7 @@ def iter_records(inputs: Iterable[Path], options: ReadOptions) -> Iterator[Recor
     for path in inputs:
         kind = input_kind(path)
         if kind == "folder":
-            yield from _folder(path, options.recursive)
+            yield from _folder(path, options.recursive, tidy=options.tidy)
         elif kind == "file":
             yield Record(str(path), path.name, path=path, error=file_problem(path))
         elif kind == "list":
@@ -133,9 +136,10 @@ def describe_os_error(exc: OSError) -> str:
     return safe_text(exc.strerror or str(exc))
 
 
-def _folder(root: Path, recursive: bool) -> Iterator[Record]:
+def _folder(root: Path, recursive: bool, *, tidy: bool = False) -> Iterator[Record]:
     """Images under ``root``, one directory listing at a time; symlinked folders are not entered
-    (no loops), symlinked files are followed."""
+    (no loops), symlinked files are followed. With ``tidy``, stale caption temp files go from
+    each folder listed (the listing is already there: no second walk of a big tree)."""
     source = str(root)
 
     def visit(folder: Path) -> Iterator[Record]:
@@ -146,6 +150,8 @@ def _folder(root: Path, recursive: bool) -> Iterator[Record]:
             key = folder.relative_to(root).as_posix()
             yield Record(source, key, path=folder, error=f"cannot list folder: {describe_os_error(exc)}")
             return
+        if tidy:
+            remove_stale_temps(folder, (entry.name for entry in entries))
         images = [e for e in entries if is_image(Path(e.name)) and not _is_real_dir(e)]
         stems: dict[str, list[str]] = {}
         for entry in images:

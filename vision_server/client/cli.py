@@ -198,7 +198,8 @@ def folder(
 
     Caption files are written atomically, so an interrupted run leaves no half-written
     captions and can simply be started again. Failed images get no caption file; they are
-    listed at the end and the exit status is 1.
+    listed at the end and the exit status is 1. Hidden .vision-caption.*.tmp files that a
+    killed run left behind (older than 15 minutes) are deleted.
     """
     from tqdm import tqdm
 
@@ -244,6 +245,11 @@ def _print_summary(summary: FolderSummary, seconds: float) -> None:
         f"of {summary.total} images in {seconds:.1f} s{rate}",
         err=True,
     )
+    if summary.stale_temps_removed:
+        click.echo(
+            f"removed {summary.stale_temps_removed} leftover temporary caption file(s) of a killed run",
+            err=True,
+        )
     if summary.failed:
         click.echo("failed images:", err=True)
         for failure in summary.failed:

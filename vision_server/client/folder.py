@@ -24,6 +24,7 @@ from vision_server.captionfiles import (
     has_caption,
     merge_caption,
     read_caption,
+    sweep_stale_temps,
     write_atomic,
 )
 from vision_server.client.api import DEFAULT_TASK, AsyncVisionClient, task_token
@@ -58,6 +59,7 @@ class FolderSummary:
     skipped: int = 0
     failed: list[Failure] = field(default_factory=list)
     aborted: str | None = None  # set when the run stopped early because the server was unreachable
+    stale_temps_removed: int = 0  # temp caption files a killed run had left, deleted by this one
 
     @property
     def not_attempted(self) -> int:
@@ -113,6 +115,8 @@ async def caption_folder(
     run = _FolderRun(client, task_token(task), mode, prefix, suffix, separator, on_result)
     caption_ext = caption_suffix(ext)
     images = find_images(root, recursive=recursive)
+    if jsonl is None:  # this run writes caption files here: clear what a killed one left
+        run.summary.stale_temps_removed = sweep_stale_temps(root, recursive=recursive)
     if on_start is not None:
         on_start(len(images))
     jobs = run.plan(root, images, caption_ext, jsonl)

@@ -87,7 +87,8 @@ class Catalog:
 
     def _scan(self) -> Iterable[tuple[str, Entry]]:
         folders: dict[Path, dict[str, tuple[str, ...]]] = {}  # folder -> stem -> caption suffixes
-        for record in iter_records([self.root], ReadOptions(recursive=True)):
+        # A writable gallery saves caption files here, so it also sweeps a crash's temp files.
+        for record in iter_records([self.root], ReadOptions(recursive=True, tidy=self.writable)):
             if record.path is None or record.error is not None or not is_clean_relative(record.key):
                 continue
             if os.path.islink(record.path) and not is_under(record.path, self.real_root):

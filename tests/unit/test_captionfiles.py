@@ -1,0 +1,91 @@
+"""Caption files on disk: the sweep of temp files a killed run left, on real files."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.support.leftovers import OLD, YOUNG, aged
+from vision_server.captionfiles import (
+    is_caption_temp,
+    remove_stale_temps,
+    sweep_stale_temps,
+    temp_path,
+)
+from vision_server.gallery.catalog import Catalog
+
+
+def test_the_temp_names_we_make_are_the_ones_we_sweep(tmp_path: Path) -> None:
+    made = {temp_path(tmp_path / "cat.txt").name for _ in range(50)}
+    assert all(is_caption_temp(name) for name in made)
+    for name in [
+        ".vision-caption.0123456789abcdef.tmp.bak",
+        "x.vision-caption.0123456789abcdef.tmp",
+        ".vision-caption.0123456789ABCDEF.tmp",  # not what token_hex writes
+        ".vision-caption.0123456789abcde.tmp",  # 15 hex
+        ".vision-caption.0123456789abcdef0.tmp",  # 17 hex
+        ".vision-caption.0123456789abcdeg.tmp",
+        ".0123456789abcdef.tmp",  # the thumbnail cache's temp name, another owner
+        "cat.tmp",
+        "cat.txt",
+    ]:
+        assert not is_caption_temp(name), name
+
+
+def test_only_old_temp_files_of_ours_are_removed(tmp_path: Path) -> None:
+    stale = aged(tmp_path / ".vision-caption.00112233445566ff.tmp", OLD)
+    live = aged(tmp_path / ".vision-caption.aabbccddeeff0011.tmp", YOUNG)  # another run writing now
+    lookalike = aged(tmp_path / ".vision-caption.00112233445566ff.tmp.keep", OLD)
+    user_tmp = aged(tmp_path / "notes.tmp", OLD)
+    caption = aged(tmp_path / "cat.txt", OLD)
+    folder = tmp_path / ".vision-caption.1111222233334444.tmp"
+    folder.mkdir()
+    os.utime(folder, (time.time() - OLD,) * 2)
+    link = tmp_path / ".vision-caption.5555666677778888.tmp"
+    link.symlink_to(caption)
+    os.utime(link, (time.time() - OLD,) * 2, follow_symlinks=False)
+
+    assert remove_stale_temps(tmp_path, os.listdir(tmp_path)) == 1
+    assert not stale.exists()
+    assert live.exists() and lookalike.exists() and user_tmp.exists() and caption.exists()
+    assert folder.is_dir() and link.is_symlink()
+    assert caption.read_bytes() == b"half a cap"
+
+
+def test_a_file_that_vanished_is_no_error(tmp_path: Path) -> None:
+    gone = ".vision-caption.9999999999999999.tmp"  # listed, then removed by a parallel sweep
+    assert remove_stale_temps(tmp_path, [gone]) == 0
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may delete from a read-only folder")
+def test_a_file_that_cannot_go_is_left_alone(tmp_path: Path) -> None:
+    stale = aged(tmp_path / "ro" / ".vision-caption.0000000000000000.tmp", OLD)
+    stale.parent.chmod(0o555)
+    try:
+        assert remove_stale_temps(stale.parent, os.listdir(stale.parent)) == 0
+    finally:
+        stale.parent.chmod(0o755)
+    assert stale.exists()
+
+
+def test_the_sweep_walks_subfolders_unless_told_not_to(tmp_path: Path) -> None:
+    top = aged(tmp_path / ".vision-caption.0000000000000001.tmp", OLD)
+    deep = aged(tmp_path / "a" / "b c" / ".vision-caption.0000000000000002.tmp", OLD)
+    young = aged(tmp_path / "a" / ".vision-caption.0000000000000003.tmp", 1)
+    assert sweep_stale_temps(tmp_path, recursive=False) == 1
+    assert not top.exists() and deep.exists()
+    assert sweep_stale_temps(tmp_path) == 1
+    assert not deep.exists() and young.exists()
+
+
+@pytest.mark.parametrize("writable", [True, False])
+def test_a_writable_gallery_sweeps_its_folder_a_read_only_one_never(tmp_path: Path, writable: bool) -> None:
+    root = tmp_path / "dataset"
+    aged(root / "sub" / "cat.png", 0, b"not decoded here")
+    stale = aged(root / "sub" / ".vision-caption.0123012301230123.tmp", OLD)
+    catalog = Catalog(root, writable=writable, page_size=10)
+    assert list(catalog.entries()) == ["sub/cat.png"]
+    assert stale.exists() is not writable
