@@ -174,6 +174,12 @@ class Settings:
     gallery_jsonl: Path | None = _opt(
         None, "A JSONL of captions (vision-server caption --jsonl, metadata.jsonl) shown as one more source."
     )
+    thumbnail_cache_size: str = _opt(
+        "1GiB",
+        "Most disk space the gallery's thumbnails may take in the cache dir, e.g. 512MB or 2GiB; "
+        "past it the least recently shown ones are deleted. 0: keep no thumbnails on disk.",
+        metavar="SIZE",
+    )
     compile: bool = _opt(
         False,
         "CUDA only: static KV cache + torch.compile for the default generation options; batches are "
@@ -210,6 +216,11 @@ class Settings:
     def memory_budget_bytes(self) -> int | None:
         """``memory_budget`` in bytes; None: no budget."""
         return self._memory_budget_bytes
+
+    @property
+    def thumbnail_cache_bytes(self) -> int:
+        """``thumbnail_cache_size`` in bytes (0: no thumbnails on disk)."""
+        return parse_byte_size(self.thumbnail_cache_size)
 
     @property
     def max_batch_wait(self) -> float:
@@ -275,6 +286,10 @@ def _validate(s: Settings) -> None:
         )
     if not 1 <= s.gallery_page_size <= 500:
         raise SettingsError(f"gallery_page_size must be 1..500, not {s.gallery_page_size}")
+    try:
+        parse_byte_size(s.thumbnail_cache_size)
+    except ValueError as exc:
+        raise SettingsError(f"thumbnail_cache_size: {exc}, or 0 for none") from None
     if (s.ssl_cert is None) != (s.ssl_key is None):
         raise SettingsError("ssl_cert and ssl_key must be given together")
 

@@ -19,6 +19,7 @@ from yarl import URL
 
 from tests.support.gallery_data import XSS, GalleryData, make_gallery
 from tests.support.serving import running_server
+from vision_server.gallery.thumbs import make_thumbnail
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
 
@@ -194,6 +195,19 @@ async def test_thumbnails_are_made_and_cached(session: ClientSession, tmp_path: 
         assert await response.read() == first
     async with session.get("/ui/api/gallery/image", params={"path": "img00.png"}) as response:
         assert response.status == 200 and (await response.read())[:4] == b"\x89PNG"
+
+
+async def test_the_thumbnail_cache_stays_under_its_cap(data: GalleryData, tmp_path: Path) -> None:
+    sizes = [len(make_thumbnail(data.root / name, 10**8)) for name in data.names]
+    cap = sum(sizes) // 2
+    settings = gallery_settings(data, tmp_path, thumbnail_cache_size=str(cap))
+    async with running_server(settings, FakeCaptioner()) as url, ClientSession(url) as client:
+        for name in data.names:
+            async with client.get("/ui/api/gallery/thumb", params={"path": name}) as response:
+                assert response.status == 200 and response.content_type == "image/jpeg"
+    cached = list((tmp_path / "cache" / "gallery-thumbs").rglob("*.jpg"))
+    assert 0 < len(cached) < len(data.names)
+    assert sum(path.stat().st_size for path in cached) <= cap
 
 
 TRAVERSALS = [

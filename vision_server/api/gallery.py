@@ -80,7 +80,10 @@ def gallery_from(settings: Settings) -> Gallery:
         root, writable=settings.gallery_writable, page_size=settings.gallery_page_size,
         jsonl=settings.gallery_jsonl,
     )  # fmt: skip
-    return Gallery(catalog, Thumbnails(settings.cache_dir / "gallery-thumbs", settings.max_image_pixels))
+    thumbnails = Thumbnails(
+        settings.cache_dir / "gallery-thumbs", settings.max_image_pixels, settings.thumbnail_cache_bytes
+    )
+    return Gallery(catalog, thumbnails)
 
 
 def query_from(request: web.Request) -> tuple[int, Query]:

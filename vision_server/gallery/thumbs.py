@@ -3,55 +3,195 @@
 A thumbnail is named by a hash of the image's resolved path, size and mtime: an edited image
 gets a new one, and nothing a client sends becomes part of a file name. Written atomically
 (temporary file, then rename), so a crash never leaves a torn JPEG that later reads would trust.
+
+The cache has a size cap (``--thumbnail-cache-size``). Edited images leave their old thumbnails
+behind and a big dataset has many, so once the bytes written pass the cap the least recently
+used thumbnails go until the cache is back under :data:`LOW_WATER` of it. "Used" is the file's
+mtime, set again whenever a thumbnail is served from the cache: access times cannot be trusted,
+since many disks are mounted ``noatime``. The check runs in the thread that made a thumbnail
+(never on the event loop), and only when a running byte total passes the cap, not per request.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
+import logging
 import os
+import re
 import secrets
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vision_server.byte_sizes import format_byte_size
+from vision_server.captionfiles import STALE_TEMP_AGE
+
 EDGE = 256  # longest side, in pixels
 QUALITY = 82
 VERSION = 1  # bump when the way thumbnails are made changes
+DEFAULT_CACHE_BYTES = 1024**3
+LOW_WATER = 0.9  # a prune goes down to this share of the cap, so the next one is far off
+_THUMB = re.compile(r"[0-9a-f]{64}\.jpg")  # what get() names a thumbnail
+_TEMP = re.compile(r"\.[0-9a-f]{16}\.tmp")  # what _store() names its temporary file
+_SHARD = re.compile(r"[0-9a-f]{2}")
+
+log = logging.getLogger(__name__)
 
 
 class ThumbnailError(ValueError):
     """The file is not an image Pillow can read, or it is too large to decode."""
 
 
+@dataclass(frozen=True)
+class Pruned:
+    """What one pass over the cache did."""
+
+    removed: int  # thumbnails deleted (least recently used first)
+    temps: int  # temporary files a crash left, deleted
+    kept_bytes: int  # what the cache holds now
+
+
 class Thumbnails:
-    def __init__(self, folder: Path, max_pixels: int) -> None:
+    """The thumbnail cache under ``folder``, at most ``max_bytes`` big (0: no disk cache at all).
+
+    Thread-safe: the gallery makes thumbnails in worker threads, several at a time.
+    """
+
+    def __init__(self, folder: Path, max_pixels: int, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
+        if max_bytes < 0:
+            raise ValueError("max_bytes must be >= 0")
         self.folder = folder
         self.max_pixels = max_pixels
+        self.max_bytes = max_bytes
+        self._total: int | None = None  # bytes in the cache as last counted, plus writes since
+        self._count_lock = threading.Lock()
+        self._prune_lock = threading.Lock()
 
     def get(self, image: Path) -> bytes:
         """The JPEG thumbnail of ``image``, made now unless a current one is cached."""
         real = image.resolve()
         info = real.stat()
+        if self._total is None:  # the first use: count what an earlier run left, prune if needed
+            self.prune_if_over()
+        if self.max_bytes == 0:
+            return make_thumbnail(real, self.max_pixels)
         name = hashlib.sha256(f"{VERSION}\0{real}\0{info.st_size}\0{info.st_mtime_ns}".encode()).hexdigest()
         cached = self.folder / name[:2] / f"{name}.jpg"
         try:
-            return cached.read_bytes()
+            data = cached.read_bytes()
         except OSError:
             pass
+        else:
+            _touch(cached)
+            return data
         data = make_thumbnail(real, self.max_pixels)
-        self._store(cached, data)
+        if self._store(cached, data):
+            with self._count_lock:
+                self._total = (self._total or 0) + len(data)
+                over = self._total > self.max_bytes
+            if over:
+                self.prune_if_over()
         return data
 
-    def _store(self, target: Path, data: bytes) -> None:
+    def _store(self, target: Path, data: bytes) -> bool:
         """Best effort: a cache folder we cannot write only costs speed."""
+        tmp = target.with_name(f".{secrets.token_hex(8)}.tmp")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{secrets.token_hex(8)}.tmp")
             tmp.write_bytes(data)
             os.replace(tmp, target)
         except OSError:
-            pass
+            tmp.unlink(missing_ok=True)
+            return False
+        return True
+
+    def prune_if_over(self) -> Pruned | None:
+        """:meth:`prune`, unless another thread is already at it (then None: one pass is enough)."""
+        if not self._prune_lock.acquire(blocking=False):
+            return None
+        try:
+            return self._prune()
+        finally:
+            self._prune_lock.release()
+
+    def prune(self) -> Pruned:
+        """Count the cache; drop crash leftovers, and the least recently used thumbnails while it
+        is over the cap (down to :data:`LOW_WATER` of it)."""
+        with self._prune_lock:
+            return self._prune()
+
+    def _prune(self) -> Pruned:
+        thumbs, temps = self._scan(time.time())
+        total = sum(size for _, size, _ in thumbs)
+        removed = 0
+        if total > self.max_bytes:
+            goal = int(self.max_bytes * LOW_WATER)
+            for _, size, path in sorted(thumbs, key=lambda thumb: thumb[0]):
+                if total <= goal:
+                    break
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass  # another server on the same cache was faster
+                except OSError:
+                    continue
+                total -= size
+                removed += 1
+        with self._count_lock:
+            self._total = total
+        if removed or temps:
+            log.info(
+                "thumbnail cache: removed %d least recently used thumbnail(s) and %d leftover "
+                "temporary file(s); %s kept (cap %s)",
+                removed,
+                temps,
+                format_byte_size(total),
+                format_byte_size(self.max_bytes),
+            )
+        return Pruned(removed, temps, total)
+
+    def _scan(self, now: float) -> tuple[list[tuple[float, int, Path]], int]:
+        """Every thumbnail as (mtime, size, path); old temporary files are deleted on the way.
+
+        Only names the cache itself makes are looked at, so a cache dir shared with other files
+        (converted models live beside it) never loses anything else.
+        """
+        thumbs: list[tuple[float, int, Path]] = []
+        temps = 0
+        try:
+            shards = [entry for entry in os.scandir(self.folder) if _SHARD.fullmatch(entry.name)]
+        except OSError:
+            return thumbs, temps
+        for shard in shards:
+            try:
+                with os.scandir(shard.path) as entries:
+                    files = list(entries)
+            except OSError:
+                continue
+            for entry in files:
+                try:
+                    if not entry.is_file(follow_symlinks=False):
+                        continue
+                    info = entry.stat(follow_symlinks=False)
+                    if _THUMB.fullmatch(entry.name):
+                        thumbs.append((info.st_mtime, info.st_size, Path(entry.path)))
+                    elif _TEMP.fullmatch(entry.name) and now - info.st_mtime >= STALE_TEMP_AGE:
+                        os.unlink(entry.path)  # a write takes milliseconds: this one was cut off
+                        temps += 1
+                except OSError:
+                    continue
+        return thumbs, temps
+
+
+def _touch(path: Path) -> None:
+    """Mark a thumbnail as used now (its mtime: the prune's notion of recent use)."""
+    with contextlib.suppress(OSError):  # a read-only cache, or pruned by another server this instant
+        os.utime(path)
 
 
 def make_thumbnail(path: Path, max_pixels: int) -> bytes:
