@@ -223,7 +223,8 @@ def _model_families(status: EngineStatus) -> Iterator[Metric]:
     for model in status.models:
         for candidate in ModelState:
             states.add_metric([model.name, candidate.value], float(candidate is model.state))
-        memory.add_metric([model.name], model.memory_bytes)
+        if model.memory_bytes is not None:  # None: not asked yet, just after start
+            memory.add_metric([model.name], model.memory_bytes)
     yield from (states, memory)
     yield GaugeMetricFamily(
         PREFIX + "memory_used_bytes",

@@ -11,6 +11,7 @@ from aiohttp import ClientSession
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.support.gated import SlowToSize
 from tests.support.images import b64
 from tests.support.serving import client_for
 from vision_server import __version__
@@ -123,6 +124,25 @@ async def test_rejections_are_counted_by_reason(tmp_path: Any) -> None:
         samples, _ = await scrape(session)  # /metrics is open by default, even with an API key
     assert value(samples, "vision_server_requests_rejected_total", reason="unauthorized") == 1
     assert value(samples, "vision_server_requests_rejected_total", reason="queue_full") == 0
+
+
+async def test_status_and_metrics_answer_while_a_model_works_out_its_size(tmp_path: Any) -> None:
+    slow = SlowToSize(model_id="slow", memory={"slow": 64})
+    async with client_for(Settings(cache_dir=tmp_path), slow) as session:
+        try:
+            async with session.get("/v1/status") as response:
+                assert response.status == 200
+                (model,) = (await response.json())["models"]
+            samples, _ = await scrape(session)
+            assert model["memory_bytes"] is None  # not known yet, and nobody waited for it
+            assert ("vision_server_served_model_memory_bytes", (("model", "slow"),)) not in samples
+        finally:
+            slow.sized.set()
+        async with session.post("/process_image", json={"image": b64(1), "prompt": "<CAPTION>"}) as response:
+            assert response.status == 200
+        samples, _ = await scrape(session)
+    assert value(samples, "vision_server_served_model_memory_bytes", model="slow") == 64
+    assert slow.asked_on[0] is not slow.loop_thread
 
 
 async def test_openmetrics_when_the_scraper_asks(tmp_path: Any) -> None:

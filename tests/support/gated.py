@@ -24,3 +24,23 @@ class GatedFake(FakeCaptioner):
         self.entered.set()
         assert self.gate.wait(30), "the test never opened the gate"
         return super().caption(batch)
+
+
+class SlowToSize(FakeCaptioner):
+    """Its first memory answer waits until the test sets ``sized`` (a cold config build takes
+    seconds); it notes the thread of every ``memory_parts`` call in ``asked_on``, and never
+    waits on the thread that made it (the event loop's), so a call there fails the test, not
+    hangs it."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.sized = threading.Event()
+        self.asked_on: list[threading.Thread] = []
+        self.loop_thread = threading.current_thread()
+
+    def memory_parts(self) -> dict[str, int]:
+        here = threading.current_thread()
+        self.asked_on.append(here)
+        if here is not self.loop_thread:
+            assert self.sized.wait(30), "the test never let the size be known"
+        return super().memory_parts()

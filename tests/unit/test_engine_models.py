@@ -13,6 +13,7 @@ from PIL import Image
 
 from tests.conftest import StartEngine
 from tests.support.clock import FakeClock
+from tests.support.gated import SlowToSize
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions, ModelInfo
 from vision_server.engine.budget import Resident, footprint, plan_evictions
 from vision_server.engine.models import NamedModel
@@ -170,6 +171,36 @@ async def test_idle_models_are_evicted_least_recently_used_first(start_engine: S
     assert status.memory_budget == 250 and status.memory_used == 200
     assert [model.memory_bytes for model in status.models] == [100, 100, 100]
     assert fakes[1].unloads == 1 and fakes[0].unloads == 0
+
+
+async def test_status_answers_before_a_model_knows_its_size_and_never_asks_on_the_event_loop(
+    start_engine: StartEngine,
+) -> None:
+    slow = SlowToSize(model_id="slow", memory={"slow": 64})
+    engine = await start_engine(named(slow, FakeCaptioner(model_id="other")), memory_budget=100)
+    status = engine.status()  # the first answer is still being worked out in a thread
+    assert [model.memory_bytes for model in status.models] == [None, None]
+    assert status.as_dict()["models"][0]["memory_bytes"] is None and status.memory_used == 0
+    job = asyncio.ensure_future(engine.submit(item(), model="slow"))
+    await asyncio.sleep(0.05)
+    assert slow.loads == 0 and states(engine)["slow"] == "unloaded", "a load waits for the size"
+    slow.sized.set()
+    await job
+    status = engine.status()
+    assert status.models[0].memory_bytes == 64 and status.memory_used == 64
+    assert slow.asked_on[0] is not threading.current_thread()  # the slow first answer: in a thread
+
+
+async def test_an_admin_load_waits_for_the_size_off_the_event_loop(start_engine: StartEngine) -> None:
+    slow = SlowToSize(model_id="slow", memory={"slow": 64})
+    engine = await start_engine(named(slow), memory_budget=100)
+    loading = asyncio.ensure_future(engine.load())
+    await asyncio.sleep(0.05)
+    assert not loading.done() and slow.loads == 0
+    slow.sized.set()
+    status = await loading
+    assert status.state.value == "ready" and status.memory_used == 64
+    assert slow.asked_on[0] is not threading.current_thread()
 
 
 async def test_a_busy_model_is_never_evicted_and_the_newcomer_waits_for_it(

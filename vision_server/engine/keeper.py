@@ -16,6 +16,7 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from typing import Any
 
 from vision_server.captioner import Offloadable
+from vision_server.engine.budget import memory_parts
 from vision_server.engine.clock import Clock
 from vision_server.engine.jobs import fail
 from vision_server.engine.lifecycle import ModelState
@@ -57,9 +58,46 @@ class ModelKeeper:
             if executor is not None:
                 executor.shutdown(wait=wait, cancel_futures=True)
 
+    # --- sizing: a model's first memory answer, off the event loop --------------------------------
+
+    def begin_sizing(self, slot: ModelSlot) -> None:
+        """Ask ``slot``'s captioner its memory parts in a thread, once.
+
+        The first answer may read weight files or build a test model's config with transformers
+        (seconds when cold), so it never runs on the event loop; later answers are cheap
+        (:class:`~vision_server.captioner.MemoryAware`). Until it is in, the slot's memory is
+        unknown and the model is not loaded (a load decision needs its size).
+        """
+        if slot.sizing is None:
+            slot.sizing = asyncio.create_task(self._size(slot), name=f"size-{slot.name}")
+
+    async def sized(self, slot: ModelSlot) -> None:
+        """Wait until ``slot``'s memory parts are known (asking for them if nobody has yet)."""
+        self.begin_sizing(slot)
+        assert slot.sizing is not None
+        await asyncio.shield(slot.sizing)
+
+    async def _size(self, slot: ModelSlot) -> None:
+        try:
+            await asyncio.to_thread(memory_parts, slot.captioner)
+        except Exception:  # an unknown size: the model still serves, only unbudgeted
+            log.exception("model %s could not say how much memory it takes; counted as unknown", slot.name)
+            slot.size_failed = True
+        slot.sized = True
+        self.wakeup.set()
+
+    async def stop_sizing(self) -> None:
+        """Stop waiting for sizes still being asked (at shutdown)."""
+        pending = [slot.sizing for slot in self.slots.values() if slot.sizing and not slot.sizing.done()]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
     def begin_load(self, slot: ModelSlot) -> None:
         """Load (or wake) ``slot`` in a task: on the loader thread while another model is ready,
-        so that model keeps captioning; else on the model thread (a shared base included)."""
+        so that model keeps captioning; else on the model thread (a shared base included).
+        Its size must be known (:meth:`sized`): which weights it shares decides the thread."""
+        assert slot.sized, f"model {slot.name} is loaded before its size is known"
         others_ready = any(
             other.state is ModelState.READY for other in self.slots.values() if other is not slot
         )

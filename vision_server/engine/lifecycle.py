@@ -86,7 +86,9 @@ class ModelStatus:
     state: ModelState
     device: str | None
     dtype: str | None
-    memory_bytes: int  # its weights' size (estimated before its first load; 0 when unknown)
+    # Its weights' size (estimated before its first load; 0 when unknown). None: not asked yet (the
+    # engine asks every model off the event loop when it starts; that takes a moment when cold).
+    memory_bytes: int | None
     last_used: float | None  # unix time its last batch ended
     loaded_since: float | None  # unix time
     expires_at: float | None  # unix time of its idle unload, None when busy or never

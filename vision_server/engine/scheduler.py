@@ -139,6 +139,8 @@ class Engine:
     async def start(self, *, preload: bool = False) -> None:
         """Start the worker (and load the default model at once when ``preload``)."""
         self._keeper.start()
+        for slot in self._slots.values():
+            self._keeper.begin_sizing(slot)
         self._start_worker()
         if preload:
             await self.load()
@@ -232,6 +234,7 @@ class Engine:
                 fail(job, Draining("The server shut down before this job ran.", retry_after=5))
         clean = await self._stop_worker(end + STOP_MARGIN)
         self._worker = None
+        await self._keeper.stop_sizing()
         self._keeper.shutdown(wait=clean)
         return clean
 
@@ -569,6 +572,7 @@ class Engine:
             done.set_result(None)
             return
         if not slot.busy_loading:
+            await self._keeper.sized(slot)
             await self._room.make_room(slot, for_admin=True)
             self._keeper.begin_load(slot)
         assert slot.loading is not None
@@ -619,7 +623,8 @@ class Engine:
         """Start the load that waiting jobs need (oldest job first), making room first.
 
         One load at a time; a model whose jobs cannot get room yet waits (``waiting_for_memory``)
-        until busy models finish the jobs they had before it.
+        until busy models finish the jobs they had before it. A model whose size is not known yet
+        (asked off the event loop when the engine starts) is sized first.
         """
         await self._room.enforce()
         if any(slot.busy_loading for slot in self._slots.values()):
@@ -632,6 +637,9 @@ class Engine:
                 slot.waiting_for_memory = False
         pending.sort(key=lambda slot: slot.queue.oldest() or 0.0)
         for slot in pending:
+            if not slot.sized:  # its size decides whether and where it loads: ask, look again then
+                self._keeper.begin_sizing(slot)
+                return
             if await self._room.make_room(slot):
                 slot.waiting_for_memory = False
                 self._keeper.begin_load(slot)

@@ -44,6 +44,11 @@ class ModelSlot:
         self.running = 0  # jobs of its batch in the model thread now
         self.loading: asyncio.Task[bool] | None = None  # its load (or wake) in progress
         self.waiting_for_memory = False  # its jobs wait for busy models to leave room
+        # Its first memory answer, asked off the event loop (ModelKeeper.begin_sizing): until it
+        # is in, memory_parts() is empty and memory_bytes() None (not yet known).
+        self.sizing: asyncio.Task[None] | None = None
+        self.sized = False
+        self.size_failed = False  # the captioner raised when asked: unknown for good
 
     @property
     def busy_loading(self) -> bool:
@@ -68,10 +73,15 @@ class ModelSlot:
         return self.idle_timeout if self.keep_alive is None else self.keep_alive
 
     def memory_parts(self) -> dict[str, int]:
+        """Its weights' bytes per block; empty while unknown. Never asks the captioner before its
+        first answer is in (that one may take seconds, and this runs on the event loop)."""
+        if not self.sized or self.size_failed:
+            return {}
         return memory_parts(self.captioner)
 
-    def memory_bytes(self) -> int:
-        return sum(self.memory_parts().values())
+    def memory_bytes(self) -> int | None:
+        """Its weights' bytes: None until the engine has asked (just after it starts)."""
+        return sum(self.memory_parts().values()) if self.sized else None
 
     def card(self) -> ModelCard:
         info = self.info
