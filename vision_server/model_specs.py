@@ -13,8 +13,10 @@ One ``--model`` value (a *spec*)::
   existing path, the rightmost such one; when there is none, at the last ``+`` (hub ids and
   ``test:`` sources never hold a ``+``, so only local paths need this rule).
 
-``--idle-timeout`` values are ``SECONDS`` (the server-wide value) or ``NAME:SECONDS`` (one model;
-split at the last ``:``, so names that hold a colon, such as ``test:tiny``, work).
+``--idle-timeout``, ``--revision`` and ``--backend`` values are ``VALUE`` (the server-wide value) or
+``NAME:VALUE`` (one model's own; split at the last ``:``, so names that hold a colon, such as
+``test:tiny``, work). The values themselves never hold a colon: seconds, backend names, and git
+revisions (branches, tags, commits and ``refs/pr/N`` cannot contain one).
 
 Everything here raises :class:`ValueError` with a message meant for the user; the settings turn
 it into a ``SettingsError``.
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
@@ -35,12 +37,15 @@ _NOT_A_NAME = re.compile(r"[/\\:]")
 @dataclass(frozen=True)
 class ModelSpec:
     """One served model as configured: the name requests pick it by, where its weights come from,
-    an optional adapter on top, and its own idle timeout (None: the server-wide one)."""
+    an optional adapter on top, its own idle timeout (None: the server-wide one), and the hub
+    revision and backend it loads with (the server-wide ones unless ``NAME:VALUE`` overrode them)."""
 
     name: str
     source: str
     adapter: str | None = None
     idle_timeout: float | None = None
+    revision: str | None = None
+    backend: str = "auto"
 
     def describe(self) -> str:
         """``name (source + adapter)`` for logs; just the source when the name is the source."""
@@ -121,6 +126,36 @@ def _idle_entry(text: str) -> tuple[str | None, float]:
     return (name.strip() if colon else None), seconds
 
 
+def parse_named_values(setting: str, entries: Iterable[object]) -> tuple[str | None, dict[str, str]]:
+    """``--revision`` / ``--backend`` values → (server-wide value or None, {model name: value}).
+
+    Like :func:`parse_idle_timeouts`: ``VALUE`` or ``NAME:VALUE`` (split at the last ``:``), and
+    the same server-wide value or the same name twice in one place is an error.
+    """
+    shape = f"{setting.upper()} or NAME:{setting.upper()}"
+    server_wide: str | None = None
+    per_model: dict[str, str] = {}
+    for entry in entries:
+        if isinstance(entry, (bool, float)) or not isinstance(entry, (str, int)):
+            raise ValueError(f"{setting}: {entry!r} is not {shape} (give text)")
+        text = str(entry).strip()
+        name, colon, value = text.rpartition(":")
+        name, value = name.strip(), value.strip()
+        if colon and not name:
+            raise ValueError(f"{setting}: {text!r} names no model before ':' ({shape})")
+        if not value:
+            raise ValueError(f"{setting}: {text!r} gives no value ({shape})")
+        if not colon:
+            if server_wide is not None:
+                raise ValueError(f"{setting}: two server-wide values ({server_wide} and {value})")
+            server_wide = value
+        else:
+            if name in per_model:
+                raise ValueError(f"{setting}: {name} is given twice")
+            per_model[name] = value
+    return server_wide, per_model
+
+
 def check_idle_seconds(what: str, seconds: float) -> None:
     if seconds < 0 and seconds != -1:
         raise ValueError(f"{what} must be >= 0, or -1 for never (not {seconds:g})")
@@ -132,11 +167,17 @@ def build_specs(
     adapter: str | None = None,
     default: str | None = None,
     idle_timeouts: Mapping[str, float] | None = None,
+    revision: str | None = None,
+    revisions: Mapping[str, str] | None = None,
+    backend: str = "auto",
+    backends: Mapping[str, str] | None = None,
 ) -> tuple[ModelSpec, ...]:
     """Every configured model, in the order given; ``adapter`` is the old single-model ``--adapter``.
 
-    Checks: at least one model, no name twice, ``--adapter`` only beside one bare ``--model``,
-    ``default`` and every ``idle_timeouts`` name among the served names.
+    ``revision`` and ``backend`` are the server-wide values; ``revisions`` and ``backends`` give
+    single models their own. Checks: at least one model, no name twice, ``--adapter`` only beside
+    one bare ``--model``, ``default`` and every per-model name among the served names (which
+    backends exist is the settings' check).
     """
     specs = [parse_model_spec(text) for text in texts]
     if not specs:
@@ -152,12 +193,24 @@ def build_specs(
         specs = [_with_old_adapter(specs, texts, adapter)]
     names = [spec.name for spec in specs]
     overrides = dict(idle_timeouts or {})
+    own_revisions, own_backends = dict(revisions or {}), dict(backends or {})
+    for setting, named in (
+        ("idle_timeout", overrides),
+        ("revision", own_revisions),
+        ("backend", own_backends),
+    ):
+        for name in named:
+            if name not in seen:
+                raise ValueError(f"{setting}: no model is named {name!r}; the models are {_listed(names)}")
     for name, seconds in overrides.items():
-        if name not in seen:
-            raise ValueError(f"idle_timeout: no model is named {name!r}; the models are {_listed(names)}")
         check_idle_seconds(f"idle_timeout for {name}", seconds)
     specs = [
-        ModelSpec(spec.name, spec.source, spec.adapter, overrides.get(spec.name, spec.idle_timeout))
+        replace(
+            spec,
+            idle_timeout=overrides.get(spec.name, spec.idle_timeout),
+            revision=own_revisions.get(spec.name, revision),
+            backend=own_backends.get(spec.name, backend),
+        )
         for spec in specs
     ]
     if default is not None and default not in seen:

@@ -36,8 +36,9 @@ def engine_config(settings: Settings, captioner: Captioner) -> EngineConfig:
 def build_models(settings: Settings) -> list[NamedModel]:
     """One captioner per configured model, named as requests pick it, in the configured order.
 
-    Nothing loads here (captioners load on first use); each model's backend is found on its own
-    (a ``--backend`` other than auto applies to every model). Raises :class:`SettingsError` for
+    Nothing loads here (captioners load on first use); each model loads with its own revision and
+    backend (``--revision`` / ``--backend`` as VALUE or NAME:VALUE; ``auto`` reads the backend from
+    the model's own config). Raises :class:`SettingsError` for
     a missing adapter directory or an adapter on a backend that takes none. Florence-2 models
     that differ only by adapter share one copy of their base (one pool for the whole server).
     """
@@ -59,7 +60,7 @@ def build_models(settings: Settings) -> list[NamedModel]:
 def build_captioner(
     settings: Settings, spec: ModelSpec | None = None, *, bases: SharedBases | None = None
 ) -> Captioner:
-    """The captioner for ``spec`` (default: the default model) and ``settings.backend`` (imported
+    """The captioner for ``spec`` (default: the default model) on the spec's backend (imported
     lazily: torch).
 
     ``auto`` reads the model's config.json (see :func:`vision_server.generic.families.detect_backend`).
@@ -69,9 +70,9 @@ def build_captioner(
     spec = spec if spec is not None else settings.default_model_spec
     if spec.adapter is not None and not Path(spec.adapter).expanduser().is_dir():
         raise SettingsError(f"model {spec.name}: the adapter directory {spec.adapter} does not exist")
-    backend: str | None = settings.backend
+    backend: str | None = spec.backend
     if backend == "auto":
-        backend = detect_backend(spec.source, revision=settings.revision)
+        backend = detect_backend(spec.source, revision=spec.revision)
     if backend == FLORENCE:
         from vision_server.florence.captioner import FlorenceCaptioner
 

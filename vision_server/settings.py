@@ -7,10 +7,11 @@ and the flags as arguments, so tests and embedders build settings explicitly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import platformdirs
 
 from vision_server.byte_sizes import EXAMPLES, parse_byte_size
 from vision_server.captioner import GenerationOptions
-from vision_server.model_specs import ModelSpec, build_specs, parse_idle_timeouts
+from vision_server.model_specs import ModelSpec, build_specs, parse_idle_timeouts, parse_named_values
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -62,9 +63,18 @@ class Settings:
     backend: str = _opt(
         "auto",
         "Which code runs the model: auto (read from the model's config.json), florence2, blip, git, "
-        "vision-encoder-decoder or idefics3. Anything but auto applies to every --model.",
+        "vision-encoder-decoder or idefics3. A plain value applies to every --model; NAME:BACKEND "
+        "(repeatable) sets one model's own.",
+        entries=True,
+        metavar="BACKEND|NAME:BACKEND",
     )
-    revision: str | None = _opt(None, "Hub revision (branch, tag or commit) to pin the download to.")
+    revision: str | None = _opt(
+        None,
+        "Hub revision (branch, tag or commit) to pin the download to. A plain value applies to every "
+        "--model; NAME:REVISION (repeatable) pins one model's own.",
+        entries=True,
+        metavar="REVISION|NAME:REVISION",
+    )
     adapter: str | None = _opt(
         None,
         "Directory of a PEFT LoRA adapter to apply on top of the model (a single unnamed --model; "
@@ -186,8 +196,11 @@ class Settings:
         "padded to buckets 1, 2, 4 ... max-batch-size, each compiled right after load (10-25 s each).",
     )
 
-    # Filled from `idle_timeout`'s NAME:SECONDS entries (no flag, key or variable of its own).
+    # Filled from the NAME:VALUE entries of `idle_timeout`, `backend` and `revision` (no flag, key
+    # or variable of their own; see PER_MODEL).
     model_idle_timeouts: tuple[tuple[str, float], ...] = field(default=(), metadata={"internal": True})
+    model_backends: tuple[tuple[str, str], ...] = field(default=(), metadata={"internal": True})
+    model_revisions: tuple[tuple[str, str], ...] = field(default=(), metadata={"internal": True})
     # Derived in __post_init__ (not arguments): the parsed --model values and --memory-budget.
     _model_specs: tuple[ModelSpec, ...] = field(init=False, repr=False, compare=False, default=())
     _memory_budget_bytes: int | None = field(init=False, repr=False, compare=False, default=None)
@@ -295,17 +308,25 @@ def _validate(s: Settings) -> None:
 
 
 def _derive(s: Settings) -> None:
-    """Parse ``model`` (with ``adapter``, ``default_model`` and the per-model idle timeouts) and
-    ``memory_budget`` once, so every reader gets the same checked values."""
+    """Parse ``model`` (with ``adapter``, ``default_model`` and the per-model idle timeouts,
+    revisions and backends) and ``memory_budget`` once, so every reader gets the same checked
+    values."""
     try:
         specs = build_specs(
             s.model,
             adapter=s.adapter,
             default=s.default_model,
             idle_timeouts=dict(s.model_idle_timeouts),
+            revision=s.revision,
+            revisions=dict(s.model_revisions),
+            backend=s.backend,
+            backends=dict(s.model_backends),
         )
     except ValueError as exc:
         raise SettingsError(str(exc)) from None
+    for name, backend in s.model_backends:
+        if backend not in BACKENDS:
+            raise SettingsError(f"backend for {name} must be one of {', '.join(BACKENDS)}, not {backend!r}")
     object.__setattr__(s, "_model_specs", specs)
     budget = None
     if s.memory_budget is not None and s.memory_budget.strip().lower() not in ("", "none"):
@@ -428,32 +449,45 @@ def load_settings(
     return Settings(**merge_layers(layers))
 
 
+# Settings that take ``VALUE`` (server-wide) or ``NAME:VALUE`` (one model) entries: the internal
+# field that collects the NAME:VALUE ones, and the parser of a layer's entries.
+PER_MODEL: dict[str, tuple[str, Callable[[Iterable[Any]], tuple[Any, dict[str, Any]]]]] = {
+    "idle_timeout": ("model_idle_timeouts", parse_idle_timeouts),
+    "backend": ("model_backends", functools.partial(parse_named_values, "backend")),
+    "revision": ("model_revisions", functools.partial(parse_named_values, "revision")),
+}
+
+
 def merge_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
     """Later layers win, setting by setting, with two refinements for several models:
 
-    - ``idle_timeout`` entries merge finer: a layer's server-wide value replaces the earlier one,
-      its NAME:SECONDS entries replace those names only, so ``--idle-timeout big:60`` keeps the
-      config file's server-wide value;
+    - ``idle_timeout``, ``backend`` and ``revision`` entries merge finer: a layer's server-wide
+      value replaces the earlier one, its NAME:VALUE entries replace those names only, so
+      ``--idle-timeout big:60`` keeps the config file's server-wide value;
     - a layer that sets ``model`` replaces the earlier model list together with what named its
-      models (earlier ``default_model`` and NAME:SECONDS entries), so ``--model x=...`` on the
+      models (earlier ``default_model`` and NAME:VALUE entries), so ``--model x=...`` on the
       command line is not refused over names from the config file's list.
     """
     values: dict[str, Any] = {}
-    per_model: dict[str, float] = {}
+    per_model: dict[str, dict[str, Any]] = {name: {} for name in PER_MODEL}
     for layer in layers:
         layer = dict(layer)
         if "model" in layer:
-            per_model.clear()
+            for named in per_model.values():
+                named.clear()
             values.pop("default_model", None)
-        if "idle_timeout" in layer:
+        for name, (_, parse) in PER_MODEL.items():
+            if name not in layer:
+                continue
             try:
-                server_wide, overrides = parse_idle_timeouts(layer.pop("idle_timeout"))
+                server_wide, overrides = parse(layer.pop(name))
             except ValueError as exc:
                 raise SettingsError(str(exc)) from None
             if server_wide is not None:
-                values["idle_timeout"] = server_wide
-            per_model.update(overrides)
+                values[name] = server_wide
+            per_model[name].update(overrides)
         values.update(layer)
-    if per_model:
-        values["model_idle_timeouts"] = tuple(per_model.items())
+    for name, (internal, _) in PER_MODEL.items():
+        if per_model[name]:
+            values[internal] = tuple(per_model[name].items())
     return values

@@ -25,8 +25,8 @@ from vision_server.errors import ModelLoadError, OutOfMemory
 from vision_server.florence.captioner import FlorenceCaptioner
 from vision_server.generic.captioner import GenericCaptioner
 from vision_server.images import PixelSpec, PreparedImage, fit_image
-from vision_server.runtime import build_captioner
-from vision_server.settings import Settings
+from vision_server.runtime import build_captioner, build_models
+from vision_server.settings import Settings, load_settings
 from vision_server.testing.tiny_generic import FAMILIES, SIDE
 
 GREEDY = GenerationOptions(max_new_tokens=5, num_beams=1)
@@ -53,6 +53,22 @@ def test_auto_backend_reads_the_config_and_keeps_florence_for_florence(
         assert (built.pixel_spec.width, built.pixel_spec.height) == (SIDE, SIDE)  # known before loading
         assert built.takes_prompt == (family != "vision-encoder-decoder")
     assert isinstance(build_captioner(Settings(model="test:tiny", cache_dir=tmp_path)), FlorenceCaptioner)
+
+
+def test_each_model_is_built_with_its_own_revision_and_backend(
+    generic_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    flags = {
+        "model": (f"g={generic_model_dirs['git']}", f"b={generic_model_dirs['blip']}", "t=test:tiny"),
+        "backend": ("git", "b:blip", "t:florence2"),
+        "revision": ("pinned", "t:refs/pr/1"),
+        "cache_dir": tmp_path,
+    }
+    built = {model.name: model.captioner for model in build_models(load_settings(flags, environ={}))}
+    g, b, t = built["g"], built["b"], built["t"]
+    assert isinstance(g, GenericCaptioner) and (g.backend, g.revision) == ("git", "pinned")
+    assert isinstance(b, GenericCaptioner) and (b.backend, b.revision) == ("blip", "pinned")
+    assert isinstance(t, FlorenceCaptioner) and t.revision == "refs/pr/1"
 
 
 @pytest.mark.parametrize("family", FAMILIES)

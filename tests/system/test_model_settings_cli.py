@@ -11,7 +11,7 @@ import pytest
 
 from tests.support.api import tiny_cache_dir
 from tests.support.bulk_data import caption_command, cli_env
-from tests.support.images import encode, noise
+from tests.support.images import b64, encode, noise
 from tests.support.processes import ServerProcess, cli_command, http_json, server_env
 
 
@@ -32,6 +32,7 @@ def test_serve_help_explains_the_model_flags(tmp_path: Path) -> None:
         and "NAME:SECONDS (repeatable) sets one model's own" in text
     )
     assert "--memory-budget SIZE" in text and "24GiB, 8G, 512MB" in text
+    assert "--backend BACKEND|NAME:BACKEND" in text and "--revision REVISION|NAME:REVISION" in text
 
 
 @pytest.mark.parametrize(
@@ -43,9 +44,15 @@ def test_serve_help_explains_the_model_flags(tmp_path: Path) -> None:
         (("--model", "a=test:tiny", "--idle-timeout", "b:5"), "no model is named 'b'"),
         (("--model", "a=test:tiny", "--adapter", "x"), "NAME=SOURCE+ADAPTER_DIR"),
         (("--memory-budget", "lots"), "'lots' is not an amount of memory"),
+        (("--model", "a=test:tiny", "--backend", "b:blip"), "backend: no model is named 'b'"),
+        (("--model", "a=test:tiny", "--revision", "b:v2"), "revision: no model is named 'b'"),
+        (("--model", "a=test:tiny", "--backend", "a:llava"), "backend for a must be one of auto, florence2"),
     ],
-    ids=["duplicate", "bad-name", "unknown-default", "unknown-idle", "adapter-flag", "budget"],
-)
+    ids=[
+        "duplicate", "bad-name", "unknown-default", "unknown-idle", "adapter-flag", "budget",
+        "unknown-backend-name", "unknown-revision-name", "unknown-backend",
+    ],
+)  # fmt: skip
 def test_a_bad_model_setup_exits_2_with_the_reason(
     tmp_path: Path, args: tuple[str, ...], message: str
 ) -> None:
@@ -123,3 +130,29 @@ def test_serve_starts_with_named_models_and_lists_them(
             f"serving plain (test:tiny) [idle timeout 120s], styled (test:tiny + {tiny_adapter_dir}) "
             "[default] within 1.5 GiB" in server.log_text()
         )
+
+
+def test_serve_runs_each_model_on_its_own_backend(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, generic_model_dirs: dict[str, Path]
+) -> None:
+    """A server-wide ``--backend`` beside a ``NAME:BACKEND`` one: each model gets its own, as
+    /v1/status shows before anything loads, and one captions on it."""
+    git, blip = generic_model_dirs["git"], generic_model_dirs["blip"]
+    command = [
+        *cli_command(), "serve", "--cache-dir", str(tiny_cache_dir(tmp_path_factory)),
+        "--model", f"g={git}", "--model", f"b={blip}", "--model", "t=test:tiny",
+        "--backend", "git", "--backend", "b:blip", "--backend", "t:florence2", "--revision", "g:main",
+        "--max-new-tokens", "4", "--num-beams", "1",
+    ]  # fmt: skip
+    with ServerProcess(command, server_env(tmp_path), tmp_path / "server.log") as server:
+        url = server.wait_listening()
+        status, body = http_json(f"{url}/v1/status")
+        assert status == 200 and isinstance(body, dict)
+        assert [(m["name"], m["family"]) for m in body["models"]] == [
+            ("g", "git"),
+            ("b", "blip"),
+            ("t", "florence-2"),  # each but g would be "git" without its own value
+        ]
+        request = {"model": "b", "image": b64(1), "prompt": "<CAPTION>"}
+        status, answer = http_json(f"{url}/process_image", request)
+        assert status == 200 and isinstance(answer, dict), answer

@@ -1,6 +1,7 @@
 """Several models in one server, as configured: the ``--model [NAME=]SOURCE[+ADAPTER]`` grammar,
-``--default-model``, per-model ``--idle-timeout NAME:SECONDS`` and ``--memory-budget`` sizes,
-from flags, the config file and the environment."""
+``--default-model``, per-model ``--idle-timeout NAME:SECONDS``, ``--revision NAME:REV`` and
+``--backend NAME:BACKEND``, and ``--memory-budget`` sizes, from flags, the config file and the
+environment."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from vision_server.byte_sizes import format_byte_size, parse_byte_size
-from vision_server.model_specs import ModelSpec, parse_idle_timeouts, parse_model_spec
+from vision_server.model_specs import ModelSpec, parse_idle_timeouts, parse_model_spec, parse_named_values
 from vision_server.settings import Settings, SettingsError, load_settings
 
 PROMPTGEN = "MiaoshouAI/Florence-2-large-PromptGen-v2.0"
@@ -107,6 +108,71 @@ def test_idle_timeout_entries() -> None:
     ]:
         with pytest.raises(ValueError, match=message):
             parse_idle_timeouts(entries)
+
+
+# --- --revision and --backend entries --------------------------------------------------------
+
+
+def test_revision_and_backend_entries() -> None:
+    assert parse_named_values("revision", ["main", "big:refs/pr/1", "test:tiny:abc123", " b : v2 "]) == (
+        "main",
+        {"big": "refs/pr/1", "test:tiny": "abc123", "b": "v2"},
+    )
+    assert parse_named_values("backend", ["blip"]) == ("blip", {})
+    assert parse_named_values("revision", [1234567]) == ("1234567", {})  # a TOML number: a commit
+    for entries, message in [
+        ([":main"], "names no model before ':'"),
+        (["a:"], "'a:' gives no value \\(REVISION or NAME:REVISION\\)"),
+        (["main", "dev"], "two server-wide values \\(main and dev\\)"),
+        (["a:x", "a:y"], "a is given twice"),
+        ([True], "is not REVISION or NAME:REVISION"),
+        ([1.5], "is not REVISION or NAME:REVISION"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_named_values("revision", entries)
+
+
+def test_each_model_gets_its_own_revision_and_backend_or_the_server_wide_one(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(
+        'model = ["a=test:tiny", "b=./blip", "c=org/repo"]\n'
+        'revision = ["v1", "c:refs/pr/3"]\n'
+        'backend = ["c:git", "b:blip"]\n'
+    )
+    s = load_settings(
+        {"backend": ("a:florence2",), "revision": ("b:abc123",)},
+        environ={"VISION_SERVER_BACKEND": "blip,c:auto"},
+        config_path=config,
+    )
+    assert [(spec.name, spec.revision, spec.backend) for spec in s.model_specs] == [
+        ("a", "v1", "florence2"),
+        ("b", "abc123", "blip"),
+        ("c", "refs/pr/3", "auto"),  # the environment replaced the config file's c:git
+    ]
+    assert (s.revision, s.backend) == ("v1", "blip")  # the server-wide values
+    plain = Settings(model=("a=test:tiny", "b=./x"), revision="main", backend="git")
+    assert {(spec.revision, spec.backend) for spec in plain.model_specs} == {("main", "git")}
+    # a new model list drops the per-model values that named the old models
+    replaced = load_settings({"model": ("z=test:tiny",)}, environ={}, config_path=config)
+    assert [(spec.revision, spec.backend) for spec in replaced.model_specs] == [("v1", "auto")]
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({"backend": ("nobody:blip",)}, "backend: no model is named 'nobody'; the models are 'a', 'b'"),
+        ({"revision": ("nobody:main",)}, "revision: no model is named 'nobody'; the models are 'a', 'b'"),
+        ({"backend": ("a:llava",)}, "backend for a must be one of auto, florence2, blip"),
+        ({"backend": ("llava",)}, "backend must be one of auto, florence2, blip.*not 'llava'"),
+        ({"backend": ("blip", "git")}, "backend: two server-wide values"),
+        ({"revision": ("a:",)}, "revision: 'a:' gives no value"),
+    ],
+)
+def test_bad_revisions_and_backends_name_the_setting(
+    tmp_path: Path, flags: dict[str, object], message: str
+) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings({"model": ("a=test:tiny", "b=./x"), **flags}, environ={}, config_path=_empty(tmp_path))
 
 
 # --- memory sizes ----------------------------------------------------------------------------
@@ -291,9 +357,10 @@ def test_bad_flags_are_settings_errors(tmp_path: Path, flags: dict[str, object],
 
 def test_the_per_model_field_is_not_a_user_setting(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
-    config.write_text('model_idle_timeouts = [["a", 1]]\n')
-    with pytest.raises(SettingsError, match="unknown setting 'model_idle_timeouts'"):
-        load_settings(environ={}, config_path=config)
+    for internal in ("model_idle_timeouts", "model_backends", "model_revisions"):
+        config.write_text(f'{internal} = [["a", "1"]]\n')
+        with pytest.raises(SettingsError, match=f"unknown setting '{internal}'"):
+            load_settings(environ={}, config_path=config)
 
 
 def _empty(tmp_path: Path) -> Path:

@@ -113,7 +113,7 @@ class FlorenceCaptioner(TorchCaptioner[_Loaded]):
         return cls(
             spec.source,
             cache_dir=settings.cache_dir,
-            revision=settings.revision,
+            revision=spec.revision,
             adapter=spec.adapter,
             device=settings.device,
             dtype=settings.dtype,

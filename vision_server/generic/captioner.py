@@ -92,7 +92,7 @@ class GenericCaptioner(TorchCaptioner[_Ready]):
             spec.source,
             backend=backend,
             cache_dir=settings.cache_dir,
-            revision=settings.revision,
+            revision=spec.revision,
             device=settings.device,
             dtype=settings.dtype,
             max_batch_size=settings.max_batch_size,
