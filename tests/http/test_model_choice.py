@@ -23,7 +23,7 @@ from tests.support.gallery_data import make_gallery
 from tests.support.images import b64, data_url, image_bytes
 from tests.support.serving import client_for, running_app
 from vision_server.captioner import CaptionItem, GenerationOptions
-from vision_server.client import AsyncVisionClient, RequestRejected
+from vision_server.client import AsyncVisionClient, RequestRejected, caption_folder
 from vision_server.engine.models import NamedModel
 from vision_server.images import PixelSpec, fit_image
 from vision_server.settings import Settings
@@ -437,10 +437,32 @@ async def test_the_python_client_captions_with_the_model_it_was_given() -> None:
             assert await beta.prompts() == list(BETA_TASKS)
         async with AsyncVisionClient(url, retries=0) as default:
             assert await default.caption(image_bytes(7), "CAPTION") == expected("alpha", 7)
+            assert (await default.caption_result(image_bytes(7), "CAPTION")).model == "alpha"
+        async with AsyncVisionClient(url, model="hub/beta-source", retries=0) as by_source:
+            answered = await by_source.caption_result(image_bytes(7), "CAPTION")
+            assert (answered.text, answered.model) == (expected("beta", 7), "beta")  # the served name
         async with AsyncVisionClient(url, model=UNKNOWN, retries=0) as unknown:
             with pytest.raises(RequestRejected) as caught:
                 await unknown.caption(image_bytes(7), "CAPTION")
     assert caught.value.status == 404 and "alpha" in str(caught.value) and UNKNOWN in str(caught.value)
+
+
+async def test_folder_jsonl_rows_name_the_model_that_answered(tmp_path: Path) -> None:
+    folder = tmp_path / "data"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(image_bytes(7))
+    out = tmp_path / "captions.jsonl"
+    async with running_app(SETTINGS, models=two_fakes()) as (_, url):
+        for model, task in ((None, "CAPTION"), ("hub/beta-source", "DETAILED_CAPTION")):
+            async with AsyncVisionClient(url, model=model, retries=0) as client:
+                summary = await caption_folder(client, folder, task=task, jsonl=out)
+            assert summary.done == 1
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert [(row["task"], row["model"]) for row in rows] == [
+        ("<CAPTION>", "alpha"),  # no name asked: the default model answered
+        ("<DETAILED_CAPTION>", "beta"),  # asked by its source, recorded by its served name
+    ]
+    assert rows[1]["caption"] == expected("beta", image_bytes(7), "<DETAILED_CAPTION>")
 
 
 async def test_the_gallery_recaptions_with_the_chosen_model(tmp_path: Path) -> None:

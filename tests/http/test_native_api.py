@@ -33,8 +33,10 @@ async def test_routes_answer_exactly_like_florence2_visionapi(tiny: Settings) ->
             assert response.status == 200 and await response.json() == list(PROMPTGEN_TASKS)
         async with session.get("/model") as response:
             assert await response.text() == '"test:tiny"'
-        status, body = await post(session, {"image": b64(1), "prompt": "<CAPTION>"})
-        assert status == 200 and list(body) == ["result"]  # type: ignore[arg-type]
+        async with session.post("/process_image", json={"image": b64(1), "prompt": "<CAPTION>"}) as response:
+            status, body = response.status, await response.json()
+            assert response.headers["X-Model"] == "test:tiny"  # beside the body, which stays as it was
+        assert status == 200 and list(body) == ["result"]
         assert isinstance(body["result"], str) and body["result"].strip()  # type: ignore[index]
 
 

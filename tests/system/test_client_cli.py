@@ -208,6 +208,7 @@ def test_folder_jsonl(server: str, images: Path, tmp_path_factory: pytest.TempPa
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert sorted(r["file"] for r in records) == ["red one.png", "sub/grün.jpg"]
     assert {r["task"] for r in records} == {"<GENERATE_TAGS>"}
+    assert {r["model"] for r in records} == {"test:tiny"}  # the served model that answered
     assert list(images.rglob("*.txt")) == []
     second = run("folder", str(images), "--task", "generate_tags", "--jsonl", str(out), url=server)
     assert "0 captioned, 2 skipped" in second.stderr

@@ -28,8 +28,9 @@ PNG_MAGIC = b"\x89PNG"
 class StubServer:
     """Captions a PNG as ``caption-<size>``; answers 400 for anything else, like the real server."""
 
-    def __init__(self, delay: float = 0.0) -> None:
+    def __init__(self, delay: float = 0.0, names_model: bool = True) -> None:
         self.delay = delay
+        self.names_model = names_model  # as vision-server does; florence2-visionapi does not
         self.requests = 0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -50,7 +51,8 @@ class StubServer:
         data = base64.b64decode(body["image"])
         if not data.startswith(PNG_MAGIC):
             return web.json_response({"detail": "Invalid image data: cannot identify image file"}, status=400)
-        return web.json_response({"result": f"caption-{len(data)}"})
+        headers = {"X-Model": body.get("model") or "stub-default"} if self.names_model else {}
+        return web.json_response({"result": f"caption-{len(data)}"}, headers=headers)
 
 
 @pytest.fixture
@@ -274,8 +276,13 @@ async def test_jsonl_output_and_resume(stub, tmp_path: Path) -> None:
     assert first.done == 2
     records = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert sorted(records, key=lambda r: r["file"]) == [
-        {"file": "a.png", "task": "<GENERATE_TAGS>", "caption": expected(images[0])},
-        {"file": "sub/b é.png", "task": "<GENERATE_TAGS>", "caption": expected(images[1])},
+        {"file": "a.png", "task": "<GENERATE_TAGS>", "caption": expected(images[0]), "model": "stub-default"},
+        {
+            "file": "sub/b é.png",
+            "task": "<GENERATE_TAGS>",
+            "caption": expected(images[1]),
+            "model": "stub-default",
+        },
     ]
     assert list(data.rglob("*.txt")) == []  # the JSONL replaces the caption files
 
@@ -288,6 +295,26 @@ async def test_jsonl_output_and_resume(stub, tmp_path: Path) -> None:
     forced = await caption_folder(client, data, task="GENERATE_TAGS", jsonl=out, mode="overwrite")
     assert forced.done == 2
     assert len(out.read_text(encoding="utf-8").splitlines()) == 6
+
+
+async def test_jsonl_rows_say_null_when_the_server_names_no_model(aiohttp_server, tmp_path: Path) -> None:
+    """An original florence2-visionapi server sends no X-Model: the row says so rather than guess."""
+    server = StubServer(names_model=False)
+    app = web.Application()
+    app.router.add_post("/process_image", server.handle)
+    running = await aiohttp_server(app)
+    image = make_png(tmp_path / "data" / "a.png")
+    out = tmp_path / "captions.jsonl"
+    async with AsyncVisionClient(str(running.make_url("")), model="asked-for", retries=0) as client:
+        summary = await caption_folder(client, tmp_path / "data", jsonl=out)
+    assert summary.done == 1
+    (row,) = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert row == {
+        "file": "a.png",
+        "task": "<MORE_DETAILED_CAPTION>",
+        "caption": expected(image),
+        "model": None,
+    }
 
 
 async def test_jsonl_resume_survives_a_torn_last_line(stub, tmp_path: Path) -> None:

@@ -8,7 +8,7 @@ The package needs only aiohttp (and tqdm for the CLI's progress bar); it never i
 """
 
 from vision_server.captionfiles import IMAGE_EXTENSIONS, MODES, find_images
-from vision_server.client.api import DEFAULT_TASK, DEFAULT_URL, AsyncVisionClient, task_token
+from vision_server.client.api import DEFAULT_TASK, DEFAULT_URL, AsyncVisionClient, CaptionResult, task_token
 from vision_server.client.errors import (
     AuthenticationError,
     RequestRejected,
@@ -30,6 +30,7 @@ __all__ = [
     "MODES",
     "AsyncVisionClient",
     "AuthenticationError",
+    "CaptionResult",
     "Failure",
     "FolderSummary",
     "ImageResult",

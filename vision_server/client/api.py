@@ -12,10 +12,12 @@ import asyncio
 import base64
 import json
 import os
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import urlencode
+from urllib.parse import unquote, urlencode
 
 import aiohttp
 
@@ -32,8 +34,22 @@ from vision_server.client.retry import RETRY_STATUSES, RetryPolicy, parse_retry_
 DEFAULT_URL = "http://127.0.0.1:54880"
 DEFAULT_TASK = "<MORE_DETAILED_CAPTION>"
 DEFAULT_TIMEOUT = 600.0  # the server's own request deadline; a long queue is normal in a folder run
+MODEL_HEADER = "X-Model"  # names the model that captioned (vision_server.api.native sets it)
 
 ImageInput = bytes | bytearray | memoryview | str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class CaptionResult:
+    """A caption and the served model that made it.
+
+    ``model`` is the server's name for it (``vision-server serve --model NAME=...``; the source,
+    such as a hub id, for an unnamed model), or None from a server that does not say (the
+    original florence2-visionapi).
+    """
+
+    text: str
+    model: str | None
 
 
 def task_token(task: str) -> str:
@@ -126,16 +142,23 @@ class AsyncVisionClient:
         ``priority`` ``"bulk"`` lets a person's single requests go ahead of this one (folder runs
         use it); the server's default is ``"interactive"``.
         """
+        return (await self.caption_result(image, task, priority=priority)).text
+
+    async def caption_result(
+        self, image: ImageInput, task: str = DEFAULT_TASK, *, priority: str | None = None
+    ) -> CaptionResult:
+        """As :meth:`caption`, with the name of the served model that answered."""
         encoded = await asyncio.to_thread(encode_image, image)
         body = {"image": encoded, "prompt": task_token(task)}
         if priority is not None:
             body["priority"] = priority
         if self.model_name is not None:
             body["model"] = self.model_name
-        data = await self._request("POST", "/process_image", body)
+        data, headers = await self._exchange("POST", "/process_image", body)
         if not isinstance(data, dict) or not isinstance(data.get("result"), str):
             raise VisionClientError(f"unexpected reply from {self.base_url}/process_image: {data!r:.200}")
-        return data["result"].strip()
+        model = headers.get(MODEL_HEADER)
+        return CaptionResult(data["result"].strip(), unquote(model) if model else None)
 
     async def prompts(self) -> list[str]:
         """The task tokens the model understands (the client's ``model``, else the default)."""
@@ -157,6 +180,10 @@ class AsyncVisionClient:
 
     async def _request(self, method: str, path: str, payload: Any = None) -> Any:
         """Send one request, retrying busy answers and lost connections; return the decoded JSON."""
+        return (await self._exchange(method, path, payload))[0]
+
+    async def _exchange(self, method: str, path: str, payload: Any = None) -> tuple[Any, Mapping[str, str]]:
+        """As :meth:`_request`, with the reply's headers."""
         url = self.base_url + path
         attempt = 0
         while True:
@@ -169,11 +196,12 @@ class AsyncVisionClient:
             await asyncio.sleep(self.policy.delay(attempt, retry_after))
             attempt += 1
 
-    async def _attempt(self, method: str, url: str, payload: Any) -> Any:
-        """One try: the decoded JSON body, or an exception saying what went wrong."""
+    async def _attempt(self, method: str, url: str, payload: Any) -> tuple[Any, Mapping[str, str]]:
+        """One try: the decoded JSON body and the headers, or an exception saying what went wrong."""
         try:
             async with self._get_session().request(method, url, json=payload) as resp:
                 body = await resp.text(errors="replace")
+                headers = resp.headers
                 if resp.status >= 400:
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
                     raise http_error(resp.status, error_detail(body, resp.reason or "error"), retry_after)
@@ -184,7 +212,7 @@ class AsyncVisionClient:
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise VisionConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
         try:
-            return json.loads(body)
+            return json.loads(body), headers
         except ValueError:
             raise VisionClientError(f"{url} did not answer with JSON: {body[:200]!r}") from None
 

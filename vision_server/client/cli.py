@@ -176,7 +176,7 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
     "--jsonl",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help='Append {"file","task","caption"} lines (file relative to FOLDER) to this file '
+    help='Append {"file","task","caption","model"} lines (file relative to FOLDER) to this file '
     "instead of writing caption files. In skip mode, images already in it with this "
     "task are not redone.",
 )

@@ -42,6 +42,7 @@ class ImageResult:
     outcome: Outcome
     caption: str | None = None
     reason: str | None = None
+    model: str | None = None  # the served model that captioned it, when the server said
 
 
 @dataclass(frozen=True)
@@ -197,13 +198,14 @@ class _FolderRun:
     async def caption_one(self, job: _Job) -> ImageResult:
         """Caption and store one image; every expected failure becomes a result, not an exception."""
         try:
-            text = await self.client.caption(job.image, self.task, priority="bulk")
+            answer = await self.client.caption_result(job.image, self.task, priority="bulk")
+            text = answer.text
             if not text.strip():  # a prefix alone is no caption, and an empty file reads as "to do"
                 return ImageResult(job.image, "failed", reason="the server returned an empty caption")
             caption = f"{self.prefix}{text}{self.suffix}"
             if job.target is None:
                 assert self.writer is not None
-                self.writer.write(job.key, self.task, caption)
+                self.writer.write(job.key, self.task, caption, answer.model)
             else:
                 existing = read_caption(job.target) if self.mode in ("append", "prepend") else None
                 write_atomic(job.target, merge_caption(existing, caption, self.mode, self.separator))
@@ -212,7 +214,7 @@ class _FolderRun:
             return ImageResult(job.image, "failed", reason=str(exc))
         except (VisionClientError, OSError, UnicodeError) as exc:
             return ImageResult(job.image, "failed", reason=_describe(exc))
-        return ImageResult(job.image, "done", caption=caption)
+        return ImageResult(job.image, "done", caption=caption, model=answer.model)
 
     def report(self, result: ImageResult) -> None:
         if result.outcome == "done":

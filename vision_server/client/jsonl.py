@@ -1,4 +1,7 @@
-"""A JSON Lines caption log: one ``{"file", "task", "caption"}`` object per line, appended.
+"""A JSON Lines caption log: one ``{"file", "task", "caption", "model"}`` object per line, appended.
+
+``model`` is the served model that answered, as the server named it (null when it did not say);
+it is a record only: resuming goes by ``file`` and ``task``, as it did before rows had it.
 
 It is both the output and the record a later run resumes from: one file can hold several tasks
 for the same images, and a line is only written once its caption is complete. A run killed
@@ -40,9 +43,9 @@ def captioned_files(path: Path, task: str) -> set[str]:
     return done
 
 
-def record_line(file: str, task: str, caption: str) -> str:
+def record_line(file: str, task: str, caption: str, model: str | None = None) -> str:
     """One line of the log; non-ASCII stays readable unless the name is not valid Unicode."""
-    record = {"file": file, "task": task, "caption": caption}
+    record = {"file": file, "task": task, "caption": caption, "model": model}
     line = json.dumps(record, ensure_ascii=False)
     try:
         line.encode("utf-8")
@@ -61,8 +64,8 @@ class JsonlWriter:
         if needs_newline:
             self._handle.write("\n")
 
-    def write(self, file: str, task: str, caption: str) -> None:
-        self._handle.write(record_line(file, task, caption))
+    def write(self, file: str, task: str, caption: str, model: str | None = None) -> None:
+        self._handle.write(record_line(file, task, caption, model))
         self._handle.flush()
 
     def close(self) -> None:

@@ -14,7 +14,14 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-from vision_server.client.api import DEFAULT_TASK, DEFAULT_TIMEOUT, DEFAULT_URL, AsyncVisionClient, ImageInput
+from vision_server.client.api import (
+    DEFAULT_TASK,
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    AsyncVisionClient,
+    CaptionResult,
+    ImageInput,
+)
 from vision_server.client.folder import FolderSummary, caption_folder
 
 T = TypeVar("T")
@@ -60,6 +67,12 @@ class VisionClient:
     def caption(self, image: ImageInput, task: str = DEFAULT_TASK, *, priority: str | None = None) -> str:
         """Caption one image (bytes or a file path); ``priority`` as in :meth:`AsyncVisionClient.caption`."""
         return self._run(self._client.caption(image, task, priority=priority))
+
+    def caption_result(
+        self, image: ImageInput, task: str = DEFAULT_TASK, *, priority: str | None = None
+    ) -> CaptionResult:
+        """As :meth:`caption`, with the name of the served model that answered."""
+        return self._run(self._client.caption_result(image, task, priority=priority))
 
     def prompts(self) -> list[str]:
         """The task tokens the loaded model understands."""
