@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import sys
 import types
 import typing
@@ -422,8 +423,42 @@ def read_config_file(path: Path) -> dict[str, Any]:
     return values
 
 
+def is_list(name: str) -> bool:
+    """True for the settings that take several values (a repeatable flag, a list in the config)."""
+    return bool(FIELDS[name].metadata.get("entries")) or typing.get_origin(field_type(name)) is tuple
+
+
 def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
-    return {name: coerce(name, environ[env_name(name)]) for name in FIELDS if env_name(name) in environ}
+    return {
+        name: coerce(name, environment_value(name, environ[env_name(name)]))
+        for name in FIELDS
+        if env_name(name) in environ
+    }
+
+
+def environment_value(name: str, text: str) -> Any:
+    """A variable's text; for a list setting, text that starts with ``[`` is a JSON list.
+
+    Lists in variables are otherwise comma-separated, which cannot hold a value with a comma
+    (a local path such as ``/models/a,b``); ``["a=/models/a,b", "test:tiny"]`` can.
+    """
+    if not (is_list(name) and text.lstrip().startswith("[")):
+        return text
+    variable = env_name(name)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise SettingsError(
+            f"{variable}: a value that starts with '[' is read as a JSON list, and this one is not "
+            f"valid JSON ({exc.msg} at character {exc.pos + 1}); write it like "
+            '["first", "second"], or without the brackets as a comma-separated list'
+        ) from None
+    # Text that starts with '[' and parses is a JSON array, so ``value`` is a list here.
+    wrong = [item for item in value if isinstance(item, (bool, list, dict)) or item is None]
+    if wrong:
+        shown = json.dumps(wrong[0])
+        raise SettingsError(f"{variable}: the JSON list may hold only strings and numbers, not {shown}")
+    return value
 
 
 def load_settings(

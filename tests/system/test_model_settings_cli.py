@@ -61,6 +61,33 @@ def test_a_bad_model_setup_exits_2_with_the_reason(
     assert message in result.stderr
 
 
+def test_an_environment_model_list_in_json_holds_a_comma_and_bad_json_exits_2(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_native_dir: Path
+) -> None:
+    with_comma = tmp_path / "tiny,native"
+    with_comma.symlink_to(tiny_native_dir, target_is_directory=True)
+    env = server_env(tmp_path, cache_dir=tiny_cache_dir(tmp_path_factory))
+    env["VISION_SERVER_MODEL"] = json.dumps([f"c={with_comma}", "t=test:tiny"])
+    with ServerProcess([*cli_command(), "serve"], env, tmp_path / "server.log") as server:
+        status, body = http_json(f"{server.wait_listening()}/v1/status")
+        assert status == 200 and isinstance(body, dict)
+        assert [(m["name"], m["source"]) for m in body["models"]] == [
+            ("c", str(with_comma)),
+            ("t", "test:tiny"),
+        ]
+    env = cli_env(tmp_path)
+    broken = subprocess.run(
+        [*cli_command(), "serve", "--port", "0"],
+        env={**env, "VISION_SERVER_MODEL": '["a=test:tiny", b=test:tiny]'},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert broken.returncode == 2, broken.stderr
+    assert "VISION_SERVER_MODEL: a value that starts with '[' is read as a JSON list" in broken.stderr
+    assert "Expecting value at character 17" in broken.stderr
+
+
 def test_an_adapter_on_a_generic_model_is_refused_at_start(
     tmp_path: Path, generic_model_dirs: dict[str, Path], tiny_adapter_dir: Path
 ) -> None:

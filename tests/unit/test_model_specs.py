@@ -312,6 +312,40 @@ def test_environment_separates_with_commas(tmp_path: Path) -> None:
     assert (s.default_model_name, s.idle_timeout, s.memory_budget_bytes) == ("b", 90.0, 512_000_000)
 
 
+def test_an_environment_list_that_starts_with_a_bracket_is_json(tmp_path: Path) -> None:
+    """A comma inside a value (a local path) fits only the JSON form; every list setting takes it."""
+    env = {
+        "VISION_SERVER_MODEL": ' ["a=/models/florence,v2", "b=test:tiny"] ',
+        "VISION_SERVER_IDLE_TIMEOUT": '[90, "b:10"]',
+        "VISION_SERVER_REVISION": '["a:refs/pr/1"]',
+        "VISION_SERVER_CORS_ORIGINS": '["https://a.example", "http://[::1]:8080"]',
+    }
+    s = load_settings(environ=env, config_path=_empty(tmp_path))
+    assert [(spec.name, spec.source, spec.idle_timeout, spec.revision) for spec in s.model_specs] == [
+        ("a", "/models/florence,v2", None, "refs/pr/1"),
+        ("b", "test:tiny", 10.0, None),
+    ]
+    assert s.idle_timeout == 90.0
+    assert s.cors_origins == ("https://a.example", "http://[::1]:8080")
+    # Only list settings: a single value that starts with '[' stays text.
+    plain = load_settings(environ={"VISION_SERVER_ADAPTER": "[not json"}, config_path=_empty(tmp_path))
+    assert plain.adapter == "[not json"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ('["a=test:tiny", ', "VISION_SERVER_MODEL: a value that starts with '\\[' is read as a JSON list"),
+        ("[a=test:tiny]", "not valid JSON \\(Expecting value at character 2\\)"),
+        ('["a=test:tiny", ["nested"]]', 'may hold only strings and numbers, not \\["nested"\\]'),
+        ('["a=test:tiny", null]', "may hold only strings and numbers, not null"),
+    ],
+)
+def test_invalid_json_in_an_environment_list_says_where(tmp_path: Path, value: str, message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        load_settings(environ={"VISION_SERVER_MODEL": value}, config_path=_empty(tmp_path))
+
+
 def test_later_sources_replace_idle_timeouts_value_by_value(tmp_path: Path) -> None:
     """A flag naming one model keeps the config's server-wide value and its other models' values."""
     config = tmp_path / "config.toml"

@@ -66,3 +66,13 @@ def _empty(tmp_path: Path) -> Path:
     path = tmp_path / "empty.toml"
     path.write_text("")
     return path
+
+
+def test_the_settings_reference_names_every_list_setting_and_the_json_form() -> None:
+    from vision_server.settings_reference import list_note
+
+    note = list_note()
+    for flag in ("--model", "--idle-timeout", "--revision", "--backend", "--cors-origin"):
+        assert f"`{flag}`" in note
+    assert "`--port`" not in note and "`--adapter`" not in note
+    assert "starts with `[` is read as a JSON list" in note
