@@ -7,6 +7,7 @@ by the engine's worker coroutine; the slot itself never runs the model.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 
 from vision_server.captioner import Captioner, ModelInfo, model_family
 from vision_server.engine.budget import memory_parts
@@ -14,6 +15,7 @@ from vision_server.engine.jobs import Lane
 from vision_server.engine.lifecycle import ModelCard, ModelState
 from vision_server.engine.models import NamedModel
 from vision_server.engine.queue import JobQueue
+from vision_server.errors import UnknownModel
 
 # States in which a model's weights take device memory (a load or an unload in progress included).
 RESIDENT = (ModelState.LOADING, ModelState.READY, ModelState.UNLOADING)
@@ -99,3 +101,19 @@ class ModelSlot:
 
     def depth(self, lane: Lane | None = None) -> int:
         return len(self.queue) if lane is None else self.queue.depth(lane)
+
+
+def resolve_name(slots: Mapping[str, ModelSlot], default: str, name: str | None) -> str:
+    """The served name a request's ``model`` means: None or "" is the default model; a model's
+    source (hub id or directory) names it too when no other model has that source."""
+    if not name:
+        return default
+    if name in slots:
+        return name
+    by_source = [slot.name for slot in slots.values() if slot.source == name]
+    if len(by_source) == 1:
+        return by_source[0]
+    raise UnknownModel(
+        f"This server does not serve a model named {name!r}. Served: "
+        f"{', '.join(slots)} (default {default}); omit the model to get the default."
+    )
