@@ -33,6 +33,14 @@ class GenerationOptions:
     def do_sample(self) -> bool:
         return self.temperature > 0
 
+    def capped(self, tokens: int) -> GenerationOptions:
+        """These options generating at most ``tokens`` tokens (themselves when already within)."""
+        if self.max_new_tokens <= tokens:
+            return self
+        return dataclasses.replace(
+            self, max_new_tokens=tokens, min_new_tokens=min(self.min_new_tokens, tokens)
+        )
+
     @property
     def batch_key(self) -> GenerationOptions:
         """What must be equal for two items to share a generate call (scoring is per item)."""
@@ -139,6 +147,14 @@ def model_family(captioner: Captioner) -> str:
     """The model's architecture as clients see it (multipart's ``model_type``): ``florence-2``
     unless the captioner names another in a ``family`` attribute (BLIP, GIT, ...)."""
     return str(getattr(captioner, "family", "florence-2"))
+
+
+def token_limit(captioner: Captioner) -> int | None:
+    """The most tokens the model can generate for a caption, before any prompt takes its share
+    (its text decoder's positions); None when unknown or unlimited. Captioners that know theirs
+    say so in a ``max_new_tokens_limit`` attribute, cheap to read once known."""
+    limit = getattr(captioner, "max_new_tokens_limit", None)
+    return limit if isinstance(limit, int) else None
 
 
 @runtime_checkable

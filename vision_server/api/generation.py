@@ -9,10 +9,14 @@ from __future__ import annotations
 import dataclasses
 import math
 import reprlib
+from typing import TYPE_CHECKING
 
 from vision_server.api.errors import InvalidParameter
 from vision_server.captioner import GenerationOptions
 from vision_server.settings import Settings
+
+if TYPE_CHECKING:
+    from vision_server.engine.lifecycle import ModelCard
 
 MAX_BEAMS = 8  # beams multiply memory per image; past this they only cost
 MAX_TEMPERATURE = 2.0
@@ -77,6 +81,8 @@ def generation_options(
     num_beams: int | None = None,
     do_sample: bool | None = None,
     with_confidence: bool = False,
+    model: ModelCard | None = None,
+    length_name: str = "max_new_tokens",
 ) -> GenerationOptions:
     """Options for one request, from already validated values.
 
@@ -84,10 +90,14 @@ def generation_options(
     that overrides nothing gets exactly those options, so it batches with every family's
     default requests. ``temperature`` > 0 samples (with one beam unless beams are asked for)
     unless ``do_sample`` is false; ``top_p`` only matters when sampling. ``max_new_tokens`` is
-    capped by the server's ``--max-new-tokens``."""
+    capped by the server's ``--max-new-tokens``; more than ``model`` can generate is a 400 (its
+    field named ``length_name``). The server's own default is never refused: the captioner
+    stops it at the model's limit."""
     defaults = settings.generation_defaults()
     limit = defaults.max_new_tokens
     tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
+    if max_new_tokens is not None and model is not None:
+        check_model_limit(length_name, max_new_tokens, tokens, model)
     asked = dataclasses.replace(
         defaults,
         max_new_tokens=tokens,
@@ -101,4 +111,23 @@ def generation_options(
         num_beams=1 if num_beams is None else num_beams,
         temperature=float(temperature or 0),
         top_p=defaults.top_p if top_p is None else top_p,
+    )
+
+
+def check_model_limit(name: str, asked: int, tokens: int, model: ModelCard) -> None:
+    """400 when a request asks ``model`` for more tokens than its text decoder can hold.
+
+    ``tokens`` is the ask after the server's cap: a client asking for 4096 from a server whose
+    --max-new-tokens (1024) the model can reach gets 1024 as before, not an error.
+    """
+    limit = model.max_new_tokens
+    if limit is None or tokens <= limit:
+        return
+    named = model.name or model.model_id
+    source = f" ({model.source})" if model.source and model.source != named else ""
+    raise InvalidParameter(
+        name,
+        f"{name!r} asks for {asked} tokens; model {named!r}{source} generates at most {limit} "
+        "(its text decoder's positions, prompt tokens included). Ask for at most "
+        f"{limit}, or leave {name!r} out.",
     )

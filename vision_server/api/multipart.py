@@ -52,6 +52,7 @@ from vision_server.captioner import Caption, GenerationOptions
 from vision_server.engine.jobs import Lane
 from vision_server.engine.lifecycle import ModelCard
 from vision_server.errors import BadRequest, VisionServerError
+from vision_server.settings import Settings
 from vision_server.tasks import CAPTION_TASK, normalize_task
 from vision_server.train.metadata import adapter_summary
 
@@ -85,7 +86,7 @@ def task_for(
     )
 
 
-def options_for(form: Form, request: web.Request) -> GenerationOptions:
+def options_for(form: Form, request: web.Request, model: ModelCard) -> GenerationOptions:
     fields = form.fields
     length_name = "max_length" if fields.get("max_length") else "max_new_tokens"
     return generation_options(
@@ -96,6 +97,8 @@ def options_for(form: Form, request: web.Request) -> GenerationOptions:
         num_beams=as_int("num_beams", fields.get("num_beams"), low=1, high=MAX_BEAMS),
         do_sample=as_bool("do_sample", fields.get("do_sample")),
         with_confidence=True,
+        model=model,
+        length_name=length_name,
     )
 
 
@@ -132,7 +135,7 @@ async def _single(request: web.Request, route_default: str) -> web.Response:
     model = chosen_model(request, form.fields.get("model"))
     task, prompt = task_for(form, model.tasks, route_default, free_text=model.takes_prompt)
     labels = job_labels(request, form.fields.get("priority"), keep_alive=form.fields.get("keep_alive"))
-    options = options_for(form, request)
+    options = options_for(form, request, model)
     result = await caption_bytes(request, form.files[0].data, task, options, labels, prompt, model=model.name)
     return web.json_response(
         {
@@ -165,7 +168,7 @@ async def batch_caption(request: web.Request) -> web.Response:
         )
     model = chosen_model(request, form.fields.get("model"))
     task, prompt = task_for(form, model.tasks, CAPTION_TASK, free_text=model.takes_prompt)
-    options = options_for(form, request)
+    options = options_for(form, request, model)
     labels = job_labels(
         request, form.fields.get("priority"), default=Lane.BULK, keep_alive=form.fields.get("keep_alive")
     )
@@ -224,11 +227,19 @@ async def model_info(request: web.Request) -> web.Response:
             "device": card.device,
             "dtype": card.dtype,
             "tasks": list(card.tasks),
-            "generation": {"max_new_tokens": settings.max_new_tokens, "num_beams": settings.num_beams},
+            "generation": generation_defaults(settings, card),
             "max_batch_size": app[ENGINE].config.max_batch_size,  # the size in use, not the setting
             "adapter": adapter_summary(adapter_of(app, card)),
         }
     )
+
+
+def generation_defaults(settings: Settings, card: ModelCard) -> dict[str, Any]:
+    """What a request that sets nothing gets from this model: --max-new-tokens, stopped at the
+    model's own limit (``max_new_tokens_limit``, null while unknown), and the beams."""
+    limit = card.max_new_tokens
+    tokens = settings.max_new_tokens if limit is None else min(settings.max_new_tokens, limit)
+    return {"max_new_tokens": tokens, "max_new_tokens_limit": limit, "num_beams": settings.num_beams}
 
 
 def adapter_of(app: web.Application, card: ModelCard) -> str | None:

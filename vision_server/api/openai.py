@@ -47,6 +47,7 @@ from vision_server.api.scheduling import job_labels
 from vision_server.api.state import ENGINE, SETTINGS, STARTED_AT
 from vision_server.api.task_words import read_prompt
 from vision_server.captioner import GenerationOptions
+from vision_server.engine.lifecycle import ModelCard
 from vision_server.errors import VisionServerError
 from vision_server.settings import Settings
 
@@ -77,8 +78,11 @@ class ChatRequest:
     keep_alive: object = None  # the extra ``keep_alive`` field (Ollama's), likewise
 
 
-def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
-    """Validate the body; every mistake becomes a 400 that names the offending field."""
+def parse_chat_request(
+    body: dict[str, Any], settings: Settings, model: ModelCard | None = None
+) -> ChatRequest:
+    """Validate the body (for ``model``, whose token limit ``max_tokens`` must respect); every
+    mistake becomes a 400 that names the offending field."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidParameter("messages", "'messages' must be a non-empty list of chat messages.")
@@ -98,6 +102,8 @@ def parse_chat_request(body: dict[str, Any], settings: Settings) -> ChatRequest:
         max_new_tokens=as_int(name, max_tokens, low=1, high=2**31),
         temperature=as_number("temperature", body.get("temperature"), low=0, high=MAX_TEMPERATURE),
         top_p=as_number("top_p", body.get("top_p"), low=0, high=1, low_open=True),
+        model=model,
+        length_name=name,
     )
     stream_options = body.get("stream_options")
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
@@ -177,9 +183,9 @@ def image_source(where: str, value: Any) -> str:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await read_json_object(request)
     settings = request.app[SETTINGS]
-    chat = parse_chat_request(body, settings)
-    labels = job_labels(request, chat.priority, keep_alive=chat.keep_alive)
     model = chosen_model(request, body.get("model"))
+    chat = parse_chat_request(body, settings, model)
+    labels = job_labels(request, chat.priority, keep_alive=chat.keep_alive)
     free_text = model.takes_prompt
     task, prompt = read_prompt(chat.text, model.tasks, settings.default_task, free_text=free_text)
     if chat.stream:

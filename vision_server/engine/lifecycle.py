@@ -39,6 +39,7 @@ class ModelCard:
     takes_prompt: bool = False  # free text reaches the model (BLIP, GIT, chat VLMs)
     source: str = ""  # hub id or directory it loads from
     adapter: str | None = None  # PEFT adapter directory on top, if any
+    max_new_tokens: int | None = None  # the most tokens it can generate (None: no known limit)
 
 
 @dataclass(frozen=True)

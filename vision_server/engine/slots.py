@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 
-from vision_server.captioner import Captioner, ModelInfo, model_family
+from vision_server.captioner import Captioner, ModelInfo, model_family, token_limit
 from vision_server.engine.budget import memory_parts
 from vision_server.engine.jobs import Lane
 from vision_server.engine.lifecycle import ModelCard, ModelState
@@ -97,6 +97,7 @@ class ModelSlot:
             takes_prompt=self.captioner.takes_prompt,
             source=self.source,
             adapter=self.adapter,
+            max_new_tokens=token_limit(self.captioner),
         )
 
     def depth(self, lane: Lane | None = None) -> int:

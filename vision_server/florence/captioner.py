@@ -103,6 +103,9 @@ class FlorenceCaptioner(TorchCaptioner[_Loaded]):
         self._key = self._base_key()
         self._bases = self._join(bases)
         self._adapter_size: int | None = None  # measured bytes of the adapter on a shared base
+        self._positions: int | None = None  # the text decoder's, once known
+        self._positions_read = False
+        self._told_limit = False
 
     @classmethod
     def from_settings(
@@ -130,6 +133,20 @@ class FlorenceCaptioner(TorchCaptioner[_Loaded]):
     @property
     def takes_prompt(self) -> bool:
         return False  # its prompts are task tokens; free text only picks one
+
+    @property
+    def max_new_tokens_limit(self) -> int | None:
+        """The most tokens a caption can have: the text decoder's positions (it starts from one
+        token; the prompt goes to the encoder). From ``config.json`` before any load (None for a
+        test model or a hub id not downloaded yet), from the loaded model after."""
+        if not self._positions_read:
+            from vision_server.generic.config_files import model_config
+
+            config = model_config(self._spec, revision=self.revision, fetch=False)
+            if config is not None:
+                self._positions = decoder_positions(config.get("text_config") or {})
+                self._positions_read = True
+        return self._positions
 
     @property
     def pixel_spec(self) -> PixelSpec:
@@ -233,9 +250,31 @@ class FlorenceCaptioner(TorchCaptioner[_Loaded]):
                 self._pixel_spec.height,
             )
         self._pixel_spec = loaded.pixels
+        self._positions = decoder_positions(loaded.model.config.text_config.to_dict())
+        self._positions_read = True
+        self._tell_limit()
         if self.compile:
             self._compile(loaded)
         return loaded
+
+    def _tell_limit(self) -> None:
+        """Say once that the default --max-new-tokens is more than this model can generate."""
+        limit, asked = self._positions, self.default_options.max_new_tokens
+        if self._told_limit or limit is None or asked <= limit:
+            return
+        self._told_limit = True
+        log.info(
+            "%s generates at most %d tokens (its text decoder's positions): its captions stop "
+            "there, not at --max-new-tokens %d",
+            self._spec,
+            limit,
+            asked,
+        )
+
+    def _within_positions(self, options: GenerationOptions) -> GenerationOptions:
+        """``options`` stopping where the text decoder's positions end (one token more and its
+        position table has no row for it: an IndexError in transformers)."""
+        return options if self._positions is None else options.capped(self._positions)
 
     def _read_base(self, dtype: torch.dtype) -> tuple[Any, Any]:
         """The base model (on the CPU) and its processor, converted first if need be."""
@@ -288,7 +327,7 @@ class FlorenceCaptioner(TorchCaptioner[_Loaded]):
             log.warning("--compile needs a CUDA device; running uncompiled on %s", loaded.device)
             return
         plan = CompilePlan.create(
-            self.default_options,
+            self._within_positions(self.default_options),
             self.max_batch_size,
             loaded.processor.num_image_tokens,
             self.compile_buckets,
@@ -374,7 +413,7 @@ class FlorenceCaptioner(TorchCaptioner[_Loaded]):
 
     def _caption_group(self, loaded: _Loaded, items: list[CaptionItem]) -> list[Caption]:
         """One generate call for items with equal options (padded to a bucket when compiled)."""
-        options = items[0].options.batch_key
+        options = self._within_positions(items[0].options.batch_key)
         plan = loaded.plan if loaded.plan is not None and loaded.plan.accepts(options, len(items)) else None
         padded = plan.pad(items) if plan else items
         scored = any(item.options.with_confidence for item in items)
@@ -514,6 +553,12 @@ def prompt_ids(processor: Any, tasks: list[str], length: int | None = None) -> A
     texts = [image_tokens + tokenizer.bos_token + prompt + tokenizer.eos_token for prompt in prompts]
     padding: dict[str, Any] = {"padding": "max_length", "max_length": length} if length else {"padding": True}
     return tokenizer(texts, add_special_tokens=False, return_tensors="pt", **padding)
+
+
+def decoder_positions(text_config: dict[str, Any]) -> int:
+    """Positions of Florence-2's text decoder (BART-like: 1024 unless its config says otherwise)."""
+    value = text_config.get("max_position_embeddings")
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1024
 
 
 def generate_kwargs(options: GenerationOptions) -> dict[str, Any]:

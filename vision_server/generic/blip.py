@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vision_server.generic.family import CLIP_MEAN, CLIP_STD, Family, Loaded
+from vision_server.generic.family import CLIP_MEAN, CLIP_STD, Family, Loaded, positions_in
 
 
 class Blip(Family):
@@ -44,3 +44,7 @@ class Blip(Family):
 
     def stop_ids(self, loaded: Loaded) -> set[int]:
         return {int(loaded.model.config.text_config.sep_token_id)}
+
+    def text_positions(self, config: dict[str, Any]) -> int | None:
+        # BlipTextConfig's default when the saved config leaves it out.
+        return positions_in(config.get("text_config") or {}, "max_position_embeddings", default=512)

@@ -22,7 +22,7 @@ from PIL import Image
 
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
 from vision_server.devices import pick_device, pick_dtype, release_memory
-from vision_server.errors import ModelLoadError, OutOfMemory
+from vision_server.errors import BadRequest, ModelLoadError, OutOfMemory
 from vision_server.florence.captioner import generate_kwargs
 from vision_server.florence.footprint import model_dir_on_disk
 from vision_server.florence.source import resolve_model_dir
@@ -30,7 +30,7 @@ from vision_server.florence.streaming import RowStreamer
 from vision_server.florence.tiers import DeviceMover
 from vision_server.generic.config_files import image_processor_config, model_config
 from vision_server.generic.families import FAMILIES, FLORENCE, backend_of, describe, supported
-from vision_server.generic.family import Family, Loaded
+from vision_server.generic.family import Family, Loaded, caption_room
 from vision_server.images import PixelSpec
 from vision_server.tasks import CAPTION_TASK
 from vision_server.torch_captioner import TorchCaptioner
@@ -50,6 +50,7 @@ class _Ready:
     device: torch.device
     dtype: torch.dtype
     stops: set[int]
+    positions: int | None  # the text decoder's, shared by the prompt and the caption
 
 
 class GenericCaptioner(TorchCaptioner[_Ready]):
@@ -72,6 +73,7 @@ class GenericCaptioner(TorchCaptioner[_Ready]):
         dtype: str = "auto",
         max_batch_size: int | None = None,
         mover: DeviceMover | None = None,
+        default_max_new_tokens: int | None = None,
     ) -> None:
         if backend is not None and backend not in FAMILIES:
             raise ValueError(f"unknown generic backend {backend!r}; choose one of {', '.join(FAMILIES)}")
@@ -81,6 +83,11 @@ class GenericCaptioner(TorchCaptioner[_Ready]):
         self.backend = backend
         self.max_batch_size = max_batch_size or self.preferred_batch_size
         self._pixel_spec: PixelSpec | None = None
+        # The server's --max-new-tokens, only to say once when this model cannot reach it.
+        self.default_max_new_tokens = default_max_new_tokens
+        self._positions: int | None = None
+        self._positions_read = False
+        self._told_limit = False
 
     @classmethod
     def from_settings(
@@ -96,6 +103,7 @@ class GenericCaptioner(TorchCaptioner[_Ready]):
             device=settings.device,
             dtype=settings.dtype,
             max_batch_size=settings.max_batch_size,
+            default_max_new_tokens=settings.max_new_tokens,
         )
 
     @property
@@ -123,6 +131,19 @@ class GenericCaptioner(TorchCaptioner[_Ready]):
             spec = family.pixel_spec(config) if config is not None else family.default_spec()
             self._pixel_spec = spec
         return spec
+
+    @property
+    def max_new_tokens_limit(self) -> int | None:
+        """The most tokens a caption can have: the text decoder's positions, less the given tokens
+        (its start token; a prompt takes more). From ``config.json`` before any load; None while
+        neither the family nor the file is known."""
+        if not self._positions_read:
+            family = FAMILIES.get(self.backend or "")
+            config = model_config(self._spec, revision=self.revision, fetch=False) if family else None
+            if family is not None and config is not None:
+                self._positions = family.text_positions(config)
+                self._positions_read = True
+        return None if self._positions is None else caption_room(self._positions, 1)
 
     @cached_property
     def _estimated_size(self) -> int | None:
@@ -156,7 +177,25 @@ class GenericCaptioner(TorchCaptioner[_Ready]):
                 "the model wants %dx%d images; queued ones are resized again", spec.width, spec.height
             )
         self._pixel_spec = spec
-        return _Ready(family, loaded, device, dtype, family.stop_ids(loaded))
+        positions = family.text_positions(loaded.model.config.to_dict())
+        self._positions, self._positions_read = positions, True
+        self._tell_limit(family)
+        return _Ready(family, loaded, device, dtype, family.stop_ids(loaded), positions)
+
+    def _tell_limit(self, family: Family) -> None:
+        """Say once that the server-wide --max-new-tokens is more than this model can generate."""
+        limit, asked = self.max_new_tokens_limit, self.default_max_new_tokens
+        if self._told_limit or limit is None or asked is None or asked <= limit:
+            return
+        self._told_limit = True
+        log.info(
+            "%s (%s) generates at most %d tokens (its text decoder's positions, prompt included): "
+            "its captions stop there, not at --max-new-tokens %d",
+            self._spec,
+            family.name,
+            limit,
+            asked,
+        )
 
     def _family(self, directory: Path) -> Family:
         """The configured family, or the one the downloaded config names (clear error if none)."""
@@ -223,6 +262,8 @@ class GenericCaptioner(TorchCaptioner[_Ready]):
         try:
             with torch.inference_mode():
                 inputs = self._inputs(ready, images, prompt)
+                start = ready.family.prompt_length(inputs)
+                options = self._within_positions(ready, options, start)
                 streamer = _streamer(ready, items, options, prompt)
                 out = ready.loaded.model.generate(
                     **inputs,
@@ -235,7 +276,6 @@ class GenericCaptioner(TorchCaptioner[_Ready]):
         except torch.cuda.OutOfMemoryError:
             release_memory()
             raise OutOfMemory(f"Out of GPU memory on a batch of {len(items)}.", retry_after=5) from None
-        start = ready.family.prompt_length(inputs)
         captions = [
             self._read_row(ready, row, start, scores[i] if scores else None)
             for i, row in enumerate(out.sequences.tolist())
@@ -244,6 +284,19 @@ class GenericCaptioner(TorchCaptioner[_Ready]):
             caption if item.options.with_confidence else dataclasses.replace(caption, confidence=None)
             for caption, item in zip(captions, items, strict=True)
         ]
+
+    def _within_positions(self, ready: _Ready, options: GenerationOptions, start: int) -> GenerationOptions:
+        """``options`` stopping where the prompt and the caption fill the text decoder: past that,
+        its position table has no row for the next token (an IndexError in transformers)."""
+        if ready.positions is None:
+            return options
+        room = caption_room(ready.positions, start)
+        if room < 1:
+            raise BadRequest(
+                f"The prompt takes {start} tokens; {self._spec} ({ready.family.name}) holds "
+                f"{ready.positions} in all, prompt and caption together. Send a shorter prompt."
+            )
+        return options.capped(room)
 
     def _inputs(self, ready: _Ready, images: list[Image.Image], prompt: str | None) -> dict[str, Any]:
         inputs = ready.family.inputs(ready.loaded, images, prompt)

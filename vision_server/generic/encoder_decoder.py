@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vision_server.generic.family import Family, Loaded
+from vision_server.generic.family import Family, Loaded, positions_in
 
 
 class VisionEncoderDecoder(Family):
@@ -35,3 +35,9 @@ class VisionEncoderDecoder(Family):
     def stop_ids(self, loaded: Loaded) -> set[int]:
         decoder_eos = loaded.model.config.decoder.eos_token_id
         return super().stop_ids(loaded) or ({int(decoder_eos)} if decoder_eos is not None else set())
+
+    def text_positions(self, config: dict[str, Any]) -> int | None:
+        # GPT-2 saves n_positions; BERT-like and TrOCR decoders max_position_embeddings.
+        decoder = config.get("decoder") or {}
+        default = 1024 if decoder.get("model_type") == "gpt2" else None  # GPT2Config's default
+        return positions_in(decoder, "n_positions", "max_position_embeddings", default=default)

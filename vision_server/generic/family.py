@@ -60,6 +60,11 @@ class Family:
         """Tokens that end a caption (a row without one ran out of tokens)."""
         return _ids(loaded.model.generation_config.eos_token_id)
 
+    def text_positions(self, config: dict[str, Any]) -> int | None:
+        """Positions the text decoder holds, from ``config.json``: the given tokens (the prompt's,
+        and the start token) and the generated ones share them. None when the config says nothing."""
+        return None
+
     def pixel_spec(self, config: dict[str, Any]) -> PixelSpec:
         """The fixed size images are prepared to, from the image processor's saved config."""
         height, width = _fixed_size(config, self.default_side)
@@ -74,6 +79,25 @@ class Family:
 
     def default_spec(self) -> PixelSpec:
         return self.pixel_spec({})
+
+
+def caption_room(positions: int, prompt_length: int) -> int:
+    """The most tokens a decoder of ``positions`` positions can add after ``prompt_length`` given ones.
+
+    The last generated token is never fed back, so it needs no position: a decoder of 512
+    positions that starts from one token generates 512 (measured on BLIP, GIT, GPT-2 and
+    Florence-2, whose position tables fail one token later with an IndexError).
+    """
+    return positions - prompt_length + 1
+
+
+def positions_in(config: dict[str, Any], *keys: str, default: int | None) -> int | None:
+    """The first of ``keys`` set in ``config`` (a whole number above 0), else ``default``."""
+    for key in keys:
+        value = config.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return default
 
 
 def _fixed_size(config: dict[str, Any], default: int) -> tuple[int, int]:

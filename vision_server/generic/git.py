@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vision_server.generic.family import CLIP_MEAN, CLIP_STD, Family, Loaded
+from vision_server.generic.family import CLIP_MEAN, CLIP_STD, Family, Loaded, positions_in
 
 
 class Git(Family):
@@ -45,3 +45,7 @@ class Git(Family):
     def prompt_length(self, inputs: dict[str, Any]) -> int:
         ids = inputs.get("input_ids")
         return 1 if ids is None else int(ids.shape[1])
+
+    def text_positions(self, config: dict[str, Any]) -> int | None:
+        # Text tokens only: the image's tokens come before them without position embeddings.
+        return positions_in(config, "max_position_embeddings", default=1024)

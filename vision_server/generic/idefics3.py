@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from vision_server.generic.family import Family, Loaded
+from vision_server.generic.family import Family, Loaded, positions_in
 from vision_server.images import PixelSpec
 
 # The user message for <CAPTION>, when the client sent no free text.
@@ -59,6 +59,11 @@ class Idefics3(Family):
         end = loaded.tokenizer.convert_tokens_to_ids("<end_of_utterance>")
         unknown = loaded.tokenizer.unk_token_id
         return super().stop_ids(loaded) | ({int(end)} if end is not None and end != unknown else set())
+
+    def text_positions(self, config: dict[str, Any]) -> int | None:
+        # The language model's: the chat template, the image's tokens and the answer share them.
+        # Rotary positions do not fail past it, but the model was not trained for more.
+        return positions_in(config.get("text_config") or {}, "max_position_embeddings", default=None)
 
     def pixel_spec(self, config: dict[str, Any]) -> PixelSpec:
         side = (config.get("max_image_size") or {}).get("longest_edge", self.default_side)

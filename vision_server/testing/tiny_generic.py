@@ -73,10 +73,18 @@ IDEFICS_CHAT_TEMPLATE = (
 FAMILIES = ("blip", "git", "vision-encoder-decoder", "idefics3")
 
 
-def build_generic_model(out_dir: str | Path, family: str, *, seed: int = 0) -> Path:
-    """Write a tiny ``family`` model (weights, config, tokenizer, processor) and return its path."""
+def build_generic_model(
+    out_dir: str | Path, family: str, *, seed: int = 0, text_positions: int | None = None
+) -> Path:
+    """Write a tiny ``family`` model (weights, config, tokenizer, processor) and return its path.
+
+    ``text_positions`` gives BLIP's text decoder that many positions instead of its default 512
+    (tests of the generation limit, which then runs out in a few dozen tokens).
+    """
+    if text_positions is not None and family != "blip":
+        raise ValueError("text_positions is for the blip family only")
     builders: dict[str, Callable[[Path], None]] = {
-        "blip": _blip,
+        "blip": lambda out: _blip(out, text_positions),
         "git": _git,
         "vision-encoder-decoder": _vision_encoder_decoder,
         "idefics3": _idefics3,
@@ -120,10 +128,12 @@ def bpe_tokenizer(specials: tuple[str, ...], **roles: str) -> GPT2Tokenizer:
 # --- families -----------------------------------------------------------------------------------
 
 
-def _blip(out: Path) -> None:
+def _blip(out: Path, text_positions: int | None = None) -> None:
     tokenizer = wordpiece_tokenizer(bos_token="[DEC]")
     ids = {"bos_token_id": tokenizer.bos_token_id, "pad_token_id": tokenizer.pad_token_id}
     text = {**TOWER, "vocab_size": len(tokenizer), "encoder_hidden_size": WIDTH, **ids}
+    if text_positions is not None:
+        text["max_position_embeddings"] = text_positions
     text |= {"sep_token_id": tokenizer.sep_token_id, "eos_token_id": tokenizer.sep_token_id}
     model = BlipForConditionalGeneration(
         BlipConfig(text_config=text, vision_config=VISION, projection_dim=WIDTH)
