@@ -8,6 +8,7 @@ decoder holds 1024, so it needs a server started with more than that to show the
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -49,8 +50,9 @@ def short_blip(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 async def test_blip_under_the_default_max_new_tokens_answers_and_refuses_explicit_excess(
-    short_blip: Path, tmp_path: Path
+    short_blip: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="vision_server.generic.captioner")
     directory = short_blip
     settings = Settings(model=str(directory), cache_dir=tmp_path / "cache", idle_timeout=-1, num_beams=1)
     assert settings.max_new_tokens > BLIP_POSITIONS  # the server's default, untouched
@@ -60,6 +62,8 @@ async def test_blip_under_the_default_max_new_tokens_answers_and_refuses_explici
             session, "/process_image", {"image": image_b64(1), "prompt": "<CAPTION>"}
         )
         assert status == 200, body
+        said = [r.getMessage() for r in caplog.records if "generates at most" in r.getMessage()]
+        assert len(said) == 1 and f"at most {BLIP_POSITIONS} tokens" in said[0], said
 
         async with session.get("/model_info") as response:
             generation = (await response.json())["generation"]
