@@ -72,15 +72,16 @@ async def test_cors_preflight_passes_without_a_key(tmp_path: Path) -> None:
             assert {"Authorization", "X-Priority", "X-Client-Id"} <= allowed
 
 
-async def test_cors_answers_expose_the_keep_alive_granted(tmp_path: Path) -> None:
+async def test_cors_answers_expose_the_keep_alive_granted_and_the_model(tmp_path: Path) -> None:
     settings = Settings(cache_dir=tmp_path, cors_origins=("http://127.0.0.1:8000",))
     body = {"image": b64(5), "prompt": "<CAPTION>", "keep_alive": "10m"}
     origin = {"Origin": "http://127.0.0.1:8000"}
     async with client_for(settings, FakeCaptioner()) as session:
         async with session.post("/process_image", json=body, headers=origin) as r:
-            assert r.status == 200 and r.headers["X-Keep-Alive"]
+            assert r.status == 200 and r.headers["X-Keep-Alive"] and r.headers["X-Model"]
             exposed = {h.strip() for h in r.headers["Access-Control-Expose-Headers"].split(",")}
-            assert {"X-Keep-Alive", "X-Request-ID", "Retry-After"} <= exposed
+            # A page on another origin reads which model captioned only when it is exposed.
+            assert {"X-Keep-Alive", "X-Request-ID", "Retry-After", "X-Model"} <= exposed
 
 
 async def test_key_file_and_environment(tmp_path: Path) -> None:

@@ -17,7 +17,7 @@ from vision_server.api.state import SETTINGS
 
 ALLOW_METHODS = "GET, POST, OPTIONS"
 ALLOW_HEADERS = "Content-Type, Authorization, Bypass-Tunnel-Reminder, X-Request-ID, X-Priority, X-Client-Id"
-EXPOSE_HEADERS = "X-Request-ID, Retry-After, X-Keep-Alive"
+EXPOSE_HEADERS = "X-Request-ID, Retry-After, X-Keep-Alive, X-Model"  # X-Model: who captioned
 MAX_AGE = "600"
 
 
