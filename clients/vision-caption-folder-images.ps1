@@ -16,7 +16,8 @@ name and the extension CaptionExt: cat.png -> cat.txt.
   a failure or Ctrl+C never leaves a half-written or error-filled caption behind.
 - A failed image is reported and the run goes on. The failures are listed at the end and the
   script exits with code 1 if there was any. The run stops early only when the server
-  cannot be reached at all.
+  cannot be reached at the start, or for longer than -WaitForServerSec during the run (a
+  restart only pauses it).
 - -Jobs N (default 4) keeps N requests in flight, which lets the server batch them on the GPU.
   It works the same on Windows PowerShell 5.1 and PowerShell 7 (a runspace pool).
 - When two images would share a caption file (a.jpg and a.png), only the first in sort order
@@ -82,6 +83,13 @@ Sent as 'Authorization: Bearer <key>'. Defaults to $env:VISION_API_KEY.
 How many times to retry one image when the server is busy (429/502/503) or refuses the
 connection (default 3).
 
+.PARAMETER WaitForServerSec
+When the server goes away during the run (a restart, a deploy), pause and wait up to this
+many seconds for it to answer again, then send the images that were in flight again
+(default 300). After that the run stops early and says how many images were not attempted;
+run it again to resume. An image whose request keeps breaking the connection (six times: a
+server that crashes on it) fails alone. 0 stops the run after -Retries instead.
+
 .PARAMETER Model
 Which of the server's models captions the folder, by the name it was started with
 (--model NAME=SOURCE). Defaults to $env:VISION_MODEL, then the server's default model.
@@ -139,6 +147,9 @@ param(
     [ValidateRange(0, 100)]
     [int]$Retries = 3,
 
+    [ValidateRange(0, 86400)]
+    [int]$WaitForServerSec = 300,
+
     [string]$Model = $env:VISION_MODEL
 )
 
@@ -187,6 +198,41 @@ function Get-ImageFile([string]$Root, [bool]$Recurse) {
         if ($extensions -contains $extension -and -not $file.Name.StartsWith('._')) { $file.FullName }
     }
     return @($images | Sort-Object)
+}
+
+function Test-FolderServerAnswer {
+    # Any HTTP answer to GET /prompts within 10 s means the server is back. A client of its own,
+    # so no pooled connection of the dead server is tried.
+    $probe = New-VisionHttpClient -TimeoutSec 10 -MaxConnections 1
+    try {
+        [void](Invoke-VisionHttp -Client $probe -Method GET -Uri ($baseUrl + '/prompts') -ApiKey $ApiKey -TimeoutSec 10)
+        return $true
+    }
+    catch {
+        return $false
+    }
+    finally {
+        $probe.Dispose()
+    }
+}
+
+function Wait-FolderServer([string]$LastError) {
+    # After an outage: probe until the server answers again or -WaitForServerSec runs out.
+    # Returns $null when it is back, else why the run stops.
+    if (Test-FolderServerAnswer) { return $null }   # a blip: go on quietly
+    Write-FolderError ('{0}: server unreachable; waiting up to {1} s for it to come back' -f $scriptName, $WaitForServerSec)
+    $waited = [System.Diagnostics.Stopwatch]::StartNew()
+    $pause = 1.0
+    while ($waited.Elapsed.TotalSeconds -lt $WaitForServerSec) {
+        $left = $WaitForServerSec - $waited.Elapsed.TotalSeconds
+        Start-Sleep -Milliseconds ([int](1000 * [Math]::Min($pause, $left)))
+        $pause = [Math]::Min(5.0, 2 * $pause)
+        if (Test-FolderServerAnswer) {
+            Write-FolderError ('{0}: server back; going on' -f $scriptName)
+            return $null
+        }
+    }
+    return ('the server cannot be reached (still not after waiting {0} s): {1}' -f $WaitForServerSec, $LastError)
 }
 
 # --- arguments --------------------------------------------------------------------------------
@@ -271,6 +317,11 @@ foreach ($clash in $clashes) { $failures.Add($clash) }
 $done = 0
 $captioned = 0
 $connectFailuresInARow = 0
+$retryQueue = New-Object System.Collections.Generic.Queue[object]   # sent again after an outage
+$outageHits = @{}   # image -> how many times its request met an unreachable server
+$maxOutageHits = 5  # one more and the image fails alone (a server that crashes on it)
+$outage = $false    # the server went away: start nothing until it answers again
+$lastConnectError = ''
 $aborted = $null
 $abortExitCode = 1
 $exitCode = 1
@@ -312,15 +363,28 @@ try {
     $watch = [System.Diagnostics.Stopwatch]::StartNew()
     $lastProgress = -1.0
     $next = 0
-    while ($running.Count -gt 0 -or ($next -lt $work.Count -and $null -eq $aborted)) {
-        while ($null -eq $aborted -and $running.Count -lt $Jobs -and $next -lt $work.Count) {
-            $job = $work[$next]
-            $next++
+    while ($running.Count -gt 0 -or (($next -lt $work.Count -or $retryQueue.Count -gt 0) -and $null -eq $aborted)) {
+        while ($null -eq $aborted -and -not $outage -and $running.Count -lt $Jobs -and ($retryQueue.Count -gt 0 -or $next -lt $work.Count)) {
+            if ($retryQueue.Count -gt 0) {
+                $job = $retryQueue.Dequeue()
+            }
+            else {
+                $job = $work[$next]
+                $next++
+            }
             $job['Client'] = $client
             $shell = [System.Management.Automation.PowerShell]::Create()
             $shell.RunspacePool = $pool
             [void]$shell.AddScript($workerScript).AddArgument($job)
-            $running.Add([pscustomobject]@{ Shell = $shell; Handle = $shell.BeginInvoke(); Image = $job.ImagePath })
+            $running.Add([pscustomobject]@{ Shell = $shell; Handle = $shell.BeginInvoke(); Image = $job.ImagePath; Job = $job })
+        }
+        if ($running.Count -eq 0) {
+            # Every request in flight has come back: with the server gone, wait for it here.
+            if ($outage) {
+                $outage = $false
+                $aborted = Wait-FolderServer $lastConnectError
+            }
+            continue
         }
 
         $handles = [System.Threading.WaitHandle[]]@(foreach ($item in $running) { $item.Handle.AsyncWaitHandle })
@@ -347,6 +411,21 @@ try {
                 $item.Shell.Dispose()
             }
 
+            if (-not $result.Ok -and $result.Failure -eq 'connect' -and $WaitForServerSec -gt 0) {
+                # The server went away (a restart?): no caption was written, so send this image
+                # again once it answers; nothing new starts until then.
+                $hits = 1
+                if ($outageHits.ContainsKey($item.Image)) { $hits = $outageHits[$item.Image] + 1 }
+                $lastConnectError = $result.Error
+                if ($hits -le $maxOutageHits) {
+                    $outageHits[$item.Image] = $hits
+                    $retryQueue.Enqueue($item.Job)
+                    $outage = $true
+                    continue
+                }
+                $result.Error = 'the connection broke {0} times around this image (does the server crash on it?): {1}' -f $hits, $result.Error
+                $result.Failure = $null
+            }
             $done++
             if ($result.Ok) {
                 $captioned++

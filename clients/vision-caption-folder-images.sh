@@ -32,6 +32,11 @@ Options:
   --url URL        server address (default: \$VISION_HOST, else http://127.0.0.1:54880)
   --timeout SEC    per-image time limit in seconds (default: \$VISION_TIMEOUT, else 300)
   --retries N      retries per image when the server is busy (HTTP 429/502/503) (default: 3)
+  --wait-for-server SEC
+                   when the server goes away mid-run (a restart, a deploy), pause and wait up
+                   to SEC seconds for it to answer again, then send the images that were in
+                   flight again; after that the run stops early (exit status 3) and says how
+                   many images were not attempted (default: 300; 0: stop at once)
   -q, --quiet      no progress output; failures and the summary are still printed
   -h, --help       show this help and exit
 
@@ -45,8 +50,10 @@ file has no trailing newline. When two images would share a caption file (a.jpg 
 only the first in sort order is captioned; the other is reported as failed.
 
 Progress (count/total, images per second and ETA) goes to stderr, then a summary that lists
-every image that failed and why. The run stops early when the server cannot be reached,
-stays busy after the retries, rejects the API key or rejects the prompt.
+every image that failed and why. The run stops early when the server cannot be reached at the
+start or for longer than --wait-for-server, stays busy after the retries, rejects the API key
+or rejects the prompt. An image whose request keeps breaking the connection (six times: a
+server that crashes on it) fails alone.
 
 Exit status: 0 all images captioned or skipped; 1 some images failed; 2 usage error;
 3 the server cannot be reached; 5 the server stays busy; 6 authentication failed;
@@ -97,6 +104,7 @@ jobs=4
 recursive=1
 quiet=0
 retries=3
+wait_for_server=300
 timeout=${VISION_TIMEOUT:-300}
 client_opts=()
 args=()
@@ -114,7 +122,7 @@ while (($#)); do
         opt=${opt%%=*}
         shift
         ;;
-    --mode | --separator | --prefix | --suffix | --jobs | -j | --url | --timeout | --retries)
+    --mode | --separator | --prefix | --suffix | --jobs | -j | --url | --timeout | --retries | --wait-for-server)
         need_value "$opt" $#
         value=$2
         shift 2
@@ -134,6 +142,7 @@ while (($#)); do
     --url) client_opts+=(--url "$value") ;;
     --timeout) timeout=$value ;;
     --retries) retries=$value ;;
+    --wait-for-server) wait_for_server=$value ;;
     --no-recursive) recursive=0 ;;
     --recursive) recursive=1 ;;
     -q | --quiet) quiet=1 ;;
@@ -156,6 +165,9 @@ if ! [[ $jobs =~ ^[0-9]+$ ]] || ((jobs < 1 || jobs > 256)); then
     usage_error "--jobs must be a number from 1 to 256, not '$jobs'"
 fi
 [[ $retries =~ ^[0-9]+$ ]] || usage_error "--retries must be a whole number, not '$retries'"
+[[ $wait_for_server =~ ^[0-9]{1,7}$ ]] ||
+    usage_error "--wait-for-server must be a whole number of seconds, not '$wait_for_server'"
+wait_for_server=$((10#$wait_for_server))
 [[ $timeout =~ ^[0-9]+([.][0-9]+)?$ && ! $timeout =~ ^0+([.]0*)?$ ]] ||
     usage_error "--timeout must be a positive number of seconds, not '$timeout'"
 client_opts+=(--timeout "$timeout")
@@ -195,6 +207,10 @@ n_aborted=0
 abort_rc=0
 abort_reason=""
 start_us=0
+outage=0               # 1 while the server is unreachable: no new images start
+declare -a retry_q=()  # images whose request the outage broke: sent again first
+declare -A outage_hits=() # index -> how many times its request met an unreachable server
+max_outage_hits=5      # one more and the image fails alone (a server that crashes on it)
 
 # temp_caption INDEX: the hidden temporary file that becomes the caption of image INDEX.
 temp_caption() {
@@ -366,7 +382,7 @@ note_result() {
 }
 
 report() {
-    local elapsed line not_started=$((total - next + n_aborted))
+    local elapsed line not_started=$((total - next + n_aborted + ${#retry_q[@]}))
     elapsed=0
     if ((start_us > 0)); then elapsed=$((($(now_us) - start_us) / 1000000)); fi
     if ((tty_progress)); then printf '\r\033[K' >&2; fi
@@ -498,6 +514,20 @@ collect() {
         note_result ok "$img"
         return
     fi
+    if [[ $status == abort && $rc == 3 ]] && ((wait_for_server > 0)); then
+        # The server went away (a restart?): no caption was written, so send this image again
+        # once it answers; the main loop stops starting images and waits for it.
+        local hits=$((${outage_hits[$idx]:-0} + 1))
+        if ((hits <= max_outage_hits)); then
+            outage_hits[$idx]=$hits
+            retry_q+=("$idx")
+            outage=1
+            progress_line
+            return
+        fi
+        status=fail
+        reason="the connection broke $hits times around this image (does the server crash on it?): $reason"
+    fi
     if [[ $status == abort ]]; then
         # A problem of the whole run, not of this image: stop, and report it once.
         n_aborted=$((n_aborted + 1))
@@ -520,15 +550,65 @@ collect() {
     note_result fail "$img" "$reason"
 }
 
+# nap SECONDS: sleep in the background, so a signal is handled at once.
+nap() {
+    sleep "$1" &
+    wait "$!" || true
+}
+
+# server_answers: whether the server answers GET /prompts now (any answer within 10 s counts).
+server_answers() {
+    local rc=0
+    "${client_cmd[@]}" --timeout 10 prompts >/dev/null 2>"$tmpd/probe.err" || rc=$?
+    ((rc != 3 && rc != 4))
+}
+
+# wait_for_server_back: after an outage, probe until the server answers or --wait-for-server
+# runs out (then stop the run the way an unreachable server always did).
+wait_for_server_back() {
+    local deadline pause=1 left
+    outage=0
+    server_answers && return 0 # a blip: go on quietly
+    if ((tty_progress)); then printf '\r\033[K' >&2; fi
+    say "server unreachable; waiting up to $wait_for_server s for it to come back"
+    deadline=$((SECONDS + wait_for_server))
+    while ((SECONDS < deadline)); do
+        left=$((deadline - SECONDS))
+        nap $((pause < left ? pause : left))
+        pause=$((pause * 2 > 5 ? 5 : pause * 2))
+        if server_answers; then
+            say "server back; going on"
+            progress_line
+            return 0
+        fi
+    done
+    abort_rc=3
+    abort_reason="the server cannot be reached (still not after waiting $wait_for_server s: $(tail -n 1 "$tmpd/probe.err" | sed "s/^$client_name: //"))"
+    say "stopping: $abort_reason"
+}
+
 progress_line
 partial=""
 while :; do
-    while [[ -z $abort_reason ]] && ((next < total && ${#running[@]} < jobs)); do
-        caption_one "$next" &
-        running[$next]=$!
-        next=$((next + 1))
+    while [[ -z $abort_reason ]] && ((!outage && (${#retry_q[@]} || next < total) && ${#running[@]} < jobs)); do
+        if ((${#retry_q[@]})); then
+            idx=${retry_q[0]}
+            retry_q=("${retry_q[@]:1}")
+        else
+            idx=$next
+            next=$((next + 1))
+        fi
+        caption_one "$idx" &
+        running[$idx]=$!
     done
-    ((${#running[@]} > 0)) || break
+    if ((${#running[@]} == 0)); then
+        # Every request in flight has come back: with the server gone, wait for it here.
+        if ((outage)) && [[ -z $abort_reason ]]; then
+            wait_for_server_back
+            continue
+        fi
+        break
+    fi
     if IFS= read -r -t 1 -u "$done_fd" line; then
         idx=$partial$line
         partial=""

@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from aiohttp import web
 
 from tests.support.images import save_flat
 from tests.support.leftovers import OLD, YOUNG, caption_temp
-from tests.support.processes import free_port
+from tests.support.processes import ServerProcess, free_port
 
 CLI = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or shutil.which("vision-client")
 TASKS = [
@@ -35,14 +36,24 @@ TASKS = [
 pytestmark = pytest.mark.skipif(CLI is None, reason="the vision-client console script is not installed")
 
 
+def client_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    full_env = {k: v for k, v in os.environ.items() if k not in ("VISION_HOST", "VISION_API_KEY")}
+    full_env.update(env or {})
+    return full_env
+
+
 def run(
     *args: str, url: str | None = None, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
-    full_env = {k: v for k, v in os.environ.items() if k not in ("VISION_HOST", "VISION_API_KEY")}
-    full_env.update(env or {})
     command = [CLI, *(["--url", url] if url else []), *args]
     return subprocess.run(
-        command, capture_output=True, text=True, encoding="utf-8", env=full_env, timeout=timeout, check=False
+        command,
+        capture_output=True,
+        text=True,
+        encoding="utf-8",
+        env=client_env(env),
+        timeout=timeout,
+        check=False,
     )
 
 
@@ -213,6 +224,47 @@ def test_folder_jsonl(server: str, images: Path, tmp_path_factory: pytest.TempPa
     second = run("folder", str(images), "--task", "generate_tags", "--jsonl", str(out), url=server)
     assert "0 captioned, 2 skipped" in second.stderr
     assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+
+
+def test_folder_run_outlives_a_server_restart(tmp_path: Path) -> None:
+    """SIGKILL the server mid-run and start it again on the same port a few seconds later.
+
+    The run pauses (far longer than ``--retries 1`` would wait), resends the images that were in
+    flight, and ends with every image captioned and exit 0, as an overnight run must.
+    """
+    port = free_port()
+    data = tmp_path / "data"
+    for i in range(16):
+        save_flat(data / f"{i:02}.png", (12 * i, 90, 250 - 9 * i), (32, 32))
+    settings = {"port": port, "max_batch_size": 2}
+    first = ServerProcess.fake(tmp_path, "first", delay=0.4, **settings)
+    client: subprocess.Popen[str] | None = None
+    try:
+        with first:
+            url = first.wait_listening()
+            command = [CLI, "--url", url, "--retries", "1", "folder", str(data), "-j", "4", "-t", "caption"]
+            client = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env()
+            )
+            end = time.monotonic() + 60
+            while not list(data.glob("*.txt")) and time.monotonic() < end and client.poll() is None:
+                time.sleep(0.05)
+            first.process.kill()  # as the OOM killer or a crash would; requests are in flight
+            first.wait(10)
+        assert client.poll() is None, "the run ended before the server went away"
+        time.sleep(3)  # down for a while: --retries 1 alone gives up after about half a second
+        with ServerProcess.fake(tmp_path, "second", delay=0.4, **settings) as second:
+            assert second.wait_listening() == url
+            _, err = client.communicate(timeout=120)
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.communicate()
+    assert client.returncode == 0, err
+    assert "server unreachable; waiting up to 300 s for it to come back" in err
+    assert "server back; going on" in err
+    assert "16 captioned, 0 skipped, 0 failed of 16 images" in err
+    assert all(image.with_suffix(".txt").read_text(encoding="utf-8") for image in data.glob("*.png"))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -521,6 +521,7 @@ def test_folder_usage_errors(tmp_path: Path) -> None:
         ["CAPTION", "txt"],
         ["--mode", "merge", "CAPTION", "txt", str(tmp_path)],
         ["--jobs", "0", "CAPTION", "txt", str(tmp_path)],
+        ["--wait-for-server", "5m", "CAPTION", "txt", str(tmp_path)],
     ):
         result = run(FOLDER, *args)
         assert result.returncode == 2, args
@@ -675,3 +676,44 @@ def test_folder_retries_busy_server(tmp_path: Path) -> None:
     assert result.returncode == 5
     assert "Stopped early" in result.stderr and "Queue full" in result.stderr
     assert list(root.rglob("*.cap")) == []
+
+
+def test_folder_run_outlives_a_server_restart(tmp_path: Path, tmpdir_env: Path) -> None:
+    """SIGKILL the server mid-run, start it again on the same port a few seconds later.
+
+    The images in flight fail to connect (curl exit 7, or a broken reply): the run pauses, waits
+    for the server, sends them again and ends with every image captioned and exit 0.
+    """
+    root = tmp_path / "restart"
+    images = make_tree(root, [f"img{i:02}.png" for i in range(12)])
+    settings = {"port": free_port(), "max_batch_size": 2}
+    proc: subprocess.Popen[str] | None = None
+    try:
+        with ServerProcess.fake(tmp_path, "first", delay=0.5, **settings) as first:
+            url = first.wait_listening()
+            proc = subprocess.Popen(
+                [str(FOLDER), "--url", url, "--jobs", "4", "CAPTION", "txt", str(root)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                env=base_env(tmpdir_env),
+            )
+            end = time.monotonic() + 60
+            while not list(root.glob("*.txt")) and time.monotonic() < end and proc.poll() is None:
+                time.sleep(0.05)
+            first.process.kill()  # requests are in flight
+            first.wait(10)
+        assert proc.poll() is None, "the run ended before the server went away"
+        time.sleep(3)
+        with ServerProcess.fake(tmp_path, "second", delay=0.5, **settings) as second:
+            assert second.wait_listening() == url
+            _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "server unreachable; waiting up to 300 s for it to come back" in stderr
+    assert "server back; going on" in stderr
+    assert all(caption_path(image).read_text() for image in images)
+    assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []

@@ -12,7 +12,7 @@ import asyncio
 import base64
 import json
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -29,12 +29,20 @@ from vision_server.client.errors import (
     VisionTimeoutError,
     http_error,
 )
-from vision_server.client.retry import RETRY_STATUSES, RetryPolicy, parse_retry_after
+from vision_server.client.retry import (
+    MAX_OUTAGES_PER_REQUEST,
+    RETRY_STATUSES,
+    RetryPolicy,
+    ServerWait,
+    parse_retry_after,
+)
 
 DEFAULT_URL = "http://127.0.0.1:54880"
 DEFAULT_TASK = "<MORE_DETAILED_CAPTION>"
 DEFAULT_TIMEOUT = 600.0  # the server's own request deadline; a long queue is normal in a folder run
 MODEL_HEADER = "X-Model"  # names the model that captioned (vision_server.api.native sets it)
+PROBE_PATH = "/health"  # any HTTP answer here means the server is back (a 404 from other servers too)
+PROBE_TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=5)
 
 ImageInput = bytes | bytearray | memoryview | str | os.PathLike[str]
 
@@ -94,7 +102,16 @@ def error_detail(body: str, fallback: str) -> str:
 
 
 class AsyncVisionClient:
-    """Caption images with a vision-server; use ``async with`` or call :meth:`close`."""
+    """Caption images with a vision-server; use ``async with`` or call :meth:`close`.
+
+    ``retries`` covers busy answers (429/502/503, honouring ``Retry-After``) and lost
+    connections. ``wait_for_server`` (seconds, default 0: off) is for long runs: once the server
+    has answered, losing it (a restart) pauses every request of this client until ``GET /health``
+    gets an answer again, up to that many seconds, and then sends the interrupted requests
+    again; only after that window do they fail with :class:`VisionConnectionError`.
+    ``on_server_wait`` gets the lines "server unreachable; waiting up to N s ..." and "server
+    back; going on" (default: a warning on the ``vision_server.client`` logger).
+    """
 
     def __init__(
         self,
@@ -107,6 +124,8 @@ class AsyncVisionClient:
         retry_policy: RetryPolicy | None = None,
         client_id: str | None = None,
         model: str | None = None,
+        wait_for_server: float = 0.0,
+        on_server_wait: Callable[[str], None] | None = None,
     ) -> None:
         self.base_url = normalize_base_url(base_url)
         # The served model to caption with (a server with several models): None is its default.
@@ -119,6 +138,12 @@ class AsyncVisionClient:
             self._headers["X-Client-Id"] = client_id
         self._timeout = aiohttp.ClientTimeout(total=timeout, sock_connect=connect_timeout)
         self._session: aiohttp.ClientSession | None = None
+        # Long runs outlive a server restart: once the server has answered, losing it pauses every
+        # request for up to ``wait_for_server`` seconds instead of failing them after ``retries``.
+        self._reached = False
+        self._server_wait = (
+            ServerWait(wait_for_server, self._server_answers, on_server_wait) if wait_for_server > 0 else None
+        )
 
     async def __aenter__(self) -> AsyncVisionClient:
         return self
@@ -130,6 +155,8 @@ class AsyncVisionClient:
 
     async def close(self) -> None:
         """Close the connection pool; the client can still be used again afterwards."""
+        if self._server_wait is not None:
+            self._server_wait.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None
@@ -186,20 +213,49 @@ class AsyncVisionClient:
         """As :meth:`_request`, with the reply's headers."""
         url = self.base_url + path
         attempt = 0
+        outages = 0
         while True:
             try:
                 return await self._attempt(method, url, payload)
-            except (VisionConnectionError, VisionHTTPError) as error:
+            except VisionConnectionError as error:
+                if self._server_wait is not None and self._reached:
+                    # The request may have been lost with the connection; sending it again is safe
+                    # (captions are only stored from answers), so wait with the others, then resend.
+                    if outages >= MAX_OUTAGES_PER_REQUEST:
+                        raise VisionClientError(
+                            f"the connection to {self.base_url} broke {outages + 1} times around this "
+                            f"request (does the server crash on it?): {error}"
+                        ) from error
+                    outages += 1
+                    if await self._server_wait.wait():
+                        continue
+                    raise VisionConnectionError(
+                        f"{error} (waited {self._server_wait.window:g} s for the server to come back)"
+                    ) from error
+                if attempt >= self.policy.retries:
+                    raise
+                retry_after = None
+            except VisionHTTPError as error:
                 if not _retryable(error) or attempt >= self.policy.retries:
                     raise
-                retry_after = error.retry_after if isinstance(error, VisionHTTPError) else None
+                retry_after = error.retry_after
             await asyncio.sleep(self.policy.delay(attempt, retry_after))
             attempt += 1
+
+    async def _server_answers(self) -> bool:
+        """Whether the server gives any HTTP answer now (the probe of a :class:`ServerWait`)."""
+        try:
+            async with self._get_session().get(self.base_url + PROBE_PATH, timeout=PROBE_TIMEOUT) as resp:
+                await resp.read()
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            return False
+        return True
 
     async def _attempt(self, method: str, url: str, payload: Any) -> tuple[Any, Mapping[str, str]]:
         """One try: the decoded JSON body and the headers, or an exception saying what went wrong."""
         try:
             async with self._get_session().request(method, url, json=payload) as resp:
+                self._reached = True
                 body = await resp.text(errors="replace")
                 headers = resp.headers
                 if resp.status >= 400:
@@ -217,8 +273,6 @@ class AsyncVisionClient:
             raise VisionClientError(f"{url} did not answer with JSON: {body[:200]!r}") from None
 
 
-def _retryable(error: VisionClientError) -> bool:
-    """Lost connections and "busy, come back later" answers are worth another try."""
-    if isinstance(error, VisionHTTPError):
-        return error.status in RETRY_STATUSES
-    return isinstance(error, VisionConnectionError)
+def _retryable(error: VisionHTTPError) -> bool:
+    """ "Busy, come back later" answers are worth another try (lost connections are too)."""
+    return error.status in RETRY_STATUSES

@@ -180,6 +180,17 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
     "instead of writing caption files. In skip mode, images already in it with this "
     "task are not redone.",
 )
+@click.option(
+    "--wait-for-server",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="When the server goes away mid-run (a restart, a deploy), pause all requests and wait up "
+    "to SECONDS for it to answer again, then resend the images that were in flight. After that "
+    "the run stops early and says how many images were not attempted (run it again to resume). "
+    "0: give up after --retries. A server that never answered (a wrong --url) fails after --retries.",
+)
 @click.pass_context
 def folder(
     ctx: click.Context,
@@ -193,6 +204,7 @@ def folder(
     concurrency: int,
     recursive: bool,
     jsonl: Path | None,
+    wait_for_server: float,
 ) -> None:
     """Caption every image (jpg jpeg png gif bmp tif tiff webp) in FOLDER.
 
@@ -225,7 +237,15 @@ def folder(
     async def work(client: AsyncVisionClient) -> FolderSummary:
         return await caption_folder(client, folder, on_start=bar.reset, on_result=progress, **options)
 
-    ctx.obj = {**ctx.obj, "client_id": f"folder-{os.getpid()}"}  # folder runs on one host take turns
+    def server_wait(message: str) -> None:
+        bar.write(f"vision-client: {message}", file=sys.stderr)
+
+    ctx.obj = {
+        **ctx.obj,
+        "client_id": f"folder-{os.getpid()}",  # folder runs on one host take turns
+        "wait_for_server": wait_for_server,  # an overnight run outlives a server restart
+        "on_server_wait": server_wait,
+    }
 
     try:
         summary = _run(ctx, work)

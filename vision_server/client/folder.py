@@ -3,8 +3,9 @@
 Several requests run at once (``concurrency``) so the server can batch them on the GPU. Images
 whose caption already exists are skipped before any request is sent, which makes an interrupted
 run resumable. One bad image never stops the run: it is reported at the end and gets no
-caption file. Only a server that stays unreachable after every retry stops the run, since every
-remaining image would fail the same way after the same long back-off.
+caption file. Only a server that stays unreachable stops the run, since every remaining image
+would fail the same way; give the client a ``wait_for_server`` window so a restart of the
+server only pauses the run (``vision-client folder`` waits 300 s by default).
 """
 
 from __future__ import annotations

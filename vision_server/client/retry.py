@@ -4,16 +4,25 @@ A busy server says how long to wait (``Retry-After`` on 503/429); we wait at lea
 plus a little jitter so a folder run's parallel requests do not all come back in the same
 instant. Without a hint we back off exponentially with jitter. Only answers that mean "not now"
 are retried: a 4xx will fail the same way again, and a 504 already used up the server's deadline.
+
+A server that cannot be reached at all is a different case for long runs: :class:`ServerWait`
+holds every request of a client until it answers again (a restart), up to a time window.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 RETRY_STATUSES = frozenset({429, 502, 503})
+
+log = logging.getLogger("vision_server.client")
 
 
 @dataclass(frozen=True)
@@ -51,3 +60,67 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
         when = when.replace(tzinfo=timezone.utc)
     now = now or datetime.now(timezone.utc)
     return max(0.0, (when - now).total_seconds())
+
+
+PROBE_DELAY_CAP = 5.0  # a server that is back is noticed within this many seconds
+MAX_OUTAGES_PER_REQUEST = 5  # a request that broke the connection this often fails (a poison image)
+
+
+class ServerWait:
+    """Pauses every request of one client together while its server cannot be reached.
+
+    A restart (systemd ``Restart=``, a deploy, ``systemctl restart``) refuses connections for a
+    few seconds and breaks the ones in flight. Instead of each request burning its own retries,
+    the first one to notice starts one probe loop; the others wait on it, and all of them go on
+    (sending their request again) as soon as the probe gets any HTTP answer, or give up together
+    once ``window`` seconds have passed. ``notify`` gets one line when the wait starts and one when
+    it ends; a blip that the first probe already gets past is not reported.
+    """
+
+    def __init__(
+        self,
+        window: float,
+        probe: Callable[[], Awaitable[bool]],
+        notify: Callable[[str], None] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.window = window
+        self._probe = probe
+        self._notify = notify
+        self._clock = clock
+        self._task: asyncio.Task[bool] | None = None
+
+    async def wait(self) -> bool:
+        """Wait until the server answers again: True when it does, False when the window ran out."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.ensure_future(self._until_back())
+        return await asyncio.shield(self._task)
+
+    def cancel(self) -> None:
+        """Stop a probe loop nobody waits for any more (the client is closing)."""
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    async def _until_back(self) -> bool:
+        if await self._probe():  # a reset keep-alive connection, not an outage: go on quietly
+            return True
+        deadline = self._clock() + self.window
+        self._say(f"server unreachable; waiting up to {self.window:g} s for it to come back")
+        attempt = 0
+        while True:
+            left = deadline - self._clock()
+            if left <= 0:
+                self._say(f"server still unreachable after {self.window:g} s; giving up")
+                return False
+            await asyncio.sleep(min(left, PROBE_DELAY_CAP, 0.5 * 2**attempt))
+            attempt += 1
+            if await self._probe():
+                self._say("server back; going on")
+                return True
+
+    def _say(self, message: str) -> None:
+        if self._notify is not None:
+            self._notify(message)
+        else:
+            log.warning("%s", message)
