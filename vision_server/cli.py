@@ -19,6 +19,7 @@ from vision_server.settings import (
     env_name,
     field_type,
     flag_name,
+    is_list,
     load_settings,
 )
 
@@ -44,7 +45,7 @@ def settings_options(func: F, names: tuple[str, ...] | None = None) -> F:
         if kind is bool:
             decl = f"{flag}/--no-{flag[2:]}"
             func = click.option(decl, name, default=None, help=help_text)(func)
-        elif typing.get_origin(kind) is tuple or metadata.get("entries"):
+        elif is_list(name):
             repeatable = help_text + " (repeatable)"
             func = click.option(flag, name, multiple=True, metavar=metavar, help=repeatable)(func)
         else:

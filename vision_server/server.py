@@ -25,6 +25,7 @@ from vision_server.engine.lifecycle import EngineStatus
 from vision_server.engine.scheduler import Engine
 from vision_server.florence.source import source_problem
 from vision_server.logs import configure_logging
+from vision_server.model_specs import ModelSpec
 from vision_server.sdnotify import Notifier
 from vision_server.settings import Settings, SettingsError
 from vision_server.signals import install_stop_handlers
@@ -155,11 +156,11 @@ async def run(app: web.Application, notifier: Notifier | None = None) -> bool:
 
 
 def served_models(settings: Settings) -> str:
-    """The configured models for the start line: names, sources, adapters, own idle timeouts,
-    the default and the memory budget."""
+    """The configured models for the start line: names, sources (with the revision they load),
+    adapters, backends other than auto, own idle timeouts, the default and the memory budget."""
     parts = []
     for spec in settings.model_specs:
-        text = spec.describe()
+        text = described(spec)
         if spec.idle_timeout is not None:
             text += f" [idle timeout {spec.idle_timeout:g}s]"
         if len(settings.model_specs) > 1 and spec.name == settings.default_model_name:
@@ -168,6 +169,17 @@ def served_models(settings: Settings) -> str:
     budget = settings.memory_budget_bytes
     shown = ", ".join(parts)
     return shown if budget is None else f"{shown} within {format_byte_size(budget)}"
+
+
+def described(spec: ModelSpec) -> str:
+    """``name (source @ revision + adapter, backend B)``; the parts that are not set are left
+    out, and so is the name when it is the source (``source @ revision (backend B)``)."""
+    source = spec.source if spec.revision is None else f"{spec.source} @ {spec.revision}"
+    shown = source if spec.adapter is None else f"{source} + {spec.adapter}"
+    backend = f"backend {spec.backend}" if spec.backend != "auto" else None
+    if spec.name != spec.source:
+        return f"{spec.name} ({shown}{f', {backend}' if backend else ''})"
+    return f"{shown} ({backend})" if backend else shown
 
 
 def check_model_sources(settings: Settings) -> None:

@@ -134,12 +134,13 @@ def test_serve_starts_with_named_models_and_lists_them(
     tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_adapter_dir: Path
 ) -> None:
     """A real server with two names on one source (one with an adapter): the start line names
-    them, /v1/status shows each with its own idle timeout, the default and the budget."""
+    them (with a model's own revision and backend), /v1/status shows each with its own idle
+    timeout, the default and the budget."""
     command = [
         *cli_command(), "serve", "--cache-dir", str(tiny_cache_dir(tmp_path_factory)),
         "--model", "plain=test:tiny", "--model", f"styled=test:tiny+{tiny_adapter_dir}",
         "--default-model", "styled", "--idle-timeout", "-1", "--idle-timeout", "plain:120",
-        "--memory-budget", "1.5GiB",
+        "--memory-budget", "1.5GiB", "--revision", "plain:v2", "--backend", "styled:florence2",
     ]  # fmt: skip
     with ServerProcess(command, server_env(tmp_path), tmp_path / "server.log") as server:
         url = server.wait_listening()
@@ -154,8 +155,8 @@ def test_serve_starts_with_named_models_and_lists_them(
             ("styled", str(tiny_adapter_dir), True, -1.0, "unloaded"),
         ]
         assert (
-            f"serving plain (test:tiny) [idle timeout 120s], styled (test:tiny + {tiny_adapter_dir}) "
-            "[default] within 1.5 GiB" in server.log_text()
+            f"serving plain (test:tiny @ v2) [idle timeout 120s], styled (test:tiny + "
+            f"{tiny_adapter_dir}, backend florence2) [default] within 1.5 GiB" in server.log_text()
         )
 
 

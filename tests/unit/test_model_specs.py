@@ -88,6 +88,24 @@ def test_specs_describe_themselves_for_the_log() -> None:
     assert ModelSpec("s", "org/m", "/ad").describe() == "s (org/m + /ad)"
 
 
+def test_the_start_line_shows_each_models_revision_and_backend_when_set() -> None:
+    from vision_server.server import served_models
+
+    assert served_models(Settings(model="test:tiny")) == "test:tiny"  # as short as before
+    pinned = Settings(model="org/m", revision="v2", backend="blip")
+    assert served_models(pinned) == "org/m @ v2 (backend blip)"
+    settings = Settings(
+        model=("a=test:tiny", "b=org/blip+/ad", "c=org/git"),
+        model_revisions=(("b", "refs/pr/3"),),
+        model_backends=(("b", "blip"), ("c", "git")),
+        model_idle_timeouts=(("a", 60.0),),
+    )
+    assert served_models(settings) == (
+        "a (test:tiny) [idle timeout 60s] [default], b (org/blip @ refs/pr/3 + /ad, backend blip), "
+        "c (org/git, backend git)"
+    )
+
+
 # --- --idle-timeout entries ------------------------------------------------------------------
 
 
