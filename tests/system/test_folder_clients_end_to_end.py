@@ -382,7 +382,8 @@ def test_server_killed_halfway(server: str, tmp_path: Path, tmp_path_factory: py
         url = wait_ready(doomed)
         try:
             for client in CLIENTS:  # one after the other, each until it has a few captions
-                command = client_command(client, url, folders[client], parallel=2)
+                # A server that stays away: each waits 2 s for it (not the default 300), then stops.
+                command = client_command(client, url, folders[client], "--wait-for-server=2", parallel=2)
                 if client == "python":
                     command[1:1] = ["--retries", "1"]  # an option of the group, before "folder"
                 running[client] = subprocess.Popen(
@@ -406,6 +407,7 @@ def test_server_killed_halfway(server: str, tmp_path: Path, tmp_path_factory: py
     existing: dict[str, dict[Path, int]] = {}
     for client in CLIENTS:
         assert running[client].returncode != 0, outputs[client]
+        assert b"server unreachable; waiting up to 2 s for it to come back" in outputs[client][1]
         captions = {caption_of(image): image for image in images[client] if caption_of(image).exists()}
         assert 3 <= len(captions) < 40, client
         for path, image in captions.items():
