@@ -124,3 +124,21 @@ async def test_florence_under_a_larger_max_new_tokens_stops_at_its_decoder(
         assert status == 200, body
         assert body["usage"]["completion_tokens"] <= 1024
         assert body["choices"][0]["finish_reason"] == "length"
+
+
+async def test_the_limit_is_known_from_config_json_before_the_model_loads(
+    generic_model_dirs: dict[str, Path], tmp_path: Path
+) -> None:
+    """The standard tiny BLIP (512 positions, like Salesforce's): refused before anything loads."""
+    directory = generic_model_dirs["blip"]
+    async with client_for(Settings(model=str(directory), cache_dir=tmp_path / "cache")) as session:
+        status, body = await post_json(session, "/v1/chat/completions", chat(513))
+        assert status == 400, body
+        assert (
+            f"'max_tokens' asks for 513 tokens; model '{directory}' generates at most 512"
+            in (body["error"]["message"])
+        )
+        async with session.get("/model_info") as response:
+            info = await response.json()
+        assert info["state"] == "unloaded"
+        assert info["generation"]["max_new_tokens"] == info["generation"]["max_new_tokens_limit"] == 512
