@@ -104,8 +104,10 @@ def test_help_documents_every_option() -> None:
         "--concurrency",
         "--no-recursive",
         "--jsonl",
+        "--wait-for-server",
     ):
         assert option in folder.stdout
+    assert "only lines of that model" in " ".join(folder.stdout.split())
     assert "--task" in run("caption", "--help").stdout
 
 

@@ -297,6 +297,38 @@ async def test_jsonl_output_and_resume(stub, tmp_path: Path) -> None:
     assert len(out.read_text(encoding="utf-8").splitlines()) == 6
 
 
+async def test_jsonl_resume_with_a_model_counts_only_that_models_rows(aiohttp_server, tmp_path: Path) -> None:
+    """A second model into the same JSONL captions everything again; each model resumes its own."""
+    server = StubServer()
+    app = web.Application()
+    app.router.add_post("/process_image", server.handle)
+    url = str((await aiohttp_server(app)).make_url(""))
+    data = tmp_path / "data"
+    for i, name in enumerate(["a.png", "b.png", "c.png"]):
+        make_png(data / name, size=8 + i)
+    out = tmp_path / "captions.jsonl"
+    # A row of the same task from a server that did not name its model: not "done" for a model.
+    out.write_text(
+        '{"file": "c.png", "task": "<CAPTION>", "caption": "old", "model": null}\n', encoding="utf-8"
+    )
+
+    async def run(model: str | None) -> tuple[int, int]:
+        async with AsyncVisionClient(url, model=model, retries=0) as client:
+            summary = await caption_folder(client, data, task="caption", jsonl=out)
+        return summary.done, summary.skipped
+
+    assert await run("first") == (3, 0)
+    assert await run("second") == (3, 0)  # another model's rows do not count for it
+    assert await run("first") == (0, 3)  # each model resumes from its own rows
+    assert await run("second") == (0, 3)
+    assert await run(None) == (0, 3)  # without a model: any row of the task counts, as before
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted((row["model"], row["file"]) for row in rows[1:]) == [
+        (model, name) for model in ("first", "second") for name in ("a.png", "b.png", "c.png")
+    ]
+    assert server.requests == 6
+
+
 async def test_jsonl_rows_say_null_when_the_server_names_no_model(aiohttp_server, tmp_path: Path) -> None:
     """An original florence2-visionapi server sends no X-Model: the row says so rather than guess."""
     server = StubServer(names_model=False)

@@ -178,7 +178,7 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
     default=None,
     help='Append {"file","task","caption","model"} lines (file relative to FOLDER) to this file '
     "instead of writing caption files. In skip mode, images already in it with this "
-    "task are not redone.",
+    "task are not redone; with --model, only lines of that model (as the server named it) count.",
 )
 @click.option(
     "--wait-for-server",

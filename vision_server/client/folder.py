@@ -159,7 +159,10 @@ class _FolderRun:
     def plan(self, root: Path, images: list[Path], suffix: str, jsonl: str | Path | None) -> list[_Job]:
         """Decide per image: skip it, refuse it, or caption it; report skips and refusals now."""
         self.summary.total = len(images)
-        recorded = captioned_files(Path(jsonl), self.task) if jsonl is not None else set()
+        # A run for a named model resumes from that model's rows only; the default model's run
+        # from any row of the task, as before rows named their model.
+        model = self.client.model_name
+        recorded = captioned_files(Path(jsonl), self.task, model) if jsonl is not None else set()
         owners: dict[Path, Path] = {}
         jobs: list[_Job] = []
         for image in images:

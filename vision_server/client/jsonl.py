@@ -1,7 +1,8 @@
 """A JSON Lines caption log: one ``{"file", "task", "caption", "model"}`` object per line, appended.
 
-``model`` is the served model that answered, as the server named it (null when it did not say);
-it is a record only: resuming goes by ``file`` and ``task``, as it did before rows had it.
+``model`` is the served model that answered, as the server named it (null when it did not say).
+Resuming goes by ``file`` and ``task``; a run that names its model (``--model``) also goes by
+``model``, so captions of another model, or of a server that did not say, are not taken for its own.
 
 It is both the output and the record a later run resumes from: one file can hold several tasks
 for the same images, and a line is only written once its caption is complete. A run killed
@@ -18,8 +19,9 @@ from typing import IO
 from vision_server.client.api import task_token
 
 
-def captioned_files(path: Path, task: str) -> set[str]:
-    """The ``file`` values already recorded for ``task`` (spelled any way)."""
+def captioned_files(path: Path, task: str, model: str | None = None) -> set[str]:
+    """The ``file`` values already recorded for ``task`` (spelled any way), and for ``model``
+    (exactly as the server named it in the row) when one is given."""
     wanted = task_token(task)
     done: set[str] = set()
     try:
@@ -38,6 +40,7 @@ def captioned_files(path: Path, task: str) -> set[str]:
                 and isinstance(record.get("caption"), str)
                 and isinstance(record.get("task"), str)
                 and task_token(record["task"]) == wanted
+                and (model is None or record.get("model") == model)
             ):
                 done.add(record["file"])
     return done
