@@ -13,7 +13,9 @@ name and the extension CaptionExt: cat.png -> cat.txt.
 - Caption files are UTF-8 without BOM, on one line (line breaks in a caption become spaces),
   with no trailing newline. Each is written to a
   temporary file in the same folder first and moved over the target only when complete, so
-  a failure or Ctrl+C never leaves a half-written or error-filled caption behind.
+  a failure or Ctrl+C never leaves a half-written or error-filled caption behind. Such
+  temporary files (.vision-caption.<16 hex digits>.tmp) that a killed run left, older than
+  15 minutes, are deleted at the start in the folders this run captions; it says how many.
 - A failed image is reported and the run goes on. The failures are listed at the end and the
   script exits with code 1 if there was any. The run stops early only when the server
   cannot be reached at the start, or for longer than -WaitForServerSec during the run (a
@@ -200,6 +202,28 @@ function Get-ImageFile([string]$Root, [bool]$Recurse) {
     return @($images | Sort-Object)
 }
 
+function Remove-FolderStaleTemp([string]$Root, [bool]$Recurse) {
+    # Deletes the temporary captions a killed run left (the name every vision-server client
+    # uses), when older than 15 minutes: a younger one may be another run's write in progress.
+    # Regular files only; returns how many went.
+    $limit = [System.DateTime]::UtcNow.AddMinutes(-15)
+    $removed = 0
+    $found = Get-ChildItem -LiteralPath $Root -File -Force -Recurse:$Recurse -Filter '.vision-caption.*.tmp' -ErrorAction SilentlyContinue
+    foreach ($file in $found) {
+        $ours = $file.Name -cmatch '^\.vision-caption\.[0-9a-f]{16}\.tmp$'
+        $link = ($file.Attributes -band [System.IO.FileAttributes]::ReparsePoint) -ne 0
+        if (-not $ours -or $link -or $file.LastWriteTimeUtc -ge $limit) { continue }
+        try {
+            [System.IO.File]::Delete($file.FullName)
+            $removed++
+        }
+        catch {
+            Write-FolderError ('warning: cannot delete {0}: {1}' -f $file.FullName, $_.Exception.Message)
+        }
+    }
+    return $removed
+}
+
 function Test-FolderServerAnswer {
     # Any HTTP answer to GET /prompts within 10 s means the server is back. A client of its own,
     # so no pooled connection of the dead server is tried.
@@ -252,6 +276,9 @@ if ($MaxSize -gt 0 -and -not (Test-VisionResizeSupported)) { Exit-WithUsage (Get
 try { $baseUrl = Resolve-VisionBaseUrl -Url $Url } catch { Exit-WithUsage $_.Exception.Message }
 
 # --- plan: which images need a request --------------------------------------------------------
+
+$swept = Remove-FolderStaleTemp -Root $root -Recurse (-not $NoRecurse)
+if ($swept -gt 0) { Write-Host ('Removed {0} leftover temporary caption file(s) of a killed run' -f $swept) }
 
 $images = @(Get-ImageFile -Root $root -Recurse (-not $NoRecurse))
 if ($images.Count -eq 0) {

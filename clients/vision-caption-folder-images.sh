@@ -43,9 +43,11 @@ Options:
 VISION_API_KEY, when set, is sent as the API key. VISION_MODEL, when set, names which of the
 server's models captions (the server's default model without it).
 
-A caption is written to a hidden temporary file in the image's folder and renamed into place
-only when it is complete, so an error, a dead server or Ctrl+C never leaves a partial or
-wrong caption file (nor temporary files). Line breaks inside a caption become spaces, and the
+A caption is written to a hidden temporary file in the image's folder
+(.vision-caption.<16 hex digits>.tmp) and renamed into place only when it is complete, so an
+error, a dead server or Ctrl+C never leaves a partial or wrong caption file (nor temporary
+files). Such temporary files that a killed run (kill -9, a power cut) left behind, older than
+15 minutes, are deleted at the start, in the folders this run captions; it says how many. Line breaks inside a caption become spaces, and the
 file has no trailing newline. When two images would share a caption file (a.jpg and a.png),
 only the first in sort order is captioned; the other is reported as failed.
 
@@ -193,7 +195,7 @@ export VISION_CLIENT_ID=${VISION_CLIENT_ID:-folder-$$}
 
 main_pid=$$
 tmpd=""
-declare -a todo=() todo_cap=()
+declare -a todo=() todo_cap=() temp_ids=()
 declare -A running=() # index -> worker pid
 next=0
 interrupted=-1 # -1: not interrupted; else the number of images in flight when it was
@@ -212,10 +214,23 @@ declare -a retry_q=()  # images whose request the outage broke: sent again first
 declare -A outage_hits=() # index -> how many times its request met an unreachable server
 max_outage_hits=5      # one more and the image fails alone (a server that crashes on it)
 
-# temp_caption INDEX: the hidden temporary file that becomes the caption of image INDEX.
+# random_hex16: 16 random lowercase hex digits. Temporary captions are named
+# .vision-caption.<16 hex>.tmp by every vision-server client, so any of them can sweep a
+# killed run's leftovers.
+random_hex16() {
+    local hex
+    hex=$(od -An -tx1 -N8 /dev/urandom 2>/dev/null | tr -d ' \n')
+    if [[ ! $hex =~ ^[0-9a-f]{16}$ ]]; then
+        printf -v hex '%04x%04x%04x%04x' "$RANDOM" "$RANDOM" "$RANDOM" "$RANDOM"
+    fi
+    printf '%s' "$hex"
+}
+
+# temp_caption INDEX: the hidden temporary file that becomes the caption of image INDEX (its
+# random part is drawn in the main shell when the image starts, so cleanup knows it too).
 temp_caption() {
     local cap=${todo_cap[$1]}
-    printf '%s/.vision-caption.%s.%s.tmp' "${cap%/*}" "$main_pid" "$1"
+    printf '%s/.vision-caption.%s.tmp' "${cap%/*}" "${temp_ids[$1]}"
 }
 
 # shellcheck disable=SC2317  # called by traps
@@ -274,6 +289,23 @@ case $preflight_rc in
     ;;
 *) say "warning: GET /prompts failed ($(tail -n 1 "$tmpd/preflight.err")); trying anyway" ;;
 esac
+
+# ---------------------------------------------------------------------------------------------
+# Sweep the temporary captions a killed run left (older than 15 minutes: a younger one may be
+# another run's write in progress). The shape of today's names, and the <pid>.<index> names of
+# older versions of this script; regular files only, in the folders this run captions.
+
+hex_glob=""
+for _ in {1..16}; do hex_glob+="[0-9a-f]"; done
+sweep_args=("$folder")
+((recursive)) || sweep_args+=(-maxdepth 1)
+sweep_args+=(-type f '(' -name ".vision-caption.$hex_glob.tmp" -o -name '.vision-caption.[0-9]*.[0-9]*.tmp' ')')
+sweep_args+=(-mmin +15 -delete -print0)
+swept=$(find "${sweep_args[@]}" 2>/dev/null | tr -cd '\0' | wc -c) || true
+swept=${swept//[^0-9]/}
+if ((${swept:-0} > 0)); then
+    say "removed $swept leftover temporary caption file(s) of a killed run"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # Find the images.
@@ -598,6 +630,7 @@ while :; do
             idx=$next
             next=$((next + 1))
         fi
+        [[ -n ${temp_ids[$idx]:-} ]] || temp_ids[$idx]=$(random_hex16)
         caption_one "$idx" &
         running[$idx]=$!
     done

@@ -26,6 +26,7 @@ import pytest
 
 from tests.support import paths
 from tests.support.images import save as save_image
+from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
 from tests.support.processes import free_port, http_json
 from tests.support.stand_in import PROMPTS, StandIn
 
@@ -517,3 +518,22 @@ def test_folder_sends_original_bytes_in_parallel(tmp_path: Path) -> None:
     assert {h["X-Priority"] for h in headers} == {"bulk"}  # folder runs are bulk work
     for image in images:
         assert read_caption(image.with_suffix(".txt")) == "stand-in caption"
+
+
+@needs_pwsh
+def test_folder_sweeps_a_killed_runs_temp_captions(tmp_path: Path) -> None:
+    """As the bash script: stale .vision-caption.<16 hex>.tmp files go, young or foreign ones stay."""
+    root = tmp_path / "data"
+    images = make_folder(root, ["a.png", "sub/b.png"])
+    stale = [caption_temp(root, "0123456789abcdef", OLD), caption_temp(root / "sub", "fedcba9876543210", OLD)]
+    kept = [caption_temp(root, "00112233445566ff", YOUNG), aged(root / ".vision-caption.0123.tmp", OLD)]
+    with StandIn(caption=PADDED) as stand_in:
+        flat = ps(FOLDER, "CAPTION", "txt", str(root), "-Url", stand_in.url, "-NoRecurse")
+        assert flat.returncode == 0, flat.stderr
+        assert "Removed 1 leftover temporary caption file(s)" in flat.stdout
+        assert [p.exists() for p in stale] == [False, True]
+        deep = ps(FOLDER, "CAPTION", "txt", str(root), "-Url", stand_in.url)
+    assert deep.returncode == 0, deep.stderr
+    assert "Removed 1 leftover temporary caption file(s)" in deep.stdout
+    assert not stale[1].exists() and all(p.exists() for p in kept)
+    assert all(read_caption(image.with_suffix(".txt")) == "stand-in caption" for image in images)

@@ -12,6 +12,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -26,6 +27,7 @@ from PIL import Image
 
 from tests.support import paths
 from tests.support.images import save as save_image
+from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
 from tests.support.processes import ServerProcess, free_port, http_json
 from tests.support.stand_in import StandIn
 
@@ -717,3 +719,44 @@ def test_folder_run_outlives_a_server_restart(tmp_path: Path, tmpdir_env: Path) 
     assert "server back; going on" in stderr
     assert all(caption_path(image).read_text() for image in images)
     assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
+
+
+def test_folder_temp_names_and_sweep_of_a_killed_runs_leftovers(tmp_path: Path) -> None:
+    """Temp captions are named as the Python clients name them, so every client sweeps them;
+    the script itself deletes the stale ones (older than 15 minutes) in the folders it captions."""
+    root = tmp_path / "swept"
+    images = make_tree(root, ["a.png", "sub/b.png"])
+    stale = [caption_temp(root, "0123456789abcdef", OLD), caption_temp(root / "sub", "fedcba9876543210", OLD)]
+    legacy = aged(root / ".vision-caption.4242.7.tmp", OLD)  # what older versions of the script left
+    young = caption_temp(root, "00112233445566ff", YOUNG)  # perhaps another run writing right now
+    kept = [
+        young,
+        aged(root / ".vision-caption.0123456789ABCDEF.tmp", OLD),  # not a name of ours
+        aged(root / ".vision-caption.0123.tmp", OLD),
+        aged(root / "notes.tmp", OLD),
+    ]
+    (root / ".vision-caption.aaaaaaaaaaaaaaaa.tmp").symlink_to(images[0])  # a link, not a regular file
+    kept.append(root / ".vision-caption.aaaaaaaaaaaaaaaa.tmp")
+    # A logging mv in front of the real one shows the temp names the script renames into place.
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    log = tmp_path / "mv.log"
+    real_mv = shutil.which("mv")
+    assert real_mv
+    (shims / "mv").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> "{log}"\nexec "{real_mv}" "$@"\n')
+    (shims / "mv").chmod(0o755)
+    env = base_env(PATH=f"{shims}{os.pathsep}{os.environ['PATH']}")
+    with StandIn() as stand_in:
+        flat = run(FOLDER, "--url", stand_in.url, "--no-recursive", "CAPTION", "txt", str(root), env=env)
+        assert flat.returncode == 0, flat.stderr
+        assert "removed 2 leftover temporary caption file(s)" in flat.stderr  # not the one in sub/
+        assert [p.exists() for p in (stale[0], legacy, stale[1])] == [False, False, True]
+        deep = run(FOLDER, "--url", stand_in.url, "CAPTION", "txt", str(root), env=env)
+    assert deep.returncode == 0, deep.stderr
+    assert "removed 1 leftover temporary caption file(s)" in deep.stderr
+    assert not stale[1].exists()
+    assert all(p.is_symlink() or p.exists() for p in kept)
+    assert all(caption_path(image).read_text() == "stand-in caption" for image in images)
+    renamed = [Path(line).name for line in log.read_text().splitlines() if ".vision-caption." in line]
+    assert len(renamed) == 2
+    assert all(re.fullmatch(r"\.vision-caption\.[0-9a-f]{16}\.tmp", name) for name in renamed), renamed
