@@ -19,6 +19,7 @@ from vision_server.engine.lifecycle import ModelCard, ModelState
 from vision_server.engine.queue import JobQueue
 from vision_server.engine.scheduler import Engine
 from vision_server.errors import (
+    BadRequest,
     CaptionFailed,
     DeadlineExceeded,
     Draining,
@@ -293,6 +294,50 @@ async def test_out_of_memory_splits_the_batch(start_engine: StartEngine) -> None
     results = await asyncio.gather(*(engine.submit(i) for i in items))
     assert [r.text for r in results] == [FakeCaptioner.expected(i) for i in items]
     assert any(size < 0 for size in fake.batch_sizes)
+
+
+async def test_a_refused_request_fails_alone_and_its_batch_mates_are_captioned(
+    start_engine: StartEngine,
+) -> None:
+    """A 4xx that only one request causes (say a prompt too long for the model) is found by halving
+    the batch: that request gets it, the others in its batch still get their captions."""
+
+    class PickyFake(FakeCaptioner):
+        def caption(self, batch):  # type: ignore[no-untyped-def]
+            self.batch_sizes.append(len(batch))
+            if any(int(entry.image.pixels[0, 0, 0]) == 66 for entry in batch):
+                raise BadRequest("shade 66 is refused")
+            return super().caption(batch)
+
+    fake = PickyFake(delay=0.05)
+    engine = await start_engine(fake, max_batch_wait=0.1)
+    items = [item(n) for n in (10, 20, 66, 30)]
+    results = await asyncio.gather(*(engine.submit(i) for i in items), return_exceptions=True)
+    assert isinstance(results[2], BadRequest) and "shade 66" in str(results[2])
+    kept = [results[n] for n in (0, 1, 3)]
+    assert [r.text for r in kept] == [FakeCaptioner.expected(items[n]) for n in (0, 1, 3)]  # type: ignore[union-attr]
+    assert max(fake.batch_sizes) > 1  # they were batched together, then split
+
+
+async def test_an_image_out_of_memory_alone_fails_alone(start_engine: StartEngine) -> None:
+    class OneTooBig(FakeCaptioner):
+        def caption(self, batch):  # type: ignore[no-untyped-def]
+            self.batch_sizes.append(len(batch))
+            if any(int(entry.image.pixels[0, 0, 0]) == 99 for entry in batch):
+                raise OutOfMemory("oom", retry_after=5)
+            return super().caption(batch)
+
+    fake = OneTooBig(delay=0.05)
+    engine = await start_engine(fake, max_batch_wait=0.1)
+    items = [item(n) for n in (1, 99, 2)]
+    results = await asyncio.gather(*(engine.submit(i) for i in items), return_exceptions=True)
+    assert isinstance(results[1], OutOfMemory)
+    assert [results[0].text, results[2].text] == [
+        FakeCaptioner.expected(items[0]),
+        FakeCaptioner.expected(items[2]),
+    ]  # type: ignore[union-attr]
+    assert max(fake.batch_sizes) > 1
+    assert (await engine.submit(item(3))).text  # the worker goes on
 
 
 # --- backpressure, deadlines, cancellation, admin, shutdown ---------------------------------------

@@ -20,7 +20,7 @@ from vision_server.engine.jobs import CaptionJob, fail
 from vision_server.engine.keeper import ModelKeeper
 from vision_server.engine.observer import EngineObserver
 from vision_server.engine.slots import ModelSlot
-from vision_server.errors import CaptionFailed, DeadlineExceeded, OutOfMemory, VisionServerError
+from vision_server.errors import BadRequest, CaptionFailed, DeadlineExceeded, OutOfMemory, VisionServerError
 
 log = logging.getLogger("vision_server.engine.scheduler")
 
@@ -91,7 +91,10 @@ class BatchRunner:
             self._finish(slot, len(live), time.monotonic() - started)
             apply_keep_alive(slot, live)
         for job, result in zip(live, results, strict=True):
-            if not job.future.done():
+            if isinstance(result, VisionServerError):
+                log.warning("request %s failed alone in its batch: %s", job.request_id, result)
+                fail(job, result)
+            elif not job.future.done():
                 job.future.set_result(result)
 
     def _drop_expired(self, batch: list[CaptionJob]) -> list[CaptionJob]:
@@ -147,14 +150,26 @@ def fail_batch(jobs: list[CaptionJob], exc: Exception) -> None:
         fail(job, exc if isinstance(exc, VisionServerError) else _caption_failed(exc, job.request_id))
 
 
-def caption_splitting(captioner: Captioner, items: list[CaptionItem]) -> list[Caption]:
-    """Caption ``items``; on out-of-memory retry each half, down to single images."""
+def caption_splitting(captioner: Captioner, items: list[CaptionItem]) -> list[Caption | VisionServerError]:
+    """Caption ``items``, answering each image on its own when the batch as a whole cannot be.
+
+    On out-of-memory, or when one request in the batch is refused (a 4xx such as a prompt too long
+    for the model), each half is retried, down to single images; a single image that still fails
+    gets its error in its place in the list. So one request at fault fails alone, and its
+    batch-mates from other clients are still captioned."""
     try:
-        return captioner.caption(items)
-    except OutOfMemory:
+        return list(captioner.caption(items))
+    except (OutOfMemory, BadRequest) as exc:
         if len(items) == 1:
-            raise
-        log.warning("out of memory on a batch of %d; retrying in halves", len(items))
+            return [exc]
+        if isinstance(exc, OutOfMemory):
+            log.warning("out of memory on a batch of %d; retrying in halves", len(items))
+        else:
+            log.info(
+                "a batch of %d was refused (%s); retrying in halves to find the request at fault",
+                len(items),
+                exc,
+            )
         middle = len(items) // 2
         return caption_splitting(captioner, items[:middle]) + caption_splitting(captioner, items[middle:])
 
