@@ -142,7 +142,11 @@ class Settings:
     )
     # generation defaults
     num_beams: int = _opt(3, "Beam count for generation (the reference server's default).")
-    max_new_tokens: int = _opt(1024, "Most tokens generated per caption.")
+    max_new_tokens: int = _opt(
+        1024,
+        "Most tokens generated per caption (a request asking for more gets this many). A model whose text "
+        "decoder holds fewer (BLIP: 512) is clamped to its own limit.",
+    )
     min_new_tokens: int = _opt(
         0, "Benchmarks only: generate at least this many tokens, so random-weight models give fixed lengths."
     )
