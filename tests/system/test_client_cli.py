@@ -132,6 +132,17 @@ def test_unreachable_server_exits_1_with_a_clean_message(tmp_path: Path) -> None
     assert url in listed.stderr
 
 
+def test_folder_against_a_server_never_reached_stops_at_once(tmp_path: Path) -> None:
+    """The restart window is for a server that went away; a wrong URL still fails after --retries."""
+    for name in ("a.png", "b.png"):
+        save_flat(tmp_path / name, (1, 2, 3), (32, 32))
+    result = run("--retries", "0", "folder", str(tmp_path), url=f"http://127.0.0.1:{free_port()}", timeout=30)
+    assert result.returncode == 1
+    assert "stopped early" in result.stderr and "cannot reach" in result.stderr
+    assert "waiting up to" not in result.stderr
+    assert list(tmp_path.glob("*.txt")) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Against the real server
 

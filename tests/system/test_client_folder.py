@@ -228,6 +228,41 @@ async def test_unreachable_server_stops_the_run(tmp_path: Path) -> None:
     assert list(tmp_path.glob("*.txt")) == []
 
 
+async def test_an_image_that_keeps_breaking_the_connection_fails_alone(
+    aiohttp_server, tmp_path: Path
+) -> None:
+    """A server that drops the connection on one image (as one that crashes on it and restarts):
+    with a wait window that image is sent again a few times, then fails; the run goes on."""
+    stub = StubServer()
+    poison = make_png(tmp_path / "poison.png", size=11)
+    broken = 0
+
+    async def handle(request: web.Request) -> web.StreamResponse:
+        nonlocal broken
+        body = await request.json()
+        if len(base64.b64decode(body["image"])) == poison.stat().st_size:
+            broken += 1
+            assert request.transport is not None
+            request.transport.abort()  # the client sees the connection break mid-request
+            return web.Response()
+        return await stub.handle(request)
+
+    app = web.Application()
+    app.router.add_post("/process_image", handle)  # no /health: its 404 is an answer too
+    running = await aiohttp_server(app)
+    good = [make_png(tmp_path / f"good{i}.png", size=8 + i) for i in range(3)]
+    notes: list[str] = []
+    url = str(running.make_url(""))
+    async with AsyncVisionClient(url, retries=0, wait_for_server=30, on_server_wait=notes.append) as client:
+        summary = await caption_folder(client, tmp_path, concurrency=2)
+    assert summary.aborted is None and summary.done == len(good)
+    assert [f.path for f in summary.failed] == [poison]
+    assert "broke 6 times" in summary.failed[0].reason
+    assert broken == 6
+    assert notes == []  # the server answered every probe at once: no outage to report
+    assert all(image.with_suffix(".txt").read_text(encoding="utf-8") == expected(image) for image in good)
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
