@@ -9,6 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from tests.support.bulk_data import picture
+from tests.support.leftovers import OLD, YOUNG, aged
 from vision_server.bulk.outputs import JsonlOutput, ParquetOutput, RowFacts, Sidecars, SidecarStyle
 from vision_server.bulk.plan import Fail, Skip, Work, plan
 from vision_server.bulk.readers import ReadOptions, count_images, iter_records
@@ -84,3 +85,40 @@ def test_parquet_journal_of_a_killed_run_is_folded_in_by_the_next(tmp_path: Path
         ("c.png", "a bird"),
     ]
     assert not again.journal.exists()
+
+
+def test_parquet_output_sweeps_the_fold_temp_files_a_killed_fold_left(tmp_path: Path) -> None:
+    """kill -9 while folding leaves ``.out.parquet.<8 hex>.tmp`` (as big as the table): the next
+    run that opens the output deletes the stale ones, and nothing that only looks like them."""
+    table = tmp_path / "out.parquet"
+    stale = [
+        aged(tmp_path / ".out.parquet.0123abcd.tmp", OLD),
+        aged(tmp_path / ".out.parquet.ffffffff.tmp", OLD),
+    ]
+    kept = [
+        aged(tmp_path / ".out.parquet.89abcdef.tmp", YOUNG),  # perhaps another run folding right now
+        aged(tmp_path / ".out.parquet.0123ABCD.tmp", OLD),  # not a name a fold makes
+        aged(tmp_path / ".out.parquet.0123abc.tmp", OLD),
+        aged(tmp_path / ".other.parquet.0123abcd.tmp", OLD),  # another output's
+        aged(tmp_path / "out.parquet.0123abcd.tmp", OLD),
+        aged(tmp_path / ".out.parquet.journal.jsonl", OLD, b""),
+    ]
+    (tmp_path / ".out.parquet.aaaaaaaa.tmp").mkdir()  # a folder, not a regular file
+    os.utime(tmp_path / ".out.parquet.aaaaaaaa.tmp", (0, 0))
+    (tmp_path / ".out.parquet.bbbbbbbb.tmp").symlink_to(kept[3])  # a link
+    kept += [tmp_path / ".out.parquet.aaaaaaaa.tmp", tmp_path / ".out.parquet.bbbbbbbb.tmp"]
+    output = ParquetOutput(table, FACTS)
+    assert output.stale_temps_removed == 2
+    assert not any(path.exists() for path in stale)
+    assert all(path.is_symlink() or path.exists() for path in kept)
+    output.write(Record("d", "a.png"), {"<CAPTION>": "a cat"}, None)
+    output.close()
+    assert pq.read_table(table).num_rows == 1
+    left = {p.name for p in tmp_path.glob(".out.parquet.*.tmp")}
+    assert left == {p.name for p in kept if p.name.startswith(".out.parquet.") and p.suffix == ".tmp"}
+
+
+def test_parquet_output_of_a_dry_run_sweeps_nothing(tmp_path: Path) -> None:
+    leftover = aged(tmp_path / ".out.parquet.0123abcd.tmp", OLD)
+    assert ParquetOutput(tmp_path / "out.parquet", FACTS, sweep=False).stale_temps_removed == 0
+    assert leftover.exists()

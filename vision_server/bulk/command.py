@@ -198,7 +198,7 @@ def _outputs(
         if request.jsonl is not None:
             outputs.append(JsonlOutput(request.jsonl, facts))
         if request.parquet is not None:
-            outputs.append(ParquetOutput(request.parquet, facts))
+            outputs.append(ParquetOutput(request.parquet, facts, sweep=not request.dry_run))
     except Exception as exc:  # an existing output we cannot read back cannot be resumed safely
         raise click.UsageError(f"cannot read the existing output to resume from it: {exc}") from None
     if request.prefix or request.suffix:

@@ -10,18 +10,31 @@ when the run ends, or by the next run when this one was killed.
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import secrets
+import stat
 import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
 from vision_server.bulk.records import Record, safe_text, task_slug
-from vision_server.captionfiles import Mode, has_caption, merge_caption, read_caption, write_atomic
+from vision_server.captionfiles import (
+    STALE_TEMP_AGE,
+    Mode,
+    has_caption,
+    merge_caption,
+    read_caption,
+    write_atomic,
+)
 
 Captions = dict[str, str]  # task token -> caption text
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -227,9 +240,11 @@ class JsonlOutput(_TableOutput):
 class ParquetOutput(_TableOutput):
     """``--parquet FILE``: captioned images only; rows are journaled, then folded in at close."""
 
-    def __init__(self, path: Path, facts: RowFacts) -> None:
+    def __init__(self, path: Path, facts: RowFacts, *, sweep: bool = True) -> None:
         self.path = path
         self.journal = path.with_name(f".{path.name}.journal.jsonl")
+        # A run killed while folding left its temp file (as big as the table); a dry run keeps it.
+        self.stale_temps_removed = sweep_fold_temps(path) if sweep else 0
         done = recorded(_parquet_rows(path))
         for task, idents in recorded(read_jsonl(self.journal)).items():
             done.setdefault(task, set()).update(idents)
@@ -268,7 +283,7 @@ def fold_journal(path: Path, journal: Path) -> None:
     tables = [pq.read_table(path)] if path.exists() else []
     tables.append(pa.Table.from_pylist(rows))
     merged = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+    tmp = fold_temp_path(path)
     try:
         pq.write_table(merged, tmp)
         with tmp.open("rb") as handle:
@@ -278,6 +293,45 @@ def fold_journal(path: Path, journal: Path) -> None:
         tmp.unlink(missing_ok=True)
         raise
     journal.unlink()
+
+
+def fold_temp_path(path: Path) -> Path:
+    """The hidden file a fold writes before it renames it over ``path``."""
+    return path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+
+
+def sweep_fold_temps(path: Path, *, min_age: float = STALE_TEMP_AGE) -> int:
+    """Delete the fold temp files (:func:`fold_temp_path`) of ``path`` that a run killed while
+    folding left behind; returns how many went.
+
+    A Parquet file of a large dataset is rewritten whole at every fold, so each leftover may be
+    as big as the output itself. Only regular files named exactly as a fold of this output names
+    them and older than ``min_age`` go (a younger one may be another run's fold in progress);
+    an error leaves that file alone, as for caption temp files.
+    """
+    name = re.compile(re.escape(f".{path.name}.") + r"[0-9a-f]{8}\.tmp")
+    folder = path.parent
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    now = time.time()
+    removed = 0
+    for entry in names:
+        if name.fullmatch(entry) is None:
+            continue
+        candidate = folder / entry
+        try:
+            info = candidate.lstat()
+            if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < min_age:
+                continue
+            candidate.unlink()
+        except OSError:
+            continue
+        removed += 1
+    if removed:
+        log.info("removed %d leftover temporary file(s) of a killed fold of %s", removed, path)
+    return removed
 
 
 def check_writable(path: Path) -> str | None:
