@@ -302,6 +302,14 @@ foreach ($image in $images) {
         continue
     }
     $claimed[$key] = $image
+    if ([System.IO.Directory]::Exists($captionPath)) {
+        # A folder where the caption should go: no mode may skip it or write into it.
+        $clashes.Add([pscustomobject]@{
+                Image = $image
+                Error = '{0} is a directory, not a caption file' -f [System.IO.Path]::GetFileName($captionPath)
+            })
+        continue
+    }
     if ($Mode -eq 'skip') {
         $present = $false
         try { $present = Test-VisionCaptionPresent -Path $captionPath } catch { }

@@ -329,6 +329,10 @@ while IFS= read -r -d '' img; do
         continue
     fi
     owner[$cap]=$img
+    if [[ -d $cap ]]; then # no mode may skip it (-s is true for a folder) or mv into it
+        failed+=("$img"$'\t'"${cap##*/} is a directory, not a caption file")
+        continue
+    fi
     if [[ $mode == skip && -s $cap ]]; then
         skipped=$((skipped + 1))
         continue

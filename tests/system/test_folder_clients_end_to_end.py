@@ -338,9 +338,16 @@ def test_existing_caption_modes(client: str, mode: str, server: str, tmp_path: P
     old = save_image(root / "has caption.png", 1)
     fresh = save_image(root / "sub" / "NEW ONE.JPG", 2)
     caption_of(old).write_text(OLD_CAPTION, encoding="utf-8")
+    # A folder where a caption file should go: every mode fails that image, none skips it or
+    # writes into the folder.
+    boxed = save_image(root / "boxed.png", 3)
+    caption_of(boxed).mkdir()
+    (caption_of(boxed) / "keep.txt").write_text("mine", encoding="utf-8")
     expected = expected_captions(server, [old, fresh])
     result = run_client(client, server, root, "--mode", mode, "--suffix", " #x")
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "boxed.txt is a directory, not a caption file" in result.failure_list()
+    assert [p.name for p in caption_of(boxed).iterdir()] == ["keep.txt"]
     new = expected[old] + " #x"
     assert (
         caption_of(old).read_text(encoding="utf-8")
@@ -352,7 +359,7 @@ def test_existing_caption_modes(client: str, mode: str, server: str, tmp_path: P
         }[mode]
     )
     assert caption_of(fresh).read_text(encoding="utf-8") == expected[fresh] + " #x"
-    assert result.counts(client) == ((1, 1, 0) if mode == "skip" else (2, 0, 0))
+    assert result.counts(client) == ((1, 1, 1) if mode == "skip" else (2, 0, 1))
     assert temp_files(root) == []
 
 

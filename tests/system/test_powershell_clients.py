@@ -469,6 +469,21 @@ def test_folder_two_images_one_caption_file(server: str, tmp_path: Path) -> None
 
 
 @needs_pwsh
+@pytest.mark.parametrize("mode", ["skip", "overwrite"])
+def test_folder_caption_path_that_is_a_directory_fails_that_image(
+    server: str, tmp_path: Path, mode: str
+) -> None:
+    """As the bash and Python clients: no mode skips it or writes into the folder."""
+    boxed, fine = make_folder(tmp_path, ["boxed.png", "fine.png"])
+    boxed.with_suffix(".txt").mkdir()
+    result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", server, "-Mode", mode)
+    assert result.returncode == 1
+    assert "boxed.txt is a directory, not a caption file" in result.stderr
+    assert list(boxed.with_suffix(".txt").iterdir()) == []
+    assert read_caption(fine.with_suffix(".txt")) == file_caption(caption_direct(server, fine))
+
+
+@needs_pwsh
 def test_folder_argument_errors(server: str, tmp_path: Path) -> None:
     make_folder(tmp_path, ["a.png"])
     for args in (

@@ -180,6 +180,10 @@ class _FolderRun:
                 continue
             if target is not None:
                 owners[target] = image
+                if target.is_dir():  # skip would trust it, overwrite would fail with an OS error
+                    reason = f"{target.name} is a directory, not a caption file"
+                    self.report(ImageResult(image, "failed", reason=reason))
+                    continue
             if self.mode == "skip" and (key in recorded if target is None else has_caption(target)):
                 self.report(ImageResult(image, "skipped"))
                 continue
