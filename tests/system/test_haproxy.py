@@ -237,8 +237,13 @@ async def test_killed_daemon_loses_only_its_in_flight_requests(tmp_path: Path) -
     assert held["queue_depth"] + held["jobs_running"] > 0, held  # the kill hit a daemon with work
     failed = [(sent, answered, outcome) for sent, answered, outcome in timeline if outcome != 200]
     in_flight_at_kill = [entry for entry in timeline if entry[0] < killed_at < entry[1]]
-    assert failed, "no large request was in flight on the killed daemon"
-    assert all(entry in in_flight_at_kill for entry in failed), f"not in flight at the kill: {failed}"
+    assert any(entry in in_flight_at_kill for entry in failed), (
+        "no large request was in flight on the killed daemon"
+    )
+    # Besides those, only a request sent in the moment before HAProxy saw the daemon's connections
+    # break may fail: it can go out on a kept-alive connection that is already dead, and a large
+    # body cannot be replayed. Nothing sent after HAProxy noticed (the DOWN line) fails.
+    assert all(sent < noticed_at for sent, _, _ in failed), f"sent after the DOWN notice: {failed}"
     assert len(failed) <= held["queue_depth"] + held["jobs_running"] + 4, (failed, held)
     after_notice = [outcome for sent, _, outcome in timeline if sent > noticed_at]
     assert len(after_notice) >= 16 and after_notice == [200] * len(after_notice)
