@@ -19,6 +19,7 @@ from vision_server.api import (
     native,
     openai,
     ops,
+    proxies,
     ratelimit,
     ui,
 )
@@ -83,6 +84,8 @@ def create_app(
     metrics.watch(app[ENGINE])
     app[STARTED_AT] = time.time()
     app[KEYS] = keys_from(settings)
+    if settings.trusted_proxy_networks:
+        app[proxies.TRUSTED_PROXIES] = settings.trusted_proxy_networks
     if settings.rate_limit is not None and settings.rate_limit > 0:
         app[RATE_LIMITER] = RateLimiter(settings.rate_limit)
     if settings.cors_origins:
@@ -98,6 +101,9 @@ def create_app(
 def middlewares(settings: Settings) -> list[Middleware]:
     """Every middleware, outermost first: each sees the reply of the ones after it."""
     chain: list[Middleware] = []
+    if settings.trusted_proxy_networks:
+        # First: from here on request.remote is the client a trusted proxy names, for everyone below.
+        chain.append(proxies.forwarded_client_middleware)
     if settings.cors_origins:
         # Browsers send preflights without credentials: answer them before keys, limits or logs.
         chain.append(cors.preflight_middleware)

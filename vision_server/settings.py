@@ -22,6 +22,7 @@ import platformdirs
 from vision_server.byte_sizes import EXAMPLES, parse_byte_size
 from vision_server.captioner import GenerationOptions
 from vision_server.model_specs import ModelSpec, build_specs, parse_idle_timeouts, parse_named_values
+from vision_server.trusted_proxies import TrustedProxies
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -170,6 +171,14 @@ class Settings:
     rate_limit: float | None = _opt(
         None, "Requests per minute per client address (429 above). Off by default."
     )
+    trusted_proxies: tuple[str, ...] = _opt(
+        (),
+        "Address or CIDR network of a reverse proxy (HAProxy, nginx) whose X-Forwarded-For names the "
+        "client (repeatable): the access log, --rate-limit and the bulk lane's turns then see that "
+        "client instead of the proxy. Off by default: the header is ignored from every peer.",
+        flag="trusted-proxy",
+        metavar="ADDRESS|CIDR",
+    )
     ssl_cert: Path | None = _opt(None, "TLS certificate (PEM). Serve HTTPS when given with --ssl-key.")
     ssl_key: Path | None = _opt(None, "TLS private key (PEM).")
     # operations
@@ -209,10 +218,15 @@ class Settings:
     # Derived in __post_init__ (not arguments): the parsed --model values and --memory-budget.
     _model_specs: tuple[ModelSpec, ...] = field(init=False, repr=False, compare=False, default=())
     _memory_budget_bytes: int | None = field(init=False, repr=False, compare=False, default=None)
+    _trusted_proxy_networks: TrustedProxies = field(
+        init=False, repr=False, compare=False, default=TrustedProxies()
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):  # Settings(model="test:tiny"): one model, as before
             object.__setattr__(self, "model", (self.model,))
+        if isinstance(self.trusted_proxies, str):  # Settings(trusted_proxies="127.0.0.1"): one entry
+            object.__setattr__(self, "trusted_proxies", (self.trusted_proxies,))
         _validate(self)
 
     @property
@@ -234,6 +248,11 @@ class Settings:
     def memory_budget_bytes(self) -> int | None:
         """``memory_budget`` in bytes; None: no budget."""
         return self._memory_budget_bytes
+
+    @property
+    def trusted_proxy_networks(self) -> TrustedProxies:
+        """``trusted_proxies`` parsed (empty: no peer's forwarding headers are believed)."""
+        return self._trusted_proxy_networks
 
     @property
     def thumbnail_cache_bytes(self) -> int:
@@ -342,6 +361,11 @@ def _derive(s: Settings) -> None:
         if budget < 1:
             raise SettingsError(f"memory_budget must be more than 0 bytes (like {EXAMPLES}), or unset")
     object.__setattr__(s, "_memory_budget_bytes", budget)
+    try:
+        trusted = TrustedProxies.parse(s.trusted_proxies)
+    except ValueError as exc:
+        raise SettingsError(f"trusted_proxies: {exc}") from None
+    object.__setattr__(s, "_trusted_proxy_networks", trusted)
 
 
 # --- building settings from sources ------------------------------------------------------------

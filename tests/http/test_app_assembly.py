@@ -8,7 +8,7 @@ import pytest
 from aiohttp import web
 
 from tests.support.serving import client_for
-from vision_server.api import auth, cors, native, openai, ops, ratelimit
+from vision_server.api import auth, cors, native, openai, ops, proxies, ratelimit
 from vision_server.api.access import access_middleware
 from vision_server.api.errors import ERROR_SHAPES, ErrorShapes, error_middleware
 from vision_server.app import create_app, middlewares
@@ -17,8 +17,9 @@ from vision_server.testing.fake import FakeCaptioner
 
 
 def test_middlewares_in_their_documented_order() -> None:
-    everything = Settings(cors_origins=("*",), rate_limit=60)
+    everything = Settings(cors_origins=("*",), rate_limit=60, trusted_proxies=("127.0.0.1",))
     assert middlewares(everything) == [
+        proxies.forwarded_client_middleware,
         cors.preflight_middleware,
         access_middleware,
         error_middleware,

@@ -15,6 +15,7 @@ import contextlib
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -22,7 +23,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from aiohttp import ClientSession, ClientTimeout
+from aiohttp import ClientSession, ClientTimeout, TCPConnector
 
 from tests.support import paths
 from tests.support.api import tiny_cache_dir
@@ -133,10 +134,11 @@ async def _wait_proxy(session: ClientSession, proxy: subprocess.Popen[bytes], tm
 
 @contextlib.asynccontextmanager
 async def proxied_pool(
-    tmp_path: Path, daemons: list[ServerProcess]
+    tmp_path: Path, daemons: list[ServerProcess], *, client_address: str | None = None
 ) -> AsyncIterator[tuple[ClientSession, list[str], Path]]:
     """HAProxy on ``service/haproxy.cfg`` in front of ``daemons`` (gpu1, gpu2 in that order);
-    yields a client session on the front end, the daemons' own URLs and HAProxy's log."""
+    yields a client session on the front end (connecting from ``client_address`` when given),
+    the daemons' own URLs and HAProxy's log."""
     proxy: subprocess.Popen[bytes] | None = None
     proxy_log_path = tmp_path / "haproxy.log"
     try:
@@ -147,7 +149,10 @@ async def proxied_pool(
         assert HAPROXY is not None
         with proxy_log_path.open("wb") as proxy_log:
             proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=proxy_log, stderr=proxy_log)
-        async with ClientSession(f"http://127.0.0.1:{front}", timeout=ClientTimeout(total=60)) as session:
+        connector = TCPConnector(local_addr=(client_address, 0)) if client_address else None
+        async with ClientSession(
+            f"http://127.0.0.1:{front}", connector=connector, timeout=ClientTimeout(total=60)
+        ) as session:
             await _wait_proxy(session, proxy, tmp_path)
             yield session, urls, proxy_log_path
     finally:
@@ -258,3 +263,40 @@ async def _until_logged(path: Path, text: str, timeout: float = 10) -> float:
             return time.monotonic()
         await asyncio.sleep(0.02)
     raise AssertionError(f"{text!r} never appeared:\n{path.read_text(errors='replace')}")
+
+
+# --- the client's address through the proxy ------------------------------------------------------
+
+
+def can_bind(address: str) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind((address, 0))
+        except OSError:
+            return False
+    return True
+
+
+async def test_daemons_behind_haproxy_see_the_real_client(tmp_path: Path) -> None:
+    """The client connects from 127.0.0.2, HAProxy from 127.0.0.1 (trusted by the daemons).
+
+    With the shipped config's ``option forwardfor`` and ``--trusted-proxy 127.0.0.1`` the daemons
+    log 127.0.0.2 as the client and HAProxy as ``via``; without either they would log 127.0.0.1.
+    An address the client writes into X-Forwarded-For itself is passed over: HAProxy adds the
+    address it saw to the right of it, and that one is not a trusted proxy."""
+    if not can_bind("127.0.0.2"):
+        pytest.skip("127.0.0.2 is not a local address here (loopback is only 127.0.0.1)")
+    daemons = [
+        ServerProcess.fake(tmp_path, name, delay=0.0, trusted_proxies="127.0.0.1") for name in ("gpu1", "gpu2")
+    ]
+    async with proxied_pool(tmp_path, daemons, client_address="127.0.0.2") as (session, _, _):
+        for spoofed in (None, "198.51.100.66"):
+            headers = {"X-Forwarded-For": spoofed} if spoofed else {}
+            for _ in range(4):  # leastconn may pick either daemon
+                async with session.get("/prompts", headers=headers) as response:
+                    assert response.status == 200
+        logs = "".join(daemon.log_text() for daemon in daemons)
+    lines = [line for line in logs.splitlines() if "route=native.prompts" in line]
+    assert len(lines) == 8, logs
+    assert all("client=127.0.0.2 via=127.0.0.1" in line for line in lines), lines
+    assert "198.51.100.66" not in logs

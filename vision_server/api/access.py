@@ -3,7 +3,8 @@
 This middleware sits outside the error middleware, so it sees the final status of every reply
 (family-shaped errors included). It opens the request's :class:`JobTrace`, which the engine fills
 in, so the line also says how long the request's jobs queued and how big their batch was. It logs
-metadata only: never bodies, images or headers.
+metadata only: never bodies, images or headers. The client is ``request.remote``: behind a trusted
+proxy (``--trusted-proxy``) the address the proxy names, with the proxy itself as ``via``.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import time
 from aiohttp import web
 
 from vision_server.api.errors import REQUEST_ID, Handler
+from vision_server.api.proxies import PEER
 from vision_server.api.state import METRICS
 from vision_server.engine.trace import CURRENT_TRACE, JobTrace
 
@@ -69,11 +71,13 @@ def log_access(request: web.Request, route: str, status: int, seconds: float, tr
         "queue_wait": round(trace.queue_wait, 4) if trace.jobs else None,
         "batch_size": trace.batch_size if trace.jobs else None,
         "client": request.remote,
+        "via": request.get(PEER),
     }
+    via_part = f" via={fields['via']}" if fields["via"] else ""
     engine_part = f" queue_wait={trace.queue_wait:.3f}s batch={trace.batch_size}" if trace.jobs else ""
     log.log(
         level,
-        "%s %s %d %.3fs route=%s id=%s client=%s%s",
+        "%s %s %d %.3fs route=%s id=%s client=%s%s%s",
         request.method,
         fields["path"],
         status,
@@ -81,6 +85,7 @@ def log_access(request: web.Request, route: str, status: int, seconds: float, tr
         route,
         fields["request_id"],
         request.remote,
+        via_part,
         engine_part,
         extra=fields,
     )

@@ -1,7 +1,10 @@
 """Optional per-client rate limit: a token bucket per client address, in memory, bounded in size.
 
-Off by default. Behind a proxy every request comes from the proxy's address, so limit there
-instead (HAProxy's ``http-request deny`` with a stick table) rather than here.
+Off by default. The client is ``request.remote``: behind a reverse proxy that is the proxy's
+address, shared by all its clients, unless the proxy is named with ``--trusted-proxy``; then it is
+the client the proxy names in ``X-Forwarded-For`` (:mod:`vision_server.api.proxies`), so each
+client gets its own bucket. Limiting at the proxy (HAProxy's ``http-request deny`` with a stick
+table) works too, and spares the daemons the refused requests.
 """
 
 from __future__ import annotations

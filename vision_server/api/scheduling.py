@@ -59,7 +59,7 @@ def job_labels(
     """The labels of a request's jobs (400 for an unknown priority or a bad keep-alive)."""
     return JobLabels(
         lane=lane_for(request, priority, default),
-        host=request.remote or "-",
+        host=request.remote or "-",  # behind a --trusted-proxy: the client it names
         client_id=client_id(request),
         keep_alive=keep_alive_for(request, request.app[ENGINE], keep_alive),
     )
