@@ -286,9 +286,8 @@ async def test_daemons_behind_haproxy_see_the_real_client(tmp_path: Path) -> Non
     address it saw to the right of it, and that one is not a trusted proxy."""
     if not can_bind("127.0.0.2"):
         pytest.skip("127.0.0.2 is not a local address here (loopback is only 127.0.0.1)")
-    daemons = [
-        ServerProcess.fake(tmp_path, name, delay=0.0, trusted_proxies="127.0.0.1") for name in ("gpu1", "gpu2")
-    ]
+    trusting = {"trusted_proxies": "127.0.0.1"}
+    daemons = [ServerProcess.fake(tmp_path, name, delay=0, **trusting) for name in ("gpu1", "gpu2")]
     async with proxied_pool(tmp_path, daemons, client_address="127.0.0.2") as (session, _, _):
         for spoofed in (None, "198.51.100.66"):
             headers = {"X-Forwarded-For": spoofed} if spoofed else {}
