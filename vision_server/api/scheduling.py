@@ -5,8 +5,10 @@ The lane comes from a ``priority`` field (JSON body or form field) or, failing t
 for ``/batch_caption``). Bulk work takes turns by host (the peer address) and, inside one host, by
 the ``X-Client-Id`` header (two folder runs on one host then share its turn fairly; sending many
 ids gains a host nothing). The API key is one shared secret, so it names no client and cannot
-stand in for the host; behind a reverse proxy every request has the proxy's address, so hosts
-there share one turn and only their client ids tell them apart.
+stand in for the host. The host is ``request.remote``: behind a reverse proxy that is the proxy's
+address, so its clients share one turn and only their client ids tell them apart, unless the proxy
+is named with ``--trusted-proxy`` (:mod:`vision_server.api.proxies`); then it is the client the
+proxy names.
 The request's ``keep_alive`` (:mod:`vision_server.api.keep_alive`) travels with the labels.
 """
 
@@ -59,7 +61,7 @@ def job_labels(
     """The labels of a request's jobs (400 for an unknown priority or a bad keep-alive)."""
     return JobLabels(
         lane=lane_for(request, priority, default),
-        host=request.remote or "-",  # behind a --trusted-proxy: the client it names
+        host=request.remote or "-",
         client_id=client_id(request),
         keep_alive=keep_alive_for(request, request.app[ENGINE], keep_alive),
     )
