@@ -4,8 +4,8 @@ A person waiting for one caption should not wait behind a folder run of thousand
 two folder runs should share the server rather than run one after the other. So the queue has two
 lanes. When a batch is formed, interactive jobs go first and bulk jobs fill what room is left.
 
-Inside the bulk lane turns come in two levels. Hosts (the peer address, :attr:`JobLabels.host`)
-take turns first, one job per host per round; inside one host its clients (the ``X-Client-Id``
+Inside the bulk lane turns come in two levels. Hosts (the peer address, or the client a
+``--trusted-proxy`` names; :attr:`JobLabels.host`) take turns first, one job per host per round; inside one host its clients (the ``X-Client-Id``
 header, :attr:`JobLabels.client_id`) take turns for that host's share, each in its own arrival
 order. Two folder runs on one machine so share that machine's turn, while a host that sends many
 different client ids still gets one host's share and cannot starve the others.
