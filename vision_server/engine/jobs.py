@@ -36,8 +36,9 @@ class JobLabels:
 
     lane: Lane = Lane.INTERACTIVE
     # Bulk work takes turns in two levels (see vision_server.engine.lanes): hosts first, by this
-    # key (the peer address, or the client a --trusted-proxy names), then inside one host the clients, by ``client_id`` (the
-    # X-Client-Id header; "" when none is sent). A host cannot win more turns with more ids.
+    # key (the peer address, or the client a --trusted-proxy names), then inside one host the
+    # clients, by ``client_id`` (the X-Client-Id header; "" when none is sent). A host cannot win
+    # more turns with more ids.
     host: str = "-"
     client_id: str = ""
     # Seconds the model should stay loaded after this job's batch, as granted by

@@ -5,10 +5,11 @@ two folder runs should share the server rather than run one after the other. So 
 lanes. When a batch is formed, interactive jobs go first and bulk jobs fill what room is left.
 
 Inside the bulk lane turns come in two levels. Hosts (the peer address, or the client a
-``--trusted-proxy`` names; :attr:`JobLabels.host`) take turns first, one job per host per round; inside one host its clients (the ``X-Client-Id``
-header, :attr:`JobLabels.client_id`) take turns for that host's share, each in its own arrival
-order. Two folder runs on one machine so share that machine's turn, while a host that sends many
-different client ids still gets one host's share and cannot starve the others.
+``--trusted-proxy`` names; :attr:`JobLabels.host`) take turns first, one job per host per round;
+inside one host its clients (the ``X-Client-Id`` header, :attr:`JobLabels.client_id`) take turns
+for that host's share, each in its own arrival order. Two folder runs on one machine so share
+that machine's turn, while a host that sends many different client ids still gets one host's
+share and cannot starve the others.
 
 Memory stays bounded: a host or client id is kept only while it has a job waiting (it is dropped
 when its last job is taken, removed or abandoned), and the lane never holds more than the queue's
