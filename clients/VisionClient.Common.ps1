@@ -219,6 +219,32 @@ function Get-VisionErrorMessage {
     return $message
 }
 
+function Test-VisionGatewayOutage {
+    # Whether an error answer is a proxy's own "no server behind me" (HAProxy, nginx): 502/503
+    # without Retry-After and without a JSON body. A vision-server's 503 (queue full, draining)
+    # has both; a 504 is a deadline a server ran past, not an outage.
+    param($Response)
+    if (@(502, 503) -notcontains $Response.StatusCode) { return $false }
+    if ($null -ne $Response.RetryAfter) { return $false }
+    return -not ([string]$Response.Body).TrimStart().StartsWith('{')
+}
+
+function New-VisionAnswerError {
+    # The exception for an HTTP error answer. A proxy with no server behind it counts as an
+    # unreachable server (Data['VisionFailure'] = 'connect'), so the folder script waits for it.
+    param($Response)
+    $message = Get-VisionErrorMessage $Response
+    $failure = $null
+    if (Test-VisionGatewayOutage $Response) {
+        $failure = [System.Exception]::new('Cannot reach the server behind the proxy (no server behind it answers): ' + $message)
+        $failure.Data['VisionFailure'] = 'connect'
+    }
+    else {
+        $failure = [System.Exception]::new($message)
+    }
+    return $failure
+}
+
 function Get-VisionRetryDelay {
     # Seconds to wait before retry number $Attempt (0-based): the server's Retry-After when it
     # gave one (capped at 120 s), else exponential back-off capped at 30 s; both with jitter.
@@ -383,7 +409,7 @@ function Get-VisionCaption {
     $body = '{"image":"' + $image + '","prompt":' + $prompt + $modelField + '}'
     $image = $null
     $response = Invoke-VisionApi -Client $Client -Method POST -Uri ($BaseUrl + '/process_image') -Body $body -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries
-    if ($response.StatusCode -ne 200) { throw (Get-VisionErrorMessage $response) }
+    if ($response.StatusCode -ne 200) { throw (New-VisionAnswerError $response) }
     try {
         $parsed = ConvertFrom-Json -InputObject $response.Body -ErrorAction Stop
     }
@@ -407,7 +433,7 @@ function Get-VisionJson {
     # GET a JSON endpoint; returns the raw body text, or throws with the server's message.
     param($Client, [string]$BaseUrl, [string]$Path, [string]$ApiKey, [int]$TimeoutSec = 0, [int]$Retries = 0)
     $response = Invoke-VisionApi -Client $Client -Method GET -Uri ($BaseUrl + $Path) -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries
-    if ($response.StatusCode -ne 200) { throw (Get-VisionErrorMessage $response) }
+    if ($response.StatusCode -ne 200) { throw (New-VisionAnswerError $response) }
     return $response.Body
 }
 

@@ -88,7 +88,9 @@ connection (default 3).
 .PARAMETER WaitForServerSec
 When the server goes away during the run (a restart, a deploy), pause and wait up to this
 many seconds for it to answer again, then send the images that were in flight again
-(default 300). After that the run stops early and says how many images were not attempted;
+(default 300). Behind a proxy such as HAProxy a restart shows as the proxy's own 502/503
+(without Retry-After): after -Retries those pause the run the same way, until /prompts
+answers other than 502/503/504. After that the run stops early and says how many images were not attempted;
 run it again to resume. An image whose request keeps breaking the connection (six times: a
 server that crashes on it) fails alone. 0 stops the run after -Retries instead.
 
@@ -225,12 +227,13 @@ function Remove-FolderStaleTemp([string]$Root, [bool]$Recurse) {
 }
 
 function Test-FolderServerAnswer {
-    # Any HTTP answer to GET /prompts within 10 s means the server is back. A client of its own,
-    # so no pooled connection of the dead server is tried.
+    # Any HTTP answer to GET /prompts within 10 s but 502/503/504 (a proxy with no server behind
+    # it yet) means the server is back. A client of its own, so no pooled connection of the dead
+    # server is tried.
     $probe = New-VisionHttpClient -TimeoutSec 10 -MaxConnections 1
     try {
-        [void](Invoke-VisionHttp -Client $probe -Method GET -Uri ($baseUrl + '/prompts') -ApiKey $ApiKey -TimeoutSec 10)
-        return $true
+        $answer = Invoke-VisionHttp -Client $probe -Method GET -Uri ($baseUrl + '/prompts') -ApiKey $ApiKey -TimeoutSec 10
+        return (@(502, 503, 504) -notcontains $answer.StatusCode)
     }
     catch {
         return $false

@@ -36,7 +36,9 @@ Options:
                    when the server goes away mid-run (a restart, a deploy), pause and wait up
                    to SEC seconds for it to answer again, then send the images that were in
                    flight again; after that the run stops early (exit status 3) and says how
-                   many images were not attempted (default: 300; 0: stop at once)
+                   many images were not attempted (default: 300; 0: stop at once). A host that
+                   does not answer the connection, and a proxy (HAProxy) that answers 502/503
+                   itself because no server behind it is up, count as gone too
   -q, --quiet      no progress output; failures and the summary are still printed
   -h, --help       show this help and exit
 

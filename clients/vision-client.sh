@@ -53,7 +53,9 @@ Exit status:
   0 success
   1 the server answered with an error, or with something unexpected
   2 usage error, or the image file cannot be read
-  3 cannot connect to the server (or the connection broke)
+  3 cannot connect to the server (refused, the connection broke, or it did not open within
+    10 s: a host that is down), or a proxy in front of it answers 502/503 without Retry-After
+    or JSON (no server behind it is up), even after --retries
   4 timed out (no answer within --timeout, or HTTP 504 from the server)
   5 the server is busy (HTTP 429/502/503), even after --retries
   6 authentication failed (HTTP 401/403): check VISION_API_KEY
@@ -288,10 +290,10 @@ retry_after() {
 # request METHOD PATH [BODYFILE]: sets http_code and leaves the body in $tmpd/resp. Exits on
 # connection problems and timeouts; retries busy answers when --retries allows.
 request() {
-    local method=$1 path=$2 body=${3:-} attempt=0 rc wait_s
+    local method=$1 path=$2 body=${3:-} attempt=0 rc wait_s time_connect
     local -a cmd=(curl -q --silent --show-error --config "$tmpd/curlrc" --request "$method"
         --max-time "$timeout" --connect-timeout "$connect_timeout"
-        --output "$tmpd/resp" --dump-header "$tmpd/headers" --write-out '%{http_code}')
+        --output "$tmpd/resp" --dump-header "$tmpd/headers" --write-out '%{http_code} %{time_connect}')
     if [[ -n $body ]]; then
         cmd+=(--header 'Content-Type: application/json' --data-binary "@$body")
     fi
@@ -305,9 +307,17 @@ request() {
         rc=0
         wait "$curl_pid" || rc=$?
         curl_pid=""
+        read -r http_code time_connect _ <"$tmpd/code" || true
         case $rc in
         0) ;;
-        28) die "$EXIT_TIMEOUT" "no answer from $url$path within ${timeout}s (--timeout)" ;;
+        28)
+            # The connection never opened (a host that is down or rebooting drops it silently):
+            # that is an unreachable server, not a slow answer that sending again would repeat.
+            if [[ ${time_connect:-0} =~ ^[0.]*$ ]]; then
+                die "$EXIT_CONNECT" "cannot connect to $url: no answer to the connection within the time limit (is the host up?)"
+            fi
+            die "$EXIT_TIMEOUT" "no answer from $url$path within ${timeout}s (--timeout)"
+            ;;
         6) die "$EXIT_CONNECT" "cannot resolve the host in $url" ;;
         7) die "$EXIT_CONNECT" "cannot connect to $url (is the server running?)" ;;
         26) die "$EXIT_ERROR" "cannot read the request body file" ;;
@@ -317,7 +327,6 @@ request() {
             die "$EXIT_CONNECT" "request to $url$path failed: ${err:-curl exit status $rc}"
             ;;
         esac
-        http_code=$(<"$tmpd/code")
         case $http_code in
         429 | 502 | 503)
             if ((attempt < retries)); then
@@ -338,10 +347,25 @@ request() {
     done
 }
 
+# from_proxy: whether the last answer is a proxy's own "no server behind me" (HAProxy, nginx):
+# 502/503 without Retry-After and without a JSON body. A vision-server's 503 (queue full,
+# draining) has both; 504 is a deadline a server ran past, not an outage.
+from_proxy() {
+    local first
+    [[ $http_code == 502 || $http_code == 503 ]] || return 1
+    [[ $(retry_after) == 0 ]] || return 1
+    first=$(LC_ALL=C tr -d ' \t\r\n' <"$tmpd/resp" | head -c 1)
+    [[ $first != "{" ]]
+}
+
 # fail_http: report a non-200 answer and exit with a matching status.
 fail_http() {
     local msg code=$EXIT_ERROR extra=""
     msg=$(server_message)
+    if from_proxy; then # a restart behind a proxy: report it as the unreachable server it is
+        msg=$(tr '\r\n\t' '   ' <"$tmpd/resp" | sed 's/<[^>]*>/ /g' | tr -s ' ' | head -c 200)
+        die "$EXIT_CONNECT" "cannot reach the server behind $url: the proxy answers HTTP $http_code ($(trim "$msg"))"
+    fi
     case $http_code in
     000 | "") msg="no HTTP response" ;;
     401 | 403)

@@ -1,13 +1,15 @@
 """A scriptable HTTP server for the clients' tests: what the real server will not do on demand.
 
-It hangs (timeouts, Ctrl+C), answers 503 with a ``Retry-After`` (retries), checks a bearer key,
-and records every request, so a test can read back exactly what a client sent.
+It hangs (timeouts, Ctrl+C), answers 503 with a ``Retry-After`` (retries), plays a proxy whose
+servers are all down for a while (bare 502/503 pages), checks a bearer key, and records every
+request, so a test can read back exactly what a client sent.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 
@@ -42,6 +44,9 @@ class StandIn:
 
     ``hang``: POSTs wait until the stand-in closes; ``busy_first``: that many POSTs get 503 with
     ``Retry-After: 1`` first; ``key``: POSTs without ``Authorization: Bearer <key>`` get 401.
+    ``outage_after``: once that many POSTs were captioned, every request (GETs too) gets what
+    HAProxy answers while no server behind it is up, 503 and 502 in turn, an HTML page without
+    ``Retry-After``, for ``outage_seconds``; then captions again (0: down from the start).
     """
 
     def __init__(
@@ -51,9 +56,15 @@ class StandIn:
         busy_first: int = 0,
         key: str | None = None,
         caption: str = "stand-in caption",
+        outage_after: int | None = None,
+        outage_seconds: float = 0.0,
     ) -> None:
         self.hang, self.key, self.caption = hang, key, caption
         self.busy_left = busy_first
+        self.outage_after, self.outage_seconds = outage_after, outage_seconds
+        self.outage_ends: float | None = None
+        self.captioned = 0
+        self.outage_answers = 0
         self.requests: list[Recorded] = []
         self.release = threading.Event()
         self.lock = threading.Lock()
@@ -71,6 +82,22 @@ class StandIn:
             busy = self.busy_left > 0
             self.busy_left -= busy
             return busy
+
+    def in_outage(self) -> bool:
+        """Whether this request meets the outage (which starts with the first request that may)."""
+        with self.lock:
+            if self.outage_after is None or self.captioned < self.outage_after:
+                return False
+            if self.outage_ends is None:
+                self.outage_ends = time.monotonic() + self.outage_seconds
+            if time.monotonic() >= self.outage_ends:
+                return False
+            self.outage_answers += 1
+            return True
+
+    def note_captioned(self) -> None:
+        with self.lock:
+            self.captioned += 1
 
     def posts(self) -> list[dict[str, Any]]:
         """The JSON bodies of the POSTs so far, in order."""
@@ -106,20 +133,38 @@ def _handler_for(stand_in: StandIn) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def proxy_outage(self) -> None:
+            """HAProxy's own page when no server is up (503), or one broke the connection (502)."""
+            status = 503 if stand_in.outage_answers % 2 else 502
+            title = {502: "502 Bad Gateway", 503: "503 Service Unavailable"}[status]
+            data = f"<html><body><h1>{title}</h1>\nNo server is available.\n</body></html>\n".encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "text/html")
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            self.wfile.write(data)
+
         def do_GET(self) -> None:
             stand_in.record(Recorded("GET", self.path, dict(self.headers), b""))
+            if stand_in.in_outage():
+                self.proxy_outage()
+                return
             self.reply(200, "stand-in-model" if self.path == "/model" else PROMPTS)
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
             stand_in.record(Recorded("POST", self.path, dict(self.headers), body))
-            if stand_in.key and self.headers.get("Authorization") != f"Bearer {stand_in.key}":
+            if stand_in.in_outage():
+                self.proxy_outage()
+            elif stand_in.key and self.headers.get("Authorization") != f"Bearer {stand_in.key}":
                 self.reply(401, {"detail": "Invalid API key"}, {"WWW-Authenticate": "Bearer"})
             elif stand_in.take_busy():
                 self.reply(503, {"detail": "Queue full"}, {"Retry-After": "1"})
             else:
                 if stand_in.hang:
                     stand_in.release.wait(60)
+                stand_in.note_captioned()
                 self.reply(200, {"result": stand_in.caption})
 
     return Handler

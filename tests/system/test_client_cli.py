@@ -21,6 +21,7 @@ from aiohttp import web
 from tests.support.images import save_flat
 from tests.support.leftovers import OLD, YOUNG, caption_temp
 from tests.support.processes import ServerProcess, free_port
+from tests.support.stand_in import StandIn
 
 CLI = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or shutil.which("vision-client")
 TASKS = [
@@ -321,3 +322,51 @@ async def test_folder_with_a_whitespace_only_caption_exits_1(aiohttp_server, tmp
     assert result.returncode == 1, result.stderr
     assert "empty caption" in result.stderr
     assert not (tmp_path / "a.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Behind a proxy (stand-in playing HAProxy with every server down for a while)
+
+
+def test_folder_run_waits_while_a_proxy_has_no_server(tmp_path: Path) -> None:
+    """HAProxy answers 502/503 itself (no Retry-After, an HTML page) while every server behind it
+    restarts: once --retries are used up the run pauses like for a refused connection, probes
+    /health (a 503 there too means "not yet") and sends the images again; nothing fails."""
+    images = [save_flat(tmp_path / f"img{i}.png", (i, 2, 3), (16, 16)) for i in range(8)]
+    with StandIn(outage_after=2, outage_seconds=3) as proxy:
+        result = run("--retries", "1", "folder", str(tmp_path), "-j", "2", url=proxy.url, timeout=90)
+        health = [r for r in proxy.requests if r.path == "/health"]
+    assert result.returncode == 0, result.stderr
+    assert proxy.outage_answers >= 3 and len(health) >= 2, result.stderr
+    assert "no server behind the proxy answers (HTTP 50" in result.stderr
+    assert (
+        "waiting up to 300 s for it to come back" in result.stderr
+        and "server back; going on" in result.stderr
+    )
+    assert "8 captioned, 0 skipped, 0 failed of 8 images" in result.stderr
+    assert all(
+        image.with_suffix(".txt").read_text(encoding="utf-8") == "stand-in caption" for image in images
+    )
+
+
+def test_folder_run_behind_a_proxy_with_no_server_from_the_start_stops_at_once(tmp_path: Path) -> None:
+    """As a wrong --url: when only the proxy ever answered, the run stops after --retries."""
+    for name in ("a.png", "b.png", "c.png"):
+        save_flat(tmp_path / name, (1, 2, 3), (16, 16))
+    with StandIn(outage_after=0, outage_seconds=120) as proxy:
+        result = run("--retries", "0", "folder", str(tmp_path), "-j", "1", url=proxy.url, timeout=60)
+    assert result.returncode == 1
+    assert "stopped early, 2 images not attempted" in result.stderr
+    assert "a proxy answers at" in result.stderr and "but no server behind it does" in result.stderr
+    assert "waiting up to" not in result.stderr
+    assert list(tmp_path.glob("*.txt")) == []
+
+
+def test_servers_own_503_keeps_its_retries_rule(tmp_path: Path) -> None:
+    """A vision server's 503 (queue full: Retry-After and JSON) is busy, not gone: no wait."""
+    image = save_flat(tmp_path / "a.png", (1, 2, 3), (16, 16))
+    with StandIn(busy_first=2) as busy:
+        result = run("--retries", "1", "folder", str(tmp_path), url=busy.url, timeout=60)
+    assert result.returncode == 1
+    assert "Queue full (HTTP 503)" in result.stderr and "waiting up to" not in result.stderr
+    assert not image.with_suffix(".txt").exists()

@@ -515,6 +515,19 @@ def test_folder_server_down(tmp_path: Path) -> None:
 
 
 @needs_pwsh
+def test_folder_waits_while_a_proxy_has_no_server(tmp_path: Path) -> None:
+    """As the bash script: bare 502/503 pages of a proxy pause the run; every image ends captioned."""
+    images = make_folder(tmp_path, [f"img{i}.png" for i in range(6)])
+    with StandIn(outage_after=2, outage_seconds=3) as proxy:
+        result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", proxy.url, "-Jobs", "2", "-Retries", "1")
+    assert result.returncode == 0, result.stderr
+    assert proxy.outage_answers >= 2
+    assert "server back; going on" in result.stderr
+    for image in images:
+        assert read_caption(image.with_suffix(".txt")) == "stand-in caption"
+
+
+@needs_pwsh
 def test_folder_sends_original_bytes_in_parallel(tmp_path: Path) -> None:
     images = make_folder(tmp_path, [f"img{i:02d}.png" for i in range(12)])
     with StandIn(caption=PADDED, busy_first=2) as stand_in:

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -760,3 +761,75 @@ def test_folder_temp_names_and_sweep_of_a_killed_runs_leftovers(tmp_path: Path) 
     renamed = [Path(line).name for line in log.read_text().splitlines() if ".vision-caption." in line]
     assert len(renamed) == 2
     assert all(re.fullmatch(r"\.vision-caption\.[0-9a-f]{16}\.tmp", name) for name in renamed), renamed
+
+
+def black_hole() -> tuple[socket.socket, list[socket.socket]]:
+    """A listening socket whose accept queue is full: new connections get no answer at all
+    (SYNs dropped), as a host that is down or rebooting (10.255.255.1 fails fast here)."""
+    server_sock = socket.socket()
+    server_sock.bind(("127.0.0.1", 0))
+    server_sock.listen(0)
+    fillers = []
+    for _ in range(4):
+        filler = socket.socket()
+        filler.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            filler.connect(server_sock.getsockname())
+        fillers.append(filler)
+    return server_sock, fillers
+
+
+def test_connect_timeout_is_an_unreachable_server_not_a_slow_answer(tmp_path: Path, tmpdir_env: Path) -> None:
+    """curl's exit 28 before the connection opened is exit 3 (the folder script waits for the
+    server); a slow answer stays exit 4 (test_timeout)."""
+    image = save_image(tmp_path / "p.png", 1)
+    server_sock, fillers = black_hole()
+    try:
+        host, port = server_sock.getsockname()
+        result = run(
+            CLIENT,
+            "--url",
+            f"{host}:{port}",
+            "--timeout",
+            "2",
+            "CAPTION",
+            str(image),
+            env=base_env(tmpdir_env),
+        )
+    finally:
+        for sock in (server_sock, *fillers):
+            sock.close()
+    assert result.returncode == 3, result.stderr
+    assert "cannot connect to" in result.stderr and "is the host up?" in result.stderr
+    assert result.stdout == "" and list(tmpdir_env.iterdir()) == []
+
+
+def test_proxy_without_a_server_is_unreachable_and_own_503_is_busy(tmp_path: Path) -> None:
+    image = save_image(tmp_path / "p.png", 1)
+    with StandIn(outage_after=0, outage_seconds=60) as proxy:
+        result = run(CLIENT, "--url", proxy.url, "CAPTION", str(image))
+    assert result.returncode == 3, result.stderr
+    assert "the proxy answers HTTP 503 (503 Service Unavailable No server is available.)" in result.stderr
+    with StandIn(busy_first=1) as busy:
+        result = run(CLIENT, "--url", busy.url, "CAPTION", str(image))
+    assert result.returncode == 5 and "Queue full" in result.stderr
+
+
+def test_folder_run_waits_while_a_proxy_has_no_server(tmp_path: Path, tmpdir_env: Path) -> None:
+    """Every server behind HAProxy restarts: its bare 502/503 pages pause the run (after
+    --retries) instead of stopping it as a busy server; every image ends captioned."""
+    root = tmp_path / "behind-proxy"
+    images = make_tree(root, [f"img{i}.png" for i in range(8)])
+    with StandIn(outage_after=2, outage_seconds=3) as proxy:
+        result = run(
+            FOLDER, "--url", proxy.url, "--jobs", "2", "--retries", "1", "CAPTION", "txt", str(root),
+            env=base_env(tmpdir_env), timeout=90,
+        )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert proxy.outage_answers >= 2
+    assert (
+        "server unreachable; waiting up to 300 s" in result.stderr
+        and "server back; going on" in result.stderr
+    )
+    assert all(caption_path(image).read_text() == "stand-in caption" for image in images)
+    assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []

@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import os
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,13 @@ from vision_server.client.errors import (
     http_error,
 )
 from vision_server.client.retry import (
+    GATEWAY_OUTAGE_STATUSES,
     MAX_OUTAGES_PER_REQUEST,
+    NOT_BACK_STATUSES,
     RETRY_STATUSES,
     RetryPolicy,
     ServerWait,
+    is_gateway_outage,
     parse_retry_after,
 )
 
@@ -41,7 +45,9 @@ DEFAULT_URL = "http://127.0.0.1:54880"
 DEFAULT_TASK = "<MORE_DETAILED_CAPTION>"
 DEFAULT_TIMEOUT = 600.0  # the server's own request deadline; a long queue is normal in a folder run
 MODEL_HEADER = "X-Model"  # names the model that captioned (vision_server.api.native sets it)
-PROBE_PATH = "/health"  # any HTTP answer here means the server is back (a 404 from other servers too)
+# Any HTTP answer here but 502/503/504 means the server is back (a 404 from servers without it
+# too); a proxy answers 503 here while no server behind it is up.
+PROBE_PATH = "/health"
 PROBE_TIMEOUT = aiohttp.ClientTimeout(total=10, sock_connect=5)
 
 ImageInput = bytes | bytearray | memoryview | str | os.PathLike[str]
@@ -87,6 +93,8 @@ def error_detail(body: str, fallback: str) -> str:
     try:
         data = json.loads(body)
     except ValueError:
+        if body.lstrip().startswith("<"):  # a proxy's HTML error page: its words, not its markup
+            body = " ".join(re.sub(r"<[^>]*>", " ", body).split())
         return body.strip()[:500] or fallback
     if isinstance(data, dict):
         detail = data.get("detail")
@@ -108,7 +116,11 @@ class AsyncVisionClient:
     connections. ``wait_for_server`` (seconds, default 0: off) is for long runs: once the server
     has answered, losing it (a restart) pauses every request of this client until ``GET /health``
     gets an answer again, up to that many seconds, and then sends the interrupted requests
-    again; only after that window do they fail with :class:`VisionConnectionError`.
+    again; only after that window do they fail with :class:`VisionConnectionError`. Behind a
+    proxy a restart reads as the proxy's own 502/503 (no ``Retry-After``, no JSON): once
+    ``retries`` are used up on those, the request waits the same way, until ``/health`` answers
+    other than 502/503/504. If only the proxy ever answered, it fails with
+    :class:`VisionConnectionError` at once, as an unreachable server does.
     ``on_server_wait`` gets the lines "server unreachable; waiting up to N s ..." and "server
     back; going on" (default: a warning on the ``vision_server.client`` logger).
     """
@@ -236,31 +248,63 @@ class AsyncVisionClient:
                     raise
                 retry_after = None
             except VisionHTTPError as error:
-                if not _retryable(error) or attempt >= self.policy.retries:
+                if not _retryable(error):
                     raise
+                if attempt >= self.policy.retries:
+                    if not (error.gateway_outage and self._server_wait is not None):
+                        raise
+                    await self._wait_behind_proxy(error, outages)
+                    outages += 1
+                    attempt = 0  # the server is back: this request gets its retries again
+                    continue
                 retry_after = error.retry_after
             await asyncio.sleep(self.policy.delay(attempt, retry_after))
             attempt += 1
 
+    async def _wait_behind_proxy(self, error: VisionHTTPError, outages: int) -> None:
+        """A proxy kept answering that no server behind it does: wait with the others for one
+        to come back (returns), or raise what stops the run."""
+        assert self._server_wait is not None
+        if not self._reached:  # a pool that is down at the start, or a --url that is not ours
+            raise VisionConnectionError(
+                f"{error}: a proxy answers at {self.base_url}, but no server behind it does"
+            ) from error
+        if outages >= MAX_OUTAGES_PER_REQUEST:
+            raise VisionClientError(
+                f"the server behind {self.base_url} went away {outages + 1} times around this "
+                f"request (does it crash on it?): {error}"
+            ) from error
+        if not await self._server_wait.wait(f"no server behind the proxy answers (HTTP {error.status})"):
+            raise VisionConnectionError(
+                f"{error} (no server behind the proxy at {self.base_url} came back within "
+                f"{self._server_wait.window:g} s)"
+            ) from error
+
     async def _server_answers(self) -> bool:
-        """Whether the server gives any HTTP answer now (the probe of a :class:`ServerWait`)."""
+        """Whether the server is back (the probe of a :class:`ServerWait`): any HTTP answer
+        but a proxy's 502/503/504 (or ours while the worker restarts)."""
         try:
             async with self._get_session().get(self.base_url + PROBE_PATH, timeout=PROBE_TIMEOUT) as resp:
                 await resp.read()
+                return resp.status not in NOT_BACK_STATUSES
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
-        return True
 
     async def _attempt(self, method: str, url: str, payload: Any) -> tuple[Any, Mapping[str, str]]:
         """One try: the decoded JSON body and the headers, or an exception saying what went wrong."""
         try:
             async with self._get_session().request(method, url, json=payload) as resp:
-                self._reached = True
+                if resp.status not in GATEWAY_OUTAGE_STATUSES:
+                    self._reached = True
                 body = await resp.text(errors="replace")
                 headers = resp.headers
                 if resp.status >= 400:
                     retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    raise http_error(resp.status, error_detail(body, resp.reason or "error"), retry_after)
+                    outage = is_gateway_outage(resp.status, retry_after, body)
+                    if not outage:  # the server's own answer: it is there
+                        self._reached = True
+                    detail = error_detail(body, resp.reason or "error")
+                    raise http_error(resp.status, detail, retry_after, gateway_outage=outage)
         except aiohttp.ConnectionTimeoutError as exc:
             raise VisionConnectionError(f"cannot connect to {self.base_url}: {exc}") from exc
         except asyncio.TimeoutError:

@@ -23,11 +23,16 @@ class VisionTimeoutError(VisionClientError):
 class VisionHTTPError(VisionClientError):
     """The server answered with an error status; ``detail`` is its explanation."""
 
-    def __init__(self, status: int, detail: str, *, retry_after: float | None = None) -> None:
+    def __init__(
+        self, status: int, detail: str, *, retry_after: float | None = None, gateway_outage: bool = False
+    ) -> None:
         super().__init__(f"HTTP {status}: {detail}")
         self.status = status
         self.detail = detail
         self.retry_after = retry_after
+        # A proxy in front answered that no server behind it does (502/503 of its own, see
+        # retry.is_gateway_outage): a restart or a pool that is down, not a busy server.
+        self.gateway_outage = gateway_outage
 
 
 class RequestRejected(VisionHTTPError):
@@ -46,7 +51,9 @@ class ServerError(VisionHTTPError):
     """A 5xx answer other than "busy": the server failed or the request ran past its deadline."""
 
 
-def http_error(status: int, detail: str, retry_after: float | None = None) -> VisionHTTPError:
+def http_error(
+    status: int, detail: str, retry_after: float | None = None, *, gateway_outage: bool = False
+) -> VisionHTTPError:
     """Pick the exception class that matches an error status."""
     if status in (401, 403):
         cls: type[VisionHTTPError] = AuthenticationError
@@ -56,4 +63,4 @@ def http_error(status: int, detail: str, retry_after: float | None = None) -> Vi
         cls = RequestRejected
     else:
         cls = ServerError
-    return cls(status, detail, retry_after=retry_after)
+    return cls(status, detail, retry_after=retry_after, gateway_outage=gateway_outage)

@@ -6,7 +6,10 @@ instant. Without a hint we back off exponentially with jitter. Only answers that
 are retried: a 4xx will fail the same way again, and a 504 already used up the server's deadline.
 
 A server that cannot be reached at all is a different case for long runs: :class:`ServerWait`
-holds every request of a client until it answers again (a restart), up to a time window.
+holds every request of a client until it answers again (a restart), up to a time window. Behind
+a proxy (HAProxy, nginx) the same restart looks different: the proxy answers 502 or 503 itself,
+quickly and without ``Retry-After`` (:func:`is_gateway_outage`), so those answers lead to the same
+wait once ``retries`` are used up.
 """
 
 from __future__ import annotations
@@ -21,6 +24,13 @@ from datetime import datetime, timezone
 from email.utils import parsedate_to_datetime
 
 RETRY_STATUSES = frozenset({429, 502, 503})
+# What a proxy answers when no server behind it does: 503 "no server available" (every backend
+# down, or its queue timed out), 502 (a backend broke the connection: it crashed or restarted).
+# Not 504: that is a deadline a server that took the request ran past; sending it again could
+# take as long again, so it keeps failing the image.
+GATEWAY_OUTAGE_STATUSES = frozenset({502, 503})
+# Probe answers that do not mean "back": the proxy still has no server, or ours is not up yet.
+NOT_BACK_STATUSES = frozenset({502, 503, 504})
 
 log = logging.getLogger("vision_server.client")
 
@@ -62,6 +72,16 @@ def parse_retry_after(value: str | None, *, now: datetime | None = None) -> floa
     return max(0.0, (when - now).total_seconds())
 
 
+def is_gateway_outage(status: int, retry_after: float | None, body: str) -> bool:
+    """Whether an error answer is a proxy's "no server behind me", not the server's own word.
+
+    A vision server's own 503 (queue full, draining, a model that failed to load) carries
+    ``Retry-After`` and a JSON body, and its other errors a JSON body too; HAProxy's and nginx's
+    502/503 pages are HTML (or empty) with no ``Retry-After``.
+    """
+    return status in GATEWAY_OUTAGE_STATUSES and retry_after is None and not body.lstrip().startswith("{")
+
+
 PROBE_DELAY_CAP = 5.0  # a server that is back is noticed within this many seconds
 MAX_OUTAGES_PER_REQUEST = 5  # a request that broke the connection this often fails (a poison image)
 
@@ -72,9 +92,9 @@ class ServerWait:
     A restart (systemd ``Restart=``, a deploy, ``systemctl restart``) refuses connections for a
     few seconds and breaks the ones in flight. Instead of each request burning its own retries,
     the first one to notice starts one probe loop; the others wait on it, and all of them go on
-    (sending their request again) as soon as the probe gets any HTTP answer, or give up together
-    once ``window`` seconds have passed. ``notify`` gets one line when the wait starts and one when
-    it ends; a blip that the first probe already gets past is not reported.
+    (sending their request again) as soon as the probe says the server is back, or give up
+    together once ``window`` seconds have passed. ``notify`` gets one line when the wait starts
+    and one when it ends; a blip that the first probe already gets past is not reported.
     """
 
     def __init__(
@@ -91,10 +111,13 @@ class ServerWait:
         self._clock = clock
         self._task: asyncio.Task[bool] | None = None
 
-    async def wait(self) -> bool:
-        """Wait until the server answers again: True when it does, False when the window ran out."""
+    async def wait(self, what: str = "server unreachable") -> bool:
+        """Wait until the server answers again: True when it does, False when the window ran out.
+
+        ``what`` names the outage in the first line (the request that starts the wait says it).
+        """
         if self._task is None or self._task.done():
-            self._task = asyncio.ensure_future(self._until_back())
+            self._task = asyncio.ensure_future(self._until_back(what))
         return await asyncio.shield(self._task)
 
     def cancel(self) -> None:
@@ -102,16 +125,16 @@ class ServerWait:
         if self._task is not None and not self._task.done():
             self._task.cancel()
 
-    async def _until_back(self) -> bool:
+    async def _until_back(self, what: str) -> bool:
         if await self._probe():  # a reset keep-alive connection, not an outage: go on quietly
             return True
         deadline = self._clock() + self.window
-        self._say(f"server unreachable; waiting up to {self.window:g} s for it to come back")
+        self._say(f"{what}; waiting up to {self.window:g} s for it to come back")
         attempt = 0
         while True:
             left = deadline - self._clock()
             if left <= 0:
-                self._say(f"server still unreachable after {self.window:g} s; giving up")
+                self._say(f"server still not back after {self.window:g} s; giving up")
                 return False
             await asyncio.sleep(min(left, PROBE_DELAY_CAP, 0.5 * 2**attempt))
             attempt += 1
