@@ -152,7 +152,9 @@ def test_error_detail_shapes() -> None:
     assert error_detail('{"detail": "Invalid prompt"}', "Bad") == "Invalid prompt"
     assert error_detail('{"error": {"message": "nope"}}', "Bad") == "nope"
     assert error_detail('{"detail": [{"msg": "Field required"}]}', "Bad") == "Field required"
-    assert error_detail("<html>502</html>", "Bad") == "<html>502</html>"
+    # A proxy's HTML page: its words, not its markup.
+    page = "<html><body><h1>502 Bad Gateway</h1>\nThe server returned an invalid response.\n</body></html>"
+    assert error_detail(page, "Bad") == "502 Bad Gateway The server returned an invalid response."
     assert error_detail("", "Bad Gateway") == "Bad Gateway"
 
 
