@@ -16,6 +16,7 @@ import json
 import os
 import pty
 import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -23,6 +24,7 @@ import sys
 import termios
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +35,7 @@ import pytest
 
 from tests.support import images, paths
 from tests.support.api import tiny_cache_dir
-from tests.support.processes import ServerProcess, tiny_server
+from tests.support.processes import ServerProcess, free_port, tiny_server
 
 REPO = paths.REPO
 FOLDER_SCRIPT = REPO / "clients" / "vision-caption-folder-images.sh"
@@ -434,3 +436,98 @@ def test_server_killed_halfway(server: str, tmp_path: Path, tmp_path_factory: py
         assert {path: path.stat().st_mtime_ns for path in existing[client]} == existing[client]
         assert temp_files(folders[client]) == []
     assert list(scratch.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# A pool behind a real HAProxy whose only live server restarts
+
+HAPROXY = shutil.which("haproxy")
+
+
+def haproxy_config(front: int, backends: list[str]) -> str:
+    """``service/haproxy.cfg`` unprivileged and local, with fast health checks (as test_haproxy)."""
+    text = (paths.SERVICE / "haproxy.cfg").read_text()
+    text = re.sub(r"(?m)^\s*(user|group|daemon|stats socket|log /dev/log).*\n", "", text)
+    text = re.sub(r"(?m)^(\s*bind )\S+", rf"\g<1>127.0.0.1:{front}", text)
+    text = re.sub(r"\binter \S+", "inter 100ms", text)
+    servers = iter(backends)
+    return re.sub(r"(?m)^(\s*server \S+ )\S+", lambda m: m.group(1) + next(servers), text)
+
+
+def proxy_answer(url: str) -> tuple[int, dict[str, str], bytes]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, dict(response.headers), response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, dict(error.headers), error.read()
+
+
+@pytest.mark.skipif(HAPROXY is None, reason="haproxy is not installed (apt-get install -y haproxy)")
+def test_pool_behind_haproxy_outlives_its_servers_restart(tmp_path: Path) -> None:
+    """Both folder clients through the shipped HAProxy config; its one live server is killed and
+    comes back seconds later. Meanwhile HAProxy answers 502/503 itself (no Retry-After): the runs
+    pause instead of failing image after image, and every image ends captioned."""
+    settings = {"port": free_port(), "max_batch_size": 2}
+    never_up = f"127.0.0.1:{free_port()}"  # the pool's second member is down all along
+    front = free_port()
+    proxy_url = f"http://127.0.0.1:{front}"
+    folders = {client: tmp_path / client for client in CLIENTS}
+    images = {
+        client: [save_image(folders[client] / f"img{i:02d}.png", i) for i in range(12)] for client in CLIENTS
+    }
+    running: dict[str, subprocess.Popen[bytes]] = {}
+    proxy: subprocess.Popen[bytes] | None = None
+    try:
+        with ServerProcess.fake(tmp_path, "first", delay=0.3, **settings) as first:
+            backend = first.wait_listening().split("//")[1]
+            config = tmp_path / "haproxy.cfg"
+            config.write_text(haproxy_config(front, [backend, never_up]))
+            with (tmp_path / "haproxy.log").open("wb") as log:
+                proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=log, stderr=log)
+            deadline = time.monotonic() + 15
+            while proxy_answer_or_none(proxy_url + "/ready") != 200:
+                assert proxy.poll() is None and time.monotonic() < deadline, (
+                    tmp_path / "haproxy.log"
+                ).read_text()
+                time.sleep(0.1)
+            for client in CLIENTS:
+                command = client_command(client, proxy_url, folders[client], parallel=2)
+                at = -3 if client == "bash" else 1  # python: an option of the group, before "folder"
+                command[at:at] = ["--retries", "1"]
+                running[client] = subprocess.Popen(
+                    command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=client_env()
+                )
+            deadline = time.monotonic() + 60
+            while min(count_captions(folder) for folder in folders.values()) < 2:
+                assert all(p.poll() is None for p in running.values()), "a run ended before the restart"
+                assert time.monotonic() < deadline, "no captions after 60 s"
+                time.sleep(0.02)
+            first.process.kill()  # requests are in flight through the proxy
+            first.wait(10)
+        time.sleep(1)
+        status, headers, body = proxy_answer(proxy_url + "/health")
+        assert (status, "Retry-After" in headers) == (503, False), body  # HAProxy's own answer
+        time.sleep(2)
+        with ServerProcess.fake(tmp_path, "second", delay=0.3, **settings) as second:
+            second.wait_listening()
+            outputs = {client: process.communicate(timeout=120) for client, process in running.items()}
+    finally:
+        for process in running.values():
+            if process.poll() is None:
+                process.kill()
+                process.wait(10)
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(10)
+    for client in CLIENTS:
+        stderr = outputs[client][1].decode(errors="replace")
+        assert running[client].returncode == 0, stderr[-3000:]
+        assert "waiting up to 300 s for it to come back" in stderr and "server back; going on" in stderr
+        assert all(caption_of(image).read_text(encoding="utf-8") for image in images[client]), client
+        assert temp_files(folders[client]) == []
+
+
+def proxy_answer_or_none(url: str) -> int | None:
+    with contextlib.suppress(OSError):
+        return proxy_answer(url)[0]
+    return None
