@@ -594,7 +594,8 @@ nap() {
     wait "$!" || true
 }
 
-# server_answers: whether the server answers GET /prompts now (any answer within 10 s counts).
+# server_answers: whether the server answers GET /prompts now: any answer within 10 s counts,
+# but not a proxy's own 502/503 (vision-client.sh exits 3 for those: no server behind it yet).
 server_answers() {
     local rc=0
     "${client_cmd[@]}" --timeout 10 prompts >/dev/null 2>"$tmpd/probe.err" || rc=$?
