@@ -31,7 +31,7 @@ from vision_server.client import (
     task_token,
 )
 from vision_server.client.api import error_detail, normalize_base_url
-from vision_server.client.retry import parse_retry_after
+from vision_server.client.retry import is_gateway_outage, parse_retry_after
 
 FAST = RetryPolicy(retries=3, base_delay=0.01, max_delay=0.02)
 
@@ -300,3 +300,51 @@ def test_sync_client_close_is_idempotent() -> None:
     client.close()
     with pytest.raises(RuntimeError, match="closed"):
         client.model()
+
+
+def test_gateway_outage_is_only_a_proxys_own_bare_502_or_503() -> None:
+    page = "<html><body><h1>503 Service Unavailable</h1>\nNo server is available.\n</body></html>"
+    assert is_gateway_outage(503, None, page) and is_gateway_outage(502, None, "")
+    assert not is_gateway_outage(503, 3.0, page)  # a Retry-After: busy, not gone
+    assert not is_gateway_outage(503, None, ' {"detail": "Out of memory"}')  # a server's own word
+    assert not is_gateway_outage(504, None, page)  # a deadline run past: sending again may repeat it
+    assert not is_gateway_outage(429, None, page)
+
+
+def proxy_page(status: int) -> Callable[[], web.Response]:
+    return lambda: web.Response(
+        status=status, text=f"<html><h1>{status}</h1>No server.</html>", content_type="text/html"
+    )
+
+
+async def test_a_servers_own_503_without_retry_after_is_no_outage(serve) -> None:
+    """Only the proxy's bare page starts a server wait; a JSON 503 fails after the retries."""
+    script = Script(ok(), fail(503, "Out of memory"))
+    health = Script(ok())
+    url = await serve({"/process_image": script.handle, "/health": health.handle})
+    notes: list[str] = []
+    async with AsyncVisionClient(
+        url, retry_policy=FAST, wait_for_server=30, on_server_wait=notes.append
+    ) as client:
+        await client.caption(b"img")
+        with pytest.raises(ServerBusy):
+            await client.caption(b"img")
+    assert notes == [] and health.arrivals == [] and len(script.arrivals) == 5
+
+
+async def test_a_proxys_bare_503_waits_for_health_then_resends(serve) -> None:
+    script = Script(ok(), proxy_page(503), proxy_page(502), ok("back again"))
+    health = Script(proxy_page(503), proxy_page(503), ok())  # through the proxy: 503 until a server is up
+    url = await serve({"/process_image": script.handle, "/health": health.handle})
+    notes: list[str] = []
+    policy = RetryPolicy(retries=1, base_delay=0.01, max_delay=0.02)
+    async with AsyncVisionClient(
+        url, retry_policy=policy, wait_for_server=30, on_server_wait=notes.append
+    ) as client:
+        await client.caption(b"img")
+        assert await client.caption(b"img") == "back again"
+    assert len(health.arrivals) == 3 and len(script.arrivals) == 4
+    assert notes == [
+        "no server behind the proxy answers (HTTP 502); waiting up to 30 s for it to come back",
+        "server back; going on",
+    ]
