@@ -32,7 +32,7 @@ SECONDS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 3
 QUEUE_SECONDS = (0.001, 0.005, 0.01, 0.025, *SECONDS)
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 LOAD_OUTCOMES = ("ok", "failed")
-UNLOAD_REASONS = ("idle", "admin", "shutdown")
+UNLOAD_REASONS = ("idle", "admin", "shutdown", "evicted", "wake_failed")
 OFFLOAD_REASONS = ("idle", "admin")
 REJECT_REASONS = (
     "queue_full",

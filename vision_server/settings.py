@@ -444,11 +444,18 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise SettingsError(f"config file {path}: {exc}") from None
     values: dict[str, Any] = {}
     for key, value in raw.items():
-        name = key.replace("-", "_")
+        name = _FLAG_KEYS.get(key.replace("_", "-"), key.replace("-", "_"))
         if name not in FIELDS:
             raise SettingsError(f"config file {path}: unknown setting {key!r}")
+        if name in values:
+            raise SettingsError(f"config file {path}: {key!r} sets {name} a second time")
         values[name] = coerce(name, value)
     return values
+
+
+# A setting whose flag is not its name (``cors-origin`` for ``cors_origins``) also takes the flag's
+# name as a config key, so a key copied from the command line works.
+_FLAG_KEYS = {spec.metadata["flag"]: name for name, spec in FIELDS.items() if "flag" in spec.metadata}
 
 
 def is_list(name: str) -> bool:

@@ -61,6 +61,7 @@ async def test_the_configured_models_are_served_by_name(
             "plain": ("test:tiny", None, False, 120.0),
             "styled": ("test:tiny", str(tiny_adapter_dir), True, -1.0),
         }
+        assert status["adapter"]["path"] == str(tiny_adapter_dir)  # the top level: the default model's
         plain, styled = await _caption(session, model="plain"), await _caption(session, model="styled")
         assert await _caption(session) == styled  # a request that names none: the default model
     one = Settings(model="test:tiny", cache_dir=cache, idle_timeout=-1, max_new_tokens=12, num_beams=1)

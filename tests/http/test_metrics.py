@@ -111,6 +111,8 @@ async def test_counters_move_with_real_captions(settings: Settings) -> None:
             assert r.status == 200
         samples, _ = await scrape(session)
         assert value(samples, "vision_server_model_unloads_total", reason="admin") == 1
+        for reason in ("idle", "shutdown", "evicted", "wake_failed"):  # every reason shows from the start
+            assert value(samples, "vision_server_model_unloads_total", reason=reason) == 0
         assert value(samples, "vision_server_model_unload_duration_seconds_count") == 1
         assert value(samples, "vision_server_model_state", state="unloaded") == 1
         assert value(samples, "process_resident_memory_bytes") > 0

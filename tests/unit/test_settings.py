@@ -76,3 +76,15 @@ def test_the_settings_reference_names_every_list_setting_and_the_json_form() -> 
         assert f"`{flag}`" in note
     assert "`--port`" not in note and "`--adapter`" not in note
     assert "starts with `[` is read as a JSON list" in note
+
+
+def test_a_list_setting_takes_its_flag_name_as_a_config_key_too(tmp_path: Path) -> None:
+    """``cors-origin`` (the flag) and ``cors_origins`` (the setting) are one key; both at once is a mistake."""
+    config = tmp_path / "flag-names.toml"
+    config.write_text('cors-origin = ["http://a.test"]\ntrusted_proxy = ["10.0.0.0/8"]\n')
+    settings = load_settings(environ={}, config_path=config)
+    assert settings.cors_origins == ("http://a.test",)
+    assert settings.trusted_proxies == ("10.0.0.0/8",)
+    config.write_text('cors-origin = ["http://a.test"]\ncors_origins = ["http://b.test"]\n')
+    with pytest.raises(SettingsError, match="sets cors_origins a second time"):
+        load_settings(environ={}, config_path=config)

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from vision_server.api.errors import InvalidParameter
 from vision_server.api.generation import shown
-from vision_server.api.state import ENGINE
+from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.engine.lifecycle import ModelCard, ModelStatus
 from vision_server.images import PixelSpec
 
@@ -73,3 +73,11 @@ def spec_for(app: web.Application, name: str | None) -> Callable[[], PixelSpec]:
 def model_states(app: web.Application) -> dict[str, ModelStatus]:
     """Every served model's status (state, device, memory, last use) by name."""
     return {model.name: model for model in app[ENGINE].status().models}
+
+
+def adapter_of(app: web.Application, card: ModelCard) -> str | None:
+    """The model's adapter; for the default model also the configured one (a bare captioner
+    served with ``--adapter``, as before several models, has none on its card)."""
+    if card.adapter is not None or card.name != app[ENGINE].default_model:
+        return card.adapter
+    return app[SETTINGS].default_model_spec.adapter

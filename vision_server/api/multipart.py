@@ -44,7 +44,7 @@ from vision_server.api.generation import (
     as_number,
     generation_options,
 )
-from vision_server.api.model_choice import chosen_model, looked_up_model, model_states
+from vision_server.api.model_choice import adapter_of, chosen_model, looked_up_model, model_states
 from vision_server.api.scheduling import job_labels
 from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.api.task_words import TASK_DESCRIPTIONS, default_task, read_prompt
@@ -240,14 +240,6 @@ def generation_defaults(settings: Settings, card: ModelCard) -> dict[str, Any]:
     limit = card.max_new_tokens
     tokens = settings.max_new_tokens if limit is None else min(settings.max_new_tokens, limit)
     return {"max_new_tokens": tokens, "max_new_tokens_limit": limit, "num_beams": settings.num_beams}
-
-
-def adapter_of(app: web.Application, card: ModelCard) -> str | None:
-    """The model's adapter; for the default model also the configured one (a bare captioner
-    served with ``--adapter``, as before several models, has none on its card)."""
-    if card.adapter is not None or card.name != app[ENGINE].default_model:
-        return card.adapter
-    return app[SETTINGS].default_model_spec.adapter
 
 
 def setup(app: web.Application) -> list[AbstractRoute]:

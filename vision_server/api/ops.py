@@ -12,7 +12,8 @@ import time
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from vision_server.api.state import ENGINE, METRICS, SETTINGS, STARTED_AT
+from vision_server.api.model_choice import adapter_of
+from vision_server.api.state import ENGINE, METRICS, STARTED_AT
 from vision_server.engine.lifecycle import ModelState
 from vision_server.errors import VisionServerError
 from vision_server.gpu import gpu_available, gpu_memory
@@ -29,7 +30,7 @@ async def status(request: web.Request) -> web.Response:
     the adapter and, for one made by ``vision-server train``, how it was trained."""
     data = request.app[ENGINE].status().as_dict()
     data["tasks"] = list(request.app[ENGINE].model_card.tasks)
-    data["adapter"] = adapter_summary(request.app[SETTINGS].adapter)
+    data["adapter"] = adapter_summary(adapter_of(request.app, request.app[ENGINE].model_card))
     return web.json_response(data)
 
 
