@@ -79,7 +79,7 @@ def test_the_settings_reference_names_every_list_setting_and_the_json_form() -> 
 
 
 def test_a_list_setting_takes_its_flag_name_as_a_config_key_too(tmp_path: Path) -> None:
-    """``cors-origin`` (the flag) and ``cors_origins`` (the setting) are one key; both at once is a mistake."""
+    """``cors-origin`` (the flag) and ``cors_origins`` (the setting) are one key; both is a mistake."""
     config = tmp_path / "flag-names.toml"
     config.write_text('cors-origin = ["http://a.test"]\ntrusted_proxy = ["10.0.0.0/8"]\n')
     settings = load_settings(environ={}, config_path=config)

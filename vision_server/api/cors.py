@@ -5,8 +5,9 @@ first sends a preflight ``OPTIONS`` and then only shows the reply to the page wh
 ``Access-Control-Allow-Origin``. Preflights are answered before any other middleware (they
 carry no API key, by design), allowing ``Content-Type``, ``Authorization``, SillyTavern's
 ``Bypass-Tunnel-Reminder`` and our ``X-Request-ID``, ``X-Priority`` and ``X-Client-Id``, and
-exposing the reply headers a page may read (``EXPOSE_HEADERS``); a preflight from an origin not configured gets 403 and no allow
-headers. ``*`` allows every origin (fine for a key-protected or loopback-only server).
+exposing the reply headers a page may read (``EXPOSE_HEADERS``); a preflight from an origin not
+configured gets 403 and no allow headers. ``*`` allows every origin (fine for a key-protected or
+loopback-only server).
 """
 
 from __future__ import annotations
