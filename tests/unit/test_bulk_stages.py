@@ -47,6 +47,25 @@ def test_plan_skips_done_fails_clashes_and_stops_at_the_limit(tmp_path: Path) ->
     assert len([u for u in plan(records, ["<CAPTION>"], [sidecars], limit=1) if isinstance(u, Work)]) == 1
 
 
+def test_plan_fails_an_image_whose_caption_path_is_a_directory_in_every_mode(tmp_path: Path) -> None:
+    image = tmp_path / "cat.png"
+    (tmp_path / "cat.txt").mkdir()
+    record = Record(str(tmp_path), image.name, path=image)
+    for mode in ("skip", "overwrite", "append"):
+        (unit,) = plan([record], ["<CAPTION>"], [Sidecars(SidecarStyle(mode=mode))])
+        assert isinstance(unit, Fail) and unit.reason == "cat.txt is a directory, not a caption file", mode
+
+
+def test_plan_finds_the_caption_files_behind_the_prefix_wrapper(tmp_path: Path) -> None:
+    """--prefix/--suffix wrap the sidecar output: its stem clashes and directories still fail."""
+    from vision_server.bulk.command import _Wrapped
+
+    wrapped = _Wrapped(Sidecars(SidecarStyle()), "style, ", "")
+    clash = Record(str(tmp_path), "a.png", path=tmp_path / "a.png", stem_clash="a.jpg")
+    (unit,) = plan([clash], ["<CAPTION>"], [wrapped])
+    assert isinstance(unit, Fail) and "shares its caption file with a.jpg" in unit.reason
+
+
 def test_jsonl_resume_ignores_a_torn_line_and_terminates_it(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     whole = {"source": "d", "key": "a.png", "task": "<CAPTION>", "caption": "a cat"}

@@ -129,6 +129,17 @@ class Sidecars:
             return list(tasks)
         return [task for task in tasks if not has_caption(sidecar_path(record.path, task, self.style))]
 
+    def blocked(self, record: Record, tasks: Sequence[str]) -> str | None:
+        """Why no caption file can go where ``record``'s belongs (a directory is there), if so: skip
+        mode would take it for a caption and overwrite would fail on it, so the image fails instead."""
+        if record.path is None:
+            return None
+        for task in tasks:
+            target = sidecar_path(record.path, task, self.style)
+            if target.is_dir():
+                return f"{target.name} is a directory, not a caption file"
+        return None
+
     def write(self, record: Record, captions: Captions, error: str | None) -> None:
         if record.path is None:
             return

@@ -33,17 +33,29 @@ Unit = Work | Skip | Fail
 def plan_record(record: Record, tasks: Sequence[str], outputs: Sequence[Output]) -> Unit:
     if record.error is not None:
         return Fail(record, record.error)
-    writes_sidecars = record.path is not None and any(isinstance(o, Sidecars) for o in outputs)
-    if writes_sidecars and record.stem_clash is not None:
+    sidecars = sidecars_among(outputs) if record.path is not None else None
+    if sidecars is not None and record.stem_clash is not None:
         return Fail(
             record,
             f"shares its caption file with {record.stem_clash} in the same folder; "
             "neither is captioned, rename one of them",
         )
+    blocked = sidecars.blocked(record, tasks) if sidecars is not None else None
+    if blocked is not None:
+        return Fail(record, blocked)
     missing = {task for output in outputs for task in output.missing(record, tasks)}
     if not missing:
         return Skip(record, "already captioned")
     return Work(record, tuple(task for task in tasks if task in missing))
+
+
+def sidecars_among(outputs: Sequence[Output]) -> Sidecars | None:
+    """The caption-file output, also behind the ``--prefix``/``--suffix`` wrapper (its ``inner``)."""
+    for output in outputs:
+        inner = getattr(output, "inner", output)
+        if isinstance(inner, Sidecars):
+            return inner
+    return None
 
 
 def plan(
