@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -141,3 +143,36 @@ def test_parquet_output_of_a_dry_run_sweeps_nothing(tmp_path: Path) -> None:
     leftover = aged(tmp_path / ".out.parquet.0123abcd.tmp", OLD)
     assert ParquetOutput(tmp_path / "out.parquet", FACTS, sweep=False).stale_temps_removed == 0
     assert leftover.exists()
+
+
+def test_a_shard_cut_or_damaged_between_members_is_reported_not_ended_quietly(tmp_path: Path) -> None:
+    # tarfile treats a cut-short, missing or garbage header after the first as the end of the
+    # archive; a shard cut by an interrupted copy must not lose its remaining samples unreported.
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as shard:
+        for n in range(3):
+            for name, data in ((f"s{n}.png", picture(n)), (f"s{n}.txt", b"text")):
+                member = tarfile.TarInfo(name)
+                member.size = len(data)
+                shard.addfile(member, io.BytesIO(data))
+    whole = buffer.getvalue()
+    second = whole.index(b"s1.png")  # where the second sample's first header starts
+    damaged = bytearray(whole)
+    damaged[second : second + 8] = b"garbage!"
+    cases = {
+        "between.tar": whole[:second],  # ends exactly between two samples
+        "header.tar": whole[: second + 100],  # ends inside a header
+        "garbage.tar": bytes(damaged),  # a header overwritten
+    }
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+        records = list(iter_records([tmp_path / name], ReadOptions()))
+        assert [r.error for r in records[:1]] == [None], name  # s0 is whole: it is captioned
+        assert len(records) == 2 and records[1].error is not None, name
+        assert "corrupt or truncated after sample 's0'" in records[1].error, name
+    (tmp_path / "whole.tar").write_bytes(whole)
+    assert [(r.key, r.error) for r in iter_records([tmp_path / "whole.tar"], ReadOptions())] == [
+        ("s0", None),
+        ("s1", None),
+        ("s2", None),
+    ]

@@ -17,7 +17,7 @@ import tarfile
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 from vision_server.bulk.records import Record, safe_text
 from vision_server.captionfiles import is_image, remove_stale_temps
@@ -327,7 +327,7 @@ def _webdataset(path: Path) -> Iterator[Record]:
     key: str | None = None
     image: bytes | None = None
     try:
-        with tarfile.open(path, mode="r|*") as shard:
+        with tarfile.open(path, mode="r|*", tarinfo=_StrictTarInfo) as shard:
             for member in shard:
                 if not member.isfile():
                     continue
@@ -347,6 +347,38 @@ def _webdataset(path: Path) -> Iterator[Record]:
         return
     if key is not None:
         yield _sample(source, key, image)
+
+
+class _StrictTarInfo(tarfile.TarInfo):
+    """A header reader that calls a damaged end of the shard damage.
+
+    ``tarfile`` ends the iteration quietly, as if the archive were complete, when a header after
+    the first is cut short, missing (the file stops between members) or garbage: a shard cut by
+    an interrupted download or copy would lose its remaining samples without a word. Only the
+    end-of-archive block of zeros ends a shard here; anything else raises :class:`tarfile.ReadError`.
+    """
+
+    @classmethod
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
+        try:
+            return super().fromtarfile(tarfile_)
+        except _EOF_HEADER:
+            raise  # the end-of-archive marker: a complete shard
+        except _EMPTY_HEADER:
+            if tarfile_.offset == 0:
+                raise tarfile.ReadError("empty file") from None
+            raise tarfile.ReadError("unexpected end of data (no end-of-archive marker)") from None
+        except _TRUNCATED_HEADER:
+            raise tarfile.ReadError("unexpected end of data in a member header") from None
+        except _INVALID_HEADER as exc:
+            raise tarfile.ReadError(f"damaged member header ({exc})") from None
+
+
+# tarfile's header errors (not in its public API, nor in typeshed), as fromtarfile raises them.
+_EOF_HEADER: type[Exception] = getattr(tarfile, "EOFHeaderError")  # noqa: B009
+_EMPTY_HEADER: type[Exception] = getattr(tarfile, "EmptyHeaderError")  # noqa: B009
+_TRUNCATED_HEADER: type[Exception] = getattr(tarfile, "TruncatedHeaderError")  # noqa: B009
+_INVALID_HEADER: type[Exception] = getattr(tarfile, "InvalidHeaderError")  # noqa: B009
 
 
 def _split_member(name: str) -> tuple[str, str]:
