@@ -322,6 +322,32 @@ def test_dry_run_lists_and_writes_nothing_and_limit_stops_after_n(tmp_path: Path
     assert sum(1 for image in images if sidecar(image).exists() and sidecar(image).read_text().strip()) == 3
 
 
+def test_a_folder_given_twice_or_inside_another_is_captioned_once(tmp_path: Path, cache: Path) -> None:
+    # `caption data data/sub` (or a folder named twice, or through a symlink) must not caption
+    # the same images twice: in append mode each caption file would get the caption twice.
+    root = tmp_path / "data"
+    images = sorted(good_images(root, 6))
+    for image in images:
+        sidecar(image).write_text("old", encoding="utf-8")
+    (tmp_path / "same").symlink_to(root)
+    jsonl = tmp_path / "out.jsonl"
+    inputs = (root, root / "sub", root, tmp_path / "same", images[0])
+    result = run(tmp_path, cache, *inputs, *FAST, "--mode", "append", "--jsonl", jsonl, "--sidecars")
+    assert result.returncode == 0, result.stderr
+    assert f"captioned {len(images)}, skipped 0" in result.stderr
+    assert f"{root / 'sub'} is inside {root} (also given)" in result.stderr
+    assert (
+        f"{root} is given twice" in result.stderr and f"{tmp_path / 'same'} is the same as" in result.stderr
+    )
+    rows = jsonl_rows(jsonl)
+    assert sorted(row["key"] for row in rows) == sorted(
+        image.relative_to(root).as_posix() for image in images
+    )
+    captions = {root / row["key"]: row["caption"] for row in rows}
+    for image in images:
+        assert sidecar(image).read_text(encoding="utf-8") == f"old {captions[image]}"
+
+
 def test_usage_errors_exit_2_with_a_message(tmp_path: Path, cache: Path) -> None:
     root = tmp_path / "data"
     good_images(root, 1)

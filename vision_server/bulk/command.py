@@ -32,7 +32,14 @@ from vision_server.bulk.outputs import (
 from vision_server.bulk.pipeline import BulkPipeline, PipelineConfig
 from vision_server.bulk.plan import Fail, Skip, Unit, Work, plan
 from vision_server.bulk.progress import Progress, format_summary
-from vision_server.bulk.readers import InputError, ReadOptions, check_inputs, count_images, iter_records
+from vision_server.bulk.readers import (
+    InputError,
+    ReadOptions,
+    check_inputs,
+    count_images,
+    distinct_inputs,
+    iter_records,
+)
 from vision_server.bulk.records import Record
 from vision_server.captionfiles import Mode, caption_suffix
 from vision_server.errors import InvalidTask, VisionServerError
@@ -102,6 +109,7 @@ def run_caption(settings: Settings, request: CaptionRequest) -> int:
 
         require_ray()
     configure_logging(settings.log_level, settings.log_format, settings.log_file)
+    request = _without_repeats(request, kinds)
     spec = settings.default_model_spec
     if len(settings.model_specs) > 1:
         others = ", ".join(other.name for other in settings.model_specs if other is not spec)
@@ -148,6 +156,24 @@ def _check_inputs(request: CaptionRequest, read: ReadOptions) -> dict[Path, str]
         if kind == "parquet" and _parquet_holds_bytes(path, read):
             kinds[path] = "parquet-bytes"
     return kinds
+
+
+def _without_repeats(request: CaptionRequest, kinds: dict[Path, str]) -> CaptionRequest:
+    """Each image once, even when a folder is given twice or inside another given folder."""
+    inputs, left_out = distinct_inputs(request.inputs, kinds, request.recursive)  # type: ignore[arg-type]
+    for path, other in left_out:
+        if path == other:
+            log.warning("%s is given twice: its images are captioned once", path)
+        elif os.path.realpath(path) == os.path.realpath(other):
+            log.warning("%s is the same as %s (also given): its images are captioned once", path, other)
+        else:
+            log.warning(
+                "%s is inside %s (also given): its images are captioned once, as part of %s",
+                path,
+                other,
+                other,
+            )
+    return dataclasses.replace(request, inputs=inputs)
 
 
 def _parquet_holds_bytes(path: Path, read: ReadOptions) -> bool:

@@ -14,7 +14,7 @@ import json
 import os
 import stat
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
@@ -68,6 +68,49 @@ def check_inputs(inputs: Iterable[Path], options: ReadOptions) -> dict[Path, Inp
         if kinds[path] == "parquet":
             _check_parquet(path, options)
     return kinds
+
+
+def distinct_inputs(
+    inputs: Sequence[Path], kinds: dict[Path, InputKind], recursive: bool
+) -> tuple[tuple[Path, ...], list[tuple[Path, Path]]]:
+    """``inputs`` without the folders and images another input already gives, and what was left
+    out: (the input, the one that gives its images).
+
+    ``caption data data/sub``, or a folder named twice, would caption those images twice: twice
+    the work, and in ``append`` mode the caption twice in one file. Paths are compared with
+    their symlinks resolved, as the folder reader reaches them (it enters no symlinked folder,
+    so whatever lies below a folder's resolved path is listed with it). Lists, Parquet files
+    and tar shards are taken as they are.
+    """
+    places = [_place(path, kinds[path]) if kinds[path] in ("folder", "file") else None for path in inputs]
+    covered: dict[int, int] = {}
+    for index, (path, place) in enumerate(zip(inputs, places, strict=True)):
+        if place is None:
+            continue
+        for other, top in enumerate(places):
+            if top is None or other == index or other in covered:
+                continue
+            if place == top:  # the same folder or file again: the first one stays
+                if kinds[inputs[other]] == kinds[path] and other < index:
+                    covered[index] = other
+                    break
+                continue
+            if kinds[inputs[other]] != "folder":
+                continue
+            if place.is_relative_to(top) if recursive else kinds[path] == "file" and place.parent == top:
+                covered[index] = other
+                break
+    kept = tuple(path for index, path in enumerate(inputs) if index not in covered)
+    return kept, [(inputs[index], inputs[other]) for index, other in sorted(covered.items())]
+
+
+def _place(path: Path, kind: InputKind) -> Path:
+    """Where ``path``'s images are: a folder's own resolved path, or a file's resolved folder
+    and its own name (its caption file goes beside the name it is listed by)."""
+    absolute = Path(os.path.abspath(path))
+    if kind == "folder":
+        return absolute.resolve()
+    return absolute.parent.resolve() / absolute.name
 
 
 def iter_records(inputs: Iterable[Path], options: ReadOptions) -> Iterator[Record]:
