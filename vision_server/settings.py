@@ -329,6 +329,26 @@ def _validate(s: Settings) -> None:
         raise SettingsError(f"thumbnail_cache_size: {exc}, or 0 for none") from None
     if (s.ssl_cert is None) != (s.ssl_key is None):
         raise SettingsError("ssl_cert and ssl_key must be given together")
+    for name in ("api_key", "admin_key"):
+        _check_key(name, getattr(s, name))
+    if s.rate_limit is not None and not s.rate_limit >= 0:
+        raise SettingsError(
+            f"rate_limit must be a number of requests a minute (0 or unset: no limit), not {s.rate_limit}"
+        )
+
+
+def _check_key(name: str, key: str | None) -> None:
+    """An empty key (``VISION_SERVER_API_KEY=`` from a template whose secret was missing) would
+    quietly serve without one; a key with spaces at its ends could never match a bearer token."""
+    if key is None:
+        return
+    if not key.strip():
+        raise SettingsError(
+            f"{name} is empty, which would serve without a key; give the key, or leave {name} "
+            f"({env_name(name)}) unset to serve without one"
+        )
+    if key != key.strip():
+        raise SettingsError(f"{name} has spaces at its start or end; clients could never send it")
 
 
 def _derive(s: Settings) -> None:

@@ -41,6 +41,11 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ({"max_batch_size": 0}, "max_batch_size"),
         ({"device": "tpu"}, "device"),
         ({"ssl_cert": "/x.pem"}, "together"),
+        ({"api_key": ""}, "api_key is empty"),
+        ({"api_key": "  "}, "api_key is empty"),
+        ({"admin_key": ""}, "admin_key is empty"),
+        ({"api_key": "sekret\r"}, "api_key has spaces"),
+        ({"rate_limit": -5}, "rate_limit must be"),
     ],
 )
 def test_bad_values_name_the_setting(tmp_path: Path, flags: dict[str, object], message: str) -> None:
@@ -55,6 +60,17 @@ def test_unknown_config_key_and_bad_env_value(tmp_path: Path) -> None:
         load_settings(environ={}, config_path=config)
     with pytest.raises(SettingsError, match="max_queue"):
         load_settings(environ={"VISION_SERVER_MAX_QUEUE": "lots"}, config_path=_empty(tmp_path))
+
+
+def test_an_empty_key_in_the_environment_stops_the_start(tmp_path: Path) -> None:
+    # A template whose secret was missing writes VISION_SERVER_API_KEY= : that must not open the server.
+    with pytest.raises(SettingsError, match="VISION_SERVER_API_KEY"):
+        load_settings(environ={"VISION_SERVER_API_KEY": ""}, config_path=_empty(tmp_path))
+    config = tmp_path / "keys.toml"
+    config.write_text('admin-key = ""\n')
+    with pytest.raises(SettingsError, match="admin_key is empty"):
+        load_settings(environ={}, config_path=config)
+    assert load_settings({"rate_limit": 0}, environ={}, config_path=_empty(tmp_path)).rate_limit == 0
 
 
 def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
