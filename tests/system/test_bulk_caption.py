@@ -348,6 +348,22 @@ def test_a_folder_given_twice_or_inside_another_is_captioned_once(tmp_path: Path
         assert sidecar(image).read_text(encoding="utf-8") == f"old {captions[image]}"
 
 
+def test_dry_run_lines_stay_whole_for_names_with_line_breaks_and_tabs(tmp_path: Path, cache: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "new\nline.png").write_bytes(picture(1))
+    (root / "tab\tname.png").write_bytes(picture(2))
+    (root / "broken\nlink.png").symlink_to(root / "missing.png")
+    result = run(tmp_path, cache, root, *FAST, "--dry-run")
+    assert result.returncode == 1, result.stderr  # the broken link
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert sorted(lines) == [
+        ["caption", f"{root}/new\\nline.png", "<MORE_DETAILED_CAPTION>"],
+        ["caption", f"{root}/tab\\tname.png", "<MORE_DETAILED_CAPTION>"],
+        ["fail", f"{root}/broken\\nlink.png", f"broken symlink (points to {root}/missing.png)"],
+    ]
+
+
 def test_usage_errors_exit_2_with_a_message(tmp_path: Path, cache: Path) -> None:
     root = tmp_path / "data"
     good_images(root, 1)

@@ -25,10 +25,19 @@ class Record:
 
     @property
     def display(self) -> str:
-        """How reports name it: the file path, or ``source#key`` for images inside a file."""
-        if self.path is not None:
-            return safe_text(str(self.path))
-        return safe_text(f"{self.source}#{self.key}")
+        """How reports name it: the file path, or ``source#key`` for images inside a file.
+
+        Control characters (a line break or tab in a file name) are escaped, so each report is
+        one line and the dry run's ``word TAB path TAB detail`` lines stay three fields.
+        """
+        text = str(self.path) if self.path is not None else f"{self.source}#{self.key}"
+        return safe_text(text).translate(_CONTROL_ESCAPES)
+
+
+_CONTROL_ESCAPES = {
+    code: {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(chr(code), f"\\x{code:02x}")
+    for code in (*range(0x20), 0x7F)
+}
 
 
 def safe_text(text: str) -> str:
