@@ -313,8 +313,11 @@ def _validate(s: Settings) -> None:
         raise SettingsError("offload_timeout must be >= 0 (0 skips the host-memory tier)")
     if s.max_keep_alive is not None and s.max_keep_alive < 0 and s.max_keep_alive != -1:
         raise SettingsError("max_keep_alive must be >= 0, or -1 for no cap")
-    if s.request_timeout <= 0 or s.shutdown_grace < 0 or s.max_batch_wait_ms < 0:
-        raise SettingsError("request_timeout must be > 0; shutdown_grace and max_batch_wait_ms >= 0")
+    if not s.request_timeout > 0:
+        raise SettingsError(f"request_timeout must be more than 0 seconds, not {s.request_timeout}")
+    for name in ("shutdown_grace", "max_batch_wait_ms"):
+        if not getattr(s, name) >= 0:
+            raise SettingsError(f"{name} must be 0 or more, not {getattr(s, name)}")
     if not 0 <= s.port <= 65535:
         raise SettingsError(f"port must be 0..65535, not {s.port}")
     if s.gallery_jsonl is not None and s.gallery is None:
@@ -432,6 +435,10 @@ def coerce(name: str, value: Any) -> Any:
             return tuple(str(item).strip() for item in items if str(item).strip())
         if kind is Path:
             return Path(str(value)).expanduser()
+        if kind in (int, float) and isinstance(value, bool):
+            raise ValueError("a number, not true/false")
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError("a whole number")
         return kind(value)
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"{name}: cannot use {value!r} ({exc})") from None

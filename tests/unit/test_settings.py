@@ -46,6 +46,8 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ({"admin_key": ""}, "admin_key is empty"),
         ({"api_key": "sekret\r"}, "api_key has spaces"),
         ({"rate_limit": -5}, "rate_limit must be"),
+        ({"shutdown_grace": -1}, "shutdown_grace must be 0 or more, not -1"),
+        ({"request_timeout": 0}, "request_timeout must be more than 0"),
     ],
 )
 def test_bad_values_name_the_setting(tmp_path: Path, flags: dict[str, object], message: str) -> None:
@@ -71,6 +73,20 @@ def test_an_empty_key_in_the_environment_stops_the_start(tmp_path: Path) -> None
     with pytest.raises(SettingsError, match="admin_key is empty"):
         load_settings(environ={}, config_path=config)
     assert load_settings({"rate_limit": 0}, environ={}, config_path=_empty(tmp_path)).rate_limit == 0
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [("port = 1.5", "port: .*whole number"), ("max-queue = true", "max_queue: .*not true/false"),
+     ("request-timeout = false", "request_timeout: .*not true/false")],
+)  # fmt: skip
+def test_config_numbers_are_not_silently_truncated(tmp_path: Path, line: str, message: str) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(line + "\n")
+    with pytest.raises(SettingsError, match=message):
+        load_settings(environ={}, config_path=config)
+    config.write_text("port = 8080.0\n")
+    assert load_settings(environ={}, config_path=config).port == 8080
 
 
 def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
