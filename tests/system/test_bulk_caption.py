@@ -197,6 +197,33 @@ def test_stopped_halfway_then_rerun_captions_the_rest_once(tmp_path: Path, cache
     assert signum == signal.SIGKILL or not leftovers, leftovers
 
 
+def test_ctrl_c_while_starting_up_exits_130_not_aborted(tmp_path: Path, cache: Path) -> None:
+    # Before the run's own stop handlers are in place (imports, model setup) Ctrl+C is Python's
+    # KeyboardInterrupt; click turned it into "Aborted!" and exit 1, which says "an image failed".
+    root = tmp_path / "data"
+    good_images(root, 2)
+    command = caption_command(root, *FAST, "--cache-dir", cache)
+
+    def default_sigint() -> None:  # as from a terminal, even when the test runner ignores SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    with subprocess.Popen(
+        command, env=cli_env(tmp_path), stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    ) as process:
+        maps = Path(f"/proc/{process.pid}/maps")
+        deadline = time.monotonic() + 120
+        while "libtorch" not in maps.read_text():  # torch is being imported: long before the run
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        process.send_signal(signal.SIGINT)
+        code = process.wait(120)
+        stderr = process.stderr.read() if process.stderr else ""
+    assert code == 130, stderr
+    assert "Aborted" not in stderr and "Traceback" not in stderr
+    assert "interrupted by SIGINT" in stderr and "run the same command again" in stderr
+    assert not list(root.rglob("*.txt"))
+
+
 # --- several tasks -------------------------------------------------------------------------------
 
 

@@ -11,6 +11,7 @@ import asyncio
 import dataclasses
 import logging
 import os
+import signal
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -99,6 +100,16 @@ class CaptionRequest:
 
 def run_caption(settings: Settings, request: CaptionRequest) -> int:
     """Run the command; returns the exit status (usage errors raise click.UsageError)."""
+    try:
+        return _run_caption(settings, request)
+    except KeyboardInterrupt:
+        # Ctrl+C before the stop handlers are in place (imports, model setup, a dry run's
+        # listing): exit as a stop, not as click's "Aborted!" with 1 ("some image failed").
+        click.echo("interrupted by SIGINT before captioning began; run the same command again", err=True)
+        return 128 + signal.SIGINT
+
+
+def _run_caption(settings: Settings, request: CaptionRequest) -> int:
     from vision_server.logs import configure_logging
     from vision_server.runtime import build_captioner
 
