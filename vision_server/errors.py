@@ -56,6 +56,13 @@ class RateLimited(VisionServerError):
     code = "rate_limited"
 
 
+class BodyTimeout(VisionServerError):
+    """The client took longer than ``--body-timeout`` to send its request body."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class PayloadTooLarge(VisionServerError):
     status = 413
     code = "payload_too_large"

@@ -137,6 +137,11 @@ class Settings:
     )
     # limits
     max_request_bytes: int = _opt(20 * 1024 * 1024, "Largest request body accepted, in bytes (413 above).")
+    body_timeout: float = _opt(
+        120.0,
+        "Seconds a client may take to send a request's body (408 above), so slow or stalled "
+        "uploads cannot hold connections open forever.",
+    )
     max_image_pixels: int = _opt(64_000_000, "Largest image accepted, in pixels (413 above; stops bombs).")
     max_images_per_request: int = _opt(
         16, "Most images in one request (OpenAI messages, /batch_caption); more is a 400."
@@ -313,6 +318,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("offload_timeout must be >= 0 (0 skips the host-memory tier)")
     if s.max_keep_alive is not None and s.max_keep_alive < 0 and s.max_keep_alive != -1:
         raise SettingsError("max_keep_alive must be >= 0, or -1 for no cap")
+    if not s.body_timeout > 0:
+        raise SettingsError(f"body_timeout must be more than 0 seconds, not {s.body_timeout}")
     if not s.request_timeout > 0:
         raise SettingsError(f"request_timeout must be more than 0 seconds, not {s.request_timeout}")
     for name in ("shutdown_grace", "max_batch_wait_ms"):

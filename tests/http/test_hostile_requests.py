@@ -220,3 +220,40 @@ def test_unparsable_http_is_logged_as_one_line_without_traceback() -> None:
         {"levelno": logging.ERROR, "exc_info": (RuntimeError, RuntimeError(), None)}
     )
     assert MalformedRequestFilter().filter(crash) and crash.levelno == logging.ERROR  # ours stay errors
+
+
+STALLED_BODY_ROUTES = [
+    ("/process_image", b"Content-Type: application/json\r\n"),
+    ("/v1/chat/completions", b"Content-Type: application/json\r\n"),
+    ("/api/caption", b"Content-Type: application/json\r\n"),
+    ("/caption", b"Content-Type: multipart/form-data; boundary=XyZ\r\n"),
+    ("/batch_caption", b"Content-Type: multipart/form-data; boundary=XyZ\r\n"),
+]
+
+
+async def test_a_stalled_body_is_a_408_and_the_server_keeps_serving(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # A slowloris-style client announces a body and sends a few bytes of it, then nothing: each
+    # family answers 408 in its own shape after --body-timeout instead of holding on forever.
+    settings = tiny_settings(tmp_path_factory, body_timeout=0.5)
+    async with running_server(settings) as url:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        for path, content_type in STALLED_BODY_ROUTES:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            try:
+                writer.write(
+                    f"POST {path} HTTP/1.1\r\nHost: test\r\n".encode()
+                    + content_type
+                    + b"Content-Length: 100000\r\n\r\n--XyZ\r\n"
+                )
+                await writer.drain()
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+                length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+                body = json.loads(await reader.readexactly(length))
+            finally:
+                writer.close()
+            assert head.split(b" ", 2)[1] == b"408", (path, head)
+            assert "--body-timeout" in error_message(path, body), (path, body)
+        async with ClientSession(url) as session, session.get("/prompts") as r:
+            assert r.status == 200

@@ -12,7 +12,7 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.auth import admin_only
-from vision_server.api.bodies import read_json_object
+from vision_server.api.bodies import read_body, read_json_object
 from vision_server.api.model_choice import MODEL_PARAM, model_field, resolve_exact
 from vision_server.api.state import ENGINE
 from vision_server.errors import Draining
@@ -26,7 +26,7 @@ def _refuse_while_draining(request: web.Request) -> None:
 async def named_model(request: web.Request) -> str:
     """The served model an admin request names (query or JSON body; the default without one)."""
     value: object = request.query.get(MODEL_PARAM)
-    if value is None and await request.read():  # no body at all, as before: the default model
+    if value is None and await read_body(request):  # no body at all, as before: the default model
         value = (await read_json_object(request)).get(MODEL_PARAM)
     return resolve_exact(request.app, model_field(value))
 

@@ -5,23 +5,44 @@ from __future__ import annotations
 import asyncio
 import json
 import sys
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 from aiohttp import web
 
 from vision_server.api.errors import MissingField
-from vision_server.errors import BadRequest
+from vision_server.api.state import SETTINGS
+from vision_server.errors import BadRequest, BodyTimeout
 
 # Bodies at least this big are parsed on a worker thread, with their long strings (the base64
 # images) cut out first: json.loads then holds the GIL for microseconds instead of ~20 ms per
 # 12 MB, so other requests (probes, /prompts) are not kept waiting.
+T = TypeVar("T")
 LIFT_MIN = 64 * 1024
 MAX_LIFT_QUOTES = 4096  # more strings than this: plain json.loads (no Python loop over them)
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The whole body, within ``--body-timeout`` (408 after it): a client that sends a byte now
+    and then cannot hold a connection and its buffer forever."""
+    return await within_body_timeout(request, request.read())
+
+
+async def within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
+    """``reading`` (of the body), or :class:`BodyTimeout` when it outlasts ``--body-timeout``."""
+    seconds = request.app[SETTINGS].body_timeout
+    try:
+        return await asyncio.wait_for(reading, seconds)
+    except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11 on
+        raise BodyTimeout(
+            f"The request body did not arrive within {seconds:g} s (--body-timeout): "
+            "the upload stalled or was too slow."
+        ) from None
+
+
 async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object; 400 with the reason when it is not one (413 when too big)."""
-    raw = await request.read()
+    raw = await read_body(request)
     if not raw:
         raise BadRequest("The request body is empty; send a JSON object.")
     body = await asyncio.to_thread(parse_json, raw) if len(raw) >= LIFT_MIN else parse_json(raw)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
+from vision_server.api.bodies import within_body_timeout
 from vision_server.errors import BadRequest, PayloadTooLarge
 
 CHUNK = 64 * 1024
@@ -35,7 +36,12 @@ class Form:
 
 
 async def read_form(request: web.Request, file_fields: tuple[str, ...], limit: int) -> Form:
-    """Files sent in ``file_fields`` and every text field; 400 for a malformed body, 413 over ``limit``."""
+    """Files sent in ``file_fields`` and every text field; 400 for a malformed body, 413 over ``limit``,
+    408 when it takes longer than ``--body-timeout`` to arrive."""
+    return await within_body_timeout(request, _read_form(request, file_fields, limit))
+
+
+async def _read_form(request: web.Request, file_fields: tuple[str, ...], limit: int) -> Form:
     if request.content_type == "application/x-www-form-urlencoded":  # a form without files
         try:
             posted = await request.post()
