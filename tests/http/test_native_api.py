@@ -99,6 +99,7 @@ async def test_too_large_body_and_too_many_pixels_are_413(tmp_path: Path) -> Non
     async with client_for(settings, FakeCaptioner()) as session:
         status, body = await post(session, {"image": "A" * 60_000, "prompt": "<CAPTION>"})
         assert status == 413 and "too large" in body["detail"]  # type: ignore[index]
+        assert "50000 exceeded (--max-request-bytes). Send" in body["detail"]  # type: ignore[index]
         flat = io.BytesIO()
         Image.new("RGB", (400, 400), "white").save(flat, "PNG")  # small file, many pixels
         status, body = await post(

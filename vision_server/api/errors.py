@@ -106,8 +106,9 @@ def error_response(request: web.Request, error: VisionServerError) -> web.Respon
 
 def _from_http_exception(exc: web.HTTPException) -> VisionServerError | None:
     if exc.status == 413:
+        detail = (exc.text or "over the limit").rstrip(".")  # aiohttp's text ends with its own '.'
         return PayloadTooLarge(
-            f"Request body too large: {exc.text or 'over the limit'}. Send a smaller image."
+            f"Request body too large: {detail} (--max-request-bytes). Send a smaller image."
         )
     if exc.status == 404:
         return NotFound("Not Found")
