@@ -21,8 +21,13 @@ import platformdirs
 
 from vision_server.byte_sizes import EXAMPLES, parse_byte_size
 from vision_server.captioner import GenerationOptions
+from vision_server.errors import InvalidTask
 from vision_server.model_specs import ModelSpec, build_specs, parse_idle_timeouts, parse_named_values
+from vision_server.tasks import FLORENCE_TASKS, PROMPTGEN_TASKS, normalize_task
 from vision_server.trusted_proxies import TrustedProxies
+
+# Every task token some model offers: --default-task must be one (a model lacking it uses its first).
+KNOWN_TASKS = tuple(dict.fromkeys(PROMPTGEN_TASKS + FLORENCE_TASKS))
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -341,6 +346,12 @@ def _validate(s: Settings) -> None:
         raise SettingsError("ssl_cert and ssl_key must be given together")
     for name in ("api_key", "admin_key"):
         _check_key(name, getattr(s, name))
+    try:  # a typo here would quietly give every free-text request the model's first task (tags)
+        normalize_task(s.default_task, KNOWN_TASKS)
+    except InvalidTask:
+        raise SettingsError(
+            f"default_task {s.default_task!r} is no task of any model; use one of {', '.join(KNOWN_TASKS)}"
+        ) from None
     if s.rate_limit is not None and not s.rate_limit >= 0:
         raise SettingsError(
             f"rate_limit must be a number of requests a minute (0 or unset: no limit), not {s.rate_limit}"

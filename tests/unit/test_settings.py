@@ -46,6 +46,7 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ({"admin_key": ""}, "admin_key is empty"),
         ({"api_key": "sekret\r"}, "api_key has spaces"),
         ({"rate_limit": -5}, "rate_limit must be"),
+        ({"default_task": "DETAILED"}, "default_task 'DETAILED' is no task of any model"),
         ({"shutdown_grace": -1}, "shutdown_grace must be 0 or more, not -1"),
         ({"request_timeout": 0}, "request_timeout must be more than 0"),
     ],
