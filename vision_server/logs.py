@@ -12,6 +12,8 @@ from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 
+from vision_server.settings import SettingsError
+
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
 
 
@@ -64,8 +66,11 @@ def configure_logging(level: str = "info", fmt: str = "text", file: Path | None 
         formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if file is not None:
-        file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(file_handler(file))
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+            handlers.append(file_handler(file))
+        except OSError as exc:  # a directory, a read-only place (systemd's ProtectSystem=strict)
+            raise SettingsError(f"log_file {file}: cannot write there ({exc.strerror or exc})") from None
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

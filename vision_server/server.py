@@ -196,8 +196,8 @@ def check_model_sources(settings: Settings) -> None:
 
 def serve(settings: Settings, captioner: Captioner | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then drain queued jobs within ``shutdown_grace`` and return."""
-    configure_logging(settings.log_level, settings.log_format, settings.log_file)
     try:
+        configure_logging(settings.log_level, settings.log_format, settings.log_file)
         if captioner is None:
             check_model_sources(settings)
         app = create_app(settings, captioner)

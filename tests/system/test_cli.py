@@ -69,6 +69,15 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path: Path) -> None:
     assert "dtype must be one of" in results[3].stderr
 
 
+def test_an_unwritable_log_file_is_a_message_and_exit_2(tmp_path: Path) -> None:
+    # A directory (or a read-only place, as under systemd's ProtectSystem=strict) as --log-file.
+    result = run(
+        "serve", "--model", "test:tiny", "--cache-dir", str(tmp_path / "c"), "--log-file", str(tmp_path)
+    )
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and f"log_file {tmp_path}: cannot write there" in result.stderr
+
+
 def test_offline_hub_id_names_the_model_and_the_fix(tmp_path: Path) -> None:
     image = save(tmp_path / "b.png", 2, (64, 48))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
