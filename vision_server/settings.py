@@ -12,6 +12,7 @@ import json
 import sys
 import types
 import typing
+import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -346,6 +347,8 @@ def _validate(s: Settings) -> None:
         raise SettingsError("ssl_cert and ssl_key must be given together")
     for name in ("api_key", "admin_key"):
         _check_key(name, getattr(s, name))
+    for origin in s.cors_origins:
+        _check_origin(origin)
     try:  # a typo here would quietly give every free-text request the model's first task (tags)
         normalize_task(s.default_task, KNOWN_TASKS)
     except InvalidTask:
@@ -355,6 +358,19 @@ def _validate(s: Settings) -> None:
     if s.rate_limit is not None and not s.rate_limit >= 0:
         raise SettingsError(
             f"rate_limit must be a number of requests a minute (0 or unset: no limit), not {s.rate_limit}"
+        )
+
+
+def _check_origin(origin: str) -> None:
+    """A browser's ``Origin`` is ``scheme://host[:port]``; anything else (no scheme, a path) would
+    never match one, and the page's calls would fail with nothing in the server's log."""
+    if origin.strip() == "*":
+        return
+    parts = urllib.parse.urlsplit(origin.strip())
+    if not (parts.scheme and parts.netloc) or parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise SettingsError(
+            f"cors_origins: {origin!r} is not an origin; write it as the browser sends it, "
+            "scheme://host[:port] like http://127.0.0.1:8000 (no path), or * for any"
         )
 
 

@@ -21,10 +21,10 @@ def test_defaults_match_the_design(tmp_path: Path) -> None:
 
 def test_precedence_file_env_flags(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
-    config.write_text('port = 1000\nidle-timeout = 10\nmodel = "from-file"\ncors_origins = ["a"]\n')
+    config.write_text('port = 1000\nidle-timeout = 10\nmodel = "from-file"\ncors_origins = ["http://a"]\n')
     env = {"VISION_SERVER_IDLE_TIMEOUT": "20", "VISION_SERVER_MODEL": "from-env"}
     s = load_settings({"model": "from-flag", "port": None}, environ=env, config_path=config)
-    assert (s.port, s.idle_timeout, s.model, s.cors_origins) == (1000, 20.0, ("from-flag",), ("a",))
+    assert (s.port, s.idle_timeout, s.model, s.cors_origins) == (1000, 20.0, ("from-flag",), ("http://a",))
 
 
 def test_config_path_from_environment(tmp_path: Path) -> None:
@@ -46,6 +46,8 @@ def test_config_path_from_environment(tmp_path: Path) -> None:
         ({"admin_key": ""}, "admin_key is empty"),
         ({"api_key": "sekret\r"}, "api_key has spaces"),
         ({"rate_limit": -5}, "rate_limit must be"),
+        ({"cors_origins": ("127.0.0.1:8000",)}, "cors_origins: '127.0.0.1:8000' is not an origin"),
+        ({"cors_origins": ("http://st.local:8000/index.html",)}, "is not an origin"),
         ({"default_task": "DETAILED"}, "default_task 'DETAILED' is no task of any model"),
         ({"shutdown_grace": -1}, "shutdown_grace must be 0 or more, not -1"),
         ({"request_timeout": 0}, "request_timeout must be more than 0"),
