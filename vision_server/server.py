@@ -9,6 +9,7 @@ then do the sockets close and the process exits 0. A second signal exits at once
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import logging
 import os
 import ssl
@@ -17,6 +18,7 @@ import sys
 from aiohttp import web
 
 from vision_server import __version__
+from vision_server.api.auth import KEYS
 from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.app import create_app
 from vision_server.byte_sizes import format_byte_size
@@ -95,6 +97,15 @@ async def listen(runner: web.AppRunner, settings: Settings) -> list[str]:
     return [_url(scheme, address) for address in runner.addresses]
 
 
+def is_loopback(address: object) -> bool:
+    """Whether a bound address (``runner.addresses`` entry) is reachable from this machine only."""
+    host = address[0] if isinstance(address, tuple) and address else address
+    try:
+        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
+    except ValueError:
+        return False
+
+
 def _url(scheme: str, address: object) -> str:
     if isinstance(address, tuple) and len(address) >= 2:
         host = str(address[0])
@@ -129,8 +140,15 @@ async def run(app: web.Application, notifier: Notifier | None = None) -> bool:
     clean = True
     try:
         await runner.setup()
-        for url in await listen(runner, settings):
+        urls = await listen(runner, settings)
+        for url in urls:
             log.info("listening on %s", url)
+        if app[KEYS].api is None and not all(is_loopback(address) for address in runner.addresses):
+            log.warning(
+                "no --api-key: anyone who can reach %s may caption and see the server's status; "
+                "set one (or bind 127.0.0.1) unless a firewall or proxy guards the port",
+                " and ".join(urls),
+            )
         notifier.ready(describe(engine.status()))
         if notifier.enabled:
             status_task = asyncio.create_task(report_status(engine, notifier))

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from tests.support.images import save
-from tests.support.processes import free_port
+from tests.support.processes import ServerProcess, free_port
 
 CLI = [sys.executable, "-m", "vision_server"]
 
@@ -76,6 +76,18 @@ def test_an_unwritable_log_file_is_a_message_and_exit_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and f"log_file {tmp_path}: cannot write there" in result.stderr
+
+
+def test_serving_a_network_without_an_api_key_warns(tmp_path: Path) -> None:
+    """Binding beyond loopback with no key opens captioning and status to the network: say so."""
+    logs = []
+    for name, settings in (("open", {}), ("keyed", {"api_key": "k"})):
+        with ServerProcess.fake(tmp_path, name, delay=0, host="0.0.0.0", **settings) as server:
+            server.wait_listening()
+            server.stop()
+            logs.append(server.log_text())
+    assert "no --api-key: anyone who can reach http://0.0.0.0:" in logs[0] and "may caption" in logs[0]
+    assert "no --api-key" not in logs[1]
 
 
 def test_offline_hub_id_names_the_model_and_the_fix(tmp_path: Path) -> None:
