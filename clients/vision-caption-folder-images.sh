@@ -19,7 +19,7 @@ MIXED_CAPTION_PLUS, with or without the angle brackets ("vision-client.sh prompt
 
 Options:
   --mode MODE      what to do when a caption file already exists (default: skip):
-                     skip       leave images that have a non-empty caption file alone
+                     skip       leave images whose caption file has text alone
                                 (so an interrupted run continues where it stopped)
                      overwrite  replace the caption
                      append     add the new caption after the existing text
@@ -322,6 +322,18 @@ unset 'find_args[${#find_args[@]}-1]'
 find_args+=(')' -print0)
 
 declare -A owner=()    # caption path -> image that claims it
+# True when caption file $1 holds more than whitespace (and a UTF-8 BOM): an empty or blank file is
+# what a failed run leaves, and counts as missing, as in vision-client and vision-server caption.
+# One read builtin, no process per file: a resumed run checks thousands of them.
+has_text() {
+    [[ -s $1 ]] || return 1
+    [[ -r $1 ]] || return 0 # cannot read it: leave it alone rather than overwrite it
+    local text=
+    IFS= read -r -d '' -n 4096 text <"$1" || true
+    text=${text#$'\xef\xbb\xbf'}
+    [[ -n ${text//[[:space:]]/} ]]
+}
+
 while IFS= read -r -d '' img; do
     [[ -f $img ]] || continue # a dangling symlink
     total_found=$((total_found + 1))
@@ -335,7 +347,7 @@ while IFS= read -r -d '' img; do
         failed+=("$img"$'\t'"${cap##*/} is a directory, not a caption file")
         continue
     fi
-    if [[ $mode == skip && -s $cap ]]; then
+    if [[ $mode == skip ]] && has_text "$cap"; then
         skipped=$((skipped + 1))
         continue
     fi

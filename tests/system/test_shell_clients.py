@@ -479,6 +479,21 @@ def test_folder_modes_prefix_suffix(server: str, tmp_path: Path) -> None:
     assert "0 captioned, 2 skipped" in result.stderr
 
 
+def test_folder_skip_counts_a_blank_caption_file_as_missing(server: str, tmp_path: Path) -> None:
+    # A file of whitespace (or only a BOM) is what failed runs leave; vision-client and
+    # vision-server caption caption such an image again, and so must the script.
+    root = tmp_path / "blank"
+    a, b, c = make_tree(root, ["a.png", "b.png", "c.png"])
+    caption_path(a).write_text(" \n")
+    caption_path(b).write_bytes(b"\xef\xbb\xbf\r\n")
+    caption_path(c).write_text("kept")
+    result = run(FOLDER, "CAPTION", "txt", str(root), env=base_env(VISION_HOST=server))
+    assert result.returncode == 0, result.stderr
+    assert "2 captioned, 1 skipped" in result.stderr
+    assert caption_path(a).read_text().strip() and caption_path(b).read_text().strip()
+    assert caption_path(c).read_text() == "kept"
+
+
 def test_folder_failing_image(server: str, tmp_path: Path, tmpdir_env: Path) -> None:
     root = tmp_path / "mixed"
     good = make_tree(root, ["good1.png", "sub/good2.jpg", "pair.jpg", "pair.png"])
