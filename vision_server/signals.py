@@ -1,9 +1,13 @@
 """Turning stop requests from the OS into a call on the event loop, on POSIX and on Windows.
 
 POSIX: SIGTERM (systemd, docker stop, kill) and SIGINT (Ctrl+C) through the loop's own signal
-handling. Windows has no loop signal handlers; there the console's Ctrl+C and Ctrl+Break (what
-NSSM and ``taskkill`` send to a console program) arrive as SIGINT and SIGBREAK on the main
-thread, and the handler hands them to the loop thread-safely.
+handling, and SIGHUP (the terminal closed, or a ``kill -HUP`` meant as a reload) too, so that
+drains instead of killing the process with requests in flight; under ``nohup`` (SIGHUP ignored
+when the process starts) it stays ignored.
+
+Windows has no loop signal handlers; there the console's Ctrl+C and Ctrl+Break (what NSSM and
+``taskkill`` send to a console program) arrive as SIGINT and SIGBREAK on the main thread, and the
+handler hands them to the loop thread-safely.
 """
 
 from __future__ import annotations
@@ -21,7 +25,8 @@ StopCallback = Callable[[int], None]
 def stop_signals() -> tuple[signal.Signals, ...]:
     if sys.platform == "win32":
         return (signal.SIGINT, signal.SIGBREAK)  # type: ignore[attr-defined,unused-ignore]
-    return (signal.SIGTERM, signal.SIGINT)
+    hangup = (signal.SIGHUP,) if signal.getsignal(signal.SIGHUP) is signal.SIG_DFL else ()
+    return (signal.SIGTERM, signal.SIGINT, *hangup)
 
 
 def install_stop_handlers(loop: asyncio.AbstractEventLoop, callback: StopCallback) -> Callable[[], None]:

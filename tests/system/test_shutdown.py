@@ -130,6 +130,23 @@ async def _until_status(session: ClientSession, path: str, status: int, timeout:
     raise AssertionError(f"{path} never answered {status}")
 
 
+@pytest.mark.skipif(
+    sys.platform == "win32" or signal.getsignal(getattr(signal, "SIGHUP", signal.SIGINT)) is signal.SIG_IGN,
+    reason="POSIX only; under nohup the server inherits an ignored SIGHUP and rightly keeps it",
+)
+async def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
+    """A closed terminal or a ``kill -HUP`` (no reload here) used to kill the process mid-request."""
+    with ServerProcess.fake(tmp_path, "hangup", delay=1.5) as server:
+        url = server.wait_listening()
+        async with ClientSession(url, timeout=ClientTimeout(total=30)) as session:
+            job = asyncio.create_task(caption(session, 1))
+            await wait_for_status(session, running=1, queued=0)
+            server.send(signal.SIGHUP)
+            assert await job == 200
+        assert await asyncio.to_thread(server.wait, 20) == 0, server.log_text()
+    assert "stop signal 1: draining" in server.log_text()
+
+
 async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
     with ServerProcess.fake(tmp_path, "twice", delay=30) as server:
         url = server.wait_listening()
