@@ -257,3 +257,22 @@ async def test_a_stalled_body_is_a_408_and_the_server_keeps_serving(
             assert "--body-timeout" in error_message(path, body), (path, body)
         async with ClientSession(url) as session, session.get("/prompts") as r:
             assert r.status == 200
+
+
+async def test_a_wrong_method_is_a_405_in_the_routes_own_shape(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    # An OpenAI SDK reports error.message; a 405 in the native {"detail"} shape read as no message.
+    async with running_server(tiny_settings(tmp_path_factory)) as url, ClientSession(url) as session:
+        for method, path in (
+            ("PUT", "/v1/chat/completions"),
+            ("DELETE", "/api/caption"),
+            ("PUT", "/process_image"),
+        ):
+            async with session.request(method, path) as r:
+                assert r.status == 405 and r.headers["Allow"], path
+                assert error_message(path, await r.json()) == "Method Not Allowed", path
+        async with session.get("/v1/model/load") as r:
+            assert r.status == 405 and (await r.json())["error"]["code"] == "method_not_allowed"
+        async with session.put("/nowhere") as r:
+            assert r.status == 404 and (await r.json()) == {"detail": "Not Found"}

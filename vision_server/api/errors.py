@@ -79,9 +79,14 @@ class ErrorShapes:
     def is_registered(self, route: AbstractRoute) -> bool:
         return route.resource is not None and route.resource in self._by_resource
 
-    def formatter_for(self, route: AbstractRoute) -> ErrorFormatter:
+    def formatter_for(self, route: AbstractRoute, path: str = "") -> ErrorFormatter:
+        """The route's formatter; for a 405 (no route matched the method) the one of the resource
+        at ``path``, so ``PUT /v1/chat/completions`` still answers in the OpenAI shape."""
         resource = route.resource
-        return self._by_resource.get(resource, self.fallback) if resource is not None else self.fallback
+        if resource is not None:
+            return self._by_resource.get(resource, self.fallback)
+        known = (formatter for resource, formatter in self._by_resource.items() if resource.raw_match(path))
+        return next(known, self.fallback)
 
 
 ERROR_SHAPES = web.AppKey("error_shapes", ErrorShapes)
@@ -100,7 +105,7 @@ def with_retry_after(response: web.Response, error: VisionServerError) -> web.Re
 
 
 def error_response(request: web.Request, error: VisionServerError) -> web.Response:
-    formatter = request.app[ERROR_SHAPES].formatter_for(request.match_info.route)
+    formatter = request.app[ERROR_SHAPES].formatter_for(request.match_info.route, request.path)
     return with_retry_after(formatter(error, request.get(REQUEST_ID, "-")), error)
 
 
@@ -131,6 +136,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if error is None:
             raise
         response = error_response(request, error)
+        if "Allow" in exc.headers:  # a 405 must say which methods the route takes
+            response.headers["Allow"] = exc.headers["Allow"]
     except Exception:
         log.exception("unhandled error in %s %s (request id %s)", request.method, request.path, request_id)
         message = f"Internal server error (request id {request_id}); the server log has the details."
