@@ -109,7 +109,11 @@ class Settings:
         "Unset: no budget.",
         metavar="SIZE",
     )
-    preload: bool = _opt(False, "Load the model at start instead of on the first request.")
+    preload: bool = _opt(
+        False,
+        "Load the default model at start instead of on the first request (the other models "
+        "still load on demand).",
+    )
     offload_timeout: float = _opt(
         1800.0,
         "GPU only: after the idle timeout the weights wait this many seconds in pinned host memory "
