@@ -395,6 +395,7 @@ def test_usage_errors_exit_2_with_a_message(tmp_path: Path, cache: Path) -> None
     root = tmp_path / "data"
     good_images(root, 1)
     webdataset_shard(tmp_path / "s.tar", [("k", {"png": picture(1)})])
+    (tmp_path / "list.jsonl").write_text(json.dumps(str(next(root.rglob("*.*")))) + "\n", encoding="utf-8")
     cases = [
         ((tmp_path / "missing",), "no such file"),
         ((root, "--jsonl", tmp_path / "no-folder" / "out.jsonl"), "does not exist"),
@@ -402,6 +403,8 @@ def test_usage_errors_exit_2_with_a_message(tmp_path: Path, cache: Path) -> None
         ((tmp_path / "s.tar",), "--jsonl FILE or --parquet FILE"),
         ((root, "--task", "paint_me_a_picture"), "Valid prompts"),
         ((root, "--ext", "png"), "image extension"),
+        ((tmp_path / "list.jsonl", "--jsonl", tmp_path / "list.jsonl"), "is also an input"),
+        ((tmp_path / "s.tar", "--parquet", tmp_path / "s.tar"), "is also an input"),
     ]
     for args, message in cases:
         result = run(tmp_path, cache, *args, *FAST)

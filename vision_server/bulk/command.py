@@ -216,6 +216,10 @@ def _check_outputs(request: CaptionRequest) -> None:
         problem = check_writable(path) if path is not None else None
         if problem:
             raise click.UsageError(f"cannot write the output: {problem}")
+    inputs = {path.resolve() for path in request.inputs}
+    for option, path in (("--jsonl", request.jsonl), ("--parquet", request.parquet)):
+        if path is not None and path.resolve() in inputs:
+            raise click.UsageError(f"{option} {path} is also an input: write the captions to another file")
 
 
 def _outputs(
