@@ -489,6 +489,34 @@ async def test_folder_against_real_server(real_server: str, tmp_path: Path) -> N
     assert leftovers(tmp_path) == []
 
 
+async def test_a_task_the_server_refuses_stops_the_run(real_server: str, tmp_path: Path) -> None:
+    # The same 400 would come back for every image: a typo in --task must not send ten thousand
+    # requests and list ten thousand failures (the shell script stops too, with exit 7).
+    for i in range(12):
+        make_png(tmp_path / f"{i:02d}.png", size=16 + i)
+    async with AsyncVisionClient(real_server, retry_policy=RetryPolicy(retries=0)) as client:
+        summary = await caption_folder(client, tmp_path, task="paint_me_a_picture", concurrency=2)
+    assert summary.aborted is not None and "refused the task" in summary.aborted
+    assert "Invalid prompt" in summary.aborted and "<CAPTION>" in summary.aborted  # the valid ones
+    assert len(summary.failed) <= 2 and summary.not_attempted >= 10 and summary.done == 0
+    assert list(tmp_path.glob("*.txt")) == []
+
+
+async def test_an_api_key_the_server_refuses_stops_the_run(aiohttp_server, tmp_path: Path) -> None:
+    async def refuse(request: web.Request) -> web.Response:
+        return web.json_response({"detail": "Invalid or missing API key"}, status=401)
+
+    app = web.Application()
+    app.router.add_post("/process_image", refuse)
+    running = await aiohttp_server(app)
+    for i in range(6):
+        make_png(tmp_path / f"{i}.png")
+    async with AsyncVisionClient(str(running.make_url("")), retry_policy=RetryPolicy(retries=0)) as client:
+        summary = await caption_folder(client, tmp_path, concurrency=1)
+    assert summary.aborted is not None and "refused the API key" in summary.aborted
+    assert (len(summary.failed), summary.not_attempted) == (1, 5)
+
+
 # ---------------------------------------------------------------------------------------------
 # Empty captions and long names
 

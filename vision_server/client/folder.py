@@ -29,7 +29,12 @@ from vision_server.captionfiles import (
     write_atomic,
 )
 from vision_server.client.api import DEFAULT_TASK, AsyncVisionClient, task_token
-from vision_server.client.errors import VisionClientError, VisionConnectionError
+from vision_server.client.errors import (
+    AuthenticationError,
+    RequestRejected,
+    VisionClientError,
+    VisionConnectionError,
+)
 from vision_server.client.jsonl import JsonlWriter, captioned_files
 
 Outcome = Literal["done", "skipped", "failed"]
@@ -60,7 +65,8 @@ class FolderSummary:
     done: int = 0
     skipped: int = 0
     failed: list[Failure] = field(default_factory=list)
-    aborted: str | None = None  # set when the run stopped early because the server was unreachable
+    # set when the run stopped early: the server was unreachable, or refused the task or the key
+    aborted: str | None = None
     stale_temps_removed: int = 0  # temp caption files a killed run had left, deleted by this one
 
     @property
@@ -220,6 +226,14 @@ class _FolderRun:
         except VisionConnectionError as exc:
             self.summary.aborted = str(exc)
             return ImageResult(job.image, "failed", reason=str(exc))
+        except AuthenticationError as exc:  # the same answer for every image: stop, as the scripts do
+            self.summary.aborted = f"the server refused the API key: {_describe(exc)}"
+            return ImageResult(job.image, "failed", reason=_describe(exc))
+        except RequestRejected as exc:
+            if exc.status != 400 or not exc.detail.startswith("Invalid prompt"):
+                return ImageResult(job.image, "failed", reason=_describe(exc))
+            self.summary.aborted = f"the server refused the task: {_describe(exc)}"
+            return ImageResult(job.image, "failed", reason=_describe(exc))
         except (VisionClientError, OSError, UnicodeError) as exc:
             return ImageResult(job.image, "failed", reason=_describe(exc))
         return ImageResult(job.image, "done", caption=caption, model=answer.model)
