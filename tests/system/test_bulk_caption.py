@@ -405,6 +405,7 @@ def test_usage_errors_exit_2_with_a_message(tmp_path: Path, cache: Path) -> None
         ((root, "--ext", "png"), "image extension"),
         ((tmp_path / "list.jsonl", "--jsonl", tmp_path / "list.jsonl"), "is also an input"),
         ((tmp_path / "s.tar", "--parquet", tmp_path / "s.tar"), "is also an input"),
+        ((root, "--log-file", tmp_path), "log_file"),
     ]
     for args, message in cases:
         result = run(tmp_path, cache, *args, *FAST)

@@ -119,7 +119,10 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
         from vision_server.bulk.ray import require_ray
 
         require_ray()
-    configure_logging(settings.log_level, settings.log_format, settings.log_file)
+    try:
+        configure_logging(settings.log_level, settings.log_format, settings.log_file)
+    except SettingsError as exc:  # a --log-file that cannot be written: a usage error, as for serve
+        raise click.UsageError(str(exc)) from None
     request = _without_repeats(request, kinds)
     spec = settings.default_model_spec
     if len(settings.model_specs) > 1:
