@@ -20,7 +20,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -128,16 +128,33 @@ def remove_stale_temps(
     folder: Path, names: Iterable[str], *, now: float | None = None, min_age: float = STALE_TEMP_AGE
 ) -> int:
     """Delete the temp files of ours among ``names`` (a listing of ``folder``) that are older
-    than ``min_age`` seconds; returns how many went.
+    than ``min_age`` seconds; returns how many went."""
+    removed = remove_stale_files(folder, names, is_caption_temp, now=now, min_age=min_age)
+    if removed:
+        log.info("removed %d leftover temporary caption file(s) in %s", removed, folder)
+    return removed
 
-    Only regular files with our exact name pattern are touched, never a link or a folder. Any
-    error (the file just went, a read-only dataset, no permission) leaves that file alone: a
-    leftover costs a few bytes, while failing a captioning run over it would cost a night.
+
+def remove_stale_files(
+    folder: Path,
+    names: Iterable[str],
+    matches: Callable[[str], bool],
+    *,
+    now: float | None = None,
+    min_age: float = STALE_TEMP_AGE,
+) -> int:
+    """Delete the files among ``names`` (a listing of ``folder``) whose name ``matches`` and that
+    are older than ``min_age`` seconds; returns how many went. The one rule for every leftover
+    temporary file a killed run can leave (caption files, a Parquet fold).
+
+    Only regular files are touched, never a link or a folder. Any error (the file just went, a
+    read-only dataset, no permission) leaves that file alone: a leftover costs some bytes, while
+    failing a captioning run over it would cost a night.
     """
     now = time.time() if now is None else now
     removed = 0
     for name in names:
-        if not is_caption_temp(name):
+        if not matches(name):
             continue
         path = folder / name
         try:
@@ -148,8 +165,6 @@ def remove_stale_temps(
         except OSError:
             continue
         removed += 1
-    if removed:
-        log.info("removed %d leftover temporary caption file(s) in %s", removed, folder)
     return removed
 
 

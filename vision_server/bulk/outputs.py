@@ -14,9 +14,7 @@ import logging
 import os
 import re
 import secrets
-import stat
 import sys
-import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,7 @@ from vision_server.captionfiles import (
     has_caption,
     merge_caption,
     read_caption,
+    remove_stale_files,
     write_atomic,
 )
 
@@ -321,25 +320,13 @@ def sweep_fold_temps(path: Path, *, min_age: float = STALE_TEMP_AGE) -> int:
     an error leaves that file alone, as for caption temp files.
     """
     name = re.compile(re.escape(f".{path.name}.") + r"[0-9a-f]{8}\.tmp")
-    folder = path.parent
     try:
-        names = os.listdir(folder)
+        names = os.listdir(path.parent)
     except OSError:
         return 0
-    now = time.time()
-    removed = 0
-    for entry in names:
-        if name.fullmatch(entry) is None:
-            continue
-        candidate = folder / entry
-        try:
-            info = candidate.lstat()
-            if not stat.S_ISREG(info.st_mode) or now - info.st_mtime < min_age:
-                continue
-            candidate.unlink()
-        except OSError:
-            continue
-        removed += 1
+    removed = remove_stale_files(
+        path.parent, names, lambda entry: name.fullmatch(entry) is not None, min_age=min_age
+    )
     if removed:
         log.info("removed %d leftover temporary file(s) of a killed fold of %s", removed, path)
     return removed
