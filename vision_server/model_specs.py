@@ -25,13 +25,15 @@ it into a ``SettingsError``.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 NAME_GRAMMAR = "letters, digits, '.', '_' and '-', starting with a letter or digit"
 _NOT_A_NAME = re.compile(r"[/\\:]")
+V = TypeVar("V")
 
 
 @dataclass(frozen=True)
@@ -94,24 +96,15 @@ def parse_idle_timeouts(entries: Iterable[str | float]) -> tuple[float | None, d
     The same server-wide value or the same name twice in one place is an error: one of them
     would be silently ignored.
     """
-    server_wide: float | None = None
-    per_model: dict[str, float] = {}
-    for entry in entries:
-        if isinstance(entry, bool):
-            raise ValueError(f"idle_timeout: {entry!r} is not a number of seconds")
-        if isinstance(entry, (int, float)):
-            name, seconds = None, float(entry)
-        else:
-            name, seconds = _idle_entry(str(entry).strip())
-        if name is None:
-            if server_wide is not None:
-                raise ValueError(f"idle_timeout: two server-wide values ({server_wide:g} and {seconds:g})")
-            server_wide = seconds
-        else:
-            if name in per_model:
-                raise ValueError(f"idle_timeout: {name} is given twice")
-            per_model[name] = seconds
-    return server_wide, per_model
+    return _by_model("idle_timeout", map(_idle_pair, entries), lambda seconds: f"{seconds:g}")
+
+
+def _idle_pair(entry: str | float) -> tuple[str | None, float]:
+    if isinstance(entry, bool):
+        raise ValueError(f"idle_timeout: {entry!r} is not a number of seconds")
+    if isinstance(entry, (int, float)):
+        return None, float(entry)
+    return _idle_entry(str(entry).strip())
 
 
 def _idle_entry(text: str) -> tuple[str | None, float]:
@@ -133,9 +126,8 @@ def parse_named_values(setting: str, entries: Iterable[object]) -> tuple[str | N
     the same server-wide value or the same name twice in one place is an error.
     """
     shape = f"{setting.upper()} or NAME:{setting.upper()}"
-    server_wide: str | None = None
-    per_model: dict[str, str] = {}
-    for entry in entries:
+
+    def pair(entry: object) -> tuple[str | None, str]:
         if isinstance(entry, (bool, float)) or not isinstance(entry, (str, int)):
             raise ValueError(f"{setting}: {entry!r} is not {shape} (give text)")
         text = str(entry).strip()
@@ -145,9 +137,24 @@ def parse_named_values(setting: str, entries: Iterable[object]) -> tuple[str | N
             raise ValueError(f"{setting}: {text!r} names no model before ':' ({shape})")
         if not value:
             raise ValueError(f"{setting}: {text!r} gives no value ({shape})")
-        if not colon:
+        return (name if colon else None), value
+
+    return _by_model(setting, map(pair, entries), str)
+
+
+def _by_model(
+    setting: str, pairs: Iterable[tuple[str | None, V]], shown: Callable[[V], str]
+) -> tuple[V | None, dict[str, V]]:
+    """(name or None, value) pairs → (server-wide value or None, {model name: value}); a second
+    server-wide value or a name given twice is an error, since one of them would be ignored."""
+    server_wide: V | None = None
+    per_model: dict[str, V] = {}
+    for name, value in pairs:
+        if name is None:
             if server_wide is not None:
-                raise ValueError(f"{setting}: two server-wide values ({server_wide} and {value})")
+                raise ValueError(
+                    f"{setting}: two server-wide values ({shown(server_wide)} and {shown(value)})"
+                )
             server_wide = value
         else:
             if name in per_model:
