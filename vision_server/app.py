@@ -35,7 +35,9 @@ from vision_server.api.state import (
     RECENT,
     SETTINGS,
     STARTED_AT,
+    UPLOADS,
 )
+from vision_server.api.uploads import Uploads
 from vision_server.captioner import Captioner
 from vision_server.engine.models import NamedModel
 from vision_server.engine.observer import EngineObserver, ObserverGroup
@@ -77,6 +79,7 @@ def create_app(
     app[METRICS] = metrics
     app[SETTINGS] = settings
     app[RECENT] = RecentBatches()
+    app[UPLOADS] = Uploads()
     watchers = (metrics, app[RECENT]) if observer is None else (metrics, app[RECENT], observer)
     engine_observer = ObserverGroup(*watchers)
     config = engine_config(settings, default)
@@ -160,4 +163,5 @@ async def _engine_context(app: web.Application) -> AsyncIterator[None]:
 
 async def _drain(app: web.Application) -> None:
     """On shutdown: refuse new jobs, let queued and running ones finish within the grace period."""
+    app[UPLOADS].cut_short()
     await app[ENGINE].stop(grace=app[SETTINGS].shutdown_grace)

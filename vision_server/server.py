@@ -19,7 +19,7 @@ from aiohttp import web
 
 from vision_server import __version__
 from vision_server.api.auth import KEYS
-from vision_server.api.state import ENGINE, SETTINGS
+from vision_server.api.state import ENGINE, SETTINGS, UPLOADS
 from vision_server.app import create_app
 from vision_server.byte_sizes import format_byte_size
 from vision_server.captioner import Captioner
@@ -162,6 +162,8 @@ async def run(app: web.Application, notifier: Notifier | None = None) -> bool:
             settings.shutdown_grace,
         )
         notifier.stopping(describe(snapshot, draining=True))
+        if cut := app[UPLOADS].cut_short():
+            log.info("stop signal: %d request bod%s still arriving got 503", cut, "y" if cut == 1 else "ies")
         clean = await engine.stop(grace=settings.shutdown_grace)
         log.info("drained; closing connections")
     finally:

@@ -147,6 +147,26 @@ async def test_sighup_drains_like_sigterm(tmp_path: Path) -> None:
     assert "stop signal 1: draining" in server.log_text()
 
 
+async def test_a_body_still_arriving_at_the_stop_gets_503_and_does_not_hold_the_exit(tmp_path: Path) -> None:
+    """A slow upload used to hold its connection until the close timeout cancelled it (no answer,
+    ~10 s past the drain); its job would have been refused anyway."""
+    with ServerProcess.fake(tmp_path, "upload", delay=0) as server:
+        host, port = server.wait_listening().removeprefix("http://").rsplit(":", 1)
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(
+            b"POST /process_image HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 100000\r\n\r\n{"image": "iVBORw0KGgo'
+        )
+        await writer.drain()
+        await asyncio.sleep(0.3)  # the handler is reading the body (or not yet: 503 all the same)
+        server.send(signal.SIGTERM)
+        reply = await asyncio.wait_for(reader.read(), 30)
+        writer.close()
+        assert reply.startswith(b"HTTP/1.1 503"), reply[:200]
+        assert b"Retry-After: 5" in reply and b"shutting down" in reply
+        assert await asyncio.to_thread(server.wait, 20) == 0, server.log_text()
+
+
 async def test_second_signal_exits_at_once(tmp_path: Path) -> None:
     with ServerProcess.fake(tmp_path, "twice", delay=30) as server:
         url = server.wait_listening()

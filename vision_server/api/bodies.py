@@ -11,8 +11,8 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from vision_server.api.errors import MissingField
-from vision_server.api.state import SETTINGS
-from vision_server.errors import BadRequest, BodyTimeout
+from vision_server.api.state import SETTINGS, UPLOADS
+from vision_server.errors import BadRequest, BodyTimeout, Draining
 
 # Bodies at least this big are parsed on a worker thread, with their long strings (the base64
 # images) cut out first: json.loads then holds the GIL for microseconds instead of ~20 ms per
@@ -29,18 +29,40 @@ async def read_body(request: web.Request) -> bytes:
 
 
 async def within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
-    """``reading`` (of the body), or :class:`BodyTimeout` when it outlasts ``--body-timeout``."""
+    """``reading`` (of the body), or :class:`BodyTimeout` when it outlasts ``--body-timeout``.
+
+    A body still arriving when the server starts to drain is cut short with a 503: its job would
+    be refused anyway, and a slow upload must not hold the exit past the drain.
+    """
     seconds = request.app[SETTINGS].body_timeout
+    uploads = request.app[UPLOADS]
+    if uploads.cut:
+        close_unread(reading)
+        raise draining()
     try:
         if sys.version_info >= (3, 11):  # in this task: no second task holding the body's frames
-            async with asyncio.timeout(seconds):
-                return await reading
+            async with asyncio.timeout(seconds) as deadline:
+                with uploads.open(deadline):
+                    return await reading
         return await asyncio.wait_for(reading, seconds)
     except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11 on
+        if uploads.cut:
+            raise draining() from None
         raise BodyTimeout(
             f"The request body did not arrive within {seconds:g} s (--body-timeout): "
             "the upload stalled or was too slow."
         ) from None
+
+
+def draining() -> Draining:
+    return Draining("The server is shutting down; retry on another instance.", retry_after=5)
+
+
+def close_unread(reading: Awaitable[object]) -> None:
+    """Close a body read that will not be awaited (no 'never awaited' warning)."""
+    close = getattr(reading, "close", None)
+    if callable(close):
+        close()
 
 
 async def read_json_object(request: web.Request) -> dict[str, Any]:

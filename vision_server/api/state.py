@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from vision_server.api.uploads import Uploads
 from vision_server.engine.recent import RecentBatches
 from vision_server.engine.scheduler import Engine
 from vision_server.images import ImageDecoder
@@ -16,3 +17,4 @@ DECODER = web.AppKey("decoder", ImageDecoder)
 STARTED_AT = web.AppKey("started_at", float)
 METRICS = web.AppKey("metrics", Metrics)
 RECENT = web.AppKey("recent_batches", RecentBatches)
+UPLOADS = web.AppKey("uploads", Uploads)
