@@ -20,6 +20,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, cast
 
 import numpy as np
@@ -39,6 +40,29 @@ ACCEPTED = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 # many pixels per side: Florence-2 looks at 768x768, so nothing it could see is lost, and
 # decoding a 2048x1536 photo costs about a third less.
 JPEG_DRAFT_SIZE = 768
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """Where the bytes came from, so a refusal speaks about what the reader handed over: a
+    client that sent base64 is told what to send, one that uploaded a file about its upload,
+    and someone captioning their own folder about their file (they send nothing)."""
+
+    empty: str
+    unsupported: str
+
+
+SENT = ImageSource("the image is empty", f"not a supported image format; send {ACCEPTED}")
+UPLOADED = ImageSource(
+    "the uploaded file is empty (0 bytes)",
+    f"the uploaded file is not a supported image format; send {ACCEPTED}",
+)
+LOCAL_FILE = ImageSource(
+    "the file is empty (0 bytes)", f"the file is not in a supported image format ({ACCEPTED})"
+)
+STORED = ImageSource(  # bytes read from a table or an archive, not from a file of their own
+    "the stored image is empty (0 bytes)", f"the stored image is not in a supported image format ({ACCEPTED})"
+)
 EXIF_ORIENTATION = 0x0112
 # Pillow allocates an image in blocks of this size (16 MB by default). glibc serves requests up
 # to its mmap threshold (which rises to 32 MB after the first big free) from the arena of the
@@ -87,16 +111,16 @@ def _b64decode(data: bytes) -> bytes:
         raise InvalidImage(f"not valid base64 ({exc})") from None
 
 
-def open_image(data: bytes, *, max_pixels: int) -> Image.Image:
+def open_image(data: bytes, *, max_pixels: int, source: ImageSource = SENT) -> Image.Image:
     """Bytes → RGB image with EXIF orientation applied; size is checked before pixels are decoded."""
-    return _load_rgb(_open_header(data, max_pixels), max_pixels)
+    return _load_rgb(_open_header(data, max_pixels, source), max_pixels, source)
 
 
-def _open_header(data: bytes, max_pixels: int) -> Image.Image:
+def _open_header(data: bytes, max_pixels: int, source: ImageSource) -> Image.Image:
     """The image with only its header read (allowed formats only), its size checked."""
     if not data:
-        raise InvalidImage("the image is empty")
-    with _as_client_errors(max_pixels):
+        raise InvalidImage(source.empty)
+    with _as_client_errors(max_pixels, source):
         image: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         _check_pixels(image, max_pixels)
         if image.format == "JPEG" and min(image.size) >= 2 * JPEG_DRAFT_SIZE:
@@ -104,9 +128,9 @@ def _open_header(data: bytes, max_pixels: int) -> Image.Image:
         return image
 
 
-def _load_rgb(image: Image.Image, max_pixels: int) -> Image.Image:
+def _load_rgb(image: Image.Image, max_pixels: int, source: ImageSource) -> Image.Image:
     """Decode the pixels, apply EXIF orientation, flatten to RGB."""
-    with _as_client_errors(max_pixels):
+    with _as_client_errors(max_pixels, source):
         image.load()
         if image.getexif().get(EXIF_ORIENTATION, 1) != 1:  # transposing copies: only when needed
             image = ImageOps.exif_transpose(image)
@@ -114,13 +138,15 @@ def _load_rgb(image: Image.Image, max_pixels: int) -> Image.Image:
 
 
 @contextmanager
-def _decoded(data: bytes, *, max_pixels: int, budget: DecodeBudget | None = None) -> Iterator[Image.Image]:
+def _decoded(
+    data: bytes, *, max_pixels: int, budget: DecodeBudget | None = None, source: ImageSource = SENT
+) -> Iterator[Image.Image]:
     """The RGB image, decoded once ``budget`` has room for its pixels; closed (its memory freed)
     and its pixels handed back to the budget when the block ends."""
-    image = _open_header(data, max_pixels)
+    image = _open_header(data, max_pixels, source)
     try:
         with budget.hold(image.width * image.height) if budget else _nothing():
-            rgb = _load_rgb(image, max_pixels)
+            rgb = _load_rgb(image, max_pixels, source)
             try:
                 yield rgb
             finally:
@@ -135,7 +161,7 @@ def _nothing() -> Iterator[None]:
 
 
 @contextmanager
-def _as_client_errors(max_pixels: int) -> Iterator[None]:
+def _as_client_errors(max_pixels: int, source: ImageSource) -> Iterator[None]:
     """Pillow's exceptions for bad or hostile bytes → 400 / 413 with a message that says why."""
     try:
         with warnings.catch_warnings():
@@ -147,8 +173,8 @@ def _as_client_errors(max_pixels: int) -> Iterator[None]:
         raise PayloadTooLarge(
             f"Image has {size}; the limit is {max_pixels}. Downscale it before sending."
         ) from None
-    except UnidentifiedImageError as exc:
-        raise InvalidImage(_describe(exc)) from None
+    except UnidentifiedImageError:
+        raise InvalidImage(source.unsupported) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise InvalidImage(f"cannot decode the image ({exc})") from None
 
@@ -195,12 +221,6 @@ def _check_pixels(image: Image.Image, max_pixels: int) -> None:
         )
     if width < 1 or height < 1:
         raise InvalidImage(f"image has no pixels ({width}x{height})")
-
-
-def _describe(exc: Exception) -> str:
-    if isinstance(exc, UnidentifiedImageError):
-        return f"not a supported image format; send {ACCEPTED}"
-    return str(exc)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -255,14 +275,20 @@ class PreparedImage:
 
 
 def prepare_image(
-    data: bytes, spec: PixelSpec, *, max_pixels: int, budget: DecodeBudget | None = None
+    data: bytes,
+    spec: PixelSpec,
+    *,
+    max_pixels: int,
+    budget: DecodeBudget | None = None,
+    source: ImageSource = SENT,
 ) -> PreparedImage:
     """Bytes → :class:`PreparedImage`: decode (allowed formats only), orient, flatten, resize.
 
-    The full-size decode exists only inside this call, within ``budget`` when one is given.
-    A top-level function of picklable arguments, so it runs in a worker thread or process alike.
+    The full-size decode exists only inside this call, within ``budget`` when one is given;
+    ``source`` words the refusals. A top-level function of picklable arguments, so it runs in a
+    worker thread or process alike.
     """
-    with _decoded(data, max_pixels=max_pixels, budget=budget) as image:
+    with _decoded(data, max_pixels=max_pixels, budget=budget, source=source) as image:
         return fit_image(image, spec)
 
 
@@ -304,10 +330,17 @@ class ImageDecoder:
         return await self._in_pool(self._prepare_text, text, spec or self._spec, bulk)
 
     async def from_bytes(
-        self, data: bytes, *, bulk: bool = False, spec: Callable[[], PixelSpec] | None = None
+        self,
+        data: bytes,
+        *,
+        bulk: bool = False,
+        spec: Callable[[], PixelSpec] | None = None,
+        source: ImageSource = UPLOADED,
     ) -> PreparedImage:
-        """Decode an uploaded file's bytes and fit them to ``spec`` (as :meth:`from_base64`)."""
-        return await self._in_pool(self._prepare_bytes, data, spec or self._spec, bulk)
+        """Decode an uploaded file's bytes (or, with ``source``, other bytes) and fit them to
+        ``spec`` (as :meth:`from_base64`)."""
+        prepare = partial(self._prepare_bytes, source=source)
+        return await self._in_pool(prepare, data, spec or self._spec, bulk)
 
     async def _in_pool(
         self,
@@ -331,8 +364,10 @@ class ImageDecoder:
     def _prepare_text(self, text: str, spec: Callable[[], PixelSpec]) -> PreparedImage:
         return self._prepare_bytes(decode_base64(text), spec)
 
-    def _prepare_bytes(self, data: bytes, spec: Callable[[], PixelSpec]) -> PreparedImage:
-        return prepare_image(data, spec(), max_pixels=self.max_pixels, budget=self.budget)
+    def _prepare_bytes(
+        self, data: bytes, spec: Callable[[], PixelSpec], source: ImageSource = SENT
+    ) -> PreparedImage:
+        return prepare_image(data, spec(), max_pixels=self.max_pixels, budget=self.budget, source=source)
 
     def close(self) -> None:
         self._closed = True

@@ -116,6 +116,20 @@ async def test_model_info_reports_the_configured_batch_size(tmp_path: Path) -> N
         ("/caption", [], {"prompt": "hi"}, "No image uploaded"),
         ("/caption", [("photo", "a.png", b"x")], {}, "'photo'"),
         ("/caption", [("image", "a.png", b"not an image")], {}, "Invalid image data"),
+        # The client uploaded a file: the message speaks about that file, not about an image string.
+        (
+            "/caption",
+            [("image", "a.png", b"")],
+            {},
+            "Invalid image data: the uploaded file is empty (0 bytes)",
+        ),
+        ("/batch_caption", [("images", "a.png", b"")], {}, "the uploaded file is empty (0 bytes)"),
+        (
+            "/caption",
+            [("image", "a.png", b"text")],
+            {},
+            "the uploaded file is not a supported image format; send PNG",
+        ),
         ("/caption", [("image", "a.png", b"x"), ("image", "b.png", b"y")], {}, "/batch_caption"),
         ("/caption", [("image", "a.png", b"x")], {"task": "<OD>"}, "<GENERATE_TAGS>"),
         ("/caption", [("image", "a.png", b"x")], {"num_beams": "99"}, "num_beams"),

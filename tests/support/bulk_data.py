@@ -48,9 +48,10 @@ def messy_folder(root: Path, count: int) -> tuple[dict[Path, bytes], dict[str, s
     locked.write_bytes(picture(9))
     locked.chmod(0)
     reasons = {
-        "zero bytes.png": "empty",
+        # Offline nobody sends anything: the messages speak about the file.
+        "zero bytes.png": "the file is empty (0 bytes)",
         "truncated.png": "decode",
-        "not an image.jpg": "not a supported image format",
+        "not an image.jpg": "the file is not in a supported image format (PNG, JPEG,",
         "broken link.png": "broken symlink",
         "loop.png": "symlink loop",
         "dup.jpg": "dup.png",

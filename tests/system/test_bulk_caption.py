@@ -102,6 +102,7 @@ def test_messy_folder_loses_no_image_and_reports_every_bad_file(messy: MessyRun)
     for name, reason in messy.reasons.items():
         line = next((line for line in failed_lines if f"/bad/{name}: " in line), None)
         assert line is not None and reason in line, (name, failed_lines)
+    assert not [line for line in failed_lines if "send " in line]  # offline, the user sends nothing
     bad = messy.root / "bad"
     assert not sidecar(bad / "dup.jpg").exists()  # a stem clash writes neither caption
     assert not [p for p in bad.iterdir() if p.suffix == ".txt" and p.with_suffix(".png") not in messy.good]
@@ -316,7 +317,7 @@ def test_parquet_and_webdataset_inputs(tmp_path: Path, cache: Path) -> None:
     )
     errors = {(row["source"], row["key"]): row["error"] for row in rows if "error" in row}
     assert "no image bytes" in errors[("bytes.parquet", "empty-row")]
-    assert "not a supported image format" in errors[("bytes.parquet", "garbage-row")]
+    assert "the stored image is not in a supported image format" in errors[("bytes.parquet", "garbage-row")]
     assert "no jpg/jpeg/png/webp member" in errors[("good.tar", "shard/no-image")]
     assert "Invalid image data" in errors[("good.tar", "shard/bad-member")]
     assert any(source == "truncated.tar" and "truncated" in error for (source, _), error in errors.items())

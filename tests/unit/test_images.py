@@ -21,6 +21,10 @@ from vision_server import images
 from vision_server.errors import InvalidImage, PayloadTooLarge
 from vision_server.images import (
     ALLOWED_FORMATS,
+    LOCAL_FILE,
+    SENT,
+    STORED,
+    UPLOADED,
     DecodeBudget,
     ImageDecoder,
     PixelSpec,
@@ -141,6 +145,38 @@ def test_eps_never_reaches_the_postscript_plugin(monkeypatch: pytest.MonkeyPatch
 def test_other_pillow_formats_are_a_clear_client_error(payload: bytes) -> None:
     with pytest.raises(InvalidImage, match="not a supported image format; send PNG, JPEG"):
         open_image(payload, max_pixels=LIMIT)
+
+
+@pytest.mark.parametrize(
+    ("source", "empty", "unsupported"),
+    [
+        (SENT, "the image is empty", "not a supported image format; send PNG, JPEG"),
+        (
+            UPLOADED,
+            "the uploaded file is empty (0 bytes)",
+            "the uploaded file is not a supported image format; send PNG",
+        ),
+        (LOCAL_FILE, "the file is empty (0 bytes)", "the file is not in a supported image format (PNG, JPEG"),
+        (
+            STORED,
+            "the stored image is empty (0 bytes)",
+            "the stored image is not in a supported image format (PNG",
+        ),
+    ],
+)
+def test_refusals_speak_about_what_the_reader_handed_over(
+    source: images.ImageSource, empty: str, unsupported: str
+) -> None:
+    """A client that sent base64 is told what to send; an upload, a local file and a table's bytes
+    are named as what they are (offline, nobody sends anything)."""
+    for data, words in ((b"", empty), (b"plain text, no image", unsupported)):
+        with pytest.raises(InvalidImage) as info:
+            prepare_image(data, SPEC, max_pixels=LIMIT, source=source)
+        assert info.value.message.startswith("Invalid image data: ") and words in info.value.message
+    if source in (LOCAL_FILE, STORED):
+        with pytest.raises(InvalidImage) as info:
+            open_image(b"plain text", max_pixels=LIMIT, source=source)
+        assert "send" not in info.value.message
 
 
 @pytest.mark.parametrize("fmt", ALLOWED_FORMATS)

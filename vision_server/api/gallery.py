@@ -30,6 +30,7 @@ from vision_server.errors import BadRequest, Forbidden, VisionServerError
 from vision_server.gallery.catalog import Catalog, Entry, Query
 from vision_server.gallery.sidecars import MAX_SAVE_CHARS, PRIMARY, is_caption_suffix
 from vision_server.gallery.thumbs import ThumbnailError, Thumbnails
+from vision_server.images import LOCAL_FILE
 from vision_server.settings import Settings, SettingsError
 from vision_server.tasks import normalize_task
 
@@ -209,7 +210,8 @@ async def caption_file(request: web.Request, path: Path, task: str, model: str |
     first), waiting for room in that lane rather than being refused; ``model`` as in
     :mod:`vision_server.api.captioning`."""
     data = await asyncio.to_thread(path.read_bytes)
-    prepared = await request.app[DECODER].from_bytes(data, spec=spec_for(request.app, model))
+    spec = spec_for(request.app, model)
+    prepared = await request.app[DECODER].from_bytes(data, spec=spec, source=LOCAL_FILE)
     item = CaptionItem(image=prepared, task=task, options=request.app[SETTINGS].generation_defaults())
     request_id = request.get(REQUEST_ID, "-")
     labels = job_labels(request, default=Lane.BULK)  # behind interactive requests, unless asked

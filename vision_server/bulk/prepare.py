@@ -17,7 +17,7 @@ import time
 from vision_server.bulk.readers import describe_os_error
 from vision_server.bulk.records import Record
 from vision_server.errors import VisionServerError
-from vision_server.images import PixelSpec, PreparedImage, prepare_image
+from vision_server.images import LOCAL_FILE, STORED, PixelSpec, PreparedImage, prepare_image
 
 PARENT_CHECK_SECONDS = 0.5
 
@@ -43,12 +43,13 @@ def prepare_record(record: Record, spec: PixelSpec, max_pixels: int) -> Prepared
     """The record's image resized to ``spec``, or the reason it cannot be captioned."""
     try:
         if record.data is not None:
-            data = record.data
+            data, source = record.data, STORED
         elif record.path is not None:
-            data = record.path.read_bytes()
+            data, source = record.path.read_bytes(), LOCAL_FILE
         else:
             return "the record has neither a file nor image bytes"
-        return prepare_image(data, spec, max_pixels=max_pixels)
+        # Nobody sent these bytes: a refusal speaks about the file, not about what to send.
+        return prepare_image(data, spec, max_pixels=max_pixels, source=source)
     except VisionServerError as exc:
         return exc.message
     except OSError as exc:

@@ -18,7 +18,7 @@ from vision_server.bulk.readers import PATH_COLUMNS, file_problem
 from vision_server.bulk.records import task_slug
 from vision_server.captionfiles import is_image
 from vision_server.errors import InvalidImage
-from vision_server.images import open_image
+from vision_server.images import LOCAL_FILE, STORED, open_image
 
 TEXT_FIELDS = ("text", "caption")
 MAX_PIXELS = 256_000_000  # a training set is the user's own files: only refuse absurd sizes
@@ -127,7 +127,8 @@ def _unreadable(example: Example) -> str | None:
         if problem:
             return problem
     try:
-        open_image(example.read(), max_pixels=MAX_PIXELS).close()
+        source = STORED if example.data is not None else LOCAL_FILE
+        open_image(example.read(), max_pixels=MAX_PIXELS, source=source).close()
     except InvalidImage as exc:
         return exc.message.removeprefix("Invalid image data: ")
     except OSError as exc:
