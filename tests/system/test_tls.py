@@ -1,16 +1,25 @@
-"""HTTPS with --ssl-cert/--ssl-key, through the same listen() the server process uses."""
+"""HTTPS with --ssl-cert/--ssl-key, through the same listen() the server process uses, and the
+Python client's answer to a certificate it does not trust or a port without TLS."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 import shutil
 import ssl
 import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 from aiohttp import ClientConnectionError, ClientSession, web
 
+from tests.support.images import save_flat
 from vision_server.app import create_app
+from vision_server.client import AsyncVisionClient, RetryPolicy, VisionTLSError
 from vision_server.server import listen, ssl_context
 from vision_server.settings import Settings, SettingsError
 from vision_server.testing.fake import FakeCaptioner
@@ -99,3 +108,80 @@ def test_bad_certificate_is_a_clear_start_error(tmp_path: Path) -> None:
 def test_cert_and_key_go_together(tmp_path: Path) -> None:
     with pytest.raises(SettingsError):
         Settings(cache_dir=tmp_path, ssl_cert=tmp_path / "cert.pem")
+
+
+@asynccontextmanager
+async def https_server(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """A server on HTTPS with a fresh self-signed certificate: its https://localhost URL and the cert."""
+    cert, key = self_signed(tmp_path)
+    settings = Settings(cache_dir=tmp_path, port=0, ssl_cert=cert, ssl_key=key)
+    runner = web.AppRunner(create_app(settings, FakeCaptioner()))
+    await runner.setup()
+    try:
+        urls = await listen(runner, settings)
+        yield "https://localhost:" + urls[0].rsplit(":", 1)[1], cert
+    finally:
+        await runner.cleanup()
+
+
+@dataclass(frozen=True)
+class CountingPolicy(RetryPolicy):
+    """Retries at once and records each one, so a test sees whether the client retried."""
+
+    waits: list[int] = field(default_factory=list)
+
+    def delay(self, attempt: int, retry_after: float | None = None) -> float:
+        self.waits.append(attempt)
+        return 0.0
+
+
+async def test_client_does_not_retry_an_untrusted_certificate_and_says_how_to_trust_it(
+    tmp_path: Path,
+) -> None:
+    """A certificate failure is the same on every try: the client raises at once, naming the fix."""
+    policy = CountingPolicy(retries=3)
+    async with https_server(tmp_path) as (url, _cert):
+        async with AsyncVisionClient(url, retry_policy=policy) as client:
+            with pytest.raises(VisionTLSError, match="not trusted") as caught:
+                await client.caption(save_flat(tmp_path / "a.png"), "CAPTION")
+    assert "SSL_CERT_FILE" in str(caught.value) and url in str(caught.value)
+    assert policy.waits == []
+
+
+async def test_client_says_https_to_a_plain_http_port_needs_http(tmp_path: Path) -> None:
+    settings = Settings(cache_dir=tmp_path, port=0)
+    runner = web.AppRunner(create_app(settings, FakeCaptioner()))
+    await runner.setup()
+    policy = CountingPolicy(retries=3)
+    try:
+        port = (await listen(runner, settings))[0].rsplit(":", 1)[1]
+        async with AsyncVisionClient(f"https://127.0.0.1:{port}", retry_policy=policy) as client:
+            with pytest.raises(VisionTLSError, match="http://") as caught:
+                await client.caption(save_flat(tmp_path / "a.png"), "CAPTION")
+    finally:
+        await runner.cleanup()
+    assert "does the server speak HTTPS" in str(caught.value)
+    assert policy.waits == []
+
+
+async def test_cli_trusts_a_self_signed_server_through_ssl_cert_file(tmp_path: Path) -> None:
+    """The documented fix works as written: SSL_CERT_FILE=cert.pem vision-client ..."""
+    image = save_flat(tmp_path / "a.png")
+    script = Path(sys.executable).with_name("vision-client")
+    env = {k: v for k, v in os.environ.items() if k not in ("VISION_HOST", "VISION_API_KEY", "SSL_CERT_FILE")}
+    async with https_server(tmp_path) as (url, cert):
+
+        async def run(extra: dict[str, str]) -> tuple[int, str, str]:
+            process = await asyncio.create_subprocess_exec(
+                str(script), "--url", url, "--retries", "5", "caption", str(image),
+                env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            )  # fmt: skip
+            out, err = await asyncio.wait_for(process.communicate(), 120)
+            assert process.returncode is not None
+            return process.returncode, out.decode(), err.decode()
+
+        code, out, err = await run({})
+        assert code == 1 and out == ""
+        assert "is not trusted" in err and "SSL_CERT_FILE" in err and "Traceback" not in err
+        code, out, err = await run({"SSL_CERT_FILE": str(cert)})
+        assert code == 0 and out.strip(), err

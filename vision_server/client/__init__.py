@@ -18,6 +18,7 @@ from vision_server.client.errors import (
     VisionConnectionError,
     VisionHTTPError,
     VisionTimeoutError,
+    VisionTLSError,
 )
 from vision_server.client.folder import Failure, FolderSummary, ImageResult, caption_folder
 from vision_server.client.retry import RetryPolicy
@@ -42,6 +43,7 @@ __all__ = [
     "VisionClientError",
     "VisionConnectionError",
     "VisionHTTPError",
+    "VisionTLSError",
     "VisionTimeoutError",
     "caption_folder",
     "find_images",

@@ -28,6 +28,7 @@ from vision_server.client.errors import (
     VisionConnectionError,
     VisionHTTPError,
     VisionTimeoutError,
+    VisionTLSError,
     http_error,
 )
 from vision_server.client.retry import (
@@ -229,6 +230,8 @@ class AsyncVisionClient:
         while True:
             try:
                 return await self._attempt(method, url, payload)
+            except VisionTLSError:
+                raise  # the same certificate or port answers the same way on every try
             except VisionConnectionError as error:
                 if self._server_wait is not None and self._reached:
                     # The request may have been lost with the connection; sending it again is safe
@@ -307,6 +310,8 @@ class AsyncVisionClient:
                     raise http_error(resp.status, detail, retry_after, gateway_outage=outage)
         except aiohttp.ConnectionTimeoutError as exc:
             raise VisionConnectionError(f"cannot connect to {self.base_url}: {exc}") from exc
+        except aiohttp.ClientSSLError as exc:
+            raise VisionTLSError(tls_failure(self.base_url, exc)) from exc
         except asyncio.TimeoutError:
             raise VisionTimeoutError(f"no answer from {url} within {self._timeout.total} s") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
@@ -315,6 +320,20 @@ class AsyncVisionClient:
             return json.loads(body), headers
         except ValueError:
             raise VisionClientError(f"{url} did not answer with JSON: {body[:200]!r}") from None
+
+
+def tls_failure(base_url: str, exc: aiohttp.ClientSSLError) -> str:
+    """Say why the handshake failed and what fixes it: trust the certificate, or drop https."""
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return (
+            f"the TLS certificate of {base_url} is not trusted ({exc.certificate_error}); for a "
+            "self-signed certificate or a private CA, point SSL_CERT_FILE at that certificate "
+            "(export SSL_CERT_FILE=/path/to/ca.pem)"
+        )
+    return (
+        f"the TLS handshake with {base_url} failed ({exc.os_error}); does the server speak HTTPS "
+        "on that port? A server started without --ssl-cert needs an http:// URL"
+    )
 
 
 def _retryable(error: VisionHTTPError) -> bool:

@@ -16,6 +16,13 @@ class VisionConnectionError(VisionClientError):
     """The server could not be reached, even after retrying."""
 
 
+class VisionTLSError(VisionConnectionError):
+    """The TLS handshake failed (an untrusted certificate, or no HTTPS on that port).
+
+    Unlike a refused or lost connection this does not go away by itself, so it is never retried.
+    """
+
+
 class VisionTimeoutError(VisionClientError):
     """The server did not answer within the client's timeout."""
 
