@@ -28,6 +28,7 @@ from vision_server.api.auth import KEYS, keys_from
 from vision_server.api.errors import ERROR_SHAPES, ErrorShapes, error_middleware
 from vision_server.api.keep_alive import add_keep_alive_header
 from vision_server.api.ratelimit import RATE_LIMITER, RateLimiter
+from vision_server.api.served_model import add_model_header
 from vision_server.api.state import (
     DECODER,
     ENGINE,
@@ -94,6 +95,7 @@ def create_app(
     if settings.cors_origins:
         app.on_response_prepare.append(cors.add_cors_headers)
     app.on_response_prepare.append(add_keep_alive_header)
+    app.on_response_prepare.append(add_model_header)
     app[ERROR_SHAPES] = add_routes(app)
     app.cleanup_ctx.append(_decoder_context)
     app.cleanup_ctx.append(_engine_context)

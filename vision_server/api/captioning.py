@@ -15,6 +15,7 @@ from aiohttp import web
 from vision_server.api.errors import REQUEST_ID
 from vision_server.api.model_choice import spec_for
 from vision_server.api.scheduling import job_labels
+from vision_server.api.served_model import note_served_model
 from vision_server.api.state import DECODER, ENGINE
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
 from vision_server.engine.jobs import JobLabels, Lane
@@ -93,4 +94,5 @@ async def caption_all_base64(
 
 async def _submit(request: web.Request, item: CaptionItem, labels: JobLabels, model: str | None) -> Caption:
     request_id = request.get(REQUEST_ID, "-")
+    note_served_model(request, model)  # the reply names it (X-Model), whatever the family
     return await request.app[ENGINE].submit(item, model=model, request_id=request_id, labels=labels)

@@ -5,12 +5,11 @@ array of task tokens; ``GET /model`` → a bare JSON string; errors are ``{"deta
 Beyond the original: an optional ``"model"`` in the body picks a served model, and
 ``GET /prompts?model=NAME`` lists that model's tasks (:mod:`vision_server.api.model_choice`).
 The reply names the model that captioned in an ``X-Model`` header (not in the body, which stays
-the original's byte for byte), so a folder run can record it.
+the original's byte for byte), as every family's caption replies do
+(:mod:`vision_server.api.served_model`), so a folder run can record it.
 """
 
 from __future__ import annotations
-
-from urllib.parse import quote
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
@@ -24,8 +23,6 @@ from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.api.task_words import read_prompt
 from vision_server.errors import VisionServerError
 from vision_server.tasks import CAPTION_TASK, normalize_task
-
-MODEL_HEADER = "X-Model"  # the served name of the model that captioned (percent-encoded past ASCII)
 
 
 def native_error(error: VisionServerError, request_id: str) -> web.Response:
@@ -45,12 +42,7 @@ async def process_image(request: web.Request) -> web.Response:
     labels = job_labels(request, body.get("priority"), keep_alive=body.get("keep_alive"))
     options = request.app[SETTINGS].generation_defaults()
     caption = await caption_base64(request, image_text, task, options, labels, free_text, model=model.name)
-    return web.json_response({"result": caption.text}, headers={MODEL_HEADER: header_value(model.name)})
-
-
-def header_value(name: str) -> str:
-    """A model name as a header value: a local source path may hold any character, a header not."""
-    return quote(name, safe=" !\"#$&'()*+,/:;<=>?@[]^_`{|}~")
+    return web.json_response({"result": caption.text})
 
 
 async def prompts(request: web.Request) -> web.Response:

@@ -45,7 +45,7 @@ from vision_server.client.retry import (
 DEFAULT_URL = "http://127.0.0.1:54880"
 DEFAULT_TASK = "<MORE_DETAILED_CAPTION>"
 DEFAULT_TIMEOUT = 600.0  # the server's own request deadline; a long queue is normal in a folder run
-MODEL_HEADER = "X-Model"  # names the model that captioned (vision_server.api.native sets it)
+MODEL_HEADER = "X-Model"  # names the model that captioned (vision_server.api.served_model sets it)
 # Any HTTP answer here but 502/503/504 means the server is back (a 404 from servers without it
 # too); a proxy answers 503 here while no server behind it is up.
 PROBE_PATH = "/health"
