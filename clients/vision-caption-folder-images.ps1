@@ -22,8 +22,9 @@ name and the extension CaptionExt: cat.png -> cat.txt.
   restart only pauses it).
 - -Jobs N (default 4) keeps N requests in flight, which lets the server batch them on the GPU.
   It works the same on Windows PowerShell 5.1 and PowerShell 7 (a runspace pool).
-- When two images would share a caption file (a.jpg and a.png), only the first in sort order
-  is captioned; the other is reported as failed.
+- Images with the same name but another extension (a.jpg and a.png) would share one caption
+  file (a.txt) that a trainer pairs with both: none of them is captioned and each is reported
+  as failed, also when a.txt already exists (it is left as it is); rename all but one.
 - Progress shows the count, images per second and the time left.
 
 Exit codes: 0 all images captioned or skipped; 1 some image failed, or the server could not
@@ -291,20 +292,34 @@ if ($images.Count -eq 0) {
 
 $work = New-Object System.Collections.Generic.List[object]
 $clashes = New-Object System.Collections.Generic.List[object]
-$claimed = @{}   # caption path -> image, so cat.jpg and cat.png never write the same file
+# caption path -> the images that would write it (cat.jpg and cat.png: cat.txt); case-sensitive
+# keys (a hashtable ignores case), lower-cased where the file system ignores case
+$claimed = New-Object 'System.Collections.Generic.Dictionary[string,object]'
+foreach ($image in $images) {
+    $key = [System.IO.Path]::ChangeExtension($image, $captionSuffix)
+    if (-not $IsLinux) { $key = $key.ToLowerInvariant() }   # Windows and macOS ignore case
+    if (-not $claimed.ContainsKey($key)) { $claimed[$key] = New-Object System.Collections.Generic.List[string] }
+    $claimed[$key].Add($image)
+}
 $skipped = 0
 foreach ($image in $images) {
     $captionPath = [System.IO.Path]::ChangeExtension($image, $captionSuffix)
     $key = $captionPath
-    if (-not $IsLinux) { $key = $key.ToLowerInvariant() }   # Windows and macOS ignore case
-    if ($claimed.ContainsKey($key)) {
-        $clashes.Add([pscustomobject]@{
-                Image = $image
-                Error = 'its caption file {0} belongs to {1}; rename one of the two images' -f $captionPath, $claimed[$key]
-            })
+    if (-not $IsLinux) { $key = $key.ToLowerInvariant() }
+    if ($claimed[$key].Count -gt 1) {
+        # A caption file that several images share is paired with all of them by a trainer:
+        # none is captioned, even when it exists, as in vision-client folder and the bash script.
+        $others = @($claimed[$key] | Where-Object { $_ -cne $image } | ForEach-Object { [System.IO.Path]::GetFileName($_) })
+        $captionName = [System.IO.Path]::GetFileName($captionPath)
+        if ($others.Count -eq 1) {
+            $reason = 'shares its caption file {0} with {1}; neither is captioned, rename one of them' -f $captionName, $others[0]
+        }
+        else {
+            $reason = 'shares its caption file {0} with {1}; none is captioned, rename all but one' -f $captionName, ($others -join ', ')
+        }
+        $clashes.Add([pscustomobject]@{ Image = $image; Error = $reason })
         continue
     }
-    $claimed[$key] = $image
     if ([System.IO.Directory]::Exists($captionPath)) {
         # A folder where the caption should go: no mode may skip it or write into it.
         $clashes.Add([pscustomobject]@{

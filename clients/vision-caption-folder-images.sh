@@ -50,8 +50,10 @@ A caption is written to a hidden temporary file in the image's folder
 error, a dead server or Ctrl+C never leaves a partial or wrong caption file (nor temporary
 files). Such temporary files that a killed run (kill -9, a power cut) left behind, older than
 15 minutes, are deleted at the start, in the folders this run captions; it says how many. Line breaks inside a caption become spaces, and the
-file has no trailing newline. When two images would share a caption file (a.jpg and a.png),
-only the first in sort order is captioned; the other is reported as failed.
+file has no trailing newline. Images with the same name but another extension (a.jpg and
+a.png) would share one caption file (a.txt) that a trainer pairs with both: none of them is
+captioned and each is reported as failed, also when a.txt already exists (it is left as it
+is); rename all but one of them.
 
 Progress (count/total, images per second and ETA) goes to stderr, then a summary that lists
 every image that failed and why. The run stops early when the server cannot be reached at the
@@ -321,7 +323,7 @@ done
 unset 'find_args[${#find_args[@]}-1]'
 find_args+=(')' -print0)
 
-declare -A owner=()    # caption path -> image that claims it
+declare -A owner=() # caption path -> the names of the images that claim it, each followed by "/"
 # True when caption file $1 holds more than whitespace (and a UTF-8 BOM): an empty or blank file is
 # what a failed run leaves, and counts as missing, as in vision-client and vision-server caption.
 # One read builtin, no process per file: a resumed run checks thousands of them.
@@ -334,15 +336,38 @@ has_text() {
     [[ -n ${text//[[:space:]]/} ]]
 }
 
+declare -a found=()
 while IFS= read -r -d '' img; do
     [[ -f $img ]] || continue # a dangling symlink
-    total_found=$((total_found + 1))
+    found+=("$img")
     cap=${img%.*}.$ext
-    if [[ -n ${owner[$cap]+set} ]]; then
-        failed+=("$img"$'\t'"its caption file would be the same as that of ${owner[$cap]##*/}")
+    owner[$cap]+=${img##*/}/ # "/" never occurs in a file name: a safe separator
+done < <(find "${find_args[@]}" | LC_ALL=C sort -z)
+total_found=${#found[@]}
+
+for img in "${found[@]}"; do
+    cap=${img%.*}.$ext
+    # Images with the same stem (a.jpg, a.png) share one caption file, which a trainer would pair
+    # with both: none of them is captioned, even when the caption file exists (as in vision-client
+    # folder and vision-server caption).
+    names=${owner[$cap]}
+    if [[ $names != "${img##*/}/" ]]; then
+        others=""
+        n_others=0
+        while [[ -n $names ]]; do
+            name=${names%%/*}
+            names=${names#*/}
+            [[ $name == "${img##*/}" ]] && continue
+            others+=${others:+, }$name
+            n_others=$((n_others + 1))
+        done
+        if ((n_others == 1)); then
+            failed+=("$img"$'\t'"shares its caption file ${cap##*/} with $others; neither is captioned, rename one of them")
+        else
+            failed+=("$img"$'\t'"shares its caption file ${cap##*/} with $others; none is captioned, rename all but one")
+        fi
         continue
     fi
-    owner[$cap]=$img
     if [[ -d $cap ]]; then # no mode may skip it (-s is true for a folder) or mv into it
         failed+=("$img"$'\t'"${cap##*/} is a directory, not a caption file")
         continue
@@ -353,8 +378,8 @@ while IFS= read -r -d '' img; do
     fi
     todo+=("$img")
     todo_cap+=("$cap")
-done < <(find "${find_args[@]}" | LC_ALL=C sort -z)
-unset owner
+done
+unset owner found
 
 total=${#todo[@]}
 

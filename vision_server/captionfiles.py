@@ -20,7 +20,7 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -77,6 +77,20 @@ def caption_suffix(ext: str) -> str:
 def caption_path(image: Path, suffix: str) -> Path:
     """Where the caption of ``image`` goes: same folder, same stem."""
     return image.with_suffix(suffix)
+
+
+def shared_caption_reason(captions: Sequence[str], others: Sequence[str]) -> str:
+    """Why an image is not captioned when another image in its folder has the same stem
+    (``a.jpg`` and ``a.png`` -> ``a.txt``): the one rule of every folder captioner.
+
+    Neither image is captioned, whatever order they come in and whether the caption file exists:
+    a trainer pairs ``a.txt`` with both images, so any caption written there (or already there)
+    is wrong for one of them. ``captions`` names the caption file(s), ``others`` the other images.
+    """
+    files = f"file {captions[0]}" if len(captions) == 1 else f"files {', '.join(captions)}"
+    if len(others) == 1:
+        return f"shares its caption {files} with {others[0]}; neither is captioned, rename one of them"
+    return f"shares its caption {files} with {', '.join(others)}; none is captioned, rename all but one"
 
 
 def read_caption(path: Path) -> str | None:

@@ -30,9 +30,9 @@ def test_folder_reader_streams_sorted_and_flags_what_it_can_tell(tmp_path: Path)
     records = list(iter_records([root], ReadOptions()))
     assert [r.key for r in records] == ["a.jpg", "a.png", "pipe.png", "z.png", "b/c.webp"]
     by_key = {r.key: r for r in records}
-    assert by_key["a.jpg"].stem_clash == "a.png" and by_key["a.png"].stem_clash == "a.jpg"
+    assert by_key["a.jpg"].stem_clash == ("a.png",) and by_key["a.png"].stem_clash == ("a.jpg",)
     assert by_key["pipe.png"].error == "not a regular file"  # never opened: it would block
-    assert by_key["z.png"].error is None and by_key["z.png"].stem_clash is None
+    assert by_key["z.png"].error is None and by_key["z.png"].stem_clash == ()
     assert count_images([root], ReadOptions()) == 5
     flat = list(iter_records([root], ReadOptions(recursive=False)))
     assert [r.key for r in flat] == ["a.jpg", "a.png", "pipe.png", "z.png"]
@@ -42,7 +42,7 @@ def test_plan_skips_done_fails_clashes_and_stops_at_the_limit(tmp_path: Path) ->
     images = [tmp_path / f"{n}.png" for n in range(4)]
     records = [Record(str(tmp_path), p.name, path=p) for p in images]
     images[0].with_suffix(".txt").write_text("done", encoding="utf-8")
-    records[1] = Record(str(tmp_path), "1.png", path=images[1], stem_clash="1.jpg")
+    records[1] = Record(str(tmp_path), "1.png", path=images[1], stem_clash=("1.jpg",))
     sidecars = Sidecars(SidecarStyle())
     units = list(plan(records, ["<CAPTION>"], [sidecars]))
     assert [type(u) for u in units] == [Skip, Fail, Work, Work]
@@ -63,9 +63,10 @@ def test_plan_finds_the_caption_files_behind_the_prefix_wrapper(tmp_path: Path) 
     from vision_server.bulk.command import _Wrapped
 
     wrapped = _Wrapped(Sidecars(SidecarStyle()), "style, ", "")
-    clash = Record(str(tmp_path), "a.png", path=tmp_path / "a.png", stem_clash="a.jpg")
+    clash = Record(str(tmp_path), "a.png", path=tmp_path / "a.png", stem_clash=("a.jpg",))
     (unit,) = plan([clash], ["<CAPTION>"], [wrapped])
-    assert isinstance(unit, Fail) and "shares its caption file with a.jpg" in unit.reason
+    assert isinstance(unit, Fail)
+    assert unit.reason == "shares its caption file a.txt with a.jpg; neither is captioned, rename one of them"
 
 
 def test_jsonl_resume_ignores_a_torn_line_and_terminates_it(tmp_path: Path) -> None:

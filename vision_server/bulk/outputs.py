@@ -121,6 +121,10 @@ class Sidecars:
     def __init__(self, style: SidecarStyle) -> None:
         self.style = style
 
+    def path(self, image: Path, task: str) -> Path:
+        """Where ``image``'s caption for ``task`` goes."""
+        return sidecar_path(image, task, self.style)
+
     def missing(self, record: Record, tasks: Sequence[str]) -> list[str]:
         if record.path is None:
             return []

@@ -6,7 +6,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from vision_server.bulk.outputs import Output, Sidecars
-from vision_server.bulk.records import Record
+from vision_server.bulk.records import Record, safe_text
+from vision_server.captionfiles import shared_caption_reason
 
 
 @dataclass(frozen=True)
@@ -34,12 +35,10 @@ def plan_record(record: Record, tasks: Sequence[str], outputs: Sequence[Output])
     if record.error is not None:
         return Fail(record, record.error)
     sidecars = sidecars_among(outputs) if record.path is not None else None
-    if sidecars is not None and record.stem_clash is not None:
-        return Fail(
-            record,
-            f"shares its caption file with {record.stem_clash} in the same folder; "
-            "neither is captioned, rename one of them",
-        )
+    if sidecars is not None and record.stem_clash:
+        assert record.path is not None
+        names = [safe_text(sidecars.path(record.path, task).name) for task in tasks]
+        return Fail(record, shared_caption_reason(names, record.stem_clash))
     blocked = sidecars.blocked(record, tasks) if sidecars is not None else None
     if blocked is not None:
         return Fail(record, blocked)

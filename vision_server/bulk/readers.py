@@ -207,7 +207,7 @@ def _folder(root: Path, recursive: bool, *, tidy: bool = False) -> Iterator[Reco
                 path.relative_to(root).as_posix(),
                 path=path,
                 error=file_problem(path),
-                stem_clash=", ".join(safe_text(name) for name in others) or None,
+                stem_clash=tuple(safe_text(name) for name in others),
             )
         if recursive:
             for entry in entries:

@@ -25,6 +25,7 @@ from vision_server.captionfiles import (
     has_caption,
     merge_caption,
     read_caption,
+    shared_caption_reason,
     sweep_stale_temps,
     write_atomic,
 )
@@ -169,27 +170,26 @@ class _FolderRun:
         # from any row of the task, as before rows named their model.
         model = self.client.model_name
         recorded = captioned_files(Path(jsonl), self.task, model) if jsonl is not None else set()
-        owners: dict[Path, Path] = {}
+        # Images of one folder with the same stem (a.jpg, a.png) share one caption file: none of
+        # them is captioned, as in vision-server caption and the folder scripts (the checks come
+        # before skip, so an existing a.txt does not hide the clash).
+        claims: dict[Path, list[Path]] = {}
+        if jsonl is None:
+            for image in images:
+                claims.setdefault(caption_path(image, suffix), []).append(image)
         jobs: list[_Job] = []
         for image in images:
             key = image.relative_to(root).as_posix()
             target = None if jsonl is not None else caption_path(image, suffix)
-            if target is not None and target in owners:
-                self.report(
-                    ImageResult(
-                        image,
-                        "failed",
-                        reason=f"{owners[target].name} has the same caption "
-                        f"file {target.name}; rename one of them",
-                    )
-                )
+            if target is not None and len(claims[target]) > 1:
+                others = [other.name for other in claims[target] if other != image]
+                reason = shared_caption_reason([target.name], others)
+                self.report(ImageResult(image, "failed", reason=reason))
                 continue
-            if target is not None:
-                owners[target] = image
-                if target.is_dir():  # skip would trust it, overwrite would fail with an OS error
-                    reason = f"{target.name} is a directory, not a caption file"
-                    self.report(ImageResult(image, "failed", reason=reason))
-                    continue
+            if target is not None and target.is_dir():  # skip would trust it, overwrite would fail
+                reason = f"{target.name} is a directory, not a caption file"
+                self.report(ImageResult(image, "failed", reason=reason))
+                continue
             if self.mode == "skip" and (key in recorded if target is None else has_caption(target)):
                 self.report(ImageResult(image, "skipped"))
                 continue

@@ -1,0 +1,84 @@
+"""The rules the three dataset tools share, checked through each of them as a real process.
+
+``vision-server caption`` (offline), ``vision-client folder`` and the bash folder script
+(``clients/vision-caption-folder-images.sh``) run on the same kind of folder and must do the same
+thing with it. The clients talk to the module's real ``vision-server serve --model test:tiny``;
+the offline command loads the same tiny model itself.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import paths
+from tests.support.api import tiny_cache_dir
+from tests.support.bulk_data import caption_command, cli_env
+from tests.support.images import save as save_image
+
+TOOLS = ("vision-server caption", "vision-client folder", "bash script")
+FOLDER_SCRIPT = paths.REPO / "clients" / "vision-caption-folder-images.sh"
+VISION_CLIENT = Path(sys.executable).with_name("vision-client")
+
+
+def run_tool(
+    tool: str, folder: Path, *, url: str, cache: Path, tmp: Path, options: tuple[str, ...] = ()
+) -> subprocess.CompletedProcess[str]:
+    """One folder run of ``tool``: the CAPTION task, ``.txt`` caption files beside the images."""
+    if tool == "vision-server caption":
+        command = caption_command(
+            folder, "--model", "test:tiny", "--task", "CAPTION", "--max-new-tokens", "8",
+            "--cache-dir", cache, "--log-level", "warning", *options,
+        )  # fmt: skip
+        env = cli_env(tmp)
+    elif tool == "vision-client folder":
+        command = [str(VISION_CLIENT), "--url", url, "folder", str(folder), "--task", "CAPTION", *options]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+    else:
+        command = ["bash", str(FOLDER_SCRIPT), "--url", url, *options, "CAPTION", "txt", str(folder)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+    return subprocess.run(command, capture_output=True, text=True, env=env, timeout=180, check=False)
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tiny_cache_dir(tmp_path_factory)
+
+
+# ---------------------------------------------------------------------------------------------
+# Images that would share a caption file
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_images_sharing_a_caption_file_are_all_failed_and_none_is_captioned(
+    tool: str, tiny_server_url: str, cache: Path, tmp_path: Path
+) -> None:
+    """a.jpg + a.png (and b.jpg + b.png + b.gif, whose b.txt already exists) share a caption file:
+    none of them is captioned, each is reported with the others and the caption file's name, the
+    existing b.txt stays as it is, and a rerun reports them again (it never skips them)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for seed, name in enumerate(("a.jpg", "a.png", "b.gif", "b.jpg", "b.png", "c.png")):
+        save_image(root / name, seed)
+    (root / "b.txt").write_text("written by hand for one of the b images", encoding="utf-8")
+    pair = "neither is captioned, rename one of them"
+    group = "none is captioned, rename all but one"
+    expected = {
+        "a.jpg": f"shares its caption file a.txt with a.png; {pair}",
+        "a.png": f"shares its caption file a.txt with a.jpg; {pair}",
+        "b.gif": f"shares its caption file b.txt with b.jpg, b.png; {group}",
+        "b.jpg": f"shares its caption file b.txt with b.gif, b.png; {group}",
+        "b.png": f"shares its caption file b.txt with b.gif, b.jpg; {group}",
+    }
+    for attempt in ("first run", "rerun"):
+        result = run_tool(tool, root, url=tiny_server_url, cache=cache, tmp=tmp_path)
+        assert result.returncode == 1, (attempt, result.stderr[-3000:])
+        for name, reason in expected.items():
+            assert f"{name}: {reason}" in result.stderr, (attempt, name, result.stderr[-3000:])
+        assert not (root / "a.txt").exists(), attempt
+        assert (root / "b.txt").read_text(encoding="utf-8") == "written by hand for one of the b images"
+        assert (root / "c.txt").read_text(encoding="utf-8").strip(), attempt  # the rest is captioned
