@@ -501,11 +501,13 @@ def test_folder_failing_image(server: str, tmp_path: Path, tmpdir_env: Path) -> 
     result = run(FOLDER, "-j", "2", "CAPTION", "txt", str(root), env=base_env(tmpdir_env, VISION_HOST=server))
     assert result.returncode == 1
     assert not (root / "broken.txt").exists()
-    for image in good[:3]:
+    for image in good[:2]:
         assert caption_path(image).read_text() == as_file_caption(caption_direct(server, image))
     summary = result.stderr[result.stderr.index("Failed images") :]
     assert "broken.png: HTTP 400: Invalid image data" in summary
-    assert "pair.png" in summary  # would share pair.txt with pair.jpg
+    assert not (root / "pair.txt").exists()  # pair.jpg and pair.png would share it: neither is captioned
+    assert "pair.jpg: shares its caption file pair.txt with pair.png;" in summary
+    assert "pair.png: shares its caption file pair.txt with pair.jpg;" in summary
     assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
 
 

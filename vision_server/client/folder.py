@@ -109,8 +109,10 @@ async def caption_folder(
     leaves images that already have one alone, ``overwrite`` replaces it, ``append``/``prepend``
     add the new caption after/before it with ``separator``. ``prefix``/``suffix`` wrap every new
     caption, e.g. a trigger word. Requests are marked ``bulk``, so a person's single requests to
-    the same server go first. ``on_start`` gets the number of images found, then
-    ``on_result`` one :class:`ImageResult` per image (skipped ones first), for progress bars.
+    the same server go first. Images of one folder with the same stem (``a.jpg``, ``a.png``)
+    would share a caption file: none of them is captioned, each is a failure. ``on_start`` gets
+    the number of images found, then ``on_result`` one :class:`ImageResult` per image (skipped
+    ones first), for progress bars.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
