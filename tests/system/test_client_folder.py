@@ -210,9 +210,10 @@ async def test_images_sharing_a_caption_file_are_reported(stub, tmp_path: Path) 
     (tmp_path / "same.webp").write_bytes(b"RIFF....WEBP")
     summary = await caption_folder(client, tmp_path)
     assert summary.done == 0  # neither: a trainer would pair same.txt with both
+    rule = "neither is captioned, rename one of them"
     assert [(f.path.name, f.reason) for f in summary.failed] == [
-        ("same.png", "shares its caption file same.txt with same.webp; neither is captioned, rename one of them"),
-        ("same.webp", "shares its caption file same.txt with same.png; neither is captioned, rename one of them"),
+        ("same.png", f"shares its caption file same.txt with same.webp; {rule}"),
+        ("same.webp", f"shares its caption file same.txt with same.png; {rule}"),
     ]
     assert not (tmp_path / "same.txt").exists()
 
