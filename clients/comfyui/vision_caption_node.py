@@ -10,8 +10,10 @@ plain functions that work on numpy arrays and can be tested without ComfyUI.
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -96,6 +98,12 @@ def task_token(task: str) -> str:
     return token if token.startswith("<") else f"<{token}>"
 
 
+def server_base(server_url: str) -> str:
+    """The server's base URL: ``gpu-box:54880`` gets ``http://`` as in every other client."""
+    base = server_url.strip().rstrip("/")
+    return base if "://" in base else f"http://{base}"
+
+
 def request_caption(
     png: bytes,
     task: str,
@@ -107,8 +115,9 @@ def request_caption(
     model: str = "",
 ) -> str:
     """POST one image to ``/process_image`` (for ``model``, else the server's default model);
-    retry busy answers and lost connections."""
-    url = server_url.strip().rstrip("/") + "/process_image"
+    retry busy answers and lost connections, and say in every other failure what to fix."""
+    base = server_base(server_url)
+    url = base + "/process_image"
     fields = {"image": base64.b64encode(png).decode("ascii"), "prompt": task_token(task)}
     if model.strip():
         fields["model"] = model.strip()
@@ -120,15 +129,26 @@ def request_caption(
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
             with urllib.request.urlopen(request, timeout=timeout) as response:
-                return str(json.loads(response.read())["result"]).strip()
+                return _caption_of(response.read(), base)
         except urllib.error.HTTPError as exc:
             detail = _detail(exc.read())
             if exc.code not in RETRY_STATUSES or attempt == retries:
-                raise RuntimeError(f"vision-server at {server_url} answered {exc.code}: {detail}") from None
+                raise RuntimeError(f"vision-server at {base} answered {exc.code}: {detail}") from None
             time.sleep(_retry_delay(exc.headers.get("Retry-After"), attempt))
         except urllib.error.URLError as exc:
+            if isinstance(exc.reason, ssl.SSLError):  # the same certificate fails every time
+                raise RuntimeError(_tls_failure(base, exc.reason)) from None
             if attempt == retries:
-                raise RuntimeError(f"cannot reach vision-server at {server_url}: {exc.reason}") from None
+                raise RuntimeError(f"cannot reach vision-server at {base}: {exc.reason}") from None
+            time.sleep(_retry_delay(None, attempt))
+        except TimeoutError:  # no answer in time: the server may still be at work, so no resend
+            raise RuntimeError(
+                f"vision-server at {base} did not answer within {timeout:g} s; raise the node's "
+                "timeout (a long queue or a cold model load counts)"
+            ) from None
+        except (ConnectionError, http.client.HTTPException) as exc:  # lost after it was sent
+            if attempt == retries:
+                raise RuntimeError(f"the connection to vision-server at {base} broke: {exc!r}") from None
             time.sleep(_retry_delay(None, attempt))
     raise AssertionError("unreachable")
 
@@ -151,6 +171,26 @@ def caption_batch(
 
     with ThreadPoolExecutor(max_workers=min(MAX_PARALLEL, len(pngs))) as pool:
         return list(pool.map(one, pngs))
+
+
+def _caption_of(body: bytes, base: str) -> str:
+    """The ``result`` of a 200 answer; anything else means the URL is not a vision-server."""
+    try:
+        return str(json.loads(body)["result"]).strip()
+    except (ValueError, KeyError, TypeError):
+        raise RuntimeError(
+            f"{base} answered without a caption ({body[:80]!r}); is server_url a vision-server?"
+        ) from None
+
+
+def _tls_failure(base: str, error: ssl.SSLError) -> str:
+    """Why HTTPS failed, and what fixes it."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return (
+            f"the TLS certificate of {base} is not trusted ({error.verify_message}); for a "
+            "self-signed certificate or a private CA, start ComfyUI with SSL_CERT_FILE=/path/to/ca.pem"
+        )
+    return f"the TLS handshake with {base} failed ({error}); a server without --ssl-cert needs http://"
 
 
 def _detail(body: bytes) -> str:

@@ -12,12 +12,15 @@ import base64
 import importlib.util
 import io
 import json
+import socket
+import ssl
 import sys
 import threading
 import time
 import urllib.request
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import ModuleType
 
 import numpy as np
@@ -25,6 +28,7 @@ import pytest
 from PIL import Image
 
 from tests.support import paths
+from tests.support.tls import self_signed
 
 NODE_DIR = paths.CLIENTS / "comfyui"
 
@@ -224,6 +228,114 @@ def test_unreachable_server(node: ModuleType, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setattr(node.time, "sleep", lambda _s: None)
     with pytest.raises(RuntimeError, match="cannot reach vision-server"):
         node.request_caption(b"png", "<CAPTION>", "http://127.0.0.1:1", timeout=2)
+
+
+@pytest.fixture
+def dropping() -> Iterator[tuple[str, Recorder]]:
+    """A port that reads each request, then closes the connection without an answer (a server
+    restarting, a proxy dropping its backend), or with ``recorder.delay`` > 0 first waits that long."""
+    recorder = Recorder()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.recv(1 << 20)
+                recorder.arrivals.append(time.monotonic())
+                time.sleep(recorder.delay)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}", recorder
+    finally:
+        listener.close()
+
+
+def test_dropped_connection_is_retried_then_named(
+    node: ModuleType, dropping: tuple[str, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The README promises a dropped connection is retried; the last failure names the server."""
+    monkeypatch.setattr(node.time, "sleep", lambda _s: None)
+    url, recorder = dropping
+    with pytest.raises(RuntimeError, match=r"the connection to vision-server at .* broke"):
+        node.request_caption(b"png", "<CAPTION>", url, retries=2)
+    assert len(recorder.arrivals) == 3
+
+
+def test_timeout_says_which_server_and_what_to_raise(
+    node: ModuleType, dropping: tuple[str, Recorder]
+) -> None:
+    url, recorder = dropping
+    recorder.delay = 3
+    with pytest.raises(RuntimeError, match=r"did not answer within 0.5 s; raise the node's timeout"):
+        node.request_caption(b"png", "<CAPTION>", url, timeout=0.5)
+    assert len(recorder.arrivals) == 1  # not sent again: the server may still be at work on it
+
+
+def test_host_and_port_without_scheme(node: ModuleType, server: tuple[str, Recorder]) -> None:
+    """``gpu-box:54880`` works as in the other clients (was "unknown url type", after retries)."""
+    url, recorder = server
+    bare = url.removeprefix("http://")
+    assert node.caption_batch(batch([9]), "<CAPTION>", bare) == ["<CAPTION> r=9"]
+    assert len(recorder.arrivals) == 1
+
+
+def test_a_url_that_is_not_a_vision_server(node: ModuleType) -> None:
+    """A 200 without a caption (ComfyUI's own port, a web page) says so instead of a KeyError."""
+
+    class Page(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "13")
+            self.end_headers()
+            self.wfile.write(b"<html></html>")
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Page)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RuntimeError, match=r"without a caption .* is server_url a vision-server"):
+            node.request_caption(b"png", "<CAPTION>", f"http://127.0.0.1:{httpd.server_address[1]}")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_untrusted_certificate_is_not_retried(node: ModuleType, tmp_path: Path) -> None:
+    """An HTTPS server with a self-signed certificate: one try, and the message names SSL_CERT_FILE."""
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    listener = socket.create_server(("127.0.0.1", 0))
+    handshakes: list[str] = []
+
+    def serve() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            try:
+                context.wrap_socket(conn, server_side=True).close()
+                handshakes.append("done")
+            except (ssl.SSLError, OSError) as exc:
+                handshakes.append(type(exc).__name__)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        url = f"https://localhost:{listener.getsockname()[1]}"
+        with pytest.raises(RuntimeError, match=r"is not trusted .*SSL_CERT_FILE"):
+            node.request_caption(b"png", "<CAPTION>", url, retries=3)
+    finally:
+        listener.close()
+    assert len(handshakes) == 1
 
 
 # ---------------------------------------------------------------------------------------------
