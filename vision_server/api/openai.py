@@ -15,7 +15,8 @@ What a request means here:
   one model takes any name (SillyTavern sends ``gpt-4-turbo`` unless told otherwise); with
   several, an unknown name is a 404 with code ``model_not_found``, as OpenAI answers. Replies
   name the model that captioned. ``max_tokens``/``max_completion_tokens``, ``temperature`` and
-  ``top_p`` map onto generation; ``n`` must be 1; other fields are ignored.
+  ``top_p`` map onto generation; ``n`` must be 1. A request for JSON output or a forced tool
+  call is a 400 (:mod:`vision_server.api.openai_unsupported`); other fields are ignored.
 - The reply content is the caption itself. ``stream: true`` sends server-sent events in the
   OpenAI chunk format, token by token for greedy and sampled decoding of one image, in one
   chunk otherwise (:mod:`vision_server.api.openai_stream`).
@@ -43,6 +44,7 @@ from vision_server.api.generation import (
 from vision_server.api.model_choice import chosen_model, model_states, resolve_exact
 from vision_server.api.openai_replies import Completion, error_body
 from vision_server.api.openai_stream import stream_completion
+from vision_server.api.openai_unsupported import check_supported
 from vision_server.api.scheduling import job_labels
 from vision_server.api.state import ENGINE, SETTINGS, STARTED_AT
 from vision_server.api.task_words import read_prompt
@@ -95,6 +97,7 @@ def parse_chat_request(
         )
     if body.get("n") not in (None, 1):
         raise InvalidParameter("n", "Only n=1 is supported.")
+    check_supported(body)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     options = generation_options(

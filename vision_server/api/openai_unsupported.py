@@ -1,0 +1,106 @@
+"""What a chat completion may ask for that a captioner cannot give: JSON output and tool calls.
+
+A captioner answers with caption text, nothing else. A client that asks for JSON
+(``response_format`` ``json_object`` or ``json_schema``) or forces a tool call (``tool_choice``
+``"required"`` or a named tool, or the legacy ``function_call`` with a name) would get text it
+cannot parse and no way to tell; so those requests are a 400 in OpenAI's error shape, naming
+the field and saying what to send instead (code ``unsupported_value``, as OpenAI answers a
+value a model cannot take).
+
+Forms that ask for nothing a captioner lacks pass: ``response_format`` absent, null or
+``{"type": "text"}``; ``tools`` (and ``functions``) absent, null or empty; and tools offered
+with ``tool_choice`` absent, ``"auto"`` or ``"none"``, since under "auto" a plain answer is
+what the model may always give, and under "none" the only one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vision_server.api.errors import InvalidParameter
+from vision_server.api.generation import shown
+
+TEXT_ONLY = (
+    'this server answers with the caption as plain text. Leave response_format out or send {"type": "text"}.'
+)
+NO_TOOLS = "this server captions images and never calls tools."
+FIX_TOOL_CHOICE = 'Send tool_choice "auto" or "none", or leave tools and tool_choice out.'
+
+
+class UnsupportedValue(InvalidParameter):
+    """A field whose value asks for something this server cannot do (OpenAI's own code for it)."""
+
+    code = "unsupported_value"
+
+
+def check_supported(body: dict[str, Any]) -> None:
+    """400 for a request whose answer would have to be JSON or a tool call."""
+    check_response_format(body.get("response_format"))
+    check_tools("tools", body.get("tools"))
+    check_tools("functions", body.get("functions"))
+    check_tool_choice(body.get("tool_choice"))
+    check_function_call(body.get("function_call"))
+
+
+def check_response_format(value: object) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or not isinstance(value.get("type"), str):
+        raise InvalidParameter(
+            "response_format",
+            f'response_format must be an object such as {{"type": "text"}}, not {shown(value)}.',
+        )
+    kind = value["type"]
+    if kind == "text":
+        return
+    if kind in ("json_object", "json_schema"):
+        raise UnsupportedValue(
+            "response_format",
+            f"response_format {kind!r} (JSON output) cannot be honoured: {TEXT_ONLY}",
+        )
+    raise UnsupportedValue(
+        "response_format", f"response_format type {shown(kind)} is not supported: {TEXT_ONLY}"
+    )
+
+
+def check_tools(param: str, value: object) -> None:
+    """Tools on offer are fine (a caption is an answer that calls none); they must be a list."""
+    if value is not None and not isinstance(value, list):
+        raise InvalidParameter(param, f"{param} must be a list of tool definitions, not {shown(value)}.")
+
+
+def check_tool_choice(value: object) -> None:
+    if value is None or value in ("auto", "none"):
+        return
+    if value == "required":
+        raise UnsupportedValue(
+            "tool_choice", f'tool_choice "required" cannot be honoured: {NO_TOOLS} {FIX_TOOL_CHOICE}'
+        )
+    if isinstance(value, dict):
+        allowed = value.get("allowed_tools")
+        mode = allowed.get("mode") if isinstance(allowed, dict) else None
+        if value.get("type") == "allowed_tools" and mode == "auto":
+            return  # a subset of the tools, any of them or none: a plain answer is allowed
+        raise UnsupportedValue(
+            "tool_choice",
+            f"tool_choice {shown(value)} forces a tool call, which cannot be honoured: {NO_TOOLS} "
+            f"{FIX_TOOL_CHOICE}",
+        )
+    raise InvalidParameter(
+        "tool_choice", f'tool_choice must be "none", "auto", "required" or an object, not {shown(value)}.'
+    )
+
+
+def check_function_call(value: object) -> None:
+    """The legacy ``function_call`` (before ``tool_choice``): "none", "auto" or a forced name."""
+    if value is None or value in ("auto", "none"):
+        return
+    if isinstance(value, dict):
+        raise UnsupportedValue(
+            "function_call",
+            f"function_call {shown(value)} forces a function call, which cannot be honoured: {NO_TOOLS} "
+            'Send function_call "auto" or "none", or leave it out.',
+        )
+    raise InvalidParameter(
+        "function_call", f'function_call must be "none", "auto" or an object, not {shown(value)}.'
+    )
