@@ -140,6 +140,37 @@ async def test_cors_preflight_and_replies_for_an_allowed_origin(tiny: Settings) 
             assert response.status == 400 and response.headers["Access-Control-Allow-Origin"] == ST_ORIGIN
 
 
+# What the OpenAI JavaScript SDK (openai-node, dangerouslyAllowBrowser) asks a preflight to allow
+# for a streamed chat completion: its X-Stainless-* telemetry headers, more with each release.
+OPENAI_JS_HEADERS = (
+    "authorization,content-type,x-stainless-arch,x-stainless-helper-method,x-stainless-lang,"
+    "x-stainless-os,x-stainless-package-version,x-stainless-retry-count,x-stainless-runtime,"
+    "x-stainless-runtime-version,x-stainless-timeout"
+)
+
+
+async def test_cors_preflight_allows_the_headers_a_browser_sdk_asks_for(tmp_path: Path) -> None:
+    """A page using the OpenAI JS SDK: a fixed allow list made the browser drop every request
+    ("Request header field x-stainless-os is not allowed by Access-Control-Allow-Headers")."""
+    settings = Settings(cache_dir=tmp_path, cors_origins=(ST_ORIGIN,), api_key="secret")
+    asked = {**preflight_headers(ST_ORIGIN), "Access-Control-Request-Headers": OPENAI_JS_HEADERS}
+    async with client_for(settings, FakeCaptioner()) as session:
+        async with session.options("/v1/chat/completions", headers=asked) as response:
+            assert response.status == 204
+            allowed = {h.strip().lower() for h in response.headers["Access-Control-Allow-Headers"].split(",")}
+            assert set(OPENAI_JS_HEADERS.split(",")) <= allowed
+            assert {"x-priority", "x-client-id", "bypass-tunnel-reminder"} <= allowed  # ours stay
+            assert "access-control-request-headers" in response.headers["Vary"].lower()
+        odd = {**preflight_headers(ST_ORIGIN), "Access-Control-Request-Headers": "x-ok, bad name, x(y)"}
+        async with session.options("/api/caption", headers=odd) as response:
+            allowed = {h.strip().lower() for h in response.headers["Access-Control-Allow-Headers"].split(",")}
+            assert "x-ok" in allowed and not {"bad name", "x(y)"} & allowed  # only header names
+        async with session.options(
+            "/api/caption", headers={**asked, "Origin": "http://evil.example"}
+        ) as response:
+            assert response.status == 403 and "Access-Control-Allow-Headers" not in response.headers
+
+
 async def test_cors_refuses_other_origins(tmp_path: Path) -> None:
     settings = Settings(cache_dir=tmp_path, cors_origins=(ST_ORIGIN,))
     async with client_for(settings, FakeCaptioner()) as session:

@@ -4,13 +4,18 @@ SillyTavern's Extras mode calls ``/api/caption`` from the browser page itself, s
 first sends a preflight ``OPTIONS`` and then only shows the reply to the page when it carries
 ``Access-Control-Allow-Origin``. Preflights are answered before any other middleware (they
 carry no API key, by design), allowing ``Content-Type``, ``Authorization``, SillyTavern's
-``Bypass-Tunnel-Reminder`` and our ``X-Request-ID``, ``X-Priority`` and ``X-Client-Id``, and
-exposing the reply headers a page may read (``EXPOSE_HEADERS``); a preflight from an origin not
-configured gets 403 and no allow headers. ``*`` allows every origin (fine for a key-protected or
-loopback-only server).
+``Bypass-Tunnel-Reminder`` and our ``X-Request-ID``, ``X-Priority`` and ``X-Client-Id``, plus
+whatever other headers the preflight asks for, and exposing the reply headers a page may read
+(``EXPOSE_HEADERS``). The OpenAI JavaScript SDK (and every other Stainless-made SDK) sends its
+own ``X-Stainless-*`` headers, more with each release; a fixed list refuses them and the browser
+never sends the request. The origin is what the operator vouched for, so its headers pass. A
+preflight from an origin not configured gets 403 and no allow headers. ``*`` allows every
+origin (fine for a key-protected or loopback-only server).
 """
 
 from __future__ import annotations
+
+import re
 
 from aiohttp import web
 
@@ -21,6 +26,19 @@ ALLOW_METHODS = "GET, POST, OPTIONS"
 ALLOW_HEADERS = "Content-Type, Authorization, Bypass-Tunnel-Reminder, X-Request-ID, X-Priority, X-Client-Id"
 EXPOSE_HEADERS = "X-Request-ID, Retry-After, X-Keep-Alive, X-Model"  # X-Model: who captioned
 MAX_AGE = "600"
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 token)
+
+
+def allow_headers(requested: str | None) -> str:
+    """Our own list, then every other well-formed header name the preflight asked for."""
+    names = [name.strip() for name in ALLOW_HEADERS.split(",")]
+    known = {name.lower() for name in names}
+    for name in (requested or "").split(","):
+        name = name.strip()
+        if _TOKEN.fullmatch(name) and name.lower() not in known:
+            names.append(name)
+            known.add(name.lower())
+    return ", ".join(names)
 
 
 def allowed_origin(origin: str | None, allowed: tuple[str, ...]) -> str | None:
@@ -46,8 +64,10 @@ def preflight_response(request: web.Request, allowed: tuple[str, ...]) -> web.Re
     headers = {
         "Access-Control-Allow-Origin": origin,
         "Access-Control-Allow-Methods": ALLOW_METHODS,
-        "Access-Control-Allow-Headers": ALLOW_HEADERS,
+        "Access-Control-Allow-Headers": allow_headers(request.headers.get("Access-Control-Request-Headers")),
         "Access-Control-Max-Age": MAX_AGE,
+        # the answer depends on the headers asked for, so a cache must not reuse it for others
+        "Vary": "Origin, Access-Control-Request-Headers",
     }
     if request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
         headers["Access-Control-Allow-Private-Network"] = "true"  # Chrome: public page → LAN server
