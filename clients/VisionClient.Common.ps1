@@ -106,6 +106,22 @@ function Test-VisionTimeoutException {
     return $false
 }
 
+function Test-VisionNotUpYet {
+    # Whether a failed connection is a server that is not up yet (nothing listens, the host does
+    # not answer), not a wrong address (a name that does not resolve, TLS trouble): the folder
+    # script waits at the start for the first kind only, as vision-caption-folder-images.sh does.
+    param($Exception)
+    $waitable = @('ConnectionRefused', 'TimedOut', 'HostUnreachable', 'NetworkUnreachable', 'HostDown')
+    $current = $Exception
+    while ($null -ne $current) {
+        if ($current -is [System.Net.Sockets.SocketException]) {
+            return ($waitable -contains [string]$current.SocketErrorCode)
+        }
+        $current = $current.InnerException
+    }
+    return $false
+}
+
 function Invoke-VisionHttp {
     # Sends one request. Returns StatusCode, Body (text), RetryAfter (seconds or $null) and
     # Reason for any HTTP answer, including 4xx/5xx. Throws only when no answer came back; the
@@ -152,6 +168,7 @@ function Invoke-VisionHttp {
                 $text = 'Cannot reach the server at {0}: {1}' -f $Uri, (Get-VisionInnermostMessage $inner)
                 $failure = [System.Exception]::new($text)
                 $failure.Data['VisionFailure'] = 'connect'
+                $failure.Data['VisionNotUpYet'] = (Test-VisionNotUpYet $inner)
             }
             throw $failure
         }
@@ -238,6 +255,7 @@ function New-VisionAnswerError {
     if (Test-VisionGatewayOutage $Response) {
         $failure = [System.Exception]::new('Cannot reach the server behind the proxy (no server behind it answers): ' + $message)
         $failure.Data['VisionFailure'] = 'connect'
+        $failure.Data['VisionNotUpYet'] = $true
     }
     else {
         $failure = [System.Exception]::new($message)

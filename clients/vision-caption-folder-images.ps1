@@ -18,7 +18,7 @@ name and the extension CaptionExt: cat.png -> cat.txt.
   15 minutes, are deleted at the start in the folders this run captions; it says how many.
 - A failed image is reported and the run goes on. The failures are listed at the end and the
   script exits with code 1 if there was any. The run stops early only when the server
-  cannot be reached at the start, or for longer than -WaitForServerSec during the run (a
+  cannot be reached for longer than -WaitForServerSec, at the start or during the run (a
   restart only pauses it).
 - -Jobs N (default 4) keeps N requests in flight, which lets the server batch them on the GPU.
   It works the same on Windows PowerShell 5.1 and PowerShell 7 (a runspace pool).
@@ -28,7 +28,8 @@ name and the extension CaptionExt: cat.png -> cat.txt.
 - Progress shows the count, images per second and the time left.
 
 Exit codes: 0 all images captioned or skipped; 1 some image failed, or the server could not
-be reached; 2 wrong arguments.
+be reached; 2 wrong arguments (also a -Url without a vision-server, or a -Model it does not
+serve: HTTP 404 at the start).
 
 .PARAMETER Prompt
 The task, with or without angle brackets and in any case: CAPTION, DETAILED_CAPTION,
@@ -93,7 +94,10 @@ many seconds for it to answer again, then send the images that were in flight ag
 (without Retry-After): after -Retries those pause the run the same way, until /prompts
 answers other than 502/503/504. After that the run stops early and says how many images were not attempted;
 run it again to resume. An image whose request keeps breaking the connection (six times: a
-server that crashes on it) fails alone. 0 stops the run after -Retries instead.
+server that crashes on it) fails alone. A server that is not up yet at the start (connection
+refused, or such a proxy answer) is waited for the same way; a host name that does not
+resolve, a refused API key or an address without a vision-server (HTTP 404, exit code 2) stop
+the run at once. 0 stops the run after -Retries instead.
 
 .PARAMETER Model
 Which of the server's models captions the folder, by the name it was started with
@@ -387,14 +391,43 @@ try {
     $client.DefaultRequestHeaders.Add('X-Client-Id', "folder-$PID")
 
     # One quick request first: a wrong URL, a missing API key or an unknown prompt would
-    # otherwise fail every image in the same way.
-    try {
-        $prompts = ConvertFrom-Json -InputObject (Get-VisionJson -Client $client -BaseUrl $baseUrl -Path (Get-VisionPromptsPath -Model $Model) -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries)
+    # otherwise fail every image in the same way. A server that is not up yet (nothing listens,
+    # or a proxy answers 502/503 itself) is waited for up to -WaitForServerSec, as one that
+    # goes away mid-run, probing with a capped back-off (as vision-caption-folder-images.sh).
+    $answered = $false
+    $startWait = $null
+    $pause = 1.0
+    while (-not $answered) {
+        try {
+            $promptsJson = Get-VisionJson -Client $client -BaseUrl $baseUrl -Path (Get-VisionPromptsPath -Model $Model) -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries
+            $answered = $true
+            if ($null -ne $startWait) { Write-FolderError ('{0}: server answers; going on' -f $scriptName) }
+        }
+        catch {
+            $failure = $_.Exception
+            if ($WaitForServerSec -le 0 -or $failure.Data['VisionNotUpYet'] -ne $true) {
+                $aborted = $failure.Message
+                # No vision-server at this address (a -Url with a path?), or a -Model it does not serve.
+                if ($failure.Message -like 'Server error 404:*') {
+                    $aborted = '{0}: check -Url (the server''s base address, e.g. http://host:54880) and -Model' -f $failure.Message
+                    $abortExitCode = 2
+                }
+                throw
+            }
+            if ($null -eq $startWait) {
+                Write-FolderError ('{0}: server not answering yet ({1}); waiting up to {2} s for it (-WaitForServerSec; 0 stops at once)' -f $scriptName, $failure.Message, $WaitForServerSec)
+                $startWait = [System.Diagnostics.Stopwatch]::StartNew()
+            }
+            $left = $WaitForServerSec - $startWait.Elapsed.TotalSeconds
+            if ($left -le 0) {
+                $aborted = '{0} (still not after waiting {1} s)' -f $failure.Message, $WaitForServerSec
+                throw
+            }
+            Start-Sleep -Milliseconds ([int](1000 * [Math]::Min($pause, $left)))
+            $pause = [Math]::Min(5.0, 2 * $pause)
+        }
     }
-    catch {
-        $aborted = $_.Exception.Message
-        throw
-    }
+    $prompts = ConvertFrom-Json -InputObject $promptsJson
     $known = @(foreach ($item in $prompts) { ([string]$item).ToUpperInvariant() })
     $canonical = $task -replace '^<MIX_CAPTION', '<MIXED_CAPTION'
     if ($known.Count -gt 0 -and $known -notcontains $canonical) {

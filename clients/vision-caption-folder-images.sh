@@ -38,7 +38,10 @@ Options:
                    flight again; after that the run stops early (exit status 3) and says how
                    many images were not attempted (default: 300; 0: stop at once). A host that
                    does not answer the connection, and a proxy (HAProxy) that answers 502/503
-                   itself because no server behind it is up, count as gone too
+                   itself because no server behind it is up, count as gone too. A server that
+                   is not up yet at the start (connection refused, or such a proxy answer) is
+                   waited for the same way; a host name that does not resolve, a refused API
+                   key or an address without a vision-server (HTTP 404) stop the run at once
   -q, --quiet      no progress output; failures and the summary are still printed
   -h, --help       show this help and exit
 
@@ -56,12 +59,13 @@ captioned and each is reported as failed, also when a.txt already exists (it is 
 is); rename all but one of them.
 
 Progress (count/total, images per second and ETA) goes to stderr, then a summary that lists
-every image that failed and why. The run stops early when the server cannot be reached at the
-start or for longer than --wait-for-server, stays busy after the retries, rejects the API key
-or rejects the prompt. An image whose request keeps breaking the connection (six times: a
+every image that failed and why. The run stops early when the server cannot be reached for
+longer than --wait-for-server (at the start or mid-run), stays busy after the retries, rejects
+the API key or rejects the prompt. An image whose request keeps breaking the connection (six times: a
 server that crashes on it) fails alone.
 
-Exit status: 0 all images captioned or skipped; 1 some images failed; 2 usage error;
+Exit status: 0 all images captioned or skipped; 1 some images failed; 2 usage error (also
+an address without a vision-server, or a VISION_MODEL it does not serve: HTTP 404 at the start);
 3 the server cannot be reached; 5 the server stays busy; 6 authentication failed;
 7 invalid prompt; 130 interrupted (Ctrl+C); 143 stopped by SIGTERM.
 
@@ -279,11 +283,50 @@ tmpd=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/vision-caption.XXXXXXXX") || die 
 # ---------------------------------------------------------------------------------------------
 # Check the server before spending time on the folder.
 
-preflight_rc=0
 # GET /prompts answers at once on a healthy server: wait at most 30 s (or --timeout) for it.
 preflight_timeout=30
 if [[ $timeout =~ ^[0-9]+$ ]] && ((timeout < 30)); then preflight_timeout=$timeout; fi
-"${client_cmd[@]}" --timeout "$preflight_timeout" prompts >/dev/null 2>"$tmpd/preflight.err" || preflight_rc=$?
+
+# probe_prompts: GET /prompts once; its exit status is vision-client.sh's, its message in
+# $tmpd/preflight.err.
+probe_prompts() {
+    "${client_cmd[@]}" --timeout "$preflight_timeout" prompts >/dev/null 2>"$tmpd/preflight.err"
+}
+
+# not_up_yet: whether the probe's exit 3 is one that waiting can cure, as a server that went
+# away mid-run is waited for: nothing listens yet (connection refused), a host that does not
+# answer the connection (rebooting), or a proxy answering 502/503 itself (no server behind it
+# is up yet). A host name that does not resolve, TLS trouble or a broken reply point at a
+# wrong URL and stop the run at once (these are vision-client.sh's messages).
+not_up_yet() {
+    grep -q -e ': cannot connect to ' -e ': cannot reach the server behind ' "$tmpd/preflight.err"
+}
+
+preflight_message() {
+    sed "s/^$client_name: //" "$tmpd/preflight.err" | tail -n 1
+}
+
+preflight_rc=0
+probe_prompts || preflight_rc=$?
+if ((preflight_rc == 3 && wait_for_server > 0)) && not_up_yet; then
+    # Started together with the server, or while every server behind HAProxy restarts: wait for
+    # it as for an outage mid-run (--wait-for-server), probing with a capped back-off.
+    say "server not answering yet ($(preflight_message)); waiting up to $wait_for_server s for it (--wait-for-server; 0 stops at once)"
+    deadline=$((SECONDS + wait_for_server))
+    pause=1
+    while ((preflight_rc == 3 && SECONDS < deadline)) && not_up_yet; do
+        left=$((deadline - SECONDS))
+        sleep $((pause < left ? pause : left)) &
+        wait "$!" || true
+        pause=$((pause * 2 > 5 ? 5 : pause * 2))
+        preflight_rc=0
+        probe_prompts || preflight_rc=$?
+    done
+    if ((preflight_rc == 3)) && not_up_yet; then
+        die 3 "$(preflight_message) (still not after waiting $wait_for_server s)"
+    fi
+    ((preflight_rc != 0)) || say "server answers; going on"
+fi
 case $preflight_rc in
 0) ;;
 2 | 3 | 6)
@@ -291,7 +334,14 @@ case $preflight_rc in
     sed "s/^$client_name: /$PROG: /" "$tmpd/preflight.err" >&2
     exit "$preflight_rc"
     ;;
-*) say "warning: GET /prompts failed ($(tail -n 1 "$tmpd/preflight.err")); trying anyway" ;;
+*)
+    if grep -q ': HTTP 404' "$tmpd/preflight.err"; then
+        # Not a vision-server at this address (a --url with a path?), or a VISION_MODEL it does
+        # not serve: every image would fail the same way.
+        die 2 "$(preflight_message): check --url (the server's base address, e.g. http://host:54880)${VISION_MODEL:+ and VISION_MODEL}"
+    fi
+    say "warning: GET /prompts failed ($(preflight_message)); trying anyway"
+    ;;
 esac
 
 # ---------------------------------------------------------------------------------------------

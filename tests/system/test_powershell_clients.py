@@ -510,13 +510,32 @@ def test_folder_argument_errors(server: str, tmp_path: Path) -> None:
 def test_folder_server_down(tmp_path: Path) -> None:
     make_folder(tmp_path, ["a.png", "b.png"])
     started = time.monotonic()
+    url = f"http://127.0.0.1:{free_port()}"
     result = ps(
-        FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", f"http://127.0.0.1:{free_port()}", "-Retries", "0"
+        FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", url, "-Retries", "0", "-WaitForServerSec", "0"
     )
     assert result.returncode == 1
-    assert "Cannot reach the server" in result.stderr
+    assert "Cannot reach the server" in result.stderr and "waiting" not in result.stderr
     assert time.monotonic() - started < 60
+    # As the bash script: a server not up yet at the start is waited for, up to -WaitForServerSec.
+    result = ps(
+        FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", url, "-Retries", "0", "-WaitForServerSec", "2"
+    )
+    assert result.returncode == 1
+    assert "server not answering yet" in result.stderr and "(still not after waiting 2 s)" in result.stderr
     assert not list(tmp_path.glob("*.txt"))
+
+
+@needs_pwsh
+def test_folder_waits_at_the_start_while_a_proxy_has_no_server(tmp_path: Path) -> None:
+    """As the bash script: the proxy's own 502/503 to the start-up probe are waited out."""
+    images = make_folder(tmp_path, ["a.png", "b.png"])
+    with StandIn(outage_after=0, outage_seconds=4) as proxy:
+        result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", proxy.url, "-Retries", "0")
+    assert result.returncode == 0, result.stderr
+    assert "server not answering yet" in result.stderr and "server answers; going on" in result.stderr
+    for image in images:
+        assert read_caption(image.with_suffix(".txt")) == "stand-in caption"
 
 
 @needs_pwsh

@@ -512,16 +512,50 @@ def test_folder_failing_image(server: str, tmp_path: Path, tmpdir_env: Path) -> 
 
 
 def test_folder_dead_server(tmp_path: Path, tmpdir_env: Path) -> None:
+    """Nothing listening: --wait-for-server 0 stops at once; a window is waited out first."""
     root = tmp_path / "dead"
     make_tree(root, ["a.png", "b.png", "sub/c.png"])
     before = sorted(root.rglob("*"))
-    result = run(
-        FOLDER, "CAPTION", "txt", str(root), env=base_env(tmpdir_env, VISION_HOST=f"127.0.0.1:{free_port()}")
-    )
+    env = base_env(tmpdir_env, VISION_HOST=f"127.0.0.1:{free_port()}")
+    result = run(FOLDER, "--wait-for-server", "0", "CAPTION", "txt", str(root), env=env)
     assert result.returncode == 3
-    assert "cannot connect" in result.stderr
+    assert "cannot connect" in result.stderr and "waiting" not in result.stderr
+    result = run(FOLDER, "--wait-for-server", "2", "CAPTION", "txt", str(root), env=env)
+    assert result.returncode == 3, result.stderr
+    assert "server not answering yet (cannot connect to http://127.0.0.1:" in result.stderr
+    assert "waiting up to 2 s for it" in result.stderr and "(still not after waiting 2 s)" in result.stderr
     assert sorted(root.rglob("*")) == before
     assert list(tmpdir_env.iterdir()) == []
+
+
+def test_folder_run_waits_at_the_start_while_a_proxy_has_no_server(tmp_path: Path, tmpdir_env: Path) -> None:
+    """Started while every server behind HAProxy restarts: the proxy's own 503/502 pages to the
+    start-up probe are waited out (--wait-for-server) instead of stopping the run with exit 3."""
+    root = tmp_path / "proxy-at-start"
+    images = make_tree(root, ["a.png", "sub/b.png"])
+    with StandIn(outage_after=0, outage_seconds=2.5) as proxy:
+        result = run(FOLDER, "--url", proxy.url, "CAPTION", "txt", str(root), env=base_env(tmpdir_env))
+    assert result.returncode == 0, result.stderr
+    assert proxy.outage_answers >= 2  # the probe met the outage, and probed again
+    assert "server not answering yet (cannot reach the server behind" in result.stderr
+    assert "waiting up to 300 s" in result.stderr and "server answers; going on" in result.stderr
+    assert all(caption_path(image).read_text() == "stand-in caption" for image in images)
+    assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
+
+
+def test_folder_wrong_address_fails_at_once(server: str, tmp_path: Path, tmpdir_env: Path) -> None:
+    """A URL with a path (no vision-server there: 404) or an unknown VISION_MODEL stops the run
+    at the start, whatever --wait-for-server says, rather than failing every image alike."""
+    root = tmp_path / "wrong"
+    make_tree(root, ["a.png", "b.png"])
+    before = sorted(root.rglob("*"))
+    result = run(FOLDER, "--url", f"{server}/v1", "CAPTION", "txt", str(root), env=base_env(tmpdir_env))
+    assert result.returncode == 2, result.stderr
+    assert "HTTP 404" in result.stderr and "check --url" in result.stderr and "waiting" not in result.stderr
+    env = base_env(tmpdir_env, VISION_MODEL="no-such-model")
+    result = run(FOLDER, "--url", server, "CAPTION", "txt", str(root), env=env)
+    assert result.returncode == 2 and "no-such-model" in result.stderr and "VISION_MODEL" in result.stderr
+    assert sorted(root.rglob("*")) == before and list(tmpdir_env.iterdir()) == []
 
 
 def test_folder_invalid_prompt_stops(server: str, tmp_path: Path) -> None:
