@@ -16,6 +16,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ from tests.support import paths
 from tests.support.api import tiny_cache_dir
 from tests.support.images import image_bytes, shade_b64
 from tests.support.processes import ServerProcess, free_port, tiny_server
+from tests.support.tls import self_signed
 
 CONFIG = paths.SERVICE / "haproxy.cfg"
 HAPROXY = shutil.which("haproxy")
@@ -299,3 +301,64 @@ async def test_daemons_behind_haproxy_see_the_real_client(tmp_path: Path) -> Non
     assert len(lines) == 8, logs
     assert all("client=127.0.0.2 via=127.0.0.1" in line for line in lines), lines
     assert "198.51.100.66" not in logs
+
+
+# --- HTTPS and an API key, with the config's own commented TLS lines ----------------------------
+
+
+def with_tls(text: str, front_port: int, pem: Path, ca: Path) -> str:
+    """The adapted config with its HTTPS lines switched on as the docs say: the ``ssl crt`` bind
+    instead of the plain one, and the ``default-server ssl`` line for daemons on HTTPS."""
+    text, plain = re.subn(rf"(?m)^\s*bind 127\.0\.0\.1:{front_port}\n", "", text)
+    text, front = re.subn(
+        r"(?m)^(\s*)# (bind ):54880( ssl crt )\S+$", rf"\g<1>\g<2>127.0.0.1:{front_port}\g<3>{pem}", text
+    )
+    text, back = re.subn(
+        r"(?m)^(\s*)# (default-server ssl verify required ca-file )\S+$", rf"\g<1>\g<2>{ca}", text
+    )
+    assert (plain, front, back) == (1, 1, 1), "the config should carry both commented HTTPS lines"
+    return text
+
+
+async def test_https_pool_with_an_api_key(tmp_path: Path) -> None:
+    """The operator's recipe (docs/operations/haproxy.md): clients speak HTTPS to HAProxy, which
+    checks and calls daemons started with --ssl-cert and --api-key over HTTPS too; /ready needs no
+    key, captions do, and the key passes through HAProxy untouched."""
+    cert, key = self_signed(tmp_path)
+    pem = tmp_path / "vision-server.pem"  # what `cat cert.pem key.pem > vision-server.pem` makes
+    pem.write_text(cert.read_text() + key.read_text())
+    secured = {"api_key": "pool-key", "ssl_cert": cert, "ssl_key": key}
+    daemons = [ServerProcess.fake(tmp_path, name, delay=0, **secured) for name in ("gpu1", "gpu2")]
+    proxy: subprocess.Popen[bytes] | None = None
+    try:
+        urls = [daemon.wait_listening() for daemon in daemons]
+        assert all(url.startswith("https://") for url in urls)
+        front = free_port()
+        config = tmp_path / "haproxy.cfg"
+        adapted = adapt_config(CONFIG.read_text(), front, [url.split("//")[1] for url in urls])
+        config.write_text(with_tls(adapted, front, pem, cert))
+        assert HAPROXY is not None
+        with (tmp_path / "haproxy.log").open("wb") as proxy_log:
+            proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=proxy_log, stderr=proxy_log)
+        trusted = ssl.create_default_context(cafile=str(cert))
+        async with ClientSession(
+            f"https://localhost:{front}", connector=TCPConnector(ssl=trusted), timeout=ClientTimeout(total=60)
+        ) as session:
+            await _wait_proxy(session, proxy, tmp_path)  # /ready through HTTPS, without the key
+            body = {"image": shade_b64(40), "prompt": "<CAPTION>"}
+            async with session.post("/process_image", json=body) as response:
+                assert response.status == 401 and "Bearer" in response.headers["WWW-Authenticate"]
+            keyed = {"Authorization": "Bearer pool-key"}
+            for _ in range(4):  # leastconn may pick either daemon: both must take the key
+                async with session.post("/process_image", json=body, headers=keyed) as response:
+                    assert response.status == 200 and (await response.json())["result"]
+        log = (tmp_path / "haproxy.log").read_text(errors="replace")
+        # The servers start UP and fall after one failed check (100 ms apart): checks over plain
+        # HTTP to the HTTPS daemons would have taken both down before the captions above.
+        assert "is DOWN" not in log, log
+    finally:
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(10)
+        for daemon in daemons:
+            daemon.close()
