@@ -26,6 +26,7 @@ from vision_server.client import (
     ServerBusy,
     ServerError,
     VisionClient,
+    VisionClientError,
     VisionConnectionError,
     VisionTimeoutError,
     task_token,
@@ -101,6 +102,20 @@ async def test_caption_sends_native_request(serve, tmp_path: Path) -> None:
     assert script.requests[1]["prompt"] == "<ANALYZE>"
     assert base64.b64decode(script.requests[1]["image"]) == b"raw bytes"
     assert script.headers[0]["Authorization"] == "Bearer sekret"
+
+
+async def test_an_empty_image_is_refused_before_sending(serve, tmp_path: Path) -> None:
+    """The message speaks about the user's file, not about an "image string" they never wrote."""
+    script = Script(fail(400, "Invalid image data: the image string is empty"))
+    url = await serve({"/process_image": script.handle})
+    empty = tmp_path / "empty.png"
+    empty.write_bytes(b"")
+    async with AsyncVisionClient(url, retries=0) as client:
+        with pytest.raises(VisionClientError, match=r"^the image file is empty \(0 bytes\): .*empty\.png$"):
+            await client.caption(empty)
+        with pytest.raises(VisionClientError, match=r"^the image is empty \(0 bytes\)$"):
+            await client.caption(b"")
+    assert script.requests == []
 
 
 async def test_default_task_is_more_detailed_caption(serve) -> None:

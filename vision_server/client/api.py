@@ -84,8 +84,18 @@ def normalize_base_url(url: str) -> str:
 
 
 def encode_image(image: ImageInput) -> str:
-    """Base64 of raw image bytes, or of the file at a path (a ``str`` is always a path)."""
-    data = image if isinstance(image, (bytes, bytearray, memoryview)) else Path(image).read_bytes()
+    """Base64 of raw image bytes, or of the file at a path (a ``str`` is always a path).
+
+    Nothing is empty on the wire: an empty file is refused here, in words about the file (the
+    server could only say that the image string it got is empty)."""
+    if isinstance(image, (bytes, bytearray, memoryview)):
+        data = image
+        if len(data) == 0:
+            raise VisionClientError("the image is empty (0 bytes)")
+    else:
+        data = Path(image).read_bytes()
+        if not data:
+            raise VisionClientError(f"the image file is empty (0 bytes): {image}")
     return base64.b64encode(data).decode("ascii")
 
 
