@@ -52,11 +52,14 @@ A caption is written to a hidden temporary file in the image's folder
 (.vision-caption.<16 hex digits>.tmp) and renamed into place only when it is complete, so an
 error, a dead server or Ctrl+C never leaves a partial or wrong caption file (nor temporary
 files). Such temporary files that a killed run (kill -9, a power cut) left behind, older than
-15 minutes, are deleted at the start, in the folders this run captions; it says how many. Line breaks inside a caption become spaces, and the
-file has no trailing newline. Images with the same name but another extension (a.jpg and
-a.png) would share one caption file (a.txt) that a trainer pairs with both: none of them is
-captioned and each is reported as failed, also when a.txt already exists (it is left as it
-is); rename all but one of them.
+15 minutes, are deleted at the start, in the folders this run captions; it says how many.
+Each line break in the server's caption becomes a space (trainers read caption files by lines;
+vision-client folder and vision-server caption do the same; --prefix, --suffix and --separator
+are written as given), and the file has no trailing newline.
+
+Images with the same name but another extension (a.jpg and a.png) would share one caption file
+(a.txt) that a trainer pairs with both: none of them is captioned and each is reported as
+failed, also when a.txt already exists (it is left as it is); rename all but one of them.
 
 Progress (count/total, images per second and ETA) goes to stderr, then a summary that lists
 every image that failed and why. The run stops early when the server cannot be reached for

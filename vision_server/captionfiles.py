@@ -39,6 +39,7 @@ is huge on purpose: it also covers a slow network drive and clocks that disagree
 """
 
 _TEMP_NAME = re.compile(r"\.vision-caption\.[0-9a-f]{16}\.tmp")  # exactly what temp_path makes
+_LINE_BREAK = re.compile(r"\r\n|[\r\n]")  # what Python's text files (and trainers) split lines at
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,19 @@ def shared_caption_reason(captions: Sequence[str], others: Sequence[str]) -> str
     if len(others) == 1:
         return f"shares its caption {files} with {others[0]}; neither is captioned, rename one of them"
     return f"shares its caption {files} with {', '.join(others)}; none is captioned, rename all but one"
+
+
+def one_line(caption: str) -> str:
+    """``caption`` as a caption file holds it: each line break (CRLF, CR or LF) becomes a space.
+
+    Trainers read a caption file by lines: kohya-ss sd-scripts takes only the first line (and,
+    with ``enable_wildcard``, each line as a caption of its own, picked at random), so a
+    caption's second sentence on a line of its own would be dropped or trained as another
+    caption. Every folder captioner applies this to the model's caption, and only to it: a
+    prefix, suffix or separator the user gives, and the text already in the file, stay as they
+    are. JSONL and Parquet rows keep the caption verbatim (JSON escapes a line break).
+    """
+    return _LINE_BREAK.sub(" ", caption)
 
 
 def read_caption(path: Path) -> str | None:

@@ -8,6 +8,7 @@ the offline command loads the same tiny model itself.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,10 @@ from tests.support import paths
 from tests.support.api import tiny_cache_dir
 from tests.support.bulk_data import caption_command, cli_env
 from tests.support.images import save as save_image
+from tests.support.stand_in import StandIn
+from vision_server.bulk.command import CaptionRequest, _outputs
+from vision_server.bulk.records import Record
+from vision_server.settings import Settings
 
 TOOLS = ("vision-server caption", "vision-client folder", "bash script")
 FOLDER_SCRIPT = paths.REPO / "clients" / "vision-caption-folder-images.sh"
@@ -82,3 +87,58 @@ def test_images_sharing_a_caption_file_are_all_failed_and_none_is_captioned(
         assert not (root / "a.txt").exists(), attempt
         assert (root / "b.txt").read_text(encoding="utf-8") == "written by hand for one of the b images"
         assert (root / "c.txt").read_text(encoding="utf-8").strip(), attempt  # the rest is captioned
+
+
+# ---------------------------------------------------------------------------------------------
+# Line breaks in a caption
+
+# A caption with line breaks of every kind; the real tiny model only ever says words on one line,
+# so the clients get this one from the stand-in server, and the offline command's writers get it
+# as the engine hands captions to them.
+MULTI_LINE = "A cat.\nIt sleeps on a red sofa.\r\n\r\nThe end.\rReally."
+ONE_LINE = "A cat. It sleeps on a red sofa.  The end. Really."
+
+
+def test_a_caption_with_line_breaks_is_one_line_in_every_caption_file_and_verbatim_in_rows(
+    cache: Path, tmp_path: Path
+) -> None:
+    """Every tool writes a caption file on one line (each line break becomes a space; trainers
+    read caption files by lines), the same bytes from each; JSONL rows keep the caption as is."""
+    files: dict[str, bytes] = {}
+    with StandIn(caption=MULTI_LINE) as stand_in:
+        for tool in ("vision-client folder", "bash script"):
+            root = tmp_path / tool.replace(" ", "-")
+            save_image(root / "cat.png", 1)
+            result = run_tool(
+                tool, root, url=stand_in.url, cache=cache, tmp=tmp_path, options=("--prefix", "ohwx, ")
+            )
+            assert result.returncode == 0, result.stderr[-3000:]
+            files[tool] = (root / "cat.txt").read_bytes()
+        jsonl_root = tmp_path / "jsonl"
+        save_image(jsonl_root / "cat.png", 1)
+        jsonl = tmp_path / "client.jsonl"
+        result = run_tool(
+            "vision-client folder",
+            jsonl_root,
+            url=stand_in.url,
+            cache=cache,
+            tmp=tmp_path,
+            options=("--jsonl", str(jsonl)),
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert [json.loads(line)["caption"] for line in jsonl.read_text("utf-8").splitlines()] == [MULTI_LINE]
+
+    # vision-server caption: its sidecar and JSONL outputs, given the caption by the pipeline
+    root = tmp_path / "offline"
+    save_image(root / "cat.png", 1)
+    request = CaptionRequest(inputs=(root,), jsonl=tmp_path / "offline.jsonl", sidecars=True, prefix="ohwx, ")
+    outputs = _outputs(request, Settings(model=("test:tiny",)), ("<CAPTION>",), sidecars=True)
+    record = Record(str(root), "cat.png", path=root / "cat.png")
+    for output in outputs:
+        output.write(record, {"<CAPTION>": MULTI_LINE}, None)
+        output.close()
+    files["vision-server caption"] = (root / "cat.txt").read_bytes()
+    rows = [json.loads(line) for line in (tmp_path / "offline.jsonl").read_text("utf-8").splitlines()]
+    assert [row["caption"] for row in rows] == ["ohwx, " + MULTI_LINE]
+
+    assert files == {tool: ("ohwx, " + ONE_LINE).encode() for tool in TOOLS}

@@ -177,3 +177,15 @@ def test_a_shard_cut_or_damaged_between_members_is_reported_not_ended_quietly(tm
         ("s1", None),
         ("s2", None),
     ]
+
+
+def test_sidecars_put_only_the_models_line_breaks_on_one_line(tmp_path: Path) -> None:
+    """The caption's line breaks become spaces; the user's prefix, suffix and separator, and the
+    text already in the file, stay as given (an append with a line-break separator builds a
+    caption-per-line file on purpose)."""
+    image = tmp_path / "cat.png"
+    (tmp_path / "cat.txt").write_text("old one\nold two", encoding="utf-8")
+    style = SidecarStyle(mode="append", separator="\n", prefix="ohwx\n", suffix=" !")
+    record = Record(str(tmp_path), "cat.png", path=image)
+    Sidecars(style).write(record, {"<CAPTION>": "a cat.\r\nIt sleeps.\rZzz\nend"}, None)
+    assert (tmp_path / "cat.txt").read_bytes() == b"old one\nold two\nohwx\na cat. It sleeps. Zzz end !"

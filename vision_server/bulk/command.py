@@ -234,20 +234,22 @@ def _outputs(
         ext = caption_suffix(request.ext)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    outputs: list[Output] = []
-    if sidecars:
-        style = SidecarStyle(ext, request.mode, request.separator, several_tasks=len(tasks) > 1)
-        outputs.append(Sidecars(style))
+    tables: list[Output] = []
     try:
         if request.jsonl is not None:
-            outputs.append(JsonlOutput(request.jsonl, facts))
+            tables.append(JsonlOutput(request.jsonl, facts))
         if request.parquet is not None:
-            outputs.append(ParquetOutput(request.parquet, facts, sweep=not request.dry_run))
+            tables.append(ParquetOutput(request.parquet, facts, sweep=not request.dry_run))
     except Exception as exc:  # an existing output we cannot read back cannot be resumed safely
         raise click.UsageError(f"cannot read the existing output to resume from it: {exc}") from None
-    if request.prefix or request.suffix:
-        outputs = [_Wrapped(output, request.prefix, request.suffix) for output in outputs]
-    return outputs
+    if request.prefix or request.suffix:  # sidecars put them around the caption themselves
+        tables = [_Wrapped(output, request.prefix, request.suffix) for output in tables]
+    if not sidecars:
+        return tables
+    style = SidecarStyle(
+        ext, request.mode, request.separator, len(tasks) > 1, prefix=request.prefix, suffix=request.suffix
+    )
+    return [Sidecars(style), *tables]
 
 
 class _Wrapped:

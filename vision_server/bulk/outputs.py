@@ -26,6 +26,7 @@ from vision_server.captionfiles import (
     Mode,
     has_caption,
     merge_caption,
+    one_line,
     read_caption,
     remove_stale_files,
     write_atomic,
@@ -107,6 +108,8 @@ class SidecarStyle:
     mode: Mode = "skip"
     separator: str = " "
     several_tasks: bool = False  # then sidecars are STEM.<task>.<ext>
+    prefix: str = ""  # around each new caption, kept as given (the caption goes on one line)
+    suffix: str = ""
 
 
 def sidecar_path(image: Path, task: str, style: SidecarStyle) -> Path:
@@ -149,7 +152,8 @@ class Sidecars:
         for task in self.missing(record, list(captions)):
             target = sidecar_path(record.path, task, self.style)
             existing = read_caption(target) if self.style.mode in ("append", "prepend") else None
-            text = merge_caption(existing, captions[task], self.style.mode, self.style.separator)
+            new = f"{self.style.prefix}{one_line(captions[task])}{self.style.suffix}"
+            text = merge_caption(existing, new, self.style.mode, self.style.separator)
             write_atomic(target, text)
 
     def close(self) -> None:

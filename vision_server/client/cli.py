@@ -211,9 +211,11 @@ def folder(
 
     Caption files are written atomically, so an interrupted run leaves no half-written
     captions and can simply be started again. Failed images get no caption file; they are
-    listed at the end and the exit status is 1. Images with the same stem (a.jpg and a.png)
-    would share one caption file: none of them is captioned, each fails. Hidden
-    .vision-caption.*.tmp files that a killed run left behind (older than 15 minutes) are deleted.
+    listed at the end and the exit status is 1. In caption files each line break of a caption
+    becomes a space (trainers read them by lines); --jsonl keeps it. Images with the same stem
+    (a.jpg and a.png) would share one caption file: none of them is captioned, each fails.
+    Hidden .vision-caption.*.tmp files that a killed run left behind (older than 15 minutes) are
+    deleted.
     """
     from tqdm import tqdm
 

@@ -24,6 +24,7 @@ from vision_server.captionfiles import (
     find_images,
     has_caption,
     merge_caption,
+    one_line,
     read_caption,
     shared_caption_reason,
     sweep_stale_temps,
@@ -218,11 +219,12 @@ class _FolderRun:
             text = answer.text
             if not text.strip():  # a prefix alone is no caption, and an empty file reads as "to do"
                 return ImageResult(job.image, "failed", reason="the server returned an empty caption")
-            caption = f"{self.prefix}{text}{self.suffix}"
-            if job.target is None:
+            if job.target is None:  # a JSONL row keeps the caption verbatim
+                caption = f"{self.prefix}{text}{self.suffix}"
                 assert self.writer is not None
                 self.writer.write(job.key, self.task, caption, answer.model)
-            else:
+            else:  # a caption file holds it on one line, as every folder captioner writes it
+                caption = f"{self.prefix}{one_line(text)}{self.suffix}"
                 existing = read_caption(job.target) if self.mode in ("append", "prepend") else None
                 write_atomic(job.target, merge_caption(existing, caption, self.mode, self.separator))
         except VisionConnectionError as exc:
