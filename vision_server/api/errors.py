@@ -104,9 +104,32 @@ def with_retry_after(response: web.Response, error: VisionServerError) -> web.Re
     return response
 
 
-def error_response(request: web.Request, error: VisionServerError) -> web.Response:
-    formatter = request.app[ERROR_SHAPES].formatter_for(request.match_info.route, request.path)
+def error_response(
+    request: web.Request, error: VisionServerError, meant: tuple[AbstractRoute, str] | None = None
+) -> web.Response:
+    """``error`` in the shape of the route's family (for a path that matched nothing, of the
+    route it was ``meant`` as, when there is one)."""
+    route, path = meant or (request.match_info.route, request.path)
+    formatter = request.app[ERROR_SHAPES].formatter_for(route, path)
     return with_retry_after(formatter(error, request.get(REQUEST_ID, "-")), error)
+
+
+async def meant_route(request: web.Request) -> tuple[AbstractRoute, str] | None:
+    """The served route (and its path) an unmatched path was probably meant as, or None.
+
+    Tools build their URLs as ``base + "/chat/completions"``, so a base URL with a ``/`` at its
+    end gives ``/v1//chat/completions``, and a base that already ends in ``/v1`` given to a tool
+    that adds its own gives ``/v1/v1/...``; the bare 404 said nothing about either.
+    """
+    tidy = re.sub(r"/{2,}", "/", request.path)
+    tidy = re.sub(r"^(?:/v1)+/", "/v1/", tidy)
+    if len(tidy) > 1:
+        tidy = tidy.rstrip("/")
+    if tidy == request.path:
+        return None
+    match = await request.app.router.resolve(request.clone(rel_url=tidy))
+    missing = match.http_exception
+    return (match.route, tidy) if missing is None or missing.status == 405 else None
 
 
 def _from_http_exception(exc: web.HTTPException) -> VisionServerError | None:
@@ -135,7 +158,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         error = _from_http_exception(exc)
         if error is None:
             raise
-        response = error_response(request, error)
+        meant = await meant_route(request) if exc.status == 404 else None
+        if meant is not None:
+            error = NotFound(
+                f"Not Found: {request.path} is no route of this server; did you mean {meant[1]}? "
+                "Check the base URL the client was given (a '/' at its end, or /v1 twice)."
+            )
+        response = error_response(request, error, meant)
         if "Allow" in exc.headers:  # a 405 must say which methods the route takes
             response.headers["Allow"] = exc.headers["Allow"]
     except Exception:

@@ -1,0 +1,70 @@
+"""A client given a slightly wrong base URL gets a 404 that names the route it meant.
+
+Tools build request URLs as ``base + "/chat/completions"`` (SillyTavern's Custom source, many
+OpenAI-compatible clients), so a base typed with a ``/`` at its end asks for
+``/v1//chat/completions``, and a base ending in ``/v1`` given to a tool that adds its own asks
+for ``/v1/v1/...``. Both got a bare ``{"detail": "Not Found"}``, which SillyTavern shows as
+"Failed to caption image" with nothing that points at the URL.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from aiohttp import ClientSession
+
+from tests.support.images import data_url
+from tests.support.serving import running_server
+from vision_server.settings import Settings
+from vision_server.testing.fake import FakeCaptioner
+
+CHAT = {
+    "model": "gpt-4-turbo",
+    "messages": [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "What's in this image?"},
+                {"type": "image_url", "image_url": {"url": data_url(3)}},
+            ],
+        }
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "meant"),
+    [
+        ("POST", "/v1//chat/completions", "/v1/chat/completions"),  # base "http://host:54880/v1/"
+        ("POST", "/v1/v1/chat/completions", "/v1/chat/completions"),  # /v1 in the base and the tool
+        ("POST", "/v1/chat/completions/", "/v1/chat/completions"),
+        ("GET", "/v1//models", "/v1/models"),  # SillyTavern's connection check with that base
+    ],
+)
+async def test_openai_paths_name_the_route_meant(tmp_path: Path, method: str, path: str, meant: str) -> None:
+    async with (
+        running_server(Settings(cache_dir=tmp_path), FakeCaptioner()) as url,
+        ClientSession() as session,
+    ):
+        body = CHAT if method == "POST" else None
+        async with session.request(method, url + path, json=body) as response:
+            assert str(response.url).endswith(path)  # sent as typed, not tidied by the client
+            reply = await response.json()
+            assert response.status == 404
+    error = reply["error"]  # in the OpenAI shape, so the SDKs show the message
+    assert error["type"] == "not_found_error" and error["code"] == "not_found"
+    assert f"did you mean {meant}?" in error["message"] and "base URL" in error["message"]
+
+
+async def test_native_paths_too_and_other_404s_stay_as_before(tmp_path: Path) -> None:
+    async with (
+        running_server(Settings(cache_dir=tmp_path), FakeCaptioner()) as url,
+        ClientSession() as session,
+    ):
+        async with session.post(url + "//process_image", json={"image": "x"}) as response:
+            assert response.status == 404
+            assert "did you mean /process_image?" in (await response.json())["detail"]
+        for path in ("/nowhere", "/v1/nowhere", "/v1//nowhere"):  # nothing served is near them
+            async with session.get(url + path) as response:
+                assert response.status == 404 and await response.json() == {"detail": "Not Found"}, path
