@@ -20,6 +20,7 @@ from tests.support import paths
 from tests.support.api import tiny_cache_dir
 from tests.support.bulk_data import caption_command, cli_env
 from tests.support.images import save as save_image
+from tests.support.processes import tiny_server
 from tests.support.stand_in import StandIn
 from vision_server.bulk.command import CaptionRequest, _outputs
 from vision_server.bulk.records import Record
@@ -31,12 +32,20 @@ VISION_CLIENT = Path(sys.executable).with_name("vision-client")
 
 
 def run_tool(
-    tool: str, folder: Path, *, url: str, cache: Path, tmp: Path, options: tuple[str, ...] = ()
+    tool: str,
+    folder: Path,
+    *,
+    url: str,
+    cache: Path,
+    tmp: Path,
+    options: tuple[str, ...] = (),
+    model: str = "test:tiny",
 ) -> subprocess.CompletedProcess[str]:
-    """One folder run of ``tool``: the CAPTION task, ``.txt`` caption files beside the images."""
+    """One folder run of ``tool``: the CAPTION task, ``.txt`` caption files beside the images;
+    ``model`` is the offline command's ``--model`` (the clients use the server's)."""
     if tool == "vision-server caption":
         command = caption_command(
-            folder, "--model", "test:tiny", "--task", "CAPTION", "--max-new-tokens", "8",
+            folder, "--model", model, "--task", "CAPTION", "--max-new-tokens", "8",
             "--cache-dir", cache, "--log-level", "warning", *options,
         )  # fmt: skip
         env = cli_env(tmp)
@@ -142,3 +151,60 @@ def test_a_caption_with_line_breaks_is_one_line_in_every_caption_file_and_verbat
     assert [row["caption"] for row in rows] == ["ohwx, " + MULTI_LINE]
 
     assert files == {tool: ("ohwx, " + ONE_LINE).encode() for tool in TOOLS}
+
+
+# ---------------------------------------------------------------------------------------------
+# What "model" means in JSONL rows
+
+
+def test_rows_of_both_python_tools_name_the_model_by_its_served_name(cache: Path, tmp_path: Path) -> None:
+    """``--model tiny=test:tiny``: ``vision-client folder`` (against a server configured so) and
+    ``vision-server caption`` both write ``"model": "tiny"``; a row an older ``vision-server
+    caption`` wrote with the source (``test:tiny``) still counts as done on a rerun."""
+    root = tmp_path / "data"
+    for seed, name in enumerate(("a.png", "b.png")):
+        save_image(root / name, seed)
+    (tmp_path / "server").mkdir()
+    with tiny_server(
+        tmp_path / "server", cache, "--model", "tiny=test:tiny", "--max-new-tokens", "8"
+    ) as server:
+        url = server.wait_listening(timeout=90)
+        client_rows = tmp_path / "client.jsonl"
+        result = run_tool(
+            "vision-client folder",
+            root,
+            url=url,
+            cache=cache,
+            tmp=tmp_path,
+            options=("--jsonl", str(client_rows)),
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        server.stop()
+    assert {row["model"] for row in jsonl_rows(client_rows)} == {"tiny"}
+
+    offline_rows = tmp_path / "offline.jsonl"
+    old_row = {
+        "source": str(root),
+        "key": "a.png",
+        "task": "<CAPTION>",
+        "caption": "written before",
+        "model": "test:tiny",
+        "adapter": None,
+    }
+    offline_rows.write_text(json.dumps(old_row) + "\n", encoding="utf-8")
+    result = run_tool(
+        "vision-server caption",
+        root,
+        url="",
+        cache=cache,
+        tmp=tmp_path,
+        model="tiny=test:tiny",
+        options=("--jsonl", str(offline_rows)),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = jsonl_rows(offline_rows)
+    assert [(row["key"], row["model"]) for row in rows] == [("a.png", "test:tiny"), ("b.png", "tiny")]
+
+
+def jsonl_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]

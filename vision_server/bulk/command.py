@@ -229,7 +229,9 @@ def _outputs(
     request: CaptionRequest, settings: Settings, tasks: tuple[str, ...], sidecars: bool
 ) -> list[Output]:
     spec = settings.default_model_spec
-    facts = RowFacts(tasks, spec.source, spec.adapter)
+    # Rows name the model as vision-client folder's rows do: by its served name (NAME of
+    # --model NAME=SOURCE; an unnamed model's name is its source). Resuming never reads it.
+    facts = RowFacts(tasks, spec.name, spec.adapter)
     try:
         ext = caption_suffix(request.ext)
     except ValueError as exc:

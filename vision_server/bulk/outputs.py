@@ -42,7 +42,7 @@ class RowFacts:
     """What every row says besides captions: which tasks the run asked for, model and adapter."""
 
     tasks: tuple[str, ...]
-    model: str
+    model: str  # the served name (``--model NAME=SOURCE``: NAME; an unnamed model: its source)
     adapter: str | None
 
 
