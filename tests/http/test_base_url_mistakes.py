@@ -3,7 +3,8 @@
 Tools build request URLs as ``base + "/chat/completions"`` (SillyTavern's Custom source, many
 OpenAI-compatible clients), so a base typed with a ``/`` at its end asks for
 ``/v1//chat/completions``, and a base ending in ``/v1`` given to a tool that adds its own asks
-for ``/v1/v1/...``. Both got a bare ``{"detail": "Not Found"}``, which SillyTavern shows as
+for ``/v1/v1/...``; the OpenAI base URL given to a native client asks for
+``/v1/process_image``. All got a bare ``{"detail": "Not Found"}``, which SillyTavern shows as
 "Failed to caption image" with nothing that points at the URL.
 """
 
@@ -62,9 +63,12 @@ async def test_native_paths_too_and_other_404s_stay_as_before(tmp_path: Path) ->
         running_server(Settings(cache_dir=tmp_path), FakeCaptioner()) as url,
         ClientSession() as session,
     ):
-        async with session.post(url + "//process_image", json={"image": "x"}) as response:
-            assert response.status == 404
-            assert "did you mean /process_image?" in (await response.json())["detail"]
+        # "//": a base URL ending in "/"; "/v1/": the OpenAI base URL given to a native client
+        # (vision-client --url http://host:54880/v1)
+        for path in ("//process_image", "/v1/process_image"):
+            async with session.post(url + path, json={"image": "x"}) as response:
+                assert response.status == 404
+                assert "did you mean /process_image?" in (await response.json())["detail"], path
         for path in ("/nowhere", "/v1/nowhere", "/v1//nowhere"):  # nothing served is near them
             async with session.get(url + path) as response:
                 assert response.status == 404 and await response.json() == {"detail": "Not Found"}, path

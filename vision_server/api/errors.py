@@ -118,18 +118,24 @@ async def meant_route(request: web.Request) -> tuple[AbstractRoute, str] | None:
     """The served route (and its path) an unmatched path was probably meant as, or None.
 
     Tools build their URLs as ``base + "/chat/completions"``, so a base URL with a ``/`` at its
-    end gives ``/v1//chat/completions``, and a base that already ends in ``/v1`` given to a tool
-    that adds its own gives ``/v1/v1/...``; the bare 404 said nothing about either.
+    end gives ``/v1//chat/completions``, a base that already ends in ``/v1`` given to a tool
+    that adds its own gives ``/v1/v1/...``, and the OpenAI base URL given to a native client
+    (``vision-client --url http://host:54880/v1``) gives ``/v1/process_image``; the bare 404
+    said nothing about any of them.
     """
     tidy = re.sub(r"/{2,}", "/", request.path)
     tidy = re.sub(r"^(?:/v1)+/", "/v1/", tidy)
     if len(tidy) > 1:
         tidy = tidy.rstrip("/")
-    if tidy == request.path:
-        return None
-    match = await request.app.router.resolve(request.clone(rel_url=tidy))
-    missing = match.http_exception
-    return (match.route, tidy) if missing is None or missing.status == 405 else None
+    candidates = [tidy] if tidy != request.path else []
+    if tidy.startswith("/v1/"):
+        candidates.append(tidy[len("/v1") :])
+    for path in candidates:
+        match = await request.app.router.resolve(request.clone(rel_url=path))
+        missing = match.http_exception
+        if missing is None or missing.status == 405:
+            return match.route, path
+    return None
 
 
 def _from_http_exception(exc: web.HTTPException) -> VisionServerError | None:
@@ -162,7 +168,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if meant is not None:
             error = NotFound(
                 f"Not Found: {request.path} is no route of this server; did you mean {meant[1]}? "
-                "Check the base URL the client was given (a '/' at its end, or /v1 twice)."
+                "Check the base URL the client was given (a '/' at its end, /v1 twice, or a /v1 "
+                "where none belongs)."
             )
         response = error_response(request, error, meant)
         if "Allow" in exc.headers:  # a 405 must say which methods the route takes
