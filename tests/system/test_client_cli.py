@@ -133,15 +133,25 @@ def test_unreachable_server_exits_1_with_a_clean_message(tmp_path: Path) -> None
     assert url in listed.stderr
 
 
-def test_folder_against_a_server_never_reached_stops_at_once(tmp_path: Path) -> None:
-    """The restart window is for a server that went away; a wrong URL still fails after --retries."""
+def test_folder_waits_for_a_server_not_up_yet_then_stops_after_the_window(tmp_path: Path) -> None:
+    """A server not started yet is waited for (--wait-for-server), as the folder scripts do; the
+    line names the URL, so a typo shows at once; after the window the run stops early."""
     for name in ("a.png", "b.png"):
         save_flat(tmp_path / name, (1, 2, 3), (32, 32))
-    result = run("--retries", "0", "folder", str(tmp_path), url=f"http://127.0.0.1:{free_port()}", timeout=30)
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run("--retries", "0", "folder", str(tmp_path), "--wait-for-server", "1", url=url, timeout=30)
     assert result.returncode == 1
+    assert f"server unreachable at {url} (not up yet?); waiting up to 1 s" in result.stderr
     assert "stopped early" in result.stderr and "cannot reach" in result.stderr
-    assert "waiting up to" not in result.stderr
     assert list(tmp_path.glob("*.txt")) == []
+
+
+def test_folder_with_a_host_name_that_does_not_resolve_stops_at_once(tmp_path: Path) -> None:
+    save_flat(tmp_path / "a.png", (1, 2, 3), (32, 32))
+    result = run("folder", str(tmp_path), url="http://no-such-host.invalid:54880", timeout=30)
+    assert result.returncode == 1
+    assert "the host name 'no-such-host.invalid' does not resolve" in result.stderr
+    assert "waiting up to" not in result.stderr
 
 
 # ---------------------------------------------------------------------------------------------
@@ -349,16 +359,30 @@ def test_folder_run_waits_while_a_proxy_has_no_server(tmp_path: Path) -> None:
     )
 
 
-def test_folder_run_behind_a_proxy_with_no_server_from_the_start_stops_at_once(tmp_path: Path) -> None:
-    """As a wrong --url: when only the proxy ever answered, the run stops after --retries."""
+def test_folder_run_waits_for_a_pool_that_is_down_at_the_start(tmp_path: Path) -> None:
+    """A proxy whose servers are all restarting when the run starts (HAProxy's own 503s): the run
+    waits for one to come up, as for a server that went away mid-run, and captions everything."""
+    images = [save_flat(tmp_path / f"img{i}.png", (i, 2, 3), (16, 16)) for i in range(3)]
+    with StandIn(outage_after=0, outage_seconds=2) as proxy:
+        result = run("--retries", "0", "folder", str(tmp_path), "-j", "1", url=proxy.url, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert "no server behind the proxy answers (HTTP 50" in result.stderr
+    assert f"at {proxy.url} (not up yet?); waiting up to 300 s" in result.stderr
+    assert "server back; going on" in result.stderr
+    assert all(
+        image.with_suffix(".txt").read_text(encoding="utf-8") == "stand-in caption" for image in images
+    )
+
+
+def test_folder_stops_at_once_on_a_404(tmp_path: Path, server: str) -> None:
+    """A --url with a path (or, on a server of several models, a --model it does not serve):
+    every image would fail alike, so the run stops instead of failing each one."""
     for name in ("a.png", "b.png", "c.png"):
         save_flat(tmp_path / name, (1, 2, 3), (16, 16))
-    with StandIn(outage_after=0, outage_seconds=120) as proxy:
-        result = run("--retries", "0", "folder", str(tmp_path), "-j", "1", url=proxy.url, timeout=60)
+    result = run("folder", str(tmp_path), "-j", "1", url=server + "/api", timeout=60)
     assert result.returncode == 1
     assert "stopped early, 2 images not attempted" in result.stderr
-    assert "a proxy answers at" in result.stderr and "but no server behind it does" in result.stderr
-    assert "waiting up to" not in result.stderr
+    assert "(HTTP 404): check --url (the server's base address) and --model" in result.stderr
     assert list(tmp_path.glob("*.txt")) == []
 
 

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import unquote, urlencode
+from urllib.parse import unquote, urlencode, urlsplit
 
 import aiohttp
 
 from vision_server import __version__
 from vision_server.client.errors import (
+    VisionAddressError,
     VisionClientError,
     VisionConnectionError,
     VisionHTTPError,
@@ -124,16 +125,16 @@ class AsyncVisionClient:
     """Caption images with a vision-server; use ``async with`` or call :meth:`close`.
 
     ``retries`` covers busy answers (429/502/503, honouring ``Retry-After``) and lost
-    connections. ``wait_for_server`` (seconds, default 0: off) is for long runs: once the server
-    has answered, losing it (a restart) pauses every request of this client until ``GET /health``
-    gets an answer again, up to that many seconds, and then sends the interrupted requests
-    again; only after that window do they fail with :class:`VisionConnectionError`. Behind a
-    proxy a restart reads as the proxy's own 502/503 (no ``Retry-After``, no JSON): once
-    ``retries`` are used up on those, the request waits the same way, until ``/health`` answers
-    other than 502/503/504. If only the proxy ever answered, it fails with
-    :class:`VisionConnectionError` at once, as an unreachable server does.
-    ``on_server_wait`` gets the lines "server unreachable; waiting up to N s ..." and "server
-    back; going on" (default: a warning on the ``vision_server.client`` logger).
+    connections. ``wait_for_server`` (seconds, default 0: off) is for long runs: a server that
+    cannot be reached (not started yet, or a restart mid-run) pauses every request of this
+    client until ``GET /health`` gets an answer again, up to that many seconds, and then sends
+    the interrupted requests again; only after that window do they fail with
+    :class:`VisionConnectionError`. Behind a proxy an outage reads as the proxy's own 502/503
+    (no ``Retry-After``, no JSON): once ``retries`` are used up on those, the request waits the
+    same way, until ``/health`` answers other than 502/503/504. A host name that does not
+    resolve (:class:`VisionAddressError`) and TLS trouble (:class:`VisionTLSError`) are never
+    waited for. ``on_server_wait`` gets the lines "server unreachable; waiting up to N s ..."
+    and "server back; going on" (default: a warning on the ``vision_server.client`` logger).
     """
 
     def __init__(
@@ -240,10 +241,10 @@ class AsyncVisionClient:
         while True:
             try:
                 return await self._attempt(method, url, payload)
-            except VisionTLSError:
-                raise  # the same certificate or port answers the same way on every try
+            except (VisionTLSError, VisionAddressError):
+                raise  # the same certificate, port or host name answers the same way on every try
             except VisionConnectionError as error:
-                if self._server_wait is not None and self._reached:
+                if self._server_wait is not None:
                     # The request may have been lost with the connection; sending it again is safe
                     # (captions are only stored from answers), so wait with the others, then resend.
                     if outages >= MAX_OUTAGES_PER_REQUEST:
@@ -252,7 +253,7 @@ class AsyncVisionClient:
                             f"request (does the server crash on it?): {error}"
                         ) from error
                     outages += 1
-                    if await self._server_wait.wait():
+                    if await self._server_wait.wait(self._outage("server unreachable")):
                         continue
                     raise VisionConnectionError(
                         f"{error} (waited {self._server_wait.window:g} s for the server to come back)"
@@ -278,20 +279,23 @@ class AsyncVisionClient:
         """A proxy kept answering that no server behind it does: wait with the others for one
         to come back (returns), or raise what stops the run."""
         assert self._server_wait is not None
-        if not self._reached:  # a pool that is down at the start, or a --url that is not ours
-            raise VisionConnectionError(
-                f"{error}: a proxy answers at {self.base_url}, but no server behind it does"
-            ) from error
         if outages >= MAX_OUTAGES_PER_REQUEST:
             raise VisionClientError(
                 f"the server behind {self.base_url} went away {outages + 1} times around this "
                 f"request (does it crash on it?): {error}"
             ) from error
-        if not await self._server_wait.wait(f"no server behind the proxy answers (HTTP {error.status})"):
+        if not await self._server_wait.wait(
+            self._outage(f"no server behind the proxy answers (HTTP {error.status})")
+        ):
             raise VisionConnectionError(
                 f"{error} (no server behind the proxy at {self.base_url} came back within "
                 f"{self._server_wait.window:g} s)"
             ) from error
+
+    def _outage(self, what: str) -> str:
+        """How a wait starts: "not up yet" before the server ever answered (it may be starting,
+        or the URL may be wrong: the line names it), else a server that went away."""
+        return what if self._reached else f"{what} at {self.base_url} (not up yet?)"
 
     async def _server_answers(self) -> bool:
         """Whether the server is back (the probe of a :class:`ServerWait`): any HTTP answer
@@ -322,6 +326,11 @@ class AsyncVisionClient:
             raise VisionConnectionError(f"cannot connect to {self.base_url}: {exc}") from exc
         except aiohttp.ClientSSLError as exc:
             raise VisionTLSError(tls_failure(self.base_url, exc)) from exc
+        except aiohttp.ClientConnectorDNSError as exc:
+            host = urlsplit(self.base_url).hostname
+            raise VisionAddressError(
+                f"cannot reach {self.base_url}: the host name {host!r} does not resolve"
+            ) from exc
         except asyncio.TimeoutError:
             raise VisionTimeoutError(f"no answer from {url} within {self._timeout.total} s") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:

@@ -186,11 +186,13 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
     default=300.0,
     show_default=True,
     metavar="SECONDS",
-    help="When the server goes away mid-run (a restart, a deploy; behind a proxy, the proxy's own "
-    "502/503 without Retry-After once --retries are used up), pause all requests and wait up "
-    "to SECONDS for it to answer again, then resend the images that were in flight. After that "
-    "the run stops early and says how many images were not attempted (run it again to resume). "
-    "0: give up after --retries. A server that never answered (a wrong --url) fails after --retries.",
+    help="When the server cannot be reached (not up yet at the start, or gone mid-run: a restart, "
+    "a deploy; behind a proxy, the proxy's own 502/503 without Retry-After once --retries are "
+    "used up), pause all requests and wait up to SECONDS for it to answer, then send the images "
+    "that were in flight again. After that the run stops early and says how many images were "
+    "not attempted (run it again to resume). 0: give up after --retries. A host name that does "
+    "not resolve, TLS trouble and a 404 (no vision-server at --url, or an unknown --model) stop "
+    "the run at once.",
 )
 @click.pass_context
 def folder(

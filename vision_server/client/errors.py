@@ -23,6 +23,11 @@ class VisionTLSError(VisionConnectionError):
     """
 
 
+class VisionAddressError(VisionConnectionError):
+    """The server's host name does not resolve: a wrong ``--url`` more often than an outage, so it
+    is never waited for (the other connection failures are, with ``wait_for_server``)."""
+
+
 class VisionTimeoutError(VisionClientError):
     """The server did not answer within the client's timeout."""
 

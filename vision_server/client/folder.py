@@ -234,9 +234,12 @@ class _FolderRun:
             self.summary.aborted = f"the server refused the API key: {_describe(exc)}"
             return ImageResult(job.image, "failed", reason=_describe(exc))
         except RequestRejected as exc:
-            if exc.status != 400 or not exc.detail.startswith("Invalid prompt"):
-                return ImageResult(job.image, "failed", reason=_describe(exc))
-            self.summary.aborted = f"the server refused the task: {_describe(exc)}"
+            if exc.status == 404:  # no vision-server at this address, or a model it does not serve
+                self.summary.aborted = (
+                    f"{_describe(exc)}: check --url (the server's base address) and --model"
+                )
+            elif exc.status == 400 and exc.detail.startswith("Invalid prompt"):
+                self.summary.aborted = f"the server refused the task: {_describe(exc)}"
             return ImageResult(job.image, "failed", reason=_describe(exc))
         except (VisionClientError, OSError, UnicodeError) as exc:
             return ImageResult(job.image, "failed", reason=_describe(exc))
