@@ -42,6 +42,32 @@ async def test_native_route_needs_the_key(keyed: Settings) -> None:
             assert r.status == 200 and (await r.json())["result"]  # a real caption
 
 
+@pytest.mark.parametrize(
+    ("headers", "says"),
+    [
+        ({}, "Missing API key: send the header 'Authorization: Bearer <api key>'."),
+        ({"Authorization": KEY}, "lacks the 'Bearer ' before the key"),  # the key alone
+        ({"Authorization": "Basic dXNlcjpzM2NyZXQ="}, "holds 'Basic' credentials"),
+        ({"Authorization": "Bearer "}, "says 'Bearer' but holds no key"),  # SillyTavern, no key saved
+        ({"X-API-Key": KEY}, "reads the key from Authorization, not X-API-Key"),
+        ({"api-key": KEY}, "reads the key from Authorization, not Api-Key"),  # Azure OpenAI's header
+    ],
+)
+async def test_a_key_sent_the_wrong_way_is_named(tmp_path: Path, headers: dict[str, str], says: str) -> None:
+    """A key that is there but not as 'Authorization: Bearer KEY' was 'Missing API key', which
+    sends the user looking for a key they already gave; the message now says what is wrong."""
+    settings = Settings(cache_dir=tmp_path, api_key=KEY, admin_key="admin-key")
+    async with client_for(settings, FakeCaptioner()) as session:
+        async with session.get("/v1/models", headers=headers) as r:
+            assert r.status == 401 and r.headers["WWW-Authenticate"] == 'Bearer realm="vision-server"'
+            message = (await r.json())["error"]["message"]
+        assert says in message and "'Authorization: Bearer <api key>'" in message
+        assert KEY not in message  # never echoed
+        async with session.post("/v1/model/unload", headers={"Authorization": "admin-key"}) as r:
+            assert r.status == 401  # the admin key without its scheme: named the same way
+            assert "lacks the 'Bearer ' before the key" in (await r.json())["error"]["message"]
+
+
 async def test_each_family_answers_401_in_its_own_shape(keyed: Settings) -> None:
     async with client_for(keyed) as session:
         async with session.get("/v1/models") as r:

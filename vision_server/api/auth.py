@@ -83,6 +83,31 @@ def key_matches(token: str | None, key: bytes | None) -> bool:
     return token is not None and key is not None and hmac.compare_digest(token_bytes(token), key)
 
 
+OTHER_KEY_HEADERS = ("X-API-Key", "Api-Key")  # where some tools put a key (Azure OpenAI: api-key)
+
+
+def no_key(request: web.Request, what: str = "API key") -> str:
+    """Why no bearer token was found, and the header that would carry one.
+
+    A header that is there but not in the ``Bearer`` form (a bare key, ``Basic`` credentials,
+    ``Bearer`` with nothing after it, a key in ``X-API-Key``) is named as such: "missing" alone
+    sends the user looking for a key they already set.
+    """
+    send = f"send the header 'Authorization: Bearer <{what.lower()}>'"
+    header = request.headers.get("Authorization", "").strip()
+    scheme, _, rest = header.partition(" ")
+    if header and scheme.lower() == "bearer" and not rest.strip():
+        return f"Missing {what}: the Authorization header says 'Bearer' but holds no key; {send}."
+    if header and rest and scheme.isalpha():
+        return f"Missing {what}: the Authorization header holds '{scheme}' credentials; {send}."
+    if header:
+        return f"Missing {what}: the Authorization header lacks the 'Bearer ' before the key; {send}."
+    other = next((name for name in OTHER_KEY_HEADERS if name in request.headers), None)
+    if other is not None:
+        return f"Missing {what}: this server reads the key from Authorization, not {other}; {send}."
+    return f"Missing {what}: {send}."
+
+
 def wrong_key(token: str) -> str:
     """The refusal of a wrong key, naming the likely cause when the header is not even UTF-8."""
     try:
@@ -121,7 +146,7 @@ def check_api_key(request: web.Request, *, even_on_open_routes: bool = False) ->
     if key_matches(token, keys.api) or key_matches(token, keys.admin):
         return
     if token is None:
-        raise Unauthorized("Missing API key: send the header 'Authorization: Bearer <key>'.")
+        raise Unauthorized(no_key(request))
     raise Unauthorized(wrong_key(token))
 
 
@@ -146,7 +171,7 @@ def check_admin(request: web.Request) -> None:
     if key_matches(token, keys.admin):
         return
     if token is None:
-        raise Unauthorized("Admin key required: send the header 'Authorization: Bearer <admin key>'.")
+        raise Unauthorized(no_key(request, "admin key"))
     raise Forbidden("This key may not load or unload the model; use the admin key.")
 
 
