@@ -256,6 +256,34 @@ def test_several_tasks_in_one_pass(tmp_path: Path, cache: Path) -> None:
         assert rows[key]["tasks"] == ["<GENERATE_TAGS>", "<CAPTION>"]
 
 
+def test_a_run_that_would_mix_row_shapes_in_an_output_is_refused(tmp_path: Path, cache: Path) -> None:
+    """Rows of one task (task, caption) and of several (tasks, a field per task) never share a
+    file: a run that would add the other shape stops before any work, says why and what to do.
+    (Parquet outputs, and the other direction in detail: tests/unit/test_bulk_stages.py.)"""
+    root = tmp_path / "data"
+    good_images(root, 2)
+    out, table = tmp_path / "c.jsonl", tmp_path / "c.parquet"
+    first = run(tmp_path, cache, root, *FAST, "--task", "caption", "--jsonl", out, "--parquet", table)
+    assert first.returncode == 0, first.stderr
+    before = out.read_bytes(), table.read_bytes()
+    two_tasks = ("--task", "caption", "--task", "generate_tags")
+    mixed = run(tmp_path, cache, root, *FAST, *two_tasks, "--jsonl", out, "--parquet", table)
+    assert mixed.returncode == 2, mixed.stderr
+    assert f"{out} holds rows of one task each (<CAPTION>: fields task and caption)" in mixed.stderr
+    assert "Add a task to it with a run of that task alone (one --task), or write" in mixed.stderr
+    assert (out.read_bytes(), table.read_bytes()) == before
+    assert not tmp_files(tmp_path)
+    # A file of several-task rows refuses a one-task run the same way, naming the tasks that wrote it.
+    several = tmp_path / "several.jsonl"
+    row = {"source": str(root), "key": "x.png", "tasks": ["<CAPTION>", "<GENERATE_TAGS>"], "caption": "a"}
+    several.write_text(
+        json.dumps({**row, "generate_tags": "b", "model": "test:tiny"}) + "\n", encoding="utf-8"
+    )
+    refused = run(tmp_path, cache, root, *FAST, "--task", "caption", "--jsonl", several, "--dry-run")
+    assert refused.returncode == 2, refused.stderr
+    assert "Run with the tasks that wrote it (--task caption --task generate_tags)" in refused.stderr
+
+
 # --- Parquet and WebDataset inputs ---------------------------------------------------------------
 
 

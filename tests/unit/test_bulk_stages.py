@@ -8,6 +8,7 @@ import os
 import tarfile
 from pathlib import Path
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tests.support.bulk_data import picture
@@ -189,3 +190,35 @@ def test_sidecars_put_only_the_models_line_breaks_on_one_line(tmp_path: Path) ->
     record = Record(str(tmp_path), "cat.png", path=image)
     Sidecars(style).write(record, {"<CAPTION>": "a cat.\r\nIt sleeps.\rZzz\nend"}, None)
     assert (tmp_path / "cat.txt").read_bytes() == b"old one\nold two\nohwx\na cat. It sleeps. Zzz end !"
+
+
+def test_table_outputs_note_the_row_shape_they_hold_and_refuse_the_other(tmp_path: Path) -> None:
+    """One-task rows refuse a run of several tasks and several-task rows a run of one; an empty
+    output and one that already holds both shapes (an older version's) take either."""
+    one = {"source": "d", "key": "a.png", "task": "<CAPTION>", "caption": "a cat", "model": "m"}
+    several = {
+        "source": "d",
+        "key": "b.png",
+        "tasks": ["<CAPTION>", "<ANALYZE>"],
+        "caption": "x",
+        "analyze": "y",
+    }
+    table = tmp_path / "one.parquet"
+    pq.write_table(pa.Table.from_pylist([one]), table)
+    parquet = ParquetOutput(table, FACTS)
+    assert parquet.shapes.refusal(table, ["<CAPTION>"]) is None
+    assert "holds rows of one task each (<CAPTION>:" in (
+        parquet.shapes.refusal(table, ["<CAPTION>", "<ANALYZE>"]) or ""
+    )
+    lines = tmp_path / "several.jsonl"
+    lines.write_text(json.dumps(several) + "\n", encoding="utf-8")
+    jsonl = JsonlOutput(lines, FACTS)
+    assert jsonl.shapes.refusal(lines, ["<CAPTION>", "<ANALYZE>"]) is None
+    assert "(--task caption --task analyze)" in (jsonl.shapes.refusal(lines, ["<CAPTION>"]) or "")
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps(one) + "\n" + json.dumps(several) + "\n", encoding="utf-8")
+    for tasks in (["<CAPTION>"], ["<CAPTION>", "<ANALYZE>"]):
+        assert JsonlOutput(both, FACTS).shapes.refusal(both, tasks) is None
+        assert (
+            JsonlOutput(tmp_path / "new.jsonl", FACTS).shapes.refusal(tmp_path / "new.jsonl", tasks) is None
+        )

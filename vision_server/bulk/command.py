@@ -236,14 +236,21 @@ def _outputs(
         ext = caption_suffix(request.ext)
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
-    tables: list[Output] = []
+    read_back: list[tuple[Path, JsonlOutput | ParquetOutput]] = []
     try:
         if request.jsonl is not None:
-            tables.append(JsonlOutput(request.jsonl, facts))
+            read_back.append((request.jsonl, JsonlOutput(request.jsonl, facts)))
         if request.parquet is not None:
-            tables.append(ParquetOutput(request.parquet, facts, sweep=not request.dry_run))
+            read_back.append(
+                (request.parquet, ParquetOutput(request.parquet, facts, sweep=not request.dry_run))
+            )
     except Exception as exc:  # an existing output we cannot read back cannot be resumed safely
         raise click.UsageError(f"cannot read the existing output to resume from it: {exc}") from None
+    for path, table in read_back:  # nothing is written yet: JSONL and journal open on the first row
+        problem = table.shapes.refusal(path, tasks)
+        if problem is not None:
+            raise click.UsageError(problem)
+    tables: list[Output] = [table for _, table in read_back]
     if request.prefix or request.suffix:  # sidecars put them around the caption themselves
         tables = [_Wrapped(output, request.prefix, request.suffix) for output in tables]
     if not sidecars:

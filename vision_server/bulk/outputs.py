@@ -89,6 +89,51 @@ def recorded(rows: Iterable[Any]) -> dict[str, set[str]]:
     return done
 
 
+class RowShapes:
+    """The row shapes an existing output holds (one task: ``task``/``caption``; several:
+    ``tasks`` and a field per task) and the tasks of each, noted while its rows are read back.
+
+    A run whose rows would have the other shape is refused before any work: a reader of the file
+    (a training script, ``pandas.read_json``) expects one shape, and a Parquet table would get
+    half-empty columns. A file that already holds both (written by an older version) is left to
+    resume as it is.
+    """
+
+    def __init__(self) -> None:
+        self.one: dict[str, None] = {}  # the tasks of one-task rows, in the order first seen
+        self.several: dict[tuple[str, ...], None] = {}  # the task lists of several-task rows
+
+    def note(self, rows: Iterable[Any]) -> Iterator[Any]:
+        """``rows`` unchanged, noting each row's shape on the way."""
+        for row in rows:
+            if isinstance(row, dict):
+                tasks, task = row.get("tasks"), row.get("task")
+                if isinstance(tasks, list):
+                    self.several.setdefault(tuple(str(name) for name in tasks), None)
+                elif isinstance(task, str):
+                    self.one.setdefault(task, None)
+            yield row
+
+    def refusal(self, path: Path, tasks: Sequence[str]) -> str | None:
+        """Why a run of ``tasks`` may not add rows to ``path``, or None when it may."""
+        if len(tasks) > 1 and self.one and not self.several:
+            held = ", ".join(self.one)
+            return (
+                f"{path} holds rows of one task each ({held}: fields task and caption); this run's "
+                f"{len(tasks)} tasks would add rows of another shape (tasks, and a field per task) "
+                "beside them. Add a task to it with a run of that task alone (one --task), or write "
+                "the tasks to a new file."
+            )
+        if len(tasks) == 1 and self.several and not self.one:
+            held = " ".join(f"--task {task_slug(name)}" for name in next(iter(self.several)))
+            return (
+                f"{path} holds rows of several tasks (fields tasks, and one per task); this run's "
+                f"one task would add rows of another shape (task and caption) beside them. Run with "
+                f"the tasks that wrote it ({held}), or write to a new file."
+            )
+        return None
+
+
 class Output(Protocol):
     def missing(self, record: Record, tasks: Sequence[str]) -> list[str]: ...
 
@@ -208,9 +253,10 @@ def _ends_with_newline(path: Path) -> bool:
 class _TableOutput:
     """Shared by JSONL and Parquet: resume from what is recorded, write only what is missing."""
 
-    def __init__(self, facts: RowFacts, done: dict[str, set[str]]) -> None:
+    def __init__(self, facts: RowFacts, done: dict[str, set[str]], shapes: RowShapes | None = None) -> None:
         self.facts = facts
         self.done = done
+        self.shapes = shapes if shapes is not None else RowShapes()  # of the rows already there
 
     def missing(self, record: Record, tasks: Sequence[str]) -> list[str]:
         ident = identity(record)
@@ -231,7 +277,8 @@ class JsonlOutput(_TableOutput):
     def __init__(self, path: Path, facts: RowFacts) -> None:
         # A rerun reports a still-bad image again, but does not add the same error row again.
         self._errors: set[tuple[str, str]] = set()
-        super().__init__(facts, recorded(self._note_errors(read_jsonl(path))))
+        shapes = RowShapes()
+        super().__init__(facts, recorded(shapes.note(self._note_errors(read_jsonl(path)))), shapes)
         self._log = _LineLog(path)
 
     def write(self, record: Record, captions: Captions, error: str | None) -> None:
@@ -263,10 +310,11 @@ class ParquetOutput(_TableOutput):
         self.journal = path.with_name(f".{path.name}.journal.jsonl")
         # A run killed while folding left its temp file (as big as the table); a dry run keeps it.
         self.stale_temps_removed = sweep_fold_temps(path) if sweep else 0
-        done = recorded(_parquet_rows(path))
-        for task, idents in recorded(read_jsonl(self.journal)).items():
+        shapes = RowShapes()
+        done = recorded(shapes.note(_parquet_rows(path)))
+        for task, idents in recorded(shapes.note(read_jsonl(self.journal))).items():
             done.setdefault(task, set()).update(idents)
-        super().__init__(facts, done)
+        super().__init__(facts, done, shapes)
         self._log = _LineLog(self.journal)
 
     def write(self, record: Record, captions: Captions, error: str | None) -> None:
