@@ -398,7 +398,7 @@ while IFS= read -r -d '' img; do
 done < <(find "${find_args[@]}" | LC_ALL=C sort -z)
 total_found=${#found[@]}
 
-for img in "${found[@]}"; do
+for img in ${found[@]+"${found[@]}"}; do # (bash < 4.4 calls an empty array unbound)
     cap=${img%.*}.$ext
     # Images with the same stem (a.jpg, a.png) share one caption file, which a trainer would pair
     # with both: none of them is captioned, even when the caption file exists (as in vision-client
