@@ -13,6 +13,7 @@ import base64
 import http.client
 import io
 import json
+import os
 import ssl
 import time
 import urllib.error
@@ -34,6 +35,11 @@ TASKS = (
     "<MIXED_CAPTION_PLUS>",
 )
 RETRY_STATUSES = (429, 502, 503)
+URL_TIP = "The vision-server's base URL (host:port works too); empty: $VISION_HOST."
+API_KEY_TIP = (
+    "Better left empty: start ComfyUI with VISION_API_KEY set instead. A key typed here is saved "
+    "in the workflow and in the metadata of every image ComfyUI saves."
+)
 MAX_PARALLEL = 8  # requests in flight per batch; the server batches them on its GPU
 
 
@@ -46,10 +52,15 @@ class VisionServerCaption:
             "required": {
                 "image": ("IMAGE",),
                 "task": (list(TASKS), {"default": "<MORE_DETAILED_CAPTION>"}),
-                "server_url": ("STRING", {"default": DEFAULT_URL, "multiline": False}),
+                "server_url": (
+                    "STRING",
+                    {"default": DEFAULT_URL, "multiline": False, "tooltip": URL_TIP},
+                ),
             },
             "optional": {
-                "api_key": ("STRING", {"default": "", "multiline": False}),
+                # A key typed here is a widget value: ComfyUI saves it in the workflow and in
+                # every PNG it writes. Left empty, the key comes from ComfyUI's environment.
+                "api_key": ("STRING", {"default": "", "multiline": False, "tooltip": API_KEY_TIP}),
                 "timeout": ("INT", {"default": 600, "min": 1, "max": 3600, "step": 1}),
                 # which of the server's models captions; empty: the server's default model
                 "model": ("STRING", {"default": "", "multiline": False}),
@@ -99,9 +110,15 @@ def task_token(task: str) -> str:
 
 
 def server_base(server_url: str) -> str:
-    """The server's base URL: ``gpu-box:54880`` gets ``http://`` as in every other client."""
-    base = server_url.strip().rstrip("/")
+    """The server's base URL: ``gpu-box:54880`` gets ``http://`` as in every other client;
+    empty means ``$VISION_HOST``, else the default."""
+    base = (server_url.strip() or os.environ.get("VISION_HOST", "").strip() or DEFAULT_URL).rstrip("/")
     return base if "://" in base else f"http://{base}"
+
+
+def api_key_for(api_key: str) -> str:
+    """The node's key, else ``$VISION_API_KEY`` (kept out of the workflow and image metadata)."""
+    return api_key.strip() or os.environ.get("VISION_API_KEY", "").strip()
 
 
 def request_caption(
@@ -123,8 +140,9 @@ def request_caption(
         fields["model"] = model.strip()
     body = json.dumps(fields).encode()
     headers = {"Content-Type": "application/json"}
-    if api_key.strip():
-        headers["Authorization"] = f"Bearer {api_key.strip()}"
+    key = api_key_for(api_key)
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
     for attempt in range(retries + 1):
         request = urllib.request.Request(url, data=body, headers=headers, method="POST")
         try:
@@ -132,6 +150,8 @@ def request_caption(
                 return _caption_of(response.read(), base)
         except urllib.error.HTTPError as exc:
             detail = _detail(exc.read())
+            if exc.code == 401:  # say where this node takes the key from
+                detail += " (start ComfyUI with VISION_API_KEY set, or fill in the node's api_key)"
             if exc.code not in RETRY_STATUSES or attempt == retries:
                 raise RuntimeError(f"vision-server at {base} answered {exc.code}: {detail}") from None
             time.sleep(_retry_delay(exc.headers.get("Retry-After"), attempt))

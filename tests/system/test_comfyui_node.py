@@ -230,6 +230,48 @@ def test_unreachable_server(node: ModuleType, monkeypatch: pytest.MonkeyPatch) -
         node.request_caption(b"png", "<CAPTION>", "http://127.0.0.1:1", timeout=2)
 
 
+def test_key_and_url_from_the_environment(
+    node: ModuleType, server: tuple[str, Recorder], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A key typed into the node is saved in the workflow and in every PNG ComfyUI writes, so the
+    node takes it from VISION_API_KEY when its field is empty (and the URL from VISION_HOST), as
+    every other client does."""
+    url, recorder = server
+    monkeypatch.setenv("VISION_API_KEY", "env-key")
+    monkeypatch.setenv("VISION_HOST", url)
+    assert node.caption_batch(batch([3]), "<CAPTION>", "") == ["<CAPTION> r=3"]
+    assert node.caption_batch(batch([4]), "<CAPTION>", url, api_key="typed-key") == ["<CAPTION> r=4"]
+    assert [h.get("Authorization") for h in recorder.headers] == ["Bearer env-key", "Bearer typed-key"]
+    monkeypatch.delenv("VISION_API_KEY")
+    node.caption_batch(batch([5]), "<CAPTION>", url)
+    assert "Authorization" not in recorder.headers[-1]
+    tip = node.VisionServerCaption.INPUT_TYPES()["optional"]["api_key"][1]["tooltip"]
+    assert "VISION_API_KEY" in tip and "metadata" in tip
+
+
+def test_refused_key_says_where_the_node_takes_it_from(node: ModuleType) -> None:
+    class Refusing(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["Content-Length"]))
+            body = json.dumps({"detail": "Missing API key: send the header ..."}).encode()
+            self.send_response(401)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(RuntimeError, match=r"answered 401: Missing API key.*VISION_API_KEY"):
+            node.request_caption(b"png", "<CAPTION>", f"http://127.0.0.1:{httpd.server_address[1]}")
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @pytest.fixture
 def dropping() -> Iterator[tuple[str, Recorder]]:
     """A port that reads each request, then closes the connection without an answer (a server
