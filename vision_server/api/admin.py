@@ -8,6 +8,8 @@ one to act on (a served name or source; 404 for any other); without it, the defa
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
@@ -15,6 +17,8 @@ from vision_server.api.auth import admin_only
 from vision_server.api.bodies import read_body, read_json_object
 from vision_server.api.model_choice import MODEL_PARAM, model_field, resolve_exact
 from vision_server.api.state import ENGINE
+from vision_server.engine.lifecycle import EngineStatus
+from vision_server.engine.scheduler import Engine
 from vision_server.errors import Draining
 
 
@@ -31,31 +35,33 @@ async def named_model(request: web.Request) -> str:
     return resolve_exact(request.app, model_field(value))
 
 
+AdminAction = Callable[[Engine, str], Awaitable[EngineStatus]]
+
+
+async def _act(request: web.Request, action: AdminAction) -> web.Response:
+    """Run one admin action on the model the request names; answer the engine status after it."""
+    model = await named_model(request)
+    _refuse_while_draining(request)
+    status = await action(request.app[ENGINE], model)
+    return web.json_response(status.as_dict())
+
+
 @admin_only
 async def load_model(request: web.Request) -> web.Response:
     """Load now (a no-op when loaded); 503 with the reason when the load fails."""
-    model = await named_model(request)
-    _refuse_while_draining(request)
-    status = await request.app[ENGINE].load(model)
-    return web.json_response(status.as_dict())
+    return await _act(request, Engine.load)
 
 
 @admin_only
 async def unload_model(request: web.Request) -> web.Response:
     """Unload once the batch running now (if any) is done; queued jobs load it again."""
-    model = await named_model(request)
-    _refuse_while_draining(request)
-    status = await request.app[ENGINE].unload(model)
-    return web.json_response(status.as_dict())
+    return await _act(request, Engine.unload)
 
 
 @admin_only
 async def offload_model(request: web.Request) -> web.Response:
     """Move the model to host memory now (the warm tier); 400 where there is none."""
-    model = await named_model(request)
-    _refuse_while_draining(request)
-    status = await request.app[ENGINE].offload(model)
-    return web.json_response(status.as_dict())
+    return await _act(request, Engine.offload)
 
 
 def setup(app: web.Application) -> list[AbstractRoute]:

@@ -17,12 +17,10 @@ from safetensors.torch import save_file
 from vision_server.errors import ModelSourceError
 from vision_server.florence.convert import (
     ADAPTER_WEIGHT_FILES,
-    CONVERSIONS,
     Layout,
-    discard,
-    prepare_destination,
     read_weight_file,
     rename_weights,
+    writing_into,
 )
 from vision_server.florence.layout import PEFT_PREFIX
 
@@ -41,17 +39,12 @@ def convert_adapter(adapter_dir: Path, dst: Path) -> Path:
     started = time.perf_counter()
     weights = adapter_weights_file(adapter_dir)
     state = rename_weights(read_weight_file(weights), adapter_dir, prefix=PEFT_PREFIX)
-    created = prepare_destination(dst)
-    try:
+    with writing_into(dst):
         for path in adapter_dir.iterdir():
             if path.is_file() and path.name not in ADAPTER_WEIGHT_FILES:
                 shutil.copy2(path, dst / path.name)
         tensors = {key: value.contiguous() for key, value in state.items()}
         save_file(tensors, str(dst / "adapter_model.safetensors"), metadata={"format": "pt"})
-    except BaseException:
-        discard(dst, created)
-        raise
-    CONVERSIONS.value += 1
     logger.info("converted adapter %s -> %s in %.2f s", adapter_dir, dst, time.perf_counter() - started)
     return dst
 

@@ -17,6 +17,8 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
@@ -148,18 +150,13 @@ def convert_checkpoint(src: Path, dst: Path) -> Path:
     if _layout_of(config, src) != "original":
         raise ConversionError(f"{src} is already in the native layout; load it directly, nothing to convert")
     _check_vision_config(config, src)
-    created = prepare_destination(dst)
-    try:
-        _convert_into(src, dst, config)
-    except OSError as error:
-        discard(dst, created)
-        raise ConversionError(
-            f"converting {src} into {dst} failed ({error}); check permissions and free disk space"
-        ) from error
-    except BaseException:
-        discard(dst, created)
-        raise
-    CONVERSIONS.value += 1
+    with writing_into(dst):
+        try:
+            _convert_into(src, dst, config)
+        except OSError as error:
+            raise ConversionError(
+                f"converting {src} into {dst} failed ({error}); check permissions and free disk space"
+            ) from error
     logger.info("converted %s -> %s in %.1f s", src, dst, time.perf_counter() - started)
     return dst
 
@@ -177,6 +174,22 @@ def _convert_into(src: Path, dst: Path, config: dict[str, Any]) -> None:
     native_processor(src, tokenizer).save_pretrained(dst)
     for path in dst.iterdir():
         path.chmod(0o644)  # safetensors writes 0600; a shared cache must stay readable
+
+
+@contextmanager
+def writing_into(dst: Path) -> Iterator[None]:
+    """Write a conversion into ``dst`` (new or empty): all of it, or on any failure nothing.
+
+    Both converters go through here so that the no-half-written-output rule and the count of
+    conversions run (`CONVERSIONS`) cannot drift apart.
+    """
+    created = prepare_destination(dst)
+    try:
+        yield
+    except BaseException:
+        discard(dst, created)
+        raise
+    CONVERSIONS.value += 1
 
 
 def prepare_destination(dst: Path) -> bool:
