@@ -21,18 +21,9 @@ from aiohttp import web
 from tests.support.images import save_flat
 from tests.support.leftovers import OLD, YOUNG, caption_temp
 from tests.support.processes import ServerProcess, free_port
-from tests.support.stand_in import StandIn
+from tests.support.stand_in import PROMPTS, StandIn
 
 CLI = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or shutil.which("vision-client")
-TASKS = [
-    "<GENERATE_TAGS>",
-    "<CAPTION>",
-    "<DETAILED_CAPTION>",
-    "<MORE_DETAILED_CAPTION>",
-    "<ANALYZE>",
-    "<MIXED_CAPTION>",
-    "<MIXED_CAPTION_PLUS>",
-]
 
 pytestmark = pytest.mark.skipif(CLI is None, reason="the vision-client console script is not installed")
 
@@ -161,7 +152,7 @@ def test_folder_with_a_host_name_that_does_not_resolve_stops_at_once(tmp_path: P
 def test_info_commands(server: str) -> None:
     prompts = run("prompts", env={"VISION_HOST": server})
     assert prompts.returncode == 0, prompts.stderr
-    assert prompts.stdout.splitlines() == TASKS
+    assert prompts.stdout.splitlines() == PROMPTS
     model = run("model", url=server)
     assert (model.returncode, model.stdout.strip()) == (0, "test:tiny")
     status = run("status", url=server.removeprefix("http://"))  # host:port works too

@@ -11,7 +11,6 @@ grammar and checked against the scripts' parameters everywhere, and run too wher
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
@@ -27,6 +26,7 @@ from PIL import Image
 
 from tests.support import paths
 from tests.support.api import json_documents
+from tests.support.scripts import import_file
 
 REPO = paths.REPO
 DEFAULT_URL = "http://127.0.0.1:54880"
@@ -200,20 +200,14 @@ def test_bash_and_python_examples(sandbox: Sandbox) -> None:
 
     # The installed ComfyUI node loads the way ComfyUI loads it, and captions through the server.
     node_dir = sandbox.home / "ComfyUI" / "custom_nodes" / "vision-server-caption"
-    spec = importlib.util.spec_from_file_location(
-        "docs_installed_node", node_dir / "__init__.py", submodule_search_locations=[str(node_dir)]
-    )
-    assert spec is not None and spec.loader is not None
-    package = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = package
     try:
-        spec.loader.exec_module(package)
+        package = import_file(node_dir / "__init__.py", "docs_installed_node", package=True)
         node = package.NODE_CLASS_MAPPINGS["VisionServerCaption"]()
         batch = np.random.default_rng(3).random((2, 32, 32, 3), dtype=np.float32)
         joined, captions = getattr(node, node.FUNCTION)(batch, "<CAPTION>", sandbox.url)
         assert len(captions) == 2 and all(captions) and joined == "\n".join(captions)
     finally:
-        for name in [name for name in sys.modules if name.startswith(spec.name)]:
+        for name in [name for name in sys.modules if name.startswith("docs_installed_node")]:
             del sys.modules[name]
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import ast
 import base64
-import importlib.util
 import io
 import json
 import socket
@@ -28,6 +27,8 @@ import pytest
 from PIL import Image
 
 from tests.support import paths
+from tests.support.scripts import import_file
+from tests.support.stand_in import PROMPTS
 from tests.support.tls import self_signed
 
 NODE_DIR = paths.CLIENTS / "comfyui"
@@ -36,15 +37,7 @@ NODE_DIR = paths.CLIENTS / "comfyui"
 @pytest.fixture(scope="module")
 def package() -> ModuleType:
     """Import ``clients/comfyui`` under an unrelated name, as ComfyUI's loader does."""
-    name = "vision_server_caption_node_under_test"
-    spec = importlib.util.spec_from_file_location(
-        name, NODE_DIR / "__init__.py", submodule_search_locations=[str(NODE_DIR)]
-    )
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
+    return import_file(NODE_DIR / "__init__.py", "vision_server_caption_node_under_test", package=True)
 
 
 @pytest.fixture(scope="module")
@@ -131,15 +124,7 @@ def test_registers_the_node(package: ModuleType) -> None:
     inputs = cls.INPUT_TYPES()
     assert inputs["required"]["image"] == ("IMAGE",)
     tasks, options = inputs["required"]["task"]
-    assert tasks == [
-        "<GENERATE_TAGS>",
-        "<CAPTION>",
-        "<DETAILED_CAPTION>",
-        "<MORE_DETAILED_CAPTION>",
-        "<ANALYZE>",
-        "<MIXED_CAPTION>",
-        "<MIXED_CAPTION_PLUS>",
-    ]
+    assert tasks == PROMPTS  # the PromptGen v2.0 task list, as the server lists it
     assert options["default"] in tasks
     assert inputs["required"]["server_url"][1]["default"] == "http://127.0.0.1:54880"
     assert "api_key" in inputs["optional"]

@@ -8,32 +8,21 @@ Afterwards the server must still caption a good image, and its log must hold no 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from collections import Counter
 from collections.abc import Iterator
-from types import ModuleType
 
 import pytest
 
 from tests.support import paths
 from tests.support.api import tiny_cache_dir
 from tests.support.processes import ServerProcess, tiny_server
+from tests.support.scripts import import_file
 
 FUZZ = paths.BENCHMARKS / "fuzz.py"
 EXAMPLES = 300
 
 
-def load_fuzz() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("fuzz", FUZZ)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("fuzz", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-fuzz = load_fuzz()
+fuzz = import_file(FUZZ, "fuzz")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ pickers (Try it, the gallery) caption with the chosen model.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import re
 import subprocess
@@ -24,6 +23,7 @@ from tests.support.browser import chromium
 from tests.support.gallery_data import make_gallery
 from tests.support.images import image_bytes
 from tests.support.processes import ServerProcess, cli_command, http_json, server_env
+from tests.support.scripts import import_file
 
 if TYPE_CHECKING:
     from playwright.sync_api import Page
@@ -144,12 +144,7 @@ def test_the_bash_client_takes_a_model_by_option_or_environment(server: str, tmp
 
 def test_the_comfyui_node_takes_a_model(server: str) -> None:
     node_dir = Path(__file__).parents[2] / "clients" / "comfyui"
-    spec = importlib.util.spec_from_file_location(
-        "comfyui_node_model_choice", node_dir / "vision_caption_node.py"
-    )
-    assert spec is not None and spec.loader is not None
-    node = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(node)
+    node = import_file(node_dir / "vision_caption_node.py", "comfyui_node_model_choice")
     images = np.random.default_rng(9).random((2, 40, 48, 3), dtype=np.float32)
     pngs = [node.png_bytes(image) for image in images]
     captions = node.VisionServerCaption().caption(images, "<CAPTION>", server, timeout=60, model="blip")[1]

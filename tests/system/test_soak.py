@@ -6,7 +6,6 @@ Marked ``slow``: leave it out with ``pytest -m "not slow"``.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import pytest
 
 from tests.support import paths
 from tests.support.api import tiny_settings
+from tests.support.scripts import import_file
 
 SOAK = paths.BENCHMARKS / "soak.py"
 
@@ -24,19 +24,10 @@ pytestmark = [
 ]
 
 
-def load_soak() -> object:
-    spec = importlib.util.spec_from_file_location("soak", SOAK)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("soak", module)  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_soak_1000_requests_with_disconnects(
     tmp_path_factory: pytest.TempPathFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    soak = load_soak()
+    soak = import_file(SOAK, "soak")
     out = tmp_path / "soak.json"
     cache_dir = tiny_settings(tmp_path_factory).cache_dir
     code = soak.main(["--requests", "1000", "--cache-dir", str(cache_dir), "--json-out", str(out)])  # type: ignore[attr-defined]
