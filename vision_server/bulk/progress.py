@@ -7,11 +7,11 @@ printed as it happens with its path and reason, so nothing depends on reading th
 from __future__ import annotations
 
 import signal
-import sys
 import time
-from typing import IO, Any
+from typing import IO
 
 from vision_server.bulk.pipeline import Outcome, Summary
+from vision_server.progress_output import ProgressOutput
 
 
 def _rate(summary: Summary) -> float:
@@ -27,19 +27,12 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-class Progress:
+class Progress(ProgressOutput):
     """A tqdm bar when ``stream`` is a terminal, else a line every ``interval`` seconds."""
 
     def __init__(self, stream: IO[str] | None = None, *, interval: float = 10.0, bar: bool | None = None):
-        self.stream = stream or sys.stderr
-        self.interval = interval
+        super().__init__(stream, interval, bar=bar, unit="img", smoothing=0.05)
         self.total: int | None = None
-        self._bar: Any = None
-        self._next_line = time.monotonic() + interval
-        if bar if bar is not None else self.stream.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(file=self.stream, unit="img", dynamic_ncols=True, smoothing=0.05)
 
     def set_total(self, total: int) -> None:
         self.total = total
@@ -49,14 +42,13 @@ class Progress:
 
     def report(self, summary: Summary, outcome: Outcome, display: str, reason: str | None) -> None:
         if outcome == "failed":
-            self._print(f"failed: {display}: {reason}")
+            self.write(f"failed: {display}: {reason}")
         if self._bar is not None:
             self._bar.update(1)
             if outcome == "failed":
                 self._bar.set_postfix(failed=summary.failed, refresh=False)
-        elif time.monotonic() >= self._next_line:
-            self._next_line = time.monotonic() + self.interval
-            self._print(self.line(summary))
+        elif self.line_due():
+            self.write(self.line(summary))
 
     def line(self, summary: Summary) -> str:
         """``1200/5000 images (captioned 1180, skipped 12, failed 8), 9.8 img/s, ETA 6:28``."""
@@ -69,16 +61,6 @@ class Progress:
         if self.total is not None and rate > 0:
             text += f", ETA {_duration(max(0, self.total - summary.processed) / rate)}"
         return text
-
-    def _print(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
 
 
 def format_summary(summary: Summary) -> str:

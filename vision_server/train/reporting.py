@@ -4,10 +4,11 @@ TensorBoard or wandb when one of them is installed and chosen."""
 from __future__ import annotations
 
 import importlib.util
-import sys
 import time
 from pathlib import Path
 from typing import IO, Any
+
+from vision_server.progress_output import ProgressOutput
 
 
 class LoggerUnavailable(RuntimeError):
@@ -60,22 +61,15 @@ class Tracker:
             self._run.finish()
 
 
-class Progress:
+class Progress(ProgressOutput):
     """A tqdm bar on a terminal; elsewhere a plain line every ``interval`` seconds (and at the end)."""
 
     def __init__(self, total: int, initial: int = 0, stream: IO[str] | None = None, interval: float = 10.0):
-        self.stream = stream or sys.stderr
+        super().__init__(stream, interval, total=total, initial=initial, unit="step")
         self.total = total
         self.step = initial
-        self.interval = interval
         self._started = time.monotonic()
         self._first = initial
-        self._next_line = self._started + interval
-        self._bar: Any = None
-        if self.stream.isatty():
-            from tqdm import tqdm
-
-            self._bar = tqdm(total=total, initial=initial, file=self.stream, unit="step", dynamic_ncols=True)
 
     def rate(self) -> float:
         elapsed = time.monotonic() - self._started
@@ -86,16 +80,5 @@ class Progress:
         if self._bar is not None:
             self._bar.update(done)
             self._bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", refresh=False)
-        elif time.monotonic() >= self._next_line or step == self.total:
-            self._next_line = time.monotonic() + self.interval
+        elif self.line_due() or step == self.total:
             self.write(f"step {step}/{self.total}  loss {loss:.4f}  lr {lr:.2e}  {self.rate():.2f} steps/s")
-
-    def write(self, text: str) -> None:
-        if self._bar is not None:
-            self._bar.write(text, file=self.stream)
-        else:
-            print(text, file=self.stream, flush=True)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()

@@ -1,0 +1,38 @@
+"""The progress output both long commands share: bar on a terminal, timed plain lines elsewhere."""
+
+from __future__ import annotations
+
+import io
+
+from vision_server.bulk.progress import Progress as CaptionProgress
+from vision_server.progress_output import ProgressOutput
+from vision_server.train.reporting import Progress as TrainProgress
+
+
+def test_a_log_gets_plain_lines_only_when_one_is_due() -> None:
+    stream = io.StringIO()  # not a terminal: no bar
+    quiet = ProgressOutput(stream, interval=3600)
+    assert not quiet.line_due()
+    eager = ProgressOutput(stream, interval=0)
+    assert eager.line_due() and eager.line_due()
+    eager.write("one line")
+    eager.close()
+    assert stream.getvalue() == "one line\n"
+
+
+def test_with_a_bar_lines_are_never_due_and_text_goes_above_it() -> None:
+    stream = io.StringIO()
+    output = ProgressOutput(stream, interval=0, bar=True, total=3)
+    assert not output.line_due()
+    output.write("a message")
+    output.close()
+    assert "a message\n" in stream.getvalue()
+
+
+def test_both_commands_build_on_it() -> None:
+    stream = io.StringIO()
+    caption = CaptionProgress(stream, interval=0)
+    train = TrainProgress(total=4, stream=stream, interval=0)
+    assert isinstance(caption, ProgressOutput) and isinstance(train, ProgressOutput)
+    train.update(4, loss=0.5, lr=1e-4)
+    assert stream.getvalue().startswith("step 4/4  loss 0.5000  lr 1.00e-04")
