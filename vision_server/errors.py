@@ -12,6 +12,8 @@ class VisionServerError(Exception):
 
     status: int = 500
     code: str = "internal_error"
+    # The request field at fault, when known (OpenAI replies carry it as ``param``).
+    param: str | None = None
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)

@@ -19,6 +19,7 @@ from vision_server.api.served_model import note_served_model
 from vision_server.api.state import DECODER, ENGINE
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
 from vision_server.engine.jobs import JobLabels, Lane
+from vision_server.errors import VisionServerError
 
 
 async def caption_base64(
@@ -73,9 +74,11 @@ async def caption_all_base64(
     prompt: str | None = None,
     *,
     model: str | None = None,
+    where: Sequence[str] | None = None,
 ) -> list[Caption]:
     """Caption several images of one request, all or none: the first failure cancels the others
-    (their queued jobs leave the queue), so a 400 or 503 leaves no captions behind."""
+    (their queued jobs leave the queue), so a 400 or 503 leaves no captions behind. ``where``
+    names each image as the request does; a refusal of one image then names it (``param``)."""
     tasks = [
         asyncio.ensure_future(caption_base64(request, text, task, options, labels, prompt, model=model))
         for text in texts
@@ -84,12 +87,21 @@ async def caption_all_base64(
         done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         failed = next((t for t in tasks if t in done and not t.cancelled() and t.exception()), None)
         if failed is not None:
-            raise failed.exception()  # type: ignore[misc]
+            error = failed.exception()
+            if where is not None:
+                name_image(error, where[tasks.index(failed)])
+            raise error  # type: ignore[misc]
         return [t.result() for t in tasks]
     finally:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def name_image(error: BaseException | None, where: str) -> None:
+    """Say which image a client error is about (a bad or oversized image, not a full queue)."""
+    if isinstance(error, VisionServerError) and 400 <= error.status < 500 and error.param is None:
+        error.param = where
 
 
 async def _submit(request: web.Request, item: CaptionItem, labels: JobLabels, model: str | None) -> Caption:

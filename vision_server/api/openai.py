@@ -72,6 +72,7 @@ class ChatRequest:
     """What a chat completion request asks of a captioner."""
 
     images: tuple[str, ...]  # data URLs or bare base64, in message order
+    image_params: tuple[str, ...]  # where each one is, "messages[i].content[j].image_url"
     text: str  # the user's words about them
     options: GenerationOptions
     stream: bool
@@ -88,7 +89,8 @@ def parse_chat_request(
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidParameter("messages", "'messages' must be a non-empty list of chat messages.")
-    images, text = images_and_text(messages)
+    located, text = images_and_text(messages)
+    images = [value for value, _ in located]
     if len(images) > settings.max_images_per_request:
         raise InvalidParameter(
             "messages",
@@ -112,14 +114,22 @@ def parse_chat_request(
     include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
     stream = bool(as_bool("stream", body.get("stream")))
     return ChatRequest(
-        tuple(images), text, options, stream, include_usage, body.get("priority"), body.get("keep_alive")
+        tuple(images),
+        tuple(where for _, where in located),
+        text,
+        options,
+        stream,
+        include_usage,
+        body.get("priority"),
+        body.get("keep_alive"),
     )
 
 
-def images_and_text(messages: list[Any]) -> tuple[list[str], str]:
-    """Images of the last user message that has any, and the user text from there on."""
+def images_and_text(messages: list[Any]) -> tuple[list[tuple[str, str]], str]:
+    """Images of the last user message that has any (each with the ``param`` that names it), and
+    the user text from there on."""
     users = [_user_parts(index, message) for index, message in enumerate(messages)]
-    with_images = [index for index, parts in enumerate(users) if any(kind == "image" for kind, _ in parts)]
+    with_images = [index for index, parts in enumerate(users) if any(part[0] == "image" for part in parts)]
     if not with_images:
         raise InvalidParameter(
             "messages",
@@ -127,13 +137,13 @@ def images_and_text(messages: list[Any]) -> tuple[list[str], str]:
             '{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}.',
         )
     start = with_images[-1]
-    images = [value for kind, value in users[start] if kind == "image"]
-    texts = [value for parts in users[start:] for kind, value in parts if kind == "text"]
+    images = [(value, where) for kind, value, where in users[start] if kind == "image"]
+    texts = [value for parts in users[start:] for kind, value, _ in parts if kind == "text"]
     return images, "\n".join(texts)
 
 
-def _user_parts(index: int, message: Any) -> list[tuple[str, str]]:
-    """A user message as ("text" | "image", value) pairs; other roles give nothing."""
+def _user_parts(index: int, message: Any) -> list[tuple[str, str, str]]:
+    """A user message as ("text" | "image", value, where) triples; other roles give nothing."""
     if not isinstance(message, dict):
         raise InvalidParameter(f"messages[{index}]", f"messages[{index}] must be an object.")
     if message.get("role") != "user":
@@ -142,7 +152,7 @@ def _user_parts(index: int, message: Any) -> list[tuple[str, str]]:
     if content is None:
         return []
     if isinstance(content, str):
-        return [("text", content)]
+        return [("text", content, f"messages[{index}].content")]
     if not isinstance(content, list):
         raise InvalidParameter(
             f"messages[{index}].content", f"messages[{index}].content must be a string or a list of parts."
@@ -150,7 +160,7 @@ def _user_parts(index: int, message: Any) -> list[tuple[str, str]]:
     return [pair for number, part in enumerate(content) if (pair := _part(index, number, part))]
 
 
-def _part(index: int, number: int, part: Any) -> tuple[str, str] | None:
+def _part(index: int, number: int, part: Any) -> tuple[str, str, str] | None:
     where = f"messages[{index}].content[{number}]"
     if not isinstance(part, dict):
         raise InvalidParameter(where, f"{where} must be an object with a 'type'.")
@@ -159,9 +169,9 @@ def _part(index: int, number: int, part: Any) -> tuple[str, str] | None:
         text = part.get("text")
         if not isinstance(text, str):
             raise InvalidParameter(f"{where}.text", f"{where}.text must be a string.")
-        return ("text", text)
+        return ("text", text, f"{where}.text")
     if kind == "image_url":
-        return ("image", image_source(where, part.get("image_url")))
+        return ("image", image_source(where, part.get("image_url")), f"{where}.image_url")
     return None  # other part types (audio, files) carry nothing a captioner can use
 
 
@@ -195,6 +205,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
         return await stream_completion(
             request,
             chat.images,
+            chat.image_params,
             task,
             chat.options,
             labels,
@@ -203,7 +214,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             include_usage=chat.include_usage,
         )
     captions = await caption_all_base64(
-        request, chat.images, task, chat.options, labels, prompt, model=model.name
+        request, chat.images, task, chat.options, labels, prompt, model=model.name, where=chat.image_params
     )
     return web.json_response(Completion.of(model.name, captions).body())
 

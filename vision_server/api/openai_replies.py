@@ -30,7 +30,7 @@ def error_body(error: VisionServerError) -> dict[str, Any]:
         "error": {
             "message": error.message,
             "type": error_type(error.status, code),
-            "param": getattr(error, "param", None),
+            "param": error.param,
             "code": code,
         }
     }

@@ -20,7 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
-from vision_server.api.captioning import caption_all_base64, caption_base64
+from vision_server.api.captioning import caption_all_base64, caption_base64, name_image
 from vision_server.api.errors import REQUEST_ID
 from vision_server.api.openai_replies import Completion, error_body
 from vision_server.captioner import Caption, GenerationOptions
@@ -65,6 +65,7 @@ class EventStream:
 async def stream_completion(
     request: web.Request,
     images: tuple[str, ...],
+    where: tuple[str, ...],
     task: str,
     options: GenerationOptions,
     labels: JobLabels,
@@ -78,7 +79,9 @@ async def stream_completion(
     events = EventStream(request)
     head = Completion.started(model)
     if len(images) != 1:
-        captions = await caption_all_base64(request, images, task, options, labels, prompt, model=model)
+        captions = await caption_all_base64(
+            request, images, task, options, labels, prompt, model=model, where=where
+        )
         await events.send(*Completion.of(model, captions, like=head).chunks(include_usage))
         return await events.close()
     try:
@@ -90,6 +93,7 @@ async def stream_completion(
         return events.response
     except Exception as exc:
         if not events.opened:
+            name_image(exc, where[0])
             raise  # nothing sent yet: a plain HTTP error, as for any request
         await _end_with_error(request, events, exc)
         return await events.close()
