@@ -41,8 +41,8 @@ from transformers import (
     ViTImageProcessorPil,
 )
 
+from vision_server.testing._model_dir import new_model_dir, quiet_progress_bars
 from vision_server.testing._tokenizer import CAPTION_WORDS, train_bpe
-from vision_server.testing.tiny_model import _chmod_files, _prepare_empty_dir, _quiet_progress_bars
 
 SIDE = 32  # input images are SIDE x SIDE
 PATCH = 8
@@ -91,13 +91,11 @@ def build_generic_model(
     }
     if family not in builders:
         raise ValueError(f"unknown family {family!r}; choose one of {', '.join(FAMILIES)}")
-    out = Path(out_dir)
-    _prepare_empty_dir(out)
-    torch.manual_seed(seed)
-    with _quiet_progress_bars():
-        builders[family](out)
-    _drop_load_flags(out)
-    _chmod_files(out)
+    with new_model_dir(out_dir) as out:
+        torch.manual_seed(seed)
+        with quiet_progress_bars():
+            builders[family](out)
+        _drop_load_flags(out)
     return out
 
 

@@ -8,10 +8,7 @@ remote-code layout of PromptGen v2.0 so the converter can be tested end to end.
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -26,11 +23,11 @@ from transformers import (
     GenerationConfig,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import logging as hf_logging
 
 from vision_server.florence.layout import VOCAB_MULTIPLE, post_processor_config
 from vision_server.images import PixelSpec
 from vision_server.testing import _adapter, _original, _wordy
+from vision_server.testing._model_dir import new_model_dir, quiet_progress_bars
 from vision_server.testing._tokenizer import build_tokenizer, clean_saved_config
 
 Preset = Literal["tiny", "base", "large"]
@@ -99,16 +96,14 @@ def build_test_model(
     """
     _check_choices(preset, fmt, weights)
     shape = PRESETS[preset]
-    out = Path(out_dir)
-    _prepare_empty_dir(out)
-    tokenizer = build_tokenizer(with_image=True)
-    model = build_native_model(shape, tokenizer, seed=seed, wordy=wordy)
-    if fmt == "native":
-        _save_native(model, tokenizer, shape, out)
-    else:
-        rows = shape.original_vocab_size or len(tokenizer) - 1
-        _original.save_original(model, shape.image_size, out, vocab_size=rows, weights=weights)
-    _chmod_files(out)
+    with new_model_dir(out_dir) as out:
+        tokenizer = build_tokenizer(with_image=True)
+        model = build_native_model(shape, tokenizer, seed=seed, wordy=wordy)
+        if fmt == "native":
+            _save_native(model, tokenizer, shape, out)
+        else:
+            rows = shape.original_vocab_size or len(tokenizer) - 1
+            _original.save_original(model, shape.image_size, out, vocab_size=rows, weights=weights)
     return out
 
 
@@ -208,7 +203,7 @@ def _save_native(
 ) -> None:
     """save_pretrained for the model and a Florence2Processor that carries the post-processor rules."""
     model.generation_config = generation_config()
-    with _quiet_progress_bars():
+    with quiet_progress_bars():
         model.save_pretrained(out)
     processor = Florence2Processor(
         image_processor=image_processor(shape.image_size),
@@ -219,32 +214,6 @@ def _save_native(
     clean_saved_config(out)
 
 
-@contextlib.contextmanager
-def _quiet_progress_bars() -> Iterator[None]:
-    """A one-file save needs no "Writing model shards" bar on stderr."""
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-def _prepare_empty_dir(out: Path) -> None:
-    """Refuse to mix a new model into a directory that already holds files."""
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"{out} is not empty; choose a new directory for the test model")
-    out.mkdir(parents=True, exist_ok=True)
-
-
-def _chmod_files(out: Path) -> None:
-    """safetensors writes 0600; make every file world-readable like a downloaded model."""
-    for path in out.rglob("*"):
-        if path.is_file():
-            os.chmod(path, 0o644)
-
-
 def build_test_adapter(
     model_dir: str | Path, out_dir: str | Path, *, fmt: Format = "native", seed: int = 1
 ) -> Path:
@@ -253,13 +222,11 @@ def build_test_adapter(
     ``fmt="original"`` writes the same adapter with the key names it would have had if it had been
     trained on the original remote-code layout.
     """
-    out = Path(out_dir)
-    _prepare_empty_dir(out)
-    model = Florence2ForConditionalGeneration.from_pretrained(model_dir)
-    peft_model = _adapter.make_lora(model, seed=seed)
-    if fmt == "native":
-        _adapter.save_native(peft_model, out)
-    else:
-        _adapter.save_original(peft_model, out)
-    _chmod_files(out)
+    with new_model_dir(out_dir) as out:
+        model = Florence2ForConditionalGeneration.from_pretrained(model_dir)
+        peft_model = _adapter.make_lora(model, seed=seed)
+        if fmt == "native":
+            _adapter.save_native(peft_model, out)
+        else:
+            _adapter.save_original(peft_model, out)
     return out

@@ -9,13 +9,13 @@ and turns dropout off. It is still a random model; only its capacity to learn ch
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 from transformers import Florence2ForConditionalGeneration
 
 from vision_server.testing import _wordy
+from vision_server.testing._model_dir import make_readable
 from vision_server.testing.tiny_model import build_test_model
 
 EMBEDDING_GAIN = 8.0
@@ -34,7 +34,5 @@ def build_trainable_test_model(out_dir: str | Path, *, seed: int = 0) -> Path:
         setattr(text, name, 0.0)
     setattr(vision, "drop_path_rate", 0.0)  # noqa: B010  # the sub-config is typed loosely
     model.save_pretrained(out)
-    for path in out.rglob("*"):
-        if path.is_file():
-            os.chmod(path, 0o644)
+    make_readable(out)
     return out
