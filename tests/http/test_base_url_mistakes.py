@@ -72,3 +72,21 @@ async def test_native_paths_too_and_other_404s_stay_as_before(tmp_path: Path) ->
         for path in ("/nowhere", "/v1/nowhere", "/v1//nowhere"):  # nothing served is near them
             async with session.get(url + path) as response:
                 assert response.status == 404 and await response.json() == {"detail": "Not Found"}, path
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/v1/responses"), ("POST", "/v1/embeddings"), ("POST", "/completions"), ("GET", "/v1/files")],
+)
+async def test_other_openai_apis_say_what_to_call_instead(tmp_path: Path, method: str, path: str) -> None:
+    """The OpenAI SDKs' Responses API (client.responses.create) and the rest got a bare
+    {"detail": "Not Found"}; now an OpenAI-shaped 404 that points at chat completions."""
+    async with (
+        running_server(Settings(cache_dir=tmp_path), FakeCaptioner()) as url,
+        ClientSession() as session,
+    ):
+        async with session.request(method, url + path, json={"model": "x", "input": "hi"}) as response:
+            assert response.status == 404
+            error = (await response.json())["error"]
+    assert error["type"] == "not_found_error" and error["code"] == "not_found"
+    assert "POST /v1/chat/completions" in error["message"] and path in error["message"]

@@ -151,6 +151,38 @@ def _from_http_exception(exc: web.HTTPException) -> VisionServerError | None:
     return None
 
 
+# OpenAI API resources other than chat completions and models: an OpenAI client that calls one
+# (the SDKs' newer Responses API above all) is told what this server offers instead.
+OTHER_OPENAI_APIS = frozenset(
+    {"responses", "completions", "embeddings", "images", "audio", "files", "assistants", "threads",
+     "batches", "moderations", "realtime", "vector_stores", "uploads", "fine_tuning"}
+)  # fmt: skip
+CHAT_PATH = "/v1/chat/completions"
+
+
+async def _unmatched(
+    request: web.Request, error: VisionServerError
+) -> tuple[VisionServerError, tuple[AbstractRoute, str] | None]:
+    """The 404 of a path no route matched: what it was probably meant as, or (for another OpenAI
+    API) what to call instead, in that family's shape; otherwise the plain ``Not Found``."""
+    meant = await meant_route(request)
+    if meant is not None:
+        return NotFound(
+            f"Not Found: {request.path} is no route of this server; did you mean {meant[1]}? "
+            "Check the base URL the client was given (a '/' at its end, /v1 twice, or a /v1 "
+            "where none belongs)."
+        ), meant
+    parts = [part for part in request.path.split("/") if part]
+    api = parts[1] if parts[:1] == ["v1"] and len(parts) > 1 else parts[0] if parts else ""
+    if api in OTHER_OPENAI_APIS:
+        chat = await request.app.router.resolve(request.clone(rel_url=CHAT_PATH))
+        return NotFound(
+            f"Not Found: this server offers OpenAI's chat completions (POST {CHAT_PATH}, an "
+            f"image_url part per image) and models (GET /v1/models), not {request.path}."
+        ), (chat.route, CHAT_PATH)
+    return error, None
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Attach a request id, and turn every failure into the family's error shape."""
@@ -164,13 +196,9 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         error = _from_http_exception(exc)
         if error is None:
             raise
-        meant = await meant_route(request) if exc.status == 404 else None
-        if meant is not None:
-            error = NotFound(
-                f"Not Found: {request.path} is no route of this server; did you mean {meant[1]}? "
-                "Check the base URL the client was given (a '/' at its end, /v1 twice, or a /v1 "
-                "where none belongs)."
-            )
+        meant = None
+        if exc.status == 404:
+            error, meant = await _unmatched(request, error)
         response = error_response(request, error, meant)
         if "Allow" in exc.headers:  # a 405 must say which methods the route takes
             response.headers["Allow"] = exc.headers["Allow"]
