@@ -450,3 +450,19 @@ def test_help_lists_only_offline_options(tmp_path: Path) -> None:
         assert present in result.stdout, present
     for absent in ("--host", "--port", "--api-key", "--ssl-cert", "--cors-origin", "--idle-timeout"):
         assert absent not in result.stdout, absent
+
+
+def test_images_of_a_path_list_sharing_a_caption_file_are_refused(tmp_path: Path, cache: Path) -> None:
+    # A list naming a.jpg and a.png used to write a.txt twice, the second caption over the first.
+    root = tmp_path / "data"
+    root.mkdir()
+    for seed, name in enumerate(("a.jpg", "a.png", "b.png")):
+        (root / name).write_bytes(picture(seed))
+    listing = tmp_path / "list.txt"
+    listing.write_text(f"{root / 'a.jpg'}\n{root / 'b.png'}\n{root / 'a.png'}\n", encoding="utf-8")
+    result = run(tmp_path, cache, listing, *FAST)
+    assert result.returncode == 1, result.stderr
+    assert not (root / "a.txt").exists() and (root / "b.txt").read_text(encoding="utf-8").strip()
+    for image, other in (("a.jpg", "a.png"), ("a.png", "a.jpg")):
+        assert f"{root / image}: shares its caption file a.txt with {root / other}; neither" in result.stderr
+    assert "captioned 1, " in result.stderr and "failed 2" in result.stderr

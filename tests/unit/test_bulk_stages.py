@@ -222,3 +222,36 @@ def test_table_outputs_note_the_row_shape_they_hold_and_refuse_the_other(tmp_pat
         assert (
             JsonlOutput(tmp_path / "new.jsonl", FACTS).shapes.refusal(tmp_path / "new.jsonl", tasks) is None
         )
+
+
+def test_a_path_list_flags_images_that_would_share_a_caption_file(tmp_path: Path) -> None:
+    """As a folder does: ``a.jpg`` and ``a.png`` listed (lines apart, spelled differently, or in
+    another list or as an image input) are both refused; the same image listed twice is not."""
+    root = tmp_path / "data"
+    (root / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "a.png", "b.png", "c.png", "c.webp", "sub/d.png"):
+        (root / name).write_bytes(picture(1))
+    (tmp_path / "alias").symlink_to(root)  # the same folder by another name: the same caption files
+    first = root / "first.txt"
+    first.write_text("a.jpg\nb.png\nb.png\nsub/d.png\nc.png\n", encoding="utf-8")
+    second = tmp_path / "second.jsonl"
+    second.write_text(json.dumps({"path": "alias/sub/../a.png"}) + "\n", encoding="utf-8")
+    records = list(iter_records([first, second, root / "c.webp"], ReadOptions()))
+    clash = {r.key: r.stem_clash for r in records}
+    assert clash == {
+        "a.jpg": ("alias/sub/../a.png",),
+        "b.png": (),
+        "sub/d.png": (),
+        "c.png": (str(root / "c.webp"),),
+        "alias/sub/../a.png": ("a.jpg",),
+        "c.webp": ("c.png",),
+    }
+    units = list(plan(records, ["<CAPTION>"], [Sidecars(SidecarStyle())]))
+    assert [u.reason for u in units if isinstance(u, Fail)] == [
+        "shares its caption file a.txt with alias/sub/../a.png; neither is captioned, rename one of them",
+        "shares its caption file c.txt with "
+        + str(root / "c.webp")
+        + "; neither is captioned, rename one of them",
+        "shares its caption file a.txt with a.jpg; neither is captioned, rename one of them",
+        "shares its caption file c.txt with c.png; neither is captioned, rename one of them",
+    ]

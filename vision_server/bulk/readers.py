@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Self
 
+from vision_server.bulk.listed_clashes import ListedClashes, find_clashes
 from vision_server.bulk.records import Record, safe_text
 from vision_server.captionfiles import is_image, remove_stale_temps
 
@@ -115,18 +116,43 @@ def _place(path: Path, kind: InputKind) -> Path:
 
 def iter_records(inputs: Iterable[Path], options: ReadOptions) -> Iterator[Record]:
     """Every image of every input, in order (folders sorted by name, depth first)."""
+    inputs = list(inputs)
+    listed = [path for path in inputs if input_kind(path) in ("file", "list")]
+    clashes: list[ListedClashes] = []  # found when the first list or image file is reached
+
+    def shared() -> ListedClashes:
+        if not clashes:
+            clashes.append(find_clashes(lambda: _listed_paths(listed)))
+        return clashes[0]
+
     for path in inputs:
         kind = input_kind(path)
         if kind == "folder":
             yield from _folder(path, options.recursive, tidy=options.tidy)
         elif kind == "file":
-            yield Record(str(path), path.name, path=path, error=file_problem(path))
+            yield Record(
+                str(path), path.name, path=path, error=file_problem(path), stem_clash=shared().others(path)
+            )
         elif kind == "list":
-            yield from _path_list(path)
+            yield from _path_list(path, shared())
         elif kind == "parquet":
             yield from _parquet(path, options)
         else:
             yield from _webdataset(path)
+
+
+def _listed_paths(inputs: Iterable[Path]) -> Iterator[tuple[str, str]]:
+    """(as listed, its path) of every image file input and every entry of every path list."""
+    for path in inputs:
+        if input_kind(path) == "file":
+            yield str(path), str(path)
+            continue
+        try:
+            yield from (
+                (entry, listed) for _number, entry, listed in _list_entries(path) if listed is not None
+            )
+        except OSError:
+            continue  # an unreadable list is reported when it is read for captioning
 
 
 def count_images(inputs: Iterable[Path], options: ReadOptions) -> int | None:
@@ -224,11 +250,23 @@ def _is_real_dir(entry: os.DirEntry[str]) -> bool:
         return False
 
 
-def _path_list(list_path: Path) -> Iterator[Record]:
+def _path_list(list_path: Path, clashes: ListedClashes) -> Iterator[Record]:
     """A ``.txt`` (one path a line) or ``.jsonl`` (a string, or an object with ``path``/``file``/
-    ``image``) list; relative paths are relative to the list's folder."""
+    ``image``) list; relative paths are relative to the list's folder. ``clashes`` names the
+    listed images that would share a caption file (:mod:`~vision_server.bulk.listed_clashes`)."""
     source = str(list_path)
-    base = list_path.parent
+    for number, entry, listed in _list_entries(list_path):
+        if listed is None:
+            yield Record(source, f"line {number}", error="not a path, nor an object with a 'path'")
+            continue
+        path = Path(listed)
+        yield Record(source, entry, path=path, error=file_problem(path), stem_clash=clashes.others(path))
+
+
+def _list_entries(list_path: Path) -> Iterator[tuple[int, str, str | None]]:
+    """(line number, entry, its path) of each non-blank line; the path is None for a line that
+    names no image. Strings, not Paths: the shared-caption check reads every line of a list."""
+    base = os.fspath(list_path.parent)
     is_jsonl = list_path.name.lower().endswith(".jsonl")
     with list_path.open(encoding="utf-8", errors="surrogateescape") as handle:
         for number, line in enumerate(handle, start=1):
@@ -237,11 +275,9 @@ def _path_list(list_path: Path) -> Iterator[Record]:
                 continue
             entry = _list_entry(text) if is_jsonl else text
             if entry is None:
-                yield Record(source, f"line {number}", error="not a path, nor an object with a 'path'")
+                yield number, text, None
                 continue
-            listed = Path(entry).expanduser()
-            path = listed if listed.is_absolute() else base / listed
-            yield Record(source, entry, path=path, error=file_problem(path))
+            yield number, entry, os.path.join(base, os.path.expanduser(entry))  # an absolute one wins
 
 
 def _list_entry(text: str) -> str | None:
