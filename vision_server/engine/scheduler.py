@@ -60,6 +60,19 @@ STOP_MARGIN = 3.0  # seconds past the shutdown grace for the unload before the w
 Models = Captioner | Sequence[NamedModel]
 
 
+def _named_models(models: Models, default_model: str | None) -> list[NamedModel]:
+    """The models as named entries; refuse none at all, a name twice, or an unknown default."""
+    named = list(models) if isinstance(models, Sequence) else [NamedModel(models.model_id, models)]
+    if not named:
+        raise ValueError("an engine needs at least one model")
+    names = [model.name for model in named]
+    if len(set(names)) != len(names):
+        raise ValueError(f"model names must be unique, not {names}")
+    if default_model is not None and default_model not in names:
+        raise ValueError(f"default model {default_model!r} is not one of {', '.join(names)}")
+    return named
+
+
 class Engine:
     """Queues + worker + the models' lifecycles. Usable in-process: ``await engine.submit(item)``.
 
@@ -76,18 +89,11 @@ class Engine:
         *,
         default_model: str | None = None,
     ) -> None:
-        named = list(models) if isinstance(models, Sequence) else [NamedModel(models.model_id, models)]
-        if not named:
-            raise ValueError("an engine needs at least one model")
-        names = [model.name for model in named]
-        if len(set(names)) != len(names):
-            raise ValueError(f"model names must be unique, not {names}")
-        if default_model is not None and default_model not in names:
-            raise ValueError(f"default model {default_model!r} is not one of {', '.join(names)}")
+        named = _named_models(models, default_model)
         self.config = config or EngineConfig()
         self.observer = observer or EngineObserver()
         self._clock = clock or MonotonicClock()
-        self._default = default_model or names[0]
+        self._default = default_model or named[0].name
         self._wakeup = asyncio.Event()  # the worker's one reason to look again (see WorkerLoop)
         self._slots: dict[str, ModelSlot] = {
             model.name: ModelSlot(
@@ -146,8 +152,13 @@ class Engine:
         """
         slot = self._slot(model)
         self._check_accepting()
-        labels = labels or JobLabels()
-        timeout = self.config.request_timeout
+        job = await self._enqueue(slot, item, request_id, labels or JobLabels(), wait_for_room=wait_for_room)
+        return await self._caption_of(slot, job)
+
+    async def _enqueue(
+        self, slot: ModelSlot, item: CaptionItem, request_id: str, labels: JobLabels, *, wait_for_room: bool
+    ) -> CaptionJob:
+        """Put a new job with its deadline into ``slot``'s queue, or refuse it (full lane, draining)."""
         if wait_for_room:
             await slot.queue.wait_for_room(labels.lane)
             if self._draining:
@@ -160,12 +171,17 @@ class Engine:
             enqueued_at=self._clock.now(),
             labels=labels,
         )
-        job.deadline = job.enqueued_at + timeout
+        job.deadline = job.enqueued_at + self.config.request_timeout
         try:
             slot.queue.put(job, retry_after=self.retry_after(labels.lane))
         except VisionServerError:
             self.observer.job_rejected("queue_full")
             raise
+        return job
+
+    async def _caption_of(self, slot: ModelSlot, job: CaptionJob) -> Caption:
+        """Wait for a queued job's caption; a timeout or a client gone takes it out of the queue."""
+        timeout = self.config.request_timeout
         try:
             return await asyncio.wait_for(job.future, timeout)
         except asyncio.TimeoutError:
