@@ -64,17 +64,7 @@ def create_app(
     Pass ``captioner`` to serve that one model instead, named after its model id, or ``models``
     to serve those (the default is then ``settings.default_model`` when set, else the first).
     """
-    if captioner is not None and models is not None:
-        raise TypeError("pass captioner or models, not both")
-    if captioner is not None:
-        served: Captioner | Sequence[NamedModel] = captioner
-        default, default_name = captioner, None
-    else:
-        named = list(models) if models is not None else build_models(settings)
-        default_name = settings.default_model if settings.default_model is not None else named[0].name
-        # An unknown default_model is the engine's ValueError (it names the served models).
-        default = next((m.captioner for m in named if m.name == default_name), named[0].captioner)
-        served = named
+    served, default, default_name = _served_models(settings, captioner, models)
     metrics = Metrics(model=default.model_id)
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares(settings))
     app[METRICS] = metrics
@@ -101,6 +91,22 @@ def create_app(
     app.cleanup_ctx.append(_engine_context)
     app.on_shutdown.append(_drain)
     return app
+
+
+def _served_models(
+    settings: Settings, captioner: Captioner | None, models: Sequence[NamedModel] | None
+) -> tuple[Captioner | Sequence[NamedModel], Captioner, str | None]:
+    """What the engine serves, the default model's captioner (metrics and engine config read it),
+    and the default's name (None: the engine's own choice)."""
+    if captioner is not None and models is not None:
+        raise TypeError("pass captioner or models, not both")
+    if captioner is not None:
+        return captioner, captioner, None
+    named = list(models) if models is not None else build_models(settings)
+    default_name = settings.default_model if settings.default_model is not None else named[0].name
+    # An unknown default_model is the engine's ValueError (it names the served models).
+    default = next((m.captioner for m in named if m.name == default_name), named[0].captioner)
+    return named, default, default_name
 
 
 def middlewares(settings: Settings) -> list[Middleware]:

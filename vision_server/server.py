@@ -130,7 +130,7 @@ async def run(app: web.Application, notifier: Notifier | None = None) -> bool:
     Returns False when the drain had to leave the model thread busy (a load that outlasted
     ``--shutdown-grace``): the caller then exits without waiting for it.
     """
-    settings, engine = app[SETTINGS], app[ENGINE]
+    engine = app[ENGINE]
     notifier = notifier if notifier is not None else Notifier.from_environ()
     stop = StopRequest()
     runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=CLOSE_TIMEOUT)
@@ -140,38 +140,51 @@ async def run(app: web.Application, notifier: Notifier | None = None) -> bool:
     clean = True
     try:
         await runner.setup()
-        urls = await listen(runner, settings)
-        for url in urls:
-            log.info("listening on %s", url)
-        if app[KEYS].api is None and not all(is_loopback(address) for address in runner.addresses):
-            log.warning(
-                "no --api-key: anyone who can reach %s may caption and see the server's status; "
-                "set one (or bind 127.0.0.1) unless a firewall or proxy guards the port",
-                " and ".join(urls),
-            )
+        await _listen(runner, app)
         notifier.ready(describe(engine.status()))
         if notifier.enabled:
             status_task = asyncio.create_task(report_status(engine, notifier))
         await stop.event.wait()
-        snapshot = engine.status()
-        log.info(
-            "stop signal %s: draining (%d queued, %d running; grace %gs); /ready now answers 503",
-            stop.signum,
-            snapshot.queue_depth,
-            snapshot.jobs_running,
-            settings.shutdown_grace,
-        )
-        notifier.stopping(describe(snapshot, draining=True))
-        if cut := app[UPLOADS].cut_short():
-            log.info("stop signal: %d request bod%s still arriving got 503", cut, "y" if cut == 1 else "ies")
-        clean = await engine.stop(grace=settings.shutdown_grace)
-        log.info("drained; closing connections")
+        clean = await _drain(app, stop, notifier)
     finally:
         if status_task is not None:
             status_task.cancel()
         await runner.cleanup()
         remove_handlers()
     log.info("stopped")
+    return clean
+
+
+async def _listen(runner: web.AppRunner, app: web.Application) -> None:
+    """Bind every configured address and say where; warn when an open port has no API key."""
+    urls = await listen(runner, app[SETTINGS])
+    for url in urls:
+        log.info("listening on %s", url)
+    if app[KEYS].api is None and not all(is_loopback(address) for address in runner.addresses):
+        log.warning(
+            "no --api-key: anyone who can reach %s may caption and see the server's status; "
+            "set one (or bind 127.0.0.1) unless a firewall or proxy guards the port",
+            " and ".join(urls),
+        )
+
+
+async def _drain(app: web.Application, stop: StopRequest, notifier: Notifier) -> bool:
+    """After a stop signal: refuse new work, answer bodies still arriving 503, let the engine
+    finish what it holds within ``--shutdown-grace``; False when the model thread stayed busy."""
+    settings, engine = app[SETTINGS], app[ENGINE]
+    snapshot = engine.status()
+    log.info(
+        "stop signal %s: draining (%d queued, %d running; grace %gs); /ready now answers 503",
+        stop.signum,
+        snapshot.queue_depth,
+        snapshot.jobs_running,
+        settings.shutdown_grace,
+    )
+    notifier.stopping(describe(snapshot, draining=True))
+    if cut := app[UPLOADS].cut_short():
+        log.info("stop signal: %d request bod%s still arriving got 503", cut, "y" if cut == 1 else "ies")
+    clean = await engine.stop(grace=settings.shutdown_grace)
+    log.info("drained; closing connections")
     return clean
 
 
