@@ -82,6 +82,7 @@ def create_app(
         app[proxies.TRUSTED_PROXIES] = settings.trusted_proxy_networks
     if settings.rate_limit is not None and settings.rate_limit > 0:
         app[RATE_LIMITER] = RateLimiter(settings.rate_limit)
+    app[cors.REFUSED_ORIGINS] = set()
     if settings.cors_origins:
         app.on_response_prepare.append(cors.add_cors_headers)
     app.on_response_prepare.append(add_keep_alive_header)
@@ -115,9 +116,9 @@ def middlewares(settings: Settings) -> list[Middleware]:
     if settings.trusted_proxy_networks:
         # First: from here on request.remote is the client a trusted proxy names, for everyone below.
         chain.append(proxies.forwarded_client_middleware)
-    if settings.cors_origins:
-        # Browsers send preflights without credentials: answer them before keys, limits or logs.
-        chain.append(cors.preflight_middleware)
+    # Browsers send preflights without credentials: answer them before keys, limits or logs
+    # (with CORS off too, so a refused page gets a 403 that says how to allow it).
+    chain.append(cors.preflight_middleware)
     # Outside the error middleware, so the access log and request metrics see the final status.
     chain.append(access_middleware)
     # Gives each request its id and turns every failure below into the route family's error shape.

@@ -26,7 +26,12 @@ def test_middlewares_in_their_documented_order() -> None:
         ratelimit.rate_limit_middleware,
         auth.auth_middleware,
     ]
-    assert middlewares(Settings()) == [access_middleware, error_middleware, auth.auth_middleware]
+    assert middlewares(Settings()) == [
+        cors.preflight_middleware,  # refuses preflights with a 403 that names --cors-origin
+        access_middleware,
+        error_middleware,
+        auth.auth_middleware,
+    ]
 
 
 def test_every_route_has_an_explicit_error_shape(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ server), with the exact requests it sends; and CORS for the browser path."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -198,6 +199,27 @@ async def test_cors_is_off_by_default(tmp_path: Path) -> None:
             assert "Access-Control-Allow-Origin" not in response.headers
         async with session.get("/api/modules", headers={"Origin": ST_ORIGIN}) as response:
             assert "Access-Control-Allow-Origin" not in response.headers
+
+
+async def test_refused_preflights_say_how_to_allow_them_and_are_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """SillyTavern's Extras page on a server without --cors-origin: the preflight got the router's
+    405 and nothing reached the log (preflights are answered before the access log), so neither
+    the page's console nor the server said what to do."""
+    caplog.set_level(logging.WARNING, logger="vision_server")
+    for origins, says in (
+        ((), "--cors-origin http://127.0.0.1:8000"),
+        (("http://other:1",), "--cors-origin"),
+    ):
+        caplog.clear()
+        async with client_for(Settings(cache_dir=tmp_path, cors_origins=origins), FakeCaptioner()) as session:
+            for _ in range(3):
+                async with session.options("/api/caption", headers=preflight_headers(ST_ORIGIN)) as response:
+                    assert response.status == 403 and "Access-Control-Allow-Origin" not in response.headers
+                    assert says in (await response.json())["error"]
+        refusals = [r.getMessage() for r in caplog.records if "refused a browser page" in r.getMessage()]
+        assert len(refusals) == 1 and says in refusals[0] and "POST /api/caption" in refusals[0]
 
 
 async def test_extras_with_a_key_configured(tmp_path: Path) -> None:

@@ -9,12 +9,16 @@ whatever other headers the preflight asks for, and exposing the reply headers a 
 (``EXPOSE_HEADERS``). The OpenAI JavaScript SDK (and every other Stainless-made SDK) sends its
 own ``X-Stainless-*`` headers, more with each release; a fixed list refuses them and the browser
 never sends the request. The origin is what the operator vouched for, so its headers pass. A
-preflight from an origin not configured gets 403 and no allow headers. ``*`` allows every
-origin (fine for a key-protected or loopback-only server).
+preflight from an origin not configured gets 403 and no allow headers, also with CORS off (not
+the router's 405), and the first refusal of each origin is logged with the flag that would
+allow it: a refused preflight never reaches the access log, and the browser shows the page's
+author only a generic CORS failure. ``*`` allows every origin (fine for a key-protected or
+loopback-only server).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 
 from aiohttp import web
@@ -26,6 +30,10 @@ ALLOW_METHODS = "GET, POST, OPTIONS"
 ALLOW_HEADERS = "Content-Type, Authorization, Bypass-Tunnel-Reminder, X-Request-ID, X-Priority, X-Client-Id"
 EXPOSE_HEADERS = "X-Request-ID, Retry-After, X-Keep-Alive, X-Model"  # X-Model: who captioned
 MAX_AGE = "600"
+REFUSED_ORIGINS = web.AppKey("cors_refused_origins", set[str])  # refusals already logged
+MAX_LOGGED_REFUSALS = 100  # a page cannot fill the log by inventing origins
+
+log = logging.getLogger("vision_server")
 _TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # a header name (RFC 9110 token)
 
 
@@ -59,7 +67,14 @@ def preflight_response(request: web.Request, allowed: tuple[str, ...]) -> web.Re
     origin = allowed_origin(request.headers.get("Origin"), allowed)
     if origin is None:
         sent = request.headers.get("Origin")
-        message = f"Origin {sent!r} is not allowed; add it with --cors-origin."
+        if allowed:
+            message = f"Origin {sent!r} is not allowed; add it with --cors-origin."
+        else:
+            message = (
+                f"Cross-origin requests are off; start the server with --cors-origin {sent or 'ORIGIN'} "
+                "to let pages from that origin call it."
+            )
+        _log_first_refusal(request, sent or "(none)", message)
         return web.json_response({"error": message}, status=403)
     headers = {
         "Access-Control-Allow-Origin": origin,
@@ -72,6 +87,19 @@ def preflight_response(request: web.Request, allowed: tuple[str, ...]) -> web.Re
     if request.headers.get("Access-Control-Request-Private-Network", "").lower() == "true":
         headers["Access-Control-Allow-Private-Network"] = "true"  # Chrome: public page → LAN server
     return web.Response(status=204, headers=headers)
+
+
+def _log_first_refusal(request: web.Request, origin: str, message: str) -> None:
+    seen = request.app.get(REFUSED_ORIGINS)
+    if seen is None or origin in seen or len(seen) >= MAX_LOGGED_REFUSALS:
+        return
+    seen.add(origin)
+    log.warning(
+        "refused a browser page's call to %s %s: %s",
+        request.headers.get("Access-Control-Request-Method", "?"),
+        request.path,
+        message,
+    )
 
 
 @web.middleware
