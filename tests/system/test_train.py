@@ -26,8 +26,9 @@ from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.florence.captioner import FlorenceCaptioner
 from vision_server.images import fit_image
 from vision_server.testing.trainable import build_trainable_test_model
-from vision_server.train.loop import TrainError, run_training
+from vision_server.train.loop import run_training
 from vision_server.train.options import TrainOptions
+from vision_server.train.preflight import TrainError
 
 TASK = "<MORE_DETAILED_CAPTION>"
 GREEDY = GenerationOptions(num_beams=1, max_new_tokens=32)

@@ -15,9 +15,10 @@ from tests.support.images import image_bytes, save
 from tests.support.train_data import CAPTIONS, captioned_folder
 from vision_server.train.augment import Augmentation, caption_rng
 from vision_server.train.dataset import DatasetError, load_dataset, split
-from vision_server.train.loop import TrainError, run_training
+from vision_server.train.loop import run_training
 from vision_server.train.model import ModelError
 from vision_server.train.options import TrainOptions, plan_differences
+from vision_server.train.preflight import TrainError
 
 
 def test_a_folder_pairs_each_image_with_its_caption_in_subfolders_too(tmp_path: Path) -> None:

@@ -136,8 +136,9 @@ def stop_on_signals() -> Iterator[list[int]]:
 
 def run_command(params: dict[str, Any]) -> int:
     from vision_server.train.dataset import DatasetError
-    from vision_server.train.loop import TrainError, run_training
+    from vision_server.train.loop import run_training
     from vision_server.train.model import ModelError
+    from vision_server.train.preflight import TrainError
     from vision_server.train.reporting import LoggerUnavailable
 
     options = TrainOptions(**params)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import datetime
 import math
-import shutil
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -25,25 +24,24 @@ from vision_server.florence.captioner import pixel_values, prompt_ids
 from vision_server.images import prepare_image
 from vision_server.train.augment import Augmentation, caption_rng
 from vision_server.train.checkpoint import (
-    CHECKPOINTS,
     ResumeState,
-    find_checkpoint,
     load_adapter_weights,
     read_state,
     save_checkpoint,
     write_final,
 )
 from vision_server.train.dataset import MAX_PIXELS, Example, load_dataset, split
-from vision_server.train.metadata import METADATA_FILE
 from vision_server.train.model import BaseModel, Precision, add_lora, load_base, pick_precision
-from vision_server.train.options import TrainOptions, plan_differences
+from vision_server.train.options import TrainOptions
+from vision_server.train.preflight import (
+    check_optimizer,
+    check_output,
+    check_resumable,
+    clear_output,
+)
 from vision_server.train.reporting import Progress, Tracker, pick_tracker
 
 PIXEL_CACHE_BYTES = 1 << 30  # decoded, resized images kept in memory (a few hundred at 768 px)
-
-
-class TrainError(RuntimeError):
-    """A usage problem found before training (output folder, resume mismatch, missing package)."""
 
 
 @dataclass
@@ -79,94 +77,25 @@ def run_training(
     """Train as ``options`` say; stop early (with a checkpoint) once ``should_stop()`` is true."""
     examples = load_dataset(options.dataset, caption_ext=options.caption_ext, task=options.task)
     train_set, val_set = split(examples, options.val_split, options.seed)
-    checkpoint = _check_output(options)
+    checkpoint = check_output(options)
     saved = read_state(checkpoint) if checkpoint else None
     if saved is not None:
-        _check_resumable(checkpoint, saved, options, train_set)
+        check_resumable(checkpoint, saved, options, train_set)
     tracker_kind = pick_tracker(options.log_with)
-    _check_optimizer(options.optimizer)
+    check_optimizer(options.optimizer)
     precision = pick_precision(options.device, options.precision)
     base = load_base(options, precision)
     trainer = _Trainer(options, base, precision, train_set, val_set, stream)
     if checkpoint is not None and saved is not None:
         trainer.resume(checkpoint, saved)
     if not options.resume and options.output.exists() and options.overwrite:
-        _clear_output(options.output)
+        clear_output(options.output)
     options.output.mkdir(parents=True, exist_ok=True)
     tracker = Tracker(tracker_kind, options.output, options.as_dict())
     try:
         return trainer.run(tracker, should_stop)
     finally:
         tracker.close()
-
-
-def _check_resumable(
-    checkpoint: Path | None, saved: ResumeState, options: TrainOptions, train_set: list[Example]
-) -> None:
-    """A resume continues the same run: same plan options, same training images."""
-    differences = plan_differences(saved.options, options)
-    names = [example.name for example in train_set]
-    if saved.train_images and saved.train_images != names:
-        added = len(set(names) - set(saved.train_images))
-        removed = len(set(saved.train_images) - set(names))
-        differences.append(f"the training images: {added} added, {removed} removed or renamed since")
-    if differences:
-        raise TrainError(
-            f"--resume {checkpoint}: this run differs from the interrupted one "
-            "(use the same options and dataset to continue it exactly):\n  " + "\n  ".join(differences)
-        )
-
-
-def _check_output(options: TrainOptions) -> Path | None:
-    """The checkpoint to resume from (if any), after checking the output folder may be written."""
-    output = options.output
-    checkpoint = None
-    if options.resume is not None:
-        try:
-            checkpoint = find_checkpoint(options.resume)
-        except FileNotFoundError as exc:
-            raise TrainError(str(exc)) from None
-    occupied = output.exists() and (not output.is_dir() or any(output.iterdir()))
-    if not occupied:
-        return checkpoint
-    if not output.is_dir():
-        raise TrainError(f"--output {output} is a file; pick a folder")
-    inside = checkpoint is not None and checkpoint.resolve().is_relative_to(output.resolve())
-    if inside and options.overwrite:
-        raise TrainError(f"--overwrite would delete {checkpoint}, the checkpoint to resume from")
-    if inside:
-        return checkpoint
-    if not options.overwrite:
-        raise TrainError(
-            f"--output {output} already exists and is not empty; pass --overwrite to replace it, "
-            "or pick a new folder"
-        )
-    if not _looks_like_training_output(output):
-        raise TrainError(
-            f"--output {output} holds files that are not a training run's; --overwrite only "
-            "replaces an earlier run's folder. Pick a new folder."
-        )
-    return checkpoint
-
-
-def _looks_like_training_output(output: Path) -> bool:
-    return any((output / name).exists() for name in (METADATA_FILE, CHECKPOINTS, "adapter_config.json"))
-
-
-def _clear_output(output: Path) -> None:
-    for path in output.iterdir():
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink()
-
-
-def _check_optimizer(name: str) -> None:
-    if name == "adamw8bit":
-        import importlib.util
-
-        if importlib.util.find_spec("bitsandbytes") is None:
-            raise TrainError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes); use adamw")
 
 
 class _Trainer:

@@ -1,0 +1,87 @@
+"""What a training run checks before the model loads, so a mistake the user can fix is
+reported in seconds: the output folder (may it be written; which checkpoint to resume from),
+that a resume continues the same run, and that the chosen optimizer is installed; and the
+clearing of an earlier run's folder that ``--overwrite`` allows."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from vision_server.train.checkpoint import CHECKPOINTS, ResumeState, find_checkpoint
+from vision_server.train.dataset import Example
+from vision_server.train.metadata import METADATA_FILE
+from vision_server.train.options import TrainOptions, plan_differences
+
+
+class TrainError(RuntimeError):
+    """A usage problem found before training (output folder, resume mismatch, missing package)."""
+
+
+def check_resumable(
+    checkpoint: Path | None, saved: ResumeState, options: TrainOptions, train_set: list[Example]
+) -> None:
+    """A resume continues the same run: same plan options, same training images."""
+    differences = plan_differences(saved.options, options)
+    names = [example.name for example in train_set]
+    if saved.train_images and saved.train_images != names:
+        added = len(set(names) - set(saved.train_images))
+        removed = len(set(saved.train_images) - set(names))
+        differences.append(f"the training images: {added} added, {removed} removed or renamed since")
+    if differences:
+        raise TrainError(
+            f"--resume {checkpoint}: this run differs from the interrupted one "
+            "(use the same options and dataset to continue it exactly):\n  " + "\n  ".join(differences)
+        )
+
+
+def check_output(options: TrainOptions) -> Path | None:
+    """The checkpoint to resume from (if any), after checking the output folder may be written."""
+    output = options.output
+    checkpoint = None
+    if options.resume is not None:
+        try:
+            checkpoint = find_checkpoint(options.resume)
+        except FileNotFoundError as exc:
+            raise TrainError(str(exc)) from None
+    occupied = output.exists() and (not output.is_dir() or any(output.iterdir()))
+    if not occupied:
+        return checkpoint
+    if not output.is_dir():
+        raise TrainError(f"--output {output} is a file; pick a folder")
+    inside = checkpoint is not None and checkpoint.resolve().is_relative_to(output.resolve())
+    if inside and options.overwrite:
+        raise TrainError(f"--overwrite would delete {checkpoint}, the checkpoint to resume from")
+    if inside:
+        return checkpoint
+    if not options.overwrite:
+        raise TrainError(
+            f"--output {output} already exists and is not empty; pass --overwrite to replace it, "
+            "or pick a new folder"
+        )
+    if not _looks_like_training_output(output):
+        raise TrainError(
+            f"--output {output} holds files that are not a training run's; --overwrite only "
+            "replaces an earlier run's folder. Pick a new folder."
+        )
+    return checkpoint
+
+
+def _looks_like_training_output(output: Path) -> bool:
+    return any((output / name).exists() for name in (METADATA_FILE, CHECKPOINTS, "adapter_config.json"))
+
+
+def clear_output(output: Path) -> None:
+    for path in output.iterdir():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+
+
+def check_optimizer(name: str) -> None:
+    if name == "adamw8bit":
+        import importlib.util
+
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise TrainError("--optimizer adamw8bit needs bitsandbytes (pip install bitsandbytes); use adamw")
