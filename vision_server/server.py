@@ -38,17 +38,57 @@ STATUS_INTERVAL = 1.0  # seconds between checks for a changed systemd STATUS= li
 CLOSE_TIMEOUT = 10.0  # seconds for connections to finish once the jobs are done
 
 
+class _PassphraseNeeded(Exception):
+    """OpenSSL asked for the key's passphrase (raised by the callback, so it never prompts)."""
+
+
+def _no_passphrase() -> str:
+    raise _PassphraseNeeded
+
+
 def ssl_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context; every way the files can be wrong is a start error naming them.
+
+    Without a password callback OpenSSL asks for an encrypted key's passphrase on the terminal:
+    a foreground start hangs at "Enter PEM pass phrase:" and a service fails with "Invalid
+    argument". A server cannot type a passphrase, so that is an error that says what to do.
+    """
     if settings.ssl_cert is None or settings.ssl_key is None:
         return None
+    cert, key = settings.ssl_cert, settings.ssl_key
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(settings.ssl_cert, settings.ssl_key)
+        context.load_cert_chain(cert, key, password=_no_passphrase)
+    except _PassphraseNeeded:
+        raise SettingsError(
+            f"ssl_key {key} is encrypted with a passphrase, which the server cannot ask for at "
+            f"start; give it a decrypted copy (openssl pkey -in {key} -out server-key.pem) that "
+            "only the server's user can read"
+        ) from None
     except (OSError, ssl.SSLError) as exc:
         raise SettingsError(
-            f"cannot use ssl_cert {settings.ssl_cert} / ssl_key {settings.ssl_key}: {exc}"
+            f"cannot use ssl_cert {cert} / ssl_key {key}: {exc}{_tls_hint(cert, key, exc)}"
         ) from None
     return context
+
+
+def _tls_hint(cert: os.PathLike[str] | str, key: os.PathLike[str] | str, exc: Exception) -> str:
+    """Which of the two files OpenSSL's error is about ("PEM lib", "key values mismatch" and
+    "No such file" name neither), and what is wrong with it."""
+    if isinstance(exc, ssl.SSLError) and exc.reason == "KEY_VALUES_MISMATCH":
+        return "; ssl_key is not the private key of that certificate"
+    for name, path, marker, what in (
+        ("ssl_cert", cert, "-----BEGIN CERTIFICATE-----", "PEM certificate"),
+        ("ssl_key", key, "PRIVATE KEY-----", "PEM private key"),
+    ):
+        try:
+            with open(path, encoding="ascii", errors="replace") as file:
+                text = file.read(1 << 20)
+        except OSError as error:
+            return f" ({name} {path}: {error.strerror or error})"
+        if marker not in text:
+            return f"; {name} {path} holds no {what} (swapped with the other file, or in DER form)"
+    return ""
 
 
 def describe(status: EngineStatus, *, draining: bool = False) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import shutil
 import ssl
 import subprocess
 import sys
@@ -52,6 +53,51 @@ def test_bad_certificate_is_a_clear_start_error(tmp_path: Path) -> None:
     key.write_text("not a key")
     with pytest.raises(SettingsError, match="ssl_cert"):
         ssl_context(Settings(cache_dir=tmp_path, ssl_cert=cert, ssl_key=key))
+
+
+def test_each_wrong_tls_file_is_named(tmp_path: Path) -> None:
+    """OpenSSL's "PEM lib", "key values mismatch" and "No such file" name neither file."""
+    cert, key = self_signed(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other_key = self_signed(tmp_path / "other")
+
+    def refusal(cert_path: Path, key_path: Path) -> str:
+        with pytest.raises(SettingsError) as caught:
+            ssl_context(Settings(cache_dir=tmp_path, ssl_cert=cert_path, ssl_key=key_path))
+        return str(caught.value)
+
+    assert f"ssl_cert {key} holds no PEM certificate" in refusal(key, cert)  # swapped
+    assert f"ssl_key {cert} holds no PEM private key" in refusal(cert, cert)
+    assert "ssl_key is not the private key of that certificate" in refusal(cert, other_key)
+    assert f"(ssl_key {tmp_path / 'nope.pem'}: No such file" in refusal(cert, tmp_path / "nope.pem")
+
+
+def test_an_encrypted_key_is_an_error_not_a_passphrase_prompt(tmp_path: Path) -> None:
+    """Without a password callback OpenSSL prompts on the terminal: a foreground start hung at
+    "Enter PEM pass phrase:", a service failed with "[Errno 22] Invalid argument"."""
+    if shutil.which("openssl") is None:
+        pytest.skip("the openssl command is not available")
+    cert, key = self_signed(tmp_path)
+    encrypted = tmp_path / "key-encrypted.pem"
+    subprocess.run(
+        ["openssl", "pkey", "-in", str(key), "-aes256", "-passout", "pass:secret", "-out", str(encrypted)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    settings = f"Settings(cache_dir={str(tmp_path)!r}, ssl_cert={str(cert)!r}, ssl_key={str(encrypted)!r})"
+    script = (
+        f"from vision_server.server import *; from vision_server.settings import *; ssl_context({settings})"
+    )
+    # No terminal here, so a prompting OpenSSL would read the passphrase from this stdin.
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        input="secret\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode != 0 and "Enter PEM pass phrase" not in done.stdout + done.stderr
+    assert "is encrypted with a passphrase" in done.stderr and "openssl pkey" in done.stderr
 
 
 def test_cert_and_key_go_together(tmp_path: Path) -> None:
