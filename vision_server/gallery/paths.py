@@ -29,11 +29,3 @@ def is_under(path: Path, real_root: Path) -> bool:
     except (OSError, RuntimeError):  # missing, a symlink loop, unreadable
         return False
     return real == real_root or real.is_relative_to(real_root)
-
-
-def resolve_under(root: Path, real_root: Path, text: str) -> Path | None:
-    """``root / text`` when ``text`` is a clean relative path that stays under the root, else None."""
-    if not is_clean_relative(text):
-        return None
-    candidate = root.joinpath(*text.split("/"))
-    return candidate if is_under(candidate, real_root) else None

@@ -214,13 +214,6 @@ def _drop_load_flags(directory: Path) -> None:
     os.chmod(path, 0o644)
 
 
-def tokenizer_of(directory: Path) -> PreTrainedTokenizerBase:
-    """The saved tokenizer (for tests that check prompts)."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(directory)
-
-
 def _token_id(tokenizer: PreTrainedTokenizerBase, token: str) -> int:
     found = tokenizer.convert_tokens_to_ids(token)
     if not isinstance(found, int):

@@ -57,10 +57,6 @@ class ModelShape:
     original_vocab_size: int | None = None  # rows in the original layout; None: every token but <image>
     text_positions: int = 1024
 
-    @property
-    def image_seq_length(self) -> int:
-        return (self.image_size // 32) ** 2 + 1
-
 
 PRESETS: dict[str, ModelShape] = {
     "tiny": ModelShape(

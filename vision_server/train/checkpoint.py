@@ -20,7 +20,6 @@ from vision_server.train.metadata import write_metadata
 
 STATE_FILE = "trainer_state.pt"
 CHECKPOINTS = "checkpoints"
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 
 
 @dataclass
