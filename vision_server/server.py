@@ -271,6 +271,7 @@ def serve(settings: Settings, captioner: Captioner | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then drain queued jobs within ``shutdown_grace`` and return."""
     try:
         configure_logging(settings.log_level, settings.log_format, settings.log_file)
+        ssl_context(settings)  # a bad certificate or key stops the start before any model loads
         if captioner is None:
             check_model_sources(settings)
         app = create_app(settings, captioner)

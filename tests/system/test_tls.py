@@ -18,6 +18,7 @@ import pytest
 from aiohttp import ClientConnectionError, ClientSession, web
 
 from tests.support.images import save_flat
+from tests.support.processes import cli_command, server_env
 from tests.support.tls import self_signed
 from vision_server.app import create_app
 from vision_server.client import AsyncVisionClient, RetryPolicy, VisionTLSError
@@ -180,3 +181,19 @@ async def test_cli_trusts_a_self_signed_server_through_ssl_cert_file(tmp_path: P
         assert "is not trusted" in err and "SSL_CERT_FILE" in err and "Traceback" not in err
         code, out, err = await run({"SSL_CERT_FILE": str(cert)})
         assert code == 0 and out.strip(), err
+
+
+def test_a_bad_key_stops_the_start_before_the_model_loads(tmp_path: Path) -> None:
+    """With --preload the model loaded (tens of seconds for a real one, on the GPU) before the
+    listening socket found the key unusable; the files are checked first now."""
+    cert, _ = self_signed(tmp_path)
+    (tmp_path / "other").mkdir()
+    _, other_key = self_signed(tmp_path / "other")
+    command = [*cli_command(), "serve", "--model", "test:tiny", "--preload", "--port", "0"]
+    command += ["--cache-dir", str(tmp_path / "cache"), "--ssl-cert", str(cert), "--ssl-key", str(other_key)]
+    done = subprocess.run(
+        command, env=server_env(tmp_path), capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 2, done.stderr
+    assert "not the private key of that certificate" in done.stderr
+    assert " loaded " not in done.stderr and "serving" not in done.stderr
