@@ -124,7 +124,9 @@ def serve(config: Path | None, **flags: Any) -> None:
     default="skip",
     show_default=True,
     help="When a caption file exists: skip the image, overwrite the file, or add the new caption "
-    "after/before the old one. JSONL and Parquet outputs always skip what they already hold.",
+    "after/before the old one. JSONL and Parquet outputs always skip what they already hold "
+    "for this model (rows of another --model are captioned again; caption files do not say "
+    "which model wrote them).",
 )
 @click.option("--prefix", default="", help="Text put before every caption, e.g. a trigger word and ', '.")
 @click.option("--suffix", default="", help="Text put after every caption.")

@@ -466,3 +466,22 @@ def test_images_of_a_path_list_sharing_a_caption_file_are_refused(tmp_path: Path
     for image, other in (("a.jpg", "a.png"), ("a.png", "a.jpg")):
         assert f"{root / image}: shares its caption file a.txt with {root / other}; neither" in result.stderr
     assert "captioned 1, " in result.stderr and "failed 2" in result.stderr
+
+
+def test_a_rerun_with_another_model_captions_again_into_the_same_jsonl(tmp_path: Path, cache: Path) -> None:
+    # Resuming went by image and task only, so a second model's run skipped every image.
+    root = tmp_path / "data"
+    images = sorted(good_images(root, 3))
+    jsonl = tmp_path / "out.jsonl"
+    for model, captioned in (("one=test:tiny", 3), ("two=test:tiny", 3)):  # unit tests: the rest
+        command = caption_command(
+            root, "--model", model, *FAST_OPTIONS, "--jsonl", jsonl, "--cache-dir", cache
+        )
+        result = subprocess.run(command, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr
+        assert f"captioned {captioned}, skipped {3 - captioned}" in result.stderr, (model, result.stderr)
+        if model.startswith("two"):
+            assert "resuming from the rows of two only; its rows of other models (3 of one)" in result.stderr
+    rows = jsonl_rows(jsonl)
+    assert [row["model"] for row in rows] == ["one"] * 3 + ["two"] * 3
+    assert {row["key"] for row in rows[3:]} == {image.relative_to(root).as_posix() for image in images}

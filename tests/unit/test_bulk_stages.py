@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from tests.support.bulk_data import picture
 from tests.support.leftovers import OLD, YOUNG, aged
@@ -254,4 +255,50 @@ def test_a_path_list_flags_images_that_would_share_a_caption_file(tmp_path: Path
         + "; neither is captioned, rename one of them",
         "shares its caption file a.txt with a.jpg; neither is captioned, rename one of them",
         "shares its caption file c.txt with c.png; neither is captioned, rename one of them",
+    ]
+
+
+def test_table_outputs_resume_per_model_and_old_rows_still_count(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run with another model captions again what the file holds for other models; rows of
+    this model written with its source (older versions) or naming no model still count."""
+    named = RowFacts(("<CAPTION>",), "tiny", None, older_names=("test:tiny",))
+    rows = {
+        "a.png": {"model": "tiny", "adapter": None},  # this model, by its served name
+        "b.png": {"model": "test:tiny", "adapter": None},  # this model, by its source (older rows)
+        "c.png": {},  # no model named at all: cannot tell, counts as before
+        "d.png": {"model": "other", "adapter": None},  # another model
+        "e.png": {"model": "tiny", "adapter": "lora"},  # this model with an adapter is another
+        "f.png": {"model": "tiny", "adapter": None, "caption": None, "error": "cannot decode"},
+    }
+    lines = [{"source": "d", "key": k, "task": "<CAPTION>", "caption": "x", **v} for k, v in rows.items()]
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    table = tmp_path / "out.parquet"
+    pq.write_table(pa.Table.from_pylist([line for line in lines if line["caption"]]), table)
+    with caplog.at_level("INFO"):
+        outputs = [JsonlOutput(out, named), ParquetOutput(table, named)]
+    for output in outputs:
+        todo = [k for k in rows if output.missing(Record("d", k), ["<CAPTION>"])]
+        assert todo == ["d.png", "e.png", "f.png"], output
+    assert (
+        "resuming from the rows of tiny only; its rows of other models (1 of other, 1 of tiny + lora)"
+        in caplog.text
+    )
+    assert "1 row(s) name no model; they count as done" in caplog.text
+    jsonl = outputs[0]
+    jsonl.write(Record("d", "f.png"), {}, "cannot decode")  # the same model's error row: not again
+    other = JsonlOutput(out, RowFacts(("<CAPTION>",), "other", None))
+    assert [k for k in rows if other.missing(Record("d", k), ["<CAPTION>"])] == [
+        "a.png",
+        "b.png",
+        "e.png",
+        "f.png",
+    ]
+    other.write(Record("d", "f.png"), {}, "cannot decode")  # another model's failure is its own row
+    for output in (*outputs, other):
+        output.close()
+    assert [json.loads(line).get("model") for line in out.read_text(encoding="utf-8").splitlines()[6:]] == [
+        "other"
     ]

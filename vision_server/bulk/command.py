@@ -230,8 +230,11 @@ def _outputs(
 ) -> list[Output]:
     spec = settings.default_model_spec
     # Rows name the model as vision-client folder's rows do: by its served name (NAME of
-    # --model NAME=SOURCE; an unnamed model's name is its source). Resuming never reads it.
-    facts = RowFacts(tasks, spec.name, spec.adapter)
+    # --model NAME=SOURCE; an unnamed model's name is its source). A rerun resumes from the rows
+    # of this model only, as vision-client folder does; rows written before rows held the served
+    # name hold the source, so it counts too.
+    older = (spec.source,) if spec.source != spec.name else ()
+    facts = RowFacts(tasks, spec.name, spec.adapter, older)
     try:
         ext = caption_suffix(request.ext)
     except ValueError as exc:

@@ -39,11 +39,70 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RowFacts:
-    """What every row says besides captions: which tasks the run asked for, model and adapter."""
+    """What every row says besides captions: which tasks the run asked for, model and adapter.
+
+    They also say which rows already there are this run's to resume from (:meth:`is_ours`).
+    """
 
     tasks: tuple[str, ...]
     model: str  # the served name (``--model NAME=SOURCE``: NAME; an unnamed model: its source)
     adapter: str | None
+    # other names older rows gave this model: before rows held the served name, they held the
+    # source (``SOURCE`` of ``--model NAME=SOURCE``)
+    older_names: tuple[str, ...] = ()
+
+    def is_ours(self, row: dict[str, Any]) -> bool:
+        """Whether ``row`` counts for this run's model, as ``vision-client folder`` resumes per
+        model: its ``model`` is this model's name (or an older name of it) and its ``adapter``
+        this run's. A row that names no model (``model`` absent or null) cannot be placed; it
+        counts, as every row did before resuming compared models."""
+        model = row.get("model")
+        if model is None:
+            return True
+        return (model == self.model or model in self.older_names) and row.get("adapter") == self.adapter
+
+
+class ModelRows:
+    """Rows read back, filtered to this run's model (:meth:`RowFacts.is_ours`), counting the rest
+    so the run can say why images recorded in the file are captioned again."""
+
+    def __init__(self, facts: RowFacts) -> None:
+        self.facts = facts
+        self.nameless = 0  # rows that name no model (taken as this model's)
+        self.others: dict[str, int] = {}  # model (and adapter) -> rows left out
+
+    def select(self, rows: Iterable[Any]) -> Iterator[Any]:
+        for row in rows:
+            if not isinstance(row, dict):
+                yield row
+            elif row.get("model") is None:
+                self.nameless += 1
+                yield row
+            elif self.facts.is_ours(row):
+                yield row
+            else:
+                name = str(row.get("model")) + (f" + {row['adapter']}" if row.get("adapter") else "")
+                self.others[name] = self.others.get(name, 0) + 1
+
+    def report(self, path: Path) -> None:
+        """Say (once, when the output is opened) what was not resumed from, and why."""
+        if self.others:
+            held = ", ".join(f"{count} of {name}" for name, count in self.others.items())
+            mine = self.facts.model + (f" + {self.facts.adapter}" if self.facts.adapter else "")
+            log.info(
+                "%s: resuming from the rows of %s only; its rows of other models (%s) stay as they "
+                "are, and their images are captioned again with this model",
+                path,
+                mine,
+                held,
+            )
+        if self.nameless:
+            log.warning(
+                "%s: %d row(s) name no model; they count as done for this run's model too "
+                "(write to a new file to caption those images again)",
+                path,
+                self.nameless,
+            )
 
 
 def identity(record: Record) -> str:
@@ -275,10 +334,15 @@ class JsonlOutput(_TableOutput):
     """``--jsonl FILE``: a row per image, failed ones too (with ``error``), appended as they finish."""
 
     def __init__(self, path: Path, facts: RowFacts) -> None:
-        # A rerun reports a still-bad image again, but does not add the same error row again.
+        # A rerun reports a still-bad image again, but does not add the same error row again
+        # (the same model's: another model's run records its own failures).
         self._errors: set[tuple[str, str]] = set()
         shapes = RowShapes()
-        super().__init__(facts, recorded(shapes.note(self._note_errors(read_jsonl(path)))), shapes)
+        mine = ModelRows(facts)
+        super().__init__(
+            facts, recorded(self._note_errors(mine.select(shapes.note(read_jsonl(path))))), shapes
+        )
+        mine.report(path)
         self._log = _LineLog(path)
 
     def write(self, record: Record, captions: Captions, error: str | None) -> None:
@@ -311,9 +375,11 @@ class ParquetOutput(_TableOutput):
         # A run killed while folding left its temp file (as big as the table); a dry run keeps it.
         self.stale_temps_removed = sweep_fold_temps(path) if sweep else 0
         shapes = RowShapes()
-        done = recorded(shapes.note(_parquet_rows(path)))
-        for task, idents in recorded(shapes.note(read_jsonl(self.journal))).items():
+        mine = ModelRows(facts)
+        done = recorded(mine.select(shapes.note(_parquet_rows(path))))
+        for task, idents in recorded(mine.select(shapes.note(read_jsonl(self.journal)))).items():
             done.setdefault(task, set()).update(idents)
+        mine.report(path)
         super().__init__(facts, done, shapes)
         self._log = _LineLog(self.journal)
 
