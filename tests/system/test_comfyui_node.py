@@ -18,6 +18,7 @@ import threading
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from types import ModuleType
@@ -99,11 +100,17 @@ def server() -> Iterator[tuple[str, Recorder]]:
         def log_message(self, *args: object) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
+    with serving(Handler) as url:
+        yield url + "/", recorder
+
+
+@contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]) -> Iterator[str]:
+    """``handler`` on a local port in a thread while the block runs; its ``http://`` URL."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}/", recorder
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
         httpd.server_close()
@@ -247,14 +254,9 @@ def test_refused_key_says_where_the_node_takes_it_from(node: ModuleType) -> None
         def log_message(self, *args: object) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Refusing)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with serving(Refusing) as url:
         with pytest.raises(RuntimeError, match=r"answered 401: Missing API key.*VISION_API_KEY"):
-            node.request_caption(b"png", "<CAPTION>", f"http://127.0.0.1:{httpd.server_address[1]}")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+            node.request_caption(b"png", "<CAPTION>", url)
 
 
 @pytest.fixture
@@ -325,14 +327,9 @@ def test_a_url_that_is_not_a_vision_server(node: ModuleType) -> None:
         def log_message(self, *args: object) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Page)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
+    with serving(Page) as url:
         with pytest.raises(RuntimeError, match=r"without a caption .* is server_url a vision-server"):
-            node.request_caption(b"png", "<CAPTION>", f"http://127.0.0.1:{httpd.server_address[1]}")
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
+            node.request_caption(b"png", "<CAPTION>", url)
 
 
 def test_untrusted_certificate_is_not_retried(node: ModuleType, tmp_path: Path) -> None:
