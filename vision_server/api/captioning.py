@@ -38,12 +38,7 @@ async def caption_base64(
     ``labels`` default to an interactive job of the request's client; ``prompt`` is free text for
     a model that reads it (:func:`vision_server.api.task_words.read_prompt`); ``stream`` gets the
     caption so far while it is generated (see :class:`CaptionItem`)."""
-    labels = labels or job_labels(request)
-    request.app[ENGINE].check_room(labels.lane, model)
-    spec = spec_for(request.app, model)
-    image = await request.app[DECODER].from_base64(text, bulk=labels.lane is Lane.BULK, spec=spec)
-    item = CaptionItem(image=image, task=task, options=options, stream=stream, prompt=prompt)
-    return await _submit(request, item, labels, model)
+    return await _caption(request, text, task, options, labels, prompt, model, stream)
 
 
 async def caption_bytes(
@@ -57,12 +52,7 @@ async def caption_bytes(
     model: str | None = None,
 ) -> Caption:
     """Caption an uploaded file's bytes (decoded off the event loop)."""
-    labels = labels or job_labels(request)
-    request.app[ENGINE].check_room(labels.lane, model)
-    spec = spec_for(request.app, model)
-    image = await request.app[DECODER].from_bytes(data, bulk=labels.lane is Lane.BULK, spec=spec)
-    item = CaptionItem(image=image, task=task, options=options, prompt=prompt)
-    return await _submit(request, item, labels, model)
+    return await _caption(request, data, task, options, labels, prompt, model)
 
 
 async def caption_all_base64(
@@ -102,6 +92,30 @@ def name_image(error: BaseException | None, where: str) -> None:
     """Say which image a client error is about (a bad or oversized image, not a full queue)."""
     if isinstance(error, VisionServerError) and 400 <= error.status < 500 and error.param is None:
         error.param = where
+
+
+async def _caption(
+    request: web.Request,
+    sent: str | bytes,
+    task: str,
+    options: GenerationOptions,
+    labels: JobLabels | None,
+    prompt: str | None,
+    model: str | None,
+    stream: Callable[[str], None] | None = None,
+) -> Caption:
+    """The one path for both kinds of image: refuse a full lane before any decoding, decode on
+    the lane's pool at the picked model's size, then submit."""
+    labels = labels or job_labels(request)
+    request.app[ENGINE].check_room(labels.lane, model)
+    spec = spec_for(request.app, model)
+    decoder, bulk = request.app[DECODER], labels.lane is Lane.BULK
+    if isinstance(sent, str):
+        image = await decoder.from_base64(sent, bulk=bulk, spec=spec)
+    else:
+        image = await decoder.from_bytes(sent, bulk=bulk, spec=spec)
+    item = CaptionItem(image=image, task=task, options=options, stream=stream, prompt=prompt)
+    return await _submit(request, item, labels, model)
 
 
 async def _submit(request: web.Request, item: CaptionItem, labels: JobLabels, model: str | None) -> Caption:
