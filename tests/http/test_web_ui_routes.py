@@ -298,3 +298,41 @@ async def test_a_caption_file_linked_out_of_the_root_is_neither_read_nor_followe
     assert not (data.root / "img04.txt").is_symlink()
     assert (data.root / "img04.txt").read_text(encoding="utf-8") == "written in the dataset"
     assert data.outside.read_text(encoding="utf-8") == "outside the gallery"
+
+
+async def test_caption_files_the_gallery_writes_follow_the_dataset_rules(
+    data: GalleryData, tmp_path: Path
+) -> None:
+    """A model's caption is saved on one line (every dataset tool's rule); the user's own text
+    as typed (several lines are alternative captions to kohya-ss and OneTrainer); images that
+    share a caption file (``a.jpg`` + ``a.png`` -> ``a.txt``) get none: a 409 or a per-image
+    error naming the other image, and no file."""
+    for name in ("twin.jpg", "twin.png"):
+        (data.root / name).write_bytes((data.root / "img00.png").read_bytes())
+    settings = gallery_settings(data, tmp_path, gallery_writable=True)
+    multi = "A cat.\nIt sleeps on a red sofa.\r\n\r\nThe end.\rReally."
+    async with running_server(settings, FakeCaptioner(text=multi)) as url, ClientSession(url) as client:
+        body = {"paths": ["img03.png", "twin.png"], "task": "caption", "save": True}
+        async with client.post("/ui/api/gallery/recaption", json=body) as response:
+            assert response.status == 200, await response.text()
+            results = {r["path"]: r for r in (await response.json())["results"]}
+        assert results["img03.png"]["caption"] == multi  # the reply keeps it as the model wrote it
+        one_line = "A cat. It sleeps on a red sofa.  The end. Really."
+        assert (data.root / "img03.txt").read_text(encoding="utf-8") == one_line
+        shared = "shares its caption file twin.txt with twin.jpg; neither is captioned, rename one of them"
+        assert results["twin.png"] == {"path": "twin.png", "error": shared}
+
+        typed = {"path": "img04.png", "source": ".txt", "text": "first caption\nsecond caption"}
+        async with client.post("/ui/api/gallery/save", json=typed) as response:
+            assert response.status == 200
+        assert (data.root / "img04.txt").read_text(encoding="utf-8") == "first caption\nsecond caption"
+
+        for source in (".txt", ".tags"):
+            edit = {"path": "twin.jpg", "source": source, "text": "a cat"}
+            async with client.post("/ui/api/gallery/save", json=edit) as response:
+                assert response.status == 409
+                message = (await response.json())["error"]["message"]
+            assert message == f"twin.jpg shares its caption file twin{source} with twin.png; " + (
+                "neither is captioned, rename one of them"
+            )
+    assert sorted(p.name for p in data.root.glob("twin.*")) == ["twin.jpg", "twin.png"]

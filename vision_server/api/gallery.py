@@ -26,6 +26,7 @@ from vision_server.api.scheduling import job_labels
 from vision_server.api.served_model import note_served_model
 from vision_server.api.state import DECODER, ENGINE, SETTINGS
 from vision_server.captioner import CaptionItem
+from vision_server.captionfiles import one_line
 from vision_server.engine.jobs import Lane
 from vision_server.errors import BadRequest, Forbidden, VisionServerError
 from vision_server.gallery.catalog import Catalog, Entry, Query
@@ -36,6 +37,14 @@ from vision_server.settings import Settings, SettingsError
 from vision_server.tasks import normalize_task
 
 T = TypeVar("T")
+
+
+class SharedCaptionFile(VisionServerError):
+    """A save into a caption file that another image of the folder shares (``a.jpg``, ``a.png``)."""
+
+    status = 409
+    code = "shared_caption_file"
+
 
 MAX_PATHS = 1000  # images per re-caption or export request
 IN_FLIGHT = 8  # images one re-caption request has queued at a time
@@ -155,6 +164,11 @@ async def save(request: web.Request) -> web.Response:
         limit = f"the limit is {MAX_SAVE_CHARS}"
         raise InvalidParameter("text", f"The caption is {len(text)} characters; {limit}.")
     entry = await gallery.entry(body.get("path"))
+    shared = gallery.catalog.shared_file(entry, source)
+    if shared is not None:
+        raise SharedCaptionFile(f"{entry.key} {shared}")
+    # The user's own text is saved as typed, line breaks and all (see docs/web-ui.md): several
+    # lines are how kohya-ss (enable_wildcard) and OneTrainer take alternative captions.
     await gallery.run(gallery.catalog.save, entry, source, text)
     return web.json_response(await gallery.run(gallery.catalog.item, entry))
 
@@ -182,6 +196,9 @@ async def recaption(request: web.Request) -> web.Response:
     limit = asyncio.Semaphore(IN_FLIGHT)
 
     async def one(entry: Entry) -> dict[str, Any]:
+        shared = gallery.catalog.shared_file(entry, PRIMARY) if store else None
+        if shared is not None:  # as every dataset tool: neither image is captioned
+            return {"path": entry.key, "error": shared}
         async with limit:
             try:
                 text = await caption_file(request, entry.path, task, model.name)
@@ -192,8 +209,8 @@ async def recaption(request: web.Request) -> web.Response:
             except OSError as exc:
                 return {"path": entry.key, "error": f"cannot read the file: {exc.strerror or exc}"}
         gallery.catalog.remember(entry.key, label, text)
-        if store:
-            await gallery.run(gallery.catalog.save, entry, PRIMARY, text)
+        if store:  # the model's caption on one line, as every dataset tool writes caption files
+            await gallery.run(gallery.catalog.save, entry, PRIMARY, one_line(text))
         return {"path": entry.key, "task": task, "caption": text}
 
     jobs = [asyncio.ensure_future(one(entry)) for entry in entries]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vision_server.bulk.readers import ReadOptions, iter_records
-from vision_server.captionfiles import write_atomic
+from vision_server.captionfiles import shared_caption_reason, write_atomic
 from vision_server.gallery.jsonl import JsonlCaptions
 from vision_server.gallery.paths import is_clean_relative, is_under
 from vision_server.gallery.sidecars import PRIMARY, TextCache, by_stem, is_caption_suffix, sidecar_path
@@ -38,6 +38,8 @@ class Entry:
     key: str  # path relative to the root, "/" between folders
     path: Path  # root / key, symlinks not resolved
     sidecars: tuple[str, ...]  # caption suffixes present when listed (".txt", ".tags", ...)
+    # the other images of its folder with the same stem: they share every caption file of it
+    stem_clash: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -100,7 +102,7 @@ class Catalog:
                 except OSError:
                     folders[folder] = {}
             sidecars = folders[folder].get(record.path.stem, ())
-            yield record.key, Entry(record.key, record.path, sidecars)
+            yield record.key, Entry(record.key, record.path, sidecars, record.stem_clash)
 
     def find(self, key: str) -> Entry | None:
         """The listed image ``key`` names, still under the root now; None for anything else."""
@@ -143,8 +145,17 @@ class Catalog:
         while len(self._fresh) > MAX_FRESH:
             self._fresh.popitem(last=False)
 
+    def shared_file(self, entry: Entry, suffix: str) -> str | None:
+        """Why ``entry``'s caption file may not be written (another image of its folder has the
+        same stem, so a trainer pairs the file with both), or None: the rule of every dataset
+        tool (:func:`~vision_server.captionfiles.shared_caption_reason`)."""
+        if not entry.stem_clash:
+            return None
+        return shared_caption_reason([sidecar_path(entry.path, suffix).name], entry.stem_clash)
+
     def save(self, entry: Entry, suffix: str, text: str) -> Path:
-        """Replace one caption file atomically (the caller has checked the gallery is writable)."""
+        """Replace one caption file atomically (the caller has checked the gallery is writable
+        and :meth:`shared_file`)."""
         if not is_caption_suffix(suffix):
             raise ValueError(f"{suffix!r} is not a caption file suffix (.txt, .caption, .tags, .<name>.txt)")
         target = sidecar_path(entry.path, suffix)

@@ -1,7 +1,8 @@
 """A deterministic stand-in captioner for scheduler tests that need to control time.
 
 Everything else is tested against the real Florence-2 code on the tiny model; this fake exists
-only where a test must make generation take a known time, fail on purpose, or count calls.
+only where a test must make generation take a known time, fail on purpose, count calls, or get
+a caption the tiny model cannot be made to write (``text``: line breaks, say).
 """
 
 from __future__ import annotations
@@ -32,8 +33,10 @@ class FakeCaptioner:
         memory: dict[str, int] | None = None,
         tasks: tuple[str, ...] = PROMPTGEN_TASKS,
         spec: PixelSpec = FAKE_SPEC,
+        text: str | None = None,
     ) -> None:
         self.delay = delay
+        self.text = text  # every caption, when given (else a hash of the pixels and the task)
         self.offloadable = offloadable  # pretend to run on a GPU with a warm tier
         self.offloaded = False
         self.offloads = 0
@@ -93,6 +96,8 @@ class FakeCaptioner:
         time.sleep(self.delay)
         if self.fail_caption is not None:
             raise self.fail_caption
+        if self.text is not None:
+            return [Caption(text=self.text) for _ in batch]
         return [Caption(text=self.expected(item, self._model_id)) for item in batch]
 
     def unload(self) -> None:
