@@ -190,30 +190,12 @@ async def recaption(request: web.Request) -> web.Response:
         raise InvalidParameter("task", "task must name one of the model's tasks.")
     model = chosen_model(request, body.get("model"))
     task = normalize_task(task_text, model.tasks)
-    # A fresh caption is shown under its task; with several models, under the model's name too.
-    label = task if len(request.app[ENGINE].model_names) == 1 else f"{model.name} {task}"
     entries = [await gallery.entry(key) for key in keys]  # every path checked before any work
     limit = asyncio.Semaphore(IN_FLIGHT)
-
-    async def one(entry: Entry) -> dict[str, Any]:
-        shared = gallery.catalog.shared_file(entry, PRIMARY) if store else None
-        if shared is not None:  # as every dataset tool: neither image is captioned
-            return {"path": entry.key, "error": shared}
-        async with limit:
-            try:
-                text = await caption_file(request, entry.path, task, model.name)
-            except VisionServerError as exc:
-                if exc.status >= 500:
-                    raise  # the server's trouble (draining, load failure): the whole request fails
-                return {"path": entry.key, "error": exc.message}
-            except OSError as exc:
-                return {"path": entry.key, "error": f"cannot read the file: {exc.strerror or exc}"}
-        gallery.catalog.remember(entry.key, label, text)
-        if store:  # the model's caption on one line, as every dataset tool writes caption files
-            await gallery.run(gallery.catalog.save, entry, PRIMARY, one_line(text))
-        return {"path": entry.key, "task": task, "caption": text}
-
-    jobs = [asyncio.ensure_future(one(entry)) for entry in entries]
+    jobs = [
+        asyncio.ensure_future(_recaption_one(request, entry, task, model.name, store, limit))
+        for entry in entries
+    ]
     try:
         results = await asyncio.gather(*jobs)
     finally:
@@ -221,6 +203,32 @@ async def recaption(request: web.Request) -> web.Response:
             job.cancel()  # after a failure (or the client leaving), the rest leave the queue
     items = [await gallery.run(gallery.catalog.item, entry) for entry in entries]
     return web.json_response({"task": task, "model": model.name, "results": results, "items": items})
+
+
+async def _recaption_one(
+    request: web.Request, entry: Entry, task: str, model: str, store: bool, limit: asyncio.Semaphore
+) -> dict[str, Any]:
+    """One image's result for :func:`recaption`: its caption (remembered as a source, and saved
+    when ``store``), or the client-side reason it failed; a failure of ours fails the request."""
+    gallery = request.app[GALLERY]
+    shared = gallery.catalog.shared_file(entry, PRIMARY) if store else None
+    if shared is not None:  # as every dataset tool: neither image is captioned
+        return {"path": entry.key, "error": shared}
+    async with limit:
+        try:
+            text = await caption_file(request, entry.path, task, model)
+        except VisionServerError as exc:
+            if exc.status >= 500:
+                raise  # the server's trouble (draining, load failure): the whole request fails
+            return {"path": entry.key, "error": exc.message}
+        except OSError as exc:
+            return {"path": entry.key, "error": f"cannot read the file: {exc.strerror or exc}"}
+    # A fresh caption is shown under its task; with several models, under the model's name too.
+    label = task if len(request.app[ENGINE].model_names) == 1 else f"{model} {task}"
+    gallery.catalog.remember(entry.key, label, text)
+    if store:  # the model's caption on one line, as every dataset tool writes caption files
+        await gallery.run(gallery.catalog.save, entry, PRIMARY, one_line(text))
+    return {"path": entry.key, "task": task, "caption": text}
 
 
 async def caption_file(request: web.Request, path: Path, task: str, model: str | None = None) -> str:
