@@ -187,15 +187,7 @@ def build_specs(
     backends exist is the settings' check).
     """
     specs = [parse_model_spec(text) for text in texts]
-    if not specs:
-        raise ValueError("model: give at least one model")
-    seen: dict[str, ModelSpec] = {}
-    for spec in specs:
-        if spec.name in seen:
-            raise ValueError(
-                f"model: the name {spec.name!r} is used twice; give each model its own name (NAME=SOURCE)"
-            )
-        seen[spec.name] = spec
+    seen = _by_unique_name(specs)
     if adapter is not None:
         specs = [_with_old_adapter(specs, texts, adapter)]
     names = [spec.name for spec in specs]
@@ -223,6 +215,20 @@ def build_specs(
     if default is not None and default not in seen:
         raise ValueError(f"default_model: no model is named {default!r}; the models are {_listed(names)}")
     return tuple(specs)
+
+
+def _by_unique_name(specs: list[ModelSpec]) -> dict[str, ModelSpec]:
+    """The models by name; none at all, or a name given twice, is refused."""
+    if not specs:
+        raise ValueError("model: give at least one model")
+    seen: dict[str, ModelSpec] = {}
+    for spec in specs:
+        if spec.name in seen:
+            raise ValueError(
+                f"model: the name {spec.name!r} is used twice; give each model its own name (NAME=SOURCE)"
+            )
+        seen[spec.name] = spec
+    return seen
 
 
 def _with_old_adapter(specs: list[ModelSpec], texts: Sequence[str], adapter: str) -> ModelSpec:
