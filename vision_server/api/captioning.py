@@ -115,10 +115,21 @@ async def _caption(
     else:
         image = await decoder.from_bytes(sent, bulk=bulk, spec=spec)
     item = CaptionItem(image=image, task=task, options=options, stream=stream, prompt=prompt)
-    return await _submit(request, item, labels, model)
+    return await submit_item(request, item, labels, model)
 
 
-async def _submit(request: web.Request, item: CaptionItem, labels: JobLabels, model: str | None) -> Caption:
+async def submit_item(
+    request: web.Request,
+    item: CaptionItem,
+    labels: JobLabels,
+    model: str | None,
+    *,
+    wait_for_room: bool = False,
+) -> Caption:
+    """Hand a prepared item to the engine under the request's id; the reply names the model
+    (``X-Model``), whatever the family. ``wait_for_room`` as :meth:`Engine.submit` has it."""
     request_id = request.get(REQUEST_ID, "-")
-    note_served_model(request, model)  # the reply names it (X-Model), whatever the family
-    return await request.app[ENGINE].submit(item, model=model, request_id=request_id, labels=labels)
+    note_served_model(request, model)
+    return await request.app[ENGINE].submit(
+        item, model=model, request_id=request_id, labels=labels, wait_for_room=wait_for_room
+    )

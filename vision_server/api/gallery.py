@@ -20,10 +20,10 @@ from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.bodies import read_json_object
-from vision_server.api.errors import REQUEST_ID, InvalidParameter, NotFound
+from vision_server.api.captioning import submit_item
+from vision_server.api.errors import InvalidParameter, NotFound
 from vision_server.api.model_choice import chosen_model, spec_for
 from vision_server.api.scheduling import job_labels
-from vision_server.api.served_model import note_served_model
 from vision_server.api.state import DECODER, ENGINE, SETTINGS
 from vision_server.captioner import CaptionItem
 from vision_server.captionfiles import one_line
@@ -239,11 +239,8 @@ async def caption_file(request: web.Request, path: Path, task: str, model: str |
     spec = spec_for(request.app, model)
     prepared = await request.app[DECODER].from_bytes(data, spec=spec, source=LOCAL_FILE)
     item = CaptionItem(image=prepared, task=task, options=request.app[SETTINGS].generation_defaults())
-    request_id = request.get(REQUEST_ID, "-")
     labels = job_labels(request, default=Lane.BULK)  # behind interactive requests, unless asked
-    engine = request.app[ENGINE]
-    note_served_model(request, model)  # the reply names it (X-Model), as every caption reply does
-    result = await engine.submit(item, model=model, request_id=request_id, wait_for_room=True, labels=labels)
+    result = await submit_item(request, item, labels, model, wait_for_room=True)
     return result.text
 
 

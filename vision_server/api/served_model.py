@@ -2,8 +2,9 @@
 
 The bodies stay each family's own (the native one byte for byte as florence2-visionapi's), so
 the name travels in a header: a folder run records it, a browser page reads it (CORS exposes
-it). A request is marked when its image is handed to a model (:func:`note_served_model`, from
-:mod:`vision_server.api.captioning` and the gallery); the header is added as the reply is
+it). A request is marked when its image is handed to a model (:func:`note_served_model`, in
+:func:`vision_server.api.captioning.submit_item`, the one way in for every family and the
+gallery); the header is added as the reply is
 prepared, so streamed replies carry it too. Error replies carry none: no model captioned.
 """
 
