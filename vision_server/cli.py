@@ -104,7 +104,8 @@ def serve(config: Path | None, **flags: Any) -> None:
     "tasks",
     multiple=True,
     help="Task, with or without brackets, any case (caption, DETAILED_CAPTION, <GENERATE_TAGS>). "
-    "Repeat for several captions per image in one pass; sidecars are then STEM.<task>.<ext>, and "
+    "Repeat for several captions per image in one pass; sidecars are then STEM.<task>.<ext> "
+    "(a run of one task writes STEM.<ext>; neither counts the other's files as done), and "
     "rows hold every task (an existing --jsonl/--parquet of one-task rows refuses that: run one "
     "task at a time into it). "
     "[default: <MORE_DETAILED_CAPTION>; <CAPTION> for models with that one task (BLIP, GIT ...)]",

@@ -302,3 +302,34 @@ def test_table_outputs_resume_per_model_and_old_rows_still_count(
     assert [json.loads(line).get("model") for line in out.read_text(encoding="utf-8").splitlines()[6:]] == [
         "other"
     ]
+
+
+def test_caption_files_named_for_another_number_of_tasks_are_said_once_not_taken(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """One task writes ``a.txt``, several ``a.<task>.txt``: a run with the other number of tasks
+    neither resumes from nor overwrites the other run's files, and says so once."""
+    images = [tmp_path / f"{name}.png" for name in ("a", "b", "c")]
+    records = [Record(str(tmp_path), p.name, path=p) for p in images]
+    for image in images[:2]:
+        image.with_suffix(".txt").write_text("from a run of one task", encoding="utf-8")
+    several = Sidecars(SidecarStyle(several_tasks=True))
+    tasks = ["<CAPTION>", "<GENERATE_TAGS>"]
+    with caplog.at_level("WARNING"):
+        units = list(plan(records, tasks, [several]))
+    assert [(type(u), getattr(u, "tasks", None)) for u in units] == [(Work, tuple(tasks))] * 3
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(
+        f"{images[0].with_suffix('.txt')} exists, as a run of one task names caption files;"
+    )
+    assert "(a.caption.txt, a.generate_tags.txt)" in warning and "run one --task at a time" in warning
+
+    caplog.clear()
+    (tmp_path / "c.caption.txt").write_text("from a run of two tasks", encoding="utf-8")
+    one = Sidecars(SidecarStyle())
+    with caplog.at_level("WARNING"):
+        units = list(plan(records, ["<CAPTION>"], [one]))
+    assert [type(u) for u in units] == [Skip, Skip, Work]  # c.txt is still missing
+    (warning,) = [r.getMessage() for r in caplog.records]
+    assert warning.startswith(f"{tmp_path / 'c.caption.txt'} exists, as a run of several tasks names")
+    assert "this run of one task writes c.txt" in warning

@@ -227,6 +227,51 @@ class Sidecars:
 
     def __init__(self, style: SidecarStyle) -> None:
         self.style = style
+        self.other_naming: Path | None = None  # a caption file named for another number of tasks
+
+    def notice_other_naming(self, record: Record, tasks: Sequence[str]) -> None:
+        """Warn, once a run, when an image has a caption file named as a run with the other
+        number of tasks names it: ``STEM.txt`` (one task) beside this run's ``STEM.<task>.txt``
+        (several), or ``STEM.<task>.txt`` beside this run's ``STEM.txt``.
+
+        That file is neither read nor counted as done (which task wrote a ``STEM.txt`` is not
+        recorded, and trainers read ``STEM.txt``), so the run captions the image and writes its
+        own files beside it; without a word a user would expect it resumed, or find two sets of
+        files. Stops looking after the first one: one ``stat`` an image until then.
+        """
+        if self.other_naming is not None or record.path is None:
+            return
+        image = record.path
+        if self.style.several_tasks:
+            candidates = [image.with_suffix(self.style.ext)]
+        else:
+            candidates = [
+                image.with_name(f"{image.stem}.{task_slug(task)}{self.style.ext}") for task in tasks
+            ]
+        found = next((path for path in candidates if has_caption(path)), None)
+        if found is None:
+            return
+        self.other_naming = found
+        ours = ", ".join(sidecar_path(image, task, self.style).name for task in tasks)
+        if self.style.several_tasks:
+            log.warning(
+                "%s exists, as a run of one task names caption files; this run of %d tasks names "
+                "them by task (%s), leaves such files as they are and does not count them as done "
+                "(their task is not recorded). To keep one caption file per image, run one --task "
+                "at a time (--mode append adds to it). Not said again for other images.",
+                safe_text(str(found)),
+                len(tasks),
+                ours,
+            )
+        else:
+            log.warning(
+                "%s exists, as a run of several tasks names caption files; this run of one task "
+                "writes %s (the name trainers read), leaves such files as they are and does not "
+                "count them as done. To resume the several-task run, give it the same --task "
+                "list. Not said again for other images.",
+                safe_text(str(found)),
+                ours,
+            )
 
     def path(self, image: Path, task: str) -> Path:
         """Where ``image``'s caption for ``task`` goes."""

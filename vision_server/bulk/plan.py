@@ -42,6 +42,8 @@ def plan_record(record: Record, tasks: Sequence[str], outputs: Sequence[Output])
     blocked = sidecars.blocked(record, tasks) if sidecars is not None else None
     if blocked is not None:
         return Fail(record, blocked)
+    if sidecars is not None:
+        sidecars.notice_other_naming(record, tasks)
     missing = {task for output in outputs for task in output.missing(record, tasks)}
     if not missing:
         return Skip(record, "already captioned")
