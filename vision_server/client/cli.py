@@ -35,7 +35,8 @@ TASK_HELP = "Task, with or without brackets and in any case: caption, DETAILED_C
     default=DEFAULT_URL,
     show_default=True,
     show_envvar=True,
-    help="Server base URL (host:port also works).",
+    help="Server base URL (host:port also works). For https:// with a self-signed certificate or a "
+    "private CA, set SSL_CERT_FILE to that certificate.",
 )
 @click.option(
     "--api-key",
