@@ -19,7 +19,7 @@ import tracemalloc
 from pathlib import Path
 
 from vision_server.bulk.listed_clashes import find_clashes
-from vision_server.bulk.readers import _listed_paths
+from vision_server.bulk.readers import ReadOptions, _listed_paths
 
 
 def main() -> None:
@@ -37,10 +37,10 @@ def main() -> None:
             for n in range(args.clashes):
                 handle.write(f"/datasets/part{n // 1000:05d}/image_{n:09d}.png\n")
         start = time.perf_counter()
-        found = find_clashes(lambda: _listed_paths([listing]))
+        found = find_clashes(lambda: _listed_paths([listing], ReadOptions()))
         seconds = time.perf_counter() - start
         tracemalloc.start()  # a second run for memory: tracing slows Python down several times
-        find_clashes(lambda: _listed_paths([listing]))
+        find_clashes(lambda: _listed_paths([listing], ReadOptions()))
         _, peak = tracemalloc.get_traced_memory()
         tracemalloc.stop()
     clashing = len(found)

@@ -333,3 +333,14 @@ def test_caption_files_named_for_another_number_of_tasks_are_said_once_not_taken
     (warning,) = [r.getMessage() for r in caplog.records]
     assert warning.startswith(f"{tmp_path / 'c.caption.txt'} exists, as a run of several tasks names")
     assert "this run of one task writes c.txt" in warning
+
+
+def test_a_parquet_path_column_flags_images_that_would_share_a_caption_file(tmp_path: Path) -> None:
+    for name in ("x.jpg", "x.png", "y.png"):
+        (tmp_path / name).write_bytes(picture(1))
+    table = tmp_path / "paths.parquet"
+    pq.write_table(pa.table({"path": ["x.jpg", "y.png"]}), table)
+    listing = tmp_path / "more.txt"
+    listing.write_text("x.png\n", encoding="utf-8")
+    records = list(iter_records([table, listing], ReadOptions()))
+    assert {r.key: r.stem_clash for r in records} == {"x.jpg": ("x.png",), "y.png": (), "x.png": ("x.jpg",)}

@@ -1,4 +1,4 @@
-"""Images of path lists (and image-file inputs) that would share a caption file.
+"""Images of path lists (and Parquet path columns, image-file inputs) that would share a caption file.
 
 A folder reader sees each folder's names at once and flags ``a.jpg`` beside ``a.png`` itself.
 A ``.txt``/``.jsonl`` list can name the two images anywhere (lines apart, in two lists, spelled

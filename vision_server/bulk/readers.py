@@ -117,12 +117,12 @@ def _place(path: Path, kind: InputKind) -> Path:
 def iter_records(inputs: Iterable[Path], options: ReadOptions) -> Iterator[Record]:
     """Every image of every input, in order (folders sorted by name, depth first)."""
     inputs = list(inputs)
-    listed = [path for path in inputs if input_kind(path) in ("file", "list")]
-    clashes: list[ListedClashes] = []  # found when the first list or image file is reached
+    listed = [path for path in inputs if input_kind(path) in ("file", "list") or _lists_paths(path, options)]
+    clashes: list[ListedClashes] = []  # found when the first input of listed paths is reached
 
     def shared() -> ListedClashes:
         if not clashes:
-            clashes.append(find_clashes(lambda: _listed_paths(listed)))
+            clashes.append(find_clashes(lambda: _listed_paths(listed, options)))
         return clashes[0]
 
     for path in inputs:
@@ -136,16 +136,20 @@ def iter_records(inputs: Iterable[Path], options: ReadOptions) -> Iterator[Recor
         elif kind == "list":
             yield from _path_list(path, shared())
         elif kind == "parquet":
-            yield from _parquet(path, options)
+            yield from _parquet(path, options, shared() if path in listed else None)
         else:
             yield from _webdataset(path)
 
 
-def _listed_paths(inputs: Iterable[Path]) -> Iterator[tuple[str, str]]:
-    """(as listed, its path) of every image file input and every entry of every path list."""
+def _listed_paths(inputs: Iterable[Path], options: ReadOptions) -> Iterator[tuple[str, str]]:
+    """(as listed, its path) of every image file input, every entry of every path list and
+    every row of a Parquet file's path column."""
     for path in inputs:
         if input_kind(path) == "file":
             yield str(path), str(path)
+            continue
+        if input_kind(path) == "parquet":
+            yield from _parquet_paths(path, options)
             continue
         try:
             yield from (
@@ -349,7 +353,37 @@ def _check_parquet(path: Path, options: ReadOptions) -> None:
         raise InputError(f"{path}: {exc}") from None
 
 
-def _parquet(path: Path, options: ReadOptions) -> Iterator[Record]:
+def _lists_paths(path: Path, options: ReadOptions) -> bool:
+    """Whether ``path`` is a Parquet file whose image column holds paths (caption files go
+    beside them, so they take part in the shared-caption check as list entries do)."""
+    if input_kind(path) != "parquet":
+        return False
+    import pyarrow.parquet as pq
+
+    try:
+        return _image_column(pq.read_schema(path), options.image_column)[1] == "path"
+    except Exception:
+        return False  # unreadable or no such column: reported while reading
+
+
+def _parquet_paths(path: Path, options: ReadOptions) -> Iterator[tuple[str, str]]:
+    """(as listed, its path) of each row of a path column, resolved as :func:`_parquet_record`
+    resolves them; only that column is read."""
+    import pyarrow.parquet as pq
+
+    base = os.fspath(path.parent)
+    try:
+        table = pq.ParquetFile(path)
+        column = _image_column(table.schema_arrow, options.image_column)[0]
+        for batch in table.iter_batches(batch_size=4096, columns=[column]):
+            for value in batch.column(column).to_pylist():
+                if isinstance(value, str) and value:
+                    yield value, os.path.join(base, value)
+    except Exception:
+        return  # reported while reading for captioning
+
+
+def _parquet(path: Path, options: ReadOptions, clashes: ListedClashes | None = None) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     source = str(path)
@@ -367,13 +401,21 @@ def _parquet(path: Path, options: ReadOptions) -> Iterator[Record]:
             values = batch.column(image_column).to_pylist()
             keys = batch.column(key_column).to_pylist() if key_column else [None] * len(values)
             for value, key in zip(values, keys, strict=True):
-                yield _parquet_record(source, path.parent, row, value, key, kind)
+                yield _parquet_record(source, path.parent, row, value, key, kind, clashes)
                 row += 1
     except Exception as exc:
         yield Record(source, f"row {row}", error=f"rows from {row} on cannot be read ({_short(exc)})")
 
 
-def _parquet_record(source: str, base: Path, row: int, value: Any, key: Any, kind: ColumnKind) -> Record:
+def _parquet_record(
+    source: str,
+    base: Path,
+    row: int,
+    value: Any,
+    key: Any,
+    kind: ColumnKind,
+    clashes: ListedClashes | None = None,  # for a path column: its images sharing a caption file
+) -> Record:
     name = str(key) if key is not None else None
     if kind == "struct" and isinstance(value, dict):
         if value.get("bytes"):
@@ -385,7 +427,8 @@ def _parquet_record(source: str, base: Path, row: int, value: Any, key: Any, kin
             return Record(source, name or str(row), error=f"row {row} has no image path")
         listed = Path(value)
         path = listed if listed.is_absolute() else base / listed
-        return Record(source, name or value, path=path, error=file_problem(path))
+        clash = clashes.others(path) if clashes is not None else ()
+        return Record(source, name or value, path=path, error=file_problem(path), stem_clash=clash)
     if not isinstance(value, bytes) or not value:
         return Record(source, name or str(row), error=f"row {row} has no image bytes")
     return Record(source, name or str(row), data=value)
