@@ -147,7 +147,7 @@ def preprocessing_costs(captioner) -> dict[str, float]:  # type: ignore[no-untyp
 
     import torch
 
-    from vision_server.florence.captioner import pixel_values
+    from vision_server.florence.inputs import pixel_values
     from vision_server.florence.pixels import pixel_spec
     from vision_server.images import fit_image, open_image
 

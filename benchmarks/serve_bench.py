@@ -178,9 +178,10 @@ def run_in_process(images: list[bytes], args: argparse.Namespace, batch_size: in
     import torch
 
     from vision_server.captioner import CaptionItem
-    from vision_server.florence.captioner import FlorenceCaptioner, generate_kwargs
+    from vision_server.florence.captioner import FlorenceCaptioner
     from vision_server.images import open_image, prepare_image
     from vision_server.settings import Settings
+    from vision_server.torch_captioner import generate_kwargs
 
     overrides: dict = {"num_beams": args.num_beams} if args.num_beams is not None else {}
     if args.cache_dir is not None:

@@ -16,7 +16,7 @@ from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 
-from vision_server.captioner import ModelInfo
+from vision_server.captioner import GenerationOptions, ModelInfo
 from vision_server.devices import load_or_explain, planned_placement, release_memory, trim_heap
 from vision_server.florence.footprint import source_label
 from vision_server.florence.tiers import DeviceMover, PinnedMover
@@ -182,3 +182,17 @@ class TorchCaptioner(Generic[H]):
     def _estimated_size(self) -> int | None:
         """Bytes from the files on disk before the first load; None when unknown."""
         return None
+
+
+def generate_kwargs(options: GenerationOptions) -> dict[str, Any]:
+    """``generate``'s keyword arguments for ``options``: sampling knobs only when sampling."""
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": options.max_new_tokens,
+        "num_beams": options.num_beams,
+        "do_sample": options.do_sample,
+    }
+    if options.do_sample:
+        kwargs.update(temperature=options.temperature, top_p=options.top_p)
+    if options.min_new_tokens:
+        kwargs["min_new_tokens"] = options.min_new_tokens
+    return kwargs

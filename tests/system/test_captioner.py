@@ -174,7 +174,7 @@ def test_unknown_task_lists_the_valid_ones() -> None:
 
 
 def test_fast_preprocessing_matches_the_transformers_processor(loaded: FlorenceCaptioner) -> None:
-    from vision_server.florence.captioner import pixel_values, prompt_ids
+    from vision_server.florence.inputs import pixel_values, prompt_ids
     from vision_server.florence.pixels import pixel_spec
 
     processor = loaded._loaded.processor  # type: ignore[union-attr]
@@ -192,7 +192,7 @@ def test_fast_preprocessing_matches_the_transformers_processor(loaded: FlorenceC
 @pytest.mark.parametrize("spec", [FLORENCE_DEFAULT, tiny_pixel_spec()], ids=["768", "64"])
 def test_uint8_pixels_normalise_to_exactly_the_float_pixels_of_before(spec: PixelSpec) -> None:
     """Resizing to uint8 first and normalising the batch later changes no value (captions stay equal)."""
-    from vision_server.florence.captioner import pixel_values
+    from vision_server.florence.inputs import pixel_values
 
     images = [noise(seed, (1000 + 37 * seed, 700)) for seed in range(3)]
 

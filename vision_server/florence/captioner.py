@@ -24,6 +24,7 @@ from vision_server.devices import pick_device, pick_dtype, release_memory
 from vision_server.errors import ModelSourceError, OutOfMemory
 from vision_server.florence import footprint
 from vision_server.florence.compiled import CompilePlan
+from vision_server.florence.inputs import pixel_values, prompt_ids
 from vision_server.florence.pixels import pixel_spec, spec_before_load
 from vision_server.florence.prompts import tasks_for_model
 from vision_server.florence.shared_base import BaseKey, SharedBase, SharedBases
@@ -31,7 +32,7 @@ from vision_server.florence.source import resolve_model_dir
 from vision_server.florence.streaming import RowStreamer, streams, wants_stream
 from vision_server.florence.tiers import DeviceMover
 from vision_server.images import PixelSpec, fit_image
-from vision_server.torch_captioner import TorchCaptioner
+from vision_server.torch_captioner import TorchCaptioner, generate_kwargs
 from vision_server.weights import module_bytes
 
 if TYPE_CHECKING:
@@ -519,19 +520,6 @@ def _adapter_chosen(loaded: _Loaded) -> Iterator[None]:
         yield
 
 
-def pixel_values(batch: np.ndarray, spec: PixelSpec, device: torch.device) -> torch.Tensor:
-    """uint8 [N, H, W, 3] → float32 [N, 3, H, W], rescaled and normalised on ``device``.
-
-    The uint8 batch is a quarter of the floats' size to move; the arithmetic (float32 multiply,
-    subtract, divide) is that of transformers' CLIP image processor, so the values match it.
-    """
-    values = torch.from_numpy(batch).to(device).permute(0, 3, 1, 2).to(torch.float32)
-    values = values * torch.tensor(spec.rescale, dtype=torch.float32, device=device)
-    mean = torch.tensor(spec.mean, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(spec.std, dtype=torch.float32, device=device).view(1, 3, 1, 1)
-    return ((values - mean) / std).contiguous()
-
-
 def _at_size(item: CaptionItem, spec: PixelSpec) -> np.ndarray:
     """The item's pixels, resized again if it was prepared for another input size (logged)."""
     pixels = item.image.pixels
@@ -542,36 +530,10 @@ def _at_size(item: CaptionItem, spec: PixelSpec) -> np.ndarray:
     return fit_image(Image.fromarray(pixels), spec).pixels
 
 
-def prompt_ids(processor: Any, tasks: list[str], length: int | None = None) -> Any:
-    """Token ids exactly as ``Florence2Processor`` builds them: <image>×N, <s>, prompt, </s>.
-
-    ``length`` pads every row to that many tokens (fixed shapes for compiled decoding).
-    """
-    tokenizer = processor.tokenizer
-    image_tokens = processor.image_token * processor.num_image_tokens
-    prompts = processor._construct_prompts(tasks)
-    texts = [image_tokens + tokenizer.bos_token + prompt + tokenizer.eos_token for prompt in prompts]
-    padding: dict[str, Any] = {"padding": "max_length", "max_length": length} if length else {"padding": True}
-    return tokenizer(texts, add_special_tokens=False, return_tensors="pt", **padding)
-
-
 def decoder_positions(text_config: dict[str, Any]) -> int:
     """Positions of Florence-2's text decoder (BART-like: 1024 unless its config says otherwise)."""
     value = text_config.get("max_position_embeddings")
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 1024
-
-
-def generate_kwargs(options: GenerationOptions) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
-        "max_new_tokens": options.max_new_tokens,
-        "num_beams": options.num_beams,
-        "do_sample": options.do_sample,
-    }
-    if options.do_sample:
-        kwargs.update(temperature=options.temperature, top_p=options.top_p)
-    if options.min_new_tokens:
-        kwargs["min_new_tokens"] = options.min_new_tokens
-    return kwargs
 
 
 def _group_by_options(batch: list[CaptionItem]) -> dict[GenerationOptions, list[int]]:

@@ -23,7 +23,6 @@ from PIL import Image
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
 from vision_server.devices import pick_device, pick_dtype, release_memory
 from vision_server.errors import BadRequest, ModelLoadError, OutOfMemory
-from vision_server.florence.captioner import generate_kwargs
 from vision_server.florence.footprint import model_dir_on_disk
 from vision_server.florence.source import resolve_model_dir
 from vision_server.florence.streaming import RowStreamer
@@ -33,7 +32,7 @@ from vision_server.generic.families import FAMILIES, FLORENCE, backend_of, descr
 from vision_server.generic.family import Family, Loaded, caption_room
 from vision_server.images import PixelSpec
 from vision_server.tasks import CAPTION_TASK
-from vision_server.torch_captioner import TorchCaptioner
+from vision_server.torch_captioner import TorchCaptioner, generate_kwargs
 from vision_server.weights import estimate_bytes, module_bytes, weight_files
 
 if TYPE_CHECKING:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from vision_server import __version__
-from vision_server.florence.captioner import pixel_values, prompt_ids
+from vision_server.florence.inputs import pixel_values, prompt_ids
 from vision_server.images import prepare_image
 from vision_server.train.augment import Augmentation, caption_rng
 from vision_server.train.checkpoint import (
