@@ -12,16 +12,17 @@ import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser
+    from playwright.sync_api import Browser, Page
 
 CHROMIUM_ENV = "VISION_SERVER_TEST_CHROMIUM"
 SCREENSHOTS_ENV = "VISION_SERVER_UI_SCREENSHOTS"
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
+VIEWPORT = {"width": 1300, "height": 900}  # wide enough for the page's two-column layout
 
 
 def chromium_path() -> str | None:
@@ -47,6 +48,19 @@ def chromium() -> Iterator[Browser]:
             yield browser
         finally:
             browser.close()
+
+
+@contextlib.contextmanager
+def browser_tab(timeout_ms: int, **context_options: Any) -> Iterator[Page]:
+    """One tab in a fresh Chromium context of the page's test size, for one test module."""
+    with chromium() as browser:
+        context = browser.new_context(viewport=VIEWPORT, **context_options)
+        tab = context.new_page()
+        tab.set_default_timeout(timeout_ms)
+        try:
+            yield tab
+        finally:
+            context.close()
 
 
 def screenshot_dir(factory: pytest.TempPathFactory) -> Path:

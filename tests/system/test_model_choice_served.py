@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from tests.support.api import json_documents, tiny_cache_dir
-from tests.support.browser import chromium
+from tests.support.browser import browser_tab
 from tests.support.gallery_data import make_gallery
 from tests.support.images import image_bytes
 from tests.support.processes import ServerProcess, cli_command, http_json, server_env
@@ -158,14 +158,10 @@ def test_the_comfyui_node_takes_a_model(server: str) -> None:
 
 @pytest.fixture(scope="module")
 def page(server: str) -> Iterator[Page]:
-    with chromium() as browser:
-        context = browser.new_context(viewport={"width": 1300, "height": 900})
-        tab = context.new_page()
-        tab.set_default_timeout(TIMEOUT_MS)
+    with browser_tab(TIMEOUT_MS) as tab:
         tab.goto(server + "/#try")
         tab.wait_for_selector("body[data-ready=true]")
         yield tab
-        context.close()
 
 
 def native_caption(server: str, image: bytes, model: str) -> str:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from tests.support.api import tiny_cache_dir
-from tests.support.browser import chromium, screenshot_dir
+from tests.support.browser import browser_tab, screenshot_dir
 from tests.support.gallery_data import XSS, GalleryData, make_gallery
 from tests.support.processes import http_json, tiny_server
 
@@ -53,16 +53,12 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def page(server: str) -> Iterator[Page]:
-    with chromium() as browser:
-        context = browser.new_context(viewport={"width": 1300, "height": 900}, accept_downloads=True)
-        tab = context.new_page()
-        tab.set_default_timeout(TIMEOUT_MS)
+    with browser_tab(TIMEOUT_MS, accept_downloads=True) as tab:
         tab.dialogs = []  # type: ignore[attr-defined]
         tab.on("dialog", lambda dialog: (tab.dialogs.append(dialog.message), dialog.dismiss()))  # type: ignore[attr-defined]
         tab.goto(server + "/")
         tab.wait_for_selector("body[data-ready=true]")
         yield tab
-        context.close()
 
 
 def native_caption(server: str, image: Path, task: str) -> str:

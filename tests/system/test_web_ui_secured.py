@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.support.api import tiny_cache_dir
-from tests.support.browser import chromium, screenshot_dir
+from tests.support.browser import browser_tab, screenshot_dir
 from tests.support.gallery_data import GalleryData, make_gallery
 from tests.support.processes import tiny_server
 
@@ -47,12 +47,8 @@ def server(tmp_path_factory: pytest.TempPathFactory, data: GalleryData) -> Itera
 
 @pytest.fixture(scope="module")
 def page(server: str) -> Iterator[Page]:
-    with chromium() as browser:
-        context = browser.new_context(viewport={"width": 1300, "height": 900})
-        tab = context.new_page()
-        tab.set_default_timeout(TIMEOUT_MS)
+    with browser_tab(TIMEOUT_MS) as tab:
         yield tab
-        context.close()
 
 
 def test_the_page_asks_for_the_key_and_works_once_given(
