@@ -222,18 +222,7 @@ class _Trainer:
                 groups = self._epoch_groups(epoch)
                 for group in groups[in_epoch:]:
                     loss = self._optimizer_step(group, epoch)
-                    self.step += 1
-                    self.epoch_sum += loss
-                    self.epoch_count += 1
-                    lr = self.scheduler.get_last_lr()[0]
-                    progress.update(self.step, loss, lr)
-                    tracker.log(self.step, {"train/loss": loss, "train/lr": lr})
-                    epoch_done = self.step % plan.steps_per_epoch == 0 or self.step == plan.total_steps
-                    if epoch_done:
-                        self._end_epoch(epoch, tracker, progress)
-                    saving = epoch_done or (
-                        self.options.save_every and self.step % self.options.save_every == 0
-                    )
+                    saving = self._count_step(loss, epoch, tracker, progress)
                     if saving and self.step < plan.total_steps:
                         checkpoint = self._save()
                     if self.step < plan.total_steps and should_stop():
@@ -249,6 +238,21 @@ class _Trainer:
         metadata = self.metadata()
         write_final(self.options.output, self.model, metadata)
         return TrainResult(self.options.output, self.step, plan.total_steps, self.history, None, metadata)
+
+    def _count_step(self, loss: float, epoch: int, tracker: Tracker, progress: Progress) -> bool:
+        """Book one optimizer step (progress, tracker, the epoch's end); True when a checkpoint
+        is due after it (an epoch's end, or every ``--save-every`` steps)."""
+        plan = self.plan
+        self.step += 1
+        self.epoch_sum += loss
+        self.epoch_count += 1
+        lr = self.scheduler.get_last_lr()[0]
+        progress.update(self.step, loss, lr)
+        tracker.log(self.step, {"train/loss": loss, "train/lr": lr})
+        epoch_done = self.step % plan.steps_per_epoch == 0 or self.step == plan.total_steps
+        if epoch_done:
+            self._end_epoch(epoch, tracker, progress)
+        return epoch_done or bool(self.options.save_every and self.step % self.options.save_every == 0)
 
     def _epoch_groups(self, epoch: int) -> list[list[tuple[int, Example]]]:
         """This epoch's micro-batches, grouped per optimizer step; (position, example) pairs."""
