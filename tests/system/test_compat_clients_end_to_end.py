@@ -465,8 +465,8 @@ EXPECTED: dict[tuple[str, str], tuple[int, str]] = {
     ("multipart", "unknown_task"): (400, "Invalid prompt 'OD'"),
 }
 OPENAI_CODES = {
-    "bad_base64": ("invalid_image", None),
-    "not_an_image": ("invalid_image", None),
+    "bad_base64": ("invalid_image", "messages[0].content[1].image_url"),  # the image at fault
+    "not_an_image": ("invalid_image", "messages[0].content[1].image_url"),
     "missing_image": ("invalid_request", "messages"),
     "unknown_task": ("invalid_task", None),
 }
