@@ -39,6 +39,7 @@ from vision_server.bulk.readers import (
     check_inputs,
     count_images,
     distinct_inputs,
+    image_column_note,
     iter_records,
 )
 from vision_server.bulk.records import Record
@@ -124,6 +125,10 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
     except SettingsError as exc:  # a --log-file that cannot be written: a usage error, as for serve
         raise click.UsageError(str(exc)) from None
     request = _without_repeats(request, kinds)
+    for path in (path for path, kind in kinds.items() if kind.startswith("parquet")):
+        note = image_column_note(path, read)
+        if note:
+            log.warning("%s", note)
     spec = settings.default_model_spec
     if len(settings.model_specs) > 1:
         others = ", ".join(other.name for other in settings.model_specs if other is not spec)

@@ -22,11 +22,11 @@ from typing import Any, Literal, Self
 from vision_server.bulk.listed_clashes import ListedClashes, find_clashes
 from vision_server.bulk.records import Record, safe_text
 from vision_server.captionfiles import is_image, remove_stale_temps
+from vision_server.parquet_images import ColumnKind, ImageColumnError, image_column
 
 InputKind = Literal["file", "folder", "list", "parquet", "webdataset"]
 WEBDATASET_IMAGES = ("jpg", "jpeg", "png", "webp")
 KEY_COLUMNS = ("__key__", "key")  # taken as the key column when --key-column is not given
-PATH_COLUMNS = ("path", "file", "file_name", "filename", "image_path")
 _PARQUET_ROWS = 64  # rows per read: small, so a table of large images stays within memory
 
 
@@ -296,38 +296,28 @@ def _list_entry(text: str) -> str | None:
 
 # --- Parquet -------------------------------------------------------------------------------------
 
-ColumnKind = Literal["bytes", "struct", "path"]
-
 
 def _image_column(schema: Any, wanted: str | None) -> tuple[str, ColumnKind]:
-    import pyarrow as pa
+    """The image column by the rule ``vision-server train`` shares (:mod:`vision_server.parquet_images`)."""
+    try:
+        chosen = image_column(schema, wanted)
+    except ImageColumnError as exc:
+        hint = "; name one with --image-column" if wanted is None else ""
+        raise InputError(f"{exc}{hint}") from None
+    return chosen.name, chosen.kind
 
-    def kind_of(name: str) -> ColumnKind | None:
-        kind = schema.field(name).type
-        if pa.types.is_binary(kind) or pa.types.is_large_binary(kind):
-            return "bytes"
-        if pa.types.is_struct(kind) and kind.get_field_index("bytes") >= 0:
-            return "struct"  # the Hugging Face datasets Image feature: {bytes, path}
-        if pa.types.is_string(kind) or pa.types.is_large_string(kind):
-            return "path"
+
+def image_column_note(path: Path, options: ReadOptions) -> str | None:
+    """Which column a Parquet input's images are read from and why, when another could have been."""
+    import pyarrow.parquet as pq
+
+    if options.image_column is not None:
         return None
-
-    if wanted is not None:
-        if wanted not in schema.names:
-            raise InputError(f"no column {wanted!r} (columns: {', '.join(schema.names)})")
-        kind = kind_of(wanted)
-        if kind is None:
-            raise InputError(f"column {wanted!r} holds {schema.field(wanted).type}, not image bytes or paths")
-        return wanted, kind
-    for name in schema.names:
-        if kind_of(name) in ("bytes", "struct"):
-            return name, kind_of(name)  # type: ignore[return-value]
-    for name in schema.names:
-        if name.lower() in PATH_COLUMNS and kind_of(name) == "path":
-            return name, "path"
-    raise InputError(
-        f"no image column found (columns: {', '.join(schema.names)}); name one with --image-column"
-    )
+    try:
+        note = image_column(pq.read_schema(path)).note
+    except Exception:
+        return None  # unreadable or no image column: reported as such elsewhere
+    return f"{path}: {note}; --image-column picks another" if note else None
 
 
 def _key_column(schema: Any, wanted: str | None) -> str | None:

@@ -8,21 +8,25 @@ every caption must have an image. Problems are collected, not raised one by one,
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vision_server.bulk.readers import PATH_COLUMNS, file_problem
+from vision_server.bulk.readers import file_problem
 from vision_server.bulk.records import task_slug
 from vision_server.captionfiles import is_image
 from vision_server.errors import InvalidImage
 from vision_server.images import LOCAL_FILE, STORED, open_image
+from vision_server.parquet_images import ImageColumnError, image_column
 
 TEXT_FIELDS = ("text", "caption")
 MAX_PIXELS = 256_000_000  # a training set is the user's own files: only refuse absurd sizes
 LISTED = 20  # files named per problem; the rest are counted
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -218,8 +222,8 @@ def _row_text(row: dict[str, Any], task: str) -> str | None:
 
 
 def _parquet(path: Path, problems: Problems) -> list[Example]:
-    """A table with a text column and an image column (bytes, a Hugging Face Image struct, or paths)."""
-    import pyarrow as pa
+    """A table with a text column and an image column, chosen as ``vision-server caption``
+    chooses it (:mod:`vision_server.parquet_images`): a Hugging Face Image struct, bytes or paths."""
     import pyarrow.parquet as pq
 
     try:
@@ -228,23 +232,17 @@ def _parquet(path: Path, problems: Problems) -> list[Example]:
         raise DatasetError(path, f"cannot read the Parquet file ({type(exc).__name__}: {exc})") from None
     names = table.schema.names
     text_column = next((n for n in names if n.lower() in TEXT_FIELDS), None)
-    image_column = next(
-        (
-            n
-            for n in names
-            if pa.types.is_binary(table.schema.field(n).type)
-            or pa.types.is_large_binary(table.schema.field(n).type)
-            or (pa.types.is_struct(table.schema.field(n).type) and n.lower() == "image")
-        ),
-        None,
-    ) or next((n for n in names if n.lower() in PATH_COLUMNS), None)
-    if text_column is None or image_column is None:
-        raise DatasetError(
-            path, f"needs a 'text' (or 'caption') column and an image column; it has {', '.join(names)}"
-        )
+    if text_column is None:
+        raise DatasetError(path, f"needs a 'text' (or 'caption') column; it has {', '.join(names)}")
+    try:
+        chosen = image_column(table.schema)
+    except ImageColumnError as exc:
+        raise DatasetError(path, str(exc)) from None
+    if chosen.note:
+        log.warning("%s: %s", path, chosen.note)
     examples = []
     for row, (value, text) in enumerate(
-        zip(table.column(image_column).to_pylist(), table.column(text_column).to_pylist(), strict=True)
+        zip(table.column(chosen.name).to_pylist(), table.column(text_column).to_pylist(), strict=True)
     ):
         name = f"{path.name} row {row}"
         if isinstance(value, dict):
