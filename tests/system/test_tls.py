@@ -21,7 +21,7 @@ from tests.support.images import save_flat
 from tests.support.processes import cli_command, server_env
 from tests.support.tls import self_signed
 from vision_server.app import create_app
-from vision_server.client import AsyncVisionClient, RetryPolicy, VisionTLSError
+from vision_server.client import AsyncVisionClient, RetryPolicy, VisionConnectionError, VisionTLSError
 from vision_server.server import listen, ssl_context
 from vision_server.settings import Settings, SettingsError
 from vision_server.testing.fake import FakeCaptioner
@@ -158,6 +158,15 @@ async def test_client_says_https_to_a_plain_http_port_needs_http(tmp_path: Path)
         await runner.cleanup()
     assert "does the server speak HTTPS" in str(caught.value)
     assert policy.waits == []
+
+
+async def test_client_says_plain_http_to_an_https_port_needs_https(tmp_path: Path) -> None:
+    """The TLS server hangs up on plain HTTP: "Server disconnected" alone said nothing of why."""
+    async with https_server(tmp_path) as (url, _cert):
+        plain = url.replace("https://", "http://")
+        async with AsyncVisionClient(plain, retry_policy=CountingPolicy(retries=1)) as client:
+            with pytest.raises(VisionConnectionError, match="use https://"):
+                await client.caption(save_flat(tmp_path / "a.png"), "CAPTION")
 
 
 async def test_cli_trusts_a_self_signed_server_through_ssl_cert_file(tmp_path: Path) -> None:

@@ -334,7 +334,12 @@ class AsyncVisionClient:
         except asyncio.TimeoutError:
             raise VisionTimeoutError(f"no answer from {url} within {self._timeout.total} s") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            raise VisionConnectionError(f"cannot reach {self.base_url}: {exc}") from exc
+            hint = ""
+            # What plain HTTP to an HTTPS port looks like: the TLS server hangs up unanswered.
+            disconnected = isinstance(exc, aiohttp.ServerDisconnectedError) and not self._reached
+            if disconnected and self.base_url.startswith("http://"):
+                hint = "; if the server speaks HTTPS (--ssl-cert, or TLS at a proxy), use https://"
+            raise VisionConnectionError(f"cannot reach {self.base_url}: {exc}{hint}") from exc
         try:
             return json.loads(body), headers
         except ValueError:
