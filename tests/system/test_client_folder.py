@@ -54,6 +54,10 @@ class StubServer:
         headers = {"X-Model": body.get("model") or "stub-default"} if self.names_model else {}
         return web.json_response({"result": f"caption-{len(data)}"}, headers=headers)
 
+    async def tasks(self, request: web.Request) -> web.Response:
+        """``GET /prompts``, which a run naming its model asks first (this stub has any model)."""
+        return web.json_response(["<CAPTION>"])
+
 
 @pytest.fixture
 async def stub(aiohttp_server) -> tuple[StubServer, AsyncVisionClient]:
@@ -340,6 +344,7 @@ async def test_jsonl_resume_with_a_model_counts_only_that_models_rows(aiohttp_se
     server = StubServer()
     app = web.Application()
     app.router.add_post("/process_image", server.handle)
+    app.router.add_get("/prompts", server.tasks)
     url = str((await aiohttp_server(app)).make_url(""))
     data = tmp_path / "data"
     for i, name in enumerate(["a.png", "b.png", "c.png"]):
@@ -372,6 +377,7 @@ async def test_jsonl_rows_say_null_when_the_server_names_no_model(aiohttp_server
     server = StubServer(names_model=False)
     app = web.Application()
     app.router.add_post("/process_image", server.handle)
+    app.router.add_get("/prompts", server.tasks)
     running = await aiohttp_server(app)
     image = make_png(tmp_path / "data" / "a.png")
     out = tmp_path / "captions.jsonl"

@@ -154,6 +154,39 @@ def test_a_caption_with_line_breaks_is_one_line_in_every_caption_file_and_verbat
 
 
 # ---------------------------------------------------------------------------------------------
+# A model the server does not serve
+
+
+@pytest.mark.parametrize("tool", TOOLS[1:])
+def test_a_model_the_server_does_not_serve_stops_both_clients_before_any_image(
+    tool: str, tiny_server_url: str, cache: Path, tmp_path: Path
+) -> None:
+    """``--model nope`` (``VISION_MODEL=nope`` for the script) on a server of one model: that
+    server would caption any name with its model, rows would say ``test:tiny`` and no rerun
+    naming ``nope`` would ever count them as done. Both clients ask ``/prompts?model=nope``
+    first and stop on its 404 before any image (exit 1 / 2 as documented), writing nothing."""
+    root = tmp_path / "data"
+    for seed, name in enumerate(("a.png", "b.png")):
+        save_image(root / name, seed)
+    rows = tmp_path / "rows.jsonl"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+    if tool == "vision-client folder":
+        command = [str(VISION_CLIENT), "--url", tiny_server_url, "--model", "nope", "folder"]
+        command += [str(root), "--task", "CAPTION", "--jsonl", str(rows)]
+        expected = 1
+    else:
+        command = ["bash", str(FOLDER_SCRIPT), "--url", tiny_server_url, "CAPTION", "txt", str(root)]
+        env["VISION_MODEL"] = "nope"
+        expected = 2
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180, check=False)
+    assert result.returncode == expected, result.stderr[-3000:]
+    assert "does not serve a model named 'nope'" in result.stderr
+    assert "check --url" in result.stderr
+    assert not rows.exists()
+    assert sorted(path.name for path in root.iterdir()) == ["a.png", "b.png"]
+
+
+# ---------------------------------------------------------------------------------------------
 # What "model" means in JSONL rows
 
 
@@ -179,8 +212,22 @@ def test_rows_of_both_python_tools_name_the_model_by_its_served_name(cache: Path
             options=("--jsonl", str(client_rows)),
         )
         assert result.returncode == 0, result.stderr[-3000:]
+        assert {row["model"] for row in jsonl_rows(client_rows)} == {"tiny"}
+        # --model with the source: the server answers it as "tiny", so the rerun resumes from
+        # the rows "tiny" wrote (before, it looked for rows of "test:tiny" and doubled them all).
+        client_with_source = [str(VISION_CLIENT), "--url", url, "--model", "test:tiny", "folder"]
+        rerun = subprocess.run(
+            [*client_with_source, str(root), "--task", "CAPTION", "--jsonl", str(client_rows)],
+            capture_output=True,
+            text=True,
+            env={k: v for k, v in os.environ.items() if not k.startswith("VISION_")},
+            timeout=180,
+            check=False,
+        )
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+        assert "0 captioned, 2 skipped" in rerun.stderr
         server.stop()
-    assert {row["model"] for row in jsonl_rows(client_rows)} == {"tiny"}
+    assert len(jsonl_rows(client_rows)) == 2
 
     offline_rows = tmp_path / "offline.jsonl"
     old_row = {

@@ -18,12 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 from typing import Any
-from urllib.parse import unquote, urlencode, urlsplit
+from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import aiohttp
 
 from vision_server import __version__
 from vision_server.client.errors import (
+    RequestRejected,
     VisionAddressError,
     VisionClientError,
     VisionConnectionError,
@@ -215,6 +216,24 @@ class AsyncVisionClient:
         """The task tokens the model understands (the client's ``model``, else the default)."""
         query = "" if self.model_name is None else "?" + urlencode({"model": self.model_name})
         return list(await self._request("GET", "/prompts" + query))
+
+    async def served_name(self) -> str | None:
+        """The served name the client's ``model`` means on this server (None without one).
+
+        A server answers a model's source (hub id, folder) as the model it serves under another
+        name, and marks its captions with that name (``X-Model``); a folder run resumes from
+        rows of either spelling. A server without ``/v1/models`` (florence2-visionapi) leaves
+        the name as given; an unknown name is a 404 from ``/prompts?model=``, asked first.
+        """
+        if self.model_name is None:
+            return None
+        await self.prompts()  # a 404 here: no such model (or no vision-server at this address)
+        try:
+            data = await self._request("GET", "/v1/models/" + quote(self.model_name, safe=""))
+        except RequestRejected:
+            return self.model_name
+        served = data.get("id") if isinstance(data, dict) else None
+        return served if isinstance(served, str) and served else self.model_name
 
     async def model(self) -> str:
         """The model the server is configured with."""

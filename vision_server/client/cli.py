@@ -179,7 +179,8 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
     default=None,
     help='Append {"file","task","caption","model"} lines (file relative to FOLDER) to this file '
     "instead of writing caption files. In skip mode, images already in it with this "
-    "task are not redone; with --model, only lines of that model (as the server named it) count.",
+    "task are not redone; with --model, only lines of that model count (as the server names "
+    "it: --model may be its source, such as a hub id).",
 )
 @click.option(
     "--wait-for-server",
@@ -192,8 +193,8 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
     "used up), pause all requests and wait up to SECONDS for it to answer, then send the images "
     "that were in flight again. After that the run stops early and says how many images were "
     "not attempted (run it again to resume). 0: give up after --retries. A host name that does "
-    "not resolve, TLS trouble and a 404 (no vision-server at --url, or an unknown --model) stop "
-    "the run at once.",
+    "not resolve, TLS trouble and a 404 (no vision-server at --url, or an unknown --model, "
+    "asked before the first image) stop the run at once.",
 )
 @click.pass_context
 def folder(

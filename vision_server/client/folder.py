@@ -127,6 +127,11 @@ async def caption_folder(
     run = _FolderRun(client, task_token(task), mode, prefix, suffix, separator, on_result)
     caption_ext = caption_suffix(ext)
     images = find_images(root, recursive=recursive)
+    if not await run.check_model():  # a model the server lacks would fail every image: stop now
+        run.summary.total = len(images)
+        if on_start is not None:
+            on_start(len(images))
+        return run.summary
     if jsonl is None:  # this run writes caption files here: clear what a killed one left
         run.summary.stale_temps_removed = sweep_stale_temps(root, recursive=recursive)
     if on_start is not None:
@@ -165,14 +170,30 @@ class _FolderRun:
         self.on_result = on_result
         self.summary = FolderSummary()
         self.writer: JsonlWriter | None = None
+        # The names a row of this run's model may carry: --model as given and the served name
+        # it means (a source such as a hub id is answered as the model serving it).
+        self.model_names: set[str] = set()
+
+    async def check_model(self) -> bool:
+        """Ask the server about a named model before any image; False (and ``aborted``) when
+        the run cannot go on. Without ``--model`` the default model answers, as before."""
+        if self.client.model_name is None:
+            return True
+        try:
+            served = await self.client.served_name()
+        except (VisionClientError, OSError) as exc:
+            self.summary.aborted = _stop_reason(exc) or _describe(exc)
+            return False
+        self.model_names = {self.client.model_name, served or self.client.model_name}
+        return True
 
     def plan(self, root: Path, images: list[Path], suffix: str, jsonl: str | Path | None) -> list[_Job]:
         """Decide per image: skip it, refuse it, or caption it; report skips and refusals now."""
         self.summary.total = len(images)
         # A run for a named model resumes from that model's rows only; the default model's run
         # from any row of the task, as before rows named their model.
-        model = self.client.model_name
-        recorded = captioned_files(Path(jsonl), self.task, model) if jsonl is not None else set()
+        models = self.model_names or None
+        recorded = captioned_files(Path(jsonl), self.task, models) if jsonl is not None else set()
         # Images of one folder with the same stem (a.jpg, a.png) share one caption file: none of
         # them is captioned, as in vision-server caption and the folder scripts (the checks come
         # before skip, so an existing a.txt does not hide the clash).
@@ -227,21 +248,10 @@ class _FolderRun:
                 caption = f"{self.prefix}{one_line(text)}{self.suffix}"
                 existing = read_caption(job.target) if self.mode in ("append", "prepend") else None
                 write_atomic(job.target, merge_caption(existing, caption, self.mode, self.separator))
-        except VisionConnectionError as exc:
-            self.summary.aborted = str(exc)
-            return ImageResult(job.image, "failed", reason=str(exc))
-        except AuthenticationError as exc:  # the same answer for every image: stop, as the scripts do
-            self.summary.aborted = f"the server refused the API key: {_describe(exc)}"
-            return ImageResult(job.image, "failed", reason=_describe(exc))
-        except RequestRejected as exc:
-            if exc.status == 404:  # no vision-server at this address, or a model it does not serve
-                self.summary.aborted = (
-                    f"{_describe(exc)}: check --url (the server's base address) and --model"
-                )
-            elif exc.status == 400 and exc.detail.startswith("Invalid prompt"):
-                self.summary.aborted = f"the server refused the task: {_describe(exc)}"
-            return ImageResult(job.image, "failed", reason=_describe(exc))
         except (VisionClientError, OSError, UnicodeError) as exc:
+            stop = _stop_reason(exc)
+            if stop is not None:
+                self.summary.aborted = stop
             return ImageResult(job.image, "failed", reason=_describe(exc))
         return ImageResult(job.image, "done", caption=caption, model=answer.model)
 
@@ -254,6 +264,20 @@ class _FolderRun:
             self.summary.failed.append(Failure(result.path, result.reason or "unknown error"))
         if self.on_result is not None:
             self.on_result(result)
+
+
+def _stop_reason(exc: BaseException) -> str | None:
+    """Why the run must stop, for an answer every other image would get too; None to go on."""
+    if isinstance(exc, VisionConnectionError):
+        return str(exc)
+    if isinstance(exc, AuthenticationError):  # the same answer for every image, as the scripts stop
+        return f"the server refused the API key: {_describe(exc)}"
+    if isinstance(exc, RequestRejected):
+        if exc.status == 404:  # no vision-server at this address, or a model it does not serve
+            return f"{_describe(exc)}: check --url (the server's base address) and --model"
+        if exc.status == 400 and exc.detail.startswith("Invalid prompt"):
+            return f"the server refused the task: {_describe(exc)}"
+    return None
 
 
 def _describe(exc: BaseException) -> str:

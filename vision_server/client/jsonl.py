@@ -12,6 +12,7 @@ mid-line leaves a broken last line, which the reader ignores and the writer term
 from __future__ import annotations
 
 import json
+from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
 from typing import IO
@@ -19,9 +20,10 @@ from typing import IO
 from vision_server.client.api import task_token
 
 
-def captioned_files(path: Path, task: str, model: str | None = None) -> set[str]:
+def captioned_files(path: Path, task: str, model: str | Collection[str] | None = None) -> set[str]:
     """The ``file`` values already recorded for ``task`` (spelled any way), and for ``model``
-    (exactly as the server named it in the row) when one is given."""
+    (exactly as the server named it in the row; any of several names) when one is given."""
+    models = (model,) if isinstance(model, str) else None if model is None else tuple(model)
     wanted = task_token(task)
     done: set[str] = set()
     try:
@@ -40,7 +42,7 @@ def captioned_files(path: Path, task: str, model: str | None = None) -> set[str]
                 and isinstance(record.get("caption"), str)
                 and isinstance(record.get("task"), str)
                 and task_token(record["task"]) == wanted
-                and (model is None or record.get("model") == model)
+                and (models is None or record.get("model") in models)
             ):
                 done.add(record["file"])
     return done
