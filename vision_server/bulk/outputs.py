@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Protocol
 
+from vision_server.atomic_files import replacing
 from vision_server.bulk.records import Record, safe_text, task_slug
 from vision_server.captionfiles import (
     STALE_TEMP_AGE,
@@ -460,15 +461,8 @@ def fold_journal(path: Path, journal: Path) -> None:
     tables = [pq.read_table(path)] if path.exists() else []
     tables.append(pa.Table.from_pylist(rows))
     merged = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    tmp = fold_temp_path(path)
-    try:
+    with replacing(path, fold_temp_path(path)) as tmp:
         pq.write_table(merged, tmp)
-        with tmp.open("rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     journal.unlink()
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from vision_server.atomic_files import replacing
 from vision_server.byte_sizes import format_byte_size
 from vision_server.captionfiles import STALE_TEMP_AGE
 
@@ -100,13 +101,11 @@ class Thumbnails:
 
     def _store(self, target: Path, data: bytes) -> bool:
         """Best effort: a cache folder we cannot write only costs speed."""
-        tmp = target.with_name(f".{secrets.token_hex(8)}.tmp")
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            tmp.write_bytes(data)
-            os.replace(tmp, target)
+            with replacing(target, target.with_name(f".{secrets.token_hex(8)}.tmp"), durable=False) as tmp:
+                tmp.write_bytes(data)
         except OSError:
-            tmp.unlink(missing_ok=True)
             return False
         return True
 

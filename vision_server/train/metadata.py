@@ -7,9 +7,10 @@ Standard library only: the server reads it to show ``/model_info`` and ``/v1/sta
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from vision_server.atomic_files import replacing
 
 METADATA_FILE = "training.json"
 FORMAT_VERSION = 1
@@ -19,9 +20,9 @@ _SHOWN = ("base_model", "revision", "task", "steps", "epochs", "final_train_loss
 def write_metadata(directory: Path, data: dict[str, Any]) -> Path:
     """Write ``training.json`` atomically (a temp file renamed over the target)."""
     path = directory / METADATA_FILE
-    temp = directory / f".{METADATA_FILE}.tmp"
-    temp.write_text(json.dumps({"format": FORMAT_VERSION, **data}, indent=2, sort_keys=True) + "\n", "utf-8")
-    os.replace(temp, path)
+    text = json.dumps({"format": FORMAT_VERSION, **data}, indent=2, sort_keys=True) + "\n"
+    with replacing(path, directory / f".{METADATA_FILE}.tmp") as temp:
+        temp.write_text(text, "utf-8")
     return path
 
 
