@@ -17,8 +17,9 @@ import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -29,6 +30,9 @@ from vision_server.bulk.progress import Progress, format_summary
 from vision_server.bulk.readers import ReadOptions, iter_records
 from vision_server.bulk.records import Record
 from vision_server.settings import Settings
+
+if TYPE_CHECKING:
+    from vision_server.bulk.command import CaptionRequest
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,18 @@ def require_ray() -> None:
         ) from None
 
 
+@dataclass(frozen=True)
+class _Job:
+    """What one ``--ray`` run captions and where the captions go, as the command checked them."""
+
+    settings: Settings
+    request: CaptionRequest
+    read: ReadOptions
+    kinds: dict[Path, str]  # each input's kind (command._check_inputs)
+    tasks: tuple[str, ...]
+    outputs: list[Output]
+
+
 class _Stop(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -59,13 +75,14 @@ class _Stop(Exception):
 
 def run_ray(
     settings: Settings,
-    request: Any,
+    request: CaptionRequest,
     read: ReadOptions,
     kinds: dict[Path, str],
     tasks: tuple[str, ...],
     outputs: list[Output],
 ) -> int:
     """Run the request on Ray; the exit status as the local path gives it."""
+    assert request.ray is not None, "run_ray is the --ray path"
     summary = Summary()
     progress = Progress(interval=request.progress_interval)
     undo = _stop_on_signals()
@@ -75,7 +92,7 @@ def run_ray(
         if not started:
             return 2
         try:
-            _caption(settings, request, read, kinds, tasks, outputs, summary, progress)
+            _caption(_Job(settings, request, read, kinds, tasks, outputs), summary, progress)
         except _Stop as stop:
             summary.interrupted = stop.signum
         except click.UsageError:
@@ -118,16 +135,7 @@ def _init_ray(address: str) -> bool:
     return True
 
 
-def _caption(
-    settings: Settings,
-    request: Any,
-    read: ReadOptions,
-    kinds: dict[Path, str],
-    tasks: tuple[str, ...],
-    outputs: list[Output],
-    summary: Summary,
-    progress: Progress,
-) -> None:
+def _caption(job: _Job, summary: Summary, progress: Progress) -> None:
     import ray
 
     from vision_server.bulk.ray_rows import batch_rows, row_record
@@ -139,7 +147,7 @@ def _caption(
         progress.report(summary, outcome, record.display, reason)
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    pieces, skipped, total = _pieces(request, read, kinds, tasks, outputs, cpus)
+    pieces, skipped, total = _pieces(job, cpus)
     if total is not None:
         progress.set_total(total)
     for unit in skipped:
@@ -148,7 +156,7 @@ def _caption(
         return
     gpus = int(ray.cluster_resources().get("GPU", 0))
     nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
-    actors = request.ray_actors or gpus or nodes
+    actors = job.request.ray_actors or gpus or nodes
     if gpus and actors > gpus:
         raise click.UsageError(f"--ray-actors {actors}: the cluster has {gpus} GPUs (one actor each)")
     actor_resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
@@ -156,11 +164,12 @@ def _caption(
     if not gpus:  # Ray gives a 1-CPU actor one torch thread; a CPU model wants the machine's cores
         per_node = cpus // nodes
         threads = max(1, per_node // math.ceil(actors / nodes))
+    settings = job.settings
     batch_size = settings.max_batch_size or (32 if gpus else 16)
     spec = _pixel_spec(settings)
 
     dataset = ray.data.read_datasource(
-        CaptionSource(pieces, tasks, ray.put(snapshot(outputs))), override_num_blocks=len(pieces)
+        CaptionSource(pieces, job.tasks, ray.put(snapshot(job.outputs))), override_num_blocks=len(pieces)
     )
     dataset = dataset.map_batches(
         prepare_batch,
@@ -188,18 +197,11 @@ def _caption(
                 continue
             captions: Captions = json.loads(str(row["captions"]))
             error = str(row["error"]) or None
-            problem = _write_all(outputs, record, captions, error)
+            problem = _write_all(job.outputs, record, captions, error)
             report("failed" if problem else "captioned", record, problem)
 
 
-def _pieces(
-    request: Any,
-    read: ReadOptions,
-    kinds: dict[Path, str],
-    tasks: tuple[str, ...],
-    outputs: list[Output],
-    cpus: int,
-) -> tuple[list[Any], list[Skip], int | None]:
+def _pieces(job: _Job, cpus: int) -> tuple[list[Any], list[Skip], int | None]:
     """Read tasks for the inputs, the images already done (reported at once), and the total.
 
     With ``--limit`` everything is planned here, in input order, exactly as the local path plans
@@ -218,8 +220,9 @@ def _pieces(
     skipped: list[Skip] = []
     total: int | None = 0
     local: list[Path] = []
+    request, read = job.request, job.read
     for path in request.inputs:
-        kind = kinds[path]
+        kind = job.kinds[path]
         groups = row_group_pieces(path, read) if kind == "parquet-bytes" and request.limit is None else None
         if groups is not None:
             pieces.extend(groups)
@@ -230,7 +233,7 @@ def _pieces(
         else:
             local.append(path)
     units: list[Unit] = []
-    for unit in plan(iter_records(local, read), tasks, outputs, request.limit):
+    for unit in plan(iter_records(local, read), job.tasks, job.outputs, request.limit):
         total = None if total is None else total + 1
         if isinstance(unit, Skip):
             skipped.append(unit)
