@@ -63,6 +63,9 @@ def test_the_column_named_image_comes_first_and_the_others_are_named(
     assert "from column 'image', not 'jpg', 'thumb'" in note and "--image-column" in note
     assert image_column_note(table, ReadOptions(image_column="jpg")) is None  # the user chose
     assert "from column 'image', not 'jpg', 'thumb'" in caplog.text  # train says so too
+    caplog.clear()
+    chosen_by_user = [example.read() for example in load_dataset(table, image_column="thumb")]
+    assert chosen_by_user == [image_bytes(7), image_bytes(8)] and "not 'jpg'" not in caplog.text
     # without `image`: Image structs before raw bytes, then the table's order
     pq.write_table(pa.table({k: v for k, v in columns.items() if k != "image"}), table)
     caption, train = both_readers(table)
@@ -79,8 +82,14 @@ def test_a_table_without_an_image_column_is_refused_naming_its_columns(tmp_path:
     with pytest.raises(InputError, match=rf"no image column found \({columns}\).*--image-column") as caught:
         check_inputs([table], ReadOptions())
     assert "a string column of paths named path, file, file_name" in str(caught.value)
-    with pytest.raises(DatasetError, match=rf"data.parquet: no image column found \({columns}\)"):
+    with pytest.raises(
+        DatasetError, match=rf"data.parquet: no image column found \({columns}\).*--image-column"
+    ):
         load_dataset(table)
+    with pytest.raises(DatasetError, match=r"column 'size' holds struct<width: int64>, not image bytes or"):
+        load_dataset(table, image_column="size")
+    with pytest.raises(DatasetError, match=r"--image-column is for a .parquet dataset only"):
+        load_dataset(tmp_path, image_column="image")
     with pytest.raises(
         InputError, match=r"column 'size' holds struct<width: int64>, not image bytes or paths"
     ):

@@ -61,6 +61,9 @@ PARAMS: list[Callable[[Any], Any]] = [
     click.option("--task", default=DEFAULT_TASK, show_default=True,
                  help="The prompt the adapter learns to answer."),
     click.option("--caption-ext", default="txt", show_default=True, help="Extension of the caption files."),
+    click.option("--image-column",
+                 help="Parquet dataset: the column of images (Image structs, bytes or paths), as for "
+                      "vision-server caption. [default: found by name and type]"),
     click.option("--epochs", type=click.IntRange(min=1), default=5, show_default=True),
     click.option("--max-steps", type=click.IntRange(min=1),
                  help="Train N optimizer steps in all (overrides --epochs)."),

@@ -81,16 +81,20 @@ UNREADABLE = "unreadable images"
 EMPTY = "empty captions"
 
 
-def load_dataset(source: Path, *, caption_ext: str = "txt", task: str = "") -> list[Example]:
+def load_dataset(
+    source: Path, *, caption_ext: str = "txt", task: str = "", image_column: str | None = None
+) -> list[Example]:
     """Every example of ``source``, checked; :class:`DatasetError` names whatever is wrong."""
     source = Path(source)
     problems = Problems()
+    if image_column is not None and source.suffix.lower() != ".parquet":
+        raise DatasetError(source, "--image-column is for a .parquet dataset only")
     if source.is_dir():
         examples = list(_folder(source, caption_ext.lstrip("."), problems))
     elif source.suffix.lower() == ".jsonl":
         examples = list(_jsonl(source, task, problems))
     elif source.suffix.lower() == ".parquet":
-        examples = _parquet(source, problems)
+        examples = _parquet(source, problems, image_column)
     elif not source.exists():
         raise DatasetError(source, "no such file or folder")
     else:
@@ -221,9 +225,10 @@ def _row_text(row: dict[str, Any], task: str) -> str | None:
 # --- Parquet -------------------------------------------------------------------------------------
 
 
-def _parquet(path: Path, problems: Problems) -> list[Example]:
+def _parquet(path: Path, problems: Problems, wanted: str | None = None) -> list[Example]:
     """A table with a text column and an image column, chosen as ``vision-server caption``
-    chooses it (:mod:`vision_server.parquet_images`): a Hugging Face Image struct, bytes or paths."""
+    chooses it (:mod:`vision_server.parquet_images`): a Hugging Face Image struct, bytes or paths;
+    ``wanted`` (``--image-column``) names it instead."""
     import pyarrow.parquet as pq
 
     try:
@@ -235,11 +240,12 @@ def _parquet(path: Path, problems: Problems) -> list[Example]:
     if text_column is None:
         raise DatasetError(path, f"needs a 'text' (or 'caption') column; it has {', '.join(names)}")
     try:
-        chosen = image_column(table.schema)
+        chosen = image_column(table.schema, wanted)
     except ImageColumnError as exc:
-        raise DatasetError(path, str(exc)) from None
-    if chosen.note:
-        log.warning("%s: %s", path, chosen.note)
+        hint = "; name one with --image-column" if wanted is None else ""
+        raise DatasetError(path, f"{exc}{hint}") from None
+    if chosen.note and wanted is None:
+        log.warning("%s: %s; --image-column picks another", path, chosen.note)
     examples = []
     for row, (value, text) in enumerate(
         zip(table.column(chosen.name).to_pylist(), table.column(text_column).to_pylist(), strict=True)

@@ -75,7 +75,9 @@ def run_training(
     options: TrainOptions, *, should_stop: Callable[[], bool] = lambda: False, stream: IO[str] | None = None
 ) -> TrainResult:
     """Train as ``options`` say; stop early (with a checkpoint) once ``should_stop()`` is true."""
-    examples = load_dataset(options.dataset, caption_ext=options.caption_ext, task=options.task)
+    examples = load_dataset(
+        options.dataset, caption_ext=options.caption_ext, task=options.task, image_column=options.image_column
+    )
     train_set, val_set = split(examples, options.val_split, options.seed)
     checkpoint = check_output(options)
     saved = read_state(checkpoint) if checkpoint else None

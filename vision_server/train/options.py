@@ -33,6 +33,7 @@ class TrainOptions:
     precision: Precision = "auto"
     task: str = DEFAULT_TASK
     caption_ext: str = "txt"
+    image_column: str | None = None
     epochs: int = 5
     max_steps: int | None = None
     batch_size: int = 1
@@ -76,8 +77,9 @@ class TrainOptions:
 # or it could not follow the uninterrupted run's loss curve. The rest (where output and logs go,
 # how often to save) may change between the stop and the resume.
 PLAN_FIELDS = (
-    "model", "revision", "task", "caption_ext", "epochs", "max_steps", "batch_size", "gradient_accumulation",
-    "learning_rate", "lr_scheduler", "warmup_steps", "optimizer", "weight_decay", "rank", "alpha",
+    "model", "revision", "task", "caption_ext", "image_column", "epochs", "max_steps", "batch_size",
+    "gradient_accumulation", "learning_rate", "lr_scheduler", "warmup_steps", "optimizer", "weight_decay",
+    "rank", "alpha",
     "lora_dropout", "target_modules", "train_vision", "max_caption_tokens", "seed", "shuffle_tags",
     "keep_tokens", "caption_dropout", "val_split", "precision",
 )  # fmt: skip
