@@ -348,7 +348,12 @@ def _validate(s: Settings) -> None:
     except ValueError as exc:
         raise SettingsError(f"thumbnail_cache_size: {exc}, or 0 for none") from None
     if (s.ssl_cert is None) != (s.ssl_key is None):
-        raise SettingsError("ssl_cert and ssl_key must be given together")
+        given, missing = ("ssl_cert", "ssl_key") if s.ssl_key is None else ("ssl_key", "ssl_cert")
+        raise SettingsError(
+            f"{flag_name('ssl_cert')} and {flag_name('ssl_key')} ({env_name('ssl_cert')}/"
+            f"{env_name('ssl_key')}, ssl_cert/ssl_key in the config file) must be given together: "
+            f"{given} is set but {missing} is not"
+        )
     for name in ("api_key", "admin_key"):
         _check_key(name, getattr(s, name))
     for origin in s.cors_origins:

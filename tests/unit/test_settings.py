@@ -58,6 +58,20 @@ def test_bad_values_name_the_setting(tmp_path: Path, flags: dict[str, object], m
         load_settings(flags, environ={}, config_path=_empty(tmp_path))
 
 
+@pytest.mark.parametrize(("flags", "given", "missing"), [({"ssl_cert": "/c.pem"}, "ssl_cert", "ssl_key"),
+                                                          ({"ssl_key": "/k.pem"}, "ssl_key", "ssl_cert")])  # fmt: skip
+def test_half_a_tls_pair_names_the_flags_and_the_missing_half(
+    tmp_path: Path, flags: dict[str, object], given: str, missing: str
+) -> None:
+    """The user typed flags (or an environment variable, or a config key): all three are named."""
+    with pytest.raises(SettingsError) as refusal:
+        load_settings(flags, environ={}, config_path=_empty(tmp_path))
+    assert str(refusal.value) == (
+        "--ssl-cert and --ssl-key (VISION_SERVER_SSL_CERT/VISION_SERVER_SSL_KEY, ssl_cert/ssl_key in the "
+        f"config file) must be given together: {given} is set but {missing} is not"
+    )
+
+
 def test_unknown_config_key_and_bad_env_value(tmp_path: Path) -> None:
     config = tmp_path / "config.toml"
     config.write_text("colour = 'blue'\n")
