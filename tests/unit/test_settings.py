@@ -58,8 +58,10 @@ def test_bad_values_name_the_setting(tmp_path: Path, flags: dict[str, object], m
         load_settings(flags, environ={}, config_path=_empty(tmp_path))
 
 
-@pytest.mark.parametrize(("flags", "given", "missing"), [({"ssl_cert": "/c.pem"}, "ssl_cert", "ssl_key"),
-                                                          ({"ssl_key": "/k.pem"}, "ssl_key", "ssl_cert")])  # fmt: skip
+@pytest.mark.parametrize(
+    ("flags", "given", "missing"),
+    [({"ssl_cert": "/c.pem"}, "ssl_cert", "ssl_key"), ({"ssl_key": "/k.pem"}, "ssl_key", "ssl_cert")],
+)
 def test_half_a_tls_pair_names_the_flags_and_the_missing_half(
     tmp_path: Path, flags: dict[str, object], given: str, missing: str
 ) -> None:
