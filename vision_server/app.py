@@ -133,7 +133,8 @@ def middlewares(settings: Settings) -> list[Middleware]:
 
 def add_routes(app: web.Application) -> ErrorShapes:
     """Every API family's routes, each family registered with the shape its clients expect errors in."""
-    shapes = ErrorShapes(fallback=native.native_error)  # unknown paths answer like florence2-visionapi
+    # Unknown paths answer like florence2-visionapi, except under /v1/, where OpenAI clients call.
+    shapes = ErrorShapes(fallback=native.native_error, by_prefix={"/v1/": openai.openai_error})
     shapes.register(native.setup(app), native.native_error)
     shapes.register([*ops.setup(app), *admin.setup(app)], ops.ops_error)
     shapes.register(openai.setup(app), openai.openai_error)

@@ -80,6 +80,28 @@ async def test_each_family_answers_401_in_its_own_shape(keyed: Settings) -> None
             assert r.status == 200
 
 
+async def test_a_path_that_is_no_route_answers_404_before_the_key_check(keyed: Settings) -> None:
+    """A mistyped base URL got a 401 (native-shaped even under /v1/) that sent the user looking at
+    the key; the 404 with the hint comes first, with or without a key, in the family's shape."""
+    async with client_for(keyed) as session:
+        for headers in ({}, GOOD, {"Authorization": "Bearer nope"}):
+            async with session.post("/v1//chat/completions", json={}, headers=headers) as r:
+                assert r.status == 404 and "WWW-Authenticate" not in r.headers
+                error = (await r.json())["error"]
+            assert (
+                error["type"] == "not_found_error"
+                and "did you mean /v1/chat/completions?" in error["message"]
+            )
+            async with session.get("/v1/nowhere", headers=headers) as r:
+                assert r.status == 404 and (await r.json())["error"]["message"] == "Not Found"
+            async with session.get("/nowhere", headers=headers) as r:
+                assert r.status == 404 and await r.json() == {"detail": "Not Found"}
+            async with session.put("/v1/chat/completions", headers=headers) as r:
+                assert r.status == 405 and r.headers["Allow"]
+        async with session.post("/v1/chat/completions", json={}) as r:  # a route: the key still counts
+            assert r.status == 401 and set((await r.json())["error"]) >= {"message", "type", "code"}
+
+
 async def test_probes_and_metrics_stay_open(keyed: Settings) -> None:
     async with client_for(keyed) as session:
         for path in ("/health", "/ready", "/metrics"):

@@ -69,9 +69,13 @@ async def test_native_paths_too_and_other_404s_stay_as_before(tmp_path: Path) ->
             async with session.post(url + path, json={"image": "x"}) as response:
                 assert response.status == 404
                 assert "did you mean /process_image?" in (await response.json())["detail"], path
-        for path in ("/nowhere", "/v1/nowhere", "/v1//nowhere"):  # nothing served is near them
+        async with session.get(url + "/nowhere") as response:  # nothing served is near it
+            assert response.status == 404 and await response.json() == {"detail": "Not Found"}
+        for path in ("/v1/nowhere", "/v1//nowhere"):  # under /v1/, where OpenAI clients call: their shape
             async with session.get(url + path) as response:
-                assert response.status == 404 and await response.json() == {"detail": "Not Found"}, path
+                assert response.status == 404, path
+                error = (await response.json())["error"]
+                assert error["message"] == "Not Found" and error["type"] == "not_found_error", path
 
 
 @pytest.mark.parametrize(

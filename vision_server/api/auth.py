@@ -2,7 +2,8 @@
 
 With ``--api-key`` (or ``--api-key-file``) every route needs ``Authorization: Bearer KEY``,
 except the probes (``/health``, ``/ready``), ``/metrics`` unless ``--metrics-require-key``, and
-CORS preflights (browsers send those without credentials). A refusal is a 401 in the route
+CORS preflights (browsers send those without credentials); a path that is no route answers
+404 (or 405) either way. A refusal is a 401 in the route
 family's own error shape, with ``WWW-Authenticate: Bearer``, so every client library recognises it.
 
 Loading and unloading evict the model for everyone, so they need the admin key; without one
@@ -131,7 +132,10 @@ def is_loopback(address: str | None) -> bool:
 
 
 def needs_api_key(request: web.Request, keys: Keys) -> bool:
-    if keys.api is None or request.method == "OPTIONS":
+    """A path that matches no route (or not with this method) needs no key: it answers 404 or 405,
+    with the hint for a mistyped base URL, rather than a 401 that sends the user looking at the key
+    (which paths exist is no secret: the routes are documented)."""
+    if keys.api is None or request.method == "OPTIONS" or request.match_info.http_exception is not None:
         return False
     route = route_name(request)
     return route not in OPEN_ROUTES and not (route == METRICS_ROUTE and keys.metrics_open)

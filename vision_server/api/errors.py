@@ -59,13 +59,16 @@ class InvalidParameter(BadRequest):
 
 
 class ErrorShapes:
-    """Which formatter shapes the errors of each route; ``fallback`` for unmatched paths (404, 405).
+    """Which formatter shapes the errors of each route; ``fallback`` for unmatched paths (404, 405),
+    unless one of ``by_prefix`` starts the path (under ``/v1/`` an OpenAI client expects
+    ``{"error": {...}}``, not the native ``{"detail"}``).
 
     Keyed by resource (a path), so a route's automatic HEAD twin answers in the same shape.
     """
 
-    def __init__(self, fallback: ErrorFormatter) -> None:
+    def __init__(self, fallback: ErrorFormatter, by_prefix: dict[str, ErrorFormatter] | None = None) -> None:
         self.fallback = fallback
+        self._by_prefix = dict(by_prefix or {})
         self._by_resource: dict[AbstractResource, ErrorFormatter] = {}
 
     def register(self, routes: Iterable[AbstractRoute], formatter: ErrorFormatter) -> None:
@@ -86,7 +89,12 @@ class ErrorShapes:
         if resource is not None:
             return self._by_resource.get(resource, self.fallback)
         known = (formatter for resource, formatter in self._by_resource.items() if resource.raw_match(path))
-        return next(known, self.fallback)
+        return next(known, None) or self.fallback_for(path)
+
+    def fallback_for(self, path: str) -> ErrorFormatter:
+        """The shape of a path no resource matches: the longest registered prefix's, else the fallback."""
+        prefixes = sorted((p for p in self._by_prefix if path.startswith(p)), key=len, reverse=True)
+        return self._by_prefix[prefixes[0]] if prefixes else self.fallback
 
 
 ERROR_SHAPES = web.AppKey("error_shapes", ErrorShapes)
