@@ -238,6 +238,33 @@ async def test_several_images_are_captioned_in_order(tiny: Settings) -> None:
             "",
         ),
         ({"messages": [user(QUESTION, {"url": "AAAA"})], "n": 2}, 400, "invalid_request", "n", "n=1"),
+        # Wrong JSON types are named, as OpenAI does, not parsed like a form field's text.
+        *(
+            (
+                {"messages": [user(QUESTION, {"url": data_url(1)})], field: value},
+                400,
+                "invalid_request",
+                param,
+                words,
+            )
+            for field, value, param, words in (
+                ("stream", "yes", "stream", "true or false"),
+                ("stream", 1, "stream", "true or false"),
+                ("max_tokens", "10", "max_tokens", "not a string"),
+                ("max_completion_tokens", "10", "max_completion_tokens", "not a string"),
+                ("temperature", "0.5", "temperature", "not a string"),
+                ("top_p", "0.9", "top_p", "not a string"),
+                ("n", "1", "n", "not a string"),
+                ("n", True, "n", "not bool"),
+                ("stream_options", "usage", "stream_options", "object"),
+                (
+                    "stream_options",
+                    {"include_usage": "true"},
+                    "stream_options.include_usage",
+                    "true or false",
+                ),
+            )
+        ),
         ({"messages": "hi"}, 400, "invalid_request", "messages", "list"),
     ],
 )
@@ -251,6 +278,19 @@ async def test_errors_have_the_openai_shape(
     assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
     assert error["code"] == code and words in error["message"]
     assert param is None or error["param"] == param
+
+
+async def test_null_fields_count_as_not_given(tmp_path: Any) -> None:
+    """The OpenAI SDK sends null for a parameter set to None; that stays 'not given', as before."""
+    nulls = dict.fromkeys(
+        ("stream", "max_tokens", "max_completion_tokens", "temperature", "top_p", "n", "stream_options"), None
+    )
+    async with client_for(Settings(cache_dir=tmp_path), FakeCaptioner()) as session:
+        status, reply = await chat(session, {"messages": [user(QUESTION, {"url": data_url(1)})], **nulls})
+        assert status == 200 and reply["choices"][0]["message"]["content"], reply
+        typed = {"stream": False, "max_tokens": 10.0, "temperature": 0, "n": 1, "stream_options": {}}
+        status, reply = await chat(session, {"messages": [user(QUESTION, {"url": data_url(1)})], **typed})
+        assert status == 200, reply
 
 
 async def test_bad_json_and_too_large(tmp_path: Any) -> None:

@@ -72,6 +72,32 @@ def as_bool(name: str, value: object) -> bool | None:
     raise InvalidParameter(name, f"{name!r} must be true or false, not {shown(value)}.")
 
 
+# A JSON body (the OpenAI route) says what it means with its types: "10" or "yes" is a client bug
+# that OpenAI answers with a 400 naming the field, not a value to parse as a form field's text.
+# null stays "not given" (the SDKs send it for an explicit None).
+
+
+def json_number(name: str, value: object, *, low: float, high: float, low_open: bool = False) -> float | None:
+    """:func:`as_number` for a JSON field: a string is the wrong type, whatever it holds."""
+    if isinstance(value, str):
+        raise InvalidParameter(name, f"{name!r} must be a number, not a string ({shown(value)}).")
+    return as_number(name, value, low=low, high=high, low_open=low_open)
+
+
+def json_int(name: str, value: object, *, low: int, high: int) -> int | None:
+    """:func:`as_int` for a JSON field: a string is the wrong type, whatever it holds."""
+    if isinstance(value, str):
+        raise InvalidParameter(name, f"{name!r} must be an integer, not a string ({shown(value)}).")
+    return as_int(name, value, low=low, high=high)
+
+
+def json_bool(name: str, value: object) -> bool | None:
+    """A JSON ``true``/``false`` (None when null or absent); anything else is a 400 naming ``name``."""
+    if value is None or isinstance(value, bool):
+        return value
+    raise InvalidParameter(name, f"{name!r} must be true or false, not {shown(value)}.")
+
+
 def generation_options(
     settings: Settings,
     *,

@@ -36,10 +36,11 @@ from vision_server.api.captioning import caption_all_base64
 from vision_server.api.errors import InvalidParameter
 from vision_server.api.generation import (
     MAX_TEMPERATURE,
-    as_bool,
-    as_int,
-    as_number,
     generation_options,
+    json_bool,
+    json_int,
+    json_number,
+    shown,
 )
 from vision_server.api.model_choice import chosen_model, model_states, resolve_exact
 from vision_server.api.openai_replies import Completion, error_body
@@ -97,22 +98,23 @@ def parse_chat_request(
             f"The message has {len(images)} images; the limit is {settings.max_images_per_request} "
             "per request (--max-images-per-request). Send the others in further requests.",
         )
-    if body.get("n") not in (None, 1):
+    if json_int("n", body.get("n"), low=1, high=2**31) not in (None, 1):
         raise InvalidParameter("n", "Only n=1 is supported.")
     check_supported(body)
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     options = generation_options(
         settings,
-        max_new_tokens=as_int(name, max_tokens, low=1, high=2**31),
-        temperature=as_number("temperature", body.get("temperature"), low=0, high=MAX_TEMPERATURE),
-        top_p=as_number("top_p", body.get("top_p"), low=0, high=1, low_open=True),
+        max_new_tokens=json_int(name, max_tokens, low=1, high=2**31),
+        temperature=json_number("temperature", body.get("temperature"), low=0, high=MAX_TEMPERATURE),
+        top_p=json_number("top_p", body.get("top_p"), low=0, high=1, low_open=True),
         model=model,
         length_name=name,
     )
-    stream_options = body.get("stream_options")
-    include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-    stream = bool(as_bool("stream", body.get("stream")))
+    stream = bool(json_bool("stream", body.get("stream")))
+    include_usage = bool(
+        json_bool("stream_options.include_usage", _stream_options(body).get("include_usage"))
+    )
     return ChatRequest(
         tuple(images),
         tuple(where for _, where in located),
@@ -123,6 +125,16 @@ def parse_chat_request(
         body.get("priority"),
         body.get("keep_alive"),
     )
+
+
+def _stream_options(body: dict[str, Any]) -> dict[str, Any]:
+    """``stream_options``: an object, or null/absent (no options)."""
+    value = body.get("stream_options")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidParameter("stream_options", f"'stream_options' must be an object, not {shown(value)}.")
+    return value
 
 
 def images_and_text(messages: list[Any]) -> tuple[list[tuple[str, str]], str]:
