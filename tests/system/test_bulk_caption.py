@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
 import signal
 import subprocess
 import tarfile
@@ -223,6 +224,57 @@ def test_ctrl_c_while_starting_up_exits_130_not_aborted(tmp_path: Path, cache: P
     assert "Aborted" not in stderr and "Traceback" not in stderr
     assert "interrupted by SIGINT" in stderr and "run the same command again" in stderr
     assert not list(root.rglob("*.txt"))
+
+
+def test_ctrl_c_to_the_process_group_while_decoders_start_prints_no_worker_tracebacks(
+    tmp_path: Path, cache: Path
+) -> None:
+    # A terminal's Ctrl+C goes to every process of the foreground group. Decoding processes spend
+    # their first second importing the package; a SIGINT then was a KeyboardInterrupt traceback
+    # from each of them under the run's own clean "interrupted by SIGINT" line.
+    root = tmp_path / "data"
+    good_images(root, 8)
+    command = caption_command(root, *FAST, "--workers", "2", "--cache-dir", cache, "--log-level", "warning")
+
+    def default_sigint() -> None:  # as from a terminal, even when the test runner ignores SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    with subprocess.Popen(
+        command,
+        env=cli_env(tmp_path),
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=default_sigint,
+        start_new_session=True,  # its own process group, as a shell gives a foreground job
+    ) as process:
+        deadline = time.monotonic() + 120
+        while not any(_importing(child) for child in _children(process.pid)):
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.002)
+        os.killpg(process.pid, signal.SIGINT)  # a decoder is half-way through its imports
+        code = process.wait(120)
+        stderr = process.stderr.read() if process.stderr else ""
+    assert code == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert "interrupted by SIGINT" in stderr and "run the same command again" in stderr
+
+
+def _children(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _importing(process: psutil.Process) -> bool:
+    """A decoding process that has got as far as numpy in importing the package (it imports more
+    after that; until its imports are done it cannot ignore SIGINT itself)."""
+    try:
+        if "spawn_main" not in " ".join(process.cmdline()):
+            return False
+        return "_multiarray_umath" in Path(f"/proc/{process.pid}/maps").read_text()
+    except (psutil.Error, OSError):
+        return False
 
 
 # --- several tasks -------------------------------------------------------------------------------

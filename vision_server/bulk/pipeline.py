@@ -24,7 +24,7 @@ from typing import Literal, Protocol
 
 from vision_server.bulk.outputs import Captions, Output
 from vision_server.bulk.plan import Fail, Skip, Unit, Work
-from vision_server.bulk.prepare import prepare_record, worker_init
+from vision_server.bulk.prepare import interrupts_held, prepare_record, worker_init
 from vision_server.bulk.records import Record
 from vision_server.captioner import CaptionItem, GenerationOptions
 from vision_server.engine.scheduler import Engine
@@ -159,15 +159,17 @@ class BulkPipeline:
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: the parent runs torch threads, which a forked child must not inherit.
         context = multiprocessing.get_context("spawn")
-        return ProcessPoolExecutor(self.config.workers, mp_context=context, initializer=worker_init)
+        with interrupts_held():  # its helper processes start now
+            return ProcessPoolExecutor(self.config.workers, mp_context=context, initializer=worker_init)
 
     async def _prepare(self, record: Record) -> PreparedImage | str:
-        loop = asyncio.get_running_loop()
         pool = self._pool
         assert pool is not None
         config = self.config
         try:
-            return await loop.run_in_executor(pool, prepare_record, record, config.spec, config.max_pixels)
+            with interrupts_held():  # the pool starts its workers as work arrives
+                future = pool.submit(prepare_record, record, config.spec, config.max_pixels)
+            return await asyncio.wrap_future(future)
         except BrokenProcessPool:
             if self._pool is pool:  # a decoder process died (killed for memory?): start afresh
                 log.warning("a decoding process died; starting new ones")

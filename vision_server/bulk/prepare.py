@@ -9,10 +9,12 @@ and tar shards arrive as bytes. A full-size decode lives only inside
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 
 from vision_server.bulk.readers import describe_os_error
 from vision_server.bulk.records import Record
@@ -20,6 +22,25 @@ from vision_server.errors import VisionServerError
 from vision_server.images import LOCAL_FILE, STORED, PixelSpec, PreparedImage, prepare_image
 
 PARENT_CHECK_SECONDS = 0.5
+
+
+@contextlib.contextmanager
+def interrupts_held() -> Iterator[None]:
+    """Hold back SIGINT in this thread while it may start a worker (creating the pool, submitting).
+
+    Ctrl+C reaches the whole process group, and a worker spends its first second or so importing
+    the package before :func:`worker_init` can ignore it: each worker then died with a
+    KeyboardInterrupt traceback. A new process inherits the blocked mask, so it never sees the
+    signal; the parent gets it as soon as the mask is restored. (No signal masks on Windows.)
+    """
+    if not hasattr(signal, "pthread_sigmask"):
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def worker_init() -> None:
