@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -151,6 +153,52 @@ def test_a_caption_with_line_breaks_is_one_line_in_every_caption_file_and_verbat
     assert [row["caption"] for row in rows] == ["ohwx, " + MULTI_LINE]
 
     assert files == {tool: ("ohwx, " + ONE_LINE).encode() for tool in TOOLS}
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl+C
+
+
+@pytest.mark.parametrize("tool", TOOLS[1:2])  # the bash script can miss one in flight: see below
+def test_ctrl_c_exits_130_and_the_summary_counts_the_caption_files_written(
+    tool: str, tiny_server_url: str, tmp_path: Path
+) -> None:
+    """Ctrl+C half-way (SIGINT to the process group, as a terminal sends it): exit 130 and a
+    summary whose captioned count is the caption files on disk. ``vision-client folder`` used to
+    print a bare "interrupted", leaving an overnight user to count files to see what was done.
+
+    (The bash script prints its summary too, but a Ctrl+C that lands after a worker renamed its
+    caption into place and before the script counted it leaves that one out of "captioned";
+    not fixed yet, so the script is not run here.)"""
+    root = tmp_path / "data"
+    for seed in range(150):
+        save_image(root / f"img{seed:03d}.png", seed)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+    if tool == "vision-client folder":
+        command = [str(VISION_CLIENT), "--url", tiny_server_url, "folder", str(root), "--concurrency", "1"]
+    else:
+        command = ["bash", str(FOLDER_SCRIPT), "--url", tiny_server_url, "--jobs", "1"]
+        command += ["CAPTION", "txt", str(root)]
+
+    def default_sigint() -> None:  # as from a terminal, even when the test runner ignores SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    with subprocess.Popen(
+        command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint, start_new_session=True
+    ) as process:
+        deadline = time.monotonic() + 120
+        while len(list(root.glob("*.txt"))) < 3:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        os.killpg(process.pid, signal.SIGINT)
+        code = process.wait(60)
+        stderr = process.stderr.read() if process.stderr else ""
+    written = len(list(root.glob("*.txt")))
+    assert code == 130, stderr[-3000:]
+    assert 3 <= written < 150, stderr[-3000:]  # it really stopped half-way
+    assert f"{written} captioned" in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert not list(root.glob(".*.tmp"))
 
 
 # ---------------------------------------------------------------------------------------------

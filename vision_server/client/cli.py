@@ -21,7 +21,7 @@ import click
 from vision_server.captionfiles import MODES
 from vision_server.client.api import DEFAULT_TASK, DEFAULT_TIMEOUT, DEFAULT_URL, AsyncVisionClient
 from vision_server.client.errors import VisionClientError
-from vision_server.client.folder import FolderSummary, ImageResult, caption_folder
+from vision_server.client.folder import Failure, FolderSummary, ImageResult, caption_folder
 
 T = TypeVar("T")
 
@@ -77,8 +77,13 @@ def main(
     ctx.obj = {"base_url": url, "api_key": api_key, "timeout": timeout, "retries": retries, "model": model}
 
 
-def _run(ctx: click.Context, work: Callable[[AsyncVisionClient], Awaitable[T]]) -> T:
-    """Run ``work`` with a client; a client error becomes a one-line message and exit 1."""
+def _run(
+    ctx: click.Context,
+    work: Callable[[AsyncVisionClient], Awaitable[T]],
+    interrupted: Callable[[], None] | None = None,
+) -> T:
+    """Run ``work`` with a client; a client error becomes a one-line message and exit 1, Ctrl+C
+    exit 130 after ``interrupted`` (which says what was done) or a bare "interrupted"."""
 
     async def runner() -> T:
         async with AsyncVisionClient(**ctx.obj) as client:
@@ -90,7 +95,10 @@ def _run(ctx: click.Context, work: Callable[[AsyncVisionClient], Awaitable[T]]) 
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
     except KeyboardInterrupt:
-        click.echo("interrupted", err=True)
+        if interrupted is None:
+            click.echo("interrupted", err=True)
+        else:
+            interrupted()
         sys.exit(130)
 
 
@@ -237,13 +245,33 @@ def folder(
     started = time.monotonic()
     bar = tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
 
+    so_far = FolderSummary()  # what a Ctrl+C summary reports: the results seen until then
+
+    def start(total: int) -> None:
+        so_far.total = total
+        bar.reset(total)
+
     def progress(result: ImageResult) -> None:
         if result.outcome == "failed":
             bar.write(f"failed: {result.path}: {result.reason}", file=sys.stderr)
+            so_far.failed.append(Failure(result.path, result.reason or "unknown error"))
+        elif result.outcome == "done":
+            so_far.done += 1
+        else:
+            so_far.skipped += 1
         bar.update()
 
+    def interrupted() -> None:
+        bar.close()
+        _print_summary(so_far, time.monotonic() - started)
+        click.echo(
+            f"interrupted: {so_far.not_attempted} images not captioned yet (the ones in flight "
+            "were dropped; nothing is half-written); run the same command again to resume",
+            err=True,
+        )
+
     async def work(client: AsyncVisionClient) -> FolderSummary:
-        return await caption_folder(client, folder, on_start=bar.reset, on_result=progress, **options)
+        return await caption_folder(client, folder, on_start=start, on_result=progress, **options)
 
     def server_wait(message: str) -> None:
         bar.write(f"vision-client: {message}", file=sys.stderr)
@@ -256,7 +284,7 @@ def folder(
     }
 
     try:
-        summary = _run(ctx, work)
+        summary = _run(ctx, work, interrupted)
     except ValueError as exc:  # options caption_folder refuses, e.g. --ext png or --jsonl with append
         raise click.UsageError(str(exc)) from None
     finally:
