@@ -10,6 +10,7 @@ run, the limit, and usage errors.
 from __future__ import annotations
 
 import base64
+import contextlib
 import io
 import json
 import os
@@ -247,13 +248,17 @@ def test_ctrl_c_to_the_process_group_while_decoders_start_prints_no_worker_trace
         preexec_fn=default_sigint,
         start_new_session=True,  # its own process group, as a shell gives a foreground job
     ) as process:
-        deadline = time.monotonic() + 120
-        while not any(_importing(child) for child in _children(process.pid)):
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.002)
-        os.killpg(process.pid, signal.SIGINT)  # a decoder is half-way through its imports
-        code = process.wait(120)
-        stderr = process.stderr.read() if process.stderr else ""
+        try:
+            deadline = time.monotonic() + 120
+            while not any(_importing(child) for child in _children(process.pid)):
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.002)
+            os.killpg(process.pid, signal.SIGINT)  # a decoder is half-way through its imports
+            code = process.wait(120)
+            stderr = process.stderr.read() if process.stderr else ""
+        finally:  # a run that hangs on the signal (the old behaviour) must not outlive the test
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
     assert code == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert "interrupted by SIGINT" in stderr and "run the same command again" in stderr
