@@ -357,9 +357,15 @@ def test_untrusted_certificate_is_not_retried(node: ModuleType, tmp_path: Path) 
         url = f"https://localhost:{listener.getsockname()[1]}"
         with pytest.raises(RuntimeError, match=r"is not trusted .*SSL_CERT_FILE"):
             node.request_caption(b"png", "<CAPTION>", url, retries=3)
+        # The server thread notes a failed handshake after the client has given up on it: wait
+        # for that note, and a moment more for any retry's, before counting.
+        deadline = time.monotonic() + 10
+        while not handshakes and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.5)
     finally:
         listener.close()
-    assert len(handshakes) == 1
+    assert len(handshakes) == 1, handshakes
 
 
 # ---------------------------------------------------------------------------------------------
