@@ -41,6 +41,16 @@ async def post(session: ClientSession, body: dict[str, Any]) -> tuple[int, Any]:
         return response.status, await response.json()
 
 
+async def chat(tmp_path: Path, extra: dict[str, Any]) -> tuple[int, Any]:
+    """A chat completion with ``extra`` fields, sent to a fresh server with a fake captioner."""
+    body = {"model": "gpt-4-turbo", "messages": messages(), **extra}
+    async with (
+        running_server(Settings(cache_dir=tmp_path), FakeCaptioner()) as url,
+        ClientSession(url) as session,
+    ):
+        return await post(session, body)
+
+
 @pytest.mark.parametrize(
     "extra",
     [
@@ -62,12 +72,7 @@ async def post(session: ClientSession, body: dict[str, Any]) -> tuple[int, Any]:
     ],
 )
 async def test_harmless_forms_get_the_caption(tmp_path: Path, extra: dict[str, Any]) -> None:
-    body = {"model": "gpt-4-turbo", "messages": messages(), **extra}
-    async with (
-        running_server(Settings(cache_dir=tmp_path), FakeCaptioner()) as url,
-        ClientSession(url) as session,
-    ):
-        status, reply = await post(session, body)
+    status, reply = await chat(tmp_path, extra)
     assert status == 200, reply
     if extra.get("stream"):
         assert '"content"' in reply and reply.rstrip().endswith("data: [DONE]")
@@ -107,12 +112,7 @@ async def test_harmless_forms_get_the_caption(tmp_path: Path, extra: dict[str, A
 async def test_what_cannot_be_honoured_is_a_400_naming_the_field(
     tmp_path: Path, extra: dict[str, Any], param: str, words: str
 ) -> None:
-    body = {"model": "gpt-4-turbo", "messages": messages(), **extra}
-    async with (
-        running_server(Settings(cache_dir=tmp_path), FakeCaptioner()) as url,
-        ClientSession(url) as session,
-    ):
-        status, reply = await post(session, body)
+    status, reply = await chat(tmp_path, extra)
     assert status == 400, reply
     error = reply["error"]
     assert error["type"] == "invalid_request_error" and error["code"] == "unsupported_value"
@@ -138,12 +138,7 @@ async def test_what_cannot_be_honoured_is_a_400_naming_the_field(
 async def test_malformed_fields_are_a_400_naming_them(
     tmp_path: Path, extra: dict[str, Any], param: str
 ) -> None:
-    body = {"model": "gpt-4-turbo", "messages": messages(), **extra}
-    async with (
-        running_server(Settings(cache_dir=tmp_path), FakeCaptioner()) as url,
-        ClientSession(url) as session,
-    ):
-        status, reply = await post(session, body)
+    status, reply = await chat(tmp_path, extra)
     assert status == 400 and reply["error"]["param"] == param and reply["error"]["code"] == "invalid_request"
 
 
