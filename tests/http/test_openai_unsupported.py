@@ -1,7 +1,9 @@
-"""JSON output and forced tool calls are refused with a 400 that says so; harmless forms pass.
+"""JSON output, forced tool calls, log probabilities and audio are refused with a 400 that says
+so, as are stream_options without a stream; harmless forms pass.
 
 A captioner only ever answers with caption text: a client that asked for JSON or forced a tool
-call must learn that its request was not honoured instead of getting text it cannot parse.
+call must learn that its request was not honoured instead of getting text it cannot parse, and
+one that asked for logprobs or audio must not read their absence as an answer.
 What SillyTavern, Open WebUI-style clients and the OpenAI SDK send by default keeps working.
 """
 
@@ -69,6 +71,10 @@ async def chat(tmp_path: Path, extra: dict[str, Any]) -> tuple[int, Any]:
         },
         {"functions": [TOOL["function"]], "function_call": "auto"},
         {"stream": True, "stream_options": {"include_usage": True}},  # Open WebUI-style
+        {"logprobs": False, "top_logprobs": 0},
+        {"logprobs": None, "top_logprobs": None, "modalities": None, "audio": None, "stream_options": None},
+        {"modalities": ["text"]},
+        {"stream": False},
     ],
 )
 async def test_harmless_forms_get_the_caption(tmp_path: Path, extra: dict[str, Any]) -> None:
@@ -107,6 +113,15 @@ async def test_harmless_forms_get_the_caption(tmp_path: Path, extra: dict[str, A
             "function_call",
             "forces a function call",
         ),
+        ({"logprobs": True}, "logprobs", "logprobs true cannot be honoured"),
+        ({"logprobs": True, "top_logprobs": 5, "stream": True}, "logprobs", "log probabilities"),
+        ({"top_logprobs": 3}, "top_logprobs", "top_logprobs 3 cannot be honoured"),
+        ({"modalities": ["text", "audio"]}, "modalities", "['audio'] cannot be honoured"),
+        (
+            {"audio": {"voice": "alloy", "format": "wav"}},
+            "audio",
+            "An audio answer cannot be given",
+        ),
     ],
 )
 async def test_what_cannot_be_honoured_is_a_400_naming_the_field(
@@ -118,11 +133,14 @@ async def test_what_cannot_be_honoured_is_a_400_naming_the_field(
     assert error["type"] == "invalid_request_error" and error["code"] == "unsupported_value"
     assert error["param"] == param and words in error["message"]
     # The message says what to change, not only what is wrong.
-    assert (
-        ('"text"' in error["message"])
-        if param == "response_format"
-        else ('"auto" or "none"' in error["message"])
-    )
+    fix = {
+        "response_format": '"text"',
+        "logprobs": "Leave logprobs and top_logprobs out",
+        "top_logprobs": "Leave logprobs and top_logprobs out",
+        "modalities": 'modalities ["text"]',
+        "audio": "Leave the audio object out",
+    }.get(param, '"auto" or "none"')
+    assert fix in error["message"]
 
 
 @pytest.mark.parametrize(
@@ -133,6 +151,11 @@ async def test_what_cannot_be_honoured_is_a_400_naming_the_field(
         ({"tools": {"get_weather": {}}}, "tools"),
         ({"tool_choice": "sometimes"}, "tool_choice"),
         ({"function_call": 1}, "function_call"),
+        ({"logprobs": "yes"}, "logprobs"),
+        ({"top_logprobs": 21}, "top_logprobs"),
+        ({"modalities": "text"}, "modalities"),
+        ({"stream_options": {"include_usage": True}}, "stream_options"),  # OpenAI's 400 too
+        ({"stream": False, "stream_options": {"include_usage": True}}, "stream_options"),
     ],
 )
 async def test_malformed_fields_are_a_400_naming_them(
@@ -140,6 +163,8 @@ async def test_malformed_fields_are_a_400_naming_them(
 ) -> None:
     status, reply = await chat(tmp_path, extra)
     assert status == 400 and reply["error"]["param"] == param and reply["error"]["code"] == "invalid_request"
+    if param == "stream_options":
+        assert "send stream true" in reply["error"]["message"]
 
 
 async def test_the_sdk_raises_bad_request_for_json_mode(tmp_path: Path) -> None:

@@ -15,8 +15,9 @@ What a request means here:
   one model takes any name (SillyTavern sends ``gpt-4-turbo`` unless told otherwise); with
   several, an unknown name is a 404 with code ``model_not_found``, as OpenAI answers. Replies
   name the model that captioned. ``max_tokens``/``max_completion_tokens``, ``temperature`` and
-  ``top_p`` map onto generation; ``n`` must be 1. A request for JSON output or a forced tool
-  call is a 400 (:mod:`vision_server.api.openai_unsupported`); other fields are ignored.
+  ``top_p`` map onto generation; ``n`` must be 1. A request for JSON output, a forced tool
+  call, logprobs or audio is a 400 (:mod:`vision_server.api.openai_unsupported`); other fields
+  are ignored.
 - The reply content is the caption itself. ``stream: true`` sends server-sent events in the
   OpenAI chunk format, token by token for greedy and sampled decoding of one image, in one
   chunk otherwise (:mod:`vision_server.api.openai_stream`).
