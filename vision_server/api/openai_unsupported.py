@@ -151,8 +151,12 @@ def check_modalities(modalities: object, audio: object) -> None:
 
 
 def check_stream_options(options: object, stream: object) -> None:
-    """``stream_options`` only mean something for a stream; OpenAI refuses them otherwise."""
-    if options is not None and not json_bool("stream", stream):
+    """``stream_options`` only mean something for a stream; OpenAI refuses them otherwise. An
+    empty object asks for nothing and passes; a value of the wrong type is a 400 about the type."""
+    if not isinstance(options, dict) or not options:
+        return  # null, {}, or the wrong type (which the parser names)
+    json_bool("stream_options.include_usage", options.get("include_usage"))
+    if not json_bool("stream", stream):
         raise InvalidParameter(
             "stream_options",
             "stream_options only apply to a streamed answer: send stream true with them, or leave "
