@@ -70,7 +70,9 @@ def configure_logging(level: str = "info", fmt: str = "text", file: Path | None 
             file.parent.mkdir(parents=True, exist_ok=True)
             handlers.append(file_handler(file))
         except OSError as exc:  # a directory, a read-only place (systemd's ProtectSystem=strict)
-            raise SettingsError(f"log_file {file}: cannot write there ({exc.strerror or exc})") from None
+            raise SettingsError(
+                f"log_file {file}: cannot write there ({exc.strerror or exc})", setting="log_file"
+            ) from None
     root = logging.getLogger()
     for handler in list(root.handlers):
         root.removeHandler(handler)

@@ -63,7 +63,8 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
         raise SettingsError(
             f"ssl_key {key} is encrypted with a passphrase, which the server cannot ask for at "
             f"start; give it a decrypted copy (openssl pkey -in {key} -out server-key.pem) that "
-            "only the server's user can read"
+            "only the server's user can read",
+            setting="ssl_key",
         ) from None
     except (OSError, ssl.SSLError) as exc:
         raise SettingsError(
@@ -264,7 +265,7 @@ def check_model_sources(settings: Settings) -> None:
         if (problem := source_problem(spec.source)) is not None
     ]
     if problems:
-        raise SettingsError("; ".join(problems))
+        raise SettingsError("; ".join(problems), setting="model")
 
 
 def serve(settings: Settings, captioner: Captioner | None = None) -> None:
@@ -287,5 +288,5 @@ def serve(settings: Settings, captioner: Captioner | None = None) -> None:
             _flush_logs()
             os._exit(0)  # a plain exit would join the busy model thread and outlast the stop timeout
     except SettingsError as exc:
-        log.error("%s", exc)
+        log.error("%s", settings.located(exc))
         raise SystemExit(2) from None

@@ -230,6 +230,11 @@ class Settings:
     model_idle_timeouts: tuple[tuple[str, float], ...] = field(default=(), metadata={"internal": True})
     model_backends: tuple[tuple[str, str], ...] = field(default=(), metadata={"internal": True})
     model_revisions: tuple[tuple[str, str], ...] = field(default=(), metadata={"internal": True})
+    # Where each setting not left at its default came from ("--port", "VISION_SERVER_PORT",
+    # "port in /etc/vision-server/config.toml"), for error messages; filled by load_settings.
+    sources: tuple[tuple[str, str], ...] = field(
+        default=(), repr=False, compare=False, metadata={"internal": True}
+    )
     # Derived in __post_init__ (not arguments): the parsed --model values and --memory-budget.
     _model_specs: tuple[ModelSpec, ...] = field(init=False, repr=False, compare=False, default=())
     _memory_budget_bytes: int | None = field(init=False, repr=False, compare=False, default=None)
@@ -242,7 +247,17 @@ class Settings:
             object.__setattr__(self, "model", (self.model,))
         if isinstance(self.trusted_proxies, str):  # Settings(trusted_proxies="127.0.0.1"): one entry
             object.__setattr__(self, "trusted_proxies", (self.trusted_proxies,))
-        _validate(self)
+        try:
+            _validate(self)
+        except SettingsError as exc:
+            raise self.located(exc) from None
+
+    def located(self, error: SettingsError) -> SettingsError:
+        """``error`` with where its setting's value came from, when that was not the default."""
+        source = dict(self.sources).get(error.setting or "")
+        if source is None or source in str(error):
+            return error
+        return SettingsError(f"{error} (set by {source})", setting=error.setting)
 
     @property
     def model_specs(self) -> tuple[ModelSpec, ...]:
@@ -288,7 +303,16 @@ class Settings:
 
 
 class SettingsError(ValueError):
-    """A setting has a value the server cannot use; the message names the setting."""
+    """A setting has a value the server cannot use; the message names the setting.
+
+    ``setting`` is the field at fault (None when several are, or none), so the message can be
+    completed with where its value came from (:meth:`Settings.located`): a bad value set in a
+    service's environment or a config file is otherwise hard to find.
+    """
+
+    def __init__(self, message: str, *, setting: str | None = None) -> None:
+        super().__init__(message)
+        self.setting = setting
 
 
 BACKENDS = ("auto", "florence2", "blip", "git", "vision-encoder-decoder", "idefics3")
@@ -304,9 +328,11 @@ _CHOICES: dict[str, tuple[str, ...]] = {
 def _validate(s: Settings) -> None:
     for name, choices in _CHOICES.items():
         if getattr(s, name) not in choices:
-            raise SettingsError(f"{name} must be one of {', '.join(choices)}, not {getattr(s, name)!r}")
+            raise SettingsError(
+                f"{name} must be one of {', '.join(choices)}, not {getattr(s, name)!r}", setting=name
+            )
     if not (s.device in ("auto", "cpu", "cuda") or s.device.startswith("cuda:")):
-        raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, not {s.device!r}")
+        raise SettingsError(f"device must be auto, cpu, cuda or cuda:N, not {s.device!r}", setting="device")
     positive = (
         "max_queue",
         "max_batch_size",
@@ -318,35 +344,47 @@ def _validate(s: Settings) -> None:
     )
     for name in (*positive, "num_beams", "max_new_tokens"):
         if getattr(s, name) is not None and getattr(s, name) < 1:
-            raise SettingsError(f"{name} must be at least 1, not {getattr(s, name)}")
+            raise SettingsError(f"{name} must be at least 1, not {getattr(s, name)}", setting=name)
     if s.min_new_tokens < 0:
-        raise SettingsError("min_new_tokens must be >= 0")
+        raise SettingsError("min_new_tokens must be >= 0", setting="min_new_tokens")
     if s.idle_timeout < 0 and s.idle_timeout != -1:
-        raise SettingsError("idle_timeout must be >= 0, or -1 for never")
+        raise SettingsError("idle_timeout must be >= 0, or -1 for never", setting="idle_timeout")
     _derive(s)
     if s.offload_timeout < 0:
-        raise SettingsError("offload_timeout must be >= 0 (0 skips the host-memory tier)")
+        raise SettingsError(
+            "offload_timeout must be >= 0 (0 skips the host-memory tier)", setting="offload_timeout"
+        )
     if s.max_keep_alive is not None and s.max_keep_alive < 0 and s.max_keep_alive != -1:
-        raise SettingsError("max_keep_alive must be >= 0, or -1 for no cap")
+        raise SettingsError("max_keep_alive must be >= 0, or -1 for no cap", setting="max_keep_alive")
     if not s.body_timeout > 0:
-        raise SettingsError(f"body_timeout must be more than 0 seconds, not {s.body_timeout}")
+        raise SettingsError(
+            f"body_timeout must be more than 0 seconds, not {s.body_timeout}", setting="body_timeout"
+        )
     if not s.request_timeout > 0:
-        raise SettingsError(f"request_timeout must be more than 0 seconds, not {s.request_timeout}")
+        raise SettingsError(
+            f"request_timeout must be more than 0 seconds, not {s.request_timeout}",
+            setting="request_timeout",
+        )
     for name in ("shutdown_grace", "max_batch_wait_ms"):
         if not getattr(s, name) >= 0:
-            raise SettingsError(f"{name} must be 0 or more, not {getattr(s, name)}")
+            raise SettingsError(f"{name} must be 0 or more, not {getattr(s, name)}", setting=name)
     if not 0 <= s.port <= 65535:
-        raise SettingsError(f"port must be 0..65535, not {s.port}")
+        raise SettingsError(f"port must be 0..65535, not {s.port}", setting="port")
     if s.gallery_jsonl is not None and s.gallery is None:
         raise SettingsError(
-            "gallery_jsonl adds captions to a gallery: give the dataset folder with gallery too"
+            "gallery_jsonl adds captions to a gallery: give the dataset folder with gallery too",
+            setting="gallery_jsonl",
         )
     if not 1 <= s.gallery_page_size <= 500:
-        raise SettingsError(f"gallery_page_size must be 1..500, not {s.gallery_page_size}")
+        raise SettingsError(
+            f"gallery_page_size must be 1..500, not {s.gallery_page_size}", setting="gallery_page_size"
+        )
     try:
         parse_byte_size(s.thumbnail_cache_size)
     except ValueError as exc:
-        raise SettingsError(f"thumbnail_cache_size: {exc}, or 0 for none") from None
+        raise SettingsError(
+            f"thumbnail_cache_size: {exc}, or 0 for none", setting="thumbnail_cache_size"
+        ) from None
     if (s.ssl_cert is None) != (s.ssl_key is None):
         given, missing = ("ssl_cert", "ssl_key") if s.ssl_key is None else ("ssl_key", "ssl_cert")
         raise SettingsError(
@@ -362,11 +400,13 @@ def _validate(s: Settings) -> None:
         normalize_task(s.default_task, KNOWN_TASKS)
     except InvalidTask:
         raise SettingsError(
-            f"default_task {s.default_task!r} is no task of any model; use one of {', '.join(KNOWN_TASKS)}"
+            f"default_task {s.default_task!r} is no task of any model; use one of {', '.join(KNOWN_TASKS)}",
+            setting="default_task",
         ) from None
     if s.rate_limit is not None and not s.rate_limit >= 0:
         raise SettingsError(
-            f"rate_limit must be a number of requests a minute (0 or unset: no limit), not {s.rate_limit}"
+            f"rate_limit must be a number of requests a minute (0 or unset: no limit), not {s.rate_limit}",
+            setting="rate_limit",
         )
 
 
@@ -379,7 +419,8 @@ def _check_origin(origin: str) -> None:
     if not (parts.scheme and parts.netloc) or parts.path not in ("", "/") or parts.query or parts.fragment:
         raise SettingsError(
             f"cors_origins: {origin!r} is not an origin; write it as the browser sends it, "
-            "scheme://host[:port] like http://127.0.0.1:8000 (no path), or * for any"
+            "scheme://host[:port] like http://127.0.0.1:8000 (no path), or * for any",
+            setting="cors_origins",
         )
 
 
@@ -391,10 +432,13 @@ def _check_key(name: str, key: str | None) -> None:
     if not key.strip():
         raise SettingsError(
             f"{name} is empty, which would serve without a key; give the key, or leave {name} "
-            f"({env_name(name)}) unset to serve without one"
+            f"({env_name(name)}) unset to serve without one",
+            setting=name,
         )
     if key != key.strip():
-        raise SettingsError(f"{name} has spaces at its start or end; clients could never send it")
+        raise SettingsError(
+            f"{name} has spaces at its start or end; clients could never send it", setting=name
+        )
 
 
 def _derive(s: Settings) -> None:
@@ -416,21 +460,26 @@ def _derive(s: Settings) -> None:
         raise SettingsError(str(exc)) from None
     for name, backend in s.model_backends:
         if backend not in BACKENDS:
-            raise SettingsError(f"backend for {name} must be one of {', '.join(BACKENDS)}, not {backend!r}")
+            raise SettingsError(
+                f"backend for {name} must be one of {', '.join(BACKENDS)}, not {backend!r}", setting="backend"
+            )
     object.__setattr__(s, "_model_specs", specs)
     budget = None
     if s.memory_budget is not None and s.memory_budget.strip().lower() not in ("", "none"):
         try:
             budget = parse_byte_size(s.memory_budget)
         except ValueError as exc:
-            raise SettingsError(f"memory_budget: {exc}") from None
+            raise SettingsError(f"memory_budget: {exc}", setting="memory_budget") from None
         if budget < 1:
-            raise SettingsError(f"memory_budget must be more than 0 bytes (like {EXAMPLES}), or unset")
+            raise SettingsError(
+                f"memory_budget must be more than 0 bytes (like {EXAMPLES}), or unset",
+                setting="memory_budget",
+            )
     object.__setattr__(s, "_memory_budget_bytes", budget)
     try:
         trusted = TrustedProxies.parse(s.trusted_proxies)
     except ValueError as exc:
-        raise SettingsError(f"trusted_proxies: {exc}") from None
+        raise SettingsError(f"trusted_proxies: {exc}", setting="trusted_proxies") from None
     object.__setattr__(s, "_trusted_proxy_networks", trusted)
 
 
@@ -464,7 +513,8 @@ def field_type(name: str) -> Any:
 
 
 def coerce(name: str, value: Any) -> Any:
-    """Turn a config-file or environment value into the field's type, or explain why not."""
+    """Turn a config-file, environment or flag value into the field's type, or explain why not
+    (the caller's message names where the value was given)."""
     if value is None:
         return None
     if FIELDS[name].metadata.get("entries"):
@@ -482,9 +532,19 @@ def coerce(name: str, value: Any) -> Any:
             raise ValueError("a number, not true/false")
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError("a whole number")
+        if kind in (int, float):
+            return _number(kind, value)
         return kind(value)
     except (TypeError, ValueError) as exc:
-        raise SettingsError(f"{name}: cannot use {value!r} ({exc})") from None
+        raise SettingsError(f"cannot use {value!r} ({exc})", setting=name) from None
+
+
+def _number(kind: type[int] | type[float], value: Any) -> int | float:
+    """``int("abc")`` says "invalid literal for int() with base 10"; a user wants what is expected."""
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ValueError("expected a whole number" if kind is int else "expected a number") from None
 
 
 def _entries(value: Any) -> tuple[str | float, ...]:
@@ -519,7 +579,10 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raise SettingsError(f"config file {path}: unknown setting {key!r}")
         if name in values:
             raise SettingsError(f"config file {path}: {key!r} sets {name} a second time")
-        values[name] = coerce(name, value)
+        try:
+            values[name] = coerce(name, value)
+        except SettingsError as exc:
+            raise SettingsError(f"config file {path}: {key}: {exc}", setting=name) from None
     return values
 
 
@@ -534,11 +597,28 @@ def is_list(name: str) -> bool:
 
 
 def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
-    return {
-        name: coerce(name, environment_value(name, environ[env_name(name)]))
-        for name in FIELDS
-        if env_name(name) in environ
-    }
+    values: dict[str, Any] = {}
+    for name in (name for name in FIELDS if env_name(name) in environ):
+        try:
+            values[name] = coerce(name, environment_value(name, environ[env_name(name)]))
+        except SettingsError as exc:
+            message = str(exc)  # environment_value's own messages start with the variable
+            shown = message if message.startswith(env_name(name)) else f"{env_name(name)}: {message}"
+            raise SettingsError(shown, setting=name) from None
+    return values
+
+
+def read_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """The flags given (None and an empty repeatable flag mean not given), coerced."""
+    values: dict[str, Any] = {}
+    for name, value in flags.items():
+        if value is None or value == ():
+            continue
+        try:
+            values[name] = coerce(name, value)
+        except SettingsError as exc:
+            raise SettingsError(f"{flag_name(name)}: {exc}", setting=name) from None
+    return values
 
 
 def environment_value(name: str, text: str) -> Any:
@@ -580,13 +660,18 @@ def load_settings(
     explicit = config_path or (Path(environ[env_name("config")]) if env_name("config") in environ else None)
     path = explicit or default_config_path()
     layers: list[dict[str, Any]] = []
+    where: list[Callable[[str], str]] = []
     if explicit is not None and not path.is_file():
         raise SettingsError(f"config file {path} does not exist")
     if path.is_file():
         layers.append(read_config_file(path))
+        where.append(lambda name: f"{name} in {path}")
     layers.append(read_environment(environ))
-    layers.append({k: coerce(k, v) for k, v in (flags or {}).items() if v is not None and v != ()})
-    return Settings(**merge_layers(layers))
+    where.append(env_name)
+    layers.append(read_flags(flags or {}))
+    where.append(flag_name)
+    sources = {name: describe(name) for layer, describe in zip(layers, where, strict=True) for name in layer}
+    return Settings(**merge_layers(layers, where), sources=tuple(sources.items()))
 
 
 # Settings that take ``VALUE`` (server-wide) or ``NAME:VALUE`` (one model) entries: the internal
@@ -598,7 +683,9 @@ PER_MODEL: dict[str, tuple[str, Callable[[Iterable[Any]], tuple[Any, dict[str, A
 }
 
 
-def merge_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
+def merge_layers(
+    layers: list[dict[str, Any]], where: list[Callable[[str], str]] | None = None
+) -> dict[str, Any]:
     """Later layers win, setting by setting, with two refinements for several models:
 
     - ``idle_timeout``, ``backend`` and ``revision`` entries merge finer: a layer's server-wide
@@ -607,10 +694,12 @@ def merge_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
     - a layer that sets ``model`` replaces the earlier model list together with what named its
       models (earlier ``default_model`` and NAME:VALUE entries), so ``--model x=...`` on the
       command line is not refused over names from the config file's list.
+
+    ``where`` names each layer's source of a setting (``--idle-timeout``), for its errors.
     """
     values: dict[str, Any] = {}
     per_model: dict[str, dict[str, Any]] = {name: {} for name in PER_MODEL}
-    for layer in layers:
+    for index, layer in enumerate(layers):
         layer = dict(layer)
         if "model" in layer:
             for named in per_model.values():
@@ -622,7 +711,8 @@ def merge_layers(layers: list[dict[str, Any]]) -> dict[str, Any]:
             try:
                 server_wide, overrides = parse(layer.pop(name))
             except ValueError as exc:
-                raise SettingsError(str(exc)) from None
+                source = f" (set by {where[index](name)})" if where else ""
+                raise SettingsError(f"{exc}{source}", setting=name) from None
             if server_wide is not None:
                 values[name] = server_wide
             per_model[name].update(overrides)

@@ -76,6 +76,15 @@ def test_an_unwritable_log_file_is_a_message_and_exit_2(tmp_path: Path) -> None:
     )
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and f"log_file {tmp_path}: cannot write there" in result.stderr
+    assert "(set by --log-file)" in result.stderr
+
+
+def test_a_start_error_names_the_variable_that_set_the_value(tmp_path: Path) -> None:
+    """A service sets its values in an environment file the operator may not think of: name it."""
+    env = {**os.environ, "VISION_SERVER_GALLERY": str(tmp_path / "gone")}
+    result = run("serve", "--model", "test:tiny", "--cache-dir", str(tmp_path / "c"), env=env)
+    assert result.returncode == 2, result.stderr
+    assert f"gallery {tmp_path / 'gone'} is not a folder (set by VISION_SERVER_GALLERY)" in result.stderr
 
 
 def test_serving_a_network_without_an_api_key_warns(tmp_path: Path) -> None:

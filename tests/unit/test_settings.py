@@ -79,7 +79,7 @@ def test_unknown_config_key_and_bad_env_value(tmp_path: Path) -> None:
     config.write_text("colour = 'blue'\n")
     with pytest.raises(SettingsError, match="unknown setting 'colour'"):
         load_settings(environ={}, config_path=config)
-    with pytest.raises(SettingsError, match="max_queue"):
+    with pytest.raises(SettingsError, match="VISION_SERVER_MAX_QUEUE: cannot use 'lots'"):
         load_settings(environ={"VISION_SERVER_MAX_QUEUE": "lots"}, config_path=_empty(tmp_path))
 
 
@@ -96,8 +96,8 @@ def test_an_empty_key_in_the_environment_stops_the_start(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     ("line", "message"),
-    [("port = 1.5", "port: .*whole number"), ("max-queue = true", "max_queue: .*not true/false"),
-     ("request-timeout = false", "request_timeout: .*not true/false")],
+    [("port = 1.5", "port: .*whole number"), ("max-queue = true", "max-queue: .*not true/false"),
+     ("request-timeout = false", "request-timeout: .*not true/false")],
 )  # fmt: skip
 def test_config_numbers_are_not_silently_truncated(tmp_path: Path, line: str, message: str) -> None:
     config = tmp_path / "config.toml"
@@ -106,6 +106,54 @@ def test_config_numbers_are_not_silently_truncated(tmp_path: Path, line: str, me
         load_settings(environ={}, config_path=config)
     config.write_text("port = 8080.0\n")
     assert load_settings(environ={}, config_path=config).port == 8080
+
+
+@pytest.mark.parametrize("layer", ["config", "environment", "flag"])
+def test_a_bad_value_says_where_it_was_set(tmp_path: Path, layer: str) -> None:
+    """A value from a service's environment file or a config file is hard to find without this."""
+    config = tmp_path / "config.toml"
+    config.write_text("max_queue = 0\n" if layer == "config" else "")
+    environ = {"VISION_SERVER_MAX_QUEUE": "0"} if layer == "environment" else {}
+    flags = {"max_queue": 0} if layer == "flag" else {}
+    source = {
+        "config": f"max_queue in {config}",
+        "environment": "VISION_SERVER_MAX_QUEUE",
+        "flag": "--max-queue",
+    }
+    with pytest.raises(SettingsError) as refusal:
+        load_settings(flags, environ=environ, config_path=config)
+    assert str(refusal.value) == f"max_queue must be at least 1, not 0 (set by {source[layer]})"
+
+
+@pytest.mark.parametrize(
+    ("environ", "flags", "message"),
+    [
+        ({"VISION_SERVER_PORT": "abc"}, {}, "VISION_SERVER_PORT: cannot use 'abc' (expected a whole number)"),
+        (
+            {"VISION_SERVER_RATE_LIMIT": "x"},
+            {},
+            "VISION_SERVER_RATE_LIMIT: cannot use 'x' (expected a number)",
+        ),
+        ({}, {"preload": "maybe"}, "--preload: cannot use 'maybe' (expected true/false)"),
+        ({"VISION_SERVER_IDLE_TIMEOUT": "300"}, {"idle_timeout": ("a:b",)}, "(set by --idle-timeout)"),
+    ],
+)
+def test_a_value_of_the_wrong_type_names_its_variable_or_flag(
+    tmp_path: Path, environ: dict[str, str], flags: dict[str, object], message: str
+) -> None:
+    with pytest.raises(SettingsError) as refusal:
+        load_settings(flags, environ=environ, config_path=_empty(tmp_path))
+    assert str(refusal.value).endswith(message)
+
+
+def test_a_later_error_is_located_by_the_settings_and_a_default_is_not_named(tmp_path: Path) -> None:
+    settings = load_settings(
+        {"port": 0}, environ={"VISION_SERVER_GALLERY": "/data"}, config_path=_empty(tmp_path)
+    )
+    late = settings.located(SettingsError("gallery /data is not a folder", setting="gallery"))
+    assert str(late) == "gallery /data is not a folder (set by VISION_SERVER_GALLERY)"
+    assert str(settings.located(SettingsError("log_file x: no", setting="log_file"))) == "log_file x: no"
+    assert str(settings.located(SettingsError("two at fault"))) == "two at fault"
 
 
 def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:

@@ -52,10 +52,12 @@ def read_key_file(path: Path) -> str:
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise SettingsError(f"api_key_file {path}: {exc.strerror or exc}") from None
+        raise SettingsError(f"api_key_file {path}: {exc.strerror or exc}", setting="api_key_file") from None
     key = text.splitlines()[0].strip() if text.strip() else ""
     if not key:
-        raise SettingsError(f"api_key_file {path} is empty; put the key on its first line")
+        raise SettingsError(
+            f"api_key_file {path} is empty; put the key on its first line", setting="api_key_file"
+        )
     return key
 
 

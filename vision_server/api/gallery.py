@@ -84,9 +84,9 @@ def gallery_from(settings: Settings) -> Gallery:
     if root is None:
         raise ValueError("no gallery configured")
     if not root.is_dir():
-        raise SettingsError(f"gallery {root} is not a folder")
+        raise SettingsError(f"gallery {root} is not a folder", setting="gallery")
     if settings.gallery_jsonl is not None and not settings.gallery_jsonl.is_file():
-        raise SettingsError(f"gallery_jsonl {settings.gallery_jsonl} is not a file")
+        raise SettingsError(f"gallery_jsonl {settings.gallery_jsonl} is not a file", setting="gallery_jsonl")
     catalog = Catalog(
         root, writable=settings.gallery_writable, page_size=settings.gallery_page_size,
         jsonl=settings.gallery_jsonl,

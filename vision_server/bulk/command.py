@@ -123,7 +123,7 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
     try:
         configure_logging(settings.log_level, settings.log_format, settings.log_file)
     except SettingsError as exc:  # a --log-file that cannot be written: a usage error, as for serve
-        raise click.UsageError(str(exc)) from None
+        raise click.UsageError(str(settings.located(exc))) from None
     request = _without_repeats(request, kinds)
     for path in (path for path, kind in kinds.items() if kind.startswith("parquet")):
         note = image_column_note(path, read)
@@ -140,7 +140,7 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
     try:
         captioner = build_captioner(settings, spec)
     except SettingsError as exc:
-        raise click.UsageError(str(exc)) from None
+        raise click.UsageError(str(settings.located(exc))) from None
     tasks = _tasks(request.tasks, captioner.tasks)
     sidecars = request.sidecars if request.sidecars is not None else not (request.jsonl or request.parquet)
     if not sidecars and not (request.jsonl or request.parquet):
