@@ -161,12 +161,40 @@ async def test_client_says_https_to_a_plain_http_port_needs_http(tmp_path: Path)
 
 
 async def test_client_says_plain_http_to_an_https_port_needs_https(tmp_path: Path) -> None:
-    """The TLS server hangs up on plain HTTP: "Server disconnected" alone said nothing of why."""
+    """The TLS server hangs up on plain HTTP: "Server disconnected" alone said nothing of why, and a
+    folder run waited --wait-for-server for a server that was there all along."""
     async with https_server(tmp_path) as (url, _cert):
         plain = url.replace("https://", "http://")
-        async with AsyncVisionClient(plain, retry_policy=CountingPolicy(retries=1)) as client:
-            with pytest.raises(VisionConnectionError, match="use https://"):
+        policy = CountingPolicy(retries=3)
+        waits: list[str] = []
+        async with AsyncVisionClient(
+            plain, retry_policy=policy, wait_for_server=300, on_server_wait=waits.append
+        ) as client:
+            with pytest.raises(VisionTLSError) as caught:
                 await client.caption(save_flat(tmp_path / "a.png"), "CAPTION")
+    assert str(caught.value) == f"{plain} hung up without an answer, and that port speaks HTTPS: use {url}"
+    assert policy.waits == [] and waits == []
+
+
+async def test_a_plain_port_that_hangs_up_is_not_called_https(tmp_path: Path) -> None:
+    """A server that drops the connection unanswered but has no TLS keeps the old hint and retries."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read(1)
+        writer.close()
+
+    server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    policy = CountingPolicy(retries=2)
+    try:
+        async with AsyncVisionClient(f"http://127.0.0.1:{port}", retry_policy=policy) as client:
+            with pytest.raises(VisionConnectionError) as caught:
+                await client.caption(save_flat(tmp_path / "a.png"), "CAPTION")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert not isinstance(caught.value, VisionTLSError)
+    assert "if the server speaks HTTPS" in str(caught.value) and policy.waits == [0, 1]
 
 
 async def test_cli_trusts_a_self_signed_server_through_ssl_cert_file(tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import base64
 import json
 import os
 import re
+import ssl
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -357,12 +358,39 @@ class AsyncVisionClient:
             # What plain HTTP to an HTTPS port looks like: the TLS server hangs up unanswered.
             disconnected = isinstance(exc, aiohttp.ServerDisconnectedError) and not self._reached
             if disconnected and self.base_url.startswith("http://"):
+                if await speaks_tls(self.base_url):  # a wrong scheme: waiting would never mend it
+                    https = "https://" + self.base_url.removeprefix("http://")
+                    raise VisionTLSError(
+                        f"{self.base_url} hung up without an answer, and that port speaks HTTPS: "
+                        f"use {https}"
+                    ) from exc
                 hint = "; if the server speaks HTTPS (--ssl-cert, or TLS at a proxy), use https://"
             raise VisionConnectionError(f"cannot reach {self.base_url}: {exc}{hint}") from exc
         try:
             return json.loads(body), headers
         except ValueError:
             raise VisionClientError(f"{url} did not answer with JSON: {body[:200]!r}") from None
+
+
+async def speaks_tls(base_url: str, timeout: float = 5.0) -> bool:
+    """Whether ``base_url``'s host and port complete a TLS handshake (the certificate unchecked:
+    this only asks which protocol the port speaks, and nothing is sent over it)."""
+    parts = urlsplit(base_url)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(parts.hostname, parts.port or 80, ssl=context), timeout
+        )
+    except (OSError, asyncio.TimeoutError):
+        return False
+    writer.close()
+    try:
+        await asyncio.wait_for(writer.wait_closed(), timeout)
+    except (OSError, asyncio.TimeoutError):
+        pass
+    return True
 
 
 def tls_failure(base_url: str, exc: aiohttp.ClientSSLError) -> str:

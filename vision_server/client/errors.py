@@ -17,7 +17,8 @@ class VisionConnectionError(VisionClientError):
 
 
 class VisionTLSError(VisionConnectionError):
-    """The TLS handshake failed (an untrusted certificate, or no HTTPS on that port).
+    """The TLS handshake failed (an untrusted certificate, or no HTTPS on that port), or an
+    ``http://`` URL names a port that speaks HTTPS.
 
     Unlike a refused or lost connection this does not go away by itself, so it is never retried.
     """
