@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import re
@@ -386,10 +387,8 @@ async def speaks_tls(base_url: str, timeout: float = 5.0) -> bool:
     except (OSError, asyncio.TimeoutError):
         return False
     writer.close()
-    try:
+    with contextlib.suppress(OSError, asyncio.TimeoutError):
         await asyncio.wait_for(writer.wait_closed(), timeout)
-    except (OSError, asyncio.TimeoutError):
-        pass
     return True
 
 
