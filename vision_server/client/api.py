@@ -362,8 +362,7 @@ class AsyncVisionClient:
                 if await speaks_tls(self.base_url):  # a wrong scheme: waiting would never mend it
                     https = "https://" + self.base_url.removeprefix("http://")
                     raise VisionTLSError(
-                        f"{self.base_url} hung up without an answer, and that port speaks HTTPS: "
-                        f"use {https}"
+                        f"{self.base_url} hung up without an answer, and that port speaks HTTPS: use {https}"
                     ) from exc
                 hint = "; if the server speaks HTTPS (--ssl-cert, or TLS at a proxy), use https://"
             raise VisionConnectionError(f"cannot reach {self.base_url}: {exc}{hint}") from exc
