@@ -14,9 +14,11 @@ import http.client
 import io
 import json
 import os
+import socket
 import ssl
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -158,6 +160,8 @@ def request_caption(
         except urllib.error.URLError as exc:
             if isinstance(exc.reason, ssl.SSLError):  # the same certificate fails every time
                 raise RuntimeError(_tls_failure(base, exc.reason)) from None
+            if attempt == 0 and isinstance(exc.reason, Exception):
+                _check_scheme(base, exc.reason)
             if attempt == retries:
                 raise RuntimeError(f"cannot reach vision-server at {base}: {exc.reason}") from None
             time.sleep(_retry_delay(None, attempt))
@@ -167,6 +171,8 @@ def request_caption(
                 "timeout (a long queue or a cold model load counts)"
             ) from None
         except (ConnectionError, http.client.HTTPException) as exc:  # lost after it was sent
+            if attempt == 0:
+                _check_scheme(base, exc)
             if attempt == retries:
                 raise RuntimeError(f"the connection to vision-server at {base} broke: {exc!r}") from None
             time.sleep(_retry_delay(None, attempt))
@@ -201,6 +207,34 @@ def _caption_of(body: bytes, base: str) -> str:
         raise RuntimeError(
             f"{base} answered without a caption ({body[:80]!r}); is server_url a vision-server?"
         ) from None
+
+
+def _check_scheme(base: str, error: Exception) -> None:
+    """Plain HTTP to a TLS port is hung up on (or reset) unanswered, and every retry would be too:
+    on the first such failure, find out whether the port speaks HTTPS and say so."""
+    hung_up = isinstance(error, (http.client.RemoteDisconnected, ConnectionResetError))
+    if hung_up and _speaks_tls(base):
+        raise RuntimeError(
+            f"vision-server at {base} hung up without an answer, and that port speaks HTTPS: set "
+            f"server_url to https://{base.removeprefix('http://')}"
+        ) from None
+
+
+def _speaks_tls(base: str, timeout: float = 5.0) -> bool:
+    """Whether an ``http://`` base URL's port completes a TLS handshake (the certificate is not
+    checked: this only asks which protocol the port speaks, and nothing is sent over it)."""
+    if not base.startswith("http://"):
+        return False
+    parts = urllib.parse.urlsplit(base)
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((parts.hostname or "", parts.port or 80), timeout=timeout) as raw:
+            with context.wrap_socket(raw, server_hostname=parts.hostname):
+                return True
+    except (OSError, ValueError):
+        return False
 
 
 def _tls_failure(base: str, error: ssl.SSLError) -> str:

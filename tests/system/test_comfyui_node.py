@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import io
 import json
 import socket
@@ -17,7 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -259,11 +260,9 @@ def test_refused_key_says_where_the_node_takes_it_from(node: ModuleType) -> None
             node.request_caption(b"png", "<CAPTION>", url)
 
 
-@pytest.fixture
-def dropping() -> Iterator[tuple[str, Recorder]]:
-    """A port that reads each request, then closes the connection without an answer (a server
-    restarting, a proxy dropping its backend), or with ``recorder.delay`` > 0 first waits that long."""
-    recorder = Recorder()
+@contextmanager
+def accepting(on_connection: Callable[[socket.socket], None]) -> Iterator[int]:
+    """A port whose thread hands each connection to ``on_connection``, then closes it; yields the port."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve() -> None:
@@ -273,15 +272,45 @@ def dropping() -> Iterator[tuple[str, Recorder]]:
             except OSError:
                 return
             with conn:
-                conn.recv(1 << 20)
-                recorder.arrivals.append(time.monotonic())
-                time.sleep(recorder.delay)
+                on_connection(conn)
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        yield f"http://127.0.0.1:{listener.getsockname()[1]}", recorder
+        yield listener.getsockname()[1]
     finally:
         listener.close()
+
+
+def tls_port(tmp_path: Path, handshakes: list[str]) -> contextlib.AbstractContextManager[int]:
+    """A port that speaks TLS with a self-signed certificate and records how each handshake ended
+    (it hangs up on plain HTTP, as the server with --ssl-cert does)."""
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    def handshake(conn: socket.socket) -> None:
+        try:
+            context.wrap_socket(conn, server_side=True).close()
+            handshakes.append("done")
+        except (ssl.SSLError, OSError) as exc:
+            handshakes.append(type(exc).__name__)
+
+    return accepting(handshake)
+
+
+@pytest.fixture
+def dropping() -> Iterator[tuple[str, Recorder]]:
+    """A port that reads each request, then closes the connection without an answer (a server
+    restarting, a proxy dropping its backend), or with ``recorder.delay`` > 0 first waits that long."""
+    recorder = Recorder()
+
+    def drop(conn: socket.socket) -> None:
+        if conn.recv(1 << 20).startswith(b"POST"):  # not the node's TLS probe of a port that hung up
+            recorder.arrivals.append(time.monotonic())
+        time.sleep(recorder.delay)
+
+    with accepting(drop) as port:
+        yield f"http://127.0.0.1:{port}", recorder
 
 
 def test_dropped_connection_is_retried_then_named(
@@ -334,38 +363,39 @@ def test_a_url_that_is_not_a_vision_server(node: ModuleType) -> None:
 
 def test_untrusted_certificate_is_not_retried(node: ModuleType, tmp_path: Path) -> None:
     """An HTTPS server with a self-signed certificate: one try, and the message names SSL_CERT_FILE."""
-    cert, key = self_signed(tmp_path)
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(cert, key)
-    listener = socket.create_server(("127.0.0.1", 0))
     handshakes: list[str] = []
-
-    def serve() -> None:
-        while True:
-            try:
-                conn, _ = listener.accept()
-            except OSError:
-                return
-            try:
-                context.wrap_socket(conn, server_side=True).close()
-                handshakes.append("done")
-            except (ssl.SSLError, OSError) as exc:
-                handshakes.append(type(exc).__name__)
-
-    threading.Thread(target=serve, daemon=True).start()
-    try:
-        url = f"https://localhost:{listener.getsockname()[1]}"
+    with tls_port(tmp_path, handshakes) as port:
         with pytest.raises(RuntimeError, match=r"is not trusted .*SSL_CERT_FILE"):
-            node.request_caption(b"png", "<CAPTION>", url, retries=3)
-        # The server thread notes a failed handshake after the client has given up on it: wait
-        # for that note, and a moment more for any retry's, before counting.
-        deadline = time.monotonic() + 10
-        while not handshakes and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(0.5)
-    finally:
-        listener.close()
+            node.request_caption(b"png", "<CAPTION>", f"https://localhost:{port}", retries=3)
+        settled(handshakes, 1)
     assert len(handshakes) == 1, handshakes
+
+
+def test_plain_http_to_a_tls_port_says_https_and_is_not_retried(
+    node: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TLS port hangs up on the plain request; the node's one probe handshake finds TLS there.
+    Before, it retried three times and said only that the connection broke."""
+    monkeypatch.setattr(node.time, "sleep", lambda _s: None)
+    handshakes: list[str] = []
+    with tls_port(tmp_path, handshakes) as port:
+        with pytest.raises(RuntimeError) as caught:
+            node.request_caption(b"png", "<CAPTION>", f"127.0.0.1:{port}", retries=3)
+        settled(handshakes, 2)
+    assert str(caught.value) == (
+        f"vision-server at http://127.0.0.1:{port} hung up without an answer, and that port speaks "
+        f"HTTPS: set server_url to https://127.0.0.1:{port}"
+    )
+    assert sorted(handshakes) == ["SSLError", "done"], handshakes  # the request, then the probe
+
+
+def settled(handshakes: list[str], count: int) -> None:
+    """The server thread notes a handshake after the client has moved on: wait for ``count``
+    notes, and a moment more for any retry's, before the caller counts."""
+    deadline = time.monotonic() + 10
+    while len(handshakes) < count and time.monotonic() < deadline:
+        time.sleep(0.01)
+    time.sleep(0.5)
 
 
 # ---------------------------------------------------------------------------------------------
