@@ -230,9 +230,9 @@ def _speaks_tls(base: str, timeout: float = 5.0) -> bool:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     try:
-        with socket.create_connection((parts.hostname or "", parts.port or 80), timeout=timeout) as raw:
-            with context.wrap_socket(raw, server_hostname=parts.hostname):
-                return True
+        address = (parts.hostname or "", parts.port or 80)
+        with socket.create_connection(address, timeout=timeout) as raw, context.wrap_socket(raw):
+            return True
     except (OSError, ValueError):
         return False
 
