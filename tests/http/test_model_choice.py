@@ -346,6 +346,8 @@ async def test_admin_routes_act_on_the_model_they_name_and_status_shows_each() -
         assert status == 200
         states = {m["name"]: m["state"] for m in body["models"]}
         assert states == {"alpha": "unloaded", "beta": "ready"}
+        _, health = await answer(session, "GET", "/health")  # model_loaded: the default model's
+        assert (health["model_loaded"], health["models_loaded"]) == (False, ["beta"])
         status, body = await answer(session, "POST", "/v1/model/load")  # the default model
         assert {m["name"]: m["state"] for m in body["models"]} == {"alpha": "ready", "beta": "ready"}
         status, body = await answer(session, "POST", "/v1/model/unload", json={"model": "beta"})

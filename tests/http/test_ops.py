@@ -69,7 +69,7 @@ async def test_health_is_green_with_the_model_unloaded(settings: Settings) -> No
             assert response.status == 200
             assert response.headers["X-Request-ID"] == "probe-1"
             body = await response.json()
-        assert body["status"] == "ok" and body["model_loaded"] is False
+        assert body["status"] == "ok" and body["model_loaded"] is False and body["models_loaded"] == []
         assert body["state"] == "unloaded" and body["queue_depth"] == 0
         assert isinstance(body["gpu_available"], bool)
         assert set(body["memory_usage"]) == {"gpu_memory_used", "gpu_memory_total"}
@@ -83,6 +83,7 @@ async def test_admin_load_and_unload_from_loopback(settings: Settings) -> None:
         assert status == 200 and loaded["state"] == "ready" and loaded["device"] == "cpu"
         _, health = await get_json(session, "/health")
         assert health["model_loaded"] is True and health["state"] == "ready"
+        assert health["models_loaded"] == [settings.default_model_name]
         async with session.post("/process_image", json={"image": b64(1), "prompt": "<CAPTION>"}) as r:
             assert r.status == 200
         status, unloaded = await post_json(session, "/v1/model/unload")

@@ -60,7 +60,9 @@ async def health(request: web.Request) -> web.Response:
         "status": verdict,
         "worker": "down" if engine.worker_down else ("running" if engine.running else "stopped"),
         "worker_restarts": engine.worker_restarts,
-        "model_loaded": snapshot.state is ModelState.READY,
+        "model_loaded": snapshot.state is ModelState.READY,  # the default model
+        # every served model that is loaded: with several, the default may be idle while others work
+        "models_loaded": [model.name for model in snapshot.models if model.state is ModelState.READY],
         "gpu_available": gpu_available(),
         "memory_usage": memory_usage(),
         "uptime": round(time.time() - request.app[STARTED_AT], 3),
