@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -33,14 +33,18 @@ def _describe_default(name: str) -> str:
     return ", ".join(default) if isinstance(default, tuple) else str(default)
 
 
-def settings_options(func: F, names: tuple[str, ...] | None = None) -> F:
-    """One ``--flag`` per :class:`Settings` field (or per field in ``names``), with help, default
-    and env var in ``--help``."""
+def settings_options(
+    func: F, names: tuple[str, ...] | None = None, helps: Mapping[str, str] | None = None
+) -> F:
+    """One ``--flag`` per :class:`Settings` field (or per field in ``names``), with help (the
+    field's own, or ``helps[name]`` where a command means it differently), default and env var
+    in ``--help``."""
     for name in reversed([name for name in FIELDS if names is None or name in names]):
         kind = field_type(name)
         flag = flag_name(name)
         metadata = FIELDS[name].metadata
-        help_text = f"{metadata['help']} [default: {_describe_default(name)}; env: {env_name(name)}]"
+        meaning = (helps or {}).get(name, metadata["help"])
+        help_text = f"{meaning} [default: {_describe_default(name)}; env: {env_name(name)}]"
         metavar = metadata.get("metavar")
         if kind is bool:
             decl = f"{flag}/--no-{flag[2:]}"
@@ -59,9 +63,9 @@ def settings_options(func: F, names: tuple[str, ...] | None = None) -> F:
 def offline_settings_options(func: F) -> F:
     """Only the settings that mean something without a server: model, device, batching, generation,
     cache, logs (no host, port, keys, TLS, idle unload or request limits)."""
-    from vision_server.bulk.command import OFFLINE_SETTINGS
+    from vision_server.bulk.command import OFFLINE_HELP, OFFLINE_SETTINGS
 
-    return settings_options(func, OFFLINE_SETTINGS)
+    return settings_options(func, OFFLINE_SETTINGS, OFFLINE_HELP)
 
 
 def build_settings(config: Path | None, flags: dict[str, Any]) -> Settings:

@@ -507,6 +507,11 @@ def test_help_lists_only_offline_options(tmp_path: Path) -> None:
         assert present in result.stdout, present
     for absent in ("--host", "--port", "--api-key", "--ssl-cert", "--cors-origin", "--idle-timeout"):
         assert absent not in result.stdout, absent
+    # the shared settings are described as they work offline: no requests, lanes or status codes
+    text = " ".join(result.stdout.split())
+    for server_words in ("The model to serve", "requests naming none", "more get 503", "(413 above"):
+        assert server_words not in text, server_words
+    assert "The model to caption with" in text and "the readers wait for room" in text
 
 
 def test_images_of_a_path_list_sharing_a_caption_file_are_refused(tmp_path: Path, cache: Path) -> None:

@@ -71,6 +71,19 @@ OFFLINE_SETTINGS = (
     "log_format",
     "log_file",
 )
+# The settings whose server help speaks of requests, lanes and status codes, in offline words.
+OFFLINE_HELP = {
+    "model": "The model to caption with: a hub id or local directory of a Florence-2 model, or of "
+    "another transformers image-to-text model (BLIP, GIT, ViT+GPT-2, Idefics3/SmolVLM; see "
+    "--backend); 'test:tiny' is a self-built tiny Florence-2 whose captions are meaningless. "
+    "SOURCE+ADAPTER_DIR puts a LoRA adapter on top. Of several (NAME=SOURCE, e.g. in a config file "
+    "shared with the server) the default one captions; see --default-model.",
+    "default_model": "Of several models, the NAME of the one that captions. Unset: the first --model.",
+    "max_queue": "Most images waiting for the model at once; the readers wait for room (nothing is "
+    "refused), and below --max-batch-size it makes batches smaller.",
+    "max_image_pixels": "Largest image captioned, in pixels; a larger one fails with a message "
+    "(stops decompression bombs).",
+}
 BATCHES_IN_FLIGHT = 3  # one running, one queued, one being decoded: the model never waits
 
 
