@@ -168,6 +168,31 @@ async def test_not_multipart_malformed_and_too_large(tmp_path: Path) -> None:
         assert status == 200  # the server is fine afterwards
 
 
+async def empty_fields(count: int, name_length: int) -> Any:
+    """A chunked multipart body of ``count`` empty text fields, each with a long, unique name."""
+    padding = "n" * name_length
+    for start in range(0, count, 100):
+        yield b"".join(
+            f'--xyz\r\nContent-Disposition: form-data; name="f{i}{padding}"\r\n\r\n\r\n'.encode()
+            for i in range(start, min(count, start + 100))
+        )
+    yield b"--xyz--\r\n"
+
+
+@pytest.mark.parametrize("path", ["/caption", "/batch_caption", "/ui/api/caption"])
+async def test_a_body_of_part_headers_counts_against_the_limit(tmp_path: Path, path: str) -> None:
+    """Only the parts' contents used to count: 300 KB of empty fields passed a 100 KB limit, every
+    name kept in memory, so a client could stream gigabytes of them into the server."""
+    settings = Settings(cache_dir=tmp_path, max_request_bytes=100_000)
+    async with client_for(settings, FakeCaptioner()) as session:
+        headers = {"Content-Type": "multipart/form-data; boundary=xyz"}
+        async with session.post(path, data=empty_fields(300, 1000), headers=headers) as response:
+            assert response.status == 413, await response.text()
+            assert "too large" in await response.text()
+        status, _ = await post(session, "/caption", form([("image", "ok.png", image_bytes(1))]))
+        assert status == 200  # the server is fine afterwards
+
+
 async def test_pixel_bomb_in_a_batch_is_413_in_its_slot(tmp_path: Path) -> None:
     async with client_for(Settings(cache_dir=tmp_path, max_image_pixels=10_000), FakeCaptioner()) as session:
         files = [

@@ -1,8 +1,11 @@
 """Reading ``multipart/form-data`` uploads part by part, within the request body limit.
 
 aiohttp's ``client_max_size`` guards ``request.read()`` and ``request.post()`` but not a
-streamed ``request.multipart()``, so the limit is counted here across all parts: a body over
-``--max-request-bytes`` is a 413, never a 500 or a server holding gigabytes.
+streamed ``request.multipart()``, so the limit is counted here: a body over
+``--max-request-bytes`` is a 413, never a 500 or a server holding gigabytes. What counts is every
+byte of the body the server has received (:func:`received`), not just the parts' contents: a
+chunked body of many empty parts with long names is all headers, and counting only the contents
+let one of those grow past any limit, each name kept in memory.
 """
 
 from __future__ import annotations
@@ -61,10 +64,14 @@ async def _read_form(request: web.Request, file_fields: tuple[str, ...], limit: 
         while (part := await reader.next()) is not None:
             if not isinstance(part, BodyPartReader):
                 raise BadRequest("Nested multipart bodies are not supported.")
+            if received(request) > limit:
+                raise too_large(limit)
             name = part.name or ""
             is_file = name in file_fields
             part_limit = limit if is_file or part.filename is not None else MAX_TEXT_FIELD
-            data = await read_part(part, budget=limit - total, part_limit=part_limit, body_limit=limit)
+            data = await read_part(
+                part, budget=limit - total, part_limit=part_limit, body_limit=limit, request=request
+            )
             total += len(data)
             if is_file:
                 form.files.append(Upload(name, part.filename or f"{name}{len(form.files) + 1}", data))
@@ -77,16 +84,23 @@ async def _read_form(request: web.Request, file_fields: tuple[str, ...], limit: 
     return form
 
 
-async def read_part(part: BodyPartReader, *, budget: int, part_limit: int, body_limit: int) -> bytes:
+async def read_part(
+    part: BodyPartReader, *, budget: int, part_limit: int, body_limit: int, request: web.Request
+) -> bytes:
     """The part's bytes, raising as soon as the body's remaining budget or the part's limit is passed."""
     data = bytearray()
     while chunk := await part.read_chunk(CHUNK):
         data.extend(chunk)
-        if len(data) > budget:
+        if len(data) > budget or received(request) > body_limit:
             raise too_large(body_limit)
         if len(data) > part_limit:
             raise BadRequest(f"Form field {part.name!r} is longer than {part_limit} bytes.")
     return bytes(data)
+
+
+def received(request: web.Request) -> int:
+    """Bytes of the body received so far (after de-chunking): part headers, boundaries and all."""
+    return request.content.total_bytes
 
 
 def too_large(limit: int) -> PayloadTooLarge:
