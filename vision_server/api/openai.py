@@ -25,7 +25,6 @@ What a request means here:
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,8 +43,9 @@ from vision_server.api.generation import (
     shown,
 )
 from vision_server.api.model_choice import chosen_model, model_states, resolve_exact
-from vision_server.api.openai_replies import Completion, error_body
-from vision_server.api.openai_stream import stream_completion
+from vision_server.api.openai_inputs import Part, check_image_count, images_and_text, inline_image
+from vision_server.api.openai_replies import ChatChunks, Completion, error_body
+from vision_server.api.openai_stream import stream_captions
 from vision_server.api.openai_unsupported import check_supported
 from vision_server.api.scheduling import job_labels
 from vision_server.api.state import ENGINE, SETTINGS, STARTED_AT
@@ -55,7 +55,6 @@ from vision_server.engine.lifecycle import ModelCard
 from vision_server.errors import VisionServerError
 from vision_server.settings import Settings
 
-_URL_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 OWNED_BY = "vision-server"
 
 
@@ -91,14 +90,9 @@ def parse_chat_request(
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidParameter("messages", "'messages' must be a non-empty list of chat messages.")
-    located, text = images_and_text(messages)
+    located, text = _message_images_and_text(messages)
     images = [value for value, _ in located]
-    if len(images) > settings.max_images_per_request:
-        raise InvalidParameter(
-            "messages",
-            f"The message has {len(images)} images; the limit is {settings.max_images_per_request} "
-            "per request (--max-images-per-request). Send the others in further requests.",
-        )
+    check_image_count(len(images), settings, "messages")
     if json_int("n", body.get("n"), low=1, high=2**31) not in (None, 1):
         raise InvalidParameter("n", "Only n=1 is supported.")
     check_supported(body)
@@ -138,24 +132,14 @@ def _stream_options(body: dict[str, Any]) -> dict[str, Any]:
     return value
 
 
-def images_and_text(messages: list[Any]) -> tuple[list[tuple[str, str]], str]:
-    """Images of the last user message that has any (each with the ``param`` that names it), and
-    the user text from there on."""
+def _message_images_and_text(messages: list[Any]) -> tuple[list[tuple[str, str]], str]:
+    """The images and user text the request asks about (:func:`images_and_text`)."""
     users = [_user_parts(index, message) for index, message in enumerate(messages)]
-    with_images = [index for index, parts in enumerate(users) if any(part[0] == "image" for part in parts)]
-    if not with_images:
-        raise InvalidParameter(
-            "messages",
-            "No image in the request: add a user message part "
-            '{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}.',
-        )
-    start = with_images[-1]
-    images = [(value, where) for kind, value, where in users[start] if kind == "image"]
-    texts = [value for parts in users[start:] for kind, value, _ in parts if kind == "text"]
-    return images, "\n".join(texts)
+    how = 'add a user message part {"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}.'
+    return images_and_text(users, "messages", how)
 
 
-def _user_parts(index: int, message: Any) -> list[tuple[str, str, str]]:
+def _user_parts(index: int, message: Any) -> list[Part]:
     """A user message as ("text" | "image", value, where) triples; other roles give nothing."""
     if not isinstance(message, dict):
         raise InvalidParameter(f"messages[{index}]", f"messages[{index}] must be an object.")
@@ -173,7 +157,7 @@ def _user_parts(index: int, message: Any) -> list[tuple[str, str, str]]:
     return [pair for number, part in enumerate(content) if (pair := _part(index, number, part))]
 
 
-def _part(index: int, number: int, part: Any) -> tuple[str, str, str] | None:
+def _part(index: int, number: int, part: Any) -> Part | None:
     where = f"messages[{index}].content[{number}]"
     if not isinstance(part, dict):
         raise InvalidParameter(where, f"{where} must be an object with a 'type'.")
@@ -184,23 +168,10 @@ def _part(index: int, number: int, part: Any) -> tuple[str, str, str] | None:
             raise InvalidParameter(f"{where}.text", f"{where}.text must be a string.")
         return ("text", text, f"{where}.text")
     if kind == "image_url":
-        return ("image", image_source(where, part.get("image_url")), f"{where}.image_url")
+        value = part.get("image_url")  # an object with "url", or the URL itself
+        url = value.get("url") if isinstance(value, dict) else value
+        return ("image", inline_image(f"{where}.image_url", url), f"{where}.image_url")
     return None  # other part types (audio, files) carry nothing a captioner can use
-
-
-def image_source(where: str, value: Any) -> str:
-    """The base64 payload or data URL of an ``image_url`` (an object with ``url``, or a string)."""
-    url = value.get("url") if isinstance(value, dict) else value
-    if not isinstance(url, str) or not url.strip():
-        raise InvalidParameter(f"{where}.image_url", f"{where}.image_url needs a 'url' string.")
-    url = url.strip()
-    if _URL_SCHEME.match(url):
-        raise InvalidParameter(
-            f"{where}.image_url",
-            f"Image URLs are not fetched by this server ({url[:60]}); send the image inline as a "
-            "data URL: data:image/png;base64,...",
-        )
-    return url
 
 
 # --- routes ------------------------------------------------------------------------------------
@@ -215,7 +186,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     free_text = model.takes_prompt
     task, prompt = read_prompt(chat.text, model.tasks, settings.default_task, free_text=free_text)
     if chat.stream:
-        return await stream_completion(
+        return await stream_captions(
             request,
             chat.images,
             chat.image_params,
@@ -224,7 +195,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             labels,
             prompt,
             model=model.name,
-            include_usage=chat.include_usage,
+            shape=ChatChunks(model.name, chat.include_usage),
         )
     captions = await caption_all_base64(
         request, chat.images, task, chat.options, labels, prompt, model=model.name, where=chat.image_params

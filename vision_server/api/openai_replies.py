@@ -36,6 +36,11 @@ def error_body(error: VisionServerError) -> dict[str, Any]:
     }
 
 
+def joined_text(captions: list[Caption]) -> str:
+    """The one answer to a request with several images: their captions, a blank line apart."""
+    return "\n\n".join(caption.text for caption in captions)
+
+
 @dataclass(frozen=True)
 class Completion:
     """The caption(s) of one request, as the pieces every reply shape needs."""
@@ -61,7 +66,7 @@ class Completion:
             id=head.id,
             created=head.created,
             model=model,
-            content="\n\n".join(caption.text for caption in captions),
+            content=joined_text(captions),
             finish_reason="length" if any(c.finish_reason == "length" for c in captions) else "stop",
             prompt_tokens=sum(caption.prompt_tokens for caption in captions),
             completion_tokens=sum(caption.completion_tokens for caption in captions),
@@ -98,9 +103,29 @@ class Completion:
             chunks.append({**self._head("chat.completion.chunk"), "choices": [], "usage": self.usage()})
         return chunks
 
-    def chunks(self, include_usage: bool) -> list[dict[str, Any]]:
-        """Role, content, finish (and usage when asked): a whole completion as one stream."""
-        return [self.opening(), self.chunk({"content": self.content}), *self.closing(include_usage)]
-
     def _head(self, kind: str) -> dict[str, Any]:
         return {"id": self.id, "object": kind, "created": self.created, "model": self.model}
+
+
+class ChatChunks:
+    """A streamed chat completion: a role chunk, content chunks, the finish (and usage) chunk,
+    then ``data: [DONE]`` (:class:`vision_server.api.openai_stream.StreamShape`)."""
+
+    named = False
+    done_marker = True
+
+    def __init__(self, model: str, include_usage: bool) -> None:
+        self.head = Completion.started(model)
+        self.include_usage = include_usage
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [self.head.opening()]
+
+    def delta(self, text: str) -> list[dict[str, Any]]:
+        return [self.head.chunk({"content": text})]
+
+    def closing(self, captions: list[Caption]) -> list[dict[str, Any]]:
+        return Completion.of(self.head.model, captions, like=self.head).closing(self.include_usage)
+
+    def failure(self, error: dict[str, Any]) -> list[dict[str, Any]]:
+        return [{"error": error}]

@@ -1,14 +1,19 @@
-"""``stream: true`` for chat completions: tokens as they are generated, as server-sent events.
+"""``stream: true`` for OpenAI's APIs: tokens as they are generated, as server-sent events.
 
 One image with greedy or sampled decoding streams token by token, also when it shares its batch
 with other requests (the model layer's batch-aware streamer calls back with each row's caption
-so far, from the model thread; :func:`stream_completion` hops to the event loop and sends the
+so far, from the model thread; :func:`stream_captions` hops to the event loop and sends the
 new part). Beam search, several images, and tasks whose answer is not plain text stream the
-whole caption in one chunk once it is done.
+whole caption in one piece once it is done.
+
+What is sent at each step is the API's own: chat completion chunks ending in ``data: [DONE]``
+(:class:`~vision_server.api.openai_replies.ChatChunks`) or the Responses API's named events
+(:class:`~vision_server.api.openai_response_objects.ResponseEvents`); both follow
+:class:`StreamShape`.
 
 Nothing is sent before the first piece of text (or the caption) exists, so a refusal (full
 queue, bad image, failed load) is still a plain HTTP error that SDKs retry. A failure after the
-stream began ends it with an OpenAI-style ``{"error": ...}`` event.
+stream began ends it with the shape's error event.
 """
 
 from __future__ import annotations
@@ -16,32 +21,58 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 from aiohttp import web
 
 from vision_server.api.captioning import caption_all_base64, caption_base64, name_image
 from vision_server.api.errors import REQUEST_ID
-from vision_server.api.openai_replies import Completion, error_body
+from vision_server.api.openai_replies import error_body, joined_text
 from vision_server.captioner import Caption, GenerationOptions
 from vision_server.engine.jobs import JobLabels
 from vision_server.errors import VisionServerError
 
 log = logging.getLogger(__name__)
 
+Event = dict[str, Any]
+
+
+class StreamShape(Protocol):
+    """The events one API streams at each step of a caption."""
+
+    named: bool  # each event also on an ``event:`` line, named by its ``type`` (Responses API)
+    done_marker: bool  # ``data: [DONE]`` at the end (chat completions)
+
+    def opening(self) -> list[Event]:
+        """What goes before the first text."""
+        ...
+
+    def delta(self, text: str) -> list[Event]:
+        """A new piece of the caption."""
+        ...
+
+    def closing(self, captions: list[Caption]) -> list[Event]:
+        """The end, once every piece was sent: ``captions`` are the finished captions."""
+        ...
+
+    def failure(self, error: dict[str, Any]) -> list[Event]:
+        """The end of a stream whose caption failed; ``error`` is an OpenAI error object."""
+        ...
+
 
 class EventStream:
     """A server-sent event response, opened when the first event is ready."""
 
-    def __init__(self, request: web.Request) -> None:
+    def __init__(self, request: web.Request, shape: StreamShape) -> None:
         self.request = request
+        self.shape = shape
         self.response: web.StreamResponse | None = None
 
     @property
     def opened(self) -> bool:
         return self.response is not None
 
-    async def send(self, *events: dict[str, Any]) -> None:
+    async def send(self, *events: Event) -> None:
         """Send events (opening the response first); ConnectionResetError when the client left."""
         if self.response is None:
             self.response = web.StreamResponse(
@@ -53,16 +84,18 @@ class EventStream:
             )
             await self.response.prepare(self.request)
         for event in events:
-            await self.response.write(f"data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
+            name = f"event: {event['type']}\n" if self.shape.named else ""
+            await self.response.write(f"{name}data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
 
     async def close(self) -> web.StreamResponse:
         assert self.response is not None
-        await self.response.write(b"data: [DONE]\n\n")
+        if self.shape.done_marker:
+            await self.response.write(b"data: [DONE]\n\n")
         await self.response.write_eof()
         return self.response
 
 
-async def stream_completion(
+async def stream_captions(
     request: web.Request,
     images: tuple[str, ...],
     where: tuple[str, ...],
@@ -72,21 +105,20 @@ async def stream_completion(
     prompt: str | None = None,
     *,
     model: str,
-    include_usage: bool,
+    shape: StreamShape,
 ) -> web.StreamResponse:
-    """Caption ``images`` with the served model ``model`` and stream the completion (token by
-    token where it can); ``prompt`` is free text for a model that reads it."""
-    events = EventStream(request)
-    head = Completion.started(model)
+    """Caption ``images`` with the served model ``model`` and stream the answer in ``shape`` (token
+    by token where it can); ``prompt`` is free text for a model that reads it."""
+    events = EventStream(request, shape)
     if len(images) != 1:
         captions = await caption_all_base64(
             request, images, task, options, labels, prompt, model=model, where=where
         )
-        await events.send(*Completion.of(model, captions, like=head).chunks(include_usage))
+        await events.send(*shape.opening(), *shape.delta(joined_text(captions)), *shape.closing(captions))
         return await events.close()
     try:
         caption, sent = await _stream_caption(
-            request, events, head, images[0], task, options, labels, prompt, model
+            request, events, images[0], task, options, labels, prompt, model
         )
     except ConnectionResetError:  # the client left mid-stream: its job was withdrawn
         assert events.response is not None
@@ -97,16 +129,13 @@ async def stream_completion(
             raise  # nothing sent yet: a plain HTTP error, as for any request
         await _end_with_error(request, events, exc)
         return await events.close()
-    completion = Completion.of(model, [caption], like=head)
-    rest = completion.content[len(sent) :] if completion.content.startswith(sent) else ""
-    if not completion.content.startswith(sent):
+    rest = caption.text[len(sent) :] if caption.text.startswith(sent) else ""
+    if not caption.text.startswith(sent):
         log.warning("streamed text is not a prefix of the caption (request %s)", request.get(REQUEST_ID, "-"))
     try:
         if not events.opened:
-            await events.send(head.opening())
-        await events.send(
-            *([head.chunk({"content": rest})] if rest else []), *completion.closing(include_usage)
-        )
+            await events.send(*shape.opening())
+        await events.send(*(shape.delta(rest) if rest else []), *shape.closing([caption]))
         return await events.close()
     except ConnectionResetError:
         assert events.response is not None
@@ -116,7 +145,6 @@ async def stream_completion(
 async def _stream_caption(
     request: web.Request,
     events: EventStream,
-    head: Completion,
     image: str,
     task: str,
     options: GenerationOptions,
@@ -143,8 +171,8 @@ async def _stream_caption(
             if len(text) <= len(sent) or not text.startswith(sent):
                 continue
             if not events.opened:
-                await events.send(head.opening())
-            await events.send(head.chunk({"content": text[len(sent) :]}))
+                await events.send(*events.shape.opening())
+            await events.send(*events.shape.delta(text[len(sent) :]))
             sent = text
     finally:
         if not job.done():
@@ -175,10 +203,9 @@ async def _end_with_error(request: web.Request, events: EventStream, exc: Except
     request_id = request.get(REQUEST_ID, "-")
     if isinstance(exc, VisionServerError):
         log.warning("stream %s failed: %s", request_id, exc.message)
-        await events.send(error_body(exc))
-        return
-    log.error("stream %s failed", request_id, exc_info=exc)
-    message = f"Internal server error (request id {request_id})."
-    await events.send(
-        {"error": {"message": message, "type": "api_error", "param": None, "code": "internal_error"}}
-    )
+        error = error_body(exc)["error"]
+    else:
+        log.error("stream %s failed", request_id, exc_info=exc)
+        message = f"Internal server error (request id {request_id})."
+        error = {"message": message, "type": "api_error", "param": None, "code": "internal_error"}
+    await events.send(*events.shape.failure(error))
