@@ -18,6 +18,7 @@ from vision_server.api import (
     multipart,
     native,
     openai,
+    openai_responses,
     ops,
     proxies,
     ratelimit,
@@ -138,6 +139,7 @@ def add_routes(app: web.Application) -> ErrorShapes:
     shapes.register(native.setup(app), native.native_error)
     shapes.register([*ops.setup(app), *admin.setup(app)], ops.ops_error)
     shapes.register(openai.setup(app), openai.openai_error)
+    shapes.register(openai_responses.setup(app), openai.openai_error)
     shapes.register(extras.setup(app), extras.extras_error)
     shapes.register(multipart.setup(app), multipart.multipart_error)
     settings = app[SETTINGS]

@@ -80,11 +80,16 @@ async def test_native_paths_too_and_other_404s_stay_as_before(tmp_path: Path) ->
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/v1/responses"), ("POST", "/v1/embeddings"), ("POST", "/completions"), ("GET", "/v1/files")],
+    [
+        ("POST", "/v1/conversations"),
+        ("POST", "/v1/embeddings"),
+        ("POST", "/completions"),
+        ("GET", "/v1/files"),
+    ],
 )
 async def test_other_openai_apis_say_what_to_call_instead(tmp_path: Path, method: str, path: str) -> None:
-    """The OpenAI SDKs' Responses API (client.responses.create) and the rest got a bare
-    {"detail": "Not Found"}; now an OpenAI-shaped 404 that points at chat completions."""
+    """OpenAI's other APIs (embeddings, files, conversations, …) got a bare {"detail": "Not Found"};
+    now an OpenAI-shaped 404 that points at chat completions and responses."""
     async with (
         running_server(Settings(cache_dir=tmp_path), FakeCaptioner()) as url,
         ClientSession() as session,
@@ -94,3 +99,4 @@ async def test_other_openai_apis_say_what_to_call_instead(tmp_path: Path, method
             error = (await response.json())["error"]
     assert error["type"] == "not_found_error" and error["code"] == "not_found"
     assert "POST /v1/chat/completions" in error["message"] and path in error["message"]
+    assert "POST /v1/responses" in error["message"]

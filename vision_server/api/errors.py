@@ -159,11 +159,11 @@ def _from_http_exception(exc: web.HTTPException) -> VisionServerError | None:
     return None
 
 
-# OpenAI API resources other than chat completions and models: an OpenAI client that calls one
-# (the SDKs' newer Responses API above all) is told what this server offers instead.
+# OpenAI API resources other than chat completions, responses and models: an OpenAI client that
+# calls one is told what this server offers instead.
 OTHER_OPENAI_APIS = frozenset(
-    {"responses", "completions", "embeddings", "images", "audio", "files", "assistants", "threads",
-     "batches", "moderations", "realtime", "vector_stores", "uploads", "fine_tuning"}
+    {"completions", "embeddings", "images", "audio", "files", "assistants", "threads", "batches",
+     "moderations", "realtime", "vector_stores", "uploads", "fine_tuning", "conversations"}
 )  # fmt: skip
 CHAT_PATH = "/v1/chat/completions"
 
@@ -186,7 +186,8 @@ async def _unmatched(
         chat = await request.app.router.resolve(request.clone(rel_url=CHAT_PATH))
         return NotFound(
             f"Not Found: this server offers OpenAI's chat completions (POST {CHAT_PATH}, an "
-            f"image_url part per image) and models (GET /v1/models), not {request.path}."
+            "image_url part per image), responses (POST /v1/responses, an input_image part per "
+            f"image) and models (GET /v1/models), not {request.path}."
         ), (chat.route, CHAT_PATH)
     return error, None
 
