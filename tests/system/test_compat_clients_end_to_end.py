@@ -426,6 +426,16 @@ def request_for(family: str, mistake: str) -> tuple[str, dict[str, Any]]:
             "unknown_task": user_parts("<OD>", f"data:image/png;base64,{good}"),
         }
         return "/v1/chat/completions", {"json": {"model": "gpt-4o", "messages": [messages[mistake]]}}
+    if family == "responses":
+        image = {"png": f"data:image/png;base64,{good}", "bad_base64": f"data:image/png;base64,{NOT_BASE64}"}
+        image["not_an_image"] = f"data:image/png;base64,{text_b64(NOT_AN_IMAGE)}"
+        text = {"type": "input_text", "text": "<OD>" if mistake == "unknown_task" else QUESTION}
+        parts = [text] + (
+            []
+            if mistake == "missing_image"
+            else [{"type": "input_image", "image_url": image.get(mistake, image["png"])}]
+        )
+        return "/v1/responses", {"json": {"model": "gpt-4.1", "input": [{"role": "user", "content": parts}]}}
     if family == "extras":
         bodies = {
             "bad_base64": {"image": NOT_BASE64},
@@ -455,6 +465,10 @@ EXPECTED: dict[tuple[str, str], tuple[int, str]] = {
     ("openai", "not_an_image"): (400, "Invalid image data"),
     ("openai", "missing_image"): (400, "No image in the request"),
     ("openai", "unknown_task"): (400, "Unknown task <OD>"),
+    ("responses", "bad_base64"): (400, "Invalid image data: not valid base64"),
+    ("responses", "not_an_image"): (400, "Invalid image data"),
+    ("responses", "missing_image"): (400, "No image in the request"),
+    ("responses", "unknown_task"): (400, "Unknown task <OD>"),
     ("extras", "bad_base64"): (400, "Invalid image data: not valid base64"),
     ("extras", "not_an_image"): (400, "Invalid image data"),
     ("extras", "missing_image"): (400, '"image" is required'),
@@ -470,6 +484,8 @@ OPENAI_CODES = {
     "missing_image": ("invalid_request", "messages"),
     "unknown_task": ("invalid_task", None),
 }
+RESPONSES_PARAMS = {"bad_base64": "input[0].content[1].image_url", "missing_image": "input"}
+RESPONSES_PARAMS["not_an_image"] = RESPONSES_PARAMS["bad_base64"]
 
 
 def message_of(family: str, mistake: str, reply: Any) -> str:
@@ -484,12 +500,15 @@ def message_of(family: str, mistake: str, reply: Any) -> str:
     assert set(reply) == {"error"} and set(reply["error"]) == {"message", "type", "param", "code"}
     error = reply["error"]
     assert error["type"] == "invalid_request_error" and isinstance(error["message"], str)
-    assert (error["code"], error["param"]) == OPENAI_CODES[mistake]
+    code, param = OPENAI_CODES[mistake]
+    if family == "responses":
+        param = RESPONSES_PARAMS.get(mistake)
+    assert (error["code"], error["param"]) == (code, param)
     return str(error["message"])
 
 
 @pytest.mark.parametrize("mistake", MISTAKES)
-@pytest.mark.parametrize("family", ["native", "openai", "extras", "multipart"])
+@pytest.mark.parametrize("family", ["native", "openai", "responses", "extras", "multipart"])
 async def test_every_family_answers_each_mistake_in_its_own_shape(
     tiny: Settings, family: str, mistake: str
 ) -> None:
@@ -503,7 +522,7 @@ async def test_every_family_answers_each_mistake_in_its_own_shape(
     assert words in message, message
 
 
-@pytest.mark.parametrize("family", ["native", "openai", "extras", "multipart"])
+@pytest.mark.parametrize("family", ["native", "openai", "responses", "extras", "multipart"])
 async def test_an_unknown_task_is_answered_with_the_valid_ones(tiny: Settings, family: str) -> None:
     path, arguments = request_for(family, "unknown_task")
     async with running_server(tiny) as url, ClientSession(url) as session:
@@ -523,9 +542,11 @@ def doc_blocks(language: str) -> list[str]:
 def check_reply(value: Any) -> None:
     """A successful reply of any family: no error key, and the caption where one belongs."""
     if isinstance(value, dict):
-        assert not {"error", "detail"} & set(value), value
+        assert "detail" not in value and value.get("error") is None, value  # a response has "error": null
         if "choices" in value:
             assert value["choices"][0]["message"]["content"]
+        if value.get("object") == "response":
+            assert value["status"] == "completed" and value["output"][0]["content"][0]["text"]
         if "caption" in value:
             assert value["caption"]
         if "result" in value:
@@ -548,6 +569,7 @@ async def test_the_docs_bash_and_python_examples_work(tiny: Settings, tmp_path: 
     for route in (
         "/process_image",
         "/v1/chat/completions",
+        "/v1/responses",
         "/v1/models",
         "/api/modules",
         "/api/caption",
@@ -595,5 +617,6 @@ async def test_the_docs_bash_and_python_examples_work(tiny: Settings, tmp_path: 
         for value in values:
             check_reply(value)
     assert python.returncode == 0, err.decode()
-    caption, streamed, models = out.decode().splitlines()
+    caption, streamed, models, answered, answered_streamed = out.decode().splitlines()
     assert caption and streamed == caption and models == "['test:tiny']"
+    assert answered == caption and answered_streamed == caption  # the Responses API, same caption
