@@ -96,7 +96,8 @@ def check_text_format(text: object) -> None:
 
 
 def check_include(include: object) -> None:
-    """Extra output that exists here is none; only asking for log probabilities misleads."""
+    """Each ``include`` value asks for extra output; there is none here to add. Only the log
+    probabilities one would be misread (as "none were reported"), so only it is refused."""
     if include is None:
         return
     if not isinstance(include, list) or not all(isinstance(item, str) for item in include):
