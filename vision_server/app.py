@@ -13,6 +13,7 @@ from vision_server.api import (
     admin,
     auth,
     cors,
+    cross_site,
     extras,
     gallery,
     multipart,
@@ -124,6 +125,8 @@ def middlewares(settings: Settings) -> list[Middleware]:
     chain.append(access_middleware)
     # Gives each request its id and turns every failure below into the route family's error shape.
     chain.append(error_middleware)
+    # A page on another site may make a browser POST here; refused unless --cors-origin allows it.
+    chain.append(cross_site.cross_site_middleware)
     if settings.rate_limit is not None and settings.rate_limit > 0:
         # Before the key check, so a client guessing keys is slowed down too.
         chain.append(ratelimit.rate_limit_middleware)
