@@ -55,7 +55,7 @@ API_KEY = "fuzz-api-key"
 ADMIN_KEY = "fuzz-admin-key-that-the-fuzzer-never-sends"
 _LISTENING = re.compile(r"listening on (https?://[\w.:\[\]-]+)")
 
-JSON_ROUTES = ("/process_image", "/v1/chat/completions", "/api/caption")
+JSON_ROUTES = ("/process_image", "/v1/chat/completions", "/v1/responses", "/api/caption")
 FORM_ROUTES = ("/caption", "/detailed_caption", "/batch_caption")
 OTHER_ROUTES = (
     ("GET", "/prompts"),
@@ -181,6 +181,39 @@ openai_bodies = st.fixed_dictionaries(
         "stream_options": st.one_of(st.fixed_dictionaries({"include_usage": json_values}), json_values),
     },
 )
+input_part = st.fixed_dictionaries(
+    {"type": st.one_of(st.sampled_from(["input_text", "input_image", "input_file"]), json_values)},
+    optional={
+        "text": st.one_of(prompts, json_values),
+        "image_url": st.one_of(image_strings, json_values),
+        "file_id": json_values,
+    },
+)
+input_item = st.fixed_dictionaries(
+    {"role": st.one_of(st.sampled_from(["user", "system", "developer", "assistant"]), json_values)},
+    optional={
+        "type": st.one_of(st.sampled_from(["message", "function_call_output"]), json_values),
+        "content": st.one_of(prompts, st.lists(input_part, max_size=4), json_values),
+    },
+)
+responses_bodies = st.fixed_dictionaries(
+    {"input": st.one_of(st.lists(input_item, max_size=4), prompts, json_values)},
+    optional={
+        "model": st.one_of(st.just("florence"), json_values),
+        "instructions": st.one_of(st.text(max_size=40), json_values),
+        "max_output_tokens": numberish,
+        "temperature": numberish,
+        "top_p": numberish,
+        "top_logprobs": numberish,
+        "stream": st.one_of(st.booleans(), json_values),
+        "store": st.one_of(st.booleans(), json_values),
+        "text": st.one_of(st.fixed_dictionaries({"format": json_values}), json_values),
+        "tools": json_values,
+        "tool_choice": json_values,
+        "include": json_values,
+        "previous_response_id": json_values,
+    },
+)
 image_bodies = st.fixed_dictionaries(
     {}, optional={"image": st.one_of(image_strings, json_values), "prompt": st.one_of(prompts, json_values)}
 )
@@ -238,6 +271,8 @@ def json_requests(draw: st.DrawFn) -> Request:
     path = draw(st.sampled_from(JSON_ROUTES))
     if path == "/v1/chat/completions":
         value = draw(st.one_of(openai_bodies, openai_bodies, json_values))
+    elif path == "/v1/responses":
+        value = draw(st.one_of(responses_bodies, responses_bodies, json_values))
     else:
         value = draw(st.one_of(image_bodies, image_bodies, json_values))
     body = to_json(value).encode("utf-8", "surrogatepass")
