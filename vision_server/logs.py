@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import logging.handlers
+import re
 import sys
 import time
 from pathlib import Path
@@ -15,6 +16,30 @@ from aiohttp.http_exceptions import HttpProcessingError
 from vision_server.settings import SettingsError
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
+TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(message)s"
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")  # C0 (line breaks, ESC), DEL and C1 controls
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``)."""
+    return _CONTROL.sub(lambda match: ascii(match.group())[1:-1], text)
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record: control characters in the message are escaped.
+
+    Messages carry what clients sent (the request path in the access log, a refused page's
+    origin): a path with ``%0A`` in it would otherwise start a forged log line, and an ``ESC``
+    sequence would recolour or rewrite the terminal of whoever tails the log. A traceback
+    (appended after the message) keeps its lines.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(TEXT_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 (logging's name)
+        record.message = escape_controls(record.message)
+        return super().formatMessage(record)
 
 
 class JsonFormatter(logging.Formatter):
@@ -63,7 +88,7 @@ def configure_logging(level: str = "info", fmt: str = "text", file: Path | None 
     if fmt == "json":
         formatter = JsonFormatter()
     else:
-        formatter = logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s")
+        formatter = TextFormatter()
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
     if file is not None:
         try:

@@ -58,3 +58,31 @@ def test_log_file_in_json(tmp_path: Path) -> None:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])
     assert [(x["level"], x["message"], x["request_id"]) for x in lines] == [("warning", "hello file", "r1")]
+
+
+async def test_a_path_cannot_forge_log_lines_or_reach_the_terminal(
+    tmp_path_factory: pytest.TempPathFactory, tmp_path: Path
+) -> None:
+    """``%0A`` in a path decodes to a line break: written as it came, it started a log line of
+    the client's own making, and ``ESC[`` sequences reached the terminal of whoever tails the log."""
+    path = tmp_path / "server.log"
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
+    forged = "2026-01-01 00:00:00,000 INFO    vision_server.access: POST /v1/model/unload 200"
+    try:
+        configure_logging("info", "text", path)
+        async with client_for(tiny_settings(tmp_path_factory)) as session:
+            async with session.get(f"/x%0A{forged}%0D%1B[2J", allow_redirects=False) as response:
+                assert response.status == 404
+        for handler in root.handlers:
+            handler.flush()
+        text = path.read_text(encoding="utf-8")
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+    ours = [line for line in text.splitlines() if "aiohttp.access" not in line]  # the test runner's own
+    lines = [line for line in ours if "/x" in line or "unload" in line]
+    assert len(lines) == 1 and "\x1b" not in text and "\r" not in text, text
+    assert lines[0].startswith(tuple("0123456789")) and "GET /x\\n2026-01-01" in lines[0]
