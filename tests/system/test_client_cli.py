@@ -97,6 +97,8 @@ def test_help_documents_every_option() -> None:
         "--no-recursive",
         "--jsonl",
         "--wait-for-server",
+        "--limit",
+        "--dry-run",
     ):
         assert option in folder.stdout
     assert "only lines of that model" in " ".join(folder.stdout.split())
@@ -222,6 +224,41 @@ def test_folder_run_summary_exit_code_and_resume(server: str, images: Path) -> N
     assert flat.returncode == 0, flat.stderr
     assert "1 captioned" in flat.stderr
     assert " // " in (images / "red one.txt").read_text(encoding="utf-8")
+
+
+def test_folder_dry_run_lists_what_a_run_would_do_and_sends_nothing(images: Path) -> None:
+    """As vision-server caption --dry-run: no server is needed (the URL has none), nothing is written."""
+    save_flat(images / "sub" / "grün.png", (1, 2, 3), (32, 32))  # shares grün.txt with grün.jpg
+    save_flat(images / "done.png", (4, 5, 6), (32, 32))
+    (images / "done.txt").write_text("kept\n", encoding="utf-8")
+    before = sorted(p.name for p in images.rglob("*"))
+    url = f"http://127.0.0.1:{free_port()}"
+    result = run("folder", str(images), "--task", "caption", "--dry-run", url=url)
+    assert result.returncode == 1, result.stderr  # the two images sharing a caption file would fail
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    clash = "neither is captioned, rename one of them"
+    assert [(word, Path(path).name) for word, path, _ in lines] == [
+        ("caption", "broken.png"), ("skip", "done.png"), ("caption", "red one.png"),
+        ("fail", "grün.jpg"), ("fail", "grün.png"),
+    ]  # fmt: skip
+    assert lines[0][2] == "<CAPTION>" and lines[1][2] == "already captioned" and clash in lines[3][2]
+    assert "dry run: 2 to caption, 1 skipped, 2 failing" in result.stderr
+    assert sorted(p.name for p in images.rglob("*")) == before
+    limited = run("folder", str(images), "--dry-run", "--limit", "1", url=url)
+    assert [line.split("\t")[0] for line in limited.stdout.splitlines()].count("caption") == 1
+    assert "1 to caption, 1 skipped, 2 failing, 1 left for later runs (--limit)" in limited.stderr
+
+
+def test_folder_limit_captions_n_and_the_next_run_the_next(server: str, images: Path) -> None:
+    (images / "broken.png").unlink()
+    first = run("folder", str(images), "--task", "caption", "--limit", "1", url=server)
+    assert first.returncode == 0, first.stderr
+    assert "1 captioned, 0 skipped, 0 failed of 2 images" in first.stderr
+    assert "1 more image left for a later run (--limit)" in first.stderr
+    assert len(list(images.rglob("*.txt"))) == 1
+    second = run("folder", str(images), "--task", "caption", "--limit", "1", url=server)
+    assert "1 captioned, 1 skipped, 0 failed of 2 images" in second.stderr
+    assert "left for a later run" not in second.stderr and len(list(images.rglob("*.txt"))) == 2
 
 
 def test_folder_jsonl(server: str, images: Path, tmp_path_factory: pytest.TempPathFactory) -> None:

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import click
 
 from vision_server.captionfiles import MODES
-from vision_server.client.api import DEFAULT_TASK, DEFAULT_TIMEOUT, DEFAULT_URL, AsyncVisionClient
+from vision_server.client.api import DEFAULT_TASK, DEFAULT_TIMEOUT, DEFAULT_URL, AsyncVisionClient, task_token
 from vision_server.client.errors import VisionClientError
 from vision_server.client.folder import Failure, FolderSummary, ImageResult, caption_folder
 
@@ -204,6 +204,21 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
     "not resolve, TLS trouble and a 404 (no vision-server at --url, or an unknown --model, "
     "asked before the first image) stop the run at once.",
 )
+@click.option(
+    "--limit",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="N",
+    help="Caption at most N images this run (skipped ones do not count); run again for the next "
+    "N. Try a few before a long run.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="List what a run would do and send no image: one line per image on stdout, 'caption', "
+    "'skip' or 'fail', a tab, the path, a tab, the task or the reason (as vision-server caption "
+    "--dry-run). Only a --model is asked about. Exit 1 when an image would fail.",
+)
 @click.pass_context
 def folder(
     ctx: click.Context,
@@ -218,6 +233,8 @@ def folder(
     recursive: bool,
     jsonl: Path | None,
     wait_for_server: float,
+    limit: int | None,
+    dry_run: bool,
 ) -> None:
     """Caption every image (jpg jpeg png gif bmp tif tiff webp) in FOLDER.
 
@@ -241,7 +258,11 @@ def folder(
         "concurrency": concurrency,
         "recursive": recursive,
         "jsonl": jsonl,
+        "limit": limit,
     }
+    if dry_run:
+        _dry_run(ctx, folder, options)
+        return
     started = time.monotonic()
     bar = tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
 
@@ -294,6 +315,37 @@ def folder(
         sys.exit(1)
 
 
+def _dry_run(ctx: click.Context, folder: Path, options: dict[str, Any]) -> None:
+    """What a run with these options would do, image by image in path order; exit 1 if any fails."""
+    lines: list[tuple[Path, str, str]] = []
+
+    def note(result: ImageResult) -> None:
+        word = "skip" if result.outcome == "skipped" else "fail"
+        lines.append((result.path, word, result.reason or ""))
+
+    async def plan(client: AsyncVisionClient) -> FolderSummary:
+        return await caption_folder(client, folder, dry_run=True, on_result=note, **options)
+
+    try:
+        summary = _run(ctx, plan)
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from None
+    if summary.aborted:  # a --model the server lacks, or no server to ask
+        raise click.ClickException(summary.aborted)
+    task = task_token(options["task"])
+    lines += [(path, "caption", task) for path in summary.planned]
+    for path, word, detail in sorted(lines):
+        click.echo(f"{word}\t{path}\t{detail}")
+    later = f", {summary.deferred} left for later runs (--limit)" if summary.deferred else ""
+    click.echo(
+        f"dry run: {len(summary.planned)} to caption, {summary.skipped} skipped, "
+        f"{len(summary.failed)} failing{later}",
+        err=True,
+    )
+    if summary.failed:
+        sys.exit(1)
+
+
 def _print_summary(summary: FolderSummary, seconds: float) -> None:
     rate = f", {seconds / summary.done:.2f} s/image" if summary.done else ""
     click.echo(
@@ -301,6 +353,9 @@ def _print_summary(summary: FolderSummary, seconds: float) -> None:
         f"of {summary.total} images in {seconds:.1f} s{rate}",
         err=True,
     )
+    if summary.deferred:
+        left = summary.deferred
+        click.echo(f"{left} more image{'s' if left != 1 else ''} left for a later run (--limit)", err=True)
     if summary.stale_temps_removed:
         click.echo(
             f"removed {summary.stale_temps_removed} leftover temporary caption file(s) of a killed run",

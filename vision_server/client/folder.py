@@ -70,10 +70,14 @@ class FolderSummary:
     # set when the run stopped early: the server was unreachable, or refused the task or the key
     aborted: str | None = None
     stale_temps_removed: int = 0  # temp caption files a killed run had left, deleted by this one
+    deferred: int = 0  # images to caption that ``limit`` left for a later run
+    planned: list[Path] = field(default_factory=list)  # a dry run: the images a run would caption
 
     @property
     def not_attempted(self) -> int:
-        return self.total - self.done - self.skipped - len(self.failed)
+        """Images this run meant to caption but did not reach (a stop, a Ctrl+C)."""
+        left = self.total - self.done - self.skipped - len(self.failed)
+        return left - self.deferred - len(self.planned)
 
     @property
     def ok(self) -> bool:
@@ -100,6 +104,8 @@ async def caption_folder(
     concurrency: int = 8,
     recursive: bool = True,
     jsonl: str | Path | None = None,
+    limit: int | None = None,
+    dry_run: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[ImageResult], None] | None = None,
 ) -> FolderSummary:
@@ -113,7 +119,9 @@ async def caption_folder(
     the same server go first. Images of one folder with the same stem (``a.jpg``, ``a.png``)
     would share a caption file: none of them is captioned, each is a failure. ``on_start`` gets
     the number of images found, then ``on_result`` one :class:`ImageResult` per image (skipped
-    ones first), for progress bars.
+    ones first), for progress bars. ``limit`` captions at most that many images (skipped ones do
+    not count; the rest are ``deferred``). A ``dry_run`` sends no image and writes nothing: the
+    images a run would caption are listed in ``planned`` (only a named model is asked about).
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -121,6 +129,8 @@ async def caption_folder(
         raise ValueError("append and prepend edit caption files; with a JSONL output use skip or overwrite")
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
+    if limit is not None and limit < 0:
+        raise ValueError("limit must be 0 or more")
     root = Path(folder)
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
@@ -132,12 +142,17 @@ async def caption_folder(
         if on_start is not None:
             on_start(len(images))
         return run.summary
-    if jsonl is None:  # this run writes caption files here: clear what a killed one left
+    if jsonl is None and not dry_run:  # this run writes caption files here: clear what a killed one left
         run.summary.stale_temps_removed = sweep_stale_temps(root, recursive=recursive)
     if on_start is not None:
         on_start(len(images))
     jobs = run.plan(root, images, caption_ext, jsonl)
-    if jobs:
+    if limit is not None:
+        run.summary.deferred = max(0, len(jobs) - limit)
+        jobs = jobs[:limit]
+    if dry_run:
+        run.summary.planned = [job.image for job in jobs]
+    elif jobs:
         writer = JsonlWriter(Path(jsonl)) if jsonl is not None else None
         try:
             await run.execute(jobs, writer, concurrency)
@@ -215,7 +230,8 @@ class _FolderRun:
                 self.report(ImageResult(image, "failed", reason=reason))
                 continue
             if self.mode == "skip" and (key in recorded if target is None else has_caption(target)):
-                self.report(ImageResult(image, "skipped"))
+                reason = "already captioned" if target is not None else f"already in {Path(str(jsonl)).name}"
+                self.report(ImageResult(image, "skipped", reason=reason))
                 continue
             jobs.append(_Job(image, key, target))
         return jobs
