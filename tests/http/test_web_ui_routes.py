@@ -197,6 +197,19 @@ async def test_thumbnails_are_made_and_cached(session: ClientSession, tmp_path: 
         assert response.status == 200 and (await response.read())[:4] == b"\x89PNG"
 
 
+async def test_dataset_files_are_never_sniffed_or_run(data: GalleryData, session: ClientSession) -> None:
+    """A dataset file named like an image may hold anything (here HTML with a script): served
+    from the page's own origin, it must never be taken for a document or run script."""
+    (data.root / "trap.png").write_bytes(b"<html><script>alert(document.domain)</script></html>")
+    for route in ("image", "thumb"):
+        name = "trap.png" if route == "image" else "img00.png"
+        async with session.get(f"/ui/api/gallery/{route}", params={"path": name}) as response:
+            assert response.status == 200 and response.content_type.startswith("image/")
+            assert response.headers["X-Content-Type-Options"] == "nosniff"
+            assert "sandbox" in response.headers["Content-Security-Policy"]
+            assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+
+
 async def test_the_thumbnail_cache_stays_under_its_cap(data: GalleryData, tmp_path: Path) -> None:
     sizes = [len(make_thumbnail(data.root / name, 10**8)) for name in data.names]
     cap = sum(sizes) // 2

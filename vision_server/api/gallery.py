@@ -49,6 +49,14 @@ class SharedCaptionFile(VisionServerError):
 MAX_PATHS = 1000  # images per re-caption or export request
 IN_FLIGHT = 8  # images one re-caption request has queued at a time
 THUMBNAILS_AT_ONCE = 2  # full-size decodes for thumbnails (a 64 MP PNG decodes to 192 MB)
+# A dataset's files come from anywhere (a scrape, a download): whatever bytes hide behind an
+# image name, the browser must take them as the type we name and run nothing, even when the
+# user opens one in a tab of its own (same origin as the page that holds the API key).
+FILE_HEADERS = {
+    "Cache-Control": "private, max-age=300",
+    "X-Content-Type-Options": "nosniff",
+    "Content-Security-Policy": "default-src 'none'; sandbox",
+}
 READ_ONLY = (
     "The gallery is read-only: start the server with --gallery-writable to save captions "
     "into the dataset's caption files."
@@ -139,14 +147,12 @@ async def thumbnail(request: web.Request) -> web.Response:
             data = await asyncio.to_thread(gallery.thumbnails.get, entry.path)
     except ThumbnailError as exc:
         raise BadRequest(f"No thumbnail for {entry.key}: {exc}") from None
-    return web.Response(
-        body=data, headers={"Content-Type": "image/jpeg", "Cache-Control": "private, max-age=300"}
-    )
+    return web.Response(body=data, headers={"Content-Type": "image/jpeg", **FILE_HEADERS})
 
 
 async def image(request: web.Request) -> web.StreamResponse:
     entry = await request.app[GALLERY].entry(request.query.get("path"))
-    return web.FileResponse(entry.path, headers={"Cache-Control": "private, max-age=300"})
+    return web.FileResponse(entry.path, headers=FILE_HEADERS)
 
 
 async def save(request: web.Request) -> web.Response:
