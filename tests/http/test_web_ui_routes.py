@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import io
 import json
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 from aiohttp import ClientSession
+from PIL import Image
 from yarl import URL
 
 from tests.support.gallery_data import XSS, GalleryData, make_gallery
@@ -208,6 +210,17 @@ async def test_dataset_files_are_never_sniffed_or_run(data: GalleryData, session
             assert response.headers["X-Content-Type-Options"] == "nosniff"
             assert "sandbox" in response.headers["Content-Security-Policy"]
             assert "default-src 'none'" in response.headers["Content-Security-Policy"]
+
+
+async def test_thumbnails_open_only_the_caption_formats(data: GalleryData, session: ClientSession) -> None:
+    """A ``.png`` that holds another format (PCX here; EPS would run Ghostscript) is refused
+    before any other Pillow plugin parses it, as a caption request's bytes are."""
+    picture = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(picture, "PCX")
+    (data.root / "other.png").write_bytes(picture.getvalue())
+    async with session.get("/ui/api/gallery/thumb", params={"path": "other.png"}) as response:
+        assert response.status == 400
+        assert "not in a supported image format (PNG, JPEG" in (await response.json())["error"]["message"]
 
 
 async def test_the_thumbnail_cache_stays_under_its_cap(data: GalleryData, tmp_path: Path) -> None:

@@ -31,6 +31,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from vision_server.atomic_files import replacing
 from vision_server.byte_sizes import format_byte_size
 from vision_server.captionfiles import STALE_TEMP_AGE
+from vision_server.images import ACCEPTED, ALLOWED_FORMATS
 
 EDGE = 256  # longest side, in pixels
 QUALITY = 82
@@ -194,8 +195,11 @@ def _touch(path: Path) -> None:
 
 
 def make_thumbnail(path: Path, max_pixels: int) -> bytes:
+    """A JPEG of at most :data:`EDGE` pixels a side. Only the formats a caption request may send
+    are opened: a dataset is often downloaded, and a file named ``.png`` that holds EPS would
+    otherwise reach Ghostscript (or PSD, DDS and the rest their parsers) when its thumbnail is made."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path, formats=ALLOWED_FORMATS) as image:
             width, height = image.size
             if width * height > max_pixels:
                 raise ThumbnailError(f"{width}x{height} pixels is over --max-image-pixels ({max_pixels})")
@@ -206,7 +210,9 @@ def make_thumbnail(path: Path, max_pixels: int) -> bytes:
             out = io.BytesIO()
             picture.save(out, "JPEG", quality=QUALITY)
             return out.getvalue()
-    except (UnidentifiedImageError, OSError, Image.DecompressionBombError, ValueError) as exc:
+    except UnidentifiedImageError:
+        raise ThumbnailError(f"the file is not in a supported image format ({ACCEPTED})") from None
+    except (OSError, Image.DecompressionBombError, ValueError) as exc:
         if isinstance(exc, ThumbnailError):
             raise
         raise ThumbnailError(f"cannot read the image: {exc}") from None
