@@ -21,7 +21,6 @@ from aiohttp import ClientSession
 from tests.support.api import native_caption
 from tests.support.images import data_url
 from tests.support.serving import client_for, running_server
-from vision_server.captioner import Caption, CaptionItem
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
 
@@ -351,19 +350,16 @@ async def test_stored_response_paths_say_nothing_is_stored(tmp_path: Path) -> No
                 assert error["type"] == "not_found_error" and "stores no responses" in error["message"], path
 
 
-class BreaksMidStream(FakeCaptioner):
-    """Sends some text to a stream, then fails: a model failure after the stream began."""
-
-    def caption(self, batch: list[CaptionItem]) -> list[Caption]:
-        for item in batch:
-            if item.stream is not None:
-                item.stream("a dog on")
-        raise RuntimeError("the model broke")
+def breaks_mid_stream() -> FakeCaptioner:
+    """Streams "a dog on", then fails: a model failure after the stream began."""
+    captioner = FakeCaptioner(text="a dog on")
+    captioner.fail_caption = RuntimeError("the model broke")
+    return captioner
 
 
 async def test_a_failure_after_the_stream_began_ends_it_with_response_failed(tmp_path: Path) -> None:
     async with (
-        running_server(Settings(cache_dir=tmp_path, num_beams=1), BreaksMidStream()) as url,
+        running_server(Settings(cache_dir=tmp_path, num_beams=1), breaks_mid_stream()) as url,
         ClientSession(url) as session,
     ):
         async with session.post(

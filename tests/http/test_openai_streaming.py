@@ -7,18 +7,21 @@ import dataclasses
 import json
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import openai
 import pytest
 from aiohttp import ClientResponse, ClientSession
 
 from tests.support.api import native_caption
 from tests.support.images import data_url
-from tests.support.serving import running_app
+from tests.support.serving import running_app, running_server
 from vision_server.api.state import ENGINE
 from vision_server.captioner import Caption, CaptionItem
 from vision_server.florence.captioner import FlorenceCaptioner
 from vision_server.settings import Settings
+from vision_server.testing.fake import FakeCaptioner
 
 PAUSE_AFTER = 3  # updates each stream gets before the model thread pauses
 
@@ -148,3 +151,26 @@ async def test_beam_search_streams_the_caption_in_one_chunk(tiny: Settings) -> N
         async with session.post("/v1/chat/completions", json=chat(15, stream=True)) as response:
             pieces = content_chunks(await events(response))
         assert pieces == [await native_caption(session, 15, "<CAPTION>")]
+
+
+async def test_a_failure_after_the_stream_began_ends_it_with_an_error_event(tmp_path: Path) -> None:
+    """The status (200) and some text are already sent: the stream ends with OpenAI's error event
+    (then ``[DONE]``), and the SDK raises instead of returning the half caption as if it were whole."""
+    captioner = FakeCaptioner(text="a dog on")
+    captioner.fail_caption = RuntimeError("the model broke")
+    async with running_server(Settings(cache_dir=tmp_path, num_beams=1), captioner) as url:
+        async with ClientSession(url) as session:
+            async with session.post("/v1/chat/completions", json=chat(15, stream=True)) as response:
+                seen = await events(response)
+        client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-anything", max_retries=0)
+        got: list[str] = []
+        with pytest.raises(openai.APIError, match="request id"):
+            async for chunk in await client.chat.completions.create(
+                model="any", messages=chat(16)["messages"], stream=True
+            ):
+                got += [choice.delta.content or "" for choice in chunk.choices]
+        await client.close()
+    assert content_chunks(seen) == ["a dog on"] and seen[-1] == "[DONE]"
+    error = seen[-2]["error"]
+    assert error["code"] == "caption_failed" and "request id" in error["message"]
+    assert "".join(got) == "a dog on"

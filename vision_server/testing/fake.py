@@ -36,7 +36,9 @@ class FakeCaptioner:
         text: str | None = None,
     ) -> None:
         self.delay = delay
-        self.text = text  # every caption, when given (else a hash of the pixels and the task)
+        # every caption, when given (else a hash of the pixels and the task); with fail_caption,
+        # what each stream gets before the failure
+        self.text = text
         self.offloadable = offloadable  # pretend to run on a GPU with a warm tier
         self.offloaded = False
         self.offloads = 0
@@ -95,6 +97,9 @@ class FakeCaptioner:
         self.batch_sizes.append(len(batch))
         time.sleep(self.delay)
         if self.fail_caption is not None:
+            for item in batch:  # a failure mid-generate: the text streamed so far was sent
+                if item.stream is not None and self.text:
+                    item.stream(self.text)
             raise self.fail_caption
         if self.text is not None:
             return [Caption(text=self.text) for _ in batch]
