@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import fnmatch
+import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import pytest
 from tests.support import paths
 from vision_server.gallery.jsonl import row_captions, row_key
 from vision_server.gallery.paths import is_clean_relative
-from vision_server.gallery.sidecars import is_caption_suffix, sidecars_of
+from vision_server.gallery.sidecars import TextCache, is_caption_suffix, sidecars_of
 from vision_server.settings import Settings, SettingsError
 
 if sys.version_info >= (3, 11):
@@ -43,6 +45,26 @@ def test_caption_files_of_an_image() -> None:
     assert (
         not is_caption_suffix(".png") and not is_caption_suffix("/../x.txt") and not is_caption_suffix("txt")
     )
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
+def test_a_fifo_named_like_a_caption_is_no_caption(tmp_path: Path) -> None:
+    """Opening a FIFO waits for a writer: the gallery (one lock for its file work) hung for good."""
+    fifo = tmp_path / "cat.txt"
+    os.mkfifo(fifo)
+    (tmp_path / "dog.txt").write_text("a dog", encoding="utf-8")
+    texts: list[str | None] = []
+    reader = threading.Thread(
+        target=lambda: texts.extend(TextCache().read(p) for p in (fifo, tmp_path / "dog.txt"))
+    )
+    reader.daemon = True  # on the old code it never returns; the test must fail, not hang
+    reader.start()
+    reader.join(timeout=30)
+    if reader.is_alive():
+        with open(fifo, "w"):  # let the stuck reader go
+            pass
+        pytest.fail("reading a FIFO named like a caption file blocked")
+    assert texts == [None, "a dog"]
 
 
 def test_jsonl_rows_of_both_shapes(tmp_path: Path) -> None:

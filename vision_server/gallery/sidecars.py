@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 from pathlib import Path
 
 from vision_server.captionfiles import is_image
@@ -63,10 +64,16 @@ class TextCache:
         self._limit = limit
 
     def read(self, path: Path) -> str | None:
-        """The text (UTF-8, BOM dropped, undecodable bytes replaced), or None when there is no file."""
+        """The text (UTF-8, BOM dropped, undecodable bytes replaced), or None when there is no file.
+
+        Only a regular file is read: opening a FIFO named like a caption (a downloaded dataset's
+        tar archive can hold one) waits for a writer forever, and with it the whole gallery.
+        """
         try:
             info = os.stat(path)
         except OSError:
+            return None
+        if not stat.S_ISREG(info.st_mode):
             return None
         cached = self._texts.get(path)
         if cached is not None and cached[:2] == (info.st_size, info.st_mtime_ns):
