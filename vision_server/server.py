@@ -197,7 +197,8 @@ async def run(app: web.Application, notifier: Notifier | None = None) -> bool:
 
 
 async def _listen(runner: web.AppRunner, app: web.Application) -> None:
-    """Bind every configured address and say where; warn when an open port has no API key."""
+    """Bind every configured address and say where; warn when an open port has no API key, and
+    when every web page may call a server that has none."""
     urls = await listen(runner, app[SETTINGS])
     for url in urls:
         log.info("listening on %s", url)
@@ -205,6 +206,13 @@ async def _listen(runner: web.AppRunner, app: web.Application) -> None:
         log.warning(
             "no --api-key: anyone who can reach %s may caption and see the server's status; "
             "set one (or bind 127.0.0.1) unless a firewall or proxy guards the port",
+            " and ".join(urls),
+        )
+    if app[KEYS].api is None and "*" in app[SETTINGS].cors_origins:
+        log.warning(
+            "--cors-origin '*' and no --api-key: every web page open in a browser that can reach "
+            "%s may call it and read the answers (captions, the gallery), loopback or not; "
+            "name the origins that need it, or set --api-key",
             " and ".join(urls),
         )
 

@@ -90,12 +90,14 @@ def test_a_start_error_names_the_variable_that_set_the_value(tmp_path: Path) -> 
 def test_serving_a_network_without_an_api_key_warns(tmp_path: Path) -> None:
     """Binding beyond loopback with no key opens captioning and status to the network: say so."""
     logs = []
-    for name, settings in (("open", {}), ("keyed", {"api_key": "k"})):
+    open_to_pages = {"cors_origins": "*"}  # every web page may call it, and read the answers
+    for name, settings in (("open", open_to_pages), ("keyed", {"api_key": "k", **open_to_pages})):
         with ServerProcess.fake(tmp_path, name, delay=0, host="0.0.0.0", **settings) as server:
             server.wait_listening()
             server.stop()
             logs.append(server.log_text())
     assert "no --api-key: anyone who can reach http://0.0.0.0:" in logs[0] and "may caption" in logs[0]
+    assert "--cors-origin '*' and no --api-key: every web page" in logs[0]
     assert "no --api-key" not in logs[1]
 
 

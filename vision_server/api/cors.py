@@ -12,8 +12,9 @@ never sends the request. The origin is what the operator vouched for, so its hea
 preflight from an origin not configured gets 403 and no allow headers, also with CORS off (not
 the router's 405), and the first refusal of each origin is logged with the flag that would
 allow it: a refused preflight never reaches the access log, and the browser shows the page's
-author only a generic CORS failure. ``*`` allows every origin (fine for a key-protected or
-loopback-only server).
+author only a generic CORS failure. ``*`` allows every origin: fine with an API key (a page
+cannot send it unless its user typed it in), but without one every page the browser opens may
+call the server and read the answers, loopback or not (the server warns at start).
 """
 
 from __future__ import annotations
