@@ -5,6 +5,7 @@ resumed run ends where an uninterrupted one does."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import shutil
@@ -256,3 +257,18 @@ def test_ctrl_c_stops_with_a_checkpoint_to_resume_from(trained: Trained, tmp_pat
     assert checkpoint.parent == output / "checkpoints" and (checkpoint / "trainer_state.pt").is_file()
     assert (checkpoint / "adapter_config.json").is_file()  # every checkpoint is a usable adapter
     assert not (output / "adapter_config.json").exists()  # the final adapter only when finished
+
+
+def test_validation_shows_more_samples_than_the_batch_size(
+    trained: Trained, tmp_path: Path, one_thread: None
+) -> None:
+    """The documented defaults (batch 1, three samples) with several held-out images: the samples
+    are generated a batch at a time, not all at once against a one-row prompt."""
+    shown = io.StringIO()
+    options = TrainOptions(
+        dataset=trained.data, output=tmp_path / "run", model=str(trained.model), cache_dir=trained.cache,
+        max_steps=1, val_split=3.0, max_caption_tokens=8, log_with="none", device="cpu",
+    )  # fmt: skip
+    result = run_training(options, stream=shown)
+    assert result.finished
+    assert shown.getvalue().count("target: photo") == 3, shown.getvalue()

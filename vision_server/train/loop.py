@@ -374,14 +374,18 @@ class _Trainer:
             self.model.train()
 
     def generate(self, examples: list[Example]) -> list[str]:
-        """Greedy captions from the model as it is now (validation samples)."""
-        inputs = self._inputs(examples)
+        """Greedy captions from the model as it is now (validation samples), ``--batch-size`` at
+        a time: the prompt is built for that many rows, and more would not fit in memory anyway."""
+        size = self.options.batch_size
         device = self.precision.device
-        with torch.autocast(device.type, dtype=self.precision.dtype, enabled=self.precision.autocast):
-            sequences = self.model.generate(
-                **inputs, max_new_tokens=self.options.max_caption_tokens, num_beams=1, do_sample=False
-            )
-        texts = self.base.processor.batch_decode(sequences, skip_special_tokens=True)
+        texts: list[str] = []
+        for start in range(0, len(examples), size):
+            inputs = self._inputs(examples[start : start + size])
+            with torch.autocast(device.type, dtype=self.precision.dtype, enabled=self.precision.autocast):
+                sequences = self.model.generate(
+                    **inputs, max_new_tokens=self.options.max_caption_tokens, num_beams=1, do_sample=False
+                )
+            texts += self.base.processor.batch_decode(sequences, skip_special_tokens=True)
         return [text.strip() for text in texts]
 
     def _say(self, text: str, progress: Progress | None = None) -> None:
