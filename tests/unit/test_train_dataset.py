@@ -175,6 +175,36 @@ def test_the_command_prints_the_problems_and_exits_1_or_2(tmp_path: Path) -> Non
     assert result.exit_code == 2 and "--val-split" in result.output
 
 
+def test_a_failure_inside_training_is_not_reported_as_bad_usage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the user's mistakes are usage errors (exit 2, "Try --help"); a ValueError from deep in
+    the model is ours and surfaces as itself."""
+    from click.testing import CliRunner
+
+    from vision_server.cli import main
+    from vision_server.train import loop
+
+    def fail(*_args: object, **_kwargs: object) -> None:
+        raise ValueError("Image features and image tokens do not match")
+
+    monkeypatch.setattr(loop, "run_training", fail)
+    root = captioned_folder(tmp_path / "data", CAPTIONS[:1])
+    result = CliRunner().invoke(main, ["train", "--dataset", str(root), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 1 and "Usage:" not in result.output
+    assert isinstance(result.exception, ValueError) and "do not match" in str(result.exception)
+
+
+def test_the_help_names_every_value_plainly() -> None:
+    from click.testing import CliRunner
+
+    from vision_server.cli import main
+
+    text = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
+    assert "--val-split FRACTION|COUNT" in text and "--target-modules NAMES" in text
+    assert " _" not in text  # no helper function's name as a metavar
+
+
 def test_trackers_are_used_only_when_installed() -> None:
     import importlib.util
 

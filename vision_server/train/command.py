@@ -83,7 +83,7 @@ PARAMS: list[Callable[[Any], Any]] = [
                  help="LoRA alpha (the update is scaled by alpha/rank)."),
     click.option("--lora-dropout", type=click.FloatRange(0, 1, max_open=True), default=0.05,
                  show_default=True),
-    click.option("--target-modules", type=_targets, default=",".join(LANGUAGE_TARGETS), show_default=True,
+    click.option("--target-modules", type=_targets, metavar="NAMES", default=",".join(LANGUAGE_TARGETS), show_default=True,
                  help="Comma-separated linear layers of the language model to adapt."),
     click.option("--train-vision", is_flag=True, help="Also adapt the vision tower's linear layers."),
     click.option("--gradient-checkpointing", is_flag=True,
@@ -97,7 +97,7 @@ PARAMS: list[Callable[[Any], Any]] = [
                  "(a trigger word)."),
     click.option("--caption-dropout", type=click.FloatRange(0, 1), default=0.0, show_default=True,
                  help="Probability of dropping one part of a caption."),
-    click.option("--val-split", type=_val_split, default="0", show_default=True,
+    click.option("--val-split", type=_val_split, metavar="FRACTION|COUNT", default="0", show_default=True,
                  help="Images held out for validation: a fraction below 1 or a count."),
     click.option("--val-samples", type=click.IntRange(min=0), default=3, show_default=True,
                  help="Validation captions printed beside their targets after each epoch."),
@@ -138,7 +138,7 @@ def stop_on_signals() -> Iterator[list[int]]:
 
 
 def run_command(params: dict[str, Any]) -> int:
-    from vision_server.train.dataset import DatasetError
+    from vision_server.train.dataset import DatasetError, SplitError
     from vision_server.train.loop import run_training
     from vision_server.train.model import ModelError
     from vision_server.train.preflight import TrainError
@@ -148,12 +148,9 @@ def run_command(params: dict[str, Any]) -> int:
     with stop_on_signals() as received:
         try:
             result = run_training(options, should_stop=lambda: bool(received))
-        except (TrainError, LoggerUnavailable, ValueError) as exc:
-            if isinstance(exc, DatasetError):
-                click.echo(f"Error: {exc}", err=True)
-                return 1
+        except (TrainError, LoggerUnavailable, SplitError) as exc:
             raise click.UsageError(str(exc)) from None
-        except ModelError as exc:
+        except (DatasetError, ModelError) as exc:
             click.echo(f"Error: {exc}", err=True)
             return 1
     if not result.finished:

@@ -75,6 +75,10 @@ class DatasetError(ValueError):
         super().__init__(text)
 
 
+class SplitError(ValueError):
+    """``--val-split`` holds out every image: a usage error, not a dataset problem."""
+
+
 NO_CAPTION = "images without captions"
 NO_IMAGE = "captions without images"
 UNREADABLE = "unreadable images"
@@ -119,7 +123,7 @@ def split(examples: list[Example], val_split: float, seed: int) -> tuple[list[Ex
         return examples, []
     count = int(val_split) if val_split >= 1 else max(1, round(len(examples) * val_split))
     if count >= len(examples):
-        raise ValueError(
+        raise SplitError(
             f"--val-split {val_split:g} leaves no training images (the dataset has {len(examples)})"
         )
     order = list(range(len(examples)))
