@@ -63,6 +63,18 @@ async def test_access_log_and_rate_limit_see_the_forwarded_client(
         assert all(r.via is None and "via=" not in r.getMessage() for r in lines)  # type: ignore[attr-defined]
 
 
+async def test_an_ipv6_client_is_rate_limited_by_its_64(tmp_path: Path) -> None:
+    """A client given a /64 (every IPv6 home line and host) used to take a fresh bucket per
+    request by changing its address; its neighbours in other /64s keep their own."""
+    settings = Settings(cache_dir=tmp_path, rate_limit=2, trusted_proxies=LOCAL_PROXY)
+    statuses = []
+    async with client_for(settings, FakeCaptioner()) as session:
+        for address in ("2001:db8::1", "2001:db8::2", "2001:db8::ffff:3", "2001:db8:0:1::1"):
+            async with session.get("/prompts", headers=forwarded(address)) as r:
+                statuses.append(r.status)
+    assert statuses == [200, 200, 429, 200]
+
+
 async def test_untrusted_peer_and_garbage_headers_are_ignored_not_errors(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -3,12 +3,15 @@
 Off by default. The client is ``request.remote``: behind a reverse proxy that is the proxy's
 address, shared by all its clients, unless the proxy is named with ``--trusted-proxy``; then it is
 the client the proxy names in ``X-Forwarded-For`` (:mod:`vision_server.api.proxies`), so each
-client gets its own bucket. Limiting at the proxy (HAProxy's ``http-request deny`` with a stick
+client gets its own bucket. An IPv6 client is counted by its /64 network (:func:`bucket_of`):
+one host or home line is handed a whole /64 and may send from any address in it, so counting
+single addresses let it take a fresh bucket per request, and push everyone else's buckets out. Limiting at the proxy (HAProxy's ``http-request deny`` with a stick
 table) works too, and spares the daemons the refused requests.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import time
 from collections import OrderedDict
@@ -22,6 +25,20 @@ from vision_server.api.state import METRICS
 from vision_server.errors import RateLimited
 
 MAX_CLIENTS = 10_000
+IPV6_PREFIX = 64  # what one subscriber or host is given (RFC 6177), so what one client controls
+
+
+def bucket_of(client: str | None) -> str:
+    """The bucket a client address counts against: IPv4 addresses one each, IPv6 by /64."""
+    if not client:
+        return "-"
+    try:
+        address = ipaddress.ip_address(client.split("%", 1)[0])
+    except ValueError:
+        return client  # not an address (a Unix socket peer): itself
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+        return str(ipaddress.IPv6Network((address, IPV6_PREFIX), strict=False))
+    return client
 
 
 class RateLimiter:
@@ -76,7 +93,7 @@ async def rate_limit_middleware(request: web.Request, handler: Handler) -> web.S
     if request.method == "OPTIONS" or route_name(request) in PROBE_ROUTES:
         return await handler(request)
     limiter = request.app[RATE_LIMITER]
-    wait = limiter.acquire(request.remote or "-")
+    wait = limiter.acquire(bucket_of(request.remote))
     if wait > 0:
         request.app[METRICS].request_rejected("rate_limited")
         seconds = math.ceil(wait)
