@@ -5,8 +5,9 @@ address, shared by all its clients, unless the proxy is named with ``--trusted-p
 the client the proxy names in ``X-Forwarded-For`` (:mod:`vision_server.api.proxies`), so each
 client gets its own bucket. An IPv6 client is counted by its /64 network (:func:`bucket_of`):
 one host or home line is handed a whole /64 and may send from any address in it, so counting
-single addresses let it take a fresh bucket per request, and push everyone else's buckets out. Limiting at the proxy (HAProxy's ``http-request deny`` with a stick
-table) works too, and spares the daemons the refused requests.
+single addresses let it take a fresh bucket per request, and push everyone else's buckets out.
+Limiting at the proxy (HAProxy's ``http-request deny`` with a stick table) works too, and spares
+the daemons the refused requests.
 """
 
 from __future__ import annotations
