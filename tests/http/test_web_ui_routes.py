@@ -199,6 +199,26 @@ async def test_thumbnails_are_made_and_cached(session: ClientSession, tmp_path: 
         assert response.status == 200 and (await response.read())[:4] == b"\x89PNG"
 
 
+async def test_a_caption_file_that_cannot_be_written_is_named(
+    session: ClientSession, data: GalleryData
+) -> None:
+    """A folder where the caption file belongs (a read-only dataset, no permission fail alike)
+    used to be a bare 'internal server error'; now the reply names the file and the reason."""
+    (data.root / "img03.txt").mkdir()
+    body = {"path": "img03.png", "source": ".txt", "text": "new caption"}
+    async with session.post("/ui/api/gallery/save", json=body) as response:
+        error = (await response.json())["error"]
+    assert response.status == 500 and error["code"] == "caption_file_unwritable"
+    assert "caption file img03.txt of img03.png" in error["message"], error
+    recaption = {"paths": ["img03.png", "img04.png"], "task": "caption", "save": True}
+    async with session.post("/ui/api/gallery/recaption", json=recaption) as response:
+        assert response.status == 200, await response.text()
+        results = {r["path"]: r for r in (await response.json())["results"]}
+    assert "img03.txt" in results["img03.png"]["error"] and results["img03.png"]["caption"]
+    assert "error" not in results["img04.png"]  # the others are saved as before
+    assert (data.root / "img04.txt").read_text(encoding="utf-8") == results["img04.png"]["caption"]
+
+
 async def test_dataset_files_are_never_sniffed_or_run(data: GalleryData, session: ClientSession) -> None:
     """A dataset file named like an image may hold anything (here HTML with a script): served
     from the page's own origin, it must never be taken for a document or run script."""

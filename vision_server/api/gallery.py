@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,7 +31,7 @@ from vision_server.captionfiles import one_line
 from vision_server.engine.jobs import Lane
 from vision_server.errors import BadRequest, Forbidden, VisionServerError
 from vision_server.gallery.catalog import Catalog, Entry, Query
-from vision_server.gallery.sidecars import MAX_SAVE_CHARS, PRIMARY, is_caption_suffix
+from vision_server.gallery.sidecars import MAX_SAVE_CHARS, PRIMARY, is_caption_suffix, sidecar_path
 from vision_server.gallery.thumbs import ThumbnailError, Thumbnails
 from vision_server.images import LOCAL_FILE
 from vision_server.settings import Settings, SettingsError
@@ -46,6 +47,16 @@ class SharedCaptionFile(VisionServerError):
     code = "shared_caption_file"
 
 
+class CaptionFileUnwritable(VisionServerError):
+    """A caption file the server could not write: a read-only dataset, no permission, a full
+    disk, a folder in its place. The server's trouble, not the request's, so a 500, but one that
+    names the file and the reason instead of pointing at a traceback."""
+
+    status = 500
+    code = "caption_file_unwritable"
+
+
+log = logging.getLogger("vision_server")
 MAX_PATHS = 1000  # images per re-caption or export request
 IN_FLIGHT = 8  # images one re-caption request has queued at a time
 THUMBNAILS_AT_ONCE = 2  # full-size decodes for thumbnails (a 64 MP PNG decodes to 192 MB)
@@ -84,6 +95,19 @@ class Gallery:
 
 
 GALLERY = web.AppKey("gallery", Gallery)
+
+
+async def write_caption(gallery: Gallery, entry: Entry, suffix: str, text: str) -> None:
+    """Save one caption file (atomically: on failure the old file is left as it was)."""
+    try:
+        await gallery.run(gallery.catalog.save, entry, suffix, text)
+    except OSError as exc:
+        target = sidecar_path(entry.path, suffix)
+        reason = exc.strerror or str(exc)
+        log.warning("gallery: cannot write the caption file %s: %s", target, reason)
+        raise CaptionFileUnwritable(
+            f"Cannot write the caption file {target.name} of {entry.key}: {reason}."
+        ) from None
 
 
 def gallery_from(settings: Settings) -> Gallery:
@@ -175,7 +199,7 @@ async def save(request: web.Request) -> web.Response:
         raise SharedCaptionFile(f"{entry.key} {shared}")
     # The user's own text is saved as typed, line breaks and all (see docs/web-ui.md): several
     # lines are how kohya-ss (enable_wildcard) and OneTrainer take alternative captions.
-    await gallery.run(gallery.catalog.save, entry, source, text)
+    await write_caption(gallery, entry, source, text)
     return web.json_response(await gallery.run(gallery.catalog.item, entry))
 
 
@@ -233,7 +257,10 @@ async def _recaption_one(
     label = task if len(request.app[ENGINE].model_names) == 1 else f"{model} {task}"
     gallery.catalog.remember(entry.key, label, text)
     if store:  # the model's caption on one line, as every dataset tool writes caption files
-        await gallery.run(gallery.catalog.save, entry, PRIMARY, one_line(text))
+        try:
+            await write_caption(gallery, entry, PRIMARY, one_line(text))
+        except CaptionFileUnwritable as exc:  # the caption is kept as a model source all the same
+            return {"path": entry.key, "task": task, "caption": text, "error": exc.message}
     return {"path": entry.key, "task": task, "caption": text}
 
 
