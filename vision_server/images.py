@@ -14,6 +14,7 @@ import asyncio
 import binascii
 import io
 import re
+import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
@@ -32,6 +33,7 @@ _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*
 BASE64_SLICE = 1 << 18  # characters decoded per C call (about 0.3 ms each)
 _WHITESPACE = b" \t\n\r\v\f"
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
+_ALPHABET = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/"
 # Only these Pillow plugins ever see client bytes: other formats (EPS shells out to Ghostscript,
 # DDS, PSD, ...) are refused before any of their code runs.
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
@@ -106,9 +108,28 @@ def decode_base64(text: str) -> bytes:
 
 def _b64decode(data: bytes) -> bytes:
     try:
-        return binascii.a2b_base64(data, strict_mode=True)
+        return _strict_a2b_base64(data)
     except (binascii.Error, ValueError) as exc:
         raise InvalidImage(f"not valid base64 ({exc})") from None
+
+
+if sys.version_info >= (3, 11):
+
+    def _strict_a2b_base64(data: bytes) -> bytes:
+        return binascii.a2b_base64(data, strict_mode=True)
+
+else:  # pragma: no cover - Python 3.10: no strict_mode, which would otherwise skip what it refuses
+
+    def _strict_a2b_base64(data: bytes) -> bytes:
+        """What ``strict_mode`` refuses, refused first: a byte outside the alphabet, padding
+        anywhere but at the end, or the wrong amount of it after an unfinished quartet."""
+        body = data.rstrip(b"=")
+        if body.translate(None, _ALPHABET):
+            raise binascii.Error("Only base64 data is allowed")
+        padding, missing = len(data) - len(body), -len(body) % 4
+        if padding and (not body or missing == 3 or (missing and padding != missing)):
+            raise binascii.Error("Misplaced or excess padding")
+        return binascii.a2b_base64(data)
 
 
 def open_image(data: bytes, *, max_pixels: int, source: ImageSource = SENT) -> Image.Image:

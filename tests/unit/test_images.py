@@ -52,7 +52,11 @@ def test_plain_base64_and_data_url_decode_to_the_same_bytes() -> None:
     assert decode_base64(base64.urlsafe_b64encode(raw).decode().rstrip("=")) == raw
 
 
-@pytest.mark.parametrize("bad", ["", "!!!not base64!!!", "data:image/png,rawdata"])
+@pytest.mark.parametrize(
+    "bad",
+    # the padding cases: at the start, in the middle, too much of it after an unfinished quartet
+    ["", "!!!not base64!!!", "data:image/png,rawdata", "=AAA", "QUI=QUJD", "QQ==QQ==", "Q==="],
+)
 def test_invalid_base64_is_a_clear_error(bad: str) -> None:
     with pytest.raises(InvalidImage, match=r"^Invalid image data: "):
         decode_base64(bad)

@@ -17,7 +17,7 @@ import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal
 
 from vision_server.bulk.listed_clashes import ListedClashes, find_clashes
 from vision_server.bulk.records import Record, safe_text
@@ -471,7 +471,7 @@ class _StrictTarInfo(tarfile.TarInfo):
     """
 
     @classmethod
-    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> Self:
+    def fromtarfile(cls, tarfile_: tarfile.TarFile) -> _StrictTarInfo:
         try:
             return super().fromtarfile(tarfile_)
         except _EOF_HEADER:
