@@ -18,11 +18,11 @@ import sys
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -30,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from vision_server.errors import Draining, InvalidImage, PayloadTooLarge
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?P<params>(;[^,;]*)*?);base64,", re.IGNORECASE)
+T = TypeVar("T")
 BASE64_SLICE = 1 << 18  # characters decoded per C call (about 0.3 ms each)
 _WHITESPACE = b" \t\n\r\v\f"
 _URLSAFE = bytes.maketrans(b"-_", b"+/")
@@ -374,12 +375,15 @@ class ImageDecoder:
         if self._closed:
             raise Draining("The server is shutting down; retry on another instance.", retry_after=5)
         future = (self._bulk_pool if bulk else self._pool).submit(func, arg, spec)
+        # Not asyncio.wrap_future: a job the pool drops would then cancel this task's await, and
+        # only Task.cancelling() (Python 3.11+) could tell that from the task being cancelled.
+        loop = asyncio.get_running_loop()
+        outcome: asyncio.Future[PreparedImage] = loop.create_future()
+        future.add_done_callback(partial(_hand_over, loop, outcome))
         try:
-            return await asyncio.wrap_future(future)
+            return await outcome
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self._closed and future.cancelled() and not (task and task.cancelling()):
-                raise Draining("The server shut down before this image was read.", retry_after=5) from None
+            future.cancel()  # nobody waits for this image any more: the pool may skip it
             raise
 
     def _prepare_text(self, text: str, spec: Callable[[], PixelSpec]) -> PreparedImage:
@@ -394,3 +398,20 @@ class ImageDecoder:
         self._closed = True
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._bulk_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _hand_over(loop: asyncio.AbstractEventLoop, outcome: asyncio.Future[T], done: Future[T]) -> None:
+    """Pass a pool job's end to the request awaiting it, on its loop (from any thread)."""
+    if not loop.is_closed():
+        loop.call_soon_threadsafe(_settle, outcome, done)
+
+
+def _settle(outcome: asyncio.Future[T], done: Future[T]) -> None:
+    if outcome.cancelled():  # the request was cancelled first
+        return
+    if done.cancelled():  # only the closing pool cancels a job nobody cancelled
+        outcome.set_exception(Draining("The server shut down before this image was read.", retry_after=5))
+    elif (error := done.exception()) is not None:
+        outcome.set_exception(error)
+    else:
+        outcome.set_result(done.result())

@@ -18,7 +18,7 @@ from PIL import Image
 
 from tests.support.images import dds_with_zeroed_pixel_format
 from vision_server import images
-from vision_server.errors import InvalidImage, PayloadTooLarge
+from vision_server.errors import Draining, InvalidImage, PayloadTooLarge
 from vision_server.images import (
     ALLOWED_FORMATS,
     LOCAL_FILE,
@@ -346,6 +346,38 @@ async def test_an_interactive_image_is_not_decoded_behind_a_folder_runs(
     finally:
         gate.set()
         decoder.close()
+
+
+async def test_a_closing_pool_answers_503_but_a_cancelled_wait_stays_cancelled(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The pool drops its queued jobs at shutdown: their requests get 503, except one whose task
+    was cancelled first (the client left), which must end cancelled, not with an answer."""
+    started, gate = threading.Event(), threading.Event()
+    real_fit = images.fit_image
+
+    def held(image: Image.Image, spec: PixelSpec) -> PreparedImage:
+        started.set()
+        assert gate.wait(30), "the test never let the first decode go"
+        return real_fit(image, spec)
+
+    monkeypatch.setattr(images, "fit_image", held)
+    decoder = ImageDecoder(max_pixels=LIMIT, spec=lambda: SPEC, threads=1)
+    data = encode(Image.new("RGB", (64, 48), "green"))
+    try:
+        running = asyncio.ensure_future(decoder.from_bytes(data))
+        assert await asyncio.to_thread(started.wait, 30)
+        dropped, left = (asyncio.ensure_future(decoder.from_bytes(data)) for _ in range(2))
+        await asyncio.sleep(0)  # both are queued on the pool
+        left.cancel()
+        decoder.close()  # in the same loop step as the cancel: both end their waits at once
+    finally:
+        gate.set()
+    assert (await running).original_size == (64, 48)
+    with pytest.raises(Draining, match="shut down before this image was read"):
+        await dropped
+    with pytest.raises(asyncio.CancelledError):
+        await left
 
 
 async def test_each_call_may_fit_its_image_to_its_own_models_size() -> None:
