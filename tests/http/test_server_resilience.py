@@ -23,7 +23,7 @@ from tests.conftest import StartEngine
 from tests.support.images import dds_with_zeroed_pixel_format
 from tests.support.serving import running_app
 from vision_server import images
-from vision_server.api.state import DECODER, ENGINE
+from vision_server.api.state import DECODER, ENGINE, UPLOADS
 from vision_server.captioner import Caption, CaptionItem
 from vision_server.engine.lifecycle import ModelState
 from vision_server.errors import Draining
@@ -208,6 +208,47 @@ async def test_requests_in_the_decode_pool_during_a_drain_get_503(
         for task in (decoding, waiting):
             status, headers, body = await task
             assert status == 503 and headers.get("Retry-After") == "5", body
+
+
+# --- a drain cuts the request bodies still arriving short with a 503 ---------------------
+
+ARRIVING_BODIES = [  # (path, content type, the first bytes of a 100000-byte body)
+    ("/process_image", b"application/json", b'{"image": "iVBORw0KGgo'),
+    ("/v1/chat/completions", b"application/json", b'{"messages": [{"role": "user", "content": ['),
+    ("/caption", b"multipart/form-data; boundary=XyZ", b"--XyZ\r\n"),
+]
+
+
+async def test_a_drain_answers_the_bodies_still_arriving_503_at_once(tmp_path: Path) -> None:
+    """Slow uploads would hold their connections until --body-timeout (an hour here); their jobs
+    would be refused by the draining engine anyway. A body that starts after the cut is refused."""
+    settings = Settings(cache_dir=tmp_path, idle_timeout=-1, body_timeout=3600)
+    async with running_app(settings, FakeCaptioner()) as (app, url):
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        connections = []
+        for path, content_type, start in ARRIVING_BODIES:
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(
+                f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: ".encode()
+                + content_type
+                + b"\r\nContent-Length: 100000\r\n\r\n"
+                + start
+            )
+            await writer.drain()
+            connections.append((path, reader, writer))
+        await until(lambda: len(app[UPLOADS]) == len(ARRIVING_BODIES), timeout=30)
+        assert app[UPLOADS].cut_short() == len(ARRIVING_BODIES)  # what both drains call first
+        for path, reader, writer in connections:  # read by length: aiohttp lingers ~10 s before EOF
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 30)
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = await reader.readexactly(length)
+            writer.close()
+            assert head.startswith(b"HTTP/1.1 503") and b"Retry-After: 5" in head, (path, head)
+            assert b"shutting down" in body, (path, body)
+        assert len(app[UPLOADS]) == 0
+        async with ClientSession(url) as session:
+            status, headers, body = await post(session, "/process_image", native(1))
+        assert status == 503 and headers.get("Retry-After") == "5" and "shutting down" in body["detail"]
 
 
 # --- formats outside the documented list are a 400 that names them -----------------------

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from vision_server.api.deadlines import deadline
 from vision_server.api.errors import MissingField
 from vision_server.api.state import SETTINGS, UPLOADS
 from vision_server.errors import BadRequest, BodyTimeout, Draining
@@ -40,11 +41,9 @@ async def within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
         close_unread(reading)
         raise draining()
     try:
-        if sys.version_info >= (3, 11):  # in this task: no second task holding the body's frames
-            async with asyncio.timeout(seconds) as deadline:
-                with uploads.open(deadline):
-                    return await reading
-        return await asyncio.wait_for(reading, seconds)
+        async with deadline(seconds) as moving:  # in this task: no second task holding the body's frames
+            with uploads.open(moving):
+                return await reading
     except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11 on
         if uploads.cut:
             raise draining() from None

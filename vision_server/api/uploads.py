@@ -11,16 +11,18 @@ import asyncio
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from vision_server.api.deadlines import Deadline
+
 
 class Uploads:
-    """The deadlines of the body reads in progress (each an ``asyncio.timeout``)."""
+    """The deadlines of the body reads in progress (each a :func:`~vision_server.api.deadlines.deadline`)."""
 
     def __init__(self) -> None:
-        self._deadlines: set[asyncio.Timeout] = set()
+        self._deadlines: set[Deadline] = set()
         self.cut = False
 
     @contextmanager
-    def open(self, deadline: asyncio.Timeout) -> Iterator[None]:
+    def open(self, deadline: Deadline) -> Iterator[None]:
         """Count one body read for as long as it lasts."""
         self._deadlines.add(deadline)
         try:
@@ -33,7 +35,8 @@ class Uploads:
         self.cut = True
         now = asyncio.get_running_loop().time()
         for deadline in self._deadlines:
-            deadline.reschedule(now)
+            if not deadline.expired():  # one that just ran out ends as a timeout, cut all the same
+                deadline.reschedule(now)
         return len(self._deadlines)
 
     def __len__(self) -> int:
