@@ -124,7 +124,8 @@ def options(tmp_path: Path, **changes: object) -> TrainOptions:
     dataset = tmp_path / "data"
     if not dataset.exists():
         captioned_folder(dataset)
-    return TrainOptions(dataset=dataset, output=tmp_path / "out", cache_dir=tmp_path / "cache", **changes)  # type: ignore[arg-type]
+    settings = {"output": tmp_path / "out", "cache_dir": tmp_path / "cache", **changes}
+    return TrainOptions(dataset=dataset, **settings)  # type: ignore[arg-type]
 
 
 def test_an_existing_output_needs_overwrite_and_must_be_a_training_run(tmp_path: Path) -> None:
@@ -135,6 +136,29 @@ def test_an_existing_output_needs_overwrite_and_must_be_a_training_run(tmp_path:
     with pytest.raises(TrainError, match="not a training run's"):
         run_training(options(tmp_path, overwrite=True))
     assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_an_output_that_cannot_be_written_is_found_before_the_model_loads(tmp_path: Path) -> None:
+    """Checked before the (hub) model is fetched; the check leaves nothing behind."""
+    (tmp_path / "afile").write_text("mine")
+    with pytest.raises(TrainError, match=r"--output .*afile/sub/out: .*afile is a file, not a folder"):
+        run_training(options(tmp_path, output=tmp_path / "afile" / "sub" / "out"))
+    with pytest.raises(TrainError, match=r"--output /proc/vs-out: cannot write there \(No such file"):
+        run_training(options(tmp_path, output=Path("/proc/vs-out")))
+    with pytest.raises(ModelError, match="--precision"):  # past the output check: nothing left there
+        run_training(options(tmp_path, output=tmp_path / "new" / "out", device="cpu", precision="bf16"))
+    assert not (tmp_path / "new").exists()
+
+
+def test_the_task_is_the_token_the_server_asks_for(tmp_path: Path) -> None:
+    from vision_server.train.preflight import canonical_task
+
+    assert canonical_task("more_detailed_caption", "test:tiny") == "<MORE_DETAILED_CAPTION>"
+    assert canonical_task("<mix_caption>", "test:tiny") == "<MIXED_CAPTION>"
+    with pytest.raises(TrainError, match=r"--task 'NONSENSE' is no task of this model; use one of <GEN"):
+        run_training(options(tmp_path, task="NONSENSE"))
+    with pytest.raises(TrainError, match=r"'<GENERATE_TAGS>' is no task .* <CAPTION>, <DETAILED_CAPTION>"):
+        canonical_task("<GENERATE_TAGS>", "microsoft/Florence-2-large")
 
 
 def test_a_model_that_cannot_be_loaded_is_named(tmp_path: Path) -> None:

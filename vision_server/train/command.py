@@ -59,7 +59,8 @@ PARAMS: list[Callable[[Any], Any]] = [
                  show_default=True, help="auto: bf16 on GPUs that support it, else fp16 with a grad "
                  "scaler; fp32 on the CPU."),
     click.option("--task", default=DEFAULT_TASK, show_default=True,
-                 help="The prompt the adapter learns to answer."),
+                 help="The prompt the adapter learns to answer: one of the model's tasks "
+                 "(more_detailed_caption is the same)."),
     click.option("--caption-ext", default="txt", show_default=True, help="Extension of the caption files."),
     click.option("--image-column",
                  help="Parquet dataset: the column of images (Image structs, bytes or paths), as for "

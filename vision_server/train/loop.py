@@ -8,6 +8,7 @@ state is saved with every checkpoint, so a resumed run repeats the uninterrupted
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import math
 import sys
@@ -34,6 +35,7 @@ from vision_server.train.dataset import MAX_PIXELS, Example, load_dataset, split
 from vision_server.train.model import BaseModel, Precision, add_lora, load_base, pick_precision
 from vision_server.train.options import TrainOptions
 from vision_server.train.preflight import (
+    canonical_task,
     check_optimizer,
     check_output,
     check_resumable,
@@ -75,6 +77,7 @@ def run_training(
     options: TrainOptions, *, should_stop: Callable[[], bool] = lambda: False, stream: IO[str] | None = None
 ) -> TrainResult:
     """Train as ``options`` say; stop early (with a checkpoint) once ``should_stop()`` is true."""
+    options = dataclasses.replace(options, task=canonical_task(options.task, options.model))
     examples = load_dataset(
         options.dataset, caption_ext=options.caption_ext, task=options.task, image_column=options.image_column
     )

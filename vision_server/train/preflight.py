@@ -1,5 +1,5 @@
 """What a training run checks before the model loads, so a mistake the user can fix is
-reported in seconds: the output folder (may it be written; which checkpoint to resume from),
+reported in seconds: the task, the output folder (may it be written; which checkpoint to resume from),
 that a resume continues the same run, and that the chosen optimizer is installed; and the
 clearing of an earlier run's folder that ``--overwrite`` allows."""
 
@@ -8,6 +8,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from vision_server.errors import InvalidTask
+from vision_server.florence.prompts import tasks_for_model
+from vision_server.tasks import normalize_task
 from vision_server.train.checkpoint import CHECKPOINTS, ResumeState, find_checkpoint
 from vision_server.train.dataset import Example
 from vision_server.train.metadata import METADATA_FILE
@@ -35,8 +38,49 @@ def check_resumable(
         )
 
 
+def canonical_task(task: str, model: str) -> str:
+    """The token the server asks the model for (``more_detailed_caption`` is
+    ``<MORE_DETAILED_CAPTION>``): an adapter trained on any other prompt would never be asked."""
+    valid = tasks_for_model(model)
+    try:
+        return normalize_task(task, valid)
+    except InvalidTask:
+        raise TrainError(f"--task {task!r} is no task of this model; use one of {', '.join(valid)}") from None
+
+
 def check_output(options: TrainOptions) -> Path | None:
     """The checkpoint to resume from (if any), after checking the output folder may be written."""
+    checkpoint = _checkpoint_to_resume(options)
+    _check_writable(options.output)
+    return checkpoint
+
+
+def _check_writable(output: Path) -> None:
+    """Create the folder and a file in it, then remove what this check created: a folder that
+    cannot be written is found now, not after the model has loaded."""
+    made = []
+    existing = output
+    while not existing.exists() and existing != existing.parent:
+        made.append(existing)
+        existing = existing.parent
+    if not existing.is_dir():
+        raise TrainError(f"--output {output}: {existing} is a file, not a folder")
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+        probe = output / ".write-check"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise TrainError(f"--output {output}: cannot write there ({exc.strerror or exc})") from None
+    finally:
+        for folder in made:  # deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+
+
+def _checkpoint_to_resume(options: TrainOptions) -> Path | None:
     output = options.output
     checkpoint = None
     if options.resume is not None:
