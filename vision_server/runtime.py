@@ -68,8 +68,9 @@ def build_captioner(
     from vision_server.generic.families import FLORENCE, detect_backend
 
     spec = spec if spec is not None else settings.default_model_spec
-    if spec.adapter is not None and not Path(spec.adapter).expanduser().is_dir():
-        raise SettingsError(f"model {spec.name}: the adapter directory {spec.adapter} does not exist")
+    problem = adapter_problem(Path(spec.adapter).expanduser()) if spec.adapter is not None else None
+    if problem:
+        raise SettingsError(f"model {spec.name}: {problem}")
     backend: str | None = spec.backend
     if backend == "auto":
         backend = detect_backend(spec.source, revision=spec.revision)
@@ -85,3 +86,27 @@ def build_captioner(
     from vision_server.generic.captioner import GenericCaptioner
 
     return GenericCaptioner.from_settings(settings, backend, spec)
+
+
+def adapter_problem(directory: Path) -> str | None:
+    """Why ``directory`` is no PEFT adapter, found at start (the model loads only on first use).
+
+    A ``vision-server train`` output folder whose run was stopped has checkpoints but no adapter
+    yet: the message says how to finish it, or which checkpoint (itself an adapter) to use.
+    """
+    if not directory.exists():
+        return f"the adapter directory {directory} does not exist"
+    if not directory.is_dir():
+        return f"the adapter {directory} is a file; name the folder that holds adapter_config.json"
+    if not (directory / "adapter_config.json").is_file():
+        checkpoints = sorted(directory.glob("checkpoints/step-*/adapter_config.json"))
+        if checkpoints:
+            return (
+                f"{directory} is a training run that has not finished (no adapter yet): finish it with "
+                f"vision-server train ... --resume {directory}, or use its newest checkpoint "
+                f"{checkpoints[-1].parent}"
+            )
+        return f"the adapter directory {directory} has no adapter_config.json, so it is not a PEFT adapter"
+    if not any((directory / name).is_file() for name in ("adapter_model.safetensors", "adapter_model.bin")):
+        return f"the adapter directory {directory} has no adapter_model.safetensors or adapter_model.bin"
+    return None

@@ -193,6 +193,46 @@ def test_bad_revisions_and_backends_name_the_setting(
         load_settings({"model": ("a=test:tiny", "b=./x"), **flags}, environ={}, config_path=_empty(tmp_path))
 
 
+# --- adapters checked at start ----------------------------------------------------------------
+
+
+def test_a_folder_that_is_no_adapter_stops_the_start(tmp_path: Path) -> None:
+    """The model loads on first use, so what would fail then is named at start; a stopped
+    ``vision-server train`` run gets told how to finish it or which checkpoint to use."""
+    from vision_server.runtime import adapter_problem, build_captioner
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "adapter_config.json").write_text("{}")
+    for step in (14, 36):
+        checkpoint = tmp_path / "stopped" / "checkpoints" / f"step-{step:08d}"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "adapter_config.json").write_text("{}")
+        (checkpoint / "adapter_model.safetensors").write_bytes(b"")
+    ready = tmp_path / "stopped" / "checkpoints" / "step-00000036"
+    assert adapter_problem(ready) is None
+    assert (
+        adapter_problem(tmp_path / "missing")
+        == f"the adapter directory {tmp_path / 'missing'} does not exist"
+    )
+    assert f"{tmp_path / 'a-file'} is a file; name the folder" in str(adapter_problem(tmp_path / "a-file"))
+    assert "has no adapter_config.json, so it is not a PEFT adapter" in str(
+        adapter_problem(tmp_path / "empty")
+    )
+    assert "has no adapter_model.safetensors" in str(adapter_problem(tmp_path / "config-only"))
+    settings = load_settings(
+        {"model": (f"styled=test:tiny+{tmp_path / 'stopped'}",)}, environ={}, config_path=_empty(tmp_path)
+    )
+    with pytest.raises(SettingsError) as caught:
+        build_captioner(settings)
+    assert str(caught.value) == (
+        f"model styled: {tmp_path / 'stopped'} is a training run that has not finished (no adapter yet): "
+        f"finish it with vision-server train ... --resume {tmp_path / 'stopped'}, or use its newest "
+        f"checkpoint {ready}"
+    )
+
+
 # --- memory sizes ----------------------------------------------------------------------------
 
 
