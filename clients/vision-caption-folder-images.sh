@@ -204,12 +204,13 @@ export VISION_CLIENT_ID=${VISION_CLIENT_ID:-folder-$$}
 # ---------------------------------------------------------------------------------------------
 # Run state, temporary files and signals
 
-main_pid=$$
 tmpd=""
 declare -a todo=() todo_cap=() temp_ids=()
 declare -A running=() # index -> worker pid
 next=0
 interrupted=-1 # -1: not interrupted; else the number of images in flight when it was
+collecting=0     # 1 while collect counts a finished image: a signal waits for it to end
+deferred_signal=0 # the exit status of a signal that came meanwhile
 declare -a failed=() # "image<TAB>reason" lines for the summary
 total_found=0
 skipped=0
@@ -237,6 +238,16 @@ random_hex16() {
     printf '%s' "$hex"
 }
 
+# new_temp_id INDEX: draw image INDEX's random part, without a subshell when bash has $SRANDOM
+# (5.1+; see show_into).
+new_temp_id() {
+    if [[ -n ${SRANDOM:-} ]]; then
+        printf -v "temp_ids[$1]" '%08x%08x' "$SRANDOM" "$SRANDOM"
+    else
+        temp_ids[$1]=$(random_hex16)
+    fi
+}
+
 # temp_caption INDEX: the hidden temporary file that becomes the caption of image INDEX (its
 # random part is drawn in the main shell when the image starts, so cleanup knows it too).
 temp_caption() {
@@ -244,21 +255,28 @@ temp_caption() {
     printf '%s/.vision-caption.%s.tmp' "${cap%/*}" "${temp_ids[$1]}"
 }
 
-# shellcheck disable=SC2317  # called by traps
-cleanup() {
+# stop_workers: stop every background job and wait for it, also one that a signal caught before
+# its pid was recorded; each worker stops its own vision-client.sh, which stops its curl and
+# removes its files.
+# shellcheck disable=SC2317,SC2329  # called by traps
+stop_workers() {
     # A trap can run inside "IFS= read ...", whose empty IFS would keep $pids from splitting.
-    local idx pids IFS=$' \t\n'
+    local pids IFS=$' \t\n'
+    pids=$(jobs -p)
+    # shellcheck disable=SC2086  # one pid per word
+    if [[ -n $pids ]]; then kill -TERM $pids 2>/dev/null || true; fi
+    wait 2>/dev/null || true
+}
+
+# shellcheck disable=SC2317,SC2329  # called by traps
+cleanup() {
+    local idx
     local -a temps=()
     trap '' HUP INT TERM # a second signal (Ctrl+C twice, or a process group) must not cut this short
     for idx in "${!running[@]}"; do
         temps+=("$(temp_caption "$idx")")
     done
-    # Every background job, also one that a signal caught before its pid was recorded; each
-    # worker stops its own vision-client.sh, which stops its curl and removes its files.
-    pids=$(jobs -p)
-    # shellcheck disable=SC2086  # one pid per word
-    if [[ -n $pids ]]; then kill -TERM $pids 2>/dev/null || true; fi
-    wait 2>/dev/null || true
+    stop_workers
     # Belt and braces: the workers remove their temporary captions themselves when stopped.
     if ((${#temps[@]})); then rm -f -- "${temps[@]}"; fi
     running=()
@@ -266,12 +284,26 @@ cleanup() {
     tmpd=""
 }
 
-# shellcheck disable=SC2317  # called by traps
+# shellcheck disable=SC2317,SC2329  # called by traps
 on_signal() {
+    if ((collecting)); then # half-way through counting an image: finish that first (collect)
+        deferred_signal=$1
+        return 0
+    fi
     trap '' HUP INT TERM
-    interrupted=${#running[@]}
+    deferred_signal=0
     if [[ -t 2 ]] && ((!quiet)); then printf '\r\033[K' >&2; fi
     say "interrupted; stopping the running requests"
+    stop_workers
+    # A worker may have finished after the last one this shell counted: its caption renamed into
+    # place and its result written (a worker stopped right after the rename writes it then too).
+    # Count those now, so "captioned" is every caption file this run put on disk, and only the
+    # images without a new caption are left as interrupted.
+    local idx
+    for idx in "${!running[@]}"; do
+        if [[ -n $tmpd && -f $tmpd/res.$idx ]]; then collect "$idx"; fi
+    done
+    interrupted=${#running[@]}
     cleanup
     if declare -F report >/dev/null; then report; fi
     exit "$1"
@@ -439,47 +471,64 @@ total=${#todo[@]}
 # ---------------------------------------------------------------------------------------------
 # Output helpers
 
-# show PATH: the path relative to the folder, with control characters made visible.
+# The helpers the main loop calls for every image store their text in a variable (printf -v)
+# instead of printing it for a $(...): bash 5.2 can hang, or fail with "unexpected EOF while
+# looking for matching `)'", when Ctrl+C reaches it while it waits for a command substitution,
+# and the summary of an interrupted run must still come.
+
+# show_into VAR PATH: the path relative to the folder, with control characters made visible.
+# (The *_into helpers' locals start with "_", so that a caller's VAR is never one of them.)
+show_into() {
+    local _p=${2#"$folder"/}
+    _p=${_p//$'\n'/\\n}
+    _p=${_p//$'\r'/\\r}
+    _p=${_p//$'\t'/\\t}
+    printf -v "$1" '%s' "$_p"
+}
+
+# show PATH: show_into for a $(...), where no signal is expected.
 show() {
-    local p=${1#"$folder"/}
-    p=${p//$'\n'/\\n}
-    p=${p//$'\r'/\\r}
-    p=${p//$'\t'/\\t}
+    local p
+    show_into p "$1"
     printf '%s' "$p"
 }
 
-now_us() {
-    local t=${EPOCHREALTIME:-}
-    if [[ -n $t ]]; then
-        t=${t//[.,]/}
-        printf '%s' "$((10#$t))"
+# now_us_into VAR: the time in microseconds.
+now_us_into() {
+    local _t=${EPOCHREALTIME:-}
+    if [[ -n $_t ]]; then
+        _t=${_t//[.,]/}
+        printf -v "$1" '%s' "$((10#$_t))"
     else
-        printf '%s' "$(($(date +%s) * 1000000))"
+        printf -v _t '%(%s)T' -1
+        printf -v "$1" '%s' "$((_t * 1000000))"
     fi
 }
 
-fmt_duration() {
-    local s=$1
-    if ((s >= 3600)); then
-        printf '%d:%02d:%02d' $((s / 3600)) $((s % 3600 / 60)) $((s % 60))
+# fmt_duration_into VAR SECONDS: "m:ss" or "h:mm:ss".
+fmt_duration_into() {
+    local _s=$2
+    if ((_s >= 3600)); then
+        printf -v "$1" '%d:%02d:%02d' $((_s / 3600)) $((_s % 3600 / 60)) $((_s % 60))
     else
-        printf '%d:%02d' $((s / 60)) $((s % 60))
+        printf -v "$1" '%d:%02d' $((_s / 60)) $((_s % 60))
     fi
 }
 
-start_us=$(now_us)
+now_us_into start_us
 
-# rate_eta: "2.5 img/s, ETA 1:02" for the images finished so far.
-rate_eta() {
-    local done_n=$((n_ok + n_failed + n_aborted)) elapsed rate10 eta
-    elapsed=$(($(now_us) - start_us))
-    ((elapsed > 0)) || elapsed=1
-    rate10=$((done_n * 10000000 / elapsed))
-    if ((done_n > 0)); then
-        eta=$(((total - done_n) * elapsed / done_n / 1000000))
-        printf '%d.%d img/s, ETA %s' $((rate10 / 10)) $((rate10 % 10)) "$(fmt_duration "$eta")"
+# rate_eta_into VAR: "2.5 img/s, ETA 1:02" for the images finished so far.
+rate_eta_into() {
+    local _done=$((n_ok + n_failed + n_aborted)) _now _elapsed _rate10 _eta
+    now_us_into _now
+    _elapsed=$((_now - start_us))
+    ((_elapsed > 0)) || _elapsed=1
+    _rate10=$((_done * 10000000 / _elapsed))
+    if ((_done > 0)); then
+        fmt_duration_into _eta $(((total - _done) * _elapsed / _done / 1000000))
+        printf -v "$1" '%d.%d img/s, ETA %s' $((_rate10 / 10)) $((_rate10 % 10)) "$_eta"
     else
-        printf '0.0 img/s, ETA ?'
+        printf -v "$1" '0.0 img/s, ETA ?'
     fi
 }
 
@@ -488,38 +537,46 @@ if [[ -t 2 ]] && ((!quiet)); then tty_progress=1; fi
 
 progress_line() {
     ((tty_progress)) || return 0
-    local extra=""
+    local extra="" rate
     ((n_failed == 0)) || extra=", $n_failed failed"
-    printf '\r\033[K[%d/%d] %s%s' $((n_ok + n_failed + n_aborted)) "$total" "$(rate_eta)" "$extra" >&2
+    rate_eta_into rate
+    printf '\r\033[K[%d/%d] %s%s' $((n_ok + n_failed + n_aborted)) "$total" "$rate" "$extra" >&2
 }
 
 # note_result STATUS IMAGE [REASON]: print one finished image.
 note_result() {
-    local status=$1 img=$2 reason=${3:-} count
+    local status=$1 img=$2 reason=${3:-} count shown rate
     count="[$((n_ok + n_failed + n_aborted))/$total]"
+    show_into shown "$img"
     if ((tty_progress)); then
         if [[ $status != ok ]]; then
-            printf '\r\033[KFAILED %s: %s\n' "$(show "$img")" "$reason" >&2
+            printf '\r\033[KFAILED %s: %s\n' "$shown" "$reason" >&2
         fi
         progress_line
     elif [[ $status != ok ]]; then
-        printf '%s FAILED %s: %s (%s)\n' "$count" "$(show "$img")" "$reason" "$(rate_eta)" >&2
+        rate_eta_into rate
+        printf '%s FAILED %s: %s (%s)\n' "$count" "$shown" "$reason" "$rate" >&2
     elif ((!quiet)); then
-        printf '%s ok %s (%s)\n' "$count" "$(show "$img")" "$(rate_eta)" >&2
+        rate_eta_into rate
+        printf '%s ok %s (%s)\n' "$count" "$shown" "$rate" >&2
     fi
 }
 
 report() {
-    local elapsed line not_started=$((total - next + n_aborted + ${#retry_q[@]}))
+    local elapsed now took line not_started=$((total - next + n_aborted + ${#retry_q[@]}))
     elapsed=0
-    if ((start_us > 0)); then elapsed=$((($(now_us) - start_us) / 1000000)); fi
+    if ((start_us > 0)); then
+        now_us_into now
+        elapsed=$(((now - start_us) / 1000000))
+    fi
+    fmt_duration_into took "$elapsed"
     if ((tty_progress)); then printf '\r\033[K' >&2; fi
     {
         printf '%s: %d image(s) found: %d captioned, %d skipped (caption exists), %d failed' \
             "$PROG" "$total_found" "$n_ok" "$skipped" "${#failed[@]}"
         if ((interrupted > 0)); then printf ', %d interrupted' "$interrupted"; fi
         if ((not_started > 0)); then printf ', %d not attempted' "$not_started"; fi
-        printf ', in %s\n' "$(fmt_duration "$elapsed")"
+        printf ', in %s\n' "$took"
         if ((${#failed[@]})); then
             printf 'Failed images (no caption file was written for them):\n'
             for line in "${failed[@]}"; do
@@ -530,7 +587,8 @@ report() {
             printf 'Stopped early: %s\n' "$abort_reason"
         fi
         if ((interrupted >= 0)); then
-            printf 'Interrupted: the images that were being captioned have no new caption.\n'
+            printf 'Interrupted: %d image(s) not captioned yet (the ones in flight were dropped; nothing is half-written); run the same command again to resume.\n' \
+                $((interrupted + not_started))
         fi
     } >&2
 }
@@ -542,12 +600,12 @@ report() {
 caption_one() {
     set +e
     local idx=$1 img=${todo[$1]} cap=${todo_cap[$1]} tmp rc caption content old line reason
-    local out=$tmpd/out.$1 err=$tmpd/err.$1 res=$tmpd/res.$1 child=""
-    tmp=$(temp_caption "$idx")
+    local out=$tmpd/out.$1 err=$tmpd/err.$1 res=$tmpd/res.$1 child="" renaming=0
+    tmp=${todo_cap[idx]%/*}/.vision-caption.${temp_ids[idx]}.tmp # temp_caption, without a subshell
     # A worker is stopped by the main script (TERM) or by a signal to the whole process group,
     # Ctrl+C included (INT: background shells see it although their commands ignore it). It stops
     # its vision-client.sh, which removes its own temporary files, and its caption temp file.
-    # shellcheck disable=SC2317  # called by the trap
+    # shellcheck disable=SC2317,SC2329  # called by the trap
     on_term() {
         local pids IFS=$' \t\n'
         trap '' HUP INT TERM
@@ -555,6 +613,12 @@ caption_one() {
         # shellcheck disable=SC2086  # one pid per word
         if [[ -n $child$pids ]]; then kill -TERM $child $pids 2>/dev/null; fi
         wait 2>/dev/null
+        # Stopped right after renaming its caption into place (the rename is atomic: the
+        # temporary file is gone only once it happened): that caption is complete, so say so,
+        # and the summary counts it as the main script collects the results it finds.
+        if ((renaming)) && [[ ! -e $tmp && ! -e $res ]]; then
+            printf '%s\n' ok 0 "" >"$res"
+        fi
         rm -f -- "$tmp"
         exit 143
     }
@@ -585,7 +649,8 @@ caption_one() {
         esac
     fi
 
-    caption=$(<"$out")
+    caption=""
+    IFS= read -r -d '' caption <"$out" || true # no $(<...): see show_into
     caption=${caption//$'\r\n'/ }
     caption=${caption//[$'\r\n']/ }
     [[ -n ${caption//[[:space:]]/} ]] || finish fail 1 "the server returned an empty caption"
@@ -604,7 +669,9 @@ caption_one() {
         rm -f -- "$tmp"
         finish fail 1 "cannot write in $(show "${cap%/*}"): $(tail -n 1 "$err")"
     fi
+    renaming=1
     if ! mv -f -- "$tmp" "$cap" 2>"$err"; then
+        renaming=0
         rm -f -- "$tmp"
         finish fail 1 "cannot create the caption file: $(tail -n 1 "$err")"
     fi
@@ -622,8 +689,18 @@ fi
 mkfifo "$tmpd/done" || die 1 "cannot create a FIFO in $tmpd"
 exec {done_fd}<>"$tmpd/done"
 
-# collect INDEX: account for the finished worker INDEX.
+# collect INDEX: account for the finished worker INDEX. A signal meanwhile is handled after it,
+# so an image is never half counted (out of "running" but not yet among the results).
 collect() {
+    collecting=1
+    # "|| true" keeps set -e out of it: the signal also stops its rm, whose failure must not end
+    # the script before the deferred signal is handled.
+    account "$1" || true
+    collecting=0
+    if ((deferred_signal)); then on_signal "$deferred_signal"; fi
+}
+
+account() {
     local idx=$1 status rc reason img=${todo[$1]}
     unset 'running[$idx]'
     if [[ -f $tmpd/res.$idx ]]; then
@@ -634,7 +711,7 @@ collect() {
         } <"$tmpd/res.$idx"
     else
         status=fail rc=1 reason="the worker stopped unexpectedly"
-        rm -f -- "$(temp_caption "$idx")"
+        rm -f -- "$(temp_caption "$idx")" # rare (a worker killed from outside)
     fi
     rm -f -- "$tmpd/res.$idx" "$tmpd/out.$idx" "$tmpd/err.$idx"
     if [[ $status == ok ]]; then
@@ -727,7 +804,7 @@ while :; do
             idx=$next
             next=$((next + 1))
         fi
-        [[ -n ${temp_ids[$idx]:-} ]] || temp_ids[$idx]=$(random_hex16)
+        [[ -n ${temp_ids[$idx]:-} ]] || new_temp_id "$idx"
         caption_one "$idx" &
         running[$idx]=$!
     done

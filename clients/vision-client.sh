@@ -224,7 +224,7 @@ trim() {
 umask 077
 tmpd=""
 curl_pid=""
-# shellcheck disable=SC2317  # called by traps
+# shellcheck disable=SC2317,SC2329  # called by traps
 cleanup() {
     local pids IFS=$' \t\n' # the default, whatever the interrupted command had set
     trap '' HUP INT TERM # a second signal must not cut the cleanup short

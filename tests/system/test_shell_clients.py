@@ -615,6 +615,81 @@ def test_folder_interrupted(tmp_path: Path, tmpdir_env: Path) -> None:
     assert list(tmpdir_env.iterdir()) == []
 
 
+def pausing_mv(tmp_path: Path, destination: str, nth: int) -> tuple[dict[str, str], Path, Path]:
+    """A PATH whose ``mv`` is the real one, except that after its ``nth`` rename onto a name
+    matching ``destination`` (a shell pattern) it creates a "moved" file and waits (up to 30 s)
+    for a "release" file: a signal then lands at a known point of a folder run."""
+    shims = tmp_path / "pausing-mv"
+    shims.mkdir()
+    real_mv = shutil.which("mv")
+    assert real_mv
+    count, moved, release = shims / "count", tmp_path / "moved", tmp_path / "release"
+    (shims / "mv").write_text(
+        f"""#!/bin/sh
+"{real_mv}" "$@" || exit
+for last; do :; done
+case "${{last##*/}}" in {destination}) ;; *) exit 0 ;; esac
+n=$(( $(cat "{count}" 2>/dev/null || echo 0) + 1 ))
+echo "$n" >"{count}"
+[ "$n" -eq {nth} ] || exit 0
+: >"{moved}"
+i=0
+while [ ! -e "{release}" ] && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
+"""
+    )
+    (shims / "mv").chmod(0o755)
+    return {"PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}, moved, release
+
+
+@pytest.mark.parametrize(
+    "destination",
+    [
+        "*.txt",  # the worker is stopped after renaming its caption, before writing its result
+        "res.*",  # the worker wrote its result, the script had not read it yet
+    ],
+)
+def test_folder_ctrl_c_counts_every_caption_file_written(
+    tmp_path: Path, tmpdir_env: Path, destination: str
+) -> None:
+    """Ctrl+C (to the process group) just after the second image's caption file was renamed into
+    place, before the script counted it: the summary says 2 captioned, as the files on disk,
+    and only the two images without a new caption are "not captioned yet". (It said 1 captioned
+    and "the images that were being captioned have no new caption".)"""
+    root = tmp_path / "race"
+    images = make_tree(root, [f"img{i}.png" for i in range(4)])
+    path_env, moved, release = pausing_mv(tmp_path, destination, 2)
+    with StandIn() as stand_in:
+        proc = subprocess.Popen(
+            [str(FOLDER), "--url", stand_in.url, "--jobs", "1", "CAPTION", "txt", str(root)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=base_env(tmpdir_env, **path_env),
+            start_new_session=True,  # a process group of its own, like a terminal job
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while not moved.exists():
+                assert proc.poll() is None and time.monotonic() < deadline, "the second rename never came"
+                time.sleep(0.02)
+            os.killpg(proc.pid, signal.SIGINT)  # pending for every process of the run from here on
+            release.touch()
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130, stderr
+    written = sorted(path.name for path in root.glob("*.txt"))
+    assert written == ["img0.txt", "img1.txt"], stderr
+    assert all(caption_path(image).read_text() == "stand-in caption" for image in images[:2])
+    assert "4 image(s) found: 2 captioned, 0 skipped (caption exists), 0 failed" in stderr, stderr
+    assert "Interrupted: 2 image(s) not captioned yet" in stderr, stderr
+    assert "run the same command again to resume" in stderr
+    assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
+
+
 @pytest.fixture
 def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real server process whose (fake) captioner holds each batch of one image for 30 s.
