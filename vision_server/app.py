@@ -16,6 +16,7 @@ from vision_server.api import (
     cross_site,
     extras,
     gallery,
+    host_check,
     multipart,
     native,
     openai,
@@ -125,6 +126,10 @@ def middlewares(settings: Settings) -> list[Middleware]:
     chain.append(access_middleware)
     # Gives each request its id and turns every failure below into the route family's error shape.
     chain.append(error_middleware)
+    if settings.allowed_host_names.enabled:
+        # A page that rebinds its own name to this server's address reads it as same-origin: only
+        # localhost, addresses and --allowed-host names are answered (on by default on loopback).
+        chain.append(host_check.host_check_middleware)
     # A page on another site may make a browser POST here; refused unless --cors-origin allows it.
     chain.append(cross_site.cross_site_middleware)
     if settings.rate_limit is not None and settings.rate_limit > 0:

@@ -20,6 +20,7 @@ from typing import Any
 
 import platformdirs
 
+from vision_server.allowed_hosts import AllowedHosts
 from vision_server.byte_sizes import EXAMPLES, parse_byte_size
 from vision_server.captioner import GenerationOptions
 from vision_server.errors import InvalidTask
@@ -194,6 +195,16 @@ class Settings:
         flag="trusted-proxy",
         metavar="ADDRESS|CIDR",
     )
+    allowed_hosts: tuple[str, ...] = _opt(
+        (),
+        "Host name the server answers besides localhost and IP addresses (repeatable; .example.com "
+        "for a domain and its subdomains, *.example.com for its subdomains only, * for any): the "
+        "name a reverse proxy or hosts file gives it. Requests for other names get 403, which stops "
+        "web pages that use DNS rebinding. The check is on when --host is loopback (the default) "
+        "or this is given, off with *.",
+        flag="allowed-host",
+        metavar="NAME",
+    )
     ssl_cert: Path | None = _opt(None, "TLS certificate (PEM). Serve HTTPS when given with --ssl-key.")
     ssl_key: Path | None = _opt(None, "TLS private key (PEM).")
     # operations
@@ -242,11 +253,14 @@ class Settings:
         init=False, repr=False, compare=False, default=TrustedProxies()
     )
 
+    _allowed_host_names: AllowedHosts = field(init=False, repr=False, compare=False, default=AllowedHosts())
+
     def __post_init__(self) -> None:
         if isinstance(self.model, str):  # Settings(model="test:tiny"): one model, as before
             object.__setattr__(self, "model", (self.model,))
-        if isinstance(self.trusted_proxies, str):  # Settings(trusted_proxies="127.0.0.1"): one entry
-            object.__setattr__(self, "trusted_proxies", (self.trusted_proxies,))
+        for name in ("trusted_proxies", "allowed_hosts"):  # Settings(trusted_proxies="127.0.0.1"): one entry
+            if isinstance(getattr(self, name), str):
+                object.__setattr__(self, name, (getattr(self, name),))
         try:
             _validate(self)
         except SettingsError as exc:
@@ -283,6 +297,11 @@ class Settings:
     def trusted_proxy_networks(self) -> TrustedProxies:
         """``trusted_proxies`` parsed (empty: no peer's forwarding headers are believed)."""
         return self._trusted_proxy_networks
+
+    @property
+    def allowed_host_names(self) -> AllowedHosts:
+        """``allowed_hosts`` parsed, with whether the ``Host`` check is on for ``host``."""
+        return self._allowed_host_names
 
     @property
     def thumbnail_cache_bytes(self) -> int:
@@ -481,6 +500,11 @@ def _derive(s: Settings) -> None:
     except ValueError as exc:
         raise SettingsError(f"trusted_proxies: {exc}", setting="trusted_proxies") from None
     object.__setattr__(s, "_trusted_proxy_networks", trusted)
+    try:
+        allowed = AllowedHosts.parse(s.allowed_hosts, s.host)
+    except ValueError as exc:
+        raise SettingsError(f"allowed_hosts: {exc}", setting="allowed_hosts") from None
+    object.__setattr__(s, "_allowed_host_names", allowed)
 
 
 # --- building settings from sources ------------------------------------------------------------

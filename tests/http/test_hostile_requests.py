@@ -57,7 +57,7 @@ async def raw_request(url: str, request: bytes) -> tuple[int, dict[str, Any]]:
 
 def raw_post(path: str, headers: bytes, body: bytes = b"{}") -> bytes:
     return (
-        f"POST {path} HTTP/1.1\r\nHost: test\r\nConnection: close\r\n".encode()
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n".encode()
         + b"Content-Type: application/json\r\n"
         + headers
         + f"Content-Length: {len(body)}\r\n\r\n".encode()
@@ -243,7 +243,7 @@ async def test_a_stalled_body_is_a_408_and_the_server_keeps_serving(
             reader, writer = await asyncio.open_connection(host, int(port))
             try:
                 writer.write(
-                    f"POST {path} HTTP/1.1\r\nHost: test\r\n".encode()
+                    f"POST {path} HTTP/1.1\r\nHost: localhost\r\n".encode()
                     + content_type
                     + b"Content-Length: 100000\r\n\r\n--XyZ\r\n"
                 )

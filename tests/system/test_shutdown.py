@@ -154,7 +154,7 @@ async def test_a_body_still_arriving_at_the_stop_gets_503_and_does_not_hold_the_
         host, port = server.wait_listening().removeprefix("http://").rsplit(":", 1)
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(
-            b"POST /process_image HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /process_image HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b'Content-Length: 100000\r\n\r\n{"image": "iVBORw0KGgo'
         )
         await writer.drain()
