@@ -77,13 +77,11 @@ async def test_a_rebound_page_reads_and_writes_nothing(tmp_path: Path) -> None:
                 assert response.status == 200 and response.content_type == "image/png"
             async with session.get("/", headers={**own, "Accept": "text/html"}) as response:
                 assert response.status == 200 and "<html" in (await response.text()).lower()
-            async with session.post(
-                "/ui/api/gallery/save", data=body.replace("web page", host), headers=own
-            ) as r:
-                assert r.status == 200
-        assert (data.root / "img00.txt").read_text(encoding="utf-8") == "written by a [::1]:" + str(
-            port_of(url)
-        )
+            saved = body.replace("web page", host)
+            async with session.post("/ui/api/gallery/save", data=saved, headers=own) as response:
+                assert response.status == 200
+        written = (data.root / "img00.txt").read_text(encoding="utf-8")
+        assert written == f"written by a [::1]:{port_of(url)}"
 
 
 async def test_probes_answer_any_host(tmp_path: Path) -> None:
