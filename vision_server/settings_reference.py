@@ -36,8 +36,9 @@ def describe_default(name: str) -> str:
 
 
 def _cell(text: str) -> str:
-    """Table-safe Markdown: no pipes, and no ``<TOKEN>`` that a renderer would take for HTML."""
-    return text.replace("|", "\\|").replace("<", "&lt;")
+    """Table-safe Markdown: no pipes, no ``<TOKEN>`` that a renderer would take for HTML, and no
+    ``*`` (``*.example.com``) that it would take for emphasis."""
+    return text.replace("|", "\\|").replace("<", "&lt;").replace("*", "\\*")
 
 
 def list_note() -> str:
