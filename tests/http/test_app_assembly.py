@@ -8,7 +8,7 @@ import pytest
 from aiohttp import web
 
 from tests.support.serving import client_for
-from vision_server.api import auth, cors, cross_site, native, openai, ops, proxies, ratelimit
+from vision_server.api import auth, cors, cross_site, host_check, native, openai, ops, proxies, ratelimit
 from vision_server.api.access import access_middleware
 from vision_server.api.errors import ERROR_SHAPES, ErrorShapes, error_middleware
 from vision_server.app import create_app, middlewares
@@ -23,6 +23,7 @@ def test_middlewares_in_their_documented_order() -> None:
         cors.preflight_middleware,
         access_middleware,
         error_middleware,
+        host_check.host_check_middleware,
         cross_site.cross_site_middleware,
         ratelimit.rate_limit_middleware,
         auth.auth_middleware,
@@ -31,9 +32,17 @@ def test_middlewares_in_their_documented_order() -> None:
         cors.preflight_middleware,  # refuses preflights with a 403 that names --cors-origin
         access_middleware,
         error_middleware,
+        host_check.host_check_middleware,  # loopback: a Host no browser sends unless rebound is a 403
         cross_site.cross_site_middleware,  # a foreign page's POST: 403 in the route's shape
         auth.auth_middleware,
     ]
+    network = [
+        cors.preflight_middleware,
+        access_middleware,
+        error_middleware,
+        cross_site.cross_site_middleware,
+    ]
+    assert middlewares(Settings(host="0.0.0.0")) == [*network, auth.auth_middleware]
 
 
 def test_every_route_has_an_explicit_error_shape(tmp_path: Path) -> None:
