@@ -229,7 +229,7 @@ async def test_a_drain_answers_the_bodies_still_arriving_503_at_once(tmp_path: P
         for path, content_type, start in ARRIVING_BODIES:
             reader, writer = await asyncio.open_connection(host, int(port))
             writer.write(
-                f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: ".encode()
+                f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: ".encode()
                 + content_type
                 + b"\r\nContent-Length: 100000\r\n\r\n"
                 + start
