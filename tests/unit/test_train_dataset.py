@@ -161,6 +161,37 @@ def test_the_task_is_the_token_the_server_asks_for(tmp_path: Path) -> None:
         canonical_task("<GENERATE_TAGS>", "microsoft/Florence-2-large")
 
 
+def test_a_run_stopped_before_its_first_checkpoint_can_be_started_again(tmp_path: Path) -> None:
+    """Its folder holds only TensorBoard events: --overwrite replaces it, --resume says so."""
+    logs = tmp_path / "out" / "logs"
+    logs.mkdir(parents=True)
+    (logs / "events.out.tfevents.1795890301.host.21217.0").write_bytes(b"")
+    with pytest.raises(
+        TrainError, match=r"stopped before its first checkpoint: start again with --overwrite"
+    ):
+        run_training(options(tmp_path, resume=tmp_path / "out"))
+    with pytest.raises(ModelError, match="--precision"):  # past the output check
+        run_training(options(tmp_path, overwrite=True, device="cpu", precision="bf16"))
+    (logs / "notes.txt").write_text("mine")
+    with pytest.raises(TrainError, match="not a training run's"):
+        run_training(options(tmp_path, overwrite=True))
+
+
+def test_a_second_ctrl_c_exits_130(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from vision_server.cli import main
+    from vision_server.train import loop
+
+    def interrupted(*_args: object, **_kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "run_training", interrupted)
+    root = captioned_folder(tmp_path / "data", CAPTIONS[:1])
+    result = CliRunner().invoke(main, ["train", "--dataset", str(root), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 130 and "aborted without a checkpoint" in result.output
+
+
 def test_a_model_that_cannot_be_loaded_is_named(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"cannot load model '.*no-such-model'.*does not exist"):
         run_training(options(tmp_path, model=str(tmp_path / "no-such-model")))

@@ -155,6 +155,9 @@ def run_command(params: dict[str, Any]) -> int:
         except (DatasetError, ModelError) as exc:
             click.echo(f"Error: {exc}", err=True)
             return 1
+        except KeyboardInterrupt:  # the second Ctrl+C
+            click.echo("aborted without a checkpoint", err=True)
+            return 128 + signal.SIGINT
     if not result.finished:
         return 128 + (received[0] if received else signal.SIGINT)
     losses = result.metadata

@@ -87,7 +87,10 @@ def _checkpoint_to_resume(options: TrainOptions) -> Path | None:
         try:
             checkpoint = find_checkpoint(options.resume)
         except FileNotFoundError as exc:
-            raise TrainError(str(exc)) from None
+            hint = ""
+            if options.resume.is_dir() and _only_tracker_logs(options.resume):
+                hint = " (that run stopped before its first checkpoint: start again with --overwrite)"
+            raise TrainError(f"{exc}{hint}") from None
     occupied = output.exists() and (not output.is_dir() or any(output.iterdir()))
     if not occupied:
         return checkpoint
@@ -112,7 +115,24 @@ def _checkpoint_to_resume(options: TrainOptions) -> Path | None:
 
 
 def _looks_like_training_output(output: Path) -> bool:
-    return any((output / name).exists() for name in (METADATA_FILE, CHECKPOINTS, "adapter_config.json"))
+    """An earlier run's folder: its adapter or checkpoints, or only the tracker's logs of a run
+    that stopped (a second Ctrl+C, a crash) before its first checkpoint."""
+    if any((output / name).exists() for name in (METADATA_FILE, CHECKPOINTS, "adapter_config.json")):
+        return True
+    return _only_tracker_logs(output)
+
+
+def _only_tracker_logs(output: Path) -> bool:
+    """Nothing in ``output`` but TensorBoard events in ``logs/`` and wandb's ``wandb/`` folder."""
+    entries = list(output.iterdir())
+    for entry in entries:
+        if entry.name == "wandb" and entry.is_dir():
+            continue
+        if entry.name != "logs" or not entry.is_dir():
+            return False
+        if not all(log.name.startswith("events.out.tfevents.") for log in entry.iterdir()):
+            return False
+    return bool(entries)
 
 
 def clear_output(output: Path) -> None:
