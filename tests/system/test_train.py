@@ -146,6 +146,7 @@ def test_caption_command_loads_the_adapter(trained: Trained, tmp_path: Path) -> 
     command += ["--jsonl", str(rows), "--workers", "1"]
     run = subprocess.run(command, capture_output=True, text=True, timeout=300, env=_env())
     assert run.returncode == 0, run.stderr
+    assert "Warning" not in run.stderr, run.stderr  # peft's FutureWarning about a transformers API
     captions = {row["key"]: row["caption"] for row in map(json.loads, rows.read_text().splitlines())}
     targets = trained.targets()
     assert {name: captions[name] for name in targets} == targets
@@ -263,12 +264,17 @@ def test_validation_shows_more_samples_than_the_batch_size(
     trained: Trained, tmp_path: Path, one_thread: None
 ) -> None:
     """The documented defaults (batch 1, three samples) with several held-out images: the samples
-    are generated a batch at a time, not all at once against a one-row prompt."""
+    are generated a batch at a time, not all at once against a one-row prompt. A caption's second
+    line stays indented under its first."""
+    data = shutil.copytree(trained.data, tmp_path / "data")
+    for caption in data.glob("*.txt"):
+        caption.write_text(caption.read_text().strip() + "\nsecond line")
     shown = io.StringIO()
     options = TrainOptions(
-        dataset=trained.data, output=tmp_path / "run", model=str(trained.model), cache_dir=trained.cache,
+        dataset=data, output=tmp_path / "run", model=str(trained.model), cache_dir=trained.cache,
         max_steps=1, val_split=3.0, max_caption_tokens=8, log_with="none", device="cpu",
     )  # fmt: skip
     result = run_training(options, stream=shown)
     assert result.finished
     assert shown.getvalue().count("target: photo") == 3, shown.getvalue()
+    assert shown.getvalue().count("\n            second line\n") == 3, shown.getvalue()

@@ -9,6 +9,7 @@ import contextlib
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
@@ -353,7 +354,9 @@ class FlorenceCaptioner(TorchCaptioner[_Loaded]):
             return model
         from peft import PeftModel
 
-        return PeftModel.from_pretrained(model, self._native_adapter_dir()).merge_and_unload()
+        with warnings.catch_warnings():  # peft reads an attribute transformers 5 deprecates
+            warnings.simplefilter("ignore", FutureWarning)
+            return PeftModel.from_pretrained(model, self._native_adapter_dir()).merge_and_unload()
 
     def _native_adapter_dir(self) -> Path:
         """The adapter's directory with native key names (converted once into the cache)."""

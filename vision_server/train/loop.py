@@ -358,7 +358,7 @@ class _Trainer:
         self.history.append(entry)
         progress.write(line)
         for name, target, output in samples:
-            progress.write(f"  {name}\n    target: {target}\n    output: {output}")
+            progress.write(f"  {name}\n    target: {_indented(target)}\n    output: {_indented(output)}")
 
     @torch.no_grad()
     def _validate(self) -> tuple[float, list[tuple[str, str, str]]]:
@@ -396,6 +396,11 @@ class _Trainer:
             progress.write(text)
         else:
             print(text, file=self.stream or sys.stderr, flush=True)
+
+
+def _indented(text: str) -> str:
+    """A caption's later lines under its first, so a multi-line caption stays inside its sample."""
+    return text.replace("\n", "\n" + " " * len("    target: "))
 
 
 def _make_optimizer(options: TrainOptions, parameters: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
