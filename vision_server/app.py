@@ -86,6 +86,7 @@ def create_app(
     if settings.rate_limit is not None and settings.rate_limit > 0:
         app[RATE_LIMITER] = RateLimiter(settings.rate_limit)
     app[cors.REFUSED_ORIGINS] = set()
+    app[host_check.REFUSED_HOSTS] = set()
     if settings.cors_origins:
         app.on_response_prepare.append(cors.add_cors_headers)
     app.on_response_prepare.append(add_keep_alive_header)

@@ -8,6 +8,7 @@ that gives them away is ``Host: evil.example:PORT``, which is what these tests s
 from __future__ import annotations
 
 import json
+import logging
 import socket
 from pathlib import Path
 
@@ -40,7 +41,10 @@ def settings_for(tmp_path: Path, data: GalleryData | None = None, **overrides: o
     return Settings(cache_dir=tmp_path / "cache", **gallery, **overrides)  # type: ignore[arg-type]
 
 
-async def test_a_rebound_page_reads_and_writes_nothing(tmp_path: Path) -> None:
+async def test_a_rebound_page_reads_and_writes_nothing(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="vision_server")
     data = make_gallery(tmp_path)
     async with (
         running_server(settings_for(tmp_path, data), FakeCaptioner()) as url,
@@ -70,6 +74,9 @@ async def test_a_rebound_page_reads_and_writes_nothing(tmp_path: Path) -> None:
             assert response.status == 403 and "<html" not in (await response.text()).lower()
         async with session.get("/metrics") as response:
             assert 'vision_server_requests_rejected_total{reason="forbidden"} 7.0' in await response.text()
+        logged = [r.getMessage() for r in caplog.records if "Refused a request for host" in r.getMessage()]
+        assert len(logged) == 1 and "GET /v1/status: " in logged[0]  # once per name, for the operator
+        assert f"--allowed-host {EVIL}." in logged[0]
         # The same requests as the server's own page sends them, under its own names, pass.
         for host in (f"127.0.0.1:{port_of(url)}", f"localhost:{port_of(url)}", f"[::1]:{port_of(url)}"):
             own = {"Host": host, "Sec-Fetch-Site": "same-origin"}

@@ -21,10 +21,14 @@ the rebound browser's included, and ``X-Forwarded-For`` cannot tell them apart: 
 page may set that header itself. Naming the proxy's public host once is the fix.
 
 ``/health`` and ``/ready`` answer whatever the ``Host`` (they tell a page nothing): a probe
-that names the machine or a pod address must keep working.
+that names the machine or a pod address must keep working. The first refusal of each name is
+logged, so an operator whose proxy forwards a name the server does not know finds the fix in
+the server's log too.
 """
 
 from __future__ import annotations
+
+import logging
 
 from aiohttp import hdrs, web
 
@@ -35,7 +39,11 @@ from vision_server.api.state import METRICS, SETTINGS
 from vision_server.errors import Forbidden
 
 PROBE_ROUTES = frozenset({"ops.health", "ops.ready"})
+REFUSED_HOSTS = web.AppKey("refused_hosts", set[str])  # names whose refusal was logged
+MAX_LOGGED_REFUSALS = 100  # a client cannot fill the log by inventing names
 _SHOWN = 100  # characters of a refused Host header repeated in the message
+
+log = logging.getLogger("vision_server")
 
 
 def refused_host(request: web.Request) -> str | None:
@@ -53,10 +61,20 @@ async def host_check_middleware(request: web.Request, handler: Handler) -> web.S
         request.app[METRICS].request_rejected("forbidden")
         shown = host if len(host) <= _SHOWN else host[:_SHOWN] + "..."
         name = host_name(host)[:_SHOWN] or "NAME"
-        raise Forbidden(
+        message = (
             f"Refused a request for host {shown!r}: this server answers only localhost, IP "
             "addresses and the names --allowed-host gives, so that no web page can reach it by "
             "DNS rebinding. If that is this server's name (a reverse proxy or hosts file gives it), "
             f"start the server with --allowed-host {name}."
         )
+        _log_first_refusal(request, name, message)
+        raise Forbidden(message)
     return await handler(request)
+
+
+def _log_first_refusal(request: web.Request, name: str, message: str) -> None:
+    seen = request.app.get(REFUSED_HOSTS)
+    if seen is None or name in seen or len(seen) >= MAX_LOGGED_REFUSALS:
+        return
+    seen.add(name)
+    log.warning("%s %s: %s", request.method, request.path, message)
