@@ -34,6 +34,12 @@ def test_a_folder_pairs_each_image_with_its_caption_in_subfolders_too(tmp_path: 
     ]
 
 
+def test_captions_with_another_extension_are_pointed_out(tmp_path: Path) -> None:
+    root = captioned_folder(tmp_path / "data", CAPTIONS[:1], ext="caption")
+    with pytest.raises(DatasetError, match=r"img0.png \(expected img0.txt beside it; found img0.caption: "):
+        load_dataset(root)
+
+
 def test_caption_ext_picks_the_caption_files(tmp_path: Path) -> None:
     root = captioned_folder(tmp_path / "data", CAPTIONS[:1], ext="caption")
     assert load_dataset(root, caption_ext="caption")[0].text == CAPTIONS[0]
@@ -172,6 +178,10 @@ def test_a_run_stopped_before_its_first_checkpoint_can_be_started_again(tmp_path
         run_training(options(tmp_path, resume=tmp_path / "out"))
     with pytest.raises(ModelError, match="--precision"):  # past the output check
         run_training(options(tmp_path, overwrite=True, device="cpu", precision="bf16"))
+    (tmp_path / "done").mkdir()
+    (tmp_path / "done" / "adapter_config.json").write_text("{}")
+    with pytest.raises(TrainError, match=r"holds a finished adapter: there is nothing to resume"):
+        run_training(options(tmp_path, resume=tmp_path / "done"))
     (logs / "notes.txt").write_text("mine")
     with pytest.raises(TrainError, match="not a training run's"):
         run_training(options(tmp_path, overwrite=True))

@@ -158,11 +158,14 @@ def _folder(root: Path, ext: str, problems: Problems) -> Iterator[Example]:
         files = sorted(p for p in folder.iterdir() if p.is_file() or p.is_symlink())
         images = {p.stem: p for p in files if is_image(p)}
         captions = {p.stem: p for p in files if p.suffix.lower() == suffix and not is_image(p)}
+        others = {p.stem: p for p in files if p.suffix.lower() != suffix and not is_image(p)}
         for stem, image in images.items():
             caption = captions.get(stem)
             name = image.relative_to(root).as_posix()
             if caption is None:
-                problems.add(NO_CAPTION, f"{name} (expected {stem}{suffix} beside it)")
+                other = others.get(stem)
+                hint = f"; found {other.name}: --caption-ext {other.suffix[1:]}?" if other else ""
+                problems.add(NO_CAPTION, f"{name} (expected {stem}{suffix} beside it{hint})")
                 continue
             text = caption.read_text(encoding="utf-8", errors="replace").strip()
             yield Example(name, text, path=image)

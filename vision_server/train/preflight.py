@@ -90,6 +90,8 @@ def _checkpoint_to_resume(options: TrainOptions) -> Path | None:
             hint = ""
             if options.resume.is_dir() and _only_tracker_logs(options.resume):
                 hint = " (that run stopped before its first checkpoint: start again with --overwrite)"
+            elif (options.resume / "adapter_config.json").is_file():
+                hint = " (it holds a finished adapter: there is nothing to resume)"
             raise TrainError(f"{exc}{hint}") from None
     occupied = output.exists() and (not output.is_dir() or any(output.iterdir()))
     if not occupied:
