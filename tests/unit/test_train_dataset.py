@@ -261,13 +261,16 @@ def test_a_failure_inside_training_is_not_reported_as_bad_usage(
 
 
 def test_the_help_names_every_value_plainly() -> None:
+    import click
     from click.testing import CliRunner
 
-    from vision_server.cli import main
+    from vision_server.cli import main, train
 
     text = CliRunner().invoke(main, ["train", "--help"], terminal_width=200).output
     assert "--val-split FRACTION|COUNT" in text and "--target-modules NAMES" in text
     assert " _" not in text  # no helper function's name as a metavar
+    options = [param for param in train.params if isinstance(param, click.Option)]
+    assert len(options) > 30 and [o.name for o in options if not o.help] == []
 
 
 def test_trackers_are_used_only_when_installed() -> None:
