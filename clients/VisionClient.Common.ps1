@@ -226,7 +226,8 @@ function Get-VisionErrorMessage {
         if ($detail.Length -gt 500) { $detail = $detail.Substring(0, 500) + '...' }
     }
     if ([string]::IsNullOrWhiteSpace($detail)) { $detail = [string]$Response.Reason }
-    $message = 'Server error {0}: {1}' -f $Response.StatusCode, $detail
+    # "HTTP 400: message", as vision-client.sh and vision-client write it.
+    $message = 'HTTP {0}: {1}' -f $Response.StatusCode, $detail
     if ($Response.StatusCode -eq 401) {
         $message += ' (set $env:VISION_API_KEY or -ApiKey)'
     }
@@ -314,7 +315,7 @@ function Get-VisionImageBase64 {
     param([string]$Path, [int]$MaxSize = 0)
     if (-not [System.IO.File]::Exists($Path)) { throw ('Image file not found: {0}' -f $Path) }
     $bytes = [System.IO.File]::ReadAllBytes($Path)
-    if ($bytes.Length -eq 0) { throw ('Image file is empty: {0}' -f $Path) }
+    if ($bytes.Length -eq 0) { throw ('the file is empty (0 bytes): {0}' -f $Path) }
     if ($MaxSize -gt 0) {
         $smaller = Resize-VisionImage -Bytes $bytes -MaxSize $MaxSize
         if ($null -ne $smaller) { $bytes = $smaller }
@@ -482,13 +483,19 @@ function Join-VisionCaption {
 function Write-VisionTextFile {
     # Writes UTF-8 without BOM to a temporary file in the same folder, then moves it over the
     # target in one step. On any error the target is left as it was and the temp file removed.
-    param([string]$Path, [string]$Text)
+    # $Renamed (a synchronized hashtable, optional) gets $Path as a key once the caption is in
+    # place, also when the worker is stopped right after the move (the folder script's Ctrl+C
+    # summary counts it then).
+    param([string]$Path, [string]$Text, $Renamed = $null)
     # The temp name has a fixed length, so a caption name near the 255-character limit fits too.
     $folder = [System.IO.Path]::GetDirectoryName($Path)
     $suffix = [System.Guid]::NewGuid().ToString('N').Substring(0, 16)
     $temp = [System.IO.Path]::Combine($folder, ('.vision-caption.{0}.tmp' -f $suffix))
     try {
         [System.IO.File]::WriteAllText($temp, $Text, [System.Text.UTF8Encoding]::new($false))
+        # From here on the temp file is gone only once it was moved into place: the finally
+        # block below takes the key back while the temp file is still there.
+        if ($null -ne $Renamed) { $Renamed[$Path] = $true }
         if ([System.IO.File]::Exists($Path)) {
             try {
                 [System.IO.File]::Replace($temp, $Path, [NullString]::Value)
@@ -505,6 +512,7 @@ function Write-VisionTextFile {
     }
     finally {
         if ([System.IO.File]::Exists($temp)) {
+            if ($null -ne $Renamed) { $Renamed.Remove($Path) }
             try { [System.IO.File]::Delete($temp) } catch { }
         }
     }
@@ -528,7 +536,8 @@ function Invoke-VisionCaptionImage {
         [string]$ApiKey,
         [int]$TimeoutSec = 0,
         [int]$Retries = 0,
-        [string]$Model = ''
+        [string]$Model = '',
+        $Renamed = $null
     )
     $ErrorActionPreference = 'Stop'
     $watch = [System.Diagnostics.Stopwatch]::StartNew()
@@ -536,13 +545,17 @@ function Invoke-VisionCaptionImage {
     $message = $null
     $failure = $null
     try {
+        # In the words every folder captioner uses; the summary names the image before it.
+        if ([System.IO.File]::Exists($ImagePath) -and ([System.IO.FileInfo]::new($ImagePath)).Length -eq 0) {
+            throw 'the file is empty (0 bytes)'
+        }
         $caption = Get-VisionCaption -Client $Client -BaseUrl $BaseUrl -Task $Task -Path $ImagePath -MaxSize $MaxSize -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries -Model $Model
         $existing = $null
         if ($Mode -eq 'append' -or $Mode -eq 'prepend') { $existing = Read-VisionCaptionFile -Path $CaptionPath }
         # Keep each caption on one line, as the other clients write it.
         $caption = ($caption -replace "`r`n|`r|`n", ' ')
         $text = Join-VisionCaption -New ($Prefix + $caption + $Suffix) -Existing $existing -Mode $Mode -Separator $Separator
-        Write-VisionTextFile -Path $CaptionPath -Text $text
+        Write-VisionTextFile -Path $CaptionPath -Text $text -Renamed $Renamed
         $ok = $true
     }
     catch {

@@ -26,6 +26,9 @@ name and the extension CaptionExt: cat.png -> cat.txt.
   file (a.txt) that a trainer pairs with both: none of them is captioned and each is reported
   as failed, also when a.txt already exists (it is left as it is); rename all but one.
 - Progress shows the count, images per second and the time left.
+- Ctrl+C stops the requests in flight and prints what was done (every caption this run put in
+  place, the failures) and how many images are not captioned yet; run the same command again
+  to resume.
 
 Exit codes: 0 all images captioned or skipped; 1 some image failed, or the server could not
 be reached; 2 wrong arguments (also a -Url without a vision-server, or a -Model it does not
@@ -382,6 +385,8 @@ $lastConnectError = ''
 $aborted = $null
 $abortExitCode = 1
 $exitCode = 1
+$finished = $false   # false in the finally block: Ctrl+C stopped the run
+$renamed = [hashtable]::Synchronized(@{})   # caption paths this run moved into place
 $activity = 'Captioning {0} images in {1}' -f $work.Count, $root
 
 try {
@@ -408,7 +413,7 @@ try {
             if ($WaitForServerSec -le 0 -or $failure.Data['VisionNotUpYet'] -ne $true) {
                 $aborted = $failure.Message
                 # No vision-server at this address (a -Url with a path?), or a -Model it does not serve.
-                if ($failure.Message -like 'Server error 404:*') {
+                if ($failure.Message -like 'HTTP 404:*') {
                     $aborted = '{0}: check -Url (the server''s base address, e.g. http://host:54880) and -Model' -f $failure.Message
                     $abortExitCode = 2
                 }
@@ -459,6 +464,7 @@ try {
                 $next++
             }
             $job['Client'] = $client
+            $job['Renamed'] = $renamed
             $shell = [System.Management.Automation.PowerShell]::Create()
             $shell.RunspacePool = $pool
             [void]$shell.AddScript($workerScript).AddArgument($job)
@@ -556,6 +562,7 @@ try {
         }
     }
     if ($failures.Count -eq 0 -and $null -eq $aborted) { $exitCode = 0 }
+    $finished = $true
 }
 catch {
     if ($null -ne $aborted) {
@@ -565,13 +572,38 @@ catch {
         Write-FolderError ('{0}: {1}' -f $scriptName, $_.Exception.Message)
     }
     $exitCode = $abortExitCode
+    $finished = $true
 }
 finally {
     # Also reached on Ctrl+C: stop the workers (each notices within 0.2 s and removes its
-    # temporary file), then release the pool and the connection.
+    # temporary file), then release the pool and the connection. After Ctrl+C the summary
+    # counts every caption this run put in place, also one a worker finished (or moved into
+    # place just before it was stopped) after the last one counted, as the bash script does.
     foreach ($item in $running) {
-        try { $item.Shell.Stop() } catch { }
+        if (-not $finished -and $item.Handle.IsCompleted) {
+            try {
+                $output = $item.Shell.EndInvoke($item.Handle)
+                if ($output.Count -gt 0) {
+                    $result = $output[$output.Count - 1]
+                    if ($result.Ok) { $captioned++ }
+                    elseif ($result.Failure -ne 'connect') { $failures.Add($result) }
+                }
+            }
+            catch { }
+        }
+        else {
+            try { $item.Shell.Stop() } catch { }
+            if (-not $finished -and $renamed.ContainsKey($item.Job.CaptionPath)) { $captioned++ }
+        }
         $item.Shell.Dispose()
+    }
+    if (-not $finished) {
+        $left = $work.Count - $captioned - ($failures.Count - $clashes.Count)
+        Write-FolderError ('{0}: interrupted; captioned {1}, skipped {2}, failed {3}' -f $scriptName, $captioned, $skipped, $failures.Count)
+        foreach ($failure in ($failures | Sort-Object Image)) {
+            Write-FolderError ('  {0}: {1}' -f $failure.Image, $failure.Error)
+        }
+        Write-FolderError ('Interrupted: {0} image(s) not captioned yet (the ones in flight were dropped; nothing is half-written); run the same command again to resume.' -f $left)
     }
     if ($null -ne $pool) { $pool.Dispose() }
     if ($null -ne $client) { $client.Dispose() }

@@ -630,6 +630,9 @@ caption_one() {
         exit 0
     }
 
+    # Said here, in the words every folder captioner uses (the summary names the image before it).
+    if [[ -f $img && ! -s $img ]]; then finish fail 2 "the file is empty (0 bytes)"; fi
+
     "${client_cmd[@]}" --retries "$retries" --no-newline -- "$prompt" "$img" >"$out" 2>"$err" &
     child=$!
     wait "$child"

@@ -405,7 +405,7 @@ cmd_caption() {
     if [[ $image != - ]]; then
         [[ -e $image ]] || die "$EXIT_USAGE" "no such file: $image"
         [[ -f $image && -r $image ]] || die "$EXIT_USAGE" "not a readable file: $image"
-        [[ -s $image ]] || die "$EXIT_USAGE" "the image file is empty: $image"
+        [[ -s $image ]] || die "$EXIT_USAGE" "the file is empty (0 bytes): $image"
     fi
     new_tmpdir
     if [[ $image == - ]]; then

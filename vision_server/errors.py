@@ -35,6 +35,7 @@ class InvalidImage(BadRequest):
 
     def __init__(self, reason: str) -> None:
         super().__init__(f"Invalid image data: {reason}")
+        self.reason = reason  # without the prefix, for lists that name the file before it
 
 
 class Unauthorized(VisionServerError):

@@ -111,7 +111,7 @@ async def test_an_empty_image_is_refused_before_sending(serve, tmp_path: Path) -
     empty = tmp_path / "empty.png"
     empty.write_bytes(b"")
     async with AsyncVisionClient(url, retries=0) as client:
-        with pytest.raises(VisionClientError, match=r"^the image file is empty \(0 bytes\): .*empty\.png$"):
+        with pytest.raises(VisionClientError, match=r"^the file is empty \(0 bytes\): .*empty\.png$"):
             await client.caption(empty)
         with pytest.raises(VisionClientError, match=r"^the image is empty \(0 bytes\)$"):
             await client.caption(b"")

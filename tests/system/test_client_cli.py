@@ -404,13 +404,15 @@ def test_folder_run_waits_for_a_pool_that_is_down_at_the_start(tmp_path: Path) -
 
 def test_folder_stops_at_once_on_a_404(tmp_path: Path, server: str) -> None:
     """A --url with a path (or, on a server of several models, a --model it does not serve):
-    every image would fail alike, so the run stops instead of failing each one."""
+    every image would fail alike, so the run stops instead of failing each one, with exit 2 (a
+    mistake to fix before anything runs, as the folder scripts say)."""
     for name in ("a.png", "b.png", "c.png"):
         save_flat(tmp_path / name, (1, 2, 3), (16, 16))
     result = run("folder", str(tmp_path), "-j", "1", url=server + "/api", timeout=60)
-    assert result.returncode == 1
+    assert result.returncode == 2, result.stderr
     assert "stopped early, 2 images not attempted" in result.stderr
-    assert "(HTTP 404): check --url (the server's base address) and --model" in result.stderr
+    assert "HTTP 404: " in result.stderr
+    assert ": check --url (the server's base address) and --model" in result.stderr
     assert list(tmp_path.glob("*.txt")) == []
 
 
@@ -420,5 +422,5 @@ def test_servers_own_503_keeps_its_retries_rule(tmp_path: Path) -> None:
     with StandIn(busy_first=2) as busy:
         result = run("--retries", "1", "folder", str(tmp_path), url=busy.url, timeout=60)
     assert result.returncode == 1
-    assert "Queue full (HTTP 503)" in result.stderr and "waiting up to" not in result.stderr
+    assert "HTTP 503: Queue full" in result.stderr and "waiting up to" not in result.stderr
     assert not image.with_suffix(".txt").exists()

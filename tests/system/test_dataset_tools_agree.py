@@ -101,6 +101,37 @@ def test_images_sharing_a_caption_file_are_all_failed_and_none_is_captioned(
 
 
 # ---------------------------------------------------------------------------------------------
+# How a failed image is reported
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_an_empty_image_file_and_a_refused_image_read_alike_in_every_summary(
+    tool: str, tiny_server_url: str, cache: Path, tmp_path: Path
+) -> None:
+    """An image file of 0 bytes is "<image>: the file is empty (0 bytes)" in every tool (they
+    said it three ways, one naming the file twice); an image the server refuses is "<image>:
+    HTTP 400: <the server's message>" in both clients (vision-client folder wrote "<message>
+    (HTTP 400)"). The offline command decodes the files itself, so no HTTP there."""
+    root = tmp_path / "data"
+    root.mkdir()
+    save_image(root / "good.png", 1)
+    (root / "empty.png").write_bytes(b"")
+    (root / "broken.png").write_bytes(b"not an image at all")
+    result = run_tool(tool, root, url=tiny_server_url, cache=cache, tmp=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    assert any(line.endswith("empty.png: the file is empty (0 bytes)") for line in lines), result.stderr[
+        -3000:
+    ]
+    if tool != "vision-server caption":
+        assert any("broken.png: HTTP 400: Invalid image data" in line for line in lines), result.stderr[
+            -3000:
+        ]
+    assert (root / "good.txt").read_text(encoding="utf-8").strip()
+    assert not (root / "empty.txt").exists() and not (root / "broken.txt").exists()
+
+
+# ---------------------------------------------------------------------------------------------
 # Line breaks in a caption
 
 # A caption with line breaks of every kind; the real tiny model only ever says words on one line,
@@ -212,7 +243,8 @@ def test_a_model_the_server_does_not_serve_stops_both_clients_before_any_image(
     """``--model nope`` (``VISION_MODEL=nope`` for the script) on a server of one model: that
     server would caption any name with its model, rows would say ``test:tiny`` and no rerun
     naming ``nope`` would ever count them as done. Both clients ask ``/prompts?model=nope``
-    first and stop on its 404 before any image (exit 1 / 2 as documented), writing nothing."""
+    first and stop on its 404 before any image with exit 2, the usage error it is (vision-client
+    exited 1), writing nothing."""
     root = tmp_path / "data"
     for seed, name in enumerate(("a.png", "b.png")):
         save_image(root / name, seed)
@@ -221,13 +253,12 @@ def test_a_model_the_server_does_not_serve_stops_both_clients_before_any_image(
     if tool == "vision-client folder":
         command = [str(VISION_CLIENT), "--url", tiny_server_url, "--model", "nope", "folder"]
         command += [str(root), "--task", "CAPTION", "--jsonl", str(rows)]
-        expected = 1
     else:
         command = ["bash", str(FOLDER_SCRIPT), "--url", tiny_server_url, "CAPTION", "txt", str(root)]
         env["VISION_MODEL"] = "nope"
-        expected = 2
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180, check=False)
-    assert result.returncode == expected, result.stderr[-3000:]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "HTTP 404: " in result.stderr
     assert "does not serve a model named 'nope'" in result.stderr
     assert "check --url" in result.stderr
     assert not rows.exists()

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 
 from vision_server.bulk.readers import describe_os_error
 from vision_server.bulk.records import Record
-from vision_server.errors import VisionServerError
+from vision_server.errors import InvalidImage, VisionServerError
 from vision_server.images import LOCAL_FILE, STORED, PixelSpec, PreparedImage, prepare_image
 
 PARENT_CHECK_SECONDS = 0.5
@@ -71,6 +71,8 @@ def prepare_record(record: Record, spec: PixelSpec, max_pixels: int) -> Prepared
             return "the record has neither a file nor image bytes"
         # Nobody sent these bytes: a refusal speaks about the file, not about what to send.
         return prepare_image(data, spec, max_pixels=max_pixels, source=source)
+    except InvalidImage as exc:  # "PATH: the file is empty (0 bytes)", as the folder clients say
+        return exc.reason
     except VisionServerError as exc:
         return exc.message
     except OSError as exc:

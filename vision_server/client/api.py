@@ -26,6 +26,7 @@ import aiohttp
 
 from vision_server import __version__
 from vision_server.client.errors import (
+    EmptyImageFile,
     RequestRejected,
     VisionAddressError,
     VisionClientError,
@@ -99,7 +100,7 @@ def encode_image(image: ImageInput) -> str:
     else:
         data = Path(image).read_bytes()
         if not data:
-            raise VisionClientError(f"the image file is empty (0 bytes): {image}")
+            raise EmptyImageFile(image)
     return base64.b64encode(data).decode("ascii")
 
 

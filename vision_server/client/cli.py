@@ -2,7 +2,9 @@
 
 Captions go to stdout, everything else (progress, summaries, errors) to stderr, so
 ``vision-client caption x.png > x.txt`` never puts an error message into a caption file.
-Exit status: 0 success, 1 any image or request failed, 2 bad usage.
+Exit status: 0 success, 1 any image or request failed, 2 bad usage (for ``folder`` also an
+address without a vision-server or a ``--model`` it does not serve: HTTP 404 before any image,
+as the folder scripts say), 130 Ctrl+C.
 """
 
 from __future__ import annotations
@@ -245,6 +247,11 @@ def folder(
     (a.jpg and a.png) would share one caption file: none of them is captioned, each fails.
     Hidden .vision-caption.*.tmp files that a killed run left behind (older than 15 minutes) are
     deleted.
+
+    Exit status: 0 every image captioned or skipped; 1 some image failed, or the run stopped
+    early (the server unreachable, or refusing the key or the task); 2 bad usage, also an
+    address without a vision-server or a --model it does not serve (HTTP 404 before any
+    image); 130 Ctrl+C (after the summary: run the same command again to resume).
     """
     from tqdm import tqdm
 
@@ -312,7 +319,7 @@ def folder(
         bar.close()
     _print_summary(summary, time.monotonic() - started)
     if not summary.ok:
-        sys.exit(1)
+        sys.exit(2 if summary.usage_error else 1)
 
 
 def _dry_run(ctx: click.Context, folder: Path, options: dict[str, Any]) -> None:
@@ -331,7 +338,8 @@ def _dry_run(ctx: click.Context, folder: Path, options: dict[str, Any]) -> None:
     except ValueError as exc:
         raise click.UsageError(str(exc)) from None
     if summary.aborted:  # a --model the server lacks, or no server to ask
-        raise click.ClickException(summary.aborted)
+        click.echo(f"Error: {summary.aborted}", err=True)
+        sys.exit(2 if summary.usage_error else 1)
     task = task_token(options["task"])
     lines += [(path, "caption", task) for path in summary.planned]
     for path, word, detail in sorted(lines):

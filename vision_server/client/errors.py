@@ -12,6 +12,19 @@ class VisionClientError(Exception):
     """Base of every error raised by the client."""
 
 
+# How every folder captioner (vision-client folder, the folder scripts, vision-server caption)
+# reports an image file of 0 bytes.
+EMPTY_FILE = "the file is empty (0 bytes)"
+
+
+class EmptyImageFile(VisionClientError):
+    """An image file of 0 bytes: refused before sending, in the words every dataset tool uses
+    (``EMPTY_FILE``; the folder summaries name the file before it)."""
+
+    def __init__(self, path: object) -> None:
+        super().__init__(f"{EMPTY_FILE}: {path}")
+
+
 class VisionConnectionError(VisionClientError):
     """The server could not be reached, even after retrying."""
 

@@ -32,7 +32,9 @@ from vision_server.captionfiles import (
 )
 from vision_server.client.api import DEFAULT_TASK, AsyncVisionClient, task_token
 from vision_server.client.errors import (
+    EMPTY_FILE,
     AuthenticationError,
+    EmptyImageFile,
     RequestRejected,
     VisionClientError,
     VisionConnectionError,
@@ -69,6 +71,10 @@ class FolderSummary:
     failed: list[Failure] = field(default_factory=list)
     # set when the run stopped early: the server was unreachable, or refused the task or the key
     aborted: str | None = None
+    # the stop came before any caption and is the user's to fix, like a wrong option: HTTP 404,
+    # no vision-server at the URL or a --model it does not serve (vision-client exits 2, as the
+    # folder scripts do)
+    usage_error: bool = False
     stale_temps_removed: int = 0  # temp caption files a killed run had left, deleted by this one
     deferred: int = 0  # images to caption that ``limit`` left for a later run
     planned: list[Path] = field(default_factory=list)  # a dry run: the images a run would caption
@@ -197,7 +203,7 @@ class _FolderRun:
         try:
             served = await self.client.served_name()
         except (VisionClientError, OSError) as exc:
-            self.summary.aborted = _stop_reason(exc) or _describe(exc)
+            self.stop(exc, _stop_reason(exc) or _describe(exc))
             return False
         self.model_names = {self.client.model_name, served or self.client.model_name}
         return True
@@ -267,9 +273,15 @@ class _FolderRun:
         except (VisionClientError, OSError, UnicodeError) as exc:
             stop = _stop_reason(exc)
             if stop is not None:
-                self.summary.aborted = stop
+                self.stop(exc, stop)
             return ImageResult(job.image, "failed", reason=_describe(exc))
         return ImageResult(job.image, "done", caption=caption, model=answer.model)
+
+    def stop(self, exc: BaseException, reason: str) -> None:
+        """Stop the run: no new image starts."""
+        self.summary.aborted = reason
+        not_found = isinstance(exc, RequestRejected) and exc.status == 404
+        self.summary.usage_error = not_found and self.summary.done == 0
 
     def report(self, result: ImageResult) -> None:
         if result.outcome == "done":
@@ -297,9 +309,12 @@ def _stop_reason(exc: BaseException) -> str | None:
 
 
 def _describe(exc: BaseException) -> str:
-    """The server's own message for HTTP errors, the OS message for file errors."""
+    """The server's own message for HTTP errors ("HTTP 400: message", as the folder scripts
+    write it), the OS message for file errors; the summary names the image before it."""
+    if isinstance(exc, EmptyImageFile):
+        return EMPTY_FILE
     detail = getattr(exc, "detail", None)
     status = getattr(exc, "status", None)
     if detail is not None and status is not None:
-        return f"{detail} (HTTP {status})"
+        return f"HTTP {status}: {detail}"
     return str(exc) or type(exc).__name__

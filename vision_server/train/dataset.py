@@ -142,7 +142,7 @@ def _unreadable(example: Example) -> str | None:
         source = STORED if example.data is not None else LOCAL_FILE
         open_image(example.read(), max_pixels=MAX_PIXELS, source=source).close()
     except InvalidImage as exc:
-        return exc.message.removeprefix("Invalid image data: ")
+        return exc.reason
     except OSError as exc:
         return exc.strerror or str(exc)
     return None
