@@ -550,6 +550,9 @@ function Invoke-VisionCaptionImage {
             throw 'the file is empty (0 bytes)'
         }
         $caption = Get-VisionCaption -Client $Client -BaseUrl $BaseUrl -Task $Task -Path $ImagePath -MaxSize $MaxSize -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries -Model $Model
+        # A prefix alone is no caption, and an empty caption file reads as "to do" on the next run:
+        # the image fails, as in the other folder captioners.
+        if ([string]::IsNullOrWhiteSpace($caption)) { throw 'the server returned an empty caption' }
         $existing = $null
         if ($Mode -eq 'append' -or $Mode -eq 'prepend') { $existing = Read-VisionCaptionFile -Path $CaptionPath }
         # Keep each caption on one line, as the other clients write it.

@@ -551,7 +551,8 @@ try {
     $seconds = $watch.Elapsed.TotalSeconds
     $rate = 0.0
     if ($seconds -gt 0) { $rate = $done / $seconds }
-    Write-Host ('Captioned {0}, skipped {1}, failed {2} in {3} ({4:N2} img/s)' -f $captioned, $skipped, $failures.Count, (Format-Duration $seconds), $rate)
+    # "N captioned, N skipped, N failed", the words of the other folder captioners.
+    Write-Host ('{0} captioned, {1} skipped, {2} failed in {3} ({4:N2} img/s)' -f $captioned, $skipped, $failures.Count, (Format-Duration $seconds), $rate)
     if ($null -ne $aborted) {
         Write-FolderError ('Stopped early, {0} images not attempted: {1}' -f ($work.Count - $done), $aborted)
     }
@@ -599,7 +600,7 @@ finally {
     }
     if (-not $finished) {
         $left = $work.Count - $captioned - ($failures.Count - $clashes.Count)
-        Write-FolderError ('{0}: interrupted; captioned {1}, skipped {2}, failed {3}' -f $scriptName, $captioned, $skipped, $failures.Count)
+        Write-FolderError ('{0}: interrupted; {1} captioned, {2} skipped, {3} failed' -f $scriptName, $captioned, $skipped, $failures.Count)
         foreach ($failure in ($failures | Sort-Object Image)) {
             Write-FolderError ('  {0}: {1}' -f $failure.Image, $failure.Error)
         }

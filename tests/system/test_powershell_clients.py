@@ -387,7 +387,7 @@ def test_folder_captions_every_image(server: str, tmp_path: Path, jobs: str) -> 
         assert read_caption(image.with_suffix(".txt")) == file_caption(caption_direct(server, image))
     assert not (tmp_path / "notes.txt").exists() and not (tmp_path / "._plain.txt").exists()
     assert leftovers(tmp_path) == []
-    assert "Captioned 10, skipped 0, failed 0" in result.stdout
+    assert "10 captioned, 0 skipped, 0 failed" in result.stdout
 
 
 @needs_pwsh
@@ -410,7 +410,7 @@ def test_folder_skip_mode_resumes(server: str, tmp_path: Path) -> None:
     assert done.with_suffix(".txt").read_text(encoding="utf-8") == "keep me"
     assert read_caption(empty.with_suffix(".txt")) == file_caption(caption_direct(server, empty))
     assert read_caption(fresh.with_suffix(".txt")) == file_caption(caption_direct(server, fresh))
-    assert "Captioned 2, skipped 1, failed 0" in result.stdout
+    assert "2 captioned, 1 skipped, 0 failed" in result.stdout
 
 
 @needs_pwsh
@@ -455,8 +455,22 @@ def test_folder_continues_after_a_bad_image(server: str, tmp_path: Path) -> None
     # The failed image keeps its old caption untouched, and the failure is listed at the end.
     assert bad.with_suffix(".txt").read_text(encoding="utf-8") == "previous caption"
     assert "Invalid image data" in result.stderr and str(bad) in result.stderr
-    assert "failed 1" in result.stdout
+    assert "2 captioned, 0 skipped, 1 failed" in result.stdout
     assert leftovers(tmp_path) == []
+
+
+@needs_pwsh
+def test_folder_empty_file_and_empty_caption_fail_in_the_common_words(tmp_path: Path) -> None:
+    """An image file of 0 bytes and a caption of whitespace only fail their image, in the words
+    of the other folder captioners; no caption file is written for either."""
+    make_folder(tmp_path, ["a.png"])
+    (tmp_path / "empty.png").write_bytes(b"")
+    with StandIn(caption="   ") as stand_in:
+        result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", stand_in.url, "-Jobs", "1")
+    assert result.returncode == 1, result.stderr
+    assert "empty.png: the file is empty (0 bytes)" in result.stderr
+    assert "a.png: the server returned an empty caption" in result.stderr
+    assert list(tmp_path.glob("*.txt")) == [] and leftovers(tmp_path) == []
 
 
 @needs_pwsh
