@@ -122,10 +122,36 @@ function Test-VisionNotUpYet {
     return $false
 }
 
+function Test-VisionSpeaksHttps {
+    # Whether an http:// URI's port completes a TLS handshake, the certificate unchecked: this only
+    # asks which protocol the port speaks, and nothing is sent over it (as the other clients do).
+    # The synchronous handshake runs the validation script block on this thread (an async one
+    # would call it on a thread without a runspace); socket timeouts bound it to 5 s.
+    param([string]$Uri)
+    $parsed = [System.Uri]$Uri
+    if ($parsed.Scheme -ne 'http') { return $false }
+    $tcp = [System.Net.Sockets.TcpClient]::new()
+    try {
+        if (-not $tcp.ConnectAsync($parsed.DnsSafeHost, $parsed.Port).Wait(5000)) { return $false }
+        $tcp.ReceiveTimeout = 5000
+        $tcp.SendTimeout = 5000
+        $anyCertificate = [System.Net.Security.RemoteCertificateValidationCallback] { $true }
+        $ssl = [System.Net.Security.SslStream]::new($tcp.GetStream(), $false, $anyCertificate)
+        try {
+            $ssl.AuthenticateAsClient($parsed.DnsSafeHost)
+            return $true
+        }
+        finally { $ssl.Dispose() }
+    }
+    catch { return $false }
+    finally { $tcp.Dispose() }
+}
+
 function Invoke-VisionHttp {
     # Sends one request. Returns StatusCode, Body (text), RetryAfter (seconds or $null) and
     # Reason for any HTTP answer, including 4xx/5xx. Throws only when no answer came back; the
-    # exception's Data['VisionFailure'] is 'timeout' or 'connect'.
+    # exception's Data['VisionFailure'] is 'timeout', 'connect' or 'scheme' (http:// to a port
+    # that speaks HTTPS).
     param(
         $Client,
         [string]$Method,
@@ -163,6 +189,14 @@ function Invoke-VisionHttp {
                 $text = 'Timeout: no answer from {0}{1} (raise -TimeoutSec; a first request may be waiting for the model to load)' -f $Uri, $limit
                 $failure = [System.Exception]::new($text)
                 $failure.Data['VisionFailure'] = 'timeout'
+            }
+            elseif (-not (Test-VisionNotUpYet $inner) -and (Test-VisionSpeaksHttps $Uri)) {
+                # Plain HTTP to a TLS port is hung up on; every retry would be too.
+                $https = 'https://' + $Uri.Substring('http://'.Length)
+                $text = 'Cannot reach the server at {0}: it hung up without an answer, and that port speaks HTTPS: use {1}' -f $Uri, $https
+                $failure = [System.Exception]::new($text)
+                $failure.Data['VisionFailure'] = 'scheme'
+                $failure.Data['VisionNotUpYet'] = $false
             }
             else {
                 $text = 'Cannot reach the server at {0}: {1}' -f $Uri, (Get-VisionInnermostMessage $inner)
@@ -520,7 +554,7 @@ function Write-VisionTextFile {
 
 function Invoke-VisionCaptionImage {
     # The whole job for one image in the folder script: caption it and write the caption file.
-    # Never throws; returns Image, CaptionPath, Ok, Error, Failure ('connect', 'timeout' or
+    # Never throws; returns Image, CaptionPath, Ok, Error, Failure ('connect', 'timeout', 'scheme' or
     # $null) and Seconds.
     param(
         $Client,

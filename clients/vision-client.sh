@@ -287,6 +287,13 @@ retry_after() {
     printf '%s' "${value:-0}"
 }
 
+# speaks_https: whether an http:// --url's port answers HTTPS (any HTTP answer over TLS, the
+# certificate unchecked: this only asks which protocol the port speaks).
+speaks_https() {
+    [[ $url == http://* ]] || return 1
+    curl -q --silent --insecure --max-time 5 --output /dev/null -- "https://${url#http://}/health" </dev/null
+}
+
 # request METHOD PATH [BODYFILE]: sets http_code and leaves the body in $tmpd/resp. Exits on
 # connection problems and timeouts; retries busy answers when --retries allows.
 request() {
@@ -322,6 +329,10 @@ request() {
         7) die "$EXIT_CONNECT" "cannot connect to $url (is the server running?)" ;;
         26) die "$EXIT_ERROR" "cannot read the request body file" ;;
         *)
+            # 52 (empty reply) or 56 (reset) is how a TLS port hangs up on plain HTTP.
+            if ((rc == 52 || rc == 56)) && speaks_https; then
+                die "$EXIT_CONNECT" "$url hung up without an answer, and that port speaks HTTPS: use https://${url#http://}"
+            fi
             local err
             err=$(trim "$(sed 's/^curl: ([0-9]*) //' "$tmpd/curl.err" | tr '\n' ' ')")
             die "$EXIT_CONNECT" "request to $url$path failed: ${err:-curl exit status $rc}"

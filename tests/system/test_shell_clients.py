@@ -16,10 +16,13 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import psutil
@@ -31,6 +34,7 @@ from tests.support.images import save as save_image
 from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
 from tests.support.processes import ServerProcess, free_port, http_json
 from tests.support.stand_in import StandIn
+from tests.support.tls import self_signed
 
 REPO = paths.REPO
 CLIENT = REPO / "clients" / "vision-client.sh"
@@ -262,6 +266,46 @@ def test_dead_server(tmp_path: Path, tmpdir_env: Path) -> None:
     assert result.returncode == 3
     assert result.stdout == ""
     assert "cannot connect" in result.stderr
+    assert list(tmpdir_env.iterdir()) == []
+
+
+@contextlib.contextmanager
+def https_port(tmp_path: Path) -> Iterator[int]:
+    """An HTTPS server (self-signed) answering 404 to everything; plain HTTP to it is hung up on."""
+
+    class NotFound(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_error(404)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    httpd.socket = context.wrap_socket(httpd.socket, server_side=True)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield httpd.server_address[1]
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
+def test_plain_http_to_an_https_port_says_use_https(tmp_path: Path, tmpdir_env: Path) -> None:
+    """curl's "Empty reply from server" said nothing of why; the folder script stops at once."""
+    image = save_image(tmp_path / "p.png", 1)
+    with https_port(tmp_path) as port:
+        plain = f"http://127.0.0.1:{port}"
+        hint = f"{plain} hung up without an answer, and that port speaks HTTPS: use https://127.0.0.1:{port}"
+        result = run(CLIENT, "--url", plain, "CAPTION", str(image), env=base_env(tmpdir_env))
+        assert result.returncode == 3 and hint in result.stderr, result.stderr
+        root = tmp_path / "tree"
+        make_tree(root, ["a.png"])
+        folder = run(FOLDER, "--url", plain, "CAPTION", "txt", str(root), env=base_env(tmpdir_env))
+        assert folder.returncode == 3 and hint in folder.stderr and "waiting" not in folder.stderr
     assert list(tmpdir_env.iterdir()) == []
 
 
