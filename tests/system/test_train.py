@@ -265,16 +265,17 @@ def test_validation_shows_more_samples_than_the_batch_size(
 ) -> None:
     """The documented defaults (batch 1, three samples) with several held-out images: the samples
     are generated a batch at a time, not all at once against a one-row prompt. A caption's second
-    line stays indented under its first."""
+    line stays indented under its first. One image and one step are counted in the singular."""
     data = shutil.copytree(trained.data, tmp_path / "data")
     for caption in data.glob("*.txt"):
         caption.write_text(caption.read_text().strip() + "\nsecond line")
     shown = io.StringIO()
     options = TrainOptions(
         dataset=data, output=tmp_path / "run", model=str(trained.model), cache_dir=trained.cache,
-        max_steps=1, val_split=3.0, max_caption_tokens=8, log_with="none", device="cpu",
+        max_steps=1, val_split=4.0, max_caption_tokens=8, log_with="none", device="cpu",
     )  # fmt: skip
     result = run_training(options, stream=shown)
     assert result.finished
+    assert "training 1 image (4 for validation), 1 step of 1x1 on cpu" in shown.getvalue(), shown.getvalue()
     assert shown.getvalue().count("target: photo") == 3, shown.getvalue()
     assert shown.getvalue().count("\n            second line\n") == 3, shown.getvalue()

@@ -284,3 +284,66 @@ def test_trackers_are_used_only_when_installed() -> None:
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(LoggerUnavailable, match="pip install wandb"):
             pick_tracker("wandb")
+
+
+def test_the_summary_counts_one_step_in_the_singular(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from vision_server.cli import main
+    from vision_server.train import loop
+    from vision_server.train.reporting import counted
+
+    assert [counted(1, "step"), counted(2, "step"), counted(0, "image")] == ["1 step", "2 steps", "0 images"]
+
+    def one_step(options: TrainOptions, **_kwargs: object) -> loop.TrainResult:
+        return loop.TrainResult(options.output, 1, 1, [], None, {"final_train_loss": 0.5})
+
+    monkeypatch.setattr(loop, "run_training", one_step)
+    root = captioned_folder(tmp_path / "data", CAPTIONS[:1])
+    result = CliRunner().invoke(main, ["train", "--dataset", str(root), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 0 and "trained 1 step; final train loss 0.5000" in result.output
+
+
+def test_sigterm_says_what_a_second_signal_does_and_ctrl_c_says_ctrl_c(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The first signal asks for a stop after the step; a second (of either kind) aborts at once."""
+    import signal
+
+    from vision_server.train.command import stop_on_signals
+
+    for first, second, named in [
+        (signal.SIGTERM, signal.SIGTERM, "a second SIGTERM aborts without one"),
+        (signal.SIGINT, signal.SIGINT, "Ctrl+C again aborts without one"),
+    ]:
+        with stop_on_signals() as received:
+            handler = signal.getsignal(first)
+            assert callable(handler)
+            handler(first, None)
+            message = capsys.readouterr().err
+            assert "stopping after this step" in message and named in message
+            assert (first == signal.SIGINT) == ("Ctrl+C" in message)
+            assert received == [first]
+            with pytest.raises(KeyboardInterrupt):
+                handler(second, None)
+            assert received == [first, second]
+
+
+def test_a_second_sigterm_aborts_with_143(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from click.testing import CliRunner
+
+    from vision_server.cli import main
+    from vision_server.train import loop
+
+    def terminated_twice(*_args: object, **_kwargs: object) -> None:
+        handler = signal.getsignal(signal.SIGTERM)
+        assert callable(handler)
+        handler(signal.SIGTERM, None)
+        handler(signal.SIGTERM, None)
+
+    monkeypatch.setattr(loop, "run_training", terminated_twice)
+    root = captioned_folder(tmp_path / "data", CAPTIONS[:1])
+    result = CliRunner().invoke(main, ["train", "--dataset", str(root), "--output", str(tmp_path / "out")])
+    assert result.exit_code == 143 and "aborted without a checkpoint" in result.output

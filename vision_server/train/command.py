@@ -127,14 +127,23 @@ def train_options(func: Callable[..., Any]) -> Callable[..., Any]:
 
 @contextmanager
 def stop_on_signals() -> Iterator[list[int]]:
-    """Ctrl+C or SIGTERM ask the loop to stop at the next step (a second Ctrl+C aborts at once)."""
+    """Ctrl+C or SIGTERM ask the loop to stop at the next step; a second signal of either kind
+    aborts at once (:class:`KeyboardInterrupt`; the signals received are in the list)."""
     received: list[int] = []
 
     def handle(signum: int, _frame: Any) -> None:
-        if received and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        first = not received
         received.append(signum)
-        print("\nstopping after this step (Ctrl+C again to abort without a checkpoint)", file=sys.stderr)
+        if not first:
+            raise KeyboardInterrupt
+        if signum == signal.SIGINT:
+            again = "Ctrl+C again"
+        else:
+            again = f"a second {signal.Signals(signum).name}"
+        print(
+            f"\nstopping after this step to write a checkpoint ({again} aborts without one)",
+            file=sys.stderr,
+        )
 
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -149,7 +158,7 @@ def run_command(params: dict[str, Any]) -> int:
     from vision_server.train.loop import run_training
     from vision_server.train.model import ModelError
     from vision_server.train.preflight import TrainError
-    from vision_server.train.reporting import LoggerUnavailable
+    from vision_server.train.reporting import LoggerUnavailable, counted
 
     options = TrainOptions(**params)
     with stop_on_signals() as received:
@@ -160,13 +169,13 @@ def run_command(params: dict[str, Any]) -> int:
         except (DatasetError, ModelError) as exc:
             click.echo(f"Error: {exc}", err=True)
             return 1
-        except KeyboardInterrupt:  # the second Ctrl+C
+        except KeyboardInterrupt:  # a second Ctrl+C or SIGTERM
             click.echo("aborted without a checkpoint", err=True)
-            return 128 + signal.SIGINT
+            return 128 + (received[-1] if received else signal.SIGINT)
     if not result.finished:
         return 128 + (received[0] if received else signal.SIGINT)
     losses = result.metadata
-    summary = f"trained {result.steps} steps; final train loss {losses['final_train_loss']:.4f}"
+    summary = f"trained {counted(result.steps, 'step')}; final train loss {losses['final_train_loss']:.4f}"
     if losses.get("final_val_loss") is not None:
         summary += f", validation loss {losses['final_val_loss']:.4f}"
     click.echo(summary, err=True)

@@ -41,7 +41,7 @@ from vision_server.train.preflight import (
     check_resumable,
     clear_output,
 )
-from vision_server.train.reporting import Progress, Tracker, pick_tracker
+from vision_server.train.reporting import Progress, Tracker, counted, pick_tracker
 
 PIXEL_CACHE_BYTES = 1 << 30  # decoded, resized images kept in memory (a few hundred at 768 px)
 
@@ -214,8 +214,8 @@ class _Trainer:
         plan = self.plan
         progress = Progress(plan.total_steps, initial=self.step, stream=self.stream)
         self._say(
-            f"training {len(self.train_set)} images ({len(self.val_set)} for validation), "
-            f"{plan.total_steps} steps of {self.options.batch_size}x{self.options.gradient_accumulation} "
+            f"training {counted(len(self.train_set), 'image')} ({len(self.val_set)} for validation), "
+            f"{counted(plan.total_steps, 'step')} of {self.options.batch_size}x{self.options.gradient_accumulation} "
             f"on {self.precision.device} in {self.precision.name}",
             progress,
         )

@@ -28,6 +28,11 @@ def pick_tracker(requested: str) -> str:
     return requested
 
 
+def counted(number: int, word: str) -> str:
+    """``1 step``, ``2 steps``: a count with its word in the right number (regular plurals only)."""
+    return f"{number} {word}" if number == 1 else f"{number} {word}s"
+
+
 def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
