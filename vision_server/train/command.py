@@ -136,10 +136,7 @@ def stop_on_signals() -> Iterator[list[int]]:
         received.append(signum)
         if not first:
             raise KeyboardInterrupt
-        if signum == signal.SIGINT:
-            again = "Ctrl+C again"
-        else:
-            again = f"a second {signal.Signals(signum).name}"
+        again = "Ctrl+C again" if signum == signal.SIGINT else f"a second {signal.Signals(signum).name}"
         print(
             f"\nstopping after this step to write a checkpoint ({again} aborts without one)",
             file=sys.stderr,

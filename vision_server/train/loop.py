@@ -213,9 +213,10 @@ class _Trainer:
     def run(self, tracker: Tracker, should_stop: Callable[[], bool]) -> TrainResult:
         plan = self.plan
         progress = Progress(plan.total_steps, initial=self.step, stream=self.stream)
+        batch = f"{self.options.batch_size}x{self.options.gradient_accumulation}"
         self._say(
             f"training {counted(len(self.train_set), 'image')} ({len(self.val_set)} for validation), "
-            f"{counted(plan.total_steps, 'step')} of {self.options.batch_size}x{self.options.gradient_accumulation} "
+            f"{counted(plan.total_steps, 'step')} of {batch} "
             f"on {self.precision.device} in {self.precision.name}",
             progress,
         )
