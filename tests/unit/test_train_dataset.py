@@ -347,3 +347,70 @@ def test_a_second_sigterm_aborts_with_143(tmp_path: Path, monkeypatch: pytest.Mo
     root = captioned_folder(tmp_path / "data", CAPTIONS[:1])
     result = CliRunner().invoke(main, ["train", "--dataset", str(root), "--output", str(tmp_path / "out")])
     assert result.exit_code == 143 and "aborted without a checkpoint" in result.output
+
+
+def test_image_column_for_a_dataset_that_is_not_parquet_is_bad_usage(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from vision_server.cli import main
+    from vision_server.train.dataset import OptionError
+
+    root = captioned_folder(tmp_path / "data", CAPTIONS[:1])
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text(json.dumps({"file": "data/img0.png", "text": CAPTIONS[0]}) + "\n")
+    with pytest.raises(
+        OptionError, match=r"--image-column applies to a .parquet dataset only; .* is a folder"
+    ):
+        load_dataset(root, image_column="image")
+    args = ["train", "--dataset", str(rows), "--output", str(tmp_path / "out"), "--image-column", "image"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2, result.output
+    assert (
+        "--image-column applies to a .parquet dataset only" in result.output
+        and "is a .jsonl" in result.output
+    )
+
+
+def test_image_column_naming_captions_says_they_hold_no_images(tmp_path: Path) -> None:
+    """Not one 'no such file' line per multi-line caption: one line that says what the column is."""
+    from click.testing import CliRunner
+
+    from vision_server.cli import main
+    from vision_server.train.dataset import OptionError
+
+    captioned_folder(tmp_path / "data", CAPTIONS[:2])
+    long_note = "a note\nover two lines " + "and long " * 20
+    table = pa.table(
+        {
+            "file": ["data/img0.png", "data/img1.png"],
+            "text": ["photo cat\nsecond line", "photo dog\nmore"],
+            "notes": [long_note, "x\ny"],
+        }
+    )
+    pq.write_table(table, tmp_path / "set.parquet")
+    args = ["train", "--dataset", str(tmp_path / "set.parquet"), "--output", str(tmp_path / "out")]
+    result = CliRunner().invoke(main, [*args, "--image-column", "text"])
+    assert result.exit_code == 2, result.output
+    assert "'text': that is the caption text column" in result.output and "holds no images" in result.output
+    assert "second line" not in result.output and "no such file" not in result.output
+    with pytest.raises(
+        OptionError, match=r"column 'notes' holds no image paths: none of its 2 values"
+    ) as caught:
+        load_dataset(tmp_path / "set.parquet", image_column="notes")
+    message = str(caught.value)
+    assert "\n" not in message and "(the first is 'a note over two lines and long" in message
+    assert message.endswith("…')") and message.count("and long") < 10  # cut short
+    assert len(load_dataset(tmp_path / "set.parquet", image_column="file")) == 2
+    # Found by its name, a column of paths to nothing is the dataset's problem (exit 1), said once.
+    pq.write_table(
+        table.set_column(0, "file", pa.array(["gone\n0.png", "gone1.png"])), tmp_path / "gone.parquet"
+    )
+    with pytest.raises(DatasetError, match=r"column 'file' holds no image paths: .*first is 'gone 0.png'"):
+        load_dataset(tmp_path / "gone.parquet")
+    pq.write_table(
+        table.set_column(0, "file", pa.array(["data/img0.png", "gone1.png"])), tmp_path / "one.parquet"
+    )
+    with pytest.raises(
+        DatasetError, match=r"captions without images \(1\):\n    .*gone1.png \(one.parquet row 1"
+    ):
+        load_dataset(tmp_path / "one.parquet")

@@ -151,7 +151,7 @@ def stop_on_signals() -> Iterator[list[int]]:
 
 
 def run_command(params: dict[str, Any]) -> int:
-    from vision_server.train.dataset import DatasetError, SplitError
+    from vision_server.train.dataset import DatasetError, OptionError
     from vision_server.train.loop import run_training
     from vision_server.train.model import ModelError
     from vision_server.train.preflight import TrainError
@@ -161,7 +161,7 @@ def run_command(params: dict[str, Any]) -> int:
     with stop_on_signals() as received:
         try:
             result = run_training(options, should_stop=lambda: bool(received))
-        except (TrainError, LoggerUnavailable, SplitError) as exc:
+        except (TrainError, LoggerUnavailable, OptionError) as exc:
             raise click.UsageError(str(exc)) from None
         except (DatasetError, ModelError) as exc:
             click.echo(f"Error: {exc}", err=True)

@@ -75,8 +75,13 @@ class DatasetError(ValueError):
         super().__init__(text)
 
 
-class SplitError(ValueError):
-    """``--val-split`` holds out every image: a usage error, not a dataset problem."""
+class OptionError(ValueError):
+    """An option does not fit the dataset (``--image-column`` for a folder, a column that holds
+    no images): a usage error (exit 2), not a problem of the files."""
+
+
+class SplitError(OptionError):
+    """``--val-split`` holds out every image."""
 
 
 NO_CAPTION = "images without captions"
@@ -91,8 +96,12 @@ def load_dataset(
     """Every example of ``source``, checked; :class:`DatasetError` names whatever is wrong."""
     source = Path(source)
     problems = Problems()
-    if image_column is not None and source.suffix.lower() != ".parquet":
-        raise DatasetError(source, "--image-column is for a .parquet dataset only")
+    if image_column is not None and (source.is_dir() or source.suffix.lower() != ".parquet"):
+        kind = "a folder" if source.is_dir() else f"a {source.suffix or 'file without extension'}"
+        raise OptionError(
+            f"--image-column applies to a .parquet dataset only; {source} is {kind} "
+            "(leave --image-column out)"
+        )
     if source.is_dir():
         examples = list(_folder(source, caption_ext.lstrip("."), problems))
     elif source.suffix.lower() == ".jsonl":
@@ -246,17 +255,24 @@ def _parquet(path: Path, problems: Problems, wanted: str | None = None) -> list[
     text_column = next((n for n in names if n.lower() in TEXT_FIELDS), None)
     if text_column is None:
         raise DatasetError(path, f"needs a 'text' (or 'caption') column; it has {', '.join(names)}")
+    if wanted is not None and wanted == text_column:
+        raise OptionError(
+            f"--image-column {wanted!r}: that is the caption text column of {path}, it holds no images "
+            "or image paths; name the column of images, or leave --image-column out"
+        )
     try:
         chosen = image_column(table.schema, wanted)
     except ImageColumnError as exc:
-        hint = "; name one with --image-column" if wanted is None else ""
-        raise DatasetError(path, f"{exc}{hint}") from None
+        if wanted is not None:
+            raise OptionError(f"--image-column {wanted!r}: {path}: {exc}") from None
+        raise DatasetError(path, f"{exc}; name one with --image-column") from None
     if chosen.note and wanted is None:
         log.warning("%s: %s; --image-column picks another", path, chosen.note)
+    values = table.column(chosen.name).to_pylist()
+    if chosen.kind == "path":
+        _check_holds_paths(path, chosen.name, values, wanted)
     examples = []
-    for row, (value, text) in enumerate(
-        zip(table.column(chosen.name).to_pylist(), table.column(text_column).to_pylist(), strict=True)
-    ):
+    for row, (value, text) in enumerate(zip(values, table.column(text_column).to_pylist(), strict=True)):
         name = f"{path.name} row {row}"
         if isinstance(value, dict):
             value = value.get("bytes") or value.get("path")
@@ -265,12 +281,55 @@ def _parquet(path: Path, problems: Problems, wanted: str | None = None) -> list[
         elif isinstance(value, bytes) and value:
             examples.append(Example(name, str(text).strip(), data=value))
         elif isinstance(value, str) and value:
-            listed = Path(value)
-            image = listed if listed.is_absolute() else path.parent / listed
-            if image.exists():
+            image = _image_path(path, value)
+            if image is not None and _exists(image):
                 examples.append(Example(str(image), str(text).strip(), path=image))
             else:
-                problems.add(NO_IMAGE, f"{image} ({name}: no such file)")
+                shown = str(image) if image is not None else _excerpt(value)
+                problems.add(NO_IMAGE, f"{_one_line(shown)} ({name}: no such file)")
         else:
             problems.add(NO_IMAGE, f"{name} (no image)")
     return examples
+
+
+def _image_path(table_path: Path, value: Any) -> Path | None:
+    if not isinstance(value, str) or not value or "\n" in value:
+        return None
+    listed = Path(value)
+    return listed if listed.is_absolute() else table_path.parent / listed
+
+
+def _check_holds_paths(table_path: Path, column: str, values: list[Any], wanted: str | None) -> None:
+    """A string column none of whose values names an existing file holds no image paths (text, say):
+    say so once instead of listing each value as a missing file."""
+    texts = [value for value in values if isinstance(value, str) and value]
+    if not texts:
+        return
+    for value in texts:
+        image = _image_path(table_path, value)
+        if image is not None and _exists(image):
+            return
+    what = (
+        f"column {column!r} holds no image paths: none of its {len(texts)} values is an existing "
+        f"file (the first is {_excerpt(texts[0])})"
+    )
+    if wanted is not None:
+        raise OptionError(f"--image-column {wanted!r}: {table_path}: {what}")
+    raise DatasetError(table_path, what)
+
+
+def _exists(image: Path) -> bool:
+    try:
+        return image.exists()
+    except OSError:  # a name too long for the file system is no path either
+        return False
+
+
+def _one_line(text: str, width: int = 120) -> str:
+    """``text`` on one line of at most ``width`` characters (a value quoted in a message)."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def _excerpt(text: str, width: int = 60) -> str:
+    return repr(_one_line(text, width))
