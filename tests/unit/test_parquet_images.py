@@ -14,7 +14,7 @@ import pytest
 from tests.support.images import image_bytes, save
 from vision_server.bulk.readers import InputError, ReadOptions, check_inputs, image_column_note, iter_records
 from vision_server.parquet_images import image_column
-from vision_server.train.dataset import DatasetError, load_dataset
+from vision_server.train.dataset import DatasetError, OptionError, load_dataset
 
 HF_IMAGE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 
@@ -86,9 +86,11 @@ def test_a_table_without_an_image_column_is_refused_naming_its_columns(tmp_path:
         DatasetError, match=rf"data.parquet: no image column found \({columns}\).*--image-column"
     ):
         load_dataset(table)
-    with pytest.raises(DatasetError, match=r"column 'size' holds struct<width: int64>, not image bytes or"):
+    # a column the user named that holds no images is bad usage (exit 2), as is naming one at all
+    # for a dataset that is not a table
+    with pytest.raises(OptionError, match=r"column 'size' holds struct<width: int64>, not image bytes or"):
         load_dataset(table, image_column="size")
-    with pytest.raises(DatasetError, match=r"--image-column is for a .parquet dataset only"):
+    with pytest.raises(OptionError, match=r"--image-column applies to a .parquet dataset only"):
         load_dataset(tmp_path, image_column="image")
     with pytest.raises(
         InputError, match=r"column 'size' holds struct<width: int64>, not image bytes or paths"
