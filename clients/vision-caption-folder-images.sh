@@ -205,6 +205,7 @@ export VISION_CLIENT_ID=${VISION_CLIENT_ID:-folder-$$}
 # Run state, temporary files and signals
 
 tmpd=""
+new_dir=""
 declare -a todo=() todo_cap=() temp_ids=()
 declare -A running=() # index -> worker pid
 next=0
@@ -280,8 +281,12 @@ cleanup() {
     # Belt and braces: the workers remove their temporary captions themselves when stopped.
     if ((${#temps[@]})); then rm -f -- "${temps[@]}"; fi
     running=()
-    if [[ -n $tmpd ]]; then rm -rf -- "$tmpd"; fi
-    tmpd=""
+    if [[ -n $tmpd ]]; then
+        rm -rf -- "$tmpd"
+    elif [[ -n $new_dir ]]; then
+        rmdir -- "$new_dir" 2>/dev/null || true # empty: only just created
+    fi
+    tmpd="" new_dir=""
 }
 
 # shellcheck disable=SC2317,SC2329  # called by traps
@@ -313,7 +318,22 @@ trap 'on_signal 129' HUP
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM
 
-tmpd=$(umask 077 && mktemp -d "${TMPDIR:-/tmp}/vision-caption.XXXXXXXX") || die 1 "cannot create a temporary directory"
+# What mktemp -d does (mkdir fails on any existing name), without a $(...) now that the signal
+# traps are set (see show_into); new_dir lets cleanup remove it before tmpd is set.
+for ((tries = 0; tries < 100; tries++)); do
+    if [[ -n ${SRANDOM:-} ]]; then # bash 5.1+
+        printf -v new_dir '%s/vision-caption.%08x' "${TMPDIR:-/tmp}" "$SRANDOM"
+    else
+        printf -v new_dir '%s/vision-caption.%04x%04x' "${TMPDIR:-/tmp}" "$RANDOM" "$RANDOM"
+    fi
+    if (umask 077 && mkdir -- "$new_dir"); then
+        tmpd=$new_dir
+        break
+    fi
+    [[ -e $new_dir ]] || break # not a name taken by another run: trying again will not help
+    new_dir=""
+done
+[[ -n $tmpd ]] || die 1 "cannot create a temporary directory"
 
 # ---------------------------------------------------------------------------------------------
 # Check the server before spending time on the folder.
@@ -337,16 +357,22 @@ not_up_yet() {
     grep -q -e ': cannot connect to ' -e ': cannot reach the server behind ' "$tmpd/preflight.err"
 }
 
-preflight_message() {
-    sed "s/^$client_name: //" "$tmpd/preflight.err" | tail -n 1
+# preflight_message_into VAR: the probe's message, without vision-client.sh's name. (The signal
+# traps are set: no $(...), see show_into.)
+preflight_message_into() {
+    local _line _last=""
+    while IFS= read -r _line || [[ -n $_line ]]; do _last=$_line; done <"$tmpd/preflight.err"
+    printf -v "$1" '%s' "${_last#"$client_name: "}"
 }
 
 preflight_rc=0
+message=""
 probe_prompts || preflight_rc=$?
 if ((preflight_rc == 3 && wait_for_server > 0)) && not_up_yet; then
     # Started together with the server, or while every server behind HAProxy restarts: wait for
     # it as for an outage mid-run (--wait-for-server), probing with a capped back-off.
-    say "server not answering yet ($(preflight_message)); waiting up to $wait_for_server s for it (--wait-for-server; 0 stops at once)"
+    preflight_message_into message
+    say "server not answering yet ($message); waiting up to $wait_for_server s for it (--wait-for-server; 0 stops at once)"
     deadline=$((SECONDS + wait_for_server))
     pause=1
     while ((preflight_rc == 3 && SECONDS < deadline)) && not_up_yet; do
@@ -358,7 +384,8 @@ if ((preflight_rc == 3 && wait_for_server > 0)) && not_up_yet; then
         probe_prompts || preflight_rc=$?
     done
     if ((preflight_rc == 3)) && not_up_yet; then
-        die 3 "$(preflight_message) (still not after waiting $wait_for_server s)"
+        preflight_message_into message
+        die 3 "$message (still not after waiting $wait_for_server s)"
     fi
     ((preflight_rc != 0)) || say "server answers; going on"
 fi
@@ -373,9 +400,11 @@ case $preflight_rc in
     if grep -q ': HTTP 404' "$tmpd/preflight.err"; then
         # Not a vision-server at this address (a --url with a path?), or a VISION_MODEL it does
         # not serve: every image would fail the same way.
-        die 2 "$(preflight_message): check --url (the server's base address, e.g. http://host:54880)${VISION_MODEL:+ and VISION_MODEL}"
+        preflight_message_into message
+        die 2 "$message: check --url (the server's base address, e.g. http://host:54880)${VISION_MODEL:+ and VISION_MODEL}"
     fi
-    say "warning: GET /prompts failed ($(preflight_message)); trying anyway"
+    preflight_message_into message
+    say "warning: GET /prompts failed ($message); trying anyway"
     ;;
 esac
 
@@ -390,9 +419,10 @@ sweep_args=("$folder")
 ((recursive)) || sweep_args+=(-maxdepth 1)
 sweep_args+=(-type f '(' -name ".vision-caption.$hex_glob.tmp" -o -name '.vision-caption.[0-9]*.[0-9]*.tmp' ')')
 sweep_args+=(-mmin +15 -delete -print0)
-swept=$(find "${sweep_args[@]}" 2>/dev/null | tr -cd '\0' | wc -c) || true
-swept=${swept//[^0-9]/}
-if ((${swept:-0} > 0)); then
+find "${sweep_args[@]}" >"$tmpd/swept" 2>/dev/null || true
+swept=0
+while IFS= read -r -d '' _; do swept=$((swept + 1)); done <"$tmpd/swept"
+if ((swept > 0)); then
     say "removed $swept leftover temporary caption file(s) of a killed run"
 fi
 
@@ -486,7 +516,15 @@ show_into() {
     printf -v "$1" '%s' "$_p"
 }
 
-# show PATH: show_into for a $(...), where no signal is expected.
+# last_line_into VAR FILE: the last line of FILE (tail -n 1).
+last_line_into() {
+    local _line _last=""
+    while IFS= read -r _line || [[ -n $_line ]]; do _last=$_line; done <"$2"
+    printf -v "$1" '%s' "$_last"
+}
+
+# show PATH: show_into for a $(...), where no signal is expected (the summary, printed with the
+# signals ignored).
 show() {
     local p
     show_into p "$1"
@@ -599,7 +637,7 @@ report() {
 
 caption_one() {
     set +e
-    local idx=$1 img=${todo[$1]} cap=${todo_cap[$1]} tmp rc caption content old line reason
+    local idx=$1 img=${todo[$1]} cap=${todo_cap[$1]} tmp rc caption content old line reason dir
     local out=$tmpd/out.$1 err=$tmpd/err.$1 res=$tmpd/res.$1 child="" renaming=0
     tmp=${todo_cap[idx]%/*}/.vision-caption.${temp_ids[idx]}.tmp # temp_caption, without a subshell
     # A worker is stopped by the main script (TERM) or by a signal to the whole process group,
@@ -660,7 +698,8 @@ caption_one() {
     content=$prefix$caption$suffix
 
     if [[ $mode == append || $mode == prepend ]] && [[ -s $cap ]]; then
-        old=$(<"$cap") || finish fail 1 "cannot read the existing caption file"
+        old=""
+        { IFS= read -r -d '' old || true; } <"$cap" || finish fail 1 "cannot read the existing caption file"
         old=${old%"${old##*[![:space:]]}"}
         if [[ -n $old ]]; then
             if [[ $mode == append ]]; then content=$old$separator$content; else content=$content$separator$old; fi
@@ -670,13 +709,16 @@ caption_one() {
     # Write beside the image, then rename: the caption file is either complete or untouched.
     if ! (set -o noclobber && printf '%s' "$content" >"$tmp") 2>"$err"; then
         rm -f -- "$tmp"
-        finish fail 1 "cannot write in $(show "${cap%/*}"): $(tail -n 1 "$err")"
+        show_into dir "${cap%/*}"
+        last_line_into line "$err"
+        finish fail 1 "cannot write in $dir: $line"
     fi
     renaming=1
     if ! mv -f -- "$tmp" "$cap" 2>"$err"; then
         renaming=0
         rm -f -- "$tmp"
-        finish fail 1 "cannot create the caption file: $(tail -n 1 "$err")"
+        last_line_into line "$err"
+        finish fail 1 "cannot create the caption file: $line"
     fi
     finish ok 0 ""
 }
@@ -686,7 +728,8 @@ caption_one() {
 # FIFO that the main loop reads (with a timeout, to refresh the ETA and notice dead workers).
 
 if ((quiet == 0)); then
-    say "$total_found image(s) found in $(show "$folder"), $skipped already captioned, $total to caption ($jobs at a time)"
+    show_into shown "$folder"
+    say "$total_found image(s) found in $shown, $skipped already captioned, $total to caption ($jobs at a time)"
 fi
 
 mkfifo "$tmpd/done" || die 1 "cannot create a FIFO in $tmpd"
@@ -714,7 +757,8 @@ account() {
         } <"$tmpd/res.$idx"
     else
         status=fail rc=1 reason="the worker stopped unexpectedly"
-        rm -f -- "$(temp_caption "$idx")" # rare (a worker killed from outside)
+        # A worker killed from outside (rare): remove its temp_caption (no $(...): see show_into).
+        rm -f -- "${todo_cap[idx]%/*}/.vision-caption.${temp_ids[idx]}.tmp"
     fi
     rm -f -- "$tmpd/res.$idx" "$tmpd/out.$idx" "$tmpd/err.$idx"
     if [[ $status == ok ]]; then
@@ -791,8 +835,10 @@ wait_for_server_back() {
             return 0
         fi
     done
+    local last
+    last_line_into last "$tmpd/probe.err"
     abort_rc=3
-    abort_reason="the server cannot be reached (still not after waiting $wait_for_server s: $(tail -n 1 "$tmpd/probe.err" | sed "s/^$client_name: //"))"
+    abort_reason="the server cannot be reached (still not after waiting $wait_for_server s: ${last#"$client_name: "})"
     say "stopping: $abort_reason"
 }
 

@@ -209,11 +209,28 @@ PY
     fi
 }
 
-trim() {
-    local s=$1
-    s=${s#"${s%%[![:space:]]*}"}
-    s=${s%"${s##*[![:space:]]}"}
-    printf '%s' "$s"
+# The signal traps below stay set for the rest of the script, which uses no $(...): bash 5.2
+# can hang, or fail with "unexpected EOF while looking for matching `)'", when the signal lands
+# inside one. Helpers store their result in a variable (printf -v) instead, or `into` runs a
+# command with its output in a file that it reads back. (The *_into helpers' locals start with "_", so that a caller's
+# VAR is never one of them.)
+
+# trim_into VAR TEXT: TEXT without leading and trailing whitespace.
+trim_into() {
+    local _s=$2
+    _s=${_s#"${_s%%[![:space:]]*}"}
+    _s=${_s%"${_s##*[![:space:]]}"}
+    printf -v "$1" '%s' "$_s"
+}
+
+# into VAR COMMAND [ARG...]: VAR=$(COMMAND ARG...) without the $(...): the output goes through
+# $tmpd/into (trailing newlines removed, as $(...) does); the status is COMMAND's.
+into() {
+    local _rc=0 _out=""
+    "${@:2}" >"$tmpd/into" || _rc=$?
+    IFS= read -r -d '' _out <"$tmpd/into" || true
+    printf -v "$1" '%s' "${_out%"${_out##*[!$'\n']}"}"
+    return "$_rc"
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -223,11 +240,12 @@ trim() {
 # them all private (0600 in a 0700 directory).
 umask 077
 tmpd=""
+new_dir="" # the name new_tmpdir is creating: a signal can come before tmpd is set
 curl_pid=""
 # shellcheck disable=SC2317,SC2329  # called by traps
 cleanup() {
     local pids IFS=$' \t\n' # the default, whatever the interrupted command had set
-    trap '' HUP INT TERM # a second signal must not cut the cleanup short
+    trap '' HUP INT TERM # a second signal must not cut the cleanup short (nor land in a $(...))
     # curl_pid, and any background job a signal caught between its start and that assignment.
     pids=$(jobs -p)
     if [[ -n $curl_pid || -n $pids ]]; then
@@ -235,16 +253,35 @@ cleanup() {
         kill $curl_pid $pids 2>/dev/null || true
         wait 2>/dev/null || true
     fi
-    if [[ -n $tmpd ]]; then rm -rf -- "$tmpd"; fi
+    if [[ -n $tmpd ]]; then
+        rm -rf -- "$tmpd"
+    elif [[ -n $new_dir ]]; then
+        rmdir -- "$new_dir" 2>/dev/null || true # empty: only just created
+    fi
 }
 trap cleanup EXIT
 trap 'exit 129' HUP
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
+# new_tmpdir: what mktemp -d does (mkdir fails on any existing name), but without a $(...).
 new_tmpdir() {
-    tmpd=$(mktemp -d "${TMPDIR:-/tmp}/vision-client.XXXXXXXX") ||
-        die "$EXIT_ERROR" "cannot create a temporary directory"
+    local dir tries
+    for ((tries = 0; tries < 100; tries++)); do
+        if [[ -n ${SRANDOM:-} ]]; then # bash 5.1+
+            printf -v dir '%s/vision-client.%08x' "${TMPDIR:-/tmp}" "$SRANDOM"
+        else
+            printf -v dir '%s/vision-client.%04x%04x' "${TMPDIR:-/tmp}" "$RANDOM" "$RANDOM"
+        fi
+        new_dir=$dir
+        if mkdir -- "$dir"; then
+            tmpd=$dir
+            break
+        fi
+        new_dir=""
+        [[ -e $dir ]] || break # not a name taken by another run: trying again will not help
+    done
+    [[ -n $tmpd ]] || die "$EXIT_ERROR" "cannot create a temporary directory"
     # curl reads its headers from a config file, so the API key never shows up in `ps`.
     {
         printf 'header = "Expect:"\n'
@@ -268,23 +305,34 @@ new_tmpdir() {
 
 http_code=""
 
-# server_message: the error text from the last response: its "detail" (the server's error
-# shape), an OpenAI-style error message, or the start of the body.
-server_message() {
-    local msg=""
+# server_message_into VAR: the error text from the last response: its "detail" (the server's
+# error shape), an OpenAI-style error message, or the start of the body.
+server_message_into() {
+    local _msg=""
     if [[ -s $tmpd/resp ]]; then
-        msg=$(json_field "$tmpd/resp" detail) ||
-            msg=$(json_field "$tmpd/resp" error 2>/dev/null) ||
-            msg=$(head -c 300 -- "$tmpd/resp" | tr '\r\n\t' '   ') || true
+        into _msg json_field "$tmpd/resp" detail ||
+            into _msg json_field "$tmpd/resp" error 2>/dev/null ||
+            into _msg body_start 300 '\r\n\t' || true
     fi
-    msg=$(trim "$msg")
-    printf '%s' "${msg:-no details in the response}"
+    trim_into _msg "$_msg"
+    printf -v "$1" '%s' "${_msg:-no details in the response}"
 }
 
-retry_after() {
-    local value
-    value=$(tr -d '\r' <"$tmpd/headers" | sed -n 's/^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:[[:space:]]*\([0-9][0-9]*\).*/\1/p' | tail -n 1)
-    printf '%s' "${value:-0}"
+# body_start N CHARS: the first N bytes of the last response, the CHARS (tr escapes) as spaces.
+body_start() {
+    head -c "$1" -- "$tmpd/resp" | tr "$2" '   '
+}
+
+# retry_after_into VAR: the last response's Retry-After in whole seconds (0: none).
+retry_after_into() {
+    local _line _value=""
+    while IFS= read -r _line || [[ -n $_line ]]; do
+        _line=${_line//$'\r'/}
+        if [[ $_line =~ ^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:[[:space:]]*([0-9]+) ]]; then
+            _value=${BASH_REMATCH[1]}
+        fi
+    done <"$tmpd/headers"
+    printf -v "$1" '%s' "${_value:-0}"
 }
 
 # speaks_https: whether an http:// --url's port answers HTTPS (any HTTP answer over TLS, the
@@ -333,8 +381,13 @@ request() {
             if ((rc == 52 || rc == 56)) && speaks_https; then
                 die "$EXIT_CONNECT" "$url hung up without an answer, and that port speaks HTTPS: use https://${url#http://}"
             fi
-            local err
-            err=$(trim "$(sed 's/^curl: ([0-9]*) //' "$tmpd/curl.err" | tr '\n' ' ')")
+            local err line
+            err=""
+            while IFS= read -r line || [[ -n $line ]]; do # sed 's/^curl: ([0-9]*) //' | tr '\n' ' '
+                if [[ $line =~ ^curl:\ \([0-9]*\)\  ]]; then line=${line#"${BASH_REMATCH[0]}"}; fi
+                err+="$line "
+            done <"$tmpd/curl.err"
+            trim_into err "$err"
             die "$EXIT_CONNECT" "request to $url$path failed: ${err:-curl exit status $rc}"
             ;;
         esac
@@ -342,10 +395,12 @@ request() {
         429 | 502 | 503)
             if ((attempt < retries)); then
                 attempt=$((attempt + 1))
-                wait_s=$(retry_after)
+                retry_after_into wait_s
                 ((wait_s > 0)) || wait_s=$((1 << (attempt < 6 ? attempt : 6)))
                 ((wait_s <= 60)) || wait_s=60
-                say "server busy (HTTP $http_code: $(server_message)); retry $attempt/$retries in ${wait_s}s"
+                local busy_msg
+                server_message_into busy_msg
+                say "server busy (HTTP $http_code: $busy_msg); retry $attempt/$retries in ${wait_s}s"
                 sleep "$wait_s" &
                 curl_pid=$!
                 wait "$curl_pid" || true
@@ -362,20 +417,31 @@ request() {
 # 502/503 without Retry-After and without a JSON body. A vision-server's 503 (queue full,
 # draining) has both; 504 is a deadline a server ran past, not an outage.
 from_proxy() {
-    local first
+    local first retry
     [[ $http_code == 502 || $http_code == 503 ]] || return 1
-    [[ $(retry_after) == 0 ]] || return 1
-    first=$(LC_ALL=C tr -d ' \t\r\n' <"$tmpd/resp" | head -c 1)
+    retry_after_into retry
+    [[ $retry == 0 ]] || return 1
+    into first first_nonblank_byte || true
     [[ $first != "{" ]]
+}
+
+first_nonblank_byte() {
+    LC_ALL=C tr -d ' \t\r\n' <"$tmpd/resp" | head -c 1
+}
+
+# proxy_page_text: a proxy's HTML error page as one short line of text.
+proxy_page_text() {
+    tr '\r\n\t' '   ' <"$tmpd/resp" | sed 's/<[^>]*>/ /g' | tr -s ' ' | head -c 200
 }
 
 # fail_http: report a non-200 answer and exit with a matching status.
 fail_http() {
-    local msg code=$EXIT_ERROR extra=""
-    msg=$(server_message)
+    local msg code=$EXIT_ERROR extra="" retry
+    server_message_into msg
     if from_proxy; then # a restart behind a proxy: report it as the unreachable server it is
-        msg=$(tr '\r\n\t' '   ' <"$tmpd/resp" | sed 's/<[^>]*>/ /g' | tr -s ' ' | head -c 200)
-        die "$EXIT_CONNECT" "cannot reach the server behind $url: the proxy answers HTTP $http_code ($(trim "$msg"))"
+        into msg proxy_page_text || true
+        trim_into msg "$msg"
+        die "$EXIT_CONNECT" "cannot reach the server behind $url: the proxy answers HTTP $http_code ($msg)"
     fi
     case $http_code in
     000 | "") msg="no HTTP response" ;;
@@ -385,7 +451,8 @@ fail_http() {
         ;;
     429 | 502 | 503)
         code=$EXIT_BUSY
-        if [[ $(retry_after) != 0 ]]; then extra=" (retry after $(retry_after)s)"; fi
+        retry_after_into retry
+        if [[ $retry != 0 ]]; then extra=" (retry after ${retry}s)"; fi
         ;;
     504) code=$EXIT_TIMEOUT ;;
     400) if [[ $msg == "Invalid prompt"* ]]; then code=$EXIT_PROMPT; fi ;;
@@ -405,11 +472,11 @@ get_json() {
 # Commands
 
 cmd_caption() {
-    local prompt=$1 image=$2 prompt_json model_json caption
-    prompt=$(trim "$prompt")
+    local prompt=$1 image=$2 prompt_json model_json caption start
+    trim_into prompt "$prompt"
     prompt=${prompt#<}
     prompt=${prompt%>}
-    prompt=$(trim "$prompt")
+    trim_into prompt "$prompt"
     [[ -n $prompt ]] || usage_error "the prompt is empty"
     prompt="<${prompt^^}>"
 
@@ -430,11 +497,11 @@ cmd_caption() {
     if [[ $prompt =~ ^\<[A-Z0-9_]+\>$ ]]; then
         prompt_json="\"$prompt\"" # nothing to escape
     else
-        prompt_json=$(json_quote "$prompt") || die "$EXIT_ERROR" "cannot encode the prompt as JSON"
+        into prompt_json json_quote "$prompt" || die "$EXIT_ERROR" "cannot encode the prompt as JSON"
     fi
     printf '{"prompt":%s,' "$prompt_json" >"$tmpd/body"
     if [[ -n $model ]]; then # {"prompt": ..., "model": ..., "image": ...}
-        model_json=$(json_quote "$model") || die "$EXIT_ERROR" "cannot encode the model name as JSON"
+        into model_json json_quote "$model" || die "$EXIT_ERROR" "cannot encode the model name as JSON"
         printf '"model":%s,' "$model_json" >>"$tmpd/body"
     fi
     printf '"image":"' >>"$tmpd/body"
@@ -444,48 +511,66 @@ cmd_caption() {
     request POST /process_image "$tmpd/body"
     rm -f -- "$tmpd/body"
     [[ $http_code == 200 ]] || fail_http
-    caption=$(json_field "$tmpd/resp" result) ||
-        die "$EXIT_ERROR" "unexpected answer from the server (no \"result\"): $(head -c 200 -- "$tmpd/resp" | tr '\r\n' '  ')"
-    caption=$(trim "$caption")
+    if ! into caption json_field "$tmpd/resp" result; then
+        into start body_start 200 '\r\n' || true
+        die "$EXIT_ERROR" "unexpected answer from the server (no \"result\"): $start"
+    fi
+    trim_into caption "$caption"
     printf '%s' "$caption"
     if ((newline)); then printf '\n'; fi
 }
 
-# url_quote TEXT: TEXT percent-encoded for a query string (bytes other than A-Z a-z 0-9 . _ ~ - : /).
-url_quote() {
-    local LC_ALL=C text=$1 out="" char i
-    for ((i = 0; i < ${#text}; i++)); do
-        char=${text:i:1}
-        case $char in
-        [A-Za-z0-9._~:/-]) out+=$char ;;
-        *) out+=$(printf '%%%02X' "'$char") ;;
+# url_quote_into VAR TEXT: TEXT percent-encoded for a query string (bytes other than
+# A-Z a-z 0-9 . _ ~ - : /).
+url_quote_into() {
+    local LC_ALL=C _text=$2 _out="" _char _hex _i
+    for ((_i = 0; _i < ${#_text}; _i++)); do
+        _char=${_text:_i:1}
+        case $_char in
+        [A-Za-z0-9._~:/-]) _out+=$_char ;;
+        *)
+            printf -v _hex '%%%02X' "'$_char"
+            _out+=$_hex
+            ;;
         esac
     done
-    printf '%s' "$out"
+    printf -v "$1" '%s' "$_out"
 }
 
 cmd_prompts() {
-    local path=/prompts
-    [[ -z $model ]] || path+="?model=$(url_quote "$model")"
+    local path=/prompts quoted last
+    if [[ -n $model ]]; then
+        url_quote_into quoted "$model"
+        path+="?model=$quoted"
+    fi
     new_tmpdir
     get_json "$path"
     cat -- "$tmpd/resp"
     # End with exactly one newline, whatever the server sent.
-    [[ -z $(tail -c 1 -- "$tmpd/resp") ]] || printf '\n'
+    into last tail -c 1 -- "$tmpd/resp" || true
+    [[ -z $last ]] || printf '\n'
 }
 
 cmd_model() {
-    local name
+    local name start
     new_tmpdir
     get_json /model
-    name=$(json_text "$tmpd/resp") || die "$EXIT_ERROR" "unexpected answer from the server: $(head -c 200 -- "$tmpd/resp")"
-    printf '%s\n' "$(trim "$name")"
+    if ! into name json_text "$tmpd/resp"; then
+        into start head -c 200 -- "$tmpd/resp" || true
+        die "$EXIT_ERROR" "unexpected answer from the server: $start"
+    fi
+    trim_into name "$name"
+    printf '%s\n' "$name"
 }
 
 cmd_status() {
+    local start
     new_tmpdir
     get_json /v1/status "it is not a vision-server; try '$PROG model' or '$PROG prompts'"
-    json_pretty "$tmpd/resp" || die "$EXIT_ERROR" "unexpected answer from the server: $(head -c 200 -- "$tmpd/resp")"
+    if ! json_pretty "$tmpd/resp"; then
+        into start head -c 200 -- "$tmpd/resp" || true
+        die "$EXIT_ERROR" "unexpected answer from the server: $start"
+    fi
 }
 
 case ${#args[@]} in
