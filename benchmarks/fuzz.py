@@ -229,7 +229,9 @@ class Request:
     body: bytes = b""
 
     def wire(self) -> bytes:
-        lines = [f"{self.method} {self.path} HTTP/1.1".encode(), b"Host: fuzz", b"Connection: close"]
+        # localhost: a server bound to loopback refuses other names (DNS rebinding), which would
+        # turn almost every generated request into the same 403
+        lines = [f"{self.method} {self.path} HTTP/1.1".encode(), b"Host: localhost", b"Connection: close"]
         lines += [name.encode() + b": " + value for name, value in self.headers]
         if self.body or self.method == "POST":
             lines.append(f"Content-Length: {len(self.body)}".encode())
