@@ -23,10 +23,11 @@ Pure stdlib, no HTTP: the settings check the configured entries with it, and
 
 from __future__ import annotations
 
-import ipaddress
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+
+from vision_server.trusted_proxies import parse_address
 
 _NAME = re.compile(r"[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?(\.[a-z0-9_]([a-z0-9_-]*[a-z0-9_])?)*")
 
@@ -44,11 +45,7 @@ def host_name(header: str) -> str:
 
 def is_address(name: str) -> bool:
     """Whether ``name`` (as :func:`host_name` returns it) is an IP address literal."""
-    try:
-        ipaddress.ip_address(name.partition("%")[0])
-    except ValueError:
-        return False
-    return True
+    return parse_address(name) is not None
 
 
 def is_loopback_name(name: str) -> bool:
@@ -56,13 +53,8 @@ def is_loopback_name(name: str) -> bool:
     name = host_name(name)
     if name == "localhost" or name.endswith(".localhost"):
         return True
-    try:
-        address = ipaddress.ip_address(name.partition("%")[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return address.is_loopback
+    address = parse_address(name)  # also unwraps ::ffff:127.0.0.1 and drops an IPv6 zone
+    return address is not None and address.is_loopback
 
 
 def parse_entry(entry: str) -> str:
