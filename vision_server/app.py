@@ -32,6 +32,7 @@ from vision_server.api.errors import ERROR_SHAPES, ErrorShapes, error_middleware
 from vision_server.api.keep_alive import add_keep_alive_header
 from vision_server.api.ratelimit import RATE_LIMITER, RateLimiter
 from vision_server.api.served_model import add_model_header
+from vision_server.api.server_header import set_server_header
 from vision_server.api.state import (
     DECODER,
     ENGINE,
@@ -91,6 +92,7 @@ def create_app(
         app.on_response_prepare.append(cors.add_cors_headers)
     app.on_response_prepare.append(add_keep_alive_header)
     app.on_response_prepare.append(add_model_header)
+    app.on_response_prepare.append(set_server_header)
     app[ERROR_SHAPES] = add_routes(app)
     app.cleanup_ctx.append(_decoder_context)
     app.cleanup_ctx.append(_engine_context)
