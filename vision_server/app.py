@@ -69,7 +69,7 @@ def create_app(
     to serve those (the default is then ``settings.default_model`` when set, else the first).
     """
     served, default, default_name = _served_models(settings, captioner, models)
-    metrics = Metrics(model=default.model_id)
+    metrics = Metrics()
     app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares(settings))
     app[METRICS] = metrics
     app[SETTINGS] = settings

@@ -10,7 +10,7 @@ milliseconds the client library's default buckets are made for.
 from __future__ import annotations
 
 import platform
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
@@ -23,6 +23,7 @@ from vision_server import __version__
 from vision_server.engine.lifecycle import EngineStatus, ModelState
 from vision_server.engine.observer import EngineObserver
 from vision_server.gpu import gpu_memory
+from vision_server.model_specs import public_labels
 
 if TYPE_CHECKING:
     from vision_server.engine.scheduler import Engine
@@ -49,7 +50,7 @@ REJECT_REASONS = (
 class Metrics(EngineObserver):
     """Every metric of one server; also the engine's observer, so engine events feed it directly."""
 
-    def __init__(self, *, model: str) -> None:
+    def __init__(self) -> None:
         self.registry = CollectorRegistry()
         registry = self.registry
         self.request_duration = Histogram(
@@ -114,9 +115,6 @@ class Metrics(EngineObserver):
             ["reason"],
             registry=registry,
         )
-        Info(PREFIX + "build", "Version of the server and the model it serves.", registry=registry).info(
-            {"version": __version__, "model": model, "python": platform.python_version()}
-        )
         ProcessCollector(registry=registry)
         # Zero-valued series exist from the start, so rate() and alerts work before the first event.
         for outcome in LOAD_OUTCOMES:
@@ -129,8 +127,16 @@ class Metrics(EngineObserver):
             self.rejected.labels(reason)
 
     def watch(self, engine: Engine) -> None:
-        """Report ``engine``'s queue, state and GPU memory at every scrape."""
-        self.registry.register(EngineCollector(engine))
+        """Report ``engine``'s models, queue, state and GPU memory at every scrape."""
+        labels = public_labels(engine.model_names)
+        Info(PREFIX + "build", "Version of the server and its default model.", registry=self.registry).info(
+            {
+                "version": __version__,
+                "model": labels[engine.default_model],
+                "python": platform.python_version(),
+            }
+        )
+        self.registry.register(EngineCollector(engine, labels))
 
     def render(self, accept: str | None) -> tuple[bytes, str]:
         """The exposition body and its content type (OpenMetrics when the scraper asks for it)."""
@@ -176,8 +182,9 @@ class Metrics(EngineObserver):
 class EngineCollector(Collector):
     """Gauges read from the engine when Prometheus scrapes, never cached."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, labels: Mapping[str, str]) -> None:
         self.engine = engine
+        self.labels = labels  # served name -> its ``model`` label (see public_labels)
 
     def collect(self) -> Iterator[Metric]:
         status = self.engine.status()
@@ -204,11 +211,11 @@ class EngineCollector(Collector):
         for candidate in ModelState:
             state.add_metric([candidate.value], float(candidate is status.state))
         yield state
-        yield from _model_families(status)
+        yield from _model_families(status, self.labels)
         yield from _gpu_families()
 
 
-def _model_families(status: EngineStatus) -> Iterator[Metric]:
+def _model_families(status: EngineStatus, labels: Mapping[str, str]) -> Iterator[Metric]:
     """Every served model's state and weights, and the memory budget they share."""
     states = GaugeMetricFamily(
         PREFIX + "served_model_state",
@@ -222,9 +229,11 @@ def _model_families(status: EngineStatus) -> Iterator[Metric]:
     )
     for model in status.models:
         for candidate in ModelState:
-            states.add_metric([model.name, candidate.value], float(candidate is model.state))
+            states.add_metric(
+                [labels.get(model.name, model.name), candidate.value], float(candidate is model.state)
+            )
         if model.memory_bytes is not None:  # None: not asked yet, just after start
-            memory.add_metric([model.name], model.memory_bytes)
+            memory.add_metric([labels.get(model.name, model.name)], model.memory_bytes)
     yield from (states, memory)
     yield GaugeMetricFamily(
         PREFIX + "memory_used_bytes",

@@ -33,6 +33,7 @@ from typing import TypeVar
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 NAME_GRAMMAR = "letters, digits, '.', '_' and '-', starting with a letter or digit"
 _NOT_A_NAME = re.compile(r"[/\\:]")
+_DRIVE = re.compile(r"[A-Za-z]:[/\\]")
 V = TypeVar("V")
 
 
@@ -76,6 +77,40 @@ def parse_model_spec(text: str) -> ModelSpec:
     if adapter is not None and not adapter:
         raise ValueError(f"model {text!r}: nothing after '+' (SOURCE+ADAPTER_DIR)")
     return ModelSpec(name=name if name is not None else source, source=source, adapter=adapter)
+
+
+def is_path_source(source: str) -> bool:
+    """True for a source written as a filesystem path (``/srv/models/x``, ``~/x``, ``./x``,
+    ``C:\\models\\x``, ``a/b/c``); False for a hub id (``org/name``), a ``test:`` preset or a
+    name. A served name is a path only when a local directory was given without ``NAME=``."""
+    if source.startswith(("/", "~", ".")) or "\\" in source or _DRIVE.match(source):
+        return True
+    return source.count("/") > 1
+
+
+def public_labels(names: Iterable[str]) -> dict[str, str]:
+    """How each served name is shown where anyone may read it (``/metrics``, ``/health``; open
+    even with an API key): the name itself, except that a local directory given without
+    ``NAME=`` (whose served name is its path) shows only its last folders, since a full path
+    tells a stranger the user's name and how the disk is laid out. As few trailing folders as
+    keep the labels apart are shown: ``/home/me/models/x`` is ``x``; beside ``/srv/x`` they are
+    ``models/x`` and ``srv/x``.
+    """
+    names = list(names)
+    labels = {name: name for name in names}
+    paths = {name: [part for part in re.split(r"[/\\]+", name) if part not in ("", ".", "~")]
+             for name in names if is_path_source(name)}  # fmt: skip
+    for name, parts in paths.items():
+        others = {label for other, label in labels.items() if other != name and other not in paths}
+        for depth in range(1, len(parts) + 1):
+            tail = "/".join(parts[-depth:])
+            clashes = tail in others or any(
+                "/".join(other[-depth:]) == tail for key, other in paths.items() if key != name
+            )
+            if not clashes:
+                labels[name] = tail
+                break
+    return labels
 
 
 def split_adapter(text: str) -> tuple[str, str | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 from typing import Any
 
@@ -16,6 +17,7 @@ from tests.support.images import b64
 from tests.support.serving import client_for
 from vision_server import __version__
 from vision_server.app import create_app
+from vision_server.engine.models import NamedModel
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
 
@@ -174,3 +176,34 @@ def test_each_app_has_its_own_registry(tmp_path: Any) -> None:
     first[METRICS].request_rejected("draining")
     text = second[METRICS].render(None)[0].decode()
     assert 'vision_server_requests_rejected_total{reason="draining"} 0.0' in text
+
+
+async def test_open_routes_show_served_names_and_no_local_paths(tmp_path: Any) -> None:
+    """/metrics and /health answer without the key: they name models by their served names, and
+    a directory served under its own path by its folder name, so no stranger reads the disk's
+    layout (or the user's name) there. Requests still name the model as before."""
+    models = [
+        NamedModel("fast", FakeCaptioner(model_id="/home/me/private/fast-weights")),
+        NamedModel("/home/me/models/promptgen", FakeCaptioner(model_id="/home/me/models/promptgen")),
+    ]
+    settings = Settings(cache_dir=tmp_path, api_key="k")
+    async with client_for(settings, models=models) as session:
+        keyed = {"Authorization": "Bearer k"}
+        body = {"image": b64(1), "prompt": "<CAPTION>", "model": "/home/me/models/promptgen"}
+        async with session.post("/process_image", json=body, headers=keyed) as response:
+            assert response.status == 200 and response.headers["X-Model"] == "/home/me/models/promptgen"
+        async with session.get("/metrics") as response:
+            text = await response.text()
+        async with session.get("/health") as response:
+            health = await response.json()
+    assert "/home/me" not in text and "/home/me" not in json.dumps(health)
+    samples: Samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+    build = next(dict(labels) for (name, labels) in samples if name == "vision_server_build_info")
+    assert build["model"] == "fast"  # the default's served name, not its weights' path
+    assert value(samples, "vision_server_served_model_state", model="promptgen", state="ready") == 1
+    assert value(samples, "vision_server_served_model_state", model="fast", state="unloaded") == 1
+    assert health["models_loaded"] == ["promptgen"]

@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from vision_server.byte_sizes import format_byte_size, parse_byte_size
-from vision_server.model_specs import ModelSpec, parse_idle_timeouts, parse_model_spec, parse_named_values
+from vision_server.model_specs import (
+    ModelSpec,
+    parse_idle_timeouts,
+    parse_model_spec,
+    parse_named_values,
+    public_labels,
+)
 from vision_server.settings import Settings, SettingsError, load_settings
 
 PROMPTGEN = "MiaoshouAI/Florence-2-large-PromptGen-v2.0"
@@ -459,3 +465,23 @@ def _empty(tmp_path: Path) -> Path:
     path = tmp_path / "empty.toml"
     path.write_text("")
     return path
+
+
+# --- how served names show where anyone may read them (/metrics, /health) ----------------------
+
+
+@pytest.mark.parametrize(
+    ("names", "expected"),
+    [
+        ([PROMPTGEN, "test:tiny", "fast", "models/x"], [PROMPTGEN, "test:tiny", "fast", "models/x"]),
+        (["/home/me/models/promptgen"], ["promptgen"]),
+        (["~/models/x", "C:\\Users\\me\\models\\y", "./runs/lr=1e-4/model"], ["x", "y", "model"]),
+        (["/home/me/models/x", "/srv/x"], ["models/x", "srv/x"]),  # as few folders as tell them apart
+        (["/home/me/fast", "fast"], ["me/fast", "fast"]),  # never the same as another model's name
+        (["/home/me/models/x", "models/x"], ["x", "models/x"]),
+    ],
+)
+def test_public_labels_show_no_local_paths(names: list[str], expected: list[str]) -> None:
+    labels = public_labels(names)
+    assert [labels[name] for name in names] == expected
+    assert len(set(labels.values())) == len(names)

@@ -17,6 +17,7 @@ from vision_server.api.state import ENGINE, METRICS, STARTED_AT
 from vision_server.engine.lifecycle import ModelState
 from vision_server.errors import VisionServerError
 from vision_server.gpu import gpu_available, gpu_memory
+from vision_server.model_specs import public_labels
 from vision_server.train.metadata import adapter_summary
 
 
@@ -50,6 +51,7 @@ async def health(request: web.Request) -> web.Response:
     """Liveness. 503 while the worker is dead (it is restarted) or gone without a shutdown."""
     engine = request.app[ENGINE]
     snapshot = engine.status()
+    shown = public_labels(engine.model_names)
     if engine.draining:
         verdict = "draining"
     elif engine.running:
@@ -62,7 +64,8 @@ async def health(request: web.Request) -> web.Response:
         "worker_restarts": engine.worker_restarts,
         "model_loaded": snapshot.state is ModelState.READY,  # the default model
         # every served model that is loaded: with several, the default may be idle while others work
-        "models_loaded": [model.name for model in snapshot.models if model.state is ModelState.READY],
+        # (a directory served under its path shows its folder name: /health is open with a key too)
+        "models_loaded": [shown[m.name] for m in snapshot.models if m.state is ModelState.READY],
         "gpu_available": gpu_available(),
         "memory_usage": memory_usage(),
         "uptime": round(time.time() - request.app[STARTED_AT], 3),
