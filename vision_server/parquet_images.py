@@ -16,7 +16,9 @@ pyarrow is imported only when a schema is judged: reading the rule costs nothing
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 ColumnKind = Literal["bytes", "struct", "path"]
@@ -93,3 +95,57 @@ def image_column(schema: Any, wanted: str | None = None) -> ImageColumn:
 
     chosen = min(found, key=rank)  # min keeps the table's order among equals
     return ImageColumn(chosen, found[chosen], tuple(name for name in found if name != chosen))
+
+
+def image_path(table_path: Path, value: Any) -> Path | None:
+    """Where a path column's ``value`` points: relative to the table's folder, an absolute one
+    as it is; None for what cannot be a path (empty, not a string, a line break in it)."""
+    if not isinstance(value, str) or not value or "\n" in value:
+        return None
+    listed = Path(value)
+    return listed if listed.is_absolute() else table_path.parent / listed
+
+
+def names_a_file(table_path: Path, value: Any) -> bool:
+    """Whether ``value`` of a path column names an existing file."""
+    image = image_path(table_path, value)
+    try:
+        return image is not None and image.exists()
+    except OSError:  # a name too long for the file system is no path either
+        return False
+
+
+def paths_problem(table_path: Path, column: str, values: Iterable[Any]) -> str | None:
+    """Why a string ``column`` holds no image paths (text, say: the captions), or None when one
+    of its values names an existing file or it has no values to judge.
+
+    ``vision-server caption`` and ``train`` both ask this of a column ``--image-column`` names,
+    so the user reads one line that says what the column is instead of one "no such file" per
+    row. ``values`` is read only up to the first path that exists, so a real path column costs
+    a look at its first value.
+    """
+    count, first = 0, None
+    for value in values:
+        if not isinstance(value, str) or not value:
+            continue
+        if names_a_file(table_path, value):
+            return None
+        count += 1
+        first = value if first is None else first
+    if first is None:
+        return None
+    return (
+        f"column {column!r} holds no image paths: none of its {count} values is an existing "
+        f"file (the first is {excerpt(first)})"
+    )
+
+
+def one_line(text: str, width: int = 120) -> str:
+    """``text`` on one line of at most ``width`` characters (a value quoted in a message)."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 1] + "…"
+
+
+def excerpt(text: str, width: int = 60) -> str:
+    """A value quoted in a message: on one line, cut short."""
+    return repr(one_line(text, width))

@@ -499,6 +499,23 @@ def test_usage_errors_exit_2_with_a_message(tmp_path: Path, cache: Path) -> None
         assert "Traceback" not in result.stderr
 
 
+def test_image_column_naming_the_captions_is_bad_usage_as_in_train(tmp_path: Path, cache: Path) -> None:
+    # Each row used to fail with "no such file", its caption escaped on one line: one per row.
+    # The check is train's (vision_server.parquet_images.paths_problem), exit 2 as there.
+    root = tmp_path / "data"
+    files = sorted(p.relative_to(tmp_path).as_posix() for p in good_images(root, 2))
+    texts = ["photo cat\nsecond line", "photo dog"]
+    table = tmp_path / "set.parquet"
+    pq.write_table(pa.table({"file": files, "text": texts}), table)
+    out = tmp_path / "out.jsonl"
+    result = run(tmp_path, cache, table, *FAST, "--image-column", "text", "--jsonl", out, "--sidecars")
+    assert result.returncode == 2, result.stderr
+    said = "column 'text' holds no image paths: none of its 2 values is an existing file"
+    assert f"--image-column 'text': {table}: {said} (the first is 'photo cat second line')" in result.stderr
+    assert "no such file" not in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists() and not list(root.rglob("*.txt"))  # nothing written
+
+
 def test_help_lists_only_offline_options(tmp_path: Path) -> None:
     result = subprocess.run(caption_command("--help"), env=cli_env(tmp_path), capture_output=True, text=True)
     assert result.returncode == 0

@@ -101,3 +101,20 @@ def test_a_table_without_an_image_column_is_refused_naming_its_columns(tmp_path:
 @pytest.fixture(autouse=True)
 def _warnings(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
+
+
+def test_a_named_column_of_text_is_refused_by_caption_as_by_train(tmp_path: Path) -> None:
+    """Both commands ask one check, up front; a real path column passes it at its first value."""
+    save(tmp_path / "a.png", 1)
+    table = tmp_path / "data.parquet"
+    pq.write_table(
+        pa.table({"file": ["gone.png", "a.png"], "notes": ["a cat\non a mat", "x"], "text": ["c", "d"]}),
+        table,
+    )
+    said = "column 'notes' holds no image paths: none of its 2 values is an existing file"
+    with pytest.raises(InputError, match=re.escape(f"--image-column 'notes': {table}: {said}")) as caught:
+        check_inputs([table], ReadOptions(image_column="notes"))
+    assert str(caught.value).endswith("(the first is 'a cat on a mat')")
+    with pytest.raises(OptionError, match=re.escape(f"--image-column 'notes': {table}: {said}")):
+        load_dataset(table, image_column="notes")
+    assert check_inputs([table], ReadOptions(image_column="file")) == {table: "parquet"}

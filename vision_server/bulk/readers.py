@@ -22,7 +22,7 @@ from typing import Any, Literal
 from vision_server.bulk.listed_clashes import ListedClashes, find_clashes
 from vision_server.bulk.records import Record, safe_text
 from vision_server.captionfiles import is_image, remove_stale_temps
-from vision_server.parquet_images import ColumnKind, ImageColumnError, image_column
+from vision_server.parquet_images import ColumnKind, ImageColumnError, image_column, paths_problem
 
 InputKind = Literal["file", "folder", "list", "parquet", "webdataset"]
 WEBDATASET_IMAGES = ("jpg", "jpeg", "png", "webp")
@@ -337,10 +337,28 @@ def _check_parquet(path: Path, options: ReadOptions) -> None:
     except Exception:
         return
     try:
-        _image_column(schema, options.image_column)
+        _, kind = _image_column(schema, options.image_column)
         _key_column(schema, options.key_column)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
+    if options.image_column is not None and kind == "path":
+        # A column named by hand that holds text (the captions, say) is a usage error said
+        # once, as train says it, not one "no such file" failure per row.
+        problem = paths_problem(path, options.image_column, _column_values(path, options.image_column))
+        if problem is not None:
+            raise InputError(f"--image-column {options.image_column!r}: {path}: {problem}")
+
+
+def _column_values(path: Path, column: str) -> Iterator[Any]:
+    """The values of one column, a row batch at a time (read only as far as they are wanted)."""
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.ParquetFile(path)
+        for batch in table.iter_batches(batch_size=4096, columns=[column]):
+            yield from batch.column(column).to_pylist()
+    except Exception:
+        return  # unreadable pages: reported while reading for captioning
 
 
 def _lists_paths(path: Path, options: ReadOptions) -> bool:

@@ -20,7 +20,15 @@ from vision_server.bulk.records import task_slug
 from vision_server.captionfiles import is_image
 from vision_server.errors import InvalidImage
 from vision_server.images import LOCAL_FILE, STORED, open_image
-from vision_server.parquet_images import ImageColumnError, image_column
+from vision_server.parquet_images import (
+    ImageColumnError,
+    excerpt,
+    image_column,
+    image_path,
+    names_a_file,
+    one_line,
+    paths_problem,
+)
 
 TEXT_FIELDS = ("text", "caption")
 MAX_PIXELS = 256_000_000  # a training set is the user's own files: only refuse absurd sizes
@@ -281,55 +289,23 @@ def _parquet(path: Path, problems: Problems, wanted: str | None = None) -> list[
         elif isinstance(value, bytes) and value:
             examples.append(Example(name, str(text).strip(), data=value))
         elif isinstance(value, str) and value:
-            image = _image_path(path, value)
-            if image is not None and _exists(image):
+            image = image_path(path, value)
+            if image is not None and names_a_file(path, value):
                 examples.append(Example(str(image), str(text).strip(), path=image))
             else:
-                shown = str(image) if image is not None else _excerpt(value)
-                problems.add(NO_IMAGE, f"{_one_line(shown)} ({name}: no such file)")
+                shown = str(image) if image is not None else excerpt(value)
+                problems.add(NO_IMAGE, f"{one_line(shown)} ({name}: no such file)")
         else:
             problems.add(NO_IMAGE, f"{name} (no image)")
     return examples
 
 
-def _image_path(table_path: Path, value: Any) -> Path | None:
-    if not isinstance(value, str) or not value or "\n" in value:
-        return None
-    listed = Path(value)
-    return listed if listed.is_absolute() else table_path.parent / listed
-
-
 def _check_holds_paths(table_path: Path, column: str, values: list[Any], wanted: str | None) -> None:
-    """A string column none of whose values names an existing file holds no image paths (text, say):
-    say so once instead of listing each value as a missing file."""
-    texts = [value for value in values if isinstance(value, str) and value]
-    if not texts:
+    """A path column none of whose values names an existing file: said once (shared with
+    ``vision-server caption``), not as one missing file per row."""
+    what = paths_problem(table_path, column, values)
+    if what is None:
         return
-    for value in texts:
-        image = _image_path(table_path, value)
-        if image is not None and _exists(image):
-            return
-    what = (
-        f"column {column!r} holds no image paths: none of its {len(texts)} values is an existing "
-        f"file (the first is {_excerpt(texts[0])})"
-    )
     if wanted is not None:
         raise OptionError(f"--image-column {wanted!r}: {table_path}: {what}")
     raise DatasetError(table_path, what)
-
-
-def _exists(image: Path) -> bool:
-    try:
-        return image.exists()
-    except OSError:  # a name too long for the file system is no path either
-        return False
-
-
-def _one_line(text: str, width: int = 120) -> str:
-    """``text`` on one line of at most ``width`` characters (a value quoted in a message)."""
-    line = " ".join(text.split())
-    return line if len(line) <= width else line[: width - 1] + "…"
-
-
-def _excerpt(text: str, width: int = 60) -> str:
-    return repr(_one_line(text, width))
