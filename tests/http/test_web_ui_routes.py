@@ -187,6 +187,24 @@ async def test_recaption_and_export(session: ClientSession, data: GalleryData) -
     )
 
 
+async def test_recaption_refuses_a_file_over_the_size_limit_unread(data: GalleryData, tmp_path: Path) -> None:
+    """A dataset file larger than an upload may be (a video renamed .png) is refused by its size,
+    named in its result, before it is read; the other images of the request are captioned."""
+    limit = 1024 * 1024
+    huge = data.root / "huge.png"
+    with huge.open("wb") as file:
+        file.truncate(3 * limit)  # sparse: no disk space taken
+    settings = gallery_settings(data, tmp_path, max_request_bytes=limit)
+    async with running_server(settings, FakeCaptioner()) as url, ClientSession(url) as client:
+        body = {"paths": ["huge.png", "img03.png"], "task": "caption"}
+        async with client.post("/ui/api/gallery/recaption", json=body) as response:
+            assert response.status == 200, await response.text()
+            results = {r["path"]: r for r in (await response.json())["results"]}
+    error = results["huge.png"]["error"]
+    assert "is 3.0 MiB" in error and "over the 1.0 MiB an image may be (--max-request-bytes)" in error
+    assert results["img03.png"]["caption"].startswith("caption ")
+
+
 async def test_thumbnails_are_made_and_cached(session: ClientSession, tmp_path: Path) -> None:
     async with session.get("/ui/api/gallery/thumb", params={"path": "sub/img05.png"}) as response:
         assert response.status == 200 and response.content_type == "image/jpeg"

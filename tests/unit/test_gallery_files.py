@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import paths
+from vision_server.bounded_files import read_at_most
+from vision_server.errors import PayloadTooLarge
 from vision_server.gallery.jsonl import row_captions, row_key
 from vision_server.gallery.paths import is_clean_relative
 from vision_server.gallery.sidecars import TextCache, is_caption_suffix, sidecars_of
@@ -97,3 +99,18 @@ def test_every_file_of_the_page_is_package_data() -> None:
 def test_a_gallery_jsonl_needs_a_gallery(tmp_path: Path) -> None:
     with pytest.raises(SettingsError, match="gallery_jsonl"):
         Settings(gallery_jsonl=tmp_path / "captions.jsonl")
+
+
+def test_read_at_most_reads_up_to_the_limit_and_refuses_more(tmp_path: Path) -> None:
+    exact = tmp_path / "exact.png"
+    exact.write_bytes(b"x" * 100)
+    assert read_at_most(exact, 100, "--max-request-bytes") == b"x" * 100
+    with pytest.raises(PayloadTooLarge, match=r"is 100 B, over the 99 B an image may be \(--limit\)"):
+        read_at_most(exact, 99, "--limit")
+    just_over = tmp_path / "just-over.png"
+    with just_over.open("wb") as file:
+        file.truncate(2**20 + 1)  # sparse
+    with pytest.raises(PayloadTooLarge, match=r"is 1048577 bytes, over the 1048576 bytes an image may be"):
+        read_at_most(just_over, 2**20, "--limit")
+    with pytest.raises(OSError, match="not a regular file"):
+        read_at_most(tmp_path, 100, "--limit")

@@ -26,6 +26,7 @@ from vision_server.api.errors import InvalidParameter, NotFound
 from vision_server.api.model_choice import chosen_model, spec_for
 from vision_server.api.scheduling import job_labels
 from vision_server.api.state import DECODER, ENGINE, SETTINGS
+from vision_server.bounded_files import read_at_most
 from vision_server.captioner import CaptionItem
 from vision_server.captionfiles import one_line
 from vision_server.engine.jobs import Lane
@@ -268,7 +269,8 @@ async def caption_file(request: web.Request, path: Path, task: str, model: str |
     """One dataset image through the shared engine in the bulk lane (interactive requests go
     first), waiting for room in that lane rather than being refused; ``model`` as in
     :mod:`vision_server.api.captioning`."""
-    data = await asyncio.to_thread(path.read_bytes)
+    limit = request.app[SETTINGS].max_request_bytes  # as large as an upload of it may be
+    data = await asyncio.to_thread(read_at_most, path, limit, "--max-request-bytes")
     spec = spec_for(request.app, model)
     prepared = await request.app[DECODER].from_bytes(data, spec=spec, source=LOCAL_FILE)
     item = CaptionItem(image=prepared, task=task, options=request.app[SETTINGS].generation_defaults())
