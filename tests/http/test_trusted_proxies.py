@@ -125,12 +125,28 @@ async def queued(engine: Engine, bulk: int) -> None:
     raise AssertionError(f"lanes are {engine.status().lane_depths}, expected {bulk} bulk jobs")
 
 
-@pytest.mark.parametrize("trusted", [LOCAL_PROXY, ()], ids=["trusted", "not-trusted"])
-async def test_bulk_turns_go_by_the_forwarded_host(tmp_path: Path, trusted: tuple[str, ...]) -> None:
+# Host A's addresses (its first one holds the worker) and host B's.
+IPV4_HOSTS = (("203.0.113.1",) * 4, "198.51.100.2")
+# One IPv6 host sends from any address of its /64: it is one host, as for the rate limit.
+IPV6_HOSTS = (
+    ("2001:db8:1:1::a", "2001:db8:1:1::1", "2001:db8:1:1::2", "2001:db8:1:1:ffff::3"),
+    "2001:db8:2::1",
+)
+
+
+@pytest.mark.parametrize(
+    ("trusted", "hosts"),
+    [(LOCAL_PROXY, IPV4_HOSTS), ((), IPV4_HOSTS), (LOCAL_PROXY, IPV6_HOSTS)],
+    ids=["trusted", "not-trusted", "ipv6-by-64"],
+)
+async def test_bulk_turns_go_by_the_forwarded_host(
+    tmp_path: Path, trusted: tuple[str, ...], hosts: tuple[tuple[str, ...], str]
+) -> None:
     """Host A queues three bulk jobs, then host B one. As two hosts, B's job is second; as one
     host (the proxy's address), it is last."""
     settings = Settings(cache_dir=tmp_path, idle_timeout=-1, max_batch_size=1, trusted_proxies=trusted)
     fake = RecordingGate()
+    a_addresses, b_address = hosts
     async with running_app(settings, fake) as (app, url), ClientSession(url) as session:
 
         def post(seed: int, host: str) -> asyncio.Task[Any]:
@@ -138,10 +154,10 @@ async def test_bulk_turns_go_by_the_forwarded_host(tmp_path: Path, trusted: tupl
             headers = {**forwarded(host), "X-Priority": "bulk"}
             return asyncio.create_task(session.post("/process_image", json=body, headers=headers))
 
-        first = post(0, "203.0.113.1")  # runs at once and holds the worker
+        first = post(0, a_addresses[0])  # runs at once and holds the worker
         assert await asyncio.to_thread(fake.entered.wait, 10)
         waiting = []
-        for seed, host in ((1, "203.0.113.1"), (2, "203.0.113.1"), (3, "203.0.113.1"), (4, "198.51.100.2")):
+        for seed, host in enumerate((*a_addresses[1:], b_address), start=1):
             waiting.append(post(seed, host))
             await queued(app[ENGINE], len(waiting))
         fake.gate.set()

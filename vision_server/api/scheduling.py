@@ -8,7 +8,9 @@ ids gains a host nothing). The API key is one shared secret, so it names no clie
 stand in for the host. The host is ``request.remote``: behind a reverse proxy that is the proxy's
 address, so its clients share one turn and only their client ids tell them apart, unless the proxy
 is named with ``--trusted-proxy`` (:mod:`vision_server.api.proxies`); then it is the client the
-proxy names.
+proxy names. An IPv6 host counts by its /64 network, as for the rate limit
+(:func:`vision_server.api.ratelimit.bucket_of`): it may send from any address of it, and a fresh
+address per request must not buy it a turn per request.
 The request's ``keep_alive`` (:mod:`vision_server.api.keep_alive`) travels with the labels.
 """
 
@@ -19,6 +21,7 @@ from aiohttp import web
 from vision_server.api.errors import InvalidParameter
 from vision_server.api.generation import shown
 from vision_server.api.keep_alive import keep_alive_for
+from vision_server.api.ratelimit import bucket_of
 from vision_server.api.state import ENGINE
 from vision_server.engine.jobs import JobLabels, Lane
 
@@ -61,7 +64,7 @@ def job_labels(
     """The labels of a request's jobs (400 for an unknown priority or a bad keep-alive)."""
     return JobLabels(
         lane=lane_for(request, priority, default),
-        host=request.remote or "-",
+        host=bucket_of(request.remote),
         client_id=client_id(request),
         keep_alive=keep_alive_for(request, request.app[ENGINE], keep_alive),
     )
