@@ -9,7 +9,6 @@ then do the sockets close and the process exits 0. A second signal exits at once
 from __future__ import annotations
 
 import asyncio
-import ipaddress
 import logging
 import os
 import ssl
@@ -19,6 +18,7 @@ from aiohttp import web
 
 from vision_server import __version__
 from vision_server.api.auth import KEYS
+from vision_server.api.auth import is_loopback as address_is_loopback
 from vision_server.api.state import ENGINE, SETTINGS, UPLOADS
 from vision_server.app import create_app
 from vision_server.byte_sizes import format_byte_size
@@ -141,10 +141,7 @@ async def listen(runner: web.AppRunner, settings: Settings) -> list[str]:
 def is_loopback(address: object) -> bool:
     """Whether a bound address (``runner.addresses`` entry) is reachable from this machine only."""
     host = address[0] if isinstance(address, tuple) and address else address
-    try:
-        return ipaddress.ip_address(str(host).split("%")[0]).is_loopback
-    except ValueError:
-        return False
+    return address_is_loopback(str(host))
 
 
 def _url(scheme: str, address: object) -> str:

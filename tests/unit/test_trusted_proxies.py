@@ -7,6 +7,9 @@ from pathlib import Path
 
 import pytest
 
+from vision_server import server
+from vision_server.api import auth
+from vision_server.api.ratelimit import bucket_of
 from vision_server.settings import Settings, SettingsError, load_settings
 from vision_server.trusted_proxies import TrustedProxies, parse_address
 
@@ -124,3 +127,50 @@ def test_setting_from_flags_config_and_environment(tmp_path: Path) -> None:
 def test_unusable_entries_stop_the_start(entry: str, message: str) -> None:
     with pytest.raises(SettingsError, match="trusted_proxies: .*" + message.replace(".", r"\.")):
         Settings(trusted_proxies=(entry,))
+
+
+# --- the other readers of client and bound addresses read them as parse_address does -----------
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.8.9.10", True),
+        ("::1", True),
+        ("::1%lo", True),
+        ("::ffff:127.0.0.1", True),  # a dual-stack socket's view of an IPv4 loopback client
+        ("[::1]", True),
+        ("10.0.0.1", False),
+        ("::ffff:10.0.0.1", False),
+        ("fe80::1%eth0", False),
+        ("localhost", False),  # a name is no address
+        ("", False),
+        (None, False),
+    ],
+)
+def test_loopback_checks_agree_with_parse_address(address: str | None, loopback: bool) -> None:
+    assert auth.is_loopback(address) is loopback
+    if address is not None:  # a bound address, as runner.addresses lists it
+        assert server.is_loopback((address, 54880)) is loopback
+
+
+def test_a_server_bound_to_ipv4_mapped_loopback_counts_as_loopback() -> None:
+    """The address --host ::ffff:127.0.0.1 binds is reachable from this machine only: no warning
+    about a missing API key (Python before 3.13 calls it no loopback address by itself)."""
+    assert server.is_loopback(("::ffff:127.0.0.1", 54880, 0, 0))
+
+
+@pytest.mark.parametrize(
+    ("client", "bucket"),
+    [
+        ("203.0.113.7", "203.0.113.7"),
+        ("::ffff:203.0.113.7", "203.0.113.7"),  # the IPv4 client it is, not a bucket of its own
+        ("2001:db8:1:1::a", "2001:db8:1:1::/64"),
+        ("2001:db8:1:1:ffff::3%eth0", "2001:db8:1:1::/64"),
+        ("/run/vision.sock", "/run/vision.sock"),
+        (None, "-"),
+    ],
+)
+def test_rate_limit_and_bulk_turns_key_clients_alike(client: str | None, bucket: str) -> None:
+    assert bucket_of(client) == bucket

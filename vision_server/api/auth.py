@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hmac
-import ipaddress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from vision_server.api.errors import Handler, error_response
 from vision_server.api.state import METRICS
 from vision_server.errors import Forbidden, Unauthorized
 from vision_server.settings import Settings, SettingsError
+from vision_server.trusted_proxies import parse_address
 
 # The web page and its files hold no data and must load before the user types the key; the page
 # route still checks the key for non-browser requests (see vision_server.api.ui.page).
@@ -121,16 +121,11 @@ def wrong_key(token: str) -> str:
 
 
 def is_loopback(address: str | None) -> bool:
-    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback; False for anything unparsable."""
-    if not address:
-        return False
-    try:
-        ip = ipaddress.ip_address(address.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return ip.is_loopback
+    """True for 127.0.0.0/8, ::1 and IPv4-mapped loopback (``::ffff:127.0.0.1``, what a
+    dual-stack socket reports), read as :func:`~vision_server.trusted_proxies.parse_address`
+    reads addresses; False for anything that is not an address."""
+    parsed = parse_address(address) if address else None
+    return parsed is not None and parsed.is_loopback
 
 
 def needs_api_key(request: web.Request, keys: Keys) -> bool:

@@ -24,6 +24,7 @@ from vision_server.api.access import PROBE_ROUTES, route_name
 from vision_server.api.errors import Handler
 from vision_server.api.state import METRICS
 from vision_server.errors import RateLimited
+from vision_server.trusted_proxies import parse_address
 
 MAX_CLIENTS = 10_000
 IPV6_PREFIX = 64  # what one subscriber or host is given (RFC 6177), so what one client controls
@@ -33,13 +34,12 @@ def bucket_of(client: str | None) -> str:
     """The bucket a client address counts against: IPv4 addresses one each, IPv6 by /64."""
     if not client:
         return "-"
-    try:
-        address = ipaddress.ip_address(client.split("%", 1)[0])
-    except ValueError:
+    address = parse_address(client)  # an IPv4-mapped address is the IPv4 client it is
+    if address is None:
         return client  # not an address (a Unix socket peer): itself
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is None:
+    if isinstance(address, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((address, IPV6_PREFIX), strict=False))
-    return client
+    return str(address)
 
 
 class RateLimiter:
