@@ -113,6 +113,14 @@ def public_labels(names: Iterable[str]) -> dict[str, str]:
     return labels
 
 
+def adapter_identity(adapter: str) -> str:
+    """One name for one adapter folder however it was typed: its absolute path with ``~`` and
+    symlinks resolved. ``my-adapter/``, ``my-adapter`` and ``./my-adapter`` are the same folder,
+    and so is ``/data/my-adapter`` from another working directory; what a caption row records
+    and compares (a rerun from anywhere resumes) and what keys a loaded adapter."""
+    return str(Path(adapter).expanduser().resolve())
+
+
 def split_adapter(text: str) -> tuple[str, str | None]:
     """``SOURCE+ADAPTER`` → (source, adapter); see the module docstring for which ``+`` counts."""
     if "+" not in text or Path(text).expanduser().exists():

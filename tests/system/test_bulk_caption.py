@@ -14,6 +14,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -564,3 +565,36 @@ def test_a_rerun_with_another_model_captions_again_into_the_same_jsonl(tmp_path:
     rows = jsonl_rows(jsonl)
     assert [row["model"] for row in rows] == ["one"] * 3 + ["two"] * 3
     assert {row["key"] for row in rows[3:]} == {image.relative_to(root).as_posix() for image in images}
+
+
+def test_a_rerun_naming_the_adapter_another_way_resumes(
+    tmp_path: Path, cache: Path, tiny_adapter_dir: Path
+) -> None:
+    # Rows held the adapter as typed, so `my-adapter/` and `my-adapter` were two adapters and a
+    # rerun captioned everything again; they hold its resolved path now, the same from any folder.
+    work = tmp_path / "work"
+    shutil.copytree(tiny_adapter_dir, work / "my-adapter")
+    root = tmp_path / "data"
+    good_images(root, 2)
+    jsonl = tmp_path / "out.jsonl"
+    runs = ((work, "my-adapter/", 2), (tmp_path, "work/my-adapter", 0))  # unit tests: older rows
+    for cwd, spelling, captioned in runs:
+        command = caption_command(
+            root,
+            *FAST,
+            "--adapter",
+            spelling,
+            "--jsonl",
+            jsonl,
+            "--cache-dir",
+            cache,
+            "--log-level",
+            "warning",
+        )
+        result = subprocess.run(
+            command, cwd=cwd, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr
+        assert f"captioned {captioned}, skipped {2 - captioned}" in result.stderr, (spelling, result.stderr)
+    rows = jsonl_rows(jsonl)
+    assert len(rows) == 2 and {row["adapter"] for row in rows} == {str((work / "my-adapter").resolve())}

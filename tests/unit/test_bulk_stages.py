@@ -18,6 +18,7 @@ from vision_server.bulk.outputs import JsonlOutput, ParquetOutput, RowFacts, Sid
 from vision_server.bulk.plan import Fail, Skip, Work, plan
 from vision_server.bulk.readers import ReadOptions, count_images, iter_records
 from vision_server.bulk.records import Record
+from vision_server.model_specs import adapter_identity
 
 FACTS = RowFacts(("<CAPTION>",), "test:tiny", None)
 
@@ -302,6 +303,42 @@ def test_table_outputs_resume_per_model_and_old_rows_still_count(
     assert [json.loads(line).get("model") for line in out.read_text(encoding="utf-8").splitlines()[6:]] == [
         "other"
     ]
+
+
+def test_rows_name_the_adapter_by_its_resolved_folder_and_older_spellings_still_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows held the adapter as typed, so ``my-adapter/`` did not resume ``my-adapter``'s rows.
+    New rows hold its resolved path; older ones resolve from the run's working directory."""
+    (tmp_path / "my-adapter").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "my-adapter")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    facts = RowFacts(("<CAPTION>",), "tiny", adapter_identity("my-adapter/"))
+    assert facts.adapter == str(tmp_path.resolve() / "my-adapter")
+    spellings = {
+        "a.png": "my-adapter",  # older rows, as typed
+        "b.png": "./my-adapter/",
+        "c.png": "link",  # the same folder through a symlink
+        "d.png": str(tmp_path / "my-adapter"),  # new rows
+        "e.png": "elsewhere",  # another adapter
+        "f.png": None,  # no adapter
+    }
+    lines = [
+        {"source": "d", "key": k, "task": "<CAPTION>", "caption": "x", "model": "tiny", "adapter": v}
+        for k, v in spellings.items()
+    ]
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    output = JsonlOutput(out, facts)
+    assert [k for k in spellings if output.missing(Record("d", k), ["<CAPTION>"])] == ["e.png", "f.png"]
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a rerun from another folder: new rows still count
+    again = JsonlOutput(out, RowFacts(("<CAPTION>",), "tiny", adapter_identity("../my-adapter")))
+    assert not again.missing(Record("d", "d.png"), ["<CAPTION>"])
+    output.write(Record("d", "e.png"), {"<CAPTION>": "y"}, None)
+    for each in (output, again):
+        each.close()
+    assert json.loads(out.read_text(encoding="utf-8").splitlines()[-1])["adapter"] == facts.adapter
 
 
 def test_caption_files_named_for_another_number_of_tasks_are_said_once_not_taken(

@@ -45,6 +45,7 @@ from vision_server.bulk.readers import (
 from vision_server.bulk.records import Record
 from vision_server.captionfiles import Mode, caption_suffix
 from vision_server.errors import InvalidTask, VisionServerError
+from vision_server.model_specs import adapter_identity
 from vision_server.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -252,7 +253,10 @@ def _outputs(
     # of this model only, as vision-client folder does; rows written before rows held the served
     # name hold the source, so it counts too.
     older = (spec.source,) if spec.source != spec.name else ()
-    facts = RowFacts(tasks, spec.name, spec.adapter, older)
+    # The adapter as one absolute path, however it was typed and from wherever the run starts,
+    # so `--adapter my-adapter/` resumes the rows of `--adapter ./my-adapter`.
+    adapter = adapter_identity(spec.adapter) if spec.adapter is not None else None
+    facts = RowFacts(tasks, spec.name, adapter, older)
     try:
         ext = caption_suffix(request.ext)
     except ValueError as exc:

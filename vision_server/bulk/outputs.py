@@ -9,6 +9,7 @@ when the run ends, or by the next run when this one was killed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from vision_server.captionfiles import (
     remove_stale_files,
     write_atomic,
 )
+from vision_server.model_specs import adapter_identity
 
 Captions = dict[str, str]  # task token -> caption text
 
@@ -47,7 +49,7 @@ class RowFacts:
 
     tasks: tuple[str, ...]
     model: str  # the served name (``--model NAME=SOURCE``: NAME; an unnamed model: its source)
-    adapter: str | None
+    adapter: str | None  # its folder as :func:`~vision_server.model_specs.adapter_identity` names it
     # other names older rows gave this model: before rows held the served name, they held the
     # source (``SOURCE`` of ``--model NAME=SOURCE``)
     older_names: tuple[str, ...] = ()
@@ -60,7 +62,27 @@ class RowFacts:
         model = row.get("model")
         if model is None:
             return True
-        return (model == self.model or model in self.older_names) and row.get("adapter") == self.adapter
+        return (model == self.model or model in self.older_names) and _adapter_of(row) == self.adapter
+
+
+@functools.lru_cache(maxsize=64)
+def _same_adapter(recorded: str) -> str:
+    """A row's adapter as this run names adapters; rows hold few distinct ones, so each is
+    resolved once however many rows there are."""
+    return adapter_identity(recorded)
+
+
+def _adapter_of(row: dict[str, Any]) -> str | None:
+    """The adapter a row was captioned with. Rows written before rows held the resolved path
+    hold it as it was typed (``my-adapter/``), relative to that run's working directory: resolved
+    from this run's, so a rerun from the same folder matches them."""
+    recorded = row.get("adapter")
+    if not isinstance(recorded, str) or not recorded:
+        return None
+    try:
+        return _same_adapter(recorded)
+    except (OSError, RuntimeError, ValueError):  # unresolvable (a loop, a NUL): not this run's
+        return recorded
 
 
 class ModelRows:

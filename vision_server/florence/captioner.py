@@ -33,6 +33,7 @@ from vision_server.florence.source import resolve_model_dir
 from vision_server.florence.streaming import RowStreamer, streams, wants_stream
 from vision_server.florence.tiers import DeviceMover
 from vision_server.images import PixelSpec, fit_image
+from vision_server.model_specs import adapter_identity
 from vision_server.torch_captioner import TorchCaptioner, generate_kwargs
 from vision_server.weights import module_bytes
 
@@ -228,7 +229,7 @@ class FlorenceCaptioner(TorchCaptioner[_Loaded]):
 
     @cached_property
     def _adapter_path(self) -> str:
-        return str(Path(self.adapter).expanduser().resolve()) if self.adapter else ""
+        return adapter_identity(self.adapter) if self.adapter else ""
 
     # --- load / unload -------------------------------------------------------------------------
 
