@@ -209,7 +209,7 @@ class Settings:
     ssl_key: Path | None = _opt(None, "TLS private key (PEM).")
     # operations
     shutdown_grace: float = _opt(60.0, "Seconds to finish queued and running jobs on SIGTERM/SIGINT.")
-    log_level: str = _opt("info", "debug, info, warning or error.")
+    log_level: str = _opt("info", "debug, info, warning or error (any case).")
     log_format: str = _opt("text", "text or json (one JSON object per line).")
     log_file: Path | None = _opt(None, "Also write logs to this file.")
     # web page
@@ -261,6 +261,10 @@ class Settings:
         for name in ("trusted_proxies", "allowed_hosts"):  # Settings(trusted_proxies="127.0.0.1"): one entry
             if isinstance(getattr(self, name), str):
                 object.__setattr__(self, name, (getattr(self, name),))
+        for name in _ANY_CASE:  # LOG_LEVEL=INFO, as Python's logging spells it, in an env file
+            value = getattr(self, name)
+            if isinstance(value, str):
+                object.__setattr__(self, name, value.strip().lower())
         try:
             _validate(self)
         except SettingsError as exc:
@@ -342,6 +346,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": ("debug", "info", "warning", "error"),
     "log_format": ("text", "json"),
 }
+# Choices taken in any case: people write log levels as Python's logging does (INFO, DEBUG).
+_ANY_CASE = ("log_level", "log_format")
 
 
 def _validate(s: Settings) -> None:

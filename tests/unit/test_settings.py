@@ -58,6 +58,22 @@ def test_bad_values_name_the_setting(tmp_path: Path, flags: dict[str, object], m
         load_settings(flags, environ={}, config_path=_empty(tmp_path))
 
 
+def test_log_level_and_format_in_any_case(tmp_path: Path) -> None:
+    """``LOG_LEVEL=INFO`` is how Python's logging spells it; an env file written so must not stop
+    the start (other choices, such as the dtype, stay exact)."""
+    env = {"VISION_SERVER_LOG_LEVEL": "DEBUG", "VISION_SERVER_LOG_FORMAT": " Json "}
+    s = load_settings(environ=env, config_path=_empty(tmp_path))
+    assert (s.log_level, s.log_format) == ("debug", "json")
+    assert (
+        load_settings({"log_level": "Warning"}, environ={}, config_path=_empty(tmp_path)).log_level
+        == "warning"
+    )
+    with pytest.raises(
+        SettingsError, match="log_level must be one of debug, info, warning, error, not 'verbose'"
+    ):
+        load_settings({"log_level": "VERBOSE"}, environ={}, config_path=_empty(tmp_path))
+
+
 @pytest.mark.parametrize(
     ("flags", "given", "missing"),
     [({"ssl_cert": "/c.pem"}, "ssl_cert", "ssl_key"), ({"ssl_key": "/k.pem"}, "ssl_key", "ssl_cert")],
