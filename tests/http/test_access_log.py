@@ -12,6 +12,8 @@ from tests.support.api import tiny_settings
 from tests.support.images import b64
 from tests.support.serving import client_for
 from vision_server.logs import JsonFormatter, configure_logging
+from vision_server.settings import Settings
+from vision_server.testing.fake import FakeCaptioner
 
 
 async def test_access_lines_carry_the_engine_numbers(
@@ -39,6 +41,24 @@ async def test_access_lines_carry_the_engine_numbers(
     assert not any(image[:32] in r.getMessage() for r in caplog.records)
     line = json.loads(JsonFormatter().format(caption))
     assert line["route"] == "native.process_image" and line["request_id"] == "batch-42"
+
+
+async def test_a_refused_scrape_is_logged_at_info(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Probes log at debug, but a Prometheus without the key ``--metrics-require-key`` asks for got
+    401 at every scrape with nothing in the log at the default level."""
+    caplog.set_level(logging.DEBUG, logger="vision_server.access")
+    settings = Settings(cache_dir=tmp_path, api_key="k" * 16, metrics_require_key=True)
+    async with client_for(settings, FakeCaptioner()) as session:
+        async with session.get("/metrics") as refused:
+            assert refused.status == 401
+        async with session.get("/metrics", headers={"Authorization": f"Bearer {'k' * 16}"}) as scraped:
+            assert scraped.status == 200
+    levels = [
+        (r.status, r.levelno)  # type: ignore[attr-defined]
+        for r in caplog.records
+        if r.name == "vision_server.access" and r.route == "ops.metrics"  # type: ignore[attr-defined]
+    ]
+    assert levels == [(401, logging.INFO), (200, logging.DEBUG)]
 
 
 def test_log_file_in_json(tmp_path: Path) -> None:

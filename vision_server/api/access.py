@@ -57,8 +57,10 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 def log_access(request: web.Request, route: str, status: int, seconds: float, trace: JobTrace) -> None:
-    """Probes log at debug level: a load balancer checking every second would drown the rest."""
-    level = logging.DEBUG if route in PROBE_ROUTES and status < 500 else logging.INFO
+    """Probes log at debug level: a load balancer checking every second would drown the rest.
+    A refused one (a scraper without the key for ``--metrics-require-key``, a ``Host`` the server
+    does not answer) is a misconfiguration to fix, so it logs at info like any other request."""
+    level = logging.DEBUG if route in PROBE_ROUTES and status < 400 else logging.INFO
     if not log.isEnabledFor(level):
         return
     fields = {
