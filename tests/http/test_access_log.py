@@ -61,6 +61,35 @@ async def test_a_refused_scrape_is_logged_at_info(tmp_path: Path, caplog: pytest
     assert levels == [(401, logging.INFO), (200, logging.DEBUG)]
 
 
+async def test_error_lines_carry_the_request_id_as_a_json_key(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The id a 500 reply names is a key of the error's own JSON log line (with its traceback),
+    not only words in its message, so ``jq 'select(.request_id == ...)'`` finds the cause."""
+    caplog.set_level(logging.INFO)
+    fake = FakeCaptioner()
+    fake.fail_caption = ZeroDivisionError("a bug in the model code")
+    async with client_for(Settings(cache_dir=tmp_path), fake) as session:
+        body = {"image": b64(3), "prompt": "<CAPTION>"}
+        async with session.post("/process_image", json=body) as failed_batch:
+            assert failed_batch.status == 500
+            batch_id = failed_batch.headers["X-Request-ID"]
+
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("a bug in a handler")
+
+        monkeypatch.setattr("vision_server.api.native.job_labels", broken)
+        async with session.post("/process_image", json=body) as failed_handler:
+            assert failed_handler.status == 500
+            handler_id = failed_handler.headers["X-Request-ID"]
+            assert handler_id in (await failed_handler.json())["detail"]
+    lines = [json.loads(JsonFormatter().format(r)) for r in caplog.records if r.levelno >= logging.ERROR]
+    batch_line = next((line for line in lines if batch_id in line.get("request_ids", [])), None)
+    assert batch_line and "ZeroDivisionError" in batch_line["exception"], lines
+    handler_line = next((line for line in lines if line.get("request_id") == handler_id), None)
+    assert handler_line and "RuntimeError: a bug in a handler" in handler_line["exception"], lines
+
+
 def test_log_file_in_json(tmp_path: Path) -> None:
     path = tmp_path / "logs" / "server.jsonl"
     root = logging.getLogger()

@@ -212,7 +212,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if "Allow" in exc.headers:  # a 405 must say which methods the route takes
             response.headers["Allow"] = exc.headers["Allow"]
     except Exception:
-        log.exception("unhandled error in %s %s (request id %s)", request.method, request.path, request_id)
+        log.exception(
+            "unhandled error in %s %s (request id %s)",
+            request.method,
+            request.path,
+            request_id,
+            extra={"request_id": request_id},
+        )
         message = f"Internal server error (request id {request_id}); the server log has the details."
         response = error_response(request, InternalError(message))
     response.headers["X-Request-ID"] = request_id

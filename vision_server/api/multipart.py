@@ -203,7 +203,13 @@ def slot(request: web.Request, upload: Upload, outcome: Caption | BaseException)
     if isinstance(outcome, VisionServerError):
         return {"filename": upload.filename, "error": outcome.message}
     request_id = request.get(REQUEST_ID, "-")
-    log.error("captioning %s failed (request id %s)", upload.filename, request_id, exc_info=outcome)
+    log.error(
+        "captioning %s failed (request id %s)",
+        upload.filename,
+        request_id,
+        exc_info=outcome,
+        extra={"request_id": request_id},
+    )
     return {"filename": upload.filename, "error": f"Internal server error (request id {request_id})."}
 
 

@@ -202,10 +202,10 @@ async def _end_with_error(request: web.Request, events: EventStream, exc: Except
     """Tell a client whose stream already began that its caption failed."""
     request_id = request.get(REQUEST_ID, "-")
     if isinstance(exc, VisionServerError):
-        log.warning("stream %s failed: %s", request_id, exc.message)
+        log.warning("stream %s failed: %s", request_id, exc.message, extra={"request_id": request_id})
         error = error_body(exc)["error"]
     else:
-        log.error("stream %s failed", request_id, exc_info=exc)
+        log.error("stream %s failed", request_id, exc_info=exc, extra={"request_id": request_id})
         message = f"Internal server error (request id {request_id})."
         error = {"message": message, "type": "api_error", "param": None, "code": "internal_error"}
     await events.send(*events.shape.failure(error))

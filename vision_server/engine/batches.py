@@ -92,7 +92,12 @@ class BatchRunner:
             apply_keep_alive(slot, live)
         for job, result in zip(live, results, strict=True):
             if isinstance(result, VisionServerError):
-                log.warning("request %s failed alone in its batch: %s", job.request_id, result)
+                log.warning(
+                    "request %s failed alone in its batch: %s",
+                    job.request_id,
+                    result,
+                    extra={"request_id": job.request_id},
+                )
                 fail(job, result)
             elif not job.future.done():
                 job.future.set_result(result)
@@ -142,10 +147,11 @@ def apply_keep_alive(slot: ModelSlot, batch: list[CaptionJob]) -> None:
 
 def fail_batch(jobs: list[CaptionJob], exc: Exception) -> None:
     ids = ", ".join(job.request_id for job in jobs)
+    keys = {"request_ids": [job.request_id for job in jobs]}  # JSON logs: a key to search by
     if isinstance(exc, VisionServerError):
-        log.warning("batch failed (%s): %s", ids, exc)
+        log.warning("batch failed (%s): %s", ids, exc, extra=keys)
     else:
-        log.error("caption batch failed for request(s) %s", ids, exc_info=exc)
+        log.error("caption batch failed for request(s) %s", ids, exc_info=exc, extra=keys)
     for job in jobs:
         fail(job, exc if isinstance(exc, VisionServerError) else _caption_failed(exc, job.request_id))
 
