@@ -95,6 +95,12 @@ class AllowedHosts:
         enabled = "*" not in parsed and (bool(parsed) or is_loopback_name(bind_host))
         return cls(parsed, enabled)
 
+    def describe(self) -> str:
+        """The names answered, for the start log: ``localhost, *.localhost, IP addresses`` and
+        each ``--allowed-host`` entry as normalised (``.example.com``: it and its subdomains)."""
+        always = "localhost, *.localhost, IP addresses"
+        return f"{always}, {', '.join(self.entries)}" if self.entries else always
+
     def allows(self, header: str | None) -> bool:
         """Whether a request with this ``Host`` header is answered. A request without one passes:
         every browser sends it, so its absence is no page's doing (an HTTP/1.0 client, a probe)."""

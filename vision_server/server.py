@@ -194,11 +194,21 @@ async def run(app: web.Application, notifier: Notifier | None = None) -> bool:
 
 
 async def _listen(runner: web.AppRunner, app: web.Application) -> None:
-    """Bind every configured address and say where; warn when an open port has no API key, and
-    when every web page may call a server that has none."""
+    """Bind every configured address and say where, and which ``Host`` names it answers; warn
+    when an open port has no API key, and when every web page may call a server that has none."""
     urls = await listen(runner, app[SETTINGS])
     for url in urls:
         log.info("listening on %s", url)
+    allowed = app[SETTINGS].allowed_host_names
+    if allowed.enabled:
+        # Said once at start: otherwise the first sign of the DNS-rebinding check is a 403 for a
+        # proxy or a hosts-file name the operator expected to work.
+        log.info(
+            "answering only requests whose Host is one of: %s (DNS-rebinding check); to reach the "
+            "server by another name, add --allowed-host NAME (.example.com for a domain and its "
+            "subdomains, '*' for any name)",
+            allowed.describe(),
+        )
     if app[KEYS].api is None and not all(is_loopback(address) for address in runner.addresses):
         log.warning(
             "no --api-key: anyone who can reach %s may caption and see the server's status; "

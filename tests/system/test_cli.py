@@ -99,6 +99,20 @@ def test_serving_a_network_without_an_api_key_warns(tmp_path: Path) -> None:
     assert "no --api-key: anyone who can reach http://0.0.0.0:" in logs[0] and "may caption" in logs[0]
     assert "--cors-origin '*' and no --api-key: every web page" in logs[0]
     assert "no --api-key" not in logs[1]
+    assert "DNS-rebinding" not in logs[0]  # a network service checks no Host without --allowed-host
+
+
+def test_the_start_log_names_the_hosts_answered(tmp_path: Path) -> None:
+    """With the DNS-rebinding check on, one start line lists the accepted names and the flag that
+    adds one, so an operator learns of the check before a proxy's first 403."""
+    allowed = {"allowed_hosts": "vision.lan,.Example.com"}
+    with ServerProcess.fake(tmp_path, "loopback", delay=0, **allowed) as server:
+        server.wait_listening()
+        server.stop()
+        lines = [line for line in server.log_text().splitlines() if "DNS-rebinding check" in line]
+    assert len(lines) == 1 and "INFO" in lines[0], lines
+    names = "Host is one of: localhost, *.localhost, IP addresses, vision.lan, .example.com (DNS"
+    assert names in lines[0] and "add --allowed-host NAME" in lines[0]
 
 
 def test_offline_hub_id_names_the_model_and_the_fix(tmp_path: Path) -> None:

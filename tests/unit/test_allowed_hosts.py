@@ -125,3 +125,9 @@ def test_unusable_entries_stop_the_start(entry: str) -> None:
 def test_an_unusable_entry_names_where_it_was_set() -> None:
     with pytest.raises(SettingsError, match=r"set by VISION_SERVER_ALLOWED_HOSTS"):
         load_settings(environ={"VISION_SERVER_ALLOWED_HOSTS": "https://vision.lan"})
+
+
+def test_the_start_log_description_lists_every_accepted_name() -> None:
+    assert AllowedHosts.parse([], "127.0.0.1").describe() == "localhost, *.localhost, IP addresses"
+    described = AllowedHosts.parse(["Vision.LAN.", "*.example.com"], "0.0.0.0").describe()
+    assert described == "localhost, *.localhost, IP addresses, vision.lan, *.example.com"
