@@ -7,10 +7,12 @@ import logging
 from pathlib import Path
 
 import pytest
+from aiohttp import ClientSession
 
 from tests.support.api import tiny_settings
 from tests.support.images import b64
-from tests.support.serving import client_for
+from tests.support.serving import client_for, running_server
+from vision_server.engine.models import NamedModel
 from vision_server.logs import JsonFormatter, configure_logging
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
@@ -88,6 +90,27 @@ async def test_error_lines_carry_the_request_id_as_a_json_key(
     assert batch_line and "ZeroDivisionError" in batch_line["exception"], lines
     handler_line = next((line for line in lines if line.get("request_id") == handler_id), None)
     assert handler_line and "RuntimeError: a bug in a handler" in handler_line["exception"], lines
+
+
+async def test_access_lines_name_the_model_that_captioned(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With several models, which one a request went to (and which one failed it) is in its line."""
+    caplog.set_level(logging.INFO, logger="vision_server.access")
+    models = [NamedModel("large", FakeCaptioner()), NamedModel("blip", FakeCaptioner())]
+    async with (
+        running_server(Settings(cache_dir=tmp_path, idle_timeout=-1), models=models) as url,
+        ClientSession(url) as session,
+    ):
+        for model, request_id in (("blip", "to-blip"), (None, "to-default"), ("nope", "to-nobody")):
+            body = {"image": b64(5), "prompt": "<CAPTION>", "model": model}
+            async with session.post("/process_image", json=body, headers={"X-Request-ID": request_id}):
+                pass
+    lines = {r.request_id: r for r in caplog.records if r.name == "vision_server.access"}  # type: ignore[attr-defined]
+    assert [lines[i].model for i in ("to-blip", "to-default", "to-nobody")] == ["blip", "large", None]  # type: ignore[attr-defined]
+    assert lines["to-blip"].getMessage().endswith(" batch=1 model=blip")
+    assert "model=" not in lines["to-nobody"].getMessage()  # a 404: no model took it
+    assert json.loads(JsonFormatter().format(lines["to-default"]))["model"] == "large"
 
 
 def test_log_file_in_json(tmp_path: Path) -> None:

@@ -17,6 +17,7 @@ from aiohttp import web
 
 from vision_server.api.errors import REQUEST_ID, Handler
 from vision_server.api.proxies import PEER
+from vision_server.api.served_model import SERVED_MODEL
 from vision_server.api.state import METRICS
 from vision_server.engine.trace import CURRENT_TRACE, JobTrace
 
@@ -74,12 +75,14 @@ def log_access(request: web.Request, route: str, status: int, seconds: float, tr
         "batch_size": trace.batch_size if trace.jobs else None,
         "client": request.remote,
         "via": request.get(PEER),
+        "model": request.get(SERVED_MODEL),  # the served model its image went to (several: which)
     }
     via_part = f" via={fields['via']}" if fields["via"] else ""
     engine_part = f" queue_wait={trace.queue_wait:.3f}s batch={trace.batch_size}" if trace.jobs else ""
+    model_part = f" model={fields['model']}" if fields["model"] is not None else ""
     log.log(
         level,
-        "%s %s %d %.3fs route=%s id=%s client=%s%s%s",
+        "%s %s %d %.3fs route=%s id=%s client=%s%s%s%s",
         request.method,
         fields["path"],
         status,
@@ -89,5 +92,6 @@ def log_access(request: web.Request, route: str, status: int, seconds: float, tr
         request.remote,
         via_part,
         engine_part,
+        model_part,
         extra=fields,
     )
