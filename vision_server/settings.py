@@ -61,7 +61,8 @@ class Settings:
         (DEFAULT_MODEL,),
         "The model to serve: a hub id or local directory of a Florence-2 model, or of another "
         "transformers image-to-text model (BLIP, GIT, ViT+GPT-2, Idefics3/SmolVLM; see --backend); "
-        "'test:tiny' serves a self-built tiny Florence-2 whose captions are meaningless. Repeat as "
+        "'test:tiny' serves a self-built tiny Florence-2 (and 'test:base', 'test:large' ones of the real "
+        "sizes with random weights, for memory and speed tests) whose captions are meaningless. Repeat as "
         "NAME=SOURCE to serve several models, requests picking one by NAME; SOURCE+ADAPTER_DIR puts a "
         "LoRA adapter on top. The first is the default (the one vision-server caption uses).",
         metavar="[NAME=]SOURCE[+ADAPTER_DIR]",

@@ -203,3 +203,17 @@ def test_a_list_setting_takes_its_flag_name_as_a_config_key_too(tmp_path: Path) 
     config.write_text('cors-origin = ["http://a.test"]\ncors_origins = ["http://b.test"]\n')
     with pytest.raises(SettingsError, match="sets cors_origins a second time"):
         load_settings(environ={}, config_path=config)
+
+
+def test_serve_help_names_every_test_model_preset() -> None:
+    """``--model test:...`` takes every preset the model builder has, and --help says so."""
+    from click.testing import CliRunner
+
+    from vision_server.cli import main
+    from vision_server.florence.source import TEST_PRESETS
+
+    result = CliRunner().invoke(main, ["serve", "--help"], terminal_width=400)
+    help_text = " ".join(result.output.split())  # click wraps the text at any space
+    assert result.exit_code == 0 and set(TEST_PRESETS) == {"tiny", "base", "large"}
+    for preset in TEST_PRESETS:
+        assert f"'test:{preset}'" in help_text, preset
