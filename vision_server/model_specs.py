@@ -24,6 +24,7 @@ it into a ``SettingsError``.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -119,6 +120,13 @@ def adapter_identity(adapter: str) -> str:
     and so is ``/data/my-adapter`` from another working directory; what a caption row records
     and compares (a rerun from anywhere resumes) and what keys a loaded adapter."""
     return str(Path(adapter).expanduser().resolve())
+
+
+def adapter_name(adapter: str) -> str:
+    """How an adapter is shown to clients (``/v1/status``, ``/model_info``, ``/v1/models``): the
+    name of its folder, not its path, which would tell a remote client the user's name and how
+    the server's disk is laid out. The full path is in the server's start line."""
+    return Path(os.path.abspath(os.path.expanduser(adapter))).name or adapter
 
 
 def split_adapter(text: str) -> tuple[str, str | None]:

@@ -27,7 +27,7 @@ from vision_server.engine.lifecycle import EngineStatus
 from vision_server.engine.scheduler import Engine
 from vision_server.florence.source import source_problem
 from vision_server.logs import configure_logging
-from vision_server.model_specs import ModelSpec
+from vision_server.model_specs import ModelSpec, adapter_identity
 from vision_server.sdnotify import Notifier
 from vision_server.settings import Settings, SettingsError
 from vision_server.signals import install_stop_handlers
@@ -264,7 +264,8 @@ def described(spec: ModelSpec) -> str:
     """``name (source @ revision + adapter, backend B)``; the parts that are not set are left
     out, and so is the name when it is the source (``source @ revision (backend B)``)."""
     source = spec.source if spec.revision is None else f"{spec.source} @ {spec.revision}"
-    shown = source if spec.adapter is None else f"{source} + {spec.adapter}"
+    # the adapter's full path (clients see only its folder name: the log is where to find it)
+    shown = source if spec.adapter is None else f"{source} + {adapter_identity(spec.adapter)}"
     backend = f"backend {spec.backend}" if spec.backend != "auto" else None
     if spec.name != spec.source:
         return f"{spec.name} ({shown}{f', {backend}' if backend else ''})"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from vision_server.app import create_app
 from vision_server.engine.models import NamedModel
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
+from vision_server.train.metadata import write_metadata
 
 
 async def _json(session: ClientSession, path: str) -> Any:
@@ -59,9 +61,9 @@ async def test_the_configured_models_are_served_by_name(
             name: (m["source"], m["adapter"], m["default"], m["idle_timeout"]) for name, m in models.items()
         } == {
             "plain": ("test:tiny", None, False, 120.0),
-            "styled": ("test:tiny", str(tiny_adapter_dir), True, -1.0),
+            "styled": ("test:tiny", tiny_adapter_dir.name, True, -1.0),  # by folder name, not path
         }
-        assert status["adapter"]["path"] == str(tiny_adapter_dir)  # the top level: the default model's
+        assert status["adapter"]["name"] == tiny_adapter_dir.name  # the top level: the default model's
         plain, styled = await _caption(session, model="plain"), await _caption(session, model="styled")
         assert await _caption(session) == styled  # a request that names none: the default model
     one = Settings(model="test:tiny", cache_dir=cache, idle_timeout=-1, max_new_tokens=12, num_beams=1)
@@ -94,3 +96,42 @@ async def test_tests_and_embedders_can_pass_models() -> None:
             assert [(m["name"], m["idle_timeout"]) for m in status["models"]] == [("x", -1.0), ("y", 5.0)]
     with pytest.raises(TypeError, match="captioner or models"):
         create_app(Settings(), FakeCaptioner(), models=models)
+
+
+async def test_status_shows_every_models_adapter_by_name_and_how_it_was_trained(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, tiny_adapter_dir: Path
+) -> None:
+    """Only the default model's adapter was shown, and with paths: the adapter's, and those of
+    the run that trained it. Now each model has its own, by folder name; the top-level field stays
+    the default model's."""
+    home = tmp_path / "home" / "someone"  # no client may learn this
+    adapter = home / "styles" / "my-style"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    options = {"dataset": str(home / "photos"), "output": str(adapter), "cache_dir": str(home / ".cache"),
+               "resume": None, "model": str(home / "models" / "tiny"), "rank": 4}  # fmt: skip
+    run = {"base_model": str(home / "models" / "tiny"), "revision": None, "task": "<CAPTION>", "steps": 12,
+           "epochs": 2.0, "final_train_loss": 1.5, "final_val_loss": None, "options": options}  # fmt: skip
+    write_metadata(adapter, run)
+    settings = Settings(
+        model=("plain=test:tiny", f"styled=test:tiny+{adapter}"),
+        cache_dir=tiny_cache_dir(tmp_path_factory),
+        idle_timeout=-1,
+    )
+    async with running_app(settings) as (_app, url), ClientSession(url) as session:
+        for route in ("/v1/status", "/model_info?model=styled", "/v1/models", "/ui/api/status"):
+            async with session.get(route) as response:
+                assert response.status == 200 and str(home) not in await response.text(), route
+        status = await _json(session, "/v1/status")
+        assert status["adapter"] is None  # the default model, plain, has none: as before
+        models = {model["name"]: model for model in status["models"]}
+        assert (models["plain"]["adapter"], models["plain"]["training"]) == (None, None)
+        styled = models["styled"]
+        assert styled["adapter"] == "my-style"
+        assert styled["training"] == {
+            "base_model": "tiny", "revision": None, "task": "<CAPTION>", "steps": 12, "epochs": 2.0,
+            "final_train_loss": 1.5, "final_val_loss": None,
+            "options": {"dataset": "photos", "output": "my-style", "cache_dir": ".cache", "resume": None,
+                        "model": "tiny", "rank": 4},
+        }  # fmt: skip
+        info = await _json(session, "/model_info?model=styled")
+        assert info["adapter"] == {"name": "my-style", "training": styled["training"]}

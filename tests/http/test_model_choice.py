@@ -321,7 +321,7 @@ async def test_listings_name_every_model_and_the_defaults_stay_as_before() -> No
             (m["source"], m["adapter"], m["family"], m["state"], m["default"]) for m in listed["data"]
         ] == [
             ("hub/alpha-source", None, "florence-2", "unloaded", True),
-            ("hub/beta-source", "adapters/beta", "florence-2", "unloaded", False),
+            ("hub/beta-source", "beta", "florence-2", "unloaded", False),  # its folder name, no path
         ]
         assert await answer(session, "GET", "/v1/models/beta") == (200, listed["data"][1])
         assert await answer(session, "GET", "/models/hub/beta-source") == (200, listed["data"][1])
@@ -331,7 +331,7 @@ async def test_listings_name_every_model_and_the_defaults_stay_as_before() -> No
         assert [t["task"] for t in tasks["tasks"]] == list(BETA_TASKS)
         status, info = await answer(session, "GET", "/model_info?model=beta")
         assert (info["model"], info["tasks"], info["state"]) == ("fake-beta", list(BETA_TASKS), "unloaded")
-        assert info["adapter"] == {"path": "adapters/beta", "training": None}
+        assert info["adapter"] == {"name": "beta", "training": None}
 
         # without ?model= the default model, byte for byte as before several models
         async with session.get("/prompts") as response:

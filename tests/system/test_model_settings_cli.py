@@ -152,7 +152,7 @@ def test_serve_starts_with_named_models_and_lists_them(
         ]
         assert shown == [
             ("plain", None, False, 120.0, "unloaded"),
-            ("styled", str(tiny_adapter_dir), True, -1.0, "unloaded"),
+            ("styled", tiny_adapter_dir.name, True, -1.0, "unloaded"),  # the full path: in the log
         ]
         assert (
             f"serving plain (test:tiny @ v2) [idle timeout 120s], styled (test:tiny + "

@@ -16,6 +16,7 @@ The rule (``docs/api/index.md``, "Picking a model per request"):
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 from aiohttp import web
 
@@ -24,6 +25,7 @@ from vision_server.api.generation import shown
 from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.engine.lifecycle import ModelCard, ModelStatus
 from vision_server.images import PixelSpec
+from vision_server.train.metadata import adapter_summary
 
 MODEL_PARAM = "model"
 
@@ -81,3 +83,15 @@ def adapter_of(app: web.Application, card: ModelCard) -> str | None:
     if card.adapter is not None or card.name != app[ENGINE].default_model:
         return card.adapter
     return app[SETTINGS].default_model_spec.adapter
+
+
+def shown_models(app: web.Application, models: list[dict[str, Any]], *, training: bool) -> None:
+    """Status entries (``ModelStatus.as_dict()``) as clients see them, in place: each model's
+    adapter by its folder name, never its path; with ``training``, also how the adapter was
+    made (``training``: :func:`~vision_server.train.metadata.adapter_summary`, null without one)."""
+    engine = app[ENGINE]
+    for entry in models:
+        summary = adapter_summary(adapter_of(app, engine.card(entry["name"])))
+        entry["adapter"] = None if summary is None else summary["name"]
+        if training:
+            entry["training"] = None if summary is None else summary["training"]

@@ -12,7 +12,7 @@ import time
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from vision_server.api.model_choice import adapter_of
+from vision_server.api.model_choice import adapter_of, shown_models
 from vision_server.api.state import ENGINE, METRICS, STARTED_AT
 from vision_server.engine.lifecycle import ModelState
 from vision_server.errors import VisionServerError
@@ -28,10 +28,13 @@ def ops_error(error: VisionServerError, request_id: str) -> web.Response:
 
 async def status(request: web.Request) -> web.Response:
     """State, model, device, dtype, loaded since, expires_at, queue depth, jobs running, errors;
-    the adapter and, for one made by ``vision-server train``, how it was trained."""
+    the adapter and, for one made by ``vision-server train``, how it was trained (by name, no
+    paths: see :func:`~vision_server.train.metadata.adapter_summary`)."""
     data = request.app[ENGINE].status().as_dict()
     data["tasks"] = list(request.app[ENGINE].model_card.tasks)
+    # the default model's, as before several models; each model's own under `models`
     data["adapter"] = adapter_summary(adapter_of(request.app, request.app[ENGINE].model_card))
+    shown_models(request.app, data["models"], training=True)
     return web.json_response(data)
 
 

@@ -24,7 +24,7 @@ from vision_server.api.auth import check_api_key
 from vision_server.api.captioning import caption_bytes
 from vision_server.api.errors import NotFound
 from vision_server.api.forms import read_form
-from vision_server.api.model_choice import chosen_model
+from vision_server.api.model_choice import chosen_model, shown_models
 from vision_server.api.state import ENGINE, RECENT, SETTINGS
 from vision_server.api.task_words import TASK_DESCRIPTIONS, default_task
 from vision_server.engine.trace import CURRENT_TRACE
@@ -144,6 +144,7 @@ async def status(request: web.Request) -> web.Response:
     """The status panel: engine state, time to the idle unload, the last batches and their speed."""
     engine = request.app[ENGINE]
     data: dict[str, Any] = engine.status().as_dict()
+    shown_models(request.app, data["models"], training=False)  # adapters by name, not path
     now = time.time()
     data["now"] = now
     data["idle_unload_in"] = None if data["expires_at"] is None else max(0.0, data["expires_at"] - now)

@@ -1,7 +1,7 @@
 """The small JSON file beside a trained adapter: what it was trained from, how, and how it ended.
 
-Standard library only: the server reads it to show ``/model_info`` and ``/v1/status`` for an
-``--adapter`` directory, and must not import torch for that.
+Standard library only (and the stdlib-only ``model_specs``): the server reads it to show
+``/model_info`` and ``/v1/status`` for an ``--adapter`` directory, and must not import torch for that.
 """
 
 from __future__ import annotations
@@ -11,9 +11,14 @@ from pathlib import Path
 from typing import Any
 
 from vision_server.atomic_files import replacing
+from vision_server.model_specs import adapter_name, is_path_source
 
 METADATA_FILE = "training.json"
 FORMAT_VERSION = 1
+# Options that name files or folders on the machine that trained (shown by their last part), and
+# the model, which is one when it was a local directory.
+_PATH_OPTIONS = ("dataset", "output", "cache_dir", "resume")
+_MAYBE_PATHS = (*_PATH_OPTIONS, "model")
 _SHOWN = ("base_model", "revision", "task", "steps", "epochs", "final_train_loss", "final_val_loss")
 
 
@@ -36,12 +41,31 @@ def read_metadata(directory: Path | str) -> dict[str, Any] | None:
 
 
 def adapter_summary(adapter: str | None) -> dict[str, Any] | None:
-    """What the server shows about its ``--adapter``: the path, and how it was trained when known."""
+    """What the server shows about an adapter: its folder's name, and how it was trained when
+    known. No paths: whoever may ask for the status learns nothing of the server's disk; the
+    full path is in the server's start line, and options that were paths show their last part."""
     if not adapter:
         return None
     data = read_metadata(adapter)
-    training = None
-    if data is not None:
-        training = {key: data.get(key) for key in _SHOWN}
-        training["options"] = data.get("options")
-    return {"path": adapter, "training": training}
+    return {"name": adapter_name(adapter), "training": None if data is None else _shown(data)}
+
+
+def _shown(data: dict[str, Any]) -> dict[str, Any]:
+    training = {key: data.get(key) for key in _SHOWN}
+    training["base_model"] = _without_path(training["base_model"], always=False)
+    options = data.get("options")
+    if isinstance(options, dict):
+        options = {
+            key: _without_path(value, always=key in _PATH_OPTIONS) if key in _MAYBE_PATHS else value
+            for key, value in options.items()
+        }
+    training["options"] = options
+    return training
+
+
+def _without_path(value: Any, *, always: bool) -> Any:
+    """A path's last part (``always`` for options that are paths, else for a model that is a
+    local directory, not a hub id)."""
+    if not isinstance(value, str) or not value or not (always or is_path_source(value)):
+        return value
+    return adapter_name(value)
