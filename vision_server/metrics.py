@@ -14,7 +14,7 @@ from collections.abc import Iterator, Mapping
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, Info
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
@@ -202,6 +202,11 @@ class EngineCollector(Collector):
         )
         yield GaugeMetricFamily(
             PREFIX + "draining", "1 while shutting down (refusing new jobs).", value=int(status.draining)
+        )
+        yield CounterMetricFamily(
+            PREFIX + "worker_restarts",
+            "Times the captioning worker died and was restarted (a bug: the error log has why).",
+            value=self.engine.worker_restarts,
         )
         state = GaugeMetricFamily(
             PREFIX + "model_state",

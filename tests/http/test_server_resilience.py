@@ -163,6 +163,8 @@ async def test_a_dead_worker_is_reported_refused_and_restarted(
         assert status == 200
         async with session.get("/ready") as response:
             assert response.status == 200
+        async with session.get("/metrics") as response:  # for an alert: the worker is never meant to die
+            assert re.search(r"^vision_server_worker_restarts_total 1\.0$", await response.text(), re.M)
         assert (
             "the captioning worker died" in caplog.text and "restarting the captioning worker" in caplog.text
         )
