@@ -342,6 +342,10 @@ async def test_api_key_from_option_or_env(aiohttp_server, tmp_path: Path) -> Non
     missing = await cli("model")
     assert missing.returncode == 1
     assert "HTTP 401: Missing or invalid API key" in missing.stderr
+    assert "vision-client: --api-key or VISION_API_KEY" in missing.stderr  # where the key goes
+    gone = await cli("--api-key", "right-key", "caption", str(tmp_path / "gone.jpg"))
+    assert gone.returncode == 1
+    assert gone.stderr.strip() == f"{tmp_path / 'gone.jpg'}: error: No such file or directory", gone.stderr
     assert (await cli("--api-key", "right-key", "model")).stdout.strip() == "stub-model"
     assert (await cli("model", env={"VISION_API_KEY": "right-key"})).stdout.strip() == "stub-model"
 

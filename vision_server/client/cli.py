@@ -138,7 +138,8 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
                 text = await future
             except (VisionClientError, OSError) as exc:
                 ok = False
-                click.echo(f"{image}: error: {exc}", err=True)
+                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                click.echo(f"{image}: error: {reason}", err=True)  # not "[Errno 2] ...: 'image'" again
                 continue
             click.echo(f"{image}: {text}" if several else text)
         return ok

@@ -66,7 +66,21 @@ class RequestRejected(VisionHTTPError):
 
 
 class AuthenticationError(RequestRejected):
-    """401/403: the API key is missing or wrong."""
+    """401/403: the API key is missing or wrong.
+
+    A 401's message also says where the key goes: the server's own words ("send the header
+    'Authorization: Bearer <api key>'") leave a user of the command line guessing.
+    """
+
+    def __init__(
+        self, status: int, detail: str, *, retry_after: float | None = None, gateway_outage: bool = False
+    ) -> None:
+        super().__init__(status, detail, retry_after=retry_after, gateway_outage=gateway_outage)
+        if status == 401:
+            self.args = (f"{self.args[0]} {KEY_HINT}",)
+
+
+KEY_HINT = "(give the key as api_key; vision-client: --api-key or VISION_API_KEY)"
 
 
 class ServerBusy(VisionHTTPError):
