@@ -1,4 +1,4 @@
-"""Signals at random moments to clients/vision-client.sh: how many runs hang or exit wrongly.
+"""Signals at random moments to the bash clients: how many runs hang, exit wrongly or miscount.
 
 bash 5.2 can hang, or exit 2 with "unexpected EOF while looking for matching `)'", when a trapped
 signal lands while it runs a command substitution ``$(...)``. This starts ``--runs`` clients
@@ -11,6 +11,15 @@ process group as Ctrl+C does) after a random delay, and counts:
   (the trap), or death by the signal itself (it came before the trap was set).
 
     python benchmarks/shell_signal_stress.py --runs 300 [--client /tmp/before/clients/vision-client.sh]
+
+``--folder`` runs the folder script (``clients/vision-caption-folder-images.sh``, or ``--client``)
+on a folder of ``--images`` images instead, ``--jobs`` 1 to 4 at a time, the server holding each
+caption up to ``--post-delay`` seconds; besides hangs and wrong statuses it counts, for the runs
+the signal interrupted, wrong summaries: a "captioned" count other than the caption files on
+disk, a "not captioned yet" count other than the images without one, any image counted as
+failed, temporary caption files left in the folder, and processes of the run still alive.
+
+    python benchmarks/shell_signal_stress.py --folder --runs 100 --max-delay 1.5
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import contextlib
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import tempfile
@@ -48,7 +58,10 @@ SCENARIOS: dict[str, tuple[list[str], int]] = {
 
 
 class Handler(BaseHTTPRequestHandler):
-    """Answers at once: the client spends its time in its own code, where the signals land."""
+    """Answers at once: the client spends its time in its own code, where the signals land.
+    (``post_delay``: captions wait up to that many seconds, so a folder run has some in flight.)"""
+
+    post_delay = 0.0
 
     def log_message(self, *args: object) -> None:
         pass
@@ -75,6 +88,8 @@ class Handler(BaseHTTPRequestHandler):
         elif prompt == "<ERROR>":
             self.reply(500, b"<html><body>Internal error</body></html>\n", "text/html")
         else:
+            if self.post_delay:
+                time.sleep(random.uniform(0, self.post_delay))
             self.reply(200, b'{"result": "  a caption \\n"}')
 
 
@@ -120,16 +135,106 @@ def one_run(
     return "wrong-status"
 
 
+def group_alive(pgid: int) -> bool:
+    """Whether any process of the process group ``pgid`` is still there."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+SUMMARY = re.compile(r"image\(s\) found: (\d+) captioned, \d+ skipped \(caption exists\), (\d+) failed")
+NOT_YET = re.compile(r"Interrupted: (\d+) image\(s\) not captioned yet")
+
+
+def one_folder_run(
+    script: str, url: str, image: bytes, tmpdir: str, rng: random.Random, args: argparse.Namespace
+) -> str:
+    """One folder run on a fresh folder and one signal; returns its outcome's name."""
+    signum = rng.choice([signal.SIGINT, signal.SIGTERM])
+    to_group = rng.random() < 0.75  # Ctrl+C signals the whole group: the case that matters most
+    jobs = rng.randint(1, 4)
+    folder = Path(tempfile.mkdtemp(prefix="folder.", dir=tmpdir))
+    for i in range(args.images):
+        (folder / f"img{i:03d}.png").write_bytes(image)
+    env = {**os.environ, "TMPDIR": str(Path(tmpdir) / "tmp")}
+    proc = subprocess.Popen(
+        ["bash", script, "--url", url, "--jobs", str(jobs), "-q", "CAPTION", "txt", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(rng.uniform(0, args.max_delay))
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            if to_group:
+                os.killpg(proc.pid, signum)
+            else:
+                proc.send_signal(signum)
+    try:
+        _, raw = proc.communicate(timeout=args.hang_after)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return "hang"
+    stderr = raw.decode(errors="replace")
+    rc = proc.returncode
+    trapped = 130 if signum == signal.SIGINT else 143
+    where = f"({signum.name}, group={to_group}, jobs={jobs})"
+    for _ in range(50):  # the last processes of the run may take a moment to go
+        if not group_alive(proc.pid):
+            break
+        time.sleep(0.1)
+    else:
+        print(f"processes left {where}")
+        os.killpg(proc.pid, signal.SIGKILL)
+        return "processes-left"
+    if list(folder.glob(".*.tmp")):
+        print(f"temporary caption files left {where}")
+        return "temp-files-left"
+    if rc == 0:
+        return "finished"
+    if rc == -signum:
+        return "killed-before-trap"
+    if rc != trapped:
+        lines = stderr.strip().splitlines()
+        print(f"wrong status {rc} {where}: {lines[-1] if lines else ''}")
+        return "wrong-status"
+    written = len(list(folder.glob("*.txt")))
+    summary, not_yet = SUMMARY.search(stderr), NOT_YET.search(stderr)
+    counts = (int(summary[1]), int(summary[2]), int(not_yet[1])) if summary and not_yet else None
+    if counts is None and written == 0 and "interrupted; stopping" in stderr:
+        return "trapped-before-the-images-were-listed"  # no summary: nothing was started yet
+    if counts != (written, 0, args.images - written):
+        print(f"wrong summary {where}: {written} caption files; {counts=} (captioned, failed, not yet)")
+        print("    " + "\n    ".join(stderr.strip().splitlines()[-6:]))
+        return "wrong-summary"
+    return "trapped"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--runs", type=int, default=300)
     parser.add_argument("--parallel", type=int, default=4)
     parser.add_argument("--max-delay", type=float, default=0.15, help="seconds; the signal comes within")
     parser.add_argument("--hang-after", type=float, default=15.0)
-    parser.add_argument("--client", default=str(REPO / "clients" / "vision-client.sh"))
+    parser.add_argument("--client", help="the script to run (default: the one of this checkout)")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--folder", action="store_true", help="run the folder script instead")
+    parser.add_argument("--images", type=int, default=12, help="--folder: images per folder")
+    parser.add_argument(
+        "--post-delay", type=float, default=0.3, help="--folder: seconds a caption takes, at most"
+    )
     args = parser.parse_args()
+    script = "vision-caption-folder-images.sh" if args.folder else "vision-client.sh"
+    args.client = args.client or str(REPO / "clients" / script)
 
+    Handler.post_delay = args.post_delay if args.folder else 0.0
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{httpd.server_address[1]}"
@@ -140,15 +245,32 @@ def main() -> None:
         tmpdir = Path(work) / "tmp"
         tmpdir.mkdir()
         rngs = [random.Random(args.seed * 100003 + i) for i in range(args.runs)]
+        if args.folder:
+
+            def run_one(rng: random.Random) -> str:
+                return one_folder_run(args.client, url, PNG, work, rng, args)
+        else:
+
+            def run_one(rng: random.Random) -> str:
+                return one_run(args.client, url, image, str(tmpdir), rng, args)
+
         with ThreadPoolExecutor(args.parallel) as pool:
-            for outcome in pool.map(lambda r: one_run(args.client, url, image, str(tmpdir), r, args), rngs):
+            for outcome in pool.map(run_one, rngs):
                 outcomes[outcome] += 1
-        leftovers = len(list(tmpdir.iterdir()))
+        left_behind = sorted(path.name for path in tmpdir.iterdir())
+        leftovers = len(left_behind)
+        if left_behind:
+            print("left in TMPDIR: " + " ".join(left_behind))
     httpd.shutdown()
     print(f"client: {args.client}")
     print(f"runs: {args.runs}  " + "  ".join(f"{k}: {v}" for k, v in sorted(outcomes.items())))
     hangs, wrong = outcomes["hang"], outcomes["wrong-status"]
-    print(f"hangs: {hangs}  wrong statuses: {wrong}  leftover temp dirs: {leftovers}")
+    line = f"hangs: {hangs}  wrong statuses: {wrong}  leftover temp dirs: {leftovers}"
+    if args.folder:
+        line += f"  wrong summaries: {outcomes['wrong-summary']}"
+        left = outcomes["processes-left"] + outcomes["temp-files-left"]
+        line += f"  runs with processes or temp captions left: {left}"
+    print(line)
 
 
 if __name__ == "__main__":

@@ -226,6 +226,7 @@ outage=0               # 1 while the server is unreachable: no new images start
 declare -a retry_q=()  # images whose request the outage broke: sent again first
 declare -A outage_hits=() # index -> how many times its request met an unreachable server
 max_outage_hits=5      # one more and the image fails alone (a server that crashes on it)
+declare -A stop_hits=() # index -> how many times a signal stopped its request (sent again once)
 
 # random_hex16: 16 random lowercase hex digits. Temporary captions are named
 # .vision-caption.<16 hex>.tmp by every vision-server client, so any of them can sweep a
@@ -271,9 +272,9 @@ stop_workers() {
 
 # shellcheck disable=SC2317,SC2329  # called by traps
 cleanup() {
+    trap '' HUP INT TERM # a second signal (Ctrl+C twice, or a process group) must not cut this short
     local idx
     local -a temps=()
-    trap '' HUP INT TERM # a second signal (Ctrl+C twice, or a process group) must not cut this short
     for idx in "${!running[@]}"; do
         temps+=("$(temp_caption "$idx")")
     done
@@ -308,7 +309,11 @@ on_signal() {
     for idx in "${!running[@]}"; do
         if [[ -n $tmpd && -f $tmpd/res.$idx ]]; then collect "$idx"; fi
     done
-    interrupted=${#running[@]}
+    # Every image this run started and did not finish: also one whose worker the signal caught
+    # being started, before "running" (or "next") knew of it. Each started image is captioned,
+    # failed, stopped early, waiting to be sent again, or this.
+    interrupted=$((next - n_ok - n_failed - n_aborted - ${#retry_q[@]}))
+    ((interrupted >= 0)) || interrupted=0
     cleanup
     if declare -F report >/dev/null; then report; fi
     exit "$1"
@@ -677,6 +682,13 @@ caption_one() {
     rc=$?
     child=""
 
+    if ((rc > 128)); then
+        # vision-client.sh was stopped by a signal (its trap exits 128 + the signal's number):
+        # nothing is wrong with the image, so this is no failure. Most often Ctrl+C or a TERM to
+        # the whole run, whose trap in this shell comes at once; the main script counts the image
+        # as not captioned yet, or sends it again when the run goes on.
+        finish stopped "$rc" "vision-client.sh was stopped by a signal (exit status $rc)"
+    fi
     if ((rc != 0)); then
         reason=""
         while IFS= read -r line || [[ -n $line ]]; do
@@ -747,7 +759,7 @@ collect() {
 }
 
 account() {
-    local idx=$1 status rc reason img=${todo[$1]}
+    local idx=$1 status rc reason img=${todo[$1]} pid=${running[$1]}
     unset 'running[$idx]'
     if [[ -f $tmpd/res.$idx ]]; then
         {
@@ -756,8 +768,17 @@ account() {
             IFS= read -r reason
         } <"$tmpd/res.$idx"
     else
-        status=fail rc=1 reason="the worker stopped unexpectedly"
-        # A worker killed from outside (rare): remove its temp_caption (no $(...): see show_into).
+        # A worker gone without a result (only looked for once it is gone): its exit status says
+        # whether a signal stopped it (its trap exits 143), as Ctrl+C to the whole run does
+        # before this shell's own trap has run, or it broke.
+        rc=0
+        wait "$pid" 2>/dev/null || rc=$?
+        if ((rc > 128)); then
+            status=stopped reason="the worker was stopped by a signal (exit status $rc)"
+        else
+            status=fail rc=1 reason="the worker stopped unexpectedly"
+        fi
+        # Remove its temp_caption, which it may have left (no $(...): see show_into).
         rm -f -- "${todo_cap[idx]%/*}/.vision-caption.${temp_ids[idx]}.tmp"
     fi
     rm -f -- "$tmpd/res.$idx" "$tmpd/out.$idx" "$tmpd/err.$idx"
@@ -765,6 +786,18 @@ account() {
         n_ok=$((n_ok + 1))
         note_result ok "$img"
         return
+    fi
+    if [[ $status == stopped ]]; then
+        # Not the image's fault: Ctrl+C (this shell's trap, pending, counts it as not captioned
+        # yet), or a signal to this one request, which is sent again once.
+        local stops=$((${stop_hits[$idx]:-0} + 1))
+        if ((stops <= 1)); then
+            stop_hits[$idx]=$stops
+            retry_q+=("$idx")
+            return
+        fi
+        status=fail
+        reason="stopped by a signal twice: $reason"
     fi
     if [[ $status == abort && $rc == 3 ]] && ((wait_for_server > 0)); then
         # The server went away (a restart?): no caption was written, so send this image again

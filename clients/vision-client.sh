@@ -244,8 +244,8 @@ new_dir="" # the name new_tmpdir is creating: a signal can come before tmpd is s
 curl_pid=""
 # shellcheck disable=SC2317,SC2329  # called by traps
 cleanup() {
-    local pids IFS=$' \t\n' # the default, whatever the interrupted command had set
     trap '' HUP INT TERM # a second signal must not cut the cleanup short (nor land in a $(...))
+    local pids IFS=$' \t\n' # the default, whatever the interrupted command had set
     # curl_pid, and any background job a signal caught between its start and that assignment.
     pids=$(jobs -p)
     if [[ -n $curl_pid || -n $pids ]]; then
@@ -258,11 +258,15 @@ cleanup() {
     elif [[ -n $new_dir ]]; then
         rmdir -- "$new_dir" 2>/dev/null || true # empty: only just created
     fi
+    tmpd="" new_dir="" curl_pid=""
 }
+# A signal cleans up itself before it exits: one that lands as the EXIT trap begins (the script
+# ending anyway, e.g. its curl stopped by the same signal) runs its own trap inside that one, and
+# an "exit" there ends the script at once, without the rest of the EXIT trap.
 trap cleanup EXIT
-trap 'exit 129' HUP
-trap 'exit 130' INT
-trap 'exit 143' TERM
+trap 'cleanup; exit 129' HUP
+trap 'cleanup; exit 130' INT
+trap 'cleanup; exit 143' TERM
 
 # new_tmpdir: what mktemp -d does (mkdir fails on any existing name), but without a $(...).
 new_tmpdir() {

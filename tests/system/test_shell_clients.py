@@ -734,6 +734,52 @@ def test_folder_ctrl_c_counts_every_caption_file_written(
     assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
 
 
+@pytest.mark.parametrize("target", ["request", "worker"])
+def test_folder_image_whose_request_a_signal_stops_is_sent_again_not_failed(
+    tmp_path: Path, tmpdir_env: Path, target: str
+) -> None:
+    """SIGTERM to one image's vision-client.sh (``request``), or to the folder script's worker
+    shell that runs it (``worker``), while the run goes on: nothing is wrong with that image, so
+    it is sent again and captioned, and the run ends with exit 0. (It was reported as FAILED,
+    "vision-client.sh exit status 143" or "the worker stopped unexpectedly"; under Ctrl+C that
+    made an image in flight count as failed instead of not captioned yet.)"""
+    root = tmp_path / "stopped"
+    images = make_tree(root, ["a.png", "b.png"])
+    with StandIn(hang=True) as stand_in:
+        proc = subprocess.Popen(
+            [str(FOLDER), "--url", stand_in.url, "--jobs", "1", "CAPTION", "txt", str(root)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=base_env(tmpdir_env),
+            start_new_session=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while len(stand_in.posts()) < 1:
+                assert proc.poll() is None and time.monotonic() < deadline, "no request came"
+                time.sleep(0.02)
+            if target == "request":
+                victims = named(group_members(proc.pid), "vision-client.sh")
+            else:
+                victims = [p for p in psutil.Process(proc.pid).children() if named([p], FOLDER.name)]
+            assert len(victims) == 1, victims
+            victims[0].send_signal(signal.SIGTERM)
+            victims[0].wait(10)
+            stand_in.hang = False  # the image sent again is captioned at once
+            stand_in.release.set()
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 0, stderr
+    assert "FAILED" not in stderr and "0 failed" in stderr, stderr
+    assert all(caption_path(image).read_text() == "stand-in caption" for image in images)
+    assert len(stand_in.posts()) == 3  # a.png twice
+    assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
+
+
 @pytest.fixture
 def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A real server process whose (fake) captioner holds each batch of one image for 30 s.
