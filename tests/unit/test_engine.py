@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -268,6 +270,31 @@ async def test_load_failure_fails_jobs_then_recovers(start_engine: StartEngine) 
     fake.fail_load = None
     assert (await engine.submit(item())).text
     assert engine.status().state is ModelState.READY and engine.status().last_error is None
+
+
+async def test_lifecycle_lines_carry_the_model_as_a_log_key(
+    start_engine: StartEngine, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With several models, JSON logs are searched by model: a load, its failure and an unload
+    each say which model as a key, not only in the words of the message."""
+    caplog.set_level(logging.INFO, logger="vision_server.engine.scheduler")
+    fake = FakeCaptioner(model_id="lines-model")
+    fake.fail_load = "no weights"
+    engine = await start_engine(fake, idle_timeout=-1)
+    with pytest.raises(ModelLoadError):
+        await engine.submit(item())
+    fake.fail_load = None
+    await engine.load()
+    await engine.unload()
+    lines = [
+        (re.sub(r"in [\d.]+ s", "in N s", r.getMessage().split(":")[0]), getattr(r, "model", None))
+        for r in caplog.records
+    ]
+    assert lines == [
+        ("model lines-model failed to load", "lines-model"),
+        ("model lines-model loaded on cpu (float32) in N s", "lines-model"),
+        ("model unloaded (admin) in N s", "lines-model"),
+    ], lines
 
 
 async def test_caption_exception_fails_the_batch_and_worker_survives(start_engine: StartEngine) -> None:

@@ -21,7 +21,7 @@ from vision_server.engine.clock import Clock
 from vision_server.engine.jobs import fail
 from vision_server.engine.lifecycle import ModelState
 from vision_server.engine.observer import EngineObserver
-from vision_server.engine.slots import RESIDENT, ModelSlot
+from vision_server.engine.slots import RESIDENT, ModelSlot, model_key
 from vision_server.errors import ModelLoadError, VisionServerError
 
 log = logging.getLogger("vision_server.engine.scheduler")
@@ -81,7 +81,11 @@ class ModelKeeper:
         try:
             await asyncio.to_thread(memory_parts, slot.captioner)
         except Exception:  # an unknown size: the model still serves, only unbudgeted
-            log.exception("model %s could not say how much memory it takes; counted as unknown", slot.name)
+            log.exception(
+                "model %s could not say how much memory it takes; counted as unknown",
+                slot.name,
+                extra=model_key(slot),
+            )
             slot.size_failed = True
         slot.sized = True
         self.wakeup.set()
@@ -139,6 +143,7 @@ class ModelKeeper:
                 slot.name,
                 slot.last_error,
                 exc_info=not isinstance(exc, VisionServerError),
+                extra=model_key(slot),
             )
             self.set_state(slot, ModelState.FAILED)
             self.observer.model_loaded(time.monotonic() - started, ok=False)
@@ -153,7 +158,14 @@ class ModelKeeper:
         slot.last_finished = self.clock.now()
         self.set_state(slot, ModelState.READY)
         self.observer.model_loaded(seconds, ok=True)
-        log.info("model %s loaded on %s (%s) in %.2f s", slot.name, info.device, info.dtype, seconds)
+        log.info(
+            "model %s loaded on %s (%s) in %.2f s",
+            slot.name,
+            info.device,
+            info.dtype,
+            seconds,
+            extra=model_key(slot),
+        )
         return True
 
     def tier_available(self, slot: ModelSlot) -> bool:
@@ -177,7 +189,11 @@ class ModelKeeper:
         try:
             await self.in_model_thread(captioner.offload)
         except Exception:
-            log.exception("moving model %s to host memory failed; unloading it instead", slot.name)
+            log.exception(
+                "moving model %s to host memory failed; unloading it instead",
+                slot.name,
+                extra=model_key(slot),
+            )
             await self.unload(slot, reason)
             return
         slot.offloaded_at = self.clock.now()
@@ -191,6 +207,7 @@ class ModelKeeper:
             seconds,
             self.offload_timeout,
             slot.name,
+            extra=model_key(slot),
         )
 
     async def wake(self, slot: ModelSlot, executor: Executor) -> bool:
@@ -202,7 +219,11 @@ class ModelKeeper:
         try:
             slot.info = await asyncio.get_running_loop().run_in_executor(executor, captioner.restore)
         except Exception:
-            log.exception("moving model %s back from host memory failed; loading it from disk", slot.name)
+            log.exception(
+                "moving model %s back from host memory failed; loading it from disk",
+                slot.name,
+                extra=model_key(slot),
+            )
             self.set_state(slot, ModelState.READY)  # so that _unload drops what is left
             await self.unload(slot, "wake_failed")
             return False
@@ -215,6 +236,7 @@ class ModelKeeper:
             "model woke from host memory in %.2f s (a load from disk would take longer): %s",
             seconds,
             slot.name,
+            extra=model_key(slot),
         )
         return True
 
@@ -229,7 +251,9 @@ class ModelKeeper:
         try:
             await self.in_model_thread(slot.captioner.unload)
         except Exception:
-            log.exception("unloading model %s raised; references were dropped anyway", slot.name)
+            log.exception(
+                "unloading model %s raised; references were dropped anyway", slot.name, extra=model_key(slot)
+            )
         slot.info = None
         slot.loaded_since = None
         slot.keep_alive = None  # a request's keep-alive lasts until the unload; the next load starts afresh
@@ -237,7 +261,7 @@ class ModelKeeper:
         self.set_state(slot, ModelState.UNLOADED)
         seconds = time.monotonic() - started
         self.observer.model_unloaded(seconds, reason)
-        log.info("model unloaded (%s) in %.2f s: %s", reason, seconds, slot.name)
+        log.info("model unloaded (%s) in %.2f s: %s", reason, seconds, slot.name, extra=model_key(slot))
 
     def set_state(self, slot: ModelSlot, state: ModelState) -> None:
         slot.state = state

@@ -16,7 +16,7 @@ from vision_server.engine.budget import Resident, footprint, plan_evictions
 from vision_server.engine.jobs import fail
 from vision_server.engine.keeper import LOAD_RETRY_AFTER, ModelKeeper
 from vision_server.engine.lifecycle import ModelState
-from vision_server.engine.slots import RESIDENT, ModelSlot
+from vision_server.engine.slots import RESIDENT, ModelSlot, model_key
 from vision_server.errors import ModelTooLarge, ServiceUnavailable
 
 log = logging.getLogger("vision_server.engine.scheduler")
@@ -84,11 +84,18 @@ class MemoryRoom:
                     retry_after=LOAD_RETRY_AFTER,
                 )
             if not slot.waiting_for_memory:
-                log.info("model %s waits for memory: busy models hold the budget", slot.name)
+                log.info(
+                    "model %s waits for memory: busy models hold the budget", slot.name, extra=model_key(slot)
+                )
             slot.waiting_for_memory = True
             return False
         for name in victims:
-            log.info("unloading idle model %s to make room for %s (--memory-budget)", name, slot.name)
+            log.info(
+                "unloading idle model %s to make room for %s (--memory-budget)",
+                name,
+                slot.name,
+                extra={"model": name},
+            )
             await self.keeper.unload(self.slots[name], "evicted")
         return True
 
@@ -101,7 +108,11 @@ class MemoryRoom:
         if footprint(model.parts for model in resident) <= budget:
             return
         for name in plan_evictions({}, resident, self.idle_by_last_use(None), budget) or []:
-            log.info("unloading idle model %s: the loaded models measure more than --memory-budget", name)
+            log.info(
+                "unloading idle model %s: the loaded models measure more than --memory-budget",
+                name,
+                extra={"model": name},
+            )
             await self.keeper.unload(self.slots[name], "evicted")
 
     def too_large(self, slot: ModelSlot, wanted: dict[str, int], budget: int) -> ModelTooLarge:
@@ -111,5 +122,5 @@ class MemoryRoom:
             f"more than the whole --memory-budget of {format_byte_size(budget)} ({budget} bytes). Raise "
             "the budget, or serve it in a smaller dtype."
         )
-        log.error("%s", slot.last_error)
+        log.error("%s", slot.last_error, extra=model_key(slot))
         return ModelTooLarge(slot.last_error)

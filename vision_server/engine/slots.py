@@ -118,3 +118,8 @@ def resolve_name(slots: Mapping[str, ModelSlot], default: str, name: str | None)
         f"This server does not serve a model named {name!r}. Served: "
         f"{', '.join(slots)} (default {default}); omit the model to get the default."
     )
+
+
+def model_key(slot: ModelSlot) -> dict[str, str]:
+    """``extra=`` for a log line about one model: in JSON logs ``model`` is a key to search by."""
+    return {"model": slot.name}

@@ -207,7 +207,7 @@ class SharedBases:
                 base = self._loaded.get(key)
             if base is None:
                 base = load()
-                log.info("loaded shared base %s", key.label)
+                log.debug("loaded shared base %s", key.label)  # the model's own line says it loaded
             with self._lock:
                 self._loaded[key] = base
                 base.users.add(user)
@@ -223,7 +223,7 @@ class SharedBases:
             if base.users:
                 return False
             del self._loaded[key]
-            log.info("released shared base %s", key.label)
+            log.debug("released shared base %s", key.label)
             return True
 
     def loaded(self, key: BaseKey) -> SharedBase | None:
