@@ -31,6 +31,8 @@ async def test_access_lines_carry_the_engine_numbers(
             pass
         async with session.get("/health"):
             pass
+        async with session.get("/ui/api/status") as polled:  # an open web page, every second
+            assert polled.status == 200
     records = [r for r in caplog.records if r.name == "vision_server.access"]
     caption = next(r for r in records if r.route == "native.process_image")  # type: ignore[attr-defined]
     assert caption.levelno == logging.INFO
@@ -40,6 +42,8 @@ async def test_access_lines_carry_the_engine_numbers(
     assert "route=native.process_image" in message and "id=batch-42" in message and "batch=1" in message
     probe = next(r for r in records if r.route == "ops.health")  # type: ignore[attr-defined]
     assert probe.levelno == logging.DEBUG and probe.queue_wait is None  # type: ignore[attr-defined]
+    poll = next(r for r in records if r.route == "ui.status")  # type: ignore[attr-defined]
+    assert poll.levelno == logging.DEBUG
     assert not any(image[:32] in r.getMessage() for r in caplog.records)
     line = json.loads(JsonFormatter().format(caption))
     assert line["route"] == "native.process_image" and line["request_id"] == "batch-42"

@@ -25,6 +25,9 @@ log = logging.getLogger("vision_server.access")
 
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the reply"
 PROBE_ROUTES = frozenset({"ops.health", "ops.ready", "ops.metrics"})
+# Asked over and over by machines: the probes, and the web page's status poll (every second while
+# a tab is open), so their successful answers log at debug. (Only the probes skip the rate limit.)
+QUIET_ROUTES = PROBE_ROUTES | {"ui.status"}
 _MAX_PATH = 200
 
 
@@ -61,7 +64,7 @@ def log_access(request: web.Request, route: str, status: int, seconds: float, tr
     """Probes log at debug level: a load balancer checking every second would drown the rest.
     A refused one (a scraper without the key for ``--metrics-require-key``, a ``Host`` the server
     does not answer) is a misconfiguration to fix, so it logs at info like any other request."""
-    level = logging.DEBUG if route in PROBE_ROUTES and status < 400 else logging.INFO
+    level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
     if not log.isEnabledFor(level):
         return
     fields = {
