@@ -111,7 +111,8 @@ class Metrics(EngineObserver):
         )
         self.rejected = Counter(
             PREFIX + "requests_rejected",
-            "Requests or jobs refused (queue full, draining, auth, rate limit) or timed out.",
+            "Requests or jobs refused (queue full, draining, worker down, auth, forbidden, rate limit), "
+            "timed out, or dropped when their client hung up; by reason.",
             ["reason"],
             registry=registry,
         )
@@ -210,7 +211,7 @@ class EngineCollector(Collector):
         )
         state = GaugeMetricFamily(
             PREFIX + "model_state",
-            "1 for the model's current lifecycle state, 0 for the others.",
+            "1 for the default model's current lifecycle state, 0 for the others.",
             labels=["state"],
         )
         for candidate in ModelState:
