@@ -16,6 +16,7 @@ from vision_server.settings import (
     FIELDS,
     Settings,
     SettingsError,
+    default_config_path,
     env_name,
     field_type,
     flag_name,
@@ -85,13 +86,19 @@ def main() -> None:
     """
 
 
+# The real default path (where a newcomer looks for the file), not "the platformdirs config dir".
+CONFIG_HELP = (
+    "TOML config file (keys are the option names, with dashes or underscores). "
+    f"[default: {default_config_path()} when present; env: {env_name('config')}]"
+)
+
+
 @main.command()
 @click.option(
     "--config",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
-    help="TOML config file (keys are the option names). [default: the platformdirs user config "
-    f"dir's config.toml when present; env: {env_name('config')}]",
+    help=CONFIG_HELP,
 )
 @settings_options
 def serve(config: Path | None, **flags: Any) -> None:
@@ -172,9 +179,7 @@ def serve(config: Path | None, **flags: Any) -> None:
     show_default=True,
     help="Seconds between progress lines when stderr is not a terminal.",
 )
-@click.option(
-    "--config", type=click.Path(path_type=Path, dir_okay=False), default=None, help="TOML config file."
-)
+@click.option("--config", type=click.Path(path_type=Path, dir_okay=False), default=None, help=CONFIG_HELP)
 @offline_settings_options
 def caption(inputs: tuple[Path, ...], config: Path | None, **params: Any) -> None:
     """Caption a dataset in-process (no server): images, folders, .txt/.jsonl lists of paths,

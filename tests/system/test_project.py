@@ -12,7 +12,7 @@ import pytest
 
 from tests.support import paths
 from vision_server import settings_reference
-from vision_server.settings import FIELDS, env_name, flag_name, read_config_file
+from vision_server.settings import FIELDS, default_config_path, env_name, flag_name, read_config_file
 from vision_server.settings_reference import with_table
 
 ROOT = paths.REPO
@@ -68,6 +68,8 @@ def test_serve_help_lists_every_setting() -> None:
     )
     missing = [name for name in FIELDS if flag_name(name) not in result.stdout]
     assert missing == []
+    # Where the config file is looked for, as a path (was "the platformdirs user config dir").
+    assert str(default_config_path()) in " ".join(result.stdout.split()).replace("- ", "-")
 
 
 @pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is part of the test extra")
