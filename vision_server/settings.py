@@ -120,11 +120,13 @@ class Settings:
         1800.0,
         "GPU only: after the idle timeout the weights wait this many seconds in pinned host memory "
         "(a wake takes a fraction of a load) before they are freed. 0 skips this tier.",
+        metavar="SECONDS",
     )
     max_keep_alive: float | None = _opt(
         None,
         "Most seconds a request's keep_alive may keep the model loaded; more is granted this "
         "much, and 'forever' (negative) is refused. Unset: the idle timeout. -1: no cap.",
+        metavar="SECONDS",
     )
     # queue and batching
     max_queue: int = _opt(
@@ -141,7 +143,9 @@ class Settings:
         None, "Most images captioned in one generate call. Unset: 32 on CUDA, 16 on CPU."
     )
     max_batch_wait_ms: float = _opt(5.0, "How long the worker waits for more jobs to fill a batch.")
-    request_timeout: float = _opt(600.0, "Seconds a request may wait and run before it fails with 504.")
+    request_timeout: float = _opt(
+        600.0, "Seconds a request may wait and run before it fails with 504.", metavar="SECONDS"
+    )
     decode_threads: int = _opt(
         4,
         "Threads that decode and resize images before the queue, per lane (bulk uploads have "
@@ -153,6 +157,7 @@ class Settings:
         120.0,
         "Seconds a client may take to send a request's body (408 above), so slow or stalled "
         "uploads cannot hold connections open forever.",
+        metavar="SECONDS",
     )
     max_image_pixels: int = _opt(64_000_000, "Largest image accepted, in pixels (413 above; stops bombs).")
     max_images_per_request: int = _opt(
@@ -209,7 +214,9 @@ class Settings:
     ssl_cert: Path | None = _opt(None, "TLS certificate (PEM). Serve HTTPS when given with --ssl-key.")
     ssl_key: Path | None = _opt(None, "TLS private key (PEM).")
     # operations
-    shutdown_grace: float = _opt(60.0, "Seconds to finish queued and running jobs on SIGTERM/SIGINT.")
+    shutdown_grace: float = _opt(
+        60.0, "Seconds to finish queued and running jobs on SIGTERM/SIGINT.", metavar="SECONDS"
+    )
     log_level: str = _opt("info", "debug, info, warning or error (any case).")
     log_format: str = _opt("text", "text or json (one JSON object per line).")
     log_file: Path | None = _opt(None, "Also write logs to this file.")
