@@ -366,6 +366,14 @@ class AsyncVisionClient:
                         f"{self.base_url} hung up without an answer, and that port speaks HTTPS: use {https}"
                     ) from exc
                 hint = "; if the server speaks HTTPS (--ssl-cert, or TLS at a proxy), use https://"
+            if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
+                exc.os_error, ConnectionRefusedError
+            ):
+                # aiohttp's "Cannot connect to host ... ssl:default [Connect call failed ...]" says less
+                raise VisionConnectionError(
+                    f"cannot reach {self.base_url}: connection refused (is vision-server running there? "
+                    "check the port, --url or VISION_HOST)"
+                ) from exc
             raise VisionConnectionError(f"cannot reach {self.base_url}: {exc}{hint}") from exc
         try:
             return json.loads(body), headers
