@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -123,6 +124,9 @@ def test_offline_hub_id_names_the_model_and_the_fix(tmp_path: Path) -> None:
     )
     assert result.returncode == 1 and "Traceback" not in result.stderr
     assert "someone/Florence-2-nowhere" in result.stderr and "--local-dir" in result.stderr
+    # The command it names is one huggingface_hub installs (huggingface-cli is gone since its 1.0).
+    command = re.search(r"run '(\S+) download someone/Florence-2-nowhere --local-dir DIR'", result.stderr)
+    assert command and (Path(sys.executable).parent / command.group(1)).exists(), result.stderr
 
 
 def test_serve_test_model_captions_and_exits_cleanly_on_sigterm(tmp_path: Path) -> None:

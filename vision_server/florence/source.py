@@ -98,7 +98,7 @@ def offline_message(repo_id: str, revision: str | None, exc: Exception) -> str:
     return (
         f"Cannot download model {repo_id!r} ({type(exc).__name__}: {exc}). The hub is unreachable or "
         "HF_HUB_OFFLINE is set and the model is not in the local cache. On a machine with internet run "
-        f"'huggingface-cli download {repo_id}{pinned} --local-dir DIR', copy DIR here and start with "
+        f"'hf download {repo_id}{pinned} --local-dir DIR', copy DIR here and start with "
         "--model DIR (or copy the HF cache into HF_HOME)."
     )
 
