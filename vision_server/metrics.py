@@ -233,14 +233,25 @@ def _model_families(status: EngineStatus, labels: Mapping[str, str]) -> Iterator
         "Bytes each served model's weights take (estimated until its first load).",
         labels=["model"],
     )
+    # Which model the work waits for, and which one the worker runs now (the totals above add up
+    # every model).
+    queued = GaugeMetricFamily(
+        PREFIX + "served_model_queue_depth", "Jobs waiting for each served model.", labels=["model"]
+    )
+    running = GaugeMetricFamily(
+        PREFIX + "served_model_jobs_running",
+        "Jobs in the batch each served model is captioning now.",
+        labels=["model"],
+    )
     for model in status.models:
+        label = labels.get(model.name, model.name)
         for candidate in ModelState:
-            states.add_metric(
-                [labels.get(model.name, model.name), candidate.value], float(candidate is model.state)
-            )
+            states.add_metric([label, candidate.value], float(candidate is model.state))
         if model.memory_bytes is not None:  # None: not asked yet, just after start
-            memory.add_metric([labels.get(model.name, model.name)], model.memory_bytes)
-    yield from (states, memory)
+            memory.add_metric([label], model.memory_bytes)
+        queued.add_metric([label], model.queue_depth)
+        running.add_metric([label], model.jobs_running)
+    yield from (states, memory, queued, running)
     yield GaugeMetricFamily(
         PREFIX + "memory_used_bytes",
         "Bytes the loaded models' weights take together.",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 import re
@@ -12,7 +13,7 @@ from aiohttp import ClientSession
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_openmetrics
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.gated import SlowToSize
+from tests.support.gated import GatedFake, SlowToSize
 from tests.support.images import b64
 from tests.support.serving import client_for
 from vision_server import __version__
@@ -176,6 +177,45 @@ def test_each_app_has_its_own_registry(tmp_path: Any) -> None:
     first[METRICS].request_rejected("draining")
     text = second[METRICS].render(None)[0].decode()
     assert 'vision_server_requests_rejected_total{reason="draining"} 0.0' in text
+
+
+async def test_queue_and_running_jobs_per_served_model(tmp_path: Any) -> None:
+    """With several models the totals do not say which one the work waits for."""
+    held = GatedFake()
+    models = [NamedModel("held", held), NamedModel("idle", FakeCaptioner())]
+    settings = Settings(cache_dir=tmp_path, idle_timeout=-1, max_batch_size=1, max_batch_wait_ms=0)
+    async with client_for(settings, models=models) as session:
+
+        async def caption(seed: int) -> int:
+            body = {"image": b64(seed), "prompt": "<CAPTION>", "model": "held"}
+            async with session.post("/process_image", json=body) as response:
+                return response.status
+
+        first = asyncio.create_task(caption(1))
+        assert await asyncio.to_thread(held.entered.wait, 30)  # the worker is inside its batch
+        second = asyncio.create_task(caption(2))
+        try:
+            for _ in range(300):
+                samples, types = await scrape(session)
+                if value(samples, "vision_server_served_model_queue_depth", model="held") == 1:
+                    break
+                await asyncio.sleep(0.02)
+        finally:
+            held.gate.set()
+        assert await asyncio.gather(first, second) == [200, 200]
+    assert types["vision_server_served_model_queue_depth"] == "gauge"
+    per_model = {
+        (name, model): value(samples, f"vision_server_served_model_{name}", model=model)
+        for name in ("queue_depth", "jobs_running")
+        for model in ("held", "idle")
+    }
+    assert per_model == {
+        ("queue_depth", "held"): 1,
+        ("queue_depth", "idle"): 0,
+        ("jobs_running", "held"): 1,
+        ("jobs_running", "idle"): 0,
+    }
+    assert ("vision_server_served_model_queue_depth", (("model", "idle"),)) in samples  # 0, not absent
 
 
 async def test_open_routes_show_served_names_and_no_local_paths(tmp_path: Any) -> None:
