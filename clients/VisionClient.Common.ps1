@@ -283,7 +283,9 @@ function Test-VisionGatewayOutage {
 
 function New-VisionAnswerError {
     # The exception for an HTTP error answer. A proxy with no server behind it counts as an
-    # unreachable server (Data['VisionFailure'] = 'connect'), so the folder script waits for it.
+    # unreachable server (Data['VisionFailure'] = 'connect'), so the folder script waits for it;
+    # any other answer keeps its status in Data['VisionStatus'] (the folder script stops on a
+    # refused key, a refused prompt or a server still busy after the retries).
     param($Response)
     $message = Get-VisionErrorMessage $Response
     $failure = $null
@@ -294,6 +296,7 @@ function New-VisionAnswerError {
     }
     else {
         $failure = [System.Exception]::new($message)
+        $failure.Data['VisionStatus'] = [int]$Response.StatusCode
     }
     return $failure
 }
@@ -555,7 +558,7 @@ function Write-VisionTextFile {
 function Invoke-VisionCaptionImage {
     # The whole job for one image in the folder script: caption it and write the caption file.
     # Never throws; returns Image, CaptionPath, Ok, Error, Failure ('connect', 'timeout', 'scheme' or
-    # $null) and Seconds.
+    # $null), Status (the HTTP status of an error answer, else $null) and Seconds.
     param(
         $Client,
         [string]$BaseUrl,
@@ -578,6 +581,7 @@ function Invoke-VisionCaptionImage {
     $ok = $false
     $message = $null
     $failure = $null
+    $status = $null
     try {
         # In the words every folder captioner uses; the summary names the image before it.
         if ([System.IO.File]::Exists($ImagePath) -and ([System.IO.FileInfo]::new($ImagePath)).Length -eq 0) {
@@ -598,6 +602,7 @@ function Invoke-VisionCaptionImage {
     catch {
         $message = $_.Exception.Message
         $failure = $_.Exception.Data['VisionFailure']
+        $status = $_.Exception.Data['VisionStatus']
     }
     return [pscustomobject]@{
         Image       = $ImagePath
@@ -605,6 +610,7 @@ function Invoke-VisionCaptionImage {
         Ok          = $ok
         Error       = $message
         Failure     = $failure
+        Status      = $status
         Seconds     = $watch.Elapsed.TotalSeconds
     }
 }

@@ -17,9 +17,11 @@ name and the extension CaptionExt: cat.png -> cat.txt.
   temporary files (.vision-caption.<16 hex digits>.tmp) that a killed run left, older than
   15 minutes, are deleted at the start in the folders this run captions; it says how many.
 - A failed image is reported and the run goes on. The failures are listed at the end and the
-  script exits with code 1 if there was any. The run stops early only when the server
-  cannot be reached for longer than -WaitForServerSec, at the start or during the run (a
-  restart only pauses it).
+  script exits with code 1 if there was any. The run stops early only on what every other
+  image would meet too: a server that cannot be reached for longer than -WaitForServerSec, at
+  the start or during the run (a restart only pauses it), that stays busy after -Retries, or
+  that refuses the API key or the prompt. The summary then says why, and how many images were
+  not attempted ("Stopped early, N image(s) not attempted: ..."); the exit code says the cause.
 - -Jobs N (default 4) keeps N requests in flight, which lets the server batch them on the GPU.
   It works the same on Windows PowerShell 5.1 and PowerShell 7 (a runspace pool).
 - Images with the same name but another extension (a.jpg and a.png) would share one caption
@@ -30,9 +32,12 @@ name and the extension CaptionExt: cat.png -> cat.txt.
   place, the failures) and how many images are not captioned yet; run the same command again
   to resume.
 
-Exit codes: 0 all images captioned or skipped; 1 some image failed, or the server could not
-be reached; 2 wrong arguments (also a -Url without a vision-server, or a -Model it does not
-serve: HTTP 404 at the start).
+Exit codes (the same as vision-caption-folder-images.sh and vision-client folder): 0 all
+images captioned or skipped; 1 some image failed; 2 wrong arguments (also a -Url without a
+vision-server, or a -Model it does not serve: HTTP 404 at the start); the run stopped early:
+3 the server cannot be reached (also a host name that does not resolve, TLS trouble), 5 the
+server stays busy after -Retries, 6 the API key is refused, 7 the server refuses the prompt.
+Earlier versions exited 1 for these stops (2 for an unknown prompt).
 
 .PARAMETER Prompt
 The task, with or without angle brackets and in any case: CAPTION, DETAILED_CAPTION,
@@ -99,8 +104,8 @@ answers other than 502/503/504. After that the run stops early and says how many
 run it again to resume. An image whose request keeps breaking the connection (six times: a
 server that crashes on it) fails alone. A server that is not up yet at the start (connection
 refused, or such a proxy answer) is waited for the same way; a host name that does not
-resolve, a refused API key or an address without a vision-server (HTTP 404, exit code 2) stop
-the run at once. 0 stops the run after -Retries instead.
+resolve (exit code 3), a refused API key (6) or an address without a vision-server (HTTP 404,
+exit code 2) stop the run at once. 0 stops the run after -Retries instead (exit code 3).
 
 .PARAMETER Model
 Which of the server's models captions the folder, by the name it was started with
@@ -251,6 +256,27 @@ function Test-FolderServerAnswer {
     }
 }
 
+function Get-FolderStop([string]$Failure, $Status, [string]$Message) {
+    # Whether a failed request stops the run, as in vision-caption-folder-images.sh and
+    # vision-client folder: every other image would meet the same. Returns Code (the exit code)
+    # and Reason, or $null to go on (the image alone failed).
+    if (@('connect', 'scheme') -contains $Failure) {
+        return [pscustomobject]@{ Code = 3; Reason = ('the server cannot be reached ({0})' -f $Message) }
+    }
+    if ($null -eq $Status) { return $null }
+    $code = [int]$Status
+    if (@(401, 403) -contains $code) {
+        return [pscustomobject]@{ Code = 6; Reason = ('the server refused the API key ({0})' -f $Message) }
+    }
+    if (@(429, 502, 503) -contains $code) {
+        return [pscustomobject]@{ Code = 5; Reason = ('the server stays busy or unavailable ({0})' -f $Message) }
+    }
+    if ($code -eq 400 -and $Message -like 'HTTP 400: Invalid prompt*') {
+        return [pscustomobject]@{ Code = 7; Reason = ('the server refused the prompt ({0})' -f $Message) }
+    }
+    return $null
+}
+
 function Wait-FolderServer([string]$LastError) {
     # After an outage: probe until the server answers again or -WaitForServerSec runs out.
     # Returns $null when it is back, else why the run stops.
@@ -376,7 +402,6 @@ $failures = New-Object System.Collections.Generic.List[object]
 foreach ($clash in $clashes) { $failures.Add($clash) }
 $done = 0
 $captioned = 0
-$connectFailuresInARow = 0
 $retryQueue = New-Object System.Collections.Generic.Queue[object]   # sent again after an outage
 $outageHits = @{}   # image -> how many times its request met an unreachable server
 $maxOutageHits = 5  # one more and the image fails alone (a server that crashes on it)
@@ -412,6 +437,9 @@ try {
             $failure = $_.Exception
             if ($WaitForServerSec -le 0 -or $failure.Data['VisionNotUpYet'] -ne $true) {
                 $aborted = $failure.Message
+                # The exit code of the cause (3 unreachable, 5 busy, 6 key refused), as below.
+                $stop = Get-FolderStop ([string]$failure.Data['VisionFailure']) ($failure.Data['VisionStatus']) ($failure.Message)
+                if ($null -ne $stop) { $abortExitCode = $stop.Code }
                 # No vision-server at this address (a -Url with a path?), or a -Model it does not serve.
                 if ($failure.Message -like 'HTTP 404:*') {
                     $aborted = '{0}: check -Url (the server''s base address, e.g. http://host:54880) and -Model' -f $failure.Message
@@ -426,6 +454,7 @@ try {
             $left = $WaitForServerSec - $startWait.Elapsed.TotalSeconds
             if ($left -le 0) {
                 $aborted = '{0} (still not after waiting {1} s)' -f $failure.Message, $WaitForServerSec
+                $abortExitCode = 3
                 throw
             }
             Start-Sleep -Milliseconds ([int](1000 * [Math]::Min($pause, $left)))
@@ -437,7 +466,7 @@ try {
     $canonical = $task -replace '^<MIX_CAPTION', '<MIXED_CAPTION'
     if ($known.Count -gt 0 -and $known -notcontains $canonical) {
         $aborted = 'the server does not know the prompt {0}; it accepts {1}' -f $task, ($known -join ' ')
-        $abortExitCode = 2
+        $abortExitCode = 7   # the server refuses the prompt, as in the other folder captioners
         throw $aborted
     }
 
@@ -475,6 +504,7 @@ try {
             if ($outage) {
                 $outage = $false
                 $aborted = Wait-FolderServer $lastConnectError
+                if ($null -ne $aborted) { $abortExitCode = 3 }
             }
             continue
         }
@@ -517,20 +547,30 @@ try {
                 }
                 $result.Error = 'the connection broke {0} times around this image (does the server crash on it?): {1}' -f $hits, $result.Error
                 $result.Failure = $null
+                $result.Status = $null
+            }
+            if (-not $result.Ok) {
+                # An answer every other image would get too (the server unreachable, busy after
+                # -Retries, refusing the key or the prompt): stop, and report it once. Nothing is
+                # wrong with this image: it counts as not attempted, as in the other folder captioners.
+                $stop = Get-FolderStop ([string]$result.Failure) ($result.Status) ($result.Error)
+                if ($null -ne $stop) {
+                    if ($null -eq $aborted) {
+                        $aborted = $stop.Reason
+                        $abortExitCode = $stop.Code
+                        Write-FolderError ('{0}: stopping: {1}' -f $scriptName, $aborted)
+                    }
+                    continue
+                }
             }
             $done++
             if ($result.Ok) {
                 $captioned++
-                $connectFailuresInARow = 0
                 if (-not $Quiet) { Write-Host ('[{0}/{1}] {2} ({3:N1} s)' -f $done, $work.Count, $result.Image, $result.Seconds) }
             }
             else {
                 $failures.Add($result)
                 Write-FolderError ('[{0}/{1}] FAILED {2}: {3}' -f $done, $work.Count, $result.Image, $result.Error)
-                if ($result.Failure -eq 'connect') { $connectFailuresInARow++ } else { $connectFailuresInARow = 0 }
-                if ($connectFailuresInARow -ge [Math]::Max(3, $Jobs) -and $null -eq $aborted) {
-                    $aborted = 'the server stopped answering: {0}' -f $result.Error
-                }
             }
         }
 
@@ -554,7 +594,8 @@ try {
     # "N captioned, N skipped, N failed", the words of the other folder captioners.
     Write-Host ('{0} captioned, {1} skipped, {2} failed in {3} ({4:N2} img/s)' -f $captioned, $skipped, $failures.Count, (Format-Duration $seconds), $rate)
     if ($null -ne $aborted) {
-        Write-FolderError ('Stopped early, {0} images not attempted: {1}' -f ($work.Count - $done), $aborted)
+        # The words of every folder captioner; the exit code says the cause.
+        Write-FolderError ('Stopped early, {0} image(s) not attempted: {1}' -f ($work.Count - $done), $aborted)
     }
     if ($failures.Count -gt 0) {
         Write-FolderError ('{0} images failed (they have no new caption; run again to retry them):' -f $failures.Count)
@@ -562,7 +603,8 @@ try {
             Write-FolderError ('  {0}: {1}' -f $failure.Image, $failure.Error)
         }
     }
-    if ($failures.Count -eq 0 -and $null -eq $aborted) { $exitCode = 0 }
+    if ($null -ne $aborted) { $exitCode = $abortExitCode }
+    elseif ($failures.Count -eq 0) { $exitCode = 0 }
     $finished = $true
 }
 catch {
@@ -587,7 +629,9 @@ finally {
                 if ($output.Count -gt 0) {
                     $result = $output[$output.Count - 1]
                     if ($result.Ok) { $captioned++ }
-                    elseif ($result.Failure -ne 'connect') { $failures.Add($result) }
+                    elseif ($null -eq (Get-FolderStop ([string]$result.Failure) ($result.Status) ($result.Error))) {
+                        $failures.Add($result)   # not one that would have stopped the run: not attempted
+                    }
                 }
             }
             catch { }

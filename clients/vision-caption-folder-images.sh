@@ -67,10 +67,12 @@ longer than --wait-for-server (at the start or mid-run), stays busy after the re
 the API key or rejects the prompt. An image whose request keeps breaking the connection (six times: a
 server that crashes on it) fails alone.
 
-Exit status: 0 all images captioned or skipped; 1 some images failed; 2 usage error (also
-an address without a vision-server, or a VISION_MODEL it does not serve: HTTP 404 at the start);
-3 the server cannot be reached; 5 the server stays busy; 6 authentication failed;
-7 invalid prompt; 130 interrupted (Ctrl+C); 143 stopped by SIGTERM.
+Exit status (the same in vision-client folder and the .ps1 folder script): 0 all images
+captioned or skipped; 1 some images failed; 2 usage error (also an address without a
+vision-server, or a VISION_MODEL it does not serve: HTTP 404 at the start); the run stopped
+early: 3 the server cannot be reached (also a host name that does not resolve, TLS trouble),
+5 the server stays busy after --retries, 6 the API key is refused, 7 the server refuses the
+prompt; 130 interrupted (Ctrl+C); 143 stopped by SIGTERM.
 
 Examples:
   $PROG DETAILED_CAPTION txt ~/datasets/cats
@@ -626,8 +628,8 @@ report() {
                 printf '  %s: %s\n' "$(show "${line%%$'\t'*}")" "${line#*$'\t'}"
             done
         fi
-        if [[ -n $abort_reason ]]; then
-            printf 'Stopped early: %s\n' "$abort_reason"
+        if [[ -n $abort_reason ]]; then # the words of every folder captioner
+            printf 'Stopped early, %d image(s) not attempted: %s\n' "$not_started" "$abort_reason"
         fi
         if ((interrupted >= 0)); then
             printf 'Interrupted: %d image(s) not captioned yet (the ones in flight were dropped; nothing is half-written); run the same command again to resume.\n' \

@@ -231,7 +231,9 @@ async def test_unreachable_server_stops_the_run(tmp_path: Path) -> None:
     async with AsyncVisionClient(f"http://127.0.0.1:{port}", retry_policy=RetryPolicy(retries=0)) as client:
         summary = await caption_folder(client, tmp_path, concurrency=1)
     assert summary.aborted is not None and "cannot reach" in summary.aborted
-    assert (len(summary.failed), summary.not_attempted) == (1, 4)
+    # The image that met the stop is not attempted, not failed (as the folder scripts count it).
+    assert (len(summary.failed), summary.not_attempted) == (0, 5)
+    assert summary.stop_status == summary.exit_status == 3
     assert list(tmp_path.glob("*.txt")) == []
 
 
@@ -507,7 +509,8 @@ async def test_a_task_the_server_refuses_stops_the_run(real_server: str, tmp_pat
         summary = await caption_folder(client, tmp_path, task="paint_me_a_picture", concurrency=2)
     assert summary.aborted is not None and "refused the task" in summary.aborted
     assert "Invalid prompt" in summary.aborted and "<CAPTION>" in summary.aborted  # the valid ones
-    assert len(summary.failed) <= 2 and summary.not_attempted >= 10 and summary.done == 0
+    assert (len(summary.failed), summary.not_attempted, summary.done) == (0, 12, 0)
+    assert summary.exit_status == 7
     assert list(tmp_path.glob("*.txt")) == []
 
 
@@ -523,7 +526,26 @@ async def test_an_api_key_the_server_refuses_stops_the_run(aiohttp_server, tmp_p
     async with AsyncVisionClient(str(running.make_url("")), retry_policy=RetryPolicy(retries=0)) as client:
         summary = await caption_folder(client, tmp_path, concurrency=1)
     assert summary.aborted is not None and "refused the API key" in summary.aborted
-    assert (len(summary.failed), summary.not_attempted) == (1, 5)
+    assert (len(summary.failed), summary.not_attempted) == (0, 6)
+    assert summary.exit_status == 6
+
+
+async def test_a_server_still_busy_after_the_retries_stops_the_run(aiohttp_server, tmp_path: Path) -> None:
+    """Queue full (503 with Retry-After) through every retry: so would every other image be; the
+    run stops with exit status 5, as the folder scripts do (it failed each image in turn)."""
+
+    async def busy(request: web.Request) -> web.Response:
+        return web.json_response({"detail": "Queue full"}, status=503, headers={"Retry-After": "1"})
+
+    app = web.Application()
+    app.router.add_post("/process_image", busy)
+    running = await aiohttp_server(app)
+    for i in range(4):
+        make_png(tmp_path / f"{i}.png")
+    async with AsyncVisionClient(str(running.make_url("")), retry_policy=RetryPolicy(retries=0)) as client:
+        summary = await caption_folder(client, tmp_path, concurrency=1)
+    assert summary.aborted == "the server stays busy or unavailable (HTTP 503: Queue full)"
+    assert (len(summary.failed), summary.not_attempted, summary.exit_status) == (0, 4, 5)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from tests.support import paths
 from tests.support.api import tiny_cache_dir
 from tests.support.bulk_data import caption_command, cli_env
 from tests.support.images import save as save_image
-from tests.support.processes import tiny_server
+from tests.support.processes import free_port, tiny_server
 from tests.support.stand_in import StandIn
 from vision_server.bulk.command import CaptionRequest, _outputs
 from vision_server.bulk.records import Record
@@ -264,6 +264,55 @@ def test_a_model_the_server_does_not_serve_stops_both_clients_before_any_image(
     assert "check --url" in result.stderr
     assert not rows.exists()
     assert sorted(path.name for path in root.iterdir()) == ["a.png", "b.png"]
+
+
+# ---------------------------------------------------------------------------------------------
+# A run that stops early: one exit status per cause
+
+
+@pytest.mark.parametrize(
+    ("cause", "status", "reason"),
+    [
+        ("unreachable", 3, "the server cannot be reached ("),
+        ("busy", 5, "the server stays busy or unavailable (HTTP 503: Queue full"),
+        ("key refused", 6, "the server refused the API key (HTTP 401: "),
+        ("task refused", 7, "the server refused the "),  # the task / the prompt (HTTP 400: Invalid prompt
+    ],
+)
+@pytest.mark.parametrize("tool", TOOLS[1:])
+def test_a_run_that_stops_early_exits_with_the_same_status_for_each_cause(
+    tool: str, cause: str, status: int, reason: str, tiny_server_url: str, tmp_path: Path
+) -> None:
+    """Every image would meet the same answer, so the run stops, and both clients say why with
+    the same exit status (vision-client folder exited 1 for all of these) and the same words:
+    "Stopped early, N image(s) not attempted: <reason>"; the images in flight that met the stop
+    count as not attempted, not failed. (The bash script stops an unreachable server at its
+    first request, GET /prompts, before the summary.)"""
+    root = tmp_path / "data"
+    for seed in range(3):
+        save_image(root / f"img{seed}.png", seed)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+    task = "NO_SUCH_TASK" if cause == "task refused" else "CAPTION"
+    with StandIn(key="the-right-key", busy_first=100 if cause == "busy" else 0) as stand_in:
+        url = {"unreachable": f"http://127.0.0.1:{free_port()}", "task refused": tiny_server_url}
+        url_of_cause = url.get(cause, stand_in.url)
+        if cause != "key refused":
+            env["VISION_API_KEY"] = "the-right-key"
+        if tool == "vision-client folder":
+            command = [str(VISION_CLIENT), "--url", url_of_cause, "--retries", "0", "folder", str(root)]
+            command += ["--task", task, "--wait-for-server", "0"]
+        else:
+            command = ["bash", str(FOLDER_SCRIPT), "--url", url_of_cause, "--retries", "0"]
+            command += ["--wait-for-server", "0", task, "txt", str(root)]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert result.returncode == status, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    if not (cause == "unreachable" and tool == "bash script"):
+        assert f"Stopped early, 3 image(s) not attempted: {reason}" in result.stderr, result.stderr[-3000:]
+        assert " 0 failed" in result.stderr, result.stderr[-3000:]
+    if cause == "task refused":
+        assert "(HTTP 400: Invalid prompt" in result.stderr
+    assert sorted(path.name for path in root.iterdir()) == ["img0.png", "img1.png", "img2.png"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -510,11 +510,14 @@ def test_folder_argument_errors(server: str, tmp_path: Path) -> None:
         ["CAPTION", "txt"],
         ["CAPTION", "png", str(tmp_path)],
         ["CAPTION", "txt", str(tmp_path / "missing")],
-        ["NO_SUCH_TASK", "txt", str(tmp_path), "-Url", server],
     ):
         result = ps(FOLDER, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr
+    # A prompt the server does not know: exit 7, as the other folder captioners (it was 2).
+    unknown = ps(FOLDER, "NO_SUCH_TASK", "txt", str(tmp_path), "-Url", server)
+    assert unknown.returncode == 7, unknown.stderr
+    assert "does not know the prompt <NO_SUCH_TASK>" in unknown.stderr
     bad_mode = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Mode", "merge")
     assert bad_mode.returncode != 0
     assert not (tmp_path / "a.txt").exists()
@@ -528,14 +531,14 @@ def test_folder_server_down(tmp_path: Path) -> None:
     result = ps(
         FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", url, "-Retries", "0", "-WaitForServerSec", "0"
     )
-    assert result.returncode == 1
+    assert result.returncode == 3, result.stderr  # as the other folder captioners (it was 1)
     assert "Cannot reach the server" in result.stderr and "waiting" not in result.stderr
     assert time.monotonic() - started < 60
     # As the bash script: a server not up yet at the start is waited for, up to -WaitForServerSec.
     result = ps(
         FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", url, "-Retries", "0", "-WaitForServerSec", "2"
     )
-    assert result.returncode == 1
+    assert result.returncode == 3, result.stderr
     assert "server not answering yet" in result.stderr and "(still not after waiting 2 s)" in result.stderr
     assert not list(tmp_path.glob("*.txt"))
 

@@ -2,9 +2,9 @@
 
 Captions go to stdout, everything else (progress, summaries, errors) to stderr, so
 ``vision-client caption x.png > x.txt`` never puts an error message into a caption file.
-Exit status: 0 success, 1 any image or request failed, 2 bad usage (for ``folder`` also an
-address without a vision-server or a ``--model`` it does not serve: HTTP 404 before any image,
-as the folder scripts say), 130 Ctrl+C.
+Exit status: 0 success, 1 any image or request failed, 2 bad usage, 130 Ctrl+C; ``folder``
+also says why a run stopped early, with the statuses of the folder scripts (3 unreachable, 5
+busy, 6 key refused, 7 task refused, 2 HTTP 404 before any image).
 """
 
 from __future__ import annotations
@@ -202,8 +202,8 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
     help="When the server cannot be reached (not up yet at the start, or gone mid-run: a restart, "
     "a deploy; behind a proxy, the proxy's own 502/503 without Retry-After once --retries are "
     "used up), pause all requests and wait up to SECONDS for it to answer, then send the images "
-    "that were in flight again. After that the run stops early and says how many images were "
-    "not attempted (run it again to resume). 0: give up after --retries. A host name that does "
+    "that were in flight again. After that the run stops early (exit status 3) and says how many "
+    "images were not attempted (run it again to resume). 0: give up after --retries. A host name that does "
     "not resolve, TLS trouble and a 404 (no vision-server at --url, or an unknown --model, "
     "asked before the first image) stop the run at once.",
 )
@@ -249,10 +249,13 @@ def folder(
     Hidden .vision-caption.*.tmp files that a killed run left behind (older than 15 minutes) are
     deleted.
 
-    Exit status: 0 every image captioned or skipped; 1 some image failed, or the run stopped
-    early (the server unreachable, or refusing the key or the task); 2 bad usage, also an
-    address without a vision-server or a --model it does not serve (HTTP 404 before any
-    image); 130 Ctrl+C (after the summary: run the same command again to resume).
+    Exit status (as the folder scripts): 0 every image captioned or skipped; 1 some image
+    failed; 2 bad usage, also an address without a vision-server or a --model it does not serve
+    (HTTP 404 before any image); the run stopped early (the summary says why and how many
+    images were not attempted): 3 the server cannot be reached (after --wait-for-server; also a
+    host name that does not resolve, TLS trouble), 5 the server stays busy after --retries, 6
+    the API key is refused, 7 the task is refused; 130 Ctrl+C (after the summary: run the same
+    command again to resume). Earlier versions exited 1 for all of these stops.
     """
     from tqdm import tqdm
 
@@ -320,7 +323,7 @@ def folder(
         bar.close()
     _print_summary(summary, time.monotonic() - started)
     if not summary.ok:
-        sys.exit(2 if summary.usage_error else 1)
+        sys.exit(summary.exit_status)
 
 
 def _dry_run(ctx: click.Context, folder: Path, options: dict[str, Any]) -> None:
@@ -340,7 +343,7 @@ def _dry_run(ctx: click.Context, folder: Path, options: dict[str, Any]) -> None:
         raise click.UsageError(str(exc)) from None
     if summary.aborted:  # a --model the server lacks, or no server to ask
         click.echo(f"Error: {summary.aborted}", err=True)
-        sys.exit(2 if summary.usage_error else 1)
+        sys.exit(summary.exit_status)
     task = task_token(options["task"])
     lines += [(path, "caption", task) for path in summary.planned]
     for path, word, detail in sorted(lines):
@@ -375,8 +378,9 @@ def _print_summary(summary: FolderSummary, seconds: float) -> None:
         for failure in summary.failed:
             click.echo(f"  {failure.path}: {failure.reason}", err=True)
     if summary.aborted:
+        # The words of every folder captioner (the exit status says the cause, see folder --help).
         left = summary.not_attempted
-        click.echo(f"stopped early, {left} images not attempted: {summary.aborted}", err=True)
+        click.echo(f"Stopped early, {left} image(s) not attempted: {summary.aborted}", err=True)
 
 
 @main.command()

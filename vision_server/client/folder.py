@@ -3,9 +3,10 @@
 Several requests run at once (``concurrency``) so the server can batch them on the GPU. Images
 whose caption already exists are skipped before any request is sent, which makes an interrupted
 run resumable. One bad image never stops the run: it is reported at the end and gets no
-caption file. Only a server that stays unreachable stops the run, since every remaining image
-would fail the same way; give the client a ``wait_for_server`` window so a restart of the
-server only pauses the run (``vision-client folder`` waits 300 s by default).
+caption file. The run stops early only on what every remaining image would meet too (see
+``EXIT_*``: a server that stays unreachable, stays busy, refuses the key or the task, or has no
+such model); give the client a ``wait_for_server`` window so a restart of the server only
+pauses the run (``vision-client folder`` waits 300 s by default).
 """
 
 from __future__ import annotations
@@ -36,12 +37,23 @@ from vision_server.client.errors import (
     AuthenticationError,
     EmptyImageFile,
     RequestRejected,
+    ServerBusy,
     VisionClientError,
     VisionConnectionError,
+    VisionHTTPError,
 )
 from vision_server.client.jsonl import JsonlWriter, captioned_files
 
 Outcome = Literal["done", "skipped", "failed"]
+
+# The exit status of a folder run that stops early, by cause: the same in every folder captioner
+# (vision-client folder, vision-caption-folder-images.sh and .ps1), where 1 is "some images
+# failed" and 2 a usage error.
+EXIT_USAGE = 2  # HTTP 404 before any image: no vision-server at the URL, or no such --model
+EXIT_UNREACHABLE = 3  # also a host name that does not resolve, and TLS trouble
+EXIT_BUSY = 5  # still busy (429/503) after the retries
+EXIT_KEY_REFUSED = 6  # 401/403
+EXIT_TASK_REFUSED = 7  # 400 "Invalid prompt"
 
 
 @dataclass(frozen=True)
@@ -69,12 +81,9 @@ class FolderSummary:
     done: int = 0
     skipped: int = 0
     failed: list[Failure] = field(default_factory=list)
-    # set when the run stopped early: the server was unreachable, or refused the task or the key
+    # set when the run stopped early: why, and the exit status that says so (``EXIT_*``)
     aborted: str | None = None
-    # the stop came before any caption and is the user's to fix, like a wrong option: HTTP 404,
-    # no vision-server at the URL or a --model it does not serve (vision-client exits 2, as the
-    # folder scripts do)
-    usage_error: bool = False
+    stop_status: int = 0
     stale_temps_removed: int = 0  # temp caption files a killed run had left, deleted by this one
     deferred: int = 0  # images to caption that ``limit`` left for a later run
     planned: list[Path] = field(default_factory=list)  # a dry run: the images a run would caption
@@ -88,6 +97,18 @@ class FolderSummary:
     @property
     def ok(self) -> bool:
         return not self.failed and self.aborted is None
+
+    @property
+    def usage_error(self) -> bool:
+        """The stop came before any caption and is the user's to fix, like a wrong option."""
+        return self.stop_status == EXIT_USAGE
+
+    @property
+    def exit_status(self) -> int:
+        """0 all captioned or skipped, the stop's ``EXIT_*`` when the run stopped early, else 1."""
+        if self.aborted is not None:
+            return self.stop_status or 1
+        return 1 if self.failed else 0
 
 
 @dataclass(frozen=True)
@@ -203,7 +224,8 @@ class _FolderRun:
         try:
             served = await self.client.served_name()
         except (VisionClientError, OSError) as exc:
-            self.stop(exc, _stop_reason(exc) or _describe(exc))
+            status, reason = _stop_reason(exc) or (1, _describe(exc))
+            self.stop(status, reason)
             return False
         self.model_names = {self.client.model_name, served or self.client.model_name}
         return True
@@ -253,10 +275,14 @@ class _FolderRun:
         for job in queue:
             if self.summary.aborted is not None:
                 return
-            self.report(await self.caption_one(job))
+            result = await self.caption_one(job)
+            if result is not None:
+                self.report(result)
 
-    async def caption_one(self, job: _Job) -> ImageResult:
-        """Caption and store one image; every expected failure becomes a result, not an exception."""
+    async def caption_one(self, job: _Job) -> ImageResult | None:
+        """Caption and store one image; every expected failure becomes a result, not an exception.
+        None when the answer stops the run: nothing is wrong with this image, which is counted
+        as not attempted (as the folder scripts count it), to be captioned by the next run."""
         try:
             answer = await self.client.caption_result(job.image, self.task, priority="bulk")
             text = answer.text
@@ -272,16 +298,21 @@ class _FolderRun:
                 write_atomic(job.target, merge_caption(existing, caption, self.mode, self.separator))
         except (VisionClientError, OSError, UnicodeError) as exc:
             stop = _stop_reason(exc)
-            if stop is not None:
-                self.stop(exc, stop)
-            return ImageResult(job.image, "failed", reason=_describe(exc))
+            if stop is None:
+                return ImageResult(job.image, "failed", reason=_describe(exc))
+            status, reason = stop
+            if status == EXIT_USAGE and self.summary.done:
+                status = 1  # a 404 once images were captioned: no longer a wrong --url
+            self.stop(status, reason)
+            return None
         return ImageResult(job.image, "done", caption=caption, model=answer.model)
 
-    def stop(self, exc: BaseException, reason: str) -> None:
-        """Stop the run: no new image starts."""
-        self.summary.aborted = reason
-        not_found = isinstance(exc, RequestRejected) and exc.status == 404
-        self.summary.usage_error = not_found and self.summary.done == 0
+    def stop(self, status: int, reason: str) -> None:
+        """Stop the run: no new image starts. The first reason is kept (the requests in flight
+        meet the same trouble)."""
+        if self.summary.aborted is None:
+            self.summary.aborted = reason
+            self.summary.stop_status = status
 
     def report(self, result: ImageResult) -> None:
         if result.outcome == "done":
@@ -294,17 +325,25 @@ class _FolderRun:
             self.on_result(result)
 
 
-def _stop_reason(exc: BaseException) -> str | None:
-    """Why the run must stop, for an answer every other image would get too; None to go on."""
+def _stop_reason(exc: BaseException) -> tuple[int, str] | None:
+    """The exit status and the reason when the run must stop, for an answer every other image
+    would get too (in the words of the folder scripts); None to go on."""
     if isinstance(exc, VisionConnectionError):
-        return str(exc)
-    if isinstance(exc, AuthenticationError):  # the same answer for every image, as the scripts stop
-        return f"the server refused the API key: {_describe(exc)}"
+        return EXIT_UNREACHABLE, f"the server cannot be reached ({exc})"
+    if isinstance(exc, VisionHTTPError) and exc.gateway_outage:  # a proxy with no server behind it
+        return (
+            EXIT_UNREACHABLE,
+            f"the server cannot be reached (no server behind the proxy: {_describe(exc)})",
+        )
+    if isinstance(exc, AuthenticationError):
+        return EXIT_KEY_REFUSED, f"the server refused the API key ({_describe(exc)})"
+    if isinstance(exc, ServerBusy):  # still busy after the retries: so is every other image
+        return EXIT_BUSY, f"the server stays busy or unavailable ({_describe(exc)})"
     if isinstance(exc, RequestRejected):
         if exc.status == 404:  # no vision-server at this address, or a model it does not serve
-            return f"{_describe(exc)}: check --url (the server's base address) and --model"
+            return EXIT_USAGE, f"{_describe(exc)}: check --url (the server's base address) and --model"
         if exc.status == 400 and exc.detail.startswith("Invalid prompt"):
-            return f"the server refused the task: {_describe(exc)}"
+            return EXIT_TASK_REFUSED, f"the server refused the task ({_describe(exc)})"
     return None
 
 
