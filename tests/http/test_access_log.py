@@ -96,7 +96,7 @@ async def test_error_lines_carry_the_request_id_as_a_json_key(
     assert handler_line and "RuntimeError: a bug in a handler" in handler_line["exception"], lines
 
 
-async def test_access_lines_name_the_model_that_captioned(
+async def test_access_lines_name_the_model_and_the_error(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """With several models, which one a request went to (and which one failed it) is in its line."""
@@ -110,11 +110,22 @@ async def test_access_lines_name_the_model_that_captioned(
             body = {"image": b64(5), "prompt": "<CAPTION>", "model": model}
             async with session.post("/process_image", json=body, headers={"X-Request-ID": request_id}):
                 pass
+        not_an_image = {"image": "bm90IGFuIGltYWdl", "prompt": "<CAPTION>"}
+        async with session.post("/process_image", json=not_an_image, headers={"X-Request-ID": "bad"}) as r:
+            assert r.status == 400
     lines = {r.request_id: r for r in caplog.records if r.name == "vision_server.access"}  # type: ignore[attr-defined]
     assert [lines[i].model for i in ("to-blip", "to-default", "to-nobody")] == ["blip", "large", None]  # type: ignore[attr-defined]
     assert lines["to-blip"].getMessage().endswith(" batch=1 model=blip")
     assert "model=" not in lines["to-nobody"].getMessage()  # a 404: no model took it
     assert json.loads(JsonFormatter().format(lines["to-default"]))["model"] == "large"
+    # Why a request failed, as the error's code: an operator sees what the 4xx were about.
+    assert [lines[i].error for i in ("to-blip", "to-nobody", "bad")] == [
+        None,
+        "model_not_found",
+        "invalid_image",
+    ]  # type: ignore[attr-defined]
+    assert lines["to-nobody"].getMessage().endswith(" error=model_not_found")
+    assert "error=" not in lines["to-blip"].getMessage()
 
 
 def test_log_file_in_json(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ import time
 
 from aiohttp import web
 
-from vision_server.api.errors import REQUEST_ID, Handler
+from vision_server.api.errors import ERROR_CODE, REQUEST_ID, Handler
 from vision_server.api.proxies import PEER
 from vision_server.api.served_model import SERVED_MODEL
 from vision_server.api.state import METRICS
@@ -79,13 +79,15 @@ def log_access(request: web.Request, route: str, status: int, seconds: float, tr
         "client": request.remote,
         "via": request.get(PEER),
         "model": request.get(SERVED_MODEL),  # the served model its image went to (several: which)
+        "error": request.get(ERROR_CODE),  # why a 4xx/5xx (or a stream that failed after its start)
     }
     via_part = f" via={fields['via']}" if fields["via"] else ""
     engine_part = f" queue_wait={trace.queue_wait:.3f}s batch={trace.batch_size}" if trace.jobs else ""
     model_part = f" model={fields['model']}" if fields["model"] is not None else ""
+    error_part = f" error={fields['error']}" if fields["error"] is not None else ""
     log.log(
         level,
-        "%s %s %d %.3fs route=%s id=%s client=%s%s%s%s",
+        "%s %s %d %.3fs route=%s id=%s client=%s%s%s%s%s",
         request.method,
         fields["path"],
         status,
@@ -96,5 +98,6 @@ def log_access(request: web.Request, route: str, status: int, seconds: float, tr
         via_part,
         engine_part,
         model_part,
+        error_part,
         extra=fields,
     )

@@ -24,6 +24,8 @@ ErrorFormatter = Callable[[VisionServerError, str], web.Response]
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 REQUEST_ID = web.RequestKey("request_id", str)
+# The code of the error a request was answered with (invalid_image, queue_full ...), for its access line.
+ERROR_CODE = web.RequestKey("error_code", str)
 _SAFE_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -119,6 +121,7 @@ def error_response(
     route it was ``meant`` as, when there is one)."""
     route, path = meant or (request.match_info.route, request.path)
     formatter = request.app[ERROR_SHAPES].formatter_for(route, path)
+    request[ERROR_CODE] = error.code
     return with_retry_after(formatter(error, request.get(REQUEST_ID, "-")), error)
 
 

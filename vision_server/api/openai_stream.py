@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from vision_server.api.captioning import caption_all_base64, caption_base64, name_image
-from vision_server.api.errors import REQUEST_ID
+from vision_server.api.errors import ERROR_CODE, REQUEST_ID
 from vision_server.api.openai_replies import error_body, joined_text
 from vision_server.captioner import Caption, GenerationOptions
 from vision_server.engine.jobs import JobLabels
@@ -208,4 +208,5 @@ async def _end_with_error(request: web.Request, events: EventStream, exc: Except
         log.error("stream %s failed", request_id, exc_info=exc, extra={"request_id": request_id})
         message = f"Internal server error (request id {request_id})."
         error = {"message": message, "type": "api_error", "param": None, "code": "internal_error"}
+    request[ERROR_CODE] = str(error["code"])  # the access line of a 200 whose stream failed says so
     await events.send(*events.shape.failure(error))
