@@ -84,6 +84,8 @@ OFFLINE_HELP = {
     "refused), and below --max-batch-size it makes batches smaller.",
     "max_image_pixels": "Largest image captioned, in pixels; a larger one fails with a message "
     "(stops decompression bombs).",
+    "max_new_tokens": "Most tokens generated per caption. A model whose text decoder holds fewer "
+    "(BLIP: 512) is clamped to its own limit.",
 }
 BATCHES_IN_FLIGHT = 3  # one running, one queued, one being decoded: the model never waits
 
