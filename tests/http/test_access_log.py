@@ -94,6 +94,9 @@ async def test_error_lines_carry_the_request_id_as_a_json_key(
     assert batch_line and "ZeroDivisionError" in batch_line["exception"], lines
     handler_line = next((line for line in lines if line.get("request_id") == handler_id), None)
     assert handler_line and "RuntimeError: a bug in a handler" in handler_line["exception"], lines
+    # Their access lines are warnings: --log-level warning keeps the server's failures.
+    access = {r.request_id: r.levelno for r in caplog.records if r.name == "vision_server.access"}  # type: ignore[attr-defined]
+    assert access == {batch_id: logging.WARNING, handler_id: logging.WARNING}
 
 
 async def test_access_lines_name_the_model_and_the_error(

@@ -63,8 +63,15 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
 def log_access(request: web.Request, route: str, status: int, seconds: float, trace: JobTrace) -> None:
     """Probes log at debug level: a load balancer checking every second would drown the rest.
     A refused one (a scraper without the key for ``--metrics-require-key``, a ``Host`` the server
-    does not answer) is a misconfiguration to fix, so it logs at info like any other request."""
-    level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
+    does not answer) is a misconfiguration to fix, so it logs at info like any other request.
+    Any other 5xx (a timeout, a model that cannot load, a full queue, a bug) logs at warning, so a
+    server run at ``--log-level warning`` still shows its failures."""
+    if route in QUIET_ROUTES:  # a 503 of /ready while starting or draining is no failure
+        level = logging.DEBUG if status < 400 else logging.INFO
+    elif status >= 500 and status != CLIENT_CLOSED:  # ours: kept by --log-level warning too
+        level = logging.WARNING
+    else:
+        level = logging.INFO
     if not log.isEnabledFor(level):
         return
     fields = {
