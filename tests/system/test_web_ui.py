@@ -243,6 +243,7 @@ def test_status_panel_is_live(page: Page, server: str, data: GalleryData, shots:
     assert int(page.inner_text("#st-jobs")) > before
     page.wait_for_selector("#batches tr")
     assert page.inner_text("#st-state") == "ready" and page.inner_text("#st-model") == "test:tiny"
+    assert page.inner_text("#status-line").startswith("test:tiny ready · queue ")  # the header names it
     assert page.inner_text("#st-idle") == "never"  # the test server runs with --idle-timeout -1
     assert page.inner_text("#st-keep-alive") == "until unloaded by hand (set by the server)"
     assert re.fullmatch(r"[\d.]+ img/s", page.inner_text("#st-speed"))

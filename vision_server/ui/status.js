@@ -33,7 +33,8 @@ function draw(status) {
   setText($("st-jobs"), status.jobs_done);
   setText($("st-speed"), status.images_per_second == null ? "–" : `${status.images_per_second} img/s`);
   setText($("st-error"), status.last_error || "none");
-  setText($("status-line"), `model ${status.state} · queue ${status.queue_depth} · running ${status.jobs_running}`);
+  // Which model, in the header of every tab: "model unloaded" left a newcomer guessing which one.
+  setText($("status-line"), `${status.model} ${status.state} · queue ${status.queue_depth} · running ${status.jobs_running}`);
   const body = $("batches");
   clear(body);
   for (const batch of [...status.recent_batches].reverse()) {
