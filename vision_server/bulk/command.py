@@ -44,7 +44,7 @@ from vision_server.bulk.readers import (
 )
 from vision_server.bulk.records import Record
 from vision_server.captionfiles import Mode, caption_suffix
-from vision_server.errors import InvalidTask, VisionServerError
+from vision_server.errors import InvalidTask
 from vision_server.model_specs import adapter_identity
 from vision_server.settings import Settings, SettingsError
 
@@ -359,25 +359,21 @@ async def _run(
     undo = install_stop_handlers(loop, on_signal)
     progress: Progress | None = None
     try:
+        # The model loads when the first image to caption comes up (the pipeline starts it), so
+        # a rerun that finds everything captioned ends without loading it.
         await engine.start()
-        try:
-            await engine.load()
-        except VisionServerError as exc:
-            click.echo(f"error: {exc.message}", err=True)
-            return 1
-        if stops:
-            return 128 + stops[0]
         progress = Progress(interval=request.progress_interval)
         workers = request.workers or min(8, os.cpu_count() or 1)
         pipe_config = PipelineConfig(
             tasks=tasks,
             options=settings.generation_defaults(),
-            spec=engine.pixel_spec,  # the loaded model's
             max_pixels=settings.max_image_pixels,
             workers=workers,
             in_flight=max(BATCHES_IN_FLIGHT * config.max_batch_size, 2 * workers),
         )
         pipeline.append(BulkPipeline(engine, outputs, pipe_config, progress))
+        if stops:  # a signal while the engine started
+            pipeline[0].stop(stops[0])
         _count_in_background(loop, request, read, progress)
         summary = await pipeline[0].run(
             plan(iter_records(request.inputs, read), tasks, outputs, request.limit)
@@ -388,6 +384,9 @@ async def _run(
         undo()
         if progress is not None:
             progress.close()
+    if pipeline[0].load_error is not None:
+        click.echo(f"error: {pipeline[0].load_error}", err=True)
+        return 1
     click.echo(format_summary(summary), err=True)
     return summary.exit_status
 

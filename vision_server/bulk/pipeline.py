@@ -5,6 +5,11 @@ reader and the writers at any time, so memory does not grow with the dataset; jo
 place in the engine's queue instead of being refused; decoding runs in processes so the GIL
 never starves the model thread; and writes go through one thread, in the order they finish.
 
+The model loads when the first image to caption comes up, not before: a rerun that finds
+everything done never loads it (minutes for a large model), and images that are skipped or fail
+before the first one to caption are reported meanwhile. Decoding starts while the model loads
+(the pixel spec is known from the model's files).
+
 On a stop request nothing new starts, work in flight is dropped (its images are simply not
 captioned yet), writes already started finish, and the outputs close cleanly: a rerun resumes.
 """
@@ -42,7 +47,6 @@ READ_CHUNK = 32  # records planned per hop to the reader thread
 class PipelineConfig:
     tasks: tuple[str, ...]
     options: GenerationOptions
-    spec: PixelSpec
     max_pixels: int
     workers: int  # decoding processes
     in_flight: int  # most images between reader and writers
@@ -87,7 +91,8 @@ class Reporter(Protocol):
 
 
 class BulkPipeline:
-    """One run over a stream of planned units into a started, loaded engine."""
+    """One run over a stream of planned units into a started engine, which loads its model when
+    the first image to caption comes up (:attr:`load_error` says why it could not)."""
 
     def __init__(
         self, engine: Engine, outputs: Sequence[Output], config: PipelineConfig, reporter: Reporter
@@ -101,6 +106,9 @@ class BulkPipeline:
         self._pool: ProcessPoolExecutor | None = None
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="vision-bulk-write")
         self._writes: set[asyncio.Future[str | None]] = set()
+        self._spec: PixelSpec | None = None  # the model's, read with the first image to caption
+        self._loading: asyncio.Task[bool] | None = None  # the model's load, once started
+        self.load_error: str | None = None  # why the model did not load; the run stopped there
 
     def stop(self, signum: int) -> None:
         """Stop early (a signal): start nothing new; the run returns once the writes are done."""
@@ -125,6 +133,7 @@ class BulkPipeline:
                     elif isinstance(unit, Fail):
                         self._store(unit.record, {}, unit.reason)
                     elif await self._acquire(slots):
+                        self._start_loading(unit)
                         task = asyncio.create_task(self._caption(unit))
                         active.add(task)
                         task.add_done_callback(functools.partial(_finished, active, slots))
@@ -136,6 +145,9 @@ class BulkPipeline:
             for task in active:
                 task.cancel()
             await asyncio.gather(*active, return_exceptions=True)
+            if self._loading is not None and not self._loading.done():  # stopped while loading
+                self._loading.cancel()
+                await asyncio.gather(self._loading, return_exceptions=True)
             await asyncio.gather(*self._writes, return_exceptions=True)
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._writer.shutdown(wait=True)
@@ -156,6 +168,27 @@ class BulkPipeline:
         acquire.cancel()
         return False
 
+    def _start_loading(self, work: Work) -> None:
+        """Load the model in the background when the first image to caption comes up."""
+        if self._loading is not None:
+            return
+        log.info(
+            "loading the model for %s, the first image to caption (%d skipped before it)",
+            work.record.display,
+            self.summary.skipped,
+        )
+        self._spec = self.engine.pixel_spec  # known from the model's files, before the load
+        self._loading = asyncio.create_task(self._load())
+
+    async def _load(self) -> bool:
+        try:
+            await self.engine.load()
+        except VisionServerError as exc:  # nothing can be captioned: stop, say it once
+            self.load_error = exc.message
+            self._stopping.set()
+            return False
+        return True
+
     def _new_pool(self) -> ProcessPoolExecutor:
         # spawn, not fork: the parent runs torch threads, which a forked child must not inherit.
         context = multiprocessing.get_context("spawn")
@@ -166,9 +199,10 @@ class BulkPipeline:
         pool = self._pool
         assert pool is not None
         config = self.config
+        assert self._spec is not None, "set when the first image to caption came up"
         try:
             with interrupts_held():  # the pool starts its workers as work arrives
-                future = pool.submit(prepare_record, record, config.spec, config.max_pixels)
+                future = pool.submit(prepare_record, record, self._spec, config.max_pixels)
             return await asyncio.wrap_future(future)
         except BrokenProcessPool:
             if self._pool is pool:  # a decoder process died (killed for memory?): start afresh
@@ -179,10 +213,13 @@ class BulkPipeline:
 
     async def _caption(self, work: Work) -> None:
         record = work.record
-        prepared = await self._prepare(record)
+        prepared = await self._prepare(record)  # decoding overlaps the model's load
         if isinstance(prepared, str):
             await asyncio.shield(self._store(record, {}, prepared))
             return
+        assert self._loading is not None
+        if not await asyncio.shield(self._loading):
+            return  # no model: the image is simply not captioned (the run reports why, once)
         captions, error = await caption_image(
             self.engine, prepared, work.tasks, self.config.options, request_id=record.display
         )

@@ -25,7 +25,7 @@ import click
 
 from vision_server.bulk.outputs import Captions, Output, close_all
 from vision_server.bulk.pipeline import Summary
-from vision_server.bulk.plan import Skip, Unit, plan
+from vision_server.bulk.plan import Fail, Skip, Unit, Work, plan
 from vision_server.bulk.progress import Progress, format_summary
 from vision_server.bulk.readers import ReadOptions, iter_records
 from vision_server.bulk.records import Record
@@ -87,12 +87,34 @@ def run_ray(
     progress = Progress(interval=request.progress_interval)
     undo = _stop_on_signals()
     started = False
+
+    def report(outcome: Any, record: Record, reason: str | None) -> None:
+        summary.record(outcome, record.display, reason)
+        progress.report(summary, outcome, record.display, reason)
+
+    job = _Job(settings, request, read, kinds, tasks, outputs)
     try:
-        started = _init_ray(request.ray)
-        if not started:
-            return 2
+        # Files, folders and lists are planned here, before Ray starts: a rerun that finds them
+        # all captioned (and has no Parquet of image bytes or tar shard, which the workers plan)
+        # ends without starting or joining Ray, so no actor loads a model.
+        planned = _plan_here(job)
+        if planned.total is not None:
+            progress.set_total(planned.total)
+        for unit in planned.skipped:
+            report("skipped", unit.record, unit.reason)
+        if not planned.remote and not any(isinstance(unit, Work) for unit in planned.units):
+            log.info("nothing left to caption: Ray is not started")
+            for failing in planned.units:  # images that fail before decoding (a shared caption file)
+                assert isinstance(failing, Fail)
+                problem = _write_all(outputs, failing.record, {}, failing.reason)
+                report("failed", failing.record, problem)
+        else:
+            started = _init_ray(request.ray)
+            if not started:
+                return 2
         try:
-            _caption(_Job(settings, request, read, kinds, tasks, outputs), summary, progress)
+            if started:
+                _caption(job, planned, report)
         except _Stop as stop:
             summary.interrupted = stop.signum
         except click.UsageError:
@@ -135,25 +157,15 @@ def _init_ray(address: str) -> bool:
     return True
 
 
-def _caption(job: _Job, summary: Summary, progress: Progress) -> None:
+def _caption(job: _Job, planned: _Planned, report: Any) -> None:
     import ray
 
     from vision_server.bulk.ray_rows import batch_rows, row_record
     from vision_server.bulk.ray_source import CaptionSource, snapshot
     from vision_server.bulk.ray_stages import CaptionActor, prepare_batch
 
-    def report(outcome: Any, record: Record, reason: str | None) -> None:
-        summary.record(outcome, record.display, reason)
-        progress.report(summary, outcome, record.display, reason)
-
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-    pieces, skipped, total = _pieces(job, cpus)
-    if total is not None:
-        progress.set_total(total)
-    for unit in skipped:
-        report("skipped", unit.record, unit.reason)
-    if not pieces:
-        return
+    pieces = planned.pieces(cpus)
     gpus = int(ray.cluster_resources().get("GPU", 0))
     nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
     actors = job.request.ray_actors or gpus or nodes
@@ -201,22 +213,38 @@ def _caption(job: _Job, summary: Summary, progress: Progress) -> None:
             report("failed" if problem else "captioned", record, problem)
 
 
-def _pieces(job: _Job, cpus: int) -> tuple[list[Any], list[Skip], int | None]:
-    """Read tasks for the inputs, the images already done (reported at once), and the total.
+@dataclass
+class _Planned:
+    """What the driver planned before Ray starts: the read tasks of Parquet files of image bytes
+    and tar shards (``remote``, planned by the workers), the images of files, folders and lists
+    still to caption (``units``, failures included), those already done, and the total."""
+
+    remote: list[Any]
+    units: list[Unit]
+    skipped: list[Skip]
+    total: int | None
+
+    def pieces(self, cpus: int) -> list[Any]:
+        """Every read task: enough to keep every CPU decoding, few enough that each is worth a
+        task; small tasks also stream (a task's rows go on to the model when it has finished)."""
+        from vision_server.bulk.ray_source import MIN_PATHS_PER_TASK, PATHS_PER_TASK, PlannedRows
+
+        units = self.units
+        size = max(MIN_PATHS_PER_TASK, min(PATHS_PER_TASK, len(units) // (4 * cpus)))
+        chunks = [PlannedRows(tuple(units[start : start + size])) for start in range(0, len(units), size)]
+        return [*self.remote, *chunks]
+
+
+def _plan_here(job: _Job) -> _Planned:
+    """Plan on the driver what is planned here, and list the read tasks the workers plan.
 
     With ``--limit`` everything is planned here, in input order, exactly as the local path plans
     it (at most ``limit`` images are shipped); otherwise Parquet files of image bytes and tar
     shards are read and planned by the workers.
     """
-    from vision_server.bulk.ray_source import (
-        MIN_PATHS_PER_TASK,
-        PATHS_PER_TASK,
-        PlannedRows,
-        Shard,
-        row_group_pieces,
-    )
+    from vision_server.bulk.ray_source import Shard, row_group_pieces
 
-    pieces: list[Any] = []
+    remote: list[Any] = []
     skipped: list[Skip] = []
     total: int | None = 0
     local: list[Path] = []
@@ -225,10 +253,10 @@ def _pieces(job: _Job, cpus: int) -> tuple[list[Any], list[Skip], int | None]:
         kind = job.kinds[path]
         groups = row_group_pieces(path, read) if kind == "parquet-bytes" and request.limit is None else None
         if groups is not None:
-            pieces.extend(groups)
+            remote.extend(groups)
             total = None if total is None else total + sum(group.rows for group in groups)
         elif kind == "webdataset" and request.limit is None:
-            pieces.append(Shard(path))
+            remote.append(Shard(path))
             total = None
         else:
             local.append(path)
@@ -239,11 +267,7 @@ def _pieces(job: _Job, cpus: int) -> tuple[list[Any], list[Skip], int | None]:
             skipped.append(unit)
         else:
             units.append(unit)
-    # Enough read tasks to keep every CPU decoding, few enough that each is worth a task; small
-    # tasks also stream: a task's rows go on to the model only when the task has finished.
-    size = max(MIN_PATHS_PER_TASK, min(PATHS_PER_TASK, len(units) // (4 * cpus)))
-    pieces.extend(PlannedRows(tuple(units[start : start + size])) for start in range(0, len(units), size))
-    return pieces, skipped, total
+    return _Planned(remote, units, skipped, total)
 
 
 def _pixel_spec(settings: Settings) -> Any:
