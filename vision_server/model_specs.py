@@ -122,6 +122,21 @@ def adapter_identity(adapter: str) -> str:
     return str(Path(adapter).expanduser().resolve())
 
 
+def model_identity(source: str) -> str:
+    """One name for an unnamed model's source however it was typed, for caption rows: a local
+    model folder (as the loader takes it: a path that exists) is its absolute path with ``~`` and
+    symlinks resolved, as :func:`adapter_identity` names adapters, so ``./m/``, ``m`` and
+    ``/data/m`` from another working directory are one model; a hub id or a ``test:`` preset is
+    itself."""
+    if source.startswith("test:"):
+        return source
+    path = Path(source).expanduser()
+    try:
+        return str(path.resolve()) if path.exists() else source
+    except (OSError, RuntimeError, ValueError):  # a symlink loop, a NUL: not a folder to name
+        return source
+
+
 def adapter_name(adapter: str) -> str:
     """How an adapter is shown to clients (``/v1/status``, ``/model_info``, ``/v1/models``): the
     name of its folder, not its path, which would tell a remote client the user's name and how

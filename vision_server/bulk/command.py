@@ -45,7 +45,7 @@ from vision_server.bulk.readers import (
 from vision_server.bulk.records import Record
 from vision_server.captionfiles import Mode, caption_suffix
 from vision_server.errors import InvalidTask
-from vision_server.model_specs import adapter_identity
+from vision_server.model_specs import adapter_identity, model_identity
 from vision_server.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -255,10 +255,13 @@ def _outputs(
     # of this model only, as vision-client folder does; rows written before rows held the served
     # name hold the source, so it counts too.
     older = (spec.source,) if spec.source != spec.name else ()
-    # The adapter as one absolute path, however it was typed and from wherever the run starts,
-    # so `--adapter my-adapter/` resumes the rows of `--adapter ./my-adapter`.
+    # An unnamed local model and the adapter as one absolute path each, however they were typed
+    # and from wherever the run starts, so `--model ./m/` resumes the rows of `--model m`, and
+    # `--adapter my-adapter/` those of `--adapter ./my-adapter`.
+    unnamed = spec.source == spec.name
+    model = model_identity(spec.source) if unnamed else spec.name
     adapter = adapter_identity(spec.adapter) if spec.adapter is not None else None
-    facts = RowFacts(tasks, spec.name, adapter, older)
+    facts = RowFacts(tasks, model, adapter, older, local_model=unnamed and os.path.isabs(model))
     try:
         ext = caption_suffix(request.ext)
     except ValueError as exc:

@@ -33,7 +33,7 @@ from vision_server.captionfiles import (
     remove_stale_files,
     write_atomic,
 )
-from vision_server.model_specs import adapter_identity
+from vision_server.model_specs import adapter_identity, model_identity
 
 Captions = dict[str, str]  # task token -> caption text
 
@@ -48,11 +48,16 @@ class RowFacts:
     """
 
     tasks: tuple[str, ...]
-    model: str  # the served name (``--model NAME=SOURCE``: NAME; an unnamed model: its source)
+    # the served name (``--model NAME=SOURCE``: NAME); an unnamed model's source, a local folder
+    # as :func:`~vision_server.model_specs.model_identity` names it (its resolved absolute path)
+    model: str
     adapter: str | None  # its folder as :func:`~vision_server.model_specs.adapter_identity` names it
     # other names older rows gave this model: before rows held the served name, they held the
     # source (``SOURCE`` of ``--model NAME=SOURCE``)
     older_names: tuple[str, ...] = ()
+    # an unnamed local model: rows' models are compared as folders (rows of earlier versions
+    # hold the path as it was typed, resolved from this run's working directory)
+    local_model: bool = False
 
     def is_ours(self, row: dict[str, Any]) -> bool:
         """Whether ``row`` counts for this run's model, as ``vision-client folder`` resumes per
@@ -62,7 +67,16 @@ class RowFacts:
         model = row.get("model")
         if model is None:
             return True
-        return (model == self.model or model in self.older_names) and _adapter_of(row) == self.adapter
+        same = model == self.model or model in self.older_names
+        if not same and self.local_model and isinstance(model, str):
+            same = _same_model(model) == self.model
+        return same and _adapter_of(row) == self.adapter
+
+
+@functools.lru_cache(maxsize=64)
+def _same_model(recorded: str) -> str:
+    """A row's model as this run names a local model (each distinct one resolved once)."""
+    return model_identity(recorded)
 
 
 @functools.lru_cache(maxsize=64)

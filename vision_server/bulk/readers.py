@@ -337,16 +337,22 @@ def _check_parquet(path: Path, options: ReadOptions) -> None:
     except Exception:
         return
     try:
-        _, kind = _image_column(schema, options.image_column)
+        column, kind = _image_column(schema, options.image_column)
         _key_column(schema, options.key_column)
     except InputError as exc:
         raise InputError(f"{path}: {exc}") from None
-    if options.image_column is not None and kind == "path":
-        # A column named by hand that holds text (the captions, say) is a usage error said
-        # once, as train says it, not one "no such file" failure per row.
-        problem = paths_problem(path, options.image_column, _column_values(path, options.image_column))
-        if problem is not None:
-            raise InputError(f"--image-column {options.image_column!r}: {path}: {problem}")
+    if kind != "path":
+        return
+    # A path column none of whose values names an existing file (a column named by hand that
+    # holds the captions, say, or paths relative to another folder) is a usage error said once,
+    # as train says it, not one "no such file" failure per row. A real path column costs a look
+    # at its first value.
+    problem = paths_problem(path, column, _column_values(path, column))
+    if problem is None:
+        return
+    if options.image_column is not None:
+        raise InputError(f"--image-column {options.image_column!r}: {path}: {problem}")
+    raise InputError(f"{path}: {problem}; relative paths are read from the table's folder")
 
 
 def _column_values(path: Path, column: str) -> Iterator[Any]:
