@@ -598,3 +598,65 @@ def test_a_rerun_naming_the_adapter_another_way_resumes(
         assert f"captioned {captioned}, skipped {2 - captioned}" in result.stderr, (spelling, result.stderr)
     rows = jsonl_rows(jsonl)
     assert len(rows) == 2 and {row["adapter"] for row in rows} == {str((work / "my-adapter").resolve())}
+
+
+def test_a_rerun_with_nothing_left_loads_no_model_and_knows_a_local_model_typed_another_way(
+    tmp_path: Path, cache: Path, tiny_native_dir: Path
+) -> None:
+    # A rerun of a finished run loaded the model (minutes for a large one) only to skip every
+    # image; and rows named an unnamed local model as typed, so `./m/` and `m` did not resume.
+    work = tmp_path / "work"
+    shutil.copytree(tiny_native_dir, work / "m")
+    root = tmp_path / "data"
+    root.mkdir()
+    for seed, name in enumerate(("a.png", "b.png", "c.png")):
+        (root / name).write_bytes(picture(seed))
+    (tmp_path / "shortcut").symlink_to(work)
+    typed = f"{tmp_path / 'shortcut'}/m/"  # as an older version wrote it: as typed
+    jsonl = tmp_path / "out.jsonl"
+    older = {"source": str(root), "key": "a.png", "task": "<MORE_DETAILED_CAPTION>", "caption": "x"}
+    jsonl.write_text(json.dumps({**older, "model": typed, "adapter": None}) + "\n", encoding="utf-8")
+
+    def caption(cwd: Path, model: str) -> subprocess.CompletedProcess[str]:
+        command = caption_command(
+            root, "--model", model, *FAST_OPTIONS, "--jsonl", jsonl, "--cache-dir", cache
+        )
+        return subprocess.run(
+            command, cwd=cwd, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600
+        )
+
+    # a.png's row names the folder through a symlink: it counts, and the model loads only when
+    # b.png, the first image to caption, comes up.
+    first = caption(work, "./m/")
+    assert first.returncode == 0, first.stderr
+    assert "captioned 2, skipped 1, failed 0" in first.stderr
+    assert f"loading the model for {root / 'b.png'}, the first image to caption (1 skipped before it)" in (
+        first.stderr
+    )
+    model = str((work / "m").resolve())
+    assert [row["model"] for row in jsonl_rows(jsonl)] == [typed, model, model]
+    # Now the folder is no model at all: a load would fail (exit 1, "could not be loaded").
+    (work / "m" / "config.json").unlink()
+    again = caption(tmp_path, "work/m")  # another spelling, from another folder
+    assert again.returncode == 0, again.stderr
+    assert "captioned 0, skipped 3, failed 0" in again.stderr
+    assert "could not be loaded" not in again.stderr and "loading the model" not in again.stderr
+    assert len(jsonl_rows(jsonl)) == 3
+
+
+def test_a_parquet_path_column_picked_on_its_own_naming_no_file_is_bad_usage(
+    tmp_path: Path, cache: Path
+) -> None:
+    # Each row failed with "no such file" (a table moved away from its images, say).
+    table = tmp_path / "set.parquet"
+    pq.write_table(pa.table({"file_name": ["gone/a.png", "gone/b.png"], "text": ["a", "b"]}), table)
+    out = tmp_path / "out.jsonl"
+    result = run(tmp_path, cache, table, *FAST, "--jsonl", out)
+    assert result.returncode == 2, result.stderr
+    said = "column 'file_name' holds no image paths: none of its 2 values is an existing file"
+    assert (
+        f"{table}: {said} (the first is 'gone/a.png'); relative paths are read from the table's folder"
+        in (result.stderr)
+    )
+    assert "no such file" not in result.stderr and "Traceback" not in result.stderr
+    assert not out.exists()

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
 import subprocess
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -140,3 +142,29 @@ def test_without_ray_installed_the_command_says_how_to_get_it(tmp_path: Path) ->
     assert result.returncode == 2, result.stderr
     assert 'pip install "vision-server[ray]"' in result.stderr
     assert not image.with_suffix(".txt").exists()
+
+
+def test_a_ray_rerun_with_nothing_left_starts_no_ray_and_loads_no_model(tmp_path: Path) -> None:
+    # Files, folders and lists are planned before Ray starts; with nothing left to caption, no
+    # runtime starts (its session folder would be under RAY_TMPDIR) and no actor loads a model,
+    # here a folder that is no model at all (a load would fail).
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"img{index}.jpg").write_bytes(_jpeg(index))
+        (folder / f"img{index}.txt").write_text("done", encoding="utf-8")
+    (tmp_path / "no-model").mkdir()
+    env = server_env(tmp_path)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vs-ray-"))  # short: Ray's socket paths must fit 107 bytes
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    command = [*cli_command(), "caption", str(folder), "--ray", "--model", str(tmp_path / "no-model")]
+    try:
+        result = subprocess.run(
+            [*command, "--log-level", "info"], env=env, capture_output=True, text=True, timeout=600
+        )
+        assert result.returncode == 0, result.stderr
+        assert "captioned 0, skipped 3, failed 0" in result.stderr
+        assert "nothing left to caption: Ray is not started" in result.stderr
+        assert not list(ray_tmp.iterdir())  # no Ray session
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)

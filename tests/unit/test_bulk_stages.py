@@ -18,7 +18,7 @@ from vision_server.bulk.outputs import JsonlOutput, ParquetOutput, RowFacts, Sid
 from vision_server.bulk.plan import Fail, Skip, Work, plan
 from vision_server.bulk.readers import ReadOptions, count_images, iter_records
 from vision_server.bulk.records import Record
-from vision_server.model_specs import adapter_identity
+from vision_server.model_specs import adapter_identity, model_identity
 
 FACTS = RowFacts(("<CAPTION>",), "test:tiny", None)
 
@@ -381,3 +381,45 @@ def test_a_parquet_path_column_flags_images_that_would_share_a_caption_file(tmp_
     listing.write_text("x.png\n", encoding="utf-8")
     records = list(iter_records([table, listing], ReadOptions()))
     assert {r.key: r.stem_clash for r in records} == {"x.jpg": ("x.png",), "y.png": (), "x.png": ("x.jpg",)}
+
+
+def test_rows_name_an_unnamed_local_model_by_its_resolved_folder_and_older_spellings_still_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows held an unnamed local model as typed, so ``./m/`` did not resume ``m``'s rows. New
+    rows hold its resolved path; older ones resolve from the run's working directory; hub ids
+    and ``test:`` presets are names as they are."""
+    (tmp_path / "m").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "m")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    assert model_identity("org/model") == "org/model" and model_identity("test:tiny") == "test:tiny"
+    model = model_identity("./m/")
+    assert model == str(tmp_path.resolve() / "m") == model_identity("link") == model_identity("m")
+    facts = RowFacts(("<CAPTION>",), model, None, local_model=True)
+    spellings = {
+        "a.png": "m",  # older rows, as typed
+        "b.png": "./m/",
+        "c.png": "link",  # the same folder through a symlink
+        "d.png": model,  # new rows
+        "e.png": "other",  # another folder
+        "f.png": "org/model",  # a hub id
+    }
+    lines = [
+        {"source": "d", "key": k, "task": "<CAPTION>", "caption": "x", "model": v, "adapter": None}
+        for k, v in spellings.items()
+    ]
+    out = tmp_path / "out.jsonl"
+    out.write_text("".join(json.dumps(line) + "\n" for line in lines), encoding="utf-8")
+    output = JsonlOutput(out, facts)
+    assert [k for k in spellings if output.missing(Record("d", k), ["<CAPTION>"])] == ["e.png", "f.png"]
+    named = JsonlOutput(out, RowFacts(("<CAPTION>",), "m", None))  # NAME=SOURCE: the name, as it is
+    assert [k for k in spellings if not named.missing(Record("d", k), ["<CAPTION>"])] == ["a.png"]
+    monkeypatch.chdir(tmp_path / "elsewhere")  # a rerun from another folder: new rows still count
+    again = JsonlOutput(out, RowFacts(("<CAPTION>",), model_identity("../m"), None, local_model=True))
+    assert not again.missing(Record("d", "d.png"), ["<CAPTION>"])
+    output.write(Record("d", "e.png"), {"<CAPTION>": "y"}, None)
+    for each in (output, named, again):
+        each.close()
+    assert json.loads(out.read_text(encoding="utf-8").splitlines()[-1])["model"] == model
