@@ -18,6 +18,7 @@ import numpy as np
 
 from vision_server.bulk.prepare import prepare_record
 from vision_server.bulk.ray_rows import batch_rows, row_record, row_tasks
+from vision_server.errors import VisionServerError
 from vision_server.images import PixelSpec, PreparedImage
 from vision_server.settings import Settings
 
@@ -62,7 +63,6 @@ class CaptionActor:
 
     def __init__(self, settings: Settings, torch_threads: int | None = None) -> None:
         from vision_server.engine.scheduler import Engine
-        from vision_server.errors import VisionServerError
         from vision_server.runtime import build_captioner, engine_config
 
         if torch_threads:
@@ -81,11 +81,11 @@ class CaptionActor:
         threading.Thread(target=self.loop.run_forever, name="vision-ray-engine", daemon=True).start()
         self.engine = Engine(captioner, config)
         self._wait(self.engine.start())
-        try:
-            self._wait(self.engine.load())
-        except VisionServerError as exc:
-            raise RuntimeError(f"the model did not load: {exc.message}") from None
-        spec = self.engine.pixel_spec
+        # The model loads from the start, in the background: the first row to caption waits
+        # for it, while batches whose rows are all done already (a rerun of Parquet files or
+        # shards, which only the workers plan) pass through without waiting for a load.
+        self.loaded = asyncio.run_coroutine_threadsafe(self.engine.load(), self.loop)
+        spec = self.engine.pixel_spec  # known from the model's files, before the load
         self.shape = (spec.height, spec.width, 3)
 
     def _wait(self, coroutine: Any) -> Any:
@@ -109,6 +109,10 @@ class CaptionActor:
         tasks, error = row_tasks(row), str(row["error"])
         if error or not tasks:
             return {}, error
+        try:
+            await asyncio.wrap_future(self.loaded)
+        except VisionServerError as exc:
+            raise RuntimeError(f"the model did not load: {exc.message}") from None
         pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(self.shape)
         image = PreparedImage(pixels, (int(row["width"]), int(row["height"])))
         texts, problem = await caption_image(
