@@ -423,3 +423,19 @@ def test_rows_name_an_unnamed_local_model_by_its_resolved_folder_and_older_spell
     for each in (output, named, again):
         each.close()
     assert json.loads(out.read_text(encoding="utf-8").splitlines()[-1])["model"] == model
+
+
+def test_a_failed_ray_task_is_said_by_its_cause_not_by_rays_retry_advice() -> None:
+    from vision_server.bulk.ray import _last_line
+
+    failed = RuntimeError(
+        "ray::MapWorker(MapBatches(CaptionActor)).submit() (pid=1)\n"
+        '  File "ray_stages.py", line 115, in _caption_row\n'
+        "RuntimeError: the model did not load: /m has no config.json\n\n"
+        "The above exception was the direct cause of the following exception:\n\n"
+        "ray.exceptions.UserCodeException: UDF failed to process a data block.\n"
+        "Failed to apply UDF transform after 1/1 attempts (total backoff 0.0s).\n"
+        "To change retry attempts, backoff, or which errors are retried, configure ...\n"
+    )
+    assert _last_line(failed) == "RuntimeError: the model did not load: /m has no config.json"
+    assert _last_line(ConnectionError("Could not find any running Ray instance.\nStart one")) == "Start one"

@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import time
@@ -310,6 +311,16 @@ def _stop_on_signals() -> Any:
     return undo
 
 
+# "RuntimeError: the model did not load: ..." in a task's traceback; Ray's own wrappers
+# (ray.exceptions.UserCodeException) and the retry advice after them say nothing about the cause.
+_CAUSE_LINE = re.compile(r"^(?!ray\.)[A-Za-z_][\w.]*(?:Error|Exception): ")
+
+
 def _last_line(exc: BaseException) -> str:
-    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
-    return lines[-1].strip() if lines else type(exc).__name__
+    """What went wrong, in one line: the last error line of the user code's traceback that Ray
+    wraps a failed task's exception in, else the message's last line."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    causes = [line for line in lines if _CAUSE_LINE.match(line)]
+    if causes:
+        return causes[-1]
+    return lines[-1] if lines else type(exc).__name__
