@@ -18,11 +18,11 @@ def parse_byte_size(text: str) -> int:
     """The number of bytes ``text`` means (fractions of a byte are dropped); ValueError when none."""
     match = _SIZE.fullmatch(text)
     if match is None:
-        raise ValueError(f"{text!r} is not an amount of memory; write it like {EXAMPLES}")
+        raise ValueError(f"{text!r} is not a size; write it like {EXAMPLES}")
     try:
         number = Decimal(match.group(1))
     except InvalidOperation:  # pragma: no cover - the pattern admits only decimal numbers
-        raise ValueError(f"{text!r} is not an amount of memory; write it like {EXAMPLES}") from None
+        raise ValueError(f"{text!r} is not a size; write it like {EXAMPLES}") from None
     unit = (match.group(2) or "").lower()
     base = 1024 if unit.endswith("i") else 1000
     return int(number * base ** _POWERS[unit.rstrip("i")])

@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from vision_server import __version__
+from vision_server.byte_sizes import format_byte_size
 from vision_server.settings import (
     FIELDS,
     Settings,
@@ -31,6 +32,8 @@ def _describe_default(name: str) -> str:
     default = FIELDS[name].default
     if default is None or default == ():
         return "unset"
+    if FIELDS[name].metadata.get("byte_size"):
+        return f"{format_byte_size(default)} ({default} bytes)"
     return ", ".join(default) if isinstance(default, tuple) else str(default)
 
 
@@ -54,7 +57,8 @@ def settings_options(
             repeatable = help_text + " (repeatable)"
             func = click.option(flag, name, multiple=True, metavar=metavar, help=repeatable)(func)
         else:
-            click_type = click.Path(path_type=Path) if kind is Path else kind
+            # A size (20MiB) is text to click; coerce() turns it into bytes.
+            click_type = click.Path(path_type=Path) if kind is Path else str if metadata.get("byte_size") else kind
             func = click.option(flag, name, type=click_type, default=None, metavar=metavar, help=help_text)(
                 func
             )

@@ -152,7 +152,12 @@ class Settings:
         "threads of their own); their full-size decodes together hold at most --max-image-pixels pixels.",
     )
     # limits
-    max_request_bytes: int = _opt(20 * 1024 * 1024, "Largest request body accepted, in bytes (413 above).")
+    max_request_bytes: int = _opt(
+        20 * 1024 * 1024,
+        "Largest request body accepted (413 above), e.g. 20MiB, 100MB or a number of bytes.",
+        byte_size=True,
+        metavar="SIZE",
+    )
     body_timeout: float = _opt(
         120.0,
         "Seconds a client may take to send a request's body (408 above), so slow or stalled "
@@ -568,6 +573,8 @@ def coerce(name: str, value: Any) -> Any:
             return Path(str(value)).expanduser()
         if kind in (int, float) and isinstance(value, bool):
             raise ValueError("a number, not true/false")
+        if FIELDS[name].metadata.get("byte_size") and isinstance(value, str):
+            return parse_byte_size(value)
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError("a whole number")
         if kind in (int, float):

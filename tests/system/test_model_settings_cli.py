@@ -43,7 +43,7 @@ def test_serve_help_explains_the_model_flags(tmp_path: Path) -> None:
         (("--model", "a=test:tiny", "--default-model", "b"), "no model is named 'b'; the models are 'a'"),
         (("--model", "a=test:tiny", "--idle-timeout", "b:5"), "no model is named 'b'"),
         (("--model", "a=test:tiny", "--adapter", "x"), "NAME=SOURCE+ADAPTER_DIR"),
-        (("--memory-budget", "lots"), "'lots' is not an amount of memory"),
+        (("--memory-budget", "lots"), "'lots' is not a size"),
         (("--model", "a=test:tiny", "--backend", "b:blip"), "backend: no model is named 'b'"),
         (("--model", "a=test:tiny", "--revision", "b:v2"), "revision: no model is named 'b'"),
         (("--model", "a=test:tiny", "--backend", "a:llava"), "backend for a must be one of auto, florence2"),

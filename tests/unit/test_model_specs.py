@@ -322,7 +322,7 @@ def test_a_bare_model_keeps_its_old_name_and_adapter() -> None:
             {"model": ("a=test:tiny",), "model_idle_timeouts": (("a", -2.0),)},
             "idle_timeout for a must be >= 0, or -1",
         ),
-        ({"memory_budget": "lots"}, "memory_budget: 'lots' is not an amount of memory"),
+        ({"memory_budget": "lots"}, "memory_budget: 'lots' is not a size"),
         ({"memory_budget": "0GiB"}, "memory_budget must be more than 0"),
     ],
 )

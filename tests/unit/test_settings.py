@@ -124,6 +124,32 @@ def test_config_numbers_are_not_silently_truncated(tmp_path: Path, line: str, me
     assert load_settings(environ={}, config_path=config).port == 8080
 
 
+@pytest.mark.parametrize(
+    ("line", "environ", "flags", "expected"),
+    [
+        ("max-request-bytes = '50MiB'\n", {}, {}, 50 * 1024 * 1024),
+        ("max-request-bytes = 5000\n", {}, {}, 5000),
+        ("", {"VISION_SERVER_MAX_REQUEST_BYTES": "1.5MB"}, {}, 1_500_000),
+        ("", {}, {"max_request_bytes": "100mib"}, 100 * 1024 * 1024),
+        ("", {}, {"max_request_bytes": "123456"}, 123456),
+    ],
+)
+def test_the_request_size_limit_takes_units(
+    tmp_path: Path, line: str, environ: dict[str, str], flags: dict[str, str], expected: int
+) -> None:
+    """Every other size setting is written 512MB or 2GiB; counting 20 MiB out in bytes is a chore."""
+    config = tmp_path / "config.toml"
+    config.write_text(line)
+    assert load_settings(flags, environ=environ, config_path=config).max_request_bytes == expected
+
+
+def test_a_request_size_limit_that_is_no_size_names_the_forms(tmp_path: Path) -> None:
+    with pytest.raises(SettingsError, match=r"--max-request-bytes: cannot use 'lots' \('lots' is not a size"):
+        load_settings({"max_request_bytes": "lots"}, environ={}, config_path=_empty(tmp_path))
+    with pytest.raises(SettingsError, match="max_request_bytes must be at least 1, not 0"):
+        load_settings({"max_request_bytes": "0MiB"}, environ={}, config_path=_empty(tmp_path))
+
+
 @pytest.mark.parametrize("layer", ["config", "environment", "flag"])
 def test_a_bad_value_says_where_it_was_set(tmp_path: Path, layer: str) -> None:
     """A value from a service's environment file or a config file is hard to find without this."""
