@@ -57,8 +57,11 @@ def settings_options(
             repeatable = help_text + " (repeatable)"
             func = click.option(flag, name, multiple=True, metavar=metavar, help=repeatable)(func)
         else:
-            # A size (20MiB) is text to click; coerce() turns it into bytes.
-            click_type = click.Path(path_type=Path) if kind is Path else str if metadata.get("byte_size") else kind
+            click_type: Any = kind
+            if kind is Path:
+                click_type = click.Path(path_type=Path)
+            elif metadata.get("byte_size"):
+                click_type = str  # a size (20MiB) is text to click; coerce() turns it into bytes
             func = click.option(flag, name, type=click_type, default=None, metavar=metavar, help=help_text)(
                 func
             )
