@@ -32,7 +32,7 @@ def _describe_default(name: str) -> str:
     default = FIELDS[name].default
     if default is None or default == ():
         return "unset"
-    if FIELDS[name].metadata.get("byte_size"):
+    if FIELDS[name].metadata.get("byte_size") and isinstance(default, int):
         return f"{format_byte_size(default)} ({default} bytes)"
     return ", ".join(default) if isinstance(default, tuple) else str(default)
 
