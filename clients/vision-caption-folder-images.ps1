@@ -19,8 +19,9 @@ name and the extension CaptionExt: cat.png -> cat.txt.
 - A failed image is reported and the run goes on. The failures are listed at the end and the
   script exits with code 1 if there was any. The run stops early only on what every other
   image would meet too: a server that cannot be reached for longer than -WaitForServerSec, at
-  the start or during the run (a restart only pauses it), that stays busy after -Retries, or
-  that refuses the API key or the prompt. The summary then says why, and how many images were
+  the start or during the run (a restart only pauses it), that stays busy after -Retries,
+  that refuses the API key or the prompt, or that answers HTTP 404 (no such -Model, also once
+  a restarted server no longer serves it). The summary then says why, and how many images were
   not attempted ("Stopped early, N image(s) not attempted: ..."); the exit code says the cause.
 - -Jobs N (default 4) keeps N requests in flight, which lets the server batch them on the GPU.
   It works the same on Windows PowerShell 5.1 and PowerShell 7 (a runspace pool).
@@ -34,7 +35,8 @@ name and the extension CaptionExt: cat.png -> cat.txt.
 
 Exit codes (the same as vision-caption-folder-images.sh and vision-client folder): 0 all
 images captioned or skipped; 1 some image failed; 2 wrong arguments (also a -Url without a
-vision-server, or a -Model it does not serve: HTTP 404 at the start); the run stopped early:
+vision-server, or a -Model it does not serve: HTTP 404, at the start or during the run, which
+stops it early too); the run stopped early:
 3 the server cannot be reached (also a host name that does not resolve, TLS trouble), 5 the
 server stays busy after -Retries, 6 the API key is refused, 7 the server refuses the prompt.
 Earlier versions exited 1 for these stops (2 for an unknown prompt).
@@ -273,6 +275,11 @@ function Get-FolderStop([string]$Failure, $Status, [string]$Message) {
     }
     if ($code -eq 400 -and $Message -like 'HTTP 400: Invalid prompt*') {
         return [pscustomobject]@{ Code = 7; Reason = ('the server refused the prompt ({0})' -f $Message) }
+    }
+    if ($code -eq 404) {
+        # The server (restarted?) no longer serves -Model, or is no vision-server any more: as
+        # a 404 at the start, an option to fix (exit code 2).
+        return [pscustomobject]@{ Code = 2; Reason = ('{0}: check -Url (the server''s base address) and -Model' -f $Message) }
     }
     return $null
 }

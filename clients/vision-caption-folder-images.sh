@@ -64,12 +64,13 @@ failed, also when a.txt already exists (it is left as it is); rename all but one
 Progress (count/total, images per second and ETA) goes to stderr, then a summary that lists
 every image that failed and why. The run stops early when the server cannot be reached for
 longer than --wait-for-server (at the start or mid-run), stays busy after the retries, rejects
-the API key or rejects the prompt. An image whose request keeps breaking the connection (six times: a
+the API key or the prompt, or answers HTTP 404 (also mid-run: a server restarted without
+VISION_MODEL). Ctrl+C before the images are listed says that no image was attempted. An image whose request keeps breaking the connection (six times: a
 server that crashes on it) fails alone.
 
 Exit status (the same in vision-client folder and the .ps1 folder script): 0 all images
 captioned or skipped; 1 some images failed; 2 usage error (also an address without a
-vision-server, or a VISION_MODEL it does not serve: HTTP 404 at the start); the run stopped
+vision-server, or a VISION_MODEL it does not serve: HTTP 404, at the start or mid-run); the run stopped
 early: 3 the server cannot be reached (also a host name that does not resolve, TLS trouble),
 5 the server stays busy after --retries, 6 the API key is refused, 7 the server refuses the
 prompt; 130 interrupted (Ctrl+C); 143 stopped by SIGTERM.
@@ -317,7 +318,12 @@ on_signal() {
     interrupted=$((next - n_ok - n_failed - n_aborted - ${#retry_q[@]}))
     ((interrupted >= 0)) || interrupted=0
     cleanup
-    if declare -F report >/dev/null; then report; fi
+    if declare -F report >/dev/null; then
+        report
+    else # still checking the server or listing the images: none was attempted
+        printf '%s: 0 captioned, 0 skipped, 0 failed (interrupted before the images were listed)\n' "$PROG" >&2
+        printf 'Interrupted: no image attempted yet; run the same command again to resume.\n' >&2
+    fi
     exit "$1"
 }
 trap cleanup EXIT
@@ -700,8 +706,12 @@ caption_one() {
         [[ -n $reason ]] || reason="vision-client.sh exit status $rc"
         case $rc in
         3 | 5 | 6 | 7) finish abort "$rc" "$reason" ;;
-        *) finish fail "$rc" "$reason" ;;
         esac
+        # A 404: the server (restarted?) no longer serves VISION_MODEL, or is not a vision-server
+        # any more; every image left would get the same, so it stops the run as it does at the
+        # start (exit status 2).
+        if ((rc == 1)) && [[ $reason == "HTTP 404: "* ]]; then finish abort 2 "$reason"; fi
+        finish fail "$rc" "$reason"
     fi
 
     caption=""
@@ -821,6 +831,7 @@ account() {
         if [[ -z $abort_reason ]]; then
             abort_rc=$rc
             case $rc in
+            2) abort_reason="$reason: check --url (the server's base address)${VISION_MODEL:+ and VISION_MODEL}" ;;
             3) abort_reason="the server cannot be reached ($reason)" ;;
             5) abort_reason="the server stays busy or unavailable ($reason)" ;;
             6) abort_reason="the server refused the API key ($reason)" ;;

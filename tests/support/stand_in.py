@@ -12,6 +12,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
+from urllib.parse import parse_qs, urlsplit
 
 # What GET /prompts answers: the server's task list.
 PROMPTS = [
@@ -43,7 +44,11 @@ class StandIn:
     """GET /prompts lists the tasks, GET /model names a model; every POST answers ``caption``.
 
     ``hang``: POSTs wait until the stand-in closes; ``busy_first``: that many POSTs get 503 with
-    ``Retry-After: 1`` first; ``key``: POSTs without ``Authorization: Bearer <key>`` get 401.
+    ``Retry-After: 1`` first (``busy_status=502``: a 502 with a JSON body and no ``Retry-After``,
+    as a server or gateway of its own answers it, not a proxy's bare page); ``key``: POSTs
+    without ``Authorization: Bearer <key>`` get 401. ``model_gone_after``: once that many POSTs
+    were captioned, the server is one restarted without the model the client names: a POST
+    naming a model (and ``GET /prompts?model=``) gets the real server's 404 ``model_not_found``.
     ``outage_after``: once that many POSTs were captioned, every request (GETs too) gets what
     HAProxy answers while no server behind it is up, 503 and 502 in turn, an HTML page without
     ``Retry-After``, for ``outage_seconds``; then captions again (0: down from the start).
@@ -54,13 +59,16 @@ class StandIn:
         *,
         hang: bool = False,
         busy_first: int = 0,
+        busy_status: int = 503,
         key: str | None = None,
         caption: str = "stand-in caption",
         outage_after: int | None = None,
         outage_seconds: float = 0.0,
+        model_gone_after: int | None = None,
     ) -> None:
         self.hang, self.key, self.caption = hang, key, caption
-        self.busy_left = busy_first
+        self.busy_left, self.busy_status = busy_first, busy_status
+        self.model_gone_after = model_gone_after
         self.outage_after, self.outage_seconds = outage_after, outage_seconds
         self.outage_ends: float | None = None
         self.captioned = 0
@@ -94,6 +102,12 @@ class StandIn:
                 return False
             self.outage_answers += 1
             return True
+
+    def model_gone(self, name: object) -> bool:
+        """Whether a request naming model ``name`` meets the restarted server that lacks it."""
+        with self.lock:
+            gone = self.model_gone_after is not None and self.captioned >= self.model_gone_after
+            return gone and bool(name)
 
     def note_captioned(self) -> None:
         with self.lock:
@@ -145,10 +159,21 @@ def _handler_for(stand_in: StandIn) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(data)
 
+        def model_not_found(self, name: object) -> None:
+            detail = (
+                f"This server does not serve a model named {name!r}. Served: stand-in-model "
+                "(default stand-in-model); omit the model to get the default."
+            )
+            self.reply(404, {"detail": detail})
+
         def do_GET(self) -> None:
             stand_in.record(Recorded("GET", self.path, dict(self.headers), b""))
             if stand_in.in_outage():
                 self.proxy_outage()
+                return
+            query = parse_qs(urlsplit(self.path).query)
+            if self.path.startswith("/prompts") and stand_in.model_gone(query.get("model", [""])[0]):
+                self.model_not_found(query["model"][0])
                 return
             self.reply(200, "stand-in-model" if self.path == "/model" else PROMPTS)
 
@@ -159,8 +184,13 @@ def _handler_for(stand_in: StandIn) -> type[BaseHTTPRequestHandler]:
                 self.proxy_outage()
             elif stand_in.key and self.headers.get("Authorization") != f"Bearer {stand_in.key}":
                 self.reply(401, {"detail": "Invalid API key"}, {"WWW-Authenticate": "Bearer"})
+            elif stand_in.model_gone(model := json.loads(body or b"{}").get("model")):
+                self.model_not_found(model)
             elif stand_in.take_busy():
-                self.reply(503, {"detail": "Queue full"}, {"Retry-After": "1"})
+                if stand_in.busy_status == 502:
+                    self.reply(502, {"detail": "Bad gateway: the caption worker did not answer"})
+                else:
+                    self.reply(stand_in.busy_status, {"detail": "Queue full"}, {"Retry-After": "1"})
             else:
                 if stand_in.hang:
                     stand_in.release.wait(60)

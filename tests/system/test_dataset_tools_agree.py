@@ -275,6 +275,9 @@ def test_a_model_the_server_does_not_serve_stops_both_clients_before_any_image(
     [
         ("unreachable", 3, "the server cannot be reached ("),
         ("busy", 5, "the server stays busy or unavailable (HTTP 503: Queue full"),
+        # a 502 the server (or a gateway) says itself, in JSON: not a proxy's bare page, which
+        # means "no server behind me" (unreachable); vision-client folder failed each image
+        ("busy 502", 5, "the server stays busy or unavailable (HTTP 502: Bad gateway"),
         ("key refused", 6, "the server refused the API key (HTTP 401: "),
         ("task refused", 7, "the server refused the "),  # the task / the prompt (HTTP 400: Invalid prompt
     ],
@@ -293,7 +296,8 @@ def test_a_run_that_stops_early_exits_with_the_same_status_for_each_cause(
         save_image(root / f"img{seed}.png", seed)
     env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
     task = "NO_SUCH_TASK" if cause == "task refused" else "CAPTION"
-    with StandIn(key="the-right-key", busy_first=100 if cause == "busy" else 0) as stand_in:
+    busy = {"busy_first": 100, "busy_status": 502 if cause == "busy 502" else 503} if "busy" in cause else {}
+    with StandIn(key="the-right-key", **busy) as stand_in:
         url = {"unreachable": f"http://127.0.0.1:{free_port()}", "task refused": tiny_server_url}
         url_of_cause = url.get(cause, stand_in.url)
         if cause != "key refused":
@@ -312,6 +316,93 @@ def test_a_run_that_stops_early_exits_with_the_same_status_for_each_cause(
         assert " 0 failed" in result.stderr, result.stderr[-3000:]
     if cause == "task refused":
         assert "(HTTP 400: Invalid prompt" in result.stderr
+    assert sorted(path.name for path in root.iterdir()) == ["img0.png", "img1.png", "img2.png"]
+
+
+@pytest.mark.parametrize("tool", TOOLS[1:])
+def test_a_model_gone_mid_run_stops_the_run_with_exit_2_as_at_the_start(tool: str, tmp_path: Path) -> None:
+    """The server restarts without the model the run names (``--model``, ``VISION_MODEL`` for the
+    script): every image left would get the same 404 model_not_found, so both clients stop, as a
+    404 before the first image does, with exit 2 and "check --url ... model". vision-client
+    folder exited 1 once an image was captioned; the bash script failed every image in turn."""
+    root = tmp_path / "data"
+    for seed in range(5):
+        save_image(root / f"img{seed}.png", seed)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+    with StandIn(model_gone_after=2) as stand_in:
+        if tool == "vision-client folder":
+            command = [str(VISION_CLIENT), "--url", stand_in.url, "--model", "gone", "folder", str(root)]
+            command += ["--task", "CAPTION", "--concurrency", "1"]
+        else:
+            command = ["bash", str(FOLDER_SCRIPT), "--url", stand_in.url, "--jobs", "1", "CAPTION", "txt"]
+            command += [str(root)]
+            env["VISION_MODEL"] = "gone"
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+        posts = stand_in.posts()
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(posts) == 3 and {post.get("model") for post in posts} == {"gone"}  # none after the 404
+    assert sorted(path.name for path in root.glob("*.txt")) == ["img0.txt", "img1.txt"]
+    stopped = (
+        "Stopped early, 3 image(s) not attempted: HTTP 404: This server does not serve a model named 'gone'"
+    )
+    assert stopped in result.stderr, result.stderr[-3000:]
+    assert "check --url" in result.stderr and " 0 failed" in result.stderr, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Ctrl+C before the images are listed
+
+
+@pytest.mark.parametrize("tool", TOOLS[1:])
+def test_ctrl_c_while_waiting_for_the_server_at_the_start_prints_the_summary(
+    tool: str, tmp_path: Path
+) -> None:
+    """Ctrl+C while the run waits for a server that is not up yet, to ask it about the model
+    (``--model``; the bash script asks first in any case), before the images are listed: exit 130
+    after the same summary from both, that nothing was captioned or attempted and how to resume,
+    as after a Ctrl+C later on (the bash script said only "interrupted", vision-client folder
+    "0 images not captioned yet" of "0 images")."""
+    root = tmp_path / "data"
+    for seed in range(3):
+        save_image(root / f"img{seed}.png", seed)
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+    env["VISION_MODEL"] = "tiny"
+    if tool == "vision-client folder":
+        command = [str(VISION_CLIENT), "--url", url, "folder", str(root), "--wait-for-server", "120"]
+    else:
+        command = [
+            "bash",
+            str(FOLDER_SCRIPT),
+            "--url",
+            url,
+            "--wait-for-server",
+            "120",
+            "CAPTION",
+            "txt",
+            str(root),
+        ]
+
+    def default_sigint() -> None:  # as from a terminal, even when the test runner ignores SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    with subprocess.Popen(
+        command, env=env, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint, start_new_session=True
+    ) as process:
+        assert process.stderr is not None
+        seen = ""
+        while "waiting up to 120 s" not in seen:
+            line = process.stderr.readline()
+            assert line, seen[-3000:]
+            seen += line
+        os.killpg(process.pid, signal.SIGINT)
+        code = process.wait(60)
+        stderr = seen + process.stderr.read()
+    assert code == 130, stderr[-3000:]
+    assert "0 captioned, 0 skipped, 0 failed (interrupted before the images were listed)" in stderr, stderr
+    assert "nterrupted: no image attempted yet; run the same command again to resume" in stderr, stderr
+    assert "Traceback" not in stderr
     assert sorted(path.name for path in root.iterdir()) == ["img0.png", "img1.png", "img2.png"]
 
 

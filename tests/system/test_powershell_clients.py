@@ -569,6 +569,39 @@ def test_folder_waits_while_a_proxy_has_no_server(tmp_path: Path) -> None:
 
 
 @needs_pwsh
+def test_folder_stops_with_exit_2_when_a_restarted_server_lacks_the_model(tmp_path: Path) -> None:
+    """As the other folder clients (test_dataset_tools_agree.py): a 404 during the run (the server
+    restarted without -Model) stops it with exit code 2, the images left not attempted; the script
+    failed each of them in turn."""
+    make_folder(tmp_path, [f"img{i}.png" for i in range(5)])
+    with StandIn(model_gone_after=2) as stand_in:
+        result = ps(
+            FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", stand_in.url, "-Jobs", "1", "-Model", "gone"
+        )
+        posts = stand_in.posts()
+    assert result.returncode == 2, result.stderr
+    assert len(posts) == 3 and len(list(tmp_path.glob("*.txt"))) == 2
+    stopped = (
+        "Stopped early, 3 image(s) not attempted: HTTP 404: This server does not serve a model named 'gone'"
+    )
+    assert stopped in result.stderr and "check -Url" in result.stderr, result.stderr
+
+
+@needs_pwsh
+def test_folder_stops_with_exit_5_on_a_servers_own_502(tmp_path: Path) -> None:
+    """A 502 with a JSON body (not a proxy's bare page, which pauses the run) after -Retries
+    stops the run as busy or unavailable, as in the other folder clients."""
+    make_folder(tmp_path, ["a.png", "b.png"])
+    with StandIn(busy_first=100, busy_status=502) as stand_in:
+        result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", stand_in.url, "-Retries", "0")
+    assert result.returncode == 5, result.stderr
+    stopped = (
+        "Stopped early, 2 image(s) not attempted: the server stays busy or unavailable (HTTP 502: Bad gateway"
+    )
+    assert stopped in result.stderr, result.stderr
+
+
+@needs_pwsh
 def test_folder_sends_original_bytes_in_parallel(tmp_path: Path) -> None:
     images = make_folder(tmp_path, [f"img{i:02d}.png" for i in range(12)])
     with StandIn(caption=PADDED, busy_first=2) as stand_in:

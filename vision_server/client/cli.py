@@ -4,7 +4,7 @@ Captions go to stdout, everything else (progress, summaries, errors) to stderr, 
 ``vision-client caption x.png > x.txt`` never puts an error message into a caption file.
 Exit status: 0 success, 1 any image or request failed, 2 bad usage, 130 Ctrl+C; ``folder``
 also says why a run stopped early, with the statuses of the folder scripts (3 unreachable, 5
-busy, 6 key refused, 7 task refused, 2 HTTP 404 before any image).
+busy, 6 key refused, 7 task refused, 2 HTTP 404: no such route or model, at any point).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ TASK_HELP = "Task, with or without brackets and in any case: caption, DETAILED_C
     type=click.IntRange(min=0),
     default=5,
     show_default=True,
-    help="Retries when the server is busy (503/429, honouring Retry-After) or unreachable.",
+    help="Retries when the server is busy (429/502/503, honouring Retry-After) or unreachable.",
 )
 @click.option(
     "--model",
@@ -251,11 +251,12 @@ def folder(
 
     Exit status (as the folder scripts): 0 every image captioned or skipped; 1 some image
     failed; 2 bad usage, also an address without a vision-server or a --model it does not serve
-    (HTTP 404 before any image); the run stopped early (the summary says why and how many
-    images were not attempted): 3 the server cannot be reached (after --wait-for-server; also a
-    host name that does not resolve, TLS trouble), 5 the server stays busy after --retries, 6
-    the API key is refused, 7 the task is refused; 130 Ctrl+C (after the summary: run the same
-    command again to resume). Earlier versions exited 1 for all of these stops.
+    (HTTP 404, before the first image or during the run, which then stops); the run stopped
+    early (the summary says why and how many images were not attempted): 3 the server cannot
+    be reached (after --wait-for-server; also a host name that does not resolve, TLS trouble),
+    5 the server stays busy after --retries, 6 the API key is refused, 7 the task is refused;
+    130 Ctrl+C (after the summary: run the same command again to resume). Earlier versions
+    exited 1 for all of these stops.
     """
     from tqdm import tqdm
 
@@ -278,8 +279,11 @@ def folder(
     bar = tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
 
     so_far = FolderSummary()  # what a Ctrl+C summary reports: the results seen until then
+    listed = False  # the images were counted (after the server answered about a --model)
 
     def start(total: int) -> None:
+        nonlocal listed
+        listed = True
         so_far.total = total
         bar.reset(total)
 
@@ -295,6 +299,12 @@ def folder(
 
     def interrupted() -> None:
         bar.close()
+        if not listed:  # waiting for the server to answer about --model: as the folder scripts say it
+            click.echo(
+                "0 captioned, 0 skipped, 0 failed (interrupted before the images were listed)", err=True
+            )
+            click.echo("interrupted: no image attempted yet; run the same command again to resume", err=True)
+            return
         _print_summary(so_far, time.monotonic() - started)
         click.echo(
             f"interrupted: {so_far.not_attempted} images not captioned yet (the ones in flight "

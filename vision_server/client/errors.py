@@ -84,7 +84,8 @@ KEY_HINT = "(give the key as api_key; vision-client: --api-key or VISION_API_KEY
 
 
 class ServerBusy(VisionHTTPError):
-    """429/503 that persisted through every retry (queue full, model failed to load)."""
+    """429/502/503 that persisted through every retry (queue full, model failed to load, a 502
+    the server or a gateway says itself); a proxy's bare 502/503 has ``gateway_outage`` set."""
 
 
 class ServerError(VisionHTTPError):
@@ -97,7 +98,7 @@ def http_error(
     """Pick the exception class that matches an error status."""
     if status in (401, 403):
         cls: type[VisionHTTPError] = AuthenticationError
-    elif status in (429, 503):
+    elif status in (429, 502, 503):  # the statuses retried as "not now" (retry.RETRY_STATUSES)
         cls = ServerBusy
     elif 400 <= status < 500:
         cls = RequestRejected

@@ -49,9 +49,11 @@ Outcome = Literal["done", "skipped", "failed"]
 # The exit status of a folder run that stops early, by cause: the same in every folder captioner
 # (vision-client folder, vision-caption-folder-images.sh and .ps1), where 1 is "some images
 # failed" and 2 a usage error.
-EXIT_USAGE = 2  # HTTP 404 before any image: no vision-server at the URL, or no such --model
+# HTTP 404: no vision-server at the URL, or no such --model, before the first image or later (a
+# server restarted without the model, or replaced by one without the route): an option to fix
+EXIT_USAGE = 2
 EXIT_UNREACHABLE = 3  # also a host name that does not resolve, and TLS trouble
-EXIT_BUSY = 5  # still busy (429/503) after the retries
+EXIT_BUSY = 5  # still busy or unavailable (429/503, a 502 of its own) after the retries
 EXIT_KEY_REFUSED = 6  # 401/403
 EXIT_TASK_REFUSED = 7  # 400 "Invalid prompt"
 
@@ -100,7 +102,7 @@ class FolderSummary:
 
     @property
     def usage_error(self) -> bool:
-        """The stop came before any caption and is the user's to fix, like a wrong option."""
+        """The stop is the user's to fix, like a wrong option (a 404: ``--url`` or ``--model``)."""
         return self.stop_status == EXIT_USAGE
 
     @property
@@ -300,10 +302,7 @@ class _FolderRun:
             stop = _stop_reason(exc)
             if stop is None:
                 return ImageResult(job.image, "failed", reason=_describe(exc))
-            status, reason = stop
-            if status == EXIT_USAGE and self.summary.done:
-                status = 1  # a 404 once images were captioned: no longer a wrong --url
-            self.stop(status, reason)
+            self.stop(*stop)
             return None
         return ImageResult(job.image, "done", caption=caption, model=answer.model)
 
@@ -340,7 +339,7 @@ def _stop_reason(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, ServerBusy):  # still busy after the retries: so is every other image
         return EXIT_BUSY, f"the server stays busy or unavailable ({_describe(exc)})"
     if isinstance(exc, RequestRejected):
-        if exc.status == 404:  # no vision-server at this address, or a model it does not serve
+        if exc.status == 404:  # no vision-server at this address (any more), or no such model
             return EXIT_USAGE, f"{_describe(exc)}: check --url (the server's base address) and --model"
         if exc.status == 400 and exc.detail.startswith("Invalid prompt"):
             return EXIT_TASK_REFUSED, f"the server refused the task ({_describe(exc)})"
