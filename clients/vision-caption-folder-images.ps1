@@ -263,23 +263,23 @@ function Get-FolderStop([string]$Failure, $Status, [string]$Message) {
     # vision-client folder: every other image would meet the same. Returns Code (the exit code)
     # and Reason, or $null to go on (the image alone failed).
     if (@('connect', 'scheme') -contains $Failure) {
-        return [pscustomobject]@{ Code = 3; Reason = ('the server cannot be reached ({0})' -f $Message) }
+        return [pscustomobject]@{ Code = 3; Reason = ('the server cannot be reached ({0})' -f $Message.TrimEnd('.')) }
     }
     if ($null -eq $Status) { return $null }
     $code = [int]$Status
     if (@(401, 403) -contains $code) {
-        return [pscustomobject]@{ Code = 6; Reason = ('the server refused the API key ({0})' -f $Message) }
+        return [pscustomobject]@{ Code = 6; Reason = ('the server refused the API key ({0})' -f $Message.TrimEnd('.')) }
     }
     if (@(429, 502, 503) -contains $code) {
-        return [pscustomobject]@{ Code = 5; Reason = ('the server stays busy or unavailable ({0})' -f $Message) }
+        return [pscustomobject]@{ Code = 5; Reason = ('the server stays busy or unavailable ({0})' -f $Message.TrimEnd('.')) }
     }
     if ($code -eq 400 -and $Message -like 'HTTP 400: Invalid prompt*') {
-        return [pscustomobject]@{ Code = 7; Reason = ('the server refused the prompt ({0})' -f $Message) }
+        return [pscustomobject]@{ Code = 7; Reason = ('the server refused the prompt ({0})' -f $Message.TrimEnd('.')) }
     }
     if ($code -eq 404) {
         # The server (restarted?) no longer serves -Model, or is no vision-server any more: as
         # a 404 at the start, an option to fix (exit code 2).
-        return [pscustomobject]@{ Code = 2; Reason = ('{0}: check -Url (the server''s base address) and -Model' -f $Message) }
+        return [pscustomobject]@{ Code = 2; Reason = ('{0}: check -Url (the server''s base address) and -Model' -f $Message.TrimEnd('.')) }
     }
     return $null
 }

@@ -414,7 +414,7 @@ case $preflight_rc in
         # Not a vision-server at this address (a --url with a path?), or a VISION_MODEL it does
         # not serve: every image would fail the same way.
         preflight_message_into message
-        die 2 "$message: check --url (the server's base address, e.g. http://host:54880)${VISION_MODEL:+ and VISION_MODEL}"
+        die 2 "${message%.}: check --url (the server's base address, e.g. http://host:54880)${VISION_MODEL:+ and VISION_MODEL}"
     fi
     preflight_message_into message
     say "warning: GET /prompts failed ($message); trying anyway"
@@ -831,7 +831,7 @@ account() {
         if [[ -z $abort_reason ]]; then
             abort_rc=$rc
             case $rc in
-            2) abort_reason="$reason: check --url (the server's base address)${VISION_MODEL:+ and VISION_MODEL}" ;;
+            2) abort_reason="${reason%.}: check --url (the server's base address)${VISION_MODEL:+ and VISION_MODEL}" ;;
             3) abort_reason="the server cannot be reached ($reason)" ;;
             5) abort_reason="the server stays busy or unavailable ($reason)" ;;
             6) abort_reason="the server refused the API key ($reason)" ;;

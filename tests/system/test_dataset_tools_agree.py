@@ -347,6 +347,7 @@ def test_a_model_gone_mid_run_stops_the_run_with_exit_2_as_at_the_start(tool: st
     )
     assert stopped in result.stderr, result.stderr[-3000:]
     assert "check --url" in result.stderr and " 0 failed" in result.stderr, result.stderr[-3000:]
+    assert ".: check" not in result.stderr  # the server's sentence ends before the advice
     assert "Traceback" not in result.stderr
 
 

@@ -340,7 +340,8 @@ def _stop_reason(exc: BaseException) -> tuple[int, str] | None:
         return EXIT_BUSY, f"the server stays busy or unavailable ({_describe(exc)})"
     if isinstance(exc, RequestRejected):
         if exc.status == 404:  # no vision-server at this address (any more), or no such model
-            return EXIT_USAGE, f"{_describe(exc)}: check --url (the server's base address) and --model"
+            said = _describe(exc).rstrip(".")
+            return EXIT_USAGE, f"{said}: check --url (the server's base address) and --model"
         if exc.status == 400 and exc.detail.startswith("Invalid prompt"):
             return EXIT_TASK_REFUSED, f"the server refused the task ({_describe(exc)})"
     return None
