@@ -3,8 +3,8 @@
 A user who captions tens of thousands of images overnight restarts a stopped run and waits for
 the tool to find the few images still without a caption. This builds, for each of ``--counts``,
 a tree of that many small images (hard links to a few distinct PNGs, in nested folders of
-``--per-folder``, as datasets are laid out) under ``--workdir``, and measures, wall time and peak
-RSS of the whole process tree (the tool and every process it starts):
+``--per-folder``, as datasets are laid out) under ``--workdir``, and measures wall time, CPU time
+and peak memory of the whole process tree (the tool and every process it starts):
 
 1. ``vision-server caption DIR --dry-run`` and ``vision-client folder DIR --dry-run`` on the
    tree without captions (every image listed as ``caption``);
@@ -16,11 +16,20 @@ RSS of the whole process tree (the tool and every process it starts):
    figures are the tools' own cost, not the model's;
 3. the dry runs again on the resumed tree (every image but the missing ones listed as ``skip``).
 
+With ``--tty`` the resume runs are made again with stderr on a pseudo-terminal, so the progress
+bars (tqdm, the bash script's progress line) are drawn as a user watching the run sees them.
+
+CPU time (user + system of the tool and every process it waited for) is the figure to compare
+on a shared machine: other work stretches the wall time, not the CPU time. Memory is the sum of
+the processes' PSS (shared pages counted once, so forked children of the bash script do not
+count the parent's arrays again), sampled every 50 ms.
+
 Each tool's output is checked (how many captioned / skipped / listed) so a figure never comes
 from a run that did something else. Between two counts the table also gives the cost per
 1,000 more files: a tool that scales linearly has the same slope at every step.
 
-Prints a table and a JSON line. ``--smoke`` runs two small counts (a test runs it).
+Prints a table and a JSON line. ``--smoke`` runs steps 1 and 2 on 40 images, and the terminal
+runs of the two clients (a test runs it).
 
     python benchmarks/scale_bench.py --counts 1000,10000,50000
     python benchmarks/scale_bench.py --smoke
@@ -137,9 +146,8 @@ def drop_new_captions(tree: Tree) -> None:
 
 def measure(command: list[str], env: dict[str, str], out: Path, *, tty: bool = False) -> dict[str, Any]:
     """Run ``command`` with stdout and stderr to files (with ``tty``, stderr on a terminal, as
-    a user watching the progress bar has it); wall time, CPU time and peak RSS of its process
-    tree. CPU time (user + system of the tool and every process it waited for) is the figure to
-    compare on a shared machine: other work there stretches the wall time, not the CPU time."""
+    a user watching the progress bar has it); wall time, CPU time and peak PSS of its process
+    tree."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     with open(out.with_suffix(".out"), "wb") as stdout, open(out.with_suffix(".err"), "wb") as stderr:
@@ -162,7 +170,7 @@ def measure(command: list[str], env: dict[str, str], out: Path, *, tty: bool = F
             total = 0
             for member in tree:
                 with contextlib.suppress(psutil.Error):  # it just ended
-                    total += member.memory_info().rss
+                    total += member.memory_full_info().pss
             peak = max(peak, total)
             time.sleep(0.05)
         wall = time.perf_counter() - started
@@ -173,7 +181,7 @@ def measure(command: list[str], env: dict[str, str], out: Path, *, tty: bool = F
     return {
         "wall_s": wall,
         "cpu_s": cpu,
-        "peak_rss_mib": peak / 2**20,
+        "peak_pss_mib": peak / 2**20,
         "rc": process.returncode,
         "stdout": out.with_suffix(".out").read_text(encoding="utf-8", errors="replace"),
         "stderr": out.with_suffix(".err").read_text(encoding="utf-8", errors="replace"),
@@ -289,9 +297,9 @@ def run_count(count: int, args: argparse.Namespace, env: dict[str, str], url: st
         "client": (client, rf"{missing} captioned, {skipped} skipped, 0 failed of {count} images"),
         "bash": (bash, rf"{count} image\(s\) found: {missing} captioned, {skipped} skipped"),
     }
-    for tty in (False, True) if args.tty else (False,):
+    for tty in (False, True):
         for name, (command, summary) in checks.items():
-            if name not in args.tools:
+            if name not in (args.tty_tools if tty else args.tools):
                 continue
             if tty and name == "bash":
                 command = [word for word in command if word != "--quiet"]  # its progress line
@@ -309,7 +317,7 @@ def run_count(count: int, args: argparse.Namespace, env: dict[str, str], url: st
     return figures
 
 
-FIGURES = ("wall_s", "cpu_s", "peak_rss_mib")
+FIGURES = ("wall_s", "cpu_s", "peak_pss_mib")
 ROWS = (
     ("caption_dry_fresh", "vision-server caption --dry-run, no captions yet"),
     ("client_dry_fresh", "vision-client folder --dry-run, no captions yet"),
@@ -325,13 +333,13 @@ ROWS = (
 
 
 def _cell(figures: dict[str, float]) -> str:
-    return f"{figures['wall_s']:>8.2f} s {figures['cpu_s']:>6.2f} s {figures['peak_rss_mib']:>4.0f} MiB"
+    return f"{figures['wall_s']:>8.2f} s {figures['cpu_s']:>6.2f} s {figures['peak_pss_mib']:>4.0f} MiB"
 
 
 def print_table(results: list[dict[str, Any]]) -> None:
     counts = [result["images"] for result in results]
     missing = results[-1]["missing"]
-    print("per tool: wall time, CPU time (user + system, its whole process tree), peak RSS;")
+    print("per tool: wall time, CPU time (user + system) and peak memory (PSS) of its whole process tree;")
     print(f"resume = every image but {missing} has its caption file; slope = CPU ms per 1,000 more files")
     print(f"{'':<52}" + "".join(f"{count:>24,} img" for count in counts) + "   slope")
     for key, label in ROWS:
@@ -362,13 +370,15 @@ def main() -> None:
         "--workdir", type=Path, help="where the trees go (default: a new /tmp/scale-* folder)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the trees (default: each is deleted)")
-    parser.add_argument("--smoke", action="store_true", help="counts 60 and 120, 25 a folder: checks it runs")
+    parser.add_argument("--smoke", action="store_true", help="40 images, steps 1 and 2: checks it runs")
     args = parser.parse_args()
     if args.smoke:
-        args.counts, args.per_folder, args.missing = "60,120", 25, 3
+        args.counts, args.per_folder, args.missing, args.no_resumed_dry_runs = "40", 10, 3, True
     args.tools = {name.strip() for name in args.tools.split(",") if name.strip()}
     if not args.tools or args.tools - {"caption", "client", "bash"}:
         parser.error("--tools takes caption, client and bash")
+    # --smoke: the terminal runs of the two quick tools (the captioner's start-up takes seconds)
+    args.tty_tools = args.tools if args.tty else args.tools & {"client", "bash"} if args.smoke else set()
     counts = sorted({int(text) for text in args.counts.split(",") if text.strip()})
     if not counts or counts[0] < 1 or args.per_folder < 1 or args.missing < 1:
         parser.error("counts, --per-folder and --missing must be 1 or more")
