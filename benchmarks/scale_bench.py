@@ -7,7 +7,9 @@ a tree of that many small images (hard links to a few distinct PNGs, in nested f
 and peak memory of the whole process tree (the tool and every process it starts):
 
 1. ``vision-server caption DIR --dry-run`` and ``vision-client folder DIR --dry-run`` on the
-   tree without captions (every image listed as ``caption``);
+   tree without captions (every image listed as ``caption``), and ``vision-server caption``
+   with every image an argument of its own (``vision-server caption data/*/*.png --dry-run``;
+   up to ``--file-args-max`` images, as the command line has a limit);
 2. the resume case: every image but ``--missing`` has its caption file; the time until each
    tool has captioned the missing ones and exited: ``vision-server caption DIR`` (in-process
    tiny model: its start-up and model load are part of it), ``vision-client folder DIR`` and
@@ -144,7 +146,9 @@ def drop_new_captions(tree: Tree) -> None:
         path.unlink(missing_ok=True)
 
 
-def measure(command: list[str], env: dict[str, str], out: Path, *, tty: bool = False) -> dict[str, Any]:
+def measure(
+    command: list[str], env: dict[str, str], out: Path, *, tty: bool = False, cwd: Path | None = None
+) -> dict[str, Any]:
     """Run ``command`` with stdout and stderr to files (with ``tty``, stderr on a terminal, as
     a user watching the progress bar has it); wall time, CPU time and peak PSS of its process
     tree."""
@@ -155,7 +159,7 @@ def measure(command: list[str], env: dict[str, str], out: Path, *, tty: bool = F
         errors = terminal.child if terminal is not None else stderr
         try:
             process = subprocess.Popen(
-                command, env=env, stdout=stdout, stderr=errors, stdin=subprocess.DEVNULL
+                command, env=env, stdout=stdout, stderr=errors, stdin=subprocess.DEVNULL, cwd=cwd
             )
         finally:
             if terminal is not None:
@@ -268,8 +272,9 @@ def run_count(count: int, args: argparse.Namespace, env: dict[str, str], url: st
     logs = work / "logs"
     logs.mkdir(exist_ok=True)
     missing = len(tree.missing)
-    offline = [*script("vision-server"), "caption", root, "--model", "test:tiny"]
-    offline += ["--cache-dir", str(work / "cache"), "--task", TASK, "--max-new-tokens", "4", "--workers", "1"]
+    options = ["--model", "test:tiny", "--cache-dir", str(work / "cache"), "--task", TASK]
+    options += ["--max-new-tokens", "4", "--workers", "1"]
+    offline = [*script("vision-server"), "caption", root, *options]
     client = [*script("vision-client"), "--url", url, "folder", root, "--task", TASK]
     bash = ["bash", str(FOLDER_SCRIPT), "--url", url, "--quiet", TASK, "txt", root]
     figures: dict[str, Any] = {"images": count, "missing": missing, "build_s": built_s}
@@ -290,6 +295,19 @@ def run_count(count: int, args: argparse.Namespace, env: dict[str, str], url: st
 
     if not args.no_dry_runs:
         dry_runs("fresh", count)
+    if "caption" in args.tools and not args.no_dry_runs and count <= args.file_args_max:
+        # ``vision-server caption data/*/*.png``: the images as arguments (relative to the
+        # tree, so the command line stays short), each an input of its own
+        names = [str(path.relative_to(tree.root)) for path in tree.images]
+        command = [*script("vision-server"), "caption", *names, *options, "--dry-run"]
+        run = measure(command, env, logs / f"files-{count}", cwd=tree.root)
+        lines = dry_run_lines(run)
+        expect(
+            run["rc"] == 0 and lines.get("caption", 0) == count,
+            f"caption FILES --dry-run listed {lines}",
+            run,
+        )
+        figures["caption_dry_files"] = {k: run[k] for k in FIGURES}
     add_captions(tree)
     skipped = count - missing
     checks = {
@@ -321,6 +339,7 @@ FIGURES = ("wall_s", "cpu_s", "peak_pss_mib")
 ROWS = (
     ("caption_dry_fresh", "vision-server caption --dry-run, no captions yet"),
     ("client_dry_fresh", "vision-client folder --dry-run, no captions yet"),
+    ("caption_dry_files", "vision-server caption FILE... --dry-run"),
     ("caption_resume", "vision-server caption, resume"),
     ("client_resume", "vision-client folder, resume"),
     ("bash_resume", "vision-caption-folder-images.sh, resume"),
@@ -363,6 +382,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--tools", default="caption,client,bash", help="which tools, comma-separated (default: all three)"
+    )
+    parser.add_argument(
+        "--file-args-max",
+        type=int,
+        default=50_000,
+        help="largest count for the run with every image as an argument (the command line's limit)",
     )
     parser.add_argument("--no-dry-runs", action="store_true", help="skip steps 1 and 3 (resume runs only)")
     parser.add_argument("--no-resumed-dry-runs", action="store_true", help="skip step 3")

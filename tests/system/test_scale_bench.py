@@ -16,8 +16,8 @@ from pathlib import Path
 from tests.support import paths
 
 BENCH = paths.BENCHMARKS / "scale_bench.py"
-RUNS = ("caption_dry_fresh", "client_dry_fresh", "caption_resume", "client_resume", "bash_resume",
-        "client_resume_tty", "bash_resume_tty")  # fmt: skip
+RUNS = ("caption_dry_fresh", "client_dry_fresh", "caption_dry_files", "caption_resume", "client_resume",
+        "bash_resume", "client_resume_tty", "bash_resume_tty")  # fmt: skip
 
 
 def test_scale_bench_smoke(tmp_path: Path) -> None:

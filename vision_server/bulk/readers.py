@@ -82,36 +82,59 @@ def distinct_inputs(
     their symlinks resolved, as the folder reader reaches them (it enters no symlinked folder,
     so whatever lies below a folder's resolved path is listed with it). Lists, Parquet files
     and tar shards are taken as they are.
+
+    Each input names the first other input (in the order given) that gives its images: an
+    earlier one of the same kind and place that is itself kept, or a folder above it (an
+    earlier one only when kept). The places are looked up by path, so ``caption data/*.png``
+    with tens of thousands of images costs one lookup per folder above each image, not a
+    comparison with every other input.
     """
-    places = [_place(path, kinds[path]) if kinds[path] in ("folder", "file") else None for path in inputs]
+    parents: dict[Path, Path] = {}  # each file's folder, resolved once however many files it has
+    places = [
+        _place(path, kinds[path], parents) if kinds[path] in ("folder", "file") else None for path in inputs
+    ]
+    folders: dict[Path, list[int]] = {}  # a folder input's place -> their indexes, in order
+    for index, (path, place) in enumerate(zip(inputs, places, strict=True)):
+        if place is not None and kinds[path] == "folder":
+            folders.setdefault(place, []).append(index)
+    first_kept: dict[tuple[Path, str], int] = {}  # (place, kind) -> its first input not left out
     covered: dict[int, int] = {}
     for index, (path, place) in enumerate(zip(inputs, places, strict=True)):
         if place is None:
             continue
-        for other, top in enumerate(places):
-            if top is None or other == index or other in covered:
-                continue
-            if place == top:  # the same folder or file again: the first one stays
-                if kinds[inputs[other]] == kinds[path] and other < index:
-                    covered[index] = other
-                    break
-                continue
-            if kinds[inputs[other]] != "folder":
-                continue
-            if place.is_relative_to(top) if recursive else kinds[path] == "file" and place.parent == top:
-                covered[index] = other
-                break
+        found: list[int] = []
+        same = first_kept.get((place, kinds[path]))
+        if same is not None:  # the same folder or file again: the first one stays
+            found.append(same)
+        if recursive:
+            above: Iterable[Path] = place.parents
+        else:
+            above = (place.parent,) if kinds[path] == "file" else ()
+        for top in above:
+            given = folders.get(top)
+            if given is not None:
+                # an earlier one counts only when kept; a later one is not decided yet
+                found.extend(other for other in given if other > index or other not in covered)
+        if found:
+            covered[index] = min(found)
+        else:
+            first_kept.setdefault((place, kinds[path]), index)
     kept = tuple(path for index, path in enumerate(inputs) if index not in covered)
     return kept, [(inputs[index], inputs[other]) for index, other in sorted(covered.items())]
 
 
-def _place(path: Path, kind: InputKind) -> Path:
+def _place(path: Path, kind: InputKind, parents: dict[Path, Path] | None = None) -> Path:
     """Where ``path``'s images are: a folder's own resolved path, or a file's resolved folder
-    and its own name (its caption file goes beside the name it is listed by)."""
+    and its own name (its caption file goes beside the name it is listed by). ``parents``
+    keeps the files' folders resolved so far (many files share one)."""
     absolute = Path(os.path.abspath(path))
     if kind == "folder":
         return absolute.resolve()
-    return absolute.parent.resolve() / absolute.name
+    parents = {} if parents is None else parents
+    folder = parents.get(absolute.parent)
+    if folder is None:
+        folder = parents[absolute.parent] = absolute.parent.resolve()
+    return folder / absolute.name
 
 
 def iter_records(inputs: Iterable[Path], options: ReadOptions) -> Iterator[Record]:
