@@ -187,6 +187,10 @@ class BulkPipeline:
             self.load_error = exc.message
             self._stopping.set()
             return False
+        # The size read before the load is a guess for a model whose backend is picked as it
+        # loads (--backend auto): decode the images still to come at the size the loaded model
+        # wants, so they are not all resized a second time on the model's thread.
+        self._spec = self.engine.pixel_spec
         return True
 
     def _new_pool(self) -> ProcessPoolExecutor:
