@@ -8,11 +8,14 @@ from pathlib import Path
 
 import pytest
 from aiohttp import ClientSession
+from aiohttp.test_utils import make_mocked_request
 
 from tests.support.api import tiny_settings
 from tests.support.images import b64
 from tests.support.serving import client_for, running_server
+from vision_server.api.access import log_access
 from vision_server.engine.models import NamedModel
+from vision_server.engine.trace import JobTrace
 from vision_server.logs import JsonFormatter, configure_logging
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
@@ -176,3 +179,27 @@ async def test_a_path_cannot_forge_log_lines_or_reach_the_terminal(
     lines = [line for line in ours if "/x" in line or "unload" in line]
     assert len(lines) == 1 and "\x1b" not in text and "\r" not in text, text
     assert lines[0].startswith(tuple("0123456789")) and "GET /x\\n2026-01-01" in lines[0]
+
+
+@pytest.mark.parametrize(
+    ("route", "status", "level"),
+    [
+        ("ops.health", 200, logging.DEBUG),
+        ("ui.status", 200, logging.DEBUG),
+        ("ops.metrics", 401, logging.INFO),  # a scraper without the key: a misconfiguration
+        ("ops.ready", 503, logging.INFO),  # starting or draining: the probe's answer, no failure
+        ("ops.metrics", 500, logging.WARNING),  # a bug of ours, in a probe too
+        ("ui.status", 500, logging.WARNING),
+        ("native.process_image", 200, logging.INFO),
+        ("native.process_image", 400, logging.INFO),
+        ("native.process_image", 499, logging.INFO),  # the client hung up
+        ("native.process_image", 503, logging.WARNING),
+        ("native.process_image", 504, logging.WARNING),
+    ],
+)
+def test_the_access_line_level_keeps_every_failure_of_ours_at_warning(
+    route: str, status: int, level: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="vision_server.access")
+    log_access(make_mocked_request("GET", "/x"), route, status, 0.01, JobTrace())
+    assert [r.levelno for r in caplog.records if r.name == "vision_server.access"] == [level]

@@ -64,12 +64,13 @@ def log_access(request: web.Request, route: str, status: int, seconds: float, tr
     """Probes log at debug level: a load balancer checking every second would drown the rest.
     A refused one (a scraper without the key for ``--metrics-require-key``, a ``Host`` the server
     does not answer) is a misconfiguration to fix, so it logs at info like any other request.
-    Any other 5xx (a timeout, a model that cannot load, a full queue, a bug) logs at warning, so a
-    server run at ``--log-level warning`` still shows its failures."""
-    if route in QUIET_ROUTES:  # a 503 of /ready while starting or draining is no failure
-        level = logging.DEBUG if status < 400 else logging.INFO
-    elif status >= 500 and status != CLIENT_CLOSED:  # ours: kept by --log-level warning too
+    A probe's 503 (``/ready`` while starting or draining) is its answer, not a failure, so it logs
+    at info too. Any other 5xx (a timeout, a model that cannot load, a full queue, a bug, also in
+    a probe) logs at warning, so a server run at ``--log-level warning`` still shows its failures."""
+    if status >= 500 and not (route in QUIET_ROUTES and status == 503):  # ours: kept at warning
         level = logging.WARNING
+    elif route in QUIET_ROUTES and status < 400:
+        level = logging.DEBUG
     else:
         level = logging.INFO
     if not log.isEnabledFor(level):
