@@ -335,6 +335,9 @@ def test_rows_name_the_adapter_by_its_resolved_folder_and_older_spellings_still_
     monkeypatch.chdir(tmp_path / "elsewhere")  # a rerun from another folder: new rows still count
     again = JsonlOutput(out, RowFacts(("<CAPTION>",), "tiny", adapter_identity("../my-adapter")))
     assert not again.missing(Record("d", "d.png"), ["<CAPTION>"])
+    # typed paths resolve from this run's folder, where "my-adapter" is another one (even after
+    # a run in the same process resolved it from the first folder)
+    assert again.missing(Record("d", "a.png"), ["<CAPTION>"])
     output.write(Record("d", "e.png"), {"<CAPTION>": "y"}, None)
     for each in (output, again):
         each.close()
@@ -419,6 +422,7 @@ def test_rows_name_an_unnamed_local_model_by_its_resolved_folder_and_older_spell
     monkeypatch.chdir(tmp_path / "elsewhere")  # a rerun from another folder: new rows still count
     again = JsonlOutput(out, RowFacts(("<CAPTION>",), model_identity("../m"), None, local_model=True))
     assert not again.missing(Record("d", "d.png"), ["<CAPTION>"])
+    assert again.missing(Record("d", "c.png"), ["<CAPTION>"])  # "link" from here is no folder
     output.write(Record("d", "e.png"), {"<CAPTION>": "y"}, None)
     for each in (output, named, again):
         each.close()

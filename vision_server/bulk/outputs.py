@@ -9,7 +9,6 @@ when the run ends, or by the next run when this one was killed.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -17,7 +16,7 @@ import re
 import secrets
 import sys
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Protocol
 
@@ -58,6 +57,10 @@ class RowFacts:
     # an unnamed local model: rows' models are compared as folders (rows of earlier versions
     # hold the path as it was typed, resolved from this run's working directory)
     local_model: bool = False
+    # each model or adapter older rows recorded, as this run resolves it: rows hold few distinct
+    # ones, so each is resolved once however many rows there are. Per run, not per process: a
+    # relative path resolves from the working directory, which another run in-process may change.
+    _resolved: dict[tuple[str, str], str] = field(default_factory=dict, compare=False, repr=False)
 
     def is_ours(self, row: dict[str, Any]) -> bool:
         """Whether ``row`` counts for this run's model, as ``vision-client folder`` resumes per
@@ -69,34 +72,31 @@ class RowFacts:
             return True
         same = model == self.model or model in self.older_names
         if not same and self.local_model and isinstance(model, str):
-            same = _same_model(model) == self.model
-        return same and _adapter_of(row) == self.adapter
+            same = self._as_resolved(model) == self.model
+        return same and self._adapter_of(row) == self.adapter
 
+    def _adapter_of(self, row: dict[str, Any]) -> str | None:
+        """The adapter a row was captioned with. Rows written before rows held the resolved path
+        hold it as it was typed (``my-adapter/``), relative to that run's working directory:
+        resolved from this run's, so a rerun from the same folder matches them."""
+        recorded = row.get("adapter")
+        if not isinstance(recorded, str) or not recorded:
+            return None
+        return self._as_resolved(recorded, adapter=True)
 
-@functools.lru_cache(maxsize=64)
-def _same_model(recorded: str) -> str:
-    """A row's model as this run names a local model (each distinct one resolved once)."""
-    return model_identity(recorded)
-
-
-@functools.lru_cache(maxsize=64)
-def _same_adapter(recorded: str) -> str:
-    """A row's adapter as this run names adapters; rows hold few distinct ones, so each is
-    resolved once however many rows there are."""
-    return adapter_identity(recorded)
-
-
-def _adapter_of(row: dict[str, Any]) -> str | None:
-    """The adapter a row was captioned with. Rows written before rows held the resolved path
-    hold it as it was typed (``my-adapter/``), relative to that run's working directory: resolved
-    from this run's, so a rerun from the same folder matches them."""
-    recorded = row.get("adapter")
-    if not isinstance(recorded, str) or not recorded:
-        return None
-    try:
-        return _same_adapter(recorded)
-    except (OSError, RuntimeError, ValueError):  # unresolvable (a loop, a NUL): not this run's
-        return recorded
+    def _as_resolved(self, recorded: str, *, adapter: bool = False) -> str:
+        """A row's model (:func:`~vision_server.model_specs.model_identity`) or adapter
+        (:func:`~vision_server.model_specs.adapter_identity`) as this run names it; an adapter
+        path that cannot be resolved (a loop, a NUL) as it is, which is not this run's."""
+        key = ("adapter" if adapter else "model", recorded)
+        resolved = self._resolved.get(key)
+        if resolved is None:
+            try:
+                resolved = adapter_identity(recorded) if adapter else model_identity(recorded)
+            except (OSError, RuntimeError, ValueError):
+                resolved = recorded
+            self._resolved[key] = resolved
+        return resolved
 
 
 class ModelRows:
