@@ -449,7 +449,7 @@ try {
                 if ($null -ne $stop) { $abortExitCode = $stop.Code }
                 # No vision-server at this address (a -Url with a path?), or a -Model it does not serve.
                 if ($failure.Message -like 'HTTP 404:*') {
-                    $aborted = '{0}: check -Url (the server''s base address, e.g. http://host:54880) and -Model' -f $failure.Message
+                    $aborted = '{0}: check -Url (the server''s base address, e.g. http://host:54880) and -Model' -f $failure.Message.TrimEnd('.')
                     $abortExitCode = 2
                 }
                 throw
