@@ -81,12 +81,16 @@ class CaptionActor:
         threading.Thread(target=self.loop.run_forever, name="vision-ray-engine", daemon=True).start()
         self.engine = Engine(captioner, config)
         self._wait(self.engine.start())
+        # The size the rows' pixels were decoded at: the driver's (ray._pixel_spec), read from
+        # the model's files before any load. Read here before the load starts, not after: a model
+        # whose backend is picked as it loads answers another size once loaded, and a load that
+        # finished first would make every row's pixels fail to reshape.
+        spec = self.engine.pixel_spec
+        self.shape = (spec.height, spec.width, 3)
         # The model loads from the start, in the background: the first row to caption waits
         # for it, while batches whose rows are all done already (a rerun of Parquet files or
         # shards, which only the workers plan) pass through without waiting for a load.
         self.loaded = asyncio.run_coroutine_threadsafe(self.engine.load(), self.loop)
-        spec = self.engine.pixel_spec  # known from the model's files, before the load
-        self.shape = (spec.height, spec.width, 3)
 
     def _wait(self, coroutine: Any) -> Any:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
