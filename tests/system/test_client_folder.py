@@ -548,6 +548,21 @@ async def test_a_server_still_busy_after_the_retries_stops_the_run(aiohttp_serve
     assert (len(summary.failed), summary.not_attempted, summary.exit_status) == (0, 4, 5)
 
 
+async def test_a_404_without_a_model_points_to_the_url_only(aiohttp_server, tmp_path: Path) -> None:
+    """No vision-server at --url (a path in it, another service): every image would get the same
+    404, so the run stops with exit status 2; with no --model given, only --url can be wrong."""
+    running = await aiohttp_server(web.Application())  # answers 404 to every route
+    for i in range(3):
+        make_png(tmp_path / f"{i}.png")
+    async with AsyncVisionClient(str(running.make_url("")), retry_policy=RetryPolicy(retries=0)) as client:
+        summary = await caption_folder(client, tmp_path, concurrency=1)
+    assert summary.aborted is not None and summary.aborted.endswith(
+        ": check --url (the server's base address)"
+    ), summary.aborted
+    assert summary.aborted.startswith("HTTP 404") and ".:" not in summary.aborted
+    assert (len(summary.failed), summary.not_attempted, summary.exit_status) == (0, 3, 2)
+
+
 # ---------------------------------------------------------------------------------------------
 # Empty captions and long names
 

@@ -226,7 +226,7 @@ class _FolderRun:
         try:
             served = await self.client.served_name()
         except (VisionClientError, OSError) as exc:
-            status, reason = _stop_reason(exc) or (1, _describe(exc))
+            status, reason = _stop_reason(exc, model_named=True) or (1, _describe(exc))
             self.stop(status, reason)
             return False
         self.model_names = {self.client.model_name, served or self.client.model_name}
@@ -299,7 +299,7 @@ class _FolderRun:
                 existing = read_caption(job.target) if self.mode in ("append", "prepend") else None
                 write_atomic(job.target, merge_caption(existing, caption, self.mode, self.separator))
         except (VisionClientError, OSError, UnicodeError) as exc:
-            stop = _stop_reason(exc)
+            stop = _stop_reason(exc, model_named=self.client.model_name is not None)
             if stop is None:
                 return ImageResult(job.image, "failed", reason=_describe(exc))
             self.stop(*stop)
@@ -324,9 +324,10 @@ class _FolderRun:
             self.on_result(result)
 
 
-def _stop_reason(exc: BaseException) -> tuple[int, str] | None:
+def _stop_reason(exc: BaseException, *, model_named: bool) -> tuple[int, str] | None:
     """The exit status and the reason when the run must stop, for an answer every other image
-    would get too (in the words of the folder scripts); None to go on."""
+    would get too (in the words of the folder scripts); None to go on. A 404 points to
+    ``--model`` only when the run named one (``model_named``): else only ``--url`` can be wrong."""
     if isinstance(exc, VisionConnectionError):
         return EXIT_UNREACHABLE, f"the server cannot be reached ({exc})"
     if isinstance(exc, VisionHTTPError) and exc.gateway_outage:  # a proxy with no server behind it
@@ -341,7 +342,8 @@ def _stop_reason(exc: BaseException) -> tuple[int, str] | None:
     if isinstance(exc, RequestRejected):
         if exc.status == 404:  # no vision-server at this address (any more), or no such model
             said = _describe(exc).rstrip(".")
-            return EXIT_USAGE, f"{said}: check --url (the server's base address) and --model"
+            also = " and --model" if model_named else ""
+            return EXIT_USAGE, f"{said}: check --url (the server's base address){also}"
         if exc.status == 400 and exc.detail.startswith("Invalid prompt"):
             return EXIT_TASK_REFUSED, f"the server refused the task ({_describe(exc)})"
     return None
