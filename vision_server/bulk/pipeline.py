@@ -181,6 +181,8 @@ class BulkPipeline:
         self._loading = asyncio.create_task(self._load())
 
     async def _load(self) -> bool:
+        """Whether the model loaded; a failure stops the run (every image would fail the same
+        way) and is kept in :attr:`load_error` to be said once, not once per image."""
         try:
             await self.engine.load()
         except VisionServerError as exc:  # nothing can be captioned: stop, say it once

@@ -18,6 +18,7 @@ import re
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from vision_server.bulk.outputs import Captions, Output, close_all
-from vision_server.bulk.pipeline import Summary
+from vision_server.bulk.pipeline import Outcome, Summary
 from vision_server.bulk.plan import Fail, Skip, Unit, Work, plan
 from vision_server.bulk.progress import Progress, format_summary
 from vision_server.bulk.readers import ReadOptions, iter_records
@@ -68,6 +69,11 @@ class _Job:
     outputs: list[Output]
 
 
+# How each image's outcome is counted and shown (the summary and the progress line), whether it
+# was planned on the driver or captioned by an actor.
+Report = Callable[[Outcome, Record, str | None], None]
+
+
 class _Stop(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
@@ -89,7 +95,7 @@ def run_ray(
     undo = _stop_on_signals()
     started = False
 
-    def report(outcome: Any, record: Record, reason: str | None) -> None:
+    def report(outcome: Outcome, record: Record, reason: str | None) -> None:
         summary.record(outcome, record.display, reason)
         progress.report(summary, outcome, record.display, reason)
 
@@ -158,7 +164,7 @@ def _init_ray(address: str) -> bool:
     return True
 
 
-def _caption(job: _Job, planned: _Planned, report: Any) -> None:
+def _caption(job: _Job, planned: _Planned, report: Report) -> None:
     import ray
 
     from vision_server.bulk.ray_rows import batch_rows, row_record
