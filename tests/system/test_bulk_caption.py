@@ -47,9 +47,12 @@ def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("bulk-cache")
 
 
-def run(tmp: Path, cache: Path, *args: str | Path, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+def run(
+    tmp: Path, cache: Path, *args: str | Path, timeout: float = 600, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``vision-server caption ARGS`` (warnings only), from ``cwd`` when given."""
     command = caption_command(*args, "--cache-dir", cache, "--log-level", "warning")
-    return subprocess.run(command, env=cli_env(tmp), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(command, cwd=cwd, env=cli_env(tmp), capture_output=True, text=True, timeout=timeout)
 
 
 def jsonl_rows(path: Path) -> list[dict]:
@@ -579,21 +582,7 @@ def test_a_rerun_naming_the_adapter_another_way_resumes(
     jsonl = tmp_path / "out.jsonl"
     runs = ((work, "my-adapter/", 2), (tmp_path, "work/my-adapter", 0))  # unit tests: older rows
     for cwd, spelling, captioned in runs:
-        command = caption_command(
-            root,
-            *FAST,
-            "--adapter",
-            spelling,
-            "--jsonl",
-            jsonl,
-            "--cache-dir",
-            cache,
-            "--log-level",
-            "warning",
-        )
-        result = subprocess.run(
-            command, cwd=cwd, env=cli_env(tmp_path), capture_output=True, text=True, timeout=600
-        )
+        result = run(tmp_path, cache, root, *FAST, "--adapter", spelling, "--jsonl", jsonl, cwd=cwd)
         assert result.returncode == 0, result.stderr
         assert f"captioned {captioned}, skipped {2 - captioned}" in result.stderr, (spelling, result.stderr)
     rows = jsonl_rows(jsonl)
