@@ -65,7 +65,8 @@ def build_captioner(
 
     ``auto`` reads the model's config.json (see :func:`vision_server.generic.families.detect_backend`).
     """
-    from vision_server.generic.families import FLORENCE, detect_backend
+    from vision_server.generic.families import detect_backend
+    from vision_server.generic.florence_check import FLORENCE
 
     spec = spec if spec is not None else settings.default_model_spec
     problem = adapter_problem(Path(spec.adapter).expanduser()) if spec.adapter is not None else None
@@ -86,6 +87,32 @@ def build_captioner(
     from vision_server.generic.captioner import GenericCaptioner
 
     return GenericCaptioner.from_settings(settings, backend, spec)
+
+
+def model_tasks(settings: Settings, spec: ModelSpec) -> tuple[str, ...]:
+    """The tasks ``build_captioner(settings, spec).tasks`` offers, without importing torch.
+
+    Planning a bulk run (checking ``--task``, a dry run, skipping what is done) needs only the
+    list, which the backend decides: a Florence-2 checkpoint's depends on its name, every other
+    backend offers a plain caption. Raises the :class:`SettingsError` that ``build_captioner``
+    would for a bad adapter.
+    """
+    from vision_server.florence.prompts import tasks_for_model
+    from vision_server.generic.florence_check import FLORENCE, auto_runs_florence
+    from vision_server.tasks import CAPTION_TASK
+
+    problem = adapter_problem(Path(spec.adapter).expanduser()) if spec.adapter is not None else None
+    if problem:
+        raise SettingsError(f"model {spec.name}: {problem}")
+    if spec.backend == "auto":
+        florence = auto_runs_florence(spec.source, revision=spec.revision)
+    else:
+        florence = spec.backend == FLORENCE
+    if florence:
+        return tasks_for_model(spec.source)
+    if spec.adapter is not None:  # refused, naming the backend: only a failing run imports torch
+        build_captioner(settings, spec)
+    return (CAPTION_TASK,)
 
 
 def adapter_problem(directory: Path) -> str | None:

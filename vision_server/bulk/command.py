@@ -128,7 +128,7 @@ def run_caption(settings: Settings, request: CaptionRequest) -> int:
 
 def _run_caption(settings: Settings, request: CaptionRequest) -> int:
     from vision_server.logs import configure_logging
-    from vision_server.runtime import build_captioner
+    from vision_server.runtime import model_tasks
 
     read = ReadOptions(request.recursive, request.image_column, request.key_column)
     kinds = _check_inputs(request, read)
@@ -153,11 +153,11 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
             spec.describe(),
             others,
         )
-    try:
-        captioner = build_captioner(settings, spec)
+    try:  # the task list without torch: planning (a dry run, a rerun's skips) needs no model
+        valid = model_tasks(settings, spec)
     except SettingsError as exc:
         raise click.UsageError(str(settings.located(exc))) from None
-    tasks = _tasks(request.tasks, captioner.tasks)
+    tasks = _tasks(request.tasks, valid)
     sidecars = request.sidecars if request.sidecars is not None else not (request.jsonl or request.parquet)
     if not sidecars and not (request.jsonl or request.parquet):
         raise click.UsageError("--no-sidecars needs --jsonl or --parquet: captions must go somewhere")
@@ -169,6 +169,8 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
         )
     if not request.dry_run:
         _check_outputs(request)
+    # Built before the outputs open, as a run that captions needs it (Ray's actors build their own).
+    captioner = _captioner(settings) if not request.dry_run and request.ray is None else None
     outputs = _outputs(request, settings, tasks, sidecars)
     records = iter_records(request.inputs, read)
     if request.dry_run:
@@ -179,7 +181,18 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
         from vision_server.bulk.ray import run_ray
 
         return run_ray(settings, request, read, kinds, tasks, outputs)
+    assert captioner is not None
     return asyncio.run(_run(settings, captioner, request, read, tasks, outputs))
+
+
+def _captioner(settings: Settings) -> object:
+    """The default model's captioner (importing torch); it loads when the first image comes up."""
+    from vision_server.runtime import build_captioner
+
+    try:
+        return build_captioner(settings, settings.default_model_spec)
+    except SettingsError as exc:  # found while planning already; kept for a model changed since
+        raise click.UsageError(str(settings.located(exc))) from None
 
 
 def _check_inputs(request: CaptionRequest, read: ReadOptions) -> dict[Path, str]:

@@ -7,15 +7,13 @@ from typing import Any
 from vision_server.generic.blip import Blip
 from vision_server.generic.encoder_decoder import VisionEncoderDecoder
 from vision_server.generic.family import Family
+from vision_server.generic.florence_check import FLORENCE, FLORENCE_LABEL, auto_config, names_florence
 from vision_server.generic.git import Git
 from vision_server.generic.idefics3 import Idefics3
 
 FAMILIES: dict[str, Family] = {
     family.name: family for family in (Blip(), Git(), VisionEncoderDecoder(), Idefics3())
 }
-FLORENCE = "florence2"
-FLORENCE_LABEL = "Florence-2 (Florence2ForConditionalGeneration, PromptGen)"
-FLORENCE_TYPES = ("florence2",)
 
 
 def supported() -> str:
@@ -29,10 +27,10 @@ def backend_of(config: dict[str, Any]) -> str | None:
     A listed architecture that no family runs (``BlipForQuestionAnswering``) is unknown even if
     its model_type is known: the same weights file would load into the wrong head.
     """
+    if names_florence(config):
+        return FLORENCE
     architectures = [str(name) for name in config.get("architectures") or []]
     model_type = str(config.get("model_type", ""))
-    if model_type in FLORENCE_TYPES or any(name.startswith("Florence2") for name in architectures):
-        return FLORENCE
     for family in FAMILIES.values():
         if architectures:
             if any(name in family.architectures for name in architectures):
@@ -55,10 +53,7 @@ def detect_backend(model: str, *, revision: str | None) -> str | None:
     Florence-2 when nothing can be read (a test model, or a hub id neither cached nor reachable):
     that is what the server always ran, and its load error explains how to get the files.
     """
-    from vision_server.generic.config_files import model_config
-
-    lowered = model.lower()
-    config = None if "florence" in lowered else model_config(model, revision=revision, fetch=True)
+    config = auto_config(model, revision=revision)
     if config is None:
         return FLORENCE
     return backend_of(config)
