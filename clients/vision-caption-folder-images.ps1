@@ -279,7 +279,8 @@ function Get-FolderStop([string]$Failure, $Status, [string]$Message) {
     if ($code -eq 404) {
         # The server (restarted?) no longer serves -Model, or is no vision-server any more: as
         # a 404 at the start, an option to fix (exit code 2).
-        return [pscustomobject]@{ Code = 2; Reason = ('{0}: check -Url (the server''s base address) and -Model' -f $Message.TrimEnd('.')) }
+        # -Model is named only when one was given: without it only -Url can be wrong.
+        return [pscustomobject]@{ Code = 2; Reason = ('{0}: check -Url (the server''s base address){1}' -f $Message.TrimEnd('.'), $(if ($Model) { ' and -Model' } else { '' })) }
     }
     return $null
 }
@@ -449,7 +450,7 @@ try {
                 if ($null -ne $stop) { $abortExitCode = $stop.Code }
                 # No vision-server at this address (a -Url with a path?), or a -Model it does not serve.
                 if ($failure.Message -like 'HTTP 404:*') {
-                    $aborted = '{0}: check -Url (the server''s base address, e.g. http://host:54880) and -Model' -f $failure.Message.TrimEnd('.')
+                    $aborted = '{0}: check -Url (the server''s base address, e.g. http://host:54880){1}' -f $failure.Message.TrimEnd('.'), $(if ($Model) { ' and -Model' } else { '' })
                     $abortExitCode = 2
                 }
                 throw
