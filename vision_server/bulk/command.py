@@ -153,7 +153,7 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
             spec.describe(),
             others,
         )
-    try:  # the task list without torch: planning (a dry run, a rerun's skips) needs no model
+    try:  # the task list without torch: a dry run never imports it (a local run builds the captioner below)
         valid = model_tasks(settings, spec)
     except SettingsError as exc:
         raise click.UsageError(str(settings.located(exc))) from None
@@ -169,7 +169,8 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
         )
     if not request.dry_run:
         _check_outputs(request)
-    # Built before the outputs open, as a run that captions needs it (Ray's actors build their own).
+    # Built (importing torch) before the outputs open, even for a rerun with nothing left: the engine
+    # takes its batch size from it. Ray's actors build their own.
     captioner = _captioner(settings) if not request.dry_run and request.ray is None else None
     outputs = _outputs(request, settings, tasks, sidecars)
     records = iter_records(request.inputs, read)
