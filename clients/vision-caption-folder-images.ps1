@@ -509,7 +509,10 @@ try {
         }
         if ($running.Count -eq 0) {
             # Every request in flight has come back: with the server gone, wait for it here.
-            if ($outage) {
+            # Not once the run is stopping (a refused key, a 404 met meanwhile): the wait would
+            # overwrite that reason and, with the server back, start the images again (as the
+            # bash script, which waits only while no stop was recorded).
+            if ($outage -and $null -eq $aborted) {
                 $outage = $false
                 $aborted = Wait-FolderServer $lastConnectError
                 if ($null -ne $aborted) { $abortExitCode = 3 }
