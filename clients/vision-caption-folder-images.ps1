@@ -261,20 +261,21 @@ function Test-FolderServerAnswer {
 function Get-FolderStop([string]$Failure, $Status, [string]$Message) {
     # Whether a failed request stops the run, as in vision-caption-folder-images.sh and
     # vision-client folder: every other image would meet the same. Returns Code (the exit code)
-    # and Reason, or $null to go on (the image alone failed).
+    # and Reason, or $null to go on (the image alone failed). The message keeps its closing full
+    # stop inside the brackets, as in the other two; only the 404 drops it before ': check -Url'.
     if (@('connect', 'scheme') -contains $Failure) {
-        return [pscustomobject]@{ Code = 3; Reason = ('the server cannot be reached ({0})' -f $Message.TrimEnd('.')) }
+        return [pscustomobject]@{ Code = 3; Reason = ('the server cannot be reached ({0})' -f $Message) }
     }
     if ($null -eq $Status) { return $null }
     $code = [int]$Status
     if (@(401, 403) -contains $code) {
-        return [pscustomobject]@{ Code = 6; Reason = ('the server refused the API key ({0})' -f $Message.TrimEnd('.')) }
+        return [pscustomobject]@{ Code = 6; Reason = ('the server refused the API key ({0})' -f $Message) }
     }
     if (@(429, 502, 503) -contains $code) {
-        return [pscustomobject]@{ Code = 5; Reason = ('the server stays busy or unavailable ({0})' -f $Message.TrimEnd('.')) }
+        return [pscustomobject]@{ Code = 5; Reason = ('the server stays busy or unavailable ({0})' -f $Message) }
     }
     if ($code -eq 400 -and $Message -like 'HTTP 400: Invalid prompt*') {
-        return [pscustomobject]@{ Code = 7; Reason = ('the server refused the prompt ({0})' -f $Message.TrimEnd('.')) }
+        return [pscustomobject]@{ Code = 7; Reason = ('the server refused the prompt ({0})' -f $Message) }
     }
     if ($code -eq 404) {
         # The server (restarted?) no longer serves -Model, or is no vision-server any more: as
