@@ -38,8 +38,9 @@ images captioned or skipped; 1 some image failed; 2 wrong arguments (also a -Url
 vision-server, or a -Model it does not serve: HTTP 404, at the start or during the run, which
 stops it early too); the run stopped early:
 3 the server cannot be reached (also a host name that does not resolve, TLS trouble), 5 the
-server stays busy after -Retries, 6 the API key is refused, 7 the server refuses the prompt.
-Earlier versions exited 1 for these stops (2 for an unknown prompt).
+server stays busy after -Retries, 6 the API key is refused, 7 the server refuses the prompt;
+130 Ctrl+C. Earlier versions exited 1 for these stops (2 for an unknown prompt), and 0 after
+Ctrl+C.
 
 .PARAMETER Prompt
 The task, with or without angle brackets and in any case: CAPTION, DETAILED_CAPTION,
@@ -664,5 +665,10 @@ finally {
     }
     if ($null -ne $pool) { $pool.Dispose() }
     if ($null -ne $client) { $client.Dispose() }
+    # Ctrl+C: exit 130 as the other folder captioners. Without this, 'powershell -File' and
+    # 'pwsh -File' report 0 for a script stopped by Ctrl+C (PowerShell issue 13523), and a
+    # wrapper would take the interrupted run for a finished one. An exit in a script (not
+    # [Environment]::Exit) leaves an interactive console open.
+    if (-not $finished) { exit 130 }
 }
 exit $exitCode
