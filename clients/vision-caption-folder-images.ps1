@@ -303,7 +303,7 @@ function Wait-FolderServer([string]$LastError) {
             return $null
         }
     }
-    return ('the server cannot be reached (still not after waiting {0} s): {1}' -f $WaitForServerSec, $LastError)
+    return ('the server cannot be reached (still not after waiting {0} s: {1})' -f $WaitForServerSec, $LastError)
 }
 
 # --- arguments --------------------------------------------------------------------------------
