@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -599,6 +600,43 @@ def test_folder_stops_with_exit_5_on_a_servers_own_502(tmp_path: Path) -> None:
         "Stopped early, 2 image(s) not attempted: the server stays busy or unavailable (HTTP 502: Bad gateway"
     )
     assert stopped in result.stderr, result.stderr
+
+
+@needs_pwsh
+def test_folder_interrupted_exits_130(tmp_path: Path) -> None:
+    """Ctrl+C (SIGINT) while requests are in flight: the summary, no caption or temporary file,
+    and exit code 130, as the other folder clients (the shared exit table). ``pwsh -File``
+    reports 0 for a script Ctrl+C stopped unless the script's own ``exit`` says otherwise."""
+    images = make_folder(tmp_path, [f"img{i}.png" for i in range(6)])
+    before = sorted(tmp_path.rglob("*"))
+    assert PWSH is not None
+    with StandIn(hang=True) as stand_in:
+        command = [PWSH, "-NoLogo", "-NoProfile", "-NonInteractive", "-File", str(FOLDER), "CAPTION", "txt"]
+        proc = subprocess.Popen(
+            [*command, str(tmp_path), "-Url", stand_in.url, "-Jobs", "3"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            encoding="utf-8",
+            env=base_env(),
+            # .NET does not take over a SIGINT the process was started with ignored.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )
+        try:
+            deadline = time.monotonic() + 60
+            while len(stand_in.posts()) < 3 and time.monotonic() < deadline and proc.poll() is None:
+                time.sleep(0.05)
+            assert len(stand_in.posts()) == 3
+            proc.send_signal(signal.SIGINT)
+            _, stderr = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "Interrupted: 6 image(s) not captioned yet" in stderr, stderr
+    assert sorted(tmp_path.rglob("*")) == before
+    assert not any(image.with_suffix(".txt").exists() for image in images)
 
 
 @needs_pwsh
