@@ -174,6 +174,10 @@ param(
 )
 
 $ErrorActionPreference = 'Stop'
+# A Set-StrictMode in the caller's profile would apply to this script too (strict mode is
+# inherited by child scopes): $IsLinux, unset in Windows PowerShell 5.1, and a missing JSON
+# property would then stop it. The script is written for the default rules.
+Set-StrictMode -Off
 . (Join-Path $PSScriptRoot 'VisionClient.Common.ps1')
 
 $scriptName = Split-Path -Leaf $PSCommandPath
