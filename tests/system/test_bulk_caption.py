@@ -649,3 +649,34 @@ def test_a_parquet_path_column_picked_on_its_own_naming_no_file_is_bad_usage(
     )
     assert "no such file" not in result.stderr and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_a_model_that_cannot_load_ends_with_the_summary_and_how_to_go_on(
+    tmp_path: Path, cache: Path, tiny_native_dir: Path
+) -> None:
+    # The model loads when the first image to caption comes up; its load failing printed only
+    # "error: ..." and lost the skipped and failed images reported before, and what was left.
+    model = tmp_path / "m"
+    shutil.copytree(tiny_native_dir, model)
+    (model / "config.json").unlink()  # no model any more: planning works, the load fails
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.png").write_bytes(picture(0))
+    (root / "b.png").write_bytes(b"not an image at all")
+    (root / "c.png").write_bytes(picture(2))
+    jsonl = tmp_path / "out.jsonl"
+    done = {"source": str(root), "key": "a.png", "task": "<MORE_DETAILED_CAPTION>", "caption": "done"}
+    before = json.dumps({**done, "model": str(model.resolve()), "adapter": None}) + "\n"
+    jsonl.write_text(before, encoding="utf-8")
+    result = run(tmp_path, cache, root, "--model", model, *FAST_OPTIONS, "--jsonl", jsonl)
+    err = result.stderr
+    assert result.returncode == 1, err
+    assert "Traceback" not in err
+    assert "captioned 0, skipped 1, failed 1 in " in err, err
+    assert f"failed:\n  {root / 'b.png'}: the file is not in a supported image format" in err, err
+    assert "error: The model could not be loaded: " in err and "has no config.json" in err, err
+    assert "1 of the 3 images is not captioned yet: run the same command again once the model loads" in err
+    assert err.index("captioned 0,") < err.index("error: The model") < err.index("1 of the 3 images")
+    text = jsonl.read_text(encoding="utf-8")  # the row there stays; b.png's failure row is whole
+    assert text.startswith(before) and text.endswith("\n"), text
+    assert [(row["key"], row["caption"]) for row in jsonl_rows(jsonl)] == [("a.png", "done"), ("b.png", None)]

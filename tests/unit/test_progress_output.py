@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import io
 
+from vision_server.bulk.pipeline import Summary
 from vision_server.bulk.progress import Progress as CaptionProgress
+from vision_server.bulk.progress import format_load_failure
 from vision_server.progress_output import ProgressOutput
 from vision_server.train.reporting import Progress as TrainProgress
 
@@ -36,3 +38,18 @@ def test_both_commands_build_on_it() -> None:
     assert isinstance(caption, ProgressOutput) and isinstance(train, ProgressOutput)
     train.update(4, loss=0.5, lr=1e-4)
     assert stream.getvalue().startswith("step 4/4  loss 0.5000  lr 1.00e-04")
+
+
+def test_a_failed_load_says_how_many_are_left_only_when_they_were_counted() -> None:
+    summary = Summary(skipped=3, failed=1)
+    counted = format_load_failure(summary, "The model could not be loaded: no config.json", 10)
+    assert counted.splitlines() == [
+        "error: The model could not be loaded: no config.json",
+        "6 of the 10 images are not captioned yet: run the same command again once the model loads "
+        "(what is done is skipped)",
+    ]
+    uncounted = format_load_failure(summary, "The model could not be loaded: no config.json", None)
+    assert uncounted.splitlines()[1] == (
+        "the images not captioned yet are captioned when you run the same command again once the "
+        "model loads (what is done is skipped)"
+    )

@@ -1,8 +1,9 @@
 """``vision-server caption``: check the request, build the outputs and the engine, run, report.
 
 Exit status: 0 when every image was captioned or skipped, 1 when any failed (or the model could
-not load), 2 for bad usage (raised as :class:`click.UsageError` before any work), and 128 + the
-signal number when Ctrl+C or SIGTERM stopped the run (cleanly; the same command resumes).
+not load: the summary, then the load error and how to go on), 2 for bad usage (raised as
+:class:`click.UsageError` before any work), and 128 + the signal number when Ctrl+C or SIGTERM
+stopped the run (cleanly; the same command resumes).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from vision_server.bulk.outputs import (
 )
 from vision_server.bulk.pipeline import BulkPipeline, PipelineConfig
 from vision_server.bulk.plan import Fail, Skip, Unit, Work, plan
-from vision_server.bulk.progress import Progress, format_summary
+from vision_server.bulk.progress import Progress, format_load_failure, format_summary
 from vision_server.bulk.readers import (
     InputError,
     ReadOptions,
@@ -87,6 +88,7 @@ OFFLINE_HELP = {
     "max_new_tokens": "Most tokens generated per caption. A model whose text decoder holds fewer "
     "(BLIP: 512) is clamped to its own limit.",
 }
+COUNT_WAIT_S = 5.0  # after a failed load, how long to wait for the count of images left
 BATCHES_IN_FLIGHT = 3  # one running, one queued, one being decoded: the model never waits
 
 
@@ -375,6 +377,7 @@ async def _run(
 
     undo = install_stop_handlers(loop, on_signal)
     progress: Progress | None = None
+    counting: threading.Thread | None = None
     try:
         # The model loads when the first image to caption comes up (the pipeline starts it), so
         # a rerun that finds everything captioned ends without loading it.
@@ -391,7 +394,7 @@ async def _run(
         pipeline.append(BulkPipeline(engine, outputs, pipe_config, progress))
         if stops:  # a signal while the engine started
             pipeline[0].stop(stops[0])
-        _count_in_background(loop, request, read, progress)
+        counting = _count_in_background(loop, request, read, progress)
         summary = await pipeline[0].run(
             plan(iter_records(request.inputs, read), tasks, outputs, request.limit)
         )
@@ -401,17 +404,23 @@ async def _run(
         undo()
         if progress is not None:
             progress.close()
-    if pipeline[0].load_error is not None:
-        click.echo(f"error: {pipeline[0].load_error}", err=True)
-        return 1
+    assert progress is not None and counting is not None
     click.echo(format_summary(summary), err=True)
+    if pipeline[0].load_error is not None:
+        # The number left, when the images are quickly counted (the count's total arrives
+        # through the loop, so wait without blocking it).
+        await asyncio.to_thread(counting.join, COUNT_WAIT_S)
+        total = progress.total if request.limit is None else None
+        click.echo(format_load_failure(summary, pipeline[0].load_error, total), err=True)
+        return summary.exit_status if summary.interrupted is not None else 1
     return summary.exit_status
 
 
 def _count_in_background(
     loop: asyncio.AbstractEventLoop, request: CaptionRequest, read: ReadOptions, progress: Progress
-) -> None:
-    """Count the images while captioning starts, so the bar gets a total and an ETA."""
+) -> threading.Thread:
+    """Count the images while captioning starts, so the bar gets a total and an ETA (and a run
+    the model's load stopped can say how many are left)."""
 
     def count() -> None:
         try:
@@ -422,4 +431,6 @@ def _count_in_background(
         if total is not None:
             loop.call_soon_threadsafe(progress.set_total, total)
 
-    threading.Thread(target=count, name="vision-bulk-count", daemon=True).start()
+    counting = threading.Thread(target=count, name="vision-bulk-count", daemon=True)
+    counting.start()
+    return counting

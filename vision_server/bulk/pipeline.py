@@ -141,6 +141,10 @@ class BulkPipeline:
                 stopper = asyncio.ensure_future(self._stopping.wait())
                 await asyncio.wait({*active, stopper}, return_when=asyncio.FIRST_COMPLETED)
                 stopper.cancel()
+            if self.load_error is not None and self.summary.interrupted is None:
+                # No model: the images being decoded end now (a bad file is reported as failed,
+                # a good one is left for the rerun), so the summary has every failure known.
+                await asyncio.gather(*active, return_exceptions=True)
         finally:
             for task in active:
                 task.cancel()

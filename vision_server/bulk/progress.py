@@ -80,3 +80,15 @@ def format_summary(summary: Summary) -> str:
         if summary.failed > len(summary.failures):
             lines.append(f"  ... and {summary.failed - len(summary.failures)} more (each printed above)")
     return "\n".join(lines)
+
+
+def format_load_failure(summary: Summary, error: str, total: int | None) -> str:
+    """After the summary of a run the model's load stopped: why, and that a rerun goes on."""
+    again = "run the same command again once the model loads (what is done is skipped)"
+    if total is None:
+        left = f"the images not captioned yet are captioned when you {again}"
+    else:
+        count = max(0, total - summary.processed)
+        verb = "is" if count == 1 else "are"
+        left = f"{count} of the {total} images {verb} not captioned yet: {again}"
+    return f"error: {error}\n{left}"
