@@ -32,17 +32,30 @@ param(
 
 $ErrorActionPreference = "Stop"
 
-$nssmExe = (Get-Command $Nssm -ErrorAction SilentlyContinue).Source
+# A path to nssm.exe is taken as it is written (-LiteralPath: a folder such as "C:\tools [x64]"
+# is no wildcard pattern); a bare name is looked up on the PATH.
+$nssmExe = $null
+if ($Nssm -match '[\\/]') {
+    if (Test-Path -LiteralPath $Nssm -PathType Leaf) { $nssmExe = (Resolve-Path -LiteralPath $Nssm).ProviderPath }
+}
+else {
+    $nssmExe = (Get-Command $Nssm -CommandType Application -ErrorAction SilentlyContinue | Select-Object -First 1).Source
+}
 if (-not $nssmExe) {
     throw "nssm.exe not found. Install it (e.g. 'winget install NSSM.NSSM' or 'choco install nssm') or pass -Nssm C:\path\to\nssm.exe."
 }
-$exe = Join-Path $VenvDir "Scripts\vision-server.exe"
-if (-not (Test-Path $exe)) {
+# NSSM needs full paths; they are joined as strings: Join-Path -Path takes wildcards, and [ ] in
+# a folder name are not.
+$VenvDir = $ExecutionContext.SessionState.Path.GetUnresolvedProviderPathFromPSPath($VenvDir)
+$DataDir = $ExecutionContext.SessionState.Path.GetUnresolvedProviderPathFromPSPath($DataDir)
+$exe = [System.IO.Path]::Combine($VenvDir, "Scripts", "vision-server.exe")
+# -LiteralPath: a -VenvDir with [ ] in it (C:\venvs\[test]) is a path, not a wildcard pattern.
+if (-not (Test-Path -LiteralPath $exe -PathType Leaf)) {
     throw "$exe not found. Create the virtualenv and 'pip install' vision-server into it first."
 }
 
-$logDir = Join-Path $DataDir "logs"
-$cacheDir = Join-Path $DataDir "cache"
+$logDir = [System.IO.Path]::Combine($DataDir, "logs")
+$cacheDir = [System.IO.Path]::Combine($DataDir, "cache")
 New-Item -ItemType Directory -Force -Path $DataDir, $logDir, $cacheDir | Out-Null
 
 function Invoke-Nssm {
@@ -74,14 +87,14 @@ $environment = @(
     "VISION_SERVER_PORT=$Port",
     "VISION_SERVER_MODEL=$Model",
     "VISION_SERVER_CACHE_DIR=$cacheDir",
-    "HF_HOME=$(Join-Path $cacheDir 'huggingface')",
+    "HF_HOME=$([System.IO.Path]::Combine($cacheDir, 'huggingface'))",
     "VISION_SERVER_SHUTDOWN_GRACE=$ShutdownGraceSeconds"
 )
 if ($ApiKeyFile) { $environment += "VISION_SERVER_API_KEY_FILE=$ApiKeyFile" }
 Invoke-Nssm set $ServiceName AppEnvironmentExtra @environment
 
 # Logs: append, rotate at 10 MB, also while running.
-$log = Join-Path $logDir "vision-server.log"
+$log = [System.IO.Path]::Combine($logDir, "vision-server.log")
 Invoke-Nssm set $ServiceName AppStdout $log
 Invoke-Nssm set $ServiceName AppStderr $log
 Invoke-Nssm set $ServiceName AppStdoutCreationDisposition 4

@@ -84,6 +84,31 @@ def test_help_documents_every_parameter(script: Path) -> None:
     assert re.search(r"^\.SYNOPSIS$", text, flags=re.M) and re.search(r"^\.EXAMPLE$", text, flags=re.M)
 
 
+# Every .ps1 file of the repository: the clients and service/install-nssm.ps1.
+ALL_PS1 = sorted([*CLIENTS.glob("*.ps1"), *(REPO / "service").glob("*.ps1")])
+# Cmdlets whose -Path takes wildcards: "C:\\data\\[raw]" would be a pattern (matching "r", "a" or
+# "w"), so Test-Path says no and Get-Item finds nothing. -LiteralPath takes the path as written.
+WILDCARD_PATH_CMDLETS = (
+    "Test-Path", "Get-Item", "Get-ChildItem", "Remove-Item", "Resolve-Path", "Convert-Path",
+    "Get-Content", "Set-Content", "Add-Content", "Copy-Item", "Move-Item", "Rename-Item",
+    "Get-ItemProperty", "Out-File", "Set-Location", "Push-Location",
+)  # fmt: skip
+
+
+@pytest.mark.parametrize("script", ALL_PS1, ids=lambda p: p.name)
+def test_path_cmdlets_take_the_path_literally(script: Path) -> None:
+    """A dataset or virtualenv folder named with [ ] must work: every path cmdlet gets
+    -LiteralPath (install-nssm.ps1 said a -VenvDir with brackets had no vision-server.exe)."""
+    code = code_only(script.read_text(encoding="ascii"))
+    pattern = re.compile(r"(?<![\w-])(" + "|".join(WILDCARD_PATH_CMDLETS) + r")\b([^|;\n]*)", re.I)
+    wrong = [
+        (match.group(1), match.group(2).strip())
+        for match in pattern.finditer(code)
+        if not re.search(r"-LiteralPath\b", match.group(2), re.I)
+    ]
+    assert not wrong, f"{script.name} passes a path without -LiteralPath: {wrong}"
+
+
 def test_caption_files_are_utf8_without_bom_and_written_atomically() -> None:
     # Out-File/Set-Content -Encoding utf8 would add a BOM on 5.1; the helper writes the bytes itself.
     code = code_only(COMMON.read_text(encoding="ascii"))
