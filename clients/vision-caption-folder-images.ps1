@@ -95,8 +95,9 @@ How long to wait for each caption, in seconds (default 300; 0 waits for ever).
 Sent as 'Authorization: Bearer <key>'. Defaults to $env:VISION_API_KEY.
 
 .PARAMETER Retries
-How many times to retry one image when the server is busy (429/502/503) or refuses the
-connection (default 3).
+How many times to send one image again when the server is busy (429/502/503, after its
+Retry-After or a growing pause) or refuses the connection (default 5, as in
+vision-caption-folder-images.sh and vision-client folder; it was 3).
 
 .PARAMETER WaitForServerSec
 When the server goes away during the run (a restart, a deploy), pause and wait up to this
@@ -165,7 +166,7 @@ param(
     [string]$ApiKey = $env:VISION_API_KEY,
 
     [ValidateRange(0, 100)]
-    [int]$Retries = 3,
+    [int]$Retries = 5,
 
     [ValidateRange(0, 86400)]
     [int]$WaitForServerSec = 300,

@@ -31,7 +31,9 @@ Options:
   --no-recursive   only the images directly in <folder>, not in its subfolders
   --url URL        server address (default: \$VISION_HOST, else http://127.0.0.1:54880)
   --timeout SEC    per-image time limit in seconds (default: \$VISION_TIMEOUT, else 300)
-  --retries N      retries per image when the server is busy (HTTP 429/502/503) (default: 3)
+  --retries N      send an image again up to N times while the server answers busy (HTTP 429,
+                   502/503), after its Retry-After or 2, 4, 8... s (at most 60 s) (default: 5,
+                   as vision-client folder and the .ps1 script; it was 3)
   --wait-for-server SEC
                    when the server goes away mid-run (a restart, a deploy), pause and wait up
                    to SEC seconds for it to answer again, then send the images that were in
@@ -119,7 +121,7 @@ suffix=""
 jobs=4
 recursive=1
 quiet=0
-retries=3
+retries=5 # the default of every folder captioner
 wait_for_server=300
 timeout=${VISION_TIMEOUT:-300}
 client_opts=()

@@ -320,6 +320,21 @@ def test_a_run_that_stops_early_exits_with_the_same_status_for_each_cause(
 
 
 @pytest.mark.parametrize("tool", TOOLS[1:])
+def test_the_default_retries_carry_an_image_through_four_busy_answers(tool: str, tmp_path: Path) -> None:
+    """``--retries`` has one default in every folder client, 5: an overnight run rides out a
+    server that answers "queue full" (503, ``Retry-After: 1``) four times in a row. The bash
+    script's default was 3, so it stopped with exit 5 here (the .ps1 script's too)."""
+    root = tmp_path / "data"
+    save_image(root / "a.png", 0)
+    with StandIn(busy_first=4) as stand_in:
+        result = run_tool(tool, root, url=stand_in.url, cache=tmp_path, tmp=tmp_path)
+        posts = stand_in.posts()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(posts) == 5
+    assert (root / "a.txt").read_text() == "stand-in caption"
+
+
+@pytest.mark.parametrize("tool", TOOLS[1:])
 def test_a_model_gone_mid_run_stops_the_run_with_exit_2_as_at_the_start(tool: str, tmp_path: Path) -> None:
     """The server restarts without the model the run names (``--model``, ``VISION_MODEL`` for the
     script): every image left would get the same 404 model_not_found, so both clients stop, as a

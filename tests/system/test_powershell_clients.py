@@ -614,6 +614,19 @@ def test_folder_stops_with_exit_2_when_a_restarted_server_lacks_the_model(tmp_pa
 
 
 @needs_pwsh
+def test_folder_default_retries_ride_out_four_busy_answers(tmp_path: Path) -> None:
+    """-Retries defaults to 5, as in the other folder clients (it was 3: four 503s stopped the
+    run with exit code 5)."""
+    (image,) = make_folder(tmp_path, ["a.png"])
+    with StandIn(busy_first=4) as stand_in:
+        result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", stand_in.url, "-Jobs", "1")
+        posts = stand_in.posts()
+    assert result.returncode == 0, result.stderr
+    assert len(posts) == 5
+    assert read_caption(image.with_suffix(".txt")) == "stand-in caption"
+
+
+@needs_pwsh
 def test_folder_stops_with_exit_5_on_a_servers_own_502(tmp_path: Path) -> None:
     """A 502 with a JSON body (not a proxy's bare page, which pauses the run) after -Retries
     stops the run as busy or unavailable, as in the other folder clients."""
