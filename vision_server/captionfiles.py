@@ -14,6 +14,7 @@ captioners sweep such leftovers when they walk a folder (:func:`remove_stale_tem
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -117,18 +118,45 @@ def read_caption(path: Path) -> str | None:
         return None
 
 
+def caption_target_problem(target: Path) -> str | None:
+    """Why no caption file can be written at ``target``, or None when nothing stands in the way
+    that a look can tell: one reason for every folder captioner, asked before an image is sent.
+
+    A folder where the caption file belongs would be taken for a caption by ``skip`` and would
+    fail ``overwrite``. A name longer than the file system allows (``STEM.<task>.txt`` beside an
+    image whose own name is near the 255-byte limit) cannot be created at all; without this
+    check a run would send the image, then fail to save its caption, or stop on the error.
+    """
+    try:
+        info = target.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:
+            size = len(os.fsencode(target.name))
+            return (
+                f"the name of its caption file ({size} bytes) is too long for the file system; "
+                "rename the image to a shorter name"
+            )
+        return None  # anything else shows, with its own words, when the file is read or written
+    if stat.S_ISDIR(info.st_mode):
+        return f"{target.name} is a directory, not a caption file"
+    return None
+
+
 def has_caption(path: Path) -> bool:
     """A caption counts only if it has text; an empty file is what a failed run used to leave.
 
     Bytes, not text, are checked, so a caption in another encoding still counts, and a file we
-    cannot read is left alone rather than overwritten.
+    cannot read is left alone rather than overwritten. A name too long for the file system
+    names no file: no caption there.
     """
     try:
         data = path.read_bytes()
     except FileNotFoundError:
         return False
-    except OSError:
-        return True
+    except OSError as exc:
+        return exc.errno != errno.ENAMETOOLONG
     return bool(data.removeprefix(b"\xef\xbb\xbf").strip())
 
 

@@ -602,3 +602,16 @@ async def test_caption_name_near_name_max(stub, tmp_path: Path, stem: str) -> No
     assert leftovers(tmp_path) == []
     write_atomic(image.with_suffix(".txt"), "again")  # and the helper itself, over an existing file
     assert image.with_suffix(".txt").read_text(encoding="utf-8") == "again"
+
+
+async def test_a_caption_name_too_long_for_the_file_system_fails_that_image(stub, tmp_path: Path) -> None:
+    """``--ext caption`` beside a 248-byte stem names a 256-byte file, which no file system
+    holds: that image fails with what to do (it is not sent), the others are captioned."""
+    server, client = stub
+    long_one = make_png(tmp_path / f"{'a' * 248}.png")
+    short = make_png(tmp_path / "b.png", size=9)
+    summary = await caption_folder(client, tmp_path, ext="caption")
+    assert [f.path for f in summary.failed] == [long_one]
+    assert "too long for the file system; rename the image to a shorter name" in summary.failed[0].reason
+    assert summary.done == 1 and short.with_suffix(".caption").read_text(encoding="utf-8") == expected(short)
+    assert server.requests == 1 and leftovers(tmp_path) == []

@@ -61,6 +61,29 @@ def test_plan_fails_an_image_whose_caption_path_is_a_directory_in_every_mode(tmp
         assert isinstance(unit, Fail) and unit.reason == "cat.txt is a directory, not a caption file", mode
 
 
+def test_plan_fails_an_image_whose_caption_name_is_too_long(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A 240-byte stem fits ``STEM.txt`` but not ``STEM.more_detailed_caption.txt`` (266 bytes):
+    a run of several tasks fails that image with what to do, in every mode (it neither stops on
+    the error nor takes the image for done), and a run of one task captions it without claiming
+    a several-task file is there."""
+    image = tmp_path / f"{'x' * 240}.jpg"
+    image.write_bytes(picture(1))
+    record = Record(str(tmp_path), image.name, path=image)
+    tasks = ["<CAPTION>", "<MORE_DETAILED_CAPTION>"]
+    for mode in ("skip", "overwrite", "append"):
+        (unit,) = plan([record], tasks, [Sidecars(SidecarStyle(mode=mode, several_tasks=True))])
+        assert isinstance(unit, Fail), mode
+        assert unit.reason == (
+            "the name of its caption file (266 bytes) is too long for the file system; "
+            "rename the image to a shorter name"
+        )
+    (unit,) = plan([record], ["<MORE_DETAILED_CAPTION>"], [Sidecars(SidecarStyle())])
+    assert isinstance(unit, Work)
+    assert "exists" not in caplog.text
+
+
 def test_plan_finds_the_caption_files_behind_the_prefix_wrapper(tmp_path: Path) -> None:
     """--prefix/--suffix wrap the sidecar output: its stem clashes and directories still fail."""
     from vision_server.bulk.command import _Wrapped

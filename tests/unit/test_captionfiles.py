@@ -10,6 +10,8 @@ import pytest
 
 from tests.support.leftovers import OLD, YOUNG, aged
 from vision_server.captionfiles import (
+    caption_target_problem,
+    has_caption,
     is_caption_temp,
     remove_stale_temps,
     sweep_stale_temps,
@@ -89,3 +91,17 @@ def test_a_writable_gallery_sweeps_its_folder_a_read_only_one_never(tmp_path: Pa
     catalog = Catalog(root, writable=writable, page_size=10)
     assert list(catalog.entries()) == ["sub/cat.png"]
     assert stale.exists() is not writable
+
+
+def test_a_caption_name_too_long_for_the_file_system_is_no_caption(tmp_path: Path) -> None:
+    """ENAMETOOLONG names no file: ``has_caption`` must not take it for an unreadable caption
+    (skip mode would skip the image as done), and the target check says what to do."""
+    target = tmp_path / f"{'x' * 250}.more_detailed_caption.txt"
+    assert not has_caption(target)
+    assert caption_target_problem(target) == (
+        "the name of its caption file (276 bytes) is too long for the file system; "
+        "rename the image to a shorter name"
+    )
+    assert caption_target_problem(tmp_path / "fine.txt") is None
+    (tmp_path / "box.txt").mkdir()
+    assert caption_target_problem(tmp_path / "box.txt") == "box.txt is a directory, not a caption file"

@@ -25,6 +25,7 @@ from vision_server.bulk.records import Record, safe_text, task_slug
 from vision_server.captionfiles import (
     STALE_TEMP_AGE,
     Mode,
+    caption_target_problem,
     has_caption,
     merge_caption,
     one_line,
@@ -322,14 +323,15 @@ class Sidecars:
         return [task for task in tasks if not has_caption(sidecar_path(record.path, task, self.style))]
 
     def blocked(self, record: Record, tasks: Sequence[str]) -> str | None:
-        """Why no caption file can go where ``record``'s belongs (a directory is there), if so: skip
-        mode would take it for a caption and overwrite would fail on it, so the image fails instead."""
+        """Why no caption file can go where ``record``'s belongs (a directory is there, or its name
+        is too long for the file system), if so: the image fails instead of being captioned for
+        nothing, taken for done, or stopping the run."""
         if record.path is None:
             return None
         for task in tasks:
-            target = sidecar_path(record.path, task, self.style)
-            if target.is_dir():
-                return f"{target.name} is a directory, not a caption file"
+            problem = caption_target_problem(sidecar_path(record.path, task, self.style))
+            if problem is not None:
+                return problem
         return None
 
     def write(self, record: Record, captions: Captions, error: str | None) -> None:

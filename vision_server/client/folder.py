@@ -22,6 +22,7 @@ from vision_server.captionfiles import (
     Mode,
     caption_path,
     caption_suffix,
+    caption_target_problem,
     find_images,
     has_caption,
     merge_caption,
@@ -255,9 +256,9 @@ class _FolderRun:
                 reason = shared_caption_reason([target.name], others)
                 self.report(ImageResult(image, "failed", reason=reason))
                 continue
-            if target is not None and target.is_dir():  # skip would trust it, overwrite would fail
-                reason = f"{target.name} is a directory, not a caption file"
-                self.report(ImageResult(image, "failed", reason=reason))
+            problem = caption_target_problem(target) if target is not None else None
+            if problem is not None:  # a folder there, or a name too long to create
+                self.report(ImageResult(image, "failed", reason=problem))
                 continue
             if self.mode == "skip" and (key in recorded if target is None else has_caption(target)):
                 reason = "already captioned" if target is not None else f"already in {Path(str(jsonl)).name}"
