@@ -1,5 +1,6 @@
-"""``vision-server caption`` plans without torch: checking ``--task`` and a dry run import neither
-torch nor transformers (seconds of CPU), as the task list comes from the backend alone.
+"""``vision-server caption`` plans without torch: checking ``--task``, a dry run and a rerun that
+finds every image captioned import neither torch nor transformers (seconds of CPU), as the task
+list comes from the backend alone and the captioner is built for the first image to caption.
 
 Each case runs the real command in a fresh interpreter that writes, at exit, which of the two
 modules it imported; a run that captions shows the probe sees them when they are imported.
@@ -68,6 +69,24 @@ def test_an_auto_backend_reads_config_json_without_torch(tmp_path: Path, folder:
     assert imported == ""
     refused, imported = run_probed(tmp_path, folder, "--model", model, "--task", "ocr", "--dry-run")
     assert refused.returncode == 2 and "Valid prompts: <CAPTION>" in refused.stderr, refused.stderr
+    assert imported == ""
+
+
+def test_a_rerun_with_every_image_captioned_imports_no_torch(tmp_path: Path, folder: Path) -> None:
+    """Resuming a finished run (caption files and JSONL rows of this model for every image) is a
+    listing: the summary and exit 0, without building the captioner."""
+    images = sorted(path for path in folder.rglob("*") if path.is_file())
+    rows = tmp_path / "rows.jsonl"
+    with rows.open("w", encoding="utf-8") as out:
+        for image in images:
+            image.with_suffix(".txt").write_text("a caption from the first run", encoding="utf-8")
+            key = image.relative_to(folder).as_posix()
+            row = {"source": str(folder), "key": key, "task": "<CAPTION>", "caption": "a caption"}
+            out.write(json.dumps({**row, "model": "test:tiny", "adapter": None}) + "\n")
+    args = (folder, "--model", "test:tiny", "--task", "caption", "--log-level", "warning")
+    result, imported = run_probed(tmp_path, *args, "--jsonl", rows, "--sidecars")
+    assert result.returncode == 0, result.stderr
+    assert f"captioned 0, skipped {len(images)}, failed 0" in result.stderr, result.stderr
     assert imported == ""
 
 

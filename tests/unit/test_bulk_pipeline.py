@@ -1,4 +1,5 @@
-"""The dataset captioner's pipeline in-process: the model loads when the first image comes up."""
+"""The dataset captioner's pipeline in-process: the engine is built and its model loaded when the
+first image to caption comes up, not before."""
 
 from __future__ import annotations
 
@@ -7,12 +8,12 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 
 import pytest
 
-from tests.conftest import StartEngine
 from tests.support.bulk_data import picture
 from vision_server.bulk.pipeline import BulkPipeline, PipelineConfig, Summary
-from vision_server.bulk.plan import Work
+from vision_server.bulk.plan import Skip, Unit, Work
 from vision_server.bulk.records import Record
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
+from vision_server.engine.scheduler import Engine, EngineConfig
 from vision_server.images import PixelSpec
 from vision_server.testing.fake import FAKE_SPEC, FakeCaptioner
 
@@ -54,24 +55,72 @@ class Quiet:
         pass
 
 
+def in_threads(self: BulkPipeline) -> Executor:  # no decoding processes in a unit test
+    return ThreadPoolExecutor(1)
+
+
+ONE_AT_A_TIME = PipelineConfig(
+    ("<CAPTION>",), GenerationOptions(), 10**8, workers=1, batches_in_flight=1, min_in_flight=1
+)
+
+
 async def test_images_after_the_load_are_decoded_at_the_size_the_loaded_model_wants(
-    start_engine: StartEngine, monkeypatch: pytest.MonkeyPatch
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """The size read before the load is a guess; once loaded, the rest of the run decodes at the
     model's own size instead of every image being resized again on the model's thread."""
     model = SizedOnLoad()
-    engine = await start_engine(model, idle_timeout=-1, max_batch_size=1)
+    built: list[Engine] = []
 
-    def in_threads(self: BulkPipeline) -> Executor:  # no decoding processes in a unit test
-        return ThreadPoolExecutor(1)
+    def make_engine() -> Engine:
+        built.append(Engine(model, EngineConfig(idle_timeout=-1, max_batch_size=1)))
+        return built[-1]
 
     monkeypatch.setattr(BulkPipeline, "_new_pool", in_threads)
-    config = PipelineConfig(("<CAPTION>",), GenerationOptions(), 10**8, workers=1, in_flight=1)
     output = Kept()
-    pipeline = BulkPipeline(engine, [output], config, Quiet())
+    pipeline = BulkPipeline(make_engine, [output], ONE_AT_A_TIME, Quiet())
     units = (Work(Record("d", f"{n}.png", data=picture(n)), ("<CAPTION>",)) for n in range(3))
     summary = await asyncio.wait_for(pipeline.run(units), 60)
     assert (summary.captioned, summary.failed, pipeline.load_error) == (3, 0, None), output.rows
-    # in_flight=1: the first image was decoded while the model loaded (at the guessed size), each
-    # later one only once the one before it was captioned, so after the load
+    # one image in flight: the first was decoded while the model loaded (at the guessed size),
+    # each later one only once the one before it was captioned, so after the load
     assert model.shapes[1:] == [(LOADED_SPEC.height, LOADED_SPEC.width, 3)] * 2
+    assert len(built) == 1 and not built[0].running  # built once, stopped by the run
+
+
+async def test_a_run_with_nothing_to_caption_builds_no_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building the engine imports torch (seconds): a rerun that finds everything done skips it."""
+    built: list[str] = []
+
+    def make_engine() -> Engine:
+        built.append("engine")
+        raise AssertionError("built an engine with nothing to caption")
+
+    monkeypatch.setattr(BulkPipeline, "_new_pool", in_threads)
+    pipeline = BulkPipeline(make_engine, [Kept()], ONE_AT_A_TIME, Quiet())
+    units = (Skip(Record("d", f"{n}.png", data=b""), "already captioned") for n in range(5))
+    summary = await asyncio.wait_for(pipeline.run(units), 60)
+    assert (summary.skipped, summary.captioned, built, pipeline.engine) == (5, 0, [], None)
+
+
+async def test_a_stop_while_the_engine_is_built_starts_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl+C during the seconds torch takes to import: the run ends once the build returns,
+    without starting the engine or loading the model."""
+    model = FakeCaptioner(spec=FAKE_SPEC)
+    building = asyncio.Event()
+    loop = asyncio.get_running_loop()
+
+    def make_engine() -> Engine:
+        loop.call_soon_threadsafe(building.set)
+        return Engine(model, EngineConfig(idle_timeout=-1))
+
+    monkeypatch.setattr(BulkPipeline, "_new_pool", in_threads)
+    output = Kept()
+    pipeline = BulkPipeline(make_engine, [output], ONE_AT_A_TIME, Quiet())
+    units: list[Unit] = [Work(Record("d", f"{n}.png", data=picture(n)), ("<CAPTION>",)) for n in range(3)]
+    running = asyncio.ensure_future(pipeline.run(iter(units)))
+    await asyncio.wait_for(building.wait(), 60)
+    pipeline.stop(2)
+    summary = await asyncio.wait_for(running, 60)
+    assert (summary.interrupted, summary.processed, output.rows) == (2, 0, {})
+    assert pipeline.engine is None and not model.loaded

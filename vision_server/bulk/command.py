@@ -31,7 +31,7 @@ from vision_server.bulk.outputs import (
     check_writable,
     close_all,
 )
-from vision_server.bulk.pipeline import BulkPipeline, PipelineConfig
+from vision_server.bulk.pipeline import BulkPipeline, EngineFactory, PipelineConfig
 from vision_server.bulk.plan import Fail, Skip, Unit, Work, plan
 from vision_server.bulk.progress import Progress, format_load_failure, format_summary
 from vision_server.bulk.readers import (
@@ -45,6 +45,7 @@ from vision_server.bulk.readers import (
 )
 from vision_server.bulk.records import Record
 from vision_server.captionfiles import Mode, caption_suffix
+from vision_server.engine.scheduler import Engine
 from vision_server.errors import InvalidTask
 from vision_server.model_specs import adapter_identity, model_identity
 from vision_server.settings import Settings, SettingsError
@@ -171,9 +172,6 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
         )
     if not request.dry_run:
         _check_outputs(request)
-    # Built (importing torch) before the outputs open, even for a rerun with nothing left: the engine
-    # takes its batch size from it. Ray's actors build their own.
-    captioner = _captioner(settings) if not request.dry_run and request.ray is None else None
     outputs = _outputs(request, settings, tasks, sidecars)
     records = iter_records(request.inputs, read)
     if request.dry_run:
@@ -184,18 +182,29 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
         from vision_server.bulk.ray import run_ray
 
         return run_ray(settings, request, read, kinds, tasks, outputs)
-    assert captioner is not None
-    return asyncio.run(_run(settings, captioner, request, read, tasks, outputs))
+    return asyncio.run(_run(settings, request, read, tasks, outputs))
 
 
-def _captioner(settings: Settings) -> object:
-    """The default model's captioner (importing torch); it loads when the first image comes up."""
-    from vision_server.runtime import build_captioner
+def _engine_factory(settings: Settings) -> EngineFactory:
+    """What builds the default model's captioner (importing torch) and its engine, called by the
+    pipeline when the first image to caption comes up: a rerun with nothing left builds neither."""
 
-    try:
-        return build_captioner(settings, settings.default_model_spec)
-    except SettingsError as exc:  # found while planning already; kept for a model changed since
-        raise click.UsageError(str(settings.located(exc))) from None
+    def make_engine() -> Engine:
+        from vision_server.runtime import build_captioner, engine_config
+
+        try:
+            captioner = build_captioner(settings, settings.default_model_spec)
+        except SettingsError as exc:  # found while planning already; kept for a model changed since
+            raise click.UsageError(str(settings.located(exc))) from None
+        config = dataclasses.replace(
+            engine_config(settings, captioner),
+            idle_timeout=-1,  # never unload mid-run
+            memory_budget=None,  # one model, loaded once: a server's budget does not apply
+            request_timeout=7 * 24 * 3600.0,  # flow control bounds the wait, not a deadline
+        )
+        return Engine(captioner, config)
+
+    return make_engine
 
 
 def _check_inputs(request: CaptionRequest, read: ReadOptions) -> dict[Path, str]:
@@ -346,24 +355,14 @@ def _dry_run(units: Iterable[Unit]) -> int:
 
 async def _run(
     settings: Settings,
-    captioner: object,
     request: CaptionRequest,
     read: ReadOptions,
     tasks: tuple[str, ...],
     outputs: list[Output],
 ) -> int:
-    from vision_server.engine.scheduler import Engine
-    from vision_server.runtime import engine_config
     from vision_server.signals import install_stop_handlers
 
     loop = asyncio.get_running_loop()
-    config = dataclasses.replace(
-        engine_config(settings, captioner),  # type: ignore[arg-type]
-        idle_timeout=-1,  # never unload mid-run
-        memory_budget=None,  # one model, loaded once: a server's budget does not apply
-        request_timeout=7 * 24 * 3600.0,  # flow control bounds the wait, not a deadline
-    )
-    engine = Engine(captioner, config)  # type: ignore[arg-type]
     pipeline: list[BulkPipeline] = []
     stops: list[int] = []
 
@@ -379,9 +378,8 @@ async def _run(
     progress: Progress | None = None
     counting: threading.Thread | None = None
     try:
-        # The model loads when the first image to caption comes up (the pipeline starts it), so
-        # a rerun that finds everything captioned ends without loading it.
-        await engine.start()
+        # The engine is built and its model loaded when the first image to caption comes up
+        # (the pipeline does both), so a rerun that finds everything captioned does neither.
         progress = Progress(interval=request.progress_interval)
         workers = request.workers or min(8, os.cpu_count() or 1)
         pipe_config = PipelineConfig(
@@ -389,9 +387,10 @@ async def _run(
             options=settings.generation_defaults(),
             max_pixels=settings.max_image_pixels,
             workers=workers,
-            in_flight=max(BATCHES_IN_FLIGHT * config.max_batch_size, 2 * workers),
+            batches_in_flight=BATCHES_IN_FLIGHT,
+            min_in_flight=2 * workers,
         )
-        pipeline.append(BulkPipeline(engine, outputs, pipe_config, progress))
+        pipeline.append(BulkPipeline(_engine_factory(settings), outputs, pipe_config, progress))
         if stops:  # a signal while the engine started
             pipeline[0].stop(stops[0])
         counting = _count_in_background(loop, request, read, progress)
@@ -400,7 +399,6 @@ async def _run(
         )
     finally:
         await asyncio.to_thread(close_all, outputs)
-        await engine.stop(grace=0)
         undo()
         if progress is not None:
             progress.close()

@@ -5,10 +5,12 @@ reader and the writers at any time, so memory does not grow with the dataset; jo
 place in the engine's queue instead of being refused; decoding runs in processes so the GIL
 never starves the model thread; and writes go through one thread, in the order they finish.
 
-The model loads when the first image to caption comes up, not before: a rerun that finds
-everything done never loads it (minutes for a large model), and images that are skipped or fail
-before the first one to caption are reported meanwhile. Decoding starts while the model loads
-(the pixel spec is known from the model's files).
+Nothing heavy happens before the first image to caption comes up: the engine (and with it the
+captioner, which imports torch and transformers) is built then, and the model loads then, so a
+rerun that finds everything done imports neither (seconds of CPU) nor loads the model (minutes
+for a large one), and images that are skipped or fail before the first one to caption are
+reported meanwhile. Decoding starts while the model loads (the pixel spec is known from the
+model's files).
 
 On a stop request nothing new starts, work in flight is dropped (its images are simply not
 captioned yet), writes already started finish, and the outputs close cleanly: a rerun resumes.
@@ -21,7 +23,7 @@ import functools
 import logging
 import multiprocessing
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -49,7 +51,13 @@ class PipelineConfig:
     options: GenerationOptions
     max_pixels: int
     workers: int  # decoding processes
-    in_flight: int  # most images between reader and writers
+    # Most images between reader and writers: this many of the engine's batches (one on the
+    # model, one waiting, one being decoded), and at least min_in_flight to keep the decoders busy.
+    batches_in_flight: int
+    min_in_flight: int
+
+    def in_flight(self, batch_size: int) -> int:
+        return max(self.batches_in_flight * batch_size, self.min_in_flight)
 
 
 @dataclass
@@ -90,20 +98,30 @@ class Reporter(Protocol):
     def report(self, summary: Summary, outcome: Outcome, display: str, reason: str | None) -> None: ...
 
 
+EngineFactory = Callable[[], Engine]  # builds an engine, not started (imports torch: run in a thread)
+
+
 class BulkPipeline:
-    """One run over a stream of planned units into a started engine, which loads its model when
-    the first image to caption comes up (:attr:`load_error` says why it could not)."""
+    """One run over a stream of planned units. When the first image to caption comes up it
+    builds the engine with ``make_engine``, starts it and loads its model (:attr:`load_error`
+    says why it could not); it stops the engine it built when the run ends."""
 
     def __init__(
-        self, engine: Engine, outputs: Sequence[Output], config: PipelineConfig, reporter: Reporter
+        self,
+        make_engine: EngineFactory,
+        outputs: Sequence[Output],
+        config: PipelineConfig,
+        reporter: Reporter,
     ) -> None:
-        self.engine = engine
+        self._make_engine = make_engine
+        self.engine: Engine | None = None  # built with the first image to caption
         self.outputs = list(outputs)
         self.config = config
         self.reporter = reporter
         self.summary = Summary()
         self._stopping = asyncio.Event()
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: ProcessPoolExecutor | None = None  # started with the first image to caption
+        self._slots: asyncio.Semaphore | None = None  # places in flight, sized by the engine's batch
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="vision-bulk-write")
         self._writes: set[asyncio.Future[str | None]] = set()
         self._spec: PixelSpec | None = None  # the model's, read with the first image to caption
@@ -117,9 +135,7 @@ class BulkPipeline:
         self._stopping.set()
 
     async def run(self, units: Iterator[Unit]) -> Summary:
-        self._pool = self._new_pool()
         active: set[asyncio.Task[None]] = set()
-        slots = asyncio.Semaphore(self.config.in_flight)
         try:
             while not self._stopping.is_set():
                 chunk = await asyncio.to_thread(_take, units, READ_CHUNK)
@@ -132,8 +148,7 @@ class BulkPipeline:
                         self._report("skipped", unit.record, unit.reason)
                     elif isinstance(unit, Fail):
                         self._store(unit.record, {}, unit.reason)
-                    elif await self._acquire(slots):
-                        self._start_loading(unit)
+                    elif (slots := await self._first_work(unit)) and await self._acquire(slots):
                         task = asyncio.create_task(self._caption(unit))
                         active.add(task)
                         task.add_done_callback(functools.partial(_finished, active, slots))
@@ -153,8 +168,11 @@ class BulkPipeline:
                 self._loading.cancel()
                 await asyncio.gather(self._loading, return_exceptions=True)
             await asyncio.gather(*self._writes, return_exceptions=True)
-            self._pool.shutdown(wait=False, cancel_futures=True)
+            if self._pool is not None:
+                self._pool.shutdown(wait=False, cancel_futures=True)
             self._writer.shutdown(wait=True)
+            if self.engine is not None:
+                await self.engine.stop(grace=0)
             self.summary.seconds = time.monotonic() - self.summary.started
         return self.summary
 
@@ -172,21 +190,36 @@ class BulkPipeline:
         acquire.cancel()
         return False
 
-    def _start_loading(self, work: Work) -> None:
-        """Load the model in the background when the first image to caption comes up."""
-        if self._loading is not None:
-            return
+    async def _first_work(self, work: Work) -> asyncio.Semaphore | None:
+        """The places in flight; with the first image to caption, build and start the engine,
+        start the decoders and load the model in the background. None when the run stopped
+        meanwhile (a signal while torch was being imported)."""
+        if self._slots is not None:
+            return self._slots
         log.info(
             "loading the model for %s, the first image to caption (%d skipped before it)",
             work.record.display,
             self.summary.skipped,
         )
-        self._spec = self.engine.pixel_spec  # known from the model's files, before the load
+        building = asyncio.ensure_future(asyncio.to_thread(self._make_engine))
+        stopper = asyncio.ensure_future(self._stopping.wait())
+        await asyncio.wait({building, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        stopper.cancel()
+        if self._stopping.is_set():  # stopped: an import cannot be cut short; the run ends after it
+            await asyncio.gather(building, return_exceptions=True)
+            return None
+        engine = self.engine = building.result()
+        await engine.start()
+        self._pool = self._new_pool()
+        self._spec = engine.pixel_spec  # known from the model's files, before the load
         self._loading = asyncio.create_task(self._load())
+        self._slots = asyncio.Semaphore(self.config.in_flight(engine.config.max_batch_size))
+        return self._slots
 
     async def _load(self) -> bool:
         """Whether the model loaded; a failure stops the run (every image would fail the same
         way) and is kept in :attr:`load_error` to be said once, not once per image."""
+        assert self.engine is not None
         try:
             await self.engine.load()
         except VisionServerError as exc:  # nothing can be captioned: stop, say it once
@@ -227,7 +260,7 @@ class BulkPipeline:
         if isinstance(prepared, str):
             await asyncio.shield(self._store(record, {}, prepared))
             return
-        assert self._loading is not None
+        assert self._loading is not None and self.engine is not None
         if not await asyncio.shield(self._loading):
             return  # no model: the image is simply not captioned (the run reports why, once)
         captions, error = await caption_image(
