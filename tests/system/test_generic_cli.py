@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import http.server
 import json
 import subprocess
+import threading
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 from click.testing import CliRunner
@@ -69,3 +72,53 @@ def test_caption_runs_every_other_generic_family(
     assert result.returncode == 0, result.stderr
     expected = reference_caption(model, family, noise(3, (SIDE, SIDE)), max_new_tokens=6, num_beams=1)
     assert expected and (images / "p.txt").read_text(encoding="utf-8") == expected
+
+
+class ConfigOnlyHub(http.server.BaseHTTPRequestHandler):
+    """A stand-in hub that knows one model's ``config.json`` (a GIT model) and nothing else, and
+    writes down every request it gets."""
+
+    asked: ClassVar[list[str]] = []
+    CONFIG = "/someone/captioner/resolve/main/config.json"
+
+    def do_GET(self) -> None:
+        self._answer(body=True)
+
+    def do_HEAD(self) -> None:
+        self._answer(body=False)
+
+    def _answer(self, *, body: bool) -> None:
+        self.asked.append(f"{self.command} {self.path}")
+        data = json.dumps({"model_type": "git", "architectures": ["GitForCausalLM"]}).encode()
+        self.send_response(200 if self.path == self.CONFIG else 404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_auto_backend_run_asks_the_hub_for_config_json_once(tmp_path: Path) -> None:
+    """An uncached hub id under ``--backend auto``: planning (the task list) and building the
+    captioner decide by one config.json request (before, each asked the hub)."""
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "p.png").write_bytes(encode(noise(4, (SIDE, SIDE))))
+    ConfigOnlyHub.asked = []
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), ConfigOnlyHub) as hub:
+        threading.Thread(target=hub.serve_forever, daemon=True).start()
+        env = cli_env(tmp_path) | {
+            "HF_ENDPOINT": f"http://127.0.0.1:{hub.server_address[1]}",
+            "HF_HOME": str(tmp_path / "hf"),
+        }
+        command = caption_command(images, "--model", "someone/captioner", "--backend", "auto")
+        try:
+            result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+        finally:
+            hub.shutdown()
+    # The stand-in has no weights: the run stops at the load, as a run whose model cannot load does.
+    assert result.returncode == 1 and "The model could not be loaded" in result.stderr, result.stderr
+    assert ConfigOnlyHub.asked.count(f"GET {ConfigOnlyHub.CONFIG}") == 1, ConfigOnlyHub.asked

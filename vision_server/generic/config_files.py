@@ -8,6 +8,7 @@ yet) ``config.json`` alone fetched from the hub. Nothing here downloads weights.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from pathlib import Path
@@ -63,12 +64,30 @@ def _fetched_config(model: str, *, revision: str | None) -> dict[str, Any] | Non
     if Path(model).expanduser().exists() or model.startswith((".", "/", "~")):
         return None
     try:
-        from huggingface_hub import constants, get_session
+        from huggingface_hub import constants
+    except ImportError:
+        return None
+    if constants.HF_HUB_OFFLINE:
+        return None
+    text = _hub_config_text(constants.ENDPOINT, model, revision)
+    try:
+        data = json.loads(text) if text is not None else None
+    except ValueError:
+        log.info("cannot read the config.json of %s the hub sent to pick a backend", model)
+        return None
+    return data if isinstance(data, dict) else None
+
+
+@functools.lru_cache(maxsize=32)
+def _hub_config_text(endpoint: str, model: str, revision: str | None) -> str | None:
+    """The body of one request for ``config.json``, asked once per process: planning a
+    ``caption`` run and building its model then decide by the same answer (a failure too),
+    and a slow hub is waited on once."""
+    try:
+        from huggingface_hub import get_session
         from huggingface_hub.utils import build_hf_headers
 
-        if constants.HF_HUB_OFFLINE:
-            return None
-        url = f"{constants.ENDPOINT}/{model}/resolve/{quote(revision or 'main', safe='')}/config.json"
+        url = f"{endpoint}/{model}/resolve/{quote(revision or 'main', safe='')}/config.json"
         response = get_session().get(
             url, headers=build_hf_headers(), timeout=FETCH_TIMEOUT, follow_redirects=True
         )
@@ -77,11 +96,10 @@ def _fetched_config(model: str, *, revision: str | None) -> dict[str, Any] | Non
                 "cannot fetch config.json of %s to pick a backend (HTTP %d)", model, response.status_code
             )
             return None
-        data = response.json()
-    except Exception as exc:  # offline, unknown id, not JSON: the load reports it properly
+        return str(response.text)
+    except Exception as exc:  # offline, unknown id: the load reports it properly
         log.info("cannot fetch config.json of %s to pick a backend (%s)", model, type(exc).__name__)
         return None
-    return data if isinstance(data, dict) else None
 
 
 def _read_json(path: Path) -> dict[str, Any] | None:
