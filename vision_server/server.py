@@ -288,6 +288,8 @@ def serve(settings: Settings, captioner: Captioner | None = None) -> None:
     """Serve until SIGINT/SIGTERM, then drain queued jobs within ``shutdown_grace`` and return."""
     try:
         configure_logging(settings.log_level, settings.log_format, settings.log_file)
+        if "torch" not in sys.modules:  # said first: the model libraries take seconds to import
+            log.info("starting vision-server %s (pid %d), loading libraries", __version__, os.getpid())
         ssl_context(settings)  # a bad certificate or key stops the start before any model loads
         if captioner is None:
             check_model_sources(settings)

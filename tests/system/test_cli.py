@@ -165,3 +165,20 @@ def test_serve_test_model_captions_and_exits_cleanly_on_sigterm(tmp_path: Path) 
         server.send_signal(signal.SIGTERM)
         _, stderr = server.communicate(timeout=60)
     assert server.returncode == 0, stderr
+
+
+def test_serve_says_it_is_starting_before_importing_torch(tmp_path: Path) -> None:
+    """The model libraries take seconds to import: a line says so before they do (``-X importtime``
+    writes each import to the same stderr, in order), then the usual start line follows."""
+    command = [sys.executable, "-X", "importtime", "-m", "vision_server", "serve", "--model", "test:tiny"]
+    env = {**os.environ, "XDG_CONFIG_HOME": str(tmp_path / "config"), "PYTHONUNBUFFERED": "1"}
+    env.update({"VISION_SERVER_HOST": "127.0.0.1", "VISION_SERVER_PORT": "0"})
+    with ServerProcess([*command, "--cache-dir", str(tmp_path)], env, tmp_path / "server.log") as server:
+        server.wait_listening(timeout=120)
+        server.stop()
+        lines = server.log_text().splitlines()
+    starting = next(i for i, line in enumerate(lines) if "starting vision-server" in line)
+    torch = next(i for i, line in enumerate(lines) if re.search(r"\|\s+torch$", line))
+    serving = next(i for i, line in enumerate(lines) if "serving test:tiny" in line)
+    assert starting < torch < serving, lines[starting]
+    assert f"(pid {server.pid}), loading libraries" in lines[starting] and "INFO" in lines[starting]
