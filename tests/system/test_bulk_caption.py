@@ -674,9 +674,10 @@ def test_a_model_that_cannot_load_ends_with_the_summary_and_how_to_go_on(
     assert "Traceback" not in err
     assert "captioned 0, skipped 1, failed 1 in " in err, err
     assert f"failed:\n  {root / 'b.png'}: the file is not in a supported image format" in err, err
-    assert "error: The model could not be loaded: " in err and "has no config.json" in err, err
+    # said once, in the summary, as the command's other errors are: "error: " and a lower-case word
+    assert "error: the model could not be loaded: " in err and err.count("has no config.json") == 1, err
     assert "1 of the 3 images is not captioned yet: run the same command again once the model loads" in err
-    assert err.index("captioned 0,") < err.index("error: The model") < err.index("1 of the 3 images")
+    assert err.index("captioned 0,") < err.index("error: the model") < err.index("1 of the 3 images")
     text = jsonl.read_text(encoding="utf-8")  # the row there stays; b.png's failure row is whole
     assert text.startswith(before) and text.endswith("\n"), text
     assert [(row["key"], row["caption"]) for row in jsonl_rows(jsonl)] == [("a.png", "done"), ("b.png", None)]

@@ -14,6 +14,7 @@ from vision_server.bulk.plan import Skip, Unit, Work
 from vision_server.bulk.records import Record
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
 from vision_server.engine.scheduler import Engine, EngineConfig
+from vision_server.errors import ModelLoadError
 from vision_server.images import PixelSpec
 from vision_server.testing.fake import FAKE_SPEC, FakeCaptioner
 
@@ -124,3 +125,30 @@ async def test_a_stop_while_the_engine_is_built_starts_nothing(monkeypatch: pyte
     summary = await asyncio.wait_for(running, 60)
     assert (summary.interrupted, summary.processed, output.rows) == (2, 0, {})
     assert pipeline.engine is None and not model.loaded
+
+
+async def test_a_failed_load_is_kept_as_its_cause_and_not_logged_by_the_engine_too(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The summary says the failure once ("error: the model could not be loaded: CAUSE"); the
+    engine's own line of it would say it a second time just above."""
+    model = FakeCaptioner(spec=FAKE_SPEC)
+    model.fail_load = "m has no config.json"
+    monkeypatch.setattr(BulkPipeline, "_new_pool", in_threads)
+    pipeline = BulkPipeline(
+        lambda: Engine(model, EngineConfig(idle_timeout=-1)), [Kept()], ONE_AT_A_TIME, Quiet()
+    )
+    units = (Work(Record("d", f"{n}.png", data=picture(n)), ("<CAPTION>",)) for n in range(2))
+    with caplog.at_level("INFO"):
+        summary = await asyncio.wait_for(pipeline.run(units), 60)
+    assert pipeline.load_error == "m has no config.json" and summary.captioned == 0
+    assert not [r for r in caplog.records if "m has no config.json" in r.getMessage()], caplog.text
+    # the filter is the run's own: a server's engine still logs its failed loads
+    engine = Engine(model, EngineConfig(idle_timeout=-1))
+    await engine.start()
+    try:
+        with caplog.at_level("INFO"), pytest.raises(ModelLoadError, match=r"no config\.json"):
+            await engine.load()
+    finally:
+        await engine.stop(grace=0)
+    assert "failed to load: m has no config.json" in caplog.text

@@ -42,13 +42,13 @@ def test_both_commands_build_on_it() -> None:
 
 def test_a_failed_load_says_how_many_are_left_only_when_they_were_counted() -> None:
     summary = Summary(skipped=3, failed=1)
-    counted = format_load_failure(summary, "The model could not be loaded: no config.json", 10)
+    counted = format_load_failure(summary, "no config.json", 10)
     assert counted.splitlines() == [
-        "error: The model could not be loaded: no config.json",
+        "error: the model could not be loaded: no config.json",
         "6 of the 10 images are not captioned yet: run the same command again once the model loads "
         "(what is done is skipped)",
     ]
-    uncounted = format_load_failure(summary, "The model could not be loaded: no config.json", None)
+    uncounted = format_load_failure(summary, "no config.json", None)
     assert uncounted.splitlines()[1] == (
         "the images not captioned yet are captioned when you run the same command again once the "
         "model loads (what is done is skipped)"

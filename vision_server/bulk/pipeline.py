@@ -34,6 +34,7 @@ from vision_server.bulk.plan import Fail, Skip, Unit, Work
 from vision_server.bulk.prepare import interrupts_held, prepare_record, worker_init
 from vision_server.bulk.records import Record
 from vision_server.captioner import CaptionItem, GenerationOptions
+from vision_server.engine import keeper
 from vision_server.engine.scheduler import Engine
 from vision_server.errors import VisionServerError
 from vision_server.images import PixelSpec, PreparedImage
@@ -127,6 +128,7 @@ class BulkPipeline:
         self._spec: PixelSpec | None = None  # the model's, read with the first image to caption
         self._loading: asyncio.Task[bool] | None = None  # the model's load, once started
         self.load_error: str | None = None  # why the model did not load; the run stopped there
+        self._said_once = _SaidInSummary()
 
     def stop(self, signum: int) -> None:
         """Stop early (a signal): start nothing new; the run returns once the writes are done."""
@@ -136,6 +138,7 @@ class BulkPipeline:
 
     async def run(self, units: Iterator[Unit]) -> Summary:
         active: set[asyncio.Task[None]] = set()
+        keeper.log.addFilter(self._said_once)
         try:
             while not self._stopping.is_set():
                 chunk = await asyncio.to_thread(_take, units, READ_CHUNK)
@@ -173,6 +176,7 @@ class BulkPipeline:
             self._writer.shutdown(wait=True)
             if self.engine is not None:
                 await self.engine.stop(grace=0)
+            keeper.log.removeFilter(self._said_once)
             self.summary.seconds = time.monotonic() - self.summary.started
         return self.summary
 
@@ -223,7 +227,7 @@ class BulkPipeline:
         try:
             await self.engine.load()
         except VisionServerError as exc:  # nothing can be captioned: stop, say it once
-            self.load_error = exc.message
+            self.load_error = self.engine.status().last_error or exc.message  # the cause alone
             self._stopping.set()
             return False
         # The size read before the load is a guess for a model whose backend is picked as it
@@ -299,6 +303,14 @@ class BulkPipeline:
     def _report(self, outcome: Outcome, record: Record, reason: str | None) -> None:
         self.summary.record(outcome, record.display, reason)
         self.reporter.report(self.summary, outcome, record.display, reason)
+
+
+class _SaidInSummary(logging.Filter):
+    """Leaves out the engine's log line of a failed load: the run's summary says it, once, with
+    how to go on. An unexpected failure's line stays, for its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.msg is not keeper.LOAD_FAILED_LOG or bool(record.exc_info)
 
 
 async def caption_image(

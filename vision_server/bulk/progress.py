@@ -83,7 +83,8 @@ def format_summary(summary: Summary) -> str:
 
 
 def format_load_failure(summary: Summary, error: str, total: int | None) -> str:
-    """After the summary of a run the model's load stopped: why, and that a rerun goes on."""
+    """After the summary of a run the model's load stopped: why (``error``, the cause), and that
+    a rerun goes on."""
     again = "run the same command again once the model loads (what is done is skipped)"
     if total is None:
         left = f"the images not captioned yet are captioned when you {again}"
@@ -91,4 +92,4 @@ def format_load_failure(summary: Summary, error: str, total: int | None) -> str:
         count = max(0, total - summary.processed)
         verb = "is" if count == 1 else "are"
         left = f"{count} of the {total} images {verb} not captioned yet: {again}"
-    return f"error: {error}\n{left}"
+    return f"error: the model could not be loaded: {error}\n{left}"

@@ -25,6 +25,9 @@ from vision_server.engine.slots import RESIDENT, ModelSlot, model_key
 from vision_server.errors import ModelLoadError, VisionServerError
 
 log = logging.getLogger("vision_server.engine.scheduler")
+# The log line of a failed load (its message, so a caller that says the failure itself, as
+# `vision-server caption` does in its summary, can leave this line out).
+LOAD_FAILED_LOG = "model %s failed to load: %s"
 
 LOAD_RETRY_AFTER = 30.0
 
@@ -139,7 +142,7 @@ class ModelKeeper:
                 exc.message if isinstance(exc, VisionServerError) else f"{type(exc).__name__}: {exc}"
             )
             log.error(
-                "model %s failed to load: %s",
+                LOAD_FAILED_LOG,
                 slot.name,
                 slot.last_error,
                 exc_info=not isinstance(exc, VisionServerError),
