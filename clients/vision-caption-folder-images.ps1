@@ -23,6 +23,10 @@ name and the extension CaptionExt: cat.png -> cat.txt.
   that refuses the API key or the prompt, or that answers HTTP 404 (no such -Model, also once
   a restarted server no longer serves it). The summary then says why, and how many images were
   not attempted ("Stopped early, N image(s) not attempted: ..."); the exit code says the cause.
+  This holds at the first request (GET /prompts, at most 30 s or -TimeoutSec, no retries) too;
+  a busy, slow or failing (HTTP 500) answer to it is only a warning ("trying anyway"), as in
+  vision-caption-folder-images.sh. A prompt the server does not know is refused at the first
+  image (exit code 7).
 - -Jobs N (default 4) keeps N requests in flight, which lets the server batch them on the GPU.
   It works the same on Windows PowerShell 5.1 and PowerShell 7 (a runspace pool).
 - Images with the same name but another extension (a.jpg and a.png) would share one caption
@@ -435,55 +439,64 @@ try {
     $client.DefaultRequestHeaders.Add('X-Priority', 'bulk')
     $client.DefaultRequestHeaders.Add('X-Client-Id', "folder-$PID")
 
-    # One quick request first: a wrong URL, a missing API key or an unknown prompt would
-    # otherwise fail every image in the same way. A server that is not up yet (nothing listens,
-    # or a proxy answers 502/503 itself) is waited for up to -WaitForServerSec, as one that
-    # goes away mid-run, probing with a capped back-off (as vision-caption-folder-images.sh).
-    $answered = $false
+    # One quick request first, GET /prompts (at most 30 s, or -TimeoutSec when shorter, and no
+    # retries), as vision-caption-folder-images.sh: a wrong -Url or -Model (HTTP 404), a refused
+    # API key or a server that cannot be reached would fail every image in the same way, so they
+    # stop the run, with the summary of every early stop. A server that is not up yet (nothing
+    # listens, or a proxy answers 502/503 itself) is waited for up to -WaitForServerSec, as one
+    # that goes away mid-run, probing with a capped back-off. Anything else (busy, slow, a 500)
+    # is only a warning: each image has its own -Retries and -TimeoutSec. The prompt is not
+    # checked here: the server refuses it at the first image (exit code 7), in its own words.
+    $probeTimeout = 30
+    if ($TimeoutSec -gt 0 -and $TimeoutSec -lt 30) { $probeTimeout = $TimeoutSec }
+    $probeClient = New-VisionHttpClient -TimeoutSec $probeTimeout -MaxConnections 1
     $startWait = $null
     $pause = 1.0
-    while (-not $answered) {
-        try {
-            $promptsJson = Get-VisionJson -Client $client -BaseUrl $baseUrl -Path (Get-VisionPromptsPath -Model $Model) -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries
-            $answered = $true
-            if ($null -ne $startWait) { Write-FolderError ('{0}: server answers; going on' -f $scriptName) }
-        }
-        catch {
-            $failure = $_.Exception
-            if ($WaitForServerSec -le 0 -or $failure.Data['VisionNotUpYet'] -ne $true) {
-                $aborted = $failure.Message
-                # The exit code of the cause (3 unreachable, 5 busy, 6 key refused), as below.
-                $stop = Get-FolderStop ([string]$failure.Data['VisionFailure']) ($failure.Data['VisionStatus']) ($failure.Message)
-                if ($null -ne $stop) { $abortExitCode = $stop.Code }
-                # No vision-server at this address (a -Url with a path?), or a -Model it does not serve.
-                if ($failure.Message -like 'HTTP 404:*') {
-                    $aborted = '{0}: check -Url (the server''s base address, e.g. http://host:54880){1}' -f $failure.Message.TrimEnd('.'), $(if ($Model) { ' and -Model' } else { '' })
-                    $abortExitCode = 2
+    try {
+        while ($true) {
+            try {
+                $null = Get-VisionJson -Client $probeClient -BaseUrl $baseUrl -Path (Get-VisionPromptsPath -Model $Model) -ApiKey $ApiKey -TimeoutSec $probeTimeout -Retries 0
+                if ($null -ne $startWait) { Write-FolderError ('{0}: server answers; going on' -f $scriptName) }
+                break
+            }
+            catch {
+                $failure = $_.Exception
+                $kind = [string]$failure.Data['VisionFailure']
+                if ($kind -eq 'connect' -and $failure.Data['VisionNotUpYet'] -eq $true -and $WaitForServerSec -gt 0) {
+                    if ($null -eq $startWait) {
+                        Write-FolderError ('{0}: server not answering yet ({1}); waiting up to {2} s for it (-WaitForServerSec; 0 stops at once)' -f $scriptName, $failure.Message, $WaitForServerSec)
+                        $startWait = [System.Diagnostics.Stopwatch]::StartNew()
+                    }
+                    $left = $WaitForServerSec - $startWait.Elapsed.TotalSeconds
+                    if ($left -gt 0) {
+                        Start-Sleep -Milliseconds ([int](1000 * [Math]::Min($pause, $left)))
+                        $pause = [Math]::Min(5.0, 2 * $pause)
+                        continue
+                    }
+                    # As after an outage mid-run (Wait-FolderServer).
+                    $aborted = 'the server cannot be reached (still not after waiting {0} s: {1})' -f $WaitForServerSec, $failure.Message
+                    $abortExitCode = 3
+                    break
                 }
-                throw
+                $stop = Get-FolderStop $kind ($failure.Data['VisionStatus']) ($failure.Message)
+                if ($null -ne $stop -and @(2, 3, 6) -contains $stop.Code) {
+                    $aborted = $stop.Reason
+                    $abortExitCode = $stop.Code
+                    if ($stop.Code -eq 2) {
+                        # No vision-server at this address (a -Url with a path?), or a -Model it does not serve.
+                        $aborted = '{0}: check -Url (the server''s base address, e.g. http://host:54880){1}' -f $failure.Message.TrimEnd('.'), $(if ($Model) { ' and -Model' } else { '' })
+                    }
+                    break
+                }
+                Write-FolderError ('{0}: warning: GET /prompts failed ({1}); trying anyway' -f $scriptName, $failure.Message)
+                break
             }
-            if ($null -eq $startWait) {
-                Write-FolderError ('{0}: server not answering yet ({1}); waiting up to {2} s for it (-WaitForServerSec; 0 stops at once)' -f $scriptName, $failure.Message, $WaitForServerSec)
-                $startWait = [System.Diagnostics.Stopwatch]::StartNew()
-            }
-            $left = $WaitForServerSec - $startWait.Elapsed.TotalSeconds
-            if ($left -le 0) {
-                $aborted = '{0} (still not after waiting {1} s)' -f $failure.Message, $WaitForServerSec
-                $abortExitCode = 3
-                throw
-            }
-            Start-Sleep -Milliseconds ([int](1000 * [Math]::Min($pause, $left)))
-            $pause = [Math]::Min(5.0, 2 * $pause)
         }
     }
-    $prompts = ConvertFrom-Json -InputObject $promptsJson
-    $known = @(foreach ($item in $prompts) { ([string]$item).ToUpperInvariant() })
-    $canonical = $task -replace '^<MIX_CAPTION', '<MIXED_CAPTION'
-    if ($known.Count -gt 0 -and $known -notcontains $canonical) {
-        $aborted = 'the server does not know the prompt {0}; it accepts {1}' -f $task, ($known -join ' ')
-        $abortExitCode = 7   # the server refuses the prompt, as in the other folder captioners
-        throw $aborted
+    finally {
+        $probeClient.Dispose()
     }
+    if ($null -ne $aborted) { Write-FolderError ('{0}: stopping: {1}' -f $scriptName, $aborted) }
 
     # The worker pool: each runspace gets the helper functions; the HttpClient is shared.
     $state = [System.Management.Automation.Runspaces.InitialSessionState]::CreateDefault()
@@ -491,8 +504,10 @@ try {
         $entry = [System.Management.Automation.Runspaces.SessionStateFunctionEntry]::new($helper.Name, $helper.Definition)
         $state.Commands.Add($entry)
     }
-    $pool = [System.Management.Automation.Runspaces.RunspaceFactory]::CreateRunspacePool(1, $Jobs, $state, $Host)
-    $pool.Open()
+    if ($null -eq $aborted) {   # a run stopped by the first request starts no worker
+        $pool = [System.Management.Automation.Runspaces.RunspaceFactory]::CreateRunspacePool(1, $Jobs, $state, $Host)
+        $pool.Open()
+    }
     $workerScript = 'param($Job) Invoke-VisionCaptionImage @Job'
 
     $watch = [System.Diagnostics.Stopwatch]::StartNew()

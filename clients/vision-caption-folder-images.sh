@@ -67,7 +67,10 @@ Progress (count/total, images per second and ETA) goes to stderr, then a summary
 every image that failed and why. The run stops early when the server cannot be reached for
 longer than --wait-for-server (at the start or mid-run), stays busy after the retries, rejects
 the API key or the prompt, or answers HTTP 404 (also mid-run: a server restarted without
-VISION_MODEL). Ctrl+C before the images are listed says that no image was attempted. An image whose request keeps breaking the connection (six times: a
+VISION_MODEL), also at the first request (GET /prompts, at most 30 s or --timeout, no
+retries). A busy, slow or failing (HTTP 500) answer to that request is only a warning
+("trying anyway"): each image has its own --retries and --timeout. Ctrl+C before the images
+are listed says that no image was attempted. An image whose request keeps breaking the connection (six times: a
 server that crashes on it) fails alone.
 
 Exit status (the same in vision-client folder and the .ps1 folder script): 0 all images
@@ -380,6 +383,15 @@ preflight_message_into() {
     printf -v "$1" '%s' "${_last#"$client_name: "}"
 }
 
+# preflight_stop RC REASON: the first request met what every image would meet too: stop the run
+# with RC, in the words and with the summary of every early stop (the images are still listed,
+# so it says how many were not attempted), as vision-client folder and the .ps1 script do.
+preflight_stop() {
+    abort_rc=$1
+    abort_reason=$2
+    say "stopping: $abort_reason"
+}
+
 preflight_rc=0
 message=""
 probe_prompts || preflight_rc=$?
@@ -400,26 +412,38 @@ if ((preflight_rc == 3 && wait_for_server > 0)) && not_up_yet; then
     done
     if ((preflight_rc == 3)) && not_up_yet; then
         preflight_message_into message
-        die 3 "$message (still not after waiting $wait_for_server s)"
+        preflight_rc=-1 # handled: the run stops as after an outage mid-run
+        preflight_stop 3 "the server cannot be reached (still not after waiting $wait_for_server s: $message)"
     fi
     ((preflight_rc != 0)) || say "server answers; going on"
 fi
 case $preflight_rc in
-0) ;;
-2 | 3 | 6)
-    # Bad options, cannot connect, or the key is refused: no point in trying every image.
+0 | -1) ;;
+2)
+    # vision-client.sh refused an option (the URL): a usage error, before anything started.
     sed "s/^$client_name: /$PROG: /" "$tmpd/preflight.err" >&2
-    exit "$preflight_rc"
+    exit 2
+    ;;
+3)
+    # Cannot connect (--wait-for-server 0), a host name that does not resolve, TLS trouble.
+    preflight_message_into message
+    preflight_stop 3 "the server cannot be reached ($message)"
+    ;;
+6)
+    preflight_message_into message
+    preflight_stop 6 "the server refused the API key ($message)"
     ;;
 *)
-    if grep -q ': HTTP 404' "$tmpd/preflight.err"; then
+    preflight_message_into message
+    if [[ $message == "HTTP 404"* ]]; then
         # Not a vision-server at this address (a --url with a path?), or a VISION_MODEL it does
         # not serve: every image would fail the same way.
-        preflight_message_into message
-        die 2 "${message%.}: check --url (the server's base address, e.g. http://host:54880)${VISION_MODEL:+ and VISION_MODEL}"
+        preflight_stop 2 "${message%.}: check --url (the server's base address, e.g. http://host:54880)${VISION_MODEL:+ and VISION_MODEL}"
+    else
+        # Busy, slow or broken just now (HTTP 429/503, a timeout, a 500): the images have their
+        # own --retries and --timeout, and each failure is reported with its image.
+        say "warning: GET /prompts failed ($message); trying anyway"
     fi
-    preflight_message_into message
-    say "warning: GET /prompts failed ($message); trying anyway"
     ;;
 esac
 
@@ -434,8 +458,12 @@ sweep_args=("$folder")
 ((recursive)) || sweep_args+=(-maxdepth 1)
 sweep_args+=(-type f '(' -name ".vision-caption.$hex_glob.tmp" -o -name '.vision-caption.[0-9]*.[0-9]*.tmp' ')')
 sweep_args+=(-mmin +15 -delete -print0)
-find "${sweep_args[@]}" >"$tmpd/swept" 2>/dev/null || true
 swept=0
+if [[ -z $abort_reason ]]; then # a run that stops before any image writes nothing
+    find "${sweep_args[@]}" >"$tmpd/swept" 2>/dev/null || true
+else
+    : >"$tmpd/swept"
+fi
 while IFS= read -r -d '' _; do swept=$((swept + 1)); done <"$tmpd/swept"
 if ((swept > 0)); then
     say "removed $swept leftover temporary caption file(s) of a killed run"
@@ -645,6 +673,13 @@ report() {
         fi
     } >&2
 }
+
+# The first request already stopped the run: the summary, with every image to caption not
+# attempted, and the exit status of the cause.
+if [[ -n $abort_reason ]]; then
+    report
+    exit "$abort_rc"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # One image, in a background subshell. Leaves "$tmpd/res.INDEX" (ok / fail / abort RC, then

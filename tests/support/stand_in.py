@@ -52,6 +52,9 @@ class StandIn:
     ``outage_after``: once that many POSTs were captioned, every request (GETs too) gets what
     HAProxy answers while no server behind it is up, 503 and 502 in turn, an HTML page without
     ``Retry-After``, for ``outage_seconds``; then captions again (0: down from the start).
+    ``prompts_status``: GET /prompts (the folder scripts' first request) answers that status
+    instead (503: "Queue full" with ``Retry-After: 1``; else a JSON error); ``prompts_delay``: it
+    answers that many seconds late (a timeout); the POSTs are not affected.
     """
 
     def __init__(
@@ -65,7 +68,10 @@ class StandIn:
         outage_after: int | None = None,
         outage_seconds: float = 0.0,
         model_gone_after: int | None = None,
+        prompts_status: int | None = None,
+        prompts_delay: float = 0.0,
     ) -> None:
+        self.prompts_status, self.prompts_delay = prompts_status, prompts_delay
         self.hang, self.key, self.caption = hang, key, caption
         self.busy_left, self.busy_status = busy_first, busy_status
         self.model_gone_after = model_gone_after
@@ -174,6 +180,14 @@ def _handler_for(stand_in: StandIn) -> type[BaseHTTPRequestHandler]:
             query = parse_qs(urlsplit(self.path).query)
             if self.path.startswith("/prompts") and stand_in.model_gone(query.get("model", [""])[0]):
                 self.model_not_found(query["model"][0])
+                return
+            if self.path.startswith("/prompts") and stand_in.prompts_delay:
+                stand_in.release.wait(stand_in.prompts_delay)
+            if self.path.startswith("/prompts") and stand_in.prompts_status == 503:
+                self.reply(503, {"detail": "Queue full"}, {"Retry-After": "1"})
+                return
+            if self.path.startswith("/prompts") and stand_in.prompts_status:
+                self.reply(stand_in.prompts_status, {"detail": "Internal error (request id abc123)"})
                 return
             self.reply(200, "stand-in-model" if self.path == "/model" else PROMPTS)
 

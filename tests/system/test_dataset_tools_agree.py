@@ -262,6 +262,8 @@ def test_a_model_the_server_does_not_serve_stops_both_clients_before_any_image(
     assert "HTTP 404: " in result.stderr
     assert "does not serve a model named 'nope'" in result.stderr
     assert "check --url" in result.stderr and ".: check" not in result.stderr  # one sentence
+    # The summary of every early stop (the bash script ended with the message alone).
+    assert "Stopped early, 2 image(s) not attempted: HTTP 404: " in result.stderr, result.stderr[-3000:]
     assert not rows.exists()
     assert sorted(path.name for path in root.iterdir()) == ["a.png", "b.png"]
 
@@ -289,8 +291,8 @@ def test_a_run_that_stops_early_exits_with_the_same_status_for_each_cause(
     """Every image would meet the same answer, so the run stops, and both clients say why with
     the same exit status (vision-client folder exited 1 for all of these) and the same words:
     "Stopped early, N image(s) not attempted: <reason>"; the images in flight that met the stop
-    count as not attempted, not failed. (The bash script stops an unreachable server at its
-    first request, GET /prompts, before the summary.)"""
+    count as not attempted, not failed. That holds at the first request too: the bash script's
+    GET /prompts to an unreachable server ended with the message alone, no summary."""
     root = tmp_path / "data"
     for seed in range(3):
         save_image(root / f"img{seed}.png", seed)
@@ -311,9 +313,8 @@ def test_a_run_that_stops_early_exits_with_the_same_status_for_each_cause(
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert result.returncode == status, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
-    if not (cause == "unreachable" and tool == "bash script"):
-        assert f"Stopped early, 3 image(s) not attempted: {reason}" in result.stderr, result.stderr[-3000:]
-        assert " 0 failed" in result.stderr, result.stderr[-3000:]
+    assert f"Stopped early, 3 image(s) not attempted: {reason}" in result.stderr, result.stderr[-3000:]
+    assert " 0 failed" in result.stderr, result.stderr[-3000:]
     if cause == "task refused":
         assert "(HTTP 400: Invalid prompt" in result.stderr
     assert sorted(path.name for path in root.iterdir()) == ["img0.png", "img1.png", "img2.png"]
@@ -332,6 +333,43 @@ def test_the_default_retries_carry_an_image_through_four_busy_answers(tool: str,
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(posts) == 5
     assert (root / "a.txt").read_text() == "stand-in caption"
+
+
+@pytest.mark.parametrize(
+    ("cause", "trouble"),
+    [("busy", {"prompts_status": 503}), ("a 500", {"prompts_status": 500}), ("slow", {"prompts_delay": 6.0})],
+)
+@pytest.mark.parametrize("tool", TOOLS[1:])
+def test_trouble_at_the_first_request_is_a_warning_and_the_images_are_sent(
+    tool: str, cause: str, trouble: dict, tmp_path: Path
+) -> None:
+    """The first request asks about the model (GET /prompts?model=: the bash script's always,
+    vision-client folder's with --model). Only what every image would meet stops the run there
+    (a 404, a server that cannot be reached, a refused key); a busy answer, one slower than
+    --timeout (at most 30 s) or a 500 is a warning, "trying anyway", and every image is sent
+    with its own --retries and --timeout. vision-client folder stopped the run (exit 5 when
+    busy, 1 for a timeout or a 500), as the PowerShell script did."""
+    root = tmp_path / "data"
+    for seed in range(2):
+        save_image(root / f"img{seed}.png", seed)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+    with StandIn(**trouble) as stand_in:
+        options = ["--url", stand_in.url, "--timeout", "2", "--retries", "1"]
+        if tool == "vision-client folder":
+            command = [str(VISION_CLIENT), *options, "--model", "stand-in-model", "folder", str(root)]
+            command += ["--task", "CAPTION"]
+        else:
+            command = ["bash", str(FOLDER_SCRIPT), *options, "CAPTION", "txt", str(root)]
+            env["VISION_MODEL"] = "stand-in-model"
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+        asked = [r.path for r in stand_in.requests if r.method == "GET"]
+        posts = stand_in.posts()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert asked[0] == "/prompts?model=stand-in-model", asked
+    assert "warning: GET /prompts" in result.stderr and "trying anyway" in result.stderr, result.stderr
+    assert "Stopped early" not in result.stderr and "Traceback" not in result.stderr
+    assert len(posts) == 2
+    assert [(root / f"img{seed}.txt").read_text() for seed in range(2)] == ["stand-in caption"] * 2
 
 
 @pytest.mark.parametrize("tool", TOOLS[1:])

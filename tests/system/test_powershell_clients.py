@@ -540,10 +540,16 @@ def test_folder_argument_errors(server: str, tmp_path: Path) -> None:
         result = ps(FOLDER, *args)
         assert result.returncode == 2, (args, result.stderr)
         assert result.stderr
-    # A prompt the server does not know: exit 7, as the other folder captioners (it was 2).
+    # A prompt the server does not know: exit 7, as the other folder captioners (it was 2), and
+    # in their words: the server's refusal of the first image, not a list check of the script's
+    # own ("the server does not know the prompt <NO_SUCH_TASK>; it accepts ...").
     unknown = ps(FOLDER, "NO_SUCH_TASK", "txt", str(tmp_path), "-Url", server)
     assert unknown.returncode == 7, unknown.stderr
-    assert "does not know the prompt <NO_SUCH_TASK>" in unknown.stderr
+    stopped = (
+        "Stopped early, 1 image(s) not attempted: the server refused the prompt (HTTP 400: Invalid prompt"
+    )
+    assert stopped in unknown.stderr, unknown.stderr
+    assert "does not know the prompt" not in unknown.stderr
     bad_mode = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Mode", "merge")
     assert bad_mode.returncode != 0
     assert not (tmp_path / "a.txt").exists()
@@ -559,14 +565,53 @@ def test_folder_server_down(tmp_path: Path) -> None:
     )
     assert result.returncode == 3, result.stderr  # as the other folder captioners (it was 1)
     assert "Cannot reach the server" in result.stderr and "waiting" not in result.stderr
+    # The summary of every early stop, also at the first request (it ended with the message alone).
+    stopped = "Stopped early, 2 image(s) not attempted: the server cannot be reached (Cannot reach the server"
+    assert stopped in result.stderr and "0 captioned, 0 skipped, 0 failed" in result.stdout, result.stderr
     assert time.monotonic() - started < 60
     # As the bash script: a server not up yet at the start is waited for, up to -WaitForServerSec.
     result = ps(
         FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", url, "-Retries", "0", "-WaitForServerSec", "2"
     )
     assert result.returncode == 3, result.stderr
-    assert "server not answering yet" in result.stderr and "(still not after waiting 2 s)" in result.stderr
+    assert "server not answering yet" in result.stderr
+    stopped = (
+        "Stopped early, 2 image(s) not attempted: the server cannot be reached (still not after waiting 2 s: "
+    )
+    assert stopped + "Cannot reach the server" in result.stderr, result.stderr
     assert not list(tmp_path.glob("*.txt"))
+
+
+@needs_pwsh
+@pytest.mark.parametrize(
+    "trouble", [{"prompts_status": 503}, {"prompts_status": 500}, {"prompts_delay": 6.0}], ids=str
+)
+def test_folder_first_request_trouble_is_a_warning_as_in_bash(tmp_path: Path, trouble: dict) -> None:
+    """As vision-caption-folder-images.sh: a busy answer, a timeout or a 500 to the first request
+    (GET /prompts, no retries) is a warning, "trying anyway", and the images are sent (the
+    script stopped: exit code 5 when busy, 1 for a timeout or a 500)."""
+    images = make_folder(tmp_path, ["a.png", "b.png"])
+    with StandIn(**trouble) as stand_in:
+        options = ["-Url", stand_in.url, "-TimeoutSec", "2", "-Retries", "1", "-Model", "stand-in-model"]
+        result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), *options)
+        asked = [r.path for r in stand_in.requests if r.method == "GET"]
+    assert result.returncode == 0, result.stderr
+    assert asked == ["/prompts?model=stand-in-model"]  # once: no retries for it
+    assert "warning: GET /prompts failed (" in result.stderr and "trying anyway" in result.stderr
+    for image in images:
+        assert read_caption(image.with_suffix(".txt")) == "stand-in caption"
+
+
+@needs_pwsh
+def test_folder_first_request_waits_at_most_30_s(tmp_path: Path) -> None:
+    """As the bash script: the first request gets 30 s (not the -TimeoutSec of 300 s a caption
+    gets); a server that does not answer it by then is tried with the images."""
+    (image,) = make_folder(tmp_path, ["a.png"])
+    with StandIn(prompts_delay=45.0) as stand_in:
+        result = ps(FOLDER, "CAPTION", "txt", str(tmp_path), "-Url", stand_in.url, timeout=100)
+    assert result.returncode == 0, result.stderr
+    assert "within 30 s" in result.stderr and "trying anyway" in result.stderr
+    assert read_caption(image.with_suffix(".txt")) == "stand-in caption"
 
 
 @needs_pwsh

@@ -564,10 +564,17 @@ def test_folder_dead_server(tmp_path: Path, tmpdir_env: Path) -> None:
     result = run(FOLDER, "--wait-for-server", "0", "CAPTION", "txt", str(root), env=env)
     assert result.returncode == 3
     assert "cannot connect" in result.stderr and "waiting" not in result.stderr
+    # The summary of every early stop, also at the first request (it ended with the message alone).
+    stopped = "Stopped early, 3 image(s) not attempted: the server cannot be reached (cannot connect to "
+    assert stopped in result.stderr and "3 image(s) found: 0 captioned" in result.stderr, result.stderr
     result = run(FOLDER, "--wait-for-server", "2", "CAPTION", "txt", str(root), env=env)
     assert result.returncode == 3, result.stderr
     assert "server not answering yet (cannot connect to http://127.0.0.1:" in result.stderr
-    assert "waiting up to 2 s for it" in result.stderr and "(still not after waiting 2 s)" in result.stderr
+    assert "waiting up to 2 s for it" in result.stderr
+    stopped = (
+        "Stopped early, 3 image(s) not attempted: the server cannot be reached (still not after waiting 2 s: "
+    )
+    assert stopped + "cannot connect to http://127.0.0.1:" in result.stderr, result.stderr
     assert sorted(root.rglob("*")) == before
     assert list(tmpdir_env.iterdir()) == []
 

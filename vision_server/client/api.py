@@ -215,24 +215,28 @@ class AsyncVisionClient:
         model = headers.get(MODEL_HEADER)
         return CaptionResult(data["result"].strip(), unquote(model) if model else None)
 
-    async def prompts(self) -> list[str]:
-        """The task tokens the model understands (the client's ``model``, else the default)."""
-        query = "" if self.model_name is None else "?" + urlencode({"model": self.model_name})
-        return list(await self._request("GET", "/prompts" + query))
+    async def prompts(self, *, timeout: float | None = None) -> list[str]:
+        """The task tokens the model understands (the client's ``model``, else the default).
 
-    async def served_name(self) -> str | None:
+        ``timeout`` caps each try in seconds (never above the client's own timeout)."""
+        query = "" if self.model_name is None else "?" + urlencode({"model": self.model_name})
+        return list(await self._request("GET", "/prompts" + query, timeout=timeout))
+
+    async def served_name(self, *, timeout: float | None = None) -> str | None:
         """The served name the client's ``model`` means on this server (None without one).
 
         A server answers a model's source (hub id, folder) as the model it serves under another
         name, and marks its captions with that name (``X-Model``); a folder run resumes from
         rows of either spelling. A server without ``/v1/models`` (florence2-visionapi) leaves
         the name as given; an unknown name is a 404 from ``/prompts?model=``, asked first.
+        ``timeout`` caps each try, as for :meth:`prompts`.
         """
         if self.model_name is None:
             return None
-        await self.prompts()  # a 404 here: no such model (or no vision-server at this address)
+        await self.prompts(timeout=timeout)  # a 404 here: no such model (or no vision-server here)
         try:
-            data = await self._request("GET", "/v1/models/" + quote(self.model_name, safe=""))
+            path = "/v1/models/" + quote(self.model_name, safe="")
+            data = await self._request("GET", path, timeout=timeout)
         except RequestRejected:
             return self.model_name
         served = data.get("id") if isinstance(data, dict) else None
@@ -251,18 +255,23 @@ class AsyncVisionClient:
             self._session = aiohttp.ClientSession(timeout=self._timeout, headers=self._headers)
         return self._session
 
-    async def _request(self, method: str, path: str, payload: Any = None) -> Any:
-        """Send one request, retrying busy answers and lost connections; return the decoded JSON."""
-        return (await self._exchange(method, path, payload))[0]
+    async def _request(
+        self, method: str, path: str, payload: Any = None, *, timeout: float | None = None
+    ) -> Any:
+        """Send one request, retrying busy answers and lost connections; return the decoded JSON.
+        ``timeout`` caps each try in seconds, below the client's own timeout."""
+        return (await self._exchange(method, path, payload, timeout=timeout))[0]
 
-    async def _exchange(self, method: str, path: str, payload: Any = None) -> tuple[Any, Mapping[str, str]]:
+    async def _exchange(
+        self, method: str, path: str, payload: Any = None, *, timeout: float | None = None
+    ) -> tuple[Any, Mapping[str, str]]:
         """As :meth:`_request`, with the reply's headers."""
         url = self.base_url + path
         attempt = 0
         outages = 0
         while True:
             try:
-                return await self._attempt(method, url, payload)
+                return await self._attempt(method, url, payload, timeout)
             except (VisionTLSError, VisionAddressError):
                 raise  # the same certificate, port or host name answers the same way on every try
             except VisionConnectionError as error:
@@ -329,10 +338,17 @@ class AsyncVisionClient:
         except (aiohttp.ClientError, asyncio.TimeoutError):
             return False
 
-    async def _attempt(self, method: str, url: str, payload: Any) -> tuple[Any, Mapping[str, str]]:
+    async def _attempt(
+        self, method: str, url: str, payload: Any, timeout: float | None = None
+    ) -> tuple[Any, Mapping[str, str]]:
         """One try: the decoded JSON body and the headers, or an exception saying what went wrong."""
+        limit = self._timeout
+        if timeout is not None and (limit.total is None or timeout < limit.total):
+            limit = aiohttp.ClientTimeout(
+                total=timeout, sock_connect=min(timeout, limit.sock_connect or timeout)
+            )
         try:
-            async with self._get_session().request(method, url, json=payload) as resp:
+            async with self._get_session().request(method, url, json=payload, timeout=limit) as resp:
                 if resp.status not in GATEWAY_OUTAGE_STATUSES:
                     self._reached = True
                 body = await resp.text(errors="replace")
@@ -354,7 +370,7 @@ class AsyncVisionClient:
                 f"cannot reach {self.base_url}: the host name {host!r} does not resolve"
             ) from exc
         except asyncio.TimeoutError:
-            raise VisionTimeoutError(f"no answer from {url} within {self._timeout.total} s") from None
+            raise VisionTimeoutError(f"no answer from {url} within {limit.total} s") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             hint = ""
             # What plain HTTP to an HTTPS port looks like: the TLS server hangs up unanswered.

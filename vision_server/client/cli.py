@@ -312,11 +312,16 @@ def folder(
             err=True,
         )
 
-    async def work(client: AsyncVisionClient) -> FolderSummary:
-        return await caption_folder(client, folder, on_start=start, on_result=progress, **options)
-
     def server_wait(message: str) -> None:
         bar.write(f"vision-client: {message}", file=sys.stderr)
+
+    def warning(message: str) -> None:
+        bar.write(f"vision-client: warning: {message}", file=sys.stderr)
+
+    async def work(client: AsyncVisionClient) -> FolderSummary:
+        return await caption_folder(
+            client, folder, on_start=start, on_result=progress, on_warning=warning, **options
+        )
 
     ctx.obj = {
         **ctx.obj,

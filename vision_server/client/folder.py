@@ -12,6 +12,7 @@ pauses the run (``vision-client folder`` waits 300 s by default).
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +48,8 @@ from vision_server.client.jsonl import JsonlWriter, captioned_files
 
 Outcome = Literal["done", "skipped", "failed"]
 
+log = logging.getLogger("vision_server.client")
+
 # The exit status of a folder run that stops early, by cause: the same in every folder captioner
 # (vision-client folder, vision-caption-folder-images.sh and .ps1), where 1 is "some images
 # failed" and 2 a usage error.
@@ -57,6 +60,10 @@ EXIT_UNREACHABLE = 3  # also a host name that does not resolve, and TLS trouble
 EXIT_BUSY = 5  # still busy or unavailable (429/503, a 502 of its own) after the retries
 EXIT_KEY_REFUSED = 6  # 401/403
 EXIT_TASK_REFUSED = 7  # 400 "Invalid prompt"
+# What the first request (the question about --model) may stop the run for, as the folder
+# scripts' GET /prompts: any other trouble (busy, slow, a 500) is a warning, and the images try.
+FIRST_REQUEST_STOPS = frozenset({EXIT_USAGE, EXIT_UNREACHABLE, EXIT_KEY_REFUSED})
+FIRST_REQUEST_TIMEOUT = 30.0  # seconds for each try of that question (less with a shorter --timeout)
 
 
 @dataclass(frozen=True)
@@ -138,6 +145,7 @@ async def caption_folder(
     dry_run: bool = False,
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[ImageResult], None] | None = None,
+    on_warning: Callable[[str], None] | None = None,
 ) -> FolderSummary:
     """Caption the images under ``folder``; see ``vision-client folder --help`` for the options.
 
@@ -149,7 +157,9 @@ async def caption_folder(
     the same server go first. Images of one folder with the same stem (``a.jpg``, ``a.png``)
     would share a caption file: none of them is captioned, each is a failure. ``on_start`` gets
     the number of images found, then ``on_result`` one :class:`ImageResult` per image (skipped
-    ones first), for progress bars. ``limit`` captions at most that many images (skipped ones do
+    ones first), for progress bars; ``on_warning`` a line when the question about the model
+    fails in a way the images may not meet (default: the ``vision_server.client`` logger).
+    ``limit`` captions at most that many images (skipped ones do
     not count; the rest are ``deferred``). A ``dry_run`` sends no image and writes nothing: the
     images a run would caption are listed in ``planned`` (only a named model is asked about).
     """
@@ -164,7 +174,7 @@ async def caption_folder(
     root = Path(folder)
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
-    run = _FolderRun(client, task_token(task), mode, prefix, suffix, separator, on_result)
+    run = _FolderRun(client, task_token(task), mode, prefix, suffix, separator, on_result, on_warning)
     caption_ext = caption_suffix(ext)
     images = find_images(root, recursive=recursive)
     if not await run.check_model():  # a model the server lacks would fail every image: stop now
@@ -205,6 +215,7 @@ class _FolderRun:
         suffix: str,
         separator: str,
         on_result: Callable[[ImageResult], None] | None,
+        on_warning: Callable[[str], None] | None = None,
     ) -> None:
         self.client = client
         self.task = task
@@ -213,6 +224,7 @@ class _FolderRun:
         self.suffix = suffix
         self.separator = separator
         self.on_result = on_result
+        self.on_warning = on_warning
         self.summary = FolderSummary()
         self.writer: JsonlWriter | None = None
         # The names a row of this run's model may carry: --model as given and the served name
@@ -221,17 +233,31 @@ class _FolderRun:
 
     async def check_model(self) -> bool:
         """Ask the server about a named model before any image; False (and ``aborted``) when
-        the run cannot go on. Without ``--model`` the default model answers, as before."""
-        if self.client.model_name is None:
+        the run cannot go on. Without ``--model`` the default model answers, as before.
+
+        As the folder scripts' first request: a 404, a server that cannot be reached (after the
+        wait) or a refused key stop the run; a busy, slow (``FIRST_REQUEST_TIMEOUT``) or failing
+        answer is only a warning, and the run goes on with the name as given."""
+        name = self.client.model_name
+        if name is None:
             return True
         try:
-            served = await self.client.served_name()
+            served = await self.client.served_name(timeout=FIRST_REQUEST_TIMEOUT)
         except (VisionClientError, OSError) as exc:
-            status, reason = _stop_reason(exc, model_named=True) or (1, _describe(exc))
-            self.stop(status, reason)
-            return False
-        self.model_names = {self.client.model_name, served or self.client.model_name}
+            stop = _stop_reason(exc, model_named=True)
+            if stop is not None and stop[0] in FIRST_REQUEST_STOPS:
+                self.stop(*stop)
+                return False
+            self.warn(f"GET /prompts?model={name} failed ({_describe(exc)}); trying anyway")
+            served = None
+        self.model_names = {name, served or name}
         return True
+
+    def warn(self, message: str) -> None:
+        if self.on_warning is not None:
+            self.on_warning(message)
+        else:
+            log.warning("%s", message)
 
     def plan(self, root: Path, images: list[Path], suffix: str, jsonl: str | Path | None) -> list[_Job]:
         """Decide per image: skip it, refuse it, or caption it; report skips and refusals now."""
