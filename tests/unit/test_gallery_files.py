@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 from pathlib import Path
+from typing import BinaryIO
 
 import pytest
 
@@ -114,3 +115,46 @@ def test_read_at_most_reads_up_to_the_limit_and_refuses_more(tmp_path: Path) -> 
         read_at_most(just_over, 2**20, "--limit")
     with pytest.raises(OSError, match="not a regular file"):
         read_at_most(tmp_path, 100, "--limit")
+
+
+class AppendedOnOpen(type(Path())):  # type: ignore[misc]
+    """A real file that another program appends ``extra`` bytes to between the size check
+    (``stat``) and the read (``open``), as a download or a recording still being written does;
+    ``taken`` counts the bytes the reader got."""
+
+    extra = b""
+    taken = 0
+
+    def open(self, *args: object, **kwargs: object) -> object:
+        with open(os.fspath(self), "ab") as writer:
+            writer.write(self.extra)
+        return _Counted(super().open(*args, **kwargs))
+
+
+class _Counted:
+    def __init__(self, file: BinaryIO) -> None:
+        self.file = file
+
+    def __enter__(self) -> _Counted:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.file.close()
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.file.read(size)
+        AppendedOnOpen.taken += len(data)
+        return data
+
+
+def test_read_at_most_refuses_a_file_that_grows_past_the_limit_while_it_is_read(tmp_path: Path) -> None:
+    (tmp_path / "growing.png").write_bytes(b"x" * 90)  # under the limit when its size is checked
+    AppendedOnOpen.extra, AppendedOnOpen.taken = b"y" * 2**20, 0
+    grew = r"the file grew over the 100 B an image may be \(--limit\) while it was read"
+    with pytest.raises(PayloadTooLarge, match=grew):
+        read_at_most(AppendedOnOpen(tmp_path / "growing.png"), 100, "--limit")
+    assert (tmp_path / "growing.png").stat().st_size == 90 + 2**20  # it did grow ...
+    assert AppendedOnOpen.taken == 101  # ... and the read stopped one byte past the limit
+    (tmp_path / "still-fits.png").write_bytes(b"x" * 50)
+    AppendedOnOpen.extra = b"y" * 50  # grows to the limit exactly: read as it is now
+    assert read_at_most(AppendedOnOpen(tmp_path / "still-fits.png"), 100, "--limit") == b"x" * 50 + b"y" * 50
