@@ -39,6 +39,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parent.parent
 PNG = bytes.fromhex(
@@ -93,6 +94,46 @@ class Handler(BaseHTTPRequestHandler):
             self.reply(200, b'{"result": "  a caption \\n"}')
 
 
+class Ended(NamedTuple):
+    """How a signalled run ended: its process (group) id, exit status and standard error."""
+
+    pid: int
+    status: int
+    stderr: str
+
+
+def signalled_run(
+    argv: list[str], env: dict[str, str], signum: int, to_group: bool, rng: random.Random,
+    args: argparse.Namespace,
+) -> Ended | None:  # fmt: skip
+    """Start ``argv`` in a session of its own (SIGINT at its default, as a shell starts a job),
+    send it ``signum`` after a random delay up to ``--max-delay`` unless it has ended already (to
+    its whole group, as Ctrl+C does, or to it alone), and wait; None when it hung for
+    ``--hang-after`` seconds (then it is killed)."""
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    time.sleep(rng.uniform(0, args.max_delay))
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            if to_group:
+                os.killpg(proc.pid, signum)
+            else:
+                proc.send_signal(signum)
+    try:
+        _, raw = proc.communicate(timeout=args.hang_after)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        return None
+    return Ended(proc.pid, proc.returncode, raw.decode(errors="replace"))
+
+
 def one_run(
     client: str, url: str, image: str, tmpdir: str, rng: random.Random, args: argparse.Namespace
 ) -> str:
@@ -102,35 +143,15 @@ def one_run(
     signum = rng.choice([signal.SIGINT, signal.SIGTERM])
     to_group = rng.random() < 0.5
     env = {**os.environ, "TMPDIR": tmpdir}
-    proc = subprocess.Popen(
-        [client, "--url", url, *(a.format(image=image) for a in argv)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    time.sleep(rng.uniform(0, args.max_delay))
-    ended_before = proc.poll() is not None
-    if not ended_before:
-        try:
-            if to_group:
-                os.killpg(proc.pid, signum)
-            else:
-                proc.send_signal(signum)
-        except ProcessLookupError:
-            pass
-    try:
-        _, stderr = proc.communicate(timeout=args.hang_after)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    command = [client, "--url", url, *(a.format(image=image) for a in argv)]
+    ended = signalled_run(command, env, signum, to_group, rng, args)
+    if ended is None:
         return "hang"
-    rc = proc.returncode
+    rc = ended.status
     trapped = 130 if signum == signal.SIGINT else 143
     if rc in (normal, trapped, -signum):
         return {normal: "finished", trapped: "trapped", -signum: "killed-before-trap"}[rc]
-    text = stderr.decode(errors="replace").strip().splitlines()
+    text = ended.stderr.strip().splitlines()
     print(f"wrong status {rc} ({name}, {signum.name}, group={to_group}): {text[-1] if text else ''}")
     return "wrong-status"
 
@@ -161,38 +182,20 @@ def one_folder_run(
     for i in range(args.images):
         (folder / f"img{i:03d}.png").write_bytes(image)
     env = {**os.environ, "TMPDIR": str(Path(tmpdir) / "tmp")}
-    proc = subprocess.Popen(
-        ["bash", script, "--url", url, "--jobs", str(jobs), "-q", "CAPTION", "txt", str(folder)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env=env,
-        start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
-    time.sleep(rng.uniform(0, args.max_delay))
-    if proc.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            if to_group:
-                os.killpg(proc.pid, signum)
-            else:
-                proc.send_signal(signum)
-    try:
-        _, raw = proc.communicate(timeout=args.hang_after)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
+    command = ["bash", script, "--url", url, "--jobs", str(jobs), "-q", "CAPTION", "txt", str(folder)]
+    ended = signalled_run(command, env, signum, to_group, rng, args)
+    if ended is None:
         return "hang"
-    stderr = raw.decode(errors="replace")
-    rc = proc.returncode
+    stderr, rc = ended.stderr, ended.status
     trapped = 130 if signum == signal.SIGINT else 143
     where = f"({signum.name}, group={to_group}, jobs={jobs})"
     for _ in range(50):  # the last processes of the run may take a moment to go
-        if not group_alive(proc.pid):
+        if not group_alive(ended.pid):
             break
         time.sleep(0.1)
     else:
         print(f"processes left {where}")
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(ended.pid, signal.SIGKILL)
         return "processes-left"
     if list(folder.glob(".*.tmp")):
         print(f"temporary caption files left {where}")

@@ -20,7 +20,7 @@ import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeGuard
 
 from vision_server.file_presence import FilePresence
 
@@ -109,9 +109,8 @@ def image_path(table_path: Path, value: Any) -> Path | None:
     return listed if listed.is_absolute() else table_path.parent / listed
 
 
-def names_a_file(table_path: Path, value: Any) -> bool:
-    """Whether ``value`` of a path column names an existing file."""
-    image = image_path(table_path, value)
+def names_a_file(image: Path | None) -> TypeGuard[Path]:
+    """Whether ``image`` (a path column's value, as :func:`image_path` reads it) exists."""
     try:
         return image is not None and image.exists()
     except OSError:  # a name too long for the file system is no path either
@@ -147,7 +146,7 @@ def paths_problem(table_path: Path, column: str, values: Iterable[Any]) -> str |
 
 
 def _names_a_file(presence: FilePresence, folder: str, table_path: Path, value: str) -> bool:
-    """:func:`names_a_file`, asked of ``presence``. A plain relative value (no drive, no
+    """:func:`names_a_file` of ``value``, asked of ``presence``. A plain relative value (no drive, no
     leading or trailing separator, no line break) joins the table's folder as text, which
     names what :func:`image_path` names at a fraction of its cost; any other goes that way."""
     if value[0] in "/\\" or value[-1] in "/\\" or ":" in value or "\n" in value:

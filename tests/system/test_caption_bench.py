@@ -7,33 +7,19 @@ printed, not how fast anything is.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import paths
-
-BENCH = paths.BENCHMARKS / "caption_bench.py"
+from tests.support.bench_runs import run_bench
 
 pytestmark = pytest.mark.slow
 
 
 def test_caption_bench_smoke(tmp_path: Path) -> None:
     pytest.importorskip("ray.data")
-    env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_SERVER_")}
-    result = subprocess.run(
-        [sys.executable, str(BENCH), "--smoke", "--workdir", str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    result = run_bench("caption_bench.py", "--smoke", "--workdir", tmp_path, timeout=900)
+    figures = result.figures
     assert figures["caption"]["captioned"] == figures["images"] == 12
     assert figures["ray"]["captioned"] == 12
     assert figures["model_img_s"] > 0

@@ -5,32 +5,17 @@ Marked ``slow``. It checks that every figure is printed, not how fast anything i
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import paths
-
-BENCH = paths.BENCHMARKS / "sched_bench.py"
+from tests.support.bench_runs import run_bench
 
 pytestmark = pytest.mark.slow
 
 
 def run(what: str, tmp_path: Path) -> dict[str, object]:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_SERVER_")}
-    result = subprocess.run(
-        [sys.executable, str(BENCH), what, "--smoke", "--cache-dir", str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    return dict(json.loads(result.stdout.strip().splitlines()[-1]))
+    return run_bench("sched_bench.py", what, "--smoke", "--cache-dir", tmp_path, timeout=600).figures
 
 
 def test_lanes_smoke(tmp_path: Path) -> None:

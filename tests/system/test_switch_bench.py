@@ -6,30 +6,18 @@ deterministic, not how fast anything was.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.support import paths
+from tests.support.bench_runs import run_bench
 
 pytestmark = pytest.mark.slow
 
 
 def test_two_models_alternated_switch_under_one_budget_and_stay_under_the_other(tmp_path: Path) -> None:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_SERVER_")}
-    result = subprocess.run(
-        [sys.executable, str(paths.BENCHMARKS / "switch_bench.py"), "--smoke", "--cache-dir", str(tmp_path)],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    figures = json.loads(result.stdout.strip().splitlines()[-1])
+    result = run_bench("switch_bench.py", "--smoke", "--cache-dir", tmp_path, timeout=600)
+    figures = result.figures
     one, both = figures["fits one"], figures["fits both"]
     # 4 timed requests after 2 cold ones: with room for one model, every request after the first
     # evicts the other model and loads its own; with room for both, only the two first loads.

@@ -90,13 +90,7 @@ class MemoryRoom:
             slot.waiting_for_memory = True
             return False
         for name in victims:
-            log.info(
-                "unloading idle model %s to make room for %s (--memory-budget)",
-                name,
-                slot.name,
-                extra={"model": name},
-            )
-            await self.keeper.unload(self.slots[name], "evicted")
+            await self.evict(name, f"to make room for {slot.name} (--memory-budget)")
         return True
 
     async def enforce(self) -> None:
@@ -108,12 +102,13 @@ class MemoryRoom:
         if footprint(model.parts for model in resident) <= budget:
             return
         for name in plan_evictions({}, resident, self.idle_by_last_use(None), budget) or []:
-            log.info(
-                "unloading idle model %s: the loaded models measure more than --memory-budget",
-                name,
-                extra={"model": name},
-            )
-            await self.keeper.unload(self.slots[name], "evicted")
+            await self.evict(name, "as the loaded models measure more than --memory-budget")
+
+    async def evict(self, name: str, why: str) -> None:
+        """Unload the idle model ``name`` for the budget, with a log line that says why."""
+        victim = self.slots[name]
+        log.info("unloading idle model %s %s", name, why, extra=model_key(victim))
+        await self.keeper.unload(victim, "evicted")
 
     def too_large(self, slot: ModelSlot, wanted: dict[str, int], budget: int) -> ModelTooLarge:
         need = sum(wanted.values())

@@ -290,7 +290,7 @@ def _parquet(path: Path, problems: Problems, wanted: str | None = None) -> list[
             examples.append(Example(name, str(text).strip(), data=value))
         elif isinstance(value, str) and value:
             image = image_path(path, value)
-            if image is not None and names_a_file(path, value):
+            if names_a_file(image):
                 examples.append(Example(str(image), str(text).strip(), path=image))
             else:
                 shown = str(image) if image is not None else excerpt(value)
