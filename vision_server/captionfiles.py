@@ -21,7 +21,8 @@ import re
 import secrets
 import stat
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -54,18 +55,90 @@ def is_image(path: Path) -> bool:
 
 def find_images(root: Path, *, recursive: bool = True) -> list[Path]:
     """Every image file under ``root``, sorted so runs and logs are reproducible."""
-    return sorted(_walk(root, recursive))
+    return [path for path in list_images(root, recursive=recursive).images if path.is_file()]
 
 
-def _walk(root: Path, recursive: bool) -> Iterator[Path]:
+@dataclass(frozen=True)
+class ImageListing:
+    """What a folder captioner finds under a folder: ``images``, every entry named like an image
+    that is not a folder (sorted; a broken symlink, a symlink loop or a FIFO among them, which
+    :func:`file_problem` tells apart), and ``unlisted``, the folders it could not list and why.
+
+    Nothing is dropped without a word: a user who counts the images in a dataset finds each one
+    captioned, skipped or failed with its reason, as ``vision-server caption`` reports them.
+    """
+
+    images: list[Path]
+    unlisted: list[tuple[Path, str]]
+
+
+def list_images(root: Path, *, recursive: bool = True) -> ImageListing:
+    """The images (and unreadable folders) under ``root``; symlinked folders are not entered."""
+    unlisted: list[tuple[Path, str]] = []
+
+    def note(exc: OSError) -> None:
+        unlisted.append((Path(exc.filename or root), f"cannot list folder: {describe_os_error(exc)}"))
+
+    images: list[Path] = []
     if not recursive:
-        yield from (p for p in root.iterdir() if p.is_file() and is_image(p))
-        return
-    for folder, _dirs, names in os.walk(root):  # does not follow symlinked folders: no loops
-        for name in names:
-            path = Path(folder, name)
-            if is_image(path) and path.is_file():
-                yield path
+        try:
+            with os.scandir(root) as scan:
+                images = [Path(e.path) for e in scan if is_image(Path(e.name)) and not _is_dir(e)]
+        except OSError as exc:
+            note(exc)
+    else:  # os.walk puts symlinked folders among the folders and does not enter them: no loops
+        for folder, _dirs, names in os.walk(root, onerror=note):
+            images.extend(Path(folder, name) for name in names if is_image(Path(name)))
+    return ImageListing(sorted(images), sorted(unlisted))
+
+
+def _is_dir(entry: os.DirEntry[str]) -> bool:
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
+
+
+def file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be read as an image file, or None when it looks readable: the words
+    of every folder captioner for a broken symlink, a loop, a FIFO, a file it may not read."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return f"broken symlink (points to {printable(os.readlink(path))})"
+        return "no such file"
+    except OSError as exc:
+        return describe_os_error(exc)
+    if not stat.S_ISREG(info.st_mode):
+        return "not a regular file"
+    return None
+
+
+def describe_os_error(exc: OSError) -> str:
+    if exc.errno == errno.ELOOP:
+        return "symlink loop"
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return "permission denied"
+    return printable(exc.strerror or str(exc))
+
+
+def printable(text: str) -> str:
+    """``text`` (a file name) as reports show it, on one line: bytes of a name that is not UTF-8
+    become ``\\xNN``, a line break or tab ``\\n``/``\\r``/``\\t``, other control characters
+    ``\\xNN``. So each report is one line, and a dry run's ``word TAB path TAB detail`` lines
+    stay three fields, whatever the dataset's names hold."""
+    return (
+        text.encode("utf-8", "surrogateescape")
+        .decode("utf-8", "backslashreplace")
+        .translate(_CONTROL_ESCAPES)
+    )
+
+
+_CONTROL_ESCAPES = {
+    code: {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(chr(code), f"\\x{code:02x}")
+    for code in (*range(0x20), 0x7F)
+}
 
 
 def caption_suffix(ext: str) -> str:

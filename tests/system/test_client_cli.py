@@ -251,6 +251,41 @@ def test_folder_dry_run_lists_what_a_run_would_do_and_sends_nothing(images: Path
     assert "1 to caption, 1 skipped, 2 failing, 1 left for later runs (--limit)" in limited.stderr
 
 
+def test_folder_reports_every_image_named_entry_and_escapes_odd_names(tmp_path: Path) -> None:
+    """As vision-server caption: a broken symlink, a symlink loop and a FIFO named like images
+    are failures with their reason (they were left out without a word, so the count of images
+    was short), and a line break or tab in a name is escaped, so each dry-run line is three
+    tab-separated fields and each failure one line."""
+    root = tmp_path / "scraped"
+    save_flat(root / "fine.png", (1, 2, 3), (32, 32))
+    save_flat(root / "new\nline.png", (4, 5, 6), (32, 32))
+    (root / "gone.jpg").symlink_to("nowhere.jpg")
+    (root / "loop.jpg").symlink_to("loop.jpg")
+    os.mkfifo(root / "pipe.png")
+    url = f"http://127.0.0.1:{free_port()}"  # a dry run asks no server
+    result = run("folder", str(root), "--dry-run", url=url)
+    assert result.returncode == 1, result.stderr
+    lines = [line.split("\t") for line in result.stdout.splitlines()]
+    assert all(len(line) == 3 for line in lines), result.stdout
+    assert [(word, Path(path).name, detail) for word, path, detail in lines] == [
+        ("caption", "fine.png", "<MORE_DETAILED_CAPTION>"),
+        ("fail", "gone.jpg", "broken symlink (points to nowhere.jpg)"),
+        ("fail", "loop.jpg", "symlink loop"),
+        ("caption", "new\\nline.png", "<MORE_DETAILED_CAPTION>"),
+        ("fail", "pipe.png", "not a regular file"),
+    ]
+    assert "dry run: 2 to caption, 0 skipped, 3 failing" in result.stderr
+    if os.geteuid() != 0:  # root lists a mode-000 folder anyway
+        locked = root / "locked"
+        save_flat(locked / "inside.png", (7, 8, 9), (32, 32))
+        locked.chmod(0)
+        try:
+            again = run("folder", str(root), "--dry-run", url=url)
+        finally:
+            locked.chmod(0o755)
+        assert f"fail\t{locked}\tcannot list folder: permission denied" in again.stdout.splitlines()
+
+
 def test_folder_limit_captions_n_and_the_next_run_the_next(server: str, images: Path) -> None:
     (images / "broken.png").unlink()
     first = run("folder", str(images), "--task", "caption", "--limit", "1", url=server)

@@ -5,14 +5,18 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.support.leftovers import OLD, YOUNG, aged
 from vision_server.captionfiles import (
     caption_target_problem,
+    file_problem,
+    find_images,
     has_caption,
     is_caption_temp,
+    list_images,
     remove_stale_temps,
     sweep_stale_temps,
     temp_path,
@@ -105,3 +109,30 @@ def test_a_caption_name_too_long_for_the_file_system_is_no_caption(tmp_path: Pat
     assert caption_target_problem(tmp_path / "fine.txt") is None
     (tmp_path / "box.txt").mkdir()
     assert caption_target_problem(tmp_path / "box.txt") == "box.txt is a directory, not a caption file"
+
+
+def test_list_images_reports_a_folder_it_cannot_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A folder the walk may not list is named with its reason, not skipped without a word
+    (``os.walk`` drops such errors unless asked). The listing is refused here by a stand-in,
+    since root, who runs CI containers, lists a mode-000 folder anyway."""
+    (tmp_path / "ok").mkdir()
+    (tmp_path / "ok" / "a.png").write_bytes(b"x")
+    (tmp_path / "locked").mkdir()
+    (tmp_path / "b.jpg").symlink_to("gone.jpg")
+    real_scandir = os.scandir
+
+    def scandir(path: Any) -> Any:
+        if Path(path).name == "locked":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    for recursive in (True, False):
+        listing = list_images(tmp_path, recursive=recursive)
+        names = [path.relative_to(tmp_path).as_posix() for path in listing.images]
+        assert names == (["b.jpg", "ok/a.png"] if recursive else ["b.jpg"])
+        assert listing.unlisted == (
+            [(tmp_path / "locked", "cannot list folder: permission denied")] if recursive else []
+        )
+    assert file_problem(tmp_path / "b.jpg") == "broken symlink (points to gone.jpg)"
+    assert find_images(tmp_path) == [tmp_path / "ok" / "a.png"]  # the public helper: files only

@@ -16,8 +16,8 @@ import threading
 import time
 from collections.abc import Iterator
 
-from vision_server.bulk.readers import describe_os_error
 from vision_server.bulk.records import Record
+from vision_server.captionfiles import describe_os_error
 from vision_server.errors import InvalidImage, VisionServerError
 from vision_server.images import LOCAL_FILE, STORED, PixelSpec, PreparedImage, prepare_image
 

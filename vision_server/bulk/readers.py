@@ -9,10 +9,8 @@ input must not stop the run.
 
 from __future__ import annotations
 
-import errno
 import json
 import os
-import stat
 import tarfile
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -21,7 +19,7 @@ from typing import Any, Literal
 
 from vision_server.bulk.listed_clashes import ListedClashes, find_clashes
 from vision_server.bulk.records import Record, safe_text
-from vision_server.captionfiles import is_image, remove_stale_temps
+from vision_server.captionfiles import describe_os_error, file_problem, is_image, remove_stale_temps
 from vision_server.parquet_images import ColumnKind, ImageColumnError, image_column, paths_problem
 
 InputKind = Literal["file", "folder", "list", "parquet", "webdataset"]
@@ -207,29 +205,6 @@ def count_images(inputs: Iterable[Path], options: ReadOptions) -> int | None:
 
 
 # --- files and folders ---------------------------------------------------------------------------
-
-
-def file_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be read as an image file, or None when it looks readable."""
-    try:
-        info = os.stat(path)
-    except FileNotFoundError:
-        if os.path.islink(path):
-            return f"broken symlink (points to {safe_text(os.readlink(path))})"
-        return "no such file"
-    except OSError as exc:
-        return describe_os_error(exc)
-    if not stat.S_ISREG(info.st_mode):
-        return "not a regular file"
-    return None
-
-
-def describe_os_error(exc: OSError) -> str:
-    if exc.errno == errno.ELOOP:
-        return "symlink loop"
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        return "permission denied"
-    return safe_text(exc.strerror or str(exc))
 
 
 def _folder(root: Path, recursive: bool, *, tidy: bool = False) -> Iterator[Record]:

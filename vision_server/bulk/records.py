@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vision_server.captionfiles import printable
+
 
 @dataclass(frozen=True)
 class Record:
@@ -32,13 +34,7 @@ class Record:
         one line and the dry run's ``word TAB path TAB detail`` lines stay three fields.
         """
         text = str(self.path) if self.path is not None else f"{self.source}#{self.key}"
-        return safe_text(text).translate(_CONTROL_ESCAPES)
-
-
-_CONTROL_ESCAPES = {
-    code: {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(chr(code), f"\\x{code:02x}")
-    for code in (*range(0x20), 0x7F)
-}
+        return printable(text)
 
 
 def safe_text(text: str) -> str:

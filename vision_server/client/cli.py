@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
-from vision_server.captionfiles import MODES
+from vision_server.captionfiles import MODES, printable
 from vision_server.client.api import DEFAULT_TASK, DEFAULT_TIMEOUT, DEFAULT_URL, AsyncVisionClient, task_token
 from vision_server.client.errors import VisionClientError
 from vision_server.client.folder import Failure, FolderSummary, ImageResult, caption_folder
@@ -289,7 +289,7 @@ def folder(
 
     def progress(result: ImageResult) -> None:
         if result.outcome == "failed":
-            bar.write(f"failed: {result.path}: {result.reason}", file=sys.stderr)
+            bar.write(f"failed: {printable(str(result.path))}: {result.reason}", file=sys.stderr)
             so_far.failed.append(Failure(result.path, result.reason or "unknown error"))
         elif result.outcome == "done":
             so_far.done += 1
@@ -362,7 +362,7 @@ def _dry_run(ctx: click.Context, folder: Path, options: dict[str, Any]) -> None:
     task = task_token(options["task"])
     lines += [(path, "caption", task) for path in summary.planned]
     for path, word, detail in sorted(lines):
-        click.echo(f"{word}\t{path}\t{detail}")
+        click.echo(f"{word}\t{printable(str(path))}\t{detail}")
     later = f", {summary.deferred} left for later runs (--limit)" if summary.deferred else ""
     click.echo(
         f"dry run: {len(summary.planned)} to caption, {summary.skipped} skipped, "
@@ -391,7 +391,7 @@ def _print_summary(summary: FolderSummary, seconds: float) -> None:
     if summary.failed:
         click.echo("failed images:", err=True)
         for failure in summary.failed:
-            click.echo(f"  {failure.path}: {failure.reason}", err=True)
+            click.echo(f"  {printable(str(failure.path))}: {failure.reason}", err=True)
     if summary.aborted:
         # The words of every folder captioner (the exit status says the cause, see folder --help).
         left = summary.not_attempted

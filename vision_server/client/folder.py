@@ -24,8 +24,9 @@ from vision_server.captionfiles import (
     caption_path,
     caption_suffix,
     caption_target_problem,
-    find_images,
+    file_problem,
     has_caption,
+    list_images,
     merge_caption,
     one_line,
     read_caption,
@@ -176,16 +177,20 @@ async def caption_folder(
         raise NotADirectoryError(f"not a folder: {root}")
     run = _FolderRun(client, task_token(task), mode, prefix, suffix, separator, on_result, on_warning)
     caption_ext = caption_suffix(ext)
-    images = find_images(root, recursive=recursive)
+    listing = list_images(root, recursive=recursive)
+    images = listing.images
     if not await run.check_model():  # a model the server lacks would fail every image: stop now
-        run.summary.total = len(images)
+        run.summary.total = len(images) + len(listing.unlisted)
         if on_start is not None:
-            on_start(len(images))
+            on_start(run.summary.total)
         return run.summary
     if jsonl is None and not dry_run:  # this run writes caption files here: clear what a killed one left
         run.summary.stale_temps_removed = sweep_stale_temps(root, recursive=recursive)
     if on_start is not None:
-        on_start(len(images))
+        on_start(len(images) + len(listing.unlisted))
+    run.summary.total = len(listing.unlisted)  # plan() adds the images
+    for folder_path, reason in listing.unlisted:  # its images cannot even be counted: say so
+        run.report(ImageResult(folder_path, "failed", reason=reason))
     jobs = run.plan(root, images, caption_ext, jsonl)
     if limit is not None:
         run.summary.deferred = max(0, len(jobs) - limit)
@@ -261,7 +266,7 @@ class _FolderRun:
 
     def plan(self, root: Path, images: list[Path], suffix: str, jsonl: str | Path | None) -> list[_Job]:
         """Decide per image: skip it, refuse it, or caption it; report skips and refusals now."""
-        self.summary.total = len(images)
+        self.summary.total += len(images)
         # A run for a named model resumes from that model's rows only; the default model's run
         # from any row of the task, as before rows named their model.
         models = self.model_names or None
@@ -275,6 +280,10 @@ class _FolderRun:
                 claims.setdefault(caption_path(image, suffix), []).append(image)
         jobs: list[_Job] = []
         for image in images:
+            unreadable = file_problem(image)  # a broken symlink, a loop, a FIFO: never opened
+            if unreadable is not None:
+                self.report(ImageResult(image, "failed", reason=unreadable))
+                continue
             key = image.relative_to(root).as_posix()
             target = None if jsonl is not None else caption_path(image, suffix)
             if target is not None and len(claims[target]) > 1:

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from vision_server.bulk.readers import file_problem
 from vision_server.bulk.records import task_slug
-from vision_server.captionfiles import is_image
+from vision_server.captionfiles import file_problem, is_image
 from vision_server.errors import InvalidImage
 from vision_server.images import LOCAL_FILE, STORED, open_image
 from vision_server.parquet_images import (
