@@ -315,10 +315,46 @@ def sweep_stale_temps(root: Path, *, recursive: bool = True, min_age: float = ST
     )
 
 
+class ReadOnlyCaption(PermissionError):
+    """An existing caption file without write permission: the user's way of saying "keep this
+    one". A plain ``open(path, "w")`` would refuse it; the rename of an atomic write would not,
+    so the check is ours. Its text says what to do, and the folder captioners report it as that
+    image's failure."""
+
+    def __init__(self, path: Path) -> None:
+        message = f"{path.name} is read-only; make it writable (chmod u+w) to let this run replace it"
+        super().__init__(errno.EACCES, message, str(path))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` (UTF-8) all at once, or leave it untouched on any error."""
+    """Replace ``path`` with ``text`` (UTF-8) all at once, or leave it untouched on any error.
+
+    An existing file keeps what a plain rewrite in place would keep: its permission bits (a
+    group-writable dataset stays group-writable; the new file is not reset to the umask), a
+    symlink stays a link (the file it points to is replaced), and a file without write
+    permission is not replaced at all (:class:`ReadOnlyCaption`).
+    """
+    if path.is_symlink():
+        path = Path(os.path.realpath(path))  # never raises (a loop fails below, as an OSError)
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        info = None
+    if info is not None and stat.S_ISREG(info.st_mode) and not _writable(path, info.st_mode):
+        raise ReadOnlyCaption(path)
     with replacing(path, temp_path(path)) as tmp:
-        # os.open with 0o666 lets the umask decide the mode, like a plain open() would.
+        # os.open with 0o666 lets the umask decide the mode of a new file, like a plain open() would.
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         with os.fdopen(fd, "wb") as handle:
             handle.write(text.encode("utf-8"))
+        if info is not None:
+            os.chmod(tmp, stat.S_IMODE(info.st_mode))
+
+
+def _writable(path: Path, mode: int) -> bool:
+    """Whether we may rewrite ``path`` in place: a write bit at all (root passes ``os.access``
+    whatever the bits say) and, for anyone else, write access of our own."""
+    return bool(mode & 0o222) and os.access(path, os.W_OK)

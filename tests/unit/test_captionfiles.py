@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ import pytest
 
 from tests.support.leftovers import OLD, YOUNG, aged
 from vision_server.captionfiles import (
+    ReadOnlyCaption,
     caption_target_problem,
     file_problem,
     find_images,
@@ -20,6 +22,7 @@ from vision_server.captionfiles import (
     remove_stale_temps,
     sweep_stale_temps,
     temp_path,
+    write_atomic,
 )
 from vision_server.gallery.catalog import Catalog
 
@@ -136,3 +139,35 @@ def test_list_images_reports_a_folder_it_cannot_list(tmp_path: Path, monkeypatch
         )
     assert file_problem(tmp_path / "b.jpg") == "broken symlink (points to gone.jpg)"
     assert find_images(tmp_path) == [tmp_path / "ok" / "a.png"]  # the public helper: files only
+
+
+def test_write_atomic_keeps_an_existing_files_mode_and_link_and_refuses_a_read_only_one(
+    tmp_path: Path,
+) -> None:
+    """An atomic write replaces the file, so without care it would reset a shared dataset's
+    group-writable caption to the umask, turn a symlinked caption into a plain file, and replace
+    a caption the user made read-only (a plain ``open(..., "w")`` refuses that one)."""
+    shared = tmp_path / "shared.txt"
+    shared.write_text("old", encoding="utf-8")
+    shared.chmod(0o664)
+    write_atomic(shared, "new")
+    assert shared.read_text(encoding="utf-8") == "new" and stat.S_IMODE(shared.stat().st_mode) == 0o664
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "cat.txt").write_text("old", encoding="utf-8")
+    (tmp_path / "cat.txt").symlink_to(store / "cat.txt")
+    write_atomic(tmp_path / "cat.txt", "new")
+    assert (tmp_path / "cat.txt").is_symlink() and (store / "cat.txt").read_text(encoding="utf-8") == "new"
+
+    kept = tmp_path / "kept.txt"
+    kept.write_text("hand-written\n", encoding="utf-8")
+    kept.chmod(0o444)
+    with pytest.raises(ReadOnlyCaption) as refused:
+        write_atomic(kept, "new")
+    assert (
+        str(refused.value) == "kept.txt is read-only; make it writable (chmod u+w) to let this run replace it"
+    )
+    assert isinstance(refused.value, OSError)  # every folder captioner reports OSError per image
+    assert kept.read_text(encoding="utf-8") == "hand-written\n" and stat.S_IMODE(kept.stat().st_mode) == 0o444
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.txt", "kept.txt", "shared.txt", "store"]
