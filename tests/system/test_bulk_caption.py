@@ -681,3 +681,9 @@ def test_a_model_that_cannot_load_ends_with_the_summary_and_how_to_go_on(
     text = jsonl.read_text(encoding="utf-8")  # the row there stays; b.png's failure row is whole
     assert text.startswith(before) and text.endswith("\n"), text
     assert [(row["key"], row["caption"]) for row in jsonl_rows(jsonl)] == [("a.png", "done"), ("b.png", None)]
+    # a new output that got no row is not left behind, empty
+    (root / "b.png").unlink()
+    fresh = tmp_path / "fresh.jsonl"
+    again = run(tmp_path, cache, root, "--model", model, *FAST_OPTIONS, "--jsonl", fresh)
+    assert again.returncode == 1 and "2 of the 2 images are not captioned yet" in again.stderr, again.stderr
+    assert not fresh.exists()

@@ -168,3 +168,42 @@ def test_a_ray_rerun_with_nothing_left_starts_no_ray_and_loads_no_model(tmp_path
         assert not list(ray_tmp.iterdir())  # no Ray session
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
+
+
+def test_a_ray_run_whose_model_cannot_load_ends_as_the_local_path_does(tmp_path: Path) -> None:
+    # It ended with "error: the Ray run failed: RuntimeError: the model did not load: The model
+    # could not be loaded: ..." after Ray's own log lines (its traceback among them), did not
+    # report the broken image of the same batch, nor how many images were left, and left an
+    # empty JSONL file that was not there before.
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"img{index}.jpg").write_bytes(_jpeg(index))
+    (folder / "broken.png").write_bytes(b"not a png at all")
+    (tmp_path / "no-model").mkdir()
+    out = tmp_path / "out.jsonl"
+    env = server_env(tmp_path)
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vs-ray-"))  # short: Ray's socket paths must fit 107 bytes
+    env["RAY_TMPDIR"] = str(ray_tmp)
+    model = ["--model", str(tmp_path / "no-model"), "--progress-interval", "60"]
+    command = [*cli_command(), "caption", str(folder), "--ray", *model, "--jsonl", str(out)]
+    try:
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    err = result.stderr
+    assert result.returncode == 1, err
+    broken = f"{folder / 'broken.png'}: the file is not in a supported image format"
+    assert f"failed: {broken}" in err and "captioned 0, skipped 0, failed 1 in " in err, err
+    # the cause once, worded as without --ray, after the summary, then what is left
+    assert err.count("has no config.json") == 1 and "error: the model could not be loaded: " in err, err
+    assert "3 of the 4 images are not captioned yet: run the same command again once the model loads" in err
+    assert err.index("captioned 0,") < err.index("error: the model") < err.index("3 of the 4 images")
+    # Ray's own lines: its token warning, its traceback of the failed task, the actor's log line
+    # forwarded with its "(MapWorker(...) pid=N)" prefix. (Ray Data's C++ line about actor
+    # constructor arguments, ray-project/ray#57733, comes with every run and has no switch.)
+    noise = ("Traceback", "the Ray run failed", "Token authentication", "streaming_executor", "(MapWorker(")
+    assert not [line for line in noise if line in err], err
+    assert [(row["key"], row["caption"]) for row in map(json.loads, out.read_text().splitlines())] == [
+        ("broken.png", None)
+    ]

@@ -14,7 +14,14 @@ import pytest
 
 from tests.support.bulk_data import picture
 from tests.support.leftovers import OLD, YOUNG, aged
-from vision_server.bulk.outputs import JsonlOutput, ParquetOutput, RowFacts, Sidecars, SidecarStyle
+from vision_server.bulk.outputs import (
+    JsonlOutput,
+    ParquetOutput,
+    RowFacts,
+    Sidecars,
+    SidecarStyle,
+    check_writable,
+)
 from vision_server.bulk.plan import Fail, Skip, Work, plan
 from vision_server.bulk.readers import ReadOptions, count_images, iter_records
 from vision_server.bulk.records import Record
@@ -466,3 +473,18 @@ def test_a_failed_ray_task_is_said_by_its_cause_not_by_rays_retry_advice() -> No
     )
     assert _last_line(failed) == "RuntimeError: the model did not load: /m has no config.json"
     assert _last_line(ConnectionError("Could not find any running Ray instance.\nStart one")) == "Start one"
+
+
+def test_checking_that_an_output_can_be_written_leaves_no_file_behind(tmp_path: Path) -> None:
+    """A run that ends before its first row (a model that cannot load, a stop) must not leave an
+    empty output that was not there; a file that was there stays as it was."""
+    for name in ("new.jsonl", "new.parquet"):
+        assert check_writable(tmp_path / name) is None
+        assert not (tmp_path / name).exists()
+    kept = tmp_path / "kept.jsonl"
+    kept.write_bytes(b"")
+    assert check_writable(kept) is None and kept.read_bytes() == b""
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"key": "a"}\n', encoding="utf-8")
+    assert check_writable(rows) is None and rows.read_text(encoding="utf-8") == '{"key": "a"}\n'
+    assert check_writable(tmp_path / "missing" / "x.jsonl") == f"folder {tmp_path / 'missing'} does not exist"

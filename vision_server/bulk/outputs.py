@@ -538,13 +538,16 @@ def check_writable(path: Path) -> str | None:
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
         return f"folder {folder} does not exist"
+    existed = path.exists()
     try:
         with path.open("a", encoding="utf-8"):
             pass
     except OSError as exc:
         return f"cannot write {path} ({exc.strerror or exc})"
-    if path.stat().st_size == 0 and path.suffix.lower() == ".parquet":
-        path.unlink()  # the check must not leave an empty, unreadable Parquet file behind
+    if path.stat().st_size == 0 and (not existed or path.suffix.lower() == ".parquet"):
+        # The check leaves nothing behind: no empty output from a run that ends before its first
+        # row (a model that cannot load, a stop), and no empty, unreadable Parquet file.
+        path.unlink()
     return None
 
 

@@ -128,7 +128,7 @@ class BulkPipeline:
         self._spec: PixelSpec | None = None  # the model's, read with the first image to caption
         self._loading: asyncio.Task[bool] | None = None  # the model's load, once started
         self.load_error: str | None = None  # why the model did not load; the run stopped there
-        self._said_once = _SaidInSummary()
+        self._said_once = SaidInSummary()
 
     def stop(self, signum: int) -> None:
         """Stop early (a signal): start nothing new; the run returns once the writes are done."""
@@ -305,7 +305,7 @@ class BulkPipeline:
         self.reporter.report(self.summary, outcome, record.display, reason)
 
 
-class _SaidInSummary(logging.Filter):
+class SaidInSummary(logging.Filter):
     """Leaves out the engine's log line of a failed load: the run's summary says it, once, with
     how to go on. An unexpected failure's line stays, for its traceback."""
 

@@ -28,7 +28,7 @@ import click
 from vision_server.bulk.outputs import Captions, Output, close_all
 from vision_server.bulk.pipeline import Outcome, Summary
 from vision_server.bulk.plan import Fail, Skip, Unit, Work, plan
-from vision_server.bulk.progress import Progress, format_summary
+from vision_server.bulk.progress import Progress, format_load_failure, format_summary
 from vision_server.bulk.readers import ReadOptions, iter_records
 from vision_server.bulk.records import Record
 from vision_server.settings import Settings
@@ -80,6 +80,54 @@ class _Stop(Exception):
         self.signum = signum
 
 
+class _LoadFailed(Exception):
+    """An actor's model did not load: the run stops, as the local path's does."""
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(cause)
+        self.cause = cause
+
+
+class _Tally:
+    """The run's summary and progress display, told about every image as its outcome is known,
+    whether it was planned on the driver or captioned by an actor."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.summary = Summary()
+        self.progress = progress
+        self.total: int | None = None  # images in the inputs, when they could be counted
+        self.load_error: str | None = None  # why the model did not load; the run stopped there
+
+    def report(self, outcome: Outcome, record: Record, reason: str | None) -> None:
+        self.summary.record(outcome, record.display, reason)
+        self.progress.report(self.summary, outcome, record.display, reason)
+
+    def planned(self, planned: _Planned) -> None:
+        self.total = planned.total
+        if planned.total is not None:
+            self.progress.set_total(planned.total)
+        for unit in planned.skipped:
+            self.report("skipped", unit.record, unit.reason)
+
+    def run_failed(self, exc: Exception) -> None:
+        """A failed actor or task: what was written stays, a rerun resumes."""
+        log.debug("the Ray run failed", exc_info=True)
+        click.echo(f"error: the Ray run failed: {_last_line(exc)}", err=True)
+        self.summary.failed += 1
+        self.summary.failures.append(("(the run)", _last_line(exc)))
+
+    def conclude(self, limited: bool) -> int:
+        """Print the summary (and a failed load's cause and what is left); the exit status."""
+        summary = self.summary
+        summary.seconds = time.monotonic() - summary.started
+        click.echo(format_summary(summary), err=True)
+        if self.load_error is None:
+            return summary.exit_status
+        total = None if limited else self.total  # with --limit the inputs' count is not what is left
+        click.echo(format_load_failure(summary, self.load_error, total), err=True)
+        return summary.exit_status if summary.interrupted is not None else 1
+
+
 def run_ray(
     settings: Settings,
     request: CaptionRequest,
@@ -90,70 +138,71 @@ def run_ray(
 ) -> int:
     """Run the request on Ray; the exit status as the local path gives it."""
     assert request.ray is not None, "run_ray is the --ray path"
-    summary = Summary()
-    progress = Progress(interval=request.progress_interval)
+    job = _Job(settings, request, read, kinds, tasks, outputs)
+    tally = _Tally(Progress(interval=request.progress_interval))
     undo = _stop_on_signals()
     started = False
-
-    def report(outcome: Outcome, record: Record, reason: str | None) -> None:
-        summary.record(outcome, record.display, reason)
-        progress.report(summary, outcome, record.display, reason)
-
-    job = _Job(settings, request, read, kinds, tasks, outputs)
     try:
         # Files, folders and lists are planned here, before Ray starts: a rerun that finds them
         # all captioned (and has no Parquet of image bytes or tar shard, which the workers plan)
         # ends without starting or joining Ray, so no actor loads a model.
         planned = _plan_here(job)
-        if planned.total is not None:
-            progress.set_total(planned.total)
-        for unit in planned.skipped:
-            report("skipped", unit.record, unit.reason)
+        tally.planned(planned)
         if not planned.remote and not any(isinstance(unit, Work) for unit in planned.units):
             log.info("nothing left to caption: Ray is not started")
-            for failing in planned.units:  # images that fail before decoding (a shared caption file)
-                assert isinstance(failing, Fail)
-                problem = _write_all(outputs, failing.record, {}, failing.reason)
-                report("failed", failing.record, problem)
+            _fail_here(job, planned, tally)
         else:
-            started = _init_ray(request.ray)
+            started = _init_ray(request.ray, settings)
             if not started:
                 return 2
-        try:
-            if started:
-                _caption(job, planned, report)
-        except _Stop as stop:
-            summary.interrupted = stop.signum
-        except click.UsageError:
-            raise
-        except Exception as exc:  # a failed actor or task: what was written stays, a rerun resumes
-            log.debug("the Ray run failed", exc_info=True)
-            click.echo(f"error: the Ray run failed: {_last_line(exc)}", err=True)
-            summary.failed += 1
-            summary.failures.append(("(the run)", _last_line(exc)))
+            _caption_on_ray(job, planned, tally)
     except _Stop as stop:
-        summary.interrupted = stop.signum
+        tally.summary.interrupted = stop.signum
     finally:
-        close_all(outputs)
-        progress.close()
-        if started:
-            import ray
-
-            ray.shutdown()
+        _close(outputs, tally.progress, started)
         undo()
-    summary.seconds = time.monotonic() - summary.started
-    click.echo(format_summary(summary), err=True)
-    return summary.exit_status
+    return tally.conclude(request.limit is not None)
 
 
-def _init_ray(address: str) -> bool:
+def _fail_here(job: _Job, planned: _Planned, tally: _Tally) -> None:
+    """With nothing to caption: the images that fail before decoding (a shared caption file)."""
+    for failing in planned.units:
+        assert isinstance(failing, Fail)
+        problem = _write_all(job.outputs, failing.record, {}, failing.reason)
+        tally.report("failed", failing.record, problem)
+
+
+def _caption_on_ray(job: _Job, planned: _Planned, tally: _Tally) -> None:
+    try:
+        _caption(job, planned, tally.report)
+    except _LoadFailed as failed:
+        tally.load_error = failed.cause
+    except (_Stop, click.UsageError):
+        raise
+    except Exception as exc:
+        tally.run_failed(exc)
+
+
+def _close(outputs: list[Output], progress: Progress, started: bool) -> None:
+    close_all(outputs)
+    progress.close()
+    if started:
+        import ray
+
+        ray.shutdown()
+
+
+def _init_ray(address: str, settings: Settings) -> bool:
     import ray
 
+    # Ray's own log lines (a token warning as it starts, say) come before the command's; its
+    # warnings only at --log-level debug: the command reports what fails itself.
+    level = logging.WARNING if settings.log_level.lower() == "debug" else logging.ERROR
     try:
         if address == "local":  # a new runtime of our own, even when RAY_ADDRESS names a cluster
-            ray.init(address="local", include_dashboard=False, logging_level=logging.WARNING)
+            ray.init(address="local", include_dashboard=False, logging_level=level)
         else:
-            ray.init(address=address, logging_level=logging.WARNING)
+            ray.init(address=address, logging_level=level)
     except (ConnectionError, ValueError, RuntimeError) as exc:
         click.echo(f"error: cannot join the Ray cluster at {address!r}: {_last_line(exc)}", err=True)
         return False
@@ -209,15 +258,21 @@ def _caption(job: _Job, planned: _Planned, report: Report) -> None:
         **actor_resources,
     )
     for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
+        unloaded = ""
         for row in batch_rows(batch):
             record = row_record(row)
             if str(row["skip"]):
                 report("skipped", record, str(row["skip"]))
                 continue
+            if str(row["unloaded"]):  # no model: the image is simply not captioned yet
+                unloaded = unloaded or str(row["unloaded"])
+                continue
             captions: Captions = json.loads(str(row["captions"]))
             error = str(row["error"]) or None
             problem = _write_all(job.outputs, record, captions, error)
             report("failed" if problem else "captioned", record, problem)
+        if unloaded:  # after the batch, whose bad images are reported as failed
+            raise _LoadFailed(unloaded)
 
 
 @dataclass

@@ -16,8 +16,10 @@ from typing import Any
 
 import numpy as np
 
+from vision_server.bulk.pipeline import SaidInSummary
 from vision_server.bulk.prepare import prepare_record
 from vision_server.bulk.ray_rows import batch_rows, row_record, row_tasks
+from vision_server.engine import keeper
 from vision_server.errors import VisionServerError
 from vision_server.images import PixelSpec, PreparedImage
 from vision_server.settings import Settings
@@ -65,6 +67,9 @@ class CaptionActor:
         from vision_server.engine.scheduler import Engine
         from vision_server.runtime import build_captioner, engine_config
 
+        # A failed load comes back with the rows, and the command says it once: not also the
+        # engine's own log line, which Ray would forward to the command's terminal first.
+        keeper.log.addFilter(SaidInSummary())
         if torch_threads:
             import torch
 
@@ -96,30 +101,33 @@ class CaptionActor:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        captions, errors = self._wait(self._caption(batch))
+        results = self._wait(self._caption(batch))
         out = {name: batch[name] for name in batch if name not in ("pixels", "error", "width", "height")}
-        out["error"] = np.array(errors, dtype=object)
-        out["captions"] = np.array(captions, dtype=object)
+        out["error"] = np.array([error for _, error, _ in results], dtype=object)
+        out["captions"] = np.array(
+            [json.dumps(texts, ensure_ascii=False) for texts, _, _ in results], dtype=object
+        )
+        out["unloaded"] = np.array([cause for _, _, cause in results], dtype=object)
         return out
 
-    async def _caption(self, batch: dict[str, Any]) -> tuple[list[str], list[str]]:
-        rows = batch_rows(batch)
-        results = await asyncio.gather(*(self._caption_row(row) for row in rows))
-        return [json.dumps(texts, ensure_ascii=False) for texts, _ in results], [e for _, e in results]
+    async def _caption(self, batch: dict[str, Any]) -> list[tuple[dict[str, str], str, str]]:
+        """Per row: the captions, what failed, and why the model did not load (the row is left
+        uncaptioned; the driver stops the run and says it once)."""
+        return await asyncio.gather(*(self._caption_row(row) for row in batch_rows(batch)))
 
-    async def _caption_row(self, row: dict[str, Any]) -> tuple[dict[str, str], str]:
+    async def _caption_row(self, row: dict[str, Any]) -> tuple[dict[str, str], str, str]:
         from vision_server.bulk.pipeline import caption_image
 
         tasks, error = row_tasks(row), str(row["error"])
         if error or not tasks:
-            return {}, error
+            return {}, error, ""
         try:
             await asyncio.wrap_future(self.loaded)
         except VisionServerError as exc:
-            raise RuntimeError(f"the model did not load: {exc.message}") from None
+            return {}, "", self.engine.status().last_error or exc.message
         pixels = np.frombuffer(row["pixels"], dtype=np.uint8).reshape(self.shape)
         image = PreparedImage(pixels, (int(row["width"]), int(row["height"])))
         texts, problem = await caption_image(
             self.engine, image, tasks, self.options, request_id=row_record(row).display
         )
-        return texts, problem or ""
+        return texts, problem or "", ""
