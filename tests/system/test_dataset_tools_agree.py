@@ -281,7 +281,8 @@ def test_a_model_the_server_does_not_serve_stops_both_clients_before_any_image(
         # means "no server behind me" (unreachable); vision-client folder failed each image
         ("busy 502", 5, "the server stays busy or unavailable (HTTP 502: Bad gateway"),
         ("key refused", 6, "the server refused the API key (HTTP 401: "),
-        ("task refused", 7, "the server refused the "),  # the task / the prompt (HTTP 400: Invalid prompt
+        # named by what the user passes: vision-client's --task, the scripts' PROMPT argument
+        ("task refused", 7, "the server refused the {word} (HTTP 400: Invalid prompt"),
     ],
 )
 @pytest.mark.parametrize("tool", TOOLS[1:])
@@ -313,11 +314,48 @@ def test_a_run_that_stops_early_exits_with_the_same_status_for_each_cause(
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert result.returncode == status, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+    reason = reason.format(word="task" if tool == "vision-client folder" else "prompt")
     assert f"Stopped early, 3 image(s) not attempted: {reason}" in result.stderr, result.stderr[-3000:]
     assert " 0 failed" in result.stderr, result.stderr[-3000:]
     if cause == "task refused":
         assert "(HTTP 400: Invalid prompt" in result.stderr
     assert sorted(path.name for path in root.iterdir()) == ["img0.png", "img1.png", "img2.png"]
+
+
+@pytest.mark.parametrize("tool", TOOLS[1:])
+def test_a_stop_at_the_first_request_counts_the_skipped_images_apart(tool: str, tmp_path: Path) -> None:
+    """Nothing listens at the first request (the question about the model; --wait-for-server 0):
+    the run stops with the same summary in both clients, the image whose caption exists counted
+    as skipped and only the two to caption as not attempted. The bash script printed the message
+    alone, and vision-client folder counted all three images as not attempted."""
+    root = tmp_path / "data"
+    for seed in range(3):
+        save_image(root / f"img{seed}.png", seed)
+    (root / "img0.txt").write_text("an old caption")
+    url = f"http://127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+    if tool == "vision-client folder":
+        command = [str(VISION_CLIENT), "--url", url, "--model", "m", "folder", str(root), "--task", "CAPTION"]
+        command += ["--wait-for-server", "0"]
+    else:
+        command = [
+            "bash",
+            str(FOLDER_SCRIPT),
+            "--url",
+            url,
+            "--wait-for-server",
+            "0",
+            "CAPTION",
+            "txt",
+            str(root),
+        ]
+        env["VISION_MODEL"] = "m"
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
+    assert result.returncode == 3, result.stderr[-3000:]
+    stopped = "Stopped early, 2 image(s) not attempted: the server cannot be reached ("
+    assert stopped in result.stderr, result.stderr[-3000:]
+    assert "0 captioned, 1 skipped" in result.stderr and " 0 failed" in result.stderr, result.stderr
+    assert sorted(path.name for path in root.iterdir()) == ["img0.png", "img0.txt", "img1.png", "img2.png"]
 
 
 @pytest.mark.parametrize("tool", TOOLS[1:])

@@ -179,12 +179,11 @@ async def caption_folder(
     caption_ext = caption_suffix(ext)
     listing = list_images(root, recursive=recursive)
     images = listing.images
-    if not await run.check_model():  # a model the server lacks would fail every image: stop now
-        run.summary.total = len(images) + len(listing.unlisted)
-        if on_start is not None:
-            on_start(run.summary.total)
-        return run.summary
-    if jsonl is None and not dry_run:  # this run writes caption files here: clear what a killed one left
+    # A model the server lacks (or no server to ask) would fail every image: such a run stops
+    # before the first image, its images still sorted into skipped, failing and to caption, so
+    # the summary counts them apart, as the folder scripts do.
+    going_on = await run.check_model()
+    if going_on and jsonl is None and not dry_run:  # this run writes caption files: clear a killed one's
         run.summary.stale_temps_removed = sweep_stale_temps(root, recursive=recursive)
     if on_start is not None:
         on_start(len(images) + len(listing.unlisted))
@@ -195,9 +194,9 @@ async def caption_folder(
     if limit is not None:
         run.summary.deferred = max(0, len(jobs) - limit)
         jobs = jobs[:limit]
-    if dry_run:
+    if going_on and dry_run:
         run.summary.planned = [job.image for job in jobs]
-    elif jobs:
+    elif going_on and jobs:
         writer = JsonlWriter(Path(jsonl)) if jsonl is not None else None
         try:
             await run.execute(jobs, writer, concurrency)
