@@ -31,7 +31,9 @@ from vision_server.client import (
     VisionTimeoutError,
     task_token,
 )
+from vision_server.client import folder as folder_module
 from vision_server.client.api import error_detail, normalize_base_url
+from vision_server.client.folder import caption_folder
 from vision_server.client.retry import is_gateway_outage, parse_retry_after
 
 FAST = RetryPolicy(retries=3, base_delay=0.01, max_delay=0.02)
@@ -268,6 +270,34 @@ async def test_slow_answer_times_out_without_retry(serve) -> None:
     async with AsyncVisionClient(url, timeout=0.3, retry_policy=FAST) as client:
         with pytest.raises(VisionTimeoutError):
             await client.caption(b"img")
+
+
+async def test_a_first_request_past_its_own_cap_is_a_warning_and_the_images_are_sent(
+    serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The question about --model gets FIRST_REQUEST_TIMEOUT (30 s; 0.3 here), not the client's
+    timeout (600 s): past it the run warns "trying anyway" and sends the images, as the folder
+    scripts do (it stopped the run with exit status 1)."""
+    monkeypatch.setattr(folder_module, "FIRST_REQUEST_TIMEOUT", 0.3)
+
+    async def stall(request: web.Request) -> web.StreamResponse:
+        await asyncio.sleep(3)
+        return web.json_response(["<CAPTION>"])
+
+    async def caption(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"result": "a red square"})
+
+    url = await serve({"/prompts": stall, "/process_image": caption})
+    (tmp_path / "a.png").write_bytes(b"\x89PNG fake")  # sent as it is: this server reads no image
+    warnings: list[str] = []
+    async with AsyncVisionClient(url, timeout=600, model="m") as client:
+        with pytest.raises(VisionTimeoutError, match=r"within 0\.3 s"):
+            await client.prompts(timeout=0.3)
+        summary = await caption_folder(client, tmp_path, task="CAPTION", on_warning=warnings.append)
+    assert summary.aborted is None and summary.done == 1
+    assert (tmp_path / "a.txt").read_text() == "a red square"
+    assert len(warnings) == 1 and "GET /prompts?model=m failed (no answer from " in warnings[0]
+    assert warnings[0].endswith("; trying anyway")
 
 
 def test_backoff_grows_and_retry_after_is_a_floor() -> None:
