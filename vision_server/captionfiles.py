@@ -14,6 +14,7 @@ captioners sweep such leftovers when they walk a folder (:func:`remove_stale_tem
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -168,6 +169,105 @@ def shared_caption_reason(captions: Sequence[str], others: Sequence[str]) -> str
     if len(others) == 1:
         return f"shares its caption {files} with {others[0]}; neither is captioned, rename one of them"
     return f"shares its caption {files} with {', '.join(others)}; none is captioned, rename all but one"
+
+
+CaseProbe = Callable[[Path], bool]
+"""Whether the file system holding a folder takes ``B.txt`` for ``b.txt``: :func:`folds_case`,
+or a stand-in that tests give the folder captioners (no case-insensitive mount on a CI machine)."""
+
+
+def folds_case(folder: Path) -> bool:
+    """Whether ``folder``'s file system folds case (macOS APFS/HFS+ by default, Windows NTFS, an
+    exFAT or Samba share): there ``b.txt`` and ``B.txt`` are one file, so ``b.jpg`` and ``B.png``
+    would share a caption file exactly as ``b.jpg`` and ``b.png`` do.
+
+    Asked of the file system itself, never guessed from the platform: one Linux box mounts ext4
+    and a Samba share, and a macOS volume or an NTFS folder may be case-sensitive. A name in the
+    folder is looked up with its case swapped (``Cat.jpg`` as ``cAT.JPG``); when no entry has
+    that name and the look-up still finds a file, the file system folded the case. (Not an
+    inode comparison: a CIFS mount with ``noserverino`` numbers each name it is asked for anew.)
+    Only a folder with no name to swap gets a temporary file of ours, deleted at once (a hard
+    kill in between leaves the kind of leftover the folder captioners sweep anyway). A folder
+    that cannot be listed or written gets False: no caption can be written there either.
+    """
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return False
+    listed = set(names)
+    for name in names:
+        swapped = name.swapcase()
+        if swapped == name or swapped.swapcase() != name:  # no letters, or a one-way one (ß -> SS)
+            continue
+        if swapped in listed:  # both spellings are entries of their own
+            return False
+        return _resolves(folder / swapped)
+    return _probe_with_temp_file(folder)
+
+
+def _resolves(path: Path) -> bool:
+    try:
+        os.lstat(path)
+    except OSError:
+        return False
+    return True
+
+
+def _probe_with_temp_file(folder: Path) -> bool:
+    probe = temp_path(folder / "probe")  # lower-case hex: its swapped name is another name
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError:
+        return False
+    try:
+        return _resolves(probe.with_name(probe.name.swapcase()))
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+class CaseRules:
+    """Per folder, for one run: the key under which two caption files are one file there.
+
+    ``probe`` (:func:`folds_case`) is asked once per folder, and only when it matters: when two
+    images' stems differ in case alone. Elsewhere no question reaches the file system at all.
+    """
+
+    def __init__(self, probe: CaseProbe = folds_case) -> None:
+        self._probe = probe
+        self._answers: dict[Path, bool] = {}
+
+    def folds(self, folder: Path) -> bool:
+        answer = self._answers.get(folder)
+        if answer is None:
+            answer = self._answers[folder] = self._probe(folder)
+        return answer
+
+
+def same_file_key(name: str, folds: bool) -> str:
+    """``name`` (a stem or a file name) as a file system that folds case (``folds``) compares it.
+
+    ``str.casefold`` is a little broader than the tables NTFS and APFS use (``ß`` matches
+    ``ss``): a pair it joins that the file system keeps apart is refused with a clear message,
+    while the reverse would let one caption overwrite the other without a word.
+    """
+    return name.casefold() if folds else name
+
+
+def sharing_stems(names: Sequence[str], folder: Path, case: CaseRules) -> Callable[[str], list[str]]:
+    """For each image name of ``folder``, the names (itself included) whose caption file is its
+    own: the same stem, or, on a file system that folds case, the same stem in any case. The
+    file system is asked (``case``) only when two stems differ in case alone."""
+    folded: dict[str, list[str]] = {}
+    for name in names:
+        folded.setdefault(Path(name).stem.casefold(), []).append(name)
+    folds = any(len({Path(name).stem for name in group}) > 1 for group in folded.values()) and case.folds(
+        folder
+    )
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(same_file_key(Path(name).stem, folds), []).append(name)
+    return lambda name: groups[same_file_key(Path(name).stem, folds)]
 
 
 def one_line(caption: str) -> str:

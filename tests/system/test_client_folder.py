@@ -222,6 +222,38 @@ async def test_images_sharing_a_caption_file_are_reported(stub, tmp_path: Path) 
     assert not (tmp_path / "same.txt").exists()
 
 
+async def test_stems_equal_in_any_case_share_a_caption_file_where_the_file_system_folds_case(
+    stub, tmp_path: Path
+) -> None:
+    """b.png + B.png (and sub/Cat.png + sub/CAT.png): one caption file on macOS or Windows, two
+    here. ``case_probe`` answers for the folder's file system; by default it asks this one."""
+    _, client = stub
+    for name, size in (("b.png", 8), ("B.png", 9), ("c.png", 10), ("sub/Cat.png", 11), ("sub/CAT.png", 12)):
+        make_png(tmp_path / name, size)
+    asked: list[Path] = []
+
+    def folds(folder: Path) -> bool:
+        asked.append(folder)
+        return True
+
+    summary = await caption_folder(client, tmp_path, case_probe=folds)
+    rule = "neither is captioned, rename one of them"
+    assert [(f.path.relative_to(tmp_path).as_posix(), f.reason) for f in summary.failed] == [
+        ("B.png", f"shares its caption file B.txt with b.png; {rule}"),
+        ("b.png", f"shares its caption file b.txt with B.png; {rule}"),
+        ("sub/CAT.png", f"shares its caption file CAT.txt with Cat.png; {rule}"),
+        ("sub/Cat.png", f"shares its caption file Cat.txt with CAT.png; {rule}"),
+    ]
+    assert summary.done == 1 and sorted(p.name for p in tmp_path.rglob("*.txt")) == ["c.txt"]
+    assert sorted(asked) == [tmp_path, tmp_path / "sub"]  # once per folder
+    summary = await caption_folder(client, tmp_path)  # this disk keeps case apart: five captions
+    assert summary.ok and summary.done == 4 and summary.skipped == 1
+    for image in ("b.png", "B.png", "sub/Cat.png", "sub/CAT.png"):
+        assert (tmp_path / image).with_suffix(".txt").read_text(encoding="utf-8") == expected(
+            tmp_path / image
+        )
+
+
 async def test_unreachable_server_stops_the_run(tmp_path: Path) -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

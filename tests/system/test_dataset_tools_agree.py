@@ -100,6 +100,26 @@ def test_images_sharing_a_caption_file_are_all_failed_and_none_is_captioned(
         assert (root / "c.txt").read_text(encoding="utf-8").strip(), attempt  # the rest is captioned
 
 
+@pytest.mark.parametrize("tool", TOOLS)
+def test_stems_that_differ_in_case_alone_are_both_captioned_on_a_case_sensitive_disk(
+    tool: str, tiny_server_url: str, cache: Path, tmp_path: Path
+) -> None:
+    """b.jpg + B.png write b.txt and B.txt: two files on this disk (ext4), so both are
+    captioned. Each tool asks the folder's file system; on macOS or Windows they would clash
+    (tests/unit/test_case_folding.py gives the tools that answer)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for seed, name in enumerate(("b.jpg", "B.png", "c.png")):
+        save_image(root / name, seed)
+    before = {path.name for path in root.iterdir()}
+    result = run_tool(tool, root, url=tiny_server_url, cache=cache, tmp=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "shares its caption file" not in result.stderr
+    for caption in ("b.txt", "B.txt", "c.txt"):
+        assert (root / caption).read_text(encoding="utf-8").strip(), caption
+    assert {path.name for path in root.iterdir()} == before | {"b.txt", "B.txt", "c.txt"}  # no probe left
+
+
 # ---------------------------------------------------------------------------------------------
 # How a failed image is reported
 

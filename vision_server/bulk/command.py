@@ -44,7 +44,7 @@ from vision_server.bulk.readers import (
     iter_records,
 )
 from vision_server.bulk.records import Record
-from vision_server.captionfiles import Mode, caption_suffix
+from vision_server.captionfiles import CaseProbe, Mode, caption_suffix, folds_case
 from vision_server.engine.scheduler import Engine
 from vision_server.errors import InvalidTask
 from vision_server.model_specs import adapter_identity, model_identity
@@ -116,6 +116,9 @@ class CaptionRequest:
     progress_interval: float = 10.0
     ray: str | None = None  # "local" (an embedded runtime), "auto" or a cluster address
     ray_actors: int | None = None
+    # Whether a folder's file system folds case, so b.jpg and B.png share a caption file there:
+    # the file system is asked (captionfiles.folds_case); tests stand in for a macOS or Windows disk.
+    case_probe: CaseProbe = folds_case
 
 
 def run_caption(settings: Settings, request: CaptionRequest) -> int:
@@ -133,7 +136,9 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
     from vision_server.logs import configure_logging
     from vision_server.runtime import model_tasks
 
-    read = ReadOptions(request.recursive, request.image_column, request.key_column)
+    read = ReadOptions(
+        request.recursive, request.image_column, request.key_column, case_probe=request.case_probe
+    )
     kinds = _check_inputs(request, read)
     if request.ray is not None:
         from vision_server.bulk.ray import require_ray

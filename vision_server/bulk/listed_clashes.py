@@ -12,9 +12,15 @@ list of ten million lines without holding ten million paths:
    copy), deduplicated, and the caption places that still occur twice are the candidates. An
    image listed twice (the same name) is one entry after deduplication, so a list concatenated
    with itself yields no candidates.
+   The stem is hashed case-folded, so ``b.jpg`` and ``B.png`` are candidates too: where the
+   folder's file system folds case (macOS, Windows, a Samba share), ``b.txt`` and ``B.txt``
+   are one file.
 2. Only when there are candidates is the list read again, and the entries whose caption place
    is a candidate kept exactly (folder, stem, names); a hash that matched by chance is dropped
-   here. That map holds the clashing images only.
+   here, and so is a pair of stems that differ in case on a file system that keeps case apart
+   (each candidate folder's file system is asked once: :class:`~vision_server.captionfiles.CaseRules`).
+   Where it folds case, names are compared folded too: ``b.jpg`` and ``B.JPG`` are one image.
+   That map holds the clashing images only.
 
 What is left out: an image whose name hashes like another of the same stem in the same folder
 (one chance in 2**32 per such pair) is taken for the same image; and a list is not compared
@@ -30,6 +36,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from vision_server.bulk.records import safe_text
+from vision_server.captionfiles import CaseRules, same_file_key
 
 Place = tuple[str, str]  # (the image's folder with symlinks resolved, the image's stem)
 _LOW = 0xFFFFFFFF
@@ -38,8 +45,9 @@ _LOW = 0xFFFFFFFF
 class ListedClashes:
     """The images among listed entries that share a caption place, and what each clashes with."""
 
-    def __init__(self, clashes: dict[Place, dict[str, str]]) -> None:
-        self._clashes = clashes  # place -> {file name: the entry as listed}
+    def __init__(self, clashes: dict[Place, dict[str, str]], folds: dict[str, bool] | None = None) -> None:
+        self._clashes = clashes  # place (stem folded where the folder folds case) -> {name: as listed}
+        self._folds = folds or {}  # the clashing places' folders: does their file system fold case
         self._place = _place_finder()
 
     def __len__(self) -> int:
@@ -50,21 +58,29 @@ class ListedClashes:
         if not self._clashes:
             return ()
         folder, name = self._place(str(path))
-        names = self._clashes.get((folder, _stem(name)))
+        folds = self._folds.get(folder)
+        if folds is None:
+            return ()
+        name = same_file_key(name, folds)
+        names = self._clashes.get((folder, same_file_key(_stem(name), folds)))
         if names is None:
             return ()
         return tuple(safe_text(listed) for other, listed in names.items() if other != name)
 
 
-def find_clashes(entries: Callable[[], Iterable[tuple[str, str]]]) -> ListedClashes:
-    """Read ``entries()`` (each ``(as listed, its path)``) once, and again only for candidates."""
+def find_clashes(
+    entries: Callable[[], Iterable[tuple[str, str]]], case: CaseRules | None = None
+) -> ListedClashes:
+    """Read ``entries()`` (each ``(as listed, its path)``) once, and again only for candidates;
+    ``case`` tells whether a candidate folder's file system folds case (default: ask it)."""
     import numpy as np
 
+    case = case or CaseRules()
     place = _place_finder()
     packed = array("Q")
     for _listed, path in entries():
         folder, name = place(path)
-        packed.append(((hash((folder, _stem(name))) & _LOW) << 32) | (hash(name) & _LOW))
+        packed.append(((hash((folder, _stem(name).casefold())) & _LOW) << 32) | (hash(name) & _LOW))
     if len(packed) < 2:
         return ListedClashes({})
     unique = np.unique(np.frombuffer(packed, dtype=np.uint64))
@@ -75,12 +91,18 @@ def find_clashes(entries: Callable[[], Iterable[tuple[str, str]]]) -> ListedClas
     if not candidates:
         return ListedClashes({})
     exact: dict[Place, dict[str, str]] = {}
+    folds: dict[str, bool] = {}
     for listed, path in entries():
         folder, name = place(path)
-        where = (folder, _stem(name))
-        if hash(where) & _LOW in candidates:
-            exact.setdefault(where, {}).setdefault(name, listed)
-    return ListedClashes({where: names for where, names in exact.items() if len(names) > 1})
+        stem = _stem(name)
+        if hash((folder, stem.casefold())) & _LOW not in candidates:
+            continue
+        if folder not in folds:
+            folds[folder] = case.folds(Path(folder))
+        where = (folder, same_file_key(stem, folds[folder]))
+        exact.setdefault(where, {}).setdefault(same_file_key(name, folds[folder]), listed)
+    clashing = {where: names for where, names in exact.items() if len(names) > 1}
+    return ListedClashes(clashing, {folder: folds[folder] for folder, _stem in clashing})
 
 
 def _stem(name: str) -> str:

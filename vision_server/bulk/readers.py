@@ -19,7 +19,16 @@ from typing import Any, Literal
 
 from vision_server.bulk.listed_clashes import ListedClashes, find_clashes
 from vision_server.bulk.records import Record, safe_text
-from vision_server.captionfiles import describe_os_error, file_problem, is_image, remove_stale_temps
+from vision_server.captionfiles import (
+    CaseProbe,
+    CaseRules,
+    describe_os_error,
+    file_problem,
+    folds_case,
+    is_image,
+    remove_stale_temps,
+    sharing_stems,
+)
 from vision_server.parquet_images import ColumnKind, ImageColumnError, image_column, paths_problem
 
 InputKind = Literal["file", "folder", "list", "parquet", "webdataset"]
@@ -36,6 +45,10 @@ class ReadOptions:
     # Folders: delete our caption temp files a killed run left (captionfiles.remove_stale_temps)
     # from each folder as it is listed; only for runs that write caption files there.
     tidy: bool = False
+    # Whether a folder's file system folds case (b.txt is B.txt), asked once per folder and run
+    # where two stems differ in case alone: the file system itself (captionfiles.folds_case), or
+    # in tests the answer of a disk this machine cannot mount.
+    case_probe: CaseProbe = folds_case
 
 
 class InputError(ValueError):
@@ -140,16 +153,17 @@ def iter_records(inputs: Iterable[Path], options: ReadOptions) -> Iterator[Recor
     inputs = list(inputs)
     listed = [path for path in inputs if input_kind(path) in ("file", "list") or _lists_paths(path, options)]
     clashes: list[ListedClashes] = []  # found when the first input of listed paths is reached
+    case = CaseRules(options.case_probe)  # each folder's file system is asked once in a run
 
     def shared() -> ListedClashes:
         if not clashes:
-            clashes.append(find_clashes(lambda: _listed_paths(listed, options)))
+            clashes.append(find_clashes(lambda: _listed_paths(listed, options), case))
         return clashes[0]
 
     for path in inputs:
         kind = input_kind(path)
         if kind == "folder":
-            yield from _folder(path, options.recursive, tidy=options.tidy)
+            yield from _folder(path, options.recursive, tidy=options.tidy, case=case)
         elif kind == "file":
             yield Record(
                 str(path), path.name, path=path, error=file_problem(path), stem_clash=shared().others(path)
@@ -207,11 +221,16 @@ def count_images(inputs: Iterable[Path], options: ReadOptions) -> int | None:
 # --- files and folders ---------------------------------------------------------------------------
 
 
-def _folder(root: Path, recursive: bool, *, tidy: bool = False) -> Iterator[Record]:
+def _folder(
+    root: Path, recursive: bool, *, tidy: bool = False, case: CaseRules | None = None
+) -> Iterator[Record]:
     """Images under ``root``, one directory listing at a time; symlinked folders are not entered
     (no loops), symlinked files are followed. With ``tidy``, stale caption temp files go from
-    each folder listed (the listing is already there: no second walk of a big tree)."""
+    each folder listed (the listing is already there: no second walk of a big tree). ``case``
+    tells the folders whose file system folds case (where ``b.jpg`` and ``B.png`` share a
+    caption file); without it, only a count is wanted, so no probe."""
     source = str(root)
+    case = case or CaseRules(lambda _folder: False)
 
     def visit(folder: Path) -> Iterator[Record]:
         try:
@@ -224,12 +243,10 @@ def _folder(root: Path, recursive: bool, *, tidy: bool = False) -> Iterator[Reco
         if tidy:
             remove_stale_temps(folder, (entry.name for entry in entries))
         images = [e for e in entries if is_image(Path(e.name)) and not _is_real_dir(e)]
-        stems: dict[str, list[str]] = {}
-        for entry in images:
-            stems.setdefault(Path(entry.name).stem, []).append(entry.name)
+        stems = sharing_stems([entry.name for entry in images], folder, case)
         for entry in images:
             path = Path(entry.path)
-            others = [name for name in stems[path.stem] if name != entry.name]
+            others = [name for name in stems(entry.name) if name != entry.name]
             yield Record(
                 source,
                 path.relative_to(root).as_posix(),

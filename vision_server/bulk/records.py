@@ -23,7 +23,8 @@ class Record:
     path: Path | None = None  # the image file; sidecars go beside it (None: bytes from a table/tar)
     data: bytes | None = field(default=None, repr=False)  # the image bytes when there is no file
     error: str | None = None  # the reader already knows this one cannot be captioned, and why
-    # the other images of its folder with the same stem: they would share its caption file
+    # the other images of its folder with the same stem (in any case, where the file system folds
+    # case): they would share its caption file
     stem_clash: tuple[str, ...] = ()
 
     @property

@@ -245,7 +245,8 @@ def folder(
     captions and can simply be started again. Failed images get no caption file; they are
     listed at the end and the exit status is 1. In caption files each line break of a caption
     becomes a space (trainers read them by lines); --jsonl keeps it. Images with the same stem
-    (a.jpg and a.png) would share one caption file: none of them is captioned, each fails.
+    (a.jpg and a.png) would share one caption file: none of them is captioned, each fails; so do
+    b.jpg and B.png on a file system that folds case (macOS, Windows, a Samba share).
     Hidden .vision-caption.*.tmp files that a killed run left behind (older than 15 minutes) are
     deleted.
 

@@ -20,17 +20,21 @@ from typing import Literal
 
 from vision_server.captionfiles import (
     MODES,
+    CaseProbe,
+    CaseRules,
     Mode,
     caption_path,
     caption_suffix,
     caption_target_problem,
     file_problem,
+    folds_case,
     has_caption,
     list_images,
     merge_caption,
     one_line,
     read_caption,
     shared_caption_reason,
+    sharing_stems,
     sweep_stale_temps,
     write_atomic,
 )
@@ -147,6 +151,7 @@ async def caption_folder(
     on_start: Callable[[int], None] | None = None,
     on_result: Callable[[ImageResult], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
+    case_probe: CaseProbe = folds_case,
 ) -> FolderSummary:
     """Caption the images under ``folder``; see ``vision-client folder --help`` for the options.
 
@@ -156,7 +161,9 @@ async def caption_folder(
     add the new caption after/before it with ``separator``. ``prefix``/``suffix`` wrap every new
     caption, e.g. a trigger word. Requests are marked ``bulk``, so a person's single requests to
     the same server go first. Images of one folder with the same stem (``a.jpg``, ``a.png``)
-    would share a caption file: none of them is captioned, each is a failure. ``on_start`` gets
+    would share a caption file: none of them is captioned, each is a failure; so would ``b.jpg``
+    and ``B.png`` where ``case_probe`` says the folder's file system folds case (by default it
+    asks the file system, once per folder where two stems differ in case alone). ``on_start`` gets
     the number of images found, then ``on_result`` one :class:`ImageResult` per image (skipped
     ones first), for progress bars; ``on_warning`` a line when the question about the model
     fails in a way the images may not meet (default: the ``vision_server.client`` logger).
@@ -190,7 +197,7 @@ async def caption_folder(
     run.summary.total = len(listing.unlisted)  # plan() adds the images
     for folder_path, reason in listing.unlisted:  # its images cannot even be counted: say so
         run.report(ImageResult(folder_path, "failed", reason=reason))
-    jobs = run.plan(root, images, caption_ext, jsonl)
+    jobs = run.plan(root, images, caption_ext, jsonl, CaseRules(case_probe))
     if limit is not None:
         run.summary.deferred = max(0, len(jobs) - limit)
         jobs = jobs[:limit]
@@ -263,20 +270,24 @@ class _FolderRun:
         else:
             log.warning("%s", message)
 
-    def plan(self, root: Path, images: list[Path], suffix: str, jsonl: str | Path | None) -> list[_Job]:
+    def plan(
+        self, root: Path, images: list[Path], suffix: str, jsonl: str | Path | None, case: CaseRules
+    ) -> list[_Job]:
         """Decide per image: skip it, refuse it, or caption it; report skips and refusals now."""
         self.summary.total += len(images)
         # A run for a named model resumes from that model's rows only; the default model's run
         # from any row of the task, as before rows named their model.
         models = self.model_names or None
         recorded = captioned_files(Path(jsonl), self.task, models) if jsonl is not None else set()
-        # Images of one folder with the same stem (a.jpg, a.png) share one caption file: none of
-        # them is captioned, as in vision-server caption and the folder scripts (the checks come
-        # before skip, so an existing a.txt does not hide the clash).
-        claims: dict[Path, list[Path]] = {}
+        # Images of one folder with the same stem (a.jpg, a.png; b.jpg, B.png where the file
+        # system folds case) share one caption file: none of them is captioned, as in
+        # vision-server caption and the folder scripts (the checks come before skip, so an
+        # existing a.txt does not hide the clash).
+        folders: dict[Path, list[str]] = {}
         if jsonl is None:
             for image in images:
-                claims.setdefault(caption_path(image, suffix), []).append(image)
+                folders.setdefault(image.parent, []).append(image.name)
+        sharing = {folder: sharing_stems(names, folder, case) for folder, names in folders.items()}
         jobs: list[_Job] = []
         for image in images:
             unreadable = file_problem(image)  # a broken symlink, a loop, a FIFO: never opened
@@ -285,8 +296,10 @@ class _FolderRun:
                 continue
             key = image.relative_to(root).as_posix()
             target = None if jsonl is not None else caption_path(image, suffix)
-            if target is not None and len(claims[target]) > 1:
-                others = [other.name for other in claims[target] if other != image]
+            others = (
+                [name for name in sharing[image.parent](image.name) if name != image.name] if sharing else []
+            )
+            if target is not None and others:
                 reason = shared_caption_reason([target.name], others)
                 self.report(ImageResult(image, "failed", reason=reason))
                 continue
