@@ -654,7 +654,7 @@ def test_a_parquet_path_column_picked_on_its_own_naming_no_file_is_bad_usage(
 def test_a_model_that_cannot_load_ends_with_the_summary_and_how_to_go_on(
     tmp_path: Path, cache: Path, tiny_native_dir: Path
 ) -> None:
-    # The model loads when the first image to caption comes up; its load failing printed only
+    # The model loads when the first image to caption decodes; its load failing printed only
     # "error: ..." and lost the skipped and failed images reported before, and what was left.
     model = tmp_path / "m"
     shutil.copytree(tiny_native_dir, model)
@@ -687,3 +687,25 @@ def test_a_model_that_cannot_load_ends_with_the_summary_and_how_to_go_on(
     again = run(tmp_path, cache, root, "--model", model, *FAST_OPTIONS, "--jsonl", fresh)
     assert again.returncode == 1 and "2 of the 2 images are not captioned yet" in again.stderr, again.stderr
     assert not fresh.exists()
+
+
+def test_a_rerun_whose_images_left_do_not_decode_loads_no_model(
+    tmp_path: Path, cache: Path, tiny_native_dir: Path
+) -> None:
+    # A rerun over a dataset with a truncated download loaded the model (minutes for a large
+    # one) every time, only to report that file again: the load now waits for an image that
+    # decodes. A model folder without config.json shows whether a load was tried (it fails).
+    model = tmp_path / "m"
+    shutil.copytree(tiny_native_dir, model)
+    (model / "config.json").unlink()
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "a.png").write_bytes(picture(0))
+    sidecar(root / "a.png").write_text("done", encoding="utf-8")
+    (root / "b.png").write_bytes(picture(1)[:60])  # truncated
+    (root / "c.png").write_bytes(b"")
+    result = run(tmp_path, cache, root, "--model", model, *FAST_OPTIONS)
+    assert result.returncode == 1, result.stderr
+    assert "captioned 0, skipped 1, failed 2 in " in result.stderr, result.stderr
+    assert f"{root / 'b.png'}: cannot decode the image" in result.stderr
+    assert "could not be loaded" not in result.stderr and "Traceback" not in result.stderr

@@ -195,16 +195,12 @@ class BulkPipeline:
         return False
 
     async def _ready_slots(self, work: Work) -> asyncio.Semaphore | None:
-        """The places in flight; with the first image to caption, build and start the engine,
-        start the decoders and load the model in the background. None when the run stopped
-        meanwhile (a signal while torch was being imported)."""
+        """The places in flight; with the first image to caption, build and start the engine
+        and start the decoders (the model loads with the first image that decodes: see
+        :meth:`_model_loaded`). None when the run stopped meanwhile (a signal while torch was
+        being imported)."""
         if self._slots is not None:
             return self._slots
-        log.info(
-            "loading the model for %s, the first image to caption (%d skipped before it)",
-            work.record.display,
-            self.summary.skipped,
-        )
         building = asyncio.ensure_future(asyncio.to_thread(self._make_engine))
         stopper = asyncio.ensure_future(self._stopping.wait())
         await asyncio.wait({building, stopper}, return_when=asyncio.FIRST_COMPLETED)
@@ -216,9 +212,26 @@ class BulkPipeline:
         await engine.start()
         self._pool = self._new_pool()
         self._spec = engine.pixel_spec  # known from the model's files, before the load
-        self._loading = asyncio.create_task(self._load())
         self._slots = asyncio.Semaphore(self.config.in_flight(engine.config.max_batch_size))
         return self._slots
+
+    def _model_loaded(self, record: Record) -> asyncio.Future[bool]:
+        """The model's load, started by the first image that decoded (``record``).
+
+        Not by the first image to caption: a rerun whose images left are files that still do
+        not decode (a truncated download, a file that is no image) reports them again without
+        loading a model of gigabytes for nothing. The others keep decoding while it loads.
+        """
+        if self._loading is None:
+            failed = f", {self.summary.failed} failed" if self.summary.failed else ""
+            log.info(
+                "loading the model for %s, the first image to caption (%d skipped%s before it)",
+                record.display,
+                self.summary.skipped,
+                failed,
+            )
+            self._loading = asyncio.create_task(self._load())
+        return asyncio.shield(self._loading)
 
     async def _load(self) -> bool:
         """Whether the model loaded; a failure stops the run (every image would fail the same
@@ -264,8 +277,8 @@ class BulkPipeline:
         if isinstance(prepared, str):
             await asyncio.shield(self._store(record, {}, prepared))
             return
-        assert self._loading is not None and self.engine is not None
-        if not await asyncio.shield(self._loading):
+        assert self.engine is not None
+        if not await self._model_loaded(record):
             return  # no model: the image is simply not captioned (the run reports why, once)
         captions, error = await caption_image(
             self.engine, prepared, work.tasks, self.config.options, request_id=record.display
