@@ -151,7 +151,7 @@ class BulkPipeline:
                         self._report("skipped", unit.record, unit.reason)
                     elif isinstance(unit, Fail):
                         self._store(unit.record, {}, unit.reason)
-                    elif (slots := await self._ready_slots(unit)) and await self._acquire(slots):
+                    elif (slots := await self._ready_slots()) and await self._acquire(slots):
                         task = asyncio.create_task(self._caption(unit))
                         active.add(task)
                         task.add_done_callback(functools.partial(_finished, active, slots))
@@ -194,7 +194,7 @@ class BulkPipeline:
         acquire.cancel()
         return False
 
-    async def _ready_slots(self, work: Work) -> asyncio.Semaphore | None:
+    async def _ready_slots(self) -> asyncio.Semaphore | None:
         """The places in flight; with the first image to caption, build and start the engine
         and start the decoders (the model loads with the first image that decodes: see
         :meth:`_model_loaded`). None when the run stopped meanwhile (a signal while torch was
