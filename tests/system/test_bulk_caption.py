@@ -709,3 +709,35 @@ def test_a_rerun_whose_images_left_do_not_decode_loads_no_model(
     assert "captioned 0, skipped 1, failed 2 in " in result.stderr, result.stderr
     assert f"{root / 'b.png'}: cannot decode the image" in result.stderr
     assert "could not be loaded" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_second_ctrl_c_quits_at_once_and_says_how_to_go_on(tmp_path: Path, cache: Path) -> None:
+    # The second Ctrl+C ended the process without a word after "press Ctrl+C again to quit
+    # now": no summary, nothing about what was kept or that a rerun resumes.
+    root = tmp_path / "data"
+    good_images(root, 40)
+    slow = ("--model", "test:tiny", "--num-beams", "1", "--min-new-tokens", "300", "--max-new-tokens", "300")
+    command = caption_command(root, *slow, "--max-batch-size", "2", "--workers", "1", "--cache-dir", cache)
+
+    def default_sigint() -> None:  # as from a terminal, even when the test runner ignores SIGINT
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+    with subprocess.Popen(
+        command, env=cli_env(tmp_path), stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+    ) as process:
+        deadline = time.monotonic() + 300
+        while not list(root.rglob("*.txt")):  # a batch is done, the next ones are on the model
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+        assert process.stderr is not None
+        said = []  # two signals sent at once may arrive as one: the second goes once the first is seen
+        while not said or not said[-1].startswith("stopping: "):
+            said.append(process.stderr.readline())
+            assert said[-1], "".join(said)
+        process.send_signal(signal.SIGINT)  # the stop is waiting for the batch on the model
+        code = process.wait(120)
+        stderr = "".join(said) + process.stderr.read()
+    assert code == 130, stderr
+    assert "quit at once: the captions written so far are kept; run the same command again" in stderr
+    assert "Traceback" not in stderr

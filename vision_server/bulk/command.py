@@ -373,6 +373,14 @@ async def _run(
 
     def on_signal(signum: int) -> None:
         if stops:  # a second Ctrl+C: the user does not want to wait for the batch in progress
+            # No summary can follow (the run is cut short here), so say what the user has: every
+            # caption written so far (files atomically; a torn JSONL line and a Parquet journal
+            # are mended by the next run), and how to go on.
+            click.echo(
+                "quit at once: the captions written so far are kept; run the same command again "
+                "to resume (it mends what this stop cut short)",
+                err=True,
+            )
             os._exit(128 + signum)
         stops.append(signum)
         click.echo("stopping: finishing the writes in progress (press Ctrl+C again to quit now)", err=True)
