@@ -432,13 +432,13 @@ class ReadOnlyCaption(PermissionError):
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) all at once, or leave it untouched on any error.
 
-    An existing file keeps what a plain rewrite in place would keep: its permission bits (a
-    group-writable dataset stays group-writable; the new file is not reset to the umask), a
-    symlink stays a link (the file it points to is replaced), and a file without write
-    permission is not replaced at all (:class:`ReadOnlyCaption`).
+    An existing file keeps its permission bits (a group-writable dataset stays group-writable;
+    the new file is not reset to the umask), and a file without write permission is not
+    replaced at all (:class:`ReadOnlyCaption`). A symlinked caption is replaced by a plain file
+    and the file it points to is left alone: writing through the link could reach outside the
+    dataset (the gallery must never do that), and captions linked to one shared file would all
+    end up with the last image's text.
     """
-    if path.is_symlink():
-        path = Path(os.path.realpath(path))  # never raises (a loop fails below, as an OSError)
     try:
         info = path.stat()
     except FileNotFoundError:

@@ -141,12 +141,13 @@ def test_list_images_reports_a_folder_it_cannot_list(tmp_path: Path, monkeypatch
     assert find_images(tmp_path) == [tmp_path / "ok" / "a.png"]  # the public helper: files only
 
 
-def test_write_atomic_keeps_an_existing_files_mode_and_link_and_refuses_a_read_only_one(
+def test_write_atomic_keeps_an_existing_files_mode_not_its_link_and_refuses_a_read_only_one(
     tmp_path: Path,
 ) -> None:
     """An atomic write replaces the file, so without care it would reset a shared dataset's
-    group-writable caption to the umask, turn a symlinked caption into a plain file, and replace
-    a caption the user made read-only (a plain ``open(..., "w")`` refuses that one)."""
+    group-writable caption to the umask and replace a caption the user made read-only (a plain
+    ``open(..., "w")`` refuses that one). A symlinked caption becomes a plain file: the file it
+    points to (maybe outside the dataset, maybe shared by other captions) is never written."""
     shared = tmp_path / "shared.txt"
     shared.write_text("old", encoding="utf-8")
     shared.chmod(0o664)
@@ -158,7 +159,11 @@ def test_write_atomic_keeps_an_existing_files_mode_and_link_and_refuses_a_read_o
     (store / "cat.txt").write_text("old", encoding="utf-8")
     (tmp_path / "cat.txt").symlink_to(store / "cat.txt")
     write_atomic(tmp_path / "cat.txt", "new")
-    assert (tmp_path / "cat.txt").is_symlink() and (store / "cat.txt").read_text(encoding="utf-8") == "new"
+    assert (
+        not (tmp_path / "cat.txt").is_symlink()
+        and (tmp_path / "cat.txt").read_text(encoding="utf-8") == "new"
+    )
+    assert (store / "cat.txt").read_text(encoding="utf-8") == "old"
 
     kept = tmp_path / "kept.txt"
     kept.write_text("hand-written\n", encoding="utf-8")
