@@ -344,20 +344,55 @@ if ($images.Count -eq 0) {
 
 $work = New-Object System.Collections.Generic.List[object]
 $clashes = New-Object System.Collections.Generic.List[object]
+# Whether the file system of $Image's folder folds case (NTFS, macOS as formatted by default,
+# exFAT, a Samba share: b.txt and B.txt are one file there): the image's name with its case
+# swapped finds a file though no entry of the folder has that name. Asked of the file system, not
+# guessed from the platform (a macOS volume or an NTFS folder can be case-sensitive), as
+# vision-client folder and vision-server caption ask it.
+function Test-FoldsCase([string]$Image) {
+    $folder = [System.IO.Path]::GetDirectoryName($Image)
+    $chars = [System.IO.Path]::GetFileName($Image).ToCharArray() | ForEach-Object {
+        if ([char]::IsUpper($_)) { [char]::ToLowerInvariant($_) } else { [char]::ToUpperInvariant($_) }
+    }
+    $swapped = -join $chars
+    if (-not [System.IO.File]::Exists([System.IO.Path]::Combine($folder, $swapped))) { return $false }
+    foreach ($entry in [System.IO.Directory]::EnumerateFileSystemEntries($folder)) {
+        if ([System.IO.Path]::GetFileName($entry) -ceq $swapped) { return $false }   # two files
+    }
+    return $true
+}
+# Stems that differ in case alone (b.jpg, B.png): their folder is asked, once.
+$spelled = New-Object 'System.Collections.Generic.Dictionary[string,string]'
+$foldsCase = New-Object 'System.Collections.Generic.Dictionary[string,bool]'
+foreach ($image in $images) {
+    $captionPath = [System.IO.Path]::ChangeExtension($image, $captionSuffix)
+    $lower = $captionPath.ToLowerInvariant()
+    if (-not $spelled.ContainsKey($lower)) { $spelled[$lower] = $captionPath }
+    elseif ($spelled[$lower] -cne $captionPath) {
+        $imageFolder = [System.IO.Path]::GetDirectoryName($image)
+        if (-not $foldsCase.ContainsKey($imageFolder)) { $foldsCase[$imageFolder] = Test-FoldsCase $image }
+    }
+}
+# A caption path as its folder's file system compares names: lower-cased where it folds case.
+function Get-ClaimKey([string]$CaptionPath) {
+    $captionFolder = [System.IO.Path]::GetDirectoryName($CaptionPath)
+    if ($foldsCase.ContainsKey($captionFolder) -and $foldsCase[$captionFolder]) {
+        return [System.IO.Path]::Combine($captionFolder, [System.IO.Path]::GetFileName($CaptionPath).ToLowerInvariant())
+    }
+    return $CaptionPath
+}
 # caption path -> the images that would write it (cat.jpg and cat.png: cat.txt); case-sensitive
-# keys (a hashtable ignores case), lower-cased where the file system ignores case
+# keys (a hashtable ignores case), lower-cased where the file system folds case
 $claimed = New-Object 'System.Collections.Generic.Dictionary[string,object]'
 foreach ($image in $images) {
-    $key = [System.IO.Path]::ChangeExtension($image, $captionSuffix)
-    if (-not $IsLinux) { $key = $key.ToLowerInvariant() }   # Windows and macOS ignore case
+    $key = Get-ClaimKey ([System.IO.Path]::ChangeExtension($image, $captionSuffix))
     if (-not $claimed.ContainsKey($key)) { $claimed[$key] = New-Object System.Collections.Generic.List[string] }
     $claimed[$key].Add($image)
 }
 $skipped = 0
 foreach ($image in $images) {
     $captionPath = [System.IO.Path]::ChangeExtension($image, $captionSuffix)
-    $key = $captionPath
-    if (-not $IsLinux) { $key = $key.ToLowerInvariant() }
+    $key = Get-ClaimKey $captionPath
     if ($claimed[$key].Count -gt 1) {
         # A caption file that several images share is paired with all of them by a trainer:
         # none is captioned, even when it exists, as in vision-client folder and the bash script.

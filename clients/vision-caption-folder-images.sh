@@ -494,21 +494,58 @@ has_text() {
     [[ -n ${text//[[:space:]]/} ]]
 }
 
+# True when the file system of image $1's folder folds case (macOS, Windows, exFAT, a Samba
+# share), where b.txt and B.txt are one file: the image's name with its case swapped finds a file
+# though no entry of the folder has that name. Asked once per folder, only where two stems differ
+# in case alone; as vision-client folder and vision-server caption ask.
+folds_case() {
+    local dir=${1%/*} swapped=${1##*/} entry
+    swapped=${swapped~~}
+    [[ -e $dir/$swapped ]] || return 1
+    while IFS= read -r -d '' entry; do
+        [[ ${entry##*/} == "$swapped" ]] && return 1 # both spellings are files of their own
+    done < <(find "$dir" -mindepth 1 -maxdepth 1 -print0 2>/dev/null)
+    return 0
+}
+declare -A spelled=() ask=() folded=() # caption path lower-cased -> as spelled; folders to ask
+# Sets key: caption path $1 as its folder's file system compares names (lower-cased where it
+# folds case), the key of owner.
+claim() {
+    key=$1
+    if [[ -n ${folded[${1%/*}]+set} ]]; then
+        key=${1##*/}
+        key=${1%/*}/${key,,}
+    fi
+}
+
 declare -a found=()
 while IFS= read -r -d '' img; do
     [[ -f $img ]] || continue # a dangling symlink
     found+=("$img")
     cap=${img%.*}.$ext
-    owner[$cap]+=${img##*/}/ # "/" never occurs in a file name: a safe separator
+    if [[ -z ${spelled[${cap,,}]+set} ]]; then
+        spelled[${cap,,}]=$cap
+    elif [[ ${spelled[${cap,,}]} != "$cap" ]]; then # b.jpg and B.png: one b.txt on some disks
+        ask[${img%/*}]=$img
+    fi
 done < <(find "${find_args[@]}" | LC_ALL=C sort -z)
 total_found=${#found[@]}
+for dir in ${ask[@]+"${!ask[@]}"}; do
+    if folds_case "${ask[$dir]}"; then folded[$dir]=1; fi
+done
+for img in ${found[@]+"${found[@]}"}; do
+    claim "${img%.*}.$ext"
+    owner[$key]+=${img##*/}/ # "/" never occurs in a file name: a safe separator
+done
+unset spelled ask
 
 for img in ${found[@]+"${found[@]}"}; do # (bash < 4.4 calls an empty array unbound)
     cap=${img%.*}.$ext
-    # Images with the same stem (a.jpg, a.png) share one caption file, which a trainer would pair
-    # with both: none of them is captioned, even when the caption file exists (as in vision-client
-    # folder and vision-server caption).
-    names=${owner[$cap]}
+    # Images with the same stem (a.jpg, a.png; b.jpg, B.png where the folder folds case) share one
+    # caption file, which a trainer would pair with both: none of them is captioned, even when the
+    # caption file exists (as in vision-client folder and vision-server caption).
+    claim "$cap"
+    names=${owner[$key]}
     if [[ $names != "${img##*/}/" ]]; then
         others=""
         n_others=0
@@ -537,7 +574,7 @@ for img in ${found[@]+"${found[@]}"}; do # (bash < 4.4 calls an empty array unbo
     todo+=("$img")
     todo_cap+=("$cap")
 done
-unset owner found
+unset owner found folded
 
 total=${#todo[@]}
 
