@@ -31,7 +31,9 @@ name and the extension CaptionExt: cat.png -> cat.txt.
   It works the same on Windows PowerShell 5.1 and PowerShell 7 (a runspace pool).
 - Images with the same name but another extension (a.jpg and a.png) would share one caption
   file (a.txt) that a trainer pairs with both: none of them is captioned and each is reported
-  as failed, also when a.txt already exists (it is left as it is); rename all but one.
+  as failed, also when a.txt already exists (it is left as it is); rename all but one. So do
+  b.jpg and B.png in a folder whose file system folds case (NTFS, macOS, exFAT, a Samba share),
+  where b.txt and B.txt are one file; the script asks the file system, not the platform.
 - Progress shows the count, images per second and the time left.
 - Ctrl+C stops the requests in flight and prints what was done (every caption this run put in
   place, the failures) and how many images are not captioned yet; run the same command again

@@ -61,7 +61,9 @@ are written as given), and the file has no trailing newline.
 
 Images with the same name but another extension (a.jpg and a.png) would share one caption file
 (a.txt) that a trainer pairs with both: none of them is captioned and each is reported as
-failed, also when a.txt already exists (it is left as it is); rename all but one of them.
+failed, also when a.txt already exists (it is left as it is); rename all but one of them. So do
+b.jpg and B.png in a folder whose file system folds case (macOS, Windows, exFAT, a Samba share),
+where b.txt and B.txt are one file; the script asks the file system, not the platform.
 
 Progress (count/total, images per second and ETA) goes to stderr, then a summary that lists
 every image that failed and why. The run stops early when the server cannot be reached for

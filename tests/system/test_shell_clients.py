@@ -555,6 +555,44 @@ def test_folder_failing_image(server: str, tmp_path: Path, tmpdir_env: Path) -> 
     assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
 
 
+def test_folder_case_rule_asks_the_file_system_and_folds_names_only_where_it_folds(tmp_path: Path) -> None:
+    """The folder script's own folds_case and claim, in bash: on this disk (ext4) b.jpg looked up
+    as B.JPG finds nothing, and where both spellings are files each is its own; only a folder
+    the file system folds case in gets lower-cased caption keys (where b.txt is B.txt). The
+    whole run on this disk, with both images captioned, is in test_dataset_tools_agree.py."""
+    text = FOLDER.read_text(encoding="utf-8")
+    functions = "\n".join(
+        re.search(rf"^{name}\(\) {{\n.*?^}}\n", text, re.M | re.S).group(0)  # type: ignore[union-attr]
+        for name in ("folds_case", "claim")
+    )
+    pair = tmp_path / "pair"
+    both = tmp_path / "both"
+    for folder, names in ((pair, ("b.jpg", "B.png")), (both, ("c.jpg", "C.JPG"))):
+        folder.mkdir()
+        for name in names:
+            (folder / name).write_bytes(b"x")
+    script = functions + (
+        "declare -A folded=()\n"
+        'folds_case "$1/b.jpg" && echo "pair folds" || echo "pair keeps case"\n'
+        'folds_case "$2/c.jpg" && echo "both folds" || echo "both keep case"\n'
+        'claim "$1/B.txt"; echo "$key"\n'
+        "folded[$1]=1\n"
+        'claim "$1/B.txt"; echo "$key"\n'
+        'claim "$2/C.txt"; echo "$key"\n'
+    )
+    result = subprocess.run(
+        ["bash", "-c", script, "bash", str(pair), str(both)], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.splitlines() == [
+        "pair keeps case",
+        "both keep case",
+        f"{pair}/B.txt",
+        f"{pair}/b.txt",
+        f"{both}/C.txt",
+    ]
+    assert sorted(path.name for path in pair.iterdir()) == ["B.png", "b.jpg"]
+
+
 def test_folder_dead_server(tmp_path: Path, tmpdir_env: Path) -> None:
     """Nothing listening: --wait-for-server 0 stops at once; a window is waited out first."""
     root = tmp_path / "dead"
