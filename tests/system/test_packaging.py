@@ -84,3 +84,14 @@ def test_the_wheel_holds_the_package_its_page_and_its_commands(built: tuple[Path
     assert f"\nVersion: {version}\n" in metadata
     assert "vision-server = vision_server.cli:main" in entry_points
     assert "vision-client = vision_server.client.cli:main" in entry_points
+
+
+def test_the_build_backend_floor_reads_the_license_field() -> None:
+    """``license = "MIT"`` (an SPDX expression, PEP 639) is read by setuptools 77 and later;
+    68 to 76 stop the build with "`project.license` must be valid exactly by one definition".
+    The floor in ``[build-system]`` is what a distribution's own setuptools is held to."""
+    pyproject = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    requires = re.search(r'^requires = \["setuptools>=(\d+)', pyproject, re.MULTILINE)
+    assert requires is not None, "[build-system] requires names no setuptools floor"
+    if re.search(r'^license = "', pyproject, re.MULTILINE):
+        assert int(requires.group(1)) >= 77, requires.group(0)
