@@ -422,7 +422,7 @@ class ReadOnlyCaption(PermissionError):
     image's failure."""
 
     def __init__(self, path: Path) -> None:
-        message = f"{path.name} is read-only; make it writable (chmod u+w) to let this run replace it"
+        message = f"{path.name} is read-only; make it writable (chmod u+w) to let it be replaced"
         super().__init__(errno.EACCES, message, str(path))
 
     def __str__(self) -> str:

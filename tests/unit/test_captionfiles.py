@@ -170,9 +170,7 @@ def test_write_atomic_keeps_an_existing_files_mode_not_its_link_and_refuses_a_re
     kept.chmod(0o444)
     with pytest.raises(ReadOnlyCaption) as refused:
         write_atomic(kept, "new")
-    assert (
-        str(refused.value) == "kept.txt is read-only; make it writable (chmod u+w) to let this run replace it"
-    )
+    assert str(refused.value) == "kept.txt is read-only; make it writable (chmod u+w) to let it be replaced"
     assert isinstance(refused.value, OSError)  # every folder captioner reports OSError per image
     assert kept.read_text(encoding="utf-8") == "hand-written\n" and stat.S_IMODE(kept.stat().st_mode) == 0o444
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.txt", "kept.txt", "shared.txt", "store"]
