@@ -48,6 +48,7 @@ from vision_server.captionfiles import CaseProbe, Mode, caption_suffix, folds_ca
 from vision_server.engine.scheduler import Engine
 from vision_server.errors import InvalidTask
 from vision_server.model_specs import adapter_identity, model_identity
+from vision_server.output_lock import OutputBusy, holding
 from vision_server.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -175,8 +176,28 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
             f"{needs_table[0]} holds image bytes, not files a caption file could go beside; "
             "add --jsonl FILE or --parquet FILE"
         )
-    if not request.dry_run:
-        _check_outputs(request)
+    if request.dry_run:  # reads only: another run may be writing the outputs meanwhile
+        return _locked_run(settings, request, read, kinds, tasks, sidecars)
+    _check_outputs(request)
+    shared = [path for path in (request.jsonl, request.parquet) if path is not None]
+    try:
+        # One run at a time per JSONL/Parquet output, for the whole run (also with --ray, whose
+        # rows are written here), taken before the output is read back or the model loads.
+        with holding(shared):
+            return _locked_run(settings, request, read, kinds, tasks, sidecars)
+    except OutputBusy as exc:
+        raise click.UsageError(str(exc)) from None
+
+
+def _locked_run(
+    settings: Settings,
+    request: CaptionRequest,
+    read: ReadOptions,
+    kinds: dict[Path, str],
+    tasks: tuple[str, ...],
+    sidecars: bool,
+) -> int:
+    """The run proper, once its shared outputs are this run's alone (a dry run writes nothing)."""
     outputs = _outputs(request, settings, tasks, sidecars)
     records = iter_records(request.inputs, read)
     if request.dry_run:

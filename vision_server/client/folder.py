@@ -50,6 +50,7 @@ from vision_server.client.errors import (
     VisionHTTPError,
 )
 from vision_server.client.jsonl import JsonlWriter, captioned_files
+from vision_server.output_lock import holding
 
 Outcome = Literal["done", "skipped", "failed"]
 
@@ -170,6 +171,8 @@ async def caption_folder(
     ``limit`` captions at most that many images (skipped ones do
     not count; the rest are ``deferred``). A ``dry_run`` sends no image and writes nothing: the
     images a run would caption are listed in ``planned`` (only a named model is asked about).
+    A ``jsonl`` file is locked for the whole run: while another run holds it,
+    :class:`~vision_server.output_lock.OutputBusy` is raised before anything is sent.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
@@ -182,36 +185,41 @@ async def caption_folder(
     root = Path(folder)
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
-    run = _FolderRun(client, task_token(task), mode, prefix, suffix, separator, on_result, on_warning)
-    caption_ext = caption_suffix(ext)
-    listing = list_images(root, recursive=recursive)
-    images = listing.images
-    # A model the server lacks (or no server to ask) would fail every image: such a run stops
-    # before the first image, its images still sorted into skipped, failing and to caption, so
-    # the summary counts them apart, as the folder scripts do.
-    going_on = await run.check_model()
-    if going_on and jsonl is None and not dry_run:  # this run writes caption files: clear a killed one's
-        run.summary.stale_temps_removed = sweep_stale_temps(root, recursive=recursive)
-    if on_start is not None:
-        on_start(len(images) + len(listing.unlisted))
-    run.summary.total = len(listing.unlisted)  # plan() adds the images
-    for folder_path, reason in listing.unlisted:  # its images cannot even be counted: say so
-        run.report(ImageResult(folder_path, "failed", reason=reason))
-    jobs = run.plan(root, images, caption_ext, jsonl, CaseRules(case_probe))
-    if limit is not None:
-        run.summary.deferred = max(0, len(jobs) - limit)
-        jobs = jobs[:limit]
-    if going_on and dry_run:
-        run.summary.planned = [job.image for job in jobs]
-    elif going_on and jobs:
-        writer = JsonlWriter(Path(jsonl)) if jsonl is not None else None
-        try:
-            await run.execute(jobs, writer, concurrency)
-        finally:
-            if writer is not None:
-                writer.close()
-    run.summary.failed.sort(key=lambda failure: failure.path)
-    return run.summary
+    locked = [Path(jsonl)] if jsonl is not None and not dry_run else []
+    for path in locked:  # its folder, for the lock file beside it (the writer would make it anyway)
+        path.parent.mkdir(parents=True, exist_ok=True)
+    # One run at a time per JSONL file, for the whole run: two would caption every image twice.
+    with holding(locked):
+        run = _FolderRun(client, task_token(task), mode, prefix, suffix, separator, on_result, on_warning)
+        caption_ext = caption_suffix(ext)
+        listing = list_images(root, recursive=recursive)
+        images = listing.images
+        # A model the server lacks (or no server to ask) would fail every image: such a run stops
+        # before the first image, its images still sorted into skipped, failing and to caption, so
+        # the summary counts them apart, as the folder scripts do.
+        going_on = await run.check_model()
+        if going_on and jsonl is None and not dry_run:  # this run writes caption files: clear a killed one's
+            run.summary.stale_temps_removed = sweep_stale_temps(root, recursive=recursive)
+        if on_start is not None:
+            on_start(len(images) + len(listing.unlisted))
+        run.summary.total = len(listing.unlisted)  # plan() adds the images
+        for folder_path, reason in listing.unlisted:  # its images cannot even be counted: say so
+            run.report(ImageResult(folder_path, "failed", reason=reason))
+        jobs = run.plan(root, images, caption_ext, jsonl, CaseRules(case_probe))
+        if limit is not None:
+            run.summary.deferred = max(0, len(jobs) - limit)
+            jobs = jobs[:limit]
+        if going_on and dry_run:
+            run.summary.planned = [job.image for job in jobs]
+        elif going_on and jobs:
+            writer = JsonlWriter(Path(jsonl)) if jsonl is not None else None
+            try:
+                await run.execute(jobs, writer, concurrency)
+            finally:
+                if writer is not None:
+                    writer.close()
+        run.summary.failed.sort(key=lambda failure: failure.path)
+        return run.summary
 
 
 class _FolderRun:
