@@ -7,7 +7,7 @@ journal into the table deletes the journal the other run is still appending to, 
 are lost. So a run takes a lock on each such output before it reads it back, and a second run
 that finds it held stops at once, before any work, naming the file.
 
-The lock is ``fcntl.flock`` on Unix and ``LockFileEx`` on Windows (through ``filelock``) on a
+The lock is ``fcntl.flock`` on Unix and a Windows file lock (both through ``filelock``) on a
 hidden ``.NAME.lock`` file beside the output. The system drops it when the process ends, however
 it ends (``kill -9`` included), so a crashed run never leaves a stale lock. The empty lock file
 stays: deleting it on release would let a run that opened it just before lock a file no other

@@ -1,0 +1,113 @@
+"""Two runs over one dataset at once, as real processes: one JSONL/Parquet output, one writer.
+
+A user who starts a second overnight run by mistake (or on a second machine sharing the folder)
+must not end up with every row twice, nor lose rows when one run folds the Parquet journal the
+other is still appending to. The first run holds a lock on each such output; a second run into
+the same file, from ``vision-server caption`` or ``vision-client folder``, stops at once.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from tests.support.bulk_data import caption_command, cli_env, good_images
+from tests.support.processes import free_port
+
+CLIENT = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or "vision-client"
+
+IMAGES = 16
+FAST = ("--model", "test:tiny", "--max-new-tokens", "8", "--num-beams", "1", "--workers", "1")
+
+
+def complete_rows(path: Path) -> int:
+    return path.read_bytes().count(b"\n") if path.exists() else 0
+
+
+def test_a_second_run_into_the_same_outputs_stops_at_once_and_the_first_loses_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    good_images(root, IMAGES)
+    jsonl, parquet = tmp_path / "out" / "captions.jsonl", tmp_path / "out" / "captions.parquet"
+    jsonl.parent.mkdir()
+    cache = tmp_path / "cache"
+    common = (root, *FAST, "--max-batch-size", "2", "--cache-dir", cache)
+    args = (*common, "--jsonl", jsonl, "--parquet", parquet)
+    env = cli_env(tmp_path)
+    first_log = tmp_path / "first.log"
+    with first_log.open("w") as log, subprocess.Popen(caption_command(*args), env=env, stderr=log) as first:
+        try:
+            deadline = time.monotonic() + 300
+            while complete_rows(jsonl) < 2:  # it has the outputs open and is captioning
+                assert first.poll() is None, first_log.read_text()
+                assert time.monotonic() < deadline, first_log.read_text()
+                time.sleep(0.02)
+            # Held mid-run (the lock is the process's, paused or not), so the second runs are
+            # sure to meet it however fast or slow this machine is.
+            first.send_signal(signal.SIGSTOP)
+            rows_then = jsonl.read_bytes()
+            # the same outputs, spelled another way (from another working directory)
+            second = subprocess.run(
+                caption_command(*common, "--jsonl", "captions.jsonl", "--parquet", parquet),
+                cwd=jsonl.parent,
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+            # vision-client folder into the same JSONL stops before it asks any server
+            client = subprocess.run(
+                [
+                    CLIENT,
+                    "--url",
+                    f"http://127.0.0.1:{free_port()}",
+                    "--retries",
+                    "0",
+                    "folder",
+                    str(root),
+                    "--jsonl",
+                    str(jsonl),
+                    "--wait-for-server",
+                    "0",
+                ],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            # a dry run writes nothing and takes no lock: what is left can be asked meanwhile
+            dry = subprocess.run(
+                caption_command(*args, "--dry-run"), env=env, capture_output=True, text=True, timeout=300
+            )
+            assert jsonl.read_bytes() == rows_then  # none of them wrote a byte
+        finally:
+            first.send_signal(signal.SIGCONT)
+        assert first.wait(600) == 0, first_log.read_text()
+
+    assert second.returncode == 2, second.stderr
+    assert "captions.jsonl is being written by another run" in second.stderr, second.stderr
+    assert "run this command again" in second.stderr
+    assert "loading the model" not in second.stderr  # stopped before any work
+    assert client.returncode == 2, client.stderr
+    assert "is being written by another run" in client.stderr, client.stderr
+    assert dry.returncode == 0, dry.stderr
+    assert dry.stdout.count("skip\t") >= 2 and "caption\t" in dry.stdout, dry.stdout
+
+    keys = Counter(json.loads(line)["key"] for line in jsonl.read_text(encoding="utf-8").splitlines())
+    assert len(keys) == IMAGES and set(keys.values()) == {1}  # each image once, no row twice
+    table = pq.read_table(parquet)
+    assert table.num_rows == IMAGES and len(set(table.column("key").to_pylist())) == IMAGES
+    left = sorted(path.name for path in jsonl.parent.iterdir())
+    assert left == [".captions.jsonl.lock", ".captions.parquet.lock", "captions.jsonl", "captions.parquet"]
+
+    # Once the first run is over, the same command resumes: nothing is left to do.
+    rerun = subprocess.run(caption_command(*args), env=env, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"captioned 0, skipped {IMAGES}" in rerun.stderr, rerun.stderr
