@@ -102,6 +102,33 @@ def test_plan_finds_the_caption_files_behind_the_prefix_wrapper(tmp_path: Path) 
     assert unit.reason == "shares its caption file a.txt with a.jpg; neither is captioned, rename one of them"
 
 
+def test_table_outputs_resume_an_input_spelled_another_way(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``caption ds`` then ``caption ds/`` or ``caption /abs/ds``: the rows name the input as
+    given, and a rerun that spelled it otherwise captioned every image again, each a second row."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ds").mkdir()
+    out = tmp_path / "out.jsonl"
+    first = JsonlOutput(out, FACTS)
+    first.write(Record("ds", "a.png"), {"<CAPTION>": "a cat"}, None)
+    first.write(Record("ds", "bad.png"), {}, "cannot decode the image")
+    first.close()
+    for spelling in ("ds/", "./ds", str(tmp_path / "ds"), str(tmp_path / "ds" / ".." / "ds")):
+        again = JsonlOutput(out, FACTS)
+        assert again.missing(Record(spelling, "a.png"), ["<CAPTION>"]) == [], spelling
+        assert again.missing(Record(spelling, "b.png"), ["<CAPTION>"]) == ["<CAPTION>"], spelling
+        again.write(Record(spelling, "a.png"), {"<CAPTION>": "a cat again"}, None)
+        again.write(Record(spelling, "bad.png"), {}, "cannot decode the image")  # said once already
+        again.close()
+    assert len(out.read_text(encoding="utf-8").splitlines()) == 2
+    parquet = tmp_path / "out.parquet"
+    table = ParquetOutput(parquet, FACTS)
+    table.write(Record("ds", "a.png"), {"<CAPTION>": "a cat"}, None)
+    table.close()
+    assert ParquetOutput(parquet, FACTS).missing(Record(f"{tmp_path}/ds/", "a.png"), ["<CAPTION>"]) == []
+
+
 def test_jsonl_resume_ignores_a_torn_line_and_terminates_it(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     whole = {"source": "d", "key": "a.png", "task": "<CAPTION>", "caption": "a cat"}

@@ -9,6 +9,7 @@ when the run ends, or by the next run when this one was killed.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -145,7 +146,25 @@ class ModelRows:
 
 def identity(record: Record) -> str:
     """The name a table output knows an image by: its input and its key."""
-    return f"{safe_text(record.source)}\x00{safe_text(record.key)}"
+    return _identity(safe_text(record.source), safe_text(record.key))
+
+
+def _identity(source: str, key: str) -> str:
+    """A row's or a record's identity, its source compared as the path it names."""
+    return f"{same_input(source)}\x00{key}"
+
+
+@functools.lru_cache(maxsize=1024)
+def same_input(source: str) -> str:
+    """``source`` as the file or folder it names: ``dataset``, ``dataset/``, ``./dataset`` and
+    ``/data/dataset`` (from ``/data``) are one input, so a rerun that spells its input another
+    way resumes instead of captioning everything again beside the old rows. Rows keep the
+    source as given; a relative one is read from this run's working directory. Cached: a table
+    of millions of rows names a few inputs."""
+    try:
+        return os.path.realpath(source)
+    except (OSError, ValueError):  # a NUL in it, say: no path, compared as written
+        return source
 
 
 def make_row(record: Record, facts: RowFacts, captions: Captions, error: str | None = None) -> dict[str, Any]:
@@ -175,7 +194,7 @@ def recorded(rows: Iterable[Any]) -> dict[str, set[str]]:
         source, key = row.get("source"), row.get("key")
         if not isinstance(source, str) or not isinstance(key, str):
             continue
-        ident = f"{source}\x00{key}"
+        ident = _identity(source, key)
         task, tasks = row.get("task"), row.get("tasks")
         if isinstance(task, str) and isinstance(row.get("caption"), str):
             done.setdefault(task, set()).add(ident)
@@ -443,7 +462,7 @@ class JsonlOutput(_TableOutput):
     def _note_errors(self, rows: Iterable[Any]) -> Iterator[Any]:
         for row in rows:
             if isinstance(row, dict) and isinstance(row.get("error"), str):
-                self._errors.add((f"{row.get('source')}\x00{row.get('key')}", row["error"]))
+                self._errors.add((_identity(str(row.get("source")), str(row.get("key"))), row["error"]))
             yield row
 
     def close(self) -> None:
