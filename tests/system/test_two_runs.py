@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from tests.support.bulk_data import caption_command, cli_env, good_images
+from tests.support.bulk_data import caption_command, cli_env, good_images, picture
 from tests.support.processes import free_port
 
 CLIENT = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or "vision-client"
@@ -111,3 +111,40 @@ def test_a_second_run_into_the_same_outputs_stops_at_once_and_the_first_loses_no
     rerun = subprocess.run(caption_command(*args), env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"captioned 0, skipped {IMAGES}" in rerun.stderr, rerun.stderr
+
+
+def test_vision_client_folder_leaves_a_caption_written_while_it_runs(
+    tmp_path: Path, tiny_server_url: str
+) -> None:
+    # A skip-mode run is planned at its start, maybe hours before it reaches an image; a caption
+    # saved meanwhile in the gallery, or written by another run over the folder, must stay. It was
+    # replaced by the model's caption, for the images not sent yet and for those in flight.
+    root = tmp_path / "data"
+    root.mkdir()
+    images = [root / f"img{n:02d}.png" for n in range(12)]
+    for n, image in enumerate(images):
+        image.write_bytes(picture(n))
+    command = [CLIENT, "--url", tiny_server_url, "folder", str(root), "--task", "caption", "-j", "2"]
+    with subprocess.Popen(command, env=cli_env(tmp_path), stderr=subprocess.PIPE, text=True) as client:
+        try:
+            deadline = time.monotonic() + 300
+            while not any(image.with_suffix(".txt").exists() for image in images):
+                assert client.poll() is None, client.stderr.read() if client.stderr else ""
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            client.send_signal(signal.SIGSTOP)  # mid-run, requests in flight
+            hand: dict[Path, str] = {}
+            for image in images:
+                target = image.with_suffix(".txt")
+                if not target.exists():  # as the gallery saves: a whole file, renamed into place
+                    hand[target] = f"hand-written caption of {image.name}"
+                    staged = target.with_name(f".staged-{image.stem}")
+                    staged.write_text(hand[target], encoding="utf-8")
+                    staged.replace(target)
+        finally:
+            client.send_signal(signal.SIGCONT)
+        stderr = client.stderr.read() if client.stderr else ""
+        assert client.wait(300) == 0, stderr
+    assert hand, "the run was over before it could be paused"
+    assert {target: target.read_text(encoding="utf-8") for target in hand} == hand
+    assert f"{len(images) - len(hand)} captioned, {len(hand)} skipped, 0 failed" in stderr, stderr

@@ -70,6 +70,10 @@ EXIT_TASK_REFUSED = 7  # 400 "Invalid prompt"
 # scripts' GET /prompts: any other trouble (busy, slow, a 500) is a warning, and the images try.
 FIRST_REQUEST_STOPS = frozenset({EXIT_USAGE, EXIT_UNREACHABLE, EXIT_KEY_REFUSED})
 FIRST_REQUEST_TIMEOUT = 30.0  # seconds for each try of that question (less with a shorter --timeout)
+# a skip-mode run finds the caption file it was to write already there (another run, the gallery)
+WRITTEN_MEANWHILE = (
+    "its caption file was written meanwhile (by another run, or saved in the gallery); left as it is"
+)
 
 
 @dataclass(frozen=True)
@@ -337,10 +341,18 @@ class _FolderRun:
             if result is not None:
                 self.report(result)
 
+    def _written_meanwhile(self, job: _Job) -> bool:
+        """In ``skip`` mode, whether ``job``'s caption file has appeared since the run planned it
+        (another run over the folder, a caption saved in the gallery): the run was planned at its
+        start, maybe hours ago, and must not replace a caption it was told to leave alone."""
+        return self.mode == "skip" and job.target is not None and has_caption(job.target)
+
     async def caption_one(self, job: _Job) -> ImageResult | None:
         """Caption and store one image; every expected failure becomes a result, not an exception.
         None when the answer stops the run: nothing is wrong with this image, which is counted
         as not attempted (as the folder scripts count it), to be captioned by the next run."""
+        if self._written_meanwhile(job):  # by another run, or saved in the gallery: not sent
+            return ImageResult(job.image, "skipped", reason=WRITTEN_MEANWHILE)
         try:
             answer = await self.client.caption_result(job.image, self.task, priority="bulk")
             text = answer.text
@@ -352,6 +364,8 @@ class _FolderRun:
                 self.writer.write(job.key, self.task, caption, answer.model)
             else:  # a caption file holds it on one line, as every folder captioner writes it
                 caption = f"{self.prefix}{one_line(text)}{self.suffix}"
+                if self._written_meanwhile(job):  # while the server captioned it: theirs stays
+                    return ImageResult(job.image, "skipped", reason=WRITTEN_MEANWHILE)
                 existing = read_caption(job.target) if self.mode in ("append", "prepend") else None
                 write_atomic(job.target, merge_caption(existing, caption, self.mode, self.separator))
         except (VisionClientError, OSError, UnicodeError) as exc:
