@@ -53,6 +53,8 @@ class ImageSource:
 
     empty: str
     unsupported: str
+    # what to do about an image over the pixel limit: whoever reads the file may raise it
+    too_big: str = "Downscale it before sending."
 
 
 SENT = ImageSource("the image is empty", f"not a supported image format; send {ACCEPTED}")
@@ -61,10 +63,14 @@ UPLOADED = ImageSource(
     f"the uploaded file is not a supported image format; send {ACCEPTED}",
 )
 LOCAL_FILE = ImageSource(
-    "the file is empty (0 bytes)", f"the file is not in a supported image format ({ACCEPTED})"
+    "the file is empty (0 bytes)",
+    f"the file is not in a supported image format ({ACCEPTED})",
+    "Downscale it, or raise --max-image-pixels.",
 )
 STORED = ImageSource(  # bytes read from a table or an archive, not from a file of their own
-    "the stored image is empty (0 bytes)", f"the stored image is not in a supported image format ({ACCEPTED})"
+    "the stored image is empty (0 bytes)",
+    f"the stored image is not in a supported image format ({ACCEPTED})",
+    "Downscale it, or raise --max-image-pixels.",
 )
 EXIF_ORIENTATION = 0x0112
 # Pillow allocates an image in blocks of this size (16 MB by default). glibc serves requests up
@@ -144,7 +150,7 @@ def _open_header(data: bytes, max_pixels: int, source: ImageSource) -> Image.Ima
         raise InvalidImage(source.empty)
     with _as_client_errors(max_pixels, source):
         image: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
-        _check_pixels(image, max_pixels)
+        _check_pixels(image, max_pixels, source)
         if image.format == "JPEG" and min(image.size) >= 2 * JPEG_DRAFT_SIZE:
             image.draft("RGB", (JPEG_DRAFT_SIZE, JPEG_DRAFT_SIZE))
         return image
@@ -192,9 +198,7 @@ def _as_client_errors(max_pixels: int, source: ImageSource) -> Iterator[None]:
     except Image.DecompressionBombError as exc:  # Pillow's own guard, in open(), for absurd sizes
         claimed = re.search(r"\((\d+) pixels\)", str(exc))
         size = f"{claimed.group(1)} pixels" if claimed else "too many pixels"
-        raise PayloadTooLarge(
-            f"Image has {size}; the limit is {max_pixels}. Downscale it before sending."
-        ) from None
+        raise PayloadTooLarge(f"Image has {size}; the limit is {max_pixels}. {source.too_big}") from None
     except UnidentifiedImageError:
         raise InvalidImage(source.unsupported) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
@@ -234,12 +238,12 @@ class DecodeBudget:
                 self._changed.notify_all()
 
 
-def _check_pixels(image: Image.Image, max_pixels: int) -> None:
+def _check_pixels(image: Image.Image, max_pixels: int, source: ImageSource) -> None:
     width, height = image.size
     if width * height > max_pixels:
         raise PayloadTooLarge(
             f"Image is {width}x{height} = {width * height} pixels; the limit is {max_pixels}. "
-            "Downscale it before sending."
+            f"{source.too_big}"
         )
     if width < 1 or height < 1:
         raise InvalidImage(f"image has no pixels ({width}x{height})")

@@ -405,3 +405,20 @@ async def test_each_call_may_fit_its_image_to_its_own_models_size() -> None:
 def test_full_size_decodes_use_blocks_glibc_always_maps() -> None:
     """Above glibc's largest mmap threshold (32 MiB), freed blocks go back to the OS at once."""
     assert Image.core.get_block_size() == images.PILLOW_BLOCK_SIZE > 32 * 1024 * 1024
+
+
+def test_an_image_over_the_pixel_limit_is_told_what_to_do_by_who_reads_it() -> None:
+    """A client can only downscale what it sends; someone captioning their own files
+    (``vision-server caption``, the gallery) can also raise the limit. "Downscale it before
+    sending" told them of a sending they never did, and not of ``--max-image-pixels``."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (30, 20), (1, 2, 3)).save(buffer, format="PNG")
+    for source, advice in (
+        (SENT, "Downscale it before sending."),
+        (UPLOADED, "Downscale it before sending."),
+        (LOCAL_FILE, "Downscale it, or raise --max-image-pixels."),
+        (STORED, "Downscale it, or raise --max-image-pixels."),
+    ):
+        with pytest.raises(PayloadTooLarge) as refused:
+            open_image(buffer.getvalue(), max_pixels=100, source=source)
+        assert refused.value.message == f"Image is 30x20 = 600 pixels; the limit is 100. {advice}"

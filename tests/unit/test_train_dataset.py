@@ -414,3 +414,16 @@ def test_image_column_naming_captions_says_they_hold_no_images(tmp_path: Path) -
         DatasetError, match=r"captions without images \(1\):\n    .*gone1.png \(one.parquet row 1"
     ):
         load_dataset(tmp_path / "one.parquet")
+
+
+def test_an_image_over_the_training_pixel_limit_is_left_out_with_its_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It raised PayloadTooLarge out of the dataset check, which only caught bad images."""
+    from vision_server.train import dataset
+
+    monkeypatch.setattr(dataset, "MAX_PIXELS", 100)
+    image = tmp_path / "big.png"
+    image.write_bytes(image_bytes(1, "PNG", (30, 20)))
+    reason = dataset._unreadable(dataset.Example("big.png", "a caption", path=image))
+    assert reason == "Image is 30x20 = 600 pixels; the limit is 100. Downscale it."

@@ -7,6 +7,7 @@ every caption must have an image. Problems are collected, not raised one by one,
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import random
@@ -17,7 +18,7 @@ from typing import Any
 
 from vision_server.bulk.records import task_slug
 from vision_server.captionfiles import file_problem, is_image
-from vision_server.errors import InvalidImage
+from vision_server.errors import InvalidImage, PayloadTooLarge
 from vision_server.images import LOCAL_FILE, STORED, open_image
 from vision_server.parquet_images import (
     ImageColumnError,
@@ -31,6 +32,9 @@ from vision_server.parquet_images import (
 
 TEXT_FIELDS = ("text", "caption")
 MAX_PIXELS = 256_000_000  # a training set is the user's own files: only refuse absurd sizes
+# as vision-server caption words a bad file, less the option train does not have
+TRAIN_FILE = dataclasses.replace(LOCAL_FILE, too_big="Downscale it.")
+TRAIN_STORED = dataclasses.replace(STORED, too_big="Downscale it.")
 LISTED = 20  # files named per problem; the rest are counted
 
 log = logging.getLogger(__name__)
@@ -155,10 +159,12 @@ def _unreadable(example: Example) -> str | None:
         if problem:
             return problem
     try:
-        source = STORED if example.data is not None else LOCAL_FILE
+        source = TRAIN_STORED if example.data is not None else TRAIN_FILE
         open_image(example.read(), max_pixels=MAX_PIXELS, source=source).close()
     except InvalidImage as exc:
         return exc.reason
+    except PayloadTooLarge as exc:  # over MAX_PIXELS: that image is left out, as a bad one is
+        return exc.message
     except OSError as exc:
         return exc.strerror or str(exc)
     return None
