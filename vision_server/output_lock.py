@@ -11,7 +11,8 @@ The lock is ``fcntl.flock`` on Unix and a Windows file lock (both through ``file
 hidden ``.NAME.lock`` file beside the output. The system drops it when the process ends, however
 it ends (``kill -9`` included), so a crashed run never leaves a stale lock. On Unix the empty
 lock file stays (``filelock`` deletes it on Windows only): deleting it on release would let a
-run that opened it just before lock a file no other run can find. Standard library and ``filelock`` only: the client takes the same lock.
+run that opened it just before lock a file no other run can find. Standard library and
+``filelock`` only: the client takes the same lock.
 """
 
 from __future__ import annotations
