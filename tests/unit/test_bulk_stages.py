@@ -21,6 +21,7 @@ from vision_server.bulk.outputs import (
     Sidecars,
     SidecarStyle,
     check_writable,
+    same_input,
 )
 from vision_server.bulk.plan import Fail, Skip, Work, plan
 from vision_server.bulk.readers import ReadOptions, count_images, iter_records
@@ -127,6 +128,21 @@ def test_table_outputs_resume_an_input_spelled_another_way(
     table.write(Record("ds", "a.png"), {"<CAPTION>": "a cat"}, None)
     table.close()
     assert ParquetOutput(parquet, FACTS).missing(Record(f"{tmp_path}/ds/", "a.png"), ["<CAPTION>"]) == []
+
+
+def test_a_relative_input_is_read_from_the_working_directory_of_each_call(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resolved inputs are cached; a process that changes its working directory (a caller
+    using the package as a library) must not compare ``ds`` as the ``ds`` of the one before."""
+    for name in ("one", "two"):
+        (tmp_path / name / "ds").mkdir(parents=True)
+        monkeypatch.chdir(tmp_path / name)
+        assert (
+            same_input("ds")
+            == same_input(str(tmp_path / name / "ds"))
+            == str((tmp_path / name / "ds").resolve())
+        )
 
 
 def test_jsonl_resume_ignores_a_torn_line_and_terminates_it(tmp_path: Path) -> None:

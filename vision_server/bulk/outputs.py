@@ -154,15 +154,25 @@ def _identity(source: str, key: str) -> str:
     return f"{same_input(source)}\x00{key}"
 
 
-@functools.lru_cache(maxsize=1024)
 def same_input(source: str) -> str:
     """``source`` as the file or folder it names: ``dataset``, ``dataset/``, ``./dataset`` and
     ``/data/dataset`` (from ``/data``) are one input, so a rerun that spells its input another
     way resumes instead of captioning everything again beside the old rows. Rows keep the
-    source as given; a relative one is read from this run's working directory. Cached: a table
-    of millions of rows names a few inputs."""
+    source as given; a relative one is read from the working directory of the moment."""
     try:
-        return os.path.realpath(source)
+        where = "" if os.path.isabs(source) else os.getcwd()
+    except OSError:  # the working directory was deleted: nothing relative can be resolved
+        return source
+    return _resolved(where, source)
+
+
+@functools.lru_cache(maxsize=1024)
+def _resolved(where: str, source: str) -> str:
+    """``source`` with symlinks resolved, read from the folder ``where`` when it is relative.
+    Cached (a table of millions of rows names a few inputs) by the folder too, so a process
+    that changes its working directory does not get the answer of the one before."""
+    try:
+        return os.path.realpath(os.path.join(where, source))
     except (OSError, ValueError):  # a NUL in it, say: no path, compared as written
         return source
 
