@@ -21,6 +21,7 @@ from vision_server.bulk.outputs import Sidecars, SidecarStyle
 from vision_server.bulk.plan import Fail, Work, plan
 from vision_server.bulk.readers import ReadOptions, iter_records
 from vision_server.captionfiles import CaseRules, folds_case, sharing_stems
+from vision_server.gallery.catalog import Catalog
 
 PAIR = "neither is captioned, rename one of them"
 
@@ -170,3 +171,32 @@ def test_only_the_folders_of_candidates_are_asked_about_and_each_once(tmp_path: 
     assert found.others(Path(tmp_path, "two", "g.jpg")) == (f"{tmp_path}/two/G.png",)
     assert found.others(Path(tmp_path, "two", "h.jpg")) == ()
     assert found.others(Path(tmp_path, "one", "x1.jpg")) == ()
+
+
+def test_the_gallery_shows_a_caption_whose_name_differs_in_case_where_the_disk_folds_it(
+    tmp_path: Path,
+) -> None:
+    """``Cat.jpg`` beside ``cat.txt`` (the PowerShell script used to lower-case caption names on
+    Windows and macOS): the other dataset tools read that file as the image's caption there, so
+    the gallery shows it too, and a clash there is refused as everywhere."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for seed, name in enumerate(("Cat.jpg", "dog.png", "b.jpg", "B.png")):
+        (root / name).write_bytes(picture(seed))
+    for name in ("cat.txt", "cat.tags", "dog.txt"):
+        (root / name).write_text("a caption", encoding="utf-8")
+    asked: list[Path] = []
+
+    def counting(folder: Path) -> bool:
+        asked.append(folder)
+        return True
+
+    folded = Catalog(root, writable=False, page_size=10, case_probe=counting).entries()
+    assert (folded["Cat.jpg"].sidecars, folded["dog.png"].sidecars) == ((".txt", ".tags"), (".txt",))
+    assert folded["B.png"].stem_clash == ("b.jpg",) and asked == [root]  # one question, shared
+    kept = Catalog(root, writable=False, page_size=10, case_probe=keeping).entries()
+    assert (kept["Cat.jpg"].sidecars, kept["dog.png"].sidecars, kept["B.png"].stem_clash) == (
+        (),
+        (".txt",),
+        (),
+    )

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vision_server.bulk.readers import ReadOptions, iter_records
-from vision_server.captionfiles import shared_caption_reason, write_atomic
+from vision_server.captionfiles import CaseProbe, CaseRules, folds_case, shared_caption_reason, write_atomic
 from vision_server.gallery.jsonl import JsonlCaptions
 from vision_server.gallery.paths import is_clean_relative, is_under
 from vision_server.gallery.sidecars import PRIMARY, TextCache, by_stem, is_caption_suffix, sidecar_path
@@ -62,7 +62,15 @@ class Source:
 class Catalog:
     """One dataset folder. Blocking file work: call from a thread (the API layer does)."""
 
-    def __init__(self, root: Path, *, writable: bool, page_size: int, jsonl: Path | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        writable: bool,
+        page_size: int,
+        jsonl: Path | None = None,
+        case_probe: CaseProbe = folds_case,
+    ) -> None:
         self.root = root
         self.real_root = root.resolve()
         self.writable = writable
@@ -73,6 +81,9 @@ class Catalog:
         self._listed_at = -math.inf
         self._listing_seconds = 0.0  # how long the last listing took
         self._fresh: OrderedDict[str, dict[str, str]] = OrderedDict()  # key -> task -> caption
+        # Whether a folder's file system folds case (cat.txt is Cat.txt there), asked once per
+        # folder for the catalog's life, and only where an answer is needed.
+        self._case = CaseRules(case_probe)
 
     # --- listing -----------------------------------------------------------------------------------
 
@@ -90,7 +101,8 @@ class Catalog:
     def _scan(self) -> Iterable[tuple[str, Entry]]:
         folders: dict[Path, dict[str, tuple[str, ...]]] = {}  # folder -> stem -> caption suffixes
         # A writable gallery saves caption files here, so it also sweeps a crash's temp files.
-        for record in iter_records([self.root], ReadOptions(recursive=True, tidy=self.writable)):
+        read = ReadOptions(recursive=True, tidy=self.writable, case_probe=self._case.folds)
+        for record in iter_records([self.root], read):
             if record.path is None or record.error is not None or not is_clean_relative(record.key):
                 continue
             if os.path.islink(record.path) and not is_under(record.path, self.real_root):
@@ -101,8 +113,26 @@ class Catalog:
                     folders[folder] = by_stem(os.listdir(folder))
                 except OSError:
                     folders[folder] = {}
-            sidecars = folders[folder].get(record.path.stem, ())
+            sidecars = self._sidecars(folders[folder], folder, record.path.stem)
             yield record.key, Entry(record.key, record.path, sidecars, record.stem_clash)
+
+    def _sidecars(self, found: dict[str, tuple[str, ...]], folder: Path, stem: str) -> tuple[str, ...]:
+        """The caption suffixes of the image ``stem`` among its folder's caption files (``found``).
+
+        Where the folder's file system folds case, ``cat.txt`` is the caption of ``Cat.jpg`` (the
+        PowerShell script used to lower-case caption names, and the other dataset tools read and
+        skip it there): a file whose stem differs in case alone counts too.
+        """
+        exact = found.get(stem)
+        if exact is not None:
+            return exact
+        folded = stem.casefold()
+        others = {
+            suffix for name, suffixes in found.items() if name.casefold() == folded for suffix in suffixes
+        }
+        if not others or not self._case.folds(folder):
+            return ()
+        return tuple(sorted(others, key=lambda suffix: (suffix != PRIMARY, suffix)))
 
     def find(self, key: str) -> Entry | None:
         """The listed image ``key`` names, still under the root now; None for anything else."""
