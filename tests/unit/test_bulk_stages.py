@@ -530,4 +530,8 @@ def test_checking_that_an_output_can_be_written_leaves_no_file_behind(tmp_path: 
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"key": "a"}\n', encoding="utf-8")
     assert check_writable(rows) is None and rows.read_text(encoding="utf-8") == '{"key": "a"}\n'
-    assert check_writable(tmp_path / "missing" / "x.jsonl") == f"folder {tmp_path / 'missing'} does not exist"
+    missing = tmp_path / "missing"
+    assert (
+        check_writable(missing / "x.jsonl")
+        == f"folder {missing} does not exist; create it first (mkdir -p {missing})"
+    )

@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import secrets
+import shlex
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -566,7 +567,7 @@ def check_writable(path: Path) -> str | None:
         return f"{path} is a folder"
     folder = path.parent if str(path.parent) else Path(".")
     if not folder.is_dir():
-        return f"folder {folder} does not exist"
+        return f"folder {folder} does not exist; create it first (mkdir -p {shlex.quote(str(folder))})"
     existed = path.exists()
     try:
         with path.open("a", encoding="utf-8"):
