@@ -10,11 +10,12 @@ left out: the gallery never shows or touches anything outside its folder.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -23,7 +24,14 @@ from vision_server.bulk.readers import ReadOptions, iter_records
 from vision_server.captionfiles import CaseProbe, CaseRules, folds_case, shared_caption_reason, write_atomic
 from vision_server.gallery.jsonl import JsonlCaptions
 from vision_server.gallery.paths import is_clean_relative, is_under
-from vision_server.gallery.sidecars import PRIMARY, TextCache, by_stem, is_caption_suffix, sidecar_path
+from vision_server.gallery.sidecars import (
+    PRIMARY,
+    TextCache,
+    by_stem,
+    is_caption_suffix,
+    primary_first,
+    sidecar_path,
+)
 
 RESCAN_AFTER = 5.0  # seconds a folder listing is trusted (longer for folders slow to list)
 RESCAN_ON_MISS_AFTER = 1.0  # an unknown path lists again, at most this often (404s stay cheap)
@@ -99,7 +107,7 @@ class Catalog:
         return time.monotonic() - self._listed_at
 
     def _scan(self) -> Iterable[tuple[str, Entry]]:
-        folders: dict[Path, dict[str, tuple[str, ...]]] = {}  # folder -> stem -> caption suffixes
+        folders: dict[Path, _FolderCaptions] = {}
         # A writable gallery saves caption files here, so it also sweeps a crash's temp files.
         read = ReadOptions(recursive=True, tidy=self.writable, case_probe=self._case.folds)
         for record in iter_records([self.root], read):
@@ -110,29 +118,11 @@ class Catalog:
             folder = record.path.parent
             if folder not in folders:
                 try:
-                    folders[folder] = by_stem(os.listdir(folder))
+                    folders[folder] = _FolderCaptions(by_stem(os.listdir(folder)))
                 except OSError:
-                    folders[folder] = {}
-            sidecars = self._sidecars(folders[folder], folder, record.path.stem)
+                    folders[folder] = _FolderCaptions({})
+            sidecars = folders[folder].of(record.path.stem, functools.partial(self._case.folds, folder))
             yield record.key, Entry(record.key, record.path, sidecars, record.stem_clash)
-
-    def _sidecars(self, found: dict[str, tuple[str, ...]], folder: Path, stem: str) -> tuple[str, ...]:
-        """The caption suffixes of the image ``stem`` among its folder's caption files (``found``).
-
-        Where the folder's file system folds case, ``cat.txt`` is the caption of ``Cat.jpg`` (the
-        PowerShell script used to lower-case caption names, and the other dataset tools read and
-        skip it there): a file whose stem differs in case alone counts too.
-        """
-        exact = found.get(stem)
-        if exact is not None:
-            return exact
-        folded = stem.casefold()
-        others = {
-            suffix for name, suffixes in found.items() if name.casefold() == folded for suffix in suffixes
-        }
-        if not others or not self._case.folds(folder):
-            return ()
-        return tuple(sorted(others, key=lambda suffix: (suffix != PRIMARY, suffix)))
 
     def find(self, key: str) -> Entry | None:
         """The listed image ``key`` names, still under the root now; None for anything else."""
@@ -191,8 +181,8 @@ class Catalog:
         target = sidecar_path(entry.path, suffix)
         write_atomic(target, text)
         if suffix not in entry.sidecars and entry.key in self._entries:  # a new caption file
-            suffixes = sorted((*entry.sidecars, suffix), key=lambda s: (s != PRIMARY, s))
-            self._entries[entry.key] = dataclasses.replace(entry, sidecars=tuple(suffixes))
+            suffixes = primary_first((*entry.sidecars, suffix))
+            self._entries[entry.key] = dataclasses.replace(entry, sidecars=suffixes)
         return target
 
     # --- search and pages --------------------------------------------------------------------------
@@ -248,3 +238,31 @@ class Catalog:
             "caption": primary,
             "sources": {s.name: s.text for s in sources if s.text is not None},
         }
+
+
+class _FolderCaptions:
+    """One folder's caption files by image stem (:func:`by_stem`), for one listing.
+
+    Where the folder's file system folds case, ``cat.txt`` is the caption of ``Cat.jpg`` (the
+    PowerShell script used to lower-case caption names, and the other dataset tools read and
+    skip it there): a file whose stem differs in case alone counts too. The index by folded stem
+    is built once per folder, when an image first has no caption of its exact stem.
+    """
+
+    def __init__(self, found: dict[str, tuple[str, ...]]) -> None:
+        self._found = found
+        self._any_case: dict[str, tuple[str, ...]] | None = None
+
+    def of(self, stem: str, folds: Callable[[], bool]) -> tuple[str, ...]:
+        """The caption suffixes of the image ``stem``; ``folds`` asks the file system, only when
+        a caption file's stem differs from it in case alone."""
+        exact = self._found.get(stem)
+        if exact is not None:
+            return exact
+        if self._any_case is None:
+            merged: dict[str, set[str]] = {}
+            for name, suffixes in self._found.items():
+                merged.setdefault(name.casefold(), set()).update(suffixes)
+            self._any_case = {key: primary_first(found) for key, found in merged.items()}
+        others = self._any_case.get(stem.casefold(), ())
+        return others if others and folds() else ()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterable
 from pathlib import Path
 
 from vision_server.captionfiles import is_image
@@ -41,9 +42,12 @@ def by_stem(names_in_folder: list[str]) -> dict[str, tuple[str, ...]]:
         for dot in dots:
             if dot > 0 and is_caption_suffix(name[dot:]):
                 found.setdefault(name[:dot], []).append(name[dot:])
-    return {
-        stem: tuple(sorted(s, key=lambda suffix: (suffix != PRIMARY, suffix))) for stem, s in found.items()
-    }
+    return {stem: primary_first(suffixes) for stem, suffixes in found.items()}
+
+
+def primary_first(suffixes: Iterable[str]) -> tuple[str, ...]:
+    """Caption suffixes in the order the gallery shows them: ``.txt`` first, then by name."""
+    return tuple(sorted(suffixes, key=lambda suffix: (suffix != PRIMARY, suffix)))
 
 
 def sidecars_of(image_name: str, names_in_folder: list[str]) -> tuple[str, ...]:
