@@ -9,7 +9,9 @@ that is not in the listing needs no look of its own.
 The listing can only say "absent", never "present" on its own: a name whose folded form
 (case, Unicode form, trailing dots and spaces, as case-insensitive and Windows file systems
 fold them) is in the listing is still looked up itself, and so is every name a listing cannot
-judge (``..``, a Windows short name with ``~``). So :meth:`FilePresence.exists` answers what
+judge: ``..``, a Windows short name with ``~``, and a name with ``:`` (on Windows a
+drive-relative path such as ``C:cat.png``, or an NTFS stream such as
+``cat.png:Zone.Identifier``). So :meth:`FilePresence.exists` answers what
 :func:`os.path.exists` would, only with fewer looks.
 """
 
@@ -33,7 +35,7 @@ class FilePresence:
     def exists(self, path: str) -> bool:
         """Whether ``path`` names something that exists, as :func:`os.path.exists` says."""
         folder, name = _split(path)
-        if not name or "~" in name or name in (os.curdir, os.pardir):
+        if not name or "~" in name or ":" in name or name in (os.curdir, os.pardir):
             return os.path.exists(path)  # a name no listing can rule out
         if folder in self._missing:
             return False

@@ -79,3 +79,16 @@ def test_answers_are_those_of_os_path_exists_around_a_listing(tmp_path: Path, st
         assert presence.exists(path) == os.path.exists(path), path
     gone = [os.path.join(tmp_path, "gone", os.path.relpath(path, tmp_path)) for path in asked]
     assert [presence.exists(path) for path in gone] == [os.path.exists(path) for path in gone]
+
+
+def test_names_no_listing_can_judge_are_looked_up_after_one(tmp_path: Path, stats: list[str]) -> None:
+    """On Windows ``C:cat.png`` names a file of drive C's working folder and
+    ``cat.png:Zone.Identifier`` a stream of ``cat.png``, and ``CAT~1.PNG`` may be a short name:
+    none of them is in a listing of the folder, so a listing must not rule them out."""
+    presence = FilePresence()
+    for row in range(LIST_AFTER):
+        assert not presence.exists(os.path.join(tmp_path, f"missing-{row}.png"))
+    stats.clear()
+    for name in ("cat.png:Zone.Identifier", "C:cat.png", "CAT~1.PNG"):
+        assert not presence.exists(os.path.join(tmp_path, name))
+    assert len(stats) == 3  # each looked up itself
