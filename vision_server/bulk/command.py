@@ -425,7 +425,7 @@ async def _run(
             min_in_flight=2 * workers,
         )
         pipeline.append(BulkPipeline(_engine_factory(settings), outputs, pipe_config, progress))
-        if stops:  # a signal while the engine started
+        if stops:  # a signal before the pipeline was there to be told (a handler may run between lines)
             pipeline[0].stop(stops[0])
         counting = _count_in_background(loop, request, read, progress)
         summary = await pipeline[0].run(
