@@ -272,6 +272,18 @@ async def test_slow_answer_times_out_without_retry(serve) -> None:
             await client.caption(b"img")
 
 
+async def test_a_bad_caption_extension_is_refused_before_anything_is_made_or_sent(tmp_path: Path) -> None:
+    """``--ext png`` would overwrite the images: refused (the command's usage error) before the
+    JSONL output's folder is made or its lock taken, and before the server is asked anything
+    (nothing listens at this address)."""
+    (tmp_path / "a.png").write_bytes(b"\x89PNG fake")
+    jsonl = tmp_path / "new" / "out.jsonl"
+    async with AsyncVisionClient("http://127.0.0.1:9", model="m") as client:
+        with pytest.raises(ValueError, match="is an image extension"):
+            await caption_folder(client, tmp_path, ext="png", jsonl=jsonl)
+    assert not jsonl.parent.exists()
+
+
 async def test_a_first_request_past_its_own_cap_is_a_warning_and_the_images_are_sent(
     serve, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

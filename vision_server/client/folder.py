@@ -178,14 +178,7 @@ async def caption_folder(
     A ``jsonl`` file is locked for the whole run: while another run holds it,
     :class:`~vision_server.output_lock.OutputBusy` is raised before anything is sent.
     """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
-    if jsonl is not None and mode in ("append", "prepend"):
-        raise ValueError("append and prepend edit caption files; with a JSONL output use skip or overwrite")
-    if concurrency < 1:
-        raise ValueError("concurrency must be at least 1")
-    if limit is not None and limit < 0:
-        raise ValueError("limit must be 0 or more")
+    caption_ext = _checked_options(mode, ext, jsonl, concurrency, limit)
     root = Path(folder)
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
@@ -195,7 +188,6 @@ async def caption_folder(
     # One run at a time per JSONL file, for the whole run: two would caption every image twice.
     with holding(locked):
         run = _FolderRun(client, task_token(task), mode, prefix, suffix, separator, on_result, on_warning)
-        caption_ext = caption_suffix(ext)
         listing = list_images(root, recursive=recursive)
         images = listing.images
         # A model the server lacks (or no server to ask) would fail every image: such a run stops
@@ -224,6 +216,22 @@ async def caption_folder(
                     writer.close()
         run.summary.failed.sort(key=lambda failure: failure.path)
         return run.summary
+
+
+def _checked_options(
+    mode: Mode, ext: str, jsonl: str | Path | None, concurrency: int, limit: int | None
+) -> str:
+    """The caption files' suffix, once the options are known to go together: a ``ValueError``
+    (the command's usage error) before anything is created, asked or sent."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
+    if jsonl is not None and mode in ("append", "prepend"):
+        raise ValueError("append and prepend edit caption files; with a JSONL output use skip or overwrite")
+    if concurrency < 1:
+        raise ValueError("concurrency must be at least 1")
+    if limit is not None and limit < 0:
+        raise ValueError("limit must be 0 or more")
+    return caption_suffix(ext)
 
 
 class _FolderRun:
