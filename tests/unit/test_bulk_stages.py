@@ -530,6 +530,12 @@ def test_checking_that_an_output_can_be_written_leaves_no_file_behind(tmp_path: 
     rows = tmp_path / "rows.jsonl"
     rows.write_text('{"key": "a"}\n', encoding="utf-8")
     assert check_writable(rows) is None and rows.read_text(encoding="utf-8") == '{"key": "a"}\n'
+    shared = tmp_path / "shared"  # an output linked to where it is to be written, not yet there
+    shared.mkdir()
+    for name in ("linked.jsonl", "linked.parquet"):
+        (tmp_path / name).symlink_to(shared / name)
+        assert check_writable(tmp_path / name) is None
+        assert (tmp_path / name).is_symlink() and not (shared / name).exists(), name
     missing = tmp_path / "missing"
     assert (
         check_writable(missing / "x.jsonl")

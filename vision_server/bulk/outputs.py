@@ -576,8 +576,9 @@ def check_writable(path: Path) -> str | None:
         return f"cannot write {path} ({exc.strerror or exc})"
     if path.stat().st_size == 0 and (not existed or path.suffix.lower() == ".parquet"):
         # The check leaves nothing behind: no empty output from a run that ends before its first
-        # row (a model that cannot load, a stop), and no empty, unreadable Parquet file.
-        path.unlink()
+        # row (a model that cannot load, a stop), and no empty, unreadable Parquet file. The file
+        # made is deleted, not the name: a symlink to an output still to be written stays one.
+        os.unlink(os.path.realpath(path))
     return None
 
 
