@@ -35,6 +35,27 @@ def replacing(path: Path, temp: Path, *, durable: bool = True) -> Iterator[Path]
         raise
 
 
+def create_whole(path: Path, temp: Path, data: bytes) -> bool:
+    """Create ``path`` holding ``data`` all at once unless a file is there; whether it did.
+
+    Written to ``temp``, flushed, and published with a hard link, which fails where a file
+    exists, so one that appears at the same moment (another process's) is never replaced: a
+    look before a rename leaves a gap between the two. ``temp`` is gone afterwards. Raises
+    ``OSError`` where the file system has no hard links (FAT, some network shares)."""
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+        _flush(temp)
+        try:
+            os.link(temp, path)
+        except FileExistsError:
+            return False
+        return True
+    finally:
+        temp.unlink(missing_ok=True)
+
+
 def _flush(path: Path) -> None:
     """Force ``path``'s written bytes to the disk before the rename publishes them (else a power
     loss may leave the new name pointing at an empty file). Opened for writing, which

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from vision_server.atomic_files import replacing
+from vision_server.atomic_files import create_whole, replacing
 
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".gif", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -452,6 +452,25 @@ def write_atomic(path: Path, text: str) -> None:
             handle.write(text.encode("utf-8"))
         if info is not None:
             os.chmod(tmp, stat.S_IMODE(info.st_mode))
+
+
+def write_new_caption(path: Path, text: str) -> bool:
+    """``skip`` mode's write: ``text`` as ``path`` unless it holds a caption now; whether written.
+
+    A caption saved while the run captioned the image (another run, the gallery) stays, also
+    one saved between this look and the write: a new file is published only where no file is
+    (:func:`create_whole`). An empty file, which counts as no caption, is replaced as before,
+    and so is every file where the file system has no hard links (its gap is a moment)."""
+    if has_caption(path):
+        return False
+    if not os.path.lexists(path):
+        with contextlib.suppress(OSError):  # no hard links here: the plain write below
+            if create_whole(path, temp_path(path), text.encode("utf-8")):
+                return True
+        if has_caption(path):
+            return False
+    write_atomic(path, text)
+    return True
 
 
 def _writable(path: Path, mode: int) -> bool:

@@ -113,38 +113,76 @@ def test_a_second_run_into_the_same_outputs_stops_at_once_and_the_first_loses_no
     assert f"captioned 0, skipped {IMAGES}" in rerun.stderr, rerun.stderr
 
 
+def folder_of_images(root: Path, count: int) -> list[Path]:
+    root.mkdir()
+    images = [root / f"img{n:02d}.png" for n in range(count)]
+    for n, image in enumerate(images):
+        image.write_bytes(picture(n))
+    return images
+
+
+def write_captions_while_paused(run: subprocess.Popen[str], images: list[Path]) -> dict[Path, str]:
+    """Once ``run`` has written its first caption file, pause it (its work in flight) and save a
+    caption for every image it has not written yet, as the gallery saves one: a whole file
+    renamed into place. Returns them, to check they stay; the run goes on afterwards."""
+    deadline = time.monotonic() + 300
+    while not any(image.with_suffix(".txt").exists() for image in images):
+        assert run.poll() is None, run.stderr.read() if run.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    run.send_signal(signal.SIGSTOP)
+    hand: dict[Path, str] = {}
+    try:
+        for image in images:
+            target = image.with_suffix(".txt")
+            if not target.exists():
+                hand[target] = f"hand-written caption of {image.name}"
+                staged = target.with_name(f".staged-{image.stem}")
+                staged.write_text(hand[target], encoding="utf-8")
+                staged.replace(target)
+    finally:
+        run.send_signal(signal.SIGCONT)
+    assert hand, "the run was over before it could be paused"
+    return hand
+
+
 def test_vision_client_folder_leaves_a_caption_written_while_it_runs(
     tmp_path: Path, tiny_server_url: str
 ) -> None:
     # A skip-mode run is planned at its start, maybe hours before it reaches an image; a caption
     # saved meanwhile in the gallery, or written by another run over the folder, must stay. It was
     # replaced by the model's caption, for the images not sent yet and for those in flight.
-    root = tmp_path / "data"
-    root.mkdir()
-    images = [root / f"img{n:02d}.png" for n in range(12)]
-    for n, image in enumerate(images):
-        image.write_bytes(picture(n))
-    command = [CLIENT, "--url", tiny_server_url, "folder", str(root), "--task", "caption", "-j", "2"]
+    images = folder_of_images(tmp_path / "data", 12)
+    command = [
+        CLIENT,
+        "--url",
+        tiny_server_url,
+        "folder",
+        str(images[0].parent),
+        "--task",
+        "caption",
+        "-j",
+        "2",
+    ]
     with subprocess.Popen(command, env=cli_env(tmp_path), stderr=subprocess.PIPE, text=True) as client:
-        try:
-            deadline = time.monotonic() + 300
-            while not any(image.with_suffix(".txt").exists() for image in images):
-                assert client.poll() is None, client.stderr.read() if client.stderr else ""
-                assert time.monotonic() < deadline
-                time.sleep(0.01)
-            client.send_signal(signal.SIGSTOP)  # mid-run, requests in flight
-            hand: dict[Path, str] = {}
-            for image in images:
-                target = image.with_suffix(".txt")
-                if not target.exists():  # as the gallery saves: a whole file, renamed into place
-                    hand[target] = f"hand-written caption of {image.name}"
-                    staged = target.with_name(f".staged-{image.stem}")
-                    staged.write_text(hand[target], encoding="utf-8")
-                    staged.replace(target)
-        finally:
-            client.send_signal(signal.SIGCONT)
+        hand = write_captions_while_paused(client, images)
         stderr = client.stderr.read() if client.stderr else ""
         assert client.wait(300) == 0, stderr
-    assert hand, "the run was over before it could be paused"
     assert {target: target.read_text(encoding="utf-8") for target in hand} == hand
     assert f"{len(images) - len(hand)} captioned, {len(hand)} skipped, 0 failed" in stderr, stderr
+
+
+def test_vision_server_caption_counts_a_caption_file_written_meanwhile_as_skipped(tmp_path: Path) -> None:
+    # The run plans images ahead of the model (32 at a time), so the images planned before the
+    # pause are captioned by the model and only then find their caption file there. The file was
+    # left alone, but the summary counted the image as captioned.
+    images = folder_of_images(tmp_path / "data", 12)
+    command = caption_command(
+        images[0].parent, *FAST, "--max-batch-size", "2", "--cache-dir", tmp_path / "cache"
+    )
+    with subprocess.Popen(command, env=cli_env(tmp_path), stderr=subprocess.PIPE, text=True) as run:
+        hand = write_captions_while_paused(run, images)
+        stderr = run.stderr.read() if run.stderr else ""
+        assert run.wait(300) == 0, stderr
+    assert {target: target.read_text(encoding="utf-8") for target in hand} == hand
+    assert f"captioned {len(images) - len(hand)}, skipped {len(hand)}, failed 0" in stderr, stderr

@@ -44,8 +44,9 @@ class Kept:
     def __init__(self) -> None:
         self.rows: dict[str, str | None] = {}
 
-    def write(self, record: Record, captions: dict[str, str], error: str | None) -> None:
+    def write(self, record: Record, captions: dict[str, str], error: str | None) -> bool:
         self.rows[record.key] = error
+        return True
 
     def close(self) -> None:
         pass

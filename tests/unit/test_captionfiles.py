@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from tests.support.leftovers import OLD, YOUNG, aged
+from vision_server import captionfiles
 from vision_server.captionfiles import (
     ReadOnlyCaption,
     caption_target_problem,
@@ -174,3 +175,30 @@ def test_write_atomic_keeps_an_existing_files_mode_not_its_link_and_refuses_a_re
     assert isinstance(refused.value, OSError)  # every folder captioner reports OSError per image
     assert kept.read_text(encoding="utf-8") == "hand-written\n" and stat.S_IMODE(kept.stat().st_mode) == 0o444
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.txt", "kept.txt", "shared.txt", "store"]
+
+
+def test_a_skip_mode_write_keeps_a_caption_that_appears_between_its_look_and_its_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "a.txt"
+    named = captionfiles.temp_path
+
+    def someone_saves_meanwhile(path: Path) -> Path:  # after the look, before the write
+        path.write_text("saved by hand", encoding="utf-8")
+        return named(path)
+
+    monkeypatch.setattr(captionfiles, "temp_path", someone_saves_meanwhile)
+    assert captionfiles.write_new_caption(target, "the model's") is False
+    assert target.read_text(encoding="utf-8") == "saved by hand"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt"]  # no temporary file left
+
+
+def test_a_skip_mode_write_creates_a_missing_caption_and_replaces_an_empty_one(tmp_path: Path) -> None:
+    new, empty, kept = tmp_path / "new.txt", tmp_path / "empty.txt", tmp_path / "kept.txt"
+    empty.write_text("  \n", encoding="utf-8")
+    kept.write_text("mine", encoding="utf-8")
+    assert captionfiles.write_new_caption(new, "a cat") is True
+    assert captionfiles.write_new_caption(empty, "a dog") is True
+    assert captionfiles.write_new_caption(kept, "a bird") is False
+    texts = {p.name: p.read_text(encoding="utf-8") for p in tmp_path.iterdir()}
+    assert texts == {"new.txt": "a cat", "empty.txt": "a dog", "kept.txt": "mine"}

@@ -351,9 +351,9 @@ class _Wrapped:
     def missing(self, record: Record, tasks: Sequence[str]) -> list[str]:
         return self.inner.missing(record, tasks)
 
-    def write(self, record: Record, captions: Captions, error: str | None) -> None:
+    def write(self, record: Record, captions: Captions, error: str | None) -> bool:
         wrapped = {task: f"{self.prefix}{text}{self.suffix}" for task, text in captions.items()}
-        self.inner.write(record, wrapped, error)
+        return self.inner.write(record, wrapped, error)
 
     def close(self) -> None:
         self.inner.close()

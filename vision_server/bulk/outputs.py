@@ -34,6 +34,7 @@ from vision_server.captionfiles import (
     read_caption,
     remove_stale_files,
     write_atomic,
+    write_new_caption,
 )
 from vision_server.model_specs import adapter_identity, model_identity
 
@@ -264,7 +265,9 @@ class RowShapes:
 class Output(Protocol):
     def missing(self, record: Record, tasks: Sequence[str]) -> list[str]: ...
 
-    def write(self, record: Record, captions: Captions, error: str | None) -> None: ...
+    def write(self, record: Record, captions: Captions, error: str | None) -> bool:
+        """Store what ``record`` lacks; whether anything was stored (False: it was there)."""
+        ...
 
     def close(self) -> None: ...
 
@@ -364,15 +367,23 @@ class Sidecars:
                 return problem
         return None
 
-    def write(self, record: Record, captions: Captions, error: str | None) -> None:
+    def write(self, record: Record, captions: Captions, error: str | None) -> bool:
+        """Write the caption files still missing, looked for again now: in ``skip`` mode one that
+        appeared since the run planned the image (another run, a caption saved in the gallery)
+        is left as it is, and when every one did, nothing was stored (the image is skipped)."""
         if record.path is None:
-            return
+            return False
+        stored = False
         for task in self.missing(record, list(captions)):
             target = sidecar_path(record.path, task, self.style)
-            existing = read_caption(target) if self.style.mode in ("append", "prepend") else None
             new = f"{self.style.prefix}{one_line(captions[task])}{self.style.suffix}"
-            text = merge_caption(existing, new, self.style.mode, self.style.separator)
-            write_atomic(target, text)
+            if self.style.mode == "skip":
+                stored = write_new_caption(target, new) or stored
+                continue
+            existing = read_caption(target) if self.style.mode in ("append", "prepend") else None
+            write_atomic(target, merge_caption(existing, new, self.style.mode, self.style.separator))
+            stored = True
+        return stored
 
     def close(self) -> None:
         pass
@@ -459,16 +470,17 @@ class JsonlOutput(_TableOutput):
         mine.report(path)
         self._log = _LineLog(path)
 
-    def write(self, record: Record, captions: Captions, error: str | None) -> None:
+    def write(self, record: Record, captions: Captions, error: str | None) -> bool:
         new = self._new_captions(record, captions)
         if error is not None and not new:
             if (identity(record), error) in self._errors:
-                return
+                return False
             self._errors.add((identity(record), error))
         elif not new:
-            return
+            return False
         self._log.append(make_row(record, self.facts, new, error))
         self._remember(record, new)
+        return True
 
     def _note_errors(self, rows: Iterable[Any]) -> Iterator[Any]:
         for row in rows:
@@ -497,11 +509,12 @@ class ParquetOutput(_TableOutput):
         super().__init__(facts, done, shapes)
         self._log = _LineLog(self.journal)
 
-    def write(self, record: Record, captions: Captions, error: str | None) -> None:
+    def write(self, record: Record, captions: Captions, error: str | None) -> bool:
         new = self._new_captions(record, captions)
         if new:
             self._log.append(make_row(record, self.facts, new))
             self._remember(record, new)
+        return bool(new)
 
     def close(self) -> None:
         self._log.close()
@@ -580,6 +593,34 @@ def check_writable(path: Path) -> str | None:
         # made is deleted, not the name: a symlink to an output still to be written stays one.
         os.unlink(os.path.realpath(path))
     return None
+
+
+# A skip-mode run finds every caption file it was to write already there (another run, the
+# gallery): worded as vision-client folder words it.
+WRITTEN_MEANWHILE = (
+    "its caption file was written meanwhile (by another run, or saved in the gallery); left as it is"
+)
+
+
+def write_all(
+    outputs: Sequence[Output], record: Record, captions: Captions, error: str | None
+) -> tuple[bool, str | None]:
+    """Give every output its turn, even when one fails: (skipped, why) for the image's report.
+
+    Skipped when the model's captions were stored nowhere because every caption file had been
+    written meanwhile. A JSONL/Parquet row still written beside a kept caption file holds the
+    model's caption of the image, true as ever, so the image counts as captioned then."""
+    problem = None
+    stored = False
+    for output in outputs:
+        try:
+            stored = output.write(record, captions, error) or stored
+        except (OSError, UnicodeError) as exc:
+            problem = problem or f"cannot write the caption ({exc})"
+    problem = problem or error
+    if problem is None and captions and not stored:
+        return True, WRITTEN_MEANWHILE
+    return False, problem
 
 
 def close_all(outputs: Sequence[Output]) -> None:

@@ -29,7 +29,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from vision_server.bulk.outputs import Captions, Output
+from vision_server.bulk.outputs import Captions, Output, write_all
 from vision_server.bulk.plan import Fail, Skip, Unit, Work
 from vision_server.bulk.prepare import interrupts_held, prepare_record, worker_init
 from vision_server.bulk.records import Record
@@ -124,7 +124,7 @@ class BulkPipeline:
         self._pool: ProcessPoolExecutor | None = None  # started with the first image to caption
         self._slots: asyncio.Semaphore | None = None  # places in flight, sized by the engine's batch
         self._writer = ThreadPoolExecutor(1, thread_name_prefix="vision-bulk-write")
-        self._writes: set[asyncio.Future[str | None]] = set()
+        self._writes: set[asyncio.Future[tuple[bool, str | None]]] = set()
         self._spec: PixelSpec | None = None  # the model's, read with the first image to caption
         self._loading: asyncio.Task[bool] | None = None  # the model's load, once started
         self.load_error: str | None = None  # why the model did not load; the run stopped there
@@ -285,33 +285,26 @@ class BulkPipeline:
         )
         await asyncio.shield(self._store(record, captions, error))
 
-    def _store(self, record: Record, captions: Captions, error: str | None) -> asyncio.Future[str | None]:
+    def _store(
+        self, record: Record, captions: Captions, error: str | None
+    ) -> asyncio.Future[tuple[bool, str | None]]:
         """Write to every output on the writer thread; report the outcome once written."""
         loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._writer, self._write_all, record, captions, error)
+        future = loop.run_in_executor(self._writer, write_all, self.outputs, record, captions, error)
         self._writes.add(future)
 
-        def done(written: asyncio.Future[str | None]) -> None:
+        def done(written: asyncio.Future[tuple[bool, str | None]]) -> None:
             self._writes.discard(written)
-            problem = error
-            if not written.cancelled() and written.exception() is None and written.result():
-                problem = written.result()
-            elif not written.cancelled() and written.exception() is not None:
-                problem = f"cannot write the caption ({written.exception()})"
-            self._report("failed" if problem else "captioned", record, problem)
+            if written.cancelled():
+                skipped, reason = False, error
+            elif written.exception() is not None:
+                skipped, reason = False, f"cannot write the caption ({written.exception()})"
+            else:
+                skipped, reason = written.result()
+            self._report("skipped" if skipped else "failed" if reason else "captioned", record, reason)
 
         future.add_done_callback(done)
         return future
-
-    def _write_all(self, record: Record, captions: Captions, error: str | None) -> str | None:
-        """Runs on the writer thread; every output gets its turn even when one fails."""
-        problem = None
-        for output in self.outputs:
-            try:
-                output.write(record, captions, error)
-            except (OSError, UnicodeError) as exc:
-                problem = problem or f"cannot write the caption ({exc})"
-        return problem
 
     def _report(self, outcome: Outcome, record: Record, reason: str | None) -> None:
         self.summary.record(outcome, record.display, reason)

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from vision_server.bulk.outputs import Captions, Output, close_all
+from vision_server.bulk.outputs import Captions, Output, close_all, write_all
 from vision_server.bulk.pipeline import Outcome, Summary
 from vision_server.bulk.plan import Fail, Skip, Unit, Work, plan
 from vision_server.bulk.progress import Progress, format_load_failure, format_summary
@@ -168,7 +168,7 @@ def _fail_here(job: _Job, planned: _Planned, tally: _Tally) -> None:
     """With nothing to caption: the images that fail before decoding (a shared caption file)."""
     for failing in planned.units:
         assert isinstance(failing, Fail)
-        problem = _write_all(job.outputs, failing.record, {}, failing.reason)
+        _, problem = write_all(job.outputs, failing.record, {}, failing.reason)
         tally.report("failed", failing.record, problem)
 
 
@@ -269,8 +269,8 @@ def _caption(job: _Job, planned: _Planned, report: Report) -> None:
                 continue
             captions: Captions = json.loads(str(row["captions"]))
             error = str(row["error"]) or None
-            problem = _write_all(job.outputs, record, captions, error)
-            report("failed" if problem else "captioned", record, problem)
+            skipped, reason = write_all(job.outputs, record, captions, error)
+            report("skipped" if skipped else "failed" if reason else "captioned", record, reason)
         if unloaded:  # after the batch, whose bad images are reported as failed
             raise _LoadFailed(unloaded)
 
@@ -337,17 +337,6 @@ def _pixel_spec(settings: Settings) -> Any:
     from vision_server.runtime import build_captioner
 
     return build_captioner(settings).pixel_spec
-
-
-def _write_all(outputs: list[Output], record: Record, captions: Captions, error: str | None) -> str | None:
-    """Every output gets its turn even when one fails (as in the local path)."""
-    problem = None
-    for output in outputs:
-        try:
-            output.write(record, captions, error)
-        except (OSError, UnicodeError) as exc:
-            problem = problem or f"cannot write the caption ({exc})"
-    return problem or error
 
 
 def _stop_on_signals() -> Any:

@@ -37,6 +37,7 @@ from vision_server.captionfiles import (
     sharing_stems,
     sweep_stale_temps,
     write_atomic,
+    write_new_caption,
 )
 from vision_server.client.api import DEFAULT_TASK, AsyncVisionClient, task_token
 from vision_server.client.errors import (
@@ -372,10 +373,12 @@ class _FolderRun:
                 self.writer.write(job.key, self.task, caption, answer.model)
             else:  # a caption file holds it on one line, as every folder captioner writes it
                 caption = f"{self.prefix}{one_line(text)}{self.suffix}"
-                if self._written_meanwhile(job):  # while the server captioned it: theirs stays
-                    return ImageResult(job.image, "skipped", reason=WRITTEN_MEANWHILE)
-                existing = read_caption(job.target) if self.mode in ("append", "prepend") else None
-                write_atomic(job.target, merge_caption(existing, caption, self.mode, self.separator))
+                if self.mode == "skip":  # one saved while the server captioned it stays
+                    if not write_new_caption(job.target, caption):
+                        return ImageResult(job.image, "skipped", reason=WRITTEN_MEANWHILE)
+                else:
+                    existing = read_caption(job.target) if self.mode in ("append", "prepend") else None
+                    write_atomic(job.target, merge_caption(existing, caption, self.mode, self.separator))
         except (VisionClientError, OSError, UnicodeError) as exc:
             stop = _stop_reason(exc, model_named=self.client.model_name is not None)
             if stop is None:
