@@ -145,6 +145,23 @@ def test_a_relative_input_is_read_from_the_working_directory_of_each_call(
         )
 
 
+def test_a_symlinked_parquet_output_is_written_where_it_points(tmp_path: Path) -> None:
+    """The fold renames a new table over the output: through a symlink it replaced the link with
+    a plain file, leaving the table it named behind without the new rows."""
+    table = tmp_path / "data" / "captions.parquet"
+    table.parent.mkdir()
+    link = tmp_path / "captions.parquet"
+    link.symlink_to(table)
+    first = ParquetOutput(link, FACTS)
+    first.write(Record("ds", "a.png"), {"<CAPTION>": "a cat"}, None)
+    first.close()
+    assert link.is_symlink() and [row["key"] for row in pq.read_table(table).to_pylist()] == ["a.png"]
+    again = ParquetOutput(table, FACTS)  # the same table, spelled as its own path
+    again.write(Record("ds", "b.png"), {"<CAPTION>": "a dog"}, None)  # journaled, not folded yet
+    assert ParquetOutput(link, FACTS, sweep=False).missing(Record("ds", "b.png"), ["<CAPTION>"]) == []
+    again.close()
+
+
 def test_jsonl_resume_ignores_a_torn_line_and_terminates_it(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     whole = {"source": "d", "key": "a.png", "task": "<CAPTION>", "caption": "a cat"}

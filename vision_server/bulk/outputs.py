@@ -496,6 +496,10 @@ class ParquetOutput(_TableOutput):
     """``--parquet FILE``: captioned images only; rows are journaled, then folded in at close."""
 
     def __init__(self, path: Path, facts: RowFacts, *, sweep: bool = True) -> None:
+        # Where the table is: the fold renames a new file over it, which would replace a symlink
+        # to it with a plain file (the rows beside the link, the table it names left behind),
+        # and the journal goes beside the table, so every spelling of it finds the same one.
+        path = Path(os.path.realpath(path))
         self.path = path
         self.journal = path.with_name(f".{path.name}.journal.jsonl")
         # A run killed while folding left its temp file (as big as the table); a dry run keeps it.
