@@ -454,6 +454,13 @@ def write_atomic(path: Path, text: str) -> None:
             os.chmod(tmp, stat.S_IMODE(info.st_mode))
 
 
+# Why an image is skipped after all: in skip mode every caption file it was to get was written
+# while it was being captioned (another run, the gallery). One wording for every folder captioner.
+WRITTEN_MEANWHILE = (
+    "its caption file was written meanwhile (by another run, or saved in the gallery); left as it is"
+)
+
+
 def write_new_caption(path: Path, text: str) -> bool:
     """``skip`` mode's write: ``text`` as ``path`` unless it holds a caption now; whether written.
 

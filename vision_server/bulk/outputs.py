@@ -26,6 +26,7 @@ from vision_server.atomic_files import replacing
 from vision_server.bulk.records import Record, safe_text, task_slug
 from vision_server.captionfiles import (
     STALE_TEMP_AGE,
+    WRITTEN_MEANWHILE,
     Mode,
     caption_target_problem,
     has_caption,
@@ -597,13 +598,6 @@ def check_writable(path: Path) -> str | None:
         # made is deleted, not the name: a symlink to an output still to be written stays one.
         os.unlink(os.path.realpath(path))
     return None
-
-
-# A skip-mode run finds every caption file it was to write already there (another run, the
-# gallery): worded as vision-client folder words it.
-WRITTEN_MEANWHILE = (
-    "its caption file was written meanwhile (by another run, or saved in the gallery); left as it is"
-)
 
 
 def write_all(

@@ -20,6 +20,7 @@ from typing import Literal
 
 from vision_server.captionfiles import (
     MODES,
+    WRITTEN_MEANWHILE,
     CaseProbe,
     CaseRules,
     Mode,
@@ -71,10 +72,6 @@ EXIT_TASK_REFUSED = 7  # 400 "Invalid prompt"
 # scripts' GET /prompts: any other trouble (busy, slow, a 500) is a warning, and the images try.
 FIRST_REQUEST_STOPS = frozenset({EXIT_USAGE, EXIT_UNREACHABLE, EXIT_KEY_REFUSED})
 FIRST_REQUEST_TIMEOUT = 30.0  # seconds for each try of that question (less with a shorter --timeout)
-# a skip-mode run finds the caption file it was to write already there (another run, the gallery)
-WRITTEN_MEANWHILE = (
-    "its caption file was written meanwhile (by another run, or saved in the gallery); left as it is"
-)
 
 
 @dataclass(frozen=True)
