@@ -59,6 +59,10 @@ Each line break in the server's caption becomes a space (trainers read caption f
 vision-client folder and vision-server caption do the same; --prefix, --suffix and --separator
 are written as given), and the file has no trailing newline.
 
+macOS "._name" files are no images. A broken symlink, a symlink loop or a FIFO named like an
+image, and an image whose caption file name would be too long for the file system, fail with
+their reason before anything is sent (as in vision-client folder and vision-server caption).
+
 Images with the same name but another extension (a.jpg and a.png) would share one caption file
 (a.txt) that a trainer pairs with both: none of them is captioned and each is reported as
 failed, also when a.txt already exists (it is left as it is); rename all but one of them. So do
@@ -476,7 +480,10 @@ fi
 
 find_args=("$folder")
 ((recursive)) || find_args+=(-maxdepth 1)
-find_args+=('(' -type f -o -type l ')' '(')
+# Every entry named like an image but a folder (a symlink to one is dropped below): a broken
+# symlink, a symlink loop or a FIFO is reported as failed with its reason, as the Python tools
+# do. macOS "._name" resource forks only look like images: never listed.
+find_args+=('!' -type d '!' -name '._*' '(')
 for e in "${IMAGE_EXTS[@]}"; do
     find_args+=(-iname "*.$e" -o)
 done
@@ -520,9 +527,58 @@ claim() {
     fi
 }
 
+# file_problem_into VAR IMAGE: why IMAGE cannot be read as an image file (it is no regular file),
+# in the words of vision-client folder and vision-server caption (captionfiles.file_problem).
+file_problem_into() {
+    local _msg="" _target=""
+    if [[ -e $2 ]]; then
+        printf -v "$1" '%s' "not a regular file" # a FIFO, a socket, a device
+        return
+    fi
+    if [[ ! -L $2 ]]; then
+        printf -v "$1" '%s' "no such file" # gone since it was listed
+        return
+    fi
+    { true <"$2"; } 2>"$tmpd/problem" || true # the error of opening it says why (no $(...): see show_into)
+    IFS= read -r _msg <"$tmpd/problem" || true
+    case $_msg in
+    *": No such file or directory")
+        readlink -- "$2" >"$tmpd/problem" 2>/dev/null || true
+        IFS= read -r -d '' _target <"$tmpd/problem" || true
+        _target=${_target%$'\n'}
+        _target=${_target//$'\n'/\\n}
+        _target=${_target//$'\r'/\\r}
+        _target=${_target//$'\t'/\\t}
+        printf -v "$1" 'broken symlink (points to %s)' "$_target"
+        ;;
+    *": Too many levels of symbolic links") printf -v "$1" '%s' "symlink loop" ;;
+    *": Permission denied") printf -v "$1" '%s' "permission denied" ;;
+    *": "*) printf -v "$1" '%s' "${_msg##*: }" ;;
+    *) printf -v "$1" '%s' "cannot open it" ;;
+    esac
+}
+
+# name_too_long_into VAR CAPTION: when no file named CAPTION can exist because its name is longer
+# than the file system allows (an image name near 255 bytes, or a long <ext>), the reason, in the
+# words of the Python tools (captionfiles.caption_target_problem), so the image fails before it is
+# sent instead of at the rename; else VAR is empty. Only names of more than 64 bytes are tried (no
+# file system in use allows fewer); the file system is asked, by opening the name.
+name_too_long_into() {
+    local LC_ALL=C # ${#name} counts bytes
+    local _name=${2##*/} _msg=""
+    printf -v "$1" '%s' ""
+    ((${#_name} > 64)) || return 0
+    [[ -e $2 || -L $2 ]] && return 0
+    { true <"$2"; } 2>"$tmpd/problem" || true
+    IFS= read -r _msg <"$tmpd/problem" || true
+    if [[ $_msg == *": File name too long" ]]; then
+        printf -v "$1" 'the name of its caption file (%d bytes) is too long for the file system; rename the image to a shorter name' "${#_name}"
+    fi
+}
+
 declare -a found=()
 while IFS= read -r -d '' img; do
-    [[ -f $img ]] || continue # a dangling symlink
+    [[ -d $img ]] && continue # a symlink to a folder: not entered, and no image
     found+=("$img")
     cap=${img%.*}.$ext
     if [[ -z ${spelled[${cap,,}]+set} ]]; then
@@ -543,6 +599,11 @@ unset spelled ask
 
 for img in ${found[@]+"${found[@]}"}; do # (bash < 4.4 calls an empty array unbound)
     cap=${img%.*}.$ext
+    if [[ ! -f $img ]]; then # a broken symlink, a symlink loop, a FIFO: never opened nor sent
+        file_problem_into problem "$img"
+        failed+=("$img"$'\t'"$problem")
+        continue
+    fi
     # Images with the same stem (a.jpg, a.png; b.jpg, B.png where the folder folds case) share one
     # caption file, which a trainer would pair with both: none of them is captioned, even when the
     # caption file exists (as in vision-client folder and vision-server caption).
@@ -563,6 +624,11 @@ for img in ${found[@]+"${found[@]}"}; do # (bash < 4.4 calls an empty array unbo
         else
             failed+=("$img"$'\t'"shares its caption file ${cap##*/} with $others; none is captioned, rename all but one")
         fi
+        continue
+    fi
+    name_too_long_into problem "$cap"
+    if [[ -n $problem ]]; then
+        failed+=("$img"$'\t'"$problem")
         continue
     fi
     if [[ -d $cap ]]; then # no mode may skip it (-s is true for a folder) or mv into it

@@ -42,20 +42,22 @@ def run_tool(
     tmp: Path,
     options: tuple[str, ...] = (),
     model: str = "test:tiny",
+    ext: str = "txt",
 ) -> subprocess.CompletedProcess[str]:
-    """One folder run of ``tool``: the CAPTION task, ``.txt`` caption files beside the images;
+    """One folder run of ``tool``: the CAPTION task, ``.<ext>`` caption files beside the images;
     ``model`` is the offline command's ``--model`` (the clients use the server's)."""
     if tool == "vision-server caption":
         command = caption_command(
             folder, "--model", model, "--task", "CAPTION", "--max-new-tokens", "8",
-            "--cache-dir", cache, "--log-level", "warning", *options,
+            "--cache-dir", cache, "--log-level", "warning", "--ext", ext, *options,
         )  # fmt: skip
         env = cli_env(tmp)
     elif tool == "vision-client folder":
-        command = [str(VISION_CLIENT), "--url", url, "folder", str(folder), "--task", "CAPTION", *options]
+        command = [str(VISION_CLIENT), "--url", url, "folder", str(folder), "--task", "CAPTION", "--ext", ext]
+        command += options
         env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
     else:
-        command = ["bash", str(FOLDER_SCRIPT), "--url", url, *options, "CAPTION", "txt", str(folder)]
+        command = ["bash", str(FOLDER_SCRIPT), "--url", url, *options, "CAPTION", ext, str(folder)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=180, check=False)
 
@@ -149,6 +151,61 @@ def test_an_empty_image_file_and_a_refused_image_read_alike_in_every_summary(
         ]
     assert (root / "good.txt").read_text(encoding="utf-8").strip()
     assert not (root / "empty.txt").exists() and not (root / "broken.txt").exists()
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_entries_named_like_images_that_are_not_image_files_fail_with_their_reason_in_every_tool(
+    tool: str, tiny_server_url: str, cache: Path, tmp_path: Path
+) -> None:
+    """A broken symlink, a symlink loop and a FIFO named like images fail, each with the same
+    reason in every tool (the bash script left them out without a word), and a macOS ``._name``
+    resource fork is no image to any of them (the bash script captioned it: it is a real image
+    here, so a tool that takes it sends it and writes ``._fine.txt``)."""
+    root = tmp_path / "data"
+    root.mkdir()
+    save_image(root / "fine.png", 1)
+    save_image(root / "._fine.png", 2)
+    (root / "gone.jpg").symlink_to("nowhere.jpg")
+    (root / "loop.jpg").symlink_to("loop.jpg")
+    os.mkfifo(root / "pipe.png")
+    (root / "folder.png").mkdir()  # a folder named like an image is no entry at all
+    result = run_tool(tool, root, url=tiny_server_url, cache=cache, tmp=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    lines = result.stderr.splitlines()
+    for name, reason in (
+        ("gone.jpg", "broken symlink (points to nowhere.jpg)"),
+        ("loop.jpg", "symlink loop"),
+        ("pipe.png", "not a regular file"),
+    ):
+        assert any(line.endswith(f"{name}: {reason}") for line in lines), (name, result.stderr[-3000:])
+    assert "._fine" not in result.stderr and "folder.png" not in result.stderr, result.stderr[-3000:]
+    assert (root / "fine.txt").read_text(encoding="utf-8").strip()
+    assert sorted(path.name for path in root.iterdir()) == [
+        "._fine.png", "fine.png", "fine.txt", "folder.png", "gone.jpg", "loop.jpg", "pipe.png"
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_caption_name_too_long_for_the_file_system_fails_that_image_before_it_is_sent(
+    tool: str, tiny_server_url: str, cache: Path, tmp_path: Path
+) -> None:
+    """``--ext caption`` beside a 248-byte stem names a 256-byte caption file, which the file
+    system cannot hold: that image alone fails, in every tool with the same words saying what to
+    do (the bash script sent it, then failed with mv's "File name too long"), and is not sent."""
+    root = tmp_path / "data"
+    root.mkdir()
+    save_image(root / f"{'a' * 248}.png", 1)
+    save_image(root / "b.png", 2)
+    result = run_tool(tool, root, url=tiny_server_url, cache=cache, tmp=tmp_path, ext="caption")
+    assert result.returncode == 1, result.stderr[-3000:]
+    reason = (
+        f"{'a' * 248}.png: the name of its caption file (256 bytes) is too long for the file system; "
+        "rename the image to a shorter name"
+    )
+    assert any(line.endswith(reason) for line in result.stderr.splitlines()), result.stderr[-3000:]
+    assert "mv:" not in result.stderr and "[1/2]" not in result.stderr, result.stderr[-3000:]
+    assert (root / "b.caption").read_text(encoding="utf-8").strip()
+    assert sorted(path.name for path in root.iterdir()) == sorted([f"{'a' * 248}.png", "b.png", "b.caption"])
 
 
 # ---------------------------------------------------------------------------------------------
