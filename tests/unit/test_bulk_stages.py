@@ -130,19 +130,22 @@ def test_table_outputs_resume_an_input_spelled_another_way(
     assert ParquetOutput(parquet, FACTS).missing(Record(f"{tmp_path}/ds/", "a.png"), ["<CAPTION>"]) == []
 
 
-def test_a_relative_input_is_read_from_the_working_directory_of_each_call(
+def test_a_relative_input_is_read_from_the_working_directory_of_each_run(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The resolved inputs are cached; a process that changes its working directory (a caller
-    using the package as a library) must not compare ``ds`` as the ``ds`` of the one before."""
+    """The resolved inputs are cached for speed; a process that runs again from another folder
+    (a caller using the package as a library) must not compare ``ds`` as the ``ds`` of the run
+    before: there the rows of ``one/ds`` say nothing about ``two/ds``."""
+    out = tmp_path / "out.jsonl"
     for name in ("one", "two"):
         (tmp_path / name / "ds").mkdir(parents=True)
         monkeypatch.chdir(tmp_path / name)
-        assert (
-            same_input("ds")
-            == same_input(str(tmp_path / name / "ds"))
-            == str((tmp_path / name / "ds").resolve())
-        )
+        output = JsonlOutput(out, FACTS)
+        assert output.missing(Record("ds", "a.png"), ["<CAPTION>"]) == ["<CAPTION>"], name
+        output.write(Record(str(tmp_path / name / "ds"), "a.png"), {"<CAPTION>": "a cat"}, None)
+        assert output.missing(Record("ds", "a.png"), ["<CAPTION>"]) == [], name
+        output.close()
+    assert same_input("ds") == str((tmp_path / "two" / "ds").resolve())
 
 
 def test_a_symlinked_parquet_output_is_written_where_it_points(tmp_path: Path) -> None:

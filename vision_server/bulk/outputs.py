@@ -157,25 +157,20 @@ def _identity(source: str, key: str) -> str:
     return f"{same_input(source)}\x00{key}"
 
 
+@functools.lru_cache(maxsize=1024)
 def same_input(source: str) -> str:
     """``source`` as the file or folder it names: ``dataset``, ``dataset/``, ``./dataset`` and
     ``/data/dataset`` (from ``/data``) are one input, so a rerun that spells its input another
     way resumes instead of captioning everything again beside the old rows. Rows keep the
-    source as given; a relative one is read from the working directory of the moment."""
-    try:
-        where = "" if os.path.isabs(source) else os.getcwd()
-    except OSError:  # the working directory was deleted: nothing relative can be resolved
-        return source
-    return _resolved(where, source)
+    source as given; a relative one is read from the run's working directory.
 
-
-@functools.lru_cache(maxsize=1024)
-def _resolved(where: str, source: str) -> str:
-    """``source`` with symlinks resolved, read from the folder ``where`` when it is relative.
-    Cached (a table of millions of rows names a few inputs) by the folder too, so a process
-    that changes its working directory does not get the answer of the one before."""
+    Cached (a table of millions of rows names a few inputs; asking for the working directory
+    each time would cost more than the rest of the lookup), and the cache is emptied each time
+    an output reads its rows back (:func:`recorded`), so a process that runs again from
+    another folder does not get the answers of the one before.
+    """
     try:
-        return os.path.realpath(os.path.join(where, source))
+        return os.path.realpath(source)
     except (OSError, ValueError):  # a NUL in it, say: no path, compared as written
         return source
 
@@ -200,6 +195,7 @@ def make_row(record: Record, facts: RowFacts, captions: Captions, error: str | N
 
 def recorded(rows: Iterable[Any]) -> dict[str, set[str]]:
     """task → identities with a caption for it, from rows of either shape."""
+    same_input.cache_clear()  # a new read: relative inputs resolve from this working directory
     done: dict[str, set[str]] = {}
     for row in rows:
         if not isinstance(row, dict):
