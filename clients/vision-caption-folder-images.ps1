@@ -391,6 +391,22 @@ foreach ($image in $images) {
     if (-not $claimed.ContainsKey($key)) { $claimed[$key] = New-Object System.Collections.Generic.List[string] }
     $claimed[$key].Add($image)
 }
+# Why no caption file can be created at $CaptionPath because its name is longer than the file
+# system allows (an image name near 255 bytes, or a long caption extension), or $null: the words
+# of vision-client folder, vision-server caption and the bash script, so that image fails before
+# it is sent instead of when its caption is written. The file system is asked (ENAMETOOLONG is a
+# PathTooLongException in .NET); only names of more than 64 bytes, as in the bash script.
+function Get-CaptionNameProblem([string]$CaptionPath) {
+    $name = [System.IO.Path]::GetFileName($CaptionPath)
+    $size = [System.Text.Encoding]::UTF8.GetByteCount($name)
+    if ($size -le 64) { return $null }
+    try { $null = [System.IO.File]::GetAttributes($CaptionPath) }
+    catch [System.IO.PathTooLongException] {
+        return ('the name of its caption file ({0} bytes) is too long for the file system; rename the image to a shorter name' -f $size)
+    }
+    catch { }
+    return $null
+}
 $skipped = 0
 foreach ($image in $images) {
     $captionPath = [System.IO.Path]::ChangeExtension($image, $captionSuffix)
@@ -407,6 +423,11 @@ foreach ($image in $images) {
             $reason = 'shares its caption file {0} with {1}; none is captioned, rename all but one' -f $captionName, ($others -join ', ')
         }
         $clashes.Add([pscustomobject]@{ Image = $image; Error = $reason })
+        continue
+    }
+    $nameProblem = Get-CaptionNameProblem $captionPath
+    if ($null -ne $nameProblem) {
+        $clashes.Add([pscustomobject]@{ Image = $image; Error = $nameProblem })
         continue
     }
     if ([System.IO.Directory]::Exists($captionPath)) {

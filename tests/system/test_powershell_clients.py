@@ -427,6 +427,23 @@ def test_folder_caption_name_near_name_max(server: str, tmp_path: Path) -> None:
 
 
 @needs_pwsh
+def test_folder_caption_name_too_long_for_the_file_system_fails_that_image(tmp_path: Path) -> None:
+    """``caption`` beside a 248-byte stem names a 256-byte caption file: that image fails before
+    it is sent, in the words of the other folder captioners; the other image is captioned."""
+    long_one, short = make_folder(tmp_path, ["a" * 248 + ".png", "b.png"])
+    with StandIn() as stand_in:
+        result = ps(FOLDER, "CAPTION", "caption", str(tmp_path), "-Url", stand_in.url)
+        posts = len(stand_in.posts())
+    assert result.returncode == 1, result.stderr
+    assert (
+        f"{long_one.name}: the name of its caption file (256 bytes) is too long for the file system; "
+        "rename the image to a shorter name" in result.stderr
+    )
+    assert posts == 1 and read_caption(short.with_suffix(".caption")) == "stand-in caption"
+    assert leftovers(tmp_path) == []
+
+
+@needs_pwsh
 def test_folder_skip_mode_resumes(server: str, tmp_path: Path) -> None:
     done, empty, fresh = make_folder(tmp_path, ["done.png", "empty.png", "fresh.png"])
     done.with_suffix(".txt").write_text("keep me", encoding="utf-8")
