@@ -1078,10 +1078,12 @@ def test_proxy_without_a_server_is_unreachable_and_own_503_is_busy(tmp_path: Pat
 
 def test_folder_run_waits_while_a_proxy_has_no_server(tmp_path: Path, tmpdir_env: Path) -> None:
     """Every server behind HAProxy restarts: its bare 502/503 pages pause the run (after
-    --retries) instead of stopping it as a busy server; every image ends captioned."""
+    --retries) instead of stopping it as a busy server; every image ends captioned. The outage
+    outlasts the one retry's 2 s back-off with room for a slow CI machine (at 3 s a late first
+    request's retry could already find the server back, so the pause was never seen)."""
     root = tmp_path / "behind-proxy"
     images = make_tree(root, [f"img{i}.png" for i in range(8)])
-    with StandIn(outage_after=2, outage_seconds=3) as proxy:
+    with StandIn(outage_after=2, outage_seconds=8) as proxy:
         result = run(
             FOLDER, "--url", proxy.url, "--jobs", "2", "--retries", "1", "CAPTION", "txt", str(root),
             env=base_env(tmpdir_env), timeout=90,
