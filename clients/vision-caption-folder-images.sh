@@ -233,6 +233,9 @@ total=0
 n_ok=0
 n_failed=0
 n_aborted=0
+n_meanwhile=0 # skipped at the write: their caption file was written meanwhile
+# A skip-mode run finds the caption file it was to write already there (vision-client folder's words).
+WRITTEN_MEANWHILE="its caption file was written meanwhile (by another run, or saved in the gallery); left as it is"
 abort_rc=0
 abort_reason=""
 start_us=0
@@ -705,7 +708,7 @@ now_us_into start_us
 
 # rate_eta_into VAR: "2.5 img/s, ETA 1:02" for the images finished so far.
 rate_eta_into() {
-    local _done=$((n_ok + n_failed + n_aborted)) _now _elapsed _rate10 _eta
+    local _done=$((n_ok + n_meanwhile + n_failed + n_aborted)) _now _elapsed _rate10 _eta
     now_us_into _now
     _elapsed=$((_now - start_us))
     ((_elapsed > 0)) || _elapsed=1
@@ -726,15 +729,21 @@ progress_line() {
     local extra="" rate
     ((n_failed == 0)) || extra=", $n_failed failed"
     rate_eta_into rate
-    printf '\r\033[K[%d/%d] %s%s' $((n_ok + n_failed + n_aborted)) "$total" "$rate" "$extra" >&2
+    printf '\r\033[K[%d/%d] %s%s' $((n_ok + n_meanwhile + n_failed + n_aborted)) "$total" "$rate" "$extra" >&2
 }
 
 # note_result STATUS IMAGE [REASON]: print one finished image.
 note_result() {
     local status=$1 img=$2 reason=${3:-} count shown rate
-    count="[$((n_ok + n_failed + n_aborted))/$total]"
+    count="[$((n_ok + n_meanwhile + n_failed + n_aborted))/$total]"
     show_into shown "$img"
-    if ((tty_progress)); then
+    if [[ $status == skipped ]]; then
+        if ((!tty_progress && !quiet)); then
+            rate_eta_into rate
+            printf '%s skipped %s: %s (%s)\n' "$count" "$shown" "$reason" "$rate" >&2
+        fi
+        progress_line
+    elif ((tty_progress)); then
         if [[ $status != ok ]]; then
             printf '\r\033[KFAILED %s: %s\n' "$shown" "$reason" >&2
         fi
@@ -793,7 +802,7 @@ fi
 caption_one() {
     set +e
     local idx=$1 img=${todo[$1]} cap=${todo_cap[$1]} tmp rc caption content old line reason dir
-    local out=$tmpd/out.$1 err=$tmpd/err.$1 res=$tmpd/res.$1 child="" renaming=0
+    local out=$tmpd/out.$1 err=$tmpd/err.$1 res=$tmpd/res.$1 child="" renaming=0 linked=0
     tmp=${todo_cap[idx]%/*}/.vision-caption.${temp_ids[idx]}.tmp # temp_caption, without a subshell
     # A worker is stopped by the main script (TERM) or by a signal to the whole process group,
     # Ctrl+C included (INT: background shells see it although their commands ignore it). It stops
@@ -809,7 +818,7 @@ caption_one() {
         # Stopped right after renaming its caption into place (the rename is atomic: the
         # temporary file is gone only once it happened): that caption is complete, so say so,
         # and the summary counts it as the main script collects the results it finds.
-        if ((renaming)) && [[ ! -e $tmp && ! -e $res ]]; then
+        if { ((linked)) || { ((renaming)) && [[ ! -e $tmp ]]; }; } && [[ ! -e $res ]]; then
             printf '%s\n' ok 0 "" >"$res"
         fi
         rm -f -- "$tmp"
@@ -825,6 +834,9 @@ caption_one() {
 
     # Said here, in the words every folder captioner uses (the summary names the image before it).
     if [[ -f $img && ! -s $img ]]; then finish fail 2 "the file is empty (0 bytes)"; fi
+    # The run was planned at its start, maybe hours ago: a caption file written since (another
+    # run over the folder, a caption saved in the gallery) stays, and the image is not sent.
+    if [[ $mode == skip ]] && has_text "$cap"; then finish skipped 0 "$WRITTEN_MEANWHILE"; fi
 
     "${client_cmd[@]}" --retries "$retries" --no-newline -- "$prompt" "$img" >"$out" 2>"$err" &
     child=$!
@@ -878,6 +890,25 @@ caption_one() {
         show_into dir "${cap%/*}"
         last_line_into line "$err"
         finish fail 1 "cannot write in $dir: $line"
+    fi
+    if [[ $mode == skip ]]; then
+        # One saved while the server captioned the image stays too. A hard link publishes the
+        # caption only where no file is (ln refuses an existing name), so not even one saved
+        # between this look and the write is replaced; without hard links (FAT, some shares) or
+        # over an empty file, a last look and the rename below.
+        if has_text "$cap"; then
+            rm -f -- "$tmp"
+            finish skipped 0 "$WRITTEN_MEANWHILE"
+        fi
+        if [[ ! -e $cap && ! -L $cap ]] && ln -- "$tmp" "$cap" 2>/dev/null; then
+            linked=1
+            rm -f -- "$tmp"
+            finish ok 0 ""
+        fi
+        if has_text "$cap"; then
+            rm -f -- "$tmp"
+            finish skipped 0 "$WRITTEN_MEANWHILE"
+        fi
     fi
     renaming=1
     if ! mv -f -- "$tmp" "$cap" 2>"$err"; then
@@ -939,6 +970,12 @@ account() {
     if [[ $status == ok ]]; then
         n_ok=$((n_ok + 1))
         note_result ok "$img"
+        return
+    fi
+    if [[ $status == skipped ]]; then # its caption file was written meanwhile
+        skipped=$((skipped + 1))
+        n_meanwhile=$((n_meanwhile + 1))
+        note_result skipped "$img" "$reason"
         return
     fi
     if [[ $status == stopped ]]; then

@@ -9,6 +9,7 @@ the same file, from ``vision-server caption`` or ``vision-client folder``, stops
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -18,10 +19,13 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow.parquet as pq
+import pytest
 
+from tests.support import paths
 from tests.support.bulk_data import caption_command, cli_env, good_images, picture
 from tests.support.processes import free_port
 
+FOLDER_SCRIPT = paths.REPO / "clients" / "vision-caption-folder-images.sh"
 CLIENT = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or "vision-client"
 
 IMAGES = 16
@@ -121,16 +125,26 @@ def folder_of_images(root: Path, count: int) -> list[Path]:
     return images
 
 
-def write_captions_while_paused(run: subprocess.Popen[str], images: list[Path]) -> dict[Path, str]:
-    """Once ``run`` has written its first caption file, pause it (its work in flight) and save a
-    caption for every image it has not written yet, as the gallery saves one: a whole file
-    renamed into place. Returns them, to check they stay; the run goes on afterwards."""
+def write_captions_while_paused(
+    run: subprocess.Popen[str], images: list[Path], *, group: bool = False
+) -> dict[Path, str]:
+    """Once ``run`` has written its first caption file, pause it (its work in flight; with
+    ``group``, its whole process group, a script's workers too) and save a caption for every image
+    it has not written yet, as the gallery saves one: a whole file renamed into place. Returns
+    them, to check they stay; the run goes on afterwards."""
+
+    def send(signum: int) -> None:
+        if group:
+            os.killpg(run.pid, signum)
+        else:
+            run.send_signal(signum)
+
     deadline = time.monotonic() + 300
     while not any(image.with_suffix(".txt").exists() for image in images):
         assert run.poll() is None, run.stderr.read() if run.stderr else ""
         assert time.monotonic() < deadline
         time.sleep(0.01)
-    run.send_signal(signal.SIGSTOP)
+    send(signal.SIGSTOP)
     hand: dict[Path, str] = {}
     try:
         for image in images:
@@ -141,7 +155,7 @@ def write_captions_while_paused(run: subprocess.Popen[str], images: list[Path]) 
                 staged.write_text(hand[target], encoding="utf-8")
                 staged.replace(target)
     finally:
-        run.send_signal(signal.SIGCONT)
+        send(signal.SIGCONT)
     assert hand, "the run was over before it could be paused"
     return hand
 
@@ -186,3 +200,25 @@ def test_vision_server_caption_counts_a_caption_file_written_meanwhile_as_skippe
         assert run.wait(300) == 0, stderr
     assert {target: target.read_text(encoding="utf-8") for target in hand} == hand
     assert f"captioned {len(images) - len(hand)}, skipped {len(hand)}, failed 0" in stderr, stderr
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the folder script needs curl")
+def test_the_folder_script_leaves_a_caption_written_while_it_runs(
+    tmp_path: Path, tiny_server_url: str
+) -> None:
+    # As vision-client folder: it decided at its start which images to skip, and replaced a
+    # caption saved meanwhile, for the images it had not sent yet and for those in flight.
+    images = folder_of_images(tmp_path / "data", 12)
+    env = {k: v for k, v in cli_env(tmp_path).items() if not k.startswith("VISION_")}
+    env["VISION_HOST"] = tiny_server_url
+    command = [str(FOLDER_SCRIPT), "-j", "2", "CAPTION", "txt", str(images[0].parent)]
+    with subprocess.Popen(
+        command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
+    ) as script:
+        hand = write_captions_while_paused(script, images, group=True)
+        stderr = script.stderr.read() if script.stderr else ""
+        assert script.wait(300) == 0, stderr
+    assert {target: target.read_text(encoding="utf-8") for target in hand} == hand
+    found = f"12 image(s) found: {12 - len(hand)} captioned, {len(hand)} skipped (caption exists), 0 failed"
+    assert found in stderr, stderr
+    assert sorted(p.name for p in images[0].parent.iterdir() if p.name.startswith(".")) == []  # no temp file
