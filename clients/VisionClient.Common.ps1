@@ -523,13 +523,32 @@ function Write-VisionTextFile {
     # $Renamed (a synchronized hashtable, optional) gets $Path as a key once the caption is in
     # place, also when the worker is stopped right after the move (the folder script's Ctrl+C
     # summary counts it then).
-    param([string]$Path, [string]$Text, $Renamed = $null)
+    # With -KeepCaption (-Mode skip's write) it returns $true when written, $false when $Path
+    # holds a caption by now (another run, a caption saved in the gallery): that one stays, also
+    # one saved between the last look and the write, as File.Move without overwrite publishes
+    # the new file only where none is. An empty file (no caption) is replaced, as before.
+    param([string]$Path, [string]$Text, $Renamed = $null, [switch]$KeepCaption)
     # The temp name has a fixed length, so a caption name near the 255-character limit fits too.
     $folder = [System.IO.Path]::GetDirectoryName($Path)
     $suffix = [System.Guid]::NewGuid().ToString('N').Substring(0, 16)
     $temp = [System.IO.Path]::Combine($folder, ('.vision-caption.{0}.tmp' -f $suffix))
     try {
         [System.IO.File]::WriteAllText($temp, $Text, [System.Text.UTF8Encoding]::new($false))
+        if ($KeepCaption) {
+            if (Test-VisionCaptionPresent -Path $Path) { return $false }
+            if (-not [System.IO.File]::Exists($Path)) {
+                if ($null -ne $Renamed) { $Renamed[$Path] = $true }
+                try {
+                    [System.IO.File]::Move($temp, $Path)
+                    return $true
+                }
+                catch [System.IO.IOException] {
+                    # A file appeared meanwhile: kept when it holds a caption (the finally
+                    # block removes the temp file and takes the key back).
+                    if (Test-VisionCaptionPresent -Path $Path) { return $false }
+                }
+            }
+        }
         # From here on the temp file is gone only once it was moved into place: the finally
         # block below takes the key back while the temp file is still there.
         if ($null -ne $Renamed) { $Renamed[$Path] = $true }
@@ -546,6 +565,7 @@ function Write-VisionTextFile {
         else {
             [System.IO.File]::Move($temp, $Path)
         }
+        if ($KeepCaption) { return $true }
     }
     finally {
         if ([System.IO.File]::Exists($temp)) {
@@ -557,8 +577,10 @@ function Write-VisionTextFile {
 
 function Invoke-VisionCaptionImage {
     # The whole job for one image in the folder script: caption it and write the caption file.
-    # Never throws; returns Image, CaptionPath, Ok, Error, Failure ('connect', 'timeout', 'scheme' or
-    # $null), Status (the HTTP status of an error answer, else $null) and Seconds.
+    # Never throws; returns Image, CaptionPath, Ok, Skipped, Error, Failure ('connect', 'timeout',
+    # 'scheme' or $null), Status (the HTTP status of an error answer, else $null) and Seconds.
+    # Skipped (with Ok, and the reason in Error): in -Mode skip, the caption file was written
+    # since the run listed the folder (another run, a caption saved in the gallery) and stays.
     param(
         $Client,
         [string]$BaseUrl,
@@ -582,11 +604,20 @@ function Invoke-VisionCaptionImage {
     $message = $null
     $failure = $null
     $status = $null
+    $skipped = $false
+    $meanwhile = 'its caption file was written meanwhile (by another run, or saved in the gallery); left as it is'
     try {
         # In the words every folder captioner uses; the summary names the image before it.
         if ([System.IO.File]::Exists($ImagePath) -and ([System.IO.FileInfo]::new($ImagePath)).Length -eq 0) {
             throw 'the file is empty (0 bytes)'
         }
+        # The run was planned when it listed the folder, maybe hours ago: a caption file written
+        # since stays, and the image is not sent (the words of vision-client folder).
+        $present = $false
+        if ($Mode -eq 'skip') {
+            try { $present = Test-VisionCaptionPresent -Path $CaptionPath } catch { }
+        }
+        if ($present) { throw $meanwhile }
         $caption = Get-VisionCaption -Client $Client -BaseUrl $BaseUrl -Task $Task -Path $ImagePath -MaxSize $MaxSize -ApiKey $ApiKey -TimeoutSec $TimeoutSec -Retries $Retries -Model $Model
         # A prefix alone is no caption, and an empty caption file reads as "to do" on the next run:
         # the image fails, as in the other folder captioners.
@@ -596,10 +627,22 @@ function Invoke-VisionCaptionImage {
         # Keep each caption on one line, as the other clients write it.
         $caption = ($caption -replace "`r`n|`r|`n", ' ')
         $text = Join-VisionCaption -New ($Prefix + $caption + $Suffix) -Existing $existing -Mode $Mode -Separator $Separator
-        Write-VisionTextFile -Path $CaptionPath -Text $text -Renamed $Renamed
+        if ($Mode -eq 'skip') {
+            # One saved while the server captioned the image stays too.
+            if (-not (Write-VisionTextFile -Path $CaptionPath -Text $text -Renamed $Renamed -KeepCaption)) {
+                throw $meanwhile
+            }
+        }
+        else {
+            Write-VisionTextFile -Path $CaptionPath -Text $text -Renamed $Renamed
+        }
         $ok = $true
     }
     catch {
+        if ($_.Exception.Message -eq $meanwhile) {
+            $skipped = $true
+            $ok = $true
+        }
         $message = $_.Exception.Message
         $failure = $_.Exception.Data['VisionFailure']
         $status = $_.Exception.Data['VisionStatus']
@@ -608,6 +651,7 @@ function Invoke-VisionCaptionImage {
         Image       = $ImagePath
         CaptionPath = $CaptionPath
         Ok          = $ok
+        Skipped     = $skipped
         Error       = $message
         Failure     = $failure
         Status      = $status

@@ -479,6 +479,7 @@ $failures = New-Object System.Collections.Generic.List[object]
 foreach ($clash in $clashes) { $failures.Add($clash) }
 $done = 0
 $captioned = 0
+$skippedLate = 0   # skipped at their turn: the caption file was written since the listing
 $retryQueue = New-Object System.Collections.Generic.Queue[object]   # sent again after an outage
 $outageHits = @{}   # image -> how many times its request met an unreachable server
 $maxOutageHits = 5  # one more and the image fails alone (a server that crashes on it)
@@ -655,7 +656,13 @@ try {
                 }
             }
             $done++
-            if ($result.Ok) {
+            if ($result.Ok -and $result.Skipped) {
+                # Its caption file was written meanwhile (another run, the gallery): left as it is.
+                $skipped++
+                $skippedLate++
+                if (-not $Quiet) { Write-Host ('[{0}/{1}] skipped {2}: {3}' -f $done, $work.Count, $result.Image, $result.Error) }
+            }
+            elseif ($result.Ok) {
                 $captioned++
                 if (-not $Quiet) { Write-Host ('[{0}/{1}] {2} ({3:N1} s)' -f $done, $work.Count, $result.Image, $result.Seconds) }
             }
@@ -719,7 +726,8 @@ finally {
                 $output = $item.Shell.EndInvoke($item.Handle)
                 if ($output.Count -gt 0) {
                     $result = $output[$output.Count - 1]
-                    if ($result.Ok) { $captioned++ }
+                    if ($result.Ok -and $result.Skipped) { $skipped++; $skippedLate++ }
+                    elseif ($result.Ok) { $captioned++ }
                     elseif ($null -eq (Get-FolderStop ([string]$result.Failure) ($result.Status) ($result.Error))) {
                         $failures.Add($result)   # not one that would have stopped the run: not attempted
                     }
@@ -734,7 +742,7 @@ finally {
         $item.Shell.Dispose()
     }
     if (-not $finished) {
-        $left = $work.Count - $captioned - ($failures.Count - $clashes.Count)
+        $left = $work.Count - $captioned - $skippedLate - ($failures.Count - $clashes.Count)
         Write-FolderError ('{0}: interrupted; {1} captioned, {2} skipped, {3} failed' -f $scriptName, $captioned, $skipped, $failures.Count)
         foreach ($failure in ($failures | Sort-Object Image)) {
             Write-FolderError ('  {0}: {1}' -f $failure.Image, $failure.Error)

@@ -802,7 +802,7 @@ fi
 caption_one() {
     set +e
     local idx=$1 img=${todo[$1]} cap=${todo_cap[$1]} tmp rc caption content old line reason dir
-    local out=$tmpd/out.$1 err=$tmpd/err.$1 res=$tmpd/res.$1 child="" renaming=0 linked=0
+    local out=$tmpd/out.$1 err=$tmpd/err.$1 res=$tmpd/res.$1 child="" renaming=0 linking=0
     tmp=${todo_cap[idx]%/*}/.vision-caption.${temp_ids[idx]}.tmp # temp_caption, without a subshell
     # A worker is stopped by the main script (TERM) or by a signal to the whole process group,
     # Ctrl+C included (INT: background shells see it although their commands ignore it). It stops
@@ -818,7 +818,9 @@ caption_one() {
         # Stopped right after renaming its caption into place (the rename is atomic: the
         # temporary file is gone only once it happened): that caption is complete, so say so,
         # and the summary counts it as the main script collects the results it finds.
-        if { ((linked)) || { ((renaming)) && [[ ! -e $tmp ]]; }; } && [[ ! -e $res ]]; then
+        # So is one hard-linked into place (skip mode): the caption file is then the temporary
+        # file itself (-ef: the same file).
+        if { { ((renaming)) && [[ ! -e $tmp ]]; } || { ((linking)) && [[ $tmp -ef $cap ]]; }; } && [[ ! -e $res ]]; then
             printf '%s\n' ok 0 "" >"$res"
         fi
         rm -f -- "$tmp"
@@ -900,11 +902,12 @@ caption_one() {
             rm -f -- "$tmp"
             finish skipped 0 "$WRITTEN_MEANWHILE"
         fi
+        linking=1
         if [[ ! -e $cap && ! -L $cap ]] && ln -- "$tmp" "$cap" 2>/dev/null; then
-            linked=1
             rm -f -- "$tmp"
             finish ok 0 ""
         fi
+        linking=0
         if has_text "$cap"; then
             rm -f -- "$tmp"
             finish skipped 0 "$WRITTEN_MEANWHILE"

@@ -28,6 +28,7 @@ import pytest
 from tests.support import paths
 from tests.support.images import save as save_image
 from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
+from tests.support.meanwhile import folder_of_images, write_captions_while_paused
 from tests.support.processes import free_port, http_json
 from tests.support.stand_in import PROMPTS, StandIn
 
@@ -454,6 +455,26 @@ def test_folder_skip_mode_resumes(server: str, tmp_path: Path) -> None:
     assert read_caption(empty.with_suffix(".txt")) == file_caption(caption_direct(server, empty))
     assert read_caption(fresh.with_suffix(".txt")) == file_caption(caption_direct(server, fresh))
     assert "2 captioned, 1 skipped, 0 failed" in result.stdout
+
+
+@needs_pwsh
+@pytest.mark.skipif(sys.platform == "win32", reason="pauses the run with SIGSTOP")
+def test_folder_skip_mode_leaves_a_caption_written_while_it_runs(server: str, tmp_path: Path) -> None:
+    # As vision-client folder and the bash script: a caption saved after the listing (in the
+    # gallery, by another run) stays, for the images not sent yet and for those in flight.
+    images = folder_of_images(tmp_path / "data", 12)
+    assert PWSH is not None
+    command = [PWSH, "-NoLogo", "-NoProfile", "-NonInteractive", "-File", str(FOLDER)]
+    command += ["CAPTION", "txt", str(images[0].parent), "-Url", server, "-Jobs", "2"]
+    with subprocess.Popen(
+        command, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8"
+    ) as run:
+        hand = write_captions_while_paused(run, images)
+        out, err = run.communicate(timeout=300)
+    assert run.returncode == 0, err
+    assert {target: target.read_text(encoding="utf-8") for target in hand} == hand
+    assert f"{12 - len(hand)} captioned, {len(hand)} skipped, 0 failed" in out, out + err
+    assert "written meanwhile" in out and leftovers(images[0].parent) == []
 
 
 @needs_pwsh

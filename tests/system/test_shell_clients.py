@@ -705,17 +705,19 @@ def test_folder_interrupted(tmp_path: Path, tmpdir_env: Path) -> None:
 
 
 def pausing_mv(tmp_path: Path, destination: str, nth: int) -> tuple[dict[str, str], Path, Path]:
-    """A PATH whose ``mv`` is the real one, except that after its ``nth`` rename onto a name
-    matching ``destination`` (a shell pattern) it creates a "moved" file and waits (up to 30 s)
-    for a "release" file: a signal then lands at a known point of a folder run."""
+    """A PATH whose ``mv`` and ``ln`` are the real ones, except that after their ``nth`` rename
+    or link onto a name matching ``destination`` (a shell pattern) they create a "moved" file and
+    wait (up to 30 s) for a "release" file: a signal then lands at a known point of a folder run.
+    (In skip mode the folder script publishes a caption file with ``ln``, elsewhere with ``mv``.)"""
     shims = tmp_path / "pausing-mv"
     shims.mkdir()
-    real_mv = shutil.which("mv")
-    assert real_mv
     count, moved, release = shims / "count", tmp_path / "moved", tmp_path / "release"
-    (shims / "mv").write_text(
-        f"""#!/bin/sh
-"{real_mv}" "$@" || exit
+    for tool in ("mv", "ln"):
+        real = shutil.which(tool)
+        assert real
+        (shims / tool).write_text(
+            f"""#!/bin/sh
+"{real}" "$@" || exit
 for last; do :; done
 case "${{last##*/}}" in {destination}) ;; *) exit 0 ;; esac
 n=$(( $(cat "{count}" 2>/dev/null || echo 0) + 1 ))
@@ -725,8 +727,8 @@ echo "$n" >"{count}"
 i=0
 while [ ! -e "{release}" ] && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
 """
-    )
-    (shims / "mv").chmod(0o755)
+        )
+        (shims / tool).chmod(0o755)
     return {"PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}, moved, release
 
 

@@ -9,7 +9,6 @@ the same file, from ``vision-server caption`` or ``vision-client folder``, stops
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -22,7 +21,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.support import paths
-from tests.support.bulk_data import caption_command, cli_env, good_images, picture
+from tests.support.bulk_data import caption_command, cli_env, good_images
+from tests.support.meanwhile import folder_of_images, write_captions_while_paused
 from tests.support.processes import free_port
 
 FOLDER_SCRIPT = paths.REPO / "clients" / "vision-caption-folder-images.sh"
@@ -115,49 +115,6 @@ def test_a_second_run_into_the_same_outputs_stops_at_once_and_the_first_loses_no
     rerun = subprocess.run(caption_command(*args), env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"captioned 0, skipped {IMAGES}" in rerun.stderr, rerun.stderr
-
-
-def folder_of_images(root: Path, count: int) -> list[Path]:
-    root.mkdir()
-    images = [root / f"img{n:02d}.png" for n in range(count)]
-    for n, image in enumerate(images):
-        image.write_bytes(picture(n))
-    return images
-
-
-def write_captions_while_paused(
-    run: subprocess.Popen[str], images: list[Path], *, group: bool = False
-) -> dict[Path, str]:
-    """Once ``run`` has written its first caption file, pause it (its work in flight; with
-    ``group``, its whole process group, a script's workers too) and save a caption for every image
-    it has not written yet, as the gallery saves one: a whole file renamed into place. Returns
-    them, to check they stay; the run goes on afterwards."""
-
-    def send(signum: int) -> None:
-        if group:
-            os.killpg(run.pid, signum)
-        else:
-            run.send_signal(signum)
-
-    deadline = time.monotonic() + 300
-    while not any(image.with_suffix(".txt").exists() for image in images):
-        assert run.poll() is None, run.stderr.read() if run.stderr else ""
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
-    send(signal.SIGSTOP)
-    hand: dict[Path, str] = {}
-    try:
-        for image in images:
-            target = image.with_suffix(".txt")
-            if not target.exists():
-                hand[target] = f"hand-written caption of {image.name}"
-                staged = target.with_name(f".staged-{image.stem}")
-                staged.write_text(hand[target], encoding="utf-8")
-                staged.replace(target)
-    finally:
-        send(signal.SIGCONT)
-    assert hand, "the run was over before it could be paused"
-    return hand
 
 
 def test_vision_client_folder_leaves_a_caption_written_while_it_runs(

@@ -1,0 +1,59 @@
+"""A caption saved while a folder run goes (in the gallery, or by another run), as real files.
+
+A skip-mode run is planned at its start, maybe hours before it reaches an image; the folder
+captioners must leave such a caption as it is. These helpers pause a real run mid-way and save
+the captions, for the tests of each captioner.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from tests.support.bulk_data import picture
+
+
+def folder_of_images(root: Path, count: int) -> list[Path]:
+    root.mkdir()
+    images = [root / f"img{n:02d}.png" for n in range(count)]
+    for n, image in enumerate(images):
+        image.write_bytes(picture(n))
+    return images
+
+
+def write_captions_while_paused(
+    run: subprocess.Popen[str], images: list[Path], *, group: bool = False
+) -> dict[Path, str]:
+    """Once ``run`` has written its first caption file, pause it (its work in flight; with
+    ``group``, its whole process group, a script's workers too) and save a caption for every image
+    it has not written yet, as the gallery saves one: a whole file renamed into place. Returns
+    them, to check they stay; the run goes on afterwards."""
+
+    def send(signum: int) -> None:
+        if group:
+            os.killpg(run.pid, signum)
+        else:
+            run.send_signal(signum)
+
+    deadline = time.monotonic() + 300
+    while not any(image.with_suffix(".txt").exists() for image in images):
+        assert run.poll() is None, run.stderr.read() if run.stderr else ""
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    send(signal.SIGSTOP)
+    hand: dict[Path, str] = {}
+    try:
+        for image in images:
+            target = image.with_suffix(".txt")
+            if not target.exists():
+                hand[target] = f"hand-written caption of {image.name}"
+                staged = target.with_name(f".staged-{image.stem}")
+                staged.write_text(hand[target], encoding="utf-8")
+                staged.replace(target)
+    finally:
+        send(signal.SIGCONT)
+    assert hand, "the run was over before it could be paused"
+    return hand
