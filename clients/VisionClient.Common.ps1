@@ -507,6 +507,13 @@ function Test-VisionCaptionPresent {
     return ($null -ne $text -and $text.Trim().Length -gt 0)
 }
 
+function Test-VisionCaptionHeld {
+    # Test-VisionCaptionPresent for a write about to happen: a file that cannot be read is left
+    # alone rather than replaced, as the bash script leaves it.
+    param([string]$Path)
+    try { return (Test-VisionCaptionPresent -Path $Path) } catch { return $true }
+}
+
 function Join-VisionCaption {
     # What to store: the new caption alone, or added after/before the existing one.
     param([string]$New, [string]$Existing, [string]$Mode, [string]$Separator = ' ')
@@ -535,7 +542,7 @@ function Write-VisionTextFile {
     try {
         [System.IO.File]::WriteAllText($temp, $Text, [System.Text.UTF8Encoding]::new($false))
         if ($KeepCaption) {
-            if (Test-VisionCaptionPresent -Path $Path) { return $false }
+            if (Test-VisionCaptionHeld -Path $Path) { return $false }
             if (-not [System.IO.File]::Exists($Path)) {
                 if ($null -ne $Renamed) { $Renamed[$Path] = $true }
                 try {
@@ -545,7 +552,7 @@ function Write-VisionTextFile {
                 catch [System.IO.IOException] {
                     # A file appeared meanwhile: kept when it holds a caption (the finally
                     # block removes the temp file and takes the key back).
-                    if (Test-VisionCaptionPresent -Path $Path) { return $false }
+                    if (Test-VisionCaptionHeld -Path $Path) { return $false }
                 }
             }
         }
