@@ -15,6 +15,7 @@ import pytest
 from tests.support.bulk_data import picture
 from tests.support.leftovers import OLD, YOUNG, aged
 from vision_server.bulk.outputs import (
+    WRITTEN_MEANWHILE,
     JsonlOutput,
     ParquetOutput,
     RowFacts,
@@ -22,6 +23,7 @@ from vision_server.bulk.outputs import (
     SidecarStyle,
     check_writable,
     same_input,
+    write_all,
 )
 from vision_server.bulk.plan import Fail, Skip, Work, plan
 from vision_server.bulk.readers import ReadOptions, count_images, iter_records
@@ -561,3 +563,38 @@ def test_checking_that_an_output_can_be_written_leaves_no_file_behind(tmp_path: 
         check_writable(missing / "x.jsonl")
         == f"folder {missing} does not exist; create it first (mkdir -p {missing})"
     )
+
+
+def test_an_image_whose_caption_file_appeared_meanwhile_is_skipped_unless_a_row_was_written(
+    tmp_path: Path,
+) -> None:
+    # Planned when a.txt and b.txt were missing; saved in the gallery while the model captioned.
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    for image in (a, b):
+        image.with_suffix(".txt").write_text(f"by hand {image.stem}", encoding="utf-8")
+    captions = {"<CAPTION>": "the model's"}
+    sidecars = Sidecars(SidecarStyle())
+    assert write_all([sidecars], Record(str(tmp_path), "a.png", path=a), captions, None) == (
+        True,
+        WRITTEN_MEANWHILE,
+    )
+    # With a JSONL output the row is written (the model's caption of the image is still true):
+    # the image counts as captioned, and only the caption file is left as it is.
+    jsonl = JsonlOutput(tmp_path / "rows.jsonl", FACTS)
+    assert write_all([sidecars, jsonl], Record(str(tmp_path), "b.png", path=b), captions, None) == (
+        False,
+        None,
+    )
+    jsonl.close()
+    assert [json.loads(line)["key"] for line in (tmp_path / "rows.jsonl").read_text().splitlines()] == [
+        "b.png"
+    ]
+    assert {p.name: p.read_text() for p in tmp_path.glob("*.txt")} == {
+        "a.txt": "by hand a",
+        "b.txt": "by hand b",
+    }
+    # A failure stays a failure; a caption file still missing is written.
+    c = tmp_path / "c.png"
+    assert write_all([sidecars], Record(str(tmp_path), "c.png", path=c), {}, "bad") == (False, "bad")
+    assert write_all([sidecars], Record(str(tmp_path), "c.png", path=c), captions, None) == (False, None)
+    assert c.with_suffix(".txt").read_text() == "the model's"
