@@ -1001,14 +1001,16 @@ def test_folder_temp_names_and_sweep_of_a_killed_runs_leftovers(tmp_path: Path) 
     ]
     (root / ".vision-caption.aaaaaaaaaaaaaaaa.tmp").symlink_to(images[0])  # a link, not a regular file
     kept.append(root / ".vision-caption.aaaaaaaaaaaaaaaa.tmp")
-    # A logging mv in front of the real one shows the temp names the script renames into place.
+    # A logging mv and ln in front of the real ones show the temp names the script puts into
+    # place (with ln in skip mode, so that a caption written meanwhile is never replaced).
     shims = tmp_path / "shims"
     shims.mkdir()
     log = tmp_path / "mv.log"
-    real_mv = shutil.which("mv")
-    assert real_mv
-    (shims / "mv").write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> "{log}"\nexec "{real_mv}" "$@"\n')
-    (shims / "mv").chmod(0o755)
+    for tool in ("mv", "ln"):
+        real = shutil.which(tool)
+        assert real
+        (shims / tool).write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> "{log}"\nexec "{real}" "$@"\n')
+        (shims / tool).chmod(0o755)
     env = base_env(PATH=f"{shims}{os.pathsep}{os.environ['PATH']}")
     with StandIn() as stand_in:
         flat = run(FOLDER, "--url", stand_in.url, "--no-recursive", "CAPTION", "txt", str(root), env=env)
