@@ -61,8 +61,9 @@ The folder to caption. Subfolders are included unless -NoRecurse is given.
 
 .PARAMETER Mode
 What to do when an image already has a caption file:
-skip (default) leave it alone if it has text; overwrite replace it; append add the new
-caption after the existing text; prepend add it before. append and prepend add text on every
+skip (default) leave it alone if it has text (also one saved while the run goes);
+overwrite replace it; append add the new caption after the existing text; prepend add it
+before. append and prepend add text on every
 run, so run them once.
 
 .PARAMETER Prefix

@@ -20,7 +20,8 @@ MIXED_CAPTION_PLUS, with or without the angle brackets ("vision-client.sh prompt
 Options:
   --mode MODE      what to do when a caption file already exists (default: skip):
                      skip       leave images whose caption file has text alone
-                                (so an interrupted run continues where it stopped)
+                                (so an interrupted run continues where it stopped),
+                                also one that gets a caption while the run goes
                      overwrite  replace the caption
                      append     add the new caption after the existing text
                      prepend    add the new caption before the existing text
