@@ -8,6 +8,8 @@ request, so a test can read back exactly what a client sent.
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -212,3 +214,34 @@ def _handler_for(stand_in: StandIn) -> type[BaseHTTPRequestHandler]:
                 self.reply(200, {"result": stand_in.caption})
 
     return Handler
+
+
+def interrupt_in_flight(
+    command: list[str], stand_in: StandIn, in_flight: int, env: dict[str, str], *, wait: float, grace: float
+) -> tuple[int, str]:
+    """Ctrl+C a folder client once ``in_flight`` of its requests hang on ``stand_in`` (started
+    with ``hang=True``): run ``command`` with SIGINT at its default (a shell or .NET cannot take
+    over a signal it was started with ignored, as under ``pytest &``), wait up to ``wait`` s for
+    the requests, send SIGINT, and give it ``grace`` s to exit. Returns the exit status and
+    stderr; a client still running at the end is killed."""
+    proc = subprocess.Popen(
+        command,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        env=env,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
+    try:
+        deadline = time.monotonic() + wait
+        while len(stand_in.posts()) < in_flight and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        assert len(stand_in.posts()) == in_flight
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=grace)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return proc.returncode, stderr

@@ -17,7 +17,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from tests.support.images import save as save_image
 from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
 from tests.support.meanwhile import folder_of_images, write_captions_while_paused
 from tests.support.processes import free_port, http_json
-from tests.support.stand_in import PROMPTS, StandIn
+from tests.support.stand_in import PROMPTS, StandIn, interrupt_in_flight
 
 REPO = paths.REPO
 CLIENTS = REPO / "clients"
@@ -733,28 +732,9 @@ def test_folder_interrupted_exits_130(tmp_path: Path) -> None:
     assert PWSH is not None
     with StandIn(hang=True) as stand_in:
         command = [PWSH, "-NoLogo", "-NoProfile", "-NonInteractive", "-File", str(FOLDER), "CAPTION", "txt"]
-        proc = subprocess.Popen(
-            [*command, str(tmp_path), "-Url", stand_in.url, "-Jobs", "3"],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            encoding="utf-8",
-            env=base_env(),
-            # .NET does not take over a SIGINT the process was started with ignored.
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while len(stand_in.posts()) < 3 and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.05)
-            assert len(stand_in.posts()) == 3
-            proc.send_signal(signal.SIGINT)
-            _, stderr = proc.communicate(timeout=30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    assert proc.returncode == 130, stderr
+        command += [str(tmp_path), "-Url", stand_in.url, "-Jobs", "3"]
+        returncode, stderr = interrupt_in_flight(command, stand_in, 3, base_env(), wait=60, grace=30)
+    assert returncode == 130, stderr
     assert "Interrupted: 6 image(s) not captioned yet" in stderr, stderr
     assert sorted(tmp_path.rglob("*")) == before
     assert not any(image.with_suffix(".txt").exists() for image in images)

@@ -33,7 +33,7 @@ from tests.support import paths
 from tests.support.images import save as save_image
 from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
 from tests.support.processes import ServerProcess, free_port, http_json
-from tests.support.stand_in import StandIn
+from tests.support.stand_in import StandIn, interrupt_in_flight
 from tests.support.tls import self_signed
 
 REPO = paths.REPO
@@ -678,27 +678,10 @@ def test_folder_interrupted(tmp_path: Path, tmpdir_env: Path) -> None:
     make_tree(root, [f"img{i}.png" for i in range(6)])
     before = sorted(root.rglob("*"))
     with StandIn(hang=True) as stand_in:
-        proc = subprocess.Popen(
-            [str(FOLDER), "--url", stand_in.url, "--jobs", "3", "CAPTION", "txt", str(root)],
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=base_env(tmpdir_env),
-            # A shell cannot trap a signal it was started with ignored (pytest run with "&").
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-        try:
-            deadline = time.monotonic() + 20
-            while len(stand_in.posts()) < 3 and time.monotonic() < deadline and proc.poll() is None:
-                time.sleep(0.05)
-            assert len(stand_in.posts()) == 3
-            proc.send_signal(signal.SIGINT)
-            _, stderr = proc.communicate(timeout=10)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    assert proc.returncode == 130, stderr
+        command = [str(FOLDER), "--url", stand_in.url, "--jobs", "3", "CAPTION", "txt", str(root)]
+        env = base_env(tmpdir_env)
+        returncode, stderr = interrupt_in_flight(command, stand_in, 3, env, wait=20, grace=10)
+    assert returncode == 130, stderr
     assert "interrupted" in stderr.lower()
     assert sorted(root.rglob("*")) == before
     assert list(tmpdir_env.iterdir()) == []
