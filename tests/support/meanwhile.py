@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 from tests.support.bulk_data import picture
 
@@ -57,3 +58,32 @@ def write_captions_while_paused(
         send(signal.SIGCONT)
     assert hand, "the run was over before it could be paused"
     return hand
+
+
+class MeanwhileRun(NamedTuple):
+    """How a run went whose captions were partly saved by hand while it was paused."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    hand: dict[Path, str]
+
+
+def run_with_captions_written_meanwhile(
+    command: list[str], env: dict[str, str], images: list[Path], *, group: bool = False
+) -> MeanwhileRun:
+    """Run ``command`` over ``images``' folder to its end, saving captions by hand while it is
+    paused (:func:`write_captions_while_paused`; with ``group`` in a process group of its own,
+    like a terminal job, so a script's workers pause too)."""
+    with subprocess.Popen(
+        command,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        encoding="utf-8",
+        start_new_session=group,
+    ) as run:
+        hand = write_captions_while_paused(run, images, group=group)
+        stdout, stderr = run.communicate(timeout=300)
+    return MeanwhileRun(run.returncode, stdout, stderr, hand)

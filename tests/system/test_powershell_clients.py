@@ -27,7 +27,7 @@ import pytest
 from tests.support import paths
 from tests.support.images import save as save_image
 from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
-from tests.support.meanwhile import folder_of_images, write_captions_while_paused
+from tests.support.meanwhile import folder_of_images, run_with_captions_written_meanwhile
 from tests.support.processes import free_port, http_json
 from tests.support.stand_in import PROMPTS, StandIn, interrupt_in_flight
 
@@ -465,12 +465,8 @@ def test_folder_skip_mode_leaves_a_caption_written_while_it_runs(server: str, tm
     assert PWSH is not None
     command = [PWSH, "-NoLogo", "-NoProfile", "-NonInteractive", "-File", str(FOLDER)]
     command += ["CAPTION", "txt", str(images[0].parent), "-Url", server, "-Jobs", "2"]
-    with subprocess.Popen(
-        command, env=base_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, encoding="utf-8"
-    ) as run:
-        hand = write_captions_while_paused(run, images)
-        out, err = run.communicate(timeout=300)
-    assert run.returncode == 0, err
+    returncode, out, err, hand = run_with_captions_written_meanwhile(command, base_env(), images)
+    assert returncode == 0, err
     assert {target: target.read_text(encoding="utf-8") for target in hand} == hand
     assert f"{12 - len(hand)} captioned, {len(hand)} skipped, 0 failed" in out, out + err
     assert "written meanwhile" in out and leftovers(images[0].parent) == []

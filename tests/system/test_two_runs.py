@@ -22,7 +22,7 @@ import pytest
 
 from tests.support import paths
 from tests.support.bulk_data import caption_command, cli_env, good_images
-from tests.support.meanwhile import folder_of_images, write_captions_while_paused
+from tests.support.meanwhile import folder_of_images, run_with_captions_written_meanwhile
 from tests.support.processes import free_port
 
 FOLDER_SCRIPT = paths.REPO / "clients" / "vision-caption-folder-images.sh"
@@ -135,10 +135,8 @@ def test_vision_client_folder_leaves_a_caption_written_while_it_runs(
         "-j",
         "2",
     ]
-    with subprocess.Popen(command, env=cli_env(tmp_path), stderr=subprocess.PIPE, text=True) as client:
-        hand = write_captions_while_paused(client, images)
-        stderr = client.stderr.read() if client.stderr else ""
-        assert client.wait(300) == 0, stderr
+    returncode, _, stderr, hand = run_with_captions_written_meanwhile(command, cli_env(tmp_path), images)
+    assert returncode == 0, stderr
     assert {target: target.read_text(encoding="utf-8") for target in hand} == hand
     assert f"{len(images) - len(hand)} captioned, {len(hand)} skipped, 0 failed" in stderr, stderr
 
@@ -151,10 +149,8 @@ def test_vision_server_caption_counts_a_caption_file_written_meanwhile_as_skippe
     command = caption_command(
         images[0].parent, *FAST, "--max-batch-size", "2", "--cache-dir", tmp_path / "cache"
     )
-    with subprocess.Popen(command, env=cli_env(tmp_path), stderr=subprocess.PIPE, text=True) as run:
-        hand = write_captions_while_paused(run, images)
-        stderr = run.stderr.read() if run.stderr else ""
-        assert run.wait(300) == 0, stderr
+    returncode, _, stderr, hand = run_with_captions_written_meanwhile(command, cli_env(tmp_path), images)
+    assert returncode == 0, stderr
     assert {target: target.read_text(encoding="utf-8") for target in hand} == hand
     assert f"captioned {len(images) - len(hand)}, skipped {len(hand)}, failed 0" in stderr, stderr
 
@@ -169,12 +165,8 @@ def test_the_folder_script_leaves_a_caption_written_while_it_runs(
     env = {k: v for k, v in cli_env(tmp_path).items() if not k.startswith("VISION_")}
     env["VISION_HOST"] = tiny_server_url
     command = [str(FOLDER_SCRIPT), "-j", "2", "CAPTION", "txt", str(images[0].parent)]
-    with subprocess.Popen(
-        command, env=env, stderr=subprocess.PIPE, text=True, start_new_session=True
-    ) as script:
-        hand = write_captions_while_paused(script, images, group=True)
-        stderr = script.stderr.read() if script.stderr else ""
-        assert script.wait(300) == 0, stderr
+    returncode, _, stderr, hand = run_with_captions_written_meanwhile(command, env, images, group=True)
+    assert returncode == 0, stderr
     assert {target: target.read_text(encoding="utf-8") for target in hand} == hand
     found = f"12 image(s) found: {12 - len(hand)} captioned, {len(hand)} skipped (caption exists), 0 failed"
     assert found in stderr, stderr
