@@ -129,8 +129,17 @@ def serve(config: Path | None, **flags: Any) -> None:
     "[default: <MORE_DETAILED_CAPTION>; <CAPTION> for models with that one task (BLIP, GIT ...)]",
 )
 @click.option("--recursive/--no-recursive", default=True, show_default=True, help="Descend into sub-folders.")
-@click.option("--jsonl", type=click.Path(path_type=Path), help="Also (or only) write one JSON row per image.")
-@click.option("--parquet", type=click.Path(path_type=Path), help="Also (or only) write a Parquet table.")
+@click.option(
+    "--jsonl",
+    type=click.Path(path_type=Path),
+    help="Also (or only) write one JSON row per image. One run at a time writes it: a second run "
+    "given the same file stops at once (exit 2).",
+)
+@click.option(
+    "--parquet",
+    type=click.Path(path_type=Path),
+    help="Also (or only) write a Parquet table. One run at a time writes it, as --jsonl.",
+)
 @click.option(
     "--sidecars/--no-sidecars",
     default=None,

@@ -192,7 +192,8 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
     help='Append {"file","task","caption","model"} lines (file relative to FOLDER) to this file '
     "instead of writing caption files. In skip mode, images already in it with this "
     "task are not redone; with --model, only lines of that model count (as the server names "
-    "it: --model may be its source, such as a hub id).",
+    "it: --model may be its source, such as a hub id). One run at a time writes the file: a "
+    "second run given it (this command or vision-server caption) stops at once (exit 2).",
 )
 @click.option(
     "--wait-for-server",
