@@ -437,13 +437,17 @@ def write_atomic(path: Path, text: str) -> None:
     replaced at all (:class:`ReadOnlyCaption`). A symlinked caption is replaced by a plain file
     and the file it points to is left alone: writing through the link could reach outside the
     dataset (the gallery must never do that), and captions linked to one shared file would all
-    end up with the last image's text.
+    end up with the last image's text. So the link is what is replaced, and the rules look at
+    it, not at its target: the new file gets a new file's mode, and a read-only target (every
+    file of a git-annex store is) neither blocks the write nor makes the new caption read-only.
     """
     try:
-        info = path.stat()
+        info = path.lstat()
     except FileNotFoundError:
         info = None
-    if info is not None and stat.S_ISREG(info.st_mode) and not _writable(path, info.st_mode):
+    if info is not None and not stat.S_ISREG(info.st_mode):
+        info = None  # a link (or anything but a plain file): replaced as a new file would be made
+    if info is not None and not _writable(path, info.st_mode):
         raise ReadOnlyCaption(path)
     with replacing(path, temp_path(path)) as tmp:
         # os.open with 0o666 lets the umask decide the mode of a new file, like a plain open() would.

@@ -177,6 +177,34 @@ def test_write_atomic_keeps_an_existing_files_mode_not_its_link_and_refuses_a_re
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.txt", "kept.txt", "shared.txt", "store"]
 
 
+def test_write_atomic_replaces_a_link_into_a_read_only_store_with_a_new_files_mode(tmp_path: Path) -> None:
+    """git-annex keeps a dataset's files read-only in its store, each name in the dataset a link
+    to one. The read-only check and the kept mode looked through the link at the store's file,
+    which the write never touches: the caption was refused with advice to chmod the shared store
+    file, and a plain read-only target would have made the new caption read-only too."""
+    store = tmp_path / ".git" / "annex" / "objects" / "Xy" / "SHA256E-s3--abc.txt"
+    store.mkdir(parents=True)
+    annexed = store / "SHA256E-s3--abc.txt"
+    annexed.write_text("old", encoding="utf-8")
+    annexed.chmod(0o444)
+    store.chmod(0o555)
+    caption = tmp_path / "cat.txt"
+    caption.symlink_to(os.path.relpath(annexed, tmp_path))
+    new_file = tmp_path / "new.txt"
+    new_file.write_text("", encoding="utf-8")
+    fresh_mode = stat.S_IMODE(new_file.stat().st_mode)  # what the umask gives a new file
+    try:
+        write_atomic(caption, "new")
+        assert not caption.is_symlink() and caption.read_text(encoding="utf-8") == "new"
+        assert stat.S_IMODE(caption.stat().st_mode) == fresh_mode
+        write_atomic(caption, "newer")  # not read-only now: the next run may replace it again
+        assert caption.read_text(encoding="utf-8") == "newer"
+        assert annexed.read_text(encoding="utf-8") == "old" and stat.S_IMODE(annexed.stat().st_mode) == 0o444
+    finally:
+        store.chmod(0o755)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".git", "cat.txt", "new.txt"]
+
+
 def test_a_skip_mode_write_keeps_a_caption_that_appears_between_its_look_and_its_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
