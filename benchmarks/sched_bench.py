@@ -80,13 +80,18 @@ def noise_png(seed: int, size: int = 96) -> str:
 
 
 async def inference_totals(session: aiohttp.ClientSession) -> tuple[float, float]:
-    """(sum of batch seconds, number of batches) from /metrics."""
+    """(sum of batch seconds, number of batches) from /metrics, every served model's together."""
     async with session.get("/metrics") as response:
         text = await response.text()
-    total = re.search(r"^vision_server_inference_duration_seconds_sum ([\d.e+-]+)$", text, re.M)
-    count = re.search(r"^vision_server_inference_duration_seconds_count ([\d.e+-]+)$", text, re.M)
-    assert total and count, "no inference metrics"
-    return float(total.group(1)), float(count.group(1))
+
+    def summed(name: str) -> float:
+        found = re.findall(
+            rf"^vision_server_inference_duration_seconds_{name}(?:{{[^}}]*}})? ([\d.e+-]+)$", text, re.M
+        )
+        assert found, "no inference metrics"
+        return sum(float(value) for value in found)
+
+    return summed("sum"), summed("count")
 
 
 async def bulk_client(

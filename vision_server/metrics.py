@@ -3,6 +3,9 @@
 Names follow the Prometheus conventions: one ``vision_server_`` prefix, base units (seconds,
 bytes), ``_total`` on counters, low-cardinality labels only (a route *name*, never a path or a
 request id). Gauges that describe the engine are read from it at scrape time, so they cannot drift.
+Everything one model does (queue wait, batches, loads, unloads) carries a ``model`` label, shown as
+:func:`~vision_server.model_specs.public_labels` shows it, so a server with several models tells
+which one is slow; ``sum without (model)`` gives the server's totals.
 Histogram buckets reach 10 minutes: a cold load plus a long caption takes seconds, not the
 milliseconds the client library's default buckets are made for.
 """
@@ -62,50 +65,61 @@ class Metrics(EngineObserver):
         )
         self.queue_wait = Histogram(
             PREFIX + "queue_wait_seconds",
-            "Time a job waited in the queue before its batch started (includes a cold load).",
+            "Time a job waited in the queue before its batch started (includes a cold load), by model.",
+            ["model"],
             buckets=QUEUE_SECONDS,
             registry=registry,
         )
         self.inference_duration = Histogram(
             PREFIX + "inference_duration_seconds",
-            "Time of one generate call for a whole batch.",
+            "Time of one generate call for a whole batch, by model.",
+            ["model"],
             buckets=SECONDS,
             registry=registry,
         )
         self.batch_size = Histogram(
             PREFIX + "batch_size",
-            "Images captioned together in one generate call.",
+            "Images captioned together in one generate call, by model.",
+            ["model"],
             buckets=BATCH_SIZES,
             registry=registry,
         )
         self.loads = Counter(
-            PREFIX + "model_loads", "Model load attempts, by outcome.", ["outcome"], registry=registry
+            PREFIX + "model_loads",
+            "Model load attempts, by model and outcome.",
+            ["model", "outcome"],
+            registry=registry,
         )
         self.load_duration = Histogram(
             PREFIX + "model_load_duration_seconds",
-            "Time of a model load attempt, by outcome.",
-            ["outcome"],
+            "Time of a model load attempt, by model and outcome.",
+            ["model", "outcome"],
             buckets=SECONDS,
             registry=registry,
         )
         self.unloads = Counter(
-            PREFIX + "model_unloads", "Model unloads, by reason.", ["reason"], registry=registry
+            PREFIX + "model_unloads",
+            "Model unloads, by model and reason.",
+            ["model", "reason"],
+            registry=registry,
         )
         self.unload_duration = Histogram(
             PREFIX + "model_unload_duration_seconds",
-            "Time to unload the model and give its memory back.",
+            "Time to unload a model and give its memory back, by model.",
+            ["model"],
             buckets=SECONDS,
             registry=registry,
         )
         self.offloads = Counter(
             PREFIX + "model_offloads",
-            "Moves of the model to host memory (the warm tier), by reason.",
-            ["reason"],
+            "Moves of a model to host memory (the warm tier), by model and reason.",
+            ["model", "reason"],
             registry=registry,
         )
         self.wake_duration = Histogram(
             PREFIX + "model_wake_duration_seconds",
-            "Time to move the model back from host memory to the device.",
+            "Time to move a model back from host memory to the device, by model.",
+            ["model"],
             buckets=SECONDS,
             registry=registry,
         )
@@ -117,19 +131,27 @@ class Metrics(EngineObserver):
             registry=registry,
         )
         ProcessCollector(registry=registry)
-        # Zero-valued series exist from the start, so rate() and alerts work before the first event.
-        for outcome in LOAD_OUTCOMES:
-            self.loads.labels(outcome)
-        for reason in UNLOAD_REASONS:
-            self.unloads.labels(reason)
-        for reason in OFFLOAD_REASONS:
-            self.offloads.labels(reason)
+        self._labels: dict[str, str] = {}  # served name -> its model label, set by watch()
+        # Zero-valued series exist from the start, so rate() and alerts work before the first event
+        # (the per-model ones once watch() knows the models).
         for reason in REJECT_REASONS:
             self.rejected.labels(reason)
 
     def watch(self, engine: Engine) -> None:
         """Report ``engine``'s models, queue, state and GPU memory at every scrape."""
         labels = public_labels(engine.model_names)
+        self._labels = labels
+        for model in labels.values():
+            for histogram in (self.queue_wait, self.inference_duration, self.batch_size,
+                              self.unload_duration, self.wake_duration):  # fmt: skip
+                histogram.labels(model)
+            for outcome in LOAD_OUTCOMES:
+                self.loads.labels(model, outcome)
+                self.load_duration.labels(model, outcome)
+            for reason in UNLOAD_REASONS:
+                self.unloads.labels(model, reason)
+            for reason in OFFLOAD_REASONS:
+                self.offloads.labels(model, reason)
         Info(PREFIX + "build", "Version of the server and its default model.", registry=self.registry).info(
             {
                 "version": __version__,
@@ -154,27 +176,33 @@ class Metrics(EngineObserver):
 
     # --- engine events (EngineObserver) ----------------------------------------------------------
 
-    def model_loaded(self, seconds: float, ok: bool) -> None:
-        outcome = "ok" if ok else "failed"
-        self.loads.labels(outcome).inc()
-        self.load_duration.labels(outcome).observe(seconds)
+    def _label(self, model: str) -> str:
+        """``model``'s label; a name watch() did not see (an embedder's engine) is shown the same way."""
+        return self._labels.get(model) or public_labels([model])[model]
 
-    def model_unloaded(self, seconds: float, reason: str) -> None:
-        self.unloads.labels(reason).inc()
-        self.unload_duration.observe(seconds)
+    def model_loaded(self, model: str, seconds: float, ok: bool) -> None:
+        label, outcome = self._label(model), "ok" if ok else "failed"
+        self.loads.labels(label, outcome).inc()
+        self.load_duration.labels(label, outcome).observe(seconds)
 
-    def model_offloaded(self, seconds: float, reason: str) -> None:
-        self.offloads.labels(reason).inc()
+    def model_unloaded(self, model: str, seconds: float, reason: str) -> None:
+        label = self._label(model)
+        self.unloads.labels(label, reason).inc()
+        self.unload_duration.labels(label).observe(seconds)
 
-    def model_woke(self, seconds: float) -> None:
-        self.wake_duration.observe(seconds)
+    def model_offloaded(self, model: str, seconds: float, reason: str) -> None:
+        self.offloads.labels(self._label(model), reason).inc()
 
-    def batch_finished(self, size: int, seconds: float) -> None:
-        self.batch_size.observe(size)
-        self.inference_duration.observe(seconds)
+    def model_woke(self, model: str, seconds: float) -> None:
+        self.wake_duration.labels(self._label(model)).observe(seconds)
 
-    def job_started(self, queue_wait: float) -> None:
-        self.queue_wait.observe(queue_wait)
+    def batch_finished(self, model: str, size: int, seconds: float) -> None:
+        label = self._label(model)
+        self.batch_size.labels(label).observe(size)
+        self.inference_duration.labels(label).observe(seconds)
+
+    def job_started(self, model: str, queue_wait: float) -> None:
+        self.queue_wait.labels(self._label(model)).observe(queue_wait)
 
     def job_rejected(self, reason: str) -> None:
         self.rejected.labels(reason).inc()

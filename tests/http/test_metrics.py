@@ -79,7 +79,8 @@ async def test_names_follow_prometheus_conventions(settings: Settings) -> None:
     build = next(labels for (name, labels) in samples if name == "vision_server_build_info")
     assert dict(build)["version"] == __version__ and dict(build)["model"] == "test:tiny"
     assert value(samples, "vision_server_model_state", state="unloaded") == 1.0
-    assert value(samples, "vision_server_model_loads_total", outcome="ok") == 0.0  # exists before any load
+    # exists before any load
+    assert value(samples, "vision_server_model_loads_total", model="test:tiny", outcome="ok") == 0.0
     buckets = {dict(k[1])["le"] for k in samples if k[0] == "vision_server_inference_duration_seconds_bucket"}
     assert {"0.05", "600.0", "+Inf"} <= buckets  # long enough for a cold load plus a caption
 
@@ -99,12 +100,13 @@ async def test_counters_move_with_real_captions(settings: Settings) -> None:
         assert value(samples, duration, route=route, status="200") == 2
         assert value(samples, duration, route=route, status="400") == 1
         assert value(samples, duration, route="unmatched", status="404") == 1
-        assert value(samples, "vision_server_queue_wait_seconds_count") == 2
-        assert value(samples, "vision_server_batch_size_sum") == 2
-        assert value(samples, "vision_server_inference_duration_seconds_count") >= 1
-        assert value(samples, "vision_server_inference_duration_seconds_sum") > 0
-        assert value(samples, "vision_server_model_loads_total", outcome="ok") == 1
-        assert value(samples, "vision_server_model_load_duration_seconds_count", outcome="ok") == 1
+        tiny = {"model": "test:tiny"}
+        assert value(samples, "vision_server_queue_wait_seconds_count", **tiny) == 2
+        assert value(samples, "vision_server_batch_size_sum", **tiny) == 2
+        assert value(samples, "vision_server_inference_duration_seconds_count", **tiny) >= 1
+        assert value(samples, "vision_server_inference_duration_seconds_sum", **tiny) > 0
+        assert value(samples, "vision_server_model_loads_total", **tiny, outcome="ok") == 1
+        assert value(samples, "vision_server_model_load_duration_seconds_count", **tiny, outcome="ok") == 1
         assert value(samples, "vision_server_model_state", state="ready") == 1
         assert value(samples, "vision_server_model_state", state="unloaded") == 0
         assert value(samples, "vision_server_queue_depth") == 0
@@ -113,10 +115,10 @@ async def test_counters_move_with_real_captions(settings: Settings) -> None:
         async with session.post("/v1/model/unload") as r:
             assert r.status == 200
         samples, _ = await scrape(session)
-        assert value(samples, "vision_server_model_unloads_total", reason="admin") == 1
+        assert value(samples, "vision_server_model_unloads_total", **tiny, reason="admin") == 1
         for reason in ("idle", "shutdown", "evicted", "wake_failed"):  # every reason shows from the start
-            assert value(samples, "vision_server_model_unloads_total", reason=reason) == 0
-        assert value(samples, "vision_server_model_unload_duration_seconds_count") == 1
+            assert value(samples, "vision_server_model_unloads_total", **tiny, reason=reason) == 0
+        assert value(samples, "vision_server_model_unload_duration_seconds_count", **tiny) == 1
         assert value(samples, "vision_server_model_state", state="unloaded") == 1
         assert value(samples, "process_resident_memory_bytes") > 0
 
@@ -247,3 +249,34 @@ async def test_open_routes_show_served_names_and_no_local_paths(tmp_path: Any) -
     assert value(samples, "vision_server_served_model_state", model="promptgen", state="ready") == 1
     assert value(samples, "vision_server_served_model_state", model="fast", state="unloaded") == 1
     assert health["models_loaded"] == ["promptgen"]
+
+
+async def test_what_each_model_did_is_labelled_with_it(tmp_path: Any) -> None:
+    """Queue wait, batches, loads and unloads carry the model, so a server with several models
+    tells which one is slow or keeps reloading (a directory served under its path shows its folder
+    name, as everywhere anyone may read)."""
+    models = [
+        NamedModel("busy", FakeCaptioner(model_id="busy")),
+        NamedModel("/home/me/models/quiet", FakeCaptioner(model_id="/home/me/models/quiet")),
+    ]
+    settings = Settings(cache_dir=tmp_path, idle_timeout=-1, max_batch_size=1, max_batch_wait_ms=0)
+    async with client_for(settings, models=models) as session:
+        for seed in (1, 2, 3):
+            body = {"image": b64(seed), "prompt": "<CAPTION>", "model": "busy"}
+            async with session.post("/process_image", json=body) as response:
+                assert response.status == 200
+        async with session.post("/v1/model/unload", json={"model": "busy"}) as response:
+            assert response.status == 200
+        samples, _ = await scrape(session)
+    for name in ("queue_wait_seconds_count", "batch_size_count", "inference_duration_seconds_count"):
+        assert value(samples, f"vision_server_{name}", model="busy") == 3, name
+        assert value(samples, f"vision_server_{name}", model="quiet") == 0, name
+    assert value(samples, "vision_server_model_loads_total", model="busy", outcome="ok") == 1
+    assert value(samples, "vision_server_model_load_duration_seconds_count", model="busy", outcome="ok") == 1
+    assert value(samples, "vision_server_model_unloads_total", model="busy", reason="admin") == 1
+    assert value(samples, "vision_server_model_unload_duration_seconds_count", model="busy") == 1
+    for name, reason in (("unloads", "admin"), ("loads", None)):  # the quiet model's zeros exist
+        labels = {"model": "quiet", **({"reason": reason} if reason else {"outcome": "ok"})}
+        assert (f"vision_server_model_{name}_total", tuple(sorted(labels.items()))) in samples
+        assert value(samples, f"vision_server_model_{name}_total", **labels) == 0
+    assert not any("/home/me" in str(labels) for _, labels in samples)

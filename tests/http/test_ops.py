@@ -107,12 +107,13 @@ async def test_admin_offload_moves_to_the_warm_tier_where_there_is_one(settings:
         async with session.get("/metrics") as response:
             text = await response.text()
         assert 'vision_server_model_state{state="offloaded"} 1.0' in text
-        assert 'vision_server_model_offloads_total{reason="admin"} 1.0' in text
+        assert 'vision_server_model_offloads_total{model="fake-model",reason="admin"} 1.0' in text
         async with session.post("/process_image", json={"image": b64(1), "prompt": "<CAPTION>"}) as r:
             assert r.status == 200  # the job wakes it
         assert fake.wakes == 1 and fake.loads == 1
         async with session.get("/metrics") as response:
-            assert "vision_server_model_wake_duration_seconds_count 1.0" in await response.text()
+            text = await response.text()
+        assert 'vision_server_model_wake_duration_seconds_count{model="fake-model"} 1.0' in text
 
 
 async def test_admin_key_is_required_when_configured(settings: Settings) -> None:

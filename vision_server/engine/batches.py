@@ -76,7 +76,7 @@ class BatchRunner:
         now = self.clock.now()
         for job in live:
             job.started_at, job.batch_size = now, len(live)
-            self.observer.job_started(now - job.enqueued_at)
+            self.observer.job_started(slot.name, now - job.enqueued_at)
         self.running = slot.running = len(live)
         started = time.monotonic()
         try:
@@ -123,7 +123,7 @@ class BatchRunner:
         self.jobs_done += size
         self.last_batch_size = size
         self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * (seconds / max(size, 1))
-        self.observer.batch_finished(size, seconds)
+        self.observer.batch_finished(slot.name, size, seconds)
 
     def abandon(self, slots: Iterable[ModelSlot], error: Callable[[], VisionServerError]) -> None:
         """Fail the batch the worker held (it died, or hit a bug between batches) and forget it."""

@@ -149,7 +149,7 @@ class ModelKeeper:
                 extra=model_key(slot),
             )
             self.set_state(slot, ModelState.FAILED)
-            self.observer.model_loaded(time.monotonic() - started, ok=False)
+            self.observer.model_loaded(slot.name, time.monotonic() - started, ok=False)
             error = self.load_error_message(slot)
             for job in slot.queue.take_all():
                 fail(job, ModelLoadError(error, retry_after=LOAD_RETRY_AFTER))
@@ -160,7 +160,7 @@ class ModelKeeper:
         slot.loaded_since = time.time()
         slot.last_finished = self.clock.now()
         self.set_state(slot, ModelState.READY)
-        self.observer.model_loaded(seconds, ok=True)
+        self.observer.model_loaded(slot.name, seconds, ok=True)
         log.info(
             "model %s loaded on %s (%s) in %.2f s",
             slot.name,
@@ -203,7 +203,7 @@ class ModelKeeper:
         slot.keep_alive = None  # a keep-alive lasts until the model steps down
         self.set_state(slot, ModelState.OFFLOADED)
         seconds = time.monotonic() - started
-        self.observer.model_offloaded(seconds, reason)
+        self.observer.model_offloaded(slot.name, seconds, reason)
         log.info(
             "model moved to host memory (%s) in %.2f s; freed after %g s more: %s",
             reason,
@@ -234,7 +234,7 @@ class ModelKeeper:
         slot.offloaded_at = None
         slot.last_finished = self.clock.now()
         self.set_state(slot, ModelState.READY)
-        self.observer.model_woke(seconds)
+        self.observer.model_woke(slot.name, seconds)
         log.info(
             "model woke from host memory in %.2f s (a load from disk would take longer): %s",
             seconds,
@@ -263,7 +263,7 @@ class ModelKeeper:
         slot.offloaded_at = None
         self.set_state(slot, ModelState.UNLOADED)
         seconds = time.monotonic() - started
-        self.observer.model_unloaded(seconds, reason)
+        self.observer.model_unloaded(slot.name, seconds, reason)
         log.info("model unloaded (%s) in %.2f s: %s", reason, seconds, slot.name, extra=model_key(slot))
 
     def set_state(self, slot: ModelSlot, state: ModelState) -> None:

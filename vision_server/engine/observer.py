@@ -1,4 +1,7 @@
-"""Hooks through which the engine reports what it does (metrics, logs) without knowing who listens."""
+"""Hooks through which the engine reports what it does (metrics, logs) without knowing who listens.
+
+Events about one model carry its served name first, so a listener serving several models can tell
+them apart (a slow load or a small batch belongs to a model, not to the server)."""
 
 from __future__ import annotations
 
@@ -11,22 +14,22 @@ class EngineObserver:
     def state_changed(self, state: ModelState) -> None:
         """The model moved to ``state``."""
 
-    def model_loaded(self, seconds: float, ok: bool) -> None:
+    def model_loaded(self, model: str, seconds: float, ok: bool) -> None:
         """A load attempt finished after ``seconds``."""
 
-    def model_unloaded(self, seconds: float, reason: str) -> None:
+    def model_unloaded(self, model: str, seconds: float, reason: str) -> None:
         """The model was unloaded; reason is idle, admin or shutdown."""
 
-    def model_offloaded(self, seconds: float, reason: str) -> None:
+    def model_offloaded(self, model: str, seconds: float, reason: str) -> None:
         """The weights moved to host memory (the warm tier) in ``seconds``; reason is idle or admin."""
 
-    def model_woke(self, seconds: float) -> None:
+    def model_woke(self, model: str, seconds: float) -> None:
         """Offloaded weights moved back to the device in ``seconds``."""
 
-    def batch_finished(self, size: int, seconds: float) -> None:
+    def batch_finished(self, model: str, size: int, seconds: float) -> None:
         """A generate call for ``size`` jobs took ``seconds``."""
 
-    def job_started(self, queue_wait: float) -> None:
+    def job_started(self, model: str, queue_wait: float) -> None:
         """A job left the queue after waiting ``queue_wait`` seconds."""
 
     def job_rejected(self, reason: str) -> None:
@@ -43,29 +46,29 @@ class ObserverGroup(EngineObserver):
         for observer in self.observers:
             observer.state_changed(state)
 
-    def model_loaded(self, seconds: float, ok: bool) -> None:
+    def model_loaded(self, model: str, seconds: float, ok: bool) -> None:
         for observer in self.observers:
-            observer.model_loaded(seconds, ok)
+            observer.model_loaded(model, seconds, ok)
 
-    def model_unloaded(self, seconds: float, reason: str) -> None:
+    def model_unloaded(self, model: str, seconds: float, reason: str) -> None:
         for observer in self.observers:
-            observer.model_unloaded(seconds, reason)
+            observer.model_unloaded(model, seconds, reason)
 
-    def model_offloaded(self, seconds: float, reason: str) -> None:
+    def model_offloaded(self, model: str, seconds: float, reason: str) -> None:
         for observer in self.observers:
-            observer.model_offloaded(seconds, reason)
+            observer.model_offloaded(model, seconds, reason)
 
-    def model_woke(self, seconds: float) -> None:
+    def model_woke(self, model: str, seconds: float) -> None:
         for observer in self.observers:
-            observer.model_woke(seconds)
+            observer.model_woke(model, seconds)
 
-    def batch_finished(self, size: int, seconds: float) -> None:
+    def batch_finished(self, model: str, size: int, seconds: float) -> None:
         for observer in self.observers:
-            observer.batch_finished(size, seconds)
+            observer.batch_finished(model, size, seconds)
 
-    def job_started(self, queue_wait: float) -> None:
+    def job_started(self, model: str, queue_wait: float) -> None:
         for observer in self.observers:
-            observer.job_started(queue_wait)
+            observer.job_started(model, queue_wait)
 
     def job_rejected(self, reason: str) -> None:
         for observer in self.observers:

@@ -31,7 +31,7 @@ class RecentBatches(EngineObserver):
     def __init__(self, keep: int = 20) -> None:
         self._batches: deque[BatchRecord] = deque(maxlen=keep)
 
-    def batch_finished(self, size: int, seconds: float) -> None:
+    def batch_finished(self, model: str, size: int, seconds: float) -> None:
         self._batches.append(BatchRecord(time.time(), size, seconds))
 
     def snapshot(self) -> list[BatchRecord]:
