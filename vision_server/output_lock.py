@@ -17,17 +17,44 @@ run that opened it just before lock a file no other run can find. Standard libra
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
+import shlex
+import stat
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+if sys.platform == "win32":
+    import msvcrt
+else:
+    import fcntl
+
 log = logging.getLogger(__name__)
 
+# What a folder answers when it takes no new file, or a share that has no locks at all: the run
+# goes on without the lock, warned (an existing output there may still be appended to).
+_NO_LOCKS = frozenset({errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP})
+# What a lock taken without waiting answers when another open of the file holds it (EACCES on
+# Windows and some Unix file systems).
+_HELD = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES})
 
-class OutputBusy(Exception):
+
+class OutputLockError(Exception):
+    """This run may not write an output: its lock is held, or cannot be used. Either way the run
+    stops before any work, naming the output and the lock file."""
+
+    def __init__(self, message: str, output: Path, lock: Path) -> None:
+        super().__init__(message)
+        self.output = output
+        self.lock = lock
+
+
+class OutputBusy(OutputLockError):
     """Another run holds the lock of an output this run would write."""
 
     def __init__(self, output: Path, lock: Path) -> None:
@@ -35,10 +62,25 @@ class OutputBusy(Exception):
             f"{output} is being written by another run (it holds the lock {lock.name} beside it, on this "
             "machine or another one sharing the folder). Two runs into one file would caption every "
             "image twice and could lose rows; let that run finish and run this command again to do what "
-            "it left, or write to another file."
+            "it left, or write to another file.",
+            output,
+            lock,
         )
-        self.output = output
-        self.lock = lock
+
+
+class LockUnusable(OutputLockError):
+    """The lock file of an output is something no run could lock (a link, a folder, a file this
+    user may not open): no run holds it, and none could, until it is taken away."""
+
+    def __init__(self, output: Path, lock: Path, problem: str) -> None:
+        remove = "rmdir" if lock.is_dir() and not lock.is_symlink() else "rm"
+        super().__init__(
+            f"cannot lock {output}: its lock file {lock} {problem}. If no run is writing {output}, "
+            f"remove it ({remove} {shlex.quote(str(lock))}) and run this command again, or write to "
+            "another file.",
+            output,
+            lock,
+        )
 
 
 def lock_path(output: Path) -> Path:
@@ -51,30 +93,124 @@ def lock_path(output: Path) -> Path:
 @contextmanager
 def holding(outputs: list[Path]) -> Iterator[None]:
     """Hold the lock of each of ``outputs`` until the block ends; raise :class:`OutputBusy` at
-    once (without waiting) when another run holds one of them, after letting go of those taken.
+    once (without waiting) when another run holds one of them, or :class:`LockUnusable` when its
+    lock file is in the way, after letting go of those taken.
 
-    A lock file that cannot be created (an existing output in a folder this user may not write)
-    is warned about, and the run goes on unprotected: appending to such a JSONL file works.
+    Each output's folder must exist: ``filelock`` would make it (the caller refuses a missing
+    one first). A lock file that cannot be created where the folder takes no new file (an
+    existing output in a folder this user may not write) or on a share without locks is warned
+    about, and the run goes on unprotected: appending to such a JSONL file works.
     """
     taken: list[FileLock] = []
     try:
         for output in outputs:
-            lock = FileLock(lock_path(output), timeout=0, thread_local=False)
+            path = lock_path(output)
+            lock = FileLock(path, timeout=0, thread_local=False)
             try:
                 lock.acquire()
-            except Timeout:
-                raise OutputBusy(output, lock_path(output)) from None
-            except OSError as exc:
-                log.warning(
-                    "cannot create the lock file %s (%s): nothing stops another run from writing %s "
-                    "at the same time",
-                    lock_path(output),
-                    exc.strerror or exc,
-                    output,
-                )
+            except (Timeout, OSError) as failure:
+                # filelock says Timeout for a lock another process holds, but also (by version
+                # and system) for a lock file it could not open; and OSError for either: look.
+                _refuse_or_warn(output, path, failure)
                 continue
             taken.append(lock)
         yield
     finally:
         for lock in reversed(taken):
             lock.release()
+
+
+def _refuse_or_warn(output: Path, path: Path, failure: BaseException) -> None:
+    """Why ``path`` could not be locked, as the run should take it: :class:`OutputBusy` when
+    another process holds it, a warning when nothing can be locked there, else
+    :class:`LockUnusable` saying what is in the way."""
+    try:
+        problem = _obstacle(path, failure)
+    except _NoLocksHere as exc:
+        log.warning(
+            "cannot create the lock file %s (%s): nothing stops another run from writing %s at the same time",
+            path,
+            exc.reason,
+            output,
+        )
+        return
+    if problem is None:
+        raise OutputBusy(output, path) from None
+    raise LockUnusable(output, path, problem) from None
+
+
+class _NoLocksHere(Exception):
+    """No lock can be had where the output is (a folder that takes no new file, a share without
+    locks), though nothing is in the way: the run goes on unprotected."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error)
+        self.reason = error.strerror or str(error)
+
+
+def _obstacle(path: Path, failure: BaseException) -> str | None:
+    """What keeps ``path`` from being locked, said after "its lock file PATH"; None when another
+    process holds it (the one case where waiting for that run is the answer). Raises
+    :class:`_NoLocksHere` when nothing is in the way but no lock can be had there."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        try:
+            _make(path, failure)  # raises _NoLocksHere, or made it: now looked at as any
+            info = os.lstat(path)
+        except OSError as exc:
+            return f"cannot be made ({exc.strerror or exc})"
+    except OSError as exc:
+        return f"cannot be looked at ({exc.strerror or exc})"
+    if stat.S_ISLNK(info.st_mode):
+        return f"is a symbolic link (to {os.readlink(path)}), not a lock file a run made"
+    if stat.S_ISDIR(info.st_mode):
+        return "is a folder, not a lock file a run made"
+    if not stat.S_ISREG(info.st_mode):
+        return "is not a plain file, not a lock file a run made"
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError as exc:
+        return f"cannot be opened ({exc.strerror or exc})"
+    try:
+        if _held_elsewhere(fd):
+            return None
+    except OSError as exc:
+        return f"cannot be locked ({exc.strerror or exc})"
+    finally:
+        os.close(fd)
+    cause = failure.strerror if isinstance(failure, OSError) and failure.strerror else str(failure)
+    return f"could not be locked ({cause})"
+
+
+def _make(path: Path, failure: BaseException) -> None:
+    """Make the missing lock file ``path`` (as filelock would); raise :class:`_NoLocksHere` when
+    the folder takes no new file, or the error that says why it cannot be made."""
+    if isinstance(failure, OSError) and failure.errno in _NO_LOCKS:
+        raise _NoLocksHere(failure)
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666))
+    except FileExistsError:
+        pass  # made meanwhile (another run): looked at next
+    except OSError as exc:
+        if exc.errno in _NO_LOCKS:
+            raise _NoLocksHere(exc) from None
+        raise
+
+
+def _held_elsewhere(fd: int) -> bool:
+    """Whether another open of the file holds its lock (a lock of the same kind as filelock's),
+    found by trying to take it without waiting; taken, it goes when ``fd`` is closed. Raises
+    :class:`_NoLocksHere` where the file system has no locks."""
+    try:
+        if sys.platform == "win32":
+            msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+        else:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        if exc.errno in _HELD:
+            return True
+        if exc.errno in _NO_LOCKS:
+            raise _NoLocksHere(exc) from None
+        raise
+    return False

@@ -9,6 +9,7 @@ the same file, from ``vision-server caption`` or ``vision-client folder``, stops
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -24,6 +25,7 @@ from tests.support import paths
 from tests.support.bulk_data import caption_command, cli_env, good_images
 from tests.support.meanwhile import folder_of_images, run_with_captions_written_meanwhile
 from tests.support.processes import free_port
+from vision_server.output_lock import holding
 
 FOLDER_SCRIPT = paths.REPO / "clients" / "vision-caption-folder-images.sh"
 CLIENT = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or "vision-client"
@@ -115,6 +117,73 @@ def test_a_second_run_into_the_same_outputs_stops_at_once_and_the_first_loses_no
     rerun = subprocess.run(caption_command(*args), env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"captioned 0, skipped {IMAGES}" in rerun.stderr, rerun.stderr
+
+
+def test_a_second_run_refused_by_the_lock_made_and_deleted_nothing_in_the_output_folder(
+    tmp_path: Path,
+) -> None:
+    # The check that a new output can be made (it makes it and deletes it) ran before the lock:
+    # a first run whose JSONL had just appeared could lose it to a second run's check.
+    root = tmp_path / "data"
+    good_images(root, 1)
+    out = tmp_path / "out"
+    out.mkdir()
+    jsonl = out / "captions.jsonl"
+    with holding([jsonl]):  # a first run holds it, its JSONL not written yet
+        past = time.time() - 3600
+        os.utime(out, (past, past))  # any file made and deleted there moves this to now
+        before = out.stat().st_mtime_ns
+        second = subprocess.run(
+            caption_command(root, *FAST, "--jsonl", jsonl, "--cache-dir", tmp_path / "cache"),
+            env=cli_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert second.returncode == 2, second.stderr
+        assert "captions.jsonl is being written by another run" in second.stderr
+        assert out.stat().st_mtime_ns == before, "the refused run made or deleted a file in the output folder"
+    assert sorted(path.name for path in out.iterdir()) == [".captions.jsonl.lock"]
+
+
+def test_an_output_folder_that_does_not_exist_is_refused_and_not_made_by_the_lock(tmp_path: Path) -> None:
+    # The lock (filelock) makes a missing folder for its file: the folder is checked first, also
+    # where a symlinked output points.
+    root = tmp_path / "data"
+    good_images(root, 1)
+    linked = tmp_path / "linked.jsonl"
+    linked.symlink_to(tmp_path / "elsewhere" / "captions.jsonl")
+    for output, folder in ((tmp_path / "missing" / "captions.jsonl", "missing"), (linked, "elsewhere")):
+        result = subprocess.run(
+            caption_command(root, *FAST, "--jsonl", output, "--cache-dir", tmp_path / "cache"),
+            env=cli_env(tmp_path),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert result.returncode == 2, result.stderr
+        assert f"folder {tmp_path / folder} does not exist; create it first (mkdir -p" in result.stderr
+        assert not (tmp_path / folder).exists()
+
+
+def test_a_lock_file_in_the_way_stops_the_run_before_any_work_saying_what_to_remove(tmp_path: Path) -> None:
+    # A dangling .captions.jsonl.lock link: the run went on without a lock, only warned.
+    root = tmp_path / "data"
+    good_images(root, 1)
+    jsonl = tmp_path / "captions.jsonl"
+    lock = tmp_path / ".captions.jsonl.lock"
+    lock.symlink_to(tmp_path / "gone.lock")
+    result = subprocess.run(
+        caption_command(root, *FAST, "--jsonl", jsonl, "--cache-dir", tmp_path / "cache"),
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert f"its lock file {lock} is a symbolic link" in result.stderr
+    assert f"remove it (rm {lock})" in result.stderr and "another run" not in result.stderr
+    assert not jsonl.exists() and not list(root.rglob("*.txt"))
 
 
 def test_vision_client_folder_leaves_a_caption_written_while_it_runs(

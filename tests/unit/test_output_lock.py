@@ -6,12 +6,17 @@ so the rules can be checked here; tests/system/test_two_runs.py runs two real co
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from vision_server.output_lock import OutputBusy, holding, lock_path
+from vision_server.output_lock import LockUnusable, OutputBusy, OutputLockError, holding, lock_path
 
 
 def test_a_second_holder_is_refused_at_once_naming_the_output_and_gets_it_once_free(tmp_path: Path) -> None:
@@ -44,12 +49,84 @@ def test_every_spelling_of_one_output_shares_its_lock(
 
 
 def test_a_lock_file_that_cannot_be_made_is_warned_about_and_the_run_goes_on(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
-    # (a folder this user may not write to, in real life; root may write anywhere, so here its
-    # name is taken by a folder)
-    output = tmp_path / "captions.jsonl"
-    (tmp_path / ".captions.jsonl.lock").mkdir()
-    with caplog.at_level(logging.WARNING, logger="vision_server.output_lock"), holding([output]):
-        pass
+    # An existing output in a folder this user may not write to: appending to it works, a lock
+    # file beside it cannot be made. (Root writes anywhere: the check then runs as nobody.)
+    with readable_folder() as folder:
+        output = folder / "ro" / "captions.jsonl"
+        output.parent.mkdir()
+        output.write_text("", encoding="utf-8")
+        output.chmod(0o666)
+        output.parent.chmod(0o555)
+        with as_another_user(), caplog.at_level(logging.WARNING, logger="vision_server.output_lock"):
+            with holding([output]):
+                pass
     assert "cannot create the lock file" in caplog.text and "nothing stops another run" in caplog.text
+    assert "Permission denied" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["dangling link", "folder"])
+def test_a_lock_file_in_the_way_stops_the_run_naming_it_not_another_run(tmp_path: Path, kind: str) -> None:
+    # filelock may say "timeout" for a lock file it cannot open (by version and system), or give
+    # up with an OSError: either was taken for another run holding it, or the run went on with
+    # no lock at all. Only a lock another process holds is "another run".
+    output = tmp_path / "captions.jsonl"
+    lock = tmp_path / ".captions.jsonl.lock"
+    if kind == "dangling link":
+        lock.symlink_to(tmp_path / "gone" / "x.lock")
+        said, remove = f"is a symbolic link (to {tmp_path / 'gone' / 'x.lock'})", "rm"
+    else:
+        lock.mkdir()
+        said, remove = "is a folder", "rmdir"
+    with pytest.raises(LockUnusable) as refused, holding([output]):
+        pass
+    message = str(refused.value)
+    assert "another run" not in message
+    assert f"cannot lock {output}: its lock file {lock} {said}, not a lock file a run made" in message
+    assert f"If no run is writing {output}, remove it ({remove} {lock}) and run this command again" in message
+    assert isinstance(refused.value, OutputLockError) and not output.exists()
+
+
+def test_a_lock_file_this_user_may_not_open_is_named_not_taken_for_another_run() -> None:
+    # Left by another user's run in a shared folder, say: no run may hold it, none could take it.
+    with readable_folder() as folder:
+        output = folder / "captions.jsonl"
+        lock = folder / ".captions.jsonl.lock"
+        lock.touch()
+        lock.chmod(0o600)
+        with as_another_user(), pytest.raises(LockUnusable) as refused, holding([output]):
+            pass
+    message = str(refused.value)
+    assert f"its lock file {lock} cannot be opened (Permission denied)" in message
+    assert f"remove it (rm {lock})" in message and "another run" not in message
+
+
+@contextlib.contextmanager
+def readable_folder() -> Iterator[Path]:
+    """A new folder every user may enter (pytest's own are the creator's alone)."""
+    folder = Path(tempfile.mkdtemp(prefix="lock-test-"))
+    folder.chmod(0o777)
+    try:
+        yield folder
+    finally:
+        for entry in folder.rglob("*"):
+            if entry.is_dir() and not entry.is_symlink():
+                entry.chmod(0o755)
+        shutil.rmtree(folder)
+
+
+@contextlib.contextmanager
+def as_another_user() -> Iterator[None]:
+    """Permissions as an ordinary user meets them: as ``nobody`` while root (root opens and
+    writes anything), as oneself otherwise."""
+    if os.geteuid() != 0:
+        yield
+        return
+    os.setegid(65534)
+    os.seteuid(65534)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(0)

@@ -30,6 +30,7 @@ from vision_server.bulk.outputs import (
     SidecarStyle,
     check_writable,
     close_all,
+    output_problem,
 )
 from vision_server.bulk.pipeline import BulkPipeline, EngineFactory, PipelineConfig
 from vision_server.bulk.plan import Fail, Skip, Unit, Work, plan
@@ -48,7 +49,7 @@ from vision_server.captionfiles import CaseProbe, Mode, caption_suffix, folds_ca
 from vision_server.engine.scheduler import Engine
 from vision_server.errors import InvalidTask
 from vision_server.model_specs import adapter_identity, model_identity
-from vision_server.output_lock import OutputBusy, holding
+from vision_server.output_lock import OutputLockError, holding
 from vision_server.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -184,8 +185,9 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
         # One run at a time per JSONL/Parquet output, for the whole run (also with --ray, whose
         # rows are written here), taken before the output is read back or the model loads.
         with holding(shared):
+            _check_new_outputs(shared)
             return _locked_run(settings, request, read, kinds, tasks, sidecars)
-    except OutputBusy as exc:
+    except OutputLockError as exc:
         raise click.UsageError(str(exc)) from None
 
 
@@ -285,16 +287,28 @@ def _tasks(requested: tuple[str, ...], valid: tuple[str, ...]) -> tuple[str, ...
 
 
 def _check_outputs(request: CaptionRequest) -> None:
+    """What is wrong with the JSONL/Parquet outputs, found before their locks are taken, so
+    without making or deleting anything (a lock would make a missing folder, and a lock file in
+    a folder refused here)."""
     if request.jsonl and request.parquet and request.jsonl.resolve() == request.parquet.resolve():
         raise click.UsageError("--jsonl and --parquet name the same file")
     for path in (request.jsonl, request.parquet):
-        problem = check_writable(path) if path is not None else None
+        problem = output_problem(path) if path is not None else None
         if problem:
             raise click.UsageError(f"cannot write the output: {problem}")
     inputs = {path.resolve() for path in request.inputs}
     for option, path in (("--jsonl", request.jsonl), ("--parquet", request.parquet)):
         if path is not None and path.resolve() in inputs:
             raise click.UsageError(f"{option} {path} is also an input: write the captions to another file")
+
+
+def _check_new_outputs(shared: list[Path]) -> None:
+    """That each output can be made, by making and deleting it: only under its lock, where no
+    other run can have made it a moment before (and lose it to this check)."""
+    for path in shared:
+        problem = check_writable(path)
+        if problem:
+            raise click.UsageError(f"cannot write the output: {problem}")
 
 
 def _outputs(

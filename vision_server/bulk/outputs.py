@@ -575,13 +575,32 @@ def sweep_fold_temps(path: Path, *, min_age: float = STALE_TEMP_AGE) -> int:
     return removed
 
 
-def check_writable(path: Path) -> str | None:
-    """Why an output file cannot be written there (checked before any work), or None."""
+def output_problem(path: Path) -> str | None:
+    """Why an output file cannot be written there, found without making or deleting a file (so
+    before its lock is taken, which would make a missing folder and a lock file in it), or None:
+    a folder, a missing folder (also where a symlinked output points), an existing file that
+    cannot be opened for appending."""
     if path.is_dir():
         return f"{path} is a folder"
-    folder = path.parent if str(path.parent) else Path(".")
-    if not folder.is_dir():
-        return f"folder {folder} does not exist; create it first (mkdir -p {shlex.quote(str(folder))})"
+    for folder in (path.parent if str(path.parent) else Path("."), path.resolve().parent):
+        if not folder.is_dir():
+            return f"folder {folder} does not exist; create it first (mkdir -p {shlex.quote(str(folder))})"
+    if path.is_file():
+        try:
+            with path.open("a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            return f"cannot write {path} ({exc.strerror or exc})"
+    return None
+
+
+def check_writable(path: Path) -> str | None:
+    """Why an output file cannot be written there (checked before any work), or None: the
+    :func:`output_problem`, then a missing file is made and deleted to see that it can be. So
+    call it holding the output's lock: another run's output just made could be the one deleted."""
+    problem = output_problem(path)
+    if problem is not None:
+        return problem
     existed = path.exists()
     try:
         with path.open("a", encoding="utf-8"):

@@ -24,7 +24,7 @@ from vision_server.captionfiles import MODES, printable
 from vision_server.client.api import DEFAULT_TASK, DEFAULT_TIMEOUT, DEFAULT_URL, AsyncVisionClient, task_token
 from vision_server.client.errors import VisionClientError
 from vision_server.client.folder import Failure, FolderSummary, ImageResult, caption_folder
-from vision_server.output_lock import OutputBusy
+from vision_server.output_lock import OutputLockError
 
 T = TypeVar("T")
 
@@ -337,7 +337,7 @@ def folder(
         summary = _run(ctx, work, interrupted)
     except ValueError as exc:  # options caption_folder refuses, e.g. --ext png or --jsonl with append
         raise click.UsageError(str(exc)) from None
-    except OutputBusy as exc:  # another run writes the same --jsonl file: stopped before any image
+    except OutputLockError as exc:  # another run writes the --jsonl file, or its lock is in the way
         raise click.UsageError(str(exc)) from None
     finally:
         bar.close()

@@ -174,7 +174,8 @@ async def caption_folder(
     not count; the rest are ``deferred``). A ``dry_run`` sends no image and writes nothing: the
     images a run would caption are listed in ``planned`` (only a named model is asked about).
     A ``jsonl`` file is locked for the whole run: while another run holds it,
-    :class:`~vision_server.output_lock.OutputBusy` is raised before anything is sent.
+    :class:`~vision_server.output_lock.OutputBusy` is raised before anything is sent (and
+    :class:`~vision_server.output_lock.LockUnusable` when its lock file is in the way).
     """
     caption_ext = _checked_options(mode, ext, jsonl, concurrency, limit)
     root = Path(folder)
