@@ -6,7 +6,9 @@ While it is held, later requests queue up, so a test can see how the next batch 
 
 from __future__ import annotations
 
+import sys
 import threading
+from pathlib import Path
 from typing import Any
 
 from vision_server.captioner import Caption, CaptionItem
@@ -44,3 +46,9 @@ class SlowToSize(FakeCaptioner):
         if here is not self.loop_thread:
             assert self.sized.wait(30), "the test never let the size be known"
         return super().memory_parts()
+
+
+def gated_caption_command(*args: str | Path) -> list[str]:
+    """``vision-server caption ARGS`` as ``tests/support/gated_caption.py`` runs it: the real
+    command, held at the point ``CAPTION_GATE_AT`` names until the test opens the gate."""
+    return [sys.executable, str(Path(__file__).with_name("gated_caption.py")), "caption", *map(str, args)]

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.support.bulk_data import caption_command, cli_env, good_images, messy_folder, picture
+from tests.support.gated import gated_caption_command
 from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
 from tests.support.processes import tiny_server
 
@@ -689,6 +690,46 @@ def test_a_model_that_cannot_load_ends_with_the_summary_and_how_to_go_on(
     assert not fresh.exists()
 
 
+def test_an_adapter_gone_when_the_model_is_built_ends_with_the_summary_like_a_failed_load(
+    tmp_path: Path, cache: Path, tiny_adapter_dir: Path
+) -> None:
+    # The model (and so its adapter) is built when the first image to caption comes up, after
+    # planning checked it: an adapter removed in between stopped the run as bad usage (exit 2),
+    # without the summary of the images already skipped or what was left.
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    root = tmp_path / "data"
+    root.mkdir()
+    for seed, name in enumerate(("a.png", "b.png", "c.png")):
+        (root / name).write_bytes(picture(seed))
+    sidecar(root / "a.png").write_text("done", encoding="utf-8")
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    args = (root, *FAST, "--adapter", adapter, "--cache-dir", cache)
+    env = {**cli_env(tmp_path), "CAPTION_GATE": str(gate), "CAPTION_GATE_AT": "build"}
+    command = gated_caption_command(*args)
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            deadline = time.monotonic() + 300
+            while not (gate / "build.entered").exists():  # b.png came up: the model is being built
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            (adapter / "adapter_config.json").unlink()
+        finally:
+            (gate / "build.open").touch()
+        code = process.wait(300)
+        err = process.stderr.read() if process.stderr else ""
+    assert code == 1, err
+    assert "Traceback" not in err and "Usage:" not in err, err
+    assert "captioned 0, skipped 1, failed 0 in " in err, err
+    gone = f"model test:tiny: the adapter directory {adapter} has no adapter_config.json"
+    assert f"error: the model could not be loaded: {gone}" in err, err
+    assert "2 of the 3 images are not captioned yet: run the same command again once the model loads" in err
+    assert err.index("captioned 0,") < err.index("error: the model") < err.index("2 of the 3 images")
+    # nothing half-written: no caption file, no temporary one
+    assert sorted(path.name for path in root.iterdir()) == ["a.png", "a.txt", "b.png", "c.png"]
+
+
 def test_a_rerun_whose_images_left_do_not_decode_loads_no_model(
     tmp_path: Path, cache: Path, tiny_native_dir: Path
 ) -> None:
@@ -713,31 +754,39 @@ def test_a_rerun_whose_images_left_do_not_decode_loads_no_model(
 
 def test_a_second_ctrl_c_quits_at_once_and_says_how_to_go_on(tmp_path: Path, cache: Path) -> None:
     # The second Ctrl+C ended the process without a word after "press Ctrl+C again to quit
-    # now": no summary, nothing about what was kept or that a rerun resumes.
+    # now": no summary, nothing about what was kept or that a rerun resumes. The stop waits for
+    # the caption being written, which the test holds (a slow batch on the model could end
+    # between the two signals, and the run with it).
     root = tmp_path / "data"
-    good_images(root, 40)
-    slow = ("--model", "test:tiny", "--num-beams", "1", "--min-new-tokens", "300", "--max-new-tokens", "300")
-    command = caption_command(root, *slow, "--max-batch-size", "2", "--workers", "1", "--cache-dir", cache)
+    good_images(root, 6)
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    args = (root, *FAST, "--max-batch-size", "2", "--workers", "1", "--cache-dir", cache)
+    env = {**cli_env(tmp_path), "CAPTION_GATE": str(gate), "CAPTION_GATE_AT": "write"}
 
     def default_sigint() -> None:  # as from a terminal, even when the test runner ignores SIGINT
         signal.signal(signal.SIGINT, signal.SIG_DFL)
 
     with subprocess.Popen(
-        command, env=cli_env(tmp_path), stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
+        gated_caption_command(*args), env=env, stderr=subprocess.PIPE, text=True, preexec_fn=default_sigint
     ) as process:
-        deadline = time.monotonic() + 300
-        while not list(root.rglob("*.txt")):  # a batch is done, the next ones are on the model
-            assert process.poll() is None and time.monotonic() < deadline
-            time.sleep(0.05)
-        process.send_signal(signal.SIGINT)
-        assert process.stderr is not None
-        said = []  # two signals sent at once may arrive as one: the second goes once the first is seen
-        while not said or not said[-1].startswith("stopping: "):
-            said.append(process.stderr.readline())
-            assert said[-1], "".join(said)
-        process.send_signal(signal.SIGINT)  # the stop is waiting for the batch on the model
-        code = process.wait(120)
-        stderr = "".join(said) + process.stderr.read()
+        try:
+            deadline = time.monotonic() + 300
+            while not (gate / "write.entered").exists():  # the first caption is being written
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            process.send_signal(signal.SIGINT)
+            assert process.stderr is not None
+            said = []  # two signals sent at once may arrive as one: the second goes once the first is seen
+            while not said or not said[-1].startswith("stopping: "):
+                said.append(process.stderr.readline())
+                assert said[-1], "".join(said)
+            process.send_signal(signal.SIGINT)  # the stop is waiting for the write the gate holds
+            code = process.wait(120)
+            stderr = "".join(said) + process.stderr.read()
+        finally:
+            (gate / "write.open").touch()  # a run that did not quit finishes instead of waiting
     assert code == 130, stderr
     assert "quit at once: the captions written so far are kept; run the same command again" in stderr
     assert "Traceback" not in stderr
+    assert not list(root.rglob("*.txt"))  # the held write never happened

@@ -47,7 +47,7 @@ from vision_server.bulk.readers import (
 from vision_server.bulk.records import Record
 from vision_server.captionfiles import CaseProbe, Mode, caption_suffix, folds_case
 from vision_server.engine.scheduler import Engine
-from vision_server.errors import InvalidTask
+from vision_server.errors import InvalidTask, ModelLoadError
 from vision_server.model_specs import adapter_identity, model_identity
 from vision_server.output_lock import OutputLockError, holding
 from vision_server.settings import Settings, SettingsError
@@ -222,8 +222,9 @@ def _engine_factory(settings: Settings) -> EngineFactory:
 
         try:
             captioner = build_captioner(settings, settings.default_model_spec)
-        except SettingsError as exc:  # found while planning already; kept for a model changed since
-            raise click.UsageError(str(settings.located(exc))) from None
+        except SettingsError as exc:  # found while planning already, unless the model changed since:
+            # the run stops as for a model that does not load, with its summary (see BulkPipeline)
+            raise ModelLoadError(str(settings.located(exc))) from None
         config = dataclasses.replace(
             engine_config(settings, captioner),
             idle_timeout=-1,  # never unload mid-run

@@ -99,7 +99,9 @@ class Reporter(Protocol):
     def report(self, summary: Summary, outcome: Outcome, display: str, reason: str | None) -> None: ...
 
 
-EngineFactory = Callable[[], Engine]  # builds an engine, not started (imports torch: run in a thread)
+# Builds an engine, not started (imports torch: run in a thread). A VisionServerError it raises
+# (a model that cannot be had) stops the run as a failed load does: said once, in the summary.
+EngineFactory = Callable[[], Engine]
 
 
 class BulkPipeline:
@@ -198,7 +200,7 @@ class BulkPipeline:
         """The places in flight; with the first image to caption, build and start the engine
         and start the decoders (the model loads with the first image that decodes: see
         :meth:`_model_loaded`). None when the run stopped meanwhile (a signal while torch was
-        being imported)."""
+        being imported), or when no engine could be built (:attr:`load_error` says why)."""
         if self._slots is not None:
             return self._slots
         building = asyncio.ensure_future(asyncio.to_thread(self._make_engine))
@@ -208,7 +210,12 @@ class BulkPipeline:
         if self._stopping.is_set():  # stopped: an import cannot be cut short; the run ends after it
             await asyncio.gather(building, return_exceptions=True)
             return None
-        engine = self.engine = building.result()
+        try:
+            engine = self.engine = building.result()
+        except VisionServerError as exc:  # no model to load: stop, as for a failed load
+            self.load_error = exc.message
+            self._stopping.set()
+            return None
         await engine.start()
         self._pool = self._new_pool()
         self._spec = engine.pixel_spec  # known from the model's files, before the load
