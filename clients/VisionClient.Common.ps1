@@ -302,16 +302,22 @@ function New-VisionAnswerError {
 }
 
 function Get-VisionRetryDelay {
-    # Seconds to wait before retry number $Attempt (0-based): the server's Retry-After when it
-    # gave one (capped at 120 s), else exponential back-off capped at 30 s; both with jitter.
+    # Seconds to wait before retry number $Attempt (0-based), on the schedule every client
+    # shares (docs/clients/index.md#retries; vision_server/client/retry.py and the RETRY_*
+    # constants of vision-client.sh say the same): the server's Retry-After when it gave one,
+    # at most 120 s, plus up to a tenth more; else 0.5 s doubling each time up to 30 s, each
+    # wait somewhere between half of that and all of it.
     param([int]$Attempt, $RetryAfter)
+    $baseSec = 0.5
+    $maxSec = 30.0
+    $maxRetryAfterSec = 120.0
     # Seeded from a GUID: workers started in the same tick must not all pick the same delay.
     $random = [System.Random]::new([System.Guid]::NewGuid().GetHashCode())
     if ($null -ne $RetryAfter) {
-        $wait = [Math]::Min([double]$RetryAfter, 120.0)
+        $wait = [Math]::Min([double]$RetryAfter, $maxRetryAfterSec)
         return $wait + $random.NextDouble() * (0.1 * $wait + 0.05)
     }
-    $backoff = [Math]::Min(30.0, 0.5 * [Math]::Pow(2, $Attempt))
+    $backoff = [Math]::Min($maxSec, $baseSec * [Math]::Pow(2, $Attempt))
     return $backoff / 2 + $random.NextDouble() * $backoff / 2
 }
 

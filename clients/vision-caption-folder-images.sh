@@ -33,8 +33,9 @@ Options:
   --url URL        server address (default: \$VISION_HOST, else http://127.0.0.1:54880)
   --timeout SEC    per-image time limit in seconds (default: \$VISION_TIMEOUT, else 300)
   --retries N      send an image again up to N times while the server answers busy (HTTP 429,
-                   502/503), after its Retry-After or 2, 4, 8... s (at most 60 s) (default: 5,
-                   as vision-client folder and the .ps1 script; it was 3)
+                   502/503), after its Retry-After (at most 120 s) or 0.5, 1, 2, 4... s (at
+                   most 30 s), each with a little jitter (default: 5; the schedule and default
+                   of every client; the default was 3, the pauses 2, 4, 8... s up to 60 s)
   --wait-for-server SEC
                    when the server goes away mid-run (a restart, a deploy), pause and wait up
                    to SEC seconds for it to answer again, then send the images that were in
@@ -373,7 +374,7 @@ if [[ $timeout =~ ^[0-9]+$ ]] && ((timeout < 30)); then preflight_timeout=$timeo
 # probe_prompts: GET /prompts once; its exit status is vision-client.sh's, its message in
 # $tmpd/preflight.err.
 probe_prompts() {
-    "${client_cmd[@]}" --timeout "$preflight_timeout" prompts >/dev/null 2>"$tmpd/preflight.err"
+    "${client_cmd[@]}" --timeout "$preflight_timeout" --retries 0 prompts >/dev/null 2>"$tmpd/preflight.err"
 }
 
 # not_up_yet: whether the probe's exit 3 is one that waiting can cure, as a server that went
@@ -1041,7 +1042,7 @@ nap() {
 # but not a proxy's own 502/503 (vision-client.sh exits 3 for those: no server behind it yet).
 server_answers() {
     local rc=0
-    "${client_cmd[@]}" --timeout 10 prompts >/dev/null 2>"$tmpd/probe.err" || rc=$?
+    "${client_cmd[@]}" --timeout 10 --retries 0 prompts >/dev/null 2>"$tmpd/probe.err" || rc=$?
     ((rc != 3 && rc != 4))
 }
 

@@ -9,6 +9,12 @@ DEFAULT_URL=http://127.0.0.1:54880
 # Exit codes (also used by vision-caption-folder-images.sh).
 readonly EXIT_ERROR=1 EXIT_USAGE=2 EXIT_CONNECT=3 EXIT_TIMEOUT=4 EXIT_BUSY=5 EXIT_AUTH=6 EXIT_PROMPT=7
 
+# The retry schedule of every client (docs/clients/index.md#retries; the folder script retries
+# through this one), in milliseconds as bash counts in whole numbers: the server's Retry-After,
+# at most RETRY_AFTER_MAX_S, plus up to a tenth more; without one RETRY_BASE_MS, doubling each
+# time up to RETRY_MAX_MS, each wait somewhere between half of that and all of it.
+readonly RETRIES_DEFAULT=5 RETRY_BASE_MS=500 RETRY_MAX_MS=30000 RETRY_AFTER_MAX_S=120
+
 usage() {
     cat <<EOF
 Usage:
@@ -32,7 +38,8 @@ Options:
   --model NAME     caption with NAME, one of the server's models (default: \$VISION_MODEL, else
                    the server's default model); "prompts" then lists NAME's tasks
   --retries N      retry up to N times when the server answers 429, 502 or 503 (busy),
-                   waiting for its Retry-After (at most 60 s) or 2, 4, 8... s (default: 0)
+                   waiting for its Retry-After (at most 120 s) or 0.5, 1, 2, 4... s (at most
+                   30 s), each with a little jitter (default: 5, as every client)
   -n, --no-newline do not print a newline after the caption
   -h, --help       show this help and exit
 
@@ -91,7 +98,7 @@ fi
 url=${VISION_HOST:-$DEFAULT_URL}
 timeout=${VISION_TIMEOUT:-300}
 model=${VISION_MODEL:-}
-retries=0
+retries=$RETRIES_DEFAULT
 newline=1
 args=()
 
@@ -332,11 +339,30 @@ retry_after_into() {
     local _line _value=""
     while IFS= read -r _line || [[ -n $_line ]]; do
         _line=${_line//$'\r'/}
-        if [[ $_line =~ ^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:[[:space:]]*([0-9]+) ]]; then
+        if [[ $_line =~ ^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:[[:space:]]*0*([0-9]+) ]]; then
             _value=${BASH_REMATCH[1]}
+            ((${#_value} <= 6)) || _value=999999 # past any cap; bash arithmetic would wrap
         fi
     done <"$tmpd/headers"
     printf -v "$1" '%s' "${_value:-0}"
+}
+
+# retry_delay_into VAR ATTEMPT RETRY_AFTER: the wait before retry ATTEMPT (0 for the first), in
+# seconds with three decimals; RETRY_AFTER is the server's, in whole seconds (0: none).
+retry_delay_into() {
+    local _attempt=$2 _hint=$3 _ms=$RETRY_MAX_MS
+    if ((_hint > 0)); then
+        ((_hint <= RETRY_AFTER_MAX_S)) || _hint=$RETRY_AFTER_MAX_S
+        _ms=$((_hint * 1000))
+        _ms=$((_ms + RANDOM % (_ms / 10 + 51)))
+    else
+        if ((_attempt < 6)); then # 500 << 6 is past the cap already; a larger shift could wrap
+            _ms=$((RETRY_BASE_MS << _attempt))
+            ((_ms <= RETRY_MAX_MS)) || _ms=$RETRY_MAX_MS
+        fi
+        _ms=$((_ms / 2 + RANDOM % (_ms / 2 + 1)))
+    fi
+    printf -v "$1" '%d.%03d' $((_ms / 1000)) $((_ms % 1000))
 }
 
 # speaks_https: whether an http:// --url's port answers HTTPS (any HTTP answer over TLS, the
@@ -398,11 +424,10 @@ request() {
         case $http_code in
         429 | 502 | 503)
             if ((attempt < retries)); then
+                local busy_msg hint
+                retry_after_into hint
+                retry_delay_into wait_s "$attempt" "$hint"
                 attempt=$((attempt + 1))
-                retry_after_into wait_s
-                ((wait_s > 0)) || wait_s=$((1 << (attempt < 6 ? attempt : 6)))
-                ((wait_s <= 60)) || wait_s=60
-                local busy_msg
                 server_message_into busy_msg
                 say "server busy (HTTP $http_code: $busy_msg); retry $attempt/$retries in ${wait_s}s"
                 sleep "$wait_s" &

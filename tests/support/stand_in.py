@@ -33,6 +33,7 @@ class Recorded(NamedTuple):
     path: str
     headers: dict[str, str]
     body: bytes
+    at: float = 0.0  # time.monotonic() when the request arrived (a retry schedule's gaps)
 
 
 class _QuietServer(ThreadingHTTPServer):
@@ -46,7 +47,8 @@ class StandIn:
     """GET /prompts lists the tasks, GET /model names a model; every POST answers ``caption``.
 
     ``hang``: POSTs wait until the stand-in closes; ``busy_first``: that many POSTs get 503 with
-    ``Retry-After: 1`` first (``busy_status=502``: a 502 with a JSON body and no ``Retry-After``,
+    ``Retry-After: 1`` first (``busy_retry_after``: another value, None for none, the JSON body
+    kept: the clients' own back-off; ``busy_status=502``: a 502 with a JSON body and no ``Retry-After``,
     as a server or gateway of its own answers it, not a proxy's bare page); ``key``: POSTs
     without ``Authorization: Bearer <key>`` get 401. ``model_gone_after``: once that many POSTs
     were captioned, the server is one restarted without the model the client names: a POST
@@ -65,6 +67,7 @@ class StandIn:
         hang: bool = False,
         busy_first: int = 0,
         busy_status: int = 503,
+        busy_retry_after: str | None = "1",
         key: str | None = None,
         caption: str = "stand-in caption",
         outage_after: int | None = None,
@@ -75,7 +78,7 @@ class StandIn:
     ) -> None:
         self.prompts_status, self.prompts_delay = prompts_status, prompts_delay
         self.hang, self.key, self.caption = hang, key, caption
-        self.busy_left, self.busy_status = busy_first, busy_status
+        self.busy_left, self.busy_status, self.busy_retry_after = busy_first, busy_status, busy_retry_after
         self.model_gone_after = model_gone_after
         self.outage_after, self.outage_seconds = outage_after, outage_seconds
         self.outage_ends: float | None = None
@@ -126,6 +129,11 @@ class StandIn:
         with self.lock:
             return [json.loads(r.body) for r in self.requests if r.method == "POST"]
 
+    def post_times(self) -> list[float]:
+        """When each POST so far arrived (``time.monotonic()``), in order."""
+        with self.lock:
+            return [r.at for r in self.requests if r.method == "POST"]
+
     def post_headers(self) -> list[dict[str, str]]:
         with self.lock:
             return [r.headers for r in self.requests if r.method == "POST"]
@@ -175,7 +183,7 @@ def _handler_for(stand_in: StandIn) -> type[BaseHTTPRequestHandler]:
             self.reply(404, {"detail": detail})
 
         def do_GET(self) -> None:
-            stand_in.record(Recorded("GET", self.path, dict(self.headers), b""))
+            stand_in.record(Recorded("GET", self.path, dict(self.headers), b"", time.monotonic()))
             if stand_in.in_outage():
                 self.proxy_outage()
                 return
@@ -195,7 +203,7 @@ def _handler_for(stand_in: StandIn) -> type[BaseHTTPRequestHandler]:
 
         def do_POST(self) -> None:
             body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-            stand_in.record(Recorded("POST", self.path, dict(self.headers), body))
+            stand_in.record(Recorded("POST", self.path, dict(self.headers), body, time.monotonic()))
             if stand_in.in_outage():
                 self.proxy_outage()
             elif stand_in.key and self.headers.get("Authorization") != f"Bearer {stand_in.key}":
@@ -206,7 +214,9 @@ def _handler_for(stand_in: StandIn) -> type[BaseHTTPRequestHandler]:
                 if stand_in.busy_status == 502:
                     self.reply(502, {"detail": "Bad gateway: the caption worker did not answer"})
                 else:
-                    self.reply(stand_in.busy_status, {"detail": "Queue full"}, {"Retry-After": "1"})
+                    hint = stand_in.busy_retry_after
+                    headers = {"Retry-After": hint} if hint is not None else None
+                    self.reply(stand_in.busy_status, {"detail": "Queue full"}, headers)
             else:
                 if stand_in.hang:
                     stand_in.release.wait(60)

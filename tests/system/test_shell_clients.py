@@ -326,7 +326,7 @@ def test_timeout(tmp_path: Path, tmpdir_env: Path) -> None:
 def test_busy_server_and_retries(tmp_path: Path) -> None:
     image = save_image(tmp_path / "p.png", 1)
     with StandIn(busy_first=1) as stand_in:
-        result = run(CLIENT, "--url", stand_in.url, "CAPTION", str(image))
+        result = run(CLIENT, "--url", stand_in.url, "--retries", "0", "CAPTION", str(image))
         assert result.returncode == 5
         assert "HTTP 503" in result.stderr and "Queue full" in result.stderr
         assert result.stdout == ""
@@ -1055,19 +1055,19 @@ def test_connect_timeout_is_an_unreachable_server_not_a_slow_answer(tmp_path: Pa
 def test_proxy_without_a_server_is_unreachable_and_own_503_is_busy(tmp_path: Path) -> None:
     image = save_image(tmp_path / "p.png", 1)
     with StandIn(outage_after=0, outage_seconds=60) as proxy:
-        result = run(CLIENT, "--url", proxy.url, "CAPTION", str(image))
+        result = run(CLIENT, "--url", proxy.url, "--retries", "0", "CAPTION", str(image))
     assert result.returncode == 3, result.stderr
     assert "the proxy answers HTTP 503 (503 Service Unavailable No server is available.)" in result.stderr
     with StandIn(busy_first=1) as busy:
-        result = run(CLIENT, "--url", busy.url, "CAPTION", str(image))
+        result = run(CLIENT, "--url", busy.url, "--retries", "0", "CAPTION", str(image))
     assert result.returncode == 5 and "Queue full" in result.stderr
 
 
 def test_folder_run_waits_while_a_proxy_has_no_server(tmp_path: Path, tmpdir_env: Path) -> None:
     """Every server behind HAProxy restarts: its bare 502/503 pages pause the run (after
     --retries) instead of stopping it as a busy server; every image ends captioned. The outage
-    outlasts the one retry's 2 s back-off with room for a slow CI machine (at 3 s a late first
-    request's retry could already find the server back, so the pause was never seen)."""
+    outlasts the one retry's back-off (at most 0.5 s) with room for a slow CI machine (at 3 s a
+    late first request's retry could already find the server back, so the pause was never seen)."""
     root = tmp_path / "behind-proxy"
     images = make_tree(root, [f"img{i}.png" for i in range(8)])
     with StandIn(outage_after=2, outage_seconds=8) as proxy:

@@ -37,6 +37,7 @@ from vision_server.client.errors import (
     http_error,
 )
 from vision_server.client.retry import (
+    DEFAULT_RETRIES,
     GATEWAY_OUTAGE_STATUSES,
     MAX_OUTAGES_PER_REQUEST,
     NOT_BACK_STATUSES,
@@ -146,7 +147,7 @@ class AsyncVisionClient:
         base_url: str = DEFAULT_URL,
         api_key: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
-        retries: int = 5,
+        retries: int = DEFAULT_RETRIES,
         *,
         connect_timeout: float = 10.0,
         retry_policy: RetryPolicy | None = None,

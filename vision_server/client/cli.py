@@ -24,6 +24,7 @@ from vision_server.captionfiles import MODES, printable
 from vision_server.client.api import DEFAULT_TASK, DEFAULT_TIMEOUT, DEFAULT_URL, AsyncVisionClient, task_token
 from vision_server.client.errors import VisionClientError
 from vision_server.client.folder import Failure, FolderSummary, ImageResult, caption_folder
+from vision_server.client.retry import DEFAULT_RETRIES
 from vision_server.output_lock import OutputLockError
 
 T = TypeVar("T")
@@ -58,9 +59,10 @@ TASK_HELP = "Task, with or without brackets and in any case: caption, DETAILED_C
 @click.option(
     "--retries",
     type=click.IntRange(min=0),
-    default=5,
+    default=DEFAULT_RETRIES,
     show_default=True,
-    help="Retries when the server is busy (429/502/503, honouring Retry-After) or unreachable.",
+    help="Retries when the server is busy (429/502/503) or unreachable, after its Retry-After (at "
+    "most 120 s) or 0.5, 1, 2, 4... s (at most 30 s), each with a little jitter, as every client.",
 )
 @click.option(
     "--model",

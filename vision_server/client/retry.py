@@ -35,17 +35,30 @@ NOT_BACK_STATUSES = frozenset({502, 503, 504})
 log = logging.getLogger("vision_server.client")
 
 
+# The retry schedule every client shares (vision-client, the Python API, the bash and PowerShell
+# scripts; docs/clients/index.md#retries): keep clients/vision-client.sh (``RETRY_*``) and
+# clients/VisionClient.Common.ps1 (``Get-VisionRetryDelay``) in step with these.
+DEFAULT_RETRIES = 5  # attempts after the first one, in every client and folder tool
+BASE_DELAY = 0.5  # seconds before the first retry when the server gives no hint; doubles each time
+MAX_DELAY = 30.0  # cap for that back-off
+# A server's Retry-After is honoured up to this; vision-server's own never says more (its
+# scheduler caps the estimate at the same 120 s).
+MAX_RETRY_AFTER = 120.0
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How many times to retry and how the wait grows between attempts."""
 
-    retries: int = 5  # attempts after the first one
-    base_delay: float = 0.5  # seconds before the first retry when the server gives no hint
-    max_delay: float = 30.0  # cap for exponential back-off
-    max_retry_after: float = 120.0  # never sleep longer than this, whatever the server says
+    retries: int = DEFAULT_RETRIES
+    base_delay: float = BASE_DELAY
+    max_delay: float = MAX_DELAY
+    max_retry_after: float = MAX_RETRY_AFTER
 
     def delay(self, attempt: int, retry_after: float | None = None) -> float:
-        """Seconds to sleep before retry number ``attempt`` (0 for the first retry)."""
+        """Seconds to sleep before retry number ``attempt`` (0 for the first retry): the server's
+        ``Retry-After`` (capped) plus up to a tenth more, else the back-off for this attempt
+        somewhere between half of it and all of it (so parallel requests spread out)."""
         if retry_after is not None:
             wait = min(retry_after, self.max_retry_after)
             return wait + random.uniform(0, 0.1 * wait + 0.05)

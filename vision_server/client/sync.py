@@ -23,6 +23,7 @@ from vision_server.client.api import (
     ImageInput,
 )
 from vision_server.client.folder import FolderSummary, caption_folder
+from vision_server.client.retry import DEFAULT_RETRIES
 
 T = TypeVar("T")
 
@@ -35,7 +36,7 @@ class VisionClient:
         base_url: str = DEFAULT_URL,
         api_key: str | None = None,
         timeout: float | None = DEFAULT_TIMEOUT,
-        retries: int = 5,
+        retries: int = DEFAULT_RETRIES,
         **kwargs: Any,
     ) -> None:
         self._client = AsyncVisionClient(base_url, api_key, timeout, retries, **kwargs)
