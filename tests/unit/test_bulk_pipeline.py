@@ -132,19 +132,19 @@ async def test_a_failed_load_is_kept_as_its_cause_and_not_logged_by_the_engine_t
     monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The summary says the failure once ("error: the model could not be loaded: CAUSE"); the
-    engine's own line of it would say it a second time just above."""
+    engine's own line of it would say it a second time just above. The engine factory tells the
+    engine so (log_load_failures), as the command's does."""
     model = FakeCaptioner(spec=FAKE_SPEC)
     model.fail_load = "m has no config.json"
     monkeypatch.setattr(BulkPipeline, "_new_pool", in_threads)
-    pipeline = BulkPipeline(
-        lambda: Engine(model, EngineConfig(idle_timeout=-1)), [Kept()], ONE_AT_A_TIME, Quiet()
-    )
+    config = EngineConfig(idle_timeout=-1, log_load_failures=False)
+    pipeline = BulkPipeline(lambda: Engine(model, config), [Kept()], ONE_AT_A_TIME, Quiet())
     units = (Work(Record("d", f"{n}.png", data=picture(n)), ("<CAPTION>",)) for n in range(2))
     with caplog.at_level("INFO"):
         summary = await asyncio.wait_for(pipeline.run(units), 60)
     assert pipeline.load_error == "m has no config.json" and summary.captioned == 0
     assert not [r for r in caplog.records if "m has no config.json" in r.getMessage()], caplog.text
-    # the filter is the run's own: a server's engine still logs its failed loads
+    # a server's engine (the default) still logs its failed loads
     engine = Engine(model, EngineConfig(idle_timeout=-1))
     await engine.start()
     try:

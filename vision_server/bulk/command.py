@@ -177,8 +177,9 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
             f"{needs_table[0]} holds image bytes, not files a caption file could go beside; "
             "add --jsonl FILE or --parquet FILE"
         )
-    if request.dry_run:  # reads only: another run may be writing the outputs meanwhile
-        return _locked_run(settings, request, read, kinds, tasks, sidecars)
+    if request.dry_run:  # reads only, unlocked: another run may be writing the outputs meanwhile
+        outputs = _outputs(request, settings, tasks, sidecars)
+        return _dry_run(plan(iter_records(request.inputs, read), tasks, outputs, request.limit))
     _check_outputs(request)
     shared = [path for path in (request.jsonl, request.parquet) if path is not None]
     try:
@@ -186,12 +187,12 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
         # rows are written here), taken before the output is read back or the model loads.
         with holding(shared):
             _check_new_outputs(shared)
-            return _locked_run(settings, request, read, kinds, tasks, sidecars)
+            return _caption_holding_outputs(settings, request, read, kinds, tasks, sidecars)
     except OutputLockError as exc:
         raise click.UsageError(str(exc)) from None
 
 
-def _locked_run(
+def _caption_holding_outputs(
     settings: Settings,
     request: CaptionRequest,
     read: ReadOptions,
@@ -199,11 +200,8 @@ def _locked_run(
     tasks: tuple[str, ...],
     sidecars: bool,
 ) -> int:
-    """The run proper, once its shared outputs are this run's alone (a dry run writes nothing)."""
+    """The run proper, once its shared outputs are this run's alone: locally or on Ray."""
     outputs = _outputs(request, settings, tasks, sidecars)
-    records = iter_records(request.inputs, read)
-    if request.dry_run:
-        return _dry_run(plan(records, tasks, outputs, request.limit))
     # A run that writes caption files also sweeps the temp files a killed run left beside them.
     read = dataclasses.replace(read, tidy=sidecars)
     if request.ray is not None:
@@ -230,6 +228,7 @@ def _engine_factory(settings: Settings) -> EngineFactory:
             idle_timeout=-1,  # never unload mid-run
             memory_budget=None,  # one model, loaded once: a server's budget does not apply
             request_timeout=7 * 24 * 3600.0,  # flow control bounds the wait, not a deadline
+            log_load_failures=False,  # said once, in the summary, with how to go on
         )
         return Engine(captioner, config)
 
@@ -404,11 +403,64 @@ async def _run(
     from vision_server.signals import install_stop_handlers
 
     loop = asyncio.get_running_loop()
-    pipeline: list[BulkPipeline] = []
-    stops: list[int] = []
+    stopper = _Stopper()
+    undo = install_stop_handlers(loop, stopper.on_signal)
+    progress: Progress | None = None
+    try:
+        # The engine is built and its model loaded when the first image to caption comes up
+        # (the pipeline does both), so a rerun that finds everything captioned does neither.
+        progress = Progress(interval=request.progress_interval)
+        pipeline = BulkPipeline(
+            _engine_factory(settings), outputs, _pipeline_config(settings, request, tasks), progress
+        )
+        stopper.attach(pipeline)
+        counting = _count_in_background(loop, request, read, progress)
+        summary = await pipeline.run(plan(iter_records(request.inputs, read), tasks, outputs, request.limit))
+    finally:
+        await asyncio.to_thread(close_all, outputs)
+        undo()
+        if progress is not None:
+            progress.close()
+    click.echo(format_summary(summary), err=True)
+    if pipeline.load_error is None:
+        return summary.exit_status
+    # The number left, when the images are quickly counted (the count's total arrives through
+    # the loop, so wait without blocking it).
+    await asyncio.to_thread(counting.join, COUNT_WAIT_S)
+    total = progress.total if request.limit is None else None
+    click.echo(format_load_failure(summary, pipeline.load_error, total), err=True)
+    return summary.exit_status if summary.interrupted is not None else 1
 
-    def on_signal(signum: int) -> None:
-        if stops:  # a second Ctrl+C: the user does not want to wait for the batch in progress
+
+def _pipeline_config(settings: Settings, request: CaptionRequest, tasks: tuple[str, ...]) -> PipelineConfig:
+    workers = request.workers or min(8, os.cpu_count() or 1)
+    return PipelineConfig(
+        tasks=tasks,
+        options=settings.generation_defaults(),
+        max_pixels=settings.max_image_pixels,
+        workers=workers,
+        batches_in_flight=BATCHES_IN_FLIGHT,
+        min_in_flight=2 * workers,
+    )
+
+
+class _Stopper:
+    """Ctrl+C or SIGTERM during a run: the first stops the pipeline cleanly (also one that
+    arrives before the pipeline is there to be told), a second quits at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.pipeline: BulkPipeline | None = None
+
+    def attach(self, pipeline: BulkPipeline) -> None:
+        self.pipeline = pipeline
+        if self.signum is not None:  # a handler may run between any two lines
+            pipeline.stop(self.signum)
+
+    def on_signal(self, signum: int) -> None:
+        if (
+            self.signum is not None
+        ):  # a second Ctrl+C: the user does not want to wait for the batch in progress
             # No summary can follow (the run is cut short here), so say what the user has: every
             # caption written so far (files atomically; a torn JSONL line and a Parquet journal
             # are mended by the next run), and how to go on.
@@ -418,49 +470,10 @@ async def _run(
                 err=True,
             )
             os._exit(128 + signum)
-        stops.append(signum)
+        self.signum = signum
         click.echo("stopping: finishing the writes in progress (press Ctrl+C again to quit now)", err=True)
-        if pipeline:
-            pipeline[0].stop(signum)
-
-    undo = install_stop_handlers(loop, on_signal)
-    progress: Progress | None = None
-    counting: threading.Thread | None = None
-    try:
-        # The engine is built and its model loaded when the first image to caption comes up
-        # (the pipeline does both), so a rerun that finds everything captioned does neither.
-        progress = Progress(interval=request.progress_interval)
-        workers = request.workers or min(8, os.cpu_count() or 1)
-        pipe_config = PipelineConfig(
-            tasks=tasks,
-            options=settings.generation_defaults(),
-            max_pixels=settings.max_image_pixels,
-            workers=workers,
-            batches_in_flight=BATCHES_IN_FLIGHT,
-            min_in_flight=2 * workers,
-        )
-        pipeline.append(BulkPipeline(_engine_factory(settings), outputs, pipe_config, progress))
-        if stops:  # a signal before the pipeline was there to be told (a handler may run between lines)
-            pipeline[0].stop(stops[0])
-        counting = _count_in_background(loop, request, read, progress)
-        summary = await pipeline[0].run(
-            plan(iter_records(request.inputs, read), tasks, outputs, request.limit)
-        )
-    finally:
-        await asyncio.to_thread(close_all, outputs)
-        undo()
-        if progress is not None:
-            progress.close()
-    assert progress is not None and counting is not None
-    click.echo(format_summary(summary), err=True)
-    if pipeline[0].load_error is not None:
-        # The number left, when the images are quickly counted (the count's total arrives
-        # through the loop, so wait without blocking it).
-        await asyncio.to_thread(counting.join, COUNT_WAIT_S)
-        total = progress.total if request.limit is None else None
-        click.echo(format_load_failure(summary, pipeline[0].load_error, total), err=True)
-        return summary.exit_status if summary.interrupted is not None else 1
-    return summary.exit_status
+        if self.pipeline is not None:
+            self.pipeline.stop(signum)
 
 
 def _count_in_background(

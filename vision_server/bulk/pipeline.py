@@ -34,7 +34,6 @@ from vision_server.bulk.plan import Fail, Skip, Unit, Work
 from vision_server.bulk.prepare import interrupts_held, prepare_record, worker_init
 from vision_server.bulk.records import Record
 from vision_server.captioner import CaptionItem, GenerationOptions
-from vision_server.engine import keeper
 from vision_server.engine.scheduler import Engine
 from vision_server.errors import VisionServerError
 from vision_server.images import PixelSpec, PreparedImage
@@ -99,8 +98,9 @@ class Reporter(Protocol):
     def report(self, summary: Summary, outcome: Outcome, display: str, reason: str | None) -> None: ...
 
 
-# Builds an engine, not started (imports torch: run in a thread). A VisionServerError it raises
-# (a model that cannot be had) stops the run as a failed load does: said once, in the summary.
+# Builds an engine, not started (imports torch: run in a thread), whose config has
+# log_load_failures off: the run says a failed load itself, once, in its summary. A
+# VisionServerError it raises (a model that cannot be had) stops the run the same way.
 EngineFactory = Callable[[], Engine]
 
 
@@ -130,7 +130,6 @@ class BulkPipeline:
         self._spec: PixelSpec | None = None  # the model's, read with the first image to caption
         self._loading: asyncio.Task[bool] | None = None  # the model's load, once started
         self.load_error: str | None = None  # why the model did not load; the run stopped there
-        self._said_once = SaidInSummary()
 
     def stop(self, signum: int) -> None:
         """Stop early (a signal): start nothing new; the run returns once the writes are done."""
@@ -140,7 +139,6 @@ class BulkPipeline:
 
     async def run(self, units: Iterator[Unit]) -> Summary:
         active: set[asyncio.Task[None]] = set()
-        keeper.log.addFilter(self._said_once)
         try:
             while not self._stopping.is_set():
                 chunk = await asyncio.to_thread(_take, units, READ_CHUNK)
@@ -178,7 +176,6 @@ class BulkPipeline:
             self._writer.shutdown(wait=True)
             if self.engine is not None:
                 await self.engine.stop(grace=0)
-            keeper.log.removeFilter(self._said_once)
             self.summary.seconds = time.monotonic() - self.summary.started
         return self.summary
 
@@ -316,14 +313,6 @@ class BulkPipeline:
     def _report(self, outcome: Outcome, record: Record, reason: str | None) -> None:
         self.summary.record(outcome, record.display, reason)
         self.reporter.report(self.summary, outcome, record.display, reason)
-
-
-class SaidInSummary(logging.Filter):
-    """Leaves out the engine's log line of a failed load: the run's summary says it, once, with
-    how to go on. An unexpected failure's line stays, for its traceback."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.msg is not keeper.LOAD_FAILED_LOG or bool(record.exc_info)
 
 
 async def caption_image(

@@ -18,7 +18,7 @@ import re
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -214,26 +214,74 @@ def _init_ray(address: str, settings: Settings) -> bool:
 
 
 def _caption(job: _Job, planned: _Planned, report: Report) -> None:
+    """Caption on the cluster what ``planned`` holds; write and report each row as it comes back."""
+    from vision_server.bulk.ray_rows import batch_rows
+
+    for batch in _captioned_batches(job, planned):
+        unloaded = ""
+        for row in batch_rows(batch):
+            cause = _store_row(job, row, report)
+            unloaded = unloaded or cause
+        if unloaded:  # after the batch, whose bad images are reported as failed
+            raise _LoadFailed(unloaded)
+
+
+def _store_row(job: _Job, row: dict[str, Any], report: Report) -> str:
+    """Write one row that came back to every output and report it; why the model did not load
+    when that left it uncaptioned (the run stops after its batch), else ""."""
+    from vision_server.bulk.ray_rows import row_record
+
+    record = row_record(row)
+    if str(row["skip"]):
+        report("skipped", record, str(row["skip"]))
+        return ""
+    if str(row["unloaded"]):  # no model: the image is simply not captioned yet
+        return str(row["unloaded"])
+    captions: Captions = json.loads(str(row["captions"]))
+    error = str(row["error"]) or None
+    skipped, reason = write_all(job.outputs, record, captions, error)
+    report("skipped" if skipped else "failed" if reason else "captioned", record, reason)
+    return ""
+
+
+@dataclass(frozen=True)
+class _Actors:
+    """How the caption stage runs on this cluster: how many actors, what each takes, batch size."""
+
+    count: int
+    resources: dict[str, Any]
+    torch_threads: int | None  # CPU actors: the node's cores shared among its actors
+    batch_size: int
+
+
+def _actors(job: _Job, cpus: int) -> _Actors:
     import ray
 
-    from vision_server.bulk.ray_rows import batch_rows, row_record
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
+    count = job.request.ray_actors or gpus or nodes
+    if gpus and count > gpus:
+        raise click.UsageError(f"--ray-actors {count}: the cluster has {gpus} GPUs (one actor each)")
+    threads = None
+    if not gpus:  # Ray gives a 1-CPU actor one torch thread; a CPU model wants the machine's cores
+        per_node = cpus // nodes
+        threads = max(1, per_node // math.ceil(count / nodes))
+    resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
+    return _Actors(count, resources, threads, job.settings.max_batch_size or (32 if gpus else 16))
+
+
+def _captioned_batches(job: _Job, planned: _Planned) -> Iterator[dict[str, Any]]:
+    """The Ray Data pipeline (read, decode in CPU tasks, caption in actors) and its batches of
+    rows as they come back."""
+    import ray
+
     from vision_server.bulk.ray_source import CaptionSource, snapshot
     from vision_server.bulk.ray_stages import CaptionActor, prepare_batch
 
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     pieces = planned.pieces(cpus)
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    nodes = max(1, sum(1 for node in ray.nodes() if node.get("Alive")))
-    actors = job.request.ray_actors or gpus or nodes
-    if gpus and actors > gpus:
-        raise click.UsageError(f"--ray-actors {actors}: the cluster has {gpus} GPUs (one actor each)")
-    actor_resources: dict[str, Any] = {"num_gpus": 1} if gpus else {"num_cpus": 1}
-    threads = None
-    if not gpus:  # Ray gives a 1-CPU actor one torch thread; a CPU model wants the machine's cores
-        per_node = cpus // nodes
-        threads = max(1, per_node // math.ceil(actors / nodes))
+    actors = _actors(job, cpus)
     settings = job.settings
-    batch_size = settings.max_batch_size or (32 if gpus else 16)
     spec = _pixel_spec(settings)
 
     dataset = ray.data.read_datasource(
@@ -249,30 +297,17 @@ def _caption(job: _Job, planned: _Planned, report: Report) -> None:
     )
     dataset = dataset.map_batches(
         CaptionActor,
-        fn_constructor_kwargs={"settings": settings, "torch_threads": threads},
-        batch_size=batch_size,
+        fn_constructor_kwargs={"settings": settings, "torch_threads": actors.torch_threads},
+        batch_size=actors.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(
-            size=actors, max_concurrent_calls_per_actor=CALLS_PER_ACTOR, enable_true_multi_threading=True
+            size=actors.count,
+            max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
+            enable_true_multi_threading=True,
         ),
-        **actor_resources,
+        **actors.resources,
     )
-    for batch in dataset.iter_batches(batch_size=None, batch_format="numpy"):
-        unloaded = ""
-        for row in batch_rows(batch):
-            record = row_record(row)
-            if str(row["skip"]):
-                report("skipped", record, str(row["skip"]))
-                continue
-            if str(row["unloaded"]):  # no model: the image is simply not captioned yet
-                unloaded = unloaded or str(row["unloaded"])
-                continue
-            captions: Captions = json.loads(str(row["captions"]))
-            error = str(row["error"]) or None
-            skipped, reason = write_all(job.outputs, record, captions, error)
-            report("skipped" if skipped else "failed" if reason else "captioned", record, reason)
-        if unloaded:  # after the batch, whose bad images are reported as failed
-            raise _LoadFailed(unloaded)
+    yield from dataset.iter_batches(batch_size=None, batch_format="numpy")
 
 
 @dataclass

@@ -16,10 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from vision_server.bulk.pipeline import SaidInSummary
 from vision_server.bulk.prepare import prepare_record
 from vision_server.bulk.ray_rows import batch_rows, row_record, row_tasks
-from vision_server.engine import keeper
 from vision_server.errors import VisionServerError
 from vision_server.images import PixelSpec, PreparedImage
 from vision_server.settings import Settings
@@ -67,9 +65,6 @@ class CaptionActor:
         from vision_server.engine.scheduler import Engine
         from vision_server.runtime import build_captioner, engine_config
 
-        # A failed load comes back with the rows, and the command says it once: not also the
-        # engine's own log line, which Ray would forward to the command's terminal first.
-        keeper.log.addFilter(SaidInSummary())
         if torch_threads:
             import torch
 
@@ -80,6 +75,9 @@ class CaptionActor:
             idle_timeout=-1,
             request_timeout=ENGINE_REQUEST_TIMEOUT,
             memory_budget=None,  # one model per actor, loaded once: a server's budget does not apply
+            # A failed load comes back with the rows, and the command says it once: not also the
+            # engine's own log line, which Ray would forward to the command's terminal first.
+            log_load_failures=False,
         )
         self.options = settings.generation_defaults()
         self.loop = asyncio.new_event_loop()

@@ -34,3 +34,7 @@ class EngineConfig:
     # Bytes the loaded models' weights may take together (device memory; RAM on the CPU). Before a
     # load that would pass it, idle models are unloaded least recently used first. None: no budget.
     memory_budget: int | None = None
+    # Whether a model's failed load gets a log line. False where the caller says the failure
+    # itself (`vision-server caption`, once, in its summary); an unexpected one (with a
+    # traceback) is logged all the same.
+    log_load_failures: bool = True

@@ -25,9 +25,6 @@ from vision_server.engine.slots import RESIDENT, ModelSlot, model_key
 from vision_server.errors import ModelLoadError, VisionServerError
 
 log = logging.getLogger("vision_server.engine.scheduler")
-# The log line of a failed load (its message, so a caller that says the failure itself, as
-# `vision-server caption` does in its summary, can leave this line out).
-LOAD_FAILED_LOG = "model %s failed to load: %s"
 
 LOAD_RETRY_AFTER = 30.0
 
@@ -43,12 +40,14 @@ class ModelKeeper:
         wakeup: asyncio.Event,
         *,
         offload_timeout: float,
+        log_load_failures: bool = True,
     ) -> None:
         self.slots = slots
         self.observer = observer
         self.clock = clock
         self.wakeup = wakeup  # set when a load ends, so the worker looks again
         self.offload_timeout = offload_timeout
+        self.log_load_failures = log_load_failures  # EngineConfig.log_load_failures
         self.executor: ThreadPoolExecutor | None = None  # the model thread: every batch
         self.loader: ThreadPoolExecutor | None = None  # loads while another model is ready
 
@@ -141,13 +140,15 @@ class ModelKeeper:
             slot.last_error = (
                 exc.message if isinstance(exc, VisionServerError) else f"{type(exc).__name__}: {exc}"
             )
-            log.error(
-                LOAD_FAILED_LOG,
-                slot.name,
-                slot.last_error,
-                exc_info=not isinstance(exc, VisionServerError),
-                extra=model_key(slot),
-            )
+            expected = isinstance(exc, VisionServerError)
+            if self.log_load_failures or not expected:
+                log.error(
+                    "model %s failed to load: %s",
+                    slot.name,
+                    slot.last_error,
+                    exc_info=not expected,
+                    extra=model_key(slot),
+                )
             self.set_state(slot, ModelState.FAILED)
             self.observer.model_loaded(slot.name, time.monotonic() - started, ok=False)
             error = self.load_error_message(slot)

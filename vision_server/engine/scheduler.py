@@ -106,7 +106,12 @@ class Engine:
             for model in named
         }
         self._keeper = ModelKeeper(
-            self._slots, self.observer, self._clock, self._wakeup, offload_timeout=self.config.offload_timeout
+            self._slots,
+            self.observer,
+            self._clock,
+            self._wakeup,
+            offload_timeout=self.config.offload_timeout,
+            log_load_failures=self.config.log_load_failures,
         )
         self._room = MemoryRoom(self.config.memory_budget, self._slots, self._keeper)
         self._commands = AdminCommands(self._slots, self._keeper, self._room, self._wakeup)
