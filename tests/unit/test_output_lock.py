@@ -94,7 +94,7 @@ def test_a_lock_file_this_user_may_not_open_is_named_not_taken_for_another_run()
         output = folder / "captions.jsonl"
         lock = folder / ".captions.jsonl.lock"
         lock.touch()
-        lock.chmod(0o600)
+        lock.chmod(0)  # (its owner would have to give it read or write permission first)
         with as_another_user(), pytest.raises(LockUnusable) as refused, holding([output]):
             pass
     message = str(refused.value)
