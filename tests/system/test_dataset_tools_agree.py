@@ -644,3 +644,72 @@ def test_rows_of_both_python_tools_name_the_model_by_its_served_name(cache: Path
 
 def jsonl_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# JSONL outputs: where they go and how they spell a file name
+
+
+@pytest.mark.parametrize("tool", TOOLS[:2])
+def test_a_jsonl_output_in_a_missing_folder_is_refused_before_anything_is_sent(
+    tool: str, cache: Path, tmp_path: Path
+) -> None:
+    """``--jsonl out/rows.jsonl`` where ``out`` does not exist: both Python tools stop with the
+    same usage error (exit 2) and create nothing; the client asks its server nothing. It created
+    the folder (a mistyped path went unnoticed)."""
+    root = tmp_path / "data"
+    save_image(root / "a.png", 0)
+    missing = tmp_path / "out"
+    with StandIn() as stand_in:
+        result = run_tool(
+            tool,
+            root,
+            url=stand_in.url,
+            cache=cache,
+            tmp=tmp_path,
+            options=("--jsonl", str(missing / "rows.jsonl")),
+        )
+        asked = list(stand_in.requests)
+    assert result.returncode == 2, result.stderr[-3000:]
+    said = f"Error: cannot write the output: folder {missing} does not exist; create it first"
+    said += f" (mkdir -p {missing})"
+    assert said in result.stderr, result.stderr[-3000:]
+    assert asked == [] and not missing.exists()
+    assert sorted(path.name for path in root.iterdir()) == ["a.png"]
+
+
+def test_both_python_tools_spell_a_file_name_that_is_not_utf8_alike_in_jsonl(
+    tiny_server_url: str, cache: Path, tmp_path: Path
+) -> None:
+    """``caf<0xE9>.png`` (Latin-1 bytes): ``vision-client folder --jsonl`` and ``vision-server
+    caption --jsonl`` both write ``caf\\xe9.png``, valid UTF-8 that any JSON reader takes (the
+    client wrote ``\\udce9``, a lone surrogate that strict readers refuse), and each resumes from
+    its rows; a client row of an earlier version (``\\udce9``) still counts as done."""
+    root = tmp_path / "data"
+    save_image(root / os.fsdecode(b"caf\xe9.png"), 0)
+    client_rows, offline_rows, old_rows = (
+        tmp_path / "client.jsonl",
+        tmp_path / "offline.jsonl",
+        tmp_path / "old.jsonl",
+    )
+    for tool, rows in (("vision-client folder", client_rows), ("vision-server caption", offline_rows)):
+        for run in ("first", "rerun"):
+            options = ("--jsonl", str(rows))
+            result = run_tool(tool, root, url=tiny_server_url, cache=cache, tmp=tmp_path, options=options)
+            assert result.returncode == 0, (tool, run, result.stderr[-3000:])
+        assert len(jsonl_rows(rows)) == 1, (tool, rows.read_text(encoding="utf-8"))  # the rerun skipped it
+        rows.read_bytes().decode("utf-8")  # valid UTF-8 throughout
+    assert jsonl_rows(client_rows)[0]["file"] == jsonl_rows(offline_rows)[0]["key"] == "caf\\xe9.png"
+    assert "\\udc" not in client_rows.read_text(encoding="utf-8")
+    old = {"file": os.fsdecode(b"caf\xe9.png"), "task": "<CAPTION>", "caption": "earlier", "model": None}
+    old_rows.write_text(json.dumps(old) + "\n", encoding="utf-8")  # json.dumps writes \udce9
+    assert "\\udce9" in old_rows.read_text(encoding="utf-8")
+    result = run_tool(
+        "vision-client folder",
+        root,
+        url=tiny_server_url,
+        cache=cache,
+        tmp=tmp_path,
+        options=("--jsonl", str(old_rows)),
+    )
+    assert result.returncode == 0 and "0 captioned, 1 skipped" in result.stderr, result.stderr[-3000:]

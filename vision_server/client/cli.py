@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import click
 
+from vision_server.bulk.outputs import output_problem
 from vision_server.captionfiles import MODES, printable
 from vision_server.client.api import DEFAULT_TASK, DEFAULT_TIMEOUT, DEFAULT_URL, AsyncVisionClient, task_token
 from vision_server.client.errors import VisionClientError
@@ -192,7 +193,7 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
     help='Append {"file","task","caption","model"} lines (file relative to FOLDER) to this file '
-    "instead of writing caption files. In skip mode, images already in it with this "
+    "instead of writing caption files; its folder must exist. In skip mode, images already in it with this "
     "task are not redone; with --model, only lines of that model count (as the server names "
     "it: --model may be its source, such as a hub id). One run at a time writes the file: a "
     "second run given it (this command or vision-server caption) stops at once (exit 2).",
@@ -280,6 +281,10 @@ def folder(
     if dry_run:
         _dry_run(ctx, folder, options)
         return
+    if jsonl is not None:  # as vision-server caption: a missing folder is more often a typo than a wish
+        problem = output_problem(jsonl)
+        if problem is not None:
+            raise click.UsageError(f"cannot write the output: {problem}")
     started = time.monotonic()
     bar = tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
 

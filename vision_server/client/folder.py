@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from vision_server.bulk.records import safe_text
 from vision_server.captionfiles import (
     MODES,
     WRITTEN_MEANWHILE,
@@ -132,7 +133,7 @@ class FolderSummary:
 @dataclass(frozen=True)
 class _Job:
     image: Path
-    key: str  # path relative to the folder, as stored in the JSONL
+    key: str  # path relative to the folder, as stored in the JSONL (non-UTF-8 bytes as \xNN)
     target: Path | None  # caption file; None when writing JSONL
 
 
@@ -313,7 +314,7 @@ class _FolderRun:
             if unreadable is not None:
                 self.report(ImageResult(image, "failed", reason=unreadable))
                 continue
-            key = image.relative_to(root).as_posix()
+            key = safe_text(image.relative_to(root).as_posix())  # as vision-server caption spells it
             target = None if jsonl is not None else caption_path(image, suffix)
             others = (
                 [name for name in sharing[image.parent](image.name) if name != image.name] if sharing else []

@@ -17,6 +17,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO
 
+from vision_server.bulk.records import safe_text
 from vision_server.client.api import task_token
 
 
@@ -44,17 +45,29 @@ def captioned_files(path: Path, task: str, model: str | Collection[str] | None =
                 and task_token(record["task"]) == wanted
                 and (models is None or record.get("model") in models)
             ):
-                done.add(record["file"])
+                done.add(_as_written(record["file"]))
     return done
 
 
+def _as_written(file: str) -> str:
+    """A row's ``file`` as this version writes it: the bytes of a name that is not UTF-8 as
+    ``\\xNN`` (:func:`~vision_server.bulk.records.safe_text`, the spelling of ``vision-server
+    caption``); earlier versions wrote them as ``\\udcXX`` escapes, which JSON reads back as
+    surrogates, and such rows still count."""
+    try:
+        return safe_text(file)
+    except UnicodeEncodeError:  # a surrogate no file name decodes to: no image has that key
+        return file
+
+
 def record_line(file: str, task: str, caption: str, model: str | None = None) -> str:
-    """One line of the log; non-ASCII stays readable unless the name is not valid Unicode."""
+    """One line of the log; non-ASCII stays readable unless a text is not valid Unicode (the
+    folder run writes file names already made so, as ``\\xNN``)."""
     record = {"file": file, "task": task, "caption": caption, "model": model}
     line = json.dumps(record, ensure_ascii=False)
     try:
         line.encode("utf-8")
-    except UnicodeEncodeError:  # undecodable bytes in a file name (surrogate escapes)
+    except UnicodeEncodeError:  # lone surrogates, as JSON may carry them in a caption
         line = json.dumps(record)
     return line + "\n"
 
