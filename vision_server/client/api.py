@@ -343,24 +343,10 @@ class AsyncVisionClient:
         self, method: str, url: str, payload: Any, timeout: float | None = None
     ) -> tuple[Any, Mapping[str, str]]:
         """One try: the decoded JSON body and the headers, or an exception saying what went wrong."""
-        limit = self._timeout
-        if timeout is not None and (limit.total is None or timeout < limit.total):
-            limit = aiohttp.ClientTimeout(
-                total=timeout, sock_connect=min(timeout, limit.sock_connect or timeout)
-            )
+        limit = self._try_limit(timeout)
         try:
             async with self._get_session().request(method, url, json=payload, timeout=limit) as resp:
-                if resp.status not in GATEWAY_OUTAGE_STATUSES:
-                    self._reached = True
-                body = await resp.text(errors="replace")
-                headers = resp.headers
-                if resp.status >= 400:
-                    retry_after = parse_retry_after(resp.headers.get("Retry-After"))
-                    outage = is_gateway_outage(resp.status, retry_after, body)
-                    if not outage:  # the server's own answer: it is there
-                        self._reached = True
-                    detail = error_detail(body, resp.reason or "error")
-                    raise http_error(resp.status, detail, retry_after, gateway_outage=outage)
+                body, headers = await self._read_answer(resp)
         except aiohttp.ConnectionTimeoutError as exc:
             raise VisionConnectionError(f"cannot connect to {self.base_url}: {exc}") from exc
         except aiohttp.ClientSSLError as exc:
@@ -373,29 +359,60 @@ class AsyncVisionClient:
         except asyncio.TimeoutError:
             raise VisionTimeoutError(f"no answer from {url} within {limit.total} s") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
-            hint = ""
-            # What plain HTTP to an HTTPS port looks like: the TLS server hangs up unanswered.
-            disconnected = isinstance(exc, aiohttp.ServerDisconnectedError) and not self._reached
-            if disconnected and self.base_url.startswith("http://"):
-                if await speaks_tls(self.base_url):  # a wrong scheme: waiting would never mend it
-                    https = "https://" + self.base_url.removeprefix("http://")
-                    raise VisionTLSError(
-                        f"{self.base_url} hung up without an answer, and that port speaks HTTPS: use {https}"
-                    ) from exc
-                hint = "; if the server speaks HTTPS (--ssl-cert, or TLS at a proxy), use https://"
-            if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(
-                exc.os_error, ConnectionRefusedError
-            ):
-                # aiohttp's "Cannot connect to host ... ssl:default [Connect call failed ...]" says less
-                raise VisionConnectionError(
-                    f"cannot reach {self.base_url}: connection refused (is vision-server running there? "
-                    "check the port, --url or VISION_HOST)"
-                ) from exc
-            raise VisionConnectionError(f"cannot reach {self.base_url}: {exc}{hint}") from exc
+            raise await self._lost_connection(exc) from exc
         try:
             return json.loads(body), headers
         except ValueError:
             raise VisionClientError(f"{url} did not answer with JSON: {body[:200]!r}") from None
+
+    def _try_limit(self, timeout: float | None) -> aiohttp.ClientTimeout:
+        """The client's time limit for one try, or ``timeout`` where that is shorter."""
+        limit = self._timeout
+        if timeout is not None and (limit.total is None or timeout < limit.total):
+            limit = aiohttp.ClientTimeout(
+                total=timeout, sock_connect=min(timeout, limit.sock_connect or timeout)
+            )
+        return limit
+
+    async def _read_answer(self, resp: aiohttp.ClientResponse) -> tuple[str, Mapping[str, str]]:
+        """The body and headers of an answer; an error status raised as the
+        :class:`VisionHTTPError` it is, marked when it is a proxy's "no server behind me". Any
+        answer but such a proxy's shows the server was reached (which later outages are told by)."""
+        if resp.status not in GATEWAY_OUTAGE_STATUSES:
+            self._reached = True
+        body = await resp.text(errors="replace")
+        if resp.status >= 400:
+            retry_after = parse_retry_after(resp.headers.get("Retry-After"))
+            outage = is_gateway_outage(resp.status, retry_after, body)
+            if not outage:  # the server's own answer: it is there
+                self._reached = True
+            detail = error_detail(body, resp.reason or "error")
+            raise http_error(resp.status, detail, retry_after, gateway_outage=outage)
+        return body, resp.headers
+
+    async def _lost_connection(
+        self, exc: aiohttp.ClientConnectionError | aiohttp.ClientPayloadError
+    ) -> VisionConnectionError:
+        """What a connection that failed or broke means, in words that say what to check: a
+        refused connection, plain HTTP to an HTTPS port (never mended by waiting), or else
+        aiohttp's own message."""
+        hint = ""
+        # What plain HTTP to an HTTPS port looks like: the TLS server hangs up unanswered.
+        disconnected = isinstance(exc, aiohttp.ServerDisconnectedError) and not self._reached
+        if disconnected and self.base_url.startswith("http://"):
+            if await speaks_tls(self.base_url):  # a wrong scheme: waiting would never mend it
+                https = "https://" + self.base_url.removeprefix("http://")
+                return VisionTLSError(
+                    f"{self.base_url} hung up without an answer, and that port speaks HTTPS: use {https}"
+                )
+            hint = "; if the server speaks HTTPS (--ssl-cert, or TLS at a proxy), use https://"
+        if isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ConnectionRefusedError):
+            # aiohttp's "Cannot connect to host ... ssl:default [Connect call failed ...]" says less
+            return VisionConnectionError(
+                f"cannot reach {self.base_url}: connection refused (is vision-server running there? "
+                "check the port, --url or VISION_HOST)"
+            )
+        return VisionConnectionError(f"cannot reach {self.base_url}: {exc}{hint}")
 
 
 async def speaks_tls(base_url: str, timeout: float = 5.0) -> bool:

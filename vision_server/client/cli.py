@@ -264,8 +264,6 @@ def folder(
     130 Ctrl+C (after the summary: run the same command again to resume). Earlier versions
     exited 1 for all of these stops.
     """
-    from tqdm import tqdm
-
     options: dict[str, Any] = {
         "task": task,
         "ext": ext,
@@ -281,76 +279,109 @@ def folder(
     if dry_run:
         _dry_run(ctx, folder, options)
         return
-    if jsonl is not None:  # as vision-server caption: a missing folder is more often a typo than a wish
-        problem = output_problem(jsonl)
-        if problem is not None:
-            raise click.UsageError(f"cannot write the output: {problem}")
-    started = time.monotonic()
-    bar = tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
+    if jsonl is not None:
+        _check_jsonl_output(jsonl)
+    report = _FolderProgress()
+    try:
+        summary = _run_folder(ctx, folder, options, wait_for_server, report)
+    finally:
+        report.close()
+    _print_summary(summary, report.seconds())
+    if not summary.ok:
+        sys.exit(summary.exit_status)
 
-    so_far = FolderSummary()  # what a Ctrl+C summary reports: the results seen until then
-    listed = False  # the images were counted (after the server answered about a --model)
 
-    def start(total: int) -> None:
-        nonlocal listed
-        listed = True
-        so_far.total = total
-        bar.reset(total)
+def _run_folder(
+    ctx: click.Context, folder: Path, options: dict[str, Any], wait_for_server: float, report: _FolderProgress
+) -> FolderSummary:
+    """Caption ``folder`` with a client made for long runs, showing its progress on ``report``;
+    what ``caption_folder`` refuses before it starts is a usage error."""
+    ctx.obj = {
+        **ctx.obj,
+        "client_id": f"folder-{os.getpid()}",  # folder runs on one host take turns
+        "wait_for_server": wait_for_server,  # an overnight run outlives a server restart
+        "on_server_wait": report.server_wait,
+    }
 
-    def progress(result: ImageResult) -> None:
+    async def work(client: AsyncVisionClient) -> FolderSummary:
+        return await caption_folder(
+            client,
+            folder,
+            on_start=report.start,
+            on_result=report.result,
+            on_warning=report.warning,
+            **options,
+        )
+
+    try:
+        return _run(ctx, work, report.interrupted)
+    except ValueError as exc:  # options caption_folder refuses, e.g. --ext png or --jsonl with append
+        raise click.UsageError(str(exc)) from None
+    except OutputLockError as exc:  # another run writes the --jsonl file, or its lock is in the way
+        raise click.UsageError(str(exc)) from None
+
+
+def _check_jsonl_output(jsonl: Path) -> None:
+    """Refuse a ``--jsonl`` file that cannot be written, before any request, in the words of
+    ``vision-server caption`` (a missing folder is more often a typo than a wish)."""
+    problem = output_problem(jsonl)
+    if problem is not None:
+        raise click.UsageError(f"cannot write the output: {problem}")
+
+
+class _FolderProgress:
+    """What a folder run shows on stderr while it goes: a progress bar, each failure as it
+    happens, the server-wait and warning lines, and on Ctrl+C the summary of what was seen so far."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self.started = time.monotonic()
+        self.bar = tqdm(unit="img", file=sys.stderr, dynamic_ncols=True, disable=None)
+        self.so_far = FolderSummary()  # what a Ctrl+C summary reports: the results seen until then
+        self.listed = False  # the images were counted (after the server answered about a --model)
+
+    def seconds(self) -> float:
+        return time.monotonic() - self.started
+
+    def start(self, total: int) -> None:
+        self.listed = True
+        self.so_far.total = total
+        self.bar.reset(total)
+
+    def result(self, result: ImageResult) -> None:
         if result.outcome == "failed":
-            bar.write(f"failed: {printable(str(result.path))}: {result.reason}", file=sys.stderr)
-            so_far.failed.append(Failure(result.path, result.reason or "unknown error"))
+            self.bar.write(f"failed: {printable(str(result.path))}: {result.reason}", file=sys.stderr)
+            self.so_far.failed.append(Failure(result.path, result.reason or "unknown error"))
         elif result.outcome == "done":
-            so_far.done += 1
+            self.so_far.done += 1
         else:
-            so_far.skipped += 1
-        bar.update()
+            self.so_far.skipped += 1
+        self.bar.update()
 
-    def interrupted() -> None:
-        bar.close()
-        if not listed:  # waiting for the server to answer about --model: as the folder scripts say it
+    def interrupted(self) -> None:
+        self.bar.close()
+        if not self.listed:  # waiting for the server to answer about --model: as the folder scripts say it
             click.echo(
                 "0 captioned, 0 skipped, 0 failed (interrupted before the images were listed)", err=True
             )
             click.echo("interrupted: no image attempted yet; run the same command again to resume", err=True)
             return
-        _print_summary(so_far, time.monotonic() - started)
+        _print_summary(self.so_far, self.seconds())
         click.echo(
-            f"interrupted: {so_far.not_attempted} images not captioned yet (the ones in flight "
+            f"interrupted: {self.so_far.not_attempted} images not captioned yet (the ones in flight "
             "were dropped; nothing is half-written); run the same command again to resume",
             err=True,
         )
 
-    def server_wait(message: str) -> None:
-        bar.write(f"vision-client: {message}", file=sys.stderr)
+    def server_wait(self, message: str) -> None:
+        self.bar.write(f"vision-client: {message}", file=sys.stderr)
 
-    def warning(message: str) -> None:
-        bar.write(f"vision-client: warning: {message}", file=sys.stderr)
+    def warning(self, message: str) -> None:
+        self.bar.write(f"vision-client: warning: {message}", file=sys.stderr)
 
-    async def work(client: AsyncVisionClient) -> FolderSummary:
-        return await caption_folder(
-            client, folder, on_start=start, on_result=progress, on_warning=warning, **options
-        )
-
-    ctx.obj = {
-        **ctx.obj,
-        "client_id": f"folder-{os.getpid()}",  # folder runs on one host take turns
-        "wait_for_server": wait_for_server,  # an overnight run outlives a server restart
-        "on_server_wait": server_wait,
-    }
-
-    try:
-        summary = _run(ctx, work, interrupted)
-    except ValueError as exc:  # options caption_folder refuses, e.g. --ext png or --jsonl with append
-        raise click.UsageError(str(exc)) from None
-    except OutputLockError as exc:  # another run writes the --jsonl file, or its lock is in the way
-        raise click.UsageError(str(exc)) from None
-    finally:
-        bar.close()
-    _print_summary(summary, time.monotonic() - started)
-    if not summary.ok:
-        sys.exit(summary.exit_status)
+    def close(self) -> None:
+        self.bar.close()
 
 
 def _dry_run(ctx: click.Context, folder: Path, options: dict[str, Any]) -> None:

@@ -182,14 +182,10 @@ async def caption_folder(
     root = Path(folder)
     if not root.is_dir():
         raise NotADirectoryError(f"not a folder: {root}")
-    locked = [Path(jsonl)] if jsonl is not None and not dry_run else []
-    for path in locked:  # its folder, for the lock file beside it (the writer would make it anyway)
-        path.parent.mkdir(parents=True, exist_ok=True)
     # One run at a time per JSONL file, for the whole run: two would caption every image twice.
-    with holding(locked):
+    with holding(_outputs_to_lock(jsonl, dry_run)):
         run = _FolderRun(client, task_token(task), mode, prefix, suffix, separator, on_result, on_warning)
         listing = list_images(root, recursive=recursive)
-        images = listing.images
         # A model the server lacks (or no server to ask) would fail every image: such a run stops
         # before the first image, its images still sorted into skipped, failing and to caption, so
         # the summary counts them apart, as the folder scripts do.
@@ -197,25 +193,25 @@ async def caption_folder(
         if going_on and jsonl is None and not dry_run:  # this run writes caption files: clear a killed one's
             run.summary.stale_temps_removed = sweep_stale_temps(root, recursive=recursive)
         if on_start is not None:
-            on_start(len(images) + len(listing.unlisted))
-        run.summary.total = len(listing.unlisted)  # plan() adds the images
-        for folder_path, reason in listing.unlisted:  # its images cannot even be counted: say so
-            run.report(ImageResult(folder_path, "failed", reason=reason))
-        jobs = run.plan(root, images, caption_ext, jsonl, CaseRules(case_probe))
-        if limit is not None:
-            run.summary.deferred = max(0, len(jobs) - limit)
-            jobs = jobs[:limit]
+            on_start(len(listing.images) + len(listing.unlisted))
+        run.report_unlisted(listing.unlisted)
+        jobs = run.plan(root, listing.images, caption_ext, jsonl, CaseRules(case_probe))
+        jobs = run.within_limit(jobs, limit)
         if going_on and dry_run:
             run.summary.planned = [job.image for job in jobs]
         elif going_on and jobs:
-            writer = JsonlWriter(Path(jsonl)) if jsonl is not None else None
-            try:
-                await run.execute(jobs, writer, concurrency)
-            finally:
-                if writer is not None:
-                    writer.close()
+            await run.caption_into(jsonl, jobs, concurrency)
         run.summary.failed.sort(key=lambda failure: failure.path)
         return run.summary
+
+
+def _outputs_to_lock(jsonl: str | Path | None, dry_run: bool) -> list[Path]:
+    """The JSONL file a run writes (none for a dry run), its folder made for the lock file beside
+    it (the writer would make it anyway)."""
+    if jsonl is None or dry_run:
+        return []
+    Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
+    return [Path(jsonl)]
 
 
 def _checked_options(
@@ -289,6 +285,29 @@ class _FolderRun:
             self.on_warning(message)
         else:
             log.warning("%s", message)
+
+    def report_unlisted(self, unlisted: list[tuple[Path, str]]) -> None:
+        """Folders that could not be listed, each a failure with its reason: their images cannot
+        even be counted. They start the total, which :meth:`plan` adds the images to."""
+        self.summary.total = len(unlisted)
+        for folder, reason in unlisted:
+            self.report(ImageResult(folder, "failed", reason=reason))
+
+    def within_limit(self, jobs: list[_Job], limit: int | None) -> list[_Job]:
+        """The first ``limit`` jobs; the rest are counted as ``deferred`` to a later run."""
+        if limit is None:
+            return jobs
+        self.summary.deferred = max(0, len(jobs) - limit)
+        return jobs[:limit]
+
+    async def caption_into(self, jsonl: str | Path | None, jobs: list[_Job], concurrency: int) -> None:
+        """Run the jobs, their rows appended to ``jsonl`` (caption files beside the images without)."""
+        writer = JsonlWriter(Path(jsonl)) if jsonl is not None else None
+        try:
+            await self.execute(jobs, writer, concurrency)
+        finally:
+            if writer is not None:
+                writer.close()
 
     def plan(
         self, root: Path, images: list[Path], suffix: str, jsonl: str | Path | None, case: CaseRules
