@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -52,14 +53,41 @@ def run_tool(
             "--cache-dir", cache, "--log-level", "warning", "--ext", ext, *options,
         )  # fmt: skip
         env = cli_env(tmp)
-    elif tool == "vision-client folder":
-        command = [str(VISION_CLIENT), "--url", url, "folder", str(folder), "--task", "CAPTION", "--ext", ext]
-        command += options
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
     else:
-        command = ["bash", str(FOLDER_SCRIPT), "--url", url, *options, "CAPTION", ext, str(folder)]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+        command, env = client_command(tool, url, folder, folder_options=options, ext=ext)
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=180, check=False)
+
+
+def client_command(
+    tool: str,
+    url: str,
+    folder: Path,
+    client_options: Sequence[str] = (),
+    folder_options: Sequence[str] = (),
+    *,
+    task: str = "CAPTION",
+    ext: str = "txt",
+    model: str | None = None,
+    jobs: int | None = None,
+) -> tuple[list[str], dict[str, str]]:
+    """The command line of a folder client (``vision-client folder`` or the bash script) that
+    captions ``folder`` with ``task`` through the server at ``url``, and its environment, free
+    of the caller's ``VISION_*`` settings. ``client_options`` are options of the client itself
+    (``--retries``, ``--timeout``: before ``folder`` for ``vision-client``), ``folder_options``
+    those of the folder run; ``model`` is ``--model`` (``VISION_MODEL`` for the script), ``jobs``
+    the requests in flight (``--concurrency`` / ``--jobs``)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
+    if tool == "vision-client folder":
+        named = ["--model", model] if model is not None else []
+        parallel = ["--concurrency", str(jobs)] if jobs is not None else []
+        command = [str(VISION_CLIENT), "--url", url, *client_options, *named, "folder", str(folder)]
+        command += ["--task", task, "--ext", ext, *parallel, *folder_options]
+        return command, env
+    if model is not None:
+        env["VISION_MODEL"] = model
+    parallel = ["--jobs", str(jobs)] if jobs is not None else []
+    command = ["bash", str(FOLDER_SCRIPT), "--url", url, *client_options, *parallel, *folder_options]
+    return [*command, task, ext, str(folder)], env
 
 
 @pytest.fixture(scope="module")
@@ -279,12 +307,7 @@ def test_ctrl_c_exits_130_and_the_summary_counts_the_caption_files_written(
     root = tmp_path / "data"
     for seed in range(150):
         save_image(root / f"img{seed:03d}.png", seed)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
-    if tool == "vision-client folder":
-        command = [str(VISION_CLIENT), "--url", tiny_server_url, "folder", str(root), "--concurrency", "1"]
-    else:
-        command = ["bash", str(FOLDER_SCRIPT), "--url", tiny_server_url, "--jobs", "1"]
-        command += ["CAPTION", "txt", str(root)]
+    command, env = client_command(tool, tiny_server_url, root, jobs=1)
 
     def default_sigint() -> None:  # as from a terminal, even when the test runner ignores SIGINT
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -327,13 +350,8 @@ def test_a_model_the_server_does_not_serve_stops_both_clients_before_any_image(
     for seed, name in enumerate(("a.png", "b.png")):
         save_image(root / name, seed)
     rows = tmp_path / "rows.jsonl"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
-    if tool == "vision-client folder":
-        command = [str(VISION_CLIENT), "--url", tiny_server_url, "--model", "nope", "folder"]
-        command += [str(root), "--task", "CAPTION", "--jsonl", str(rows)]
-    else:
-        command = ["bash", str(FOLDER_SCRIPT), "--url", tiny_server_url, "CAPTION", "txt", str(root)]
-        env["VISION_MODEL"] = "nope"
+    jsonl = ("--jsonl", str(rows)) if tool == "vision-client folder" else ()  # the script has none
+    command, env = client_command(tool, tiny_server_url, root, folder_options=jsonl, model="nope")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180, check=False)
     assert result.returncode == 2, result.stderr[-3000:]
     assert "HTTP 404: " in result.stderr
@@ -374,20 +392,16 @@ def test_a_run_that_stops_early_exits_with_the_same_status_for_each_cause(
     root = tmp_path / "data"
     for seed in range(3):
         save_image(root / f"img{seed}.png", seed)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
     task = "NO_SUCH_TASK" if cause == "task refused" else "CAPTION"
     busy = {"busy_first": 100, "busy_status": 502 if cause == "busy 502" else 503} if "busy" in cause else {}
     with StandIn(key="the-right-key", **busy) as stand_in:
         url = {"unreachable": f"http://127.0.0.1:{free_port()}", "task refused": tiny_server_url}
         url_of_cause = url.get(cause, stand_in.url)
+        command, env = client_command(
+            tool, url_of_cause, root, ("--retries", "0"), ("--wait-for-server", "0"), task=task
+        )
         if cause != "key refused":
             env["VISION_API_KEY"] = "the-right-key"
-        if tool == "vision-client folder":
-            command = [str(VISION_CLIENT), "--url", url_of_cause, "--retries", "0", "folder", str(root)]
-            command += ["--task", task, "--wait-for-server", "0"]
-        else:
-            command = ["bash", str(FOLDER_SCRIPT), "--url", url_of_cause, "--retries", "0"]
-            command += ["--wait-for-server", "0", task, "txt", str(root)]
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert result.returncode == status, result.stderr[-3000:]
     assert "Traceback" not in result.stderr
@@ -410,23 +424,7 @@ def test_a_stop_at_the_first_request_counts_the_skipped_images_apart(tool: str, 
         save_image(root / f"img{seed}.png", seed)
     (root / "img0.txt").write_text("an old caption")
     url = f"http://127.0.0.1:{free_port()}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
-    if tool == "vision-client folder":
-        command = [str(VISION_CLIENT), "--url", url, "--model", "m", "folder", str(root), "--task", "CAPTION"]
-        command += ["--wait-for-server", "0"]
-    else:
-        command = [
-            "bash",
-            str(FOLDER_SCRIPT),
-            "--url",
-            url,
-            "--wait-for-server",
-            "0",
-            "CAPTION",
-            "txt",
-            str(root),
-        ]
-        env["VISION_MODEL"] = "m"
+    command, env = client_command(tool, url, root, folder_options=("--wait-for-server", "0"), model="m")
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
     assert result.returncode == 3, result.stderr[-3000:]
     stopped = "Stopped early, 2 image(s) not attempted: the server cannot be reached ("
@@ -467,15 +465,9 @@ def test_trouble_at_the_first_request_is_a_warning_and_the_images_are_sent(
     root = tmp_path / "data"
     for seed in range(2):
         save_image(root / f"img{seed}.png", seed)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
     with StandIn(**trouble) as stand_in:
-        options = ["--url", stand_in.url, "--timeout", "2", "--retries", "1"]
-        if tool == "vision-client folder":
-            command = [str(VISION_CLIENT), *options, "--model", "stand-in-model", "folder", str(root)]
-            command += ["--task", "CAPTION"]
-        else:
-            command = ["bash", str(FOLDER_SCRIPT), *options, "CAPTION", "txt", str(root)]
-            env["VISION_MODEL"] = "stand-in-model"
+        options = ("--timeout", "2", "--retries", "1")
+        command, env = client_command(tool, stand_in.url, root, options, model="stand-in-model")
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
         asked = [r.path for r in stand_in.requests if r.method == "GET"]
         posts = stand_in.posts()
@@ -496,15 +488,8 @@ def test_a_model_gone_mid_run_stops_the_run_with_exit_2_as_at_the_start(tool: st
     root = tmp_path / "data"
     for seed in range(5):
         save_image(root / f"img{seed}.png", seed)
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
     with StandIn(model_gone_after=2) as stand_in:
-        if tool == "vision-client folder":
-            command = [str(VISION_CLIENT), "--url", stand_in.url, "--model", "gone", "folder", str(root)]
-            command += ["--task", "CAPTION", "--concurrency", "1"]
-        else:
-            command = ["bash", str(FOLDER_SCRIPT), "--url", stand_in.url, "--jobs", "1", "CAPTION", "txt"]
-            command += [str(root)]
-            env["VISION_MODEL"] = "gone"
+        command, env = client_command(tool, stand_in.url, root, model="gone", jobs=1)
         result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120, check=False)
         posts = stand_in.posts()
     assert result.returncode == 2, result.stderr[-3000:]
@@ -536,22 +521,7 @@ def test_ctrl_c_while_waiting_for_the_server_at_the_start_prints_the_summary(
     for seed in range(3):
         save_image(root / f"img{seed}.png", seed)
     url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VISION_")}
-    env["VISION_MODEL"] = "tiny"
-    if tool == "vision-client folder":
-        command = [str(VISION_CLIENT), "--url", url, "folder", str(root), "--wait-for-server", "120"]
-    else:
-        command = [
-            "bash",
-            str(FOLDER_SCRIPT),
-            "--url",
-            url,
-            "--wait-for-server",
-            "120",
-            "CAPTION",
-            "txt",
-            str(root),
-        ]
+    command, env = client_command(tool, url, root, folder_options=("--wait-for-server", "120"), model="tiny")
 
     def default_sigint() -> None:  # as from a terminal, even when the test runner ignores SIGINT
         signal.signal(signal.SIGINT, signal.SIG_DFL)
@@ -604,15 +574,10 @@ def test_rows_of_both_python_tools_name_the_model_by_its_served_name(cache: Path
         assert {row["model"] for row in jsonl_rows(client_rows)} == {"tiny"}
         # --model with the source: the server answers it as "tiny", so the rerun resumes from
         # the rows "tiny" wrote (before, it looked for rows of "test:tiny" and doubled them all).
-        client_with_source = [str(VISION_CLIENT), "--url", url, "--model", "test:tiny", "folder"]
-        rerun = subprocess.run(
-            [*client_with_source, str(root), "--task", "CAPTION", "--jsonl", str(client_rows)],
-            capture_output=True,
-            text=True,
-            env={k: v for k, v in os.environ.items() if not k.startswith("VISION_")},
-            timeout=180,
-            check=False,
+        command, env = client_command(
+            "vision-client folder", url, root, folder_options=("--jsonl", str(client_rows)), model="test:tiny"
         )
+        rerun = subprocess.run(command, capture_output=True, text=True, env=env, timeout=180, check=False)
         assert rerun.returncode == 0, rerun.stderr[-3000:]
         assert "0 captioned, 2 skipped" in rerun.stderr
         server.stop()
