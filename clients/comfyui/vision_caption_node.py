@@ -14,6 +14,7 @@ import http.client
 import io
 import json
 import os
+import random
 import socket
 import ssl
 import time
@@ -37,6 +38,13 @@ TASKS = (
     "<MIXED_CAPTION_PLUS>",
 )
 RETRY_STATUSES = (429, 502, 503)
+# The retry schedule of every client (docs/clients/index.md#retries; vision_server/client/retry.py
+# says the same, which this file may not import): the server's Retry-After up to 120 s plus up
+# to a tenth more, else 0.5 s doubling up to 30 s, each wait between half of that and all of it.
+RETRIES = 5
+RETRY_BASE_DELAY = 0.5
+RETRY_MAX_DELAY = 30.0
+RETRY_AFTER_MAX = 120.0
 URL_TIP = "The vision-server's base URL (host:port works too); empty: $VISION_HOST."
 API_KEY_TIP = (
     "Better left empty: start ComfyUI with VISION_API_KEY set instead. A key typed here is saved "
@@ -130,7 +138,7 @@ def request_caption(
     *,
     api_key: str = "",
     timeout: float = 600,
-    retries: int = 3,
+    retries: int = RETRIES,
     model: str = "",
 ) -> str:
     """POST one image to ``/process_image`` (for ``model``, else the server's default model);
@@ -260,8 +268,14 @@ def _detail(body: bytes) -> str:
 
 
 def _retry_delay(retry_after: str | None, attempt: int) -> float:
-    """Honour Retry-After (seconds) up to a minute; otherwise back off 1, 2, 4 s."""
+    """Seconds before retry ``attempt`` (0 first): Retry-After (seconds) honoured up to
+    ``RETRY_AFTER_MAX``, else the back-off, both with jitter so parallel requests spread out."""
     try:
-        return min(60.0, max(0.0, float(retry_after))) if retry_after else float(2**attempt)
+        hint = max(0.0, float(retry_after)) if retry_after else None
     except ValueError:
-        return float(2**attempt)
+        hint = None
+    if hint is not None:
+        wait = min(hint, RETRY_AFTER_MAX)
+        return wait + random.uniform(0, 0.1 * wait + 0.05)
+    backoff = min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2 ** min(attempt, 16))
+    return random.uniform(backoff / 2, backoff)

@@ -11,6 +11,7 @@ import ast
 import base64
 import contextlib
 import io
+import itertools
 import json
 import socket
 import ssl
@@ -207,6 +208,30 @@ def test_busy_server_is_retried_after_retry_after(node: ModuleType, server: tupl
     assert node.caption_batch(batch([7]), "<CAPTION>", url) == ["<CAPTION> r=7"]
     assert len(recorder.arrivals) == 2
     assert recorder.arrivals[1] - recorder.arrivals[0] >= 1.0
+
+
+def test_the_node_rides_out_five_busy_answers_as_every_client_does(
+    node: ModuleType, server: tuple[str, Recorder]
+) -> None:
+    """Five "queue full" answers (``Retry-After: 1``): the node retries 5 times, as every client
+    (docs/clients/index.md#retries); it gave up after 3."""
+    url, recorder = server
+    recorder.busy_first = 5
+    assert node.caption_batch(batch([7]), "<CAPTION>", url) == ["<CAPTION> r=7"]
+    assert len(recorder.arrivals) == 6
+    assert all(later - earlier >= 1.0 for earlier, later in itertools.pairwise(recorder.arrivals))
+
+
+def test_the_node_waits_on_the_schedule_of_every_client(node: ModuleType) -> None:
+    """Without ``Retry-After``: 0.5, 1, 2... s (at most 30 s), each between half of that and all
+    of it; ``Retry-After`` up to 120 s plus up to a tenth. It waited 1, 2, 4 s, and at most 60 s
+    whatever the server asked."""
+    for _ in range(50):
+        for attempt, full in enumerate((0.5, 1.0, 2.0)):
+            assert full / 2 <= node._retry_delay(None, attempt) <= full
+        assert 15.0 <= node._retry_delay(None, 9) <= 30.0
+        assert 120.0 <= node._retry_delay("600", 0) <= 132.05
+        assert 1.0 <= node._retry_delay("1", 3) <= 1.15
 
 
 def test_server_error_message_reaches_the_user(node: ModuleType, server: tuple[str, Recorder]) -> None:

@@ -190,6 +190,11 @@ def test_the_schedule_and_default_are_written_once_per_language_and_agree() -> N
     assert f"$maxRetryAfterSec = {retry.MAX_RETRY_AFTER}" in body
     for script in (PS_CLIENT, PS_FOLDER):
         assert f"[int]$Retries = {retry.DEFAULT_RETRIES}," in script.read_text(), script.name
+    node = (paths.CLIENTS / "comfyui" / "vision_caption_node.py").read_text()  # imports no vision_server
+    assert f"\nRETRIES = {retry.DEFAULT_RETRIES}\n" in node
+    assert f"\nRETRY_BASE_DELAY = {retry.BASE_DELAY}\n" in node
+    assert f"\nRETRY_MAX_DELAY = {retry.MAX_DELAY}\n" in node
+    assert f"\nRETRY_AFTER_MAX = {retry.MAX_RETRY_AFTER}\n" in node
 
 
 def test_the_retries_paragraph_states_the_schedule() -> None:
@@ -199,5 +204,5 @@ def test_the_retries_paragraph_states_the_schedule() -> None:
     paragraph = paragraph[: paragraph.index("\n#", 1)]
     for fact in ("0.5 s", "30 s", "120 s", "5"):
         assert fact in paragraph, fact
-    for page in ("bash.md", "powershell.md", "cli.md", "python.md"):
+    for page in ("bash.md", "powershell.md", "cli.md", "python.md", "comfyui.md"):
         assert "index.md#retries" in (paths.DOCS / "clients" / page).read_text(), page
