@@ -530,6 +530,21 @@ function Join-VisionCaption {
     return $New
 }
 
+function Test-VisionDiskFull($Exception) {
+    # Whether a write failed for want of space: a full disk or an exhausted quota. On Windows the
+    # HResult carries ERROR_HANDLE_DISK_FULL (39) or ERROR_DISK_FULL (112); on Linux and macOS .NET
+    # gives the errno itself: ENOSPC (28), EDQUOT (122 on Linux, 69 on macOS).
+    for ($e = $Exception; $null -ne $e; $e = $e.InnerException) {
+        if ($e -is [System.IO.IOException]) {
+            $code = $e.HResult
+            if (@(-2147024857, -2147024784) -contains $code) { return $true }
+            $unix = $PSVersionTable.PSVersion.Major -ge 6 -and -not $IsWindows
+            if ($unix -and @(28, 69, 122) -contains $code) { return $true }
+        }
+    }
+    return $false
+}
+
 function Write-VisionTextFile {
     # Writes UTF-8 without BOM to a temporary file in the same folder, then moves it over the
     # target in one step. On any error the target is left as it was and the temp file removed.
@@ -659,6 +674,12 @@ function Invoke-VisionCaptionImage {
         $message = $_.Exception.Message
         $failure = $_.Exception.Data['VisionFailure']
         $status = $_.Exception.Data['VisionStatus']
+        if (Test-VisionDiskFull $_.Exception) {
+            # Every image after this one would fail the same way: the folder script stops the run
+            # (the words of vision-client folder and vision-server caption).
+            $failure = 'diskfull'
+            $message = 'cannot write {0}: no space left on the device' -f $CaptionPath
+        }
     }
     return [pscustomobject]@{
         Image       = $ImagePath

@@ -23,6 +23,8 @@ name and the extension CaptionExt: cat.png -> cat.txt.
   that refuses the API key or the prompt, or that answers HTTP 404 (no such -Model, also once
   a restarted server no longer serves it). The summary then says why, and how many images were
   not attempted ("Stopped early, N image(s) not attempted: ..."); the exit code says the cause.
+  A full disk (no space left for a caption file, or a quota) stops the run too, with exit
+  code 1: free some space and run the same command again to resume.
   This holds at the first request (GET /prompts, at most 30 s or -TimeoutSec, no retries) too;
   a busy, slow or failing (HTTP 500) answer to it is only a warning ("trying anyway"), as in
   vision-caption-folder-images.sh. A prompt the server does not know is refused at the first
@@ -279,6 +281,9 @@ function Get-FolderStop([string]$Failure, $Status, [string]$Message) {
     # stop inside the brackets, as in the other two; only the 404 drops it before ': check -Url'.
     if (@('connect', 'scheme') -contains $Failure) {
         return [pscustomobject]@{ Code = 3; Reason = ('the server cannot be reached ({0})' -f $Message) }
+    }
+    if ($Failure -eq 'diskfull') {   # no space left for a caption file: exit code 1, as failed images
+        return [pscustomobject]@{ Code = 1; Reason = ('{0}; free some space, then run the same command again: it resumes where this run stopped' -f $Message) }
     }
     if ($null -eq $Status) { return $null }
     $code = [int]$Status

@@ -86,7 +86,9 @@ captioned or skipped; 1 some images failed; 2 usage error (also an address witho
 vision-server, or a VISION_MODEL it does not serve: HTTP 404, at the start or mid-run); the run stopped
 early: 3 the server cannot be reached (also a host name that does not resolve, TLS trouble),
 5 the server stays busy after --retries, 6 the API key is refused, 7 the server refuses the
-prompt; 130 interrupted (Ctrl+C); 143 stopped by SIGTERM.
+prompt; 130 interrupted (Ctrl+C); 143 stopped by SIGTERM. A full disk (no space left for a
+caption file, or a quota) stops the run early too, with exit status 1: free some space and run
+the same command again to resume.
 
 Examples:
   $PROG DETAILED_CAPTION txt ~/datasets/cats
@@ -889,10 +891,18 @@ caption_one() {
     fi
 
     # Write beside the image, then rename: the caption file is either complete or untouched.
-    if ! (set -o noclobber && printf '%s' "$content" >"$tmp") 2>"$err"; then
+    # (C messages: a full disk is told apart by its words.)
+    if ! (LC_ALL=C && set -o noclobber && printf '%s' "$content" >"$tmp") 2>"$err"; then
         rm -f -- "$tmp"
-        show_into dir "${cap%/*}"
         last_line_into line "$err"
+        # A full disk (or quota, or size limit) stops the run: every image after this one would
+        # fail the same way. Said in the words of vision-client folder and vision-server caption.
+        case $line in
+        *"No space left on device"*) finish abort 1 "cannot write $cap: no space left on the device" ;;
+        *"Disk quota exceeded"*) finish abort 1 "cannot write $cap: disk quota exceeded: no space left for this user" ;;
+        *"File too large"*) finish abort 1 "cannot write $cap: file too large: no space left within the size limit" ;;
+        esac
+        show_into dir "${cap%/*}"
         finish fail 1 "cannot write in $dir: $line"
     fi
     if [[ $mode == skip ]]; then
@@ -1015,6 +1025,7 @@ account() {
         if [[ -z $abort_reason ]]; then
             abort_rc=$rc
             case $rc in
+            1) abort_reason="$reason; free some space, then run the same command again: it resumes where this run stopped" ;;
             2) abort_reason="${reason%.}: check --url (the server's base address)${VISION_MODEL:+ and VISION_MODEL}" ;;
             3) abort_reason="the server cannot be reached ($reason)" ;;
             5) abort_reason="the server stays busy or unavailable ($reason)" ;;

@@ -204,8 +204,9 @@ def caption(inputs: tuple[Path, ...], config: Path | None, **params: Any) -> Non
     By default a caption file goes beside each image (cat.png -> cat.txt) and images that
     already have one are skipped, so an interrupted run resumes where it stopped.
 
-    Exit status: 0 all captioned or skipped, 1 some image failed, 2 bad usage; 130/143 when
-    stopped by Ctrl+C/SIGTERM (cleanly: run it again to resume).
+    Exit status: 0 all captioned or skipped, 1 some image failed (or the disk filled up: the
+    run stops at once, naming the file), 2 bad usage; 130/143 when stopped by Ctrl+C/SIGTERM
+    (cleanly: run it again to resume).
     """
     from vision_server.bulk.command import CaptionRequest, run_caption
 

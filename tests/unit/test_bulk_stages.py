@@ -22,6 +22,7 @@ from vision_server.bulk.outputs import (
     Sidecars,
     SidecarStyle,
     check_writable,
+    fold_journal,
     same_input,
     write_all,
 )
@@ -197,6 +198,30 @@ def test_parquet_journal_of_a_killed_run_is_folded_in_by_the_next(tmp_path: Path
         {"<CAPTION>": "a bird"},
         None,
     )
+    again.close()
+    rows = pq.read_table(table).to_pylist()
+    assert [(r["key"], r["caption"]) for r in rows] == [
+        ("a.png", "a cat"),
+        ("b.png", "a dog"),
+        ("c.png", "a bird"),
+    ]
+    assert not again.journal.exists()
+
+
+def test_a_journal_killed_after_its_fold_renamed_the_table_is_not_folded_in_twice(tmp_path: Path) -> None:
+    """kill -9 between the fold's rename (the table holds the journal's rows) and the journal's
+    deletion: the next run finds both. Its fold must not add those rows a second time."""
+    table = tmp_path / "out.parquet"
+    killed = ParquetOutput(table, FACTS)
+    killed.write(Record("d", "a.png"), {"<CAPTION>": "a cat"}, None)
+    killed.write(Record("d", "b.png"), {"<CAPTION>": "a dog"}, None)
+    killed._log.close()
+    journal = killed.journal.read_bytes()
+    fold_journal(table, killed.journal)
+    killed.journal.write_bytes(journal)  # the state the kill left: folded, journal still there
+    again = ParquetOutput(table, FACTS)
+    assert again.missing(Record("d", "c.png"), ["<CAPTION>"]) == ["<CAPTION>"]
+    again.write(Record("d", "c.png"), {"<CAPTION>": "a bird"}, None)
     again.close()
     rows = pq.read_table(table).to_pylist()
     assert [(r["key"], r["caption"]) for r in rows] == [

@@ -406,6 +406,7 @@ async def _run(
     stopper = _Stopper()
     undo = install_stop_handlers(loop, stopper.on_signal)
     progress: Progress | None = None
+    closed = False
     try:
         # The engine is built and its model loaded when the first image to caption comes up
         # (the pipeline does both), so a rerun that finds everything captioned does neither.
@@ -417,13 +418,14 @@ async def _run(
         counting = _count_in_background(loop, request, read, progress)
         summary = await pipeline.run(plan(iter_records(request.inputs, read), tasks, outputs, request.limit))
     finally:
-        await asyncio.to_thread(close_all, outputs)
+        closed = await asyncio.to_thread(close_all, outputs)
         undo()
         if progress is not None:
             progress.close()
     click.echo(format_summary(summary), err=True)
     if pipeline.load_error is None:
-        return summary.exit_status
+        # An output that could not be closed (a fold that found the disk full) lacks rows.
+        return summary.exit_status or (0 if closed else 1)
     # The number left, when the images are quickly counted (the count's total arrives through
     # the loop, so wait without blocking it).
     await asyncio.to_thread(counting.join, COUNT_WAIT_S)

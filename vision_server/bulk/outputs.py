@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import Any, Protocol
 
 from vision_server.atomic_files import replacing
 from vision_server.bulk.records import Record, safe_text, task_slug
@@ -37,6 +37,8 @@ from vision_server.captionfiles import (
     write_atomic,
     write_new_caption,
 )
+from vision_server.disk_full import DiskFull, is_disk_full, naming
+from vision_server.line_logs import LineLog
 from vision_server.model_specs import adapter_identity, model_identity
 
 Captions = dict[str, str]  # task token -> caption text
@@ -374,11 +376,17 @@ class Sidecars:
         for task in self.missing(record, list(captions)):
             target = sidecar_path(record.path, task, self.style)
             new = f"{self.style.prefix}{one_line(captions[task])}{self.style.suffix}"
-            if self.style.mode == "skip":
-                stored = write_new_caption(target, new) or stored
-                continue
-            existing = read_caption(target) if self.style.mode in ("append", "prepend") else None
-            write_atomic(target, merge_caption(existing, new, self.style.mode, self.style.separator))
+            try:
+                if self.style.mode == "skip":
+                    stored = write_new_caption(target, new) or stored
+                    continue
+                existing = read_caption(target) if self.style.mode in ("append", "prepend") else None
+                write_atomic(target, merge_caption(existing, new, self.style.mode, self.style.separator))
+            except OSError as exc:  # a full disk names the caption file, not its temporary file
+                named = naming(target, exc)
+                if named is exc:
+                    raise
+                raise named from exc
             stored = True
         return stored
 
@@ -403,32 +411,9 @@ def read_jsonl(path: Path) -> Iterator[Any]:
                 continue
 
 
-class _LineLog:
-    """Append-only JSON Lines, one flushed write per row, a torn last line terminated first."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._handle: IO[str] | None = None  # opened on the first row: a dry run creates nothing
-
-    def append(self, row: dict[str, Any]) -> None:
-        if self._handle is None:
-            path = self.path
-            torn = path.exists() and path.stat().st_size > 0 and not _ends_with_newline(path)
-            self._handle = path.open("a", encoding="utf-8", newline="\n")
-            if torn:
-                self._handle.write("\n")
-        self._handle.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._handle.flush()
-
-    def close(self) -> None:
-        if self._handle is not None:
-            self._handle.close()
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with path.open("rb") as handle:
-        handle.seek(-1, os.SEEK_END)
-        return handle.read(1) == b"\n"
+def row_line(row: dict[str, Any]) -> str:
+    """One JSONL/journal line: the row as JSON, non-ASCII kept readable."""
+    return json.dumps(row, ensure_ascii=False) + "\n"
 
 
 class _TableOutput:
@@ -465,7 +450,7 @@ class JsonlOutput(_TableOutput):
             facts, recorded(self._note_errors(mine.select(shapes.note(read_jsonl(path))))), shapes
         )
         mine.report(path)
-        self._log = _LineLog(path)
+        self._log = LineLog(path)  # opened on the first row: a dry run creates nothing
 
     def write(self, record: Record, captions: Captions, error: str | None) -> bool:
         new = self._new_captions(record, captions)
@@ -475,7 +460,7 @@ class JsonlOutput(_TableOutput):
             self._errors.add((identity(record), error))
         elif not new:
             return False
-        self._log.append(make_row(record, self.facts, new, error))
+        self._log.append(row_line(make_row(record, self.facts, new, error)))
         self._remember(record, new)
         return True
 
@@ -508,12 +493,12 @@ class ParquetOutput(_TableOutput):
             done.setdefault(task, set()).update(idents)
         mine.report(path)
         super().__init__(facts, done, shapes)
-        self._log = _LineLog(self.journal)
+        self._log = LineLog(self.journal)
 
     def write(self, record: Record, captions: Captions, error: str | None) -> bool:
         new = self._new_captions(record, captions)
         if new:
-            self._log.append(make_row(record, self.facts, new))
+            self._log.append(row_line(make_row(record, self.facts, new)))
             self._remember(record, new)
         return bool(new)
 
@@ -541,11 +526,47 @@ def fold_journal(path: Path, journal: Path) -> None:
     import pyarrow.parquet as pq
 
     tables = [pq.read_table(path)] if path.exists() else []
+    if tables:
+        rows = _not_folded_yet(tables[0], rows)
+        if not rows:  # a run killed after its fold's rename: the journal is in the table already
+            journal.unlink()
+            return
     tables.append(pa.Table.from_pylist(rows))
     merged = pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
-    with replacing(path, fold_temp_path(path)) as tmp:
-        pq.write_table(merged, tmp)
+    try:
+        with replacing(path, fold_temp_path(path)) as tmp:
+            pq.write_table(merged, tmp)
+    except OSError as exc:  # the table is as it was and the journal keeps the rows: say so
+        if not is_disk_full(exc):
+            raise
+        note = f"the table is as it was; its new rows wait in {journal.name} beside it for the next run"
+        raise DiskFull(path, exc, note) from exc
     journal.unlink()
+
+
+def _not_folded_yet(table: Any, rows: list[Any]) -> list[Any]:
+    """The journal's ``rows`` that ``table`` does not hold yet.
+
+    A run killed between a fold's rename and the journal's deletion leaves a table that holds
+    the journal's rows and the journal too; folding it again would add every row twice. A row is
+    never written twice (each image's task once per model), so a journal row equal to one of the
+    table's is that one. Only the table's rows of the journal's images are compared, found by
+    their source and key (Arrow's own search): a large table is not turned into Python rows.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not {"source", "key"} <= set(table.column_names):
+        return rows
+    wanted = pa.array(sorted({f"{row.get('source')}\x00{row.get('key')}" for row in rows}), pa.string())
+    names = pc.binary_join_element_wise(table["source"], table["key"], "\x00")
+    held = {_row_content(row) for row in table.filter(pc.is_in(names, value_set=wanted)).to_pylist()}
+    return [row for row in rows if _row_content(row) not in held]
+
+
+def _row_content(row: dict[str, Any]) -> str:
+    """A row as comparable text; absent and null fields alike (the table has every row's columns)."""
+    return json.dumps({k: v for k, v in row.items() if v is not None}, sort_keys=True, default=str)
 
 
 def fold_temp_path(path: Path) -> Path:
@@ -619,27 +640,38 @@ def write_all(
     outputs: Sequence[Output], record: Record, captions: Captions, error: str | None
 ) -> tuple[bool, str | None]:
     """Give every output its turn, even when one fails: (skipped, why) for the image's report.
+    A full disk (:class:`~vision_server.disk_full.DiskFull`) is raised once every output had its
+    turn: it is no failure of this image, and the run stops on it.
 
     Skipped when the model's captions were stored nowhere because every caption file had been
     written meanwhile. A JSONL/Parquet row still written beside a kept caption file holds the
     model's caption of the image, true as ever, so the image counts as captioned then."""
     problem = None
     stored = False
+    full: DiskFull | None = None
     for output in outputs:
         try:
             stored = output.write(record, captions, error) or stored
+        except DiskFull as exc:
+            full = full or exc
         except (OSError, UnicodeError) as exc:
             problem = problem or f"cannot write the caption ({exc})"
+    if full is not None:  # every image after this one would meet it too: the run stops
+        raise full
     problem = problem or error
     if problem is None and captions and not stored:
         return True, WRITTEN_MEANWHILE
     return False, problem
 
 
-def close_all(outputs: Sequence[Output]) -> None:
-    """Close every output, each on its own: one that fails to close must not cost the others' rows."""
+def close_all(outputs: Sequence[Output]) -> bool:
+    """Close every output, each on its own: one that fails to close must not cost the others' rows.
+    Whether every one closed (a Parquet table whose journal could not be folded in did not)."""
+    closed = True
     for output in outputs:
         try:
             output.close()
         except Exception as exc:
+            closed = False
             print(f"error: closing an output failed: {exc}", file=sys.stderr)
+    return closed

@@ -19,6 +19,7 @@ captioned yet), writes already started finish, and the outputs close cleanly: a 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import multiprocessing
@@ -34,6 +35,7 @@ from vision_server.bulk.plan import Fail, Skip, Unit, Work
 from vision_server.bulk.prepare import interrupts_held, prepare_record, worker_init
 from vision_server.bulk.records import Record
 from vision_server.captioner import CaptionItem, GenerationOptions
+from vision_server.disk_full import DiskFull
 from vision_server.engine.scheduler import Engine
 from vision_server.errors import VisionServerError
 from vision_server.images import PixelSpec, PreparedImage
@@ -67,6 +69,7 @@ class Summary:
     failed: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # the first LISTED_FAILURES
     interrupted: int | None = None  # the signal that stopped the run early
+    stopped: str | None = None  # why the run stopped early otherwise (a full disk)
     started: float = field(default_factory=time.monotonic)
     seconds: float = 0.0
 
@@ -79,7 +82,7 @@ class Summary:
         """The command's exit status: 128 + the signal when stopped, 1 when an image failed, else 0."""
         if self.interrupted is not None:
             return 128 + self.interrupted
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.stopped is not None else 0
 
     def record(self, outcome: Outcome, display: str, reason: str | None) -> None:
         if outcome == "captioned":
@@ -135,6 +138,14 @@ class BulkPipeline:
         """Stop early (a signal): start nothing new; the run returns once the writes are done."""
         if self.summary.interrupted is None:
             self.summary.interrupted = signum
+        self._stopping.set()
+
+    def _disk_full(self, record: Record, exc: DiskFull) -> None:
+        """Stop early because an output's disk is full: every image after this one would fail
+        the same way. Said once, at once; this image (and those in flight) is left for the rerun."""
+        if self.summary.stopped is None:
+            self.summary.stopped = str(exc)
+            log.error("%s (writing the captions of %s); stopping the run", exc, record.display)
         self._stopping.set()
 
     async def run(self, units: Iterator[Unit]) -> Summary:
@@ -279,7 +290,7 @@ class BulkPipeline:
         record = work.record
         prepared = await self._prepare(record)  # decoding overlaps the model's load
         if isinstance(prepared, str):
-            await asyncio.shield(self._store(record, {}, prepared))
+            await self._stored(record, {}, prepared)
             return
         assert self.engine is not None
         if not await self._model_loaded(record):
@@ -287,7 +298,13 @@ class BulkPipeline:
         captions, error = await caption_image(
             self.engine, prepared, work.tasks, self.config.options, request_id=record.display
         )
-        await asyncio.shield(self._store(record, captions, error))
+        await self._stored(record, captions, error)
+
+    async def _stored(self, record: Record, captions: Captions, error: str | None) -> None:
+        """:meth:`_store`, waited for (a stop does not cut the write short); a full disk is
+        handled there, as the run's stop."""
+        with contextlib.suppress(DiskFull):
+            await asyncio.shield(self._store(record, captions, error))
 
     def _store(
         self, record: Record, captions: Captions, error: str | None
@@ -299,6 +316,9 @@ class BulkPipeline:
 
         def done(written: asyncio.Future[tuple[bool, str | None]]) -> None:
             self._writes.discard(written)
+            if not written.cancelled() and isinstance(written.exception(), DiskFull):
+                self._disk_full(record, written.exception())  # type: ignore[arg-type]
+                return
             if written.cancelled():
                 skipped, reason = False, error
             elif written.exception() is not None:

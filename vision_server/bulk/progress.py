@@ -11,6 +11,7 @@ import time
 from typing import IO
 
 from vision_server.bulk.pipeline import Outcome, Summary
+from vision_server.disk_full import RERUN_ADVICE
 from vision_server.progress_output import ProgressOutput
 
 
@@ -79,6 +80,9 @@ def format_summary(summary: Summary) -> str:
         lines.extend(f"  {display}: {reason}" for display, reason in summary.failures)
         if summary.failed > len(summary.failures):
             lines.append(f"  ... and {summary.failed - len(summary.failures)} more (each printed above)")
+    if summary.stopped is not None:
+        lines.append(f"stopped early: {summary.stopped}")
+        lines.append(f"everything written so far is whole; {RERUN_ADVICE}")
     return "\n".join(lines)
 
 

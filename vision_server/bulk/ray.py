@@ -31,6 +31,7 @@ from vision_server.bulk.plan import Fail, Skip, Unit, Work, plan
 from vision_server.bulk.progress import Progress, format_load_failure, format_summary
 from vision_server.bulk.readers import ReadOptions, iter_records
 from vision_server.bulk.records import Record
+from vision_server.disk_full import DiskFull
 from vision_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -158,6 +159,8 @@ def run_ray(
             _caption_on_ray(job, planned, tally)
     except _Stop as stop:
         tally.summary.interrupted = stop.signum
+    except DiskFull as exc:  # every row after this one would fail the same way: stop, say it once
+        tally.summary.stopped = str(exc)
     finally:
         _close(outputs, tally.progress, started)
         undo()
@@ -177,7 +180,7 @@ def _caption_on_ray(job: _Job, planned: _Planned, tally: _Tally) -> None:
         _caption(job, planned, tally.report)
     except _LoadFailed as failed:
         tally.load_error = failed.cause
-    except (_Stop, click.UsageError):
+    except (_Stop, click.UsageError, DiskFull):
         raise
     except Exception as exc:
         tally.run_failed(exc)

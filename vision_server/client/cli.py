@@ -262,7 +262,8 @@ def folder(
     be reached (after --wait-for-server; also a host name that does not resolve, TLS trouble),
     5 the server stays busy after --retries, 6 the API key is refused, 7 the task is refused;
     130 Ctrl+C (after the summary: run the same command again to resume). Earlier versions
-    exited 1 for all of these stops.
+    exited 1 for all of these stops. A full disk (no space left for a caption file or --jsonl,
+    or a quota) stops the run too, with exit status 1: free some space and run it again.
     """
     options: dict[str, Any] = {
         "task": task,

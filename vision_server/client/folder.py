@@ -53,6 +53,7 @@ from vision_server.client.errors import (
     VisionHTTPError,
 )
 from vision_server.client.jsonl import JsonlWriter, captioned_files
+from vision_server.disk_full import RERUN_ADVICE, DiskFull, naming
 from vision_server.output_lock import holding
 
 Outcome = Literal["done", "skipped", "failed"]
@@ -69,6 +70,9 @@ EXIT_UNREACHABLE = 3  # also a host name that does not resolve, and TLS trouble
 EXIT_BUSY = 5  # still busy or unavailable (429/503, a 502 of its own) after the retries
 EXIT_KEY_REFUSED = 6  # 401/403
 EXIT_TASK_REFUSED = 7  # 400 "Invalid prompt"
+# No space left on the disk (or quota) for a caption file or the JSONL file: 1, as for failed
+# images, since the folder needs the user's hand; the summary says what to do.
+EXIT_DISK_FULL = 1
 # What the first request (the question about --model) may stop the run for, as the folder
 # scripts' GET /prompts: any other trouble (busy, slow, a 500) is a warning, and the images try.
 FIRST_REQUEST_STOPS = frozenset({EXIT_USAGE, EXIT_UNREACHABLE, EXIT_KEY_REFUSED})
@@ -398,9 +402,11 @@ class _FolderRun:
                     existing = read_caption(job.target) if self.mode in ("append", "prepend") else None
                     write_atomic(job.target, merge_caption(existing, caption, self.mode, self.separator))
         except (VisionClientError, OSError, UnicodeError) as exc:
-            stop = _stop_reason(exc, model_named=self.client.model_name is not None)
+            # A full disk names the caption file, not its temporary file.
+            cause = naming(job.target, exc) if job.target is not None else exc
+            stop = _stop_reason(cause, model_named=self.client.model_name is not None)
             if stop is None:
-                return ImageResult(job.image, "failed", reason=_describe(exc))
+                return ImageResult(job.image, "failed", reason=_describe(cause))
             self.stop(*stop)
             return None
         return ImageResult(job.image, "done", caption=caption, model=answer.model)
@@ -427,6 +433,8 @@ def _stop_reason(exc: BaseException, *, model_named: bool) -> tuple[int, str] | 
     """The exit status and the reason when the run must stop, for an answer every other image
     would get too (in the words of the folder scripts); None to go on. A 404 points to
     ``--model`` only when the run named one (``model_named``): else only ``--url`` can be wrong."""
+    if isinstance(exc, DiskFull):  # every image after it would fail the same way
+        return EXIT_DISK_FULL, f"{exc}; {RERUN_ADVICE}"
     if isinstance(exc, VisionConnectionError):
         return EXIT_UNREACHABLE, f"the server cannot be reached ({exc})"
     if isinstance(exc, VisionHTTPError) and exc.gateway_outage:  # a proxy with no server behind it

@@ -15,10 +15,10 @@ import json
 from collections.abc import Collection
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
 from vision_server.bulk.records import safe_text
 from vision_server.client.api import task_token
+from vision_server.line_logs import LineLog
 
 
 def captioned_files(path: Path, task: str, model: str | Collection[str] | None = None) -> set[str]:
@@ -73,21 +73,19 @@ def record_line(file: str, task: str, caption: str, model: str | None = None) ->
 
 
 class JsonlWriter:
-    """Appends records and flushes each one, so a crash loses at most the line in progress."""
+    """Appends records, each line whole or not at all (:class:`~vision_server.line_logs.LineLog`),
+    so a crash or a full disk loses at most the line in progress, and never leaves half of it."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        needs_newline = path.exists() and path.stat().st_size > 0 and not _ends_with_newline(path)
-        self._handle: IO[str] = path.open("a", encoding="utf-8", newline="\n")
-        if needs_newline:
-            self._handle.write("\n")
+        self._log = LineLog(path)
+        self._log.open()  # created now, a torn last line of a killed run terminated
 
     def write(self, file: str, task: str, caption: str, model: str | None = None) -> None:
-        self._handle.write(record_line(file, task, caption, model))
-        self._handle.flush()
+        self._log.append(record_line(file, task, caption, model))
 
     def close(self) -> None:
-        self._handle.close()
+        self._log.close()
 
     def __enter__(self) -> JsonlWriter:
         return self
@@ -96,9 +94,3 @@ class JsonlWriter:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
-
-
-def _ends_with_newline(path: Path) -> bool:
-    with path.open("rb") as handle:
-        handle.seek(-1, 2)
-        return handle.read(1) == b"\n"

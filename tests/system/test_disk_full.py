@@ -1,0 +1,200 @@
+"""A disk that fills up mid-run, for real: every folder captioner stops, keeps what it wrote whole,
+and the rerun after freeing space finishes the job.
+
+The dataset sits on a small tmpfs mounted for the test (``tests.support.full_disk``) and filled
+up to a few pages, so the kernel itself refuses the writes (``ENOSPC``, a short write first where
+a write crosses into a page it cannot have). Expected of ``vision-server caption`` (caption files,
+``--jsonl``, ``--parquet``), ``vision-client folder`` (caption files, ``--jsonl``) and
+``vision-caption-folder-images.sh``: the run stops at the first refused write (not one failure per
+image left), says which file and "no space left", prints its summary, leaves no temporary file,
+half caption or torn JSONL line, and a rerun once space is free captions each image left, once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from tests.support import images, paths
+from tests.support.bulk_data import caption_command, cli_env
+from tests.support.full_disk import PAGE, fill, small_disk
+
+IMAGES = 40
+FAST = ("--model", "test:tiny", "--max-new-tokens", "8", "--num-beams", "1", "--log-level", "warning")
+FOLDER_SCRIPT = paths.REPO / "clients" / "vision-caption-folder-images.sh"
+VISION_CLIENT = Path(sys.executable).with_name("vision-client")
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB file system holding ``IMAGES`` small images (a page each) in ``data/``."""
+    with small_disk(tmp_path / "disk", "2m") as root:
+        for n in range(IMAGES):
+            images.save(root / "data" / f"img{n:03d}.png", n, (16, 16))
+        yield root
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("disk-full-cache")
+
+
+def caption(tmp: Path, cache: Path, *args: str | Path) -> subprocess.CompletedProcess[str]:
+    command = caption_command(*args, *FAST, "--cache-dir", cache, "--workers", "1")
+    return subprocess.run(command, env=cli_env(tmp), capture_output=True, text=True, timeout=300)
+
+
+def leftovers(root: Path) -> list[str]:
+    """Temporary files of any writer: caption temps, fold temps."""
+    return sorted(path.name for path in root.rglob("*") if path.name.endswith(".tmp"))
+
+
+def whole_rows(path: Path) -> list[dict]:
+    """Every line of a JSONL file, each of which must parse and end with a newline."""
+    data = path.read_bytes()
+    assert not data or data.endswith(b"\n"), f"torn last line: {data[-80:]!r}"
+    return [json.loads(line) for line in data.decode("utf-8").splitlines()]
+
+
+def assert_stopped_once(stderr: str, culprit: str) -> None:
+    """One stop that names the file and the cause, not one failure per image left."""
+    assert "no space left" in stderr, stderr
+    assert culprit in stderr, stderr
+    assert stderr.count("no space left") <= 3, stderr  # said when it happens, and in the summary
+    assert re.search(r"\bfailed 0\b|\b0 failed\b", stderr), stderr
+    assert "FAILED" not in stderr, stderr
+
+
+def test_caption_stops_when_the_disk_fills_and_the_rerun_finishes(
+    tmp_path: Path, cache: Path, disk: Path
+) -> None:
+    """Caption files and a JSONL file on a disk with room for about a dozen rows."""
+    data, jsonl = disk / "data", disk / "out.jsonl"
+    filler = fill(disk, leave=8 * PAGE)
+
+    full = caption(tmp_path, cache, data, "--sidecars", "--jsonl", jsonl)
+
+    assert full.returncode == 1, full.stderr
+    assert_stopped_once(full.stderr, str(disk))
+    assert "stopped early" in full.stderr and "run the same command again" in full.stderr
+    assert leftovers(disk) == []
+    rows = whole_rows(jsonl)
+    written = sorted(data.glob("*.txt"))
+    assert len(written) < IMAGES  # the disk did fill up
+    for path in written:  # every caption file there is whole: one of the rows' captions
+        assert path.read_text(encoding="utf-8").strip()
+
+    filler.unlink()
+    again = caption(tmp_path, cache, data, "--sidecars", "--jsonl", jsonl)
+
+    assert again.returncode == 0, again.stderr
+    assert len(list(data.glob("*.txt"))) == IMAGES
+    keys = [row["key"] for row in whole_rows(jsonl)]
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == IMAGES  # each image once
+    assert {row["key"] for row in rows} <= set(keys)
+    assert leftovers(disk) == []
+
+
+def test_parquet_run_stops_and_keeps_its_table_whole(tmp_path: Path, cache: Path, disk: Path) -> None:
+    """The journal fills up mid-run and the fold at the end finds no room either: the table is as
+    it was, readable, the rows wait in the journal, and the rerun folds every image in once."""
+    data, table = disk / "data", disk / "out.parquet"
+    first = caption(tmp_path, cache, data, "--parquet", table, "--no-sidecars", "--limit", "10")
+    assert first.returncode == 0, first.stderr
+    filler = fill(disk, leave=PAGE)  # room for about 20 rows in the journal, none for a fold
+
+    full = caption(tmp_path, cache, data, "--parquet", table, "--no-sidecars")
+
+    assert full.returncode == 1, full.stderr
+    assert_stopped_once(full.stderr, "out.parquet")
+    assert "stopped early" in full.stderr  # the journal filled up mid-run
+    assert "rows wait in .out.parquet.journal.jsonl" in full.stderr  # and the fold found no room
+    assert pq.read_table(table).num_rows == 10  # as it was, readable
+    assert 0 < len(whole_rows(disk / ".out.parquet.journal.jsonl")) < IMAGES - 10
+    assert leftovers(disk) == []
+
+    filler.unlink()
+    again = caption(tmp_path, cache, data, "--parquet", table, "--no-sidecars")
+
+    assert again.returncode == 0, again.stderr
+    keys = pq.read_table(table).column("key").to_pylist()
+    assert sorted(keys) == sorted(set(keys)) and len(keys) == IMAGES
+    assert not (disk / ".out.parquet.journal.jsonl").exists()
+    assert leftovers(disk) == []
+
+
+@pytest.mark.parametrize("output", ["captions", "jsonl"])
+def test_vision_client_folder_stops_when_the_disk_fills(
+    tiny_server_url: str, tmp_path: Path, disk: Path, output: str
+) -> None:
+    data, jsonl = disk / "data", disk / "out.jsonl"
+    # Rows of some 300 bytes: a page holds about a dozen, and one row is cut by the page's end.
+    extra = ["--jsonl", str(jsonl), "--prefix", "trigger word, " * 15] if output == "jsonl" else []
+
+    def folder() -> subprocess.CompletedProcess[str]:
+        command = [
+            str(VISION_CLIENT),
+            "--url",
+            tiny_server_url,
+            "folder",
+            str(data),
+            "--task",
+            "CAPTION",
+            *extra,
+        ]
+        return subprocess.run(command, capture_output=True, text=True, timeout=300)
+
+    filler = fill(disk, leave=(1 if output == "jsonl" else 8) * PAGE)
+    full = folder()
+
+    assert full.returncode == 1, full.stderr
+    assert_stopped_once(full.stderr, str(jsonl) if output == "jsonl" else str(data))
+    assert "Stopped early" in full.stderr and "run the same command again" in full.stderr
+    assert leftovers(disk) == []
+    if output == "jsonl":
+        assert 0 < len(whole_rows(jsonl)) < IMAGES
+
+    filler.unlink()
+    again = folder()
+
+    assert again.returncode == 0, again.stderr
+    if output == "jsonl":
+        files = [row["file"] for row in whole_rows(jsonl)]
+        assert sorted(files) == sorted(set(files)) and len(files) == IMAGES
+    else:
+        assert all(path.with_suffix(".txt").read_text().strip() for path in data.glob("*.png"))
+    assert leftovers(disk) == []
+
+
+def test_folder_script_stops_when_the_disk_fills(tiny_server_url: str, tmp_path: Path, disk: Path) -> None:
+    data = disk / "data"
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_")}
+    env["TMPDIR"] = str(tmp_path)  # its own work files are on another disk, as usual
+
+    def folder() -> subprocess.CompletedProcess[str]:
+        command = [str(FOLDER_SCRIPT), "--url", tiny_server_url, "-q", "CAPTION", "txt", str(data)]
+        return subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+    filler = fill(disk, leave=8 * PAGE)
+    full = folder()
+
+    assert full.returncode == 1, full.stderr
+    assert_stopped_once(full.stderr, str(data))
+    assert "Stopped early" in full.stderr and "run the same command again" in full.stderr
+    assert leftovers(disk) == []
+    assert len(list(data.glob("*.txt"))) < IMAGES
+
+    filler.unlink()
+    again = folder()
+
+    assert again.returncode == 0, again.stderr
+    assert all(path.with_suffix(".txt").read_text().strip() for path in data.glob("*.png"))
+    assert leftovers(disk) == []
