@@ -356,6 +356,44 @@ def test_folder_run_outlives_a_server_restart(tmp_path: Path) -> None:
     assert all(image.with_suffix(".txt").read_text(encoding="utf-8") for image in data.glob("*.png"))
 
 
+def test_folder_jsonl_run_outlives_a_server_restart_with_each_image_once(tmp_path: Path) -> None:
+    """The same restart with ``--jsonl`` output: the images whose requests the kill broke are sent
+    again, and the file ends with one whole row per image (none lost, none twice)."""
+    port = free_port()
+    data, out = tmp_path / "data", tmp_path / "out.jsonl"
+    for i in range(16):
+        save_flat(data / f"{i:02}.png", (12 * i, 90, 250 - 9 * i), (32, 32))
+    settings = {"port": port, "max_batch_size": 2}
+    first = ServerProcess.fake(tmp_path, "first", delay=0.4, **settings)
+    client: subprocess.Popen[str] | None = None
+    try:
+        with first:
+            url = first.wait_listening()
+            command = [CLI, "--url", url, "folder", str(data), "-j", "4", "-t", "caption"]
+            command += ["--jsonl", str(out)]
+            client = subprocess.Popen(
+                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env()
+            )
+            end = time.monotonic() + 60
+            while not (out.exists() and out.read_text()) and time.monotonic() < end and client.poll() is None:
+                time.sleep(0.05)
+            first.process.kill()  # requests are in flight
+            first.wait(10)
+        assert client.poll() is None, "the run ended before the server went away"
+        time.sleep(2)
+        with ServerProcess.fake(tmp_path, "second", delay=0.4, **settings) as second:
+            assert second.wait_listening() == url
+            _, err = client.communicate(timeout=120)
+    finally:
+        if client is not None and client.poll() is None:
+            client.kill()
+            client.communicate()
+    assert client.returncode == 0, err
+    assert "server back; going on" in err
+    rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
+    assert sorted(row["file"] for row in rows) == sorted(image.name for image in data.glob("*.png"))
+
+
 # ---------------------------------------------------------------------------------------------
 # API key (stand-in server)
 
