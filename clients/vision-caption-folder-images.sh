@@ -365,6 +365,12 @@ for ((tries = 0; tries < 100; tries++)); do
     new_dir=""
 done
 [[ -n $tmpd ]] || die 1 "cannot create a temporary directory"
+# Every worker hands its caption and result over through files there: on a full disk each one
+# would die without a word ("the worker stopped unexpectedly", image after image). Say it now.
+if ! { printf 'probe\n' >"$tmpd/probe"; } 2>/dev/null; then
+    die 1 "cannot write in the temporary directory ${TMPDIR:-/tmp} (no space left on its disk?); free some space there, or set TMPDIR to a folder with space"
+fi
+rm -f -- "$tmpd/probe"
 
 # ---------------------------------------------------------------------------------------------
 # Check the server before spending time on the folder.

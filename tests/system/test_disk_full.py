@@ -198,3 +198,24 @@ def test_folder_script_stops_when_the_disk_fills(tiny_server_url: str, tmp_path:
     assert again.returncode == 0, again.stderr
     assert all(path.with_suffix(".txt").read_text().strip() for path in data.glob("*.png"))
     assert leftovers(disk) == []
+
+
+def test_folder_script_says_at_once_when_its_temporary_directory_is_full(
+    tiny_server_url: str, tmp_path: Path
+) -> None:
+    """Its workers hand results over through files in TMPDIR: on a full disk each one died without
+    a word, and every image failed as "the worker stopped unexpectedly"."""
+    data = tmp_path / "data"
+    for n in range(3):
+        images.save(data / f"img{n}.png", n, (16, 16))
+    with small_disk(tmp_path / "tmp", "256k") as scratch:
+        fill(scratch)
+        env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_")}
+        env["TMPDIR"] = str(scratch)
+        command = [str(FOLDER_SCRIPT), "--url", tiny_server_url, "CAPTION", "txt", str(data)]
+        result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+        assert sorted(path.name for path in scratch.iterdir()) == ["filler"]  # nothing left there
+    assert result.returncode == 1, result.stderr
+    assert f"cannot write in the temporary directory {scratch}" in result.stderr
+    assert "no space left" in result.stderr and "stopped unexpectedly" not in result.stderr
+    assert not list(data.glob("*.txt"))
