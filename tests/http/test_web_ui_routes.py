@@ -400,3 +400,31 @@ async def test_caption_files_the_gallery_writes_follow_the_dataset_rules(
                 "neither is captioned, rename one of them"
             )
     assert sorted(p.name for p in data.root.glob("twin.*")) == ["twin.jpg", "twin.png"]
+
+
+async def test_a_full_disk_fails_the_save_alone_and_the_server_goes_on(tmp_path: Path) -> None:
+    """The dataset's disk and the thumbnail cache's are full, for real (small tmpfs mounts): the
+    save is a 500 that names the file and "No space left", with the request id; the old caption
+    and no temp file stay; a thumbnail is still served (its cache only costs speed); the server
+    keeps answering."""
+    from tests.support.full_disk import fill, small_disk
+
+    with small_disk(tmp_path / "data", "2m") as disk, small_disk(tmp_path / "cache", "256k") as cache:
+        data = make_gallery(disk)
+        fill(disk)
+        fill(cache)
+        settings = gallery_settings(data, tmp_path, cache_dir=cache, gallery_writable=True)
+        async with running_server(settings, FakeCaptioner()) as url, ClientSession(url) as client:
+            body = {"path": "img00.png", "source": ".txt", "text": "a new caption"}
+            async with client.post("/ui/api/gallery/save", json=body) as response:
+                error = (await response.json())["error"]
+                request_id = response.headers["X-Request-ID"]
+            async with client.get("/ui/api/gallery/thumb", params={"path": "img03.png"}) as thumb:
+                assert thumb.status == 200 and thumb.content_type == "image/jpeg"
+            async with client.get("/health") as health:
+                assert health.status == 200
+        assert response.status == 500 and error["code"] == "caption_file_unwritable"
+        assert "img00.txt" in error["message"] and "No space left" in error["message"], error
+        assert error["request_id"] == request_id
+        assert (data.root / "img00.txt").read_text(encoding="utf-8") == "a red cat on a sofa"
+        assert not [path for path in disk.rglob("*") if path.name.endswith(".tmp")]
