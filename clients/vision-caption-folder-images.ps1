@@ -59,7 +59,9 @@ Extension of the caption files, with or without the dot: txt, caption, .txt. An 
 extension is refused, since the captions would replace the images.
 
 .PARAMETER Folder
-The folder to caption. Subfolders are included unless -NoRecurse is given.
+The folder to caption. Subfolders are included unless -NoRecurse is given. Hidden files and
+folders below it (a name starting with '.', such as .ipynb_checkpoints) are left out; give a
+hidden folder as Folder to caption it.
 
 .PARAMETER Mode
 What to do when an image already has a caption file:
@@ -220,9 +222,21 @@ function Format-Duration([double]$Seconds) {
     return [System.TimeSpan]::FromSeconds([Math]::Round($Seconds)).ToString()
 }
 
+function Test-HiddenBelow([string]$RootFull, [string]$Path) {
+    # Whether a name in $Path below $RootFull starts with '.': such a file or folder is no part
+    # of the dataset (.ipynb_checkpoints, .cache, macOS '._name' files), as in the bash script
+    # and the Python tools. $RootFull itself may be hidden; a path not under it is not judged.
+    if (-not $Path.StartsWith($RootFull, [System.StringComparison]::OrdinalIgnoreCase)) { return $false }
+    foreach ($name in $Path.Substring($RootFull.Length).Split([char[]]@('\', '/'))) {
+        if ($name.StartsWith('.')) { return $true }
+    }
+    return $false
+}
+
 function Get-ImageFile([string]$Root, [bool]$Recurse) {
-    # Full paths of the images under $Root, sorted. macOS '._name' resource forks are skipped.
+    # Full paths of the images under $Root, sorted; hidden names below $Root are left out.
     $extensions = Get-VisionImageExtension
+    $rootFull = (New-Object System.IO.DirectoryInfo $Root).FullName.TrimEnd([char[]]@('\', '/'))
     $walkErrors = $null
     $files = Get-ChildItem -LiteralPath $Root -File -Recurse:$Recurse -ErrorAction SilentlyContinue -ErrorVariable walkErrors
     foreach ($problem in @($walkErrors)) {
@@ -230,7 +244,7 @@ function Get-ImageFile([string]$Root, [bool]$Recurse) {
     }
     $images = foreach ($file in $files) {
         $extension = $file.Extension.TrimStart('.').ToLowerInvariant()
-        if ($extensions -contains $extension -and -not $file.Name.StartsWith('._')) { $file.FullName }
+        if ($extensions -contains $extension -and -not (Test-HiddenBelow $rootFull $file.FullName)) { $file.FullName }
     }
     return @($images | Sort-Object)
 }

@@ -61,9 +61,11 @@ Each line break in the server's caption becomes a space (trainers read caption f
 vision-client folder and vision-server caption do the same; --prefix, --suffix and --separator
 are written as given), and the file has no trailing newline.
 
-macOS "._name" files are no images. A broken symlink, a symlink loop or a FIFO named like an
-image, and an image whose caption file name would be too long for the file system, fail with
-their reason before anything is sent (as in vision-client folder and vision-server caption).
+Names that start with "." below <folder> are no part of the dataset: hidden files (macOS
+"._name" files too) are not captioned, hidden folders (.ipynb_checkpoints, .cache) not entered;
+give such a folder as <folder> to caption it. A broken symlink, a symlink loop or a FIFO named
+like an image, and an image whose caption file name would be too long for the file system, fail
+with their reason before anything is sent (as in vision-client folder and vision-server caption).
 
 Images with the same name but another extension (a.jpg and a.png) would share one caption file
 (a.txt) that a trainer pairs with both: none of them is captioned and each is reported as
@@ -495,8 +497,10 @@ find_args=("$folder")
 ((recursive)) || find_args+=(-maxdepth 1)
 # Every entry named like an image but a folder (a symlink to one is dropped below): a broken
 # symlink, a symlink loop or a FIFO is reported as failed with its reason, as the Python tools
-# do. macOS "._name" resource forks only look like images: never listed.
-find_args+=('!' -type d '!' -name '._*' '(')
+# do. A name starting with "." below the folder is no part of the dataset, as in the Python tools
+# (captionfiles.is_hidden): such a file is not listed (macOS "._name" files among them), such a
+# folder not entered. -mindepth 1 keeps the folder itself out of it: it may be hidden.
+find_args+=(-mindepth 1 -name '.*' -prune -o '!' -type d '(')
 for e in "${IMAGE_EXTS[@]}"; do
     find_args+=(-iname "*.$e" -o)
 done

@@ -54,6 +54,24 @@ def is_image(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_EXTENSIONS and not path.name.startswith("._")
 
 
+def is_hidden(name: str) -> bool:
+    """Whether a name below a dataset's root is left out of the dataset: it starts with ".".
+
+    ``.ipynb_checkpoints/``, ``.thumbnails/``, ``.cache/``, ``.Trash-1000/`` hold copies and
+    thumbnails of the images, not training images, and trainers that read the captions (kohya-ss)
+    skip such names; macOS ``._name`` files are among them. The rule of every folder captioner,
+    the gallery and ``vision-server train``: a hidden folder is not entered, a hidden file (or
+    symlink) is not listed. Only names below the root count, so a root such as ``~/.datasets/x``
+    is read as usual, and an image named on the command line is taken whatever its name.
+    """
+    return name.startswith(".")
+
+
+def is_listed_image(name: str) -> bool:
+    """Whether a folder listing takes the entry ``name`` as an image: named like one, not hidden."""
+    return not is_hidden(name) and is_image(Path(name))
+
+
 def find_images(root: Path, *, recursive: bool = True) -> list[Path]:
     """Every image file under ``root``, sorted so runs and logs are reproducible."""
     return [path for path in list_images(root, recursive=recursive).images if path.is_file()]
@@ -74,7 +92,8 @@ class ImageListing:
 
 
 def list_images(root: Path, *, recursive: bool = True) -> ImageListing:
-    """The images (and unreadable folders) under ``root``; symlinked folders are not entered."""
+    """The images (and unreadable folders) under ``root``; symlinked and hidden folders are not
+    entered, hidden files not listed (:func:`is_hidden`)."""
     unlisted: list[tuple[Path, str]] = []
 
     def note(exc: OSError) -> None:
@@ -84,12 +103,13 @@ def list_images(root: Path, *, recursive: bool = True) -> ImageListing:
     if not recursive:
         try:
             with os.scandir(root) as scan:
-                images = [Path(e.path) for e in scan if is_image(Path(e.name)) and not _is_dir(e)]
+                images = [Path(e.path) for e in scan if is_listed_image(e.name) and not _is_dir(e)]
         except OSError as exc:
             note(exc)
     else:  # os.walk puts symlinked folders among the folders and does not enter them: no loops
-        for folder, _dirs, names in os.walk(root, onerror=note):
-            images.extend(Path(folder, name) for name in names if is_image(Path(name)))
+        for folder, dirs, names in os.walk(root, onerror=note):
+            dirs[:] = [name for name in dirs if not is_hidden(name)]  # os.walk enters only these
+            images.extend(Path(folder, name) for name in names if is_listed_image(name))
     return ImageListing(sorted(images), sorted(unlisted))
 
 

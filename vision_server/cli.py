@@ -202,7 +202,9 @@ def caption(inputs: tuple[Path, ...], config: Path | None, **params: Any) -> Non
     Parquet files and WebDataset .tar shards.
 
     By default a caption file goes beside each image (cat.png -> cat.txt) and images that
-    already have one are skipped, so an interrupted run resumes where it stopped.
+    already have one are skipped, so an interrupted run resumes where it stopped. In a folder,
+    hidden files and folders (a name starting with ".", e.g. .ipynb_checkpoints) are skipped;
+    give a hidden folder as an input to caption it.
 
     Exit status: 0 all captioned or skipped, 1 some image failed (or the disk filled up: the
     run stops at once, naming the file), 2 bad usage; 130/143 when stopped by Ctrl+C/SIGTERM

@@ -19,6 +19,7 @@ from aiohttp import ClientSession
 from PIL import Image
 from yarl import URL
 
+from tests.support import hidden_names
 from tests.support.gallery_data import XSS, GalleryData, make_gallery
 from tests.support.serving import running_server
 from vision_server.gallery.thumbs import make_thumbnail
@@ -428,3 +429,24 @@ async def test_a_full_disk_fails_the_save_alone_and_the_server_goes_on(tmp_path:
         assert error["request_id"] == request_id
         assert (data.root / "img00.txt").read_text(encoding="utf-8") == "a red cat on a sofa"
         assert not [path for path in disk.rglob("*") if path.name.endswith(".tmp")]
+
+
+async def test_hidden_files_and_folders_are_not_in_the_gallery(tmp_path: Path) -> None:
+    """The gallery shows the images the dataset tools caption: no Jupyter checkpoint, thumbnail
+    cache, trash or dot-named file among them, and none of those can be opened or saved by
+    name either. The gallery's root may be hidden itself."""
+    root = hidden_names.make_tree(tmp_path / ".data")
+    settings = Settings(cache_dir=tmp_path / "cache", gallery=root, gallery_writable=True)
+    async with running_server(settings, FakeCaptioner()) as url, ClientSession(url) as client:
+        async with client.get("/ui/api/gallery") as response:
+            listed = await response.json()
+        assert [item["path"] for item in listed["items"]] == list(hidden_names.VISIBLE)
+        for name in (*hidden_names.HIDDEN_IMAGES, ".link.png", "sub/.linked/b-thumb.png"):
+            async with client.get("/ui/api/gallery/image", params={"path": name}) as response:
+                assert response.status == 404, name
+            body = {"path": name, "source": ".txt", "text": "a checkpoint copy"}
+            async with client.post("/ui/api/gallery/save", json=body) as response:
+                assert response.status == 404, name
+    assert hidden_names.files_below(root) == {
+        *hidden_names.VISIBLE, *hidden_names.HIDDEN_IMAGES, *hidden_names.HIDDEN_LINKS
+    }  # fmt: skip

@@ -31,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.support import hidden_names
 from tests.support.bulk_data import caption_command, cli_env, good_images, messy_folder, picture
 from tests.support.gated import gated_caption_command
 from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
@@ -464,6 +465,34 @@ def test_a_folder_given_twice_or_inside_another_is_captioned_once(tmp_path: Path
     captions = {root / row["key"]: row["caption"] for row in rows}
     for image in images:
         assert sidecar(image).read_text(encoding="utf-8") == f"old {captions[image]}"
+
+
+def test_hidden_names_in_a_folder_are_left_out_but_taken_when_given_themselves(
+    tmp_path: Path, cache: Path
+) -> None:
+    """A folder's hidden files and folders are no part of it (Jupyter checkpoints, thumbnail
+    caches), also in --dry-run and its counts; a hidden folder or image given as an input of its
+    own is captioned, and not left out as "inside" the folder that does not list it."""
+    root = hidden_names.make_tree(tmp_path / "data")
+    result = run(tmp_path, cache, root, *FAST, "--dry-run")
+    assert result.returncode == 0, result.stderr
+    assert sorted(line.split("\t")[1] for line in result.stdout.splitlines()) == [
+        str(root / name) for name in hidden_names.VISIBLE
+    ]
+    assert "2 to caption, 0 skipped" in result.stderr
+
+    given = (root, root / ".ipynb_checkpoints", root / ".hidden.jpg")
+    result = run(tmp_path, cache, *given, *FAST)
+    assert result.returncode == 0, result.stderr
+    assert "captioned 4, skipped 0" in result.stderr and "also given" not in result.stderr
+    added = hidden_names.files_below(root) - {*hidden_names.VISIBLE, *hidden_names.HIDDEN_IMAGES}
+    assert added == {
+        *hidden_names.HIDDEN_LINKS,
+        "a.txt",
+        "sub/b.txt",
+        ".ipynb_checkpoints/a-checkpoint.txt",
+        ".hidden.txt",
+    }
 
 
 def test_dry_run_lines_stay_whole_for_names_with_line_breaks_and_tabs(tmp_path: Path, cache: Path) -> None:

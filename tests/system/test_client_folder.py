@@ -19,6 +19,7 @@ import pytest
 from aiohttp import web
 from PIL import Image
 
+from tests.support import hidden_names
 from vision_server.captionfiles import write_atomic
 from vision_server.client import AsyncVisionClient, RetryPolicy, VisionClient, caption_folder, find_images
 
@@ -186,6 +187,22 @@ async def test_not_recursive(stub, tmp_path: Path) -> None:
     summary = await caption_folder(client, tmp_path, recursive=False)
     assert (summary.total, summary.done) == (1, 1)
     assert not (tmp_path / "sub" / "deep.txt").exists()
+
+
+async def test_hidden_names_are_left_out_with_and_without_subfolders(stub, tmp_path: Path) -> None:
+    """No hidden file is captioned and no hidden folder entered below the folder, which may be
+    hidden itself; the dry run and the counts see the same images."""
+    _, client = stub
+    root = hidden_names.make_tree(tmp_path / ".data")
+    before = hidden_names.files_below(root)
+    planned = await caption_folder(client, root, dry_run=True)
+    assert [path.relative_to(root).as_posix() for path in planned.planned] == list(hidden_names.VISIBLE)
+    flat = await caption_folder(client, root, recursive=False)
+    assert (flat.total, flat.done) == (1, 1)
+    assert hidden_names.files_below(root) == before | {"a.txt"}
+    deep = await caption_folder(client, root)
+    assert (deep.total, deep.done, deep.skipped) == (2, 1, 1)
+    assert hidden_names.files_below(root) == before | {"a.txt", "sub/b.txt"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import paths
+from tests.support import hidden_names, paths
 from tests.support.api import tiny_cache_dir
 from tests.support.bulk_data import caption_command, cli_env
 from tests.support.images import save as save_image
@@ -148,6 +148,29 @@ def test_stems_that_differ_in_case_alone_are_both_captioned_on_a_case_sensitive_
     for caption in ("b.txt", "B.txt", "c.txt"):
         assert (root / caption).read_text(encoding="utf-8").strip(), caption
     assert {path.name for path in root.iterdir()} == before | {"b.txt", "B.txt", "c.txt"}  # no probe left
+
+
+# ---------------------------------------------------------------------------------------------
+# Hidden files and folders
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_hidden_files_and_folders_below_the_root_are_no_part_of_the_dataset_in_every_tool(
+    tool: str, tiny_server_url: str, cache: Path, tmp_path: Path
+) -> None:
+    """A name starting with "." below the root is not captioned, not entered, not reported:
+    Jupyter checkpoints, thumbnail caches, the trash, a dot-named symlink (every tool captioned
+    them as training images; kohya-ss skips them). The root is hidden itself (``.data``): only
+    names below it count, so its own images are captioned."""
+    root = hidden_names.make_tree(tmp_path / ".data")
+    before = hidden_names.files_below(root)
+    result = run_tool(tool, root, url=tiny_server_url, cache=cache, tmp=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert hidden_names.files_below(root) == before | {"a.txt", "sub/b.txt"}
+    for name in (*hidden_names.HIDDEN_IMAGES, *hidden_names.HIDDEN_LINKS):
+        assert Path(name).name not in result.stderr + result.stdout, (name, result.stderr[-3000:])
+    for caption in ("a.txt", "sub/b.txt"):
+        assert (root / caption).read_text(encoding="utf-8").strip(), caption
 
 
 # ---------------------------------------------------------------------------------------------

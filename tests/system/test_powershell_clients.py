@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import paths
+from tests.support import hidden_names, paths
 from tests.support.images import save as save_image
 from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
 from tests.support.meanwhile import folder_of_images, run_with_captions_written_meanwhile
@@ -499,6 +499,23 @@ def test_folder_no_recurse(server: str, tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert top.with_suffix(".txt").exists()
     assert not deep.with_suffix(".txt").exists()
+
+
+@needs_pwsh
+def test_folder_leaves_hidden_names_out_with_and_without_subfolders(tmp_path: Path) -> None:
+    """As the bash script and the Python tools: no hidden file captioned, no hidden folder
+    entered below the folder (on Windows a dot-name is no Hidden attribute), which may be
+    hidden itself."""
+    root = hidden_names.make_tree(tmp_path / ".data")
+    before = hidden_names.files_below(root)
+    with StandIn() as stand_in:
+        flat = ps(FOLDER, "CAPTION", "txt", str(root), "-Url", stand_in.url, "-NoRecurse")
+        assert flat.returncode == 0, flat.stderr
+        assert hidden_names.files_below(root) == before | {"a.txt"}
+        deep = ps(FOLDER, "CAPTION", "txt", str(root), "-Url", stand_in.url)
+        assert deep.returncode == 0, deep.stderr
+        assert len(stand_in.posts()) == 2  # a.png once, then sub/b.png: a.txt is skipped
+    assert hidden_names.files_below(root) == before | {"a.txt", "sub/b.txt"}
 
 
 @needs_pwsh

@@ -29,7 +29,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from tests.support import paths
+from tests.support import hidden_names, paths
 from tests.support.images import save as save_image
 from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
 from tests.support.processes import ServerProcess, free_port, http_json
@@ -966,6 +966,21 @@ def test_folder_run_outlives_a_server_restart(tmp_path: Path, tmpdir_env: Path) 
     assert "server back; going on" in stderr
     assert all(caption_path(image).read_text() for image in images)
     assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
+
+
+def test_folder_leaves_hidden_names_out_with_and_without_subfolders(tmp_path: Path) -> None:
+    """find lists no hidden file and enters no hidden folder below the folder, which may be
+    hidden itself (a plain -name '.*' -prune would prune the folder given, and caption nothing)."""
+    root = hidden_names.make_tree(tmp_path / ".data")
+    before = hidden_names.files_below(root)
+    with StandIn() as stand_in:
+        flat = run(FOLDER, "--url", stand_in.url, "--no-recursive", "CAPTION", "txt", str(root))
+        assert flat.returncode == 0, flat.stderr
+        assert hidden_names.files_below(root) == before | {"a.txt"}
+        deep = run(FOLDER, "--url", stand_in.url, "CAPTION", "txt", str(root))
+        assert deep.returncode == 0, deep.stderr
+        assert len(stand_in.posts()) == 2  # a.png once, then sub/b.png: a.txt is skipped
+    assert hidden_names.files_below(root) == before | {"a.txt", "sub/b.txt"}
 
 
 def test_folder_temp_names_and_sweep_of_a_killed_runs_leftovers(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from tests.support import hidden_names
 from tests.support.leftovers import OLD, YOUNG, aged
 from vision_server import captionfiles
 from vision_server.captionfiles import (
@@ -140,6 +141,17 @@ def test_list_images_reports_a_folder_it_cannot_list(tmp_path: Path, monkeypatch
         )
     assert file_problem(tmp_path / "b.jpg") == "broken symlink (points to gone.jpg)"
     assert find_images(tmp_path) == [tmp_path / "ok" / "a.png"]  # the public helper: files only
+
+
+@pytest.mark.parametrize("recursive", [True, False])
+def test_hidden_files_and_folders_below_the_root_are_not_listed(tmp_path: Path, recursive: bool) -> None:
+    """Jupyter checkpoints, thumbnail caches, the trash, dot-named files and symlinks are no
+    dataset images (kohya-ss skips them too); a hidden root is listed as any other."""
+    root = hidden_names.make_tree(tmp_path / ".data")
+    listing = list_images(root, recursive=recursive)
+    names = [path.relative_to(root).as_posix() for path in listing.images]
+    assert names == (list(hidden_names.VISIBLE) if recursive else ["a.png"])
+    assert listing.unlisted == []
 
 
 def test_write_atomic_keeps_an_existing_files_mode_not_its_link_and_refuses_a_read_only_one(

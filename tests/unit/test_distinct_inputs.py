@@ -18,7 +18,17 @@ from hypothesis import strategies as st
 
 from vision_server.bulk.readers import InputKind, _place, distinct_inputs
 
-IMAGES = ("x.png", "a/x.png", "a/y.png", "a/b/x.png", "a/b/c/z.png", "a/e/w.png", "d/z.png")
+IMAGES = (
+    "x.png",
+    "a/x.png",
+    "a/y.png",
+    "a/b/x.png",
+    "a/b/c/z.png",
+    "a/e/w.png",
+    "d/z.png",
+    "a/.v.png",
+    "a/.h/u.png",
+)
 
 
 def pairwise(
@@ -40,7 +50,13 @@ def pairwise(
                 continue
             if kinds[inputs[other]] != "folder":
                 continue
-            if place.is_relative_to(top) if recursive else kinds[path] == "file" and place.parent == top:
+            if recursive:
+                listed = place.is_relative_to(top) and not any(
+                    part.startswith(".") for part in place.relative_to(top).parts
+                )
+            else:
+                listed = kinds[path] == "file" and place.parent == top and not place.name.startswith(".")
+            if listed:
                 covered[index] = other
                 break
     kept = tuple(path for index, path in enumerate(inputs) if index not in covered)
@@ -52,14 +68,14 @@ def universe(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, InputKind]:
     """Folders two deep, images in each, a symlink to a folder, a list: every input spelled
     one or two ways (``a`` and ``a/../a``), as a user's command line may give them."""
     root = tmp_path_factory.mktemp("inputs")
-    for folder in ("a/b/c", "a/e", "d"):
+    for folder in ("a/b/c", "a/e", "d", "a/.h"):
         (root / folder).mkdir(parents=True)
     for image in IMAGES:
         (root / image).write_bytes(b"png")
     os.symlink(root / "a", root / "link")
     (root / "list.txt").write_text("a/x.png\n", encoding="utf-8")
     kinds: dict[Path, InputKind] = {root / "list.txt": "list"}
-    for folder in ("", "a", "a/b", "a/b/c", "a/e", "d", "link", "link/b"):
+    for folder in ("", "a", "a/b", "a/b/c", "a/e", "d", "link", "link/b", "a/.h", "link/.h"):
         kinds[root / folder] = "folder"
     kinds[root / "a" / ".." / "a"] = "folder"
     for image in (
@@ -71,6 +87,9 @@ def universe(tmp_path_factory: pytest.TempPathFactory) -> dict[Path, InputKind]:
         "a/e/w.png",
         "d/z.png",
         "link/x.png",
+        "a/.v.png",
+        "a/.h/u.png",
+        "link/.v.png",
     ):
         kinds[root / image] = "file"
     kinds[root / "a" / "b" / ".." / "x.png"] = "file"
@@ -95,3 +114,15 @@ def test_many_images_of_one_folder_are_kept_and_the_folder_wins(tmp_path: Path) 
     kept, left_out = distinct_inputs([*images, tmp_path, images[0]], kinds, True)
     assert kept == (tmp_path,)
     assert left_out == [(path, tmp_path) for path in images] + [(images[0], tmp_path)]
+
+
+def test_a_hidden_folder_or_image_inside_a_folder_given_is_kept(tmp_path: Path) -> None:
+    """The folder does not list hidden names below it, so ``caption data data/.cache
+    data/.x.png`` captions all three: none is left out as given by ``data`` (it was, and then
+    nothing captioned .cache at all)."""
+    data, cache, sub, image = tmp_path, tmp_path / ".cache", tmp_path / ".cache" / "sub", tmp_path / ".x.png"
+    sub.mkdir(parents=True)
+    image.write_bytes(b"png")
+    kinds: dict[Path, InputKind] = {data: "folder", cache: "folder", sub: "folder", image: "file"}
+    assert distinct_inputs([data, cache, sub, image], kinds, True) == ((data, cache, image), [(sub, cache)])
+    assert distinct_inputs([data, cache, sub, image], kinds, False) == ((data, cache, sub, image), [])

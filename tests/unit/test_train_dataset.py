@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from tests.support import hidden_names
 from tests.support.images import image_bytes, save
 from tests.support.train_data import CAPTIONS, captioned_folder
 from vision_server.train.augment import Augmentation, caption_rng
@@ -31,6 +32,20 @@ def test_a_folder_pairs_each_image_with_its_caption_in_subfolders_too(tmp_path: 
         ("img0.png", CAPTIONS[0]),
         ("img1.png", CAPTIONS[1]),
         ("deeper/x.jpg", "photo cat"),
+    ]
+
+
+def test_hidden_files_and_folders_are_no_part_of_a_folder_dataset(tmp_path: Path) -> None:
+    """As for the folder captioners: a checkpoint copy in .ipynb_checkpoints/ with its caption,
+    a dot-named image or caption are not trained on, and not reported as a problem either."""
+    root = hidden_names.make_tree(tmp_path / ".data")
+    for name in (*hidden_names.VISIBLE, *hidden_names.HIDDEN_IMAGES, ".link.png"):
+        (root / name).with_suffix(".txt").write_text(f"photo of {name}")
+    (root / "sub" / ".orphan.txt").write_text("a caption without an image")
+    examples = load_dataset(root)
+    assert [(ex.name, ex.text) for ex in examples] == [
+        ("a.png", "photo of a.png"),
+        ("sub/b.png", "photo of sub/b.png"),
     ]
 
 

@@ -25,7 +25,9 @@ from vision_server.captionfiles import (
     describe_os_error,
     file_problem,
     folds_case,
+    is_hidden,
     is_image,
+    is_listed_image,
     remove_stale_temps,
     sharing_stems,
 )
@@ -91,8 +93,9 @@ def distinct_inputs(
     ``caption data data/sub``, or a folder named twice, would caption those images twice: twice
     the work, and in ``append`` mode the caption twice in one file. Paths are compared with
     their symlinks resolved, as the folder reader reaches them (it enters no symlinked folder,
-    so whatever lies below a folder's resolved path is listed with it). Lists, Parquet files
-    and tar shards are taken as they are.
+    so whatever lies below a folder's resolved path is listed with it, but for hidden names:
+    ``caption data data/.cache`` captions both). Lists, Parquet files and tar shards are taken
+    as they are.
 
     Each input names the first other input (in the order given) that gives its images: an
     earlier one of the same kind and place that is itself kept, or a folder above it (an
@@ -121,7 +124,10 @@ def distinct_inputs(
             above: Iterable[Path] = place.parents
         else:
             above = (place.parent,) if kinds[path] == "file" else ()
+        reach = _listed_from(place)
         for top in above:
+            if len(top.parts) < reach:
+                break  # a hidden name lies between: the folder does not list this place
             given = folders.get(top)
             if given is not None:
                 # an earlier one counts only when kept; a later one is not decided yet
@@ -132,6 +138,12 @@ def distinct_inputs(
             first_kept.setdefault((place, kinds[path]), index)
     kept = tuple(path for index, path in enumerate(inputs) if index not in covered)
     return kept, [(inputs[index], inputs[other]) for index, other in sorted(covered.items())]
+
+
+def _listed_from(place: Path) -> int:
+    """How many leading parts a folder above ``place`` has at least if listing it reaches
+    ``place``: one past the last hidden name in it (0 when none is hidden)."""
+    return max((index + 1 for index, part in enumerate(place.parts) if is_hidden(part)), default=0)
 
 
 def _place(path: Path, kind: InputKind, parents: dict[Path, Path] | None = None) -> Path:
@@ -225,7 +237,8 @@ def _folder(
     root: Path, recursive: bool, *, tidy: bool = False, case: CaseRules | None = None
 ) -> Iterator[Record]:
     """Images under ``root``, one directory listing at a time; symlinked folders are not entered
-    (no loops), symlinked files are followed. With ``tidy``, stale caption temp files go from
+    (no loops), symlinked files are followed; hidden names below ``root`` are no part of it
+    (:func:`~vision_server.captionfiles.is_hidden`). With ``tidy``, stale caption temp files go from
     each folder listed (the listing is already there: no second walk of a big tree). ``case``
     tells the folders whose file system folds case (where ``b.jpg`` and ``B.png`` share a
     caption file); without it, only a count is wanted, so no probe."""
@@ -242,7 +255,7 @@ def _folder(
             return
         if tidy:
             remove_stale_temps(folder, (entry.name for entry in entries))
-        images = [e for e in entries if is_image(Path(e.name)) and not _is_real_dir(e)]
+        images = [e for e in entries if is_listed_image(e.name) and not _is_real_dir(e)]
         stems = sharing_stems([entry.name for entry in images], folder, case)
         for entry in images:
             path = Path(entry.path)
@@ -256,7 +269,7 @@ def _folder(
             )
         if recursive:
             for entry in entries:
-                if _is_real_dir(entry):
+                if _is_real_dir(entry) and not is_hidden(entry.name):
                     yield from visit(Path(entry.path))
 
     yield from visit(root)

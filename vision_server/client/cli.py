@@ -246,6 +246,9 @@ def folder(
 ) -> None:
     """Caption every image (jpg jpeg png gif bmp tif tiff webp) in FOLDER.
 
+    Hidden files and folders below FOLDER (a name starting with ".", e.g. .ipynb_checkpoints)
+    are skipped; give a hidden folder as FOLDER to caption it.
+
     Caption files are written atomically, so an interrupted run leaves no half-written
     captions and can simply be started again. Failed images get no caption file; they are
     listed at the end and the exit status is 1. In caption files each line break of a caption

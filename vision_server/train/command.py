@@ -43,7 +43,8 @@ def _targets(value: str) -> tuple[str, ...]:
 
 PARAMS: list[Callable[[Any], Any]] = [
     click.option("--dataset", type=click.Path(path_type=Path, exists=True), required=True,
-                 help="A folder of images with caption files beside them, a .jsonl of {\"file\", \"text\"} "
+                 help="A folder of images with caption files beside them (hidden files and folders left "
+                 "out), a .jsonl of {\"file\", \"text\"} "
                  "rows (or the bulk captioner's JSONL), or a .parquet table with an image and a text "
                  "column."),
     click.option("--output", type=click.Path(path_type=Path, file_okay=False), required=True,

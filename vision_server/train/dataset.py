@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from vision_server.bulk.records import task_slug
-from vision_server.captionfiles import file_problem, is_image
+from vision_server.captionfiles import file_problem, is_hidden, is_image
 from vision_server.errors import InvalidImage, PayloadTooLarge
 from vision_server.images import LOCAL_FILE, STORED, open_image
 from vision_server.parquet_images import (
@@ -174,10 +174,14 @@ def _unreadable(example: Example) -> str | None:
 
 
 def _folder(root: Path, ext: str, problems: Problems) -> Iterator[Example]:
-    """Images with a ``STEM.<ext>`` caption beside them, every sub-folder included, sorted."""
+    """Images with a ``STEM.<ext>`` caption beside them, every sub-folder included, sorted;
+    hidden files and folders below ``root`` are no part of it, as for the folder captioners."""
     suffix = f".{ext.lower()}"
-    for folder in sorted([root, *(p for p in root.rglob("*") if p.is_dir())]):
-        files = sorted(p for p in folder.iterdir() if p.is_file() or p.is_symlink())
+    below = (p for p in root.rglob("*") if p.is_dir() and not _hidden_below(root, p))
+    for folder in sorted([root, *below]):
+        files = sorted(
+            p for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and not is_hidden(p.name)
+        )
         images = {p.stem: p for p in files if is_image(p)}
         captions = {p.stem: p for p in files if p.suffix.lower() == suffix and not is_image(p)}
         others = {p.stem: p for p in files if p.suffix.lower() != suffix and not is_image(p)}
@@ -195,6 +199,10 @@ def _folder(root: Path, ext: str, problems: Problems) -> Iterator[Example]:
             task_sidecar = "." in stem and stem.rsplit(".", 1)[0] in images  # STEM.<task>.txt
             if stem not in images and not task_sidecar:
                 problems.add(NO_IMAGE, caption.relative_to(root).as_posix())
+
+
+def _hidden_below(root: Path, path: Path) -> bool:
+    return any(is_hidden(part) for part in path.relative_to(root).parts)
 
 
 # --- JSONL ---------------------------------------------------------------------------------------
