@@ -7,6 +7,7 @@ the captions, for the tests of each captioner.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -85,5 +86,20 @@ def run_with_captions_written_meanwhile(
         start_new_session=group,
     ) as run:
         hand = write_captions_while_paused(run, images, group=group)
-        stdout, stderr = run.communicate(timeout=300)
+        stdout, stderr = _finish(run, group=group)
     return MeanwhileRun(run.returncode, stdout, stderr, hand)
+
+
+def _finish(run: subprocess.Popen[str], *, group: bool) -> tuple[str, str]:
+    """``run``'s output once it ends. A group's member can miss the SIGCONT (seen once: a
+    script's worker, stopped while bash started it, stayed stopped and the run never ended), so
+    while a group runs it is sent SIGCONT again each second; a running process ignores it."""
+    deadline = time.monotonic() + 300
+    while True:
+        try:
+            return run.communicate(timeout=1 if group else 300)
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                raise
+            with contextlib.suppress(ProcessLookupError):  # gone: communicate returns next time
+                os.killpg(run.pid, signal.SIGCONT)
