@@ -108,8 +108,7 @@ Sent as 'Authorization: Bearer <key>'. Defaults to $env:VISION_API_KEY.
 .PARAMETER Retries
 How many times to send one image again when the server is busy (429/502/503, after its
 Retry-After, at most 120 s, or 0.5, 1, 2, 4... s, at most 30 s, each with a little jitter) or
-refuses the connection (default 5; the schedule and default of every client; the default
-was 3).
+refuses the connection (default 5; the schedule and default of every client).
 
 .PARAMETER WaitForServerSec
 When the server goes away during the run (a restart, a deploy), pause and wait up to this

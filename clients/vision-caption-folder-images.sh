@@ -35,7 +35,7 @@ Options:
   --retries N      send an image again up to N times while the server answers busy (HTTP 429,
                    502/503), after its Retry-After (at most 120 s) or 0.5, 1, 2, 4... s (at
                    most 30 s), each with a little jitter (default: 5; the schedule and default
-                   of every client; the default was 3, the pauses 2, 4, 8... s up to 60 s)
+                   of every client)
   --wait-for-server SEC
                    when the server goes away mid-run (a restart, a deploy), pause and wait up
                    to SEC seconds for it to answer again, then send the images that were in

@@ -51,7 +51,7 @@ Defaults to $env:VISION_API_KEY.
 .PARAMETER Retries
 How many times to retry when the server is busy (429/502/503, waiting as long as its
 Retry-After asks, at most 120 s, or else 0.5, 1, 2, 4... s, at most 30 s, each with a little
-jitter) or refuses the connection. Default 5, as every client (it was 3); 0 turns retries off.
+jitter) or refuses the connection. Default 5, as every client; 0 turns retries off.
 
 .PARAMETER Model
 Which of the server's models captions, by the name it was started with
