@@ -38,7 +38,7 @@ class DiskFull(OSError):
         return f"cannot write {self.filename}: {reason}" + (f"; {self.note}" if self.note else "")
 
 
-def is_disk_full(exc: BaseException) -> bool:
+def is_disk_full(exc: BaseException | None) -> bool:
     """Whether ``exc`` says the disk (or quota, or file size limit) has no room for more."""
     return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
 

@@ -13,6 +13,7 @@ from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 
+from vision_server.disk_full import is_disk_full
 from vision_server.settings import SettingsError
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -76,11 +77,48 @@ class MalformedRequestFilter(logging.Filter):
         return True
 
 
+class _SaysWhenFull(logging.FileHandler):
+    """A log file whose disk fills up: said once on stderr, not with a traceback per line.
+
+    The logging module's answer to a write that fails is a "--- Logging error ---" traceback on
+    stderr for every record; a server whose ``--log-file`` disk is full would flood its service
+    journal with thousands of them while it goes on serving. Instead one line says what happened
+    (the records still go to stderr), and one more when lines reach the file again (what did not
+    fit waits in the file's buffer and is written first).
+    """
+
+    _full = False
+    _refused = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._refused = False
+        super().emit(record)
+        if self._full and not self._refused:
+            self._full = False
+            sys.stderr.write(f"vision-server: writing the log file {self.baseFilename} again\n")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if not is_disk_full(sys.exc_info()[1]):
+            super().handleError(record)
+            return
+        self._refused = True
+        if not self._full:
+            self._full = True
+            sys.stderr.write(
+                f"vision-server: cannot write the log file {self.baseFilename}: no space left on the "
+                "device; log lines go to stderr alone until there is room again\n"
+            )
+
+
+class _WatchedLogFile(_SaysWhenFull, logging.handlers.WatchedFileHandler):
+    pass
+
+
 def file_handler(path: Path) -> logging.Handler:
     """On POSIX reopen the file when logrotate moves it away; Windows cannot rename an open file."""
     if sys.platform == "win32":
-        return logging.FileHandler(path, encoding="utf-8")
-    return logging.handlers.WatchedFileHandler(path, encoding="utf-8")
+        return _SaysWhenFull(path, encoding="utf-8")
+    return _WatchedLogFile(path, encoding="utf-8")
 
 
 def configure_logging(level: str = "info", fmt: str = "text", file: Path | None = None) -> None:

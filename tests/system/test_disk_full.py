@@ -26,6 +26,7 @@ import pytest
 from tests.support import images, paths
 from tests.support.bulk_data import caption_command, cli_env
 from tests.support.full_disk import PAGE, fill, small_disk
+from tests.support.processes import ServerProcess, http_json
 
 IMAGES = 40
 FAST = ("--model", "test:tiny", "--max-new-tokens", "8", "--num-beams", "1", "--log-level", "warning")
@@ -219,3 +220,28 @@ def test_folder_script_says_at_once_when_its_temporary_directory_is_full(
     assert f"cannot write in the temporary directory {scratch}" in result.stderr
     assert "no space left" in result.stderr and "stopped unexpectedly" not in result.stderr
     assert not list(data.glob("*.txt"))
+
+
+def test_a_full_log_file_disk_is_said_once_and_the_server_goes_on(tmp_path: Path) -> None:
+    """``--log-file`` on a disk that fills up: the logging module printed a "--- Logging error ---"
+    traceback on stderr for every line (a flooded service journal). Now one line says it, the
+    server answers as before, and the file gets lines again once there is room."""
+    with small_disk(tmp_path / "logs", "64k") as logs:
+        log_file = logs / "server.log"
+        with ServerProcess.fake(tmp_path, "server", delay=0, log_file=log_file) as server:
+            url = server.wait_listening()
+            filler = fill(logs, leave=PAGE)
+            for _ in range(60):  # an access log line each: more than the page left
+                assert http_json(f"{url}/v1/models")[0] == 200
+            filler.unlink()
+            for _ in range(3):
+                assert http_json(f"{url}/v1/models")[0] == 200
+            server.stop()
+            stderr = server.log_text()
+        lines = log_file.read_text(encoding="utf-8").splitlines()
+    assert "Logging error" not in stderr and "Traceback" not in stderr
+    said = f"cannot write the log file {log_file}: no space left on the device"
+    assert stderr.count(said) == 1, stderr
+    assert f"writing the log file {log_file} again" in stderr
+    assert stderr.count("GET /v1/models 200") == 63  # stderr got every line all along
+    assert all(line.startswith("20") for line in lines)  # whole lines, none torn
