@@ -15,7 +15,10 @@ function route() {
   if (!PAGES.includes(wanted) || (wanted === "gallery" && !info.gallery)) wanted = "try";
   for (const name of PAGES) {
     show($(`page-${name}`), name === wanted);
-    $(`nav-${name}`).classList.toggle("active", name === wanted);
+    const link = $(`nav-${name}`);
+    link.classList.toggle("active", name === wanted);
+    if (name === wanted) link.setAttribute("aria-current", "page"); // heard, not only underlined
+    else link.removeAttribute("aria-current");
   }
   document.body.dataset.page = wanted;
 }

@@ -10,6 +10,9 @@ const THUMBS_AT_ONCE = 6;
 const state = { page: 1, pages: 1, q: "", field: "all", has: "any", writable: false };
 const selected = new Set(); // image paths, kept across pages and searches
 const cards = new Map(); // path -> card element on the current page
+// path -> .txt text typed but not saved. Kept across pages, searches and re-captions (redrawing a
+// card puts it back in the box), and a reload or closing the tab asks first.
+const drafts = new Map();
 let shown = null; // the /ui/api/info the page was drawn from
 let thumbUrls = [];
 let started = false;
@@ -29,17 +32,42 @@ function updateSelection() {
   }
 }
 
+// Ctrl+S (Cmd+S on a Mac) or Ctrl+Enter in a caption box saves it: no reaching for the mouse.
+function isSaveKey(event) {
+  return (event.ctrlKey || event.metaKey) && (event.key === "s" || event.key === "S" || event.key === "Enter");
+}
+
+function markUnsaved(card, unsaved) {
+  if (card.classList.contains("unsaved") === unsaved) return; // say it once, not at every key
+  card.classList.toggle("unsaved", unsaved);
+  const note = card.querySelector(".card-message");
+  note.classList.remove("error");
+  setText(note, unsaved ? "unsaved changes (Ctrl+S saves)" : "");
+}
+
 function sourceBox(item, source, card) {
   const box = make("div", `source source-${source.kind}`);
   box.dataset.source = source.name;
   box.appendChild(make("div", "source-name", source.kind === "sidecar" ? `file ${source.name}` : source.name));
   if (source.kind === "sidecar" && source.name === ".txt") {
     const edit = make("textarea", "edit");
-    edit.value = source.text ?? "";
+    const saved = source.text ?? "";
+    edit.value = drafts.get(item.path) ?? saved;
     edit.placeholder = "(no .txt caption yet)";
     edit.setAttribute("aria-label", `caption of ${item.path}`);
+    edit.addEventListener("input", () => {
+      if (edit.value === saved) drafts.delete(item.path);
+      else drafts.set(item.path, edit.value);
+      markUnsaved(card, drafts.has(item.path));
+    });
+    edit.addEventListener("keydown", (event) => {
+      if (!isSaveKey(event)) return;
+      event.preventDefault();
+      saveCaption(item.path, edit.value, card);
+    });
     const save = make("button", "save", "Save");
     save.type = "button";
+    save.setAttribute("aria-label", `Save caption of ${item.path}`);
     save.addEventListener("click", () => saveCaption(item.path, edit.value, card));
     box.appendChild(edit);
     box.appendChild(save);
@@ -49,10 +77,21 @@ function sourceBox(item, source, card) {
   return box;
 }
 
+// Redraws the card's sources. Focus in the caption box or on Save stays there (on the new one),
+// so a keyboard user who saved is not thrown back to the top of the page.
 function fillCard(card, item) {
   const sources = card.querySelector(".sources");
+  const focused = sources.contains(document.activeElement) ? document.activeElement : null;
+  const where = focused?.classList.contains("edit") ? [focused.selectionStart, focused.selectionEnd] : null;
   clear(sources);
   for (const source of item.sources) sources.appendChild(sourceBox(item, source, card));
+  if (focused?.classList.contains("save")) sources.querySelector(".save")?.focus();
+  const edit = sources.querySelector(".edit");
+  if (where && edit) {
+    edit.focus();
+    edit.setSelectionRange(...where);
+  }
+  if (drafts.has(item.path)) markUnsaved(card, true);
 }
 
 function makeCard(item) {
@@ -65,10 +104,12 @@ function makeCard(item) {
     else selected.delete(item.path);
     updateSelection();
   });
-  card.querySelector(".fresh").addEventListener("click", () => recaption([item.path], false, card));
-  const thumb = card.querySelector(".thumb");
-  thumb.alt = item.path;
-  thumb.addEventListener("click", () => showImage(item.path));
+  const fresh = card.querySelector(".fresh");
+  fresh.setAttribute("aria-label", `Caption now: ${item.path}`);
+  fresh.addEventListener("click", () => recaption([item.path], false, card));
+  const open = card.querySelector(".thumb-open");
+  open.setAttribute("aria-label", `Show ${item.path} full size`);
+  open.addEventListener("click", () => showImage(item.path));
   fillCard(card, item);
   return card;
 }
@@ -136,8 +177,13 @@ async function load() {
   }
   const filtered = data.total === data.all ? "" : ` (of ${data.all})`;
   setText($("page-info"), `page ${data.page} of ${data.pages} · ${data.total} images${filtered}`);
+  // The pager button just pressed may now be disabled (last or first page): focus goes to the
+  // other one rather than back to the top of the page.
+  const pressed = document.activeElement;
   $("prev").disabled = data.page <= 1;
   $("next").disabled = data.page >= data.pages;
+  if (pressed === $("next") && pressed.disabled && !$("prev").disabled) $("prev").focus();
+  if (pressed === $("prev") && pressed.disabled && !$("next").disabled) $("next").focus();
   updateSelection();
   document.body.dataset.gallery = "ready";
   loadThumbs(data.items.map((item) => item.path));
@@ -149,8 +195,10 @@ async function saveCaption(path, text, card) {
   note.classList.remove("error");
   try {
     const item = await postJson("/ui/api/gallery/save", { path, source: ".txt", text });
+    if (drafts.get(path) === text) drafts.delete(path); // typing went on while it saved: keep that
+    card.classList.remove("unsaved");
     fillCard(card, item);
-    setText(note, "saved");
+    if (!drafts.has(path)) setText(note, "saved");
   } catch (error) {
     setText(note, error.message);
     note.classList.add("error");
@@ -257,6 +305,9 @@ export function startGallery(info) {
     });
     $("export").addEventListener("click", exportSelected);
     $("viewer-close").addEventListener("click", () => $("viewer").close());
+    window.addEventListener("beforeunload", (event) => {
+      if (drafts.size) event.preventDefault(); // the browser asks before unsaved captions go
+    });
   }
   load();
 }

@@ -60,6 +60,12 @@ export function startTry(info) {
   started = true;
   const drop = $("drop");
   $("file").addEventListener("change", (event) => choose(event.target.files[0]));
+  // Space opens the file chooser (the browser's own); Enter does too, as on any other button.
+  $("file").addEventListener("keydown", (event) => {
+    if (event.key !== "Enter") return;
+    event.preventDefault();
+    $("file").click();
+  });
   drop.addEventListener("dragover", (event) => {
     event.preventDefault();
     drop.classList.add("over");

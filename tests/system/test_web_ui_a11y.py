@@ -1,0 +1,277 @@
+"""The web page for keyboard and screen-reader users, in a real browser against a real server
+with the tiny model and a writable gallery: every action by keyboard alone, focus that stays
+somewhere sensible, names a screen reader can say, live regions for results, unsaved caption
+edits that survive, and a layout that reflows at 320 CSS pixels (400 % zoom) without cutting off.
+"""
+
+from __future__ import annotations
+
+import base64
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from tests.support.api import tiny_cache_dir
+from tests.support.browser import VIEWPORT, chromium, screenshot_dir
+from tests.support.gallery_data import GalleryData, make_gallery
+from tests.support.processes import http_json, tiny_server
+
+pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
+from playwright.sync_api import FilePayload, ViewportSize, expect
+
+if TYPE_CHECKING:
+    from playwright.sync_api import Browser, Dialog, Page
+
+TIMEOUT_MS = 60_000
+expect.set_options(timeout=TIMEOUT_MS)
+
+# The element that has focus, described the way the tests compare it.
+FOCUSED = """() => {
+  const element = document.activeElement;
+  if (!element || element === document.body) return "body";
+  return element.id || element.getAttribute("aria-label") || element.tagName.toLowerCase();
+}"""
+# Whether an element sits inside a live region (so a screen reader reads its changes out).
+IN_LIVE_REGION = """element => Boolean(element.closest(
+  '[aria-live]:not([aria-live="off"]), [role=status], [role=alert], [role=log]'))"""
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> GalleryData:
+    return make_gallery(tmp_path_factory.mktemp("web-ui-a11y-data"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, data: GalleryData) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("web-ui-a11y-server")
+    options = ["--max-new-tokens", "16", "--gallery", str(data.root), "--gallery-writable"]
+    options += ["--gallery-page-size", "3"]
+    with tiny_server(
+        tmp, tiny_cache_dir(tmp_path_factory), *options, env={"OMP_NUM_THREADS": "1"}
+    ) as process:
+        yield process.wait_listening(timeout=90)
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with chromium() as launched:
+        yield launched
+
+
+@pytest.fixture(scope="module")
+def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return screenshot_dir(tmp_path_factory)
+
+
+@pytest.fixture
+def page(browser: Browser) -> Iterator[Page]:
+    """A fresh tab per test: focus, drafts and dialogs never carry over."""
+    context = browser.new_context(viewport=ViewportSize(width=VIEWPORT["width"], height=VIEWPORT["height"]))
+    tab = context.new_page()
+    tab.set_default_timeout(TIMEOUT_MS)
+    try:
+        yield tab
+    finally:
+        context.close()
+
+
+def open_view(page: Page, server: str, view: str) -> None:
+    page.goto(f"{server}/#{view}")
+    page.wait_for_selector("body[data-ready=true]")
+    if view == "gallery":
+        page.wait_for_selector("body[data-gallery=ready]")
+
+
+def tab_to(page: Page, wanted: str, most: int = 40) -> list[str]:
+    """Press Tab from where focus is until ``wanted`` has it; the stops passed, for the message."""
+    passed = []
+    for _ in range(most):
+        page.keyboard.press("Tab")
+        passed.append(page.evaluate(FOCUSED))
+        if passed[-1] == wanted:
+            return passed
+    raise AssertionError(f"Tab never reached {wanted!r}; it went {passed}")
+
+
+def native_caption(server: str, image: Path, task: str) -> str:
+    body = {"image": base64.b64encode(image.read_bytes()).decode(), "prompt": task}
+    status, reply = http_json(server + "/process_image", body)
+    assert status == 200, reply
+    return str(reply["result"])  # type: ignore[index]
+
+
+def test_try_it_by_keyboard_alone(page: Page, server: str, data: GalleryData) -> None:
+    # Playwright catches file choosers only once it has told the browser to, which a listener
+    # added just before the key press can lose the race with: one listens from the start.
+    page.on("filechooser", lambda _chooser: None)
+    open_view(page, server, "try")
+    page.select_option("#task", "<CAPTION>")
+    page.focus("#nav-status")  # start in the header, as a keyboard user does
+    tab_to(page, "file")
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Enter")
+    chooser.value.set_files(str(data.root / "img01.png"))
+    page.wait_for_selector("body[data-try-state=done]")
+    with page.expect_file_chooser() as chooser:
+        page.keyboard.press("Space")
+    chooser.value.set_files(str(data.root / "img02.png"))
+    expected = native_caption(server, data.root / "img02.png", "<CAPTION>")
+    caption = page.locator("#try-caption")
+    expect(caption).to_have_text(expected)
+    assert caption.evaluate(IN_LIVE_REGION), "the caption arrives unheard"
+    assert page.locator("#try-timing").evaluate(IN_LIVE_REGION)
+    assert page.evaluate(FOCUSED) == "file"  # focus stays where the user left it
+
+
+def test_the_polled_status_line_is_not_read_out(page: Page, server: str) -> None:
+    """It changes every second while work runs: as a live region it talked over everything."""
+    open_view(page, server, "try")
+    expect(page.locator("#status-line")).to_contain_text("test:tiny")
+    assert not page.locator("#status-line").evaluate(IN_LIVE_REGION)
+
+
+def test_errors_are_announced(page: Page, server: str) -> None:
+    open_view(page, server, "try")
+    page.set_input_files("#file", files=FilePayload(name="bad.png", mimeType="image/png", buffer=b"nope"))
+    page.wait_for_selector("body[data-try-state=failed]")
+    expect(page.get_by_role("alert").filter(has_text="HTTP 4")).to_be_visible()
+
+
+def test_the_current_tab_is_marked_for_screen_readers(page: Page, server: str) -> None:
+    open_view(page, server, "gallery")
+    nav = page.get_by_role("navigation")
+    expect(nav.get_by_role("link", name="Gallery")).to_have_attribute("aria-current", "page")
+    nav.get_by_role("link", name="Status").press("Enter")
+    expect(nav.get_by_role("link", name="Status")).to_have_attribute("aria-current", "page")
+    assert nav.get_by_role("link", name="Gallery").get_attribute("aria-current") is None
+    expect(page.get_by_role("heading", name="Status", level=2)).to_be_visible()
+
+
+def test_each_card_control_says_which_image(page: Page, server: str) -> None:
+    """48 buttons all called "Save" tell a screen reader user nothing: each names its image."""
+    open_view(page, server, "gallery")
+    for path in ("img00.png", "img01.png", "img02.png"):
+        expect(page.get_by_role("button", name=f"Save caption of {path}", exact=True)).to_have_count(1)
+        expect(page.get_by_role("button", name=f"Caption now: {path}", exact=True)).to_have_count(1)
+        expect(page.get_by_role("button", name=f"Show {path} full size", exact=True)).to_have_count(1)
+        expect(page.get_by_role("textbox", name=f"caption of {path}", exact=True)).to_have_count(1)
+        expect(page.get_by_role("checkbox", name=path, exact=True)).to_have_count(1)
+    expect(page.get_by_role("status").filter(has_text="page 1 of 3")).to_have_count(1)
+
+
+def test_the_whole_image_opens_and_closes_by_keyboard(page: Page, server: str) -> None:
+    open_view(page, server, "gallery")
+    page.focus("#next")
+    opener = tab_to(page, "Show img00.png full size")[-1]
+    page.keyboard.press("Enter")
+    viewer = page.get_by_role("dialog", name="img00.png")
+    expect(viewer).to_be_visible()
+    expect(page.locator("#viewer-image")).to_have_attribute("src", re.compile(r"^blob:"))
+    assert page.evaluate(FOCUSED) == "viewer-close"
+    page.keyboard.press("Escape")
+    expect(viewer).to_be_hidden()
+    assert page.evaluate(FOCUSED) == opener  # back where it was opened, not lost
+    page.keyboard.press("Enter")  # and once more, closed with its button this time
+    expect(viewer).to_be_visible()
+    page.keyboard.press("Enter")
+    expect(viewer).to_be_hidden()
+    assert page.evaluate(FOCUSED) == opener
+
+
+def test_saving_by_keyboard_keeps_focus(page: Page, server: str, data: GalleryData) -> None:
+    open_view(page, server, "gallery")
+    box = page.get_by_role("textbox", name="caption of img02.png")
+    box.focus()
+    page.keyboard.type("a tree under a blue sky")
+    card = page.locator('.card[data-path="img02.png"]')
+    expect(card.get_by_role("status")).to_have_text("unsaved changes (Ctrl+S saves)")
+    page.keyboard.press("Control+s")
+    expect(card.get_by_role("status")).to_have_text("saved")
+    assert (data.root / "img02.txt").read_text(encoding="utf-8") == "a tree under a blue sky"
+    assert page.evaluate(FOCUSED) == "caption of img02.png"  # still typing in the same box
+    page.keyboard.type(", green grass")
+    page.keyboard.press("Tab")
+    assert page.evaluate(FOCUSED) == "Save caption of img02.png"
+    page.keyboard.press("Enter")
+    expect(card.get_by_role("status")).to_have_text("saved")
+    assert (data.root / "img02.txt").read_text(encoding="utf-8") == "a tree under a blue sky, green grass"
+    assert page.evaluate(FOCUSED) == "Save caption of img02.png"  # the redrawn button, not the page top
+    page.keyboard.press("Tab")
+    assert page.evaluate(FOCUSED) == "Caption now: img02.png"
+
+
+def test_an_unsaved_edit_survives_a_recaption_and_paging(page: Page, server: str, data: GalleryData) -> None:
+    before = (data.root / "img00.txt").read_text(encoding="utf-8")
+    open_view(page, server, "gallery")
+    box = page.get_by_role("textbox", name="caption of img00.png")
+    box.focus()
+    page.keyboard.press("End")
+    page.keyboard.type(", sleeping")
+    page.get_by_role("button", name="Caption now: img00.png").press("Enter")
+    card = page.locator('.card[data-path="img00.png"]')
+    expect(card.locator('.source[data-source="<MORE_DETAILED_CAPTION>"]')).to_have_count(1)
+    expect(box).to_have_value(before + ", sleeping")  # the redraw kept what was typed
+    page.get_by_role("button", name="Next").press("Enter")
+    expect(page.locator("#page-info")).to_have_text("page 2 of 3 · 7 images")
+    page.get_by_role("button", name="Previous").press("Enter")
+    expect(page.locator("#page-info")).to_contain_text("page 1 of 3")
+    expect(box).to_have_value(before + ", sleeping")
+    expect(card.get_by_role("status")).to_have_text("unsaved changes (Ctrl+S saves)")
+    assert (data.root / "img00.txt").read_text(encoding="utf-8") == before  # nothing saved unasked
+    asked: list[str] = []
+
+    def answer(dialog: Dialog) -> None:
+        asked.append(dialog.type)
+        dialog.dismiss()
+
+    page.on("dialog", answer)
+    with page.expect_event("dialog"):  # a reload asks first; dismissed, the page stays
+        page.evaluate("() => { setTimeout(() => location.reload()); }")
+    assert asked == ["beforeunload"]
+    expect(box).to_have_value(before + ", sleeping")
+
+
+def test_focus_moves_to_the_other_pager_button_at_the_end(page: Page, server: str) -> None:
+    open_view(page, server, "gallery")
+    page.get_by_role("button", name="Next").focus()
+    page.keyboard.press("Enter")
+    expect(page.locator("#page-info")).to_contain_text("page 2 of 3")
+    page.keyboard.press("Enter")
+    expect(page.locator("#page-info")).to_contain_text("page 3 of 3")
+    expect(page.get_by_role("button", name="Next")).to_be_disabled()
+    assert page.evaluate(FOCUSED) == "prev"  # not dropped on the page top with the disabled button
+
+
+@pytest.mark.parametrize(
+    ("width", "height", "scale"), [(320, 640, 1), (650, 450, 2)], ids=["320px", "zoom200"]
+)
+def test_nothing_is_cut_off_narrow_or_zoomed(
+    browser: Browser, server: str, data: GalleryData, shots: Path, width: int, height: int, scale: int
+) -> None:
+    """320 CSS pixels is a 1280 px window at 400 % zoom (WCAG reflow); 650 at scale 2 is 200 %.
+    The page must not scroll sideways: each view fits the width."""
+    context = browser.new_context(
+        viewport=ViewportSize(width=width, height=height), device_scale_factor=scale
+    )
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        for view in ("try", "gallery", "status"):
+            open_view(page, server, view)
+            if view == "try":
+                page.set_input_files("#file", str(data.root / "img04.png"))
+                page.wait_for_selector("body[data-try-state=done]")
+            if view == "status":
+                page.wait_for_selector("#batches tr")
+            page.screenshot(path=str(shots / f"a11y-{view}-{width}px-x{scale}.png"), full_page=True)
+            sideways = page.evaluate(
+                "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
+            )
+            assert sideways <= 0, f"{view} at {width} px scrolls {sideways} px sideways"
+            page.goto("about:blank")
+    finally:
+        context.close()
