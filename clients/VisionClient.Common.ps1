@@ -545,9 +545,65 @@ function Test-VisionDiskFull($Exception) {
     return $false
 }
 
+function Get-VisionCaptionEntry {
+    # What stands at $Path, the link itself and not its target: 'none', 'link' (a symbolic link
+    # or another reparse point) or 'file'. GetAttributes does not follow a link, on Windows and
+    # on Linux and macOS alike, and tells a broken one too.
+    param([string]$Path)
+    try { $attributes = [System.IO.File]::GetAttributes($Path) }
+    catch [System.IO.FileNotFoundException], [System.IO.DirectoryNotFoundException] { return 'none' }
+    if (($attributes -band [System.IO.FileAttributes]::ReparsePoint) -ne 0) { return 'link' }
+    return 'file'
+}
+
+function Get-VisionUnixFileMode {
+    # The permission bits of the file $Path ([System.IO.UnixFileMode]) on Linux and macOS with
+    # .NET 7 or newer (PowerShell 7.3+); $null elsewhere. On Windows File.Replace keeps the
+    # replaced file's attributes and ACL itself.
+    param([string]$Path)
+    if ([System.IO.Path]::DirectorySeparatorChar -eq '\') { return $null }
+    if ($null -eq [System.IO.File].GetMethod('GetUnixFileMode', [type[]]@([string]))) { return $null }
+    return [System.IO.File]::GetUnixFileMode($Path)
+}
+
+function Assert-VisionCaptionWritable {
+    # Throws, saying what to do, when the plain caption file $Path is one the user made
+    # read-only, to be kept (the rule and the words of captionfiles.write_atomic): no write bit
+    # at all ($UnixMode, from Get-VisionUnixFileMode; root may write any file, so only the bits
+    # say it), or the ReadOnly attribute (Windows; on Linux and macOS .NET sets it when our
+    # class of user lacks the write bit, which root may ignore where .NET says it is root).
+    param([string]$Path, $UnixMode = $null)
+    $readOnly = $null -ne $UnixMode -and ([int]$UnixMode -band 146) -eq 0   # 146: 0o222
+    if (-not $readOnly -and ([System.IO.File]::GetAttributes($Path) -band [System.IO.FileAttributes]::ReadOnly) -ne 0) {
+        $privileged = [System.Environment].GetProperty('IsPrivilegedProcess')   # .NET 8+
+        $readOnly = $null -eq $UnixMode -or $null -eq $privileged -or -not [bool]$privileged.GetValue($null)
+    }
+    if ($readOnly) {
+        throw ('{0} is read-only; make it writable (chmod u+w) to let it be replaced' -f [System.IO.Path]::GetFileName($Path))
+    }
+}
+
+function Move-VisionFileOverLink {
+    # Puts $Temp in the place of the link $Path: the link itself is replaced by the plain file,
+    # and the file it points to is never written (it may lie outside the dataset, or be shared
+    # by several captions). rename(2) on Linux and macOS, MoveFileEx on Windows, both atomic.
+    param([string]$Temp, [string]$Path)
+    if ($null -ne [System.IO.File].GetMethod('Move', [type[]]@([string], [string], [bool]))) {
+        [System.IO.File]::Move($Temp, $Path, $true)
+        return
+    }
+    # Windows PowerShell 5.1 (.NET Framework) has no overwriting move: deleting a link deletes
+    # the link alone, then the caption takes its name.
+    [System.IO.File]::Delete($Path)
+    [System.IO.File]::Move($Temp, $Path)
+}
+
 function Write-VisionTextFile {
     # Writes UTF-8 without BOM to a temporary file in the same folder, then moves it over the
     # target in one step. On any error the target is left as it was and the temp file removed.
+    # The rules of every folder captioner (captionfiles.write_atomic): a caption file the user
+    # made read-only is not replaced (it throws, saying so), a rewritten one keeps its mode, and
+    # a symlinked one is replaced by a plain file with a new file's mode, its target untouched.
     # $Renamed (a synchronized hashtable, optional) gets $Path as a key once the caption is in
     # place, also when the worker is stopped right after the move (the folder script's Ctrl+C
     # summary counts it then).
@@ -556,15 +612,22 @@ function Write-VisionTextFile {
     # one saved between the last look and the write, as File.Move without overwrite publishes
     # the new file only where none is. An empty file (no caption) is replaced, as before.
     param([string]$Path, [string]$Text, $Renamed = $null, [switch]$KeepCaption)
+    $unixMode = $null
+    if ((Get-VisionCaptionEntry -Path $Path) -eq 'file') {
+        if ($KeepCaption -and (Test-VisionCaptionHeld -Path $Path)) { return $false }
+        $unixMode = Get-VisionUnixFileMode -Path $Path
+        Assert-VisionCaptionWritable -Path $Path -UnixMode $unixMode
+    }
     # The temp name has a fixed length, so a caption name near the 255-character limit fits too.
     $folder = [System.IO.Path]::GetDirectoryName($Path)
     $suffix = [System.Guid]::NewGuid().ToString('N').Substring(0, 16)
     $temp = [System.IO.Path]::Combine($folder, ('.vision-caption.{0}.tmp' -f $suffix))
     try {
         [System.IO.File]::WriteAllText($temp, $Text, [System.Text.UTF8Encoding]::new($false))
+        if ($null -ne $unixMode) { [System.IO.File]::SetUnixFileMode($temp, $unixMode) }
         if ($KeepCaption) {
             if (Test-VisionCaptionHeld -Path $Path) { return $false }
-            if (-not [System.IO.File]::Exists($Path)) {
+            if ((Get-VisionCaptionEntry -Path $Path) -eq 'none') {
                 if ($null -ne $Renamed) { $Renamed[$Path] = $true }
                 try {
                     [System.IO.File]::Move($temp, $Path)
@@ -580,7 +643,11 @@ function Write-VisionTextFile {
         # From here on the temp file is gone only once it was moved into place: the finally
         # block below takes the key back while the temp file is still there.
         if ($null -ne $Renamed) { $Renamed[$Path] = $true }
-        if ([System.IO.File]::Exists($Path)) {
+        $entry = Get-VisionCaptionEntry -Path $Path
+        if ($entry -eq 'link') {
+            Move-VisionFileOverLink -Temp $temp -Path $Path
+        }
+        elseif ($entry -eq 'file') {
             try {
                 [System.IO.File]::Replace($temp, $Path, [NullString]::Value)
             }

@@ -57,6 +57,10 @@ A caption is written to a hidden temporary file in the image's folder
 error, a dead server or Ctrl+C never leaves a partial or wrong caption file (nor temporary
 files). Such temporary files that a killed run (kill -9, a power cut) left behind, older than
 15 minutes, are deleted at the start, in the folders this run captions; it says how many.
+A caption file without write permission (chmod a-w, judged by its mode bits, also for root) is
+never replaced, in any mode: its image fails ("make it writable (chmod u+w) to let it be
+replaced"). A replaced caption file keeps its permissions; a symlinked one becomes a plain file
+and the file it points to is never written (as in vision-client folder and vision-server caption).
 Each line break in the server's caption becomes a space (trainers read caption files by lines;
 vision-client folder and vision-server caption do the same; --prefix, --suffix and --separator
 are written as given), and the file has no trailing newline.
@@ -250,6 +254,13 @@ declare -a retry_q=()  # images whose request the outage broke: sent again first
 declare -A outage_hits=() # index -> how many times its request met an unreachable server
 max_outage_hits=5      # one more and the image fails alone (a server that crashes on it)
 declare -A stop_hits=() # index -> how many times a signal stopped its request (sent again once)
+
+# Whether "sync FILE" flushes one file to the disk (GNU coreutils 8.24+, BusyBox): each caption
+# is flushed before it is put in place, as the Python tools do, so a power cut cannot leave an
+# empty file under the caption's name. BSD and macOS sync takes no file (it flushes everything):
+# there the file system's own ordering is all there is.
+sync_files=0
+if sync --help 2>&1 | grep -e 'FILE' >/dev/null; then sync_files=1; fi # (grep -q could cut sync off: pipefail)
 
 # random_hex16: 16 random lowercase hex digits. Temporary captions are named
 # .vision-caption.<16 hex>.tmp by every vision-server client, so any of them can sweep a
@@ -809,13 +820,25 @@ if [[ -n $abort_reason ]]; then
     exit "$abort_rc"
 fi
 
+# file_mode_into VAR FILE SCRATCH: FILE's permission bits in octal (640), or empty when stat
+# cannot tell; GNU stat first, then BSD/macOS stat (neither follows a symlink). SCRATCH takes
+# stat's answer (no $(...): see show_into).
+file_mode_into() {
+    local _mode=""
+    if stat -c %a -- "$2" >"$3" 2>/dev/null || stat -f %Mp%Lp -- "$2" >"$3" 2>/dev/null; then
+        IFS= read -r _mode <"$3" || true
+    fi
+    [[ $_mode =~ ^[0-7]{3,4}$ ]] || _mode=""
+    printf -v "$1" '%s' "$_mode"
+}
+
 # ---------------------------------------------------------------------------------------------
 # One image, in a background subshell. Leaves "$tmpd/res.INDEX" (ok / fail / abort RC, then
 # the reason) and writes INDEX to the completion pipe.
 
 caption_one() {
     set +e
-    local idx=$1 img=${todo[$1]} cap=${todo_cap[$1]} tmp rc caption content old line reason dir
+    local idx=$1 img=${todo[$1]} cap=${todo_cap[$1]} tmp rc caption content old line reason dir perm
     local out=$tmpd/out.$1 err=$tmpd/err.$1 res=$tmpd/res.$1 child="" renaming=0 linking=0
     tmp=${todo_cap[idx]%/*}/.vision-caption.${temp_ids[idx]}.tmp # temp_caption, without a subshell
     # A worker is stopped by the main script (TERM) or by a signal to the whole process group,
@@ -894,15 +917,18 @@ caption_one() {
     if [[ $mode == append || $mode == prepend ]] && [[ -s $cap ]]; then
         old=""
         { IFS= read -r -d '' old || true; } <"$cap" || finish fail 1 "cannot read the existing caption file"
+        # As the Python tools read it (merge_caption): no UTF-8 BOM, no white space around it.
+        old=${old#$'\xef\xbb\xbf'}
         old=${old%"${old##*[![:space:]]}"}
+        old=${old#"${old%%[![:space:]]*}"}
         if [[ -n $old ]]; then
             if [[ $mode == append ]]; then content=$old$separator$content; else content=$content$separator$old; fi
         fi
     fi
 
     # Write beside the image, then rename: the caption file is either complete or untouched.
-    # (C messages: a full disk is told apart by its words.)
-    if ! (LC_ALL=C && set -o noclobber && printf '%s' "$content" >"$tmp") 2>"$err"; then
+    # (C messages: a full disk is told apart by its words.) Flushed to the disk where sync takes a file.
+    if ! { (LC_ALL=C && set -o noclobber && printf '%s' "$content" >"$tmp") && { ((!sync_files)) || LC_ALL=C sync -- "$tmp"; }; } 2>"$err"; then
         rm -f -- "$tmp"
         last_line_into line "$err"
         # A full disk (or quota, or size limit) stops the run: every image after this one would
@@ -933,6 +959,23 @@ caption_one() {
         if has_text "$cap"; then
             rm -f -- "$tmp"
             finish skipped 0 "$WRITTEN_MEANWHILE"
+        fi
+    fi
+    # The rules of every folder captioner (captionfiles.write_atomic): a caption file the user
+    # made read-only is kept, a rewritten one keeps its mode, and a symlinked one is replaced by
+    # a plain file of a new file's mode (mv renames over the link; its target is never written).
+    if [[ -f $cap && ! -L $cap ]]; then
+        file_mode_into perm "$cap" "$err"
+        # Root may write any file ([[ -w ]] says yes): the mode bits say whether the user wants it kept.
+        if [[ ! -w $cap ]] || { [[ -n $perm ]] && (((8#$perm & 8#222) == 0)); }; then
+            rm -f -- "$tmp"
+            show_into dir "${cap##*/}"
+            finish fail 1 "$dir is read-only; make it writable (chmod u+w) to let it be replaced"
+        fi
+        if [[ -n $perm ]] && ! chmod -- "$perm" "$tmp" 2>"$err"; then
+            rm -f -- "$tmp"
+            last_line_into line "$err"
+            finish fail 1 "cannot keep the mode of the caption file: $line"
         fi
     fi
     renaming=1

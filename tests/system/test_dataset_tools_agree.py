@@ -260,6 +260,77 @@ def test_a_caption_name_too_long_for_the_file_system_fails_that_image_before_it_
 
 
 # ---------------------------------------------------------------------------------------------
+# Replacing a caption file: its mode, a read-only one, a symlinked one
+
+
+def current_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+@pytest.mark.parametrize("mode", ["overwrite", "append", "prepend", "skip"])
+@pytest.mark.parametrize("tool", TOOLS)
+def test_every_tool_replaces_a_caption_file_by_the_same_rules(
+    tool: str, mode: str, tiny_server_url: str, cache: Path, tmp_path: Path
+) -> None:
+    """The rules of ``captionfiles.write_atomic``, through every tool (the tests run as root,
+    whom no mode stops, so the read-only rule must go by the mode bits):
+
+    * a caption file the user made read-only (0444) is not replaced: that image alone fails,
+      "ro.txt is read-only; make it writable (chmod u+w) to let it be replaced", the rest go on;
+    * a rewritten caption keeps its mode (0640 stays 0640, not the umask's);
+    * a symlinked caption is replaced by a plain file with a new file's mode, and the file it
+      points to (read-only, in a read-only folder, as git-annex keeps them) is left as it was.
+
+    In skip mode the files are empty (no caption yet): the same rules hold for the write. In
+    append and prepend mode the old text is taken without its UTF-8 BOM and the white space
+    around it (merge_caption). The bash script replaced the read-only file, reset the 0640 one
+    to the umask's mode, and kept the BOM and leading blanks (in the middle, when prepending)."""
+    root = tmp_path / "data"
+    store = tmp_path / "store"
+    root.mkdir()
+    store.mkdir()
+    old = {"skip": "", "overwrite": "old words"}.get(mode, "\ufeff \t old words \n")
+    for seed, name in enumerate(("ro.png", "shared.png", "linked.png", "new.png")):
+        save_image(root / name, seed)
+    (root / "ro.txt").write_text(old, encoding="utf-8")
+    (root / "ro.txt").chmod(0o444)
+    (root / "shared.txt").write_text(old, encoding="utf-8")
+    (root / "shared.txt").chmod(0o640)
+    (store / "linked.txt").write_text(old, encoding="utf-8")
+    (store / "linked.txt").chmod(0o444)
+    (root / "linked.txt").symlink_to(store / "linked.txt")
+    store.chmod(0o555)
+    try:
+        options = ("--mode", mode)
+        result = run_tool(tool, root, url=tiny_server_url, cache=cache, tmp=tmp_path, options=options)
+    finally:
+        store.chmod(0o755)
+    assert result.returncode == 1, result.stderr[-3000:]
+    # (vision-server caption says "ro.png: cannot write the caption (<the reason>)")
+    reason = "ro.txt is read-only; make it writable (chmod u+w) to let it be replaced"
+    lines = result.stderr.splitlines()
+    assert any("ro.png: " in line and reason in line for line in lines), result.stderr[-3000:]
+    assert (root / "ro.txt").read_text(encoding="utf-8") == old
+    assert (root / "ro.txt").stat().st_mode & 0o777 == 0o444
+    new_mode = 0o666 & ~current_umask()
+    for name, kept in (("shared.txt", 0o640), ("linked.txt", new_mode), ("new.txt", new_mode)):
+        path = root / name
+        assert not path.is_symlink(), name
+        text = path.read_text(encoding="utf-8")
+        assert text.strip() and text != old, name
+        if mode == "append" and name != "new.txt":
+            assert text.startswith("old words "), (name, text)
+        if mode == "prepend" and name != "new.txt":
+            assert text.endswith(" old words") and "\ufeff" not in text, (name, text)
+        assert path.stat().st_mode & 0o777 == kept, (name, oct(path.stat().st_mode))
+    assert (store / "linked.txt").read_text(encoding="utf-8") == old
+    assert (store / "linked.txt").stat().st_mode & 0o777 == 0o444
+    assert not list(root.glob(".*.tmp"))
+
+
+# ---------------------------------------------------------------------------------------------
 # Line breaks in a caption
 
 # A caption with line breaks of every kind; the real tiny model only ever says words on one line,

@@ -30,6 +30,7 @@ from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
 from tests.support.meanwhile import folder_of_images, run_with_captions_written_meanwhile
 from tests.support.processes import free_port, http_json
 from tests.support.stand_in import PROMPTS, StandIn, interrupt_in_flight
+from vision_server.captionfiles import ReadOnlyCaption
 
 REPO = paths.REPO
 CLIENTS = REPO / "clients"
@@ -126,6 +127,26 @@ def test_temp_caption_name_does_not_grow_with_the_caption_name() -> None:
     assert "$name" not in temp_line and "GetFileName" not in body
     assert "('' -f $suffix)" in temp_line  # one format string, of the random suffix alone
     assert "'.vision-caption.{0}.tmp' -f $suffix" in COMMON.read_text(encoding="ascii")
+
+
+def test_a_read_only_caption_is_refused_in_the_words_of_the_python_tools() -> None:
+    """The .ps1 folder script refuses to replace a read-only caption file with the message of
+    ``captionfiles.ReadOnlyCaption``, word for word; it keeps a rewritten file's mode (Linux and
+    macOS: File.Replace renames, so the temp file gets it first) and replaces a symlinked caption
+    by a plain file (an overwriting move of the link itself, never File.Replace or a copy
+    through it). Where pwsh runs, test_folder_replaces_caption_files_by_the_rules_of_the_python_tools
+    checks the behaviour."""
+    text = COMMON.read_text(encoding="ascii")
+    (words,) = re.findall(r"throw \('(\{0\} is read-only[^']*)' -f", text)
+    assert words.format("kept.txt") == str(ReadOnlyCaption(Path("kept.txt")))
+    code = code_only(text)
+    body = code[code.index("function Write-VisionTextFile") :]
+    body = body[: body.index("\nfunction ")]
+    assert "Assert-VisionCaptionWritable" in body
+    assert "[System.IO.File]::SetUnixFileMode($temp, $unixMode)" in body
+    assert "Move-VisionFileOverLink" in body
+    assert "[System.IO.File]::Move($Temp, $Path, $true)" in code
+    assert "[System.IO.File]::Exists($Path)" not in body  # follows a link: Get-VisionCaptionEntry does not
 
 
 def powershell_syntax_errors(source: bytes) -> list[tuple[int, str]]:
@@ -441,6 +462,37 @@ def test_folder_caption_name_too_long_for_the_file_system_fails_that_image(tmp_p
     )
     assert posts == 1 and read_caption(short.with_suffix(".caption")) == "stand-in caption"
     assert leftovers(tmp_path) == []
+
+
+@needs_pwsh
+@pytest.mark.skipif(sys.platform == "win32", reason="Unix modes and symlinks")
+@pytest.mark.parametrize("mode", ["overwrite", "skip"])
+def test_folder_replaces_caption_files_by_the_rules_of_the_python_tools(tmp_path: Path, mode: str) -> None:
+    """As test_dataset_tools_agree's test of every tool: a read-only caption fails its image
+    alone in the Python tools' words, a 0640 one keeps its mode, a symlinked one becomes a plain
+    file of a new file's mode and the read-only file it points to stays as it was (needs
+    PowerShell 7.3+ for the modes: .NET 7 tells them)."""
+    root, store = tmp_path / "data", tmp_path / "store"
+    make_folder(root, ["ro.png", "shared.png", "linked.png"])
+    store.mkdir()
+    old = "" if mode == "skip" else "old words"
+    for path, bits in ((root / "ro.txt", 0o444), (root / "shared.txt", 0o640), (store / "linked.txt", 0o444)):
+        path.write_text(old, encoding="utf-8")
+        path.chmod(bits)
+    (root / "linked.txt").symlink_to(store / "linked.txt")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with StandIn() as stand_in:
+        result = ps(FOLDER, "CAPTION", "txt", str(root), "-Url", stand_in.url, "-Mode", mode)
+    assert result.returncode == 1, result.stderr
+    assert "ro.png: ro.txt is read-only; make it writable (chmod u+w) to let it be replaced" in result.stderr
+    assert (root / "ro.txt").read_text(encoding="utf-8") == old
+    assert (root / "ro.txt").stat().st_mode & 0o777 == 0o444
+    for name, bits in (("shared.txt", 0o640), ("linked.txt", 0o666 & ~umask)):
+        assert not (root / name).is_symlink() and read_caption(root / name) == "stand-in caption", name
+        assert (root / name).stat().st_mode & 0o777 == bits, name
+    assert (store / "linked.txt").read_text(encoding="utf-8") == old
+    assert leftovers(root) == []
 
 
 @needs_pwsh

@@ -1000,14 +1000,16 @@ def test_folder_temp_names_and_sweep_of_a_killed_runs_leftovers(tmp_path: Path) 
     (root / ".vision-caption.aaaaaaaaaaaaaaaa.tmp").symlink_to(images[0])  # a link, not a regular file
     kept.append(root / ".vision-caption.aaaaaaaaaaaaaaaa.tmp")
     # A logging mv and ln in front of the real ones show the temp names the script puts into
-    # place (with ln in skip mode, so that a caption written meanwhile is never replaced).
+    # place (with ln in skip mode, so that a caption written meanwhile is never replaced), and a
+    # logging sync that each is flushed to the disk first, as the Python tools flush them.
     shims = tmp_path / "shims"
     shims.mkdir()
-    log = tmp_path / "mv.log"
-    for tool in ("mv", "ln"):
+    log, synced_log = tmp_path / "mv.log", tmp_path / "sync.log"
+    for tool in ("mv", "ln", "sync"):
         real = shutil.which(tool)
         assert real
-        (shims / tool).write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> "{log}"\nexec "{real}" "$@"\n')
+        into = synced_log if tool == "sync" else log
+        (shims / tool).write_text(f'#!/bin/sh\nprintf "%s\\n" "$@" >> "{into}"\nexec "{real}" "$@"\n')
         (shims / tool).chmod(0o755)
     env = base_env(PATH=f"{shims}{os.pathsep}{os.environ['PATH']}")
     with StandIn() as stand_in:
@@ -1024,6 +1026,8 @@ def test_folder_temp_names_and_sweep_of_a_killed_runs_leftovers(tmp_path: Path) 
     renamed = [Path(line).name for line in log.read_text().splitlines() if ".vision-caption." in line]
     assert len(renamed) == 2
     assert all(re.fullmatch(r"\.vision-caption\.[0-9a-f]{16}\.tmp", name) for name in renamed), renamed
+    synced = [Path(line).name for line in synced_log.read_text().splitlines() if ".vision-caption." in line]
+    assert sorted(synced) == sorted(renamed)
 
 
 def black_hole() -> tuple[socket.socket, list[socket.socket]]:
