@@ -623,7 +623,17 @@ function Write-VisionTextFile {
     $suffix = [System.Guid]::NewGuid().ToString('N').Substring(0, 16)
     $temp = [System.IO.Path]::Combine($folder, ('.vision-caption.{0}.tmp' -f $suffix))
     try {
-        [System.IO.File]::WriteAllText($temp, $Text, [System.Text.UTF8Encoding]::new($false))
+        # Flushed to the disk before it is put in place, as the Python tools and the bash script
+        # do, so a power cut cannot leave an empty file under the caption's name.
+        $bytes = [System.Text.UTF8Encoding]::new($false).GetBytes($Text)
+        $stream = [System.IO.FileStream]::new($temp, [System.IO.FileMode]::CreateNew, [System.IO.FileAccess]::Write)
+        try {
+            $stream.Write($bytes, 0, $bytes.Length)
+            $stream.Flush($true)
+        }
+        finally {
+            $stream.Dispose()
+        }
         if ($null -ne $unixMode) { [System.IO.File]::SetUnixFileMode($temp, $unixMode) }
         if ($KeepCaption) {
             if (Test-VisionCaptionHeld -Path $Path) { return $false }

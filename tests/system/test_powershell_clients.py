@@ -134,8 +134,8 @@ def test_a_read_only_caption_is_refused_in_the_words_of_the_python_tools() -> No
     ``captionfiles.ReadOnlyCaption``, word for word; it keeps a rewritten file's mode (Linux and
     macOS: File.Replace renames, so the temp file gets it first) and replaces a symlinked caption
     by a plain file (an overwriting move of the link itself, never File.Replace or a copy
-    through it). Where pwsh runs, test_folder_replaces_caption_files_by_the_rules_of_the_python_tools
-    checks the behaviour."""
+    through it); it flushes the caption to the disk before it moves it. Where pwsh runs,
+    test_folder_replaces_caption_files_by_the_rules_of_the_python_tools checks the behaviour."""
     text = COMMON.read_text(encoding="ascii")
     (words,) = re.findall(r"throw \('(\{0\} is read-only[^']*)' -f", text)
     assert words.format("kept.txt") == str(ReadOnlyCaption(Path("kept.txt")))
@@ -147,6 +147,7 @@ def test_a_read_only_caption_is_refused_in_the_words_of_the_python_tools() -> No
     assert "Move-VisionFileOverLink" in body
     assert "[System.IO.File]::Move($Temp, $Path, $true)" in code
     assert "[System.IO.File]::Exists($Path)" not in body  # follows a link: Get-VisionCaptionEntry does not
+    assert "$stream.Flush($true)" in body  # on the disk before the move, as write_atomic flushes it
 
 
 def powershell_syntax_errors(source: bytes) -> list[tuple[int, str]]:
