@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.support.api import tiny_cache_dir
+from tests.support.axe import AXE_ENV, axe_path, violations
 from tests.support.browser import VIEWPORT, chromium, screenshot_dir
 from tests.support.gallery_data import GalleryData, make_gallery
 from tests.support.processes import http_json, tiny_server
@@ -23,7 +24,7 @@ pytest.importorskip("playwright.sync_api", reason="playwright is in the test ext
 from playwright.sync_api import FilePayload, ViewportSize, expect
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Dialog, Page
+    from playwright.sync_api import Browser, Dialog, Locator, Page
 
 TIMEOUT_MS = 60_000
 expect.set_options(timeout=TIMEOUT_MS)
@@ -275,3 +276,55 @@ def test_nothing_is_cut_off_narrow_or_zoomed(
             page.goto("about:blank")
     finally:
         context.close()
+
+
+def test_axe_finds_nothing_on_any_view(browser: Browser, server: str, data: GalleryData) -> None:
+    """The rules engine over every view: a control without a name, an image without alt text,
+    text below 4.5:1 contrast, a broken landmark or heading order fails here."""
+    script = axe_path()
+    if script is None:
+        pytest.skip(
+            f"no axe-core: `python -m tests.support.axe` fetches it (as .ci/run does), or set {AXE_ENV}"
+        )
+    context = browser.new_context(
+        viewport=ViewportSize(width=VIEWPORT["width"], height=VIEWPORT["height"]), bypass_csp=True
+    )
+    try:
+        page = context.new_page()
+        page.set_default_timeout(TIMEOUT_MS)
+        found: dict[str, list[str]] = {}
+        open_view(page, server, "status")
+        page.wait_for_selector("#st-state:not(:empty)")
+        found["status"] = violations(page, script)
+        open_view(page, server, "try")
+        page.set_input_files("#file", str(data.root / "img03.png"))
+        page.wait_for_selector("body[data-try-state=done]")
+        found["try it, a caption"] = violations(page, script)
+        page.set_input_files("#file", files=FilePayload(name="bad.png", mimeType="image/png", buffer=b"nope"))
+        page.wait_for_selector("body[data-try-state=failed]")
+        found["try it, an error"] = violations(page, script)
+        open_view(page, server, "gallery")
+
+        # By position, not by accessible name: a lost name must come out as axe's finding.
+        def in_card(path: str, what: str) -> Locator:
+            return page.locator(f'.card[data-path="{path}"] {what}')
+
+        box = in_card("img01.png", "textarea")
+        box.fill(box.input_value())  # typed but the same text: nothing unsaved
+        in_card("img02.png", "textarea").press("End")
+        page.keyboard.type(" (draft)")
+        found["gallery, an unsaved caption"] = violations(page, script)
+        in_card("img00.png", ".thumb-open").click()
+        expect(page.locator("#viewer-image")).to_have_attribute("src", re.compile(r"^blob:"))
+        found["the whole image"] = violations(page, script)
+        page.keyboard.press("Escape")
+        in_card("img00.png", "input.pick").check()
+        in_card("img00.png", "button.fresh").click()
+        page.wait_for_selector("body[data-recaption=done]")
+        found["gallery, a fresh caption"] = violations(page, script)
+        in_card("img02.png", "button.save").click()
+        expect(in_card("img02.png", ".card-message")).to_have_text("saved")
+        found["gallery, saved"] = violations(page, script)
+    finally:
+        context.close()
+    assert {view: rules for view, rules in found.items() if rules} == {}
