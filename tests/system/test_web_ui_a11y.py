@@ -128,6 +128,20 @@ def test_try_it_by_keyboard_alone(page: Page, server: str, data: GalleryData) ->
     assert page.evaluate(FOCUSED) == "file"  # focus stays where the user left it
 
 
+def test_caption_again_by_keyboard_keeps_focus(page: Page, server: str, data: GalleryData) -> None:
+    """The button is unavailable while its caption runs; it used to be disabled, which threw
+    the focus out of it to the top of the page."""
+    open_view(page, server, "try")
+    page.set_input_files("#file", str(data.root / "img03.png"))
+    page.wait_for_selector("body[data-try-state=done]")
+    page.get_by_role("button", name="Caption again").focus()
+    page.evaluate("() => { document.body.dataset.tryState = 'pressed'; }")
+    page.keyboard.press("Enter")
+    page.wait_for_selector("body[data-try-state=done]")
+    assert page.evaluate(FOCUSED) == "run"
+    expect(page.get_by_role("button", name="Caption again")).to_have_attribute("aria-disabled", "false")
+
+
 def test_the_polled_status_line_is_not_read_out(page: Page, server: str) -> None:
     """It changes every second while work runs: as a live region it talked over everything."""
     open_view(page, server, "try")
@@ -162,6 +176,14 @@ def test_each_card_control_says_which_image(page: Page, server: str) -> None:
         expect(page.get_by_role("textbox", name=f"caption of {path}", exact=True)).to_have_count(1)
         expect(page.get_by_role("checkbox", name=path, exact=True)).to_have_count(1)
     expect(page.get_by_role("status").filter(has_text="page 1 of 3")).to_have_count(1)
+
+
+def test_the_selection_count_is_read_out(page: Page, server: str) -> None:
+    open_view(page, server, "gallery")
+    page.get_by_role("button", name="Select page").press("Enter")
+    expect(page.get_by_role("status").filter(has_text="3 selected")).to_have_count(1)
+    page.get_by_role("checkbox", name="img01.png").press("Space")
+    expect(page.get_by_role("status").filter(has_text="2 selected")).to_have_count(1)
 
 
 def test_the_whole_image_opens_and_closes_by_keyboard(page: Page, server: str) -> None:

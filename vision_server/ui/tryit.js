@@ -9,6 +9,12 @@ let previewUrl = null;
 let started = false;
 let shown = null; // the /ui/api/info the page was drawn from
 
+// While a caption runs, "Caption again" says it is unavailable (aria-disabled) instead of being
+// disabled: a disabled button loses focus, and a keyboard user who pressed it landed at the top.
+function busy(running) {
+  $("run").setAttribute("aria-disabled", String(running));
+}
+
 function choose(file) {
   if (!file) return;
   if (file.type && !file.type.startsWith("image/")) {
@@ -31,7 +37,7 @@ async function run() {
   form.append("task", $("task").value);
   const model = pickedModel($("model"), shown);
   if (model) form.append("model", model);
-  $("run").disabled = true;
+  busy(true);
   setText($("try-error"), "");
   setText($("try-caption"), "");
   setText($("try-timing"), "captioning…");
@@ -48,7 +54,7 @@ async function run() {
     setText($("try-error"), error.message);
     document.body.dataset.tryState = "failed";
   } finally {
-    $("run").disabled = false;
+    busy(false);
   }
 }
 
@@ -81,7 +87,9 @@ export function startTry(info) {
     const file = [...(event.clipboardData?.files || [])].find((f) => f.type.startsWith("image/"));
     if (file) choose(file);
   });
-  $("run").addEventListener("click", run);
+  $("run").addEventListener("click", () => {
+    if ($("run").getAttribute("aria-disabled") !== "true") run();
+  });
   $("task").addEventListener("change", run);
   $("model").addEventListener("change", () => {
     fillTasksOf($("task"), $("model"), shown);
