@@ -40,6 +40,16 @@ IN_LIVE_REGION = """element => Boolean(element.closest(
   '[aria-live]:not([aria-live="off"]), [role=status], [role=alert], [role=log]'))"""
 
 
+# The labels shown on another line than their control (a "Task" left at the end of one row,
+# its list on the next).
+LABELS_APART = """() => [...document.querySelectorAll("label[for]")].filter((label) => {
+  const control = document.getElementById(label.htmlFor);
+  if (!label.offsetParent || !control || !control.offsetParent) return false;
+  const [a, b] = [label.getBoundingClientRect(), control.getBoundingClientRect()];
+  return a.bottom <= b.top || b.bottom <= a.top;
+}).map((label) => label.htmlFor)"""
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory: pytest.TempPathFactory) -> GalleryData:
     return make_gallery(tmp_path_factory.mktemp("web-ui-a11y-data"))
@@ -110,6 +120,7 @@ def test_try_it_by_keyboard_alone(page: Page, server: str, data: GalleryData) ->
     # added just before the key press can lose the race with: one listens from the start.
     page.on("filechooser", lambda _chooser: None)
     open_view(page, server, "try")
+    expect(page.locator("#model-choice")).to_be_hidden()  # one model: no list to tab through
     page.select_option("#task", "<CAPTION>")
     page.focus("#nav-status")  # start in the header, as a keyboard user does
     tab_to(page, "file")
@@ -295,6 +306,7 @@ def test_nothing_is_cut_off_narrow_or_zoomed(
                 "() => document.documentElement.scrollWidth - document.documentElement.clientWidth"
             )
             assert sideways <= 0, f"{view} at {width} px scrolls {sideways} px sideways"
+            assert page.evaluate(LABELS_APART) == [], f"{view} at {width} px: a label left its list"
             page.goto("about:blank")
     finally:
         context.close()
