@@ -250,9 +250,11 @@ def test_an_unsaved_edit_survives_a_recaption_and_paging(page: Page, server: str
     expect(card.locator('.source[data-source="<MORE_DETAILED_CAPTION>"]')).to_have_count(1)
     expect(box).to_have_value(before + ", sleeping")  # the redraw kept what was typed
     page.get_by_role("button", name="Next").press("Enter")
-    expect(page.locator("#page-info")).to_have_text("page 2 of 3 · 7 images")
+    expect(page.locator("#page-info")).to_have_text(
+        "page 2 of 3 · 7 images · unsaved on other pages: img00.png"
+    )
     page.get_by_role("button", name="Previous").press("Enter")
-    expect(page.locator("#page-info")).to_contain_text("page 1 of 3")
+    expect(page.locator("#page-info")).to_have_text("page 1 of 3 · 7 images")  # shown on its card
     expect(box).to_have_value(before + ", sleeping")
     expect(card.get_by_role("status")).to_have_text("unsaved changes (Ctrl+S saves)")
     assert (data.root / "img00.txt").read_text(encoding="utf-8") == before  # nothing saved unasked

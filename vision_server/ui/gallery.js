@@ -151,6 +151,14 @@ async function loadThumbs(paths) {
   await Promise.all(Array.from({ length: THUMBS_AT_ONCE }, worker));
 }
 
+// Unsaved captions not on this page, named (a few), so they are not forgotten on page 37.
+function draftsElsewhere() {
+  const away = [...drafts.keys()].filter((path) => !cards.has(path));
+  if (!away.length) return "";
+  const more = away.length > 3 ? ` and ${away.length - 3} more` : "";
+  return ` · unsaved on other pages: ${away.slice(0, 3).join(", ")}${more}`;
+}
+
 async function load() {
   const ticket = ++loading;
   const query = new URLSearchParams({ page: state.page, q: state.q, field: state.field, has: state.has });
@@ -176,7 +184,7 @@ async function load() {
     grid.appendChild(card);
   }
   const filtered = data.total === data.all ? "" : ` (of ${data.all})`;
-  setText($("page-info"), `page ${data.page} of ${data.pages} · ${data.total} images${filtered}`);
+  setText($("page-info"), `page ${data.page} of ${data.pages} · ${data.total} images${filtered}${draftsElsewhere()}`);
   // The pager button just pressed may now be disabled (last or first page): focus goes to the
   // other one rather than back to the top of the page.
   const pressed = document.activeElement;
