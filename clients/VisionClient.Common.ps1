@@ -506,6 +506,20 @@ function Read-VisionCaptionFile {
     return [System.IO.File]::ReadAllText($Path, [System.Text.Encoding]::UTF8)
 }
 
+function Test-VisionSpecialFile {
+    # Whether a pipe, socket or device is at $Path (followed through a link on PowerShell 7.4+,
+    # whose items show UnixMode): never to be read as a caption, since opening a pipe waits for
+    # a writer forever. Windows has no such files; older PowerShell cannot tell and says no.
+    param([string]$Path)
+    $item = Get-Item -LiteralPath $Path -Force -ErrorAction SilentlyContinue
+    if ($null -eq $item -or $null -eq $item.PSObject.Properties['UnixMode']) { return $false }
+    if ($item.PSObject.Properties['ResolvedTarget'] -and $item.LinkType) {
+        $item = Get-Item -LiteralPath $item.ResolvedTarget -Force -ErrorAction SilentlyContinue
+        if ($null -eq $item) { return $false }
+    }
+    return ([string]$item.UnixMode) -match '^[pscb]'
+}
+
 function Test-VisionCaptionPresent {
     # Only a caption with text counts; an empty file must not block a new attempt.
     param([string]$Path)

@@ -458,6 +458,14 @@ foreach ($image in $images) {
             })
         continue
     }
+    if (Test-VisionSpecialFile -Path $captionPath) {
+        # A pipe where the caption should go: reading it would wait for a writer forever.
+        $clashes.Add([pscustomobject]@{
+                Image = $image
+                Error = '{0} is not a regular file (a pipe, socket or device), not a caption file' -f [System.IO.Path]::GetFileName($captionPath)
+            })
+        continue
+    }
     if ($Mode -eq 'skip') {
         $present = $false
         try { $present = Test-VisionCaptionPresent -Path $captionPath } catch { }

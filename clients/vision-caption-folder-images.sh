@@ -663,6 +663,10 @@ for img in ${found[@]+"${found[@]}"}; do # (bash < 4.4 calls an empty array unbo
         failed+=("$img"$'\t'"${cap##*/} is a directory, not a caption file")
         continue
     fi
+    if [[ -e $cap && ! -f $cap ]]; then # a pipe would be replaced (or, read, hang the run)
+        failed+=("$img"$'\t'"${cap##*/} is not a regular file (a pipe, socket or device), not a caption file")
+        continue
+    fi
     if [[ $mode == skip ]] && has_text "$cap"; then
         skipped=$((skipped + 1))
         continue

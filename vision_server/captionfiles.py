@@ -303,8 +303,25 @@ def one_line(caption: str) -> str:
     return _LINE_BREAK.sub(" ", caption)
 
 
+# A named pipe, socket or device where a caption file belongs: opening a pipe waits for a writer
+# forever, so no tool reads it, and the image fails with these words (after the file's name).
+NOT_A_REGULAR_CAPTION = "is not a regular file (a pipe, socket or device), not a caption file"
+
+
+def _is_special(path: Path) -> bool:
+    """Whether ``path`` is there and is neither a regular file nor a folder (a pipe...)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return False
+    return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
 def read_caption(path: Path) -> str | None:
-    """The caption text, or ``None`` when there is no file."""
+    """The caption text, or ``None`` when there is no file (nor a regular one: a pipe that
+    appeared since the run looked is never opened)."""
+    if _is_special(path):
+        return None
     try:
         return path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
@@ -334,6 +351,8 @@ def caption_target_problem(target: Path) -> str | None:
         return None  # anything else shows, with its own words, when the file is read or written
     if stat.S_ISDIR(info.st_mode):
         return f"{target.name} is a directory, not a caption file"
+    if not stat.S_ISREG(info.st_mode):
+        return f"{target.name} {NOT_A_REGULAR_CAPTION}"
     return None
 
 
@@ -341,9 +360,12 @@ def has_caption(path: Path) -> bool:
     """A caption counts only if it has text; an empty file is what a failed run used to leave.
 
     Bytes, not text, are checked, so a caption in another encoding still counts, and a file we
-    cannot read is left alone rather than overwritten. A name too long for the file system
-    names no file: no caption there.
+    cannot read is left alone rather than overwritten, as is a pipe, socket or device (never
+    opened: a pipe would wait for a writer forever). A name too long for the file system names
+    no file: no caption there.
     """
+    if _is_special(path):
+        return True
     try:
         data = path.read_bytes()
     except FileNotFoundError:

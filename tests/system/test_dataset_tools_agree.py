@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -257,6 +258,27 @@ def test_a_caption_name_too_long_for_the_file_system_fails_that_image_before_it_
     assert "mv:" not in result.stderr and "[1/2]" not in result.stderr, result.stderr[-3000:]
     assert (root / "b.caption").read_text(encoding="utf-8").strip()
     assert sorted(path.name for path in root.iterdir()) == sorted([f"{'a' * 248}.png", "b.png", "b.caption"])
+
+
+@pytest.mark.parametrize("mode", ["skip", "overwrite"])
+@pytest.mark.parametrize("tool", TOOLS)
+def test_a_pipe_where_a_caption_file_belongs_fails_that_image_and_hangs_no_tool(
+    tool: str, mode: str, tiny_server_url: str, cache: Path, tmp_path: Path
+) -> None:
+    """A named pipe as ``a.txt`` (an unpacked archive can hold one): reading it waits for a
+    writer forever, so ``vision-client folder`` hung at its skip check. Every tool now fails
+    that image with the same words, leaves the pipe as it is and captions the rest."""
+    root = tmp_path / "data"
+    root.mkdir()
+    save_image(root / "a.png", 1)
+    save_image(root / "b.png", 2)
+    os.mkfifo(root / "a.txt")
+    result = run_tool(tool, root, url=tiny_server_url, cache=cache, tmp=tmp_path, options=("--mode", mode))
+    assert result.returncode == 1, result.stderr[-3000:]
+    reason = "a.png: a.txt is not a regular file (a pipe, socket or device), not a caption file"
+    assert any(line.endswith(reason) for line in result.stderr.splitlines()), result.stderr[-3000:]
+    assert stat.S_ISFIFO((root / "a.txt").lstat().st_mode)
+    assert (root / "b.txt").read_text(encoding="utf-8").strip()
 
 
 # ---------------------------------------------------------------------------------------------
