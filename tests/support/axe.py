@@ -1,9 +1,10 @@
 """axe-core, the accessibility rules engine, for the web page's browser tests.
 
 axe-core is one JavaScript file (``axe.min.js``, about 650 kB) in its npm package. ``.ci/run``
-fetches one pinned release from the npm registry with ``python -m tests.support.axe`` (no node
-or npm needed) and checks it against the registry's published SHA-512 before keeping it, so the
-rules do not change under the tests. A developer runs the same command, or points
+fetches one pinned release with ``python -m tests.support.axe``, which asks ``npm pack`` for the
+package (npm, as set up on the machine, reaches the registry) and checks the tarball against the
+SHA-512 the registry publishes for it before keeping the file, so the rules do not change under
+the tests. A developer runs the same command, or points
 ``$VISION_SERVER_TEST_AXE`` at an ``axe.min.js``; without one the axe test skips and says so.
 """
 
@@ -13,9 +14,11 @@ import base64
 import hashlib
 import io
 import os
+import shutil
+import subprocess
 import sys
 import tarfile
-import urllib.request
+import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +29,7 @@ if TYPE_CHECKING:
 
 AXE_ENV = "VISION_SERVER_TEST_AXE"
 AXE_VERSION = "4.14.1"
-TARBALL = f"https://registry.npmjs.org/axe-core/-/axe-core-{AXE_VERSION}.tgz"
+PACKAGE = f"axe-core@{AXE_VERSION}"
 # `npm view axe-core@4.14.1 dist.integrity`: the registry's own hash of that tarball.
 INTEGRITY = "sha512-FHfa+lmNjQZfJz1q8wKqIDwC6DExcHt/pkjNQb09a3NPjCKg2rhu5qb2S4r76ASyFNNtuFooJpZe37OgudVGtQ=="
 FETCHED = REPO / ".ci-axe" / "axe.min.js"  # where the fetch puts it (git ignores .ci-axe/)
@@ -43,16 +46,22 @@ def axe_path() -> Path | None:
 
 
 def fetch(dest: Path = FETCHED) -> Path:
-    """Download the pinned tarball, refuse it unless its SHA-512 is the registry's, keep axe.min.js."""
-    with urllib.request.urlopen(TARBALL, timeout=60) as response:
-        tarball = response.read()
+    """Fetch the pinned tarball with ``npm pack``, refuse it unless its SHA-512 is the
+    registry's, keep axe.min.js."""
+    npm = shutil.which("npm")
+    if npm is None:
+        raise RuntimeError("npm is not on PATH: install Node.js and npm to fetch axe-core")
+    with tempfile.TemporaryDirectory() as work:
+        command = [npm, "pack", PACKAGE, "--pack-destination", work, "--silent"]
+        subprocess.run(command, check=True, capture_output=True, timeout=300)
+        tarball = next(Path(work).glob("*.tgz")).read_bytes()
     digest = "sha512-" + base64.b64encode(hashlib.sha512(tarball).digest()).decode()
     if digest != INTEGRITY:
-        raise RuntimeError(f"{TARBALL} has {digest}, not the published {INTEGRITY}")
+        raise RuntimeError(f"{PACKAGE} came as {digest}, not the published {INTEGRITY}")
     with tarfile.open(fileobj=io.BytesIO(tarball), mode="r:gz") as archive:
         member = archive.extractfile("package/axe.min.js")
         if member is None:
-            raise RuntimeError(f"{TARBALL} holds no package/axe.min.js")
+            raise RuntimeError(f"{PACKAGE} holds no package/axe.min.js")
         script = member.read()
     dest.parent.mkdir(parents=True, exist_ok=True)
     partial = dest.with_name(dest.name + ".partial")
