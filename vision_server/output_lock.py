@@ -91,10 +91,13 @@ def lock_path(output: Path) -> Path:
 
 
 @contextmanager
-def holding(outputs: list[Path]) -> Iterator[None]:
+def holding(outputs: list[Path]) -> Iterator[frozenset[Path]]:
     """Hold the lock of each of ``outputs`` until the block ends; raise :class:`OutputBusy` at
     once (without waiting) when another run holds one of them, or :class:`LockUnusable` when its
     lock file is in the way, after letting go of those taken.
+
+    Yields those of ``outputs`` (as given) whose lock this run holds: while it does, no other run
+    writes them, so a temp file of theirs is a dead run's, however young (its sweep need not wait).
 
     Each output's folder must exist: ``filelock`` would make it (the caller refuses a missing
     one first). A lock file that cannot be created where the folder takes no new file (an
@@ -102,6 +105,7 @@ def holding(outputs: list[Path]) -> Iterator[None]:
     about, and the run goes on unprotected: appending to such a JSONL file works.
     """
     taken: list[FileLock] = []
+    locked: list[Path] = []
     try:
         for output in outputs:
             path = lock_path(output)
@@ -114,7 +118,8 @@ def holding(outputs: list[Path]) -> Iterator[None]:
                 _refuse_or_warn(output, path, failure)
                 continue
             taken.append(lock)
-        yield
+            locked.append(output)
+        yield frozenset(locked)
     finally:
         for lock in reversed(taken):
             lock.release()

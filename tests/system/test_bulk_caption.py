@@ -347,6 +347,21 @@ def test_a_run_that_would_mix_row_shapes_in_an_output_is_refused(tmp_path: Path,
     assert "Run with the tasks that wrote it (--task caption --task generate_tags)" in refused.stderr
 
 
+def test_a_killed_folds_temp_file_goes_with_the_next_run_however_young(tmp_path: Path, cache: Path) -> None:
+    """kill -9 mid-fold leaves a temp file as big as the table. The next run holds the table's
+    lock, so no other run can be folding it: the temp goes at once, not after 15 minutes.
+    (Without a lock the age rule stays: tests/unit/test_bulk_stages.py.)"""
+    root = tmp_path / "data"
+    good_images(root, 1)
+    table = tmp_path / "t.parquet"
+    killed_fold = aged(tmp_path / ".t.parquet.0123abcd.tmp", 5, b"PAR1 half a table")  # 5 seconds ago
+    result = run(tmp_path, cache, root, *FAST, "--parquet", table)
+    assert result.returncode == 0, result.stderr
+    assert not killed_fold.exists()
+    assert pq.read_table(table).num_rows == 1
+    assert not tmp_files(tmp_path)
+
+
 # --- Parquet and WebDataset inputs ---------------------------------------------------------------
 
 

@@ -263,6 +263,19 @@ def test_parquet_output_sweeps_the_fold_temp_files_a_killed_fold_left(tmp_path: 
     assert left == {p.name for p in kept if p.name.startswith(".out.parquet.") and p.suffix == ".tmp"}
 
 
+def test_parquet_output_under_its_lock_sweeps_even_a_young_fold_temp(tmp_path: Path) -> None:
+    """Holding the table's lock, no other run can be folding it: a fold temp of it, however
+    young (a run killed a minute ago), is a dead run's and goes now, not 15 minutes later.
+    Without the lock (none could be had there) a young one may be a live fold: it stays."""
+    young = aged(tmp_path / ".out.parquet.89abcdef.tmp", YOUNG)
+    ahead = aged(tmp_path / ".out.parquet.0123abcd.tmp", -3600)  # a share's clock ahead of ours
+    other = aged(tmp_path / ".other.parquet.89abcdef.tmp", YOUNG)  # another table's: not ours
+    assert ParquetOutput(tmp_path / "out.parquet", FACTS).stale_temps_removed == 0
+    assert young.exists() and ahead.exists()
+    assert ParquetOutput(tmp_path / "out.parquet", FACTS, locked=True).stale_temps_removed == 2
+    assert not young.exists() and not ahead.exists() and other.exists()
+
+
 def test_parquet_output_of_a_dry_run_sweeps_nothing(tmp_path: Path) -> None:
     leftover = aged(tmp_path / ".out.parquet.0123abcd.tmp", OLD)
     assert ParquetOutput(tmp_path / "out.parquet", FACTS, sweep=False).stale_temps_removed == 0

@@ -29,8 +29,8 @@ def test_a_second_holder_is_refused_at_once_naming_the_output_and_gets_it_once_f
         assert ".captions.jsonl.lock" in str(refused.value)
         with holding([parquet]):  # the refused one let go of the lock it had taken
             pass
-    with holding([jsonl, parquet]):  # free again once the first holder is done
-        pass
+    with holding([jsonl, parquet]) as locked:  # free again once the first holder is done
+        assert locked == {jsonl, parquet}  # held: their temp files are no live run's
     assert not jsonl.exists() and not parquet.exists()  # the outputs themselves are not touched
 
 
@@ -60,8 +60,8 @@ def test_a_lock_file_that_cannot_be_made_is_warned_about_and_the_run_goes_on(
         output.chmod(0o666)
         output.parent.chmod(0o555)
         with as_another_user(), caplog.at_level(logging.WARNING, logger="vision_server.output_lock"):
-            with holding([output]):
-                pass
+            with holding([output]) as locked:
+                assert locked == frozenset()  # not held: another run may be writing it
     assert "cannot create the lock file" in caplog.text and "nothing stops another run" in caplog.text
     assert "Permission denied" in caplog.text
 

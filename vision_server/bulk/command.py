@@ -185,9 +185,9 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
     try:
         # One run at a time per JSONL/Parquet output, for the whole run (also with --ray, whose
         # rows are written here), taken before the output is read back or the model loads.
-        with holding(shared):
+        with holding(shared) as locked:
             _check_new_outputs(shared)
-            return _caption_holding_outputs(settings, request, read, kinds, tasks, sidecars)
+            return _caption_holding_outputs(settings, request, read, kinds, tasks, sidecars, locked)
     except OutputLockError as exc:
         raise click.UsageError(str(exc)) from None
 
@@ -199,9 +199,11 @@ def _caption_holding_outputs(
     kinds: dict[Path, str],
     tasks: tuple[str, ...],
     sidecars: bool,
+    locked: frozenset[Path],
 ) -> int:
-    """The run proper, once its shared outputs are this run's alone: locally or on Ray."""
-    outputs = _outputs(request, settings, tasks, sidecars)
+    """The run proper, once its shared outputs are this run's alone (``locked``: those whose lock
+    it holds; one where no lock could be had is not): locally or on Ray."""
+    outputs = _outputs(request, settings, tasks, sidecars, locked)
     # A run that writes caption files also sweeps the temp files a killed run left beside them.
     read = dataclasses.replace(read, tidy=sidecars)
     if request.ray is not None:
@@ -312,7 +314,11 @@ def _check_new_outputs(shared: list[Path]) -> None:
 
 
 def _outputs(
-    request: CaptionRequest, settings: Settings, tasks: tuple[str, ...], sidecars: bool
+    request: CaptionRequest,
+    settings: Settings,
+    tasks: tuple[str, ...],
+    sidecars: bool,
+    locked: frozenset[Path] = frozenset(),
 ) -> list[Output]:
     spec = settings.default_model_spec
     # Rows name the model as vision-client folder's rows do: by its served name (NAME of
@@ -337,7 +343,12 @@ def _outputs(
             read_back.append((request.jsonl, JsonlOutput(request.jsonl, facts)))
         if request.parquet is not None:
             read_back.append(
-                (request.parquet, ParquetOutput(request.parquet, facts, sweep=not request.dry_run))
+                (
+                    request.parquet,
+                    ParquetOutput(
+                        request.parquet, facts, sweep=not request.dry_run, locked=request.parquet in locked
+                    ),
+                )
             )
     except Exception as exc:  # an existing output we cannot read back cannot be resumed safely
         raise click.UsageError(f"cannot read the existing output to resume from it: {exc}") from None

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import os
 import re
 import secrets
@@ -477,7 +478,7 @@ class JsonlOutput(_TableOutput):
 class ParquetOutput(_TableOutput):
     """``--parquet FILE``: captioned images only; rows are journaled, then folded in at close."""
 
-    def __init__(self, path: Path, facts: RowFacts, *, sweep: bool = True) -> None:
+    def __init__(self, path: Path, facts: RowFacts, *, sweep: bool = True, locked: bool = False) -> None:
         # Where the table is: the fold renames a new file over it, which would replace a symlink
         # to it with a plain file (the rows beside the link, the table it names left behind),
         # and the journal goes beside the table, so every spelling of it finds the same one.
@@ -485,7 +486,10 @@ class ParquetOutput(_TableOutput):
         self.path = path
         self.journal = path.with_name(f".{path.name}.journal.jsonl")
         # A run killed while folding left its temp file (as big as the table); a dry run keeps it.
-        self.stale_temps_removed = sweep_fold_temps(path) if sweep else 0
+        # Holding the table's lock (``locked``), no other run can be folding it: every fold temp
+        # of it is a dead run's, however young; without the lock a young one may be a live fold.
+        age = -math.inf if locked else STALE_TEMP_AGE  # any mtime, a share's clock ahead included
+        self.stale_temps_removed = sweep_fold_temps(path, min_age=age) if sweep else 0
         shapes = RowShapes()
         mine = ModelRows(facts)
         done = recorded(mine.select(shapes.note(_parquet_rows(path))))
@@ -580,8 +584,9 @@ def sweep_fold_temps(path: Path, *, min_age: float = STALE_TEMP_AGE) -> int:
 
     A Parquet file of a large dataset is rewritten whole at every fold, so each leftover may be
     as big as the output itself. Only regular files named exactly as a fold of this output names
-    them and older than ``min_age`` go (a younger one may be another run's fold in progress);
-    an error leaves that file alone, as for caption temp files.
+    them and older than ``min_age`` go (a younger one may be another run's fold in progress,
+    unless this run holds the output's lock: then the caller passes ``-math.inf``); an error
+    leaves that file alone, as for caption temp files.
     """
     name = re.compile(re.escape(f".{path.name}.") + r"[0-9a-f]{8}\.tmp")
     try:
