@@ -245,3 +245,27 @@ def test_a_full_log_file_disk_is_said_once_and_the_server_goes_on(tmp_path: Path
     assert f"writing the log file {log_file} again" in stderr
     assert stderr.count("GET /v1/models 200") == 63  # stderr got every line all along
     assert all(line.startswith("20") for line in lines)  # whole lines, none torn
+
+
+@pytest.mark.parametrize("where", ["local", "ray"])
+def test_a_fold_that_finds_the_disk_full_fails_the_run(
+    tmp_path: Path, cache: Path, disk: Path, where: str
+) -> None:
+    """A rerun with nothing to caption (``--limit 0``) still folds the journal a stopped run left;
+    when that fold finds no room, the rows are not in the table: exit 1, with and without
+    ``--ray`` (whose run ends before Ray starts here, so no cluster is needed)."""
+    data, table = disk / "data", disk / "out.parquet"
+    assert (
+        caption(tmp_path, cache, data, "--parquet", table, "--no-sidecars", "--limit", "10").returncode == 0
+    )
+    fill(disk, leave=PAGE)
+    assert caption(tmp_path, cache, data, "--parquet", table, "--no-sidecars").returncode == 1
+    journal = disk / ".out.parquet.journal.jsonl"
+    assert journal.exists()
+
+    ray = ("--ray",) if where == "ray" else ()
+    again = caption(tmp_path, cache, data, "--parquet", table, "--no-sidecars", "--limit", "0", *ray)
+
+    assert "rows wait in .out.parquet.journal.jsonl" in again.stderr, again.stderr
+    assert again.returncode == 1, again.stderr
+    assert pq.read_table(table).num_rows == 10 and journal.exists()

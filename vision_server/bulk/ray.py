@@ -143,6 +143,7 @@ def run_ray(
     tally = _Tally(Progress(interval=request.progress_interval))
     undo = _stop_on_signals()
     started = False
+    closed = True
     try:
         # Files, folders and lists are planned here, before Ray starts: a rerun that finds them
         # all captioned (and has no Parquet of image bytes or tar shard, which the workers plan)
@@ -162,9 +163,10 @@ def run_ray(
     except DiskFull as exc:  # every row after this one would fail the same way: stop, say it once
         tally.summary.stopped = str(exc)
     finally:
-        _close(outputs, tally.progress, started)
+        closed = _close(outputs, tally.progress, started)
         undo()
-    return tally.conclude(request.limit is not None)
+    # An output that could not be closed (a fold that found the disk full) lacks rows, as locally.
+    return tally.conclude(request.limit is not None) or (0 if closed else 1)
 
 
 def _fail_here(job: _Job, planned: _Planned, tally: _Tally) -> None:
@@ -186,13 +188,15 @@ def _caption_on_ray(job: _Job, planned: _Planned, tally: _Tally) -> None:
         tally.run_failed(exc)
 
 
-def _close(outputs: list[Output], progress: Progress, started: bool) -> None:
-    close_all(outputs)
+def _close(outputs: list[Output], progress: Progress, started: bool) -> bool:
+    """Close the outputs, the progress line and Ray; whether every output closed."""
+    closed = close_all(outputs)
     progress.close()
     if started:
         import ray
 
         ray.shutdown()
+    return closed
 
 
 def _init_ray(address: str, settings: Settings) -> bool:
