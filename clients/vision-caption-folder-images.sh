@@ -362,13 +362,27 @@ trap 'on_signal 129' HUP
 trap 'on_signal 130' INT
 trap 'on_signal 143' TERM
 
-# What mktemp -d does (mkdir fails on any existing name), without a $(...) now that the signal
-# traps are set (see show_into); new_dir lets cleanup remove it before tmpd is set.
+# The work directory is named vision-caption.<host>.<pid>.<8 hex digits>: a run killed with
+# kill -9 (no trap runs) leaves it, and a later run removes it when it is this user's, made on
+# this host, by a process that is gone (kill -0 fails). A pid in use again keeps it until that
+# process ends; another host's (a TMPDIR shared over the network) is never touched. No $(...)
+# now that the signal traps are set (see show_into).
+work_prefix="${TMPDIR:-/tmp}/vision-caption.${HOSTNAME:-}."
+for _dead in "$work_prefix"*; do
+    [[ ${_dead#"$work_prefix"} =~ ^([1-9][0-9]*)\.[0-9a-f]{8}$ ]] || continue
+    [[ -d $_dead && ! -L $_dead && -O $_dead ]] || continue
+    _pid=${BASH_REMATCH[1]}
+    if ((_pid == $$)) || kill -0 "$_pid" 2>/dev/null; then continue; fi
+    rm -rf -- "$_dead" 2>/dev/null || true
+done
+
+# What mktemp -d does (mkdir fails on any existing name); new_dir lets cleanup remove it before
+# tmpd is set.
 for ((tries = 0; tries < 100; tries++)); do
     if [[ -n ${SRANDOM:-} ]]; then # bash 5.1+
-        printf -v new_dir '%s/vision-caption.%08x' "${TMPDIR:-/tmp}" "$SRANDOM"
+        printf -v new_dir '%s%s.%08x' "$work_prefix" "$$" "$SRANDOM"
     else
-        printf -v new_dir '%s/vision-caption.%04x%04x' "${TMPDIR:-/tmp}" "$RANDOM" "$RANDOM"
+        printf -v new_dir '%s%s.%04x%04x' "$work_prefix" "$$" "$RANDOM" "$RANDOM"
     fi
     if (umask 077 && mkdir -- "$new_dir"); then
         tmpd=$new_dir

@@ -1030,6 +1030,48 @@ def test_folder_temp_names_and_sweep_of_a_killed_runs_leftovers(tmp_path: Path) 
     assert sorted(synced) == sorted(renamed)
 
 
+def test_folder_removes_the_work_directory_a_killed_run_left_and_only_that(tmp_path: Path) -> None:
+    """kill -9 leaves the script's work directory in TMPDIR (no trap runs). Its name holds host
+    and pid, so the next run removes those of this host whose process is gone, and keeps a live
+    run's, another host's, and anything it did not make."""
+    scratch = tmp_path / "script-tmp"
+    scratch.mkdir()
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+
+    def work_dir(name: str) -> Path:
+        path = scratch / name
+        path.mkdir()
+        (path / "res.0").write_text("0\n")
+        return path
+
+    dead = work_dir(f"vision-caption.testhost.{gone.pid}.0123abcd")
+    kept = [
+        work_dir(f"vision-caption.testhost.{os.getpid()}.0123abcd"),  # a live run's
+        work_dir(f"vision-caption.otherhost.{gone.pid}.0123abcd"),  # another host's: its pids are not ours
+        work_dir("vision-caption.0123abcd"),  # older versions': no pid to tell by
+        work_dir(f"vision-caption.testhost.{gone.pid}.0123abcd.mine"),  # not a name the script makes
+    ]
+    (scratch / f"vision-caption.testhost.{gone.pid}.89abcdef").symlink_to(kept[0])  # a link: left alone
+    kept.append(scratch / f"vision-caption.testhost.{gone.pid}.89abcdef")
+    root = tmp_path / "data"
+    make_tree(root, ["a.png"])
+    with StandIn() as stand_in:
+        result = run(
+            FOLDER,
+            "--url",
+            stand_in.url,
+            "CAPTION",
+            "txt",
+            str(root),
+            env=base_env(scratch, HOSTNAME="testhost"),
+        )
+    assert result.returncode == 0, result.stderr
+    assert not dead.exists()
+    assert all(path.is_dir() for path in kept) and (kept[0] / "res.0").exists()
+    assert sorted(p.name for p in scratch.iterdir()) == sorted(p.name for p in kept)  # its own went too
+
+
 def black_hole() -> tuple[socket.socket, list[socket.socket]]:
     """A listening socket whose accept queue is full: new connections get no answer at all
     (SYNs dropped), as a host that is down or rebooting (10.255.255.1 fails fast here)."""
