@@ -471,9 +471,7 @@ class _Stopper:
             pipeline.stop(self.signum)
 
     def on_signal(self, signum: int) -> None:
-        if (
-            self.signum is not None
-        ):  # a second Ctrl+C: the user does not want to wait for the batch in progress
+        if self.signum is not None:  # a second one: the user will not wait for the batch in progress
             # No summary can follow (the run is cut short here), so say what the user has: every
             # caption written so far (files atomically; a torn JSONL line and a Parquet journal
             # are mended by the next run), and how to go on.
