@@ -11,7 +11,8 @@ The lock is ``fcntl.flock`` on Unix and a Windows file lock (both through ``file
 hidden ``.NAME.lock`` file beside the output. The system drops it when the process ends, however
 it ends (``kill -9`` included), so a crashed run never leaves a stale lock. On Unix the empty
 lock file stays (``filelock`` deletes it on Windows only): deleting it on release would let a
-run that opened it just before lock a file no other run can find. Standard library and
+run that opened it just before lock a file no other run can find. Another user's run may then
+find it not writable: it is locked through reading it, which ``flock`` allows. Standard library and
 ``filelock`` only: the client takes the same lock.
 """
 
@@ -105,6 +106,7 @@ def holding(outputs: list[Path]) -> Iterator[frozenset[Path]]:
     about, and the run goes on unprotected: appending to such a JSONL file works.
     """
     taken: list[FileLock] = []
+    read_locks: list[int] = []  # descriptors of lock files locked through reading them
     locked: list[Path] = []
     try:
         for output in outputs:
@@ -113,16 +115,46 @@ def holding(outputs: list[Path]) -> Iterator[frozenset[Path]]:
             try:
                 lock.acquire()
             except (Timeout, OSError) as failure:
-                # filelock says Timeout for a lock another process holds, but also (by version
-                # and system) for a lock file it could not open; and OSError for either: look.
-                _refuse_or_warn(output, path, failure)
-                continue
-            taken.append(lock)
+                fd = _lock_by_reading(path)
+                if fd is None:
+                    # filelock says Timeout for a lock another process holds, but also (by version
+                    # and system) for a lock file it could not open; and OSError for either: look.
+                    _refuse_or_warn(output, path, failure)
+                    continue
+                read_locks.append(fd)
+            else:
+                taken.append(lock)
             locked.append(output)
         yield frozenset(locked)
     finally:
         for lock in reversed(taken):
             lock.release()
+        for fd in read_locks:
+            os.close(fd)  # the lock goes with it
+
+
+def _lock_by_reading(path: Path) -> int | None:
+    """The lock of ``path`` taken through a descriptor opened for reading, held until it is
+    closed; None when it cannot be (held by another run, not a plain file, not readable...).
+
+    Every Unix run leaves its lock file behind, with its owner's mode (``rw-r--r--``): the next
+    run of another user on a shared dataset cannot open it for writing, as ``filelock`` does, but
+    ``flock`` needs no write permission, so it locks it all the same. (A lock that another run
+    released a moment ago is taken here too.) Windows deletes its lock files: not done there."""
+    if sys.platform == "win32":
+        return None
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError:
+        return None
+    try:
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+    except OSError:
+        pass
+    os.close(fd)
+    return None
 
 
 def _refuse_or_warn(output: Path, path: Path, failure: BaseException) -> None:

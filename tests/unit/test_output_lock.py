@@ -130,3 +130,22 @@ def as_another_user() -> Iterator[None]:
     finally:
         os.seteuid(0)
         os.setegid(0)
+
+
+def test_a_lock_file_another_user_left_is_locked_through_reading_it() -> None:
+    # Every Unix run leaves its lock file, with its owner's mode: the next user's run on a shared
+    # dataset may read it but not write it. flock needs no write permission: that run holds the
+    # lock (it was refused, told to delete another user's file), and a third is refused while it does.
+    with readable_folder() as folder:
+        output = folder / "captions.jsonl"
+        with holding([output]):  # the first user's run
+            pass
+        lock = folder / ".captions.jsonl.lock"
+        lock.chmod(0o444)  # theirs: this user may read it, not write it
+        with as_another_user():
+            with holding([output]) as locked:
+                assert locked == {output}
+                with pytest.raises(OutputBusy), holding([output]):
+                    pass
+            with holding([output]) as locked:  # let go when the run ended
+                assert locked == {output}
