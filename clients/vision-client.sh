@@ -58,7 +58,8 @@ are removed on every exit, including Ctrl+C.
 
 Exit status:
   0 success
-  1 the server answered with an error, or with something unexpected
+  1 the server answered with an error, or with something unexpected; or a temporary file
+    cannot be written (TMPDIR's disk is full)
   2 usage error, or the image file cannot be read
   3 cannot connect to the server (refused, the connection broke, or it did not open within
     10 s: a host that is down), or a proxy in front of it answers 502/503 without Retry-After
@@ -292,23 +293,35 @@ new_tmpdir() {
         new_dir=""
         [[ -e $dir ]] || break # not a name taken by another run: trying again will not help
     done
-    [[ -n $tmpd ]] || die "$EXIT_ERROR" "cannot create a temporary directory"
-    # curl reads its headers from a config file, so the API key never shows up in `ps`.
-    {
-        printf 'header = "Expect:"\n'
-        if [[ -n ${VISION_API_KEY:-} ]]; then
-            local key=${VISION_API_KEY//\\/\\\\}
-            key=${key//\"/\\\"}
-            printf 'header = "Authorization: Bearer %s"\n' "$key"
-        fi
-        local name value
-        for name in Priority Client-Id; do
-            value=${VISION_PRIORITY:-}
-            [[ $name == Priority ]] || value=${VISION_CLIENT_ID:-}
-            value=${value//[^A-Za-z0-9._:@-]/}
-            [[ -z $value ]] || printf 'header = "X-%s: %s"\n' "$name" "$value"
-        done
-    } >"$tmpd/curlrc"
+    [[ -n $tmpd ]] || die "$EXIT_ERROR" "cannot create a temporary directory in ${TMPDIR:-/tmp}"
+    # curl reads its headers from a config file, so the API key never shows up in `ps`. Written
+    # with one printf, whose failure (a full disk) is then told.
+    local config='header = "Expect:"'$'\n'
+    if [[ -n ${VISION_API_KEY:-} ]]; then
+        local key=${VISION_API_KEY//\\/\\\\}
+        key=${key//\"/\\\"}
+        config+="header = \"Authorization: Bearer $key\""$'\n'
+    fi
+    local name value
+    for name in Priority Client-Id; do
+        value=${VISION_PRIORITY:-}
+        [[ $name == Priority ]] || value=${VISION_CLIENT_ID:-}
+        value=${value//[^A-Za-z0-9._:@-]/}
+        [[ -z $value ]] || config+="header = \"X-$name: $value\""$'\n'
+    done
+    printf '%s' "$config" >"$tmpd/curlrc" 2>/dev/null || tmp_full "$tmpd/curlrc"
+}
+
+# tmp_full FILE: stop, saying that the temporary FILE could not be written and what to do (the
+# shell's own "printf: write error: No space left on device" named neither file nor remedy).
+tmp_full() {
+    die "$EXIT_ERROR" "cannot write the temporary file $1: no space left in ${TMPDIR:-/tmp} (or it cannot be written there); free some space there, or set TMPDIR to a folder with space"
+}
+
+# tmp_has_room: whether a small file can still be written in the temporary directory (after a
+# write that failed, to tell a full disk from a source that could not be read).
+tmp_has_room() {
+    { printf 'probe\n' >"$tmpd/probe"; } 2>/dev/null
 }
 
 # ---------------------------------------------------------------------------------------------
@@ -406,6 +419,7 @@ request() {
         6) die "$EXIT_CONNECT" "cannot resolve the host in $url" ;;
         7) die "$EXIT_CONNECT" "cannot connect to $url (is the server running?)" ;;
         26) die "$EXIT_ERROR" "cannot read the request body file" ;;
+        23) tmp_full "$tmpd/resp" ;; # curl could not write the answer down
         *)
             # 52 (empty reply) or 56 (reset) is how a TLS port hangs up on plain HTTP.
             if ((rc == 52 || rc == 56)) && speaks_https; then
@@ -502,6 +516,7 @@ get_json() {
 
 cmd_caption() {
     local prompt=$1 image=$2 prompt_json model_json caption start
+    local -a codes
     trim_into prompt "$prompt"
     prompt=${prompt#<}
     prompt=${prompt%>}
@@ -516,7 +531,10 @@ cmd_caption() {
     fi
     new_tmpdir
     if [[ $image == - ]]; then
-        cat >"$tmpd/stdin-image" || die "$EXIT_USAGE" "cannot read the image from stdin"
+        if ! cat >"$tmpd/stdin-image" 2>/dev/null; then
+            tmp_has_room || tmp_full "$tmpd/stdin-image"
+            die "$EXIT_USAGE" "cannot read the image from stdin"
+        fi
         [[ -s $tmpd/stdin-image ]] || die "$EXIT_USAGE" "no image data on stdin"
         image=$tmpd/stdin-image
     fi
@@ -528,14 +546,18 @@ cmd_caption() {
     else
         into prompt_json json_quote "$prompt" || die "$EXIT_ERROR" "cannot encode the prompt as JSON"
     fi
-    printf '{"prompt":%s,' "$prompt_json" >"$tmpd/body"
     if [[ -n $model ]]; then # {"prompt": ..., "model": ..., "image": ...}
         into model_json json_quote "$model" || die "$EXIT_ERROR" "cannot encode the model name as JSON"
-        printf '"model":%s,' "$model_json" >>"$tmpd/body"
+        prompt_json+=",\"model\":$model_json"
     fi
-    printf '"image":"' >>"$tmpd/body"
-    base64 <"$image" | tr -d '\r\n' >>"$tmpd/body" || die "$EXIT_USAGE" "cannot read or encode $image"
-    printf '"}' >>"$tmpd/body"
+    printf '{"prompt":%s,"image":"' "$prompt_json" >"$tmpd/body" 2>/dev/null || tmp_full "$tmpd/body"
+    if ! base64 <"$image" | tr -d '\r\n' >>"$tmpd/body" 2>/dev/null; then
+        codes=("${PIPESTATUS[@]}")
+        # tr failing to write is a full disk (base64 then dies of SIGPIPE); else the image.
+        ((codes[1] == 0)) || tmp_full "$tmpd/body"
+        die "$EXIT_USAGE" "cannot read or encode $image"
+    fi
+    printf '"}' >>"$tmpd/body" 2>/dev/null || tmp_full "$tmpd/body"
 
     request POST /process_image "$tmpd/body"
     rm -f -- "$tmpd/body"

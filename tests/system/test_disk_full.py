@@ -222,6 +222,40 @@ def test_folder_script_says_at_once_when_its_temporary_directory_is_full(
     assert not list(data.glob("*.txt"))
 
 
+def test_vision_client_sh_names_its_full_temporary_directory_and_what_to_do(tmp_path: Path) -> None:
+    """The image is encoded into a temporary file: on a full TMPDIR the script said only
+    "printf: write error: No space left on device" (or blamed the image). Now it names the file
+    and TMPDIR, says what to do, exits 1 (its --help: a temporary file cannot be written), and
+    leaves nothing there. No server is needed: it stops before the request."""
+    image = tmp_path / "photo.png"
+    images.save(image, 1, (64, 64))  # about 12 KB: its base64 needs several pages
+    client = paths.REPO / "clients" / "vision-client.sh"
+    with small_disk(tmp_path / "tmp", "256k") as scratch:
+        env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_")}
+        env["TMPDIR"] = str(scratch)
+
+        def caption(*stdin: Path) -> subprocess.CompletedProcess[str]:
+            command = [str(client), "--url", "http://127.0.0.1:9", "CAPTION", "-" if stdin else str(image)]
+            with open(stdin[0] if stdin else os.devnull, "rb") as source:
+                return subprocess.run(
+                    command, stdin=source, capture_output=True, text=True, env=env, timeout=60
+                )
+
+        filler = fill(scratch)
+        full = caption()
+        filler.unlink()
+        filler = fill(scratch, leave=2 * PAGE)  # room for its config, not for the image
+        short = [caption(), caption(image)]
+        assert sorted(path.name for path in scratch.iterdir()) == ["filler"]  # nothing left there
+    for result, file in zip([full, *short], ["curlrc", "body", "stdin-image"], strict=True):
+        assert result.returncode == 1, result.stderr
+        assert re.search(
+            rf"cannot write the temporary file \S+/{file}: no space left in {scratch}", result.stderr
+        )
+        assert "free some space there, or set TMPDIR to a folder with space" in result.stderr
+        assert "write error" not in result.stderr and "cannot read" not in result.stderr, result.stderr
+
+
 def test_a_full_log_file_disk_is_said_once_and_the_server_goes_on(tmp_path: Path) -> None:
     """``--log-file`` on a disk that fills up: the logging module printed a "--- Logging error ---"
     traceback on stderr for every line (a flooded service journal). Now one line says it, the
