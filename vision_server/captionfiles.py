@@ -471,12 +471,24 @@ class ReadOnlyCaption(PermissionError):
         return str(self.strerror)
 
 
+class NotACaptionFile(OSError):
+    """A pipe, socket or device stands where a caption file would go: it is nobody's caption,
+    and replacing it would take it away from whatever uses it. Its text says so."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(errno.EEXIST, f"{path.name} {NOT_A_REGULAR_CAPTION}", str(path))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` (UTF-8) all at once, or leave it untouched on any error.
 
     An existing file keeps its permission bits (a group-writable dataset stays group-writable;
     the new file is not reset to the umask), and a file without write permission is not
-    replaced at all (:class:`ReadOnlyCaption`). A symlinked caption is replaced by a plain file
+    replaced at all (:class:`ReadOnlyCaption`), nor is a pipe, socket or device
+    (:class:`NotACaptionFile`). A symlinked caption is replaced by a plain file
     and the file it points to is left alone: writing through the link could reach outside the
     dataset (the gallery must never do that), and captions linked to one shared file would all
     end up with the last image's text. So the link is what is replaced, and the rules look at
@@ -487,8 +499,12 @@ def write_atomic(path: Path, text: str) -> None:
         info = path.lstat()
     except FileNotFoundError:
         info = None
+    if info is not None and not (
+        stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode) or stat.S_ISDIR(info.st_mode)
+    ):
+        raise NotACaptionFile(path)  # a pipe that appeared since the run looked (or the gallery's)
     if info is not None and not stat.S_ISREG(info.st_mode):
-        info = None  # a link (or anything but a plain file): replaced as a new file would be made
+        info = None  # a link: replaced as a new file would be made (a folder refuses the rename)
     if info is not None and not _writable(path, info.st_mode):
         raise ReadOnlyCaption(path)
     with replacing(path, temp_path(path)) as tmp:

@@ -14,6 +14,7 @@ from tests.support import hidden_names
 from tests.support.leftovers import OLD, YOUNG, aged
 from vision_server import captionfiles
 from vision_server.captionfiles import (
+    NotACaptionFile,
     ReadOnlyCaption,
     caption_target_problem,
     file_problem,
@@ -187,6 +188,21 @@ def test_write_atomic_keeps_an_existing_files_mode_not_its_link_and_refuses_a_re
     assert isinstance(refused.value, OSError)  # every folder captioner reports OSError per image
     assert kept.read_text(encoding="utf-8") == "hand-written\n" and stat.S_IMODE(kept.stat().st_mode) == 0o444
     assert sorted(p.name for p in tmp_path.iterdir()) == ["cat.txt", "kept.txt", "shared.txt", "store"]
+
+
+def test_write_atomic_leaves_a_pipe_where_a_caption_goes_and_says_so(tmp_path: Path) -> None:
+    """The folder captioners fail such an image when they plan it; the gallery's save and a pipe
+    made since a run looked meet this check alone. It replaced the pipe with a caption file."""
+    pipe = tmp_path / "cat.txt"
+    os.mkfifo(pipe)
+    with pytest.raises(NotACaptionFile) as refused:
+        write_atomic(pipe, "a cat")
+    assert (
+        str(refused.value) == "cat.txt is not a regular file (a pipe, socket or device), not a caption file"
+    )
+    assert isinstance(refused.value, OSError)  # every folder captioner reports OSError per image
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["cat.txt"]  # no temp file left
 
 
 def test_write_atomic_replaces_a_link_into_a_read_only_store_with_a_new_files_mode(tmp_path: Path) -> None:
