@@ -18,6 +18,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 FAKE_SERVER = Path(__file__).with_name("fake_server.py")
@@ -146,3 +147,41 @@ def tiny_server(
     full_env = server_env(tmp_path, **settings)
     full_env.update(env or {})
     return ServerProcess(command, full_env, tmp_path / f"{name}.log")
+
+
+def run_across_a_restart(
+    tmp_path: Path,
+    command: Callable[[str], list[str]],
+    env: dict[str, str],
+    wrote: Callable[[], bool],
+    *,
+    delay: float,
+    down: float,
+    **settings: object,
+) -> tuple[int, str]:
+    """Run ``command(url)`` against a fake server (``settings`` must name its ``port``), SIGKILL
+    the server once ``wrote()`` says the run has written something (as the OOM killer or a crash
+    would: requests are in flight), keep it down ``down`` seconds, start it again on the same
+    port and let the run end: its exit status and stderr. The folder tools must outlive it."""
+    run: subprocess.Popen[str] | None = None
+    try:
+        with ServerProcess.fake(tmp_path, "first", delay=delay, **settings) as first:
+            url = first.wait_listening()
+            run = subprocess.Popen(
+                command(url), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+            end = time.monotonic() + 60
+            while not wrote() and time.monotonic() < end and run.poll() is None:
+                time.sleep(0.05)
+            first.process.kill()
+            first.wait(10)
+        assert run.poll() is None, "the run ended before the server went away"
+        time.sleep(down)
+        with ServerProcess.fake(tmp_path, "second", delay=delay, **settings) as second:
+            assert second.wait_listening() == url
+            _, stderr = run.communicate(timeout=120)
+    finally:
+        if run is not None and run.poll() is None:
+            run.kill()
+            run.communicate()
+    return run.returncode, stderr

@@ -21,7 +21,7 @@ from aiohttp import web
 
 from tests.support.images import save_flat
 from tests.support.leftovers import OLD, YOUNG, caption_temp
-from tests.support.processes import ServerProcess, free_port
+from tests.support.processes import ServerProcess, free_port, run_across_a_restart
 from tests.support.stand_in import PROMPTS, StandIn
 
 CLI = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or shutil.which("vision-client")
@@ -326,31 +326,22 @@ def test_folder_run_outlives_a_server_restart(tmp_path: Path) -> None:
     data = tmp_path / "data"
     for i in range(16):
         save_flat(data / f"{i:02}.png", (12 * i, 90, 250 - 9 * i), (32, 32))
-    settings = {"port": port, "max_batch_size": 2}
-    first = ServerProcess.fake(tmp_path, "first", delay=0.4, **settings)
-    client: subprocess.Popen[str] | None = None
-    try:
-        with first:
-            url = first.wait_listening()
-            command = [CLI, "--url", url, "--retries", "1", "folder", str(data), "-j", "4", "-t", "caption"]
-            client = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env()
-            )
-            end = time.monotonic() + 60
-            while not list(data.glob("*.txt")) and time.monotonic() < end and client.poll() is None:
-                time.sleep(0.05)
-            first.process.kill()  # as the OOM killer or a crash would; requests are in flight
-            first.wait(10)
-        assert client.poll() is None, "the run ended before the server went away"
-        time.sleep(3)  # down for a while: --retries 1 alone gives up after about half a second
-        with ServerProcess.fake(tmp_path, "second", delay=0.4, **settings) as second:
-            assert second.wait_listening() == url
-            _, err = client.communicate(timeout=120)
-    finally:
-        if client is not None and client.poll() is None:
-            client.kill()
-            client.communicate()
-    assert client.returncode == 0, err
+
+    def command(url: str) -> list[str]:
+        return [CLI, "--url", url, "--retries", "1", "folder", str(data), "-j", "4", "-t", "caption"]
+
+    # Down for a while: --retries 1 alone gives up after about half a second.
+    returncode, err = run_across_a_restart(
+        tmp_path,
+        command,
+        client_env(),
+        lambda: bool(list(data.glob("*.txt"))),
+        delay=0.4,
+        down=3,
+        port=port,
+        max_batch_size=2,
+    )
+    assert returncode == 0, err
     assert "server unreachable; waiting up to 300 s for it to come back" in err
     assert "server back; going on" in err
     assert "16 captioned, 0 skipped, 0 failed of 16 images" in err
@@ -364,32 +355,21 @@ def test_folder_jsonl_run_outlives_a_server_restart_with_each_image_once(tmp_pat
     data, out = tmp_path / "data", tmp_path / "out.jsonl"
     for i in range(16):
         save_flat(data / f"{i:02}.png", (12 * i, 90, 250 - 9 * i), (32, 32))
-    settings = {"port": port, "max_batch_size": 2}
-    first = ServerProcess.fake(tmp_path, "first", delay=0.4, **settings)
-    client: subprocess.Popen[str] | None = None
-    try:
-        with first:
-            url = first.wait_listening()
-            command = [CLI, "--url", url, "folder", str(data), "-j", "4", "-t", "caption"]
-            command += ["--jsonl", str(out)]
-            client = subprocess.Popen(
-                command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=client_env()
-            )
-            end = time.monotonic() + 60
-            while not (out.exists() and out.read_text()) and time.monotonic() < end and client.poll() is None:
-                time.sleep(0.05)
-            first.process.kill()  # requests are in flight
-            first.wait(10)
-        assert client.poll() is None, "the run ended before the server went away"
-        time.sleep(2)
-        with ServerProcess.fake(tmp_path, "second", delay=0.4, **settings) as second:
-            assert second.wait_listening() == url
-            _, err = client.communicate(timeout=120)
-    finally:
-        if client is not None and client.poll() is None:
-            client.kill()
-            client.communicate()
-    assert client.returncode == 0, err
+
+    def command(url: str) -> list[str]:
+        return [CLI, "--url", url, "folder", str(data), "-j", "4", "-t", "caption", "--jsonl", str(out)]
+
+    returncode, err = run_across_a_restart(
+        tmp_path,
+        command,
+        client_env(),
+        lambda: out.exists() and bool(out.read_text()),
+        delay=0.4,
+        down=2,
+        port=port,
+        max_batch_size=2,
+    )
+    assert returncode == 0, err
     assert "server back; going on" in err
     rows = [json.loads(line) for line in out.read_text(encoding="utf-8").splitlines()]
     assert sorted(row["file"] for row in rows) == sorted(image.name for image in data.glob("*.png"))

@@ -32,7 +32,7 @@ from PIL import Image
 from tests.support import hidden_names, paths
 from tests.support.images import save as save_image
 from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
-from tests.support.processes import ServerProcess, free_port, http_json
+from tests.support.processes import ServerProcess, free_port, http_json, run_across_a_restart
 from tests.support.stand_in import StandIn, interrupt_in_flight
 from tests.support.tls import self_signed
 
@@ -935,33 +935,21 @@ def test_folder_run_outlives_a_server_restart(tmp_path: Path, tmpdir_env: Path) 
     """
     root = tmp_path / "restart"
     images = make_tree(root, [f"img{i:02}.png" for i in range(12)])
-    settings = {"port": free_port(), "max_batch_size": 2}
-    proc: subprocess.Popen[str] | None = None
-    try:
-        with ServerProcess.fake(tmp_path, "first", delay=0.5, **settings) as first:
-            url = first.wait_listening()
-            proc = subprocess.Popen(
-                [str(FOLDER), "--url", url, "--jobs", "4", "CAPTION", "txt", str(root)],
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                text=True,
-                env=base_env(tmpdir_env),
-            )
-            end = time.monotonic() + 60
-            while not list(root.glob("*.txt")) and time.monotonic() < end and proc.poll() is None:
-                time.sleep(0.05)
-            first.process.kill()  # requests are in flight
-            first.wait(10)
-        assert proc.poll() is None, "the run ended before the server went away"
-        time.sleep(3)
-        with ServerProcess.fake(tmp_path, "second", delay=0.5, **settings) as second:
-            assert second.wait_listening() == url
-            _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, stderr
+
+    def command(url: str) -> list[str]:
+        return [str(FOLDER), "--url", url, "--jobs", "4", "CAPTION", "txt", str(root)]
+
+    returncode, stderr = run_across_a_restart(
+        tmp_path,
+        command,
+        base_env(tmpdir_env),
+        lambda: bool(list(root.glob("*.txt"))),
+        delay=0.5,
+        down=3,
+        port=free_port(),
+        max_batch_size=2,
+    )
+    assert returncode == 0, stderr
     assert "server unreachable; waiting up to 300 s for it to come back" in stderr
     assert "server back; going on" in stderr
     assert all(caption_path(image).read_text() for image in images)
