@@ -251,10 +251,26 @@ function Get-ImageFile([string]$Root, [bool]$Recurse) {
 function Remove-FolderStaleTemp([string]$Root, [bool]$Recurse) {
     # Deletes the temporary captions a killed run left (the name every vision-server client
     # uses), when older than 15 minutes: a younger one may be another run's write in progress.
-    # Regular files only; returns how many went.
+    # Regular files only; returns how many went. Hidden folders below $Root (.git, .cache) are
+    # no part of the dataset and are not entered (a big .git is slow to walk), nor are linked
+    # ones, as the bash script and the Python tools walk; the temp files themselves are dot-named.
     $limit = [System.DateTime]::UtcNow.AddMinutes(-15)
     $removed = 0
-    $found = Get-ChildItem -LiteralPath $Root -File -Force -Recurse:$Recurse -Filter '.vision-caption.*.tmp' -ErrorAction SilentlyContinue
+    $found = New-Object System.Collections.Generic.List[System.IO.FileInfo]
+    $folders = New-Object System.Collections.Generic.Stack[System.IO.DirectoryInfo]
+    $folders.Push((New-Object System.IO.DirectoryInfo $Root))
+    while ($folders.Count -gt 0) {
+        $folder = $folders.Pop()
+        try { $entries = $folder.GetFileSystemInfos() } catch { continue }
+        foreach ($entry in $entries) {
+            if ($entry -is [System.IO.FileInfo]) {
+                if ($entry.Name -like '.vision-caption.*.tmp') { $found.Add($entry) }
+                continue
+            }
+            $link = ($entry.Attributes -band [System.IO.FileAttributes]::ReparsePoint) -ne 0
+            if ($Recurse -and -not $link -and -not $entry.Name.StartsWith('.')) { $folders.Push($entry) }
+        }
+    }
     foreach ($file in $found) {
         $ours = $file.Name -cmatch '^\.vision-caption\.[0-9a-f]{16}\.tmp$'
         $link = ($file.Attributes -band [System.IO.FileAttributes]::ReparsePoint) -ne 0

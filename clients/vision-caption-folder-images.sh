@@ -496,14 +496,18 @@ esac
 # ---------------------------------------------------------------------------------------------
 # Sweep the temporary captions a killed run left (older than 15 minutes: a younger one may be
 # another run's write in progress). The shape of today's names, and the <pid>.<index> names of
-# older versions of this script; regular files only, in the folders this run captions.
+# older versions of this script; regular files only, in the folders this run captions: hidden
+# folders below it (.git, .cache) are no part of the dataset and are not entered (pruned:
+# -delete would imply -depth, which -prune ignores, so rm deletes, one file at a time, and a
+# file is counted once rm has deleted it).
 
 hex_glob=""
 for _ in {1..16}; do hex_glob+="[0-9a-f]"; done
-sweep_args=("$folder")
+sweep_args=("$folder" -mindepth 1)
 ((recursive)) || sweep_args+=(-maxdepth 1)
+sweep_args+=(-type d -name '.*' -prune -o)
 sweep_args+=(-type f '(' -name ".vision-caption.$hex_glob.tmp" -o -name '.vision-caption.[0-9]*.[0-9]*.tmp' ')')
-sweep_args+=(-mmin +15 -delete -print0)
+sweep_args+=(-mmin +15 -exec rm -f -- '{}' ';' -print0)
 swept=0
 if [[ -z $abort_reason ]]; then # a run that stops before any image writes nothing
     find "${sweep_args[@]}" >"$tmpd/swept" 2>/dev/null || true

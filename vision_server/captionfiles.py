@@ -443,7 +443,8 @@ def remove_stale_files(
 
 def sweep_stale_temps(root: Path, *, recursive: bool = True, min_age: float = STALE_TEMP_AGE) -> int:
     """:func:`remove_stale_temps` in ``root`` and, with ``recursive``, every folder below it
-    (symlinked folders not entered, as :func:`find_images` walks); returns how many went."""
+    (symlinked and hidden folders not entered, as :func:`find_images` walks: no run writes a
+    caption in ``.git`` or ``.cache``, and walking a big one costs minutes); returns how many went."""
     if not recursive:
         try:
             names = os.listdir(root)
@@ -451,10 +452,11 @@ def sweep_stale_temps(root: Path, *, recursive: bool = True, min_age: float = ST
             return 0
         return remove_stale_temps(root, names, min_age=min_age)
     now = time.time()
-    return sum(
-        remove_stale_temps(Path(folder), names, now=now, min_age=min_age)
-        for folder, _dirs, names in os.walk(root)
-    )
+    removed = 0
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [name for name in dirs if not is_hidden(name)]  # pruned: the files are dot-named too
+        removed += remove_stale_temps(Path(folder), names, now=now, min_age=min_age)
+    return removed
 
 
 class ReadOnlyCaption(PermissionError):

@@ -828,6 +828,23 @@ def test_folder_sends_original_bytes_in_parallel(tmp_path: Path) -> None:
 
 
 @needs_pwsh
+def test_folder_sweep_skips_hidden_folders_below_the_root(tmp_path: Path) -> None:
+    """As the bash script: .git or .cache are not walked (no part of the dataset); a hidden root is."""
+    root = tmp_path / ".datasets" / "x"
+    make_folder(root, ["a.png", "sub/b.png"])
+    swept = [caption_temp(root, "0123456789abcdef", OLD), caption_temp(root / "sub", "0123456789abcdef", OLD)]
+    kept = [
+        caption_temp(root / ".git" / "objects", "0123456789abcdef", OLD),
+        caption_temp(root / "sub" / ".cache", "0123456789abcdef", OLD),
+    ]
+    with StandIn(caption=PADDED) as stand_in:
+        result = ps(FOLDER, "CAPTION", "txt", str(root), "-Url", stand_in.url)
+    assert result.returncode == 0, result.stderr
+    assert "Removed 2 leftover temporary caption file(s)" in result.stdout
+    assert not any(path.exists() for path in swept) and all(path.exists() for path in kept)
+
+
+@needs_pwsh
 def test_folder_sweeps_a_killed_runs_temp_captions(tmp_path: Path) -> None:
     """As the bash script: stale .vision-caption.<16 hex>.tmp files go, young or foreign ones stay."""
     root = tmp_path / "data"

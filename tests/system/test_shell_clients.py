@@ -1018,6 +1018,23 @@ def test_folder_temp_names_and_sweep_of_a_killed_runs_leftovers(tmp_path: Path) 
     assert sorted(synced) == sorted(renamed)
 
 
+def test_folder_sweep_skips_hidden_folders_below_the_root(tmp_path: Path) -> None:
+    """.git or .cache are no part of the dataset: the sweep does not walk them (a big .git is
+    slow), as the listing does not; a hidden root is swept as usual."""
+    root = tmp_path / ".datasets" / "x"
+    make_tree(root, ["a.png", "sub/b.png"])
+    swept = [caption_temp(root, "0123456789abcdef", OLD), caption_temp(root / "sub", "0123456789abcdef", OLD)]
+    kept = [
+        caption_temp(root / ".git" / "objects", "0123456789abcdef", OLD),
+        caption_temp(root / "sub" / ".cache", "0123456789abcdef", OLD),
+    ]
+    with StandIn() as stand_in:
+        result = run(FOLDER, "--url", stand_in.url, "CAPTION", "txt", str(root), env=base_env())
+    assert result.returncode == 0, result.stderr
+    assert "removed 2 leftover temporary caption file(s)" in result.stderr
+    assert not any(path.exists() for path in swept) and all(path.exists() for path in kept)
+
+
 def test_folder_removes_the_work_directory_a_killed_run_left_and_only_that(tmp_path: Path) -> None:
     """kill -9 leaves the script's work directory in TMPDIR (no trap runs). Its name holds host
     and pid, so the next run removes those of this host whose process is gone, and keeps a live

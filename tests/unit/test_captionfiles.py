@@ -93,6 +93,22 @@ def test_the_sweep_walks_subfolders_unless_told_not_to(tmp_path: Path) -> None:
     assert not deep.exists() and young.exists()
 
 
+def test_the_sweep_skips_hidden_folders_below_the_root_not_a_hidden_root(tmp_path: Path) -> None:
+    """``.git`` or ``.cache`` are no part of the dataset (is_hidden): no run writes a caption
+    there, and walking a big one is slow. Only folders are pruned: the temps are dot-named."""
+    root = tmp_path / ".datasets" / "x"  # a hidden root is read as usual
+    swept = [
+        aged(root / ".vision-caption.0000000000000001.tmp", OLD),
+        aged(root / "sub" / ".vision-caption.0000000000000002.tmp", OLD),
+    ]
+    kept = [
+        aged(root / ".git" / "objects" / ".vision-caption.0000000000000003.tmp", OLD),
+        aged(root / "sub" / ".cache" / ".vision-caption.0000000000000004.tmp", OLD),
+    ]
+    assert sweep_stale_temps(root) == 2
+    assert not any(path.exists() for path in swept) and all(path.exists() for path in kept)
+
+
 @pytest.mark.parametrize("writable", [True, False])
 def test_a_writable_gallery_sweeps_its_folder_a_read_only_one_never(tmp_path: Path, writable: bool) -> None:
     root = tmp_path / "dataset"
