@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import NoReturn
 
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
 
@@ -43,13 +44,22 @@ def is_disk_full(exc: BaseException | None) -> bool:
     return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
 
 
-def naming(path: Path | str, exc: BaseException) -> BaseException:
+def as_disk_full(path: Path | str, exc: BaseException) -> BaseException:
     """``exc`` as the error to raise for a write of ``path``: a :class:`DiskFull` naming ``path``
     when the disk is full, else ``exc`` itself."""
     if is_disk_full(exc) and not isinstance(exc, DiskFull):
         assert isinstance(exc, OSError)
         return DiskFull(path, exc)
     return exc
+
+
+def raise_as_disk_full(path: Path | str, exc: BaseException) -> NoReturn:
+    """Raise ``exc`` (caught while writing ``path``), as a :class:`DiskFull` naming ``path``
+    (not a hidden temporary file) when the disk is full."""
+    named = as_disk_full(path, exc)
+    if named is exc:
+        raise exc
+    raise named from exc
 
 
 RERUN_ADVICE = "free some space, then run the same command again: it resumes where this run stopped"

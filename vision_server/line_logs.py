@@ -13,9 +13,8 @@ from __future__ import annotations
 import contextlib
 import os
 from pathlib import Path
-from typing import NoReturn
 
-from vision_server.disk_full import naming
+from vision_server.disk_full import raise_as_disk_full
 
 
 class LineLog:
@@ -33,7 +32,7 @@ class LineLog:
         try:
             fd = os.open(self.path, flags, 0o666)
         except OSError as exc:
-            _reraise(self.path, exc)
+            raise_as_disk_full(self.path, exc)
         self._fd = fd
         try:
             if os.fstat(fd).st_size > 0 and not _ends_with_newline(self.path):
@@ -58,21 +57,12 @@ class LineLog:
         except BaseException as exc:
             with contextlib.suppress(OSError):
                 os.ftruncate(fd, start)  # freeing blocks needs no free space
-            _reraise(self.path, exc)
+            raise_as_disk_full(self.path, exc)
 
     def close(self) -> None:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
-
-
-def _reraise(path: Path, exc: BaseException) -> NoReturn:
-    """Raise ``exc``, as a :class:`~vision_server.disk_full.DiskFull` naming ``path`` when the
-    disk is full."""
-    named = naming(path, exc)
-    if named is exc:
-        raise exc
-    raise named from exc
 
 
 def _ends_with_newline(path: Path) -> bool:

@@ -38,7 +38,7 @@ from vision_server.captionfiles import (
     write_atomic,
     write_new_caption,
 )
-from vision_server.disk_full import DiskFull, is_disk_full, naming
+from vision_server.disk_full import DiskFull, is_disk_full, raise_as_disk_full
 from vision_server.line_logs import LineLog
 from vision_server.model_specs import adapter_identity, model_identity
 
@@ -384,10 +384,7 @@ class Sidecars:
                 existing = read_caption(target) if self.style.mode in ("append", "prepend") else None
                 write_atomic(target, merge_caption(existing, new, self.style.mode, self.style.separator))
             except OSError as exc:  # a full disk names the caption file, not its temporary file
-                named = naming(target, exc)
-                if named is exc:
-                    raise
-                raise named from exc
+                raise_as_disk_full(target, exc)
             stored = True
         return stored
 

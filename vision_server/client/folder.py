@@ -53,7 +53,7 @@ from vision_server.client.errors import (
     VisionHTTPError,
 )
 from vision_server.client.jsonl import JsonlWriter, captioned_files
-from vision_server.disk_full import RERUN_ADVICE, DiskFull, naming
+from vision_server.disk_full import RERUN_ADVICE, DiskFull, as_disk_full
 from vision_server.output_lock import holding
 
 Outcome = Literal["done", "skipped", "failed"]
@@ -403,7 +403,7 @@ class _FolderRun:
                     write_atomic(job.target, merge_caption(existing, caption, self.mode, self.separator))
         except (VisionClientError, OSError, UnicodeError) as exc:
             # A full disk names the caption file, not its temporary file.
-            cause = naming(job.target, exc) if job.target is not None else exc
+            cause = as_disk_full(job.target, exc) if job.target is not None else exc
             stop = _stop_reason(cause, model_named=self.client.model_name is not None)
             if stop is None:
                 return ImageResult(job.image, "failed", reason=_describe(cause))
