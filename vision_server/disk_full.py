@@ -29,14 +29,19 @@ class DiskFull(OSError):
         self.note = note  # what became of the data that was to be written, when it is kept
 
     def __str__(self) -> str:
-        reason = str(self.strerror)
-        if self.errno == errno.ENOSPC:
-            reason = "no space left on the device"
-        elif self.errno == errno.EDQUOT:
-            reason = "disk quota exceeded: no space left for this user"
-        elif self.errno == errno.EFBIG:
-            reason = "file too large: no space left within the size limit"
+        reason = no_space_reason(self)
         return f"cannot write {self.filename}: {reason}" + (f"; {self.note}" if self.note else "")
+
+
+def no_space_reason(exc: OSError) -> str:
+    """Why a full-disk error had no room, in the words every tool uses for it."""
+    if exc.errno == errno.EDQUOT:
+        return "disk quota exceeded: no space left for this user"
+    if exc.errno == errno.EFBIG:
+        return "file too large: no space left within the size limit"
+    if exc.errno == errno.ENOSPC:
+        return "no space left on the device"
+    return str(exc.strerror or exc)
 
 
 def is_disk_full(exc: BaseException | None) -> bool:

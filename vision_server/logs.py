@@ -13,7 +13,7 @@ from typing import Any
 
 from aiohttp.http_exceptions import HttpProcessingError
 
-from vision_server.disk_full import is_disk_full
+from vision_server.disk_full import is_disk_full, no_space_reason
 from vision_server.settings import SettingsError
 
 _STANDARD = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -98,15 +98,16 @@ class _SaysWhenFull(logging.FileHandler):
             sys.stderr.write(f"vision-server: writing the log file {self.baseFilename} again\n")
 
     def handleError(self, record: logging.LogRecord) -> None:
-        if not is_disk_full(sys.exc_info()[1]):
+        failure = sys.exc_info()[1]
+        if not isinstance(failure, OSError) or not is_disk_full(failure):
             super().handleError(record)
             return
         self._refused = True
         if not self._full:
             self._full = True
             sys.stderr.write(
-                f"vision-server: cannot write the log file {self.baseFilename}: no space left on the "
-                "device; log lines go to stderr alone until there is room again\n"
+                f"vision-server: cannot write the log file {self.baseFilename}: {no_space_reason(failure)}; "
+                "log lines go to stderr alone until there is room again\n"
             )
 
 

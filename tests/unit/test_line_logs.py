@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import resource
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 
 from vision_server.disk_full import DiskFull
 from vision_server.line_logs import LineLog
+from vision_server.logs import file_handler
 
 
 @contextlib.contextmanager
@@ -67,3 +69,26 @@ def test_a_torn_last_line_of_a_killed_run_is_ended_first(tmp_path: Path) -> None
     log.close()
     lines = path.read_text().splitlines()
     assert [json.loads(lines[0])["n"], json.loads(lines[2])["n"]] == [0, 2] and lines[1] == '{"n": 1, "capt'
+
+
+def test_a_log_file_that_may_grow_no_more_is_said_once_in_its_own_words(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # --log-file past a size limit (or a quota): the one line on stderr said "no space left on
+    # the device" for every cause; now in the words every tool uses for it.
+    handler = file_handler(tmp_path / "server.log")
+    logger = logging.getLogger("test_line_logs.full_log_file")
+    logger.propagate = False
+    logger.addHandler(handler)
+    try:
+        with file_size_limit(1000):
+            for n in range(30):
+                logger.warning("line %d %s", n, "x" * 100)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    said = capsys.readouterr().err
+    assert said.count("cannot write the log file") == 1, said
+    assert (
+        f"cannot write the log file {tmp_path / 'server.log'}: file too large: no space left within" in said
+    )
