@@ -398,6 +398,9 @@ if ! { printf 'probe\n' >"$tmpd/probe"; } 2>/dev/null; then
     die 1 "cannot write in the temporary directory ${TMPDIR:-/tmp} (no space left on its disk?); free some space there, or set TMPDIR to a folder with space"
 fi
 rm -f -- "$tmpd/probe"
+# Each vision-client.sh keeps its files (the encoded image among them) in the work directory
+# too: a kill -9 of the whole run leaves them there, for the next run to remove with it.
+client_cmd=(env "TMPDIR=$tmpd" "${client_cmd[@]}")
 
 # ---------------------------------------------------------------------------------------------
 # Check the server before spending time on the folder.

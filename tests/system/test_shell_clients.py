@@ -885,7 +885,7 @@ def test_folder_signal_leaves_no_child_and_no_temp_file(
             time.sleep(0.1)
         else:
             pytest.fail(f"four requests never got in flight: {proc.poll()=}")
-        curl_configs = list(tmpdir_env.glob("vision-client.*/curlrc"))
+        curl_configs = list(tmpdir_env.glob("vision-caption.*/vision-client.*/curlrc"))  # inside the run's
         assert len(curl_configs) == 4
         for config in curl_configs:
             assert SIGNAL_KEY in config.read_text()
@@ -1033,6 +1033,41 @@ def test_folder_sweep_skips_hidden_folders_below_the_root(tmp_path: Path) -> Non
     assert result.returncode == 0, result.stderr
     assert "removed 2 leftover temporary caption file(s)" in result.stderr
     assert not any(path.exists() for path in swept) and all(path.exists() for path in kept)
+
+
+def test_folder_killed_with_its_requests_leaves_tmpdir_clean_after_the_next_run(tmp_path: Path) -> None:
+    """kill -9 of the whole run (script, workers, vision-client.sh, curl) while requests are in
+    flight: no trap runs. Every file of that run is in its work directory (each vision-client.sh
+    keeps its own, the encoded image among them, inside it), which the next run removes."""
+    scratch = tmp_path / "script-tmp"
+    scratch.mkdir()
+    root = tmp_path / "data"
+    make_tree(root, ["a.png", "b.png", "c.png"])
+    env = base_env(scratch)
+    command = [str(FOLDER), "--jobs", "2", "CAPTION", "txt", str(root)]
+    with StandIn(hang=True) as hanging:
+        proc = subprocess.Popen(
+            [*command, "--url", hanging.url],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while len(hanging.posts()) < 2 and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(hanging.posts()) == 2
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    [left] = list(scratch.iterdir())  # the killed run's work directory, its clients' inside it
+    assert left.name.startswith("vision-caption.")
+    with StandIn() as stand_in:
+        again = run(FOLDER, "--url", stand_in.url, *command[1:], env=env)
+    assert again.returncode == 0, again.stderr
+    assert list(scratch.iterdir()) == []
+    assert all(caption_path(image).read_text() == "stand-in caption" for image in root.glob("*.png"))
 
 
 def test_folder_removes_the_work_directory_a_killed_run_left_and_only_that(tmp_path: Path) -> None:
