@@ -881,8 +881,9 @@ caption_one() {
         # temporary file is gone only once it happened): that caption is complete, so say so,
         # and the summary counts it as the main script collects the results it finds.
         # So is one hard-linked into place (skip mode): the caption file is then the temporary
-        # file itself (-ef: the same file).
-        if { { ((renaming)) && [[ ! -e $tmp ]]; } || { ((linking)) && [[ $tmp -ef $cap ]]; }; } && [[ ! -e $res ]]; then
+        # file itself (-ef: the same file), or the temporary name is already gone (the signal
+        # came after the rm that follows a link made: ln failing resets linking first).
+        if { { ((renaming)) && [[ ! -e $tmp ]]; } || { ((linking)) && { [[ $tmp -ef $cap ]] || [[ ! -e $tmp ]]; }; }; } && [[ ! -e $res ]]; then
             printf '%s\n' ok 0 "" >"$res"
         fi
         rm -f -- "$tmp"

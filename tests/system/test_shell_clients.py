@@ -688,14 +688,15 @@ def test_folder_interrupted(tmp_path: Path, tmpdir_env: Path) -> None:
 
 
 def pausing_mv(tmp_path: Path, destination: str, nth: int) -> tuple[dict[str, str], Path, Path]:
-    """A PATH whose ``mv`` and ``ln`` are the real ones, except that after their ``nth`` rename
-    or link onto a name matching ``destination`` (a shell pattern) they create a "moved" file and
-    wait (up to 30 s) for a "release" file: a signal then lands at a known point of a folder run.
-    (In skip mode the folder script publishes a caption file with ``ln``, elsewhere with ``mv``.)"""
+    """A PATH whose ``mv``, ``ln`` and ``rm`` are the real ones, except that after their ``nth``
+    rename, link or removal of a name matching ``destination`` (a shell pattern) they create a
+    "moved" file and wait (up to 30 s) for a "release" file: a signal then lands at a known point
+    of a folder run. (In skip mode the folder script publishes a caption file with ``ln``, then
+    removes the temporary name with ``rm``; elsewhere it renames with ``mv``.)"""
     shims = tmp_path / "pausing-mv"
     shims.mkdir()
     count, moved, release = shims / "count", tmp_path / "moved", tmp_path / "release"
-    for tool in ("mv", "ln"):
+    for tool in ("mv", "ln", "rm"):
         real = shutil.which(tool)
         assert real
         (shims / tool).write_text(
@@ -719,6 +720,7 @@ while [ ! -e "{release}" ] && [ "$i" -lt 300 ]; do sleep 0.1; i=$((i + 1)); done
     "destination",
     [
         "*.txt",  # the worker is stopped after renaming its caption, before writing its result
+        ".vision-caption.*.tmp",  # after the temporary name of a caption linked into place went
         "res.*",  # the worker wrote its result, the script had not read it yet
     ],
 )
