@@ -16,6 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from tests.support.api import tiny_cache_dir
+from tests.support.processes import tiny_server
+
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page
 
@@ -70,3 +73,15 @@ def screenshot_dir(factory: pytest.TempPathFactory) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     print(f"\nweb page screenshots: {folder}")
     return folder
+
+
+@contextlib.contextmanager
+def page_server(factory: pytest.TempPathFactory, name: str, *options: str) -> Iterator[str]:
+    """The real server (the tiny model, 16 new tokens, one thread) with ``options`` for one
+    browser test module; its address, and a drained stop afterwards."""
+    tmp = factory.mktemp(f"{name}-server")
+    with tiny_server(
+        tmp, tiny_cache_dir(factory), "--max-new-tokens", "16", *options, env={"OMP_NUM_THREADS": "1"}
+    ) as process:
+        yield process.wait_listening(timeout=90)
+        process.stop()

@@ -14,10 +14,9 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from tests.support.api import tiny_cache_dir
-from tests.support.browser import browser_tab, screenshot_dir
+from tests.support.browser import browser_tab, page_server, screenshot_dir
 from tests.support.gallery_data import XSS, GalleryData, make_gallery
-from tests.support.processes import http_json, tiny_server
+from tests.support.processes import http_json
 
 pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
 from playwright.sync_api import expect
@@ -36,14 +35,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> GalleryData:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, data: GalleryData) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("web-ui-server")
-    options = ["--max-new-tokens", "16", "--gallery", str(data.root), "--gallery-writable"]
+    options = ["--gallery", str(data.root), "--gallery-writable"]
     options += ["--gallery-page-size", "3", "--gallery-jsonl", str(data.jsonl)]
-    with tiny_server(
-        tmp, tiny_cache_dir(tmp_path_factory), *options, env={"OMP_NUM_THREADS": "1"}
-    ) as process:
-        yield process.wait_listening(timeout=90)
-        process.stop()
+    with page_server(tmp_path_factory, "web-ui", *options) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -13,10 +13,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from tests.support.api import tiny_cache_dir
-from tests.support.browser import browser_tab, screenshot_dir
+from tests.support.browser import browser_tab, page_server, screenshot_dir
 from tests.support.gallery_data import GalleryData, make_gallery
-from tests.support.processes import tiny_server
 
 pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
 from playwright.sync_api import expect
@@ -36,13 +34,10 @@ def data(tmp_path_factory: pytest.TempPathFactory) -> GalleryData:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory, data: GalleryData) -> Iterator[str]:
-    tmp = tmp_path_factory.mktemp("web-ui-secured-server")
-    options = ["--max-new-tokens", "16", "--gallery", str(data.root), "--api-key", KEY]
-    with tiny_server(
-        tmp, tiny_cache_dir(tmp_path_factory), *options, env={"OMP_NUM_THREADS": "1"}
-    ) as process:
-        yield process.wait_listening(timeout=90)
-        process.stop()
+    with page_server(
+        tmp_path_factory, "web-ui-secured", "--gallery", str(data.root), "--api-key", KEY
+    ) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
