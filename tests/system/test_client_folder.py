@@ -364,6 +364,7 @@ async def test_jsonl_output_and_resume(stub, tmp_path: Path) -> None:
     data = tmp_path / "data"
     images = [make_png(data / name, size=8 + i) for i, name in enumerate(["a.png", "sub/b é.png"])]
     out = tmp_path / "out" / "captions.jsonl"
+    out.parent.mkdir()  # refused, not made, when missing
 
     first = await caption_folder(client, data, task="GENERATE_TAGS", jsonl=out)
     assert first.done == 2
@@ -456,6 +457,19 @@ async def test_jsonl_resume_survives_a_torn_last_line(stub, tmp_path: Path) -> N
     assert (summary.done, summary.skipped) == (1, 1)
     lines = out.read_text(encoding="utf-8").splitlines()
     assert json.loads(lines[-1])["file"] == "b.png"  # written on its own line after the torn one
+
+
+async def test_jsonl_in_a_missing_folder_is_refused_as_the_cli_refuses_it(stub, tmp_path: Path) -> None:
+    """The API and ``vision-client folder`` agree: a missing --jsonl folder is a usage error
+    (``ValueError``, exit 2 in the CLI) in the same words, not a folder made for a typo."""
+    server, client = stub
+    make_png(tmp_path / "data" / "a.png")
+    out = tmp_path / "typo" / "log.jsonl"
+    with pytest.raises(ValueError) as refused:
+        await caption_folder(client, tmp_path / "data", task="caption", jsonl=out)
+    said = f"folder {out.parent} does not exist; create it first (mkdir -p {out.parent})"
+    assert str(refused.value) == f"cannot write the output: {said}"
+    assert not out.parent.exists() and server.requests == 0
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from vision_server.bulk.outputs import output_problem
 from vision_server.bulk.records import safe_text
 from vision_server.captionfiles import (
     MODES,
@@ -178,6 +179,8 @@ async def caption_folder(
     ``limit`` captions at most that many images (skipped ones do
     not count; the rest are ``deferred``). A ``dry_run`` sends no image and writes nothing: the
     images a run would caption are listed in ``planned`` (only a named model is asked about).
+    A ``jsonl`` file whose folder is missing (or that is a folder, or cannot be opened) raises
+    ``ValueError`` before anything is made or sent, as ``vision-client folder`` refuses it.
     A ``jsonl`` file is locked for the whole run: while another run holds it,
     :class:`~vision_server.output_lock.OutputBusy` is raised before anything is sent (and
     :class:`~vision_server.output_lock.LockUnusable` when its lock file is in the way).
@@ -210,11 +213,14 @@ async def caption_folder(
 
 
 def _outputs_to_lock(jsonl: str | Path | None, dry_run: bool) -> list[Path]:
-    """The JSONL file a run writes (none for a dry run), its folder made for the lock file beside
-    it (the writer would make it anyway)."""
+    """The JSONL file a run writes (none for a dry run). One that cannot be written there (a
+    missing folder, more often a typo than a wish; a folder in its place) is a ``ValueError`` in
+    the words of ``vision-client folder``, before its lock file is made or anything is sent."""
     if jsonl is None or dry_run:
         return []
-    Path(jsonl).parent.mkdir(parents=True, exist_ok=True)
+    problem = output_problem(Path(jsonl))
+    if problem is not None:
+        raise ValueError(f"cannot write the output: {problem}")
     return [Path(jsonl)]
 
 
@@ -429,12 +435,17 @@ class _FolderRun:
             self.on_result(result)
 
 
+def _disk_full_reason(exc: DiskFull) -> str:
+    """Why a run stopped on a full disk: the file it could not write, and what to do."""
+    return f"{exc}; {RERUN_ADVICE}"
+
+
 def _stop_reason(exc: BaseException, *, model_named: bool) -> tuple[int, str] | None:
     """The exit status and the reason when the run must stop, for an answer every other image
     would get too (in the words of the folder scripts); None to go on. A 404 points to
     ``--model`` only when the run named one (``model_named``): else only ``--url`` can be wrong."""
     if isinstance(exc, DiskFull):  # every image after it would fail the same way
-        return EXIT_DISK_FULL, f"{exc}; {RERUN_ADVICE}"
+        return EXIT_DISK_FULL, _disk_full_reason(exc)
     if isinstance(exc, VisionConnectionError):
         return EXIT_UNREACHABLE, f"the server cannot be reached ({exc})"
     if isinstance(exc, VisionHTTPError) and exc.gateway_outage:  # a proxy with no server behind it
