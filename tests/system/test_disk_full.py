@@ -175,6 +175,48 @@ def test_vision_client_folder_stops_when_the_disk_fills(
     assert leftovers(disk) == []
 
 
+def test_vision_client_folder_stops_when_a_torn_jsonl_line_cannot_be_ended(
+    tiny_server_url: str, disk: Path
+) -> None:
+    """A killed run left the JSONL's last line torn, and the disk is full: ending that line is the
+    run's first write, and it stops the run as any full disk does (the file, what to do, the
+    summary), not with a bare error; the rerun after freeing space captions every image."""
+    data, jsonl = disk / "data", disk / "out.jsonl"
+    row = '{"file": "img000.png", "task": "<CAPTION>", "caption": "x", "model": null}\n'
+    torn = '{"file": "img001.png", "task": "<CAP'
+    # Exactly one page: the newline that ends the torn line needs a page the disk cannot give.
+    jsonl.write_text(row + torn + " " * (PAGE - len(row) - len(torn)), encoding="utf-8")
+    command = [str(VISION_CLIENT), "--url", tiny_server_url, "folder", str(data), "--task", "CAPTION"]
+    filler = fill(disk, leave=0)
+    full = subprocess.run([*command, "--jsonl", str(jsonl)], capture_output=True, text=True, timeout=300)
+
+    assert full.returncode == 1, full.stderr
+    assert f"cannot write {jsonl}: no space left on the device" in full.stderr, full.stderr
+    assert "Stopped early" in full.stderr and "run the same command again" in full.stderr
+    assert not full.stderr.startswith("error:"), full.stderr
+    assert jsonl.stat().st_size == PAGE  # nothing half-written
+
+    filler.unlink()
+    again = subprocess.run([*command, "--jsonl", str(jsonl)], capture_output=True, text=True, timeout=300)
+
+    assert again.returncode == 0, again.stderr
+    files = [row["file"] for row in whole_rows_after_torn(jsonl)]
+    assert sorted(files) == [f"img{n:03d}.png" for n in range(IMAGES)]
+
+
+def whole_rows_after_torn(path: Path) -> list[dict]:
+    """The rows of a JSONL file whose torn line a later run ended: every other line whole."""
+    data = path.read_bytes()
+    assert data.endswith(b"\n"), data[-80:]
+    rows = []
+    for line in data.decode("utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            assert line.startswith('{"file": "img001.png", "task": "<CAP'), line
+    return rows
+
+
 def test_folder_script_stops_when_the_disk_fills(tiny_server_url: str, tmp_path: Path, disk: Path) -> None:
     data = disk / "data"
     env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_")}

@@ -180,8 +180,9 @@ async def caption_folder(
     not count; the rest are ``deferred``). A ``dry_run`` sends no image and writes nothing: the
     images a run would caption are listed in ``planned`` (only a named model is asked about).
     A ``jsonl`` file whose folder is missing (or that is a folder, or cannot be opened) raises
-    ``ValueError`` before anything is made or sent, as ``vision-client folder`` refuses it.
-    A ``jsonl`` file is locked for the whole run: while another run holds it,
+    ``ValueError`` before anything is made or sent, as ``vision-client folder`` refuses it; a
+    full disk that leaves no room to end a killed run's torn last line stops the run (``aborted``)
+    before the first image. A ``jsonl`` file is locked for the whole run: while another run holds it,
     :class:`~vision_server.output_lock.OutputBusy` is raised before anything is sent (and
     :class:`~vision_server.output_lock.LockUnusable` when its lock file is in the way).
     """
@@ -312,7 +313,11 @@ class _FolderRun:
 
     async def caption_into(self, jsonl: str | Path | None, jobs: list[_Job], concurrency: int) -> None:
         """Run the jobs, their rows appended to ``jsonl`` (caption files beside the images without)."""
-        writer = JsonlWriter(Path(jsonl)) if jsonl is not None else None
+        try:
+            writer = JsonlWriter(Path(jsonl)) if jsonl is not None else None
+        except DiskFull as exc:  # no room even to end a killed run's torn last line: no image can be stored
+            self.stop(EXIT_DISK_FULL, _disk_full_reason(exc))
+            return
         try:
             await self.execute(jobs, writer, concurrency)
         finally:
