@@ -347,27 +347,44 @@ body_start() {
     head -c "$1" -- "$tmpd/resp" | tr "$2" '   '
 }
 
-# retry_after_into VAR: the last response's Retry-After in whole seconds (0: none).
+# retry_after_into VAR: the last response's Retry-After in whole seconds (a fraction dropped), empty when it has none
+# (or one this script cannot read). 0 means "at once", as every other client reads it.
 retry_after_into() {
-    local _line _value=""
+    local _line _value="" _when _now
     while IFS= read -r _line || [[ -n $_line ]]; do
         _line=${_line//$'\r'/}
-        if [[ $_line =~ ^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:[[:space:]]*0*([0-9]+) ]]; then
+        if [[ $_line =~ ^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:[[:space:]]*0*([0-9]+)(\.[0-9]*)?[[:space:]]*$ ]]; then
             _value=${BASH_REMATCH[1]}
             ((${#_value} <= 6)) || _value=999999 # past any cap; bash arithmetic would wrap
+        elif [[ $_line =~ ^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:[[:space:]]*([A-Z][a-z][a-z],\ [0-9][0-9]\ [A-Z][a-z][a-z]\ [0-9]{4}\ [0-9][0-9]:[0-9][0-9]:[0-9][0-9]\ GMT)[[:space:]]*$ ]]; then
+            # An HTTP date (RFC 9110's IMF-fixdate): the seconds from now until then, 0 if past.
+            _value=""
+            if into _when http_date_epoch "${BASH_REMATCH[1]}" && [[ $_when =~ ^-?[0-9]{1,12}$ ]]; then
+                printf -v _now '%(%s)T' -1 2>/dev/null || into _now date -u +%s
+                _value=$((_when > _now ? _when - _now : 0))
+                ((${#_value} <= 6)) || _value=999999
+            fi
         fi
     done <"$tmpd/headers"
-    printf -v "$1" '%s' "${_value:-0}"
+    printf -v "$1" '%s' "$_value"
+}
+
+# http_date_epoch DATE: an IMF-fixdate as seconds since 1970, through BSD date (-j -f: -j never
+# sets the clock) or GNU date (-d); fails where neither reads it, and the caller then backs off
+# as for no Retry-After.
+http_date_epoch() {
+    LC_ALL=C date -u -j -f '%a, %d %b %Y %H:%M:%S GMT' "$1" +%s 2>/dev/null ||
+        LC_ALL=C date -u -d "$1" +%s 2>/dev/null
 }
 
 # retry_delay_into VAR ATTEMPT RETRY_AFTER: the wait before retry ATTEMPT (0 for the first), in
-# seconds with three decimals; RETRY_AFTER is the server's, in whole seconds (0: none).
+# seconds with three decimals; RETRY_AFTER is the server's, in whole seconds (empty: none).
 retry_delay_into() {
     local _attempt=$2 _hint=$3 _ms=$RETRY_MAX_MS
-    if ((_hint > 0)); then
+    if [[ -n $_hint ]]; then
         ((_hint <= RETRY_AFTER_MAX_S)) || _hint=$RETRY_AFTER_MAX_S
         _ms=$((_hint * 1000))
-        _ms=$((_ms + RANDOM % (_ms / 10 + 51)))
+        _ms=$((_ms + RANDOM % (_ms / 10 + 51))) # up to a tenth more, plus up to 50 ms
     else
         if ((_attempt < 6)); then # 500 << 6 is past the cap already; a larger shift could wrap
             _ms=$((RETRY_BASE_MS << _attempt))
@@ -463,7 +480,7 @@ from_proxy() {
     local first retry
     [[ $http_code == 502 || $http_code == 503 ]] || return 1
     retry_after_into retry
-    [[ $retry == 0 ]] || return 1
+    [[ -z $retry ]] || return 1
     into first first_nonblank_byte || true
     [[ $first != "{" ]]
 }
@@ -495,7 +512,7 @@ fail_http() {
     429 | 502 | 503)
         code=$EXIT_BUSY
         retry_after_into retry
-        if [[ $retry != 0 ]]; then extra=" (retry after ${retry}s)"; fi
+        if [[ -n $retry && $retry != 0 ]]; then extra=" (retry after ${retry}s)"; fi
         ;;
     504) code=$EXIT_TIMEOUT ;;
     400) if [[ $msg == "Invalid prompt"* ]]; then code=$EXIT_PROMPT; fi ;;

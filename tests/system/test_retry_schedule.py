@@ -11,6 +11,7 @@ earlier schedule (the bash scripts' 2, 4, 8 s) or retry default (0 or 3) falls o
 
 from __future__ import annotations
 
+import email.utils
 import itertools
 import os
 import re
@@ -18,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,41 @@ def test_every_single_image_client_retries_five_times_by_default_after_retry_aft
     assert result.stdout.strip() == "stand-in caption"
     assert len(times) == 1 + 5
     assert all(gap >= 1.0 for gap in gaps(times)), gaps(times)
+
+
+@pytest.mark.parametrize("tool", SINGLE + FOLDER)
+def test_retry_after_zero_means_at_once_in_every_client(tool: str, tmp_path: Path) -> None:
+    """Five 503s with ``Retry-After: 0``: each retry goes out at once (plus at most 50 ms of
+    jitter). The bash clients read 0 as "no hint" and backed off 0.5, 1, 2, 4, 8 s (at least
+    7.75 s in all, with jitter); the bound leaves seconds of room on either side."""
+    needs_pwsh(tool)
+    target = target_for(tool, tmp_path)
+    with StandIn(busy_first=5, busy_retry_after="0") as stand_in:
+        result = subprocess.run(
+            command(tool, stand_in.url, target), capture_output=True, text=True, env=clean_env(), timeout=120
+        )
+        times = stand_in.post_times()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(times) == 1 + 5, result.stderr[-3000:]
+    assert sum(gaps(times)) <= 4.0, gaps(times)
+
+
+@pytest.mark.parametrize("tool", SINGLE + FOLDER)
+def test_retry_after_as_an_http_date_is_waited_for_in_every_client(tool: str, tmp_path: Path) -> None:
+    """``Retry-After`` as an HTTP date six seconds ahead: the retry waits for it (however slowly
+    the client started, well over 2.5 s). The bash clients ignored a date and backed off
+    0.25 to 0.5 s."""
+    needs_pwsh(tool)
+    target = target_for(tool, tmp_path)
+    when = email.utils.formatdate(time.time() + 6, usegmt=True)
+    with StandIn(busy_first=1, busy_retry_after=when) as stand_in:
+        result = subprocess.run(
+            command(tool, stand_in.url, target), capture_output=True, text=True, env=clean_env(), timeout=120
+        )
+        times = stand_in.post_times()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(times) == 2, result.stderr[-3000:]
+    assert gaps(times)[0] >= 2.5, (when, gaps(times))
 
 
 def test_the_bash_client_waits_at_most_120_seconds_whatever_retry_after_says(tmp_path: Path) -> None:
