@@ -863,7 +863,7 @@ file_mode_into() {
 
 caption_one() {
     set +e
-    local idx=$1 img=${todo[$1]} cap=${todo_cap[$1]} tmp rc caption content old line reason dir perm
+    local idx=$1 img=${todo[$1]} cap=${todo_cap[$1]} tmp rc caption content old line reason dir perm shown
     local out=$tmpd/out.$1 err=$tmpd/err.$1 res=$tmpd/res.$1 child="" renaming=0 linking=0
     tmp=${todo_cap[idx]%/*}/.vision-caption.${temp_ids[idx]}.tmp # temp_caption, without a subshell
     # A worker is stopped by the main script (TERM) or by a signal to the whole process group,
@@ -958,11 +958,15 @@ caption_one() {
         rm -f -- "$tmp"
         last_line_into line "$err"
         # A full disk (or quota, or size limit) stops the run: every image after this one would
-        # fail the same way. Said in the words of vision-client folder and vision-server caption.
+        # fail the same way. Said in the words of vision-client folder and vision-server caption,
+        # the whole path (which disk is full) on one line: the result file is read line by line.
+        show_into shown "$folder"
+        show_into dir "$cap"
+        shown=$shown/$dir
         case $line in
-        *"No space left on device"*) finish abort 1 "cannot write $cap: no space left on the device" ;;
-        *"Disk quota exceeded"*) finish abort 1 "cannot write $cap: disk quota exceeded: no space left for this user" ;;
-        *"File too large"*) finish abort 1 "cannot write $cap: file too large: no space left within the size limit" ;;
+        *"No space left on device"*) finish abort 1 "cannot write $shown: no space left on the device" ;;
+        *"Disk quota exceeded"*) finish abort 1 "cannot write $shown: disk quota exceeded: no space left for this user" ;;
+        *"File too large"*) finish abort 1 "cannot write $shown: file too large: no space left within the size limit" ;;
         esac
         show_into dir "${cap%/*}"
         finish fail 1 "cannot write in $dir: $line"

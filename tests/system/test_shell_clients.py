@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -521,6 +522,37 @@ def test_folder_modes_prefix_suffix(server: str, tmp_path: Path) -> None:
 
     result = folder("--mode", "skip")
     assert "0 captioned, 2 skipped" in result.stderr
+
+
+def _file_size_limit(limit: int) -> None:
+    """In the child: writes past ``limit`` bytes fail with "File too large" (EFBIG), as on a file
+    system or quota with a size limit, instead of the SIGXFSZ that would kill the writer."""
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+
+
+def test_folder_names_a_caption_it_cannot_write_on_one_line(tmp_path: Path, tmpdir_env: Path) -> None:
+    """A caption file that the size limit refuses stops the run, naming the file with its newline
+    and tab made visible, as every other message of the script does. The name went out raw, and
+    the stop reason (passed on line by line) was cut at the newline: "cannot write .../new"."""
+    root = tmp_path / "data"
+    (image,) = make_tree(root, ["new\nline\tname.png"])
+    caption_path(image).write_text("old words " * 10_000)  # 100 kB: appending goes past the limit
+    with StandIn() as stand_in:
+        result = subprocess.run(
+            ["bash", str(FOLDER), "--url", stand_in.url, "--mode", "append", "CAPTION", "txt", str(root)],
+            capture_output=True,
+            text=True,
+            env=base_env(tmpdir_env),
+            timeout=60,
+            preexec_fn=lambda: _file_size_limit(64 * 1024),
+        )
+    assert result.returncode == 1, result.stderr
+    said = f"cannot write {root}/new\\nline\\tname.txt: file too large: no space left within the size limit"
+    assert said in result.stderr, result.stderr
+    assert "new\nline" not in result.stderr, result.stderr
+    assert caption_path(image).read_text() == "old words " * 10_000  # untouched
+    assert leftovers(root) == []
 
 
 def test_folder_skip_counts_a_blank_caption_file_as_missing(server: str, tmp_path: Path) -> None:
