@@ -330,10 +330,11 @@ def test_every_tool_replaces_a_caption_file_by_the_same_rules(
     finally:
         store.chmod(0o755)
     assert result.returncode == 1, result.stderr[-3000:]
-    # (vision-server caption says "ro.png: cannot write the caption (<the reason>)")
+    # Every tool's summary says it in the same words ("ro.png: cannot write the caption (<the
+    # reason>)" in vision-server caption before).
     reason = "ro.txt is read-only; make it writable (chmod u+w) to let it be replaced"
     lines = result.stderr.splitlines()
-    assert any("ro.png: " in line and reason in line for line in lines), result.stderr[-3000:]
+    assert any(line.endswith(f"ro.png: {reason}") for line in lines), result.stderr[-3000:]
     assert (root / "ro.txt").read_text(encoding="utf-8") == old
     assert (root / "ro.txt").stat().st_mode & 0o777 == 0o444
     new_mode = 0o666 & ~current_umask()

@@ -29,6 +29,7 @@ from vision_server.captionfiles import (
     STALE_TEMP_AGE,
     WRITTEN_MEANWHILE,
     Mode,
+    ReadOnlyCaption,
     caption_target_problem,
     has_caption,
     merge_caption,
@@ -656,6 +657,8 @@ def write_all(
             stored = output.write(record, captions, error) or stored
         except DiskFull as exc:
             full = full or exc
+        except ReadOnlyCaption as exc:  # its words say what to do, as every folder captioner says them
+            problem = problem or str(exc)
         except (OSError, UnicodeError) as exc:
             problem = problem or f"cannot write the caption ({exc})"
     if full is not None:  # every image after this one would meet it too: the run stops
