@@ -141,7 +141,8 @@ def test_every_single_image_client_retries_five_times_by_default_after_retry_aft
 def test_retry_after_zero_means_at_once_in_every_client(tool: str, tmp_path: Path) -> None:
     """Five 503s with ``Retry-After: 0``: each retry goes out at once (plus at most 50 ms of
     jitter). The bash clients read 0 as "no hint" and backed off 0.5, 1, 2, 4, 8 s (at least
-    7.75 s in all, with jitter); the bound leaves seconds of room on either side."""
+    7.75 s in all, with jitter). The bound is no speed target: it tells the two apart, with room
+    for five slow process starts or curl calls on a loaded CI machine."""
     needs_pwsh(tool)
     target = target_for(tool, tmp_path)
     with StandIn(busy_first=5, busy_retry_after="0") as stand_in:
@@ -151,7 +152,7 @@ def test_retry_after_zero_means_at_once_in_every_client(tool: str, tmp_path: Pat
         times = stand_in.post_times()
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(times) == 1 + 5, result.stderr[-3000:]
-    assert sum(gaps(times)) <= 4.0, gaps(times)
+    assert sum(gaps(times)) <= 6.0, gaps(times)
 
 
 @pytest.mark.parametrize("tool", SINGLE + FOLDER)
