@@ -34,6 +34,17 @@ IMAGES = 16
 FAST = ("--model", "test:tiny", "--max-new-tokens", "8", "--num-beams", "1", "--workers", "1")
 
 
+def caption_into_jsonl(tmp_path: Path, root: Path, jsonl: Path) -> subprocess.CompletedProcess[str]:
+    """``vision-server caption ROOT --jsonl JSONL`` run to its end (the tiny model, fast)."""
+    return subprocess.run(
+        caption_command(root, *FAST, "--jsonl", jsonl, "--cache-dir", tmp_path / "cache"),
+        env=cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def complete_rows(path: Path) -> int:
     return path.read_bytes().count(b"\n") if path.exists() else 0
 
@@ -133,13 +144,7 @@ def test_a_second_run_refused_by_the_lock_made_and_deleted_nothing_in_the_output
         past = time.time() - 3600
         os.utime(out, (past, past))  # any file made and deleted there moves this to now
         before = out.stat().st_mtime_ns
-        second = subprocess.run(
-            caption_command(root, *FAST, "--jsonl", jsonl, "--cache-dir", tmp_path / "cache"),
-            env=cli_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        second = caption_into_jsonl(tmp_path, root, jsonl)
         assert second.returncode == 2, second.stderr
         assert "captions.jsonl is being written by another run" in second.stderr
         assert out.stat().st_mtime_ns == before, "the refused run made or deleted a file in the output folder"
@@ -154,13 +159,7 @@ def test_an_output_folder_that_does_not_exist_is_refused_and_not_made_by_the_loc
     linked = tmp_path / "linked.jsonl"
     linked.symlink_to(tmp_path / "elsewhere" / "captions.jsonl")
     for output, folder in ((tmp_path / "missing" / "captions.jsonl", "missing"), (linked, "elsewhere")):
-        result = subprocess.run(
-            caption_command(root, *FAST, "--jsonl", output, "--cache-dir", tmp_path / "cache"),
-            env=cli_env(tmp_path),
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        result = caption_into_jsonl(tmp_path, root, output)
         assert result.returncode == 2, result.stderr
         assert f"folder {tmp_path / folder} does not exist; create it first (mkdir -p" in result.stderr
         assert not (tmp_path / folder).exists()
@@ -173,13 +172,7 @@ def test_a_lock_file_in_the_way_stops_the_run_before_any_work_saying_what_to_rem
     jsonl = tmp_path / "captions.jsonl"
     lock = tmp_path / ".captions.jsonl.lock"
     lock.symlink_to(tmp_path / "gone.lock")
-    result = subprocess.run(
-        caption_command(root, *FAST, "--jsonl", jsonl, "--cache-dir", tmp_path / "cache"),
-        env=cli_env(tmp_path),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = caption_into_jsonl(tmp_path, root, jsonl)
     assert result.returncode == 2, result.stderr
     assert f"its lock file {lock} is a symbolic link" in result.stderr
     assert f"remove it (rm {lock})" in result.stderr and "another run" not in result.stderr
