@@ -115,13 +115,19 @@ def holding(outputs: list[Path]) -> Iterator[frozenset[Path]]:
             try:
                 lock.acquire()
             except (Timeout, OSError) as failure:
-                fd = _lock_by_reading(path)
-                if fd is None:
-                    # filelock says Timeout for a lock another process holds, but also (by version
-                    # and system) for a lock file it could not open; and OSError for either: look.
-                    _refuse_or_warn(output, path, failure)
+                # filelock says Timeout for a lock another process holds, but also (by version
+                # and system) for a lock file it could not open; and OSError for either: look.
+                try:
+                    read_locks.append(_lock_by_reading(output, path, failure))
+                except _NoLocksHere as exc:
+                    log.warning(
+                        "cannot create the lock file %s (%s): nothing stops another run from writing %s "
+                        "at the same time",
+                        path,
+                        exc.reason,
+                        output,
+                    )
                     continue
-                read_locks.append(fd)
             else:
                 taken.append(lock)
             locked.append(output)
@@ -133,49 +139,6 @@ def holding(outputs: list[Path]) -> Iterator[frozenset[Path]]:
             os.close(fd)  # the lock goes with it
 
 
-def _lock_by_reading(path: Path) -> int | None:
-    """The lock of ``path`` taken through a descriptor opened for reading, held until it is
-    closed; None when it cannot be (held by another run, not a plain file, not readable...).
-
-    Every Unix run leaves its lock file behind, with its owner's mode (``rw-r--r--``): the next
-    run of another user on a shared dataset cannot open it for writing, as ``filelock`` does, but
-    ``flock`` needs no write permission, so it locks it all the same. (A lock that another run
-    released a moment ago is taken here too.) Windows deletes its lock files: not done there."""
-    if sys.platform == "win32":
-        return None
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
-    except OSError:
-        return None
-    try:
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-    except OSError:
-        pass
-    os.close(fd)
-    return None
-
-
-def _refuse_or_warn(output: Path, path: Path, failure: BaseException) -> None:
-    """Why ``path`` could not be locked, as the run should take it: :class:`OutputBusy` when
-    another process holds it, a warning when nothing can be locked there, else
-    :class:`LockUnusable` saying what is in the way."""
-    try:
-        problem = _obstacle(path, failure)
-    except _NoLocksHere as exc:
-        log.warning(
-            "cannot create the lock file %s (%s): nothing stops another run from writing %s at the same time",
-            path,
-            exc.reason,
-            output,
-        )
-        return
-    if problem is None:
-        raise OutputBusy(output, path) from None
-    raise LockUnusable(output, path, problem) from None
-
-
 class _NoLocksHere(Exception):
     """No lock can be had where the output is (a folder that takes no new file, a share without
     locks), though nothing is in the way: the run goes on unprotected."""
@@ -185,10 +148,18 @@ class _NoLocksHere(Exception):
         self.reason = error.strerror or str(error)
 
 
-def _obstacle(path: Path, failure: BaseException) -> str | None:
-    """What keeps ``path`` from being locked, said after "its lock file PATH"; None when another
-    process holds it (the one case where waiting for that run is the answer). Raises
-    :class:`_NoLocksHere` when nothing is in the way but no lock can be had there."""
+def _lock_by_reading(output: Path, path: Path, failure: BaseException) -> int:
+    """One look at the lock file ``path`` after ``filelock`` could not take it (``failure``): the
+    lock taken through a descriptor opened for reading, returned and held until it is closed; or
+    why not, as the run should take it: :class:`OutputBusy` when another process holds it (the one
+    case where waiting for that run is the answer), :class:`LockUnusable` saying what is in the
+    way, :class:`_NoLocksHere` when nothing is in the way but no lock can be had there.
+
+    Every Unix run leaves its lock file behind, with its owner's mode (``rw-r--r--``): the next
+    run of another user on a shared dataset cannot open it for writing, as ``filelock`` does, but
+    ``flock`` needs no write permission, so it locks it all the same. (A lock that another run
+    released a moment ago is taken here too.) Windows deletes its lock files: there the look only
+    says why ``filelock`` failed, and a lock it does take goes with its descriptor at once."""
     try:
         info = os.lstat(path)
     except FileNotFoundError:
@@ -196,28 +167,46 @@ def _obstacle(path: Path, failure: BaseException) -> str | None:
             _make(path, failure)  # raises _NoLocksHere, or made it: now looked at as any
             info = os.lstat(path)
         except OSError as exc:
-            return f"cannot be made ({exc.strerror or exc})"
+            raise LockUnusable(output, path, f"cannot be made ({_reason(exc)})") from None
     except OSError as exc:
-        return f"cannot be looked at ({exc.strerror or exc})"
+        raise LockUnusable(output, path, f"cannot be looked at ({_reason(exc)})") from None
     if stat.S_ISLNK(info.st_mode):
-        return f"is a symbolic link (to {os.readlink(path)}), not a lock file a run made"
+        problem = f"is a symbolic link (to {os.readlink(path)}), not a lock file a run made"
+        raise LockUnusable(output, path, problem) from None
     if stat.S_ISDIR(info.st_mode):
-        return "is a folder, not a lock file a run made"
+        raise LockUnusable(output, path, "is a folder, not a lock file a run made") from None
     if not stat.S_ISREG(info.st_mode):
-        return "is not a plain file, not a lock file a run made"
+        raise LockUnusable(output, path, _NOT_PLAIN) from None
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        # Not following a link, nor waiting on a pipe, put there since the look above.
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
-        return f"cannot be opened ({exc.strerror or exc})"
+        raise LockUnusable(output, path, f"cannot be opened ({_reason(exc)})") from None
+    keep = False
     try:
-        if _held_elsewhere(fd):
-            return None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise LockUnusable(output, path, _NOT_PLAIN) from None
+        if not _take(fd):
+            raise OutputBusy(output, path) from None
+        keep = sys.platform != "win32"
     except OSError as exc:
-        return f"cannot be locked ({exc.strerror or exc})"
+        raise LockUnusable(output, path, f"cannot be locked ({_reason(exc)})") from None
     finally:
-        os.close(fd)
-    cause = failure.strerror if isinstance(failure, OSError) and failure.strerror else str(failure)
-    return f"could not be locked ({cause})"
+        if not keep:
+            os.close(fd)
+    if keep:
+        return fd
+    raise LockUnusable(output, path, f"could not be locked ({_reason(failure)})") from None
+
+
+_NOT_PLAIN = "is not a plain file, not a lock file a run made"
+
+
+def _reason(error: BaseException) -> str:
+    """An error as said in brackets after what failed: its system text where it has one."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return str(error)
 
 
 def _make(path: Path, failure: BaseException) -> None:
@@ -235,10 +224,10 @@ def _make(path: Path, failure: BaseException) -> None:
         raise
 
 
-def _held_elsewhere(fd: int) -> bool:
-    """Whether another open of the file holds its lock (a lock of the same kind as filelock's),
-    found by trying to take it without waiting; taken, it goes when ``fd`` is closed. Raises
-    :class:`_NoLocksHere` where the file system has no locks."""
+def _take(fd: int) -> bool:
+    """Whether the lock of the open file ``fd`` was taken (a lock of the same kind as filelock's),
+    trying without waiting; False when another open of the file holds it. Taken, it goes when
+    ``fd`` is closed. Raises :class:`_NoLocksHere` where the file system has no locks."""
     try:
         if sys.platform == "win32":
             msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
@@ -246,8 +235,8 @@ def _held_elsewhere(fd: int) -> bool:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as exc:
         if exc.errno in _HELD:
-            return True
+            return False
         if exc.errno in _NO_LOCKS:
             raise _NoLocksHere(exc) from None
         raise
-    return False
+    return True
