@@ -1,9 +1,9 @@
 """``vision-server caption --ray``: real subprocesses, a real local Ray runtime, the tiny model.
 
 Each Ray run starts a runtime and an actor with its own model (tens of seconds on two cores),
-so the module runs three commands in all: the local path, the same inputs through ``--ray``
+so the main test runs three commands: the local path, the same inputs through ``--ray``
 (rows, sidecars and a Parquet output compared with the local path), and a ``--ray`` rerun that
-must resume instead of captioning again.
+must resume instead of captioning again; the others each check one way a run ends.
 """
 
 from __future__ import annotations
@@ -14,14 +14,17 @@ import shutil
 import subprocess
 import tarfile
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from tests.support.gated import gated_caption_command
 from tests.support.processes import cli_command, server_env
 
 pytest.importorskip("ray.data")
@@ -207,3 +210,79 @@ def test_a_ray_run_whose_model_cannot_load_ends_as_the_local_path_does(tmp_path:
     assert [(row["key"], row["caption"]) for row in map(json.loads, out.read_text().splitlines())] == [
         ("broken.png", None)
     ]
+
+
+def test_an_adapter_gone_when_ray_builds_the_model_ends_as_the_local_path_does(
+    tmp_path: Path, tiny_adapter_dir: Path
+) -> None:
+    # The driver builds the captioner (for its input size) once Ray has started, after planning
+    # checked the adapter: one removed in between ended as "error: the Ray run failed:
+    # SettingsError: ..." and a "(the run)" failure, not as the local path's failed load.
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for index in range(3):
+        (folder / f"img{index}.jpg").write_bytes(_jpeg(index))
+    (folder / "img0.txt").write_text("done", encoding="utf-8")
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    ray_tmp = Path(tempfile.mkdtemp(prefix="vs-ray-"))  # short: Ray's socket paths must fit 107 bytes
+    env = {
+        **server_env(tmp_path),
+        "RAY_TMPDIR": str(ray_tmp),
+        "CAPTION_GATE": str(gate),
+        "CAPTION_GATE_AT": "build",
+    }
+    command = gated_caption_command(folder, "--ray", *OPTIONS, "--adapter", adapter)
+    try:
+        with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
+            try:
+                deadline = time.monotonic() + 300
+                while not (gate / "build.entered").exists():  # Ray is up, the model is being built
+                    assert process.poll() is None and time.monotonic() < deadline
+                    time.sleep(0.05)
+                (adapter / "adapter_config.json").unlink()
+            finally:
+                (gate / "build.open").touch()
+            code = process.wait(300)
+            err = process.stderr.read() if process.stderr else ""
+    finally:
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert code == 1, err
+    assert "the Ray run failed" not in err and "Traceback" not in err, err
+    assert "captioned 0, skipped 1, failed 0 in " in err, err
+    gone = f"model test:tiny: the adapter directory {adapter} has no adapter_config.json"
+    assert f"error: the model could not be loaded: {gone}" in err, err
+    assert "2 of the 3 images are not captioned yet: run the same command again once the model loads" in err
+    assert sorted(path.name for path in folder.iterdir()) == ["img0.jpg", "img0.txt", "img1.jpg", "img2.jpg"]
+
+
+def test_a_caption_actor_whose_model_cannot_be_built_leaves_its_rows_with_the_reason(
+    tmp_path: Path, tiny_adapter_dir: Path
+) -> None:
+    # An actor builds the captioner again (an adapter may be gone since the driver built it): its
+    # constructor raised the SettingsError, which Ray reported as a failed actor ("the Ray run
+    # failed"). Its rows now say why the model is missing, as a failed load's do, and the driver
+    # stops the run with the local path's message; a row that failed to decode is still said.
+    from vision_server.bulk.plan import Fail, Work
+    from vision_server.bulk.ray_rows import unit_rows
+    from vision_server.bulk.ray_stages import CaptionActor
+    from vision_server.bulk.records import Record
+    from vision_server.settings import Settings
+
+    adapter = tmp_path / "adapter"
+    shutil.copytree(tiny_adapter_dir, adapter)
+    (adapter / "adapter_config.json").unlink()
+    actor = CaptionActor(Settings(model="test:tiny", adapter=str(adapter)))
+    units = [
+        Work(Record("photos", "a.jpg", path=tmp_path / "a.jpg"), ("<CAPTION>",)),
+        Fail(
+            Record("photos", "b.png", path=tmp_path / "b.png"), "the file is not in a supported image format"
+        ),
+    ]
+    rows = actor({name: np.array(values, dtype=object) for name, values in unit_rows(units).items()})
+    gone = f"model test:tiny: the adapter directory {adapter} has no adapter_config.json"
+    assert list(rows["unloaded"]) == [f"{gone}, so it is not a PEFT adapter", ""]
+    assert list(rows["error"]) == ["", "the file is not in a supported image format"]
+    assert list(rows["captions"]) == ["{}", "{}"]

@@ -32,7 +32,7 @@ from vision_server.bulk.progress import Progress, format_load_failure, format_su
 from vision_server.bulk.readers import ReadOptions, iter_records
 from vision_server.bulk.records import Record
 from vision_server.disk_full import DiskFull
-from vision_server.settings import Settings
+from vision_server.settings import Settings, SettingsError
 
 if TYPE_CHECKING:
     from vision_server.bulk.command import CaptionRequest
@@ -375,10 +375,16 @@ def _plan_here(job: _Job) -> _Planned:
 
 
 def _pixel_spec(settings: Settings) -> Any:
-    """The model's input size, known from its files before (and without) loading the weights."""
+    """The model's input size, known from its files before (and without) loading the weights.
+
+    Building it finds a bad setting (an adapter gone since planning checked it): the run stops
+    as for a model that does not load, as the local path's does (:class:`_LoadFailed`)."""
     from vision_server.runtime import build_captioner
 
-    return build_captioner(settings).pixel_spec
+    try:
+        return build_captioner(settings).pixel_spec
+    except SettingsError as exc:
+        raise _LoadFailed(str(settings.located(exc))) from None
 
 
 def _stop_on_signals() -> Any:

@@ -20,7 +20,7 @@ from vision_server.bulk.prepare import prepare_record
 from vision_server.bulk.ray_rows import batch_rows, row_record, row_tasks
 from vision_server.errors import VisionServerError
 from vision_server.images import PixelSpec, PreparedImage
-from vision_server.settings import Settings
+from vision_server.settings import Settings, SettingsError
 
 ENGINE_REQUEST_TIMEOUT = 7 * 24 * 3600.0  # Ray's backpressure bounds the wait, not a deadline
 
@@ -69,7 +69,15 @@ class CaptionActor:
             import torch
 
             torch.set_num_threads(torch_threads)
-        captioner = build_captioner(settings)
+        # Why this actor has no model: a setting its build found bad (an adapter gone since the
+        # driver built the same captioner). Said with the rows, as a failed load is: a failed
+        # constructor would end the run as "the Ray run failed", its cause in Ray's traceback.
+        self.unbuilt = ""
+        try:
+            captioner = build_captioner(settings)
+        except SettingsError as exc:
+            self.unbuilt = str(settings.located(exc))
+            return
         config = dataclasses.replace(
             engine_config(settings, captioner),
             idle_timeout=-1,
@@ -99,7 +107,10 @@ class CaptionActor:
         return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result()
 
     def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
-        results = self._wait(self._caption(batch))
+        if self.unbuilt:
+            results = [self._unbuilt_row(row) for row in batch_rows(batch)]
+        else:
+            results = self._wait(self._caption(batch))
         out = {name: batch[name] for name in batch if name not in ("pixels", "error", "width", "height")}
         out["error"] = np.array([error for _, error, _ in results], dtype=object)
         out["captions"] = np.array(
@@ -107,6 +118,12 @@ class CaptionActor:
         )
         out["unloaded"] = np.array([cause for _, _, cause in results], dtype=object)
         return out
+
+    def _unbuilt_row(self, row: dict[str, Any]) -> tuple[dict[str, str], str, str]:
+        """A row of an actor without a model: one that failed to decode is said as failed, one
+        to caption is left uncaptioned with the reason (the driver stops the run)."""
+        error = str(row["error"])
+        return {}, error, "" if error or not row_tasks(row) else self.unbuilt
 
     async def _caption(self, batch: dict[str, Any]) -> list[tuple[dict[str, str], str, str]]:
         """Per row: the captions, what failed, and why the model did not load (the row is left
