@@ -227,6 +227,8 @@ def test_readme_try_it_prints_what_the_readme_shows(sandbox: Sandbox) -> None:
     assert result.returncode == 0, result.stderr
     printed = json_documents(result.stdout)
     assert len(printed) == len(shown), result.stdout
+    # Line for line as shown (curl adds no line break of its own after an answer).
+    assert len(result.stdout.splitlines()) == len(block.group(1).splitlines()), result.stdout
     for got, expected in zip(printed, shown, strict=True):
         if isinstance(expected, dict):
             assert isinstance(got, dict) and got.keys() == expected.keys(), (got, expected)
