@@ -4,6 +4,7 @@ augmentation, the validation split, and the output-folder and resume checks."""
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -47,6 +48,25 @@ def test_hidden_files_and_folders_are_no_part_of_a_folder_dataset(tmp_path: Path
         ("a.png", "photo of a.png"),
         ("sub/b.png", "photo of sub/b.png"),
     ]
+
+
+@pytest.mark.skipif(os.mkdir not in os.supports_dir_fd, reason="builds the tree through dir_fd")
+def test_a_hidden_folder_is_not_entered(tmp_path: Path) -> None:
+    """Hidden folders were walked to their end (all of a large repository's .git), only for
+    what they hold to be left out: one too deep to walk (paths longer than the system takes)
+    stopped the run with an OSError. A folder is left out by its name, before it is entered."""
+    root = captioned_folder(tmp_path / "data", CAPTIONS[:1])
+    (root / ".git").mkdir()
+    folder = os.open(root / ".git", os.O_RDONLY)
+    try:
+        for _ in range(20):  # 20 names of 250 characters: past PATH_MAX (4096 on Linux)
+            os.mkdir("d" * 250, dir_fd=folder)
+            inner = os.open("d" * 250, os.O_RDONLY, dir_fd=folder)
+            os.close(folder)
+            folder = inner
+    finally:
+        os.close(folder)
+    assert [(ex.name, ex.text) for ex in load_dataset(root)] == [("img0.png", CAPTIONS[0])]
 
 
 def test_captions_with_another_extension_are_pointed_out(tmp_path: Path) -> None:

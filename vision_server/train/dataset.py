@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -177,8 +178,7 @@ def _folder(root: Path, ext: str, problems: Problems) -> Iterator[Example]:
     """Images with a ``STEM.<ext>`` caption beside them, every sub-folder included, sorted;
     hidden files and folders below ``root`` are no part of it, as for the folder captioners."""
     suffix = f".{ext.lower()}"
-    below = (p for p in root.rglob("*") if p.is_dir() and not _hidden_below(root, p))
-    for folder in sorted([root, *below]):
+    for folder in _folders(root):
         files = sorted(
             p for p in folder.iterdir() if (p.is_file() or p.is_symlink()) and not is_hidden(p.name)
         )
@@ -201,8 +201,30 @@ def _folder(root: Path, ext: str, problems: Problems) -> Iterator[Example]:
                 problems.add(NO_IMAGE, caption.relative_to(root).as_posix())
 
 
-def _hidden_below(root: Path, path: Path) -> bool:
-    return any(is_hidden(part) for part in path.relative_to(root).parts)
+def _folders(root: Path) -> list[Path]:
+    """``root`` and the folders below it whose files are read, sorted. A hidden folder is not
+    entered (``.git`` of a large repository would be walked to its end, only to be left out); a
+    symlinked one has its own files read, not its sub-folders (no loops). A folder that cannot
+    be listed stops the walk with its error."""
+    found = [root]
+    unvisited = [root]
+    while unvisited:
+        with os.scandir(unvisited.pop()) as entries:
+            for entry in entries:
+                if is_hidden(entry.name) or not _is_folder(entry):
+                    continue
+                found.append(Path(entry.path))
+                if not entry.is_symlink():
+                    unvisited.append(Path(entry.path))
+    return sorted(found)
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    """Whether ``entry`` is a folder or a symlink to one; a broken link or a loop is neither."""
+    try:
+        return entry.is_dir()
+    except OSError:
+        return False
 
 
 # --- JSONL ---------------------------------------------------------------------------------------
