@@ -147,6 +147,49 @@ function Test-VisionSpeaksHttps {
     finally { $tcp.Dispose() }
 }
 
+function ConvertFrom-VisionRetryAfter {
+    # A Retry-After header in seconds, or $null when it cannot be read, by the rules of every
+    # client (vision_server/client/retry.py; retry_after_into in vision-client.sh): a number of
+    # seconds, its fraction kept, 0 or less meaning at once; or an HTTP date in any of the three
+    # forms RFC 9110 has recipients read, the seconds from now until then (0 when it is past):
+    # "Sun, 06 Nov 1994 08:49:37 GMT", "Sunday, 06-Nov-94 08:49:37 GMT" (a two-digit year is 19YY
+    # from 69 on, else 20YY, as Python reads it) and "Sun Nov  6 08:49:37 1994" (in UTC). A date
+    # that does not exist (31 Feb, 08:49:60) is no hint. The weekday is not checked, as in Python.
+    param([string]$Text)
+    if ($null -eq $Text) { return $null }
+    $Text = $Text.Trim()
+    if ($Text -cmatch '^[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)$') {
+        $seconds = [double]::Parse($Text, [System.Globalization.CultureInfo]::InvariantCulture)
+        return [Math]::Max(0.0, $seconds)
+    }
+    $weekday = '(Mon|Tue|Wed|Thu|Fri|Sat|Sun)'
+    $month = '(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)'
+    $clock = '([0-9]{2}):([0-9]{2}):([0-9]{2})'
+    if ($Text -cmatch ('^' + $weekday + ', ([0-9]{2}) ' + $month + ' ([0-9]{4}) ' + $clock + ' GMT$')) {
+        $day = [int]$Matches[2]; $monthName = $Matches[3]; $year = [int]$Matches[4]
+        $hour = [int]$Matches[5]; $minute = [int]$Matches[6]; $second = [int]$Matches[7]
+    }
+    elseif ($Text -cmatch ('^(Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)day, ([0-9]{2})-' + $month + '-([0-9]{2}) ' + $clock + ' GMT$')) {
+        $day = [int]$Matches[2]; $monthName = $Matches[3]; $year = [int]$Matches[4]
+        $hour = [int]$Matches[5]; $minute = [int]$Matches[6]; $second = [int]$Matches[7]
+        if ($year -gt 68) { $year += 1900 } else { $year += 2000 }
+    }
+    elseif ($Text -cmatch ('^' + $weekday + ' ' + $month + ' +([0-9]{1,2}) ' + $clock + ' ([0-9]{4})$')) {
+        $monthName = $Matches[2]; $day = [int]$Matches[3]
+        $hour = [int]$Matches[4]; $minute = [int]$Matches[5]; $second = [int]$Matches[6]; $year = [int]$Matches[7]
+    }
+    else {
+        return $null
+    }
+    $months = @('Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec')
+    $monthNumber = [Array]::IndexOf($months, $monthName) + 1
+    try {
+        $when = [System.DateTimeOffset]::new($year, $monthNumber, $day, $hour, $minute, $second, [System.TimeSpan]::Zero)
+    }
+    catch { return $null }
+    return [Math]::Max(0.0, ($when - [System.DateTimeOffset]::UtcNow).TotalSeconds)
+}
+
 function Invoke-VisionHttp {
     # Sends one request. Returns StatusCode, Body (text), RetryAfter (seconds or $null) and
     # Reason for any HTTP answer, including 4xx/5xx. Throws only when no answer came back; the
@@ -208,15 +251,11 @@ function Invoke-VisionHttp {
         }
         $bytes = $response.Content.ReadAsByteArrayAsync().GetAwaiter().GetResult()
         $text = [System.Text.Encoding]::UTF8.GetString($bytes)
+        # The header as sent: .NET's own RetryAfter reads whole seconds only ("2.5" was no hint).
         $retryAfter = $null
-        $hint = $response.Headers.RetryAfter
-        if ($null -ne $hint) {
-            if ($null -ne $hint.Delta) {
-                $retryAfter = [double]$hint.Delta.TotalSeconds
-            }
-            elseif ($null -ne $hint.Date) {
-                $retryAfter = [Math]::Max(0.0, ($hint.Date - [System.DateTimeOffset]::UtcNow).TotalSeconds)
-            }
+        $values = $null
+        if ($response.Headers.TryGetValues('Retry-After', [ref]$values)) {
+            $retryAfter = ConvertFrom-VisionRetryAfter (@($values)[-1])
         }
         return [pscustomobject]@{
             StatusCode = [int]$response.StatusCode

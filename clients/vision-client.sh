@@ -347,43 +347,90 @@ body_start() {
     head -c "$1" -- "$tmpd/resp" | tr "$2" '   '
 }
 
-# retry_after_into VAR: the last response's Retry-After in whole seconds (a fraction dropped), empty when it has none
-# (or one this script cannot read). 0 means "at once", as every other client reads it.
+# retry_after_into VAR: the last response's Retry-After in milliseconds, empty when it has none
+# (or one this script cannot read). Read by the rules of every client (vision_server/client/
+# retry.py): a number of seconds, its fraction kept (to the millisecond, rounded up), 0 or less
+# meaning at once; or an HTTP date in any of RFC 9110's three forms, the time from now until then
+# (0 when it is past).
 retry_after_into() {
-    local _line _value="" _when _now
+    local _line _text _value="" _hint_ms="" # (no local of the helpers below is called _hint_ms)
     while IFS= read -r _line || [[ -n $_line ]]; do
         _line=${_line//$'\r'/}
-        if [[ $_line =~ ^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:[[:space:]]*0*([0-9]+)(\.[0-9]*)?[[:space:]]*$ ]]; then
-            _value=${BASH_REMATCH[1]}
-            ((${#_value} <= 6)) || _value=999999 # past any cap; bash arithmetic would wrap
-        elif [[ $_line =~ ^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:[[:space:]]*([A-Z][a-z][a-z],\ [0-9][0-9]\ [A-Z][a-z][a-z]\ [0-9]{4}\ [0-9][0-9]:[0-9][0-9]:[0-9][0-9]\ GMT)[[:space:]]*$ ]]; then
-            # An HTTP date (RFC 9110's IMF-fixdate): the seconds from now until then, 0 if past.
-            _value=""
-            if into _when http_date_epoch "${BASH_REMATCH[1]}" && [[ $_when =~ ^-?[0-9]{1,12}$ ]]; then
-                printf -v _now '%(%s)T' -1 2>/dev/null || into _now date -u +%s
-                _value=$((_when > _now ? _when - _now : 0))
-                ((${#_value} <= 6)) || _value=999999
-            fi
-        fi
+        [[ $_line =~ ^[Rr][Ee][Tt][Rr][Yy]-[Aa][Ff][Tt][Ee][Rr]:[[:space:]]*(.*[^[:space:]])[[:space:]]*$ ]] || continue
+        _text=${BASH_REMATCH[1]}
+        _value=""
+        if seconds_ms_into _hint_ms "$_text" || http_date_ms_into _hint_ms "$_text"; then _value=$_hint_ms; fi
     done <"$tmpd/headers"
     printf -v "$1" '%s' "$_value"
 }
 
-# http_date_epoch DATE: an IMF-fixdate as seconds since 1970, through BSD date (-j -f: -j never
-# sets the clock) or GNU date (-d); fails where neither reads it, and the caller then backs off
-# as for no Retry-After.
-http_date_epoch() {
-    LC_ALL=C date -u -j -f '%a, %d %b %Y %H:%M:%S GMT' "$1" +%s 2>/dev/null ||
-        LC_ALL=C date -u -d "$1" +%s 2>/dev/null
+# seconds_ms_into VAR TEXT: TEXT, a number of seconds ("5", "2.5", ".5", "-1"), in whole
+# milliseconds (a finer fraction rounded up, a negative number 0); fails when TEXT is no number.
+seconds_ms_into() {
+    [[ $2 =~ ^([+-]?)([0-9]*)(\.([0-9]*))?$ && -n ${BASH_REMATCH[2]}${BASH_REMATCH[4]} ]] || return 1
+    local _sign=${BASH_REMATCH[1]} _int=${BASH_REMATCH[2]} _frac=${BASH_REMATCH[4]} _n
+    _int=${_int#"${_int%%[!0]*}"} # no leading zeros: bash would read 010 as octal
+    ((${#_int} <= 9)) || _int=999999999 # past any cap; bash arithmetic would wrap
+    _n=${_frac}000
+    _n=$((10#${_int:-0} * 1000 + 10#${_n:0:3}))
+    if [[ ${_frac:3} == *[1-9]* ]]; then _n=$((_n + 1)); fi # never wait less than asked
+    if [[ $_sign == - ]]; then _n=0; fi
+    printf -v "$1" '%s' "$_n"
+}
+
+# http_date_ms_into VAR DATE: the milliseconds from now until DATE, an HTTP date in any of the
+# three forms RFC 9110 has recipients read (0 when it is past): "Sun, 06 Nov 1994 08:49:37 GMT"
+# (IMF-fixdate), "Sunday, 06-Nov-94 08:49:37 GMT" (RFC 850: a two-digit year is 19YY from 69 on,
+# else 20YY, as Python reads it) and "Sun Nov  6 08:49:37 1994" (C's asctime, in UTC). Counted
+# here, not by date(1), whose BSD and GNU builds read different forms; fails on any other text,
+# or on a date that does not exist (31 Feb, 08:49:60).
+http_date_ms_into() {
+    local _wd='(Mon|Tue|Wed|Thu|Fri|Sat|Sun)' _mo='(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)'
+    local _hms='([0-9]{2}):([0-9]{2}):([0-9]{2})' _y _mon _d _h _mi _s _m _lim _days _now
+    if [[ $2 =~ ^$_wd,\ ([0-9]{2})\ $_mo\ ([0-9]{4})\ $_hms\ GMT$ ]]; then
+        _d=${BASH_REMATCH[2]} _mon=${BASH_REMATCH[3]} _y=$((10#${BASH_REMATCH[4]}))
+        _h=${BASH_REMATCH[5]} _mi=${BASH_REMATCH[6]} _s=${BASH_REMATCH[7]}
+    elif [[ $2 =~ ^(Mon|Tues|Wednes|Thurs|Fri|Satur|Sun)day,\ ([0-9]{2})-$_mo-([0-9]{2})\ $_hms\ GMT$ ]]; then
+        _d=${BASH_REMATCH[2]} _mon=${BASH_REMATCH[3]} _y=$((10#${BASH_REMATCH[4]}))
+        _h=${BASH_REMATCH[5]} _mi=${BASH_REMATCH[6]} _s=${BASH_REMATCH[7]}
+        _y=$((_y > 68 ? 1900 + _y : 2000 + _y))
+    elif [[ $2 =~ ^$_wd\ $_mo\ +([0-9]{1,2})\ $_hms\ ([0-9]{4})$ ]]; then
+        _mon=${BASH_REMATCH[2]} _d=${BASH_REMATCH[3]}
+        _h=${BASH_REMATCH[4]} _mi=${BASH_REMATCH[5]} _s=${BASH_REMATCH[6]} _y=$((10#${BASH_REMATCH[7]}))
+    else
+        return 1
+    fi
+    _m=" Jan Feb Mar Apr May Jun Jul Aug Sep Oct Nov Dec"
+    _m=${_m%%" $_mon"*}
+    _m=$((${#_m} / 4 + 1))
+    _d=$((10#$_d)) _h=$((10#$_h)) _mi=$((10#$_mi)) _s=$((10#$_s))
+    _lim=(0 31 28 31 30 31 30 31 31 30 31 30 31)
+    if ((_y % 4 == 0 && (_y % 100 != 0 || _y % 400 == 0))); then _lim[2]=29; fi
+    ((_y >= 1 && _d >= 1 && _d <= _lim[_m] && _h <= 23 && _mi <= 59 && _s <= 59)) || return 1
+    # Days since 1970-01-01 of a date in the proleptic Gregorian calendar (H. Hinnant's
+    # days_from_civil), with March as the first month so that a leap day ends the year.
+    local _yy=$((_m <= 2 ? _y - 1 : _y))
+    local _era=$((_yy / 400)) _doy=$(((153 * (_m > 2 ? _m - 3 : _m + 9) + 2) / 5 + _d - 1))
+    local _yoe=$((_yy - _era * 400))
+    _days=$((_era * 146097 + _yoe * 365 + _yoe / 4 - _yoe / 100 + _doy - 719468))
+    if [[ -n ${EPOCHREALTIME:-} ]]; then # bash 5: to the microsecond
+        _now=${EPOCHREALTIME//[.,]/}
+        _now=$((10#$_now / 1000))
+    else
+        printf -v _now '%(%s)T' -1 2>/dev/null || into _now date -u +%s
+        _now=$((_now * 1000))
+    fi
+    _now=$(((_days * 86400 + _h * 3600 + _mi * 60 + _s) * 1000 - _now))
+    printf -v "$1" '%s' "$((_now > 0 ? _now : 0))"
 }
 
 # retry_delay_into VAR ATTEMPT RETRY_AFTER: the wait before retry ATTEMPT (0 for the first), in
-# seconds with three decimals; RETRY_AFTER is the server's, in whole seconds (empty: none).
+# seconds with three decimals; RETRY_AFTER is the server's, in milliseconds (empty: none).
 retry_delay_into() {
     local _attempt=$2 _hint=$3 _ms=$RETRY_MAX_MS
     if [[ -n $_hint ]]; then
-        ((_hint <= RETRY_AFTER_MAX_S)) || _hint=$RETRY_AFTER_MAX_S
-        _ms=$((_hint * 1000))
+        _ms=$_hint
+        ((_ms <= RETRY_AFTER_MAX_S * 1000)) || _ms=$((RETRY_AFTER_MAX_S * 1000))
         _ms=$((_ms + RANDOM % (_ms / 10 + 51))) # up to a tenth more, plus up to 50 ms
     else
         if ((_attempt < 6)); then # 500 << 6 is past the cap already; a larger shift could wrap
@@ -512,7 +559,11 @@ fail_http() {
     429 | 502 | 503)
         code=$EXIT_BUSY
         retry_after_into retry
-        if [[ -n $retry && $retry != 0 ]]; then extra=" (retry after ${retry}s)"; fi
+        if [[ -n $retry && $retry != 0 ]]; then
+            printf -v retry '%d.%03d' $((retry / 1000)) $((retry % 1000))
+            while [[ $retry == *.*0 ]]; do retry=${retry%0}; done # 2.500 -> 2.5, 3.000 -> 3
+            extra=" (retry after ${retry%.}s)"
+        fi
         ;;
     504) code=$EXIT_TIMEOUT ;;
     400) if [[ $msg == "Invalid prompt"* ]]; then code=$EXIT_PROMPT; fi ;;

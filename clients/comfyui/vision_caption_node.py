@@ -10,6 +10,7 @@ plain functions that work on numpy arrays and can be tested without ComfyUI.
 from __future__ import annotations
 
 import base64
+import email.utils
 import http.client
 import io
 import json
@@ -22,6 +23,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -267,13 +269,30 @@ def _detail(body: bytes) -> str:
     return text.strip()[:300]
 
 
-def _retry_delay(retry_after: str | None, attempt: int) -> float:
-    """Seconds before retry ``attempt`` (0 first): Retry-After (seconds) honoured up to
-    ``RETRY_AFTER_MAX``, else the back-off, both with jitter so parallel requests spread out."""
+def _retry_after_seconds(value: str | None) -> float | None:
+    """``Retry-After`` in seconds, read as vision_server/client/retry.py reads it (this file may
+    not import it): a number of seconds, or an HTTP date in any of RFC 9110's three forms (the
+    time until then, 0 when past); ``None`` when absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
     try:
-        hint = max(0.0, float(retry_after)) if retry_after else None
+        return max(0.0, float(value))
     except ValueError:
-        hint = None
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:  # asctime's form names no zone: HTTP dates are in UTC
+        when = when.replace(tzinfo=timezone.utc)
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
+def _retry_delay(retry_after: str | None, attempt: int) -> float:
+    """Seconds before retry ``attempt`` (0 first): Retry-After (seconds or an HTTP date) honoured
+    up to ``RETRY_AFTER_MAX``, else the back-off, both with jitter so parallel requests spread out."""
+    hint = _retry_after_seconds(retry_after)
     if hint is not None:
         wait = min(hint, RETRY_AFTER_MAX)
         return wait + random.uniform(0, 0.1 * wait + 0.05)

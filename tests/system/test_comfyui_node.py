@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import base64
 import contextlib
+import email.utils
 import io
 import itertools
 import json
@@ -232,6 +233,29 @@ def test_the_node_waits_on_the_schedule_of_every_client(node: ModuleType) -> Non
         assert 15.0 <= node._retry_delay(None, 9) <= 30.0
         assert 120.0 <= node._retry_delay("600", 0) <= 132.05
         assert 1.0 <= node._retry_delay("1", 3) <= 1.15
+
+
+def test_the_node_reads_retry_after_as_every_client_does(node: ModuleType) -> None:
+    """``Retry-After`` as an HTTP date, in each of RFC 9110's three forms, is waited for (the node
+    read seconds only, and backed off 0.25 to 0.5 s instead); a past date means at once, and a
+    fraction is kept, as in vision_server/client/retry.py."""
+    ahead = time.time() + 6
+    moment = time.gmtime(ahead)
+    dates = [
+        email.utils.formatdate(ahead, usegmt=True),  # Sun, 06 Nov 1994 08:49:37 GMT
+        time.strftime("%A, %d-%b-%y %H:%M:%S GMT", moment),  # Sunday, 06-Nov-94 08:49:37 GMT
+        time.strftime("%a %b ", moment) + f"{moment.tm_mday:2d}" + time.strftime(" %H:%M:%S %Y", moment),
+    ]
+    for date in dates:
+        assert 4.5 <= node._retry_delay(date, 0) <= 6.0 * 1.1 + 0.05, date
+    for past in (
+        "Sun, 06 Nov 1994 08:49:37 GMT",
+        "Sunday, 06-Nov-94 08:49:37 GMT",
+        "Sun Nov  6 08:49:37 1994",
+    ):
+        assert node._retry_delay(past, 3) <= 0.05, past
+    assert 2.5 <= node._retry_delay("2.5", 0) <= 2.5 * 1.1 + 0.05
+    assert node._retry_delay("soon", 0) <= 0.5  # unreadable: the back-off
 
 
 def test_server_error_message_reaches_the_user(node: ModuleType, server: tuple[str, Recorder]) -> None:

@@ -137,15 +137,17 @@ def test_every_single_image_client_retries_five_times_by_default_after_retry_aft
     assert all(gap >= 1.0 for gap in gaps(times)), gaps(times)
 
 
+@pytest.mark.parametrize("hint", ["0", "-1"])
 @pytest.mark.parametrize("tool", SINGLE + FOLDER)
-def test_retry_after_zero_means_at_once_in_every_client(tool: str, tmp_path: Path) -> None:
-    """Five 503s with ``Retry-After: 0``: each retry goes out at once (plus at most 50 ms of
-    jitter). The bash clients read 0 as "no hint" and backed off 0.5, 1, 2, 4, 8 s (at least
-    7.75 s in all, with jitter). The bound is no speed target: it tells the two apart, with room
-    for five slow process starts or curl calls on a loaded CI machine."""
+def test_retry_after_zero_means_at_once_in_every_client(tool: str, hint: str, tmp_path: Path) -> None:
+    """Five 503s with ``Retry-After: 0`` (or a negative number, which the Python client reads as
+    0): each retry goes out at once (plus at most 50 ms of jitter). The bash clients read 0, and
+    then -1, as "no hint" and backed off 0.5, 1, 2, 4, 8 s (at least 7.75 s in all, with
+    jitter). The bound is no speed target: it tells the two apart, with room for five slow
+    process starts or curl calls on a loaded CI machine."""
     needs_pwsh(tool)
     target = target_for(tool, tmp_path)
-    with StandIn(busy_first=5, busy_retry_after="0") as stand_in:
+    with StandIn(busy_first=5, busy_retry_after=hint) as stand_in:
         result = subprocess.run(
             command(tool, stand_in.url, target), capture_output=True, text=True, env=clean_env(), timeout=120
         )
@@ -155,14 +157,29 @@ def test_retry_after_zero_means_at_once_in_every_client(tool: str, tmp_path: Pat
     assert sum(gaps(times)) <= 6.0, gaps(times)
 
 
+def http_date(when: float, form: str) -> str:
+    """``when`` as an HTTP date in one of the three forms RFC 9110 has every recipient read."""
+    moment = time.gmtime(when)
+    if form == "IMF-fixdate":  # Sun, 06 Nov 1994 08:49:37 GMT
+        return email.utils.formatdate(when, usegmt=True)
+    if form == "RFC 850":  # Sunday, 06-Nov-94 08:49:37 GMT
+        return time.strftime("%A, %d-%b-%y %H:%M:%S GMT", moment)
+    return time.strftime("%a %b ", moment) + f"{moment.tm_mday:2d}" + time.strftime(" %H:%M:%S %Y", moment)
+
+
+@pytest.mark.parametrize("form", ["IMF-fixdate", "RFC 850", "asctime"])
 @pytest.mark.parametrize("tool", SINGLE + FOLDER)
-def test_retry_after_as_an_http_date_is_waited_for_in_every_client(tool: str, tmp_path: Path) -> None:
-    """``Retry-After`` as an HTTP date six seconds ahead: the retry waits for it (however slowly
-    the client started, well over 2.5 s). The bash clients ignored a date and backed off
-    0.25 to 0.5 s."""
+def test_retry_after_as_an_http_date_is_waited_for_in_every_client(
+    tool: str, form: str, tmp_path: Path
+) -> None:
+    """``Retry-After`` as an HTTP date six seconds ahead, in each of its three forms (RFC 850's
+    "Sunday, 06-Nov-94 08:49:37 GMT" and asctime's "Sun Nov  6 08:49:37 1994" are obsolete, but
+    recipients must read them): the retry waits for it (however slowly the client started, well
+    over 2.5 s). The bash clients ignored a date and backed off 0.25 to 0.5 s, and then read
+    only the IMF-fixdate."""
     needs_pwsh(tool)
     target = target_for(tool, tmp_path)
-    when = email.utils.formatdate(time.time() + 6, usegmt=True)
+    when = http_date(time.time() + 6, form)
     with StandIn(busy_first=1, busy_retry_after=when) as stand_in:
         result = subprocess.run(
             command(tool, stand_in.url, target), capture_output=True, text=True, env=clean_env(), timeout=120
@@ -171,6 +188,41 @@ def test_retry_after_as_an_http_date_is_waited_for_in_every_client(tool: str, tm
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(times) == 2, result.stderr[-3000:]
     assert gaps(times)[0] >= 2.5, (when, gaps(times))
+
+
+@pytest.mark.parametrize("tool", SINGLE + FOLDER)
+def test_a_fractional_retry_after_is_waited_for_whole_in_every_client(tool: str, tmp_path: Path) -> None:
+    """``Retry-After: 1.9``: the retry waits the 1.9 s, never less. The bash clients dropped the
+    fraction and sent it again after 1 to 1.15 s."""
+    needs_pwsh(tool)
+    target = target_for(tool, tmp_path)
+    with StandIn(busy_first=1, busy_retry_after="1.9") as stand_in:
+        result = subprocess.run(
+            command(tool, stand_in.url, target), capture_output=True, text=True, env=clean_env(), timeout=120
+        )
+        times = stand_in.post_times()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(times) == 2, result.stderr[-3000:]
+    assert gaps(times)[0] >= 1.9, gaps(times)
+    if tool == "vision-client.sh":  # its line about the retry says the wait, jitter included
+        found = re.search(r"retry 1/5 in ([0-9.]+)s", result.stderr)
+        assert found and 1.9 <= float(found.group(1)) <= 2.14, result.stderr
+
+
+def test_the_bash_client_says_a_fractional_retry_after_when_it_gives_up(tmp_path: Path) -> None:
+    """Still busy after ``--retries 0``: exit status 5 and the server's ``Retry-After`` as it
+    was meant (2.5 s, not 2)."""
+    image = save_image(tmp_path / "a.png", 0)
+    with StandIn(busy_first=1, busy_retry_after="2.5") as stand_in:
+        result = subprocess.run(
+            ["bash", str(BASH_CLIENT), "--url", stand_in.url, "--retries", "0", "CAPTION", str(image)],
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+            timeout=60,
+        )
+    assert result.returncode == 5, result.stderr
+    assert "(retry after 2.5s)" in result.stderr, result.stderr
 
 
 def test_the_bash_client_waits_at_most_120_seconds_whatever_retry_after_says(tmp_path: Path) -> None:
