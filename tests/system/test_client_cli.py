@@ -114,6 +114,34 @@ def test_bad_options_exit_2(tmp_path: Path) -> None:
     assert run("caption").returncode == 2  # at least one image is required
 
 
+@pytest.mark.parametrize(
+    ("args", "name"),
+    [
+        (["folder", "DIR", "--model", "blip"], "--model"),
+        (["folder", "DIR", "--retries=3"], "--retries"),
+        (["caption", "-m", "blip", "x.png"], "-m"),
+        (["status", "--url", "http://127.0.0.1:9"], "--url"),
+        (["prompts", "--version"], "--version"),
+    ],
+)
+def test_an_option_of_vision_client_itself_after_the_command_says_where_it_goes(
+    tmp_path: Path, args: list[str], name: str
+) -> None:
+    """The docs' shared folder options (``--retries``, ``--timeout``) and ``--model`` are the
+    group's: after the subcommand click alone says only "No such option"."""
+    result = run(*(str(tmp_path) if arg == "DIR" else arg for arg in args))
+    assert result.returncode == 2, result.stderr
+    message = " ".join(result.stderr.split())
+    assert f"Error: {name} is an option of vision-client itself, not of {args[0]}" in message, message
+    written = name if name == "--version" else f"{name} ..."
+    assert f"give it before the command (vision-client {written} {args[0]} ...)" in message, message
+
+
+def test_an_unknown_option_is_still_click_s_own_message(tmp_path: Path) -> None:
+    result = run("folder", str(tmp_path), "--nope")
+    assert result.returncode == 2 and "No such option '--nope'" in result.stderr, result.stderr
+
+
 def test_unreachable_server_exits_1_with_a_clean_message(tmp_path: Path) -> None:
     image = save_flat(tmp_path / "a.png", (1, 2, 3), (32, 32))
     url = f"http://127.0.0.1:{free_port()}"

@@ -279,3 +279,18 @@ def test_validation_shows_more_samples_than_the_batch_size(
     assert "training 1 image (4 for validation), 1 step of 1x1 on cpu" in shown.getvalue(), shown.getvalue()
     assert shown.getvalue().count("target: photo") == 3, shown.getvalue()
     assert shown.getvalue().count("\n            second line\n") == 3, shown.getvalue()
+
+
+def test_the_cache_dir_comes_from_the_server_s_variable_as_for_serve(tmp_path: Path) -> None:
+    """``--cache-dir`` is "as for serve": ``VISION_SERVER_CACHE_DIR`` (what the systemd unit and
+    the Docker images set) moves it, and the user cache dir under HOME stays untouched."""
+    home, cache = tmp_path / "home", tmp_path / "cache"
+    env = {**_env(), "HOME": str(home), "VISION_SERVER_CACHE_DIR": str(cache)}
+    env.pop("XDG_CACHE_HOME", None)
+    command = [*cli_command(), "train", "--dataset", str(captioned_folder(tmp_path / "data"))]
+    command += ["--output", str(tmp_path / "run"), "--model", "test:tiny", "--max-steps", "1"]
+    command += ["--val-samples", "0", "--log-with", "none", "--device", "cpu"]
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert run.returncode == 0, run.stderr
+    assert (cache / "test-models").is_dir(), sorted(p.name for p in tmp_path.rglob("*"))[:20]
+    assert not (home / ".cache" / "vision-server").exists()

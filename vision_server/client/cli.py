@@ -25,6 +25,7 @@ from vision_server.captionfiles import MODES, printable
 from vision_server.client.api import DEFAULT_TASK, DEFAULT_TIMEOUT, DEFAULT_URL, AsyncVisionClient, task_token
 from vision_server.client.errors import VisionClientError
 from vision_server.client.folder import Failure, FolderSummary, ImageResult, caption_folder
+from vision_server.client.option_order import ClientGroup
 from vision_server.client.retry import DEFAULT_RETRIES
 from vision_server.output_lock import OutputLockError
 
@@ -33,7 +34,9 @@ T = TypeVar("T")
 TASK_HELP = "Task, with or without brackets and in any case: caption, DETAILED_CAPTION, <ANALYZE>, ..."
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group(
+    cls=ClientGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110}
+)
 @click.option(
     "--url",
     envvar="VISION_HOST",

@@ -15,6 +15,7 @@ from typing import Any
 
 import click
 
+from vision_server.settings import env_name
 from vision_server.train.options import (
     DEFAULT_CACHE_DIR,
     DEFAULT_MODEL,
@@ -54,7 +55,8 @@ PARAMS: list[Callable[[Any], Any]] = [
                  help="Base model: hub id, local folder or test:tiny."),
     click.option("--revision", help="Hub revision to pin the base model to."),
     click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE_DIR,
-                 show_default=True, help="Where converted models and test models are kept (as for serve)."),
+                 envvar=env_name("cache_dir"), show_envvar=True, show_default=True,
+                 help="Where converted models and test models are kept (as for serve)."),
     click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
     click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                  show_default=True, help="auto: bf16 on GPUs that support it, else fp16 with a grad "
