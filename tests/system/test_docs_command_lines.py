@@ -71,9 +71,10 @@ def code_snippets(text: str, *, markdown: bool) -> Iterator[tuple[int, str]]:
 def words(code: str) -> list[str]:
     """The shell words of ``code`` up to a comment (plain splitting where the quotes are unbalanced)."""
     try:
-        return shlex.split(code, comments=True)
+        found = shlex.split(code, comments=True)
     except ValueError:
-        return code.split("#", 1)[0].split()
+        found = code.split("#", 1)[0].split()
+    return [word.removeprefix("[").removesuffix("]") for word in found]  # [--preset NAME]: optional
 
 
 def click_options(command: click.Command) -> set[str]:
@@ -205,6 +206,7 @@ def test_every_documented_command_line_names_real_options(scripts: dict[str, set
     [
         ("vision-server serve --model test:tiny --no-such-flag 3", "option --no-such-flag"),
         ("vision-server caption dataset/ --task caption --tasks x", "option --tasks"),
+        ("vision-server make-test-model DIR [--preset tiny] [--size 3]", "option --size"),
         ("vision-client folder dataset --model blip", "option --model"),  # a group option after folder
         ("vision-client --url http://h:1 folder d --retries 3", "option --retries"),
         ("/opt/vision-server/venv/bin/vision-server serv --preload", "subcommand serv"),
