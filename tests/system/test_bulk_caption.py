@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import stat
 import subprocess
 import tarfile
 import time
@@ -794,6 +795,38 @@ def test_a_rerun_whose_images_left_do_not_decode_loads_no_model(
     assert "captioned 0, skipped 1, failed 2 in " in result.stderr, result.stderr
     assert f"{root / 'b.png'}: cannot decode the image" in result.stderr
     assert "could not be loaded" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_pipe_made_where_a_caption_belongs_while_captioning_fails_the_image_in_its_own_words(
+    tmp_path: Path, cache: Path
+) -> None:
+    # A pipe found when the run plans the image fails it as "a.txt is not a regular file (...)";
+    # one that appears while the model captions it failed as "cannot write the caption (a.txt
+    # is not a regular file (...))". Now the same words either way, as for a read-only caption.
+    # (In skip mode the pipe counts as a caption there, left alone: the image is skipped.)
+    root = tmp_path / "data"
+    good_images(root, 1)
+    image = next(root.iterdir())
+    gate = tmp_path / "gate"
+    gate.mkdir()
+    env = {**cli_env(tmp_path), "CAPTION_GATE": str(gate), "CAPTION_GATE_AT": "write"}
+    command = gated_caption_command(root, *FAST, "--mode", "overwrite", "--cache-dir", cache)
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
+        try:
+            deadline = time.monotonic() + 300
+            while not (gate / "write.entered").exists():  # captioned, about to be written
+                assert process.poll() is None and time.monotonic() < deadline
+                time.sleep(0.02)
+            os.mkfifo(sidecar(image))
+        finally:
+            (gate / "write.open").touch()
+        code = process.wait(120)
+        err = process.stderr.read() if process.stderr else ""
+    assert code == 1, err
+    reason = f"{sidecar(image).name} is not a regular file (a pipe, socket or device), not a caption file"
+    assert any(line.strip().endswith(f"{image.name}: {reason}") for line in err.splitlines()), err
+    assert "cannot write the caption" not in err and "Traceback" not in err, err
+    assert stat.S_ISFIFO(sidecar(image).lstat().st_mode)
 
 
 def test_a_second_ctrl_c_quits_at_once_and_says_how_to_go_on(tmp_path: Path, cache: Path) -> None:

@@ -29,6 +29,7 @@ from vision_server.captionfiles import (
     STALE_TEMP_AGE,
     WRITTEN_MEANWHILE,
     Mode,
+    NotACaptionFile,
     ReadOnlyCaption,
     caption_target_problem,
     has_caption,
@@ -657,7 +658,7 @@ def write_all(
             stored = output.write(record, captions, error) or stored
         except DiskFull as exc:
             full = full or exc
-        except ReadOnlyCaption as exc:  # its words say what to do, as every folder captioner says them
+        except (ReadOnlyCaption, NotACaptionFile) as exc:  # said as every folder captioner says it
             problem = problem or str(exc)
         except (OSError, UnicodeError) as exc:
             problem = problem or f"cannot write the caption ({exc})"
