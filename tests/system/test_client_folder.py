@@ -22,6 +22,7 @@ from PIL import Image
 from tests.support import hidden_names
 from vision_server.captionfiles import write_atomic
 from vision_server.client import AsyncVisionClient, RetryPolicy, VisionClient, caption_folder, find_images
+from vision_server.client.jsonl import JsonlWriter
 
 PNG_MAGIC = b"\x89PNG"
 
@@ -470,6 +471,15 @@ async def test_jsonl_in_a_missing_folder_is_refused_as_the_cli_refuses_it(stub, 
     said = f"folder {out.parent} does not exist; create it first (mkdir -p {out.parent})"
     assert str(refused.value) == f"cannot write the output: {said}"
     assert not out.parent.exists() and server.requests == 0
+
+
+def test_the_jsonl_writer_makes_no_folder_either(tmp_path: Path) -> None:
+    # It made a missing parent folder itself, which caption_folder's refusal above now leaves
+    # to the user: one rule, in one place, and no folder made for a typo by any caller.
+    out = tmp_path / "typo" / "log.jsonl"
+    with pytest.raises(FileNotFoundError):
+        JsonlWriter(out)
+    assert not out.parent.exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -74,10 +74,11 @@ def record_line(file: str, task: str, caption: str, model: str | None = None) ->
 
 class JsonlWriter:
     """Appends records, each line whole or not at all (:class:`~vision_server.line_logs.LineLog`),
-    so a crash or a full disk loses at most the line in progress, and never leaves half of it."""
+    so a crash or a full disk loses at most the line in progress, and never leaves half of it.
+    Its folder must exist (:func:`~vision_server.client.folder.caption_folder` refuses a missing
+    one, more often a typo than a wish, before anything is sent): none is made here."""
 
     def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
         self._log = LineLog(path)
         self._log.open()  # created now, a torn last line of a killed run terminated
 
