@@ -20,7 +20,7 @@ from tests.support.gallery_data import GalleryData, make_gallery
 from tests.support.processes import http_json
 
 pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
-from playwright.sync_api import FilePayload, ViewportSize, expect
+from playwright.sync_api import FilePayload, FloatRect, ViewportSize, expect
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Dialog, Locator, Page
@@ -116,7 +116,7 @@ def test_try_it_by_keyboard_alone(page: Page, server: str, data: GalleryData) ->
     open_view(page, server, "try")
     expect(page.locator("#model-choice")).to_be_hidden()  # one model: no list to tab through
     page.select_option("#task", "<CAPTION>")
-    page.focus("#nav-status")  # start in the header, as a keyboard user does
+    page.focus("#nav-status")  # start on the tabs, as a keyboard user does
     tab_to(page, "file")
     with page.expect_file_chooser() as chooser:
         page.keyboard.press("Enter")
@@ -161,14 +161,72 @@ def test_errors_are_announced(page: Page, server: str) -> None:
     expect(page.get_by_role("alert").filter(has_text="HTTP 4")).to_be_visible()
 
 
-def test_the_current_tab_is_marked_for_screen_readers(page: Page, server: str) -> None:
+def test_the_tabs_work_as_the_aria_tabs_pattern_says(page: Page, server: str) -> None:
+    """The views are a tab list: the shown tab is selected (heard, not only underlined), the
+    arrows go round the tabs showing each, Home and End go to the ends, and the list is one
+    Tab stop: Tab from it goes into the shown panel, Shift+Tab back to the shown tab. They were
+    links, and after one was pressed Tab went on through the other links and the header."""
     open_view(page, server, "gallery")
-    nav = page.get_by_role("navigation")
-    expect(nav.get_by_role("link", name="Gallery")).to_have_attribute("aria-current", "page")
-    nav.get_by_role("link", name="Status").press("Enter")
-    expect(nav.get_by_role("link", name="Status")).to_have_attribute("aria-current", "page")
-    assert nav.get_by_role("link", name="Gallery").get_attribute("aria-current") is None
-    expect(page.get_by_role("heading", name="Status", level=2)).to_be_visible()
+    tabs = page.get_by_role("tablist", name="views")
+
+    def tab(name: str) -> Locator:
+        return tabs.get_by_role("tab", name=name, exact=True)
+
+    def shown(name: str, element_id: str) -> None:
+        expect(tab(name)).to_have_attribute("aria-selected", "true")
+        expect(page.get_by_role("tabpanel", name=name, exact=True)).to_be_visible()
+        assert page.evaluate(FOCUSED) == element_id  # focus went with the arrow
+        assert [t.get_attribute("tabindex") for t in tabs.get_by_role("tab").all()].count("0") == 1
+
+    expect(tab("Gallery")).to_have_attribute("aria-selected", "true")
+    expect(tab("Try it")).to_have_attribute("aria-selected", "false")
+    tab("Gallery").focus()
+    page.keyboard.press("ArrowRight")
+    shown("Status", "nav-status")
+    expect(tab("Gallery")).to_have_attribute("aria-selected", "false")
+    expect(page.get_by_role("tabpanel", name="Gallery")).to_be_hidden()
+    page.keyboard.press("ArrowRight")  # round the end
+    shown("Try it", "nav-try")
+    page.keyboard.press("ArrowLeft")
+    shown("Status", "nav-status")
+    page.keyboard.press("Home")
+    shown("Try it", "nav-try")
+    page.keyboard.press("End")
+    shown("Status", "nav-status")
+    page.keyboard.press("ArrowLeft")
+    shown("Gallery", "nav-gallery")
+    page.keyboard.press("Tab")
+    assert page.evaluate(FOCUSED) == "page-gallery"  # into the panel, not the next tab
+    page.keyboard.press("Tab")
+    assert page.evaluate(FOCUSED) == "q"  # then the panel's first control, the search box
+    page.keyboard.press("Shift+Tab")
+    page.keyboard.press("Shift+Tab")
+    assert page.evaluate(FOCUSED) == "nav-gallery"  # back to the shown tab
+    tab("Try it").press("Enter")  # a tab is still a link: Enter (and a click) shows it
+    shown("Try it", "nav-try")
+    page.go_back()  # and the browser's Back returns to the one before
+    expect(tab("Gallery")).to_have_attribute("aria-selected", "true")
+
+
+def test_an_error_that_stops_a_request_is_an_alert_and_progress_is_polite(page: Page, server: str) -> None:
+    """What the user asked for did not happen: that is read out at once (an alert), not queued
+    behind whatever the reader is saying. Progress and results stay polite."""
+    open_view(page, server, "gallery")
+    page.get_by_role("button", name="Re-caption selected").press("Enter")
+    alert = page.get_by_role("alert").filter(has_text="Select some images first.")
+    expect(alert).to_have_count(1)
+    expect(alert).to_be_visible()
+    expect(page.get_by_role("status").filter(has_text="Select some images first.")).to_have_count(0)
+    page.get_by_role("checkbox", name="img01.png").press("Space")
+    page.get_by_role("button", name="Re-caption selected").press("Enter")
+    page.wait_for_selector("body[data-recaption=done]")
+    expect(page.get_by_role("status").filter(has_text=re.compile(r"^captioned 1 of 1 with "))).to_have_count(
+        1
+    )
+    expect(page.locator("#gallery-alert")).to_have_text("")  # the old error went with the new progress
+    page.get_by_role("button", name="Clear selection").press("Enter")
+    page.get_by_role("button", name="Export selected (JSONL)").press("Enter")
+    expect(alert).to_have_count(1)
 
 
 def test_each_card_control_says_which_image(page: Page, server: str) -> None:
@@ -306,6 +364,87 @@ def test_nothing_is_cut_off_narrow_or_zoomed(
             page.goto("about:blank")
     finally:
         context.close()
+
+
+# Whether each visible button but the thumbnails (an image is their face) has an edge of its own.
+BUTTONS_WITHOUT_EDGE = """() => [...document.querySelectorAll("button:not(.thumb-open)")]
+  .filter((button) => button.offsetParent)
+  .filter((button) => {
+    const style = getComputedStyle(button);
+    return style.borderTopStyle === "none" || style.borderTopWidth === "0px";
+  })
+  .map((button) => button.id || button.getAttribute("aria-label") || button.textContent)"""
+
+
+def around(page: Page, element: Locator, margin: float = 6) -> FloatRect:
+    """The element's box and a margin for its outline, in view (nothing scrolls after this)."""
+    element.scroll_into_view_if_needed()
+    box = element.bounding_box()
+    assert box is not None
+    return FloatRect(
+        x=box["x"] - margin,
+        y=box["y"] - margin,
+        width=box["width"] + 2 * margin,
+        height=box["height"] + 2 * margin,
+    )
+
+
+def blur(page: Page) -> None:
+    page.evaluate("() => document.activeElement?.blur()")
+
+
+def focus_is_seen(page: Page, target: str, ring_on: str | None = None) -> None:
+    """Focus on ``target`` changes what is drawn around it (or around ``ring_on``)."""
+    clip = around(page, page.locator(ring_on or target))
+    blur(page)
+    unfocused = page.screenshot(clip=clip)
+    page.locator(target).focus()
+    assert page.locator(target).evaluate("element => element.matches(':focus-visible')"), target
+    assert page.screenshot(clip=clip) != unfocused, f"focus on {target} cannot be seen"
+
+
+def test_forced_colours_keep_every_state_visible(page: Page, server: str, shots: Path) -> None:
+    """Windows High Contrast (forced colours) paints text, borders and outlines in the user's
+    colours, drops shadows and backgrounds, and shows transparent borders: the shown tab was
+    marked by a border the others had too (transparent), the selected card by a shadow."""
+    page.emulate_media(forced_colors="active")
+    open_view(page, server, "status")
+    assert page.evaluate("() => matchMedia('(forced-colors: active)').matches")
+    blur(page)
+    selected = page.locator("#nav-status").screenshot()
+    page.evaluate("() => { location.hash = '#try'; }")
+    page.wait_for_selector("body[data-page=try]")
+    blur(page)
+    assert page.locator("#nav-status").screenshot() != selected, "the shown tab looks like the others"
+    for target, ring_on in (
+        ("#nav-try", None),
+        ("#page-try", None),
+        ("#file", "label.pick"),
+        ("#task", None),
+    ):
+        focus_is_seen(page, target, ring_on)
+    page.screenshot(path=str(shots / "a11y-forced-colours-try.png"), full_page=True)
+
+    open_view(page, server, "gallery")
+    card = page.locator('.card[data-path="img00.png"]')
+    box = around(page, card, margin=0)
+    edge = FloatRect(x=box["x"] - 3, y=box["y"] + box["height"] - 4, width=box["width"] + 6, height=8)
+    blur(page)
+    plain = page.screenshot(clip=edge)
+    card.get_by_role("checkbox").press("Space")  # the keyboard: a click would hide later focus rings
+    blur(page)
+    assert page.screenshot(clip=edge) != plain, "a selected card looks like the others"
+    for target in (
+        "#select-page",
+        "#q",
+        "#next",
+        '.card[data-path="img00.png"] textarea',
+        '.card[data-path="img00.png"] input.pick',
+        '.card[data-path="img00.png"] .thumb-open',
+    ):
+        focus_is_seen(page, target)
+    assert page.evaluate(BUTTONS_WITHOUT_EDGE) == []
+    page.screenshot(path=str(shots / "a11y-forced-colours-gallery.png"), full_page=True)
 
 
 def test_axe_finds_nothing_on_any_view(browser: Browser, server: str, data: GalleryData) -> None:

@@ -53,6 +53,7 @@ def test_the_page_asks_for_the_key_and_works_once_given(
     page.goto(server + "/#gallery")
     expect(page.locator("#key-panel")).to_be_visible()
     assert page.locator("#page-gallery").is_hidden() and page.locator("#page-try").is_hidden()
+    expect(page.get_by_role("tablist")).to_be_hidden()  # no tabs without panels to show
     page.screenshot(path=str(shots / "api-key.png"), full_page=True)
     page.fill("#key-input", "a wrong key")
     page.click("#key-form button")
@@ -76,11 +77,22 @@ def test_read_only_gallery_refuses_a_save_with_a_message(
     target = page.locator('.card[data-path="img00.png"]')
     target.locator("textarea").fill("this must not be written")
     target.locator("button.save").click()
-    message = target.locator(".card-message")
+    message = target.get_by_role("alert")  # the save did not happen: read out at once
     expect(message).to_contain_text("read-only")
     expect(message).to_contain_text("--gallery-writable")
     assert (data.root / "img00.txt").read_text(encoding="utf-8") == "a red cat on a sofa"
     page.screenshot(path=str(screenshot_dir(tmp_path_factory) / "gallery-read-only.png"), full_page=True)
+
+
+def test_tab_from_the_shown_tab_goes_into_its_panel_past_forget_key(page: Page, server: str) -> None:
+    """The tabs sit right above their panels (WAI-ARIA tabs pattern): Forget key, shown once a
+    key is kept, is no stop between a tab and its panel."""
+    page.goto(server + "/#gallery")
+    page.wait_for_selector("body[data-ready=true][data-gallery=ready]")
+    expect(page.get_by_role("button", name="Forget key")).to_be_visible()
+    page.get_by_role("tab", name="Gallery").focus()
+    page.keyboard.press("Tab")
+    assert page.evaluate("() => document.activeElement.id") == "page-gallery"
 
 
 @pytest.mark.parametrize(

@@ -10,6 +10,14 @@ export function show(element, visible = true) {
   element.hidden = !visible;
 }
 
+// A message in one of two live regions: progress and results in a polite one (role=status, read
+// when the reader is free), an error that stopped what the user asked for in an alert (read at
+// once). The other is emptied, so an old error does not stay beside new progress.
+export function tell(politeBox, alertBox, text, isError = false) {
+  setText(isError ? alertBox : politeBox, text);
+  setText(isError ? politeBox : alertBox, "");
+}
+
 export function clear(element) {
   while (element.firstChild) element.removeChild(element.firstChild);
 }

@@ -2,7 +2,7 @@
 // editing the .txt caption, fresh captions from the model, re-captioning and exporting a selection.
 
 import { api, apiJson, postJson } from "./api.js";
-import { $, clear, fillModels, fillTasksOf, make, pickedModel, setText, show } from "./dom.js";
+import { $, clear, fillModels, fillTasksOf, make, pickedModel, setText, show, tell } from "./dom.js";
 
 const CHUNK = 16; // images per re-caption request, so the page shows progress
 const THUMBS_AT_ONCE = 6;
@@ -17,11 +17,18 @@ let shown = null; // the /ui/api/info the page was drawn from
 let thumbUrls = [];
 let started = false;
 let loading = 0;
+let thumbNotice = ""; // the last "N thumbnails could not be shown", gone with the next page
+let loadFailure = ""; // the last page that could not be listed, gone once one is
+let cardCount = 0; // for ids unique on the page
 
 function message(text, isError = false) {
-  const box = $("gallery-message");
-  setText(box, text);
-  box.classList.toggle("error", isError);
+  tell($("gallery-message"), $("gallery-alert"), text, isError);
+}
+
+// A card's own line: "saved", "unsaved changes", progress politely; a failed save or caption as
+// an alert.
+function cardMessage(card, text, isError = false) {
+  tell(card.querySelector(".card-message"), card.querySelector(".card-alert"), text, isError);
 }
 
 function updateSelection() {
@@ -40,9 +47,7 @@ function isSaveKey(event) {
 function markUnsaved(card, unsaved) {
   if (card.classList.contains("unsaved") === unsaved) return; // say it once, not at every key
   card.classList.toggle("unsaved", unsaved);
-  const note = card.querySelector(".card-message");
-  note.classList.remove("error");
-  setText(note, unsaved ? "unsaved changes (Ctrl+S saves)" : "");
+  cardMessage(card, unsaved ? "unsaved changes (Ctrl+S saves)" : "");
 }
 
 function sourceBox(item, source, card) {
@@ -109,6 +114,9 @@ function makeCard(item) {
   fresh.addEventListener("click", () => recaption([item.path], false, card));
   const open = card.querySelector(".thumb-open");
   open.setAttribute("aria-label", `Show ${item.path} full size`);
+  const broken = card.querySelector(".thumb-error");
+  broken.id = `thumb-error-${++cardCount}`;
+  open.setAttribute("aria-describedby", broken.id); // why there is no thumbnail, heard on the button
   open.addEventListener("click", () => showImage(item.path));
   fillCard(card, item);
   return card;
@@ -119,19 +127,27 @@ async function showImage(path) {
   setText($("viewer-name"), path);
   const image = $("viewer-image");
   image.alt = path;
+  // The file came but the browser cannot draw it (not really an image, or a format it lacks).
+  image.onerror = () => {
+    if (image.src) setText($("viewer-error"), `${path} cannot be shown: the browser cannot read it as an image.`);
+  };
   if (image.src) URL.revokeObjectURL(image.src);
   image.removeAttribute("src");
+  setText($("viewer-error"), "");
   if (!viewer.open) viewer.showModal();
   try {
     const blob = await (await api(`/ui/api/gallery/image?path=${encodeURIComponent(path)}`)).blob();
     image.src = URL.createObjectURL(blob);
   } catch (error) {
-    setText($("viewer-name"), `${path}: ${error.message}`);
+    setText($("viewer-error"), error.message); // an alert: the image asked for will not come
   }
 }
 
-async function loadThumbs(paths) {
+// Thumbnails a few at a time. One that fails is marked on its card, quietly; the page then says
+// once how many failed: a folder of 200 broken images is one announcement, not 200.
+async function loadThumbs(paths, ticket) {
   const queue = [...paths];
+  let failed = 0;
   const worker = async () => {
     while (queue.length) {
       const path = queue.shift();
@@ -143,12 +159,18 @@ async function loadThumbs(paths) {
         thumbUrls.push(url);
         card.querySelector(".thumb").src = url;
       } catch (error) {
+        failed += 1;
         card.querySelector(".thumb").classList.add("broken");
-        setText(card.querySelector(".card-message"), error.message);
+        const note = card.querySelector(".thumb-error");
+        setText(note, error.message);
+        show(note, true);
       }
     }
   };
   await Promise.all(Array.from({ length: THUMBS_AT_ONCE }, worker));
+  if (ticket !== loading || !failed) return; // a newer page has its own count
+  thumbNotice = `${failed} thumbnail${failed === 1 ? "" : "s"} could not be shown`;
+  message(thumbNotice);
 }
 
 // Unsaved captions not on this page, named (a few), so they are not forgotten on page 37.
@@ -167,11 +189,16 @@ async function load() {
   try {
     data = await apiJson(`/ui/api/gallery?${query}`);
   } catch (error) {
-    message(error.message, true);
+    loadFailure = error.message;
+    message(loadFailure, true);
     document.body.dataset.gallery = "failed";
     return;
   }
   if (ticket !== loading) return; // a newer search or page replaced this one
+  if (thumbNotice && $("gallery-message").textContent === thumbNotice) message("");
+  if (loadFailure && $("gallery-alert").textContent === loadFailure) message("");
+  thumbNotice = "";
+  loadFailure = "";
   Object.assign(state, { page: data.page, pages: data.pages, writable: data.writable });
   for (const url of thumbUrls) URL.revokeObjectURL(url);
   thumbUrls = [];
@@ -194,22 +221,19 @@ async function load() {
   if (pressed === $("prev") && pressed.disabled && !$("next").disabled) $("next").focus();
   updateSelection();
   document.body.dataset.gallery = "ready";
-  loadThumbs(data.items.map((item) => item.path));
+  loadThumbs(data.items.map((item) => item.path), ticket);
 }
 
 async function saveCaption(path, text, card) {
-  const note = card.querySelector(".card-message");
-  setText(note, "saving…");
-  note.classList.remove("error");
+  cardMessage(card, "saving…");
   try {
     const item = await postJson("/ui/api/gallery/save", { path, source: ".txt", text });
     if (drafts.get(path) === text) drafts.delete(path); // typing went on while it saved: keep that
     card.classList.remove("unsaved");
     fillCard(card, item);
-    if (!drafts.has(path)) setText(note, "saved");
+    if (!drafts.has(path)) cardMessage(card, "saved");
   } catch (error) {
-    setText(note, error.message);
-    note.classList.add("error");
+    cardMessage(card, error.message, true);
   }
 }
 
@@ -219,13 +243,7 @@ async function recaption(paths, save, card = null) {
   const withModel = model ? `${model} ${task}` : task;
   let done = 0;
   let failed = 0;
-  const note = card ? card.querySelector(".card-message") : null;
-  const say = (text, isError = false) => {
-    if (note) {
-      setText(note, text);
-      note.classList.toggle("error", isError);
-    } else message(text, isError);
-  };
+  const say = (text, isError = false) => (card ? cardMessage(card, text, isError) : message(text, isError));
   say(`captioning ${paths.length} image(s) with ${withModel}…`);
   document.body.dataset.recaption = "running";
   try {
@@ -237,11 +255,16 @@ async function recaption(paths, save, card = null) {
         const shown = cards.get(item.path);
         if (shown) fillCard(shown, item);
       }
+      let reason = "";
       for (const result of reply.results) {
         if (result.error) failed += 1;
         else done += 1;
+        reason = result.error || reason;
       }
-      say(`captioned ${done} of ${paths.length} with ${withModel}${failed ? `, ${failed} failed` : ""}`);
+      // Caption now on one image: what went wrong with it, as an alert. A selection counts its
+      // failures in the progress line instead of reading out each one.
+      if (card && reason) say(`${reason} (${withModel})`, true);
+      else say(`captioned ${done} of ${paths.length} with ${withModel}${failed ? `, ${failed} failed` : ""}`);
     }
     document.body.dataset.recaption = "done";
   } catch (error) {
