@@ -184,15 +184,25 @@ class TorchCaptioner(Generic[H]):
         return None
 
 
+# transformers' own example of a temperature 'close to 0' (greedy in effect)
+MIN_SAMPLING_TEMPERATURE = 1e-4
+
+
 def generate_kwargs(options: GenerationOptions) -> dict[str, Any]:
-    """``generate``'s keyword arguments for ``options``: sampling knobs only when sampling."""
+    """``generate``'s keyword arguments for ``options``: sampling knobs only when sampling.
+
+    A temperature between 0 and :data:`MIN_SAMPLING_TEMPERATURE` samples at that floor: the
+    scores are float32, so dividing them by ``1e-40`` (which a client may send: it is > 0) gives
+    infinities, and ``generate`` fails the whole batch on the NaNs that follow. At the floor,
+    sampling already picks the likeliest token every time, as any smaller temperature would."""
     kwargs: dict[str, Any] = {
         "max_new_tokens": options.max_new_tokens,
         "num_beams": options.num_beams,
         "do_sample": options.do_sample,
     }
     if options.do_sample:
-        kwargs.update(temperature=options.temperature, top_p=options.top_p)
+        temperature = max(options.temperature, MIN_SAMPLING_TEMPERATURE)
+        kwargs.update(temperature=temperature, top_p=options.top_p)
     if options.min_new_tokens:
         kwargs["min_new_tokens"] = options.min_new_tokens
     return kwargs

@@ -8,7 +8,8 @@ import sys
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from vision_server.api.deadlines import deadline
 from vision_server.api.errors import MissingField
@@ -44,6 +45,8 @@ async def within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
         async with deadline(seconds) as moving:  # in this task: no second task holding the body's frames
             with uploads.open(moving):
                 return await reading
+    except web.RequestPayloadError as exc:
+        raise unreadable_body(request, exc) from None
     except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11 on
         if uploads.cut:
             raise draining() from None
@@ -51,6 +54,28 @@ async def within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
             f"The request body did not arrive within {seconds:g} s (--body-timeout): "
             "the upload stalled or was too slow."
         ) from None
+
+
+def unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> BadRequest:
+    """The 400 for a body aiohttp's parser gave up on (one that is not the gzip or deflate its
+    ``Content-Encoding`` names, a broken chunked encoding).
+
+    aiohttp reads what is left of a body after the reply, to keep the connection; a body its
+    parser refused would fail there again, logged as an unhandled exception with a traceback.
+    So the body is marked ended and the connection closed after the reply instead."""
+    request.content.feed_eof()
+    request.protocol.close()
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip()
+    cause = exc.__cause__
+    said = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+    reason = " ".join(str(said).split()) or type(exc).__name__
+    hint = (
+        f" The header says Content-Encoding: {encoding[:40]}; send the body compressed that way, "
+        "or uncompressed without the header."
+        if encoding
+        else ""
+    )
+    return BadRequest(f"The request body cannot be read ({reason[:200]}).{hint}")
 
 
 def draining() -> Draining:

@@ -194,6 +194,7 @@ async def save(request: web.Request) -> web.Response:
     if len(text) > MAX_SAVE_CHARS:
         limit = f"the limit is {MAX_SAVE_CHARS}"
         raise InvalidParameter("text", f"The caption is {len(text)} characters; {limit}.")
+    check_unicode(text)
     entry = await gallery.entry(body.get("path"))
     shared = gallery.catalog.shared_file(entry, source)
     if shared is not None:
@@ -202,6 +203,19 @@ async def save(request: web.Request) -> web.Response:
     # lines are how kohya-ss (enable_wildcard) and OneTrainer take alternative captions.
     await write_caption(gallery, entry, source, text)
     return web.json_response(await gallery.run(gallery.catalog.item, entry))
+
+
+def check_unicode(text: str) -> None:
+    """400 for a caption UTF-8 cannot hold: a lone surrogate, which JSON lets a client send as a
+    ``\\ud800`` escape without its pair (caption files are UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InvalidParameter(
+            "text",
+            f"text has an unpaired surrogate (U+{ord(text[exc.start]):04X}) at character {exc.start}, "
+            "which a UTF-8 caption file cannot hold; send the caption as valid Unicode.",
+        ) from None
 
 
 async def recaption(request: web.Request) -> web.Response:

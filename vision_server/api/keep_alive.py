@@ -32,10 +32,19 @@ def parse_keep_alive(value: object) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise InvalidParameter("keep_alive", f"'keep_alive' must be {HINT}, not {type(value).__name__}.")
-    seconds = _seconds(value.strip()) if isinstance(value, str) else float(value)
+    seconds = _seconds(value.strip()) if isinstance(value, str) else _number(value)
     if seconds is None or not math.isfinite(seconds):
         raise InvalidParameter("keep_alive", f"'keep_alive' must be {HINT}, not {shown(value)}.")
     return seconds
+
+
+def _number(value: int | float) -> float:
+    """A JSON number as seconds; an integer too big for a float (``9`` x 400) is infinite, refused
+    like ``1e999`` rather than an OverflowError (a 500)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf
 
 
 def _seconds(text: str) -> float | None:

@@ -85,7 +85,10 @@ class EventStream:
             await self.response.prepare(self.request)
         for event in events:
             name = f"event: {event['type']}\n" if self.shape.named else ""
-            await self.response.write(f"{name}data: {json.dumps(event, ensure_ascii=False)}\n\n".encode())
+            line = f"{name}data: {json.dumps(event, ensure_ascii=False)}\n\n"
+            # A lone surrogate (a client's "\\ud800" echoed in a Responses field) has no UTF-8:
+            # written as the JSON escape it came in as, it keeps the stream valid.
+            await self.response.write(line.encode("utf-8", "backslashreplace"))
 
     async def close(self) -> web.StreamResponse:
         assert self.response is not None
@@ -114,8 +117,12 @@ async def stream_captions(
         captions = await caption_all_base64(
             request, images, task, options, labels, prompt, model=model, where=where
         )
-        await events.send(*shape.opening(), *shape.delta(joined_text(captions)), *shape.closing(captions))
-        return await events.close()
+        try:
+            await events.send(*shape.opening(), *shape.delta(joined_text(captions)), *shape.closing(captions))
+            return await events.close()
+        except ConnectionResetError:  # the client left as its captions were done: nobody to tell
+            assert events.response is not None
+            return events.response
     try:
         caption, sent = await _stream_caption(
             request, events, images[0], task, options, labels, prompt, model

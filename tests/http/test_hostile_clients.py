@@ -1,0 +1,263 @@
+"""What a hostile or careless client sent that still reached a 500, against the real tiny model.
+
+Each of these was found by throwing odd requests at ``vision-server serve --model test:tiny``:
+
+- a ``keep_alive`` integer too big for a float (``9`` x 400): an OverflowError;
+- a ``temperature`` above 0 but below float32's range (``1e-40``): the model's scores divided by
+  it became infinite and ``generate`` failed the batch;
+- a body whose ``Content-Encoding`` (gzip, deflate) does not match its bytes: aiohttp's payload
+  error reached the handler, and aiohttp then logged the same error again, with a traceback, when
+  it tried to read the rest of the body after the reply;
+- a lone surrogate (a JSON ``"\\ud800"`` escape without its pair) saved as a gallery caption (a
+  UTF-8 file cannot hold it), or echoed into a streamed Responses event (the stream broke after
+  its 200, with a 500 written into it);
+- a client that left a streamed request for several images while they were captioned: the late
+  reply to a closed connection was logged as an unhandled error, counted as a 500.
+
+Every one must now be a 4xx in its family's shape (or, for the client that left, no 5xx at all),
+with no traceback in the log, and the server must answer the next request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import logging
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import ClientSession, FormData, web
+
+from tests.support.api import tiny_settings
+from tests.support.images import b64, data_url, image_bytes, save
+from tests.support.serving import running_server
+from vision_server.api.state import ENGINE
+from vision_server.app import create_app
+from vision_server.captioner import Caption, CaptionItem
+from vision_server.florence.captioner import FlorenceCaptioner
+from vision_server.settings import Settings
+
+HUGE = "9" * 400
+
+
+def message_of(path: str, body: dict[str, Any]) -> str:
+    """The error message, read from the route family's own error shape."""
+    if path.startswith(("/v1/", "/ui/")):
+        return str(body["error"]["message"])
+    if path == "/api/caption":
+        return str(body["error"])
+    return str(body["detail"])
+
+
+def tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.exc_info]
+
+
+def chat(images: int = 1, **extra: Any) -> dict[str, Any]:
+    parts = [{"type": "image_url", "image_url": {"url": data_url(seed)}} for seed in range(images)]
+    return {"model": "m", "messages": [{"role": "user", "content": parts}], **extra}
+
+
+def responses(**extra: Any) -> dict[str, Any]:
+    image = {"type": "input_image", "image_url": data_url(1)}
+    return {"model": "m", "input": [{"role": "user", "content": [image]}], **extra}
+
+
+def json_bodies(**extra: Any) -> dict[str, dict[str, Any]]:
+    """A good request of every JSON family, with ``extra`` fields."""
+    return {
+        "/process_image": {"image": b64(1), "prompt": "<CAPTION>", **extra},
+        "/api/caption": {"image": b64(1), **extra},
+        "/v1/chat/completions": chat(**extra),
+        "/v1/responses": responses(**extra),
+    }
+
+
+@pytest.fixture(scope="module")
+def tiny_short(tmp_path_factory: pytest.TempPathFactory) -> Settings:
+    return tiny_settings(tmp_path_factory, max_new_tokens=8)
+
+
+# --- keep_alive ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sign", ["", "-"])
+async def test_a_400_digit_keep_alive_is_a_400_naming_the_field(
+    tiny_short: Settings, sign: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_server(tiny_short) as url, ClientSession(url) as session:
+        for path, body in json_bodies().items():
+            raw = json.dumps(body)[:-1] + f', "keep_alive": {sign}{HUGE}}}'
+            headers = {"Content-Type": "application/json"}
+            async with session.post(path, data=raw, headers=headers) as response:
+                assert response.status == 400, (path, await response.text())
+                message = message_of(path, await response.json())
+                assert "'keep_alive' must be" in message and len(message) < 300, (path, message)
+    assert not tracebacks(caplog)
+
+
+# --- a temperature too small for float32 -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("temperature", [1e-40, 5e-324])
+async def test_a_temperature_below_float32_range_still_samples(
+    tiny_short: Settings, temperature: float, caplog: pytest.LogCaptureFixture
+) -> None:
+    """It is > 0, so it samples (at a floor where the scores stay finite), in every family."""
+    async with running_server(tiny_short) as url, ClientSession(url) as session:
+        for stream in (False, True):
+            body = chat(temperature=temperature, stream=stream)
+            async with session.post("/v1/chat/completions", json=body) as response:
+                assert response.status == 200, await response.text()
+                text = await response.text()
+            assert '"error"' not in text and "finish_reason" in text, text
+        async with session.post("/v1/responses", json=responses(temperature=temperature)) as response:
+            assert response.status == 200, await response.text()
+        form = FormData({"temperature": str(temperature)})
+        form.add_field("image", image_bytes(1), filename="1.png")
+        async with session.post("/caption", data=form) as response:
+            assert response.status == 200, await response.text()
+            assert (await response.json())["caption"]
+    assert not tracebacks(caplog)
+
+
+# --- a body that is not what its Content-Encoding says -------------------------------------------
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_is_not_its_content_encoding_is_a_400(
+    tiny_short: Settings, tmp_path: Path, encoding: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    gallery = tmp_path / "gallery"
+    save(gallery / "a.png", 3)
+    settings = dataclasses.replace(tiny_short, gallery=gallery, gallery_writable=True)
+    bodies: dict[str, tuple[bytes, str]] = {
+        path: (json.dumps(body).encode(), "application/json") for path, body in json_bodies().items()
+    }
+    bodies["/caption"] = (
+        b'--B\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        + image_bytes(1)
+        + b"\r\n--B--\r\n",
+        "multipart/form-data; boundary=B",
+    )
+    bodies["/ui/api/gallery/save"] = (json.dumps({"path": "a.png", "text": "x"}).encode(), "application/json")
+    async with running_server(settings) as url:
+        for path, (payload, content_type) in bodies.items():
+            # a connection of its own each time: the server closes a connection whose body it refused
+            async with ClientSession(url) as session:
+                headers = {"Content-Type": content_type, "Content-Encoding": encoding}
+                async with session.post(path, data=payload, headers=headers) as response:
+                    assert response.status == 400, (path, await response.text())
+                    message = message_of(path, await response.json())
+            assert f"Content-Encoding: {encoding}" in message and "uncompressed" in message, message
+        assert (gallery / "a.txt").exists() is False  # nothing was saved from the unreadable body
+        async with ClientSession(url) as session:
+            async with session.post("/process_image", json=json_bodies()["/process_image"]) as response:
+                assert response.status == 200
+    await asyncio.sleep(0)  # let aiohttp finish with the refused connections before the log is read
+    assert not tracebacks(caplog), tracebacks(caplog)
+
+
+# --- lone surrogates -----------------------------------------------------------------------------
+
+
+async def test_a_lone_surrogate_caption_is_a_400_and_the_file_is_untouched(
+    tiny_short: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    gallery = tmp_path / "gallery"
+    save(gallery / "a.png", 3)
+    (gallery / "a.txt").write_text("the old caption", encoding="utf-8")
+    settings = dataclasses.replace(tiny_short, gallery=gallery, gallery_writable=True)
+    raw = b'{"path": "a.png", "text": "a cat \\ud800 on a mat"}'
+    async with running_server(settings) as url, ClientSession(url) as session:
+        headers = {"Content-Type": "application/json"}
+        async with session.post("/ui/api/gallery/save", data=raw, headers=headers) as response:
+            assert response.status == 400, await response.text()
+            error = (await response.json())["error"]
+        assert "U+D800" in error["message"] and "valid Unicode" in error["message"]
+        emoji = {"path": "a.png", "text": "a cat 🐈"}
+        async with session.post("/ui/api/gallery/save", json=emoji) as response:
+            assert response.status == 200  # a proper pair (an emoji) is saved
+    assert (gallery / "a.txt").read_text(encoding="utf-8") == "a cat 🐈"
+    assert sorted(path.name for path in gallery.iterdir()) == ["a.png", "a.txt"]  # no temp file left
+    assert not tracebacks(caplog)
+
+
+async def test_a_lone_surrogate_echoed_in_a_responses_stream_keeps_the_stream_valid(
+    tiny_short: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    raw = json.dumps(responses(stream=True))[:-1] + ', "instructions": "say \\ud800"}'
+    async with running_server(tiny_short) as url, ClientSession(url) as session:
+        headers = {"Content-Type": "application/json"}
+        async with session.post("/v1/responses", data=raw, headers=headers) as response:
+            assert response.status == 200
+            text = (await response.read()).decode("utf-8")  # valid UTF-8 throughout
+    events = [json.loads(line[6:]) for line in text.splitlines() if line.startswith("data: ")]
+    assert events[0]["response"]["instructions"] == "say \ud800"  # as sent, as a JSON escape
+    assert events[-1]["type"] in ("response.completed", "response.incomplete")  # no error event
+    assert not tracebacks(caplog)
+
+
+# --- a client that leaves a streamed request for several images --------------------------------
+
+
+class HeldCaptioner(FlorenceCaptioner):
+    """The real tiny captioner, whose batches wait until the test sets ``go``."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.go, self.entered = threading.Event(), threading.Event()
+
+    def caption(self, batch: list[CaptionItem]) -> list[Caption]:
+        self.entered.set()
+        assert self.go.wait(60), "the test never let the batch go"
+        return super().caption(batch)
+
+
+async def test_a_client_that_left_a_stream_of_several_images_is_no_500(
+    tiny_short: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Served as aiohttp serves by default (``web.run_app``: handlers are not cancelled when the
+    client leaves), so the reply deterministically meets the closed connection; with
+    cancellation on, the same happens when the captions and the hang-up arrive together."""
+    caplog.set_level(logging.INFO, logger="vision_server.access")
+    captioner = HeldCaptioner.from_settings(tiny_short)
+    assert isinstance(captioner, HeldCaptioner)
+    app = create_app(tiny_short, captioner)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        body = json.dumps(chat(images=2, stream=True)).encode()
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        await writer.drain()
+        assert await asyncio.to_thread(captioner.entered.wait, 60)
+        writer.close()
+        await writer.wait_closed()
+        server = runner.server
+        assert server is not None
+        while any(handler.transport is not None for handler in server.connections):
+            await asyncio.sleep(0.01)  # until the server has seen the client go
+        captioner.go.set()
+        while not [r for r in caplog.records if r.name == "vision_server.access"]:
+            await asyncio.sleep(0.01)
+        assert app[ENGINE].status().jobs_running == 0
+        async with ClientSession(f"http://127.0.0.1:{port}") as session:
+            async with session.post("/v1/chat/completions", json=chat(images=2, stream=True)) as response:
+                assert response.status == 200 and (await response.text()).endswith("data: [DONE]\n\n")
+    finally:
+        captioner.go.set()
+        await runner.cleanup()
+    access = [record for record in caplog.records if record.name == "vision_server.access"]
+    assert all(" 500 " not in record.getMessage() for record in access), [r.getMessage() for r in access]
+    assert not tracebacks(caplog), tracebacks(caplog)
