@@ -159,7 +159,10 @@ def serve(config: Path | None, **flags: Any) -> None:
 @click.option("--prefix", default="", help="Text put before every caption, e.g. a trigger word and ', '.")
 @click.option("--suffix", default="", help="Text put after every caption.")
 @click.option(
-    "--separator", default=" ", show_default=True, help="Between old and new caption in append/prepend."
+    "--separator",
+    default=" ",
+    show_default="one space",
+    help="Between old and new caption in append/prepend.",
 )
 @click.option("--image-column", help="Parquet: column of image bytes or paths. [default: found by type]")
 @click.option("--key-column", help="Parquet: column that names each row. [default: __key__ or key, else row]")

@@ -234,3 +234,22 @@ def test_the_check_finds_an_option_a_command_does_not_take(
 def test_the_check_passes_real_command_lines(code: str, scripts: dict[str, set[str]]) -> None:
     snippets = [snippet for _, snippet in code_snippets(f"```sh\n{code}\n```\n", markdown=True)]
     assert [problem for snippet in snippets for problem in check_command_line(snippet, "x", scripts)] == []
+
+
+def every_command(command: click.Command, path: str) -> Iterator[tuple[str, click.Command]]:
+    yield path, command
+    if isinstance(command, click.Group):
+        for name, sub in command.commands.items():
+            yield from every_command(sub, f"{path} {name}")
+
+
+@pytest.mark.parametrize(
+    ("path", "command"),
+    [found for program, main in CLICK_PROGRAMS.items() for found in every_command(main, program)],
+    ids=lambda value: value if isinstance(value, str) else "",
+)
+def test_no_help_text_shows_a_blank_default(path: str, command: click.Command) -> None:
+    """A default of spaces shows as ``[default:  ]`` unless the option names it in words."""
+    with click.Context(command, info_name=path, terminal_width=200) as ctx:
+        shown = command.get_help(ctx)
+    assert not re.search(r"\[default:\s*[;\]]", shown), shown
