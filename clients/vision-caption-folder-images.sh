@@ -15,7 +15,8 @@ any case) and writes each caption beside its image, with the image's suffix repl
 "cat.png" gets "cat.txt" for <ext> txt (give <ext> without the dot).
 
 PROMPT is a task such as CAPTION, DETAILED_CAPTION, MORE_DETAILED_CAPTION, GENERATE_TAGS or
-MIXED_CAPTION_PLUS, with or without the angle brackets ("vision-client.sh prompts" lists them).
+MIXED_CAPTION_PLUS, in any case, with or without the angle brackets: CAPTION, caption and
+<CAPTION> are the same ("vision-client.sh prompts" lists them).
 
 Options:
   --mode MODE      what to do when a caption file already exists (default: skip):
