@@ -118,5 +118,9 @@ Invoke-Nssm set $ServiceName AppStopMethodThreads 1500
 Invoke-Nssm set $ServiceName AppKillProcessTree 1
 
 Invoke-Nssm start $ServiceName
-Write-Host "Started $ServiceName. Probe: Invoke-RestMethod http://127.0.0.1:$Port/health"
+# The probe goes where the server listens: loopback for the "any address" binds, else that address.
+$probeHost = $ListenHost
+if ($ListenHost -in @('0.0.0.0', '::', '')) { $probeHost = '127.0.0.1' }
+elseif ($ListenHost.Contains(':')) { $probeHost = "[$ListenHost]" }
+Write-Host "Started $ServiceName. Probe: Invoke-RestMethod http://${probeHost}:$Port/health"
 Write-Host "Logs: $log"

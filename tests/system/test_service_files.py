@@ -91,6 +91,15 @@ def test_nssm_script_parses_and_waits_for_the_drain() -> None:
     assert not errors, f"syntax errors at lines {sorted(errors)}"
 
 
+def test_nssm_script_probes_the_address_it_made_the_server_listen_on() -> None:
+    """``-ListenHost 10.0.0.5`` answers nowhere on 127.0.0.1: the printed probe must use it (no
+    PowerShell runs here, so the lines that pick the address are checked as written)."""
+    text = (SERVICE / "install-nssm.ps1").read_text()
+    assert "Probe: Invoke-RestMethod http://${probeHost}:$Port/health" in text
+    assert "$probeHost = $ListenHost" in text
+    assert "if ($ListenHost -in @('0.0.0.0', '::', '')) { $probeHost = '127.0.0.1' }" in text
+
+
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
 def test_dockerfiles_install_torch_first_and_never_timm(name: str) -> None:
     text = (SERVICE / name).read_text()
