@@ -1,11 +1,12 @@
 """Every command line the docs show names options that exist, where the command takes them.
 
-A reader copies ``vision-server ...``, ``vision-client ...`` and the bash scripts' command lines
-from README.md, BENCHMARKS.md, the docs site, the clients' READMEs and the service files. Each
-one found in a code block or an inline code span is walked the way the command parses it: the
+A reader copies ``vision-server ...``, ``vision-client ...`` and the scripts' command lines from
+README.md, BENCHMARKS.md, the docs site, the clients' READMEs and the service files. Each one
+found in a code block or an inline code span is walked the way the command parses it: the
 subcommands through the click command objects, each ``--flag`` checked against the options of
 the (sub)command it follows (``vision-client``'s ``--model`` goes before ``folder``, where click
-looks for it, not after), and the bash scripts' options against their own ``--help``.
+looks for it, not after), the bash scripts' options against their own ``--help``, and the
+PowerShell scripts' (clients and the NSSM installer) against their ``param(...)`` blocks.
 """
 
 from __future__ import annotations
@@ -26,11 +27,18 @@ from vision_server.client.cli import main as client_main
 
 REPO = paths.REPO
 SCRIPTS = ("vision-client.sh", "vision-caption-folder-images.sh")
+POWERSHELL = {  # script: its file
+    "vision-client.ps1": paths.CLIENTS / "vision-client.ps1",
+    "vision-caption-folder-images.ps1": paths.CLIENTS / "vision-caption-folder-images.ps1",
+    "install-nssm.ps1": paths.SERVICE / "install-nssm.ps1",
+}
+# What [CmdletBinding()] adds to every script's parameters.
+COMMON_PARAMETERS = {"verbose", "debug", "erroraction", "warningaction", "informationaction", "errorvariable"}
 CLICK_PROGRAMS: dict[str, click.Command] = {"vision-server": server_main, "vision-client": client_main}
 # A program's name as a command word: at the start, after a space, a path ("/opt/.../bin/") or "(".
 PROGRAM = re.compile(
-    r"(?:^|(?<=[\s/(\\]))(vision-server|vision-client|vision-client\.sh|vision-caption-folder-images\.sh)"
-    r"(?:\.exe)?(?=\s|$)"
+    r"(?:^|(?<=[\s/(\\]))(vision-server|vision-client|vision-client\.sh|vision-caption-folder-images\.sh"
+    r"|vision-client\.ps1|vision-caption-folder-images\.ps1|install-nssm\.ps1)(?:\.exe)?(?=\s|$)"
 )
 SHELL_BREAK = re.compile(r"^(?:\||\|\||&&|;|&|\)|[0-9]?>>?|<)")
 FLAG = re.compile(r"^--?[A-Za-z][\w-]*")
@@ -85,6 +93,16 @@ def click_options(command: click.Command) -> set[str]:
     return names
 
 
+def powershell_parameters(script: Path) -> set[str]:
+    """The ``-Name`` parameters a script's ``param(...)`` block declares, lower-case (as PowerShell
+    matches them), with the common ones ``[CmdletBinding()]`` adds."""
+    text = script.read_text(encoding="utf-8")
+    block = text[text.index("param(") : text.index("$ErrorActionPreference")]
+    return {f"-{name.lower()}" for name in re.findall(r"\]\s*\$(\w+)", block)} | {
+        f"-{name}" for name in COMMON_PARAMETERS
+    }
+
+
 def script_options(script: str) -> set[str]:
     """The options a bash script's ``--help`` lists (``--mode MODE``, ``-j N``, ``-n, --no-newline``)."""
     shown = subprocess.run(
@@ -127,7 +145,7 @@ def starts_a_command(before: str) -> bool:
         if shorter == rest:
             break
         rest = shorter
-    return rest == "" or re.search(r"(?:\||&&|;|\(|\$\(|^ExecStart=|^\.\\|&)$", rest) is not None
+    return rest == "" or re.search(r"(?:\||&&|;|\(|\$\(|^ExecStart=|^\$\w+ =|&)$", rest) is not None
 
 
 def check_command_line(code: str, where: str, scripts: dict[str, set[str]]) -> list[Problem]:
@@ -156,7 +174,10 @@ def check_command_line(code: str, where: str, scripts: dict[str, set[str]]) -> l
                 command, path, known = sub, [*path, word], click_options(sub)
                 continue
             flag = FLAG.match(word)
-            if flag and flag.group(0) not in known:
+            if flag and program.endswith(".ps1"):
+                if flag.group(0).lower() not in known:
+                    problems.append(Problem(where, program, f"parameter {flag.group(0)}", code))
+            elif flag and flag.group(0) not in known:
                 problems.append(Problem(where, " ".join(path), f"option {flag.group(0)}", code))
             elif flag and "=" not in word and command is not None:
                 value_next = takes_a_value(command, flag.group(0))
@@ -184,7 +205,8 @@ def command_lines(files: list[Path]) -> int:
 
 @pytest.fixture(scope="module")
 def scripts() -> dict[str, set[str]]:
-    return {name: script_options(name) for name in SCRIPTS}
+    found = {name: script_options(name) for name in SCRIPTS}
+    return found | {name: powershell_parameters(path) for name, path in POWERSHELL.items()}
 
 
 def test_the_scripts_help_is_read_as_their_options(scripts: dict[str, set[str]]) -> None:
@@ -212,6 +234,8 @@ def test_every_documented_command_line_names_real_options(scripts: dict[str, set
         ("/opt/vision-server/venv/bin/vision-server serv --preload", "subcommand serv"),
         ("clients/vision-client.sh --jobs 3 CAPTION photo.jpg", "option --jobs"),
         ("./clients/vision-caption-folder-images.sh --model x CAPTION txt dataset", "option --model"),
+        (".\\clients\\vision-client.ps1 CAPTION .\\photo.jpg -Timeout 60", "parameter -Timeout"),
+        (".\\service\\install-nssm.ps1 -VenvDir C:\\v -Host 0.0.0.0", "parameter -Host"),
     ],
 )
 def test_the_check_finds_an_option_a_command_does_not_take(
@@ -229,6 +253,7 @@ def test_the_check_finds_an_option_a_command_does_not_take(
         "vision-server caption a/ \\\n  --dry-run",
         "vision-server --version",
         "clients/vision-caption-folder-images.sh -q --jobs 8 --wait-for-server 0 CAPTION txt d",
+        "$caption = .\\clients\\vision-client.ps1 '<GENERATE_TAGS>' .\\photo.jpg -timeoutsec 5 -Verbose",
     ],
 )
 def test_the_check_passes_real_command_lines(code: str, scripts: dict[str, set[str]]) -> None:
