@@ -270,6 +270,9 @@ def folder(
     130 Ctrl+C (after the summary: run the same command again to resume). Earlier versions
     exited 1 for all of these stops. A full disk (no space left for a caption file or --jsonl,
     or a quota) stops the run too, with exit status 1: free some space and run it again.
+
+    --url, --api-key, --timeout, --retries and --model are options of vision-client itself:
+    they go before the command (vision-client --model blip --retries 8 folder DIR).
     """
     options: dict[str, Any] = {
         "task": task,
