@@ -278,3 +278,41 @@ def test_no_help_text_shows_a_blank_default(path: str, command: click.Command) -
     with click.Context(command, info_name=path, terminal_width=200) as ctx:
         shown = command.get_help(ctx)
     assert not re.search(r"\[default:\s*[;\]]", shown), shown
+
+
+# Other tools' options the docs name (pip, curl, docker, systemctl, Ray, pytest, mkdocs, hf,
+# tensorboard). An option of ours missing from every command is a stale name; one of another
+# tool goes here.
+OTHER_TOOLS = {
+    "--address", "--build-arg", "--cov", "--data-binary", "--detach", "--gpus", "--head",
+    "--implementation", "--index-url", "--local-dir", "--logdir", "--no-build-isolation",
+    "--no-deps", "--now", "--only-binary", "--platform", "--python-version", "--stop-timeout",
+    "--strict",
+}  # fmt: skip
+
+
+def every_option_of_ours(scripts: dict[str, set[str]]) -> set[str]:
+    """The long options of both click programs, the bash scripts, the benchmark scripts and
+    ``python -m vision_server.settings_reference``."""
+    found = {name for options in scripts.values() for name in options if name.startswith("--")}
+    for program in CLICK_PROGRAMS.values():
+        for _, command in every_command(program, ""):
+            found |= {name for name in click_options(command) if name.startswith("--")}
+    for script in sorted(paths.BENCHMARKS.glob("*.py")):
+        found |= set(re.findall(r'add_argument\(\s*"(--[\w-]+)"', script.read_text(encoding="utf-8")))
+    return found | {"--check"}
+
+
+def test_every_long_option_the_docs_name_exists(scripts: dict[str, set[str]]) -> None:
+    """Prose names options too (`--max-batch-size` (32 on CUDA)): each must still be some command's."""
+    known = every_option_of_ours(scripts) | OTHER_TOOLS
+    unknown = []
+    for path in doc_files():
+        if path.suffix != ".md":
+            continue
+        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for name in re.findall(r"(?<![\w-])--[a-z][\w-]*", line):
+                if name not in known:
+                    unknown.append(f"{path.relative_to(REPO).as_posix()}:{number}: {name}")
+    message = "no command of ours has these (another tool's? add it to OTHER_TOOLS):\n"
+    assert not unknown, message + "\n".join(unknown)
