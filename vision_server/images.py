@@ -43,6 +43,12 @@ ACCEPTED = "PNG, JPEG, WebP, GIF, BMP or TIFF"
 # many pixels per side: Florence-2 looks at 768x768, so nothing it could see is lost, and
 # decoding a 2048x1536 photo costs about a third less.
 JPEG_DRAFT_SIZE = 768
+# A progressive JPEG is decoded scan by scan, each scan one more pass over every 8x8 block of the
+# image, and nothing in the format bounds their number: a 1 MB file of 100,000 near-empty scans
+# over an 8000x8000 image kept a decode thread (and, at 64 MP, the whole decode budget) busy for
+# minutes. Encoders write about 10 (libjpeg's progressive script) to a few dozen; 500 scans of
+# the largest allowed image (8000x8000) decode in about 3 s on one core.
+MAX_JPEG_SCANS = 500
 
 
 @dataclass(frozen=True)
@@ -151,6 +157,8 @@ def _open_header(data: bytes, max_pixels: int, source: ImageSource) -> Image.Ima
     with _as_client_errors(max_pixels, source):
         image: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         _check_pixels(image, max_pixels, source)
+        if image.format in ("JPEG", "MPO"):
+            _check_scans(data)
         if image.format == "JPEG" and min(image.size) >= 2 * JPEG_DRAFT_SIZE:
             image.draft("RGB", (JPEG_DRAFT_SIZE, JPEG_DRAFT_SIZE))
         return image
@@ -247,6 +255,21 @@ def _check_pixels(image: Image.Image, max_pixels: int, source: ImageSource) -> N
         )
     if width < 1 or height < 1:
         raise InvalidImage(f"image has no pixels ({width}x{height})")
+
+
+def _check_scans(data: bytes) -> None:
+    """400 for a JPEG of more than :data:`MAX_JPEG_SCANS` scans, before any is decoded.
+
+    Counting ``FF DA`` (start of scan) is exact enough: in entropy-coded data every ``FF`` byte is
+    followed by ``00`` or a restart marker, so only real scans (an EXIF thumbnail's included)
+    and, rarely, metadata bytes match, and real images stay far below the limit."""
+    scans = data.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise InvalidImage(
+            f"the JPEG has {scans} scans; the limit is {MAX_JPEG_SCANS} (encoders write about 10, "
+            "and each scan costs one more pass over the whole image). Re-save it as a baseline "
+            "JPEG or a PNG."
+        )
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

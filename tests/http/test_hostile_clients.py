@@ -12,7 +12,10 @@ Each of these was found by throwing odd requests at ``vision-server serve --mode
   UTF-8 file cannot hold it), or echoed into a streamed Responses event (the stream broke after
   its 200, with a 500 written into it);
 - a client that left a streamed request for several images while they were captioned: the late
-  reply to a closed connection was logged as an unhandled error, counted as a 500.
+  reply to a closed connection was logged as an unhandled error, counted as a 500;
+- a progressive JPEG of thousands of near-empty scans: each is one more pass over the whole
+  image, so a 1 MB file of 100,000 over 8000x8000 pixels held a decode thread (and the whole
+  decode budget) for minutes; it is now a 400 before any pixel is decoded.
 
 Every one must now be a 4xx in its family's shape (or, for the client that left, no 5xx at all),
 with no traceback in the log, and the server must answer the next request.
@@ -21,7 +24,9 @@ with no traceback in the log, and the server must answer the next request.
 from __future__ import annotations
 
 import asyncio
+import base64
 import dataclasses
+import io
 import json
 import logging
 import threading
@@ -30,6 +35,7 @@ from typing import Any
 
 import pytest
 from aiohttp import ClientSession, FormData, web
+from PIL import Image
 
 from tests.support.api import tiny_settings
 from tests.support.images import b64, data_url, image_bytes, save
@@ -41,6 +47,7 @@ from vision_server.florence.captioner import FlorenceCaptioner
 from vision_server.settings import Settings
 
 HUGE = "9" * 400
+SCANS = 5000  # refinement scans after the first: 5001 in all
 
 
 def message_of(path: str, body: dict[str, Any]) -> str:
@@ -56,23 +63,25 @@ def tracebacks(caplog: pytest.LogCaptureFixture) -> list[str]:
     return [record.getMessage() for record in caplog.records if record.exc_info]
 
 
-def chat(images: int = 1, **extra: Any) -> dict[str, Any]:
-    parts = [{"type": "image_url", "image_url": {"url": data_url(seed)}} for seed in range(images)]
+def chat(images: int = 1, url: str | None = None, **extra: Any) -> dict[str, Any]:
+    parts = [{"type": "image_url", "image_url": {"url": url or data_url(seed)}} for seed in range(images)]
     return {"model": "m", "messages": [{"role": "user", "content": parts}], **extra}
 
 
-def responses(**extra: Any) -> dict[str, Any]:
-    image = {"type": "input_image", "image_url": data_url(1)}
+def responses(url: str | None = None, **extra: Any) -> dict[str, Any]:
+    image = {"type": "input_image", "image_url": url or data_url(1)}
     return {"model": "m", "input": [{"role": "user", "content": [image]}], **extra}
 
 
-def json_bodies(**extra: Any) -> dict[str, dict[str, Any]]:
-    """A good request of every JSON family, with ``extra`` fields."""
+def json_bodies(jpeg: str | None = None, **extra: Any) -> dict[str, dict[str, Any]]:
+    """A request of every JSON family, with ``extra`` fields; ``jpeg`` (base64) is the image
+    instead of a good PNG."""
+    url = None if jpeg is None else f"data:image/jpeg;base64,{jpeg}"
     return {
-        "/process_image": {"image": b64(1), "prompt": "<CAPTION>", **extra},
-        "/api/caption": {"image": b64(1), **extra},
-        "/v1/chat/completions": chat(**extra),
-        "/v1/responses": responses(**extra),
+        "/process_image": {"image": jpeg or b64(1), "prompt": "<CAPTION>", **extra},
+        "/api/caption": {"image": url or b64(1), **extra},
+        "/v1/chat/completions": chat(url=url, **extra),
+        "/v1/responses": responses(url=url, **extra),
     }
 
 
@@ -261,3 +270,44 @@ async def test_a_client_that_left_a_stream_of_several_images_is_no_500(
     access = [record for record in caplog.records if record.name == "vision_server.access"]
     assert all(" 500 " not in record.getMessage() for record in access), [r.getMessage() for r in access]
     assert not tracebacks(caplog), tracebacks(caplog)
+
+
+# --- a JPEG of thousands of scans ------------------------------------------------------------------
+
+
+def many_scans(count: int, side: int = 256) -> bytes:
+    """A progressive JPEG whose first scan (the DC one) is followed by ``count`` DC refinement
+    scans of one byte each: libjpeg warns about the odd progression and decodes every one."""
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buffer, "JPEG", progressive=True)
+    data = buffer.getvalue()
+    first = data.index(b"\xff\xda")
+    second = data.index(b"\xff\xda", first + 2)
+    component = data[first + 5]
+    refine = b"\xff\xda\x00\x08\x01" + bytes([component, 0x00, 0x00, 0x00, 0x10]) + b"\x00"
+    return data[:second] + refine * count + b"\xff\xd9"
+
+
+async def test_a_jpeg_of_thousands_of_scans_is_a_400_in_every_family(
+    tiny_short: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    bomb = base64.b64encode(many_scans(SCANS)).decode()
+    progressive = io.BytesIO()
+    Image.new("RGB", (300, 200), (20, 90, 160)).save(progressive, "JPEG", progressive=True, quality=95)
+    async with running_server(tiny_short) as url, ClientSession(url) as session:
+        for path, body in json_bodies(jpeg=bomb).items():
+            text = json.dumps(body)
+            headers = {"Content-Type": "application/json"}
+            async with session.post(path, data=text, headers=headers) as response:
+                assert response.status == 400, (path, await response.text())
+                message = message_of(path, await response.json())
+            assert f"{SCANS + 1} scans" in message and "baseline" in message, (path, message)
+        form = FormData()
+        form.add_field("image", many_scans(SCANS), filename="bomb.jpg")
+        async with session.post("/caption", data=form) as response:
+            assert response.status == 400 and "scans" in (await response.json())["detail"]
+        form = FormData()
+        form.add_field("image", progressive.getvalue(), filename="photo.jpg")  # an ordinary one
+        async with session.post("/caption", data=form) as response:
+            assert response.status == 200, await response.text()
+    assert not tracebacks(caplog)
