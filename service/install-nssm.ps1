@@ -24,6 +24,9 @@ param(
     [int]$Port = 54880,
     [string]$Model = "MiaoshouAI/Florence-2-large-PromptGen-v2.0",
     [string]$ApiKeyFile = "",
+    # A config.toml for every other setting (docs/configuration.md); the service account's own
+    # config folder is hard to find, so name the file here.
+    [string]$ConfigFile = "",
     [int]$ShutdownGraceSeconds = 60,
     # Run as this account (e.g. "NT AUTHORITY\NetworkService"); LocalSystem when empty.
     [string]$Account = "",
@@ -53,6 +56,12 @@ $exe = [System.IO.Path]::Combine($VenvDir, "Scripts", "vision-server.exe")
 if (-not (Test-Path -LiteralPath $exe -PathType Leaf)) {
     throw "$exe not found. Create the virtualenv and 'pip install' vision-server into it first."
 }
+if ($ConfigFile) {
+    $ConfigFile = $ExecutionContext.SessionState.Path.GetUnresolvedProviderPathFromPSPath($ConfigFile)
+    if (-not (Test-Path -LiteralPath $ConfigFile -PathType Leaf)) {
+        throw "$ConfigFile not found. Write the config file first, or leave -ConfigFile out."
+    }
+}
 
 $logDir = [System.IO.Path]::Combine($DataDir, "logs")
 $cacheDir = [System.IO.Path]::Combine($DataDir, "cache")
@@ -80,7 +89,8 @@ Invoke-Nssm set $ServiceName Description "On-demand Florence-2 / PromptGen image
 Invoke-Nssm set $ServiceName Start SERVICE_DELAYED_AUTO_START
 if ($Account) { Invoke-Nssm set $ServiceName ObjectName $Account }
 
-# Settings as VISION_SERVER_* variables (a config.toml works too; see docs/configuration.md).
+# Settings as VISION_SERVER_* variables. A variable wins over the config file, so the host, port,
+# model, cache and grace period are changed by running this script again, not in -ConfigFile.
 $environment = @(
     "PYTHONUNBUFFERED=1",
     "VISION_SERVER_HOST=$ListenHost",
@@ -91,6 +101,7 @@ $environment = @(
     "VISION_SERVER_SHUTDOWN_GRACE=$ShutdownGraceSeconds"
 )
 if ($ApiKeyFile) { $environment += "VISION_SERVER_API_KEY_FILE=$ApiKeyFile" }
+if ($ConfigFile) { $environment += "VISION_SERVER_CONFIG=$ConfigFile" }
 Invoke-Nssm set $ServiceName AppEnvironmentExtra @environment
 
 # Logs: append, rotate at 10 MB, also while running.

@@ -100,6 +100,16 @@ def test_nssm_script_probes_the_address_it_made_the_server_listen_on() -> None:
     assert "if ($ListenHost -in @('0.0.0.0', '::', '')) { $probeHost = '127.0.0.1' }" in text
 
 
+def test_nssm_script_hands_a_config_file_to_the_server() -> None:
+    """The service account's own config folder is hard to find: ``-ConfigFile`` names the file
+    (``VISION_SERVER_CONFIG``), and a missing one stops the install instead of the service's start
+    (checked as written: no PowerShell runs here)."""
+    text = (SERVICE / "install-nssm.ps1").read_text()
+    assert '[string]$ConfigFile = ""' in text
+    assert 'if ($ConfigFile) { $environment += "VISION_SERVER_CONFIG=$ConfigFile" }' in text
+    assert "if (-not (Test-Path -LiteralPath $ConfigFile -PathType Leaf)) {" in text
+
+
 @pytest.mark.parametrize("name", ["Dockerfile.cpu", "Dockerfile.cuda"])
 def test_dockerfiles_install_torch_first_and_never_timm(name: str) -> None:
     text = (SERVICE / name).read_text()
