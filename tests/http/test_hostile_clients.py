@@ -311,3 +311,29 @@ async def test_a_jpeg_of_thousands_of_scans_is_a_400_in_every_family(
         async with session.post("/caption", data=form) as response:
             assert response.status == 200, await response.text()
     assert not tracebacks(caplog)
+
+
+# --- millions of JSON values -----------------------------------------------------------------------
+
+
+async def test_a_body_of_a_million_json_values_is_a_400_before_it_is_parsed(
+    tiny_short: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    """json.loads holds the GIL for the whole parse: 18 MB of ``[[],[],...]`` stalled every other
+    request (``/health`` too) for seconds. Commas in a long string (a long system message) are
+    not values, and do not count."""
+    junk = "[" + "[]," * 1_000_000 + "[]]"
+    async with running_server(tiny_short) as url, ClientSession(url) as session:
+        for path, body in json_bodies().items():
+            raw = json.dumps(body)[:-1] + f', "x": {junk}}}'
+            headers = {"Content-Type": "application/json"}
+            async with session.post(path, data=raw, headers=headers) as response:
+                assert response.status == 400, (path, await response.text())
+                message = message_of(path, await response.json())
+            assert "JSON values" in message and "the limit is 100000" in message, (path, message)
+        system = {"role": "system", "content": "a, " * 150_000}  # 150,000 commas in one string
+        body = chat()
+        body["messages"].insert(0, system)
+        async with session.post("/v1/chat/completions", json=body) as response:
+            assert response.status == 200, await response.text()
+    assert not tracebacks(caplog)

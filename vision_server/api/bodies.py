@@ -22,6 +22,12 @@ from vision_server.errors import BadRequest, BodyTimeout, Draining
 T = TypeVar("T")
 LIFT_MIN = 64 * 1024
 MAX_LIFT_QUOTES = 4096  # more strings than this: plain json.loads (no Python loop over them)
+# json.loads holds the GIL for the whole parse, and builds a Python object per value: 18 MB of
+# ``[[],[],...]`` took 7 s (the event loop, /health included, stalled all along) and ``{}``s
+# half a GB. No request needs more than a few thousand values (the images are strings, and
+# base64 holds no ',', '[' or '{'), so a body with more than this many of those is refused
+# before it is parsed.
+MAX_JSON_VALUES = 100_000
 
 
 async def read_body(request: web.Request) -> bytes:
@@ -113,10 +119,31 @@ def parse_json(raw: bytes) -> Any:
         raise BadRequest(f"The request body has a number with more than {digits} digits.") from None
 
 
+def _check_value_count(text: bytes) -> None:
+    """400 for a body of more than :data:`MAX_JSON_VALUES` values, counted (an upper bound, at
+    C speed) by its commas and opening brackets; long strings are lifted out before (a long
+    prompt full of commas counts nothing)."""
+    values = text.count(b",") + text.count(b"[") + text.count(b"{")
+    if values > MAX_JSON_VALUES:
+        raise BadRequest(
+            f"The request body holds about {values} JSON values (counting its commas and "
+            f"brackets); the limit is {MAX_JSON_VALUES}. Send each image as one base64 string "
+            "and only the fields the API reads."
+        )
+
+
+def _counted_loads(text: bytes) -> Any:
+    _check_value_count(text)
+    return json.loads(text)
+
+
 def _loads(raw: bytes) -> Any:
-    """Parse with every long escape-free string lifted out and put back afterwards."""
-    if len(raw) < LIFT_MIN or raw[:1] not in (b"{", b"["):
+    """Parse with every long escape-free string lifted out and put back afterwards; a big body's
+    values are counted first (:func:`_check_value_count`)."""
+    if len(raw) < LIFT_MIN:
         return json.loads(raw)
+    if raw[:1] not in (b"{", b"["):
+        return _counted_loads(raw)
     pieces: list[bytes] = []
     lifted: dict[str, tuple[int, int]] = {}
     position, quote = 0, raw.find(b'"')
@@ -125,7 +152,7 @@ def _loads(raw: bytes) -> Any:
             break
         end = _closing_quote(raw, quote)
         if end == -1:
-            return json.loads(raw)  # unterminated: let json say where
+            return _counted_loads(raw)  # unterminated: let json say where
         if end - quote > LIFT_MIN and raw.find(b"\\", quote, end) == -1:
             token = f"\x00lifted-{len(lifted)}"
             pieces += [raw[position:quote], json.dumps(token).encode()]
@@ -133,11 +160,13 @@ def _loads(raw: bytes) -> Any:
             position = end + 1
         quote = raw.find(b'"', end + 1)
     else:
-        return json.loads(raw)  # a body of many strings: no Python loop over all of them
+        return _counted_loads(raw)  # a body of many strings: no Python loop over all of them
     if not lifted:
-        return json.loads(raw)
+        return _counted_loads(raw)
+    rest = b"".join([*pieces, raw[position:]])
+    _check_value_count(rest)
     try:
-        value = json.loads(b"".join([*pieces, raw[position:]]))
+        value = json.loads(rest)
     except ValueError:
         return json.loads(raw)  # report the error at its real position
     return _put_back(value, {token: raw[start:end].decode("utf-8") for token, (start, end) in lifted.items()})
