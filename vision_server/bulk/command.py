@@ -135,48 +135,17 @@ def run_caption(settings: Settings, request: CaptionRequest) -> int:
 
 
 def _run_caption(settings: Settings, request: CaptionRequest) -> int:
-    from vision_server.logs import configure_logging
-    from vision_server.runtime import model_tasks
-
+    """Every check that can refuse the request (bad usage, exit 2) comes before any work: the
+    inputs, the logging, the tasks, where the captions go, the outputs' locks."""
     read = ReadOptions(
         request.recursive, request.image_column, request.key_column, case_probe=request.case_probe
     )
     kinds = _check_inputs(request, read)
-    if request.ray is not None:
-        from vision_server.bulk.ray import require_ray
-
-        require_ray()
-    try:
-        configure_logging(settings.log_level, settings.log_format, settings.log_file)
-    except SettingsError as exc:  # a --log-file that cannot be written: a usage error, as for serve
-        raise click.UsageError(str(settings.located(exc))) from None
+    _set_up(settings, request)
     request = _without_repeats(request, kinds)
-    for path in (path for path, kind in kinds.items() if kind.startswith("parquet")):
-        note = image_column_note(path, read)
-        if note:
-            log.warning("%s", note)
-    spec = settings.default_model_spec
-    if len(settings.model_specs) > 1:
-        others = ", ".join(other.name for other in settings.model_specs if other is not spec)
-        log.info(
-            "captioning with the default model %s (not %s; pick with --default-model)",
-            spec.describe(),
-            others,
-        )
-    try:  # the task list without torch: a dry run never imports it (a local run builds the captioner below)
-        valid = model_tasks(settings, spec)
-    except SettingsError as exc:
-        raise click.UsageError(str(settings.located(exc))) from None
-    tasks = _tasks(request.tasks, valid)
-    sidecars = request.sidecars if request.sidecars is not None else not (request.jsonl or request.parquet)
-    if not sidecars and not (request.jsonl or request.parquet):
-        raise click.UsageError("--no-sidecars needs --jsonl or --parquet: captions must go somewhere")
-    needs_table = [str(p) for p, kind in kinds.items() if kind == "webdataset" or kind == "parquet-bytes"]
-    if needs_table and not (request.jsonl or request.parquet):
-        raise click.UsageError(
-            f"{needs_table[0]} holds image bytes, not files a caption file could go beside; "
-            "add --jsonl FILE or --parquet FILE"
-        )
+    _note_image_columns(kinds, read)
+    tasks = _default_model_tasks(settings, request)
+    sidecars = _wants_sidecars(request, kinds)
     if request.dry_run:  # reads only, unlocked: another run may be writing the outputs meanwhile
         outputs = _outputs(request, settings, tasks, sidecars)
         return _dry_run(plan(iter_records(request.inputs, read), tasks, outputs, request.limit))
@@ -190,6 +159,63 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
             return _caption_holding_outputs(settings, request, read, kinds, tasks, sidecars, locked)
     except OutputLockError as exc:
         raise click.UsageError(str(exc)) from None
+
+
+def _set_up(settings: Settings, request: CaptionRequest) -> None:
+    """Ray Data when ``--ray`` asks for it, and the logging; a usage error when either cannot be."""
+    from vision_server.logs import configure_logging
+
+    if request.ray is not None:
+        from vision_server.bulk.ray import require_ray
+
+        require_ray()
+    try:
+        configure_logging(settings.log_level, settings.log_format, settings.log_file)
+    except SettingsError as exc:  # a --log-file that cannot be written: a usage error, as for serve
+        raise click.UsageError(str(settings.located(exc))) from None
+
+
+def _note_image_columns(kinds: dict[Path, str], read: ReadOptions) -> None:
+    """Warn about each Parquet input whose image column was guessed, or is worth a word."""
+    for path in (path for path, kind in kinds.items() if kind.startswith("parquet")):
+        note = image_column_note(path, read)
+        if note:
+            log.warning("%s", note)
+
+
+def _default_model_tasks(settings: Settings, request: CaptionRequest) -> tuple[str, ...]:
+    """The requested tasks, checked against what the default model (the one that captions)
+    offers, known without torch: a dry run never imports it."""
+    from vision_server.runtime import model_tasks
+
+    spec = settings.default_model_spec
+    if len(settings.model_specs) > 1:
+        others = ", ".join(other.name for other in settings.model_specs if other is not spec)
+        log.info(
+            "captioning with the default model %s (not %s; pick with --default-model)",
+            spec.describe(),
+            others,
+        )
+    try:
+        valid = model_tasks(settings, spec)
+    except SettingsError as exc:
+        raise click.UsageError(str(settings.located(exc))) from None
+    return _tasks(request.tasks, valid)
+
+
+def _wants_sidecars(request: CaptionRequest, kinds: dict[Path, str]) -> bool:
+    """Whether caption files are written (by default, unless a table output is named); a usage
+    error when the captions would go nowhere, or an input has no files to put them beside."""
+    sidecars = request.sidecars if request.sidecars is not None else not (request.jsonl or request.parquet)
+    if not sidecars and not (request.jsonl or request.parquet):
+        raise click.UsageError("--no-sidecars needs --jsonl or --parquet: captions must go somewhere")
+    needs_table = [str(p) for p, kind in kinds.items() if kind == "webdataset" or kind == "parquet-bytes"]
+    if needs_table and not (request.jsonl or request.parquet):
+        raise click.UsageError(
+            f"{needs_table[0]} holds image bytes, not files a caption file could go beside; "
+            "add --jsonl FILE or --parquet FILE"
+        )
+    return sidecars
 
 
 def _caption_holding_outputs(
