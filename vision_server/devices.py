@@ -15,7 +15,7 @@ from typing import TypeVar
 
 import torch
 
-from vision_server.errors import ModelLoadError, ModelSourceError
+from vision_server.errors import ModelLoadError, ModelSourceError, OutOfMemory
 
 DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 T = TypeVar("T")
@@ -79,12 +79,31 @@ def load_or_explain(model: str, load: Callable[[], T]) -> T:
         return load()
     except ModelSourceError as exc:
         raise ModelLoadError(str(exc)) from None
-    except torch.cuda.OutOfMemoryError:
-        release_memory()
-        message = "Out of GPU memory while loading; free the GPU or use a smaller model."
-        raise ModelLoadError(message) from None
     except ModelLoadError:
         raise
+    except torch.cuda.OutOfMemoryError:
+        message = "Out of GPU memory while loading; free the GPU or use a smaller model."
     except Exception as exc:
-        release_memory()
-        raise ModelLoadError(f"{model}: {type(exc).__name__}: {exc}") from None
+        message = f"{model}: {type(exc).__name__}: {exc}"
+    # Outside the handler (see generate_or_out_of_memory): the failed load's frames, and the
+    # weights already on the GPU that they hold, are gone before the memory is released.
+    release_memory()
+    raise ModelLoadError(message)
+
+
+def generate_or_out_of_memory(generate: Callable[[], T], batch_size: int) -> T:
+    """Run one batch's generation; a CUDA out-of-memory becomes :class:`OutOfMemory`, its memory free.
+
+    The CUDA error's traceback holds every frame of the failed call, and through them the
+    activations and cache it had allocated: while that exception lives (also as the implicit
+    ``__context__`` of an error raised inside its handler) the memory stays allocated, and the
+    engine's retry in halves runs out of memory again (pytorch/pytorch#18853). So the handler
+    only notes the failure; memory is released and the new error raised after it, with no context.
+    ``generate`` should build the batch's tensors itself, so that they go with its frame.
+    """
+    try:
+        return generate()
+    except torch.cuda.OutOfMemoryError:
+        pass
+    release_memory()
+    raise OutOfMemory(f"Out of GPU memory on a batch of {batch_size}.", retry_after=5)

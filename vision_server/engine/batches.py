@@ -166,18 +166,21 @@ def caption_splitting(captioner: Captioner, items: list[CaptionItem]) -> list[Ca
     try:
         return list(captioner.caption(items))
     except (OutOfMemory, BadRequest) as exc:
-        if len(items) == 1:
-            return [exc]
-        if isinstance(exc, OutOfMemory):
-            log.warning("out of memory on a batch of %d; retrying in halves", len(items))
-        else:
-            log.info(
-                "a batch of %d was refused (%s); retrying in halves to find the request at fault",
-                len(items),
-                exc,
-            )
-        middle = len(items) // 2
-        return caption_splitting(captioner, items[:middle]) + caption_splitting(captioner, items[middle:])
+        # Kept without its traceback, and the halves run after the handler: the failed call's
+        # frames, and any GPU memory they still hold, must be gone before the next try.
+        failure = exc.with_traceback(None)
+    if len(items) == 1:
+        return [failure]
+    if isinstance(failure, OutOfMemory):
+        log.warning("out of memory on a batch of %d; retrying in halves", len(items))
+    else:
+        log.info(
+            "a batch of %d was refused (%s); retrying in halves to find the request at fault",
+            len(items),
+            failure,
+        )
+    middle = len(items) // 2
+    return caption_splitting(captioner, items[:middle]) + caption_splitting(captioner, items[middle:])
 
 
 def _caption_failed(exc: Exception, request_id: str) -> CaptionFailed:

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
-from vision_server.devices import pick_device, pick_dtype, release_memory
-from vision_server.errors import ModelSourceError, OutOfMemory
+from vision_server.devices import generate_or_out_of_memory, pick_device, pick_dtype, release_memory
+from vision_server.errors import ModelSourceError
 from vision_server.florence import footprint
 from vision_server.florence.compiled import CompilePlan
 from vision_server.florence.inputs import pixel_values, prompt_ids
@@ -422,7 +422,8 @@ class FlorenceCaptioner(TorchCaptioner[_Loaded]):
         plan = loaded.plan if loaded.plan is not None and loaded.plan.accepts(options, len(items)) else None
         padded = plan.pad(items) if plan else items
         scored = any(item.options.with_confidence for item in items)
-        try:
+
+        def generate() -> tuple[dict[str, Any], torch.Tensor, list[float] | None]:
             with torch.inference_mode():
                 inputs = self._prepare(loaded, padded, plan.prompt_length if plan else None)
                 static = {"cache_implementation": "static"} if plan else {}
@@ -434,9 +435,9 @@ class FlorenceCaptioner(TorchCaptioner[_Loaded]):
                     **({"streamer": streamer} if streamer else {}),
                 )
                 scores = self._confidences(loaded, inputs, sequences) if scored else None
-        except torch.cuda.OutOfMemoryError:
-            release_memory()
-            raise OutOfMemory(f"Out of GPU memory on a batch of {len(items)}.", retry_after=5) from None
+            return inputs, sequences, scores
+
+        inputs, sequences, scores = generate_or_out_of_memory(generate, len(items))
         captions = self._decode(loaded, padded, inputs, sequences, options, scores)[: len(items)]
         return [
             caption if item.options.with_confidence else dataclasses.replace(caption, confidence=None)

@@ -21,8 +21,8 @@ import torch
 from PIL import Image
 
 from vision_server.captioner import Caption, CaptionItem, GenerationOptions
-from vision_server.devices import pick_device, pick_dtype, release_memory
-from vision_server.errors import BadRequest, ModelLoadError, OutOfMemory
+from vision_server.devices import generate_or_out_of_memory, pick_device, pick_dtype
+from vision_server.errors import BadRequest, ModelLoadError
 from vision_server.florence.footprint import model_dir_on_disk
 from vision_server.florence.source import resolve_model_dir
 from vision_server.florence.streaming import RowStreamer
@@ -258,23 +258,24 @@ class GenericCaptioner(TorchCaptioner[_Ready]):
     ) -> list[Caption]:
         scored = any(item.options.with_confidence for item in items)
         images = [Image.fromarray(item.image.pixels) for item in items]
-        try:
+
+        def generate() -> tuple[int, Any, list[float] | None]:
             with torch.inference_mode():
                 inputs = self._inputs(ready, images, prompt)
                 start = ready.family.prompt_length(inputs)
-                options = self._within_positions(ready, options, start)
-                streamer = _streamer(ready, items, options, prompt)
+                capped = self._within_positions(ready, options, start)
+                streamer = _streamer(ready, items, capped, prompt)
                 out = ready.loaded.model.generate(
                     **inputs,
-                    **generate_kwargs(options),
+                    **generate_kwargs(capped),
                     **({"streamer": streamer} if streamer else {}),
                     return_dict_in_generate=True,
                     output_scores=scored,
                 )
-                scores = _confidences(ready, out, options) if scored else None
-        except torch.cuda.OutOfMemoryError:
-            release_memory()
-            raise OutOfMemory(f"Out of GPU memory on a batch of {len(items)}.", retry_after=5) from None
+                scores = _confidences(ready, out, capped) if scored else None
+            return start, out, scores
+
+        start, out, scores = generate_or_out_of_memory(generate, len(items))
         captions = [
             self._read_row(ready, row, start, scores[i] if scores else None)
             for i, row in enumerate(out.sequences.tolist())
