@@ -116,6 +116,26 @@ usage_error() {
     exit 2
 }
 
+# printable_into VAR TEXT: TEXT (a file name) on one line, as every report of this project shows
+# names (vision_server.captionfiles.printable): a line break or tab as \n, \r or \t, any other
+# control character as \xNN, so a name can neither cut a message short nor pass for a line of
+# its own (nor send a terminal escape).
+printable_into() {
+    local _t=$2 _i _x _c
+    if [[ $_t == *[[:cntrl:]]* ]]; then
+        _t=${_t//$'\n'/\\n}
+        _t=${_t//$'\r'/\\r}
+        _t=${_t//$'\t'/\\t}
+        for ((_i = 1; _i < 128; _i++)); do
+            ((_i < 32 || _i == 127)) || continue
+            printf -v _x '%02x' "$_i"
+            printf -v _c '%b' "\\x$_x"
+            _t=${_t//"$_c"/\\x$_x}
+        done
+    fi
+    printf -v "$1" '%s' "$_t"
+}
+
 if ((BASH_VERSINFO[0] < 4)); then
     die 2 "needs bash 4 or newer (this is bash $BASH_VERSION)"
 fi
@@ -595,10 +615,7 @@ file_problem_into() {
     *": No such file or directory")
         readlink -- "$2" >"$tmpd/problem" 2>/dev/null || true
         IFS= read -r -d '' _target <"$tmpd/problem" || true
-        _target=${_target%$'\n'}
-        _target=${_target//$'\n'/\\n}
-        _target=${_target//$'\r'/\\r}
-        _target=${_target//$'\t'/\\t}
+        printable_into _target "${_target%$'\n'}"
         printf -v "$1" 'broken symlink (points to %s)' "$_target"
         ;;
     *": Too many levels of symbolic links") printf -v "$1" '%s' "symlink loop" ;;
@@ -708,14 +725,11 @@ total=${#todo[@]}
 # looking for matching `)'", when Ctrl+C reaches it while it waits for a command substitution,
 # and the summary of an interrupted run must still come.
 
-# show_into VAR PATH: the path relative to the folder, with control characters made visible.
-# (The *_into helpers' locals start with "_", so that a caller's VAR is never one of them.)
+# show_into VAR PATH: the path relative to the folder, with control characters made visible
+# (printable_into). (The *_into helpers' locals start with "_", so that a caller's VAR is never
+# one of them.)
 show_into() {
-    local _p=${2#"$folder"/}
-    _p=${_p//$'\n'/\\n}
-    _p=${_p//$'\r'/\\r}
-    _p=${_p//$'\t'/\\t}
-    printf -v "$1" '%s' "$_p"
+    printable_into "$1" "${2#"$folder"/}"
 }
 
 # last_line_into VAR FILE: the last line of FILE (tail -n 1).
@@ -953,22 +967,29 @@ caption_one() {
         fi
     fi
 
+    # stop_if_disk_full MESSAGE: a full disk (or quota, or size limit) stops the run, whether the
+    # write or the rename met it (a folder that must grow for the caption's name): every image
+    # after this one would fail the same way. MESSAGE is a C error message: a full disk is told
+    # apart by its words. Said in the words of vision-client folder and vision-server caption,
+    # the whole path (which disk is full) on one line: the result file is read line by line.
+    stop_if_disk_full() {
+        local where
+        show_into shown "$folder"
+        show_into where "$cap"
+        where=$shown/$where
+        case $1 in
+        *"No space left on device"*) finish abort 1 "cannot write $where: no space left on the device" ;;
+        *"Disk quota exceeded"*) finish abort 1 "cannot write $where: disk quota exceeded: no space left for this user" ;;
+        *"File too large"*) finish abort 1 "cannot write $where: file too large: no space left within the size limit" ;;
+        esac
+    }
+
     # Write beside the image, then rename: the caption file is either complete or untouched.
-    # (C messages: a full disk is told apart by its words.) Flushed to the disk where sync takes a file.
+    # Flushed to the disk where sync takes a file.
     if ! { (LC_ALL=C && set -o noclobber && printf '%s' "$content" >"$tmp") && { ((!sync_files)) || LC_ALL=C sync -- "$tmp"; }; } 2>"$err"; then
         rm -f -- "$tmp"
         last_line_into line "$err"
-        # A full disk (or quota, or size limit) stops the run: every image after this one would
-        # fail the same way. Said in the words of vision-client folder and vision-server caption,
-        # the whole path (which disk is full) on one line: the result file is read line by line.
-        show_into shown "$folder"
-        show_into dir "$cap"
-        shown=$shown/$dir
-        case $line in
-        *"No space left on device"*) finish abort 1 "cannot write $shown: no space left on the device" ;;
-        *"Disk quota exceeded"*) finish abort 1 "cannot write $shown: disk quota exceeded: no space left for this user" ;;
-        *"File too large"*) finish abort 1 "cannot write $shown: file too large: no space left within the size limit" ;;
-        esac
+        stop_if_disk_full "$line"
         show_into dir "${cap%/*}"
         finish fail 1 "cannot write in $dir: $line"
     fi
@@ -1010,10 +1031,11 @@ caption_one() {
         fi
     fi
     renaming=1
-    if ! mv -f -- "$tmp" "$cap" 2>"$err"; then
+    if ! LC_ALL=C mv -f -- "$tmp" "$cap" 2>"$err"; then
         renaming=0
         rm -f -- "$tmp"
         last_line_into line "$err"
+        stop_if_disk_full "$line"
         finish fail 1 "cannot create the caption file: $line"
     fi
     finish ok 0 ""

@@ -54,7 +54,8 @@ Environment:
 
 The image is base64-encoded into a temporary file and streamed to the server, so images of
 any size work (the server may still refuse very large ones with HTTP 413). Temporary files
-are removed on every exit, including Ctrl+C.
+are removed on every exit, including Ctrl+C; those of a run killed with kill -9 (in
+\${TMPDIR:-/tmp}/vision-client.<host>.<pid>.<hex>) are removed by the next run.
 
 Exit status:
   0 success
@@ -231,6 +232,26 @@ trim_into() {
     printf -v "$1" '%s' "$_s"
 }
 
+# printable_into VAR TEXT: TEXT (a file name) on one line, as every report of this project shows
+# names (vision_server.captionfiles.printable): a line break or tab as \n, \r or \t, any other
+# control character as \xNN, so a name can neither cut a message short nor pass for a line of
+# its own (nor send a terminal escape).
+printable_into() {
+    local _t=$2 _i _x _c
+    if [[ $_t == *[[:cntrl:]]* ]]; then
+        _t=${_t//$'\n'/\\n}
+        _t=${_t//$'\r'/\\r}
+        _t=${_t//$'\t'/\\t}
+        for ((_i = 1; _i < 128; _i++)); do
+            ((_i < 32 || _i == 127)) || continue
+            printf -v _x '%02x' "$_i"
+            printf -v _c '%b' "\\x$_x"
+            _t=${_t//"$_c"/\\x$_x}
+        done
+    fi
+    printf -v "$1" '%s' "$_t"
+}
+
 # into VAR COMMAND [ARG...]: VAR=$(COMMAND ARG...) without the $(...): the output goes through
 # $tmpd/into (trailing newlines removed, as $(...) does); the status is COMMAND's.
 into() {
@@ -276,14 +297,35 @@ trap 'cleanup; exit 129' HUP
 trap 'cleanup; exit 130' INT
 trap 'cleanup; exit 143' TERM
 
+# The temporary directory is named vision-client.<host>.<pid>.<8 hex digits>: a run killed with
+# kill -9 (no trap runs) leaves it, the encoded image inside, and a later run removes it when it
+# is this user's, made on this host, by a process that is gone (kill -0 fails), as the folder
+# script sweeps its work directories. A pid in use again keeps it until that process ends;
+# another host's (a TMPDIR shared over the network) and the vision-client.<8 hex digits>
+# directories of earlier versions (no pid to tell by) are never touched.
+tmp_prefix="${TMPDIR:-/tmp}/vision-client.${HOSTNAME:-}."
+
+# sweep_dead_tmpdirs: remove what killed runs left (see tmp_prefix); one look at TMPDIR.
+sweep_dead_tmpdirs() {
+    local dead pid
+    for dead in "$tmp_prefix"*; do
+        [[ ${dead#"$tmp_prefix"} =~ ^([1-9][0-9]{0,9})\.[0-9a-f]{8}$ ]] || continue
+        pid=${BASH_REMATCH[1]}
+        [[ -d $dead && ! -L $dead && -O $dead ]] || continue
+        if ((pid == $$)) || kill -0 "$pid" 2>/dev/null; then continue; fi
+        rm -rf -- "$dead" 2>/dev/null || true
+    done
+}
+
 # new_tmpdir: what mktemp -d does (mkdir fails on any existing name), but without a $(...).
 new_tmpdir() {
     local dir tries
+    sweep_dead_tmpdirs
     for ((tries = 0; tries < 100; tries++)); do
         if [[ -n ${SRANDOM:-} ]]; then # bash 5.1+
-            printf -v dir '%s/vision-client.%08x' "${TMPDIR:-/tmp}" "$SRANDOM"
+            printf -v dir '%s%s.%08x' "$tmp_prefix" "$$" "$SRANDOM"
         else
-            printf -v dir '%s/vision-client.%04x%04x' "${TMPDIR:-/tmp}" "$RANDOM" "$RANDOM"
+            printf -v dir '%s%s.%04x%04x' "$tmp_prefix" "$$" "$RANDOM" "$RANDOM"
         fi
         new_dir=$dir
         if mkdir -- "$dir"; then
@@ -583,7 +625,7 @@ get_json() {
 # Commands
 
 cmd_caption() {
-    local prompt=$1 image=$2 prompt_json model_json caption start
+    local prompt=$1 image=$2 prompt_json model_json caption start shown
     local -a codes
     trim_into prompt "$prompt"
     prompt=${prompt#<}
@@ -592,10 +634,11 @@ cmd_caption() {
     [[ -n $prompt ]] || usage_error "the prompt is empty"
     prompt="<${prompt^^}>"
 
+    printable_into shown "$image"
     if [[ $image != - ]]; then
-        [[ -e $image ]] || die "$EXIT_USAGE" "no such file: $image"
-        [[ -f $image && -r $image ]] || die "$EXIT_USAGE" "not a readable file: $image"
-        [[ -s $image ]] || die "$EXIT_USAGE" "the file is empty (0 bytes): $image"
+        [[ -e $image ]] || die "$EXIT_USAGE" "no such file: $shown"
+        [[ -f $image && -r $image ]] || die "$EXIT_USAGE" "not a readable file: $shown"
+        [[ -s $image ]] || die "$EXIT_USAGE" "the file is empty (0 bytes): $shown"
     fi
     new_tmpdir
     if [[ $image == - ]]; then
@@ -623,7 +666,7 @@ cmd_caption() {
         codes=("${PIPESTATUS[@]}")
         # tr failing to write is a full disk (base64 then dies of SIGPIPE); else the image.
         ((codes[1] == 0)) || tmp_full "$tmpd/body"
-        die "$EXIT_USAGE" "cannot read or encode $image"
+        die "$EXIT_USAGE" "cannot read or encode $shown"
     fi
     printf '"}' >>"$tmpd/body" 2>/dev/null || tmp_full "$tmpd/body"
 

@@ -12,6 +12,7 @@ half caption or torn JSONL line, and a rerun once space is free captions each im
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -25,7 +26,7 @@ import pytest
 
 from tests.support import images, paths
 from tests.support.bulk_data import caption_command, cli_env
-from tests.support.full_disk import PAGE, fill, small_disk
+from tests.support.full_disk import PAGE, fill, fill_exactly, small_disk, small_ext2_disk
 from tests.support.processes import ServerProcess, http_json
 
 IMAGES = 40
@@ -241,6 +242,48 @@ def test_folder_script_stops_when_the_disk_fills(tiny_server_url: str, tmp_path:
     assert again.returncode == 0, again.stderr
     assert all(path.with_suffix(".txt").read_text().strip() for path in data.glob("*.png"))
     assert leftovers(disk) == []
+
+
+def test_folder_script_stops_when_a_caption_rename_finds_the_disk_full(
+    tiny_server_url: str, tmp_path: Path
+) -> None:
+    """The caption is written, but renaming it into place needs room the disk no longer has (a
+    folder whose blocks are full must take one more for the caption's name): the run stops at
+    that image, as at any full-disk write, instead of failing it and every image after it with
+    "cannot create the caption file: mv: ... No space left on device". On ext2, as tmpfs never
+    refuses a rename; the rerun with space free captions all of them."""
+    with small_ext2_disk(tmp_path / "disk") as root:
+        data = root / "data"
+        stems = [f"img{n}_" + "x" * 120 for n in range(3)]  # a caption's name takes 136 bytes of folder
+        for n, stem in enumerate(stems):
+            images.save(data / f"{stem}.png", n, (16, 16))
+        spare = root / "spare"
+        spare.write_bytes(b"\0" * 1024)  # one block: the caption (32 tokens at most) fits in it
+        filler = fill_exactly(root)
+        pads = 0
+        with contextlib.suppress(OSError):  # till the folder cannot grow: its last block is full
+            while True:
+                (data / f".pad{pads:032d}").touch()  # a name as long as the temporary caption's
+                pads += 1
+        (data / f".pad{pads - 1:032d}").unlink()  # room for the temporary caption's name only
+        spare.unlink()
+        env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_")}
+        env["TMPDIR"] = str(tmp_path)
+        command = [str(FOLDER_SCRIPT), "--url", tiny_server_url, "--jobs", "1", "CAPTION", "txt", str(data)]
+        full = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+        assert full.returncode == 1, full.stderr
+        assert_stopped_once(full.stderr, f"cannot write {data}/{stems[0]}.txt: no space left on the device")
+        assert "Stopped early, 3 image(s) not attempted" in full.stderr, full.stderr  # that one too
+        assert leftovers(root) == []
+        assert list(data.glob("*.txt")) == []
+
+        filler.unlink()
+        again = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+
+        assert again.returncode == 0, again.stderr
+        assert all((data / f"{stem}.txt").read_text().strip() for stem in stems)
+        assert leftovers(root) == []
 
 
 def test_folder_script_says_at_once_when_its_temporary_directory_is_full(

@@ -260,6 +260,128 @@ def test_local_problems(tmp_path: Path) -> None:
         assert result.stderr
 
 
+def test_client_names_the_image_on_one_line_whatever_its_name_holds(tmp_path: Path) -> None:
+    r"""The messages "no such file", "not a readable file" and "the file is empty" name the image
+    with its line break, tab and other control characters made visible (``\n``, ``\t``, ``\xNN``), as every
+    report of the project names files. The name went out raw: a newline cut the folder script's
+    reason (the message's last line) down to the name's tail, or made it pass for a line of its
+    own, and an escape sequence reached the terminal."""
+    name = "photo\nvision-client.sh: HTTP 200\t\x1b[31m.png"
+    shown = "photo\\nvision-client.sh: HTTP 200\\t\\x1b[31m.png"
+    missing = tmp_path / "missing" / name
+    folder = tmp_path / "folder" / name
+    folder.mkdir(parents=True)
+    empty = tmp_path / "empty" / name
+    empty.parent.mkdir()
+    empty.touch()
+    for path, said in (
+        (missing, "no such file"),
+        (folder, "not a readable file"),
+        (empty, "the file is empty (0 bytes)"),
+    ):
+        result = run(CLIENT, "CAPTION", str(path))
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == f"vision-client.sh: {said}: {path.parent}/{shown}\n"
+
+
+def test_folder_names_an_image_gone_since_the_listing_on_one_line(tmp_path: Path, tmpdir_env: Path) -> None:
+    r"""An image deleted after the run listed it fails with vision-client.sh's "no such file",
+    its name on one line. The reason was the last line of that message: only the tail of a name
+    with a newline in it ("spoof\x07.png")."""
+    root = tmp_path / "data"
+    _, gone = make_tree(root, ["a.png", "b\nspoof\x07.png"])
+    command = [str(FOLDER), "--url", "", "--jobs", "1", "CAPTION", "txt", str(root)]
+    # The first image's request is answered "busy, come back in 3 s": the second is deleted then,
+    # before the script (one request at a time) gets to it.
+    with StandIn(busy_first=1, busy_retry_after="3") as stand_in:
+        command[2] = stand_in.url
+        proc = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=base_env(tmpdir_env)
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not stand_in.posts() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(stand_in.posts()) == 1
+            gone.unlink()
+            _, stderr = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert proc.returncode == 1, stderr
+    assert f"  b\\nspoof\\x07.png: no such file: {root}/b\\nspoof\\x07.png\n" in stderr, stderr
+    assert "spoof\x07" not in stderr, stderr
+
+
+def test_client_killed_with_kill_9_leaves_its_files_to_the_next_run(tmp_path: Path, tmpdir_env: Path) -> None:
+    """kill -9 (script and curl, while the request is in flight): no trap runs, and the
+    temporary directory (the encoded image, the curl config with the API key) stays. The next
+    run removes it; it stayed for good."""
+    image = save_image(tmp_path / "a.png", 0)
+    env = base_env(tmpdir_env)
+    with StandIn(hang=True) as hanging:
+        proc = subprocess.Popen(
+            ["bash", str(CLIENT), "--url", hanging.url, "CAPTION", str(image)],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            while not hanging.posts() and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert len(hanging.posts()) == 1
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    [left] = list(tmpdir_env.iterdir())
+    assert left.name.startswith("vision-client.") and (left / "curlrc").exists()
+    with StandIn() as stand_in:
+        again = run(CLIENT, "--url", stand_in.url, "CAPTION", str(image), env=env)
+    assert again.returncode == 0, again.stderr
+    assert list(tmpdir_env.iterdir()) == []
+
+
+def test_client_removes_only_the_temporary_directories_of_gone_runs(tmp_path: Path, tmpdir_env: Path) -> None:
+    """A leftover is named vision-client.<host>.<pid>.<hex>: removed when the host is this one and
+    the process is gone; a live run's, another host's, an older version's (no pid), a name the
+    script does not make and a symlink stay."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+
+    def temp_dir(name: str) -> Path:
+        path = tmpdir_env / name
+        path.mkdir()
+        (path / "body").write_text("{}")
+        return path
+
+    dead = temp_dir(f"vision-client.testhost.{gone.pid}.0123abcd")
+    kept = [
+        temp_dir(f"vision-client.testhost.{os.getpid()}.0123abcd"),  # a live run's
+        temp_dir(f"vision-client.otherhost.{gone.pid}.0123abcd"),  # another host's: its pids are not ours
+        temp_dir("vision-client.0123abcd"),  # older versions': no pid to tell by
+        temp_dir(f"vision-client.testhost.{gone.pid}.0123abcd.mine"),  # not a name the script makes
+    ]
+    (tmpdir_env / f"vision-client.testhost.{gone.pid}.89abcdef").symlink_to(kept[0])  # a link: left alone
+    kept.append(tmpdir_env / f"vision-client.testhost.{gone.pid}.89abcdef")
+    image = save_image(tmp_path / "a.png", 0)
+    with StandIn() as stand_in:
+        result = run(
+            CLIENT,
+            "--url",
+            stand_in.url,
+            "CAPTION",
+            str(image),
+            env=base_env(tmpdir_env, HOSTNAME="testhost"),
+        )
+    assert result.returncode == 0, result.stderr
+    assert not dead.exists()
+    assert all(path.is_dir() for path in kept) and (kept[0] / "body").exists()
+    assert sorted(p.name for p in tmpdir_env.iterdir()) == sorted(p.name for p in kept)  # its own went too
+
+
 def test_dead_server(tmp_path: Path, tmpdir_env: Path) -> None:
     image = save_image(tmp_path / "p.png", 1)
     dead = f"http://127.0.0.1:{free_port()}"
