@@ -361,3 +361,17 @@ async def test_a_form_of_thousands_of_parts_is_a_400(
         async with session.post(path, data=few, headers=headers) as response:
             assert response.status == 200, await response.text()
     assert not tracebacks(caplog)
+
+
+async def test_a_megabyte_keep_alive_is_a_400(tiny_short: Settings) -> None:
+    """A duration string is read in the event loop: 8 MB of "1h1h..." held every request for 4 s."""
+    async with running_server(tiny_short) as url, ClientSession(url) as session:
+        for path, body in json_bodies(keep_alive="1h" * 500_000).items():
+            async with session.post(path, json=body) as response:
+                assert response.status == 400, (path, await response.text())
+                message = message_of(path, await response.json())
+            assert "1000000 characters" in message and "'keep_alive' must be" in message, (path, message)
+        async with session.post(
+            "/process_image", json=json_bodies(keep_alive="1h30m")["/process_image"]
+        ) as r:
+            assert r.status == 200 and r.headers["X-Keep-Alive"] == "5400"

@@ -24,6 +24,9 @@ _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _DURATION = re.compile(rf"([+-])?((?:{_NUMBER}(?:ns|us|µs|ms|s|m|h))+)")
 _PART = re.compile(rf"({_NUMBER})(ns|us|µs|ms|s|m|h)")
 HINT = "seconds (300), or a duration such as '10m', '1h30m' or '-1' (keep loaded)"
+# A duration is read in the event loop, about 0.1 s a megabyte: an 8 MB "1h1h1h..." stalled every
+# request for 4 s. Real ones are a few characters.
+MAX_KEEP_ALIVE_CHARS = 64
 
 
 def parse_keep_alive(value: object) -> float | None:
@@ -32,6 +35,12 @@ def parse_keep_alive(value: object) -> float | None:
         return None
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise InvalidParameter("keep_alive", f"'keep_alive' must be {HINT}, not {type(value).__name__}.")
+    if isinstance(value, str) and len(value) > MAX_KEEP_ALIVE_CHARS:
+        raise InvalidParameter(
+            "keep_alive",
+            f"'keep_alive' must be {HINT}, not a string of {len(value)} characters "
+            f"(the limit is {MAX_KEEP_ALIVE_CHARS}).",
+        )
     seconds = _seconds(value.strip()) if isinstance(value, str) else _number(value)
     if seconds is None or not math.isfinite(seconds):
         raise InvalidParameter("keep_alive", f"'keep_alive' must be {HINT}, not {shown(value)}.")
