@@ -116,10 +116,15 @@ class _WatchedLogFile(_SaysWhenFull, logging.handlers.WatchedFileHandler):
 
 
 def file_handler(path: Path) -> logging.Handler:
-    """On POSIX reopen the file when logrotate moves it away; Windows cannot rename an open file."""
+    """On POSIX reopen the file when logrotate moves it away; Windows cannot rename an open file.
+
+    ``backslashreplace``: a line may quote what a client sent, and bytes that are not UTF-8 in a
+    header reach Python as lone surrogates (``\\udcff``), which strict UTF-8 cannot write. The
+    whole line was then lost from the file (a client could keep its refused requests out of the
+    log) and a traceback went to stderr; now the odd bytes are written as escapes, as on stderr."""
     if sys.platform == "win32":
-        return _SaysWhenFull(path, encoding="utf-8")
-    return _WatchedLogFile(path, encoding="utf-8")
+        return _SaysWhenFull(path, encoding="utf-8", errors="backslashreplace")
+    return _WatchedLogFile(path, encoding="utf-8", errors="backslashreplace")
 
 
 def configure_logging(level: str = "info", fmt: str = "text", file: Path | None = None) -> None:
