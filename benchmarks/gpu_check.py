@@ -21,7 +21,8 @@ its results.
 
 The GPU machine has no package registry: only what its image holds. Wheels of anything else go
 in the git-ignored folder ``.whl`` at the repository root (BENCHMARKS.md, "GPU check"); they are
-unpacked into the work dir when the package is not installed there.
+unpacked into the work dir when the package is not installed there, or is older than
+pyproject.toml's floor for it (an image's transformers before 5.4).
 
     PYTHONPATH=. python benchmarks/gpu_check.py --out /tmp/gpu-check
     PYTHONPATH=. python benchmarks/gpu_check.py --smoke --out /tmp/gpu-check-smoke
@@ -35,6 +36,7 @@ import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -497,22 +499,29 @@ def run_one(check: Check, entry: dict[str, Any], func: Callable[..., dict[str, A
 # --- packages the GPU machine lacks -----------------------------------------------------------
 
 
-def prepare_packages(workdir: Path) -> tuple[list[str], list[str]]:
-    """Unpack the wheels in .whl whose package is not installed; shim platformdirs from pip if need be.
+def prepare_packages(workdir: Path, floors: dict[str, str] | None = None) -> tuple[list[str], list[str]]:
+    """Unpack the wheels in .whl whose package is missing or older than the project's floor for it
+    (``floors``, default: pyproject.toml's); shim platformdirs from pip if need be.
 
-    Returns the folders to put on the children's PYTHONPATH and a note per decision.
+    An unpacked wheel goes ahead of the installed copy on the children's ``PYTHONPATH``. Returns
+    those folders and a note per decision.
     """
+    floors = project_floors() if floors is None else floors
     site, notes = workdir / "site", []
     for wheel in sorted(WHEELS.glob("*.whl")):
         dist = wheel.name.split("-")[0]
+        floor = floors.get(normalized(dist))
         try:
-            notes.append(f"{dist} {importlib.metadata.version(dist)} installed; {wheel.name} not used")
-            continue
+            installed: str | None = importlib.metadata.version(dist)
         except importlib.metadata.PackageNotFoundError:
-            pass
+            installed = None
+        if installed is not None and (floor is None or release(installed) >= release(floor)):
+            notes.append(f"{dist} {installed} installed; {wheel.name} not used")
+            continue
         with zipfile.ZipFile(wheel) as archive:
             archive.extractall(site)
-        notes.append(f"{dist}: not installed, unpacked {wheel.name}")
+        why = "not installed" if installed is None else f"{installed} installed, older than >={floor}"
+        notes.append(f"{dist}: {why}; unpacked {wheel.name}")
     has_platformdirs = importlib.util.find_spec("platformdirs") or (site / "platformdirs").exists()
     if not has_platformdirs and pip_vendors_platformdirs():
         site.mkdir(parents=True, exist_ok=True)
@@ -522,6 +531,41 @@ def prepare_packages(workdir: Path) -> tuple[list[str], list[str]]:
         )
         notes.append("platformdirs: not installed and no wheel in .whl; using the copy vendored in pip")
     return ([str(site)] if site.exists() else []), notes
+
+
+def project_floors() -> dict[str, str]:
+    """``name >= version`` of each runtime dependency in pyproject.toml, by normalized name."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: no floors known, so only missing packages are unpacked
+        return {}
+    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    floors = {}
+    for requirement in project["dependencies"]:
+        name, _, rest = requirement.partition(">=")
+        if rest:
+            floors[normalized(name)] = rest.split(",")[0].split(";")[0].strip()
+    return floors
+
+
+def normalized(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(".", "_")
+
+
+def release(version: str) -> tuple[int, ...]:
+    """The numeric release of a version: ``2.13.0+cpu`` -> (2, 13), ``5.4`` == ``5.4.0``; a
+    pre-release tag (``5.4.0rc1``) is ignored."""
+    numbers = []
+    for part in version.split("+")[0].split("."):
+        digits = re.match(r"\d+", part)
+        if digits is None:
+            break
+        numbers.append(int(digits.group()))
+        if digits.group() != part:
+            break
+    while numbers and numbers[-1] == 0:
+        numbers.pop()
+    return tuple(numbers)
 
 
 def pip_vendors_platformdirs() -> bool:
@@ -541,13 +585,25 @@ def child_env(extra_paths: list[str], workdir: Path) -> dict[str, str]:
     return env
 
 
-def write_outputs(check: Check) -> None:
+def write_outputs(check: Check) -> str:
+    """Write the three files; returns the table. The report code has only seen CPU figures: if it
+    fails on the GPU's, the JSON (every step's figures) and the log are still written."""
     check.report["elapsed_s"] = round(time.monotonic() - check.started, 1)
-    check.report["targets"] = gpu_report.evaluate_targets(check.report)
+    try:
+        check.report["targets"] = gpu_report.evaluate_targets(check.report)
+        table = gpu_report.markdown(check.report)
+        check.report.pop("report_error", None)
+    except Exception as exc:
+        check.report["report_error"] = f"{type(exc).__name__}: {exc}"
+        table = (
+            f"## GPU check\n\nThe table could not be made (gpu_report: {check.report['report_error']}); "
+            "every step's figures are in gpu_check.json.\n"
+        )
     check.out.mkdir(parents=True, exist_ok=True)
     atomic_write(check.out / "gpu_check.json", json.dumps(check.report, indent=2, default=str))
-    atomic_write(check.out / "gpu_check.md", gpu_report.markdown(check.report))
+    atomic_write(check.out / "gpu_check.md", table)
     atomic_write(check.out / "gpu_check.log", "\n\n".join(check.log) + "\n")
+    return table
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -608,13 +664,13 @@ def main() -> int:
         check.report["interrupted"] = str(exc)
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        write_outputs(check)
+        table = write_outputs(check)
         if args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)
-    print(gpu_report.markdown(check.report))
+    print(table)
     print(f"[gpu_check] wrote {check.out / 'gpu_check.json'}, gpu_check.md and gpu_check.log")
     bad = [n for n, e in check.report["steps"].items() if e["status"] not in ("ok",) and n in wanted]
-    return 1 if bad or check.report.get("interrupted") else 0
+    return 1 if bad or check.report.get("interrupted") or check.report.get("report_error") else 0
 
 
 if __name__ == "__main__":

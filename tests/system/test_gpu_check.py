@@ -128,6 +128,47 @@ def test_steps_that_would_overrun_are_skipped_and_reported(gpu_check: ModuleType
     )
 
 
+def test_a_step_that_raises_is_reported_and_the_next_step_still_runs(
+    gpu_check: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug in one step (a KeyError on a figure the GPU run names differently) must not cost
+    the steps after it, nor the report."""
+
+    def broken(check: object, timeout: float) -> dict[str, object]:
+        raise KeyError("throughput_img_s")
+
+    def fine(check: object, timeout: float) -> dict[str, object]:
+        return {"note": "ran"}
+
+    monkeypatch.setattr(gpu_check, "STEPS", [("versions", "broken", broken), ("prepare", "fine", fine)])
+    check = gpu_check.Check(gpu_check.SMOKE, tmp_path / "out", tmp_path, env=dict(os.environ))
+    check.report = {"started": "now", "finished": None, "plan": vars(gpu_check.SMOKE), "steps": {}}
+    gpu_check.run_steps(check, ["versions", "prepare"])
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text(encoding="utf-8"))
+    assert report["steps"]["versions"]["status"] == "failed"
+    assert report["steps"]["versions"]["reason"] == "KeyError: 'throughput_img_s'"
+    assert report["steps"]["prepare"]["status"] == "ok" and report["steps"]["prepare"]["reason"] == "ran"
+    table = (tmp_path / "out" / "gpu_check.md").read_text(encoding="utf-8")
+    assert "| versions | failed | 0 | KeyError: 'throughput_img_s' |" in table
+
+
+def test_a_report_the_table_code_cannot_read_still_leaves_the_figures(
+    gpu_check: ModuleType, tmp_path: Path
+) -> None:
+    """gpu_report has only seen CPU figures: if the GPU's trip it up, the JSON and log still come
+    back (a report without its plan stands in for figures of an unexpected shape)."""
+    check = gpu_check.Check(gpu_check.SMOKE, tmp_path / "out", tmp_path, env=dict(os.environ))
+    check.report = {"started": "now", "finished": None, "steps": {"versions": {"status": "ok", "data": {}}}}
+    check.log.append("===== versions: probe")
+    table = gpu_check.write_outputs(check)
+    report = json.loads((tmp_path / "out" / "gpu_check.json").read_text(encoding="utf-8"))
+    assert report["steps"]["versions"]["status"] == "ok"
+    assert report["report_error"].startswith("KeyError")
+    assert (tmp_path / "out" / "gpu_check.md").read_text(encoding="utf-8") == table
+    assert "every step's figures are in gpu_check.json" in table
+    assert "===== versions: probe" in (tmp_path / "out" / "gpu_check.log").read_text(encoding="utf-8")
+
+
 def test_an_outer_timeout_stops_the_step_and_leaves_the_report(tmp_path: Path) -> None:
     """``timeout 570 python gpu_check.py`` sends SIGTERM: the running step stops, the files stay."""
     out = tmp_path / "out"
@@ -180,6 +221,35 @@ def test_missing_packages_come_from_wheels_or_pips_platformdirs(
         [sys.executable, "-c", probe], env=env, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "vision-server" in result.stdout, result.stderr
+
+
+def test_a_wheel_replaces_an_installed_package_older_than_the_projects_floor(
+    gpu_check: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An image whose transformers is older than pyproject's floor gets the carried wheel, ahead
+    of its own copy; one that meets the floor keeps its own."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "pytest-999.0-py3-none-any.whl", "w") as archive:
+        archive.writestr("pytest/__init__.py", "CARRIED = True\n")
+    monkeypatch.setattr(gpu_check, "WHEELS", wheels)
+    _, notes = gpu_check.prepare_packages(tmp_path / "old", floors={"pytest": "999"})
+    assert (tmp_path / "old" / "site" / "pytest" / "__init__.py").is_file()
+    assert any(note.startswith("pytest: ") and "older than >=999; unpacked" in note for note in notes)
+    _, notes = gpu_check.prepare_packages(tmp_path / "new", floors={"pytest": "1.0"})
+    assert not (tmp_path / "new" / "site" / "pytest").exists()
+    assert any("pytest-999.0-py3-none-any.whl not used" in note for note in notes)
+
+
+def test_the_floors_come_from_pyproject_and_compare_by_release(gpu_check: ModuleType) -> None:
+    floors = gpu_check.project_floors()
+    assert floors["huggingface_hub"] and floors["prometheus_client"]  # names normalized
+    # transformers 5.0-5.3 lack the PIL image processors (CLIPImageProcessorPil...) the test
+    # models use: gpu_check's import probe failed on 5.0.0 and 5.3.0, passed on 5.4.0 and 5.17.0.
+    assert gpu_check.release(floors["transformers"]) >= (5, 4)
+    release = gpu_check.release
+    assert release("2.13.0+cpu") > release("2.4") and release("5.4") == release("5.4.0")
+    assert release("5.17.0") > release("5.4") > release("5.3.0") and release("5.4.0rc1") == (5, 4)
 
 
 def test_without_cuda_the_full_check_stops_after_the_versions(tmp_path: Path) -> None:
