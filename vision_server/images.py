@@ -49,6 +49,7 @@ JPEG_DRAFT_SIZE = 768
 # minutes. Encoders write about 10 (libjpeg's progressive script) to a few dozen; 500 scans of
 # the largest allowed image (8000x8000) decode in about 3 s on one core.
 MAX_JPEG_SCANS = 500
+TIFF_TILE_WIDTH, TIFF_TILE_LENGTH = 322, 323  # TIFF tag numbers
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,8 @@ def _open_header(data: bytes, max_pixels: int, source: ImageSource) -> Image.Ima
     with _as_client_errors(max_pixels, source):
         image: Image.Image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)
         _check_pixels(image, max_pixels, source)
+        if image.format == "TIFF":
+            _check_tiles(image, max_pixels)
         if image.format in ("JPEG", "MPO"):
             _check_scans(data)
         if image.format == "JPEG" and min(image.size) >= 2 * JPEG_DRAFT_SIZE:
@@ -181,7 +184,7 @@ def _decoded(
     and its pixels handed back to the budget when the block ends."""
     image = _open_header(data, max_pixels, source)
     try:
-        with budget.hold(image.width * image.height) if budget else _nothing():
+        with budget.hold(pixels_to_decode(image)) if budget else _nothing():
             rgb = _load_rgb(image, max_pixels, source)
             try:
                 yield rgb
@@ -255,6 +258,36 @@ def _check_pixels(image: Image.Image, max_pixels: int, source: ImageSource) -> N
         )
     if width < 1 or height < 1:
         raise InvalidImage(f"image has no pixels ({width}x{height})")
+
+
+def tiff_tile_pixels(image: Image.Image) -> int:
+    """Pixels in one tile of a tiled TIFF (0 for any other image).
+
+    A TIFF is decoded a tile at a time, into a buffer of the tile's size whatever the image's:
+    a 64x64 image declaring one 4096x262144 tile (1 MB of deflate) took 1 GB and 8 s to decode,
+    past a pixel check that saw 4096 pixels."""
+    tags = getattr(image, "tag_v2", None)
+    if image.format != "TIFF" or tags is None:
+        return 0
+    try:
+        return int(tags.get(TIFF_TILE_WIDTH) or 0) * int(tags.get(TIFF_TILE_LENGTH) or 0)
+    except (TypeError, ValueError):
+        raise InvalidImage("the TIFF's tile size is not a number") from None
+
+
+def pixels_to_decode(image: Image.Image) -> int:
+    """What decoding ``image`` holds at once, in pixels: the image, or a larger TIFF tile."""
+    return max(image.width * image.height, tiff_tile_pixels(image))
+
+
+def _check_tiles(image: Image.Image, max_pixels: int) -> None:
+    tile = tiff_tile_pixels(image)
+    if tile > max_pixels:
+        raise PayloadTooLarge(
+            f"Image is stored in tiles of {tile} pixels each (its size is {image.width}x"
+            f"{image.height}); the limit is {max_pixels}. Re-save it untiled, or with tiles of a "
+            "usual size such as 256x256."
+        )
 
 
 def _check_scans(data: bytes) -> None:

@@ -13,6 +13,8 @@ Each of these was found by throwing odd requests at ``vision-server serve --mode
   its 200, with a 500 written into it);
 - a client that left a streamed request for several images while they were captioned: the late
   reply to a closed connection was logged as an unhandled error, counted as a 500;
+- a TIFF whose one tile is far larger than the image (64x64 pixels in a 4096x262144 tile): the
+  tile is decoded whole, past a pixel check that saw 4096 pixels (1 MB took 1 GB);
 - a progressive JPEG of thousands of near-empty scans: each is one more pass over the whole
   image, so a 1 MB file of 100,000 over 8000x8000 pixels held a decode thread (and the whole
   decode budget) for minutes; it is now a 400 before any pixel is decoded.
@@ -29,7 +31,9 @@ import dataclasses
 import io
 import json
 import logging
+import struct
 import threading
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -375,3 +379,49 @@ async def test_a_megabyte_keep_alive_is_a_400(tiny_short: Settings) -> None:
             "/process_image", json=json_bodies(keep_alive="1h30m")["/process_image"]
         ) as r:
             assert r.status == 200 and r.headers["X-Keep-Alive"] == "5400"
+
+
+# --- a TIFF tile larger than its image -------------------------------------------------------------
+
+
+def tiled_tiff(size: int, tile: tuple[int, int]) -> bytes:
+    """A greyscale ``size`` x ``size`` TIFF stored as one deflated tile of ``tile`` (zeros)."""
+    payload = zlib.compress(b"\0" * (tile[0] * tile[1]), 9)
+    ifd_at = 8 + len(payload) + len(payload) % 2
+    long, short = 4, 3
+    tags = [
+        (256, long, size), (257, long, size), (258, short, 8), (259, short, 8), (262, short, 1),
+        (277, short, 1), (322, long, tile[0]), (323, long, tile[1]), (324, long, 8),
+        (325, long, len(payload)),
+    ]  # fmt: skip
+    entries = b"".join(
+        struct.pack("<HHII", tag, kind, 1, value)
+        if kind == long
+        else struct.pack("<HHIHH", tag, kind, 1, value, 0)
+        for tag, kind, value in tags
+    )
+    head = b"II*\0" + struct.pack("<I", ifd_at) + payload
+    return head.ljust(ifd_at, b"\0") + struct.pack("<H", len(tags)) + entries + struct.pack("<I", 0)
+
+
+async def test_a_tiff_tile_over_the_pixel_limit_is_a_413_in_every_family(
+    tiny_short: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    bomb = tiled_tiff(64, (8192, 8192))  # 64 KB for 67 million pixels in one tile
+    assert len(bomb) < 100_000
+    encoded = base64.b64encode(bomb).decode()
+    async with running_server(tiny_short) as url, ClientSession(url) as session:
+        for path, body in json_bodies(jpeg=encoded).items():
+            async with session.post(path, json=body) as response:
+                assert response.status == 413, (path, await response.text())
+                message = message_of(path, await response.json())
+            assert "tiles of 67108864 pixels" in message and "64x64" in message, (path, message)
+        form = FormData()
+        form.add_field("image", bomb, filename="bomb.tif")
+        async with session.post("/caption", data=form) as response:
+            assert response.status == 413, await response.text()
+        form = FormData()
+        form.add_field("image", tiled_tiff(64, (64, 64)), filename="tiled.tif")  # an ordinary tiled one
+        async with session.post("/caption", data=form) as response:
+            assert response.status == 200, await response.text()
+    assert not tracebacks(caplog)
