@@ -1,19 +1,21 @@
 """``benchmarks/gpu_check.py --smoke`` as a test, so the GPU check cannot rot before a GPU comes.
 
-Every step runs for real on the CPU with the tiny model (90-110 s: six child processes, two of
-them servers); the CUDA-only parts must be skipped and say so. It checks the JSON and the
-Markdown the script leaves, not how fast anything is. That run is marked ``slow`` like the other
-benchmark smoke runs (leave it out with ``pytest -m "not slow"``); the quick tests below check
-that a step past its budget or an outer ``timeout`` stops the step's processes and still leaves
-the report.
+Every step runs for real on the CPU with the tiny model (90-130 s: six child processes, two of
+them servers), with only the GPU image's packages importable; the CUDA-only parts must be
+skipped and say so. It checks the JSON and the Markdown the script leaves, not how fast anything
+is. That run is marked ``slow`` like the other benchmark smoke runs (leave it out with
+``pytest -m "not slow"``); the quick tests below check that a step past its budget, one that
+raises, or an outer ``timeout`` still leaves the report, and which carried wheels are used.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -29,10 +31,80 @@ BENCH = paths.BENCHMARKS / "gpu_check.py"
 STEPS = ["versions", "prepare", "cuda_tests", "serve_eager", "serve_compiled", "model_bench"]
 
 
+# What the GPU image holds (BENCHMARKS.md, "GPU check"); platformdirs comes from .whl or pip.
+IMAGE = {
+    "torch", "transformers", "tokenizers", "safetensors", "huggingface_hub", "peft", "aiohttp", "click",
+    "pillow", "numpy", "prometheus_client", "tqdm", "psutil", "pytest", "filelock", "platformdirs",
+}  # fmt: skip
+
+
+def hidden_modules() -> list[str]:
+    """The top-level modules of every dependency in pyproject.toml (extras too), and of what they
+    pull in, that the image lacks (what the image's packages pull in stays)."""
+    import tomllib
+
+    project = tomllib.loads((paths.REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
+    wanted = [
+        *project["dependencies"],
+        *(r for extra in project["optional-dependencies"].values() for r in extra),
+    ]
+    lacking = installed_closure({requirement_name(r) for r in wanted} - IMAGE) - installed_closure(IMAGE)
+    return sorted(
+        module
+        for module, dists in importlib.metadata.packages_distributions().items()
+        if module.isidentifier() and any(requirement_name(d) in lacking for d in dists)
+    )
+
+
+def requirement_name(requirement: str) -> str:
+    return (
+        re.split(r"[\[<>=!~; (]", requirement.strip(), maxsplit=1)[0]
+        .lower()
+        .replace("-", "_")
+        .replace(".", "_")
+    )
+
+
+def installed_closure(names: set[str]) -> set[str]:
+    """``names`` and, transitively, what they require when installed (extras' needs left out)."""
+    seen, todo = set(), list(names)
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        try:
+            requires = importlib.metadata.requires(name) or []
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        todo += [requirement_name(r) for r in requires if "extra ==" not in r]
+    return seen
+
+
+def image_like_env(tmp_path: Path) -> dict[str, str]:
+    """This venv as the GPU image sees it: a ``sitecustomize`` on the path makes every module
+    the image lacks unimportable in each process (children and servers too), and no pytest
+    plugin loads (the image has plain pytest)."""
+    site = tmp_path / "image-site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(
+        f"import sys\nfor name in {hidden_modules()!r}:\n    sys.modules[name] = None\n"
+    )
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_SERVER_")}
+    env["PYTHONPATH"] = os.pathsep.join([str(paths.REPO), str(site), env.get("PYTHONPATH", "")])
+    env["PYTEST_DISABLE_PLUGIN_AUTOLOAD"] = "1"
+    return env
+
+
 @pytest.mark.slow
 def test_gpu_check_smoke_runs_every_step_and_reports(tmp_path: Path) -> None:
-    env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_SERVER_")}
-    env["PYTHONPATH"] = os.pathsep.join([str(paths.REPO), env.get("PYTHONPATH", "")])
+    """With only the image's packages importable: a module that the check reaches importing one
+    the image lacks (pyarrow, pytest-asyncio...) fails here, not in the GPU window."""
+    env = image_like_env(tmp_path)
+    probe = subprocess.run(
+        [sys.executable, "-c", "import pyarrow"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert probe.returncode != 0 and "ModuleNotFoundError" in probe.stderr, "the image's view is not in force"
     out = tmp_path / "out"
     result = subprocess.run(
         [sys.executable, str(BENCH), "--smoke", "--out", str(out), "--workdir", str(tmp_path / "work")],
