@@ -518,8 +518,12 @@ def prepare_packages(workdir: Path, floors: dict[str, str] | None = None) -> tup
         if installed is not None and (floor is None or release(installed) >= release(floor)):
             notes.append(f"{dist} {installed} installed; {wheel.name} not used")
             continue
-        with zipfile.ZipFile(wheel) as archive:
-            archive.extractall(site)
+        try:
+            with zipfile.ZipFile(wheel) as archive:
+                archive.extractall(site)
+        except (OSError, zipfile.BadZipFile) as exc:  # a download cut short: the rest still count
+            notes.append(f"{dist}: {wheel.name} could not be unpacked ({type(exc).__name__}: {exc})")
+            continue
         why = "not installed" if installed is None else f"{installed} installed, older than >={floor}"
         notes.append(f"{dist}: {why}; unpacked {wheel.name}")
     has_platformdirs = importlib.util.find_spec("platformdirs") or (site / "platformdirs").exists()
@@ -531,6 +535,15 @@ def prepare_packages(workdir: Path, floors: dict[str, str] | None = None) -> tup
         )
         notes.append("platformdirs: not installed and no wheel in .whl; using the copy vendored in pip")
     return ([str(site)] if site.exists() else []), notes
+
+
+def carried_packages(workdir: Path) -> tuple[list[str], list[str]]:
+    """:func:`prepare_packages`, or none of the carried wheels if that fails (a wheel cut short
+    in the download): the run goes on with the image's packages and the report says why."""
+    try:
+        return prepare_packages(workdir)
+    except Exception as exc:
+        return [], [f"the carried wheels were not used: {type(exc).__name__}: {exc}"]
 
 
 def project_floors() -> dict[str, str]:
@@ -639,7 +652,7 @@ def main() -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gpu-check-"))
     workdir.mkdir(parents=True, exist_ok=True)
     check = Check(plan, args.out, workdir)
-    extra, notes = prepare_packages(workdir)
+    extra, notes = carried_packages(workdir)
     check.env = child_env(extra, workdir)
     check.report = {
         "smoke": plan.smoke,

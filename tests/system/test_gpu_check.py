@@ -313,6 +313,27 @@ def test_a_wheel_replaces_an_installed_package_older_than_the_projects_floor(
     assert any("pytest-999.0-py3-none-any.whl not used" in note for note in notes)
 
 
+def test_a_broken_wheel_leaves_the_image_s_packages_and_says_why(
+    gpu_check: ModuleType, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A download cut short must not stop the run before it has written anything, nor cost the
+    other wheels; anything else going wrong leaves the image's packages alone."""
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "gpucheckbroken-1.0-py3-none-any.whl").write_bytes(b"PK\x03\x04 cut short")
+    with zipfile.ZipFile(wheels / "gpucheckdemo-1.0-py3-none-any.whl", "w") as archive:
+        archive.writestr("gpucheckdemo/__init__.py", "ANSWER = 42\n")
+    monkeypatch.setattr(gpu_check, "WHEELS", wheels)
+    paths_added, notes = gpu_check.carried_packages(tmp_path / "work")
+    assert paths_added == [str(tmp_path / "work" / "site")]
+    assert (tmp_path / "work" / "site" / "gpucheckdemo" / "__init__.py").is_file()
+    assert "gpucheckbroken: gpucheckbroken-1.0-py3-none-any.whl could not be unpacked (BadZipFile" in notes[0]
+    (tmp_path / "pyproject.toml").write_text("not = [toml")
+    monkeypatch.setattr(gpu_check, "REPO", tmp_path)
+    paths_added, notes = gpu_check.carried_packages(tmp_path / "other")
+    assert paths_added == [] and notes[0].startswith("the carried wheels were not used: TOMLDecodeError")
+
+
 def test_the_floors_come_from_pyproject_and_compare_by_release(gpu_check: ModuleType) -> None:
     floors = gpu_check.project_floors()
     assert floors["huggingface_hub"] and floors["prometheus_client"]  # names normalized
