@@ -161,7 +161,7 @@ def _open_header(data: bytes, max_pixels: int, source: ImageSource) -> Image.Ima
         if image.format == "TIFF":
             _check_tiles(image, max_pixels)
         if image.format in ("JPEG", "MPO"):
-            _check_scans(data)
+            check_jpeg_scans(data)
         if image.format == "JPEG" and min(image.size) >= 2 * JPEG_DRAFT_SIZE:
             image.draft("RGB", (JPEG_DRAFT_SIZE, JPEG_DRAFT_SIZE))
         return image
@@ -290,7 +290,7 @@ def _check_tiles(image: Image.Image, max_pixels: int) -> None:
         )
 
 
-def _check_scans(data: bytes) -> None:
+def check_jpeg_scans(data: bytes) -> None:
     """400 for a JPEG of more than :data:`MAX_JPEG_SCANS` scans, before any is decoded.
 
     Counting ``FF DA`` (start of scan) is exact enough: in entropy-coded data every ``FF`` byte is

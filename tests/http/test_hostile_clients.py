@@ -425,3 +425,23 @@ async def test_a_tiff_tile_over_the_pixel_limit_is_a_413_in_every_family(
         async with session.post("/caption", data=form) as response:
             assert response.status == 200, await response.text()
     assert not tracebacks(caplog)
+
+
+async def test_gallery_thumbnails_refuse_the_same_traps(
+    tiny_short: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A dataset comes from anywhere (a scrape): its thumbnails are made under the same limits."""
+    gallery = tmp_path / "gallery"
+    save(gallery / "fine.png", 3)
+    (gallery / "scans.jpg").write_bytes(many_scans(SCANS))
+    (gallery / "tile.tif").write_bytes(tiled_tiff(64, (8192, 8192)))
+    settings = dataclasses.replace(tiny_short, gallery=gallery)
+    async with running_server(settings) as url, ClientSession(url) as session:
+        for name, says in (("scans.jpg", f"{SCANS + 1} scans"), ("tile.tif", "tiles of 67108864 pixels")):
+            async with session.get("/ui/api/gallery/thumb", params={"path": name}) as response:
+                assert response.status == 400, name
+                message = message_of("/ui/", await response.json())
+            assert f"No thumbnail for {name}" in message and says in message, message
+        async with session.get("/ui/api/gallery/thumb", params={"path": "fine.png"}) as response:
+            assert response.status == 200 and response.content_type == "image/jpeg"
+    assert not tracebacks(caplog)

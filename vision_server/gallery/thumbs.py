@@ -31,7 +31,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from vision_server.atomic_files import replacing
 from vision_server.byte_sizes import format_byte_size
 from vision_server.captionfiles import STALE_TEMP_AGE
-from vision_server.images import ACCEPTED, ALLOWED_FORMATS
+from vision_server.errors import InvalidImage
+from vision_server.images import ACCEPTED, ALLOWED_FORMATS, check_jpeg_scans, tiff_tile_pixels
 
 EDGE = 256  # longest side, in pixels
 QUALITY = 82
@@ -203,6 +204,14 @@ def make_thumbnail(path: Path, max_pixels: int) -> bytes:
             width, height = image.size
             if width * height > max_pixels:
                 raise ThumbnailError(f"{width}x{height} pixels is over --max-image-pixels ({max_pixels})")
+            # the traps a caption request is refused for: a tile larger than the image, thousands
+            # of JPEG scans (minutes of decoding for one thumbnail, with two made at a time)
+            if tiff_tile_pixels(image) > max_pixels:
+                raise ThumbnailError(
+                    f"its tiles of {tiff_tile_pixels(image)} pixels are over --max-image-pixels"
+                )
+            if image.format in ("JPEG", "MPO"):
+                check_jpeg_scans(path.read_bytes())
             image.draft("RGB", (EDGE, EDGE))  # JPEG: decode at a fraction of the size
             picture = ImageOps.exif_transpose(image) or image
             picture = picture.convert("RGB")
@@ -212,6 +221,8 @@ def make_thumbnail(path: Path, max_pixels: int) -> bytes:
             return out.getvalue()
     except UnidentifiedImageError:
         raise ThumbnailError(f"the file is not in a supported image format ({ACCEPTED})") from None
+    except InvalidImage as exc:
+        raise ThumbnailError(exc.reason) from None
     except (OSError, Image.DecompressionBombError, ValueError) as exc:
         if isinstance(exc, ThumbnailError):
             raise
