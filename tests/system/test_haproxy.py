@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -20,7 +21,9 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+import urllib.error
+import urllib.request
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -29,7 +32,7 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector
 from tests.support import paths
 from tests.support.api import tiny_cache_dir
 from tests.support.images import image_bytes, shade_b64
-from tests.support.processes import ServerProcess, free_port, tiny_server
+from tests.support.processes import ServerProcess, free_port, http_json, tiny_server
 from tests.support.tls import self_signed
 
 CONFIG = paths.SERVICE / "haproxy.cfg"
@@ -41,9 +44,13 @@ pytestmark = [
 ]
 
 
-def adapt_config(text: str, front_port: int, backends: list[str]) -> str:
-    """The shipped config, unprivileged and local: no user switch, no daemon mode, fast checks."""
-    text = re.sub(r"(?m)^\s*(user|group|daemon|stats socket|log /dev/log).*\n", "", text)
+def adapt_config(text: str, front_port: int, backends: list[str], *, admin_socket: Path | None = None) -> str:
+    """The shipped config, unprivileged and local: no user switch, no daemon mode, fast checks;
+    the runtime API on ``admin_socket`` when given, else none."""
+    if admin_socket is not None:
+        text = re.sub(r"(?m)^(\s*stats socket )\S+", rf"\g<1>{admin_socket}", text)
+    dropped = "user|group|daemon|log /dev/log" + ("" if admin_socket is not None else "|stats socket")
+    text = re.sub(rf"(?m)^\s*({dropped}).*\n", "", text)
     text = re.sub(r"(?m)^(\s*bind )\S+", rf"\g<1>127.0.0.1:{front_port}", text)
     text = re.sub(r"\binter \S+", "inter 100ms", text)
     servers = iter(backends)
@@ -362,3 +369,167 @@ async def test_https_pool_with_an_api_key(tmp_path: Path) -> None:
             proxy.wait(10)
         for daemon in daemons:
             daemon.close()
+
+
+# --- an overnight folder run through the pool while the operator maintains it -------------------
+
+VISION_CLIENT = Path(sys.executable).with_name("vision-client")
+FOLDER_SCRIPT = paths.CLIENTS / "vision-caption-folder-images.sh"
+# The drain the config's own comment gives for the runtime API.
+DRAIN = re.search(r'echo "(set server \S+ state drain)"', CONFIG.read_text())
+
+
+def http_status(url: str) -> int | None:
+    """The status of a GET, or None when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        return error.code
+    except OSError:
+        return None
+
+
+def runtime_api(socket_path: Path, command: str) -> str:
+    """One command on HAProxy's runtime API (what ``echo ... | socat stdio SOCKET`` does)."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(socket_path))
+        sock.sendall(command.encode() + b"\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    return answer.decode()
+
+
+def folder_runs(url: str, folders: dict[str, Path]) -> dict[str, subprocess.Popen[str]]:
+    """``vision-client folder`` and the bash script, each on its folder, 8 requests in flight."""
+    python = [str(VISION_CLIENT), "--url", url, "folder", str(folders["python"]), "-j", "8", "-t", "caption"]
+    bash = ["bash", str(FOLDER_SCRIPT), "--url", url, "--jobs", "8", "CAPTION", "txt", str(folders["bash"])]
+    commands = {"python": python, "bash": bash}
+    env = {key: value for key, value in os.environ.items() if not key.startswith("VISION_")}
+    return {
+        name: subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        for name, command in commands.items()
+    }
+
+
+def wait_until(done: Callable[[], bool], runs: dict[str, subprocess.Popen[str]], what: str) -> None:
+    """Wait for ``done`` while the runs go on (a run that ends first fails the test)."""
+    end = time.monotonic() + 120
+    while not done():
+        assert all(run.poll() is None for run in runs.values()), f"a run ended before {what}"
+        assert time.monotonic() < end, f"never reached: {what}"
+        time.sleep(0.02)
+
+
+def test_folder_runs_through_the_pool_outlive_its_maintenance(tmp_path: Path) -> None:
+    """Both folder clients caption through the pool while the operator (a) drains gpu1 through
+    the runtime API and puts it back, (b) SIGKILLs gpu2 with work in it and starts it again,
+    (c) reloads HAProxy (SIGUSR2 to the master process: what ``systemctl reload haproxy`` does).
+
+    The images are larger than HAProxy's buffer, so it cannot replay the requests the kill broke:
+    the clients send them again. Every image ends with one caption, the runs exit 0 with a true
+    summary, and a rerun finds nothing to do. Last, what the docs warn of: a reload forgets a
+    drain made through the runtime API."""
+    assert DRAIN is not None, "the config's comment should give the runtime API's drain command"
+    ports = [free_port(), free_port()]
+
+    def daemon(name: str, port: int) -> ServerProcess:
+        return ServerProcess.fake(tmp_path, name, delay=0.3, max_batch_size=4, port=port)
+
+    daemons = [daemon("gpu1", ports[0]), daemon("gpu2", ports[1])]
+    folders = {name: tmp_path / name for name in ("python", "bash")}
+    for folder in folders.values():
+        folder.mkdir()
+        for seed in range(60):
+            (folder / f"img{seed:02}.png").write_bytes(image_bytes(seed, size=(120, 120)))  # ~43 KB
+    total = 2 * 60
+
+    def captioned() -> int:
+        return sum(1 for folder in folders.values() for _ in folder.glob("*.txt"))
+
+    admin, log_path = tmp_path / "admin.sock", tmp_path / "haproxy.log"
+    proxy: subprocess.Popen[bytes] | None = None
+    runs: dict[str, subprocess.Popen[str]] = {}
+    try:
+        urls = [d.wait_listening() for d in daemons]
+        front = free_port()
+        config = tmp_path / "haproxy.cfg"
+        backends = [u.split("//")[1] for u in urls]
+        config.write_text(adapt_config(CONFIG.read_text(), front, backends, admin_socket=admin))
+        assert HAPROXY is not None
+        master_worker = [HAPROXY, "-W", "-db", "-f", str(config)]  # as haproxy.service runs it
+        with log_path.open("wb") as proxy_log:
+            proxy = subprocess.Popen(master_worker, stdout=proxy_log, stderr=proxy_log)
+        front_url = f"http://127.0.0.1:{front}"
+        end = time.monotonic() + 15
+        while http_status(front_url + "/ready") != 200:
+            assert proxy.poll() is None and time.monotonic() < end, log_path.read_text()
+            time.sleep(0.1)
+        time.sleep(0.5)  # both servers pass their first checks
+        runs = folder_runs(front_url, folders)
+
+        wait_until(lambda: captioned() >= 0.15 * total, runs, "the drain")
+        runtime_api(admin, DRAIN.group(1))
+        wait_until(lambda: captioned() >= 0.3 * total, runs, "the end of the drain")
+        runtime_api(admin, DRAIN.group(1).replace("state drain", "state ready"))
+
+        wait_until(lambda: captioned() >= 0.4 * total, runs, "the kill")
+        _, held = http_json(urls[1] + "/v1/status")
+        assert isinstance(held, dict)
+        daemons[1].process.kill()
+        daemons[1].wait(10)
+        time.sleep(1)
+        daemons[1].close()
+        daemons[1] = daemon("gpu2-again", ports[1])
+        daemons[1].wait_listening()
+
+        wait_until(lambda: captioned() >= 0.6 * total, runs, "the reload")
+        proxy.send_signal(signal.SIGUSR2)
+        outcomes = {name: run.communicate(timeout=180) for name, run in runs.items()}
+        reruns = {name: run.communicate(timeout=60) for name, run in folder_runs(front_url, folders).items()}
+
+        # What docs/operations/haproxy.md says: a reload forgets a drain made through the runtime API.
+        runtime_api(admin, DRAIN.group(1))
+        before = runtime_api(admin, "show servers state vision")
+        proxy.send_signal(signal.SIGUSR2)
+        end = time.monotonic() + 15
+        while log_path.read_text(errors="replace").count("Former worker") < 2:  # the second reload's
+            assert time.monotonic() < end, log_path.read_text()
+            time.sleep(0.1)
+        after = runtime_api(admin, "show servers state vision")
+    finally:
+        for run in runs.values():
+            if run.poll() is None:
+                run.kill()
+                run.communicate()
+        if proxy is not None:
+            proxy.terminate()
+            proxy.wait(10)
+        for d in daemons:
+            d.close()
+    log = log_path.read_text(errors="replace")
+    assert "vision/gpu1 enters drain state" in log and "vision/gpu1 is UP (leaving forced drain)" in log
+    assert "vision/gpu2 is DOWN" in log and "Reloading HAProxy" in log
+    assert held["queue_depth"] + held["jobs_running"] > 0, held  # the kill hit a daemon with work
+    summaries = {
+        "python": "60 captioned, 0 skipped, 0 failed of 60 images",
+        "bash": "60 image(s) found: 60 captioned, 0 skipped (caption exists), 0 failed",
+    }
+    for name, (_, stderr) in outcomes.items():
+        assert runs[name].returncode == 0, stderr[-3000:]
+        assert summaries[name] in stderr, stderr[-3000:]
+    for folder in folders.values():
+        captions = [image.with_suffix(".txt").read_text(encoding="utf-8") for image in folder.glob("*.png")]
+        assert len(captions) == 60 and all(captions), folder
+        others = sorted(path.name for path in folder.iterdir() if path.suffix != ".png")
+        assert others == [f"img{seed:02}.txt" for seed in range(60)]  # no temporary file left
+    rerun_summaries = {
+        "python": "0 captioned, 60 skipped, 0 failed of 60 images",
+        "bash": "60 image(s) found: 0 captioned, 60 skipped (caption exists), 0 failed",
+    }
+    for name, (_, stderr) in reruns.items():
+        assert rerun_summaries[name] in stderr, stderr[-3000:]
+    drained = [line.split()[6] for line in before.splitlines() if " gpu1 " in line]
+    reloaded = [line.split()[6] for line in after.splitlines() if " gpu1 " in line]
+    assert (drained, reloaded) == (["8"], ["0"]), (before, after)  # srv_admin_state 8: drain
