@@ -445,3 +445,23 @@ async def test_gallery_thumbnails_refuse_the_same_traps(
         async with session.get("/ui/api/gallery/thumb", params={"path": "fine.png"}) as response:
             assert response.status == 200 and response.content_type == "image/jpeg"
     assert not tracebacks(caplog)
+
+
+# --- numbers JSON does not have --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("number", ["NaN", "Infinity", "-Infinity", "1e400"])
+async def test_nan_and_infinite_numbers_are_a_400_not_an_echo(
+    tiny_short: Settings, number: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Python's json reads them; the Responses API echoed ``metadata`` with them in it, a reply
+    JSON.parse refuses. Now no field takes them, read or not."""
+    async with running_server(tiny_short) as url, ClientSession(url) as session:
+        for path, body in json_bodies().items():
+            raw = json.dumps(body)[:-1] + f', "metadata": {{"score": {number}}}}}'
+            headers = {"Content-Type": "application/json"}
+            async with session.post(path, data=raw, headers=headers) as response:
+                assert response.status == 400, (path, await response.text())
+                message = message_of(path, await response.json())
+            assert "not valid JSON" in message and number.lstrip("-") in message, (path, message)
+    assert not tracebacks(caplog)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import sys
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -106,10 +107,35 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     return body
 
 
+class NotAJsonNumber(Exception):
+    """``NaN``, ``Infinity`` or a number past a double's range (``1e400``): Python's json reads
+    them, but JSON has no such numbers, and echoed back (the Responses API echoes ``metadata``)
+    they made replies that JSON parsers refuse."""
+
+
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise NotAJsonNumber(f"{text[:40]} is past the range of a JSON number")
+    return number
+
+
+def _no_constant(name: str) -> Any:
+    raise NotAJsonNumber(f"{name} is not a JSON number")
+
+
+def _strict_loads(text: bytes) -> Any:
+    return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
+
+
 def parse_json(raw: bytes) -> Any:
     """``json.loads`` with the errors a client can cause turned into 400s."""
     try:
         return _loads(raw)
+    except NotAJsonNumber as exc:
+        raise BadRequest(
+            f"The request body is not valid JSON: {exc}; send a finite number or null."
+        ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BadRequest(f"The request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -134,14 +160,14 @@ def _check_value_count(text: bytes) -> None:
 
 def _counted_loads(text: bytes) -> Any:
     _check_value_count(text)
-    return json.loads(text)
+    return _strict_loads(text)
 
 
 def _loads(raw: bytes) -> Any:
     """Parse with every long escape-free string lifted out and put back afterwards; a big body's
     values are counted first (:func:`_check_value_count`)."""
     if len(raw) < LIFT_MIN:
-        return json.loads(raw)
+        return _strict_loads(raw)
     if raw[:1] not in (b"{", b"["):
         return _counted_loads(raw)
     pieces: list[bytes] = []
@@ -166,9 +192,9 @@ def _loads(raw: bytes) -> Any:
     rest = b"".join([*pieces, raw[position:]])
     _check_value_count(rest)
     try:
-        value = json.loads(rest)
+        value = _strict_loads(rest)
     except ValueError:
-        return json.loads(raw)  # report the error at its real position
+        return _strict_loads(raw)  # report the error at its real position
     return _put_back(value, {token: raw[start:end].decode("utf-8") for token, (start, end) in lifted.items()})
 
 
