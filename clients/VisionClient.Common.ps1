@@ -539,9 +539,12 @@ function Get-VisionJson {
 }
 
 function Read-VisionCaptionFile {
-    # The caption text, or $null when the file does not exist. A BOM, if any, is dropped.
+    # The caption text, or $null when the file does not exist, or is a pipe, socket or device
+    # (never opened: a pipe waits for a writer forever; no caption, as captionfiles.read_caption
+    # and has_caption say). A BOM, if any, is dropped.
     param([string]$Path)
     if (-not [System.IO.File]::Exists($Path)) { return $null }
+    if (Test-VisionSpecialFile -Path $Path) { return $null }
     return [System.IO.File]::ReadAllText($Path, [System.Text.Encoding]::UTF8)
 }
 
@@ -665,6 +668,12 @@ function Write-VisionTextFile {
     # one saved between the last look and the write, as File.Move without overwrite publishes
     # the new file only where none is. An empty file (no caption) is replaced, as before.
     param([string]$Path, [string]$Text, $Renamed = $null, [switch]$KeepCaption)
+    if (Test-VisionSpecialFile -Path $Path) {
+        # A pipe, socket or device made where the caption file belongs since the run planned the
+        # image: not replaced, and the image fails in the planning's words, in every mode
+        # (captionfiles.NotACaptionFile). Reading it to see whether it held a caption hung the worker.
+        throw ('{0} is not a regular file (a pipe, socket or device), not a caption file' -f [System.IO.Path]::GetFileName($Path))
+    }
     $unixMode = $null
     if ((Get-VisionCaptionEntry -Path $Path) -eq 'file') {
         if ($KeepCaption -and (Test-VisionCaptionHeld -Path $Path)) { return $false }

@@ -984,6 +984,13 @@ caption_one() {
         esac
     }
 
+    # A pipe, socket or device made where the caption file belongs since the run planned the image
+    # is no caption (has_text never counts it) and is not replaced (mv would): the image fails in
+    # the planning's words, as in vision-client folder and vision-server caption, in every mode.
+    if [[ -e $cap && ! -f $cap && ! -d $cap ]]; then
+        finish fail 1 "${cap##*/} is not a regular file (a pipe, socket or device), not a caption file"
+    fi
+
     # Write beside the image, then rename: the caption file is either complete or untouched.
     # Flushed to the disk where sync takes a file.
     if ! { (LC_ALL=C && set -o noclobber && printf '%s' "$content" >"$tmp") && { ((!sync_files)) || LC_ALL=C sync -- "$tmp"; }; } 2>"$err"; then

@@ -360,12 +360,14 @@ def has_caption(path: Path) -> bool:
     """A caption counts only if it has text; an empty file is what a failed run used to leave.
 
     Bytes, not text, are checked, so a caption in another encoding still counts, and a file we
-    cannot read is left alone rather than overwritten, as is a pipe, socket or device (never
-    opened: a pipe would wait for a writer forever). A name too long for the file system names
-    no file: no caption there.
+    cannot read is left alone rather than overwritten. A pipe, socket or device is no caption
+    (never opened: a pipe would wait for a writer forever): a run plans such an image as failed,
+    and one that appears while the image is captioned fails it at the write
+    (:class:`NotACaptionFile`), in ``skip`` mode too, where it was taken for a caption written
+    meanwhile. A name too long for the file system names no file: no caption there.
     """
     if _is_special(path):
-        return True
+        return False
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -531,7 +533,8 @@ def write_new_caption(path: Path, text: str) -> bool:
     A caption saved while the run captioned the image (another run, the gallery) stays, also
     one saved between this look and the write: a new file is published only where no file is
     (:func:`create_whole`). An empty file, which counts as no caption, is replaced as before,
-    and so is every file where the file system has no hard links (its gap is a moment)."""
+    and so is every file where the file system has no hard links (its gap is a moment); a pipe
+    is refused as :func:`write_atomic` refuses it."""
     if has_caption(path):
         return False
     if not os.path.lexists(path):

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
@@ -26,13 +27,32 @@ def folder_of_images(root: Path, count: int) -> list[Path]:
     return images
 
 
+def save_by_hand(target: Path) -> str:
+    """Save a caption as ``target``, as the gallery saves one: a whole file renamed into place."""
+    text = f"hand-written caption of {target.stem}"
+    staged = target.with_name(f".staged-{target.stem}")
+    staged.write_text(text, encoding="utf-8")
+    staged.replace(target)
+    return text
+
+
+def make_pipe(target: Path) -> str:
+    """A named pipe as ``target`` (an unpacked archive can hold one): no caption, to be left alone."""
+    os.mkfifo(target)
+    return "a pipe"
+
+
 def write_captions_while_paused(
-    run: subprocess.Popen[str], images: list[Path], *, group: bool = False
+    run: subprocess.Popen[str],
+    images: list[Path],
+    *,
+    group: bool = False,
+    place: Callable[[Path], str] = save_by_hand,
 ) -> dict[Path, str]:
     """Once ``run`` has written its first caption file, pause it (its work in flight; with
-    ``group``, its whole process group, a script's workers too) and save a caption for every image
-    it has not written yet, as the gallery saves one: a whole file renamed into place. Returns
-    them, to check they stay; the run goes on afterwards."""
+    ``group``, its whole process group, a script's workers too) and ``place`` a file where every
+    image's caption it has not written yet goes (by default a caption saved as the gallery saves
+    one). Returns what was placed, to check it stays; the run goes on afterwards."""
 
     def send(signum: int) -> None:
         if group:
@@ -51,10 +71,7 @@ def write_captions_while_paused(
         for image in images:
             target = image.with_suffix(".txt")
             if not target.exists():
-                hand[target] = f"hand-written caption of {image.name}"
-                staged = target.with_name(f".staged-{image.stem}")
-                staged.write_text(hand[target], encoding="utf-8")
-                staged.replace(target)
+                hand[target] = place(target)
     finally:
         send(signal.SIGCONT)
     assert hand, "the run was over before it could be paused"
@@ -71,11 +88,16 @@ class MeanwhileRun(NamedTuple):
 
 
 def run_with_captions_written_meanwhile(
-    command: list[str], env: dict[str, str], images: list[Path], *, group: bool = False
+    command: list[str],
+    env: dict[str, str],
+    images: list[Path],
+    *,
+    group: bool = False,
+    place: Callable[[Path], str] = save_by_hand,
 ) -> MeanwhileRun:
-    """Run ``command`` over ``images``' folder to its end, saving captions by hand while it is
-    paused (:func:`write_captions_while_paused`; with ``group`` in a process group of its own,
-    like a terminal job, so a script's workers pause too)."""
+    """Run ``command`` over ``images``' folder to its end, saving captions by hand (or another
+    ``place``) while it is paused (:func:`write_captions_while_paused`; with ``group`` in a
+    process group of its own, like a terminal job, so a script's workers pause too)."""
     with subprocess.Popen(
         command,
         env=env,
@@ -85,7 +107,7 @@ def run_with_captions_written_meanwhile(
         encoding="utf-8",
         start_new_session=group,
     ) as run:
-        hand = write_captions_while_paused(run, images, group=group)
+        hand = write_captions_while_paused(run, images, group=group, place=place)
         stdout, stderr = _finish(run, group=group)
     return MeanwhileRun(run.returncode, stdout, stderr, hand)
 

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -27,7 +28,7 @@ import pytest
 from tests.support import hidden_names, paths
 from tests.support.images import save as save_image
 from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
-from tests.support.meanwhile import folder_of_images, run_with_captions_written_meanwhile
+from tests.support.meanwhile import folder_of_images, make_pipe, run_with_captions_written_meanwhile
 from tests.support.processes import free_port, http_json
 from tests.support.stand_in import PROMPTS, StandIn, interrupt_in_flight
 from vision_server.captionfiles import ReadOnlyCaption
@@ -523,6 +524,29 @@ def test_folder_skip_mode_leaves_a_caption_written_while_it_runs(server: str, tm
     assert {target: target.read_text(encoding="utf-8") for target in hand} == hand
     assert f"{12 - len(hand)} captioned, {len(hand)} skipped, 0 failed" in out, out + err
     assert "written meanwhile" in out and leftovers(images[0].parent) == []
+
+
+@needs_pwsh
+@pytest.mark.skipif(sys.platform == "win32", reason="pauses the run with SIGSTOP; no pipes")
+def test_folder_fails_an_image_whose_caption_place_became_a_pipe_while_it_ran(
+    server: str, tmp_path: Path
+) -> None:
+    # As vision-client folder, vision-server caption and the bash script (test_two_runs): a pipe
+    # made after the listing is no caption, and is not replaced; the image fails in the
+    # planning's words. Reading it to see whether it held a caption hung the worker.
+    images = folder_of_images(tmp_path / "data", 12)
+    assert PWSH is not None
+    command = [PWSH, "-NoLogo", "-NoProfile", "-NonInteractive", "-File", str(FOLDER)]
+    command += ["CAPTION", "txt", str(images[0].parent), "-Url", server, "-Jobs", "2"]
+    returncode, out, err, pipes = run_with_captions_written_meanwhile(
+        command, base_env(), images, place=make_pipe
+    )
+    assert returncode == 1, out + err
+    for pipe in pipes:
+        assert stat.S_ISFIFO(pipe.lstat().st_mode), pipe
+        reason = f"{pipe.name} is not a regular file (a pipe, socket or device), not a caption file"
+        assert reason in out + err, out + err
+    assert "written meanwhile" not in out + err and leftovers(images[0].parent) == []
 
 
 @needs_pwsh

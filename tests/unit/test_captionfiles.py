@@ -221,6 +221,19 @@ def test_write_atomic_leaves_a_pipe_where_a_caption_goes_and_says_so(tmp_path: P
     assert [p.name for p in tmp_path.iterdir()] == ["cat.txt"]  # no temp file left
 
 
+def test_a_pipe_is_no_caption_and_a_skip_mode_write_refuses_it_in_the_same_words(tmp_path: Path) -> None:
+    """A pipe counted as a caption, so one made where a caption belongs while a skip-mode run
+    captioned the image had the image skipped as "written meanwhile"; now the write refuses it."""
+    pipe = tmp_path / "cat.txt"
+    os.mkfifo(pipe)
+    assert not has_caption(pipe)
+    with pytest.raises(NotACaptionFile) as refused:
+        captionfiles.write_new_caption(pipe, "a cat")
+    assert str(refused.value) == f"cat.txt {captionfiles.NOT_A_REGULAR_CAPTION}"
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)
+    assert [p.name for p in tmp_path.iterdir()] == ["cat.txt"]  # no temp file left
+
+
 def test_write_atomic_replaces_a_link_into_a_read_only_store_with_a_new_files_mode(tmp_path: Path) -> None:
     """git-annex keeps a dataset's files read-only in its store, each name in the dataset a link
     to one. The read-only check and the kept mode looked through the link at the store's file,
