@@ -16,6 +16,7 @@ import io
 import json
 import os
 import random
+import re
 import socket
 import ssl
 import time
@@ -47,6 +48,8 @@ RETRIES = 5
 RETRY_BASE_DELAY = 0.5
 RETRY_MAX_DELAY = 30.0
 RETRY_AFTER_MAX = 120.0
+# Retry-After in seconds: digits, a fraction or a sign allowed (as retry.py's _SECONDS).
+_SECONDS = re.compile(r"[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)", re.ASCII)
 URL_TIP = "The vision-server's base URL (host:port works too); empty: $VISION_HOST."
 API_KEY_TIP = (
     "Better left empty: start ComfyUI with VISION_API_KEY set instead. A key typed here is saved "
@@ -271,15 +274,14 @@ def _detail(body: bytes) -> str:
 
 def _retry_after_seconds(value: str | None) -> float | None:
     """``Retry-After`` in seconds, read as vision_server/client/retry.py reads it (this file may
-    not import it): a number of seconds, or an HTTP date in any of RFC 9110's three forms (the
-    time until then, 0 when past); ``None`` when absent or unreadable."""
+    not import it): a number of seconds (ASCII digits, a fraction and a sign allowed; not
+    ``float()``'s "1e3" or "inf"), or an HTTP date in any of RFC 9110's three forms (the time
+    until then, 0 when past); ``None`` when absent or unreadable."""
     if not value:
         return None
     value = value.strip()
-    try:
+    if _SECONDS.fullmatch(value):
         return max(0.0, float(value))
-    except ValueError:
-        pass
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):

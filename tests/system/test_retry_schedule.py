@@ -26,6 +26,7 @@ import pytest
 
 from tests.support import paths
 from tests.support.images import save as save_image
+from tests.support.scripts import import_file
 from tests.support.stand_in import StandIn
 from vision_server.client import retry
 
@@ -207,6 +208,68 @@ def test_a_fractional_retry_after_is_waited_for_whole_in_every_client(tool: str,
     if tool == "vision-client.sh":  # its line about the retry says the wait, jitter included
         found = re.search(r"retry 1/5 in ([0-9.]+)s", result.stderr)
         assert found and 1.9 <= float(found.group(1)) <= 2.14, result.stderr
+
+
+@pytest.mark.parametrize("tool", SINGLE + FOLDER)
+def test_retry_after_in_exponent_form_is_no_hint_in_every_client(tool: str, tmp_path: Path) -> None:
+    """``Retry-After: 1e3`` is no number of seconds (RFC 9110's delay-seconds are digits): every
+    client backs off (0.25 to 0.5 s) as for a header it cannot read. The Python clients read it
+    as 1000 s, waiting the 120 s cap, while the bash and PowerShell clients backed off."""
+    needs_pwsh(tool)
+    target = target_for(tool, tmp_path)
+    with StandIn(busy_first=1, busy_retry_after="1e3") as stand_in:
+        try:
+            result = subprocess.run(
+                command(tool, stand_in.url, target),
+                capture_output=True,
+                text=True,
+                env=clean_env(),
+                timeout=60,
+            )
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{tool} still waited after 60 s: it read Retry-After: 1e3 as seconds")
+        times = stand_in.post_times()
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert len(times) == 2, result.stderr[-3000:]
+    assert gaps(times)[0] <= SLACK, gaps(times)
+
+
+@pytest.mark.parametrize(
+    ("header", "seconds"),
+    [
+        ("5", 5.0),
+        (" 2.5 ", 2.5),
+        (".5", 0.5),
+        ("5.", 5.0),
+        ("+3", 3.0),
+        ("-1", 0.0),
+        ("1e3", None),
+        ("1E3", None),
+        ("inf", None),
+        ("nan", None),
+        ("1_000", None),
+        ("\u0663", None),  # an Arabic-Indic three: float() reads it, no HTTP server writes it
+        ("0x10", None),
+        ("", None),
+    ],
+)
+def test_python_and_the_comfyui_node_read_seconds_as_the_scripts_do(
+    header: str, seconds: float | None
+) -> None:
+    """Digits, with a fraction or a sign, as vision-client.sh (``seconds_ms_into``) and
+    VisionClient.Common.ps1 (``ConvertFrom-VisionRetryAfter``) read them; ``float()``'s other
+    forms are no hint (they were up to 120 s of waiting in the Python clients)."""
+    node = import_file(paths.CLIENTS / "comfyui" / "vision_caption_node.py", "retry_schedule_node_under_test")
+    assert retry.parse_retry_after(header) == seconds
+    assert node._retry_after_seconds(header) == seconds
+
+
+def test_every_language_reads_seconds_by_one_grammar() -> None:
+    """The PowerShell regex is Python's (and the ComfyUI node's, which may not import it)."""
+    node = (paths.CLIENTS / "comfyui" / "vision_caption_node.py").read_text()
+    pattern = retry._SECONDS.pattern
+    assert f'_SECONDS = re.compile(r"{pattern}", re.ASCII)' in node
+    assert f"$Text -cmatch '^{pattern}$'" in PS_COMMON.read_text()
 
 
 def test_the_bash_client_says_a_fractional_retry_after_when_it_gives_up(tmp_path: Path) -> None:

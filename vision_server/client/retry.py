@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import re
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -66,15 +67,19 @@ class RetryPolicy:
         return random.uniform(backoff / 2, backoff)
 
 
+# Retry-After in seconds as every client reads it: RFC 9110's delay-seconds (ASCII digits), also
+# with a fraction or a sign (0 or less: at once). Not ``float()``'s wider grammar: "1e3", "inf"
+# or "1_000" are no hint (the bash and PowerShell clients cannot read them either).
+_SECONDS = re.compile(r"[+-]?([0-9]+([.][0-9]*)?|[.][0-9]+)", re.ASCII)
+
+
 def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
     """Read a ``Retry-After`` header, in seconds or as an HTTP date; ``None`` if absent or bad."""
     if not value:
         return None
     value = value.strip()
-    try:
+    if _SECONDS.fullmatch(value):
         return max(0.0, float(value))
-    except ValueError:
-        pass
     try:
         when = parsedate_to_datetime(value)
     except (TypeError, ValueError):
