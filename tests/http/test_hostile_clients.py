@@ -465,3 +465,15 @@ async def test_nan_and_infinite_numbers_are_a_400_not_an_echo(
                 message = message_of(path, await response.json())
             assert "not valid JSON" in message and number.lstrip("-") in message, (path, message)
     assert not tracebacks(caplog)
+
+
+async def test_a_urlencoded_form_of_thousands_of_fields_is_a_400_that_says_so(tiny_short: Settings) -> None:
+    """aiohttp's 413 read as a body over --max-request-bytes ("send a smaller image") for 2 KB."""
+    async with running_server(tiny_short) as url, ClientSession(url) as session:
+        headers = {"Content-Type": "application/x-www-form-urlencoded"}
+        async with session.post("/caption", data=b"a&" * 2000, headers=headers) as response:
+            assert response.status == 400, await response.text()
+            message = (await response.json())["detail"]
+    assert (
+        "form fields" in message and "multipart/form-data" in message and "--max-request-bytes" not in message
+    )

@@ -55,6 +55,13 @@ async def _read_form(request: web.Request, file_fields: tuple[str, ...], limit: 
             posted = await request.post()
         except (ValueError, LookupError) as exc:  # not UTF-8 (or its charset), or an unknown charset
             raise BadRequest(f"Malformed form body: {exc}; send multipart/form-data for files.") from None
+        except web.HTTPRequestEntityTooLarge as exc:  # aiohttp's 413 for a form of 1000+ fields
+            if "form fields" not in (exc.text or ""):
+                raise  # the body's size: the usual 413
+            raise BadRequest(
+                f"{(exc.text or '').rstrip('.')}: send the image as multipart/form-data "
+                "(curl -F image=@photo.jpg) with only the fields the API reads."
+            ) from None
         return Form(fields={name: value for name, value in posted.items() if isinstance(value, str)})
     if request.content_type not in ("multipart/form-data", "multipart/mixed"):
         raise BadRequest(
