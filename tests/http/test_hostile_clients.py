@@ -31,6 +31,7 @@ import dataclasses
 import io
 import json
 import logging
+import os
 import struct
 import threading
 import zlib
@@ -477,3 +478,20 @@ async def test_a_urlencoded_form_of_thousands_of_fields_is_a_400_that_says_so(ti
     assert (
         "form fields" in message and "multipart/form-data" in message and "--max-request-bytes" not in message
     )
+
+
+async def test_export_of_a_file_name_that_is_not_utf8(tiny_short: Settings, tmp_path: Path) -> None:
+    """A dataset unpacked from another system's zip: its name reaches Python as lone surrogates,
+    and the export (one JSON line per image) was a 500 for the whole selection."""
+    gallery = tmp_path / "gallery"
+    save(gallery / "fine.png", 3)
+    odd = os.fsdecode(b"caf\xe9.png")  # Latin-1, not UTF-8
+    (gallery / "fine.png").rename(gallery / odd)
+    save(gallery / "fine.png", 4)
+    settings = dataclasses.replace(tiny_short, gallery=gallery)
+    async with running_server(settings) as url, ClientSession(url) as session:
+        async with session.post("/ui/api/gallery/export", json={"paths": ["fine.png", odd]}) as response:
+            assert response.status == 200, await response.text()
+            lines = (await response.read()).decode("utf-8").splitlines()
+    names = [json.loads(line)["file_name"] for line in lines]
+    assert names == ["fine.png", odd] and (gallery / names[1]).exists()

@@ -300,8 +300,11 @@ async def export(request: web.Request) -> web.Response:
     entries = [await gallery.entry(key) for key in keys]
     rows = [await gallery.run(gallery.catalog.export_row, entry) for entry in entries]
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
+    # A file name that is not UTF-8 (a zip from another system) reaches Python with lone
+    # surrogates; written as JSON escapes, ``json.loads`` gives back the name the OS knows.
     return web.Response(
-        text=text,
+        body=text.encode("utf-8", "backslashreplace"),
+        charset="utf-8",
         content_type="application/x-ndjson",
         headers={"Content-Disposition": 'attachment; filename="captions.jsonl"'},
     )
