@@ -17,6 +17,25 @@ function Get-VisionImageExtension {
     return @('jpg', 'jpeg', 'png', 'gif', 'bmp', 'tif', 'tiff', 'webp')
 }
 
+function ConvertTo-VisionPrintable {
+    # $Text (a file name) on one line, as every report of this project shows names
+    # (captionfiles.printable in Python, printable_into in the bash scripts): a line break or tab
+    # as \n, \r or \t, any other control character (0x00-0x1F, 0x7F) as \xNN, so a name can
+    # neither cut a message short nor pass for a line of its own (nor send a terminal escape).
+    param([string]$Text)
+    if ($Text -notmatch '[\x00-\x1f\x7f]') { return $Text }
+    $shown = [System.Text.StringBuilder]::new($Text.Length + 8)
+    foreach ($c in $Text.ToCharArray()) {
+        $code = [int]$c
+        if ($code -eq 10) { [void]$shown.Append('\n') }
+        elseif ($code -eq 13) { [void]$shown.Append('\r') }
+        elseif ($code -eq 9) { [void]$shown.Append('\t') }
+        elseif ($code -lt 32 -or $code -eq 127) { [void]$shown.Append(('\x{0:x2}' -f $code)) }
+        else { [void]$shown.Append($c) }
+    }
+    return $shown.ToString()
+}
+
 function Resolve-VisionBaseUrl {
     # -Url, else $env:VISION_HOST, else the default. 'host:port' gets http:// in front.
     param([string]$Url)
@@ -395,9 +414,10 @@ function Get-VisionImageBase64 {
     # The image file as base64: the original bytes, untouched, unless -MaxSize asks for a
     # smaller copy and the image is larger than that.
     param([string]$Path, [int]$MaxSize = 0)
-    if (-not [System.IO.File]::Exists($Path)) { throw ('Image file not found: {0}' -f $Path) }
+    # The name in a message with its control characters escaped (ConvertTo-VisionPrintable).
+    if (-not [System.IO.File]::Exists($Path)) { throw ('Image file not found: {0}' -f (ConvertTo-VisionPrintable $Path)) }
     $bytes = [System.IO.File]::ReadAllBytes($Path)
-    if ($bytes.Length -eq 0) { throw ('the file is empty (0 bytes): {0}' -f $Path) }
+    if ($bytes.Length -eq 0) { throw ('the file is empty (0 bytes): {0}' -f (ConvertTo-VisionPrintable $Path)) }
     if ($MaxSize -gt 0) {
         $smaller = Resize-VisionImage -Bytes $bytes -MaxSize $MaxSize
         if ($null -ne $smaller) { $bytes = $smaller }
@@ -562,6 +582,13 @@ function Test-VisionSpecialFile {
     return ([string]$item.UnixMode) -match '^[pscb]'
 }
 
+function Get-VisionNotACaptionReason {
+    # Why no caption file may go where a pipe, socket or device stands ($Path), in the words of
+    # captionfiles.NotACaptionFile: said when the run plans the image and when one appears later.
+    param([string]$Path)
+    return ('{0} is not a regular file (a pipe, socket or device), not a caption file' -f [System.IO.Path]::GetFileName($Path))
+}
+
 function Test-VisionCaptionPresent {
     # Only a caption with text counts; an empty file must not block a new attempt.
     param([string]$Path)
@@ -586,19 +613,30 @@ function Join-VisionCaption {
     return $New
 }
 
-function Test-VisionDiskFull($Exception) {
-    # Whether a write failed for want of space: a full disk or an exhausted quota. On Windows the
-    # HResult carries ERROR_HANDLE_DISK_FULL (39) or ERROR_DISK_FULL (112); on Linux and macOS .NET
-    # gives the errno itself: ENOSPC (28), EDQUOT (122 on Linux, 69 on macOS).
+function Get-VisionNoSpaceReason($Exception) {
+    # Why a write failed for want of space, in the words every folder captioner uses
+    # (disk_full.no_space_reason): a full disk or an exhausted quota; $null for any other error.
+    # On Windows the HResult carries ERROR_HANDLE_DISK_FULL (39) or ERROR_DISK_FULL (112); on
+    # Linux and macOS .NET gives the errno itself: ENOSPC (28), EDQUOT (122 on Linux, 69 on macOS).
+    # The write of the temporary file and the rename that puts it in place (a folder that must
+    # grow for the caption's name) alike.
     for ($e = $Exception; $null -ne $e; $e = $e.InnerException) {
         if ($e -is [System.IO.IOException]) {
             $code = $e.HResult
-            if (@(-2147024857, -2147024784) -contains $code) { return $true }
+            if (@(-2147024857, -2147024784) -contains $code) { return 'no space left on the device' }
             $unix = $PSVersionTable.PSVersion.Major -ge 6 -and -not $IsWindows
-            if ($unix -and @(28, 69, 122) -contains $code) { return $true }
+            if ($unix -and $code -eq 28) { return 'no space left on the device' }
+            if ($unix -and (($IsMacOS -and $code -eq 69) -or (-not $IsMacOS -and $code -eq 122))) {
+                return 'disk quota exceeded: no space left for this user'
+            }
         }
     }
-    return $false
+    return $null
+}
+
+function Test-VisionDiskFull($Exception) {
+    # Whether a write failed for want of space (Get-VisionNoSpaceReason says why).
+    return $null -ne (Get-VisionNoSpaceReason $Exception)
 }
 
 function Get-VisionCaptionEntry {
@@ -672,7 +710,7 @@ function Write-VisionTextFile {
         # A pipe, socket or device made where the caption file belongs since the run planned the
         # image: not replaced, and the image fails in the planning's words, in every mode
         # (captionfiles.NotACaptionFile). Reading it to see whether it held a caption hung the worker.
-        throw ('{0} is not a regular file (a pipe, socket or device), not a caption file' -f [System.IO.Path]::GetFileName($Path))
+        throw (Get-VisionNotACaptionReason -Path $Path)
     }
     $unixMode = $null
     if ((Get-VisionCaptionEntry -Path $Path) -eq 'file') {
@@ -725,7 +763,9 @@ function Write-VisionTextFile {
             }
             catch {
                 # ReplaceFile can refuse (some network shares, antivirus locks). Copying over
-                # the target is not atomic, but it is only the fallback for that case.
+                # the target is not atomic, but it is only the fallback for that case; not for
+                # a full disk, where the copy would cut the caption file short.
+                if (Test-VisionDiskFull $_.Exception) { throw }
                 [System.IO.File]::Copy($temp, $Path, $true)
             }
         }
@@ -813,11 +853,13 @@ function Invoke-VisionCaptionImage {
         $message = $_.Exception.Message
         $failure = $_.Exception.Data['VisionFailure']
         $status = $_.Exception.Data['VisionStatus']
-        if (Test-VisionDiskFull $_.Exception) {
-            # Every image after this one would fail the same way: the folder script stops the run
-            # (the words of vision-client folder and vision-server caption).
+        $noSpace = Get-VisionNoSpaceReason $_.Exception
+        if ($null -ne $noSpace) {
+            # Every image after this one would fail the same way, whether the write or the move
+            # into place met it: the folder script stops the run (the words of vision-client
+            # folder and vision-server caption, the path on one line).
             $failure = 'diskfull'
-            $message = 'cannot write {0}: no space left on the device' -f $CaptionPath
+            $message = 'cannot write {0}: {1}' -f (ConvertTo-VisionPrintable $CaptionPath), $noSpace
         }
     }
     return [pscustomobject]@{

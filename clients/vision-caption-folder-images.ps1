@@ -280,7 +280,7 @@ function Remove-FolderStaleTemp([string]$Root, [bool]$Recurse) {
             $removed++
         }
         catch {
-            Write-FolderError ('warning: cannot delete {0}: {1}' -f $file.FullName, $_.Exception.Message)
+            Write-FolderError ('warning: cannot delete {0}: {1}' -f (ConvertTo-VisionPrintable $file.FullName), $_.Exception.Message)
         }
     }
     return $removed
@@ -365,7 +365,7 @@ if ((Get-VisionImageExtension) -contains $captionSuffix.TrimStart('.').ToLowerIn
     Exit-WithUsage ('caption extension {0} is an image extension; the captions would replace the images' -f $CaptionExt)
 }
 $root = $ExecutionContext.SessionState.Path.GetUnresolvedProviderPathFromPSPath($Folder)
-if (-not [System.IO.Directory]::Exists($root)) { Exit-WithUsage ('folder not found: {0}' -f $root) }
+if (-not [System.IO.Directory]::Exists($root)) { Exit-WithUsage ('folder not found: {0}' -f (ConvertTo-VisionPrintable $root)) }
 if ($MaxSize -gt 0 -and -not (Test-VisionResizeSupported)) { Exit-WithUsage (Get-VisionResizeUnsupportedMessage) }
 try { $baseUrl = Resolve-VisionBaseUrl -Url $Url } catch { Exit-WithUsage $_.Exception.Message }
 
@@ -376,7 +376,7 @@ if ($swept -gt 0) { Write-Host ('Removed {0} leftover temporary caption file(s) 
 
 $images = @(Get-ImageFile -Root $root -Recurse (-not $NoRecurse))
 if ($images.Count -eq 0) {
-    Write-Host ('No images found in {0}' -f $root)
+    Write-Host ('No images found in {0}' -f (ConvertTo-VisionPrintable $root))
     exit 0
 }
 
@@ -478,7 +478,7 @@ foreach ($image in $images) {
         # A pipe where the caption should go: reading it would wait for a writer forever.
         $clashes.Add([pscustomobject]@{
                 Image = $image
-                Error = '{0} is not a regular file (a pipe, socket or device), not a caption file' -f [System.IO.Path]::GetFileName($captionPath)
+                Error = (Get-VisionNotACaptionReason -Path $captionPath)
             })
         continue
     }
@@ -507,8 +507,8 @@ foreach ($image in $images) {
         })
 }
 
-Write-Host ('{0} images in {1}: {2} to caption, {3} skipped (prompt {4}, mode {5}, server {6})' -f $images.Count, $root, $work.Count, $skipped, $task, $Mode, $baseUrl)
-foreach ($clash in $clashes) { Write-FolderError ('FAILED {0}: {1}' -f $clash.Image, $clash.Error) }
+Write-Host ('{0} images in {1}: {2} to caption, {3} skipped (prompt {4}, mode {5}, server {6})' -f $images.Count, (ConvertTo-VisionPrintable $root), $work.Count, $skipped, $task, $Mode, $baseUrl)
+foreach ($clash in $clashes) { Write-FolderError ('FAILED {0}: {1}' -f (ConvertTo-VisionPrintable $clash.Image), $clash.Error) }
 if ($work.Count -eq 0) {
     if ($clashes.Count -gt 0) { exit 1 }
     exit 0
@@ -534,7 +534,7 @@ $abortExitCode = 1
 $exitCode = 1
 $finished = $false   # false in the finally block: Ctrl+C stopped the run
 $renamed = [hashtable]::Synchronized(@{})   # caption paths this run moved into place
-$activity = 'Captioning {0} images in {1}' -f $work.Count, $root
+$activity = 'Captioning {0} images in {1}' -f $work.Count, (ConvertTo-VisionPrintable $root)
 
 try {
     $client = New-VisionHttpClient -TimeoutSec $TimeoutSec -MaxConnections $Jobs
@@ -704,15 +704,15 @@ try {
                 # Its caption file was written meanwhile (another run, the gallery): left as it is.
                 $skipped++
                 $skippedLate++
-                if (-not $Quiet) { Write-Host ('[{0}/{1}] skipped {2}: {3}' -f $done, $work.Count, $result.Image, $result.Error) }
+                if (-not $Quiet) { Write-Host ('[{0}/{1}] skipped {2}: {3}' -f $done, $work.Count, (ConvertTo-VisionPrintable $result.Image), $result.Error) }
             }
             elseif ($result.Ok) {
                 $captioned++
-                if (-not $Quiet) { Write-Host ('[{0}/{1}] {2} ({3:N1} s)' -f $done, $work.Count, $result.Image, $result.Seconds) }
+                if (-not $Quiet) { Write-Host ('[{0}/{1}] {2} ({3:N1} s)' -f $done, $work.Count, (ConvertTo-VisionPrintable $result.Image), $result.Seconds) }
             }
             else {
                 $failures.Add($result)
-                Write-FolderError ('[{0}/{1}] FAILED {2}: {3}' -f $done, $work.Count, $result.Image, $result.Error)
+                Write-FolderError ('[{0}/{1}] FAILED {2}: {3}' -f $done, $work.Count, (ConvertTo-VisionPrintable $result.Image), $result.Error)
             }
         }
 
@@ -742,7 +742,7 @@ try {
     if ($failures.Count -gt 0) {
         Write-FolderError ('{0} images failed (they have no new caption; run again to retry them):' -f $failures.Count)
         foreach ($failure in ($failures | Sort-Object Image)) {
-            Write-FolderError ('  {0}: {1}' -f $failure.Image, $failure.Error)
+            Write-FolderError ('  {0}: {1}' -f (ConvertTo-VisionPrintable $failure.Image), $failure.Error)
         }
     }
     if ($null -ne $aborted) { $exitCode = $abortExitCode }
@@ -789,7 +789,7 @@ finally {
         $left = $work.Count - $captioned - $skippedLate - ($failures.Count - $clashes.Count)
         Write-FolderError ('{0}: interrupted; {1} captioned, {2} skipped, {3} failed' -f $scriptName, $captioned, $skipped, $failures.Count)
         foreach ($failure in ($failures | Sort-Object Image)) {
-            Write-FolderError ('  {0}: {1}' -f $failure.Image, $failure.Error)
+            Write-FolderError ('  {0}: {1}' -f (ConvertTo-VisionPrintable $failure.Image), $failure.Error)
         }
         Write-FolderError ('Interrupted: {0} image(s) not captioned yet (the ones in flight were dropped; nothing is half-written); run the same command again to resume.' -f $left)
     }

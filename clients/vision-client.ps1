@@ -161,7 +161,7 @@ try {
         $task = ConvertTo-VisionTask -Prompt $Prompt
         $path = $ExecutionContext.SessionState.Path.GetUnresolvedProviderPathFromPSPath($ImagePath)
         if ([System.IO.Directory]::Exists($path)) {
-            throw ('{0} is a folder; to caption a whole folder use vision-caption-folder-images.ps1' -f $path)
+            throw ('{0} is a folder; to caption a whole folder use vision-caption-folder-images.ps1' -f (ConvertTo-VisionPrintable $path))
         }
         $caption = Get-VisionCaption @common -Task $task -Path $path -MaxSize $MaxSize -Model $Model
         Write-Output $caption

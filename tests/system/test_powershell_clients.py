@@ -13,6 +13,7 @@ record what a client sent). They are skipped when ``pwsh`` is not on PATH.
 from __future__ import annotations
 
 import base64
+import errno
 import json
 import os
 import re
@@ -31,7 +32,8 @@ from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
 from tests.support.meanwhile import folder_of_images, make_pipe, run_with_captions_written_meanwhile
 from tests.support.processes import free_port, http_json
 from tests.support.stand_in import PROMPTS, StandIn, interrupt_in_flight
-from vision_server.captionfiles import ReadOnlyCaption
+from vision_server.captionfiles import NotACaptionFile, ReadOnlyCaption, printable
+from vision_server.disk_full import no_space_reason
 
 REPO = paths.REPO
 CLIENTS = REPO / "clients"
@@ -151,6 +153,91 @@ def test_a_read_only_caption_is_refused_in_the_words_of_the_python_tools() -> No
     assert "$stream.Flush($true)" in body  # on the disk before the move, as write_atomic flushes it
 
 
+def test_a_pipe_where_a_caption_goes_is_refused_in_the_words_of_the_python_tools() -> None:
+    """One wording, ``captionfiles.NotACaptionFile``'s, for a pipe the folder script finds when
+    it plans an image and for one made there later, which Write-VisionTextFile refuses (it was
+    read as a caption, hanging the worker); Read-VisionCaptionFile never opens one."""
+    text = COMMON.read_text(encoding="ascii")
+    (words,) = re.findall(r"return \('(\{0\} is not a regular file[^']*)' -f", text)
+    assert words.format("cat.txt") == str(NotACaptionFile(Path("cat.txt")))
+    code = code_only(text)
+    for function in ("Write-VisionTextFile", "Read-VisionCaptionFile"):
+        body = code[code.index(f"function {function}") :]
+        body = body[: body.index("\nfunction ")]
+        assert "Test-VisionSpecialFile -Path $Path" in body, function
+    assert "throw (Get-VisionNotACaptionReason -Path $Path)" in code
+    assert "Error = (Get-VisionNotACaptionReason -Path $captionPath)" in code_only(
+        FOLDER.read_text(encoding="ascii")
+    )
+
+
+def test_file_names_are_shown_escaped_by_the_table_of_the_python_tools() -> None:
+    r"""``ConvertTo-VisionPrintable`` shows a line break or tab as ``\n``, ``\r``, ``\t`` and any
+    other control character as ``\xNN``, as ``captionfiles.printable`` (and the bash scripts'
+    ``printable_into``) do: its branches, read from the script, give Python's spelling of every
+    ASCII character. Where pwsh runs, test_client_names_a_missing_image_on_one_line runs it."""
+    code = COMMON.read_text(encoding="ascii")
+    body = code[code.index("function ConvertTo-VisionPrintable") :]
+    body = body[: body.index("\n}\n")]
+    named = {
+        int(n): text
+        for n, text in re.findall(r"\$code -eq (\d+)\) \{ \[void\]\$shown\.Append\('([^']*)'\)", body)
+    }
+    assert sorted(named) == [9, 10, 13], named
+    assert "elseif ($code -lt 32 -or $code -eq 127) { [void]$shown.Append(('\\x{0:x2}' -f $code)) }" in body
+    assert "if ($Text -notmatch '[\\x00-\\x1f\\x7f]') { return $Text }" in body
+
+    def shown(char: str) -> str:  # the branches above, in order
+        code = ord(char)
+        if code in named:
+            return named[code]
+        return f"\\x{code:02x}" if code < 32 or code == 127 else char
+
+    for code in range(128):
+        assert shown(chr(code)) == printable(chr(code)), code
+
+
+def test_the_folder_script_shows_every_image_and_folder_name_escaped() -> None:
+    """Each line the folder script writes about an image (ok, skipped, FAILED, the summary's
+    list) or its folder passes the name through ConvertTo-VisionPrintable, as vision-client
+    folder (``printable``) and the bash script (``show_into``) do: a raw name with a newline
+    could pass for a line of its own in the summary. So do the single-image client's messages
+    that name the image (not found, empty, a folder)."""
+    names = re.compile(r"\$(result|failure|clash)\.Image\b|\$root\b|\.FullName\b")
+    writes = re.compile(r"Write-Host|Write-FolderError|Exit-WithUsage|\$activity =")
+    lines = [line for line in FOLDER.read_text(encoding="ascii").splitlines() if writes.search(line)]
+    unescaped = [
+        line.strip() for line in lines if names.search(line) and "ConvertTo-VisionPrintable" not in line
+    ]
+    assert not unescaped, unescaped
+    assert sum("ConvertTo-VisionPrintable" in line for line in lines) >= 9
+    common = COMMON.read_text(encoding="ascii")
+    for words in ("Image file not found: {0}", "the file is empty (0 bytes): {0}"):
+        assert f"throw ('{words}' -f (ConvertTo-VisionPrintable $Path))" in common, words
+    assert "' -f (ConvertTo-VisionPrintable $path))" in CLIENT.read_text(encoding="ascii")
+
+
+def test_a_full_disk_is_said_in_the_words_of_the_python_tools_and_never_copied_over() -> None:
+    """The folder script stops on a full disk or quota with the reasons of
+    ``disk_full.no_space_reason``, word for word, whether the write of the temporary file or the
+    move into place met it (one catch around both); and the fallback for a File.Replace that a
+    share refuses (a copy over the caption file) is not taken then: the copy would cut the
+    caption file short."""
+    code = COMMON.read_text(encoding="ascii")
+    body = code[code.index("function Get-VisionNoSpaceReason") :]
+    body = body[: body.index("\n}\n")]
+    reasons = set(re.findall(r"return '([^']*)'", body))
+    assert reasons == {
+        no_space_reason(OSError(errno.ENOSPC, "No space left on device")),
+        no_space_reason(OSError(errno.EDQUOT, "Disk quota exceeded")),
+    }
+    assert "$message = 'cannot write {0}: {1}' -f (ConvertTo-VisionPrintable $CaptionPath), $noSpace" in code
+    write = code[code.index("function Write-VisionTextFile") :]
+    write = write[: write.index("\nfunction ")]
+    rethrow = write.index("if (Test-VisionDiskFull $_.Exception) { throw }")
+    assert rethrow < write.index("[System.IO.File]::Copy($temp, $Path, $true)")
+
+
 def powershell_syntax_errors(source: bytes) -> list[tuple[int, str]]:
     """(line, what) for every ERROR or MISSING node the tree-sitter PowerShell grammar finds.
 
@@ -251,6 +338,22 @@ def leftovers(folder: Path) -> list[Path]:
 
 # ---------------------------------------------------------------------------------------------
 # vision-client.ps1
+
+
+@needs_pwsh
+def test_client_names_a_missing_image_on_one_line(tmp_path: Path) -> None:
+    r"""As vision-client.sh: the image is named with its line break, tab and other control
+    characters made visible (``\n``, ``\t``, ``\xNN``); the name went out raw, a line of its own."""
+    name = "photo\nvision-client.ps1: HTTP 200\t\x07.png"  # no [ ]: a wildcard to PowerShell
+    shown = "photo\\nvision-client.ps1: HTTP 200\\t\\x07.png"
+    missing = tmp_path / "missing" / name
+    empty = tmp_path / "empty" / name
+    empty.parent.mkdir()
+    empty.touch()
+    for path, said in ((missing, "Image file not found"), (empty, "the file is empty (0 bytes)")):
+        result = ps(CLIENT, "CAPTION", str(path), "-Url", f"http://127.0.0.1:{free_port()}")
+        assert result.returncode == 1, result.stderr
+        assert result.stderr == f"vision-client.ps1: {said}: {path.parent}/{shown}\n", result.stderr
 
 
 @needs_pwsh
