@@ -3,19 +3,27 @@
 A checkpoint directory is itself a loadable adapter (``adapter_config.json``, weights,
 ``training.json``) with ``trainer_state.pt`` beside it: optimizer, scheduler and grad-scaler
 state, the torch random generators and the step. Directories appear by rename, so a crash never
-leaves a half-written one that a later ``--resume`` would trust.
+leaves a half-written one that a later ``--resume`` would trust; and they go by rename too (to a
+hidden name, then deleted), so a crash while one is deleted never leaves a torn one under its
+name. A write that fails (a full disk) removes what it had written and raises
+:class:`~vision_server.disk_full.DiskFull` naming the checkpoint or adapter file.
 """
 
 from __future__ import annotations
 
+import io
 import json
+import os
+import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from vision_server.disk_full import NO_SPACE_ERRNOS, DiskFull, as_disk_full
 from vision_server.train.metadata import write_metadata
 
 STATE_FILE = "trainer_state.pt"
@@ -50,21 +58,70 @@ def save_adapter(model: Any, directory: Path, base_model: str) -> None:
 def save_checkpoint(
     output: Path, step: int, model: Any, metadata: dict[str, Any], state: dict[str, Any], keep: int
 ) -> Path:
-    """``output/checkpoints/step-NNNNNNNN``; older ones beyond ``keep`` are removed."""
+    """``output/checkpoints/step-NNNNNNNN``; older ones beyond ``keep`` are removed, and so are
+    the hidden leftovers of a run killed while it wrote or deleted one."""
     root = output / CHECKPOINTS
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step:08d}"
     staging = root / f".step-{step:08d}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir()
-    save_adapter(model, staging, metadata["base_model"])
-    write_metadata(staging, metadata)
-    torch.save(state, staging / STATE_FILE)
-    shutil.rmtree(final, ignore_errors=True)
+    if root.is_dir():
+        for leftover in root.iterdir():
+            if leftover.name.startswith(".step-") and leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+
+    def write() -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        staging.mkdir()
+        save_adapter(model, staging, metadata["base_model"])
+        write_metadata(staging, metadata)
+        _save_state(state, staging / STATE_FILE)
+
+    _written_or_removed(write, staging, final)
+    _remove(final)
     staging.rename(final)
     for old in list_checkpoints(output)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
     return final
+
+
+def _save_state(state: dict[str, Any], path: Path) -> None:
+    """``torch.save`` into memory, then one plain write: a full disk is an ``OSError`` saying
+    so, not torch's ``iostream error``."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    path.write_bytes(buffer.getvalue())
+
+
+def _remove(checkpoint: Path) -> None:
+    """Delete a checkpoint folder by first renaming it to a hidden name: a kill in the middle of
+    the delete leaves a leftover the next save sweeps, never a torn checkpoint under its name."""
+    if not checkpoint.exists():
+        return
+    doomed = checkpoint.with_name(f".{checkpoint.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    checkpoint.rename(doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+# Rust's I/O errors (safetensors) end their text with the errno: "(os error 28)".
+_RUST_ERRNO = re.compile(r"\(os error (\d+)\)")
+
+
+def _written_or_removed(write: Callable[[], None], staging: Path, named: Path) -> None:
+    """Run ``write`` (which fills ``staging``); when it fails, remove ``staging`` (a full disk
+    gets its space back) and raise a full disk as :class:`DiskFull` naming ``named``, the folder
+    or file the user knows, whatever library it came through."""
+    try:
+        write()
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        found = _RUST_ERRNO.search(str(exc)) if not isinstance(exc, OSError) else None
+        if found and int(found.group(1)) in NO_SPACE_ERRNOS:
+            number = int(found.group(1))
+            raise DiskFull(named, OSError(number, os.strerror(number))) from exc
+        named_exc = as_disk_full(named, exc)
+        if named_exc is exc:
+            raise
+        raise named_exc from exc
 
 
 def list_checkpoints(output: Path) -> list[Path]:
@@ -119,9 +176,13 @@ def write_final(output: Path, model: Any, metadata: dict[str, Any]) -> None:
     directory with ``adapter_config.json`` is always complete."""
     staging = output / ".final.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    save_adapter(model, staging, metadata["base_model"])
-    write_metadata(staging, metadata)
+
+    def write() -> None:
+        staging.mkdir(parents=True)
+        save_adapter(model, staging, metadata["base_model"])
+        write_metadata(staging, metadata)
+
+    _written_or_removed(write, staging, output)
     for name in ("adapter_model.safetensors", "training.json", "adapter_config.json"):
         (staging / name).replace(output / name)
     shutil.rmtree(staging, ignore_errors=True)

@@ -1,7 +1,8 @@
 """The ``vision-server train`` click command: options in, :func:`run_training` out, exit codes.
 
-Exit status: 0 trained, 1 the dataset or model cannot be used, 2 bad usage, 130/143 when stopped
-by Ctrl+C/SIGTERM (after a checkpoint is written: ``--resume`` continues it).
+Exit status: 0 trained, 1 the dataset or model cannot be used (or an image changed during the
+run, or the disk filled up: the message names the file and the checkpoint kept), 2 bad usage,
+130/143 when stopped by Ctrl+C/SIGTERM (after a checkpoint is written: ``--resume`` continues it).
 """
 
 from __future__ import annotations
@@ -154,6 +155,7 @@ def stop_on_signals() -> Iterator[list[int]]:
 
 
 def run_command(params: dict[str, Any]) -> int:
+    from vision_server.disk_full import DiskFull
     from vision_server.train.dataset import DatasetError, OptionError
     from vision_server.train.loop import run_training
     from vision_server.train.model import ModelError
@@ -166,7 +168,7 @@ def run_command(params: dict[str, Any]) -> int:
             result = run_training(options, should_stop=lambda: bool(received))
         except (TrainError, LoggerUnavailable, OptionError) as exc:
             raise click.UsageError(str(exc)) from None
-        except (DatasetError, ModelError) as exc:
+        except (DatasetError, ModelError, DiskFull) as exc:
             click.echo(f"Error: {exc}", err=True)
             return 1
         except KeyboardInterrupt:  # a second Ctrl+C or SIGTERM

@@ -87,6 +87,21 @@ class DatasetError(ValueError):
         super().__init__(text)
 
 
+class ImageChanged(DatasetError):
+    """An image that passed the check at the start cannot be read when training comes to it
+    (deleted, truncated, replaced): the run stops there, naming it; ``note`` says what was kept."""
+
+    def __init__(self, source: Path, name: str, reason: str) -> None:
+        super().__init__(
+            source,
+            f"{name} can no longer be read ({reason}); it changed after the run checked it at its start",
+        )
+        self.note = ""
+
+    def __str__(self) -> str:
+        return super().__str__() + (f"\n{self.note}" if self.note else "")
+
+
 class OptionError(ValueError):
     """An option does not fit the dataset (``--image-column`` for a folder, a column that holds
     no images): a usage error (exit 2), not a problem of the files."""
@@ -152,6 +167,18 @@ def split(examples: list[Example], val_split: float, seed: int) -> tuple[list[Ex
     held = set(order[:count])
     train = [ex for i, ex in enumerate(examples) if i not in held]
     return train, [ex for i, ex in enumerate(examples) if i in held]
+
+
+def read_failure(exc: BaseException) -> str | None:
+    """Why an image could not be read or decoded, as the lists of problems say it; None for an
+    error that is not about the image."""
+    if isinstance(exc, InvalidImage):
+        return exc.reason
+    if isinstance(exc, PayloadTooLarge):
+        return exc.message
+    if isinstance(exc, OSError):
+        return exc.strerror or str(exc)
+    return None
 
 
 def _unreadable(example: Example) -> str | None:

@@ -13,6 +13,7 @@ import datetime
 import math
 import sys
 from collections.abc import Callable
+from contextlib import ExitStack, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -21,24 +22,29 @@ import numpy as np
 import torch
 
 from vision_server import __version__
+from vision_server.disk_full import DiskFull
 from vision_server.florence.inputs import pixel_values, prompt_ids
 from vision_server.images import prepare_image
+from vision_server.output_lock import OutputLockError, holding
 from vision_server.train.augment import Augmentation, caption_rng
 from vision_server.train.checkpoint import (
     ResumeState,
+    list_checkpoints,
     load_adapter_weights,
     read_state,
     save_checkpoint,
     write_final,
 )
-from vision_server.train.dataset import MAX_PIXELS, Example, load_dataset, split
+from vision_server.train.dataset import MAX_PIXELS, Example, ImageChanged, load_dataset, read_failure, split
 from vision_server.train.model import BaseModel, Precision, add_lora, load_base, pick_precision
 from vision_server.train.options import TrainOptions
 from vision_server.train.preflight import (
+    TrainError,
     canonical_task,
     check_optimizer,
     check_output,
     check_resumable,
+    check_writable,
     clear_output,
 )
 from vision_server.train.reporting import Progress, Tracker, counted, pick_tracker
@@ -76,12 +82,40 @@ def plan_steps(options: TrainOptions, train_size: int) -> _Plan:
 def run_training(
     options: TrainOptions, *, should_stop: Callable[[], bool] = lambda: False, stream: IO[str] | None = None
 ) -> TrainResult:
-    """Train as ``options`` say; stop early (with a checkpoint) once ``should_stop()`` is true."""
+    """Train as ``options`` say; stop early (with a checkpoint) once ``should_stop()`` is true.
+
+    The output folder is locked for the whole run (:mod:`vision_server.output_lock`): a second
+    run into it, even with ``--overwrite`` or ``--resume``, stops before it looks at the folder."""
     options = dataclasses.replace(options, task=canonical_task(options.task, options.model))
     examples = load_dataset(
         options.dataset, caption_ext=options.caption_ext, task=options.task, image_column=options.image_column
     )
     train_set, val_set = split(examples, options.val_split, options.seed)
+    check_writable(options.output)  # before the lock: a folder no run can write is said as such
+    with ExitStack() as held:
+        # The lock file goes beside the output. Where that folder is missing no run writes the
+        # output yet, and the checks leave nothing behind: it is locked once the folder is made.
+        locked = options.output.parent.is_dir() and _lock(held, options.output)
+        return _checked_run(options, train_set, val_set, should_stop, stream, held if not locked else None)
+
+
+def _lock(held: ExitStack, output: Path) -> bool:
+    """Hold ``output``'s lock until ``held`` closes; a usage error when another run holds it."""
+    try:
+        held.enter_context(holding([output]))
+    except OutputLockError as exc:
+        raise TrainError(str(exc)) from None
+    return True
+
+
+def _checked_run(
+    options: TrainOptions,
+    train_set: list[Example],
+    val_set: list[Example],
+    should_stop: Callable[[], bool],
+    stream: IO[str] | None,
+    lock_later: ExitStack | None,
+) -> TrainResult:
     checkpoint = check_output(options)
     saved = read_state(checkpoint) if checkpoint else None
     if saved is not None:
@@ -90,17 +124,43 @@ def run_training(
     check_optimizer(options.optimizer)
     precision = pick_precision(options.device, options.precision)
     base = load_base(options, precision)
+    if lock_later is not None:
+        options.output.parent.mkdir(parents=True, exist_ok=True)
+        _lock(lock_later, options.output)
+        check_output(options)  # a run started with this one may have made the folder meanwhile
     trainer = _Trainer(options, base, precision, train_set, val_set, stream)
     if checkpoint is not None and saved is not None:
         trainer.resume(checkpoint, saved)
     if not options.resume and options.output.exists() and options.overwrite:
         clear_output(options.output)
-    options.output.mkdir(parents=True, exist_ok=True)
-    tracker = Tracker(tracker_kind, options.output, options.as_dict())
     try:
-        return trainer.run(tracker, should_stop)
-    finally:
+        options.output.mkdir(parents=True, exist_ok=True)
+        tracker = Tracker(tracker_kind, options.output, options.as_dict())
+        try:
+            result = trainer.run(tracker, should_stop)
+        except BaseException:
+            with suppress(Exception):  # its own disk-full error says no more than the first one
+                tracker.close()
+            raise
         tracker.close()
+        return result
+    except DiskFull as exc:
+        exc.note = _go_on(options.output, "free some space")
+        raise
+    except ImageChanged as exc:  # a validation image (a training image's note is set already)
+        exc.note = exc.note or _go_on(options.output, "put the image back as it was")
+        raise
+
+
+def _go_on(output: Path, fix: str) -> str:
+    """What a run that stopped on a fault kept, and how to go on from it once ``fix`` is done."""
+    done = list_checkpoints(output)
+    if done:
+        return (
+            f"the last complete checkpoint is {done[-1]}: {fix}, then continue with "
+            f"--resume {output} (and the same options)"
+        )
+    return f"no checkpoint was written: {fix}, then run the same command again with --overwrite"
 
 
 class _Trainer:
@@ -227,7 +287,11 @@ class _Trainer:
                 epoch, in_epoch = divmod(self.step, plan.steps_per_epoch)
                 groups = self._epoch_groups(epoch)
                 for group in groups[in_epoch:]:
-                    loss = self._optimizer_step(group, epoch)
+                    try:
+                        loss = self._optimizer_step(group, epoch)
+                    except ImageChanged as exc:
+                        exc.note = self._kept_after()
+                        raise
                     saving = self._count_step(loss, epoch, tracker, progress)
                     if saving and self.step < plan.total_steps:
                         checkpoint = self._save()
@@ -244,6 +308,15 @@ class _Trainer:
         metadata = self.metadata()
         write_final(self.options.output, self.model, metadata)
         return TrainResult(self.options.output, self.step, plan.total_steps, self.history, None, metadata)
+
+    def _kept_after(self) -> str:
+        """Checkpoint the steps done before an image could not be read (unless the newest
+        checkpoint holds them already), and say how to go on."""
+        if self.step > 0:
+            done = list_checkpoints(self.options.output)
+            if not done or done[-1].name != f"step-{self.step:08d}":
+                self._save()
+        return _go_on(self.options.output, "put the image back as it was")
 
     def _count_step(self, loss: float, epoch: int, tracker: Tracker, progress: Progress) -> bool:
         """Book one optimizer step (progress, tracker, the epoch's end); True when a checkpoint
@@ -279,17 +352,24 @@ class _Trainer:
         size = self.options.batch_size
         batches = [group[i : i + size] for i in range(0, len(group), size)]
         total = 0.0
-        for batch in batches:
-            texts = [
-                self.augmentation.apply(ex.text, caption_rng(self.options.seed, epoch, pos))
-                for pos, ex in batch
-            ]
-            loss = self._loss([ex for _, ex in batch], texts) / len(batches)
-            if self.scaler is not None:
-                self.scaler.scale(loss).backward()
-            else:
-                loss.backward()
-            total += float(loss.detach())
+        generators = _generators()
+        try:
+            for batch in batches:
+                texts = [
+                    self.augmentation.apply(ex.text, caption_rng(self.options.seed, epoch, pos))
+                    for pos, ex in batch
+                ]
+                loss = self._loss([ex for _, ex in batch], texts) / len(batches)
+                if self.scaler is not None:
+                    self.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                total += float(loss.detach())
+        except ImageChanged:
+            # As if the step never began: a checkpoint now resumes exactly where it would have.
+            self.optimizer.zero_grad(set_to_none=True)
+            _restore_generators(generators)
+            raise
         if self.scaler is not None:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -332,7 +412,13 @@ class _Trainer:
         cached = self._pixels.get(example.name)
         if cached is not None:
             return cached
-        pixels = prepare_image(example.read(), self.base.pixels, max_pixels=MAX_PIXELS).pixels
+        try:
+            pixels = prepare_image(example.read(), self.base.pixels, max_pixels=MAX_PIXELS).pixels
+        except Exception as exc:
+            reason = read_failure(exc)
+            if reason is None:
+                raise
+            raise ImageChanged(self.options.dataset, example.name, reason) from None
         if self._pixel_bytes + pixels.nbytes <= PIXEL_CACHE_BYTES:
             self._pixels[example.name] = pixels
             self._pixel_bytes += pixels.nbytes
@@ -397,6 +483,16 @@ class _Trainer:
             progress.write(text)
         else:
             print(text, file=self.stream or sys.stderr, flush=True)
+
+
+def _generators() -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+
+
+def _restore_generators(saved: tuple[torch.Tensor, list[torch.Tensor] | None]) -> None:
+    torch.set_rng_state(saved[0])
+    if saved[1] is not None:
+        torch.cuda.set_rng_state_all(saved[1])
 
 
 def _indented(text: str) -> str:

@@ -51,11 +51,11 @@ def canonical_task(task: str, model: str) -> str:
 def check_output(options: TrainOptions) -> Path | None:
     """The checkpoint to resume from (if any), after checking the output folder may be written."""
     checkpoint = _checkpoint_to_resume(options)
-    _check_writable(options.output)
+    check_writable(options.output)
     return checkpoint
 
 
-def _check_writable(output: Path) -> None:
+def check_writable(output: Path) -> None:
     """Create the folder and a file in it, then remove what this check created: a folder that
     cannot be written is found now, not after the model has loaded."""
     made = []

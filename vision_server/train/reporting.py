@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
+from vision_server.disk_full import as_disk_full
 from vision_server.progress_output import ProgressOutput
 
 
@@ -38,32 +39,45 @@ def _installed(name: str) -> bool:
 
 
 class Tracker:
-    """Scalars to TensorBoard (``OUTPUT/logs``) or wandb (which honours WANDB_MODE=offline)."""
+    """Scalars to TensorBoard (``OUTPUT/logs``) or wandb (which honours WANDB_MODE=offline).
+
+    A full disk met while writing them is a :class:`~vision_server.disk_full.DiskFull` naming
+    the logs' folder (TensorBoard's writer thread reports it on a later call)."""
 
     def __init__(self, kind: str, output: Path, config: dict[str, Any]) -> None:
         self.kind = kind
         self._writer: Any = None
         self._run: Any = None
-        if kind == "tensorboard":
-            from torch.utils.tensorboard import SummaryWriter
+        self._logs = output / "logs" if kind == "tensorboard" else output / "wandb"
+        try:
+            if kind == "tensorboard":
+                from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=str(output / "logs"))
-        elif kind == "wandb":
-            wandb = importlib.import_module("wandb")  # optional: only where installed
-            self._run = wandb.init(project="vision-server-train", dir=str(output), config=config)
+                self._writer = SummaryWriter(log_dir=str(self._logs))
+            elif kind == "wandb":
+                wandb = importlib.import_module("wandb")  # optional: only where installed
+                self._run = wandb.init(project="vision-server-train", dir=str(output), config=config)
+        except OSError as exc:
+            raise as_disk_full(self._logs, exc) from None
 
     def log(self, step: int, values: dict[str, float]) -> None:
-        if self._writer is not None:
-            for name, value in values.items():
-                self._writer.add_scalar(name, value, step)
-        elif self._run is not None:
-            self._run.log(values, step=step)
+        try:
+            if self._writer is not None:
+                for name, value in values.items():
+                    self._writer.add_scalar(name, value, step)
+            elif self._run is not None:
+                self._run.log(values, step=step)
+        except OSError as exc:
+            raise as_disk_full(self._logs, exc) from None
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-        if self._run is not None:
-            self._run.finish()
+        try:
+            if self._writer is not None:
+                self._writer.close()
+            if self._run is not None:
+                self._run.finish()
+        except OSError as exc:
+            raise as_disk_full(self._logs, exc) from None
 
 
 class Progress(ProgressOutput):

@@ -1,0 +1,207 @@
+"""``vision-server train`` meeting faults as real processes on the tiny model: killed (``kill -9``)
+while a checkpoint or the final adapter is written, a full disk, a second run into the same
+output folder, images that change after the run checked them. Nothing done is lost, nothing torn
+is trusted, and the message says what to fix."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support.full_disk import small_disk
+from tests.support.processes import cli_command
+from tests.support.train_data import captioned_folder
+
+ROOT = Path(__file__).resolve().parents[2]
+GATED = ROOT / "tests" / "support" / "gated_train.py"
+# Five images, one a step: an epoch is five steps, with a checkpoint at its end.
+OPTIONS = ("--model", "test:tiny", "--log-with", "none", "--val-samples", "0", "--device", "cpu")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **extra}
+
+
+def _train(data: Path, output: Path, cache: Path, *more: str) -> list[str]:
+    return [
+        "train",
+        "--dataset",
+        str(data),
+        "--output",
+        str(output),
+        "--cache-dir",
+        str(cache),
+        *OPTIONS,
+        *more,
+    ]
+
+
+def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*cli_command(), *args], capture_output=True, text=True, timeout=timeout, env=_env()
+    )
+
+
+class Gated:
+    """``gated_train.py`` in the background, held at ``at`` until :meth:`open`."""
+
+    def __init__(self, gate: Path, at: str, args: list[str]) -> None:
+        gate.mkdir(parents=True, exist_ok=True)
+        self.gate, self.point = gate, at.split(":")[0]
+        self.log = gate / "train.log"
+        self._sink = self.log.open("wb")
+        env = _env(TRAIN_GATE=str(gate), TRAIN_GATE_AT=at)
+        self.process = subprocess.Popen(
+            [sys.executable, str(GATED), *args], stdout=self._sink, stderr=subprocess.STDOUT, env=env
+        )
+
+    def wait_entered(self) -> None:
+        deadline = time.monotonic() + 300
+        while not (self.gate / f"{self.point}.entered").exists():
+            assert self.process.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.05)
+
+    def open(self) -> None:
+        (self.gate / f"{self.point}.open").touch()
+
+    def kill(self) -> None:
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(60)
+
+    def close(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(60)
+        self._sink.close()
+
+
+@pytest.fixture
+def gated(tmp_path: Path) -> Iterator[list[Gated]]:
+    runs: list[Gated] = []
+    yield runs
+    for run in runs:
+        run.close()
+
+
+@pytest.fixture
+def data(tmp_path: Path) -> Path:
+    return captioned_folder(tmp_path / "data")
+
+
+def _hidden(output: Path) -> list[str]:
+    return sorted(str(p.relative_to(output)) for p in output.rglob(".*"))
+
+
+def test_kill_9_while_a_checkpoint_is_written_resumes_from_the_last_complete_one(
+    tmp_path: Path, data: Path, gated: list[Gated]
+) -> None:
+    """The torn checkpoint is not trusted, and its leftover goes though the resumed run (which
+    may save at other steps: ``--save-every`` may change) never writes that step again."""
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    args = _train(data, output, cache, "--epochs", "3", "--save-every", "2")
+    run = Gated(tmp_path / "gate", "checkpoint:2", args)
+    gated.append(run)
+    run.wait_entered()  # step-4's adapter is written, its trainer state not yet
+    run.kill()
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == [
+        ".step-00000004.partial",
+        "step-00000002",
+    ]
+    resumed = _run(_train(data, output, cache, "--epochs", "3", "--resume", str(output)))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {output / 'checkpoints' / 'step-00000002'} at step 2/15" in resumed.stderr
+    assert (output / "adapter_config.json").is_file() and _hidden(output) == []
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000005", "step-00000010"]
+
+
+def test_kill_9_while_the_adapter_is_written_leaves_no_adapter_config_and_resumes(
+    tmp_path: Path, data: Path, gated: list[Gated]
+) -> None:
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    run = Gated(tmp_path / "gate", "final", _train(data, output, cache, "--epochs", "2"))
+    gated.append(run)
+    run.wait_entered()  # the weights are in place, training.json and the config not yet
+    run.kill()
+    assert (output / "adapter_model.safetensors").is_file() and not (output / "adapter_config.json").exists()
+    served = _run(["serve", "--model", "test:tiny", "--cache-dir", str(cache), "--adapter", str(output)], 120)
+    assert served.returncode != 0 and "step-00000005" in served.stderr, served.stderr
+    resumed = _run(_train(data, output, cache, "--epochs", "2", "--resume", str(output)))
+    assert resumed.returncode == 0, resumed.stderr
+    assert (output / "adapter_config.json").is_file() and _hidden(output) == []
+
+
+def test_a_second_run_into_the_same_output_is_refused_while_the_first_runs(
+    tmp_path: Path, data: Path, gated: list[Gated]
+) -> None:
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    first = Gated(tmp_path / "gate", "checkpoint:2", _train(data, output, cache, "--epochs", "3"))
+    gated.append(first)
+    first.wait_entered()
+    for extra in (["--overwrite"], ["--resume", str(output)]):
+        second = _run(_train(data, output, cache, "--epochs", "3", *extra))
+        assert second.returncode == 2, second.stderr
+        assert "is being written by another run" in second.stderr and str(output) in second.stderr
+        assert "Traceback" not in second.stderr
+    assert (output / "checkpoints" / "step-00000005" / "trainer_state.pt").is_file()  # untouched
+    first.open()
+    assert first.process.wait(300) == 0, first.log.read_text()
+    assert (output / "adapter_config.json").is_file()
+    assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000005", "step-00000010"]
+
+
+def test_a_full_disk_stops_the_run_naming_the_checkpoint_and_keeping_the_last(
+    tmp_path: Path, data: Path
+) -> None:
+    cache = tmp_path / "cache"
+    # One checkpoint of the tiny model takes about 95 kB: the second does not fit beside the first.
+    with small_disk(tmp_path / "disk", "160k") as disk:
+        output = disk / "out"
+        run = _run(_train(data, output, cache, "--epochs", "4", "--keep-checkpoints", "4"))
+        assert run.returncode == 1, run.stderr
+        last = output / "checkpoints" / "step-00000005"
+        assert (
+            f"Error: cannot write {output / 'checkpoints' / 'step-00000010'}: no space left on the device; "
+            f"the last complete checkpoint is {last}: free some space, then continue with --resume {output}"
+        ) in run.stderr
+        assert "Traceback" not in run.stderr
+        assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000005"]  # no torn one
+        kept = torch.load(last / "trainer_state.pt", weights_only=True)
+        assert kept["step"] == 5
+
+
+def test_an_image_deleted_during_the_run_stops_it_with_a_checkpoint_to_resume(
+    tmp_path: Path, data: Path, gated: list[Gated]
+) -> None:
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    order = torch.randperm(5, generator=torch.Generator().manual_seed(42 * 1_000_003)).tolist()
+    last = data / f"img{order[-1]}.png"  # the first epoch reads it in its fifth step
+    run = Gated(tmp_path / "gate", "start", _train(data, output, cache, "--epochs", "2"))
+    gated.append(run)
+    run.wait_entered()  # the dataset was checked
+    kept = last.read_bytes()
+    last.unlink()
+    run.open()
+    assert run.process.wait(300) == 1, run.log.read_text()
+    message = run.log.read_text()
+    assert f"{last.name} can no longer be read (" in message and "Traceback" not in message, message
+    checkpoint = output / "checkpoints" / "step-00000004"
+    assert f"the last complete checkpoint is {checkpoint}: put the image back as it was" in message
+    assert (checkpoint / "trainer_state.pt").is_file()
+    last.write_bytes(kept[: len(kept) // 2])  # back, but truncated: unreadable, named at the start
+    refused = _run(_train(data, output, cache, "--epochs", "2", "--resume", str(output)))
+    assert (
+        refused.returncode == 1 and "unreadable images (1)" in refused.stderr and last.name in refused.stderr
+    )
+    last.write_bytes(kept)
+    resumed = _run(_train(data, output, cache, "--epochs", "2", "--resume", str(output)))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {checkpoint} at step 4/10" in resumed.stderr
