@@ -548,17 +548,18 @@ def carried_packages(workdir: Path) -> tuple[list[str], list[str]]:
 
 def project_floors() -> dict[str, str]:
     """``name >= version`` of each runtime dependency in pyproject.toml, by normalized name."""
-    try:
+    floors: dict[str, str] = {}
+    if sys.version_info < (3, 11):  # no tomllib: no floors known, so only missing packages are unpacked
+        return floors
+    else:  # the import sits under the version check so that `mypy --python-version 3.10` passes
         import tomllib
-    except ModuleNotFoundError:  # Python 3.10: no floors known, so only missing packages are unpacked
-        return {}
-    project = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
-    floors = {}
-    for requirement in project["dependencies"]:
-        name, _, rest = requirement.partition(">=")
-        if rest:
-            floors[normalized(name)] = rest.split(",")[0].split(";")[0].strip()
-    return floors
+
+        text = (REPO / "pyproject.toml").read_text(encoding="utf-8")
+        for requirement in tomllib.loads(text)["project"]["dependencies"]:
+            name, _, rest = requirement.partition(">=")
+            if rest:
+                floors[normalized(name)] = rest.split(",")[0].split(";")[0].strip()
+        return floors
 
 
 def normalized(name: str) -> str:

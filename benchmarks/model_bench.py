@@ -21,13 +21,23 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import numpy as np
 from PIL import Image
 
+if TYPE_CHECKING:
+    from vision_server.captioner import GenerationOptions, ModelInfo
+    from vision_server.florence.captioner import FlorenceCaptioner
 
-def timed(func, *args, **kwargs):  # type: ignore[no-untyped-def]
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+def timed(func: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> tuple[R, float]:
+    """Call ``func`` once; return its result and the wall time it took, in seconds."""
     started = time.perf_counter()
     result = func(*args, **kwargs)
     return result, time.perf_counter() - started
@@ -79,13 +89,16 @@ def main() -> None:
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, num_beams=args.beams
     )
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    modes, prep, info = [], {}, None
+    modes: list[dict[str, Any]] = []
+    prep: dict[str, float] = {}
+    info: ModelInfo | None = None
     for mode in args.modes.split(","):
         if mode not in ("eager", "compiled"):
             raise SystemExit(f"unknown mode {mode!r}: use eager and/or compiled")
         result, info, costs = run_mode(args, native, workdir, mode, image, options, sizes)
         modes.append(result)
         prep = prep or costs
+    assert info is not None, "the loop above ran at least once"
     report(args, info, conversion_s, modes)
     print("preprocessing, ms per image (2048x1536 JPEG, one thread):")
     for name, ms in prep.items():
@@ -93,7 +106,15 @@ def main() -> None:
     print(json.dumps({"preprocessing_ms": prep}))
 
 
-def run_mode(args, native, workdir, mode, image, options, sizes):  # type: ignore[no-untyped-def]
+def run_mode(
+    args: argparse.Namespace,
+    native: Path,
+    workdir: Path,
+    mode: str,
+    image: Image.Image,
+    options: GenerationOptions,
+    sizes: list[int],
+) -> tuple[dict[str, Any], ModelInfo, dict[str, float]]:
     """Load (timed; compiling every batch size first when compiled), time each batch size, unload."""
     import torch
 
@@ -141,7 +162,7 @@ def run_mode(args, native, workdir, mode, image, options, sizes):  # type: ignor
     return result, info, prep
 
 
-def preprocessing_costs(captioner) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def preprocessing_costs(captioner: FlorenceCaptioner) -> dict[str, float]:
     """Where CPU time goes before generate: decode, resize, normalise, and transformers' processor."""
     import io
 
@@ -156,13 +177,15 @@ def preprocessing_costs(captioner) -> dict[str, float]:  # type: ignore[no-untyp
     buffer = io.BytesIO()
     photo.save(buffer, "JPEG", quality=90)
     data = buffer.getvalue()
-    processor = captioner._loaded.processor
+    loaded = captioner._loaded
+    assert loaded is not None, "called while the model is loaded"
+    processor = loaded.processor
     spec = pixel_spec(processor)
     decoded = open_image(data, max_pixels=10**9)
     resized = fit_image(decoded, spec).pixels[None]
     cpu = torch.device("cpu")
 
-    def per_image(func) -> float:  # type: ignore[no-untyped-def]
+    def per_image(func: Callable[[], object]) -> float:
         func()
         return statistics.median(timed(func)[1] for _ in range(7)) * 1000
 
@@ -181,7 +204,12 @@ def preprocessing_costs(captioner) -> dict[str, float]:  # type: ignore[no-untyp
     }
 
 
-def report(args, info, conversion_s, modes) -> None:  # type: ignore[no-untyped-def]
+def report(
+    args: argparse.Namespace,
+    info: ModelInfo,
+    conversion_s: float | None,
+    modes: list[dict[str, Any]],
+) -> None:
     import torch
     import transformers
 

@@ -120,7 +120,7 @@ async def phase(args: argparse.Namespace, url: str, lane: str, images: list[str]
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=3600)
     async with aiohttp.ClientSession(url, connector=connector, timeout=timeout) as session:
-        stop, done = asyncio.Event(), []
+        stop, done = asyncio.Event(), list[int]()
         workers = [
             asyncio.create_task(bulk_client(session, f"folder-{c}", lane, images, stop, done))
             for c in range(args.bulk_clients)
@@ -129,7 +129,7 @@ async def phase(args: argparse.Namespace, url: str, lane: str, images: list[str]
         await asyncio.sleep(args.warmup)  # the queue fills
         batch_sum, batches = await inference_totals(session)
         started, bulk_before = time.monotonic(), len(done)
-        latencies = []
+        latencies: list[float] = []
         while time.monotonic() - started < args.seconds:
             sent = time.monotonic()
             body = {"image": images[len(latencies) % len(images)], "prompt": "<CAPTION>"}

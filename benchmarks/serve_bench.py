@@ -218,7 +218,7 @@ def run_in_process(images: list[bytes], args: argparse.Namespace, batch_size: in
         if torch.cuda.is_available():
             torch.cuda.synchronize()
 
-    def reference(picture: object) -> None:
+    def reference(picture: Image.Image) -> None:
         inputs = loaded.processor(text=task, images=picture, return_tensors="pt").to(loaded.device)
         with torch.inference_mode():
             out = loaded.model.generate(

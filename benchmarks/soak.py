@@ -329,7 +329,7 @@ async def soak(args: argparse.Namespace, url: str, pid: int, log_path: Path) -> 
     completed = [o for o in outcomes if o.status is not None]
     good = [o for o in completed if not o.bad]
     latencies = [o.seconds for o in good if o.status == 200]
-    client_5xx = [o for o in completed if o.status >= 500]
+    client_5xx = [o for o in completed if o.status is not None and o.status >= 500]
     server_5xx = sum(count for status, count in by_server.items() if status.startswith("5"))
     results = {
         "requests": len(outcomes),
