@@ -11,12 +11,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import openai
 import pytest
 from aiohttp import ClientSession
+from openai.types.responses import (
+    ResponseCompletedEvent,
+    ResponseContentPartDoneEvent,
+    ResponseCreatedEvent,
+    ResponseInputContentParam,
+    ResponseInputParam,
+    ResponseOutputItemAddedEvent,
+    ResponseOutputText,
+    ResponseStreamEvent,
+    ResponseTextDeltaEvent,
+    ResponseTextDoneEvent,
+)
 
 from tests.support.api import native_caption
 from tests.support.images import data_url
@@ -41,11 +54,19 @@ def sdk(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-anything", max_retries=0)
 
 
-def said(text: str | None, *seeds: int) -> list[dict[str, Any]]:
+def said(text: str | None, *seeds: int) -> ResponseInputParam:
     """One user message: ``text`` as input_text, then each seed's image as input_image."""
-    parts: list[dict[str, Any]] = [] if text is None else [{"type": "input_text", "text": text}]
+    parts: list[ResponseInputContentParam] = [] if text is None else [{"type": "input_text", "text": text}]
     parts += [{"type": "input_image", "image_url": data_url(seed), "detail": "auto"} for seed in seeds]
     return [{"role": "user", "content": parts}]
+
+
+E = TypeVar("E", bound=ResponseStreamEvent)
+
+
+def last(events: list[ResponseStreamEvent], kind: type[E]) -> E:
+    """The last event of class ``kind`` (each class is one ``type`` string): typed, unlike a dict."""
+    return [event for event in events if isinstance(event, kind)][-1]
 
 
 async def respond(
@@ -55,7 +76,7 @@ async def respond(
         return response.status, await response.json()
 
 
-def collapsed(kinds: list[str]) -> list[str]:
+def collapsed(kinds: Sequence[str]) -> list[str]:
     """Event types with runs of deltas written once."""
     return [kind for i, kind in enumerate(kinds) if i == 0 or kind != kinds[i - 1]]
 
@@ -74,7 +95,7 @@ async def test_sdk_create_gets_the_caption(tiny: Settings) -> None:
         started = int(time.time())
         raw = await client.responses.with_raw_response.create(
             model="gpt-4.1-mini",
-            input=said("What's in this image?", 1),  # type: ignore[arg-type]
+            input=said("What's in this image?", 1),
             instructions="You are a helpful assistant.",  # the system prompt: not read for the task
             metadata={"job": "42"},
         )
@@ -87,7 +108,8 @@ async def test_sdk_create_gets_the_caption(tiny: Settings) -> None:
     assert reply.id.startswith("resp_") and reply.object == "response" and reply.status == "completed"
     assert reply.model == "test:tiny" and started <= reply.created_at <= finished
     assert reply.instructions == "You are a helpful assistant." and reply.metadata == {"job": "42"}
-    assert reply.store is False and reply.error is None and reply.incomplete_details is None
+    store = reply.store  # type: ignore[attr-defined]  # the API sends store; openai's Response model lacks it
+    assert store is False and reply.error is None and reply.incomplete_details is None
     [message] = reply.output
     assert message.type == "message" and message.id.startswith("msg_") and message.role == "assistant"
     assert message.status == "completed"
@@ -104,22 +126,23 @@ async def test_sdk_stream_true_sends_openais_event_sequence(greedy: Settings) ->
         client = sdk(url)
         stream = await client.responses.create(
             model="any", input=said("<MORE_DETAILED_CAPTION>", 2), stream=True, max_output_tokens=64
-        )  # type: ignore[call-overload]
+        )
         events = [event async for event in stream]
         await client.close()
         expected = await native_caption(session, 2, "<MORE_DETAILED_CAPTION>")  # greedy too
     kinds = [event.type for event in events]
     assert collapsed(kinds) == STREAM_EVENTS
     assert [event.sequence_number for event in events] == list(range(len(events)))
-    deltas = [event.delta for event in events if event.type == "response.output_text.delta"]
+    deltas = [event.delta for event in events if isinstance(event, ResponseTextDeltaEvent)]
     assert len(deltas) > 1 and "".join(deltas) == expected
-    done = {event.type: event for event in events}
-    assert done["response.output_text.done"].text == expected
-    assert done["response.content_part.done"].part.text == expected
-    final = done["response.completed"].response
+    assert last(events, ResponseTextDoneEvent).text == expected
+    part = last(events, ResponseContentPartDoneEvent).part
+    assert isinstance(part, ResponseOutputText) and part.text == expected
+    final = last(events, ResponseCompletedEvent).response
+    created = last(events, ResponseCreatedEvent).response
     assert final.output_text == expected and final.status == "completed" and final.usage is not None
-    assert final.id == done["response.created"].response.id and done["response.created"].response.output == []
-    item_id = done["response.output_item.added"].item.id
+    assert final.id == created.id and created.output == []
+    item_id = last(events, ResponseOutputItemAddedEvent).item.id
     assert all(getattr(event, "item_id", item_id) == item_id for event in events)
 
 
@@ -128,7 +151,7 @@ async def test_sdk_stream_helper_gets_the_final_response(tiny: Settings) -> None
     beam search (the tiny default) streams the caption in one delta."""
     async with running_server(tiny) as url, ClientSession(url) as session:
         client = sdk(url)
-        async with client.responses.stream(model="any", input=said("booru tags", 3)) as stream:  # type: ignore[arg-type]
+        async with client.responses.stream(model="any", input=said("booru tags", 3)) as stream:
             texts = [event.delta async for event in stream if event.type == "response.output_text.delta"]
             final = await stream.get_final_response()
         await client.close()
@@ -142,7 +165,7 @@ async def test_sdk_raises_for_what_cannot_be_done(tmp_path: Path) -> None:
         with pytest.raises(openai.BadRequestError) as no_image:
             await client.responses.create(model="any", input="Describe the image.")
         with pytest.raises(openai.BadRequestError) as earlier:
-            await client.responses.create(model="any", input=said("hi", 1), previous_response_id="resp_1")  # type: ignore[arg-type]
+            await client.responses.create(model="any", input=said("hi", 1), previous_response_id="resp_1")
         with pytest.raises(openai.NotFoundError) as stored:
             await client.responses.retrieve("resp_123")
         await client.close()
@@ -158,7 +181,7 @@ async def test_input_forms_and_both_prefixes(tiny: Settings) -> None:
     async with client_for(tiny) as session:
         expected = await native_caption(session, 4, "<CAPTION>")
         image = {"type": "input_image", "image_url": data_url(4)}
-        bodies = [
+        bodies: list[dict[str, Any]] = [
             {"model": "x", "input": said("short caption", 4)},
             # the text as a string message after the image: later user text counts
             {"input": [{"role": "user", "content": [image]}, {"role": "user", "content": "brief please"}]},
@@ -368,7 +391,7 @@ async def test_a_failure_after_the_stream_began_ends_it_with_response_failed(tmp
             text = await response.text()
         client = sdk(url)
         got: list[Any] = []
-        async with client.responses.stream(model="any", input=said("caption", 2)) as stream:  # type: ignore[arg-type]
+        async with client.responses.stream(model="any", input=said("caption", 2)) as stream:
             got = [event.type async for event in stream]
         await client.close()
     events = [json.loads(line[len("data: ") :]) for line in text.splitlines() if line.startswith("data: ")]
