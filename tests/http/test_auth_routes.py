@@ -94,7 +94,7 @@ async def call(
     session: ClientSession, route: Route, headers: dict[str, str]
 ) -> tuple[int, dict[str, str], Any]:
     """Send ``route`` an empty JSON object (enough to get past auth; the handler may then say 400)."""
-    body = {"json": {}} if route.method == "POST" else {}
+    body: dict[str, Any] = {"json": {}} if route.method == "POST" else {}
     async with session.request(route.method, route.path, headers=headers, **body) as response:
         payload: Any = None
         if route.method != "HEAD" and response.content_type == "application/json":

@@ -393,12 +393,17 @@ async def test_three_models_in_one_server_answer_as_each_alone(
     """Concurrent mixed requests through every family get, from each name, the caption a server
     of that model alone gives: its own weights (the adapter changes them), task handling
     (Florence-2 reads the words as a task, BLIP as its prompt) and input size."""
-    options = {"max_new_tokens": 8, "num_beams": 2, "idle_timeout": -1, "cache_dir": tiny.cache_dir}
+    options: dict[str, Any] = {
+        "max_new_tokens": 8,
+        "num_beams": 2,
+        "idle_timeout": -1,
+        "cache_dir": tiny.cache_dir,
+    }
     florence, blip = "test:tiny", str(generic_model_dirs["blip"])
     alone = {
-        "florence": Settings(model=florence, **options),
-        "styled": Settings(model=florence, adapter=str(tiny_adapter_dir), **options),
-        "blip": Settings(model=blip, **options),
+        "florence": Settings(model=(florence,), **options),
+        "styled": Settings(model=(florence,), adapter=str(tiny_adapter_dir), **options),
+        "blip": Settings(model=(blip,), **options),
     }
     names = (f"florence={florence}", f"styled={florence}+{tiny_adapter_dir}", f"blip={blip}")
     together = Settings(model=names, **options)
