@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.support.full_disk import small_disk
+from tests.support.full_disk import fill, small_disk
 from tests.support.processes import cli_command
 from tests.support.train_data import captioned_folder
 
@@ -176,6 +176,33 @@ def test_a_full_disk_stops_the_run_naming_the_checkpoint_and_keeping_the_last(
         assert sorted(p.name for p in (output / "checkpoints").iterdir()) == ["step-00000005"]  # no torn one
         kept = torch.load(last / "trainer_state.pt", weights_only=True)
         assert kept["step"] == 5
+
+
+def test_a_full_disk_while_the_adapter_is_written_leaves_no_partial_adapter(
+    tmp_path: Path, data: Path
+) -> None:
+    """One epoch (no checkpoint before the adapter), on a disk too small for the adapter's weights."""
+    with small_disk(tmp_path / "disk", "16k") as disk:
+        output = disk / "out"
+        run = _run(_train(data, output, tmp_path / "cache", "--epochs", "1"))
+        assert run.returncode == 1, run.stderr
+        assert (
+            f"Error: cannot write {output}: no space left on the device; no checkpoint was written: "
+            "free some space, then run the same command again with --overwrite"
+        ) in run.stderr
+        assert "Traceback" not in run.stderr
+        assert sorted(p.name for p in output.iterdir()) == []  # no weights without a config, no leftover
+
+
+def test_a_full_disk_for_the_tensorboard_logs_is_said_once_plainly(tmp_path: Path, data: Path) -> None:
+    pytest.importorskip("tensorboard")
+    with small_disk(tmp_path / "disk", "16k") as disk:
+        fill(disk)
+        output = disk / "out"
+        run = _run(_train(data, output, tmp_path / "cache", "--epochs", "1", "--log-with", "tensorboard"))
+        assert run.returncode == 1, run.stderr
+        assert f"Error: cannot write {output / 'logs'}: no space left on the device" in run.stderr
+        assert "Traceback" not in run.stderr and "Exception in thread" not in run.stderr, run.stderr
 
 
 def test_an_image_deleted_during_the_run_stops_it_with_a_checkpoint_to_resume(

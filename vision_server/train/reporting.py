@@ -4,11 +4,12 @@ TensorBoard or wandb when one of them is installed and chosen."""
 from __future__ import annotations
 
 import importlib.util
+import threading
 import time
 from pathlib import Path
 from typing import IO, Any
 
-from vision_server.disk_full import as_disk_full
+from vision_server.disk_full import as_disk_full, is_disk_full
 from vision_server.progress_output import ProgressOutput
 
 
@@ -38,6 +39,23 @@ def _installed(name: str) -> bool:
     return importlib.util.find_spec(name) is not None
 
 
+def _quiet_full_disk_in_writer_threads() -> None:
+    """TensorBoard's writer thread dies on a full disk with a traceback of its own; the main
+    thread meets the same error on its next call and says it once, plainly. Other threads'
+    errors are shown as before."""
+    previous = threading.excepthook
+    if getattr(previous, "quiet_full_disk", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if is_disk_full(args.exc_value) and type(args.thread).__module__.startswith("tensorboard."):
+            return
+        previous(args)
+
+    hook.quiet_full_disk = True  # type: ignore[attr-defined]
+    threading.excepthook = hook
+
+
 class Tracker:
     """Scalars to TensorBoard (``OUTPUT/logs``) or wandb (which honours WANDB_MODE=offline).
 
@@ -53,6 +71,7 @@ class Tracker:
             if kind == "tensorboard":
                 from torch.utils.tensorboard import SummaryWriter
 
+                _quiet_full_disk_in_writer_threads()
                 self._writer = SummaryWriter(log_dir=str(self._logs))
             elif kind == "wandb":
                 wandb = importlib.import_module("wandb")  # optional: only where installed
