@@ -495,3 +495,16 @@ async def test_export_of_a_file_name_that_is_not_utf8(tiny_short: Settings, tmp_
             lines = (await response.read()).decode("utf-8").splitlines()
     names = [json.loads(line)["file_name"] for line in lines]
     assert names == ["fine.png", odd] and (gallery / names[1]).exists()
+
+
+async def test_an_unknown_model_name_of_a_megabyte_is_not_echoed_whole(tiny_short: Settings) -> None:
+    """With several models an unknown name is a 404 that names it: a 1 MB name came back whole."""
+    settings = dataclasses.replace(tiny_short, model=("a=test:tiny", "b=test:tiny"))
+    name = "m" * 1_000_000 + "-end"
+    async with running_server(settings) as url, ClientSession(url) as session:
+        for path, body in json_bodies(model=name).items():
+            async with session.post(path, json=body) as response:
+                assert response.status == 404, path
+                message = message_of(path, await response.json())
+            assert len(message) < 300 and "1000004 characters" in message and "-end'" in message, message
+            assert "Served: a, b" in message, message

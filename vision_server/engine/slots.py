@@ -115,9 +115,17 @@ def resolve_name(slots: Mapping[str, ModelSlot], default: str, name: str | None)
     if len(by_source) == 1:
         return by_source[0]
     raise UnknownModel(
-        f"This server does not serve a model named {name!r}. Served: "
+        f"This server does not serve a model named {_quoted(name)}. Served: "
         f"{', '.join(slots)} (default {default}); omit the model to get the default."
     )
+
+
+def _quoted(name: str, limit: int = 80) -> str:
+    """``name`` as a refusal quotes it: whole when short, else its two ends and its length (a
+    client may send megabytes, and the whole name came back in the 404)."""
+    if len(name) <= limit:
+        return repr(name)
+    return f"{name[: limit - 20]!r}...{name[-16:]!r} ({len(name)} characters)"
 
 
 def model_key(slot: ModelSlot) -> dict[str, str]:
