@@ -28,6 +28,7 @@ from vision_server.client import (
     VisionClient,
     VisionClientError,
     VisionConnectionError,
+    VisionHTTPError,
     VisionTimeoutError,
     task_token,
 )
@@ -210,7 +211,7 @@ async def test_busy_server_gives_up_after_retries(serve) -> None:
         (504, ServerError),
     ],
 )
-async def test_other_errors_are_not_retried(serve, status: int, error: type[Exception]) -> None:
+async def test_other_errors_are_not_retried(serve, status: int, error: type[VisionHTTPError]) -> None:
     script = Script(fail(status, f"Invalid image data: problem {status}"))
     url = await serve({"/process_image": script.handle})
     async with AsyncVisionClient(url, retry_policy=FAST) as client:

@@ -20,6 +20,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 FAKE_SERVER = Path(__file__).with_name("fake_server.py")
 _LISTENING = re.compile(r"listening on (https?://[\w.:\[\]-]+)")
@@ -43,7 +44,7 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def http_json(url: str, body: object = None, timeout: float = 60) -> tuple[int, object]:
+def http_json(url: str, body: object = None, timeout: float = 60) -> tuple[int, Any]:
     """GET (or POST ``body`` as JSON) with the standard library: the status and the decoded reply."""
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
@@ -157,7 +158,7 @@ def run_across_a_restart(
     *,
     delay: float,
     down: float,
-    **settings: object,
+    **settings: Any,
 ) -> tuple[int, str]:
     """Run ``command(url)`` against a fake server (``settings`` must name its ``port``), SIGKILL
     the server once ``wrote()`` says the run has written something (as the OOM killer or a crash

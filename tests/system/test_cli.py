@@ -12,6 +12,7 @@ import sys
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 from tests.support.images import save
 from tests.support.processes import ServerProcess, free_port
@@ -91,8 +92,9 @@ def test_a_start_error_names_the_variable_that_set_the_value(tmp_path: Path) -> 
 def test_serving_a_network_without_an_api_key_warns(tmp_path: Path) -> None:
     """Binding beyond loopback with no key opens captioning and status to the network: say so."""
     logs = []
-    open_to_pages = {"cors_origins": "*"}  # every web page may call it, and read the answers
-    for name, settings in (("open", open_to_pages), ("keyed", {"api_key": "k", **open_to_pages})):
+    open_to_pages: dict[str, Any] = {"cors_origins": "*"}  # every web page may call it, and read the answers
+    keyed: dict[str, Any] = {"api_key": "k", **open_to_pages}
+    for name, settings in (("open", open_to_pages), ("keyed", keyed)):
         with ServerProcess.fake(tmp_path, name, delay=0, host="0.0.0.0", **settings) as server:
             server.wait_listening()
             server.stop()
@@ -106,7 +108,7 @@ def test_serving_a_network_without_an_api_key_warns(tmp_path: Path) -> None:
 def test_the_start_log_names_the_hosts_answered(tmp_path: Path) -> None:
     """With the DNS-rebinding check on, one start line lists the accepted names and the flag that
     adds one, so an operator learns of the check before a proxy's first 403."""
-    allowed = {"allowed_hosts": "vision.lan,.Example.com"}
+    allowed: dict[str, Any] = {"allowed_hosts": "vision.lan,.Example.com"}
     with ServerProcess.fake(tmp_path, "loopback", delay=0, **allowed) as server:
         server.wait_listening()
         server.stop()

@@ -24,9 +24,13 @@ from tests.support.leftovers import OLD, YOUNG, caption_temp
 from tests.support.processes import ServerProcess, free_port, run_across_a_restart
 from tests.support.stand_in import PROMPTS, StandIn
 
-CLI = shutil.which("vision-client", path=str(Path(sys.executable).parent)) or shutil.which("vision-client")
+CLI = (
+    shutil.which("vision-client", path=str(Path(sys.executable).parent))
+    or shutil.which("vision-client")
+    or ""
+)
 
-pytestmark = pytest.mark.skipif(CLI is None, reason="the vision-client console script is not installed")
+pytestmark = pytest.mark.skipif(not CLI, reason="the vision-client console script is not installed")
 
 
 def client_env(env: dict[str, str] | None = None) -> dict[str, str]:

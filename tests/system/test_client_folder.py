@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,8 +21,9 @@ from aiohttp import web
 from PIL import Image
 
 from tests.support import hidden_names
-from vision_server.captionfiles import write_atomic
+from vision_server.captionfiles import Mode, write_atomic
 from vision_server.client import AsyncVisionClient, RetryPolicy, VisionClient, caption_folder, find_images
+from vision_server.client.folder import ImageResult
 from vision_server.client.jsonl import JsonlWriter
 
 PNG_MAGIC = b"\x89PNG"
@@ -62,7 +64,7 @@ class StubServer:
 
 
 @pytest.fixture
-async def stub(aiohttp_server) -> tuple[StubServer, AsyncVisionClient]:
+async def stub(aiohttp_server) -> AsyncIterator[tuple[StubServer, AsyncVisionClient]]:
     server = StubServer()
     app = web.Application()
     app.router.add_post("/process_image", server.handle)
@@ -144,7 +146,7 @@ async def test_skip_mode_captions_only_missing_or_empty(stub, tmp_path: Path) ->
         ("prepend", "ohwx, {new}. | old words"),
     ],
 )
-async def test_modes_with_prefix_and_suffix(stub, tmp_path: Path, mode: str, result: str) -> None:
+async def test_modes_with_prefix_and_suffix(stub, tmp_path: Path, mode: Mode, result: str) -> None:
     _, client = stub
     image = make_png(tmp_path / "img.png")
     (tmp_path / "img.caption").write_text("old words\n", encoding="utf-8")
@@ -214,7 +216,7 @@ async def test_corrupt_image_does_not_stop_the_others(stub, tmp_path: Path) -> N
     _, client = stub
     good = [make_png(tmp_path / f"good{i}.png", size=8 + i) for i in range(4)]
     (tmp_path / "broken.jpg").write_bytes(b"definitely not a jpeg")
-    seen = []
+    seen: list[ImageResult] = []
     summary = await caption_folder(client, tmp_path, concurrency=2, on_result=seen.append)
     assert summary.done == 4
     assert [f.path.name for f in summary.failed] == ["broken.jpg"]

@@ -25,6 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import ClientSession, ClientTimeout, TCPConnector
@@ -99,7 +100,7 @@ async def test_draining_one_server_moves_traffic_without_failures(tmp_path: Path
             assert await asyncio.gather(*(caption(session, s) for s in range(12))) == [200] * 12
             assert min(await jobs_done(urls[0]), await jobs_done(urls[1])) > 0  # both take work
 
-            stop, results = asyncio.Event(), []
+            stop, results = asyncio.Event(), list[object]()
             workers = [asyncio.create_task(load(session, stop, results, n)) for n in range(8)]
             await asyncio.sleep(0.6)
             first.send(signal.SIGTERM)
@@ -186,7 +187,7 @@ async def test_load_spreads_over_both_real_daemons(
     daemons = [tiny_daemon(tmp_path, "gpu1", cache_dir), tiny_daemon(tmp_path, "gpu2", cache_dir)]
     async with proxied_pool(tmp_path, daemons) as (session, urls, _):
         before = [await jobs_done(url) for url in urls]
-        stop, results = asyncio.Event(), []
+        stop, results = asyncio.Event(), list[object]()
         workers = [asyncio.create_task(load(session, stop, results, n)) for n in range(8)]
         while len(results) < 60:
             await asyncio.sleep(0.05)
@@ -295,7 +296,7 @@ async def test_daemons_behind_haproxy_see_the_real_client(tmp_path: Path) -> Non
     address it saw to the right of it, and that one is not a trusted proxy."""
     if not can_bind("127.0.0.2"):
         pytest.skip("127.0.0.2 is not a local address here (loopback is only 127.0.0.1)")
-    trusting = {"trusted_proxies": "127.0.0.1"}
+    trusting: dict[str, Any] = {"trusted_proxies": "127.0.0.1"}
     daemons = [ServerProcess.fake(tmp_path, name, delay=0, **trusting) for name in ("gpu1", "gpu2")]
     async with proxied_pool(tmp_path, daemons, client_address="127.0.0.2") as (session, _, _):
         for spoofed in (None, "198.51.100.66"):
@@ -334,7 +335,7 @@ async def test_https_pool_with_an_api_key(tmp_path: Path) -> None:
     cert, key = self_signed(tmp_path)
     pem = tmp_path / "vision-server.pem"  # what `cat cert.pem key.pem > vision-server.pem` makes
     pem.write_text(cert.read_text() + key.read_text())
-    secured = {"api_key": "pool-key", "ssl_cert": cert, "ssl_key": key}
+    secured: dict[str, Any] = {"api_key": "pool-key", "ssl_cert": cert, "ssl_key": key}
     daemons = [ServerProcess.fake(tmp_path, name, delay=0, **secured) for name in ("gpu1", "gpu2")]
     proxy: subprocess.Popen[bytes] | None = None
     try:

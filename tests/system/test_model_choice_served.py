@@ -168,7 +168,7 @@ def native_caption(server: str, image: bytes, model: str) -> str:
     body = {"image": base64.b64encode(image).decode(), "prompt": "<CAPTION>", "model": model}
     status, reply = http_json(server + "/process_image", body)
     assert status == 200, reply
-    return str(reply["result"])  # type: ignore[index]
+    return str(reply["result"])
 
 
 def test_the_page_picks_the_model_and_shows_its_tasks(page: Page, server: str, tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -974,7 +975,7 @@ def slow_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     it into their curl config files. One per test, so no test sees another's abandoned jobs.
     """
     tmp = tmp_path_factory.mktemp("slow-server")
-    settings = {"max_batch_size": 1, "api_key": SIGNAL_KEY}
+    settings: dict[str, Any] = {"max_batch_size": 1, "api_key": SIGNAL_KEY}
     with ServerProcess.fake(tmp, "slow", delay=30, **settings) as process:
         yield process.wait_listening()
 
@@ -1013,7 +1014,7 @@ def named(processes: list[psutil.Process], name: str) -> list[psutil.Process]:
     ],
 )
 def test_folder_signal_leaves_no_child_and_no_temp_file(
-    slow_server: str, tmp_path: Path, tmpdir_env: Path, how: str, signum: int, code: int
+    slow_server: str, tmp_path: Path, tmpdir_env: Path, how: str, signum: signal.Signals, code: int
 ) -> None:
     """--jobs 4 with four requests in flight: every process of the run stops, nothing is left."""
     root = tmp_path / "signal"

@@ -164,11 +164,11 @@ def test_serve_loads_the_adapter_and_shows_how_it_was_trained(trained: Trained, 
     for name, target in trained.targets().items():
         image = base64.b64encode((trained.data / name).read_bytes()).decode()
         status, reply = http_json(f"{adapter_server}/process_image", {"image": image, "prompt": TASK})
-        assert status == 200 and reply["result"] == target, reply  # type: ignore[index]
+        assert status == 200 and reply["result"] == target, reply
     for route in ("/model_info", "/v1/status"):
         status, reply = http_json(adapter_server + route)
         assert status == 200
-        adapter = reply["adapter"]  # type: ignore[index]
+        adapter = reply["adapter"]
         assert adapter["name"] == trained.adapter.name and str(trained.adapter) not in json.dumps(reply)
         training = adapter["training"]
         assert training["base_model"] == trained.model.name and training["task"] == TASK  # no path

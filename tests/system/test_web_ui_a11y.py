@@ -106,7 +106,7 @@ def native_caption(server: str, image: Path, task: str) -> str:
     body = {"image": base64.b64encode(image.read_bytes()).decode(), "prompt": task}
     status, reply = http_json(server + "/process_image", body)
     assert status == 200, reply
-    return str(reply["result"])  # type: ignore[index]
+    return str(reply["result"])
 
 
 def test_try_it_by_keyboard_alone(page: Page, server: str, data: GalleryData) -> None:

@@ -75,7 +75,12 @@ def test_pruning_runs_when_the_running_total_passes_the_cap_not_per_request(
     cache = Thumbnails(tmp_path / "thumbs", PIXELS, 4 * size + 1)
     passes: list[int] = []
     scan = cache._scan
-    monkeypatch.setattr(cache, "_scan", lambda now: passes.append(1) or scan(now))
+
+    def counted(now: float) -> tuple[list[tuple[float, int, Path]], int]:
+        passes.append(1)
+        return scan(now)
+
+    monkeypatch.setattr(cache, "_scan", counted)
     for image in images[:4]:
         cache.get(image)
         cache.get(image)  # a hit
