@@ -20,12 +20,12 @@ from tests.support.api import tiny_cache_dir
 from tests.support.processes import tiny_server
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Browser, Page
+    from playwright.sync_api import Browser, Page, ViewportSize
 
 CHROMIUM_ENV = "VISION_SERVER_TEST_CHROMIUM"
 SCREENSHOTS_ENV = "VISION_SERVER_UI_SCREENSHOTS"
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
-VIEWPORT = {"width": 1300, "height": 900}  # wide enough for the page's two-column layout
+VIEWPORT: ViewportSize = {"width": 1300, "height": 900}  # wide enough for the page's two-column layout
 
 
 def chromium_path() -> str | None:

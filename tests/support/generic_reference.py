@@ -31,7 +31,7 @@ def _load(directory: Path, family: str) -> tuple[Any, Any, Any]:
     if family == "vision-encoder-decoder":
         model = VisionEncoderDecoderModel.from_pretrained(directory).eval()
         return model, AutoImageProcessor.from_pretrained(directory), AutoTokenizer.from_pretrained(directory)
-    classes = {
+    classes: dict[str, Any] = {  # model classes with no common base that has from_pretrained
         "blip": BlipForConditionalGeneration,
         "git": GitForCausalLM,
         "idefics3": AutoModelForImageTextToText,

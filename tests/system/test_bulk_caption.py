@@ -397,7 +397,14 @@ def test_parquet_and_webdataset_inputs(tmp_path: Path, cache: Path) -> None:
     whole = (tmp_path / "good.tar").read_bytes()
     (tmp_path / "truncated.tar").write_bytes(whole[: len(whole) // 2 + 100])
     out = tmp_path / "rows.jsonl"
-    inputs = [folder, "bytes.parquet", "hf.parquet", "paths.parquet", "good.tar", "truncated.tar"]
+    inputs: list[str | Path] = [
+        folder,
+        "bytes.parquet",
+        "hf.parquet",
+        "paths.parquet",
+        "good.tar",
+        "truncated.tar",
+    ]
     result = subprocess.run(
         caption_command(*inputs, *FAST, "--jsonl", out, "--cache-dir", cache, "--log-level", "warning"),
         cwd=tmp_path,
@@ -854,7 +861,9 @@ def test_a_second_ctrl_c_quits_at_once_and_says_how_to_go_on(tmp_path: Path, cac
                 time.sleep(0.02)
             process.send_signal(signal.SIGINT)
             assert process.stderr is not None
-            said = []  # two signals sent at once may arrive as one: the second goes once the first is seen
+            said: list[
+                str
+            ] = []  # two signals sent at once may arrive as one: the second goes once the first is seen
             while not said or not said[-1].startswith("stopping: "):
                 said.append(process.stderr.readline())
                 assert said[-1], "".join(said)

@@ -193,8 +193,8 @@ def test_file_names_are_shown_escaped_by_the_table_of_the_python_tools() -> None
             return named[code]
         return f"\\x{code:02x}" if code < 32 or code == 127 else char
 
-    for code in range(128):
-        assert shown(chr(code)) == printable(chr(code)), code
+    for number in range(128):
+        assert shown(chr(number)) == printable(chr(number)), number
 
 
 def test_the_folder_script_shows_every_image_and_folder_name_escaped() -> None:
@@ -386,7 +386,7 @@ def test_client_reads_server_and_key_from_environment(tmp_path: Path) -> None:
         env = base_env(VISION_HOST=stand_in.url + "/", VISION_API_KEY="sekrit")
         result = ps(CLIENT, "CAPTION", str(image), env=env)
     assert result.returncode == 0, result.stderr
-    (_, _, headers, _) = stand_in.requests[-1]
+    headers = stand_in.requests[-1].headers
     assert headers["Authorization"] == "Bearer sekrit"
 
 

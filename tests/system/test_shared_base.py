@@ -51,7 +51,8 @@ def alone(
     cache = tmp_path_factory.mktemp("alone")
     answers = {}
     for name, adapter in (("plain", None), ("first", tiny_adapter_dir), ("second", second_adapter_dir)):
-        captioner = FlorenceCaptioner(str(tiny_native_dir), cache_dir=cache, device="cpu", adapter=adapter)
+        source = None if adapter is None else str(adapter)
+        captioner = FlorenceCaptioner(str(tiny_native_dir), cache_dir=cache, device="cpu", adapter=source)
         captioner.load()
         answers[name] = {options: texts(captioner, options) for options in (GREEDY, BEAMS)}
         captioner.unload()

@@ -48,7 +48,7 @@ async def test_idle_tiny_model_goes_to_the_tier_wakes_with_the_same_captions_the
     mover = FakeMover()
     captioner = FlorenceCaptioner(str(tiny_native_dir), cache_dir=tmp_path, device="cpu", mover=mover)
     clock = FakeClock()
-    engine = await start_engine(captioner, clock=clock, idle_timeout=60, offload_timeout=600)  # type: ignore[arg-type]
+    engine = await start_engine(captioner, clock=clock, idle_timeout=60, offload_timeout=600)
     before = (await engine.submit(caption_item(captioner, 1))).text
     await parked(clock)
     await clock.advance(60)
@@ -72,7 +72,7 @@ async def test_on_the_cpu_the_tier_is_skipped(
 ) -> None:
     captioner = FlorenceCaptioner(str(tiny_native_dir), cache_dir=tmp_path, device="cpu")
     clock = FakeClock()
-    engine = await start_engine(captioner, clock=clock, idle_timeout=60, offload_timeout=600)  # type: ignore[arg-type]
+    engine = await start_engine(captioner, clock=clock, idle_timeout=60, offload_timeout=600)
     await engine.submit(caption_item(captioner, 2))
     assert not captioner.can_offload
     await parked(clock)

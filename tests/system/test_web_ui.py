@@ -22,7 +22,7 @@ pytest.importorskip("playwright.sync_api", reason="playwright is in the test ext
 from playwright.sync_api import expect
 
 if TYPE_CHECKING:
-    from playwright.sync_api import Page
+    from playwright.sync_api import Dialog, Page
 
 TIMEOUT_MS = 60_000
 expect.set_options(timeout=TIMEOUT_MS)
@@ -50,7 +50,12 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def page(server: str) -> Iterator[Page]:
     with browser_tab(TIMEOUT_MS, accept_downloads=True) as tab:
         tab.dialogs = []  # type: ignore[attr-defined]
-        tab.on("dialog", lambda dialog: (tab.dialogs.append(dialog.message), dialog.dismiss()))  # type: ignore[attr-defined]
+
+        def dismiss(dialog: Dialog) -> None:
+            tab.dialogs.append(dialog.message)  # type: ignore[attr-defined]
+            dialog.dismiss()
+
+        tab.on("dialog", dismiss)
         tab.goto(server + "/")
         tab.wait_for_selector("body[data-ready=true]")
         yield tab
@@ -61,7 +66,7 @@ def native_caption(server: str, image: Path, task: str) -> str:
     body = {"image": base64.b64encode(image.read_bytes()).decode(), "prompt": task}
     status, reply = http_json(server + "/process_image", body)
     assert status == 200, reply
-    return str(reply["result"])  # type: ignore[index]
+    return str(reply["result"])
 
 
 def open_gallery(page: Page, server: str) -> None:

@@ -4,6 +4,7 @@ first image to caption comes up, not before."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 
 import pytest
@@ -43,6 +44,9 @@ class Kept:
 
     def __init__(self) -> None:
         self.rows: dict[str, str | None] = {}
+
+    def missing(self, record: Record, tasks: Sequence[str]) -> list[str]:
+        return list(tasks)  # a fresh output: every task is still to do
 
     def write(self, record: Record, captions: dict[str, str], error: str | None) -> bool:
         self.rows[record.key] = error

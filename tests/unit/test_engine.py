@@ -8,6 +8,7 @@ import re
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -15,7 +16,7 @@ from PIL import Image
 from tests.conftest import StartEngine
 from tests.support.clock import FakeClock, settle
 from tests.support.gated import GatedFake
-from vision_server.captioner import CaptionItem, GenerationOptions
+from vision_server.captioner import Caption, CaptionItem, GenerationOptions
 from vision_server.engine.jobs import CaptionJob
 from vision_server.engine.lifecycle import ModelCard, ModelState
 from vision_server.engine.queue import JobQueue
@@ -125,7 +126,7 @@ async def test_model_card_names_the_model_and_shows_where_it_runs_once_loaded(
     start_engine: StartEngine,
 ) -> None:
     engine = await start_engine(FakeCaptioner(model_id="card-model"), idle_timeout=-1)
-    named = {"name": "card-model", "source": "card-model"}
+    named: dict[str, Any] = {"name": "card-model", "source": "card-model"}
     assert engine.model_card == ModelCard("card-model", PROMPTGEN_TASKS, None, None, **named)
     await engine.load()
     assert engine.model_card == ModelCard("card-model", PROMPTGEN_TASKS, "cpu", "float32", **named)
@@ -309,7 +310,7 @@ async def test_caption_exception_fails_the_batch_and_worker_survives(start_engin
 
 async def test_out_of_memory_splits_the_batch(start_engine: StartEngine) -> None:
     class HalvingFake(FakeCaptioner):
-        def caption(self, batch):  # type: ignore[no-untyped-def]
+        def caption(self, batch: list[CaptionItem]) -> list[Caption]:
             if len(batch) > 2:
                 self.batch_sizes.append(-len(batch))
                 raise OutOfMemory("oom")
@@ -330,7 +331,7 @@ async def test_a_refused_request_fails_alone_and_its_batch_mates_are_captioned(
     the batch: that request gets it, the others in its batch still get their captions."""
 
     class PickyFake(FakeCaptioner):
-        def caption(self, batch):  # type: ignore[no-untyped-def]
+        def caption(self, batch: list[CaptionItem]) -> list[Caption]:
             self.batch_sizes.append(len(batch))
             if any(int(entry.image.pixels[0, 0, 0]) == 66 for entry in batch):
                 raise BadRequest("shade 66 is refused")
@@ -348,7 +349,7 @@ async def test_a_refused_request_fails_alone_and_its_batch_mates_are_captioned(
 
 async def test_an_image_out_of_memory_alone_fails_alone(start_engine: StartEngine) -> None:
     class OneTooBig(FakeCaptioner):
-        def caption(self, batch):  # type: ignore[no-untyped-def]
+        def caption(self, batch: list[CaptionItem]) -> list[Caption]:
             self.batch_sizes.append(len(batch))
             if any(int(entry.image.pixels[0, 0, 0]) == 99 for entry in batch):
                 raise OutOfMemory("oom", retry_after=5)
@@ -359,10 +360,12 @@ async def test_an_image_out_of_memory_alone_fails_alone(start_engine: StartEngin
     items = [item(n) for n in (1, 99, 2)]
     results = await asyncio.gather(*(engine.submit(i) for i in items), return_exceptions=True)
     assert isinstance(results[1], OutOfMemory)
-    assert [results[0].text, results[2].text] == [
+    first, third = results[0], results[2]
+    assert isinstance(first, Caption) and isinstance(third, Caption), results
+    assert [first.text, third.text] == [
         FakeCaptioner.expected(items[0]),
         FakeCaptioner.expected(items[2]),
-    ]  # type: ignore[union-attr]
+    ]
     assert max(fake.batch_sizes) > 1
     assert (await engine.submit(item(3))).text  # the worker goes on
 
