@@ -66,11 +66,11 @@ async def test_the_configured_models_are_served_by_name(
         assert status["adapter"]["name"] == tiny_adapter_dir.name  # the top level: the default model's
         plain, styled = await _caption(session, model="plain"), await _caption(session, model="styled")
         assert await _caption(session) == styled  # a request that names none: the default model
-    one = Settings(model="test:tiny", cache_dir=cache, idle_timeout=-1, max_new_tokens=12, num_beams=1)
+    one = Settings(model=("test:tiny",), cache_dir=cache, idle_timeout=-1, max_new_tokens=12, num_beams=1)
     async with client_for(one) as session:
         assert plain == await _caption(session)
     adapted = Settings(
-        model="test:tiny",
+        model=("test:tiny",),
         adapter=str(tiny_adapter_dir),
         cache_dir=cache,
         idle_timeout=-1,

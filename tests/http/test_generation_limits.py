@@ -54,7 +54,7 @@ async def test_blip_under_the_default_max_new_tokens_answers_and_refuses_explici
 ) -> None:
     caplog.set_level(logging.INFO, logger="vision_server.generic.captioner")
     directory = short_blip
-    settings = Settings(model=str(directory), cache_dir=tmp_path / "cache", idle_timeout=-1, num_beams=1)
+    settings = Settings(model=(str(directory),), cache_dir=tmp_path / "cache", idle_timeout=-1, num_beams=1)
     assert settings.max_new_tokens > BLIP_POSITIONS  # the server's default, untouched
     async with client_for(settings) as session:
         # The default options: generation stops at the model's limit instead of failing.
@@ -106,7 +106,7 @@ async def test_florence_under_a_larger_max_new_tokens_stops_at_its_decoder(
     endless_florence: Path, tmp_path: Path
 ) -> None:
     settings = Settings(
-        model=str(endless_florence),
+        model=(str(endless_florence),),
         cache_dir=tmp_path / "cache",
         idle_timeout=-1,
         num_beams=1,
@@ -131,7 +131,7 @@ async def test_the_limit_is_known_from_config_json_before_the_model_loads(
 ) -> None:
     """The standard tiny BLIP (512 positions, like Salesforce's): refused before anything loads."""
     directory = generic_model_dirs["blip"]
-    async with client_for(Settings(model=str(directory), cache_dir=tmp_path / "cache")) as session:
+    async with client_for(Settings(model=(str(directory),), cache_dir=tmp_path / "cache")) as session:
         status, body = await post_json(session, "/v1/chat/completions", chat(513))
         assert status == 400, body
         assert (

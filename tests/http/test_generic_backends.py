@@ -24,7 +24,7 @@ from vision_server.testing.tiny_generic import FAMILIES, SIDE
 
 PROMPT = "a red cat"  # a caption's start for BLIP and GIT, a question for Idefics3
 TAKES_PROMPT = {"blip": True, "git": True, "vision-encoder-decoder": False, "idefics3": True}
-SETTINGS = {"max_new_tokens": 10, "num_beams": 2, "idle_timeout": -1}
+SETTINGS: dict[str, Any] = {"max_new_tokens": 10, "num_beams": 2, "idle_timeout": -1}
 
 
 def picture(seed: int) -> Any:
@@ -32,7 +32,7 @@ def picture(seed: int) -> Any:
 
 
 def settings_for(directory: Path, tmp_path: Path, **overrides: Any) -> Settings:
-    return Settings(model=str(directory), cache_dir=tmp_path / "cache", **{**SETTINGS, **overrides})
+    return Settings(model=(str(directory),), cache_dir=tmp_path / "cache", **{**SETTINGS, **overrides})
 
 
 async def post_json(session: ClientSession, path: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -45,7 +45,7 @@ async def test_every_api_family_answers_what_transformers_generates(
     family: str, generic_model_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     directory = generic_model_dirs[family]
-    beams = {"num_beams": 2, "do_sample": False}
+    beams: dict[str, Any] = {"num_beams": 2, "do_sample": False}
     prompted = PROMPT if TAKES_PROMPT[family] else None
     async with client_for(settings_for(directory, tmp_path)) as session:
         async with session.get("/prompts") as response:
@@ -191,7 +191,13 @@ async def test_sampling_draws_what_transformers_draws_from_the_same_seed(
             status, body = await post_json(session, "/v1/chat/completions", chat)
             assert status == 200, body
             sampled.append(body["choices"][0]["message"]["content"])
-    options = {"max_new_tokens": 8, "do_sample": True, "temperature": 1.5, "top_p": 1.0, "num_beams": 1}
+    options: dict[str, Any] = {
+        "max_new_tokens": 8,
+        "do_sample": True,
+        "temperature": 1.5,
+        "top_p": 1.0,
+        "num_beams": 1,
+    }
     expected = []
     for seed in (7, 8):
         torch.manual_seed(seed)

@@ -37,7 +37,7 @@ async def test_routes_answer_exactly_like_florence2_visionapi(tiny: Settings) ->
             status, body = response.status, await response.json()
             assert response.headers["X-Model"] == "test:tiny"  # beside the body, which stays as it was
         assert status == 200 and list(body) == ["result"]
-        assert isinstance(body["result"], str) and body["result"].strip()  # type: ignore[index]
+        assert isinstance(body["result"], str) and body["result"].strip()
 
 
 async def test_prompt_spellings_and_data_urls_are_accepted(tiny: Settings) -> None:
@@ -131,7 +131,7 @@ async def test_request_id_is_echoed(tmp_path: Path) -> None:
 
 async def status_of(session: ClientSession) -> dict[str, object]:
     async with session.get("/v1/status") as response:
-        return await response.json()  # type: ignore[no-any-return]
+        return await response.json()
 
 
 async def test_lazy_load_then_ready(tiny: Settings) -> None:
@@ -174,7 +174,7 @@ async def test_metadata_routes_answer_while_generate_runs(tmp_path: Path) -> Non
 
 async def test_load_failure_is_503_with_reason_then_recovers(tmp_path: Path) -> None:
     missing = tmp_path / "model-not-here-yet"
-    settings = Settings(model=str(missing), cache_dir=tmp_path / "cache")
+    settings = Settings(model=(str(missing),), cache_dir=tmp_path / "cache")
     async with client_for(settings) as session:
         async with session.post("/process_image", json={"image": b64(1), "prompt": "<CAPTION>"}) as r:
             body = await r.json()

@@ -22,7 +22,7 @@ def tiny_cache_dir(factory: pytest.TempPathFactory) -> Path:
 
 def tiny_settings(factory: pytest.TempPathFactory, **overrides: Any) -> Settings:
     """Settings serving the real tiny model from the run's shared cache, never idling out."""
-    return Settings(model="test:tiny", cache_dir=tiny_cache_dir(factory), idle_timeout=-1, **overrides)
+    return Settings(model=("test:tiny",), cache_dir=tiny_cache_dir(factory), idle_timeout=-1, **overrides)
 
 
 async def native_caption(session: ClientSession, seed: int, task: str) -> str:

@@ -265,7 +265,7 @@ def test_a_caption_actor_whose_model_cannot_be_built_leaves_its_rows_with_the_re
     # constructor raised the SettingsError, which Ray reported as a failed actor ("the Ray run
     # failed"). Its rows now say why the model is missing, as a failed load's do, and the driver
     # stops the run with the local path's message; a row that failed to decode is still said.
-    from vision_server.bulk.plan import Fail, Work
+    from vision_server.bulk.plan import Fail, Skip, Work
     from vision_server.bulk.ray_rows import unit_rows
     from vision_server.bulk.ray_stages import CaptionActor
     from vision_server.bulk.records import Record
@@ -274,8 +274,8 @@ def test_a_caption_actor_whose_model_cannot_be_built_leaves_its_rows_with_the_re
     adapter = tmp_path / "adapter"
     shutil.copytree(tiny_adapter_dir, adapter)
     (adapter / "adapter_config.json").unlink()
-    actor = CaptionActor(Settings(model="test:tiny", adapter=str(adapter)))
-    units = [
+    actor = CaptionActor(Settings(model=("test:tiny",), adapter=str(adapter)))
+    units: list[Work | Skip | Fail] = [
         Work(Record("photos", "a.jpg", path=tmp_path / "a.jpg"), ("<CAPTION>",)),
         Fail(
             Record("photos", "b.png", path=tmp_path / "b.png"), "the file is not in a supported image format"

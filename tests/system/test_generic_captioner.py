@@ -52,7 +52,7 @@ def test_auto_backend_reads_the_config_and_keeps_florence_for_florence(
         assert built.backend == family and built.tasks == ("<CAPTION>",)
         assert (built.pixel_spec.width, built.pixel_spec.height) == (SIDE, SIDE)  # known before loading
         assert built.takes_prompt == (family != "vision-encoder-decoder")
-    assert isinstance(build_captioner(Settings(model="test:tiny", cache_dir=tmp_path)), FlorenceCaptioner)
+    assert isinstance(build_captioner(Settings(model=("test:tiny",), cache_dir=tmp_path)), FlorenceCaptioner)
 
 
 def test_each_model_is_built_with_its_own_revision_and_backend(

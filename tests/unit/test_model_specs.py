@@ -6,6 +6,7 @@ environment."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -97,8 +98,8 @@ def test_specs_describe_themselves_for_the_log() -> None:
 def test_the_start_line_shows_each_models_revision_and_backend_when_set() -> None:
     from vision_server.server import served_models
 
-    assert served_models(Settings(model="test:tiny")) == "test:tiny"  # as short as before
-    pinned = Settings(model="org/m", revision="v2", backend="blip")
+    assert served_models(Settings(model="test:tiny")) == "test:tiny"  # type: ignore[arg-type]  # the str shorthand under test: __post_init__ makes it a tuple; as short as before
+    pinned = Settings(model=("org/m",), revision="v2", backend="blip")
     assert served_models(pinned) == "org/m @ v2 (backend blip)"
     settings = Settings(
         model=("a=test:tiny", "b=org/blip+/ad", "c=org/git"),
@@ -122,14 +123,15 @@ def test_idle_timeout_entries() -> None:
     )
     assert parse_idle_timeouts([30]) == (30.0, {})
     assert parse_idle_timeouts(["a:5"]) == (None, {"a": 5.0})
-    for entries, message in [
+    cases: list[tuple[list[Any], str]] = [
         (["soon"], "is not SECONDS or NAME:SECONDS"),
         (["a:soon"], "is not SECONDS or NAME:SECONDS"),
         ([":5"], "names no model"),
         (["5", "6"], "two server-wide values"),
         (["a:5", "a:6"], "a is given twice"),
         ([True], "not a number"),
-    ]:
+    ]
+    for entries, message in cases:
         with pytest.raises(ValueError, match=message):
             parse_idle_timeouts(entries)
 
@@ -144,14 +146,15 @@ def test_revision_and_backend_entries() -> None:
     )
     assert parse_named_values("backend", ["blip"]) == ("blip", {})
     assert parse_named_values("revision", [1234567]) == ("1234567", {})  # a TOML number: a commit
-    for entries, message in [
+    cases: list[tuple[list[Any], str]] = [
         ([":main"], "names no model before ':'"),
         (["a:"], "'a:' gives no value \\(REVISION or NAME:REVISION\\)"),
         (["main", "dev"], "two server-wide values \\(main and dev\\)"),
         (["a:x", "a:y"], "a is given twice"),
         ([True], "is not REVISION or NAME:REVISION"),
         ([1.5], "is not REVISION or NAME:REVISION"),
-    ]:
+    ]
+    for entries, message in cases:
         with pytest.raises(ValueError, match=message):
             parse_named_values("revision", entries)
 
@@ -293,7 +296,7 @@ def test_several_models_the_first_is_the_default(tmp_path: Path) -> None:
 
 
 def test_a_bare_model_keeps_its_old_name_and_adapter() -> None:
-    s = Settings(model="test:tiny", adapter="/some/adapter")  # a plain string still works
+    s = Settings(model="test:tiny", adapter="/some/adapter")  # type: ignore[arg-type]  # the str shorthand under test: __post_init__ makes it a tuple; a plain string still works
     assert s.model_specs == (ModelSpec("test:tiny", "test:tiny", "/some/adapter"),)
     assert s.default_model_name == "test:tiny"
 
