@@ -53,16 +53,19 @@ async def test_caption_reply_shape_and_answer(tiny: Settings) -> None:
 async def test_task_prompt_generation_fields_and_detailed_caption(tiny: Settings) -> None:
     async with client_for(tiny) as session:
         image = [("image", "a.png", image_bytes(32))]
-        tags, analysis, detailed, *replies = await asyncio.gather(
+        natives = asyncio.gather(
             native_caption(session, 32, "<GENERATE_TAGS>"),
             native_caption(session, 32, "<ANALYZE>"),
             native_caption(session, 32, "<MORE_DETAILED_CAPTION>"),
+        )
+        forms = asyncio.gather(
             post(session, "/caption", form(image, task="generate_tags")),
             post(session, "/caption", form(image, prompt="analyze the composition")),
             post(session, "/detailed_caption", form(image)),
             post(session, "/detailed_caption", form(image, max_length="3", num_beams="1")),
             post(session, "/caption", form(image, temperature="0.8", top_p="0.9", max_length="12")),
         )
+        (tags, analysis, detailed), replies = await asyncio.gather(natives, forms)  # all at once
     assert all(status == 200 for status, _ in replies), replies
     by_task, by_prompt, by_route, short, sampled = (reply for _, reply in replies)
     assert by_task["caption"] == tags and by_prompt["caption"] == analysis and by_route["caption"] == detailed

@@ -13,6 +13,7 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import ClientSession, FormData
+from openai.types.chat import ChatCompletionContentPartParam, ChatCompletionUserMessageParam
 
 from tests.support.api import engine_status, native_caption
 from tests.support.images import b64, data_url, image_bytes
@@ -27,8 +28,8 @@ def sdk(url: str) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="sk-anything", max_retries=0)
 
 
-def user(text: str | None, *images: Any) -> dict[str, Any]:
-    parts: list[dict[str, Any]] = [{"type": "text", "text": text}] if text is not None else []
+def user(text: str | None, *images: Any) -> ChatCompletionUserMessageParam:
+    parts: list[ChatCompletionContentPartParam] = [{"type": "text", "text": text}] if text is not None else []
     parts += [{"type": "image_url", "image_url": image} for image in images]
     return {"role": "user", "content": parts}
 
@@ -47,7 +48,7 @@ async def test_sdk_gets_the_caption_with_parts_content(tiny: Settings) -> None:
         started = int(time.time())
         reply = await client.chat.completions.create(
             model="gpt-4o",
-            messages=[user(QUESTION, {"url": data_url(1), "detail": "auto"})],  # type: ignore[list-item]
+            messages=[user(QUESTION, {"url": data_url(1), "detail": "auto"})],
         )
         finished = int(time.time())
         await client.close()
@@ -69,7 +70,7 @@ async def test_sdk_string_content_picks_the_task(tiny: Settings) -> None:
                 {"role": "system", "content": "You caption images. <ANALYZE>"},  # system text is ignored
                 user(None, {"url": data_url(2, "JPEG")}),
                 {"role": "user", "content": "generate_tags"},
-            ],  # type: ignore[list-item]
+            ],
         )
         await client.close()
         async with session.post(
@@ -84,7 +85,7 @@ async def test_sdk_streaming(tiny: Settings) -> None:
         client = sdk(url)
         stream = await client.chat.completions.create(
             model="any",
-            messages=[user("<CAPTION>", {"url": data_url(3)})],  # type: ignore[list-item]
+            messages=[user("<CAPTION>", {"url": data_url(3)})],
             stream=True,
             stream_options={"include_usage": True},
         )
@@ -118,7 +119,7 @@ async def test_sdk_raises_bad_request_for_an_http_image_url(tiny: Settings) -> N
         with pytest.raises(openai.BadRequestError) as caught:
             await client.chat.completions.create(
                 model="any",
-                messages=[user(QUESTION, {"url": "https://example.com/cat.png"})],  # type: ignore[list-item]
+                messages=[user(QUESTION, {"url": "https://example.com/cat.png"})],
             )
         await client.close()
     error = caught.value.body

@@ -15,6 +15,8 @@ from typing import Any
 import openai
 import pytest
 from aiohttp import ClientSession
+from openai.types.chat import ChatCompletionContentPartParam, ChatCompletionMessageParam
+from openai.types.shared_params.response_format_json_schema import JSONSchema
 
 from tests.support.images import data_url
 from tests.support.serving import running_server
@@ -25,11 +27,14 @@ TOOL = {
     "type": "function",
     "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {}}},
 }
-SCHEMA = {"name": "caption", "schema": {"type": "object", "properties": {"text": {"type": "string"}}}}
+SCHEMA: JSONSchema = {
+    "name": "caption",
+    "schema": {"type": "object", "properties": {"text": {"type": "string"}}},
+}
 
 
-def messages(seed: int = 1) -> list[dict[str, Any]]:
-    content = [
+def messages(seed: int = 1) -> list[ChatCompletionMessageParam]:
+    content: list[ChatCompletionContentPartParam] = [
         {"type": "text", "text": "What's in this image?"},
         {"type": "image_url", "image_url": {"url": data_url(seed)}},
     ]
@@ -174,10 +179,10 @@ async def test_the_sdk_raises_bad_request_for_json_mode(tmp_path: Path) -> None:
             with pytest.raises(openai.BadRequestError) as caught:
                 await client.chat.completions.create(
                     model="any",
-                    messages=messages(),  # type: ignore[arg-type]
-                    response_format={"type": "json_schema", "json_schema": SCHEMA},  # type: ignore[typeddict-item]
+                    messages=messages(),
+                    response_format={"type": "json_schema", "json_schema": SCHEMA},
                 )
-            plain = await client.chat.completions.create(model="any", messages=messages())  # type: ignore[arg-type]
+            plain = await client.chat.completions.create(model="any", messages=messages())
         finally:
             await client.close()
     assert caught.value.code == "unsupported_value" and caught.value.param == "response_format"

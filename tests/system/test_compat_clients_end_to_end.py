@@ -131,17 +131,18 @@ async def test_openai_sdk_waits_retry_after_and_succeeds_once_the_queue_has_room
         )
         started = time.monotonic()
         reply = await asyncio.to_thread(
-            client.chat.completions.create,
-            model="gpt-4o",
-            messages=[
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "text", "text": QUESTION},
-                        {"type": "image_url", "image_url": {"url": data_url(3)}},
-                    ],
-                }
-            ],
+            lambda: client.chat.completions.create(
+                model="gpt-4o",
+                messages=[
+                    {
+                        "role": "user",
+                        "content": [
+                            {"type": "text", "text": QUESTION},
+                            {"type": "image_url", "image_url": {"url": data_url(3)}},
+                        ],
+                    }
+                ],
+            )
         )
         elapsed = time.monotonic() - started
         client.close()
@@ -396,7 +397,8 @@ def multipart(*parts: tuple[str, str | bytes, str | None]) -> MultipartWriter:
     writer = MultipartWriter("form-data")
     for name, value, filename in parts:
         part = writer.append(value, {"Content-Type": "application/octet-stream"} if filename else None)
-        part.set_content_disposition("form-data", name=name, **({"filename": filename} if filename else {}))
+        params: dict[str, Any] = {"name": name, **({"filename": filename} if filename else {})}
+        part.set_content_disposition("form-data", **params)
     return writer
 
 
