@@ -125,11 +125,12 @@ async def test_access_lines_name_the_model_and_the_error(
     assert "model=" not in lines["to-nobody"].getMessage()  # a 404: no model took it
     assert json.loads(JsonFormatter().format(lines["to-default"]))["model"] == "large"
     # Why a request failed, as the error's code: an operator sees what the 4xx were about.
-    assert [lines[i].error for i in ("to-blip", "to-nobody", "bad")] == [
+    # error is the access log's extra= field, which LogRecord's type cannot know
+    assert [lines[i].error for i in ("to-blip", "to-nobody", "bad")] == [  # type: ignore[attr-defined]
         None,
         "model_not_found",
         "invalid_image",
-    ]  # type: ignore[attr-defined]
+    ]
     assert lines["to-nobody"].getMessage().endswith(" error=model_not_found")
     assert "error=" not in lines["to-blip"].getMessage()
 

@@ -11,6 +11,7 @@ import json
 import logging
 import socket
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp import ClientSession, web
@@ -139,7 +140,7 @@ async def test_named_hosts_and_a_local_reverse_proxy(tmp_path: Path) -> None:
         ({"allowed_hosts": ("*",)}, True),
     ],
 )
-async def test_when_the_check_is_on(tmp_path: Path, overrides: dict[str, object], evil_passes: bool) -> None:
+async def test_when_the_check_is_on(tmp_path: Path, overrides: dict[str, Any], evil_passes: bool) -> None:
     # running_server always binds 127.0.0.1; the check follows the configured --host.
     async with (
         running_server(settings_for(tmp_path, **overrides), FakeCaptioner()) as url,

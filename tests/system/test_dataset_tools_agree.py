@@ -17,6 +17,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -510,7 +511,9 @@ def test_a_run_that_stops_early_exits_with_the_same_status_for_each_cause(
     for seed in range(3):
         save_image(root / f"img{seed}.png", seed)
     task = "NO_SUCH_TASK" if cause == "task refused" else "CAPTION"
-    busy = {"busy_first": 100, "busy_status": 502 if cause == "busy 502" else 503} if "busy" in cause else {}
+    busy: dict[str, Any] = (
+        {"busy_first": 100, "busy_status": 502 if cause == "busy 502" else 503} if "busy" in cause else {}
+    )
     with StandIn(key="the-right-key", **busy) as stand_in:
         url = {"unreachable": f"http://127.0.0.1:{free_port()}", "task refused": tiny_server_url}
         url_of_cause = url.get(cause, stand_in.url)

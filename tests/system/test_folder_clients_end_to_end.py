@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -127,8 +128,8 @@ def expected_captions(url: str, images: list[Path]) -> dict[Path, str]:
         _EXPECTED[hashlib.sha256(data).digest()] = " ".join(text.splitlines())
 
     contents = {image: image.read_bytes() for image in images}
-    missing = {hashlib.sha256(data).digest(): data for data in contents.values()}
-    missing = [data for key, data in missing.items() if key not in _EXPECTED]
+    by_digest = {hashlib.sha256(data).digest(): data for data in contents.values()}
+    missing = [data for key, data in by_digest.items() if key not in _EXPECTED]
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(one, missing))
     return {image: _EXPECTED[hashlib.sha256(data).digest()] for image, data in contents.items()}
@@ -467,7 +468,7 @@ def test_pool_behind_haproxy_outlives_its_servers_restart(tmp_path: Path) -> Non
     """Both folder clients through the shipped HAProxy config; its one live server is killed and
     comes back seconds later. Meanwhile HAProxy answers 502/503 itself (no Retry-After): the runs
     pause instead of failing image after image, and every image ends captioned."""
-    settings = {"port": free_port(), "max_batch_size": 2}
+    settings: dict[str, Any] = {"port": free_port(), "max_batch_size": 2}
     never_up = f"127.0.0.1:{free_port()}"  # the pool's second member is down all along
     front = free_port()
     proxy_url = f"http://127.0.0.1:{front}"
@@ -482,6 +483,7 @@ def test_pool_behind_haproxy_outlives_its_servers_restart(tmp_path: Path) -> Non
             backend = first.wait_listening().split("//")[1]
             config = tmp_path / "haproxy.cfg"
             config.write_text(haproxy_config(front, [backend, never_up]))
+            assert HAPROXY is not None
             with (tmp_path / "haproxy.log").open("wb") as log:
                 proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=log, stderr=log)
             deadline = time.monotonic() + 15

@@ -41,7 +41,10 @@ IMAGE = {
 def hidden_modules() -> list[str]:
     """The top-level modules of every dependency in pyproject.toml (extras too), and of what they
     pull in, that the image lacks (what the image's packages pull in stays)."""
-    import tomllib
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # tomli is in the test extra for Python 3.10
+        import tomli as tomllib
 
     project = tomllib.loads((paths.REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]
     wanted = [

@@ -30,7 +30,7 @@ def test_soak_1000_requests_with_disconnects(
     soak = import_file(SOAK, "soak")
     out = tmp_path / "soak.json"
     cache_dir = tiny_settings(tmp_path_factory).cache_dir
-    code = soak.main(["--requests", "1000", "--cache-dir", str(cache_dir), "--json-out", str(out)])  # type: ignore[attr-defined]
+    code = soak.main(["--requests", "1000", "--cache-dir", str(cache_dir), "--json-out", str(out)])
     results = json.loads(out.read_text())
     table = capsys.readouterr().out
     failed = [name for name, ok in results["checks"].items() if not ok]

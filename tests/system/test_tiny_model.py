@@ -10,7 +10,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
-from transformers import AutoModelForImageTextToText, AutoProcessor, Florence2ForConditionalGeneration
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    Florence2ForConditionalGeneration,
+    PretrainedConfig,
+)
 
 from tests.support.images import noise
 from vision_server.florence.layout import FLORENCE_TOKENS, IMAGE_TOKEN
@@ -160,7 +165,9 @@ def test_tokenizer_is_the_same_in_both_layouts() -> None:
 def test_real_presets_have_the_real_size(preset: str, millions: float) -> None:
     tokenizer = build_tokenizer(with_image=True)
     config = florence2_config(PRESETS[preset], tokenizer)
-    assert config.text_config.vocab_size == 51328
+    text_config = config.text_config
+    assert isinstance(text_config, PretrainedConfig), text_config  # built here, never a dict or None
+    assert text_config.vocab_size == 51328
     with torch.device("meta"):
         model = Florence2ForConditionalGeneration(config)
     assert sum(p.numel() for p in model.parameters()) / 1e6 == pytest.approx(millions, abs=0.1)

@@ -17,6 +17,7 @@ from tests.support.leftovers import OLD, YOUNG, aged
 from vision_server.bulk.outputs import (
     WRITTEN_MEANWHILE,
     JsonlOutput,
+    Output,
     ParquetOutput,
     RowFacts,
     Sidecars,
@@ -398,7 +399,7 @@ def test_table_outputs_resume_per_model_and_old_rows_still_count(
     """A run with another model captions again what the file holds for other models; rows of
     this model written with its source (older versions) or naming no model still count."""
     named = RowFacts(("<CAPTION>",), "tiny", None, older_names=("test:tiny",))
-    rows = {
+    rows: dict[str, dict[str, str | None]] = {
         "a.png": {"model": "tiny", "adapter": None},  # this model, by its served name
         "b.png": {"model": "test:tiny", "adapter": None},  # this model, by its source (older rows)
         "c.png": {},  # no model named at all: cannot tell, counts as before
@@ -412,7 +413,7 @@ def test_table_outputs_resume_per_model_and_old_rows_still_count(
     table = tmp_path / "out.parquet"
     pq.write_table(pa.Table.from_pylist([line for line in lines if line["caption"]]), table)
     with caplog.at_level("INFO"):
-        outputs = [JsonlOutput(out, named), ParquetOutput(table, named)]
+        outputs: list[Output] = [JsonlOutput(out, named), ParquetOutput(table, named)]
     for output in outputs:
         todo = [k for k in rows if output.missing(Record("d", k), ["<CAPTION>"])]
         assert todo == ["d.png", "e.png", "f.png"], output
