@@ -589,6 +589,13 @@ function Get-VisionNotACaptionReason {
     return ('{0} is not a regular file (a pipe, socket or device), not a caption file' -f [System.IO.Path]::GetFileName($Path))
 }
 
+function Get-VisionFolderNotACaptionReason {
+    # Why no caption file may go where a folder stands ($Path), in the words of every folder
+    # captioner (captionfiles.A_FOLDER_NOT_A_CAPTION), at planning and at the write alike.
+    param([string]$Path)
+    return ('{0} is a directory, not a caption file' -f [System.IO.Path]::GetFileName($Path))
+}
+
 function Test-VisionCaptionPresent {
     # Only a caption with text counts; an empty file must not block a new attempt.
     param([string]$Path)
@@ -711,6 +718,11 @@ function Write-VisionTextFile {
         # image: not replaced, and the image fails in the planning's words, in every mode
         # (captionfiles.NotACaptionFile). Reading it to see whether it held a caption hung the worker.
         throw (Get-VisionNotACaptionReason -Path $Path)
+    }
+    if ((Get-VisionCaptionEntry -Path $Path) -eq 'file' -and [System.IO.Directory]::Exists($Path)) {
+        # A folder made there since the run planned the image, likewise (File.Replace and the
+        # copy after it failed in .NET's words). A link to a folder is replaced as any link.
+        throw (Get-VisionFolderNotACaptionReason -Path $Path)
     }
     $unixMode = $null
     if ((Get-VisionCaptionEntry -Path $Path) -eq 'file') {

@@ -470,7 +470,7 @@ foreach ($image in $images) {
         # A folder where the caption should go: no mode may skip it or write into it.
         $clashes.Add([pscustomobject]@{
                 Image = $image
-                Error = '{0} is a directory, not a caption file' -f [System.IO.Path]::GetFileName($captionPath)
+                Error = (Get-VisionFolderNotACaptionReason -Path $captionPath)
             })
         continue
     }

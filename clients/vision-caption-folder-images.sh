@@ -984,9 +984,11 @@ caption_one() {
         esac
     }
 
-    # A pipe, socket or device made where the caption file belongs since the run planned the image
-    # is no caption (has_text never counts it) and is not replaced (mv would): the image fails in
-    # the planning's words, as in vision-client folder and vision-server caption, in every mode.
+    # A folder, pipe, socket or device made where the caption file belongs since the run planned
+    # the image is no caption (has_text never counts it) and is not replaced (mv would replace a
+    # pipe, and move the caption into a folder, saying ok): the image fails in the planning's
+    # words, as in vision-client folder and vision-server caption, in every mode.
+    if [[ -d $cap ]]; then finish fail 1 "${cap##*/} is a directory, not a caption file"; fi
     if [[ -e $cap && ! -f $cap && ! -d $cap ]]; then
         finish fail 1 "${cap##*/} is not a regular file (a pipe, socket or device), not a caption file"
     fi

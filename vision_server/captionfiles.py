@@ -306,6 +306,7 @@ def one_line(caption: str) -> str:
 # A named pipe, socket or device where a caption file belongs: opening a pipe waits for a writer
 # forever, so no tool reads it, and the image fails with these words (after the file's name).
 NOT_A_REGULAR_CAPTION = "is not a regular file (a pipe, socket or device), not a caption file"
+A_FOLDER_NOT_A_CAPTION = "is a directory, not a caption file"
 
 
 def _is_special(path: Path) -> bool:
@@ -315,6 +316,14 @@ def _is_special(path: Path) -> bool:
     except OSError:
         return False
     return not stat.S_ISREG(mode) and not stat.S_ISDIR(mode)
+
+
+def _is_folder(path: Path) -> bool:
+    """Whether ``path`` is a folder (through a link); no error, as :func:`_is_special`."""
+    try:
+        return stat.S_ISDIR(path.stat().st_mode)
+    except OSError:
+        return False
 
 
 def read_caption(path: Path) -> str | None:
@@ -350,7 +359,7 @@ def caption_target_problem(target: Path) -> str | None:
             )
         return None  # anything else shows, with its own words, when the file is read or written
     if stat.S_ISDIR(info.st_mode):
-        return f"{target.name} is a directory, not a caption file"
+        return f"{target.name} {A_FOLDER_NOT_A_CAPTION}"
     if not stat.S_ISREG(info.st_mode):
         return f"{target.name} {NOT_A_REGULAR_CAPTION}"
     return None
@@ -366,7 +375,7 @@ def has_caption(path: Path) -> bool:
     (:class:`NotACaptionFile`), in ``skip`` mode too, where it was taken for a caption written
     meanwhile. A name too long for the file system names no file: no caption there.
     """
-    if _is_special(path):
+    if _is_special(path) or _is_folder(path):  # a folder: the write refuses it likewise
         return False
     try:
         data = path.read_bytes()
@@ -476,11 +485,14 @@ class ReadOnlyCaption(PermissionError):
 
 
 class NotACaptionFile(OSError):
-    """A pipe, socket or device stands where a caption file would go: it is nobody's caption,
-    and replacing it would take it away from whatever uses it. Its text says so."""
+    """A pipe, socket or device (or, with ``folder``, a folder) stands where a caption file
+    would go: it is nobody's caption, and replacing it would take it away from whatever uses it
+    (a folder refuses the rename with a bare "Is a directory"). Its text says so, in the words a
+    run uses when it plans the image."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(errno.EEXIST, f"{path.name} {NOT_A_REGULAR_CAPTION}", str(path))
+    def __init__(self, path: Path, *, folder: bool = False) -> None:
+        what = A_FOLDER_NOT_A_CAPTION if folder else NOT_A_REGULAR_CAPTION
+        super().__init__(errno.EISDIR if folder else errno.EEXIST, f"{path.name} {what}", str(path))
 
     def __str__(self) -> str:
         return str(self.strerror)
@@ -507,8 +519,10 @@ def write_atomic(path: Path, text: str) -> None:
         stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode) or stat.S_ISDIR(info.st_mode)
     ):
         raise NotACaptionFile(path)  # a pipe that appeared since the run looked (or the gallery's)
+    if info is not None and stat.S_ISDIR(info.st_mode):
+        raise NotACaptionFile(path, folder=True)  # made since the run looked
     if info is not None and not stat.S_ISREG(info.st_mode):
-        info = None  # a link: replaced as a new file would be made (a folder refuses the rename)
+        info = None  # a link: replaced as a new file would be made
     if info is not None and not _writable(path, info.st_mode):
         raise ReadOnlyCaption(path)
     with replacing(path, temp_path(path)) as tmp:

@@ -42,6 +42,12 @@ def make_pipe(target: Path) -> str:
     return "a pipe"
 
 
+def make_folder(target: Path) -> str:
+    """A folder as ``target`` (a user's mkdir, an unpacked archive): no caption, to be left alone."""
+    target.mkdir()
+    return "a folder"
+
+
 def write_captions_while_paused(
     run: subprocess.Popen[str],
     images: list[Path],

@@ -154,18 +154,25 @@ def test_a_read_only_caption_is_refused_in_the_words_of_the_python_tools() -> No
 
 
 def test_a_pipe_where_a_caption_goes_is_refused_in_the_words_of_the_python_tools() -> None:
-    """One wording, ``captionfiles.NotACaptionFile``'s, for a pipe the folder script finds when
-    it plans an image and for one made there later, which Write-VisionTextFile refuses (it was
-    read as a caption, hanging the worker); Read-VisionCaptionFile never opens one."""
+    """One wording, ``captionfiles.NotACaptionFile``'s, for a pipe (or a folder) the folder
+    script finds when it plans an image and for one made there later, which Write-VisionTextFile
+    refuses (a pipe was read as a caption, hanging the worker; a folder failed in .NET's words);
+    Read-VisionCaptionFile never opens a pipe."""
     text = COMMON.read_text(encoding="ascii")
     (words,) = re.findall(r"return \('(\{0\} is not a regular file[^']*)' -f", text)
     assert words.format("cat.txt") == str(NotACaptionFile(Path("cat.txt")))
+    (words,) = re.findall(r"return \('(\{0\} is a directory[^']*)' -f", text)
+    assert words.format("cat.txt") == str(NotACaptionFile(Path("cat.txt"), folder=True))
     code = code_only(text)
     for function in ("Write-VisionTextFile", "Read-VisionCaptionFile"):
         body = code[code.index(f"function {function}") :]
         body = body[: body.index("\nfunction ")]
         assert "Test-VisionSpecialFile -Path $Path" in body, function
     assert "throw (Get-VisionNotACaptionReason -Path $Path)" in code
+    assert "throw (Get-VisionFolderNotACaptionReason -Path $Path)" in code
+    assert "Error = (Get-VisionFolderNotACaptionReason -Path $captionPath)" in code_only(
+        FOLDER.read_text(encoding="ascii")
+    )
     assert "Error = (Get-VisionNotACaptionReason -Path $captionPath)" in code_only(
         FOLDER.read_text(encoding="ascii")
     )

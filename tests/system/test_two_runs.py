@@ -24,7 +24,12 @@ import pytest
 
 from tests.support import paths
 from tests.support.bulk_data import caption_command, cli_env, good_images
-from tests.support.meanwhile import folder_of_images, make_pipe, run_with_captions_written_meanwhile
+from tests.support.meanwhile import (
+    folder_of_images,
+    make_folder,
+    make_pipe,
+    run_with_captions_written_meanwhile,
+)
 from tests.support.processes import free_port
 from vision_server.output_lock import holding
 
@@ -236,18 +241,23 @@ def test_the_folder_script_leaves_a_caption_written_while_it_runs(
     assert sorted(p.name for p in images[0].parent.iterdir() if p.name.startswith(".")) == []  # no temp file
 
 
-PIPE_REASON = "is not a regular file (a pipe, socket or device), not a caption file"
+NOT_A_CAPTION = {
+    "pipe": "is not a regular file (a pipe, socket or device), not a caption file",
+    "folder": "is a directory, not a caption file",
+}
 
 
+@pytest.mark.parametrize("made", ["pipe", "folder"])
 @pytest.mark.parametrize("tool", ["vision-server caption", "vision-client folder", "folder script"])
-def test_a_pipe_made_where_a_caption_belongs_while_a_skip_run_goes_fails_the_image(
-    tool: str, tmp_path: Path, tiny_server_url: str
+def test_a_pipe_or_folder_made_where_a_caption_belongs_while_a_skip_run_goes_fails_the_image(
+    tool: str, made: str, tmp_path: Path, tiny_server_url: str
 ) -> None:
-    # A pipe is no caption: a run that finds one where a caption file belongs fails the image
-    # ("a.txt is not a regular file (...)"). One made while a skip-mode run went was taken for a
-    # caption written meanwhile (vision-server caption, vision-client folder: the image skipped)
-    # or replaced by the caption (the folder script). Now the image fails in the planning's
-    # words and the pipe stays, whether it came before the image was sent or while it was.
+    # A pipe or a folder is no caption: a run that finds one where a caption file belongs fails
+    # the image ("a.txt is not a regular file (...)", "a.txt is a directory, ..."). One made
+    # while a skip-mode run went was taken for a caption written meanwhile (vision-server
+    # caption, vision-client folder: the image skipped); the folder script replaced a pipe with
+    # the caption and moved the caption into a folder, saying ok. Now the image fails in the
+    # planning's words and what was made stays, made before the image was sent or while it was.
     if tool == "folder script" and shutil.which("curl") is None:
         pytest.skip("the folder script needs curl")
     images = folder_of_images(tmp_path / "data", 12)
@@ -273,12 +283,15 @@ def test_a_pipe_made_where_a_caption_belongs_while_a_skip_run_goes_fails_the_ima
         env = {k: v for k, v in env.items() if not k.startswith("VISION_")}
         env["VISION_HOST"] = tiny_server_url
         command = [str(FOLDER_SCRIPT), "-j", "2", "CAPTION", "txt", str(images[0].parent)]
-    returncode, _, stderr, pipes = run_with_captions_written_meanwhile(
-        command, env, images, group=group, place=make_pipe
+    returncode, _, stderr, placed = run_with_captions_written_meanwhile(
+        command, env, images, group=group, place=make_pipe if made == "pipe" else make_folder
     )
     assert returncode == 1, stderr
-    for pipe in pipes:
-        assert stat.S_ISFIFO(pipe.lstat().st_mode), pipe
-        reason = f"{pipe.with_suffix('.png').name}: {pipe.name} {PIPE_REASON}"
+    for target in placed:
+        if made == "pipe":
+            assert stat.S_ISFIFO(target.lstat().st_mode), target
+        else:
+            assert target.is_dir() and not list(target.iterdir()), target
+        reason = f"{target.with_suffix('.png').name}: {target.name} {NOT_A_CAPTION[made]}"
         assert any(line.rstrip().endswith(reason) for line in stderr.splitlines()), stderr
     assert "written meanwhile" not in stderr and "Traceback" not in stderr, stderr

@@ -234,6 +234,23 @@ def test_a_pipe_is_no_caption_and_a_skip_mode_write_refuses_it_in_the_same_words
     assert [p.name for p in tmp_path.iterdir()] == ["cat.txt"]  # no temp file left
 
 
+def test_a_folder_is_no_caption_and_every_write_refuses_it_in_the_planning_words(tmp_path: Path) -> None:
+    """A folder made where a caption belongs after the run looked: skip mode took it for a
+    caption written meanwhile, and the other modes' rename failed as "[Errno 21] Is a directory"."""
+    folder = tmp_path / "cat.txt"
+    folder.mkdir()
+    assert not has_caption(folder)
+    for write in (write_atomic, captionfiles.write_new_caption):
+        with pytest.raises(NotACaptionFile) as refused:
+            write(folder, "a cat")
+        assert (
+            str(refused.value)
+            == caption_target_problem(folder)
+            == "cat.txt is a directory, not a caption file"
+        )
+    assert [p.name for p in tmp_path.iterdir()] == ["cat.txt"] and not list(folder.iterdir())
+
+
 def test_write_atomic_replaces_a_link_into_a_read_only_store_with_a_new_files_mode(tmp_path: Path) -> None:
     """git-annex keeps a dataset's files read-only in its store, each name in the dataset a link
     to one. The read-only check and the kept mode looked through the link at the store's file,
