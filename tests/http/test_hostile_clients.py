@@ -41,6 +41,7 @@ from typing import Any
 import pytest
 from aiohttp import ClientSession, FormData, web
 from PIL import Image
+from yarl import URL
 
 from tests.support.api import tiny_settings
 from tests.support.images import b64, data_url, image_bytes, save
@@ -508,3 +509,34 @@ async def test_an_unknown_model_name_of_a_megabyte_is_not_echoed_whole(tiny_shor
                 message = message_of(path, await response.json())
             assert len(message) < 300 and "1000004 characters" in message and "-end'" in message, message
             assert "Served: a, b" in message, message
+
+
+async def test_an_image_whose_name_is_not_utf8_is_reached_through_its_ref(
+    tiny_short: Settings, tmp_path: Path
+) -> None:
+    """A lone surrogate cannot go in a URL (the page's ``encodeURIComponent`` throws on it), and
+    ``%E9`` decoded as UTF-8 is U+FFFD: the listing's ``ref`` (the name's bytes, percent-encoded)
+    reaches the image, and ``name`` shows it readably; a UTF-8 name's ``ref`` is the usual one."""
+    gallery = tmp_path / "gallery"
+    save(gallery / "fine.png", 3)
+    odd = os.fsdecode(b"caf\xe9 1+1.png")
+    (gallery / "fine.png").rename(gallery / odd)
+    save(gallery / "d\u00e9j\u00e0 vu.png", 4)
+    settings = dataclasses.replace(tiny_short, gallery=gallery)
+    async with running_server(settings) as url, ClientSession() as session:
+        async with session.get(f"{url}/ui/api/gallery") as response:
+            items = (await response.json())["items"]
+        assert [(i["path"], i["name"], i["ref"]) for i in items] == [
+            (odd, "caf\\xe9 1+1.png", "caf%E9%201%2B1.png"),
+            ("d\u00e9j\u00e0 vu.png", "d\u00e9j\u00e0 vu.png", "d%C3%A9j%C3%A0%20vu.png"),
+        ]
+        for item in items:
+            for route in ("thumb", "image"):
+                address = URL(f"{url}/ui/api/gallery/{route}?path={item['ref']}", encoded=True)
+                async with session.get(address) as response:
+                    assert response.status == 200, (route, item, await response.text())
+        image = f"{url}/ui/api/gallery/image?path="
+        async with session.get(URL(image + "caf%E9+1%2B1.png", encoded=True)) as response:
+            assert response.status == 200  # "+" is a space, as in any query
+        async with session.get(URL(image + "caf%C3%A9%201%2B1.png", encoded=True)) as response:
+            assert response.status == 404  # the UTF-8 spelling is another name

@@ -32,6 +32,7 @@ from vision_server.captionfiles import one_line
 from vision_server.engine.jobs import Lane
 from vision_server.errors import BadRequest, Forbidden, VisionServerError
 from vision_server.gallery.catalog import Catalog, Entry, Query
+from vision_server.gallery.paths import from_url_form, raw_query_value
 from vision_server.gallery.sidecars import MAX_SAVE_CHARS, PRIMARY, is_caption_suffix, sidecar_path
 from vision_server.gallery.thumbs import ThumbnailError, Thumbnails
 from vision_server.images import LOCAL_FILE
@@ -164,9 +165,16 @@ async def page(request: web.Request) -> web.Response:
     return web.json_response(data)
 
 
+def query_key(request: web.Request) -> str | None:
+    """``?path=``, percent-decoded by us: bytes of a name that is not UTF-8 (the page sends an
+    item's ``ref``) come back as the name on disk; a framework would make them U+FFFD."""
+    value = raw_query_value(request.rel_url.raw_query_string, "path")
+    return None if value is None else from_url_form(value)
+
+
 async def thumbnail(request: web.Request) -> web.Response:
     gallery = request.app[GALLERY]
-    entry = await gallery.entry(request.query.get("path"))
+    entry = await gallery.entry(query_key(request))
     try:
         async with gallery.thumbnail_slots:
             data = await asyncio.to_thread(gallery.thumbnails.get, entry.path)
@@ -176,7 +184,7 @@ async def thumbnail(request: web.Request) -> web.Response:
 
 
 async def image(request: web.Request) -> web.StreamResponse:
-    entry = await request.app[GALLERY].entry(request.query.get("path"))
+    entry = await request.app[GALLERY].entry(query_key(request))
     return web.FileResponse(entry.path, headers=FILE_HEADERS)
 
 

@@ -21,9 +21,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 from vision_server.bulk.readers import ReadOptions, iter_records
-from vision_server.captionfiles import CaseProbe, CaseRules, folds_case, shared_caption_reason, write_atomic
+from vision_server.captionfiles import (
+    CaseProbe,
+    CaseRules,
+    folds_case,
+    printable,
+    shared_caption_reason,
+    write_atomic,
+)
 from vision_server.gallery.jsonl import JsonlCaptions
-from vision_server.gallery.paths import is_clean_relative, is_under
+from vision_server.gallery.paths import is_clean_relative, is_under, url_form
 from vision_server.gallery.sidecars import (
     PRIMARY,
     TextCache,
@@ -218,7 +225,14 @@ class Catalog:
         }
 
     def item(self, entry: Entry) -> dict[str, Any]:
-        return {"path": entry.key, "sources": [source.as_dict() for source in self.sources(entry)]}
+        """One image for the page: ``path`` (the key; JSON bodies name the image by it), ``name``
+        to show (bytes of a name that is not UTF-8 as ``\\xNN``), ``ref`` for URLs."""
+        return {
+            "path": entry.key,
+            "name": printable(entry.key),
+            "ref": url_form(entry.key),
+            "sources": [source.as_dict() for source in self.sources(entry)],
+        }
 
     def export_row(self, entry: Entry) -> dict[str, Any]:
         """A ``metadata.jsonl`` row (``file_name``, ``caption``) with every source beside it.

@@ -5,12 +5,19 @@ that could step outside (``..``, an absolute or drive path, a backslash, a NUL) 
 text before the file system is asked; whatever passes is resolved (symlinks followed) and must
 still lie under the resolved root. Callers answer every refusal with the same 404 as a missing
 file, so a client learns nothing about what exists outside.
+
+A name that is not UTF-8 (a dataset unpacked from an old archive: Latin-1 bytes) reaches Python
+with lone surrogates, which a browser cannot put in a URL. So each listed image also has a
+URL form, :func:`url_form`: its raw bytes percent-encoded, the same text a browser's
+``encodeURIComponent`` gives for a UTF-8 name; :func:`from_url_form` reads either back.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
+from urllib.parse import quote, unquote_to_bytes
 
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
@@ -29,3 +36,27 @@ def is_under(path: Path, real_root: Path) -> bool:
     except (OSError, RuntimeError):  # missing, a symlink loop, unreadable
         return False
     return real == real_root or real.is_relative_to(real_root)
+
+
+def url_form(key: str) -> str:
+    """``key`` as a query value: its bytes on disk (``os.fsencode``) percent-encoded, ``/`` kept."""
+    return quote(os.fsencode(key), safe="/")
+
+
+def from_url_form(value: str) -> str | None:
+    """The key a raw (still percent-encoded) query value names, ``+`` read as a space as in any
+    query; None for bytes this system cannot have in a name (a Windows name is always Unicode)."""
+    try:
+        return os.fsdecode(unquote_to_bytes(value.replace("+", " ")))
+    except UnicodeDecodeError:
+        return None
+
+
+def raw_query_value(raw_query: str, name: str) -> str | None:
+    """The first ``name=`` value of a query string, still percent-encoded: decoded by a web
+    framework as UTF-8, a Latin-1 byte would already be U+FFFD, and the image lost."""
+    for pair in raw_query.split("&"):
+        key, _, value = pair.partition("=")
+        if from_url_form(key) == name:
+            return value
+    return None

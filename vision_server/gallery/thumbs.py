@@ -83,7 +83,9 @@ class Thumbnails:
             self.prune_if_over()
         if self.max_bytes == 0:
             return make_thumbnail(real, self.max_pixels)
-        name = hashlib.sha256(f"{VERSION}\0{real}\0{info.st_size}\0{info.st_mtime_ns}".encode()).hexdigest()
+        # surrogatepass: a name that is not UTF-8 holds lone surrogates (a plain encode() was a 500)
+        key = f"{VERSION}\0{real}\0{info.st_size}\0{info.st_mtime_ns}".encode("utf-8", "surrogatepass")
+        name = hashlib.sha256(key).hexdigest()
         cached = self.folder / name[:2] / f"{name}.jpg"
         try:
             data = cached.read_bytes()

@@ -13,6 +13,7 @@ const cards = new Map(); // path -> card element on the current page
 // path -> .txt text typed but not saved. Kept across pages, searches and re-captions (redrawing a
 // card puts it back in the box), and a reload or closing the tab asks first.
 const drafts = new Map();
+const names = new Map(); // path -> the name shown (a name that is not UTF-8 with \xNN for its bytes)
 let shown = null; // the /ui/api/info the page was drawn from
 let thumbUrls = [];
 let started = false;
@@ -59,7 +60,7 @@ function sourceBox(item, source, card) {
     const saved = source.text ?? "";
     edit.value = drafts.get(item.path) ?? saved;
     edit.placeholder = "(no .txt caption yet)";
-    edit.setAttribute("aria-label", `caption of ${item.path}`);
+    edit.setAttribute("aria-label", `caption of ${item.name}`);
     edit.addEventListener("input", () => {
       if (edit.value === saved) drafts.delete(item.path);
       else drafts.set(item.path, edit.value);
@@ -72,7 +73,7 @@ function sourceBox(item, source, card) {
     });
     const save = make("button", "save", "Save");
     save.type = "button";
-    save.setAttribute("aria-label", `Save caption of ${item.path}`);
+    save.setAttribute("aria-label", `Save caption of ${item.name}`);
     save.addEventListener("click", () => saveCaption(item.path, edit.value, card));
     box.appendChild(edit);
     box.appendChild(save);
@@ -102,7 +103,8 @@ function fillCard(card, item) {
 function makeCard(item) {
   const card = $("card-template").content.firstElementChild.cloneNode(true);
   card.dataset.path = item.path;
-  setText(card.querySelector(".name"), item.path);
+  names.set(item.path, item.name);
+  setText(card.querySelector(".name"), item.name);
   const pick = card.querySelector(".pick");
   pick.addEventListener("change", () => {
     if (pick.checked) selected.add(item.path);
@@ -110,19 +112,26 @@ function makeCard(item) {
     updateSelection();
   });
   const fresh = card.querySelector(".fresh");
-  fresh.setAttribute("aria-label", `Caption now: ${item.path}`);
+  fresh.setAttribute("aria-label", `Caption now: ${item.name}`);
   fresh.addEventListener("click", () => recaption([item.path], false, card));
   const open = card.querySelector(".thumb-open");
-  open.setAttribute("aria-label", `Show ${item.path} full size`);
+  open.setAttribute("aria-label", `Show ${item.name} full size`);
   const broken = card.querySelector(".thumb-error");
   broken.id = `thumb-error-${++cardCount}`;
   open.setAttribute("aria-describedby", broken.id); // why there is no thumbnail, heard on the button
-  open.addEventListener("click", () => showImage(item.path));
+  open.addEventListener("click", () => showImage(item));
   fillCard(card, item);
   return card;
 }
 
-async function showImage(path) {
+// An image in a URL: its `ref`, the server's percent-encoding of the name's bytes. A name that
+// is not UTF-8 holds lone surrogates, which encodeURIComponent refuses (URIError).
+function fileUrl(route, item) {
+  return `/ui/api/gallery/${route}?path=${item.ref}`;
+}
+
+async function showImage(item) {
+  const path = item.name;
   const viewer = $("viewer");
   setText($("viewer-name"), path);
   const image = $("viewer-image");
@@ -136,7 +145,7 @@ async function showImage(path) {
   setText($("viewer-error"), "");
   if (!viewer.open) viewer.showModal();
   try {
-    const blob = await (await api(`/ui/api/gallery/image?path=${encodeURIComponent(path)}`)).blob();
+    const blob = await (await api(fileUrl("image", item))).blob();
     image.src = URL.createObjectURL(blob);
   } catch (error) {
     setText($("viewer-error"), error.message); // an alert: the image asked for will not come
@@ -145,16 +154,16 @@ async function showImage(path) {
 
 // Thumbnails a few at a time. One that fails is marked on its card, quietly; the page then says
 // once how many failed: a folder of 200 broken images is one announcement, not 200.
-async function loadThumbs(paths, ticket) {
-  const queue = [...paths];
+async function loadThumbs(items, ticket) {
+  const queue = [...items];
   let failed = 0;
   const worker = async () => {
     while (queue.length) {
-      const path = queue.shift();
-      const card = cards.get(path);
+      const item = queue.shift();
+      const card = cards.get(item.path);
       if (!card) continue;
       try {
-        const blob = await (await api(`/ui/api/gallery/thumb?path=${encodeURIComponent(path)}`)).blob();
+        const blob = await (await api(fileUrl("thumb", item))).blob();
         const url = URL.createObjectURL(blob);
         thumbUrls.push(url);
         card.querySelector(".thumb").src = url;
@@ -178,7 +187,8 @@ function draftsElsewhere() {
   const away = [...drafts.keys()].filter((path) => !cards.has(path));
   if (!away.length) return "";
   const more = away.length > 3 ? ` and ${away.length - 3} more` : "";
-  return ` · unsaved on other pages: ${away.slice(0, 3).join(", ")}${more}`;
+  const shownNames = away.slice(0, 3).map((path) => names.get(path) ?? path);
+  return ` · unsaved on other pages: ${shownNames.join(", ")}${more}`;
 }
 
 async function load() {
@@ -221,7 +231,7 @@ async function load() {
   if (pressed === $("prev") && pressed.disabled && !$("next").disabled) $("next").focus();
   updateSelection();
   document.body.dataset.gallery = "ready";
-  loadThumbs(data.items.map((item) => item.path), ticket);
+  loadThumbs(data.items, ticket);
 }
 
 async function saveCaption(path, text, card) {
