@@ -18,9 +18,14 @@ Each of these was found by throwing odd requests at ``vision-server serve --mode
 - a progressive JPEG of thousands of near-empty scans: each is one more pass over the whole
   image, so a 1 MB file of 100,000 over 8000x8000 pixels held a decode thread (and the whole
   decode budget) for minutes; it is now a 400 before any pixel is decoded.
+- gzip that ends early (cut in its header): aiohttp passes on the nothing it could inflate, and
+  the client that sent a body was told "The request body is empty";
+- a client that left a stream after its 200 (or, served without handler cancellation, any
+  request): logged and counted as 200 where a hang-up is a 499.
 
-Every one must now be a 4xx in its family's shape (or, for the client that left, no 5xx at all),
-with no traceback in the log, and the server must answer the next request.
+Every one must now be a 4xx in its family's shape (or, for the client that left, a 499 in the
+log and metrics, never a 5xx), with no traceback in the log, and the server must answer the next
+request.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import dataclasses
+import gzip
 import io
 import json
 import logging
@@ -146,6 +152,7 @@ async def test_a_temperature_below_float32_range_still_samples(
 async def test_a_body_that_is_not_its_content_encoding_is_a_400(
     tiny_short: Settings, tmp_path: Path, encoding: str, caplog: pytest.LogCaptureFixture
 ) -> None:
+    caplog.set_level(logging.INFO, logger="vision_server.access")
     gallery = tmp_path / "gallery"
     save(gallery / "a.png", 3)
     settings = dataclasses.replace(tiny_short, gallery=gallery, gallery_writable=True)
@@ -174,6 +181,30 @@ async def test_a_body_that_is_not_its_content_encoding_is_a_400(
                 assert response.status == 200
     await asyncio.sleep(0)  # let aiohttp finish with the refused connections before the log is read
     assert not tracebacks(caplog), tracebacks(caplog)
+    statuses = {r.status for r in caplog.records if r.name == "vision_server.access"}  # type: ignore[attr-defined]
+    assert statuses == {200, 400}, statuses  # a connection the server closes after its reply: no 499
+
+
+@pytest.mark.parametrize("path", list(json_bodies()))
+async def test_a_gzip_body_that_ends_early_says_so_not_that_it_is_empty(
+    tiny_short: Settings, path: str
+) -> None:
+    """aiohttp passes on what it could inflate of gzip that ends early: nothing, for a stream cut
+    in its header, which was answered "The request body is empty" to a client that sent one."""
+    cut = gzip.compress(json.dumps(json_bodies()[path]).encode())[:12]
+    async with running_server(tiny_short) as url:
+        async with ClientSession(url) as session:
+            headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
+            async with session.post(path, data=cut, headers=headers) as response:
+                assert response.status == 400, await response.text()
+                message = message_of(path, await response.json())
+        assert "Content-Encoding: gzip" in message and "not complete gzip" in message, message
+        async with ClientSession(url) as session:  # nothing at all, uncompressed: still "empty"
+            headers = {"Content-Type": "application/json"}
+            async with session.post(path, data=b"", headers=headers) as response:
+                assert response.status == 400
+                message = message_of(path, await response.json())
+        assert "The request body is empty" in message and "gzip" not in message, message
 
 
 # --- lone surrogates -----------------------------------------------------------------------------
@@ -275,6 +306,64 @@ async def test_a_client_that_left_a_stream_of_several_images_is_no_500(
         await runner.cleanup()
     access = [record for record in caplog.records if record.name == "vision_server.access"]
     assert all(" 500 " not in record.getMessage() for record in access), [r.getMessage() for r in access]
+    assert not tracebacks(caplog), tracebacks(caplog)
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/chat/completions", chat(stream=True)),  # token by token
+        ("/v1/chat/completions", chat(images=2, stream=True)),  # in one piece once done
+        ("/v1/responses", responses(stream=True)),
+        ("/v1/chat/completions", chat()),  # not streamed: the same 499
+    ],
+    ids=["chat-stream", "chat-stream-2-images", "responses-stream", "chat"],
+)
+async def test_a_client_that_left_before_its_reply_is_logged_and_counted_as_499(
+    tiny_short: Settings, caplog: pytest.LogCaptureFixture, path: str, body: dict[str, Any]
+) -> None:
+    """A stream whose write met the closed connection returned its 200 response and was logged and
+    counted as a 200, where a request cancelled by the same hang-up is a 499. Served without
+    handler cancellation (``web.run_app``'s default), so the reply always meets the closed
+    connection, whichever the request."""
+    caplog.set_level(logging.INFO, logger="vision_server.access")
+    captioner = HeldCaptioner.from_settings(tiny_short)
+    assert isinstance(captioner, HeldCaptioner)
+    runner = web.AppRunner(create_app(tiny_short, captioner))
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    try:
+        port = runner.addresses[0][1]
+        raw = json.dumps(body).encode()
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n".encode()
+            + f"Content-Length: {len(raw)}\r\n\r\n".encode()
+            + raw
+        )
+        await writer.drain()
+        assert await asyncio.to_thread(captioner.entered.wait, 60)
+        writer.close()
+        await writer.wait_closed()
+        server = runner.server
+        assert server is not None
+        while any(handler.transport is not None for handler in server.connections):
+            await asyncio.sleep(0.01)  # until the server has seen the client go
+        captioner.go.set()
+        while not [r for r in caplog.records if r.name == "vision_server.access"]:
+            await asyncio.sleep(0.01)
+        async with ClientSession(f"http://127.0.0.1:{port}") as session:
+            async with session.get("/metrics") as response:
+                metrics = await response.text()
+    finally:
+        captioner.go.set()
+        await runner.cleanup()
+    route = "openai.responses" if path == "/v1/responses" else "openai.chat_completions"
+    access = [r for r in caplog.records if r.name == "vision_server.access" and r.route == route]  # type: ignore[attr-defined]
+    assert [r.status for r in access] == [499], [r.getMessage() for r in access]  # type: ignore[attr-defined]
+    assert f'vision_server_request_duration_seconds_count{{route="{route}",status="499"}} 1.0' in metrics
+    assert f'route="{route}",status="200"' not in metrics
     assert not tracebacks(caplog), tracebacks(caplog)
 
 

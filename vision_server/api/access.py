@@ -24,6 +24,9 @@ from vision_server.engine.trace import CURRENT_TRACE, JobTrace
 log = logging.getLogger("vision_server.access")
 
 CLIENT_CLOSED = 499  # nginx's convention for "the client went away before the reply"
+# Set by a handler that saw the client leave and ended on its own: a stream whose write met the
+# closed connection returns its (already sent) 200 response, but the client never got the reply.
+CLIENT_LEFT = web.RequestKey("client_left", bool)
 PROBE_ROUTES = frozenset({"ops.health", "ops.ready", "ops.metrics"})
 # Asked over and over by machines: the probes, and the web page's status poll (every second while
 # a tab is open), so their successful answers log at debug. (Only the probes skip the rate limit.)
@@ -44,7 +47,7 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
     status = 500
     try:
         response = await handler(request)
-        status = response.status
+        status = CLIENT_CLOSED if client_left(request, response) else response.status
         return response
     except web.HTTPException as exc:
         status = exc.status
@@ -58,6 +61,18 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         route = route_name(request)
         request.app[METRICS].request_finished(route, status, seconds)
         log_access(request, route, status, seconds, trace)
+
+
+def client_left(request: web.Request, response: web.StreamResponse) -> bool:
+    """Whether the client went away before ``response`` reached it: a stream that saw it leave
+    (:data:`CLIENT_LEFT`), or a reply not yet sent on a connection already gone (a server whose
+    handlers are not cancelled when the client leaves, as ``web.run_app`` serves by default).
+    Counted as 499 like a handler cancelled by the hang-up, so the status never depends on which
+    of the two noticed first."""
+    if request.get(CLIENT_LEFT, False):
+        return True
+    transport = request.transport
+    return not response.prepared and (transport is None or transport.is_closing())
 
 
 def log_access(request: web.Request, route: str, status: int, seconds: float, trace: JobTrace) -> None:

@@ -85,6 +85,21 @@ def unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> BadRe
     return BadRequest(f"The request body cannot be read ({reason[:200]}).{hint}")
 
 
+def empty_body(request: web.Request, what: str) -> BadRequest:
+    """The 400 for a body that is empty, once decompressed. aiohttp does not refuse gzip that
+    ends early (it passes on what it could inflate, nothing for a stream cut in its header), so
+    a body that was sent but came out empty is most likely that: the message names the header
+    rather than saying that nothing was sent."""
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip()
+    if encoding and request.body_exists:
+        return BadRequest(
+            f"The request body is empty once decompressed: the header says Content-Encoding: "
+            f"{encoding[:40]}, and the body is not complete {encoding[:40]} (it ends early). "
+            f"Send {what} compressed whole that way, or uncompressed without the header."
+        )
+    return BadRequest(f"The request body is empty; send {what}.")
+
+
 def draining() -> Draining:
     return Draining("The server is shutting down; retry on another instance.", retry_after=5)
 
@@ -100,7 +115,7 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object; 400 with the reason when it is not one (413 when too big)."""
     raw = await read_body(request)
     if not raw:
-        raise BadRequest("The request body is empty; send a JSON object.")
+        raise empty_body(request, "a JSON object")
     body = await asyncio.to_thread(parse_json, raw) if len(raw) >= LIFT_MIN else parse_json(raw)
     if not isinstance(body, dict):
         raise BadRequest(f"The request body must be a JSON object, not {type(body).__name__}.")

@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
+from vision_server.api.access import CLIENT_LEFT
 from vision_server.api.captioning import caption_all_base64, caption_base64, name_image
 from vision_server.api.errors import ERROR_CODE, REQUEST_ID
 from vision_server.api.openai_replies import error_body, joined_text
@@ -90,6 +91,13 @@ class EventStream:
             # written as the JSON escape it came in as, it keeps the stream valid.
             await self.response.write(line.encode("utf-8", "backslashreplace"))
 
+    def left(self) -> web.StreamResponse:
+        """The response of a stream whose client went away: logged and counted as 499, not as
+        the 200 its first line said."""
+        assert self.response is not None
+        self.request[CLIENT_LEFT] = True
+        return self.response
+
     async def close(self) -> web.StreamResponse:
         assert self.response is not None
         if self.shape.done_marker:
@@ -121,15 +129,13 @@ async def stream_captions(
             await events.send(*shape.opening(), *shape.delta(joined_text(captions)), *shape.closing(captions))
             return await events.close()
         except ConnectionResetError:  # the client left as its captions were done: nobody to tell
-            assert events.response is not None
-            return events.response
+            return events.left()
     try:
         caption, sent = await _stream_caption(
             request, events, images[0], task, options, labels, prompt, model
         )
     except ConnectionResetError:  # the client left mid-stream: its job was withdrawn
-        assert events.response is not None
-        return events.response
+        return events.left()
     except Exception as exc:
         if not events.opened:
             name_image(exc, where[0])
@@ -145,8 +151,7 @@ async def stream_captions(
         await events.send(*(shape.delta(rest) if rest else []), *shape.closing([caption]))
         return await events.close()
     except ConnectionResetError:
-        assert events.response is not None
-        return events.response
+        return events.left()
 
 
 async def _stream_caption(
