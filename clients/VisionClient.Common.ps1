@@ -586,14 +586,14 @@ function Get-VisionNotACaptionReason {
     # Why no caption file may go where a pipe, socket or device stands ($Path), in the words of
     # captionfiles.NotACaptionFile: said when the run plans the image and when one appears later.
     param([string]$Path)
-    return ('{0} is not a regular file (a pipe, socket or device), not a caption file' -f [System.IO.Path]::GetFileName($Path))
+    return ('{0} is not a regular file (a pipe, socket or device), not a caption file' -f (ConvertTo-VisionPrintable ([System.IO.Path]::GetFileName($Path))))
 }
 
 function Get-VisionFolderNotACaptionReason {
     # Why no caption file may go where a folder stands ($Path), in the words of every folder
     # captioner (captionfiles.A_FOLDER_NOT_A_CAPTION), at planning and at the write alike.
     param([string]$Path)
-    return ('{0} is a directory, not a caption file' -f [System.IO.Path]::GetFileName($Path))
+    return ('{0} is a directory, not a caption file' -f (ConvertTo-VisionPrintable ([System.IO.Path]::GetFileName($Path))))
 }
 
 function Test-VisionCaptionPresent {
@@ -680,7 +680,7 @@ function Assert-VisionCaptionWritable {
         $readOnly = $null -eq $UnixMode -or $null -eq $privileged -or -not [bool]$privileged.GetValue($null)
     }
     if ($readOnly) {
-        throw ('{0} is read-only; make it writable (chmod u+w) to let it be replaced' -f [System.IO.Path]::GetFileName($Path))
+        throw ('{0} is read-only; make it writable (chmod u+w) to let it be replaced' -f (ConvertTo-VisionPrintable ([System.IO.Path]::GetFileName($Path))))
     }
 }
 

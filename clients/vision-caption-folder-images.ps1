@@ -450,8 +450,8 @@ foreach ($image in $images) {
     if ($claimed[$key].Count -gt 1) {
         # A caption file that several images share is paired with all of them by a trainer:
         # none is captioned, even when it exists, as in vision-client folder and the bash script.
-        $others = @($claimed[$key] | Where-Object { $_ -cne $image } | ForEach-Object { [System.IO.Path]::GetFileName($_) })
-        $captionName = [System.IO.Path]::GetFileName($captionPath)
+        $others = @($claimed[$key] | Where-Object { $_ -cne $image } | ForEach-Object { ConvertTo-VisionPrintable ([System.IO.Path]::GetFileName($_)) })
+        $captionName = ConvertTo-VisionPrintable ([System.IO.Path]::GetFileName($captionPath))
         if ($others.Count -eq 1) {
             $reason = 'shares its caption file {0} with {1}; neither is captioned, rename one of them' -f $captionName, $others[0]
         }

@@ -683,13 +683,15 @@ for img in ${found[@]+"${found[@]}"}; do # (bash < 4.4 calls an empty array unbo
             name=${names%%/*}
             names=${names#*/}
             [[ $name == "${img##*/}" ]] && continue
+            printable_into name "$name"
             others+=${others:+, }$name
             n_others=$((n_others + 1))
         done
+        printable_into shown_cap "${cap##*/}"
         if ((n_others == 1)); then
-            failed+=("$img"$'\t'"shares its caption file ${cap##*/} with $others; neither is captioned, rename one of them")
+            failed+=("$img"$'\t'"shares its caption file $shown_cap with $others; neither is captioned, rename one of them")
         else
-            failed+=("$img"$'\t'"shares its caption file ${cap##*/} with $others; none is captioned, rename all but one")
+            failed+=("$img"$'\t'"shares its caption file $shown_cap with $others; none is captioned, rename all but one")
         fi
         continue
     fi
@@ -699,11 +701,13 @@ for img in ${found[@]+"${found[@]}"}; do # (bash < 4.4 calls an empty array unbo
         continue
     fi
     if [[ -d $cap ]]; then # no mode may skip it (-s is true for a folder) or mv into it
-        failed+=("$img"$'\t'"${cap##*/} is a directory, not a caption file")
+        printable_into shown_cap "${cap##*/}"
+        failed+=("$img"$'\t'"$shown_cap is a directory, not a caption file")
         continue
     fi
     if [[ -e $cap && ! -f $cap ]]; then # a pipe would be replaced (or, read, hang the run)
-        failed+=("$img"$'\t'"${cap##*/} is not a regular file (a pipe, socket or device), not a caption file")
+        printable_into shown_cap "${cap##*/}"
+        failed+=("$img"$'\t'"$shown_cap is not a regular file (a pipe, socket or device), not a caption file")
         continue
     fi
     if [[ $mode == skip ]] && has_text "$cap"; then
@@ -988,9 +992,10 @@ caption_one() {
     # the image is no caption (has_text never counts it) and is not replaced (mv would replace a
     # pipe, and move the caption into a folder, saying ok): the image fails in the planning's
     # words, as in vision-client folder and vision-server caption, in every mode.
-    if [[ -d $cap ]]; then finish fail 1 "${cap##*/} is a directory, not a caption file"; fi
+    show_into dir "${cap##*/}"
+    if [[ -d $cap ]]; then finish fail 1 "$dir is a directory, not a caption file"; fi
     if [[ -e $cap && ! -f $cap && ! -d $cap ]]; then
-        finish fail 1 "${cap##*/} is not a regular file (a pipe, socket or device), not a caption file"
+        finish fail 1 "$dir is not a regular file (a pipe, socket or device), not a caption file"
     fi
 
     # Write beside the image, then rename: the caption file is either complete or untouched.

@@ -183,12 +183,15 @@ def shared_caption_reason(captions: Sequence[str], others: Sequence[str]) -> str
 
     Neither image is captioned, whatever order they come in and whether the caption file exists:
     a trainer pairs ``a.txt`` with both images, so any caption written there (or already there)
-    is wrong for one of them. ``captions`` names the caption file(s), ``others`` the other images.
+    is wrong for one of them. ``captions`` names the caption file(s), ``others`` the other images;
+    each name is shown :func:`printable`, so a line break in one cannot split the report.
     """
-    files = f"file {captions[0]}" if len(captions) == 1 else f"files {', '.join(captions)}"
+    shown_captions = [printable(name) for name in captions]
+    shown_others = [printable(name) for name in others]
+    files = f"file {shown_captions[0]}" if len(captions) == 1 else f"files {', '.join(shown_captions)}"
     if len(others) == 1:
-        return f"shares its caption {files} with {others[0]}; neither is captioned, rename one of them"
-    return f"shares its caption {files} with {', '.join(others)}; none is captioned, rename all but one"
+        return f"shares its caption {files} with {shown_others[0]}; neither is captioned, rename one of them"
+    return f"shares its caption {files} with {', '.join(shown_others)}; none is captioned, rename all but one"
 
 
 CaseProbe = Callable[[Path], bool]
@@ -359,9 +362,9 @@ def caption_target_problem(target: Path) -> str | None:
             )
         return None  # anything else shows, with its own words, when the file is read or written
     if stat.S_ISDIR(info.st_mode):
-        return f"{target.name} {A_FOLDER_NOT_A_CAPTION}"
+        return f"{printable(target.name)} {A_FOLDER_NOT_A_CAPTION}"
     if not stat.S_ISREG(info.st_mode):
-        return f"{target.name} {NOT_A_REGULAR_CAPTION}"
+        return f"{printable(target.name)} {NOT_A_REGULAR_CAPTION}"
     return None
 
 
@@ -477,7 +480,7 @@ class ReadOnlyCaption(PermissionError):
     image's failure."""
 
     def __init__(self, path: Path) -> None:
-        message = f"{path.name} is read-only; make it writable (chmod u+w) to let it be replaced"
+        message = f"{printable(path.name)} is read-only; make it writable (chmod u+w) to let it be replaced"
         super().__init__(errno.EACCES, message, str(path))
 
     def __str__(self) -> str:
@@ -492,7 +495,8 @@ class NotACaptionFile(OSError):
 
     def __init__(self, path: Path, *, folder: bool = False) -> None:
         what = A_FOLDER_NOT_A_CAPTION if folder else NOT_A_REGULAR_CAPTION
-        super().__init__(errno.EISDIR if folder else errno.EEXIST, f"{path.name} {what}", str(path))
+        code = errno.EISDIR if folder else errno.EEXIST
+        super().__init__(code, f"{printable(path.name)} {what}", str(path))
 
     def __str__(self) -> str:
         return str(self.strerror)

@@ -587,6 +587,36 @@ async def test_export_of_a_file_name_that_is_not_utf8(tiny_short: Settings, tmp_
     assert names == ["fine.png", odd] and (gallery / names[1]).exists()
 
 
+async def test_gallery_messages_show_a_name_that_is_not_utf8_readably(
+    tiny_short: Settings, tmp_path: Path
+) -> None:
+    """Recaption results and save errors name the image and its caption file; a Latin-1 name came
+    back as lone surrogates, which the page shows as U+FFFD, where the listing shows ``\\xe9``."""
+    gallery = tmp_path / "gallery"
+    for seed, name in enumerate((b"caf\xe9.png", b"caf\xe9.jpg", b"th\xe9.png")):
+        save(gallery / os.fsdecode(name), seed)
+    os.mkdir(gallery / os.fsdecode(b"th\xe9.txt"))
+    pair = "neither is captioned, rename one of them"
+    settings = dataclasses.replace(tiny_short, gallery=gallery, gallery_writable=True)
+    async with running_server(settings) as url, ClientSession(url) as session:
+        body = {"paths": [os.fsdecode(b"caf\xe9.png")], "task": "CAPTION", "save": True}
+        async with session.post("/ui/api/gallery/recaption", json=body) as response:
+            assert response.status == 200, await response.text()
+            [result] = (await response.json())["results"]
+        assert result["error"] == f"shares its caption file caf\\xe9.txt with caf\\xe9.jpg; {pair}"
+        body = {"path": os.fsdecode(b"caf\xe9.jpg"), "source": ".txt", "text": "a cat"}
+        async with session.post("/ui/api/gallery/save", json=body) as response:
+            assert response.status == 409, await response.text()
+            message = message_of("/ui/", await response.json())
+        assert message == f"caf\\xe9.jpg shares its caption file caf\\xe9.txt with caf\\xe9.png; {pair}"
+        body = {"paths": [os.fsdecode(b"th\xe9.png")], "task": "CAPTION", "save": True}
+        async with session.post("/ui/api/gallery/recaption", json=body) as response:
+            assert response.status == 200, await response.text()
+            [result] = (await response.json())["results"]
+        folder = "th\\xe9.txt is a directory, not a caption file"
+        assert result["error"] == f"Cannot write the caption file th\\xe9.txt of th\\xe9.png: {folder}."
+
+
 async def test_an_unknown_model_name_of_a_megabyte_is_not_echoed_whole(tiny_short: Settings) -> None:
     """With several models an unknown name is a 404 that names it: a 1 MB name came back whole."""
     settings = dataclasses.replace(tiny_short, model=("a=test:tiny", "b=test:tiny"))

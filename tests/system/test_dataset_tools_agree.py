@@ -798,3 +798,29 @@ def test_both_python_tools_spell_a_file_name_that_is_not_utf8_alike_in_jsonl(
         options=("--jsonl", str(old_rows)),
     )
     assert result.returncode == 0 and "0 captioned, 1 skipped" in result.stderr, result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("tool", TOOLS)
+def test_caption_file_names_in_reasons_are_printable_in_every_tool(
+    tool: str, tiny_server_url: str, cache: Path, tmp_path: Path
+) -> None:
+    """A line break in a name shows as ``\\n`` in each reason that names the caption file (and
+    the other image sharing it), as it does in the image's own name: before, the reasons held the
+    raw names, so one failure printed as two lines and the second could pass for a report."""
+    root = tmp_path / "data"
+    root.mkdir()
+    for seed, name in enumerate(("a\nb.jpg", "a\nb.png", "c\nd.png", "e.png")):
+        save_image(root / name, seed)
+    (root / "c\nd.txt").mkdir()
+    result = run_tool(tool, root, url=tiny_server_url, cache=cache, tmp=tmp_path)
+    assert result.returncode == 1, result.stderr[-3000:]
+    pair = "neither is captioned, rename one of them"
+    lines = result.stderr.splitlines()
+    for expected in (
+        f"a\\nb.jpg: shares its caption file a\\nb.txt with a\\nb.png; {pair}",
+        f"a\\nb.png: shares its caption file a\\nb.txt with a\\nb.jpg; {pair}",
+        "c\\nd.png: c\\nd.txt is a directory, not a caption file",
+    ):
+        assert any(line.endswith(expected) for line in lines), (expected, result.stderr[-3000:])
+    assert not any(line.startswith(("b.txt", "d.txt", "b.png;", "b.jpg;")) for line in lines), result.stderr
+    assert (root / "e.txt").read_text(encoding="utf-8").strip()

@@ -28,7 +28,7 @@ from vision_server.api.scheduling import job_labels
 from vision_server.api.state import DECODER, ENGINE, SETTINGS
 from vision_server.bounded_files import read_at_most
 from vision_server.captioner import CaptionItem
-from vision_server.captionfiles import one_line
+from vision_server.captionfiles import one_line, printable
 from vision_server.engine.jobs import Lane
 from vision_server.errors import BadRequest, Forbidden, VisionServerError
 from vision_server.gallery.catalog import Catalog, Entry, Query
@@ -108,7 +108,7 @@ async def write_caption(gallery: Gallery, entry: Entry, suffix: str, text: str) 
         reason = exc.strerror or str(exc)
         log.warning("gallery: cannot write the caption file %s: %s", target, reason)
         raise CaptionFileUnwritable(
-            f"Cannot write the caption file {target.name} of {entry.key}: {reason}."
+            f"Cannot write the caption file {printable(target.name)} of {printable(entry.key)}: {reason}."
         ) from None
 
 
@@ -179,7 +179,7 @@ async def thumbnail(request: web.Request) -> web.Response:
         async with gallery.thumbnail_slots:
             data = await asyncio.to_thread(gallery.thumbnails.get, entry.path)
     except ThumbnailError as exc:
-        raise BadRequest(f"No thumbnail for {entry.key}: {exc}") from None
+        raise BadRequest(f"No thumbnail for {printable(entry.key)}: {exc}") from None
     return web.Response(body=data, headers={"Content-Type": "image/jpeg", **FILE_HEADERS})
 
 
@@ -206,7 +206,7 @@ async def save(request: web.Request) -> web.Response:
     entry = await gallery.entry(body.get("path"))
     shared = gallery.catalog.shared_file(entry, source)
     if shared is not None:
-        raise SharedCaptionFile(f"{entry.key} {shared}")
+        raise SharedCaptionFile(f"{printable(entry.key)} {shared}")
     # The user's own text is saved as typed, line breaks and all (see docs/web-ui.md): several
     # lines are how kohya-ss (enable_wildcard) and OneTrainer take alternative captions.
     await write_caption(gallery, entry, source, text)

@@ -35,6 +35,7 @@ from vision_server.captionfiles import (
     has_caption,
     merge_caption,
     one_line,
+    printable,
     read_caption,
     remove_stale_files,
     write_atomic,
@@ -325,14 +326,14 @@ class Sidecars:
         if found is None:
             return
         self.other_naming = found
-        ours = ", ".join(sidecar_path(image, task, self.style).name for task in tasks)
+        ours = ", ".join(printable(sidecar_path(image, task, self.style).name) for task in tasks)
         if self.style.several_tasks:
             log.warning(
                 "%s exists, as a run of one task names caption files; this run of %d tasks names "
                 "them by task (%s), leaves such files as they are and does not count them as done "
                 "(their task is not recorded). To keep one caption file per image, run one --task "
                 "at a time (--mode append adds to it). Not said again for other images.",
-                safe_text(str(found)),
+                printable(str(found)),
                 len(tasks),
                 ours,
             )
@@ -342,7 +343,7 @@ class Sidecars:
                 "writes %s (the name trainers read), leaves such files as they are and does not "
                 "count them as done. To resume the several-task run, give it the same --task "
                 "list. Not said again for other images.",
-                safe_text(str(found)),
+                printable(str(found)),
                 ours,
             )
 
