@@ -263,6 +263,35 @@ class HeldCaptioner(FlorenceCaptioner):
         return super().caption(batch)
 
 
+async def hang_up_mid_batch(
+    runner: web.AppRunner,
+    captioner: HeldCaptioner,
+    caplog: pytest.LogCaptureFixture,
+    path: str,
+    body: dict[str, Any],
+) -> None:
+    """POST ``body`` to ``path`` on a raw connection, hang up while its batch is held, and let the
+    batch go once the server has seen the client leave; returns when the access line is logged."""
+    raw = json.dumps(body).encode()
+    _, writer = await asyncio.open_connection("127.0.0.1", runner.addresses[0][1])
+    writer.write(
+        f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n".encode()
+        + f"Content-Length: {len(raw)}\r\n\r\n".encode()
+        + raw
+    )
+    await writer.drain()
+    assert await asyncio.to_thread(captioner.entered.wait, 60)
+    writer.close()
+    await writer.wait_closed()
+    server = runner.server
+    assert server is not None
+    while any(handler.transport is not None for handler in server.connections):
+        await asyncio.sleep(0.01)  # until the server has seen the client go
+    captioner.go.set()
+    while not [r for r in caplog.records if r.name == "vision_server.access"]:
+        await asyncio.sleep(0.01)
+
+
 async def test_a_client_that_left_a_stream_of_several_images_is_no_500(
     tiny_short: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -279,24 +308,9 @@ async def test_a_client_that_left_a_stream_of_several_images_is_no_500(
     await site.start()
     try:
         port = runner.addresses[0][1]
-        body = json.dumps(chat(images=2, stream=True)).encode()
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-            + f"Content-Length: {len(body)}\r\n\r\n".encode()
-            + body
+        await hang_up_mid_batch(
+            runner, captioner, caplog, "/v1/chat/completions", chat(images=2, stream=True)
         )
-        await writer.drain()
-        assert await asyncio.to_thread(captioner.entered.wait, 60)
-        writer.close()
-        await writer.wait_closed()
-        server = runner.server
-        assert server is not None
-        while any(handler.transport is not None for handler in server.connections):
-            await asyncio.sleep(0.01)  # until the server has seen the client go
-        captioner.go.set()
-        while not [r for r in caplog.records if r.name == "vision_server.access"]:
-            await asyncio.sleep(0.01)
         assert app[ENGINE].status().jobs_running == 0
         async with ClientSession(f"http://127.0.0.1:{port}") as session:
             async with session.post("/v1/chat/completions", json=chat(images=2, stream=True)) as response:
@@ -335,24 +349,7 @@ async def test_a_client_that_left_before_its_reply_is_logged_and_counted_as_499(
     await site.start()
     try:
         port = runner.addresses[0][1]
-        raw = json.dumps(body).encode()
-        _, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n".encode()
-            + f"Content-Length: {len(raw)}\r\n\r\n".encode()
-            + raw
-        )
-        await writer.drain()
-        assert await asyncio.to_thread(captioner.entered.wait, 60)
-        writer.close()
-        await writer.wait_closed()
-        server = runner.server
-        assert server is not None
-        while any(handler.transport is not None for handler in server.connections):
-            await asyncio.sleep(0.01)  # until the server has seen the client go
-        captioner.go.set()
-        while not [r for r in caplog.records if r.name == "vision_server.access"]:
-            await asyncio.sleep(0.01)
+        await hang_up_mid_batch(runner, captioner, caplog, path, body)
         async with ClientSession(f"http://127.0.0.1:{port}") as session:
             async with session.get("/metrics") as response:
                 metrics = await response.text()

@@ -92,6 +92,18 @@ def target_for(tool: str, tmp_path: Path) -> Path:
     return image.parent if tool in FOLDER else image
 
 
+def run_busy(
+    tool: str, target: Path, busy_first: int, busy_retry_after: str | None = "1"
+) -> tuple[subprocess.CompletedProcess[str], list[float]]:
+    """``tool`` run on ``target`` against a stand-in whose first ``busy_first`` answers are busy
+    (with ``busy_retry_after`` as ``Retry-After``): the run and the times of the requests."""
+    with StandIn(busy_first=busy_first, busy_retry_after=busy_retry_after) as stand_in:
+        result = subprocess.run(
+            command(tool, stand_in.url, target), capture_output=True, text=True, env=clean_env(), timeout=120
+        )
+        return result, stand_in.post_times()
+
+
 def gaps(times: list[float]) -> list[float]:
     return [later - earlier for earlier, later in itertools.pairwise(times)]
 
@@ -105,11 +117,7 @@ def test_without_retry_after_every_client_backs_off_from_half_a_second_doubling(
     bash client did not retry at all by default)."""
     needs_pwsh(tool)
     target = target_for(tool, tmp_path)
-    with StandIn(busy_first=3, busy_retry_after=None) as stand_in:
-        result = subprocess.run(
-            command(tool, stand_in.url, target), capture_output=True, text=True, env=clean_env(), timeout=120
-        )
-        times = stand_in.post_times()
+    result, times = run_busy(tool, target, busy_first=3, busy_retry_after=None)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(times) == 4, result.stderr[-3000:]
     schedule = [0.5, 1.0, 2.0]  # the documented back-off, as docs/clients/index.md#retries says it
@@ -127,11 +135,7 @@ def test_every_single_image_client_retries_five_times_by_default_after_retry_aft
     (vision-client), 0 (vision-client.sh) and 3 (vision-client.ps1)."""
     needs_pwsh(tool)
     image = target_for(tool, tmp_path)
-    with StandIn(busy_first=5) as stand_in:
-        result = subprocess.run(
-            command(tool, stand_in.url, image), capture_output=True, text=True, env=clean_env(), timeout=120
-        )
-        times = stand_in.post_times()
+    result, times = run_busy(tool, image, busy_first=5)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.strip() == "stand-in caption"
     assert len(times) == 1 + 5
@@ -148,11 +152,7 @@ def test_retry_after_zero_means_at_once_in_every_client(tool: str, hint: str, tm
     process starts or curl calls on a loaded CI machine."""
     needs_pwsh(tool)
     target = target_for(tool, tmp_path)
-    with StandIn(busy_first=5, busy_retry_after=hint) as stand_in:
-        result = subprocess.run(
-            command(tool, stand_in.url, target), capture_output=True, text=True, env=clean_env(), timeout=120
-        )
-        times = stand_in.post_times()
+    result, times = run_busy(tool, target, busy_first=5, busy_retry_after=hint)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(times) == 1 + 5, result.stderr[-3000:]
     assert sum(gaps(times)) <= 6.0, gaps(times)
@@ -181,11 +181,7 @@ def test_retry_after_as_an_http_date_is_waited_for_in_every_client(
     needs_pwsh(tool)
     target = target_for(tool, tmp_path)
     when = http_date(time.time() + 6, form)
-    with StandIn(busy_first=1, busy_retry_after=when) as stand_in:
-        result = subprocess.run(
-            command(tool, stand_in.url, target), capture_output=True, text=True, env=clean_env(), timeout=120
-        )
-        times = stand_in.post_times()
+    result, times = run_busy(tool, target, busy_first=1, busy_retry_after=when)
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(times) == 2, result.stderr[-3000:]
     assert gaps(times)[0] >= 2.5, (when, gaps(times))
@@ -197,11 +193,7 @@ def test_a_fractional_retry_after_is_waited_for_whole_in_every_client(tool: str,
     fraction and sent it again after 1 to 1.15 s."""
     needs_pwsh(tool)
     target = target_for(tool, tmp_path)
-    with StandIn(busy_first=1, busy_retry_after="1.9") as stand_in:
-        result = subprocess.run(
-            command(tool, stand_in.url, target), capture_output=True, text=True, env=clean_env(), timeout=120
-        )
-        times = stand_in.post_times()
+    result, times = run_busy(tool, target, busy_first=1, busy_retry_after="1.9")
     assert result.returncode == 0, result.stderr[-3000:]
     assert len(times) == 2, result.stderr[-3000:]
     assert gaps(times)[0] >= 1.9, gaps(times)
