@@ -8,8 +8,9 @@ file, so a client learns nothing about what exists outside.
 
 A name that is not UTF-8 (a dataset unpacked from an old archive: Latin-1 bytes) reaches Python
 with lone surrogates, which a browser cannot put in a URL. So each listed image also has a
-URL form, :func:`url_form`: its raw bytes percent-encoded, the same text a browser's
-``encodeURIComponent`` gives for a UTF-8 name; :func:`from_url_form` reads either back.
+URL form, :func:`url_form`: its raw bytes percent-encoded (``/`` kept, and ``!'()*`` escaped,
+so not letter for letter what a browser's ``encodeURIComponent`` writes for a UTF-8 name, but
+the same name once decoded); :func:`from_url_form` reads either back.
 """
 
 from __future__ import annotations
