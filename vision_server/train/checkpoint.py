@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from vision_server.disk_full import NO_SPACE_ERRNOS, DiskFull, as_disk_full
+from vision_server.disk_full import NO_SPACE_ERRNOS, DiskFull, raise_as_disk_full
 from vision_server.train.metadata import write_metadata
 
 STATE_FILE = "trainer_state.pt"
@@ -118,10 +118,7 @@ def _written_or_removed(write: Callable[[], None], staging: Path, named: Path) -
         if found and int(found.group(1)) in NO_SPACE_ERRNOS:
             number = int(found.group(1))
             raise DiskFull(named, OSError(number, os.strerror(number))) from exc
-        named_exc = as_disk_full(named, exc)
-        if named_exc is exc:
-            raise
-        raise named_exc from exc
+        raise_as_disk_full(named, exc)
 
 
 def list_checkpoints(output: Path) -> list[Path]:
