@@ -419,6 +419,14 @@ if ! { printf 'probe\n' >"$tmpd/probe"; } 2>/dev/null; then
     die 1 "cannot write in the temporary directory ${TMPDIR:-/tmp} (no space left on its disk?); free some space there, or set TMPDIR to a folder with space"
 fi
 rm -f -- "$tmpd/probe"
+# GNU mv and ln (and busybox's) take -T: a folder made where a caption belongs makes them fail
+# rather than put the caption inside it. BSD's (macOS) do not: there, a look after them takes the
+# caption back out of such a folder (caption_one).
+mv_into_name=() ln_into_name=()
+: >"$tmpd/probe"
+if mv -T -- "$tmpd/probe" "$tmpd/probe.moved" 2>/dev/null; then mv_into_name=(-T); fi
+if ln -T -- "$tmpd/probe.moved" "$tmpd/probe.linked" 2>/dev/null; then ln_into_name=(-T); fi
+rm -f -- "$tmpd/probe" "$tmpd/probe.moved" "$tmpd/probe.linked"
 # Each vision-client.sh keeps its files (the encoded image among them) in the work directory
 # too: a kill -9 of the whole run leaves them there, for the next run to remove with it.
 client_cmd=(env "TMPDIR=$tmpd" "${client_cmd[@]}")
@@ -991,12 +999,24 @@ caption_one() {
     # A folder, pipe, socket or device made where the caption file belongs since the run planned
     # the image is no caption (has_text never counts it) and is not replaced (mv would replace a
     # pipe, and move the caption into a folder, saying ok): the image fails in the planning's
-    # words, as in vision-client folder and vision-server caption, in every mode.
-    show_into dir "${cap##*/}"
-    if [[ -d $cap ]]; then finish fail 1 "$dir is a directory, not a caption file"; fi
-    if [[ -e $cap && ! -f $cap && ! -d $cap ]]; then
-        finish fail 1 "$dir is not a regular file (a pipe, socket or device), not a caption file"
-    fi
+    # words, as in vision-client folder and vision-server caption, in every mode. Looked at
+    # before the write, and again when ln or mv fails or leaves the caption inside a folder: one
+    # made between the look and the rename.
+    refuse_no_caption_file() {
+        if [[ -d $cap ]]; then
+            renaming=0 linking=0 # not in place: a stop now must not count it captioned
+            rm -f -- "$tmp" "$cap/${tmp##*/}" # BSD mv and ln put it inside: ours, by its name
+            show_into dir "${cap##*/}"
+            finish fail 1 "$dir is a directory, not a caption file"
+        fi
+        if [[ -e $cap && ! -f $cap ]]; then
+            renaming=0 linking=0
+            rm -f -- "$tmp"
+            show_into dir "${cap##*/}"
+            finish fail 1 "$dir is not a regular file (a pipe, socket or device), not a caption file"
+        fi
+    }
+    refuse_no_caption_file
 
     # Write beside the image, then rename: the caption file is either complete or untouched.
     # Flushed to the disk where sync takes a file.
@@ -1017,11 +1037,13 @@ caption_one() {
             finish skipped 0 "$WRITTEN_MEANWHILE"
         fi
         linking=1
-        if [[ ! -e $cap && ! -L $cap ]] && ln -- "$tmp" "$cap" 2>/dev/null; then
+        if [[ ! -e $cap && ! -L $cap ]] && ln ${ln_into_name[@]+"${ln_into_name[@]}"} -- "$tmp" "$cap" 2>/dev/null; then
+            refuse_no_caption_file
             rm -f -- "$tmp"
             finish ok 0 ""
         fi
         linking=0
+        refuse_no_caption_file
         if has_text "$cap"; then
             rm -f -- "$tmp"
             finish skipped 0 "$WRITTEN_MEANWHILE"
@@ -1045,13 +1067,15 @@ caption_one() {
         fi
     fi
     renaming=1
-    if ! LC_ALL=C mv -f -- "$tmp" "$cap" 2>"$err"; then
+    if ! LC_ALL=C mv -f ${mv_into_name[@]+"${mv_into_name[@]}"} -- "$tmp" "$cap" 2>"$err"; then
         renaming=0
+        refuse_no_caption_file
         rm -f -- "$tmp"
         last_line_into line "$err"
         stop_if_disk_full "$line"
         finish fail 1 "cannot create the caption file: $line"
     fi
+    refuse_no_caption_file
     finish ok 0 ""
 }
 

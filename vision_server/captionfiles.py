@@ -529,13 +529,20 @@ def write_atomic(path: Path, text: str) -> None:
         info = None  # a link: replaced as a new file would be made
     if info is not None and not _writable(path, info.st_mode):
         raise ReadOnlyCaption(path)
-    with replacing(path, temp_path(path)) as tmp:
-        # os.open with 0o666 lets the umask decide the mode of a new file, like a plain open() would.
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
-        if info is not None:
-            os.chmod(tmp, stat.S_IMODE(info.st_mode))
+    try:
+        with replacing(path, temp_path(path)) as tmp:
+            # os.open with 0o666 lets the umask decide the mode of a new file, like a plain open() would.
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(text.encode("utf-8"))
+            if info is not None:
+                os.chmod(tmp, stat.S_IMODE(info.st_mode))
+    except OSError as exc:
+        # A folder made between the look above and the rename: the rename refuses it ("Is a
+        # directory"; "Access is denied" on Windows). Said in the planning's words too.
+        if path.is_dir() and not path.is_symlink():
+            raise NotACaptionFile(path, folder=True) from exc
+        raise
 
 
 # Why an image is skipped after all: in skip mode every caption file it was to get was written

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import ssl
+import stat
 import subprocess
 import threading
 import time
@@ -918,6 +919,71 @@ def test_folder_ctrl_c_counts_every_caption_file_written(
     assert "4 image(s) found: 2 captioned, 0 skipped (caption exists), 0 failed" in stderr, stderr
     assert "Interrupted: 2 image(s) not captioned yet" in stderr, stderr
     assert "run the same command again to resume" in stderr
+    assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
+
+
+def racing_mv(tmp_path: Path, made: str, *, knows_t: bool) -> dict[str, str]:
+    """A PATH whose ``mv`` and ``ln`` make a folder (or a pipe) where ``img1.txt`` belongs just
+    before they rename or link onto it: one made between the script's look and its rename, on
+    cue. With ``knows_t`` false they refuse ``-T`` as BSD's (macOS) do."""
+    shims = tmp_path / "racing-mv"
+    shims.mkdir()
+    make = "mkdir" if made == "folder" else "mkfifo"
+    refuse_t = 'for a; do [ "$a" = -T ] && { echo "$0: illegal option -- T" >&2; exit 64; }; done'
+    if knows_t:
+        refuse_t = ""
+    for tool in ("mv", "ln"):
+        real = shutil.which(tool)
+        assert real
+        (shims / tool).write_text(
+            f"""#!/bin/sh
+{refuse_t}
+for last; do :; done
+case "$last" in */img1.txt) [ -e "$last" ] || {make} "$last" ;; esac
+exec "{real}" "$@"
+"""
+        )
+        (shims / tool).chmod(0o755)
+    return {"PATH": f"{shims}{os.pathsep}{os.environ['PATH']}"}
+
+
+@pytest.mark.parametrize("knows_t", [True, False], ids=["GNU mv", "BSD mv"])
+@pytest.mark.parametrize(("mode", "made"), [("overwrite", "folder"), ("skip", "folder"), ("skip", "pipe")])
+def test_folder_something_made_where_a_caption_belongs_just_before_the_rename_fails_the_image(
+    tmp_path: Path, tmpdir_env: Path, mode: str, made: str, knows_t: bool
+) -> None:
+    """A folder made where a caption belongs between the script's look and its rename took the
+    caption inside it (mv and ln put a file into a folder they are given), and the image counted
+    as captioned; a pipe made there in skip mode was replaced. Now the image fails in the
+    planning's words, and what was made stays as it was, empty."""
+    root = tmp_path / "race"
+    make_tree(root, [f"img{i}.png" for i in range(3)])
+    mode_args = ["--mode", mode]
+    with StandIn() as stand_in:
+        result = run(
+            FOLDER,
+            "--url",
+            stand_in.url,
+            "--jobs",
+            "1",
+            *mode_args,
+            "CAPTION",
+            "txt",
+            str(root),
+            env=base_env(tmpdir_env, **racing_mv(tmp_path, made, knows_t=knows_t)),
+        )
+    assert result.returncode == 1, result.stderr
+    target = root / "img1.txt"
+    if made == "folder":
+        assert target.is_dir() and list(target.iterdir()) == [], result.stderr
+        reason = "img1.txt is a directory, not a caption file"
+    else:
+        assert stat.S_ISFIFO(target.lstat().st_mode), result.stderr
+        reason = "img1.txt is not a regular file (a pipe, socket or device), not a caption file"
+    assert any(line.endswith(f"img1.png: {reason}") for line in result.stderr.splitlines()), result.stderr
+    summary = "3 image(s) found: 2 captioned, 0 skipped (caption exists), 1 failed"
+    assert summary in result.stderr, result.stderr
+    assert sorted(path.name for path in root.glob("img[02].txt")) == ["img0.txt", "img2.txt"]
     assert leftovers(root) == [] and list(tmpdir_env.iterdir()) == []
 
 

@@ -251,6 +251,25 @@ def test_a_folder_is_no_caption_and_every_write_refuses_it_in_the_planning_words
     assert [p.name for p in tmp_path.iterdir()] == ["cat.txt"] and not list(folder.iterdir())
 
 
+@pytest.mark.parametrize("write", [write_atomic, captionfiles.write_new_caption])
+def test_a_folder_made_between_the_look_and_the_rename_is_refused_in_the_planning_words(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, write: Any
+) -> None:
+    """The rename refused it as a bare "[Errno 21] Is a directory: '.../.vision-caption...'"."""
+    target = tmp_path / "cat.txt"
+    named = captionfiles.temp_path
+
+    def someone_makes_a_folder_meanwhile(path: Path) -> Path:  # after the look, before the rename
+        path.mkdir(exist_ok=True)
+        return named(path)
+
+    monkeypatch.setattr(captionfiles, "temp_path", someone_makes_a_folder_meanwhile)
+    with pytest.raises(NotACaptionFile) as refused:
+        write(target, "a cat")
+    assert str(refused.value) == "cat.txt is a directory, not a caption file"
+    assert [p.name for p in tmp_path.iterdir()] == ["cat.txt"] and not list(target.iterdir())
+
+
 def test_write_atomic_replaces_a_link_into_a_read_only_store_with_a_new_files_mode(tmp_path: Path) -> None:
     """git-annex keeps a dataset's files read-only in its store, each name in the dataset a link
     to one. The read-only check and the kept mode looked through the link at the store's file,
