@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -42,6 +42,9 @@ if TYPE_CHECKING:
     from vision_server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# from_settings returns the class it is called on (a test's subclass too); typing.Self is 3.11+.
+_Self = TypeVar("_Self", bound="FlorenceCaptioner")
 
 _STRIP_TOKENS = ("<pad>", "<s>", "</s>")
 
@@ -112,8 +115,12 @@ class FlorenceCaptioner(TorchCaptioner[_Loaded]):
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, spec: ModelSpec | None = None, *, bases: SharedBases | None = None
-    ) -> FlorenceCaptioner:
+        cls: type[_Self],
+        settings: Settings,
+        spec: ModelSpec | None = None,
+        *,
+        bases: SharedBases | None = None,
+    ) -> _Self:
         """The captioner for ``spec`` (default: the settings' default model)."""
         spec = spec if spec is not None else settings.default_model_spec
         return cls(

@@ -15,7 +15,7 @@ import logging
 import time
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import torch
 from PIL import Image
@@ -40,6 +40,9 @@ if TYPE_CHECKING:
     from vision_server.settings import Settings
 
 log = logging.getLogger(__name__)
+
+# from_settings returns the class it is called on (a test's subclass too); typing.Self is 3.11+.
+_Self = TypeVar("_Self", bound="GenericCaptioner")
 
 
 @dataclasses.dataclass
@@ -90,8 +93,8 @@ class GenericCaptioner(TorchCaptioner[_Ready]):
 
     @classmethod
     def from_settings(
-        cls, settings: Settings, backend: str | None, spec: ModelSpec | None = None
-    ) -> GenericCaptioner:
+        cls: type[_Self], settings: Settings, backend: str | None, spec: ModelSpec | None = None
+    ) -> _Self:
         """The captioner for ``spec`` (default: the settings' default model); it takes no adapter."""
         spec = spec if spec is not None else settings.default_model_spec
         return cls(
