@@ -11,6 +11,8 @@ import asyncio
 import dataclasses
 import io
 import json
+import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from yarl import URL
 from tests.support import hidden_names
 from tests.support.gallery_data import XSS, GalleryData, make_gallery
 from tests.support.serving import running_server
+from vision_server.captionfiles import A_FOLDER_NOT_A_CAPTION, printable
 from vision_server.gallery.thumbs import make_thumbnail
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
@@ -450,3 +453,58 @@ async def test_hidden_files_and_folders_are_not_in_the_gallery(tmp_path: Path) -
     assert hidden_names.files_below(root) == {
         *hidden_names.VISIBLE, *hidden_names.HIDDEN_IMAGES, *hidden_names.HIDDEN_LINKS
     }  # fmt: skip
+
+
+async def test_a_caption_file_is_named_relative_to_the_gallery_and_printable(
+    data: GalleryData, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An image in a sub-folder whose name holds a line break and a byte that is not UTF-8: the
+    reply named its caption file by its bare name, and the server's log line held the raw path
+    (the line break splits the line for any handler that does not escape it; the byte came out
+    as ``\\udce9``). Both now name it as every report does (``\\n``, ``\\xe9``)."""
+    stem = os.fsdecode(b"two\nlines caf\xe9")
+    try:
+        (data.root / "sub" / f"{stem}.png").write_bytes((data.root / "img00.png").read_bytes())
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    (data.root / "sub" / f"{stem}.txt").mkdir()  # a folder where its caption file belongs
+    shown = "sub/two\\nlines caf\\xe9"
+    caplog.set_level(logging.WARNING, logger="vision_server")
+    settings = gallery_settings(data, tmp_path, gallery_writable=True)
+    async with running_server(settings, FakeCaptioner()) as url:
+        async with ClientSession(url) as client:
+            body = {"path": f"sub/{stem}.png", "source": ".txt", "text": "new caption"}
+            async with client.post("/ui/api/gallery/save", json=body) as response:
+                error = (await response.json())["error"]
+    assert response.status == 500 and error["code"] == "caption_file_unwritable"
+    assert error["message"] == (
+        f"Cannot write the caption file {shown}.txt of {shown}.png: "
+        f"two\\nlines caf\\xe9.txt {A_FOLDER_NOT_A_CAPTION}."
+    )
+    (logged,) = [r.getMessage() for r in caplog.records if "cannot write the caption" in r.getMessage()]
+    target = printable(str(data.root / "sub" / f"{stem}.txt"))
+    why = f"two\\nlines caf\\xe9.txt {A_FOLDER_NOT_A_CAPTION}"
+    assert logged == f"gallery: cannot write the caption file {target}: {why}"
+    assert "\n" not in logged and logged.isprintable()
+
+
+async def test_images_sharing_a_caption_file_in_a_sub_folder_are_named_from_the_root(
+    data: GalleryData, tmp_path: Path
+) -> None:
+    """The image was ``sub/twin.jpg`` but its caption file and the other image bare names, as if
+    they lay at the top of the gallery."""
+    for name in ("twin.jpg", "twin.png"):
+        (data.root / "sub" / name).write_bytes((data.root / "img00.png").read_bytes())
+    settings = gallery_settings(data, tmp_path, gallery_writable=True)
+    async with running_server(settings, FakeCaptioner()) as url:
+        async with ClientSession(url) as client:
+            edit = {"path": "sub/twin.jpg", "source": ".txt", "text": "a cat"}
+            async with client.post("/ui/api/gallery/save", json=edit) as response:
+                assert response.status == 409
+                message = (await response.json())["error"]["message"]
+            body = {"paths": ["sub/twin.png"], "task": "caption", "save": True}
+            async with client.post("/ui/api/gallery/recaption", json=body) as response:
+                (result,) = (await response.json())["results"]
+    rule = "neither is captioned, rename one of them"
+    assert message == f"sub/twin.jpg shares its caption file sub/twin.txt with sub/twin.png; {rule}"
+    assert result["error"] == f"shares its caption file sub/twin.txt with sub/twin.jpg; {rule}"

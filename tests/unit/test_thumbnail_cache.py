@@ -3,6 +3,7 @@ the leftovers of a crash."""
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from tests.support.images import image_bytes
 from tests.support.leftovers import OLD, YOUNG, aged
-from vision_server.gallery.thumbs import Thumbnails, make_thumbnail
+from vision_server.gallery.thumbs import ThumbnailError, Thumbnails, make_thumbnail
 from vision_server.settings import Settings, SettingsError
 
 PIXELS = 64_000_000
@@ -121,3 +122,30 @@ def test_the_setting_takes_sizes_as_people_write_them(tmp_path: Path) -> None:
     for bad in ("-1", "lots", ""):
         with pytest.raises(SettingsError, match="thumbnail_cache_size"):
             Settings(thumbnail_cache_size=bad)
+
+
+def odd_name(folder: Path, stem: bytes) -> Path:
+    """``folder / stem.png`` with a name that is not UTF-8 (skips where names must be)."""
+    path = folder / os.fsdecode(stem + b".png")
+    try:
+        path.touch()
+        path.unlink()
+    except (OSError, UnicodeError):
+        pytest.skip("this file system takes only UTF-8 names")
+    return path
+
+
+def test_an_image_that_cannot_be_read_is_said_in_words_not_as_a_python_repr(tmp_path: Path) -> None:
+    """The reason used to be the OSError's str(): Python's repr of the absolute path, quotes and
+    ``\\udce9`` escapes included, after a name the route had already given the readable way."""
+    folder = odd_name(tmp_path, b"caf\xe9 it's\nhere")
+    folder.mkdir()  # listed as an image once; a folder now
+    cache = Thumbnails(tmp_path / "cache", PIXELS)
+    for make in (lambda: make_thumbnail(folder, PIXELS), lambda: cache.get(folder)):
+        with pytest.raises(ThumbnailError) as caught:
+            make()
+        assert str(caught.value) == f"cannot read the image: {os.strerror(errno.EISDIR)}"
+    gone = odd_name(tmp_path, b"gone\xff")  # removed since the page listed it: was a bare OSError
+    with pytest.raises(ThumbnailError) as caught:
+        cache.get(gone)
+    assert str(caught.value) == f"cannot read the image: {os.strerror(errno.ENOENT)}"

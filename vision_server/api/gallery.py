@@ -28,11 +28,11 @@ from vision_server.api.scheduling import job_labels
 from vision_server.api.state import DECODER, ENGINE, SETTINGS
 from vision_server.bounded_files import read_at_most
 from vision_server.captioner import CaptionItem
-from vision_server.captionfiles import one_line, printable
+from vision_server.captionfiles import describe_os_error, one_line, printable
 from vision_server.engine.jobs import Lane
 from vision_server.errors import BadRequest, Forbidden, VisionServerError
 from vision_server.gallery.catalog import Catalog, Entry, Query
-from vision_server.gallery.paths import from_url_form, raw_query_value
+from vision_server.gallery.paths import beside, from_url_form, raw_query_value
 from vision_server.gallery.sidecars import MAX_SAVE_CHARS, PRIMARY, is_caption_suffix, sidecar_path
 from vision_server.gallery.thumbs import ThumbnailError, Thumbnails
 from vision_server.images import LOCAL_FILE
@@ -105,10 +105,14 @@ async def write_caption(gallery: Gallery, entry: Entry, suffix: str, text: str) 
         await gallery.run(gallery.catalog.save, entry, suffix, text)
     except OSError as exc:
         target = sidecar_path(entry.path, suffix)
-        reason = exc.strerror or str(exc)
-        log.warning("gallery: cannot write the caption file %s: %s", target, reason)
+        # strerror: the reason in words (a read-only caption's says what to do); str(exc) would
+        # add the path as Python's repr, quotes and surrogate escapes included.
+        reason = printable(exc.strerror or str(exc))
+        # Printable in the log too: a line break in a name would split the server's log line.
+        log.warning("gallery: cannot write the caption file %s: %s", printable(str(target)), reason)
+        shown = printable(beside(entry.key, target.name))
         raise CaptionFileUnwritable(
-            f"Cannot write the caption file {printable(target.name)} of {printable(entry.key)}: {reason}."
+            f"Cannot write the caption file {shown} of {printable(entry.key)}: {reason}."
         ) from None
 
 
@@ -275,7 +279,7 @@ async def _recaption_one(
                 raise  # the server's trouble (draining, load failure): the whole request fails
             return {"path": entry.key, "error": exc.message}
         except OSError as exc:
-            return {"path": entry.key, "error": f"cannot read the file: {exc.strerror or exc}"}
+            return {"path": entry.key, "error": f"cannot read the file: {describe_os_error(exc)}"}
     # A fresh caption is shown under its task; with several models, under the model's name too.
     label = task if len(request.app[ENGINE].model_names) == 1 else f"{model} {task}"
     gallery.catalog.remember(entry.key, label, text)

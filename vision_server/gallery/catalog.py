@@ -30,7 +30,7 @@ from vision_server.captionfiles import (
     write_atomic,
 )
 from vision_server.gallery.jsonl import JsonlCaptions
-from vision_server.gallery.paths import is_clean_relative, is_under, url_form
+from vision_server.gallery.paths import beside, is_clean_relative, is_under, url_form
 from vision_server.gallery.sidecars import (
     PRIMARY,
     TextCache,
@@ -175,10 +175,12 @@ class Catalog:
     def shared_file(self, entry: Entry, suffix: str) -> str | None:
         """Why ``entry``'s caption file may not be written (another image of its folder has the
         same stem, so a trainer pairs the file with both), or None: the rule of every dataset
-        tool (:func:`~vision_server.captionfiles.shared_caption_reason`)."""
+        tool (:func:`~vision_server.captionfiles.shared_caption_reason`), each file named
+        relative to the root as the image is (``sub/a.txt``, not ``a.txt``)."""
         if not entry.stem_clash:
             return None
-        return shared_caption_reason([sidecar_path(entry.path, suffix).name], entry.stem_clash)
+        caption = beside(entry.key, sidecar_path(entry.path, suffix).name)
+        return shared_caption_reason([caption], [beside(entry.key, name) for name in entry.stem_clash])
 
     def save(self, entry: Entry, suffix: str, text: str) -> Path:
         """Replace one caption file atomically (the caller has checked the gallery is writable

@@ -16,6 +16,7 @@ the same name once decoded); :func:`from_url_form` reads either back.
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from pathlib import Path
 from urllib.parse import quote, unquote_to_bytes
@@ -37,6 +38,12 @@ def is_under(path: Path, real_root: Path) -> bool:
     except (OSError, RuntimeError):  # missing, a symlink loop, unreadable
         return False
     return real == real_root or real.is_relative_to(real_root)
+
+
+def beside(key: str, name: str) -> str:
+    """The key of the file ``name`` in the folder of the image ``key`` (its caption file, an
+    image it shares one with): messages name every file relative to the root, as the image."""
+    return posixpath.join(posixpath.dirname(key), name)
 
 
 def url_form(key: str) -> str:

@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from vision_server.atomic_files import replacing
 from vision_server.byte_sizes import format_byte_size
-from vision_server.captionfiles import STALE_TEMP_AGE
+from vision_server.captionfiles import STALE_TEMP_AGE, describe_os_error, printable
 from vision_server.errors import InvalidImage
 from vision_server.images import ACCEPTED, ALLOWED_FORMATS, check_jpeg_scans, tiff_tile_pixels
 
@@ -77,8 +77,11 @@ class Thumbnails:
 
     def get(self, image: Path) -> bytes:
         """The JPEG thumbnail of ``image``, made now unless a current one is cached."""
-        real = image.resolve()
-        info = real.stat()
+        try:
+            real = image.resolve()
+            info = real.stat()
+        except OSError as exc:  # gone or unreadable since it was listed
+            raise ThumbnailError(f"cannot read the image: {describe_os_error(exc)}") from None
         if self._total is None:  # the first use: count what an earlier run left, prune if needed
             self.prune_if_over()
         if self.max_bytes == 0:
@@ -228,4 +231,14 @@ def make_thumbnail(path: Path, max_pixels: int) -> bytes:
     except (OSError, Image.DecompressionBombError, ValueError) as exc:
         if isinstance(exc, ThumbnailError):
             raise
-        raise ThumbnailError(f"cannot read the image: {exc}") from None
+        raise ThumbnailError(f"cannot read the image: {_why(exc)}") from None
+
+
+def _why(exc: Exception) -> str:
+    """Why an image could not be read, in words and on one line. The route names the image
+    (relative to the gallery, :func:`~vision_server.captionfiles.printable`); an OS error's own
+    text would name it again as Python's repr of the absolute path (``[Errno 21] Is a
+    directory: '/data/caf\\udce9.png'``), so only its reason is kept."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return describe_os_error(exc)
+    return printable(str(exc))
