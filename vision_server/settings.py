@@ -25,6 +25,7 @@ from vision_server.byte_sizes import EXAMPLES, parse_byte_size
 from vision_server.captioner import GenerationOptions
 from vision_server.errors import InvalidTask
 from vision_server.model_specs import ModelSpec, build_specs, parse_idle_timeouts, parse_named_values
+from vision_server.settings_types import WrongType, checked
 from vision_server.tasks import FLORENCE_TASKS, PROMPTGEN_TASKS, normalize_task
 from vision_server.trusted_proxies import TrustedProxies
 
@@ -269,11 +270,8 @@ class Settings:
     _allowed_host_names: AllowedHosts = field(init=False, repr=False, compare=False, default=AllowedHosts())
 
     def __post_init__(self) -> None:
-        if isinstance(self.model, str):  # Settings(model="test:tiny"): one model, as before
-            object.__setattr__(self, "model", (self.model,))
-        for name in ("trusted_proxies", "allowed_hosts"):  # Settings(trusted_proxies="127.0.0.1"): one entry
-            if isinstance(getattr(self, name), str):
-                object.__setattr__(self, name, (getattr(self, name),))
+        for name, hint in _INIT_TYPES.items():  # Settings(model="test:tiny") is ("test:tiny",)
+            object.__setattr__(self, name, _typed(name, hint, getattr(self, name)))
         for name in _ANY_CASE:  # LOG_LEVEL=INFO, as Python's logging spells it, in an env file
             value = getattr(self, name)
             if isinstance(value, str):
@@ -349,6 +347,30 @@ class SettingsError(ValueError):
     def __init__(self, message: str, *, setting: str | None = None) -> None:
         super().__init__(message)
         self.setting = setting
+
+
+class SettingsTypeError(SettingsError, TypeError):
+    """A value given to ``Settings(...)`` directly is not of its field's type (flags, variables and
+    config keys are converted before they get here). Both a ``TypeError`` and a :class:`SettingsError`,
+    so either ``except`` catches it."""
+
+
+# Each argument's declared type (``X | None`` included), checked by ``Settings.__post_init__``.
+_INIT_TYPES: dict[str, Any] = {
+    f.name: typing.get_type_hints(Settings)[f.name] for f in dataclasses.fields(Settings) if f.init
+}
+
+
+def _typed(name: str, hint: Any, value: Any) -> Any:
+    """``value`` in the field's own type (see :mod:`vision_server.settings_types`), or an error
+    that names the field."""
+    try:
+        return checked(hint, value)
+    except WrongType as exc:
+        hint_text = ""
+        if name in PER_MODEL and isinstance(value, str) and ":" in value:  # the flags' NAME:VALUE form
+            hint_text = f"; one model's own value goes in {PER_MODEL[name][0]} as (NAME, VALUE) pairs"
+        raise SettingsTypeError(f"Settings({name}=...): {exc}{hint_text}", setting=name) from None
 
 
 BACKENDS = ("auto", "florence2", "blip", "git", "vision-encoder-decoder", "idefics3")
