@@ -26,7 +26,8 @@ def test_every_tuple_of_str_setting_has_a_sample_here() -> None:
 
 @pytest.mark.parametrize(("name", "value"), ONE_VALUE.items())
 def test_one_str_is_a_one_item_tuple_not_its_characters(name: str, value: str) -> None:
-    settings = Settings(**{name: value})
+    arguments: dict[str, Any] = {name: value}  # the str shorthand under test (typed as a tuple)
+    settings = Settings(**arguments)
     assert getattr(settings, name) == (value,)
 
 
