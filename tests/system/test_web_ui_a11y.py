@@ -38,6 +38,18 @@ FOCUSED = """() => {
 IN_LIVE_REGION = """element => Boolean(element.closest(
   '[aria-live]:not([aria-live="off"]), [role=status], [role=alert], [role=log]'))"""
 
+# Records, frame by frame as the page is drawn (what the accessibility tree is built from), each
+# new text of the element with the id given, in window.seen.
+RECORD_FRAMES = """(id) => {
+  const box = document.getElementById(id);
+  window.seen = [];
+  const look = () => {
+    if (window.seen.at(-1) !== box.textContent) window.seen.push(box.textContent);
+    requestAnimationFrame(look);
+  };
+  look();
+}"""
+
 
 # The labels shown on another line than their control (a "Task" left at the end of one row,
 # its list on the next).
@@ -227,6 +239,19 @@ def test_an_error_that_stops_a_request_is_an_alert_and_progress_is_polite(page: 
     page.get_by_role("button", name="Clear selection").press("Enter")
     page.get_by_role("button", name="Export selected (JSONL)").press("Enter")
     expect(alert).to_have_count(1)
+
+
+def test_an_alert_said_again_word_for_word_is_read_out_again(page: Page, server: str) -> None:
+    """The same text put in an alert again was no change to a screen reader: the second "Select
+    some images first." went unheard. The alert is now drawn empty before it says it again."""
+    open_view(page, server, "gallery")
+    page.evaluate(RECORD_FRAMES, "gallery-alert")
+    said = "Select some images first."
+    for _ in range(2):
+        page.get_by_role("button", name="Export selected (JSONL)").press("Enter")
+        expect(page.get_by_role("alert").filter(has_text=said)).to_have_count(1)
+    page.wait_for_function(f"() => window.seen.filter((text) => text === {said!r}).length === 2")
+    assert page.evaluate("() => window.seen") == ["", said, "", said]
 
 
 def test_each_card_control_says_which_image(page: Page, server: str) -> None:

@@ -1,7 +1,7 @@
 """The gallery of a folder where most files only look like images, for a screen-reader user, in
 a real browser against a real server with the tiny model: the failed thumbnails are read out
 once for the page (not once each), each card still says why, and a caption or a whole image
-that cannot come is an alert.
+that cannot come is an alert: the gallery's one alert, naming the image, never one per card.
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ TIMEOUT_MS = 60_000
 expect.set_options(timeout=TIMEOUT_MS)
 BROKEN = 5
 # The text of every live region on the page that says something (what a reader has read out).
+# The alert regions of the page, by id.
+ALERTS = "() => [...document.querySelectorAll('[role=alert]')].map((region) => region.id || region.className)"
 LIVE_TEXTS = """() => [...document.querySelectorAll(
     '[aria-live]:not([aria-live="off"]), [role=status], [role=alert], [role=log]')]
   .map((region) => region.textContent.trim()).filter(Boolean)"""
@@ -97,15 +99,31 @@ def test_failed_thumbnails_are_read_out_once_per_page(page: Page) -> None:
     expect(page.locator(".thumb.broken")).to_have_count(BROKEN)
 
 
-def test_a_caption_that_cannot_be_made_is_an_alert_on_its_card(page: Page) -> None:
+def test_the_page_has_one_alert_per_view_not_one_per_card(page: Page) -> None:
+    """Each card had an alert region of its own, empty: 48 live regions on a page of 48."""
+    expect(page.locator(".card")).to_have_count(BROKEN + 1)
+    expect(page.locator(".card [role=alert]")).to_have_count(0)
+    views = ["gallery-alert", "key-error", "load-error", "try-error", "viewer-error"]
+    assert sorted(page.evaluate(ALERTS)) == views
+
+
+def test_a_caption_that_cannot_be_made_is_an_alert_naming_its_card(page: Page) -> None:
     card = page.locator('.card[data-path="broken01.png"]')
     page.get_by_role("button", name="Caption now: broken01.png").press("Enter")
     page.wait_for_selector("body[data-recaption=done]")
-    alert = card.get_by_role("alert")
+    alert = page.get_by_role("alert").filter(has_text=re.compile(r"^broken01\.png: "))
     expect(alert).to_contain_text("<MORE_DETAILED_CAPTION>")  # what was asked for, and why not
-    expect(alert).not_to_have_text(re.compile(r"^captioned"))
+    expect(alert).not_to_have_text(re.compile(r"^broken01\.png: captioned"))
+    said = alert.inner_text()
+    expect(card.locator(".card-error")).to_have_text(said.removeprefix("broken01.png: "))  # and seen there
     expect(card.get_by_role("status")).to_have_text("")
-    assert page.evaluate(LIVE_TEXTS).count(alert.inner_text()) == 1
+    assert page.evaluate(LIVE_TEXTS).count(said) == 1
+    page.get_by_role("button", name="Caption now: broken02.png").press("Enter")  # another card's
+    expect(page.get_by_role("alert").filter(has_text=re.compile(r"^broken02\.png: "))).to_have_count(1)
+    expect(page.get_by_role("alert").filter(has_text=re.compile(r"^broken01\.png: "))).to_have_count(0)
+    expect(card.locator(".card-error")).to_have_text(said.removeprefix("broken01.png: "))  # still shown
+    page.get_by_role("textbox", name="caption of broken02.png").press_sequentially("x")
+    expect(page.locator("#gallery-alert")).to_have_text("")  # its card said something new
 
 
 def test_a_whole_image_that_cannot_be_shown_is_an_alert(page: Page) -> None:

@@ -77,9 +77,10 @@ def test_read_only_gallery_refuses_a_save_with_a_message(
     target = page.locator('.card[data-path="img00.png"]')
     target.locator("textarea").fill("this must not be written")
     target.locator("button.save").click()
-    message = target.get_by_role("alert")  # the save did not happen: read out at once
+    message = page.get_by_role("alert").filter(has_text="img00.png: ")  # not saved: read out at once
     expect(message).to_contain_text("read-only")
     expect(message).to_contain_text("--gallery-writable")
+    expect(target.locator(".card-error")).to_contain_text("--gallery-writable")  # and shown on its card
     assert (data.root / "img00.txt").read_text(encoding="utf-8") == "a red cat on a sofa"
     page.screenshot(path=str(screenshot_dir(tmp_path_factory) / "gallery-read-only.png"), full_page=True)
 

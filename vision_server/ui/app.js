@@ -2,7 +2,7 @@
 // as tabs.
 
 import { ApiError, apiJson, forgetKey, storeKey, storedKey, whenUnauthorized } from "./api.js";
-import { $, setText, show } from "./dom.js";
+import { $, setAlert, show } from "./dom.js";
 import { startGallery } from "./gallery.js";
 import { startStatus } from "./status.js";
 import { startTry } from "./tryit.js";
@@ -48,7 +48,7 @@ function askForKey(message) {
   show($("key-panel"), true);
   show($("tabs"), false);
   for (const name of PAGES) show($(`page-${name}`), false);
-  setText($("key-error"), storedKey() ? message : "");
+  setAlert($("key-error"), storedKey() ? message : "");
   $("key-input").focus();
 }
 
@@ -60,7 +60,7 @@ async function start() {
       askForKey(error.message);
     } else {
       show($("load-error"), true);
-      setText($("load-error"), `The page could not start: ${error.message}`);
+      setAlert($("load-error"), `The page could not start: ${error.message}`);
     }
     return;
   }

@@ -10,12 +10,36 @@ export function show(element, visible = true) {
   element.hidden = !visible;
 }
 
+// An alert (role=alert) is emptied at once and its text put in only once the page has been
+// drawn without it: a message repeated word for word (the same save failing twice) is then new
+// text to the accessibility tree and read out again, not taken for no change. What each box says
+// or is about to say is kept here, so a newer message, or emptying it, replaces one on its way.
+const ALERT_DELAY_MS = 100;
+const alerts = new WeakMap(); // alert box -> { text }
+
+export function setAlert(box, text) {
+  const wanted = { text: text == null ? "" : String(text) };
+  alerts.set(box, wanted);
+  setText(box, "");
+  if (!wanted.text) return;
+  requestAnimationFrame(() => {
+    setTimeout(() => {
+      if (alerts.get(box) === wanted) setText(box, wanted.text);
+    }, ALERT_DELAY_MS);
+  });
+}
+
+// What an alert box says, or is about to say.
+export function alertText(box) {
+  return alerts.has(box) ? alerts.get(box).text : box.textContent;
+}
+
 // A message in one of two live regions: progress and results in a polite one (role=status, read
 // when the reader is free), an error that stopped what the user asked for in an alert (read at
 // once). The other is emptied, so an old error does not stay beside new progress.
 export function tell(politeBox, alertBox, text, isError = false) {
-  setText(isError ? alertBox : politeBox, text);
-  setText(isError ? politeBox : alertBox, "");
+  setText(politeBox, isError ? "" : text);
+  setAlert(alertBox, isError ? text : "");
 }
 
 export function clear(element) {

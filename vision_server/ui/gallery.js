@@ -2,7 +2,7 @@
 // editing the .txt caption, fresh captions from the model, re-captioning and exporting a selection.
 
 import { api, apiJson, postJson } from "./api.js";
-import { $, clear, fillModels, fillTasksOf, make, pickedModel, setText, show, tell } from "./dom.js";
+import { $, alertText, clear, fillModels, fillTasksOf, make, pickedModel, setAlert, setText, show, tell } from "./dom.js";
 
 const CHUNK = 16; // images per re-caption request, so the page shows progress
 const THUMBS_AT_ONCE = 6;
@@ -21,15 +21,28 @@ let loading = 0;
 let thumbNotice = ""; // the last "N thumbnails could not be shown", gone with the next page
 let loadFailure = ""; // the last page that could not be listed, gone once one is
 let cardCount = 0; // for ids unique on the page
+let alertFrom = null; // the path of the card whose error the gallery's alert says, if it is one
 
 function message(text, isError = false) {
   tell($("gallery-message"), $("gallery-alert"), text, isError);
+  alertFrom = null;
 }
 
-// A card's own line: "saved", "unsaved changes", progress politely; a failed save or caption as
-// an alert.
+// A card's own line: "saved", "unsaved changes", progress, read politely. A failed save or
+// caption shows on the card and is read out at once through the gallery's one alert, which names
+// the image: 48 cards with an alert region each were 48 live regions for a screen reader to track.
+// The card's next message takes its error out of the alert, as a new message takes it off the card.
 function cardMessage(card, text, isError = false) {
-  tell(card.querySelector(".card-message"), card.querySelector(".card-alert"), text, isError);
+  const path = card.dataset.path;
+  setText(card.querySelector(".card-message"), isError ? "" : text);
+  setText(card.querySelector(".card-error"), isError ? text : "");
+  if (isError) {
+    setAlert($("gallery-alert"), `${names.get(path) ?? path}: ${text}`);
+    alertFrom = path;
+  } else if (alertFrom === path) {
+    setAlert($("gallery-alert"), "");
+    alertFrom = null;
+  }
 }
 
 function updateSelection() {
@@ -138,17 +151,17 @@ async function showImage(item) {
   image.alt = path;
   // The file came but the browser cannot draw it (not really an image, or a format it lacks).
   image.onerror = () => {
-    if (image.src) setText($("viewer-error"), `${path} cannot be shown: the browser cannot read it as an image.`);
+    if (image.src) setAlert($("viewer-error"), `${path} cannot be shown: the browser cannot read it as an image.`);
   };
   if (image.src) URL.revokeObjectURL(image.src);
   image.removeAttribute("src");
-  setText($("viewer-error"), "");
+  setAlert($("viewer-error"), "");
   if (!viewer.open) viewer.showModal();
   try {
     const blob = await (await api(fileUrl("image", item))).blob();
     image.src = URL.createObjectURL(blob);
   } catch (error) {
-    setText($("viewer-error"), error.message); // an alert: the image asked for will not come
+    setAlert($("viewer-error"), error.message); // an alert: the image asked for will not come
   }
 }
 
@@ -206,7 +219,9 @@ async function load() {
   }
   if (ticket !== loading) return; // a newer search or page replaced this one
   if (thumbNotice && $("gallery-message").textContent === thumbNotice) message("");
-  if (loadFailure && $("gallery-alert").textContent === loadFailure) message("");
+  if (loadFailure && alertText($("gallery-alert")) === loadFailure) message("");
+  if (alertFrom !== null) setAlert($("gallery-alert"), ""); // its card is drawn anew, without it
+  alertFrom = null;
   thumbNotice = "";
   loadFailure = "";
   Object.assign(state, { page: data.page, pages: data.pages, writable: data.writable });
