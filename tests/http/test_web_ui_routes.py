@@ -478,8 +478,7 @@ async def test_a_caption_file_is_named_relative_to_the_gallery_and_printable(
                 error = (await response.json())["error"]
     assert response.status == 500 and error["code"] == "caption_file_unwritable"
     assert error["message"] == (
-        f"Cannot write the caption file {shown}.txt of {shown}.png: "
-        f"two\\nlines caf\\xe9.txt {A_FOLDER_NOT_A_CAPTION}."
+        f"Cannot write the caption file {shown}.txt of {shown}.png: {shown}.txt {A_FOLDER_NOT_A_CAPTION}."
     )
     (logged,) = [r.getMessage() for r in caplog.records if "cannot write the caption" in r.getMessage()]
     target = printable(str(data.root / "sub" / f"{stem}.txt"))
@@ -508,3 +507,19 @@ async def test_images_sharing_a_caption_file_in_a_sub_folder_are_named_from_the_
     rule = "neither is captioned, rename one of them"
     assert message == f"sub/twin.jpg shares its caption file sub/twin.txt with sub/twin.png; {rule}"
     assert result["error"] == f"shares its caption file sub/twin.txt with sub/twin.jpg; {rule}"
+
+
+async def test_a_404_names_the_image_it_could_not_find(session: ClientSession) -> None:
+    """A re-caption or export of many images said only "No such image in the gallery.", not
+    which one; a path out of the root gets the same words as a missing file."""
+    for missing, shown in (("sub/gone\n.png", "sub/gone\\n.png"), ("escape.png", "escape.png")):
+        for route in ("recaption", "export"):
+            body = {"paths": ["img03.png", missing], "task": "caption"}
+            async with session.post(f"/ui/api/gallery/{route}", json=body) as response:
+                assert response.status == 404
+                error = (await response.json())["error"]
+            assert error["message"] == f"No such image in the gallery: {shown}.", route
+    async with session.get("/ui/api/gallery/thumb", params={"path": "x" * 500}) as response:
+        assert (await response.json())["error"][
+            "message"
+        ] == f"No such image in the gallery: {'x' * 199}….", "a long path is cut"

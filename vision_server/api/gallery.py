@@ -90,10 +90,19 @@ class Gallery:
             return await asyncio.to_thread(func, *args)
 
     async def entry(self, key: object) -> Entry:
+        """The listed image ``key`` names; else a 404 that names it back as sent (the same
+        words for a missing file and a path out of the root), so a re-caption or export of many
+        says which one is gone."""
         found = await self.run(self.catalog.find, key) if isinstance(key, str) else None
         if found is None:
-            raise NotFound("No such image in the gallery.")
+            named = f": {shortened(printable(key))}" if isinstance(key, str) else ""
+            raise NotFound(f"No such image in the gallery{named}.")
         return found
+
+
+def shortened(text: str, most: int = 200) -> str:
+    """``text`` cut to ``most`` characters (a client may send any path): a message stays short."""
+    return text if len(text) <= most else text[: most - 1] + "…"
 
 
 GALLERY = web.AppKey("gallery", Gallery)
@@ -111,6 +120,11 @@ async def write_caption(gallery: Gallery, entry: Entry, suffix: str, text: str) 
         # Printable in the log too: a line break in a name would split the server's log line.
         log.warning("gallery: cannot write the caption file %s: %s", printable(str(target)), reason)
         shown = printable(beside(entry.key, target.name))
+        # The dataset tools' own reasons (a read-only file, a folder in its place) begin with the
+        # file's bare name: here it is named from the root, as the rest of the message names it.
+        bare = printable(target.name) + " "
+        if reason.startswith(bare):
+            reason = f"{shown} {reason.removeprefix(bare)}"
         raise CaptionFileUnwritable(
             f"Cannot write the caption file {shown} of {printable(entry.key)}: {reason}."
         ) from None
