@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import io
 import json
 import logging
@@ -523,3 +524,29 @@ async def test_a_404_names_the_image_it_could_not_find(session: ClientSession) -
         assert (await response.json())["error"][
             "message"
         ] == f"No such image in the gallery: {'x' * 199}….", "a long path is cut"
+
+
+async def test_a_jsonl_that_cannot_be_read_leaves_the_gallery_listing(
+    data: GalleryData, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The ``--gallery-jsonl`` file turned into a folder while the server ran: every page was a
+    bare 500 and the log a traceback. Now the pages list without its captions, and the log
+    names the file and the reason once."""
+    caplog.set_level(logging.WARNING, logger="vision_server")
+    async with running_server(gallery_settings(data, tmp_path), FakeCaptioner()) as url:
+        async with ClientSession(url) as client:
+            async with client.get("/ui/api/gallery") as response:
+                first = await response.json()
+            assert "jsonl <CAPTION>" in {s["name"] for s in first["items"][0]["sources"]}
+            data.jsonl.unlink()
+            data.jsonl.mkdir()
+            for _ in range(2):
+                async with client.get("/ui/api/gallery") as response:
+                    assert response.status == 200, await response.text()
+                    listed = await response.json()
+                assert [s["name"] for s in listed["items"][0]["sources"]] == [".txt"]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [
+        f"gallery: cannot read the --gallery-jsonl file {data.jsonl}: {os.strerror(errno.EISDIR)}; "
+        "its captions are not shown"
+    ]

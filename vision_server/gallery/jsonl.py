@@ -2,21 +2,25 @@
 
 Reads the rows ``vision-server caption --jsonl`` writes (``key`` relative to the folder,
 ``caption`` or one field per task) and Hugging Face ``metadata.jsonl`` rows (``file_name`` and
-``text``). Later rows win, as a rerun appends. Re-read when the file changes.
+``text``). Later rows win, as a rerun appends. Re-read when the file changes; while it is gone
+or cannot be read the gallery shows none of its captions (the server's log says why it cannot).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 from vision_server.bulk.records import task_slug
+from vision_server.captionfiles import describe_os_error, printable
 
 NAME_FIELDS = ("key", "file_name", "path", "file", "image", "image_path")
 TEXT_FIELDS = ("caption", "text")
 LABEL = "jsonl"
+log = logging.getLogger(__name__)
 
 
 def row_key(row: dict[str, Any], root: Path, real_root: Path) -> str | None:
@@ -71,7 +75,17 @@ class JsonlCaptions:
             return self._captions
         stamp = (info.st_size, info.st_mtime_ns)
         if stamp != self._stamp:
-            self._captions = self._read()
+            try:
+                self._captions = self._read()
+            except OSError as exc:  # unreadable now (its permissions, a folder in its place)
+                # as a missing file: the gallery still lists, without these captions; said once
+                # per change of the file, in the log, as every other file is named there
+                log.warning(
+                    "gallery: cannot read the --gallery-jsonl file %s: %s; its captions are not shown",
+                    printable(str(self.path)),
+                    describe_os_error(exc),
+                )
+                self._captions = {}
             self._stamp = stamp
         return self._captions
 
