@@ -25,9 +25,10 @@ from yarl import URL
 from tests.support import hidden_names
 from tests.support.gallery_data import XSS, GalleryData, make_gallery
 from tests.support.serving import running_server
+from vision_server.api.gallery import gallery_from
 from vision_server.captionfiles import A_FOLDER_NOT_A_CAPTION, printable
 from vision_server.gallery.thumbs import make_thumbnail
-from vision_server.settings import Settings
+from vision_server.settings import Settings, SettingsError
 from vision_server.testing.fake import FakeCaptioner
 
 HTML = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
@@ -550,3 +551,19 @@ async def test_a_jsonl_that_cannot_be_read_leaves_the_gallery_listing(
         f"gallery: cannot read the --gallery-jsonl file {data.jsonl}: {os.strerror(errno.EISDIR)}; "
         "its captions are not shown"
     ]
+
+
+def test_a_start_up_error_names_the_folder_on_one_line(tmp_path: Path) -> None:
+    """A gallery path with a line break in it split the one line the start-up error is."""
+    folder, jsonl = tmp_path / "two\nlines", tmp_path / "x\n.jsonl"
+    for settings, said in (
+        (Settings(cache_dir=tmp_path, gallery=folder), f"gallery {printable(str(folder))} is not a folder"),
+        (
+            Settings(cache_dir=tmp_path, gallery=tmp_path, gallery_jsonl=jsonl),
+            f"gallery_jsonl {printable(str(jsonl))} is not a file",
+        ),
+    ):
+        with pytest.raises(SettingsError) as refused:
+            gallery_from(settings)
+        assert str(refused.value) == said
+        assert "\n" not in str(refused.value)

@@ -135,10 +135,12 @@ def gallery_from(settings: Settings) -> Gallery:
     root = settings.gallery
     if root is None:
         raise ValueError("no gallery configured")
+    # printable: a line break in the path would split the one line the start-up error is
     if not root.is_dir():
-        raise SettingsError(f"gallery {root} is not a folder", setting="gallery")
-    if settings.gallery_jsonl is not None and not settings.gallery_jsonl.is_file():
-        raise SettingsError(f"gallery_jsonl {settings.gallery_jsonl} is not a file", setting="gallery_jsonl")
+        raise SettingsError(f"gallery {printable(str(root))} is not a folder", setting="gallery")
+    jsonl = settings.gallery_jsonl
+    if jsonl is not None and not jsonl.is_file():
+        raise SettingsError(f"gallery_jsonl {printable(str(jsonl))} is not a file", setting="gallery_jsonl")
     catalog = Catalog(
         root, writable=settings.gallery_writable, page_size=settings.gallery_page_size,
         jsonl=settings.gallery_jsonl,
