@@ -33,7 +33,7 @@ from aiohttp import ClientSession, ClientTimeout, TCPConnector
 from tests.support import paths
 from tests.support.api import tiny_cache_dir
 from tests.support.images import image_bytes, shade_b64
-from tests.support.processes import ServerProcess, free_port, http_json, tiny_server
+from tests.support.processes import ServerProcess, free_port, tiny_server
 from tests.support.tls import self_signed
 
 CONFIG = paths.SERVICE / "haproxy.cfg"
@@ -144,18 +144,24 @@ async def _wait_proxy(session: ClientSession, proxy: subprocess.Popen[bytes], tm
 
 @contextlib.asynccontextmanager
 async def proxied_pool(
-    tmp_path: Path, daemons: list[ServerProcess], *, client_address: str | None = None
+    tmp_path: Path,
+    daemons: list[ServerProcess],
+    *,
+    client_address: str | None = None,
+    admin_socket: Path | None = None,
 ) -> AsyncIterator[tuple[ClientSession, list[str], Path]]:
     """HAProxy on ``service/haproxy.cfg`` in front of ``daemons`` (gpu1, gpu2 in that order);
     yields a client session on the front end (connecting from ``client_address`` when given),
-    the daemons' own URLs and HAProxy's log."""
+    the daemons' own URLs and HAProxy's log. The runtime API listens on ``admin_socket`` when
+    given."""
     proxy: subprocess.Popen[bytes] | None = None
     proxy_log_path = tmp_path / "haproxy.log"
     try:
         urls = [daemon.wait_listening(timeout=120) for daemon in daemons]
         front = free_port()
         config = tmp_path / "haproxy.cfg"
-        config.write_text(adapt_config(CONFIG.read_text(), front, [u.split("//")[1] for u in urls]))
+        backends = [u.split("//")[1] for u in urls]
+        config.write_text(adapt_config(CONFIG.read_text(), front, backends, admin_socket=admin_socket))
         assert HAPROXY is not None
         with proxy_log_path.open("wb") as proxy_log:
             proxy = subprocess.Popen([HAPROXY, "-db", "-f", str(config)], stdout=proxy_log, stderr=proxy_log)
@@ -215,54 +221,87 @@ async def test_killed_daemon_loses_only_its_in_flight_requests(tmp_path: Path) -
     The images are larger than HAProxy's buffer (tune.bufsize, 16 KB), so HAProxy cannot replay
     them elsewhere (``retry-on empty-response`` rescues only small requests): whatever was in
     flight on the dead daemon fails. Requests sent after the kill are redispatched (connection
-    refused is retried), and once the health check marks it DOWN all traffic goes to the other."""
+    refused is retried), and once the health check marks it DOWN all traffic goes to the other.
+
+    Which requests the daemon holds at the kill is made certain, not sampled: it is paused
+    (SIGSTOP) until HAProxy counts a request on it, no new request is sent, and the kill comes
+    once every request still in flight is one it holds. A snapshot of its status taken before
+    the kill could find it between batches (nothing held), and requests sent while it was
+    being torn down went out on its dying connections; both made the test fail now and then."""
     first = ServerProcess.fake(tmp_path, "gpu1", delay=0.3, max_batch_size=4)
     second = ServerProcess.fake(tmp_path, "gpu2", delay=0.3, max_batch_size=4)
     large = [image_bytes(seed, size=(120, 120)) for seed in range(4)]  # ~43 KB each
     assert min(len(image) for image in large) > 32_000
-    async with proxied_pool(tmp_path, [first, second]) as (session, urls, proxy_log):
+    admin = tmp_path / "admin.sock"
+    async with proxied_pool(tmp_path, [first, second], admin_socket=admin) as (session, urls, proxy_log):
         timeline: list[tuple[float, float, object]] = []  # (sent, answered, status or error)
+        sending = asyncio.Event()  # cleared: each worker waits before its next request
+        sending.set()
+        in_flight = 0
 
         async def timed_load(stop: asyncio.Event, worker: int) -> None:
+            nonlocal in_flight
             count = worker
             while not stop.is_set():
+                await sending.wait()
                 sent = time.monotonic()
+                in_flight += 1
                 outcome = await post_image(session, large[count % len(large)])
+                in_flight -= 1
                 timeline.append((sent, time.monotonic(), outcome))
                 count += 1
 
         stop = asyncio.Event()
         workers = [asyncio.create_task(timed_load(stop, n)) for n in range(8)]
-        await asyncio.sleep(1.0)
-        async with ClientSession() as direct, direct.get(f"{urls[0]}/v1/status") as response:
-            held = await response.json()
+        await _until(lambda: len(timeline) >= 8, "the first answers")
+        first.send(signal.SIGSTOP)  # it holds whatever HAProxy sends it from now on
+        await _until(lambda: _sessions_on(admin, "gpu1") > 0, "a request held by the paused gpu1")
+        sending.clear()
+        # The requests on gpu2 finish; those on gpu1 cannot: then every one in flight is gpu1's.
+        await _until(lambda: in_flight == _sessions_on(admin, "gpu1"), "gpu2's requests done")
+        held = in_flight
         killed_at = time.monotonic()
         first.send(signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 10)  # gone: its sockets are closed, new ones refused
+        sending.set()
         noticed_at = await _until_logged(proxy_log, "Server vision/gpu1 is DOWN")
         second_before = await jobs_done(urls[1])
         # Load goes on (HAProxy sends everything to gpu2 now) until enough requests sent after the
         # notice are answered; waiting for a count, not a fixed time, keeps a slow machine honest.
-        deadline = time.monotonic() + 30
-        while sum(sent > noticed_at for sent, _, _ in timeline) < 16 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await _until(lambda: sum(sent > noticed_at for sent, _, _ in timeline) >= 16, "16 answers")
         stop.set()
         await asyncio.gather(*workers)
         second_after = await jobs_done(urls[1])
     assert first.process.returncode == -signal.SIGKILL
-    assert held["queue_depth"] + held["jobs_running"] > 0, held  # the kill hit a daemon with work
+    assert held > 0
     failed = [(sent, answered, outcome) for sent, answered, outcome in timeline if outcome != 200]
     in_flight_at_kill = [entry for entry in timeline if entry[0] < killed_at < entry[1]]
-    assert any(entry in in_flight_at_kill for entry in failed), (
-        "no large request was in flight on the killed daemon"
-    )
-    # Besides those, only a request sent in the moment before HAProxy saw the daemon's connections
-    # break may fail: it can go out on a kept-alive connection that is already dead, and a large
-    # body cannot be replayed. Nothing sent after HAProxy noticed (the DOWN line) fails.
-    assert all(sent < noticed_at for sent, _, _ in failed), f"sent after the DOWN notice: {failed}"
-    assert len(failed) <= held["queue_depth"] + held["jobs_running"] + 4, (failed, held)
+    # Nothing sent after the kill fails: a refused connection is retried on gpu2 until the
+    # health check takes gpu1 out. Exactly the requests it held fail, none answered before it.
+    assert all(sent < killed_at for sent, _, _ in failed), f"sent after the kill: {failed}"
+    assert sorted(failed) == sorted(in_flight_at_kill) and len(failed) == held, (failed, held)
     after_notice = [outcome for sent, _, outcome in timeline if sent > noticed_at]
     assert len(after_notice) >= 16 and after_notice == [200] * len(after_notice)
     assert second_after - second_before >= len(after_notice)
+
+
+def _sessions_on(admin: Path, server: str) -> int:
+    """How many requests HAProxy has on ``server`` now (``scur`` of ``show stat``)."""
+    lines = runtime_api(admin, "show stat").splitlines()
+    header = lines[0].removeprefix("# ").split(",")
+    for line in lines[1:]:
+        row = dict(zip(header, line.split(","), strict=False))
+        if row.get("pxname") == "vision" and row.get("svname") == server:
+            return int(row["scur"])
+    raise AssertionError(f"no {server} in HAProxy's stats: {lines}")
+
+
+async def _until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    """Wait for ``condition`` (a generous limit: a loaded machine is slow, not stuck)."""
+    end = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < end, f"never reached: {what}"
+        await asyncio.sleep(0.01)
 
 
 async def _until_logged(path: Path, text: str, timeout: float = 10) -> float:
@@ -476,8 +515,10 @@ def test_folder_runs_through_the_pool_outlive_its_maintenance(tmp_path: Path) ->
         runtime_api(admin, DRAIN.group(1).replace("state drain", "state ready"))
 
         wait_until(lambda: captioned() >= 0.4 * total, runs, "the kill")
-        _, held = http_json(urls[1] + "/v1/status")
-        assert isinstance(held, dict)
+        # With work in it, for certain: paused, it keeps what HAProxy sends it until the kill (a
+        # snapshot of its status could catch it between batches, holding nothing).
+        daemons[1].send(signal.SIGSTOP)
+        wait_until(lambda: _sessions_on(admin, "gpu2") > 0, runs, "a request held by the paused gpu2")
         daemons[1].process.kill()
         daemons[1].wait(10)
         time.sleep(1)
@@ -512,7 +553,6 @@ def test_folder_runs_through_the_pool_outlive_its_maintenance(tmp_path: Path) ->
     log = log_path.read_text(errors="replace")
     assert "vision/gpu1 enters drain state" in log and "vision/gpu1 is UP (leaving forced drain)" in log
     assert "vision/gpu2 is DOWN" in log and "Reloading HAProxy" in log
-    assert held["queue_depth"] + held["jobs_running"] > 0, held  # the kill hit a daemon with work
     summaries = {
         "python": "60 captioned, 0 skipped, 0 failed of 60 images",
         "bash": "60 image(s) found: 60 captioned, 0 skipped (caption exists), 0 failed",
