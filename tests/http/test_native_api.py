@@ -9,9 +9,10 @@ import time
 from pathlib import Path
 
 import pytest
-from aiohttp import ClientSession, ClientTimeout
+from aiohttp import ClientSession
 from PIL import Image
 
+from tests.support.gated import GatedFake
 from tests.support.images import b64
 from tests.support.serving import client_for, running_server
 from vision_server.settings import Settings
@@ -159,16 +160,17 @@ async def test_idle_unload_over_http(tiny: Settings) -> None:
 
 
 async def test_metadata_routes_answer_while_generate_runs(tmp_path: Path) -> None:
-    async with client_for(Settings(cache_dir=tmp_path), FakeCaptioner(delay=2.0)) as session:
+    fake = GatedFake()  # the caption is held until the routes below have answered
+    async with client_for(Settings(cache_dir=tmp_path), fake) as session:
         job = asyncio.create_task(post(session, {"image": b64(1), "prompt": "<CAPTION>"}))
-        await asyncio.sleep(0.3)
+        assert await asyncio.to_thread(fake.entered.wait, 30), "the caption never started"
         for path in ("/prompts", "/model", "/v1/status"):
-            started = time.perf_counter()
+            # A generate that blocked the event loop would hold these until its gate gave up
+            # (30 s), and the caption would then fail.
             async with session.get(path) as response:
                 assert response.status == 200
-            # A blocked event loop would hold these until the 2 s generation ends.
-            assert time.perf_counter() - started < 1.0, path
         assert (await status_of(session))["jobs_running"] == 1
+        fake.gate.set()
         assert (await job)[0] == 200
 
 
@@ -193,32 +195,49 @@ async def test_load_failure_is_503_with_reason_then_recovers(tmp_path: Path) -> 
 
 async def test_queue_full_is_503_with_retry_after(tmp_path: Path) -> None:
     settings = Settings(cache_dir=tmp_path, max_queue=2, max_batch_size=1)
-    async with client_for(settings, FakeCaptioner(delay=0.6)) as session:
+    fake = GatedFake()  # the first job holds the worker until the end: the next two wait
+    async with client_for(settings, fake) as session:
         running = [asyncio.create_task(post(session, {"image": b64(n), "prompt": "<CAPTION>"})) for n in (1,)]
-        await asyncio.sleep(0.2)
+        await until_status(session, jobs_running=1)
         running += [
             asyncio.create_task(post(session, {"image": b64(n), "prompt": "<CAPTION>"})) for n in (2, 3)
         ]
-        await asyncio.sleep(0.2)
+        await until_status(session, queue_depth=2)
         async with session.post("/process_image", json={"image": b64(4), "prompt": "<CAPTION>"}) as r:
             assert r.status == 503 and int(r.headers["Retry-After"]) >= 1
             assert "queue is full" in (await r.json())["detail"]
+        fake.gate.set()
         assert [status for status, _ in await asyncio.gather(*running)] == [200, 200, 200]
 
 
 async def test_disconnected_clients_queued_job_never_runs(tmp_path: Path) -> None:
-    fake = FakeCaptioner(delay=0.8)
+    fake = GatedFake()  # the first job holds the worker until the other has left the queue
     settings = Settings(cache_dir=tmp_path, max_batch_size=1)
     async with running_server(settings, fake) as url, ClientSession(url) as session:
         first = asyncio.create_task(post(session, {"image": b64(1), "prompt": "<CAPTION>"}))
-        await asyncio.sleep(0.2)
-        async with ClientSession(url, timeout=ClientTimeout(total=0.2)) as impatient:
-            with pytest.raises(asyncio.TimeoutError):
-                await post(impatient, {"image": b64(2), "prompt": "<CAPTION>"})
+        await until_status(session, jobs_running=1)
+        async with ClientSession(url) as impatient:
+            leaving = asyncio.create_task(post(impatient, {"image": b64(2), "prompt": "<CAPTION>"}))
+            await until_status(session, queue_depth=1)
+            leaving.cancel()  # the client gives up: its connection closes
+            with pytest.raises(asyncio.CancelledError):
+                await leaving
+        await until_status(session, queue_depth=0)  # it left the queue while the worker was busy
+        fake.gate.set()
         assert (await first)[0] == 200
-        await asyncio.sleep(0.3)
         assert fake.batch_sizes == [1]
         assert (await status_of(session))["jobs_done"] == 1
+
+
+async def until_status(session: ClientSession, **expected: int) -> None:
+    """Wait until ``/v1/status`` shows ``expected`` (a loaded machine is slow, not stuck)."""
+    deadline = time.monotonic() + 60
+    while True:
+        status = await status_of(session)
+        if all(status[key] == value for key, value in expected.items()):
+            return
+        assert time.monotonic() < deadline, (expected, status)
+        await asyncio.sleep(0.01)
 
 
 # --- batching with the real model -----------------------------------------------------------------
