@@ -71,7 +71,7 @@ def build_captioner(
     spec = spec if spec is not None else settings.default_model_spec
     problem = adapter_problem(Path(spec.adapter).expanduser()) if spec.adapter is not None else None
     if problem:
-        raise SettingsError(f"model {spec.name}: {problem}")
+        raise SettingsError(f"model {spec.name}: {problem}", setting=adapter_setting(settings))
     backend: str | None = spec.backend
     if backend == "auto":
         backend = detect_backend(spec.source, revision=spec.revision)
@@ -82,7 +82,8 @@ def build_captioner(
     if spec.adapter is not None:
         raise SettingsError(
             f"model {spec.name}: adapters work on Florence-2 models only; {spec.source} runs on the "
-            f"{backend or 'generic'} backend, so drop '+{spec.adapter}'"
+            f"{backend or 'generic'} backend, so drop '+{spec.adapter}'",
+            setting=adapter_setting(settings),
         )
     from vision_server.generic.captioner import GenericCaptioner
 
@@ -103,7 +104,7 @@ def model_tasks(settings: Settings, spec: ModelSpec) -> tuple[str, ...]:
 
     problem = adapter_problem(Path(spec.adapter).expanduser()) if spec.adapter is not None else None
     if problem:
-        raise SettingsError(f"model {spec.name}: {problem}")
+        raise SettingsError(f"model {spec.name}: {problem}", setting=adapter_setting(settings))
     if spec.backend == "auto":
         florence = auto_runs_florence(spec.source, revision=spec.revision)
     else:
@@ -113,6 +114,12 @@ def model_tasks(settings: Settings, spec: ModelSpec) -> tuple[str, ...]:
     if spec.adapter is not None:  # refused, naming the backend: only a failing run imports torch
         build_captioner(settings, spec)
     return (CAPTION_TASK,)
+
+
+def adapter_setting(settings: Settings) -> str:
+    """The setting that gave a model its adapter, so its error says where that was set: ``adapter``
+    (``--adapter DIR``), or ``model`` (``--model NAME=SOURCE+DIR``)."""
+    return "adapter" if settings.adapter is not None else "model"
 
 
 def adapter_problem(directory: Path) -> str | None:

@@ -9,6 +9,7 @@ then do the sockets close and the process exits 0. A second signal exits at once
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import ssl
@@ -124,6 +125,11 @@ def _flush_logs() -> None:
     sys.stderr.flush()
 
 
+# Bind failures that the port causes (taken, or below 1024 without the right); the rest (a name
+# that does not resolve, an address not on this machine) are the host's.
+_PORT_ERRORS = (errno.EADDRINUSE, errno.EACCES)
+
+
 async def listen(runner: web.AppRunner, settings: Settings) -> list[str]:
     """Open the listening socket; returns the URLs actually bound (port 0 picks a free port)."""
     context = ssl_context(settings)
@@ -132,7 +138,8 @@ async def listen(runner: web.AppRunner, settings: Settings) -> list[str]:
         await site.start()
     except OSError as exc:
         raise SettingsError(
-            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}"
+            f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}",
+            setting="port" if exc.errno in _PORT_ERRORS else "host",
         ) from None
     scheme = "https" if context else "http"
     return [_url(scheme, address) for address in runner.addresses]

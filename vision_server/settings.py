@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import re
 import sys
 import types
 import typing
@@ -516,8 +517,10 @@ def _derive(s: Settings) -> None:
             backend=s.backend,
             backends=dict(s.model_backends),
         )
-    except ValueError as exc:
-        raise SettingsError(str(exc)) from None
+    except ValueError as exc:  # each message starts with the setting at fault ("default_model: ...")
+        named = re.match(r"[a-z_]+", str(exc))
+        at_fault = named.group() if named is not None and named.group() in FIELDS else None
+        raise SettingsError(str(exc), setting=at_fault) from None
     for name, backend in s.model_backends:
         if backend not in BACKENDS:
             raise SettingsError(

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -87,6 +88,23 @@ def test_a_start_error_names_the_variable_that_set_the_value(tmp_path: Path) -> 
     result = run("serve", "--model", "test:tiny", "--cache-dir", str(tmp_path / "c"), env=env)
     assert result.returncode == 2, result.stderr
     assert f"gallery {tmp_path / 'gone'} is not a folder (set by VISION_SERVER_GALLERY)" in result.stderr
+
+
+def test_a_port_or_host_it_cannot_listen_on_names_where_it_was_set(tmp_path: Path) -> None:
+    """A taken port is the port's fault, a name that does not resolve the host's: each says
+    where that value was given, as a bad value caught earlier does."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        in_use = run("serve", "--model", "test:tiny", "--cache-dir", str(tmp_path / "c"), "--port", port)
+    env = {**os.environ, "VISION_SERVER_HOST": "no such host!"}
+    unknown = run("serve", "--model", "test:tiny", "--cache-dir", str(tmp_path / "c"), "--port", "0", env=env)
+    for result in (in_use, unknown):
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}: " in in_use.stderr and "(set by --port)" in in_use.stderr
+    assert "cannot listen on no such host!:0: " in unknown.stderr
+    assert "(set by VISION_SERVER_HOST)" in unknown.stderr
 
 
 def test_serving_a_network_without_an_api_key_warns(tmp_path: Path) -> None:

@@ -205,6 +205,29 @@ def test_bad_revisions_and_backends_name_the_setting(
 # --- adapters checked at start ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("flags", "environ", "source"),
+    [
+        ({"model": ("test:tiny",), "adapter": "gone"}, {}, "--adapter"),
+        ({}, {"VISION_SERVER_MODEL": "styled=test:tiny+gone"}, "VISION_SERVER_MODEL"),
+    ],
+)
+def test_a_missing_adapter_says_where_it_was_set(
+    tmp_path: Path, flags: dict[str, object], environ: dict[str, str], source: str
+) -> None:
+    """``--adapter DIR`` or ``--model NAME=SOURCE+DIR``: the start error names the one used."""
+    from vision_server.runtime import build_models
+
+    flags = {**flags, "adapter": str(tmp_path / "gone")} if "adapter" in flags else flags
+    environ = {name: value.replace("+gone", f"+{tmp_path / 'gone'}") for name, value in environ.items()}
+    settings = load_settings(flags, environ=environ, config_path=_empty(tmp_path))
+    with pytest.raises(SettingsError) as refusal:
+        build_models(settings)
+    assert str(settings.located(refusal.value)).endswith(
+        f"the adapter directory {tmp_path / 'gone'} does not exist (set by {source})"
+    )
+
+
 def test_a_folder_that_is_no_adapter_stops_the_start(tmp_path: Path) -> None:
     """The model loads on first use, so what would fail then is named at start; a stopped
     ``vision-server train`` run gets told how to finish it or which checkpoint to use."""

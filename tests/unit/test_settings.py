@@ -243,3 +243,25 @@ def test_serve_help_names_every_test_model_preset() -> None:
     assert result.exit_code == 0 and set(TEST_PRESETS) == {"tiny", "base", "large"}
     for preset in TEST_PRESETS:
         assert f"'test:{preset}'" in help_text, preset
+
+
+@pytest.mark.parametrize(
+    ("config", "environ", "flags", "expected", "source"),
+    [
+        ('default-model = "nope"\n', {}, {}, "default_model: no model is named 'nope'", "default_model in "),
+        ("", {"VISION_SERVER_REVISION": "b:v2"}, {}, "revision: no model", "VISION_SERVER_REVISION"),
+        ("", {}, {"model": ("a=test:tiny", "a=test:tiny")}, "model: the name 'a' is used twice", "--model"),
+        ("", {"VISION_SERVER_IDLE_TIMEOUT": "b:5"}, {}, "idle_timeout: no", "VISION_SERVER_IDLE_TIMEOUT"),
+    ],
+)  # fmt: skip
+def test_a_model_list_error_says_where_its_setting_was_set(
+    tmp_path: Path, config: str, environ: dict[str, str], flags: dict[str, object], expected: str, source: str
+) -> None:
+    """The model list and what names its models are checked together; the message still says
+    which setting was at fault and where it was given."""
+    path = tmp_path / "config.toml"
+    path.write_text(config)
+    with pytest.raises(SettingsError) as refusal:
+        load_settings(flags, environ=environ, config_path=path)
+    assert str(refusal.value).startswith(expected)
+    assert str(refusal.value).endswith(f"(set by {source}{path if config else ''})")
