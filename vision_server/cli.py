@@ -12,7 +12,6 @@ from typing import Any
 import click
 
 from vision_server import __version__
-from vision_server.byte_sizes import format_byte_size
 from vision_server.settings import (
     FIELDS,
     Settings,
@@ -24,17 +23,9 @@ from vision_server.settings import (
     is_list,
     load_settings,
 )
+from vision_server.settings_reference import default_text
 
 F = typing.TypeVar("F", bound=Callable[..., Any])
-
-
-def _describe_default(name: str) -> str:
-    default = FIELDS[name].default
-    if default is None or default == ():
-        return "unset"
-    if FIELDS[name].metadata.get("byte_size") and isinstance(default, int):
-        return f"{format_byte_size(default)} ({default} bytes)"
-    return ", ".join(default) if isinstance(default, tuple) else str(default)
 
 
 def settings_options(
@@ -48,7 +39,7 @@ def settings_options(
         flag = flag_name(name)
         metadata = FIELDS[name].metadata
         meaning = (helps or {}).get(name, metadata["help"])
-        help_text = f"{meaning} [default: {_describe_default(name)}; env: {env_name(name)}]"
+        help_text = f"{meaning} [default: {default_text(name)}; env: {env_name(name)}]"
         metavar = metadata.get("metavar")
         if kind is bool:
             decl = f"{flag}/--no-{flag[2:]}"
