@@ -20,6 +20,7 @@ from aiohttp import ClientSession
 from PIL import Image
 
 from tests.conftest import StartEngine
+from tests.support.gated import GatedFake
 from tests.support.images import dds_with_zeroed_pixel_format
 from tests.support.serving import running_app
 from vision_server import images
@@ -72,7 +73,8 @@ def rejected(metrics_text: str, reason: str) -> float:
 
 async def test_jobs_of_clients_that_left_leave_the_queue_at_once(tmp_path: Path) -> None:
     settings = Settings(cache_dir=tmp_path, idle_timeout=-1, max_queue=3)
-    async with running_app(settings, FakeCaptioner(delay=3.0)) as (app, url), ClientSession(url) as session:
+    fake = GatedFake()  # the batch runs until the newcomers below have taken the leavers' places
+    async with running_app(settings, fake) as (app, url), ClientSession(url) as session:
         engine = app[ENGINE]
         busy = asyncio.create_task(post(session, "/process_image", native(0)))
         await until(lambda: engine.status().jobs_running == 1)
@@ -80,12 +82,15 @@ async def test_jobs_of_clients_that_left_leave_the_queue_at_once(tmp_path: Path)
         await until(lambda: engine.status().queue_depth == 3)
         for task in leavers:
             task.cancel()
-        await until(lambda: engine.status().queue_depth == 0, timeout=1.0)  # the batch still runs
+        # At once: while the batch still runs, not when the worker would reach them.
+        await until(lambda: engine.status().queue_depth == 0)
         assert engine.status().jobs_running == 1
         newcomers = [asyncio.create_task(post(session, "/process_image", native(n))) for n in (4, 5, 6)]
-        await until(lambda: engine.status().queue_depth == 3, timeout=1.0)
+        await until(lambda: engine.status().queue_depth == 3)  # room for all three (max_queue 3)
+        assert engine.status().jobs_running == 1 and not busy.done()
         async with session.get("/metrics") as response:
             assert rejected(await response.text(), "client_disconnected") == 3
+        fake.gate.set()
         statuses = [status for status, _, _ in await asyncio.gather(busy, *newcomers)]
         assert statuses == [200, 200, 200, 200]
 

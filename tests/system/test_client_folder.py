@@ -510,7 +510,12 @@ async def test_cancelled_run_leaves_no_partial_files(aiohttp_server, tmp_path: P
     images = [make_png(tmp_path / f"{i:02}.png", size=8 + i) for i in range(20)]
     async with AsyncVisionClient(str(running.make_url(""))) as client:
         run = asyncio.ensure_future(caption_folder(client, tmp_path, concurrency=2))
-        await asyncio.sleep(0.3)
+        # Cancelled once the first caption is written (a fixed 0.3 s could pass before any on a
+        # loaded machine); the other 19 need nine more rounds of 0.05 s at least.
+        deadline = time.monotonic() + 60
+        while not any(tmp_path.glob("*.txt")):
+            assert not run.done() and time.monotonic() < deadline, run
+            await asyncio.sleep(0.005)
         run.cancel()  # what Ctrl+C does to the CLI's main task
         with pytest.raises(asyncio.CancelledError):
             await run
