@@ -118,6 +118,10 @@ def test_a_caption_that_cannot_be_made_is_an_alert_naming_its_card(page: Page) -
     expect(card.locator(".card-error")).to_have_text(said.removeprefix("broken01.png: "))  # and seen there
     expect(card.get_by_role("status")).to_have_text("")
     assert page.evaluate(LIVE_TEXTS).count(said) == 1
+    page.get_by_role("checkbox", name="good.png").check()
+    page.get_by_role("button", name="Re-caption selected").press("Enter")
+    expect(page.get_by_role("status").filter(has_text=re.compile(r"^captioned 1 of 1 "))).to_have_count(1)
+    expect(page.locator("#gallery-alert")).to_have_text(said)  # the page's progress is not about that card
     page.get_by_role("button", name="Caption now: broken02.png").press("Enter")  # another card's
     expect(page.get_by_role("alert").filter(has_text=re.compile(r"^broken02\.png: "))).to_have_count(1)
     expect(page.get_by_role("alert").filter(has_text=re.compile(r"^broken01\.png: "))).to_have_count(0)

@@ -23,7 +23,13 @@ let loadFailure = ""; // the last page that could not be listed, gone once one i
 let cardCount = 0; // for ids unique on the page
 let alertFrom = null; // the path of the card whose error the gallery's alert says, if it is one
 
+// The gallery's own line: progress and results politely, an error of the whole page as an alert.
+// Progress empties the alert of an older page error, not a card's error: that is about its card.
 function message(text, isError = false) {
+  if (!isError && alertFrom !== null) {
+    setText($("gallery-message"), text);
+    return;
+  }
   tell($("gallery-message"), $("gallery-alert"), text, isError);
   alertFrom = null;
 }
