@@ -6,13 +6,16 @@ grow no more (``EFBIG``: a size limit of the process or the file system) is met 
 after it too: a run that went on would print the same failure thousands of times overnight and
 caption every image for nothing. So the folder captioners stop at the first one, say which file
 could not be written and why, and a rerun after freeing space resumes from what was written.
-Standard library only: the client uses it.
+A library written in Rust (safetensors, which writes ``train``'s checkpoints) raises its own
+error with the errno only in its text: :func:`is_disk_full` reads it there too, so every caller
+knows it. Standard library only: the client uses it.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 from pathlib import Path
 from typing import NoReturn
 
@@ -44,18 +47,37 @@ def no_space_reason(exc: OSError) -> str:
     return str(exc.strerror or exc)
 
 
+# Rust's I/O errors end their text with the errno, "No space left on device (os error 28)";
+# libraries written in Rust (safetensors) raise them as their own exception, not an OSError.
+_RUST_ERRNO = re.compile(r"\(os error (\d+)\)")
+
+
+def _no_space_errno(exc: BaseException | None) -> int | None:
+    """The errno by which ``exc`` says there is no room (one of :data:`NO_SPACE_ERRNOS`), read
+    from an ``OSError`` or from the text of a Rust library's error; None for any other error."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno if exc.errno in NO_SPACE_ERRNOS else None
+    if exc is None:
+        return None
+    found = _RUST_ERRNO.search(str(exc))
+    number = int(found.group(1)) if found else None
+    return number if number in NO_SPACE_ERRNOS else None
+
+
 def is_disk_full(exc: BaseException | None) -> bool:
-    """Whether ``exc`` says the disk (or quota, or file size limit) has no room for more."""
-    return isinstance(exc, OSError) and exc.errno in NO_SPACE_ERRNOS
+    """Whether ``exc`` says the disk (or quota, or file size limit) has no room for more: an
+    ``OSError``, or another library's error that carries the same errno in its text."""
+    return _no_space_errno(exc) is not None
 
 
 def as_disk_full(path: Path | str, exc: BaseException) -> BaseException:
     """``exc`` as the error to raise for a write of ``path``: a :class:`DiskFull` naming ``path``
     when the disk is full, else ``exc`` itself."""
-    if is_disk_full(exc) and not isinstance(exc, DiskFull):
-        assert isinstance(exc, OSError)
-        return DiskFull(path, exc)
-    return exc
+    number = _no_space_errno(exc)
+    if number is None or isinstance(exc, DiskFull):
+        return exc
+    cause = exc if isinstance(exc, OSError) else OSError(number, os.strerror(number))
+    return DiskFull(path, cause)
 
 
 def raise_as_disk_full(path: Path | str, exc: BaseException) -> NoReturn:

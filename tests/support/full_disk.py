@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -103,3 +104,16 @@ def fill(folder: Path, leave: int = 0) -> Path:
             except OSError:
                 break
     return filler
+
+
+@contextlib.contextmanager
+def file_size_limit(size: int) -> Iterator[None]:
+    """Files of this process may not grow past ``size`` bytes while the block runs: the kernel
+    cuts a write short at the limit and refuses the next one (``EFBIG``; Python ignores the
+    SIGXFSZ that comes with it), as a full disk does at its last free block. No root needed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))

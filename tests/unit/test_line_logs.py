@@ -7,29 +7,16 @@ short at the last free block. ``/dev/full`` refuses every write with ``ENOSPC``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import resource
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.support.full_disk import file_size_limit
 from vision_server.disk_full import DiskFull
 from vision_server.line_logs import LineLog
 from vision_server.logs import file_handler
-
-
-@contextlib.contextmanager
-def file_size_limit(size: int) -> Iterator[None]:
-    """Files of this process may not grow past ``size`` bytes while the block runs."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (size, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
 
 
 def line(n: int) -> str:

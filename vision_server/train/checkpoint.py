@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,7 +21,7 @@ from typing import Any
 
 import torch
 
-from vision_server.disk_full import NO_SPACE_ERRNOS, DiskFull, raise_as_disk_full
+from vision_server.disk_full import raise_as_disk_full
 from vision_server.train.metadata import write_metadata
 
 STATE_FILE = "trainer_state.pt"
@@ -102,10 +100,6 @@ def _remove(checkpoint: Path) -> None:
     shutil.rmtree(doomed, ignore_errors=True)
 
 
-# Rust's I/O errors (safetensors) end their text with the errno: "(os error 28)".
-_RUST_ERRNO = re.compile(r"\(os error (\d+)\)")
-
-
 def _written_or_removed(write: Callable[[], None], staging: Path, named: Path) -> None:
     """Run ``write`` (which fills ``staging``); when it fails, remove ``staging`` (a full disk
     gets its space back) and raise a full disk as :class:`DiskFull` naming ``named``, the folder
@@ -114,10 +108,6 @@ def _written_or_removed(write: Callable[[], None], staging: Path, named: Path) -
         write()
     except BaseException as exc:
         shutil.rmtree(staging, ignore_errors=True)
-        found = _RUST_ERRNO.search(str(exc)) if not isinstance(exc, OSError) else None
-        if found and int(found.group(1)) in NO_SPACE_ERRNOS:
-            number = int(found.group(1))
-            raise DiskFull(named, OSError(number, os.strerror(number))) from exc
         raise_as_disk_full(named, exc)
 
 
