@@ -305,8 +305,10 @@ def train(**params: Any) -> None:
     images, empty captions), then the adapter trains; OUTPUT gets the PEFT adapter and a
     training.json that the server shows in /model_info and /v1/status.
 
-    Exit status: 0 trained, 1 unusable dataset or model, 2 bad usage, 130/143 stopped by
-    Ctrl+C/SIGTERM after a checkpoint (continue with --resume OUTPUT).
+    Exit status: 0 trained (a warning names logs that could not be finished after the adapter
+    was written), 1 unusable dataset or model, or the run stopped on a full disk or on an image
+    that changed (the message says what was kept and how to go on), 2 bad usage, 130/143 stopped
+    by Ctrl+C/SIGTERM after a checkpoint (continue with --resume OUTPUT).
     """
     from vision_server.train.command import run_command
 

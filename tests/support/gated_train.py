@@ -4,9 +4,12 @@ A checkpoint or the final adapter is written in a moment: a test that must kill 
 a second one) while it happens cannot count on hitting it in time. Run as ``python gated_train.py
 train ARGS``, with ``TRAIN_GATE`` naming a folder and ``TRAIN_GATE_AT`` the point: ``start``
 (after the checks, before the model loads), ``checkpoint:N`` (inside the Nth checkpoint, its
-adapter written but not its trainer state) or ``final`` (inside the final adapter's write, its
-weights in place but not its config). There the process makes ``<point>.entered`` in the folder
-and waits for ``<point>.open``, as ``gated_caption.py`` does. Everything else is the real command's.
+adapter written but not its trainer state), ``final`` (inside the final adapter's write, its
+weights in place but not its config) or ``logs`` (TensorBoard's writer thread, about to write the
+first epoch's loss: the last value of a one-epoch run, written while the main thread goes on to
+the adapter and then waits for it when it closes the logs). There the process makes
+``<point>.entered`` in the folder and waits for ``<point>.open``, as ``gated_caption.py`` does.
+Everything else is the real command's.
 """
 
 from __future__ import annotations
@@ -41,7 +44,13 @@ if __name__ == "__main__":
             Path.replace,
             lambda source, _target: source.parent.name == ".final.partial" and source.name == "training.json",
         )
+    elif at == "logs":
+        from tensorboard.summary.writer.record_writer import RecordWriter
+
+        RecordWriter.write = gated(
+            gate, point, RecordWriter.write, lambda _writer, data: b"train/epoch_loss" in data
+        )
     else:
-        sys.exit(f"TRAIN_GATE_AT must be start, checkpoint:N or final, not {at!r}")
+        sys.exit(f"TRAIN_GATE_AT must be start, checkpoint:N, final or logs, not {at!r}")
     sys.argv[0] = "vision-server"
     main()

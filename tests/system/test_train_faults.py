@@ -5,19 +5,21 @@ is trusted, and the message says what to fix."""
 
 from __future__ import annotations
 
+import json
 import os
+import resource
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.support.full_disk import fill, small_disk
+from tests.support.full_disk import fill, fill_exactly, small_disk, small_ext2_disk
 from tests.support.processes import cli_command
 from tests.support.train_data import captioned_folder
 
@@ -52,17 +54,29 @@ def _run(args: list[str], timeout: float = 300) -> subprocess.CompletedProcess[s
 
 
 class Gated:
-    """``gated_train.py`` in the background, held at ``at`` until :meth:`open`."""
+    """``gated_train.py`` in the background, held at ``at`` until :meth:`open`. Its output goes
+    to ``train.log`` in the gate folder, or to pipes (``piped``: for a test that limits the size
+    of the files it writes) read by :meth:`finish`."""
 
-    def __init__(self, gate: Path, at: str, args: list[str]) -> None:
+    def __init__(self, gate: Path, at: str, args: list[str], piped: bool = False) -> None:
         gate.mkdir(parents=True, exist_ok=True)
         self.gate, self.point = gate, at.split(":")[0]
         self.log = gate / "train.log"
         self._sink = self.log.open("wb")
         env = _env(TRAIN_GATE=str(gate), TRAIN_GATE_AT=at)
+        sink = subprocess.PIPE if piped else self._sink
         self.process = subprocess.Popen(
-            [sys.executable, str(GATED), *args], stdout=self._sink, stderr=subprocess.STDOUT, env=env
+            [sys.executable, str(GATED), *args],
+            stdout=sink,
+            stderr=subprocess.PIPE if piped else subprocess.STDOUT,
+            env=env,
+            text=piped,
         )
+
+    def finish(self) -> tuple[int, str, str]:
+        """The exit status, stdout and stderr of a ``piped`` run once it ends."""
+        out, err = self.process.communicate(timeout=300)
+        return self.process.returncode, out, err
 
     def wait_entered(self) -> None:
         deadline = time.monotonic() + 300
@@ -189,7 +203,7 @@ def test_a_full_disk_while_the_adapter_is_written_leaves_no_partial_adapter(
         assert run.returncode == 1, run.stderr
         assert (
             f"Error: cannot write {output}: no space left on the device; no checkpoint was written: "
-            "free some space, then run the same command again with --overwrite"
+            "free some space, then run the same command again\n"  # the folder is empty: no --overwrite
         ) in run.stderr
         assert "Traceback" not in run.stderr
         assert sorted(p.name for p in output.iterdir()) == []  # no weights without a config, no leftover
@@ -242,4 +256,135 @@ def test_an_image_deleted_during_the_run_stops_it_with_a_checkpoint_to_resume(
     two = load_file(output / "adapter_model.safetensors")
     assert one.keys() == two.keys()
     for key in one:  # the failed step left no trace: the run ends where an uninterrupted one does
+        torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6)
+
+
+def _when(condition: Callable[[], bool], run: Gated) -> None:
+    deadline = time.monotonic() + 300
+    while not condition():
+        assert run.process.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_logs_that_cannot_be_finished_after_the_adapter_is_written_are_a_warning(
+    tmp_path: Path, data: Path, gated: list[Gated]
+) -> None:
+    """The adapter is whole: the run is done (exit 0), and the warning names the events file
+    without sending the user to ``--resume`` (which would train the last epoch again).
+
+    The fault comes where it does overnight: TensorBoard's writer thread is still writing the
+    last values when the adapter is done, and meets a file that may grow no more (the run's
+    file size limit lowered from outside, ``prlimit``: the same ``DiskFull`` as a full disk,
+    which cannot be made to refuse a few bytes inside a block already written)."""
+    pytest.importorskip("tensorboard")
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    args = _train(data, output, cache, "--epochs", "1", "--log-with", "tensorboard")
+    run = Gated(tmp_path / "gate", "logs", args, piped=True)
+    gated.append(run)
+    run.wait_entered()  # the writer thread holds the epoch's loss, the main thread goes on
+    _when(lambda: (output / "adapter_config.json").is_file(), run)
+    (events,) = (output / "logs").glob("events.out.tfevents.*")
+    _soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.prlimit(run.process.pid, resource.RLIMIT_FSIZE, (events.stat().st_size, hard))
+    run.open()
+    status, out, err = run.finish()
+    assert status == 0, err
+    assert (
+        f"Warning: cannot write {events}: file too large: no space left within the size limit; the "
+        f"adapter in {output} is complete: only the TensorBoard logs lack their last values "
+        "(nothing to resume)"
+    ) in err
+    assert "--resume" not in err and "Traceback" not in err and "Exception in thread" not in err, err
+    assert "trained 5 steps" in err and out.strip() == str(output)
+    assert (output / "training.json").is_file() and _hidden(output) == []
+
+
+def test_a_full_disk_when_the_output_folder_is_made_is_said_in_one_line(
+    tmp_path: Path, data: Path, gated: list[Gated]
+) -> None:
+    """The disk fills up while the model loads, and the folder is made after it: exit 1, the
+    folder and the full disk named (ext2: a new folder takes a block, on tmpfs none)."""
+    with small_ext2_disk(tmp_path / "disk") as disk:
+        output = disk / "out"
+        run = Gated(tmp_path / "gate", "start", _train(data, output, tmp_path / "cache", "--epochs", "1"))
+        gated.append(run)
+        run.wait_entered()  # checked and locked: the lock file beside the folder is made
+        fill_exactly(disk)
+        run.open()
+        assert run.process.wait(300) == 1, run.log.read_text()
+        message = run.log.read_text()
+        assert (
+            f"Error: cannot write {output}: no space left on the device; no checkpoint was written: "
+            "free some space, then run the same command again\n"
+        ) in message
+        assert "Traceback" not in message, message
+
+
+def test_a_disk_full_before_the_run_is_a_full_disk_not_a_usage_error(tmp_path: Path, data: Path) -> None:
+    """Found by the check of a new nested folder, before the model loads: exit 1 (not the exit
+    2 of a mistake in the command), said as every full disk is, and nothing left behind."""
+    with small_ext2_disk(tmp_path / "disk") as disk:
+        fill_exactly(disk)
+        nested = disk / "runs" / "one" / "out"
+        run = _run(_train(data, nested, tmp_path / "cache", "--epochs", "1"))
+        assert run.returncode == 1, run.stderr
+        assert (
+            f"Error: cannot write {nested}: no space left on the device; no checkpoint was written: "
+            "free some space, then run the same command again\n"
+        ) in run.stderr
+        assert "Traceback" not in run.stderr and not (disk / "runs").exists()
+
+
+def test_two_runs_into_a_new_nested_output_are_one_run_before_the_model_loads(
+    tmp_path: Path, data: Path, gated: list[Gated]
+) -> None:
+    """The folders above ``--output`` are made and the lock taken before the (slow) model load:
+    the second run, started while the first loads its model, is refused at once."""
+    output, cache = tmp_path / "runs" / "day" / "out", tmp_path / "cache"
+    first = Gated(tmp_path / "gate", "start", _train(data, output, cache, "--epochs", "1"))
+    gated.append(first)
+    first.wait_entered()  # checked, locked, about to load the model
+    second = _run(_train(data, output, cache, "--epochs", "1"))
+    assert second.returncode == 2, second.stderr
+    assert f"--output {output} is being written by another run" in second.stderr
+    assert "training" not in second.stderr and "caption" not in second.stderr  # no model, no captions
+    first.open()
+    assert first.process.wait(300) == 0, first.log.read_text()
+    assert (output / "adapter_config.json").is_file()
+
+
+def test_a_validation_image_deleted_during_the_run_stops_it_with_a_checkpoint_to_resume(
+    tmp_path: Path, data: Path, gated: list[Gated]
+) -> None:
+    """The steps of the epoch are checkpointed before its validation, which the resumed run
+    does first: it ends as an uninterrupted run does, loss history included."""
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    recipe = ("--epochs", "2", "--val-split", "1")  # four training images: four steps an epoch
+    straight = _run(_train(data, tmp_path / "straight", cache, *recipe))
+    assert straight.returncode == 0, straight.stderr
+    expected = json.loads((tmp_path / "straight" / "training.json").read_text())
+    held_out = data / expected["validation_images"][0]
+    run = Gated(tmp_path / "gate", "start", _train(data, output, cache, *recipe))
+    gated.append(run)
+    run.wait_entered()
+    kept = held_out.read_bytes()
+    held_out.unlink()
+    run.open()
+    assert run.process.wait(300) == 1, run.log.read_text()
+    message = run.log.read_text()
+    assert f"{held_out.name} can no longer be read (" in message and "Traceback" not in message, message
+    checkpoint = output / "checkpoints" / "step-00000004"
+    assert f"the last complete checkpoint is {checkpoint}: put the image back as it was" in message
+    held_out.write_bytes(kept)
+    resumed = _run(_train(data, output, cache, *recipe, "--resume", str(output)))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {checkpoint} at step 4/8" in resumed.stderr
+    assert "epoch 1: train loss" in resumed.stderr and "validation loss" in resumed.stderr
+    done = json.loads((output / "training.json").read_text())
+    assert [entry["epoch"] for entry in done["history"]] == [1, 2]
+    for got, want in zip(done["history"], expected["history"], strict=True):
+        assert got == pytest.approx(want, rel=1e-5)
+    one = load_file(tmp_path / "straight" / "adapter_model.safetensors")
+    two = load_file(output / "adapter_model.safetensors")
+    for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6)

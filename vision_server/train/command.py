@@ -3,6 +3,8 @@
 Exit status: 0 trained, 1 the dataset or model cannot be used (or an image changed during the
 run, or the disk filled up: the message names the file and the checkpoint kept), 2 bad usage,
 130/143 when stopped by Ctrl+C/SIGTERM (after a checkpoint is written: ``--resume`` continues it).
+Logs that could not be finished after the adapter (or that checkpoint) was written are a warning,
+not a failure: the work is kept whole.
 """
 
 from __future__ import annotations
@@ -174,6 +176,8 @@ def run_command(params: dict[str, Any]) -> int:
         except KeyboardInterrupt:  # a second Ctrl+C or SIGTERM
             click.echo("aborted without a checkpoint", err=True)
             return 128 + (received[-1] if received else signal.SIGINT)
+    for warning in result.warnings:
+        click.echo(f"Warning: {warning}", err=True)
     if not result.finished:
         return 128 + (received[0] if received else signal.SIGINT)
     losses = result.metadata

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 
 from vision_server import __version__
-from vision_server.disk_full import DiskFull
+from vision_server.disk_full import DiskFull, raise_as_disk_full
 from vision_server.florence.inputs import pixel_values, prompt_ids
 from vision_server.images import prepare_image
-from vision_server.output_lock import OutputLockError, holding
+from vision_server.output_lock import OutputBusy, OutputLockError, holding
 from vision_server.train.augment import Augmentation, caption_rng
 from vision_server.train.checkpoint import (
     ResumeState,
@@ -60,6 +60,7 @@ class TrainResult:
     history: list[dict[str, Any]]
     checkpoint: Path | None = None  # where an interrupted run can resume from
     metadata: dict[str, Any] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)  # what went wrong after the work was kept
 
     @property
     def finished(self) -> bool:
@@ -85,24 +86,38 @@ def run_training(
     """Train as ``options`` say; stop early (with a checkpoint) once ``should_stop()`` is true.
 
     The output folder is locked for the whole run (:mod:`vision_server.output_lock`): a second
-    run into it, even with ``--overwrite`` or ``--resume``, stops before it looks at the folder."""
+    run into it, even with ``--overwrite`` or ``--resume``, stops before it looks at the folder,
+    and in any case before its model loads. A full disk met anywhere is a
+    :class:`~vision_server.disk_full.DiskFull` saying what was kept and how to go on."""
     options = dataclasses.replace(options, task=canonical_task(options.task, options.model))
     examples = load_dataset(
         options.dataset, caption_ext=options.caption_ext, task=options.task, image_column=options.image_column
     )
     train_set, val_set = split(examples, options.val_split, options.seed)
-    check_writable(options.output)  # before the lock: a folder no run can write is said as such
-    with ExitStack() as held:
-        # The lock file goes beside the output. Where that folder is missing no run writes the
-        # output yet, and the checks leave nothing behind: it is locked once the folder is made.
-        locked = options.output.parent.is_dir() and _lock(held, options.output)
-        return _checked_run(options, train_set, val_set, should_stop, stream, held if not locked else None)
+    try:
+        check_writable(options.output)  # before the lock: a folder no run can write is said as such
+        with ExitStack() as held:
+            # The lock file goes beside the output. Where that folder is missing no run writes
+            # the output yet: the quick checks run first (leaving nothing behind when they
+            # fail), then the folders are made and locked, before the slow model load.
+            locked = options.output.parent.is_dir() and _lock(held, options.output)
+            return _checked_run(options, train_set, val_set, should_stop, stream, None if locked else held)
+    except DiskFull as exc:
+        exc.note = exc.note or _go_on(options.output, "free some space")
+        raise
 
 
 def _lock(held: ExitStack, output: Path) -> bool:
-    """Hold ``output``'s lock until ``held`` closes; a usage error when another run holds it."""
+    """Hold ``output``'s lock until ``held`` closes; a usage error when another run holds it
+    (said for a training run: the lock's own words speak of captions)."""
     try:
         held.enter_context(holding([output]))
+    except OutputBusy as exc:
+        raise TrainError(
+            f"--output {output} is being written by another run (it holds the lock {exc.lock.name} "
+            "beside it, on this machine or another one sharing the folder): let that run finish, "
+            "or pick another folder"
+        ) from None
     except OutputLockError as exc:
         raise TrainError(str(exc)) from None
     return True
@@ -123,33 +138,44 @@ def _checked_run(
     tracker_kind = pick_tracker(options.log_with)
     check_optimizer(options.optimizer)
     precision = pick_precision(options.device, options.precision)
-    base = load_base(options, precision)
     if lock_later is not None:
-        options.output.parent.mkdir(parents=True, exist_ok=True)
+        _make_folder(options.output.parent)
         _lock(lock_later, options.output)
         check_output(options)  # a run started with this one may have made the folder meanwhile
+    base = load_base(options, precision)
     trainer = _Trainer(options, base, precision, train_set, val_set, stream)
     if checkpoint is not None and saved is not None:
         trainer.resume(checkpoint, saved)
     if not options.resume and options.output.exists() and options.overwrite:
         clear_output(options.output)
+    _make_folder(options.output)
+    tracker = Tracker(tracker_kind, options.output, options.as_dict())
     try:
-        options.output.mkdir(parents=True, exist_ok=True)
-        tracker = Tracker(tracker_kind, options.output, options.as_dict())
-        try:
-            result = trainer.run(tracker, should_stop)
-        except BaseException:
-            with suppress(Exception):  # its own disk-full error says no more than the first one
-                tracker.close()
-            raise
+        result = trainer.run(tracker, should_stop)
+    except BaseException:
+        with suppress(Exception):  # its own disk-full error says no more than the first one
+            tracker.close()
+        raise
+    try:
         tracker.close()
-        return result
-    except DiskFull as exc:
-        exc.note = _go_on(options.output, "free some space")
-        raise
-    except ImageChanged as exc:  # a validation image (a training image's note is set already)
-        exc.note = exc.note or _go_on(options.output, "put the image back as it was")
-        raise
+    except DiskFull as exc:  # the adapter (or the checkpoint of a stopped run) is whole already
+        result.warnings.append(_logs_unfinished(exc, result, tracker.name))
+    return result
+
+
+def _make_folder(folder: Path) -> None:
+    """``folder`` and the folders above it that are missing; a full disk said as such."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise_as_disk_full(folder, exc)
+
+
+def _logs_unfinished(exc: DiskFull, result: TrainResult, logs: str) -> str:
+    """The warning for logs that could not be finished after the run's work was written."""
+    kept = f"the checkpoint {result.checkpoint}" if result.checkpoint else f"the adapter in {result.output}"
+    again = "" if result.checkpoint else " (nothing to resume)"
+    return f"{exc}; {kept} is complete: only the {logs} logs lack their last values{again}"
 
 
 def _go_on(output: Path, fix: str) -> str:
@@ -160,7 +186,9 @@ def _go_on(output: Path, fix: str) -> str:
             f"the last complete checkpoint is {done[-1]}: {fix}, then continue with "
             f"--resume {output} (and the same options)"
         )
-    return f"no checkpoint was written: {fix}, then run the same command again with --overwrite"
+    # A folder with the logs of the run that stopped must be replaced; an empty one is reused.
+    overwrite = " with --overwrite" if output.is_dir() and any(output.iterdir()) else ""
+    return f"no checkpoint was written: {fix}, then run the same command again{overwrite}"
 
 
 class _Trainer:
@@ -283,16 +311,21 @@ class _Trainer:
         checkpoint = None
         self.model.train()
         try:
+            try:
+                self._end_pending_epoch(tracker, progress)
+            except ImageChanged as exc:
+                exc.note = self._kept_after()
+                raise
             while self.step < plan.total_steps:
                 epoch, in_epoch = divmod(self.step, plan.steps_per_epoch)
                 groups = self._epoch_groups(epoch)
                 for group in groups[in_epoch:]:
                     try:
                         loss = self._optimizer_step(group, epoch)
-                    except ImageChanged as exc:
+                        saving = self._count_step(loss, epoch, tracker, progress)
+                    except ImageChanged as exc:  # a training image, or a validation image at the epoch's end
                         exc.note = self._kept_after()
                         raise
-                    saving = self._count_step(loss, epoch, tracker, progress)
                     if saving and self.step < plan.total_steps:
                         checkpoint = self._save()
                     if self.step < plan.total_steps and should_stop():
@@ -311,7 +344,9 @@ class _Trainer:
 
     def _kept_after(self) -> str:
         """Checkpoint the steps done before an image could not be read (unless the newest
-        checkpoint holds them already), and say how to go on."""
+        checkpoint holds them already), and say how to go on. A validation image met at an
+        epoch's end leaves that epoch's validation to do: :meth:`_end_pending_epoch` does it
+        first when the run is resumed."""
         if self.step > 0:
             done = list_checkpoints(self.options.output)
             if not done or done[-1].name != f"step-{self.step:08d}":
@@ -426,21 +461,37 @@ class _Trainer:
 
     # --- validation ---------------------------------------------------------------------------------
 
+    def _end_pending_epoch(self, tracker: Tracker, progress: Progress) -> None:
+        """End the epoch whose validation a changed image stopped, when resumed from the
+        checkpoint written then: it is at the epoch's last step, with the epoch's losses still
+        counted (an epoch that ended resets them), so the resumed run validates as the
+        uninterrupted one did before going on."""
+        plan = self.plan
+        at_end = self.step % plan.steps_per_epoch == 0 or self.step == plan.total_steps
+        if self.step > 0 and at_end and self.epoch_count > 0:
+            self._end_epoch((self.step - 1) // plan.steps_per_epoch, tracker, progress)
+
     def _end_epoch(self, epoch: int, tracker: Tracker, progress: Progress) -> None:
+        """The epoch's losses into the history, after its validation: a validation image that
+        changed leaves them as they were (and the generators), for the checkpoint written then."""
         entry: dict[str, Any] = {
             "epoch": epoch + 1,
             "step": self.step,
             "train_loss": self.epoch_sum / max(1, self.epoch_count),
             "val_loss": None,
         }
-        self.epoch_sum, self.epoch_count = 0.0, 0
         line = f"epoch {epoch + 1}: train loss {entry['train_loss']:.4f}"
+        samples: list[tuple[str, str, str]] = []
         if self.val_set:
-            entry["val_loss"], samples = self._validate()
+            generators = _generators()
+            try:
+                entry["val_loss"], samples = self._validate()
+            except ImageChanged:
+                _restore_generators(generators)  # as if the validation never began
+                raise
             line += f", validation loss {entry['val_loss']:.4f}"
             tracker.log(self.step, {"val/loss": entry["val_loss"]})
-        else:
-            samples = []
+        self.epoch_sum, self.epoch_count = 0.0, 0
         tracker.log(self.step, {"train/epoch_loss": entry["train_loss"]})
         self.history.append(entry)
         progress.write(line)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from vision_server.disk_full import DiskFull, is_disk_full
 from vision_server.errors import InvalidTask
 from vision_server.florence.prompts import tasks_for_model
 from vision_server.tasks import normalize_task
@@ -57,7 +58,8 @@ def check_output(options: TrainOptions) -> Path | None:
 
 def check_writable(output: Path) -> None:
     """Create the folder and a file in it, then remove what this check created: a folder that
-    cannot be written is found now, not after the model has loaded."""
+    cannot be written is found now, not after the model has loaded. A full disk is a
+    :class:`~vision_server.disk_full.DiskFull` naming ``output``; anything else a usage error."""
     made = []
     existing = output
     while not existing.exists() and existing != existing.parent:
@@ -71,6 +73,8 @@ def check_writable(output: Path) -> None:
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:
+        if is_disk_full(exc):  # no mistake of the command: exit 1, said as every full disk is
+            raise DiskFull(output, exc) from None
         raise TrainError(f"--output {output}: cannot write there ({exc.strerror or exc})") from None
     finally:
         for folder in made:  # deepest first

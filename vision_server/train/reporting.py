@@ -60,10 +60,12 @@ class Tracker:
     """Scalars to TensorBoard (``OUTPUT/logs``) or wandb (which honours WANDB_MODE=offline).
 
     A full disk met while writing them is a :class:`~vision_server.disk_full.DiskFull` naming
-    the logs' folder (TensorBoard's writer thread reports it on a later call)."""
+    this run's events file (or the logs' folder before there is one); TensorBoard's writer
+    thread reports it on a later call, the last one being :meth:`close`."""
 
     def __init__(self, kind: str, output: Path, config: dict[str, Any]) -> None:
         self.kind = kind
+        self.name = {"tensorboard": "TensorBoard", "wandb": "wandb"}.get(kind, kind)
         self._writer: Any = None
         self._run: Any = None
         self._logs = output / "logs" if kind == "tensorboard" else output / "wandb"
@@ -72,7 +74,10 @@ class Tracker:
                 from torch.utils.tensorboard import SummaryWriter
 
                 _quiet_full_disk_in_writer_threads()
+                earlier = _event_files(self._logs)  # a resumed run's folder holds the first part's
                 self._writer = SummaryWriter(log_dir=str(self._logs))
+                made = _event_files(self._logs) - earlier
+                self._logs = made.pop() if len(made) == 1 else self._logs
             elif kind == "wandb":
                 wandb = importlib.import_module("wandb")  # optional: only where installed
                 self._run = wandb.init(project="vision-server-train", dir=str(output), config=config)
@@ -97,6 +102,10 @@ class Tracker:
                 self._run.finish()
         except OSError as exc:
             raise as_disk_full(self._logs, exc) from None
+
+
+def _event_files(folder: Path) -> set[Path]:
+    return set(folder.glob("events.out.tfevents.*")) if folder.is_dir() else set()
 
 
 class Progress(ProgressOutput):
