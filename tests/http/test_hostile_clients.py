@@ -18,10 +18,12 @@ Each of these was found by throwing odd requests at ``vision-server serve --mode
 - a progressive JPEG of thousands of near-empty scans: each is one more pass over the whole
   image, so a 1 MB file of 100,000 over 8000x8000 pixels held a decode thread (and the whole
   decode budget) for minutes; it is now a 400 before any pixel is decoded.
-- gzip that ends early (cut in its header): aiohttp passes on the nothing it could inflate, and
-  the client that sent a body was told "The request body is empty";
+- gzip that ends early: aiohttp passes on what it could inflate without a word, and the client
+  that sent a body was told "The request body is empty" (cut in the gzip header), or that it was
+  not valid JSON or a malformed form (cut later);
 - a client that left a stream after its 200 (or, served without handler cancellation, any
-  request): logged and counted as 200 where a hang-up is a 499.
+  request): logged and counted as 200 where a hang-up is a 499; so was one that left a gallery
+  file or export halfway through its download.
 
 Every one must now be a 4xx in its family's shape (or, for the client that left, a 499 in the
 log and metrics, never a 5xx), with no traceback in the log, and the server must answer the next
@@ -38,6 +40,7 @@ import io
 import json
 import logging
 import os
+import socket
 import struct
 import threading
 import zlib
@@ -148,6 +151,22 @@ async def test_a_temperature_below_float32_range_still_samples(
 # --- a body that is not what its Content-Encoding says -------------------------------------------
 
 
+def form_body() -> bytes:
+    """A multipart form of one image, boundary ``B``."""
+    return (
+        b'--B\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
+        + image_bytes(1)
+        + b"\r\n--B--\r\n"
+    )
+
+
+def bodies_of_every_kind() -> dict[str, tuple[bytes, str]]:
+    """A JSON body for each JSON family and a form for the multipart ones, with its content type."""
+    kinds = {path: (json.dumps(body).encode(), "application/json") for path, body in json_bodies().items()}
+    form = (form_body(), "multipart/form-data; boundary=B")
+    return {**kinds, "/caption": form, "/batch_caption": form}
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "deflate"])
 async def test_a_body_that_is_not_its_content_encoding_is_a_400(
     tiny_short: Settings, tmp_path: Path, encoding: str, caplog: pytest.LogCaptureFixture
@@ -156,15 +175,7 @@ async def test_a_body_that_is_not_its_content_encoding_is_a_400(
     gallery = tmp_path / "gallery"
     save(gallery / "a.png", 3)
     settings = dataclasses.replace(tiny_short, gallery=gallery, gallery_writable=True)
-    bodies: dict[str, tuple[bytes, str]] = {
-        path: (json.dumps(body).encode(), "application/json") for path, body in json_bodies().items()
-    }
-    bodies["/caption"] = (
-        b'--B\r\nContent-Disposition: form-data; name="image"; filename="a.png"\r\n\r\n'
-        + image_bytes(1)
-        + b"\r\n--B--\r\n",
-        "multipart/form-data; boundary=B",
-    )
+    bodies = bodies_of_every_kind()
     bodies["/ui/api/gallery/save"] = (json.dumps({"path": "a.png", "text": "x"}).encode(), "application/json")
     async with running_server(settings) as url:
         for path, (payload, content_type) in bodies.items():
@@ -185,26 +196,46 @@ async def test_a_body_that_is_not_its_content_encoding_is_a_400(
     assert statuses == {200, 400}, statuses  # a connection the server closes after its reply: no 499
 
 
-@pytest.mark.parametrize("path", list(json_bodies()))
-async def test_a_gzip_body_that_ends_early_says_so_not_that_it_is_empty(
+@pytest.mark.parametrize("path", list(bodies_of_every_kind()))
+async def test_a_gzip_body_that_ends_early_says_so_wherever_it_is_cut(
     tiny_short: Settings, path: str
 ) -> None:
-    """aiohttp passes on what it could inflate of gzip that ends early: nothing, for a stream cut
-    in its header, which was answered "The request body is empty" to a client that sent one."""
-    cut = gzip.compress(json.dumps(json_bodies()[path]).encode())[:12]
+    """aiohttp passes on what it could inflate of gzip that ends early, without a word: nothing
+    for a stream cut in its header (answered "The request body is empty"), the first part of the
+    body for one cut later (answered "not valid JSON" or "Malformed multipart body"). Both cuts
+    now get the same 400 naming the header, in every family."""
+    payload, content_type = bodies_of_every_kind()[path]
+    packed = gzip.compress(payload)
+    messages = []
     async with running_server(tiny_short) as url:
-        async with ClientSession(url) as session:
-            headers = {"Content-Type": "application/json", "Content-Encoding": "gzip"}
-            async with session.post(path, data=cut, headers=headers) as response:
-                assert response.status == 400, await response.text()
-                message = message_of(path, await response.json())
-        assert "Content-Encoding: gzip" in message and "not complete gzip" in message, message
-        async with ClientSession(url) as session:  # nothing at all, uncompressed: still "empty"
-            headers = {"Content-Type": "application/json"}
-            async with session.post(path, data=b"", headers=headers) as response:
+        for cut in (packed[:12], packed[: len(packed) // 2]):  # in the gzip header; mid-data
+            async with ClientSession(url) as session:
+                headers = {"Content-Type": content_type, "Content-Encoding": "gzip"}
+                async with session.post(path, data=cut, headers=headers) as response:
+                    assert response.status == 400, await response.text()
+                    messages.append(message_of(path, await response.json()))
+        async with ClientSession(url) as session:  # the same body whole: read as usual
+            headers = {"Content-Type": content_type, "Content-Encoding": "gzip"}
+            async with session.post(path, data=packed, headers=headers) as response:
+                assert response.status == 200, await response.text()
+            headers = {"Content-Type": content_type}  # cut, uncompressed: the format's own words
+            async with session.post(path, data=payload[: len(payload) // 2], headers=headers) as response:
                 assert response.status == 400
-                message = message_of(path, await response.json())
-        assert "The request body is empty" in message and "gzip" not in message, message
+                plain = message_of(path, await response.json())
+            async with session.post(path, data=b"", headers=headers) as response:  # nothing at all
+                assert response.status == 400
+                empty = message_of(path, await response.json())
+    for message in reversed(messages):  # the later cut first: the one that was "not valid JSON"
+        assert "Content-Encoding: gzip" in message and "not complete gzip" in message, messages
+        assert message.startswith("The request body, once decompressed, "), message
+    tails = {message.partition(": the header says")[2] for message in messages}
+    assert len(tails) == 1, messages  # the same words after what came out
+    assert "gzip" not in plain and ("not valid JSON" in plain or "Malformed multipart" in plain), plain
+    assert "gzip" not in empty, empty
+    if path.startswith(("/caption", "/batch")):
+        return
+    assert "is empty" in messages[0] and "The request body is empty" in empty, (messages, empty)
+    assert "ends in the middle of its JSON (Unterminated string" in messages[1], messages
 
 
 # --- lone surrogates -----------------------------------------------------------------------------
@@ -362,6 +393,64 @@ async def test_a_client_that_left_before_its_reply_is_logged_and_counted_as_499(
     assert not tracebacks(caplog), tracebacks(caplog)
 
 
+async def leave_mid_download(port: int, request: bytes) -> None:
+    """Send ``request`` on a connection with a small receive window, read the first bytes of the
+    reply, and hang up with a reset, far from the end of a reply of megabytes."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(request)
+    await writer.drain()
+    assert (await reader.readexactly(12)) == b"HTTP/1.1 200"
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.transport.abort()
+
+
+@pytest.mark.parametrize("route", ["gallery.image", "gallery.export"])
+async def test_a_client_that_left_a_gallery_download_is_logged_and_counted_as_499(
+    tiny_short: Settings, tmp_path: Path, caplog: pytest.LogCaptureFixture, route: str
+) -> None:
+    """A download was written by aiohttp after the handler (and the access log) had returned, so a
+    client that left halfway through a 32 MB file or export was logged and counted as a 200."""
+    caplog.set_level(logging.INFO, logger="vision_server.access")
+    gallery = tmp_path / "gallery"
+    gallery.mkdir()
+    with (gallery / "big.png").open("wb") as handle:
+        handle.truncate(32 * 1024 * 1024)  # the gallery serves files as they are: never decoded
+    paths = []
+    for number in range(64):  # 64 rows of two 250 KB captions each: a 32 MB export
+        save(gallery / f"{number}.png", number)
+        (gallery / f"{number}.txt").write_text("a" * 250_000, encoding="utf-8")
+        paths.append(f"{number}.png")
+    settings = dataclasses.replace(tiny_short, gallery=gallery)
+    if route == "gallery.image":
+        request = b"GET /ui/api/gallery/image?path=big.png HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    else:
+        body = json.dumps({"paths": paths}).encode()
+        request = (
+            b"POST /ui/api/gallery/export HTTP/1.1\r\nHost: localhost\r\n"
+            + f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+    async with running_server(settings) as url:
+        await leave_mid_download(URL(url).port or 0, request)
+        while not [r for r in caplog.records if getattr(r, "route", None) == route]:
+            await asyncio.sleep(0.01)
+        async with ClientSession(url) as session:
+            async with session.get("/metrics") as response:
+                metrics = await response.text()
+            async with session.get("/ui/api/gallery/image?path=0.png") as response:  # a whole one
+                assert response.status == 200 and response.headers["X-Request-ID"]
+                assert (await response.read()) == (gallery / "0.png").read_bytes()
+    access = [r for r in caplog.records if getattr(r, "route", None) == route]
+    assert [r.status for r in access][:1] == [499], [r.getMessage() for r in access]  # type: ignore[attr-defined]
+    assert f'vision_server_request_duration_seconds_count{{route="{route}",status="499"}} 1.0' in metrics
+    assert f'route="{route}",status="200"' not in metrics
+    assert not tracebacks(caplog), tracebacks(caplog)
+
+
 # --- a JPEG of thousands of scans ------------------------------------------------------------------
 
 
@@ -410,8 +499,8 @@ async def test_a_body_of_a_million_json_values_is_a_400_before_it_is_parsed(
     tiny_short: Settings, caplog: pytest.LogCaptureFixture
 ) -> None:
     """json.loads holds the GIL for the whole parse: 18 MB of ``[[],[],...]`` stalled every other
-    request (``/health`` too) for seconds. Commas in a long string (a long system message) are
-    not values, and do not count."""
+    request (``/health`` too) for seconds. Commas and brackets inside strings (a long system
+    message, a table with line breaks, a long history) are not values, and do not count."""
     junk = "[" + "[]," * 1_000_000 + "[]]"
     async with running_server(tiny_short) as url, ClientSession(url) as session:
         for path, body in json_bodies().items():
@@ -421,11 +510,18 @@ async def test_a_body_of_a_million_json_values_is_a_400_before_it_is_parsed(
                 assert response.status == 400, (path, await response.text())
                 message = message_of(path, await response.json())
             assert "JSON values" in message and "the limit is 100000" in message, (path, message)
+        strings = json.dumps(['"a", "b"'] * 400_000)  # as many strings as a bomb has values
+        raw = json.dumps(chat())[:-1] + f', "x": {strings}}}'
+        async with session.post("/v1/chat/completions", data=raw, headers=headers) as response:
+            assert response.status == 400, await response.text()
         system = {"role": "system", "content": "a, " * 150_000}  # 150,000 commas in one string
-        body = chat()
-        body["messages"].insert(0, system)
-        async with session.post("/v1/chat/completions", json=body) as response:
-            assert response.status == 200, await response.text()
+        table = 'name, age, city, "quote", [x], {y}\n' * 40_000  # the same in lines, escaped
+        history = [{"role": "user", "content": "hi, [there], {you}\\"} for _ in range(30_000)]
+        for messages in ([system], [{"role": "system", "content": table}], history):
+            body = chat()
+            body["messages"][:0] = messages
+            async with session.post("/v1/chat/completions", json=body) as response:
+                assert response.status == 200, await response.text()
     assert not tracebacks(caplog)
 
 
@@ -623,6 +719,20 @@ async def test_an_unknown_model_name_of_a_megabyte_is_not_echoed_whole(tiny_shor
                 message = message_of(path, await response.json())
             assert len(message) < 300 and "1000004 characters" in message and "-end'" in message, message
             assert "Served: a, b" in message, message
+
+
+async def test_a_long_unknown_name_in_a_model_lookup_is_not_echoed_whole(tiny_short: Settings) -> None:
+    """A lookup never takes the one-model shortcut: with one model served, ``/v1/models/NAME``
+    (a name as long as a request line may be) and ``?model=`` are 404s that quote its ends."""
+    name = "m" * 7000 + "-end"
+    async with running_server(tiny_short) as url, ClientSession(url) as session:
+        lookups = (f"/v1/models/{name}", f"/models/{name}", f"/prompts?model={name}", f"/tasks?model={name}")
+        for path in lookups:
+            async with session.get(path) as response:
+                assert response.status == 404, path
+                reply = await response.json()
+            message = str(reply["error"]["message"] if "error" in reply else reply["detail"])
+            assert len(message) < 300 and "7004 characters" in message and "-end'" in message, message
 
 
 async def test_an_image_whose_name_is_not_utf8_is_reached_through_its_ref(

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import base64
 import json
+import random
 from typing import Any
 
 import pytest
 
 from vision_server.api import bodies
-from vision_server.api.bodies import LIFT_MIN, parse_json
+from vision_server.api.bodies import LIFT_MIN, CutJson, parse_json
 from vision_server.errors import BadRequest
 
 BIG = base64.b64encode(bytes(range(256)) * 40_000).decode()  # 13.6 MB of base64
@@ -49,3 +50,50 @@ def test_escaped_big_strings_and_broken_bodies_still_parse_or_fail_as_before() -
         with pytest.raises(json.JSONDecodeError) as plain:
             json.loads(broken)
         assert str(plain.value) in str(ours.value)
+
+
+def structural(text: bytes) -> int:
+    """The commas and opening brackets outside strings, by walking the text a byte at a time."""
+    count, inside, escaped = 0, False, False
+    for byte in text:
+        if inside:
+            inside = escaped or byte != 0x22
+            escaped = not escaped and byte == 0x5C
+        elif byte == 0x22:
+            inside = True
+        elif byte in b",[{":
+            count += 1
+    return count
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_value_count_leaves_out_what_is_inside_strings(seed: int) -> None:
+    """Strings of commas, brackets, quotes and backslashes in every order (an escaped backslash
+    before a closing quote, an escaped quote before a comma): counted as the walk counts them."""
+    rng = random.Random(seed)
+    pieces = [",", "[", "{", '"', "\\", "a", " ", "\n"]
+    strings = ["".join(rng.choices(pieces, k=rng.randrange(40))) for _ in range(20_000)]
+    text = json.dumps({"messages": [{"role": "user", "content": s} for s in strings]}).encode()
+    assert text.count(b",") + text.count(b"[") + text.count(b"{") > bodies.MAX_JSON_VALUES
+    assert bodies.value_count(text) == structural(text) == 3 * len(strings) + 1
+
+
+def test_value_count_of_a_bomb_stays_over_the_limit() -> None:
+    for bomb in (b"[" + b"[]," * 200_000 + b"[]]", json.dumps(['"a", "b"'] * 200_000).encode()):
+        assert bodies.value_count(bomb) > bodies.MAX_JSON_VALUES
+        with pytest.raises(BadRequest, match="outside strings"):
+            parse_json(bomb)
+
+
+def test_every_cut_of_a_body_is_told_apart_from_other_mistakes() -> None:
+    """A body cut anywhere (mid-string, -escape, -literal, -number, -UTF-8 sequence) is a
+    :class:`CutJson`, which a compressed body turns into "not complete gzip"; other mistakes not."""
+    raw = '{"a": [1.5e-3, -2, true, false, null], "é": "x\\"é🐈", "u": "\\u2603"}'.encode()
+    assert parse_json(raw) == {"a": [1.5e-3, -2, True, False, None], "é": 'x"é🐈', "u": "\u2603"}
+    for cut in range(1, len(raw)):
+        with pytest.raises(CutJson):
+            parse_json(raw[:cut])
+    for wrong in (b'{"a": 1}x', b'{"a" 1}', b'{"a": tru}', b'{"a": 1,}', b'{"a": "\xff"}'):
+        with pytest.raises(BadRequest) as refused:
+            parse_json(wrong)
+        assert not isinstance(refused.value, CutJson), wrong

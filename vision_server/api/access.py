@@ -14,6 +14,7 @@ import logging
 import time
 
 from aiohttp import web
+from aiohttp.abc import AbstractStreamWriter
 
 from vision_server.api.errors import ERROR_CODE, REQUEST_ID, Handler
 from vision_server.api.proxies import PEER
@@ -61,6 +62,37 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         route = route_name(request)
         request.app[METRICS].request_finished(route, status, seconds)
         log_access(request, route, status, seconds, trace)
+
+
+def left_early(request: web.Request) -> None:
+    """Mark the request as one whose client went away mid-reply (a write met the closed
+    connection): logged and counted as 499, not as the status its first line said."""
+    request[CLIENT_LEFT] = True
+
+
+async def deliver(request: web.Request, response: web.StreamResponse) -> web.StreamResponse:
+    """Send ``response`` whole before the handler returns, so that this middleware sees whether
+    it arrived: a response returned unsent is written by aiohttp after the middlewares, and a
+    download the client left halfway (a gallery file, an export) was logged and counted as a
+    200. A client that leaves is :func:`left_early` (a cancelled handler is a 499 already)."""
+    response.headers["X-Request-ID"] = request.get(REQUEST_ID, "-")  # set before it is sent
+    try:
+        await response.prepare(request)
+        await response.write_eof()
+    except ConnectionError:  # reset, or a broken pipe under sendfile
+        left_early(request)
+    return response
+
+
+class FileDownload(web.FileResponse):
+    """A file response :func:`deliver` can send: aiohttp prepares whatever a handler returns once
+    more (a no-op for a response already sent), but a plain ``FileResponse`` opens its file again
+    and fails an assertion in aiohttp, logged with a traceback."""
+
+    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
+        if self.prepared:
+            return None
+        return await super().prepare(request)
 
 
 def client_left(request: web.Request, response: web.StreamResponse) -> bool:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import re
 import sys
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -25,9 +26,9 @@ LIFT_MIN = 64 * 1024
 MAX_LIFT_QUOTES = 4096  # more strings than this: plain json.loads (no Python loop over them)
 # json.loads holds the GIL for the whole parse, and builds a Python object per value: 18 MB of
 # ``[[],[],...]`` took 7 s (the event loop, /health included, stalled all along) and ``{}``s
-# half a GB. No request needs more than a few thousand values (the images are strings, and
-# base64 holds no ',', '[' or '{'), so a body with more than this many of those is refused
-# before it is parsed.
+# half a GB. No request needs more than a few thousand values (the images are strings), so a
+# body with more than this many commas and opening brackets outside its strings is refused
+# before it is parsed (:func:`value_count`).
 MAX_JSON_VALUES = 100_000
 
 
@@ -86,18 +87,30 @@ def unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> BadRe
 
 
 def empty_body(request: web.Request, what: str) -> BadRequest:
-    """The 400 for a body that is empty, once decompressed. aiohttp does not refuse gzip that
-    ends early (it passes on what it could inflate, nothing for a stream cut in its header), so
-    a body that was sent but came out empty is most likely that: the message names the header
-    rather than saying that nothing was sent."""
-    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip()
-    if encoding and request.body_exists:
-        return BadRequest(
-            f"The request body is empty once decompressed: the header says Content-Encoding: "
-            f"{encoding[:40]}, and the body is not complete {encoding[:40]} (it ends early). "
-            f"Send {what} compressed whole that way, or uncompressed without the header."
-        )
+    """The 400 for a body that is empty, once decompressed: gzip cut in its header inflates to
+    nothing (aiohttp does not refuse gzip that ends early), so a body that was sent but came out
+    empty is named as that (:func:`cut_short`) rather than as nothing sent."""
+    if compressed(request):
+        return cut_short(request, what, "is empty")
     return BadRequest(f"The request body is empty; send {what}.")
+
+
+def compressed(request: web.Request) -> bool:
+    """Whether a body was sent under a ``Content-Encoding`` header (aiohttp inflated it)."""
+    return bool(request.headers.get(hdrs.CONTENT_ENCODING, "").strip()) and request.body_exists
+
+
+def cut_short(request: web.Request, what: str, found: str) -> BadRequest:
+    """The 400 for a compressed body that came out short: empty, or ending mid-JSON or before
+    its form's closing boundary. aiohttp passes on what it could inflate of gzip that ends early
+    (cut in transit, or by a client that sent a partial buffer) without a word, so the body
+    reads as complete until its own format ends too soon; every such refusal says the same."""
+    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip()[:40]
+    return BadRequest(
+        f"The request body, once decompressed, {found}: the header says Content-Encoding: "
+        f"{encoding}, and the body is most likely not complete {encoding} (it ends early). "
+        f"Send {what} compressed whole that way, or uncompressed without the header."
+    )
 
 
 def draining() -> Draining:
@@ -116,7 +129,13 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     raw = await read_body(request)
     if not raw:
         raise empty_body(request, "a JSON object")
-    body = await asyncio.to_thread(parse_json, raw) if len(raw) >= LIFT_MIN else parse_json(raw)
+    try:
+        body = await asyncio.to_thread(parse_json, raw) if len(raw) >= LIFT_MIN else parse_json(raw)
+    except CutJson as exc:
+        if compressed(request):
+            found = f"ends in the middle of its JSON ({exc.reason})"
+            raise cut_short(request, "a JSON object", found) from None
+        raise
     if not isinstance(body, dict):
         raise BadRequest(f"The request body must be a JSON object, not {type(body).__name__}.")
     return body
@@ -143,8 +162,18 @@ def _strict_loads(text: bytes) -> Any:
     return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
 
 
+class CutJson(BadRequest):
+    """JSON that stops mid-value (a string, literal or number, or a container left open): a body
+    cut short. ``reason`` is the parser's own words."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def parse_json(raw: bytes) -> Any:
-    """``json.loads`` with the errors a client can cause turned into 400s."""
+    """``json.loads`` with the errors a client can cause turned into 400s (:class:`CutJson` for
+    a body that ends mid-JSON)."""
     try:
         return _loads(raw)
     except NotAJsonNumber as exc:
@@ -152,7 +181,10 @@ def parse_json(raw: bytes) -> Any:
             f"The request body is not valid JSON: {exc}; send a finite number or null."
         ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
+        message = f"The request body is not valid JSON: {exc}"
+        if _ends_early(raw, exc):
+            raise CutJson(message, str(exc)) from None
+        raise BadRequest(message) from None
     except RecursionError:
         raise BadRequest("The request body nests JSON arrays or objects too deeply.") from None
     except ValueError:  # what is left is Python's guard against quadratic int parsing
@@ -160,16 +192,59 @@ def parse_json(raw: bytes) -> Any:
         raise BadRequest(f"The request body has a number with more than {digits} digits.") from None
 
 
+_CUT_NUMBER = re.compile(r"[-+.eE0-9]{1,40}")
+
+
+def _ends_early(raw: bytes, exc: UnicodeDecodeError | json.JSONDecodeError) -> bool:
+    """Whether the parse failed only because the text stopped: a UTF-8 sequence, a string, a
+    ``true``/``false``/``null``, a number or an escape cut off, or nothing where a value was due."""
+    if isinstance(exc, UnicodeDecodeError):
+        return exc.end == len(raw) and exc.reason == "unexpected end of data"
+    if exc.msg.startswith("Unterminated string"):
+        return True
+    if exc.msg == "Extra data":
+        return False
+    tail = exc.doc[exc.pos :].strip()
+    if not tail or any(word.startswith(tail) for word in ("true", "false", "null")):
+        return True
+    if exc.msg.startswith("Invalid \\uXXXX"):
+        return len(tail) <= 5  # "u" and at most four hex digits, then the end
+    return bool(_CUT_NUMBER.fullmatch(tail))
+
+
+def value_count(text: bytes) -> int:
+    """The commas and opening brackets of ``text`` outside its strings: about its JSON values.
+
+    Counting every one is an upper bound at C speed, and enough for almost every body. Past the
+    limit, the ones inside strings (a system message full of commas and line breaks) are left
+    out, still at C speed: escapes (``\\\\``, then ``\\"``) are blanked, so every quote left
+    opens or closes a string, and the pieces between them alternate. A body with more such
+    quotes than four times the limit (surely: more quotes than backslashes by that much) has
+    more strings than twice the limit, and so (two strings per object member at most) more
+    values than the limit: its bound stands, and it is never split into millions of pieces.
+    """
+    upper = text.count(b",") + text.count(b"[") + text.count(b"{")
+    if upper <= MAX_JSON_VALUES:
+        return upper
+    most_quotes = 4 * (MAX_JSON_VALUES + 1)
+    quotes = text.count(b'"')
+    if not quotes or quotes - text.count(b"\\") > most_quotes:  # no strings; surely too many
+        return upper
+    plain = text.replace(b"\\\\", b"__").replace(b'\\"', b"__")
+    if plain.count(b'"') > most_quotes:
+        return upper
+    outside = b"".join(plain.split(b'"')[::2])
+    return outside.count(b",") + outside.count(b"[") + outside.count(b"{")
+
+
 def _check_value_count(text: bytes) -> None:
-    """400 for a body of more than :data:`MAX_JSON_VALUES` values, counted (an upper bound, at
-    C speed) by its commas and opening brackets; long strings are lifted out before (a long
-    prompt full of commas counts nothing)."""
-    values = text.count(b",") + text.count(b"[") + text.count(b"{")
+    """400 for a body of more than :data:`MAX_JSON_VALUES` values (:func:`value_count`)."""
+    values = value_count(text)
     if values > MAX_JSON_VALUES:
         raise BadRequest(
             f"The request body holds about {values} JSON values (counting its commas and "
-            f"brackets); the limit is {MAX_JSON_VALUES}. Send each image as one base64 string "
-            "and only the fields the API reads."
+            f"brackets outside strings); the limit is {MAX_JSON_VALUES}. Send each image as one "
+            "base64 string and only the fields the API reads."
         )
 
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
-from vision_server.api.bodies import within_body_timeout
+from vision_server.api.bodies import compressed, cut_short, within_body_timeout
 from vision_server.api.state import SETTINGS
 from vision_server.errors import BadRequest, PayloadTooLarge
 
@@ -96,6 +96,8 @@ async def _read_form(request: web.Request, file_fields: tuple[str, ...], limit: 
             else:
                 form.ignored_files.append(name)
     except (ValueError, AssertionError, HttpProcessingError) as exc:  # aiohttp: a malformed body
+        if compressed(request) and request.content.at_eof():  # all of it read, and still short
+            raise cut_short(request, "the form", f"ends before its form does ({exc})") from None
         raise BadRequest(f"Malformed multipart body: {exc}") from None
     return form
 

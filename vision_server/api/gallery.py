@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
+from vision_server.api.access import FileDownload, deliver
 from vision_server.api.bodies import read_json_object
 from vision_server.api.captioning import submit_item
 from vision_server.api.errors import InvalidParameter, NotFound
@@ -205,7 +206,7 @@ async def thumbnail(request: web.Request) -> web.Response:
 
 async def image(request: web.Request) -> web.StreamResponse:
     entry = await request.app[GALLERY].entry(query_key(request))
-    return web.FileResponse(entry.path, headers=FILE_HEADERS)
+    return await deliver(request, FileDownload(entry.path, headers=FILE_HEADERS))
 
 
 async def save(request: web.Request) -> web.Response:
@@ -321,7 +322,7 @@ async def caption_file(request: web.Request, path: Path, task: str, model: str |
     return result.text
 
 
-async def export(request: web.Request) -> web.Response:
+async def export(request: web.Request) -> web.StreamResponse:
     """``{"paths"}`` → one JSON line per image, in the order given (a download for the page)."""
     gallery = request.app[GALLERY]
     keys = paths_from(await read_json_object(request))
@@ -330,12 +331,13 @@ async def export(request: web.Request) -> web.Response:
     text = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows)
     # A file name that is not UTF-8 (a zip from another system) reaches Python with lone
     # surrogates; written as JSON escapes, ``json.loads`` gives back the name the OS knows.
-    return web.Response(
+    response = web.Response(
         body=text.encode("utf-8", "backslashreplace"),
         charset="utf-8",
         content_type="application/x-ndjson",
         headers={"Content-Disposition": 'attachment; filename="captions.jsonl"'},
     )
+    return await deliver(request, response)
 
 
 def setup(app: web.Application) -> list[AbstractRoute]:

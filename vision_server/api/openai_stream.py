@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from vision_server.api.access import CLIENT_LEFT
+from vision_server.api.access import left_early
 from vision_server.api.captioning import caption_all_base64, caption_base64, name_image
 from vision_server.api.errors import ERROR_CODE, REQUEST_ID
 from vision_server.api.openai_replies import error_body, joined_text
@@ -92,10 +92,9 @@ class EventStream:
             await self.response.write(line.encode("utf-8", "backslashreplace"))
 
     def left(self) -> web.StreamResponse:
-        """The response of a stream whose client went away: logged and counted as 499, not as
-        the 200 its first line said."""
+        """The response of a stream whose client went away (:func:`~vision_server.api.access.left_early`)."""
         assert self.response is not None
-        self.request[CLIENT_LEFT] = True
+        left_early(self.request)
         return self.response
 
     async def close(self) -> web.StreamResponse:
