@@ -22,6 +22,7 @@ from safetensors.torch import load_file
 from tests.support.full_disk import fill, fill_exactly, small_disk, small_ext2_disk
 from tests.support.processes import cli_command
 from tests.support.train_data import captioned_folder
+from vision_server.train.dataset import load_dataset, split
 
 ROOT = Path(__file__).resolve().parents[2]
 GATED = ROOT / "tests" / "support" / "gated_train.py"
@@ -388,3 +389,29 @@ def test_a_validation_image_deleted_during_the_run_stops_it_with_a_checkpoint_to
     two = load_file(output / "adapter_model.safetensors")
     for key in one:
         torch.testing.assert_close(one[key], two[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_validation_image_deleted_before_the_last_validation_leaves_only_it_to_do(
+    tmp_path: Path, data: Path, gated: list[Gated]
+) -> None:
+    """The checkpoint holds every step; the resumed run validates, then writes the adapter."""
+    output, cache = tmp_path / "out", tmp_path / "cache"
+    recipe = ("--epochs", "1", "--val-split", "1")
+    run = Gated(tmp_path / "gate", "start", _train(data, output, cache, *recipe))
+    gated.append(run)
+    run.wait_entered()
+    held_out = data / split(load_dataset(data), 1, seed=42)[1][0].name  # the one held out
+    kept = held_out.read_bytes()
+    held_out.unlink()
+    run.open()
+    assert run.process.wait(300) == 1, run.log.read_text()
+    checkpoint = output / "checkpoints" / "step-00000004"
+    assert f"the last complete checkpoint is {checkpoint}" in run.log.read_text()
+    assert not (output / "adapter_config.json").exists()
+    held_out.write_bytes(kept)
+    resumed = _run(_train(data, output, cache, *recipe, "--resume", str(output)))
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from {checkpoint} at step 4/4" in resumed.stderr
+    history = json.loads((output / "training.json").read_text())["history"]
+    assert [(entry["epoch"], entry["step"]) for entry in history] == [(1, 4)]
+    assert history[0]["val_loss"] is not None and (output / "adapter_config.json").is_file()
