@@ -153,6 +153,9 @@ class Interrupted(Exception):
     """SIGTERM or SIGINT (an outer ``timeout``): stop the running step, write what we have."""
 
 
+STOPPED_BY_SIGNAL = "stopped by a signal (outer time limit?)"
+
+
 @dataclass
 class Check:
     """One run: where things go, what is known so far, and the clock."""
@@ -468,6 +471,9 @@ def run_steps(check: Check, wanted: list[str]) -> None:
             )
         else:
             timeout = min(budget, check.left - RESERVE_S)
+            # Said before its first line: a signal landing between that line and the step's
+            # own handler (run_one) left the step "skipped" in the report.
+            entry["status"], entry["reason"] = "interrupted", STOPPED_BY_SIGNAL
             print(
                 f"[gpu_check] {name}: starting, budget {timeout:.0f} s, {check.left:.0f} s left", flush=True
             )
@@ -484,7 +490,7 @@ def run_one(check: Check, entry: dict[str, Any], func: Callable[..., dict[str, A
         entry["status"] = "ok"
         entry["reason"] = entry["data"].get("note", "") if isinstance(entry["data"], dict) else ""
     except Interrupted:
-        entry["status"], entry["reason"] = "interrupted", "stopped by a signal (outer time limit?)"
+        entry["status"], entry["reason"] = "interrupted", STOPPED_BY_SIGNAL
         raise
     except StepError as exc:
         entry["status"], entry["reason"], entry["data"] = "failed", str(exc), exc.data
