@@ -19,6 +19,20 @@ if TYPE_CHECKING:
     from vision_server.florence.shared_base import SharedBases
 
 
+def check_cache_dir(settings: Settings) -> None:
+    """Make the cache dir, or refuse with where it was set: a place that cannot exist (a typo, a
+    path under a file, a read-only system) otherwise surfaced only at the first model load, as
+    a bare ``FileNotFoundError`` from deep in a conversion. An existing read-only cache dir passes
+    (models converted into it before still load)."""
+    try:
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        reason = "it is a file" if settings.cache_dir.is_file() else exc.strerror or str(exc)
+        raise SettingsError(
+            f"cache_dir {settings.cache_dir}: cannot be made ({reason})", setting="cache_dir"
+        ) from None
+
+
 def engine_config(settings: Settings, captioner: Captioner) -> EngineConfig:
     return EngineConfig(
         max_queue=settings.max_queue,

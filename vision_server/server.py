@@ -29,6 +29,7 @@ from vision_server.engine.scheduler import Engine
 from vision_server.florence.source import source_problem
 from vision_server.logs import configure_logging
 from vision_server.model_specs import ModelSpec, adapter_identity
+from vision_server.runtime import check_cache_dir
 from vision_server.sdnotify import Notifier
 from vision_server.settings import Settings, SettingsError
 from vision_server.signals import install_stop_handlers
@@ -300,6 +301,7 @@ def serve(settings: Settings, captioner: Captioner | None = None) -> None:
         ssl_context(settings)  # a bad certificate or key stops the start before any model loads
         if captioner is None:
             check_model_sources(settings)
+            check_cache_dir(settings)
         app = create_app(settings, captioner)
         log.info(
             "vision-server %s serving %s (idle timeout %gs, pid %d)",

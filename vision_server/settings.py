@@ -96,7 +96,8 @@ class Settings:
     dtype: str = _opt("auto", "auto, float16, bfloat16 or float32. auto: float16 on CUDA, float32 on CPU.")
     cache_dir: Path = _opt(
         Path(platformdirs.user_cache_dir(APP_NAME)),
-        "Where converted models and built test models are kept.",
+        "Where converted models and built test models are kept; serve and caption make it at start "
+        "(a path that cannot be made stops them; an existing read-only one is fine).",
     )
     # lifecycle
     idle_timeout: float = _opt(

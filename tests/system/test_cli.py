@@ -107,6 +107,24 @@ def test_a_port_or_host_it_cannot_listen_on_names_where_it_was_set(tmp_path: Pat
     assert "(set by VISION_SERVER_HOST)" in unknown.stderr
 
 
+def test_a_cache_dir_that_cannot_be_made_stops_the_start_naming_where_it_was_set(tmp_path: Path) -> None:
+    """Before, serve started and every first load failed with a bare FileNotFoundError; caption
+    said only that the model could not be loaded."""
+    a_file = tmp_path / "a-file"
+    a_file.write_text("x")
+    env = {**os.environ, "VISION_SERVER_CACHE_DIR": str(a_file)}
+    served = run("serve", "--model", "test:tiny", "--port", "0", env=env)
+    image = save(tmp_path / "c.png", 3, (32, 32))
+    captioned = run("caption", str(image), "--model", "test:tiny", "--cache-dir", str(a_file / "under"))
+    for result in (served, captioned):
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert (
+        f"cache_dir {a_file}: cannot be made (it is a file) (set by VISION_SERVER_CACHE_DIR)" in served.stderr
+    )
+    assert f"cache_dir {a_file / 'under'}: cannot be made (" in captioned.stderr
+    assert "(set by --cache-dir)" in captioned.stderr and not image.with_suffix(".txt").exists()
+
+
 def test_serving_a_network_without_an_api_key_warns(tmp_path: Path) -> None:
     """Binding beyond loopback with no key opens captioning and status to the network: say so."""
     logs = []

@@ -169,9 +169,13 @@ def _set_up(settings: Settings, request: CaptionRequest) -> None:
         from vision_server.bulk.ray import require_ray
 
         require_ray()
+    from vision_server.runtime import check_cache_dir
+
     try:
         configure_logging(settings.log_level, settings.log_format, settings.log_file)
-    except SettingsError as exc:  # a --log-file that cannot be written: a usage error, as for serve
+        if not request.dry_run:  # a dry run makes nothing
+            check_cache_dir(settings)
+    except SettingsError as exc:  # a --log-file or --cache-dir that cannot be: a usage error, as for serve
         raise click.UsageError(str(settings.located(exc))) from None
 
 
