@@ -54,8 +54,8 @@ from yarl import URL
 
 from tests.support.api import tiny_settings
 from tests.support.images import b64, data_url, image_bytes, save
-from tests.support.serving import running_server
-from vision_server.api.state import ENGINE
+from tests.support.serving import running_app, running_server
+from vision_server.api.state import ENGINE, UPLOADS
 from vision_server.app import create_app
 from vision_server.captioner import Caption, CaptionItem
 from vision_server.florence.captioner import FlorenceCaptioner
@@ -236,6 +236,47 @@ async def test_a_gzip_body_that_ends_early_says_so_wherever_it_is_cut(
         return
     assert "is empty" in messages[0] and "The request body is empty" in empty, (messages, empty)
     assert "ends in the middle of its JSON (Unterminated string" in messages[1], messages
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/caption"])
+async def test_deflate_that_ends_early_after_its_headers_is_a_400_not_a_wait_for_the_timeout(
+    tiny_short: Settings, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """aiohttp refuses deflate that ends early when the message completes, out of its parser and
+    not into the body: a body that came after its headers never ended, and the client waited
+    for ``--body-timeout`` to be told its upload "stalled" (a 408). It is now the 400 of gzip
+    that ends early, and the connection is closed after it (aiohttp's own reply never follows)."""
+    payload, content_type = bodies_of_every_kind()[path]
+    packed = zlib.compress(payload)[:-3]  # all but the end of the stream and its checksum
+    settings = dataclasses.replace(tiny_short, body_timeout=60)
+    async with running_app(settings) as (app, url):
+        reader, writer = await asyncio.open_connection("127.0.0.1", URL(url).port)
+        writer.write(
+            f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: {content_type}\r\n".encode()
+            + f"Content-Encoding: deflate\r\nContent-Length: {len(packed)}\r\n\r\n".encode()
+            + packed[:100]
+        )
+        await writer.drain()
+        while not len(app[UPLOADS]):  # the handler is reading the body
+            await asyncio.sleep(0.01)
+        writer.write(packed[100:])
+        await writer.drain()
+        reply = await reader.read()  # up to the server's close: one reply
+        writer.close()
+        # 15 MB that deflate to 15 KB: all of it is in at once, and aiohttp inflates it only as
+        # fast as it is read (a bomb guard): "all in, not ended" while it is read, and never stuck
+        whole = json.dumps(chat(x="a" * 15_000_000)).encode()
+        async with ClientSession(url) as session:
+            headers = {"Content-Type": "application/json", "Content-Encoding": "deflate"}
+            async with session.post(
+                "/v1/chat/completions", data=zlib.compress(whole), headers=headers
+            ) as response:
+                assert response.status == 200, await response.text()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 ") and head.count(b"HTTP/1.") == 1, reply
+    message = message_of(path, json.loads(body))
+    assert "Content-Encoding: deflate" in message and "not complete deflate" in message, message
+    assert not tracebacks(caplog), tracebacks(caplog)
 
 
 # --- lone surrogates -----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ from aiohttp.http_exceptions import HttpProcessingError
 
 from vision_server.api.deadlines import deadline
 from vision_server.api.errors import MissingField
+from vision_server.api.inflation import Inflation, watched
 from vision_server.api.state import SETTINGS, UPLOADS
 from vision_server.errors import BadRequest, BodyTimeout, Draining
 
@@ -42,22 +43,28 @@ async def within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
     """``reading`` (of the body), or :class:`BodyTimeout` when it outlasts ``--body-timeout``.
 
     A body still arriving when the server starts to drain is cut short with a 503: its job would
-    be refused anyway, and a slow upload must not hold the exit past the drain.
+    be refused anyway, and a slow upload must not hold the exit past the drain. A compressed
+    body that has all arrived but cannot end is cut short at once (:mod:`.inflation`).
     """
     seconds = request.app[SETTINGS].body_timeout
     uploads = request.app[UPLOADS]
     if uploads.cut:
         close_unread(reading)
         raise draining()
+    inflation = Inflation()
     try:
         async with deadline(seconds) as moving:  # in this task: no second task holding the body's frames
-            with uploads.open(moving):
+            with uploads.open(moving), watched(request, moving, inflation):
                 return await reading
     except web.RequestPayloadError as exc:
         raise unreadable_body(request, exc) from None
     except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11 on
         if uploads.cut:
             raise draining() from None
+        if inflation.stuck:  # aiohttp has an error queued for this connection: close it after us
+            request.content.feed_eof()
+            request.protocol.close()
+            raise cut_short(request, "the body", "does not end") from None
         raise BodyTimeout(
             f"The request body did not arrive within {seconds:g} s (--body-timeout): "
             "the upload stalled or was too slow."
