@@ -49,7 +49,14 @@ def no_space_reason(exc: OSError) -> str:
 
 # Rust's I/O errors end their text with the errno, "No space left on device (os error 28)";
 # libraries written in Rust (safetensors) raise them as their own exception, not an OSError.
+# Only those libraries' errors are read: any other text (a server's message relayed by the
+# client) may quote such words without our disk being full.
 _RUST_ERRNO = re.compile(r"\(os error (\d+)\)")
+_RUST_LIBRARIES = ("safetensors",)
+
+
+def _from_rust_library(exc: BaseException) -> bool:
+    return type(exc).__module__.split(".")[0] in _RUST_LIBRARIES
 
 
 def _no_space_errno(exc: BaseException | None) -> int | None:
@@ -57,7 +64,7 @@ def _no_space_errno(exc: BaseException | None) -> int | None:
     from an ``OSError`` or from the text of a Rust library's error; None for any other error."""
     if isinstance(exc, OSError) and exc.errno is not None:
         return exc.errno if exc.errno in NO_SPACE_ERRNOS else None
-    if exc is None:
+    if exc is None or not _from_rust_library(exc):
         return None
     found = _RUST_ERRNO.search(str(exc))
     number = int(found.group(1)) if found else None
@@ -66,7 +73,7 @@ def _no_space_errno(exc: BaseException | None) -> int | None:
 
 def is_disk_full(exc: BaseException | None) -> bool:
     """Whether ``exc`` says the disk (or quota, or file size limit) has no room for more: an
-    ``OSError``, or another library's error that carries the same errno in its text."""
+    ``OSError``, or a Rust library's error that carries the same errno in its text."""
     return _no_space_errno(exc) is not None
 
 

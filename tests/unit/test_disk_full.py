@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import save_file
 
 from tests.support.full_disk import file_size_limit
+from vision_server.client.errors import VisionClientError
 from vision_server.disk_full import DiskFull, as_disk_full, is_disk_full, raise_as_disk_full
 
 WEIGHTS = {"w": torch.zeros(64, 1024)}  # 256 KiB: far past the limit below
@@ -56,3 +57,11 @@ def test_os_errors_are_read_by_their_errno() -> None:
     assert is_disk_full(OSError(errno.EDQUOT, "Disk quota exceeded"))
     assert not is_disk_full(OSError(errno.EACCES, "Permission denied (os error 28)"))
     assert not is_disk_full(None)
+
+
+def test_other_errors_quoting_a_rust_errno_are_not_a_full_disk(tmp_path: Path) -> None:
+    """A server's message relayed by the client may quote Rust's words; only the Rust
+    libraries' own errors are read, so such a message never stops a run as a full disk here."""
+    relayed = VisionClientError("HTTP 500: cannot save: No space left on device (os error 28)")
+    assert not is_disk_full(relayed)
+    assert as_disk_full(tmp_path / "a.txt", relayed) is relayed
