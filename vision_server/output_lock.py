@@ -30,6 +30,8 @@ from pathlib import Path
 
 from filelock import FileLock, Timeout
 
+from vision_server.disk_full import is_disk_full, no_space_reason
+
 if sys.platform == "win32":
     import msvcrt
 else:
@@ -79,6 +81,19 @@ class LockUnusable(OutputLockError):
             f"cannot lock {output}: its lock file {lock} {problem}. If no run is writing {output}, "
             f"remove it ({remove} {shlex.quote(str(lock))}) and run this command again, or write to "
             "another file.",
+            output,
+            lock,
+        )
+
+
+class LockNoRoom(OutputLockError):
+    """The disk holding an output has no room for its (empty) lock file: no free inode or
+    directory block. Nothing is in the way to remove, unlike :class:`LockUnusable`."""
+
+    def __init__(self, output: Path, lock: Path, cause: OSError) -> None:
+        super().__init__(
+            f"cannot lock {output}: no room for its lock file {lock.name} ({no_space_reason(cause)}); "
+            "free some space there, then run this command again",
             output,
             lock,
         )
@@ -167,6 +182,8 @@ def _lock_by_reading(output: Path, path: Path, failure: BaseException) -> int:
             _make(path, failure)  # raises _NoLocksHere, or made it: now looked at as any
             info = os.lstat(path)
         except OSError as exc:
+            if is_disk_full(exc):
+                raise LockNoRoom(output, path, exc) from None
             raise LockUnusable(output, path, f"cannot be made ({_reason(exc)})") from None
     except OSError as exc:
         raise LockUnusable(output, path, f"cannot be looked at ({_reason(exc)})") from None

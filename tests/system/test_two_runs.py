@@ -24,6 +24,7 @@ import pytest
 
 from tests.support import paths
 from tests.support.bulk_data import caption_command, cli_env, good_images
+from tests.support.full_disk import small_ext2_disk
 from tests.support.meanwhile import (
     folder_of_images,
     make_folder,
@@ -187,6 +188,27 @@ def test_a_lock_file_in_the_way_stops_the_run_before_any_work_saying_what_to_rem
     assert f"its lock file {lock} is a symbolic link" in result.stderr
     assert f"remove it (rm {lock})" in result.stderr and "another run" not in result.stderr
     assert not jsonl.exists() and not list(root.rglob("*.txt"))
+
+
+def test_a_disk_with_no_room_for_the_lock_file_is_a_full_disk_not_a_usage_error(tmp_path: Path) -> None:
+    # Resuming into a JSONL on a disk without a free inode: the empty lock file cannot be made.
+    # It was a usage error (exit 2) saying the lock file "cannot be made" and to remove it.
+    root = tmp_path / "data"
+    good_images(root, 1)
+    with small_ext2_disk(tmp_path / "disk") as disk:
+        jsonl = disk / "captions.jsonl"
+        jsonl.write_text("", encoding="utf-8")
+        (disk / "fill").mkdir()
+        with pytest.raises(OSError):  # every inode taken
+            for number in range(100_000):
+                (disk / "fill" / str(number)).touch()
+        result = caption_into_jsonl(tmp_path, root, jsonl)
+    assert result.returncode == 1, result.stderr
+    assert (
+        f"cannot lock {jsonl}: no room for its lock file .captions.jsonl.lock (no space left on the device); "
+        "free some space there, then run this command again"
+    ) in result.stderr, result.stderr
+    assert "remove it" not in result.stderr and not list(root.rglob("*.txt"))
 
 
 def test_vision_client_folder_leaves_a_caption_written_while_it_runs(

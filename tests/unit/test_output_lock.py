@@ -7,6 +7,7 @@ so the rules can be checked here; tests/system/test_two_runs.py runs two real co
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
 import shutil
@@ -16,7 +17,15 @@ from pathlib import Path
 
 import pytest
 
-from vision_server.output_lock import LockUnusable, OutputBusy, OutputLockError, holding, lock_path
+from tests.support.full_disk import small_ext2_disk
+from vision_server.output_lock import (
+    LockNoRoom,
+    LockUnusable,
+    OutputBusy,
+    OutputLockError,
+    holding,
+    lock_path,
+)
 
 
 def test_a_second_holder_is_refused_at_once_naming_the_output_and_gets_it_once_free(tmp_path: Path) -> None:
@@ -64,6 +73,28 @@ def test_a_lock_file_that_cannot_be_made_is_warned_about_and_the_run_goes_on(
                 assert locked == frozenset()  # not held: another run may be writing it
     assert "cannot create the lock file" in caplog.text and "nothing stops another run" in caplog.text
     assert "Permission denied" in caplog.text
+
+
+def test_a_full_disk_with_no_room_for_the_lock_file_says_so_not_remove_it(tmp_path: Path) -> None:
+    # A disk without a free inode takes no new file, not even an empty one: the run stops
+    # naming the full disk. (It said the lock file "cannot be made (No space left on device)"
+    # and to remove it, which is not there.)
+    with small_ext2_disk(tmp_path / "disk") as disk:
+        output = disk / "data" / "captions.jsonl"
+        output.parent.mkdir()
+        output.write_text("", encoding="utf-8")
+        (disk / "fill").mkdir()
+        with pytest.raises(OSError) as full:  # every inode taken
+            for number in range(100_000):
+                (disk / "fill" / str(number)).touch()
+        assert full.value.errno == errno.ENOSPC
+        with pytest.raises(LockNoRoom) as refused, holding([output]):
+            pass
+    message = str(refused.value)
+    assert message == (
+        f"cannot lock {output}: no room for its lock file .captions.jsonl.lock (no space left on the "
+        "device); free some space there, then run this command again"
+    )
 
 
 @pytest.mark.parametrize("kind", ["dangling link", "folder"])

@@ -49,7 +49,7 @@ from vision_server.captionfiles import CaseProbe, Mode, caption_suffix, folds_ca
 from vision_server.engine.scheduler import Engine
 from vision_server.errors import InvalidTask, ModelLoadError
 from vision_server.model_specs import adapter_identity, model_identity
-from vision_server.output_lock import OutputLockError, holding
+from vision_server.output_lock import LockNoRoom, OutputLockError, holding
 from vision_server.settings import Settings, SettingsError
 
 log = logging.getLogger(__name__)
@@ -157,6 +157,8 @@ def _run_caption(settings: Settings, request: CaptionRequest) -> int:
         with holding(shared) as locked:
             _check_new_outputs(shared)
             return _caption_holding_outputs(settings, request, read, kinds, tasks, sidecars, locked)
+    except LockNoRoom as exc:  # a full disk: no mistake of the command (exit 1, as every full disk)
+        raise click.ClickException(str(exc)) from None
     except OutputLockError as exc:
         raise click.UsageError(str(exc)) from None
 

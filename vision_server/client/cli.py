@@ -27,7 +27,7 @@ from vision_server.client.errors import VisionClientError
 from vision_server.client.folder import Failure, FolderSummary, ImageResult, caption_folder
 from vision_server.client.option_order import ClientGroup
 from vision_server.client.retry import DEFAULT_RETRIES
-from vision_server.output_lock import OutputLockError
+from vision_server.output_lock import LockNoRoom, OutputLockError
 
 T = TypeVar("T")
 
@@ -327,6 +327,8 @@ def _run_folder(
         return _run(ctx, work, report.interrupted)
     except ValueError as exc:  # options caption_folder refuses, e.g. --ext png or --jsonl with append
         raise click.UsageError(str(exc)) from None
+    except LockNoRoom as exc:  # a full disk: no mistake of the command (exit 1, as every full disk)
+        raise click.ClickException(str(exc)) from None
     except OutputLockError as exc:  # another run writes the --jsonl file, or its lock is in the way
         raise click.UsageError(str(exc)) from None
 
