@@ -24,6 +24,7 @@ it into a ``SettingsError``.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -230,6 +231,8 @@ def _by_model(
 
 
 def check_idle_seconds(what: str, seconds: float) -> None:
+    if not math.isfinite(seconds):  # float("nan") parses, and nan < 0 is false
+        raise ValueError(f"{what} must be a finite number of seconds, or -1 for never (not {seconds:g})")
     if seconds < 0 and seconds != -1:
         raise ValueError(f"{what} must be >= 0, or -1 for never (not {seconds:g})")
 

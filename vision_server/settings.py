@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import re
 import sys
 import types
@@ -383,6 +384,8 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "log_level": ("debug", "info", "warning", "error"),
     "log_format": ("text", "json"),
 }
+# The settings that are numbers with a fraction (seconds, a rate): each must be finite.
+_FLOATS = tuple(name for name, hint in _INIT_TYPES.items() if hint in (float, float | None))
 # Choices taken in any case: people write log levels as Python's logging does (INFO, DEBUG).
 _ANY_CASE = ("log_level", "log_format")
 
@@ -430,6 +433,10 @@ def _validate(s: Settings) -> None:
     for name in ("shutdown_grace", "max_batch_wait_ms"):
         if not getattr(s, name) >= 0:
             raise SettingsError(f"{name} must be 0 or more, not {getattr(s, name)}", setting=name)
+    for name in _FLOATS:  # float("nan") and float("inf") parse; neither is a number of seconds
+        value = getattr(s, name)
+        if value is not None and not math.isfinite(value):
+            raise SettingsError(f"{name} must be a finite number, not {value}", setting=name)
     if not 0 <= s.port <= 65535:
         raise SettingsError(f"port must be 0..65535, not {s.port}", setting="port")
     if s.gallery_jsonl is not None and s.gallery is None:
@@ -593,10 +600,12 @@ def coerce(name: str, value: Any) -> Any:
         if kind is bool:
             return _to_bool(value)
         if typing.get_origin(kind) is tuple:
-            items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(str(item).strip() for item in items if str(item).strip())
+            items = value.split(",") if isinstance(value, str) else value
+            items = items if isinstance(items, (list, tuple)) else [_text(items, "text or a list of text")]
+            texts = (_text(item, "a list of text, not of lists, tables or true/false") for item in items)
+            return tuple(text.strip() for text in texts if text.strip())
         if kind is Path:
-            return Path(str(value)).expanduser()
+            return Path(_text(value, "a path")).expanduser()
         if kind in (int, float) and isinstance(value, bool):
             raise ValueError("a number, not true/false")
         if FIELDS[name].metadata.get("byte_size") and isinstance(value, str):
@@ -605,9 +614,18 @@ def coerce(name: str, value: Any) -> Any:
             raise ValueError("a whole number")
         if kind in (int, float):
             return _number(kind, value)
-        return kind(value)
+        return _text(value, "text") if kind is str else kind(value)
     except (TypeError, ValueError) as exc:
         raise SettingsError(f"cannot use {value!r} ({exc})", setting=name) from None
+
+
+def _text(value: Any, expected: str) -> str:
+    """A config value where text belongs: a TOML number or date reads as its text (``api-key =
+    123``), but true/false, an array or a table was meant for another setting (``gallery = true``
+    made a folder named True)."""
+    if isinstance(value, (bool, list, tuple, dict)):
+        raise ValueError(f"expected {expected}")
+    return str(value)
 
 
 def _number(kind: type[int] | type[float], value: Any) -> int | float:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -265,3 +266,56 @@ def test_a_model_list_error_says_where_its_setting_was_set(
         load_settings(flags, environ=environ, config_path=path)
     assert str(refusal.value).startswith(expected)
     assert str(refusal.value).endswith(f"(set by {source}{path if config else ''})")
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("gallery = true", "gallery: cannot use True (expected a path)"),
+        ('cache_dir = ["a"]', "cache_dir: cannot use ['a'] (expected a path)"),
+        ("memory_budget = true", "memory_budget: cannot use True (expected text)"),
+        ('model = [["a"]]', "model: cannot use [['a']] (expected a list of text, not of lists"),
+        ('model = ["a", true]', "model: cannot use ['a', True] (expected a list of text"),
+        ("cors_origins = {a = 1}", "cors_origins: cannot use {'a': 1} (expected text or a list of text)"),
+    ],
+)
+def test_a_config_value_of_another_kind_is_refused_not_read_as_its_text(
+    tmp_path: Path, line: str, message: str
+) -> None:
+    """``gallery = true`` served a folder named True; ``model = [["a"]]`` a model named "['a']"."""
+    config = tmp_path / "config.toml"
+    config.write_text(line + "\n")
+    with pytest.raises(SettingsError) as refusal:
+        load_settings(environ={}, config_path=config)
+    assert str(refusal.value).startswith(f"config file {config}: {message}")
+
+
+def test_a_config_number_where_text_belongs_is_its_text(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text("api_key = 123456\nmodel = 7\n")
+    settings = load_settings(environ={}, config_path=config)
+    assert (settings.api_key, settings.model) == ("123456", ("7",))
+
+
+@pytest.mark.parametrize(
+    ("config", "environ", "message"),
+    [
+        ("", {"VISION_SERVER_IDLE_TIMEOUT": "nan"}, "idle_timeout must be a finite number, not nan"),
+        ("request_timeout = inf\n", {}, "request_timeout must be a finite number, not inf"),
+        ("", {"VISION_SERVER_SHUTDOWN_GRACE": "inf"}, "shutdown_grace must be a finite number, not inf"),
+        ("", {"VISION_SERVER_OFFLOAD_TIMEOUT": "NaN"}, "offload_timeout must be a finite number, not nan"),
+        (
+            'model = ["a=test:tiny"]\nidle_timeout = ["a:nan"]\n',
+            {},
+            "idle_timeout for a must be a finite number of seconds, or -1 for never (not nan)",
+        ),
+    ],
+)
+def test_nan_and_infinity_are_no_numbers_of_seconds(
+    tmp_path: Path, config: str, environ: dict[str, str], message: str
+) -> None:
+    """``float()`` reads them, and ``nan < 0`` is false, so they passed every range check."""
+    path = tmp_path / "config.toml"
+    path.write_text(config)
+    with pytest.raises(SettingsError, match=re.escape(message)):
+        load_settings(environ=environ, config_path=path)
