@@ -35,7 +35,10 @@ def watched(request: web.Request, moving: Deadline, inflation: Inflation) -> Ite
     ``moving`` (the read's deadline) to now and set ``inflation.stuck``. Only a compressed body
     of known length is watched: only then is "all of it has arrived" known."""
     length = request.content_length
-    if not request.headers.get(hdrs.CONTENT_ENCODING, "").strip() or not length:
+    compressed = request.headers.get(hdrs.CONTENT_ENCODING, "").strip()
+    # total_raw_bytes (the bytes received before decompression) is no documented attribute of
+    # aiohttp's reader: an aiohttp without it reads unwatched, as before, up to --body-timeout.
+    if not compressed or not length or not hasattr(request.content, "total_raw_bytes"):
         yield
         return
     watcher = asyncio.ensure_future(_watch(request.content, length, moving, inflation))
