@@ -12,6 +12,7 @@ import signal
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, NamedTuple
 from urllib.parse import parse_qs, urlsplit
@@ -47,7 +48,8 @@ class StandIn:
     """GET /prompts lists the tasks, GET /model names a model; every POST answers ``caption``.
 
     ``hang``: POSTs wait until the stand-in closes; ``busy_first``: that many POSTs get 503 with
-    ``Retry-After: 1`` first (``busy_retry_after``: another value, None for none, the JSON body
+    ``Retry-After: 1`` first (``busy_retry_after``: another value, or a function that makes it
+    as each 503 is answered (an HTTP date some seconds ahead), None for none, the JSON body
     kept: the clients' own back-off; ``busy_status=502``: a 502 with a JSON body and no ``Retry-After``,
     as a server or gateway of its own answers it, not a proxy's bare page); ``key``: POSTs
     without ``Authorization: Bearer <key>`` get 401. ``model_gone_after``: once that many POSTs
@@ -67,7 +69,7 @@ class StandIn:
         hang: bool = False,
         busy_first: int = 0,
         busy_status: int = 503,
-        busy_retry_after: str | None = "1",
+        busy_retry_after: str | Callable[[], str] | None = "1",
         key: str | None = None,
         caption: str = "stand-in caption",
         outage_after: int | None = None,
@@ -215,6 +217,7 @@ def _handler_for(stand_in: StandIn) -> type[BaseHTTPRequestHandler]:
                     self.reply(502, {"detail": "Bad gateway: the caption worker did not answer"})
                 else:
                     hint = stand_in.busy_retry_after
+                    hint = hint() if callable(hint) else hint
                     headers = {"Retry-After": hint} if hint is not None else None
                     self.reply(stand_in.busy_status, {"detail": "Queue full"}, headers)
             else:
