@@ -233,11 +233,15 @@ trim_into() {
 }
 
 # printable_into VAR TEXT: TEXT (a file name) on one line, as every report of this project shows
-# names (vision_server.captionfiles.printable): a line break or tab as \n, \r or \t, any other
-# control character as \xNN, so a name can neither cut a message short nor pass for a line of
-# its own (nor send a terminal escape).
+# names (vision_server.captionfiles.printable): each byte that is not part of valid UTF-8 as \xNN
+# (a name from an archive made under another encoding: "caf\xe9.png"), a line break or tab as \n,
+# \r or \t, any other control character as \xNN, so a name can neither cut a message short nor
+# pass for a line of its own (nor send a terminal escape). Valid UTF-8 (accents, CJK, emoji)
+# stays as it is whatever the locale: the bytes are looked at under LC_ALL=C. A name that is not
+# all ASCII is checked with one regex; only an invalid one is walked byte by byte.
 printable_into() {
-    local _t=$2 _i _x _c
+    local LC_ALL=C
+    local _t=$2 _i _x _c _b _n _k _lo _hi _out
     if [[ $_t == *[[:cntrl:]]* ]]; then
         _t=${_t//$'\n'/\\n}
         _t=${_t//$'\r'/\\r}
@@ -249,7 +253,79 @@ printable_into() {
             _t=${_t//"$_c"/\\x$_x}
         done
     fi
+    if [[ $_t == *[![:ascii:]]* ]]; then
+        [[ -n $utf8_re ]] || utf8_re_init
+        if ! [[ $_t =~ $utf8_re ]]; then
+            _out="" _i=0
+            while ((_i < ${#_t})); do
+                # The byte at _i starts a sequence of _n more bytes, the first of them in _lo.._hi
+                # and the rest in 0x80..0xbf (Unicode's table of well-formed UTF-8), or none (-1).
+                printf -v _b '%d' "'${_t:_i:1}"
+                if ((_b < 0x80)); then _n=0
+                elif ((_b < 0xc2)); then _n=-1
+                elif ((_b < 0xe0)); then _n=1
+                elif ((_b < 0xf0)); then _n=2
+                elif ((_b < 0xf5)); then _n=3
+                else _n=-1
+                fi
+                _lo=0x80 _hi=0xbf
+                ((_b != 0xe0)) || _lo=0xa0 # no overlong forms
+                ((_b != 0xf0)) || _lo=0x90
+                ((_b != 0xed)) || _hi=0x9f # no surrogates
+                ((_b != 0xf4)) || _hi=0x8f # nothing past U+10FFFF
+                for ((_k = 1; _k <= _n; _k++)); do
+                    printf -v _c '%d' "'${_t:_i+_k:1}"
+                    if ((_c < _lo || _c > _hi)); then
+                        _n=-1
+                        break
+                    fi
+                    _lo=0x80 _hi=0xbf
+                done
+                if ((_n < 0)); then # this byte alone, as Python's "backslashreplace" says it
+                    printf -v _c '\\x%02x' "$_b"
+                    _out+=$_c
+                    _i=$((_i + 1))
+                else
+                    _out+=${_t:_i:_n+1}
+                    _i=$((_i + _n + 1))
+                fi
+            done
+            _t=$_out
+        fi
+    fi
     printf -v "$1" '%s' "$_t"
+}
+
+# utf8_re_init: utf8_re, an extended regex that text matches under LC_ALL=C when it is all valid
+# UTF-8. Each class lists its bytes one by one: what a range of bytes past 0x7f means is up to
+# the C library.
+utf8_re=""
+utf8_re_init() {
+    local LC_ALL=C
+    local _any _tail _2 _3 _3b _4 _e0 _ed _f0 _f4
+    bytes_into _any 0x80 0xff
+    bytes_into _tail 0x80 0xbf
+    bytes_into _2 0xc2 0xdf
+    bytes_into _3 0xe1 0xec
+    bytes_into _3b 0xee 0xef
+    bytes_into _4 0xf1 0xf3
+    bytes_into _e0 0xa0 0xbf
+    bytes_into _ed 0x80 0x9f
+    bytes_into _f0 0x90 0xbf
+    bytes_into _f4 0x80 0x8f
+    utf8_re="^([^$_any]|[$_2][$_tail]|"$'\xe0'"[$_e0][$_tail]|[$_3$_3b][$_tail][$_tail]|"
+    utf8_re+=$'\xed'"[$_ed][$_tail]|"$'\xf0'"[$_f0][$_tail][$_tail]|[$_4][$_tail][$_tail][$_tail]|"
+    utf8_re+=$'\xf4'"[$_f4][$_tail][$_tail])*\$"
+}
+
+# bytes_into VAR FIRST LAST: the bytes FIRST..LAST, one after the other.
+bytes_into() {
+    local _s="" _i _x
+    for ((_i = $2; _i <= $3; _i++)); do
+        printf -v _x '\\x%02x' "$_i"
+        _s+=$_x
+    done
+    printf -v "$1" '%b' "$_s"
 }
 
 # into VAR COMMAND [ARG...]: VAR=$(COMMAND ARG...) without the $(...): the output goes through

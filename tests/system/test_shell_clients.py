@@ -38,6 +38,7 @@ from tests.support.leftovers import OLD, YOUNG, aged, caption_temp
 from tests.support.processes import ServerProcess, free_port, http_json, run_across_a_restart
 from tests.support.stand_in import StandIn, interrupt_in_flight
 from tests.support.tls import self_signed
+from vision_server.captionfiles import printable
 
 REPO = paths.REPO
 CLIENT = REPO / "clients" / "vision-client.sh"
@@ -314,6 +315,60 @@ def test_folder_names_an_image_gone_since_the_listing_on_one_line(tmp_path: Path
     assert proc.returncode == 1, stderr
     assert f"  b\\nspoof\\x07.png: no such file: {root}/b\\nspoof\\x07.png\n" in stderr, stderr
     assert "spoof\x07" not in stderr, stderr
+
+
+# Names as an archive made under another encoding unpacks them (bytes that are not UTF-8), beside
+# valid UTF-8 names that must stay as they are: the Python tools' captionfiles.printable is the
+# reference for how every tool says them.
+NOT_UTF8 = [b"caf\xe9.png", b"\xed\xa0\x80 surrogate \xc0\xaf overlong \xf4\x90\x80\x80 big \xe2\x82.png"]
+VALID_UTF8 = ["café.png".encode(), "猫 😀 ﬁ.png".encode()]
+LOCALES = ["C", "C.UTF-8"]
+
+
+def shown(name: bytes) -> bytes:
+    """NAME (raw bytes) as the Python tools write it in their reports, as bytes."""
+    return printable(os.fsdecode(name)).encode()
+
+
+def run_bytes(*args: str | bytes | Path, env: dict[str, str]) -> subprocess.CompletedProcess[bytes]:
+    """run() for output that may hold any byte (the old scripts wrote names raw)."""
+    return subprocess.run([os.fsencode(a) for a in args], capture_output=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_client_names_a_name_that_is_not_utf8_as_the_python_tools_do(tmp_path: Path, locale: str) -> None:
+    r"""vision-client.sh's "no such file" writes each byte of the name that is not part of valid
+    UTF-8 as \xNN, as captionfiles.printable does (caf\xe9.png); valid UTF-8 stays as it is,
+    whatever the locale. The bytes went out raw."""
+    assert shown(VALID_UTF8[0]) == VALID_UTF8[0] and shown(NOT_UTF8[0]) == b"caf\\xe9.png"
+    env = base_env(LC_ALL=locale)
+    folder = os.fsencode(tmp_path / "missing")
+    for name in NOT_UTF8 + VALID_UTF8:
+        result = run_bytes(CLIENT, "CAPTION", folder + b"/" + name, env=env)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr == b"vision-client.sh: no such file: " + folder + b"/" + shown(name) + b"\n"
+
+
+@pytest.mark.parametrize("locale", LOCALES)
+def test_folder_names_a_name_that_is_not_utf8_as_the_python_tools_do(tmp_path: Path, locale: str) -> None:
+    r"""The folder script's progress lines, its failure list and the reasons in it (the images
+    sharing a caption file) write the bytes of a name that are not part of valid UTF-8 as \xNN,
+    as captionfiles.printable does; valid UTF-8 names stay as they are, whatever the locale."""
+    root = tmp_path / "archive"
+    good = [os.fsdecode(n) for n in (*VALID_UTF8, NOT_UTF8[1])]
+    images = make_tree(root, [*good, os.fsdecode(b"pair\xe9.jpg"), os.fsdecode(b"pair\xe9.png")])
+    (root / os.fsdecode(NOT_UTF8[0])).touch()  # empty: fails
+    with StandIn() as stand_in:
+        result = run_bytes(FOLDER, "--url", stand_in.url, "CAPTION", "txt", root, env=base_env(LC_ALL=locale))
+    assert result.returncode == 1, result.stderr
+    assert all(caption_path(image).read_text() == "stand-in caption" for image in images[:3])
+    for name in (*VALID_UTF8, NOT_UTF8[1]):
+        assert b" ok " + shown(name) + b" (" in result.stderr, result.stderr
+    summary = result.stderr[result.stderr.index(b"Failed images") :]
+    assert b"\n  " + shown(NOT_UTF8[0]) + b": the file is empty (0 bytes)\n" in summary, summary
+    assert b"\n  pair\\xe9.jpg: shares its caption file pair\\xe9.txt with pair\\xe9.png;" in summary
+    assert b"\n  pair\\xe9.png: shares its caption file pair\\xe9.txt with pair\\xe9.jpg;" in summary
+    assert not any(name in result.stderr for name in (*NOT_UTF8, b"pair\xe9")), result.stderr
 
 
 def test_client_killed_with_kill_9_leaves_its_files_to_the_next_run(tmp_path: Path, tmpdir_env: Path) -> None:
