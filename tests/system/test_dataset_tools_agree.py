@@ -451,6 +451,40 @@ def test_ctrl_c_exits_130_and_the_summary_counts_the_caption_files_written(
     assert not list(root.glob(".*.tmp"))
 
 
+@pytest.mark.parametrize("tool", TOOLS[1:])
+def test_sigterm_exits_143_after_the_summary_and_a_rerun_does_the_rest(
+    tool: str, tiny_server_url: str, tmp_path: Path
+) -> None:
+    """SIGTERM to the client's process alone, as ``kill PID``, ``timeout`` and systemd send it
+    to an overnight run: the same clean stop as Ctrl+C, exit 143, a summary whose captioned
+    count is the caption files on disk, and the same command captions exactly the rest.
+    ``vision-client folder`` used to die at once on it, without a summary."""
+    root = tmp_path / "data"
+    for seed in range(30):
+        save_image(root / f"img{seed:03d}.png", seed)
+    command, env = client_command(tool, tiny_server_url, root, jobs=1)
+    with subprocess.Popen(command, env=env, stderr=subprocess.PIPE, text=True) as process:
+        deadline = time.monotonic() + 120
+        while len(list(root.glob("*.txt"))) < 3:
+            assert process.poll() is None and time.monotonic() < deadline
+            time.sleep(0.005)
+        process.send_signal(signal.SIGTERM)
+        code = process.wait(60)
+        stderr = process.stderr.read() if process.stderr else ""
+    written = len(list(root.glob("*.txt")))
+    assert code == 143, stderr[-3000:]
+    assert 3 <= written < 30, stderr[-3000:]  # it really stopped half-way
+    assert f"{written} captioned" in stderr, stderr[-3000:]
+    assert f"{30 - written} image(s) not captioned yet" in stderr.replace(" images not", " image(s) not")
+    assert "run the same command again to resume" in stderr
+    assert "Traceback" not in stderr
+    assert not list(root.glob(".*.tmp"))
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert len(list(root.glob("*.txt"))) == 30
+    assert f"{written} skipped" in rerun.stderr, rerun.stderr[-3000:]
+
+
 # ---------------------------------------------------------------------------------------------
 # A model the server does not serve
 

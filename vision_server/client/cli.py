@@ -2,7 +2,7 @@
 
 Captions go to stdout, everything else (progress, summaries, errors) to stderr, so
 ``vision-client caption x.png > x.txt`` never puts an error message into a caption file.
-Exit status: 0 success, 1 any image or request failed, 2 bad usage, 130 Ctrl+C; ``folder``
+Exit status: 0 success, 1 any image or request failed, 2 bad usage, 130 Ctrl+C, 143 SIGTERM; ``folder``
 also says why a run stopped early, with the statuses of the folder scripts (3 unreachable, 5
 busy, 6 key refused, 7 task refused, 2 HTTP 404: no such route or model, at any point).
 """
@@ -10,11 +10,13 @@ busy, 6 key refused, 7 task refused, 2 HTTP 404: no such route or model, at any 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -92,23 +94,60 @@ def _run(
     interrupted: Callable[[], None] | None = None,
 ) -> T:
     """Run ``work`` with a client; a client error becomes a one-line message and exit 1, Ctrl+C
-    exit 130 after ``interrupted`` (which says what was done) or a bare "interrupted"."""
+    exit 130 and SIGTERM exit 143, each after ``interrupted`` (which says what was done) or a
+    bare "interrupted"."""
 
     async def runner() -> T:
-        async with AsyncVisionClient(**ctx.obj) as client:
-            return await work(client)
+        with _sigterm_cancels_this_task() as terminated:
+            try:
+                async with AsyncVisionClient(**ctx.obj) as client:
+                    return await work(client)
+            except asyncio.CancelledError:
+                if terminated:
+                    raise _Terminated from None
+                raise
 
     try:
         return asyncio.run(runner())
     except (VisionClientError, OSError) as exc:  # e.g. server unreachable, JSONL path is a folder
         click.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, _Terminated) as exc:
         if interrupted is None:
             click.echo("interrupted", err=True)
         else:
             interrupted()
-        sys.exit(130)
+        sys.exit(143 if isinstance(exc, _Terminated) else 130)
+
+
+class _Terminated(Exception):
+    """SIGTERM stopped the run."""
+
+
+@contextlib.contextmanager
+def _sigterm_cancels_this_task() -> Iterator[list[int]]:
+    """While inside, SIGTERM (``kill``, ``timeout``, systemd, a job scheduler's stop) cancels the
+    running task as Ctrl+C does, so an overnight run stopped that way still drops what is in
+    flight, prints its summary and exits 143, instead of dying at once without a word. Yields a
+    list that gets the signal number once it arrives. Not on Windows (no loop signal handlers),
+    nor where SIGTERM was set to be ignored before the process started."""
+    received: list[int] = []
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    if task is None or sys.platform == "win32" or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield received
+        return
+
+    def stop() -> None:
+        if not received:
+            received.append(int(signal.SIGTERM))
+            task.cancel()
+
+    loop.add_signal_handler(signal.SIGTERM, stop)
+    try:
+        yield received
+    finally:
+        loop.remove_signal_handler(signal.SIGTERM)
 
 
 @main.command()
@@ -267,7 +306,8 @@ def folder(
     early (the summary says why and how many images were not attempted): 3 the server cannot
     be reached (after --wait-for-server; also a host name that does not resolve, TLS trouble),
     5 the server stays busy after --retries, 6 the API key is refused, 7 the task is refused;
-    130 Ctrl+C (after the summary: run the same command again to resume). Earlier versions
+    130 Ctrl+C, 143 SIGTERM (kill, timeout; after the summary: run the same command again to
+    resume). Earlier versions
     exited 1 for all of these stops. A full disk (no space left for a caption file or --jsonl,
     or a quota) stops the run too, with exit status 1: free some space and run it again.
 
