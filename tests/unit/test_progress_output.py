@@ -53,3 +53,34 @@ def test_a_failed_load_says_how_many_are_left_only_when_they_were_counted() -> N
         "the images not captioned yet are captioned when you run the same command again once the "
         "model loads (what is done is skipped)"
     )
+
+
+def test_the_plain_line_s_rate_and_eta_count_from_the_first_caption() -> None:
+    # A resume: 100 s of model load and skipping what is done (900 of 1000 images), then one
+    # caption a second. The line's rate counted the 100 s in (11 captions / 110 s = 0.1 img/s,
+    # ETA 14:50 for the 89 left); it is the pace since the first caption (1.0 img/s, ETA 1:29).
+    now = [0.0]
+    progress = CaptionProgress(io.StringIO(), interval=3600, clock=lambda: now[0])
+    progress.set_total(1000)
+    summary = Summary(started=0.0)
+    for _ in range(900):
+        summary.record("skipped", "done.png", None)
+        progress.report(summary, "skipped", "done.png", None)
+    now[0] = 100.0
+    for _ in range(11):
+        summary.record("captioned", "new.png", None)
+        progress.report(summary, "captioned", "new.png", None)
+        now[0] += 1.0
+    now[0] -= 1.0
+    assert progress.line(summary) == (
+        "911/1000 images (captioned 11, skipped 900, failed 0), 1.0 img/s, ETA 1:29"
+    )
+
+
+def test_before_a_second_caption_the_rate_counts_from_the_start() -> None:
+    now = [10.0]
+    progress = CaptionProgress(io.StringIO(), interval=3600, clock=lambda: now[0])
+    summary = Summary(started=0.0)
+    summary.record("captioned", "a.png", None)
+    progress.report(summary, "captioned", "a.png", None)
+    assert progress.line(summary) == "1 images (captioned 1, skipped 0, failed 0), 0.1 img/s"

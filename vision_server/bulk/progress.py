@@ -8,16 +8,12 @@ from __future__ import annotations
 
 import signal
 import time
+from collections.abc import Callable
 from typing import IO
 
 from vision_server.bulk.pipeline import Outcome, Summary
 from vision_server.disk_full import RERUN_ADVICE
 from vision_server.progress_output import ProgressOutput
-
-
-def _rate(summary: Summary) -> float:
-    elapsed = time.monotonic() - summary.started
-    return summary.captioned / elapsed if elapsed > 0 else 0.0
 
 
 def _duration(seconds: float) -> str:
@@ -31,9 +27,18 @@ def _duration(seconds: float) -> str:
 class Progress(ProgressOutput):
     """A tqdm bar when ``stream`` is a terminal, else a line every ``interval`` seconds."""
 
-    def __init__(self, stream: IO[str] | None = None, *, interval: float = 10.0, bar: bool | None = None):
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        *,
+        interval: float = 10.0,
+        bar: bool | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         super().__init__(stream, interval, bar=bar, unit="img", smoothing=0.05)
         self.total: int | None = None
+        self._clock = clock
+        self._first_caption: tuple[float, int] | None = None  # when, and the count then
 
     def set_total(self, total: int) -> None:
         self.total = total
@@ -42,6 +47,8 @@ class Progress(ProgressOutput):
             self._bar.refresh()
 
     def report(self, summary: Summary, outcome: Outcome, display: str, reason: str | None) -> None:
+        if outcome == "captioned" and self._first_caption is None:
+            self._first_caption = (self._clock(), summary.captioned)
         if outcome == "failed":
             self.write(f"failed: {display}: {reason}")
         if self._bar is not None:
@@ -53,7 +60,7 @@ class Progress(ProgressOutput):
 
     def line(self, summary: Summary) -> str:
         """``1200/5000 images (captioned 1180, skipped 12, failed 8), 9.8 img/s, ETA 6:28``."""
-        rate = _rate(summary)
+        rate = self._rate(summary)
         of = f"/{self.total}" if self.total is not None else ""
         text = (
             f"{summary.processed}{of} images (captioned {summary.captioned}, skipped {summary.skipped}, "
@@ -62,6 +69,19 @@ class Progress(ProgressOutput):
         if self.total is not None and rate > 0:
             text += f", ETA {_duration(max(0, self.total - summary.processed) / rate)}"
         return text
+
+    def _rate(self, summary: Summary) -> float:
+        """Captions per second since the first one. The model's load and, on a resume, the
+        skipping of what is done come before it and say nothing of the pace ahead: counted in,
+        a resumed run's first ETA was several times too long. Until a second caption, the rate
+        since the run started."""
+        now = self._clock()
+        if self._first_caption is not None:
+            at, count = self._first_caption
+            if summary.captioned > count and now > at:
+                return (summary.captioned - count) / (now - at)
+        elapsed = now - summary.started
+        return summary.captioned / elapsed if elapsed > 0 else 0.0
 
 
 def format_summary(summary: Summary) -> str:
