@@ -311,21 +311,13 @@ class _Trainer:
         checkpoint = None
         self.model.train()
         try:
-            try:
-                self._end_pending_epoch(tracker, progress)
-            except ImageChanged as exc:
-                exc.note = self._kept_after()
-                raise
+            self._end_pending_epoch(tracker, progress)
             while self.step < plan.total_steps:
                 epoch, in_epoch = divmod(self.step, plan.steps_per_epoch)
                 groups = self._epoch_groups(epoch)
                 for group in groups[in_epoch:]:
-                    try:
-                        loss = self._optimizer_step(group, epoch)
-                        saving = self._count_step(loss, epoch, tracker, progress)
-                    except ImageChanged as exc:  # a training image, or a validation image at the epoch's end
-                        exc.note = self._kept_after()
-                        raise
+                    loss = self._optimizer_step(group, epoch)
+                    saving = self._count_step(loss, epoch, tracker, progress)
                     if saving and self.step < plan.total_steps:
                         checkpoint = self._save()
                     if self.step < plan.total_steps and should_stop():
@@ -336,6 +328,9 @@ class _Trainer:
                         )
                     if self.step >= plan.total_steps:
                         break
+        except ImageChanged as exc:  # a training image, or a validation image at an epoch's end
+            exc.note = self._kept_after()
+            raise
         finally:
             progress.close()
         metadata = self.metadata()
