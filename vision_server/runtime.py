@@ -83,9 +83,7 @@ def build_captioner(
     from vision_server.generic.florence_check import FLORENCE
 
     spec = spec if spec is not None else settings.default_model_spec
-    problem = adapter_problem(Path(spec.adapter).expanduser()) if spec.adapter is not None else None
-    if problem:
-        raise SettingsError(f"model {spec.name}: {problem}", setting=adapter_setting(settings))
+    check_adapter(settings, spec)
     backend: str | None = spec.backend
     if backend == "auto":
         backend = detect_backend(spec.source, revision=spec.revision)
@@ -116,9 +114,7 @@ def model_tasks(settings: Settings, spec: ModelSpec) -> tuple[str, ...]:
     from vision_server.generic.florence_check import FLORENCE, auto_runs_florence
     from vision_server.tasks import CAPTION_TASK
 
-    problem = adapter_problem(Path(spec.adapter).expanduser()) if spec.adapter is not None else None
-    if problem:
-        raise SettingsError(f"model {spec.name}: {problem}", setting=adapter_setting(settings))
+    check_adapter(settings, spec)
     if spec.backend == "auto":
         florence = auto_runs_florence(spec.source, revision=spec.revision)
     else:
@@ -128,6 +124,13 @@ def model_tasks(settings: Settings, spec: ModelSpec) -> tuple[str, ...]:
     if spec.adapter is not None:  # refused, naming the backend: only a failing run imports torch
         build_captioner(settings, spec)
     return (CAPTION_TASK,)
+
+
+def check_adapter(settings: Settings, spec: ModelSpec) -> None:
+    """Refuse a model whose adapter directory is no PEFT adapter, naming where it was set."""
+    problem = adapter_problem(Path(spec.adapter).expanduser()) if spec.adapter is not None else None
+    if problem:
+        raise SettingsError(f"model {spec.name}: {problem}", setting=adapter_setting(settings))
 
 
 def adapter_setting(settings: Settings) -> str:
