@@ -10,12 +10,12 @@ import sys
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
-from aiohttp import hdrs, web
+from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from vision_server.api.deadlines import deadline
 from vision_server.api.errors import MissingField
-from vision_server.api.inflation import Inflation, watched
+from vision_server.api.inflation import Inflation, content_encoding, watched
 from vision_server.api.state import SETTINGS, UPLOADS
 from vision_server.errors import BadRequest, BodyTimeout, Draining
 
@@ -62,8 +62,7 @@ async def within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
         if uploads.cut:
             raise draining() from None
         if inflation.stuck:  # aiohttp has an error queued for this connection: close it after us
-            request.content.feed_eof()
-            request.protocol.close()
+            close_after_reply(request)
             raise cut_short(request, "the body", "does not end") from None
         raise BodyTimeout(
             f"The request body did not arrive within {seconds:g} s (--body-timeout): "
@@ -78,9 +77,8 @@ def unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> BadRe
     aiohttp reads what is left of a body after the reply, to keep the connection; a body its
     parser refused would fail there again, logged as an unhandled exception with a traceback.
     So the body is marked ended and the connection closed after the reply instead."""
-    request.content.feed_eof()
-    request.protocol.close()
-    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip()
+    close_after_reply(request)
+    encoding = content_encoding(request)
     cause = exc.__cause__
     said = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
     reason = " ".join(str(said).split()) or type(exc).__name__
@@ -91,6 +89,13 @@ def unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> BadRe
         else ""
     )
     return BadRequest(f"The request body cannot be read ({reason[:200]}).{hint}")
+
+
+def close_after_reply(request: web.Request) -> None:
+    """Mark the body ended and close the connection once the reply is sent: aiohttp would read
+    the rest of a body its parser gave up on to keep the connection, and fail there again."""
+    request.content.feed_eof()
+    request.protocol.close()
 
 
 def empty_body(request: web.Request, what: str) -> BadRequest:
@@ -104,7 +109,7 @@ def empty_body(request: web.Request, what: str) -> BadRequest:
 
 def compressed(request: web.Request) -> bool:
     """Whether a body was sent under a ``Content-Encoding`` header (aiohttp inflated it)."""
-    return bool(request.headers.get(hdrs.CONTENT_ENCODING, "").strip()) and request.body_exists
+    return bool(content_encoding(request)) and request.body_exists
 
 
 def cut_short(request: web.Request, what: str, found: str) -> BadRequest:
@@ -112,7 +117,7 @@ def cut_short(request: web.Request, what: str, found: str) -> BadRequest:
     its form's closing boundary. aiohttp passes on what it could inflate of gzip that ends early
     (cut in transit, or by a client that sent a partial buffer) without a word, so the body
     reads as complete until its own format ends too soon; every such refusal says the same."""
-    encoding = request.headers.get(hdrs.CONTENT_ENCODING, "").strip()[:40]
+    encoding = content_encoding(request)[:40]
     return BadRequest(
         f"The request body, once decompressed, {found}: the header says Content-Encoding: "
         f"{encoding}, and the body is most likely not complete {encoding} (it ends early). "

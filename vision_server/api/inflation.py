@@ -22,6 +22,11 @@ from vision_server.api.deadlines import Deadline
 POLL = 0.25  # seconds between looks; a body that decompresses at all moves on within one
 
 
+def content_encoding(request: web.Request) -> str:
+    """The body's ``Content-Encoding`` as sent (stripped; empty when there is none)."""
+    return request.headers.get(hdrs.CONTENT_ENCODING, "").strip()
+
+
 class Inflation:
     """Whether the watcher ended a read because its body can never end."""
 
@@ -35,7 +40,7 @@ def watched(request: web.Request, moving: Deadline, inflation: Inflation) -> Ite
     ``moving`` (the read's deadline) to now and set ``inflation.stuck``. Only a compressed body
     of known length is watched: only then is "all of it has arrived" known."""
     length = request.content_length
-    compressed = request.headers.get(hdrs.CONTENT_ENCODING, "").strip()
+    compressed = content_encoding(request)
     # total_raw_bytes (the bytes received before decompression) is no documented attribute of
     # aiohttp's reader: an aiohttp without it reads unwatched, as before, up to --body-timeout.
     if not compressed or not length or not hasattr(request.content, "total_raw_bytes"):
