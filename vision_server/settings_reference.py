@@ -40,11 +40,10 @@ def describe_default(name: str) -> str:
     if name in _DEFAULT_TEXT:
         return _DEFAULT_TEXT[name]
     default = FIELDS[name].default
-    if default is None or default == ():
-        return "unset"
-    if isinstance(default, tuple):
+    if isinstance(default, tuple) and default:
         return ", ".join(f"`{item}`" for item in default)
-    return f"`{default_text(name)}`"
+    text = default_text(name)
+    return text if text == "unset" else f"`{text}`"
 
 
 def _cell(text: str) -> str:
