@@ -727,6 +727,24 @@ name_too_long_into() {
     fi
 }
 
+# not_a_caption_file_into VAR CAPTION: when a folder, pipe, socket or device stands where the
+# caption file CAPTION belongs, the reason, in the words of the Python tools
+# (captionfiles.caption_target_problem): no mode may skip it (-s is true for a folder), mv into
+# it, replace it (a pipe) or read it (a pipe would hang the run); else VAR is empty. Said when
+# the run plans the image, and again by its worker (caption_one) up to the rename.
+not_a_caption_file_into() {
+    local _what=""
+    if [[ -d $2 ]]; then
+        _what="is a directory, not a caption file"
+    elif [[ -e $2 && ! -f $2 ]]; then
+        _what="is not a regular file (a pipe, socket or device), not a caption file"
+    fi
+    printf -v "$1" '%s' ""
+    [[ -n $_what ]] || return 0
+    printable_into "$1" "${2##*/}"
+    printf -v "$1" '%s %s' "${!1}" "$_what"
+}
+
 declare -a found=()
 while IFS= read -r -d '' img; do
     [[ -d $img ]] && continue # a symlink to a folder: not entered, and no image
@@ -784,14 +802,9 @@ for img in ${found[@]+"${found[@]}"}; do # (bash < 4.4 calls an empty array unbo
         failed+=("$img"$'\t'"$problem")
         continue
     fi
-    if [[ -d $cap ]]; then # no mode may skip it (-s is true for a folder) or mv into it
-        printable_into shown_cap "${cap##*/}"
-        failed+=("$img"$'\t'"$shown_cap is a directory, not a caption file")
-        continue
-    fi
-    if [[ -e $cap && ! -f $cap ]]; then # a pipe would be replaced (or, read, hang the run)
-        printable_into shown_cap "${cap##*/}"
-        failed+=("$img"$'\t'"$shown_cap is not a regular file (a pipe, socket or device), not a caption file")
+    not_a_caption_file_into problem "$cap"
+    if [[ -n $problem ]]; then
+        failed+=("$img"$'\t'"$problem")
         continue
     fi
     if [[ $mode == skip ]] && has_text "$cap"; then
@@ -1079,18 +1092,12 @@ caption_one() {
     # before the write, and again when ln or mv fails or leaves the caption inside a folder: one
     # made between the look and the rename.
     refuse_no_caption_file() {
-        if [[ -d $cap ]]; then
-            renaming=0 linking=0 # not in place: a stop now must not count it captioned
-            rm -f -- "$tmp" "$cap/${tmp##*/}" # BSD mv and ln put it inside: ours, by its name
-            show_into dir "${cap##*/}"
-            finish fail 1 "$dir is a directory, not a caption file"
-        fi
-        if [[ -e $cap && ! -f $cap ]]; then
-            renaming=0 linking=0
-            rm -f -- "$tmp"
-            show_into dir "${cap##*/}"
-            finish fail 1 "$dir is not a regular file (a pipe, socket or device), not a caption file"
-        fi
+        not_a_caption_file_into reason "$cap"
+        [[ -n $reason ]] || return 0
+        renaming=0 linking=0 # not in place: a stop now must not count it captioned
+        rm -f -- "$tmp"
+        if [[ -d $cap ]]; then rm -f -- "$cap/${tmp##*/}"; fi # BSD mv and ln put it inside: ours, by its name
+        finish fail 1 "$reason"
     }
     refuse_no_caption_file
 
