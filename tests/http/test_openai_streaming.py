@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import json
 import threading
 from collections.abc import Callable
@@ -17,8 +18,10 @@ from aiohttp import ClientResponse, ClientSession
 from tests.support.api import native_caption
 from tests.support.images import data_url
 from tests.support.serving import running_app, running_server
+from vision_server.api import openai_stream
 from vision_server.api.state import ENGINE
 from vision_server.captioner import Caption, CaptionItem
+from vision_server.errors import InvalidImage
 from vision_server.florence.captioner import FlorenceCaptioner
 from vision_server.settings import Settings
 from vision_server.testing.fake import FakeCaptioner
@@ -174,3 +177,38 @@ async def test_a_failure_after_the_stream_began_ends_it_with_an_error_event(tmp_
     error = seen[-2]["error"]
     assert error["code"] == "caption_failed" and "request id" in error["message"]
     assert "".join(got) == "a dog on"
+
+
+async def test_a_caption_that_fails_as_the_client_leaves_is_not_logged_as_never_retrieved(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The soak found it: the job failed (a bad image) in the same loop step in which the client
+    left, so the cancelled handler never read the failure and asyncio logged it as an error."""
+
+    release = asyncio.Event()
+
+    async def failing_caption(*_: Any, **__: Any) -> Caption:
+        await release.wait()
+        raise InvalidImage("Invalid image data: not a supported image format")
+
+    monkeypatch.setattr(openai_stream, "caption_base64", failing_caption)
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    default_handler = loop.get_exception_handler()
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        handler = asyncio.ensure_future(
+            openai_stream._stream_caption(None, None, "x", "<CAPTION>", None, None, None, "m")  # type: ignore[arg-type]
+        )
+        for _ in range(5):  # the handler starts the job and waits on it
+            await asyncio.sleep(0)
+        release.set()  # the job fails on the next step ...
+        handler.cancel()  # ... the step in which the handler hears that its client left
+        with pytest.raises(asyncio.CancelledError):
+            await handler
+        del handler
+        gc.collect()
+        await asyncio.sleep(0)
+    finally:
+        loop.set_exception_handler(default_handler)
+    assert [context.get("message") for context in reported] == []

@@ -186,9 +186,10 @@ async def _stream_caption(
             await events.send(*events.shape.delta(text[len(sent) :]))
             sent = text
     finally:
-        if not job.done():
-            job.cancel()
-            await asyncio.gather(job, return_exceptions=True)
+        # Also when the job is done: a failure that came just as the client left (this handler
+        # cancelled before it read the job) would be logged as "Task exception was never retrieved".
+        job.cancel()
+        await asyncio.gather(job, return_exceptions=True)
 
 
 async def _next_update(updates: asyncio.Queue[str], job: asyncio.Future[Caption]) -> str | None:
