@@ -77,10 +77,19 @@ def test_the_plain_line_s_rate_and_eta_count_from_the_first_caption() -> None:
     )
 
 
-def test_before_a_second_caption_the_rate_counts_from_the_start() -> None:
+def test_before_a_second_caption_the_line_gives_no_rate_and_no_eta() -> None:
+    # 10 s of start-up (imports, the model's load) then one caption: a rate counted from the
+    # start said 0.1 img/s and an ETA of 40 s for 4 images a model captions in one.
     now = [10.0]
     progress = CaptionProgress(io.StringIO(), interval=3600, clock=lambda: now[0])
+    progress.set_total(5)
     summary = Summary(started=0.0)
     summary.record("captioned", "a.png", None)
     progress.report(summary, "captioned", "a.png", None)
-    assert progress.line(summary) == "1 images (captioned 1, skipped 0, failed 0), 0.1 img/s"
+    assert progress.line(summary) == "1/5 images (captioned 1, skipped 0, failed 0)"
+    summary.record("skipped", "b.png", None)
+    now[0] = 12.0
+    assert progress.line(summary) == "2/5 images (captioned 1, skipped 1, failed 0)"
+    summary.record("captioned", "c.png", None)
+    now[0] = 12.5
+    assert progress.line(summary) == "3/5 images (captioned 2, skipped 1, failed 0), 0.4 img/s, ETA 5.0 s"

@@ -64,24 +64,26 @@ class Progress(ProgressOutput):
         of = f"/{self.total}" if self.total is not None else ""
         text = (
             f"{summary.processed}{of} images (captioned {summary.captioned}, skipped {summary.skipped}, "
-            f"failed {summary.failed}), {rate:.1f} img/s"
+            f"failed {summary.failed})"
         )
-        if self.total is not None and rate > 0:
-            text += f", ETA {_duration(max(0, self.total - summary.processed) / rate)}"
+        if rate is not None:
+            text += f", {rate:.1f} img/s"
+            if self.total is not None and rate > 0:
+                text += f", ETA {_duration(max(0, self.total - summary.processed) / rate)}"
         return text
 
-    def _rate(self, summary: Summary) -> float:
-        """Captions per second since the first one. The model's load and, on a resume, the
-        skipping of what is done come before it and say nothing of the pace ahead: counted in,
-        a resumed run's first ETA was several times too long. Until a second caption, the rate
-        since the run started."""
+    def _rate(self, summary: Summary) -> float | None:
+        """Captions per second since the first one; None (no rate, no ETA) until a second. The
+        start-up (imports, the model's load) and, on a resume, the skipping of what is done come
+        before it and say nothing of the pace ahead: counted in, the first line's ETA was several
+        times too long (1 caption 10 s in said "0.1 img/s" of a model doing 3)."""
+        if self._first_caption is None:
+            return None
+        at, count = self._first_caption
         now = self._clock()
-        if self._first_caption is not None:
-            at, count = self._first_caption
-            if summary.captioned > count and now > at:
-                return (summary.captioned - count) / (now - at)
-        elapsed = now - summary.started
-        return summary.captioned / elapsed if elapsed > 0 else 0.0
+        if summary.captioned <= count or now <= at:
+            return None
+        return (summary.captioned - count) / (now - at)
 
 
 def format_summary(summary: Summary) -> str:
