@@ -304,11 +304,11 @@ def _with_old_adapter(specs: list[ModelSpec], texts: Sequence[str], adapter: str
     """``--adapter DIR`` beside a single bare ``--model SOURCE``: the spec ``SOURCE+DIR``."""
     spec = specs[0] if len(specs) == 1 else None
     if spec is not None and spec.adapter is not None:
-        raise ValueError(f"adapter: {texts[0]!r} already names an adapter after '+'; drop --adapter")
+        raise ValueError(f"adapter: {texts[0]!r} already names an adapter after '+'; leave adapter unset")
     if spec is None or spec.name != spec.source:
         raise ValueError(
-            f"adapter: --adapter applies to a single --model SOURCE; with {_listed(list(texts))} "
-            "write the adapter into the model instead: --model NAME=SOURCE+ADAPTER_DIR"
+            f"adapter: a separate adapter goes with a single unnamed model; with {_listed(list(texts))} "
+            "write the adapter into the model instead: NAME=SOURCE+ADAPTER_DIR"
         )
     return ModelSpec(spec.name, spec.source, adapter)
 

@@ -70,7 +70,8 @@ def ssl_context(settings: Settings) -> ssl.SSLContext | None:
         ) from None
     except (OSError, ssl.SSLError) as exc:
         raise SettingsError(
-            f"cannot use ssl_cert {cert} / ssl_key {key}: {exc}{_tls_hint(cert, key, exc)}"
+            f"cannot use ssl_cert {cert} / ssl_key {key}: {exc}{_tls_hint(cert, key, exc)}",
+            setting=("ssl_cert", "ssl_key"),
         ) from None
     return context
 

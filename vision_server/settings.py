@@ -285,11 +285,13 @@ class Settings:
             raise self.located(exc) from None
 
     def located(self, error: SettingsError) -> SettingsError:
-        """``error`` with where its setting's value came from, when that was not the default."""
-        source = dict(self.sources).get(error.setting or "")
-        if source is None or source in str(error):
+        """``error`` ending with where its settings' values came from (``(set by --port)``), once:
+        an error that says so already, or whose settings were left at their defaults, is kept."""
+        if error.source is not None:
             return error
-        return SettingsError(f"{error} (set by {source})", setting=error.setting)
+        known = dict(self.sources)
+        given = [known[name] for name in error.settings if name in known]
+        return error.set_by(" and ".join(dict.fromkeys(given))) if given else error
 
     @property
     def model_specs(self) -> tuple[ModelSpec, ...]:
@@ -342,14 +344,32 @@ class Settings:
 class SettingsError(ValueError):
     """A setting has a value the server cannot use; the message names the setting.
 
-    ``setting`` is the field at fault (None when several are, or none), so the message can be
-    completed with where its value came from (:meth:`Settings.located`): a bad value set in a
-    service's environment or a config file is otherwise hard to find.
+    ``setting`` is the field at fault (a tuple when two are, as a TLS certificate and its key;
+    None for none, as a config file that is no TOML), so the message can end with where the
+    value came from, ``(set by SOURCE)``: a bad value set in a service's environment or a config
+    file is otherwise hard to find. ``source`` is that place when the raiser knows it (a flag
+    being read); otherwise :meth:`Settings.located` adds it. The message itself never names the
+    place, so every error says it once, and always in the same words at the same end.
     """
 
-    def __init__(self, message: str, *, setting: str | None = None) -> None:
-        super().__init__(message)
-        self.setting = setting
+    def __init__(
+        self, message: str, *, setting: str | tuple[str, ...] | None = None, source: str | None = None
+    ) -> None:
+        super().__init__(message if source is None else f"{message} (set by {source})")
+        self.reason = message
+        self.settings: tuple[str, ...] = (setting,) if isinstance(setting, str) else setting or ()
+        self.source = source
+
+    @property
+    def setting(self) -> str | None:
+        """The (first) setting at fault."""
+        return self.settings[0] if self.settings else None
+
+    def set_by(self, source: str) -> SettingsError:
+        """This error ending with ``(set by SOURCE)``; unchanged when it names a source already."""
+        if self.source is not None:
+            return self
+        return type(self)(self.reason, setting=self.settings, source=source)
 
 
 class SettingsTypeError(SettingsError, TypeError):
@@ -457,9 +477,9 @@ def _validate(s: Settings) -> None:
     if (s.ssl_cert is None) != (s.ssl_key is None):
         given, missing = ("ssl_cert", "ssl_key") if s.ssl_key is None else ("ssl_key", "ssl_cert")
         raise SettingsError(
-            f"{flag_name('ssl_cert')} and {flag_name('ssl_key')} ({env_name('ssl_cert')}/"
-            f"{env_name('ssl_key')}, ssl_cert/ssl_key in the config file) must be given together: "
-            f"{given} is set but {missing} is not"
+            f"ssl_cert and ssl_key must be given together: {given} is set but {missing} is not; give "
+            f"{missing} too, as {flag_name(missing)}, {env_name(missing)} or a config-file key",
+            setting=given,
         )
     for name in ("api_key", "admin_key"):
         _check_key(name, getattr(s, name))
@@ -501,7 +521,7 @@ def _check_key(name: str, key: str | None) -> None:
     if not key.strip():
         raise SettingsError(
             f"{name} is empty, which would serve without a key; give the key, or leave {name} "
-            f"({env_name(name)}) unset to serve without one",
+            "unset to serve without one",
             setting=name,
         )
     if key != key.strip():
@@ -590,7 +610,7 @@ def field_type(name: str) -> Any:
 
 def coerce(name: str, value: Any) -> Any:
     """Turn a config-file, environment or flag value into the field's type, or explain why not
-    (the caller's message names where the value was given)."""
+    (the caller adds where the value was given)."""
     if value is None:
         return None
     if FIELDS[name].metadata.get("entries"):
@@ -607,16 +627,16 @@ def coerce(name: str, value: Any) -> Any:
         if kind is Path:
             return Path(_text(value, "a path")).expanduser()
         if kind in (int, float) and isinstance(value, bool):
-            raise ValueError("a number, not true/false")
+            raise ValueError("expected a number, not true/false")
         if FIELDS[name].metadata.get("byte_size") and isinstance(value, str):
             return parse_byte_size(value)
         if kind is int and isinstance(value, float) and not value.is_integer():
-            raise ValueError("a whole number")
+            raise ValueError("expected a whole number")
         if kind in (int, float):
             return _number(kind, value)
         return _text(value, "text") if kind is str else kind(value)
     except (TypeError, ValueError) as exc:
-        raise SettingsError(f"cannot use {value!r} ({exc})", setting=name) from None
+        raise SettingsError(f"{name}: cannot use {value!r}: {exc}", setting=name) from None
 
 
 def _text(value: Any, expected: str) -> str:
@@ -655,8 +675,11 @@ def _to_bool(value: Any) -> bool:
     raise ValueError("expected true/false")
 
 
-def read_config_file(path: Path) -> dict[str, Any]:
-    """Read a TOML config; keys may use dashes or underscores. Unknown keys are errors."""
+def read_config_file(path: Path, written: dict[str, str] | None = None) -> dict[str, Any]:
+    """Read a TOML config; keys may use dashes or underscores. Unknown keys are errors.
+
+    ``written`` (when given) gets each setting's key as the file spells it (``max-queue``), so
+    an error names the key the user will search the file for."""
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
@@ -668,11 +691,18 @@ def read_config_file(path: Path) -> dict[str, Any]:
             raise SettingsError(f"config file {path}: unknown setting {key!r}")
         if name in values:
             raise SettingsError(f"config file {path}: {key!r} sets {name} a second time")
+        if written is not None:
+            written[name] = key
         try:
             values[name] = coerce(name, value)
         except SettingsError as exc:
-            raise SettingsError(f"config file {path}: {key}: {exc}", setting=name) from None
+            raise exc.set_by(in_config_file(key, path)) from None
     return values
+
+
+def in_config_file(key: str, path: Path) -> str:
+    """Where a config file sets a setting, as its errors say: ``max-queue in /etc/vs.toml``."""
+    return f"{key} in {path}"
 
 
 # A setting whose flag is not its name (``cors-origin`` for ``cors_origins``) also takes the flag's
@@ -691,9 +721,7 @@ def read_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         try:
             values[name] = coerce(name, environment_value(name, environ[env_name(name)]))
         except SettingsError as exc:
-            message = str(exc)  # environment_value's own messages start with the variable
-            shown = message if message.startswith(env_name(name)) else f"{env_name(name)}: {message}"
-            raise SettingsError(shown, setting=name) from None
+            raise exc.set_by(env_name(name)) from None
     return values
 
 
@@ -706,7 +734,7 @@ def read_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
         try:
             values[name] = coerce(name, value)
         except SettingsError as exc:
-            raise SettingsError(f"{flag_name(name)}: {exc}", setting=name) from None
+            raise exc.set_by(flag_name(name)) from None
     return values
 
 
@@ -718,20 +746,25 @@ def environment_value(name: str, text: str) -> Any:
     """
     if not (is_list(name) and text.lstrip().startswith("[")):
         return text
-    variable = env_name(name)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise SettingsError(
-            f"{variable}: a value that starts with '[' is read as a JSON list, and this one is not "
-            f"valid JSON ({exc.msg} at character {exc.pos + 1}); write it like "
-            '["first", "second"], or without the brackets as a comma-separated list'
+            f"{name}: a variable's value that starts with '[' is read as a JSON list, and this one "
+            f"is not valid JSON ({exc.msg} at character {exc.pos + 1}); write it like "
+            '["first", "second"], or without the brackets as a comma-separated list',
+            setting=name,
+            source=env_name(name),
         ) from None
     # Text that starts with '[' and parses is a JSON array, so ``value`` is a list here.
     wrong = [item for item in value if isinstance(item, (bool, list, dict)) or item is None]
     if wrong:
         shown = json.dumps(wrong[0])
-        raise SettingsError(f"{variable}: the JSON list may hold only strings and numbers, not {shown}")
+        raise SettingsError(
+            f"{name}: the JSON list may hold only strings and numbers, not {shown}",
+            setting=name,
+            source=env_name(name),
+        )
     return value
 
 
@@ -753,8 +786,9 @@ def load_settings(
     if explicit is not None and not path.is_file():
         raise SettingsError(f"config file {path} does not exist")
     if path.is_file():
-        layers.append(read_config_file(path))
-        where.append(lambda name: f"{name} in {path}")
+        keys: dict[str, str] = {}
+        layers.append(read_config_file(path, keys))
+        where.append(lambda name: in_config_file(keys.get(name, name), path))
     layers.append(read_environment(environ))
     where.append(env_name)
     layers.append(read_flags(flags or {}))
@@ -800,8 +834,8 @@ def merge_layers(
             try:
                 server_wide, overrides = parse(layer.pop(name))
             except ValueError as exc:
-                source = f" (set by {where[index](name)})" if where else ""
-                raise SettingsError(f"{exc}{source}", setting=name) from None
+                source = where[index](name) if where else None
+                raise SettingsError(str(exc), setting=name, source=source) from None
             if server_wide is not None:
                 values[name] = server_wide
             per_model[name].update(overrides)

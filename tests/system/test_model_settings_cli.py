@@ -84,7 +84,8 @@ def test_an_environment_model_list_in_json_holds_a_comma_and_bad_json_exits_2(
         timeout=120,
     )
     assert broken.returncode == 2, broken.stderr
-    assert "VISION_SERVER_MODEL: a value that starts with '[' is read as a JSON list" in broken.stderr
+    assert "model: a variable's value that starts with '[' is read as a JSON list" in broken.stderr
+    assert "(set by VISION_SERVER_MODEL)" in broken.stderr
     assert "Expecting value at character 17" in broken.stderr
 
 

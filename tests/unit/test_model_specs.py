@@ -337,7 +337,7 @@ def test_a_bare_model_keeps_its_old_name_and_adapter() -> None:
             {"model": ("a=test:tiny",), "adapter": "/ad"},
             "write the adapter into the model.*NAME=SOURCE\\+ADAPTER",
         ),
-        ({"model": ("test:tiny", "b=./x"), "adapter": "/ad"}, "--adapter applies to a single --model SOURCE"),
+        ({"model": ("test:tiny", "b=./x"), "adapter": "/ad"}, "a separate adapter goes with a single"),
         ({"model": ("test:tiny+/one",), "adapter": "/two"}, "already names an adapter"),
         ({"model": ()}, "at least one model"),
         (
@@ -425,15 +425,17 @@ def test_an_environment_list_that_starts_with_a_bracket_is_json(tmp_path: Path) 
 @pytest.mark.parametrize(
     ("value", "message"),
     [
-        ('["a=test:tiny", ', "VISION_SERVER_MODEL: a value that starts with '\\[' is read as a JSON list"),
+        ('["a=test:tiny", ', "^model: a variable's value that starts with '\\[' is read as a JSON list"),
         ("[a=test:tiny]", "not valid JSON \\(Expecting value at character 2\\)"),
         ('["a=test:tiny", ["nested"]]', 'may hold only strings and numbers, not \\["nested"\\]'),
         ('["a=test:tiny", null]', "may hold only strings and numbers, not null"),
     ],
 )
 def test_invalid_json_in_an_environment_list_says_where(tmp_path: Path, value: str, message: str) -> None:
-    with pytest.raises(SettingsError, match=message):
+    with pytest.raises(SettingsError, match=message) as refusal:
         load_settings(environ={"VISION_SERVER_MODEL": value}, config_path=_empty(tmp_path))
+    assert str(refusal.value).count("VISION_SERVER_MODEL") == 1
+    assert str(refusal.value).endswith(" (set by VISION_SERVER_MODEL)")
 
 
 def test_later_sources_replace_idle_timeouts_value_by_value(tmp_path: Path) -> None:

@@ -82,12 +82,13 @@ def test_log_level_and_format_in_any_case(tmp_path: Path) -> None:
 def test_half_a_tls_pair_names_the_flags_and_the_missing_half(
     tmp_path: Path, flags: dict[str, object], given: str, missing: str
 ) -> None:
-    """The user typed flags (or an environment variable, or a config key): all three are named."""
+    """The missing half's three spellings are named, and the given half says where it was set."""
     with pytest.raises(SettingsError) as refusal:
         load_settings(flags, environ={}, config_path=_empty(tmp_path))
+    flag, variable = f"--{missing.replace('_', '-')}", f"VISION_SERVER_{missing.upper()}"
     assert str(refusal.value) == (
-        "--ssl-cert and --ssl-key (VISION_SERVER_SSL_CERT/VISION_SERVER_SSL_KEY, ssl_cert/ssl_key in the "
-        f"config file) must be given together: {given} is set but {missing} is not"
+        f"ssl_cert and ssl_key must be given together: {given} is set but {missing} is not; give "
+        f"{missing} too, as {flag}, {variable} or a config-file key (set by --{given.replace('_', '-')})"
     )
 
 
@@ -96,7 +97,7 @@ def test_unknown_config_key_and_bad_env_value(tmp_path: Path) -> None:
     config.write_text("colour = 'blue'\n")
     with pytest.raises(SettingsError, match="unknown setting 'colour'"):
         load_settings(environ={}, config_path=config)
-    with pytest.raises(SettingsError, match="VISION_SERVER_MAX_QUEUE: cannot use 'lots'"):
+    with pytest.raises(SettingsError, match=r"max_queue: cannot use 'lots'.*set by VISION_SERVER_MAX_QUEUE"):
         load_settings(environ={"VISION_SERVER_MAX_QUEUE": "lots"}, config_path=_empty(tmp_path))
 
 
@@ -113,8 +114,9 @@ def test_an_empty_key_in_the_environment_stops_the_start(tmp_path: Path) -> None
 
 @pytest.mark.parametrize(
     ("line", "message"),
-    [("port = 1.5", "port: .*whole number"), ("max-queue = true", "max-queue: .*not true/false"),
-     ("request-timeout = false", "request-timeout: .*not true/false")],
+    [("port = 1.5", "port: .*whole number .set by port in "),
+     ("max-queue = true", "max_queue: .*not true/false .set by max-queue in "),
+     ("request-timeout = false", "request_timeout: .*not true/false .set by request-timeout in ")],
 )  # fmt: skip
 def test_config_numbers_are_not_silently_truncated(tmp_path: Path, line: str, message: str) -> None:
     config = tmp_path / "config.toml"
@@ -145,7 +147,7 @@ def test_the_request_size_limit_takes_units(
 
 
 def test_a_request_size_limit_that_is_no_size_names_the_forms(tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match=r"--max-request-bytes: cannot use 'lots' \('lots' is not a size"):
+    with pytest.raises(SettingsError, match=r"max_request_bytes: cannot use 'lots': 'lots' is not a size"):
         load_settings({"max_request_bytes": "lots"}, environ={}, config_path=_empty(tmp_path))
     with pytest.raises(SettingsError, match="max_request_bytes must be at least 1, not 0"):
         load_settings({"max_request_bytes": "0MiB"}, environ={}, config_path=_empty(tmp_path))
@@ -171,13 +173,17 @@ def test_a_bad_value_says_where_it_was_set(tmp_path: Path, layer: str) -> None:
 @pytest.mark.parametrize(
     ("environ", "flags", "message"),
     [
-        ({"VISION_SERVER_PORT": "abc"}, {}, "VISION_SERVER_PORT: cannot use 'abc' (expected a whole number)"),
+        (
+            {"VISION_SERVER_PORT": "abc"},
+            {},
+            "port: cannot use 'abc': expected a whole number (set by VISION_SERVER_PORT)",
+        ),
         (
             {"VISION_SERVER_RATE_LIMIT": "x"},
             {},
-            "VISION_SERVER_RATE_LIMIT: cannot use 'x' (expected a number)",
+            "rate_limit: cannot use 'x': expected a number (set by VISION_SERVER_RATE_LIMIT)",
         ),
-        ({}, {"preload": "maybe"}, "--preload: cannot use 'maybe' (expected true/false)"),
+        ({}, {"preload": "maybe"}, "preload: cannot use 'maybe': expected true/false (set by --preload)"),
         ({"VISION_SERVER_IDLE_TIMEOUT": "300"}, {"idle_timeout": ("a:b",)}, "(set by --idle-timeout)"),
     ],
 )
@@ -197,6 +203,65 @@ def test_a_later_error_is_located_by_the_settings_and_a_default_is_not_named(tmp
     assert str(late) == "gallery /data is not a folder (set by VISION_SERVER_GALLERY)"
     assert str(settings.located(SettingsError("log_file x: no", setting="log_file"))) == "log_file x: no"
     assert str(settings.located(SettingsError("two at fault"))) == "two at fault"
+
+
+@pytest.mark.parametrize(
+    ("config", "environ", "flags", "start", "source"),
+    [
+        # a value of the wrong kind, from each layer
+        ("port = 'abc'\n", {}, {}, "port: cannot use 'abc': expected a whole number", "port in "),
+        ("", {"VISION_SERVER_PORT": "abc"}, {}, "port: cannot use 'abc'", "VISION_SERVER_PORT"),
+        ("", {}, {"port": "abc"}, "port: cannot use 'abc'", "--port"),
+        # a list variable that is no JSON list
+        ("", {"VISION_SERVER_MODEL": "[x"}, {}, "model: a variable's value", "VISION_SERVER_MODEL"),
+        # a NAME:VALUE entry that names no model, and one that cannot be read
+        ("", {}, {"revision": ("b:v2",)}, "revision: no model is named 'b'", "--revision"),
+        ("idle-timeout = ['a:x']\n", {}, {}, "idle_timeout: 'a:x' is not SECONDS", "idle-timeout in "),
+        # checks of a whole value; before, a message that happened to hold the source got none
+        ("", {"VISION_SERVER_API_KEY": ""}, {}, "api_key is empty", "VISION_SERVER_API_KEY"),
+        ("", {}, {"model": ("a=test:tiny",), "adapter": "/ad"}, "adapter: a separate adapter", "--adapter"),
+        ("", {}, {"ssl_key": "/k.pem"}, "ssl_cert and ssl_key must be given together", "--ssl-key"),
+        ("max-queue = 0\n", {}, {}, "max_queue must be at least 1", "max-queue in "),
+    ],
+)  # fmt: skip
+def test_every_settings_error_says_once_at_its_end_where_the_value_was_set(
+    tmp_path: Path, config: str, environ: dict[str, str], flags: dict[str, object], start: str, source: str
+) -> None:
+    """One shape for all: the setting first, then what is wrong, then ``(set by SOURCE)``, with
+    SOURCE (a flag, a variable, a key in a config file) named nowhere else in the message."""
+    path = tmp_path / "config.toml"
+    path.write_text(config)
+    where = f"{source}{path}" if source.endswith(" in ") else source
+    with pytest.raises(SettingsError) as refusal:
+        load_settings(flags, environ=environ, config_path=path)
+    message = str(refusal.value)
+    assert message.startswith(start)
+    assert message.endswith(f" (set by {where})")
+    assert message.count(where) == 1 and message.count("(set by") == 1
+
+
+def test_an_error_about_two_settings_names_where_each_was_set(tmp_path: Path) -> None:
+    """A certificate and a key that do not go together: either may be the wrong file."""
+    from vision_server.server import ssl_context
+
+    (tmp_path / "cert.pem").write_text("not a certificate")
+    (tmp_path / "key.pem").write_text("not a key")
+    settings = load_settings(
+        {"ssl_cert": tmp_path / "cert.pem"},
+        environ={"VISION_SERVER_SSL_KEY": str(tmp_path / "key.pem")},
+        config_path=_empty(tmp_path),
+    )
+    with pytest.raises(SettingsError) as refusal:
+        ssl_context(settings)
+    located = settings.located(refusal.value)
+    assert str(located).startswith(f"cannot use ssl_cert {tmp_path / 'cert.pem'} / ssl_key ")
+    assert str(located).endswith(" (set by --ssl-cert and VISION_SERVER_SSL_KEY)")
+    assert str(settings.located(located)) == str(located)  # located twice: still said once
+    flags = {"ssl_cert": tmp_path / "cert.pem", "ssl_key": tmp_path / "key.pem"}
+    both = load_settings(flags, environ={}, config_path=_empty(tmp_path))
+    with pytest.raises(SettingsError) as again:
+        ssl_context(both)
+    assert str(both.located(again.value)).endswith(" (set by --ssl-cert and --ssl-key)")
 
 
 def test_missing_explicit_config_is_an_error(tmp_path: Path) -> None:
@@ -249,7 +314,7 @@ def test_serve_help_names_every_test_model_preset() -> None:
 @pytest.mark.parametrize(
     ("config", "environ", "flags", "expected", "source"),
     [
-        ('default-model = "nope"\n', {}, {}, "default_model: no model is named 'nope'", "default_model in "),
+        ('default-model = "nope"\n', {}, {}, "default_model: no model is named 'nope'", "default-model in "),
         ("", {"VISION_SERVER_REVISION": "b:v2"}, {}, "revision: no model", "VISION_SERVER_REVISION"),
         ("", {}, {"model": ("a=test:tiny", "a=test:tiny")}, "model: the name 'a' is used twice", "--model"),
         ("", {"VISION_SERVER_IDLE_TIMEOUT": "b:5"}, {}, "idle_timeout: no", "VISION_SERVER_IDLE_TIMEOUT"),
@@ -271,12 +336,12 @@ def test_a_model_list_error_says_where_its_setting_was_set(
 @pytest.mark.parametrize(
     ("line", "message"),
     [
-        ("gallery = true", "gallery: cannot use True (expected a path)"),
-        ('cache_dir = ["a"]', "cache_dir: cannot use ['a'] (expected a path)"),
-        ("memory_budget = true", "memory_budget: cannot use True (expected text)"),
-        ('model = [["a"]]', "model: cannot use [['a']] (expected a list of text, not of lists"),
-        ('model = ["a", true]', "model: cannot use ['a', True] (expected a list of text"),
-        ("cors_origins = {a = 1}", "cors_origins: cannot use {'a': 1} (expected text or a list of text)"),
+        ("gallery = true", "gallery: cannot use True: expected a path"),
+        ('cache_dir = ["a"]', "cache_dir: cannot use ['a']: expected a path"),
+        ("memory_budget = true", "memory_budget: cannot use True: expected text"),
+        ('model = [["a"]]', "model: cannot use [['a']]: expected a list of text, not of lists"),
+        ('model = ["a", true]', "model: cannot use ['a', True]: expected a list of text"),
+        ("cors_origins = {a = 1}", "cors_origins: cannot use {'a': 1}: expected text or a list of text"),
     ],
 )
 def test_a_config_value_of_another_kind_is_refused_not_read_as_its_text(
@@ -287,7 +352,9 @@ def test_a_config_value_of_another_kind_is_refused_not_read_as_its_text(
     config.write_text(line + "\n")
     with pytest.raises(SettingsError) as refusal:
         load_settings(environ={}, config_path=config)
-    assert str(refusal.value).startswith(f"config file {config}: {message}")
+    key = line.split(" =")[0]
+    assert str(refusal.value).startswith(message)
+    assert str(refusal.value).endswith(f" (set by {key} in {config})")
 
 
 def test_a_config_number_where_text_belongs_is_its_text(tmp_path: Path) -> None:
