@@ -16,7 +16,8 @@ One ``--model`` value (a *spec*)::
 ``--idle-timeout``, ``--revision`` and ``--backend`` values are ``VALUE`` (the server-wide value) or
 ``NAME:VALUE`` (one model's own; split at the last ``:``, so names that hold a colon, such as
 ``test:tiny``, work). The values themselves never hold a colon: seconds, backend names, and git
-revisions (branches, tags, commits and ``refs/pr/N`` cannot contain one).
+revisions (branches, tags, commits and ``refs/pr/N`` cannot contain one), so an entry with more
+colons than its model's name is refused, saying which value it would have given.
 
 Everything here raises :class:`ValueError` with a message meant for the user; the settings turn
 it into a ``SettingsError``.
@@ -267,9 +268,9 @@ def build_specs(
         ("revision", own_revisions),
         ("backend", own_backends),
     ):
-        for name in named:
+        for name, value in named.items():
             if name not in seen:
-                raise ValueError(f"{setting}: no model is named {name!r}; the models are {_listed(names)}")
+                raise ValueError(_no_such_model(setting, name, value, names))
     for name, seconds in overrides.items():
         check_idle_seconds(f"idle_timeout for {name}", seconds)
     specs = [
@@ -284,6 +285,37 @@ def build_specs(
     if default is not None and default not in seen:
         raise ValueError(f"default_model: no model is named {default!r}; the models are {_listed(names)}")
     return tuple(specs)
+
+
+# What each NAME:VALUE setting's VALUE is, for its refusals.
+_VALUES = {
+    "idle_timeout": ("SECONDS", "a number of seconds"),
+    "revision": ("REVISION", "a revision (branch, tag, commit or refs/pr/N)"),
+    "backend": ("BACKEND", "a backend"),
+}
+
+
+def _no_such_model(setting: str, name: str, value: object, names: Sequence[str]) -> str:
+    """The refusal of a ``NAME:VALUE`` entry whose NAME, the text before its last ``:``, is no
+    served name. ``a:b:c`` beside a model ``a`` asks for the value ``b:c``, which cannot be: no
+    value holds a ``:`` (git forbids it in branch and tag names, a commit is hex), and reading
+    the entry at its first ``:`` instead would break names that hold one (``test:tiny``)."""
+    word, what = _VALUES[setting]
+    entry = f"{name}:{value:g}" if isinstance(value, float) else f"{name}:{value}"
+    listed = f"the models are {_listed(names)}"
+    owner = max((served for served in names if name.startswith(f"{served}:")), key=len, default=None)
+    if owner is not None:
+        meant = entry[len(owner) + 1 :]
+        return (
+            f"{setting}: {entry!r} is not {word} or NAME:{word}: for model {owner!r} it would be "
+            f"{meant!r}, and {what} never holds ':'"
+        )
+    if ":" in name:
+        return (
+            f"{setting}: {entry!r} is not {word} or NAME:{word}: NAME ends at the last ':', and no "
+            f"model is named {name!r}; {listed}"
+        )
+    return f"{setting}: no model is named {name!r}; {listed}"
 
 
 def _by_unique_name(specs: list[ModelSpec]) -> dict[str, ModelSpec]:

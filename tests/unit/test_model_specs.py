@@ -202,6 +202,63 @@ def test_bad_revisions_and_backends_name_the_setting(
         load_settings({"model": ("a=test:tiny", "b=./x"), **flags}, environ={}, config_path=_empty(tmp_path))
 
 
+@pytest.mark.parametrize(
+    ("entry", "expected"),
+    [
+        (
+            "a:b:c",
+            "revision: 'a:b:c' is not REVISION or NAME:REVISION: for model 'a' it would be 'b:c', "
+            "and a revision (branch, tag, commit or refs/pr/N) never holds ':'",
+        ),
+        (
+            "test:tiny:v1:v2",
+            "revision: 'test:tiny:v1:v2' is not REVISION or NAME:REVISION: for model 'test:tiny' it "
+            "would be 'v1:v2', and a revision (branch, tag, commit or refs/pr/N) never holds ':'",
+        ),
+        (
+            "x:y:z",
+            "revision: 'x:y:z' is not REVISION or NAME:REVISION: NAME ends at the last ':', and no "
+            "model is named 'x:y'; the models are 'a', 'test:tiny'",
+        ),
+    ],
+)
+@pytest.mark.parametrize("place", ["flag", "environment", "config"])
+def test_a_revision_entry_with_a_colon_in_its_value_is_refused(
+    tmp_path: Path, entry: str, expected: str, place: str
+) -> None:
+    """No branch, tag or commit holds ':', so ``a:b:c`` is a mistake, never model a at ``b:c``;
+    reading it at the first ':' instead would break names that hold one (``test:tiny:main``)."""
+    config = tmp_path / "config.toml"
+    models = 'model = ["a=test:tiny", "test:tiny"]\n'
+    config.write_text(models + (f'revision = ["{entry}"]\n' if place == "config" else ""))
+    flags: dict[str, object] = {"revision": (entry,)} if place == "flag" else {}
+    environ = {"VISION_SERVER_REVISION": entry} if place == "environment" else {}
+    with pytest.raises(SettingsError) as refusal:
+        load_settings(flags, environ=environ, config_path=config)
+    where = {"flag": "--revision", "environment": "VISION_SERVER_REVISION", "config": f"revision in {config}"}
+    assert str(refusal.value) == f"{expected} (set by {where[place]})"
+    # the name with a colon still takes its own revision
+    config.write_text(models)
+    specs = load_settings({"revision": ("test:tiny:v1",)}, environ={}, config_path=config).model_specs
+    assert [(spec.name, spec.revision) for spec in specs] == [("a", None), ("test:tiny", "v1")]
+
+
+def test_an_idle_timeout_or_backend_entry_with_a_colon_in_its_value_is_refused(tmp_path: Path) -> None:
+    for flags, expected in (
+        (
+            {"idle_timeout": ("a:b:5",)},
+            "idle_timeout: 'a:b:5' is not SECONDS or NAME:SECONDS: for model 'a' it would be 'b:5'",
+        ),
+        (
+            {"backend": ("a::blip",)},
+            "backend: 'a::blip' is not BACKEND or NAME:BACKEND: for model 'a' it would be ':blip'",
+        ),
+    ):
+        with pytest.raises(SettingsError) as refusal:
+            load_settings({"model": ("a=test:tiny",), **flags}, environ={}, config_path=_empty(tmp_path))
+        assert str(refusal.value).startswith(expected)
+
+
 # --- adapters checked at start ----------------------------------------------------------------
 
 
