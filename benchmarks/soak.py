@@ -4,8 +4,11 @@ One command starts ``vision-server serve`` (the self-built tiny model by default
 warms it up, then sends ``--requests`` requests spread over every route family (native, OpenAI
 plain and streamed, SillyTavern Extras, multipart ``/caption`` and ``/batch_caption``) from
 ``--clients`` concurrent clients. About ``--abort-fraction`` of them are abandoned at a random
-moment (while uploading, queued, running or answering): the client closes its connection. A few
-(``--bad-fraction``) carry a file that is not an image and must get a 4xx.
+moment (while uploading, queued, running or answering): the client closes its connection. That
+moment falls within ``--abort-window`` seconds, by default the warm-up's median request time, so
+that most planned hang-ups land before the reply on a machine of any speed (a fixed window longer
+than a request takes on a fast machine is mostly answered first). A few (``--bad-fraction``) carry
+a file that is not an image and must get a 4xx.
 
 At the end it checks, and prints as a table and one JSON line:
 
@@ -165,6 +168,13 @@ async def send(session: aiohttp.ClientSession, url: str, kind: str, image: bytes
         return response.status
 
 
+async def timed_send(session: aiohttp.ClientSession, url: str, kind: str, image: bytes) -> tuple[int, float]:
+    """:func:`send`, and how many seconds it took."""
+    started = time.perf_counter()
+    status = await send(session, url, kind, image)
+    return status, time.perf_counter() - started
+
+
 @dataclass
 class Plan:
     """What each request will be, drawn up front from one seed, so runs are repeatable."""
@@ -172,7 +182,7 @@ class Plan:
     kinds: list[str]
     images: list[int]
     bad: list[bool]
-    abort_after: list[float | None]
+    abort_at: list[float | None]  # a fraction of the abort window: the seed fixes which and when
 
     @classmethod
     def draw(cls, args: argparse.Namespace, image_count: int) -> Plan:
@@ -182,10 +192,7 @@ class Plan:
             kinds=[rng.choice(KINDS) for _ in range(n)],
             images=[rng.randrange(image_count) for _ in range(n)],
             bad=[rng.random() < args.bad_fraction for _ in range(n)],
-            abort_after=[
-                rng.uniform(0.0, args.abort_window) if rng.random() < args.abort_fraction else None
-                for _ in range(n)
-            ],
+            abort_at=[rng.random() if rng.random() < args.abort_fraction else None for _ in range(n)],
         )
 
 
@@ -210,9 +217,10 @@ class Memory:
 
 
 async def one(
-    session: aiohttp.ClientSession, url: str, plan: Plan, index: int, images: list[bytes]
+    session: aiohttp.ClientSession, url: str, plan: Plan, index: int, images: list[bytes], window: float
 ) -> Outcome:
-    kind, bad, abort_after = plan.kinds[index], plan.bad[index], plan.abort_after[index]
+    kind, bad, abort_at = plan.kinds[index], plan.bad[index], plan.abort_at[index]
+    abort_after = None if abort_at is None else abort_at * window
     outcome = Outcome(index, kind, bad)
     image = NOT_AN_IMAGE if bad else images[plan.images[index]]
     started = time.perf_counter()
@@ -237,7 +245,7 @@ async def one(
 
 async def run_clients(
     session: aiohttp.ClientSession, url: str, plan: Plan, images: list[bytes], args: argparse.Namespace,
-    memory: Memory,
+    memory: Memory, window: float,
 ) -> list[Outcome]:  # fmt: skip
     outcomes: list[Outcome] = []
     next_index = 0
@@ -248,7 +256,7 @@ async def run_clients(
         while next_index < args.requests:
             index = next_index
             next_index += 1
-            outcomes.append(await one(session, url, plan, index, images))
+            outcomes.append(await one(session, url, plan, index, images, window))
             if len(outcomes) == half:
                 memory.mark("middle")
 
@@ -307,16 +315,19 @@ async def soak(args: argparse.Namespace, url: str, pid: int, log_path: Path) -> 
         # Warm-up at full concurrency, every kind and image: the allocators reach their working
         # size for full batches of large images before the first sample is taken.
         warmup = [(KINDS[n % len(KINDS)], images[n % len(images)]) for n in range(args.warmup)]
+        warmup_seconds = []
         for start in range(0, len(warmup), args.clients):
             chunk = warmup[start : start + args.clients]
-            statuses = await asyncio.gather(*(send(session, url, kind, image) for kind, image in chunk))
-            if set(statuses) != {200}:
-                raise SystemExit(f"warm-up got {statuses}")
+            answers = await asyncio.gather(*(timed_send(session, url, kind, image) for kind, image in chunk))
+            if {status for status, _ in answers} != {200}:
+                raise SystemExit(f"warm-up got {[status for status, _ in answers]}")
+            warmup_seconds += [seconds for _, seconds in answers]
+        window = args.abort_window if args.abort_window is not None else statistics.median(warmup_seconds)
         memory.mark("start")
         stop_watch = asyncio.Event()
         watcher = asyncio.create_task(memory.watch(stop_watch))
         started = time.perf_counter()
-        outcomes = await run_clients(session, url, plan, images, args, memory)
+        outcomes = await run_clients(session, url, plan, images, args, memory, window)
         wall = time.perf_counter() - started
         engine, settle_seconds = await settle(session, url, args.settle_timeout)
         final_status = await send(session, url, "native", images[0])
@@ -339,9 +350,11 @@ async def soak(args: argparse.Namespace, url: str, pid: int, log_path: Path) -> 
         "ok_200": sum(o.status == 200 for o in completed),
         "bad_inputs_4xx": sum(o.bad and o.status is not None and 400 <= o.status < 500 for o in completed),
         "bad_inputs_sent": sum(o.bad for o in outcomes),
+        "abort_window_s": round(window, 3),
+        "abort_planned": sum(at is not None for at in plan.abort_at),
         "aborted_by_client": sum(o.aborted for o in outcomes),
         "abort_planned_but_answered_first": sum(
-            plan.abort_after[o.index] is not None and not o.aborted for o in outcomes
+            plan.abort_at[o.index] is not None and not o.aborted for o in outcomes
         ),
         "unexpected_status": sorted(
             {f"{o.kind}:{o.status}" for o in completed if (o.status != 200) != o.bad}
@@ -382,7 +395,10 @@ def print_table(results: dict[str, Any]) -> None:
         ("wall / throughput", f"{results['wall_s']} s / {results['throughput_req_s']} req/s"),
         ("200 OK", results["ok_200"]),
         ("bad inputs -> 4xx", f"{results['bad_inputs_4xx']} of {results['bad_inputs_sent']}"),
-        ("aborted by client", results["aborted_by_client"]),
+        (
+            "aborted by client (planned, window)",
+            f"{results['aborted_by_client']} ({results['abort_planned']}, 0..{results['abort_window_s']} s)",
+        ),
         ("5xx (client / server)", f"{results['client_5xx']} / {results['server_5xx']}"),
         ("server-side 499 (client gone)", results["server_499"]),
         ("latency p50 / p95 (200s)", f"{results['p50_s']} s / {results['p95_s']} s"),
@@ -407,7 +423,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--requests", type=int, default=1000)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--abort-fraction", type=float, default=0.10)
-    parser.add_argument("--abort-window", type=float, default=0.3, help="aborts happen 0..this many s in")
+    parser.add_argument(
+        "--abort-window", type=float, default=None,
+        help="aborts happen 0..this many s in (default: the warm-up's median request time)",
+    )  # fmt: skip
     parser.add_argument("--bad-fraction", type=float, default=0.03)
     parser.add_argument("--images", type=int, default=24)
     parser.add_argument("--warmup", type=int, default=96, help="requests before the start sample")

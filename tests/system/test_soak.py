@@ -30,17 +30,20 @@ def test_soak_1000_requests_with_disconnects(
     soak = import_file(SOAK, "soak")
     out = tmp_path / "soak.json"
     cache_dir = tiny_settings(tmp_path_factory).cache_dir
-    # Hang-ups come 0..0.15 s in, about as long as a reply takes here (p50 0.14 s): most planned
-    # ones happen (about 130 of 150). With the script's 0..0.3 s a machine a little faster than
-    # this one answered all but 49 of about 100 first, and the count below fell short.
-    args = ["--requests", "1000", "--abort-fraction", "0.15", "--abort-window", "0.15"]
+    # The seed plans 149 hang-ups; each comes within the warm-up's median request time, so most
+    # land before the reply on a machine of any speed (104 to 140 here, loaded or not). A fixed
+    # window (0..0.3 s) let a machine a little faster than this one answer all but 49 of 103 first.
+    args = ["--requests", "1000", "--abort-fraction", "0.15"]
     code = soak.main([*args, "--cache-dir", str(cache_dir), "--json-out", str(out)])
     results = json.loads(out.read_text())
     table = capsys.readouterr().out
     failed = [name for name, ok in results["checks"].items() if not ok]
     assert code == 0 and not failed, f"failed checks {failed}:\n{table}"
-    assert results["requests"] == 1000 and results["aborted_by_client"] >= 50
+    assert results["requests"] == 1000 and results["abort_planned"] == 149, table
+    assert results["aborted_by_client"] >= 50, table
     assert results["client_5xx"] == 0 and results["server_5xx"] == 0
     assert results["queue_depth_after"] == 0 and results["jobs_running_after"] == 0
-    # the server saw the hang-ups (a client that leaves after the last byte was sent counts 200)
-    assert 0.8 * results["aborted_by_client"] <= results["server_499"] <= results["aborted_by_client"]
+    # The server saw the hang-ups. A client that leaves after the last byte was sent counts 200; one
+    # that leaves before the server read its request is never seen (at most 2 of 137 in 7 runs here).
+    aborted = results["aborted_by_client"]
+    assert 0.8 * aborted <= results["server_499"] <= aborted, table
