@@ -59,9 +59,10 @@ class Recorder:
         self.busy_first = 0  # answer this many requests with 503 + Retry-After first
         self.reject = False
         self.delay = 0.0
+        self.together = 0  # hold each request until this many are in flight (30 s at most)
         self.in_flight = 0
         self.max_in_flight = 0
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
 
 
 @pytest.fixture
@@ -79,6 +80,11 @@ def server() -> Iterator[tuple[str, Recorder]]:
                 recorder.max_in_flight = max(recorder.max_in_flight, recorder.in_flight)
                 busy = recorder.busy_first > 0
                 recorder.busy_first -= busy
+                recorder.lock.notify_all()
+                if not recorder.lock.wait_for(
+                    lambda: recorder.max_in_flight >= recorder.together, timeout=30
+                ):
+                    recorder.together = 0  # never came: the rest need not wait too
             time.sleep(recorder.delay)
             with recorder.lock:
                 recorder.in_flight -= 1
@@ -183,13 +189,12 @@ def test_png_round_trip(node: ModuleType) -> None:
 
 def test_captions_in_batch_order(node: ModuleType, server: tuple[str, Recorder]) -> None:
     url, recorder = server
-    recorder.delay = 0.2
     reds = [10, 20, 30, 40]
-    started = time.monotonic()
+    # Each request is held until all four are in: one at a time, the first would wait 30 s alone.
+    recorder.together = len(reds)
     captions = node.caption_batch(batch(reds), "caption", url, api_key="sekret")
     assert captions == [f"<CAPTION> r={red}" for red in reds]
-    assert recorder.max_in_flight > 1  # sent in parallel so the server can batch them
-    assert time.monotonic() - started < 0.2 * len(reds)
+    assert recorder.max_in_flight == len(reds)  # sent in parallel so the server can batch them
     assert {h["Authorization"] for h in recorder.headers} == {"Bearer sekret"}
     assert {b["prompt"] for b in recorder.bodies} == {"<CAPTION>"}
 
