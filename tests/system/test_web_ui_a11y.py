@@ -299,16 +299,16 @@ def test_saving_by_keyboard_keeps_focus(page: Page, server: str, data: GalleryDa
     box.focus()
     page.keyboard.type("a tree under a blue sky")
     card = page.locator('.card[data-path="img02.png"]')
-    expect(card.get_by_role("status")).to_have_text("unsaved changes (Ctrl+S saves)")
+    expect(card.locator(".card-message")).to_have_text("unsaved changes (Ctrl+S saves)")
     page.keyboard.press("Control+s")
-    expect(card.get_by_role("status")).to_have_text("saved")
+    expect(card.locator(".card-message")).to_have_text("saved")
     assert (data.root / "img02.txt").read_text(encoding="utf-8") == "a tree under a blue sky"
     assert page.evaluate(FOCUSED) == "caption of img02.png"  # still typing in the same box
     page.keyboard.type(", green grass")
     page.keyboard.press("Tab")
     assert page.evaluate(FOCUSED) == "Save caption of img02.png"
     page.keyboard.press("Enter")
-    expect(card.get_by_role("status")).to_have_text("saved")
+    expect(card.locator(".card-message")).to_have_text("saved")
     assert (data.root / "img02.txt").read_text(encoding="utf-8") == "a tree under a blue sky, green grass"
     assert page.evaluate(FOCUSED) == "Save caption of img02.png"  # the redrawn button, not the page top
     page.keyboard.press("Tab")
@@ -333,7 +333,7 @@ def test_an_unsaved_edit_survives_a_recaption_and_paging(page: Page, server: str
     page.get_by_role("button", name="Previous").press("Enter")
     expect(page.locator("#page-info")).to_have_text("page 1 of 3 · 7 images")  # shown on its card
     expect(box).to_have_value(before + ", sleeping")
-    expect(card.get_by_role("status")).to_have_text("unsaved changes (Ctrl+S saves)")
+    expect(card.locator(".card-message")).to_have_text("unsaved changes (Ctrl+S saves)")
     assert (data.root / "img00.txt").read_text(encoding="utf-8") == before  # nothing saved unasked
     asked: list[str] = []
 

@@ -116,7 +116,7 @@ def test_a_caption_that_cannot_be_made_is_an_alert_naming_its_card(page: Page) -
     expect(alert).not_to_have_text(re.compile(r"^broken01\.png: captioned"))
     said = alert.inner_text()
     expect(card.locator(".card-error")).to_have_text(said.removeprefix("broken01.png: "))  # and seen there
-    expect(card.get_by_role("status")).to_have_text("")
+    expect(card.locator(".card-message")).to_have_text("")
     assert page.evaluate(LIVE_TEXTS).count(said) == 1
     page.get_by_role("checkbox", name="good.png").check()
     page.get_by_role("button", name="Re-caption selected").press("Enter")

@@ -2,7 +2,7 @@
 // as tabs.
 
 import { ApiError, apiJson, forgetKey, storeKey, storedKey, whenUnauthorized } from "./api.js";
-import { $, setAlert, show } from "./dom.js";
+import { $, announce, quietView, show } from "./dom.js";
 import { startGallery } from "./gallery.js";
 import { startStatus } from "./status.js";
 import { startTry } from "./tryit.js";
@@ -17,6 +17,7 @@ function route() {
   for (const name of PAGES) {
     const shown = name === wanted;
     show($(`page-${name}`), shown);
+    if (!shown) quietView($(`page-${name}`)); // its old alerts are not read out again on return
     const tab = $(`nav-${name}`);
     tab.setAttribute("aria-selected", String(shown)); // heard, not only underlined
     tab.tabIndex = shown ? 0 : -1; // one stop for the whole tab list: Tab goes on into the panel
@@ -47,8 +48,11 @@ function onTabKey(event) {
 function askForKey(message) {
   show($("key-panel"), true);
   show($("tabs"), false);
-  for (const name of PAGES) show($(`page-${name}`), false);
-  setAlert($("key-error"), storedKey() ? message : "");
+  for (const name of PAGES) {
+    show($(`page-${name}`), false);
+    quietView($(`page-${name}`));
+  }
+  announce($("key-error"), storedKey() ? message : "");
   $("key-input").focus();
 }
 
@@ -60,7 +64,7 @@ async function start() {
       askForKey(error.message);
     } else {
       show($("load-error"), true);
-      setAlert($("load-error"), `The page could not start: ${error.message}`);
+      announce($("load-error"), `The page could not start: ${error.message}`);
     }
     return;
   }

@@ -10,28 +10,70 @@ export function show(element, visible = true) {
   element.hidden = !visible;
 }
 
-// An alert (role=alert) is emptied at once and its text put in only once the page has been
-// drawn without it: a message repeated word for word (the same save failing twice) is then new
-// text to the accessibility tree and read out again, not taken for no change. What each box says
-// or is about to say is kept here, so a newer message, or emptying it, replaces one on its way.
-const ALERT_DELAY_MS = 100;
-const alerts = new WeakMap(); // alert box -> { text }
+// A live region (an alert, or the gallery's echo of its cards' messages) is emptied at once and
+// its text put in only once the page has been drawn without it: a message repeated word for word
+// (the same save failing twice) is then new text to the accessibility tree and read out again,
+// not taken for no change. What each box says or is about to say is kept here, so a newer
+// message, or emptying it, replaces one on its way.
+const ANNOUNCE_DELAY_MS = 100;
+const said = new WeakMap(); // live region -> { text }
 
-export function setAlert(box, text) {
+// A live region belongs to the view (tab panel) it is in. In a hidden view nobody hears it, and
+// once the view is shown again a screen reader reads out an alert that appears with it as if new:
+// a burst of old errors. So in a hidden view an alert that says something is plain text (the
+// view's state, seen and readable when the user comes back, not announced; an empty one stays an
+// alert, as it reads out nothing) and an echo (class "echo": a hidden copy of what the view shows
+// elsewhere) is empty. The alert is an alert again with its next message.
+function inHiddenView(box) {
+  return Boolean(box.closest("[role=tabpanel][hidden]"));
+}
+
+function quiet(box) {
+  if (box.classList.contains("echo")) {
+    said.delete(box);
+    setText(box, "");
+    return;
+  }
+  if (announced(box)) {
+    box.removeAttribute("role");
+    box.dataset.quietAlert = "";
+  } else if ("quietAlert" in box.dataset) {
+    delete box.dataset.quietAlert; // nothing to say: an empty alert, shown, reads out nothing
+    box.setAttribute("role", "alert");
+  }
+}
+
+// Called for a view being hidden: its live regions go quiet (see above).
+export function quietView(panel) {
+  for (const box of panel.querySelectorAll("[role=alert], [data-quiet-alert], .echo")) quiet(box);
+}
+
+export function announce(box, text) {
   const wanted = { text: text == null ? "" : String(text) };
-  alerts.set(box, wanted);
+  said.set(box, wanted);
+  if (inHiddenView(box)) {
+    setText(box, wanted.text);
+    quiet(box);
+    return;
+  }
   setText(box, "");
+  if ("quietAlert" in box.dataset) {
+    delete box.dataset.quietAlert;
+    box.setAttribute("role", "alert"); // empty: its text comes as a change, and is read out
+  }
   if (!wanted.text) return;
   requestAnimationFrame(() => {
     setTimeout(() => {
-      if (alerts.get(box) === wanted) setText(box, wanted.text);
-    }, ALERT_DELAY_MS);
+      if (said.get(box) !== wanted) return;
+      if (inHiddenView(box)) quiet(box); // hidden in the meantime
+      if (said.get(box) === wanted) setText(box, wanted.text);
+    }, ANNOUNCE_DELAY_MS);
   });
 }
 
-// What an alert box says, or is about to say.
-export function alertText(box) {
-  return alerts.has(box) ? alerts.get(box).text : box.textContent;
+// What a live region says, or is about to say.
+export function announced(box) {
+  return said.has(box) ? said.get(box).text : box.textContent;
 }
 
 // A message in one of two live regions: progress and results in a polite one (role=status, read
@@ -39,7 +81,7 @@ export function alertText(box) {
 // once). The other is emptied, so an old error does not stay beside new progress.
 export function tell(politeBox, alertBox, text, isError = false) {
   setText(politeBox, isError ? "" : text);
-  setAlert(alertBox, isError ? text : "");
+  announce(alertBox, isError ? text : "");
 }
 
 export function clear(element) {

@@ -2,7 +2,7 @@
 // editing the .txt caption, fresh captions from the model, re-captioning and exporting a selection.
 
 import { api, apiJson, postJson } from "./api.js";
-import { $, alertText, clear, fillModels, fillTasksOf, make, pickedModel, setAlert, setText, show, tell } from "./dom.js";
+import { $, announce, announced, clear, fillModels, fillTasksOf, make, pickedModel, setText, show, tell } from "./dom.js";
 
 const CHUNK = 16; // images per re-caption request, so the page shows progress
 const THUMBS_AT_ONCE = 6;
@@ -34,21 +34,44 @@ function message(text, isError = false) {
   alertFrom = null;
 }
 
-// A card's own line: "saved", "unsaved changes", progress, read politely. A failed save or
-// caption shows on the card and is read out at once through the gallery's one alert, which names
-// the image: 48 cards with an alert region each were 48 live regions for a screen reader to track.
-// The card's next message takes its error out of the alert, as a new message takes it off the card.
+// Whether a message names the image `name` already (the server's "a.jpg shares its caption
+// file ..." or "Cannot write the caption file a.txt of a.jpg: ..."): the name as a whole word,
+// not the end of another path (sub/a.jpg) nor the start of another name (a.jpg.bak).
+function namesImage(text, name) {
+  for (let at = text.indexOf(name); at >= 0; at = text.indexOf(name, at + 1)) {
+    const before = at === 0 ? " " : text[at - 1];
+    const after = text.slice(at + name.length, at + name.length + 2);
+    if (/\s/.test(before) && /^($|[\s:;,)]|\.($|\s))/.test(after)) return true;
+  }
+  return false;
+}
+
+// A card's message as heard away from its card: with the image's name first, unless it names
+// the image itself ("a.jpg: a.jpg shares its caption file ..." said it twice).
+function aboutCard(path, text) {
+  const name = names.get(path) ?? path;
+  return namesImage(text, name) ? text : `${name}: ${text}`;
+}
+
+// A card's own line: "saved", "unsaved changes", progress; a failed save or caption in red. The
+// card's lines are not live regions (48 cards were 48 regions for a screen reader to track):
+// what a card says is read out once, with the image's name, through the gallery's one echo
+// region (politely) or its one alert (an error, at once). The card's next message takes its
+// error out of the alert, as a new message takes it off the card.
 function cardMessage(card, text, isError = false) {
   const path = card.dataset.path;
   setText(card.querySelector(".card-message"), isError ? "" : text);
   setText(card.querySelector(".card-error"), isError ? text : "");
   if (isError) {
-    setAlert($("gallery-alert"), `${names.get(path) ?? path}: ${text}`);
+    announce($("gallery-alert"), aboutCard(path, text));
     alertFrom = path;
-  } else if (alertFrom === path) {
-    setAlert($("gallery-alert"), "");
+    return;
+  }
+  if (alertFrom === path) {
+    announce($("gallery-alert"), "");
     alertFrom = null;
   }
+  if (text) announce($("card-status"), aboutCard(path, text));
 }
 
 function updateSelection() {
@@ -64,10 +87,12 @@ function isSaveKey(event) {
   return (event.ctrlKey || event.metaKey) && (event.key === "s" || event.key === "S" || event.key === "Enter");
 }
 
+const UNSAVED = "unsaved changes (Ctrl+S saves)";
+
 function markUnsaved(card, unsaved) {
   if (card.classList.contains("unsaved") === unsaved) return; // say it once, not at every key
   card.classList.toggle("unsaved", unsaved);
-  cardMessage(card, unsaved ? "unsaved changes (Ctrl+S saves)" : "");
+  cardMessage(card, unsaved ? UNSAVED : "");
 }
 
 function sourceBox(item, source, card) {
@@ -139,6 +164,11 @@ function makeCard(item) {
   broken.id = `thumb-error-${++cardCount}`;
   open.setAttribute("aria-describedby", broken.id); // why there is no thumbnail, heard on the button
   open.addEventListener("click", () => showImage(item));
+  if (drafts.has(item.path)) {
+    // Drawn with its draft (back on its page): shown, not read out again for every such card.
+    card.classList.add("unsaved");
+    setText(card.querySelector(".card-message"), UNSAVED);
+  }
   fillCard(card, item);
   return card;
 }
@@ -157,17 +187,17 @@ async function showImage(item) {
   image.alt = path;
   // The file came but the browser cannot draw it (not really an image, or a format it lacks).
   image.onerror = () => {
-    if (image.src) setAlert($("viewer-error"), `${path} cannot be shown: the browser cannot read it as an image.`);
+    if (image.src) announce($("viewer-error"), `${path} cannot be shown: the browser cannot read it as an image.`);
   };
   if (image.src) URL.revokeObjectURL(image.src);
   image.removeAttribute("src");
-  setAlert($("viewer-error"), "");
+  announce($("viewer-error"), "");
   if (!viewer.open) viewer.showModal();
   try {
     const blob = await (await api(fileUrl("image", item))).blob();
     image.src = URL.createObjectURL(blob);
   } catch (error) {
-    setAlert($("viewer-error"), error.message); // an alert: the image asked for will not come
+    announce($("viewer-error"), error.message); // an alert: the image asked for will not come
   }
 }
 
@@ -225,8 +255,9 @@ async function load() {
   }
   if (ticket !== loading) return; // a newer search or page replaced this one
   if (thumbNotice && $("gallery-message").textContent === thumbNotice) message("");
-  if (loadFailure && alertText($("gallery-alert")) === loadFailure) message("");
-  if (alertFrom !== null) setAlert($("gallery-alert"), ""); // its card is drawn anew, without it
+  if (loadFailure && announced($("gallery-alert")) === loadFailure) message("");
+  if (alertFrom !== null) announce($("gallery-alert"), ""); // its card is drawn anew, without it
+  announce($("card-status"), ""); // about a card no longer shown
   alertFrom = null;
   thumbNotice = "";
   loadFailure = "";

@@ -2,7 +2,7 @@
 // see the caption, its time and queue wait.
 
 import { api } from "./api.js";
-import { $, fillModels, fillTasksOf, pickedModel, seconds, setAlert, setText, show } from "./dom.js";
+import { $, announce, fillModels, fillTasksOf, pickedModel, seconds, setText, show } from "./dom.js";
 
 let current = null; // the File being captioned
 let previewUrl = null;
@@ -18,7 +18,7 @@ function busy(running) {
 function choose(file) {
   if (!file) return;
   if (file.type && !file.type.startsWith("image/")) {
-    setAlert($("try-error"), `${file.name} is not an image (${file.type}).`);
+    announce($("try-error"), `${file.name} is not an image (${file.type}).`);
     return;
   }
   current = file;
@@ -38,7 +38,7 @@ async function run() {
   const model = pickedModel($("model"), shown);
   if (model) form.append("model", model);
   busy(true);
-  setAlert($("try-error"), "");
+  announce($("try-error"), "");
   setText($("try-caption"), "");
   setText($("try-timing"), "captioning…");
   document.body.dataset.tryState = "running";
@@ -51,7 +51,7 @@ async function run() {
     document.body.dataset.tryState = "done";
   } catch (error) {
     setText($("try-timing"), "");
-    setAlert($("try-error"), error.message);
+    announce($("try-error"), error.message);
     document.body.dataset.tryState = "failed";
   } finally {
     busy(false);
