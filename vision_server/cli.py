@@ -298,7 +298,13 @@ def _train_options(func: F) -> F:
 
 @main.command(context_settings={"max_content_width": 110})
 @_train_options
-def train(**params: Any) -> None:
+@click.option(
+    "--config",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help=CONFIG_HELP.replace("). [", "); train reads model, revision, device and cache_dir from it. [", 1),
+)
+def train(config: Path | None, **params: Any) -> None:
     """Fine-tune the model on your own captions: a LoRA adapter for serve/caption --adapter.
 
     The dataset is checked first (images without captions, captions without images, unreadable
@@ -309,7 +315,10 @@ def train(**params: Any) -> None:
     was written), 1 unusable dataset or model, or the run stopped on a full disk or on an image
     that changed (the message says what was kept and how to go on), 2 bad usage, 130/143 stopped
     by Ctrl+C/SIGTERM after a checkpoint (continue with --resume OUTPUT).
+
+    The model, its revision, the device and the cache dir come from the config file and the
+    VISION_SERVER_* variables when not given, as for serve (flags > variables > config file).
     """
     from vision_server.train.command import run_command
 
-    sys.exit(run_command(params))
+    sys.exit(run_command(params, config))

@@ -11,7 +11,9 @@ The lock is ``fcntl.flock`` on Unix and a Windows file lock (both through ``file
 hidden ``.NAME.lock`` file beside the output. The system drops it when the process ends, however
 it ends (``kill -9`` included), so a crashed run never leaves a stale lock. On Unix the empty
 lock file stays (``filelock`` deletes it on Windows only): deleting it on release would let a
-run that opened it just before lock a file no other run can find. Another user's run may then
+run that opened it just before lock a file no other run can find. (A training run that stops
+before writing anything takes away the one it made, while still holding it: see
+:func:`remove_lock_file`.) Another user's run may then
 find it not writable: it is locked through reading it, which ``flock`` allows. Standard library and
 ``filelock`` only: the client takes the same lock.
 """
@@ -25,7 +27,7 @@ import shlex
 import stat
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -107,13 +109,17 @@ def lock_path(output: Path) -> Path:
 
 
 @contextmanager
-def holding(outputs: list[Path]) -> Iterator[frozenset[Path]]:
+def holding(outputs: list[Path], made: list[Path] | None = None) -> Iterator[frozenset[Path]]:
     """Hold the lock of each of ``outputs`` until the block ends; raise :class:`OutputBusy` at
     once (without waiting) when another run holds one of them, or :class:`LockUnusable` when its
     lock file is in the way, after letting go of those taken.
 
     Yields those of ``outputs`` (as given) whose lock this run holds: while it does, no other run
     writes them, so a temp file of theirs is a dead run's, however young (its sweep need not wait).
+
+    ``made``, when given, gets the lock files that did not exist before this call took them: a
+    start that fails before writing anything may take them away again (:func:`remove_lock_file`,
+    while the block still holds them).
 
     Each output's folder must exist: ``filelock`` would make it (the caller refuses a missing
     one first). A lock file that cannot be created where the folder takes no new file (an
@@ -126,6 +132,7 @@ def holding(outputs: list[Path]) -> Iterator[frozenset[Path]]:
     try:
         for output in outputs:
             path = lock_path(output)
+            existed = os.path.lexists(path)
             lock = FileLock(path, timeout=0, thread_local=False)
             try:
                 lock.acquire()
@@ -146,12 +153,31 @@ def holding(outputs: list[Path]) -> Iterator[frozenset[Path]]:
             else:
                 taken.append(lock)
             locked.append(output)
+            if made is not None and not existed:
+                made.append(path)
         yield frozenset(locked)
     finally:
         for lock in reversed(taken):
             lock.release()
         for fd in read_locks:
             os.close(fd)  # the lock goes with it
+
+
+def remove_lock_file(path: Path) -> None:
+    """Take away the lock file ``path`` that this run made and still holds (see ``made`` in
+    :func:`holding`), so a run that stopped before writing anything leaves no trace.
+
+    Removed while held: a run that opens it meanwhile finds the lock taken, or (opened just
+    before, locked just after this run lets go) the file unlinked, which the lock takers check
+    (:func:`_lock_by_reading`; ``filelock`` 4 does the same), so it looks again and makes a new
+    one. From then on another run may lock a new file of that name, so this is the run's last
+    act before it lets go. On Windows ``filelock`` deletes the file when it lets go: nothing to
+    do there. A file that cannot be removed stays: harmless."""
+    if sys.platform == "win32":
+        return
+    with suppress(OSError):
+        if stat.S_ISREG(os.lstat(path).st_mode):
+            path.unlink()
 
 
 class _NoLocksHere(Exception):
@@ -163,7 +189,7 @@ class _NoLocksHere(Exception):
         self.reason = error.strerror or str(error)
 
 
-def _lock_by_reading(output: Path, path: Path, failure: BaseException) -> int:
+def _lock_by_reading(output: Path, path: Path, failure: BaseException, tries: int = 3) -> int:
     """One look at the lock file ``path`` after ``filelock`` could not take it (``failure``): the
     lock taken through a descriptor opened for reading, returned and held until it is closed; or
     why not, as the run should take it: :class:`OutputBusy` when another process holds it (the one
@@ -199,18 +225,23 @@ def _lock_by_reading(output: Path, path: Path, failure: BaseException) -> int:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
         raise LockUnusable(output, path, f"cannot be opened ({_reason(exc)})") from None
-    keep = False
+    keep = gone = False
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise LockUnusable(output, path, _NOT_PLAIN) from None
         if not _take(fd):
             raise OutputBusy(output, path) from None
-        keep = sys.platform != "win32"
+        # Unlinked between the open and the lock (a run that made it took it away as it let go,
+        # remove_lock_file): a lock on a file no other run can find is none; look again.
+        gone = os.fstat(fd).st_nlink == 0 and tries > 1
+        keep = sys.platform != "win32" and not gone
     except OSError as exc:
         raise LockUnusable(output, path, f"cannot be locked ({_reason(exc)})") from None
     finally:
         if not keep:
             os.close(fd)
+    if gone:
+        return _lock_by_reading(output, path, failure, tries - 1)
     if keep:
         return fd
     raise LockUnusable(output, path, f"could not be locked ({_reason(failure)})") from None

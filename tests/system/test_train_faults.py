@@ -415,3 +415,50 @@ def test_a_validation_image_deleted_before_the_last_validation_leaves_only_it_to
     history = json.loads((output / "training.json").read_text())["history"]
     assert [(entry["epoch"], entry["step"]) for entry in history] == [(1, 4)]
     assert history[0]["val_loss"] is not None and (output / "adapter_config.json").is_file()
+
+
+def _tree(root: Path) -> dict[str, tuple[int, int]]:
+    """Every path under ``root`` (hidden ones included) with its inode and size."""
+    return {str(p.relative_to(root)): (p.lstat().st_ino, p.lstat().st_size) for p in root.rglob("*")}
+
+
+def test_a_failed_model_load_takes_away_the_new_folders_and_lock_it_made(tmp_path: Path, data: Path) -> None:
+    """The folders above a new nested ``--output`` and the lock file made in them before the
+    model loads go again when it cannot be loaded: the disk is as it was."""
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    output = tmp_path / "runs" / "day" / "out"
+    run = _run(_train(data, output, tmp_path / "cache", "--model", str(not_a_model)))
+    assert run.returncode == 1, run.stderr
+    assert f"Error: cannot load model '{not_a_model}'" in run.stderr
+    assert not (tmp_path / "runs").exists(), sorted(_tree(tmp_path / "runs"))
+
+
+def test_a_failed_start_keeps_what_an_earlier_run_left(tmp_path: Path, data: Path) -> None:
+    """Beside an earlier run (its folder, its lock file, another output's lock), a start that
+    fails takes away only what it made: the new folder and its lock file in ``runs/``, or
+    nothing at all where the lock file was an earlier run's."""
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    first = _run(_train(data, runs / "first", cache, "--max-steps", "1"))
+    assert first.returncode == 0, first.stderr
+    before = _tree(runs)
+    assert ".first.lock" in before  # an earlier run's lock file stays on Unix
+    for output in (runs / "day" / "out", runs / "second", runs / "first"):
+        more = ("--model", str(not_a_model), *(("--overwrite",) if output.name == "first" else ()))
+        run = _run(_train(data, output, cache, *more))
+        assert run.returncode == 1, run.stderr
+        assert _tree(runs) == before, output
+
+
+def test_a_start_refused_after_the_lock_takes_away_the_lock_file_it_made(tmp_path: Path, data: Path) -> None:
+    """``--output`` holds files that are not a run's: refused (exit 2) after the lock is taken,
+    and the lock file made for it goes again."""
+    output = tmp_path / "photos"
+    output.mkdir()
+    (output / "cat.png").write_bytes(b"not mine to replace")
+    run = _run(_train(data, output, tmp_path / "cache"))
+    assert run.returncode == 2, run.stderr
+    assert "already exists and is not empty" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "photos"]

@@ -25,6 +25,7 @@ from vision_server.output_lock import (
     OutputLockError,
     holding,
     lock_path,
+    remove_lock_file,
 )
 
 
@@ -180,3 +181,24 @@ def test_a_lock_file_another_user_left_is_locked_through_reading_it() -> None:
                     pass
             with holding([output]) as locked:  # let go when the run ended
                 assert locked == {output}
+
+
+@pytest.mark.skipif(os.name == "nt", reason="Windows deletes its lock files when it lets go")
+def test_a_run_knows_the_lock_files_it_made_and_may_take_them_away_while_held(tmp_path: Path) -> None:
+    """``made`` names only a lock file that was not there before; removed while held, the name
+    is free for the next run, which makes and locks a new file; one made earlier is not noted."""
+    output = tmp_path / "out"
+    made: list[Path] = []
+    with holding([output], made):
+        assert made == [lock_path(output)]
+        remove_lock_file(made[0])
+        assert not lock_path(output).exists()
+    later: list[Path] = []
+    with holding([output], later), holding([tmp_path / "other"]):
+        assert later == [lock_path(output)] and lock_path(output).is_file()
+        with pytest.raises(OutputBusy):  # the new file is locked as any
+            with holding([output]):
+                pass
+    again: list[Path] = []
+    with holding([output], again):
+        assert again == []  # the lock file of the run before: not this run's to take away

@@ -9,6 +9,7 @@ not a failure: the work is kept whole.
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -54,16 +55,22 @@ PARAMS: list[Callable[[Any], Any]] = [
     click.option("--output", type=click.Path(path_type=Path, file_okay=False), required=True,
                  help="Folder for the adapter, checkpoints and logs; must not exist unless --overwrite "
                  "or --resume."),
-    click.option("--model", default=DEFAULT_MODEL, show_default=True,
-                 help="Base model: hub id, local folder or test:tiny."),
-    click.option("--revision", help="Hub revision to pin the base model to."),
-    click.option("--cache-dir", type=click.Path(path_type=Path), default=DEFAULT_CACHE_DIR,
-                 envvar=env_name("cache_dir"), show_envvar=True, show_default=True,
-                 help="Where converted models and test models are kept (as for serve)."),
-    click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N."),
+    click.option("--model", metavar="SOURCE",
+                 help="Base model: hub id, local folder or test:tiny. As for serve: without it, the "
+                 "config file's or the variable's model (the default one of several; its adapter is "
+                 f"not part of the base). [default: {DEFAULT_MODEL}; env: {env_name('model')}]"),
+    click.option("--revision",
+                 help="Hub revision to pin the base model to. As for serve: without it, the config "
+                 f"file's or the variable's. [default: unset; env: {env_name('revision')}]"),
+    click.option("--cache-dir", type=click.Path(path_type=Path),
+                 help="Where converted models and test models are kept, as for serve. "
+                 f"[default: {DEFAULT_CACHE_DIR}; env: {env_name('cache_dir')}]"),
+    click.option("--device",
+                 help=f"auto, cpu, cuda or cuda:N, as for serve. [default: auto; env: {env_name('device')}]"),
     click.option("--precision", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto",
                  show_default=True, help="auto: bf16 on GPUs that support it, else fp16 with a grad "
-                 "scaler; fp32 on the CPU."),
+                 "scaler; fp32 on the CPU. (serve's dtype setting is not read: it is the dtype of "
+                 "generation, not of training.)"),
     click.option("--task", default=DEFAULT_TASK, show_default=True,
                  help="The prompt the adapter learns to answer: one of the model's tasks "
                  "(more_detailed_caption is the same)."),
@@ -156,21 +163,34 @@ def stop_on_signals() -> Iterator[list[int]]:
             signal.signal(sig, handler)
 
 
-def run_command(params: dict[str, Any]) -> int:
+def run_command(params: dict[str, Any], config: Path | None = None) -> int:
+    """Train as ``params`` (the command's options) say, taking the settings shared with serve
+    from the flags among them, the environment and the config file (``config``)."""
     from vision_server.disk_full import DiskFull
+    from vision_server.settings import SettingsError
     from vision_server.train.dataset import DatasetError, OptionError
     from vision_server.train.loop import run_training
     from vision_server.train.model import ModelError
     from vision_server.train.preflight import TrainError
     from vision_server.train.reporting import LoggerUnavailable, counted
+    from vision_server.train.shared_settings import SHARED, shared_settings
 
-    options = TrainOptions(**params)
+    flags = {name: params.pop(name) for name in SHARED}
+    try:
+        shared = shared_settings(flags, environ=os.environ, config_path=config)
+    except (SettingsError, OSError) as exc:
+        raise click.UsageError(str(exc)) from None
+    options = TrainOptions(**params, **shared.options())
     with stop_on_signals() as received:
         try:
             result = run_training(options, should_stop=lambda: bool(received))
         except (TrainError, LoggerUnavailable, OptionError) as exc:
             raise click.UsageError(str(exc)) from None
-        except (DatasetError, ModelError, DiskFull) as exc:
+        except ModelError as exc:
+            elsewhere = shared.set_elsewhere()
+            click.echo(f"Error: {exc}" + (f" ({elsewhere})" if elsewhere else ""), err=True)
+            return 1
+        except (DatasetError, DiskFull) as exc:
             click.echo(f"Error: {exc}", err=True)
             return 1
         except KeyboardInterrupt:  # a second Ctrl+C or SIGTERM

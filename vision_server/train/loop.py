@@ -48,6 +48,7 @@ from vision_server.train.preflight import (
     clear_output,
 )
 from vision_server.train.reporting import Progress, Tracker, counted, pick_tracker
+from vision_server.train.start_undo import StartUndo
 
 PIXEL_CACHE_BYTES = 1 << 30  # decoded, resized images kept in memory (a few hundred at 768 px)
 
@@ -99,19 +100,24 @@ def run_training(
         with ExitStack() as held:
             # The lock file goes beside the output. Where that folder is missing no run writes
             # the output yet: the quick checks run first (leaving nothing behind when they
-            # fail), then the folders are made and locked, before the slow model load.
-            locked = options.output.parent.is_dir() and _lock(held, options.output)
-            return _checked_run(options, train_set, val_set, should_stop, stream, None if locked else held)
+            # fail), then the folders are made and locked, before the slow model load. A start
+            # that fails takes away what it made (while it still holds the lock).
+            made = StartUndo()
+            locked = options.output.parent.is_dir() and _lock(held, options.output, made)
+            return _checked_run(
+                options, train_set, val_set, should_stop, stream, None if locked else held, made
+            )
     except DiskFull as exc:
         exc.note = exc.note or _go_on(options.output, "free some space")
         raise
 
 
-def _lock(held: ExitStack, output: Path) -> bool:
-    """Hold ``output``'s lock until ``held`` closes; a usage error when another run holds it
-    (said for a training run: the lock's own words speak of captions)."""
+def _lock(held: ExitStack, output: Path, made: StartUndo) -> bool:
+    """Hold ``output``'s lock until ``held`` closes (its lock file noted in ``made`` when this
+    run makes it); a usage error when another run holds it (said for a training run: the lock's
+    own words speak of captions)."""
     try:
-        held.enter_context(holding([output]))
+        held.enter_context(holding([output], made.lock_files))
     except OutputBusy as exc:
         raise TrainError(
             f"--output {output} is being written by another run (it holds the lock {exc.lock.name} "
@@ -130,25 +136,15 @@ def _checked_run(
     should_stop: Callable[[], bool],
     stream: IO[str] | None,
     lock_later: ExitStack | None,
+    made: StartUndo,
 ) -> TrainResult:
-    checkpoint = check_output(options)
-    saved = read_state(checkpoint) if checkpoint else None
-    if saved is not None:
-        check_resumable(checkpoint, saved, options, train_set)
-    tracker_kind = pick_tracker(options.log_with)
-    check_optimizer(options.optimizer)
-    precision = pick_precision(options.device, options.precision)
-    if lock_later is not None:
-        _make_folder(options.output.parent)
-        _lock(lock_later, options.output)
-        check_output(options)  # a run started with this one may have made the folder meanwhile
-    base = load_base(options, precision)
-    trainer = _Trainer(options, base, precision, train_set, val_set, stream)
-    if checkpoint is not None and saved is not None:
-        trainer.resume(checkpoint, saved)
-    if not options.resume and options.output.exists() and options.overwrite:
+    try:
+        trainer, tracker_kind = _start(options, train_set, val_set, stream, lock_later, made)
+    except BaseException:  # nothing trained or written: the disk as it was (the lock still held)
+        made.undo()
+        raise
+    if not options.resume and options.overwrite:  # an earlier run's folder (check_output)
         clear_output(options.output)
-    _make_folder(options.output)
     tracker = Tracker(tracker_kind, options.output, options.as_dict())
     try:
         result = trainer.run(tracker, should_stop)
@@ -163,10 +159,40 @@ def _checked_run(
     return result
 
 
-def _make_folder(folder: Path) -> None:
+def _start(
+    options: TrainOptions,
+    train_set: list[Example],
+    val_set: list[Example],
+    stream: IO[str] | None,
+    lock_later: ExitStack | None,
+    made: StartUndo,
+) -> tuple[_Trainer, str]:
+    """Everything before the run's first write: the quick checks, the lock (unless taken
+    already), the model, the resumed state, and the output folder. Returns the trainer and the
+    tracker's kind."""
+    checkpoint = check_output(options)
+    saved = read_state(checkpoint) if checkpoint else None
+    if saved is not None:
+        check_resumable(checkpoint, saved, options, train_set)
+    tracker_kind = pick_tracker(options.log_with)
+    check_optimizer(options.optimizer)
+    precision = pick_precision(options.device, options.precision)
+    if lock_later is not None:
+        _make_folders(made, options.output.parent)
+        _lock(lock_later, options.output, made)
+        check_output(options)  # a run started with this one may have made the folder meanwhile
+    base = load_base(options, precision)
+    trainer = _Trainer(options, base, precision, train_set, val_set, stream)
+    if checkpoint is not None and saved is not None:
+        trainer.resume(checkpoint, saved)
+    _make_folders(made, options.output)
+    return trainer, tracker_kind
+
+
+def _make_folders(made: StartUndo, folder: Path) -> None:
     """``folder`` and the folders above it that are missing; a full disk said as such."""
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        made.make_folders(folder)
     except OSError as exc:
         raise_as_disk_full(folder, exc)
 
