@@ -462,3 +462,24 @@ def test_a_start_refused_after_the_lock_takes_away_the_lock_file_it_made(tmp_pat
     assert run.returncode == 2, run.stderr
     assert "already exists and is not empty" in run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "photos"]
+
+
+def test_aborting_while_the_model_loads_takes_away_the_new_folders_and_lock(
+    tmp_path: Path, data: Path, gated: list[Gated]
+) -> None:
+    """A second Ctrl+C while the model loads aborts before anything is trained: the folders
+    above the new nested ``--output`` and the lock file made in them go too."""
+    output = tmp_path / "runs" / "day" / "out"
+    run = Gated(tmp_path / "gate", "start", _train(data, output, tmp_path / "cache", "--epochs", "1"))
+    gated.append(run)
+    run.wait_entered()  # checked, folders made, locked, about to load the model
+    assert (tmp_path / "runs" / "day" / ".out.lock").is_file()
+    run.process.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + 60
+    while "stopping after this step" not in run.log.read_text():
+        assert time.monotonic() < deadline, run.log.read_text()
+        time.sleep(0.05)
+    run.process.send_signal(signal.SIGINT)
+    assert run.process.wait(60) == 130, run.log.read_text()
+    assert "aborted without a checkpoint" in run.log.read_text()
+    assert not (tmp_path / "runs").exists()
