@@ -407,20 +407,25 @@ async def test_wait_for_room_is_never_refused_and_keeps_the_queue_bound(start_en
 
 
 async def test_waiting_for_room_ends_with_draining_on_stop(start_engine: StartEngine) -> None:
-    fake = FakeCaptioner(delay=0.3)
+    # The first job holds the worker until the stop has refused the other two (with fixed sleeps
+    # a slow start could find the queue of one still full of the first: QueueFull, not Draining).
+    fake = GatedFake()
     engine = await start_engine(fake, max_queue=1, max_batch_size=1)
     running = asyncio.create_task(engine.submit(item(0)))
-    await asyncio.sleep(0.1)
+    assert await asyncio.to_thread(fake.entered.wait, 10)
     queued = asyncio.create_task(engine.submit(item(1)))
-    await asyncio.sleep(0.02)
+    await settle()
+    assert engine.status().queue_depth == 1
     waiting = asyncio.create_task(engine.submit(item(2), wait_for_room=True))
-    await asyncio.sleep(0.02)
+    await settle()
     assert not waiting.done()
-    await engine.stop(grace=0)
-    await running
+    stopping = asyncio.create_task(engine.stop(grace=0))
     for task in (queued, waiting):
         with pytest.raises(Draining):
-            await task
+            await asyncio.wait_for(task, 10)  # at once, while the first job still runs
+    fake.gate.set()
+    await stopping
+    assert (await running).text
 
 
 async def test_abandoned_job_is_never_run(start_engine: StartEngine) -> None:
@@ -480,14 +485,21 @@ async def test_stop_drains_queued_jobs_then_refuses(start_engine: StartEngine) -
 
 
 async def test_stop_past_grace_fails_the_rest_with_503(start_engine: StartEngine) -> None:
-    fake = FakeCaptioner(delay=0.5)
+    # The first job holds the worker past the grace (a fixed 0.5 s job could end within it, or
+    # not have started, on a slow machine); the two queued behind it are refused at the grace.
+    fake = GatedFake()
     engine = await start_engine(fake, max_batch_size=1)
     jobs = [asyncio.create_task(engine.submit(item(n))) for n in range(3)]
-    await asyncio.sleep(0.05)
-    await engine.stop(grace=0.1)
-    outcomes = await asyncio.gather(*jobs, return_exceptions=True)
-    assert not isinstance(outcomes[0], Exception)
-    assert any(isinstance(o, Draining) for o in outcomes[1:])
+    assert await asyncio.to_thread(fake.entered.wait, 10)
+    await settle()
+    assert engine.status().queue_depth == 2
+    stopping = asyncio.create_task(engine.stop(grace=0.1))
+    for job in jobs[1:]:
+        with pytest.raises(Draining):
+            await asyncio.wait_for(job, 10)
+    fake.gate.set()
+    await stopping
+    assert (await jobs[0]).text  # the running one finishes within the stop's margin
 
 
 async def test_a_lone_job_does_not_wait_for_stragglers(start_engine: StartEngine) -> None:
