@@ -8,7 +8,8 @@ import pytest
 from PIL import Image
 
 from tests.conftest import StartEngine
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, settle
+from tests.support.gated import GatedFake
 from tests.unit.test_engine import parked, wait_for_state
 from vision_server.api.errors import InvalidParameter
 from vision_server.api.keep_alive import parse_keep_alive
@@ -93,11 +94,14 @@ async def test_positive_keep_alive_sets_the_unload_time(start_engine: StartEngin
 
 
 async def test_zero_unloads_after_the_batch_unless_work_is_queued(start_engine: StartEngine) -> None:
-    clock, fake = FakeClock(), FakeCaptioner(delay=0.2)
+    clock, fake = FakeClock(), GatedFake()  # the first batch runs until the second job is queued
     engine = await start_engine(fake, clock=clock, idle_timeout=300, max_batch_size=1, max_batch_wait=0)
     first = asyncio.create_task(engine.submit(item(), labels=keep(0)))
-    await asyncio.sleep(0.05)
+    assert await asyncio.to_thread(fake.entered.wait, 10)
     second = asyncio.create_task(engine.submit(item(1)))  # queued behind it: no unload between
+    await settle()
+    assert engine.status().queue_depth == 1
+    fake.gate.set()
     await asyncio.gather(first, second)
     await wait_for_state(engine, ModelState.UNLOADED, 10)  # the clock never moved
     assert fake.loads == 1 and fake.unloads == 1 and fake.batch_sizes == [1, 1]
