@@ -26,10 +26,10 @@ from aiohttp import ClientResponse, ClientSession, MultipartWriter
 
 from tests.support import paths
 from tests.support.api import engine_status, json_documents
+from tests.support.gated import GatedFake
 from tests.support.images import b64, data_url, image_bytes
 from tests.support.serving import running_server
 from vision_server.settings import Settings
-from vision_server.testing.fake import FakeCaptioner
 
 API_DOCS = paths.DOCS / "api"
 API_PAGES = (
@@ -89,8 +89,11 @@ async def test_openai_sdk_waits_retry_after_and_succeeds_once_the_queue_has_room
     sleeps for the ``Retry-After`` the server sent (not its own shorter back-off), and its
     automatic retry gets the caption."""
     settings = Settings(cache_dir=tmp_path, max_queue=1, max_batch_size=1, max_batch_wait_ms=0)
-    # FakeCaptioner: the queue must stay full for a known time while the SDK's first try arrives.
-    async with running_server(settings, FakeCaptioner(delay=0.6)) as url, ClientSession(url) as session:
+    # The worker is held until the SDK's first try was refused: with a fixed 0.6 s job, a slow
+    # machine's SDK start could come after the queue had room again, and get a 200 at once.
+    fake = GatedFake()
+    fake.gate.set()
+    async with running_server(settings, fake) as url, ClientSession(url) as session:
 
         async def occupy(seed: int) -> Any:
             body = {"image": b64(seed), "prompt": "<CAPTION>"}
@@ -106,6 +109,7 @@ async def test_openai_sdk_waits_retry_after_and_succeeds_once_the_queue_has_room
             raise AssertionError(f"{field} never became {value}: {status}")
 
         assert await occupy(0) == 200  # the model is loaded; from here on jobs start at once
+        fake.gate.clear()
         blockers = [asyncio.create_task(occupy(1))]
         await until("jobs_running", 1)  # the worker is busy ...
         blockers.append(asyncio.create_task(occupy(2)))
@@ -122,6 +126,7 @@ async def test_openai_sdk_waits_retry_after_and_succeeds_once_the_queue_has_room
             exchange.status, exchange.answered_at = response.status_code, time.monotonic()
             exchange.retry_after = response.headers.get("Retry-After")
             exchange.body = response.json()
+            fake.gate.set()  # the queue has room again once the running job ends
 
         http_client = openai.DefaultHttpxClient(
             event_hooks={"request": [on_request], "response": [on_response]}
@@ -130,20 +135,23 @@ async def test_openai_sdk_waits_retry_after_and_succeeds_once_the_queue_has_room
             base_url=f"{url}/v1", api_key="sk-test", max_retries=3, http_client=http_client
         )
         started = time.monotonic()
-        reply = await asyncio.to_thread(
-            lambda: client.chat.completions.create(
-                model="gpt-4o",
-                messages=[
-                    {
-                        "role": "user",
-                        "content": [
-                            {"type": "text", "text": QUESTION},
-                            {"type": "image_url", "image_url": {"url": data_url(3)}},
-                        ],
-                    }
-                ],
+        try:
+            reply = await asyncio.to_thread(
+                lambda: client.chat.completions.create(
+                    model="gpt-4o",
+                    messages=[
+                        {
+                            "role": "user",
+                            "content": [
+                                {"type": "text", "text": QUESTION},
+                                {"type": "image_url", "image_url": {"url": data_url(3)}},
+                            ],
+                        }
+                    ],
+                )
             )
-        )
+        finally:
+            fake.gate.set()  # however the SDK's call ended
         elapsed = time.monotonic() - started
         client.close()
         assert await asyncio.gather(*blockers) == [200, 200]
