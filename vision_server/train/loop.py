@@ -95,14 +95,15 @@ def run_training(
         options.dataset, caption_ext=options.caption_ext, task=options.task, image_column=options.image_column
     )
     train_set, val_set = split(examples, options.val_split, options.seed)
+    made = StartUndo()
     try:
         check_writable(options.output)  # before the lock: a folder no run can write is said as such
         with ExitStack() as held:
             # The lock file goes beside the output. Where that folder is missing no run writes
             # the output yet: the quick checks run first (leaving nothing behind when they
             # fail), then the folders are made and locked, before the slow model load. A start
-            # that fails takes away what it made (while it still holds the lock).
-            made = StartUndo()
+            # that fails takes away what it made: its lock file while it holds the lock, the
+            # folders once it has let go.
             locked = options.output.parent.is_dir() and _lock(held, options.output, made)
             return _checked_run(
                 options, train_set, val_set, should_stop, stream, None if locked else held, made
@@ -110,6 +111,8 @@ def run_training(
     except DiskFull as exc:
         exc.note = exc.note or _go_on(options.output, "free some space")
         raise
+    finally:
+        made.remove_folders()
 
 
 def _lock(held: ExitStack, output: Path, made: StartUndo) -> bool:
@@ -140,7 +143,7 @@ def _checked_run(
 ) -> TrainResult:
     try:
         trainer, tracker_kind = _start(options, train_set, val_set, stream, lock_later, made)
-    except BaseException:  # nothing trained or written: the disk as it was (the lock still held)
+    except BaseException:  # nothing trained or written: the disk as it was (see run_training)
         made.undo()
         raise
     if not options.resume and options.overwrite:  # an earlier run's folder (check_output)

@@ -20,6 +20,7 @@ class StartUndo:
     def __init__(self) -> None:
         self.folders: list[Path] = []
         self.lock_files: list[Path] = []  # filled by output_lock.holding(..., made=...)
+        self._failed = False
 
     def make_folders(self, folder: Path) -> None:
         """Make ``folder`` and the missing folders above it, one at a time, noting each one this
@@ -38,12 +39,20 @@ class StartUndo:
             self.folders.append(path)
 
     def undo(self) -> None:
-        """Remove the lock files (call it while they are still held), then the folders made,
-        the deepest first; a folder that is not empty (another run's lock file in it) stays,
-        and so do the ones above it."""
+        """The start failed: remove the lock files now (call it while they are still held), and
+        the folders at :meth:`remove_folders`."""
         for lock_file in self.lock_files:
             remove_lock_file(lock_file)
         self.lock_files.clear()
+        self._failed = True
+
+    def remove_folders(self) -> None:
+        """After a failed start (:meth:`undo`), once its lock is let go (on Windows the lock file
+        goes only then): the folders made, the deepest first. A folder that is not empty (another
+        run's lock file in it) stays, and so do the ones above it. Nothing when the start did
+        not fail."""
+        if not self._failed:
+            return
         for folder in reversed(self.folders):
             try:
                 folder.rmdir()
