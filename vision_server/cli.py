@@ -158,7 +158,9 @@ def serve(config: Path | None, **flags: Any) -> None:
 @click.option("--image-column", help="Parquet: column of image bytes or paths. [default: found by type]")
 @click.option("--key-column", help="Parquet: column that names each row. [default: __key__ or key, else row]")
 @click.option(
-    "--limit", type=click.IntRange(min=0), help="Caption at most N images (skipped ones do not count)."
+    "--limit",
+    type=click.IntRange(min=0),
+    help="Caption at most N images (skipped ones do not count; one tried that fails does).",
 )
 @click.option("--dry-run", is_flag=True, help="List what would be captioned and why the rest is skipped.")
 @click.option(

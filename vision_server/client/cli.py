@@ -259,8 +259,8 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
     type=click.IntRange(min=0),
     default=None,
     metavar="N",
-    help="Caption at most N images this run (skipped ones do not count); run again for the next "
-    "N. Try a few before a long run.",
+    help="Caption at most N images this run (skipped ones do not count; one tried that fails "
+    "does); run again for the next N. Try a few before a long run.",
 )
 @click.option(
     "--dry-run",

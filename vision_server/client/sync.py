@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from collections.abc import Coroutine
 from pathlib import Path
 from types import TracebackType
@@ -29,7 +30,12 @@ T = TypeVar("T")
 
 
 class VisionClient:
-    """Blocking twin of :class:`AsyncVisionClient`; use ``with`` or call :meth:`close`."""
+    """Blocking twin of :class:`AsyncVisionClient`; use ``with`` or call :meth:`close`.
+
+    One that is simply dropped (``client = VisionClient(url)`` in a notebook or a script that
+    never closes it) closes itself when it is garbage-collected or the interpreter exits, so its
+    connections do not end as aiohttp's "Unclosed client session" warnings on stderr.
+    """
 
     def __init__(
         self,
@@ -43,6 +49,8 @@ class VisionClient:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="vision-client", daemon=True)
         self._thread.start()
+        # Holds no reference to self, so a dropped client can be collected and then closed.
+        self._closer = weakref.finalize(self, _shut_down, self._client, self._loop, self._thread)
 
     @property
     def base_url(self) -> str:
@@ -58,12 +66,7 @@ class VisionClient:
 
     def close(self) -> None:
         """Close the connections and stop the background loop; safe to call twice."""
-        if self._loop.is_closed():
-            return
-        self._run(self._client.close())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._closer()
 
     def caption(self, image: ImageInput, task: str = DEFAULT_TASK, *, priority: str | None = None) -> str:
         """Caption one image (bytes or a file path); ``priority`` as in :meth:`AsyncVisionClient.caption`."""
@@ -102,3 +105,14 @@ class VisionClient:
         except BaseException:
             future.cancel()
             raise
+
+
+def _shut_down(client: AsyncVisionClient, loop: asyncio.AbstractEventLoop, thread: threading.Thread) -> None:
+    """Close ``client``'s connections on its loop, then stop the loop and its thread (once)."""
+    if loop.is_closed():
+        return
+    if thread.is_alive():
+        asyncio.run_coroutine_threadsafe(client.close(), loop).result()
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join()
+    loop.close()
