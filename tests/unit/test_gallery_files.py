@@ -14,7 +14,7 @@ import pytest
 from tests.support import paths
 from vision_server.bounded_files import read_at_most
 from vision_server.errors import PayloadTooLarge
-from vision_server.gallery.jsonl import row_captions, row_key
+from vision_server.gallery.jsonl import JsonlCaptions, row_captions, row_key
 from vision_server.gallery.paths import is_clean_relative
 from vision_server.gallery.sidecars import TextCache, is_caption_suffix, sidecars_of
 from vision_server.settings import Settings, SettingsError
@@ -158,3 +158,31 @@ def test_read_at_most_refuses_a_file_that_grows_past_the_limit_while_it_is_read(
     (tmp_path / "still-fits.png").write_bytes(b"x" * 50)
     AppendedOnOpen.extra = b"y" * 50  # grows to the limit exactly: read as it is now
     assert read_at_most(AppendedOnOpen(tmp_path / "still-fits.png"), 100, "--limit") == b"x" * 50 + b"y" * 50
+
+
+def replace_keeping_time(path: Path, text: str, mtime_ns: int) -> None:
+    """Write ``text`` to a new file renamed over ``path`` with the mtime ``mtime_ns``, as a clock
+    that moved less than a tick, or an archive that keeps times, leaves it."""
+    new = path.with_name(path.name + ".new")
+    new.write_text(text, encoding="utf-8")
+    os.utime(new, ns=(mtime_ns, mtime_ns))
+    os.replace(new, path)
+
+
+def test_a_caption_replaced_by_one_of_the_same_size_and_mtime_is_read_again(tmp_path: Path) -> None:
+    """Keyed on size and mtime only, the gallery showed the old caption until it restarted."""
+    caption = tmp_path / "dog.txt"
+    caption.write_text("a red dog", encoding="utf-8")
+    cache = TextCache()
+    assert cache.read(caption) == "a red dog"
+    replace_keeping_time(caption, "a big cat", caption.stat().st_mtime_ns)
+    assert cache.read(caption) == "a big cat"
+
+
+def test_a_gallery_jsonl_replaced_by_one_of_the_same_size_and_mtime_is_read_again(tmp_path: Path) -> None:
+    jsonl = tmp_path / "captions.jsonl"
+    jsonl.write_text('{"key": "a.png", "caption": "a red dog"}\n', encoding="utf-8")
+    captions = JsonlCaptions(jsonl, tmp_path)
+    assert captions.captions() == {"a.png": {"jsonl": "a red dog"}}
+    replace_keeping_time(jsonl, '{"key": "a.png", "caption": "a big cat"}\n', jsonl.stat().st_mtime_ns)
+    assert captions.captions() == {"a.png": {"jsonl": "a big cat"}}

@@ -149,3 +149,20 @@ def test_an_image_that_cannot_be_read_is_said_in_words_not_as_a_python_repr(tmp_
     with pytest.raises(ThumbnailError) as caught:
         cache.get(gone)
     assert str(caught.value) == f"cannot read the image: {os.strerror(errno.ENOENT)}"
+
+
+def test_an_image_replaced_by_one_of_the_same_size_and_mtime_gets_its_own_thumbnail(tmp_path: Path) -> None:
+    """Uncompressed images of one size (BMP) have one byte count, and an archive that keeps times
+    gives the new one the old one's mtime: keyed on size and mtime only, the old picture showed."""
+    image = tmp_path / "data" / "img.bmp"
+    image.parent.mkdir()
+    image.write_bytes(image_bytes(3, "BMP", (300, 200)))
+    cache = Thumbnails(tmp_path / "thumbs", PIXELS, 10**9)
+    old = cache.get(image)
+    mtime = image.stat().st_mtime_ns
+    new = image.with_name("new.bmp")
+    new.write_bytes(image_bytes(4, "BMP", (300, 200)))
+    assert new.stat().st_size == image.stat().st_size
+    os.utime(new, ns=(mtime, mtime))
+    os.replace(new, image)
+    assert cache.get(image) == make_thumbnail(image, PIXELS) != old

@@ -16,6 +16,7 @@ from typing import Any
 
 from vision_server.bulk.records import task_slug
 from vision_server.captionfiles import describe_os_error, printable
+from vision_server.gallery.stamps import FileStamp, file_stamp
 
 NAME_FIELDS = ("key", "file_name", "path", "file", "image", "image_path")
 TEXT_FIELDS = ("caption", "text")
@@ -58,13 +59,13 @@ def row_captions(row: dict[str, Any]) -> dict[str, str]:
 
 
 class JsonlCaptions:
-    """The file's captions by image key, re-read whenever its size or mtime changes."""
+    """The file's captions by image key, re-read whenever its stamp (:func:`file_stamp`) changes."""
 
     def __init__(self, path: Path, root: Path) -> None:
         self.path = path
         self._root = root
         self._real_root = root.resolve()
-        self._stamp: tuple[int, int] | None = None
+        self._stamp: FileStamp | None = None
         self._captions: dict[str, dict[str, str]] = {}
 
     def captions(self) -> dict[str, dict[str, str]]:
@@ -73,7 +74,7 @@ class JsonlCaptions:
         except OSError:
             self._stamp, self._captions = None, {}
             return self._captions
-        stamp = (info.st_size, info.st_mtime_ns)
+        stamp = file_stamp(info)
         if stamp != self._stamp:
             try:
                 self._captions = self._read()

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from vision_server.captionfiles import is_image
+from vision_server.gallery.stamps import FileStamp, file_stamp
 
 PRIMARY = ".txt"  # the caption file the page edits by default and trainers read
 SUFFIX = re.compile(r"^(\.[A-Za-z0-9_-]{1,40})?\.(txt|caption|tags)$")
@@ -60,11 +61,11 @@ def sidecar_path(image: Path, suffix: str) -> Path:
 
 
 class TextCache:
-    """Caption file contents keyed by path, size and mtime: a search over thousands of captions
-    reads each file once, and an edit (new mtime) is seen at once."""
+    """Caption file contents keyed by path and :func:`file_stamp`: a search over thousands of
+    captions reads each file once, and an edit is seen at once."""
 
     def __init__(self, limit: int = 200_000) -> None:
-        self._texts: dict[Path, tuple[int, int, str]] = {}
+        self._texts: dict[Path, tuple[FileStamp, str]] = {}
         self._limit = limit
 
     def read(self, path: Path) -> str | None:
@@ -80,8 +81,8 @@ class TextCache:
         if not stat.S_ISREG(info.st_mode):
             return None
         cached = self._texts.get(path)
-        if cached is not None and cached[:2] == (info.st_size, info.st_mtime_ns):
-            return cached[2]
+        if cached is not None and cached[0] == file_stamp(info):
+            return cached[1]
         try:
             with path.open("rb") as handle:
                 data = handle.read(MAX_CAPTION_BYTES)
@@ -90,5 +91,5 @@ class TextCache:
         text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="replace")
         if len(self._texts) >= self._limit:
             self._texts.clear()
-        self._texts[path] = (info.st_size, info.st_mtime_ns, text)
+        self._texts[path] = (file_stamp(info), text)
         return text

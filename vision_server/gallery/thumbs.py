@@ -86,8 +86,11 @@ class Thumbnails:
             self.prune_if_over()
         if self.max_bytes == 0:
             return make_thumbnail(real, self.max_pixels)
-        # surrogatepass: a name that is not UTF-8 holds lone surrogates (a plain encode() was a 500)
-        key = f"{VERSION}\0{real}\0{info.st_size}\0{info.st_mtime_ns}".encode("utf-8", "surrogatepass")
+        # surrogatepass: a name that is not UTF-8 holds lone surrogates (a plain encode() was a 500).
+        # The inode tells apart a new image of the same size and mtime (see gallery/stamps.py); the
+        # device is left out, as a reboot may number it anew and these files outlive the server.
+        stamp = f"{info.st_ino}\0{info.st_size}\0{info.st_mtime_ns}"
+        key = f"{VERSION}\0{real}\0{stamp}".encode("utf-8", "surrogatepass")
         name = hashlib.sha256(key).hexdigest()
         cached = self.folder / name[:2] / f"{name}.jpg"
         try:
