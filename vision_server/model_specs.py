@@ -7,7 +7,10 @@ One ``--model`` value (a *spec*)::
 
 - ``NAME=`` is read when the text before the first ``=`` holds no ``/``, ``\\`` or ``:``; it must
   then be a NAME. So ``./a=b``, ``C:\\models\\a=b`` and ``test:tiny`` are sources, never names.
-- Without ``NAME=`` a model is named after its SOURCE text, exactly as the single model always was.
+- Without ``NAME=`` a model is named after its SOURCE text, exactly as the single model always was,
+  except a local directory: it is named after its folder (``/srv/models/florence`` serves as
+  ``florence``), so clients never see the server's paths; as few more folders as tell two apart
+  (``a/final``, ``b/final``). Its path still picks it (requests, ``NAME:VALUE``, ``--default-model``).
 - ``+ADAPTER`` (a local PEFT adapter directory): when the whole text after ``NAME=`` is an existing
   path it is the source, ``+`` and all. Otherwise it is split at a ``+`` whose right-hand side is an
   existing path, the rightmost such one; when there is none, at the last ``+`` (hub ids and
@@ -52,6 +55,7 @@ class ModelSpec:
     idle_timeout: float | None = None
     revision: str | None = None
     backend: str = "auto"
+    named: bool = True  # False: no NAME= was given, the name comes from the source
 
     def describe(self) -> str:
         """``name (source + adapter)`` for logs; just the source when the name is the source."""
@@ -79,7 +83,9 @@ def parse_model_spec(text: str) -> ModelSpec:
         raise ValueError(f"model {text!r}: nothing before '+' (SOURCE+ADAPTER_DIR)")
     if adapter is not None and not adapter:
         raise ValueError(f"model {text!r}: nothing after '+' (SOURCE+ADAPTER_DIR)")
-    return ModelSpec(name=name if name is not None else source, source=source, adapter=adapter)
+    return ModelSpec(
+        name=name if name is not None else source, source=source, adapter=adapter, named=name is not None
+    )
 
 
 def is_path_source(source: str) -> bool:
@@ -93,27 +99,68 @@ def is_path_source(source: str) -> bool:
 
 def public_labels(names: Iterable[str]) -> dict[str, str]:
     """How each served name is shown where anyone may read it (``/metrics``, ``/health``; open
-    even with an API key): the name itself, except that a local directory given without
-    ``NAME=`` (whose served name is its path) shows only its last folders, since a full path
-    tells a stranger the user's name and how the disk is laid out. As few trailing folders as
-    keep the labels apart are shown: ``/home/me/models/x`` is ``x``; beside ``/srv/x`` they are
-    ``models/x`` and ``srv/x``.
+    even with an API key): the name itself, except that a name that is a path (a captioner an
+    embedder serves under its directory; configured models never are, see
+    :func:`folder_names`) shows only its last folders, since a full path tells a stranger the
+    user's name and how the disk is laid out.
     """
     names = list(names)
-    labels = {name: name for name in names}
-    paths = {name: [part for part in re.split(r"[/\\]+", name) if part not in ("", ".", "~")]
-             for name in names if is_path_source(name)}  # fmt: skip
-    for name, parts in paths.items():
-        others = {label for other, label in labels.items() if other != name and other not in paths}
+    tails = shortest_tails({name: name for name in names if is_path_source(name)}, names)
+    return {name: tails.get(name) or name for name in names}
+
+
+def shortest_tails(paths: Mapping[str, str], names: Iterable[str]) -> dict[str, str | None]:
+    """For each key, the fewest trailing folders of its path that no other path's as many
+    trailing folders, and none of ``names`` but its own key, are (``/home/me/models/x`` is ``x``;
+    beside ``/srv/x`` they are ``models/x`` and ``srv/x``); None when even the whole path clashes."""
+    folders = {key: _folders(path) for key, path in paths.items()}
+    others = set(names)
+    tails: dict[str, str | None] = {}
+    for key, parts in folders.items():
+        tails[key] = None
         for depth in range(1, len(parts) + 1):
             tail = "/".join(parts[-depth:])
-            clashes = tail in others or any(
-                "/".join(other[-depth:]) == tail for key, other in paths.items() if key != name
+            clashes = (tail in others and tail != key) or any(
+                "/".join(other[-depth:]) == tail for name, other in folders.items() if name != key
             )
             if not clashes:
-                labels[name] = tail
+                tails[key] = tail
                 break
-    return labels
+    return tails
+
+
+def _folders(path: str) -> list[str]:
+    """A path's folder names, the last one last; one that ends in ``.`` or ``..`` (``./``,
+    ``../``) is read from the working directory, whose folder it means."""
+    parts = [part for part in re.split(r"[/\\]+", path) if part not in ("", ".", "~")]
+    if not parts or parts[-1] == "..":
+        parts = [part for part in re.split(r"[/\\]+", os.path.abspath(os.path.expanduser(path))) if part]
+    return parts
+
+
+def folder_names(specs: Sequence[ModelSpec]) -> list[ModelSpec]:
+    """``specs`` with each local directory given without ``NAME=`` named after its folder, not
+    its path: a served name shows in ``/v1/models``, the ``X-Model`` header and SillyTavern's
+    model list, and a path there tells every client the user's name and how the server's disk
+    is laid out. Two such folders of one name get as many more of their folders as tell them
+    apart; one whose every ending is another model's name is refused (give it a NAME=)."""
+    paths = {spec.name: spec.source for spec in specs if not spec.named and is_path_source(spec.source)}
+    tails = shortest_tails(paths, [spec.name for spec in specs])
+    for source, tail in tails.items():
+        if tail is None:
+            raise ValueError(
+                f"model: {source!r}, given without NAME=, is served under its folder's name, but "
+                f"every ending of its path names another model; give it a name: NAME={source}"
+            )
+    return [replace(spec, name=tails.get(spec.name) or spec.name) for spec in specs]
+
+
+def served_name(specs: Sequence[ModelSpec], name: str) -> str | None:
+    """The served name ``name`` means among ``specs``: itself, or the folder name of the unnamed
+    local directory whose path it is (that path was the model's name before folder names)."""
+    if any(spec.name == name for spec in specs):
+        return name
+    return next((spec.name for spec in specs if not spec.named and spec.source == name), None)
 
 
 def adapter_identity(adapter: str) -> str:
@@ -257,20 +304,14 @@ def build_specs(
     backends exist is the settings' check).
     """
     specs = [parse_model_spec(text) for text in texts]
-    seen = _by_unique_name(specs)
+    _by_unique_name(specs)
     if adapter is not None:
         specs = [_with_old_adapter(specs, texts, adapter)]
+    specs = folder_names(specs)
     names = [spec.name for spec in specs]
-    overrides = dict(idle_timeouts or {})
-    own_revisions, own_backends = dict(revisions or {}), dict(backends or {})
-    for setting, named in (
-        ("idle_timeout", overrides),
-        ("revision", own_revisions),
-        ("backend", own_backends),
-    ):
-        for name, value in named.items():
-            if name not in seen:
-                raise ValueError(_no_such_model(setting, name, value, names))
+    overrides = _by_served_name("idle_timeout", specs, idle_timeouts or {})
+    own_revisions = _by_served_name("revision", specs, revisions or {})
+    own_backends = _by_served_name("backend", specs, backends or {})
     for name, seconds in overrides.items():
         check_idle_seconds(f"idle_timeout for {name}", seconds)
     specs = [
@@ -282,9 +323,24 @@ def build_specs(
         )
         for spec in specs
     ]
-    if default is not None and default not in seen:
+    if default is not None and served_name(specs, default) is None:
         raise ValueError(f"default_model: no model is named {default!r}; the models are {_listed(names)}")
     return tuple(specs)
+
+
+def _by_served_name(setting: str, specs: Sequence[ModelSpec], named: Mapping[str, V]) -> dict[str, V]:
+    """A setting's NAME:VALUE entries keyed by served name (a local directory's path names its
+    model too); an unknown name, or two entries for one model, is refused."""
+    names = [spec.name for spec in specs]
+    served: dict[str, V] = {}
+    for name, value in named.items():
+        model = served_name(specs, name)
+        if model is None:
+            raise ValueError(_no_such_model(setting, name, value, names))
+        if model in served:
+            raise ValueError(f"{setting}: {model} is given twice ({name!r} is its path)")
+        served[model] = value
+    return served
 
 
 # What each NAME:VALUE setting's VALUE is, for its refusals.
@@ -337,12 +393,12 @@ def _with_old_adapter(specs: list[ModelSpec], texts: Sequence[str], adapter: str
     spec = specs[0] if len(specs) == 1 else None
     if spec is not None and spec.adapter is not None:
         raise ValueError(f"adapter: {texts[0]!r} already names an adapter after '+'; leave adapter unset")
-    if spec is None or spec.name != spec.source:
+    if spec is None or spec.named:
         raise ValueError(
             f"adapter: a separate adapter goes with a single unnamed model; with {_listed(list(texts))} "
             "write the adapter into the model instead: NAME=SOURCE+ADAPTER_DIR"
         )
-    return ModelSpec(spec.name, spec.source, adapter)
+    return replace(spec, adapter=adapter)
 
 
 def _listed(names: Sequence[str]) -> str:

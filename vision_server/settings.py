@@ -26,7 +26,13 @@ from vision_server.allowed_hosts import AllowedHosts
 from vision_server.byte_sizes import EXAMPLES, parse_byte_size
 from vision_server.captioner import GenerationOptions
 from vision_server.errors import InvalidTask
-from vision_server.model_specs import ModelSpec, build_specs, parse_idle_timeouts, parse_named_values
+from vision_server.model_specs import (
+    ModelSpec,
+    build_specs,
+    parse_idle_timeouts,
+    parse_named_values,
+    served_name,
+)
 from vision_server.settings_types import WrongType, checked
 from vision_server.tasks import FLORENCE_TASKS, PROMPTGEN_TASKS, normalize_task
 from vision_server.trusted_proxies import TrustedProxies
@@ -301,7 +307,10 @@ class Settings:
 
     @property
     def default_model_name(self) -> str:
-        return self.default_model if self.default_model is not None else self._model_specs[0].name
+        """The served name of the default model (``default_model`` may be a local model's path)."""
+        if self.default_model is None:
+            return self._model_specs[0].name
+        return served_name(self._model_specs, self.default_model) or self.default_model
 
     @property
     def default_model_spec(self) -> ModelSpec:

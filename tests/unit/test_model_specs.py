@@ -13,6 +13,7 @@ import pytest
 from vision_server.byte_sizes import format_byte_size, parse_byte_size
 from vision_server.model_specs import (
     ModelSpec,
+    build_specs,
     parse_idle_timeouts,
     parse_model_spec,
     parse_named_values,
@@ -29,19 +30,20 @@ PROMPTGEN = "MiaoshouAI/Florence-2-large-PromptGen-v2.0"
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        (PROMPTGEN, ModelSpec(PROMPTGEN, PROMPTGEN)),  # a bare source is named after itself
-        ("test:tiny", ModelSpec("test:tiny", "test:tiny")),
+        (PROMPTGEN, ModelSpec(PROMPTGEN, PROMPTGEN, named=False)),  # a bare source is named after itself
+        ("test:tiny", ModelSpec("test:tiny", "test:tiny", named=False)),
         ("base=test:tiny", ModelSpec("base", "test:tiny")),
         ("my.model_2-x=org/repo", ModelSpec("my.model_2-x", "org/repo")),
         (
             f"mystyle={PROMPTGEN}+./adapters/mystyle",
             ModelSpec("mystyle", PROMPTGEN, "./adapters/mystyle"),
         ),
-        ("test:tiny+/no/such/adapter", ModelSpec("test:tiny", "test:tiny", "/no/such/adapter")),
-        # Paths whose text before '=' holds a separator or a colon are sources, never names.
-        ("./runs/lr=1e-4/model", ModelSpec("./runs/lr=1e-4/model", "./runs/lr=1e-4/model")),
-        ("C:\\models\\a=b", ModelSpec("C:\\models\\a=b", "C:\\models\\a=b")),
-        ("C:\\models\\florence", ModelSpec("C:\\models\\florence", "C:\\models\\florence")),
+        ("test:tiny+/no/such/adapter", ModelSpec("test:tiny", "test:tiny", "/no/such/adapter", named=False)),
+        # Paths whose text before '=' holds a separator or a colon are sources, never names (the
+        # served name of a bare path is its folder's, see folder_names).
+        ("./runs/lr=1e-4/model", ModelSpec("./runs/lr=1e-4/model", "./runs/lr=1e-4/model", named=False)),
+        ("C:\\models\\a=b", ModelSpec("C:\\models\\a=b", "C:\\models\\a=b", named=False)),
+        ("C:\\models\\florence", ModelSpec("C:\\models\\florence", "C:\\models\\florence", named=False)),
         ("win=C:\\models\\florence", ModelSpec("win", "C:\\models\\florence")),
         ("  spaced = test:tiny ", None),  # a name with a space is refused (see below)
     ],
@@ -377,7 +379,7 @@ def test_several_models_the_first_is_the_default(tmp_path: Path) -> None:
 
 def test_a_bare_model_keeps_its_old_name_and_adapter() -> None:
     s = Settings(model="test:tiny", adapter="/some/adapter")  # type: ignore[arg-type]  # the str shorthand under test: __post_init__ makes it a tuple; a plain string still works
-    assert s.model_specs == (ModelSpec("test:tiny", "test:tiny", "/some/adapter"),)
+    assert s.model_specs == (ModelSpec("test:tiny", "test:tiny", "/some/adapter", named=False),)
     assert s.default_model_name == "test:tiny"
 
 
@@ -550,6 +552,64 @@ def _empty(tmp_path: Path) -> Path:
     path = tmp_path / "empty.toml"
     path.write_text("")
     return path
+
+
+# --- a local directory without NAME= is served under its folder's name -------------------------
+
+
+@pytest.mark.parametrize(
+    ("models", "expected"),
+    [
+        (["/home/me/models/promptgen"], ["promptgen"]),
+        (["~/models/x", "C:\\Users\\me\\models\\y", "./runs/lr=1e-4/model"], ["x", "y", "model"]),
+        (["/runs/a/final", "/runs/b/final", "test:tiny"], ["a/final", "b/final", "test:tiny"]),
+        (["/home/me/fast", "fast=test:tiny"], ["me/fast", "fast"]),  # never another model's name
+        (["/srv/org/x", "org/x"], ["x", "org/x"]),  # a hub id keeps its name
+        (["a=./m", "/srv/m"], ["a", "m"]),  # a NAME= keeps its name whatever its source
+    ],
+)
+def test_an_unnamed_local_directory_is_named_after_its_folder(models: list[str], expected: list[str]) -> None:
+    assert [spec.name for spec in build_specs(models)] == expected
+
+
+def test_a_folder_name_that_every_ending_of_its_path_clashes_with_is_refused() -> None:
+    with pytest.raises(ValueError) as refusal:
+        build_specs(["/x", "x=test:tiny"])
+    assert str(refusal.value) == (
+        "model: '/x', given without NAME=, is served under its folder's name, but every ending of "
+        "its path names another model; give it a name: NAME=/x"
+    )
+
+
+def test_a_folder_named_by_dots_is_named_after_the_folder_they_mean(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "here" / "deeper").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "here" / "deeper")
+    assert [spec.name for spec in build_specs(["./", ".."])] == ["deeper", "here"]
+
+
+def test_the_path_of_a_folder_named_model_still_names_it_in_every_setting(tmp_path: Path) -> None:
+    """Before folder names the path was the served name; configs that use it keep working."""
+    config = tmp_path / "config.toml"
+    config.write_text(
+        'model = ["/srv/models/florence", "b=test:tiny"]\ndefault-model = "/srv/models/florence"\n'
+        'idle-timeout = ["/srv/models/florence:60", "b:5"]\nrevision = ["/srv/models/florence:v2"]\n'
+        'backend = ["florence:florence2"]\n'
+    )
+    s = load_settings(environ={}, config_path=config)
+    assert [(m.name, m.source, m.idle_timeout, m.revision, m.backend) for m in s.model_specs] == [
+        ("florence", "/srv/models/florence", 60.0, "v2", "florence2"),
+        ("b", "test:tiny", 5.0, None, "auto"),
+    ]
+    assert s.default_model_name == "florence" and s.default_model_spec.source == "/srv/models/florence"
+    config.write_text(
+        'model = ["/srv/models/florence"]\nidle-timeout = ["florence:60", "/srv/models/florence:5"]\n'
+    )
+    with pytest.raises(
+        SettingsError, match=r"idle_timeout: florence is given twice \('/srv/models/florence' is its path\)"
+    ):
+        load_settings(environ={}, config_path=config)
 
 
 # --- how served names show where anyone may read them (/metrics, /health) ----------------------

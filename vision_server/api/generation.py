@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING
 
 from vision_server.api.errors import InvalidParameter
 from vision_server.captioner import GenerationOptions
+from vision_server.model_specs import is_path_source
 from vision_server.settings import Settings
 
 if TYPE_CHECKING:
@@ -150,7 +151,9 @@ def check_model_limit(name: str, asked: int, tokens: int, model: ModelCard) -> N
     if limit is None or tokens <= limit:
         return
     named = model.name or model.model_id
-    source = f" ({model.source})" if model.source and model.source != named else ""
+    # the hub id helps; a local directory's path is the server's business (see folder_names)
+    shown = model.source and model.source != named and not is_path_source(model.source)
+    source = f" ({model.source})" if shown else ""
     raise InvalidParameter(
         name,
         f"{name!r} asks for {asked} tokens; model {named!r}{source} generates at most {limit} "

@@ -67,7 +67,7 @@ async def health(request: web.Request) -> web.Response:
         "worker_restarts": engine.worker_restarts,
         "model_loaded": snapshot.state is ModelState.READY,  # the default model
         # every served model that is loaded: with several, the default may be idle while others work
-        # (a directory served under its path shows its folder name: /health is open with a key too)
+        # (an embedder's captioner named by a path shows its folder name: /health is open with a key too)
         "models_loaded": [shown[m.name] for m in snapshot.models if m.state is ModelState.READY],
         "gpu_available": gpu_available(),
         "memory_usage": memory_usage(),

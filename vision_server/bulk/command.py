@@ -354,14 +354,15 @@ def _outputs(
 ) -> list[Output]:
     spec = settings.default_model_spec
     # Rows name the model as vision-client folder's rows do: by its served name (NAME of
-    # --model NAME=SOURCE; an unnamed model's name is its source). A rerun resumes from the rows
+    # --model NAME=SOURCE; an unnamed model's is its source, see below). A rerun resumes from the rows
     # of this model only, as vision-client folder does; rows written before rows held the served
     # name hold the source, so it counts too.
     older = (spec.source,) if spec.source != spec.name else ()
     # An unnamed local model and the adapter as one absolute path each, however they were typed
     # and from wherever the run starts, so `--model ./m/` resumes the rows of `--model m`, and
-    # `--adapter my-adapter/` those of `--adapter ./my-adapter`.
-    unnamed = spec.source == spec.name
+    # `--adapter my-adapter/` those of `--adapter ./my-adapter`. (The rows stay on this machine:
+    # the path that a server keeps from its clients, serving the folder under its name, is fine.)
+    unnamed = not spec.named
     model = model_identity(spec.source) if unnamed else spec.name
     adapter = adapter_identity(spec.adapter) if spec.adapter is not None else None
     facts = RowFacts(tasks, model, adapter, older, local_model=unnamed and os.path.isabs(model))
