@@ -22,8 +22,9 @@ One ``--model`` value (a *spec*)::
 revisions (branches, tags, commits and ``refs/pr/N`` cannot contain one), so an entry with more
 colons than its model's name is refused, saying which value it would have given.
 
-Everything here raises :class:`ValueError` with a message meant for the user; the settings turn
-it into a ``SettingsError``.
+Everything here raises :class:`ValueError` with a message meant for the user (an
+:class:`EntryError` when one ``NAME:VALUE`` entry is at fault); the settings turn it into a
+``SettingsError`` that says where the value was set.
 """
 
 from __future__ import annotations
@@ -41,6 +42,16 @@ NAME_GRAMMAR = "letters, digits, '.', '_' and '-', starting with a letter or dig
 _NOT_A_NAME = re.compile(r"[/\\:]")
 _DRIVE = re.compile(r"[A-Za-z]:[/\\]")
 V = TypeVar("V")
+
+
+class EntryError(ValueError):
+    """One ``NAME:VALUE`` entry of ``setting`` is refused; ``name`` is its NAME as given, so the
+    message can say which flag, variable or config file gave that entry (each may give some)."""
+
+    def __init__(self, message: str, *, setting: str, name: str) -> None:
+        super().__init__(message)
+        self.setting = setting
+        self.name = name
 
 
 @dataclass(frozen=True)
@@ -309,11 +320,14 @@ def build_specs(
         specs = [_with_old_adapter(specs, texts, adapter)]
     specs = folder_names(specs)
     names = [spec.name for spec in specs]
+    for name, seconds in (idle_timeouts or {}).items():
+        try:
+            check_idle_seconds(f"idle_timeout for {name}", seconds)
+        except ValueError as exc:
+            raise EntryError(str(exc), setting="idle_timeout", name=name) from None
     overrides = _by_served_name("idle_timeout", specs, idle_timeouts or {})
     own_revisions = _by_served_name("revision", specs, revisions or {})
     own_backends = _by_served_name("backend", specs, backends or {})
-    for name, seconds in overrides.items():
-        check_idle_seconds(f"idle_timeout for {name}", seconds)
     specs = [
         replace(
             spec,
@@ -336,9 +350,11 @@ def _by_served_name(setting: str, specs: Sequence[ModelSpec], named: Mapping[str
     for name, value in named.items():
         model = served_name(specs, name)
         if model is None:
-            raise ValueError(_no_such_model(setting, name, value, names))
+            raise EntryError(_no_such_model(setting, name, value, names), setting=setting, name=name)
         if model in served:
-            raise ValueError(f"{setting}: {model} is given twice ({name!r} is its path)")
+            raise EntryError(
+                f"{setting}: {model} is given twice ({name!r} is its path)", setting=setting, name=name
+            )
         served[model] = value
     return served
 

@@ -27,6 +27,7 @@ from vision_server.byte_sizes import EXAMPLES, parse_byte_size
 from vision_server.captioner import GenerationOptions
 from vision_server.errors import InvalidTask
 from vision_server.model_specs import (
+    EntryError,
     ModelSpec,
     build_specs,
     parse_idle_timeouts,
@@ -265,7 +266,8 @@ class Settings:
     model_backends: tuple[tuple[str, str], ...] = field(default=(), metadata={"internal": True})
     model_revisions: tuple[tuple[str, str], ...] = field(default=(), metadata={"internal": True})
     # Where each setting not left at its default came from ("--port", "VISION_SERVER_PORT",
-    # "port in /etc/vision-server/config.toml"), for error messages; filled by load_settings.
+    # "port in /etc/vision-server/config.toml"), for error messages; filled by load_settings. A
+    # NAME:VALUE entry has its own ("revision:blip"), and "revision" is its server-wide value's.
     sources: tuple[tuple[str, str], ...] = field(
         default=(), repr=False, compare=False, metadata={"internal": True}
     )
@@ -292,11 +294,15 @@ class Settings:
 
     def located(self, error: SettingsError) -> SettingsError:
         """``error`` ending with where its settings' values came from (``(set by --port)``), once:
-        an error that says so already, or whose settings were left at their defaults, is kept."""
+        an error that says so already, or whose settings were left at their defaults, is kept.
+        An error about one ``NAME:VALUE`` entry names where that entry was given."""
         if error.source is not None:
             return error
         known = dict(self.sources)
-        given = [known[name] for name in error.settings if name in known]
+        entry = [] if error.entry is None else [f"{name}:{error.entry}" for name in error.settings]
+        given = [known[key] for key in entry if key in known] or [
+            known[name] for name in error.settings if name in known
+        ]
         return error.set_by(" and ".join(dict.fromkeys(given))) if given else error
 
     @property
@@ -362,12 +368,18 @@ class SettingsError(ValueError):
     """
 
     def __init__(
-        self, message: str, *, setting: str | tuple[str, ...] | None = None, source: str | None = None
+        self,
+        message: str,
+        *,
+        setting: str | tuple[str, ...] | None = None,
+        source: str | None = None,
+        entry: str | None = None,
     ) -> None:
         super().__init__(message if source is None else f"{message} (set by {source})")
         self.reason = message
         self.settings: tuple[str, ...] = (setting,) if isinstance(setting, str) else setting or ()
         self.source = source
+        self.entry = entry  # the NAME of the NAME:VALUE entry at fault, when one is
 
     @property
     def setting(self) -> str | None:
@@ -378,7 +390,7 @@ class SettingsError(ValueError):
         """This error ending with ``(set by SOURCE)``; unchanged when it names a source already."""
         if self.source is not None:
             return self
-        return type(self)(self.reason, setting=self.settings, source=source)
+        return type(self)(self.reason, setting=self.settings, source=source, entry=self.entry)
 
 
 class SettingsTypeError(SettingsError, TypeError):
@@ -554,6 +566,8 @@ def _derive(s: Settings) -> None:
             backend=s.backend,
             backends=dict(s.model_backends),
         )
+    except EntryError as exc:
+        raise SettingsError(str(exc), setting=exc.setting, entry=exc.name) from None
     except ValueError as exc:  # each message starts with the setting at fault ("default_model: ...")
         named = re.match(r"[a-z_]+", str(exc))
         at_fault = named.group() if named is not None and named.group() in FIELDS else None
@@ -561,7 +575,9 @@ def _derive(s: Settings) -> None:
     for name, backend in s.model_backends:
         if backend not in BACKENDS:
             raise SettingsError(
-                f"backend for {name} must be one of {', '.join(BACKENDS)}, not {backend!r}", setting="backend"
+                f"backend for {name} must be one of {', '.join(BACKENDS)}, not {backend!r}",
+                setting="backend",
+                entry=name,
             )
     object.__setattr__(s, "_model_specs", specs)
     budget = None
@@ -803,7 +819,8 @@ def load_settings(
     layers.append(read_flags(flags or {}))
     where.append(flag_name)
     sources = {name: describe(name) for layer, describe in zip(layers, where, strict=True) for name in layer}
-    return Settings(**merge_layers(layers, where), sources=tuple(sources.items()))
+    values = merge_layers(layers, where, sources)
+    return Settings(**values, sources=tuple(sources.items()))
 
 
 # Settings that take ``VALUE`` (server-wide) or ``NAME:VALUE`` (one model) entries: the internal
@@ -816,7 +833,9 @@ PER_MODEL: dict[str, tuple[str, Callable[[Iterable[Any]], tuple[Any, dict[str, A
 
 
 def merge_layers(
-    layers: list[dict[str, Any]], where: list[Callable[[str], str]] | None = None
+    layers: list[dict[str, Any]],
+    where: list[Callable[[str], str]] | None = None,
+    sources: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Later layers win, setting by setting, with two refinements for several models:
 
@@ -827,16 +846,21 @@ def merge_layers(
       models (earlier ``default_model`` and NAME:VALUE entries), so ``--model x=...`` on the
       command line is not refused over names from the config file's list.
 
-    ``where`` names each layer's source of a setting (``--idle-timeout``), for its errors.
+    ``where`` names each layer's source of a setting (``--idle-timeout``), for its errors; with
+    it, ``sources`` gets the source of each server-wide value (``revision``) and each entry
+    (``revision:blip``) that the merged values hold.
     """
     values: dict[str, Any] = {}
     per_model: dict[str, dict[str, Any]] = {name: {} for name in PER_MODEL}
+    found = sources if sources is not None else {}
     for index, layer in enumerate(layers):
         layer = dict(layer)
         if "model" in layer:
             for named in per_model.values():
                 named.clear()
             values.pop("default_model", None)
+            for key in [key for key in found if ":" in key and key.partition(":")[0] in PER_MODEL]:
+                del found[key]  # the entries that named the models now gone
         for name, (_, parse) in PER_MODEL.items():
             if name not in layer:
                 continue
@@ -848,6 +872,10 @@ def merge_layers(
             if server_wide is not None:
                 values[name] = server_wide
             per_model[name].update(overrides)
+            if where:
+                if server_wide is not None:
+                    found[name] = where[index](name)
+                found.update({f"{name}:{entry}": where[index](name) for entry in overrides})
         values.update(layer)
     for name, (internal, _) in PER_MODEL.items():
         if per_model[name]:

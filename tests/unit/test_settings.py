@@ -240,6 +240,44 @@ def test_every_settings_error_says_once_at_its_end_where_the_value_was_set(
     assert message.count(where) == 1 and message.count("(set by") == 1
 
 
+@pytest.mark.parametrize(
+    ("config", "environ", "flags", "start", "source"),
+    [
+        ('revision = ["zz:v2"]\n', {}, {"revision": ("v1",)}, "revision: no model", "revision in "),
+        ("", {"VISION_SERVER_REVISION": "v1"}, {"revision": ("zz:v2",)}, "revision: no model", "--revision"),
+        ('backend = ["llava"]\n', {}, {"backend": ("a:blip",)}, "backend must be", "backend in "),
+        ('backend = ["b:llava"]\n', {}, {"backend": ("a:blip",)}, "backend for b", "backend in "),
+        (
+            'idle-timeout = ["a:-5"]\n',
+            {},
+            {"idle_timeout": ("b:5",)},
+            "idle_timeout for a",
+            "idle-timeout in ",
+        ),
+        (
+            "",
+            {"VISION_SERVER_IDLE_TIMEOUT": "a:-5"},
+            {"idle_timeout": ("60",)},
+            "idle_timeout for a",
+            "VISION_SERVER_IDLE_TIMEOUT",
+        ),
+    ],
+)
+def test_a_per_model_entry_says_where_that_entry_was_given(
+    tmp_path: Path, config: str, environ: dict[str, str], flags: dict[str, object], start: str, source: str
+) -> None:
+    """``--revision``, ``--backend`` and ``--idle-timeout`` merge entry by entry across the config
+    file, the environment and the flags: the refusal names where the bad entry (or server-wide
+    value) came from, not the last place that gave the setting anything."""
+    path = tmp_path / "config.toml"
+    path.write_text('model = ["a=test:tiny", "b=test:tiny"]\n' + config)
+    where = f"{source}{path}" if source.endswith(" in ") else source
+    with pytest.raises(SettingsError) as refusal:
+        load_settings(flags, environ=environ, config_path=path)
+    assert str(refusal.value).startswith(start)
+    assert str(refusal.value).endswith(f" (set by {where})")
+
+
 def test_an_error_about_two_settings_names_where_each_was_set(tmp_path: Path) -> None:
     """A certificate and a key that do not go together: either may be the wrong file."""
     from vision_server.server import ssl_context
