@@ -117,4 +117,4 @@ def test_an_adapter_on_the_model_flag_is_refused(tmp_path: Path, data: Path) -> 
     adapter.mkdir()
     run = _train(data, tmp_path / "run", _env(tmp_path), "--model", f"test:tiny+{adapter}", "--device", "cpu")
     assert run.returncode == 2, run.stderr
-    assert f"give the model alone (test:tiny), without +{adapter}" in run.stderr
+    assert f"give the model alone (test:tiny), without +{adapter} (set by --model)" in run.stderr

@@ -278,6 +278,17 @@ def test_a_per_model_entry_says_where_that_entry_was_given(
     assert str(refusal.value).endswith(f" (set by {where})")
 
 
+def test_train_says_where_its_models_own_revision_was_set(tmp_path: Path) -> None:
+    """``vision-server train`` names the sources of a model it cannot load: the revision it used
+    is the model's NAME:REVISION entry from the config file, not the variable's server-wide one."""
+    from vision_server.train.shared_settings import shared_settings
+
+    config = tmp_path / "config.toml"
+    config.write_text('model = ["a=test:tiny", "b=test:tiny"]\nrevision = ["a:v1"]\n')
+    shared = shared_settings({}, environ={"VISION_SERVER_REVISION": "v0"}, config_path=config)
+    assert (shared.revision, shared.sources["revision"]) == ("v1", f"revision in {config}")
+
+
 def test_an_error_about_two_settings_names_where_each_was_set(tmp_path: Path) -> None:
     """A certificate and a key that do not go together: either may be the wrong file."""
     from vision_server.server import ssl_context

@@ -58,9 +58,10 @@ def shared_settings(
         spec = _spec(given["model"])
         if spec.adapter is not None:
             raise SettingsError(
-                f"{flag_name('model')} {given['model']}: train makes a new adapter for a base model; "
+                f"model {given['model']}: train makes a new adapter for a base model; "
                 f"give the model alone ({spec.source}), without +{spec.adapter}",
                 setting="model",
+                source=flag_name("model"),
             )
         given["model"] = (given["model"],)  # one model, even with a comma in its path
     settings = load_settings(given, environ=environ, config_path=config_path)
@@ -71,6 +72,8 @@ def shared_settings(
         sources["revision"] = flag_name("revision")
     elif model.revision is None:
         sources.pop("revision", None)
+    elif f"revision:{model.name}" in sources:  # the model's own NAME:REVISION entry
+        sources["revision"] = sources[f"revision:{model.name}"]
     return SharedSettings(model.source, revision, settings.device, settings.cache_dir, sources)
 
 
@@ -78,4 +81,4 @@ def _spec(text: str) -> ModelSpec:
     try:
         return parse_model_spec(text)
     except ValueError as exc:
-        raise SettingsError(f"{flag_name('model')}: {exc}", setting="model") from None
+        raise SettingsError(str(exc), setting="model", source=flag_name("model")) from None
