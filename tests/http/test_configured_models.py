@@ -135,3 +135,28 @@ async def test_status_shows_every_models_adapter_by_name_and_how_it_was_trained(
         }  # fmt: skip
         info = await _json(session, "/model_info?model=styled")
         assert info["adapter"] == {"name": "my-style", "training": styled["training"]}
+
+
+async def test_admin_routes_answer_the_status_as_v1_status_shows_it(
+    tmp_path_factory: pytest.TempPathFactory, tiny_adapter_dir: Path
+) -> None:
+    """The admin routes' answers are ``/v1/status`` (docs/operations/index.md): they named each
+    model's adapter by its full path on the server's disk and lacked ``tasks``, ``adapter`` and
+    each model's ``training``."""
+    settings = Settings(
+        model=("plain=test:tiny", f"styled=test:tiny+{tiny_adapter_dir}"),
+        cache_dir=tiny_cache_dir(tmp_path_factory),
+        idle_timeout=-1,
+        max_new_tokens=12,
+        num_beams=1,
+    )
+    async with running_app(settings) as (_app, url), ClientSession(url) as session:
+        for route in ("load", "unload"):
+            async with session.post(f"/v1/model/{route}?model=styled") as response:
+                assert response.status == 200, await response.text()
+                answer = await response.json()
+            status = await _json(session, "/v1/status")
+            assert sorted(answer) == sorted(status)
+            assert [sorted(m) for m in answer["models"]] == [sorted(m) for m in status["models"]]
+            assert [m["adapter"] for m in answer["models"]] == [None, tiny_adapter_dir.name]
+            assert str(tiny_adapter_dir) not in await response.text()

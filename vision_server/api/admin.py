@@ -1,7 +1,8 @@
 """Admin routes: load, unload or offload (to the warm tier in host memory) the model now.
 
 Both are messages to the engine's worker, handled between batches, so an unload never cuts a
-running request short. They answer with the engine status afterwards, like ``/v1/status``.
+running request short. They answer with the engine status afterwards, exactly as ``/v1/status``
+shows it (adapters by folder name, never by path).
 With several models served, ``?model=NAME`` (or ``{"model": NAME}`` in a JSON body) names the
 one to act on (a served name or source; 404 for any other); without it, the default model.
 """
@@ -16,6 +17,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 from vision_server.api.auth import admin_only
 from vision_server.api.bodies import read_body, read_json_object
 from vision_server.api.model_choice import MODEL_PARAM, model_field, resolve_exact
+from vision_server.api.ops import status_body
 from vision_server.api.state import ENGINE
 from vision_server.engine.lifecycle import EngineStatus
 from vision_server.engine.scheduler import Engine
@@ -43,7 +45,7 @@ async def _act(request: web.Request, action: AdminAction) -> web.Response:
     model = await named_model(request)
     _refuse_while_draining(request)
     status = await action(request.app[ENGINE], model)
-    return web.json_response(status.as_dict())
+    return web.json_response(status_body(request.app, status))
 
 
 @admin_only

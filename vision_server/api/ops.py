@@ -8,13 +8,14 @@ readiness: 503 while starting or draining, so HAProxy stops sending work before 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
 from vision_server.api.model_choice import adapter_of, shown_models
 from vision_server.api.state import ENGINE, METRICS, STARTED_AT
-from vision_server.engine.lifecycle import ModelState
+from vision_server.engine.lifecycle import EngineStatus, ModelState
 from vision_server.errors import VisionServerError
 from vision_server.gpu import gpu_available, gpu_memory
 from vision_server.model_specs import public_labels
@@ -26,16 +27,21 @@ def ops_error(error: VisionServerError, request_id: str) -> web.Response:
     return web.json_response(body, status=error.status)
 
 
-async def status(request: web.Request) -> web.Response:
-    """State, model, device, dtype, loaded since, expires_at, queue depth, jobs running, errors;
-    the adapter and, for one made by ``vision-server train``, how it was trained (by name, no
-    paths: see :func:`~vision_server.train.metadata.adapter_summary`)."""
-    data = request.app[ENGINE].status().as_dict()
-    data["tasks"] = list(request.app[ENGINE].model_card.tasks)
+def status_body(app: web.Application, status: EngineStatus) -> dict[str, Any]:
+    """``/v1/status`` as clients see it, also in the admin routes' answers: the adapter and, for
+    one made by ``vision-server train``, how it was trained, by name and never by path (see
+    :func:`~vision_server.train.metadata.adapter_summary`)."""
+    data = status.as_dict()
+    data["tasks"] = list(app[ENGINE].model_card.tasks)
     # the default model's, as before several models; each model's own under `models`
-    data["adapter"] = adapter_summary(adapter_of(request.app, request.app[ENGINE].model_card))
-    shown_models(request.app, data["models"], training=True)
-    return web.json_response(data)
+    data["adapter"] = adapter_summary(adapter_of(app, app[ENGINE].model_card))
+    shown_models(app, data["models"], training=True)
+    return data
+
+
+async def status(request: web.Request) -> web.Response:
+    """State, model, device, dtype, loaded since, expires_at, queue depth, jobs running, errors."""
+    return web.json_response(status_body(request.app, request.app[ENGINE].status()))
 
 
 def memory_usage() -> dict[str, int | None]:
