@@ -127,6 +127,20 @@ def paths_problem(table_path: Path, column: str, values: Iterable[Any]) -> str |
     a look at its first value; a column none of whose files exists is judged a folder at a time
     (:mod:`vision_server.file_presence`), not one look per value.
     """
+    missing = none_exists(table_path, values)
+    if missing is None:
+        return None
+    count, first = missing
+    return (
+        f"column {column!r} holds no image paths: none of its {count} values is an existing "
+        f"file (the first is {excerpt(first)})"
+    )
+
+
+def none_exists(table_path: Path, values: Iterable[Any]) -> tuple[int, str] | None:
+    """(how many, the first) of ``values`` when none of them names an existing file, read as
+    :func:`image_path` reads them (relative to ``table_path``'s folder); None as soon as one
+    does, or when there is no value to judge. Shared by Parquet path columns and path lists."""
     presence = FilePresence()
     folder = os.path.join(table_path.parent, "")  # ends in a separator: values join it as text
     count, first = 0, None
@@ -137,12 +151,7 @@ def paths_problem(table_path: Path, column: str, values: Iterable[Any]) -> str |
             return None
         count += 1
         first = value if first is None else first
-    if first is None:
-        return None
-    return (
-        f"column {column!r} holds no image paths: none of its {count} values is an existing "
-        f"file (the first is {excerpt(first)})"
-    )
+    return None if first is None else (count, first)
 
 
 def _names_a_file(presence: FilePresence, folder: str, table_path: Path, value: str) -> bool:

@@ -573,6 +573,38 @@ def test_image_column_naming_the_captions_is_bad_usage_as_in_train(tmp_path: Pat
     assert not out.exists() and not list(root.rglob("*.txt"))  # nothing written
 
 
+def test_a_caption_file_or_a_list_of_nothing_given_as_an_input_is_bad_usage(
+    tmp_path: Path, cache: Path
+) -> None:
+    # `vision-server caption data/*` after a first run takes data/cat.txt as a list of paths: each
+    # caption line used to fail as "no such file", one per caption file, and the run went on.
+    root = tmp_path / "data"
+    (image,) = good_images(root, 1)
+    caption = image.with_suffix(".txt")
+    caption.write_text("a photo of a cat", encoding="utf-8")
+    rows = tmp_path / "rows.jsonl"  # a JSONL of captions, not of paths
+    rows.write_text('{"source": "data", "key": "a.png", "caption": "x"}\n' * 2, encoding="utf-8")
+    moved = tmp_path / "moved.txt"  # a list whose images are gone
+    moved.write_text("gone/a.png\ngone/b.png\n", encoding="utf-8")
+    for listing, said in (
+        (caption, "none of its lines names an existing file (1 line; the first is 'a photo of a cat')"),
+        (rows, "none of its lines names an existing file (2 lines; the first is"),
+        (moved, "none of its lines names an existing file (2 lines; the first is 'gone/a.png')"),
+    ):
+        result = run(tmp_path, cache, image, listing, *FAST)
+        assert result.returncode == 2, result.stderr
+        assert f"{listing}: {said}" in result.stderr and "Give the images or their folder" in result.stderr
+        assert "no such file" not in result.stderr and "Traceback" not in result.stderr
+        assert caption.read_text(encoding="utf-8") == "a photo of a cat"  # nothing written
+    # a list with one line that names an image is read as ever, its missing lines failing alone
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_text(f"gone/a.png\n{image}\n", encoding="utf-8")
+    result = run(tmp_path, cache, mixed, *FAST, "--dry-run")
+    assert result.returncode == 1, result.stderr
+    assert f"fail\t{tmp_path}/gone/a.png\tno such file" in result.stdout, result.stdout
+    assert f"skip\t{image}\talready captioned" in result.stdout, result.stdout
+
+
 def test_help_lists_only_offline_options(tmp_path: Path) -> None:
     result = subprocess.run(caption_command("--help"), env=cli_env(tmp_path), capture_output=True, text=True)
     assert result.returncode == 0

@@ -31,7 +31,14 @@ from vision_server.captionfiles import (
     remove_stale_temps,
     sharing_stems,
 )
-from vision_server.parquet_images import ColumnKind, ImageColumnError, image_column, paths_problem
+from vision_server.parquet_images import (
+    ColumnKind,
+    ImageColumnError,
+    excerpt,
+    image_column,
+    none_exists,
+    paths_problem,
+)
 
 InputKind = Literal["file", "folder", "list", "parquet", "webdataset"]
 WEBDATASET_IMAGES = ("jpg", "jpeg", "png", "webp")
@@ -81,7 +88,42 @@ def check_inputs(inputs: Iterable[Path], options: ReadOptions) -> dict[Path, Inp
         kinds[path] = input_kind(path)
         if kinds[path] == "parquet":
             _check_parquet(path, options)
+        elif kinds[path] == "list":
+            _check_list(path)
     return kinds
+
+
+def _check_list(path: Path) -> None:
+    """Refuse a ``.txt``/``.jsonl`` list none of whose lines names an existing file.
+
+    Such a list is not a list of this dataset's images: a caption file (``caption dataset/*``
+    takes ``cat.txt`` too), a JSONL of captions, or a list moved away from its images. Said
+    once, as bad usage, instead of one "no such file" failure per line. Read only up to the
+    first line that names a file, so a real list costs a look at its first line.
+    """
+    lines, paths, first = 0, 0, ""
+
+    def listed_paths() -> Iterator[str]:
+        nonlocal lines, paths, first
+        for _, entry, listed in _list_entries(path):
+            lines += 1
+            first = first or entry
+            if listed is not None:
+                paths += 1
+                yield os.path.expanduser(entry)
+
+    try:
+        missing = none_exists(path, listed_paths())
+    except OSError as error:
+        raise InputError(f"{path}: cannot read the list ({error.strerror or error})") from error
+    if lines == 0 or (missing is None and paths > 0):
+        return
+    raise InputError(
+        f"{path}: none of its lines names an existing file ({lines} line{'s' * (lines != 1)}; the "
+        f"first is {excerpt(first)}); "
+        "a .txt or .jsonl input is a list of image paths, one a line, relative to the list's "
+        "folder. Is it a caption file, or captions? Give the images or their folder instead"
+    )
 
 
 def distinct_inputs(
