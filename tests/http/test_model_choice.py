@@ -288,6 +288,23 @@ async def test_an_unknown_name_is_a_404_in_the_familys_shape_listing_the_served_
     assert status_now[1]["queue_depth"] == 0
 
 
+async def test_a_source_that_several_models_share_is_a_404_that_names_them() -> None:
+    """Two models on one base (say, two adapters) share its source, which then picks neither: the
+    404 said the server "does not serve" the model it serves twice, now it names both to pick from."""
+    models = [
+        NamedModel("plain", FakeCaptioner(model_id="fake-alpha"), source="hub/base"),
+        NamedModel("styled", FakeCaptioner(model_id="fake-beta"), source="hub/base", adapter="adapters/s"),
+        NamedModel("other", FakeCaptioner(model_id="fake-other"), source="hub/other"),
+    ]
+    async with several(models) as session:
+        status, body = await answer(session, "POST", "/v1/chat/completions", json=chat("hub/base"))
+        assert (status, body["error"]["code"]) == (404, "model_not_found")
+        assert body["error"]["message"].startswith(
+            "'hub/base' is the source of several served models (plain, styled): name one of them."
+        )
+        assert (await answer(session, "POST", "/v1/chat/completions", json=chat("hub/other")))[0] == 200
+
+
 async def test_tasks_and_free_text_follow_the_chosen_model() -> None:
     async with several() as session:
         # alpha has <GENERATE_TAGS>, beta does not: the 400 lists beta's own tasks

@@ -114,10 +114,13 @@ def resolve_name(slots: Mapping[str, ModelSlot], default: str, name: str | None)
     by_source = [slot.name for slot in slots.values() if slot.source == name]
     if len(by_source) == 1:
         return by_source[0]
-    raise UnknownModel(
-        f"This server does not serve a model named {_quoted(name)}. Served: "
-        f"{', '.join(slots)} (default {default}); omit the model to get the default."
-    )
+    served = f"Served: {', '.join(slots)} (default {default}); omit the model to get the default."
+    if by_source:  # two adapters on one base model, say: "not served" would send the user astray
+        raise UnknownModel(
+            f"{_quoted(name)} is the source of several served models ({', '.join(by_source)}): "
+            f"name one of them. {served}"
+        )
+    raise UnknownModel(f"This server does not serve a model named {_quoted(name)}. {served}")
 
 
 def _quoted(name: str, limit: int = 80) -> str:
