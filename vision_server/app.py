@@ -70,7 +70,11 @@ def create_app(
     """
     served, default, default_name = _served_models(settings, captioner, models)
     metrics = Metrics()
-    app = web.Application(client_max_size=settings.max_request_bytes, middlewares=middlewares(settings))
+    app = web.Application(
+        client_max_size=settings.max_request_bytes,
+        middlewares=middlewares(settings),
+        handler_args={"auto_decompress": False},  # bodies are decoded by api.encodings, in our replies
+    )
     app[METRICS] = metrics
     app[SETTINGS] = settings
     app[RECENT] = RecentBatches()

@@ -6,6 +6,10 @@ a message written for the person who has to fix the request.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import ClassVar
+
 
 class VisionServerError(Exception):
     """Base of every error the server expects and explains."""
@@ -14,6 +18,8 @@ class VisionServerError(Exception):
     code: str = "internal_error"
     # The request field at fault, when known (OpenAI replies carry it as ``param``).
     param: str | None = None
+    # Headers the reply must carry besides the body (a 415's Accept-Encoding).
+    reply_headers: ClassVar[Mapping[str, str]] = MappingProxyType({})
 
     def __init__(self, message: str, *, retry_after: float | None = None) -> None:
         super().__init__(message)

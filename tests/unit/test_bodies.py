@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from vision_server.api import bodies
-from vision_server.api.bodies import LIFT_MIN, CutJson, parse_json
+from vision_server.api.bodies import LIFT_MIN, parse_json
 from vision_server.errors import BadRequest
 
 BIG = base64.b64encode(bytes(range(256)) * 40_000).decode()  # 13.6 MB of base64
@@ -83,17 +83,3 @@ def test_value_count_of_a_bomb_stays_over_the_limit() -> None:
         assert bodies.value_count(bomb) > bodies.MAX_JSON_VALUES
         with pytest.raises(BadRequest, match="outside strings"):
             parse_json(bomb)
-
-
-def test_every_cut_of_a_body_is_told_apart_from_other_mistakes() -> None:
-    """A body cut anywhere (mid-string, -escape, -literal, -number, -UTF-8 sequence) is a
-    :class:`CutJson`, which a compressed body turns into "not complete gzip"; other mistakes not."""
-    raw = '{"a": [1.5e-3, -2, true, false, null], "é": "x\\"é🐈", "u": "\\u2603"}'.encode()
-    assert parse_json(raw) == {"a": [1.5e-3, -2, True, False, None], "é": 'x"é🐈', "u": "\u2603"}
-    for cut in range(1, len(raw)):
-        with pytest.raises(CutJson):
-            parse_json(raw[:cut])
-    for wrong in (b'{"a": 1}x', b'{"a" 1}', b'{"a": tru}', b'{"a": 1,}', b'{"a": "\xff"}'):
-        with pytest.raises(BadRequest) as refused:
-            parse_json(wrong)
-        assert not isinstance(refused.value, CutJson), wrong

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import re
 import sys
 from collections.abc import Awaitable
 from typing import Any, TypeVar
@@ -14,8 +13,8 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from vision_server.api.deadlines import deadline
+from vision_server.api.encodings import body_bytes
 from vision_server.api.errors import MissingField
-from vision_server.api.inflation import Inflation, content_encoding, watched
 from vision_server.api.state import SETTINGS, UPLOADS
 from vision_server.errors import BadRequest, BodyTimeout, Draining
 
@@ -34,36 +33,33 @@ MAX_JSON_VALUES = 100_000
 
 
 async def read_body(request: web.Request) -> bytes:
-    """The whole body, within ``--body-timeout`` (408 after it): a client that sends a byte now
-    and then cannot hold a connection and its buffer forever."""
-    return await within_body_timeout(request, request.read())
+    """The whole body, decoded from its ``Content-Encoding`` (:mod:`.encodings`), within
+    ``--body-timeout`` (408 after it): a client that sends a byte now and then cannot hold a
+    connection and its buffer forever."""
+    limit = request.app[SETTINGS].max_request_bytes
+    return await within_body_timeout(request, body_bytes(request, limit))
 
 
 async def within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
     """``reading`` (of the body), or :class:`BodyTimeout` when it outlasts ``--body-timeout``.
 
     A body still arriving when the server starts to drain is cut short with a 503: its job would
-    be refused anyway, and a slow upload must not hold the exit past the drain. A compressed
-    body that has all arrived but cannot end is cut short at once (:mod:`.inflation`).
+    be refused anyway, and a slow upload must not hold the exit past the drain.
     """
     seconds = request.app[SETTINGS].body_timeout
     uploads = request.app[UPLOADS]
     if uploads.cut:
         close_unread(reading)
         raise draining()
-    inflation = Inflation()
     try:
         async with deadline(seconds) as moving:  # in this task: no second task holding the body's frames
-            with uploads.open(moving), watched(request, moving, inflation):
+            with uploads.open(moving):
                 return await reading
     except web.RequestPayloadError as exc:
         raise unreadable_body(request, exc) from None
     except asyncio.TimeoutError:  # TimeoutError itself only from Python 3.11 on
         if uploads.cut:
             raise draining() from None
-        if inflation.stuck:  # aiohttp has an error queued for this connection: close it after us
-            close_after_reply(request)
-            raise cut_short(request, "the body", "does not end") from None
         raise BodyTimeout(
             f"The request body did not arrive within {seconds:g} s (--body-timeout): "
             "the upload stalled or was too slow."
@@ -71,24 +67,16 @@ async def within_body_timeout(request: web.Request, reading: Awaitable[T]) -> T:
 
 
 def unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> BadRequest:
-    """The 400 for a body aiohttp's parser gave up on (one that is not the gzip or deflate its
-    ``Content-Encoding`` names, a broken chunked encoding).
+    """The 400 for a body aiohttp's parser gave up on (a broken chunked encoding).
 
     aiohttp reads what is left of a body after the reply, to keep the connection; a body its
     parser refused would fail there again, logged as an unhandled exception with a traceback.
     So the body is marked ended and the connection closed after the reply instead."""
     close_after_reply(request)
-    encoding = content_encoding(request)
     cause = exc.__cause__
     said = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
     reason = " ".join(str(said).split()) or type(exc).__name__
-    hint = (
-        f" The header says Content-Encoding: {encoding[:40]}; send the body compressed that way, "
-        "or uncompressed without the header."
-        if encoding
-        else ""
-    )
-    return BadRequest(f"The request body cannot be read ({reason[:200]}).{hint}")
+    return BadRequest(f"The request body cannot be read ({reason[:200]}).")
 
 
 def close_after_reply(request: web.Request) -> None:
@@ -96,33 +84,6 @@ def close_after_reply(request: web.Request) -> None:
     the rest of a body its parser gave up on to keep the connection, and fail there again."""
     request.content.feed_eof()
     request.protocol.close()
-
-
-def empty_body(request: web.Request, what: str) -> BadRequest:
-    """The 400 for a body that is empty, once decompressed: gzip cut in its header inflates to
-    nothing (aiohttp does not refuse gzip that ends early), so a body that was sent but came out
-    empty is named as that (:func:`cut_short`) rather than as nothing sent."""
-    if compressed(request):
-        return cut_short(request, what, "is empty")
-    return BadRequest(f"The request body is empty; send {what}.")
-
-
-def compressed(request: web.Request) -> bool:
-    """Whether a body was sent under a ``Content-Encoding`` header (aiohttp inflated it)."""
-    return bool(content_encoding(request)) and request.body_exists
-
-
-def cut_short(request: web.Request, what: str, found: str) -> BadRequest:
-    """The 400 for a compressed body that came out short: empty, or ending mid-JSON or before
-    its form's closing boundary. aiohttp passes on what it could inflate of gzip that ends early
-    (cut in transit, or by a client that sent a partial buffer) without a word, so the body
-    reads as complete until its own format ends too soon; every such refusal says the same."""
-    encoding = content_encoding(request)[:40]
-    return BadRequest(
-        f"The request body, once decompressed, {found}: the header says Content-Encoding: "
-        f"{encoding}, and the body is most likely not complete {encoding} (it ends early). "
-        f"Send {what} compressed whole that way, or uncompressed without the header."
-    )
 
 
 def draining() -> Draining:
@@ -140,14 +101,8 @@ async def read_json_object(request: web.Request) -> dict[str, Any]:
     """The body as a JSON object; 400 with the reason when it is not one (413 when too big)."""
     raw = await read_body(request)
     if not raw:
-        raise empty_body(request, "a JSON object")
-    try:
-        body = await asyncio.to_thread(parse_json, raw) if len(raw) >= LIFT_MIN else parse_json(raw)
-    except CutJson as exc:
-        if compressed(request):
-            found = f"ends in the middle of its JSON ({exc.reason})"
-            raise cut_short(request, "a JSON object", found) from None
-        raise
+        raise BadRequest("The request body is empty; send a JSON object.")
+    body = await asyncio.to_thread(parse_json, raw) if len(raw) >= LIFT_MIN else parse_json(raw)
     if not isinstance(body, dict):
         raise BadRequest(f"The request body must be a JSON object, not {type(body).__name__}.")
     return body
@@ -174,18 +129,8 @@ def _strict_loads(text: bytes) -> Any:
     return json.loads(text, parse_float=_finite, parse_constant=_no_constant)
 
 
-class CutJson(BadRequest):
-    """JSON that stops mid-value (a string, literal or number, or a container left open): a body
-    cut short. ``reason`` is the parser's own words."""
-
-    def __init__(self, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.reason = reason
-
-
 def parse_json(raw: bytes) -> Any:
-    """``json.loads`` with the errors a client can cause turned into 400s (:class:`CutJson` for
-    a body that ends mid-JSON)."""
+    """``json.loads`` with the errors a client can cause turned into 400s."""
     try:
         return _loads(raw)
     except NotAJsonNumber as exc:
@@ -193,35 +138,12 @@ def parse_json(raw: bytes) -> Any:
             f"The request body is not valid JSON: {exc}; send a finite number or null."
         ) from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        message = f"The request body is not valid JSON: {exc}"
-        if _ends_early(raw, exc):
-            raise CutJson(message, str(exc)) from None
-        raise BadRequest(message) from None
+        raise BadRequest(f"The request body is not valid JSON: {exc}") from None
     except RecursionError:
         raise BadRequest("The request body nests JSON arrays or objects too deeply.") from None
     except ValueError:  # what is left is Python's guard against quadratic int parsing
         digits = sys.get_int_max_str_digits()
         raise BadRequest(f"The request body has a number with more than {digits} digits.") from None
-
-
-_CUT_NUMBER = re.compile(r"[-+.eE0-9]{1,40}")
-
-
-def _ends_early(raw: bytes, exc: UnicodeDecodeError | json.JSONDecodeError) -> bool:
-    """Whether the parse failed only because the text stopped: a UTF-8 sequence, a string, a
-    ``true``/``false``/``null``, a number or an escape cut off, or nothing where a value was due."""
-    if isinstance(exc, UnicodeDecodeError):
-        return exc.end == len(raw) and exc.reason == "unexpected end of data"
-    if exc.msg.startswith("Unterminated string"):
-        return True
-    if exc.msg == "Extra data":
-        return False
-    tail = exc.doc[exc.pos :].strip()
-    if not tail or any(word.startswith(tail) for word in ("true", "false", "null")):
-        return True
-    if exc.msg.startswith("Invalid \\uXXXX"):
-        return len(tail) <= 5  # "u" and at most four hex digits, then the end
-    return bool(_CUT_NUMBER.fullmatch(tail))
 
 
 def value_count(text: bytes) -> int:

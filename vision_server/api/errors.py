@@ -108,7 +108,9 @@ def request_id_for(request: web.Request) -> str:
     return incoming if _SAFE_ID.match(incoming) else uuid.uuid4().hex[:16]
 
 
-def with_retry_after(response: web.Response, error: VisionServerError) -> web.Response:
+def with_error_headers(response: web.Response, error: VisionServerError) -> web.Response:
+    """The reply with the headers ``error`` asks for (``Retry-After``, and its own)."""
+    response.headers.update(error.reply_headers)
     if error.retry_after is not None:
         response.headers["Retry-After"] = str(max(1, round(error.retry_after)))
     return response
@@ -122,7 +124,7 @@ def error_response(
     route, path = meant or (request.match_info.route, request.path)
     formatter = request.app[ERROR_SHAPES].formatter_for(route, path)
     request[ERROR_CODE] = error.code
-    return with_retry_after(formatter(error, request.get(REQUEST_ID, "-")), error)
+    return with_error_headers(formatter(error, request.get(REQUEST_ID, "-")), error)
 
 
 async def meant_route(request: web.Request) -> tuple[AbstractRoute, str] | None:
