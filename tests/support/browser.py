@@ -54,16 +54,31 @@ def chromium() -> Iterator[Browser]:
 
 
 @contextlib.contextmanager
+def fresh_tab(browser: Browser, timeout_ms: int, **context_options: Any) -> Iterator[Page]:
+    """A tab in a context of its own, of the page's test size: focus, drafts and dialogs never
+    carry over from another test."""
+    context = browser.new_context(viewport=VIEWPORT, **context_options)
+    tab = context.new_page()
+    tab.set_default_timeout(timeout_ms)
+    try:
+        yield tab
+    finally:
+        context.close()
+
+
+@contextlib.contextmanager
 def browser_tab(timeout_ms: int, **context_options: Any) -> Iterator[Page]:
-    """One tab in a fresh Chromium context of the page's test size, for one test module."""
-    with chromium() as browser:
-        context = browser.new_context(viewport=VIEWPORT, **context_options)
-        tab = context.new_page()
-        tab.set_default_timeout(timeout_ms)
-        try:
-            yield tab
-        finally:
-            context.close()
+    """One tab in a fresh Chromium context, for one test module."""
+    with chromium() as browser, fresh_tab(browser, timeout_ms, **context_options) as tab:
+        yield tab
+
+
+def open_view(page: Page, server: str, view: str) -> None:
+    """Open one of the page's views and wait until it is drawn (the gallery: its first page)."""
+    page.goto(f"{server}/#{view}")
+    page.wait_for_selector("body[data-ready=true]")
+    if view == "gallery":
+        page.wait_for_selector("body[data-gallery=ready]")
 
 
 def screenshot_dir(factory: pytest.TempPathFactory) -> Path:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.support.axe import AXE_ENV, axe_path, violations
-from tests.support.browser import VIEWPORT, chromium, page_server, screenshot_dir
+from tests.support.browser import VIEWPORT, chromium, fresh_tab, open_view, page_server, screenshot_dir
 from tests.support.gallery_data import GalleryData, make_gallery
 from tests.support.processes import http_json
 
@@ -87,20 +87,8 @@ def shots(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
     """A fresh tab per test: focus, drafts and dialogs never carry over."""
-    context = browser.new_context(viewport=ViewportSize(width=VIEWPORT["width"], height=VIEWPORT["height"]))
-    tab = context.new_page()
-    tab.set_default_timeout(TIMEOUT_MS)
-    try:
+    with fresh_tab(browser, TIMEOUT_MS) as tab:
         yield tab
-    finally:
-        context.close()
-
-
-def open_view(page: Page, server: str, view: str) -> None:
-    page.goto(f"{server}/#{view}")
-    page.wait_for_selector("body[data-ready=true]")
-    if view == "gallery":
-        page.wait_for_selector("body[data-gallery=ready]")
 
 
 def tab_to(page: Page, wanted: str, most: int = 40) -> list[str]:

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.support.axe import AXE_ENV, axe_path, violations
-from tests.support.browser import VIEWPORT, chromium, page_server
+from tests.support.browser import chromium, fresh_tab, open_view, page_server
 from tests.support.images import image_bytes
 
 pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
-from playwright.sync_api import FilePayload, ViewportSize, expect
+from playwright.sync_api import FilePayload, expect
 
 if TYPE_CHECKING:
     from playwright.sync_api import Browser, Page, Route
@@ -98,22 +98,8 @@ def browser() -> Iterator[Browser]:
 @pytest.fixture
 def page(browser: Browser) -> Iterator[Page]:
     """A fresh tab per test (CSP bypassed for axe, an injected script)."""
-    context = browser.new_context(
-        viewport=ViewportSize(width=VIEWPORT["width"], height=VIEWPORT["height"]), bypass_csp=True
-    )
-    tab = context.new_page()
-    tab.set_default_timeout(TIMEOUT_MS)
-    try:
+    with fresh_tab(browser, TIMEOUT_MS, bypass_csp=True) as tab:
         yield tab
-    finally:
-        context.close()
-
-
-def open_view(page: Page, server: str, view: str) -> None:
-    page.goto(f"{server}/#{view}")
-    page.wait_for_selector("body[data-ready=true]")
-    if view == "gallery":
-        page.wait_for_selector("body[data-gallery=ready]")
 
 
 def show_tab(page: Page, view: str, name: str) -> None:
