@@ -477,7 +477,9 @@ def test_a_folder_given_twice_or_inside_another_is_captioned_once(tmp_path: Path
     result = run(tmp_path, cache, *inputs, *FAST, "--mode", "append", "--jsonl", jsonl, "--sidecars")
     assert result.returncode == 0, result.stderr
     assert f"captioned {len(images)}, skipped 0" in result.stderr
-    assert f"{root / 'sub'} is inside {root} (also given)" in result.stderr
+    assert f"{root / 'sub'} is inside {root} (also given): its images are captioned once" in result.stderr
+    # an image is no folder: "its images" was said of it too
+    assert f"{images[0]} is inside {root} (also given): it is captioned once, as part of" in result.stderr
     assert (
         f"{root} is given twice" in result.stderr and f"{tmp_path / 'same'} is the same as" in result.stderr
     )

@@ -284,17 +284,13 @@ def _without_repeats(request: CaptionRequest, kinds: dict[Path, str]) -> Caption
     """Each image once, even when a folder is given twice or inside another given folder."""
     inputs, left_out = distinct_inputs(request.inputs, kinds, request.recursive)  # type: ignore[arg-type]
     for path, other in left_out:
+        once = "it is captioned once" if kinds.get(path) == "file" else "its images are captioned once"
         if path == other:
-            log.warning("%s is given twice: its images are captioned once", path)
+            log.warning("%s is given twice: %s", path, once)
         elif os.path.realpath(path) == os.path.realpath(other):
-            log.warning("%s is the same as %s (also given): its images are captioned once", path, other)
+            log.warning("%s is the same as %s (also given): %s", path, other, once)
         else:
-            log.warning(
-                "%s is inside %s (also given): its images are captioned once, as part of %s",
-                path,
-                other,
-                other,
-            )
+            log.warning("%s is inside %s (also given): %s, as part of %s", path, other, once, other)
     return dataclasses.replace(request, inputs=inputs)
 
 
