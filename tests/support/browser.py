@@ -26,6 +26,17 @@ CHROMIUM_ENV = "VISION_SERVER_TEST_CHROMIUM"
 SCREENSHOTS_ENV = "VISION_SERVER_UI_SCREENSHOTS"
 CANDIDATES = ("chromium", "chromium-browser", "google-chrome")
 VIEWPORT: ViewportSize = {"width": 1300, "height": 900}  # wide enough for the page's two-column layout
+# Records in window.seen, frame by frame as the page is drawn (what the accessibility tree is built
+# from), each new text of the element with the id given: what a screen reader could hear.
+RECORD_TEXTS = """(id) => {
+  const box = document.getElementById(id);
+  window.seen = [];
+  const look = () => {
+    if (window.seen.at(-1) !== box.textContent) window.seen.push(box.textContent);
+    requestAnimationFrame(look);
+  };
+  look();
+}"""
 
 
 def chromium_path() -> str | None:

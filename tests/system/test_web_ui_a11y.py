@@ -15,7 +15,15 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.support.axe import AXE_ENV, axe_path, violations
-from tests.support.browser import VIEWPORT, chromium, fresh_tab, open_view, page_server, screenshot_dir
+from tests.support.browser import (
+    RECORD_TEXTS,
+    VIEWPORT,
+    chromium,
+    fresh_tab,
+    open_view,
+    page_server,
+    screenshot_dir,
+)
 from tests.support.gallery_data import GalleryData, make_gallery
 from tests.support.processes import http_json
 
@@ -37,18 +45,6 @@ FOCUSED = """() => {
 # Whether an element sits inside a live region (so a screen reader reads its changes out).
 IN_LIVE_REGION = """element => Boolean(element.closest(
   '[aria-live]:not([aria-live="off"]), [role=status], [role=alert], [role=log]'))"""
-
-# Records, frame by frame as the page is drawn (what the accessibility tree is built from), each
-# new text of the element with the id given, in window.seen.
-RECORD_FRAMES = """(id) => {
-  const box = document.getElementById(id);
-  window.seen = [];
-  const look = () => {
-    if (window.seen.at(-1) !== box.textContent) window.seen.push(box.textContent);
-    requestAnimationFrame(look);
-  };
-  look();
-}"""
 
 
 # The labels shown on another line than their control (a "Task" left at the end of one row,
@@ -233,7 +229,7 @@ def test_an_alert_said_again_word_for_word_is_read_out_again(page: Page, server:
     """The same text put in an alert again was no change to a screen reader: the second "Select
     some images first." went unheard. The alert is now drawn empty before it says it again."""
     open_view(page, server, "gallery")
-    page.evaluate(RECORD_FRAMES, "gallery-alert")
+    page.evaluate(RECORD_TEXTS, "gallery-alert")
     said = "Select some images first."
     for _ in range(2):
         page.get_by_role("button", name="Export selected (JSONL)").press("Enter")

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from tests.support.axe import AXE_ENV, axe_path, violations
-from tests.support.browser import chromium, fresh_tab, open_view, page_server
+from tests.support.browser import RECORD_TEXTS, chromium, fresh_tab, open_view, page_server
 from tests.support.images import image_bytes
 
 pytest.importorskip("playwright.sync_api", reason="playwright is in the test extra")
@@ -44,16 +44,6 @@ LIVE_TEXTS = f"() => [...document.querySelectorAll('{LIVE}')].map((r) => r.textC
 
 # Resolves once the page has been drawn twice more (a shown alert has been seen by then).
 TWO_FRAMES = "() => new Promise((done) => requestAnimationFrame(() => requestAnimationFrame(done)))"
-# Records in window.seen each new text of the element with the id given, frame by frame.
-RECORD_TEXTS = """(id) => {
-  const box = document.getElementById(id);
-  window.seen = [];
-  const look = () => {
-    if (window.seen.at(-1) !== box.textContent) window.seen.push(box.textContent);
-    requestAnimationFrame(look);
-  };
-  look();
-}"""
 # Records in window.alerted each text that appears, frame by frame, in a shown alert (role=alert
 # with text, drawn): what a screen reader reads out at once. An alert hidden and shown again with
 # the same text is recorded again, as a reader would read it again.
