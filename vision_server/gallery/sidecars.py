@@ -80,8 +80,9 @@ class TextCache:
             return None
         if not stat.S_ISREG(info.st_mode):
             return None
+        stamp = file_stamp(info)
         cached = self._texts.get(path)
-        if cached is not None and cached[0] == file_stamp(info):
+        if cached is not None and cached[0] == stamp:
             return cached[1]
         try:
             with path.open("rb") as handle:
@@ -91,5 +92,5 @@ class TextCache:
         text = data.removeprefix(b"\xef\xbb\xbf").decode("utf-8", errors="replace")
         if len(self._texts) >= self._limit:
             self._texts.clear()
-        self._texts[path] = (file_stamp(info), text)
+        self._texts[path] = (stamp, text)
         return text
