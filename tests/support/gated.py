@@ -1,7 +1,8 @@
-"""A fake captioner that holds the worker inside a batch until the test lets it go.
+"""Fake captioners that hold the worker inside a batch (or a load) until the test lets it go.
 
 While it is held, later requests queue up, so a test can see how the next batch is formed
-(lanes, batching) or move a fake clock while a batch "runs".
+(lanes, batching), move a fake clock while a batch "runs", or know the work in progress has run
+at least as long as it kept the gate shut.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import threading
 from pathlib import Path
 from typing import Any
 
-from vision_server.captioner import Caption, CaptionItem
+from vision_server.captioner import Caption, CaptionItem, ModelInfo
 from vision_server.testing.fake import FakeCaptioner
 
 
@@ -26,6 +27,19 @@ class GatedFake(FakeCaptioner):
         self.entered.set()
         assert self.gate.wait(30), "the test never opened the gate"
         return super().caption(batch)
+
+
+class GatedLoadFake(FakeCaptioner):
+    """Its load waits in ``load()`` until the test sets ``load_gate``; ``loading`` says it began."""
+
+    def __init__(self, **options: Any) -> None:
+        super().__init__(**options)
+        self.load_gate, self.loading = threading.Event(), threading.Event()
+
+    def load(self) -> ModelInfo:
+        self.loading.set()
+        assert self.load_gate.wait(30), "the test never let the load finish"
+        return super().load()
 
 
 class SlowToSize(FakeCaptioner):

@@ -20,6 +20,7 @@ from vision_server.engine.jobs import CaptionJob, fail
 from vision_server.engine.keeper import ModelKeeper
 from vision_server.engine.observer import EngineObserver
 from vision_server.engine.slots import ModelSlot
+from vision_server.engine.wait import WorkInProgress
 from vision_server.errors import BadRequest, CaptionFailed, DeadlineExceeded, OutOfMemory, VisionServerError
 
 log = logging.getLogger("vision_server.engine.scheduler")
@@ -36,8 +37,9 @@ class BatchRunner:
         self.clock = clock
         self.keeper = keeper
         self.running = 0  # jobs of the batch in the model thread now
+        self.running_since: float | None = None  # on the clock: when that batch went in
         self.in_flight: list[CaptionJob] = []  # the batch the worker holds
-        self.seconds_per_job = 1.0
+        self.seconds_per_job = 1.0  # a moving average; means nothing until a batch has finished
         self.batches = 0
         self.jobs_done = 0
         self.last_batch_size = 0
@@ -78,6 +80,7 @@ class BatchRunner:
             job.started_at, job.batch_size = now, len(live)
             self.observer.job_started(slot.name, now - job.enqueued_at)
         self.running = slot.running = len(live)
+        self.running_since = now
         started = time.monotonic()
         try:
             items = [job.item for job in live]
@@ -116,22 +119,42 @@ class BatchRunner:
 
     def _finish(self, slot: ModelSlot, size: int, seconds: float) -> None:
         self.running = slot.running = 0
+        self.running_since = None
         slot.trim_pending = True
         slot.last_finished = self.clock.now()
         slot.last_used = time.time()
         self.batches += 1
         self.jobs_done += size
         self.last_batch_size = size
-        self.seconds_per_job = 0.8 * self.seconds_per_job + 0.2 * (seconds / max(size, 1))
+        per_job = seconds / max(size, 1)
+        # The first measurement replaces the placeholder outright: averaged with it, a first
+        # batch of 25 s a job on a cold CPU gave 5.8 s, and Retry-After said as much.
+        first = self.batches == 1
+        self.seconds_per_job = per_job if first else 0.8 * self.seconds_per_job + 0.2 * per_job
         self.observer.batch_finished(slot.name, size, seconds)
 
     def abandon(self, slots: Iterable[ModelSlot], error: Callable[[], VisionServerError]) -> None:
         """Fail the batch the worker held (it died, or hit a bug between batches) and forget it."""
         for job in self.in_flight:
             fail(job, error())
-        self.in_flight, self.running = [], 0
+        self.in_flight, self.running, self.running_since = [], 0, None
         for slot in slots:
             slot.running = 0
+
+    def work_in_progress(self, loads_since: Iterable[float]) -> WorkInProgress:
+        """The batch running now and the longest of the loads begun at ``loads_since``, by how
+        long each has run on the clock (what a refused newcomer waits behind)."""
+        now = self.clock.now()
+        return WorkInProgress(
+            running=self.running,
+            batch_ran=now - self.running_since if self.running and self.running_since is not None else 0.0,
+            load_ran=max((now - since for since in loads_since), default=0.0),
+        )
+
+    @property
+    def measured_seconds_per_job(self) -> float | None:
+        """Seconds a job takes, as batches so far measured it; None until one has finished."""
+        return self.seconds_per_job if self.batches else None
 
     @property
     def mean_batch_size(self) -> float:

@@ -268,6 +268,8 @@ class ModelKeeper:
         log.info("model unloaded (%s) in %.2f s: %s", reason, seconds, slot.name, extra=model_key(slot))
 
     def set_state(self, slot: ModelSlot, state: ModelState) -> None:
+        if state is not slot.state:
+            slot.loading_since = self.clock.now() if state is ModelState.LOADING else None
         slot.state = state
         if slot.default:
             self.observer.state_changed(state)

@@ -40,6 +40,7 @@ from vision_server.engine.slots import ModelSlot, resolve_name
 from vision_server.engine.timers import IdleTimers, granted_keep_alive
 from vision_server.engine.trace import record_job
 from vision_server.engine.turns import Turns
+from vision_server.engine.wait import backlog_seconds
 from vision_server.engine.worker import WorkerLoop
 from vision_server.errors import (
     DeadlineExceeded,
@@ -343,14 +344,18 @@ class Engine:
         """An honest estimate of when a refused client should retry, capped for OpenAI SDKs.
 
         For a lane: the jobs that go before a newcomer there (bulk waits behind everything,
-        interactive only behind interactive work and the running batch), over every model.
+        interactive only behind interactive work), over every model, after the batch and loads in
+        progress; before any batch has finished, priced by how long those have run
+        (:func:`~vision_server.engine.wait.backlog_seconds`).
         """
         slots = self._slots.values()
         if lane is Lane.INTERACTIVE:
             ahead = sum(slot.depth(Lane.INTERACTIVE) for slot in slots)
         else:
             ahead = sum(slot.depth() for slot in slots)
-        backlog = (ahead + self._batches.running) * self._batches.seconds_per_job
+        loads = [slot.loading_since for slot in slots if slot.loading_since is not None]
+        work = self._batches.work_in_progress(loads)
+        backlog = backlog_seconds(ahead, work, self._batches.measured_seconds_per_job)
         return float(min(MAX_RETRY_AFTER, max(1.0, round(backlog))))
 
     def status(self) -> EngineStatus:

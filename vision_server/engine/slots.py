@@ -45,6 +45,7 @@ class ModelSlot:
         self.trim_pending = False  # a batch ran since the last trim (or unload)
         self.running = 0  # jobs of its batch in the model thread now
         self.loading: asyncio.Task[bool] | None = None  # its load (or wake) in progress
+        self.loading_since: float | None = None  # on the clock, while its state is LOADING
         self.waiting_for_memory = False  # its jobs wait for busy models to leave room
         # Its first memory answer, asked off the event loop (ModelKeeper.begin_sizing): until it
         # is in, memory_parts() is empty and memory_bytes() None (not yet known).
