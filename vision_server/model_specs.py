@@ -204,6 +204,24 @@ def adapter_name(adapter: str) -> str:
     return Path(os.path.abspath(os.path.expanduser(adapter))).name or adapter
 
 
+LOCAL_SOURCE = "local"  # what clients see as the source of a model loaded from a directory path
+
+
+def public_source(source: str) -> str:
+    """How a model's source is shown to clients (``/v1/models``, ``/v1/status``, the web page):
+    a hub id or ``test:`` preset as it is, a directory path as ``"local"``. The path would tell
+    any client the user's name and how the server's disk is laid out; it is in the server's
+    start line and logs, and still picks the model in requests."""
+    return LOCAL_SOURCE if is_path_source(source) else source
+
+
+def public_model_id(source: str, name: str) -> str:
+    """The model id clients see (``GET /model``, ``/model_info``, ``/v1/status``' ``model``):
+    a hub id or ``test:`` preset as it is, a model loaded from a directory path by its served
+    ``name`` (its folder's name, or its ``NAME=``), never the path (see :func:`public_source`)."""
+    return name if is_path_source(source) else source
+
+
 def split_adapter(text: str) -> tuple[str, str | None]:
     """``SOURCE+ADAPTER`` → (source, adapter); see the module docstring for which ``+`` counts."""
     if "+" not in text or Path(text).expanduser().exists():

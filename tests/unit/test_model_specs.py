@@ -18,6 +18,8 @@ from vision_server.model_specs import (
     parse_model_spec,
     parse_named_values,
     public_labels,
+    public_model_id,
+    public_source,
 )
 from vision_server.settings import Settings, SettingsError, load_settings
 
@@ -630,3 +632,21 @@ def test_public_labels_show_no_local_paths(names: list[str], expected: list[str]
     labels = public_labels(names)
     assert [labels[name] for name in names] == expected
     assert len(set(labels.values())) == len(names)
+
+
+@pytest.mark.parametrize(
+    ("source", "name", "shown_source", "shown_id"),
+    [
+        (PROMPTGEN, PROMPTGEN, PROMPTGEN, PROMPTGEN),  # a hub id is what clients already know
+        (PROMPTGEN, "large", PROMPTGEN, PROMPTGEN),
+        ("test:tiny", "test:tiny", "test:tiny", "test:tiny"),
+        ("/home/me/models/florence", "florence", "local", "florence"),
+        ("~/models/x", "fast", "local", "fast"),
+        ("C:\\Users\\me\\models\\y", "y", "local", "y"),
+        ("./runs/lr=1e-4/model", "model", "local", "model"),
+    ],
+)
+def test_clients_see_a_local_directory_as_local_and_by_its_served_name(
+    source: str, name: str, shown_source: str, shown_id: str
+) -> None:
+    assert (public_source(source), public_model_id(source, name)) == (shown_source, shown_id)

@@ -25,6 +25,7 @@ from vision_server.api.generation import shown
 from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.engine.lifecycle import ModelCard, ModelStatus
 from vision_server.images import PixelSpec
+from vision_server.model_specs import public_model_id, public_source
 from vision_server.train.metadata import adapter_summary
 
 MODEL_PARAM = "model"
@@ -85,13 +86,23 @@ def adapter_of(app: web.Application, card: ModelCard) -> str | None:
     return app[SETTINGS].default_model_spec.adapter
 
 
-def shown_models(app: web.Application, models: list[dict[str, Any]], *, training: bool) -> None:
-    """Status entries (``ModelStatus.as_dict()``) as clients see them, in place: each model's
-    adapter by its folder name, never its path; with ``training``, also how the adapter was
-    made (``training``: :func:`~vision_server.train.metadata.adapter_summary`, null without one)."""
+def shown_model_id(card: ModelCard) -> str:
+    """The model id a client is told: a hub id as it is, a local directory by its served name
+    (:func:`~vision_server.model_specs.public_model_id`)."""
+    return public_model_id(card.model_id, card.name or card.model_id)
+
+
+def shown_status(app: web.Application, data: dict[str, Any], *, training: bool) -> None:
+    """A status (``EngineStatus.as_dict()``) as clients see it, in place: no local path (the
+    default model's id by :func:`shown_model_id`, each model's source by
+    :func:`~vision_server.model_specs.public_source`), each model's adapter by its folder name;
+    with ``training``, also how the adapter was made (``training``:
+    :func:`~vision_server.train.metadata.adapter_summary`, null without one)."""
     engine = app[ENGINE]
-    for entry in models:
+    data["model"] = shown_model_id(engine.model_card)
+    for entry in data["models"]:
         summary = adapter_summary(adapter_of(app, engine.card(entry["name"])))
+        entry["source"] = public_source(entry["source"])
         entry["adapter"] = None if summary is None else summary["name"]
         if training:
             entry["training"] = None if summary is None else summary["training"]

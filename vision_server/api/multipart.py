@@ -44,7 +44,13 @@ from vision_server.api.generation import (
     as_number,
     generation_options,
 )
-from vision_server.api.model_choice import adapter_of, chosen_model, looked_up_model, model_states
+from vision_server.api.model_choice import (
+    adapter_of,
+    chosen_model,
+    looked_up_model,
+    model_states,
+    shown_model_id,
+)
 from vision_server.api.scheduling import job_labels
 from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.api.task_words import TASK_DESCRIPTIONS, default_task, read_prompt
@@ -227,7 +233,7 @@ async def model_info(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "model_type": card.family,
-            "model": card.model_id,
+            "model": shown_model_id(card),
             "version": __version__,
             "state": state.value,
             "device": card.device,

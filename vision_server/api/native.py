@@ -17,7 +17,7 @@ from aiohttp.web_urldispatcher import AbstractRoute
 from vision_server.api.bodies import read_json_object, require_str
 from vision_server.api.captioning import caption_base64
 from vision_server.api.errors import MissingField
-from vision_server.api.model_choice import chosen_model, looked_up_model
+from vision_server.api.model_choice import chosen_model, looked_up_model, shown_model_id
 from vision_server.api.scheduling import job_labels
 from vision_server.api.state import ENGINE, SETTINGS
 from vision_server.api.task_words import read_prompt
@@ -51,7 +51,9 @@ async def prompts(request: web.Request) -> web.Response:
 
 
 async def model(request: web.Request) -> web.Response:
-    return web.json_response(request.app[ENGINE].model_card.model_id)
+    """The default model's id as a bare JSON string: a hub id as the original gives it, a local
+    directory by its served name (its path would show clients the server's disk)."""
+    return web.json_response(shown_model_id(request.app[ENGINE].model_card))
 
 
 def setup(app: web.Application) -> list[AbstractRoute]:

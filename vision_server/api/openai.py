@@ -53,7 +53,7 @@ from vision_server.api.task_words import read_prompt
 from vision_server.captioner import GenerationOptions
 from vision_server.engine.lifecycle import ModelCard
 from vision_server.errors import VisionServerError
-from vision_server.model_specs import adapter_name
+from vision_server.model_specs import adapter_name, public_source
 from vision_server.settings import Settings
 
 OWNED_BY = "vision-server"
@@ -216,7 +216,7 @@ def model_entries(app: web.Application) -> dict[str, dict[str, Any]]:
             "object": "model",
             "created": int(app[STARTED_AT]),
             "owned_by": OWNED_BY,
-            "source": card.source,
+            "source": public_source(card.source),  # "local", never a path
             "adapter": None if card.adapter is None else adapter_name(card.adapter),  # no paths
             "family": card.family,
             "state": states[name].state.value if name in states else None,

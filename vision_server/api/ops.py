@@ -13,7 +13,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_urldispatcher import AbstractRoute
 
-from vision_server.api.model_choice import adapter_of, shown_models
+from vision_server.api.model_choice import adapter_of, shown_status
 from vision_server.api.state import ENGINE, METRICS, STARTED_AT
 from vision_server.engine.lifecycle import EngineStatus, ModelState
 from vision_server.errors import VisionServerError
@@ -30,12 +30,13 @@ def ops_error(error: VisionServerError, request_id: str) -> web.Response:
 def status_body(app: web.Application, status: EngineStatus) -> dict[str, Any]:
     """``/v1/status`` as clients see it, also in the admin routes' answers: the adapter and, for
     one made by ``vision-server train``, how it was trained, by name and never by path (see
-    :func:`~vision_server.train.metadata.adapter_summary`)."""
+    :func:`~vision_server.train.metadata.adapter_summary`); a local model by its served name and
+    source ``"local"``, never its path (:func:`~vision_server.api.model_choice.shown_status`)."""
     data = status.as_dict()
     data["tasks"] = list(app[ENGINE].model_card.tasks)
     # the default model's, as before several models; each model's own under `models`
     data["adapter"] = adapter_summary(adapter_of(app, app[ENGINE].model_card))
-    shown_models(app, data["models"], training=True)
+    shown_status(app, data, training=True)
     return data
 
 

@@ -24,11 +24,12 @@ from vision_server.api.auth import check_api_key
 from vision_server.api.captioning import caption_bytes
 from vision_server.api.errors import NotFound
 from vision_server.api.forms import read_form
-from vision_server.api.model_choice import chosen_model, shown_models
+from vision_server.api.model_choice import chosen_model, shown_model_id, shown_status
 from vision_server.api.state import ENGINE, RECENT, SETTINGS
 from vision_server.api.task_words import TASK_DESCRIPTIONS, default_task
 from vision_server.engine.trace import CURRENT_TRACE
 from vision_server.errors import BadRequest
+from vision_server.model_specs import public_source
 from vision_server.tasks import normalize_task
 
 CSP = (
@@ -115,14 +116,14 @@ async def info(request: web.Request) -> web.Response:
     return web.json_response(
         {
             "version": __version__,
-            "model": engine.model_card.model_id,
+            "model": shown_model_id(engine.model_card),
             "tasks": listed_tasks(tasks),
             "default_task": default_task(settings.default_task, tasks),
             "default_model": engine.default_model,
             "models": [
                 {
                     "name": card.name,
-                    "source": card.source,
+                    "source": public_source(card.source),
                     "tasks": listed_tasks(card.tasks),
                     "default_task": default_task(settings.default_task, card.tasks),
                 }
@@ -144,7 +145,7 @@ async def status(request: web.Request) -> web.Response:
     """The status panel: engine state, time to the idle unload, the last batches and their speed."""
     engine = request.app[ENGINE]
     data: dict[str, Any] = engine.status().as_dict()
-    shown_models(request.app, data["models"], training=False)  # adapters by name, not path
+    shown_status(request.app, data, training=False)  # models and adapters by name, not path
     now = time.time()
     data["now"] = now
     data["idle_unload_in"] = None if data["expires_at"] is None else max(0.0, data["expires_at"] - now)
