@@ -28,6 +28,9 @@ class GenerationOptions:
     top_p: float = 1.0
     min_new_tokens: int = 0  # benchmarks only: forces fixed-length captions from random weights
     with_confidence: bool = False  # also score the caption (one extra forward pass)
+    # A client's limit in the caption's own tokens (OpenAI's max_tokens), within max_new_tokens:
+    # the captioner adds the tokens its model forces (see for_generate). None: no such limit.
+    caption_tokens: int | None = None
 
     @property
     def do_sample(self) -> bool:
@@ -40,6 +43,15 @@ class GenerationOptions:
         return dataclasses.replace(
             self, max_new_tokens=tokens, min_new_tokens=min(self.min_new_tokens, tokens)
         )
+
+    def for_generate(self, forced: int) -> GenerationOptions:
+        """These options as ``generate`` counts tokens, for a model that spends ``forced`` of them
+        on fixed tokens (Florence-2 forces its start and end tokens): ``caption_tokens`` caption
+        tokens plus those, never more than ``max_new_tokens``. ``max_tokens`` 1 would otherwise
+        give Florence-2 an empty caption, and 3 one word."""
+        if self.caption_tokens is None:
+            return self
+        return dataclasses.replace(self, caption_tokens=None).capped(self.caption_tokens + forced)
 
     @property
     def batch_key(self) -> GenerationOptions:

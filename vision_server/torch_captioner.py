@@ -188,6 +188,15 @@ class TorchCaptioner(Generic[H]):
 MIN_SAMPLING_TEMPERATURE = 1e-4
 
 
+def forced_tokens(model: Any) -> int:
+    """How many of ``generate``'s new tokens ``model`` spends on tokens its generation config
+    forces (Florence-2: the start token first, the end token at the length limit), so that a
+    limit in caption tokens can be turned into one that ``generate`` counts."""
+    config = getattr(model, "generation_config", None)
+    names = ("forced_bos_token_id", "forced_eos_token_id")
+    return sum(1 for name in names if getattr(config, name, None) is not None)
+
+
 def generate_kwargs(options: GenerationOptions) -> dict[str, Any]:
     """``generate``'s keyword arguments for ``options``: sampling knobs only when sampling.
 

@@ -184,6 +184,24 @@ async def test_max_tokens_sampling_and_unique_ids(tiny: Settings) -> None:
     assert sampled_status == 200 and sampled["choices"][0]["message"]["content"]
 
 
+async def test_max_tokens_counts_caption_tokens_only(tiny: Settings) -> None:
+    """Florence-2 spends two of generate's tokens on its forced start and end tokens; a client's
+    limit counts the caption's, as OpenAI counts completion tokens (1 gave an empty caption)."""
+    async with client_for(tiny) as session:
+        image = {"url": data_url(6)}
+        replies = await asyncio.gather(
+            *(
+                chat(session, {"messages": [user("<MORE_DETAILED_CAPTION>", image)], field: tokens})
+                for field in ("max_tokens", "max_completion_tokens")
+                for tokens in (1, 2)
+            )
+        )
+    for (status, reply), tokens in zip(replies, (1, 2, 1, 2), strict=True):
+        words = reply["choices"][0]["message"]["content"].split()
+        assert status == 200 and reply["usage"]["completion_tokens"] == tokens, reply
+        assert reply["choices"][0]["finish_reason"] == "length" and 1 <= len(words) <= tokens, reply
+
+
 async def test_several_images_are_captioned_in_order(tiny: Settings) -> None:
     async with client_for(tiny) as session:
         first, second = await asyncio.gather(

@@ -216,6 +216,16 @@ async def test_input_forms_and_both_prefixes(tiny: Settings) -> None:
                 assert reply["output"][0]["content"][0]["text"] == expected and reply["store"] is False
 
 
+async def test_max_output_tokens_counts_caption_tokens_only(tiny: Settings) -> None:
+    """1 is one caption token, not generate's one (which Florence-2 spends on its start token)."""
+    async with client_for(tiny) as session:
+        status, reply = await respond(
+            session, {"input": said("<MORE_DETAILED_CAPTION>", 6), "max_output_tokens": 1}
+        )
+    assert status == 200 and reply["usage"]["output_tokens"] == 1, reply
+    assert reply["output"][0]["content"][0]["text"].strip() and reply["status"] == "incomplete"
+
+
 async def test_max_output_tokens_makes_an_incomplete_response(tiny: Settings) -> None:
     async with client_for(tiny) as session:
         status, reply = await respond(

@@ -6,6 +6,8 @@ overrides nothing must get exactly ``Settings.generation_defaults()`` whatever t
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from vision_server.api.generation import generation_options
@@ -39,3 +41,21 @@ def test_overrides_change_only_what_they_name() -> None:
     assert generation_options(settings, temperature=0.7, do_sample=False) == settings.generation_defaults()
     scored = generation_options(settings, with_confidence=True)
     assert scored.with_confidence and scored.batch_key == settings.generation_defaults()
+
+
+def test_a_caption_token_limit_leaves_room_for_the_forced_tokens_within_the_cap() -> None:
+    """OpenAI's max_tokens counts the caption: generate gets those plus what the model forces
+    (Florence-2's start and end tokens), never past the server's --max-new-tokens."""
+    settings = Settings(num_beams=3, max_new_tokens=100)
+    asked = generation_options(settings, max_new_tokens=1, caption_tokens=True)
+    assert asked.for_generate(2) == dataclasses.replace(settings.generation_defaults(), max_new_tokens=3)
+    assert asked.for_generate(0).max_new_tokens == 1  # a model that forces nothing
+    assert (
+        generation_options(settings, max_new_tokens=99, caption_tokens=True).for_generate(2).max_new_tokens
+        == 100
+    )
+    # at or past the cap it is the server's default, which batches with everyone's
+    assert (
+        generation_options(settings, max_new_tokens=100, caption_tokens=True)
+        == settings.generation_defaults()
+    )

@@ -110,6 +110,7 @@ def generation_options(
     with_confidence: bool = False,
     model: ModelCard | None = None,
     length_name: str = "max_new_tokens",
+    caption_tokens: bool = False,
 ) -> GenerationOptions:
     """Options for one request, from already validated values.
 
@@ -119,18 +120,27 @@ def generation_options(
     unless ``do_sample`` is false; ``top_p`` only matters when sampling. ``max_new_tokens`` is
     capped by the server's ``--max-new-tokens``; more than ``model`` can generate is a 400 (its
     field named ``length_name``). The server's own default is never refused: the captioner
-    stops it at the model's limit."""
+    stops it at the model's limit.
+
+    ``caption_tokens`` says ``max_new_tokens`` counts the caption's own tokens, as OpenAI's
+    ``max_tokens`` counts completion tokens: the captioner adds the tokens its model forces
+    (:meth:`GenerationOptions.for_generate`), still within the server's cap. Without it the
+    limit counts as ``generate`` does (the multipart fields, named after its arguments)."""
     defaults = settings.generation_defaults()
     limit = defaults.max_new_tokens
     tokens = limit if max_new_tokens is None else min(max_new_tokens, limit)
     if max_new_tokens is not None and model is not None:
         check_model_limit(length_name, max_new_tokens, tokens, model)
-    asked = dataclasses.replace(
-        defaults,
-        max_new_tokens=tokens,
-        min_new_tokens=min(defaults.min_new_tokens, tokens),
-        with_confidence=with_confidence,
-    )
+    if caption_tokens and tokens < limit:
+        # generate's count stays the cap; the captioner brings it down to these plus its forced ones
+        asked = dataclasses.replace(defaults, caption_tokens=tokens, with_confidence=with_confidence)
+    else:
+        asked = dataclasses.replace(
+            defaults,
+            max_new_tokens=tokens,
+            min_new_tokens=min(defaults.min_new_tokens, tokens),
+            with_confidence=with_confidence,
+        )
     if not (temperature or 0) > 0 or do_sample is False:
         return asked if num_beams is None else dataclasses.replace(asked, num_beams=num_beams)
     return dataclasses.replace(

@@ -106,6 +106,7 @@ def parse_chat_request(
         top_p=json_number("top_p", body.get("top_p"), low=0, high=1, low_open=True),
         model=model,
         length_name=name,
+        caption_tokens=True,
     )
     stream = bool(json_bool("stream", body.get("stream")))
     include_usage = bool(

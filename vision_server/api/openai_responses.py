@@ -96,6 +96,7 @@ def parse_responses_request(
         top_p=top_p,
         model=model,
         length_name="max_output_tokens",
+        caption_tokens=True,
     )
     instructions = body.get("instructions")
     if instructions is not None and not isinstance(instructions, str):

@@ -34,7 +34,7 @@ from vision_server.florence.streaming import RowStreamer, streams, wants_stream
 from vision_server.florence.tiers import DeviceMover
 from vision_server.images import PixelSpec, fit_image
 from vision_server.model_specs import adapter_identity
-from vision_server.torch_captioner import TorchCaptioner, generate_kwargs
+from vision_server.torch_captioner import TorchCaptioner, forced_tokens, generate_kwargs
 from vision_server.weights import module_bytes
 
 if TYPE_CHECKING:
@@ -425,7 +425,7 @@ class FlorenceCaptioner(TorchCaptioner[_Loaded]):
 
     def _caption_group(self, loaded: _Loaded, items: list[CaptionItem]) -> list[Caption]:
         """One generate call for items with equal options (padded to a bucket when compiled)."""
-        options = self._within_positions(items[0].options.batch_key)
+        options = self._within_positions(items[0].options.batch_key.for_generate(forced_tokens(loaded.model)))
         plan = loaded.plan if loaded.plan is not None and loaded.plan.accepts(options, len(items)) else None
         padded = plan.pad(items) if plan else items
         scored = any(item.options.with_confidence for item in items)

@@ -32,7 +32,7 @@ from vision_server.generic.families import FAMILIES, FLORENCE, backend_of, descr
 from vision_server.generic.family import Family, Loaded, caption_room
 from vision_server.images import PixelSpec
 from vision_server.tasks import CAPTION_TASK
-from vision_server.torch_captioner import TorchCaptioner, generate_kwargs
+from vision_server.torch_captioner import TorchCaptioner, forced_tokens, generate_kwargs
 from vision_server.weights import estimate_bytes, module_bytes, weight_files
 
 if TYPE_CHECKING:
@@ -266,7 +266,8 @@ class GenericCaptioner(TorchCaptioner[_Ready]):
             with torch.inference_mode():
                 inputs = self._inputs(ready, images, prompt)
                 start = ready.family.prompt_length(inputs)
-                capped = self._within_positions(ready, options, start)
+                forced = forced_tokens(ready.loaded.model)
+                capped = self._within_positions(ready, options.for_generate(forced), start)
                 streamer = _streamer(ready, items, capped, prompt)
                 out = ready.loaded.model.generate(
                     **inputs,
