@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from pathlib import Path
 
@@ -67,6 +68,22 @@ async def test_keep_alive_in_every_family(tmp_path: Path) -> None:
                 break
             await asyncio.sleep(0.01)
         assert (await engine_status(session))["state"] == "unloaded"
+
+
+async def test_a_malformed_keep_alive_suggests_only_values_the_server_accepts(tmp_path: Path) -> None:
+    """The default cap (the idle timeout) refuses -1, so the 400 must not offer it."""
+    capped = Settings(cache_dir=tmp_path, idle_timeout=300)
+    uncapped = Settings(cache_dir=tmp_path, idle_timeout=300, max_keep_alive=-1)
+    for settings, forever in ((capped, False), (uncapped, True)):
+        async with client_for(settings, FakeCaptioner()) as session:
+            status, _, body = await native(session, "tomorrow")
+            message = str(body["detail"])
+            suggested = {"300", *re.findall(r"'([^']*)'", message)} - {"keep_alive", "tomorrow"}
+            assert status == 400 and "seconds (300)" in message and "10m" in suggested, message
+            assert ("-1" in suggested) is forever, message
+            for value in sorted(suggested):
+                status, granted, body = await native(session, value)
+                assert status == 200 and granted is not None, (message, value, body)
 
 
 async def test_without_a_cap_forever_is_granted(tmp_path: Path) -> None:

@@ -53,7 +53,8 @@ def keep(seconds: float | None) -> JobLabels:
     ],
 )
 def test_keep_alive_values(value: object, seconds: float | None) -> None:
-    assert parse_keep_alive(value) == seconds
+    assert parse_keep_alive(value, cap=-1) == seconds
+    assert parse_keep_alive(value, cap=300) == seconds  # the cap is the engine's to apply
 
 
 @pytest.mark.parametrize(
@@ -61,8 +62,16 @@ def test_keep_alive_values(value: object, seconds: float | None) -> None:
 )
 def test_invalid_keep_alive_is_a_400_that_shows_the_forms(value: object) -> None:
     with pytest.raises(InvalidParameter) as info:
-        parse_keep_alive(value)
-    assert info.value.status == 400 and "'10m'" in info.value.message
+        parse_keep_alive(value, cap=-1)
+    assert info.value.status == 400 and "'10m'" in info.value.message and "'-1'" in info.value.message
+
+
+def test_under_a_cap_the_forms_shown_leave_out_forever() -> None:
+    """A capped server refuses -1, so its 400 for a malformed value must not suggest it."""
+    with pytest.raises(InvalidParameter) as info:
+        parse_keep_alive("soon", cap=300)
+    message = info.value.message
+    assert "'10m'" in message and "-1" not in message and "300 s" in message and "--max-keep-alive" in message
 
 
 async def test_the_cap_defaults_to_the_idle_timeout_and_refuses_forever(start_engine: StartEngine) -> None:

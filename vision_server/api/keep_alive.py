@@ -23,27 +23,39 @@ UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "
 _NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
 _DURATION = re.compile(rf"([+-])?((?:{_NUMBER}(?:ns|us|µs|ms|s|m|h))+)")
 _PART = re.compile(rf"({_NUMBER})(ns|us|µs|ms|s|m|h)")
-HINT = "seconds (300), or a duration such as '10m', '1h30m' or '-1' (keep loaded)"
 # A duration is read in the event loop, about 0.1 s a megabyte: an 8 MB "1h1h1h..." stalled every
 # request for 4 s. Real ones are a few characters.
 MAX_KEEP_ALIVE_CHARS = 64
 
 
-def parse_keep_alive(value: object) -> float | None:
-    """Seconds from a number or a duration string; None when absent; 400 for anything else."""
+def keep_alive_hint(cap: float) -> str:
+    """The forms a ``keep_alive`` may take, as a 400 shows them: only values this server
+    accepts, so "keep loaded" (``-1``) only when there is no cap (``cap`` < 0), which refuses it."""
+    if cap < 0:
+        return "seconds (300), or a duration such as '10m', '1h30m' or '-1' (keep loaded)"
+    return (
+        "seconds (300), or a duration such as '10m' or '1h30m' (this server keeps the model "
+        f"loaded at most {cap:g} s after a request: --max-keep-alive)"
+    )
+
+
+def parse_keep_alive(value: object, *, cap: float) -> float | None:
+    """Seconds from a number or a duration string; None when absent; 400 for anything else,
+    whose message shows the forms that work under the server's keep-alive ``cap``."""
     if value is None or value == "":
         return None
+    hint = keep_alive_hint(cap)
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise InvalidParameter("keep_alive", f"'keep_alive' must be {HINT}, not {type(value).__name__}.")
+        raise InvalidParameter("keep_alive", f"'keep_alive' must be {hint}, not {type(value).__name__}.")
     if isinstance(value, str) and len(value) > MAX_KEEP_ALIVE_CHARS:
         raise InvalidParameter(
             "keep_alive",
-            f"'keep_alive' must be {HINT}, not a string of {len(value)} characters "
+            f"'keep_alive' must be {hint}, not a string of {len(value)} characters "
             f"(the limit is {MAX_KEEP_ALIVE_CHARS}).",
         )
     seconds = _seconds(value.strip()) if isinstance(value, str) else _number(value)
     if seconds is None or not math.isfinite(seconds):
-        raise InvalidParameter("keep_alive", f"'keep_alive' must be {HINT}, not {shown(value)}.")
+        raise InvalidParameter("keep_alive", f"'keep_alive' must be {hint}, not {shown(value)}.")
     return seconds
 
 
@@ -71,7 +83,7 @@ def _seconds(text: str) -> float | None:
 def keep_alive_for(request: web.Request, engine: Engine, value: object) -> float | None:
     """The keep-alive granted for ``value`` (None when the request asks for none), remembered
     on the request for the ``X-Keep-Alive`` header."""
-    asked = parse_keep_alive(value)
+    asked = parse_keep_alive(value, cap=engine.keep_alive_cap)
     if asked is None:
         return None
     granted = engine.grant_keep_alive(asked)
