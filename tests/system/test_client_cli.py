@@ -7,6 +7,7 @@ API-key test uses an in-process stand-in so the key check does not depend on ser
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -486,6 +487,44 @@ async def test_folder_with_a_whitespace_only_caption_exits_1(aiohttp_server, tmp
     assert result.returncode == 1, result.stderr
     assert "empty caption" in result.stderr
     assert not (tmp_path / "a.txt").exists()
+
+
+async def test_caption_stopped_by_an_unexpected_failure_ends_its_own_requests(
+    aiohttp_server, tmp_path: Path
+) -> None:
+    """An answer no code foresaw (JSON nested too deep to decode: RecursionError, not a
+    ValueError) stops ``caption`` with one error line and exit 1: the requests still in flight
+    are cancelled and awaited, and a failure already in hand is taken, so asyncio prints no
+    "Task exception was never retrieved" and Python no traceback."""
+    refused_answered = asyncio.Event()
+
+    async def process_image(request: web.Request) -> web.StreamResponse:
+        name = base64.b64decode((await request.json())["image"]).decode()
+        if name == "refused":  # fails, as expected, while "bad" is awaited: its error not printed yet
+            refused_answered.set()
+            return web.json_response({"detail": "Invalid image data"}, status=400)
+        if name == "bad":
+            await refused_answered.wait()
+            await asyncio.sleep(0.2)  # the client reads the 400 first (else it only proves less)
+            return web.Response(text="[" * 100_000 + "]" * 100_000, content_type="application/json")
+        if name == "slow":  # in flight when the run stops
+            await asyncio.Event().wait()
+        return web.json_response({"result": f"caption of {name}"})
+
+    app = web.Application()
+    app.router.add_post("/process_image", process_image)
+    url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    names = ("ok", "bad", "refused", "slow")
+    for name in names:
+        (tmp_path / f"{name}.png").write_bytes(name.encode())
+    files = [str(tmp_path / f"{name}.png") for name in names]
+    result = await asyncio.to_thread(run, "caption", *files, url=url)
+    assert result.returncode == 1
+    assert result.stdout == f"{files[0]}: caption of ok\n"  # whole lines, none after the failure
+    assert result.stderr.splitlines() == [
+        f"error: {files[1]}: unexpected failure (RecursionError: maximum recursion depth exceeded "
+        "while decoding a JSON array from a unicode string); stopped, the images after it not printed"
+    ], result.stderr
 
 
 # ---------------------------------------------------------------------------------------------

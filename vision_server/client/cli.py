@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -179,19 +179,43 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
 
         pending = [asyncio.ensure_future(one(image)) for image in images]
         ok = True
-        for image, future in zip(images, pending, strict=True):
-            try:
-                text = await future
-            except (VisionClientError, OSError) as exc:
-                ok = False
-                reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
-                click.echo(f"{image}: error: {reason}", err=True)  # not "[Errno 2] ...: 'image'" again
-                continue
-            click.echo(f"{image}: {text}" if several else text)
+        try:
+            for image, future in zip(images, pending, strict=True):
+                try:
+                    text = await future
+                except (VisionClientError, OSError) as exc:
+                    ok = False
+                    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+                    click.echo(f"{image}: error: {reason}", err=True)  # not "[Errno 2] ...: 'image'" again
+                    continue
+                except Exception as exc:  # an answer nobody foresaw, or a bug: stop, in one line
+                    raise _stopped_at(image, exc) from exc
+                click.echo(f"{image}: {text}" if several else text)
+        finally:
+            # Stopped early (the error above, Ctrl+C, SIGTERM): the rest are this run's to end,
+            # before its session closes; left to asyncio.run they retried on a new session and
+            # their failures came out as "Task exception was never retrieved" tracebacks.
+            await _settle(pending)
         return ok
 
     if not _run(ctx, work):
         sys.exit(1)
+
+
+async def _settle(tasks: Sequence[asyncio.Future[Any]]) -> None:
+    """Cancel those of ``tasks`` still running and wait for all of them, taking every outcome."""
+    for task in tasks:
+        task.cancel()  # nothing for one already done
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _stopped_at(image: Path, exc: Exception) -> VisionClientError:
+    """The one line a run stopped by an unexpected failure ends with (``error: ...``, exit 1)."""
+    words = " ".join(str(exc).split())  # aiohttp's messages span lines
+    detail = f"{type(exc).__name__}: {words}" if words else type(exc).__name__
+    return VisionClientError(
+        f"{image}: unexpected failure ({detail}); stopped, the images after it not printed"
+    )
 
 
 @main.command()
