@@ -64,6 +64,7 @@ async def test_the_configured_models_are_served_by_name(
             "styled": ("test:tiny", tiny_adapter_dir.name, True, -1.0),  # by folder name, not path
         }
         assert status["adapter"]["name"] == tiny_adapter_dir.name  # the top level: the default model's
+        assert status["model"] == "styled"  # by its served name, as /v1/models lists it; not "test:tiny"
         plain, styled = await _caption(session, model="plain"), await _caption(session, model="styled")
         assert await _caption(session) == styled  # a request that names none: the default model
     one = Settings(model=("test:tiny",), cache_dir=cache, idle_timeout=-1, max_new_tokens=12, num_beams=1)

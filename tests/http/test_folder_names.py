@@ -77,3 +77,4 @@ async def test_one_unnamed_folder_is_named_after_it_everywhere_a_client_sees_its
         async with session.get("/v1/status") as response:
             status_body = await response.json()
         assert [model["name"] for model in status_body["models"]] == ["final"]
+        assert status_body["model"] == "final"  # the default model's served name: not its path

@@ -93,13 +93,12 @@ def shown_model_id(card: ModelCard) -> str:
 
 
 def shown_status(app: web.Application, data: dict[str, Any], *, training: bool) -> None:
-    """A status (``EngineStatus.as_dict()``) as clients see it, in place: no local path (the
-    default model's id by :func:`shown_model_id`, each model's source by
-    :func:`~vision_server.model_specs.public_source`), each model's adapter by its folder name;
+    """A status (``EngineStatus.as_dict()``) as clients see it, in place: no local path (each
+    model's source by :func:`~vision_server.model_specs.public_source`; the default model is
+    named by its served name already), each model's adapter by its folder name;
     with ``training``, also how the adapter was made (``training``:
     :func:`~vision_server.train.metadata.adapter_summary`, null without one)."""
     engine = app[ENGINE]
-    data["model"] = shown_model_id(engine.model_card)
     for entry in data["models"]:
         summary = adapter_summary(adapter_of(app, engine.card(entry["name"])))
         entry["source"] = public_source(entry["source"])

@@ -47,7 +47,7 @@ class EngineStatus:
     """A point-in-time view of the engine for /v1/status, /health and metrics."""
 
     state: ModelState
-    model: str
+    model: str  # the default model's served name, as requests pick it (its source is under models)
     device: str | None
     dtype: str | None
     loaded_since: float | None  # unix time

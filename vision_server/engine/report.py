@@ -32,7 +32,7 @@ def engine_status(
     models = slots.values()
     return EngineStatus(
         state=chosen.state,
-        model=chosen.captioner.model_id,
+        model=chosen.name,  # not its source: a hub id or a path names no model a client can ask for
         device=info.device if info else None,
         dtype=info.dtype if info else None,
         loaded_since=chosen.loaded_since,
