@@ -222,6 +222,21 @@ def public_model_id(source: str, name: str) -> str:
     return name if is_path_source(source) else source
 
 
+def without_local_path(text: str, source: str, name: str) -> str:
+    """``text`` (an error clients read: a 503, ``last_error`` in the open ``/v1/status``) with a
+    directory ``source`` written as the served ``name`` in every form a loader may have printed
+    it (as given, ``~`` expanded, absolute, resolved). The log line keeps the path for the
+    operator; see :func:`public_source` for why clients do not get it."""
+    if not is_path_source(source):
+        return text
+    given = Path(source).expanduser()
+    forms = {source, str(given), str(given.absolute()), str(given.resolve())}
+    # a bare "." or "~" would match inside any sentence: only forms with a separator are paths
+    for form in sorted((f for f in forms if "/" in f or "\\" in f), key=len, reverse=True):
+        text = text.replace(form, name)
+    return text
+
+
 def split_adapter(text: str) -> tuple[str, str | None]:
     """``SOURCE+ADAPTER`` → (source, adapter); see the module docstring for which ``+`` counts."""
     if "+" not in text or Path(text).expanduser().exists():

@@ -159,3 +159,25 @@ async def test_a_named_local_directory_shows_its_name(
         async with session.get("/v1/models/fast") as response:
             entry = await response.json()
         assert (entry["id"], entry["source"]) == ("fast", "local")
+
+
+async def test_a_load_error_names_the_model_not_its_path(
+    tmp_path: Path, tmp_path_factory: pytest.TempPathFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A local model that fails to load: the 503 and the open status say why by its served name;
+    the operator's log line keeps the path."""
+    folder = tmp_path / "home" / "private-user-4711" / "models" / "broken"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text('{"model_type": "not-a-captioner"}')
+    settings = _settings(tmp_path_factory, str(folder))
+    async with client_for(settings) as session:
+        async with session.post("/process_image", json={"image": b64(1), "prompt": "<CAPTION>"}) as response:
+            assert response.status == 503
+            detail = (await response.json())["detail"]
+        async with session.get("/v1/status") as response:
+            status = await response.json()
+    assert "private-user-4711" not in detail, detail
+    assert detail.startswith("The model could not be loaded: broken: unsupported model"), detail
+    for error in (status["last_error"], status["models"][0]["last_error"]):
+        assert error.startswith("broken: unsupported model") and "private-user-4711" not in error, error
+    assert any(str(folder) in record.getMessage() for record in caplog.records)  # the log keeps it

@@ -20,6 +20,7 @@ from vision_server.model_specs import (
     public_labels,
     public_model_id,
     public_source,
+    without_local_path,
 )
 from vision_server.settings import Settings, SettingsError, load_settings
 
@@ -650,3 +651,27 @@ def test_clients_see_a_local_directory_as_local_and_by_its_served_name(
     source: str, name: str, shown_source: str, shown_id: str
 ) -> None:
     assert (public_source(source), public_model_id(source, name)) == (shown_source, shown_id)
+
+
+@pytest.mark.parametrize(
+    ("source", "text", "shown"),
+    [
+        ("/srv/m/flo", "/srv/m/flo: no config.json in /srv/m/flo", "flo: no config.json in flo"),
+        ("./m/flo", "cannot read ./m/flo.", "cannot read flo."),
+        ("org/name", "org/name: gated", "org/name: gated"),  # a hub id is no path
+        ("test:tiny", "test:tiny failed.", "test:tiny failed."),
+    ],
+)
+def test_without_local_path_names_the_model(source: str, text: str, shown: str) -> None:
+    assert without_local_path(text, source, "flo") == shown
+
+
+def test_without_local_path_finds_the_expanded_and_absolute_forms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    text = f"bad weights in {tmp_path / 'm' / 'flo'}/model.safetensors"
+    assert without_local_path(text, "~/m/flo", "flo") == "bad weights in flo/model.safetensors"
+    assert without_local_path(text, "./m/flo", "flo") == "bad weights in flo/model.safetensors"
+    assert without_local_path("a sentence. With dots.", ".", "here") == "a sentence. With dots."

@@ -23,6 +23,7 @@ from vision_server.engine.lifecycle import ModelState
 from vision_server.engine.observer import EngineObserver
 from vision_server.engine.slots import RESIDENT, ModelSlot, model_key
 from vision_server.errors import ModelLoadError, VisionServerError
+from vision_server.model_specs import without_local_path
 
 log = logging.getLogger("vision_server.engine.scheduler")
 
@@ -137,15 +138,14 @@ class ModelKeeper:
         try:
             info = await asyncio.get_running_loop().run_in_executor(executor, slot.captioner.load)
         except Exception as exc:  # load errors are reported, never fatal
-            slot.last_error = (
-                exc.message if isinstance(exc, VisionServerError) else f"{type(exc).__name__}: {exc}"
-            )
+            message = exc.message if isinstance(exc, VisionServerError) else f"{type(exc).__name__}: {exc}"
+            slot.last_error = without_local_path(message, slot.source, slot.name)
             expected = isinstance(exc, VisionServerError)
             if self.log_load_failures or not expected:
                 log.error(
                     "model %s failed to load: %s",
                     slot.name,
-                    slot.last_error,
+                    message,
                     exc_info=not expected,
                     extra=model_key(slot),
                 )
