@@ -23,6 +23,7 @@ from aiohttp import web
 from tests.support.images import save_flat
 from tests.support.leftovers import OLD, YOUNG, caption_temp
 from tests.support.processes import ServerProcess, free_port, run_across_a_restart
+from tests.support.raw_http import caption_answer, http_answer, image_name, raw_server
 from tests.support.stand_in import PROMPTS, StandIn
 
 CLI = (
@@ -492,10 +493,10 @@ async def test_folder_with_a_whitespace_only_caption_exits_1(aiohttp_server, tmp
 async def test_caption_stopped_by_an_unexpected_failure_ends_its_own_requests(
     aiohttp_server, tmp_path: Path
 ) -> None:
-    """An answer no code foresaw (JSON nested too deep to decode: RecursionError, not a
-    ValueError) stops ``caption`` with one error line and exit 1: the requests still in flight
-    are cancelled and awaited, and a failure already in hand is taken, so asyncio prints no
-    "Task exception was never retrieved" and Python no traceback."""
+    """An answer no code foresaw (a redirect to an ftp:// URL, which aiohttp refuses with an
+    error of its own) stops ``caption`` with one error line and exit 1: the requests still in
+    flight are cancelled and awaited, and a failure already in hand is taken, so asyncio prints
+    no "Task exception was never retrieved" and Python no traceback."""
     refused_answered = asyncio.Event()
 
     async def process_image(request: web.Request) -> web.StreamResponse:
@@ -506,7 +507,7 @@ async def test_caption_stopped_by_an_unexpected_failure_ends_its_own_requests(
         if name == "bad":
             await refused_answered.wait()
             await asyncio.sleep(0.2)  # the client reads the 400 first (else it only proves less)
-            return web.Response(text="[" * 100_000 + "]" * 100_000, content_type="application/json")
+            raise web.HTTPFound(UNFOLLOWABLE)
         if name == "slow":  # in flight when the run stops
             await asyncio.Event().wait()
         return web.json_response({"result": f"caption of {name}"})
@@ -522,9 +523,103 @@ async def test_caption_stopped_by_an_unexpected_failure_ends_its_own_requests(
     assert result.returncode == 1
     assert result.stdout == f"{files[0]}: caption of ok\n"  # whole lines, none after the failure
     assert result.stderr.splitlines() == [
-        f"error: {files[1]}: unexpected failure (RecursionError: maximum recursion depth exceeded "
-        "while decoding a JSON array from a unicode string); stopped, the images after it not printed"
+        f"error: {files[1]}: unexpected failure (NonHttpUrlRedirectClientError: {UNFOLLOWABLE}); "
+        "stopped, the images after it not printed"
     ], result.stderr
+
+
+# A redirect aiohttp will not follow, with an error no code of the client expects: the tests'
+# stand-in for a failure nothing foresaw (a bug), since every answer the client knows of fails
+# only its image.
+UNFOLLOWABLE = "ftp://example.invalid/caption"
+# JSON nested deeper than Python decodes (RecursionError, not ValueError).
+TOO_DEEP = "[" * 100_000 + "]" * 100_000
+
+
+async def test_caption_a_reply_that_is_not_http_fails_that_image_in_one_line(tmp_path: Path) -> None:
+    """A broken proxy's status line (``HTTP/1.1 abc``) is that image's failure, on one line that
+    names the URL and what was wrong (aiohttp's message spans lines and has a caret line). It is
+    not sent again: something answered, and would answer alike (as a 4xx). It was a traceback."""
+    sent: list[str] = []
+
+    async def reply(_path: str, body: bytes) -> bytes:
+        name = image_name(body)
+        sent.append(name)
+        if name == "broken":
+            return b"HTTP/1.1 abc Broken\r\nContent-Length: 2\r\n\r\n{}"
+        return caption_answer(f"caption of {name}")
+
+    for name in ("ok", "broken", "after"):
+        (tmp_path / f"{name}.png").write_bytes(name.encode())
+    files = [str(tmp_path / f"{name}.png") for name in ("ok", "broken", "after")]
+    async with raw_server(reply) as url:
+        result = await asyncio.to_thread(run, "caption", *files, url=url)
+    assert result.returncode == 1
+    assert result.stdout == f"{files[0]}: caption of ok\n{files[2]}: caption of after\n"
+    assert result.stderr.splitlines() == [
+        f"{files[1]}: error: {url}/process_image answered with something that is not valid HTTP "
+        "(Bad status line: Invalid status code: b'HTTP/1.1 abc Broken')"
+    ], result.stderr
+    assert sorted(sent) == ["after", "broken", "ok"]  # the broken one once: no retry
+
+
+async def test_caption_json_nested_too_deep_fails_that_image(aiohttp_server, tmp_path: Path) -> None:
+    """JSON nested too deep to decode (RecursionError, not ValueError) is that image's failure,
+    as any body that is not JSON; in an error answer the body is read as text. Both escaped as
+    a RecursionError traceback (since 79d9007: stopped the run as an unexpected failure)."""
+
+    async def process_image(request: web.Request) -> web.Response:
+        name = base64.b64decode((await request.json())["image"]).decode()
+        if name in ("deep", "deep-400"):
+            status = 400 if name == "deep-400" else 200
+            return web.Response(text=TOO_DEEP, status=status, content_type="application/json")
+        return web.json_response({"result": f"caption of {name}"})
+
+    app = web.Application()
+    app.router.add_post("/process_image", process_image)
+    url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    names = ("deep", "deep-400", "ok")
+    for name in names:
+        (tmp_path / f"{name}.png").write_bytes(name.encode())
+    files = [str(tmp_path / f"{name}.png") for name in names]
+    result = await asyncio.to_thread(run, "caption", *files, url=url)
+    assert result.returncode == 1
+    assert result.stdout == f"{files[2]}: caption of ok\n"
+    assert result.stderr.splitlines() == [
+        f"{files[0]}: error: {url}/process_image answered with JSON nested too deep to read",
+        f"{files[1]}: error: HTTP 400: {TOO_DEEP[:500]}",
+    ], result.stderr
+
+
+async def test_folder_a_malformed_reply_fails_that_image_and_the_run_goes_on(tmp_path: Path) -> None:
+    """In a folder run a reply that is not valid HTTP, or JSON too deep to read, fails that image
+    alone: counted and named in the summary, the other images captioned, exit status 1. The
+    first escaped from the run as aiohttp's exception, the second as a RecursionError."""
+
+    async def reply(_path: str, body: bytes) -> bytes:
+        name = image_name(body)
+        if name == "broken":
+            return b"HTTP/1.1 abc Broken\r\nContent-Length: 2\r\n\r\n{}"
+        if name == "deep":
+            return http_answer(200, TOO_DEEP)
+        return caption_answer(f"caption of {name}")
+
+    for name in ("a", "broken", "deep", "z"):
+        (tmp_path / f"{name}.png").write_bytes(name.encode())
+    async with raw_server(reply) as url:
+        result = await asyncio.to_thread(run, "folder", str(tmp_path), "-j", "2", url=url)
+    assert result.returncode == 1, result.stderr
+    assert "2 captioned, 0 skipped, 2 failed of 4 images" in result.stderr
+    lines = result.stderr.splitlines()
+    assert (
+        f"  {tmp_path / 'broken.png'}: {url}/process_image answered with something that is not valid "
+        "HTTP (Bad status line: Invalid status code: b'HTTP/1.1 abc Broken')"
+    ) in lines, result.stderr
+    deep = f"  {tmp_path / 'deep.png'}: {url}/process_image answered with JSON nested too deep to read"
+    assert deep in lines, result.stderr
+    assert "Stopped early" not in result.stderr and "Traceback" not in result.stderr
+    assert sorted(path.name for path in tmp_path.glob("*.txt")) == ["a.txt", "z.txt"]
+    assert (tmp_path / "z.txt").read_text(encoding="utf-8") == "caption of z"
 
 
 # ---------------------------------------------------------------------------------------------

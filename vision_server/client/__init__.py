@@ -11,6 +11,7 @@ from vision_server.captionfiles import IMAGE_EXTENSIONS, MODES, find_images
 from vision_server.client.api import DEFAULT_TASK, DEFAULT_URL, AsyncVisionClient, CaptionResult, task_token
 from vision_server.client.errors import (
     AuthenticationError,
+    MalformedReply,
     RequestRejected,
     ServerBusy,
     ServerError,
@@ -36,6 +37,7 @@ __all__ = [
     "Failure",
     "FolderSummary",
     "ImageResult",
+    "MalformedReply",
     "RequestRejected",
     "RetryPolicy",
     "ServerBusy",

@@ -27,6 +27,7 @@ import aiohttp
 from vision_server import __version__
 from vision_server.client.errors import (
     EmptyImageFile,
+    MalformedReply,
     RequestRejected,
     VisionAddressError,
     VisionClientError,
@@ -109,7 +110,7 @@ def error_detail(body: str, fallback: str) -> str:
     """The human message from an error body: native ``detail``, OpenAI ``error.message``, or text."""
     try:
         data = json.loads(body)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deep to decode: read as text
         if body.lstrip().startswith("<"):  # a proxy's HTML error page: its words, not its markup
             body = " ".join(re.sub(r"<[^>]*>", " ", body).split())
         return body.strip()[:500] or fallback
@@ -212,7 +213,7 @@ class AsyncVisionClient:
             body["model"] = self.model_name
         data, headers = await self._exchange("POST", "/process_image", body)
         if not isinstance(data, dict) or not isinstance(data.get("result"), str):
-            raise VisionClientError(f"unexpected reply from {self.base_url}/process_image: {data!r:.200}")
+            raise MalformedReply(f"unexpected reply from {self.base_url}/process_image: {data!r:.200}")
         model = headers.get(MODEL_HEADER)
         return CaptionResult(data["result"].strip(), unquote(model) if model else None)
 
@@ -360,10 +361,14 @@ class AsyncVisionClient:
             raise VisionTimeoutError(f"no answer from {url} within {limit.total} s") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
             raise await self._lost_connection(exc) from exc
+        except aiohttp.ClientResponseError as exc:  # an answer, but none that HTTP allows
+            raise MalformedReply(unreadable_reply(url, exc)) from exc
         try:
             return json.loads(body), headers
+        except RecursionError:  # json.loads' own depth limit: no ValueError
+            raise MalformedReply(f"{url} answered with JSON nested too deep to read") from None
         except ValueError:
-            raise VisionClientError(f"{url} did not answer with JSON: {body[:200]!r}") from None
+            raise MalformedReply(f"{url} did not answer with JSON: {body[:200]!r}") from None
 
     def _try_limit(self, timeout: float | None) -> aiohttp.ClientTimeout:
         """The client's time limit for one try, or ``timeout`` where that is shorter."""
@@ -412,7 +417,7 @@ class AsyncVisionClient:
                 f"cannot reach {self.base_url}: connection refused (is vision-server running there? "
                 "check the port, --url or VISION_HOST)"
             )
-        return VisionConnectionError(f"cannot reach {self.base_url}: {exc}{hint}")
+        return VisionConnectionError(f"cannot reach {self.base_url}: {one_line_message(str(exc))}{hint}")
 
 
 async def speaks_tls(base_url: str, timeout: float = 5.0) -> bool:
@@ -432,6 +437,24 @@ async def speaks_tls(base_url: str, timeout: float = 5.0) -> bool:
     with contextlib.suppress(OSError, asyncio.TimeoutError):
         await asyncio.wait_for(writer.wait_closed(), timeout)
     return True
+
+
+def unreadable_reply(url: str, exc: aiohttp.ClientResponseError) -> str:
+    """What was wrong with an answer aiohttp could not take as HTTP (a broken proxy's status line
+    such as ``HTTP/1.1 abc``, a header it refuses), or with a redirect that never ends. Its
+    ``status`` is aiohttp's own 400, not the server's, so it is not shown as one."""
+    if isinstance(exc, aiohttp.TooManyRedirects):
+        return f"{url} kept redirecting ({len(exc.history)} redirects); check --url (or the proxy)"
+    detail = one_line_message(exc.message) or type(exc).__name__
+    return f"{url} answered with something that is not valid HTTP ({detail})"
+
+
+def one_line_message(text: str, limit: int = 300) -> str:
+    """aiohttp's parser messages on one line: they span several (the offending bytes, then a
+    line with a caret under the fault), and an error message of this client is one line."""
+    lines = (line.strip() for line in text.splitlines())
+    words = " ".join(line for line in lines if line.strip("^ "))
+    return words if len(words) <= limit else words[: limit - 3] + "..."
 
 
 def tls_failure(base_url: str, exc: aiohttp.ClientSSLError) -> str:

@@ -46,6 +46,16 @@ class VisionTimeoutError(VisionClientError):
     """The server did not answer within the client's timeout."""
 
 
+class MalformedReply(VisionClientError):
+    """The answer could not be read: not valid HTTP (a broken proxy's status line, a header the
+    parser refuses), not JSON, or JSON nested deeper than Python decodes.
+
+    Unlike a lost connection it is not retried or waited for: something at that address
+    answered, and would most likely answer the same way again (as a 4xx would). A folder run
+    fails that image and goes on.
+    """
+
+
 class VisionHTTPError(VisionClientError):
     """The server answered with an error status; ``detail`` is its explanation."""
 
