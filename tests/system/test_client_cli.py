@@ -622,6 +622,71 @@ async def test_folder_a_malformed_reply_fails_that_image_and_the_run_goes_on(tmp
     assert (tmp_path / "z.txt").read_text(encoding="utf-8") == "caption of z"
 
 
+@pytest.mark.parametrize("output", ["txt", "jsonl"])
+async def test_folder_stopped_by_an_unexpected_failure_ends_its_requests_and_a_rerun_resumes(
+    aiohttp_server, tmp_path: Path, output: str
+) -> None:
+    """A failure nothing foresaw in one worker stops ``folder``: the other workers' requests are
+    cancelled and awaited (not left to asyncio.run), the outputs hold whole captions only, the
+    summary ends in one line naming the image and the exception, exit status 1; the same command
+    then captions just the images left. It ended in a Python traceback."""
+    answered: set[str] = set()
+    both_answered = asyncio.Event()
+    sent: list[str] = []
+    rerun = False
+
+    async def process_image(request: web.Request) -> web.StreamResponse:
+        name = base64.b64decode((await request.json())["image"]).decode()
+        sent.append(name)
+        if not rerun and name == "c":  # the failure, once a and b are stored
+            await both_answered.wait()
+            await asyncio.sleep(0.2)
+            raise web.HTTPFound(UNFOLLOWABLE)
+        if not rerun and name in ("d", "e", "f"):  # in flight (or not started) when the run stops
+            await asyncio.Event().wait()
+        answered.add(name)
+        if {"a", "b"} <= answered:
+            both_answered.set()
+        return web.json_response({"result": f"caption of {name}"})
+
+    app = web.Application()
+    app.router.add_post("/process_image", process_image)
+    url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    data = tmp_path / "data"
+    data.mkdir()
+    names = ("a", "b", "c", "d", "e", "f")
+    for name in names:
+        (data / f"{name}.png").write_bytes(name.encode())
+    jsonl = tmp_path / "captions.jsonl"
+    command = ("folder", str(data), "-j", "4", *(("--jsonl", str(jsonl)) if output == "jsonl" else ()))
+
+    def stored() -> dict[str, str]:
+        if output == "txt":
+            return {path.stem: path.read_text(encoding="utf-8") for path in data.glob("*.txt")}
+        rows = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]  # each whole
+        return {Path(row["file"]).stem: row["caption"] for row in rows}
+
+    result = await asyncio.to_thread(run, *command, url=url)
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[-1] == (
+        f"Stopped early, 4 image(s) not attempted: unexpected failure at {data / 'c.png'} "
+        f"(NonHttpUrlRedirectClientError: {UNFOLLOWABLE}); the requests in flight were dropped, "
+        "nothing is half-written: run the same command again to resume"
+    ), result.stderr
+    assert "2 captioned, 0 skipped, 0 failed of 6 images" in result.stderr
+    assert "Traceback" not in result.stderr and "never retrieved" not in result.stderr, result.stderr
+    assert stored() == {"a": "caption of a", "b": "caption of b"}
+    assert list(data.glob(".vision-caption.*")) == []  # no temporary caption file left
+
+    rerun = True
+    sent.clear()
+    again = await asyncio.to_thread(run, *command, url=url)
+    assert again.returncode == 0, again.stderr
+    assert "4 captioned, 2 skipped, 0 failed of 6 images" in again.stderr
+    assert sorted(sent) == ["c", "d", "e", "f"]
+    assert stored() == {name: f"caption of {name}" for name in names}
+
+
 # ---------------------------------------------------------------------------------------------
 # Behind a proxy (stand-in playing HAProxy with every server down for a while)
 

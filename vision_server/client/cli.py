@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -29,6 +29,7 @@ from vision_server.client.errors import VisionClientError
 from vision_server.client.folder import Failure, FolderSummary, ImageResult, caption_folder
 from vision_server.client.option_order import ClientGroup
 from vision_server.client.retry import DEFAULT_RETRIES
+from vision_server.client.settle import settle
 from vision_server.output_lock import LockNoRoom, OutputLockError
 
 T = TypeVar("T")
@@ -195,18 +196,11 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
             # Stopped early (the error above, Ctrl+C, SIGTERM): the rest are this run's to end,
             # before its session closes; left to asyncio.run they retried on a new session and
             # their failures came out as "Task exception was never retrieved" tracebacks.
-            await _settle(pending)
+            await settle(pending)
         return ok
 
     if not _run(ctx, work):
         sys.exit(1)
-
-
-async def _settle(tasks: Sequence[asyncio.Future[Any]]) -> None:
-    """Cancel those of ``tasks`` still running and wait for all of them, taking every outcome."""
-    for task in tasks:
-        task.cancel()  # nothing for one already done
-    await asyncio.gather(*tasks, return_exceptions=True)
 
 
 def _stopped_at(image: Path, exc: Exception) -> VisionClientError:
@@ -333,7 +327,9 @@ def folder(
     130 Ctrl+C, 143 SIGTERM (kill, timeout; after the summary: run the same command again to
     resume). Earlier versions
     exited 1 for all of these stops. A full disk (no space left for a caption file or --jsonl,
-    or a quota) stops the run too, with exit status 1: free some space and run it again.
+    or a quota) stops the run too, with exit status 1: free some space and run it again. So does a
+    failure nothing foresaw (a bug), in one line naming the image: the requests in flight are
+    dropped, nothing is half-written; run it again to resume.
 
     --url, --api-key, --timeout, --retries and --model are options of vision-client itself:
     they go before the command (vision-client --model blip --retries 8 folder DIR).

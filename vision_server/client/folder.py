@@ -5,8 +5,9 @@ whose caption already exists are skipped before any request is sent, which makes
 run resumable. One bad image never stops the run: it is reported at the end and gets no
 caption file. The run stops early only on what every remaining image would meet too (see
 ``EXIT_*``: a server that stays unreachable, stays busy, refuses the key or the task, or has no
-such model); give the client a ``wait_for_server`` window so a restart of the server only
-pauses the run (``vision-client folder`` waits 300 s by default).
+such model), or on a failure nothing foresaw (a bug), whose image it names; give the client
+a ``wait_for_server`` window so a restart of the server only pauses the run (``vision-client
+folder`` waits 300 s by default).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from vision_server.captionfiles import (
     list_images,
     merge_caption,
     one_line,
+    printable,
     read_caption,
     shared_caption_reason,
     sharing_stems,
@@ -42,7 +44,7 @@ from vision_server.captionfiles import (
     write_atomic,
     write_new_caption,
 )
-from vision_server.client.api import DEFAULT_TASK, AsyncVisionClient, task_token
+from vision_server.client.api import DEFAULT_TASK, AsyncVisionClient, one_line_message, task_token
 from vision_server.client.errors import (
     EMPTY_FILE,
     AuthenticationError,
@@ -54,6 +56,7 @@ from vision_server.client.errors import (
     VisionHTTPError,
 )
 from vision_server.client.jsonl import JsonlWriter, captioned_files
+from vision_server.client.settle import settle
 from vision_server.disk_full import RERUN_ADVICE, DiskFull, as_disk_full
 from vision_server.output_lock import holding
 
@@ -74,6 +77,8 @@ EXIT_TASK_REFUSED = 7  # 400 "Invalid prompt"
 # No space left on the disk (or quota) for a caption file or the JSONL file: 1, as for failed
 # images, since the folder needs the user's hand; the summary says what to do.
 EXIT_DISK_FULL = 1
+# A failure nothing foresaw (a bug, or an answer no check knows): 1, as for failed images.
+EXIT_UNFORESEEN = 1
 # What the first request (the question about --model) may stop the run for, as the folder
 # scripts' GET /prompts: any other trouble (busy, slow, a 500) is a warning, and the images try.
 FIRST_REQUEST_STOPS = frozenset({EXIT_USAGE, EXIT_UNREACHABLE, EXIT_KEY_REFUSED})
@@ -185,6 +190,9 @@ async def caption_folder(
     before the first image. A ``jsonl`` file is locked for the whole run: while another run holds it,
     :class:`~vision_server.output_lock.OutputBusy` is raised before anything is sent (and
     :class:`~vision_server.output_lock.LockUnusable` when its lock file is in the way).
+    An exception nothing foresaw while an image is captioned (a bug) stops the run too
+    (``aborted`` names the image and the exception, ``stop_status`` 1; the traceback is logged
+    at debug level): the requests in flight are cancelled and awaited, the outputs closed.
     """
     caption_ext = _checked_options(mode, ext, jsonl, concurrency, limit)
     root = Path(folder)
@@ -369,19 +377,30 @@ class _FolderRun:
         return jobs
 
     async def execute(self, jobs: list[_Job], writer: JsonlWriter | None, concurrency: int) -> None:
-        """Run the jobs with ``concurrency`` requests in flight."""
+        """Run the jobs with ``concurrency`` requests in flight. A worker that meets a failure
+        nothing foresaw stops the run (:meth:`worker`); the others' requests are cancelled and
+        awaited here, as on Ctrl+C, before the outputs are closed: left to ``asyncio.run`` they
+        went on against a closed session and their failures came out as tracebacks."""
         self.writer = writer
         queue = iter(jobs)  # shared by all workers; safe because next() never awaits
-        workers = min(concurrency, len(jobs))
-        await asyncio.gather(*(self.worker(queue) for _ in range(workers)))
+        workers = [asyncio.ensure_future(self.worker(queue)) for _ in range(min(concurrency, len(jobs)))]
+        try:
+            await asyncio.wait(workers, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            await settle(workers)  # a caption is stored without an await between: none half-written
 
     async def worker(self, queue: Iterator[_Job]) -> None:
         for job in queue:
             if self.summary.aborted is not None:
                 return
-            result = await self.caption_one(job)
-            if result is not None:
-                self.report(result)
+            try:
+                result = await self.caption_one(job)
+                if result is not None:
+                    self.report(result)
+            except Exception as exc:  # a bug, or an answer nothing foresaw: the run stops here
+                log.debug("unexpected failure at %s", job.image, exc_info=True)
+                self.stop(EXIT_UNFORESEEN, _unforeseen(job.image, exc))
+                raise  # ends execute's wait, which cancels the other workers' requests
 
     def _written_meanwhile(self, job: _Job) -> bool:
         """In ``skip`` mode, whether ``job``'s caption file has appeared since the run planned it
@@ -443,6 +462,17 @@ class _FolderRun:
 def _disk_full_reason(exc: DiskFull) -> str:
     """Why a run stopped on a full disk: the file it could not write, and what to do."""
     return f"{exc}; {RERUN_ADVICE}"
+
+
+def _unforeseen(image: Path, exc: Exception) -> str:
+    """Why a run stopped on a failure nothing foresaw, on one line: the image, the exception,
+    and that a rerun resumes (that image and those in flight count as not attempted)."""
+    words = one_line_message(str(exc))
+    detail = f"{type(exc).__name__}: {words}" if words else type(exc).__name__
+    return (
+        f"unexpected failure at {printable(str(image))} ({detail}); the requests in flight were "
+        "dropped, nothing is half-written: run the same command again to resume"
+    )
 
 
 def _stop_reason(exc: BaseException, *, model_named: bool) -> tuple[int, str] | None:
