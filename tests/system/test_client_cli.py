@@ -537,9 +537,11 @@ TOO_DEEP = "[" * 100_000 + "]" * 100_000
 
 
 async def test_caption_a_reply_that_is_not_http_fails_that_image_in_one_line(tmp_path: Path) -> None:
-    """A broken proxy's status line (``HTTP/1.1 abc``) is that image's failure, on one line that
-    names the URL and what was wrong (aiohttp's message spans lines and has a caret line). It is
-    not sent again: something answered, and would answer alike (as a 4xx). It was a traceback."""
+    """A broken proxy's status line (``HTTP/1.1 abc``), or a body its Content-Encoding does not
+    decode, is that image's failure, on one line that names the URL and what was wrong
+    (aiohttp's messages span lines, with a caret line). Neither is sent again: something
+    answered, and would answer alike (as a 4xx). The first was a traceback; the second was
+    retried as a lost connection, then said 'cannot reach URL: 400, message: ...'."""
     sent: list[str] = []
 
     async def reply(_path: str, body: bytes) -> bytes:
@@ -547,20 +549,25 @@ async def test_caption_a_reply_that_is_not_http_fails_that_image_in_one_line(tmp
         sent.append(name)
         if name == "broken":
             return b"HTTP/1.1 abc Broken\r\nContent-Length: 2\r\n\r\n{}"
+        if name == "not-gzip":
+            return b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 5\r\n\r\nabcde"
         return caption_answer(f"caption of {name}")
 
-    for name in ("ok", "broken", "after"):
+    names = ("ok", "broken", "not-gzip", "after")
+    for name in names:
         (tmp_path / f"{name}.png").write_bytes(name.encode())
-    files = [str(tmp_path / f"{name}.png") for name in ("ok", "broken", "after")]
+    files = [str(tmp_path / f"{name}.png") for name in names]
     async with raw_server(reply) as url:
         result = await asyncio.to_thread(run, "caption", *files, url=url)
     assert result.returncode == 1
-    assert result.stdout == f"{files[0]}: caption of ok\n{files[2]}: caption of after\n"
+    assert result.stdout == f"{files[0]}: caption of ok\n{files[3]}: caption of after\n"
     assert result.stderr.splitlines() == [
         f"{files[1]}: error: {url}/process_image answered with something that is not valid HTTP "
-        "(Bad status line: Invalid status code: b'HTTP/1.1 abc Broken')"
+        "(Bad status line: Invalid status code: b'HTTP/1.1 abc Broken')",
+        f"{files[2]}: error: {url}/process_image answered with something that is not valid HTTP "
+        "(Can not decode content-encoding: gzip)",
     ], result.stderr
-    assert sorted(sent) == ["after", "broken", "ok"]  # the broken one once: no retry
+    assert sorted(sent) == sorted(names)  # each broken one once: no retry
 
 
 async def test_caption_json_nested_too_deep_fails_that_image(aiohttp_server, tmp_path: Path) -> None:

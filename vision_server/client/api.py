@@ -23,6 +23,7 @@ from typing import Any
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
 import aiohttp
+from aiohttp.http_exceptions import ContentEncodingError
 
 from vision_server import __version__
 from vision_server.client.errors import (
@@ -360,6 +361,8 @@ class AsyncVisionClient:
         except asyncio.TimeoutError:
             raise VisionTimeoutError(f"no answer from {url} within {limit.total} s") from None
         except (aiohttp.ClientConnectionError, aiohttp.ClientPayloadError) as exc:
+            if isinstance(exc.__cause__, ContentEncodingError):  # all there, but no decoder takes it
+                raise MalformedReply(unreadable_reply(url, exc.__cause__)) from exc
             raise await self._lost_connection(exc) from exc
         except aiohttp.ClientResponseError as exc:  # an answer, but none that HTTP allows
             raise MalformedReply(unreadable_reply(url, exc)) from exc
@@ -439,10 +442,11 @@ async def speaks_tls(base_url: str, timeout: float = 5.0) -> bool:
     return True
 
 
-def unreadable_reply(url: str, exc: aiohttp.ClientResponseError) -> str:
+def unreadable_reply(url: str, exc: aiohttp.ClientResponseError | ContentEncodingError) -> str:
     """What was wrong with an answer aiohttp could not take as HTTP (a broken proxy's status line
-    such as ``HTTP/1.1 abc``, a header it refuses), or with a redirect that never ends. Its
-    ``status`` is aiohttp's own 400, not the server's, so it is not shown as one."""
+    such as ``HTTP/1.1 abc``, a header it refuses, a gzip body that is not gzip), or with a
+    redirect that never ends. Its ``status`` is aiohttp's own 400, not the server's, so it is
+    not shown as one."""
     if isinstance(exc, aiohttp.TooManyRedirects):
         return f"{url} kept redirecting ({len(exc.history)} redirects); check --url (or the proxy)"
     detail = one_line_message(exc.message) or type(exc).__name__
