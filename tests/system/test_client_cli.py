@@ -570,6 +570,26 @@ async def test_caption_a_reply_that_is_not_http_fails_that_image_in_one_line(tmp
     assert sorted(sent) == sorted(names)  # each broken one once: no retry
 
 
+async def test_caption_a_redirect_loop_fails_that_image_in_one_line(aiohttp_server, tmp_path: Path) -> None:
+    """A proxy that redirects for ever is that image's failure, saying so (aiohttp's
+    TooManyRedirects is a ClientResponseError with no message: not shown as invalid HTTP). It
+    stopped the run as "unexpected failure (TooManyRedirects: 0, message='', url=...)"."""
+
+    async def loop(_request: web.Request) -> web.Response:
+        raise web.HTTPFound("/process_image")
+
+    app = web.Application()
+    app.router.add_route("*", "/process_image", loop)
+    url = str((await aiohttp_server(app)).make_url("")).rstrip("/")
+    image = tmp_path / "a.png"
+    image.write_bytes(b"a")
+    result = await asyncio.to_thread(run, "caption", str(image), url=url)
+    assert result.returncode == 1
+    assert result.stderr.splitlines() == [
+        f"{image}: error: {url}/process_image kept redirecting (10 redirects); check --url (or the proxy)"
+    ], result.stderr
+
+
 async def test_caption_json_nested_too_deep_fails_that_image(aiohttp_server, tmp_path: Path) -> None:
     """JSON nested too deep to decode (RecursionError, not ValueError) is that image's failure,
     as any body that is not JSON; in an error answer the body is read as text. Both escaped as
