@@ -39,7 +39,10 @@ class BatchRunner:
         self.running = 0  # jobs of the batch in the model thread now
         self.running_since: float | None = None  # on the clock: when that batch went in
         self.in_flight: list[CaptionJob] = []  # the batch the worker holds
-        self.seconds_per_job = 1.0  # a moving average; means nothing until a batch has finished
+        # A moving average of the seconds a job takes; None until a batch has finished (the
+        # first measurement starts it: averaged with a guess, a first batch of 25 s a job on a
+        # cold CPU gave 5.8 s, and Retry-After said as much).
+        self.seconds_per_job: float | None = None
         self.batches = 0
         self.jobs_done = 0
         self.last_batch_size = 0
@@ -127,10 +130,8 @@ class BatchRunner:
         self.jobs_done += size
         self.last_batch_size = size
         per_job = seconds / max(size, 1)
-        # The first measurement replaces the placeholder outright: averaged with it, a first
-        # batch of 25 s a job on a cold CPU gave 5.8 s, and Retry-After said as much.
-        first = self.batches == 1
-        self.seconds_per_job = per_job if first else 0.8 * self.seconds_per_job + 0.2 * per_job
+        before = self.seconds_per_job
+        self.seconds_per_job = per_job if before is None else 0.8 * before + 0.2 * per_job
         self.observer.batch_finished(slot.name, size, seconds)
 
     def abandon(self, slots: Iterable[ModelSlot], error: Callable[[], VisionServerError]) -> None:
@@ -150,11 +151,6 @@ class BatchRunner:
             batch_ran=now - self.running_since if self.running and self.running_since is not None else 0.0,
             load_ran=max((now - since for since in loads_since), default=0.0),
         )
-
-    @property
-    def measured_seconds_per_job(self) -> float | None:
-        """Seconds a job takes, as batches so far measured it; None until one has finished."""
-        return self.seconds_per_job if self.batches else None
 
     @property
     def mean_batch_size(self) -> float:

@@ -355,7 +355,7 @@ class Engine:
             ahead = sum(slot.depth() for slot in slots)
         loads = [slot.loading_since for slot in slots if slot.loading_since is not None]
         work = self._batches.work_in_progress(loads)
-        backlog = backlog_seconds(ahead, work, self._batches.measured_seconds_per_job)
+        backlog = backlog_seconds(ahead, work, self._batches.seconds_per_job)
         return float(min(MAX_RETRY_AFTER, max(1.0, round(backlog))))
 
     def status(self) -> EngineStatus:
