@@ -453,6 +453,13 @@ def unreadable_reply(url: str, exc: aiohttp.ClientResponseError | ContentEncodin
     return f"{url} answered with something that is not valid HTTP ({detail})"
 
 
+def unforeseen_failure(exc: BaseException) -> str:
+    """An exception no check knows, as a stopped run names it on one line: ``Type: message``
+    (just ``Type`` when it says nothing)."""
+    words = one_line_message(str(exc))
+    return f"{type(exc).__name__}: {words}" if words else type(exc).__name__
+
+
 def one_line_message(text: str, limit: int = 300) -> str:
     """aiohttp's parser messages on one line: they span several (the offending bytes, then a
     line with a caret under the fault), and an error message of this client is one line."""

@@ -24,7 +24,14 @@ import click
 
 from vision_server.bulk.outputs import output_problem
 from vision_server.captionfiles import MODES, printable
-from vision_server.client.api import DEFAULT_TASK, DEFAULT_TIMEOUT, DEFAULT_URL, AsyncVisionClient, task_token
+from vision_server.client.api import (
+    DEFAULT_TASK,
+    DEFAULT_TIMEOUT,
+    DEFAULT_URL,
+    AsyncVisionClient,
+    task_token,
+    unforeseen_failure,
+)
 from vision_server.client.errors import VisionClientError
 from vision_server.client.folder import Failure, FolderSummary, ImageResult, caption_folder
 from vision_server.client.option_order import ClientGroup
@@ -205,10 +212,8 @@ def caption(ctx: click.Context, images: tuple[Path, ...], task: str, concurrency
 
 def _stopped_at(image: Path, exc: Exception) -> VisionClientError:
     """The one line a run stopped by an unexpected failure ends with (``error: ...``, exit 1)."""
-    words = " ".join(str(exc).split())  # aiohttp's messages span lines
-    detail = f"{type(exc).__name__}: {words}" if words else type(exc).__name__
     return VisionClientError(
-        f"{image}: unexpected failure ({detail}); stopped, the images after it not printed"
+        f"{image}: unexpected failure ({unforeseen_failure(exc)}); stopped, the images after it not printed"
     )
 
 

@@ -44,7 +44,7 @@ from vision_server.captionfiles import (
     write_atomic,
     write_new_caption,
 )
-from vision_server.client.api import DEFAULT_TASK, AsyncVisionClient, one_line_message, task_token
+from vision_server.client.api import DEFAULT_TASK, AsyncVisionClient, task_token, unforeseen_failure
 from vision_server.client.errors import (
     EMPTY_FILE,
     AuthenticationError,
@@ -467,11 +467,9 @@ def _disk_full_reason(exc: DiskFull) -> str:
 def _unforeseen(image: Path, exc: Exception) -> str:
     """Why a run stopped on a failure nothing foresaw, on one line: the image, the exception,
     and that a rerun resumes (that image and those in flight count as not attempted)."""
-    words = one_line_message(str(exc))
-    detail = f"{type(exc).__name__}: {words}" if words else type(exc).__name__
     return (
-        f"unexpected failure at {printable(str(image))} ({detail}); the requests in flight were "
-        "dropped, nothing is half-written: run the same command again to resume"
+        f"unexpected failure at {printable(str(image))} ({unforeseen_failure(exc)}); the requests "
+        "in flight were dropped, nothing is half-written: run the same command again to resume"
     )
 
 
