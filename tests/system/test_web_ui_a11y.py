@@ -234,6 +234,8 @@ def test_an_alert_said_again_word_for_word_is_read_out_again(page: Page, server:
     for _ in range(2):
         page.get_by_role("button", name="Export selected (JSONL)").press("Enter")
         expect(page.get_by_role("alert").filter(has_text=said)).to_have_count(1)
+        # the recorder looks once a frame: let a frame show it before the next press clears it
+        page.wait_for_function(f"() => window.seen.at(-1) === {said!r}")
     page.wait_for_function(f"() => window.seen.filter((text) => text === {said!r}).length === 2")
     assert page.evaluate("() => window.seen") == ["", said, "", said]
 

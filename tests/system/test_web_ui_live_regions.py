@@ -115,6 +115,8 @@ def select_nothing_and_export(page: Page) -> None:
     on its way (each waits a frame and a tenth of a second, in order)."""
     page.get_by_role("button", name="Export selected (JSONL)").press("Enter")
     expect(page.get_by_role("alert").filter(has_text="Select some images first.")).to_have_count(1)
+    # RECORD_ALERTS looks once a frame: wait for the frame that shows it before reading its record
+    page.wait_for_function("() => window.alerted.includes('Select some images first.')")
 
 
 def test_cards_have_no_live_regions_and_their_news_is_heard_once_by_name(page: Page, server: str) -> None:
@@ -132,6 +134,8 @@ def test_cards_have_no_live_regions_and_their_news_is_heard_once_by_name(page: P
     page.get_by_role("textbox", name="caption of img01.png").press_sequentially("a dog")
     expect(card.locator(".card-message")).to_have_text("unsaved changes (Ctrl+S saves)")
     expect(page.locator("#card-status")).to_have_text("img01.png: unsaved changes (Ctrl+S saves)")
+    # the recorder looks once a frame: let a frame show the news before the save replaces it
+    page.wait_for_function("() => window.seen.at(-1) === 'img01.png: unsaved changes (Ctrl+S saves)'")
     save = page.get_by_role("button", name="Save caption of img01.png")
     for time in (1, 2):  # the same news twice is read out twice
         save.press("Enter")
